@@ -1,0 +1,53 @@
+SHELL := /bin/bash
+# The README's quick start is `make run` and `make test`; both work on a fresh Debian machine with Python 3.11+.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+CONFIG ?= etc/dcrouter.example.toml
+TESTS  ?= tests
+
+.PHONY: run test check bench lint clean venv
+
+# Debian splits venv support out of python3; install it when it is missing and we may.
+$(BIN)/python:
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get install -y -q python3-venv >/dev/null; \
+	  else echo "dcrouter: install python3-venv (apt-get install python3-venv)" >&2; exit 1; fi; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# A stamp per install flavour, redone when the metadata or the package changes.
+$(VENV)/.installed-run: $(BIN)/python pyproject.toml $(shell find dcrouter twisted -name '*.py')
+	$(BIN)/python -m pip install -q .
+	touch $@
+
+$(VENV)/.installed-test: $(BIN)/python pyproject.toml $(shell find dcrouter twisted -name '*.py')
+	$(BIN)/python -m pip install -q '.[test]'
+	touch $@ $(VENV)/.installed-run
+
+venv: $(VENV)/.installed-test
+
+run: $(VENV)/.installed-run
+	$(BIN)/twistd -n dcrouter --config $(CONFIG)
+
+check: $(VENV)/.installed-run
+	$(BIN)/twistd -n dcrouter --config $(CONFIG) --check
+
+# Trial runs from the checkout (the source tree comes first on sys.path); tests that start a real twistd
+# put the checkout on PYTHONPATH, so Twisted finds twisted/plugins/dcrouter_plugin.py there.
+test: $(VENV)/.installed-test
+	@set -o pipefail; $(BIN)/python -m twisted.trial --temp-directory=_trial_temp $(TESTS) 2>&1 \
+	  | tee _trial_temp.log; rc=$$?; \
+	  $(BIN)/python .ci/trial_summary.py _trial_temp.log; exit $$rc
+
+bench: $(VENV)/.installed-test
+	$(BIN)/python -m bench.ingress
+
+lint: $(VENV)/.installed-test
+	$(BIN)/python -m pip install -q '.[dev]'
+	$(BIN)/ruff check dcrouter tests bench twisted
+	$(BIN)/mypy dcrouter
+
+clean:
+	rm -rf $(VENV) _trial_temp* build *.egg-info

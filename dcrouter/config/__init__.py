@@ -1,0 +1,1 @@
+"""Configuration: the options schema, loading from TOML/JSON, validation."""

@@ -1,0 +1,81 @@
+"""The extension points of dcrouter. Built-ins implement the same interfaces as third-party plugins."""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class QueueError(Exception):
+    """A queue operation failed. ``temporary`` errors become 4xx replies at ingress, never 5xx."""
+
+    temporary = True
+
+
+class QueueFull(QueueError):
+    """``maxQueueSize`` is reached (ingress answers ``452 4.3.1``)."""
+
+
+class QueueUnavailable(QueueError):
+    """The store cannot take the item now: disk full, I/O error, Redis down (ingress answers ``451 4.3.0``)."""
+
+
+class IDeliveryQueue(Interface):
+    """Durable storage of queued messages and their delivery state (the seed's DeliveryQueue, Python naming).
+
+    Every method returning a Deferred may fail with :class:`QueueError`. ``enqueue``'s Deferred fires only once
+    the message body and its envelope are durable (fsynced, or acknowledged by Redis): that is what allows
+    ingress to answer 250.
+    """
+
+    def enqueue(item, message):
+        """Store ``item`` (a QueueItem) with its body ``message`` (a SpooledMessage, consumed: the queue takes
+        ownership of the spool file). Returns a Deferred firing with the stored QueueItem once durable."""
+
+    def dequeue(item_id):
+        """Remove the item and its body. Deferred firing with the removed QueueItem, or None if unknown."""
+
+    def update(item_id, **changes):
+        """Change fields of a stored item durably. Deferred firing with the updated QueueItem."""
+
+    def get_next(count=1):
+        """Claim up to ``count`` due items (ready status, ``next_attempt_at <= now``), by priority then age,
+        marking them DELIVERING. Deferred firing with a list of QueueItem. Returns [] while paused."""
+
+    def open_body(item_id):
+        """Deferred firing with a readable binary file object over the stored message (caller closes it)."""
+
+    def get(item_id):
+        """Deferred firing with the QueueItem, or None."""
+
+    def get_by_status(status):
+        """Deferred firing with the list of items having ``status``."""
+
+    def get_by_destination(destination):
+        """Deferred firing with the list of items whose ``destination`` equals ``destination``."""
+
+    def get_item_count():
+        """Deferred firing with the number of items not yet delivered, bounced or failed."""
+
+    def purge_expired(max_age):
+        """Remove items older than ``max_age`` seconds in a final status. Deferred firing with the count."""
+
+    def purge_all():
+        """Remove every item. Deferred firing with the count removed."""
+
+    def load():
+        """Open the store and recover after a crash (claims in flight return to ready; half-written items are
+        discarded; damaged ones set aside). Deferred firing with a dict of counts."""
+
+    def save():
+        """Flush anything pending and close. Deferred."""
+
+    def pause():
+        """Stop handing out items from ``get_next`` (enqueue still works)."""
+
+    def resume():
+        """Undo ``pause``."""
+
+    def is_processing():
+        """True unless paused."""
+
+    max_size = Attribute("maxQueueSize: the item count at which enqueue fails with QueueFull (0: unlimited).")

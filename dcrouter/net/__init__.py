@@ -1,0 +1,1 @@
+"""What SMTP and the proxy share: domain matching, CIDR sets, TLS contexts."""

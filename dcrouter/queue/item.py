@@ -1,0 +1,65 @@
+"""One message waiting in the delivery queue."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from dcrouter.envelope import Envelope
+
+
+class QueueItemStatus(str, enum.Enum):
+    QUEUED = "queued"  # waiting for its next attempt
+    DEFERRED = "deferred"  # at least one temporary failure; waiting for a retry
+    DELIVERING = "delivering"  # claimed by a delivery worker (get_next); returns to ready after a crash
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"
+    FAILED = "failed"
+    QUARANTINED = "quarantined"
+
+
+#: Statuses ``get_next`` may hand out.
+READY_STATUSES = (QueueItemStatus.QUEUED, QueueItemStatus.DEFERRED)
+
+
+class Priority(enum.IntEnum):
+    """Lower values are served first among due items, so fresh mail is never starved by retries or bounces."""
+
+    FRESH = 0
+    RETRY = 10
+    BOUNCE = 20
+
+
+@dataclass
+class QueueItem:
+    """A message and its delivery state. ``id`` is the correlation id shown in ``250 ... queued as <id>``."""
+
+    id: str
+    envelope: Envelope
+    size: int
+    status: QueueItemStatus = QueueItemStatus.QUEUED
+    priority: int = Priority.FRESH
+    created_at: float = 0.0
+    next_attempt_at: float = 0.0
+    attempts: int = 0
+    #: The routing destination (host or route name) once known; used by ``get_by_destination``.
+    destination: str | None = None
+    last_error: str | None = None
+    #: One dict per delivery attempt: ``{"at": float, "target": str, "reply": str}``.
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["status"] = self.status.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QueueItem:
+        data = dict(data)
+        data["envelope"] = Envelope.from_dict(data["envelope"])
+        data["status"] = QueueItemStatus(data["status"])
+        return cls(**data)
+
+    def evolve(self, **changes: Any) -> QueueItem:
+        return replace(self, **changes)

@@ -1,0 +1,123 @@
+"""The session policy: who may connect, send and relay. A plain object the ESMTP protocol asks; no Twisted."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from dcrouter.config.options import DomainConfig, SmtpConfig
+from dcrouter.net.cidr import CidrSet
+from dcrouter.net.domains import DomainMatcher
+from dcrouter.smtp.address import Address
+from dcrouter.smtp.reply import Reply
+from dcrouter.smtp.session import Session
+
+
+class SessionPolicy:
+    """Connection caps and the relay decision for one SMTP listener set, built once from ``SmtpConfig``.
+
+    Relay rule (never an open relay): a recipient whose domain matches ``domainConfigs`` (exact or ``*.``
+    wildcard) is accepted from anyone, unless its local part carries routing (:attr:`Address.relay_trick`);
+    every other recipient — other domains, address literals, relay tricks — is accepted only from an
+    authenticated session or a peer in ``relayNetworks``. The bare ``<postmaster>`` is always accepted
+    (RFC 5321 §4.5.1).
+    """
+
+    def __init__(self, config: SmtpConfig) -> None:
+        """Raises ValueError naming a bad domain pattern or relay network."""
+        self._hostname = config.hostname
+        self._max_total = config.max_connections
+        self._max_per_ip = config.max_connections_per_ip
+        self._local_domains: DomainMatcher[DomainConfig] = DomainMatcher(
+            (domain, entry) for entry in config.domain_configs for domain in entry.domains
+        )
+        self._relay_networks = CidrSet(config.relay_networks)
+        self._total = 0
+        self._per_ip: dict[str, int] = {}
+
+    # Connections
+
+    def connection_opened(self, ip: str) -> Reply | None:
+        """Count a new connection from ``ip``; None to proceed, or the ``421 4.7.0`` to send before closing.
+
+        Contract: a connection refused here is not counted, so the protocol must call
+        :meth:`connection_closed` exactly once for each connection this accepted (returned None for),
+        and never for a refused one. IPv4-mapped IPv6 peers count as their IPv4 address.
+        """
+        key = _client_key(ip)
+        if self._total >= self._max_total:
+            return Reply(421, "4.7.0", f"{self._hostname} Too many connections, try again later")
+        if self._per_ip.get(key, 0) >= self._max_per_ip:
+            return Reply(421, "4.7.0", f"{self._hostname} Too many connections from your address")
+        self._total += 1
+        self._per_ip[key] = self._per_ip.get(key, 0) + 1
+        return None
+
+    def connection_closed(self, ip: str) -> None:
+        """Forget one accepted connection from ``ip``. Counts never go below zero, even if misused."""
+        key = _client_key(ip)
+        count = self._per_ip.get(key, 0)
+        if count == 0:
+            return
+        if count == 1:
+            del self._per_ip[key]
+        else:
+            self._per_ip[key] = count - 1
+        self._total -= 1
+
+    @property
+    def connections(self) -> int:
+        """Connections currently counted, in total."""
+        return self._total
+
+    def connections_from(self, ip: str) -> int:
+        """Connections currently counted from ``ip``."""
+        return self._per_ip.get(_client_key(ip), 0)
+
+    # Transaction
+
+    def check_sender(self, session: Session, address: Address) -> Reply | None:
+        """None to accept MAIL FROM ``address``, or the reply refusing it.
+
+        Every syntactically valid sender is accepted for now: a reverse path is not routed, so relay tricks
+        in it are harmless. The hook is where sender authentication rules (SPF, own-domain spoofing) go.
+        """
+        return None
+
+    def check_recipient(self, session: Session, address: Address) -> Reply | None:
+        """None to accept RCPT TO ``address``, or ``554 5.7.1 <addr>: Relay access denied``."""
+        if not address.domain:
+            if address.local.lower() == "postmaster":
+                return None
+            return self._relay_denied(address)
+        if self.is_local(address) or self.may_relay(session):
+            return None
+        return self._relay_denied(address)
+
+    def is_local(self, address: Address) -> bool:
+        """True when ``address`` is for one of our domains and safe to accept from anyone."""
+        if address.is_literal or address.relay_trick:
+            return False
+        return self._local_domains.match(address.domain) is not None
+
+    def domain_config(self, domain: str) -> DomainConfig | None:
+        """The ``domainConfigs`` entry serving ``domain`` (exact names first, then the most specific
+        wildcard), or None."""
+        return self._local_domains.match(domain)
+
+    def may_relay(self, session: Session) -> bool:
+        """True when the session may send to any domain: it authenticated, or its peer is in relayNetworks."""
+        return bool(session.auth_user) or session.peer_host in self._relay_networks
+
+    def _relay_denied(self, address: Address) -> Reply:
+        return Reply(554, "5.7.1", f"<{address}>: Relay access denied")
+
+
+def _client_key(ip: str) -> str:
+    """One key per client address, whichever way the socket spelled it."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)

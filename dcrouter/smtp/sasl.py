@@ -1,0 +1,159 @@
+"""The server side of the SASL PLAIN (RFC 4616) and LOGIN mechanisms as used by SMTP AUTH (RFC 4954).
+
+A :class:`SaslExchange` turns the client's base64 lines into either the next challenge to send (``334
+<text>``) or, at the end, a :class:`twisted.cred.credentials.UsernamePassword` to hand to the portal. It does
+no I/O and checks no password; every malformed input raises :class:`SaslError` carrying the reply to send,
+after which the exchange is over.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+
+from twisted.cred.credentials import UsernamePassword
+
+from dcrouter.smtp.reply import Reply
+
+MECHANISMS = ("PLAIN", "LOGIN")
+
+#: Largest decoded client response accepted. RFC 4616 allows 255 octets per field; 12 KiB leaves room for
+#: long tokens while keeping a hostile client from making the server buffer or decode megabytes.
+MAX_DECODED_RESPONSE = 12 * 1024
+MAX_ENCODED_RESPONSE = (MAX_DECODED_RESPONSE + 2) // 3 * 4
+
+LOGIN_USERNAME_PROMPT = base64.b64encode(b"Username:").decode("ascii")
+LOGIN_PASSWORD_PROMPT = base64.b64encode(b"Password:").decode("ascii")
+
+CANCELLED = Reply(501, "5.7.0", "Authentication cancelled")
+UNDECODABLE = Reply(501, "5.5.2", "Cannot decode Base64 response")
+MALFORMED = Reply(501, "5.5.2", "Malformed authentication data")
+TOO_LONG = Reply(500, "5.5.6", "Authentication exchange line is too long")
+AUTHZID_REFUSED = Reply(535, "5.7.8", "Authentication credentials invalid")
+OUT_OF_SEQUENCE = Reply(503, "5.5.1", "Authentication exchange already finished")
+
+_FORBIDDEN_IN_NAMES = ("\x00", "\r", "\n")
+
+
+class SaslError(Exception):
+    """The exchange failed; ``reply`` is what to send the client. The exchange accepts no further input."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(f"{reply.code} {reply.enhanced} {reply.text}")
+        self.reply = reply
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """A server challenge: send ``334 `` + ``text`` (already base64; may be empty), then read one line."""
+
+    text: str
+
+
+def _decode(line: str, *, initial: bool) -> bytes:
+    if line == "*":
+        raise SaslError(CANCELLED)
+    if initial and line == "=":
+        # RFC 4954 §4: "=" is a present but empty initial response.
+        return b""
+    if len(line) > MAX_ENCODED_RESPONSE:
+        raise SaslError(TOO_LONG)
+    try:
+        data = base64.b64decode(line.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        raise SaslError(UNDECODABLE) from None
+    if len(data) > MAX_DECODED_RESPONSE:
+        raise SaslError(TOO_LONG)
+    return data
+
+
+def _text(data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SaslError(MALFORMED) from None
+
+
+def _name(data: bytes) -> str:
+    name = _text(data)
+    if not name or any(char in name for char in _FORBIDDEN_IN_NAMES):
+        raise SaslError(MALFORMED)
+    return name
+
+
+def _credentials(username: str, password: bytes) -> UsernamePassword:
+    # RFC 4616 requires UTF-8 passwords; rejecting others here keeps the checker's decoding unambiguous.
+    _text(password)
+    return UsernamePassword(username.encode("utf-8"), password)
+
+
+class SaslExchange:
+    """One PLAIN or LOGIN exchange.
+
+    The caller's first call is ``respond(initial_response)`` — the initial response given on the AUTH command
+    (``"="`` meaning present but empty), or ``None`` when there was none. ``begin()`` does exactly that with
+    the ``initial_response`` given here. Each later call passes the client's next line (CRLF removed). A call
+    returns a :class:`Challenge` to send, or the final credentials; it raises :class:`SaslError` on ``*``
+    (cancel), undecodable or over-long input, malformed PLAIN messages, names that are empty, not UTF-8 or
+    contain NUL, CR or LF, and a PLAIN authorization identity other than empty or the authentication identity.
+    """
+
+    def __init__(self, mechanism: str, initial_response: str | None = None) -> None:
+        mechanism = mechanism.upper()
+        if mechanism not in MECHANISMS:
+            raise ValueError(f"unsupported SASL mechanism {mechanism!r}")
+        self.mechanism = mechanism
+        self.initial_response = initial_response
+        self._started = False
+        self._finished = False
+        self._username: str | None = None
+
+    def begin(self) -> Challenge | UsernamePassword:
+        """Equivalent to ``respond(self.initial_response)`` as the first call."""
+        return self.respond(self.initial_response)
+
+    def respond(self, line: str | None) -> Challenge | UsernamePassword:
+        """Advance the exchange with the client's line; see the class docstring for what may be relied on."""
+        if self._finished:
+            raise SaslError(OUT_OF_SEQUENCE)
+        initial = not self._started
+        self._started = True
+        try:
+            if line is None:
+                if not initial:
+                    raise SaslError(MALFORMED)
+                return self._prompt()
+            data = _decode(line, initial=initial)
+            if self.mechanism == "PLAIN":
+                return self._finish(self._plain(data))
+            return self._login(data)
+        except SaslError:
+            self._finished = True
+            raise
+
+    def _prompt(self) -> Challenge:
+        if self.mechanism == "PLAIN":
+            return Challenge("")
+        return Challenge(LOGIN_USERNAME_PROMPT)
+
+    def _finish(self, credentials: UsernamePassword) -> UsernamePassword:
+        self._finished = True
+        return credentials
+
+    def _plain(self, data: bytes) -> UsernamePassword:
+        parts = data.split(b"\x00")
+        if len(parts) != 3:
+            raise SaslError(MALFORMED)
+        authzid, authcid, password = parts
+        username = _name(authcid)
+        # Acting as another user is not offered: an authorization identity must be empty or the same name.
+        if authzid and _text(authzid) != username:
+            raise SaslError(AUTHZID_REFUSED)
+        return _credentials(username, password)
+
+    def _login(self, data: bytes) -> Challenge | UsernamePassword:
+        if self._username is None:
+            self._username = _name(data)
+            return Challenge(LOGIN_PASSWORD_PROMPT)
+        return self._finish(_credentials(self._username, data))

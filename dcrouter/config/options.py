@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
+
+from dcrouter.config import checks as c
+from dcrouter.config.checks import BlockCheck, ValueCheck
 
 MISSING = dataclasses.MISSING
+_T = TypeVar("_T")
 
 
 def option(
@@ -25,22 +30,57 @@ def option(
     doc: str = "",
     addition: bool = False,
     unsupported: str | None = None,
+    unsupported_values: Mapping[Any, str] | None = None,
+    check: ValueCheck | None = None,
+    each: ValueCheck | None = None,
+    shown_default: str | None = None,
 ) -> Any:
     """Declare one configuration key.
 
     ``unsupported``: the feature is not built yet; any value other than the default is refused with
-    "not supported yet" and this text.
+    "not supported yet" and this text. ``unsupported_values``: the same for single values of the key (or of
+    its list items). ``check`` runs on the loaded value, ``each`` on every item of a list (see
+    ``dcrouter.config.checks``); both run on defaults too. ``shown_default`` replaces the default in the
+    reference where it depends on the machine.
     """
-    metadata = {"key": key, "doc": doc, "addition": addition, "unsupported": unsupported}
+    metadata = {
+        "key": key,
+        "doc": doc,
+        "addition": addition,
+        "unsupported": unsupported,
+        "unsupported_values": dict(unsupported_values or {}),
+        "check": check,
+        "each": each,
+        "shown_default": shown_default,
+    }
     if factory is not MISSING:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
+def checked(*block_checks: BlockCheck) -> Callable[[type[_T]], type[_T]]:
+    """Attach checks across the keys of a block; the loader runs them after the block's keys loaded."""
+
+    def attach(cls: type[_T]) -> type[_T]:
+        setattr(cls, "__config_checks__", block_checks)
+        return cls
+
+    return attach
+
+
+def block_checks(cls: type) -> tuple[BlockCheck, ...]:
+    """The block checks attached to a schema class with :func:`checked`."""
+    return tuple(getattr(cls, "__config_checks__", ()))
+
+
+@checked(c.tls_material, c.tls_ciphers)
 @dataclass(frozen=True)
 class TlsConfig:
-    cert_path: str | None = option(None, doc="PEM certificate chain for STARTTLS and implicit TLS.")
-    key_path: str | None = option(None, doc="PEM private key matching certPath.")
+    cert_path: str | None = option(
+        None, doc="PEM certificate chain for STARTTLS and implicit TLS (a file path; relative paths are "
+        "relative to the working directory)."
+    )
+    key_path: str | None = option(None, doc="PEM private key matching certPath, unencrypted.")
     ca_path: str | None = option(None, doc="PEM bundle of CAs sent as the chain (intermediates).")
     min_version: Literal["TLSv1.2", "TLSv1.3"] = option("TLSv1.2", doc="Lowest TLS version accepted.")
     ciphers: str | None = option(
@@ -54,19 +94,27 @@ class TlsConfig:
     )
 
 
+@checked(c.user_password)
 @dataclass(frozen=True)
 class UserConfig:
-    username: str = option(doc="Login name for SMTP AUTH.")
+    username: str = option(doc="Login name for SMTP AUTH.", check=c.all_of(c.not_empty, c.one_line))
     password: str = option(
-        doc="A hash made by `dcrouter hash-password` (`scrypt$...`), or plain text (logs a warning)."
+        doc="A hash made by `dcrouter hash-password` (`scrypt$...`), or plain text (logs a warning).",
+        check=c.not_empty,
     )
 
 
+@checked(c.auth_unique_users)
 @dataclass(frozen=True)
 class AuthConfig:
-    required: bool = option(False, doc="Require AUTH before MAIL on every port (it always is on submissionPorts).")
+    required: bool = option(
+        False, doc="Require AUTH before MAIL on every port (it always is on submissionPorts)."
+    )
     methods: list[Literal["PLAIN", "LOGIN", "OAUTH2"]] = option(
-        factory=lambda: ["PLAIN", "LOGIN"], doc="SASL mechanisms offered (after TLS only)."
+        factory=lambda: ["PLAIN", "LOGIN"],
+        doc="SASL mechanisms offered (after TLS only).",
+        unsupported_values={"OAUTH2": "OAUTH2 is not built yet."},
+        check=c.unique,
     )
     users: list[UserConfig] = option(factory=list, doc="Accounts allowed to authenticate.")
     ldap_url: str | None = option(None, unsupported="LDAP authentication is not built yet.")
@@ -74,17 +122,24 @@ class AuthConfig:
         False, addition=True, doc="Offer and accept AUTH on connections without TLS (for tests only)."
     )
     max_failures: int = option(
-        10, addition=True, doc="Failed AUTH attempts per client IP or per user name, within failureWindow, "
-        "after which further attempts are refused with 454 4.7.0 until the window passes."
+        10,
+        addition=True,
+        doc="Failed AUTH attempts per client IP or per user name, within failureWindow, "
+        "after which further attempts are refused with 454 4.7.0 until the window passes.",
+        check=c.positive,
     )
     failure_window: int = option(
-        900_000, addition=True, doc="Milliseconds over which AUTH failures are counted."
+        900_000, addition=True, doc="Milliseconds over which AUTH failures are counted.", check=c.duration
     )
     failure_delay: int = option(
-        1_000, addition=True, doc="Milliseconds added to the reply per recent failure (slows down guessing)."
+        1_000,
+        addition=True,
+        doc="Milliseconds added to the reply per recent failure (slows down guessing); 0 adds none.",
+        check=c.non_negative,
     )
 
 
+@checked(c.authentication_pair)
 @dataclass(frozen=True)
 class AuthenticationConfig:
     user: str | None = option(None, doc="User name for AUTH at the target server.")
@@ -112,11 +167,20 @@ class DkimOptions:
 
 @dataclass(frozen=True)
 class DomainConfig:
-    domains: list[str] = option(doc="Recipient domains: exact names or `*.example.com` wildcards.")
-    target_ips: list[str] = option(
-        factory=list, key="targetIPs", doc="Servers (host names or IPs) mail for these domains is relayed to."
+    domains: list[str] = option(
+        doc="Recipient domains: exact names or `*.example.com` wildcards. A domain may appear in one entry "
+        "only.",
+        check=c.all_of(c.not_empty, c.unique),
+        each=c.domain_pattern,
     )
-    port: int = option(25, doc="Port on the target servers.")
+    target_ips: list[str] = option(
+        factory=list,
+        key="targetIPs",
+        doc="Servers (host names or IPs) mail for these domains is relayed to; at least one.",
+        check=c.not_empty,
+        each=c.host_or_ip,
+    )
+    port: int = option(25, doc="Port on the target servers.", check=c.port)
     use_tls: bool = option(False, doc="Require STARTTLS towards the targets.")
     authentication: AuthenticationConfig | None = option(None, doc="AUTH towards the targets.")
     allowed_ips: list[str] = option(
@@ -124,26 +188,55 @@ class DomainConfig:
     )
     rate_limits: RateLimitsConfig | None = option(None, doc="Per-domain limits.")
     add_headers: bool = option(False, unsupported="Header transformations are not built yet.")
-    header_info: list[HeaderInfo] = option(factory=list, unsupported="Header transformations are not built yet.")
+    header_info: list[HeaderInfo] = option(
+        factory=list, unsupported="Header transformations are not built yet."
+    )
     sign_dkim: bool = option(False, unsupported="DKIM signing is not built yet.")
     dkim_options: DkimOptions | None = option(None, unsupported="DKIM signing is not built yet.")
 
 
+@checked(
+    c.smtp_port_roles,
+    c.smtp_users_present,
+    c.smtp_connection_caps,
+    c.smtp_retry_delays,
+    c.smtp_queue_storage,
+    c.smtp_domains_once,
+    c.smtp_default_route,
+)
 @dataclass(frozen=True)
 class SmtpConfig:
     # Server
-    ports: list[int] = option(factory=lambda: [25, 587, 465], doc="Ports to accept SMTP on.")
-    hostname: str = option(factory=socket.getfqdn, doc="Name used in the greeting, EHLO and Received headers.")
-    banner: str | None = option(None, doc="Greeting text after the hostname (default: `ESMTP dcrouter`).")
-    max_message_size: int = option(52_428_800, doc="Largest message accepted, in bytes (advertised as SIZE).")
-    tls: TlsConfig | None = option(None, doc="Certificate for STARTTLS and implicit TLS.")
+    ports: list[int] = option(
+        factory=lambda: [25, 587, 465],
+        doc="Ports to accept SMTP on.",
+        check=c.all_of(c.not_empty, c.unique),
+        each=c.port,
+    )
+    hostname: str = option(
+        factory=socket.getfqdn,
+        doc="Name used in the greeting, EHLO and Received headers.",
+        check=c.host_name,
+        shown_default="the machine's fully qualified name",
+    )
+    banner: str | None = option(
+        None, doc="Greeting text after the hostname (default: `ESMTP dcrouter`); one line.", check=c.one_line
+    )
+    max_message_size: int = option(
+        52_428_800, doc="Largest message accepted, in bytes (advertised as SIZE).", check=c.positive
+    )
+    tls: TlsConfig | None = option(
+        None, doc="Certificate for STARTTLS and implicit TLS; required when implicitTlsPorts are listened on."
+    )
     auth: AuthConfig = option(factory=AuthConfig, doc="SMTP AUTH.")
     # Routing
     domain_configs: list[DomainConfig] = option(
-        factory=list, doc="Domains this gateway accepts mail for, and where it relays it."
+        factory=list, doc="Domains this gateway accepts mail for from anyone, and where it relays it."
     )
-    default_server: str | None = option(None, doc="Relay for recipients no domainConfigs entry matches.")
-    default_port: int = option(25, doc="Port on defaultServer.")
+    default_server: str | None = option(
+        None, doc="Relay for recipients no domainConfigs entry matches (host name or IP).", check=c.host_or_ip
+    )
+    default_port: int = option(25, doc="Port on defaultServer.", check=c.port)
     use_tls: bool = option(False, doc="Require STARTTLS towards defaultServer.")
     # Processing
     content_scanning: bool = option(False, unsupported="Content scanning is not built yet.")
@@ -152,58 +245,124 @@ class SmtpConfig:
         factory=list, unsupported="Transformations are not built yet."
     )
     # Queue
-    queue_storage: Literal["memory", "disk", "redis"] = option("disk", doc="Where queued mail is kept.")
-    persistent_path: str = option("/var/spool/dcrouter", doc="Directory of the disk queue.")
-    max_retries: int = option(10, doc="Delivery attempts before a message bounces.")
-    base_retry_delay: int = option(300_000, doc="Milliseconds before the first retry; doubles per attempt.")
-    max_retry_delay: int = option(14_400_000, doc="Upper bound of the retry delay, in milliseconds.")
+    queue_storage: Literal["memory", "disk", "redis"] = option(
+        "disk",
+        doc="Where queued mail is kept. `memory` loses it on exit (a warning says so).",
+        unsupported_values={"redis": "The Redis queue is not built yet."},
+    )
+    persistent_path: str = option(
+        "/var/spool/dcrouter", doc="Directory of the disk queue.", check=c.not_empty
+    )
+    max_retries: int = option(10, doc="Delivery attempts before a message bounces.", check=c.non_negative)
+    base_retry_delay: int = option(
+        300_000, doc="Milliseconds before the first retry; doubles per attempt.", check=c.duration
+    )
+    max_retry_delay: int = option(
+        14_400_000, doc="Upper bound of the retry delay, in milliseconds.", check=c.duration
+    )
     # dcrouter's additions
-    bind_address: str = option("0.0.0.0", addition=True, doc="Address the SMTP ports listen on.")
+    bind_address: str = option(
+        "0.0.0.0",
+        addition=True,
+        doc="IP address the SMTP ports listen on (`::` for all IPv6).",
+        check=c.ip_address,
+    )
     implicit_tls_ports: list[int] = option(
-        factory=lambda: [465], addition=True, doc="Ports of `ports` that speak TLS from the first byte."
+        factory=lambda: [465],
+        addition=True,
+        doc="Ports of `ports` that speak TLS from the first byte (they never offer STARTTLS).",
+        check=c.unique,
+        each=c.port,
     )
     submission_ports: list[int] = option(
-        factory=lambda: [587], addition=True, doc="Ports of `ports` where AUTH is required before MAIL."
+        factory=lambda: [587, 465],
+        addition=True,
+        doc="Ports of `ports` where AUTH is required before MAIL. 465 is here by default because RFC 8314 "
+        "makes implicit TLS a submission port.",
+        check=c.unique,
+        each=c.port,
     )
     relay_networks: list[str] = option(
-        factory=list, addition=True, doc="CIDRs whose clients may relay to any domain without AUTH."
+        factory=list,
+        addition=True,
+        doc="CIDRs whose clients may relay to any domain without AUTH (a bare address is one host; "
+        "host bits set, as in `10.1.2.3/8`, are an error).",
+        each=c.cidr,
     )
-    max_connections: int = option(1000, addition=True, doc="Concurrent SMTP connections in total.")
+    max_connections: int = option(
+        1000, addition=True, doc="Concurrent SMTP connections in total.", check=c.positive
+    )
     max_connections_per_ip: int = option(
-        20, key="maxConnectionsPerIP", addition=True, doc="Concurrent SMTP connections per client IP."
+        20,
+        key="maxConnectionsPerIP",
+        addition=True,
+        doc="Concurrent SMTP connections per client IP; at most maxConnections.",
+        check=c.positive,
     )
-    max_recipients: int = option(100, addition=True, doc="Recipients per message (more get 452 4.5.3).")
+    max_recipients: int = option(
+        100, addition=True, doc="Recipients per message (more get 452 4.5.3).", check=c.positive
+    )
     connection_timeout: int = option(
-        1_800_000, addition=True, doc="Milliseconds a whole SMTP session may last."
+        1_800_000, addition=True, doc="Milliseconds a whole SMTP session may last.", check=c.duration
     )
-    socket_timeout: int = option(300_000, addition=True, doc="Milliseconds of client silence before 421 4.4.2.")
-    data_timeout: int = option(600_000, addition=True, doc="Milliseconds one DATA transfer may take in total.")
+    socket_timeout: int = option(
+        300_000, addition=True, doc="Milliseconds of client silence before 421 4.4.2.", check=c.duration
+    )
+    data_timeout: int = option(
+        600_000, addition=True, doc="Milliseconds one DATA transfer may take in total.", check=c.duration
+    )
     max_command_line_length: int = option(
-        512, addition=True, doc="Longest command line in octets, CRLF included (RFC 5321 4.5.3.1.4)."
+        512,
+        addition=True,
+        doc="Longest command line in octets, CRLF included (RFC 5321 4.5.3.1.4); at least 512.",
+        check=c.at_least(512),
     )
     max_line_length: int = option(
-        1000, addition=True, doc="Longest message text line in octets, CRLF included (RFC 5321 4.5.3.1.6)."
+        1000,
+        addition=True,
+        doc="Longest message text line in octets, CRLF included (RFC 5321 4.5.3.1.6); at least 1000.",
+        check=c.at_least(1000),
     )
     max_bad_commands: int = option(
-        20, addition=True, doc="Unknown or out-of-sequence commands before the session is closed."
+        20,
+        addition=True,
+        doc="Unknown or out-of-sequence commands before the session is closed.",
+        check=c.positive,
     )
     max_received_headers: int = option(
-        50, addition=True, doc="Received headers (hops) above which a message is refused as a loop."
+        50,
+        addition=True,
+        doc="Received headers (hops) above which a message is refused as a loop.",
+        check=c.positive,
     )
     redis_url: str | None = option(None, addition=True, unsupported="The Redis queue is not built yet.")
     max_queue_size: int = option(
-        0, addition=True, doc="Queued messages at which new mail gets 452 4.3.1 (0: no limit)."
+        0,
+        addition=True,
+        doc="Queued messages at which new mail gets 452 4.3.1 (0: no limit).",
+        check=c.non_negative,
     )
 
 
+@checked(c.shared_tls_material)
 @dataclass(frozen=True)
 class SharedTlsConfig:
-    contact_email: str | None = option(None, doc="Contact for certificate authorities (ACME).")
-    domain: str | None = option(None, doc="The router's own domain name.")
-    cert_path: str | None = option(None, doc="Certificate used when a service has none of its own.")
-    key_path: str | None = option(None, doc="Private key for certPath.")
+    contact_email: str | None = option(
+        None,
+        doc="Contact for certificate authorities (ACME).",
+        unsupported="ACME certificates are not built yet.",
+    )
+    domain: str | None = option(
+        None, doc="The router's own domain name.", unsupported="Nothing uses the router's own domain yet."
+    )
+    cert_path: str | None = option(
+        None, doc="PEM certificate used when a service has none of its own (SMTP: when smtpConfig.tls names "
+        "no certificate)."
+    )
+    key_path: str | None = option(None, doc="PEM private key for certPath, unencrypted.")
 
 
+@checked(c.router_has_work, c.smtp_tls_needed)
 @dataclass(frozen=True)
 class DcRouterOptions:
     smart_proxy_config: dict[str, Any] | None = option(None, unsupported="The proxy is not built yet.")

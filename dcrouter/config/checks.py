@@ -1,0 +1,442 @@
+"""Checks of configuration values, one key at a time (value checks) and across the keys of one block.
+
+A value check takes the converted value and returns ``None`` when it is fine, an error message, or an
+:class:`Advice` (a warning message). The loader prefixes every message with the key path.
+
+A block check (:func:`block_check`) sees one whole block after its keys were converted and reports through a
+:class:`Report`. It names the keys it reads; the loader runs it only when all of them loaded without error, so
+one mistake is reported once rather than again by every check that reads the same key.
+
+This module does not import the schema (``options.py`` imports it), so block checks read their block by
+attribute and spell the seed's file keys in their messages.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from dcrouter.net.domains import is_valid_domain_pattern, normalize_domain
+from dcrouter.passwords import is_password_hash, looks_like_password_hash
+
+
+class Advice(str):
+    """A value check's result that is a warning, not an error."""
+
+
+ValueCheck = Callable[[Any], "str | None"]
+
+
+class Report:
+    """Collects every error and warning of one load, in the order found."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+
+    def error(self, path: str, message: str) -> None:
+        self.errors.append(f"{path}: {message}")
+
+    def warning(self, path: str, message: str) -> None:
+        self.warnings.append(f"{path}: {message}")
+
+
+@dataclass(frozen=True)
+class BlockCheck:
+    """A check of one block: ``run(block, path, report)``; ``needs`` are the attributes it reads."""
+
+    needs: tuple[str, ...]
+    run: Callable[[Any, str, Report], None]
+
+
+def block_check(*needs: str) -> Callable[[Callable[[Any, str, Report], None]], BlockCheck]:
+    """Decorate ``run(block, path, report)`` into a :class:`BlockCheck` reading the attributes ``needs``."""
+
+    def wrap(run: Callable[[Any, str, Report], None]) -> BlockCheck:
+        return BlockCheck(needs, run)
+
+    return wrap
+
+
+def join(path: str, key: str) -> str:
+    """The key path of ``key`` inside the block at ``path`` (``""`` for the top level)."""
+    return f"{path}.{key}" if path else key
+
+
+# --- value checks ------------------------------------------------------------------------------------------
+
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
+
+
+def _is_host_name(value: str) -> bool:
+    # RFC 1123 host names; a trailing dot (absolute name) is tolerated, an all-numeric last label is not
+    # (it would be an IPv4 address written wrongly).
+    name = value[:-1] if value.endswith(".") else value
+    if not name or len(name) > 253:
+        return False
+    labels = name.split(".")
+    return all(_LABEL.match(label) for label in labels) and not labels[-1].isdigit()
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def port(value: int) -> str | None:
+    if not 1 <= value <= 65535:
+        return f"not a port number (1-65535): {value}"
+    return None
+
+
+def at_least(minimum: int) -> ValueCheck:
+    """A check that an integer is at least ``minimum``."""
+
+    def check(value: int) -> str | None:
+        if value < minimum:
+            return f"must be at least {minimum}: {value}"
+        return None
+
+    return check
+
+
+positive = at_least(1)
+non_negative = at_least(0)
+
+
+def duration(value: int) -> str | None:
+    """A positive number of milliseconds; a small one is probably seconds written by mistake."""
+    if value < 1:
+        return f"must be a positive number of milliseconds: {value}"
+    if value < 1000:
+        return Advice(f"{value} ms is less than a second; durations are in milliseconds")
+    return None
+
+
+def host_name(value: str) -> str | None:
+    if not _is_host_name(value):
+        return f"not a valid host name: {value!r}"
+    return None
+
+
+def host_or_ip(value: str) -> str | None:
+    if not (_is_ip(value) or _is_host_name(value)):
+        return f"not a host name or IP address: {value!r}"
+    return None
+
+
+def ip_address(value: str) -> str | None:
+    if not _is_ip(value):
+        return f"not an IP address: {value!r}"
+    return None
+
+
+def domain_pattern(value: str) -> str | None:
+    """An exact domain or a ``*.`` wildcard, as the SMTP and proxy domain matchers accept them."""
+    if not is_valid_domain_pattern(value):
+        return f"not a domain name or '*.' wildcard: {value!r}"
+    return None
+
+
+def cidr(value: str) -> str | None:
+    """An IPv4/IPv6 network; a bare address is a /32 or /128. Host bits set are refused: ``10.1.2.3/8``
+    would silently widen to all of 10/8, which for a relay permission is the dangerous direction."""
+    try:
+        ipaddress.ip_network(value, strict=True)
+    except ValueError:
+        try:
+            network = ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            return f"not an IP network in CIDR notation: {value!r}"
+        return f"host bits set in {value!r}; did you mean {str(network)!r}?"
+    return None
+
+
+def one_line(value: str) -> str | None:
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        return f"must not contain CR, LF or other control characters: {value!r}"
+    return None
+
+
+def not_empty(value: Any) -> str | None:
+    if len(value) == 0:
+        return "must not be empty"
+    return None
+
+
+def unique(value: list[Any]) -> str | None:
+    seen: set[Any] = set()
+    for item in value:
+        norm = item.lower() if isinstance(item, str) else item
+        if norm in seen:
+            return f"{item!r} is listed twice"
+        seen.add(norm)
+    return None
+
+
+def all_of(*checks: ValueCheck) -> ValueCheck:
+    """A check running ``checks`` in order and returning the first finding."""
+
+    def check(value: Any) -> str | None:
+        for one in checks:
+            found = one(value)
+            if found is not None:
+                return found
+        return None
+
+    return check
+
+
+# --- block checks ------------------------------------------------------------------------------------------
+
+
+def _listed(ports: Iterable[int], known: list[int]) -> list[tuple[int, int]]:
+    return [(i, p) for i, p in enumerate(ports) if p not in known]
+
+
+@block_check("ports", "implicit_tls_ports", "submission_ports")
+def smtp_port_roles(smtp: Any, path: str, report: Report) -> None:
+    """implicitTlsPorts and submissionPorts give roles to ports that are listened on. Their defaults name the
+    standard ports (465, 587) and apply only if those are in ``ports``; a list the file sets must be a subset,
+    which catches a role given to a port that was mistyped or forgotten in ``ports``."""
+    roles = (
+        ("implicitTlsPorts", "implicit_tls_ports", smtp.implicit_tls_ports),
+        ("submissionPorts", "submission_ports", smtp.submission_ports),
+    )
+    for key, attr, ports in roles:
+        if attr not in smtp._given:
+            continue
+        for i, p in _listed(ports, smtp.ports):
+            report.error(f"{join(path, key)}[{i}]", f"port {p} is not in {join(path, 'ports')}")
+    for i, p in enumerate(smtp.implicit_tls_ports):
+        if p in smtp.ports and p not in smtp.submission_ports:
+            # RFC 8314 section 3.3: port 465 is message submission over implicit TLS.
+            report.warning(
+                f"{join(path, 'implicitTlsPorts')}[{i}]",
+                f"port {p} is not in {join(path, 'submissionPorts')}, so it accepts mail without AUTH; "
+                "RFC 8314 makes implicit TLS a submission port",
+            )
+
+
+def _tls_usable(tls: Any) -> bool:
+    return tls is not None and (tls.self_signed or (tls.cert_path is not None and tls.key_path is not None))
+
+
+@block_check(
+    "smtp_config.ports",
+    "smtp_config.implicit_tls_ports",
+    "smtp_config.submission_ports",
+    "smtp_config.tls",
+    "smtp_config.auth",
+    "tls",
+)
+def smtp_tls_needed(options: Any, path: str, report: Report) -> None:
+    """Implicit TLS cannot work without a certificate; submission without TLS cannot authenticate.
+    The top-level ``tls`` certificate counts: the router falls back to it."""
+    smtp = options.smtp_config
+    shared = options.tls
+    usable = _tls_usable(smtp.tls) or (
+        shared is not None and shared.cert_path is not None and shared.key_path is not None
+    )
+    implicit = [p for p in smtp.implicit_tls_ports if p in smtp.ports]
+    if implicit and not usable:
+        report.error(
+            "smtpConfig.tls",
+            f"required because smtpConfig.implicitTlsPorts lists {implicit}: "
+            "set certPath and keyPath, or selfSigned = true",
+        )
+    submission = [p for p in smtp.submission_ports if p in smtp.ports and p not in implicit]
+    if submission and not usable and not smtp.auth.allow_insecure:
+        report.warning(
+            "smtpConfig.tls",
+            f"not set, so nobody can authenticate on submission ports {submission} "
+            "(AUTH is offered only after STARTTLS)",
+        )
+
+
+@block_check("ports", "submission_ports", "auth")
+def smtp_users_present(smtp: Any, path: str, report: Report) -> None:
+    if smtp.auth.users:
+        return
+    submission = [p for p in smtp.submission_ports if p in smtp.ports]
+    users = join(path, "auth.users")
+    if submission:
+        report.warning(users, f"empty, so nobody can submit mail on submission ports {submission}")
+    elif smtp.auth.required:
+        report.warning(users, f"empty while {join(path, 'auth.required')} is true, so no mail is accepted")
+
+
+@block_check("max_connections", "max_connections_per_ip")
+def smtp_connection_caps(smtp: Any, path: str, report: Report) -> None:
+    if smtp.max_connections_per_ip > smtp.max_connections:
+        report.error(
+            join(path, "maxConnectionsPerIP"),
+            f"{smtp.max_connections_per_ip} is more than {join(path, 'maxConnections')} "
+            f"({smtp.max_connections})",
+        )
+
+
+@block_check("base_retry_delay", "max_retry_delay")
+def smtp_retry_delays(smtp: Any, path: str, report: Report) -> None:
+    if smtp.max_retry_delay < smtp.base_retry_delay:
+        report.error(
+            join(path, "maxRetryDelay"),
+            f"{smtp.max_retry_delay} is less than {join(path, 'baseRetryDelay')} ({smtp.base_retry_delay})",
+        )
+
+
+@block_check("queue_storage")
+def smtp_queue_storage(smtp: Any, path: str, report: Report) -> None:
+    if smtp.queue_storage == "memory":
+        report.warning(join(path, "queueStorage"), "'memory': queued messages are lost when dcrouter stops")
+
+
+@block_check("domain_configs")
+def smtp_domains_once(smtp: Any, path: str, report: Report) -> None:
+    """A domain in two entries would make routing depend on their order."""
+    owner: dict[str, int] = {}
+    for i, entry in enumerate(smtp.domain_configs):
+        for j, domain in enumerate(entry.domains):
+            norm = normalize_domain(domain[2:]) if domain.startswith("*.") else normalize_domain(domain)
+            norm = ("*." if domain.startswith("*.") else "") + norm
+            if norm in owner and owner[norm] != i:
+                report.error(
+                    f"{join(path, 'domainConfigs')}[{i}].domains[{j}]",
+                    f"{domain!r} is also in {join(path, 'domainConfigs')}[{owner[norm]}]",
+                )
+            owner.setdefault(norm, i)
+
+
+@block_check("default_server", "submission_ports", "ports", "relay_networks")
+def smtp_default_route(smtp: Any, path: str, report: Report) -> None:
+    relaying = [p for p in smtp.submission_ports if p in smtp.ports] or smtp.relay_networks
+    if relaying and smtp.default_server is None:
+        report.warning(
+            join(path, "defaultServer"),
+            "not set, so relayed mail to domains outside domainConfigs cannot be delivered "
+            "(direct MX delivery is not built yet)",
+        )
+
+
+def _read(path: str) -> bytes | str:
+    """The file's bytes, or an error message."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        return f"cannot read {path!r}: {e.strerror or e}"
+
+
+def _load_pem(file: str, what: str) -> Any:
+    data = _read(file)
+    if isinstance(data, str):
+        return data
+    try:
+        if what == "key":
+            return serialization.load_pem_private_key(data, password=None)
+        return x509.load_pem_x509_certificates(data)
+    except TypeError:
+        return f"the private key in {file!r} is encrypted; dcrouter needs it unencrypted"
+    except ValueError:
+        noun = "private key" if what == "key" else "certificate"
+        return f"no PEM {noun} in {file!r}"
+
+
+def _public(key: Any) -> bytes:
+    return bytes(
+        key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+
+
+@block_check("cert_path", "key_path", "ca_path", "self_signed")
+def tls_material(tls: Any, path: str, report: Report) -> None:
+    """certPath and keyPath come as a pair; files that are meant to exist must hold matching PEM."""
+    if tls.self_signed and tls.cert_path is None and tls.key_path is None:
+        report.error(join(path, "certPath"), "required with selfSigned: where the certificate is generated")
+        return
+    _pem_files(tls.cert_path, tls.key_path, tls.ca_path, tls.self_signed, path, report)
+
+
+@block_check("cert_path", "key_path")
+def shared_tls_material(tls: Any, path: str, report: Report) -> None:
+    _pem_files(tls.cert_path, tls.key_path, None, False, path, report)
+
+
+def _pem_files(
+    cert: str | None, key: str | None, ca: str | None, generated: bool, path: str, report: Report
+) -> None:
+    if (cert is None) != (key is None):
+        missing = "keyPath" if key is None else "certPath"
+        report.error(join(path, missing), "required when the other of certPath/keyPath is set")
+        return
+    loaded: dict[str, Any] = {}
+    for name, file, what in (("certPath", cert, "cert"), ("keyPath", key, "key"), ("caPath", ca, "cert")):
+        # A self-signed pair is generated on first start, so only its absence is expected.
+        if file is None or (generated and name != "caPath" and not os.path.exists(file)):
+            continue
+        result = _load_pem(file, what)
+        if isinstance(result, str):
+            report.error(join(path, name), result)
+        else:
+            loaded[name] = result
+    if "certPath" in loaded and "keyPath" in loaded:
+        if _public(loaded["certPath"][0].public_key()) != _public(loaded["keyPath"].public_key()):
+            report.error(join(path, "keyPath"), f"does not match the certificate in {join(path, 'certPath')}")
+
+
+@block_check("ciphers")
+def tls_ciphers(tls: Any, path: str, report: Report) -> None:
+    if tls.ciphers is None:
+        return
+    from OpenSSL import SSL
+
+    try:
+        SSL.Context(SSL.TLS_METHOD).set_cipher_list(tls.ciphers.encode("ascii", "replace"))
+    except SSL.Error:
+        report.error(join(path, "ciphers"), f"OpenSSL knows no cipher in {tls.ciphers!r}")
+
+
+@block_check("users")
+def auth_unique_users(auth: Any, path: str, report: Report) -> None:
+    first: dict[str, int] = {}
+    for i, user in enumerate(auth.users):
+        if user.username in first:
+            report.error(
+                f"{join(path, 'users')}[{i}].username",
+                f"{user.username!r} is also {join(path, 'users')}[{first[user.username]}]",
+            )
+        first.setdefault(user.username, i)
+
+
+@block_check("password")
+def user_password(user: Any, path: str, report: Report) -> None:
+    password = join(path, "password")
+    if is_password_hash(user.password):
+        return
+    if looks_like_password_hash(user.password):
+        report.error(password, "malformed scrypt hash; make a new one with 'dcrouter hash-password'")
+    else:
+        report.warning(password, "stored in plain text; use a hash from 'dcrouter hash-password'")
+
+
+@block_check("user", "pass_")
+def authentication_pair(auth: Any, path: str, report: Report) -> None:
+    if (auth.user is None) != (auth.pass_ is None):
+        missing = "pass" if auth.pass_ is None else "user"
+        report.error(join(path, missing), "required when the other of user/pass is set")
+
+
+@block_check("smtp_config")
+def router_has_work(options: Any, path: str, report: Report) -> None:
+    if options.smtp_config is None:
+        report.warning("smtpConfig", "not set, so dcrouter has nothing to run")

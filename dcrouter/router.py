@@ -1,0 +1,374 @@
+"""DcRouter: the MultiService that builds dcrouter's services from its options and wires them together.
+
+``DcRouter(options)`` mirrors the seed's ``new DcRouter({...})``: ``options`` is a mapping in the
+configuration file's shape (validated, raising :class:`dcrouter.config.ConfigError`), a loaded
+``ConfigResult`` or a ``DcRouterOptions``. It can be the root service of ``twistd dcrouter`` or a child of
+another program's service.
+
+Lifecycle, and why in this order:
+
+- ``privilegedStartService`` binds every SMTP port (twistd drops privileges right after it, so ports below
+  1024 must be bound here) and loads the TLS material (keys are often readable by root only). The listening
+  sockets are paused: the kernel may complete handshakes, but no connection is accepted and no session
+  starts yet.
+- ``startService`` starts the thread pool, loads the queue (crash recovery), starts child services, and only
+  then resumes the listening sockets, so no message can be acknowledged before the queue has recovered.
+- ``stopService`` stops the listeners first (sessions already open keep running and may finish their current
+  reply), then the child services, then ``save()``s the queue, then stops the thread pool.
+
+A port that cannot be bound raises :class:`StartupError` naming the address and port. A failure while starting
+asynchronously (the queue cannot load) is logged as critical and fails the Deferreds from :meth:`when_ready`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IReadDescriptor
+from twisted.internet.protocol import Factory
+from twisted.internet.ssl import CertificateOptions
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from dcrouter.config import ConfigResult, load_options
+from dcrouter.config.options import DcRouterOptions, SmtpConfig, TlsConfig
+from dcrouter.interfaces import IDeliveryQueue
+from dcrouter.net.tls import TlsMaterialError, load_tls_options
+from dcrouter.processing.processor import EmailProcessor
+from dcrouter.smtp.auth import Authenticator
+from dcrouter.smtp.policy import SessionPolicy
+from dcrouter.smtp.protocol import ESMTPServerFactory
+
+log = Logger()
+
+#: Threads for blocking work the router owns (scrypt password checks). Each check holds ~32 MiB, so the bound
+#: is also a memory bound.
+THREADPOOL_MAX = 4
+
+
+class StartupError(Exception):
+    """dcrouter cannot start; the message says what and where (address and port, file, key path)."""
+
+
+def coerce_options(options: Any) -> tuple[DcRouterOptions, list[str]]:
+    """``(options, warnings)`` from a mapping (validated; raises ConfigError), a ConfigResult or options."""
+    if isinstance(options, DcRouterOptions):
+        return options, []
+    if isinstance(options, ConfigResult):
+        return options.options, list(options.warnings)
+    if isinstance(options, Mapping):
+        result = load_options(options)
+        return result.options, list(result.warnings)
+    raise TypeError(
+        f"DcRouter options must be a mapping, ConfigResult or DcRouterOptions, not {type(options)!r}"
+    )
+
+
+def smtp_tls_config(options: DcRouterOptions) -> TlsConfig | None:
+    """The TLS settings for SMTP: ``smtpConfig.tls``, with the top-level ``tls`` certificate as a fallback for
+    the files (``smtpConfig.tls`` may then carry only minVersion/ciphers). None when no certificate is
+    named."""
+    smtp = options.smtp_config
+    own = smtp.tls if smtp is not None else None
+    if own is not None and own.cert_path and own.key_path:
+        return own
+    shared = options.tls
+    if shared is not None and shared.cert_path and shared.key_path:
+        return dataclasses.replace(own or TlsConfig(), cert_path=shared.cert_path, key_path=shared.key_path)
+    return None
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def describe_listener(config: SmtpConfig, port: int, has_tls: bool, auth_offered: bool) -> str:
+    """What a port does, for the start-up log: ``mx, STARTTLS`` or ``submission, STARTTLS, AUTH required``."""
+    submission = port in config.submission_ports
+    parts = ["submission" if submission else "mx"]
+    if port in config.implicit_tls_ports:
+        parts.append("implicit TLS")
+    else:
+        parts.append("STARTTLS" if has_tls else "no TLS")
+    if submission or config.auth.required:
+        parts.append("AUTH required")
+    elif auth_offered:
+        parts.append("AUTH offered")
+    return ", ".join(parts)
+
+
+def build_queue(config: SmtpConfig, reactor: Any) -> IDeliveryQueue:
+    """The queue backend ``queueStorage`` names."""
+    if config.queue_storage == "memory":
+        from dcrouter.queue.memory import MemoryQueue
+
+        return MemoryQueue(clock=reactor, max_size=config.max_queue_size)
+    if config.queue_storage == "disk":
+        from dcrouter.queue.disk import DiskQueue
+
+        return DiskQueue(
+            config.persistent_path, reactor=reactor, clock=reactor, max_size=config.max_queue_size
+        )
+    raise StartupError(f"smtpConfig.queueStorage: {config.queue_storage!r} is not supported yet")
+
+
+@dataclasses.dataclass
+class SmtpListener:
+    """One configured SMTP port and, once bound, its listening port."""
+
+    configured_port: int
+    description: str
+    listening: IListeningPort | None = None
+
+    @property
+    def actual_port(self) -> int:
+        assert self.listening is not None
+        return int(self.listening.getHost().port)
+
+
+def _pause(listening: IListeningPort) -> None:
+    # A real reactor's listening port is a read descriptor: not reading means not accepting. In-memory
+    # reactors used by unit tests accept nothing anyway.
+    if IReadDescriptor.providedBy(listening):
+        listening.stopReading()  # type: ignore[attr-defined]
+
+
+def _resume(listening: IListeningPort) -> None:
+    if IReadDescriptor.providedBy(listening):
+        listening.startReading()  # type: ignore[attr-defined]
+
+
+async def _settle_all(deferreds: list[Deferred[Any]], what: str) -> None:
+    """Wait for every Deferred; log each failure (shutdown goes on regardless: the queue must be saved)."""
+    for deferred in deferreds:
+        try:
+            await deferred
+        except Exception:
+            log.failure(what)
+
+
+class DcRouter(MultiService):
+    """dcrouter as a Twisted service. See the module docstring for the lifecycle.
+
+    ``queue`` replaces the backend ``queueStorage`` names (an embedding program's own, or a test's).
+
+    Attributes tests and embedding programs may rely on: ``options``, ``warnings`` (from validation),
+    ``queue``, ``processor``, ``policy``, ``authenticator`` (None without users), ``threadpool``, and
+    ``smtp_ports`` (configured port → actual port, filled once bound; useful with port 0).
+    """
+
+    name = "dcrouter"
+
+    def __init__(self, options: Any, *, reactor: Any = None, queue: IDeliveryQueue | None = None) -> None:
+        super().__init__()
+        if reactor is None:
+            # Only for embedding without passing a reactor in; twistd's makeService passes it.
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        self._reactor = reactor
+        self.options, self.warnings = coerce_options(options)
+        self.smtp_config: SmtpConfig | None = self.options.smtp_config
+        self.smtp_ports: dict[int, int] = {}
+        self._listeners: list[SmtpListener] = []
+        self._bound = False
+        self.threadpool = ThreadPool(minthreads=0, maxthreads=THREADPOOL_MAX, name="dcrouter")
+        self._starting: Deferred[None] | None = None
+        self._stopping: Deferred[None] | None = None
+        self._ready_result: Failure | bool | None = None
+        self._ready_waiters: list[Deferred[None]] = []
+        self.queue: IDeliveryQueue | None = None
+        self.processor: EmailProcessor | None = None
+        self.policy: SessionPolicy | None = None
+        self.authenticator: Authenticator | None = None
+        if self.smtp_config is not None:
+            self._build_smtp(self.smtp_config, queue)
+
+    def _build_smtp(self, config: SmtpConfig, queue: IDeliveryQueue | None) -> None:
+        self.queue = queue if queue is not None else build_queue(config, self._reactor)
+        self.processor = EmailProcessor(self.queue, self._reactor.seconds)
+        self.policy = SessionPolicy(config)
+        if config.auth.users:
+            self.authenticator = Authenticator(
+                config.auth, clock=self._reactor, reactor=self._reactor, threadpool=self.threadpool
+            )
+
+    # -- readiness ---------------------------------------------------------------------------------------
+
+    def when_ready(self) -> Deferred[None]:
+        """A Deferred firing once the queue is loaded and the SMTP ports accept connections, or failing with
+        the reason start-up failed. Each call returns a new Deferred."""
+        if isinstance(self._ready_result, Failure):
+            return fail(self._ready_result)
+        if self._ready_result:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._ready_waiters.append(waiter)
+        return waiter
+
+    def _settle_ready(self, result: Failure | bool) -> None:
+        self._ready_result = result
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for waiter in waiters:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(None)
+
+    # -- binding -----------------------------------------------------------------------------------------
+
+    def _load_tls(self, config: SmtpConfig) -> CertificateOptions | None:
+        tls_config = smtp_tls_config(self.options)
+        if tls_config is None:
+            if set(config.implicit_tls_ports) & set(config.ports):
+                raise StartupError(
+                    "smtpConfig.implicitTlsPorts: implicit TLS needs a certificate (smtpConfig.tls or tls)"
+                )
+            return None
+        try:
+            return load_tls_options(tls_config, config.hostname)
+        except TlsMaterialError as error:
+            raise StartupError(f"smtpConfig.tls: {error}") from error
+
+    def _factory_for(self, config: SmtpConfig, port: int, tls_options: CertificateOptions | None) -> Factory:
+        assert self.policy is not None and self.processor is not None and self.queue is not None
+        factory: Factory = ESMTPServerFactory(
+            config=config,
+            port=port,
+            policy=self.policy,
+            authenticator=self.authenticator,
+            processor=self.processor,
+            spool_directory=self.queue.spool_directory,
+            tls_options=tls_options,
+            clock=self._reactor,
+        )
+        if port in config.implicit_tls_ports:
+            assert tls_options is not None
+            # TLS from the first byte; the protocol knows from its port never to offer STARTTLS here.
+            factory = TLSMemoryBIOFactory(tls_options, False, factory)
+        return factory
+
+    def _bind_listeners(self) -> None:
+        """Bind every SMTP port, paused. On any failure, close what was bound and raise StartupError."""
+        config = self.smtp_config
+        assert config is not None
+        self._bound = True
+        tls_options = self._load_tls(config)
+        for port in config.ports:
+            description = describe_listener(
+                config, port, tls_options is not None, self.authenticator is not None
+            )
+            listener = SmtpListener(port, description)
+            try:
+                listener.listening = self._reactor.listenTCP(
+                    port, self._factory_for(config, port, tls_options), interface=config.bind_address
+                )
+            except CannotListenError as error:
+                self._close_bound()
+                where = format_address(config.bind_address, port)
+                message = f"cannot listen for SMTP on {where}: {error.socketError}"
+                log.critical("{message}", message=message)
+                raise StartupError(message) from error
+            _pause(listener.listening)
+            self._listeners.append(listener)
+            self.smtp_ports[port] = listener.actual_port
+
+    def _close_bound(self) -> None:
+        for listener in self._listeners:
+            if listener.listening is not None:
+                listener.listening.stopListening()
+        self._listeners = []
+        self.smtp_ports = {}
+
+    # -- service lifecycle -------------------------------------------------------------------------------
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        if self.smtp_config is not None and not self._bound:
+            self._bind_listeners()
+
+    def startService(self) -> None:
+        # Embedded use may call startService alone; bind now then.
+        if self.smtp_config is not None and not self._bound:
+            self._bind_listeners()
+        # Children start only after the queue has loaded (in _start): Service's startService, not Multi...'s.
+        Service.startService(self)
+        self._stopping = None
+        self.threadpool.start()
+        self._starting = Deferred.fromCoroutine(self._start())
+        self._starting.addErrback(self._start_failed)
+
+    async def _start(self) -> None:
+        for warning in self.warnings:
+            # Not "warning=": a log event with that key is taken for a Python warning by trial's observer.
+            log.warn("configuration: {problem}", problem=warning)
+        if self.queue is not None:
+            # The truth of this stage, said loudly so nobody mistakes queued for delivered.
+            log.warn(
+                "delivery is not built yet: accepted messages are queued only, "
+                "nothing is delivered or bounced"
+            )
+            assert self.smtp_config is not None
+            counts = await self.queue.load()
+            log.info(
+                "queue loaded ({storage}): {counts}", storage=self.smtp_config.queue_storage, counts=counts
+            )
+        for child in self:
+            child.startService()
+        if not self.running:
+            return  # stopped while loading: stay closed
+        for listener in self._listeners:
+            assert listener.listening is not None and self.smtp_config is not None
+            _resume(listener.listening)
+            log.info(
+                "SMTP listening on {address} ({description})",
+                address=format_address(self.smtp_config.bind_address, listener.actual_port),
+                description=listener.description,
+                port=listener.actual_port,
+            )
+        log.info("dcrouter ready")
+        self._settle_ready(True)
+
+    def _start_failed(self, failure: Failure) -> None:
+        log.failure("dcrouter could not start", failure)
+        self._settle_ready(failure)
+
+    def stopService(self) -> Deferred[None]:
+        if self._stopping is None:
+            self._stopping = Deferred.fromCoroutine(self._stop())
+            self._stopping.addErrback(lambda failure: log.failure("error while stopping dcrouter", failure))
+        return self._stopping
+
+    async def _stop(self) -> None:
+        Service.stopService(self)
+        if self._starting is not None:
+            await self._starting  # never fails: _start_failed consumed any failure
+        # Listeners first: no new sessions; open ones may still finish their current reply.
+        await _settle_all(
+            [maybeDeferred(item.listening.stopListening) for item in self._listeners if item.listening],
+            "an SMTP listener did not stop cleanly",
+        )
+        self._listeners = []
+        self._bound = False
+        children = list(self)
+        children.reverse()
+        await _settle_all(
+            [maybeDeferred(child.stopService) for child in children], "a service did not stop cleanly"
+        )
+        if self.queue is not None and self._starting is not None:
+            try:
+                await self.queue.save()
+            except Exception:
+                log.failure("the queue could not be saved")
+        if self.threadpool.started:
+            self.threadpool.stop()
+        if self._ready_result is None:
+            self._settle_ready(Failure(StartupError("dcrouter was stopped before it became ready")))
+        log.info("dcrouter stopped")

@@ -1,0 +1,114 @@
+"""``twistd dcrouter``: command-line options and the service maker (twisted/plugins/dcrouter_plugin.py
+points here).
+
+``twistd -n dcrouter --config etc/dcrouter.example.toml`` runs in the foreground;
+``twistd -n dcrouter --config FILE --check`` validates FILE, prints every error and warning, and exits 0
+(valid) or 1 (invalid) without binding anything. twistd's own options (``--logfile``, ``--pidfile``,
+``--uid``, ``--logger dcrouter.log.json_observer``, …) go before ``dcrouter``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TextIO
+
+from twisted.python import usage
+
+#: A packaged deployment keeps its configuration here; from a checkout, pass
+#: --config etc/dcrouter.example.toml.
+DEFAULT_CONFIG = "/etc/dcrouter/dcrouter.toml"
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE] [--check]"
+    longdesc = (
+        "dcrouter: an SMTP store-and-forward gateway (receive, process, durable queue) run by twistd. "
+        "The configuration file is TOML or JSON (by extension) with the seed's option names "
+        "(smtpConfig, domainConfigs, ...); see docs/configuration.md and etc/dcrouter.example.toml. "
+        "Example: twistd -n dcrouter --config etc/dcrouter.example.toml"
+    )
+    optParameters = [
+        ["config", "c", DEFAULT_CONFIG, "Configuration file, .toml or .json."],
+    ]
+    optFlags = [
+        [
+            "check",
+            None,
+            "Validate the configuration file, print every error and warning, and exit: 0 if it is valid, "
+            "1 if not. Nothing is bound or started.",
+        ],
+    ]
+    compData = usage.Completions(optActions={"config": usage.CompleteFiles("*.toml *.json")})
+
+    def postOptions(self) -> None:
+        if self["check"]:
+            raise SystemExit(check(self["config"], sys.stdout, sys.stderr))
+
+
+def _load(path: str) -> Any:
+    """The ConfigResult of ``path``; raises ConfigError, or OSError when the file cannot be read."""
+    from dcrouter.config import load_file
+
+    return load_file(path)
+
+
+def _config_errors(path: str, error: Exception) -> list[str]:
+    from dcrouter.config import ConfigError
+
+    if isinstance(error, ConfigError):
+        return list(error.errors) or [str(error)]
+    if isinstance(error, OSError):
+        return [f"cannot read the configuration file: {error.strerror or error}"]
+    raise error
+
+
+def check(path: str, out: TextIO, err: TextIO) -> int:
+    """Validate ``path`` as ``--check`` does: every error and warning printed, prefixed with the file name.
+    Returns the exit status (0 valid, 1 invalid)."""
+    try:
+        result = _load(path)
+    except Exception as error:
+        errors = _config_errors(path, error)
+        for message in errors:
+            print(f"error: {message}", file=err)
+        print(f"{path}: not valid, {len(errors)} error(s)", file=err)
+        return 1
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=err)
+    print(f"{path}: OK, {len(result.warnings)} warning(s)", file=out)
+    return 0
+
+
+def makeService(config: Options) -> Any:
+    """Load the configuration file and return the DcRouter service. Errors are printed, then SystemExit(1):
+    at this point twistd has not started logging, so the terminal is where the operator is looking."""
+    from twisted.internet import reactor  # only here: the global reactor, as twistd runs it
+
+    from dcrouter.router import DcRouter
+
+    path = config["config"]
+    try:
+        result = _load(path)
+    except Exception as error:
+        for message in _config_errors(path, error):
+            print(f"error: {message}", file=sys.stderr)
+        print(f"{path}: not valid; nothing started", file=sys.stderr)
+        if path == DEFAULT_CONFIG:
+            print("dcrouter: to try the example, pass --config etc/dcrouter.example.toml", file=sys.stderr)
+        raise SystemExit(1)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    router = DcRouter(result, reactor=reactor)
+    # Under twistd a router that cannot start (its queue does not load) should not linger half-alive.
+    router.when_ready().addErrback(_stop_reactor, reactor)
+    return router
+
+
+def _stop_reactor(failure: Any, reactor: Any) -> None:
+    # DcRouter has already logged the failure as critical; stopping the reactor ends the process.
+    from twisted.internet.error import ReactorNotRunning
+
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass  # already shutting down (the router was stopped before it became ready)

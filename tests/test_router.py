@@ -1,0 +1,347 @@
+"""Tests for dcrouter.router.DcRouter: building from options, binding, start/stop order, TLS material, logs.
+
+The order tests use the real reactor on 127.0.0.1 (a listening port is paused by not reading, which only a
+real reactor shows); everything else runs on MemoryReactorClock and never touches the network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import globalLogPublisher
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from dcrouter import DcRouter
+from dcrouter.config import ConfigError, ConfigResult, load_options
+from dcrouter.config.options import SharedTlsConfig, TlsConfig
+from dcrouter.envelope import Envelope
+from dcrouter.interfaces import QueueUnavailable
+from dcrouter.net.tls import generate_self_signed
+from dcrouter.queue.disk import DiskQueue
+from dcrouter.queue.memory import MemoryQueue
+from dcrouter.router import StartupError, describe_listener, format_address, smtp_tls_config
+from dcrouter.smtp.protocol import ESMTPServerFactory
+from dcrouter.smtp.spool import SpooledMessage
+
+
+def smtp_options(test: SynchronousTestCase, **smtp: Any) -> dict[str, Any]:
+    """A small valid configuration: MX 2525, submission 2587, implicit TLS 2465, a memory queue."""
+    config: dict[str, Any] = {
+        "ports": [2525, 2587, 2465],
+        "bindAddress": "127.0.0.1",
+        "hostname": "mx.test",
+        "implicitTlsPorts": [2465],
+        "submissionPorts": [2587, 2465],
+        "queueStorage": "memory",
+        "tls": write_tls(test),
+        "domainConfigs": [{"domains": ["example.test"], "targetIPs": ["127.0.0.1"]}],
+    }
+    config.update(smtp)
+    return {"smtpConfig": config}
+
+
+#: A well-formed scrypt hash (of no password anyone knows): these tests never authenticate.
+A_HASH = "scrypt$10$8$1$AAAAAAAAAAAAAAAAAAAAAA==$" + "A" * 43 + "="
+
+#: One MX port and nothing else (no implicit TLS, no submission port).
+MX_ONLY: dict[str, Any] = {"ports": [2525], "implicitTlsPorts": [], "submissionPorts": []}
+
+
+def past_validation(options: dict[str, Any], **smtp: Any) -> ConfigResult:
+    """Validated ``options`` with smtpConfig fields then replaced: what a file edited after --check, or an
+    embedding program's own DcRouterOptions, may hold. The router must still refuse it clearly."""
+    result = load_options(options)
+    assert result.options.smtp_config is not None
+    changed = dataclasses.replace(result.options.smtp_config, **smtp)
+    return ConfigResult(dataclasses.replace(result.options, smtp_config=changed), result.warnings)
+
+
+def write_tls(test: SynchronousTestCase) -> dict[str, str]:
+    directory = os.path.abspath(test.mktemp())
+    os.makedirs(directory)
+    cert, key = generate_self_signed("mx.test")
+    paths = {"certPath": os.path.join(directory, "cert.pem"), "keyPath": os.path.join(directory, "key.pem")}
+    for name, data in (("certPath", cert), ("keyPath", key)):
+        with open(paths[name], "wb") as handle:
+            handle.write(data)
+    return paths
+
+
+def with_ports(options: dict[str, Any], ports: list[int]) -> ConfigResult:
+    """Validated options whose SMTP ports are then replaced, past validation, by ``ports`` (port 0 included:
+    the loader refuses it, tests want the kernel to choose)."""
+    return past_validation(options, ports=ports, implicit_tls_ports=[], submission_ports=[])
+
+
+class CapturedLog:
+    """Formatted text of every log event while installed."""
+
+    def __init__(self, test: SynchronousTestCase) -> None:
+        from twisted.logger import formatEvent
+
+        self.lines: list[str] = []
+        self._observer = lambda event: self.lines.append(formatEvent(event))
+        globalLogPublisher.addObserver(self._observer)
+        test.addCleanup(globalLogPublisher.removeObserver, self._observer)
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_mapping_is_validated(self) -> None:
+        bad = {"smtpConfig": {"ports": [99999]}}
+        error = self.assertRaises(ConfigError, DcRouter, bad, reactor=MemoryReactorClock())
+        self.assertIn("smtpConfig.ports[0]", str(error))
+
+    def test_accepts_mapping_result_and_options(self) -> None:
+        mapping = smtp_options(self)
+        result = load_options(mapping)
+        for given in (mapping, result, result.options):
+            router = DcRouter(given, reactor=MemoryReactorClock())
+            self.assertEqual(router.options, result.options)
+            self.assertTrue(IService.providedBy(router))
+
+    def test_other_types_refused(self) -> None:
+        self.assertRaises(TypeError, DcRouter, ["smtpConfig"], reactor=MemoryReactorClock())
+
+    def test_no_smtp_config_serves_nothing(self) -> None:
+        router = DcRouter({}, reactor=MemoryReactorClock())
+        self.assertIsNone(router.queue)
+        router.privilegedStartService()
+        router.startService()
+        self.successResultOf(router.when_ready())
+        self.successResultOf(router.stopService())
+
+    def test_queue_storage_selects_backend(self) -> None:
+        memory = DcRouter(smtp_options(self), reactor=MemoryReactorClock())
+        self.assertIsInstance(memory.queue, MemoryQueue)
+        path = os.path.abspath(self.mktemp())
+        disk = DcRouter(
+            smtp_options(self, queueStorage="disk", persistentPath=path), reactor=MemoryReactorClock()
+        )
+        self.assertIsInstance(disk.queue, DiskQueue)
+
+    def test_authenticator_only_with_users(self) -> None:
+        self.assertIsNone(DcRouter(smtp_options(self), reactor=MemoryReactorClock()).authenticator)
+        users = {"users": [{"username": "u", "password": A_HASH}]}
+        router = DcRouter(smtp_options(self, auth=users), reactor=MemoryReactorClock())
+        self.assertIsNotNone(router.authenticator)
+
+
+class TlsSelectionTests(SynchronousTestCase):
+    def test_smtp_tls_wins(self) -> None:
+        result = load_options(smtp_options(self))
+        own = result.options.smtp_config.tls  # type: ignore[union-attr]
+        shared = SharedTlsConfig(cert_path="/shared/cert.pem", key_path="/shared/key.pem")
+        options = dataclasses.replace(result.options, tls=shared)
+        self.assertEqual(smtp_tls_config(options), own)
+
+    def test_shared_tls_is_the_fallback_keeping_smtp_settings(self) -> None:
+        result = load_options(smtp_options(self, tls={"minVersion": "TLSv1.3"}, **MX_ONLY))
+        shared = SharedTlsConfig(cert_path="/shared/cert.pem", key_path="/shared/key.pem")
+        options = dataclasses.replace(result.options, tls=shared)
+        self.assertEqual(
+            smtp_tls_config(options),
+            TlsConfig(cert_path="/shared/cert.pem", key_path="/shared/key.pem", min_version="TLSv1.3"),
+        )
+
+    def test_none_without_certificate(self) -> None:
+        result = load_options(smtp_options(self, tls=None, **MX_ONLY))
+        self.assertIsNone(smtp_tls_config(result.options))
+
+
+class DescribeTests(SynchronousTestCase):
+    def test_roles(self) -> None:
+        smtp = load_options(smtp_options(self)).options.smtp_config
+        assert smtp is not None
+        self.assertEqual(describe_listener(smtp, 2525, True, False), "mx, STARTTLS")
+        self.assertEqual(describe_listener(smtp, 2525, True, True), "mx, STARTTLS, AUTH offered")
+        self.assertEqual(describe_listener(smtp, 2525, False, False), "mx, no TLS")
+        self.assertEqual(describe_listener(smtp, 2587, True, True), "submission, STARTTLS, AUTH required")
+        self.assertEqual(describe_listener(smtp, 2465, True, True), "submission, implicit TLS, AUTH required")
+
+    def test_format_address(self) -> None:
+        self.assertEqual(format_address("127.0.0.1", 25), "127.0.0.1:25")
+        self.assertEqual(format_address("::1", 25), "[::1]:25")
+
+
+class BindingTests(SynchronousTestCase):
+    """Binding on a MemoryReactorClock: which ports, on which address, with which factory."""
+
+    def test_binds_every_port_in_privileged_start(self) -> None:
+        clock = MemoryReactorClock()
+        router = DcRouter(smtp_options(self), reactor=clock)
+        self.assertEqual(clock.tcpServers, [])
+        router.privilegedStartService()
+        self.assertEqual([(port, interface) for port, _, _, interface in clock.tcpServers],
+                         [(2525, "127.0.0.1"), (2587, "127.0.0.1"), (2465, "127.0.0.1")])
+        self.assertEqual(router.smtp_ports, {2525: 2525, 2587: 2587, 2465: 2465})
+        factories = {port: factory for port, factory, _, _ in clock.tcpServers}
+        self.assertIsInstance(factories[2525], ESMTPServerFactory)
+        self.assertIsNotNone(factories[2525].tls_options)  # STARTTLS offered
+        self.assertIsInstance(factories[2465], TLSMemoryBIOFactory)  # TLS from the first byte
+        self.assertIsInstance(factories[2465].wrappedFactory, ESMTPServerFactory)
+        # One policy and one queue for the whole router: connection counts span the ports.
+        self.assertIs(factories[2525].policy, factories[2587].policy)
+        assert router.queue is not None
+        self.assertEqual(factories[2525].spool_directory, router.queue.spool_directory)
+
+    def test_start_without_privileged_start_binds(self) -> None:
+        """Embedded use may call startService alone; it binds then, once."""
+        clock = MemoryReactorClock()
+        router = DcRouter(smtp_options(self), reactor=clock)
+        router.startService()
+        self.addCleanup(router.stopService)
+        self.successResultOf(router.when_ready())
+        self.assertEqual(len(clock.tcpServers), 3)
+
+    def test_implicit_tls_without_certificate_refused(self) -> None:
+        router = DcRouter(past_validation(smtp_options(self), tls=None), reactor=MemoryReactorClock())
+        error = self.assertRaises(StartupError, router.privilegedStartService)
+        self.assertIn("implicitTlsPorts", str(error))
+
+    def test_missing_certificate_named(self) -> None:
+        missing = os.path.join(os.path.abspath(self.mktemp()), "cert.pem")
+        tls = TlsConfig(cert_path=missing, key_path=missing + ".key")
+        router = DcRouter(past_validation(smtp_options(self), tls=tls), reactor=MemoryReactorClock())
+        error = self.assertRaises(StartupError, router.privilegedStartService)
+        self.assertIn(missing, str(error))
+
+    def test_self_signed_generated_with_private_key(self) -> None:
+        directory = os.path.join(os.path.abspath(self.mktemp()), "var", "tls")
+        tls = {"certPath": os.path.join(directory, "cert.pem"), "keyPath": os.path.join(directory, "key.pem"),
+               "selfSigned": True}
+        clock = MemoryReactorClock()
+        router = DcRouter(smtp_options(self, tls=tls), reactor=clock)
+        router.privilegedStartService()
+        self.assertEqual(stat.S_IMODE(os.stat(tls["keyPath"]).st_mode), 0o600)
+        with open(tls["certPath"], "rb") as handle:
+            self.assertIn(b"BEGIN CERTIFICATE", handle.read())
+        # A second start reuses the pair rather than replacing it.
+        before = os.stat(tls["certPath"]).st_mtime_ns, open(tls["keyPath"], "rb").read()
+        DcRouter(smtp_options(self, tls=tls), reactor=MemoryReactorClock()).privilegedStartService()
+        self.assertEqual(before, (os.stat(tls["certPath"]).st_mtime_ns, open(tls["keyPath"], "rb").read()))
+
+    def test_logs_listeners_and_the_truth_about_delivery(self) -> None:
+        captured = CapturedLog(self)
+        users = {"users": [{"username": "u", "password": A_HASH}]}
+        router = DcRouter(smtp_options(self, auth=users), reactor=MemoryReactorClock())
+        router.privilegedStartService()
+        router.startService()
+        self.addCleanup(router.stopService)
+        self.successResultOf(router.when_ready())
+        text = captured.text()
+        self.assertIn("SMTP listening on 127.0.0.1:2525 (mx, STARTTLS, AUTH offered)", text)
+        self.assertIn("SMTP listening on 127.0.0.1:2587 (submission, STARTTLS, AUTH required)", text)
+        self.assertIn("SMTP listening on 127.0.0.1:2465 (submission, implicit TLS, AUTH required)", text)
+        self.assertIn("delivery is not built yet", text)
+
+    def test_stop_saves_queue_and_stops_threads(self) -> None:
+        router = DcRouter(smtp_options(self), reactor=MemoryReactorClock())
+        router.privilegedStartService()
+        router.startService()
+        self.successResultOf(router.when_ready())
+        self.assertTrue(router.threadpool.started)
+        self.successResultOf(router.stopService())
+        self.assertFalse(router.threadpool.started)
+        self.assertFalse(router.running)
+        # save() closed the queue: the processor can enqueue nothing more.
+        assert router.processor is not None
+        processed = router.processor.process(Envelope("a@example.test"), SpooledMessage(3, data=b"abc"))
+        self.assertIsInstance(self.failureResultOf(processed).value, QueueUnavailable)
+
+
+class GatedQueue(MemoryQueue):
+    """A memory queue whose load() waits for the test, and whose save() runs a check the test chooses."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.loaded: Deferred[dict[str, int]] = Deferred()
+        self.on_save: Any = None
+
+    def load(self) -> Deferred:
+        return self.loaded.addCallback(lambda _: super(GatedQueue, self).load())
+
+    def save(self) -> Deferred:
+        check = Deferred.fromCoroutine(self.on_save()) if self.on_save else Deferred.fromCoroutine(_nothing())
+        return check.addCallback(lambda _: super(GatedQueue, self).save())
+
+
+async def _nothing() -> None:
+    return None
+
+
+class OrderTests(TestCase):
+    """Start and stop order on the real reactor, one port chosen by the kernel on 127.0.0.1."""
+
+    def router(self, queue: MemoryQueue) -> DcRouter:
+        options = with_ports(smtp_options(self, **MX_ONLY), [0])
+        router = DcRouter(options, reactor=reactor, queue=queue)
+        return router
+
+    def test_accepts_only_after_queue_loaded(self) -> Deferred[None]:
+        queue = GatedQueue(clock=reactor)
+        router = self.router(queue)
+        router.privilegedStartService()
+        router.startService()
+        self.addCleanup(router.stopService)
+        (listener,) = router._listeners
+        # Bound (the kernel chose a port), but not accepting while the queue loads.
+        self.assertNotEqual(router.smtp_ports[0], 0)
+        self.assertNotIn(listener.listening, reactor.getReaders())
+        ready = router.when_ready()
+        self.assertNoResult(ready)
+        queue.loaded.callback(None)
+        self.assertIn(listener.listening, reactor.getReaders())
+        return ready
+
+    def test_listeners_stop_before_queue_saves(self) -> Deferred[None]:
+        queue = GatedQueue(clock=reactor)
+        queue.loaded.callback(None)
+        router = self.router(queue)
+        router.privilegedStartService()
+        router.startService()
+        port = router.smtp_ports[0]
+        seen: list[str] = []
+
+        async def port_closed_at_save() -> None:
+            endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+            try:
+                connected = await endpoint.connect(Factory.forProtocol(Protocol))
+            except ConnectionRefusedError:
+                seen.append("refused")
+            else:
+                connected.transport.abortConnection()
+                seen.append("accepted")
+
+        queue.on_save = port_closed_at_save
+
+        async def go() -> None:
+            await router.when_ready()
+            await router.stopService()
+            self.assertEqual(seen, ["refused"])
+
+        return Deferred.fromCoroutine(go())
+
+    def test_port_in_use_names_address_and_port(self) -> None:
+        blocker = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+        self.addCleanup(blocker.stopListening)
+        taken = blocker.getHost().port
+        options = with_ports(smtp_options(self, **MX_ONLY), [0, taken])
+        router = DcRouter(options, reactor=reactor)
+        error = self.assertRaises(StartupError, router.privilegedStartService)
+        self.assertIn(f"127.0.0.1:{taken}", str(error))
+        # The port bound before the failure was released again.
+        self.assertEqual(router.smtp_ports, {})

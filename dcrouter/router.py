@@ -114,7 +114,11 @@ def build_queue(config: SmtpConfig, reactor: Any) -> IDeliveryQueue:
         from dcrouter.queue.disk import DiskQueue
 
         return DiskQueue(
-            config.persistent_path, reactor=reactor, clock=reactor, max_size=config.max_queue_size
+            config.persistent_path,
+            reactor=reactor,
+            clock=reactor,
+            max_size=config.max_queue_size,
+            close_on_shutdown=False,  # stopService saves it, after the listeners
         )
     raise StartupError(f"smtpConfig.queueStorage: {config.queue_storage!r} is not supported yet")
 

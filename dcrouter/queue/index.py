@@ -1,0 +1,466 @@
+"""The disk queue's storage: a SQLite index in WAL mode plus body files, under one directory.
+
+Everything here blocks. It runs only on the disk queue's single writer thread (:mod:`dcrouter.queue.disk`),
+which owns the connection; nothing here is called from the reactor thread.
+
+Layout under ``path``::
+
+    index.sqlite (+ -wal, -shm)   items, their delivery state, and small bodies inline
+    spool/                        ingress writes big messages here; never acknowledged, emptied at start-up
+    messages/<id[:2]>/<id>        big bodies, moved in by rename after an fsync
+    damaged/                      rows that failed verification at start-up, each with its body if any
+    orphans/                      body files found without a row at start-up
+
+Writes come in batches (:meth:`QueueIndex.run_batch`): the file work of every write first (fsync, rename,
+directory fsync), then one transaction in which each write has its own savepoint, so one failing write does
+not sink the others, then one COMMIT (``synchronous=FULL``: the WAL is fsynced before COMMIT returns).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import sqlite3
+from collections.abc import Callable, Iterable
+from typing import Any, BinaryIO
+
+from dcrouter.interfaces import QueueUnavailable
+from dcrouter.queue.contract import is_live
+from dcrouter.queue.item import QueueItem, QueueItemStatus
+from dcrouter.smtp.spool import SpooledMessage
+
+SCHEMA_VERSION = 1
+
+# Status sets are spelled as literals (not parameters) so that SQLite can match the partial index.
+_READY_SQL = "('queued', 'deferred')"
+_FINAL_SQL = "('delivered', 'bounced', 'failed')"
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS items (
+    seq INTEGER PRIMARY KEY,            -- arrival order: breaks ties between items created at the same time
+    id TEXT NOT NULL UNIQUE,
+    status TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    next_attempt_at REAL NOT NULL,
+    destination TEXT,
+    attempts INTEGER NOT NULL,
+    item TEXT NOT NULL,                 -- QueueItem.to_dict() as JSON; the columns above copy it for indexes
+    body_file TEXT                      -- path under messages/, or NULL when the body is in `bodies`
+);
+CREATE TABLE IF NOT EXISTS bodies (id TEXT PRIMARY KEY, data BLOB NOT NULL);
+-- get_next walks this in ORDER BY order and reads next_attempt_at from the index itself.
+CREATE INDEX IF NOT EXISTS items_ready ON items (priority, created_at, seq, next_attempt_at)
+    WHERE status IN {_READY_SQL};
+-- Finds the due items when they are few (many items waiting for a retry): see ClaimDue.
+CREATE INDEX IF NOT EXISTS items_due ON items (next_attempt_at) WHERE status IN {_READY_SQL};
+CREATE INDEX IF NOT EXISTS items_status ON items (status, created_at);
+CREATE INDEX IF NOT EXISTS items_destination ON items (destination);
+"""
+
+# INDEXED BY: without statistics the planner prefers items_status and sorts every ready row; items_ready
+# yields rows already in order, so the LIMIT stops the walk early.
+CLAIM_SQL = f"""
+SELECT seq, item FROM items INDEXED BY items_ready
+WHERE status IN {_READY_SQL} AND next_attempt_at <= ?
+ORDER BY priority, created_at, seq LIMIT ?
+"""
+
+DUE_SQL = f"""
+SELECT seq FROM items INDEXED BY items_due WHERE status IN {_READY_SQL} AND next_attempt_at <= ? LIMIT ?
+"""
+
+#: Up to this many due items, ClaimDue sorts them itself rather than walking items_ready (see there).
+FEW_DUE = 1000
+
+Outcome = tuple[bool, Any]
+
+
+def fsync_directory(path: str) -> None:
+    """Make the entries of directory ``path`` (creations, renames, removals) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _item_row(item: QueueItem) -> tuple[Any, ...]:
+    return (
+        QueueItemStatus(item.status).value,
+        int(item.priority),
+        float(item.created_at),
+        float(item.next_attempt_at),
+        item.destination,
+        int(item.attempts),
+        json.dumps(item.to_dict(), separators=(",", ":")),
+    )
+
+
+def parse_item(text: str) -> QueueItem:
+    return QueueItem.from_dict(json.loads(text))
+
+
+def unique_path(directory: str, base: str) -> str:
+    """A path in ``directory`` named ``base`` or ``base.N``: set-aside files never overwrite each other."""
+    candidate = os.path.join(directory, base)
+    n = 0
+    while os.path.lexists(candidate):
+        n += 1
+        candidate = os.path.join(directory, f"{base}.{n}")
+    return candidate
+
+
+class Write:
+    """One change in a batch. ``prepare`` does file work before the transaction and may return a directory
+    to fsync; ``apply`` runs inside the transaction and returns ``(result, change in live count)``; ``undo``
+    removes what ``prepare`` made when the write did not commit; ``after`` runs once it has committed."""
+
+    def prepare(self, index: QueueIndex) -> str | None:
+        return None
+
+    def apply(self, conn: sqlite3.Connection) -> tuple[Any, int]:
+        raise NotImplementedError
+
+    def undo(self, index: QueueIndex) -> None:
+        pass
+
+    def after(self, index: QueueIndex) -> None:
+        pass
+
+
+class StoreItem(Write):
+    """Insert a new item. An inline body goes into bodies; a file body is fsynced and moved into messages/."""
+
+    def __init__(self, item: QueueItem, message: SpooledMessage) -> None:
+        self.item = item
+        self.message = message
+        self.body_file: str | None = None  # relative to the queue directory once moved in
+
+    def prepare(self, index: QueueIndex) -> str | None:
+        if self.message.path is None:
+            return None
+        try:
+            relative, directory = index.body_location(self.item.id)
+            _fsync_file(self.message.path)
+            index.link_into_place(self.message.path, os.path.join(index.path, relative))
+            self.body_file = relative
+            # Linked, not renamed, so that an existing body is never replaced; the spool name goes now.
+            os.unlink(self.message.path)
+        except Exception:
+            self.undo(index)
+            raise
+        self.message.path = None
+        return directory
+
+    def apply(self, conn: sqlite3.Connection) -> tuple[Any, int]:
+        try:
+            conn.execute(
+                "INSERT INTO items (status, priority, created_at, next_attempt_at, destination, attempts,"
+                " item, body_file, id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (*_item_row(self.item), self.body_file, self.item.id),
+            )
+            if self.message.data is not None:
+                conn.execute("INSERT INTO bodies (id, data) VALUES (?, ?)", (self.item.id, self.message.data))
+        except sqlite3.IntegrityError as e:
+            raise ValueError(f"queue id already stored: {self.item.id}") from e
+        return self.item, int(is_live(self.item.status))
+
+    def undo(self, index: QueueIndex) -> None:
+        if self.body_file is not None:
+            try:
+                os.unlink(os.path.join(index.path, self.body_file))
+            except FileNotFoundError:
+                pass
+        self.message.discard()
+
+    def after(self, index: QueueIndex) -> None:
+        self.message.data = None
+
+
+class UpdateItem(Write):
+    def __init__(self, item_id: str, changes: dict[str, Any]) -> None:
+        self.item_id = item_id
+        self.changes = changes
+
+    def apply(self, conn: sqlite3.Connection) -> tuple[Any, int]:
+        row = conn.execute("SELECT item FROM items WHERE id = ?", (self.item_id,)).fetchone()
+        if row is None:
+            raise KeyError(self.item_id)
+        old = parse_item(row[0])
+        new = old.evolve(**self.changes)
+        conn.execute(
+            "UPDATE items SET status = ?, priority = ?, created_at = ?, next_attempt_at = ?, destination = ?,"
+            " attempts = ?, item = ? WHERE id = ?",
+            (*_item_row(new), self.item_id),
+        )
+        return new, int(is_live(new.status)) - int(is_live(old.status))
+
+
+class ClaimDue(Write):
+    """Mark up to ``count`` due items DELIVERING, in get_next order."""
+
+    def __init__(self, now: float, count: int) -> None:
+        self.now = now
+        self.count = count
+
+    def apply(self, conn: sqlite3.Connection) -> tuple[Any, int]:
+        claimed = []
+        for seq, text in self._due_rows(conn):
+            item = parse_item(text)
+            item.status = QueueItemStatus.DELIVERING
+            conn.execute(
+                "UPDATE items SET status = 'delivering', item = ? WHERE seq = ?",
+                (json.dumps(item.to_dict(), separators=(",", ":")), seq),
+            )
+            claimed.append(item)
+        return claimed, 0
+
+    def _due_rows(self, conn: sqlite3.Connection) -> list[tuple[int, str]]:
+        # Walking items_ready in order is fast when due items are near its front, but walks every waiting
+        # item when they are not (a destination down for hours). items_due finds the due ones directly; when
+        # they are few, sorting them costs less than that walk.
+        due = [r[0] for r in conn.execute(DUE_SQL, (self.now, FEW_DUE + 1))]
+        if len(due) > FEW_DUE:
+            return conn.execute(CLAIM_SQL, (self.now, self.count)).fetchall()
+        if not due:
+            return []
+        marks = ",".join("?" * len(due))
+        return conn.execute(
+            f"SELECT seq, item FROM items WHERE seq IN ({marks}) ORDER BY priority, created_at, seq LIMIT ?",
+            (*due, self.count),
+        ).fetchall()
+
+
+class RemoveItems(Write):
+    """Delete the rows matching ``where`` (SQL over `items`); bodies files go once the deletion committed.
+    The result is the removed item (``single``: None when there was none) or the number removed."""
+
+    def __init__(self, where: str, params: tuple[Any, ...], single: bool = False) -> None:
+        self.where = where
+        self.params = params
+        self.single = single
+        self.files: list[str] = []
+
+    def apply(self, conn: sqlite3.Connection) -> tuple[Any, int]:
+        rows = conn.execute(
+            f"SELECT seq, id, status, body_file, item FROM items WHERE {self.where}", self.params
+        ).fetchall()
+        conn.executemany("DELETE FROM items WHERE seq = ?", [(r[0],) for r in rows])
+        conn.executemany("DELETE FROM bodies WHERE id = ?", [(r[1],) for r in rows])
+        self.files = [r[3] for r in rows if r[3] is not None]
+        delta = -sum(1 for r in rows if is_live(QueueItemStatus(r[2])))
+        if self.single:
+            return (parse_item(rows[0][4]) if rows else None), delta
+        return len(rows), delta
+
+    def after(self, index: QueueIndex) -> None:
+        # A crash before this leaves the file as an orphan, set aside at the next start: never a lost body.
+        for relative in self.files:
+            try:
+                os.unlink(os.path.join(index.path, relative))
+            except OSError:
+                pass
+
+
+def _as_unavailable(error: BaseException) -> BaseException:
+    if isinstance(error, (OSError, sqlite3.Error)):
+        unavailable = QueueUnavailable(f"disk queue: {error}")
+        unavailable.__cause__ = error
+        return unavailable
+    return error
+
+
+class QueueIndex:
+    """The files and the SQLite connection of one disk queue. Not thread-safe: one thread uses it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+        self.spool = os.path.join(self.path, "spool")
+        self.messages = os.path.join(self.path, "messages")
+        self.damaged = os.path.join(self.path, "damaged")
+        self.orphans = os.path.join(self.path, "orphans")
+        self._conn: sqlite3.Connection | None = None
+        self._known_dirs: set[str] = set()
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise QueueUnavailable("disk queue is not open")
+        return self._conn
+
+    # -- opening and recovery ----------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Create the directories and the schema, or reopen them (recovery is :func:`recovery.recover`)."""
+        try:
+            for directory in (self.path, self.spool, self.messages, self.damaged, self.orphans):
+                os.makedirs(directory, exist_ok=True)
+            fsync_directory(self.path)
+            conn = sqlite3.connect(
+                os.path.join(self.path, "index.sqlite"), isolation_level=None, check_same_thread=False
+            )
+            self._conn = conn
+            if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
+                raise QueueUnavailable("disk queue: SQLite refused WAL mode")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.executescript(_SCHEMA)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except Exception as e:
+            self.close()
+            raise _as_unavailable(e) from e
+
+    def counts(self) -> tuple[int, int]:
+        """How many items are stored, and how many of them are live (not in a final status)."""
+        items, live = self.conn.execute(
+            f"SELECT COUNT(*), COUNT(*) FILTER (WHERE status NOT IN {_FINAL_SQL}) FROM items"
+        ).fetchone()
+        return items, live
+
+    def close(self) -> None:
+        """Checkpoint the WAL into the database and close. Safe to call twice."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error:
+            pass  # the WAL is still valid; the next open replays it
+        finally:
+            conn.close()
+
+    # -- body files --------------------------------------------------------------------------------
+
+    def body_location(self, item_id: str) -> tuple[str, str]:
+        """The body file of ``item_id`` relative to the queue directory, and its directory (created, and
+        made durable in its parent, if new)."""
+        fanout = item_id[:2]
+        directory = os.path.join(self.messages, fanout)
+        if directory not in self._known_dirs:
+            if not os.path.isdir(directory):
+                os.mkdir(directory)
+                fsync_directory(self.messages)
+            self._known_dirs.add(directory)
+        return os.path.join("messages", fanout, item_id), directory
+
+    def link_into_place(self, source: str, target: str) -> None:
+        """Give ``source`` the name ``target`` without ever replacing an existing file (FileExistsError).
+        Copies (and fsyncs the copy) when ``source`` is on another file system."""
+        try:
+            os.link(source, target)
+        except FileExistsError as e:
+            raise ValueError(f"a body file already exists at {target}") from e
+        except OSError as e:
+            if e.errno != 18:  # EXDEV: not the same file system
+                raise
+            with open(source, "rb") as src, open(target, "xb") as dst:
+                shutil.copyfileobj(src, dst, 1024 * 1024)
+                dst.flush()
+                os.fsync(dst.fileno())
+
+    # -- writes ------------------------------------------------------------------------------------
+
+    def run_batch(self, writes: list[Write]) -> list[Outcome]:
+        """Apply ``writes`` in one transaction. Returns, per write, ``(True, (result, live delta))`` once
+        committed, or ``(False, exception)``; I/O and SQLite errors come back as QueueUnavailable."""
+        outcomes: list[Outcome | None] = [None] * len(writes)
+        by_directory: dict[str, list[int]] = {}
+        for n, write in enumerate(writes):
+            try:
+                directory = write.prepare(self)
+            except Exception as e:  # noqa: BLE001 (a failure for the caller)
+                outcomes[n] = (False, _as_unavailable(e))
+                continue
+            if directory is not None:
+                by_directory.setdefault(directory, []).append(n)
+        for directory, members in by_directory.items():
+            try:
+                fsync_directory(directory)
+            except OSError as e:
+                self._fail(writes, outcomes, members, _as_unavailable(e))
+        applied = [n for n in range(len(writes)) if outcomes[n] is None]
+        if applied:
+            self._transact(writes, outcomes, applied)
+        for n, write in enumerate(writes):
+            result = outcomes[n]
+            if result is not None and result[0]:
+                write.after(self)
+        # Every path above decides each write; the fallback only keeps the batch aligned with its callers.
+        return [o if o is not None else (False, QueueUnavailable("write not applied")) for o in outcomes]
+
+    def _transact(self, writes: list[Write], outcomes: list[Outcome | None], members: list[int]) -> None:
+        conn = self._conn
+        try:
+            if conn is None:
+                raise QueueUnavailable("disk queue is not open")
+            conn.execute("BEGIN IMMEDIATE")
+            for n in members:
+                conn.execute("SAVEPOINT w")
+                try:
+                    outcomes[n] = (True, writes[n].apply(conn))
+                except Exception as e:  # noqa: BLE001 (a failure for the caller)
+                    conn.execute("ROLLBACK TO w")
+                    self._fail(writes, outcomes, [n], _as_unavailable(e))
+                conn.execute("RELEASE w")
+            conn.execute("COMMIT")
+        except Exception as e:  # noqa: BLE001 (a failure for the caller)
+            if conn is not None and conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # the connection is broken; SQLite discards the transaction anyway
+            # Nothing of this transaction is stored: every write not already failed fails now.
+            pending = [n for n in members if outcomes[n] is None or outcomes[n][0]]  # type: ignore[index]
+            self._fail(writes, outcomes, pending, _as_unavailable(e))
+
+    def _fail(
+        self,
+        writes: list[Write],
+        outcomes: list[Outcome | None],
+        members: Iterable[int],
+        error: BaseException,
+    ) -> None:
+        for n in members:
+            outcomes[n] = (False, error)
+            try:
+                writes[n].undo(self)
+            except OSError:
+                pass  # what is left is unreferenced and will be set aside at the next start
+
+    # -- reads -------------------------------------------------------------------------------------
+
+    def read(self, query: Callable[[], Any]) -> Any:
+        """Run ``query``, reporting I/O and SQLite errors as QueueUnavailable."""
+        try:
+            return query()
+        except Exception as e:
+            raise _as_unavailable(e) from e
+
+    def get(self, item_id: str) -> QueueItem | None:
+        row = self.conn.execute("SELECT item FROM items WHERE id = ?", (item_id,)).fetchone()
+        return None if row is None else parse_item(row[0])
+
+    def select(self, where: str, params: tuple[Any, ...]) -> list[QueueItem]:
+        rows = self.conn.execute(f"SELECT item FROM items WHERE {where} ORDER BY created_at, seq", params)
+        return [parse_item(r[0]) for r in rows]
+
+    def open_body(self, item_id: str) -> BinaryIO:
+        row = self.conn.execute("SELECT body_file FROM items WHERE id = ?", (item_id,)).fetchone()
+        if row is None:
+            raise KeyError(item_id)
+        if row[0] is not None:
+            return open(os.path.join(self.path, row[0]), "rb")
+        body = self.conn.execute("SELECT data FROM bodies WHERE id = ?", (item_id,)).fetchone()
+        if body is None:
+            raise QueueUnavailable(f"disk queue: the body of {item_id} is missing")
+        return io.BytesIO(body[0])

@@ -1,0 +1,232 @@
+"""The ``memory`` queue backend: for tests and throwaway runs. Everything is lost when the process exits, and
+``load()`` says so in the log.
+
+What a caller may rely on:
+
+- Same semantics as the ``disk`` backend (see :mod:`dcrouter.queue.contract`), but every Deferred has already
+  fired when the method returns: nothing here waits for I/O.
+- Items handed out are copies; changing one changes nothing in the queue until ``update`` is called.
+- Bodies: a SpooledMessage with ``.data`` is kept as those bytes. One with ``.path`` (a big message) is *not*
+  read into memory: the queue takes the file over where it is and deletes it on ``dequeue``, ``purge_*`` and
+  ``save``, so a 50 MB message costs no memory here either.
+- ``spool_directory`` is the caller's directory when given, else a fresh temporary directory that the queue
+  owns and removes at ``save()``.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from typing import Any, BinaryIO
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from dcrouter.interfaces import IDeliveryQueue, QueueFull, QueueUnavailable
+from dcrouter.queue.contract import (
+    FINAL_STATUSES,
+    check_changes,
+    check_item_id,
+    is_live,
+    new_load_counts,
+)
+from dcrouter.queue.item import READY_STATUSES, QueueItem, QueueItemStatus
+from dcrouter.smtp.spool import SpooledMessage
+
+log = Logger(namespace="dcrouter.queue")
+
+
+@implementer(IDeliveryQueue)
+class MemoryQueue:
+    """A DeliveryQueue in a dict. ``clock`` decides due-ness (``get_next``) and age (``purge_expired``)."""
+
+    def __init__(self, *, clock: IReactorTime, max_size: int = 0, spool_directory: str | None = None) -> None:
+        self.max_size = max_size
+        self._clock = clock
+        self._owns_spool = spool_directory is None
+        self.spool_directory = spool_directory or tempfile.mkdtemp(prefix="dcrouter-memory-queue-")
+        # Insertion order is kept by the dict; it breaks ties between items created at the same instant.
+        self._items: dict[str, QueueItem] = {}
+        # bytes for an inline body, str for the path of a spool file the queue now owns.
+        self._bodies: dict[str, bytes | str] = {}
+        self._live = 0  # items in a non-final status, kept current so max_size checks are O(1)
+        self._paused = False
+        self._closed = False
+
+    # -- storing -----------------------------------------------------------------------------------
+
+    def enqueue(self, item: QueueItem, message: SpooledMessage) -> Deferred:
+        """Store a copy of ``item`` with ``message`` as its body. Fails with QueueFull at ``max_size`` live
+        items, ValueError for a bad or duplicate id; on failure the message is discarded."""
+        try:
+            self._check_open()
+            check_item_id(item.id)
+            if item.id in self._items:
+                raise ValueError(f"queue id already stored: {item.id}")
+            if self.max_size > 0 and self._live_count() >= self.max_size:
+                raise QueueFull(f"the queue holds {self.max_size} items (maxQueueSize)")
+        except Exception as e:  # noqa: BLE001 (a failure for the caller)
+            message.discard()
+            return fail(e)
+        if message.data is not None:
+            self._bodies[item.id] = message.data
+        else:
+            assert message.path is not None
+            self._bodies[item.id] = message.path
+        stored = copy.deepcopy(item)
+        stored.status = QueueItemStatus(stored.status)
+        self._items[item.id] = stored
+        self._live += is_live(stored.status)
+        return succeed(copy.deepcopy(stored))
+
+    def update(self, item_id: str, **changes: Any) -> Deferred:
+        """Apply ``changes`` (QueueItem field names, all but ``id``); fails with KeyError if unknown."""
+        try:
+            self._check_open()
+            normalised = check_changes(changes)
+            current = self._items[item_id]
+        except Exception as e:  # noqa: BLE001 (a failure for the caller)
+            return fail(e)
+        updated = copy.deepcopy(current.evolve(**normalised))
+        self._items[item_id] = updated
+        self._live += is_live(updated.status) - is_live(current.status)
+        return succeed(copy.deepcopy(updated))
+
+    def dequeue(self, item_id: str) -> Deferred:
+        """Remove the item and its body; fires with the removed item, or None if there was none."""
+        try:
+            self._check_open()
+        except QueueUnavailable as e:
+            return fail(e)
+        item = self._items.get(item_id)
+        if item is not None:
+            self._remove(item_id)
+        return succeed(item)
+
+    # -- claiming and reading ----------------------------------------------------------------------
+
+    def get_next(self, count: int = 1) -> Deferred:
+        """Claim up to ``count`` due items by priority, then creation time, then arrival order."""
+        try:
+            self._check_open()
+        except QueueUnavailable as e:
+            return fail(e)
+        if self._paused or count <= 0:
+            return succeed([])
+        now = self._clock.seconds()
+        due = [i for i in self._items.values() if i.status in READY_STATUSES and i.next_attempt_at <= now]
+        # sorted() is stable, so equal keys keep the dict's insertion order.
+        due.sort(key=lambda i: (i.priority, i.created_at))
+        claimed = []
+        for item in due[:count]:
+            item.status = QueueItemStatus.DELIVERING
+            claimed.append(copy.deepcopy(item))
+        return succeed(claimed)
+
+    def open_body(self, item_id: str) -> Deferred:
+        """A readable binary file over the body; fails with KeyError for an unknown id."""
+        try:
+            self._check_open()
+            body = self._bodies[item_id]
+            stream: BinaryIO = io.BytesIO(body) if isinstance(body, bytes) else open(body, "rb")  # noqa: SIM115
+        except Exception as e:  # noqa: BLE001 (a failure for the caller)
+            return fail(e)
+        return succeed(stream)
+
+    def get(self, item_id: str) -> Deferred:
+        item = self._items.get(item_id)
+        return succeed(copy.deepcopy(item))
+
+    def get_by_status(self, status: QueueItemStatus | str) -> Deferred:
+        """Items in ``status``, oldest first (creation time, then arrival)."""
+        try:
+            wanted = QueueItemStatus(status)
+        except ValueError as e:
+            return fail(e)
+        return succeed(self._select(lambda i: i.status == wanted))
+
+    def get_by_destination(self, destination: str) -> Deferred:
+        """Items routed to ``destination``, oldest first (creation time, then arrival)."""
+        return succeed(self._select(lambda i: i.destination == destination))
+
+    def get_item_count(self) -> Deferred:
+        return succeed(self._live_count())
+
+    # -- removing in bulk --------------------------------------------------------------------------
+
+    def purge_expired(self, max_age: float) -> Deferred:
+        """Remove final items created more than ``max_age`` seconds ago; fires with how many."""
+        cutoff = self._clock.seconds() - max_age
+        expired = [i.id for i in self._items.values() if i.status in FINAL_STATUSES and i.created_at < cutoff]
+        for item_id in expired:
+            self._remove(item_id)
+        return succeed(len(expired))
+
+    def purge_all(self) -> Deferred:
+        count = len(self._items)
+        for item_id in list(self._items):
+            self._remove(item_id)
+        return succeed(count)
+
+    # -- life cycle --------------------------------------------------------------------------------
+
+    def load(self) -> Deferred:
+        """Make sure the spool directory exists and warn that nothing survives the process."""
+        try:
+            os.makedirs(self.spool_directory, exist_ok=True)
+        except OSError as e:
+            return fail(QueueUnavailable(f"cannot create {self.spool_directory}: {e}"))
+        log.warn(  # noqa: G010 (twisted.logger has no warning())
+            "The memory queue keeps messages only in this process: everything queued is lost when it exits. "
+            "Use queueStorage 'disk' to keep mail across restarts."
+        )
+        return succeed(new_load_counts(items=len(self._items), live=self._live_count()))
+
+    def save(self) -> Deferred:
+        """Close: every item and body is dropped (nothing is kept) and an owned spool directory removed."""
+        if not self._closed:
+            self._closed = True
+            for item_id in list(self._items):
+                self._remove(item_id)
+            if self._owns_spool:
+                shutil.rmtree(self.spool_directory, ignore_errors=True)
+        return succeed(None)
+
+    def pause(self) -> None:
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+
+    def is_processing(self) -> bool:
+        return not self._paused
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise QueueUnavailable("the memory queue is closed")
+
+    def _select(self, wanted: Callable[[QueueItem], bool]) -> list[QueueItem]:
+        # sorted() is stable, so equal creation times keep arrival order.
+        found = sorted((i for i in self._items.values() if wanted(i)), key=lambda i: i.created_at)
+        return [copy.deepcopy(i) for i in found]
+
+    def _live_count(self) -> int:
+        return self._live
+
+    def _remove(self, item_id: str) -> None:
+        item = self._items.pop(item_id)
+        self._live -= is_live(item.status)
+        body = self._bodies.pop(item_id, None)
+        if isinstance(body, str):
+            try:
+                os.unlink(body)
+            except FileNotFoundError:
+                pass

@@ -1,0 +1,350 @@
+"""The IDeliveryQueue contract, run against every backend: what callers (ingress, delivery, the API) rely on
+whichever ``queueStorage`` is configured."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.trial.unittest import TestCase
+from zope.interface.verify import verifyObject
+
+from dcrouter.envelope import Envelope
+from dcrouter.interfaces import IDeliveryQueue, QueueFull, QueueUnavailable
+from dcrouter.queue.contract import LOAD_COUNT_KEYS
+from dcrouter.queue.disk import DiskQueue
+from dcrouter.queue.item import Priority, QueueItem, QueueItemStatus
+from dcrouter.queue.memory import MemoryQueue
+from dcrouter.smtp.spool import SpooledMessage
+
+START = 1_700_000_000.0
+
+
+def make_item(item_id: str, **fields: Any) -> QueueItem:
+    """An item created at START (due at once unless told otherwise)."""
+    fields.setdefault("created_at", START)
+    fields.setdefault("next_attempt_at", fields["created_at"])
+    envelope = Envelope(
+        mail_from="sender@example.org",
+        recipients=["rcpt@example.com"],
+        helo="client.example",
+        peer_host="192.0.2.7",
+        peer_port=40000,
+        received_at=fields["created_at"],
+    )
+    return QueueItem(id=item_id, envelope=envelope, size=fields.pop("size", 5), **fields)
+
+
+def inline(body: bytes = b"hello") -> SpooledMessage:
+    return SpooledMessage(len(body), data=body)
+
+
+def spool_file(queue: Any, body: bytes, name: str = "spool-test") -> SpooledMessage:
+    """A big message as ingress leaves it: a closed, not fsynced file in the queue's spool directory."""
+    path = os.path.join(queue.spool_directory, name)
+    with open(path, "wb") as f:
+        f.write(body)
+    return SpooledMessage(len(body), path=path)
+
+
+async def read_body(queue: Any, item_id: str) -> bytes:
+    stream = await queue.open_body(item_id)
+    try:
+        return stream.read()
+    finally:
+        stream.close()
+
+
+class QueueContractMixin:
+    """Mixed into a TestCase with ``make_queue(max_size)``; ``self.clock`` decides due-ness and age."""
+
+    clock: Clock
+
+    def make_queue(self, max_size: int = 0) -> Any:
+        raise NotImplementedError
+
+    async def open_queue(self, max_size: int = 0) -> Any:
+        queue = self.make_queue(max_size)
+        await queue.load()
+        self.addCleanup(queue.save)  # type: ignore[attr-defined]
+        return queue
+
+    async def enqueue_all(self, queue: Any, *items: QueueItem) -> None:
+        for item in items:
+            await queue.enqueue(item, inline(item.id.encode()))
+
+    async def assertFails(self, deferred: Any, error: type[BaseException]) -> BaseException:
+        try:
+            await deferred
+        except error as e:
+            return e
+        self.fail(f"{error.__name__} not raised")  # type: ignore[attr-defined]
+
+    async def test_provides_interface(self) -> None:
+        queue = await self.open_queue()
+        self.assertTrue(verifyObject(IDeliveryQueue, queue))
+        self.assertTrue(os.path.isdir(queue.spool_directory))
+
+    async def test_load_reports_every_count(self) -> None:
+        queue = self.make_queue()
+        counts = await queue.load()
+        self.addCleanup(queue.save)
+        self.assertEqual(set(counts), set(LOAD_COUNT_KEYS))
+        self.assertEqual(counts["items"], 0)
+
+    async def test_enqueue_and_get(self) -> None:
+        queue = await self.open_queue()
+        item = make_item(
+            "A1", destination="mx.example.com", history=[{"at": 1.0, "target": "x", "reply": "451"}]
+        )
+        stored = await queue.enqueue(item, inline(b"Subject: x\r\n\r\nbody\r\n"))
+        self.assertEqual(stored, item)
+        self.assertEqual(await queue.get("A1"), item)
+        self.assertIsNone(await queue.get("NOPE"))
+        self.assertEqual(await read_body(queue, "A1"), b"Subject: x\r\n\r\nbody\r\n")
+
+    async def test_file_backed_body(self) -> None:
+        queue = await self.open_queue()
+        body = os.urandom(300_000)
+        await queue.enqueue(make_item("BIG", size=len(body)), spool_file(queue, body))
+        self.assertEqual(await read_body(queue, "BIG"), body)
+
+    async def test_items_handed_out_are_copies(self) -> None:
+        queue = await self.open_queue()
+        item = make_item("C1")
+        stored = await queue.enqueue(item, inline())
+        item.attempts = 7
+        stored.envelope.recipients.append("other@example.com")
+        fetched = await queue.get("C1")
+        fetched.attempts = 9
+        again = await queue.get("C1")
+        self.assertEqual((again.attempts, again.envelope.recipients), (0, ["rcpt@example.com"]))
+
+    async def test_bad_and_duplicate_ids(self) -> None:
+        queue = await self.open_queue()
+        await queue.enqueue(make_item("D1"), inline(b"first"))
+        await self.assertFails(queue.enqueue(make_item("D1"), inline(b"second")), ValueError)
+        await self.assertFails(queue.enqueue(make_item("../etc"), inline()), ValueError)
+        self.assertEqual(await read_body(queue, "D1"), b"first")
+        self.assertEqual(await queue.get_item_count(), 1)
+
+    async def test_get_next_orders_by_priority_then_age(self) -> None:
+        queue = await self.open_queue()
+        await self.enqueue_all(
+            queue,
+            make_item("RETRY_OLD", priority=Priority.RETRY, created_at=START - 100),
+            make_item("FRESH_NEW", priority=Priority.FRESH, created_at=START - 1),
+            make_item("BOUNCE", priority=Priority.BOUNCE, created_at=START - 500),
+            make_item("FRESH_OLD", priority=Priority.FRESH, created_at=START - 50),
+            make_item("RETRY_NEW", priority=Priority.RETRY, created_at=START - 10),
+        )
+        self.clock.advance(START)
+        first = await queue.get_next(2)
+        rest = await queue.get_next(10)
+        self.assertEqual([i.id for i in first], ["FRESH_OLD", "FRESH_NEW"])
+        self.assertEqual([i.id for i in rest], ["RETRY_OLD", "RETRY_NEW", "BOUNCE"])
+        self.assertEqual({i.status for i in first + rest}, {QueueItemStatus.DELIVERING})
+        self.assertEqual(await queue.get_next(10), [])
+        self.assertEqual((await queue.get("BOUNCE")).status, QueueItemStatus.DELIVERING)
+
+    async def test_get_next_keeps_arrival_order_for_equal_times(self) -> None:
+        queue = await self.open_queue()
+        ids = ["Z9", "A0", "M5", "B1"]
+        await self.enqueue_all(queue, *(make_item(i) for i in ids))
+        self.clock.advance(START)
+        self.assertEqual([i.id for i in await queue.get_next(10)], ids)
+
+    async def test_get_next_only_due_items(self) -> None:
+        queue = await self.open_queue()
+        await self.enqueue_all(
+            queue,
+            make_item("LATER", next_attempt_at=START + 60),
+            make_item("NOW", created_at=START + 1, next_attempt_at=START),
+        )
+        self.clock.advance(START)
+        self.assertEqual([i.id for i in await queue.get_next(10)], ["NOW"])
+        self.clock.advance(59)
+        self.assertEqual(await queue.get_next(10), [])
+        self.clock.advance(1)
+        self.assertEqual([i.id for i in await queue.get_next(10)], ["LATER"])
+
+    async def test_get_next_only_ready_statuses(self) -> None:
+        queue = await self.open_queue()
+        for n, status in enumerate(QueueItemStatus):
+            await queue.enqueue(make_item(f"S{n}", status=status), inline())
+        self.clock.advance(START)
+        claimed = await queue.get_next(100)
+        self.assertEqual(sorted(i.id for i in claimed), ["S0", "S1"])  # QUEUED, DEFERRED
+
+    async def test_update_is_stored_and_reschedules(self) -> None:
+        queue = await self.open_queue()
+        await queue.enqueue(make_item("U1"), inline())
+        self.clock.advance(START)
+        [claimed] = await queue.get_next()
+        attempt = {"at": START, "target": "mx.example.com", "reply": "451 4.3.0 try later"}
+        updated = await queue.update(
+            "U1",
+            status="deferred",
+            attempts=1,
+            next_attempt_at=START + 300,
+            priority=Priority.RETRY,
+            last_error="451 4.3.0 try later",
+            history=[attempt],
+        )
+        self.assertEqual(updated.status, QueueItemStatus.DEFERRED)
+        self.assertEqual(await queue.get("U1"), updated)
+        self.assertEqual(
+            (updated.attempts, updated.history, updated.envelope), (1, [attempt], claimed.envelope)
+        )
+        self.assertEqual(await queue.get_next(), [])
+        self.clock.advance(300)
+        self.assertEqual([i.id for i in await queue.get_next()], ["U1"])
+
+    async def test_update_refuses_unknown_items_and_fields(self) -> None:
+        queue = await self.open_queue()
+        await queue.enqueue(make_item("U2"), inline())
+        await self.assertFails(queue.update("NOPE", attempts=1), KeyError)
+        await self.assertFails(queue.update("U2", id="OTHER"), TypeError)
+        await self.assertFails(queue.update("U2", colour="red"), TypeError)
+        await self.assertFails(queue.update("U2", status="lost"), ValueError)
+        self.assertEqual(await queue.get("U2"), make_item("U2"))
+
+    async def test_dequeue(self) -> None:
+        queue = await self.open_queue()
+        await queue.enqueue(make_item("Q1"), inline())
+        await queue.enqueue(make_item("Q2", size=4), spool_file(queue, b"file"))
+        removed = await queue.dequeue("Q2")
+        self.assertEqual(removed, make_item("Q2", size=4))
+        self.assertIsNone(await queue.get("Q2"))
+        await self.assertFails(queue.open_body("Q2"), KeyError)
+        self.assertIsNone(await queue.dequeue("Q2"))
+        self.assertEqual(await queue.get_item_count(), 1)
+
+    async def test_item_count_excludes_final_statuses(self) -> None:
+        queue = await self.open_queue()
+        await self.enqueue_all(
+            queue,
+            make_item("N1"),
+            make_item("N2"),
+            make_item("N3"),
+            make_item("N4", status=QueueItemStatus.QUARANTINED),
+        )
+        self.assertEqual(await queue.get_item_count(), 4)
+        await queue.update("N1", status=QueueItemStatus.DELIVERED)
+        await queue.update("N2", status=QueueItemStatus.BOUNCED)
+        self.assertEqual(await queue.get_item_count(), 2)
+        await queue.update("N2", status=QueueItemStatus.QUEUED)
+        self.assertEqual(await queue.get_item_count(), 3)
+
+    async def test_max_size(self) -> None:
+        queue = await self.open_queue(max_size=2)
+        await self.enqueue_all(queue, make_item("M1"), make_item("M2"))
+        refused = spool_file(queue, b"x" * 1000, name="spool-refused")
+        await self.assertFails(queue.enqueue(make_item("M3"), refused), QueueFull)
+        self.assertFalse(os.path.exists(os.path.join(queue.spool_directory, "spool-refused")))
+        self.assertIsNone(await queue.get("M3"))
+        await queue.update("M1", status=QueueItemStatus.DELIVERED)
+        await queue.enqueue(make_item("M3"), inline())
+        await self.assertFails(queue.enqueue(make_item("M4"), inline()), QueueFull)
+        await queue.dequeue("M2")
+        await queue.enqueue(make_item("M4"), inline())
+        self.assertEqual(await queue.get_item_count(), 2)
+
+    async def test_pause_and_resume(self) -> None:
+        queue = await self.open_queue()
+        self.clock.advance(START)
+        self.assertTrue(queue.is_processing())
+        queue.pause()
+        self.assertFalse(queue.is_processing())
+        await queue.enqueue(make_item("P1"), inline())
+        self.assertEqual(await queue.get_next(5), [])
+        self.assertEqual((await queue.get("P1")).status, QueueItemStatus.QUEUED)
+        queue.resume()
+        self.assertTrue(queue.is_processing())
+        self.assertEqual([i.id for i in await queue.get_next(5)], ["P1"])
+
+    async def test_queries(self) -> None:
+        queue = await self.open_queue()
+        await self.enqueue_all(
+            queue,
+            make_item("G1", destination="a.example", created_at=START + 2),
+            make_item("G2", destination="b.example"),
+            make_item("G3", destination="a.example", created_at=START + 1, status=QueueItemStatus.DEFERRED),
+        )
+        self.assertEqual([i.id for i in await queue.get_by_destination("a.example")], ["G3", "G1"])
+        self.assertEqual(await queue.get_by_destination("c.example"), [])
+        self.assertEqual([i.id for i in await queue.get_by_status(QueueItemStatus.QUEUED)], ["G2", "G1"])
+        self.assertEqual([i.id for i in await queue.get_by_status("deferred")], ["G3"])
+
+    async def test_purge_expired(self) -> None:
+        queue = await self.open_queue()
+        await self.enqueue_all(
+            queue,
+            make_item("OLD_DONE", created_at=START - 7200, status=QueueItemStatus.DELIVERED),
+            make_item("OLD_BOUNCED", created_at=START - 7200, status=QueueItemStatus.BOUNCED),
+            make_item("OLD_LIVE", created_at=START - 7200, status=QueueItemStatus.DEFERRED),
+            make_item("NEW_DONE", created_at=START - 60, status=QueueItemStatus.FAILED),
+        )
+        self.clock.advance(START)
+        self.assertEqual(await queue.purge_expired(3600), 2)
+        self.assertIsNone(await queue.get("OLD_DONE"))
+        self.assertIsNone(await queue.get("OLD_BOUNCED"))
+        self.assertIsNotNone(await queue.get("OLD_LIVE"))
+        self.assertIsNotNone(await queue.get("NEW_DONE"))
+        self.assertEqual(await queue.get_item_count(), 1)
+
+    async def test_purge_all(self) -> None:
+        queue = await self.open_queue()
+        await self.enqueue_all(queue, make_item("X1"), make_item("X2", status=QueueItemStatus.DELIVERED))
+        await queue.enqueue(make_item("X3"), spool_file(queue, b"body"))
+        self.assertEqual(await queue.purge_all(), 3)
+        self.assertEqual(await queue.get_item_count(), 0)
+        self.assertEqual(await queue.get_by_status(QueueItemStatus.QUEUED), [])
+
+    async def test_closed_queue_refuses_writes(self) -> None:
+        queue = await self.open_queue()
+        await queue.save()
+        await self.assertFails(queue.enqueue(make_item("L1"), inline()), QueueUnavailable)
+
+
+class MemoryQueueContractTests(QueueContractMixin, TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+
+    def make_queue(self, max_size: int = 0) -> MemoryQueue:
+        return MemoryQueue(clock=self.clock, max_size=max_size, spool_directory=self.mktemp())
+
+
+class MemoryQueueOwnSpoolTests(TestCase):
+    async def test_load_warns_that_nothing_survives(self) -> None:
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        queue = MemoryQueue(clock=Clock())
+        await queue.load()
+        self.addCleanup(queue.save)
+        warnings = [
+            e for e in events if e["log_namespace"] == "dcrouter.queue" and e["log_level"] == LogLevel.warn
+        ]
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("lost when it exits", formatEvent(warnings[0]))
+
+    async def test_owned_spool_directory_removed_at_save(self) -> None:
+        queue = MemoryQueue(clock=Clock())
+        await queue.load()
+        spool = queue.spool_directory
+        body = os.urandom(1000)
+        await queue.enqueue(make_item("O1"), spool_file(queue, body))
+        self.assertEqual(await read_body(queue, "O1"), body)
+        await queue.save()
+        self.assertFalse(os.path.exists(spool))
+
+
+class DiskQueueContractTests(QueueContractMixin, TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+
+    def make_queue(self, max_size: int = 0) -> DiskQueue:
+        return DiskQueue(self.mktemp(), reactor=reactor, clock=self.clock, max_size=max_size)

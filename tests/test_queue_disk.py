@@ -1,0 +1,289 @@
+"""What only the disk queue promises: restarts, crash recovery, set-aside of damage, group commit, indexes."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sqlite3
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import TestCase
+
+from dcrouter.interfaces import QueueFull, QueueUnavailable
+from dcrouter.queue.disk import DiskQueue
+from dcrouter.queue.index import CLAIM_SQL, DUE_SQL, FEW_DUE
+from dcrouter.queue.item import Priority, QueueItemStatus
+from tests.test_queue_contract import START, inline, make_item, read_body, spool_file
+
+
+class DiskQueueTests(TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.path = self.mktemp()
+
+    async def open_queue(self, max_size: int = 0) -> tuple[DiskQueue, dict[str, int]]:
+        queue = DiskQueue(self.path, reactor=reactor, clock=self.clock, max_size=max_size)
+        counts = await queue.load()
+        self.addCleanup(queue.save)
+        return queue, counts
+
+    def file(self, *parts: str) -> FilePath:
+        return FilePath(os.path.join(self.path, *parts))
+
+    def index(self) -> sqlite3.Connection:
+        """A second, independent connection: it sees only what was committed."""
+        conn = sqlite3.connect(os.path.join(self.path, "index.sqlite"), isolation_level=None)
+        self.addCleanup(conn.close)
+        return conn
+
+    async def test_restart_sees_everything(self) -> None:
+        queue, counts = await self.open_queue()
+        self.assertEqual(counts["items"], 0)
+        big = os.urandom(400_000)
+        await queue.enqueue(make_item("R1", destination="a.example"), inline(b"one"))
+        await queue.enqueue(make_item("R2", size=len(big)), spool_file(queue, big))
+        await queue.enqueue(make_item("R3", created_at=START + 1), inline(b"three"))
+        await queue.update("R1", attempts=2, last_error="451 later", status=QueueItemStatus.DEFERRED)
+        await queue.update("R3", status=QueueItemStatus.DELIVERED)
+        before = {i: await queue.get(i) for i in ("R1", "R2", "R3")}
+        await queue.save()
+
+        again, counts = await self.open_queue()
+        self.assertEqual(
+            (counts["items"], counts["live"], counts["damaged"], counts["orphans"]), (3, 2, 0, 0)
+        )
+        self.assertEqual({i: await again.get(i) for i in before}, before)
+        self.assertEqual(await read_body(again, "R1"), b"one")
+        self.assertEqual(await read_body(again, "R2"), big)
+        self.assertEqual(await again.get_item_count(), 2)
+        self.assertEqual([i.id for i in await again.get_by_destination("a.example")], ["R1"])
+
+    async def test_claims_in_flight_return_to_ready(self) -> None:
+        queue, _ = await self.open_queue()
+        await queue.enqueue(make_item("FIRST"), inline())
+        await queue.enqueue(make_item("RETRIED", attempts=3, status=QueueItemStatus.DEFERRED), inline())
+        self.assertEqual(len(await queue.get_next(5)), 2)
+        await queue.save()
+
+        again, counts = await self.open_queue()
+        self.assertEqual(counts["claims_returned"], 2)
+        self.assertEqual((await again.get("FIRST")).status, QueueItemStatus.QUEUED)
+        self.assertEqual((await again.get("RETRIED")).status, QueueItemStatus.DEFERRED)
+        self.assertEqual([i.id for i in await again.get_next(5)], ["FIRST", "RETRIED"])
+
+    async def test_enqueue_fires_only_after_commit(self) -> None:
+        queue, _ = await self.open_queue()
+        conn = self.index()
+        fired = []
+
+        def committed(item: Any) -> None:
+            # Another connection sees only committed rows: the item must already be there.
+            fired.append(conn.execute("SELECT id FROM items WHERE id = ?", (item.id,)).fetchall())
+
+        await defer.gatherResults(
+            [queue.enqueue(make_item(f"C{n}"), inline()).addCallback(committed) for n in range(50)]
+        )
+        self.assertEqual(fired, [[(f"C{n}",)] for n in range(50)])
+
+    async def test_big_body_is_moved_in(self) -> None:
+        queue, _ = await self.open_queue()
+        body = os.urandom(1_000_000)
+        message = spool_file(queue, body, name="spool-big")
+        await queue.enqueue(make_item("AB123", size=len(body)), message)
+        self.assertEqual(os.listdir(queue.spool_directory), [])
+        self.assertEqual(self.file("messages", "AB", "AB123").getContent(), body)
+        self.assertIsNone(message.path)
+
+    async def test_group_commit(self) -> None:
+        queue, _ = await self.open_queue()
+        results = await defer.gatherResults(
+            [queue.enqueue(make_item(f"G{n:03}"), inline(b"x" * 10_000)) for n in range(200)]
+        )
+        self.assertEqual(len(results), 200)
+        # The first write starts a commit alone; the 199 issued meanwhile share the next one.
+        self.assertEqual((queue.commits, queue.committed_writes), (2, 200))
+        self.assertEqual(await queue.get_item_count(), 200)
+
+    async def test_max_size_counts_enqueues_not_yet_committed(self) -> None:
+        queue, _ = await self.open_queue(max_size=5)
+        outcomes = await defer.DeferredList(
+            [queue.enqueue(make_item(f"F{n}"), inline()) for n in range(8)], consumeErrors=True
+        )
+        self.assertEqual([ok for ok, _ in outcomes], [True] * 5 + [False] * 3)
+        for _ok, failure in outcomes[5:]:
+            failure.trap(QueueFull)
+        self.assertEqual(await queue.get_item_count(), 5)
+
+    async def test_io_error_leaves_nothing_visible(self) -> None:
+        queue, _ = await self.open_queue()
+        # A regular file where the body's directory belongs: the move-in fails with a real ENOTDIR.
+        self.file("messages", "XY").setContent(b"in the way")
+        message = spool_file(queue, b"body" * 1000)
+        try:
+            await queue.enqueue(make_item("XY1"), message)
+        except QueueUnavailable:
+            pass
+        else:
+            self.fail("QueueUnavailable not raised")
+        self.assertIsNone(await queue.get("XY1"))
+        self.assertEqual(await queue.get_item_count(), 0)
+        self.assertEqual(os.listdir(queue.spool_directory), [])
+        self.assertEqual(self.index().execute("SELECT COUNT(*) FROM items").fetchone(), (0,))
+        await queue.enqueue(make_item("OK1"), spool_file(queue, b"fine"))
+        self.assertEqual(await read_body(queue, "OK1"), b"fine")
+
+    async def test_unacknowledged_spool_files_discarded(self) -> None:
+        queue, _ = await self.open_queue()
+        await queue.save()
+        for n in range(3):
+            self.file("spool", f"spool-{n}").setContent(b"half a message")
+        again, counts = await self.open_queue()
+        self.assertEqual(counts["spool_discarded"], 3)
+        self.assertEqual(os.listdir(again.spool_directory), [])
+
+    async def test_damaged_row_set_aside(self) -> None:
+        queue, _ = await self.open_queue()
+        await queue.enqueue(make_item("GOOD"), inline(b"good body"))
+        await queue.enqueue(make_item("BAD"), inline(b"bad body"))
+        await queue.save()
+        self.index().execute("UPDATE items SET item = '{\"truncated' WHERE id = 'BAD'")
+
+        again, counts = await self.open_queue()
+        self.assertEqual((counts["damaged"], counts["items"], counts["live"]), (1, 1, 1))
+        self.assertIsNone(await again.get("BAD"))
+        self.assertEqual(await read_body(again, "GOOD"), b"good body")
+        [record_path] = glob.glob(os.path.join(self.path, "damaged", "BAD-*.json"))
+        record = json.loads(FilePath(record_path).getContent())
+        self.assertEqual((record["id"], record["item"]), ("BAD", '{"truncated'))
+        self.assertEqual(self.file("damaged", record["body"]).getContent(), b"bad body")
+        self.assertEqual(await again.get_item_count(), 1)
+
+    async def test_missing_body_file_set_aside(self) -> None:
+        queue, _ = await self.open_queue()
+        await queue.enqueue(make_item("LOST"), spool_file(queue, b"gone"))
+        await queue.enqueue(make_item("KEPT"), spool_file(queue, b"here", name="spool-2"))
+        await queue.save()
+        os.unlink(os.path.join(self.path, "messages", "LO", "LOST"))
+
+        again, counts = await self.open_queue()
+        self.assertEqual((counts["damaged"], counts["items"]), (1, 1))
+        self.assertIsNone(await again.get("LOST"))
+        [record_path] = glob.glob(os.path.join(self.path, "damaged", "LOST-*.json"))
+        self.assertIn("body file unreadable", json.loads(FilePath(record_path).getContent())["reason"])
+        self.assertEqual(await read_body(again, "KEPT"), b"here")
+
+    async def test_body_without_row_set_aside_as_orphan(self) -> None:
+        queue, _ = await self.open_queue()
+        await queue.enqueue(make_item("HAS"), spool_file(queue, b"kept"))
+        await queue.save()
+        os.makedirs(os.path.join(self.path, "messages", "ZZ"))
+        self.file("messages", "ZZ", "ZZ999").setContent(b"nobody's")
+
+        again, counts = await self.open_queue()
+        self.assertEqual((counts["orphans"], counts["items"]), (1, 1))
+        self.assertEqual(self.file("orphans", "ZZ999").getContent(), b"nobody's")
+        self.assertEqual(await read_body(again, "HAS"), b"kept")
+
+    async def test_dequeue_removes_body_file(self) -> None:
+        queue, _ = await self.open_queue()
+        await queue.enqueue(make_item("DQ1"), spool_file(queue, b"bye"))
+        await queue.dequeue("DQ1")
+        self.assertEqual(os.listdir(os.path.join(self.path, "messages", "DQ")), [])
+
+    async def test_get_next_order_with_many_due(self) -> None:
+        # More than FEW_DUE due items: get_next walks items_ready instead of sorting the due set.
+        queue, _ = await self.open_queue()
+        retries = [
+            make_item(f"R{n:05}", priority=Priority.RETRY, created_at=START - 5000 + n)
+            for n in range(FEW_DUE + 20)
+        ]
+        fresh = [make_item(f"F{n}", created_at=START - n) for n in range(3)]
+        waiting = make_item("W0", created_at=START - 9000, next_attempt_at=START + 1)
+        await defer.gatherResults([queue.enqueue(i, inline()) for i in [*retries, *fresh, waiting]])
+        claimed = await queue.get_next(5)
+        self.assertEqual([i.id for i in claimed], ["F2", "F1", "F0", "R00000", "R00001"])
+
+    async def test_queries_use_indexes(self) -> None:
+        await self.open_queue()
+        conn = self.index()
+
+        def plan(sql: str, *params: Any) -> str:
+            return " | ".join(row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
+
+        claim = plan(CLAIM_SQL, START, 10)
+        self.assertIn("USING INDEX items_ready", claim)
+        self.assertNotIn("TEMP B-TREE", claim)
+        self.assertIn("USING INDEX items_due (next_attempt_at<?)", plan(DUE_SQL, START, 10))
+        self.assertIn("USING INDEX items_status", plan("SELECT item FROM items WHERE status = ?", "queued"))
+        self.assertIn(
+            "USING INDEX items_destination",
+            plan("SELECT item FROM items WHERE destination = ?", "mx.example"),
+        )
+
+    async def test_not_usable_before_load_or_after_save(self) -> None:
+        queue = DiskQueue(self.path, reactor=reactor, clock=self.clock)
+        for call in (queue.get("X"), queue.get_next(), queue.enqueue(make_item("X"), inline())):
+            try:
+                await call
+            except QueueUnavailable:
+                continue
+            self.fail("QueueUnavailable not raised")
+        await queue.load()
+        await queue.save()
+        try:
+            await queue.load()
+        except QueueUnavailable:
+            return
+        self.fail("a closed queue loaded again")
+
+    async def test_save_waits_for_pending_writes(self) -> None:
+        queue = DiskQueue(self.path, reactor=reactor, clock=self.clock)
+        await queue.load()
+        writes = [queue.enqueue(make_item(f"W{n}"), inline()) for n in range(20)]
+        # A second save (the shutdown trigger, say) while the first is closing waits for the same close.
+        await defer.gatherResults([queue.save(), queue.save()])
+        self.assertTrue(all(d.called for d in writes))
+        await defer.gatherResults(writes)
+        _again, counts = await self.open_queue()
+        self.assertEqual(counts["items"], 20)
+
+
+class _TriggerRecordingReactor:
+    """The real reactor, except that system event triggers are recorded instead of registered."""
+
+    def __init__(self) -> None:
+        self.triggers: list[tuple[str, str]] = []
+
+    def addSystemEventTrigger(self, phase: str, event: str, callable: Any, *args: Any) -> tuple[str, str]:
+        self.triggers.append((phase, event))
+        return (phase, event)
+
+    def removeSystemEventTrigger(self, trigger: Any) -> None:
+        self.triggers.remove(trigger)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(reactor, name)
+
+
+class ShutdownOwnershipTests(TestCase):
+    async def load(self, **kwargs: Any) -> tuple[DiskQueue, _TriggerRecordingReactor]:
+        recorder = _TriggerRecordingReactor()
+        queue = DiskQueue(self.mktemp(), reactor=recorder, clock=Clock(), **kwargs)
+        await queue.load()
+        self.addCleanup(queue.save)
+        return queue, recorder
+
+    async def test_standalone_queue_closes_before_shutdown(self) -> None:
+        queue, recorder = await self.load()
+        self.assertEqual(recorder.triggers, [("before", "shutdown")])
+        await queue.save()
+        self.assertEqual(recorder.triggers, [])
+
+    async def test_owned_queue_leaves_shutdown_to_its_owner(self) -> None:
+        _, recorder = await self.load(close_on_shutdown=False)
+        self.assertEqual(recorder.triggers, [])

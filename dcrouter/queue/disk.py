@@ -19,8 +19,9 @@ What a caller may rely on:
 - ``get_item_count`` and the ``max_size`` check use a count kept in memory (taken from the index at
   ``load()``), so they cost no I/O. Enqueues not yet committed count towards ``max_size``.
 - ``load()`` recovers after a crash (see :mod:`dcrouter.queue.recovery`) and fires with counts, also logged
-  under the namespace ``dcrouter.queue``. ``save()`` drains pending writes, checkpoints and closes; it also
-  runs before reactor shutdown if the owner did not call it.
+  under the namespace ``dcrouter.queue``. ``save()`` drains pending writes, checkpoints and closes; unless
+  constructed with ``close_on_shutdown=False`` (DcRouter does, and saves it after its listeners stop), it also
+  runs before reactor shutdown.
 
 Why inline small bodies: the spool hands over messages up to 256 KiB as bytes. Putting them in the index makes
 a batch of any size cost one fsync (the WAL) instead of two per message (file and directory). Measured on the

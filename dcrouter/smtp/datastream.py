@@ -1,0 +1,213 @@
+"""The DATA line machine: turns the bytes a client sends after ``354`` into message text, chunk by chunk.
+
+What a caller may rely on:
+
+- Only ``<CRLF>.<CRLF>`` ends the data (and ``.<CRLF>`` as the very first line). A bare CR or a bare LF
+  never starts or ends a line as far as the terminator and dot-unstuffing are concerned, so smuggling
+  sequences such as ``\\n.\\r\\n``, ``\\r\\n.\\n``, ``\\n.\\n`` or ``\\r.\\r`` can neither end the data
+  early nor split it into two messages. Any bare CR or LF marks the message ``bare_line_ending`` and the
+  protocol refuses it: dcrouter rejects rather than normalises, so nothing ambiguous is passed downstream.
+- A leading dot of a line is removed (RFC 5321 §4.5.2); everything else is passed on byte for byte.
+- Limits do not stop the reading: a line over ``max_line_length`` (CRLF included) sets ``line_too_long``, more
+  text than ``max_message_size`` sets ``too_big``; from the first violation on nothing more is written to the
+  sink, but the stream keeps looking for the terminator so the session stays in sync with the client.
+- ``Received:`` fields in the header section (up to the first empty line) are counted in ``received_count``.
+- Memory: besides the caller's chunk, the stream keeps at most one partial header line (< ``max_line_length``)
+  or four bytes of a possible terminator between calls.
+
+Work is done per chunk with ``bytes`` methods (``find``, ``count``, ``split``, ``replace``) for the body,
+and per line only in the header section, which is small.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from dcrouter.smtp.reply import Reply
+
+MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+BARE_LINE_ENDING = Reply(
+    550, "5.6.0", "Message refused: bare CR or LF in message text (RFC 5321 section 2.3.8)"
+)
+TEXT_LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long: message text lines must not exceed 1000 octets")
+TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops (mail loop)")
+TERMINATOR = b"\r\n.\r\n"
+#: Proper prefixes of the terminator, longest first: a chunk ending in one of them is held back until the next
+#: chunk shows whether the terminator is complete (or a dot to unstuff follows).
+_TERMINATOR_PREFIXES = (TERMINATOR[:4], TERMINATOR[:3], TERMINATOR[:2], TERMINATOR[:1])
+_LONE_DOT = b".\r\n"
+
+
+class DataStream:
+    """One DATA transfer. Feed it chunks with :meth:`feed` until that returns an offset (the end of data)."""
+
+    def __init__(
+        self,
+        sink: Callable[[bytes], object],
+        *,
+        max_line_length: int,
+        max_message_size: int,
+    ) -> None:
+        self._sink = sink
+        self._max_line = max_line_length
+        self._max_size = max_message_size
+        self._carry = b""
+        self._in_headers = True
+        # True when the next byte starts a line that follows a CRLF (or the start of data).
+        self._at_bol = True
+        # Octets of the current, unfinished line seen so far (body section only).
+        self._line_len = 0
+        #: Octets of message text after dot-unstuffing, counted even after writing stopped.
+        self.size = 0
+        self.received_count = 0
+        self.bare_line_ending = False
+        self.line_too_long = False
+        self.too_big = False
+        self.done = False
+
+    @property
+    def damaged(self) -> bool:
+        """True once anything was found that makes the message unacceptable (and writing stopped)."""
+        return self.bare_line_ending or self.line_too_long or self.too_big
+
+    def refusal(self, *, max_received_headers: int) -> Reply | None:
+        """After the end: the reply refusing the message, or None when it may be queued. The size is reported
+        first (the client may retry elsewhere), then the framing, the line length, and a mail loop."""
+        if self.too_big:
+            return MESSAGE_TOO_BIG
+        if self.bare_line_ending:
+            return BARE_LINE_ENDING
+        if self.line_too_long:
+            return TEXT_LINE_TOO_LONG
+        if self.received_count > max_received_headers:
+            return TOO_MANY_HOPS
+        return None
+
+    def feed(self, data: bytes) -> int:
+        """Consume ``data``. Returns -1 while the data continues, else the offset in ``data`` just after the
+        terminating ``<CRLF>.<CRLF>``; the bytes from there on are the client's next commands."""
+        if self.done:
+            raise RuntimeError("DataStream.feed after the end of data")
+        carried = len(self._carry)
+        buf = self._carry + data if carried else data
+        self._carry = b""
+        pos = 0
+        if self._in_headers:
+            pos = self._headers(buf)
+        if not self.done and pos < len(buf) and not self._carry:
+            pos = self._body(buf, pos)
+        if self.done:
+            return pos - carried
+        return -1
+
+    def _headers(self, buf: bytes) -> int:
+        """Handle complete header lines one at a time; returns where it stopped."""
+        pos, end = 0, len(buf)
+        while pos < end:
+            lf = buf.find(b"\n", pos)
+            if lf < 0:
+                if end - pos < self._max_line:
+                    self._carry = buf[pos:]
+                    return end
+                # An unfinished header line already over the limit: the body machinery tracks it from here.
+                self.line_too_long = True
+                self._in_headers = False
+                return pos
+            line = buf[pos : lf + 1]
+            pos = lf + 1
+            if self._at_bol and line == _LONE_DOT:
+                self.done = True
+                return pos
+            if len(line) > self._max_line:
+                self.line_too_long = True
+            well_ended = line.endswith(b"\r\n")
+            if not well_ended or line.count(b"\r") != 1:
+                self.bare_line_ending = True
+            if self._at_bol:
+                if line == b"\r\n":
+                    self._in_headers = False
+                elif line[:9].lower() == b"received:":
+                    self.received_count += 1
+                elif line[:1] == b".":
+                    line = line[1:]
+            self._emit(line)
+            self._at_bol = well_ended
+            if not self._in_headers:
+                return pos
+        return pos
+
+    def _body(self, buf: bytes, pos: int) -> int:
+        """Handle the body part of ``buf`` from ``pos`` as whole segments; returns where it stopped."""
+        end = len(buf)
+        if self._at_bol:
+            head = buf[pos : pos + 3]
+            if head == _LONE_DOT:
+                self.done = True
+                return pos + 3
+            if len(head) < 3 and _LONE_DOT.startswith(head):
+                self._carry = buf[pos:]
+                return end
+        found = buf.find(TERMINATOR, pos)
+        if found >= 0:
+            # The CRLF before the dot belongs to the message's last line.
+            self._segment(buf[pos : found + 2])
+            self.done = True
+            return found + len(TERMINATOR)
+        stop = end
+        for prefix in _TERMINATOR_PREFIXES:
+            if end - pos >= len(prefix) and buf.endswith(prefix):
+                stop = end - len(prefix)
+                break
+        if stop > pos:
+            self._segment(buf[pos:stop])
+        self._carry = buf[stop:]
+        return end
+
+    def _segment(self, seg: bytes) -> None:
+        """Check and pass on a run of body text that holds no terminator and no held-back prefix of one."""
+        if not seg:
+            return
+        newlines = seg.count(b"\n")
+        if not self.bare_line_ending:
+            crlf = seg.count(b"\r\n")
+            if crlf != newlines or seg.count(b"\r") != crlf:
+                self.bare_line_ending = True
+        if not self.line_too_long:
+            self._measure(seg, newlines)
+        at_bol = self._at_bol
+        self._at_bol = seg.endswith(b"\r\n")
+        if self.damaged:
+            # Nothing of this message will be kept; only its (unstuffed) size still matters.
+            self.size += len(seg) - seg.count(b"\r\n.") - (at_bol and seg[:1] == b".")
+            self.too_big = self.too_big or self.size > self._max_size
+            return
+        if at_bol and seg[:1] == b".":
+            seg = seg[1:]
+        if b"\r\n." in seg:
+            seg = seg.replace(b"\r\n.", b"\r\n")
+        self._emit(seg)
+
+    def _measure(self, seg: bytes, newlines: int) -> None:
+        if newlines == 0:
+            self._line_len += len(seg)
+        elif self._line_len + len(seg) <= self._max_line:
+            # No line in here can be longer than the whole segment.
+            self._line_len = len(seg) - seg.rfind(b"\n") - 1
+        else:
+            pieces = seg.split(b"\n")
+            longest = self._line_len + len(pieces[0]) + 1
+            if len(pieces) > 2:
+                longest = max(longest, max(map(len, pieces[1:-1])) + 1)
+            self._line_len = len(pieces[-1])
+            if longest > self._max_line:
+                self.line_too_long = True
+        # An unfinished line never ends in CR here (a trailing CR is held back), so it still needs its CRLF.
+        if self._line_len + 2 > self._max_line:
+            self.line_too_long = True
+
+    def _emit(self, text: bytes) -> None:
+        self.size += len(text)
+        if self.size > self._max_size:
+            self.too_big = True
+        if not self.damaged:
+            self._sink(text)

@@ -1,0 +1,735 @@
+"""dcrouter's ESMTP server protocol (RFC 5321 with PIPELINING, SIZE, 8BITMIME, ENHANCEDSTATUSCODES,
+SMTPUTF8, STARTTLS and AUTH), written on ``Protocol`` rather than ``twisted.mail.smtp`` (DESIGN.md "Decisions"
+says why).
+
+What a caller may rely on:
+
+- Input is buffered and handled strictly one command at a time, in order. While a command waits on a Deferred
+  (a policy check, AUTH, queueing) nothing after it runs, so replies come out in the order of the commands.
+  While waiting, buffered input is bounded: the transport is paused past :data:`MAX_PENDING_INPUT` octets.
+- Command lines end in CRLF; a bare LF is accepted as a terminator in command mode (never in DATA). A command
+  line over ``maxCommandLineLength`` gets ``500 5.5.2 Line too long`` once and is discarded up to its LF.
+- STARTTLS discards every byte received after the STARTTLS line and resets the session (RFC 3207 §4.2).
+- DATA is streamed through :class:`~dcrouter.smtp.datastream.DataStream` into a
+  :class:`~dcrouter.smtp.spool.SpoolWriter`; a ``Received:`` field goes first. ``250`` is sent only when the
+  processor's Deferred fires (the queue made the message durable); queue failures are 4xx, never 5xx.
+- Every reply but the greeting, EHLO/HELO, ``354`` and ``334`` carries an RFC 3463 enhanced status code.
+
+Decisions: a message with a text line over ``maxLineLength`` is refused after its end with ``500 5.5.2``
+(RFC 5321 §4.5.3.1.10 names 500 for a too-long line; the enhanced code says "syntax error"); bare CR or LF in
+DATA is refused with ``550 5.6.0`` rather than normalised; 500 and 503 replies count toward
+``maxBadCommands``; ``354`` and ``334`` carry no enhanced code (RFC 2034 defines them for 2xx/4xx/5xx only).
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Coroutine
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime, ITLSTransport
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.ssl import CertificateOptions
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from dcrouter.config.options import SmtpConfig
+from dcrouter.envelope import Envelope
+from dcrouter.interfaces import QueueFull
+from dcrouter.processing.processor import EmailProcessor, new_queue_id
+from dcrouter.smtp.address import Address, AddressError, parse_mail_argument, parse_rcpt_argument
+from dcrouter.smtp.auth import Authenticator, AuthFailed
+from dcrouter.smtp.datastream import MESSAGE_TOO_BIG, DataStream
+from dcrouter.smtp.policy import SessionPolicy
+from dcrouter.smtp.received import received_header, with_protocol
+from dcrouter.smtp.reply import Reply
+from dcrouter.smtp.sasl import MAX_ENCODED_RESPONSE, Challenge, SaslError, SaslExchange
+from dcrouter.smtp.session import Session
+from dcrouter.smtp.spool import SpoolWriter
+
+log = Logger(namespace="dcrouter.smtp")
+
+#: Octets of unprocessed input kept while a command waits before the transport is paused.
+MAX_PENDING_INPUT = 64 * 1024
+#: RFC 4954 §4: AUTH command lines may be up to 12288 octets.
+AUTH_LINE_LIMIT = 12288
+
+OK = Reply(250, "2.0.0", "Ok")
+BAD_SEQUENCE_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
+UNKNOWN_COMMAND = Reply(500, "5.5.1", "Error: command not recognized")
+LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
+BAD_CHARACTERS = Reply(500, "5.5.2", "Syntax error: bad characters in command line")
+NO_ARGUMENTS = Reply(501, "5.5.4", "Syntax error: no parameters allowed")
+TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors")
+TOO_MUCH_INPUT = Reply(421, "4.7.0", "Too much pipelined input")
+QUEUE_FULL = Reply(452, "4.3.1", "Insufficient system storage")
+LOCAL_ERROR = Reply(451, "4.3.0", "Requested action aborted: local error in processing")
+START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+AUTH_SUCCEEDED = Reply(235, "2.7.0", "Authentication successful")
+ENCRYPTION_REQUIRED = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+_HELP = Reply(214, "2.0.0", "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS AUTH")
+
+_COMMAND, _SASL, _DATA, _CLOSED = "command", "sasl", "data", "closed"
+_COUNTED_AS_BAD = frozenset({500, 503})
+#: The line limit applies to what comes before the CRLF too; "AUTH " lines get RFC 4954's larger limit.
+_AUTH_PREFIX = b"AUTH "
+
+
+@dataclass
+class _Transaction:
+    """One mail transaction, from MAIL FROM to the end of DATA or RSET."""
+
+    queue_id: str
+    sender: Address
+    params: dict[str, str]
+    utf8: bool
+    recipients: list[str] = field(default_factory=list)
+
+
+def _decode_line(raw: bytes | Reply) -> str | Reply:
+    """The text of a command line without its terminator, or the reply refusing the line."""
+    if isinstance(raw, Reply):
+        return raw
+    body = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+    if b"\r" in body or b"\x00" in body:
+        return BAD_CHARACTERS
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        return BAD_CHARACTERS
+
+
+async def _resolve(value: Any) -> Any:
+    """The result of a collaborator that may answer at once or with a Deferred."""
+    if isinstance(value, Deferred):
+        return await value
+    return value
+
+
+class ESMTPServerFactory(Factory):
+    """Builds one :class:`ESMTPServerProtocol` per connection on one listening ``port``.
+
+    ``port`` decides the role: in ``config.implicit_tls_ports`` the router wraps this factory in TLS from the
+    first byte (and STARTTLS is never offered); in ``config.submission_ports`` AUTH is required before MAIL.
+    ``tls_options`` enables STARTTLS elsewhere. ``clock`` drives every timer.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: SmtpConfig,
+        port: int,
+        policy: SessionPolicy,
+        authenticator: Authenticator | None,
+        processor: EmailProcessor,
+        spool_directory: str,
+        tls_options: CertificateOptions | None,
+        clock: IReactorTime,
+    ) -> None:
+        self.config = config
+        self.port = port
+        self.policy = policy
+        self.authenticator = authenticator
+        self.processor = processor
+        self.spool_directory = spool_directory
+        self.tls_options = tls_options
+        self.clock = clock
+        self.implicit_tls = port in config.implicit_tls_ports
+        self.submission = port in config.submission_ports
+
+    def buildProtocol(self, addr: Any) -> ESMTPServerProtocol:
+        protocol = ESMTPServerProtocol(self)
+        protocol.factory = self
+        return protocol
+
+
+@implementer(IHandshakeListener)
+class ESMTPServerProtocol(Protocol, TimeoutMixin):
+    """One SMTP session. See the module docstring for its guarantees."""
+
+    def __init__(self, factory: ESMTPServerFactory) -> None:
+        self._f = factory
+        self._config = factory.config
+        self._clock = factory.clock
+        self.callLater = factory.clock.callLater  # TimeoutMixin's timer source
+        self.session = Session(
+            session_id=secrets.token_hex(6), peer_host="", peer_port=0, local_port=factory.port
+        )
+        self._mode = _COMMAND
+        self._in = bytearray()
+        self._busy = False
+        self._pumping = False
+        self._discarding_line = False
+        self._paused = False
+        self._admitted = False
+        self._tls_started = False
+        self._bad_commands = 0
+        self._txn: _Transaction | None = None
+        self._sasl: SaslExchange | None = None
+        self._stream: DataStream | None = None
+        self._spool: SpoolWriter | None = None
+        self._data_timer: IDelayedCall | None = None
+        self._session_timer: IDelayedCall | None = None
+
+    # Connection life cycle
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        session = self.session
+        session.peer_host = str(getattr(peer, "host", ""))
+        session.peer_port = int(getattr(peer, "port", 0))
+        session.submission = self._f.submission
+        session.implicit_tls = self._f.implicit_tls
+        refusal = self._f.policy.connection_opened(session.peer_host)
+        if refusal is not None:
+            self._log("warn", "Connection from {peer} refused: {reply}", reply=refusal.code)
+            self._close(refusal)
+            return
+        self._admitted = True
+        self._log("info", "Connection from {peer} on port {port}", port=self._f.port)
+        self.setTimeout(self._config.socket_timeout / 1000.0)
+        self._session_timer = self._clock.callLater(self._config.connection_timeout / 1000.0, self._timed_out)
+        banner = self._config.banner or "dcrouter"
+        self._send(Reply(220, "", f"{self._config.hostname} ESMTP {banner}"))
+
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: TLS is up (implicit TLS or after STARTTLS); record version and cipher."""
+        handle = self.transport.getHandle()
+        self.session.tls = f"{handle.get_protocol_version_name()} {handle.get_cipher_name()}"
+        self._log("info", "TLS established with {peer}: {tls}")
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._mode = _CLOSED
+        self.setTimeout(None)
+        self._cancel_timers()
+        self._abort_data()
+        if self._admitted:
+            self._admitted = False
+            self._f.policy.connection_closed(self.session.peer_host)
+            self._log("info", "Disconnected from {peer}")
+
+    def timeoutConnection(self) -> None:
+        self._timed_out()
+
+    def _timed_out(self) -> None:
+        if self._mode is _CLOSED:
+            return
+        self._log("info", "Timeout for {peer} in {mode} mode", mode=self._mode)
+        self._close(Reply(421, "4.4.2", f"{self._config.hostname} Error: timeout exceeded"))
+
+    def _close(self, reply: Reply) -> None:
+        """Send ``reply`` (a 421 or 221) and end the session; later input is ignored."""
+        self._send(reply)
+        self._mode = _CLOSED
+        self._in.clear()
+        self.setTimeout(None)
+        self._cancel_timers()
+        self._abort_data()
+        self.transport.loseConnection()
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._data_timer, self._session_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._data_timer = self._session_timer = None
+
+    def _abort_data(self) -> None:
+        if self._spool is not None:
+            self._spool.abort()
+        self._spool = None
+        self._stream = None
+
+    # Input
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._mode is _CLOSED:
+            return
+        self.resetTimeout()
+        if self._mode is _DATA and not self._busy and not self._in:
+            # The common case for message text: hand the chunk over without copying it into the buffer.
+            self._feed_data(data)
+        else:
+            self._in += data
+        self._pump()
+
+    def _pump(self) -> None:
+        """Handle buffered input until it runs out or a command has to wait."""
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            while not self._busy and self._mode is not _CLOSED and self._in:
+                if self._mode is _DATA:
+                    chunk = bytes(self._in)
+                    self._in.clear()
+                    self._feed_data(chunk)
+                    continue
+                line = self._take_line()
+                if line is None:
+                    break
+                self._run(self._dispatch(line), counts=True)
+        finally:
+            self._pumping = False
+        self._flow_control()
+
+    def _flow_control(self) -> None:
+        if self._mode is _CLOSED:
+            return
+        pending = len(self._in)
+        if pending > 4 * MAX_PENDING_INPUT:
+            # The transport kept delivering although paused: refuse to buffer more.
+            self._close(TOO_MUCH_INPUT)
+        elif pending > MAX_PENDING_INPUT and not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+        elif self._paused and pending <= MAX_PENDING_INPUT // 2 and not self._busy:
+            self._paused = False
+            self.transport.resumeProducing()
+
+    def _line_limit(self) -> int:
+        if self._mode is _SASL:
+            return MAX_ENCODED_RESPONSE + 2
+        if self._in[: len(_AUTH_PREFIX)].upper() == _AUTH_PREFIX:
+            return max(AUTH_LINE_LIMIT, self._config.max_command_line_length)
+        return self._config.max_command_line_length
+
+    def _take_line(self) -> bytes | Reply | None:
+        """The next complete line (with its terminator), a Reply for an over-long one, or None (wait)."""
+        buf = self._in
+        if self._discarding_line:
+            lf = buf.find(b"\n")
+            if lf < 0:
+                buf.clear()
+                return None
+            del buf[: lf + 1]
+            self._discarding_line = False
+            if not buf:
+                return None
+        limit = self._line_limit()
+        lf = buf.find(b"\n", 0, limit)
+        if lf >= 0:
+            line = bytes(buf[: lf + 1])
+            del buf[: lf + 1]
+            return line
+        if len(buf) < limit:
+            return None
+        # Over the limit: answer once now and drop the rest of this line, wherever its LF turns up.
+        lf = buf.find(b"\n", limit)
+        if lf < 0:
+            buf.clear()
+            self._discarding_line = True
+        else:
+            del buf[: lf + 1]
+        return LINE_TOO_LONG
+
+    def _run(self, work: Coroutine[Any, Any, Reply | None], *, counts: bool = False) -> None:
+        """Run one command's coroutine; input waits until it has answered (synchronously or later)."""
+        self._busy = True
+        done = Deferred.fromCoroutine(work)
+        done.addErrback(self._internal_error)
+        done.addCallback(self._answered, counts)
+        done.addErrback(self._answer_failed)
+        if self._busy:
+            # Our own wait (a check, AUTH, the queue) is not client idleness.
+            self.setTimeout(None)
+
+    def _answered(self, reply: Reply | None, counts: bool) -> None:
+        was_waiting = self.timeOut is None
+        self._busy = False
+        if self._mode is _CLOSED:
+            return
+        if was_waiting:
+            self.setTimeout(self._config.socket_timeout / 1000.0)
+        if reply is not None:
+            self._send(reply)
+            if counts and reply.code in _COUNTED_AS_BAD:
+                self._bad_commands += 1
+                if self._bad_commands >= self._config.max_bad_commands:
+                    self._log("warn", "Too many errors from {peer}", count=self._bad_commands)
+                    self._close(TOO_MANY_ERRORS)
+                    return
+        if not self._pumping:
+            self._pump()
+
+    def _answer_failed(self, failure: Failure) -> None:
+        # Sending the reply itself broke (the transport is gone or broken): nothing left to answer.
+        self._busy = False
+        log.failure("Cannot answer SMTP client", failure, session_id=self.session.session_id)
+
+    def _internal_error(self, failure: Failure) -> Reply:
+        self._log("failure", "Internal error in SMTP session with {peer}", failure=failure)
+        self._txn = None
+        self._sasl = None
+        if self._mode is not _CLOSED:
+            self._mode = _COMMAND
+        return LOCAL_ERROR
+
+    def _send(self, reply: Reply) -> None:
+        if self._mode is not _CLOSED:
+            self.transport.write(reply.to_bytes())
+
+    # Commands
+
+    async def _dispatch(self, raw: bytes | Reply) -> Reply | None:
+        text = _decode_line(raw)
+        if isinstance(text, Reply):
+            if self._mode is _SASL:
+                # A line the exchange cannot take ends the exchange; the next line is a command again.
+                self._sasl = None
+                self._mode = _COMMAND
+            return text
+        if self._mode is _SASL:
+            return await self._auth_step(text)
+        verb, _, arg = text.partition(" ")
+        handler = self._HANDLERS.get(verb.upper())
+        if handler is None:
+            self._log("info", "Unknown command from {peer}", verb=verb[:20])
+            return UNKNOWN_COMMAND
+        return await handler(self, arg)
+
+    async def _ehlo(self, arg: str) -> Reply:
+        return self._greet(arg, esmtp=True)
+
+    async def _helo(self, arg: str) -> Reply:
+        return self._greet(arg, esmtp=False)
+
+    def _greet(self, arg: str, *, esmtp: bool) -> Reply:
+        name = arg.strip()
+        if not name or " " in name or not name.isascii() or not name.isprintable():
+            return Reply(501, "5.5.4", f"Syntax: {'EHLO' if esmtp else 'HELO'} hostname")
+        self.session.helo = name
+        self.session.esmtp = esmtp
+        self._txn = None
+        hostname = self._config.hostname
+        if not esmtp:
+            return Reply(250, "", hostname)
+        lines = [
+            hostname,
+            "PIPELINING",
+            f"SIZE {self._config.max_message_size}",
+            "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+            "SMTPUTF8",
+        ]
+        if self._starttls_available():
+            lines.append("STARTTLS")
+        if self._f.authenticator is not None and self._auth_allowed():
+            mechanisms = self._f.authenticator.mechanisms
+            if mechanisms:
+                lines.append("AUTH " + " ".join(mechanisms))
+        return Reply(250, "", tuple(lines))
+
+    def _tls_active(self) -> bool:
+        return self._f.implicit_tls or self._tls_started
+
+    def _starttls_available(self) -> bool:
+        return self._f.tls_options is not None and not self._tls_active()
+
+    def _auth_allowed(self) -> bool:
+        return self._tls_active() or self._config.auth.allow_insecure
+
+    async def _starttls(self, arg: str) -> Reply | None:
+        if arg.strip():
+            return NO_ARGUMENTS
+        if self._tls_active():
+            return Reply(503, "5.5.1", "Error: TLS already active")
+        transport = ITLSTransport(self.transport, None)
+        if self._f.tls_options is None or transport is None:
+            return Reply(454, "4.7.0", "TLS not available")
+        self._send(Reply(220, "2.0.0", "Ready to start TLS"))
+        # RFC 3207 §4.2 and CVE-2011-0411: nothing the client sent before the handshake may be acted upon.
+        self._in.clear()
+        self._discarding_line = False
+        transport.startTLS(self._f.tls_options)
+        self._tls_started = True
+        self.session.helo = None
+        self.session.esmtp = False
+        self.session.auth_user = None
+        self._txn = None
+        self._log("info", "STARTTLS with {peer}")
+        return None
+
+    async def _auth(self, arg: str) -> Reply | None:
+        authenticator = self._f.authenticator
+        if authenticator is None:
+            return Reply(502, "5.5.1", "Error: authentication not enabled")
+        if not self.session.esmtp:
+            return Reply(503, "5.5.1", "Error: send EHLO first")
+        if self.session.auth_user is not None:
+            return Reply(503, "5.5.1", "Error: already authenticated")
+        if self._txn is not None:
+            return Reply(503, "5.5.1", "Error: AUTH not allowed during a mail transaction")
+        if not self._auth_allowed():
+            return ENCRYPTION_REQUIRED
+        parts = arg.split()
+        if not parts or len(parts) > 2:
+            return Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+        try:
+            self._sasl = authenticator.start(parts[0], parts[1] if len(parts) == 2 else None)
+        except SaslError as error:
+            return error.reply
+        return await self._auth_step(parts[1] if len(parts) == 2 else None)
+
+    async def _auth_step(self, line: str | None) -> Reply | None:
+        exchange = self._sasl
+        assert exchange is not None and self._f.authenticator is not None
+        try:
+            result = exchange.respond(line)
+        except SaslError as error:
+            self._sasl = None
+            self._mode = _COMMAND
+            self._log("info", "AUTH exchange with {peer} ended: {reply}", reply=error.reply.code)
+            return error.reply
+        if isinstance(result, Challenge):
+            self._mode = _SASL
+            return Reply(334, "", result.text)
+        self._sasl = None
+        self._mode = _COMMAND
+        try:
+            user = await self._f.authenticator.authenticate(result, self.session.peer_host)
+        except AuthFailed as failed:
+            self._log("warn", "AUTH failed for {peer}: {reply}", mechanism=exchange.mechanism,
+                      reply=failed.reply.code)
+            return failed.reply
+        if self._mode is _CLOSED:
+            return None
+        self.session.auth_user = user
+        self._log("info", "AUTH succeeded for {peer}", mechanism=exchange.mechanism)
+        return AUTH_SUCCEEDED
+
+    async def _mail(self, arg: str) -> Reply | None:
+        session = self.session
+        if session.helo is None:
+            return BAD_SEQUENCE_HELO
+        if self._txn is not None:
+            return Reply(503, "5.5.1", "Error: nested MAIL command")
+        if session.auth_user is None and (session.submission or self._config.auth.required):
+            return AUTH_REQUIRED
+        try:
+            sender, params = parse_mail_argument(arg, utf8=session.esmtp)
+        except AddressError as error:
+            return error.reply
+        refusal = self._check_mail_params(params)
+        if refusal is not None:
+            return refusal
+        txn = _Transaction(new_queue_id(), sender, params, utf8="SMTPUTF8" in params)
+        verdict = await _resolve(self._f.policy.check_sender(session, sender))
+        if self._mode is _CLOSED:
+            return None
+        if verdict is not None:
+            self._log("info", "Sender refused for {peer}: {reply}", queue_id=txn.queue_id, reply=verdict.code)
+            return verdict
+        self._txn = txn
+        self._log("info", "MAIL from {peer}", queue_id=txn.queue_id)
+        return Reply(250, "2.1.0", "Ok")
+
+    def _check_mail_params(self, params: dict[str, str]) -> Reply | None:
+        if params and not self.session.esmtp:
+            return Reply(555, "5.5.4", "Error: parameters need EHLO")
+        for key, value in params.items():
+            if key == "SIZE":
+                if not value.isdigit() or len(value) > 20:
+                    return Reply(501, "5.5.4", "Syntax: SIZE=<number>")
+                if int(value) > self._config.max_message_size:
+                    return MESSAGE_TOO_BIG
+            elif key == "BODY":
+                if value.upper() not in ("7BIT", "8BITMIME"):
+                    return Reply(501, "5.5.4", "Syntax: BODY=7BIT or BODY=8BITMIME")
+            elif key == "SMTPUTF8":
+                if value:
+                    return Reply(501, "5.5.4", "Syntax: SMTPUTF8 takes no value")
+            else:
+                return Reply(555, "5.5.4", f"Unsupported parameter {key[:20]}")
+        return None
+
+    async def _rcpt(self, arg: str) -> Reply | None:
+        txn = self._txn
+        if txn is None:
+            return Reply(503, "5.5.1", "Error: need MAIL command")
+        try:
+            recipient, params = parse_rcpt_argument(arg, utf8=txn.utf8)
+        except AddressError as error:
+            return error.reply
+        if params:
+            return Reply(555, "5.5.4", f"Unsupported parameter {next(iter(params))[:20]}")
+        text = str(recipient)
+        if text in txn.recipients:
+            return Reply(250, "2.1.5", "Ok")
+        if len(txn.recipients) >= self._config.max_recipients:
+            return Reply(452, "4.5.3", "Too many recipients")
+        verdict = await _resolve(self._f.policy.check_recipient(self.session, recipient))
+        if self._mode is _CLOSED or self._txn is not txn:
+            return None
+        if verdict is not None:
+            self._log(
+                "info", "Recipient refused for {peer}: {reply}", queue_id=txn.queue_id, reply=verdict.code
+            )
+            return verdict
+        txn.recipients.append(text)
+        return Reply(250, "2.1.5", "Ok")
+
+    async def _data(self, arg: str) -> Reply | None:
+        txn = self._txn
+        if arg.strip():
+            return NO_ARGUMENTS
+        if txn is None:
+            return Reply(503, "5.5.1", "Error: need MAIL command")
+        if not txn.recipients:
+            return Reply(503, "5.5.1", "Error: need RCPT command")
+        spool = SpoolWriter(self._f.spool_directory)
+        try:
+            spool.write(self._received_header(txn))
+        except OSError:
+            spool.abort()
+            self._log("failure", "Cannot spool for {peer}", failure=Failure(), queue_id=txn.queue_id)
+            return LOCAL_ERROR
+        self._spool = spool
+        self._stream = DataStream(
+            self._write_spool,
+            max_line_length=self._config.max_line_length,
+            max_message_size=self._config.max_message_size,
+        )
+        self._mode = _DATA
+        self._data_timer = self._clock.callLater(self._config.data_timeout / 1000.0, self._timed_out)
+        return START_DATA
+
+    def _write_spool(self, text: bytes) -> None:
+        assert self._spool is not None
+        self._spool.write(text)
+
+    def _received_header(self, txn: _Transaction) -> bytes:
+        session = self.session
+        protocol = with_protocol(
+            esmtp=session.esmtp, tls=self._tls_active(), authenticated=session.auth_user is not None,
+            utf8=txn.utf8,
+        )
+        return received_header(
+            helo=session.helo or "", peer_ip=session.peer_host, hostname=self._config.hostname,
+            protocol=protocol, queue_id=txn.queue_id, tls=session.tls, recipients=txn.recipients,
+            when=self._clock.seconds(),
+        )
+
+    async def _rset(self, arg: str) -> Reply:
+        if arg.strip():
+            return NO_ARGUMENTS
+        self._txn = None
+        return OK
+
+    async def _noop(self, arg: str) -> Reply:
+        return OK
+
+    async def _vrfy(self, arg: str) -> Reply:
+        if not arg.strip():
+            return Reply(501, "5.5.4", "Syntax: VRFY address")
+        return Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
+
+    async def _help(self, arg: str) -> Reply:
+        return _HELP
+
+    async def _quit(self, arg: str) -> None:
+        self._close(Reply(221, "2.0.0", "Bye"))
+
+    _HANDLERS = {
+        "EHLO": _ehlo,
+        "HELO": _helo,
+        "STARTTLS": _starttls,
+        "AUTH": _auth,
+        "MAIL": _mail,
+        "RCPT": _rcpt,
+        "DATA": _data,
+        "RSET": _rset,
+        "NOOP": _noop,
+        "VRFY": _vrfy,
+        "HELP": _help,
+        "QUIT": _quit,
+    }
+
+    # DATA
+
+    def _feed_data(self, chunk: bytes) -> None:
+        stream = self._stream
+        assert stream is not None
+        try:
+            end = stream.feed(chunk)
+        except OSError:
+            # The spool is unusable: answer 451 and hang up rather than guess where the data ends.
+            self._log("failure", "Spool write failed for {peer}", failure=Failure())
+            self._close(LOCAL_ERROR)
+            return
+        if end < 0:
+            return
+        if end < len(chunk):
+            self._in[0:0] = chunk[end:]
+        self._end_of_data(stream)
+
+    def _end_of_data(self, stream: DataStream) -> None:
+        txn, spool = self._txn, self._spool
+        assert txn is not None and spool is not None
+        self._txn, self._spool, self._stream = None, None, None
+        self._mode = _COMMAND
+        if self._data_timer is not None and self._data_timer.active():
+            self._data_timer.cancel()
+        self._data_timer = None
+        refusal = stream.refusal(max_received_headers=self._config.max_received_headers)
+        if refusal is not None:
+            spool.abort()
+            self._log("info", "Message from {peer} refused: {reply}", queue_id=txn.queue_id,
+                      reply=refusal.code, size=stream.size)
+            self._send(refusal)
+            return
+        self._run(self._queue(txn, spool, stream.size))
+
+    async def _queue(self, txn: _Transaction, spool: SpoolWriter, size: int) -> Reply:
+        session = self.session
+        try:
+            message = spool.finish()
+        except OSError:
+            spool.abort()
+            self._log("failure", "Cannot finish spool for {peer}", failure=Failure(), queue_id=txn.queue_id)
+            return LOCAL_ERROR
+        envelope = Envelope(
+            mail_from=str(txn.sender), recipients=list(txn.recipients), mail_params=dict(txn.params),
+            helo=session.helo or "", peer_host=session.peer_host, peer_port=session.peer_port,
+            tls=session.tls, auth_user=session.auth_user, received_at=self._clock.seconds(),
+        )
+        try:
+            item = await self._f.processor.process(envelope, message, txn.queue_id)
+        except Exception as error:
+            message.discard()
+            return self._queue_failure(txn, error)
+        self._log("info", "Queued message from {peer}", queue_id=item.id, size=size,
+                  recipients=len(txn.recipients))
+        return Reply(250, "2.0.0", f"Ok: queued as {item.id}")
+
+    def _queue_failure(self, txn: _Transaction, error: Exception) -> Reply:
+        if isinstance(error, QueueFull):
+            reply = QUEUE_FULL
+        elif isinstance(getattr(error, "reply", None), Reply):
+            # A processing stage that decided (for example a scanner's rejection) says what to answer.
+            reply = error.reply  # type: ignore[attr-defined]
+        else:
+            reply = LOCAL_ERROR
+        self._log("failure" if reply is LOCAL_ERROR else "warn", "Message from {peer} not queued: {reply}",
+                  failure=Failure(error), queue_id=txn.queue_id, reply=reply.code)
+        return reply
+
+    # Logging
+
+    def _log(self, level: str, fmt: str, *, failure: Failure | None = None, **fields: Any) -> None:
+        session = self.session
+        fields.setdefault("queue_id", self._txn.queue_id if self._txn is not None else None)
+        fields.update(
+            session_id=session.session_id,
+            peer=session.peer_host,
+            tls=session.tls,
+            auth_user=session.auth_user,
+        )
+        if level == "failure":
+            log.failure(fmt, failure, **fields)
+        else:
+            getattr(log, level)(fmt, **fields)
+

@@ -79,3 +79,25 @@ class IDeliveryQueue(Interface):
         """True unless paused."""
 
     max_size = Attribute("maxQueueSize: the item count at which enqueue fails with QueueFull (0: unlimited).")
+
+
+class IRoutingRule(Interface):
+    """A rule that routes some recipients before the per-domain rules (``smtpConfig.routingRules`` or a
+    plugin). Rules are evaluated in ascending ``priority``; the first that returns a Route wins."""
+
+    name = Attribute("A short name, used in logs and as the Route name (``rule:<name>``).")
+    priority = Attribute("An int; lower values are evaluated first.")
+
+    def route(sender, recipient):
+        """The Route for ``recipient`` (str) of a message from ``sender`` (str, "" for the null sender), or
+        None when this rule does not apply."""
+
+
+class IDeliveryTransport(Interface):
+    """How a message leaves dcrouter (the built-in one speaks ESMTP to the route's servers)."""
+
+    def deliver(item, route, recipients, open_body):
+        """Deliver ``item`` (QueueItem) to ``recipients`` (list[str], all sharing ``route``). ``open_body()``
+        returns a Deferred firing with a readable binary file over the message; the transport closes it.
+        Returns a Deferred firing with a DeliveryReport holding one RecipientResult per recipient. Remote and
+        network failures are results (TEMPORARY/PERMANENT), not errbacks; an errback means a local bug."""

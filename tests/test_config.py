@@ -193,13 +193,12 @@ class LoadingTests(LoadCase):
 class UnsupportedTests(LoadCase):
     def test_top_level(self) -> None:
         raw = copy.deepcopy(MX_ONLY)
-        raw.update(smartProxyConfig={"fromPort": 443}, httpDomainRoutes=[], dnsServerConfig={}, mtaConfig={})
+        raw.update(smartProxyConfig={"fromPort": 443}, httpDomainRoutes=[], dnsServerConfig={})
         raw["tls"] = {"contactEmail": "admin@example.com", "domain": "example.com"}
         errors = self.errors(raw)
         self.assertEqual(
             [e.split(":")[0] for e in errors],
-            ["smartProxyConfig", "httpDomainRoutes", "tls.contactEmail", "tls.domain", "dnsServerConfig",
-             "mtaConfig"],
+            ["smartProxyConfig", "httpDomainRoutes", "tls.contactEmail", "tls.domain", "dnsServerConfig"],
         )
         for e in errors:
             self.assertIn(": not supported yet: ", e)

@@ -195,6 +195,81 @@ class DomainConfig:
     dkim_options: DkimOptions | None = option(None, unsupported="DKIM signing is not built yet.")
 
 
+@dataclass(frozen=True)
+class RoutingRuleConfig:
+    name: str = option(doc="Name of the rule, shown in logs and as the route `rule:<name>`.", check=c.not_empty)
+    target_ips: list[str] = option(
+        key="targetIPs",
+        doc="Servers (host names or IPs) the matching recipients are relayed to.",
+        check=c.not_empty,
+        each=c.host_or_ip,
+    )
+    priority: int = option(100, doc="Rules are evaluated in ascending priority, before domainConfigs.")
+    senders: list[str] = option(
+        factory=list,
+        doc="Envelope sender patterns (`*@billing.example.com`, `user@example.com`, `*@*.example.com`, `<>` "
+        "for the null sender); empty matches every sender.",
+    )
+    recipients: list[str] = option(
+        factory=list, doc="Recipient patterns, as for senders; empty matches every recipient."
+    )
+    port: int = option(25, doc="Port on the target servers.", check=c.port)
+    use_tls: bool = option(False, doc="Require STARTTLS towards the targets.")
+    authentication: AuthenticationConfig | None = option(None, doc="AUTH towards the targets.")
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    connection_pool_size: int = option(
+        10, doc="Open connections kept per destination for reuse.", check=c.positive
+    )
+    socket_timeout: int = option(
+        300_000, doc="Milliseconds to wait for any one reply from a target server.", check=c.duration
+    )
+    concurrent_deliveries: int = option(50, doc="Deliveries in flight at once, in total.", check=c.positive)
+    send_timeout: int = option(
+        600_000, doc="Milliseconds one message transaction may take in total.", check=c.duration
+    )
+    verify_certificates: bool = option(
+        False,
+        doc="Verify target certificates (host name included); a failure defers the message. Off by default: "
+        "opportunistic TLS to MX hosts, as most MTAs do.",
+    )
+    tls_min_version: Literal["TLSv1.2", "TLSv1.3"] = option("TLSv1.2", doc="Lowest TLS version used outbound.")
+    global_rate_limit: int | None = option(None, unsupported="Delivery rate limits are not built yet.")
+    per_server_rate_limit: int | None = option(None, unsupported="Delivery rate limits are not built yet.")
+    per_domain_rate_limit: dict[str, int] | None = option(
+        None, unsupported="Delivery rate limits are not built yet."
+    )
+    helo_name: str | None = option(
+        None, addition=True, doc="Name sent in EHLO (default: smtpConfig.hostname).", check=c.host_name
+    )
+    connect_timeout: int = option(
+        30_000, addition=True, doc="Milliseconds to establish a connection to a target.", check=c.duration
+    )
+    target_down_time: int = option(
+        300_000,
+        addition=True,
+        doc="Milliseconds a target that refused or timed out is skipped before it is tried again.",
+        check=c.duration,
+    )
+    idle_timeout: int = option(
+        30_000, addition=True, doc="Milliseconds an idle pooled connection is kept open.", check=c.duration
+    )
+    max_messages_per_connection: int = option(
+        100, addition=True, doc="Messages sent over one connection before it is closed.", check=c.positive
+    )
+
+
+@dataclass(frozen=True)
+class MtaConfig:
+    dns_servers: list[str] = option(
+        factory=list,
+        doc="DNS resolvers for MX lookups (`IP` or `IP:port`); empty: the system's /etc/resolv.conf.",
+    )
+    dns_timeout: int = option(5_000, doc="Milliseconds per DNS query attempt.", check=c.duration)
+
+
 @checked(
     c.smtp_port_roles,
     c.smtp_users_present,
@@ -336,6 +411,37 @@ class SmtpConfig:
         check=c.positive,
     )
     redis_url: str | None = option(None, addition=True, unsupported="The Redis queue is not built yet.")
+    check_interval: int = option(
+        1_000, doc="Milliseconds between looks at the queue for due messages (enqueue also wakes delivery).",
+        check=c.duration,
+    )
+    max_per_destination: int = option(
+        20, doc="Deliveries in flight at once to one destination (route).", check=c.positive
+    )
+    queue_lifetime: int = option(
+        432_000_000,
+        addition=True,
+        doc="Milliseconds after which an undelivered message bounces (default 5 days).",
+        check=c.duration,
+    )
+    delay_warning_after: int = option(
+        14_400_000,
+        addition=True,
+        doc="Milliseconds after which the sender gets one delay warning (RFC 3464 `delayed`); 0: never.",
+        check=c.non_negative,
+    )
+    finished_retention: int = option(
+        86_400_000,
+        addition=True,
+        doc="Milliseconds a delivered, bounced or failed message stays queryable before it is purged.",
+        check=c.non_negative,
+    )
+    routing_rules: list[RoutingRuleConfig] = option(
+        factory=list, doc="Sender/recipient pattern rules, evaluated before domainConfigs."
+    )
+    delivery: DeliveryConfig = option(
+        factory=DeliveryConfig, addition=True, doc="Outbound delivery (the seed's DeliveryManager options)."
+    )
     max_queue_size: int = option(
         0,
         addition=True,
@@ -370,4 +476,4 @@ class DcRouterOptions:
     smtp_config: SmtpConfig | None = option(None, doc="The SMTP store-and-forward gateway.")
     tls: SharedTlsConfig | None = option(None, doc="Certificate shared by the router's services.")
     dns_server_config: dict[str, Any] | None = option(None, unsupported="The DNS server is not built yet.")
-    mta_config: dict[str, Any] | None = option(None, unsupported="Direct MX delivery is not built yet.")
+    mta_config: MtaConfig | None = option(None, doc="Direct delivery by MX (when no defaultServer is set).")

@@ -48,6 +48,18 @@ class QueueItem:
     last_error: str | None = None
     #: One dict per delivery attempt: ``{"at": float, "target": str, "reply": str}``.
     history: list[dict[str, Any]] = field(default_factory=list)
+    #: Final outcomes per recipient, recorded durably as they happen, so that a crash never re-sends to a
+    #: recipient already delivered: ``{"rcpt@x": {"outcome": "delivered" | "permanent", "reply": str,
+    #: "target": str, "at": float}}``. Recipients of ``envelope.recipients`` not in here are still pending.
+    outcomes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Queue id of the DSN sent for this message, if any: at most one bounce per message.
+    bounce_id: str | None = None
+    #: When a delay warning was sent to the sender, if one was.
+    warned_at: float | None = None
+
+    def pending_recipients(self) -> list[str]:
+        """Recipients with no final outcome yet, in envelope order."""
+        return [r for r in self.envelope.recipients if r not in self.outcomes]
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -1,0 +1,1 @@
+"""Outbound delivery: routes, the ESMTP client and its connection pool, scheduling, retries and bounces."""

@@ -1,0 +1,597 @@
+"""bench/ingress: dcrouter's SMTP ingress side by side with a durable aiosmtpd peer, in one run.
+
+    python -m bench.ingress            # full run (a few minutes)
+    python -m bench.ingress --quick    # short run, smaller counts
+
+Both servers run as real subprocesses on 127.0.0.1 with their store in a fresh temporary directory:
+dcrouter as ``twistd -n dcrouter --config <generated toml>`` with a disk queue, the peer as
+``python -m bench.aiosmtpd_peer`` (aiosmtpd, one fsynced file per message, directory fsynced, then 250).
+Each measurement starts each server fresh.
+
+1. Throughput: messages per second that got a 2xx after DATA (10 KB messages; 1, 10 and 100 concurrent
+   senders, each one connection with EHLO once, then MAIL/RCPT/DATA repeatedly; a fixed number of messages
+   per run; both servers up at once and their runs interleaved; the median of the repeats is shown).
+2. Memory: growth of the server's RSS (VmRSS sampled every few ms from /proc) while it receives one 50 MB
+   message.
+3. Idle connections: 10,000 connections opened and greeted, held idle, then probed with NOOP; a fresh session
+   is timed while they are held.
+
+The load generator (bench/smtpload.py) is one asyncio process on the same machine, so it takes CPU from the
+server under test; its CPU time is printed with each row. See docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from importlib import metadata
+from typing import Any
+
+from bench import smtpload
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOST = "127.0.0.1"
+RECIPIENT_DOMAIN = "bench.example"
+START_TIMEOUT = 30.0
+TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+
+
+def raise_nofile_limit() -> None:
+    """Soft open-files limit up to the hard one (run in this process and, as preexec_fn, in each server)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` (all its threads), from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kb(pid: int) -> int:
+    return smtpload.read_status_kb(pid, "VmRSS")["VmRSS"]
+
+
+class ServerUnderTest:
+    """A server run as a subprocess in its own temporary directory; stopped with SIGTERM, then SIGKILL."""
+
+    name = ""
+    label = ""
+
+    def __init__(self, workdir: str) -> None:
+        self.workdir = workdir
+        self.process: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.log_path = ""
+        self.starts = 0
+
+    def command(self, directory: str) -> tuple[list[str], dict[str, str]]:
+        raise NotImplementedError
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self) -> None:
+        self.starts += 1
+        directory = os.path.join(self.workdir, f"{self.name}-{self.starts}")
+        os.makedirs(directory)
+        self.port = free_port()
+        argv, env = self.command(directory)
+        self.log_path = os.path.join(directory, "server.log")
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                argv, cwd=directory, env=env, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, preexec_fn=raise_nofile_limit, start_new_session=True,
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.label} exited with {self.process.returncode} at start-up:\n"
+                                   + self.log_tail())
+            try:
+                with socket.create_connection((HOST, self.port), timeout=1) as s:
+                    s.settimeout(5)
+                    if s.recv(4)[:3] == b"220":
+                        s.sendall(b"QUIT\r\n")
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"{self.label} did not greet on {HOST}:{self.port} within {START_TIMEOUT:.0f} s:\n"
+                           + self.log_tail())
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+
+    def log_tail(self, lines: int = 25) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                text = f.read()[-8000:].decode("utf-8", "replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join("    " + line for line in text.splitlines()[-lines:])
+
+
+class AiosmtpdPeer(ServerUnderTest):
+    name = "peer"
+    label = "aiosmtpd+fsync"
+
+    def command(self, directory: str) -> tuple[list[str], dict[str, str]]:
+        store = os.path.join(directory, "messages")
+        os.makedirs(store)
+        argv = [sys.executable, "-m", "bench.aiosmtpd_peer", "--host", HOST, "--port", str(self.port),
+                "--directory", store, "--max-size", str(64 << 20)]
+        env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+        return argv, env
+
+
+DCROUTER_CONFIG = """\
+# Generated by bench/ingress.py for one run; see docs/performance.md.
+[smtpConfig]
+ports = [{port}]
+bindAddress = "{host}"
+hostname = "dcrouter.bench.invalid"
+implicitTlsPorts = []
+submissionPorts = []
+maxMessageSize = {max_size}
+maxConnections = 20000
+maxConnectionsPerIP = 20000
+maxQueueSize = 0
+queueStorage = "disk"
+persistentPath = "{queue}"
+# Nothing listens on the relay target; a long retry delay keeps delivery attempts out of the measurement.
+baseRetryDelay = 3600000
+
+[[smtpConfig.domainConfigs]]
+domains = ["{domain}"]
+targetIPs = ["127.0.0.1"]
+port = {relay_port}
+"""
+
+
+class Dcrouter(ServerUnderTest):
+    name = "dcrouter"
+    label = "dcrouter"
+
+    def command(self, directory: str) -> tuple[list[str], dict[str, str]]:
+        config = os.path.join(directory, "dcrouter.toml")
+        with open(config, "w") as f:
+            f.write(DCROUTER_CONFIG.format(
+                port=self.port, host=HOST, max_size=64 << 20, queue=os.path.join(directory, "queue"),
+                domain=RECIPIENT_DOMAIN, relay_port=free_port(),
+            ))
+        argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "dcrouter", "--config", config]
+        pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
+        env = dict(os.environ, PYTHONPATH=pythonpath)
+        return argv, env
+
+
+# -- measurements --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Plan:
+    messages: int
+    senders: list[int]
+    message_size: int
+    large_size: int
+    idle: int
+    hold: float
+    idle_parallel: int
+    time_limit: float
+    repeat: int
+    pipelining: bool
+
+
+def one_throughput_run(server: ServerUnderTest, plan: Plan, senders: int) -> dict[str, Any]:
+    cpu_before = cpu_seconds(server.pid)
+    result = asyncio.run(smtpload.run_senders(
+        HOST, server.port, senders, plan.messages, plan.message_size,
+        recipient=f"user@{RECIPIENT_DOMAIN}", time_limit=plan.time_limit, pipelining=plan.pipelining,
+    ))
+    run = {
+        "rate": result.rate, "ok": result.ok, "errors": result.errors, "elapsed": result.elapsed,
+        "timed_out": result.timed_out, "connect_failures": result.connect_failures,
+        "p50_ms": result.percentile(50) * 1000, "p99_ms": result.percentile(99) * 1000,
+        "server_cpu": cpu_seconds(server.pid) - cpu_before, "client_cpu": result.client_cpu,
+        "error_kinds": dict(result.error_kinds.most_common(5)),
+    }
+    print(f"  {server.label:15} {senders:4} senders: {result.rate:8.1f} msg/s  ok {result.ok}"
+          f"  errors {result.errors}  p99 {run['p99_ms']:.1f} ms", flush=True)
+    return run
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over the repeats; errors and failures summed (an error in any run is an error)."""
+    kinds: dict[str, int] = {}
+    for run in runs:
+        for kind, n in run["error_kinds"].items():
+            kinds[kind] = kinds.get(kind, 0) + n
+    summary: dict[str, Any] = {key: median([r[key] for r in runs])
+                               for key in ("rate", "p50_ms", "p99_ms", "server_cpu", "client_cpu")}
+    summary.update({
+        "rates": [r["rate"] for r in runs], "ok": sum(r["ok"] for r in runs),
+        "errors": sum(r["errors"] for r in runs), "timed_out": any(r["timed_out"] for r in runs),
+        "connect_failures": sum(r["connect_failures"] for r in runs), "error_kinds": kinds, "runs": runs,
+    })
+    return summary
+
+
+def measure_throughput(servers: list[ServerUnderTest], plan: Plan) -> dict[str, dict[str, Any]]:
+    """Every server up at once; runs interleaved (peer, dcrouter, dcrouter, peer, ...) so drift in the disk's
+    fsync latency hits both alike. Each server gets a short uncounted warm-up first."""
+    out: dict[str, dict[str, Any]] = {}
+    running = []
+    for server in servers:
+        try:
+            server.start()
+        except RuntimeError as e:
+            print(f"  {server.label}: not measured: {e}", flush=True)
+            out[server.name] = {"error": str(e).splitlines()[0]}
+            continue
+        asyncio.run(smtpload.run_senders(HOST, server.port, 10, 50, plan.message_size,
+                                         recipient=f"user@{RECIPIENT_DOMAIN}", time_limit=30))
+        running.append(server)
+        out[server.name] = {}
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for senders in plan.senders:
+        for repeat in range(plan.repeat):
+            order = running if repeat % 2 == 0 else running[::-1]
+            for server in order:
+                if server.process is None or server.process.poll() is not None:
+                    continue
+                try:
+                    run = one_throughput_run(server, plan, senders)
+                except Exception as e:  # noqa: BLE001 - recorded, the other server still gets measured
+                    print(f"  {server.label}: run failed: {type(e).__name__}: {e}", flush=True)
+                    continue
+                runs.setdefault((server.name, senders), []).append(run)
+    for server in running:
+        if server.process is not None and server.process.poll() is not None:
+            print(f"  {server.label} exited during the throughput runs:\n{server.log_tail()}", flush=True)
+        server.stop()
+        for senders in plan.senders:
+            if (server.name, senders) in runs:
+                out[server.name][str(senders)] = summarise(runs[(server.name, senders)])
+    return out
+
+
+def measure_large(server: ServerUnderTest, plan: Plan) -> dict[str, Any]:
+    result = asyncio.run(smtpload.send_large(HOST, server.port, server.pid, plan.large_size,
+                                             recipient=f"user@{RECIPIENT_DOMAIN}"))
+    out = dataclasses.asdict(result)
+    out["rss_growth_kb"] = result.rss_growth_kb
+    out["hwm_growth_kb"] = result.hwm_growth_kb
+    print(f"  {server.label:15} {plan.large_size / 2**20:.0f} MB message: {result.reply}; RSS growth "
+          f"{result.rss_growth_kb / 1024:.1f} MB ({result.samples} samples)", flush=True)
+    return out
+
+
+def measure_idle(server: ServerUnderTest, plan: Plan) -> dict[str, Any]:
+    sources = [f"127.0.0.{i}" for i in range(2, 2 + max(1, math.ceil(plan.idle / 1000)))]
+    pid = server.pid
+    result = asyncio.run(smtpload.hold_idle(HOST, server.port, plan.idle, sources, hold=plan.hold,
+                                            parallel=plan.idle_parallel, server_rss=lambda: rss_kb(pid)))
+    out = dataclasses.asdict(result)
+    out["failures"] = dict(result.failures.most_common(5))
+    print(f"  {server.label:15} {plan.idle} idle: greeted {result.greeted}, alive after {plan.hold:.0f} s "
+          f"{result.alive}, fresh session {'ok' if result.fresh_ok else 'FAILED'} "
+          f"{result.fresh_ms:.1f} ms", flush=True)
+    return out
+
+
+MEASUREMENTS: dict[str, Callable[[ServerUnderTest, Plan], dict[str, Any]]] = {
+    "large": measure_large,
+    "idle": measure_idle,
+}
+
+
+# -- report --------------------------------------------------------------------------------
+
+
+def ratio(dcrouter: float | None, peer: float | None) -> str:
+    if dcrouter is None or peer is None or not peer or math.isnan(dcrouter) or math.isnan(peer):
+        return "n/a"
+    value = dcrouter / peer
+    return f"{value:.2f}x" if value >= 0.1 else f"{value:.3f}x"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(header, widths)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def get(results: dict[str, Any], server: str, test: str) -> dict[str, Any] | None:
+    entry = results.get(server, {}).get(test)
+    return entry if isinstance(entry, dict) and "error" not in entry else None
+
+
+def report_throughput(results: dict[str, Any], plan: Plan) -> str:
+    peer, dcr = get(results, "peer", "throughput"), get(results, "dcrouter", "throughput")
+    rows = []
+    for senders in plan.senders:
+        p = peer.get(str(senders)) if peer else None
+        d = dcr.get(str(senders)) if dcr else None
+
+        def cell(r: dict[str, Any] | None, key: str, fmt: str) -> str:
+            return format(r[key], fmt) if r else "n/a"
+
+        def spread(r: dict[str, Any] | None) -> str:
+            return f"{min(r['rates']):.0f}-{max(r['rates']):.0f}" if r else "n/a"
+
+        def per_message_ms(r: dict[str, Any] | None, key: str) -> str:
+            return f"{r[key] / plan.messages * 1000:.2f}" if r else "n/a"
+
+        rows.append([
+            str(senders), cell(p, "rate", ".0f"), cell(d, "rate", ".0f"),
+            ratio(d["rate"] if d else None, p["rate"] if p else None),
+            f"{spread(p)} / {spread(d)}",
+            f"{cell(p, 'errors', 'd')} / {cell(d, 'errors', 'd')}",
+            f"{cell(p, 'p99_ms', '.1f')} / {cell(d, 'p99_ms', '.1f')}",
+            f"{per_message_ms(p, 'server_cpu')} / {per_message_ms(d, 'server_cpu')}",
+            f"{per_message_ms(p, 'client_cpu')} / {per_message_ms(d, 'client_cpu')}",
+        ])
+    title = (f"Throughput: {plan.message_size // 1024} KB messages, {plan.messages} per run, median of "
+             f"{plan.repeat} run(s); msg/s acknowledged with 2xx after DATA")
+    header = ["senders", "aiosmtpd+fsync msg/s", "dcrouter msg/s", "dcrouter/peer", "range peer / dcr",
+              "errors peer / dcr", "p99 ms peer / dcr", "server CPU ms/msg", "client CPU ms/msg"]
+    notes = []
+    for name, entry in (("aiosmtpd+fsync", peer), ("dcrouter", dcr)):
+        for senders, r in (entry or {}).items():
+            if r["errors"] or r["timed_out"] or r["connect_failures"]:
+                notes.append(f"  {name} at {senders} senders: {r['errors']} errors, "
+                             f"{r['connect_failures']} connect failures, timed out: {r['timed_out']}, "
+                             f"kinds: {r['error_kinds']}")
+    return "\n".join([title, "", table(header, rows), *notes])
+
+
+def report_large(results: dict[str, Any], plan: Plan) -> str:
+    peer, dcr = get(results, "peer", "large"), get(results, "dcrouter", "large")
+
+    def mb(r: dict[str, Any] | None, key: str) -> float | None:
+        return r[key] / 1024 if r and r.get(key) is not None else None
+
+    def fmt(value: float | None, spec: str = ".1f") -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    rows = []
+    for label, key in (("RSS before (MB)", "rss_before_kb"), ("peak RSS growth (MB)", "rss_growth_kb"),
+                       ("VmHWM growth (MB, cross-check)", "hwm_growth_kb")):
+        rows.append([label, fmt(mb(peer, key)), fmt(mb(dcr, key)), ratio(mb(dcr, key), mb(peer, key))])
+    peer_s, dcr_s = (peer["elapsed"] if peer else None), (dcr["elapsed"] if dcr else None)
+    rows.append(["transfer + reply (s)", fmt(peer_s, ".2f"), fmt(dcr_s, ".2f"), ratio(dcr_s, peer_s)])
+    rows.append(["RSS samples", fmt(peer and peer["samples"], "d"), fmt(dcr and dcr["samples"], "d"), ""])
+    rows.append(["reply", peer["reply"][:40] if peer else "n/a", dcr["reply"][:40] if dcr else "n/a", ""])
+    title = (f"Memory: one {plan.large_size / 2**20:.0f} MB message "
+             "(VmRSS sampled every 3 ms; aim: dcrouter < 32 MB)")
+    return "\n".join([title, "", table(["metric", "aiosmtpd+fsync", "dcrouter", "dcrouter/peer"], rows)])
+
+
+def report_idle(results: dict[str, Any], plan: Plan) -> str:
+    peer, dcr = get(results, "peer", "idle"), get(results, "dcrouter", "idle")
+
+    def val(r: dict[str, Any] | None, key: str) -> Any:
+        return r[key] if r else None
+
+    def fmt(value: Any, spec: str = "d") -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    def rss_growth(r: dict[str, Any] | None) -> float | None:
+        return (r["server_rss_kb"] - r["server_rss_before_kb"]) / 1024 if r else None
+
+    rows = [
+        ["connections attempted", fmt(val(peer, "attempted")), fmt(val(dcr, "attempted")), ""],
+        ["greeted with 220", fmt(val(peer, "greeted")), fmt(val(dcr, "greeted")),
+         ratio(val(dcr, "greeted"), val(peer, "greeted"))],
+        [f"answer NOOP after {plan.hold:.0f} s idle", fmt(val(peer, "alive")), fmt(val(dcr, "alive")),
+         ratio(val(dcr, "alive"), val(peer, "alive"))],
+        ["seconds to open all", fmt(val(peer, "open_seconds"), ".1f"), fmt(val(dcr, "open_seconds"), ".1f"),
+         ratio(val(dcr, "open_seconds"), val(peer, "open_seconds"))],
+        ["fresh session while held (ms)",
+         fmt(val(peer, "fresh_ms"), ".1f") if peer and peer["fresh_ok"] else "failed" if peer else "n/a",
+         fmt(val(dcr, "fresh_ms"), ".1f") if dcr and dcr["fresh_ok"] else "failed" if dcr else "n/a", ""],
+        ["server RSS growth while held (MB)", fmt(rss_growth(peer), ".1f"), fmt(rss_growth(dcr), ".1f"),
+         ratio(rss_growth(dcr), rss_growth(peer))],
+    ]
+    notes = [f"  {name}: {r['failures']}" for name, r in (("aiosmtpd+fsync", peer), ("dcrouter", dcr))
+             if r and r["failures"]]
+    sources = max(1, math.ceil(plan.idle / 1000))
+    title = (f"Idle connections: {plan.idle} opened ({plan.idle_parallel} at a time) from {sources} "
+             f"source addresses, held {plan.hold:.0f} s")
+    header = ["metric", "aiosmtpd+fsync", "dcrouter", "dcrouter/peer"]
+    return "\n".join([title, "", table(header, rows), *notes])
+
+
+REPORTS = {"throughput": report_throughput, "large": report_large, "idle": report_idle}
+
+
+def version(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", REPO_ROOT, "status", "--porcelain", "--", "dcrouter", "twisted"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{rev}{' (with uncommitted changes)' if dirty else ''}" if rev else "unknown"
+
+
+def filesystem_of(path: str) -> str:
+    best, kind = "", "unknown"
+    with open("/proc/mounts") as f:
+        for line in f:
+            device, mountpoint, fstype = line.split()[:3]
+            if path == mountpoint or path.startswith(mountpoint.rstrip("/") + "/"):
+                if len(mountpoint) >= len(best):
+                    best, kind = mountpoint, f"{fstype} on {device}"
+    return kind
+
+
+def machine_lines(workdir: str) -> list[str]:
+    model = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        memory = int(f.readline().split()[1]) // 1024
+    return [
+        f"date        {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"machine     {os.cpu_count()} cores ({model}), {memory} MB RAM, "
+        f"{platform.system()} {platform.release()}",
+        f"python      {platform.python_implementation()} {platform.python_version()}",
+        f"versions    Twisted {version('twisted')}, aiosmtpd {version('aiosmtpd')}, "
+        f"dcrouter {version('dcrouter')} at {git_revision()}",
+        f"store       {workdir} ({filesystem_of(workdir)})",
+        f"open files  {resource.getrlimit(resource.RLIMIT_NOFILE)[0]} (bench and servers)",
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.ingress", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="Short run: fewer messages and connections.")
+    parser.add_argument("--servers", default="peer,dcrouter", help="Comma-separated: peer, dcrouter.")
+    parser.add_argument("--tests", default="throughput,large,idle",
+                        help="Comma-separated: throughput, large, idle.")
+    parser.add_argument("--messages", type=int, help="Messages per throughput run (default 2000, quick 300).")
+    parser.add_argument("--senders", default="1,10,100", help="Concurrent senders per run.")
+    parser.add_argument("--repeat", type=int,
+                        help="Runs per server and level, median shown (default 5; quick 1).")
+    parser.add_argument("--no-pipelining", action="store_true",
+                        help="Never pipeline, even where PIPELINING is offered (aiosmtpd does not offer it).")
+    parser.add_argument("--idle", type=int, help="Idle connections (default 10000, quick 1000).")
+    parser.add_argument("--idle-parallel", type=int, default=100,
+                        help="Idle connections being opened at once (default 100).")
+    parser.add_argument("--large-mb", type=int, default=50, help="Size of the large message in MB (MiB).")
+    parser.add_argument("--json", metavar="FILE", help="Also write the raw results as JSON.")
+    parser.add_argument("--keep", action="store_true", help="Keep the temporary directory (queues, logs).")
+    args = parser.parse_args(argv)
+
+    plan = Plan(
+        messages=args.messages or (300 if args.quick else 2000),
+        senders=[int(s) for s in args.senders.split(",")],
+        message_size=10 * 1024,
+        large_size=args.large_mb << 20,
+        idle=args.idle or (1000 if args.quick else 10_000),
+        hold=2.0 if args.quick else 5.0,
+        idle_parallel=args.idle_parallel,
+        time_limit=30.0 if args.quick else 120.0,
+        repeat=args.repeat or (1 if args.quick else 5),
+        pipelining=not args.no_pipelining,
+    )
+    raise_nofile_limit()
+    workdir = tempfile.mkdtemp(prefix="dcrouter-bench-")
+    command = "python -m bench.ingress" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
+    print("bench/ingress: dcrouter SMTP ingress vs aiosmtpd with fsync, same machine, same run")
+    print(f"command     {command}")
+    for line in machine_lines(workdir):
+        print(line)
+    pipelining = "PIPELINING used where offered" if plan.pipelining else "no pipelining (--no-pipelining)"
+    print(f"load        one asyncio client process on this machine (shares the CPU with the server); "
+          f"{pipelining}", flush=True)
+
+    servers: list[ServerUnderTest] = []
+    for name in args.servers.split(","):
+        servers.append({"peer": AiosmtpdPeer, "dcrouter": Dcrouter}[name.strip()](workdir))
+    tests = [t.strip() for t in args.tests.split(",")]
+    results: dict[str, Any] = {s.name: {} for s in servers}
+    try:
+        for test in tests:
+            print(f"\n== {test}", flush=True)
+            if test == "throughput":
+                for name, entry in measure_throughput(servers, plan).items():
+                    results[name][test] = entry
+                continue
+            for server in servers:
+                try:
+                    server.start()
+                except RuntimeError as e:
+                    print(f"  {server.label}: not measured: {e}", flush=True)
+                    results[server.name][test] = {"error": str(e).splitlines()[0]}
+                    continue
+                try:
+                    results[server.name][test] = MEASUREMENTS[test](server, plan)
+                except Exception as e:  # one failed measurement must not lose the others
+                    print(f"  {server.label}: {test} failed: {type(e).__name__}: {e}\n{server.log_tail()}",
+                          flush=True)
+                    results[server.name][test] = {"error": f"{type(e).__name__}: {e}"}
+                finally:
+                    alive = server.process is not None and server.process.poll() is None
+                    server.stop()
+                    if not alive:
+                        print(f"  {server.label} had exited during {test}:\n{server.log_tail()}", flush=True)
+    finally:
+        for server in servers:
+            server.stop()
+        if args.keep:
+            print(f"\nkept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    print()
+    for test in tests:
+        print(REPORTS[test](results, plan))
+        print()
+    for server in servers:
+        for test in tests:
+            entry = results[server.name].get(test)
+            if isinstance(entry, dict) and "error" in entry:
+                print(f"{server.label} {test}: not measured ({entry['error']})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": command, "plan": dataclasses.asdict(plan), "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

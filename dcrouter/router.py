@@ -53,6 +53,11 @@ log = Logger()
 THREADPOOL_MAX = 4
 
 
+#: Pending connections the kernel queues per SMTP port (Twisted's default, 50, drops SYNs under bursts of
+#: connections long before maxConnections is reached; the kernel caps it at net.core.somaxconn).
+LISTEN_BACKLOG = 1024
+
+
 class StartupError(Exception):
     """dcrouter cannot start; the message says what and where (address and port, file, key path)."""
 
@@ -272,7 +277,10 @@ class DcRouter(MultiService):
             listener = SmtpListener(port, description)
             try:
                 listener.listening = self._reactor.listenTCP(
-                    port, self._factory_for(config, port, tls_options), interface=config.bind_address
+                    port,
+                    self._factory_for(config, port, tls_options),
+                    backlog=LISTEN_BACKLOG,
+                    interface=config.bind_address,
                 )
             except CannotListenError as error:
                 self._close_bound()

@@ -482,12 +482,15 @@ class LoggingTests(unittest.TestCase):
         server.protocol.connectionLost()
         ours = [e for e in events if e.get("log_namespace") == "dcrouter.smtp"]
         messages = [formatEvent(e) for e in ours]
+        item = server.queue.items[0]
         self.assertEqual(
             [m.split(" ")[0] for m in messages],
-            ["Connection", "MAIL", "Recipient", "Queued", "Disconnected"],
+            ["Connection", "Recipient", f"{item.id}:", "Disconnected"],
         )
-        item = server.queue.items[0]
-        queued_event = ours[3]
+        self.assertEqual(
+            messages[2], f"{item.id}: queued from=<sender@example.net> size=38 nrcpt=1 peer={PEER_IP}"
+        )
+        queued_event = ours[2]
         self.assertEqual(
             {k: queued_event[k] for k in ("session_id", "peer", "tls", "auth_user", "queue_id", "size",
                                            "recipients")},
@@ -501,7 +504,7 @@ class LoggingTests(unittest.TestCase):
                 "recipients": 1,
             },
         )
-        self.assertEqual(ours[2]["reply"], 554)
-        self.assertEqual({e["queue_id"] for e in ours[1:4]}, {item.id})
+        self.assertEqual(ours[1]["reply"], 554)
+        self.assertEqual({e["queue_id"] for e in ours[1:3]}, {item.id})
         for event in events:
             self.assertNotIn("Confidential", formatEvent(event) + repr(event))

@@ -33,7 +33,6 @@ row) takes about 0.9 s and ``get_next`` about 1 ms.
 
 from __future__ import annotations
 
-import copy
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -105,7 +104,7 @@ class DiskQueue:
             check_item_id(item.id)
             if self.max_size > 0 and self._live + self._reserved >= self.max_size:
                 raise QueueFull(f"the queue holds {self.max_size} items (maxQueueSize)")
-            stored = copy.deepcopy(item)
+            stored = item.copy()
             stored.status = QueueItemStatus(stored.status)
         except Exception as e:  # noqa: BLE001 (a failure for the caller)
             return self._discard(message, Failure(e))

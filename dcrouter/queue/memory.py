@@ -15,7 +15,6 @@ What a caller may rely on:
 
 from __future__ import annotations
 
-import copy
 import io
 import os
 import shutil
@@ -79,11 +78,11 @@ class MemoryQueue:
         else:
             assert message.path is not None
             self._bodies[item.id] = message.path
-        stored = copy.deepcopy(item)
+        stored = item.copy()
         stored.status = QueueItemStatus(stored.status)
         self._items[item.id] = stored
         self._live += is_live(stored.status)
-        return succeed(copy.deepcopy(stored))
+        return succeed(stored.copy())
 
     def update(self, item_id: str, **changes: Any) -> Deferred:
         """Apply ``changes`` (QueueItem field names, all but ``id``); fails with KeyError if unknown."""
@@ -93,10 +92,10 @@ class MemoryQueue:
             current = self._items[item_id]
         except Exception as e:  # noqa: BLE001 (a failure for the caller)
             return fail(e)
-        updated = copy.deepcopy(current.evolve(**normalised))
+        updated = current.evolve(**normalised).copy()
         self._items[item_id] = updated
         self._live += is_live(updated.status) - is_live(current.status)
-        return succeed(copy.deepcopy(updated))
+        return succeed(updated.copy())
 
     def dequeue(self, item_id: str) -> Deferred:
         """Remove the item and its body; fires with the removed item, or None if there was none."""
@@ -126,7 +125,7 @@ class MemoryQueue:
         claimed = []
         for item in due[:count]:
             item.status = QueueItemStatus.DELIVERING
-            claimed.append(copy.deepcopy(item))
+            claimed.append(item.copy())
         return succeed(claimed)
 
     def open_body(self, item_id: str) -> Deferred:
@@ -141,7 +140,7 @@ class MemoryQueue:
 
     def get(self, item_id: str) -> Deferred:
         item = self._items.get(item_id)
-        return succeed(copy.deepcopy(item))
+        return succeed(None if item is None else item.copy())
 
     def get_by_status(self, status: QueueItemStatus | str) -> Deferred:
         """Items in ``status``, oldest first (creation time, then arrival)."""
@@ -216,7 +215,7 @@ class MemoryQueue:
     def _select(self, wanted: Callable[[QueueItem], bool]) -> list[QueueItem]:
         # sorted() is stable, so equal creation times keep arrival order.
         found = sorted((i for i in self._items.values() if wanted(i)), key=lambda i: i.created_at)
-        return [copy.deepcopy(i) for i in found]
+        return [i.copy() for i in found]
 
     def _live_count(self) -> int:
         return self._live

@@ -145,6 +145,16 @@ class SimpleCommandTests(unittest.TestCase):
         self.assertTrue(server.transport.disconnecting)
         self.assertEqual(server.exchange(b"NOOP\r\n"), b"")
 
+    def test_http_request_ends_the_session_at_once(self) -> None:
+        """A browser made to POST to the SMTP port: the request and its headers never run as commands."""
+        for verb in (b"GET", b"POST", b"CONNECT", b"post"):
+            server = connect()
+            self.assertEqual(
+                server.exchange(verb + b" / HTTP/1.1\r\nHost: x\r\n\r\nMAIL FROM:<a@b.example>\r\n"),
+                b"421 4.7.0 Non-SMTP command, closing connection\r\n",
+            )
+            self.assertTrue(server.transport.disconnecting)
+
     def test_unknown_and_out_of_sequence(self) -> None:
         server = connect(make_config(max_bad_commands=10))
         self.assertEqual(

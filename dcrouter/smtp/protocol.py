@@ -74,7 +74,11 @@ AUTH_SUCCEEDED = Reply(235, "2.7.0", "Authentication successful")
 ENCRYPTION_REQUIRED = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
 _HELP = Reply(214, "2.0.0", "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS AUTH")
 
+NON_SMTP_COMMAND = Reply(421, "4.7.0", "Non-SMTP command, closing connection")
+
 _COMMAND, _SASL, _DATA, _CLOSED = "command", "sasl", "data", "closed"
+#: Verbs of other protocols that end the session at once (Postfix: smtpd_forbidden_commands).
+_NON_SMTP_VERBS = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS"})
 _COUNTED_AS_BAD = frozenset({500, 503})
 #: The line limit applies to what comes before the CRLF too; "AUTH " lines get RFC 4954's larger limit.
 _AUTH_PREFIX = b"AUTH "
@@ -156,6 +160,9 @@ class ESMTPServerFactory(Factory):
         self.clock = clock
         self.implicit_tls = port in config.implicit_tls_ports
         self.submission = port in config.submission_ports
+
+    #: No "Starting factory" line per port at start and stop; the router logs what listens where.
+    noisy = False
 
     def buildProtocol(self, addr: Any) -> ESMTPServerProtocol:
         protocol = ESMTPServerProtocol(self)
@@ -412,6 +419,12 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
         if self._mode is _SASL:
             return await self._auth_step(text)
         verb, _, arg = text.partition(" ")
+        if verb.upper() in _NON_SMTP_VERBS:
+            # Cross-protocol abuse (a browser or proxy made to talk to an SMTP port): hang up at once instead
+            # of treating what follows, an HTTP request, as SMTP commands.
+            self._log("warn", "Non-SMTP command from {peer}, disconnecting", verb=verb[:20])
+            self._close(NON_SMTP_COMMAND)
+            return None
         handler = self._HANDLERS.get(verb.upper())
         if handler is None:
             self._log("info", "Unknown command from {peer}", verb=verb[:20])

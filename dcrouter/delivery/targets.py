@@ -1,0 +1,78 @@
+"""Target health: which servers of a route to try first, and which to skip for a while after they failed.
+
+Load balancing across configured targets is round robin: each call to ``order`` for the same route starts one
+place further along. MX routes keep DNS preference order (RFC 5321 §5.1: lower preference first). A target
+that refused a connection or timed out is marked down for ``down_time`` seconds; down targets move to the end
+of the order rather than out of it, so a message is never held back only because every mark is stale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from twisted.internet.interfaces import IReactorTime
+
+from dcrouter.delivery.mx import Target
+from dcrouter.delivery.route import Route
+
+
+class TargetHealth:
+    """Down marks per server (address and port, whatever name led to it) and round-robin positions per route.
+
+    One instance is shared by every delivery of a process. Marks live in memory only: after a restart every
+    target is up again, which costs at most one failed connection each.
+    """
+
+    def __init__(self, clock: IReactorTime, down_time: float) -> None:
+        """``down_time``: seconds a mark lasts (``delivery.targetDownTime`` / 1000)."""
+        self._clock = clock
+        self._down_time = down_time
+        # (address, port) -> the time the mark expires
+        self._down: dict[tuple[str, int], float] = {}
+        # route name -> where the next round-robin order starts
+        self._next: dict[str, int] = {}
+
+    def order(self, route: Route, targets: Sequence[Target]) -> list[Target]:
+        """``targets`` in the order to try them: up targets first (rotated per call for routes with
+        configured targets, as given for MX routes), then down targets, those coming back soonest first.
+        Always a permutation of ``targets``."""
+        ordered = list(targets)
+        if route.targets and ordered:
+            start = self._next.get(route.name, 0) % len(ordered)
+            self._next[route.name] = (start + 1) % len(ordered)
+            ordered = ordered[start:] + ordered[:start]
+        up: list[Target] = []
+        down: list[tuple[float, Target]] = []
+        for target in ordered:
+            if self.is_down(target):
+                down.append((self._down[_key(target)], target))
+            else:
+                up.append(target)
+        down.sort(key=lambda pair: pair[0])  # stable: equal expiries keep the order above
+        return up + [target for _, target in down]
+
+    def mark_down(self, target: Target) -> None:
+        """Skip ``target`` until ``down_time`` from now (a later failure extends the mark)."""
+        now = self._clock.seconds()
+        # Drop expired marks here so the table holds only servers that failed recently.
+        for key in [k for k, until in self._down.items() if until <= now]:
+            del self._down[key]
+        self._down[_key(target)] = now + self._down_time
+
+    def mark_up(self, target: Target) -> None:
+        """Forget any mark on ``target`` (it just accepted a connection)."""
+        self._down.pop(_key(target), None)
+
+    def is_down(self, target: Target) -> bool:
+        """True while a mark on ``target`` has not expired."""
+        until = self._down.get(_key(target))
+        if until is None:
+            return False
+        if until <= self._clock.seconds():
+            del self._down[_key(target)]
+            return False
+        return True
+
+
+def _key(target: Target) -> tuple[str, int]:
+    return target.address, target.port

@@ -1,0 +1,226 @@
+"""Routing: which Route each recipient of a message takes.
+
+The decision, first answer wins (``RouteTable.route``):
+
+1. **Rules** (:class:`~dcrouter.interfaces.IRoutingRule`): ``smtpConfig.routingRules`` as :class:`PatternRule`
+   plus rules added by plugins, in ascending ``priority`` (equal priorities keep the order they were given
+   in: config rules first, then added ones). The first rule returning a Route wins.
+2. **domainConfigs**, by the recipient's domain: an exact name before any wildcard, then the most specific
+   wildcard (``*.b.example.com`` before ``*.example.com``). Route ``domain:<matched pattern>``.
+3. **defaultServer** with defaultPort and useTls. Route ``default``.
+4. **MX**: direct delivery, looked up at delivery time. Route ``mx:<domain>``.
+
+Decisions a caller may rely on:
+
+- Address literals (``user@[192.0.2.1]``) match no pattern and no domainConfigs entry; they go to
+  defaultServer when there is one, else to Route ``mx:[192.0.2.1]``, which delivery refuses permanently
+  (:class:`dcrouter.delivery.mx.AddressLiteralRefused`, ``550 5.1.2``). Delivering to any IP a client names
+  would let authenticated users aim the gateway at internal hosts.
+- The bare ``postmaster`` recipient (no domain) is routed as if its domain were ``smtpConfig.hostname``.
+- An exception raised by a plugin rule propagates out of ``route``/``group`` (a bug, not a routing answer).
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from zope.interface import implementer
+
+from dcrouter.delivery.route import Route
+from dcrouter.interfaces import IRoutingRule
+from dcrouter.net.domains import DomainMatcher, is_valid_domain_pattern, normalize_domain
+
+if TYPE_CHECKING:
+    # Only for annotations: dcrouter.config.checks imports this module lazily, and options imports checks.
+    from dcrouter.config.options import AuthenticationConfig, RoutingRuleConfig, SmtpConfig
+
+NULL_SENDER = "<>"
+
+
+@dataclass(frozen=True)
+class AddressPattern:
+    """One parsed routing pattern. ``null`` is the ``<>`` pattern; otherwise ``local`` is None for ``*`` and
+    ``domain`` is an exact domain or a ``*.`` wildcard, normalised."""
+
+    null: bool = False
+    local: str | None = None
+    domain: str = ""
+
+
+def parse_address_pattern(text: str, *, allow_null: bool = True) -> AddressPattern:
+    """Parse ``*@domain``, ``local@domain``, ``*@*.domain`` or (when ``allow_null``) ``<>``.
+
+    Raises ValueError with the reason for anything else. The local part is kept as written (compared
+    case-sensitively); the domain is normalised (case, IDNA, trailing dot).
+    """
+    if text == NULL_SENDER:
+        if not allow_null:
+            raise ValueError("'<>' (the null sender) never is a recipient")
+        return AddressPattern(null=True)
+    local, at, domain = text.rpartition("@")
+    if not at or not local:
+        raise ValueError(f"{text!r}: expected 'local@domain', '*@domain' or '*@*.domain'")
+    if local != "*" and "*" in local:
+        raise ValueError(f"{text!r}: '*' is only allowed as the whole local part")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in local):
+        raise ValueError(f"{text!r}: control characters in the local part")
+    quoted = len(local) > 1 and local.startswith('"') and local.endswith('"')
+    if " " in local and not quoted:
+        # Envelope addresses keep such local parts minimally quoted ('"a b"@x'), so the pattern must too.
+        raise ValueError(f"{text!r}: a local part with spaces must be quoted, as in '\"a b\"@example.com'")
+    if domain == "*":
+        raise ValueError(f"{text!r}: a bare '*' domain matches everything; leave the list empty instead")
+    if not is_valid_domain_pattern(domain):
+        raise ValueError(f"{text!r}: {domain!r} is not a domain name or '*.' wildcard")
+    wildcard = domain.startswith("*.")
+    name = normalize_domain(domain[2:] if wildcard else domain)
+    return AddressPattern(local=None if local == "*" else local, domain=("*." if wildcard else "") + name)
+
+
+class AddressPatterns:
+    """A set of :class:`AddressPattern`; ``matches(address)`` is True when any pattern matches.
+
+    ``address`` is an envelope address as the queue stores it: ``local@domain``, ``""`` for the null sender.
+    An empty set matches nothing (callers treat an empty config list as "any" themselves).
+    """
+
+    def __init__(self, patterns: Iterable[str], *, allow_null: bool = True) -> None:
+        """Raises ValueError naming the first invalid pattern."""
+        parsed = [parse_address_pattern(p, allow_null=allow_null) for p in patterns]
+        self._null = any(p.null for p in parsed)
+        # One matcher for '*' local parts and one per literal local part: DomainMatcher answers with the
+        # single best pattern, so patterns with different local parts must not compete inside one matcher.
+        self._any_local = DomainMatcher((p.domain, True) for p in parsed if not p.null and p.local is None)
+        by_local: dict[str, list[str]] = {}
+        for p in parsed:
+            if p.local is not None:
+                by_local.setdefault(p.local, []).append(p.domain)
+        self._by_local = {local: DomainMatcher((d, True) for d in ds) for local, ds in by_local.items()}
+
+    def matches(self, address: str) -> bool:
+        if not address:
+            return self._null
+        local, at, domain = address.rpartition("@")
+        if not at:
+            return False
+        if self._any_local.match(domain):
+            return True
+        matcher = self._by_local.get(local)
+        return matcher is not None and bool(matcher.match(domain))
+
+
+def _auth(auth: AuthenticationConfig | None) -> tuple[str | None, str | None]:
+    if auth is None:
+        return None, None
+    return auth.user, auth.pass_
+
+
+@implementer(IRoutingRule)
+class PatternRule:
+    """A ``smtpConfig.routingRules`` entry: recipients matching ``recipients`` of messages from senders
+    matching ``senders`` (an empty list matches all) go to Route ``rule:<name>`` with the entry's targets,
+    port, TLS requirement and AUTH."""
+
+    def __init__(self, config: RoutingRuleConfig) -> None:
+        """Raises ValueError for an invalid pattern (the config loader has refused those already)."""
+        self.name: str = config.name
+        self.priority: int = config.priority
+        self._senders = AddressPatterns(config.senders) if config.senders else None
+        self._recipients = AddressPatterns(config.recipients, allow_null=False) if config.recipients else None
+        user, password = _auth(config.authentication)
+        self._route = Route(
+            name=f"rule:{config.name}",
+            targets=tuple(config.target_ips),
+            port=config.port,
+            require_tls=config.use_tls,
+            auth_user=user,
+            auth_password=password,
+        )
+
+    def route(self, sender: str, recipient: str) -> Route | None:
+        if self._senders is not None and not self._senders.matches(sender):
+            return None
+        if self._recipients is not None and not self._recipients.matches(recipient):
+            return None
+        return self._route
+
+    def __repr__(self) -> str:
+        return f"<PatternRule {self.name!r} priority={self.priority}>"
+
+
+def _domain_name(pattern: str) -> str:
+    """The normalised spelling of a domainConfigs pattern, for the route name."""
+    if pattern.startswith("*."):
+        return "*." + normalize_domain(pattern[2:])
+    return normalize_domain(pattern)
+
+
+class RouteTable:
+    """Routes recipients by the decision order in this module's docstring; built once per configuration."""
+
+    def __init__(self, config: SmtpConfig, rules: Sequence[IRoutingRule] = ()) -> None:
+        """Raises ValueError for an invalid pattern in ``config`` (the loader refuses those already)."""
+        self._rules: list[IRoutingRule] = []
+        for rule_config in config.routing_rules:
+            self.add_rule(PatternRule(rule_config))
+        for rule in rules:
+            self.add_rule(rule)
+        entries: list[tuple[str, Route]] = []
+        for domain_config in config.domain_configs:
+            user, password = _auth(domain_config.authentication)
+            for pattern in domain_config.domains:
+                name = _domain_name(pattern)
+                route = Route(
+                    name=f"domain:{name}",
+                    targets=tuple(domain_config.target_ips),
+                    port=domain_config.port,
+                    require_tls=domain_config.use_tls,
+                    auth_user=user,
+                    auth_password=password,
+                )
+                entries.append((pattern, route))
+        self._domains: DomainMatcher[Route] = DomainMatcher(entries)
+        self._default: Route | None = None
+        if config.default_server:
+            self._default = Route(
+                name="default",
+                targets=(config.default_server,),
+                port=config.default_port,
+                require_tls=config.use_tls,
+            )
+        self._hostname = config.hostname
+
+    def add_rule(self, rule: IRoutingRule) -> None:
+        """Add a rule; it is evaluated after rules of lower or equal priority that were added before it."""
+        bisect.insort_right(self._rules, rule, key=lambda r: r.priority)
+
+    def route(self, sender: str, recipient: str) -> Route:
+        """The Route for ``recipient`` of a message from ``sender`` (``""`` is the null sender). Never None:
+        without any other answer, the recipient's domain is delivered to by MX."""
+        for rule in self._rules:
+            found = rule.route(sender, recipient)
+            if found is not None:
+                return found
+        _local, at, domain = recipient.rpartition("@")
+        if not at:
+            domain = self._hostname
+        found = self._domains.match(domain)
+        if found is not None:
+            return found
+        if self._default is not None:
+            return self._default
+        with contextlib.suppress(ValueError):  # an address literal stays as it is; delivery refuses it
+            domain = normalize_domain(domain)
+        return Route(name=f"mx:{domain}", mx_domain=domain)
+
+    def group(self, sender: str, recipients: Sequence[str]) -> list[tuple[Route, list[str]]]:
+        """The recipients split by Route: one entry per distinct Route, in the order of each Route's first
+        recipient, each list in the order given. Every recipient appears exactly once."""
+        groups: dict[Route, list[str]] = {}
+        for recipient in recipients:
+            groups.setdefault(self.route(sender, recipient), []).append(recipient)
+        return list(groups.items())

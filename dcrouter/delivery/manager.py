@@ -1,0 +1,586 @@
+"""DeliveryManager: takes due messages from the queue, delivers them recipient group by recipient group, and
+decides what happens next: done, retry later, bounce, or warn the sender of a delay.
+
+What a caller may rely on:
+
+- **Scheduling.** While running, the manager looks at the queue every ``checkInterval`` and at once (in the
+  next reactor turn; several calls coalesce into one look) on :meth:`DeliveryManager.wake`, and again as soon
+  as an attempt finishes. A look claims up to ``delivery.concurrentDeliveries`` minus the attempts in flight.
+- **Per-destination limit.** At most ``maxPerDestination`` transport calls run at once per route name. A
+  claimed message whose recipients' route is at that limit is not held in memory: those recipients are
+  skipped for this attempt without counting a retry, and the message goes back to the queue (its status
+  QUEUED or DEFERRED as before, its priority unchanged) due again after ``checkInterval``. Why: holding it
+  would take a delivery slot (or unbounded memory) from other destinations while one destination is slow.
+- **Durability per recipient.** After each route group's report, the recipients delivered or failed for good
+  are written to the item's ``outcomes`` (and a ``history`` entry ``{"at", "route", "tried", "results"}``)
+  with ``queue.update`` before the next group is tried, so a crash never re-sends to a delivered recipient.
+  When that write fails the attempt stops there and the item stays claimed (DELIVERING) until the queue's
+  recovery returns it: those recipients may be delivered twice (at-least-once, as everywhere).
+- **Retries.** Recipients with a temporary failure stay pending; the message becomes DEFERRED with
+  ``priority=RETRY``, ``attempts + 1``, ``last_error`` and ``next_attempt_at`` from
+  :mod:`dcrouter.delivery.retry`. Once ``maxRetries`` attempts are used or ``queueLifetime`` has passed, the
+  pending recipients fail for good (``451 4.4.7 ...``, with their last error).
+- **Final status.** All delivered: DELIVERED. Some failed for good: one DSN (:mod:`dcrouter.delivery.dsn`) to
+  the envelope sender listing them, queued with id ``<id>B`` and ``priority=BOUNCE``, then BOUNCED with
+  ``bounce_id`` set. The DSN is queued before the status is written, so a crash in between re-queues it under
+  the same id, which the queue refuses as a duplicate: at most one bounce per message. Mail from the null
+  sender never gets one: it becomes FAILED (logged).
+- **Delay warning.** Once per message, when ``delayWarningAfter`` > 0 and a deferral happens at least that
+  long after the message was queued: a DSN with ``Action: delayed`` (id ``<id>W``), and ``warned_at``.
+- **Housekeeping.** Every ``PURGE_INTERVAL`` seconds, ``queue.purge_expired(finishedRetention)``.
+- **Stopping.** ``stopService`` stops claiming and waits up to ``stop_grace`` seconds for attempts in flight.
+  Anything still claimed afterwards is returned to the ready state by the queue's recovery at next load.
+
+Log events use the namespace ``dcrouter.delivery`` and carry the message's ``queue_id``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random as random_module
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from dcrouter.config.options import SmtpConfig
+from dcrouter.delivery.dsn import Action, build_dsn, read_header_block
+from dcrouter.delivery.outcome import DeliveryReport, Outcome, RecipientResult
+from dcrouter.delivery.retry import RetryPolicy, Verdict
+from dcrouter.delivery.route import Route
+from dcrouter.envelope import Envelope
+from dcrouter.interfaces import IDeliveryQueue, IDeliveryTransport
+from dcrouter.processing.processor import EmailProcessor
+from dcrouter.processing.routing import RouteTable
+from dcrouter.queue.item import Priority, QueueItem, QueueItemStatus
+from dcrouter.smtp.spool import SpooledMessage
+
+log = Logger(namespace="dcrouter.delivery")
+
+#: Seconds between purges of finished items (a purge is a queue write: not on every look).
+PURGE_INTERVAL = 60.0
+
+#: Queue ids are at most 64 characters; a DSN id adds one.
+_MAX_BASE_ID = 63
+
+#: Counters of :meth:`DeliveryManager.get_delivery_stats`, all present from the start.
+STAT_KEYS = (
+    "claimed",  # messages taken from the queue
+    "attempts",  # attempts that called the transport at least once
+    "delivered",  # messages finished with every recipient delivered
+    "deferred",  # deferrals (a message deferred three times counts three)
+    "bounced",  # messages finished with a DSN sent
+    "failed",  # messages finished with failures and no DSN (null sender)
+    "busy",  # messages put back because their destination was at maxPerDestination
+    "recipients_delivered",
+    "recipients_failed",
+    "dsn_sent",  # bounces queued
+    "delay_warnings",  # delay warnings queued
+    "errors",  # local failures: queue writes, transport bugs, routing bugs
+    "purged",
+)
+
+
+def _result(rcpt: str, code: int, enhanced: str, text: str) -> RecipientResult:
+    return RecipientResult(rcpt, Outcome.TEMPORARY, code, enhanced, text)
+
+
+class DeliveryManager(Service):
+    """Delivers queued messages; see the module docstring for every promise. ``random`` returns a float in
+    [0, 1) and drives the retry jitter (inject it for deterministic schedules)."""
+
+    name = "delivery"  # type: ignore[assignment]
+    #: Seconds ``stopService`` waits for attempts in flight.
+    stop_grace: float = 30.0
+
+    def __init__(
+        self,
+        *,
+        queue: IDeliveryQueue,
+        routes: RouteTable,
+        transport: IDeliveryTransport,
+        processor: EmailProcessor,
+        config: SmtpConfig,
+        clock: IReactorTime,
+        random: Callable[[], float] = random_module.random,
+    ) -> None:
+        self._queue = queue
+        self._routes = routes
+        self._transport = transport
+        self._processor = processor
+        self._config = config
+        self._clock = clock
+        self._random = random
+        self._policy = RetryPolicy.from_config(config)
+        self._interval = config.check_interval / 1000.0
+        self._concurrency = config.delivery.concurrent_deliveries
+        self._per_route = config.max_per_destination
+        self._hostname = config.hostname
+        self._active: dict[str, Deferred] = {}
+        self._route_load: dict[str, int] = {}
+        self._paused = False
+        self._claiming = False
+        self._claim_again = False
+        self._tick_call: IDelayedCall | None = None
+        self._wake_call: IDelayedCall | None = None
+        self._next_purge = 0.0
+        self._idle_waiters: list[Deferred] = []
+        self._stats = dict.fromkeys(STAT_KEYS, 0)
+
+    # -- service life cycle ----------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._tick()
+
+    def stopService(self) -> Deferred:
+        """Stop claiming; fires once no attempt is in flight, or after ``stop_grace`` seconds."""
+        super().stopService()
+        for call in (self._tick_call, self._wake_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._tick_call = self._wake_call = None
+        if self._idle():
+            return succeed(None)
+        done: Deferred = Deferred()
+        self._idle_waiters.append(done)
+        timeout = self._clock.callLater(self.stop_grace, self._stop_timed_out, done)
+
+        def cancel_timeout(result: object) -> object:
+            if timeout.active():
+                timeout.cancel()
+            return result
+
+        return done.addBoth(cancel_timeout)
+
+    def _stop_timed_out(self, done: Deferred) -> None:
+        log.warn(
+            "delivery stopped with {count} attempts still in flight; the queue returns them at next start",
+            count=len(self._active),
+        )
+        if done in self._idle_waiters:
+            self._idle_waiters.remove(done)
+            done.callback(None)
+
+    def _idle(self) -> bool:
+        return not self._active and not self._claiming
+
+    def _notify_idle(self) -> None:
+        if self._idle():
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    # -- public controls -------------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Look for due work in the next reactor turn (calls coalesce); nothing while stopped or paused."""
+        if not self.running or self._paused:
+            return
+        if self._claiming:
+            self._claim_again = True
+            return
+        if self._wake_call is None:
+            self._wake_call = self._clock.callLater(0, self._claim_now)
+
+    def pause_deliveries(self) -> None:
+        """Claim nothing more; attempts in flight finish."""
+        self._paused = True
+
+    def resume_deliveries(self) -> None:
+        self._paused = False
+        self.wake()
+
+    def get_delivery_stats(self) -> dict[str, int]:
+        """Counters since start (see ``STAT_KEYS``) plus ``in_flight`` (attempts running now) and
+        ``paused`` (1 or 0)."""
+        stats = dict(self._stats)
+        stats["in_flight"] = len(self._active)
+        stats["paused"] = int(self._paused)
+        return stats
+
+    # -- the loop --------------------------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        self._tick_call = None
+        if not self.running:
+            return
+        self._maybe_purge()
+        self.wake()
+        self._tick_call = self._clock.callLater(self._interval, self._tick)
+
+    def _claim_now(self) -> None:
+        self._wake_call = None
+        self._claiming = True
+        d = Deferred.fromCoroutine(self._claim())
+        d.addErrback(self._log_failure, "claiming due messages failed")
+        d.addBoth(self._claimed)
+
+    def _claimed(self, _: object) -> None:
+        self._claiming = False
+        if self._claim_again:
+            self._claim_again = False
+            self.wake()
+        self._notify_idle()
+
+    async def _claim(self) -> None:
+        free = self._concurrency - len(self._active)
+        if free <= 0 or self._paused or not self.running:
+            return
+        items = await self._queue.get_next(free)
+        for item in items:
+            self._stats["claimed"] += 1
+            if self.running:
+                self._start(item)
+            else:
+                # Stopped while the claim was on its way: hand the items back rather than leave them claimed.
+                await self._put_back(item, self._clock.seconds(), delay=0.0)
+
+    def _start(self, item: QueueItem) -> None:
+        d = Deferred.fromCoroutine(self.deliver_message(item))
+        self._active[item.id] = d
+        d.addErrback(self._attempt_failed, item.id)
+        d.addBoth(self._attempt_done, item.id)
+
+    def _attempt_failed(self, failure: Failure, item_id: str) -> None:
+        self._stats["errors"] += 1
+        log.failure(
+            "delivery attempt for {queue_id} stopped; the message stays claimed until the queue recovers it",
+            failure=failure,
+            queue_id=item_id,
+        )
+
+    def _attempt_done(self, _: object, item_id: str) -> None:
+        self._active.pop(item_id, None)
+        self.wake()  # a slot is free
+        self._notify_idle()
+
+    def _maybe_purge(self) -> None:
+        now = self._clock.seconds()
+        if now < self._next_purge:
+            return
+        self._next_purge = now + PURGE_INTERVAL
+        d = self._queue.purge_expired(self._config.finished_retention / 1000.0)
+        d.addCallback(self._purged)
+        d.addErrback(self._log_failure, "purging finished messages failed")
+
+    def _purged(self, count: int) -> None:
+        self._stats["purged"] += count
+        if count:
+            log.info("purged {count} finished messages", count=count)
+
+    def _log_failure(self, failure: Failure, why: str) -> None:
+        self._stats["errors"] += 1
+        log.failure(why, failure=failure)
+
+    # -- one attempt -----------------------------------------------------------------------------------
+
+    async def deliver_message(self, item: QueueItem) -> QueueItem:
+        """One attempt for ``item``, already claimed (DELIVERING): deliver its pending recipients group by
+        group, record each group's outcomes durably, then defer, finish, bounce or put it back as the module
+        docstring says. Returns the item as stored afterwards. Raises when the queue cannot record a result
+        (the item then stays claimed for the queue's recovery)."""
+        pending = item.pending_recipients()
+        temporary: dict[str, RecipientResult] = {}
+        busy: list[str] = []
+        tried = False
+        try:
+            groups = self._routes.group(item.envelope.mail_from, pending) if pending else []
+        except Exception:  # noqa: BLE001 (a rule plugin's bug must not lose the message)
+            self._stats["errors"] += 1
+            log.failure("routing failed for {queue_id}", queue_id=item.id)
+            groups, tried = [], True
+            temporary = {r: _result(r, 451, "4.3.0", "Local error in routing") for r in pending}
+        for route, rcpts in groups:
+            if self._route_load.get(route.name, 0) >= self._per_route:
+                busy.extend(rcpts)
+                continue
+            tried = True
+            report = await self._deliver_group(item, route, rcpts)
+            item = await self._record(item, route, report)
+            temporary.update((r.recipient, r) for r in report.results if r.outcome is Outcome.TEMPORARY)
+        if tried:
+            self._stats["attempts"] += 1
+        return await self._conclude(item, temporary, tried=tried)
+
+    async def _deliver_group(self, item: QueueItem, route: Route, rcpts: list[str]) -> DeliveryReport:
+        """The transport's report for one group, with exactly one result per recipient of ``rcpts``."""
+        self._route_load[route.name] = self._route_load.get(route.name, 0) + 1
+        try:
+            report: DeliveryReport = await self._transport.deliver(
+                item, route, rcpts, open_body=lambda: self._queue.open_body(item.id)
+            )
+        except Exception:  # noqa: BLE001 (an errback is a transport bug: retry rather than lose the message)
+            self._stats["errors"] += 1
+            log.failure("transport failed for {queue_id} via {route}", queue_id=item.id, route=route.name)
+            report = DeliveryReport(route.name)
+        finally:
+            self._route_load[route.name] -= 1
+            if not self._route_load[route.name]:
+                del self._route_load[route.name]
+        by_rcpt = {r.recipient: r for r in report.results if r.recipient in rcpts}
+        results = [
+            by_rcpt.get(rcpt) or _result(rcpt, 451, "4.3.0", "No result for this recipient (local error)")
+            for rcpt in rcpts
+        ]
+        return DeliveryReport(route.name, results, list(report.tried))
+
+    async def _record(self, item: QueueItem, route: Route, report: DeliveryReport) -> QueueItem:
+        """Write the group's final outcomes and its history entry; fires once durable."""
+        now = self._clock.seconds()
+        outcomes = dict(item.outcomes)
+        for r in report.results:
+            if r.outcome is not Outcome.TEMPORARY:
+                outcomes[r.recipient] = {
+                    "outcome": r.outcome.value,
+                    "reply": r.reply,
+                    "target": r.target,
+                    "at": now,
+                    "route": route.name,
+                }
+                key = "recipients_delivered" if r.outcome is Outcome.DELIVERED else "recipients_failed"
+                self._stats[key] += 1
+            log.info(
+                "{queue_id} to {recipient} via {route}: {outcome} ({reply})", queue_id=item.id,
+                recipient=r.recipient, route=route.name, outcome=r.outcome.value, reply=r.reply,
+            )
+        entry = {
+            "at": now,
+            "route": route.name,
+            "tried": list(report.tried),
+            "results": [
+                {"recipient": r.recipient, "outcome": r.outcome.value, "reply": r.reply, "target": r.target}
+                for r in report.results
+            ],
+        }
+        changes: dict[str, Any] = {"outcomes": outcomes, "history": [*item.history, entry]}
+        if item.destination is None:
+            changes["destination"] = route.name
+        updated: QueueItem = await self._queue.update(item.id, **changes)
+        return updated
+
+    async def _conclude(
+        self, item: QueueItem, temporary: dict[str, RecipientResult], *, tried: bool
+    ) -> QueueItem:
+        now = self._clock.seconds()
+        pending = item.pending_recipients()
+        if not pending:
+            return await self._finish(item, now)
+        attempts = item.attempts + int(tried)
+        verdict = self._policy.verdict(
+            attempts=attempts, created_at=item.created_at, now=now, failed_temporarily=bool(temporary)
+        )
+        if verdict is Verdict.RETRY:
+            if temporary:
+                return await self._defer(item, temporary, attempts, now)
+            self._stats["busy"] += 1
+            return await self._put_back(item, now, delay=self._interval, attempts=attempts)
+        item = await self._give_up(item, pending, temporary, attempts, verdict, now)
+        return await self._finish(item, now)
+
+    # -- outcomes of an attempt ------------------------------------------------------------------------
+
+    async def _defer(
+        self, item: QueueItem, temporary: dict[str, RecipientResult], attempts: int, now: float
+    ) -> QueueItem:
+        wait = self._policy.next_delay(attempts, self._random)
+        pending = item.pending_recipients()
+        last_error = next((temporary[r].reply for r in pending if r in temporary), item.last_error)
+        changes: dict[str, Any] = {
+            "status": QueueItemStatus.DEFERRED,
+            "priority": Priority.RETRY,
+            "attempts": attempts,
+            "next_attempt_at": now + wait,
+            "last_error": last_error,
+        }
+        destination = self._destination(item, pending[0])
+        if destination is not None:
+            changes["destination"] = destination
+        if await self._maybe_warn(item, temporary, now):
+            changes["warned_at"] = now
+        self._stats["deferred"] += 1
+        log.info(
+            "{queue_id} deferred after attempt {attempts}: {pending} recipients pending, next attempt in "
+            "{wait:.0f} s ({error})", queue_id=item.id, attempts=attempts, pending=len(pending), wait=wait,
+            error=last_error,
+        )
+        updated: QueueItem = await self._queue.update(item.id, **changes)
+        return updated
+
+    def _destination(self, item: QueueItem, rcpt: str) -> str | None:
+        """Where the message waits now (the route of its first pending recipient), for get_by_destination."""
+        try:
+            return self._routes.route(item.envelope.mail_from, rcpt).name
+        except Exception:  # noqa: BLE001 (already logged by the attempt; the destination is informative)
+            return None
+
+    async def _put_back(
+        self, item: QueueItem, now: float, *, delay: float, attempts: int | None = None
+    ) -> QueueItem:
+        """Return a claimed item to a ready state, due after ``delay``. No retry is used up: ``attempts`` only
+        counts groups tried in the attempt, when some were (the others found their destination busy)."""
+        attempts = item.attempts if attempts is None else attempts
+        status = QueueItemStatus.QUEUED if attempts == 0 else QueueItemStatus.DEFERRED
+        log.debug("{queue_id} put back (destination busy or stopping)", queue_id=item.id)
+        updated: QueueItem = await self._queue.update(
+            item.id, status=status, next_attempt_at=now + delay, attempts=attempts
+        )
+        return updated
+
+    async def _give_up(
+        self,
+        item: QueueItem,
+        pending: list[str],
+        temporary: dict[str, RecipientResult],
+        attempts: int,
+        verdict: Verdict,
+        now: float,
+    ) -> QueueItem:
+        """Record every pending recipient as failed for good: expired, or out of retries."""
+        if verdict is Verdict.EXPIRED:
+            reason = f"Message expired after {(now - item.created_at) / 3600:.1f} hours in the queue"
+        else:
+            reason = f"Retry limit reached after {attempts} attempts"
+        outcomes = dict(item.outcomes)
+        for rcpt in pending:
+            last = temporary.get(rcpt)
+            last_error = last.reply if last else (item.last_error or "none")
+            outcomes[rcpt] = {
+                "outcome": Outcome.PERMANENT.value,
+                "reply": f"451 4.4.7 {reason}; last error: {last_error}",
+                "target": last.target if last else "",
+                "at": now,
+                "route": "",
+            }
+        self._stats["recipients_failed"] += len(pending)
+        log.info("{queue_id}: {reason}; {count} recipients fail", queue_id=item.id, reason=reason,
+                 count=len(pending))
+        updated: QueueItem = await self._queue.update(
+            item.id, outcomes=outcomes, attempts=attempts, last_error=f"4.4.7 {reason}"
+        )
+        return updated
+
+    async def _finish(self, item: QueueItem, now: float) -> QueueItem:
+        """No recipient is pending: DELIVERED, BOUNCED (after queueing the DSN) or FAILED."""
+        failed = [
+            r for r in item.envelope.recipients if item.outcomes[r]["outcome"] == Outcome.PERMANENT.value
+        ]
+        changes: dict[str, Any] = {}
+        if not failed:
+            status = QueueItemStatus.DELIVERED
+        elif not item.envelope.mail_from:
+            status = QueueItemStatus.FAILED
+            log.warn(
+                "{queue_id} from the null sender failed for {count} recipients; no bounce is sent for it",
+                queue_id=item.id, count=len(failed),
+            )
+        else:
+            rows = [(r, item.outcomes[r]["reply"], item.outcomes[r]["target"]) for r in failed]
+            try:
+                changes["bounce_id"] = await self._send_dsn(item, rows, "failed", now)
+            except Exception:  # noqa: BLE001 (the queue is full or down: try the bounce again later)
+                self._stats["errors"] += 1
+                log.failure("cannot queue the bounce for {queue_id}; trying again later", queue_id=item.id)
+                return await self._retry_finish(item, now)
+            status = QueueItemStatus.BOUNCED
+            self._stats["dsn_sent"] += 1
+        self._stats[status.value] += 1
+        log.info("{queue_id} {status}", queue_id=item.id, status=status.value)
+        updated: QueueItem = await self._queue.update(item.id, status=status, **changes)
+        return updated
+
+    async def _retry_finish(self, item: QueueItem, now: float) -> QueueItem:
+        # Nothing is pending, so the next attempt goes straight to _finish and tries the bounce again.
+        updated: QueueItem = await self._queue.update(
+            item.id,
+            status=QueueItemStatus.DEFERRED,
+            next_attempt_at=now + self._policy.base_delay,
+            last_error="4.3.0 Cannot queue the bounce",
+        )
+        return updated
+
+    # -- DSNs ------------------------------------------------------------------------------------------
+
+    async def _maybe_warn(self, item: QueueItem, temporary: dict[str, RecipientResult], now: float) -> bool:
+        """Queue the delay warning if one is due; True when it was queued (or already was)."""
+        after = self._config.delay_warning_after / 1000.0
+        if after <= 0 or item.warned_at is not None or now - item.created_at < after:
+            return False
+        if not item.envelope.mail_from:
+            return False  # never a DSN to the null sender
+        rows = []
+        for rcpt in item.pending_recipients():
+            last = temporary.get(rcpt)
+            rows.append((rcpt, last.reply if last else (item.last_error or ""), last.target if last else ""))
+        try:
+            await self._send_dsn(item, rows, "delayed", now)
+        except Exception:  # noqa: BLE001 (a warning is a courtesy: never let it block the retry)
+            self._stats["errors"] += 1
+            log.failure("cannot queue the delay warning for {queue_id}", queue_id=item.id)
+            return False
+        self._stats["delay_warnings"] += 1
+        return True
+
+    async def _send_dsn(
+        self, item: QueueItem, rows: Sequence[tuple[str, str, str]], action: Action, now: float
+    ) -> str:
+        """Queue the DSN for ``item`` from the null sender to its sender; returns the DSN's queue id. Its id
+        is derived from ``item.id``, so queueing it twice (after a crash) finds the first one."""
+        dsn_id = dsn_queue_id(item.id, action)
+        headers = await self._original_headers(item.id)
+        data = build_dsn(
+            reporting_mta=self._hostname,
+            original=item,
+            failed=list(rows),
+            action=action,
+            headers_of_original=headers,
+            arrival_date=item.envelope.received_at or item.created_at,
+            message_id=f"{dsn_id}@{self._hostname}",
+            now=now,
+            will_retry_until=item.created_at + self._policy.lifetime if action == "delayed" else None,
+        )
+        envelope = Envelope(mail_from="", recipients=[item.envelope.mail_from], helo=self._hostname,
+                            received_at=now)
+        try:
+            await self._processor.process(envelope, SpooledMessage(len(data), data=data), queue_id=dsn_id)
+        except ValueError:
+            # A duplicate id: queued before a crash. Any other ValueError leaves no such item: re-raise.
+            if await self._queue.get(dsn_id) is None:
+                raise
+            log.info("{queue_id}: DSN {dsn_id} was already queued", queue_id=item.id, dsn_id=dsn_id)
+            return dsn_id
+        log.info(
+            "{queue_id}: DSN ({action}) queued as {dsn_id}", queue_id=item.id, action=action, dsn_id=dsn_id
+        )
+        try:
+            await self._queue.update(dsn_id, priority=Priority.BOUNCE)
+        except Exception:  # noqa: BLE001 (the DSN is queued; its priority is only an ordering hint)
+            log.failure("cannot lower the priority of DSN {dsn_id}", queue_id=item.id, dsn_id=dsn_id)
+        self.wake()
+        return dsn_id
+
+    async def _original_headers(self, item_id: str) -> bytes:
+        """The original's header block, bounded (``dsn.HEADERS_LIMIT``); b"" if the body cannot be read."""
+        try:
+            stream = await self._queue.open_body(item_id)
+        except Exception:  # noqa: BLE001 (a DSN without the headers is better than none)
+            log.failure("cannot read the headers of {queue_id} for its DSN", queue_id=item_id)
+            return b""
+        try:
+            # A bounded read (64 KiB at most) of a file the queue just opened: cheap enough for the reactor.
+            return read_header_block(stream)
+        finally:
+            stream.close()
+
+
+def dsn_queue_id(item_id: str, action: Action) -> str:
+    """The queue id of the bounce (``<id>B``) or the delay warning (``<id>W``) of message ``item_id``. An id
+    too long for the suffix is replaced by a digest of it (ids are at most 64 characters)."""
+    base = item_id
+    if len(item_id) > _MAX_BASE_ID:
+        base = hashlib.sha256(item_id.encode()).hexdigest()[:40].upper()
+    return base + ("B" if action == "failed" else "W")

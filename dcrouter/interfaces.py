@@ -19,6 +19,11 @@ class QueueUnavailable(QueueError):
     """The store cannot take the item now: disk full, I/O error, Redis down (ingress answers ``451 4.3.0``)."""
 
 
+class DuplicateItem(ValueError):
+    """``enqueue`` of an id the queue already holds. Callers that derive ids (bounces) rely on it to make
+    queueing idempotent across crashes."""
+
+
 class IDeliveryQueue(Interface):
     """Durable storage of queued messages and their delivery state (the seed's DeliveryQueue, Python naming).
 
@@ -29,7 +34,8 @@ class IDeliveryQueue(Interface):
 
     def enqueue(item, message):
         """Store ``item`` (a QueueItem) with its body ``message`` (a SpooledMessage, consumed: the queue takes
-        ownership of the spool file). Returns a Deferred firing with the stored QueueItem once durable."""
+        ownership of the spool file). Returns a Deferred firing with the stored QueueItem once durable; fails
+        with DuplicateItem when the id is already queued."""
 
     def dequeue(item_id):
         """Remove the item and its body. Deferred firing with the removed QueueItem, or None if unknown."""

@@ -41,7 +41,13 @@ from dcrouter.config import ConfigResult, load_options
 from dcrouter.config.options import DcRouterOptions, SmtpConfig, TlsConfig
 from dcrouter.interfaces import IDeliveryQueue
 from dcrouter.net.tls import TlsMaterialError, load_tls_options
+from dcrouter.delivery.manager import DeliveryManager
+from dcrouter.delivery.mx import MxResolver, make_resolver
+from dcrouter.delivery.pool import ConnectionPool
+from dcrouter.delivery.targets import TargetHealth
+from dcrouter.delivery.transport import ESMTPTransport
 from dcrouter.processing.processor import EmailProcessor
+from dcrouter.processing.routing import RouteTable
 from dcrouter.smtp.auth import Authenticator
 from dcrouter.smtp.policy import SessionPolicy
 from dcrouter.smtp.protocol import ESMTPServerFactory
@@ -125,6 +131,17 @@ def build_queue(config: SmtpConfig, reactor: Any) -> IDeliveryQueue:
             max_size=config.max_queue_size,
             close_on_shutdown=False,  # stopService saves it, after the listeners
         )
+    if config.queue_storage == "redis":
+        from dcrouter.queue.redis import RedisQueue
+
+        assert config.redis_url is not None  # the configuration check requires it
+        return RedisQueue(
+            config.redis_url,
+            reactor=reactor,
+            clock=reactor,
+            body_directory=config.persistent_path,
+            max_size=config.max_queue_size,
+        )
     raise StartupError(f"smtpConfig.queueStorage: {config.queue_storage!r} is not supported yet")
 
 
@@ -197,17 +214,50 @@ class DcRouter(MultiService):
         self.processor: EmailProcessor | None = None
         self.policy: SessionPolicy | None = None
         self.authenticator: Authenticator | None = None
+        self.routes: RouteTable | None = None
+        self.delivery: DeliveryManager | None = None
+        self.delivery_pool: ConnectionPool | None = None
         if self.smtp_config is not None:
             self._build_smtp(self.smtp_config, queue)
 
     def _build_smtp(self, config: SmtpConfig, queue: IDeliveryQueue | None) -> None:
-        self.queue = queue if queue is not None else build_queue(config, self._reactor)
-        self.processor = EmailProcessor(self.queue, self._reactor.seconds)
+        reactor = self._reactor
+        self.queue = queue if queue is not None else build_queue(config, reactor)
+        self.processor = EmailProcessor(self.queue, reactor.seconds)
         self.policy = SessionPolicy(config)
         if config.auth.users:
             self.authenticator = Authenticator(
-                config.auth, clock=self._reactor, reactor=self._reactor, threadpool=self.threadpool
+                config.auth, clock=reactor, reactor=reactor, threadpool=self.threadpool
             )
+        self._build_delivery(config)
+
+    def _build_delivery(self, config: SmtpConfig) -> None:
+        """Routing, the outbound pool and transport, and the DeliveryManager (a child service, so it starts
+        only once the queue has loaded and stops before the queue is saved)."""
+        assert self.queue is not None and self.processor is not None
+        reactor = self._reactor
+        delivery = config.delivery
+        self.routes = RouteTable(config)
+        self.delivery_pool = ConnectionPool(
+            reactor=reactor, clock=reactor, config=delivery, helo_name=delivery.helo_name or config.hostname
+        )
+        transport = ESMTPTransport(
+            resolver=MxResolver(make_resolver(self.options.mta_config, reactor)),
+            health=TargetHealth(reactor, delivery.target_down_time / 1000),
+            pool=self.delivery_pool,
+            clock=reactor,
+        )
+        self.delivery = DeliveryManager(
+            queue=self.queue,
+            routes=self.routes,
+            transport=transport,
+            processor=self.processor,
+            config=config,
+            clock=reactor,
+        )
+        self.delivery.setServiceParent(self)
+        # Delivery starts on a message as soon as it is durable, not at the next periodic look.
+        self.processor.on_queued = lambda item: self.delivery.wake()
 
     # -- readiness ---------------------------------------------------------------------------------------
 
@@ -322,16 +372,8 @@ class DcRouter(MultiService):
             # Not "warning=": a log event with that key is taken for a Python warning by trial's observer.
             log.warn("configuration: {problem}", problem=warning)
         if self.queue is not None:
-            # The truth of this stage, said loudly so nobody mistakes queued for delivered.
-            log.warn(
-                "delivery is not built yet: accepted messages are queued only, "
-                "nothing is delivered or bounced"
-            )
-            assert self.smtp_config is not None
-            counts = await self.queue.load()
-            log.info(
-                "queue loaded ({storage}): {counts}", storage=self.smtp_config.queue_storage, counts=counts
-            )
+            # The backend logs what recovery found.
+            await self.queue.load()
         for child in self:
             child.startService()
         if not self.running:
@@ -374,6 +416,11 @@ class DcRouter(MultiService):
         await _settle_all(
             [maybeDeferred(child.stopService) for child in children], "a service did not stop cleanly"
         )
+        if self.delivery_pool is not None:
+            # After the DeliveryManager: its attempts in flight have finished or been given up.
+            await _settle_all(
+                [Deferred.fromCoroutine(self.delivery_pool.close())], "outbound connections did not close"
+            )
         if self.queue is not None and self._starting is not None:
             try:
                 await self.queue.save()

@@ -415,11 +415,18 @@ class MakeResolverTests(unittest.TestCase):
         self.assertEqual(resolver.timeout, (2.5, 2.5))
 
     def test_system_resolv_conf(self) -> None:
+        """Without dnsServers: the nameservers of resolv.conf, read once, and no timer left behind."""
+        path = self.mktemp()
+        with open(path, "w") as conf:
+            conf.write("# comment\nsearch example.com\nnameserver 192.0.2.53\nnameserver ::1\noptions ndots:1\n")
         clock = Clock()
-        resolver = make_resolver(None, clock)
+        resolver = make_resolver(None, clock, resolv_conf=path)
         assert isinstance(resolver, client.Resolver)
-        self.assertEqual(resolver.servers, [])
-        self.assertEqual(resolver.resolv, "/etc/resolv.conf")
+        self.assertEqual(resolver.servers, [("192.0.2.53", 53), ("::1", 53)])
         self.assertEqual(resolver.timeout, (5.0, 5.0))
-        # It re-reads resolv.conf on the clock it was given, not the global reactor's.
-        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_no_resolv_conf_means_local_resolver(self) -> None:
+        resolver = make_resolver(None, Clock(), resolv_conf=self.mktemp())
+        assert isinstance(resolver, client.Resolver)
+        self.assertEqual(resolver.servers, [("127.0.0.1", 53)])

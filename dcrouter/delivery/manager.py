@@ -53,7 +53,7 @@ from dcrouter.delivery.outcome import DeliveryReport, Outcome, RecipientResult
 from dcrouter.delivery.retry import RetryPolicy, Verdict
 from dcrouter.delivery.route import Route
 from dcrouter.envelope import Envelope
-from dcrouter.interfaces import IDeliveryQueue, IDeliveryTransport
+from dcrouter.interfaces import DuplicateItem, IDeliveryQueue, IDeliveryTransport
 from dcrouter.processing.processor import EmailProcessor
 from dcrouter.processing.routing import RouteTable
 from dcrouter.queue.item import Priority, QueueItem, QueueItemStatus
@@ -546,20 +546,16 @@ class DeliveryManager(Service):
         envelope = Envelope(mail_from="", recipients=[item.envelope.mail_from], helo=self._hostname,
                             received_at=now)
         try:
-            await self._processor.process(envelope, SpooledMessage(len(data), data=data), queue_id=dsn_id)
-        except ValueError:
-            # A duplicate id: queued before a crash. Any other ValueError leaves no such item: re-raise.
-            if await self._queue.get(dsn_id) is None:
-                raise
+            await self._processor.process(
+                envelope, SpooledMessage(len(data), data=data), queue_id=dsn_id, priority=Priority.BOUNCE
+            )
+        except DuplicateItem:
+            # Queued before a crash, under the same derived id: that one is the DSN.
             log.info("{queue_id}: DSN {dsn_id} was already queued", queue_id=item.id, dsn_id=dsn_id)
             return dsn_id
         log.info(
             "{queue_id}: DSN ({action}) queued as {dsn_id}", queue_id=item.id, action=action, dsn_id=dsn_id
         )
-        try:
-            await self._queue.update(dsn_id, priority=Priority.BOUNCE)
-        except Exception:  # noqa: BLE001 (the DSN is queued; its priority is only an ordering hint)
-            log.failure("cannot lower the priority of DSN {dsn_id}", queue_id=item.id, dsn_id=dsn_id)
         self.wake()
         return dsn_id
 

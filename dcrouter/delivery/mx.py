@@ -253,14 +253,33 @@ def _targets(resolved: list[tuple[str, list[str] | _HostFailure]], port: int) ->
     return targets
 
 
-def make_resolver(mta: MtaConfig | None, reactor: Any) -> IResolver:
-    """A ``twisted.names.client.Resolver`` asking ``mta.dnsServers`` in order (or the servers of
-    /etc/resolv.conf, re-read when it changes), each query attempt waiting ``mta.dnsTimeout``; every server is
-    tried twice before a lookup fails with a timeout."""
+def make_resolver(mta: MtaConfig | None, reactor: Any, resolv_conf: str = "/etc/resolv.conf") -> IResolver:
+    """A ``twisted.names.client.Resolver`` asking ``mta.dnsServers`` in order (or the nameservers of
+    ``resolv_conf``, read once: a change needs a restart), each query attempt waiting ``mta.dnsTimeout``;
+    every server is tried twice before a lookup fails with a timeout.
+
+    Why not Twisted's own resolv.conf handling: it re-reads the file on a timer that nothing stops, which
+    would leave a timer running in an embedding program after the router stopped."""
     config = mta if mta is not None else MtaConfig()
     seconds = config.dns_timeout / 1000
     timeout = (seconds, seconds)
     if config.dns_servers:
         servers = [split_dns_server(s) for s in config.dns_servers]
-        return client.Resolver(servers=servers, timeout=timeout, reactor=reactor)
-    return client.Resolver(resolv="/etc/resolv.conf", timeout=timeout, reactor=reactor)
+    else:
+        servers = system_nameservers(resolv_conf)
+    return client.Resolver(servers=servers, timeout=timeout, reactor=reactor)
+
+
+def system_nameservers(path: str) -> list[tuple[str, int]]:
+    """The ``nameserver`` lines of a resolv.conf(5) file; ``127.0.0.1:53`` when there are none or the file
+    cannot be read (what the C library does too)."""
+    servers = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as conf:
+            for line in conf:
+                fields = line.split()
+                if len(fields) >= 2 and fields[0] == "nameserver":
+                    servers.append((fields[1], 53))
+    except OSError:
+        pass
+    return servers or [("127.0.0.1", 53)]

@@ -10,11 +10,14 @@ import secrets
 from typing import Callable
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 
 from dcrouter.envelope import Envelope
 from dcrouter.interfaces import IDeliveryQueue
-from dcrouter.queue.item import QueueItem
+from dcrouter.queue.item import Priority, QueueItem
 from dcrouter.smtp.spool import SpooledMessage
+
+log = Logger(namespace="dcrouter.processing")
 
 
 def new_queue_id() -> str:
@@ -26,19 +29,42 @@ class EmailProcessor:
     """Takes a complete message from ingress and returns a Deferred firing with the durable QueueItem.
 
     The Deferred fails with :class:`dcrouter.interfaces.QueueError` (temporary: 4xx) when it cannot be queued.
+    ``on_queued``, when set, is called with each item once it is durable (delivery uses it to start at once
+    instead of at its next periodic look).
     """
 
     def __init__(self, queue: IDeliveryQueue, clock_seconds: Callable[[], float]) -> None:
         self._queue = queue
         self._now = clock_seconds
+        self.on_queued: Callable[[QueueItem], object] | None = None
 
-    def process(self, envelope: Envelope, message: SpooledMessage, queue_id: str | None = None) -> Deferred:
+    def process(
+        self,
+        envelope: Envelope,
+        message: SpooledMessage,
+        queue_id: str | None = None,
+        *,
+        priority: int = Priority.FRESH,
+    ) -> Deferred:
         now = self._now()
         item = QueueItem(
             id=queue_id or new_queue_id(),
             envelope=envelope,
             size=message.size,
+            priority=priority,
             created_at=now,
             next_attempt_at=now,
         )
-        return self._queue.enqueue(item, message)
+        queued = self._queue.enqueue(item, message)
+        if self.on_queued is not None:
+            queued.addCallback(self._notify)
+        return queued
+
+    def _notify(self, item: QueueItem) -> QueueItem:
+        assert self.on_queued is not None
+        try:
+            self.on_queued(item)
+        except Exception:
+            # The message is durable whatever a listener does: never turn its 250 into an error.
+            log.failure("on_queued listener failed for {queue_id}", queue_id=item.id)
+        return item

@@ -26,7 +26,7 @@ import sqlite3
 from collections.abc import Callable, Iterable
 from typing import Any, BinaryIO
 
-from dcrouter.interfaces import QueueUnavailable
+from dcrouter.interfaces import DuplicateItem, QueueUnavailable
 from dcrouter.queue.contract import is_live
 from dcrouter.queue.item import QueueItem, QueueItemStatus
 from dcrouter.smtp.spool import SpooledMessage
@@ -173,7 +173,7 @@ class StoreItem(Write):
             if self.message.data is not None:
                 conn.execute("INSERT INTO bodies (id, data) VALUES (?, ?)", (self.item.id, self.message.data))
         except sqlite3.IntegrityError as e:
-            raise ValueError(f"queue id already stored: {self.item.id}") from e
+            raise DuplicateItem(f"queue id already stored: {self.item.id}") from e
         return self.item, int(is_live(self.item.status))
 
     def undo(self, index: QueueIndex) -> None:

@@ -47,7 +47,8 @@ class QueueItem:
     #: The routing destination (host or route name) once known; used by ``get_by_destination``.
     destination: str | None = None
     last_error: str | None = None
-    #: One dict per delivery attempt: ``{"at": float, "target": str, "reply": str}``.
+    #: One dict per route group of each delivery attempt: ``{"at": float, "route": str, "tried": [str],
+    #: "results": [{"recipient", "outcome", "reply", "target"}]}``.
     history: list[dict[str, Any]] = field(default_factory=list)
     #: Final outcomes per recipient, recorded durably as they happen, so that a crash never re-sends to a
     #: recipient already delivered: ``{"rcpt@x": {"outcome": "delivered" | "permanent", "reply": str,

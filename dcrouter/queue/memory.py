@@ -27,7 +27,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from dcrouter.interfaces import IDeliveryQueue, QueueFull, QueueUnavailable
+from dcrouter.interfaces import DuplicateItem, IDeliveryQueue, QueueFull, QueueUnavailable
 from dcrouter.queue.contract import (
     FINAL_STATUSES,
     check_changes,
@@ -67,7 +67,7 @@ class MemoryQueue:
             self._check_open()
             check_item_id(item.id)
             if item.id in self._items:
-                raise ValueError(f"queue id already stored: {item.id}")
+                raise DuplicateItem(f"queue id already stored: {item.id}")
             if self.max_size > 0 and self._live_count() >= self.max_size:
                 raise QueueFull(f"the queue holds {self.max_size} items (maxQueueSize)")
         except Exception as e:  # noqa: BLE001 (a failure for the caller)

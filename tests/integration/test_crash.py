@@ -146,7 +146,8 @@ class CrashTests(TestCase):
                 if item is None:
                     missing.append(queue_id)
                     continue
-                self.assertEqual(item.status, QueueItemStatus.QUEUED)
+                # Delivery to the (closed) relay port may have deferred it; it must not be final.
+                self.assertIn(item.status, (QueueItemStatus.QUEUED, QueueItemStatus.DEFERRED))
                 with await queue.open_body(queue_id) as stored:
                     content = stored.read()
                 self.assertTrue(content.startswith(b"Received: "), queue_id)

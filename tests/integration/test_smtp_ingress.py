@@ -68,6 +68,10 @@ class SmtpIngressTests(TestCase):
             }
         }
         self.router = DcRouter(options, reactor=reactor)
+        # These tests are about what ingress stores; delivery (tested end to end elsewhere) stays paused so the
+        # queued items are exactly as ingress left them.
+        assert self.router.delivery is not None
+        self.router.delivery.pause_deliveries()
         self.router.privilegedStartService()
         self.router.startService()
         self.addCleanup(self.router.stopService)

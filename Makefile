@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 CONFIG ?= etc/dcrouter.example.toml
 TESTS  ?= tests
 
-.PHONY: run test check bench lint clean venv
+.PHONY: run test check bench lint clean venv redis-server
 
 # Debian splits venv support out of python3; install it when it is missing and we may.
 $(BIN)/python:
@@ -34,9 +34,20 @@ run: $(VENV)/.installed-run
 check: $(VENV)/.installed-run
 	$(BIN)/twistd -n dcrouter --config $(CONFIG) --check
 
+# The Redis queue's tests start their own redis-server (never the machine's shared one): install it when it is
+# missing and we may; otherwise those tests are skipped and say what to install.
+redis-server:
+	@command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ] || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -q redis-server >/dev/null 2>&1 \
+	      || { apt-get update -q >/dev/null && apt-get install -y -q redis-server >/dev/null; }; \
+	  else echo "dcrouter: redis-server missing, Redis queue tests will be skipped (apt-get install redis-server)" >&2; \
+	  fi; }
+
 # Trial runs from the checkout (the source tree comes first on sys.path); tests that start a real twistd
 # put the checkout on PYTHONPATH, so Twisted finds twisted/plugins/dcrouter_plugin.py there.
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test redis-server
 	@set -o pipefail; $(BIN)/python -m twisted.trial --temp-directory=_trial_temp $(TESTS) 2>&1 \
 	  | tee _trial_temp.log; rc=$$?; \
 	  $(BIN)/python .ci/trial_summary.py _trial_temp.log; exit $$rc

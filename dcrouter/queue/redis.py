@@ -1,0 +1,521 @@
+"""The ``redis`` queue backend: one queue shared by every dcrouter process that points at the same Redis.
+
+What a caller may rely on (beyond :mod:`dcrouter.queue.contract`, which it follows like ``memory`` and
+``disk``):
+
+- ``enqueue`` fires only after Redis acknowledged the write of the whole item: one Lua script stores the
+  metadata, the inline body and every index entry, so an item is visible completely or not at all, and the
+  ``max_size`` check is made in the same script, across all processes. A body above ``inline_body_limit``
+  is first made durable as a file under ``body_directory`` (fsynced, linked into place, directory fsynced).
+- How durable an acknowledged write is depends on Redis: only ``appendonly yes`` with ``appendfsync always``
+  survives a Redis crash or a power cut. ``load()`` checks with ``CONFIG GET`` and logs a loud warning
+  otherwise (or that it could not check, where CONFIG is disabled).
+- ``get_next`` claims atomically (a Lua script): due items by priority, then age, then arrival, marked
+  DELIVERING under a lease (``lease_seconds``, owner id, expiry on the Redis server's clock). While leases
+  are valid, no two processes ever get the same item. This process renews the leases of the items it holds
+  every ``lease_seconds / 3`` until ``update`` gives them another status or they are removed. A lease that
+  expires (its process died or lost Redis for a whole lease) is returned to ready by the next ``get_next``,
+  renewal or ``load()`` of any process: delivery is at-least-once across crashes.
+- ``save()`` returns the claims this process still holds to ready (a clean shutdown: delivery has stopped),
+  so a restart does not wait for the leases to expire, and closes the connections.
+- Every call fails with :class:`QueueUnavailable` within about ``command_timeout`` seconds while Redis is
+  unreachable (ingress answers ``451 4.3.0``), and works again without a restart once Redis is back.
+- ``load()`` recovers what applies of the disk queue's recovery: expired claims return to ready; stale spool
+  files are discarded; items that do not parse or whose body is missing are set aside under
+  ``damaged:<id>:<seq>`` (never deleted); body files no item names are moved to ``orphans/``. Because other
+  processes keep working meanwhile, files younger than two hours are left alone.
+
+Decisions (and why):
+
+- **Bodies up to 1 MiB in Redis, bigger ones on a file system.** The spool hands over messages up to 256 KiB
+  in memory; keeping them (and a little more) in Redis makes a message one network round trip and needs no
+  shared file system for ordinary mail. Very big messages in Redis would cost Redis memory, make every
+  ``appendfsync always`` write tens of megabytes while the single-threaded server waits, and arrive in one
+  reply held whole in our memory. So bodies above the limit live in ``body_directory``; several hosts sharing
+  one Redis must mount that directory from a shared file system (NFS, CephFS, ...) with the same path, or
+  set ``inline_body_limit`` above ``maxMessageSize`` to keep everything in Redis.
+- **The schedule is two sorted sets.** ``wait`` (by next attempt) holds ready items not yet due; a claim first
+  moves the due ones to ``due``, scored ``priority * 1e10 + created_at`` so the first members are the ones to
+  hand out. A claim costs O(log n) per item however many are waiting; one sorted set scored by time alone
+  would have to sort every due item by priority in each claim. The price: creation times less than about
+  50 microseconds apart order by arrival instead (the resolution of a double at that magnitude).
+- **Status in its own hash field, the item as JSON.** Scripts change only the status (claim, lease expiry);
+  every other field is written by Python, so no float goes through Lua's 14-digit number formatting.
+  ``update`` is read-modify-write guarded by a version number (retried on conflict), which keeps concurrent
+  updates from several processes from losing each other's changes.
+- **Timeouts can leave a write applied.** A call that times out may still run in Redis. For ``enqueue`` the
+  client then got ``451`` and sends the message again: a possible duplicate, never a loss. A file body is
+  kept in that case (an orphan if the item never landed), never deleted under an item that might exist.
+- All keys share one prefix. With Redis Cluster, a prefix with a hash tag (``{dcrouter}:``) keeps them in one
+  slot, which the scripts need (they name keys computed from the prefix); Cluster is not tested.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import secrets
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from dcrouter.interfaces import DuplicateItem, IDeliveryQueue, QueueFull, QueueUnavailable
+from dcrouter.queue import redis_bodies as bodies
+from dcrouter.queue import redis_scripts as scripts
+from dcrouter.queue.contract import check_changes, check_item_id, new_load_counts
+from dcrouter.queue.item import QueueItem, QueueItemStatus
+from dcrouter.queue.redis_connection import RedisConnection
+from dcrouter.queue.redis_url import parse_redis_url
+from dcrouter.smtp.spool import SpooledMessage
+
+log = Logger(namespace="dcrouter.queue")
+
+#: Items one script call removes, verifies or returns from expired leases; bounds how long Redis is busy.
+CHUNK = 500
+#: Due items one claim moves from ``wait`` to ``due`` (the rest follow in the next claims).
+PROMOTE_LIMIT = 10_000
+#: Attempts of an ``update`` whose item keeps changing under it (another process writing it).
+UPDATE_ATTEMPTS = 5
+#: Priorities are folded into the ``due`` score above creation times (seconds since the epoch).
+PRIORITY_WEIGHT = 1e10
+
+
+@implementer(IDeliveryQueue)
+class RedisQueue:
+    """A DeliveryQueue in the Redis at ``url`` (``redis://[:password@]host:port/db`` or ``unix:///path``).
+
+    ``reactor`` runs the connections, the timeouts, the lease renewal and the file work (its thread pool);
+    ``clock`` decides due-ness (``get_next``) and age (``purge_expired``) like in the other backends. Bad
+    ``url``: ValueError at construction. Nothing connects before ``load()``."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        reactor: Any,
+        clock: IReactorTime,
+        body_directory: str,
+        max_size: int = 0,
+        inline_body_limit: int = 1 << 20,
+        lease_seconds: float = 300,
+        command_timeout: float = 5,
+        key_prefix: str = "dcrouter:",
+        pool_size: int = 4,
+    ) -> None:
+        self.address = parse_redis_url(url)
+        self.max_size = max_size
+        self.body_directory = os.path.abspath(body_directory)
+        #: Where ingress spools big messages: next to the body files, so they can be linked in.
+        self.spool_directory = bodies.spool_path(self.body_directory)
+        #: This process's name on its leases.
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.lease_seconds = lease_seconds
+        self._reactor = reactor
+        self._clock = clock
+        self._inline_limit = inline_body_limit
+        self._timeout = command_timeout
+        self._prefix = key_prefix
+        self._pool_size = pool_size
+        self._connection: RedisConnection | None = None
+        self._renewal: LoopingCall | None = None
+        self._held: set[str] = set()  # ids this process claimed and has not finished
+        self._state = "new"  # new -> loading -> open -> closing -> closed
+        self._close_waiters: list[Deferred] = []
+        self._paused = False
+
+    # -- storing -----------------------------------------------------------------------------------
+
+    def enqueue(self, item: QueueItem, message: SpooledMessage) -> Deferred:
+        """Store ``item`` with ``message`` as its body; fires with the stored item once Redis acknowledged it.
+        QueueFull at ``max_size`` live items (counted across every process), DuplicateItem for an id already
+        queued, ValueError for a bad id, QueueUnavailable when Redis or the body directory fails. The message
+        is consumed."""
+        try:
+            self._check_open()
+            check_item_id(item.id)
+            stored = copy.deepcopy(item)
+            stored.status = QueueItemStatus(stored.status)
+            fields = self._fields(stored)
+        except Exception:  # noqa: BLE001 (a failure for the caller)
+            failure = Failure()
+            d = self._discard(message)
+            d.addCallback(lambda _: failure)
+            return d
+        return Deferred.fromCoroutine(self._enqueue(stored, fields, message))
+
+    async def _enqueue(self, item: QueueItem, fields: list[Any], message: SpooledMessage) -> QueueItem:
+        kind, inline = "inline", b""
+        try:
+            if message.size <= self._inline_limit:
+                inline = (
+                    message.data
+                    if message.data is not None
+                    else await self._in_thread(bodies.read_file, message.path)
+                )
+            else:
+                kind = "file"
+                if message.path is not None:
+                    await self._in_thread(bodies.store_file, self.body_directory, item.id, message.path)
+                    message.path = None
+                else:
+                    await self._in_thread(bodies.write_file, self.body_directory, item.id, message.data)
+        except BaseException:
+            await self._discard(message)
+            raise
+        await self._discard(message)
+        lease = repr(float(self.lease_seconds))
+        result = await self._script(
+            scripts.ENQUEUE, item.id, *fields, kind, inline, self.max_size, self.owner, lease
+        )
+        if result != b"ok":
+            if kind == "file":
+                await self._in_thread(bodies.remove_files, self.body_directory, [item.id])
+            if result == b"full":
+                raise QueueFull(f"the queue holds {self.max_size} items (maxQueueSize)")
+            raise DuplicateItem(f"queue id already stored: {item.id}")
+        if item.status == QueueItemStatus.DELIVERING:
+            self._held.add(item.id)
+        return copy.deepcopy(item)
+
+    def update(self, item_id: str, **changes: Any) -> Deferred:
+        """Change fields of an item durably; fires with the updated item, fails with KeyError if unknown.
+        An update that leaves the item DELIVERING renews this process's lease on it."""
+        try:
+            self._check_open()
+            normalised = check_changes(changes)
+        except Exception as e:  # noqa: BLE001 (a failure for the caller)
+            return fail(e)
+        return Deferred.fromCoroutine(self._update(item_id, normalised))
+
+    async def _update(self, item_id: str, changes: dict[str, Any]) -> QueueItem:
+        for _attempt in range(UPDATE_ATTEMPTS):
+            text, status, version = await self._call(
+                "hmget", self._key("item:", item_id), ["item", "status", "ver"]
+            )
+            if text is None:
+                raise KeyError(item_id)
+            new = self._parse(item_id, text, status).evolve(**changes)
+            lease = repr(float(self.lease_seconds))
+            result = await self._script(
+                scripts.UPDATE, item_id, version, *self._fields(new), self.owner, lease
+            )
+            if result == b"ok":
+                if new.status == QueueItemStatus.DELIVERING:
+                    self._held.add(item_id)
+                else:
+                    self._held.discard(item_id)
+                return new
+            if result == b"missing":
+                raise KeyError(item_id)
+        raise QueueUnavailable(
+            f"Redis queue: {item_id} kept changing during {UPDATE_ATTEMPTS} update attempts"
+        )
+
+    def dequeue(self, item_id: str) -> Deferred:
+        """Remove the item and its body; fires with the removed item, or None if there was none."""
+        return self._open_call(lambda: self._remove(scripts.REMOVE, item_id))
+
+    def purge_expired(self, max_age: float) -> Deferred:
+        """Remove final items created more than ``max_age`` seconds ago; fires with how many."""
+        cutoff = repr(float(self._clock.seconds() - max_age))
+        return self._open_call(lambda: self._remove_all(scripts.PURGE_FINAL, cutoff, CHUNK))
+
+    def purge_all(self) -> Deferred:
+        """Remove every item (of every process sharing this Redis); fires with how many."""
+        return self._open_call(lambda: self._remove_all(scripts.PURGE_SOME, CHUNK))
+
+    # -- claiming ----------------------------------------------------------------------------------
+
+    def get_next(self, count: int = 1) -> Deferred:
+        """Claim up to ``count`` due items (priority, then creation time, then arrival) as DELIVERING, under
+        this process's lease; also returns expired leases of any process to ready."""
+        try:
+            self._check_open()
+        except QueueUnavailable as e:
+            return fail(e)
+        if self._paused or count <= 0:
+            return succeed([])
+        return Deferred.fromCoroutine(self._claim(count))
+
+    async def _claim(self, count: int) -> list[QueueItem]:
+        reply = await self._claim_script(count)
+        claimed = []
+        for item_id, text in zip(reply[1::2], reply[2::2], strict=True):
+            item = self._parse(item_id.decode(), text, b"delivering")
+            self._held.add(item.id)
+            claimed.append(item)
+        return claimed
+
+    async def _claim_script(self, count: int) -> list[Any]:
+        now = repr(float(self._clock.seconds()))
+        lease = repr(float(self.lease_seconds))
+        reply = await self._script(scripts.CLAIM, now, count, self.owner, lease, CHUNK, PROMOTE_LIMIT)
+        if int(reply[0]):
+            log.info("Redis queue: {n} expired claims returned to ready", n=int(reply[0]))
+        return list(reply)
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def get(self, item_id: str) -> Deferred:
+        return self._open_call(lambda: self._get(item_id))
+
+    async def _get(self, item_id: str) -> QueueItem | None:
+        text, status = await self._call("hmget", self._key("item:", item_id), ["item", "status"])
+        return None if text is None else self._parse(item_id, text, status)
+
+    def get_by_status(self, status: QueueItemStatus | str) -> Deferred:
+        """Items in ``status``, oldest first (creation time, then arrival)."""
+        try:
+            wanted = QueueItemStatus(status).value
+        except ValueError as e:
+            return fail(e)
+        return self._open_call(lambda: self._select("status:" + wanted))
+
+    def get_by_destination(self, destination: str) -> Deferred:
+        """Items routed to ``destination``, oldest first (creation time, then arrival)."""
+        return self._open_call(lambda: self._select("dest:" + destination))
+
+    async def _select(self, index: str) -> list[QueueItem]:
+        reply = await self._script(scripts.SELECT, index)
+        return [
+            self._parse(i.decode(), text, status)
+            for i, text, status in zip(reply[0::3], reply[1::3], reply[2::3], strict=True)
+        ]
+
+    def get_item_count(self) -> Deferred:
+        """Items not delivered, bounced or failed, across every process sharing this Redis."""
+        return self._open_call(self._count_live)
+
+    async def _count_live(self) -> int:
+        return int(await self._call("get", self._key("live")) or 0)
+
+    def open_body(self, item_id: str) -> Deferred:
+        """A readable binary file over the body (BytesIO when inline); fails with KeyError if unknown."""
+        return self._open_call(lambda: self._open_body(item_id))
+
+    async def _open_body(self, item_id: str) -> Any:
+        check_item_id(item_id)
+        [kind] = await self._call("hmget", self._key("item:", item_id), ["body"])
+        if kind is None:
+            raise KeyError(item_id)
+        if kind == b"file":
+            return await self._in_thread(open, bodies.body_path(self.body_directory, item_id), "rb")
+        data = await self._call("get", self._key("body:", item_id))
+        if data is None:
+            raise QueueUnavailable(f"Redis queue: the body of {item_id} is missing")
+        return io.BytesIO(data)
+
+    # -- life cycle --------------------------------------------------------------------------------
+
+    def load(self) -> Deferred:
+        """Connect, check Redis's durability settings, recover; fires with the counts of LOAD_COUNT_KEYS
+        (``items`` and ``live`` count every process's items). Fails with QueueUnavailable if Redis cannot be
+        reached within ``command_timeout``."""
+        if self._state != "new":
+            return fail(QueueUnavailable(f"Redis queue {self.address.display} was already loaded"))
+        self._state = "loading"
+        self._connection = RedisConnection(
+            self.address, reactor=self._reactor, timeout=self._timeout, pool_size=self._pool_size
+        )
+        d = Deferred.fromCoroutine(self._load())
+        d.addErrback(self._load_failed)
+        return d
+
+    def save(self) -> Deferred:
+        """Return the claims this process holds to ready and close. Later calls fail with QueueUnavailable."""
+        if self._state in ("new", "closed"):
+            self._state = "closed"
+            return succeed(None)
+        if self._state == "closing":
+            waiter: Deferred = Deferred()
+            self._close_waiters.append(waiter)
+            return waiter
+        if self._state != "open":
+            return fail(QueueUnavailable(f"Redis queue {self.address.display} is {self._state}"))
+        self._state = "closing"
+        return Deferred.fromCoroutine(self._close())
+
+    def pause(self) -> None:
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+
+    def is_processing(self) -> bool:
+        return not self._paused
+
+    async def _load(self) -> dict[str, int]:
+        from dcrouter.queue.redis_recovery import recover
+
+        await self._call("ping")
+        counts = await recover(self)
+        self._state = "open"
+        self._renewal = LoopingCall(self._renew)
+        self._renewal.clock = self._reactor
+        self._renewal.start(self.lease_seconds / 3, now=False).addErrback(
+            lambda f: log.failure("Redis queue: lease renewal stopped", f)
+        )
+        log.info(
+            "Redis queue {address} loaded: {items} items ({live} to deliver); {claims_returned} expired"
+            " claims returned, {spool_discarded} stale spool files discarded",
+            address=self.address.display,
+            **counts,
+        )
+        return new_load_counts(**counts)
+
+    def _load_failed(self, failure: Failure) -> Deferred:
+        log.failure("Redis queue {address} could not be loaded", failure, address=self.address.display)
+        self._state = "closed"
+        assert self._connection is not None
+        d = self._connection.disconnect()
+        d.addCallback(lambda _: failure)
+        return d
+
+    async def _close(self) -> None:
+        try:
+            if self._renewal is not None and self._renewal.running:
+                self._renewal.stop()
+            if self._held:
+                held, self._held = sorted(self._held), set()
+                try:
+                    n = await self._script(scripts.RELEASE, self.owner, *held)
+                    log.info("Redis queue: {n} claims returned to ready at shutdown", n=n)
+                except QueueUnavailable as e:
+                    log.warn(
+                        "Redis queue: {n} claims not returned at shutdown ({error}); they return when their"
+                        " leases expire",
+                        n=len(held),
+                        error=str(e),
+                    )
+            assert self._connection is not None
+            await self._connection.disconnect()
+        finally:
+            self._state = "closed"
+            waiters, self._close_waiters = self._close_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    async def _renew(self) -> None:
+        """Extend the leases this process holds and return expired ones of others (errors are only logged:
+        the next round tries again, and a lost lease is what the expiry is for)."""
+        try:
+            if self._held:
+                held = sorted(self._held)
+                lost = await self._script(scripts.RENEW, self.owner, repr(float(self.lease_seconds)), *held)
+                for item_id in lost:
+                    self._held.discard(item_id.decode())
+                    log.warn(
+                        "Redis queue: the claim on {id} was lost (its lease expired and another process may"
+                        " deliver it too)",
+                        id=item_id.decode(),
+                    )
+            await self._claim_script(0)
+        except QueueUnavailable:
+            pass  # the outage is logged by the connection; leases are renewed once Redis is back
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise QueueUnavailable(f"Redis queue {self.address.display} is {self._state}, not open")
+
+    def _open_call(self, make: Callable[[], Any]) -> Deferred:
+        try:
+            self._check_open()
+        except QueueUnavailable as e:
+            return fail(e)
+        return Deferred.fromCoroutine(make())
+
+    def _key(self, *parts: str) -> str:
+        return self._prefix + "".join(parts)
+
+    def _call(self, method: str, *args: Any, refusal_expected: bool = False) -> Deferred:
+        assert self._connection is not None
+        return self._connection.call(method, *args, refusal_expected=refusal_expected)
+
+    def _script(self, script: str, *args: Any) -> Deferred:
+        return self._call("eval", script, [], [self._prefix, *args])
+
+    def _in_thread(self, f: Callable[..., Any], *args: Any) -> Deferred:
+        """Run blocking file work in the reactor's thread pool; OSError becomes QueueUnavailable."""
+        d = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), f, *args)
+
+        def unavailable(failure: Failure) -> Failure:
+            if failure.check(OSError):
+                error = QueueUnavailable(f"Redis queue body directory: {failure.getErrorMessage()}")
+                error.__cause__ = failure.value
+                return Failure(error)
+            return failure
+
+        d.addErrback(unavailable)
+        return d
+
+    def _discard(self, message: SpooledMessage) -> Deferred:
+        """Drop a message's spool file (off the reactor); a failure to unlink is logged, never raised."""
+        if message.path is None:
+            message.discard()
+            return succeed(None)
+        d = self._in_thread(message.discard)
+        d.addErrback(lambda f: log.failure("Redis queue: could not discard a spool file", f))
+        return d
+
+    async def _remove(self, script: str, *args: Any) -> QueueItem | None:
+        removed = await self._removed(await self._script(script, *args))
+        return removed[0] if removed else None
+
+    async def _remove_all(self, script: str, *args: Any) -> int:
+        total = 0
+        while True:
+            removed = await self._removed(await self._script(script, *args))
+            total += len(removed)
+            if len(removed) < CHUNK:
+                return total
+
+    async def _removed(self, reply: list[Any]) -> list[QueueItem]:
+        """The items a removal script returned; their body files go now (a failure leaves an orphan)."""
+        items, files = [], []
+        for raw_id, text, status, kind in zip(
+            reply[0::4], reply[1::4], reply[2::4], reply[3::4], strict=True
+        ):
+            item_id = raw_id.decode()
+            self._held.discard(item_id)
+            items.append(self._parse(item_id, text, status))
+            if kind == b"file":
+                files.append(item_id)
+        if files:
+            await self._in_thread(bodies.remove_files, self.body_directory, files)
+        return items
+
+    def _parse(self, item_id: str, text: bytes, status: bytes) -> QueueItem:
+        try:
+            item = QueueItem.from_dict(json.loads(text))
+            item.status = QueueItemStatus(status.decode())
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise QueueUnavailable(f"Redis queue: item {item_id} is damaged: {e!r}") from e
+        return item
+
+    @staticmethod
+    def _fields(item: QueueItem) -> list[Any]:
+        """The ENQUEUE/UPDATE arguments describing ``item`` (floats spelled exactly, by repr)."""
+        text = json.dumps(item.to_dict(), separators=(",", ":"))
+        due = float(int(item.priority)) * PRIORITY_WEIGHT + float(item.created_at)
+        return [
+            text.encode(),
+            QueueItemStatus(item.status).value,
+            repr(float(item.created_at)),
+            repr(float(item.next_attempt_at)),
+            repr(due),
+            "1" if item.destination is not None else "0",
+            item.destination or "",
+            str(int(item.attempts)),
+        ]

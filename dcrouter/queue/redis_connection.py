@@ -1,0 +1,121 @@
+"""One pool of txredisapi connections, with the rules of DESIGN.md: bytes in and out (``charset=None``), no
+number guessing (``convertNumbers=False``), and a deadline on every call.
+
+What a caller may rely on:
+
+- :meth:`RedisConnection.call` returns a Deferred that fires within ``timeout`` seconds (measured on
+  ``reactor``), whatever Redis does: with the reply, or with :class:`QueueUnavailable` when Redis is
+  unreachable, slow, or refuses the command. It never waits forever: txredisapi's lazy connections wait for
+  a connection without end while Redis is down (its issue #112), hence ``Deferred.addTimeout``.
+- The pool reconnects by itself, with backoff capped at :data:`MAX_RECONNECT_DELAY` seconds, so service
+  resumes without a restart once Redis is back.
+- A connection whose reply does not come within ``timeout`` is aborted and replaced (txredisapi's
+  ``replyTimeout``, set a little shorter than the call deadline so it fires first): a Redis that hangs or a
+  network that drops packets silently does not leave a dead connection in the pool.
+- Outages are logged once when they begin and once when they end, not once per failed call.
+
+A call that timed out may still be executed by Redis later (the command was sent). The queue's writes are
+written so that this is harmless: see :mod:`dcrouter.queue.redis`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import txredisapi
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from dcrouter.interfaces import QueueError, QueueUnavailable
+from dcrouter.queue.redis_url import RedisAddress
+
+log = Logger(namespace="dcrouter.queue")
+
+#: Longest pause between reconnection attempts while Redis is down (txredisapi's default is 10 s).
+MAX_RECONNECT_DELAY = 2.0
+
+
+class RedisConnection:
+    """A lazily connected pool of ``pool_size`` connections to ``address``."""
+
+    def __init__(self, address: RedisAddress, *, reactor: Any, timeout: float, pool_size: int = 4) -> None:
+        self.address = address
+        self._reactor = reactor
+        self._timeout = timeout
+        self._healthy = True
+        handler = txredisapi.UnixConnectionHandler if address.unix_path else txredisapi.ConnectionHandler
+        factory = txredisapi.RedisFactory(
+            address.display,
+            address.db,
+            pool_size,
+            isLazy=True,
+            handler=handler,
+            charset=None,
+            password=address.password,
+            replyTimeout=max(0.05, timeout * 0.8),
+            convertNumbers=False,
+            username=address.username,
+        )
+        factory.maxDelay = MAX_RECONNECT_DELAY
+        factory.initialDelay = min(factory.initialDelay, MAX_RECONNECT_DELAY / 4)
+        self._factory = factory
+        endpoint: Any
+        if address.unix_path:
+            endpoint = UNIXClientEndpoint(reactor, address.unix_path, timeout=timeout)
+        else:
+            endpoint = HostnameEndpoint(reactor, address.host or "", address.port, timeout=timeout)
+        factory.startConnecting(endpoint)
+        self._handler = factory.handler
+        self._closed = False
+
+    def call(self, method: str, *args: Any, refusal_expected: bool = False) -> Deferred:
+        """Run txredisapi's ``method`` (``"eval"``, ``"hmget"``, ``"execute_command"``, ...) with a deadline.
+        Fails with QueueUnavailable for any Redis or connection problem; with ``refusal_expected`` a refused
+        command (an error reply) fails with txredisapi's ResponseError instead, and is not logged."""
+        if self._closed:
+            return fail(QueueUnavailable(f"the Redis queue at {self.address.display} is closed"))
+        try:
+            d = getattr(self._handler, method)(*args)
+        except Exception as e:  # noqa: BLE001 (a failure for the caller)
+            return fail(self._failed(Failure(e)))
+        d.addTimeout(self._timeout, self._reactor)
+        d.addCallbacks(self._succeeded, self._failed, errbackArgs=(refusal_expected,))
+        return d
+
+    def disconnect(self) -> Deferred:
+        """Close every connection and stop reconnecting. Fires once closed (or after the deadline)."""
+        self._closed = True
+        d = self._factory.disconnect()
+        d.addTimeout(self._timeout, self._reactor)
+        d.addErrback(lambda f: log.failure("Redis connections did not close cleanly", f))
+        return d
+
+    def _succeeded(self, result: Any) -> Any:
+        if not self._healthy:
+            self._healthy = True
+            log.info("Redis at {address} answers again", address=self.address.display)
+        return result
+
+    def _failed(self, failure: Failure, refusal_expected: bool = False) -> Failure:
+        if failure.check(QueueError) or (refusal_expected and failure.check(txredisapi.ResponseError)):
+            return failure
+        if failure.check(defer.TimeoutError, defer.CancelledError, txredisapi.TimeoutError):
+            reason = f"Redis at {self.address.display} did not answer within {self._timeout:g} s"
+        elif failure.check(txredisapi.ConnectionError):
+            reason = f"no connection to Redis at {self.address.display}: {failure.getErrorMessage()}"
+        elif failure.check(txredisapi.ResponseError):
+            reason = f"Redis at {self.address.display} refused a command: {failure.getErrorMessage()}"
+            # Not an outage: a script error or a refused command is worth the whole traceback.
+            log.failure("Redis queue: command refused", failure)
+        else:
+            reason = f"Redis queue: {failure.getErrorMessage()}"
+            log.failure("Redis queue: unexpected error", failure)
+        if self._healthy:
+            self._healthy = False
+            log.error("Redis queue unavailable: {reason}", reason=reason)
+        unavailable = QueueUnavailable(reason)
+        unavailable.__cause__ = failure.value
+        return Failure(unavailable)

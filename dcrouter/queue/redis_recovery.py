@@ -1,0 +1,147 @@
+"""What the Redis queue's ``load()`` does before it opens: check durability, then recover.
+
+Other processes may be using the same Redis and body directory while this runs, so recovery never assumes it
+is alone (unlike the disk queue's): only *expired* claims return to ready (a live process's claims are valid),
+spool and body files younger than :data:`redis_bodies.GRACE_SECONDS` are left alone, and an item is set aside
+as damaged only if it has not changed since it was read. In order:
+
+1. ``CONFIG GET appendonly`` and ``appendfsync``: a loud warning unless ``yes`` and ``always``.
+2. The directories are created; spool files left by a crashed receiver are discarded.
+3. Expired claims return to ready (QUEUED, or DEFERRED when the item had attempts).
+4. Every item is verified: its JSON parses into a QueueItem with its own id and a known status, and its
+   body exists (inline in Redis, or its file). One that fails is renamed to ``damaged:<id>:<seq>`` (with
+   ``damaged-body:<id>:<seq>`` when there is an inline body) and taken out of every index: never deleted.
+5. Body files no item names are moved to ``orphans/``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+import txredisapi
+from twisted.logger import Logger
+
+from dcrouter.queue import redis_bodies as bodies
+from dcrouter.queue import redis_scripts as scripts
+from dcrouter.queue.item import QueueItem, QueueItemStatus
+
+if TYPE_CHECKING:
+    from dcrouter.queue.redis import RedisQueue
+
+log = Logger(namespace="dcrouter.queue")
+
+#: Items one verification step reads.
+SCAN_CHUNK = 500
+
+
+async def recover(queue: RedisQueue) -> dict[str, int]:
+    """Check and recover; returns the counts of LOAD_COUNT_KEYS."""
+    await check_durability(queue)
+    await queue._in_thread(bodies.prepare, queue.body_directory)
+    spool_discarded = await queue._in_thread(bodies.discard_stale_spool, queue.body_directory)
+    claims_returned = 0
+    while True:
+        reply = await queue._script(scripts.CLAIM, "-inf", 0, queue.owner, "0", SCAN_CHUNK, 0)
+        claims_returned += int(reply[0])
+        if int(reply[0]) < SCAN_CHUNK:
+            break
+    damaged, ids = await _verify(queue)
+    orphans = await queue._in_thread(bodies.set_aside_orphans, queue.body_directory, ids)
+    items = int(await queue._call("zcard", queue._key("items")))
+    live = int(await queue._call("get", queue._key("live")) or 0)
+    if damaged or orphans:
+        log.warn(
+            "Redis queue {address}: {damaged} damaged items set aside as {prefix}damaged:<id>:<seq>,"
+            " {orphans} body files without an item moved to {directory}/orphans (kept for inspection,"
+            " nothing deleted)",
+            address=queue.address.display,
+            damaged=damaged,
+            prefix=queue._key(),
+            orphans=orphans,
+            directory=queue.body_directory,
+        )
+    return {
+        "items": items,
+        "live": live,
+        "claims_returned": claims_returned,
+        "spool_discarded": spool_discarded,
+        "damaged": damaged,
+        "orphans": orphans,
+    }
+
+
+async def check_durability(queue: RedisQueue) -> None:
+    """Warn loudly unless Redis fsyncs every write before acknowledging it."""
+    settings: dict[bytes, bytes] = {}
+    try:
+        for name in ("appendonly", "appendfsync"):
+            reply = await queue._call("execute_command", "CONFIG", "GET", name, refusal_expected=True)
+            settings.update(zip(reply[0::2], reply[1::2], strict=True))
+    except txredisapi.ResponseError as e:
+        log.warn(
+            "Redis at {address} refused CONFIG GET ({error}), so dcrouter cannot check that it runs with"
+            " appendonly yes and appendfsync always. Without both, a message acknowledged with 250 can be"
+            " lost when Redis crashes or the machine loses power: check the server's configuration.",
+            address=queue.address.display,
+            error=str(e),
+        )
+        return
+    appendonly = settings.get(b"appendonly", b"?").decode(errors="replace")
+    appendfsync = settings.get(b"appendfsync", b"?").decode(errors="replace")
+    if (appendonly, appendfsync) != ("yes", "always"):
+        log.warn(
+            "DURABILITY WARNING: Redis at {address} runs with appendonly {appendonly} and appendfsync"
+            " {appendfsync}. A message acknowledged with 250 can be LOST when Redis crashes or the machine"
+            " loses power. Set `appendonly yes` and `appendfsync always` in redis.conf.",
+            address=queue.address.display,
+            appendonly=appendonly,
+            appendfsync=appendfsync,
+        )
+
+
+async def _verify(queue: RedisQueue) -> tuple[int, set[str]]:
+    """Set aside every item that fails verification. Returns how many, and the ids of every item seen."""
+    seen: set[str] = set()
+    damaged = 0
+    after = "0"
+    while True:
+        reply = await queue._script(scripts.SCAN, after, SCAN_CHUNK)
+        records = [reply[i : i + 6] for i in range(0, len(reply), 6)]
+        if not records:
+            return damaged, seen
+        file_ids = [r[0].decode() for r in records if r[4] == b"file"]
+        present = await queue._in_thread(_existing, queue.body_directory, file_ids)
+        for raw_id, seq, text, status, kind, inline_present in records:
+            item_id = raw_id.decode()
+            seen.add(item_id)
+            problem = _problem(item_id, text, status, kind, int(inline_present), item_id in present)
+            if problem is not None:
+                moved = await queue._script(scripts.SET_ASIDE, item_id, seq, problem)
+                damaged += int(moved)
+        after = records[-1][1].decode()
+        if len(records) < SCAN_CHUNK:
+            return damaged, seen
+
+
+def _existing(body_directory: str, item_ids: list[str]) -> set[str]:
+    return {i for i in item_ids if bodies.body_exists(body_directory, i)}
+
+
+def _problem(item_id: str, text: bytes, status: bytes, kind: bytes, inline: int, file: bool) -> str | None:
+    if not text:
+        return "item hash missing"
+    try:
+        item = QueueItem.from_dict(json.loads(text))
+        QueueItemStatus(status.decode())
+    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as e:
+        return f"item does not parse: {e!r}"
+    if item.id != item_id:
+        return f"item id {item.id!r} differs from the key's id"
+    if kind == b"inline" and not inline:
+        return "inline body missing"
+    if kind == b"file" and not file:
+        return "body file missing"
+    if kind not in (b"inline", b"file"):
+        return f"unknown body kind {kind!r}"
+    return None

@@ -1,0 +1,443 @@
+"""The Redis queue against a real redis-server (tests/redis_server.py): the IDeliveryQueue contract, and what
+only Redis promises: claims under leases shared by several processes, outages, durability checks, recovery,
+big bodies on a shared directory."""
+
+from __future__ import annotations
+
+import os
+import smtplib
+import time
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import EventLoggingObserver
+from twisted.internet.threads import deferToThread
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from dcrouter import DcRouter
+from dcrouter.config import load_options
+from dcrouter.interfaces import DuplicateItem, QueueFull, QueueUnavailable
+from dcrouter.queue import redis_bodies
+from dcrouter.queue.item import QueueItemStatus
+from dcrouter.queue.redis import RedisQueue
+from dcrouter.queue.redis_url import RedisAddress, parse_redis_url
+from dcrouter.router import build_queue
+from tests.redis_server import SKIP_REASON, free_port, start_redis
+from tests.test_queue_contract import START, QueueContractMixin, inline, make_item, read_body, spool_file
+
+
+def sleep(seconds: float) -> defer.Deferred:
+    return deferLater(reactor, seconds, lambda: None)
+
+
+class RedisQueueContractTests(QueueContractMixin, TestCase):
+    """The contract, with bodies over 100 kB on disk (so test_file_backed_body goes through a file)."""
+
+    skip = SKIP_REASON
+    inline_body_limit = 100_000
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.redis = start_redis(self)
+        self.bodies = self.mktemp()
+
+    def make_queue(self, max_size: int = 0) -> RedisQueue:
+        return RedisQueue(
+            self.redis.url,
+            reactor=reactor,
+            clock=self.clock,
+            body_directory=self.bodies,
+            max_size=max_size,
+            inline_body_limit=self.inline_body_limit,
+        )
+
+
+class RedisQueueFileBodyContractTests(RedisQueueContractTests):
+    """The contract again with every body in a file."""
+
+    inline_body_limit = 0
+
+
+class RedisQueueTestBase(TestCase):
+    skip = SKIP_REASON
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.redis = start_redis(self)
+        self.bodies = self.mktemp()
+
+    async def open_queue(self, **kwargs: Any) -> tuple[RedisQueue, dict[str, int]]:
+        kwargs.setdefault("body_directory", self.bodies)
+        url = kwargs.pop("url", self.redis.url)
+        queue = RedisQueue(url, reactor=reactor, clock=self.clock, **kwargs)
+        counts = await queue.load()
+        self.addCleanup(queue.save)
+        return queue, counts
+
+    async def abandon(self, queue: RedisQueue) -> None:
+        """What a SIGKILL does to a process: its claims stay in Redis, nobody renews or returns them."""
+        assert queue._renewal is not None and queue._connection is not None
+        queue._renewal.stop()
+        queue._held.clear()
+        queue._state = "closed"
+        await queue._connection.disconnect()
+
+    def warnings(self, events: list[dict[str, Any]]) -> list[str]:
+        return [
+            formatEvent(e)
+            for e in events
+            if e.get("log_namespace") == "dcrouter.queue" and e["log_level"] == LogLevel.warn
+        ]
+
+
+class ClaimTests(RedisQueueTestBase):
+    async def test_two_consumers_never_get_the_same_item(self) -> None:
+        first, _ = await self.open_queue()
+        second, _ = await self.open_queue()
+        ids = [f"R{n:03d}" for n in range(300)]
+        await defer.gatherResults([first.enqueue(make_item(i), inline()) for i in ids])
+        got: dict[str, list[str]] = {"first": [], "second": []}
+
+        async def drain(name: str, queue: RedisQueue) -> None:
+            while True:
+                batch = await queue.get_next(7)
+                if not batch:
+                    return
+                got[name].extend(i.id for i in batch)
+
+        await defer.gatherResults(
+            [defer.Deferred.fromCoroutine(drain(n, q)) for n, q in (("first", first), ("second", second))]
+        )
+        self.assertEqual(set(got["first"]) & set(got["second"]), set())
+        self.assertEqual(sorted(got["first"] + got["second"]), ids)
+        self.assertTrue(got["first"] and got["second"], "both consumers should have claimed some")
+
+    async def test_expired_lease_is_taken_over(self) -> None:
+        crashed, _ = await self.open_queue(lease_seconds=0.6)
+        successor, _ = await self.open_queue(lease_seconds=0.6)
+        await crashed.enqueue(make_item("L1", attempts=2, status=QueueItemStatus.DEFERRED), inline())
+        [claimed] = await crashed.get_next()
+        await self.abandon(crashed)
+        self.assertEqual(await successor.get_next(), [])
+        await sleep(0.7)
+        [taken] = await successor.get_next()
+        self.assertEqual((taken.id, taken.status, taken.attempts), ("L1", QueueItemStatus.DELIVERING, 2))
+        self.assertEqual(taken.envelope, claimed.envelope)
+
+    async def test_a_live_process_keeps_its_leases(self) -> None:
+        # Renewed every 0.2 s: a stall of the test machine up to 0.4 s does not lose the lease.
+        holder, _ = await self.open_queue(lease_seconds=0.6)
+        other, _ = await self.open_queue(lease_seconds=0.6)
+        await holder.enqueue(make_item("K1"), inline())
+        await holder.get_next()
+        await sleep(1.5)  # more than two leases
+        self.assertEqual(await other.get_next(), [])
+        await holder.update("K1", status=QueueItemStatus.DEFERRED, attempts=1, next_attempt_at=START)
+        # No longer renewed, and not needed: it is ready again at once.
+        self.assertEqual([i.id for i in await other.get_next()], ["K1"])
+
+    async def test_save_returns_claims_at_once(self) -> None:
+        leaving, _ = await self.open_queue()
+        staying, _ = await self.open_queue()
+        await leaving.enqueue(make_item("S1"), inline())
+        await leaving.enqueue(make_item("S2", attempts=1), inline())
+        self.assertEqual(len(await leaving.get_next(5)), 2)
+        await leaving.save()
+        self.assertEqual((await staying.get("S1")).status, QueueItemStatus.QUEUED)
+        self.assertEqual((await staying.get("S2")).status, QueueItemStatus.DEFERRED)
+        self.assertEqual([i.id for i in await staying.get_next(5)], ["S1", "S2"])
+
+    async def test_load_returns_expired_claims(self) -> None:
+        crashed, _ = await self.open_queue(lease_seconds=0.2)
+        await crashed.enqueue(make_item("C1"), inline())
+        await crashed.get_next()
+        await self.abandon(crashed)
+        await sleep(0.3)
+        _, counts = await self.open_queue()
+        self.assertEqual((counts["claims_returned"], counts["items"], counts["live"]), (1, 1, 1))
+
+    async def test_concurrent_updates_keep_both_changes(self) -> None:
+        first, _ = await self.open_queue()
+        second, _ = await self.open_queue()
+        await first.enqueue(make_item("U1"), inline())
+        await defer.gatherResults(
+            [first.update("U1", attempts=3), second.update("U1", last_error="451 later", destination="mx.b")]
+        )
+        item = await first.get("U1")
+        self.assertEqual((item.attempts, item.last_error, item.destination), (3, "451 later", "mx.b"))
+        self.assertEqual([i.id for i in await second.get_by_destination("mx.b")], ["U1"])
+
+    async def test_max_size_counts_every_process(self) -> None:
+        first, _ = await self.open_queue(max_size=2)
+        second, _ = await self.open_queue(max_size=2)
+        await first.enqueue(make_item("M1"), inline())
+        await second.enqueue(make_item("M2"), inline())
+        with self.assertRaises(QueueFull):
+            await first.enqueue(make_item("M3"), inline())
+        self.assertEqual(await second.get_item_count(), 2)
+
+
+class OutageTests(RedisQueueTestBase):
+    async def test_redis_restart(self) -> None:
+        queue, _ = await self.open_queue(command_timeout=0.5)
+        await queue.enqueue(make_item("BEFORE"), inline(b"acknowledged"))
+        self.redis.kill()  # a crash: only the append-only file keeps what was acknowledged
+        started = time.monotonic()
+        with self.assertRaises(QueueUnavailable):
+            await queue.enqueue(make_item("DURING"), inline())
+        with self.assertRaises(QueueUnavailable):
+            await queue.get_next()
+        self.assertLess(time.monotonic() - started, 3)
+        self.redis.start()
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                await queue.enqueue(make_item("AFTER"), inline())
+                break
+            except QueueUnavailable:
+                self.assertLess(time.monotonic(), deadline, "the queue did not recover")
+                await sleep(0.1)
+        self.assertEqual(await read_body(queue, "BEFORE"), b"acknowledged")
+        self.assertEqual([i.id for i in await queue.get_next(5)], ["BEFORE", "AFTER"])
+
+    async def test_load_fails_when_redis_is_unreachable(self) -> None:
+        queue = RedisQueue(
+            f"redis://127.0.0.1:{free_port()}/0",
+            reactor=reactor,
+            clock=self.clock,
+            body_directory=self.bodies,
+            command_timeout=0.3,
+        )
+        with self.assertRaises(QueueUnavailable):
+            await queue.load()
+        self.flushLoggedErrors(QueueUnavailable)
+        with self.assertRaises(QueueUnavailable):
+            await queue.enqueue(make_item("X"), inline())
+
+
+class DurabilityCheckTests(TestCase):
+    skip = SKIP_REASON
+
+    async def warnings_at_load(self, extra: list[str]) -> list[str]:
+        server = start_redis(self, extra)
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        queue = RedisQueue(server.url, reactor=reactor, clock=Clock(), body_directory=self.mktemp())
+        await queue.load()
+        await queue.save()
+        return [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+
+    async def test_no_warning_with_appendfsync_always(self) -> None:
+        self.assertEqual(await self.warnings_at_load([]), [])
+
+    async def test_warns_with_appendfsync_everysec(self) -> None:
+        [warning] = await self.warnings_at_load(["--appendfsync", "everysec"])
+        self.assertIn("DURABILITY WARNING", warning)
+        self.assertIn("appendfsync everysec", warning)
+
+    async def test_warns_without_appendonly(self) -> None:
+        [warning] = await self.warnings_at_load(["--appendonly", "no"])
+        self.assertIn("appendonly no", warning)
+
+    async def test_warns_when_config_is_disabled(self) -> None:
+        [warning] = await self.warnings_at_load(["--rename-command", "CONFIG", ""])
+        self.assertIn("cannot check", warning)
+
+
+class RecoveryTests(RedisQueueTestBase):
+    async def test_restart_sees_everything(self) -> None:
+        queue, counts = await self.open_queue()
+        self.assertEqual(counts["items"], 0)
+        big = os.urandom(1_500_000)
+        await queue.enqueue(make_item("R1", destination="a.example"), inline(b"one"))
+        await queue.enqueue(make_item("R2", size=len(big)), spool_file(queue, big))
+        await queue.update("R1", attempts=2, last_error="451 later", status=QueueItemStatus.DEFERRED)
+        await queue.enqueue(make_item("R3", status=QueueItemStatus.DELIVERED), inline(b"three"))
+        before = {i: await queue.get(i) for i in ("R1", "R2", "R3")}
+        await queue.save()
+        again, counts = await self.open_queue()
+        self.assertEqual(
+            (counts["items"], counts["live"], counts["damaged"], counts["orphans"]), (3, 2, 0, 0)
+        )
+        self.assertEqual({i: await again.get(i) for i in before}, before)
+        self.assertEqual(await read_body(again, "R2"), big)
+        self.assertEqual([i.id for i in await again.get_by_destination("a.example")], ["R1"])
+
+    async def test_damaged_items_are_set_aside(self) -> None:
+        queue, _ = await self.open_queue()
+        await queue.enqueue(make_item("GOOD"), inline())
+        await queue.enqueue(make_item("BADJSON"), inline(b"kept"))
+        await queue.enqueue(make_item("NOBODY"), inline())
+        await queue.save()
+        self.redis.command("HSET", "dcrouter:item:BADJSON", "item", "{not json")
+        self.redis.command("DEL", "dcrouter:body:NOBODY")
+        again, counts = await self.open_queue()
+        self.assertEqual((counts["damaged"], counts["items"], counts["live"]), (2, 1, 1))
+        self.assertIsNone(await again.get("BADJSON"))
+        self.assertEqual([i.id for i in await again.get_next(5)], ["GOOD"])
+        self.assertIn(b"not json", self.redis.command("HGET", "dcrouter:damaged:BADJSON:2", "item"))
+        self.assertIn(b"kept", self.redis.command("GET", "dcrouter:damaged-body:BADJSON:2"))
+
+    async def test_stale_files_are_cleaned_up(self) -> None:
+        queue, _ = await self.open_queue()
+        await queue.enqueue(make_item("BIG"), spool_file(queue, os.urandom(1_200_000)))
+        await queue.save()
+        old = time.time() - redis_bodies.GRACE_SECONDS - 60
+        files = {
+            "stale spool": os.path.join(self.bodies, "spool", "spool-old"),
+            "fresh spool": os.path.join(self.bodies, "spool", "spool-new"),
+            "orphan": redis_bodies.body_path(self.bodies, "ORPHAN"),
+            "fresh orphan": redis_bodies.body_path(self.bodies, "ORPHAN2"),
+        }
+        for name, path in files.items():
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(b"x")
+            if not name.startswith("fresh"):
+                os.utime(path, (old, old))
+        os.utime(redis_bodies.body_path(self.bodies, "BIG"), (old, old))
+        again, counts = await self.open_queue()
+        self.assertEqual((counts["spool_discarded"], counts["orphans"]), (1, 1))
+        self.assertEqual(
+            {name: os.path.exists(path) for name, path in files.items()},
+            {"stale spool": False, "fresh spool": True, "orphan": False, "fresh orphan": True},
+        )
+        self.assertTrue(os.path.exists(os.path.join(self.bodies, "orphans", "ORPHAN")))
+        self.assertEqual(len(await read_body(again, "BIG")), 1_200_000)
+
+
+class BodyTests(RedisQueueTestBase):
+    async def test_big_bodies_go_to_the_shared_directory(self) -> None:
+        first, _ = await self.open_queue()
+        second, _ = await self.open_queue()  # another process on the same Redis and directory
+        big = os.urandom(2_000_000)
+        small = os.urandom(600_000)
+        await first.enqueue(make_item("BIG", size=len(big)), spool_file(first, big, "spool-big"))
+        await first.enqueue(make_item("SMALL", size=len(small)), spool_file(first, small, "spool-small"))
+        path = redis_bodies.body_path(self.bodies, "BIG")
+        self.assertTrue(os.path.isfile(path))
+        self.assertFalse(os.path.exists(redis_bodies.body_path(self.bodies, "SMALL")))
+        self.assertEqual(self.redis.command("EXISTS", "dcrouter:body:BIG"), b":0\r\n")
+        self.assertEqual(os.listdir(first.spool_directory), [])
+        self.assertEqual(await read_body(second, "BIG"), big)
+        self.assertEqual(await read_body(second, "SMALL"), small)
+        await second.dequeue("BIG")
+        self.assertFalse(os.path.exists(path))
+
+    async def test_duplicate_ids_are_refused_across_processes(self) -> None:
+        first, _ = await self.open_queue()
+        second, _ = await self.open_queue()
+        await first.enqueue(make_item("DUP"), spool_file(first, b"a" * 1_100_000, "spool-1"))
+        with self.assertRaises(DuplicateItem):
+            await second.enqueue(make_item("DUP"), spool_file(second, b"b" * 1_100_000, "spool-2"))
+        with self.assertRaises(DuplicateItem):
+            await second.enqueue(make_item("DUP"), inline(b"c"))
+        self.assertEqual(await read_body(second, "DUP"), b"a" * 1_100_000)
+        self.assertEqual(os.listdir(second.spool_directory), [])
+
+    async def test_refused_big_body_leaves_nothing(self) -> None:
+        queue, _ = await self.open_queue(max_size=1)
+        await queue.enqueue(make_item("FIRST"), inline())
+        with self.assertRaises(QueueFull):
+            await queue.enqueue(make_item("BIG"), spool_file(queue, os.urandom(1_100_000)))
+        self.assertFalse(os.path.exists(redis_bodies.body_path(self.bodies, "BIG")))
+        self.assertEqual(os.listdir(queue.spool_directory), [])
+
+
+class IngressTests(RedisQueueTestBase):
+    """Through DcRouter and a real SMTP client: 250 while Redis is up, 451 4.3.0 while it is down, 250 again
+    once it is back, without a restart."""
+
+    async def send(self, port: int, body: str) -> tuple[int, bytes]:
+        def transaction() -> tuple[int, bytes]:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                client.ehlo("client.test")
+                client.mail("sender@client.test")
+                client.rcpt("rcpt@example.test")
+                return client.data(body.encode())
+
+        return await deferToThread(transaction)
+
+    async def test_ingress_answers_451_while_redis_is_down(self) -> None:
+        port = free_port()
+        config = {
+            "ports": [port],
+            "bindAddress": "127.0.0.1",
+            "hostname": "mx.test",
+            "implicitTlsPorts": [],
+            "submissionPorts": [],
+            "queueStorage": "redis",
+            "redisUrl": self.redis.url,
+            "persistentPath": self.bodies,
+            "domainConfigs": [{"domains": ["example.test"], "targetIPs": ["127.0.0.1"]}],
+        }
+        router = DcRouter({"smtpConfig": config}, reactor=reactor)
+        router.privilegedStartService()
+        router.startService()
+        self.addCleanup(router.stopService)
+        await router.when_ready()
+        self.assertIsInstance(router.queue, RedisQueue)
+        code, _ = await self.send(port, "Subject: one\r\n\r\nfirst\r\n")
+        self.assertEqual(code, 250)
+        self.redis.kill()
+        code, reply = await self.send(port, "Subject: two\r\n\r\nsecond\r\n")
+        self.assertEqual((code, reply[:5]), (451, b"4.3.0"))
+        self.redis.start()
+        deadline = time.monotonic() + 15
+        while (await self.send(port, "Subject: three\r\n\r\nthird\r\n"))[0] != 250:
+            self.assertLess(time.monotonic(), deadline, "ingress did not recover")
+            await sleep(0.2)
+        self.assertEqual(await router.queue.get_item_count(), 2)
+        self.flushLoggedErrors(QueueUnavailable)
+
+
+class RedisUrlTests(SynchronousTestCase):
+    def test_forms(self) -> None:
+        self.assertEqual(parse_redis_url("redis://cache.internal"), RedisAddress(host="cache.internal"))
+        self.assertEqual(
+            parse_redis_url("redis://:s%40cret@[::1]:6380/3"),
+            RedisAddress(host="::1", port=6380, db=3, password="s@cret"),
+        )
+        self.assertEqual(
+            parse_redis_url("redis://queue:pw@10.0.0.5:6379/0"),
+            RedisAddress(host="10.0.0.5", username="queue", password="pw"),
+        )
+        self.assertEqual(
+            parse_redis_url("unix:///run/redis/redis.sock?db=2"),
+            RedisAddress(unix_path="/run/redis/redis.sock", db=2),
+        )
+
+    def test_display_hides_the_password(self) -> None:
+        address = parse_redis_url("redis://:hunter2@[::1]:6380/3")
+        self.assertEqual(address.display, "redis://[::1]:6380 db 3")
+
+    def test_refused(self) -> None:
+        for url in ("", "http://x", "redis://", "redis://h/x", "redis://h:0x/1", "rediss://h", "unix://rel",
+                    "unix:///s?x=1", "redis://h/0?db=1"):  # fmt: skip
+            with self.assertRaises(ValueError, msg=url):
+                parse_redis_url(url)
+
+
+class ConfigTests(SynchronousTestCase):
+    def smtp(self, **keys: Any) -> dict[str, Any]:
+        base = {"ports": [2525], "implicitTlsPorts": [], "submissionPorts": [], "persistentPath": "var/q"}
+        return {"smtpConfig": {**base, **keys}}
+
+    def test_redis_needs_a_url(self) -> None:
+        with self.assertRaises(Exception) as caught:
+            load_options(self.smtp(queueStorage="redis"))
+        self.assertIn("smtpConfig.redisUrl: required", str(caught.exception))
+
+    def test_bad_url_named(self) -> None:
+        with self.assertRaises(Exception) as caught:
+            load_options(self.smtp(queueStorage="redis", redisUrl="redis://h:1/x"))
+        self.assertIn("smtpConfig.redisUrl: database must be a number", str(caught.exception))
+
+    def test_router_builds_a_redis_queue(self) -> None:
+        options = load_options(self.smtp(queueStorage="redis", redisUrl="redis://127.0.0.1:6390/2")).options
+        queue = build_queue(options.smtp_config, Clock())
+        self.assertIsInstance(queue, RedisQueue)
+        self.assertEqual(queue.address, RedisAddress(host="127.0.0.1", port=6390, db=2))
+        self.assertEqual(queue.spool_directory, os.path.abspath("var/q/spool"))

@@ -56,7 +56,7 @@ class RenderTests(unittest.TestCase):
         self.assertIn("| `ports` | list of integers | `[25, 587, 465]` | Ports to accept SMTP on. |", smtp)
         self.assertIn("| `hostname` | string | the machine's fully qualified name |", smtp)
         self.assertIn('| `queueStorage` | one of "memory", "disk", "redis" | `"disk"` |', smtp)
-        self.assertIn("**Not supported yet:** `\"redis\"`: The Redis queue is not built yet.", smtp)
+        self.assertIn("`redis` shares one queue", smtp)
         users = _section(render(), "smtpConfig.auth.users[]")
         self.assertIn("| `password` | string | **required** |", users)
 

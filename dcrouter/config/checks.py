@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 
 from dcrouter.net.domains import is_valid_domain_pattern, normalize_domain
 from dcrouter.passwords import is_password_hash, looks_like_password_hash
+from dcrouter.queue.redis_url import parse_redis_url
 
 
 class Advice(str):
@@ -162,6 +163,63 @@ def cidr(value: str) -> str | None:
     return None
 
 
+def split_dns_server(value: str) -> tuple[str, int]:
+    """``(ip, port)`` of an ``mtaConfig.dnsServers`` entry: ``IP``, ``IPv4:port`` or ``[IPv6]:port`` (port 53
+    when none is given). Raises ValueError with the reason; host names are refused (resolving the
+    resolver's name would need a resolver)."""
+    host, port_text = value, ""
+    if value.startswith("["):
+        host, bracket, rest = value[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(f"{value!r}: expected '[IPv6]:port'")
+        port_text = rest[1:] if rest else ""
+        if not port_text and rest:
+            raise ValueError(f"{value!r}: empty port")
+        if ":" not in host:
+            raise ValueError(f"{value!r}: brackets are for IPv6 addresses")
+    elif value.count(":") == 1:
+        host, _, port_text = value.partition(":")
+        if not port_text:
+            raise ValueError(f"{value!r}: empty port")
+    if not _is_ip(host):
+        raise ValueError(f"{value!r}: not an IP address (write IP, IP:port or [IPv6]:port)")
+    if not port_text:
+        return host, 53
+    if not port_text.isascii() or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{value!r}: not a port number (1-65535): {port_text!r}")
+    return host, int(port_text)
+
+
+def dns_server(value: str) -> str | None:
+    """A resolver address for MX lookups: ``IP``, ``IPv4:port`` or ``[IPv6]:port``."""
+    try:
+        split_dns_server(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _address_pattern(value: str, allow_null: bool) -> str | None:
+    # Imported here: the routing module imports the schema's neighbours, and options.py imports this module.
+    from dcrouter.processing.routing import parse_address_pattern
+
+    try:
+        parse_address_pattern(value, allow_null=allow_null)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def sender_pattern(value: str) -> str | None:
+    """A routing rule's sender pattern: ``*@domain``, ``local@domain``, ``*@*.domain`` or ``<>``."""
+    return _address_pattern(value, allow_null=True)
+
+
+def recipient_pattern(value: str) -> str | None:
+    """A routing rule's recipient pattern: as for senders, without ``<>``."""
+    return _address_pattern(value, allow_null=False)
+
+
 def one_line(value: str) -> str | None:
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
         return f"must not contain CR, LF or other control characters: {value!r}"
@@ -295,10 +353,19 @@ def smtp_retry_delays(smtp: Any, path: str, report: Report) -> None:
         )
 
 
-@block_check("queue_storage")
+@block_check("queue_storage", "redis_url")
 def smtp_queue_storage(smtp: Any, path: str, report: Report) -> None:
     if smtp.queue_storage == "memory":
         report.warning(join(path, "queueStorage"), "'memory': queued messages are lost when dcrouter stops")
+    if smtp.redis_url is not None:
+        try:
+            parse_redis_url(smtp.redis_url)
+        except ValueError as e:
+            report.error(join(path, "redisUrl"), str(e))
+    elif smtp.queue_storage == "redis":
+        report.error(
+            join(path, "redisUrl"), "required with queueStorage 'redis' (redis://host:port/db or unix:///path)"
+        )
 
 
 @block_check("domain_configs")
@@ -317,15 +384,37 @@ def smtp_domains_once(smtp: Any, path: str, report: Report) -> None:
             owner.setdefault(norm, i)
 
 
-@block_check("default_server", "submission_ports", "ports", "relay_networks")
+@block_check("default_server", "default_port", "use_tls")
 def smtp_default_route(smtp: Any, path: str, report: Report) -> None:
-    relaying = [p for p in smtp.submission_ports if p in smtp.ports] or smtp.relay_networks
-    if relaying and smtp.default_server is None:
+    """Without defaultServer, mail outside domainConfigs and routingRules goes by MX to port 25 with
+    opportunistic TLS, so defaultPort and useTls (which apply to defaultServer only) would be ignored."""
+    if smtp.default_server is not None:
+        return
+    if "default_port" in smtp._given:
         report.warning(
-            join(path, "defaultServer"),
-            "not set, so relayed mail to domains outside domainConfigs cannot be delivered "
-            "(direct MX delivery is not built yet)",
+            join(path, "defaultPort"),
+            f"has no effect without {join(path, 'defaultServer')}: other mail goes by MX, to port 25",
         )
+    if smtp.use_tls:
+        report.warning(
+            join(path, "useTls"),
+            f"has no effect without {join(path, 'defaultServer')}: mail delivered by MX uses STARTTLS "
+            "when offered, and is not refused without it",
+        )
+
+
+@block_check("routing_rules")
+def smtp_routing_rules(smtp: Any, path: str, report: Report) -> None:
+    """A rule's name is its route's name, the key of delivery limits and connection pools: two rules with one
+    name would share them while sending to different servers."""
+    first: dict[str, int] = {}
+    for i, rule in enumerate(smtp.routing_rules):
+        if rule.name in first:
+            report.error(
+                f"{join(path, 'routingRules')}[{i}].name",
+                f"{rule.name!r} is also {join(path, 'routingRules')}[{first[rule.name]}]",
+            )
+        first.setdefault(rule.name, i)
 
 
 def _read(path: str) -> bytes | str:
@@ -440,3 +529,17 @@ def authentication_pair(auth: Any, path: str, report: Report) -> None:
 def router_has_work(options: Any, path: str, report: Report) -> None:
     if options.smtp_config is None:
         report.warning("smtpConfig", "not set, so dcrouter has nothing to run")
+
+
+@block_check("smart_proxy_config", "http_domain_routes", "smtp_config.ports")
+def proxy_smtp_ports(options: Any, path: str, report: Report) -> None:
+    """SMTP and the proxy cannot both listen on one port: the second bind would fail at start-up, so the
+    config is refused with both key paths named instead."""
+    # Imported here: the proxy schema imports this module (through options.py).
+    from dcrouter.config.proxy import claimed_ports
+
+    smtp_ports = options.smtp_config.ports
+    for where, start, end in claimed_ports(options.smart_proxy_config, options.http_domain_routes):
+        for i, p in enumerate(smtp_ports):
+            if start <= p <= end:
+                report.error(where, f"port {p} is also smtpConfig.ports[{i}]")

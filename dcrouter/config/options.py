@@ -209,9 +209,12 @@ class RoutingRuleConfig:
         factory=list,
         doc="Envelope sender patterns (`*@billing.example.com`, `user@example.com`, `*@*.example.com`, `<>` "
         "for the null sender); empty matches every sender.",
+        each=c.sender_pattern,
     )
     recipients: list[str] = option(
-        factory=list, doc="Recipient patterns, as for senders; empty matches every recipient."
+        factory=list,
+        doc="Recipient patterns, as for senders (without `<>`); empty matches every recipient.",
+        each=c.recipient_pattern,
     )
     port: int = option(25, doc="Port on the target servers.", check=c.port)
     use_tls: bool = option(False, doc="Require STARTTLS towards the targets.")
@@ -265,7 +268,9 @@ class DeliveryConfig:
 class MtaConfig:
     dns_servers: list[str] = option(
         factory=list,
-        doc="DNS resolvers for MX lookups (`IP` or `IP:port`); empty: the system's /etc/resolv.conf.",
+        doc="DNS resolvers for MX lookups (`IP`, `IP:port` or `[IPv6]:port`); empty: the system's "
+        "/etc/resolv.conf.",
+        each=c.dns_server,
     )
     dns_timeout: int = option(5_000, doc="Milliseconds per DNS query attempt.", check=c.duration)
 
@@ -278,6 +283,7 @@ class MtaConfig:
     c.smtp_queue_storage,
     c.smtp_domains_once,
     c.smtp_default_route,
+    c.smtp_routing_rules,
 )
 @dataclass(frozen=True)
 class SmtpConfig:
@@ -295,7 +301,9 @@ class SmtpConfig:
         shown_default="the machine's fully qualified name",
     )
     banner: str | None = option(
-        None, doc="Greeting text after the hostname (default: `ESMTP dcrouter`); one line.", check=c.one_line
+        None,
+        doc="Greeting text after `ESMTP` (`220 <hostname> ESMTP <banner>`; default `dcrouter`); one line.",
+        check=c.one_line,
     )
     max_message_size: int = option(
         52_428_800, doc="Largest message accepted, in bytes (advertised as SIZE).", check=c.positive
@@ -322,11 +330,14 @@ class SmtpConfig:
     # Queue
     queue_storage: Literal["memory", "disk", "redis"] = option(
         "disk",
-        doc="Where queued mail is kept. `memory` loses it on exit (a warning says so).",
-        unsupported_values={"redis": "The Redis queue is not built yet."},
+        doc="Where queued mail is kept. `memory` loses it on exit (a warning says so); `redis` shares one queue "
+        "between several dcrouter processes (needs `redisUrl`; bodies over 1 MiB go to `persistentPath`, "
+        "which those processes must share).",
     )
     persistent_path: str = option(
-        "/var/spool/dcrouter", doc="Directory of the disk queue.", check=c.not_empty
+        "/var/spool/dcrouter",
+        doc="Directory of the disk queue; with `redis`, of message bodies over 1 MiB and the receive spool.",
+        check=c.not_empty,
     )
     max_retries: int = option(10, doc="Delivery attempts before a message bounces.", check=c.non_negative)
     base_retry_delay: int = option(
@@ -410,7 +421,13 @@ class SmtpConfig:
         doc="Received headers (hops) above which a message is refused as a loop.",
         check=c.positive,
     )
-    redis_url: str | None = option(None, addition=True, unsupported="The Redis queue is not built yet.")
+    redis_url: str | None = option(
+        None,
+        addition=True,
+        doc="Redis of the `redis` queue: `redis://[:password@]host:port/db` or `unix:///path/redis.sock` "
+        "(`?db=N`). Run Redis with `appendonly yes` and `appendfsync always`, or an acknowledged message can "
+        "be lost (dcrouter warns at start-up).",
+    )
     check_interval: int = option(
         1_000, doc="Milliseconds between looks at the queue for due messages (enqueue also wakes delivery).",
         check=c.duration,
@@ -468,11 +485,19 @@ class SharedTlsConfig:
     key_path: str | None = option(None, doc="PEM private key for certPath, unencrypted.")
 
 
-@checked(c.router_has_work, c.smtp_tls_needed)
+# Imported here, not at the top: the proxy's schema is declared with option() and checked() above.
+from dcrouter.config.proxy import HttpDomainRoute, SmartProxyConfig  # noqa: E402
+
+
+@checked(c.router_has_work, c.smtp_tls_needed, c.proxy_smtp_ports)
 @dataclass(frozen=True)
 class DcRouterOptions:
-    smart_proxy_config: dict[str, Any] | None = option(None, unsupported="The proxy is not built yet.")
-    http_domain_routes: list[dict[str, Any]] | None = option(None, unsupported="The proxy is not built yet.")
+    smart_proxy_config: SmartProxyConfig | None = option(
+        None, doc="The TCP/TLS/HTTP proxy (SmartProxy's options; see docs/proxy.md)."
+    )
+    http_domain_routes: list[HttpDomainRoute] | None = option(
+        None, doc="Simple HTTP/HTTPS routes by host name, kept for backward compatibility (docs/proxy.md)."
+    )
     smtp_config: SmtpConfig | None = option(None, doc="The SMTP store-and-forward gateway.")
     tls: SharedTlsConfig | None = option(None, doc="Certificate shared by the router's services.")
     dns_server_config: dict[str, Any] | None = option(None, unsupported="The DNS server is not built yet.")

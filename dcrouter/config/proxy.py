@@ -1,0 +1,519 @@
+"""The schema of ``smartProxyConfig`` and ``httpDomainRoutes``: the TCP/TLS/HTTP proxy's options.
+
+Two spellings are accepted, as SmartProxy accepted them: the seed's (``fromPort``/``toPort``/``targetIP``,
+``globalPortRanges``, ``domainConfigs``) and SmartProxy's later route form (``routes``). Both are translated
+into one route model by :mod:`dcrouter.proxy.routes`; nothing else reads these classes' raw forms.
+
+A few keys of the route form may hold one of several shapes (``match.ports``: an integer or a list of
+integers and ``{from, to}`` tables; ``action.target.host``: a string or a list). The loader converts a
+declared union by its first member only, so those keys are declared ``Any`` and checked here by value; the
+helpers :func:`port_ranges`, :func:`hosts`, :func:`target_port` and :func:`route_domains` turn a checked
+value into one shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from dcrouter.config import checks as c
+from dcrouter.config.checks import Report, block_check, join
+from dcrouter.config.options import checked, option
+from dcrouter.net.domains import normalize_domain
+
+_TERMINATION = "TLS termination is not built yet (passthrough only)."
+_ACME = "ACME certificates are not built yet."
+_FORWARD_ONLY = 'Only "forward" is built.'
+
+# --- one-shape views of multi-shape values -----------------------------------------------------------------
+
+
+def port_ranges(value: Any) -> list[tuple[int, int]]:
+    """``(start, end)`` pairs of a checked ``match.ports`` value: ``443``, ``[80, 443]`` or
+    ``[{from = 8000, to = 8099}]`` (integers and tables may be mixed in one list)."""
+    items = value if isinstance(value, list) else [value]
+    return [(item, item) if isinstance(item, int) else (item["from"], item["to"]) for item in items]
+
+
+def hosts(value: Any) -> tuple[str, ...]:
+    """The target hosts of a checked ``action.target.host`` value (a string or a list of strings)."""
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def target_port(value: Any) -> int | None:
+    """The port of a checked ``action.target.port``; None for ``"preserve"`` (the port connected to)."""
+    return None if value == "preserve" else int(value)
+
+
+def route_domains(value: Any) -> tuple[str, ...]:
+    """The domain patterns of a checked ``match.domains`` value; ``()`` means any name (``"*"`` is
+    SmartProxy's spelling of that)."""
+    items = [value] if isinstance(value, str) else list(value)
+    return () if "*" in items else tuple(items)
+
+
+# --- value checks of multi-shape keys ----------------------------------------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int
+
+
+def _port_item(value: Any) -> str | None:
+    """One item of ``match.ports``: a port, or a ``{from, to}`` table of ports with from <= to."""
+    if _is_int(value):
+        return c.port(value)
+    if not isinstance(value, Mapping):
+        return f"expected a port number or a {{from, to}} table, got {value!r}"
+    if set(value) != {"from", "to"}:
+        return f"a port range has exactly the keys 'from' and 'to', got {sorted(map(str, value))}"
+    start, end = value["from"], value["to"]
+    if not (_is_int(start) and _is_int(end)):
+        return f"'from' and 'to' must be integers, got {start!r} and {end!r}"
+    if start > end:
+        return f"'from' ({start}) is more than 'to' ({end})"
+    return c.port(start) or c.port(end)
+
+
+def _port_spec(value: Any) -> str | None:
+    if _is_int(value):
+        return c.port(value)
+    if not isinstance(value, list):
+        return f"expected a port number or a list of ports and {{from, to}} tables, got {value!r}"
+    return c.not_empty(value)
+
+
+def _host_spec(value: Any) -> str | None:
+    if isinstance(value, str):
+        return c.host_or_ip(value)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        return f"expected a host name or IP address, or a list of them, got {value!r}"
+    return c.not_empty(value)
+
+
+def _host_item(value: Any) -> str | None:
+    return c.host_or_ip(value) if isinstance(value, str) else None
+
+
+def _target_port_spec(value: Any) -> str | None:
+    if value == "preserve":
+        return None
+    if not _is_int(value):
+        return f'expected a port number or "preserve", got {value!r}'
+    return c.port(value)
+
+
+def _domains_spec(value: Any) -> str | None:
+    if isinstance(value, str):
+        return _domain_item(value)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        return f"expected a domain pattern or a list of them, got {value!r}"
+    return c.unique(value)
+
+
+def _domain_item(value: Any) -> str | None:
+    if value == "*" or not isinstance(value, str):
+        return None
+    return c.domain_pattern(value)
+
+
+# --- block checks ------------------------------------------------------------------------------------------
+
+
+@block_check("from_", "to")
+def _range_order(block: Any, path: str, report: Report) -> None:
+    if block.from_ > block.to:
+        report.error(join(path, "to"), f"{block.to} is less than {join(path, 'from')} ({block.from_})")
+
+
+@block_check("type", "target")
+def _action_target(action: Any, path: str, report: Report) -> None:
+    if action.type == "forward" and action.target is None:
+        report.error(join(path, "target"), 'required for type "forward"')
+
+
+@block_check("from_port", "to_port", "target_ip")
+def _from_port_pair(proxy: Any, path: str, report: Report) -> None:
+    """toPort and targetIP describe where fromPort forwards to; without fromPort they would mean nothing."""
+    if proxy.from_port is not None:
+        return
+    for key, value in (("toPort", proxy.to_port), ("targetIP", proxy.target_ip)):
+        if value is not None:
+            report.error(join(path, key), f"has no effect without {join(path, 'fromPort')}")
+
+
+@block_check("domain_configs", "global_port_ranges", "from_port", "target_ip")
+def _domain_config_ports(proxy: Any, path: str, report: Report) -> None:
+    """An entry listens on its portRanges, else on globalPortRanges, else on fromPort; it forwards to its
+    targetIPs, else to targetIP."""
+    fallback_ports = bool(proxy.global_port_ranges) or proxy.from_port is not None
+    for i, entry in enumerate(proxy.domain_configs):
+        here = f"{join(path, 'domainConfigs')}[{i}]"
+        if not entry.port_ranges and not fallback_ports:
+            report.error(
+                join(here, "portRanges"),
+                f"required when neither {join(path, 'globalPortRanges')} nor {join(path, 'fromPort')} is set",
+            )
+        if not entry.target_ips and proxy.target_ip is None:
+            report.error(join(here, "targetIPs"), f"required when {join(path, 'targetIP')} is not set")
+
+
+def domain_config_ports(proxy: Any, index: int) -> list[tuple[int, int]]:
+    """The ``(start, end)`` port ranges ``domainConfigs[index]`` listens on (see the block check above)."""
+    entry = proxy.domain_configs[index]
+    if entry.port_ranges:
+        return [(r.from_, r.to) for r in entry.port_ranges]
+    if proxy.global_port_ranges:
+        return [(r.from_, r.to) for r in proxy.global_port_ranges]
+    return [(proxy.from_port, proxy.from_port)] if proxy.from_port is not None else []
+
+
+def _overlap(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> bool:
+    return any(s1 <= e2 and s2 <= e1 for s1, e1 in a for s2, e2 in b)
+
+
+def _pattern_key(pattern: str) -> str:
+    wildcard = pattern.startswith("*.")
+    return ("*." if wildcard else "") + normalize_domain(pattern[2:] if wildcard else pattern)
+
+
+@block_check("domain_configs", "global_port_ranges", "from_port")
+def _domains_once(proxy: Any, path: str, report: Report) -> None:
+    """One name in two domainConfigs entries on a shared port would route by the order of the entries
+    (SmartProxy took the first); the route form says which wins with priority instead."""
+    seen: list[tuple[str, int, list[tuple[int, int]]]] = []
+    for i, entry in enumerate(proxy.domain_configs):
+        ports = domain_config_ports(proxy, i)
+        for j, domain in enumerate(entry.domains):
+            key = _pattern_key(domain)
+            other = next((k for name, k, p in seen if name == key and k != i and _overlap(p, ports)), None)
+            if other is not None:
+                report.error(
+                    f"{join(path, 'domainConfigs')}[{i}].domains[{j}]",
+                    f"{domain!r} is also in {join(path, 'domainConfigs')}[{other}] on the same port",
+                )
+            seen.append((key, i, ports))
+
+
+@block_check("routes")
+def _route_names(proxy: Any, path: str, report: Report) -> None:
+    """A route's name keys its counters and log lines: two routes with one name would be indistinguishable."""
+    first: dict[str, int] = {}
+    for i, route in enumerate(proxy.routes):
+        if route.name is None:
+            continue
+        if route.name in first:
+            report.error(
+                f"{join(path, 'routes')}[{i}].name",
+                f"{route.name!r} is also {join(path, 'routes')}[{first[route.name]}]",
+            )
+        first.setdefault(route.name, i)
+
+
+@block_check("sni_enabled", "from_port", "domain_configs", "global_port_ranges", "routes")
+def _sni_disabled(proxy: Any, path: str, report: Report) -> None:
+    """With sniEnabled = false, fromPort forwards every connection without reading a name, so a route that
+    selects by name there could never be chosen."""
+    if proxy.sni_enabled or proxy.from_port is None:
+        return
+    port = proxy.from_port
+    claim = [(port, port)]
+    for i in range(len(proxy.domain_configs)):
+        if _overlap(domain_config_ports(proxy, i), claim):
+            report.error(
+                f"{join(path, 'domainConfigs')}[{i}]",
+                f"listens on {join(path, 'fromPort')} ({port}), where {join(path, 'sniEnabled')} is false",
+            )
+    for i, route in enumerate(proxy.routes):
+        if route_domains(route.match.domains) and _overlap(port_ranges(route.match.ports), claim):
+            report.error(
+                f"{join(path, 'routes')}[{i}].match.domains",
+                f"selects by name on {join(path, 'fromPort')} ({port}), where {join(path, 'sniEnabled')} is "
+                "false",
+            )
+
+
+# --- the schema --------------------------------------------------------------------------------------------
+
+
+@checked(_range_order)
+@dataclass(frozen=True)
+class PortRangeConfig:
+    from_: int = option(key="from", doc="First port of the range.", check=c.port)
+    to: int = option(doc="Last port of the range (inclusive); at least `from`.", check=c.port)
+
+
+@dataclass(frozen=True)
+class AcmeConfig:
+    port: int = option(80, doc="Port the HTTP-01 challenge is answered on.", check=c.port)
+    enabled: bool = option(False, doc="Obtain certificates for terminated domains.", unsupported=_ACME)
+    auto_renew: bool = option(True, doc="Renew certificates before they expire.")
+    use_production: bool = option(
+        False, doc="Use Let's Encrypt's production directory (default: its staging directory)."
+    )
+    renew_threshold_days: int = option(
+        30, doc="Renew a certificate this many days before it expires.", check=c.positive
+    )
+    account_email: str | None = option(None, doc="Contact address of the ACME account.", check=c.not_empty)
+    directory_url: str | None = option(
+        None,
+        addition=True,
+        doc="ACME directory URL of a private CA; overrides useProduction.",
+        check=c.not_empty,
+    )
+
+
+@dataclass(frozen=True)
+class ProxyDomainConfig:
+    domains: list[str] = option(
+        doc="Names (TLS SNI or HTTP Host) this entry serves: exact names or `*.example.com` wildcards.",
+        check=c.all_of(c.not_empty, c.unique),
+        each=c.domain_pattern,
+    )
+    allowed_ips: list[str] = option(
+        factory=list,
+        key="allowedIPs",
+        doc="CIDRs of clients allowed to connect (a bare address is one host); empty: everyone. "
+        "`0.0.0.0/0` is IPv4 only; add `::/0` for IPv6.",
+        each=c.cidr,
+    )
+    blocked_ips: list[str] = option(
+        factory=list, key="blockedIPs", doc="CIDRs of clients refused; wins over allowedIPs.", each=c.cidr
+    )
+    target_ips: list[str] = option(
+        factory=list,
+        key="targetIPs",
+        doc="Backends (host names or IPs), used round robin; empty: smartProxyConfig.targetIP.",
+        check=c.unique,
+        each=c.host_or_ip,
+    )
+    port_ranges: list[PortRangeConfig] = option(
+        factory=list,
+        doc="Ports this entry applies on, each forwarded to the same port on the backend; empty: "
+        "globalPortRanges (same port), else fromPort (forwarded to toPort).",
+    )
+    connection_timeout: int | None = option(
+        None,
+        doc="Milliseconds a connection may be idle before it is closed; not set: no idle limit.",
+        check=c.duration,
+    )
+    use_network_proxy: bool = option(False, doc="Terminate TLS for these domains.", unsupported=_TERMINATION)
+    max_connections: int | None = option(
+        None,
+        addition=True,
+        doc="Concurrent connections this entry forwards; not set: no limit.",
+        check=c.positive,
+    )
+
+
+@dataclass(frozen=True)
+class RouteMatch:
+    ports: Any = option(
+        doc="Ports the route listens on: a port, or a list of ports and `{from, to}` tables.",
+        check=_port_spec,
+        each=_port_item,
+    )
+    domains: Any = option(
+        factory=list,
+        doc="Names (TLS SNI or HTTP Host): a pattern or a list of them; `*.example.com` wildcards; empty or "
+        '`"*"`: any name, and connections without a name.',
+        check=_domains_spec,
+        each=_domain_item,
+    )
+    client_ip: list[str] = option(
+        factory=list,
+        doc="CIDRs the client must be in for the route to match at all (other clients try the next "
+        "route); empty: any client.",
+        each=c.cidr,
+    )
+
+
+@dataclass(frozen=True)
+class RouteTarget:
+    host: Any = option(
+        doc="Backend host name or IP, or a list of them used round robin.", check=_host_spec, each=_host_item
+    )
+    port: Any = option(
+        "preserve",
+        doc='Backend port, or `"preserve"`: the port the client connected to.',
+        check=_target_port_spec,
+    )
+
+
+@checked(_action_target)
+@dataclass(frozen=True)
+class RouteAction:
+    type: Literal["forward", "redirect", "block", "static", "socket-handler"] = option(
+        doc="What the route does.",
+        unsupported_values=dict.fromkeys(("redirect", "block", "static", "socket-handler"), _FORWARD_ONLY),
+    )
+    target: RouteTarget | None = option(None, doc="Where `forward` sends connections.")
+
+
+@dataclass(frozen=True)
+class RouteTls:
+    mode: Literal["passthrough", "terminate", "terminate-and-reencrypt"] = option(
+        "passthrough",
+        doc="`passthrough`: TLS bytes are forwarded as they are, routed by SNI.",
+        unsupported_values={"terminate": _TERMINATION, "terminate-and-reencrypt": _TERMINATION},
+    )
+    certificate: Any = option(None, doc='`"auto"` (ACME) or `{certPath, keyPath}`.', unsupported=_TERMINATION)
+
+
+@dataclass(frozen=True)
+class RouteSecurity:
+    ip_allow_list: list[str] = option(
+        factory=list, doc="CIDRs of clients allowed (others are refused); empty: everyone.", each=c.cidr
+    )
+    ip_block_list: list[str] = option(
+        factory=list, doc="CIDRs of clients refused; wins over ipAllowList.", each=c.cidr
+    )
+    max_connections: int | None = option(
+        None, doc="Concurrent connections this route forwards; not set: no limit.", check=c.positive
+    )
+
+
+# kw_only: SmartProxy puts the optional name first, before the required match and action.
+@dataclass(frozen=True, kw_only=True)
+class RouteConfig:
+    name: str | None = option(
+        None,
+        doc="Shown in logs and metrics; unique. Not set: `smartProxyConfig.routes[<index>]`.",
+        check=c.all_of(c.not_empty, c.one_line),
+    )
+    priority: int = option(0, doc="Among routes matching equally well, the higher priority wins.")
+    match: RouteMatch = option(doc="Which connections the route takes.")
+    action: RouteAction = option(doc="What happens to them.")
+    tls: RouteTls | None = option(None, doc="TLS handling; not set: passthrough.")
+    security: RouteSecurity | None = option(None, doc="Client IP rules and connection cap.")
+    connection_timeout: int | None = option(
+        None,
+        addition=True,
+        doc="Milliseconds a connection may be idle; as domainConfigs[].connectionTimeout.",
+        check=c.duration,
+    )
+
+
+@dataclass(frozen=True)
+class DefaultTarget:
+    host: str = option(doc="Backend host name or IP.", check=c.host_or_ip)
+    port: int | None = option(
+        None, doc="Backend port; not set: the port the client connected to.", check=c.port
+    )
+
+
+@checked(_from_port_pair, _domain_config_ports, _domains_once, _route_names, _sni_disabled)
+@dataclass(frozen=True)
+class SmartProxyConfig:
+    from_port: int | None = option(
+        None, doc="A port to listen on; connections no route takes go to targetIP:toPort.", check=c.port
+    )
+    to_port: int | None = option(None, doc="Backend port for fromPort; not set: fromPort.", check=c.port)
+    target_ip: str | None = option(
+        None,
+        key="targetIP",
+        doc="Backend for fromPort, and for domainConfigs entries without targetIPs.",
+        check=c.host_or_ip,
+    )
+    sni_enabled: bool = option(
+        True, doc="Route connections on fromPort by TLS SNI / HTTP Host; false: forward all to targetIP."
+    )
+    global_port_ranges: list[PortRangeConfig] = option(
+        factory=list, doc="Ports to listen on; domainConfigs entries without portRanges apply on them."
+    )
+    acme: AcmeConfig | None = option(None, doc="Certificates from an ACME CA (Let's Encrypt).")
+    domain_configs: list[ProxyDomainConfig] = option(
+        factory=list, doc="Per-domain routing: the seed's form, translated into routes."
+    )
+    routes: list[RouteConfig] = option(
+        factory=list, doc="Routes in SmartProxy's route form; checked before domainConfigs among equals."
+    )
+    bind_address: str = option(
+        "0.0.0.0",
+        addition=True,
+        doc="IP address the proxy ports listen on (`::` for all IPv6).",
+        check=c.ip_address,
+    )
+    max_connections_per_ip: int = option(
+        100,
+        key="maxConnectionsPerIP",
+        addition=True,
+        doc="Concurrent proxied connections per client IP, over all routes.",
+        check=c.positive,
+    )
+    default_target: DefaultTarget | None = option(
+        None, addition=True, doc="Where connections no route takes go; not set: they are closed."
+    )
+    proxy_protocol: Literal["none", "v1", "v2"] = option(
+        "none", addition=True, doc="PROXY protocol header sent to backends, so they see the client address."
+    )
+    trusted_proxies: list[str] = option(
+        factory=list,
+        addition=True,
+        doc="CIDRs allowed to send an incoming PROXY protocol header (v1 or v2); from anyone else it is "
+        "refused.",
+        each=c.cidr,
+    )
+    sni_timeout: int = option(
+        10_000,
+        addition=True,
+        doc="Milliseconds to wait for a TLS ClientHello or HTTP Host header before using the default route.",
+        check=c.duration,
+    )
+    max_connection_lifetime: int = option(
+        86_400_000,
+        addition=True,
+        doc="Milliseconds after which any proxied connection is closed.",
+        check=c.duration,
+    )
+    keep_alive: bool = option(
+        True, addition=True, doc="TCP keep-alive on both sides of a proxied connection."
+    )
+
+
+@dataclass(frozen=True)
+class HttpDomainRoute:
+    domain: str = option(
+        doc="Host name (HTTP Host or TLS SNI): exact or `*.` wildcard.", check=c.domain_pattern
+    )
+    target_server_ip: str = option(key="targetServerIP", doc="Backend host name or IP.", check=c.host_or_ip)
+    target_server_port: int = option(doc="Backend port.", check=c.port)
+    use_tls: bool = option(
+        False,
+        doc="The route carries HTTPS: routed by SNI on port 443 and passed through (the backend holds the "
+        "certificate); false: plain HTTP routed by Host on port 80.",
+    )
+    listen_port: int | None = option(
+        None, addition=True, doc="Port the proxy takes this route on instead of 80 / 443.", check=c.port
+    )
+
+
+def http_route_port(route: Any) -> int:
+    """The port an ``httpDomainRoutes`` entry is listened on."""
+    if route.listen_port is not None:
+        return int(route.listen_port)
+    return 443 if route.use_tls else 80
+
+
+def claimed_ports(proxy: Any, http_routes: Any) -> list[tuple[str, int, int]]:
+    """``(key path, start, end)`` of every port range the proxy listens on, as written in the file."""
+    claims: list[tuple[str, int, int]] = []
+    base = "smartProxyConfig"
+    if proxy is not None:
+        if proxy.from_port is not None:
+            claims.append((f"{base}.fromPort", proxy.from_port, proxy.from_port))
+        for i, r in enumerate(proxy.global_port_ranges):
+            claims.append((f"{base}.globalPortRanges[{i}]", r.from_, r.to))
+        for i, entry in enumerate(proxy.domain_configs):
+            for j, r in enumerate(entry.port_ranges):
+                claims.append((f"{base}.domainConfigs[{i}].portRanges[{j}]", r.from_, r.to))
+        for i, route in enumerate(proxy.routes):
+            where = f"{base}.routes[{i}].match.ports"
+            multiple = isinstance(route.match.ports, list)
+            for j, (start, end) in enumerate(port_ranges(route.match.ports)):
+                claims.append((f"{where}[{j}]" if multiple else where, start, end))
+    for i, route in enumerate(http_routes or ()):
+        port = http_route_port(route)
+        claims.append((f"httpDomainRoutes[{i}]", port, port))
+    return claims

@@ -1,0 +1,457 @@
+"""Tests for the proxy's configuration: smartProxyConfig and httpDomainRoutes (dcrouter.config.proxy) and the
+port cross-check with smtpConfig."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from twisted.trial import unittest
+
+from dcrouter.config import ConfigError, load_options
+from dcrouter.config.proxy import (
+    HttpDomainRoute,
+    PortRangeConfig,
+    RouteConfig,
+    SmartProxyConfig,
+    hosts,
+    port_ranges,
+    route_domains,
+    target_port,
+)
+
+# The seed's §0.1 example, less the features that are not built (useNetworkProxy, acme.enabled), and with
+# the port 80 entry dropped so no domain has two owners.
+SEED: dict[str, Any] = {
+    "smartProxyConfig": {
+        "fromPort": 443,
+        "toPort": 8080,
+        "targetIP": "10.0.0.10",
+        "sniEnabled": True,
+        "acme": {
+            "port": 80,
+            "enabled": False,
+            "autoRenew": True,
+            "useProduction": True,
+            "renewThresholdDays": 30,
+            "accountEmail": "admin@example.com",
+        },
+        "globalPortRanges": [{"from": 80, "to": 80}, {"from": 443, "to": 443}],
+        "domainConfigs": [
+            {
+                "domains": ["example.com", "www.example.com"],
+                "allowedIPs": ["0.0.0.0/0"],
+                "blockedIPs": ["1.2.3.4/32"],
+                "targetIPs": ["10.0.0.10", "10.0.0.11"],
+                "portRanges": [{"from": 80, "to": 80}, {"from": 443, "to": 443}],
+                "connectionTimeout": 60000,
+                "useNetworkProxy": False,
+            }
+        ],
+    }
+}
+
+ROUTE: dict[str, Any] = {
+    "name": "web",
+    "priority": 10,
+    "match": {
+        "ports": [443, {"from": 8443, "to": 8444}],
+        "domains": ["*.example.com"],
+        "clientIp": ["10.0.0.0/8"],
+    },
+    "action": {"type": "forward", "target": {"host": ["10.0.0.1", "backend.internal"], "port": 8443}},
+    "tls": {"mode": "passthrough"},
+    "security": {"ipAllowList": ["10.0.0.0/8"], "ipBlockList": ["10.9.0.0/16"], "maxConnections": 50},
+}
+
+
+def proxy(**keys: Any) -> dict[str, Any]:
+    """A minimal proxy config (one route, port 8443) with smartProxyConfig keys replaced."""
+    raw: dict[str, Any] = {"smartProxyConfig": {"routes": [copy.deepcopy(ROUTE)]}}
+    raw["smartProxyConfig"].update(keys)
+    return raw
+
+
+def route(**keys: Any) -> dict[str, Any]:
+    """A proxy config whose one route has keys replaced."""
+    entry = copy.deepcopy(ROUTE)
+    entry.update(keys)
+    return {"smartProxyConfig": {"routes": [entry]}}
+
+
+class ProxyCase(unittest.TestCase):
+    def errors(self, raw: dict[str, Any]) -> list[str]:
+        with self.assertRaises(ConfigError) as caught:
+            load_options(raw)
+        return caught.exception.errors
+
+    def config(self, raw: dict[str, Any]) -> SmartProxyConfig:
+        config = load_options(raw).options.smart_proxy_config
+        assert config is not None
+        return config
+
+
+class SeedFormTests(ProxyCase):
+    def test_seed_example_loads(self) -> None:
+        config = self.config(SEED)
+        self.assertIsInstance(config, SmartProxyConfig)
+        self.assertEqual((config.from_port, config.to_port, config.target_ip), (443, 8080, "10.0.0.10"))
+        self.assertEqual(config.global_port_ranges, [PortRangeConfig(80, 80), PortRangeConfig(443, 443)])
+        entry = config.domain_configs[0]
+        self.assertEqual(entry.blocked_ips, ["1.2.3.4/32"])
+        self.assertEqual(entry.target_ips, ["10.0.0.10", "10.0.0.11"])
+        self.assertEqual(entry.connection_timeout, 60000)
+        assert config.acme is not None
+        self.assertEqual(config.acme.account_email, "admin@example.com")
+
+    def test_defaults(self) -> None:
+        config = self.config({"smartProxyConfig": {}})
+        self.assertEqual(config.bind_address, "0.0.0.0")
+        self.assertEqual(config.max_connections_per_ip, 100)
+        self.assertEqual(config.proxy_protocol, "none")
+        self.assertTrue(config.sni_enabled)
+        self.assertTrue(config.keep_alive)
+        self.assertIsNone(config.default_target)
+        self.assertEqual(config.routes, [])
+
+    def test_additions(self) -> None:
+        config = self.config(
+            proxy(
+                maxConnectionsPerIP=5,
+                defaultTarget={"host": "10.0.0.99", "port": 8080},
+                proxyProtocol="v2",
+                trustedProxies=["192.0.2.0/24"],
+                sniTimeout=2000,
+                maxConnectionLifetime=3_600_000,
+                keepAlive=False,
+                bindAddress="::",
+            )
+        )
+        self.assertEqual(config.max_connections_per_ip, 5)
+        assert config.default_target is not None
+        self.assertEqual((config.default_target.host, config.default_target.port), ("10.0.0.99", 8080))
+        self.assertEqual(config.proxy_protocol, "v2")
+        self.assertEqual(config.trusted_proxies, ["192.0.2.0/24"])
+        self.assertEqual((config.sni_timeout, config.max_connection_lifetime), (2000, 3_600_000))
+        self.assertFalse(config.keep_alive)
+
+    def test_value_checks(self) -> None:
+        raw = copy.deepcopy(SEED)
+        sp = raw["smartProxyConfig"]
+        sp.update(fromPort=0, targetIP="exa mple", globalPortRanges=[{"from": 90, "to": 80}])
+        entry = sp["domainConfigs"][0]
+        entry.update(allowedIPs=["10.1.2.3/8"], blockedIPs=["nonsense"], domains=["*"], targetIPs=[])
+        entry["portRanges"] = [{"from": 1, "to": 70000}]
+        self.assertEqual(
+            self.errors(raw),
+            [
+                "smartProxyConfig.fromPort: not a port number (1-65535): 0",
+                "smartProxyConfig.targetIP: not a host name or IP address: 'exa mple'",
+                (
+                    "smartProxyConfig.globalPortRanges[0].to: 80 is less than "
+                    "smartProxyConfig.globalPortRanges[0].from (90)"
+                ),
+                "smartProxyConfig.domainConfigs[0].domains[0]: not a domain name or '*.' wildcard: '*'",
+                (
+                    "smartProxyConfig.domainConfigs[0].allowedIPs[0]: host bits set in '10.1.2.3/8'; "
+                    "did you mean '10.0.0.0/8'?"
+                ),
+                (
+                    "smartProxyConfig.domainConfigs[0].blockedIPs[0]: not an IP network in CIDR notation: "
+                    "'nonsense'"
+                ),
+                "smartProxyConfig.domainConfigs[0].portRanges[0].to: not a port number (1-65535): 70000",
+            ],
+        )
+
+    def test_durations_in_ms(self) -> None:
+        raw = copy.deepcopy(SEED)
+        raw["smartProxyConfig"]["domainConfigs"][0]["connectionTimeout"] = 60
+        self.assertIn(
+            "smartProxyConfig.domainConfigs[0].connectionTimeout: 60 ms is less than a second; "
+            "durations are in milliseconds",
+            load_options(raw).warnings,
+        )
+
+    def test_to_port_needs_from_port(self) -> None:
+        self.assertEqual(
+            self.errors(proxy(toPort=8080, targetIP="10.0.0.1")),
+            [
+                "smartProxyConfig.toPort: has no effect without smartProxyConfig.fromPort",
+                "smartProxyConfig.targetIP: has no effect without smartProxyConfig.fromPort",
+            ],
+        )
+
+    def test_domain_config_needs_ports_and_targets(self) -> None:
+        raw: dict[str, Any] = {"smartProxyConfig": {"domainConfigs": [{"domains": ["example.com"]}]}}
+        self.assertEqual(
+            self.errors(raw),
+            [
+                (
+                    "smartProxyConfig.domainConfigs[0].portRanges: required when neither "
+                    "smartProxyConfig.globalPortRanges nor smartProxyConfig.fromPort is set"
+                ),
+                (
+                    "smartProxyConfig.domainConfigs[0].targetIPs: required when smartProxyConfig.targetIP "
+                    "is not set"
+                ),
+            ],
+        )
+        raw["smartProxyConfig"].update(fromPort=443, targetIP="10.0.0.1")
+        self.assertEqual(len(self.config(raw).domain_configs), 1)
+
+    def test_domain_in_two_entries_on_one_port(self) -> None:
+        entries = [
+            {"domains": ["Example.com"], "targetIPs": ["10.0.0.1"], "portRanges": [{"from": 443, "to": 443}]},
+            {
+                "domains": ["example.com."],
+                "targetIPs": ["10.0.0.2"],
+                "portRanges": [{"from": 400, "to": 500}],
+            },
+        ]
+        self.assertEqual(
+            self.errors({"smartProxyConfig": {"domainConfigs": entries}}),
+            [
+                (
+                    "smartProxyConfig.domainConfigs[1].domains[0]: 'example.com.' is also in "
+                    "smartProxyConfig.domainConfigs[0] on the same port"
+                )
+            ],
+        )
+        entries[1]["portRanges"] = [{"from": 80, "to": 80}]
+        self.config({"smartProxyConfig": {"domainConfigs": entries}})
+
+    def test_sni_disabled(self) -> None:
+        raw = copy.deepcopy(SEED)
+        raw["smartProxyConfig"]["sniEnabled"] = False
+        self.assertEqual(
+            self.errors(raw),
+            [
+                (
+                    "smartProxyConfig.domainConfigs[0]: listens on smartProxyConfig.fromPort (443), where "
+                    "smartProxyConfig.sniEnabled is false"
+                )
+            ],
+        )
+        raw["smartProxyConfig"]["domainConfigs"][0]["portRanges"] = [{"from": 80, "to": 80}]
+        self.config(raw)
+
+
+class RouteFormTests(ProxyCase):
+    def test_route_loads(self) -> None:
+        config = self.config(proxy())
+        loaded = config.routes[0]
+        self.assertIsInstance(loaded, RouteConfig)
+        self.assertEqual(loaded.name, "web")
+        self.assertEqual(loaded.priority, 10)
+        self.assertEqual(port_ranges(loaded.match.ports), [(443, 443), (8443, 8444)])
+        self.assertEqual(route_domains(loaded.match.domains), ("*.example.com",))
+        assert loaded.action.target is not None
+        self.assertEqual(hosts(loaded.action.target.host), ("10.0.0.1", "backend.internal"))
+        self.assertEqual(target_port(loaded.action.target.port), 8443)
+        assert loaded.security is not None
+        self.assertEqual(loaded.security.max_connections, 50)
+
+    def test_shapes(self) -> None:
+        """The one-value spellings SmartProxy accepts: a single port, a single host, a single domain,
+        `"*"` for any name, `"preserve"`."""
+        raw = route(
+            match={"ports": 443, "domains": "example.com"},
+            action={"type": "forward", "target": {"host": "10.0.0.1"}},
+        )
+        loaded = self.config(raw).routes[0]
+        self.assertEqual(port_ranges(loaded.match.ports), [(443, 443)])
+        self.assertEqual(route_domains(loaded.match.domains), ("example.com",))
+        assert loaded.action.target is not None
+        self.assertEqual(hosts(loaded.action.target.host), ("10.0.0.1",))
+        self.assertIsNone(target_port(loaded.action.target.port))
+        self.assertEqual(route_domains("*"), ())
+        self.assertEqual(route_domains(["*", "a.example"]), ())
+
+    def test_bad_shapes(self) -> None:
+        raw = route(
+            match={
+                "ports": [0, {"from": 9, "to": 8}, {"from": 1}, "80"],
+                "domains": ["ok.example", "bad_name"],
+                "clientIp": ["300.0.0.0/8"],
+            },
+            action={"type": "forward", "target": {"host": ["a b"], "port": "same"}},
+        )
+        self.assertEqual(
+            self.errors(raw),
+            [
+                "smartProxyConfig.routes[0].match.ports[0]: not a port number (1-65535): 0",
+                "smartProxyConfig.routes[0].match.ports[1]: 'from' (9) is more than 'to' (8)",
+                (
+                    "smartProxyConfig.routes[0].match.ports[2]: a port range has exactly the keys 'from' and "
+                    "'to', got ['from']"
+                ),
+                (
+                    "smartProxyConfig.routes[0].match.ports[3]: expected a port number or a {from, to} "
+                    "table, got '80'"
+                ),
+                "smartProxyConfig.routes[0].match.domains[1]: not a domain name or '*.' wildcard: 'bad_name'",
+                (
+                    "smartProxyConfig.routes[0].match.clientIp[0]: not an IP network in CIDR notation: "
+                    "'300.0.0.0/8'"
+                ),
+                "smartProxyConfig.routes[0].action.target.host[0]: not a host name or IP address: 'a b'",
+                (
+                    'smartProxyConfig.routes[0].action.target.port: expected a port number or "preserve", '
+                    "got 'same'"
+                ),
+            ],
+        )
+
+    def test_empty_and_wrong_types(self) -> None:
+        raw = route(
+            match={"ports": [], "domains": 5},
+            action={"type": "forward", "target": {"host": []}},
+            priority="high",
+        )
+        self.assertEqual(
+            self.errors(raw),
+            [
+                "smartProxyConfig.routes[0].priority: expected integer, got a string 'high'",
+                "smartProxyConfig.routes[0].match.ports: must not be empty",
+                (
+                    "smartProxyConfig.routes[0].match.domains: expected a domain pattern or a list of them, "
+                    "got 5"
+                ),
+                "smartProxyConfig.routes[0].action.target.host: must not be empty",
+            ],
+        )
+
+    def test_forward_needs_target(self) -> None:
+        self.assertEqual(
+            self.errors(route(action={"type": "forward"})),
+            ['smartProxyConfig.routes[0].action.target: required for type "forward"'],
+        )
+
+    def test_names_unique(self) -> None:
+        raw = proxy()
+        second = copy.deepcopy(ROUTE)
+        raw["smartProxyConfig"]["routes"].append(second)
+        unnamed = copy.deepcopy(ROUTE)
+        del unnamed["name"]
+        raw["smartProxyConfig"]["routes"] += [unnamed, copy.deepcopy(unnamed)]
+        self.assertEqual(
+            self.errors(raw),
+            ["smartProxyConfig.routes[1].name: 'web' is also smartProxyConfig.routes[0]"],
+        )
+
+    def test_unknown_key(self) -> None:
+        self.assertEqual(
+            self.errors(route(secuirty={})),
+            ["smartProxyConfig.routes[0].secuirty: unknown key; did you mean 'security'?"],
+        )
+
+
+class UnsupportedTests(ProxyCase):
+    def test_termination_and_acme(self) -> None:
+        raw = copy.deepcopy(SEED)
+        sp = raw["smartProxyConfig"]
+        sp["domainConfigs"][0]["useNetworkProxy"] = True
+        sp["acme"]["enabled"] = True
+        sp["routes"] = [
+            dict(copy.deepcopy(ROUTE), name="a", tls={"mode": "terminate", "certificate": "auto"}),
+            dict(copy.deepcopy(ROUTE), name="b", tls={"mode": "terminate-and-reencrypt"}),
+            dict(copy.deepcopy(ROUTE), name="c", action={"type": "block"}),
+        ]
+        errors = self.errors(raw)
+        self.assertEqual(
+            [e.split(": ")[0] for e in errors],
+            [
+                "smartProxyConfig.acme.enabled",
+                "smartProxyConfig.domainConfigs[0].useNetworkProxy",
+                "smartProxyConfig.routes[0].tls.mode",
+                "smartProxyConfig.routes[0].tls.certificate",
+                "smartProxyConfig.routes[1].tls.mode",
+                "smartProxyConfig.routes[2].action.type",
+            ],
+        )
+        for e in errors:
+            self.assertIn(": not supported yet: ", e)
+
+    def test_defaults_of_unsupported_keys_load(self) -> None:
+        raw = route(tls={"mode": "passthrough", "certificate": None})
+        raw["smartProxyConfig"]["acme"] = {"enabled": False}
+        self.config(raw)
+
+
+class HttpDomainRoutesTests(ProxyCase):
+    def test_loads(self) -> None:
+        raw = {
+            "httpDomainRoutes": [
+                {"domain": "example.com", "targetServerIP": "10.0.0.1", "targetServerPort": 8080},
+                {
+                    "domain": "*.example.com",
+                    "targetServerIP": "web.internal",
+                    "targetServerPort": 8443,
+                    "useTls": True,
+                    "listenPort": 8443,
+                },
+            ]
+        }
+        routes = load_options(raw).options.http_domain_routes
+        assert routes is not None
+        self.assertIsInstance(routes[0], HttpDomainRoute)
+        self.assertEqual(
+            [(r.domain, r.target_server_ip, r.target_server_port, r.use_tls, r.listen_port) for r in routes],
+            [
+                ("example.com", "10.0.0.1", 8080, False, None),
+                ("*.example.com", "web.internal", 8443, True, 8443),
+            ],
+        )
+
+    def test_checks(self) -> None:
+        raw = {"httpDomainRoutes": [{"domain": "*", "targetServerIP": "", "targetServerPort": 0}]}
+        self.assertEqual(
+            self.errors(raw),
+            [
+                "httpDomainRoutes[0].domain: not a domain name or '*.' wildcard: '*'",
+                "httpDomainRoutes[0].targetServerIP: not a host name or IP address: ''",
+                "httpDomainRoutes[0].targetServerPort: not a port number (1-65535): 0",
+            ],
+        )
+
+
+class SmtpPortConflictTests(ProxyCase):
+    SMTP: dict[str, Any] = {"ports": [25, 2525], "hostname": "mx.example.com"}
+
+    def test_every_proxy_spelling_is_checked(self) -> None:
+        raw = proxy(fromPort=2525, targetIP="10.0.0.1", globalPortRanges=[{"from": 20, "to": 30}])
+        raw["smartProxyConfig"]["routes"][0]["match"]["ports"] = 25
+        raw["smartProxyConfig"]["domainConfigs"] = [
+            {"domains": ["a.example"], "portRanges": [{"from": 2500, "to": 2600}]}
+        ]
+        raw["httpDomainRoutes"] = [
+            {"domain": "b.example", "targetServerIP": "10.0.0.2", "targetServerPort": 80, "listenPort": 25}
+        ]
+        raw["smtpConfig"] = dict(self.SMTP)
+        self.assertEqual(
+            self.errors(raw),
+            [
+                "smartProxyConfig.fromPort: port 2525 is also smtpConfig.ports[1]",
+                "smartProxyConfig.globalPortRanges[0]: port 25 is also smtpConfig.ports[0]",
+                "smartProxyConfig.domainConfigs[0].portRanges[0]: port 2525 is also smtpConfig.ports[1]",
+                "smartProxyConfig.routes[0].match.ports: port 25 is also smtpConfig.ports[0]",
+                "httpDomainRoutes[0]: port 25 is also smtpConfig.ports[0]",
+            ],
+        )
+
+    def test_list_item_path(self) -> None:
+        raw = proxy()
+        raw["smartProxyConfig"]["routes"][0]["match"]["ports"] = [443, {"from": 2000, "to": 3000}]
+        raw["smtpConfig"] = dict(self.SMTP)
+        self.assertEqual(
+            self.errors(raw),
+            ["smartProxyConfig.routes[0].match.ports[1]: port 2525 is also smtpConfig.ports[1]"],
+        )
+
+    def test_separate_ports_load(self) -> None:
+        raw = copy.deepcopy(SEED)
+        raw["smtpConfig"] = dict(self.SMTP)
+        options = load_options(raw).options
+        self.assertIsNotNone(options.smart_proxy_config)
+        self.assertIsNotNone(options.smtp_config)

@@ -349,7 +349,7 @@ def _alive(client: ESMTPClient) -> bool:
     """Whether the connection looks open. Approximate (an abort in progress may not show yet): the RSET
     probe before reuse settles it."""
     transport = client.transport
-    if transport is None or getattr(client, "_failure", None) is not None:
+    if not client.is_open:
         return False
     return bool(getattr(transport, "connected", True)) and not getattr(transport, "disconnecting", False)
 

@@ -75,8 +75,12 @@ class ScriptedTransport:
             stream.close()
         stored = await self.queue.get(item.id)
         call = {
-            "id": item.id, "route": route.name, "rcpts": list(recipients), "body": body,
-            "at": self.clock.seconds(), "outcomes_before": dict(stored.outcomes),
+            "id": item.id,
+            "route": route.name,
+            "rcpts": list(recipients),
+            "body": body,
+            "at": self.clock.seconds(),
+            "outcomes_before": dict(stored.outcomes),
         }
         self.calls.append(call)
         results = [self._answer(rcpt, route) for rcpt in recipients]
@@ -180,14 +184,18 @@ class DeliveryTests(ManagerTestsBase):
     def test_delivers_on_wake(self) -> None:
         self.start()
         qid = self.send("alice@senders.test", "bob@a.test", "carol@a.test")
-        self.assertEqual([(c["id"], c["route"], c["rcpts"]) for c in self.transport.calls],
-                         [(qid, "rule:a.test", ["bob@a.test", "carol@a.test"])])
+        self.assertEqual(
+            [(c["id"], c["route"], c["rcpts"]) for c in self.transport.calls],
+            [(qid, "rule:a.test", ["bob@a.test", "carol@a.test"])],
+        )
         self.assertEqual(self.transport.calls[0]["body"], BODY)
         item = self.item(qid)
         self.assertEqual(item.status, QueueItemStatus.DELIVERED)
         self.assertEqual(item.destination, "rule:a.test")
-        self.assertEqual({r: o["outcome"] for r, o in item.outcomes.items()},
-                         {"bob@a.test": "delivered", "carol@a.test": "delivered"})
+        self.assertEqual(
+            {r: o["outcome"] for r, o in item.outcomes.items()},
+            {"bob@a.test": "delivered", "carol@a.test": "delivered"},
+        )
         self.assertEqual(item.outcomes["bob@a.test"]["reply"], "250 2.0.0 Ok")
         self.assertEqual(item.outcomes["bob@a.test"]["target"], "mx.a.test:25")
         [entry] = item.history
@@ -214,12 +222,17 @@ class DeliveryTests(ManagerTestsBase):
         qid = self.send("alice@senders.test", "b@one.test", "c@two.test", "d@one.test", "e@three.test")
         self.assertEqual(
             [(c["route"], c["rcpts"]) for c in self.transport.calls],
-            [("rule:one.test", ["b@one.test", "d@one.test"]), ("rule:two.test", ["c@two.test"]),
-             ("rule:three.test", ["e@three.test"])],
+            [
+                ("rule:one.test", ["b@one.test", "d@one.test"]),
+                ("rule:two.test", ["c@two.test"]),
+                ("rule:three.test", ["e@three.test"]),
+            ],
         )
         # What the queue held when each group was handed to the transport: the earlier groups, durably.
-        self.assertEqual([sorted(c["outcomes_before"]) for c in self.transport.calls],
-                         [[], ["b@one.test", "d@one.test"], ["b@one.test", "c@two.test", "d@one.test"]])
+        self.assertEqual(
+            [sorted(c["outcomes_before"]) for c in self.transport.calls],
+            [[], ["b@one.test", "d@one.test"], ["b@one.test", "c@two.test", "d@one.test"]],
+        )
         item = self.item(qid)
         self.assertEqual(item.status, QueueItemStatus.DELIVERED)
         self.assertEqual(
@@ -321,8 +334,10 @@ class BounceTests(ManagerTestsBase):
         self.assertEqual(item.status, QueueItemStatus.BOUNCED)
         msg = self.dsn_of(qid + "B")
         rcpts = msg.get_payload()[1].get_payload()[1:]
-        self.assertEqual([(r["Final-Recipient"], r["Status"]) for r in rcpts],
-                         [("rfc822; bob@a.test", "5.1.1"), ("rfc822; carol@b.test", "4.4.7")])
+        self.assertEqual(
+            [(r["Final-Recipient"], r["Status"]) for r in rcpts],
+            [("rfc822; bob@a.test", "5.1.1"), ("rfc822; carol@b.test", "4.4.7")],
+        )
         # One DSN, itself delivered to the sender.
         self.assertEqual(self.item(qid + "B").status, QueueItemStatus.DELIVERED)
 
@@ -356,10 +371,20 @@ class BounceTests(ManagerTestsBase):
         qid = self.send("alice@senders.test", "bob@a.test")
         earlier = Envelope(mail_from="", recipients=["alice@senders.test"])
         result_of(self.processor.process(earlier, SpooledMessage(5, data=b"first"), qid + "B"))
-        result_of(self.queue.update(qid, outcomes={"bob@a.test": {
-            "outcome": "permanent", "reply": "550 5.1.1 No such user", "target": "mx.a.test:25", "at": START,
-            "route": "rule:a.test",
-        }}))
+        result_of(
+            self.queue.update(
+                qid,
+                outcomes={
+                    "bob@a.test": {
+                        "outcome": "permanent",
+                        "reply": "550 5.1.1 No such user",
+                        "target": "mx.a.test:25",
+                        "at": START,
+                        "route": "rule:a.test",
+                    }
+                },
+            )
+        )
         [claimed] = result_of(self.queue.get_next(1))
         item = result_of(Deferred.fromCoroutine(self.manager.deliver_message(claimed)))
         self.assertEqual(item.status, QueueItemStatus.BOUNCED)
@@ -525,12 +550,14 @@ class LifecycleTests(ManagerTestsBase):
         self.assertEqual(self.item(qid).status, QueueItemStatus.DELIVERING)  # the queue's recovery returns it
 
     def test_purges_finished_items_after_the_retention(self) -> None:
-        self.start(finished_retention=30_000)
+        """Purged once queued longer than queueLifetime + finishedRetention (60 + 30 s here), at the next
+        once-a-minute purge: so never less than the retention after it finished."""
+        self.start(finished_retention=30_000, queue_lifetime=60_000)
         qid = self.send("alice@senders.test", "bob@a.test")
         self.assertEqual(self.item(qid).status, QueueItemStatus.DELIVERED)
-        self.advance_to(START + 59)
+        self.advance_to(START + 119)
         self.assertIsNotNone(result_of(self.queue.get(qid)))
-        self.advance_to(START + 60)
+        self.advance_to(START + 120)
         self.assertIsNone(result_of(self.queue.get(qid)))
         self.assertEqual(self.manager.get_delivery_stats()["purged"], 1)
 
@@ -614,8 +641,12 @@ class DiskQueueTests(TestCase):
     def manager(self, queue: DiskQueue, transport: ScriptedTransport) -> DeliveryManager:
         cfg = config()
         return DeliveryManager(
-            queue=queue, routes=RouteTable(cfg, rules=[DomainRule()]), transport=transport,
-            processor=EmailProcessor(queue, self.clock.seconds), config=cfg, clock=self.clock,
+            queue=queue,
+            routes=RouteTable(cfg, rules=[DomainRule()]),
+            transport=transport,
+            processor=EmailProcessor(queue, self.clock.seconds),
+            config=cfg,
+            clock=self.clock,
             random=lambda: 0.5,
         )
 
@@ -670,4 +701,3 @@ class DiskQueueTests(TestCase):
         with stream:
             self.assertIn(b"Final-Recipient: rfc822; bob@a.test", stream.read())
         self.assertEqual((await queue.get(item.id)).status, QueueItemStatus.BOUNCED)
-

@@ -42,8 +42,9 @@ class PolicyTests(TestCase):
         return RetryPolicy.from_config(SmtpConfig(hostname="mx.test", **changes))
 
     def test_from_config_in_seconds(self) -> None:
-        self.assertEqual(self.policy(), RetryPolicy(max_retries=10, base_delay=300, max_delay=14_400,
-                                                    lifetime=432_000))
+        self.assertEqual(
+            self.policy(), RetryPolicy(max_retries=40, base_delay=300, max_delay=14_400, lifetime=432_000)
+        )
 
     def test_verdicts(self) -> None:
         policy = self.policy(max_retries=3)
@@ -70,13 +71,28 @@ class PolicyTests(TestCase):
         self.assertEqual([policy.next_delay(n, fixed(0.5)) for n in (1, 2, 3, 4)], [60, 120, 240, 240])
 
     def test_default_schedule(self) -> None:
+        """Doubling from 5 minutes to the 4 hour cap, then every 4 hours until the 5 day lifetime, which comes
+        before the 40 attempts maxRetries allows (the table in docs/delivery.md)."""
         rows = self.policy().schedule()
         self.assertEqual(
-            [(n, wait) for n, wait, _ in rows],
-            [(1, 300), (2, 600), (3, 1200), (4, 2400), (5, 4800), (6, 9600), (7, 14_400), (8, 14_400),
-             (9, 14_400)],
+            [(n, wait) for n, wait, _ in rows[:9]],
+            [
+                (1, 300),
+                (2, 600),
+                (3, 1200),
+                (4, 2400),
+                (5, 4800),
+                (6, 9600),
+                (7, 14_400),
+                (8, 14_400),
+                (9, 14_400),
+            ],
         )
-        self.assertEqual(rows[-1][2], 62_100)
+        self.assertEqual(rows[8][2], 62_100)
+        self.assertEqual({wait for _, wait, _ in rows[6:]}, {14_400})
+        self.assertEqual(len(rows), 34)  # 35 attempts in all: the 35th ends at the lifetime
+        self.assertLess(rows[-1][2], 432_000)
+        self.assertGreaterEqual(rows[-1][2] + 14_400, 432_000)
 
     def test_schedule_cut_by_lifetime(self) -> None:
         rows = self.policy(queue_lifetime=800_000).schedule()

@@ -62,7 +62,8 @@ def checked(*block_checks: BlockCheck) -> Callable[[type[_T]], type[_T]]:
     """Attach checks across the keys of a block; the loader runs them after the block's keys loaded."""
 
     def attach(cls: type[_T]) -> type[_T]:
-        setattr(cls, "__config_checks__", block_checks)
+        # setattr, not assignment: an arbitrary class has no declared attribute for mypy to check against.
+        setattr(cls, "__config_checks__", block_checks)  # noqa: B010
         return cls
 
     return attach
@@ -77,8 +78,9 @@ def block_checks(cls: type) -> tuple[BlockCheck, ...]:
 @dataclass(frozen=True)
 class TlsConfig:
     cert_path: str | None = option(
-        None, doc="PEM certificate chain for STARTTLS and implicit TLS (a file path; relative paths are "
-        "relative to the working directory)."
+        None,
+        doc="PEM certificate chain for STARTTLS and implicit TLS (a file path; relative paths are "
+        "relative to the working directory).",
     )
     key_path: str | None = option(None, doc="PEM private key matching certPath, unencrypted.")
     ca_path: str | None = option(None, doc="PEM bundle of CAs sent as the chain (intermediates).")
@@ -197,7 +199,9 @@ class DomainConfig:
 
 @dataclass(frozen=True)
 class RoutingRuleConfig:
-    name: str = option(doc="Name of the rule, shown in logs and as the route `rule:<name>`.", check=c.not_empty)
+    name: str = option(
+        doc="Name of the rule, shown in logs and as the route `rule:<name>`.", check=c.not_empty
+    )
     target_ips: list[str] = option(
         key="targetIPs",
         doc="Servers (host names or IPs) the matching recipients are relayed to.",
@@ -238,7 +242,9 @@ class DeliveryConfig:
         doc="Verify target certificates (host name included); a failure defers the message. Off by default: "
         "opportunistic TLS to MX hosts, as most MTAs do.",
     )
-    tls_min_version: Literal["TLSv1.2", "TLSv1.3"] = option("TLSv1.2", doc="Lowest TLS version used outbound.")
+    tls_min_version: Literal["TLSv1.2", "TLSv1.3"] = option(
+        "TLSv1.2", doc="Lowest TLS version used outbound."
+    )
     global_rate_limit: int | None = option(None, unsupported="Delivery rate limits are not built yet.")
     per_server_rate_limit: int | None = option(None, unsupported="Delivery rate limits are not built yet.")
     per_domain_rate_limit: dict[str, int] | None = option(
@@ -339,7 +345,12 @@ class SmtpConfig:
         doc="Directory of the disk queue; with `redis`, of message bodies over 1 MiB and the receive spool.",
         check=c.not_empty,
     )
-    max_retries: int = option(10, doc="Delivery attempts before a message bounces.", check=c.non_negative)
+    max_retries: int = option(
+        40,
+        doc="Delivery attempts before a message bounces. The default lets queueLifetime (5 days) decide, as "
+        "operators of other MTAs expect.",
+        check=c.non_negative,
+    )
     base_retry_delay: int = option(
         300_000, doc="Milliseconds before the first retry; doubles per attempt.", check=c.duration
     )
@@ -429,7 +440,8 @@ class SmtpConfig:
         "be lost (dcrouter warns at start-up).",
     )
     check_interval: int = option(
-        1_000, doc="Milliseconds between looks at the queue for due messages (enqueue also wakes delivery).",
+        1_000,
+        doc="Milliseconds between looks at the queue for due messages (enqueue also wakes delivery).",
         check=c.duration,
     )
     max_per_destination: int = option(
@@ -479,8 +491,9 @@ class SharedTlsConfig:
         None, doc="The router's own domain name.", unsupported="Nothing uses the router's own domain yet."
     )
     cert_path: str | None = option(
-        None, doc="PEM certificate used when a service has none of its own (SMTP: when smtpConfig.tls names "
-        "no certificate)."
+        None,
+        doc="PEM certificate used when a service has none of its own (SMTP: when smtpConfig.tls names "
+        "no certificate).",
     )
     key_path: str | None = option(None, doc="PEM private key for certPath, unencrypted.")
 

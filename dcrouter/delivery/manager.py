@@ -27,7 +27,9 @@ What a caller may rely on:
   sender never gets one: it becomes FAILED (logged).
 - **Delay warning.** Once per message, when ``delayWarningAfter`` > 0 and a deferral happens at least that
   long after the message was queued: a DSN with ``Action: delayed`` (id ``<id>W``), and ``warned_at``.
-- **Housekeeping.** Every ``PURGE_INTERVAL`` seconds, ``queue.purge_expired(finishedRetention)``.
+- **Housekeeping.** Every ``PURGE_INTERVAL`` seconds, finished messages queued more than
+  ``queueLifetime + finishedRetention`` ago are purged: each stays queryable at least ``finishedRetention``
+  after it finished.
 - **Stopping.** ``stopService`` stops claiming and waits up to ``stop_grace`` seconds for attempts in flight.
   Anything still claimed afterwards is returned to the ready state by the queue's recovery at next load.
 
@@ -264,7 +266,11 @@ class DeliveryManager(Service):
         if now < self._next_purge:
             return
         self._next_purge = now + PURGE_INTERVAL
-        d = self._queue.purge_expired(self._config.finished_retention / 1000.0)
+        # The queue's max_age counts from when an item was queued, and a message can finish as late as
+        # queueLifetime after that: purging at lifetime + retention keeps every finished message queryable for
+        # at least finishedRetention after it finished (quickly delivered ones stay longer).
+        config = self._config
+        d = self._queue.purge_expired((config.queue_lifetime + config.finished_retention) / 1000.0)
         d.addCallback(self._purged)
         d.addErrback(self._log_failure, "purging finished messages failed")
 
@@ -345,8 +351,12 @@ class DeliveryManager(Service):
                 key = "recipients_delivered" if r.outcome is Outcome.DELIVERED else "recipients_failed"
                 self._stats[key] += 1
             log.info(
-                "{queue_id} to {recipient} via {route}: {outcome} ({reply})", queue_id=item.id,
-                recipient=r.recipient, route=route.name, outcome=r.outcome.value, reply=r.reply,
+                "{queue_id} to {recipient} via {route}: {outcome} ({reply})",
+                queue_id=item.id,
+                recipient=r.recipient,
+                route=route.name,
+                outcome=r.outcome.value,
+                reply=r.reply,
             )
         entry = {
             "at": now,
@@ -405,7 +415,11 @@ class DeliveryManager(Service):
         self._stats["deferred"] += 1
         log.info(
             "{queue_id} deferred after attempt {attempts}: {pending} recipients pending, next attempt in "
-            "{wait:.0f} s ({error})", queue_id=item.id, attempts=attempts, pending=len(pending), wait=wait,
+            "{wait:.0f} s ({error})",
+            queue_id=item.id,
+            attempts=attempts,
+            pending=len(pending),
+            wait=wait,
             error=last_error,
         )
         updated: QueueItem = await self._queue.update(item.id, **changes)
@@ -457,8 +471,12 @@ class DeliveryManager(Service):
                 "route": "",
             }
         self._stats["recipients_failed"] += len(pending)
-        log.info("{queue_id}: {reason}; {count} recipients fail", queue_id=item.id, reason=reason,
-                 count=len(pending))
+        log.info(
+            "{queue_id}: {reason}; {count} recipients fail",
+            queue_id=item.id,
+            reason=reason,
+            count=len(pending),
+        )
         updated: QueueItem = await self._queue.update(
             item.id, outcomes=outcomes, attempts=attempts, last_error=f"4.4.7 {reason}"
         )
@@ -476,7 +494,8 @@ class DeliveryManager(Service):
             status = QueueItemStatus.FAILED
             log.warn(
                 "{queue_id} from the null sender failed for {count} recipients; no bounce is sent for it",
-                queue_id=item.id, count=len(failed),
+                queue_id=item.id,
+                count=len(failed),
             )
         else:
             rows = [(r, item.outcomes[r]["reply"], item.outcomes[r]["target"]) for r in failed]
@@ -543,8 +562,9 @@ class DeliveryManager(Service):
             now=now,
             will_retry_until=item.created_at + self._policy.lifetime if action == "delayed" else None,
         )
-        envelope = Envelope(mail_from="", recipients=[item.envelope.mail_from], helo=self._hostname,
-                            received_at=now)
+        envelope = Envelope(
+            mail_from="", recipients=[item.envelope.mail_from], helo=self._hostname, received_at=now
+        )
         try:
             await self._processor.process(
                 envelope, SpooledMessage(len(data), data=data), queue_id=dsn_id, priority=Priority.BOUNCE

@@ -16,7 +16,8 @@ class QueueFull(QueueError):
 
 
 class QueueUnavailable(QueueError):
-    """The store cannot take the item now: disk full, I/O error, Redis down (ingress answers ``451 4.3.0``)."""
+    """The store cannot take the item now: disk full, I/O error, Redis down (ingress answers
+    ``451 4.3.0``)."""
 
 
 class DuplicateItem(ValueError):
@@ -27,9 +28,9 @@ class DuplicateItem(ValueError):
 class IDeliveryQueue(Interface):
     """Durable storage of queued messages and their delivery state (the seed's DeliveryQueue, Python naming).
 
-    Every method returning a Deferred may fail with :class:`QueueError`. ``enqueue``'s Deferred fires only once
-    the message body and its envelope are durable (fsynced, or acknowledged by Redis): that is what allows
-    ingress to answer 250.
+    Every method returning a Deferred may fail with :class:`QueueError`. ``enqueue``'s Deferred fires only
+    once the message body and its envelope are durable (fsynced, or acknowledged by Redis): that is what
+    allows ingress to answer 250.
     """
 
     def enqueue(item, message):

@@ -1,9 +1,9 @@
 """Structured logs: one JSON object per line, for log shippers.
 
-``twistd --logger dcrouter.log.json_observer -n dcrouter --config FILE`` writes every event to standard output
-as ``{"time": ..., "level": ..., "namespace": ..., "message": ..., "fields": {...}}``. ``fields`` holds the
-event's own keys (``queue_id``, ``peer``, ``port``, …) whose values are JSON-serialisable; what emitters put in
-an event is their responsibility (dcrouter never logs passwords or message bodies).
+``twistd --logger dcrouter.log.json_observer -n dcrouter --config FILE`` writes every event to standard
+output as ``{"time": ..., "level": ..., "namespace": ..., "message": ..., "fields": {...}}``. ``fields``
+holds the event's own keys (``queue_id``, ``peer``, ``port``, …) whose values are JSON-serialisable; what
+emitters put in an event is their responsibility (dcrouter never logs passwords or message bodies).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class JsonLinesObserver:
             return
         when = event.get("log_time") or event.get("time")
         record: dict[str, Any] = {
-            "time": datetime.datetime.fromtimestamp(when, datetime.timezone.utc).isoformat()
+            "time": datetime.datetime.fromtimestamp(when, datetime.UTC).isoformat()
             if when is not None
             else None,
             "level": level.name,

@@ -10,9 +10,12 @@ points here).
 from __future__ import annotations
 
 import sys
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from twisted.python import usage
+
+if TYPE_CHECKING:
+    from dcrouter.config import ConfigError
 
 #: A packaged deployment keeps its configuration here; from a checkout, pass
 #: --config etc/dcrouter.example.toml.
@@ -34,8 +37,10 @@ class Options(usage.Options):
         [
             "check",
             None,
-            "Validate the configuration file, print every error and warning, and exit: 0 if it is valid, "
-            "1 if not. Nothing is bound or started.",
+            (
+                "Validate the configuration file, print every error and warning, and exit: 0 if it is valid, "
+                "1 if not. Nothing is bound or started."
+            ),
         ],
     ]
     compData = usage.Completions(optActions={"config": usage.CompleteFiles("*.toml *.json")})
@@ -52,22 +57,22 @@ def _load(path: str) -> Any:
     return load_file(path)
 
 
-def _config_errors(path: str, error: Exception) -> list[str]:
+def _config_errors(path: str, error: ConfigError | OSError) -> list[str]:
     from dcrouter.config import ConfigError
 
     if isinstance(error, ConfigError):
         return list(error.errors) or [str(error)]
-    if isinstance(error, OSError):
-        return [f"cannot read the configuration file: {error.strerror or error}"]
-    raise error
+    return [f"cannot read the configuration file: {error.strerror or error}"]
 
 
 def check(path: str, out: TextIO, err: TextIO) -> int:
     """Validate ``path`` as ``--check`` does: every error and warning printed, prefixed with the file name.
     Returns the exit status (0 valid, 1 invalid)."""
+    from dcrouter.config import ConfigError
+
     try:
         result = _load(path)
-    except Exception as error:
+    except (ConfigError, OSError) as error:
         errors = _config_errors(path, error)
         for message in errors:
             print(f"error: {message}", file=err)
@@ -84,18 +89,20 @@ def makeService(config: Options) -> Any:
     at this point twistd has not started logging, so the terminal is where the operator is looking."""
     from twisted.internet import reactor  # only here: the global reactor, as twistd runs it
 
+    from dcrouter.config import ConfigError
     from dcrouter.router import DcRouter
 
     path = config["config"]
     try:
         result = _load(path)
-    except Exception as error:
+    except (ConfigError, OSError) as error:
         for message in _config_errors(path, error):
             print(f"error: {message}", file=sys.stderr)
         print(f"{path}: not valid; nothing started", file=sys.stderr)
         if path == DEFAULT_CONFIG:
             print("dcrouter: to try the example, pass --config etc/dcrouter.example.toml", file=sys.stderr)
-        raise SystemExit(1)
+        # The errors are printed above; the exception they came from would only repeat them.
+        raise SystemExit(1) from None
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     router = DcRouter(result, reactor=reactor)

@@ -49,7 +49,7 @@ class LoadCase(unittest.TestCase):
         os.makedirs(directory)
         cert, key = generate_self_signed("mx.example.com")
         paths = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
-        for path, data in zip(paths, (cert, key)):
+        for path, data in zip(paths, (cert, key), strict=True):
             with open(path, "wb") as f:
                 f.write(data)
         return paths
@@ -97,8 +97,11 @@ class LoadingTests(LoadCase):
         directory = self.mktemp()
         os.makedirs(directory)
         cases = {"c.yaml": "ports: [25]\n", "c.toml": "[smtpConfig\n", "d.json": "{,}"}
-        expected = {"c.yaml": "unknown configuration format '.yaml'", "c.toml": "not valid TOML",
-                    "d.json": "not valid JSON"}
+        expected = {
+            "c.yaml": "unknown configuration format '.yaml'",
+            "c.toml": "not valid TOML",
+            "d.json": "not valid JSON",
+        }
         for name, text in cases.items():
             path = os.path.join(directory, name)
             with open(path, "w") as f:
@@ -144,8 +147,7 @@ class LoadingTests(LoadCase):
             errors,
             [
                 'smtpConfig.tls.minVersion: expected one of "TLSv1.2", "TLSv1.3", got a string \'TLSv1.1\'',
-                "smtpConfig.queueStorage: expected one of \"memory\", \"disk\", \"redis\", got a "
-                "string 'Disk'",
+                'smtpConfig.queueStorage: expected one of "memory", "disk", "redis", got a string \'Disk\'',
             ],
         )
 
@@ -210,8 +212,12 @@ class UnsupportedTests(LoadCase):
         load_options(raw)
 
     def test_smtp(self) -> None:
-        raw = smtp(contentScanning=True, scanners=[{"type": "spam"}], transformations=[{"type": "x"}],
-                   auth={"methods": ["PLAIN", "OAUTH2"], "ldapUrl": "ldap://x"})
+        raw = smtp(
+            contentScanning=True,
+            scanners=[{"type": "spam"}],
+            transformations=[{"type": "x"}],
+            auth={"methods": ["PLAIN", "OAUTH2"], "ldapUrl": "ldap://x"},
+        )
         self.assertEqual(
             self.errors(raw),
             [
@@ -226,15 +232,27 @@ class UnsupportedTests(LoadCase):
     def test_domain_config(self) -> None:
         raw = copy.deepcopy(MX_ONLY)
         raw["smtpConfig"]["domainConfigs"][0].update(
-            allowedIPs=["0.0.0.0/0"], rateLimits={"maxMessagesPerMinute": 100}, addHeaders=True,
-            headerInfo=[{"name": "X", "value": "y"}], signDkim=True,
+            allowedIPs=["0.0.0.0/0"],
+            rateLimits={"maxMessagesPerMinute": 100},
+            addHeaders=True,
+            headerInfo=[{"name": "X", "value": "y"}],
+            signDkim=True,
             dkimOptions={"domainName": "example.com", "keySelector": "mail", "privateKey": "..."},
         )
         prefix = "smtpConfig.domainConfigs[0]."
         self.assertEqual(
             [e.split(": ")[0] for e in self.errors(raw)],
-            [prefix + k for k in ("allowedIPs", "rateLimits.maxMessagesPerMinute", "addHeaders", "headerInfo",
-                                  "signDkim", "dkimOptions")],
+            [
+                prefix + k
+                for k in (
+                    "allowedIPs",
+                    "rateLimits.maxMessagesPerMinute",
+                    "addHeaders",
+                    "headerInfo",
+                    "signDkim",
+                    "dkimOptions",
+                )
+            ],
         )
 
 
@@ -242,16 +260,21 @@ class PortTests(LoadCase):
     def test_range_and_duplicates(self) -> None:
         self.assertEqual(
             self.errors(smtp(ports=[0, 25, 25], defaultPort=65536)),
-            ["smtpConfig.ports: 25 is listed twice", "smtpConfig.ports[0]: not a port number (1-65535): 0",
-             "smtpConfig.defaultPort: not a port number (1-65535): 65536"],
+            [
+                "smtpConfig.ports: 25 is listed twice",
+                "smtpConfig.ports[0]: not a port number (1-65535): 0",
+                "smtpConfig.defaultPort: not a port number (1-65535): 65536",
+            ],
         )
         self.assertEqual(self.errors(smtp(ports=[])), ["smtpConfig.ports: must not be empty"])
 
     def test_roles_within_ports(self) -> None:
         self.assertEqual(
             self.errors(smtp(ports=[2525, 2465], implicitTlsPorts=[465], submissionPorts=[2587])),
-            ["smtpConfig.implicitTlsPorts[0]: port 465 is not in smtpConfig.ports",
-             "smtpConfig.submissionPorts[0]: port 2587 is not in smtpConfig.ports"],
+            [
+                "smtpConfig.implicitTlsPorts[0]: port 465 is not in smtpConfig.ports",
+                "smtpConfig.submissionPorts[0]: port 2587 is not in smtpConfig.ports",
+            ],
         )
 
     def test_default_roles_apply_to_listed_ports_only(self) -> None:
@@ -266,16 +289,23 @@ class PortTests(LoadCase):
         self.assertEqual(self.warnings(raw), [])
         warnings = self.warnings(smtp(ports=[25, 465], tls=tls, submissionPorts=[]))
         self.assertEqual(len(warnings), 1)
-        self.assertTrue(warnings[0].startswith("smtpConfig.implicitTlsPorts[0]: port 465 is not in "
-                                               "smtpConfig.submissionPorts"))
+        self.assertTrue(
+            warnings[0].startswith(
+                "smtpConfig.implicitTlsPorts[0]: port 465 is not in smtpConfig.submissionPorts"
+            )
+        )
 
 
 class TlsTests(LoadCase):
     def test_needed_for_implicit_tls(self) -> None:
         self.assertEqual(
             self.errors(smtp(ports=[25, 465], submissionPorts=[])),
-            ["smtpConfig.tls: required because smtpConfig.implicitTlsPorts lists [465]: "
-             "set certPath and keyPath, or selfSigned = true"],
+            [
+                (
+                    "smtpConfig.tls: required because smtpConfig.implicitTlsPorts lists [465]: "
+                    "set certPath and keyPath, or selfSigned = true"
+                )
+            ],
         )
 
     def test_shared_certificate_counts(self) -> None:
@@ -287,52 +317,78 @@ class TlsTests(LoadCase):
 
     def test_pair(self) -> None:
         cert, _ = self.write_pair()
-        self.assertEqual(self.errors(smtp(tls={"certPath": cert})),
-                         ["smtpConfig.tls.keyPath: required when the other of certPath/keyPath is set"])
+        self.assertEqual(
+            self.errors(smtp(tls={"certPath": cert})),
+            ["smtpConfig.tls.keyPath: required when the other of certPath/keyPath is set"],
+        )
         raw = copy.deepcopy(MX_ONLY)
         raw["tls"] = {"keyPath": cert}
-        self.assertEqual(self.errors(raw), ["tls.certPath: required when the other of "
-                                            "certPath/keyPath is set"])
+        self.assertEqual(
+            self.errors(raw), ["tls.certPath: required when the other of certPath/keyPath is set"]
+        )
 
     def test_files_must_hold_matching_pem(self) -> None:
         cert, key = self.write_pair()
         other_cert, other_key = self.write_pair()
         missing = cert + ".missing"
-        self.assertEqual(self.errors(smtp(tls={"certPath": missing, "keyPath": key})),
-                         [f"smtpConfig.tls.certPath: cannot read {missing!r}: No such file or directory"])
-        self.assertEqual(self.errors(smtp(tls={"certPath": key, "keyPath": cert})),
-                         [f"smtpConfig.tls.certPath: no PEM certificate in {key!r}",
-                          f"smtpConfig.tls.keyPath: no PEM private key in {cert!r}"])
-        self.assertEqual(self.errors(smtp(tls={"certPath": cert, "keyPath": other_key})),
-                         ["smtpConfig.tls.keyPath: does not match the certificate in "
-                          "smtpConfig.tls.certPath"])
-        self.assertEqual(self.errors(smtp(tls={"certPath": cert, "keyPath": key, "caPath": key})),
-                         [f"smtpConfig.tls.caPath: no PEM certificate in {key!r}"])
+        self.assertEqual(
+            self.errors(smtp(tls={"certPath": missing, "keyPath": key})),
+            [f"smtpConfig.tls.certPath: cannot read {missing!r}: No such file or directory"],
+        )
+        self.assertEqual(
+            self.errors(smtp(tls={"certPath": key, "keyPath": cert})),
+            [
+                f"smtpConfig.tls.certPath: no PEM certificate in {key!r}",
+                f"smtpConfig.tls.keyPath: no PEM private key in {cert!r}",
+            ],
+        )
+        self.assertEqual(
+            self.errors(smtp(tls={"certPath": cert, "keyPath": other_key})),
+            ["smtpConfig.tls.keyPath: does not match the certificate in smtpConfig.tls.certPath"],
+        )
+        self.assertEqual(
+            self.errors(smtp(tls={"certPath": cert, "keyPath": key, "caPath": key})),
+            [f"smtpConfig.tls.caPath: no PEM certificate in {key!r}"],
+        )
         load_options(smtp(tls={"certPath": cert, "keyPath": key, "caPath": other_cert}))
 
     def test_self_signed(self) -> None:
         directory = self.mktemp()
-        raw = smtp(ports=[465], submissionPorts=[465], tls={
-            "certPath": os.path.join(directory, "c.pem"), "keyPath": os.path.join(directory, "k.pem"),
-            "selfSigned": True})
+        raw = smtp(
+            ports=[465],
+            submissionPorts=[465],
+            tls={
+                "certPath": os.path.join(directory, "c.pem"),
+                "keyPath": os.path.join(directory, "k.pem"),
+                "selfSigned": True,
+            },
+        )
         tls = load_options(raw).options.smtp_config.tls  # type: ignore[union-attr]
         self.assertIsInstance(tls, TlsConfig)
-        self.assertEqual(self.errors(smtp(tls={"selfSigned": True})),
-                         ["smtpConfig.tls.certPath: required with selfSigned: where the "
-                          "certificate is generated"])
+        self.assertEqual(
+            self.errors(smtp(tls={"selfSigned": True})),
+            ["smtpConfig.tls.certPath: required with selfSigned: where the certificate is generated"],
+        )
 
     def test_ciphers(self) -> None:
-        self.assertEqual(self.errors(smtp(tls={"ciphers": "NO-SUCH-CIPHER"})),
-                         ["smtpConfig.tls.ciphers: OpenSSL knows no cipher in 'NO-SUCH-CIPHER'"])
+        self.assertEqual(
+            self.errors(smtp(tls={"ciphers": "NO-SUCH-CIPHER"})),
+            ["smtpConfig.tls.ciphers: OpenSSL knows no cipher in 'NO-SUCH-CIPHER'"],
+        )
         load_options(smtp(tls={"ciphers": "ECDHE+AESGCM"}))
 
 
 class ValueTests(LoadCase):
     def test_host_names(self) -> None:
         self.assertEqual(
-            self.errors(smtp(hostname="mx_1.example.com", banner="hi\r\n250 fake",
-                             defaultServer="-bad.example",
-                             bindAddress="localhost")),
+            self.errors(
+                smtp(
+                    hostname="mx_1.example.com",
+                    banner="hi\r\n250 fake",
+                    defaultServer="-bad.example",
+                    bindAddress="localhost",
+                )
+            ),
             [
                 "smtpConfig.hostname: not a valid host name: 'mx_1.example.com'",
                 "smtpConfig.banner: must not contain CR, LF or other control characters: 'hi\\r\\n250 fake'",
@@ -352,16 +408,20 @@ class ValueTests(LoadCase):
                 "smtpConfig.maxQueueSize: must be at least 0: -1",
             ],
         )
-        self.assertEqual(self.warnings(smtp(socketTimeout=30)),
-                         ["smtpConfig.socketTimeout: 30 ms is less than a second; durations are in "
-                          "milliseconds"])
+        self.assertEqual(
+            self.warnings(smtp(socketTimeout=30)),
+            ["smtpConfig.socketTimeout: 30 ms is less than a second; durations are in milliseconds"],
+        )
 
     def test_limits_against_each_other(self) -> None:
         self.assertEqual(
-            self.errors(smtp(maxConnections=10, maxConnectionsPerIP=11, baseRetryDelay=60_000,
-                             maxRetryDelay=30_000)),
-            ["smtpConfig.maxConnectionsPerIP: 11 is more than smtpConfig.maxConnections (10)",
-             "smtpConfig.maxRetryDelay: 30000 is less than smtpConfig.baseRetryDelay (60000)"],
+            self.errors(
+                smtp(maxConnections=10, maxConnectionsPerIP=11, baseRetryDelay=60_000, maxRetryDelay=30_000)
+            ),
+            [
+                "smtpConfig.maxConnectionsPerIP: 11 is more than smtpConfig.maxConnections (10)",
+                "smtpConfig.maxRetryDelay: 30000 is less than smtpConfig.baseRetryDelay (60000)",
+            ],
         )
 
     def test_domains(self) -> None:
@@ -384,67 +444,102 @@ class ValueTests(LoadCase):
 
     def test_domain_in_two_entries(self) -> None:
         raw = copy.deepcopy(MX_ONLY)
-        raw["smtpConfig"]["domainConfigs"].append({"domains": ["*.example.com", "Example.COM."],
-                                                   "targetIPs": ["10.0.0.2"]})
-        self.assertEqual(self.errors(raw),
-                         ["smtpConfig.domainConfigs[1].domains[1]: 'Example.COM.' is also in "
-                          "smtpConfig.domainConfigs[0]"])
+        raw["smtpConfig"]["domainConfigs"].append(
+            {"domains": ["*.example.com", "Example.COM."], "targetIPs": ["10.0.0.2"]}
+        )
+        self.assertEqual(
+            self.errors(raw),
+            ["smtpConfig.domainConfigs[1].domains[1]: 'Example.COM.' is also in smtpConfig.domainConfigs[0]"],
+        )
 
     def test_relay_networks(self) -> None:
         networks = ["10.0.0.0/8", "192.0.2.7", "2001:db8::/32"]
         load_options(smtp(relayNetworks=networks, defaultServer="r.example"))
-        self.assertEqual(self.errors(smtp(relayNetworks=["10.0.0.0/33", "fe80::1/10"])),
-                         ["smtpConfig.relayNetworks[0]: not an IP network in CIDR notation: '10.0.0.0/33'",
-                          "smtpConfig.relayNetworks[1]: host bits set in 'fe80::1/10'; did you "
-                          "mean 'fe80::/10'?"])
+        self.assertEqual(
+            self.errors(smtp(relayNetworks=["10.0.0.0/33", "fe80::1/10"])),
+            [
+                "smtpConfig.relayNetworks[0]: not an IP network in CIDR notation: '10.0.0.0/33'",
+                "smtpConfig.relayNetworks[1]: host bits set in 'fe80::1/10'; did you mean 'fe80::/10'?",
+            ],
+        )
 
 
 class AuthTests(LoadCase):
     def test_users(self) -> None:
         good = hash_password("pw", log2_n=10)
-        users = [{"username": "a", "password": good}, {"username": "a", "password": good},
-                 {"username": "b", "password": ""}, {"username": "c", "password": "scrypt$15$8$1$bad"}]
+        users = [
+            {"username": "a", "password": good},
+            {"username": "a", "password": good},
+            {"username": "b", "password": ""},
+            {"username": "c", "password": "scrypt$15$8$1$bad"},
+        ]
         self.assertEqual(
             self.errors(smtp(auth={"users": users})),
-            ["smtpConfig.auth.users[2].password: must not be empty",
-             "smtpConfig.auth.users[3].password: malformed scrypt hash; make a new one with "
-             "'dcrouter hash-password'"],
+            [
+                "smtpConfig.auth.users[2].password: must not be empty",
+                (
+                    "smtpConfig.auth.users[3].password: malformed scrypt hash; make a new one with "
+                    "'dcrouter hash-password'"
+                ),
+            ],
         )
-        self.assertEqual(self.errors(smtp(auth={"users": users[:2]})),
-                         ["smtpConfig.auth.users[1].username: 'a' is also smtpConfig.auth.users[0]"])
+        self.assertEqual(
+            self.errors(smtp(auth={"users": users[:2]})),
+            ["smtpConfig.auth.users[1].username: 'a' is also smtpConfig.auth.users[0]"],
+        )
 
     def test_plain_text_password(self) -> None:
         raw = smtp(auth={"users": [{"username": "a", "password": "secret"}]})
-        self.assertEqual(self.warnings(raw), ["smtpConfig.auth.users[0].password: stored in plain "
-                                              "text; use a hash "
-                                              "from 'dcrouter hash-password'"])
+        self.assertEqual(
+            self.warnings(raw),
+            [
+                (
+                    "smtpConfig.auth.users[0].password: stored in plain text; use a hash "
+                    "from 'dcrouter hash-password'"
+                )
+            ],
+        )
 
     def test_submission_without_users(self) -> None:
         cert, key = self.write_pair()
-        warnings = self.warnings(smtp(ports=[25, 587], tls={"certPath": cert, "keyPath": key},
-                                      defaultServer="relay.example.com"))
-        self.assertEqual(warnings, ["smtpConfig.auth.users: empty, so nobody can submit mail on "
-                                    "submission ports "
-                                    "[587]"])
+        warnings = self.warnings(
+            smtp(ports=[25, 587], tls={"certPath": cert, "keyPath": key}, defaultServer="relay.example.com")
+        )
+        self.assertEqual(
+            warnings, ["smtpConfig.auth.users: empty, so nobody can submit mail on submission ports [587]"]
+        )
 
     def test_submission_without_tls(self) -> None:
-        raw = smtp(ports=[25, 587], defaultServer="relay.example.com",
-                   auth={"users": [{"username": "a", "password": hash_password("pw", log2_n=10)}]})
-        self.assertEqual(self.warnings(raw), ["smtpConfig.tls: not set, so nobody can authenticate "
-                                              "on submission "
-                                              "ports [587] (AUTH is offered only after STARTTLS)"])
+        raw = smtp(
+            ports=[25, 587],
+            defaultServer="relay.example.com",
+            auth={"users": [{"username": "a", "password": hash_password("pw", log2_n=10)}]},
+        )
+        self.assertEqual(
+            self.warnings(raw),
+            [
+                (
+                    "smtpConfig.tls: not set, so nobody can authenticate on submission "
+                    "ports [587] (AUTH is offered only after STARTTLS)"
+                )
+            ],
+        )
 
     def test_target_authentication_pair(self) -> None:
         raw = copy.deepcopy(MX_ONLY)
         raw["smtpConfig"]["domainConfigs"][0]["authentication"] = {"user": "u"}
-        self.assertEqual(self.errors(raw), ["smtpConfig.domainConfigs[0].authentication.pass: required when "
-                                            "the other of user/pass is set"])
+        self.assertEqual(
+            self.errors(raw),
+            ["smtpConfig.domainConfigs[0].authentication.pass: required when the other of user/pass is set"],
+        )
 
 
 class OtherWarningTests(LoadCase):
     def test_memory_queue(self) -> None:
-        self.assertEqual(self.warnings(smtp(queueStorage="memory")),
-                         ["smtpConfig.queueStorage: 'memory': queued messages are lost when dcrouter stops"])
+        self.assertEqual(
+            self.warnings(smtp(queueStorage="memory")),
+            ["smtpConfig.queueStorage: 'memory': queued messages are lost when dcrouter stops"],
+        )
 
     def test_nothing_to_run(self) -> None:
         self.assertEqual(self.warnings({}), ["smtpConfig: not set, so dcrouter has nothing to run"])
@@ -496,13 +591,19 @@ class SeedExampleTests(LoadCase):
         self.assertEqual(smtp_config.domain_configs[0].target_ips, ["mail1.example.com", "mail2.example.com"])
         self.assertEqual(smtp_config.domain_configs[0].domains, ["example.com", "*.example.com"])
         self.assertTrue(smtp_config.domain_configs[0].use_tls)
-        self.assertEqual((smtp_config.default_server, smtp_config.default_port, smtp_config.use_tls),
-                         ("fallback-mail.example.com", 25, True))
-        self.assertEqual((smtp_config.queue_storage, smtp_config.persistent_path, smtp_config.max_retries),
-                         ("disk", "/var/mail/queue", 5))
+        self.assertEqual(
+            (smtp_config.default_server, smtp_config.default_port, smtp_config.use_tls),
+            ("fallback-mail.example.com", 25, True),
+        )
+        self.assertEqual(
+            (smtp_config.queue_storage, smtp_config.persistent_path, smtp_config.max_retries),
+            ("disk", "/var/mail/queue", 5),
+        )
         # No users: the only thing to warn about in the seed's own example.
-        self.assertEqual(result.warnings, ["smtpConfig.auth.users: empty, so nobody can submit mail on "
-                                           "submission ports [587, 465]"])
+        self.assertEqual(
+            result.warnings,
+            ["smtpConfig.auth.users: empty, so nobody can submit mail on submission ports [587, 465]"],
+        )
 
     def test_advanced_configuration(self) -> None:
         """Every part of 7.2 not built yet is named, together with the missing certificate for port 465."""
@@ -510,10 +611,18 @@ class SeedExampleTests(LoadCase):
         prefix = "smtpConfig.domainConfigs[0]."
         self.assertEqual(
             [e.split(": ")[0] for e in errors],
-            [prefix + "rateLimits.maxMessagesPerMinute", prefix + "rateLimits.maxRecipientsPerMessage",
-             prefix + "addHeaders", prefix + "headerInfo", prefix + "signDkim", prefix + "dkimOptions",
-             "smtpConfig.contentScanning", "smtpConfig.scanners", "smtpConfig.transformations",
-             "smtpConfig.tls"],
+            [
+                prefix + "rateLimits.maxMessagesPerMinute",
+                prefix + "rateLimits.maxRecipientsPerMessage",
+                prefix + "addHeaders",
+                prefix + "headerInfo",
+                prefix + "signDkim",
+                prefix + "dkimOptions",
+                "smtpConfig.contentScanning",
+                "smtpConfig.scanners",
+                "smtpConfig.transformations",
+                "smtpConfig.tls",
+            ],
         )
         self.assertEqual(sum("not supported yet" in e for e in errors), 9)
 

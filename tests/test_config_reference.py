@@ -48,8 +48,11 @@ class RenderTests(unittest.TestCase):
             self.assertIsNotNone(row, f"{path}.{key} missing from the reference")
             assert row is not None
             self.assertEqual("*dcrouter addition.*" in row, bool(f.metadata["addition"]), row)
-            self.assertEqual("**Not supported yet:**" in row,
-                             bool(f.metadata["unsupported"] or f.metadata["unsupported_values"]), row)
+            self.assertEqual(
+                "**Not supported yet:**" in row,
+                bool(f.metadata["unsupported"] or f.metadata["unsupported_values"]),
+                row,
+            )
 
     def test_rows(self) -> None:
         smtp = _section(render(), "smtpConfig")
@@ -64,7 +67,7 @@ class RenderTests(unittest.TestCase):
         """Nothing machine-dependent (such as this host's name) leaks into the reference."""
         import socket
 
-        self.assertNotIn(f"`\"{socket.getfqdn()}\"`", render())
+        self.assertNotIn(f'`"{socket.getfqdn()}"`', render())
         self.assertEqual(render(), render())
 
 
@@ -76,7 +79,8 @@ class DocumentTests(unittest.TestCase):
     def test_reference_up_to_date(self) -> None:
         text = self.read()
         self.assertEqual(
-            text, splice(text, render()),
+            text,
+            splice(text, render()),
             "docs/configuration.md is out of date: run python -m dcrouter.config.reference --update "
             "docs/configuration.md",
         )

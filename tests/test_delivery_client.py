@@ -124,8 +124,14 @@ class ReplyParserTests(ClientTestCase):
         return error
 
     def test_garbage_lines(self) -> None:
-        for garbage in (b"hello\r\n", b"250x\r\n", b"199 too low\r\n", b"650 too high\r\n", b"25 short\r\n",
-                        b"250 bare\rcr\r\n"):
+        for garbage in (
+            b"hello\r\n",
+            b"250x\r\n",
+            b"199 too low\r\n",
+            b"650 too high\r\n",
+            b"25 short\r\n",
+            b"250 bare\rcr\r\n",
+        ):
             self.setUp()
             self.assert_protocol_error(garbage)
 
@@ -164,8 +170,14 @@ class GreetingAndEhloTests(ClientTestCase):
         self.assertEqual(
             capabilities,
             Capabilities(
-                esmtp=True, size=5000, pipelining=True, eightbitmime=True, smtputf8=False, starttls=True,
-                auth=frozenset({"LOGIN", "PLAIN", "CRAM-MD5"}), enhanced_status_codes=True,
+                esmtp=True,
+                size=5000,
+                pipelining=True,
+                eightbitmime=True,
+                smtputf8=False,
+                starttls=True,
+                auth=frozenset({"LOGIN", "PLAIN", "CRAM-MD5"}),
+                enhanced_status_codes=True,
             ),
         )
         self.assertIs(self.client.capabilities, capabilities)
@@ -306,9 +318,7 @@ class PipelinedTransactionTests(ClientTestCase):
 
     def test_parameters(self) -> None:
         self.ready()
-        done = run(
-            self.client.send("ü@sender.test", ["x@example.org"], io.BytesIO(b"x"), 1, eight_bit=True)
-        )
+        done = run(self.client.send("ü@sender.test", ["x@example.org"], io.BytesIO(b"x"), 1, eight_bit=True))
         self.assertEqual(
             self.sent().split(b"\r\n")[0],
             "MAIL FROM:<ü@sender.test> SIZE=1 BODY=8BITMIME SMTPUTF8".encode(),

@@ -131,8 +131,11 @@ class OwnServerTests(unittest.TestCase):
         message = dotted_message()
         result = self.wait(
             self.client.send(
-                "alice@example.net", ["bob@example.org", "carol@example.org"], io.BytesIO(message),
-                len(message), eight_bit=True,
+                "alice@example.net",
+                ["bob@example.org", "carol@example.org"],
+                io.BytesIO(message),
+                len(message),
+                eight_bit=True,
             )
         )
         self.assertEqual(result.data.code if result.data else None, 250)
@@ -279,8 +282,9 @@ class AiosmtpdTests(unittest.TestCase):
         await client.wait_greeting()
         self.assertTrue((await client.ehlo("client.example")).starttls)
         await client.starttls(client_tls(), "client.example")
-        result = await client.send("a@sender.test", ["x@example.org"], io.BytesIO(message), len(message),
-                                   eight_bit=True)
+        result = await client.send(
+            "a@sender.test", ["x@example.org"], io.BytesIO(message), len(message), eight_bit=True
+        )
         self.assertEqual(result.data.code if result.data else None, 250)
         await client.quit()
 
@@ -354,8 +358,9 @@ class TwistedMailServerTests(unittest.TestCase):
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
         capabilities = await client.ehlo("client.example")
         self.assertFalse(capabilities.pipelining)
-        result = await client.send("a@sender.test", ["x@example.org", "y@example.org"], io.BytesIO(message),
-                                   len(message))
+        result = await client.send(
+            "a@sender.test", ["x@example.org", "y@example.org"], io.BytesIO(message), len(message)
+        )
         await client.quit()
         return result
 

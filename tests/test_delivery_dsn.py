@@ -147,8 +147,10 @@ class BounceTests(TestCase):
         human, status, original_headers = msg.get_payload()
         self.assertEqual(human.get_content_charset(), "utf-8")
         self.assertEqual(human["Content-Transfer-Encoding"], "quoted-printable")
-        self.assertIn("<björn@exämple.net>: 550 5.1.1 Benutzer unbekannt: björn",
-                      human.get_payload(decode=True).decode("utf-8"))
+        self.assertIn(
+            "<björn@exämple.net>: 550 5.1.1 Benutzer unbekannt: björn",
+            human.get_payload(decode=True).decode("utf-8"),
+        )
         rcpt = status.get_payload()[1]
         self.assertEqual(rcpt["Final-Recipient"], "utf-8; bj\\x{F6}rn@ex\\x{E4}mple.net")
         self.assertEqual(rcpt["Diagnostic-Code"], "smtp; 550 5.1.1 Benutzer unbekannt: bj?rn")

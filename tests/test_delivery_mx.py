@@ -418,7 +418,9 @@ class MakeResolverTests(unittest.TestCase):
         """Without dnsServers: the nameservers of resolv.conf, read once, and no timer left behind."""
         path = self.mktemp()
         with open(path, "w") as conf:
-            conf.write("# comment\nsearch example.com\nnameserver 192.0.2.53\nnameserver ::1\noptions ndots:1\n")
+            conf.write(
+                "# comment\nsearch example.com\nnameserver 192.0.2.53\nnameserver ::1\noptions ndots:1\n"
+            )
         clock = Clock()
         resolver = make_resolver(None, clock, resolv_conf=path)
         assert isinstance(resolver, client.Resolver)

@@ -17,7 +17,7 @@ def _case(version: int) -> st.SearchStrategy[tuple[list[tuple[int, int]], int, i
     bits = 32 if version == 4 else 128
 
     def build(probe: int, flip: int, prefix: int, others: list[tuple[int, int]]) -> tuple:
-        return ([(probe ^ (1 << flip), prefix)] + others, probe, version)
+        return ([(probe ^ (1 << flip), prefix), *others], probe, version)
 
     return st.builds(
         build,
@@ -102,4 +102,3 @@ class CidrSetTests(SynchronousTestCase):
         networks = [ipaddress.ip_network((family(a), p), strict=False) for a, p in entries]
         cidrs = CidrSet(str(n) for n in networks)
         self.assertEqual(str(probe) in cidrs, any(probe in n for n in networks))
-

@@ -185,8 +185,10 @@ class BindingTests(SynchronousTestCase):
         router = DcRouter(smtp_options(self), reactor=clock)
         self.assertEqual(clock.tcpServers, [])
         router.privilegedStartService()
-        self.assertEqual([(port, interface) for port, _, _, interface in clock.tcpServers],
-                         [(2525, "127.0.0.1"), (2587, "127.0.0.1"), (2465, "127.0.0.1")])
+        self.assertEqual(
+            [(port, interface) for port, _, _, interface in clock.tcpServers],
+            [(2525, "127.0.0.1"), (2587, "127.0.0.1"), (2465, "127.0.0.1")],
+        )
         self.assertEqual(router.smtp_ports, {2525: 2525, 2587: 2587, 2465: 2465})
         factories = {port: factory for port, factory, _, _ in clock.tcpServers}
         self.assertIsInstance(factories[2525], ESMTPServerFactory)
@@ -221,18 +223,27 @@ class BindingTests(SynchronousTestCase):
 
     def test_self_signed_generated_with_private_key(self) -> None:
         directory = os.path.join(os.path.abspath(self.mktemp()), "var", "tls")
-        tls = {"certPath": os.path.join(directory, "cert.pem"), "keyPath": os.path.join(directory, "key.pem"),
-               "selfSigned": True}
+        tls = {
+            "certPath": os.path.join(directory, "cert.pem"),
+            "keyPath": os.path.join(directory, "key.pem"),
+            "selfSigned": True,
+        }
         clock = MemoryReactorClock()
         router = DcRouter(smtp_options(self, tls=tls), reactor=clock)
         router.privilegedStartService()
         self.assertEqual(stat.S_IMODE(os.stat(tls["keyPath"]).st_mode), 0o600)
         with open(tls["certPath"], "rb") as handle:
             self.assertIn(b"BEGIN CERTIFICATE", handle.read())
+
+        def pair_state() -> tuple[int, bytes]:
+            mtime = os.stat(tls["certPath"]).st_mtime_ns
+            with open(tls["keyPath"], "rb") as handle:
+                return mtime, handle.read()
+
         # A second start reuses the pair rather than replacing it.
-        before = os.stat(tls["certPath"]).st_mtime_ns, open(tls["keyPath"], "rb").read()
+        before = pair_state()
         DcRouter(smtp_options(self, tls=tls), reactor=MemoryReactorClock()).privilegedStartService()
-        self.assertEqual(before, (os.stat(tls["certPath"]).st_mtime_ns, open(tls["keyPath"], "rb").read()))
+        self.assertEqual(before, pair_state())
 
     def test_logs_listeners(self) -> None:
         captured = CapturedLog(self)

@@ -154,14 +154,14 @@ class MailArgumentTests(SynchronousTestCase):
         self.assertEqual(address, Address("j\u00f6rg", "xn--bcher-kva.example"))
         self.assertEqual(params, {"SMTPUTF8": ""})
 
-    def assertSyntax(self, parse, arg: str, code: int, enhanced: str) -> None:  # noqa: N802
+    def assertSyntax(self, parse, arg: str, code: int, enhanced: str) -> None:
         with self.assertRaises(AddressError) as caught:
             parse(arg)
         self.assertEqual((caught.exception.reply.code, caught.exception.reply.enhanced), (code, enhanced))
 
 
 class RcptArgumentTests(SynchronousTestCase):
-    assertSyntax = MailArgumentTests.assertSyntax  # noqa: N815
+    assertSyntax = MailArgumentTests.assertSyntax
 
     def test_plain(self) -> None:
         self.assertEqual(
@@ -207,8 +207,15 @@ class RcptArgumentTests(SynchronousTestCase):
         self.assertEqual(rcpt("TO:<u@[192.0.2.1]>")[0], Address("u", "[192.0.2.1]"))
         self.assertEqual(rcpt("TO:<u@[ipv6:2001:DB8:0::1]>")[0], Address("u", "[IPv6:2001:db8::1]"))
         self.assertEqual(rcpt("TO:<u@[IPv6:::ffff:192.0.2.1]>")[0].domain, "[IPv6:::ffff:c000:201]")
-        for arg in ["TO:<u@[192.0.2]>", "TO:<u@[256.0.0.1]>", "TO:<u@[01.2.3.4]>", "TO:<u@[IPv6:zz::1]>",
-                    "TO:<u@[IPv6:fe80::1%eth0]>", "TO:<u@[192.0.2.1>", "TO:<u@[[192.0.2.1]]>"]:
+        for arg in [
+            "TO:<u@[192.0.2]>",
+            "TO:<u@[256.0.0.1]>",
+            "TO:<u@[01.2.3.4]>",
+            "TO:<u@[IPv6:zz::1]>",
+            "TO:<u@[IPv6:fe80::1%eth0]>",
+            "TO:<u@[192.0.2.1>",
+            "TO:<u@[[192.0.2.1]]>",
+        ]:
             with self.subTest(arg=arg):
                 self.assertSyntax(rcpt, arg, 501, "5.1.3")
         self.assertSyntax(rcpt, "TO:<u@[x-tag:abc]>", 553, "5.1.3")
@@ -267,8 +274,13 @@ class RelayTrickTests(SynchronousTestCase):
         self.assertEqual(caught.exception.reply.enhanced, "5.7.1")
 
     def test_ordinary_addresses_are_not_tricks(self) -> None:
-        for arg in ["TO:<u@local.test>", "TO:<first.last+tag@local.test>", 'TO:<"a b"@local.test>',
-                    "TO:<postmaster>", "TO:<o'brien@local.test>"]:
+        for arg in [
+            "TO:<u@local.test>",
+            "TO:<first.last+tag@local.test>",
+            'TO:<"a b"@local.test>',
+            "TO:<postmaster>",
+            "TO:<o'brien@local.test>",
+        ]:
             with self.subTest(arg=arg):
                 self.assertFalse(rcpt(arg)[0].relay_trick)
 

@@ -64,7 +64,7 @@ class SynchronousThreadPool:
         def run() -> None:
             try:
                 result = f(*args, **kwargs)
-            except BaseException as error:
+            except BaseException as error:  # noqa: BLE001 (as twisted's ThreadPool does: all go to onResult)
                 onResult(False, error)
             else:
                 onResult(True, result)

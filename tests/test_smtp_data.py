@@ -3,6 +3,7 @@ Received header, spool clean-up)."""
 
 from __future__ import annotations
 
+import itertools
 import os
 
 from hypothesis import given, settings
@@ -32,8 +33,8 @@ def run_split(data: bytes, cuts: list[int], **limits: int) -> tuple[DataStream, 
         max_line_length=limits.get("max_line_length", 1000),
         max_message_size=limits.get("max_message_size", 1_000_000),
     )
-    bounds = [0, *sorted(set(c for c in cuts if 0 < c < len(data))), len(data)]
-    for start, stop in zip(bounds, bounds[1:]):
+    bounds = [0, *sorted({c for c in cuts if 0 < c < len(data)}), len(data)]
+    for start, stop in itertools.pairwise(bounds):
         end = stream.feed(data[start:stop])
         if end >= 0:
             return stream, b"".join(written), data[start + end :]
@@ -51,7 +52,7 @@ class DataStreamTests(unittest.TestCase):
 
     def test_dot_unstuffing(self) -> None:
         data = b".leading\r\nSubject: x\r\n\r\n..\r\n.x\r\n...y\r\nz.\r\n.\r\n"
-        stream, text, _ = run(data)
+        _stream, text, _ = run(data)
         self.assertEqual(text, b"leading\r\nSubject: x\r\n\r\n.\r\nx\r\n..y\r\nz.\r\n")
 
     def test_immediate_end(self) -> None:
@@ -59,11 +60,11 @@ class DataStreamTests(unittest.TestCase):
         self.assertEqual((stream.done, text, rest), (True, b"", b"NOOP\r\n"))
 
     def test_end_after_empty_body(self) -> None:
-        stream, text, rest = run(b"Subject: x\r\n\r\n.\r\n")
+        _stream, text, rest = run(b"Subject: x\r\n\r\n.\r\n")
         self.assertEqual((text, rest), (b"Subject: x\r\n\r\n", b""))
 
     def test_not_done_without_terminator(self) -> None:
-        stream, text, _ = run(b"Subject: x\r\n\r\nbody\r\n.")
+        stream, _text, _ = run(b"Subject: x\r\n\r\nbody\r\n.")
         self.assertFalse(stream.done)
 
     def test_every_two_way_split(self) -> None:
@@ -76,7 +77,7 @@ class DataStreamTests(unittest.TestCase):
 
     def test_byte_by_byte(self) -> None:
         data = b"A: b\r\n\r\n.x\r\n" + b"y" * 50 + b"\r\n.\r\nNEXT"
-        stream, text, rest = run_split(data, list(range(len(data))))
+        _stream, text, rest = run_split(data, list(range(len(data))))
         self.assertEqual((text, rest), (b"A: b\r\n\r\nx\r\n" + b"y" * 50 + b"\r\n", b"NEXT"))
 
     @settings(max_examples=200, deadline=None)
@@ -198,7 +199,9 @@ class ProtocolDataTests(unittest.TestCase):
         for sequence in SMUGGLING:
             server = connect()
             out = server.exchange(
-                START + b"Subject: a\r\n\r\nbody" + sequence
+                START
+                + b"Subject: a\r\n\r\nbody"
+                + sequence
                 + b"MAIL FROM:<evil@x.example>\r\nRCPT TO:<victim@example.org>\r\n"
                 + b"DATA\r\nevil\r\n.\r\nNOOP\r\n"
             )
@@ -260,7 +263,7 @@ class ProtocolDataTests(unittest.TestCase):
             b"RCPT TO:<r\xc3\xa9@example.org>\r\nDATA\r\n" + body + b".\r\n"
         )
         self.assertTrue(server.queue.bodies[0].endswith(body))
-        self.assertIn("with UTF8SMTP\r\n".encode(), server.queue.bodies[0])
+        self.assertIn(b"with UTF8SMTP\r\n", server.queue.bodies[0])
         self.assertEqual(server.queue.items[0].envelope.recipients, ["ré@example.org"])
 
     def test_disconnect_mid_data_leaves_no_spool_file(self) -> None:

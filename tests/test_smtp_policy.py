@@ -18,13 +18,13 @@ LOCAL_CONFIG = DomainConfig(domains=["local.test", "*.sub.test"], target_ips=["1
 
 
 def make_config(**changes: object) -> SmtpConfig:
-    settings: dict[str, object] = dict(
-        hostname="mx.test",
-        domain_configs=[LOCAL_CONFIG, DomainConfig(domains=["other.test"])],
-        relay_networks=["10.9.0.0/16", "2001:db8:9::/48"],
-        max_connections=5,
-        max_connections_per_ip=2,
-    )
+    settings: dict[str, object] = {
+        "hostname": "mx.test",
+        "domain_configs": [LOCAL_CONFIG, DomainConfig(domains=["other.test"])],
+        "relay_networks": ["10.9.0.0/16", "2001:db8:9::/48"],
+        "max_connections": 5,
+        "max_connections_per_ip": 2,
+    }
     settings.update(changes)
     return SmtpConfig(**settings)  # type: ignore[arg-type]
 

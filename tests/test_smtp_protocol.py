@@ -234,8 +234,10 @@ class MailTests(unittest.TestCase):
 
     def test_mail_parameters(self) -> None:
         cases = [
-            (b"MAIL FROM:<a@b.example> SIZE=10001\r\n",
-             b"552 5.3.4 Message size exceeds fixed maximum message size\r\n"),
+            (
+                b"MAIL FROM:<a@b.example> SIZE=10001\r\n",
+                b"552 5.3.4 Message size exceeds fixed maximum message size\r\n",
+            ),
             (b"MAIL FROM:<a@b.example> SIZE=abc\r\n", b"501 5.5.4 Syntax: SIZE=<number>\r\n"),
             (
                 b"MAIL FROM:<a@b.example> BODY=BINARYMIME\r\n",
@@ -502,8 +504,10 @@ class LoggingTests(unittest.TestCase):
         )
         queued_event = ours[2]
         self.assertEqual(
-            {k: queued_event[k] for k in ("session_id", "peer", "tls", "auth_user", "queue_id", "size",
-                                           "recipients")},
+            {
+                k: queued_event[k]
+                for k in ("session_id", "peer", "tls", "auth_user", "queue_id", "size", "recipients")
+            },
             {
                 "session_id": server.protocol.session.session_id,
                 "peer": PEER_IP,

@@ -10,7 +10,6 @@ from twisted.trial import unittest
 from dcrouter.smtp.reply import Reply
 from dcrouter.smtp.sasl import MAX_DECODED_RESPONSE, Challenge, SaslError, SaslExchange
 
-
 UNDECODABLE = b"501 5.5.2 Cannot decode Base64 response\r\n"
 MALFORMED = b"501 5.5.2 Malformed authentication data\r\n"
 FINISHED = b"503 5.5.1 Authentication exchange already finished\r\n"

@@ -60,9 +60,7 @@ class StartTLSTests(unittest.TestCase):
         self.clock = Clock()
         self.clock.advance(START_TIME)
         self.queue = ControlledQueue()
-        factory = make_factory(
-            tls_options=server_tls_options(CERT, KEY), clock=self.clock, queue=self.queue
-        )
+        factory = make_factory(tls_options=server_tls_options(CERT, KEY), clock=self.clock, queue=self.queue)
         self.client, self.server, self.pump = connectedServerAndClient(
             lambda: factory.buildProtocol(None),
             Client,

@@ -57,8 +57,10 @@ class ExampleConfigTests(SynchronousTestCase):
         self.assertIn(2587, smtp.submission_ports)
         self.assertNotIn(2525, smtp.submission_ports)
         self.assertEqual((smtp.queue_storage, smtp.persistent_path), ("disk", "var/queue"))
-        self.assertEqual((smtp.tls.cert_path, smtp.tls.key_path, smtp.tls.self_signed),
-                         ("var/tls/cert.pem", "var/tls/key.pem", True))
+        self.assertEqual(
+            (smtp.tls.cert_path, smtp.tls.key_path, smtp.tls.self_signed),
+            ("var/tls/cert.pem", "var/tls/key.pem", True),
+        )
         self.assertTrue(smtp.auth.users[0].password.startswith("scrypt$"))
         self.assertEqual(smtp.domain_configs[0].domains, ["example.test"])
 
@@ -244,7 +246,7 @@ class JsonLogTests(SynchronousTestCase):
         logger.info("queued {queue_id} from {peer}", queue_id="ABC123", peer="127.0.0.1", factory=object())
         logger.debug("below the level: not written")
         try:
-            1 / 0
+            raise ZeroDivisionError("division by zero")
         except ZeroDivisionError:
             logger.failure("it broke", level=LogLevel.error)
         first, second = (json.loads(line) for line in out.getvalue().splitlines())
@@ -262,5 +264,7 @@ class JsonLogTests(SynchronousTestCase):
 
         out = io.StringIO()
         self.patch(sys, "stdout", out)
-        json_observer()({"log_format": "hello", "log_level": LogLevel.warn, "log_time": 0.0, "log_namespace": "x"})
+        json_observer()(
+            {"log_format": "hello", "log_level": LogLevel.warn, "log_time": 0.0, "log_namespace": "x"}
+        )
         self.assertEqual(json.loads(out.getvalue())["message"], "hello")

@@ -336,9 +336,9 @@ class SmtpConfig:
     # Queue
     queue_storage: Literal["memory", "disk", "redis"] = option(
         "disk",
-        doc="Where queued mail is kept. `memory` loses it on exit (a warning says so); `redis` shares one queue "
-        "between several dcrouter processes (needs `redisUrl`; bodies over 1 MiB go to `persistentPath`, "
-        "which those processes must share).",
+        doc="Where queued mail is kept. `memory` loses it on exit (a warning says so); `redis` shares one "
+        "queue between several dcrouter processes (needs `redisUrl`; bodies over 1 MiB go to "
+        "`persistentPath`, which those processes must share).",
     )
     persistent_path: str = option(
         "/var/spool/dcrouter",

@@ -12,10 +12,13 @@ import dataclasses
 import json
 import sys
 from collections.abc import Iterator
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, TypeGuard, get_args, get_origin, get_type_hints
 
 from dcrouter.config.load import file_key, type_name
 from dcrouter.config.options import DcRouterOptions
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 BEGIN = (
     "<!-- BEGIN GENERATED REFERENCE (python -m dcrouter.config.reference --update docs/configuration.md) -->"
@@ -23,22 +26,27 @@ BEGIN = (
 END = "<!-- END GENERATED REFERENCE -->"
 
 
-def _block_type(tp: Any) -> tuple[type | None, bool]:
+def _is_block(tp: Any) -> TypeGuard[type[DataclassInstance]]:
+    # A type hint is a class, never a dataclass instance; isinstance says so to the type checker.
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _block_type(tp: Any) -> tuple[type[DataclassInstance] | None, bool]:
     """``(dataclass, is_list)`` when ``tp`` is a block, an optional block or a list of blocks."""
     args = [a for a in get_args(tp) if a is not type(None)] if get_origin(tp) is not list else []
     if len(args) == 1 and get_origin(tp) is not dict:
         tp = args[0]
     if get_origin(tp) is list:
         inner = get_args(tp)[0]
-        return (inner, True) if dataclasses.is_dataclass(inner) else (None, False)
-    return (tp, False) if dataclasses.is_dataclass(tp) else (None, False)
+        return (inner, True) if _is_block(inner) else (None, False)
+    return (tp, False) if _is_block(tp) else (None, False)
 
 
-def _blocks(cls: type, path: str) -> Iterator[tuple[str, type]]:
+def _blocks(cls: type[DataclassInstance], path: str) -> Iterator[tuple[str, type[DataclassInstance]]]:
     """Every block under ``cls`` (itself first) with its key path; list items are written ``key[]``."""
     yield path, cls
     hints = get_type_hints(cls)
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+    for f in dataclasses.fields(cls):
         inner, is_list = _block_type(hints[f.name])
         if inner is not None:
             sub = f"{path}.{file_key(f)}" if path else file_key(f)
@@ -100,10 +108,12 @@ def render() -> str:
     lines = [
         "## Reference",
         "",
-        "Generated from `dcrouter/config/options.py`. Keys are as written in the file; `x[]` stands for "
-        "each item of the list `x`. *dcrouter addition* marks keys that are not in the seed's "
-        "`ISmtpConfig` / `IDcRouterOptions`. A key whose feature is not built yet is refused unless it keeps "
-        "its default.",
+        (
+            "Generated from `dcrouter/config/options.py`. Keys are as written in the file; `x[]` stands for "
+            "each item of the list `x`. *dcrouter addition* marks keys that are not in the seed's "
+            "`ISmtpConfig` / `IDcRouterOptions`. A key whose feature is not built yet is refused unless it "
+            "keeps its default."
+        ),
     ]
     for path, cls in _blocks(DcRouterOptions, ""):
         lines += ["", f"### `{path}`" if path else "### Top level", ""]

@@ -149,8 +149,14 @@ def parse_capabilities(reply: Reply) -> Capabilities:
 
 
 _HELO_ONLY = Capabilities(
-    esmtp=False, size=None, pipelining=False, eightbitmime=False, smtputf8=False, starttls=False,
-    auth=frozenset(), enhanced_status_codes=False,
+    esmtp=False,
+    size=None,
+    pipelining=False,
+    eightbitmime=False,
+    smtputf8=False,
+    starttls=False,
+    auth=frozenset(),
+    enhanced_status_codes=False,
 )
 
 
@@ -161,7 +167,7 @@ def _build_reply(code: int, texts: list[str]) -> Reply:
         return Reply(code, "", texts[0] if len(texts) == 1 else tuple(texts))
     enhanced = ".".join(match.groups())
     prefix = re.compile(re.escape(enhanced) + "(?: |$)")
-    stripped = [text[m.end():] if (m := prefix.match(text)) else text for text in texts]
+    stripped = [text[m.end() :] if (m := prefix.match(text)) else text for text in texts]
     return Reply(code, enhanced, stripped[0] if len(stripped) == 1 else tuple(stripped))
 
 
@@ -266,8 +272,8 @@ class ESMTPClient(Protocol):
                 if len(self._buffer) >= MAX_REPLY_LINE:
                     self._protocol_error("reply line too long")
                 return
-            line = bytes(self._buffer[:end + 1])
-            del self._buffer[:end + 1]
+            line = bytes(self._buffer[: end + 1])
+            del self._buffer[: end + 1]
             self._reply_line(line)
 
     def _reply_line(self, raw: bytes) -> None:
@@ -308,8 +314,11 @@ class ESMTPClient(Protocol):
             if reply.code == 220:
                 # RFC 3207 §4.2: nothing the server sent before the handshake may be believed.
                 if self._buffer:
-                    log.warn("Discarded {count} octets from {peer} sent after its 220 to STARTTLS",
-                             count=len(self._buffer), peer=self.peer)
+                    log.warn(
+                        "Discarded {count} octets from {peer} sent after its 220 to STARTTLS",
+                        count=len(self._buffer),
+                        peer=self.peer,
+                    )
                 self._buffer.clear()
                 self._discarding = True
         reader, self._reader = self._reader, None

@@ -34,6 +34,7 @@ class Route:
         # Never show the password (routes end up in logs and tracebacks).
         secret = ", auth_password=<hidden>" if self.auth_password else ""
         return (
-            f"Route(name={self.name!r}, targets={self.targets!r}, port={self.port}, mx_domain={self.mx_domain!r},"
-            f" require_tls={self.require_tls}, auth_user={self.auth_user!r}{secret})"
+            f"Route(name={self.name!r}, targets={self.targets!r}, port={self.port},"
+            f" mx_domain={self.mx_domain!r}, require_tls={self.require_tls},"
+            f" auth_user={self.auth_user!r}{secret})"
         )

@@ -14,8 +14,8 @@ class CidrSet:
     Entries are CIDRs (``10.0.0.0/8``, ``2001:db8::/32``) or bare addresses (``/32``, ``/128``); host bits
     must be zero (``10.0.0.1/8`` is refused as a likely typo). An IPv4-mapped IPv6 address
     (``::ffff:1.2.3.4``, as a dual-stack socket reports IPv4 peers) is matched against the IPv4 networks, and
-    an IPv4-mapped network entry also matches the plain IPv4 addresses it covers. A lookup costs one set probe per distinct prefix
-    length, not a scan over the entries.
+    an IPv4-mapped network entry also matches the plain IPv4 addresses it covers. A lookup costs one set
+    probe per distinct prefix length, not a scan over the entries.
     """
 
     def __init__(self, cidrs: Iterable[str]) -> None:
@@ -49,9 +49,9 @@ class CidrSet:
             address = ipaddress.ip_address(ip)
         except ValueError:
             return False
-        if address.version == 6 and address.ipv4_mapped is not None:
-            if self._lookup(address.ipv4_mapped):
-                return True
+        mapped = address.ipv4_mapped if address.version == 6 else None
+        if mapped is not None and self._lookup(mapped):
+            return True
         return self._lookup(address)
 
     def _lookup(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:

@@ -25,7 +25,8 @@ def normalize_domain(name: str) -> str:
 
     ``"Bücher.Example."`` becomes ``"xn--bcher-kva.example"``. Only letter-digit-hyphen labels of 1 to 63
     octets and names up to 253 octets are accepted; an ``xn--`` label must be a valid A-label. Raises
-    ValueError, with the reason, for anything else (empty names, ``*``, underscores, address literals, spaces, ...).
+    ValueError, with the reason, for anything else (empty names, ``*``, underscores, address literals,
+    spaces, ...).
     """
     text = name[:-1] if name.endswith(".") else name
     if not text:

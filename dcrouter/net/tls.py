@@ -25,7 +25,7 @@ def generate_self_signed(hostname: str, days: int = 365) -> tuple[bytes, bytes]:
     Returns ``(certificate_pem, private_key_pem)``."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     san = x509.SubjectAlternativeName(
         [
             x509.DNSName(hostname),
@@ -60,9 +60,7 @@ def generate_self_signed(hostname: str, days: int = 365) -> tuple[bytes, bytes]:
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
     key_pem = key.private_bytes(

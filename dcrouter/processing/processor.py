@@ -7,7 +7,7 @@ For now the chain has one stage, queueing; scanning, transformations and routing
 from __future__ import annotations
 
 import secrets
-from typing import Callable
+from collections.abc import Callable
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -64,7 +64,7 @@ class EmailProcessor:
         assert self.on_queued is not None
         try:
             self.on_queued(item)
-        except Exception:
+        except Exception:  # noqa: BLE001 (logged; a listener's bug must not fail a durable enqueue)
             # The message is durable whatever a listener does: never turn its 250 into an error.
             log.failure("on_queued listener failed for {queue_id}", queue_id=item.id)
         return item

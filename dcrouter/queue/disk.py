@@ -71,7 +71,13 @@ class DiskQueue:
     run)."""
 
     def __init__(
-        self, path: str, *, reactor: Any, clock: IReactorTime, max_size: int = 0, close_on_shutdown: bool = True
+        self,
+        path: str,
+        *,
+        reactor: Any,
+        clock: IReactorTime,
+        max_size: int = 0,
+        close_on_shutdown: bool = True,
     ) -> None:
         self.max_size = max_size
         self._close_on_shutdown = close_on_shutdown
@@ -220,7 +226,7 @@ class DiskQueue:
             **counts,
         )
         if counts["damaged"] or counts["orphans"]:
-            log.warn(  # noqa: G010 (twisted.logger has no warning())
+            log.warn(
                 "disk queue {path}: {damaged} damaged items set aside in damaged/, {orphans} body files"
                 " without an item set aside in orphans/ (kept for inspection, nothing deleted)",
                 path=self.path,
@@ -303,7 +309,8 @@ class DiskQueue:
         self.commits += 1
         failed = 0
         # Writes issued by the callbacks below wait (self._committing is still set) and go out together.
-        for (_write, d), (ok, value) in zip(batch, outcomes):
+        # run_batch returns one outcome per write, in order.
+        for (_write, d), (ok, value) in zip(batch, outcomes, strict=True):
             if ok:
                 result, delta = value
                 self._live += delta

@@ -181,7 +181,7 @@ class MemoryQueue:
             os.makedirs(self.spool_directory, exist_ok=True)
         except OSError as e:
             return fail(QueueUnavailable(f"cannot create {self.spool_directory}: {e}"))
-        log.warn(  # noqa: G010 (twisted.logger has no warning())
+        log.warn(
             "The memory queue keeps messages only in this process: everything queued is lost when it exits. "
             "Use queueStorage 'disk' to keep mail across restarts."
         )

@@ -9,7 +9,8 @@ Decisions a caller may rely on:
 
 - **Source routes** (``<@a,@b:u@c>``): in a forward path (RCPT) they are declined with ``553 5.7.1``, as
   RFC 5321 §3.6.1 allows; a relay that honoured them would be open. In a reverse path (MAIL) the route is
-  syntax-checked and dropped, keeping the mailbox, as RFC 5321 Appendix C recommends: a sender is never routed by us.
+  syntax-checked and dropped, keeping the mailbox, as RFC 5321 Appendix C recommends: a sender is never
+  routed by us.
 - **Quoted local parts** are kept minimally quoted: ``"abc"@x`` becomes ``abc@x``; ``"a b"@x`` stays quoted.
   The local part's case is preserved (it belongs to the receiving system); the domain is normalised.
 - **Address literals** ``[192.0.2.1]`` and ``[IPv6:2001:db8::1]`` are accepted and kept in canonical form;

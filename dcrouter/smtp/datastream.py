@@ -21,7 +21,7 @@ and per line only in the header section, which is small.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from dcrouter.smtp.reply import Reply
 

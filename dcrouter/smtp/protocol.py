@@ -24,12 +24,21 @@ DATA is refused with ``550 5.6.0`` rather than normalised; 500 and 503 replies c
 from __future__ import annotations
 
 import secrets
-from functools import partial
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Coroutine
+from functools import partial
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime, ITLSTransport
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IPushProducer,
+    IReactorTime,
+    ISystemHandle,
+    ITCPTransport,
+    ITLSTransport,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
@@ -50,6 +59,9 @@ from dcrouter.smtp.reply import Reply
 from dcrouter.smtp.sasl import MAX_ENCODED_RESPONSE, Challenge, SaslError, SaslExchange
 from dcrouter.smtp.session import Session
 from dcrouter.smtp.spool import SpoolWriter
+
+if TYPE_CHECKING:
+    from OpenSSL import SSL
 
 log = Logger(namespace="dcrouter.smtp")
 
@@ -178,7 +190,6 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
         self._f = factory
         self._config = factory.config
         self._clock = factory.clock
-        self.callLater = factory.clock.callLater  # TimeoutMixin's timer source
         self.session = Session(
             session_id=secrets.token_hex(6), peer_host="", peer_port=0, local_port=factory.port
         )
@@ -198,10 +209,19 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
         self._data_timer: IDelayedCall | None = None
         self._session_timer: IDelayedCall | None = None
 
+    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
+        """TimeoutMixin's timer source: the factory's clock, not the global reactor."""
+        return self._clock.callLater(period, func)
+
+    @property
+    def _wire(self) -> ITCPTransport:
+        """The transport, typed as what a listening TCP port (and TLS over it) provides."""
+        return cast(ITCPTransport, self.transport)
+
     # Connection life cycle
 
     def connectionMade(self) -> None:
-        peer = self.transport.getPeer()
+        peer = self._wire.getPeer()
         session = self.session
         session.peer_host = str(getattr(peer, "host", ""))
         session.peer_port = int(getattr(peer, "port", 0))
@@ -221,7 +241,8 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
 
     def handshakeCompleted(self) -> None:
         """IHandshakeListener: TLS is up (implicit TLS or after STARTTLS); record version and cipher."""
-        handle = self.transport.getHandle()
+        # Under TLS the transport's handle is the pyOpenSSL connection.
+        handle = cast("SSL.Connection", cast(ISystemHandle, self.transport).getHandle())
         self.session.tls = f"{handle.get_protocol_version_name()} {handle.get_cipher_name()}"
         self._log("info", "TLS established with {peer}: {tls}")
 
@@ -252,7 +273,7 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
         self.setTimeout(None)
         self._cancel_timers()
         self._abort_data()
-        self.transport.loseConnection()
+        self._wire.loseConnection()
 
     def _cancel_timers(self) -> None:
         for timer in (self._data_timer, self._session_timer):
@@ -308,10 +329,10 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
             self._close(TOO_MUCH_INPUT)
         elif pending > MAX_PENDING_INPUT and not self._paused:
             self._paused = True
-            self.transport.pauseProducing()
+            cast(IPushProducer, self.transport).pauseProducing()
         elif self._paused and pending <= MAX_PENDING_INPUT // 2 and not self._busy:
             self._paused = False
-            self.transport.resumeProducing()
+            cast(IPushProducer, self.transport).resumeProducing()
 
     def _line_limit(self) -> int:
         if self._mode is _SASL:
@@ -360,7 +381,7 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
         except StopIteration as finished:
             self._answered(finished.value, counts)
             return
-        except Exception:
+        except Exception:  # noqa: BLE001 (a bug in one command is logged and answered 451, the session goes on)
             self._answered(self._internal_error(Failure()), counts)
             return
         done = Deferred.fromCoroutine(_resume(work, awaited))
@@ -404,7 +425,7 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
 
     def _send(self, reply: Reply) -> None:
         if self._mode is not _CLOSED:
-            self.transport.write(reply.to_bytes())
+            self._wire.write(reply.to_bytes())
 
     # Commands
 
@@ -532,8 +553,12 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
         try:
             user = await self._f.authenticator.authenticate(result, self.session.peer_host)
         except AuthFailed as failed:
-            self._log("warn", "AUTH failed for {peer}: {reply}", mechanism=exchange.mechanism,
-                      reply=failed.reply.code)
+            self._log(
+                "warn",
+                "AUTH failed for {peer}: {reply}",
+                mechanism=exchange.mechanism,
+                reply=failed.reply.code,
+            )
             return failed.reply
         if self._mode is _CLOSED:
             return None
@@ -643,12 +668,19 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
     def _received_header(self, txn: _Transaction) -> bytes:
         session = self.session
         protocol = with_protocol(
-            esmtp=session.esmtp, tls=self._tls_active(), authenticated=session.auth_user is not None,
+            esmtp=session.esmtp,
+            tls=self._tls_active(),
+            authenticated=session.auth_user is not None,
             utf8=txn.utf8,
         )
         return received_header(
-            helo=session.helo or "", peer_ip=session.peer_host, hostname=self._config.hostname,
-            protocol=protocol, queue_id=txn.queue_id, tls=session.tls, recipients=txn.recipients,
+            helo=session.helo or "",
+            peer_ip=session.peer_host,
+            hostname=self._config.hostname,
+            protocol=protocol,
+            queue_id=txn.queue_id,
+            tls=session.tls,
+            recipients=txn.recipients,
             when=self._clock.seconds(),
         )
 
@@ -716,8 +748,13 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
         refusal = stream.refusal(max_received_headers=self._config.max_received_headers)
         if refusal is not None:
             spool.abort()
-            self._log("info", "Message from {peer} refused: {reply}", queue_id=txn.queue_id,
-                      reply=refusal.code, size=stream.size)
+            self._log(
+                "info",
+                "Message from {peer} refused: {reply}",
+                queue_id=txn.queue_id,
+                reply=refusal.code,
+                size=stream.size,
+            )
             self._send(refusal)
             return
         self._run(self._queue(txn, spool, stream.size))
@@ -731,19 +768,31 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
             self._log("failure", "Cannot finish spool for {peer}", failure=Failure(), queue_id=txn.queue_id)
             return LOCAL_ERROR
         envelope = Envelope(
-            mail_from=str(txn.sender), recipients=list(txn.recipients), mail_params=dict(txn.params),
-            helo=session.helo or "", peer_host=session.peer_host, peer_port=session.peer_port,
-            tls=session.tls, auth_user=session.auth_user, received_at=self._clock.seconds(),
+            mail_from=str(txn.sender),
+            recipients=list(txn.recipients),
+            mail_params=dict(txn.params),
+            helo=session.helo or "",
+            peer_host=session.peer_host,
+            peer_port=session.peer_port,
+            tls=session.tls,
+            auth_user=session.auth_user,
+            received_at=self._clock.seconds(),
         )
         try:
             item = await self._f.processor.process(envelope, message, txn.queue_id)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 (any processing failure is logged and answered, not dropped)
             message.discard()
             return self._queue_failure(txn, error)
         # The one line per accepted message (MAIL and RCPT are not logged one by one: at thousands of
         # messages a second, formatting log lines is a measurable share of the work).
-        self._log("info", "{queue_id}: queued from=<{sender}> size={size} nrcpt={recipients} peer={peer}",
-                  queue_id=item.id, sender=envelope.mail_from, size=size, recipients=len(txn.recipients))
+        self._log(
+            "info",
+            "{queue_id}: queued from=<{sender}> size={size} nrcpt={recipients} peer={peer}",
+            queue_id=item.id,
+            sender=envelope.mail_from,
+            size=size,
+            recipients=len(txn.recipients),
+        )
         return Reply(250, "2.0.0", f"Ok: queued as {item.id}")
 
     def _queue_failure(self, txn: _Transaction, error: Exception) -> Reply:
@@ -754,8 +803,13 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
             reply = error.reply  # type: ignore[attr-defined]
         else:
             reply = LOCAL_ERROR
-        self._log("failure" if reply is LOCAL_ERROR else "warn", "Message from {peer} not queued: {reply}",
-                  failure=Failure(error), queue_id=txn.queue_id, reply=reply.code)
+        self._log(
+            "failure" if reply is LOCAL_ERROR else "warn",
+            "Message from {peer} not queued: {reply}",
+            failure=Failure(error),
+            queue_id=txn.queue_id,
+            reply=reply.code,
+        )
         return reply
 
     # Logging
@@ -773,4 +827,3 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
             log.failure(fmt, failure, **fields)
         else:
             getattr(log, level)(fmt, **fields)
-

@@ -8,7 +8,7 @@ import ipaddress
 
 #: Characters of the client's HELO argument that would change the structure of the field (comments, quoting,
 #: folding) are replaced, so a hostile HELO can only ever be a harmless token.
-_UNSAFE = str.maketrans({c: "_" for c in '()\\"[];<>'})
+_UNSAFE = str.maketrans(dict.fromkeys('()\\"[];<>', "_"))
 
 
 def with_protocol(*, esmtp: bool, tls: bool, authenticated: bool, utf8: bool) -> str:
@@ -56,7 +56,7 @@ def received_header(
         f"\tby {hostname} (dcrouter) with {protocol}" + (f" ({tls.translate(_UNSAFE)})" if tls else ""),
         f"\tid {queue_id}",
     ]
-    date = email.utils.format_datetime(datetime.datetime.fromtimestamp(when, datetime.timezone.utc))
+    date = email.utils.format_datetime(datetime.datetime.fromtimestamp(when, datetime.UTC))
     if len(recipients) == 1:
         lines.append(f"\tfor <{recipients[0]}>")
     lines[-1] += f"; {date}"

@@ -37,7 +37,8 @@ class SpooledMessage:
 
 class SpoolWriter:
     """Collects one message. Up to ``memory_limit`` bytes stay in a buffer; past that everything goes to a
-    uniquely named file in ``directory`` (which must be on the queue's filesystem, so the queue can rename it)."""
+    uniquely named file in ``directory`` (which must be on the queue's filesystem, so the queue can rename
+    it)."""
 
     def __init__(self, directory: str, memory_limit: int = 256 * 1024) -> None:
         self._directory = directory
@@ -63,7 +64,8 @@ class SpoolWriter:
     def _spill(self) -> None:
         assert self._buffer is not None
         self._path = os.path.join(self._directory, "spool-" + secrets.token_hex(12))
-        self._file = open(self._path, "xb", buffering=256 * 1024)
+        # Open across write() calls; finish() or abort() closes it.
+        self._file = open(self._path, "xb", buffering=256 * 1024)  # noqa: SIM115
         self._file.writelines(self._buffer)
         self._buffer = None
 

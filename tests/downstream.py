@@ -101,6 +101,23 @@ class Downstream:
         self._listening: IListeningPort | None = None
         self._protocols: list[_ScriptedSMTP] = []
         self._uses: dict[str, int] = {}
+        self._message_waiters: list[tuple[int, Deferred[list[ReceivedMessage]]]] = []
+
+    def wait_for_messages(self, count: int) -> Deferred[list[ReceivedMessage]]:
+        """Fires with ``messages`` once at least ``count`` transactions have completed (at once if they
+        have). Bound it with ``addTimeout``."""
+        waiter: Deferred[list[ReceivedMessage]] = Deferred()
+        if len(self.messages) >= count:
+            waiter.callback(list(self.messages))
+        else:
+            self._message_waiters.append((count, waiter))
+        return waiter
+
+    def _notify_message_waiters(self) -> None:
+        ready = [(n, d) for n, d in self._message_waiters if len(self.messages) >= n]
+        self._message_waiters = [(n, d) for n, d in self._message_waiters if len(self.messages) < n]
+        for _, waiter in ready:
+            waiter.callback(list(self.messages))
 
     def reply(self, key: str, scripted: Scripted) -> str:
         """The next reply of a scripted entry (lists advance per use, the last one repeating)."""
@@ -203,20 +220,20 @@ class _ScriptedSMTP(Protocol):
         if line == b".\r\n":
             self.in_data = False
             reply = self.downstream.reply("data", self.script.data)
-            self.downstream.messages.append(
-                ReceivedMessage(
-                    mail_from=self.mail_from or "",
-                    recipients=list(self.recipients),
-                    data=b"".join(self.data_lines),
-                    raw=b"".join(self.raw),
-                    reply=reply,
-                    tls=self.connection.tls,
-                    auth_user=self.auth_user,
-                    connection=self.connection.index,
-                )
+            message = ReceivedMessage(
+                mail_from=self.mail_from or "",
+                recipients=list(self.recipients),
+                data=b"".join(self.data_lines),
+                raw=b"".join(self.raw),
+                reply=reply,
+                tls=self.connection.tls,
+                auth_user=self.auth_user,
+                connection=self.connection.index,
             )
+            self.downstream.messages.append(message)
             self.reset()
             self.send(reply, stage="end-of-data")
+            self.downstream._notify_message_waiters()
             return
         self.raw.append(line)
         self.data_lines.append(line[1:] if line.startswith(b".") else line)

@@ -48,6 +48,7 @@ from dcrouter.delivery.targets import TargetHealth
 from dcrouter.delivery.transport import ESMTPTransport
 from dcrouter.processing.processor import EmailProcessor
 from dcrouter.processing.routing import RouteTable
+from dcrouter.proxy.service import ProxyBindError, ProxyService
 from dcrouter.smtp.auth import Authenticator
 from dcrouter.smtp.policy import SessionPolicy
 from dcrouter.smtp.protocol import ESMTPServerFactory
@@ -217,6 +218,11 @@ class DcRouter(MultiService):
         self.routes: RouteTable | None = None
         self.delivery: DeliveryManager | None = None
         self.delivery_pool: ConnectionPool | None = None
+        # A child service: binds in privilegedStartService, resumes in startService (after the queue has
+        # loaded, as SMTP), stops its listeners and then drains its connections in stopService.
+        self.proxy: ProxyService | None = ProxyService.from_options(self.options, reactor=reactor)
+        if self.proxy is not None:
+            self.proxy.setServiceParent(self)
         if self.smtp_config is not None:
             self._build_smtp(self.smtp_config, queue)
 
@@ -343,6 +349,8 @@ class DcRouter(MultiService):
             self.smtp_ports[port] = listener.actual_port
 
     def _close_bound(self) -> None:
+        if self.proxy is not None:
+            self.proxy.unbind()
         for listener in self._listeners:
             if listener.listening is not None:
                 listener.listening.stopListening()
@@ -351,13 +359,22 @@ class DcRouter(MultiService):
 
     # -- service lifecycle -------------------------------------------------------------------------------
 
+    def _bind_proxy(self) -> None:
+        if self.proxy is not None:
+            try:
+                self.proxy.bind()
+            except ProxyBindError as error:
+                raise StartupError(str(error)) from error
+
     def privilegedStartService(self) -> None:
+        self._bind_proxy()
         super().privilegedStartService()
         if self.smtp_config is not None and not self._bound:
             self._bind_listeners()
 
     def startService(self) -> None:
         # Embedded use may call startService alone; bind now then.
+        self._bind_proxy()
         if self.smtp_config is not None and not self._bound:
             self._bind_listeners()
         # Children start only after the queue has loaded (in _start): Service's startService, not Multi...'s.

@@ -525,9 +525,10 @@ def authentication_pair(auth: Any, path: str, report: Report) -> None:
         report.error(join(path, missing), "required when the other of user/pass is set")
 
 
-@block_check("smtp_config")
+@block_check("smtp_config", "smart_proxy_config", "http_domain_routes")
 def router_has_work(options: Any, path: str, report: Report) -> None:
-    if options.smtp_config is None:
+    """SMTP and the proxy are each work enough; with neither, the process would only idle."""
+    if options.smtp_config is None and options.smart_proxy_config is None and not options.http_domain_routes:
         report.warning("smtpConfig", "not set, so dcrouter has nothing to run")
 
 

@@ -1,0 +1,197 @@
+"""ProxyService: the proxy's listening ports and its open connections, as a Twisted service.
+
+Lifecycle (the same as DcRouter's SMTP listeners, for the same reasons):
+
+- :meth:`ProxyService.bind` (called from ``privilegedStartService``, before twistd drops privileges) binds
+  every port of :func:`~dcrouter.proxy.routes.listening_ports` on ``bindAddress``, paused: no connection is
+  accepted yet. A port that cannot be bound raises :class:`ProxyBindError` naming the address and port, and
+  nothing stays bound.
+- ``startService`` resumes the ports and logs ``proxy listening on ADDR:PORT (N routes)`` for each.
+- ``stopService`` stops the listeners first, then waits up to ``drain_timeout`` seconds for open connections
+  to end on their own, then aborts the rest; its Deferred fires once every connection is gone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IReadDescriptor
+from twisted.logger import Logger
+
+from dcrouter.proxy.forward import RouteCounters
+from dcrouter.proxy.routes import ProxyRoute, RouteTable, build_routes, listening_ports
+from dcrouter.proxy.session import ProxyContext, ProxySessionFactory, ProxySettings
+
+log = Logger()
+
+#: Pending connections the kernel queues per proxy port (as for SMTP: Twisted's 50 drops SYNs in bursts).
+LISTEN_BACKLOG = 1024
+
+
+class ProxyBindError(Exception):
+    """A proxy port could not be bound; the message names the address and port."""
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class ProxyService(Service):
+    """Listens on ``ports`` (default: every port the routes and ``config`` claim) on ``bind_address`` and
+    proxies each connection by ``routes``.
+
+    Attributes callers may rely on: ``context`` (the shared :class:`ProxyContext`), ``counters`` (route name
+    → :class:`RouteCounters`), ``ports`` (configured port → actual port, filled once bound; port 0 binds an
+    ephemeral port, whose connections route as port 0).
+    """
+
+    name = "proxy"  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        routes: Sequence[ProxyRoute],
+        settings: ProxySettings,
+        *,
+        reactor: Any,
+        bind_address: str = "0.0.0.0",
+        ports: Sequence[int] | None = None,
+        drain_timeout: float = 5.0,
+    ) -> None:
+        self._reactor = reactor
+        self.bind_address = bind_address
+        self.context = ProxyContext(RouteTable(routes), settings, reactor)
+        self.counters: dict[str, RouteCounters] = self.context.counters
+        self._configured_ports = list(ports) if ports is not None else listening_ports(routes)
+        self.drain_timeout = drain_timeout
+        self.ports: dict[int, int] = {}
+        self._listening: list[tuple[int, IListeningPort]] = []
+        self._stopping: Deferred[None] | None = None
+
+    @classmethod
+    def from_options(cls, options: Any, *, reactor: Any) -> ProxyService | None:
+        """The proxy a DcRouterOptions configures (``smartProxyConfig``, ``httpDomainRoutes``), or None."""
+        config = options.smart_proxy_config
+        http_routes = options.http_domain_routes
+        if config is None and not http_routes:
+            return None
+        routes = build_routes(config, http_routes)
+        return cls(
+            routes,
+            ProxySettings.from_config(config),
+            reactor=reactor,
+            bind_address=config.bind_address if config is not None else "0.0.0.0",
+            ports=listening_ports(routes, config),
+        )
+
+    @property
+    def bound(self) -> bool:
+        return bool(self._listening)
+
+    @property
+    def route_count(self) -> int:
+        return len(self.context.table.routes)
+
+    # -- binding ---------------------------------------------------------------------------------------
+
+    def bind(self) -> None:
+        """Bind every port, paused (see the module docstring). Does nothing when already bound."""
+        if self._listening:
+            return
+        for port in self._configured_ports:
+            try:
+                listening = self._reactor.listenTCP(
+                    port,
+                    ProxySessionFactory(self.context, port),
+                    backlog=LISTEN_BACKLOG,
+                    interface=self.bind_address,
+                )
+            except CannotListenError as error:
+                self.unbind()
+                where = format_address(self.bind_address, port)
+                message = f"cannot listen for the proxy on {where}: {error.socketError}"
+                log.critical("{message}", message=message)
+                raise ProxyBindError(message) from error
+            # Not reading means not accepting (a real reactor's port is a read descriptor).
+            if IReadDescriptor.providedBy(listening):
+                listening.stopReading()  # type: ignore[attr-defined]
+            self._listening.append((port, listening))
+            self.ports[port] = int(listening.getHost().port)
+
+    def unbind(self) -> None:
+        """Close every bound port (a failed start-up)."""
+        for _, listening in self._listening:
+            listening.stopListening()
+        self._listening = []
+        self.ports = {}
+
+    # -- service ---------------------------------------------------------------------------------------
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self.bind()
+
+    def startService(self) -> None:
+        self.bind()
+        super().startService()
+        self._stopping = None
+        for port, listening in self._listening:
+            if IReadDescriptor.providedBy(listening):
+                listening.startReading()  # type: ignore[attr-defined]
+            log.info(
+                "proxy listening on {address} ({routes} routes)",
+                address=format_address(self.bind_address, self.ports[port]),
+                routes=sum(1 for r in self.context.table.routes if r.listens_on(port)),
+                port=self.ports[port],
+            )
+
+    def stopService(self) -> Deferred[None]:
+        if self._stopping is None:
+            super().stopService()
+            self._stopping = Deferred.fromCoroutine(self._stop())
+            self._stopping.addErrback(lambda failure: log.failure("error while stopping the proxy", failure))
+        return self._stopping
+
+    async def _stop(self) -> None:
+        listening, self._listening = self._listening, []
+        results = await DeferredList(
+            [maybeDeferred(port.stopListening) for _, port in listening], consumeErrors=True
+        )
+        for ok, failure in results:
+            if not ok:
+                log.failure("a proxy listener did not stop cleanly", failure)  # type: ignore[arg-type]
+        self.ports = {}
+        await self.drain(self.drain_timeout)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for open connections to end, then abort what is left and wait
+        for those to go too."""
+        sessions = self.context.sessions
+        if sessions:
+            log.info(
+                "proxy: {count} connections open; waiting up to {timeout}s",
+                count=len(sessions),
+                timeout=timeout,
+            )
+            await self._until_empty(timeout)
+        for session in list(sessions):
+            session.abort("dcrouter is stopping")
+        # An abort is reported in the next reactor iteration; bounded by the same timeout again.
+        await self._until_empty(timeout)
+
+    def _until_empty(self, timeout: float) -> Deferred[None]:
+        """Fires when no session is left, or after ``timeout`` seconds; polls (a shutdown-only path)."""
+        done: Deferred[None] = Deferred()
+        deadline = self._reactor.seconds() + timeout
+
+        def check() -> None:
+            if not self.context.sessions or self._reactor.seconds() >= deadline:
+                done.callback(None)
+            else:
+                self._reactor.callLater(0.05, check)
+
+        check()
+        return done

@@ -1,0 +1,494 @@
+"""One proxied connection, from accept to close: PROXY header (trusted peers only) → client IP rules →
+peek (SNI or Host, within a deadline) → route → connect to a target (round robin, failover) → splice.
+
+:class:`ProxySession` is the protocol on the client's connection; :class:`ProxyContext` is what every session
+of one proxy shares (route table, settings, connection counts, target health). A refused connection is
+closed without a byte written to it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.error import ConnectError, ConnectingCancelledError
+from twisted.internet.error import TimeoutError as ConnectTimeoutError
+from twisted.internet.interfaces import IAddress, IDelayedCall, IHalfCloseableProtocol, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from dcrouter.delivery.mx import Target
+from dcrouter.delivery.route import Route
+from dcrouter.delivery.targets import TargetHealth
+from dcrouter.net.cidr import CidrSet
+from dcrouter.proxy import proxyprotocol
+from dcrouter.proxy.forward import BackendProtocol, RouteCounters, Splice
+from dcrouter.proxy.routes import ProxyRoute, RouteTable
+from dcrouter.proxy.sniff import Kind, Sniffed, Sniffer
+
+log = Logger()
+
+_NO_PEEK = Sniffed(Kind.OTHER, None, None, "not peeked: no route on this port selects by name")
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """The proxy-wide limits and behaviours, in seconds. ``no_sni_ports``: ports forwarded without reading
+    anything first (``fromPort`` with ``sniEnabled = false``)."""
+
+    sni_timeout: float = 10.0
+    max_connection_lifetime: float | None = 86_400.0
+    max_connections_per_ip: int | None = 100
+    proxy_protocol: str = "none"
+    trusted_proxies: CidrSet | None = None
+    keep_alive: bool = True
+    connect_timeout: float = 10.0
+    target_down_time: float = 30.0
+    no_sni_ports: frozenset[int] = frozenset()
+
+    @classmethod
+    def from_config(cls, config: Any) -> ProxySettings:
+        """Settings from a loaded ``smartProxyConfig`` (a SmartProxyConfig), or the defaults for None
+        (only ``httpDomainRoutes`` configured)."""
+        if config is None:
+            return cls()
+        no_sni: frozenset[int] = frozenset()
+        if config.from_port is not None and not config.sni_enabled:
+            no_sni = frozenset({config.from_port})
+        return cls(
+            sni_timeout=config.sni_timeout / 1000,
+            max_connection_lifetime=config.max_connection_lifetime / 1000,
+            max_connections_per_ip=config.max_connections_per_ip,
+            proxy_protocol=config.proxy_protocol,
+            trusted_proxies=CidrSet(config.trusted_proxies) if config.trusted_proxies else None,
+            keep_alive=config.keep_alive,
+            no_sni_ports=no_sni,
+        )
+
+
+def canonical_ip(host: str) -> str:
+    """``host`` as one spelling per address (an IPv4-mapped IPv6 address as IPv4), so a per-IP count does
+    not depend on how the listener reported the peer. Anything that is not an address is returned as is."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def _host(address: IAddress) -> str:
+    return canonical_ip(address.host) if isinstance(address, (IPv4Address, IPv6Address)) else ""
+
+
+def client_endpoint(reactor: Any, host: str, port: int) -> IStreamClientEndpoint:
+    """An endpoint for a target: TCP4/TCP6 for IP literals, HostnameEndpoint (resolving) for names."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return HostnameEndpoint(reactor, host, port)
+    if ip.version == 4:
+        return TCP4ClientEndpoint(reactor, host, port)
+    return TCP6ClientEndpoint(reactor, host, port)
+
+
+@dataclass
+class ProxyContext:
+    """State shared by the sessions of one proxy. ``reactor`` provides IReactorTCP and IReactorTime.
+
+    ``counters`` holds a :class:`RouteCounters` for every route, by route name; ``per_ip`` the open
+    connections per client address; ``sessions`` the sessions whose client connection is open."""
+
+    table: RouteTable
+    settings: ProxySettings
+    reactor: Any
+    health: TargetHealth = field(init=False)
+    counters: dict[str, RouteCounters] = field(init=False)
+    per_ip: dict[str, int] = field(default_factory=dict)
+    sessions: set[ProxySession] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.health = TargetHealth(self.reactor, self.settings.target_down_time)
+        self.counters = {route.name: RouteCounters() for route in self.table.routes}
+        self._port_routes: dict[int, tuple[ProxyRoute, ...]] = {}
+
+    def routes_on(self, port: int) -> tuple[ProxyRoute, ...]:
+        routes = self._port_routes.get(port)
+        if routes is None:
+            routes = self._port_routes[port] = tuple(r for r in self.table.routes if r.listens_on(port))
+        return routes
+
+    def peeks(self, port: int) -> bool:
+        """Whether connections on ``port`` are read before routing: only when some route there selects by
+        name. Elsewhere nothing is awaited, so protocols where the server speaks first (SMTP) work."""
+        if port in self.settings.no_sni_ports:
+            return False
+        return any(route.domains for route in self.routes_on(port))
+
+    def any_permits(self, port: int, client_ip: str) -> bool:
+        """Whether some route on ``port`` could serve ``client_ip``: if none could, the client is refused
+        before anything is read from it."""
+        return any(
+            (r.client_ips is None or client_ip in r.client_ips) and r.permits(client_ip)
+            for r in self.routes_on(port)
+        )
+
+    def take_ip(self, client_ip: str) -> bool:
+        """Count one more connection from ``client_ip``; False (nothing counted) at the cap."""
+        cap = self.settings.max_connections_per_ip
+        count = self.per_ip.get(client_ip, 0)
+        if cap is not None and count >= cap:
+            return False
+        self.per_ip[client_ip] = count + 1
+        return True
+
+    def release_ip(self, client_ip: str) -> None:
+        count = self.per_ip.get(client_ip, 0) - 1
+        if count > 0:
+            self.per_ip[client_ip] = count
+        else:
+            self.per_ip.pop(client_ip, None)
+
+    def targets(self, route: ProxyRoute, port: int) -> list[Target]:
+        """The route's hosts in the order to try them: round robin, targets marked down last."""
+        hosts = route.target.hosts
+        return self.health.order(
+            Route(name=route.name, targets=hosts, port=port), [Target(h, h, port) for h in hosts]
+        )
+
+    def connect(self, host: str, port: int) -> Deferred[BackendProtocol]:
+        """A connection to ``host:port``, failing with TimeoutError after ``connect_timeout`` seconds."""
+        endpoint = client_endpoint(self.reactor, host, port)
+        connecting: Deferred[Any] = endpoint.connect(Factory.forProtocol(BackendProtocol))
+        timeout = self.settings.connect_timeout
+        timer = self.reactor.callLater(timeout, connecting.cancel)
+
+        def settled(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            elif isinstance(result, Failure) and result.check(CancelledError, ConnectingCancelledError):
+                # Cancelled by the timer, not by the caller (whose cancel leaves the timer active).
+                return Failure(ConnectTimeoutError(f"no connection to {host}:{port} within {timeout:g}s"))
+            return result
+
+        connecting.addBoth(settled)
+        return connecting
+
+
+class _State:
+    HEADER = "header"  # reading an incoming PROXY header from a trusted peer
+    PEEK = "peek"
+    CONNECTING = "connecting"
+    SPLICED = "spliced"
+    CLOSED = "closed"
+
+
+@implementer(IHalfCloseableProtocol)
+class ProxySession(Protocol):
+    """The client side of one proxied connection, accepted on ``port`` (the configured listening port,
+    which routes match on). Attributes tests may rely on: ``client_ip``, ``route`` (once chosen),
+    ``sniffed``, ``splice`` (once connected), ``refused`` (why it was refused, or None)."""
+
+    transport: Any  # a TCP transport: also a producer and consumer
+
+    def __init__(self, context: ProxyContext, port: int) -> None:
+        self.context = context
+        self.port = port
+        self.client_ip = ""
+        self.client_address: IAddress | None = None
+        self.local_address: IAddress | None = None
+        self.route: ProxyRoute | None = None
+        self.sniffed: Sniffed | None = None
+        self.splice: Splice | None = None
+        self.refused: str | None = None
+        self._state = _State.HEADER
+        self._buffer: list[bytes] = []
+        self._sniffer: Sniffer | None = None
+        self._header: proxyprotocol.IncomingHeader | None = None
+        self._holds_ip = False
+        self._holds_route = False
+        self._client_eof = False
+        self._deadline: IDelayedCall | None = None
+        self._lifetime: IDelayedCall | None = None
+        self._connecting: Deferred[BackendProtocol] | None = None
+
+    # -- accept ----------------------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        settings = self.context.settings
+        clock = self.context.reactor
+        self.client_address = self.transport.getPeer()
+        self.local_address = self.transport.getHost()
+        self.client_ip = _host(self.client_address)
+        self.context.sessions.add(self)
+        if settings.keep_alive and hasattr(self.transport, "setTcpKeepAlive"):
+            self.transport.setTcpKeepAlive(True)
+        if settings.max_connection_lifetime is not None:
+            self._lifetime = clock.callLater(settings.max_connection_lifetime, self._lifetime_over)
+        trusted = settings.trusted_proxies
+        if trusted is not None and self.client_ip in trusted:
+            self._header = proxyprotocol.IncomingHeader()
+            self._deadline = clock.callLater(settings.sni_timeout, self._header_deadline)
+            return
+        self._admit()
+
+    def _admit(self) -> None:
+        """Client IP rules, before anything is read: the per-IP cap, then whether any route on the port
+        serves this client at all."""
+        if not self.context.take_ip(self.client_ip):
+            self._refuse(None, "maxConnectionsPerIP reached")
+            return
+        self._holds_ip = True
+        if not self.context.any_permits(self.port, self.client_ip):
+            self._refuse(None, "no route on this port serves this client (IP rules)")
+            return
+        if self.context.peeks(self.port):
+            self._state = _State.PEEK
+            self._sniffer = Sniffer()
+            self._deadline = self.context.reactor.callLater(
+                self.context.settings.sni_timeout, self._peek_deadline
+            )
+        else:
+            self._decided(_NO_PEEK)
+
+    # -- bytes from the client -------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        state = self._state
+        if state == _State.SPLICED:
+            assert self.splice is not None
+            self.splice.client_data(data)
+        elif state == _State.PEEK:
+            self._buffer.append(data)
+            assert self._sniffer is not None
+            verdict = self._sniffer.feed(data)
+            if verdict is not None:
+                self._decided(verdict)
+        elif state == _State.CONNECTING:
+            self._buffer.append(data)  # in flight when the client was paused; replayed after the peeked bytes
+        elif state == _State.HEADER:
+            self._header_data(data)
+
+    def _header_data(self, data: bytes) -> None:
+        assert self._header is not None
+        try:
+            parsed = self._header.feed(data)
+        except proxyprotocol.ProxyHeaderError as exc:
+            self._refuse(None, f"from trusted proxy {self.client_ip}: {exc}")
+            return
+        if parsed is None:
+            return
+        info, rest = parsed
+        self._cancel_deadline()
+        source = proxyprotocol.client_address(info)
+        if source is not None:
+            self.client_address = source
+            self.client_ip = canonical_ip(source.host)
+            if info.destination is not None:
+                self.local_address = info.destination
+        self._admit()
+        if rest and self._state != _State.CLOSED:
+            self.dataReceived(rest)
+
+    def readConnectionLost(self) -> None:
+        """The client sent EOF: passed on once spliced; before that, peeking stops with what arrived."""
+        self._client_eof = True
+        if self._state == _State.SPLICED:
+            assert self.splice is not None
+            self.splice.client_eof()
+        elif self._state == _State.PEEK:
+            assert self._sniffer is not None
+            self._decided(self._sniffer.give_up())
+        elif self._state == _State.HEADER:
+            self._refuse(None, "EOF before the PROXY header ended")
+
+    def writeConnectionLost(self) -> None:
+        """Our EOF to the client was sent (the backend ended first)."""
+
+    # -- routing ---------------------------------------------------------------------------------------
+
+    def _peek_deadline(self) -> None:
+        self._deadline = None
+        if self._state == _State.PEEK:
+            assert self._sniffer is not None
+            self._decided(self._sniffer.give_up())
+
+    def _header_deadline(self) -> None:
+        self._deadline = None
+        if self._state == _State.HEADER:
+            self._refuse(None, "no PROXY header before the deadline")
+
+    def _decided(self, sniffed: Sniffed) -> None:
+        self._cancel_deadline()
+        self.sniffed = sniffed
+        if self._header is None and sniffed.kind is Kind.OTHER and self._buffer:
+            first = b"".join(self._buffer)
+            if proxyprotocol.may_start_header(first[:12]):
+                self._refuse(None, "PROXY header from an untrusted peer")
+                return
+        # Nothing more is read until the backend is connected: the buffer stays bounded by what the sniffer
+        # looks at.
+        self.transport.pauseProducing()
+        self._state = _State.CONNECTING
+        route = self.context.table.match(self.port, sniffed.server_name, self.client_ip)
+        if route is None:
+            self._refuse(None, f"no route for {sniffed.server_name or 'a connection without a name'}")
+            return
+        self.route = route
+        counters = self.context.counters[route.name]
+        if not route.permits(self.client_ip):
+            self._refuse(counters, f"refused by the IP rules of {route.name}")
+            return
+        if route.max_connections is not None and counters.active >= route.max_connections:
+            self._refuse(counters, f"{route.name}: maxConnections ({route.max_connections}) reached")
+            return
+        counters.active += 1
+        counters.connections += 1
+        self._holds_route = True
+        connecting = Deferred.fromCoroutine(self._connect(route))
+        connecting.addErrback(self._connect_crashed)
+
+    async def _connect(self, route: ProxyRoute) -> None:
+        """Try the route's targets in order; the first that accepts is spliced to the client."""
+        port = route.target.port if route.target.port is not None else self.port
+        for target in self.context.targets(route, port):
+            self._connecting = self.context.connect(target.address, port)
+            try:
+                backend = await self._connecting
+            except (CancelledError, ConnectingCancelledError):
+                return  # the client went away while connecting (timeouts arrive as ConnectTimeoutError)
+            except (ConnectError, OSError) as exc:  # refused, unreachable, timed out, no such host
+                if self._state == _State.CLOSED:
+                    return
+                self.context.health.mark_down(target)
+                log.info(
+                    "proxy: {route}: target {target} failed ({error}); marked down",
+                    route=route.name,
+                    target=str(target),
+                    error=exc.__class__.__name__ + (f": {exc}" if str(exc) else ""),
+                )
+                continue
+            finally:
+                self._connecting = None
+            self.context.health.mark_up(target)
+            if self._state == _State.CLOSED:
+                backend.transport.loseConnection()
+                return
+            self._spliced(route, backend)
+            return
+        self._refuse(self.context.counters[route.name], f"{route.name}: no target reachable")
+
+    def _connect_crashed(self, failure: Failure) -> None:
+        log.failure("proxy: connecting {client} failed unexpectedly", failure, client=self.client_ip)
+        self.transport.abortConnection()
+
+    def _spliced(self, route: ProxyRoute, backend: BackendProtocol) -> None:
+        settings = self.context.settings
+        if settings.keep_alive and hasattr(backend.transport, "setTcpKeepAlive"):
+            backend.transport.setTcpKeepAlive(True)
+        header = proxyprotocol.encode(settings.proxy_protocol, self.client_address, self.local_address)
+        idle = route.connection_timeout_ms / 1000 if route.connection_timeout_ms is not None else None
+        self.splice = Splice(
+            self.transport,
+            backend,
+            counters=self.context.counters[route.name],
+            clock=self.context.reactor,
+            idle_timeout=idle,
+            on_done=self._release_route,
+        )
+        first = header + b"".join(self._buffer)
+        self._buffer = []
+        self._state = _State.SPLICED
+        self.splice.start(first)
+        if self._client_eof:
+            self.splice.client_eof()
+
+    # -- ending ----------------------------------------------------------------------------------------
+
+    def _refuse(self, counters: RouteCounters | None, why: str) -> None:
+        """Close the client without a byte written; ``counters``: the route that turned it away."""
+        self.refused = why
+        if counters is not None:
+            counters.refused += 1
+        log.info(
+            "proxy: refused {client} on port {port}: {why}", client=self.client_ip, port=self.port, why=why
+        )
+        self._state = _State.CLOSED
+        self._cancel_deadline()
+        self.transport.loseConnection()
+
+    def _lifetime_over(self) -> None:
+        self._lifetime = None
+        if self.splice is not None:
+            self.splice.abort("maxConnectionLifetime reached")
+        else:
+            self.transport.abortConnection()
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection (and its backend connection) now: the service's shutdown."""
+        if self.splice is not None:
+            self.splice.abort(reason)
+        else:
+            self.transport.abortConnection()
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _release_route(self) -> None:
+        if self._holds_route and self.route is not None:
+            self._holds_route = False
+            self.context.counters[self.route.name].active -= 1
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._state = _State.CLOSED
+        self.context.sessions.discard(self)
+        self._cancel_deadline()
+        if self._lifetime is not None and self._lifetime.active():
+            self._lifetime.cancel()
+        self._lifetime = None
+        if self._connecting is not None:
+            self._connecting.cancel()
+        if self._holds_ip:
+            self._holds_ip = False
+            self.context.release_ip(self.client_ip)
+        if self.splice is not None:
+            self.splice.client_lost()
+        else:
+            self._release_route()
+
+
+class ProxySessionFactory(Factory):
+    """Builds a :class:`ProxySession` for each connection accepted on one configured ``port``."""
+
+    noisy = False
+
+    def __init__(self, context: ProxyContext, port: int) -> None:
+        self.context = context
+        self.port = port
+
+    def buildProtocol(self, addr: IAddress | None) -> ProxySession:
+        session = ProxySession(self.context, self.port)
+        session.factory = self
+        return session
+
+
+def total(counters: Iterable[RouteCounters]) -> RouteCounters:
+    """The sum of several routes' counters."""
+    result = RouteCounters()
+    for c in counters:
+        result.connections += c.connections
+        result.active += c.active
+        result.refused += c.refused
+        result.bytes_in += c.bytes_in
+        result.bytes_out += c.bytes_out
+    return result

@@ -86,6 +86,10 @@ class IDeliveryQueue(Interface):
         """True unless paused."""
 
     max_size = Attribute("maxQueueSize: the item count at which enqueue fails with QueueFull (0: unlimited).")
+    spool_directory = Attribute(
+        "Where ingress writes messages that outgrow memory: a directory on the queue's file system, so that "
+        "enqueue can link the file into place instead of copying it."
+    )
 
 
 class IRoutingRule(Interface):

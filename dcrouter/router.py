@@ -29,8 +29,7 @@ from typing import Any
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IReadDescriptor
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReadDescriptor
 from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -39,13 +38,13 @@ from twisted.python.threadpool import ThreadPool
 
 from dcrouter.config import ConfigResult, load_options
 from dcrouter.config.options import DcRouterOptions, SmtpConfig, TlsConfig
-from dcrouter.interfaces import IDeliveryQueue
-from dcrouter.net.tls import TlsMaterialError, load_tls_options
 from dcrouter.delivery.manager import DeliveryManager
 from dcrouter.delivery.mx import MxResolver, make_resolver
 from dcrouter.delivery.pool import ConnectionPool
 from dcrouter.delivery.targets import TargetHealth
 from dcrouter.delivery.transport import ESMTPTransport
+from dcrouter.interfaces import IDeliveryQueue
+from dcrouter.net.tls import TlsMaterialError, load_tls_options
 from dcrouter.processing.processor import EmailProcessor
 from dcrouter.processing.routing import RouteTable
 from dcrouter.proxy.service import ProxyBindError, ProxyService
@@ -157,7 +156,7 @@ class SmtpListener:
     @property
     def actual_port(self) -> int:
         assert self.listening is not None
-        return int(self.listening.getHost().port)
+        return int(self.listening.getHost().port)  # type: ignore[attr-defined]  # TCP: an IPv4/IPv6Address
 
 
 def _pause(listening: IListeningPort) -> None:
@@ -177,7 +176,7 @@ async def _settle_all(deferreds: list[Deferred[Any]], what: str) -> None:
     for deferred in deferreds:
         try:
             await deferred
-        except Exception:
+        except Exception:  # noqa: BLE001 (shutdown must go on to save the queue; the failure is logged)
             log.failure(what)
 
 
@@ -191,10 +190,9 @@ class DcRouter(MultiService):
     ``smtp_ports`` (configured port → actual port, filled once bound; useful with port 0).
     """
 
-    name = "dcrouter"
-
     def __init__(self, options: Any, *, reactor: Any = None, queue: IDeliveryQueue | None = None) -> None:
         super().__init__()
+        self.setName("dcrouter")
         if reactor is None:
             # Only for embedding without passing a reactor in; twistd's makeService passes it.
             from twisted.internet import reactor as global_reactor
@@ -263,7 +261,8 @@ class DcRouter(MultiService):
         )
         self.delivery.setServiceParent(self)
         # Delivery starts on a message as soon as it is durable, not at the next periodic look.
-        self.processor.on_queued = lambda item: self.delivery.wake()
+        manager = self.delivery
+        self.processor.on_queued = lambda item: manager.wake()
 
     # -- readiness ---------------------------------------------------------------------------------------
 
@@ -302,9 +301,11 @@ class DcRouter(MultiService):
         except TlsMaterialError as error:
             raise StartupError(f"smtpConfig.tls: {error}") from error
 
-    def _factory_for(self, config: SmtpConfig, port: int, tls_options: CertificateOptions | None) -> Factory:
+    def _factory_for(
+        self, config: SmtpConfig, port: int, tls_options: CertificateOptions | None
+    ) -> IProtocolFactory:
         assert self.policy is not None and self.processor is not None and self.queue is not None
-        factory: Factory = ESMTPServerFactory(
+        factory: IProtocolFactory = ESMTPServerFactory(
             config=config,
             port=port,
             policy=self.policy,
@@ -441,7 +442,7 @@ class DcRouter(MultiService):
         if self.queue is not None and self._starting is not None:
             try:
                 await self.queue.save()
-            except Exception:
+            except Exception:  # noqa: BLE001 (logged; the thread pool must still be stopped)
                 log.failure("the queue could not be saved")
         if self.threadpool.started:
             self.threadpool.stop()

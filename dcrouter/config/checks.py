@@ -364,7 +364,8 @@ def smtp_queue_storage(smtp: Any, path: str, report: Report) -> None:
             report.error(join(path, "redisUrl"), str(e))
     elif smtp.queue_storage == "redis":
         report.error(
-            join(path, "redisUrl"), "required with queueStorage 'redis' (redis://host:port/db or unix:///path)"
+            join(path, "redisUrl"),
+            "required with queueStorage 'redis' (redis://host:port/db or unix:///path)",
         )
 
 
@@ -478,9 +479,12 @@ def _pem_files(
             report.error(join(path, name), result)
         else:
             loaded[name] = result
-    if "certPath" in loaded and "keyPath" in loaded:
-        if _public(loaded["certPath"][0].public_key()) != _public(loaded["keyPath"].public_key()):
-            report.error(join(path, "keyPath"), f"does not match the certificate in {join(path, 'certPath')}")
+    if (
+        "certPath" in loaded
+        and "keyPath" in loaded
+        and _public(loaded["certPath"][0].public_key()) != _public(loaded["keyPath"].public_key())
+    ):
+        report.error(join(path, "keyPath"), f"does not match the certificate in {join(path, 'certPath')}")
 
 
 @block_check("ciphers")

@@ -1,4 +1,11 @@
-"""Structured logs: one JSON object per line, for log shippers.
+"""dcrouter's logging: a level filter in front of every dcrouter logger, and JSON lines for log shippers.
+
+Levels: dcrouter's modules make their loggers with :func:`logger`, whose events pass :data:`levels` (info and
+above by default, ``logLevel`` in the configuration) before they reach Twisted's global log publisher. Events
+below the level are dropped where they are made, so twistd's observers never spend time formatting them (the
+outbound SMTP client's per-command debug events would otherwise be written for every delivery).
+
+Structured logs: one JSON object per line.
 
 ``twistd --logger dcrouter.log.json_observer -n dcrouter --config FILE`` writes every event to standard
 output as ``{"time": ..., "level": ..., "namespace": ..., "message": ..., "fields": {...}}``. ``fields``
@@ -13,8 +20,36 @@ import json
 import sys
 from typing import Any, TextIO
 
-from twisted.logger import ILogObserver, LogLevel, formatEvent
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    Logger,
+    LogLevel,
+    LogLevelFilterPredicate,
+    formatEvent,
+    globalLogPublisher,
+)
 from zope.interface import implementer
+
+#: Minimum levels of dcrouter's loggers, by namespace (a namespace's setting covers its children).
+levels = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
+_filtered = FilteringLogObserver(globalLogPublisher, [levels])
+
+#: The names ``logLevel`` accepts.
+LEVEL_NAMES = ("debug", "info", "warn", "error", "critical")
+
+
+def logger(namespace: str) -> Logger:
+    """A Logger for one of dcrouter's modules; its events below the configured level are dropped at once."""
+    return Logger(namespace=namespace, observer=_filtered)
+
+
+def set_level(level: LogLevel | str, namespace: str = "dcrouter") -> None:
+    """Log ``namespace`` (and the namespaces under it) from ``level`` up; takes effect immediately."""
+    if isinstance(level, str):
+        level = LogLevel.levelWithName(level)
+    levels.setLogLevelForNamespace(namespace, level)
+
 
 #: Keys of Twisted's own bookkeeping (new and legacy logging) that are not the event's fields.
 _INTERNAL = frozenset({"format", "message", "time", "system", "isError", "why", "failure", "printed"})

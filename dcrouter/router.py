@@ -31,7 +31,6 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReadDescriptor
 from twisted.internet.ssl import CertificateOptions
-from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -44,6 +43,7 @@ from dcrouter.delivery.pool import ConnectionPool
 from dcrouter.delivery.targets import TargetHealth
 from dcrouter.delivery.transport import ESMTPTransport
 from dcrouter.interfaces import IDeliveryQueue
+from dcrouter.log import logger, set_level
 from dcrouter.net.tls import TlsMaterialError, load_tls_options
 from dcrouter.processing.processor import EmailProcessor
 from dcrouter.processing.routing import RouteTable
@@ -52,7 +52,7 @@ from dcrouter.smtp.auth import Authenticator
 from dcrouter.smtp.policy import SessionPolicy
 from dcrouter.smtp.protocol import ESMTPServerFactory
 
-log = Logger()
+log = logger(__name__)
 
 #: Threads for blocking work the router owns (scrypt password checks). Each check holds ~32 MiB, so the bound
 #: is also a memory bound.
@@ -200,6 +200,7 @@ class DcRouter(MultiService):
             reactor = global_reactor
         self._reactor = reactor
         self.options, self.warnings = coerce_options(options)
+        set_level(self.options.log_level)
         self.smtp_config: SmtpConfig | None = self.options.smtp_config
         self.smtp_ports: dict[int, int] = {}
         self._listeners: list[SmtpListener] = []

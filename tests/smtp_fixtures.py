@@ -69,6 +69,8 @@ class ControlledQueue:
     with a Deferred the test fires later (``pending``)."""
 
     max_size = 0
+    #: Ingress is given its spool directory by the factory in these tests; nothing is linked in here.
+    spool_directory = tempfile.gettempdir()
 
     def __init__(self, auto: bool = True) -> None:
         self.auto = auto

@@ -24,6 +24,7 @@ from dcrouter.delivery.client import (
     SMTPClientError,
     TransactionResult,
 )
+from dcrouter.log import levels, set_level
 from dcrouter.smtp.reply import Reply
 
 T = TypeVar("T")
@@ -527,6 +528,9 @@ class TimeoutAndLossTests(ClientTestCase):
 class AuthAndLoggingTests(ClientTestCase):
     def setUp(self) -> None:
         super().setUp()
+        # The client's protocol trace is at debug level, which dcrouter's loggers drop by default.
+        set_level("debug", "dcrouter.delivery.client")
+        self.addCleanup(levels.clearLogLevels)
         self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
 
     def secrets(self) -> list[bytes]:

@@ -515,3 +515,9 @@ class DcRouterOptions:
     tls: SharedTlsConfig | None = option(None, doc="Certificate shared by the router's services.")
     dns_server_config: dict[str, Any] | None = option(None, unsupported="The DNS server is not built yet.")
     mta_config: MtaConfig | None = option(None, doc="Direct delivery by MX (when no defaultServer is set).")
+    log_level: Literal["debug", "info", "warn", "error", "critical"] = option(
+        "info",
+        addition=True,
+        doc="Lowest level of dcrouter's own log events that are written; `debug` adds every outbound SMTP "
+        "command and reply.",
+    )

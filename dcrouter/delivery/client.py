@@ -51,13 +51,13 @@ from twisted.internet.interfaces import (
     ITLSTransport,
 )
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dcrouter.delivery.dotstuff import StuffedBodyProducer
+from dcrouter.log import logger
 from dcrouter.smtp.reply import Reply
 
-log = Logger(namespace="dcrouter.delivery.client")
+log = logger("dcrouter.delivery.client")
 
 #: Longest reply line accepted, CRLF included. RFC 5321 §4.5.3.1.5 says 512; real servers exceed it a little.
 MAX_REPLY_LINE = 4096

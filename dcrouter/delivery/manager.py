@@ -46,7 +46,6 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dcrouter.config.options import SmtpConfig
@@ -56,12 +55,13 @@ from dcrouter.delivery.retry import RetryPolicy, Verdict
 from dcrouter.delivery.route import Route
 from dcrouter.envelope import Envelope
 from dcrouter.interfaces import DuplicateItem, IDeliveryQueue, IDeliveryTransport
+from dcrouter.log import logger
 from dcrouter.processing.processor import EmailProcessor
 from dcrouter.processing.routing import RouteTable
 from dcrouter.queue.item import Priority, QueueItem, QueueItemStatus
 from dcrouter.smtp.spool import SpooledMessage
 
-log = Logger(namespace="dcrouter.delivery")
+log = logger("dcrouter.delivery")
 
 #: Seconds between purges of finished items (a purge is a queue write: not on every look).
 PURGE_INTERVAL = 60.0

@@ -39,19 +39,19 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredList, Timeo
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.ssl import CertificateOptions, TLSVersion, optionsForClientTLS, platformTrust
-from twisted.logger import Logger
 
 from dcrouter.config.options import DeliveryConfig
 from dcrouter.delivery.client import ESMTPClient, SMTPClientError
 from dcrouter.delivery.mx import Target
 from dcrouter.delivery.route import Route
+from dcrouter.log import logger
 from dcrouter.smtp.reply import Reply
 
 if TYPE_CHECKING:
     # Twisted exports the interface only from a private module; it is needed for the annotation alone.
     from twisted.internet._sslverify import IOpenSSLTrustRoot
 
-log = Logger(namespace="dcrouter.delivery")
+log = logger("dcrouter.delivery")
 
 _VERSIONS = {"TLSv1.2": TLSVersion.TLSv1_2, "TLSv1.3": TLSVersion.TLSv1_3}
 

@@ -28,7 +28,6 @@ from typing import Any, BinaryIO
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -47,10 +46,11 @@ from dcrouter.delivery.pool import (
 from dcrouter.delivery.route import Route
 from dcrouter.delivery.targets import TargetHealth
 from dcrouter.interfaces import IDeliveryTransport
+from dcrouter.log import logger
 from dcrouter.queue.item import QueueItem
 from dcrouter.smtp.reply import Reply
 
-log = Logger(namespace="dcrouter.delivery")
+log = logger("dcrouter.delivery")
 
 NO_TARGET = Reply(451, "4.4.0", "No target could be tried")
 

@@ -10,14 +10,14 @@ import secrets
 from collections.abc import Callable
 
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
 
 from dcrouter.envelope import Envelope
 from dcrouter.interfaces import IDeliveryQueue
+from dcrouter.log import logger
 from dcrouter.queue.item import Priority, QueueItem
 from dcrouter.smtp.spool import SpooledMessage
 
-log = Logger(namespace="dcrouter.processing")
+log = logger("dcrouter.processing")
 
 
 def new_queue_id() -> str:

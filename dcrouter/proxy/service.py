@@ -20,13 +20,13 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IReadDescriptor
-from twisted.logger import Logger
 
+from dcrouter.log import logger
 from dcrouter.proxy.forward import RouteCounters
 from dcrouter.proxy.routes import ProxyRoute, RouteTable, build_routes, listening_ports
 from dcrouter.proxy.session import ProxyContext, ProxySessionFactory, ProxySettings
 
-log = Logger()
+log = logger(__name__)
 
 #: Pending connections the kernel queues per proxy port (as for SMTP: Twisted's 50 drops SYNs in bursts).
 LISTEN_BACKLOG = 1024

@@ -20,20 +20,20 @@ from twisted.internet.error import ConnectError, ConnectingCancelledError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.internet.interfaces import IAddress, IDelayedCall, IHalfCloseableProtocol, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dcrouter.delivery.mx import Target
 from dcrouter.delivery.route import Route
 from dcrouter.delivery.targets import TargetHealth
+from dcrouter.log import logger
 from dcrouter.net.cidr import CidrSet
 from dcrouter.proxy import proxyprotocol
 from dcrouter.proxy.forward import BackendProtocol, RouteCounters, Splice
 from dcrouter.proxy.routes import ProxyRoute, RouteTable
 from dcrouter.proxy.sniff import Kind, Sniffed, Sniffer
 
-log = Logger()
+log = logger(__name__)
 
 _NO_PEEK = Sniffed(Kind.OTHER, None, None, "not peeked: no route on this port selects by name")
 

@@ -40,19 +40,19 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from dcrouter.interfaces import IDeliveryQueue, QueueFull, QueueUnavailable
+from dcrouter.log import logger
 from dcrouter.queue.contract import check_changes, check_item_id, is_live
 from dcrouter.queue.index import ClaimDue, Outcome, QueueIndex, RemoveItems, StoreItem, UpdateItem, Write
 from dcrouter.queue.item import QueueItem, QueueItemStatus
 from dcrouter.queue.recovery import recover
 from dcrouter.smtp.spool import SpooledMessage
 
-log = Logger(namespace="dcrouter.queue")
+log = logger("dcrouter.queue")
 
 _FINAL_SQL = "('delivered', 'bounced', 'failed')"
 

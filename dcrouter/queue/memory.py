@@ -24,10 +24,10 @@ from typing import Any, BinaryIO
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from dcrouter.interfaces import DuplicateItem, IDeliveryQueue, QueueFull, QueueUnavailable
+from dcrouter.log import logger
 from dcrouter.queue.contract import (
     FINAL_STATUSES,
     check_changes,
@@ -38,7 +38,7 @@ from dcrouter.queue.contract import (
 from dcrouter.queue.item import READY_STATUSES, QueueItem, QueueItemStatus
 from dcrouter.smtp.spool import SpooledMessage
 
-log = Logger(namespace="dcrouter.queue")
+log = logger("dcrouter.queue")
 
 
 @implementer(IDeliveryQueue)

@@ -65,11 +65,11 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dcrouter.interfaces import DuplicateItem, IDeliveryQueue, QueueFull, QueueUnavailable
+from dcrouter.log import logger
 from dcrouter.queue import redis_bodies as bodies
 from dcrouter.queue import redis_scripts as scripts
 from dcrouter.queue.contract import check_changes, check_item_id, new_load_counts
@@ -78,7 +78,7 @@ from dcrouter.queue.redis_connection import RedisConnection
 from dcrouter.queue.redis_url import parse_redis_url
 from dcrouter.smtp.spool import SpooledMessage
 
-log = Logger(namespace="dcrouter.queue")
+log = logger("dcrouter.queue")
 
 #: Items one script call removes, verifies or returns from expired leases; bounds how long Redis is busy.
 CHUNK = 500

@@ -26,13 +26,13 @@ import txredisapi
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dcrouter.interfaces import QueueError, QueueUnavailable
+from dcrouter.log import logger
 from dcrouter.queue.redis_url import RedisAddress
 
-log = Logger(namespace="dcrouter.queue")
+log = logger("dcrouter.queue")
 
 #: Longest pause between reconnection attempts while Redis is down (txredisapi's default is 10 s).
 MAX_RECONNECT_DELAY = 2.0

@@ -20,8 +20,8 @@ import json
 from typing import TYPE_CHECKING
 
 import txredisapi
-from twisted.logger import Logger
 
+from dcrouter.log import logger
 from dcrouter.queue import redis_bodies as bodies
 from dcrouter.queue import redis_scripts as scripts
 from dcrouter.queue.item import QueueItem, QueueItemStatus
@@ -29,7 +29,7 @@ from dcrouter.queue.item import QueueItem, QueueItemStatus
 if TYPE_CHECKING:
     from dcrouter.queue.redis import RedisQueue
 
-log = Logger(namespace="dcrouter.queue")
+log = logger("dcrouter.queue")
 
 #: Items one verification step reads.
 SCAN_CHUNK = 500

@@ -40,17 +40,17 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
 
 from dcrouter.config.options import AuthConfig, UserConfig
+from dcrouter.log import logger
 from dcrouter.passwords import ScryptHash, parse_password_hash, verify_password
 from dcrouter.smtp.reply import Reply
 from dcrouter.smtp.sasl import MECHANISMS, SaslError, SaslExchange
 
-log = Logger(namespace="dcrouter.smtp.auth")
+log = logger("dcrouter.smtp.auth")
 
 MAX_FAILURE_DELAY = 10.0
 MAX_TRACKED_KEYS = 100_000

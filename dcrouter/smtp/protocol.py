@@ -41,7 +41,6 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.ssl import CertificateOptions
-from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -49,6 +48,7 @@ from zope.interface import implementer
 from dcrouter.config.options import SmtpConfig
 from dcrouter.envelope import Envelope
 from dcrouter.interfaces import QueueFull
+from dcrouter.log import logger
 from dcrouter.processing.processor import EmailProcessor, new_queue_id
 from dcrouter.smtp.address import Address, AddressError, parse_mail_argument, parse_rcpt_argument
 from dcrouter.smtp.auth import Authenticator, AuthFailed
@@ -63,7 +63,7 @@ from dcrouter.smtp.spool import SpoolWriter
 if TYPE_CHECKING:
     from OpenSSL import SSL
 
-log = Logger(namespace="dcrouter.smtp")
+log = logger("dcrouter.smtp")
 
 #: Octets of unprocessed input kept while a command waits before the transport is paused.
 MAX_PENDING_INPUT = 64 * 1024

@@ -1,0 +1,58 @@
+"""dcrouter's loggers drop events below the configured level before any observer sees them."""
+
+from __future__ import annotations
+
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from dcrouter.log import levels, logger, set_level
+from dcrouter.router import DcRouter
+
+
+class LevelTests(TestCase):
+    def setUp(self) -> None:
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.addCleanup(levels.clearLogLevels)
+
+    def messages(self) -> list[str]:
+        return [
+            e["log_format"] for e in self.events if e.get("log_namespace", "").startswith("dcrouter.test")
+        ]
+
+    def test_debug_dropped_by_default(self) -> None:
+        log = logger("dcrouter.test.a")
+        log.debug("trace")
+        log.info("fact")
+        self.assertEqual(self.messages(), ["fact"])
+
+    def test_level_per_namespace_and_children(self) -> None:
+        set_level("debug", "dcrouter.test.a")
+        logger("dcrouter.test.a.b").debug("child trace")
+        logger("dcrouter.test.c").debug("other trace")
+        self.assertEqual(self.messages(), ["child trace"])
+
+    def test_raising_the_level_silences_info(self) -> None:
+        set_level(LogLevel.warn)
+        log = logger("dcrouter.test.a")
+        log.info("fact")
+        log.warn("problem")
+        self.assertEqual(self.messages(), ["problem"])
+
+    def test_router_applies_log_level(self) -> None:
+        options = {
+            "logLevel": "error",
+            "smtpConfig": {
+                "ports": [2525],
+                "hostname": "mx.test",
+                "implicitTlsPorts": [],
+                "submissionPorts": [],
+                "queueStorage": "memory",
+                "domainConfigs": [{"domains": ["a.test"], "targetIPs": ["127.0.0.1"]}],
+            },
+        }
+        DcRouter(options, reactor=MemoryReactorClock())
+        log = logger("dcrouter.test.a")
+        log.warn("problem")
+        log.error("failure")
+        self.assertEqual(self.messages(), ["failure"])

@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 CONFIG ?= etc/dcrouter.example.toml
 TESTS  ?= tests
 
-.PHONY: run test check bench lint clean venv redis-server
+.PHONY: run test check bench bench-relay lint clean venv redis-server
 
 # Debian splits venv support out of python3; install it when it is missing and we may.
 $(BIN)/python:
@@ -54,6 +54,10 @@ test: $(VENV)/.installed-test redis-server
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m bench.ingress
+
+# End-to-end relaying next to Postfix; needs Debian's postfix package (see docs/performance.md).
+bench-relay: $(VENV)/.installed-test redis-server
+	$(BIN)/python -m bench.relay
 
 lint: $(VENV)/.installed-test
 	$(BIN)/python -m pip install -q '.[dev]'

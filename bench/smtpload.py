@@ -189,6 +189,7 @@ class SendersResult:
     error_kinds: collections.Counter[str] = field(default_factory=collections.Counter)
     timed_out: bool = False
     client_cpu: float = 0.0
+    started_at: float = 0.0  # time.perf_counter() when the clock started (bench/relay measures from it)
 
     @property
     def rate(self) -> float:
@@ -280,7 +281,7 @@ async def run_senders(
     deadline = time.monotonic() + time_limit  # covers connecting too; reset once everyone is ready
     tasks = [asyncio.ensure_future(one_sender()) for _ in range(senders)]
     await go.wait()
-    started = time.perf_counter()
+    started = result.started_at = time.perf_counter()
     deadline = time.monotonic() + time_limit
     await asyncio.gather(*tasks)
     result.elapsed = time.perf_counter() - started

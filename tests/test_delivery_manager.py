@@ -461,40 +461,67 @@ class LimitTests(ManagerTestsBase):
         self.assertEqual([c["id"] for c in self.transport.calls], ids[:3])
         self.assertEqual(self.item(ids[0]).status, QueueItemStatus.DELIVERED)
 
-    def test_per_destination_bound_puts_items_back(self) -> None:
+    def test_per_destination_bound_waits_then_puts_back(self) -> None:
+        """At maxPerDestination, the next message waits for the slot and starts the moment it frees; beyond
+        maxPerDestination waiters, messages go back to the queue for a checkInterval."""
         self.start(max_per_destination=1, check_interval=2_000)
         self.transport.hold = True
         first = self.send("alice@senders.test", "r1@a.test")
         second = self.send("alice@senders.test", "r2@a.test")
+        third = self.send("alice@senders.test", "r4@a.test")
         other = self.send("alice@senders.test", "r3@b.test")
         self.assertEqual([c["id"] for c in self.transport.calls], [first, other])
-        waiting = self.item(second)
-        self.assertEqual(waiting.status, QueueItemStatus.QUEUED)
-        self.assertEqual((waiting.attempts, waiting.next_attempt_at), (0, START + 2))
+        self.assertEqual(self.item(second).status, QueueItemStatus.DELIVERING)  # waiting for a.test's slot
+        put_back = self.item(third)
+        self.assertEqual(put_back.status, QueueItemStatus.QUEUED)
+        self.assertEqual((put_back.attempts, put_back.next_attempt_at), (0, START + 2))
         self.assertEqual(self.manager.get_delivery_stats()["busy"], 1)
         self.transport.release(0)
         self.clock.advance(0)
-        self.assertEqual(len(self.transport.calls), 2)  # not due yet: it waits for its put-back delay
-        self.advance_to(START + 2)
+        # The freed slot went straight to the waiting message, without waiting for a look at the queue.
         self.assertEqual([c["id"] for c in self.transport.calls], [first, other, second])
+        self.transport.hold = False
+        while self.transport.held:
+            self.transport.release()
+        self.clock.advance(0)
+        self.assertEqual(len(self.transport.calls), 3)  # the put-back one is not due yet
+        self.advance_to(START + 2)
+        self.assertEqual([c["id"] for c in self.transport.calls], [first, other, second, third])
+        self.assertEqual(self.item(second).status, QueueItemStatus.DELIVERED)
+        self.assertEqual(self.item(third).status, QueueItemStatus.DELIVERED)
 
     def test_busy_group_of_a_split_message_waits_without_using_a_retry(self) -> None:
         self.start(max_per_destination=1, check_interval=2_000)
         self.transport.hold = True
         first = self.send("alice@senders.test", "r1@a.test")
         split = self.send("alice@senders.test", "r2@b.test", "r3@a.test")
-        self.transport.release(1)  # b.test delivered; a.test was busy
+        self.transport.release(1)  # b.test delivered; a.test is busy: that group waits for the slot
         self.clock.advance(0)
         item = self.item(split)
-        self.assertEqual(item.status, QueueItemStatus.DEFERRED)
-        self.assertEqual(item.pending_recipients(), ["r3@a.test"])
-        self.assertEqual((item.attempts, item.next_attempt_at, item.last_error), (1, START + 2, None))
-        self.transport.release(0)
+        self.assertEqual(item.status, QueueItemStatus.DELIVERING)
+        self.assertEqual(item.pending_recipients(), ["r3@a.test"])  # r2's outcome is already recorded
         self.transport.hold = False
-        self.advance_to(START + 2)
+        self.transport.release(0)
+        self.clock.advance(0)
         self.assertEqual(self.item(first).status, QueueItemStatus.DELIVERED)
-        self.assertEqual(self.item(split).status, QueueItemStatus.DELIVERED)
+        item = self.item(split)
+        self.assertEqual((item.status, item.attempts), (QueueItemStatus.DELIVERED, 0))
         self.assertEqual(len(self.transport.to("r2@b.test")), 1)
+        self.assertEqual(len(self.transport.to("r3@a.test")), 1)
+
+    def test_stopping_releases_slot_waiters(self) -> None:
+        """A message waiting for a slot when delivery stops goes back to the queue, and nothing new starts."""
+        self.start(max_per_destination=1)
+        self.transport.hold = True
+        self.send("alice@senders.test", "r1@a.test")
+        waiting = self.send("alice@senders.test", "r2@a.test")
+        stopped = self.manager.stopService()
+        self.clock.advance(0)
+        self.assertEqual(self.item(waiting).status, QueueItemStatus.QUEUED)
+        self.transport.release(0)
+        self.clock.advance(0)
+        self.successResultOf(stopped)
+        self.assertEqual(len(self.transport.calls), 1)
 
     def test_pause_and_resume(self) -> None:
         self.start()

@@ -228,7 +228,10 @@ class RoutingRuleConfig:
 @dataclass(frozen=True)
 class DeliveryConfig:
     connection_pool_size: int = option(
-        10, doc="Open connections kept per destination for reuse.", check=c.positive
+        20,
+        doc="Open connections kept per destination for reuse; at least maxPerDestination keeps every "
+        "concurrent delivery's connection for the next message.",
+        check=c.positive,
     )
     socket_timeout: int = option(
         300_000, doc="Milliseconds to wait for any one reply from a target server.", check=c.duration

@@ -7,10 +7,12 @@ What a caller may rely on:
   next reactor turn; several calls coalesce into one look) on :meth:`DeliveryManager.wake`, and again as soon
   as an attempt finishes. A look claims up to ``delivery.concurrentDeliveries`` minus the attempts in flight.
 - **Per-destination limit.** At most ``maxPerDestination`` transport calls run at once per route name. A
-  claimed message whose recipients' route is at that limit is not held in memory: those recipients are
-  skipped for this attempt without counting a retry, and the message goes back to the queue (its status
-  QUEUED or DEFERRED as before, its priority unchanged) due again after ``checkInterval``. Why: holding it
-  would take a delivery slot (or unbounded memory) from other destinations while one destination is slow.
+  claimed message whose route is at that limit waits for a slot, in order, up to ``maxPerDestination``
+  waiters per route; beyond that its recipients are skipped for this attempt without counting a retry, and
+  the message goes back to the queue (its status QUEUED or DEFERRED as before) due again after
+  ``checkInterval``. Why both: putting back every message that finds its destination full made a single
+  busy destination trickle (each put-back waits a ``checkInterval``); waiting without a cap would let one
+  slow destination hold every claimed slot while other destinations wait.
 - **Durability per recipient.** After each route group's report, the recipients delivered or failed for good
   are written to the item's ``outcomes`` (and a ``history`` entry ``{"at", "route", "tried", "results"}``)
   with ``queue.update`` before the next group is tried, so a crash never re-sends to a delivered recipient.
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import random as random_module
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -124,6 +127,9 @@ class DeliveryManager(Service):
         self._hostname = config.hostname
         self._active: dict[str, Deferred] = {}
         self._route_load: dict[str, int] = {}
+        #: Attempts waiting for a slot of a route at maxPerDestination, in arrival order; each is fired with
+        #: True when a finishing attempt hands its slot over, or False when the manager stops.
+        self._slot_waiters: dict[str, deque[Deferred[bool]]] = {}
         self._paused = False
         self._claiming = False
         self._claim_again = False
@@ -146,6 +152,11 @@ class DeliveryManager(Service):
             if call is not None and call.active():
                 call.cancel()
         self._tick_call = self._wake_call = None
+        # Attempts waiting for a slot start nothing now: they put their messages back.
+        waiting, self._slot_waiters = self._slot_waiters, {}
+        for waiters in waiting.values():
+            for waiter in waiters:
+                waiter.callback(False)
         if self._idle():
             return succeed(None)
         done: Deferred = Deferred()
@@ -302,20 +313,59 @@ class DeliveryManager(Service):
             groups, tried = [], True
             temporary = {r: _result(r, 451, "4.3.0", "Local error in routing") for r in pending}
         for route, rcpts in groups:
-            if self._route_load.get(route.name, 0) >= self._per_route:
+            if not await self._acquire_slot(route.name):
                 busy.extend(rcpts)
                 continue
             tried = True
-            report = await self._deliver_group(item, route, rcpts)
-            item = await self._record(item, route, report)
+            try:
+                report = await self._deliver_group(item, route, rcpts)
+                # The slot is held until the outcome is recorded: maxPerDestination also bounds the deliveries
+                # a crash can leave unrecorded (and so repeat).
+                item = await self._record(item, route, report)
+            finally:
+                self._release_slot(route.name)
             temporary.update((r.recipient, r) for r in report.results if r.outcome is Outcome.TEMPORARY)
         if tried:
             self._stats["attempts"] += 1
         return await self._conclude(item, temporary, tried=tried)
 
+    async def _acquire_slot(self, name: str) -> bool:
+        """Take one of the ``maxPerDestination`` slots of route ``name``, waiting for one when they are all
+        taken; False (the caller puts its recipients back) when ``maxPerDestination`` attempts already wait,
+        or the manager stops meanwhile.
+
+        Why wait rather than put back at once: with one busy destination, most claimed messages would go back
+        to the queue for a ``checkInterval`` each, and that destination's throughput would collapse. Waiting
+        is bounded (the waiters are claimed messages, so ``concurrentDeliveries`` bounds them all) and capped
+        per route, so one slow destination cannot hold every slot while others wait.
+        """
+        if self._route_load.get(name, 0) < self._per_route:
+            self._route_load[name] = self._route_load.get(name, 0) + 1
+            return True
+        waiters = self._slot_waiters.setdefault(name, deque())
+        if len(waiters) >= self._per_route or not self.running:
+            if not waiters:
+                del self._slot_waiters[name]
+            return False
+        handed_over: Deferred[bool] = Deferred()
+        waiters.append(handed_over)
+        return await handed_over
+
+    def _release_slot(self, name: str) -> None:
+        """Hand the slot to the next waiter of the route, or free it."""
+        waiters = self._slot_waiters.get(name)
+        if waiters and self.running:
+            waiter = waiters.popleft()
+            if not waiters:
+                del self._slot_waiters[name]
+            waiter.callback(True)  # the slot changes hands: the route's load stays as it is
+            return
+        self._route_load[name] -= 1
+        if not self._route_load[name]:
+            del self._route_load[name]
+
     async def _deliver_group(self, item: QueueItem, route: Route, rcpts: list[str]) -> DeliveryReport:
         """The transport's report for one group, with exactly one result per recipient of ``rcpts``."""
-        self._route_load[route.name] = self._route_load.get(route.name, 0) + 1
         try:
             report: DeliveryReport = await self._transport.deliver(
                 item, route, rcpts, open_body=lambda: self._queue.open_body(item.id)
@@ -324,10 +374,6 @@ class DeliveryManager(Service):
             self._stats["errors"] += 1
             log.failure("transport failed for {queue_id} via {route}", queue_id=item.id, route=route.name)
             report = DeliveryReport(route.name)
-        finally:
-            self._route_load[route.name] -= 1
-            if not self._route_load[route.name]:
-                del self._route_load[route.name]
         by_rcpt = {r.recipient: r for r in report.results if r.recipient in rcpts}
         results = [
             by_rcpt.get(rcpt) or _result(rcpt, 451, "4.3.0", "No result for this recipient (local error)")

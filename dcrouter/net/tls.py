@@ -1,4 +1,5 @@
-"""Server TLS contexts from PEM material, and self-signed certificates for trials and tests."""
+"""TLS material from the configuration (SMTP's certificate, generated self-signed on request), and
+one-certificate server options for tests and peers. Choosing by SNI is :mod:`dcrouter.net.certstore`'s job."""
 
 from __future__ import annotations
 
@@ -11,13 +12,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from OpenSSL import crypto
 from twisted.internet import ssl
-from twisted.internet.ssl import TLSVersion
 
 from dcrouter.config.options import TlsConfig
-
-_VERSIONS = {"TLSv1.2": TLSVersion.TLSv1_2, "TLSv1.3": TLSVersion.TLSv1_3}
+from dcrouter.net.certstore import CertifiedKey, certificate_options
 
 
 def generate_self_signed(hostname: str, days: int = 365) -> tuple[bytes, bytes]:
@@ -76,20 +74,11 @@ def server_tls_options(
     min_version: str = "TLSv1.2",
     ciphers: str | None = None,
 ) -> ssl.CertificateOptions:
-    """A server context factory usable for ``transport.startTLS`` and for TLS listening endpoints."""
-    certs = x509.load_pem_x509_certificates(cert_pem)
-    extra = certs[1:] + (x509.load_pem_x509_certificates(chain_pem) if chain_pem else [])
-    key = serialization.load_pem_private_key(key_pem, password=None)
-    kwargs = {}
-    if ciphers:
-        kwargs["acceptableCiphers"] = ssl.AcceptableCiphers.fromOpenSSLCipherString(ciphers)
-    return ssl.CertificateOptions(
-        privateKey=crypto.PKey.from_cryptography_key(key),  # type: ignore[arg-type]
-        certificate=crypto.X509.from_cryptography(certs[0]),
-        extraCertChain=[crypto.X509.from_cryptography(c) for c in extra],
-        raiseMinimumTo=_VERSIONS[min_version],
-        **kwargs,
-    )
+    """A server context factory for one certificate, usable for ``transport.startTLS`` and for TLS listening
+    endpoints (tests and peers; the router's listeners use :class:`~dcrouter.net.certstore.CertificateStore`).
+    Raises ValueError when the material is unusable (see :meth:`CertifiedKey.from_pem`)."""
+    key = CertifiedKey.from_pem(cert_pem, key_pem, chain_pem)
+    return certificate_options(key, min_version=min_version, ciphers=ciphers)
 
 
 class TlsMaterialError(Exception):
@@ -141,26 +130,14 @@ def ensure_self_signed(cert_path: str, key_path: str, hostname: str) -> bool:
     return True
 
 
-def _read(path: str, what: str) -> bytes:
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    except OSError as error:
-        raise TlsMaterialError(f"cannot read {what} {path}: {error.strerror or error}") from error
-
-
-def load_tls_options(config: TlsConfig, hostname: str) -> ssl.CertificateOptions:
-    """Server TLS options from the files named in ``config``; generates them first when ``selfSigned`` is set
-    and they are missing. Raises TlsMaterialError naming the file at fault."""
+def load_certified_key(config: TlsConfig, hostname: str) -> CertifiedKey:
+    """The certificate and key named in ``config``, generated first when ``selfSigned`` is set and they are
+    missing. Raises TlsMaterialError naming the file at fault."""
     if not config.cert_path or not config.key_path:
         raise TlsMaterialError("TLS needs both certPath and keyPath")
     if config.self_signed:
         ensure_self_signed(config.cert_path, config.key_path, hostname)
-    cert_pem = _read(config.cert_path, "certificate")
-    key_pem = _read(config.key_path, "private key")
-    chain_pem = _read(config.ca_path, "CA bundle") if config.ca_path else None
     try:
-        return server_tls_options(cert_pem, key_pem, chain_pem, config.min_version, config.ciphers)
-    except Exception as error:  # cryptography and pyOpenSSL raise several unrelated types for bad PEM
-        files = ", ".join(p for p in (config.cert_path, config.key_path, config.ca_path) if p)
-        raise TlsMaterialError(f"cannot use TLS material ({files}): {error}") from error
+        return CertifiedKey.from_files(config.cert_path, config.key_path, config.ca_path)
+    except ValueError as error:
+        raise TlsMaterialError(str(error)) from error

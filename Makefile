@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 CONFIG ?= etc/dcrouter.example.toml
 TESTS  ?= tests
 
-.PHONY: run test check bench bench-relay lint clean venv redis-server
+.PHONY: run test check bench bench-relay lint clean venv redis-server pebble
 
 # Debian splits venv support out of python3; install it when it is missing and we may.
 $(BIN)/python:
@@ -45,9 +45,20 @@ redis-server:
 	  else echo "dcrouter: redis-server missing, Redis queue tests will be skipped (apt-get install redis-server)" >&2; \
 	  fi; }
 
+# The ACME tests start their own pebble and pebble-challtestsrv (Debian's ACME test server) on 127.0.0.1:
+# install them when missing and we may; otherwise those tests are skipped and say what to install.
+pebble:
+	@command -v pebble >/dev/null || [ -x /usr/bin/pebble ] || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -q pebble >/dev/null 2>&1 \
+	      || { apt-get update -q >/dev/null && apt-get install -y -q pebble >/dev/null; }; \
+	  else echo "dcrouter: pebble missing, ACME tests will be skipped (apt-get install pebble)" >&2; \
+	  fi; }
+
 # Trial runs from the checkout (the source tree comes first on sys.path); tests that start a real twistd
 # put the checkout on PYTHONPATH, so Twisted finds twisted/plugins/dcrouter_plugin.py there.
-test: $(VENV)/.installed-test redis-server
+test: $(VENV)/.installed-test redis-server pebble
 	@set -o pipefail; $(BIN)/python -m twisted.trial --temp-directory=_trial_temp $(TESTS) 2>&1 \
 	  | tee _trial_temp.log; rc=$$?; \
 	  $(BIN)/python .ci/trial_summary.py _trial_temp.log; exit $$rc

@@ -35,6 +35,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from dcrouter.acme.challenges import ChallengeResponder
+from dcrouter.acme.service import AcmeService
 from dcrouter.config import ConfigResult, load_options
 from dcrouter.config.options import DcRouterOptions, SmtpConfig, TlsConfig
 from dcrouter.delivery.manager import DeliveryManager
@@ -44,7 +46,8 @@ from dcrouter.delivery.targets import TargetHealth
 from dcrouter.delivery.transport import ESMTPTransport
 from dcrouter.interfaces import IDeliveryQueue
 from dcrouter.log import logger, set_level
-from dcrouter.net.tls import TlsMaterialError, load_tls_options
+from dcrouter.net.certstore import CertificateStore
+from dcrouter.net.tls import TlsMaterialError, load_certified_key
 from dcrouter.processing.processor import EmailProcessor
 from dcrouter.processing.routing import RouteTable
 from dcrouter.proxy.service import ProxyBindError, ProxyService
@@ -186,8 +189,12 @@ class DcRouter(MultiService):
     ``queue`` replaces the backend ``queueStorage`` names (an embedding program's own, or a test's).
 
     Attributes tests and embedding programs may rely on: ``options``, ``warnings`` (from validation),
-    ``queue``, ``processor``, ``policy``, ``authenticator`` (None without users), ``threadpool``, and
-    ``smtp_ports`` (configured port → actual port, filled once bound; useful with port 0).
+    ``queue``, ``processor``, ``policy``, ``authenticator`` (None without users), ``threadpool``,
+    ``smtp_ports`` (configured port → actual port, filled once bound; useful with port 0), ``challenges``
+    (the ACME HTTP-01 responder the proxy serves), ``acme`` (the AcmeService, None without ACME orders), and
+    ``certificates``: the router's one :class:`CertificateStore`, whose default is SMTP's certificate once
+    bound; SMTP, the proxy and ACME all serve from it, so a certificate put there is offered by SNI to the
+    next handshake on any of them.
     """
 
     def __init__(self, options: Any, *, reactor: Any = None, queue: IDeliveryQueue | None = None) -> None:
@@ -217,11 +224,23 @@ class DcRouter(MultiService):
         self.routes: RouteTable | None = None
         self.delivery: DeliveryManager | None = None
         self.delivery_pool: ConnectionPool | None = None
+        self.certificates = CertificateStore(clock=reactor)
+        # HTTP-01 answers: written by ACME, read by the proxy's port-80 listener.
+        self.challenges = ChallengeResponder()
         # A child service: binds in privilegedStartService, resumes in startService (after the queue has
         # loaded, as SMTP), stops its listeners and then drains its connections in stopService.
-        self.proxy: ProxyService | None = ProxyService.from_options(self.options, reactor=reactor)
+        # Terminating routes present certificates from the store and answer HTTP-01 from the responder.
+        self.proxy: ProxyService | None = ProxyService.from_options(
+            self.options, reactor=reactor, certificates=self.certificates, challenges=self.challenges
+        )
         if self.proxy is not None:
             self.proxy.setServiceParent(self)
+        # After the proxy, as children start in order: port 80 answers before the first order is placed.
+        self.acme: AcmeService | None = AcmeService.from_options(
+            self.options, store=self.certificates, responder=self.challenges, reactor=reactor
+        )
+        if self.acme is not None:
+            self.acme.setServiceParent(self)
         if self.smtp_config is not None:
             self._build_smtp(self.smtp_config, queue)
 
@@ -298,8 +317,17 @@ class DcRouter(MultiService):
                 )
             return None
         try:
-            return load_tls_options(tls_config, config.hostname)
+            key = load_certified_key(tls_config, config.hostname)
         except TlsMaterialError as error:
+            raise StartupError(f"smtpConfig.tls: {error}") from error
+        # SMTP's certificate answers every name the store has no certificate for (most MX clients send no
+        # SNI, or the MX host name); names put by the proxy or ACME get their own certificate on SMTP too.
+        self.certificates.set_default(key)
+        try:
+            return self.certificates.server_options(
+                min_version=tls_config.min_version, ciphers=tls_config.ciphers
+            )
+        except ValueError as error:
             raise StartupError(f"smtpConfig.tls: {error}") from error
 
     def _factory_for(

@@ -4,6 +4,7 @@ port cross-check with smtpConfig."""
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
 from twisted.trial import unittest
@@ -348,30 +349,105 @@ class RouteFormTests(ProxyCase):
 
 
 class UnsupportedTests(ProxyCase):
-    def test_termination_and_acme(self) -> None:
+    def test_action_types_not_built(self) -> None:
+        errors = self.errors(route(action={"type": "block"}))
+        self.assertEqual([e.split(": ")[0] for e in errors], ["smartProxyConfig.routes[0].action.type"])
+        self.assertIn(": not supported yet: ", errors[0])
+
+
+class TerminationConfigTests(ProxyCase):
+    """tls.mode terminate / terminate-and-reencrypt, tls.certificate files, domainConfigs useNetworkProxy."""
+
+    def files(self) -> dict[str, str]:
+        from dcrouter.net.tls import generate_self_signed
+
+        directory = self.mktemp()
+        os.makedirs(directory)
+        cert, key = generate_self_signed("a.example.com")
+        paths = {"certPath": os.path.join(directory, "c.pem"), "keyPath": os.path.join(directory, "k.pem")}
+        for path, data in zip(paths.values(), (cert, key), strict=True):
+            with open(path, "wb") as handle:
+                handle.write(data)
+        return paths
+
+    def test_terminating_routes_load(self) -> None:
+        from dcrouter.proxy.routes import CertificateFiles, build_routes
+
+        files = self.files()
         raw = copy.deepcopy(SEED)
         sp = raw["smartProxyConfig"]
         sp["domainConfigs"][0]["useNetworkProxy"] = True
-        sp["acme"]["enabled"] = True
+        sp["domainConfigs"][0]["certificate"] = files
         sp["routes"] = [
-            dict(copy.deepcopy(ROUTE), name="a", tls={"mode": "terminate", "certificate": "auto"}),
-            dict(copy.deepcopy(ROUTE), name="b", tls={"mode": "terminate-and-reencrypt"}),
-            dict(copy.deepcopy(ROUTE), name="c", action={"type": "block"}),
+            dict(copy.deepcopy(ROUTE), name="a", tls={"mode": "terminate", "certificate": files}),
+            dict(
+                copy.deepcopy(ROUTE), name="b", tls={"mode": "terminate-and-reencrypt", "certificate": files}
+            ),
         ]
-        errors = self.errors(raw)
+        routes = build_routes(self.config(raw), None)
+        expected = CertificateFiles(files["certPath"], files["keyPath"])
         self.assertEqual(
-            [e.split(": ")[0] for e in errors],
+            [(r.name, r.tls_mode, r.certificate) for r in routes[:3]],
             [
-                "smartProxyConfig.acme.enabled",
-                "smartProxyConfig.domainConfigs[0].useNetworkProxy",
-                "smartProxyConfig.routes[0].tls.mode",
-                "smartProxyConfig.routes[0].tls.certificate",
-                "smartProxyConfig.routes[1].tls.mode",
-                "smartProxyConfig.routes[2].action.type",
+                ("a", "terminate", expected),
+                ("b", "terminate-and-reencrypt", expected),
+                ("smartProxyConfig.domainConfigs[0]", "terminate", expected),
             ],
         )
-        for e in errors:
-            self.assertIn(": not supported yet: ", e)
+
+    def test_use_network_proxy_with_acme_is_auto(self) -> None:
+        from dcrouter.proxy.routes import build_routes
+
+        raw = copy.deepcopy(SEED)
+        raw["smartProxyConfig"]["domainConfigs"][0]["useNetworkProxy"] = True
+        raw["smartProxyConfig"]["acme"]["enabled"] = True
+        (entry,) = [r for r in build_routes(self.config(raw), None) if "domainConfigs" in r.name]
+        self.assertEqual((entry.tls_mode, entry.certificate), ("terminate", "auto"))
+
+    def test_acme_port_answers_for_terminated_names(self) -> None:
+        from dcrouter.proxy.routes import PortRange, build_routes
+
+        raw = route(
+            tls={"mode": "terminate", "certificate": "auto"},
+            match={"ports": 443, "domains": ["a.example.com"]},
+        )
+        raw["smartProxyConfig"]["acme"] = {"enabled": True, "accountEmail": "ops@example.com", "port": 8080}
+        web, acme = build_routes(self.config(raw), None)
+        self.assertEqual(
+            (acme.ports, acme.domains, acme.tls_mode, acme.priority < web.priority),
+            ((PortRange(8080, 8080),), ("a.example.com",), "terminate", True),
+        )
+
+    def test_certificate_required_and_checked(self) -> None:
+        raw = copy.deepcopy(SEED)
+        sp = raw["smartProxyConfig"]
+        sp["domainConfigs"][0]["useNetworkProxy"] = True
+        sp["routes"] = [
+            dict(copy.deepcopy(ROUTE), name="a", tls={"mode": "terminate"}),
+            dict(copy.deepcopy(ROUTE), name="b", tls={"mode": "passthrough", "certificate": self.files()}),
+            dict(
+                copy.deepcopy(ROUTE),
+                name="c",
+                tls={"mode": "terminate", "certificate": {"certPath": "/none.pem", "keyPath": "/k"}},
+            ),
+        ]
+        errors = [e.removeprefix("smartProxyConfig.") for e in self.errors(raw)]
+        self.assertEqual(
+            errors,
+            [
+                (
+                    'routes[0].tls.certificate: required with mode "terminate": {certPath, keyPath}, '
+                    'or "auto" (ACME)'
+                ),
+                'routes[1].tls.certificate: has no effect with mode "passthrough"',
+                "routes[2].tls.certificate.certPath: cannot read '/none.pem': No such file or directory",
+                "routes[2].tls.certificate.keyPath: cannot read '/k': No such file or directory",
+                (
+                    "domainConfigs[0].useNetworkProxy: needs a certificate: smartProxyConfig.domainConfigs[0]"
+                    ".certificate, or smartProxyConfig.acme.enabled = true"
+                ),
+            ],
+        )
 
     def test_defaults_of_unsupported_keys_load(self) -> None:
         raw = route(tls={"mode": "passthrough", "certificate": None})

@@ -22,8 +22,6 @@ from dcrouter.config.checks import Report, block_check, join
 from dcrouter.config.options import checked, option
 from dcrouter.net.domains import normalize_domain
 
-_TERMINATION = "TLS termination is not built yet (passthrough only)."
-_ACME = "ACME certificates are not built yet."
 _FORWARD_ONLY = 'Only "forward" is built.'
 
 # --- one-shape views of multi-shape values -----------------------------------------------------------------
@@ -116,6 +114,25 @@ def _domain_item(value: Any) -> str | None:
     if value == "*" or not isinstance(value, str):
         return None
     return c.domain_pattern(value)
+
+
+def _certificate_spec(value: Any) -> str | None:
+    if value is None or value == "auto":
+        return None
+    if not isinstance(value, Mapping):
+        return f'expected "auto" or a {{certPath, keyPath}} table, got {value!r}'
+    if set(value) != {"certPath", "keyPath"}:
+        keys = sorted(map(str, value))
+        return f"a certificate table has exactly the keys 'certPath' and 'keyPath', got {keys}"
+    if not all(isinstance(v, str) and v for v in value.values()):
+        return "'certPath' and 'keyPath' must be file names"
+    return None
+
+
+def _certificate_files_spec(value: Any) -> str | None:
+    if value == "auto":
+        return '"auto" is not needed here: with acme.enabled, useNetworkProxy entries get ACME certificates'
+    return _certificate_spec(value)
 
 
 # --- block checks ------------------------------------------------------------------------------------------
@@ -234,6 +251,84 @@ def _sni_disabled(proxy: Any, path: str, report: Report) -> None:
             )
 
 
+_TERMINATING = ("terminate", "terminate-and-reencrypt")
+
+
+def _acme_name_errors(names: tuple[str, ...]) -> str | None:
+    """Why ACME (HTTP-01) cannot obtain a certificate for ``names``, or None."""
+    if not names:
+        return "ACME needs the names to request: list them in match.domains (not empty or \"*\")"
+    wildcards = [n for n in names if n.startswith("*.")]
+    if wildcards:
+        # RFC 8555 §8.3 / Let's Encrypt: wildcards need DNS-01, which dcrouter does not answer.
+        return (
+            f"ACME by HTTP-01 cannot obtain wildcard certificates ({', '.join(wildcards)}); "
+            "use certificate files"
+        )
+    return None
+
+
+@block_check("routes", "domain_configs", "acme")
+def _acme_certificates(proxy: Any, path: str, report: Report) -> None:
+    """A certificate "auto" is one ACME obtains: it needs ACME enabled, a terminating route, and exact names
+    (HTTP-01 proves one host name at a time)."""
+    acme_on = proxy.acme is not None and proxy.acme.enabled
+    for i, route in enumerate(proxy.routes):
+        if route.tls is None or route.tls.certificate != "auto":
+            continue
+        here = f"{join(path, 'routes')}[{i}]"
+        if route.tls.mode not in _TERMINATING:
+            report.error(join(here, "tls.certificate"), f'"auto" needs {join(here, "tls.mode")} "terminate"')
+        if not acme_on:
+            report.error(join(here, "tls.certificate"), f'"auto" needs {join(path, "acme.enabled")} = true')
+        problem = _acme_name_errors(route_domains(route.match.domains))
+        if problem:
+            report.error(join(here, "match.domains"), problem)
+    if not acme_on:
+        return
+    for i, entry in enumerate(proxy.domain_configs):
+        if entry.use_network_proxy and entry.certificate is None:
+            problem = _acme_name_errors(tuple(entry.domains))
+            if problem:
+                report.error(f"{join(path, 'domainConfigs')}[{i}].domains", problem)
+
+
+def _certificate_files(certificate: Any, path: str, report: Report) -> None:
+    """A ``{certPath, keyPath}`` table must name readable PEM files that match (as smtpConfig.tls)."""
+    if isinstance(certificate, Mapping) and not _certificate_spec(certificate):
+        c._pem_files(certificate["certPath"], certificate["keyPath"], None, False, path, report)
+
+
+@block_check("routes", "domain_configs", "acme")
+def _termination_certificates(proxy: Any, path: str, report: Report) -> None:
+    """A terminating route needs a certificate (files, or "auto" for ACME); a certificate on a route that
+    does not terminate would be silently unused."""
+    acme_on = proxy.acme is not None and proxy.acme.enabled
+    for i, route in enumerate(proxy.routes):
+        here = f"{join(path, 'routes')}[{i}].tls"
+        tls = route.tls
+        if tls is None:
+            continue
+        if tls.mode in _TERMINATING and tls.certificate is None:
+            report.error(
+                join(here, "certificate"),
+                f'required with mode "{tls.mode}": {{certPath, keyPath}}, or "auto" (ACME)',
+            )
+        elif tls.mode not in _TERMINATING and isinstance(tls.certificate, Mapping):
+            report.error(join(here, "certificate"), f'has no effect with mode "{tls.mode}"')
+        _certificate_files(tls.certificate, join(here, "certificate"), report)
+    for i, entry in enumerate(proxy.domain_configs):
+        here = f"{join(path, 'domainConfigs')}[{i}]"
+        if entry.use_network_proxy and entry.certificate is None and not acme_on:
+            report.error(
+                join(here, "useNetworkProxy"),
+                f"needs a certificate: {join(here, 'certificate')}, or {join(path, 'acme.enabled')} = true",
+            )
+        if entry.certificate is not None and not entry.use_network_proxy:
+            report.error(join(here, "certificate"), "has no effect without useNetworkProxy = true")
+        _certificate_files(entry.certificate, join(here, "certificate"), report)
+
+
 # --- the schema --------------------------------------------------------------------------------------------
 
 
@@ -244,10 +339,40 @@ class PortRangeConfig:
     to: int = option(doc="Last port of the range (inclusive); at least `from`.", check=c.port)
 
 
+#: Let's Encrypt's ACME directories, chosen by ``acme.useProduction`` when ``acme.directoryUrl`` is not set.
+LETSENCRYPT_PRODUCTION = "https://acme-v02.api.letsencrypt.org/directory"
+LETSENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
+
+
+def acme_directory_url(acme: Any) -> str:
+    """The directory an ``acme`` block uses: ``directoryUrl``, else Let's Encrypt by ``useProduction``."""
+    if acme.directory_url:
+        return str(acme.directory_url)
+    return LETSENCRYPT_PRODUCTION if acme.use_production else LETSENCRYPT_STAGING
+
+
+def _https_url(value: str) -> str | None:
+    # RFC 8555 §6.1: ACME is HTTPS only; a plain http:// directory would let anyone on the path issue for us.
+    return None if value.startswith("https://") else f"must be an https:// URL, got {value!r}"
+
+
+@block_check("enabled", "account_email")
+def _acme_account(acme: Any, path: str, report: Report) -> None:
+    """Let's Encrypt mails expiry warnings and policy changes to the account contact; without one a failing
+    renewal goes unnoticed until the certificate expires."""
+    if acme.enabled and not acme.account_email:
+        report.error(join(path, "accountEmail"), f"required when {join(path, 'enabled')} is true")
+
+
+@checked(_acme_account)
 @dataclass(frozen=True)
 class AcmeConfig:
     port: int = option(80, doc="Port the HTTP-01 challenge is answered on.", check=c.port)
-    enabled: bool = option(False, doc="Obtain certificates for terminated domains.", unsupported=_ACME)
+    enabled: bool = option(
+        False,
+        doc="Obtain and renew certificates for terminated domains (domainConfigs with useNetworkProxy, and "
+        'routes with `tls.certificate = "auto"`) by HTTP-01.',
+    )
     auto_renew: bool = option(True, doc="Renew certificates before they expire.")
     use_production: bool = option(
         False, doc="Use Let's Encrypt's production directory (default: its staging directory)."
@@ -255,11 +380,19 @@ class AcmeConfig:
     renew_threshold_days: int = option(
         30, doc="Renew a certificate this many days before it expires.", check=c.positive
     )
-    account_email: str | None = option(None, doc="Contact address of the ACME account.", check=c.not_empty)
+    account_email: str | None = option(
+        None, doc="Contact address of the ACME account; required when enabled.", check=c.not_empty
+    )
     directory_url: str | None = option(
         None,
         addition=True,
         doc="ACME directory URL of a private CA; overrides useProduction.",
+        check=c.all_of(c.not_empty, _https_url),
+    )
+    state_directory: str = option(
+        "/var/lib/dcrouter/acme",
+        addition=True,
+        doc="Directory of the ACME account key and the certificates obtained (keys are written mode 0600).",
         check=c.not_empty,
     )
 
@@ -298,7 +431,18 @@ class ProxyDomainConfig:
         doc="Milliseconds a connection may be idle before it is closed; not set: no idle limit.",
         check=c.duration,
     )
-    use_network_proxy: bool = option(False, doc="Terminate TLS for these domains.", unsupported=_TERMINATION)
+    use_network_proxy: bool = option(
+        False,
+        doc="Terminate TLS for these domains and forward HTTP/1.1 (with X-Forwarded-For/-Proto) to the "
+        "targets; plain HTTP on the entry's ports is redirected to HTTPS. The certificate: `certificate`, "
+        "else ACME (`acme.enabled`).",
+    )
+    certificate: Any = option(
+        None,
+        addition=True,
+        doc="`{certPath, keyPath}`: the certificate a `useNetworkProxy` entry terminates with (else ACME).",
+        check=_certificate_files_spec,
+    )
     max_connections: int | None = option(
         None,
         addition=True,
@@ -355,10 +499,16 @@ class RouteAction:
 class RouteTls:
     mode: Literal["passthrough", "terminate", "terminate-and-reencrypt"] = option(
         "passthrough",
-        doc="`passthrough`: TLS bytes are forwarded as they are, routed by SNI.",
-        unsupported_values={"terminate": _TERMINATION, "terminate-and-reencrypt": _TERMINATION},
+        doc="`passthrough`: TLS bytes are forwarded as they are, routed by SNI. `terminate`: TLS ends here "
+        "with `certificate` and HTTP/1.1 goes to the target in plain text (with X-Forwarded-For/-Proto); "
+        "plain HTTP on the route's ports is redirected to HTTPS. `terminate-and-reencrypt`: the same, over "
+        "TLS to the target (its certificate is not verified).",
     )
-    certificate: Any = option(None, doc='`"auto"` (ACME) or `{certPath, keyPath}`.', unsupported=_TERMINATION)
+    certificate: Any = option(
+        None,
+        doc='`"auto"`: obtained by ACME (needs `smartProxyConfig.acme.enabled`); or `{certPath, keyPath}`.',
+        check=_certificate_spec,
+    )
 
 
 @dataclass(frozen=True)
@@ -403,7 +553,15 @@ class DefaultTarget:
     )
 
 
-@checked(_from_port_pair, _domain_config_ports, _domains_once, _route_names, _sni_disabled)
+@checked(
+    _from_port_pair,
+    _domain_config_ports,
+    _domains_once,
+    _route_names,
+    _sni_disabled,
+    _acme_certificates,
+    _termination_certificates,
+)
 @dataclass(frozen=True)
 class SmartProxyConfig:
     from_port: int | None = option(

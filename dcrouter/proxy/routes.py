@@ -72,11 +72,25 @@ class ProxyTarget:
 
 
 @dataclass(frozen=True)
+class CertificateFiles:
+    """A certificate and its key, as PEM files (``tls.certificate = {certPath, keyPath}``)."""
+
+    cert_path: str
+    key_path: str
+
+
+#: The TLS modes that end TLS at the proxy and forward HTTP.
+TERMINATING = frozenset({"terminate", "terminate-and-reencrypt"})
+
+
+@dataclass(frozen=True)
 class ProxyRoute:
     """One route. ``domains`` empty means any name, and connections that carry none. ``client_ips`` selects
     (a client outside it makes the route not match, and the next one is tried); ``allow`` and ``block``
     refuse (a client they exclude is closed once this route was chosen). ``source`` is the key path the
-    route came from, for error messages and logs."""
+    route came from, for error messages and logs. ``tls_mode`` is ``passthrough``, ``terminate`` or
+    ``terminate-and-reencrypt``; a terminating route's ``certificate`` is files, ``"auto"`` (ACME) or None
+    (whatever the certificate store holds for the name)."""
 
     name: str
     priority: int
@@ -90,6 +104,11 @@ class ProxyRoute:
     max_connections: int | None
     connection_timeout_ms: int | None
     source: str
+    certificate: CertificateFiles | str | None = None
+
+    @property
+    def terminates(self) -> bool:
+        return self.tls_mode in TERMINATING
 
     def permits(self, client_ip: str) -> bool:
         """Whether this route serves ``client_ip``: not in ``block`` (which wins), and in ``allow`` if set."""
@@ -103,6 +122,12 @@ class ProxyRoute:
 
 def _ranges(pairs: Iterable[tuple[int, int]]) -> tuple[PortRange, ...]:
     return tuple(PortRange(start, end) for start, end in pairs)
+
+
+def _certificate(value: Any) -> CertificateFiles | str | None:
+    if isinstance(value, dict):
+        return CertificateFiles(value["certPath"], value["keyPath"])
+    return value if isinstance(value, str) else None
 
 
 def _from_route(route: Any, index: int) -> ProxyRoute:
@@ -122,6 +147,7 @@ def _from_route(route: Any, index: int) -> ProxyRoute:
         max_connections=security.max_connections if security else None,
         connection_timeout_ms=route.connection_timeout,
         source=source,
+        certificate=_certificate(route.tls.certificate) if route.tls else None,
     )
 
 
@@ -140,10 +166,12 @@ def _from_domain_config(config: Any, index: int) -> ProxyRoute:
         allow=_networks(entry.allowed_ips),
         block=_networks(entry.blocked_ips),
         target=ProxyTarget(tuple(entry.target_ips) or (config.target_ip,), port),
-        tls_mode="passthrough",
+        tls_mode="terminate" if entry.use_network_proxy else "passthrough",
         max_connections=entry.max_connections,
         connection_timeout_ms=entry.connection_timeout,
         source=source,
+        # With acme.enabled and no files, ACME obtains the entry's certificate.
+        certificate=_certificate(entry.certificate) or ("auto" if entry.use_network_proxy else None),
     )
 
 
@@ -212,13 +240,37 @@ def _default_route(config: Any, ports: list[int], below: int) -> ProxyRoute:
     )
 
 
+def _acme_port_route(config: Any, terminating: list[ProxyRoute], below: int) -> ProxyRoute:
+    """Plain HTTP on ``acme.port`` for the terminated names: challenges answered, the rest redirected to
+    HTTPS (a terminating route answers plain HTTP that way). Lowest priority: a route of the config's own on
+    that port and name wins."""
+    any_name = any(not r.domains for r in terminating)
+    domains = () if any_name else tuple(dict.fromkeys(d for r in terminating for d in r.domains))
+    return ProxyRoute(
+        name="smartProxyConfig.acme.port",
+        priority=below,
+        ports=(PortRange(config.acme.port, config.acme.port),),
+        domains=domains,
+        client_ips=None,
+        allow=None,
+        block=None,
+        target=terminating[0].target,
+        tls_mode="terminate",
+        max_connections=None,
+        connection_timeout_ms=None,
+        source="smartProxyConfig.acme.port",
+    )
+
+
 def build_routes(
     config: SmartProxyConfig | None, http_routes: Sequence[HttpDomainRoute] | None
 ) -> list[ProxyRoute]:
     """The routes of a loaded ``smartProxyConfig`` (a :class:`~dcrouter.config.proxy.SmartProxyConfig` or
     None) and ``httpDomainRoutes``, in the order that breaks ties between equal matches: ``routes`` as given,
     then ``domainConfigs``, then ``httpDomainRoutes``, then the ``fromPort`` → ``targetIP`` catch-all, and
-    last the ``defaultTarget`` route, on every listening port with a priority below all others.
+    last the ``defaultTarget`` route, on every listening port with a priority below all others. With an
+    ``acme`` block and terminating routes, a route on ``acme.port`` (below all others too) answers ACME
+    challenges and redirects the terminated names to HTTPS.
 
     The config must have passed the loader's checks (the translation assumes them)."""
     routes: list[ProxyRoute] = []
@@ -228,6 +280,10 @@ def build_routes(
     routes += [_from_http_route(r, i) for i, r in enumerate(http_routes or ())]
     if config is not None and config.from_port is not None and config.target_ip is not None:
         routes.append(_from_port_route(config))
+    terminating = [r for r in routes if r.terminates]
+    if config is not None and config.acme is not None and terminating:
+        below = min((r.priority for r in routes), default=0) - 1
+        routes.append(_acme_port_route(config, terminating, below))
     if config is not None and config.default_target is not None:
         ports = listening_ports(routes, config)
         if ports:

@@ -2,10 +2,13 @@
 
 Lifecycle (the same as DcRouter's SMTP listeners, for the same reasons):
 
-- :meth:`ProxyService.bind` (called from ``privilegedStartService``, before twistd drops privileges) binds
-  every port of :func:`~dcrouter.proxy.routes.listening_ports` on ``bindAddress``, paused: no connection is
-  accepted yet. A port that cannot be bound raises :class:`ProxyBindError` naming the address and port, and
-  nothing stays bound.
+- :meth:`ProxyService.bind` (called from ``privilegedStartService``, before twistd drops privileges) first
+  loads the certificate files of terminating routes into the certificate store (under the route's domains,
+  or the certificate's own names for a route for any name; a file that cannot be loaded raises
+  :class:`ProxyCertificateError` naming the key path), then binds every port of
+  :func:`~dcrouter.proxy.routes.listening_ports` on ``bindAddress``, paused: no connection is accepted yet.
+  A port that cannot be bound raises :class:`ProxyBindError` naming the address and port, and nothing stays
+  bound.
 - ``startService`` resumes the ports and logs ``proxy listening on ADDR:PORT (N routes)`` for each.
 - ``stopService`` stops the listeners first, then waits up to ``drain_timeout`` seconds for open connections
   to end on their own, then aborts the rest; its Deferred fires once every connection is gone.
@@ -23,7 +26,8 @@ from twisted.internet.interfaces import IListeningPort, IReadDescriptor
 
 from dcrouter.log import logger
 from dcrouter.proxy.forward import RouteCounters
-from dcrouter.proxy.routes import ProxyRoute, RouteTable, build_routes, listening_ports
+from dcrouter.proxy.http import ChallengeSource
+from dcrouter.proxy.routes import CertificateFiles, ProxyRoute, RouteTable, build_routes, listening_ports
 from dcrouter.proxy.session import ProxyContext, ProxySessionFactory, ProxySettings
 
 log = logger(__name__)
@@ -34,6 +38,10 @@ LISTEN_BACKLOG = 1024
 
 class ProxyBindError(Exception):
     """A proxy port could not be bound; the message names the address and port."""
+
+
+class ProxyCertificateError(ProxyBindError):
+    """A terminating route's certificate files could not be loaded; the message names the key path."""
 
 
 def format_address(host: str, port: int) -> str:
@@ -60,10 +68,15 @@ class ProxyService(Service):
         bind_address: str = "0.0.0.0",
         ports: Sequence[int] | None = None,
         drain_timeout: float = 5.0,
+        certificates: Any = None,
+        challenges: ChallengeSource | None = None,
     ) -> None:
         self._reactor = reactor
         self.bind_address = bind_address
-        self.context = ProxyContext(RouteTable(routes), settings, reactor)
+        self.certificates = certificates
+        self.context = ProxyContext(
+            RouteTable(routes), settings, reactor, certificates=certificates, challenges=challenges
+        )
         self.counters: dict[str, RouteCounters] = self.context.counters
         self._configured_ports = list(ports) if ports is not None else listening_ports(routes)
         self.drain_timeout = drain_timeout
@@ -72,8 +85,17 @@ class ProxyService(Service):
         self._stopping: Deferred[None] | None = None
 
     @classmethod
-    def from_options(cls, options: Any, *, reactor: Any) -> ProxyService | None:
-        """The proxy a DcRouterOptions configures (``smartProxyConfig``, ``httpDomainRoutes``), or None."""
+    def from_options(
+        cls,
+        options: Any,
+        *,
+        reactor: Any,
+        certificates: Any = None,
+        challenges: ChallengeSource | None = None,
+    ) -> ProxyService | None:
+        """The proxy a DcRouterOptions configures (``smartProxyConfig``, ``httpDomainRoutes``), or None.
+        ``certificates`` (a CertificateStore) and ``challenges`` (a ChallengeResponder) serve terminating
+        routes."""
         config = options.smart_proxy_config
         http_routes = options.http_domain_routes
         if config is None and not http_routes:
@@ -85,6 +107,8 @@ class ProxyService(Service):
             reactor=reactor,
             bind_address=config.bind_address if config is not None else "0.0.0.0",
             ports=listening_ports(routes, config),
+            certificates=certificates,
+            challenges=challenges,
         )
 
     @property
@@ -97,10 +121,34 @@ class ProxyService(Service):
 
     # -- binding ---------------------------------------------------------------------------------------
 
+    def load_certificates(self) -> None:
+        """Put the certificate files of terminating routes into the store (see the module docstring)."""
+        from dcrouter.net.certstore import CertifiedKey  # late: only configs that terminate need it
+
+        for route in self.context.table.routes:
+            files = route.certificate
+            if not isinstance(files, CertificateFiles):
+                continue
+            if self.certificates is None:
+                raise ProxyCertificateError(f"{route.source}: no certificate store to terminate TLS with")
+            try:
+                key = CertifiedKey.from_files(files.cert_path, files.key_path)
+            except (OSError, ValueError) as error:
+                raise ProxyCertificateError(f"{route.source}: certificate: {error}") from error
+            for name in route.domains or key.names:
+                self.certificates.put(name, key)
+            log.info(
+                "proxy: {route} terminates TLS with {cert} ({names})",
+                route=route.name,
+                cert=files.cert_path,
+                names=", ".join(key.names),
+            )
+
     def bind(self) -> None:
         """Bind every port, paused (see the module docstring). Does nothing when already bound."""
         if self._listening:
             return
+        self.load_certificates()
         for port in self._configured_ports:
             try:
                 listening = self._reactor.listenTCP(

@@ -1,5 +1,7 @@
 """One proxied connection, from accept to close: PROXY header (trusted peers only) → client IP rules →
-peek (SNI or Host, within a deadline) → route → connect to a target (round robin, failover) → splice.
+peek (SNI or Host, within a deadline) → route → connect to a target (round robin, failover) → splice; or,
+on a terminating route, TLS ended here (:mod:`~dcrouter.proxy.terminate`) and HTTP forwarded per request
+(:mod:`~dcrouter.proxy.http`), plain HTTP answered with a redirect or an ACME challenge.
 
 :class:`ProxySession` is the protocol on the client's connection; :class:`ProxyContext` is what every session
 of one proxy shares (route table, settings, connection counts, target health). A refused connection is
@@ -9,16 +11,24 @@ closed without a byte written to it.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, ConnectingCancelledError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
-from twisted.internet.interfaces import IAddress, IDelayedCall, IHalfCloseableProtocol, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+    IProtocol,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -30,8 +40,16 @@ from dcrouter.log import logger
 from dcrouter.net.cidr import CidrSet
 from dcrouter.proxy import proxyprotocol
 from dcrouter.proxy.forward import BackendProtocol, RouteCounters, Splice
+from dcrouter.proxy.http import (
+    DEFAULT_IDLE_TIMEOUT,
+    ChallengeSource,
+    ForwardingPolicy,
+    HttpForwarder,
+    HttpRedirect,
+)
 from dcrouter.proxy.routes import ProxyRoute, RouteTable
 from dcrouter.proxy.sniff import Kind, Sniffed, Sniffer
+from dcrouter.proxy.terminate import ALPN, BackendTls, ServerCreatorSource, terminate_tls
 
 log = logger(__name__)
 
@@ -105,7 +123,9 @@ class ProxyContext:
     """State shared by the sessions of one proxy. ``reactor`` provides IReactorTCP and IReactorTime.
 
     ``counters`` holds a :class:`RouteCounters` for every route, by route name; ``per_ip`` the open
-    connections per client address; ``sessions`` the sessions whose client connection is open."""
+    connections per client address; ``sessions`` the sessions whose client connection is open.
+    ``certificates`` (the router's CertificateStore) is what terminating routes present, by SNI;
+    ``challenges`` (the ACME ChallengeResponder) answers HTTP-01 on their plain-HTTP ports."""
 
     table: RouteTable
     settings: ProxySettings
@@ -114,11 +134,28 @@ class ProxyContext:
     counters: dict[str, RouteCounters] = field(init=False)
     per_ip: dict[str, int] = field(default_factory=dict)
     sessions: set[ProxySession] = field(default_factory=set)
+    certificates: ServerCreatorSource | None = None
+    challenges: ChallengeSource | None = None
 
     def __post_init__(self) -> None:
         self.health = TargetHealth(self.reactor, self.settings.target_down_time)
         self.counters = {route.name: RouteCounters() for route in self.table.routes}
         self._port_routes: dict[int, tuple[ProxyRoute, ...]] = {}
+        self._server_creator: IOpenSSLServerConnectionCreator | None = None
+        self._backend_tls: BackendTls | None = None
+
+    def server_creator(self) -> IOpenSSLServerConnectionCreator | None:
+        """The TLS server side of terminating routes (certificate by SNI from the store, HTTP/1.1 by ALPN),
+        made once: the store consults its current certificates at each handshake. None without a store."""
+        if self._server_creator is None and self.certificates is not None:
+            self._server_creator = self.certificates.server_options(alpn=ALPN)
+        return self._server_creator
+
+    def backend_tls(self, server_name: str | None) -> IOpenSSLClientConnectionCreator:
+        """TLS towards a ``terminate-and-reencrypt`` backend (not verified; SNI ``server_name``)."""
+        if self._backend_tls is None:
+            self._backend_tls = BackendTls()
+        return self._backend_tls.creator(server_name)
 
     def routes_on(self, port: int) -> tuple[ProxyRoute, ...]:
         routes = self._port_routes.get(port)
@@ -164,10 +201,20 @@ class ProxyContext:
             Route(name=route.name, targets=hosts, port=port), [Target(h, h, port) for h in hosts]
         )
 
-    def connect(self, host: str, port: int) -> Deferred[BackendProtocol]:
-        """A connection to ``host:port``, failing with TimeoutError after ``connect_timeout`` seconds."""
+    def connect(
+        self,
+        host: str,
+        port: int,
+        *,
+        protocol: Callable[[], Protocol] = BackendProtocol,
+        tls: IOpenSSLClientConnectionCreator | None = None,
+    ) -> Deferred[Any]:
+        """A connection to ``host:port`` speaking ``protocol`` (over TLS with ``tls``), failing with
+        TimeoutError after ``connect_timeout`` seconds."""
         endpoint = client_endpoint(self.reactor, host, port)
-        connecting: Deferred[Any] = endpoint.connect(Factory.forProtocol(BackendProtocol))
+        if tls is not None:
+            endpoint = wrapClientTLS(tls, endpoint)
+        connecting: Deferred[Any] = endpoint.connect(Factory.forProtocol(protocol))
         timeout = self.settings.connect_timeout
         timer = self.reactor.callLater(timeout, connecting.cancel)
 
@@ -188,6 +235,7 @@ class _State:
     PEEK = "peek"
     CONNECTING = "connecting"
     SPLICED = "spliced"
+    TERMINATED = "terminated"  # TLS ended here (or plain HTTP answered): bytes go to _receiver
     CLOSED = "closed"
 
 
@@ -218,7 +266,9 @@ class ProxySession(Protocol):
         self._client_eof = False
         self._deadline: IDelayedCall | None = None
         self._lifetime: IDelayedCall | None = None
-        self._connecting: Deferred[BackendProtocol] | None = None
+        self._connecting: Deferred[Any] | None = None
+        self._receiver: IProtocol | None = None  # on a terminating route: the TLS layer or the redirect
+        self.front: HttpForwarder | HttpRedirect | None = None
 
     # -- accept ----------------------------------------------------------------------------------------
 
@@ -266,6 +316,9 @@ class ProxySession(Protocol):
         if state == _State.SPLICED:
             assert self.splice is not None
             self.splice.client_data(data)
+        elif state == _State.TERMINATED:
+            assert self._receiver is not None
+            self._receiver.dataReceived(data)
         elif state == _State.PEEK:
             self._buffer.append(data)
             assert self._sniffer is not None
@@ -304,6 +357,9 @@ class ProxySession(Protocol):
         if self._state == _State.SPLICED:
             assert self.splice is not None
             self.splice.client_eof()
+        elif self._state == _State.TERMINATED:
+            assert self.front is not None
+            self.front.client_eof()
         elif self._state == _State.PEEK:
             assert self._sniffer is not None
             self._decided(self._sniffer.give_up())
@@ -353,21 +409,38 @@ class ProxySession(Protocol):
         counters.active += 1
         counters.connections += 1
         self._holds_route = True
+        if route.terminates:
+            self._terminate(route, sniffed)
+            return
         connecting = Deferred.fromCoroutine(self._connect(route))
         connecting.addErrback(self._connect_crashed)
 
     async def _connect(self, route: ProxyRoute) -> None:
         """Try the route's targets in order; the first that accepts is spliced to the client."""
+        backend = await self._open_backend(route, BackendProtocol)
+        if backend is not None:
+            self._spliced(route, backend)
+        elif self._state != _State.CLOSED:
+            self._refuse(self.context.counters[route.name], f"{route.name}: no target reachable")
+
+    async def _open_backend(
+        self,
+        route: ProxyRoute,
+        protocol: Callable[[], Protocol],
+        tls: IOpenSSLClientConnectionCreator | None = None,
+    ) -> Any:
+        """A connection to the first of the route's targets (in round-robin order) that accepts, marking
+        those that fail down; None when none does or the client went away meanwhile."""
         port = route.target.port if route.target.port is not None else self.port
         for target in self.context.targets(route, port):
-            self._connecting = self.context.connect(target.address, port)
+            self._connecting = self.context.connect(target.address, port, protocol=protocol, tls=tls)
             try:
                 backend = await self._connecting
             except (CancelledError, ConnectingCancelledError):
-                return  # the client went away while connecting (timeouts arrive as ConnectTimeoutError)
+                return None  # the client went away while connecting (timeouts arrive as ConnectTimeoutError)
             except (ConnectError, OSError) as exc:  # refused, unreachable, timed out, no such host
                 if self._state == _State.CLOSED:
-                    return
+                    return None
                 self.context.health.mark_down(target)
                 log.info(
                     "proxy: {route}: target {target} failed ({error}); marked down",
@@ -381,14 +454,69 @@ class ProxySession(Protocol):
             self.context.health.mark_up(target)
             if self._state == _State.CLOSED:
                 backend.transport.loseConnection()
-                return
-            self._spliced(route, backend)
-            return
-        self._refuse(self.context.counters[route.name], f"{route.name}: no target reachable")
+                return None
+            return backend
+        return None
 
     def _connect_crashed(self, failure: Failure) -> None:
         log.failure("proxy: connecting {client} failed unexpectedly", failure, client=self.client_ip)
         self.transport.abortConnection()
+
+    def _terminate(self, route: ProxyRoute, sniffed: Sniffed) -> None:
+        """End TLS here and forward HTTP (a ClientHello), or answer plain HTTP with a redirect or an ACME
+        challenge (a request head); anything else cannot be served by a terminating route."""
+        counters = self.context.counters[route.name]
+        front: HttpForwarder | HttpRedirect
+        if sniffed.kind is Kind.HTTP:
+            front = HttpRedirect(self.context.challenges, client_ip=self.client_ip)
+        elif sniffed.kind is Kind.TLS and self.context.server_creator() is not None:
+            front = self._forwarder(route, sniffed.server_name, counters)
+        else:
+            self._refuse(counters, f"{route.name} terminates TLS; this connection is not TLS or HTTP/1.x")
+            return
+        replay = b"".join(self._buffer)
+        self._buffer = []
+        self._state = _State.TERMINATED
+        self.front = front
+        if isinstance(front, HttpRedirect):
+            front.makeConnection(self.transport)
+            self._receiver = front
+            if replay:
+                front.dataReceived(replay)
+        else:
+            creator = self.context.server_creator()
+            assert creator is not None
+            self._receiver = terminate_tls(self.transport, creator, front, replay)
+        self.transport.resumeProducing()
+        if self._client_eof and self._state == _State.TERMINATED:
+            front.client_eof()
+
+    def _forwarder(
+        self, route: ProxyRoute, server_name: str | None, counters: RouteCounters
+    ) -> HttpForwarder:
+        table, port, client_ip = self.context.table, self.port, self.client_ip
+
+        def host_allowed(host: str) -> bool:
+            # With SNI, the request must be for that very name (RFC 9110 §7.4: else 421). Without, it must
+            # at least be a name this route would have been chosen for.
+            if server_name is not None:
+                return host == server_name
+            return table.match(port, host, client_ip) is route
+
+        tls = self.context.backend_tls(server_name) if route.tls_mode == "terminate-and-reencrypt" else None
+        idle = route.connection_timeout_ms / 1000 if route.connection_timeout_ms is not None else None
+        policy = ForwardingPolicy(
+            client_ip=self.client_ip,
+            # A PROXY header was read only from a trusted peer: that peer may also vouch for X-Forwarded-For.
+            trust_forwarded=self._header is not None,
+            host_allowed=host_allowed,
+            idle_timeout=idle if idle is not None else DEFAULT_IDLE_TIMEOUT,
+        )
+
+        def connect(protocol: Callable[[], Protocol]) -> Deferred[Any]:
+            return Deferred.fromCoroutine(self._open_backend(route, protocol, tls))
+
+        return HttpForwarder(policy, connect=connect, counters=counters, clock=self.context.reactor)
 
     def _spliced(self, route: ProxyRoute, backend: BackendProtocol) -> None:
         settings = self.context.settings
@@ -461,6 +589,9 @@ class ProxySession(Protocol):
         if self._holds_ip:
             self._holds_ip = False
             self.context.release_ip(self.client_ip)
+        if self._receiver is not None:
+            self._receiver.connectionLost(reason)
+            self._receiver = None
         if self.splice is not None:
             self.splice.client_lost()
         else:

@@ -1,0 +1,580 @@
+"""HTTP/1.1 on terminated routes: forwarding after TLS termination, and the plain-HTTP port of a terminated
+domain (ACME HTTP-01 challenges, redirects to HTTPS).
+
+:class:`HttpForwarder` is the application protocol inside the terminated TLS connection. What it guarantees:
+
+- Each request head is parsed strictly (:mod:`dcrouter.proxy.httpmessage`, written by hand — see there
+  why not ``twisted.web``): malformed heads and ambiguous framing are answered ``400`` (or ``431``, ``501``,
+  ``505``) and the connection is closed; a ``Host`` that is not the name the client asked for in TLS is
+  answered ``421 Misdirected Request``.
+- The request goes to one of the route's targets with ``Host`` unchanged, ``X-Forwarded-For`` (client
+  appended; a client's own list kept only from ``trustedProxies``) and ``X-Forwarded-Proto: https``.
+- Bodies stream both ways, framed by Content-Length or chunked (re-encoded canonically), so request
+  boundaries are exact and several requests share one client connection (keep-alive). Producers are wired
+  both ways through :class:`PauseGate`, so a slow side pauses the other; no body is held whole.
+- One request at a time: once a request has been sent, reading from the client pauses until its response
+  has been relayed (pipelined bytes already read wait their turn). Responses are relayed as they arrive;
+  HEAD, 1xx, 204 and 304 have no body; 1xx interim responses are relayed before the final one.
+- ``Upgrade: websocket``: after the backend's ``101`` the connection becomes a raw splice both ways.
+- A backend that fails before any response byte gets the client a ``502``; after, the client is dropped.
+
+:class:`HttpRedirect` answers the plain-HTTP side: ``/.well-known/acme-challenge/<token>`` from the ACME
+challenge responder (``404`` when unknown), every other request ``301`` to ``https://<host><path>``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from typing import Protocol as TypingProtocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from dcrouter.log import logger
+from dcrouter.proxy.clienthello import routable_name
+from dcrouter.proxy.forward import RouteCounters
+from dcrouter.proxy.httpmessage import (
+    REASONS,
+    ChunkedBody,
+    HeadBuffer,
+    HttpError,
+    LengthBody,
+    RequestHead,
+    UntilCloseBody,
+    forwarded_request_head,
+    parse_request_head,
+    parse_response_head,
+    relayed_response_head,
+    request_framing,
+    response_framing,
+    simple_response,
+)
+
+log = logger(__name__)
+
+#: Seconds without a byte either way before a terminated connection is closed, when the route sets none.
+DEFAULT_IDLE_TIMEOUT = 300.0
+ACME_PREFIX = "/.well-known/acme-challenge/"
+_ABSOLUTE = re.compile(rb"https?://[^/?#]*(.*)\Z", re.IGNORECASE | re.DOTALL)
+
+
+class ChallengeSource(TypingProtocol):
+    """What the redirect side needs of :class:`dcrouter.acme.challenges.ChallengeResponder`."""
+
+    def response_for(self, path: str) -> bytes | None: ...
+
+
+def host_name(value: bytes | None) -> str:
+    """The normalised host of a ``Host`` field value (``host[:port]``); ValueError with the reason."""
+    if not value:
+        raise ValueError("no Host field")
+    text = value.decode("ascii", "replace")
+    if text.startswith("[") or "@" in text:
+        raise ValueError(f"Host {text[:60]!r} names no domain")
+    host, colon, port = text.partition(":")
+    if colon and not (port.isdigit() and len(port) <= 5 and int(port) <= 65535):
+        raise ValueError(f"Host {text[:60]!r} has an invalid port")
+    return routable_name(host)
+
+
+@implementer(IPushProducer)
+class PauseGate:
+    """Pauses ``target`` (a transport) while any reason holds: the other side's buffer is full
+    (``pauseProducing`` from the consumer this is registered with), a backend is being connected, a
+    response is awaited. Reasons are kept apart so that one being lifted cannot undo another."""
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+        self.reasons: set[str] = set()
+
+    def pause(self, reason: str) -> None:
+        if not self.reasons:
+            self.target.pauseProducing()
+        self.reasons.add(reason)
+
+    def resume(self, reason: str) -> None:
+        if reason in self.reasons:
+            self.reasons.discard(reason)
+            if not self.reasons:
+                self.target.resumeProducing()
+
+    def pauseProducing(self) -> None:
+        self.pause("consumer")
+
+    def resumeProducing(self) -> None:
+        self.resume("consumer")
+
+    def stopProducing(self) -> None:
+        """The consumer went away; the forwarder closes both sides itself when it learns of it."""
+
+
+class HttpBackend(Protocol):
+    """The proxy's connection to a backend, reporting to its :class:`HttpForwarder`."""
+
+    transport: Any
+
+    def __init__(self, forwarder: HttpForwarder) -> None:
+        self.forwarder = forwarder
+
+    def dataReceived(self, data: bytes) -> None:
+        self.forwarder.backend_data(self, data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.forwarder.backend_lost(self, reason)
+
+
+#: Opens a connection to one of the route's targets with the given protocol factory; fires with the
+#: connected protocol, or None when no target could be reached.
+Connector = Callable[[Callable[[], Protocol]], "Deferred[Any]"]
+
+
+@dataclass(frozen=True)
+class ForwardingPolicy:
+    """Per-connection facts the forwarder applies. ``host_allowed``: whether a request's normalised Host
+    may be served on this connection (the SNI name, or the same route when there was none)."""
+
+    client_ip: str
+    trust_forwarded: bool
+    host_allowed: Callable[[str], bool]
+    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT
+    proto: bytes = b"https"
+
+
+class HttpForwarder(Protocol):
+    """HTTP/1.1 from one client connection to the route's backends; see the module docstring."""
+
+    transport: Any
+
+    def __init__(
+        self, policy: ForwardingPolicy, *, connect: Connector, counters: RouteCounters, clock: IReactorTime
+    ) -> None:
+        self.policy = policy
+        self._connect = connect
+        self.counters = counters
+        self._clock = clock
+        self.phase = "head"  # head | body | wait | upgraded | closed: the client side
+        self.requests = 0
+        self._pending = b""
+        self._head = HeadBuffer()
+        self._request: RequestHead | None = None
+        self._request_body: LengthBody | ChunkedBody | UntilCloseBody | None = None
+        self._close_after = False
+        self._client_gate: PauseGate | None = None
+        # The backend side.
+        self.backend: HttpBackend | None = None
+        self._backend_gate: PauseGate | None = None
+        self._connecting = False
+        self._backend_reusable = True
+        self._queued: list[bytes] = []
+        self._response_pending = b""
+        self._response_head = HeadBuffer(leading_crlf=False)
+        self._response_body: LengthBody | ChunkedBody | UntilCloseBody | None = None
+        self._response_started = False
+        self._last_activity = clock.seconds()
+        self._idle_call: IDelayedCall | None = None
+
+    # -- the client side ------------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._client_gate = PauseGate(self.transport)
+        if self.policy.idle_timeout is not None:
+            self._idle_call = self._clock.callLater(self.policy.idle_timeout, self._idle_check)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._last_activity = self._clock.seconds()
+        self.counters.bytes_in += len(data)
+        if self.phase == "upgraded":
+            self._to_backend(data)
+        elif self.phase != "closed":
+            self._pending += data
+            self._advance()
+
+    def client_eof(self) -> None:
+        """The client shut its sending side: finish the request in flight, if complete, then close."""
+        if self.phase == "upgraded":
+            if self.backend is not None:
+                _shut_write(self.backend.transport)
+        elif self.phase == "wait":
+            self._close_after = True
+        else:
+            # Between requests nothing is lost; mid-head or mid-body the request can never complete.
+            self._close("client EOF", abort=self.phase == "body")
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.phase = "closed"
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+        self._drop_backend()
+
+    def _advance(self) -> None:
+        """Consume buffered client bytes as far as the current phase allows."""
+        while self.phase in ("head", "body") and (self._pending or self._body_done()):
+            if self.phase == "head":
+                try:
+                    complete = self._head.feed(self._pending)
+                except HttpError as error:
+                    self._refuse(error)
+                    return
+                self._pending = b""
+                if complete is None:
+                    return
+                raw, self._pending = complete
+                self._request_head(raw)
+            else:
+                assert self._request_body is not None
+                try:
+                    body, self._pending = self._request_body.feed(self._pending)
+                except HttpError as error:
+                    self._refuse(error)
+                    return
+                if body:
+                    self._to_backend(body)
+                if self._request_body.done:
+                    self._request_sent()
+
+    def _body_done(self) -> bool:
+        return self.phase == "body" and self._request_body is not None and self._request_body.done
+
+    def _request_head(self, raw: bytes) -> None:
+        try:
+            head = parse_request_head(raw)
+            framing = request_framing(head)
+            name = host_name(head.fields.get(b"host"))
+        except HttpError as error:
+            self._refuse(error)
+            return
+        except ValueError as error:
+            self._refuse(HttpError(400, str(error)))
+            return
+        if not self.policy.host_allowed(name):
+            self._refuse(HttpError(421, f"Host {name} is not served on this connection"))
+            return
+        self.requests += 1
+        self._request = head
+        self._close_after = self._close_after or not head.keep_alive
+        self._request_body = framing.reader()
+        self._response_head = HeadBuffer(leading_crlf=False)
+        self._response_body = None
+        self._response_started = False
+        self.phase = "body"
+        self._to_backend(
+            forwarded_request_head(
+                head,
+                client_ip=self.policy.client_ip,
+                trust_forwarded=self.policy.trust_forwarded,
+                proto=self.policy.proto,
+            )
+        )
+
+    def _request_sent(self) -> None:
+        """The whole request went out: read nothing more until its response has been relayed."""
+        self.phase = "wait"
+        if self._client_gate is not None:
+            self._client_gate.pause("response")
+
+    def _refuse(self, error: HttpError) -> None:
+        """Answer ``error`` ourselves and close; after response bytes were relayed, only close."""
+        log.info(
+            "proxy: {client}: HTTP {status} ({reason})",
+            client=self.policy.client_ip,
+            status=error.status,
+            reason=error.reason,
+        )
+        if not self._response_started:
+            reason = REASONS.get(error.status, "Error")
+            self._write_client(simple_response(error.status, reason, body=reason.encode() + b"\n"))
+        self._close(error.reason)
+
+    # -- the backend side -----------------------------------------------------------------------------
+
+    def _to_backend(self, data: bytes) -> None:
+        if self.backend is not None:
+            self.backend.transport.write(data)
+            return
+        self._queued.append(data)
+        if not self._connecting:
+            self._connecting = True
+            if self._client_gate is not None:
+                self._client_gate.pause("connecting")
+            connecting = self._connect(lambda: HttpBackend(self))
+            connecting.addCallback(self._connected)
+            connecting.addErrback(self._connect_crashed)
+
+    def _connected(self, backend: HttpBackend | None) -> None:
+        self._connecting = False
+        if self.phase == "closed":
+            if backend is not None:
+                backend.transport.loseConnection()
+            return
+        if backend is None:
+            self._refuse(HttpError(502, "no target reachable"))
+            return
+        self.backend = backend
+        self._backend_reusable = True
+        self._backend_gate = PauseGate(backend.transport)
+        backend.transport.registerProducer(self._client_gate, True)
+        self.transport.registerProducer(self._backend_gate, True)
+        queued, self._queued = self._queued, []
+        backend.transport.write(b"".join(queued))
+        assert self._client_gate is not None
+        self._client_gate.resume("connecting")
+
+    def _connect_crashed(self, failure: Failure) -> None:
+        log.failure("proxy: connecting a backend for {client} failed", failure, client=self.policy.client_ip)
+        self._close("connect crashed", abort=True)
+
+    def backend_data(self, backend: HttpBackend, data: bytes) -> None:
+        if backend is not self.backend:
+            return
+        self._last_activity = self._clock.seconds()
+        if self.phase == "upgraded":
+            self._write_client(data)
+        elif self._request is None:
+            # Bytes no request asked for: the backend is out of step; never let them reach a later response.
+            self._backend_reusable = False
+            self._drop_backend()
+        else:
+            self._response_pending += data
+            self._advance_response()
+
+    def _advance_response(self) -> None:
+        try:
+            while self._response_pending and self.backend is not None:
+                if self._response_body is None:
+                    if not self._response_head_arrived():
+                        return
+                    continue
+                body, self._response_pending = self._response_body.feed(self._response_pending)
+                self._write_client(body)
+                if self._response_body.done:
+                    self._response_done()
+                    return
+        except HttpError as error:
+            self._backend_failed(error.reason)
+
+    def _response_head_arrived(self) -> bool:
+        """Read a response head from the pending bytes; False when more are needed or the phase ended."""
+        assert self._request is not None
+        complete = self._response_head.feed(self._response_pending)
+        self._response_pending = b""
+        if complete is None:
+            return False
+        raw, self._response_pending = complete
+        head = parse_response_head(raw)
+        if head.status == 101:
+            if not (self._request.upgrade_websocket and self.phase == "wait"):
+                raise HttpError(502, "backend switched protocols unasked")
+            self._write_client(relayed_response_head(head, close=False))
+            self._upgraded()
+            return False
+        if head.status < 200:
+            self._write_client(relayed_response_head(head, close=False))
+            self._response_started = True
+            self._response_head = HeadBuffer(leading_crlf=False)
+            return True
+        framing = response_framing(self._request.method, head)
+        if not head.keep_alive or framing.kind == "close":
+            self._backend_reusable = False
+        # A body-delimited-by-close response can only be relayed by closing; an answer that came before the
+        # request body ended leaves the rest of that body unread.
+        if framing.kind == "close" or self.phase == "body":
+            self._close_after = True
+        self._write_client(relayed_response_head(head, close=self._close_after))
+        self._response_started = True
+        self._response_body = framing.reader()
+        if self._response_body.done:
+            self._response_done()
+            return False
+        return True
+
+    def _upgraded(self) -> None:
+        """After a 101: raw bytes both ways, the client read again, whatever either side sent early first."""
+        self.phase = "upgraded"
+        early_backend, self._response_pending = self._response_pending, b""
+        early_client, self._pending = self._pending, b""
+        if early_backend:
+            self._write_client(early_backend)
+        if early_client:
+            self._to_backend(early_client)
+        assert self._client_gate is not None
+        self._client_gate.resume("response")
+
+    def _response_done(self) -> None:
+        if self._response_pending:
+            self._backend_reusable = False  # more than the response framed: out of step
+            self._response_pending = b""
+        self._request = None
+        self._response_body = None
+        if self._close_after:
+            self._close("response done, connection not persistent")
+            return
+        if not self._backend_reusable:
+            self._drop_backend()
+        self.phase = "head"
+        self._head = HeadBuffer()
+        assert self._client_gate is not None
+        self._client_gate.resume("response")
+        self._advance()
+
+    def backend_lost(self, backend: HttpBackend, reason: Failure = connectionDone) -> None:
+        if backend is not self.backend:
+            return
+        self._release_backend()
+        if self.phase == "upgraded":
+            self._close("backend closed the upgraded connection")
+        elif self._request is not None:
+            if isinstance(self._response_body, UntilCloseBody):
+                self._response_body.eof()
+                self._response_done()
+            else:
+                why = reason.getErrorMessage() if reason is not None else "closed"
+                self._backend_failed(f"backend connection ended before the response did ({why})")
+
+    def _backend_failed(self, reason: str) -> None:
+        log.info("proxy: {client}: backend failed: {reason}", client=self.policy.client_ip, reason=reason)
+        self._drop_backend()
+        if self._response_started:
+            self._close(reason, abort=True)
+        else:
+            self._refuse(HttpError(502, reason))
+
+    # -- ending ---------------------------------------------------------------------------------------
+
+    def _write_client(self, data: bytes) -> None:
+        if data and self.phase != "closed":
+            self.counters.bytes_out += len(data)
+            self.transport.write(data)
+
+    def _release_backend(self) -> None:
+        """Forget the backend connection: producers unregistered, the client no longer paused for it."""
+        backend, self.backend = self.backend, None
+        if backend is None:
+            return
+        self._backend_gate = None
+        if self.phase != "closed":
+            self.transport.unregisterProducer()
+        if self._client_gate is not None:
+            self._client_gate.resume("consumer")
+        backend.transport.unregisterProducer()
+
+    def _drop_backend(self) -> None:
+        backend = self.backend
+        self._release_backend()
+        if backend is not None:
+            backend.transport.loseConnection()
+
+    def _close(self, reason: str, *, abort: bool = False) -> None:
+        if self.phase == "closed":
+            return
+        self._drop_backend()
+        self.phase = "closed"
+        if abort:
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
+
+    def _idle_check(self) -> None:
+        timeout = self.policy.idle_timeout
+        assert timeout is not None
+        idle_for = self._clock.seconds() - self._last_activity
+        if idle_for >= timeout:
+            self._idle_call = None
+            self._close(f"idle for {timeout:g}s", abort=True)
+        else:
+            self._idle_call = self._clock.callLater(timeout - idle_for, self._idle_check)
+
+
+def _shut_write(transport: Any) -> None:
+    lose_write = getattr(transport, "loseWriteConnection", None)
+    if lose_write is not None:
+        lose_write()
+    else:
+        transport.loseConnection()
+
+
+class HttpRedirect(Protocol):
+    """The plain-HTTP port of a terminated domain: one request answered, then the connection closed.
+
+    ``GET``/``HEAD`` of ``/.well-known/acme-challenge/<token>``: the key authorization from ``challenges``
+    (``200``), or ``404`` when it has none (or there is no ACME). Anything else: ``301`` to
+    ``https://<host><path>`` (the Host's port dropped: the HTTPS side is on the default port)."""
+
+    transport: Any
+
+    def __init__(self, challenges: ChallengeSource | None, *, client_ip: str = "") -> None:
+        self.challenges = challenges
+        self.client_ip = client_ip
+        self._head = HeadBuffer()
+        self.answered: int | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.answered is not None:
+            return
+        try:
+            complete = self._head.feed(data)
+            if complete is None:
+                return
+            head = parse_request_head(complete[0])
+            self._answer(head)
+        except HttpError as error:
+            self._send(error.status, body=REASONS.get(error.status, "Error").encode() + b"\n")
+        except ValueError as error:
+            self._send(400, body=str(error).encode() + b"\n")
+
+    def client_eof(self) -> None:
+        if self.answered is None:
+            self.transport.loseConnection()
+
+    def _answer(self, head: RequestHead) -> None:
+        host = host_name(head.fields.get(b"host"))
+        path = _path(head.target)
+        if path.split(b"?", 1)[0].startswith(ACME_PREFIX.encode()):
+            if head.method not in (b"GET", b"HEAD"):
+                raise HttpError(405, "challenges are fetched with GET")
+            text = path.split(b"?", 1)[0].decode("ascii")
+            body = self.challenges.response_for(text) if self.challenges is not None else None
+            if body is None:
+                self._send(404, body=b"Not Found\n", head_only=head.method == b"HEAD")
+            else:
+                # RFC 8555 §8.3: the key authorization as the body; octet-stream as the responder documents.
+                self._send(200, body=body, head_only=head.method == b"HEAD", ok=True)
+            return
+        location = b"https://" + host.encode("ascii") + path
+        self._send(301, extra=(b"Location: " + location,), head_only=head.method == b"HEAD")
+
+    def _send(
+        self,
+        status: int,
+        *,
+        body: bytes = b"",
+        extra: tuple[bytes, ...] = (),
+        head_only: bool = False,
+        ok: bool = False,
+    ) -> None:
+        self.answered = status
+        reason = "OK" if ok else REASONS.get(status, "Error")
+        content_type = b"application/octet-stream" if ok else b"text/plain; charset=utf-8"
+        response = simple_response(status, reason, body=body, extra=extra, content_type=content_type)
+        if head_only:
+            response = response[: len(response) - len(body)]
+        self.transport.write(response)
+        self.transport.loseConnection()
+
+
+def _path(target: bytes) -> bytes:
+    """The path and query of a request target (origin or absolute form); ``/`` for anything else."""
+    if target.startswith(b"/"):
+        return target
+    absolute = _ABSOLUTE.match(target)
+    if absolute is not None and absolute.group(1).startswith(b"/"):
+        return bytes(absolute.group(1))
+    if absolute is not None:
+        return b"/" + absolute.group(1) if absolute.group(1) else b"/"
+    raise HttpError(400, f"request target {target[:60]!r} has no path")

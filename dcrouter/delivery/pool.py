@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.ssl import CertificateOptions, TLSVersion, optionsForClientTLS, platformTrust
 
@@ -45,6 +45,7 @@ from dcrouter.delivery.client import ESMTPClient, SMTPClientError
 from dcrouter.delivery.mx import Target
 from dcrouter.delivery.route import Route
 from dcrouter.log import logger
+from dcrouter.net.quiet import connect_quietly
 from dcrouter.smtp.reply import Reply
 
 if TYPE_CHECKING:
@@ -277,7 +278,7 @@ class ConnectionPool:
         timeout = self._config.connect_timeout / 1000
         # The endpoint's own timeout runs on the reactor; ours runs on the injected clock so tests drive it.
         endpoint = endpoint_class(self._reactor, target.address, target.port, timeout=timeout)
-        connecting = connectProtocol(endpoint, client)
+        connecting = connect_quietly(endpoint, lambda: client)
         connecting.addTimeout(timeout, self._clock)
         try:
             await connecting

@@ -38,6 +38,7 @@ from dcrouter.delivery.route import Route
 from dcrouter.delivery.targets import TargetHealth
 from dcrouter.log import logger
 from dcrouter.net.cidr import CidrSet
+from dcrouter.net.quiet import connect_quietly
 from dcrouter.proxy import proxyprotocol
 from dcrouter.proxy.forward import BackendProtocol, RouteCounters, Splice
 from dcrouter.proxy.http import (
@@ -214,7 +215,7 @@ class ProxyContext:
         endpoint = client_endpoint(self.reactor, host, port)
         if tls is not None:
             endpoint = wrapClientTLS(tls, endpoint)
-        connecting: Deferred[Any] = endpoint.connect(Factory.forProtocol(protocol))
+        connecting: Deferred[Any] = connect_quietly(endpoint, protocol)
         timeout = self.settings.connect_timeout
         timer = self.reactor.callLater(timeout, connecting.cancel)
 

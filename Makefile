@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 CONFIG ?= etc/dcrouter.example.toml
 TESTS  ?= tests
 
-.PHONY: run test check bench bench-relay lint clean venv redis-server pebble
+.PHONY: run test check bench bench-relay bench-proxy lint clean venv test-peers
 
 # Debian splits venv support out of python3; install it when it is missing and we may.
 $(BIN)/python:
@@ -34,31 +34,24 @@ run: $(VENV)/.installed-run
 check: $(VENV)/.installed-run
 	$(BIN)/twistd -n dcrouter --config $(CONFIG) --check
 
-# The Redis queue's tests start their own redis-server (never the machine's shared one): install it when it is
-# missing and we may; otherwise those tests are skipped and say what to install.
-redis-server:
-	@command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ] || { \
+# Real peers the tests start themselves (never the machine's shared services): redis-server for the Redis queue,
+# Debian's pebble ACME test server, Perl's Mail::DKIM as an independent DKIM verifier. Installed when missing and
+# we may (root with apt-get); otherwise the tests that need one are skipped and say what to install.
+test-peers:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v pebble >/dev/null || [ -x /usr/bin/pebble ] || missing="$$missing pebble"; \
+	perl -MMail::DKIM::Verifier -e 1 2>/dev/null || missing="$$missing libmail-dkim-perl"; \
+	[ -z "$$missing" ] || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    export DEBIAN_FRONTEND=noninteractive; \
-	    apt-get install -y -q redis-server >/dev/null 2>&1 \
-	      || { apt-get update -q >/dev/null && apt-get install -y -q redis-server >/dev/null; }; \
-	  else echo "dcrouter: redis-server missing, Redis queue tests will be skipped (apt-get install redis-server)" >&2; \
-	  fi; }
-
-# The ACME tests start their own pebble and pebble-challtestsrv (Debian's ACME test server) on 127.0.0.1:
-# install them when missing and we may; otherwise those tests are skipped and say what to install.
-pebble:
-	@command -v pebble >/dev/null || [ -x /usr/bin/pebble ] || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    export DEBIAN_FRONTEND=noninteractive; \
-	    apt-get install -y -q pebble >/dev/null 2>&1 \
-	      || { apt-get update -q >/dev/null && apt-get install -y -q pebble >/dev/null; }; \
-	  else echo "dcrouter: pebble missing, ACME tests will be skipped (apt-get install pebble)" >&2; \
-	  fi; }
+	    apt-get install -y -q $$missing >/dev/null 2>&1 \
+	      || { apt-get update -q >/dev/null && apt-get install -y -q $$missing >/dev/null; }; \
+	  else echo "dcrouter: missing$$missing: the tests that need them will be skipped" >&2; fi; }
 
 # Trial runs from the checkout (the source tree comes first on sys.path); tests that start a real twistd
 # put the checkout on PYTHONPATH, so Twisted finds twisted/plugins/dcrouter_plugin.py there.
-test: $(VENV)/.installed-test redis-server pebble
+test: $(VENV)/.installed-test test-peers
 	@set -o pipefail; $(BIN)/python -m twisted.trial --temp-directory=_trial_temp $(TESTS) 2>&1 \
 	  | tee _trial_temp.log; rc=$$?; \
 	  $(BIN)/python .ci/trial_summary.py _trial_temp.log; exit $$rc
@@ -67,8 +60,11 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python -m bench.ingress
 
 # End-to-end relaying next to Postfix; needs Debian's postfix package (see docs/performance.md).
-bench-relay: $(VENV)/.installed-test redis-server
+bench-relay: $(VENV)/.installed-test test-peers
 	$(BIN)/python -m bench.relay
+
+bench-proxy: $(VENV)/.installed-test
+	$(BIN)/python -m bench.proxy
 
 lint: $(VENV)/.installed-test
 	$(BIN)/python -m pip install -q '.[dev]'

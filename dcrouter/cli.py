@@ -2,13 +2,15 @@
 
 ``dcrouter hash-password`` prints a hash for ``smtpConfig.auth.users[].password``; ``dcrouter check FILE``
 validates a configuration file as ``twistd dcrouter --config FILE --check`` does;
-``dcrouter config-reference`` prints the reference of every key.
+``dcrouter config-reference`` prints the reference of every key; ``dcrouter dkim-keygen`` writes a DKIM
+signing key and prints the DNS record to publish.
 """
 
 from __future__ import annotations
 
 import argparse
 import getpass
+import os
 import sys
 
 from dcrouter import __version__
@@ -19,6 +21,7 @@ examples:
   echo 'secret' | dcrouter hash-password  reads one line when stdin is not a terminal
   dcrouter check etc/dcrouter.example.toml
   dcrouter config-reference > reference.md
+  dcrouter dkim-keygen --domain example.com --selector mail2025 --out /etc/dcrouter/dkim
 
 Run the router itself with: twistd -n dcrouter --config FILE
 """
@@ -72,6 +75,46 @@ def _config_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dkim_keygen(args: argparse.Namespace) -> int:
+    from dcrouter.processing.dkim import (
+        DkimError,
+        dns_txt_record,
+        generate_private_key,
+        private_key_pem,
+    )
+
+    def fail(message: str) -> int:
+        print(f"dcrouter dkim-keygen: {message}", file=sys.stderr)
+        return 1
+
+    if args.type == "ed25519" and args.bits is not None:
+        return fail("--bits applies to rsa keys only")
+    try:
+        key = generate_private_key(args.type, args.bits or 2048)
+        record = dns_txt_record(args.domain, args.selector, key)
+    except DkimError as e:
+        return fail(str(e))
+    name = record.split(". IN TXT", 1)[0]  # selector._domainkey.domain, normalised
+    path = os.path.join(args.out, name + ".pem")
+    try:
+        # O_EXCL: never overwrite a key that may already be published; 0600 from the first byte on disk.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return fail(f"{path} exists; remove it or choose another selector")
+    except OSError as e:
+        return fail(f"cannot create {path}: {e.strerror}")
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(fd, 0o600)
+        f.write(private_key_pem(key))
+    print(record)
+    print(
+        f"dcrouter dkim-keygen: private key written to {path} (dkimOptions.privateKey may name this file); "
+        "publish the record above before signing with it",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dcrouter",
@@ -104,6 +147,19 @@ def _parser() -> argparse.ArgumentParser:
         "into docs/configuration.md.",
     )
     reference.set_defaults(run=_config_reference)
+    keygen = commands.add_parser(
+        "dkim-keygen",
+        help="write a DKIM signing key and print its DNS TXT record",
+        description="Generate a DKIM key (RSA of 2048 bits or more, or Ed25519 per RFC 8463), write it as "
+        "unencrypted PKCS#8 PEM, mode 0600, to OUT/SELECTOR._domainkey.DOMAIN.pem (never overwriting a "
+        "file), and print the TXT record to publish in DNS, split into strings of at most 255 octets.",
+    )
+    keygen.add_argument("--domain", required=True, help="the signing domain (d=)")
+    keygen.add_argument("--selector", required=True, help="the selector (s=), e.g. mail2025")
+    keygen.add_argument("--type", choices=("rsa", "ed25519"), default="rsa", help="key type (default rsa)")
+    keygen.add_argument("--bits", type=int, default=None, help="RSA key size, at least 2048 (default 2048)")
+    keygen.add_argument("--out", default=".", metavar="DIR", help="directory for the key file (default .)")
+    keygen.set_defaults(run=_dkim_keygen)
     return parser
 
 

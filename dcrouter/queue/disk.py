@@ -49,6 +49,7 @@ from dcrouter.log import logger
 from dcrouter.queue.contract import check_changes, check_item_id, is_live
 from dcrouter.queue.index import ClaimDue, Outcome, QueueIndex, RemoveItems, StoreItem, UpdateItem, Write
 from dcrouter.queue.item import QueueItem, QueueItemStatus
+from dcrouter.queue.lifecycle import QueueLifecycle
 from dcrouter.queue.recovery import recover
 from dcrouter.smtp.spool import SpooledMessage
 
@@ -61,7 +62,7 @@ BATCH_LIMIT = 2000
 
 
 @implementer(IDeliveryQueue)
-class DiskQueue:
+class DiskQueue(QueueLifecycle):
     """A DeliveryQueue in directory ``path``. ``reactor`` (IReactorCore and IReactorFromThreads) receives the
     writer thread's results; ``clock`` decides due-ness (``get_next``) and age (``purge_expired``).
 
@@ -79,23 +80,22 @@ class DiskQueue:
         max_size: int = 0,
         close_on_shutdown: bool = True,
     ) -> None:
+        super().__init__()
         self.max_size = max_size
         self._close_on_shutdown = close_on_shutdown
         self._reactor = reactor
         self._clock = clock
         self._index = QueueIndex(path)
         self.path = self._index.path
+        self._description = f"disk queue {self.path}"
         #: Where ingress spools big messages: on the queue's file system, so they can be linked in.
         self.spool_directory = self._index.spool
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name=f"dcrouter-queue-writer:{self.path}")
-        self._state = "new"  # new -> loading -> open -> closing -> closed
         self._pending: list[tuple[Write, Deferred]] = []
         self._committing = False
         self._idle_waiters: list[Deferred] = []
-        self._close_waiters: list[Deferred] = []
         self._live = 0  # committed items in a non-final status
         self._reserved = 0  # enqueues accepted but not yet committed (they count towards max_size)
-        self._paused = False
         self._shutdown_trigger: Any = None
         #: Transactions committed and writes they carried, for benchmarks and metrics.
         self.commits = 0
@@ -183,28 +183,6 @@ class DiskQueue:
         d.addCallbacks(self._loaded, self._load_failed)
         return d
 
-    def save(self) -> Deferred:
-        """Let pending writes commit, checkpoint the WAL and close. Later calls fail with QueueUnavailable."""
-        if self._state in ("new", "closed"):
-            self._state = "closed"
-            return succeed(None)
-        if self._state == "closing":
-            waiter: Deferred = Deferred()
-            self._close_waiters.append(waiter)
-            return waiter
-        if self._state != "open":
-            return fail(QueueUnavailable(f"disk queue {self.path} is {self._state}"))
-        self._state = "closing"
-        return Deferred.fromCoroutine(self._close())
-
-    def pause(self) -> None:
-        self._paused = True
-
-    def resume(self) -> None:
-        self._paused = False
-
-    def is_processing(self) -> bool:
-        return not self._paused
 
     # -- internals: life cycle ---------------------------------------------------------------------
 
@@ -242,6 +220,7 @@ class DiskQueue:
         return failure
 
     async def _close(self) -> None:
+        """Let pending writes commit, checkpoint the WAL and close the index; stop the writer thread."""
         while self._committing or self._pending:
             waiter: Deferred = Deferred()
             self._idle_waiters.append(waiter)
@@ -249,11 +228,7 @@ class DiskQueue:
         try:
             await deferToThreadPool(self._reactor, self._pool, self._index.close)
         finally:
-            self._state = "closed"
             self._stop_pool()
-            waiters, self._close_waiters = self._close_waiters, []
-            for waiter in waiters:
-                waiter.callback(None)
 
     def _stop_pool(self) -> None:
         if self._shutdown_trigger is not None:
@@ -261,10 +236,6 @@ class DiskQueue:
             self._shutdown_trigger = None
         # The writer thread is idle here, so joining it is immediate.
         self._pool.stop()
-
-    def _check_open(self) -> None:
-        if self._state != "open":
-            raise QueueUnavailable(f"disk queue {self.path} is {self._state}, not open")
 
     def _discard(self, message: SpooledMessage, failure: Failure) -> Deferred:
         """Drop a refused message (off the reactor when it is a file), then fail with ``failure``."""

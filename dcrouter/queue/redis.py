@@ -74,6 +74,7 @@ from dcrouter.queue import redis_bodies as bodies
 from dcrouter.queue import redis_scripts as scripts
 from dcrouter.queue.contract import check_changes, check_item_id, new_load_counts
 from dcrouter.queue.item import QueueItem, QueueItemStatus
+from dcrouter.queue.lifecycle import QueueLifecycle
 from dcrouter.queue.redis_connection import RedisConnection
 from dcrouter.queue.redis_url import parse_redis_url
 from dcrouter.smtp.spool import SpooledMessage
@@ -91,7 +92,7 @@ PRIORITY_WEIGHT = 1e10
 
 
 @implementer(IDeliveryQueue)
-class RedisQueue:
+class RedisQueue(QueueLifecycle):
     """A DeliveryQueue in the Redis at ``url`` (``redis://[:password@]host:port/db`` or ``unix:///path``).
 
     ``reactor`` runs the connections, the timeouts, the lease renewal and the file work (its thread pool);
@@ -112,7 +113,9 @@ class RedisQueue:
         key_prefix: str = "dcrouter:",
         pool_size: int = 4,
     ) -> None:
+        super().__init__()
         self.address = parse_redis_url(url)
+        self._description = f"Redis queue {self.address.display}"
         self.max_size = max_size
         self.body_directory = os.path.abspath(body_directory)
         #: Where ingress spools big messages: next to the body files, so they can be linked in.
@@ -129,9 +132,6 @@ class RedisQueue:
         self._connection: RedisConnection | None = None
         self._renewal: LoopingCall | None = None
         self._held: set[str] = set()  # ids this process claimed and has not finished
-        self._state = "new"  # new -> loading -> open -> closing -> closed
-        self._close_waiters: list[Deferred] = []
-        self._paused = False
 
     # -- storing -----------------------------------------------------------------------------------
 
@@ -331,28 +331,6 @@ class RedisQueue:
         d.addErrback(self._load_failed)
         return d
 
-    def save(self) -> Deferred:
-        """Return the claims this process holds to ready and close. Later calls fail with QueueUnavailable."""
-        if self._state in ("new", "closed"):
-            self._state = "closed"
-            return succeed(None)
-        if self._state == "closing":
-            waiter: Deferred = Deferred()
-            self._close_waiters.append(waiter)
-            return waiter
-        if self._state != "open":
-            return fail(QueueUnavailable(f"Redis queue {self.address.display} is {self._state}"))
-        self._state = "closing"
-        return Deferred.fromCoroutine(self._close())
-
-    def pause(self) -> None:
-        self._paused = True
-
-    def resume(self) -> None:
-        self._paused = False
-
-    def is_processing(self) -> bool:
-        return not self._paused
 
     async def _load(self) -> dict[str, int]:
         from dcrouter.queue.redis_recovery import recover
@@ -382,28 +360,23 @@ class RedisQueue:
         return d
 
     async def _close(self) -> None:
-        try:
-            if self._renewal is not None and self._renewal.running:
-                self._renewal.stop()
-            if self._held:
-                held, self._held = sorted(self._held), set()
-                try:
-                    n = await self._script(scripts.RELEASE, self.owner, *held)
-                    log.info("Redis queue: {n} claims returned to ready at shutdown", n=n)
-                except QueueUnavailable as e:
-                    log.warn(
-                        "Redis queue: {n} claims not returned at shutdown ({error}); they return when their"
-                        " leases expire",
-                        n=len(held),
-                        error=str(e),
-                    )
-            assert self._connection is not None
-            await self._connection.disconnect()
-        finally:
-            self._state = "closed"
-            waiters, self._close_waiters = self._close_waiters, []
-            for waiter in waiters:
-                waiter.callback(None)
+        """Return the claims this process holds to ready and disconnect."""
+        if self._renewal is not None and self._renewal.running:
+            self._renewal.stop()
+        if self._held:
+            held, self._held = sorted(self._held), set()
+            try:
+                n = await self._script(scripts.RELEASE, self.owner, *held)
+                log.info("Redis queue: {n} claims returned to ready at shutdown", n=n)
+            except QueueUnavailable as e:
+                log.warn(
+                    "Redis queue: {n} claims not returned at shutdown ({error}); they return when their"
+                    " leases expire",
+                    n=len(held),
+                    error=str(e),
+                )
+        assert self._connection is not None
+        await self._connection.disconnect()
 
     async def _renew(self) -> None:
         """Extend the leases this process holds and return expired ones of others (errors are only logged:
@@ -424,10 +397,6 @@ class RedisQueue:
             pass  # the outage is logged by the connection; leases are renewed once Redis is back
 
     # -- internals ---------------------------------------------------------------------------------
-
-    def _check_open(self) -> None:
-        if self._state != "open":
-            raise QueueUnavailable(f"Redis queue {self.address.display} is {self._state}, not open")
 
     def _open_call(self, make: Callable[[], Any]) -> Deferred:
         try:

@@ -728,3 +728,28 @@ class DiskQueueTests(TestCase):
         with stream:
             self.assertIn(b"Final-Recipient: rfc822; bob@a.test", stream.read())
         self.assertEqual((await queue.get(item.id)).status, QueueItemStatus.BOUNCED)
+
+
+class BacklogTests(ManagerTestsBase):
+    def test_full_destination_with_a_backlog_does_not_spin(self) -> None:
+        """Messages that only found their destination full do not trigger a new claim: with a backlog, the
+        manager would otherwise claim and put back the whole queue, over and over (found by bench/relay)."""
+        self.start(
+            max_per_destination=1, check_interval=1_000, delivery=DeliveryConfig(concurrent_deliveries=5)
+        )
+        self.transport.hold = True
+        self.manager.pause_deliveries()
+        for n in range(40):
+            self.send("alice@senders.test", f"r{n}@a.test")
+        self.manager.resume_deliveries()
+        self.clock.advance(0)
+        # One claim of 5: one in flight, one waiting for the slot, three put back -- and nothing more until a
+        # delivery finishes or the next tick.
+        self.assertEqual(self.manager.get_delivery_stats()["claimed"], 5)
+        self.assertEqual(self.manager.get_delivery_stats()["busy"], 3)
+        self.transport.hold = False
+        while self.transport.held:
+            self.transport.release()
+        self.advance_to(START + 120)
+        self.assertEqual(len(self.transport.calls), 40)
+        self.assertEqual(self.successResultOf(self.queue.get_item_count()), 0)

@@ -130,6 +130,8 @@ class DeliveryManager(Service):
         #: Attempts waiting for a slot of a route at maxPerDestination, in arrival order; each is fired with
         #: True when a finishing attempt hands its slot over, or False when the manager stops.
         self._slot_waiters: dict[str, deque[Deferred[bool]]] = {}
+        #: Attempts that delivered nothing because every destination they needed was full.
+        self._found_full: set[str] = set()
         self._paused = False
         self._claiming = False
         self._claim_again = False
@@ -269,7 +271,13 @@ class DeliveryManager(Service):
 
     def _attempt_done(self, _: object, item_id: str) -> None:
         self._active.pop(item_id, None)
-        self.wake()  # a slot is free
+        if item_id in self._found_full:
+            # It only found its destination full: claiming again now would most likely find the same, and
+            # with a backlog the manager would spin claiming and putting back. The next delivery that
+            # finishes, or the next tick, looks again.
+            self._found_full.discard(item_id)
+        else:
+            self.wake()  # a slot is free
         self._notify_idle()
 
     def _maybe_purge(self) -> None:
@@ -434,6 +442,8 @@ class DeliveryManager(Service):
             if temporary:
                 return await self._defer(item, temporary, attempts, now)
             self._stats["busy"] += 1
+            if not tried:
+                self._found_full.add(item.id)
             return await self._put_back(item, now, delay=self._interval, attempts=attempts)
         item = await self._give_up(item, pending, temporary, attempts, verdict, now)
         return await self._finish(item, now)

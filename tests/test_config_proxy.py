@@ -516,6 +516,20 @@ class SmtpPortConflictTests(ProxyCase):
             ],
         )
 
+    def test_acme_port_of_a_terminating_proxy(self) -> None:
+        """With terminating routes and an acme block the proxy also listens on acme.port (challenges and
+        redirects to HTTPS), so that port must not be SMTP's either."""
+        raw = route(tls={"mode": "terminate", "certificate": "auto"})
+        raw["smartProxyConfig"]["routes"][0]["match"]["domains"] = ["www.example.com"]  # HTTP-01: no wildcard
+        raw["smartProxyConfig"]["acme"] = {"enabled": True, "accountEmail": "a@example.com", "port": 2525}
+        raw["smtpConfig"] = dict(self.SMTP)
+        self.assertEqual(
+            self.errors(raw), ["smartProxyConfig.acme.port: port 2525 is also smtpConfig.ports[1]"]
+        )
+        raw = proxy(acme={"enabled": False, "port": 2525})  # only passthrough routes: nothing listens there
+        raw["smtpConfig"] = dict(self.SMTP)
+        self.assertEqual(self.errors(raw), [])
+
     def test_list_item_path(self) -> None:
         raw = proxy()
         raw["smartProxyConfig"]["routes"][0]["match"]["ports"] = [443, {"from": 2000, "to": 3000}]

@@ -671,7 +671,18 @@ def claimed_ports(proxy: Any, http_routes: Any) -> list[tuple[str, int, int]]:
             multiple = isinstance(route.match.ports, list)
             for j, (start, end) in enumerate(port_ranges(route.match.ports)):
                 claims.append((f"{where}[{j}]" if multiple else where, start, end))
+        if proxy.acme is not None and _terminates_somewhere(proxy):
+            # The proxy then listens on acme.port too (challenges, redirects to HTTPS): see proxy/routes.py.
+            claims.append((f"{base}.acme.port", proxy.acme.port, proxy.acme.port))
     for i, route in enumerate(http_routes or ()):
         port = http_route_port(route)
         claims.append((f"httpDomainRoutes[{i}]", port, port))
     return claims
+
+
+def _terminates_somewhere(proxy: Any) -> bool:
+    """Whether any route of ``proxy`` terminates TLS (a routes[] tls.mode other than passthrough, or a
+    domainConfigs entry with useNetworkProxy)."""
+    if any(entry.use_network_proxy for entry in proxy.domain_configs):
+        return True
+    return any(route.tls is not None and route.tls.mode != "passthrough" for route in proxy.routes)

@@ -528,7 +528,7 @@ class SmtpPortConflictTests(ProxyCase):
         )
         raw = proxy(acme={"enabled": False, "port": 2525})  # only passthrough routes: nothing listens there
         raw["smtpConfig"] = dict(self.SMTP)
-        self.assertEqual(self.errors(raw), [])
+        load_options(raw)
 
     def test_list_item_path(self) -> None:
         raw = proxy()

@@ -753,3 +753,29 @@ class BacklogTests(ManagerTestsBase):
         self.advance_to(START + 120)
         self.assertEqual(len(self.transport.calls), 40)
         self.assertEqual(self.successResultOf(self.queue.get_item_count()), 0)
+
+
+class WriteCountTests(ManagerTestsBase):
+    def test_delivered_message_costs_one_update(self) -> None:
+        """Outcomes and the final status of a fully delivered message go in one queue write (on the disk queue
+        each write is an fsync'd commit)."""
+        updates: list[dict[str, Any]] = []
+        original = self.queue.update
+
+        def counting(item_id: str, **changes: Any) -> Any:
+            updates.append(changes)
+            return original(item_id, **changes)
+
+        self.patch(self.queue, "update", counting)
+        self.start()
+        qid = self.send("alice@senders.test", "bob@a.test", "carol@a.test")
+        self.assertEqual(self.item(qid).status, QueueItemStatus.DELIVERED)
+        self.assertEqual(len(updates), 1, updates)
+        self.assertEqual(updates[0]["status"], QueueItemStatus.DELIVERED)
+        self.assertEqual(self.manager.get_delivery_stats()["delivered"], 1)
+
+    def test_partial_failure_still_concludes_separately(self) -> None:
+        self.start()
+        self.transport.script["carol@a.test"] = ["550 5.1.1 No such user"]
+        qid = self.send("alice@senders.test", "bob@a.test", "carol@a.test")
+        self.assertEqual(self.item(qid).status, QueueItemStatus.BOUNCED)

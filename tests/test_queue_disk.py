@@ -287,3 +287,25 @@ class ShutdownOwnershipTests(TestCase):
     async def test_owned_queue_leaves_shutdown_to_its_owner(self) -> None:
         _, recorder = await self.load(close_on_shutdown=False)
         self.assertEqual(recorder.triggers, [])
+
+
+class DurabilityTests(TestCase):
+    """Which commits fsync: everything a caller relies on after a power loss; claims, which recovery undoes
+    after any crash anyway, do not."""
+
+    async def test_claims_commit_without_fsync_and_the_rest_with_it(self) -> None:
+        clock = Clock()
+        clock.advance(START)
+        queue = DiskQueue(self.mktemp(), reactor=reactor, clock=clock, close_on_shutdown=False)
+        await queue.load()
+        self.addCleanup(queue.save)
+
+        def synchronous() -> int:
+            return int(queue._index.conn.execute("PRAGMA synchronous").fetchone()[0])
+
+        await queue.enqueue(make_item("D1"), inline(b"one"))
+        self.assertEqual(synchronous(), 2)  # FULL: the 250 depends on it
+        self.assertEqual([i.id for i in await queue.get_next(1)], ["D1"])
+        self.assertEqual(synchronous(), 0)  # OFF: a claim only
+        await queue.update("D1", status=QueueItemStatus.DELIVERED)
+        self.assertEqual(synchronous(), 2)

@@ -13,7 +13,8 @@ Layout under ``path``::
 
 Writes come in batches (:meth:`QueueIndex.run_batch`): the file work of every write first (fsync, rename,
 directory fsync), then one transaction in which each write has its own savepoint, so one failing write does
-not sink the others, then one COMMIT (``synchronous=FULL``: the WAL is fsynced before COMMIT returns).
+not sink the others, then one COMMIT (``synchronous=FULL``: the WAL is fsynced before COMMIT returns; a batch
+of claims only, which recovery undoes after any crash anyway, commits without the fsync).
 """
 
 from __future__ import annotations
@@ -124,7 +125,13 @@ def unique_path(directory: str, base: str) -> str:
 class Write:
     """One change in a batch. ``prepare`` does file work before the transaction and may return a directory
     to fsync; ``apply`` runs inside the transaction and returns ``(result, change in live count)``; ``undo``
-    removes what ``prepare`` made when the write did not commit; ``after`` runs once it has committed."""
+    removes what ``prepare`` made when the write did not commit; ``after`` runs once it has committed.
+
+    ``durable``: the write's caller relies on it surviving a power loss once its Deferred fires. A batch of
+    writes that are all not durable commits without an fsync (the WAL frames still reach the kernel, so a
+    killed process loses nothing; the next durable commit's fsync covers them)."""
+
+    durable = True
 
     def prepare(self, index: QueueIndex) -> str | None:
         return None
@@ -208,7 +215,12 @@ class UpdateItem(Write):
 
 
 class ClaimDue(Write):
-    """Mark up to ``count`` due items DELIVERING, in get_next order."""
+    """Mark up to ``count`` due items DELIVERING, in get_next order.
+
+    Not durable: after any crash, recovery returns every claim to ready whether or not it was on disk, so an
+    fsync here would buy nothing (and it was one of four per delivered message)."""
+
+    durable = False
 
     def __init__(self, now: float, count: int) -> None:
         self.now = now
@@ -292,6 +304,7 @@ class QueueIndex:
         self.orphans = os.path.join(self.path, "orphans")
         self._conn: sqlite3.Connection | None = None
         self._known_dirs: set[str] = set()
+        self._synchronous_full = True
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -314,6 +327,7 @@ class QueueIndex:
             if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
                 raise QueueUnavailable("disk queue: SQLite refused WAL mode")
             conn.execute("PRAGMA synchronous = FULL")
+            self._synchronous_full = True
             conn.executescript(_SCHEMA)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except Exception as e:
@@ -403,6 +417,7 @@ class QueueIndex:
         try:
             if conn is None:
                 raise QueueUnavailable("disk queue is not open")
+            self._set_synchronous(any(writes[n].durable for n in members))
             conn.execute("BEGIN IMMEDIATE")
             for n in members:
                 conn.execute("SAVEPOINT w")
@@ -422,6 +437,13 @@ class QueueIndex:
             # Nothing of this transaction is stored: every write not already failed fails now.
             pending = [n for n in members if outcomes[n] is None or outcomes[n][0]]  # type: ignore[index]
             self._fail(writes, outcomes, pending, _as_unavailable(e))
+
+    def _set_synchronous(self, durable: bool) -> None:
+        """FULL (the WAL is fsynced at COMMIT) for a batch with a durable write, OFF otherwise. Set between
+        transactions, where SQLite takes the change."""
+        if durable != self._synchronous_full:
+            self.conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'OFF'}")
+            self._synchronous_full = durable
 
     def _fail(
         self,

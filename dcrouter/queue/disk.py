@@ -91,6 +91,9 @@ class DiskQueue(QueueLifecycle):
         #: Where ingress spools big messages: on the queue's file system, so they can be linked in.
         self.spool_directory = self._index.spool
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name=f"dcrouter-queue-writer:{self.path}")
+        # Reads (get, queries, open_body for delivery) have a thread and a connection of their own, so they do
+        # not wait behind the writer's commits.
+        self._reader_pool = ThreadPool(minthreads=1, maxthreads=1, name=f"dcrouter-queue-reader:{self.path}")
         self._pending: list[tuple[Write, Deferred]] = []
         self._committing = False
         self._idle_waiters: list[Deferred] = []
@@ -177,6 +180,7 @@ class DiskQueue(QueueLifecycle):
             return fail(QueueUnavailable(f"disk queue {self.path} was already loaded"))
         self._state = "loading"
         self._pool.start()
+        self._reader_pool.start()
         if self._close_on_shutdown:
             self._shutdown_trigger = self._reactor.addSystemEventTrigger("before", "shutdown", self.save)
         d = deferToThreadPool(self._reactor, self._pool, self._open_and_recover)
@@ -220,12 +224,13 @@ class DiskQueue(QueueLifecycle):
         return failure
 
     async def _close(self) -> None:
-        """Let pending writes commit, checkpoint the WAL and close the index; stop the writer thread."""
+        """Let pending writes commit, close the reader, checkpoint the WAL and close the index; stop the threads."""
         while self._committing or self._pending:
             waiter: Deferred = Deferred()
             self._idle_waiters.append(waiter)
             await waiter
         try:
+            await deferToThreadPool(self._reactor, self._reader_pool, self._index.close_reader)
             await deferToThreadPool(self._reactor, self._pool, self._index.close)
         finally:
             self._stop_pool()
@@ -234,8 +239,10 @@ class DiskQueue(QueueLifecycle):
         if self._shutdown_trigger is not None:
             self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
             self._shutdown_trigger = None
-        # The writer thread is idle here, so joining it is immediate.
+        # The writer thread is idle here, so joining it is immediate; the reader's connection was closed on
+        # its own thread by _close (or never opened, when loading failed).
         self._pool.stop()
+        self._reader_pool.stop()
 
     def _discard(self, message: SpooledMessage, failure: Failure) -> Deferred:
         """Drop a refused message (off the reactor when it is a file), then fail with ``failure``."""
@@ -318,4 +325,4 @@ class DiskQueue(QueueLifecycle):
             self._check_open()
         except QueueUnavailable as e:
             return fail(e)
-        return deferToThreadPool(self._reactor, self._pool, self._index.read, query)
+        return deferToThreadPool(self._reactor, self._reader_pool, self._index.read, query)

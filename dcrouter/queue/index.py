@@ -303,6 +303,8 @@ class QueueIndex:
         self.damaged = os.path.join(self.path, "damaged")
         self.orphans = os.path.join(self.path, "orphans")
         self._conn: sqlite3.Connection | None = None
+        #: The reader thread's own connection (WAL: readers never wait for the writer's commits).
+        self._reader: sqlite3.Connection | None = None
         self._known_dirs: set[str] = set()
         self._synchronous_full = True
 
@@ -468,21 +470,40 @@ class QueueIndex:
         except Exception as e:
             raise _as_unavailable(e) from e
 
+    def reader(self) -> sqlite3.Connection:
+        """The connection for reads, opened on first use. Only the disk queue's reader thread calls the read
+        methods, so it is that thread's; in WAL mode it sees every committed write and never waits for a
+        commit in progress (reads used to queue behind the writer's commits: bench/relay)."""
+        if self._reader is None:
+            if self._conn is None:
+                raise QueueUnavailable("disk queue is not open")
+            self._reader = sqlite3.connect(
+                os.path.join(self.path, "index.sqlite"), isolation_level=None, check_same_thread=False
+            )
+        return self._reader
+
+    def close_reader(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
+
     def get(self, item_id: str) -> QueueItem | None:
-        row = self.conn.execute("SELECT item FROM items WHERE id = ?", (item_id,)).fetchone()
+        row = self.reader().execute("SELECT item FROM items WHERE id = ?", (item_id,)).fetchone()
         return None if row is None else parse_item(row[0])
 
     def select(self, where: str, params: tuple[Any, ...]) -> list[QueueItem]:
-        rows = self.conn.execute(f"SELECT item FROM items WHERE {where} ORDER BY created_at, seq", params)
+        rows = self.reader().execute(
+            f"SELECT item FROM items WHERE {where} ORDER BY created_at, seq", params
+        )
         return [parse_item(r[0]) for r in rows]
 
     def open_body(self, item_id: str) -> BinaryIO:
-        row = self.conn.execute("SELECT body_file FROM items WHERE id = ?", (item_id,)).fetchone()
+        row = self.reader().execute("SELECT body_file FROM items WHERE id = ?", (item_id,)).fetchone()
         if row is None:
             raise KeyError(item_id)
         if row[0] is not None:
             return open(os.path.join(self.path, row[0]), "rb")
-        body = self.conn.execute("SELECT data FROM bodies WHERE id = ?", (item_id,)).fetchone()
+        body = self.reader().execute("SELECT data FROM bodies WHERE id = ?", (item_id,)).fetchone()
         if body is None:
             raise QueueUnavailable(f"disk queue: the body of {item_id} is missing")
         return io.BytesIO(body[0])

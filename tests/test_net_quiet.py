@@ -14,7 +14,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from dcrouter.net.quiet import connect_quietly
+from dcrouter.net.quiet import connect_quietly, set_no_delay
 
 
 class QuietServerFactory(Factory):
@@ -50,3 +50,27 @@ class QuietConnectionTests(TestCase):
         """The baseline the helper exists for: a default endpoint connection logs its factory."""
         logged = await self.factory_lines(lambda: connectProtocol(self.endpoint, Client()))
         self.assertTrue(logged and logged[0].startswith("Starting factory"), logged)
+
+
+class NoDelayTests(TestCase):
+    def test_tcp_transport_gets_nodelay(self) -> None:
+        transport = StringTransportWithNoDelay()
+        set_no_delay(transport)
+        self.assertTrue(transport.no_delay)
+
+    def test_transport_without_tcp_options_is_left_alone(self) -> None:
+        set_no_delay(object())  # no setTcpNoDelay: nothing to do, no error
+
+    def test_closed_socket_is_ignored(self) -> None:
+        class Closed:
+            def setTcpNoDelay(self, enabled: bool) -> None:
+                raise OSError(9, "Bad file descriptor")
+
+        set_no_delay(Closed())
+
+
+class StringTransportWithNoDelay:
+    no_delay = False
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.no_delay = enabled

@@ -55,6 +55,7 @@ from twisted.python.failure import Failure
 
 from dcrouter.delivery.dotstuff import StuffedBodyProducer
 from dcrouter.log import logger
+from dcrouter.net.quiet import set_no_delay
 from dcrouter.smtp.reply import Reply
 
 log = logger("dcrouter.delivery.client")
@@ -222,6 +223,7 @@ class ESMTPClient(Protocol):
         host, port = getattr(address, "host", ""), getattr(address, "port", "")
         self.peer = f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
         self.is_tls = ISSLTransport.providedBy(self.transport)
+        set_no_delay(self.transport)
         self._expect(1)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:

@@ -26,6 +26,8 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from dcrouter.net.quiet import set_no_delay
+
 
 @dataclass
 class RouteCounters:
@@ -61,6 +63,10 @@ class BackendProtocol(Protocol):
         self.early: list[bytes] = []
         self.eof = False
         self.lost = False
+
+    def connectionMade(self) -> None:
+        # A proxy must not add Nagle delays to what it relays (HAProxy disables Nagle too).
+        set_no_delay(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         if self.splice is None:

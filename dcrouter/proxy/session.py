@@ -38,7 +38,7 @@ from dcrouter.delivery.route import Route
 from dcrouter.delivery.targets import TargetHealth
 from dcrouter.log import logger
 from dcrouter.net.cidr import CidrSet
-from dcrouter.net.quiet import connect_quietly
+from dcrouter.net.quiet import connect_quietly, set_no_delay
 from dcrouter.proxy import proxyprotocol
 from dcrouter.proxy.forward import BackendProtocol, RouteCounters, Splice
 from dcrouter.proxy.http import (
@@ -276,6 +276,7 @@ class ProxySession(Protocol):
     def connectionMade(self) -> None:
         settings = self.context.settings
         clock = self.context.reactor
+        set_no_delay(self.transport)
         self.client_address = self.transport.getPeer()
         self.local_address = self.transport.getHost()
         self.client_ip = _host(self.client_address)

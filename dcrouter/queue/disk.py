@@ -224,7 +224,7 @@ class DiskQueue(QueueLifecycle):
         return failure
 
     async def _close(self) -> None:
-        """Let pending writes commit, close the reader, checkpoint the WAL and close the index; stop the threads."""
+        """Let pending writes commit, close the reader, checkpoint the WAL, close the index and threads."""
         while self._committing or self._pending:
             waiter: Deferred = Deferred()
             self._idle_waiters.append(waiter)

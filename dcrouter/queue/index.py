@@ -73,6 +73,15 @@ DUE_SQL = f"""
 SELECT seq FROM items INDEXED BY items_due WHERE status IN {_READY_SQL} AND next_attempt_at <= ? LIMIT ?
 """
 
+#: How many items are due, counted up to a limit inside SQLite (no row reaches Python).
+DUE_COUNT_SQL = f"SELECT count(*) FROM ({DUE_SQL})"
+
+#: The due items, found by items_due and sorted into get_next order: for when they are few.
+FEW_DUE_CLAIM_SQL = f"""
+SELECT seq, item FROM items WHERE seq IN ({DUE_SQL})
+ORDER BY priority, created_at, seq LIMIT ?
+"""
+
 #: Up to this many due items, ClaimDue sorts them itself rather than walking items_ready (see there).
 FEW_DUE = 1000
 
@@ -242,16 +251,14 @@ class ClaimDue(Write):
         # Walking items_ready in order is fast when due items are near its front, but walks every waiting
         # item when they are not (a destination down for hours). items_due finds the due ones directly; when
         # they are few, sorting them costs less than that walk.
-        due = [r[0] for r in conn.execute(DUE_SQL, (self.now, FEW_DUE + 1))]
-        if len(due) > FEW_DUE:
+        # Both the count and the sort stay inside SQLite: fetching up to FEW_DUE seqs into Python first cost
+        # ~5 ms per claim with a backlog (bench/relay).
+        (due,) = conn.execute(DUE_COUNT_SQL, (self.now, FEW_DUE + 1)).fetchone()
+        if due > FEW_DUE:
             return conn.execute(CLAIM_SQL, (self.now, self.count)).fetchall()
         if not due:
             return []
-        marks = ",".join("?" * len(due))
-        return conn.execute(
-            f"SELECT seq, item FROM items WHERE seq IN ({marks}) ORDER BY priority, created_at, seq LIMIT ?",
-            (*due, self.count),
-        ).fetchall()
+        return conn.execute(FEW_DUE_CLAIM_SQL, (self.now, FEW_DUE + 1, self.count)).fetchall()
 
 
 class RemoveItems(Write):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import enum
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from dcrouter.envelope import Envelope
@@ -64,7 +64,10 @@ class QueueItem:
         return [r for r in self.envelope.recipients if r not in self.outcomes]
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        """A JSON-serialisable view of the item, for storage. Shallow: nested lists and dicts are the item's
+        own, so serialise it, don't change it (``dataclasses.asdict``'s deep copy cost ~150 us per write)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["envelope"] = self.envelope.to_dict()
         data["status"] = self.status.value
         return data
 

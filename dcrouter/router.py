@@ -279,6 +279,8 @@ class DcRouter(MultiService):
             config=config,
             clock=reactor,
         )
+        if delivery.paused:
+            self.delivery.pause_deliveries()
         self.delivery.setServiceParent(self)
         # Delivery starts on a message as soon as it is durable, not at the next periodic look.
         manager = self.delivery
@@ -421,6 +423,8 @@ class DcRouter(MultiService):
         if self.queue is not None:
             # The backend logs what recovery found.
             await self.queue.load()
+            if self.delivery is not None and self.delivery.get_delivery_stats()["paused"]:
+                log.warn("delivery is paused (smtpConfig.delivery.paused): mail is queued, not delivered")
         for child in self:
             child.startService()
         if not self.running:

@@ -258,6 +258,20 @@ class BindingTests(SynchronousTestCase):
         self.assertIn("SMTP listening on 127.0.0.1:2587 (submission, STARTTLS, AUTH required)", text)
         self.assertIn("SMTP listening on 127.0.0.1:2465 (submission, implicit TLS, AUTH required)", text)
 
+    def test_delivery_paused_queues_without_delivering(self) -> None:
+        captured = CapturedLog(self)
+        router = DcRouter(smtp_options(self, delivery={"paused": True}), reactor=MemoryReactorClock())
+        router.privilegedStartService()
+        router.startService()
+        self.addCleanup(router.stopService)
+        self.successResultOf(router.when_ready())
+        assert router.delivery is not None
+        self.assertEqual(router.delivery.get_delivery_stats()["paused"], 1)
+        self.assertIn("delivery is paused (smtpConfig.delivery.paused)", captured.text())
+        unpaused = DcRouter(smtp_options(self), reactor=MemoryReactorClock())
+        assert unpaused.delivery is not None
+        self.assertEqual(unpaused.delivery.get_delivery_stats()["paused"], 0)
+
     def test_stop_saves_queue_and_stops_threads(self) -> None:
         router = DcRouter(smtp_options(self), reactor=MemoryReactorClock())
         router.privilegedStartService()

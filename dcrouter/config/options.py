@@ -268,6 +268,13 @@ class DeliveryConfig:
     idle_timeout: int = option(
         30_000, addition=True, doc="Milliseconds an idle pooled connection is kept open.", check=c.duration
     )
+    paused: bool = option(
+        False,
+        addition=True,
+        doc="Start with outbound delivery paused: mail is accepted and queued but not delivered "
+        "(maintenance, or a queue-only gateway, like Postfix's defer_transports). Restart without it to "
+        "deliver.",
+    )
     max_messages_per_connection: int = option(
         100, addition=True, doc="Messages sent over one connection before it is closed.", check=c.positive
     )

@@ -22,13 +22,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import sqlite3
 from collections.abc import Callable, Iterable
 from typing import Any, BinaryIO
 
 from dcrouter.interfaces import DuplicateItem, QueueUnavailable
 from dcrouter.queue.contract import is_live
+from dcrouter.queue.files import fsync_directory, fsync_file, link_without_replacing
 from dcrouter.queue.item import QueueItem, QueueItemStatus
 from dcrouter.smtp.spool import SpooledMessage
 
@@ -88,23 +88,6 @@ FEW_DUE = 1000
 Outcome = tuple[bool, Any]
 
 
-def fsync_directory(path: str) -> None:
-    """Make the entries of directory ``path`` (creations, renames, removals) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _item_row(item: QueueItem) -> tuple[Any, ...]:
     return (
         QueueItemStatus(item.status).value,
@@ -119,16 +102,6 @@ def _item_row(item: QueueItem) -> tuple[Any, ...]:
 
 def parse_item(text: str) -> QueueItem:
     return QueueItem.from_dict(json.loads(text))
-
-
-def unique_path(directory: str, base: str) -> str:
-    """A path in ``directory`` named ``base`` or ``base.N``: set-aside files never overwrite each other."""
-    candidate = os.path.join(directory, base)
-    n = 0
-    while os.path.lexists(candidate):
-        n += 1
-        candidate = os.path.join(directory, f"{base}.{n}")
-    return candidate
 
 
 class Write:
@@ -168,7 +141,7 @@ class StoreItem(Write):
             return None
         try:
             relative, directory = index.body_location(self.item.id)
-            _fsync_file(self.message.path)
+            fsync_file(self.message.path)
             index.link_into_place(self.message.path, os.path.join(index.path, relative))
             self.body_file = relative
             # Linked, not renamed, so that an existing body is never replaced; the spool name goes now.
@@ -380,16 +353,9 @@ class QueueIndex:
         """Give ``source`` the name ``target`` without ever replacing an existing file (FileExistsError).
         Copies (and fsyncs the copy) when ``source`` is on another file system."""
         try:
-            os.link(source, target)
+            link_without_replacing(source, target)
         except FileExistsError as e:
             raise ValueError(f"a body file already exists at {target}") from e
-        except OSError as e:
-            if e.errno != 18:  # EXDEV: not the same file system
-                raise
-            with open(source, "rb") as src, open(target, "xb") as dst:
-                shutil.copyfileobj(src, dst, 1024 * 1024)
-                dst.flush()
-                os.fsync(dst.fileno())
 
     # -- writes ------------------------------------------------------------------------------------
 

@@ -22,7 +22,8 @@ import os
 import sqlite3
 from typing import Any
 
-from dcrouter.queue.index import QueueIndex, fsync_directory, parse_item, unique_path
+from dcrouter.queue.files import fsync_directory, unique_path
+from dcrouter.queue.index import QueueIndex, parse_item
 from dcrouter.queue.item import QueueItemStatus
 
 

@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import time
 
 from dcrouter.interfaces import DuplicateItem
-from dcrouter.queue.index import fsync_directory, unique_path
+from dcrouter.queue.files import fsync_directory, fsync_file, link_without_replacing, unique_path
 
 #: Files younger than this (seconds since their last change) are left alone by load(). Longer than any SMTP
 #: session may last (connectionTimeout defaults to 30 minutes) and than any enqueue may take.
@@ -46,14 +45,6 @@ def prepare(body_directory: str) -> None:
         os.makedirs(os.path.join(body_directory, sub), exist_ok=True)
 
 
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _place_directory(body_directory: str, item_id: str) -> str:
     directory = os.path.dirname(body_path(body_directory, item_id))
     if not os.path.isdir(directory):
@@ -68,18 +59,11 @@ def store_file(body_directory: str, item_id: str, source: str) -> None:
     fsyncs the copy) when the spool is on another file system."""
     directory = _place_directory(body_directory, item_id)
     target = body_path(body_directory, item_id)
-    _fsync_file(source)
+    fsync_file(source)
     try:
-        os.link(source, target)
+        link_without_replacing(source, target)
     except FileExistsError as e:
         raise DuplicateItem(f"a body file already exists for {item_id}") from e
-    except OSError as e:
-        if e.errno != 18:  # EXDEV: not the same file system
-            raise
-        with open(source, "rb") as src, open(target, "xb") as dst:
-            shutil.copyfileobj(src, dst, 1024 * 1024)
-            dst.flush()
-            os.fsync(dst.fileno())
     fsync_directory(directory)
     os.unlink(source)
 

@@ -22,6 +22,7 @@ import os
 import sqlite3
 from typing import Any
 
+from dcrouter.queue.contract import new_load_counts
 from dcrouter.queue.files import fsync_directory, unique_path
 from dcrouter.queue.index import QueueIndex, parse_item
 from dcrouter.queue.item import QueueItemStatus
@@ -34,14 +35,14 @@ def recover(index: QueueIndex) -> dict[str, int]:
     damaged, referenced = _verify_rows(index)
     orphans = _set_aside_orphans(index, referenced)
     items, live = index.counts()
-    return {
-        "items": items,
-        "live": live,
-        "claims_returned": claims_returned,
-        "spool_discarded": spool_discarded,
-        "damaged": damaged,
-        "orphans": orphans,
-    }
+    return new_load_counts(
+        items=items,
+        live=live,
+        claims_returned=claims_returned,
+        spool_discarded=spool_discarded,
+        damaged=damaged,
+        orphans=orphans,
+    )
 
 
 def _discard_spool(index: QueueIndex) -> int:

@@ -24,6 +24,7 @@ import txredisapi
 from dcrouter.log import logger
 from dcrouter.queue import redis_bodies as bodies
 from dcrouter.queue import redis_scripts as scripts
+from dcrouter.queue.contract import new_load_counts
 from dcrouter.queue.item import QueueItem, QueueItemStatus
 
 if TYPE_CHECKING:
@@ -61,14 +62,14 @@ async def recover(queue: RedisQueue) -> dict[str, int]:
             orphans=orphans,
             directory=queue.body_directory,
         )
-    return {
-        "items": items,
-        "live": live,
-        "claims_returned": claims_returned,
-        "spool_discarded": spool_discarded,
-        "damaged": damaged,
-        "orphans": orphans,
-    }
+    return new_load_counts(
+        items=items,
+        live=live,
+        claims_returned=claims_returned,
+        spool_discarded=spool_discarded,
+        damaged=damaged,
+        orphans=orphans,
+    )
 
 
 async def check_durability(queue: RedisQueue) -> None:

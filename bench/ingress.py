@@ -106,7 +106,9 @@ class ServerUnderTest:
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 argv, cwd=directory, env=env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, preexec_fn=raise_nofile_limit, start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=raise_nofile_limit,  # noqa: PLW1509 (setrlimit only; the bench starts no threads first)
+                start_new_session=True,
             )
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
@@ -337,10 +339,12 @@ def ratio(dcrouter: float | None, peer: float | None) -> str:
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(header, widths)) + " |",
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=False)]
+    lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=False)) + " |",
              "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    lines += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
+    lines += [
+        "| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)) + " |" for row in rows
+    ]
     return "\n".join(lines)
 
 
@@ -457,10 +461,10 @@ def version(distribution: str) -> str:
 
 def git_revision() -> str:
     try:
-        rev = subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10).stdout.strip()
+        rev = subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "--short", "HEAD"], check=False,
+                             capture_output=True, text=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "-C", REPO_ROOT, "status", "--porcelain", "--", "dcrouter", "twisted"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+                               check=False, capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{rev}{' (with uncommitted changes)' if dirty else ''}" if rev else "unknown"
@@ -471,9 +475,9 @@ def filesystem_of(path: str) -> str:
     with open("/proc/mounts") as f:
         for line in f:
             device, mountpoint, fstype = line.split()[:3]
-            if path == mountpoint or path.startswith(mountpoint.rstrip("/") + "/"):
-                if len(mountpoint) >= len(best):
-                    best, kind = mountpoint, f"{fstype} on {device}"
+            inside = path == mountpoint or path.startswith(mountpoint.rstrip("/") + "/")
+            if inside and len(mountpoint) >= len(best):
+                best, kind = mountpoint, f"{fstype} on {device}"
     return kind
 
 
@@ -487,12 +491,12 @@ def machine_lines(workdir: str) -> list[str]:
     with open("/proc/meminfo") as f:
         memory = int(f.readline().split()[1]) // 1024
     return [
-        f"date        {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"machine     {os.cpu_count()} cores ({model}), {memory} MB RAM, "
-        f"{platform.system()} {platform.release()}",
+        f"date        {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
+        (f"machine     {os.cpu_count()} cores ({model}), {memory} MB RAM, "
+         f"{platform.system()} {platform.release()}"),
         f"python      {platform.python_implementation()} {platform.python_version()}",
-        f"versions    Twisted {version('twisted')}, aiosmtpd {version('aiosmtpd')}, "
-        f"dcrouter {version('dcrouter')} at {git_revision()}",
+        (f"versions    Twisted {version('twisted')}, aiosmtpd {version('aiosmtpd')}, "
+         f"dcrouter {version('dcrouter')} at {git_revision()}"),
         f"store       {workdir} ({filesystem_of(workdir)})",
         f"open files  {resource.getrlimit(resource.RLIMIT_NOFILE)[0]} (bench and servers)",
     ]
@@ -562,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 try:
                     results[server.name][test] = MEASUREMENTS[test](server, plan)
-                except Exception as e:  # one failed measurement must not lose the others
+                except Exception as e:  # noqa: BLE001 (one failed measurement must not lose the others)
                     print(f"  {server.label}: {test} failed: {type(e).__name__}: {e}\n{server.log_tail()}",
                           flush=True)
                     results[server.name][test] = {"error": f"{type(e).__name__}: {e}"}

@@ -51,8 +51,9 @@ import sys
 import tempfile
 import threading
 import time
-from importlib import metadata
 from typing import Any
+
+from bench.ingress import free_port, version
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = "127.0.0.1"
@@ -73,12 +74,6 @@ def raise_nofile_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def clock_ticks(fields: list[bytes]) -> float:
@@ -786,13 +781,6 @@ def report_threads(before: dict[str, dict[str, float]], after: dict[str, dict[st
             parts.append(f"{name} x{len(used)} {sum(used):.1f}" + (f" ({each})" if each else ""))
         lines.append(f"  {label:9} " + "; ".join(parts))
     return "\n".join(lines)
-
-
-def version(distribution: str) -> str:
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def git_revision() -> str:

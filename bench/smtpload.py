@@ -150,7 +150,7 @@ async def send_message(
             replies.append(await read_reply(reader))
             if replies[-1].code >= 400:
                 break
-    for step, reply in zip(("MAIL", "RCPT"), replies):
+    for step, reply in zip(("MAIL", "RCPT"), replies, strict=False):  # fewer replies when MAIL failed
         if reply.code >= 400:
             if replies[-1].code == 354:
                 # A pipelined DATA was accepted although an earlier step failed: finish it empty.
@@ -228,7 +228,7 @@ async def run_senders(
     async def connect() -> Session | None:
         try:
             session = await open_session(host, port)
-        except (OSError, asyncio.TimeoutError, SmtpError) as e:
+        except (TimeoutError, OSError, SmtpError) as e:
             result.connect_failures += 1
             result.error_kinds[f"connect: {type(e).__name__}: {e}"[:100]] += 1
             return None
@@ -261,7 +261,7 @@ async def run_senders(
             except SmtpError as e:
                 result.errors += 1
                 result.error_kinds[str(e)] += 1
-            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
+            except (TimeoutError, OSError, asyncio.IncompleteReadError) as e:
                 result.errors += 1
                 result.error_kinds[f"connection: {type(e).__name__}: {e}"[:100]] += 1
                 session.close()
@@ -273,7 +273,7 @@ async def run_senders(
             try:
                 session.writer.write(b"QUIT\r\n")
                 await read_reply(session.reader, timeout=5)
-            except (OSError, asyncio.TimeoutError, SmtpError):
+            except (TimeoutError, OSError, SmtpError):
                 pass
             session.close()
 
@@ -381,7 +381,7 @@ async def send_large(
         reply = await send_message(session, sender, recipient, chunks(), size)
         result.ok = True
         result.reply = reply.text()
-    except (SmtpError, OSError, asyncio.TimeoutError) as e:
+    except (TimeoutError, SmtpError, OSError) as e:
         result.reply = f"{type(e).__name__}: {e}"[:100]
     result.elapsed = time.perf_counter() - started
     await asyncio.sleep(settle)  # work the server does right after its reply counts too
@@ -438,12 +438,12 @@ async def hold_idle(
                 reader, writer = await asyncio.wait_for(
                     asyncio.open_connection(host, port, local_addr=(source, 0), limit=4096), CONNECT_TIMEOUT
                 )
-            except (OSError, asyncio.TimeoutError) as e:
+            except (TimeoutError, OSError) as e:
                 result.failures[f"connect: {type(e).__name__}: {e}"[:80]] += 1
                 return
             try:
                 greeting = await read_reply(reader, timeout=CONNECT_TIMEOUT)
-            except (OSError, asyncio.TimeoutError, SmtpError) as e:
+            except (TimeoutError, OSError, SmtpError) as e:
                 result.failures[f"greeting: {type(e).__name__}: {e}"[:80]] += 1
                 writer.close()
                 return
@@ -470,7 +470,7 @@ async def hold_idle(
         session.close()
         result.fresh_ok = True
         result.fresh_ms = (time.perf_counter() - fresh_started) * 1000
-    except (OSError, asyncio.TimeoutError, SmtpError) as e:
+    except (TimeoutError, OSError, SmtpError) as e:
         result.fresh_error = f"{type(e).__name__}: {e}"[:100]
 
     async def probe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -478,7 +478,7 @@ async def hold_idle(
             try:
                 writer.write(b"NOOP\r\n")
                 reply = await read_reply(reader, timeout=CONNECT_TIMEOUT)
-            except (OSError, asyncio.TimeoutError, SmtpError) as e:
+            except (TimeoutError, OSError, SmtpError) as e:
                 result.failures[f"NOOP after hold: {type(e).__name__}: {e}"[:80]] += 1
                 return
             if reply.code == 250:

@@ -141,7 +141,7 @@ class CrashTests(TestCase):
         counts = await queue.load()
         try:
             missing = []
-            for queue_id, body in list(acked.items()) + [after]:
+            for queue_id, body in [*acked.items(), after]:
                 item = await queue.get(queue_id)
                 if item is None:
                     missing.append(queue_id)

@@ -68,8 +68,8 @@ class SmtpIngressTests(TestCase):
             }
         }
         self.router = DcRouter(options, reactor=reactor)
-        # These tests are about what ingress stores; delivery (tested end to end elsewhere) stays paused so the
-        # queued items are exactly as ingress left them.
+        # These tests are about what ingress stores; delivery (tested end to end elsewhere) stays paused so
+        # the queued items are exactly as ingress left them.
         assert self.router.delivery is not None
         self.router.delivery.pause_deliveries()
         self.router.privilegedStartService()
@@ -104,7 +104,7 @@ class SmtpIngressTests(TestCase):
     def assertStoredExactly(self, body: bytes, message: bytes) -> None:
         """The stored message is the one sent, byte for byte, after the Received field dcrouter prepends."""
         self.assertTrue(body.startswith(b"Received: "), body[:200])
-        self.assertTrue(body.endswith(b"\r\n" + message) or body.endswith(message), body[-300:])
+        self.assertTrue(body.endswith((b"\r\n" + message, message)), body[-300:])
         headers = body[: len(body) - len(message)]
         self.assertNotIn(b"\r\n\r\n", headers)  # only header lines were added, no blank line
         self.assertIn(b"from ", headers)

@@ -58,6 +58,28 @@ def raise_nofile_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def stop_process(process: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM, then SIGKILL after 10 s: every benchmark's servers end the same way."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+
+
+def log_tail(path: str, lines: int = 25) -> str:
+    """The last ``lines`` lines of a server's log, indented, for failure messages."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read()[-8000:].decode("utf-8", "replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join("    " + line for line in text.splitlines()[-lines:])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
@@ -129,22 +151,10 @@ class ServerUnderTest:
                            + self.log_tail())
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
+        stop_process(self.process)
 
     def log_tail(self, lines: int = 25) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                text = f.read()[-8000:].decode("utf-8", "replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join("    " + line for line in text.splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
 
 
 class AiosmtpdPeer(ServerUnderTest):

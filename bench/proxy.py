@@ -43,7 +43,6 @@ import os
 import platform
 import resource
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -53,7 +52,7 @@ import threading
 import time
 from typing import Any
 
-from bench.ingress import free_port, version
+from bench.ingress import free_port, log_tail, stop_process, version
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = "127.0.0.1"
@@ -174,22 +173,10 @@ class Process:
             )
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
+        stop_process(self.process)
 
     def log_tail(self, lines: int = 25) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                text = f.read()[-8000:].decode("utf-8", "replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join("    " + line for line in text.splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
 
 
 @dataclasses.dataclass

@@ -49,7 +49,9 @@ class IDeliveryQueue(Interface):
         marking them DELIVERING. Deferred firing with a list of QueueItem. Returns [] while paused."""
 
     def open_body(item_id):
-        """Deferred firing with a readable binary file object over the stored message (caller closes it)."""
+        """Deferred firing with a readable binary file object over the stored body (caller closes it). The
+        message as relayed is that body behind the item's ``head`` from ``body_offset`` on, when processing
+        changed the header block (``dcrouter.queue.files.message_reader`` composes it)."""
 
     def get(item_id):
         """Deferred firing with the QueueItem, or None."""
@@ -112,3 +114,33 @@ class IDeliveryTransport(Interface):
         returns a Deferred firing with a readable binary file over the message; the transport closes it.
         Returns a Deferred firing with a DeliveryReport holding one RecipientResult per recipient. Remote and
         network failures are results (TEMPORARY/PERMANENT), not errbacks; an errback means a local bug."""
+
+
+class IScanner(Interface):
+    """Looks at a received message before it is accepted (``smtpConfig.scanners`` or a plugin).
+
+    A scanner only reports; what happens on a hit (``tag``, ``reject``, ``quarantine``, ``discard``) is the
+    processor's decision from the scanner's configuration. Scanners run between the end of DATA and the reply,
+    so a slow one delays the client: ``processingTimeout`` bounds the whole chain.
+    """
+
+    name = Attribute("A short name for logs, headers and SMTP replies (``spam``, ``virus``, a plugin's).")
+
+    def scan(message):
+        """Scan ``message`` (a :class:`dcrouter.processing.message.Draft`: envelope, header block, MIME
+        metadata ``info`` and ``open_message()``, the bytes as received). Returns a ScanResult, or a
+        Deferred firing with one. Fails with ScannerUnavailable when the verdict cannot be had for now (a
+        daemon down or timing out): the message is then refused with a 4xx unless configured to pass. Work
+        that reads a big message must not run on the reactor thread (``message.run_in_thread``)."""
+
+
+class ITransformation(Interface):
+    """Changes a message before it is queued (``smtpConfig.transformations`` or a plugin), in configured
+    order, after scanning and before DKIM signing."""
+
+    name = Attribute("A short name for logs.")
+
+    def apply(message):
+        """Change ``message`` (a :class:`dcrouter.processing.message.Draft`): its ``headers``, its envelope
+        (``message.envelope``), or its body through ``message.rewrite_body``. Returns None or a Deferred.
+        Raising :class:`dcrouter.processing.message.Refusal` refuses the message with its reply."""

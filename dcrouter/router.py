@@ -48,6 +48,7 @@ from dcrouter.interfaces import IDeliveryQueue
 from dcrouter.log import logger, set_level
 from dcrouter.net.certstore import CertificateStore
 from dcrouter.net.tls import TlsMaterialError, load_certified_key
+from dcrouter.processing.build import build_chain
 from dcrouter.processing.processor import EmailProcessor
 from dcrouter.processing.routing import RouteTable
 from dcrouter.proxy.service import ProxyBindError, ProxyService
@@ -247,7 +248,15 @@ class DcRouter(MultiService):
     def _build_smtp(self, config: SmtpConfig, queue: IDeliveryQueue | None) -> None:
         reactor = self._reactor
         self.queue = queue if queue is not None else build_queue(config, reactor)
-        self.processor = EmailProcessor(self.queue, reactor.seconds)
+        self.routes = RouteTable(config)
+        self.processor = EmailProcessor(
+            self.queue,
+            reactor.seconds,
+            reactor=reactor,
+            threadpool=self.threadpool,
+            routes=self.routes,
+            **build_chain(config, reactor).options(),
+        )
         self.policy = SessionPolicy(config)
         if config.auth.users:
             self.authenticator = Authenticator(
@@ -261,7 +270,7 @@ class DcRouter(MultiService):
         assert self.queue is not None and self.processor is not None
         reactor = self._reactor
         delivery = config.delivery
-        self.routes = RouteTable(config)
+        assert self.routes is not None
         self.delivery_pool = ConnectionPool(
             reactor=reactor, clock=reactor, config=delivery, helo_name=delivery.helo_name or config.hostname
         )

@@ -235,6 +235,13 @@ def _build(cls: type, raw: Any, path: str, report: Report) -> Any:
     return cls(**values)
 
 
+def build_block(cls: type, raw: Any, path: str, report: Report) -> Any:
+    """A block of schema dataclass ``cls`` loaded from ``raw``, with errors reported under ``path``; None when
+    anything in it is wrong. Plugins use it to check their own options blocks."""
+    value = _build(cls, raw, path, report)
+    return None if isinstance(value, _Invalid) else value
+
+
 def _resolve(values: dict[str, Any], need: str) -> Any:
     """The value at the dotted attribute path ``need``, or ``_INVALID`` when it (or a block on the way)
     failed."""

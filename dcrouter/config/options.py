@@ -148,6 +148,16 @@ class AuthenticationConfig:
     pass_: str | None = option(None, key="pass", doc="Password for AUTH at the target server.")
 
 
+# Imported here, not at the top: the processing schema is declared with option() and checked() above.
+from dcrouter.config.processing import (  # noqa: E402
+    MimeLimitsConfig,
+    ScannerConfig,
+    TransformationConfig,
+    dkim_private_key,
+    smtp_processing,
+)
+
+
 @dataclass(frozen=True)
 class RateLimitsConfig:
     max_messages_per_minute: int | None = option(None, unsupported="Rate limits are not built yet.")
@@ -164,7 +174,9 @@ class HeaderInfo:
 class DkimOptions:
     domain_name: str = option(doc="d= of the signature.")
     key_selector: str = option(doc="s= of the signature.")
-    private_key: str = option(doc="PEM private key, inline or a file path.")
+    private_key: str = option(
+        doc="PEM private key (RSA 2048+ bits or Ed25519), inline or a file path.", check=dkim_private_key
+    )
 
 
 @dataclass(frozen=True)
@@ -189,12 +201,15 @@ class DomainConfig:
         factory=list, key="allowedIPs", unsupported="Per-domain sender IP rules are not built yet."
     )
     rate_limits: RateLimitsConfig | None = option(None, doc="Per-domain limits.")
-    add_headers: bool = option(False, unsupported="Header transformations are not built yet.")
-    header_info: list[HeaderInfo] = option(
-        factory=list, unsupported="Header transformations are not built yet."
+    add_headers: bool = option(
+        False, doc="Add headerInfo's fields to mail for these domains (needs headerProcessing)."
     )
-    sign_dkim: bool = option(False, unsupported="DKIM signing is not built yet.")
-    dkim_options: DkimOptions | None = option(None, unsupported="DKIM signing is not built yet.")
+    header_info: list[HeaderInfo] = option(factory=list, doc="Header fields added when addHeaders is set.")
+    sign_dkim: bool = option(
+        False,
+        doc="DKIM-sign mail whose From domain is one of these domains, with dkimOptions (needs dkimSigning).",
+    )
+    dkim_options: DkimOptions | None = option(None, doc="The signing key of signDkim.")
 
 
 @dataclass(frozen=True)
@@ -300,6 +315,7 @@ class MtaConfig:
     c.smtp_domains_once,
     c.smtp_default_route,
     c.smtp_routing_rules,
+    smtp_processing,
 )
 @dataclass(frozen=True)
 class SmtpConfig:
@@ -338,10 +354,34 @@ class SmtpConfig:
     default_port: int = option(25, doc="Port on defaultServer.", check=c.port)
     use_tls: bool = option(False, doc="Require STARTTLS towards defaultServer.")
     # Processing
-    content_scanning: bool = option(False, unsupported="Content scanning is not built yet.")
-    scanners: list[dict[str, Any]] = option(factory=list, unsupported="Content scanners are not built yet.")
-    transformations: list[dict[str, Any]] = option(
-        factory=list, unsupported="Transformations are not built yet."
+    content_scanning: bool = option(False, doc="Run `scanners` on every message before it is accepted.")
+    scanners: list[ScannerConfig] = option(
+        factory=list, doc="Content scanners, in order (docs/processing.md); used when contentScanning is on."
+    )
+    transformations: list[TransformationConfig] = option(
+        factory=list, doc="Changes made to every message before it is queued, in order (docs/processing.md)."
+    )
+    max_parallel_processing: int = option(
+        64,
+        doc="Messages processed (scanned, transformed, signed) at once; beyond it the end of DATA is "
+        "answered 451 4.3.2.",
+        check=c.positive,
+    )
+    processing_timeout: int = option(
+        120_000,
+        doc="Milliseconds processing one message may take before it is answered 451 4.4.1.",
+        check=c.duration,
+    )
+    header_processing: bool = option(
+        True, doc="Apply header transformations and domainConfigs' headerInfo (off: they are skipped)."
+    )
+    dkim_signing: bool = option(
+        True, doc="Apply DKIM signing (signDkim, dkimSign); off: no message is signed."
+    )
+    mime_limits: MimeLimitsConfig = option(
+        factory=MimeLimitsConfig,
+        addition=True,
+        doc="How much of a message is inspected; beyond a limit it is unscannable (docs/processing.md).",
     )
     # Queue
     queue_storage: Literal["memory", "disk", "redis"] = option(

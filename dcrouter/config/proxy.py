@@ -257,7 +257,7 @@ _TERMINATING = ("terminate", "terminate-and-reencrypt")
 def _acme_name_errors(names: tuple[str, ...]) -> str | None:
     """Why ACME (HTTP-01) cannot obtain a certificate for ``names``, or None."""
     if not names:
-        return "ACME needs the names to request: list them in match.domains (not empty or \"*\")"
+        return 'ACME needs the names to request: list them in match.domains (not empty or "*")'
     wildcards = [n for n in names if n.startswith("*.")]
     if wildcards:
         # RFC 8555 §8.3 / Let's Encrypt: wildcards need DNS-01, which dcrouter does not answer.

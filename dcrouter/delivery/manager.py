@@ -44,7 +44,7 @@ import hashlib
 import random as random_module
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
@@ -61,6 +61,7 @@ from dcrouter.interfaces import DuplicateItem, IDeliveryQueue, IDeliveryTranspor
 from dcrouter.log import logger
 from dcrouter.processing.processor import EmailProcessor
 from dcrouter.processing.routing import RouteTable
+from dcrouter.queue.files import message_reader
 from dcrouter.queue.item import Priority, QueueItem, QueueItemStatus
 from dcrouter.smtp.spool import SpooledMessage
 
@@ -381,7 +382,7 @@ class DeliveryManager(Service):
         """The transport's report for one group, with exactly one result per recipient of ``rcpts``."""
         try:
             report: DeliveryReport = await self._transport.deliver(
-                item, route, rcpts, open_body=lambda: self._queue.open_body(item.id)
+                item, route, rcpts, open_body=lambda: self._open_message(item)
             )
         except Exception:  # noqa: BLE001 (an errback is a transport bug: retry rather than lose the message)
             self._stats["errors"] += 1
@@ -618,7 +619,7 @@ class DeliveryManager(Service):
         """Queue the DSN for ``item`` from the null sender to its sender; returns the DSN's queue id. Its id
         is derived from ``item.id``, so queueing it twice (after a crash) finds the first one."""
         dsn_id = dsn_queue_id(item.id, action)
-        headers = await self._original_headers(item.id)
+        headers = await self._original_headers(item)
         data = build_dsn(
             reporting_mta=self._hostname,
             original=item,
@@ -635,7 +636,11 @@ class DeliveryManager(Service):
         )
         try:
             await self._processor.process(
-                envelope, SpooledMessage(len(data), data=data), queue_id=dsn_id, priority=Priority.BOUNCE
+                envelope,
+                SpooledMessage(len(data), data=data),
+                queue_id=dsn_id,
+                priority=Priority.BOUNCE,
+                local=True,
             )
         except DuplicateItem:
             # Queued before a crash, under the same derived id: that one is the DSN.
@@ -647,10 +652,18 @@ class DeliveryManager(Service):
         self.wake()
         return dsn_id
 
-    async def _original_headers(self, item_id: str) -> bytes:
+    def _open_message(self, item: QueueItem) -> Deferred[BinaryIO]:
+        """The message as it is relayed: the stored body, behind the header block processing wrote if any."""
+        opened: Deferred[BinaryIO] = self._queue.open_body(item.id)
+        if item.head is not None or item.body_offset:
+            opened.addCallback(lambda stream: message_reader(item.head, stream, item.body_offset))
+        return opened
+
+    async def _original_headers(self, item: QueueItem) -> bytes:
         """The original's header block, bounded (``dsn.HEADERS_LIMIT``); b"" if the body cannot be read."""
+        item_id = item.id
         try:
-            stream = await self._queue.open_body(item_id)
+            stream = await self._open_message(item)
         except Exception:  # noqa: BLE001 (a DSN without the headers is better than none)
             log.failure("cannot read the headers of {queue_id} for its DSN", queue_id=item_id)
             return b""

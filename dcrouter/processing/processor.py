@@ -1,23 +1,51 @@
-"""EmailProcessor: what happens to a received message before it is queued.
+"""EmailProcessor: what happens to a received message between the end of DATA and the reply.
 
-For now the chain has one stage, queueing; scanning, transformations and routing are added by later work
-(see the project's issues) as stages in front of it.
+The chain is: metadata (the header block and the MIME structure, read off the reactor thread) → scanning
+(``scanners``, each hit handled by its action) → transformations (in configured order) → DKIM signing (last,
+over the bytes that will be relayed) → the queue. It runs before the 250, so a refusal is an SMTP reply to
+the client, never a bounce to a possibly forged sender. Routing is decided at delivery time
+(docs/decisions.md): :meth:`EmailProcessor.determine_routing` reports where each recipient would go now.
+
+With no scanner, transformation or signing configured, a message goes straight to the queue (the fast path:
+no header parsing, no thread hop). At most ``maxParallelProcessing`` messages are in the chain at once (more:
+``451 4.3.2``), and the chain before the queue is bounded by ``processingTimeout`` (``451 4.4.1``); the
+enqueue itself is never cut short, since the queue may already be committing it.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 
 from dcrouter.envelope import Envelope
-from dcrouter.interfaces import IDeliveryQueue
+from dcrouter.interfaces import IDeliveryQueue, IRoutingRule, IScanner, ITransformation
 from dcrouter.log import logger
-from dcrouter.queue.item import Priority, QueueItem
+from dcrouter.processing.headers import HeaderBlock, HeaderError, HeaderTooLarge, read_header_block
+from dcrouter.processing.message import (
+    Discarded,
+    Draft,
+    Refusal,
+    ScannerUnavailable,
+    ScanResult,
+    Verdict,
+)
+from dcrouter.processing.mime import MimeLimits, inspect_message
+from dcrouter.queue.item import Priority, QueueItem, QueueItemStatus
+from dcrouter.smtp.reply import Reply
 from dcrouter.smtp.spool import SpooledMessage
 
 log = logger("dcrouter.processing")
+
+BUSY = Reply(451, "4.3.2", "Too many messages in processing, try again later")
+TIMED_OUT = Reply(451, "4.4.1", "Processing the message took too long, try again later")
+HEADER_TOO_LARGE = Reply(552, "5.3.4", "Message header too large")
+DEFAULT_LIMITS = MimeLimits()
 
 
 def new_queue_id() -> str:
@@ -25,18 +53,117 @@ def new_queue_id() -> str:
     return secrets.token_hex(10).upper()
 
 
+class ScannerStage:
+    """A scanner with what to do about its findings (``action``, ``onError``, ``onUnscannable``); built-in
+    scanners are built from ``ScannerConfig`` by :mod:`dcrouter.processing.build`."""
+
+    def __init__(
+        self,
+        scanner: IScanner,
+        action: str = "reject",
+        *,
+        on_error: str = "tempfail",
+        on_unscannable: str | None = None,
+        subject_prefix: str | None = None,
+    ) -> None:
+        self.scanner = scanner
+        self.action = action
+        self.on_error = on_error
+        self.on_unscannable = on_unscannable or "action"
+        self.subject_prefix = subject_prefix
+
+    @property
+    def name(self) -> str:
+        return str(self.scanner.name)
+
+
 class EmailProcessor:
     """Takes a complete message from ingress and returns a Deferred firing with the durable QueueItem.
 
-    The Deferred fails with :class:`dcrouter.interfaces.QueueError` (temporary: 4xx) when it cannot be queued.
-    ``on_queued``, when set, is called with each item once it is durable (delivery uses it to start at once
-    instead of at its next periodic look).
+    The Deferred fails with :class:`~dcrouter.processing.message.Refusal` (its ``reply`` is what the client
+    is told), :class:`~dcrouter.processing.message.Discarded` (answer 250; nothing was queued) or
+    :class:`dcrouter.interfaces.QueueError` (temporary: 4xx). ``on_queued``, when set, is called with each
+    item once it is durable (delivery uses it to start at once instead of at its next periodic look).
     """
 
-    def __init__(self, queue: IDeliveryQueue, clock_seconds: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        queue: IDeliveryQueue,
+        clock_seconds: Callable[[], float],
+        *,
+        reactor: Any = None,
+        threadpool: ThreadPool | None = None,
+        scanners: Iterable[ScannerStage] = (),
+        transformations: Iterable[ITransformation] = (),
+        signers: Iterable[ITransformation] = (),
+        limits: MimeLimits = DEFAULT_LIMITS,
+        max_parallel: int = 64,
+        timeout: float = 120.0,
+        routes: Any = None,
+    ) -> None:
         self._queue = queue
         self._now = clock_seconds
+        self._reactor = reactor
+        self._threadpool = threadpool
+        self._scanners = list(scanners)
+        self._transformations = list(transformations)
+        self._signers = list(signers)
+        self._limits = limits
+        self._max_parallel = max_parallel
+        self._timeout = timeout
+        self._routes = routes
+        self._active = 0
         self.on_queued: Callable[[QueueItem], object] | None = None
+        self.stats = {"processed": 0, "refused": 0, "discarded": 0, "quarantined": 0, "tempfailed": 0}
+
+    # -- configuration --
+
+    def update_options(
+        self,
+        *,
+        scanners: Iterable[ScannerStage] | None = None,
+        transformations: Iterable[ITransformation] | None = None,
+        signers: Iterable[ITransformation] | None = None,
+        limits: MimeLimits | None = None,
+        max_parallel: int | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Replace parts of the chain; messages already in it finish with what they started with."""
+        if scanners is not None:
+            self._scanners = list(scanners)
+        if transformations is not None:
+            self._transformations = list(transformations)
+        if signers is not None:
+            self._signers = list(signers)
+        if limits is not None:
+            self._limits = limits
+        if max_parallel is not None:
+            self._max_parallel = max_parallel
+        if timeout is not None:
+            self._timeout = timeout
+
+    def add_scanner(self, scanner: IScanner | ScannerStage, action: str = "reject") -> None:
+        stage = scanner if isinstance(scanner, ScannerStage) else ScannerStage(scanner, action)
+        self._scanners = [*self._scanners, stage]
+
+    def add_transformation(self, transformation: ITransformation) -> None:
+        self._transformations = [*self._transformations, transformation]
+
+    def add_routing_rule(self, rule: IRoutingRule) -> None:
+        """Add a routing rule to the route table delivery uses (rules are evaluated by priority)."""
+        if self._routes is None:
+            raise RuntimeError("this processor has no route table")
+        self._routes.add_rule(rule)
+
+    @property
+    def active(self) -> int:
+        """Messages in the chain now."""
+        return self._active
+
+    def _has_stages(self) -> bool:
+        return bool(self._scanners or self._transformations or self._signers)
+
+    # -- the chain --
 
     def process(
         self,
@@ -45,20 +172,230 @@ class EmailProcessor:
         queue_id: str | None = None,
         *,
         priority: int = Priority.FRESH,
+        local: bool = False,
+    ) -> Deferred:
+        """Process and queue one message. ``local`` (the gateway's own DSNs) skips scanning and
+        transformations; such mail is queued as it is."""
+        queue_id = queue_id or new_queue_id()
+        if local or not self._has_stages():
+            return self._enqueue(queue_id, envelope, message, None, 0, priority, None)
+        if self._active >= self._max_parallel:
+            self.stats["tempfailed"] += 1
+            return _failed(Refusal(BUSY, "maxParallelProcessing"))
+        self._active += 1
+        done = Deferred.fromCoroutine(self.process_email(envelope, message, queue_id, priority))
+
+        def release(result: object) -> object:
+            self._active -= 1
+            return result
+
+        return done.addBoth(release)
+
+    async def process_email(
+        self, envelope: Envelope, message: SpooledMessage, queue_id: str, priority: int = Priority.FRESH
+    ) -> QueueItem:
+        """Run every stage, then queue. The message's files are owned by this call from here on."""
+        draft: Draft | None = None
+        try:
+            staged = Deferred.fromCoroutine(self._stages(envelope, message, queue_id))
+            if self._reactor is not None and self._timeout:
+                staged.addTimeout(self._timeout, self._reactor)
+            draft, quarantine = await staged
+        except Exception as error:
+            if draft is not None:
+                draft.discard()
+            else:
+                message.discard()
+            raise self._refusal_for(error, queue_id) from error
+        stored, head, offset = draft.finish()
+        envelope = draft.envelope
+        self.stats["processed"] += 1
+        return await self._enqueue(queue_id, envelope, stored, head, offset, priority, quarantine)
+
+    async def _stages(
+        self, envelope: Envelope, message: SpooledMessage, queue_id: str
+    ) -> tuple[Draft, str | None]:
+        draft = await self.extract_metadata(envelope, message, queue_id)
+        try:
+            quarantine = await self.scan_content(draft)
+            await self.apply_transformations(draft)
+            await self._sign(draft)
+        except BaseException:
+            draft.discard()
+            raise
+        return draft, quarantine
+
+    def _refusal_for(self, error: Exception, queue_id: str) -> Exception:
+        if isinstance(error, Refusal | Discarded):
+            key = "discarded" if isinstance(error, Discarded) else "refused"
+            self.stats[key] += 1
+            return error
+        if isinstance(error, CancelledError | TimeoutError):
+            self.stats["tempfailed"] += 1
+            log.warn("{queue_id}: processing timed out", queue_id=queue_id)
+            return Refusal(TIMED_OUT, "processingTimeout")
+        log.failure("{queue_id}: processing failed", Failure(error), queue_id=queue_id)
+        self.stats["tempfailed"] += 1
+        return Refusal(Reply(451, "4.3.0", "Local error in processing, try again later"), "error")
+
+    # -- stages --
+
+    def _in_thread(self, work: Callable[[], Any]) -> Deferred:
+        if self._reactor is None or self._threadpool is None:
+            # Unit tests without a reactor: run inline (the tests' messages are small).
+            return maybeDeferred(work)
+        return deferToThreadPool(self._reactor, self._threadpool, work)
+
+    async def extract_metadata(self, envelope: Envelope, message: SpooledMessage, queue_id: str) -> Draft:
+        """The header block and the MIME structure, read from the spool in a thread (one pass for
+        the header block, one for the structure). A header block over ``maxHeaderBytes`` is refused
+        (552 5.3.4)."""
+        limits = self._limits
+
+        def work() -> tuple[HeaderBlock, int, Any]:
+            with message.open() as stream:
+                try:
+                    headers, offset = read_header_block(stream, limits.max_header_bytes)
+                except HeaderTooLarge:
+                    raise
+                except HeaderError:
+                    # Not a header block at all: the whole message is body; added fields go on top.
+                    headers, offset = HeaderBlock([], True), 0
+                stream.seek(0)
+                info = inspect_message(stream, limits)
+            return headers, offset, info
+
+        try:
+            headers, offset, info = await self._in_thread(work)
+        except HeaderTooLarge as e:
+            raise Refusal(HEADER_TOO_LARGE, str(e)) from e
+        copy = Envelope.from_dict(dict(envelope.to_dict()))
+        copy.recipients = list(envelope.recipients)
+        copy.mail_params = dict(envelope.mail_params)
+        return Draft(
+            queue_id=queue_id,
+            envelope=copy,
+            source=message,
+            headers=headers,
+            body_offset=offset,
+            run_in_thread=self._in_thread,
+            spool_directory=getattr(self._queue, "spool_directory", None),
+            info=info,
+        )
+
+    def determine_routing(self, envelope: Envelope) -> dict[str, Any]:
+        """Where each recipient would be delivered now (``{recipient: Route}``); delivery decides again when
+        it sends, so a configuration change applies to mail already queued."""
+        if self._routes is None:
+            return {}
+        return {rcpt: self._routes.route(envelope.mail_from, rcpt) for rcpt in envelope.recipients}
+
+    async def scan_content(self, draft: Draft) -> str | None:
+        """Run the scanners in order. Returns the reason to quarantine, or None; raises Refusal or
+        Discarded. A tag adds the scanner's headers (any such fields the message came with are removed
+        first: a sender must not be able to pre-label its own mail)."""
+        for stage in self._scanners:
+            try:
+                result: ScanResult = await maybeDeferred(stage.scanner.scan, draft)
+            except ScannerUnavailable as e:
+                if stage.on_error == "accept":
+                    log.warn(
+                        "{queue_id}: scanner {scanner} unavailable, passed unscanned: {error}",
+                        queue_id=draft.queue_id,
+                        scanner=stage.name,
+                        error=str(e),
+                    )
+                    continue
+                log.warn(
+                    "{queue_id}: scanner {scanner} unavailable: {error}",
+                    queue_id=draft.queue_id,
+                    scanner=stage.name,
+                    error=str(e),
+                )
+                raise Refusal(
+                    Reply(451, "4.7.0", f"Content scanner {stage.name} unavailable, try again later"), str(e)
+                ) from e
+            draft.results.append(result)
+            action = stage.action
+            if result.verdict is Verdict.UNSCANNABLE and stage.on_unscannable != "action":
+                action = stage.on_unscannable
+            if not result.hit:
+                if stage.action == "tag":
+                    _tag(draft, result, None)
+                continue
+            log.info(
+                "{queue_id}: {scanner}: {verdict} ({reason}), action {action}",
+                queue_id=draft.queue_id,
+                scanner=stage.name,
+                verdict=result.verdict.value,
+                reason=result.reason,
+                action=action,
+            )
+            if action == "accept":
+                continue
+            if action == "tempfail":
+                raise Refusal(
+                    Reply(451, "4.7.0", f"Message cannot be scanned now ({_safe(result.reason)})"),
+                    "unscannable",
+                )
+            if action == "tag":
+                _tag(draft, result, stage.subject_prefix)
+                continue
+            if action == "reject":
+                raise Refusal(_rejection(result), result.reason)
+            if action == "discard":
+                raise Discarded(draft.queue_id, f"{stage.name}: {result.reason}")
+            if action == "quarantine":
+                return f"{stage.name}: {result.verdict.value} ({result.reason})"
+        return None
+
+    async def apply_transformations(self, draft: Draft) -> None:
+        """Each transformation in configured order; DKIM signing is not among them (it runs last)."""
+        for transformation in self._transformations:
+            await maybeDeferred(transformation.apply, draft)
+
+    async def _sign(self, draft: Draft) -> None:
+        for signer in self._signers:
+            await maybeDeferred(signer.apply, draft)
+
+    # -- queueing --
+
+    def _enqueue(
+        self,
+        queue_id: str,
+        envelope: Envelope,
+        stored: SpooledMessage,
+        head: bytes | None,
+        offset: int,
+        priority: int,
+        quarantine: str | None,
     ) -> Deferred:
         now = self._now()
+        size = stored.size if head is None else len(head) + stored.size - offset
         item = QueueItem(
-            id=queue_id or new_queue_id(),
+            id=queue_id,
             envelope=envelope,
-            size=message.size,
+            size=size,
             priority=priority,
             created_at=now,
             next_attempt_at=now,
+            head=head,
+            body_offset=offset,
         )
-        queued = self._queue.enqueue(item, message)
-        if self.on_queued is not None:
+        if quarantine is not None:
+            item.status = QueueItemStatus.QUARANTINED
+            item.last_error = quarantine
+        queued = self._queue.enqueue(item, stored)
+        if quarantine is not None:
+            self.stats["quarantined"] += 1
+            queued.addCallback(self._quarantined)
+        elif self.on_queued is not None:
             queued.addCallback(self._notify)
         return queued
+
+    def _quarantined(self, item: QueueItem) -> QueueItem:
+        log.warn("{queue_id}: quarantined: {reason}", queue_id=item.id, reason=item.last_error)
+        return item
 
     def _notify(self, item: QueueItem) -> QueueItem:
         assert self.on_queued is not None
@@ -68,3 +405,51 @@ class EmailProcessor:
             # The message is durable whatever a listener does: never turn its 250 into an error.
             log.failure("on_queued listener failed for {queue_id}", queue_id=item.id)
         return item
+
+    async def release(self, queue_id: str) -> QueueItem | None:
+        """Release a quarantined message for delivery (None when there is no such quarantined message)."""
+        item = await self._queue.get(queue_id)
+        if item is None or item.status is not QueueItemStatus.QUARANTINED:
+            return None
+        released: QueueItem = await self._queue.update(
+            queue_id, status=QueueItemStatus.QUEUED, next_attempt_at=self._now(), last_error=None
+        )
+        log.info("{queue_id}: released from quarantine", queue_id=queue_id)
+        if self.on_queued is not None:
+            self._notify(released)
+        return released
+
+
+def _failed(error: Exception) -> Deferred:
+    d: Deferred = Deferred()
+    d.errback(Failure(error))
+    return d
+
+
+def _safe(text: str, limit: int = 100) -> str:
+    """Printable ASCII only, bounded: scanner findings go into SMTP replies."""
+    cleaned = "".join(ch if " " <= ch <= "~" else "?" for ch in text)
+    return cleaned[:limit]
+
+
+def _rejection(result: ScanResult) -> Reply:
+    reason = _safe(result.reason)
+    if result.verdict is Verdict.VIRUS:
+        return Reply(554, "5.7.1", f"Message refused: virus found ({reason})")
+    if result.verdict is Verdict.SPAM:
+        score = f"score {result.score:.1f}" if result.score is not None else reason
+        return Reply(550, "5.7.1", f"Message refused as spam ({score})")
+    if result.verdict is Verdict.UNSCANNABLE:
+        return Reply(554, "5.7.1", f"Message refused: it cannot be scanned ({reason})")
+    return Reply(550, "5.7.1", f"Message refused by policy ({reason})")
+
+
+def _tag(draft: Draft, result: ScanResult, subject_prefix: str | None) -> None:
+    for name in {name.lower() for name, _ in result.headers}:
+        draft.headers.remove(name)
+    for name, value in result.headers:
+        draft.headers.add(name, value)
+    if subject_prefix and result.hit:
+        subject = draft.headers.get("Subject") or ""
+        if not subject.startswith(subject_prefix.strip()):
+            draft.headers.set("Subject", subject_prefix + subject)

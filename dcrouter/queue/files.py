@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import io
 import os
 import shutil
+from typing import Any, BinaryIO
 
 
 def fsync_directory(path: str) -> None:
@@ -48,3 +50,54 @@ def unique_path(directory: str, base: str) -> str:
         n += 1
         candidate = os.path.join(directory, f"{base}.{n}")
     return candidate
+
+
+class ComposedReader(io.RawIOBase):
+    """A readable binary file over ``head`` followed by ``stream`` from byte ``offset`` on: the message as
+    relayed when processing changed only its header block (``QueueItem.head``/``body_offset``). Closing it
+    closes ``stream``."""
+
+    def __init__(self, head: bytes, stream: BinaryIO, offset: int) -> None:
+        super().__init__()
+        self._head = memoryview(head)
+        self._at = 0
+        self._stream = stream
+        self._skip = offset
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        if self._at < len(self._head):
+            n = min(len(view), len(self._head) - self._at)
+            view[:n] = self._head[self._at : self._at + n]
+            self._at += n
+            return n
+        if self._skip:
+            self._skip_body()
+        data = self._stream.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def _skip_body(self) -> None:
+        if self._stream.seekable():
+            self._stream.seek(self._skip, io.SEEK_CUR)
+        else:
+            while self._skip:
+                if not self._stream.read(min(self._skip, 64 * 1024)):
+                    break
+                self._skip -= min(self._skip, 64 * 1024)
+        self._skip = 0
+
+    def close(self) -> None:
+        if not self.closed:
+            self._stream.close()
+        super().close()
+
+
+def message_reader(head: bytes | None, stream: BinaryIO, offset: int) -> BinaryIO:
+    """``stream`` itself when there is no ``head``, else a buffered :class:`ComposedReader`."""
+    if head is None and not offset:
+        return stream
+    return io.BufferedReader(ComposedReader(head or b"", stream, offset), 64 * 1024)  # type: ignore[return-value]

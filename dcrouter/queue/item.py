@@ -58,6 +58,11 @@ class QueueItem:
     bounce_id: str | None = None
     #: When a delay warning was sent to the sender, if one was.
     warned_at: float | None = None
+    #: The message as relayed is ``head`` followed by the stored body from byte ``body_offset`` on. Set when
+    #: processing changed the header block only: the new block is kept here and the received file's own
+    #: header block skipped, so the body is never copied. ``None``/0: the stored body is the message.
+    head: bytes | None = None
+    body_offset: int = 0
 
     def pending_recipients(self) -> list[str]:
         """Recipients with no final outcome yet, in envelope order."""
@@ -69,6 +74,8 @@ class QueueItem:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["envelope"] = self.envelope.to_dict()
         data["status"] = self.status.value
+        if self.head is not None:
+            data["head"] = self.head.decode("latin-1")  # any bytes, losslessly, as JSON text
         return data
 
     @classmethod
@@ -76,6 +83,8 @@ class QueueItem:
         data = dict(data)
         data["envelope"] = Envelope.from_dict(data["envelope"])
         data["status"] = QueueItemStatus(data["status"])
+        if data.get("head") is not None:
+            data["head"] = data["head"].encode("latin-1")
         return cls(**data)
 
     def copy(self) -> QueueItem:

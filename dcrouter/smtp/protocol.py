@@ -49,7 +49,9 @@ from dcrouter.config.options import SmtpConfig
 from dcrouter.envelope import Envelope
 from dcrouter.interfaces import QueueFull
 from dcrouter.log import logger
+from dcrouter.processing.message import Discarded
 from dcrouter.processing.processor import EmailProcessor, new_queue_id
+from dcrouter.queue.item import QueueItemStatus
 from dcrouter.smtp.address import Address, AddressError, parse_mail_argument, parse_rcpt_argument
 from dcrouter.smtp.auth import Authenticator, AuthFailed
 from dcrouter.smtp.datastream import MESSAGE_TOO_BIG, DataStream
@@ -780,6 +782,17 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
         )
         try:
             item = await self._f.processor.process(envelope, message, txn.queue_id)
+        except Discarded as discarded:
+            # Dropped on purpose by policy: answered as if queued, so the sender learns nothing.
+            self._log(
+                "info",
+                "{queue_id}: discarded from=<{sender}> size={size} peer={peer}: {reason}",
+                queue_id=discarded.queue_id,
+                sender=envelope.mail_from,
+                size=size,
+                reason=discarded.reason,
+            )
+            return Reply(250, "2.0.0", f"Ok: queued as {discarded.queue_id}")
         except Exception as error:  # noqa: BLE001 (any processing failure is logged and answered, not dropped)
             message.discard()
             return self._queue_failure(txn, error)
@@ -787,7 +800,8 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
         # messages a second, formatting log lines is a measurable share of the work).
         self._log(
             "info",
-            "{queue_id}: queued from=<{sender}> size={size} nrcpt={recipients} peer={peer}",
+            "{queue_id}: {status} from=<{sender}> size={size} nrcpt={recipients} peer={peer}",
+            status="queued" if item.status is not QueueItemStatus.QUARANTINED else "quarantined",
             queue_id=item.id,
             sender=envelope.mail_from,
             size=size,

@@ -1,0 +1,89 @@
+"""Third-party scanners and transformations, named in the configuration (docs/plugins.md).
+
+A ``type`` that is not built in is looked up first as an entry point name in the group ``dcrouter.scanners``
+or ``dcrouter.transformations`` (installed packages declare them in their ``pyproject.toml``), then as a
+dotted path, ``package.module:Class`` or ``package.module.Class``. The class must implement
+:class:`~dcrouter.interfaces.IScanner` or :class:`~dcrouter.interfaces.ITransformation` (declared with
+``@implementer``). It may declare ``options_schema``, a frozen dataclass written with
+:func:`dcrouter.config.options.option` like dcrouter's own blocks: the entry's ``options`` table is loaded
+with it, every error reported with its key path, and the instance is built as ``Class(options)`` (without a
+schema, ``Class()`` and any option is an error).
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+from typing import Any
+
+from dcrouter.config.checks import Report, join
+from dcrouter.interfaces import IScanner, ITransformation
+
+GROUPS = {"scanner": "dcrouter.scanners", "transformation": "dcrouter.transformations"}
+INTERFACES = {"scanner": IScanner, "transformation": ITransformation}
+
+
+class PluginError(Exception):
+    """A plugin that cannot be found, loaded or used; the message says which and why."""
+
+
+def resolve(kind: str, name: str) -> type:
+    """The plugin class ``name`` names for ``kind`` (``scanner`` or ``transformation``)."""
+    group = GROUPS[kind]
+    found = [ep for ep in entry_points(group=group) if ep.name == name]
+    try:
+        if found:
+            target: Any = found[0].load()
+        else:
+            module_name, sep, attr = name.partition(":")
+            if not sep:
+                module_name, _, attr = name.rpartition(".")
+            if not module_name or not attr:
+                raise PluginError(
+                    f"unknown {kind} type {name!r}: not built in, no entry point {name!r} in group "
+                    f"{group!r}, and not a dotted path (package.module:Class)"
+                )
+            target = importlib.import_module(module_name)
+            for part in attr.split("."):
+                target = getattr(target, part)
+    except PluginError:
+        raise
+    except Exception as e:
+        raise PluginError(f"cannot load {kind} plugin {name!r}: {type(e).__name__}: {e}") from e
+    interface = INTERFACES[kind]
+    if not isinstance(target, type) or not interface.implementedBy(target):
+        raise PluginError(f"{kind} plugin {name!r} is not a class implementing {interface.__name__}")
+    return target
+
+
+def load_options(plugin: type, raw: Any, path: str, report: Report) -> Any:
+    """The plugin's options loaded with its ``options_schema`` (None without one); errors go to ``report``
+    under ``path`` (the entry's ``options`` key path)."""
+    from dcrouter.config.load import build_block
+
+    schema = getattr(plugin, "options_schema", None)
+    if schema is None:
+        for key in raw or {}:
+            report.error(join(path, key), "this plugin takes no options")
+        return None
+    return build_block(schema, raw or {}, path, report)
+
+
+def check_config(kind: str, entry: Any, path: str, report: Report) -> None:
+    """Config-time check of a plugin entry: the type resolves and its options pass the plugin's schema."""
+    try:
+        plugin = resolve(kind, entry.type)
+    except PluginError as e:
+        report.error(join(path, "type"), str(e))
+        return
+    load_options(plugin, entry.options, join(path, "options"), report)
+
+
+def instantiate(kind: str, entry: Any) -> Any:
+    """A ready plugin instance for a checked entry (the options are loaded again; they passed at load)."""
+    plugin = resolve(kind, entry.type)
+    report = Report()
+    options = load_options(plugin, entry.options, "options", report)
+    if report.errors:
+        raise PluginError("; ".join(report.errors))
+    return plugin(options) if getattr(plugin, "options_schema", None) is not None else plugin()

@@ -1,0 +1,156 @@
+"""The processing chain of a configuration: ``smtpConfig`` → scanner stages, transformations, DKIM signers.
+
+The feature flags decide what runs: ``contentScanning`` the scanners, ``headerProcessing`` the header
+transformations (addHeader, removeHeader, modifyHeader and domainConfigs' headerInfo), ``dkimSigning`` the
+signers (domainConfigs' signDkim and the dkimSign transformations, always after every other change).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from dcrouter import plugins
+from dcrouter.config.options import SmtpConfig
+from dcrouter.config.processing import ScannerConfig, TransformationConfig
+from dcrouter.interfaces import IScanner, ITransformation
+from dcrouter.processing.dkim import DkimSigner
+from dcrouter.processing.mime import MimeLimits
+from dcrouter.processing.processor import ScannerStage
+from dcrouter.processing.transforms.dkim import DkimSign
+from dcrouter.processing.transforms.headers import DomainHeaders, build_header_transformation
+
+HEADER_TYPES = frozenset({"addHeader", "removeHeader", "modifyHeader"})
+
+
+@dataclass
+class Chain:
+    scanners: list[ScannerStage] = field(default_factory=list)
+    transformations: list[ITransformation] = field(default_factory=list)
+    signers: list[ITransformation] = field(default_factory=list)
+    limits: MimeLimits = field(default_factory=MimeLimits)
+    max_parallel: int = 64
+    timeout: float = 120.0
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments for ``EmailProcessor`` and ``EmailProcessor.update_options``."""
+        return {
+            "scanners": self.scanners,
+            "transformations": self.transformations,
+            "signers": self.signers,
+            "limits": self.limits,
+            "max_parallel": self.max_parallel,
+            "timeout": self.timeout,
+        }
+
+
+def build_scanner(entry: ScannerConfig, reactor: Any) -> IScanner:
+    """The scanner of one checked ``scanners`` entry."""
+    if entry.type == "attachment":
+        from dcrouter.processing.scanners.attachment import AttachmentScanner
+
+        return AttachmentScanner(entry)
+    if entry.type == "spam":
+        engine = entry.engine or "builtin"
+        if engine == "spamassassin":
+            from dcrouter.processing.scanners.spamd import SpamdScanner
+
+            return SpamdScanner(entry, reactor)
+        if engine == "rspamd":
+            from dcrouter.processing.scanners.rspamd import RspamdScanner
+
+            return RspamdScanner(entry, reactor)
+        from dcrouter.processing.scanners.heuristics import HeuristicSpamScanner
+
+        return HeuristicSpamScanner(entry)
+    if entry.type == "virus":
+        from dcrouter.processing.scanners.clamd import ClamdScanner
+
+        return ClamdScanner(entry, reactor)
+    scanner: IScanner = plugins.instantiate("scanner", entry)
+    return scanner
+
+
+def build_transformation(entry: TransformationConfig, hostname: str) -> ITransformation:
+    """The transformation of one checked ``transformations`` entry (not dkimSign: see :func:`build_chain`)."""
+    built = build_header_transformation(entry, hostname)
+    if built is not None:
+        return built
+    if entry.type in ("removeAttachment", "sanitizeAttachment"):
+        from dcrouter.processing.transforms.attachments import RemoveAttachment, SanitizeAttachment
+
+        return RemoveAttachment(entry) if entry.type == "removeAttachment" else SanitizeAttachment(entry)
+    if entry.type == "addFooter":
+        from dcrouter.processing.transforms.footer import AddFooter
+
+        return AddFooter(entry)
+    transformation: ITransformation = plugins.instantiate("transformation", entry)
+    return transformation
+
+
+def build_chain(config: SmtpConfig, reactor: Any) -> Chain:
+    limits = config.mime_limits
+    chain = Chain(
+        limits=MimeLimits(
+            max_header_bytes=limits.max_header_bytes,
+            max_depth=limits.max_depth,
+            max_parts=limits.max_parts,
+            max_decoded_bytes=limits.max_decoded_bytes,
+        ),
+        max_parallel=config.max_parallel_processing,
+        timeout=config.processing_timeout / 1000,
+    )
+    if config.content_scanning:
+        for entry in config.scanners:
+            chain.scanners.append(
+                ScannerStage(
+                    build_scanner(entry, reactor),
+                    entry.action,
+                    on_error=entry.on_error,
+                    on_unscannable=entry.on_unscannable,
+                    subject_prefix=entry.subject_prefix,
+                )
+            )
+    if config.header_processing:
+        fields = [
+            (domain.domains, [(h.name, h.value) for h in domain.header_info])
+            for domain in config.domain_configs
+            if domain.add_headers and domain.header_info
+        ]
+        if fields:
+            chain.transformations.append(DomainHeaders(fields))
+    for change in config.transformations:
+        if change.type == "dkimSign" or (change.type in HEADER_TYPES and not config.header_processing):
+            continue
+        chain.transformations.append(build_transformation(change, config.hostname))
+    if config.dkim_signing:
+        signers = _signers(config)
+        if signers:
+            chain.signers.append(DkimSign(signers))
+    return chain
+
+
+def _signers(config: SmtpConfig) -> list[tuple[str, DkimSigner]]:
+    keyed: dict[str, DkimSigner] = {}
+    pairs: list[tuple[str, DkimSigner]] = []
+    for domain in config.domain_configs:
+        if domain.dkim_options is None:
+            continue
+        opts = domain.dkim_options
+        signer = DkimSigner.from_options(opts.domain_name, opts.key_selector, opts.private_key)
+        for name in domain.domains:
+            keyed[name.lower()] = signer
+            if domain.sign_dkim:
+                pairs.append((name, signer))
+    for entry in config.transformations:
+        if entry.type != "dkimSign":
+            continue
+        own = None
+        if entry.private_key is not None:
+            assert entry.domain_name is not None and entry.key_selector is not None
+            own = DkimSigner.from_options(entry.domain_name, entry.key_selector, entry.private_key)
+        for name in entry.domains:
+            chosen = own or keyed.get(name.lower())
+            if chosen is not None:
+                pairs.append((name, chosen))
+    return pairs

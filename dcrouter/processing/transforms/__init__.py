@@ -1,0 +1,1 @@
+"""Built-in transformations (ITransformation): headers, addresses, attachments, footers, DKIM."""

@@ -35,13 +35,17 @@ check: $(VENV)/.installed-run
 	$(BIN)/twistd -n dcrouter --config $(CONFIG) --check
 
 # Real peers the tests start themselves (never the machine's shared services): redis-server for the Redis queue,
-# Debian's pebble ACME test server, Perl's Mail::DKIM as an independent DKIM verifier. Installed when missing and
-# we may (root with apt-get); otherwise the tests that need one are skipped and say what to install.
+# Debian's pebble ACME test server, Perl's Mail::DKIM as an independent DKIM verifier, and the content scanning
+# daemons spamd (SpamAssassin), clamd (ClamAV) and rspamd. Installed when missing and we may (root with apt-get);
+# otherwise the tests that need one are skipped and say what to install.
 test-peers:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v pebble >/dev/null || [ -x /usr/bin/pebble ] || missing="$$missing pebble"; \
 	perl -MMail::DKIM::Verifier -e 1 2>/dev/null || missing="$$missing libmail-dkim-perl"; \
+	command -v spamd >/dev/null || [ -x /usr/sbin/spamd ] || missing="$$missing spamd spamassassin"; \
+	command -v clamd >/dev/null || [ -x /usr/sbin/clamd ] || missing="$$missing clamav-daemon"; \
+	command -v rspamd >/dev/null || [ -x /usr/bin/rspamd ] || missing="$$missing rspamd"; \
 	[ -z "$$missing" ] || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    export DEBIAN_FRONTEND=noninteractive; \

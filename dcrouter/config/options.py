@@ -154,7 +154,6 @@ from dcrouter.config.processing import (  # noqa: E402
     ScannerConfig,
     TransformationConfig,
     dkim_private_key,
-    smtp_processing,
 )
 
 
@@ -315,7 +314,7 @@ class MtaConfig:
     c.smtp_domains_once,
     c.smtp_default_route,
     c.smtp_routing_rules,
-    smtp_processing,
+    c.smtp_processing,
 )
 @dataclass(frozen=True)
 class SmtpConfig:

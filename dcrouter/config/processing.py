@@ -356,33 +356,3 @@ class MimeLimitsConfig:
     max_decoded_bytes: int = option(
         64 * 1024 * 1024, doc="Most decoded content of all parts together, in bytes.", check=c.positive
     )
-
-
-@block_check("domain_configs", "transformations", "scanners", "content_scanning")
-def smtp_processing(smtp: Any, path: str, report: Report) -> None:
-    """Keys that only make sense together: a signing key for each signed domain, scanners that run."""
-    keyed: list[str] = []
-    for i, domain in enumerate(smtp.domain_configs):
-        where = f"{join(path, 'domainConfigs')}[{i}]"
-        if domain.sign_dkim and domain.dkim_options is None:
-            report.error(join(where, "dkimOptions"), "is required by signDkim")
-        if domain.dkim_options is not None:
-            keyed.extend(domain.domains)
-        if domain.add_headers and not domain.header_info:
-            report.warning(join(where, "headerInfo"), "addHeaders is set but headerInfo is empty")
-    for i, entry in enumerate(smtp.transformations):
-        where = f"{join(path, 'transformations')}[{i}]"
-        if entry.type != "dkimSign":
-            continue
-        if entry.private_key is not None:
-            continue
-        for domain in entry.domains:
-            if domain not in keyed:
-                report.error(
-                    join(where, "domains"),
-                    f"{domain!r} has no key: give privateKey here or dkimOptions in its domainConfigs entry",
-                )
-    if smtp.scanners and not smtp.content_scanning:
-        report.warning(join(path, "scanners"), "not used: contentScanning is off")
-    if smtp.content_scanning and not smtp.scanners:
-        report.warning(join(path, "contentScanning"), "is on but no scanners are configured")

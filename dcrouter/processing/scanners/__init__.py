@@ -1,1 +1,1 @@
-"""Built-in content scanners (IScanner): attachment policy, spam (heuristics, spamd, rspamd), virus (clamd)."""
+"""Built-in content scanners (IScanner): attachments, spam (heuristics, spamd, rspamd), virus (clamd)."""

@@ -10,6 +10,7 @@ import io
 import itertools
 import time
 import tracemalloc
+import zipfile
 from dataclasses import dataclass
 
 from hypothesis import HealthCheck, given, settings
@@ -19,7 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from dcrouter.processing import mime
+from dcrouter.processing import archive, mime
 from dcrouter.processing.mime import MessageInfo, MimeLimits, inspect_in_thread, inspect_message
 from dcrouter.processing.sniff import sniff_type
 from tests import mime_samples as samples
@@ -656,3 +657,189 @@ class ThreadTests(TestCase):
             self.assertEqual([p.path for p in info.parts], ["1", "2"])
 
         return d.addCallback(check)
+
+
+# -- zip archives: listed from the central directory, never extracted --
+
+
+def make_zip(entries: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression) as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    return out.getvalue()
+
+
+def zip_bomb(megabytes: int = 50) -> bytes:
+    """One entry of ``megabytes`` MB of zeros, deflated (about 50 KB), written a megabyte at a time."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive, archive.open("a.txt", "w") as entry:
+        zeros = bytes(1024 * 1024)
+        for _ in range(megabytes):
+            entry.write(zeros)
+    return out.getvalue()
+
+
+def set_encrypted_flag(data: bytes) -> bytes:
+    """Bit 0 of the general purpose flags set in every local and central header (nothing is encrypted)."""
+    out = bytearray(data)
+    for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        at = out.find(signature)
+        while at >= 0:
+            out[at + offset] |= 0x01
+            at = out.find(signature, at + 4)
+    return bytes(out)
+
+
+def zip_message(data: bytes, name: str = "docs.zip") -> bytes:
+    return mixed(text_part("see attached"), attachment(name, data, "application/zip"))
+
+
+class ArchiveTests(SynchronousTestCase):
+    def archive_part(self, data: bytes, limits: MimeLimits = DEFAULT_LIMITS) -> mime.Part:
+        info = inspect(zip_message(data), limits)
+        self.assertEqual([p.path for p in info.parts], ["1", "2"])
+        self.assertEqual(info.parts[0].archive_names, ())
+        return info.parts[1]
+
+    def test_names_listed_nested_archives_not_opened(self) -> None:
+        inner = make_zip({"deep/payload.exe": b"MZ" + bytes(100)})
+        data = make_zip({"readme.txt": b"hello", "bin/setup.exe": b"MZ" + bytes(500), "inner.zip": inner})
+        part = self.archive_part(data)
+        self.assertEqual(part.sniffed_type, "application/zip")
+        self.assertEqual(part.archive_names, ("readme.txt", "bin/setup.exe", "inner.zip"))
+        self.assertIsNone(part.archive_problem)
+        self.assertTrue(part.complete)
+
+    def test_not_a_zip_is_not_listed(self) -> None:
+        info = inspect(
+            mixed(attachment("a.zip", b"Rar!\x1a\x07\x01\x00" + bytes(40)), attachment("b", b"PK"))
+        )
+        for part in info.parts:
+            self.assertEqual((part.archive_names, part.archive_problem), ((), None))
+
+    def test_empty_zip_and_zip_based_documents(self) -> None:
+        self.assertEqual(self.archive_part(make_zip({})).archive_names, ())
+        self.assertIsNone(self.archive_part(make_zip({})).archive_problem)
+        docx = make_zip({"[Content_Types].xml": b"<Types/>", "word/document.xml": b"<w/>", "evil.exe": b"MZ"})
+        part = self.archive_part(docx)
+        self.assertEqual(
+            part.sniffed_type, "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
+        )
+        self.assertIn("evil.exe", part.archive_names)
+
+    def test_zip_bomb_by_ratio(self) -> None:
+        bomb = zip_bomb(50)
+        self.assertLess(len(bomb), 200 * 1024)
+        part = self.archive_part(bomb)
+        self.assertEqual(part.archive_names, ("a.txt",))
+        assert part.archive_problem is not None
+        self.assertRegex(part.archive_problem, r"^zip bomb: ratio \d{3,}:1 in a\.txt$")
+        self.assertIsNone(inspect(zip_message(bomb)).unscannable)  # the part says it, not the message
+
+    def test_high_ratio_small_entry_is_fine(self) -> None:
+        part = self.archive_part(make_zip({"zeros.bin": bytes(512 * 1024)}))
+        self.assertIsNone(part.archive_problem)
+
+    def test_zip_bomb_by_total_size(self) -> None:
+        data = make_zip({f"f{i}.bin": bytes(range(256)) * 8 for i in range(5)}, zipfile.ZIP_STORED)
+        limits = MimeLimits(max_archive_expanded=4 * 2048)
+        self.assertEqual(self.archive_part(data, limits).archive_problem, "zip bomb: expands to 10240 bytes")
+        self.assertIsNone(self.archive_part(data).archive_problem)
+
+    def test_too_many_entries(self) -> None:
+        data = make_zip({f"f{i}.txt": b"x" for i in range(6)})
+        part = self.archive_part(data, MimeLimits(max_archive_entries=5))
+        self.assertEqual(part.archive_problem, "too many archive entries (over 5)")
+        self.assertIsNone(self.archive_part(data, MimeLimits(max_archive_entries=6)).archive_problem)
+        # Past the signature count, zipfile's own count (the central directory has 6 entries).
+        listing = archive.list_zip(io.BytesIO(data), archive.ArchiveLimits(max_entries=4))
+        self.assertEqual(listing.problem, "too many archive entries (over 4)")
+        self.assertEqual(len(listing.names), 4)
+
+    def test_encrypted_entry(self) -> None:
+        data = set_encrypted_flag(make_zip({"invoice.pdf": b"%PDF-1.4", "setup.exe": b"MZ"}))
+        part = self.archive_part(data)
+        self.assertEqual(part.archive_problem, "encrypted archive")
+        self.assertEqual(part.archive_names, ("invoice.pdf", "setup.exe"))
+
+    def test_corrupt_archive(self) -> None:
+        for data in (b"PK\x03\x04" + bytes(100), make_zip({"a.txt": b"abc"})[:-10], b"PK\x05\x06\xff"):
+            part = self.archive_part(data)
+            assert part.archive_problem is not None
+            self.assertTrue(part.archive_problem.startswith("corrupt archive: "), part.archive_problem)
+            self.assertRegex(part.archive_problem, r"^[ -~]{1,100}$")
+
+    def test_too_large_and_disabled(self) -> None:
+        data = make_zip({"a.txt": b"abc" * 100}, zipfile.ZIP_STORED)
+        part = self.archive_part(data, MimeLimits(max_archive_bytes=len(data) - 1))
+        self.assertEqual((part.archive_names, part.archive_problem), ((), "archive too large"))
+        self.assertEqual(
+            self.archive_part(data, MimeLimits(max_archive_bytes=len(data))).archive_names, ("a.txt",)
+        )
+        part = self.archive_part(data, MimeLimits(max_archive_bytes=0))
+        self.assertEqual((part.archive_names, part.archive_problem), ((), None))
+
+    def test_cut_by_a_limit(self) -> None:
+        data = make_zip({"a.txt": bytes(range(256)) * 10}, zipfile.ZIP_STORED)
+        info = inspect(zip_message(data), MimeLimits(max_decoded_bytes=1000))
+        self.assertIsNotNone(info.unscannable)
+        self.assertEqual(info.parts[1].archive_problem, "archive incomplete")
+
+    def test_unnamed_quoted_printable_zip(self) -> None:
+        data = make_zip({"x.js": b"alert(1)"})
+        encoded = binascii.b2a_qp(data, quotetabs=True, istext=False).replace(b"\n", CRLF)
+        part = entity(headers(("Content-Transfer-Encoding", "quoted-printable")), encoded)
+        info = inspect(mixed(part))
+        self.assertEqual(info.parts[0].archive_names, ("x.js",))
+        self.assertTrue(info.parts[0].is_attachment)
+
+    def test_result_independent_of_chunking(self) -> None:
+        messages = [
+            zip_message(make_zip({"a.txt": b"a", "b/c.exe": b"MZ" * 300})),
+            zip_message(set_encrypted_flag(make_zip({"a.txt": b"a"}))),
+            zip_message(zip_bomb(2)),
+            mixed(entity(b"", b"PK\x03\x04" + b"PK\x01\x02" * 9)),
+        ]
+        limits = [DEFAULT_LIMITS, MimeLimits(max_archive_entries=5, max_archive_bytes=1500)]
+        for data, limit, sizes in itertools.product(messages, limits, ([1], [2, 3, 5], [7, 64, 1], [4096])):
+            chunked = inspect_message(ChunkedStream(data, sizes), limit)  # type: ignore[arg-type]
+            self.assertEqual(chunked, inspect(data, limit))
+
+    def test_signatures_counted_across_pieces(self) -> None:
+        data = b"PK\x03\x04" + b"PK\x01\x02" * 6
+        for cut in range(len(data)):
+            collector = archive.ZipCollector(archive.ArchiveLimits(max_entries=5))
+            collector.feed(data[:cut])
+            collector.feed(data[cut:])
+            self.assertEqual(collector.finish(True).problem, "too many archive entries (over 5)")
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.binary(min_size=1, max_size=60), st.integers(0, 10_000))
+    def test_damaged_zips_never_raise(self, junk: bytes, seed: int) -> None:
+        data = bytearray(make_zip({"a.txt": b"hello", "dir/b.exe": b"MZ" * 50, "c.zip": b"PK\x05\x06"}))
+        for offset, value in enumerate(junk):
+            data[(seed + offset * 31) % len(data)] = value
+        listing = archive.list_zip(io.BytesIO(bytes(data)))
+        self.assertTrue(listing.problem is None or listing.problem.isascii())
+        inspect(zip_message(bytes(data)))
+
+    def test_big_zip_spools_to_disk_with_bounded_memory(self) -> None:
+        block = hashlib.sha256(b"seed").digest() * 32768  # 1 MiB that deflate cannot squeeze much
+        path = self.mktemp()
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as out:
+            for index in range(10):
+                out.writestr(f"part{index}.bin", block)
+        with open(path, "rb") as source:
+            data = source.read()
+        message_bytes = zip_message(data)
+        del data, block
+        tracemalloc.start()
+        try:
+            info = inspect_message(io.BytesIO(message_bytes))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertLess(peak, 4 * 1024 * 1024)
+        self.assertEqual(info.parts[1].archive_names, tuple(f"part{i}.bin" for i in range(10)))
+        self.assertIsNone(info.parts[1].archive_problem)

@@ -356,3 +356,17 @@ class MimeLimitsConfig:
     max_decoded_bytes: int = option(
         64 * 1024 * 1024, doc="Most decoded content of all parts together, in bytes.", check=c.positive
     )
+    max_archive_bytes: int = option(
+        16 * 1024 * 1024,
+        doc="Largest zip attachment whose entry names are listed, in bytes (0: archives are not opened; a "
+        "larger one is unscannable).",
+        check=c.non_negative,
+    )
+    max_archive_expanded: int = option(
+        256 * 1024 * 1024,
+        doc="Largest total a zip's entries may declare uncompressed; more is a zip bomb (unscannable).",
+        check=c.positive,
+    )
+    max_archive_entries: int = option(
+        10_000, doc="Most entries in one zip; more is unscannable.", check=c.positive
+    )

@@ -36,6 +36,7 @@ from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from dcrouter.processing.archive import MAGIC_BYTES, ArchiveLimits, ZipCollector, is_zip
 from dcrouter.processing.sniff import SNIFF_BYTES, sniff_type
 
 CHUNK_SIZE = 64 * 1024
@@ -50,6 +51,16 @@ class MimeLimits:
     max_parts: int = 1000  # body parts and encapsulated messages, all levels
     max_decoded_bytes: int = 64 * 1024 * 1024  # decoded content of all parts together
     max_text_bytes: int = 1024 * 1024  # UTF-8 text kept for scanners (beyond: truncated, not unscannable)
+    # A part that is a zip is kept up to this many decoded bytes to list its entries (0: zips are not listed);
+    # the next two are zip bomb limits read from its central directory. Crossing them marks the part
+    # (Part.archive_problem), not the message.
+    max_archive_bytes: int = 16 * 1024 * 1024
+    max_archive_expanded: int = 256 * 1024 * 1024
+    max_archive_entries: int = 10_000
+
+    @property
+    def archive(self) -> ArchiveLimits:
+        return ArchiveLimits(self.max_archive_bytes, self.max_archive_expanded, self.max_archive_entries)
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,11 @@ class Part:
     size: int  # decoded bytes (seen, when incomplete)
     sha256: str | None  # of the decoded content; None when incomplete
     complete: bool  # False when a limit stopped the inspection inside this part
+    #: Entry names of a zip (by its content, whatever its name), from its central directory; not extracted.
+    archive_names: tuple[str, ...] = ()
+    #: Why the zip's entries cannot be trusted or listed ("encrypted archive", "zip bomb: ...", "archive too
+    #: large", "corrupt archive: ..."); None for a sound zip and for parts that are not zips.
+    archive_problem: str | None = None
 
     @property
     def is_attachment(self) -> bool:
@@ -653,6 +669,9 @@ class _Leaf:
         self.truncated = False
         self._done = False
         self._text: _TextPart | None = None
+        #: Until the first 4 decoded bytes are seen, whether the part is a zip is open.
+        self._zip_undecided = walker.limits.max_archive_bytes > 0
+        self._zip: ZipCollector | None = None
         if kind in ("text/plain", "text/html") and disposition != "attachment":
             charsets = params.get("charset")
             charset = charsets[0] if charsets else None
@@ -668,6 +687,14 @@ class _Leaf:
         if allowed < len(decoded):
             decoded = decoded[:allowed]
             self.truncated = True
+        if self._zip_undecided and len(self._head) + len(decoded) >= MAGIC_BYTES:
+            # Undecided means fewer than 4 bytes came before, all of them in the head.
+            self._zip_undecided = False
+            if is_zip(bytes(self._head) + decoded[:MAGIC_BYTES]):
+                self._zip = ZipCollector(self._walker.limits.archive)
+                self._zip.feed(bytes(self._head))
+        if self._zip is not None:
+            self._zip.feed(decoded)
         if len(self._head) < SNIFF_BYTES:
             self._head += decoded[: SNIFF_BYTES - len(self._head)]
         self._sha.update(decoded)
@@ -688,6 +715,8 @@ class _Leaf:
             for defect in sorted(self._decoder.defects):
                 self._walker.defect(f"part {path}: {defect}")
         complete = complete and not self.truncated
+        listing = self._zip.finish(complete) if self._zip is not None else None
+        self._zip = None
         self._walker.parts.append(
             Part(
                 path=path,
@@ -701,6 +730,8 @@ class _Leaf:
                 size=self.size,
                 sha256=self._sha.hexdigest() if complete else None,
                 complete=complete,
+                archive_names=listing.names if listing is not None else (),
+                archive_problem=listing.problem if listing is not None else None,
             )
         )
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -230,7 +231,8 @@ class EmailProcessor:
             key = "discarded" if isinstance(error, Discarded) else "refused"
             self.stats[key] += 1
             return error
-        if isinstance(error, CancelledError | TimeoutError):
+        # Deferred.addTimeout fails with twisted's own TimeoutError, which is not the built-in one.
+        if isinstance(error, CancelledError | DeferredTimeout | TimeoutError):
             self.stats["tempfailed"] += 1
             log.warn("{queue_id}: processing timed out", queue_id=queue_id)
             return Refusal(TIMED_OUT, "processingTimeout")
@@ -292,7 +294,7 @@ class EmailProcessor:
 
     async def scan_content(self, draft: Draft) -> str | None:
         """Run the scanners in order. Returns the reason to quarantine, or None; raises Refusal or
-        Discarded. A tag adds the scanner's headers (any such fields the message came with are removed
+        Discarded. A clean result, or a hit whose action is tag, adds the scanner's headers (any such fields the message came with are removed
         first: a sender must not be able to pre-label its own mail)."""
         for stage in self._scanners:
             try:
@@ -320,8 +322,9 @@ class EmailProcessor:
             if result.verdict is Verdict.UNSCANNABLE and stage.on_unscannable != "action":
                 action = stage.on_unscannable
             if not result.hit:
-                if stage.action == "tag":
-                    _tag(draft, result, None)
+                # Passed mail carries the scanner's status (X-Spam-Status: No, score=...; X-Virus-Status:
+                # Clean), as SpamAssassin and amavis leave it, whatever the action on a hit would have been.
+                _tag(draft, result, None)
                 continue
             log.info(
                 "{queue_id}: {scanner}: {verdict} ({reason}), action {action}",

@@ -7,12 +7,14 @@ dotted path, ``package.module:Class`` or ``package.module.Class``. The class mus
 ``@implementer``). It may declare ``options_schema``, a frozen dataclass written with
 :func:`dcrouter.config.options.option` like dcrouter's own blocks: the entry's ``options`` table is loaded
 with it, every error reported with its key path, and the instance is built as ``Class(options)`` (without a
-schema, ``Class()`` and any option is an error).
+schema, ``Class()`` and any option is an error); a constructor with a ``reactor`` parameter also gets the
+router's reactor, for plugins that talk to a daemon.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -79,11 +81,17 @@ def check_config(kind: str, entry: Any, path: str, report: Report) -> None:
     load_options(plugin, entry.options, join(path, "options"), report)
 
 
-def instantiate(kind: str, entry: Any) -> Any:
-    """A ready plugin instance for a checked entry (the options are loaded again; they passed at load)."""
+def instantiate(kind: str, entry: Any, reactor: Any = None) -> Any:
+    """A ready plugin instance for a checked entry (the options are loaded again; they passed at load). A
+    plugin whose constructor has a ``reactor`` parameter is given the router's reactor."""
     plugin = resolve(kind, entry.type)
     report = Report()
     options = load_options(plugin, entry.options, "options", report)
     if report.errors:
         raise PluginError("; ".join(report.errors))
-    return plugin(options) if getattr(plugin, "options_schema", None) is not None else plugin()
+    args = (options,) if getattr(plugin, "options_schema", None) is not None else ()
+    try:
+        wants_reactor = "reactor" in inspect.signature(plugin).parameters
+    except (TypeError, ValueError):
+        wants_reactor = False
+    return plugin(*args, reactor=reactor) if wants_reactor else plugin(*args)

@@ -12,7 +12,7 @@ from typing import Any
 
 from dcrouter import plugins
 from dcrouter.config.options import SmtpConfig
-from dcrouter.config.processing import ScannerConfig, TransformationConfig
+from dcrouter.config.processing import SCANNER_TYPES, ScannerConfig, TransformationConfig
 from dcrouter.interfaces import IScanner, ITransformation
 from dcrouter.processing.dkim import DkimSigner
 from dcrouter.processing.mime import MimeLimits
@@ -67,11 +67,11 @@ def build_scanner(entry: ScannerConfig, reactor: Any) -> IScanner:
         from dcrouter.processing.scanners.clamd import ClamdScanner
 
         return ClamdScanner(entry, reactor)
-    scanner: IScanner = plugins.instantiate("scanner", entry)
+    scanner: IScanner = plugins.instantiate("scanner", entry, reactor)
     return scanner
 
 
-def build_transformation(entry: TransformationConfig, hostname: str) -> ITransformation:
+def build_transformation(entry: TransformationConfig, hostname: str, reactor: Any = None) -> ITransformation:
     """The transformation of one checked ``transformations`` entry (not dkimSign: see :func:`build_chain`)."""
     built = build_header_transformation(entry, hostname)
     if built is not None:
@@ -84,7 +84,7 @@ def build_transformation(entry: TransformationConfig, hostname: str) -> ITransfo
         from dcrouter.processing.transforms.footer import AddFooter
 
         return AddFooter(entry)
-    transformation: ITransformation = plugins.instantiate("transformation", entry)
+    transformation: ITransformation = plugins.instantiate("transformation", entry, reactor)
     return transformation
 
 
@@ -112,6 +112,9 @@ def build_chain(config: SmtpConfig, reactor: Any) -> Chain:
                     on_error=entry.on_error,
                     on_unscannable=entry.on_unscannable,
                     subject_prefix=entry.subject_prefix,
+                    name=entry.name,
+                    # Built-in daemon clients enforce timeout themselves, per connection; a plugin's is here.
+                    timeout=entry.timeout / 1000 if entry.type not in SCANNER_TYPES else None,
                 )
             )
     if config.header_processing:
@@ -125,7 +128,7 @@ def build_chain(config: SmtpConfig, reactor: Any) -> Chain:
     for change in config.transformations:
         if change.type == "dkimSign" or (change.type in HEADER_TYPES and not config.header_processing):
             continue
-        chain.transformations.append(build_transformation(change, config.hostname))
+        chain.transformations.append(build_transformation(change, config.hostname, reactor))
     if config.dkim_signing:
         signers = _signers(config)
         if signers:

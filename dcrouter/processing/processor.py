@@ -14,6 +14,7 @@ enqueue itself is never cut short, since the queue may already be committing it.
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -66,16 +67,21 @@ class ScannerStage:
         on_error: str = "tempfail",
         on_unscannable: str | None = None,
         subject_prefix: str | None = None,
+        name: str | None = None,
+        timeout: float | None = None,
     ) -> None:
         self.scanner = scanner
         self.action = action
         self.on_error = on_error
         self.on_unscannable = on_unscannable or "action"
         self.subject_prefix = subject_prefix
+        self._name = name
+        #: Seconds the scan may take before the scanner counts as unavailable (None: only processingTimeout).
+        self.timeout = timeout
 
     @property
     def name(self) -> str:
-        return str(self.scanner.name)
+        return self._name or str(self.scanner.name)
 
 
 class EmailProcessor:
@@ -294,11 +300,19 @@ class EmailProcessor:
 
     async def scan_content(self, draft: Draft) -> str | None:
         """Run the scanners in order. Returns the reason to quarantine, or None; raises Refusal or
-        Discarded. A clean result, or a hit whose action is tag, adds the scanner's headers (any such fields the message came with are removed
-        first: a sender must not be able to pre-label its own mail)."""
+        Discarded. A clean result, or a hit whose action is tag, adds the scanner's headers; fields of those
+        names that the message came with are removed first (a sender must not pre-label its own mail)."""
         for stage in self._scanners:
             try:
-                result: ScanResult = await maybeDeferred(stage.scanner.scan, draft)
+                scanning = maybeDeferred(stage.scanner.scan, draft)
+                if stage.timeout and self._reactor is not None:
+                    scanning.addTimeout(stage.timeout, self._reactor)
+                try:
+                    result: ScanResult = await scanning
+                except TimeoutError as e:
+                    # The stage's own timeout (addTimeout turns its cancellation into TimeoutError; the
+                    # chain's processingTimeout cancels with CancelledError and is not caught here).
+                    raise ScannerUnavailable(f"no verdict within {stage.timeout:g} s") from e
             except ScannerUnavailable as e:
                 if stage.on_error == "accept":
                     log.warn(
@@ -447,12 +461,21 @@ def _rejection(result: ScanResult) -> Reply:
     return Reply(550, "5.7.1", f"Message refused by policy ({reason})")
 
 
+def _one_line(value: str) -> str:
+    """A value safe to write into a header: CR, LF and NUL (which a plugin's finding or a received Subject
+    may hold) become spaces rather than failing the message."""
+    return _UNSAFE.sub(" ", value)
+
+
+_UNSAFE = re.compile(r"[\r\n\x00]")
+
+
 def _tag(draft: Draft, result: ScanResult, subject_prefix: str | None) -> None:
     for name in {name.lower() for name, _ in result.headers}:
         draft.headers.remove(name)
     for name, value in result.headers:
-        draft.headers.add(name, value)
+        draft.headers.add(name, _one_line(value))
     if subject_prefix and result.hit:
         subject = draft.headers.get("Subject") or ""
         if not subject.startswith(subject_prefix.strip()):
-            draft.headers.set("Subject", subject_prefix + subject)
+            draft.headers.set("Subject", _one_line(subject_prefix + subject))

@@ -1,0 +1,144 @@
+"""Malformed MIME through the whole processing chain: every sample ends in a definite SMTP answer (a refusal
+with its reply, or a queued message), never an unhandled error, and nothing is left on disk when refused.
+
+The chain is the one an operator gets from configuration: the attachment scanner (reject), the built-in spam
+heuristics (tag), an addHeader transformation and DKIM signing, built by ``build_chain``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from dcrouter.config.load import load_options
+from dcrouter.envelope import Envelope
+from dcrouter.processing.build import build_chain
+from dcrouter.processing.dkim import generate_private_key, private_key_pem
+from dcrouter.processing.message import Refusal
+from dcrouter.processing.processor import EmailProcessor
+from dcrouter.queue.item import QueueItem
+from dcrouter.queue.memory import MemoryQueue
+from dcrouter.smtp.spool import SpooledMessage
+from tests import mime_samples as samples
+
+KEY = private_key_pem(generate_private_key("rsa", 2048))
+
+
+class HostileMimeThroughTheChainTests(TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+        key_path = os.path.join(self.directory, "dkim.pem")
+        with open(key_path, "wb") as f:
+            f.write(KEY)
+        config = load_options(
+            {
+                "smtpConfig": {
+                    "ports": [2525],
+                    "hostname": "mx.example.test",
+                    "implicitTlsPorts": [],
+                    "submissionPorts": [],
+                    "defaultServer": "127.0.0.1",
+                    "contentScanning": True,
+                    "scanners": [
+                        {"type": "attachment", "blockedExtensions": [".exe"], "action": "reject"},
+                        {"type": "spam", "action": "tag"},
+                    ],
+                    "transformations": [
+                        {"type": "addHeader", "header": "X-Checked", "value": "{queueId}"},
+                        {
+                            "type": "dkimSign",
+                            "domains": ["example.org"],
+                            "domainName": "example.org",
+                            "keySelector": "s1",
+                            "privateKey": key_path,
+                        },
+                    ],
+                }
+            }
+        ).options.smtp_config
+        assert config is not None
+        self.queue = MemoryQueue(clock=self.clock, spool_directory=self.directory)
+        self.successResultOf(self.queue.load())
+        self.processor = EmailProcessor(self.queue, self.clock.seconds, **build_chain(config, None).options())
+
+    def outcome(self, data: bytes) -> QueueItem | Refusal:
+        """Process ``data`` spooled to a file, as ingress spools big messages: the queued item or refusal."""
+        path = os.path.join(self.directory, "spool-under-test")
+        with open(path, "wb") as f:
+            f.write(data)
+        done = self.processor.process(
+            Envelope("alice@example.org", ["bob@example.test"]), SpooledMessage(len(data), path=path)
+        )
+        failures = []
+        results = []
+        done.addCallbacks(results.append, failures.append)
+        if failures:
+            error = failures[0].value
+            self.assertIsInstance(error, Refusal, failures[0].getTraceback())
+            self.assertFalse(os.path.exists(path), "a refused message's spool file was left behind")
+            return error
+        self.assertEqual(len(results), 1, "the chain did not finish")
+        return results[0]
+
+    def refused_as_unscannable(self, make: Callable[[], bytes]) -> None:
+        result = self.outcome(make())
+        self.assertIsInstance(result, Refusal)
+        assert isinstance(result, Refusal)
+        self.assertEqual((result.reply.code, result.reply.enhanced), (554, "5.7.1"))
+        self.assertIn("cannot be scanned", str(result.reply.text))
+
+    def refused(self, make: Callable[[], bytes], reason: str) -> None:
+        """Refused, whether for the .exe the sample carries (found before the damage) or as unscannable."""
+        result = self.outcome(make())
+        assert isinstance(result, Refusal), result
+        self.assertIn((result.reply.code, result.reply.enhanced), ((550, "5.7.1"), (554, "5.7.1")))
+        self.assertIn(reason, str(result.reply.text))
+
+    def test_unclosed_boundary(self) -> None:
+        # The executable before the missing close-delimiter is seen and refused by name.
+        self.refused(samples.unclosed_boundary, "x.exe")
+
+    def test_thousand_deep_nesting(self) -> None:
+        self.refused_as_unscannable(samples.deep_nesting)
+
+    def test_hundred_thousand_parts(self) -> None:
+        self.refused_as_unscannable(samples.many_parts)
+
+    def test_broken_base64(self) -> None:
+        self.refused(samples.broken_base64, "")
+
+    def test_two_megabyte_header(self) -> None:
+        result = self.outcome(samples.huge_header_line())
+        assert isinstance(result, Refusal)
+        self.assertEqual((result.reply.code, result.reply.enhanced), (552, "5.3.4"))
+
+    def test_two_megabyte_part_header(self) -> None:
+        self.refused_as_unscannable(samples.huge_part_header)
+
+    def test_nul_bytes_and_odd_encodings_end_in_an_answer(self) -> None:
+        for make in (
+            samples.nul_bytes,
+            samples.huge_rfc2231,
+            samples.many_encoded_words,
+            samples.mixed_line_endings,
+            samples.boundary_inside_base64,
+        ):
+            with self.subTest(sample=make.__name__):
+                result = self.outcome(make())
+                if isinstance(result, QueueItem):
+                    # Accepted: the queued message carries the chain's header (signed only when its From is
+                    # one clean mailbox: the NUL sample's is not).
+                    assert result.head is not None
+                    self.assertIn(b"\r\nX-Checked: " + result.id.encode() + b"\r\n", result.head)
+
+    def test_a_well_formed_message_is_queued_signed(self) -> None:
+        result = self.outcome(samples.simple_mixed())
+        assert isinstance(result, QueueItem), result
+        assert result.head is not None
+        self.assertTrue(result.head.startswith(b"DKIM-Signature: "))
+        self.assertIn(b"\r\nX-Spam-Status: No, score=", result.head)

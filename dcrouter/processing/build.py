@@ -16,7 +16,7 @@ from dcrouter.config.processing import SCANNER_TYPES, ScannerConfig, Transformat
 from dcrouter.interfaces import IScanner, ITransformation
 from dcrouter.processing.dkim import DkimSigner
 from dcrouter.processing.mime import MimeLimits
-from dcrouter.processing.processor import ScannerStage
+from dcrouter.processing.processor import DEFAULT_LIMITS, ScannerStage
 from dcrouter.processing.transforms.dkim import DkimSign
 from dcrouter.processing.transforms.headers import DomainHeaders, build_header_transformation
 
@@ -71,19 +71,24 @@ def build_scanner(entry: ScannerConfig, reactor: Any) -> IScanner:
     return scanner
 
 
-def build_transformation(entry: TransformationConfig, hostname: str, reactor: Any = None) -> ITransformation:
+def build_transformation(
+    entry: TransformationConfig, hostname: str, reactor: Any = None, limits: MimeLimits = DEFAULT_LIMITS
+) -> ITransformation:
     """The transformation of one checked ``transformations`` entry (not dkimSign: see :func:`build_chain`)."""
     built = build_header_transformation(entry, hostname)
     if built is not None:
         return built
     if entry.type in ("removeAttachment", "sanitizeAttachment"):
         from dcrouter.processing.transforms.attachments import RemoveAttachment, SanitizeAttachment
+        from dcrouter.processing.transforms.mimerewrite import RewriteLimits
 
-        return RemoveAttachment(entry) if entry.type == "removeAttachment" else SanitizeAttachment(entry)
+        kind = RemoveAttachment if entry.type == "removeAttachment" else SanitizeAttachment
+        return kind(entry, limits=RewriteLimits.from_mime(limits))
     if entry.type == "addFooter":
         from dcrouter.processing.transforms.footer import AddFooter
+        from dcrouter.processing.transforms.mimerewrite import RewriteLimits
 
-        return AddFooter(entry)
+        return AddFooter(entry, limits=RewriteLimits.from_mime(limits))
     transformation: ITransformation = plugins.instantiate("transformation", entry, reactor)
     return transformation
 
@@ -128,7 +133,7 @@ def build_chain(config: SmtpConfig, reactor: Any) -> Chain:
     for change in config.transformations:
         if change.type == "dkimSign" or (change.type in HEADER_TYPES and not config.header_processing):
             continue
-        chain.transformations.append(build_transformation(change, config.hostname, reactor))
+        chain.transformations.append(build_transformation(change, config.hostname, reactor, chain.limits))
     if config.dkim_signing:
         signers = _signers(config)
         if signers:

@@ -46,11 +46,24 @@ def check_value(value: str) -> str:
     return value
 
 
+#: Fields whose value is structured (addresses, message ids): RFC 2047 would swallow the addr-spec, so
+#: non-ASCII text in them (RFC 6532 UTF-8 display names, as received) is written as UTF-8.
+_STRUCTURED = frozenset(
+    {
+        "from", "to", "cc", "bcc", "reply-to", "sender", "resent-from", "resent-to", "resent-cc",
+        "resent-bcc", "resent-sender", "message-id", "in-reply-to", "references", "return-path",
+    }
+)  # fmt: skip
+
+
 def encode_field(name: str, value: str) -> bytes:
     """One complete field, ``Name: value`` folded to :data:`FOLD_WIDTH` where whitespace allows, ending in
-    CRLF. Non-ASCII text is RFC 2047-encoded (UTF-8)."""
+    CRLF. Non-ASCII text is RFC 2047-encoded (UTF-8), except in address and message-id fields, where it is
+    kept as UTF-8 (RFC 6532)."""
     check_name(name)
     check_value(value)
+    if not value.isascii() and name.lower() in _STRUCTURED:
+        return _fold(f"{name}: {value}").encode("utf-8") + b"\r\n"
     if not value.isascii():
         encoded = Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
         return f"{name}: {encoded}\r\n".encode("ascii")
@@ -222,10 +235,14 @@ def read_header_block(stream: BinaryIO, limit: int) -> tuple[HeaderBlock, int]:
             if end + 2 > limit:
                 raise HeaderTooLarge(f"header block over {limit} bytes")
             return HeaderBlock.parse(buffer[: end + 2]), end + 4
-        if len(buffer) > limit:
+        if len(buffer) > limit + 2:
+            # No empty line within limit + 2 bytes: the block (which ends before the empty line's CRLF) is
+            # over the limit. Not ``> limit``: the answer must not depend on how the stream cuts its reads.
             raise HeaderTooLarge(f"header block over {limit} bytes")
         chunk = stream.read(16 * 1024)
         if not chunk:
+            if len(buffer) > limit:
+                raise HeaderTooLarge(f"header block over {limit} bytes")
             # Headers only: the message has no empty line and no body.
             block = buffer if buffer.endswith(b"\r\n") or not buffer else buffer + b"\r\n"
             return HeaderBlock.parse(block, terminated=False), len(buffer)

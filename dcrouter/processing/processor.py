@@ -309,7 +309,7 @@ class EmailProcessor:
                     scanning.addTimeout(stage.timeout, self._reactor)
                 try:
                     result: ScanResult = await scanning
-                except TimeoutError as e:
+                except (DeferredTimeout, TimeoutError) as e:
                     # The stage's own timeout (addTimeout turns its cancellation into TimeoutError; the
                     # chain's processingTimeout cancels with CancelledError and is not caught here).
                     raise ScannerUnavailable(f"no verdict within {stage.timeout:g} s") from e

@@ -85,9 +85,11 @@ class ComposedReader(io.RawIOBase):
             self._stream.seek(self._skip, io.SEEK_CUR)
         else:
             while self._skip:
-                if not self._stream.read(min(self._skip, 64 * 1024)):
+                # A pipe or socket may return less than asked: count what was actually read.
+                data = self._stream.read(min(self._skip, 64 * 1024))
+                if not data:
                     break
-                self._skip -= min(self._skip, 64 * 1024)
+                self._skip -= len(data)
         self._skip = 0
 
     def close(self) -> None:

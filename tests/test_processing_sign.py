@@ -15,7 +15,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
 from dcrouter.envelope import Envelope
-from dcrouter.processing.dkim import DkimSigner, PrivateKey, private_key_pem
+from dcrouter.processing.dkim import DkimSigner, PrivateKey, dns_txt_value, private_key_pem
 from dcrouter.processing.headers import HeaderBlock
 from dcrouter.processing.processor import EmailProcessor
 from dcrouter.processing.transforms.dkim import DkimSign
@@ -243,3 +243,35 @@ class AmbiguousFromTests(SigningChainCase):
         item = self.queued(self.processor(transformations=[AddHeader("From", "other@example.com")]))
         assert item.head is not None
         self.assertNotIn(b"DKIM-Signature", item.head)
+
+
+class TwoKeysTests(SigningChainCase):
+    """An RSA and an Ed25519 key for one domain each sign the same message (RFC 8463 §6); the same key given
+    twice signs once."""
+
+    def test_rsa_and_ed25519_both_sign(self) -> None:
+        if NO_NACL:
+            raise SkipTest(NO_NACL)
+        import dkim
+
+        ed = DkimSigner(DOMAIN, "ed", private_key_pem(ED_KEY), now=lambda: NOW)
+        processor = EmailProcessor(
+            self.queue,
+            self.clock.seconds,
+            signers=[DkimSign([(DOMAIN, signer(RSA_KEY)), (DOMAIN, ed), (DOMAIN, signer(RSA_KEY))])],
+        )
+        data = self.composed(self.queued(processor))
+        self.assertEqual(data.count(b"DKIM-Signature: "), 2)
+        records = {
+            f"{SELECTOR}._domainkey.{DOMAIN}.".encode(): dns_txt_value(RSA_KEY).encode(),
+            f"ed._domainkey.{DOMAIN}.".encode(): dns_txt_value(ED_KEY).encode(),
+        }
+        verifier = dkim.DKIM(data)
+        results = [
+            verifier.verify(idx=i, dnsfunc=lambda name, timeout=5: records.get(name)) for i in range(2)
+        ]
+        self.assertEqual(results, [True, True])
+        self.assertEqual(
+            sorted(tag(f, b"a") for f in data.split(b"\r\n\r\n")[0].split(b"DKIM-Signature: ")[1:]),
+            [b"ed25519-sha256", b"rsa-sha256"],
+        )

@@ -29,47 +29,51 @@ class DkimSign:
     name = "dkimSign"
 
     def __init__(self, signers: Iterable[tuple[str, DkimSigner]]) -> None:
-        """``signers``: (From domain pattern, signer) pairs; the first pattern given for a domain wins."""
-        pairs = []
-        seen = set()
+        """``signers``: (From domain pattern, signer) pairs. Every distinct key (``d=``/``s=``) given for a
+        pattern signs, so RSA and Ed25519 keys of one domain give two signatures (RFC 8463 §6)."""
+        grouped: dict[str, list[DkimSigner]] = {}
         for pattern, signer in signers:
-            if pattern.lower() not in seen:
-                seen.add(pattern.lower())
-                pairs.append((pattern, signer))
-        self._matcher: DomainMatcher[DkimSigner] = DomainMatcher(pairs)
+            keys = grouped.setdefault(pattern.lower(), [])
+            if all((s.domain, s.selector) != (signer.domain, signer.selector) for s in keys):
+                keys.append(signer)
+        self._matcher: DomainMatcher[list[DkimSigner]] = DomainMatcher(grouped.items())
 
     def __len__(self) -> int:
         return len(self._matcher)
 
-    def signer_for(self, draft: Draft) -> DkimSigner | None:
+    def signers_for(self, draft: Draft) -> list[DkimSigner] | None:
+        """The signers for the draft's From domain; None when From is missing or ambiguous."""
         fields = draft.headers.get_all("From")
         if len(fields) != 1:
             return None
         mailboxes = strict_mailboxes(fields[0])
         if not mailboxes or len(mailboxes) != 1:
             return None
-        return self._matcher.match(mailboxes[0].rpartition("@")[2])
+        return self._matcher.match(mailboxes[0].rpartition("@")[2]) or []
 
     def apply(self, draft: Draft) -> Deferred:
-        signer = self.signer_for(draft)
-        if signer is None:
-            if len(draft.headers.get_all("From")) != 1 or not strict_mailboxes(
-                draft.headers.get("From") or ""
-            ):
-                log.info("{queue_id}: not DKIM-signed: From is missing or ambiguous", queue_id=draft.queue_id)
+        signers = self.signers_for(draft)
+        if signers is None:
+            log.info("{queue_id}: not DKIM-signed: From is missing or ambiguous", queue_id=draft.queue_id)
+            return succeed(None)
+        if not signers:
             return succeed(None)
 
-        def work() -> bytes:
-            with draft.open_message() as stream:
-                return signer.sign(stream)
+        def work() -> list[bytes]:
+            # Each signature covers the same message: none signs another's DKIM-Signature field.
+            fields = []
+            for signer in signers:
+                with draft.open_message() as stream:
+                    fields.append(signer.sign(stream))
+            return fields
 
-        def signed(field: bytes) -> None:
-            draft.headers.add_raw(field, top=True)
+        def signed(fields: list[bytes]) -> None:
+            for field in reversed(fields):
+                draft.headers.add_raw(field, top=True)
             log.debug(
-                "{queue_id}: DKIM-signed d={domain} s={selector}",
+                "{queue_id}: DKIM-signed: {keys}",
                 queue_id=draft.queue_id,
-                domain=signer.domain,
-                selector=signer.selector,
+                keys=", ".join(f"d={s.domain} s={s.selector}" for s in signers),
             )
 
         return draft.run_in_thread(work).addCallback(signed)

@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from dcrouter.processing import archive, mime
+from dcrouter.processing import archive, decoding, mime, mimetext
 from dcrouter.processing.mime import MessageInfo, MimeLimits, inspect_in_thread, inspect_message
 from dcrouter.processing.sniff import sniff_type
 from tests import mime_samples as samples
@@ -617,16 +617,17 @@ class ChunkingTests(SynchronousTestCase):
     @given(st.binary(max_size=400), st.lists(st.integers(0, 400), max_size=6))
     def test_base64_decoder(self, data: bytes, cuts: list[int]) -> None:
         encoded = base64.b64encode(data)
-        self.assertEqual(self._decode(mime._Base64Decoder(), encoded, cuts), data)
+        self.assertEqual(self._decode(decoding.Base64Decoder(), encoded, cuts), data)
         junk = encoded[: len(encoded) // 2] + b"*=\r\n" + encoded[len(encoded) // 2 :]
         self.assertEqual(
-            self._decode(mime._Base64Decoder(), junk, cuts), self._decode(mime._Base64Decoder(), junk, [])
+            self._decode(decoding.Base64Decoder(), junk, cuts),
+            self._decode(decoding.Base64Decoder(), junk, []),
         )
 
     @given(st.binary(max_size=400), st.lists(st.integers(0, 400), max_size=6))
     def test_quoted_printable_decoder(self, data: bytes, cuts: list[int]) -> None:
         encoded = binascii.b2a_qp(data, quotetabs=True, istext=False)
-        self.assertEqual(self._decode(mime._QuotedPrintableDecoder(), encoded, cuts), data)
+        self.assertEqual(self._decode(decoding.QuotedPrintableDecoder(), encoded, cuts), data)
 
     @given(
         st.text(st.sampled_from("<>!-&;#x41ampscriptyle/ p"), max_size=200),
@@ -634,12 +635,12 @@ class ChunkingTests(SynchronousTestCase):
     )
     def test_html_text(self, text: str, cuts: list[int]) -> None:
         pieces = [text[a:b] for a, b in zip([0, *sorted(cuts)], [*sorted(cuts), len(text)], strict=True)]
-        stripper = mime._HtmlText()
+        stripper = mimetext.HtmlText()
         split = "".join(stripper.feed(piece) for piece in pieces) + stripper.feed("", final=True)
-        self.assertEqual(split, mime._HtmlText().feed(text, final=True))
+        self.assertEqual(split, mimetext.HtmlText().feed(text, final=True))
 
     def _decode(
-        self, decoder: mime._Base64Decoder | mime._QuotedPrintableDecoder, data: bytes, cuts: list[int]
+        self, decoder: decoding.Base64Decoder | decoding.QuotedPrintableDecoder, data: bytes, cuts: list[int]
     ) -> bytes:
         bounds = [0, *sorted(min(c, len(data)) for c in cuts), len(data)]
         out = b"".join(decoder.feed(data[a:b]) for a, b in itertools.pairwise(bounds))

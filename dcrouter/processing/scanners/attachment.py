@@ -11,6 +11,8 @@ blocked extension, so ``invoice.pdf.exe`` hits on ``.exe`` and a configured ``.t
 
 Content that is a blocked kind under another name (``photo.jpg`` that is a Windows executable) hits when the
 sniffed type is blocked, or when one of its usual extensions is blocked and a name does not say that kind.
+The ``removeAttachment`` transformation matches parts by the same rules (:func:`has_extension`,
+:func:`type_matches`, :func:`disguised`).
 
 The scanner is pure CPU over metadata already extracted, so it answers synchronously.
 """
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterable
 
 from zope.interface import implementer
 
@@ -61,7 +62,7 @@ _TYPE_ALIASES = {
 }
 
 #: The extensions files of a sniffed type usually have.
-_USUAL_EXTENSIONS: dict[str, tuple[str, ...]] = {
+USUAL_EXTENSIONS: dict[str, tuple[str, ...]] = {
     "application/x-msdownload": (".exe", ".dll", ".scr", ".com", ".cpl", ".pif", ".sys", ".ocx", ".efi"),
     "application/x-executable": (".elf", ".so", ".bin", ".run"),
     "application/x-mach-binary": (".dylib", ".bundle", ".o"),
@@ -132,6 +133,29 @@ def canonical_type(kind: str) -> str:
     return _TYPE_ALIASES.get(kind, kind)
 
 
+def has_extension(name: str, extensions: tuple[str, ...]) -> bool:
+    """Does any form of ``name`` (:func:`name_forms`) end with one of ``extensions`` (normalised)?"""
+    return bool(extensions) and any(form.endswith(extensions) for form in name_forms(name))
+
+
+def type_matches(kind: str, types: frozenset[str]) -> bool:
+    """Is ``kind`` among ``types`` (canonical), directly or by ``main/*`` or ``*/*``?"""
+    kind = canonical_type(kind)
+    if kind in types:
+        return True
+    main = kind.split("/", 1)[0]
+    return f"{main}/*" in types or "*/*" in types
+
+
+def disguised(names: tuple[str, ...], sniffed_type: str, extensions: tuple[str, ...]) -> bool:
+    """Is content of ``sniffed_type`` a kind whose usual extension is among ``extensions`` (normalised),
+    under no name or a name of another kind?"""
+    usual = USUAL_EXTENSIONS.get(canonical_type(sniffed_type), ())
+    if not any(ext in extensions for ext in usual):
+        return False
+    return not names or not all(has_extension(name, usual) for name in names)
+
+
 @implementer(IScanner)
 class AttachmentScanner:
     """Refuses (``blocked``) messages with an attachment the configuration blocks; ``unscannable`` when the
@@ -174,37 +198,21 @@ class AttachmentScanner:
         for kind in (part.declared_type, part.sniffed_type):
             if kind is not None and self._blocked_type(kind):
                 return f"{_label(part)} is {printable(kind, 50)}"
-        if part.sniffed_type is not None and self._disguised(part, canonical_type(part.sniffed_type)):
+        if part.sniffed_type is not None and disguised(part.names, part.sniffed_type, self._extensions):
             return f"{_label(part)} is {printable(part.sniffed_type, 50)}"
         return None
 
     def _blocked_name(self, name: str) -> bool:
-        return _ends_with(name_forms(name), self._extensions)
+        return has_extension(name, self._extensions)
 
     def _blocked_type(self, kind: str) -> bool:
-        kind = canonical_type(kind)
-        if kind in self._types:
-            return True
-        main = kind.split("/", 1)[0]
-        return f"{main}/*" in self._types or "*/*" in self._types
-
-    def _disguised(self, part: Part, sniffed: str) -> bool:
-        """Content of a kind whose usual extension is blocked, under no name or a name of another kind."""
-        usual = _USUAL_EXTENSIONS.get(sniffed, ())
-        if not any(ext in self._extensions for ext in usual):
-            return False
-        return not part.names or not all(_ends_with(name_forms(name), usual) for name in part.names)
+        return type_matches(kind, self._types)
 
     def _result(self, verdict: Verdict, reason: str) -> ScanResult:
         reason = printable(reason, MAX_REASON)
         return ScanResult(
             scanner=self.name, verdict=verdict, reason=reason, headers=((WARNING_HEADER, reason),)
         )
-
-
-def _ends_with(forms: Iterable[str], extensions: Iterable[str]) -> bool:
-    suffixes = tuple(extensions)
-    return bool(suffixes) and any(form.endswith(suffixes) for form in forms)
 
 
 def _label(part: Part, name: str | None = None) -> str:

@@ -24,10 +24,11 @@ from dcrouter.log import logger
 from dcrouter.processing.message import Draft
 from dcrouter.processing.mime import Part
 from dcrouter.processing.scanners.attachment import (
-    _USUAL_EXTENSIONS,
     canonical_type,
-    name_forms,
+    disguised,
+    has_extension,
     normalise_extension,
+    type_matches,
 )
 from dcrouter.processing.transforms.mimerewrite import (
     DEFAULT_LIMITS,
@@ -56,24 +57,12 @@ class AttachmentPolicy:
         """Does this attachment match? Parts that are not attachments (text bodies) never do."""
         if not part.is_attachment:
             return False
-        if any(self._named(name, self._extensions) for name in part.names):
+        if any(has_extension(name, self._extensions) for name in part.names):
             return True
         for kind in (part.declared_type, part.sniffed_type):
-            if kind is not None and self._type_matches(canonical_type(kind)):
+            if kind is not None and type_matches(kind, self._types):
                 return True
-        if part.sniffed_type is None:
-            return False
-        usual = _USUAL_EXTENSIONS.get(canonical_type(part.sniffed_type), ())
-        if not any(extension in self._extensions for extension in usual):
-            return False
-        return not part.names or not all(self._named(name, usual) for name in part.names)
-
-    @staticmethod
-    def _named(name: str, extensions: tuple[str, ...]) -> bool:
-        return bool(extensions) and any(form.endswith(extensions) for form in name_forms(name))
-
-    def _type_matches(self, kind: str) -> bool:
-        return kind in self._types or f"{kind.split('/', 1)[0]}/*" in self._types or "*/*" in self._types
+        return part.sniffed_type is not None and disguised(part.names, part.sniffed_type, self._extensions)
 
 
 def _visible(text: str) -> str:

@@ -23,45 +23,26 @@ here. What a caller may rely on:
 
 from __future__ import annotations
 
-import base64
-import binascii
-import codecs
-import re
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import BinaryIO, Protocol
 
+from dcrouter.processing.decoding import IDENTITY_ENCODINGS, TransferDecoder, transfer_decoder
 from dcrouter.processing.headers import HeaderBlock, encode_field
-from dcrouter.processing.mime import (
-    _FIELD,
-    _IDENTITY,
-    _MAX_BOUNDARY,
-    _MAX_DELIMITER_LINE,
-    CHUNK_SIZE,
-    MimeLimits,
-    _Base64Decoder,
-    _clean,
-    _exact_text,
-    _QuotedPrintableDecoder,
-    decode_encoded_words,
-    parse_structured,
-)
+from dcrouter.processing.mime import CHUNK_SIZE, MimeLimits
+from dcrouter.processing.mimeheaders import FIELD_START, read_content_fields
+from dcrouter.processing.multipart import MAX_BOUNDARY, MAX_DELIMITER_LINE, Frame, match_delimiter
 from dcrouter.processing.sniff import SNIFF_BYTES, sniff_type
+from dcrouter.processing.transforms.bodywriter import CRLF, LINE_FRAGMENT, BodyWriter, encode_replacement
+from dcrouter.processing.transforms.footerpart import (
+    FooterSink,
+    changed_header,
+    header_change,
+    plan_footer,
+)
 
-CRLF = b"\r\n"
-MAX_LINE = 998  # octets, CRLF excluded (RFC 5322 §2.1.1)
-_FRAGMENT = 64 * 1024  # a longer line is passed on in pieces (it can be neither a delimiter nor a header)
 _HOLD = 64 * 1024  # raw bytes of a part held while its first bytes are sniffed
-_TAIL = 16 * 1024  # decoded bytes held at the end of a footer part: where "</body>" is looked for
-_SPOOL_MEMORY = 1024 * 1024  # a part being transcoded goes to disk beyond this
-_TYPE = re.compile(r"[!#-'*+.0-9A-Z^-~-]+/[!#-'*+.0-9A-Z^-~-]+")
-_BODY_END = re.compile(rb"</body\s*>", re.IGNORECASE)
-_QP_UNSAFE = re.compile(rb"[^\x21-\x3c\x3e-\x7e \t]")
-_SEVEN_BIT_TEXT = re.compile(rb"[\x20-\x7e\t]*")
 _CONTENT_FIELDS = (b"content-type", b"content-transfer-encoding", b"content-disposition")
-#: Content-Type parameters of a text body kept when its charset is changed (names make a part an attachment).
-_KEPT_PARAMS = ("format", "delsp", "reply-type")
 _HEADERS, _LEAF, _IGNORE = "headers", "leaf", "ignore"
 
 
@@ -133,7 +114,7 @@ def rewrite_mime(
         footers["text/plain"] = footer_text
     if footer_html is not None:
         footers["text/html"] = footer_html
-    rewriter = _Rewriter(headers, _Output(body_out), replace, footers, limits)
+    rewriter = _Rewriter(headers, BodyWriter(body_out), replace, footers, limits)
     try:
         rewriter.run(body_in, chunk_size)
     except _Unchanged:
@@ -149,173 +130,12 @@ class _Unchanged(Exception):
     """The message is left as it is."""
 
 
-# -- output --
-
-
-class _Output:
-    """Writes CRLF-terminated lines, breaking any longer than :data:`MAX_LINE`: with ``CRLF SP`` (folding in a
-    header block, white space elsewhere), or a soft line break in quoted-printable text. A broken line never
-    starts with ``-``, so it cannot become a delimiter."""
-
-    def __init__(self, stream: BinaryIO) -> None:
-        self._stream = stream
-        self._col = 0
-
-    def write(self, data: bytes, qp: bool = False) -> None:
-        if not data:
-            return
-        limit = MAX_LINE - 1 if qp else MAX_LINE
-        lines = data.split(CRLF)
-        if self._col + len(lines[0]) <= limit and max(map(len, lines)) <= limit:
-            self._stream.write(data)
-            self._col = self._col + len(lines[0]) if len(lines) == 1 else len(lines[-1])
-            return
-        for index, line in enumerate(lines):
-            if index:
-                self._stream.write(CRLF)
-                self._col = 0
-            self._segment(line, qp, limit)
-
-    def _segment(self, data: bytes, qp: bool, limit: int) -> None:
-        while self._col + len(data) > limit:
-            room = max(limit - self._col, 0)
-            if qp:
-                escape = data.rfind(b"=", max(0, room - 2), room)
-                if escape >= 0:
-                    room = escape  # never split "=XX"
-                self._stream.write(data[:room] + b"=" + CRLF)
-                data = data[room:]
-                if data.startswith(b"-"):
-                    data = b"=2D" + data[1:]
-                self._col = 0
-            else:
-                self._stream.write(data[:room] + CRLF + b" ")
-                data = data[room:]
-                self._col = 1
-        self._stream.write(data)
-        self._col += len(data)
-
-
-def _qp_line(line: bytes, hard: bool) -> bytes:
-    """One line of text (no line break) as quoted-printable physical lines joined by CRLF, soft-broken at 76
-    characters; with ``hard`` False the last one ends in a soft break too. No output line starts with ``-``
-    (it could be read as a delimiter) nor ends in white space."""
-    esc = _QP_UNSAFE.sub(lambda m: b"=%02X" % m[0][0], line)
-    if hard and esc[-1:] in (b" ", b"\t"):
-        esc = esc[:-1] + b"=%02X" % esc[-1]
-    out: list[bytes] = []
-    pos, n = 0, len(esc)
-    while True:
-        prefix = b""
-        if esc.startswith(b"-", pos):
-            prefix, pos = b"=2D", pos + 1
-        room = 75 - len(prefix)
-        if n - pos <= room + (1 if hard else 0):
-            out.append(prefix + esc[pos:] + (b"" if hard else b"="))
-            return CRLF.join(out)
-        cut = pos + room
-        escape = esc.rfind(b"=", cut - 2, cut)
-        if escape > pos:
-            cut = escape
-        out.append(prefix + esc[pos:cut] + b"=")
-        pos = cut
-
-
-class _Encoder(Protocol):
-    def feed(self, data: bytes) -> None: ...
-
-    def finish(self) -> None: ...
-
-
-class _QuotedPrintableEncoder:
-    """Decoded text in, quoted-printable lines out (CRLF and LF in the text are line breaks). The output ends
-    without a line break unless the text did: the one before a delimiter belongs to the delimiter."""
-
-    def __init__(self, out: _Output) -> None:
-        self._out = out
-        self._line = bytearray()
-
-    def feed(self, data: bytes) -> None:
-        buf = self._line
-        buf += data
-        pieces: list[bytes] = []
-        start = 0
-        while (nl := buf.find(b"\n", start)) >= 0:
-            end = nl - 1 if nl > start and buf[nl - 1] == 0x0D else nl
-            pieces.append(_qp_line(bytes(buf[start:end]), True) + CRLF)
-            start = nl + 1
-        if len(buf) - start > _FRAGMENT:  # a very long line: soft breaks, keeping a CR that may end it
-            cut = len(buf) - 1 if buf[-1] == 0x0D else len(buf)
-            pieces.append(_qp_line(bytes(buf[start:cut]), False) + CRLF)
-            start = cut
-        del buf[:start]
-        self._out.write(b"".join(pieces), qp=True)
-
-    def finish(self) -> None:
-        if self._line:
-            self._out.write(_qp_line(bytes(self._line), True), qp=True)
-            self._line.clear()
-
-
-class _Base64Encoder:
-    """Bytes in, base64 lines of 76 characters out; the last line without its line break."""
-
-    def __init__(self, out: _Output) -> None:
-        self._out = out
-        self._buf = bytearray()
-        self._owed = False
-
-    def feed(self, data: bytes) -> None:
-        self._buf += data
-        whole = len(self._buf) - len(self._buf) % 57
-        if whole:
-            lines = base64.encodebytes(bytes(self._buf[:whole])).replace(b"\n", CRLF)
-            del self._buf[:whole]
-            self._out.write((CRLF if self._owed else b"") + lines[:-2])
-            self._owed = True
-
-    def finish(self) -> None:
-        if self._buf:
-            self._out.write(
-                (CRLF if self._owed else b"") + binascii.b2a_base64(bytes(self._buf), newline=False)
-            )
-            self._buf.clear()
-
-
-class _IdentityEncoder:
-    """CRLF text copied as it is (a CR at the end of a piece waits for its LF)."""
-
-    def __init__(self, out: _Output) -> None:
-        self._out = out
-        self._cr = False
-
-    def feed(self, data: bytes) -> None:
-        if self._cr:
-            data, self._cr = b"\r" + data, False
-        if data.endswith(b"\r"):
-            data, self._cr = data[:-1], True
-        self._out.write(data)
-
-    def finish(self) -> None:
-        self._cr = False
-
-
-def _encode_text(text: str) -> tuple[str, bytes]:
-    """A replacement text as (transfer encoding, body without a final line break)."""
-    lines = [line.encode("utf-8") for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
-    if all(
-        len(line) <= 76 and _SEVEN_BIT_TEXT.fullmatch(line) and not line.startswith(b"-") for line in lines
-    ):
-        return "7bit", CRLF.join(lines)
-    return "quoted-printable", CRLF.join(_qp_line(line, True) for line in lines)
-
-
 # -- input --
 
 
 def _lines(stream: BinaryIO, chunk_size: int) -> Iterator[tuple[bytes, bool, bool]]:
     """(line without its LF, CR kept; ended by an LF; continued in the next item). A line longer than
-    :data:`_FRAGMENT` comes in pieces, never cut between a CR and its LF."""
+    :data:`LINE_FRAGMENT` comes in pieces, never cut between a CR and its LF."""
     buf = bytearray()
     pos = 0
     eof = False
@@ -324,8 +144,8 @@ def _lines(stream: BinaryIO, chunk_size: int) -> Iterator[tuple[bytes, bool, boo
         if nl >= 0:
             yield bytes(buf[pos:nl]), True, False
             pos = nl + 1
-        elif len(buf) - pos > _FRAGMENT:
-            cut = pos + _FRAGMENT
+        elif len(buf) - pos > LINE_FRAGMENT:
+            cut = pos + LINE_FRAGMENT
             if buf[cut - 1] == 0x0D:
                 cut -= 1
             yield bytes(buf[pos:cut]), False, True
@@ -386,38 +206,10 @@ class _Entity:
 
     def content(self) -> tuple[str, dict[str, list[str]], str, str | None, tuple[str, ...]]:
         """(type, parameters, transfer encoding, disposition, names) read as the MIME walker reads them."""
-        types = [_exact_text(v) for v in self.values(b"content-type")]
-        encodings = [
-            v.decode("utf-8", "replace").replace("\x00", "\ufffd").strip().lower()
-            for v in self.values(b"content-transfer-encoding")
-        ]
-        dispositions = [_exact_text(v) for v in self.values(b"content-disposition")]
-        if len(set(types)) > 1 or len(set(encodings)) > 1:
+        content = read_content_fields(self.values, self.default_type)
+        if content.conflicts:
             raise _Unchanged("conflicting fields")
-        kind, params = self.default_type, dict[str, list[str]]()
-        if types:
-            kind, params, _ = parse_structured(types[0])
-            if not _TYPE.fullmatch(kind):
-                kind, params = "text/plain", {}
-        cte = encodings[0] if encodings else "7bit"
-        disposition = None
-        names: list[str] = []
-        if dispositions:
-            disposition, disposition_params, _ = parse_structured(dispositions[0])
-            names += disposition_params.get("filename", [])
-        names += params.get("name", [])
-        decoded = tuple(dict.fromkeys(_clean(decode_encoded_words(name)) for name in names if name))
-        return kind, params, cte, disposition or None, decoded
-
-
-class _Frame:
-    def __init__(self, boundary: bytes, depth: int, path: str, digest: bool, in_message: bool) -> None:
-        self.delimiter = b"--" + boundary
-        self.depth = depth
-        self.path = path
-        self.digest = digest
-        self.in_message = in_message
-        self.children = 0
+        return content.kind, content.params, content.transfer_encoding, content.disposition, content.names
 
 
 class _Sink(Protocol):
@@ -435,7 +227,7 @@ class _Discard:
 
 
 class _Passthrough:
-    def __init__(self, out: _Output, qp: bool) -> None:
+    def __init__(self, out: BodyWriter, qp: bool) -> None:
         self._out = out
         self._qp = qp
 
@@ -456,11 +248,7 @@ class _Leaf:
         self._params = params
         self._held = bytearray()
         self._head = bytearray()
-        self._decoder: _Base64Decoder | _QuotedPrintableDecoder | None = None
-        if view.transfer_encoding == "base64":
-            self._decoder = _Base64Decoder()
-        elif view.transfer_encoding == "quoted-printable":
-            self._decoder = _QuotedPrintableDecoder()
+        self._decoder: TransferDecoder | None = transfer_decoder(view.transfer_encoding)
         self._sink: _Sink | None = None
 
     def feed(self, data: bytes) -> None:
@@ -498,7 +286,7 @@ class _Rewriter:
     def __init__(
         self,
         headers: HeaderBlock,
-        out: _Output,
+        out: BodyWriter,
         replace: Replace | None,
         footers: dict[str, str],
         limits: RewriteLimits,
@@ -510,7 +298,7 @@ class _Rewriter:
         self.limits = limits
         self.changed = False
         self.top_changes: list[Callable[[HeaderBlock], None]] = []
-        self.frames: list[_Frame] = []
+        self.frames: list[Frame] = []
         self._footered: set[str] = set()
         self._entity: _Entity | None = None
         self._leaf: _Leaf | None = None
@@ -539,9 +327,9 @@ class _Rewriter:
             self._header_line += line
             self._header_piece(len(line) + newline, newline, partial)
             return
-        if not (continued or partial) and line.startswith(b"--") and len(line) <= _MAX_DELIMITER_LINE:
+        if not (continued or partial) and line.startswith(b"--") and len(line) <= MAX_DELIMITER_LINE:
             content = line[:-1] if line.endswith(b"\r") else line
-            hit = self._match(content)
+            hit = match_delimiter(self.frames, content)
             if hit is not None:
                 self._delimiter(content, newline, hit)
                 return
@@ -569,7 +357,7 @@ class _Rewriter:
         line = bytes(self._header_line)
         self._header_line.clear()
         content = line[:-1] if line.endswith(b"\r") else line
-        if content.startswith(b"--") and (hit := self._match(content)) is not None:
+        if content.startswith(b"--") and (hit := match_delimiter(self.frames, content)) is not None:
             if entity.fields and entity.fields[-1][1].endswith(CRLF):
                 entity.owes_eol = self._pending_eol = True
             self._delimiter(content, newline, hit)
@@ -583,23 +371,12 @@ class _Rewriter:
             self._end_headers()
         elif content[0] in b" \t":
             entity.continue_field(content, raw)
-        elif (field := _FIELD.match(content)) is not None:
+        elif (field := FIELD_START.match(content)) is not None:
             entity.start_field(field.group(1).lower(), content[field.end() :], raw)
         else:
             # Not a header field: the block ended without its empty line and this line is the body's first.
             self._end_headers()
             self._line(line, newline, False, False)
-
-    def _match(self, line: bytes) -> tuple[int, bool] | None:
-        for index in range(len(self.frames) - 1, -1, -1):
-            delimiter = self.frames[index].delimiter
-            if line.startswith(delimiter):
-                rest = line[len(delimiter) :]
-                if not rest.strip(b" \t"):
-                    return index, False
-                if rest.startswith(b"--") and not rest[2:].strip(b" \t"):
-                    return index, True
-        return None
 
     def _delimiter(self, line: bytes, newline: bool, hit: tuple[int, bool]) -> None:
         index, close = hit
@@ -614,10 +391,8 @@ class _Rewriter:
         if close:
             self.frames.pop()
             return
-        frame.children += 1
-        path = f"{frame.path}.{frame.children}" if frame.path else str(frame.children)
-        default = "message/rfc822" if frame.digest else "text/plain"
-        self._begin_entity(frame.depth + 1, path, path, default, frame.in_message)
+        path = frame.next_part()
+        self._begin_entity(frame.depth + 1, path, path, frame.default_type, frame.in_message)
 
     def _finish(self) -> None:
         if self._pending_eol:
@@ -656,14 +431,14 @@ class _Rewriter:
         if kind.startswith("multipart/"):
             boundaries = params.get("boundary", [])
             boundary = boundaries[0].encode("utf-8", "surrogateescape") if boundaries else b""
-            if len(set(boundaries)) > 1 or not boundary or len(boundary) > _MAX_BOUNDARY:
+            if len(set(boundaries)) > 1 or not boundary or len(boundary) > MAX_BOUNDARY:
                 raise _Unchanged("multipart without a usable boundary")
             self._write_header(entity)
             self.frames.append(
-                _Frame(boundary, entity.depth, entity.path, kind == "multipart/digest", entity.in_message)
+                Frame(boundary, entity.depth, entity.path, kind == "multipart/digest", entity.in_message)
             )
             return
-        if kind in ("message/rfc822", "message/global") and cte in _IDENTITY:
+        if kind in ("message/rfc822", "message/global") and cte in IDENTITY_ENCODINGS:
             self._write_header(entity)
             inner = f"{entity.path}.1" if entity.path else "1"
             self._begin_entity(entity.depth + 1, entity.path, inner, "text/plain", True)
@@ -693,7 +468,7 @@ class _Rewriter:
             and not view.is_attachment
         ):
             self._footered.add(kind)
-            sink = _footer_sink(self, entity, view, params, footer)
+            sink = self._footer_sink(entity, view, params, footer)
             if sink is not None:
                 return sink
         self._write_header(entity)
@@ -701,7 +476,7 @@ class _Rewriter:
 
     def _write_replacement(self, entity: _Entity, text: str) -> None:
         self.changed = True
-        cte, body = _encode_text(text)
+        cte, body = encode_replacement(text)
         kind = "text/plain; charset=utf-8"
         if entity.top:
 
@@ -724,277 +499,34 @@ class _Rewriter:
         fields = encode_field("Content-Type", kind) + encode_field("Content-Transfer-Encoding", cte)
         self.out.write(kept + fields + CRLF + body)
 
+    def _footer_sink(
+        self, entity: _Entity, view: PartView, params: dict[str, list[str]], footer: str
+    ) -> FooterSink | None:
+        """How ``footer`` goes into this part; None when it cannot (unknown charset or transfer encoding)."""
+        recoding = plan_footer(view.declared_type, view.transfer_encoding, params, footer, self.collides)
+        if recoding is None:
+            return None
+        header: bytes | None = None
+        top_change: Callable[[HeaderBlock], None] | None = None
+        if recoding.new_type is not None or recoding.new_cte is not None:
+            if entity.top:
+                top_change = header_change(recoding.new_type, recoding.new_cte)
+            else:
+                header = changed_header(entity.fields, recoding.new_type, recoding.new_cte)
+
+        def begin() -> None:
+            self.changed = True
+            if top_change is not None:
+                self.top_changes.append(top_change)
+            if header is not None:
+                self.out.write(header)
+            else:
+                self._write_header(entity)
+
+        return FooterSink(
+            self.out, recoding, self.limits.max_recode_bytes, begin, lambda: self._write_header(entity)
+        )
+
     def collides(self, lines: list[bytes]) -> bool:
         """Could one of ``lines``, written as it is, be read as a delimiter of an open multipart?"""
         return any(line.startswith(frame.delimiter) for line in lines for frame in self.frames)
-
-
-# -- footers --
-
-
-def _text_codec(charset: str) -> str | None:
-    """The codec name of a declared charset; None when unknown or not a text encoding."""
-    try:
-        info = codecs.lookup(charset.strip())
-    except (LookupError, ValueError):
-        return None
-    if not getattr(info, "_is_text_encoding", True):
-        return None
-    return info.name
-
-
-def _ascii_compatible(codec: str) -> bool:
-    """Line breaks, markup and ASCII letters are their ASCII bytes (not UTF-16, UTF-7, EBCDIC...)."""
-    probe = "\r\n-</body>= azAZ09"
-    try:
-        return probe.encode(codec) == probe.encode("ascii")
-    except (UnicodeError, LookupError):
-        return False
-
-
-def _content_type(kind: str, params: dict[str, list[str]], charset: str) -> str:
-    value = f"{kind}; charset={charset}"
-    for name in _KEPT_PARAMS:
-        found = params.get(name)
-        if found and re.fullmatch(r"[A-Za-z0-9._-]{1,40}", found[0]):
-            value += f"; {name}={found[0]}"
-    return value
-
-
-def _footer_sink(
-    rewriter: _Rewriter, entity: _Entity, view: PartView, params: dict[str, list[str]], footer: str
-) -> _FooterSink | None:
-    """How ``footer`` goes into this part; None when it cannot (an unknown charset or transfer encoding)."""
-    cte = view.transfer_encoding
-    if cte not in _IDENTITY and cte not in ("quoted-printable", "base64"):
-        return None
-    charsets = params.get("charset")
-    charset = charsets[0] if charsets else None
-    codec = _text_codec(charset or "us-ascii")
-    if codec is None:
-        return None
-    text = footer.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\r\n")
-    out_charset, transcode = charset, None
-    if codec == "ascii":
-        if not text.isascii():
-            out_charset = "utf-8"  # a superset: the content stays as it is
-    elif _ascii_compatible(codec):
-        try:
-            text.encode(codec)
-        except UnicodeError:
-            out_charset, transcode = "utf-8", codec
-    else:
-        out_charset, transcode = "utf-8", codec
-    encoded = text.encode(codec if out_charset == charset else "utf-8")
-    out_cte = cte
-    if cte in _IDENTITY and (
-        transcode is not None
-        or (cte == "7bit" and not encoded.isascii())
-        or rewriter.collides(encoded.split(CRLF))
-    ):
-        out_cte = "quoted-printable"
-    kind = view.declared_type
-    new_type = _content_type(kind, params, "utf-8") if out_charset != charset else None
-    new_cte = out_cte if out_cte != cte else None
-    header: bytes | None = None
-    top_change: Callable[[HeaderBlock], None] | None = None
-    if new_type is not None or new_cte is not None:
-        if entity.top:
-
-            def top_change(headers: HeaderBlock) -> None:
-                if new_type is not None:
-                    headers.set("Content-Type", new_type)
-                if new_cte is not None:
-                    headers.set("Content-Transfer-Encoding", new_cte)
-                if headers.get("MIME-Version") is None:
-                    headers.add("MIME-Version", "1.0")
-
-        else:
-            header = _changed_header(entity, new_type, new_cte)
-    return _FooterSink(
-        rewriter,
-        entity,
-        _Recoding(cte, out_cte, transcode, encoded, kind == "text/html"),
-        header,
-        top_change,
-    )
-
-
-def _changed_header(entity: _Entity, content_type: str | None, cte: str | None) -> bytes:
-    """The part's header block with new Content-Type and/or Content-Transfer-Encoding values."""
-    out: list[bytes] = []
-    wanted = {
-        b"content-type": ("Content-Type", content_type),
-        b"content-transfer-encoding": ("Content-Transfer-Encoding", cte),
-    }
-    done: set[bytes] = set()
-    for name, raw in entity.fields:
-        if name in wanted and wanted[name][1] is not None:
-            if name not in done:
-                title, value = wanted[name]
-                assert value is not None
-                out.append(encode_field(title, value))
-                done.add(name)
-            continue
-        out.append(bytes(raw))
-    for name, (title, value) in wanted.items():
-        if value is not None and name not in done:
-            out.append(encode_field(title, value))
-    return b"".join(out) + CRLF
-
-
-@dataclass(frozen=True)
-class _Recoding:
-    in_cte: str
-    out_cte: str
-    transcode: str | None  # the codec the part is decoded from, to be re-encoded as UTF-8
-    footer: bytes  # in the output charset, CRLF line breaks
-    html: bool
-
-
-class _FooterSink:
-    """A body that gets a footer: decoded, maybe transcoded, held at its end, re-encoded. A part to transcode
-    is first spooled (up to :attr:`RewriteLimits.max_recode_bytes`), so that a larger one can be copied
-    unchanged instead."""
-
-    def __init__(
-        self,
-        rewriter: _Rewriter,
-        entity: _Entity,
-        recoding: _Recoding,
-        header: bytes | None,
-        top_change: Callable[[HeaderBlock], None] | None,
-    ) -> None:
-        self._rewriter = rewriter
-        self._entity = entity
-        self._recoding = recoding
-        self._header = header
-        self._top_change = top_change
-        self._qp = recoding.in_cte == "quoted-printable"
-        self._passthrough = False
-        self._size = 0
-        self._spool: tempfile.SpooledTemporaryFile[bytes] | None = None
-        self._pipeline: _Pipeline | None = None
-        if recoding.transcode is not None:
-            self._spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL_MEMORY)  # noqa: SIM115
-        else:
-            self._start()
-
-    def _start(self) -> None:
-        rewriter = self._rewriter
-        rewriter.changed = True
-        if self._top_change is not None:
-            rewriter.top_changes.append(self._top_change)
-        if self._header is not None:
-            rewriter.out.write(self._header)
-        else:
-            rewriter._write_header(self._entity)
-        self._pipeline = _Pipeline(rewriter.out, self._recoding)
-
-    def feed(self, data: bytes) -> None:
-        if self._passthrough:
-            self._rewriter.out.write(data, self._qp)
-        elif self._spool is not None:
-            self._size += len(data)
-            if self._size > self._rewriter.limits.max_recode_bytes:
-                self._give_up(data)
-            else:
-                self._spool.write(data)
-        else:
-            assert self._pipeline is not None
-            self._pipeline.feed(data)
-
-    def _give_up(self, data: bytes) -> None:
-        """Too large to transcode: the part as it was, without a footer."""
-        assert self._spool is not None
-        self._rewriter._write_header(self._entity)
-        for chunk in _spooled(self._spool):
-            self._rewriter.out.write(chunk, self._qp)
-        self._rewriter.out.write(data, self._qp)
-        self._spool.close()
-        self._spool = None
-        self._passthrough = True
-
-    def finish(self) -> None:
-        if self._passthrough:
-            return
-        if self._spool is not None:
-            self._start()
-            assert self._pipeline is not None
-            for chunk in _spooled(self._spool):
-                self._pipeline.feed(chunk)
-            self._spool.close()
-            self._spool = None
-        assert self._pipeline is not None
-        self._pipeline.finish()
-
-
-def _spooled(spool: tempfile.SpooledTemporaryFile[bytes]) -> Iterator[bytes]:
-    """The spooled bytes in chunks that do not split a CRLF."""
-    spool.seek(0)
-    while chunk := spool.read(CHUNK_SIZE):
-        if chunk.endswith(b"\r"):
-            chunk += spool.read(1)
-        yield chunk
-
-
-class _Pipeline:
-    """Decoder, transcoder, the held tail where the footer goes, encoder."""
-
-    def __init__(self, out: _Output, recoding: _Recoding) -> None:
-        self._recoding = recoding
-        self._decoder: _Base64Decoder | _QuotedPrintableDecoder | None = None
-        if recoding.in_cte == "base64":
-            self._decoder = _Base64Decoder()
-        elif recoding.in_cte == "quoted-printable":
-            self._decoder = _QuotedPrintableDecoder()
-        self._transcoder = None
-        if recoding.transcode is not None:
-            self._transcoder = codecs.getincrementaldecoder(recoding.transcode)("replace")
-        self._encoder: _Encoder
-        if recoding.out_cte == "base64":
-            self._encoder = _Base64Encoder(out)
-        elif recoding.out_cte == "quoted-printable":
-            self._encoder = _QuotedPrintableEncoder(out)
-        else:
-            self._encoder = _IdentityEncoder(out)
-        self._tail = bytearray()
-
-    def feed(self, data: bytes) -> None:
-        if self._decoder is not None:
-            data = self._decoder.feed(data)
-        self._hold(self._transcoded(data, False))
-
-    def _transcoded(self, data: bytes, final: bool) -> bytes:
-        if self._transcoder is None:
-            return data
-        return self._transcoder.decode(data, final).encode("utf-8", "replace")
-
-    def _hold(self, data: bytes) -> None:
-        self._tail += data
-        if len(self._tail) > 2 * _TAIL:
-            cut = len(self._tail) - _TAIL
-            self._encoder.feed(bytes(self._tail[:cut]))
-            del self._tail[:cut]
-
-    def finish(self) -> None:
-        rest = self._decoder.flush() if self._decoder is not None else b""
-        self._hold(self._transcoded(rest, True))
-        self._encoder.feed(_with_footer(bytes(self._tail), self._recoding.footer, self._recoding.html))
-        self._encoder.finish()
-
-
-def _with_footer(tail: bytes, footer: bytes, html: bool) -> bytes:
-    """The end of a decoded body with the footer: before the last ``</body>`` of HTML, else on lines of its
-    own after the text (a final line break stays last)."""
-    if html:
-        ends = [match.start() for match in _BODY_END.finditer(tail)]
-        if ends:
-            before, after = tail[: ends[-1]], tail[ends[-1] :]
-            gap = b"" if not before or before.endswith(b"\n") else CRLF
-            return before + gap + footer + CRLF + after
-    if not tail:
-        return footer
-    if tail.endswith(b"\n"):
-        return tail + footer + CRLF
-    return tail + CRLF + footer

@@ -5,11 +5,11 @@
 
 1. Per-message processing time (p50/p99 wall, CPU) of dcrouter's chain, in process with the real reactor and
    thread pool: metadata (header block + streaming MIME walk), the attachment scanner, the built-in spam
-   heuristics (action tag), an addHeader transformation and RSA-2048 DKIM signing, for a 10 KB message and a
-   10 MB message (text plus a 10 MB base64 attachment, spooled to a file as ingress would). Side by side, in the
-   same run, the conventional way of doing the same inspection and signing in Python: ``email`` parsing the
-   whole message and dkimpy signing it (the library dcrouter's DKIM replaced for streaming); its peak memory
-   is printed next to dcrouter's.
+   heuristics (action tag), an addHeader transformation and RSA-2048 DKIM signing, for a 10 KB message and
+   a 10 MB message (text plus a 10 MB base64 attachment, spooled to a file as ingress would). Side by side, in
+   the same run, the conventional way of doing the same inspection and signing in Python: ``email``
+   parsing the whole message and dkimpy signing it (the library dcrouter's DKIM replaced for streaming); its
+   peak memory is printed next to dcrouter's.
 2. Receive rate with processing on versus off: ``twistd dcrouter`` twice (disk queue, delivery paused, as in
    bench/ingress), 10 KB messages from 10 concurrent senders; the chain of (1) on one, nothing on the other.
 """
@@ -48,7 +48,8 @@ scanners = [
 ]
 transformations = [
   {{ type = "addHeader", header = "X-Gateway", value = "bench {{queueId}}" }},
-  {{ type = "dkimSign", domains = ["bench.invalid"], domainName = "bench.invalid", keySelector = "s1", privateKey = "{key}" }},
+  {{ type = "dkimSign", domains = ["bench.invalid"], domainName = "bench.invalid", keySelector = "s1",\
+ privateKey = "{key}" }},
 ]
 """
 
@@ -63,7 +64,8 @@ def make_message(size: int) -> bytes:
     text = b"".join(b"line %05d of ordinary text that a scanner reads through\r\n" % i for i in range(100))
     if size <= 64 * 1024:
         body = text * max(1, size // len(text))
-        return head + b"Content-Type: text/plain; charset=utf-8\r\n\r\n" + body[: max(0, size - len(head) - 45)]
+        content_type = b"Content-Type: text/plain; charset=utf-8\r\n\r\n"
+        return head + content_type + body[: max(0, size - len(head) - len(content_type))]
     raw = os.urandom(size * 3 // 4)
     encoded = base64.encodebytes(raw).replace(b"\n", b"\r\n")
     return (
@@ -106,14 +108,14 @@ def run_on_reactor(work: Callable[[Any], Deferred]) -> Any:
 
 
 def measure_dcrouter(reactor: Any, workdir: str, key_path: str, samples: dict[int, int]) -> Deferred:
+    import tomllib
+
     from dcrouter.config.load import load_options
     from dcrouter.envelope import Envelope
     from dcrouter.processing.build import build_chain
     from dcrouter.processing.processor import EmailProcessor
     from dcrouter.queue.memory import MemoryQueue
     from dcrouter.smtp.spool import SpooledMessage
-
-    import tomllib
 
     raw = tomllib.loads(
         "[smtpConfig]\nports = [2525]\nhostname = 'bench.invalid'\nqueueStorage = 'memory'\n"
@@ -243,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="Short run.")
     parser.add_argument("--small", type=int, help="10 KB messages processed (default 500, quick 100).")
     parser.add_argument("--large", type=int, help="10 MB messages processed (default 10, quick 3).")
-    parser.add_argument("--messages", type=int, help="Messages per receive-rate run (default 2000, quick 400).")
+    parser.add_argument("--messages", type=int, help="Messages per receive-rate run (2000; quick 400).")
     parser.add_argument("--repeat", type=int, help="Receive-rate runs per side, median shown (default 3).")
     args = parser.parse_args(argv)
     small = args.small or (100 if args.quick else 500)
@@ -252,8 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     repeat = args.repeat or (1 if args.quick else 3)
     raise_nofile_limit()
     workdir = tempfile.mkdtemp(prefix="dcrouter-bench-processing-")
-    command = "python -m bench.processing" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
-    print("bench/processing: dcrouter's processing chain per message, and the receive rate with it on and off")
+    arguments = sys.argv[1:] if argv is None else argv
+    command = "python -m bench.processing" + "".join(f" {a}" for a in arguments)
+    print("bench/processing: dcrouter's processing chain per message; the receive rate with it on and off")
     print(f"command     {command}")
     for line in machine_lines(workdir):
         print(line)
@@ -273,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
             a, b = ours[size], peer[size]
             rows.append(
                 f"| {size // 1024 if size < 1 << 20 else size >> 20} {'KB' if size < 1 << 20 else 'MB'} "
-                f"| {samples[size]} | {a['p50_ms']:.2f} / {a['p99_ms']:.2f} | {b['p50_ms']:.2f} / {b['p99_ms']:.2f} "
+                f"| {samples[size]} | {a['p50_ms']:.2f} / {a['p99_ms']:.2f} "
+                f"| {b['p50_ms']:.2f} / {b['p99_ms']:.2f} "
                 f"| {a['cpu_ms']:.2f} / {b['cpu_ms']:.2f} | {a['peak_mb']:.1f} / {b['peak_mb']:.1f} |"
             )
         print()

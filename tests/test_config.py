@@ -223,8 +223,11 @@ class UnsupportedTests(LoadCase):
             [
                 "smtpConfig.auth.methods[1]: not supported yet: 'OAUTH2': OAUTH2 is not built yet.",
                 "smtpConfig.auth.ldapUrl: not supported yet: LDAP authentication is not built yet.",
-                "smtpConfig.transformations[0].type: unknown transformation type 'x': not built in, no entry "
-                "point 'x' in group 'dcrouter.transformations', and not a dotted path (package.module:Class)",
+                (
+                    "smtpConfig.transformations[0].type: unknown transformation type 'x': not built in, no "
+                    "entry point 'x' in group 'dcrouter.transformations', and not a dotted path "
+                    "(package.module:Class)"
+                ),
             ],
         )
 
@@ -602,8 +605,8 @@ class SeedExampleTests(LoadCase):
         )
 
     def test_advanced_configuration(self) -> None:
-        """Every part of 7.2 not built yet is named, with the placeholder DKIM key and the missing certificate for
-        port 465."""
+        """Every part of 7.2 not built yet is named, with the placeholder DKIM key and the missing
+        certificate for port 465."""
         errors = self.errors(json.loads(SEED_7_2))
         prefix = "smtpConfig.domainConfigs[0]."
         self.assertEqual(

@@ -1,7 +1,7 @@
-"""Processing end to end through a real ``twistd -n dcrouter``: mail in over SMTP (smtplib), scanned by the real
-spamd and clamd from Debian's packages (tests.spamd_server, tests.clamd_server), transformed, DKIM-signed, and out
-to a scripted downstream server, where the signature is checked by independent verifiers (dkimpy, and Perl's
-Mail::DKIM when installed) against the published key.
+"""Processing end to end through a real ``twistd -n dcrouter``: mail in over SMTP (smtplib), scanned by
+the real spamd and clamd from Debian's packages (tests.spamd_server, tests.clamd_server), transformed,
+DKIM-signed, and out to a scripted downstream server, where the signature is checked by independent
+verifiers (dkimpy, and Perl's Mail::DKIM when installed) against the published key.
 """
 
 from __future__ import annotations
@@ -48,8 +48,11 @@ def with_attachment(subject: str, filename: str, content: bytes) -> bytes:
         subject,
         b"--b1\r\nContent-Type: text/plain\r\n\r\nSee attached.\r\n"
         b"--b1\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n"
-        b'Content-Disposition: attachment; filename="' + filename.encode() + b'"\r\n\r\n'
-        + encoded + b"--b1--\r\n",
+        b'Content-Disposition: attachment; filename="'
+        + filename.encode()
+        + b'"\r\n\r\n'
+        + encoded
+        + b"--b1--\r\n",
         extra=b'Content-Type: multipart/mixed; boundary="b1"\r\n',
     )
 
@@ -157,7 +160,9 @@ class ProcessingThroughTwistdTests(TestCase):
         code, text = await deferToThread(send, port, with_attachment("eicar", "eicar.com", EICAR))
         self.assertEqual(code, 554, text)
         self.assertIn(f"virus found ({REPORTED_SIGNATURE})", text)
-        code, text = await deferToThread(send, port, with_attachment("exe", "invoice.pdf.exe", b"MZ" + b"\0" * 64))
+        code, text = await deferToThread(
+            send, port, with_attachment("exe", "invoice.pdf.exe", b"MZ" + b"\0" * 64)
+        )
         self.assertEqual(code, 550, text)
         self.assertIn("invoice.pdf.exe", text)
         code, text = await deferToThread(send, port, message("clean message"))
@@ -178,7 +183,9 @@ class ProcessingThroughTwistdTests(TestCase):
     async def _spam_tagged(self) -> None:
         port = await self.start("tag")
         code, text = await deferToThread(
-            send, port, message("gtube", GTUBE + b"\r\n", extra=b"X-Spam-Status: No, forged by the sender\r\n")
+            send,
+            port,
+            message("gtube", GTUBE + b"\r\n", extra=b"X-Spam-Status: No, forged by the sender\r\n"),
         )
         self.assertEqual(code, 250, text)
         (arrived,) = await self.arrived(1)

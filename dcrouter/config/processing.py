@@ -26,6 +26,8 @@ TRANSFORMATION_TYPES = (
     "sanitizeAttachment",
     "addFooter",
     "dkimSign",
+    "srsForward",
+    "srsReverse",
 )
 Action = Literal["tag", "reject", "quarantine", "discard"]
 
@@ -204,6 +206,8 @@ _TRANSFORMATION_KEYS: dict[str, frozenset[str]] = {
     "sanitizeAttachment": frozenset({"extensions", "types", "text"}),
     "addFooter": frozenset({"text", "html", "domains"}),
     "dkimSign": frozenset({"domains", "domain_name", "key_selector", "private_key"}),
+    "srsForward": frozenset({"srs_domain", "secrets", "local_domains"}),
+    "srsReverse": frozenset({"srs_domain", "secrets", "max_age_days"}),
 }
 _TRANSFORMATION_NEEDS: dict[str, tuple[str, ...]] = {
     "addHeader": ("header", "value"),
@@ -211,7 +215,26 @@ _TRANSFORMATION_NEEDS: dict[str, tuple[str, ...]] = {
     "modifyHeader": ("header", "pattern"),
     "addFooter": (),
     "dkimSign": ("domains",),
+    "srsForward": ("srs_domain", "secrets"),
+    "srsReverse": ("srs_domain", "secrets"),
 }
+
+#: Shortest SRS secret: the HMAC key that keeps forged SRS addresses (an open relay) out.
+SRS_SECRET_MIN = 16
+
+
+def srs_secret(value: str) -> str | None:
+    """An SRS secret of at least :data:`SRS_SECRET_MIN` characters (the message never repeats it)."""
+    if len(value) < SRS_SECRET_MIN:
+        return f"must be at least {SRS_SECRET_MIN} characters (it has {len(value)})"
+    return None
+
+
+def srs_max_age(value: int) -> str | None:
+    # SRS timestamps count days modulo 1024: an older address would look new again.
+    if not 1 <= value <= 1023:
+        return f"must be 1 to 1023 days: {value}"
+    return None
 
 
 @block_check(
@@ -230,6 +253,8 @@ _TRANSFORMATION_NEEDS: dict[str, tuple[str, ...]] = {
     "domain_name",
     "key_selector",
     "private_key",
+    "srs_domain",
+    "secrets",
 )
 def transformation_entry(entry: Any, path: str, report: Report) -> None:
     import re
@@ -290,8 +315,8 @@ def transformation_entry(entry: Any, path: str, report: Report) -> None:
 class TransformationConfig:
     type: str = option(
         doc="`addHeader`, `removeHeader`, `modifyHeader`, `rewriteAddress`, `removeAttachment`, "
-        "`sanitizeAttachment`, `addFooter` or `dkimSign`; any other value names a plugin transformation "
-        "(entry point group `dcrouter.transformations`, or `package.module:Class`).",
+        "`sanitizeAttachment`, `addFooter`, `dkimSign`, `srsForward` or `srsReverse`; any other value names "
+        "a plugin transformation (entry point group `dcrouter.transformations`, or `package.module:Class`).",
         check=c.not_empty,
     )
     header: str | None = option(None, doc="add/remove/modifyHeader: the field name.")
@@ -340,6 +365,33 @@ class TransformationConfig:
     key_selector: str | None = option(None, doc="dkimSign: s=.")
     private_key: str | None = option(
         None, doc="dkimSign: the PEM private key, inline or a file path.", check=dkim_private_key
+    )
+    srs_domain: str | None = option(
+        None,
+        addition=True,
+        doc="srsForward/srsReverse: the domain of SRS addresses; its mail must reach this gateway "
+        "(domainConfigs or relaying) so bounces can be reversed.",
+        check=c.host_name,
+    )
+    secrets: list[str] = option(
+        factory=list,
+        addition=True,
+        doc="srsForward/srsReverse: HMAC secrets of at least 16 characters; the first signs, all verify "
+        "(add the new one first, drop the old one after maxAgeDays).",
+        each=srs_secret,
+    )
+    local_domains: list[str] = option(
+        factory=list,
+        addition=True,
+        doc="srsForward: senders in these domains (exact or `*.` wildcard) are not rewritten; the SRS "
+        "domain never is.",
+        each=c.domain_pattern,
+    )
+    max_age_days: int = option(
+        21,
+        addition=True,
+        doc="srsReverse: days an SRS address stays valid; older ones are refused (550 5.1.1).",
+        check=srs_max_age,
     )
     options: dict[str, Any] = option(
         factory=dict, addition=True, doc="A plugin transformation's own options, checked by its schema."

@@ -7,6 +7,7 @@ signers (domainConfigs' signDkim and the dkimSign transformations, always after 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +90,14 @@ def build_transformation(
         from dcrouter.processing.transforms.mimerewrite import RewriteLimits
 
         return AddFooter(entry, limits=RewriteLimits.from_mime(limits))
+    if entry.type in ("srsForward", "srsReverse"):
+        from dcrouter.processing.transforms.srs import SrsForward, SrsReverse
+
+        assert entry.srs_domain is not None  # required by the schema
+        now = reactor.seconds if reactor is not None else time.time
+        if entry.type == "srsForward":
+            return SrsForward(entry.srs_domain, entry.secrets, local_domains=entry.local_domains, now=now)
+        return SrsReverse(entry.srs_domain, entry.secrets, max_age_days=entry.max_age_days, now=now)
     transformation: ITransformation = plugins.instantiate("transformation", entry, reactor)
     return transformation
 

@@ -186,7 +186,9 @@ class EmailProcessor:
         """Process and queue one message. ``local`` (the gateway's own DSNs) skips scanning and
         transformations; such mail is queued as it is."""
         queue_id = queue_id or new_queue_id()
-        if local or not self._has_stages():
+        if local:
+            return Deferred.fromCoroutine(self._process_local(envelope, message, queue_id, priority))
+        if not self._has_stages():
             return self._enqueue(queue_id, envelope, message, None, 0, priority, None)
         if self._active >= self._max_parallel:
             self.stats["tempfailed"] += 1
@@ -220,6 +222,31 @@ class EmailProcessor:
         envelope = draft.envelope
         self.stats["processed"] += 1
         return await self._enqueue(queue_id, envelope, stored, head, offset, priority, quarantine)
+
+    async def _process_local(
+        self, envelope: Envelope, message: SpooledMessage, queue_id: str, priority: int
+    ) -> QueueItem:
+        """The gateway's own mail (DSNs): no scanning and no changes, except the envelope transformations that
+        apply to it (``applies_to_local_mail``: a DSN to an SRS address goes to the address it stands for)."""
+        changes = [t for t in self._transformations if getattr(t, "applies_to_local_mail", False)]
+        if changes:
+            draft = Draft(
+                queue_id=queue_id,
+                envelope=_copy_envelope(envelope),
+                source=message,
+                headers=HeaderBlock([]),
+                body_offset=0,
+                run_in_thread=maybeDeferred,
+            )
+            try:
+                for change in changes:
+                    await maybeDeferred(change.apply, draft)
+                envelope = draft.envelope
+            except Refusal as e:
+                # A bounce to a forged or expired SRS address: sent as addressed rather than lost.
+                log.info("{queue_id}: {reason}; sent as addressed", queue_id=queue_id, reason=e.reason)
+        queued: QueueItem = await self._enqueue(queue_id, envelope, message, None, 0, priority, None)
+        return queued
 
     async def _stages(
         self, envelope: Envelope, message: SpooledMessage, queue_id: str
@@ -287,12 +314,9 @@ class EmailProcessor:
             headers, offset, info = await self._runner(message.size)(work)
         except HeaderTooLarge as e:
             raise Refusal(HEADER_TOO_LARGE, str(e)) from e
-        copy = Envelope.from_dict(dict(envelope.to_dict()))
-        copy.recipients = list(envelope.recipients)
-        copy.mail_params = dict(envelope.mail_params)
         return Draft(
             queue_id=queue_id,
-            envelope=copy,
+            envelope=_copy_envelope(envelope),
             source=message,
             headers=headers,
             body_offset=offset,
@@ -445,6 +469,13 @@ class EmailProcessor:
         if self.on_queued is not None:
             self._notify(released)
         return released
+
+
+def _copy_envelope(envelope: Envelope) -> Envelope:
+    copy = Envelope.from_dict(dict(envelope.to_dict()))
+    copy.recipients = list(envelope.recipients)
+    copy.mail_params = dict(envelope.mail_params)
+    return copy
 
 
 def _failed(error: Exception) -> Deferred:

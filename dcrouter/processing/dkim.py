@@ -40,6 +40,8 @@ from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from dcrouter.processing.headers import HeaderBlock, HeaderError
+
 __all__ = [
     "MIN_RSA_BITS",
     "OVERSIGNED_HEADERS",
@@ -84,7 +86,6 @@ _FOLD_WIDTH = 78
 _SELECTOR = re.compile(
     r"^[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*$"
 )
-_FIELD_NAME = re.compile(rb"^[\x21-\x39\x3b-\x7e]+$")
 
 
 class DkimError(ValueError):
@@ -273,23 +274,15 @@ def _relaxed_header(name: bytes, value: bytes) -> bytes:
 def _parse_header_block(block: bytes) -> list[tuple[bytes, bytes]]:
     """``(name, value)`` pairs of a CRLF header block (without the empty line); the value keeps its
     folding. The name may be followed by WSP before the colon (obsolete syntax, RFC 5322 §4.5)."""
-    fields: list[tuple[bytes, bytes]] = []
-    lines = block.split(b"\r\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    for number, line in enumerate(lines, 1):
-        if line[:1] in (b" ", b"\t"):
-            if not fields:
-                raise DkimError("the header block starts with a continuation line")
-            name, value = fields[-1]
-            fields[-1] = (name, value + b"\r\n" + line)
-            continue
-        name, colon, value = line.partition(b":")
-        name = name.rstrip(b" \t")
-        if not colon or not _FIELD_NAME.match(name):
-            raise DkimError(f"header line {number} is not a header field (no 'name:')")
-        fields.append((name, value))
-    return fields
+    try:
+        parsed = HeaderBlock.parse(block)
+    except HeaderError as e:
+        raise DkimError(str(e)) from e
+    pairs = []
+    for field in parsed:
+        name, _, value = field.raw.partition(b":")
+        pairs.append((name.rstrip(b" \t"), value[:-2]))
+    return pairs
 
 
 def _select(fields: list[tuple[bytes, bytes]], names: Iterable[str]) -> list[tuple[bytes, bytes]]:

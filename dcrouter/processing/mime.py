@@ -54,6 +54,7 @@ __all__ = [
     "decode_encoded_words",
     "inspect_in_thread",
     "inspect_message",
+    "is_attachment",
     "parse_structured",
     "split_address_list",
     "strict_mailboxes",
@@ -106,12 +107,19 @@ class Part:
 
     @property
     def is_attachment(self) -> bool:
-        """Named, marked as an attachment, not a text body, or text whose content is something else."""
-        if self.disposition == "attachment" or self.names:
-            return True
-        if self.declared_type not in ("text/plain", "text/html"):
-            return True
-        return self.sniffed_type not in (None, "text/html", "application/xml")
+        return is_attachment(self.disposition, self.names, self.declared_type, self.sniffed_type)
+
+
+def is_attachment(
+    disposition: str | None, names: tuple[str, ...], declared: str, sniffed: str | None
+) -> bool:
+    """The part is an attachment: named, marked as one, not a text body, or text whose content is something
+    else. One rule for the inspector and the rewriter, so both see the same parts."""
+    if disposition == "attachment" or names:
+        return True
+    if declared not in ("text/plain", "text/html"):
+        return True
+    return sniffed not in (None, "text/html", "application/xml")
 
 
 @dataclass(frozen=True)

@@ -198,3 +198,28 @@ def within(work: Coroutine[Any, Any, T], timeout_ms: int, clock: IReactorTime, w
         return result
 
     return d.addBoth(settled)
+
+
+class DaemonScanner:
+    """What the daemon clients share: their name, configuration, reactor, size limit and where the daemon is
+    (``host:port`` or the socket, for messages). Subclasses set :attr:`daemon`, :attr:`default_port` and
+    :attr:`default_max_size`."""
+
+    daemon = ""
+    default_port = 0
+    default_max_size = 0
+
+    def __init__(self, config: ScannerConfig, reactor: Any) -> None:
+        self.name = config.label
+        self._config = config
+        self._reactor = reactor
+        self._max_size = config.max_size if config.max_size is not None else self.default_max_size
+        self._where = f"{self.daemon} at {where(config, self.default_port)}"
+
+
+class StreamDaemonScanner(DaemonScanner):
+    """A daemon spoken to over a stream connection of its own per scan (spamd, clamd)."""
+
+    def __init__(self, config: ScannerConfig, reactor: Any) -> None:
+        super().__init__(config, reactor)
+        self._endpoint = endpoint_for(config, reactor, self.default_port)

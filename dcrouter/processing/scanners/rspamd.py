@@ -26,7 +26,7 @@ from zope.interface import implementer
 from dcrouter.config.processing import ScannerConfig
 from dcrouter.interfaces import IScanner
 from dcrouter.processing.message import Draft, ScannerUnavailable, ScanResult, Verdict
-from dcrouter.processing.scanners.daemon import MAX_REPLY, where, within
+from dcrouter.processing.scanners.daemon import MAX_REPLY, DaemonScanner, within
 from dcrouter.processing.scanners.spamd import SYMBOL_NAME, spam_result
 
 DEFAULT_PORT = 11333
@@ -77,16 +77,16 @@ def envelope_headers(message: Draft) -> Headers:
 
 
 @implementer(IScanner)
-class RspamdScanner:
+class RspamdScanner(DaemonScanner):
     """An IScanner asking rspamd at ``config.host``/``config.port`` (default 11333) or ``config.socket``.
     ``agent`` replaces the HTTP agent (tests; a shared connection pool)."""
 
+    daemon = "rspamd"
+    default_port = DEFAULT_PORT
+    default_max_size = DEFAULT_MAX_SIZE
+
     def __init__(self, config: ScannerConfig, reactor: Any, agent: IAgent | None = None) -> None:
-        self.name = config.label
-        self._config = config
-        self._reactor = reactor
-        self._max_size = config.max_size if config.max_size is not None else DEFAULT_MAX_SIZE
-        self._where = f"rspamd at {where(config, DEFAULT_PORT)}"
+        super().__init__(config, reactor)
         seconds = max(config.timeout / 1000.0, 0.001)
         if agent is None:
             if config.socket is not None:

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
-from dcrouter.config.processing import ScannerConfig
 from dcrouter.interfaces import IScanner
 from dcrouter.processing.message import Draft, ScannerUnavailable, ScanResult, Verdict
-from dcrouter.processing.scanners.daemon import Request, endpoint_for, exchange, printable, where, within
+from dcrouter.processing.scanners.daemon import Request, StreamDaemonScanner, exchange, printable, within
 
 DEFAULT_PORT = 783
 DEFAULT_MAX_SIZE = 1024 * 1024
@@ -102,16 +100,12 @@ def spam_result(name: str, score: float, threshold: float, symbols: tuple[str, .
 
 
 @implementer(IScanner)
-class SpamdScanner:
+class SpamdScanner(StreamDaemonScanner):
     """An IScanner asking spamd at ``config.host``/``config.port`` (default 783) or ``config.socket``."""
 
-    def __init__(self, config: ScannerConfig, reactor: Any) -> None:
-        self.name = config.label
-        self._config = config
-        self._reactor = reactor
-        self._endpoint = endpoint_for(config, reactor, DEFAULT_PORT)
-        self._max_size = config.max_size if config.max_size is not None else DEFAULT_MAX_SIZE
-        self._where = f"spamd at {where(config, DEFAULT_PORT)}"
+    daemon = "spamd"
+    default_port = DEFAULT_PORT
+    default_max_size = DEFAULT_MAX_SIZE
 
     def scan(self, message: Draft) -> Deferred[ScanResult]:
         if message.source.size > self._max_size:

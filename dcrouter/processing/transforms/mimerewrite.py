@@ -29,7 +29,7 @@ from typing import BinaryIO, Protocol
 
 from dcrouter.processing.decoding import IDENTITY_ENCODINGS, TransferDecoder, transfer_decoder
 from dcrouter.processing.headers import HeaderBlock, encode_field
-from dcrouter.processing.mime import CHUNK_SIZE, MimeLimits
+from dcrouter.processing.mime import CHUNK_SIZE, MimeLimits, is_attachment
 from dcrouter.processing.mimeheaders import FIELD_START, read_content_fields
 from dcrouter.processing.multipart import MAX_BOUNDARY, MAX_DELIMITER_LINE, Frame, match_delimiter
 from dcrouter.processing.sniff import SNIFF_BYTES, sniff_type
@@ -83,12 +83,7 @@ class PartView:
 
     @property
     def is_attachment(self) -> bool:
-        """The rule of :attr:`dcrouter.processing.mime.Part.is_attachment`."""
-        if self.disposition == "attachment" or self.names:
-            return True
-        if self.declared_type not in ("text/plain", "text/html"):
-            return True
-        return self.sniffed_type not in (None, "text/html", "application/xml")
+        return is_attachment(self.disposition, self.names, self.declared_type, self.sniffed_type)
 
 
 Replace = Callable[[PartView], "str | None"]

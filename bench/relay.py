@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import dataclasses
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -629,6 +630,12 @@ def report(results: dict[str, Any], relays: list[Any], plan: Plan) -> str:
     return "\n".join(lines + notes)
 
 
+def redis_parser() -> str:
+    """Which reply parser txredisapi uses in dcrouter: hiredis's (C) when installed, else its own (Python),
+    which costs the Redis queue ~15-20% more reactor CPU per message (docs/performance.md)."""
+    return "hiredis parser" if importlib.util.find_spec("hiredis") else "Python parser, no hiredis"
+
+
 def machine_lines(workdir: str, plan: Plan) -> list[str]:
     model = "unknown"
     with open("/proc/cpuinfo") as f:
@@ -658,7 +665,7 @@ def machine_lines(workdir: str, plan: Plan) -> list[str]:
         f"python      {platform.python_implementation()} {platform.python_version()}",
         (
             f"versions    Postfix {postfix_version()}, redis-server {redis.removeprefix('v=')}, "
-            f"Twisted {version('twisted')}, txredisapi {version('txredisapi')}, "
+            f"Twisted {version('twisted')}, txredisapi {version('txredisapi')} ({redis_parser()}), "
             f"dcrouter {version('dcrouter')} at {git_revision()}"
         ),
         f"store       {workdir} ({filesystem_of(workdir)})",

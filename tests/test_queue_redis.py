@@ -21,7 +21,7 @@ from dcrouter.config import load_options
 from dcrouter.interfaces import DuplicateItem, QueueFull, QueueUnavailable
 from dcrouter.queue import redis_bodies
 from dcrouter.queue.item import QueueItemStatus
-from dcrouter.queue.redis import RedisQueue
+from dcrouter.queue.redis import HANDOUT_BODY_LIMIT, RedisQueue
 from dcrouter.queue.redis_url import RedisAddress, parse_redis_url
 from dcrouter.router import build_queue
 from tests.redis_server import SKIP_REASON, free_port, start_redis
@@ -169,6 +169,40 @@ class ClaimTests(RedisQueueTestBase):
         item = await first.get("U1")
         self.assertEqual((item.attempts, item.last_error, item.destination), (3, "451 later", "mx.b"))
         self.assertEqual([i.id for i in await second.get_by_destination("mx.b")], ["U1"])
+
+    async def test_claim_hands_out_small_bodies_and_versions(self) -> None:
+        """Delivering a claimed message costs no open_body round trip and one write per update."""
+        queue, _ = await self.open_queue()
+        small, big = b"small body\r\n", os.urandom(HANDOUT_BODY_LIMIT + 1)
+        await queue.enqueue(make_item("H1", size=len(small)), inline(small))
+        await queue.enqueue(make_item("H2", size=len(big)), inline(big))
+        await queue.get_next(2)
+        calls: list[str] = []
+        real_call = queue._call
+        self.patch(
+            queue, "_call", lambda method, *a, **kw: calls.append(method) or real_call(method, *a, **kw)
+        )
+        self.assertEqual(await read_body(queue, "H1"), small)
+        self.assertEqual(calls, [])
+        self.assertEqual(await read_body(queue, "H2"), big)  # too big to be handed out: read when opened
+        calls.clear()
+        await queue.update("H1", last_error="451 first")
+        await queue.update("H1", status=QueueItemStatus.DELIVERED)
+        self.assertEqual(calls, ["eval", "eval"])
+        item = await queue.get("H1")
+        self.assertEqual((item.status, item.last_error), (QueueItemStatus.DELIVERED, "451 first"))
+
+    async def test_update_of_a_claimed_item_changed_elsewhere_keeps_both_changes(self) -> None:
+        holder, _ = await self.open_queue()
+        other, _ = await self.open_queue()
+        await holder.enqueue(make_item("U2"), inline())
+        await holder.get_next()
+        await other.update("U2", destination="mx.b")
+        await holder.update("U2", attempts=3)  # written on a stale version: refused, read again, applied
+        item = await other.get("U2")
+        self.assertEqual(
+            (item.attempts, item.destination, item.status), (3, "mx.b", QueueItemStatus.DELIVERING)
+        )
 
     async def test_max_size_counts_every_process(self) -> None:
         first, _ = await self.open_queue(max_size=2)

@@ -5,7 +5,9 @@ What a caller may rely on:
 
 - **Scheduling.** While running, the manager looks at the queue every ``checkInterval`` and at once (in the
   next reactor turn; several calls coalesce into one look) on :meth:`DeliveryManager.wake`, and again as soon
-  as an attempt finishes. A look claims up to ``delivery.concurrentDeliveries`` minus the attempts in flight.
+  as an attempt finishes. A look claims up to ``delivery.concurrentDeliveries`` minus the attempts in flight,
+  but no more than the busiest route can still start or queue for (twice ``maxPerDestination`` minus its
+  attempts running and waiting) unless that route has stayed full for a ``checkInterval``.
 - **Per-destination limit.** At most ``maxPerDestination`` transport calls run at once per route name. A
   claimed message whose route is at that limit waits for a slot, in order, up to ``maxPerDestination``
   waiters per route; beyond that its recipients are skipped for this attempt without counting a retry, and
@@ -133,6 +135,8 @@ class DeliveryManager(Service):
         self._slot_waiters: dict[str, deque[Deferred[bool]]] = {}
         #: Attempts that delivered nothing because every destination they needed was full.
         self._found_full: set[str] = set()
+        #: Routes whose slots and waiting places were all taken at every look since this time (_claim_count).
+        self._full_since: dict[str, float] = {}
         self._paused = False
         self._claiming = False
         self._claim_again = False
@@ -244,10 +248,10 @@ class DeliveryManager(Service):
         self._notify_idle()
 
     async def _claim(self) -> None:
-        free = self._concurrency - len(self._active)
-        if free <= 0 or self._paused or not self.running:
+        count = self._claim_count()
+        if count <= 0 or self._paused or not self.running:
             return
-        items = await self._queue.get_next(free)
+        items = await self._queue.get_next(count)
         for item in items:
             self._stats["claimed"] += 1
             if self.running:
@@ -255,6 +259,38 @@ class DeliveryManager(Service):
             else:
                 # Stopped while the claim was on its way: hand the items back rather than leave them claimed.
                 await self._put_back(item, self._clock.seconds(), delay=0.0)
+
+    def _claim_count(self) -> int:
+        """How many messages a look claims: the free delivery slots, but no more than the busiest route can
+        still start or queue for a slot (twice ``maxPerDestination`` minus its attempts running and
+        waiting). When that route has stayed full for a whole ``checkInterval`` (none of its deliveries
+        finished meanwhile: it hangs), every free slot again, as if it were not there.
+
+        Why: a claimed message beyond that is put back for a ``checkInterval``. With one busy destination and
+        a backlog, every finished delivery claimed ``concurrentDeliveries - 2 * maxPerDestination`` messages
+        only to put them back, and the destination then sat idle until they were due again (bench/relay:
+        half the throughput at 100 senders). A destination that makes progress frees a place at each
+        delivery, and the next look claims the next message in order, whatever its destination. One that
+        does not would hold back the mail behind it for every other destination: after a ``checkInterval``
+        the looks claim past it again, and its messages beyond the waiting places are put back, which lets
+        the following looks reach the others."""
+        free = self._concurrency - len(self._active)
+        if free <= 0:
+            return 0
+        now = self._clock.seconds()
+        capacity = 2 * self._per_route
+        busiest, stuck, full = 0, False, set()
+        # Waiters exist only for routes at their limit, so every route with waiters is in _route_load.
+        for name, load in self._route_load.items():
+            taken = load + len(self._slot_waiters.get(name, ()))
+            busiest = max(busiest, taken)
+            if taken >= capacity:
+                full.add(name)
+                since = self._full_since.setdefault(name, now)
+                stuck = stuck or now - since >= self._interval
+        for name in [n for n in self._full_since if n not in full]:
+            del self._full_since[name]
+        return free if stuck else min(free, capacity - busiest)
 
     def _start(self, item: QueueItem) -> None:
         d = Deferred.fromCoroutine(self.deliver_message(item))

@@ -46,13 +46,18 @@ Decisions (and why):
 - **Timeouts can leave a write applied.** A call that times out may still run in Redis. For ``enqueue`` the
   client then got ``451`` and sends the message again: a possible duplicate, never a loss. A file body is
   kept in that case (an orphan if the item never landed), never deleted under an item that might exist.
+- **A claim hands out what delivery needs next.** With each claimed item come its version and, when inline and
+  at most ``HANDOUT_BODY_LIMIT``, its body; while this process holds the item, ``open_body`` answers from
+  memory and ``update`` writes on that version without reading the item first (a conflict reads it afresh).
+  Delivering a message went from five Redis calls (enqueue, open_body's two, update's two) to two, plus a
+  share of a claim: 15-20% less reactor CPU per relayed message (bench/relay, docs/performance.md).
 - All keys share one prefix. With Redis Cluster, a prefix with a hash tag (``{dcrouter}:``) keeps them in one
   slot, which the scripts need (they name keys computed from the prefix); Cluster is not tested.
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import io
 import json
 import os
@@ -89,6 +94,22 @@ PROMOTE_LIMIT = 10_000
 UPDATE_ATTEMPTS = 5
 #: Priorities are folded into the ``due`` score above creation times (seconds since the epoch).
 PRIORITY_WEIGHT = 1e10
+#: Inline bodies up to this size come back with the claim that hands their item out, so delivering it costs
+#: no ``open_body`` round trips. Bounds the memory held for claimed items (``concurrentDeliveries`` of them,
+#: 50 by default: 3.2 MiB at most); bigger bodies are read from Redis when opened.
+HANDOUT_BODY_LIMIT = 64 * 1024
+
+
+@dataclasses.dataclass
+class _Held:
+    """What this process knows of an item it holds (claimed, DELIVERING): the version and JSON its last claim
+    or update left in Redis, so that the next ``update`` need not read them first, and the body when the
+    claim handed it out. The ``ver`` guard still applies: if the item changed meanwhile, the update reads it
+    afresh."""
+
+    version: bytes
+    text: bytes
+    body: bytes | None
 
 
 @implementer(IDeliveryQueue)
@@ -132,6 +153,7 @@ class RedisQueue(QueueLifecycle):
         self._connection: RedisConnection | None = None
         self._renewal: LoopingCall | None = None
         self._held: set[str] = set()  # ids this process claimed and has not finished
+        self._known: dict[str, _Held] = {}  # of those, the ones whose version and JSON this process wrote
 
     # -- storing -----------------------------------------------------------------------------------
 
@@ -143,7 +165,7 @@ class RedisQueue(QueueLifecycle):
         try:
             self._check_open()
             check_item_id(item.id)
-            stored = copy.deepcopy(item)
+            stored = item.copy()
             stored.status = QueueItemStatus(stored.status)
             fields = self._fields(stored)
         except Exception:  # noqa: BLE001 (a failure for the caller)
@@ -185,7 +207,7 @@ class RedisQueue(QueueLifecycle):
             raise DuplicateItem(f"queue id already stored: {item.id}")
         if item.status == QueueItemStatus.DELIVERING:
             self._held.add(item.id)
-        return copy.deepcopy(item)
+        return item.copy()
 
     def update(self, item_id: str, **changes: Any) -> Deferred:
         """Change fields of an item durably; fires with the updated item, fails with KeyError if unknown.
@@ -198,24 +220,34 @@ class RedisQueue(QueueLifecycle):
         return Deferred.fromCoroutine(self._update(item_id, normalised))
 
     async def _update(self, item_id: str, changes: dict[str, Any]) -> QueueItem:
+        # An item this process holds is usually as its claim or last update left it: write on that version
+        # without reading it first (one round trip instead of two); a conflict reads it afresh.
+        known = self._known.get(item_id)
+        body = known.body if known is not None else None  # a body never changes
         for _attempt in range(UPDATE_ATTEMPTS):
-            text, status, version = await self._call(
-                "hmget", self._key("item:", item_id), ["item", "status", "ver"]
-            )
-            if text is None:
-                raise KeyError(item_id)
+            if known is not None:
+                text, status, version = known.text, QueueItemStatus.DELIVERING.value.encode(), known.version
+            else:
+                text, status, version = await self._call(
+                    "hmget", self._key("item:", item_id), ["item", "status", "ver"]
+                )
+                if text is None:
+                    raise KeyError(item_id)
             new = self._parse(item_id, text, status).evolve(**changes)
+            fields = self._fields(new)
             lease = repr(float(self.lease_seconds))
-            result = await self._script(
-                scripts.UPDATE, item_id, version, *self._fields(new), self.owner, lease
-            )
+            result = await self._script(scripts.UPDATE, item_id, version, *fields, self.owner, lease)
             if result == b"ok":
                 if new.status == QueueItemStatus.DELIVERING:
                     self._held.add(item_id)
+                    # UPDATE stored ``fields[0]`` and raised the version by one.
+                    self._known[item_id] = _Held(str(int(version) + 1).encode(), fields[0], body)
                 else:
-                    self._held.discard(item_id)
+                    self._forget(item_id)
                 return new
+            known = None
             if result == b"missing":
+                self._known.pop(item_id, None)
                 raise KeyError(item_id)
         raise QueueUnavailable(
             f"Redis queue: {item_id} kept changing during {UPDATE_ATTEMPTS} update attempts"
@@ -250,16 +282,20 @@ class RedisQueue(QueueLifecycle):
     async def _claim(self, count: int) -> list[QueueItem]:
         reply = await self._claim_script(count)
         claimed = []
-        for item_id, text in zip(reply[1::2], reply[2::2], strict=True):
-            item = self._parse(item_id.decode(), text, b"delivering")
+        for n in range(1, len(reply), 5):
+            raw_id, text, version, handed_out, body = reply[n : n + 5]
+            item = self._parse(raw_id.decode(), text, b"delivering")
             self._held.add(item.id)
+            self._known[item.id] = _Held(version, text, body if handed_out else None)
             claimed.append(item)
         return claimed
 
     async def _claim_script(self, count: int) -> list[Any]:
         now = repr(float(self._clock.seconds()))
         lease = repr(float(self.lease_seconds))
-        reply = await self._script(scripts.CLAIM, now, count, self.owner, lease, CHUNK, PROMOTE_LIMIT)
+        reply = await self._script(
+            scripts.CLAIM, now, count, self.owner, lease, CHUNK, PROMOTE_LIMIT, HANDOUT_BODY_LIMIT
+        )
         if int(reply[0]):
             log.info("Redis queue: {n} expired claims returned to ready", n=int(reply[0]))
         return list(reply)
@@ -300,7 +336,11 @@ class RedisQueue(QueueLifecycle):
         return int(await self._call("get", self._key("live")) or 0)
 
     def open_body(self, item_id: str) -> Deferred:
-        """A readable binary file over the body (BytesIO when inline); fails with KeyError if unknown."""
+        """A readable binary file over the body (BytesIO when inline); fails with KeyError if unknown. A body
+        its claim handed out (up to HANDOUT_BODY_LIMIT) costs no round trip while this process holds it."""
+        known = self._known.get(item_id)
+        if known is not None and known.body is not None and self._state == "open":
+            return succeed(io.BytesIO(known.body))
         return self._open_call(lambda: self._open_body(item_id))
 
     async def _open_body(self, item_id: str) -> Any:
@@ -330,7 +370,6 @@ class RedisQueue(QueueLifecycle):
         d = Deferred.fromCoroutine(self._load())
         d.addErrback(self._load_failed)
         return d
-
 
     async def _load(self) -> dict[str, int]:
         from dcrouter.queue.redis_recovery import recover
@@ -363,6 +402,7 @@ class RedisQueue(QueueLifecycle):
         """Return the claims this process holds to ready and disconnect."""
         if self._renewal is not None and self._renewal.running:
             self._renewal.stop()
+        self._known.clear()
         if self._held:
             held, self._held = sorted(self._held), set()
             try:
@@ -386,7 +426,7 @@ class RedisQueue(QueueLifecycle):
                 held = sorted(self._held)
                 lost = await self._script(scripts.RENEW, self.owner, repr(float(self.lease_seconds)), *held)
                 for item_id in lost:
-                    self._held.discard(item_id.decode())
+                    self._forget(item_id.decode())
                     log.warn(
                         "Redis queue: the claim on {id} was lost (its lease expired and another process may"
                         " deliver it too)",
@@ -404,6 +444,11 @@ class RedisQueue(QueueLifecycle):
         except QueueUnavailable as e:
             return fail(e)
         return Deferred.fromCoroutine(make())
+
+    def _forget(self, item_id: str) -> None:
+        """This process no longer holds ``item_id``."""
+        self._held.discard(item_id)
+        self._known.pop(item_id, None)
 
     def _key(self, *parts: str) -> str:
         return self._prefix + "".join(parts)
@@ -457,7 +502,7 @@ class RedisQueue(QueueLifecycle):
             reply[0::4], reply[1::4], reply[2::4], reply[3::4], strict=True
         ):
             item_id = raw_id.decode()
-            self._held.discard(item_id)
+            self._forget(item_id)
             items.append(self._parse(item_id, text, status))
             if kind == b"file":
                 files.append(item_id)

@@ -157,8 +157,9 @@ return 'ok'
 """
 )
 
-#: ARGV: P, now (caller's clock), count, owner, lease seconds, reclaim limit, promote limit.
-#: Returns {expired leases returned to ready, id1, item JSON 1, id2, ...}; the claimed items are DELIVERING.
+#: ARGV: P, now (caller's clock), count, owner, lease seconds, reclaim limit, promote limit, [body limit].
+#: Returns {expired leases returned to ready, then for each claimed item: id, item JSON, ver, 1 and its
+#: inline body when that is at most ``body limit`` bytes (else 0 and '')}; the claimed items are DELIVERING.
 CLAIM = (
     _PRELUDE
     + r"""
@@ -182,6 +183,7 @@ for _, id in ipairs(now_due) do
 end
 local out = {returned}
 local count = tonumber(ARGV[3])
+local body_limit = tonumber(ARGV[8] or '0')
 if count > 0 then
   local expiry = rnow + tonumber(ARGV[5])
   for _, mk in ipairs(redis.call('ZRANGE', P .. 'due', 0, count - 1)) do
@@ -191,8 +193,22 @@ if count > 0 then
     if m and is_ready(m.status) then
       set_status(id, m, 'delivering')
       lease(id, ARGV[4], expiry)
+      local v = redis.call('HMGET', ikey(id), 'item', 'ver', 'body')
       table.insert(out, id)
-      table.insert(out, redis.call('HGET', ikey(id), 'item'))
+      table.insert(out, v[1])
+      table.insert(out, v[2])
+      -- A missing body (a damaged item) is not handed out: open_body then reports it.
+      local body = false
+      if v[3] == 'inline' and redis.call('STRLEN', P .. 'body:' .. id) <= body_limit then
+        body = redis.call('GET', P .. 'body:' .. id)
+      end
+      if body then
+        table.insert(out, 1)
+        table.insert(out, body)
+      else
+        table.insert(out, 0)
+        table.insert(out, '')
+      end
     end
   end
 end

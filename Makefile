@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 CONFIG ?= etc/dcrouter.example.toml
 TESTS  ?= tests
 
-.PHONY: run test check bench bench-relay bench-proxy lint clean venv test-peers
+.PHONY: run test check bench bench-relay bench-processing bench-proxy lint clean venv test-peers
 
 # Debian splits venv support out of python3; install it when it is missing and we may.
 $(BIN)/python:
@@ -66,6 +66,9 @@ bench: $(VENV)/.installed-test
 # End-to-end relaying next to Postfix; needs Debian's postfix package (see docs/performance.md).
 bench-relay: $(VENV)/.installed-test test-peers
 	$(BIN)/python -m bench.relay
+
+bench-processing: $(VENV)/.installed-test
+	$(BIN)/python -m bench.processing
 
 bench-proxy: $(VENV)/.installed-test
 	$(BIN)/python -m bench.proxy

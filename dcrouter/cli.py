@@ -3,7 +3,8 @@
 ``dcrouter hash-password`` prints a hash for ``smtpConfig.auth.users[].password``; ``dcrouter check FILE``
 validates a configuration file as ``twistd dcrouter --config FILE --check`` does;
 ``dcrouter config-reference`` prints the reference of every key; ``dcrouter dkim-keygen`` writes a DKIM
-signing key and prints the DNS record to publish.
+signing key and prints the DNS record to publish; ``dcrouter quarantine list|show|release|delete`` works on
+quarantined messages while the router runs (:mod:`dcrouter.quarantine`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import argparse
 import getpass
 import os
 import sys
+import traceback
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from dcrouter import __version__
 
@@ -22,6 +26,8 @@ examples:
   dcrouter check etc/dcrouter.example.toml
   dcrouter config-reference > reference.md
   dcrouter dkim-keygen --domain example.com --selector mail2025 --out /etc/dcrouter/dkim
+  dcrouter quarantine list --config /etc/dcrouter/dcrouter.toml
+  dcrouter quarantine release --config /etc/dcrouter/dcrouter.toml 1a2b3c4d5e6f
 
 Run the router itself with: twistd -n dcrouter --config FILE
 """
@@ -115,6 +121,59 @@ def _dkim_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quarantine(args: argparse.Namespace) -> int:
+    from dcrouter import quarantine
+    from dcrouter.config import ConfigError, load_file
+
+    try:
+        result = load_file(args.config)
+    except ConfigError as error:
+        # As `dcrouter check` prints them; exit 2: nothing was looked at.
+        errors = error.errors or [str(error)]
+        for message in errors:
+            print(f"error: {message}", file=sys.stderr)
+        print(f"{args.config}: not valid, {len(errors)} error(s)", file=sys.stderr)
+        return 2
+    smtp = result.options.smtp_config
+    storage = None if smtp is None else smtp.queue_storage
+    if smtp is None or storage not in ("disk", "redis"):
+        reason = (
+            "it has no smtpConfig, so no queue"
+            if smtp is None
+            else f'smtpConfig.queueStorage is "{storage}": quarantined messages live inside the running '
+            "process and cannot be reached from outside it"
+        )
+        print(f"dcrouter quarantine: {args.config}: {reason}", file=sys.stderr)
+        return 2
+    item_id = getattr(args, "id", None)
+    if storage == "disk":
+        return quarantine.run_disk(smtp.persistent_path, args.action, item_id, sys.stdout, sys.stderr)
+    return _run_in_reactor(
+        lambda reactor: quarantine.run_redis(
+            smtp, args.action, item_id, sys.stdout, sys.stderr, reactor=reactor
+        )
+    )
+
+
+def _run_in_reactor(work: Callable[[Any], Coroutine[Any, Any, int]]) -> int:
+    """Run ``work(reactor)`` in the global reactor until it returns the exit status."""
+    from twisted.internet.task import react  # only here: the global reactor, for one short-lived run
+
+    async def main(reactor: Any) -> None:
+        try:
+            status = await work(reactor)
+        except Exception:  # noqa: BLE001 (Twisted's log is not started: the terminal must see it)
+            traceback.print_exc()
+            status = 1
+        raise SystemExit(status)
+
+    try:
+        react(main)
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else 1
+    return 1  # react always exits; kept for the type checker
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dcrouter",
@@ -160,7 +219,54 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument("--bits", type=int, default=None, help="RSA key size, at least 2048 (default 2048)")
     keygen.add_argument("--out", default=".", metavar="DIR", help="directory for the key file (default .)")
     keygen.set_defaults(run=_dkim_keygen)
+    _add_quarantine(commands)
     return parser
+
+
+def _add_quarantine(commands: Any) -> None:
+    quarantine = commands.add_parser(
+        "quarantine",
+        help="list, show, release or delete quarantined messages",
+        description="Work on the messages a scanner quarantined, in the queue (disk or redis) that "
+        "--config FILE names, safely while the router runs. Exit status: 0 done, 1 unknown id, not "
+        "quarantined or queue unreachable, 2 configuration or usage error (a memory queue cannot be reached "
+        "from outside).",
+    )
+    actions = quarantine.add_subparsers(dest="action", metavar="ACTION", required=True)
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config", required=True, metavar="FILE", help="the router's configuration file")
+    queue_id = argparse.ArgumentParser(add_help=False)
+    queue_id.add_argument("id", metavar="ID", help="the queue id (as in `250 ... queued as <id>`)")
+    listing = actions.add_parser(
+        "list",
+        parents=[config],
+        help="one line per quarantined message",
+        description="Print one tab-separated line per quarantined message, oldest first: id, queued at "
+        "(UTC), size in bytes, sender (<> for the null sender), number of recipients, reason.",
+    )
+    showing = actions.add_parser(
+        "show",
+        parents=[config, queue_id],
+        help="a quarantined message's details and headers",
+        description="Print the message's queue fields and its header block as it will be relayed (read from "
+        "the first 64 KiB of the message). Control characters are shown escaped.",
+    )
+    releasing = actions.add_parser(
+        "release",
+        parents=[config, queue_id],
+        help="deliver a quarantined message",
+        description="Make the message due now (status queued, reason cleared); the running router delivers "
+        "it at its next look at the queue (smtpConfig.checkInterval).",
+    )
+    deleting = actions.add_parser(
+        "delete",
+        parents=[config, queue_id],
+        help="remove a quarantined message and its body",
+        description="Remove the quarantined message from the queue, body included. It is not delivered and "
+        "no bounce is sent.",
+    )
+    for action in (listing, showing, releasing, deleting):
+        action.set_defaults(run=_quarantine)
 
 
 def main(argv: list[str] | None = None) -> int:

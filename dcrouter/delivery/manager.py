@@ -1,5 +1,6 @@
 """DeliveryManager: takes due messages from the queue, delivers them recipient group by recipient group, and
-decides what happens next: done, retry later, bounce, or warn the sender of a delay.
+decides what happens next: done, retry later, bounce, or warn the sender of a delay. It owns scheduling and
+outcomes; the DSNs themselves (ids, content, queueing) are :mod:`dcrouter.delivery.bounces`'s.
 
 What a caller may rely on:
 
@@ -24,8 +25,8 @@ What a caller may rely on:
   ``priority=RETRY``, ``attempts + 1``, ``last_error`` and ``next_attempt_at`` from
   :mod:`dcrouter.delivery.retry`. Once ``maxRetries`` attempts are used or ``queueLifetime`` has passed, the
   pending recipients fail for good (``451 4.4.7 ...``, with their last error).
-- **Final status.** All delivered: DELIVERED. Some failed for good: one DSN (:mod:`dcrouter.delivery.dsn`) to
-  the envelope sender listing them, queued with id ``<id>B`` and ``priority=BOUNCE``, then BOUNCED with
+- **Final status.** All delivered: DELIVERED. Some failed for good: one DSN (:mod:`dcrouter.delivery.bounces`)
+  to the envelope sender listing them, queued with id ``<id>B`` and ``priority=BOUNCE``, then BOUNCED with
   ``bounce_id`` set. The DSN is queued before the status is written, so a crash in between re-queues it under
   the same id, which the queue refuses as a duplicate: at most one bounce per message. Mail from the null
   sender never gets one: it becomes FAILED (logged).
@@ -42,11 +43,10 @@ Log events use the namespace ``dcrouter.delivery`` and carry the message's ``que
 
 from __future__ import annotations
 
-import hashlib
 import random as random_module
 from collections import deque
-from collections.abc import Callable, Sequence
-from typing import Any, BinaryIO
+from collections.abc import Callable
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
@@ -54,26 +54,21 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from dcrouter.config.options import SmtpConfig
-from dcrouter.delivery.dsn import Action, build_dsn, read_header_block
+from dcrouter.delivery.bounces import Bouncer, open_message
+from dcrouter.delivery.bounces import dsn_queue_id as dsn_queue_id  # re-exported: tests import it from here
 from dcrouter.delivery.outcome import DeliveryReport, Outcome, RecipientResult
 from dcrouter.delivery.retry import RetryPolicy, Verdict
 from dcrouter.delivery.route import Route
-from dcrouter.envelope import Envelope
-from dcrouter.interfaces import DuplicateItem, IDeliveryQueue, IDeliveryTransport
+from dcrouter.interfaces import IDeliveryQueue, IDeliveryTransport
 from dcrouter.log import logger
 from dcrouter.processing.processor import EmailProcessor
 from dcrouter.processing.routing import RouteTable
-from dcrouter.queue.files import message_reader
 from dcrouter.queue.item import Priority, QueueItem, QueueItemStatus
-from dcrouter.smtp.spool import SpooledMessage
 
 log = logger("dcrouter.delivery")
 
 #: Seconds between purges of finished items (a purge is a queue write: not on every look).
 PURGE_INTERVAL = 60.0
-
-#: Queue ids are at most 64 characters; a DSN id adds one.
-_MAX_BASE_ID = 63
 
 #: Counters of :meth:`DeliveryManager.get_delivery_stats`, all present from the start.
 STAT_KEYS = (
@@ -119,7 +114,6 @@ class DeliveryManager(Service):
         self._queue = queue
         self._routes = routes
         self._transport = transport
-        self._processor = processor
         self._config = config
         self._clock = clock
         self._random = random
@@ -127,7 +121,14 @@ class DeliveryManager(Service):
         self._interval = config.check_interval / 1000.0
         self._concurrency = config.delivery.concurrent_deliveries
         self._per_route = config.max_per_destination
-        self._hostname = config.hostname
+        self._bouncer = Bouncer(
+            queue=queue,
+            processor=processor,
+            hostname=config.hostname,
+            policy=self._policy,
+            delay_warning_after=config.delay_warning_after / 1000.0,
+            wake=self.wake,
+        )
         self._active: dict[str, Deferred] = {}
         self._route_load: dict[str, int] = {}
         #: Attempts waiting for a slot of a route at maxPerDestination, in arrival order; each is fired with
@@ -418,7 +419,7 @@ class DeliveryManager(Service):
         """The transport's report for one group, with exactly one result per recipient of ``rcpts``."""
         try:
             report: DeliveryReport = await self._transport.deliver(
-                item, route, rcpts, open_body=lambda: self._open_message(item)
+                item, route, rcpts, open_body=lambda: open_message(self._queue, item)
             )
         except Exception:  # noqa: BLE001 (an errback is a transport bug: retry rather than lose the message)
             self._stats["errors"] += 1
@@ -530,6 +531,19 @@ class DeliveryManager(Service):
         updated: QueueItem = await self._queue.update(item.id, **changes)
         return updated
 
+    async def _maybe_warn(self, item: QueueItem, temporary: dict[str, RecipientResult], now: float) -> bool:
+        """Queue the delay warning if one is due; True when it was queued (or already was)."""
+        if not self._bouncer.warning_due(item, now):
+            return False
+        try:
+            await self._bouncer.warn(item, temporary, now)
+        except Exception:  # noqa: BLE001 (a warning is a courtesy: never let it block the retry)
+            self._stats["errors"] += 1
+            log.failure("cannot queue the delay warning for {queue_id}", queue_id=item.id)
+            return False
+        self._stats["delay_warnings"] += 1
+        return True
+
     def _destination(self, item: QueueItem, rcpt: str) -> str | None:
         """Where the message waits now (the route of its first pending recipient), for get_by_destination."""
         try:
@@ -603,9 +617,8 @@ class DeliveryManager(Service):
                 count=len(failed),
             )
         else:
-            rows = [(r, item.outcomes[r]["reply"], item.outcomes[r]["target"]) for r in failed]
             try:
-                changes["bounce_id"] = await self._send_dsn(item, rows, "failed", now)
+                changes["bounce_id"] = await self._bouncer.bounce(item, failed, now)
             except Exception:  # noqa: BLE001 (the queue is full or down: try the bounce again later)
                 self._stats["errors"] += 1
                 log.failure("cannot queue the bounce for {queue_id}; trying again later", queue_id=item.id)
@@ -626,94 +639,3 @@ class DeliveryManager(Service):
             last_error="4.3.0 Cannot queue the bounce",
         )
         return updated
-
-    # -- DSNs ------------------------------------------------------------------------------------------
-
-    async def _maybe_warn(self, item: QueueItem, temporary: dict[str, RecipientResult], now: float) -> bool:
-        """Queue the delay warning if one is due; True when it was queued (or already was)."""
-        after = self._config.delay_warning_after / 1000.0
-        if after <= 0 or item.warned_at is not None or now - item.created_at < after:
-            return False
-        if not item.envelope.mail_from:
-            return False  # never a DSN to the null sender
-        rows = []
-        for rcpt in item.pending_recipients():
-            last = temporary.get(rcpt)
-            rows.append((rcpt, last.reply if last else (item.last_error or ""), last.target if last else ""))
-        try:
-            await self._send_dsn(item, rows, "delayed", now)
-        except Exception:  # noqa: BLE001 (a warning is a courtesy: never let it block the retry)
-            self._stats["errors"] += 1
-            log.failure("cannot queue the delay warning for {queue_id}", queue_id=item.id)
-            return False
-        self._stats["delay_warnings"] += 1
-        return True
-
-    async def _send_dsn(
-        self, item: QueueItem, rows: Sequence[tuple[str, str, str]], action: Action, now: float
-    ) -> str:
-        """Queue the DSN for ``item`` from the null sender to its sender; returns the DSN's queue id. Its id
-        is derived from ``item.id``, so queueing it twice (after a crash) finds the first one."""
-        dsn_id = dsn_queue_id(item.id, action)
-        headers = await self._original_headers(item)
-        data = build_dsn(
-            reporting_mta=self._hostname,
-            original=item,
-            failed=list(rows),
-            action=action,
-            headers_of_original=headers,
-            arrival_date=item.envelope.received_at or item.created_at,
-            message_id=f"{dsn_id}@{self._hostname}",
-            now=now,
-            will_retry_until=item.created_at + self._policy.lifetime if action == "delayed" else None,
-        )
-        envelope = Envelope(
-            mail_from="", recipients=[item.envelope.mail_from], helo=self._hostname, received_at=now
-        )
-        try:
-            await self._processor.process(
-                envelope,
-                SpooledMessage(len(data), data=data),
-                queue_id=dsn_id,
-                priority=Priority.BOUNCE,
-                local=True,
-            )
-        except DuplicateItem:
-            # Queued before a crash, under the same derived id: that one is the DSN.
-            log.info("{queue_id}: DSN {dsn_id} was already queued", queue_id=item.id, dsn_id=dsn_id)
-            return dsn_id
-        log.info(
-            "{queue_id}: DSN ({action}) queued as {dsn_id}", queue_id=item.id, action=action, dsn_id=dsn_id
-        )
-        self.wake()
-        return dsn_id
-
-    def _open_message(self, item: QueueItem) -> Deferred[BinaryIO]:
-        """The message as it is relayed: the stored body, behind the header block processing wrote if any."""
-        opened: Deferred[BinaryIO] = self._queue.open_body(item.id)
-        if item.head is not None or item.body_offset:
-            opened.addCallback(lambda stream: message_reader(item.head, stream, item.body_offset))
-        return opened
-
-    async def _original_headers(self, item: QueueItem) -> bytes:
-        """The original's header block, bounded (``dsn.HEADERS_LIMIT``); b"" if the body cannot be read."""
-        item_id = item.id
-        try:
-            stream = await self._open_message(item)
-        except Exception:  # noqa: BLE001 (a DSN without the headers is better than none)
-            log.failure("cannot read the headers of {queue_id} for its DSN", queue_id=item_id)
-            return b""
-        try:
-            # A bounded read (64 KiB at most) of a file the queue just opened: cheap enough for the reactor.
-            return read_header_block(stream)
-        finally:
-            stream.close()
-
-
-def dsn_queue_id(item_id: str, action: Action) -> str:
-    """The queue id of the bounce (``<id>B``) or the delay warning (``<id>W``) of message ``item_id``. An id
-    too long for the suffix is replaced by a digest of it (ids are at most 64 characters)."""
-    base = item_id
-    if len(item_id) > _MAX_BASE_ID:
-        base = hashlib.sha256(item_id.encode()).hexdigest()[:40].upper()
-    return base + ("B" if action == "failed" else "W")

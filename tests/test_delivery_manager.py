@@ -31,6 +31,7 @@ from dcrouter.queue.disk import DiskQueue
 from dcrouter.queue.item import Priority, QueueItem, QueueItemStatus
 from dcrouter.queue.memory import MemoryQueue
 from dcrouter.smtp.spool import SpooledMessage
+from tests.results import result_of
 
 START = 1_700_000_000.0
 BODY = b"From: alice@senders.test\r\nSubject: hi\r\n\r\n.\r\n..x\r\n8-bit \xc3\xa9t\xc3\xa9\r\n"
@@ -114,15 +115,6 @@ def config(**changes: Any) -> SmtpConfig:
     settings: dict[str, Any] = {"hostname": "mx.test", "delivery": delivery, "delay_warning_after": 0}
     settings.update(changes)
     return SmtpConfig(**settings)
-
-
-def result_of(d: Deferred) -> Any:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "the Deferred has not fired"
-    if hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
 
 
 class ManagerTestsBase(TestCase):

@@ -13,7 +13,6 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -39,6 +38,7 @@ from dcrouter.queue.files import message_reader
 from dcrouter.queue.item import QueueItem, QueueItemStatus
 from dcrouter.queue.memory import MemoryQueue
 from dcrouter.smtp.spool import SpooledMessage
+from tests.results import result_of
 from tests.smtp_fixtures import connect
 
 START = 1_700_000_000.0
@@ -59,16 +59,6 @@ BODY = b"Hello Bob,\r\n\r\nX-Spam-Status: in the body, untouched\r\n\xff\xfe 8-b
 MESSAGE = HEAD + BODY
 
 SPAM_HEADERS = (("X-Spam-Status", "Yes, score=7.0 required=5.0"), ("X-Spam-Score", "7.0"))
-
-
-def result_of(d: Deferred) -> Any:
-    """The result of a Deferred that has fired (its Failure raised)."""
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "the Deferred has not fired"
-    if isinstance(out[0], Failure):
-        out[0].raiseException()
-    return out[0]
 
 
 @implementer(IScanner)

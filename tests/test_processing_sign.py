@@ -9,9 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
 from dcrouter.envelope import Envelope
@@ -24,6 +22,7 @@ from dcrouter.queue.files import message_reader
 from dcrouter.queue.item import QueueItem
 from dcrouter.queue.memory import MemoryQueue
 from dcrouter.smtp.spool import SpooledMessage
+from tests.results import result_of
 from tests.test_processing_dkim import (
     DOMAIN,
     ED_KEY,
@@ -56,15 +55,6 @@ HEAD = (
 )
 BODY = b"Hello  Bob,\t\r\n\r\ncaf\xc3\xa9 \xff bytes   and\t\ttabs   \r\n leading space\r\n\r\n\r\n"
 MESSAGE = HEAD + BODY
-
-
-def result_of(d: Deferred) -> Any:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "the Deferred has not fired"
-    if isinstance(out[0], Failure):
-        out[0].raiseException()
-    return out[0]
 
 
 def signer(key: PrivateKey = RSA_KEY) -> DkimSigner:

@@ -12,7 +12,7 @@ from typing import Any
 
 from treq.testing import RequestTraversalAgent
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.interfaces import IListeningPort, IProtocol
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -25,12 +25,14 @@ from dcrouter.config.processing import ScannerConfig
 from dcrouter.envelope import Envelope
 from dcrouter.interfaces import IScanner
 from dcrouter.processing.headers import read_header_block
-from dcrouter.processing.message import Draft, ScannerUnavailable, ScanResult, Verdict
+from dcrouter.processing.message import Draft, Refusal, ScannerUnavailable, ScanResult, Verdict
+from dcrouter.processing.processor import EmailProcessor, ScannerStage
 from dcrouter.processing.scanners import clamd, rspamd, spamd
 from dcrouter.processing.scanners.clamd import ClamdScanner
 from dcrouter.processing.scanners.daemon import Exchange, Request
 from dcrouter.processing.scanners.rspamd import RspamdScanner
 from dcrouter.processing.scanners.spamd import SpamdScanner
+from dcrouter.queue.memory import MemoryQueue
 from dcrouter.smtp.spool import SpooledMessage
 from tests import clamd_server, rspamd_server, spamd_server
 from tests.redis_server import free_port
@@ -306,6 +308,38 @@ class ScannerInMemoryTests(SynchronousTestCase):
         rspam = self.successResultOf(RspamdScanner(config("rspamd", max_size=10), memory).scan(draft(SPAM)))
         self.assertEqual((rspam.verdict, rspam.reason), (Verdict.CLEAN, "too large, not checked"))
         self.assertEqual((memory.tcpClients, memory.unixClients), ([], []))
+
+    def test_cancelled_from_outside_is_not_unavailable(self) -> None:
+        """processingTimeout cancelling the chain mid-scan is a cancellation, not a daemon failure: onError =
+        accept must not carry on with the message."""
+        memory = MemoryReactorClock()
+        d = ClamdScanner(config("clamav", timeout=30_000), memory).scan(draft(PLAIN))
+        _, transport = self.connected(memory)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertTrue(transport.disconnected)
+        self.assertEqual(memory.getDelayedCalls(), [])
+
+    def test_processing_timeout_during_a_scan_answers_4_4_1(self) -> None:
+        memory = MemoryReactorClock()
+        queue = MemoryQueue(clock=memory)
+        self.successResultOf(queue.load())
+        scanner = ClamdScanner(config("clamav", timeout=30_000), memory)
+        processor = EmailProcessor(
+            queue,
+            memory.seconds,
+            reactor=memory,
+            timeout=5.0,
+            scanners=[ScannerStage(scanner, "reject", on_error="accept")],
+        )
+        d = processor.process(
+            Envelope("a@example.org", ["b@example.com"]), SpooledMessage(len(PLAIN), data=PLAIN)
+        )
+        self.connected(memory)
+        memory.advance(5.0)
+        refusal = self.failureResultOf(d, Refusal).value
+        self.assertEqual((refusal.reply.code, refusal.reply.enhanced), (451, "4.4.1"))
+        self.assertEqual(self.successResultOf(queue.get_item_count()), 0)
 
 
 class FakeCheck(Resource):

@@ -165,7 +165,6 @@ UNAVAILABLE = (
     twisted_error.ConnectingCancelledError,
     twisted_error.ConnectionClosed,
     twisted_error.TimeoutError,
-    CancelledError,
     OSError,
 )
 
@@ -191,6 +190,10 @@ def within(work: Coroutine[Any, Any, T], timeout_ms: int, clock: IReactorTime, w
             return result
         if expired:  # whatever the cancelled work made of its cancellation
             return Failure(ScannerUnavailable(f"{what}: no answer within {timeout_ms} ms"))
+        if result.check(CancelledError):
+            # Cancelled from outside (processingTimeout ended the whole chain): not the daemon's fault, and
+            # turning it into "unavailable" would let onError = accept carry on with a cancelled message.
+            return result
         if result.check(ScannerUnavailable):
             return result
         if result.check(*UNAVAILABLE):

@@ -96,6 +96,10 @@ class Draft:
     results: list[ScanResult] = field(default_factory=list)
     #: A rewritten body (from byte 0), when a stage replaced it.
     _body: SpooledMessage | None = None
+    #: Files a body rewrite in a thread is writing, and whether the draft was discarded meanwhile: a rewrite
+    #: whose Deferred was cancelled (processingTimeout) finishes in its thread with nobody to take the file.
+    _writing: set[str] = field(default_factory=set)
+    _discarded: bool = False
 
     @property
     def body_changed(self) -> bool:
@@ -138,13 +142,19 @@ class Draft:
         the body (it may also change ``headers``, e.g. the top-level Content-Type). Deferred firing with that
         bool. The old rewritten body, if any, is dropped; the received file stays as it is."""
 
+        path = None
+        if self.spool_directory is not None:
+            # Named here, on the reactor thread, so that discard() can remove it whatever the thread is at.
+            path = os.path.join(self.spool_directory, "spool-" + secrets.token_hex(12))
+            self._writing.add(path)
+
         def work() -> SpooledMessage | None:
-            path = None
             changed = False
-            if self.spool_directory is None:
+            if self._discarded:
+                return None  # cancelled before the thread got to it: the source may be gone already
+            if path is None:
                 out: BinaryIO = io.BytesIO()
             else:
-                path = os.path.join(self.spool_directory, "spool-" + secrets.token_hex(12))
                 out = open(path, "xb")  # noqa: SIM115 (closed below on every path)
             try:
                 with self.open_body() as body_in:
@@ -159,10 +169,12 @@ class Draft:
                 return SpooledMessage(size, path=path)
             finally:
                 out.close()
-                if path is not None and not changed:
-                    os.unlink(path)
+                if path is not None and (not changed or self._discarded):
+                    _remove(path)
 
         def done(new: SpooledMessage | None) -> bool:
+            if path is not None:
+                self._writing.discard(path)
             if new is None:
                 return False
             if self._body is not None:
@@ -186,8 +198,20 @@ class Draft:
         return self.source, None, 0
 
     def discard(self) -> None:
-        """Drop the files of a message that will not be queued."""
+        """Drop the files of a message that will not be queued, including one a cancelled rewrite is still
+        writing (its thread removes it too, if it finishes later)."""
+        self._discarded = True
+        for path in self._writing:
+            _remove(path)
+        self._writing.clear()
         if self._body is not None:
             self._body.discard()
             self._body = None
         self.source.discard()
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

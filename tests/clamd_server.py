@@ -12,7 +12,7 @@ import hashlib
 import os
 import shutil
 
-from tests.spamd_server import DaemonProcess, answers, shared
+from tests.daemons import DaemonProcess, answers, shared
 
 CLAMD = shutil.which("clamd") or ("/usr/sbin/clamd" if os.access("/usr/sbin/clamd", os.X_OK) else None)
 

@@ -17,6 +17,8 @@ import subprocess
 import time
 from typing import Any
 
+from tests.daemons import end_process, free_port
+
 REDIS_SERVER = shutil.which("redis-server") or (
     "/usr/bin/redis-server" if os.access("/usr/bin/redis-server", os.X_OK) else None
 )
@@ -31,12 +33,6 @@ SKIP_REASON: str | None = (
 
 #: Seconds a start may take before the fixture gives up.
 START_TIMEOUT = 10.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RedisServer:
@@ -73,7 +69,7 @@ class RedisServer:
         deadline = time.monotonic() + START_TIMEOUT
         while not self.ping():
             if self.process.poll() is not None or time.monotonic() > deadline:
-                self._reap()
+                self._signal(None)
                 raise RuntimeError(f"redis-server did not start on port {self.port}: {self.log_tail()}")
             time.sleep(0.01)
 
@@ -101,20 +97,8 @@ class RedisServer:
     def stop(self) -> None:
         self._signal(signal.SIGTERM)
 
-    def _signal(self, sig: int) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        self._reap()
-
-    def _reap(self) -> None:
-        assert self.process is not None
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+    def _signal(self, sig: int | None) -> None:
+        end_process(self.process, sig)
         self.process = None
 
     def log_tail(self) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from tests.spamd_server import DaemonProcess, answers, shared
+from tests.daemons import DaemonProcess, answers, shared
 
 RSPAMD = shutil.which("rspamd") or ("/usr/bin/rspamd" if os.access("/usr/bin/rspamd", os.X_OK) else None)
 

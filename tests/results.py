@@ -1,11 +1,16 @@
-"""Reading the outcome of a Deferred that has already fired, for tests driven by a Clock."""
+"""For tests driven by a Clock: the outcome of a Deferred that has already fired, and a memory queue."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+from dcrouter.queue.memory import MemoryQueue
 
 
 def result_of(d: Deferred) -> Any:
@@ -16,3 +21,17 @@ def result_of(d: Deferred) -> Any:
     if isinstance(out[0], Failure):
         out[0].raiseException()
     return out[0]
+
+
+class MemoryQueueCase(TestCase):
+    """A Clock at ``START`` and a loaded MemoryQueue whose spool directory is ``self.spool``."""
+
+    START = 1_700_000_000.0
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(self.START)
+        self.spool = os.path.abspath(self.mktemp())
+        self.queue = MemoryQueue(clock=self.clock, spool_directory=self.spool)
+        result_of(self.queue.load())
+        self.addCleanup(self.queue.save)

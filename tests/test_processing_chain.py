@@ -12,7 +12,6 @@ import os
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -36,12 +35,11 @@ from dcrouter.processing.transforms.headers import (
 )
 from dcrouter.queue.files import message_reader
 from dcrouter.queue.item import QueueItem, QueueItemStatus
-from dcrouter.queue.memory import MemoryQueue
 from dcrouter.smtp.spool import SpooledMessage
-from tests.results import result_of
+from tests.results import MemoryQueueCase, result_of
 from tests.smtp_fixtures import connect
 
-START = 1_700_000_000.0
+START = MemoryQueueCase.START
 
 HEAD = (
     b"Received: from client.example.net\r\n"
@@ -102,14 +100,9 @@ def verdict(kind: Verdict, reason: str = "", **kwargs: Any) -> ScanResult:
     return ScanResult("scripted", kind, reason, **kwargs)
 
 
-class ChainCase(TestCase):
+class ChainCase(MemoryQueueCase):
     def setUp(self) -> None:
-        self.clock = Clock()
-        self.clock.advance(START)
-        self.spool = os.path.abspath(self.mktemp())
-        self.queue = MemoryQueue(clock=self.clock, spool_directory=self.spool)
-        result_of(self.queue.load())
-        self.addCleanup(self.queue.save)
+        super().setUp()
         self.notified: list[QueueItem] = []
 
     def processor(self, **kwargs: Any) -> EmailProcessor:

@@ -9,8 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from twisted.internet.task import Clock
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import SkipTest
 
 from dcrouter.envelope import Envelope
 from dcrouter.processing.dkim import DkimSigner, PrivateKey, dns_txt_value, private_key_pem
@@ -20,9 +19,8 @@ from dcrouter.processing.transforms.dkim import DkimSign
 from dcrouter.processing.transforms.headers import AddHeader, RemoveHeader, RewriteAddress
 from dcrouter.queue.files import message_reader
 from dcrouter.queue.item import QueueItem
-from dcrouter.queue.memory import MemoryQueue
 from dcrouter.smtp.spool import SpooledMessage
-from tests.results import result_of
+from tests.results import MemoryQueueCase, result_of
 from tests.test_processing_dkim import (
     DOMAIN,
     ED_KEY,
@@ -39,7 +37,7 @@ from tests.test_processing_dkim import (
     tag,
 )
 
-START = 1_700_000_000.0
+START = MemoryQueueCase.START
 
 HEAD = (
     b"Received: from client.example.net\r\n"
@@ -61,15 +59,7 @@ def signer(key: PrivateKey = RSA_KEY) -> DkimSigner:
     return DkimSigner(DOMAIN, SELECTOR, private_key_pem(key), now=lambda: NOW)
 
 
-class SigningChainCase(TestCase):
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.clock.advance(START)
-        self.spool = os.path.abspath(self.mktemp())
-        self.queue = MemoryQueue(clock=self.clock, spool_directory=self.spool)
-        result_of(self.queue.load())
-        self.addCleanup(self.queue.save)
-
+class SigningChainCase(MemoryQueueCase):
     def processor(self, key: PrivateKey = RSA_KEY, transformations: Any = None) -> EmailProcessor:
         if transformations is None:
             transformations = [AddHeader("X-Gateway", "mx.example.com {queueId}")]

@@ -7,6 +7,9 @@ What a caller may rely on:
   sequences such as ``\\n.\\r\\n``, ``\\r\\n.\\n``, ``\\n.\\n`` or ``\\r.\\r`` can neither end the data
   early nor split it into two messages. Any bare CR or LF marks the message ``bare_line_ending`` and the
   protocol refuses it: dcrouter rejects rather than normalises, so nothing ambiguous is passed downstream.
+- A NUL octet anywhere marks the message ``nul`` and the protocol refuses it too. NUL has no place in 7bit or
+  8bit text (RFC 2045 §2.7, §2.8; only BINARYMIME, not offered, allows it), and a server downstream that drops
+  NULs would read ``<CRLF>NUL.<CRLF>`` as the end of the data and run what follows as commands.
 - A leading dot of a line is removed (RFC 5321 §4.5.2); everything else is passed on byte for byte.
 - Limits do not stop the reading: a line over ``max_line_length`` (CRLF included) sets ``line_too_long``, more
   text than ``max_message_size`` sets ``too_big``; from the first violation on nothing more is written to the
@@ -29,6 +32,7 @@ MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum messag
 BARE_LINE_ENDING = Reply(
     550, "5.6.0", "Message refused: bare CR or LF in message text (RFC 5321 section 2.3.8)"
 )
+NUL_IN_TEXT = Reply(550, "5.6.0", "Message refused: NUL character in message text")
 TEXT_LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long: message text lines must not exceed 1000 octets")
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops (mail loop)")
 TERMINATOR = b"\r\n.\r\n"
@@ -61,6 +65,7 @@ class DataStream:
         self.size = 0
         self.received_count = 0
         self.bare_line_ending = False
+        self.nul = False
         self.line_too_long = False
         self.too_big = False
         self.done = False
@@ -68,7 +73,7 @@ class DataStream:
     @property
     def damaged(self) -> bool:
         """True once anything was found that makes the message unacceptable (and writing stopped)."""
-        return self.bare_line_ending or self.line_too_long or self.too_big
+        return self.bare_line_ending or self.nul or self.line_too_long or self.too_big
 
     def refusal(self, *, max_received_headers: int) -> Reply | None:
         """After the end: the reply refusing the message, or None when it may be queued. The size is reported
@@ -77,6 +82,8 @@ class DataStream:
             return MESSAGE_TOO_BIG
         if self.bare_line_ending:
             return BARE_LINE_ENDING
+        if self.nul:
+            return NUL_IN_TEXT
         if self.line_too_long:
             return TEXT_LINE_TOO_LONG
         if self.received_count > max_received_headers:
@@ -123,6 +130,8 @@ class DataStream:
             well_ended = line.endswith(b"\r\n")
             if not well_ended or line.count(b"\r") != 1:
                 self.bare_line_ending = True
+            if b"\x00" in line:
+                self.nul = True
             if self._at_bol:
                 if line == b"\r\n":
                     self._in_headers = False
@@ -172,6 +181,8 @@ class DataStream:
             crlf = seg.count(b"\r\n")
             if crlf != newlines or seg.count(b"\r") != crlf:
                 self.bare_line_ending = True
+        if not self.nul and b"\x00" in seg:
+            self.nul = True
         if not self.line_too_long:
             self._measure(seg, newlines)
         at_bol = self._at_bol

@@ -18,6 +18,7 @@ START = b"EHLO client.example\r\nMAIL FROM:<sender@example.net>\r\nRCPT TO:<rcpt
 READY = b"354 End data with <CR><LF>.<CR><LF>\r\n"
 BARE = b"550 5.6.0 Message refused: bare CR or LF in message text (RFC 5321 section 2.3.8)\r\n"
 SMUGGLING = [b"\n.\r\n", b"\r\n.\n", b"\n.\n", b"\r.\r", b"\r.\r\n", b"\r\n.\r", b"\n.\r"]
+LONG_LINE = b"554 5.6.0 Message refused: a %s line exceeds 998 octets (RFC 5322 section 2.1.1)\r\n"
 NUL = b"550 5.6.0 Message refused: NUL character in message text\r\n"
 #: Lines a downstream server that drops NUL octets would read as the end of data.
 NUL_SMUGGLING = [b"\r\n\x00.\r\n", b"\r\n.\x00\r\n", b"\r\n\x00.\x00\r\n", b"\r\n\x00\x00.\r\n"]
@@ -97,8 +98,14 @@ class DataStreamTests(unittest.TestCase):
         stream, text, rest = run_split(data, cuts, max_line_length=20)
         self.assertEqual(rest, expected[2])
         self.assertEqual(
-            (stream.bare_line_ending, stream.nul, stream.line_too_long, stream.size),
-            (expected[0].bare_line_ending, expected[0].nul, expected[0].line_too_long, expected[0].size),
+            (stream.bare_line_ending, stream.nul, stream.line_too_long, stream.long_header_line, stream.size),
+            (
+                expected[0].bare_line_ending,
+                expected[0].nul,
+                expected[0].line_too_long,
+                expected[0].long_header_line,
+                expected[0].size,
+            ),
         )
         if not expected[0].damaged:
             # A damaged message is thrown away whole: what was written or counted before does not matter.
@@ -145,6 +152,15 @@ class DataStreamTests(unittest.TestCase):
                 stream, _, rest = run_split(long, cuts)
                 self.assertTrue(stream.line_too_long, (where, cuts))
                 self.assertEqual(rest, b"NEXT")
+
+    def test_where_the_long_line_is(self) -> None:
+        header = run(b"A: " + b"x" * 996 + b"\r\n\r\nbody\r\n.\r\n")[0]
+        unfinished_header = run_split(b"A: " + b"x" * 2000 + b"\r\n\r\n.\r\n", [1500])[0]
+        body = run(b"A: b\r\n\r\n" + b"x" * 999 + b"\r\n.\r\n")[0]
+        for stream, where in ((header, b"header"), (unfinished_header, b"header"), (body, b"body")):
+            reply = stream.refusal(max_received_headers=10)
+            assert reply is not None
+            self.assertEqual(reply.to_bytes(), LONG_LINE % where)
 
     def test_endless_line_keeps_memory_small(self) -> None:
         written: list[bytes] = []
@@ -281,15 +297,32 @@ class ProtocolDataTests(unittest.TestCase):
 
     def test_text_line_too_long_then_usable(self) -> None:
         server = connect()
-        out = server.exchange(START + b"x" * 2000 + b"\r\n.\r\nNOOP\r\n")
+        out = server.exchange(START + b"Subject: x\r\n\r\n" + b"x" * 2000 + b"\r\n.\r\nNOOP\r\n")
         self.assertTrue(
-            out.endswith(
-                READY + b"500 5.5.2 Line too long: message text lines must not exceed 1000 octets\r\n"
-                b"250 2.0.0 Ok\r\n"
-            ),
+            out.endswith(READY + LONG_LINE % b"body" + b"250 2.0.0 Ok\r\n"),
             out,
         )
         self.assertEqual(server.queue.items, [])
+
+    def test_long_to_header_is_refused_saying_so(self) -> None:
+        # swaks --to with 150 recipients writes them all on one To: line (Postfix accepts and folds it).
+        recipients = b", ".join(b"<user%d@example.org>" % n for n in range(150))
+        self.assertGreater(len(b"To: " + recipients), 998)
+        server = connect(make_config(max_message_size=100_000))
+        out = server.exchange(START + b"To: " + recipients + b"\r\nSubject: x\r\n\r\nbody\r\n.\r\nNOOP\r\n")
+        self.assertTrue(
+            out.endswith(READY + LONG_LINE % b"header" + b"250 2.0.0 Ok\r\n"),
+            out,
+        )
+        self.assertEqual(server.queue.items, [])
+
+    def test_raised_line_limit_names_itself(self) -> None:
+        server = connect(make_config(max_line_length=2000, max_message_size=100_000))
+        out = server.exchange(START + b"H: " + b"v" * 1990 + b"\r\n\r\n" + b"b" * 1998 + b"\r\n.\r\n")
+        self.assertTrue(out.endswith(b"250 2.0.0 Ok: queued as %s\r\n" % server.queue.items[0].id.encode()))
+        out = server.exchange(START[21:] + b"H: v\r\n\r\n" + b"b" * 1999 + b"\r\n.\r\n")
+        raised = b"554 5.6.0 Message refused: a body line exceeds 1998 octets (maxLineLength)\r\n"
+        self.assertTrue(out.endswith(raised), out)
 
     def test_too_many_hops(self) -> None:
         server = connect()

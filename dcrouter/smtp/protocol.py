@@ -15,9 +15,10 @@ What a caller may rely on:
   processor's Deferred fires (the queue made the message durable); queue failures are 4xx, never 5xx.
 - Every reply but the greeting, EHLO/HELO, ``354`` and ``334`` carries an RFC 3463 enhanced status code.
 
-Decisions: a message with a text line over ``maxLineLength`` is refused after its end with ``500 5.5.2``
-(RFC 5321 §4.5.3.1.10 names 500 for a too-long line; the enhanced code says "syntax error"); bare CR or LF in
-DATA is refused with ``550 5.6.0`` rather than normalised; 500 and 503 replies count toward
+Decisions: a message with a text line over ``maxLineLength`` is refused after its end with ``554 5.6.0``
+naming the header or body line (a content problem: 554 is RFC 5321's reply to a failed transaction after
+DATA, X.6 the class for message content); bare CR or LF, or NUL, in DATA is refused with ``550 5.6.0``
+rather than normalised; 500 and 503 replies count toward
 ``maxBadCommands``; ``354`` and ``334`` carry no enhanced code (RFC 2034 defines them for 2xx/4xx/5xx only).
 """
 

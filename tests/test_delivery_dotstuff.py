@@ -21,8 +21,8 @@ def stuff(*chunks: bytes) -> bytes:
 
 
 def normalise(text: bytes) -> bytes:
-    """What the receiver should get: every CRLF, bare CR and bare LF a CRLF."""
-    return text.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    """What the receiver should get: no NUL octets, and every CRLF, bare CR and bare LF a CRLF."""
+    return text.replace(b"\x00", b"").replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
 
 
 def unstuff(wire: bytes) -> bytes:
@@ -75,6 +75,16 @@ class ExampleTests(unittest.TestCase):
         self.assertEqual(wire.count(b"\r\n.\r\n"), 1)
         self.assertTrue(wire.endswith(b"\r\n.\r\n"))
 
+    def test_nul_octets_are_dropped_so_no_hop_reads_another_end(self) -> None:
+        # Queued before ingress refused NUL (or by another writer): a server that drops NULs itself would
+        # read "\x00." as the end of the data and the rest as commands. What goes out holds no NUL, so every
+        # receiver reads the same lines, and the dot gets stuffed.
+        wire = stuff(b"a\r\n\x00.\r\nMAIL FROM:<spoof@victim.test>\r\n.\x00\r\nb\r\n")
+        self.assertEqual(wire, b"a\r\n..\r\nMAIL FROM:<spoof@victim.test>\r\n..\r\nb\r\n.\r\n")
+        self.assertEqual(stuff(b"a\r\n\x00", b".\r\n"), b"a\r\n..\r\n.\r\n")
+        self.assertEqual(stuff(b"a\r", b"\x00", b"\n\x00.b"), b"a\r\n..b\r\n.\r\n")
+        self.assertEqual(stuff(b"\x00"), b".\r\n")
+
     def test_body_without_final_line_break_gets_one(self) -> None:
         self.assertEqual(stuff(b"a\r\nlast"), b"a\r\nlast\r\n.\r\n")
 
@@ -96,7 +106,7 @@ class ExampleTests(unittest.TestCase):
 
 
 # Mostly the characters that matter, with some others so lines have content.
-_TEXT = st.binary(max_size=200).map(lambda raw: bytes(b".\r\nab"[byte % 5] for byte in raw)) | st.binary(
+_TEXT = st.binary(max_size=200).map(lambda raw: bytes(b".\r\nab\x00"[byte % 6] for byte in raw)) | st.binary(
     max_size=100
 )
 
@@ -106,8 +116,9 @@ class PropertyTests(unittest.TestCase):
     @given(_TEXT, st.lists(st.integers(min_value=0, max_value=200), max_size=12))
     def test_any_chunking(self, text: bytes, cuts: list[int]) -> None:
         wire = stuff(*split_at(text, cuts))
-        # Never a bare CR or LF.
+        # Never a bare CR or LF, never a NUL.
         self.assertIsNone(re.search(rb"\r(?!\n)|(?<!\r)\n", wire))
+        self.assertNotIn(b"\x00", wire)
         # The terminator only at the end.
         self.assertTrue(wire.endswith(b".\r\n"))
         self.assertNotIn(b"\r\n.\r\n", wire[:-3])

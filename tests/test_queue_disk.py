@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -14,6 +15,8 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
 from dcrouter.interfaces import QueueFull, QueueUnavailable
+from dcrouter.queue import files as files_module
+from dcrouter.queue import index as index_module
 from dcrouter.queue.disk import DiskQueue
 from dcrouter.queue.index import CLAIM_SQL, DUE_SQL, FEW_DUE
 from dcrouter.queue.item import Priority, QueueItemStatus
@@ -309,3 +312,99 @@ class DurabilityTests(TestCase):
         self.assertEqual(synchronous(), 0)  # OFF: a claim only
         await queue.update("D1", status=QueueItemStatus.DELIVERED)
         self.assertEqual(synchronous(), 2)
+
+
+class DiskFullTests(TestCase):
+    """ENOSPC at each step of storing a message: ``QueueUnavailable`` (ingress answers ``451 4.3.0``), no file
+    left in spool/ or messages/, nothing visible, and the queue takes the next message once there is room.
+    SQLite's own ENOSPC (SQLITE_FULL) is made real with ``max_page_count``; fsync failures are injected where
+    the index calls them. tests/integration/test_smtp_disk_full.py fills a real file system."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.path = self.mktemp()
+
+    async def open_queue(self) -> DiskQueue:
+        queue = DiskQueue(self.path, reactor=reactor, clock=self.clock)
+        await queue.load()
+        self.addCleanup(queue.save)
+        return queue
+
+    async def refused(self, queue: DiskQueue, item_id: str, message: Any, **fields: Any) -> QueueUnavailable:
+        try:
+            await queue.enqueue(make_item(item_id, **fields), message)
+        except QueueUnavailable as error:
+            return error
+        self.fail(f"{item_id} was stored")
+
+    async def assert_nothing_left(self, queue: DiskQueue, *item_ids: str) -> None:
+        for item_id in item_ids:
+            self.assertIsNone(await queue.get(item_id))
+        self.assertEqual(await queue.get_item_count(), 0)
+        self.assertEqual(os.listdir(queue.spool_directory), [])
+        self.assertEqual(glob.glob(os.path.join(self.path, "messages", "*", "*")), [])
+
+    def fill_index(self, queue: DiskQueue) -> None:
+        """The index's file system is full: SQLite may not add a single page (SQLITE_FULL, as on ENOSPC)."""
+        conn = queue._index.conn
+        (pages,) = conn.execute("PRAGMA page_count").fetchone()
+        conn.execute(f"PRAGMA max_page_count = {pages}")
+        self.addCleanup(conn.execute, "PRAGMA max_page_count = 1073741823")
+
+    async def test_index_full_for_an_inline_body(self) -> None:
+        queue = await self.open_queue()
+        self.fill_index(queue)
+        error = await self.refused(queue, "IN1", inline(b"x" * 100_000))
+        self.assertIn("database or disk is full", str(error))
+        await self.assert_nothing_left(queue, "IN1")
+        queue._index.conn.execute("PRAGMA max_page_count = 1073741823")
+        await queue.enqueue(make_item("OK1"), inline(b"fine"))
+        self.assertEqual(await read_body(queue, "OK1"), b"fine")
+
+    async def test_index_full_after_the_body_file_moved_in(self) -> None:
+        # The body is fsynced and linked into messages/ before the row's commit fails: it is removed again.
+        queue = await self.open_queue()
+        self.fill_index(queue)
+        message = spool_file(queue, b"y" * 300_000)
+        error = await self.refused(queue, "FI1", message, head=b"X-Big: " + b"h" * 100_000 + b"\r\n\r\n")
+        self.assertIn("database or disk is full", str(error))
+        self.assertIsNone(message.path)
+        await self.assert_nothing_left(queue, "FI1")
+
+    async def test_fsync_of_the_body_fails(self) -> None:
+        queue = await self.open_queue()
+        self.patch(index_module, "fsync_file", _no_space)
+        error = await self.refused(queue, "FS1", spool_file(queue, b"z" * 300_000))
+        self.assertIn("No space left on device", str(error))
+        await self.assert_nothing_left(queue, "FS1")
+
+    async def test_fsync_of_the_body_directory_fails(self) -> None:
+        queue = await self.open_queue()
+        self.patch(index_module, "fsync_directory", _no_space)
+        error = await self.refused(queue, "FD1", spool_file(queue, b"z" * 300_000))
+        self.assertIn("No space left on device", str(error))
+        await self.assert_nothing_left(queue, "FD1")
+
+    async def test_copy_to_another_file_system_fails_half_way(self) -> None:
+        # A spool on another file system than messages/: the body is copied, and the copy runs out of room.
+        queue = await self.open_queue()
+        self.patch(files_module.os, "link", _cross_device)
+        self.patch(files_module.shutil, "copyfileobj", _copy_half_then_no_space)
+        error = await self.refused(queue, "CP1", spool_file(queue, b"c" * 300_000))
+        self.assertIn("No space left on device", str(error))
+        await self.assert_nothing_left(queue, "CP1")
+
+
+def _no_space(path: str) -> None:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+
+def _cross_device(source: str, target: str) -> None:
+    raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), source, None, target)
+
+
+def _copy_half_then_no_space(source: Any, target: Any, length: int = 0) -> None:
+    target.write(source.read(1000))
+    target.flush()
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -18,6 +18,10 @@ START = b"EHLO client.example\r\nMAIL FROM:<sender@example.net>\r\nRCPT TO:<rcpt
 READY = b"354 End data with <CR><LF>.<CR><LF>\r\n"
 BARE = b"550 5.6.0 Message refused: bare CR or LF in message text (RFC 5321 section 2.3.8)\r\n"
 SMUGGLING = [b"\n.\r\n", b"\r\n.\n", b"\n.\n", b"\r.\r", b"\r.\r\n", b"\r\n.\r", b"\n.\r"]
+LONG_LINE = b"554 5.6.0 Message refused: a %s line exceeds 998 octets (RFC 5322 section 2.1.1)\r\n"
+NUL = b"550 5.6.0 Message refused: NUL character in message text\r\n"
+#: Lines a downstream server that drops NUL octets would read as the end of data.
+NUL_SMUGGLING = [b"\r\n\x00.\r\n", b"\r\n.\x00\r\n", b"\r\n\x00.\x00\r\n", b"\r\n\x00\x00.\r\n"]
 
 
 def run(data: bytes, **limits: int) -> tuple[DataStream, bytes, bytes]:
@@ -83,7 +87,7 @@ class DataStreamTests(unittest.TestCase):
     @settings(max_examples=200, deadline=None)
     @given(
         st.lists(
-            st.sampled_from([b"a", b".", b"\r\n", b"\r", b"\n", b"Received: x", b"\r\n.", b"x" * 7]),
+            st.sampled_from([b"a", b".", b"\r\n", b"\r", b"\n", b"Received: x", b"\r\n.", b"x" * 7, b"\x00"]),
             max_size=40,
         ),
         st.lists(st.integers(min_value=1, max_value=400), max_size=8),
@@ -94,8 +98,14 @@ class DataStreamTests(unittest.TestCase):
         stream, text, rest = run_split(data, cuts, max_line_length=20)
         self.assertEqual(rest, expected[2])
         self.assertEqual(
-            (stream.bare_line_ending, stream.line_too_long, stream.size),
-            (expected[0].bare_line_ending, expected[0].line_too_long, expected[0].size),
+            (stream.bare_line_ending, stream.nul, stream.line_too_long, stream.long_header_line, stream.size),
+            (
+                expected[0].bare_line_ending,
+                expected[0].nul,
+                expected[0].line_too_long,
+                expected[0].long_header_line,
+                expected[0].size,
+            ),
         )
         if not expected[0].damaged:
             # A damaged message is thrown away whole: what was written or counted before does not matter.
@@ -115,6 +125,23 @@ class DataStreamTests(unittest.TestCase):
             self.assertTrue(stream.bare_line_ending, sequence)
             self.assertEqual(rest, b"AFTER", sequence)
 
+    def test_nul_marks_the_message_wherever_it_is(self) -> None:
+        for data in (
+            b"Subject: x\x00\r\n\r\nbody\r\n.\r\nAFTER",
+            b"\x00.\r\nSubject: x\r\n\r\n.\r\nAFTER",
+            b"Subject: x\r\n\r\nbody\x00\r\n.\r\nAFTER",
+            *(
+                b"Subject: x\r\n\r\nbody" + s + b"MAIL FROM:<e@x.example>\r\n.\r\nAFTER"
+                for s in [*NUL_SMUGGLING, b"\r\n.\r\x00\n", b"\r\x00\n.\r\n"]
+            ),
+        ):
+            for cuts in ([], list(range(len(data)))):
+                stream, _, rest = run_split(data, cuts)
+                self.assertTrue(stream.nul, (data, cuts))
+                self.assertTrue(stream.damaged, data)
+                self.assertEqual(rest, b"AFTER", data)
+        self.assertFalse(run(b"Subject: x\r\n\r\nbody\r\n.\r\n")[0].nul)
+
     def test_line_length_limit(self) -> None:
         for where in (b"", b"H: v\r\n\r\n"):
             ok = where + b"x" * 998 + b"\r\n.\r\n"
@@ -125,6 +152,15 @@ class DataStreamTests(unittest.TestCase):
                 stream, _, rest = run_split(long, cuts)
                 self.assertTrue(stream.line_too_long, (where, cuts))
                 self.assertEqual(rest, b"NEXT")
+
+    def test_where_the_long_line_is(self) -> None:
+        header = run(b"A: " + b"x" * 996 + b"\r\n\r\nbody\r\n.\r\n")[0]
+        unfinished_header = run_split(b"A: " + b"x" * 2000 + b"\r\n\r\n.\r\n", [1500])[0]
+        body = run(b"A: b\r\n\r\n" + b"x" * 999 + b"\r\n.\r\n")[0]
+        for stream, where in ((header, b"header"), (unfinished_header, b"header"), (body, b"body")):
+            reply = stream.refusal(max_received_headers=10)
+            assert reply is not None
+            self.assertEqual(reply.to_bytes(), LONG_LINE % where)
 
     def test_endless_line_keeps_memory_small(self) -> None:
         written: list[bytes] = []
@@ -210,6 +246,30 @@ class ProtocolDataTests(unittest.TestCase):
             self.assertEqual(out.count(b"\r\n"), 11, sequence)
             self.assertEqual(server.queue.items, [], sequence)
 
+    def test_nul_before_the_dot_is_refused_and_never_relayed(self) -> None:
+        # A server downstream that dropped NUL octets would read "\x00." as the end of the data and run
+        # the commands after it: the whole message is refused here, so nothing reaches it.
+        for sequence in NUL_SMUGGLING:
+            server = connect()
+            out = server.exchange(
+                START
+                + b"Subject: a\r\n\r\nbody"
+                + sequence
+                + b"MAIL FROM:<spoof@victim.test>\r\nRCPT TO:<victim@example.org>\r\n"
+                + b"DATA\r\nevil\r\n.\r\nNOOP\r\n"
+            )
+            self.assertTrue(out.endswith(READY + NUL + b"250 2.0.0 Ok\r\n"), (sequence, out))
+            # EHLO (6 lines), MAIL, RCPT, 354, the refusal and NOOP: nothing of the smuggled commands.
+            self.assertEqual(out.count(b"\r\n"), 11, sequence)
+            self.assertEqual(server.queue.items, [], sequence)
+
+    def test_nul_anywhere_refuses_the_message(self) -> None:
+        for message in (b"Subject: a\x00b\r\n\r\nbody\r\n", b"Subject: a\r\n\r\nbo\x00dy\r\n"):
+            server = connect()
+            out = server.exchange(START + message + b".\r\nNOOP\r\n")
+            self.assertTrue(out.endswith(READY + NUL + b"250 2.0.0 Ok\r\n"), out)
+            self.assertEqual(server.queue.items, [])
+
     def test_pipelined_commands_after_the_end(self) -> None:
         server = connect()
         out = server.exchange(START + b"a\r\n.\r\nRSET\r\nNOOP\r\n")
@@ -237,15 +297,32 @@ class ProtocolDataTests(unittest.TestCase):
 
     def test_text_line_too_long_then_usable(self) -> None:
         server = connect()
-        out = server.exchange(START + b"x" * 2000 + b"\r\n.\r\nNOOP\r\n")
+        out = server.exchange(START + b"Subject: x\r\n\r\n" + b"x" * 2000 + b"\r\n.\r\nNOOP\r\n")
         self.assertTrue(
-            out.endswith(
-                READY + b"500 5.5.2 Line too long: message text lines must not exceed 1000 octets\r\n"
-                b"250 2.0.0 Ok\r\n"
-            ),
+            out.endswith(READY + LONG_LINE % b"body" + b"250 2.0.0 Ok\r\n"),
             out,
         )
         self.assertEqual(server.queue.items, [])
+
+    def test_long_to_header_is_refused_saying_so(self) -> None:
+        # swaks --to with 150 recipients writes them all on one To: line (Postfix accepts and folds it).
+        recipients = b", ".join(b"<user%d@example.org>" % n for n in range(150))
+        self.assertGreater(len(b"To: " + recipients), 998)
+        server = connect(make_config(max_message_size=100_000))
+        out = server.exchange(START + b"To: " + recipients + b"\r\nSubject: x\r\n\r\nbody\r\n.\r\nNOOP\r\n")
+        self.assertTrue(
+            out.endswith(READY + LONG_LINE % b"header" + b"250 2.0.0 Ok\r\n"),
+            out,
+        )
+        self.assertEqual(server.queue.items, [])
+
+    def test_raised_line_limit_names_itself(self) -> None:
+        server = connect(make_config(max_line_length=2000, max_message_size=100_000))
+        out = server.exchange(START + b"H: " + b"v" * 1990 + b"\r\n\r\n" + b"b" * 1998 + b"\r\n.\r\n")
+        self.assertTrue(out.endswith(b"250 2.0.0 Ok: queued as %s\r\n" % server.queue.items[0].id.encode()))
+        out = server.exchange(START[21:] + b"H: v\r\n\r\n" + b"b" * 1999 + b"\r\n.\r\n")
+        raised = b"554 5.6.0 Message refused: a body line exceeds 1998 octets (maxLineLength)\r\n"
+        self.assertTrue(out.endswith(raised), out)
 
     def test_too_many_hops(self) -> None:
         server = connect()

@@ -3,9 +3,13 @@ producer that streams a file through it into a transport with flow control.
 
 What a caller may rely on (:class:`DotStuffer`):
 
+- NUL octets are dropped, before anything else. Ingress refuses messages holding one (a server downstream that
+  drops NULs would read ``<CRLF>NUL.<CRLF>`` as the end of the data: SMTP smuggling), but a message queued
+  before that check, or by another writer of a shared queue, may still hold one; without them every receiver
+  reads the same lines, and a dot that a NUL hid is stuffed like any other.
 - Line endings are normalised to CRLF: a bare LF and a bare CR each become CRLF; a CRLF stays one CRLF even
   when a chunk ends between its CR and its LF (a trailing CR is held back until the next chunk or
-  :meth:`~DotStuffer.finish` shows what follows it). The output never holds a bare CR or a bare LF.
+  :meth:`~DotStuffer.finish` shows what follows it). The output never holds a bare CR, a bare LF or a NUL.
 - A ``.`` at the start of any line is doubled: the first line, a line after a CRLF inside a chunk, and a
   line that starts exactly at a chunk boundary. So ``CRLF.CRLF`` never occurs before the end.
 - :meth:`~DotStuffer.finish` ends the text with ``CRLF.CRLF`` (adding the CRLF when the body does not end
@@ -50,6 +54,8 @@ class DotStuffer:
         """The transparent form of ``chunk`` (possibly shorter by a held-back trailing CR)."""
         if self._finished:
             raise ValueError("DotStuffer.encode after finish")
+        if b"\x00" in chunk:
+            chunk = chunk.replace(b"\x00", b"")
         if not chunk:
             return b""
         if self._held_cr:

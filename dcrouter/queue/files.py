@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
 import shutil
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 
@@ -36,10 +38,24 @@ def link_without_replacing(source: str, target: str) -> None:
     except OSError as e:
         if e.errno != errno.EXDEV:
             raise
-        with open(source, "rb") as src, open(target, "xb") as dst:
-            shutil.copyfileobj(src, dst, 1024 * 1024)
+        with open(source, "rb") as src:
+            write_new_file(target, lambda dst: shutil.copyfileobj(src, dst, 1024 * 1024))
+
+
+def write_new_file(path: str, write: Callable[[BinaryIO], object]) -> None:
+    """Create ``path`` (FileExistsError if it exists, which is left alone), let ``write`` fill it, and fsync
+    it. If anything fails after the creation (ENOSPC in a write, the flush, the fsync or the close), the
+    partial file is removed before the error is raised: a half-written body never stays under its name."""
+    dst = open(path, "xb")  # noqa: SIM115 (closed below, on every path)
+    try:
+        with dst:
+            write(dst)
             dst.flush()
             os.fsync(dst.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
 
 
 def unique_path(directory: str, base: str) -> str:

@@ -398,7 +398,11 @@ class QueueIndex:
                 conn.execute("SAVEPOINT w")
                 try:
                     outcomes[n] = (True, writes[n].apply(conn))
-                except Exception as e:  # noqa: BLE001 (a failure for the caller)
+                except Exception as e:  # a failure for the caller
+                    if not conn.in_transaction:
+                        # SQLite rolled the whole transaction back itself, as it may on SQLITE_FULL (ENOSPC)
+                        # or an I/O error: no write of the batch is stored, and this is why.
+                        raise
                     conn.execute("ROLLBACK TO w")
                     self._fail(writes, outcomes, [n], _as_unavailable(e))
                 conn.execute("RELEASE w")

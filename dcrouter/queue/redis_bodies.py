@@ -23,7 +23,13 @@ import os
 import time
 
 from dcrouter.interfaces import DuplicateItem
-from dcrouter.queue.files import fsync_directory, fsync_file, link_without_replacing, unique_path
+from dcrouter.queue.files import (
+    fsync_directory,
+    fsync_file,
+    link_without_replacing,
+    unique_path,
+    write_new_file,
+)
 
 #: Files younger than this (seconds since their last change) are left alone by load(). Longer than any SMTP
 #: session may last (connectionTimeout defaults to 30 minutes) and than any enqueue may take.
@@ -64,21 +70,30 @@ def store_file(body_directory: str, item_id: str, source: str) -> None:
         link_without_replacing(source, target)
     except FileExistsError as e:
         raise DuplicateItem(f"a body file already exists for {item_id}") from e
-    fsync_directory(directory)
+    _fsync_placed(directory, target)
     os.unlink(source)
 
 
 def write_file(body_directory: str, item_id: str, data: bytes) -> None:
-    """Write ``data`` as the durable body of ``item_id`` (an in-memory body above the inline limit)."""
+    """Write ``data`` as the durable body of ``item_id`` (an in-memory body above the inline limit). On a
+    failure (ENOSPC, EIO) nothing is left under the body's name."""
     directory = _place_directory(body_directory, item_id)
+    target = body_path(body_directory, item_id)
     try:
-        with open(body_path(body_directory, item_id), "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write_new_file(target, lambda f: f.write(data))
     except FileExistsError as e:
         raise DuplicateItem(f"a body file already exists for {item_id}") from e
-    fsync_directory(directory)
+    _fsync_placed(directory, target)
+
+
+def _fsync_placed(directory: str, target: str) -> None:
+    """Make the new name ``target`` durable; if that fails, take the file away again (no item names it)."""
+    try:
+        fsync_directory(directory)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(target)
+        raise
 
 
 def read_file(path: str) -> bytes:

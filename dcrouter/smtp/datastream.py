@@ -7,10 +7,14 @@ What a caller may rely on:
   sequences such as ``\\n.\\r\\n``, ``\\r\\n.\\n``, ``\\n.\\n`` or ``\\r.\\r`` can neither end the data
   early nor split it into two messages. Any bare CR or LF marks the message ``bare_line_ending`` and the
   protocol refuses it: dcrouter rejects rather than normalises, so nothing ambiguous is passed downstream.
+- A NUL octet anywhere marks the message ``nul`` and the protocol refuses it too. NUL has no place in 7bit or
+  8bit text (RFC 2045 §2.7, §2.8; only BINARYMIME, not offered, allows it), and a server downstream that drops
+  NULs would read ``<CRLF>NUL.<CRLF>`` as the end of the data and run what follows as commands.
 - A leading dot of a line is removed (RFC 5321 §4.5.2); everything else is passed on byte for byte.
-- Limits do not stop the reading: a line over ``max_line_length`` (CRLF included) sets ``line_too_long``, more
-  text than ``max_message_size`` sets ``too_big``; from the first violation on nothing more is written to the
-  sink, but the stream keeps looking for the terminator so the session stays in sync with the client.
+- Limits do not stop the reading: a line over ``max_line_length`` (CRLF included) sets ``line_too_long`` (and
+  ``long_header_line`` when it is in the header section), more text than ``max_message_size`` sets
+  ``too_big``; from the first violation on nothing more is written to the sink, but the stream keeps looking
+  for the terminator so the session stays in sync with the client.
 - ``Received:`` fields in the header section (up to the first empty line) are counted in ``received_count``.
 - Memory: besides the caller's chunk, the stream keeps at most one partial header line (< ``max_line_length``)
   or four bytes of a possible terminator between calls.
@@ -29,7 +33,7 @@ MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum messag
 BARE_LINE_ENDING = Reply(
     550, "5.6.0", "Message refused: bare CR or LF in message text (RFC 5321 section 2.3.8)"
 )
-TEXT_LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long: message text lines must not exceed 1000 octets")
+NUL_IN_TEXT = Reply(550, "5.6.0", "Message refused: NUL character in message text")
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops (mail loop)")
 TERMINATOR = b"\r\n.\r\n"
 #: Proper prefixes of the terminator, longest first: a chunk ending in one of them is held back until the next
@@ -61,14 +65,16 @@ class DataStream:
         self.size = 0
         self.received_count = 0
         self.bare_line_ending = False
+        self.nul = False
         self.line_too_long = False
+        self.long_header_line = False
         self.too_big = False
         self.done = False
 
     @property
     def damaged(self) -> bool:
         """True once anything was found that makes the message unacceptable (and writing stopped)."""
-        return self.bare_line_ending or self.line_too_long or self.too_big
+        return self.bare_line_ending or self.nul or self.line_too_long or self.too_big
 
     def refusal(self, *, max_received_headers: int) -> Reply | None:
         """After the end: the reply refusing the message, or None when it may be queued. The size is reported
@@ -77,11 +83,22 @@ class DataStream:
             return MESSAGE_TOO_BIG
         if self.bare_line_ending:
             return BARE_LINE_ENDING
+        if self.nul:
+            return NUL_IN_TEXT
         if self.line_too_long:
-            return TEXT_LINE_TOO_LONG
+            return self._line_too_long()
         if self.received_count > max_received_headers:
             return TOO_MANY_HOPS
         return None
+
+    def _line_too_long(self) -> Reply:
+        """554 5.6.0 saying which part of the message holds the line and what the limit is. A content problem
+        found at the end of the data: 554 is RFC 5321's reply for a failed transaction there, X.6.0 the
+        enhanced code for message content (5.5.2 would mean a command's syntax)."""
+        where = "header" if self.long_header_line else "body"
+        octets = self._max_line - 2
+        source = "RFC 5322 section 2.1.1" if octets == 998 else "maxLineLength"
+        return Reply(554, "5.6.0", f"Message refused: a {where} line exceeds {octets} octets ({source})")
 
     def feed(self, data: bytes) -> int:
         """Consume ``data``. Returns -1 while the data continues, else the offset in ``data`` just after the
@@ -110,7 +127,7 @@ class DataStream:
                     self._carry = buf[pos:]
                     return end
                 # An unfinished header line already over the limit: the body machinery tracks it from here.
-                self.line_too_long = True
+                self.line_too_long = self.long_header_line = True
                 self._in_headers = False
                 return pos
             line = buf[pos : lf + 1]
@@ -119,10 +136,12 @@ class DataStream:
                 self.done = True
                 return pos
             if len(line) > self._max_line:
-                self.line_too_long = True
+                self.line_too_long = self.long_header_line = True
             well_ended = line.endswith(b"\r\n")
             if not well_ended or line.count(b"\r") != 1:
                 self.bare_line_ending = True
+            if b"\x00" in line:
+                self.nul = True
             if self._at_bol:
                 if line == b"\r\n":
                     self._in_headers = False
@@ -172,6 +191,8 @@ class DataStream:
             crlf = seg.count(b"\r\n")
             if crlf != newlines or seg.count(b"\r") != crlf:
                 self.bare_line_ending = True
+        if not self.nul and b"\x00" in seg:
+            self.nul = True
         if not self.line_too_long:
             self._measure(seg, newlines)
         at_bol = self._at_bol

@@ -15,9 +15,10 @@ What a caller may rely on:
   processor's Deferred fires (the queue made the message durable); queue failures are 4xx, never 5xx.
 - Every reply but the greeting, EHLO/HELO, ``354`` and ``334`` carries an RFC 3463 enhanced status code.
 
-Decisions: a message with a text line over ``maxLineLength`` is refused after its end with ``500 5.5.2``
-(RFC 5321 §4.5.3.1.10 names 500 for a too-long line; the enhanced code says "syntax error"); bare CR or LF in
-DATA is refused with ``550 5.6.0`` rather than normalised; 500 and 503 replies count toward
+Decisions: a message with a text line over ``maxLineLength`` is refused after its end with ``554 5.6.0``
+naming the header or body line (a content problem: 554 is RFC 5321's reply to a failed transaction after
+DATA, X.6 the class for message content); bare CR or LF, or NUL, in DATA is refused with ``550 5.6.0``
+rather than normalised; 500 and 503 replies count toward
 ``maxBadCommands``; ``354`` and ``334`` carry no enhanced code (RFC 2034 defines them for 2xx/4xx/5xx only).
 """
 
@@ -47,7 +48,7 @@ from zope.interface import implementer
 
 from dcrouter.config.options import SmtpConfig
 from dcrouter.envelope import Envelope
-from dcrouter.interfaces import QueueFull
+from dcrouter.interfaces import QueueFull, QueueUnavailable
 from dcrouter.log import logger
 from dcrouter.processing.message import Discarded
 from dcrouter.processing.processor import EmailProcessor, new_queue_id
@@ -177,6 +178,8 @@ class ESMTPServerFactory(Factory):
 
     #: No "Starting factory" line per port at start and stop; the router logs what listens where.
     noisy = False
+    #: Makes the writer each DATA spools into, given the spool directory (tests give it a filling disk).
+    spool_writer: Callable[[str], SpoolWriter] = SpoolWriter
 
     def buildProtocol(self, addr: Any) -> ESMTPServerProtocol:
         protocol = ESMTPServerProtocol(self)
@@ -646,13 +649,9 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
             return Reply(503, "5.5.1", "Error: need MAIL command")
         if not txn.recipients:
             return Reply(503, "5.5.1", "Error: need RCPT command")
-        spool = SpoolWriter(self._f.spool_directory)
-        try:
-            spool.write(self._received_header(txn))
-        except OSError:
-            spool.abort()
-            self._log("failure", "Cannot spool for {peer}", failure=Failure(), queue_id=txn.queue_id)
-            return LOCAL_ERROR
+        spool = self._f.spool_writer(self._f.spool_directory)
+        # Never raises: a failing file system is answered after the end of the data (see _queue).
+        spool.write(self._received_header(txn))
         self._spool = spool
         self._stream = DataStream(
             self._write_spool,
@@ -726,13 +725,9 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
     def _feed_data(self, chunk: bytes) -> None:
         stream = self._stream
         assert stream is not None
-        try:
-            end = stream.feed(chunk)
-        except OSError:
-            # The spool is unusable: answer 451 and hang up rather than guess where the data ends.
-            self._log("failure", "Spool write failed for {peer}", failure=Failure())
-            self._close(LOCAL_ERROR)
-            return
+        # A failing spool does not raise here: it keeps its error for the end of the data (SpoolWriter), so
+        # the stream stays in step with the client and the answer is a 451 after the final dot.
+        end = stream.feed(chunk)
         if end < 0:
             return
         if end < len(chunk):
@@ -765,10 +760,9 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
         session = self.session
         try:
             message = spool.finish()
-        except OSError:
-            spool.abort()
-            self._log("failure", "Cannot finish spool for {peer}", failure=Failure(), queue_id=txn.queue_id)
-            return LOCAL_ERROR
+        except OSError as error:
+            # The file system failed (ENOSPC, EIO, ...): the spool already removed its file.
+            return self._queue_failure(txn, error)
         envelope = Envelope(
             mail_from=str(txn.sender),
             recipients=list(txn.recipients),
@@ -817,12 +811,21 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
             reply = error.reply  # type: ignore[attr-defined]
         else:
             reply = LOCAL_ERROR
+        if reply is not LOCAL_ERROR:
+            level = "warn"
+        elif isinstance(error, QueueUnavailable | OSError):
+            # A store that cannot take the message (disk full, Redis down) is an operating condition, not a
+            # bug: one line that says why, no traceback.
+            level = "error"
+        else:
+            level = "failure"
         self._log(
-            "failure" if reply is LOCAL_ERROR else "warn",
-            "Message from {peer} not queued: {reply}",
-            failure=Failure(error),
+            level,
+            "Message from {peer} not queued: {reply} ({error})",
+            failure=Failure(error) if level == "failure" else None,
             queue_id=txn.queue_id,
             reply=reply.code,
+            error=str(error) or type(error).__name__,
         )
         return reply
 

@@ -1,8 +1,13 @@
-"""How long an SMTP session may last: the deadline of each command line, the minimum DATA rate, the junk
-command limit and the pregreet check. Byte-exact StringTransport transcripts on a Clock."""
+"""How long an SMTP session may last and how it ends: the deadline of each command line, the minimum DATA
+rate, the junk command limit, the pregreet check and a graceful stop. Byte-exact StringTransport transcripts
+on a Clock."""
 
 from __future__ import annotations
 
+import os
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from dcrouter.smtp.policy import SessionPolicy
@@ -24,6 +29,7 @@ START_DATA = b"354 End data with <CR><LF>.<CR><LF>\r\n"
 TIMEOUT = b"421 4.4.2 mx.example.test Error: timeout exceeded\r\n"
 TOO_MANY_ERRORS = b"421 4.7.0 Too many errors\r\n"
 PREGREET = b"521 5.5.1 Protocol error: client sent data before the greeting\r\n"
+SHUTTING_DOWN = b"421 4.3.2 mx.example.test Service shutting down, try again later\r\n"
 
 
 def queued(server: Server, index: int = -1) -> bytes:
@@ -34,6 +40,15 @@ def in_data(server: Server) -> None:
     """Take ``server`` through EHLO, MAIL, RCPT and DATA, up to the 354."""
     out = server.exchange(b"EHLO client.example\r\n" + MAIL + RCPT + b"DATA\r\n")
     assert out.endswith(START_DATA), out
+
+
+def another_session(server: Server, peer: str = "192.0.2.11") -> Server:
+    """A second session accepted by ``server``'s factory (so by its listeners and its registry)."""
+    factory = server.factory
+    protocol = factory.buildProtocol(IPv4Address("TCP", peer, 40001))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", peer, 40001))
+    protocol.makeConnection(transport)
+    return Server(protocol, transport, server.clock, server.queue, factory)
 
 
 class CommandDeadlineTests(unittest.TestCase):
@@ -273,6 +288,103 @@ class PregreetTests(unittest.TestCase):
         self.assertEqual(connect(greet=False).take(), GREETING)
 
 
+class GracefulStopTests(unittest.TestCase):
+    """A session's part of a stop (OpenSessions.shut_down): 421 4.3.2 at once when idle, after the
+    transaction in flight otherwise; close_for_shutdown when the grace period is over."""
+
+    def stop(self, server: Server) -> None:
+        server.factory.sessions.shut_down()
+
+    def test_idle_session_is_told_at_once(self) -> None:
+        server = connect()
+        server.exchange(b"EHLO c\r\n")
+        self.stop(server)
+        self.assertEqual(server.take(), SHUTTING_DOWN)
+        self.assertTrue(server.transport.disconnecting)
+
+    def test_partial_command_line_is_idle(self) -> None:
+        server = connect()
+        server.exchange(b"EHLO c\r\nNOO")
+        self.stop(server)
+        self.assertEqual(server.take(), SHUTTING_DOWN)
+
+    def test_session_with_a_transaction_is_told_at_its_next_command(self) -> None:
+        server = connect()
+        server.exchange(b"EHLO c\r\n" + MAIL)
+        self.stop(server)
+        self.assertEqual(server.take(), b"")
+        self.assertEqual(server.exchange(RCPT + b"DATA\r\n"), SHUTTING_DOWN)
+        self.assertTrue(server.transport.disconnecting)
+        self.assertEqual(server.queue.items, [])
+
+    def test_session_in_data_gets_its_250_first(self) -> None:
+        server = connect()
+        in_data(server)
+        server.exchange(b"Subject: in flight\r\n\r\n")
+        self.stop(server)
+        self.assertEqual(server.take(), b"")
+        self.assertEqual(server.exchange(b"body\r\n.\r\nQUIT\r\n"), queued(server) + SHUTTING_DOWN)
+        self.assertTrue(server.transport.disconnecting)
+        self.assertEqual(len(server.queue.items), 1)
+        self.assertTrue(server.queue.bodies[0].endswith(b"Subject: in flight\r\n\r\nbody\r\n"))
+
+    def test_session_waiting_for_the_queue_gets_its_250_first(self) -> None:
+        queue = ControlledQueue(auto=False)
+        server = connect(queue=queue)
+        in_data(server)
+        server.exchange(MESSAGE + b"NOOP\r\n")
+        self.stop(server)
+        self.assertEqual(server.take(), b"")
+        queue.pending[0].callback(queue.items[0])
+        self.assertEqual(server.take(), queued(server) + SHUTTING_DOWN)
+
+    def test_refused_message_ends_the_transaction_too(self) -> None:
+        server = connect()
+        in_data(server)
+        self.stop(server)
+        out = server.exchange(b"bare\nLF\r\n.\r\n")
+        self.assertTrue(out.startswith(b"550 5.6.0 Message refused: bare CR or LF"), out)
+        self.assertTrue(out.endswith(b"\r\n" + SHUTTING_DOWN), out)
+        self.assertEqual(out.count(b"\r\n"), 2)
+
+    def test_new_connection_while_stopping_is_refused(self) -> None:
+        server = connect()
+        self.stop(server)
+        late = another_session(server)
+        self.assertEqual(late.take(), SHUTTING_DOWN)
+        self.assertTrue(late.transport.disconnecting)
+
+    def test_session_before_its_greeting_is_told_at_once(self) -> None:
+        server = connect(make_config(pregreet_delay=5_000), greet=False)
+        self.stop(server)
+        self.assertEqual(server.take(), SHUTTING_DOWN)
+        self.assertEqual(server.clock.getDelayedCalls(), [])
+
+    def test_grace_over_closes_a_session_in_data(self) -> None:
+        server = connect()
+        in_data(server)
+        server.exchange(b"Subject: late\r\n")
+        spooled = set(os.listdir(server.factory.spool_directory))
+        self.stop(server)
+        server.protocol.close_for_shutdown()
+        self.assertEqual(server.take(), SHUTTING_DOWN)
+        self.assertTrue(server.transport.disconnecting)
+        self.assertEqual(server.exchange(b".\r\n"), b"")
+        self.assertEqual(server.queue.items, [])
+        self.assertLessEqual(set(os.listdir(server.factory.spool_directory)), spooled)
+
+    def test_registry_counts_open_sessions(self) -> None:
+        server = connect()
+        second = another_session(server)
+        sessions = server.factory.sessions
+        self.assertEqual(len(sessions), 2)
+        second.exchange(b"QUIT\r\n")
+        second.protocol.connectionLost()
+        self.assertEqual(len(sessions), 1)
+        server.protocol.connectionLost()
+        self.assertEqual(len(sessions), 0)
+
+
 #: The smallest valid smtpConfig: one plain port.
 PLAIN_SMTP = {"hostname": "mx.example.test", "ports": [2525], "implicitTlsPorts": [], "submissionPorts": []}
 
@@ -291,8 +403,9 @@ class LifetimeConfigTests(unittest.TestCase):
                 smtp.min_data_rate,
                 smtp.max_junk_commands,
                 smtp.pregreet_delay,
+                smtp.shutdown_grace_period,
             ),
-            (300_000, 500, 100, 0),
+            (300_000, 500, 100, 0, 30_000),
         )
 
     def test_bad_values(self) -> None:
@@ -304,6 +417,7 @@ class LifetimeConfigTests(unittest.TestCase):
             "minDataRate": -1,
             "maxJunkCommands": 0,
             "pregreetDelay": -5,
+            "shutdownGracePeriod": -1,
         }
         with self.assertRaises(ConfigError) as raised:
             load_options({"smtpConfig": bad})
@@ -314,6 +428,7 @@ class LifetimeConfigTests(unittest.TestCase):
                 "smtpConfig.commandTimeout: must be a positive number of milliseconds: 0",
                 "smtpConfig.minDataRate: must be at least 0: -1",
                 "smtpConfig.pregreetDelay: must be at least 0: -5",
+                "smtpConfig.shutdownGracePeriod: must be at least 0: -1",
             ],
         )
-        load_options({"smtpConfig": {**PLAIN_SMTP, "minDataRate": 0}})
+        load_options({"smtpConfig": {**PLAIN_SMTP, "minDataRate": 0, "shutdownGracePeriod": 0}})

@@ -506,6 +506,14 @@ class SmtpConfig:
         "521 5.5.1 and is disconnected (postscreen's pregreet test). 0: greet at once.",
         check=c.non_negative,
     )
+    shutdown_grace_period: int = option(
+        30_000,
+        addition=True,
+        doc="Milliseconds a stop (SIGTERM) gives mail transactions in flight to finish. Listening stops at "
+        "once, idle sessions get 421 4.3.2 at once, the others after their transaction or when the period "
+        "ends.",
+        check=c.non_negative,
+    )
     max_received_headers: int = option(
         50,
         addition=True,

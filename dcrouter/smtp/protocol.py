@@ -18,6 +18,8 @@ What a caller may rely on:
   byte; a DATA transfer must keep up ``minDataRate``; beyond ``maxJunkCommands`` NOOP, RSET, VRFY, HELP and
   repeated greetings each count as an error toward ``maxBadCommands``. With ``pregreetDelay`` a client that
   talks before the 220 is refused with ``521 5.5.1``. Every timer runs on the factory's clock.
+- A graceful stop (:meth:`ESMTPServerProtocol.shut_down`, driven by :mod:`dcrouter.smtp.service`) answers
+  ``421 4.3.2`` at once when idle, otherwise after the transaction in flight (its ``250`` first).
 
 Decisions: a message with a text line over ``maxLineLength`` is refused after its end with ``500 5.5.2``
 (RFC 5321 §4.5.3.1.10 names 500 for a too-long line; the enhanced code says "syntax error"); bare CR or LF in
@@ -63,6 +65,7 @@ from dcrouter.smtp.policy import SessionPolicy
 from dcrouter.smtp.received import received_header, with_protocol
 from dcrouter.smtp.reply import Reply
 from dcrouter.smtp.sasl import MAX_ENCODED_RESPONSE, Challenge, SaslError, SaslExchange
+from dcrouter.smtp.service import OpenSessions
 from dcrouter.smtp.session import Session
 from dcrouter.smtp.spool import SpoolWriter
 
@@ -161,7 +164,8 @@ class ESMTPServerFactory(Factory):
 
     ``port`` decides the role: in ``config.implicit_tls_ports`` the router wraps this factory in TLS from the
     first byte (and STARTTLS is never offered); in ``config.submission_ports`` AUTH is required before MAIL.
-    ``tls_options`` enables STARTTLS elsewhere. ``clock`` drives every timer.
+    ``tls_options`` enables STARTTLS elsewhere. ``clock`` drives every timer. ``sessions`` is the registry
+    the router's SmtpService drains when it stops (shared by all its listeners; by default one of its own).
     """
 
     def __init__(
@@ -175,6 +179,7 @@ class ESMTPServerFactory(Factory):
         spool_directory: str,
         tls_options: CertificateOptions | None,
         clock: IReactorTime,
+        sessions: OpenSessions | None = None,
     ) -> None:
         self.config = config
         self.port = port
@@ -184,6 +189,8 @@ class ESMTPServerFactory(Factory):
         self.spool_directory = spool_directory
         self.tls_options = tls_options
         self.clock = clock
+        #: Every open session of the router's SMTP listeners, for a graceful stop (SmtpService).
+        self.sessions = sessions if sessions is not None else OpenSessions(clock)
         self.implicit_tls = port in config.implicit_tls_ports
         self.submission = port in config.submission_ports
 
@@ -230,6 +237,7 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
         self._data_deadline = 0.0
         self._junk_commands = 0
         self._junk_error = False
+        self._stopping = False
 
     def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
         """TimeoutMixin's timer source: the factory's clock, not the global reactor."""
@@ -255,10 +263,15 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
             self._close(refusal)
             return
         self._admitted = True
+        self._f.sessions.opened(self)
         self._log("info", "Connection from {peer} on port {port}", port=self._f.port)
         self._session_timer = self._clock.callLater(
             self._config.connection_timeout / 1000.0, partial(self._timed_out, "connectionTimeout")
         )
+        if self._f.sessions.stopping:
+            # Accepted just as the listeners stopped.
+            self._close(self._shutting_down())
+            return
         if self._config.pregreet_delay > 0:
             # A well-behaved client waits for the 220 (RFC 5321 section 3.1); spam bots often do not.
             self._mode = _PREGREET
@@ -290,6 +303,7 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
         if self._admitted:
             self._admitted = False
             self._f.policy.connection_closed(self.session.peer_host)
+            self._f.sessions.closed(self)
             self._log("info", "Disconnected from {peer}")
 
     def timeoutConnection(self) -> None:
@@ -300,6 +314,35 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
             return
         self._log("info", "Timeout for {peer} in {mode} mode ({limit})", mode=self._mode, limit=limit)
         self._close(Reply(421, "4.4.2", f"{self._config.hostname} Error: timeout exceeded"))
+
+    # Graceful stop (driven by dcrouter.smtp.service.OpenSessions)
+
+    def shut_down(self) -> None:
+        """Stop this session as an MTA stopping does: ``421 4.3.2`` now when no transaction is in flight,
+        otherwise once it ends: after the reply to its end of DATA (a ``250`` once queued), or as the answer
+        to its next command when it has sent MAIL but not DATA."""
+        if self._mode is _CLOSED:
+            return
+        self._stopping = True
+        if self._idle_for_shutdown():
+            self._close(self._shutting_down())
+
+    def close_for_shutdown(self) -> None:
+        """The grace period is over: ``421 4.3.2`` and close now. A message whose end has not arrived was
+        never acknowledged; its spool is dropped and the client will retry it."""
+        if self._mode is not _CLOSED:
+            self._log("info", "Closing the session with {peer} in {mode} mode: stopping", mode=self._mode)
+            self._close(self._shutting_down())
+
+    def abort_for_shutdown(self) -> None:
+        """Drop a connection whose peer does not let it close (its unread replies are discarded)."""
+        self._wire.abortConnection()
+
+    def _idle_for_shutdown(self) -> bool:
+        return not self._busy and self._txn is None and self._mode is not _DATA
+
+    def _shutting_down(self) -> Reply:
+        return Reply(421, "4.3.2", f"{self._config.hostname} Service shutting down, try again later")
 
     def _close(self, reply: Reply) -> None:
         """Send ``reply`` (a 421 or 221) and end the session; later input is ignored."""
@@ -368,6 +411,9 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
                 self._run(self._dispatch(line), counts=True)
         finally:
             self._pumping = False
+        if self._stopping and self._mode is not _CLOSED and self._idle_for_shutdown():
+            self._close(self._shutting_down())
+            return
         self._watch_line()
         self._flow_control()
 
@@ -502,6 +548,11 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
     # Commands
 
     async def _dispatch(self, raw: bytes | Reply) -> Reply | None:
+        if self._stopping:
+            # Stopping, with a transaction open (an idle session was closed at once): answer its next
+            # command, whatever it is, with 421 (RFC 5321 section 3.8).
+            self._close(self._shutting_down())
+            return None
         text = _decode_line(raw)
         if isinstance(text, Reply):
             if self._mode is _SASL:

@@ -2,7 +2,8 @@
 
 SIGTERM while a client is in the middle of DATA: the client finishes its message and gets its ``250``, then
 ``421 4.3.2``; the process exits once that session is done, and the message is in the queue at the next start
-(delivered then to a downstream server in the test's reactor).
+(delivered then to a downstream server in the test's reactor). SIGHUP leaves the process running, with a log
+line saying why nothing changed.
 """
 
 from __future__ import annotations
@@ -61,6 +62,14 @@ def finish_message(sock: socket.socket) -> bytes:
         return read_until(sock, b"\0never")
     finally:
         sock.close()
+
+
+def session_reply(port: int) -> bytes:
+    """The greeting and the answer to NOOP of a fresh session (in a thread)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+        greeting = read_until(sock, b"\r\n")
+        sock.sendall(b"NOOP\r\nQUIT\r\n")
+        return greeting + read_until(sock, b"221 2.0.0 Bye\r\n")
 
 
 class TwistdShutdownTests(TestCase):
@@ -139,3 +148,18 @@ class TwistdShutdownTests(TestCase):
         self.assertTrue(arrived.data.endswith(b"\r\nThe body arrived after SIGTERM.\r\n"), arrived.data)
         again.signal("TERM")
         await self.ended_cleanly(again)
+
+    def test_sighup_is_harmless(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._sighup())
+
+    async def _sighup(self) -> None:
+        process = await self.start_twistd(self.write_config(paused=True))
+        process.signal("HUP")
+        await process.seen("SIGHUP received: configuration reload is not supported yet").addTimeout(
+            WAIT, reactor
+        )
+        self.assertIsNone(process.exit_code)
+        reply = await deferToThread(session_reply, self.port)
+        self.assertEqual(reply, b"220 mx.test ESMTP dcrouter\r\n250 2.0.0 Ok\r\n221 2.0.0 Bye\r\n")
+        process.signal("TERM")
+        await self.ended_cleanly(process)

@@ -13,8 +13,11 @@ Lifecycle, and why in this order:
   starts yet.
 - ``startService`` starts the thread pool, loads the queue (crash recovery), starts child services, and only
   then resumes the listening sockets, so no message can be acknowledged before the queue has recovered.
-- ``stopService`` stops the listeners first (sessions already open keep running and may finish their current
-  reply), then the child services, then ``save()``s the queue, then stops the thread pool.
+- ``stopService`` stops SMTP ingress first (:class:`~dcrouter.smtp.service.SmtpService`): the listeners
+  stop, idle sessions get ``421 4.3.2``, transactions in flight get up to ``shutdownGracePeriod`` to end (a
+  message whose DATA is under way is queued and answered ``250``). The proxy and ACME stop meanwhile. Only
+  once ingress has drained do delivery, the outbound pool and the queue (``save()``) stop, then the thread
+  pool: a transaction allowed to finish must find the queue open.
 
 A port that cannot be bound raises :class:`StartupError` naming the address and port. A failure while starting
 asynchronously (the queue cannot load) is logged as critical and fails the Deferreds from :meth:`when_ready`.
@@ -55,6 +58,7 @@ from dcrouter.proxy.service import ProxyBindError, ProxyService
 from dcrouter.smtp.auth import Authenticator
 from dcrouter.smtp.policy import SessionPolicy
 from dcrouter.smtp.protocol import ESMTPServerFactory
+from dcrouter.smtp.service import SmtpService
 
 log = logger(__name__)
 
@@ -191,6 +195,7 @@ class DcRouter(MultiService):
 
     Attributes tests and embedding programs may rely on: ``options``, ``warnings`` (from validation),
     ``queue``, ``processor``, ``policy``, ``authenticator`` (None without users), ``threadpool``,
+    ``smtp`` (the SmtpService: listening ports and open sessions, for a graceful stop),
     ``smtp_ports`` (configured port → actual port, filled once bound; useful with port 0), ``challenges``
     (the ACME HTTP-01 responder the proxy serves), ``acme`` (the AcmeService, None without ACME orders), and
     ``certificates``: the router's one :class:`CertificateStore`, whose default is SMTP's certificate once
@@ -225,6 +230,7 @@ class DcRouter(MultiService):
         self.routes: RouteTable | None = None
         self.delivery: DeliveryManager | None = None
         self.delivery_pool: ConnectionPool | None = None
+        self.smtp: SmtpService | None = None
         self.certificates = CertificateStore(clock=reactor)
         # HTTP-01 answers: written by ACME, read by the proxy's port-80 listener.
         self.challenges = ChallengeResponder()
@@ -258,6 +264,8 @@ class DcRouter(MultiService):
             **build_chain(config, reactor).options(),
         )
         self.policy = SessionPolicy(config)
+        # Not a child service: it starts once the queue has loaded and stops before everything else (_stop).
+        self.smtp = SmtpService(clock=reactor, grace_period=config.shutdown_grace_period / 1000)
         if config.auth.users:
             self.authenticator = Authenticator(
                 config.auth, clock=reactor, reactor=reactor, threadpool=self.threadpool
@@ -345,6 +353,7 @@ class DcRouter(MultiService):
         self, config: SmtpConfig, port: int, tls_options: CertificateOptions | None
     ) -> IProtocolFactory:
         assert self.policy is not None and self.processor is not None and self.queue is not None
+        assert self.smtp is not None
         factory: IProtocolFactory = ESMTPServerFactory(
             config=config,
             port=port,
@@ -354,6 +363,7 @@ class DcRouter(MultiService):
             spool_directory=self.queue.spool_directory,
             tls_options=tls_options,
             clock=self._reactor,
+            sessions=self.smtp.sessions,
         )
         if port in config.implicit_tls_ports:
             assert tls_options is not None
@@ -386,15 +396,16 @@ class DcRouter(MultiService):
                 log.critical("{message}", message=message)
                 raise StartupError(message) from error
             _pause(listener.listening)
+            assert self.smtp is not None
+            self.smtp.add_port(listener.listening)
             self._listeners.append(listener)
             self.smtp_ports[port] = listener.actual_port
 
     def _close_bound(self) -> None:
         if self.proxy is not None:
             self.proxy.unbind()
-        for listener in self._listeners:
-            if listener.listening is not None:
-                listener.listening.stopListening()
+        if self.smtp is not None:
+            self.smtp.close_ports()
         self._listeners = []
         self.smtp_ports = {}
 
@@ -438,6 +449,8 @@ class DcRouter(MultiService):
             child.startService()
         if not self.running:
             return  # stopped while loading: stay closed
+        if self.smtp is not None:
+            self.smtp.startService()
         for listener in self._listeners:
             assert listener.listening is not None and self.smtp_config is not None
             _resume(listener.listening)
@@ -464,18 +477,18 @@ class DcRouter(MultiService):
         Service.stopService(self)
         if self._starting is not None:
             await self._starting  # never fails: _start_failed consumed any failure
-        # Listeners first: no new sessions; open ones may still finish their current reply.
-        await _settle_all(
-            [maybeDeferred(item.listening.stopListening) for item in self._listeners if item.listening],
-            "an SMTP listener did not stop cleanly",
-        )
+        # Ingress first (listeners, then the sessions, within shutdownGracePeriod); services that do not
+        # hold the queue stop meanwhile. Delivery waits: a transaction allowed to finish needs the queue, and
+        # mail it queues may as well start on its way.
+        children = [child for child in reversed(list(self)) if child is not self.delivery]
+        independent = [maybeDeferred(child.stopService) for child in children]
+        if self.smtp is not None:
+            await _settle_all([self.smtp.stopService()], "SMTP ingress did not stop cleanly")
         self._listeners = []
         self._bound = False
-        children = list(self)
-        children.reverse()
-        await _settle_all(
-            [maybeDeferred(child.stopService) for child in children], "a service did not stop cleanly"
-        )
+        if self.delivery is not None:
+            await _settle_all([maybeDeferred(self.delivery.stopService)], "delivery did not stop cleanly")
+        await _settle_all(independent, "a service did not stop cleanly")
         if self.delivery_pool is not None:
             # After the DeliveryManager: its attempts in flight have finished or been given up.
             await _settle_all(

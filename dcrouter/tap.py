@@ -5,17 +5,24 @@ points here).
 ``twistd -n dcrouter --config FILE --check`` validates FILE, prints every error and warning, and exits 0
 (valid) or 1 (invalid) without binding anything. twistd's own options (``--logfile``, ``--pidfile``,
 ``--uid``, ``--logger dcrouter.log.json_observer``, …) go before ``dcrouter``.
+
+Signals under twistd: SIGTERM and SIGINT stop the router gracefully (twistd stops the reactor, which stops the
+service; see ``dcrouter.router``). SIGHUP, which twistd leaves at the system default (the process ends), runs
+:func:`on_sighup` instead; until configuration reload exists that only logs.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import TYPE_CHECKING, Any, TextIO
 
+from twisted.application.service import Service
 from twisted.python import usage
 
 if TYPE_CHECKING:
     from dcrouter.config import ConfigError
+    from dcrouter.router import DcRouter
 
 #: A packaged deployment keeps its configuration here; from a checkout, pass
 #: --config etc/dcrouter.example.toml.
@@ -108,7 +115,43 @@ def makeService(config: Options) -> Any:
     router = DcRouter(result, reactor=reactor)
     # Under twistd a router that cannot start (its queue does not load) should not linger half-alive.
     router.when_ready().addErrback(_stop_reactor, reactor)
+    SighupHandler(router, reactor).setServiceParent(router)
     return router
+
+
+def on_sighup(router: DcRouter) -> None:
+    """What SIGHUP does, run in the reactor thread. Configuration reload is not built yet, so it logs and
+    changes nothing; this is the function a reload replaces (SighupHandler's wiring stays)."""
+    from dcrouter.log import logger
+
+    logger(__name__).warn(
+        "SIGHUP received: configuration reload is not supported yet; dcrouter keeps running unchanged"
+    )
+
+
+class SighupHandler(Service):
+    """Makes SIGHUP call :func:`on_sighup` in the reactor thread instead of ending the process (twistd
+    installs no SIGHUP handler, and the system default terminates). Installed in privilegedStartService, as
+    twistd starts, before the queue loads; kept until the process ends, so a SIGHUP while the router is
+    stopping is harmless too. Only ``makeService`` adds it: a program embedding DcRouter keeps its own
+    signals."""
+
+    name = "sighup"  # type: ignore[assignment]
+
+    def __init__(self, router: DcRouter, reactor: Any) -> None:
+        self._router = router
+        self._reactor = reactor
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        hangup = getattr(signal, "SIGHUP", None)  # not on Windows
+        if hangup is not None:
+            signal.signal(hangup, self._received)
+
+    def _received(self, signum: int, frame: Any) -> None:
+        # A signal handler may run between any two bytecodes: hand the work to the reactor thread, as
+        # Twisted's own SIGTERM handler does.
+        self._reactor.callFromThread(on_sighup, self._router)
 
 
 def _stop_reactor(failure: Any, reactor: Any) -> None:

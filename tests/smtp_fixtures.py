@@ -171,7 +171,10 @@ def make_factory(
     policy: Any = None,
     authenticator: Any = "default",
     tls_options: Any = None,
+    sessions: Any = None,
 ) -> ESMTPServerFactory:
+    """A factory on ``port`` with the test collaborators; ``sessions`` is an OpenSessions registry to share
+    (by default the factory makes its own)."""
     config = config or make_config()
     clock = clock or _clock()
     if authenticator == "default":
@@ -185,6 +188,7 @@ def make_factory(
         spool_directory=tempfile.mkdtemp(prefix="dcrouter-spool-"),
         tls_options=tls_options,
         clock=clock,
+        sessions=sessions,
     )
 
 

@@ -13,13 +13,15 @@ from typing import Any
 
 from twisted.application.service import IService
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from dcrouter import DcRouter
@@ -369,3 +371,42 @@ class OrderTests(TestCase):
         self.assertIn(f"127.0.0.1:{taken}", str(error))
         # The port bound before the failure was released again.
         self.assertEqual(router.smtp_ports, {})
+
+
+class GracefulStopTests(SynchronousTestCase):
+    """Stopping with a client in the middle of DATA: ingress drains first, so the queue and delivery are still
+    up when its message ends; they stop only once the session is gone."""
+
+    def test_queue_and_delivery_outlive_a_transaction_in_flight(self) -> None:
+        clock = MemoryReactorClock()
+        options = smtp_options(self, delivery={"paused": True}, **MX_ONLY)
+        router = DcRouter(options, reactor=clock)
+        router.privilegedStartService()
+        router.startService()
+        self.successResultOf(router.when_ready())
+        assert router.queue is not None and router.delivery is not None
+        (factory,) = [factory for port, factory, _, _ in clock.tcpServers if port == 2525]
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
+        protocol.makeConnection(transport)
+        protocol.dataReceived(
+            b"EHLO client.test\r\nMAIL FROM:<a@sender.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n"
+            b"Subject: in flight\r\n"
+        )
+        transport.clear()
+
+        stopping = router.stopService()
+        self.assertNoResult(stopping)
+        self.assertTrue(router.delivery.running)
+        protocol.dataReceived(b"\r\nbody\r\n.\r\n")
+        reply, shutting_down = transport.value().decode().splitlines()
+        self.assertRegex(reply, r"^250 2\.0\.0 Ok: queued as [0-9A-F]{20}$")
+        self.assertEqual(shutting_down, "421 4.3.2 mx.test Service shutting down, try again later")
+        item = self.successResultOf(router.queue.get(reply.split()[-1]))
+        self.assertEqual(item.envelope.recipients, ["b@example.test"])
+        self.assertNoResult(stopping)
+
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.successResultOf(stopping)
+        self.assertFalse(router.delivery.running)
+        self.assertFalse(router.threadpool.started)

@@ -404,7 +404,8 @@ class PipeliningTests(unittest.TestCase):
 
     def test_input_is_bounded_while_waiting(self) -> None:
         queue = ControlledQueue(auto=False)
-        server = connect(queue=queue)
+        # 11,900 NOOPs fill the buffer; the junk command limit is not what this test is about.
+        server = connect(make_config(max_junk_commands=20_000), queue=queue)
         server.exchange(b"EHLO c\r\n" + MAIL + RCPT + b"DATA\r\n" + MESSAGE)
         for _ in range(70):
             server.protocol.dataReceived(b"NOOP\r\n" * 170)

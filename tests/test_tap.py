@@ -6,6 +6,7 @@ import io
 import json
 import os
 import sys
+from typing import Any
 
 from twisted.application.service import IService, IServiceMaker
 from twisted.internet import reactor
@@ -189,6 +190,58 @@ class MakeServiceTests(SynchronousTestCase):
         options.parseOptions([])
         self.assertRaises(SystemExit, tap.makeService, options)
         self.assertIn("--config etc/dcrouter.example.toml", self.err.getvalue())
+
+
+class SighupTests(SynchronousTestCase):
+    """SIGHUP under twistd: a handler that hands on_sighup to the reactor thread, which logs and changes
+    nothing (the real signal to a real twistd is in tests/integration/test_shutdown_twistd.py)."""
+
+    def test_make_service_adds_the_handler(self) -> None:
+        path = write_json(
+            self,
+            {
+                "smtpConfig": {
+                    "ports": [2525],
+                    "hostname": "mx.test",
+                    "queueStorage": "memory",
+                    "implicitTlsPorts": [],
+                    "submissionPorts": [],
+                }
+            },
+        )
+        self.patch(sys, "stderr", io.StringIO())
+        options = tap.Options()
+        options.parseOptions(["--config", path])
+        service = tap.makeService(options)
+        self.assertIsInstance(service.getServiceNamed("sighup"), tap.SighupHandler)
+
+    def test_handler_defers_to_the_reactor_and_logs(self) -> None:
+        import signal
+
+        from twisted.internet.testing import EventLoggingObserver
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        previous = signal.getsignal(signal.SIGHUP)
+        self.addCleanup(signal.signal, signal.SIGHUP, previous)
+        calls: list[tuple[Any, ...]] = []
+
+        class Reactor:
+            def callFromThread(self, f: Any, *args: Any) -> None:
+                calls.append((f, *args))
+
+        router = object()
+        handler = tap.SighupHandler(router, Reactor())  # type: ignore[arg-type]
+        handler.privilegedStartService()
+        installed = signal.getsignal(signal.SIGHUP)
+        self.assertTrue(callable(installed))
+        installed(signal.SIGHUP, None)  # type: ignore[operator]
+        self.assertEqual(calls, [(tap.on_sighup, router)])
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        tap.on_sighup(router)  # type: ignore[arg-type]
+        self.assertEqual(
+            [formatEvent(e) for e in events],
+            ["SIGHUP received: configuration reload is not supported yet; dcrouter keeps running unchanged"],
+        )
 
 
 class PluginTests(SynchronousTestCase):

@@ -475,6 +475,45 @@ class SmtpConfig:
         doc="Unknown or out-of-sequence commands before the session is closed.",
         check=c.positive,
     )
+    max_junk_commands: int = option(
+        100,
+        addition=True,
+        doc="NOOP, RSET, VRFY, HELP and repeated HELO/EHLO (from a client neither authenticated nor in "
+        "relayNetworks) a session may send before each further one also counts toward maxBadCommands "
+        "(Postfix's smtpd_junk_command_limit); the count restarts after each accepted message.",
+        check=c.positive,
+    )
+    command_timeout: int = option(
+        300_000,
+        addition=True,
+        doc="Milliseconds a client may take to send one command line, counted from its first byte: bytes "
+        "dripped slowly do not extend it (Postfix's smtpd_timeout with smtpd_per_request_deadline). Also the "
+        "allowance a DATA transfer starts with (minDataRate). 421 4.4.2 and close.",
+        check=c.duration,
+    )
+    min_data_rate: int = option(
+        500,
+        addition=True,
+        doc="Octets per second a DATA transfer must keep up: it starts with commandTimeout to go, and each "
+        "octet received adds 1/minDataRate s, never to more than commandTimeout ahead (Postfix's "
+        "smtpd_min_data_rate). 421 4.4.2 and close. 0: no rate, only dataTimeout.",
+        check=c.non_negative,
+    )
+    pregreet_delay: int = option(
+        0,
+        addition=True,
+        doc="Milliseconds to wait before the 220 greeting; a client that sends anything before it gets "
+        "521 5.5.1 and is disconnected (postscreen's pregreet test). 0: greet at once.",
+        check=c.non_negative,
+    )
+    shutdown_grace_period: int = option(
+        30_000,
+        addition=True,
+        doc="Milliseconds a stop (SIGTERM) gives mail transactions in flight to finish. Listening stops at "
+        "once, idle sessions get 421 4.3.2 at once, the others after their transaction or when the period "
+        "ends.",
+        check=c.non_negative,
+    )
     max_received_headers: int = option(
         50,
         addition=True,

@@ -14,6 +14,12 @@ What a caller may rely on:
   :class:`~dcrouter.smtp.spool.SpoolWriter`; a ``Received:`` field goes first. ``250`` is sent only when the
   processor's Deferred fires (the queue made the message durable); queue failures are 4xx, never 5xx.
 - Every reply but the greeting, EHLO/HELO, ``354`` and ``334`` carries an RFC 3463 enhanced status code.
+- Time is bounded as Postfix bounds it: a command line must be complete ``commandTimeout`` after its first
+  byte; a DATA transfer must keep up ``minDataRate``; beyond ``maxJunkCommands`` NOOP, RSET, VRFY, HELP and
+  repeated greetings each count as an error toward ``maxBadCommands``. With ``pregreetDelay`` a client that
+  talks before the 220 is refused with ``521 5.5.1``. Every timer runs on the factory's clock.
+- A graceful stop (:meth:`ESMTPServerProtocol.shut_down`, driven by :mod:`dcrouter.smtp.service`) answers
+  ``421 4.3.2`` at once when idle, otherwise after the transaction in flight (its ``250`` first).
 
 Decisions: a message with a text line over ``maxLineLength`` is refused after its end with ``554 5.6.0``
 naming the header or body line (a content problem: 554 is RFC 5321's reply to a failed transaction after
@@ -60,6 +66,7 @@ from dcrouter.smtp.policy import SessionPolicy
 from dcrouter.smtp.received import received_header, with_protocol
 from dcrouter.smtp.reply import Reply
 from dcrouter.smtp.sasl import MAX_ENCODED_RESPONSE, Challenge, SaslError, SaslExchange
+from dcrouter.smtp.service import OpenSessions
 from dcrouter.smtp.session import Session
 from dcrouter.smtp.spool import SpoolWriter
 
@@ -90,8 +97,16 @@ ENCRYPTION_REQUIRED = Reply(538, "5.7.11", "Encryption required for requested au
 _HELP = Reply(214, "2.0.0", "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS AUTH")
 
 NON_SMTP_COMMAND = Reply(421, "4.7.0", "Non-SMTP command, closing connection")
+#: A client that talked before the greeting (postscreen's pregreet test). 521 (RFC 7504) rather than 554: RFC
+#: 5321 has a server that greets with 554 wait for QUIT, while 521 lets it close at once; postscreen agrees.
+PREGREET_REFUSED = Reply(521, "5.5.1", "Protocol error: client sent data before the greeting")
 
 _COMMAND, _SASL, _DATA, _CLOSED = "command", "sasl", "data", "closed"
+#: Connected, the greeting not sent yet (pregreetDelay).
+_PREGREET = "pregreet"
+#: Commands that move no mail (Postfix's smtpd_junk_command_limit; ETRN is an unknown command here).
+_JUNK_VERBS = frozenset({"NOOP", "RSET", "VRFY", "HELP"})
+_GREETING_VERBS = frozenset({"HELO", "EHLO"})
 #: Verbs of other protocols that end the session at once (Postfix: smtpd_forbidden_commands).
 _NON_SMTP_VERBS = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS"})
 _COUNTED_AS_BAD = frozenset({500, 503})
@@ -150,7 +165,8 @@ class ESMTPServerFactory(Factory):
 
     ``port`` decides the role: in ``config.implicit_tls_ports`` the router wraps this factory in TLS from the
     first byte (and STARTTLS is never offered); in ``config.submission_ports`` AUTH is required before MAIL.
-    ``tls_options`` enables STARTTLS elsewhere. ``clock`` drives every timer.
+    ``tls_options`` enables STARTTLS elsewhere. ``clock`` drives every timer. ``sessions`` is the registry
+    the router's SmtpService drains when it stops (shared by all its listeners; by default one of its own).
     """
 
     def __init__(
@@ -164,6 +180,7 @@ class ESMTPServerFactory(Factory):
         spool_directory: str,
         tls_options: CertificateOptions | None,
         clock: IReactorTime,
+        sessions: OpenSessions | None = None,
     ) -> None:
         self.config = config
         self.port = port
@@ -173,6 +190,8 @@ class ESMTPServerFactory(Factory):
         self.spool_directory = spool_directory
         self.tls_options = tls_options
         self.clock = clock
+        #: Every open session of the router's SMTP listeners, for a graceful stop (SmtpService).
+        self.sessions = sessions if sessions is not None else OpenSessions(clock)
         self.implicit_tls = port in config.implicit_tls_ports
         self.submission = port in config.submission_ports
 
@@ -213,6 +232,15 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
         self._spool: SpoolWriter | None = None
         self._data_timer: IDelayedCall | None = None
         self._session_timer: IDelayedCall | None = None
+        self._greeting_timer: IDelayedCall | None = None
+        #: commandTimeout for the command line in progress, from its first byte.
+        self._line_timer: IDelayedCall | None = None
+        #: minDataRate: when the DATA transfer in progress must have ended by, as it stands.
+        self._rate_timer: IDelayedCall | None = None
+        self._data_deadline = 0.0
+        self._junk_commands = 0
+        self._junk_error = False
+        self._stopping = False
 
     def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
         """TimeoutMixin's timer source: the factory's clock, not the global reactor."""
@@ -238,9 +266,28 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
             self._close(refusal)
             return
         self._admitted = True
+        self._f.sessions.opened(self)
         self._log("info", "Connection from {peer} on port {port}", port=self._f.port)
+        self._session_timer = self._clock.callLater(
+            self._config.connection_timeout / 1000.0, partial(self._timed_out, "connectionTimeout")
+        )
+        if self._f.sessions.stopping:
+            # Accepted just as the listeners stopped.
+            self._close(self._shutting_down())
+            return
+        if self._config.pregreet_delay > 0:
+            # A well-behaved client waits for the 220 (RFC 5321 section 3.1); spam bots often do not.
+            self._mode = _PREGREET
+            self._greeting_timer = self._clock.callLater(
+                self._config.pregreet_delay / 1000.0, self._send_greeting
+            )
+            return
+        self._send_greeting()
+
+    def _send_greeting(self) -> None:
+        self._greeting_timer = None
+        self._mode = _COMMAND
         self.setTimeout(self._config.socket_timeout / 1000.0)
-        self._session_timer = self._clock.callLater(self._config.connection_timeout / 1000.0, self._timed_out)
         banner = self._config.banner or "dcrouter"
         self._send(Reply(220, "", f"{self._config.hostname} ESMTP {banner}"))
 
@@ -259,16 +306,46 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
         if self._admitted:
             self._admitted = False
             self._f.policy.connection_closed(self.session.peer_host)
+            self._f.sessions.closed(self)
             self._log("info", "Disconnected from {peer}")
 
     def timeoutConnection(self) -> None:
-        self._timed_out()
+        self._timed_out("socketTimeout")
 
-    def _timed_out(self) -> None:
+    def _timed_out(self, limit: str) -> None:
         if self._mode is _CLOSED:
             return
-        self._log("info", "Timeout for {peer} in {mode} mode", mode=self._mode)
+        self._log("info", "Timeout for {peer} in {mode} mode ({limit})", mode=self._mode, limit=limit)
         self._close(Reply(421, "4.4.2", f"{self._config.hostname} Error: timeout exceeded"))
+
+    # Graceful stop (driven by dcrouter.smtp.service.OpenSessions)
+
+    def shut_down(self) -> None:
+        """Stop this session as an MTA stopping does: ``421 4.3.2`` now when no transaction is in flight,
+        otherwise once it ends: after the reply to its end of DATA (a ``250`` once queued), or as the answer
+        to its next command when it has sent MAIL but not DATA."""
+        if self._mode is _CLOSED:
+            return
+        self._stopping = True
+        if self._idle_for_shutdown():
+            self._close(self._shutting_down())
+
+    def close_for_shutdown(self) -> None:
+        """The grace period is over: ``421 4.3.2`` and close now. A message whose end has not arrived was
+        never acknowledged; its spool is dropped and the client will retry it."""
+        if self._mode is not _CLOSED:
+            self._log("info", "Closing the session with {peer} in {mode} mode: stopping", mode=self._mode)
+            self._close(self._shutting_down())
+
+    def abort_for_shutdown(self) -> None:
+        """Drop a connection whose peer does not let it close (its unread replies are discarded)."""
+        self._wire.abortConnection()
+
+    def _idle_for_shutdown(self) -> bool:
+        return not self._busy and self._txn is None and self._mode is not _DATA
+
+    def _shutting_down(self) -> Reply:
+        return Reply(421, "4.3.2", f"{self._config.hostname} Service shutting down, try again later")
 
     def _close(self, reply: Reply) -> None:
         """Send ``reply`` (a 421 or 221) and end the session; later input is ignored."""
@@ -281,10 +358,17 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
         self._wire.loseConnection()
 
     def _cancel_timers(self) -> None:
-        for timer in (self._data_timer, self._session_timer):
+        for timer in (
+            self._data_timer,
+            self._session_timer,
+            self._greeting_timer,
+            self._line_timer,
+            self._rate_timer,
+        ):
             if timer is not None and timer.active():
                 timer.cancel()
-        self._data_timer = self._session_timer = None
+        self._data_timer = self._session_timer = self._greeting_timer = None
+        self._line_timer = self._rate_timer = None
 
     def _abort_data(self) -> None:
         if self._spool is not None:
@@ -296,6 +380,10 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
 
     def dataReceived(self, data: bytes) -> None:
         if self._mode is _CLOSED:
+            return
+        if self._mode is _PREGREET:
+            self._log("warn", "{peer} sent data before the greeting, disconnecting", size=len(data))
+            self._close(PREGREET_REFUSED)
             return
         self.resetTimeout()
         if self._mode is _DATA and not self._busy and not self._in:
@@ -317,13 +405,40 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
                     self._in.clear()
                     self._feed_data(chunk)
                     continue
+                discarding = self._discarding_line
                 line = self._take_line()
+                if (line is not None or discarding) and not self._discarding_line:
+                    self._line_ended()
                 if line is None:
                     break
                 self._run(self._dispatch(line), counts=True)
         finally:
             self._pumping = False
+        if self._stopping and self._mode is not _CLOSED and self._idle_for_shutdown():
+            self._close(self._shutting_down())
+            return
+        self._watch_line()
         self._flow_control()
+
+    def _watch_line(self) -> None:
+        """Give a command line the client has begun, and not finished, its deadline (commandTimeout, counted
+        from its first byte, so dripping bytes never extend it). While a command of ours is waiting, nothing
+        is counted: a line begun then gets its whole deadline once the reply is out."""
+        in_progress = (self._mode is _COMMAND or self._mode is _SASL) and bool(
+            self._in or self._discarding_line
+        )
+        if not in_progress:
+            self._line_ended()
+        elif self._line_timer is None and not self._busy:
+            self._line_timer = self._clock.callLater(
+                self._config.command_timeout / 1000.0, partial(self._timed_out, "commandTimeout")
+            )
+
+    def _line_ended(self) -> None:
+        if self._line_timer is not None:
+            if self._line_timer.active():
+                self._line_timer.cancel()
+            self._line_timer = None
 
     def _flow_control(self) -> None:
         if self._mode is _CLOSED:
@@ -404,9 +519,10 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
             return
         if was_waiting:
             self.setTimeout(self._config.socket_timeout / 1000.0)
+        junk_error, self._junk_error = self._junk_error, False
         if reply is not None:
             self._send(reply)
-            if counts and reply.code in _COUNTED_AS_BAD:
+            if counts and (reply.code in _COUNTED_AS_BAD or junk_error):
                 self._bad_commands += 1
                 if self._bad_commands >= self._config.max_bad_commands:
                     self._log("warn", "Too many errors from {peer}", count=self._bad_commands)
@@ -435,6 +551,11 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
     # Commands
 
     async def _dispatch(self, raw: bytes | Reply) -> Reply | None:
+        if self._stopping:
+            # Stopping, with a transaction open (an idle session was closed at once): answer its next
+            # command, whatever it is, with 421 (RFC 5321 section 3.8).
+            self._close(self._shutting_down())
+            return None
         text = _decode_line(raw)
         if isinstance(text, Reply):
             if self._mode is _SASL:
@@ -455,7 +576,22 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
         if handler is None:
             self._log("info", "Unknown command from {peer}", verb=verb[:20])
             return UNKNOWN_COMMAND
+        if self._is_junk(verb.upper()):
+            self._junk_commands += 1
+            # Postfix: past the limit each one also counts as an error, so maxBadCommands ends the session.
+            self._junk_error = self._junk_commands > self._config.max_junk_commands
         return await handler(self, arg)
+
+    def _is_junk(self, verb: str) -> bool:
+        """A command that moves no mail. A repeated HELO/EHLO (not the first after connect or STARTTLS) is
+        one unless the client is trusted (authenticated, or in relayNetworks)."""
+        if verb in _JUNK_VERBS:
+            return True
+        return (
+            verb in _GREETING_VERBS
+            and self.session.helo is not None
+            and not self._f.policy.may_relay(self.session)
+        )
 
     async def _ehlo(self, arg: str) -> Reply:
         return self._greet(arg, esmtp=True)
@@ -659,8 +795,35 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
             max_message_size=self._config.max_message_size,
         )
         self._mode = _DATA
-        self._data_timer = self._clock.callLater(self._config.data_timeout / 1000.0, self._timed_out)
+        self._data_timer = self._clock.callLater(
+            self._config.data_timeout / 1000.0, partial(self._timed_out, "dataTimeout")
+        )
+        if self._config.min_data_rate > 0:
+            allowance = self._config.command_timeout / 1000.0
+            self._data_deadline = self._clock.seconds() + allowance
+            self._rate_timer = self._clock.callLater(allowance, self._check_data_rate)
         return START_DATA
+
+    def _count_data(self, octets: int) -> None:
+        """minDataRate (Postfix's smtpd_min_data_rate): ``octets`` received move the transfer's deadline
+        ``octets / minDataRate`` seconds later, never more than commandTimeout ahead, so a burst buys no idle
+        time beyond that. The timer is only moved when it fires: no timer work per chunk."""
+        if self._rate_timer is not None:
+            config = self._config
+            self._data_deadline = min(
+                self._data_deadline + octets / config.min_data_rate,
+                self._clock.seconds() + config.command_timeout / 1000.0,
+            )
+
+    def _check_data_rate(self) -> None:
+        self._rate_timer = None
+        if self._mode is not _DATA:
+            return
+        left = self._data_deadline - self._clock.seconds()
+        if left > 0:
+            self._rate_timer = self._clock.callLater(left, self._check_data_rate)
+            return
+        self._timed_out("minDataRate")
 
     def _write_spool(self, text: bytes) -> None:
         assert self._spool is not None
@@ -725,6 +888,7 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
     def _feed_data(self, chunk: bytes) -> None:
         stream = self._stream
         assert stream is not None
+        self._count_data(len(chunk))
         # A failing spool does not raise here: it keeps its error for the end of the data (SpoolWriter), so
         # the stream stays in step with the client and the answer is a 451 after the final dot.
         end = stream.feed(chunk)
@@ -739,9 +903,10 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
         assert txn is not None and spool is not None
         self._txn, self._spool, self._stream = None, None, None
         self._mode = _COMMAND
-        if self._data_timer is not None and self._data_timer.active():
-            self._data_timer.cancel()
-        self._data_timer = None
+        for timer in (self._data_timer, self._rate_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._data_timer = self._rate_timer = None
         refusal = stream.refusal(max_received_headers=self._config.max_received_headers)
         if refusal is not None:
             spool.abort()
@@ -786,6 +951,7 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
                 size=size,
                 reason=discarded.reason,
             )
+            self._junk_commands = 0  # as for a queued message: the sender cannot tell
             return Reply(250, "2.0.0", f"Ok: queued as {discarded.queue_id}")
         except Exception as error:  # noqa: BLE001 (any processing failure is logged and answered, not dropped)
             message.discard()
@@ -801,6 +967,7 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
             size=size,
             recipients=len(txn.recipients),
         )
+        self._junk_commands = 0  # Postfix resets the junk count once mail is accepted
         return Reply(250, "2.0.0", f"Ok: queued as {item.id}")
 
     def _queue_failure(self, txn: _Transaction, error: Exception) -> Reply:

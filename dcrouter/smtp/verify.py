@@ -315,12 +315,13 @@ class RecipientVerifier:
     def _probed(self, result: ProbeResult, key: Any, route: Route, address: Address) -> None:
         self._cache.put(key, result.verdict)
         log.info(
-            "recipient <{recipient}> {verdict} by callout via {route} ({target}: {code} {text})",
+            "recipient <{recipient}> {verdict} by callout via {route} ({target}: {code} {enhanced} {text})",
             recipient=str(address),
             verdict=result.verdict.value,
             route=route.name,
             target=result.target or "no target answered",
             code=result.reply.code,
+            enhanced=result.reply.enhanced,
             text=" ".join(result.reply.lines()),
         )
         for waiter in self._probing.pop(key, []):

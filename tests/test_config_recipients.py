@@ -155,3 +155,14 @@ class CalloutBlockTests(Case):
 
     def test_zero_ttl_allowed(self) -> None:
         self.assertEqual(load_options(smtp(callout={"positiveTtl": 0, "negativeTtl": 0})).warnings, [])
+
+    def test_callout_timeout_below_the_socket_timeout(self) -> None:
+        raw = smtp(callout={"timeout": 60_000}, verifyRecipients="callout")
+        raw["smtpConfig"]["socketTimeout"] = 60_000
+        expected = (
+            "smtpConfig.callout.timeout: 60000 is not less than smtpConfig.socketTimeout (60000): "
+            "a session waiting for a callout would time out first"
+        )
+        self.assertEqual(load_options(raw).warnings, [expected])
+        raw["smtpConfig"]["domainConfigs"][0]["verifyRecipients"] = "off"
+        self.assertEqual(load_options(raw).warnings, [])

@@ -435,6 +435,19 @@ def domain_recipients(entry: Any, path: str, report: Report) -> None:
             report.error(join(path, "recipientsFile"), str(error))
 
 
+@block_check("domain_configs", "callout", "socket_timeout")
+def smtp_callout_timeout(smtp: Any, path: str, report: Report) -> None:
+    """A client waiting for a callout sends nothing: past socketTimeout its session would be closed first."""
+    if not any(entry.verify_recipients == "callout" for entry in smtp.domain_configs):
+        return
+    if smtp.callout.timeout >= smtp.socket_timeout:
+        report.warning(
+            join(path, "callout.timeout"),
+            f"{smtp.callout.timeout} is not less than {join(path, 'socketTimeout')} ({smtp.socket_timeout}): "
+            "a session waiting for a callout would time out first",
+        )
+
+
 @block_check("default_server", "default_port", "use_tls")
 def smtp_default_route(smtp: Any, path: str, report: Report) -> None:
     """Without defaultServer, mail outside domainConfigs and routingRules goes by MX to port 25 with

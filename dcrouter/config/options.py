@@ -372,6 +372,7 @@ class MtaConfig:
     c.smtp_queue_storage,
     c.smtp_domains_once,
     c.smtp_default_route,
+    c.smtp_callout_timeout,
     c.smtp_routing_rules,
     c.smtp_processing,
 )

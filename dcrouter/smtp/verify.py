@@ -176,7 +176,8 @@ class RecipientVerifier:
 
     ``route_for(sender, recipient)`` is delivery's routing (``RouteTable.route``) and ``prober`` asks a
     route's target; both are needed only when some entry uses callouts. ``defer_to_thread`` runs the
-    re-reads of recipients files.
+    re-reads of recipients files. ``stats`` counts probes started, cache hits and RCPTs that joined a probe
+    already running.
     """
 
     def __init__(
@@ -208,7 +209,8 @@ class RecipientVerifier:
         for entry in config.domain_configs:
             rule = self._rule(entry, clock, defer_to_thread)
             rules.extend((domain, rule) for domain in entry.domains)
-        # The same matcher as the relay decision's, so the entry checked is the entry that accepted.
+        # Matched like the relay decision (same patterns, same precedence), so the entry whose rule applies is
+        # the entry that accepted the domain.
         self._rules: DomainMatcher[_Rule] = DomainMatcher(rules)
 
     def _rule(self, entry: DomainConfig, clock: IReactorTime, defer_to_thread: DeferToThread) -> _Rule:

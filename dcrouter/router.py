@@ -34,6 +34,7 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReadDescriptor
 from twisted.internet.ssl import CertificateOptions
+from twisted.internet.threads import deferToThreadPool
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -42,6 +43,7 @@ from dcrouter.acme.challenges import ChallengeResponder
 from dcrouter.acme.service import AcmeService
 from dcrouter.config import ConfigResult, load_options
 from dcrouter.config.options import DcRouterOptions, SmtpConfig, TlsConfig
+from dcrouter.delivery.callout import CalloutProber
 from dcrouter.delivery.manager import DeliveryManager
 from dcrouter.delivery.mx import MxResolver, make_resolver
 from dcrouter.delivery.pool import ConnectionPool
@@ -59,6 +61,7 @@ from dcrouter.smtp.auth import Authenticator
 from dcrouter.smtp.policy import SessionPolicy
 from dcrouter.smtp.protocol import ESMTPServerFactory
 from dcrouter.smtp.service import SmtpService
+from dcrouter.smtp.verify import RecipientVerifier
 
 log = logger(__name__)
 
@@ -194,7 +197,8 @@ class DcRouter(MultiService):
     ``queue`` replaces the backend ``queueStorage`` names (an embedding program's own, or a test's).
 
     Attributes tests and embedding programs may rely on: ``options``, ``warnings`` (from validation),
-    ``queue``, ``processor``, ``policy``, ``authenticator`` (None without users), ``threadpool``,
+    ``queue``, ``processor``, ``policy``, ``authenticator`` (None without users), ``verifier`` (recipient
+    verification; None when no domainConfigs entry asks for it), ``threadpool``,
     ``smtp`` (the SmtpService: listening ports and open sessions, for a graceful stop),
     ``smtp_ports`` (configured port → actual port, filled once bound; useful with port 0), ``challenges``
     (the ACME HTTP-01 responder the proxy serves), ``acme`` (the AcmeService, None without ACME orders), and
@@ -226,6 +230,7 @@ class DcRouter(MultiService):
         self.queue: IDeliveryQueue | None = None
         self.processor: EmailProcessor | None = None
         self.policy: SessionPolicy | None = None
+        self.verifier: RecipientVerifier | None = None
         self.authenticator: Authenticator | None = None
         self.routes: RouteTable | None = None
         self.delivery: DeliveryManager | None = None
@@ -263,14 +268,15 @@ class DcRouter(MultiService):
             routes=self.routes,
             **build_chain(config, reactor).options(),
         )
-        self.policy = SessionPolicy(config)
+        self._build_delivery(config)
+        self.verifier = self._build_verifier(config)
+        self.policy = SessionPolicy(config, verifier=self.verifier)
         # Not a child service: it starts once the queue has loaded and stops before everything else (_stop).
         self.smtp = SmtpService(clock=reactor, grace_period=config.shutdown_grace_period / 1000)
         if config.auth.users:
             self.authenticator = Authenticator(
                 config.auth, clock=reactor, reactor=reactor, threadpool=self.threadpool
             )
-        self._build_delivery(config)
 
     def _build_delivery(self, config: SmtpConfig) -> None:
         """Routing, the outbound pool and transport, and the DeliveryManager (a child service, so it starts
@@ -282,11 +288,11 @@ class DcRouter(MultiService):
         self.delivery_pool = ConnectionPool(
             reactor=reactor, clock=reactor, config=delivery, helo_name=delivery.helo_name or config.hostname
         )
+        # Shared with recipient callouts: probes meet the servers delivery would, and the same down marks.
+        self._resolver = MxResolver(make_resolver(self.options.mta_config, reactor))
+        self._health = TargetHealth(reactor, delivery.target_down_time / 1000)
         transport = ESMTPTransport(
-            resolver=MxResolver(make_resolver(self.options.mta_config, reactor)),
-            health=TargetHealth(reactor, delivery.target_down_time / 1000),
-            pool=self.delivery_pool,
-            clock=reactor,
+            resolver=self._resolver, health=self._health, pool=self.delivery_pool, clock=reactor
         )
         self.delivery = DeliveryManager(
             queue=self.queue,
@@ -302,6 +308,42 @@ class DcRouter(MultiService):
         # Delivery starts on a message as soon as it is durable, not at the next periodic look.
         manager = self.delivery
         self.processor.on_queued = lambda item: manager.wake()
+
+    def _build_verifier(self, config: SmtpConfig) -> RecipientVerifier | None:
+        """Recipient verification when some domainConfigs entry asks for it; callouts get a connection pool
+        of their own, with the callout timeout as every wait's bound."""
+        modes = {entry.verify_recipients for entry in config.domain_configs}
+        if modes <= {"off"}:
+            return None
+        reactor = self._reactor
+        prober = None
+        if "callout" in modes:
+            delivery = config.delivery
+            timeout = config.callout.timeout
+            pool = ConnectionPool(
+                reactor=reactor,
+                clock=reactor,
+                config=dataclasses.replace(
+                    delivery,
+                    socket_timeout=timeout,
+                    send_timeout=timeout,
+                    connect_timeout=min(delivery.connect_timeout, timeout),
+                ),
+                helo_name=delivery.helo_name or config.hostname,
+            )
+            prober = CalloutProber(resolver=self._resolver, health=self._health, pool=pool, clock=reactor)
+        threadpool = self.threadpool
+        try:
+            return RecipientVerifier(
+                config,
+                clock=reactor,
+                defer_to_thread=lambda work: deferToThreadPool(reactor, threadpool, work),
+                prober=prober,
+                route_for=self.routes.route if self.routes is not None else None,
+            )
+        except (OSError, ValueError) as error:
+            # The configuration check read the files already; one that broke since is a start-up error.
+            raise StartupError(f"smtpConfig.domainConfigs: recipient verification: {error}") from error
 
     # -- readiness ---------------------------------------------------------------------------------------
 
@@ -493,6 +535,10 @@ class DcRouter(MultiService):
             # After the DeliveryManager: its attempts in flight have finished or been given up.
             await _settle_all(
                 [Deferred.fromCoroutine(self.delivery_pool.close())], "outbound connections did not close"
+            )
+        if self.verifier is not None:
+            await _settle_all(
+                [Deferred.fromCoroutine(self.verifier.close())], "recipient callout connections did not close"
             )
         if self.queue is not None and self._starting is not None:
             try:

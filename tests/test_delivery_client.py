@@ -21,6 +21,7 @@ from dcrouter.delivery.client import (
     MAX_REPLY_LINES,
     Capabilities,
     ESMTPClient,
+    ProbeReplies,
     SMTPClientError,
     TransactionResult,
 )
@@ -610,6 +611,88 @@ class AuthAndLoggingTests(ClientTestCase):
         self.assertIn(("C: RSET", "192.0.2.25:25"), debug)
         self.assertIn(("S: 250 Ok", "192.0.2.25:25"), debug)
         self.assertEqual({e["log_namespace"] for e in self.events}, {"dcrouter.delivery.client"})
+
+
+class ProbeTests(ClientTestCase):
+    """``probe``: MAIL, RCPT and RSET, never DATA; the session is left clean for the next use."""
+
+    def test_pipelined_probe(self) -> None:
+        self.ready()
+        done = run(self.client.probe("", "alice@example.test"))
+        self.assertEqual(self.sent(), b"MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nRSET\r\n")
+        self.server(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n")
+        self.assertNoResult(done)
+        self.server(b"250 2.0.0 Ok\r\n")
+        self.assertEqual(
+            self.successResultOf(done),
+            ProbeReplies(Reply(250, "2.1.0", "Ok"), Reply(250, "2.1.5", "Ok"), Reply(250, "2.0.0", "Ok")),
+        )
+        self.assertTrue(self.client.is_open)
+
+    def test_unknown_recipient(self) -> None:
+        self.ready()
+        done = run(self.client.probe("probe@mx.example.test", "nobody@example.test"))
+        self.assertEqual(
+            self.sent(),
+            b"MAIL FROM:<probe@mx.example.test>\r\nRCPT TO:<nobody@example.test>\r\nRSET\r\n",
+        )
+        self.server(b"250 2.1.0 Ok\r\n550 5.1.1 No such user\r\n250 2.0.0 Ok\r\n")
+        self.assertEqual(self.successResultOf(done).rcpt, Reply(550, "5.1.1", "No such user"))
+
+    def test_mail_refused_makes_the_rcpt_reply_meaningless(self) -> None:
+        self.ready()
+        done = run(self.client.probe("", "alice@example.test"))
+        self.sent()
+        self.server(b"550 5.7.1 No null sender\r\n503 5.5.1 Need MAIL\r\n250 2.0.0 Ok\r\n")
+        replies = self.successResultOf(done)
+        self.assertEqual((replies.mail.code, replies.rcpt), (550, None))
+
+    def test_one_command_at_a_time_without_pipelining(self) -> None:
+        self.ready(EHLO_BASIC)
+        done = run(self.client.probe("", "alice@example.test"))
+        self.assertEqual(self.sent(), b"MAIL FROM:<>\r\n")
+        self.server(b"250 2.1.0 Ok\r\n")
+        self.assertEqual(self.sent(), b"RCPT TO:<alice@example.test>\r\n")
+        self.server(b"450 4.2.0 Greylisted\r\n")
+        self.assertEqual(self.sent(), b"RSET\r\n")
+        self.server(b"250 2.0.0 Ok\r\n")
+        self.assertEqual(self.successResultOf(done).rcpt, Reply(450, "4.2.0", "Greylisted"))
+
+    def test_refused_mail_without_pipelining_sends_nothing_more(self) -> None:
+        self.ready(EHLO_BASIC)
+        done = run(self.client.probe("", "alice@example.test"))
+        self.sent()
+        self.server(b"421 4.3.2 Busy\r\n")
+        self.assertEqual(self.successResultOf(done), ProbeReplies(Reply(421, "4.3.2", "Busy"), None, None))
+        self.assertEqual(self.sent(), b"")
+
+    def test_non_ascii_address(self) -> None:
+        self.ready()
+        done = run(self.client.probe("", "jörg@example.test"))
+        self.assertEqual(
+            self.sent(), "MAIL FROM:<> SMTPUTF8\r\nRCPT TO:<jörg@example.test>\r\nRSET\r\n".encode()
+        )
+        self.server(b"250 Ok\r\n250 Ok\r\n250 Ok\r\n")
+        self.assertEqual(self.successResultOf(done).rcpt, Reply(250, "", "Ok"))
+
+    def test_non_ascii_address_without_smtputf8_sends_nothing(self) -> None:
+        self.ready(EHLO_BASIC)
+        replies = self.successResultOf(run(self.client.probe("", "jörg@example.test")))
+        self.assertEqual((replies.mail.code, replies.mail.enhanced, replies.rcpt), (553, "5.6.7", None))
+        self.assertEqual(self.sent(), b"")
+
+    def test_control_characters_send_nothing(self) -> None:
+        self.ready()
+        replies = self.successResultOf(run(self.client.probe("", "a\r\nDATA@example.test")))
+        self.assertEqual((replies.mail.code, replies.mail.enhanced), (553, "5.1.3"))
+        self.assertEqual(self.sent(), b"")
+
+    def test_connection_lost_mid_probe(self) -> None:
+        self.ready()
+        done = run(self.client.probe("", "alice@example.test"))
+        self.server(b"250 2.1.0 Ok\r\n")
+        self.client.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.error(done).reply.code, 421)
 
 
 class QuitTests(ClientTestCase):

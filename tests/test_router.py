@@ -142,6 +142,45 @@ class OptionsTests(SynchronousTestCase):
         self.assertIsNotNone(router.authenticator)
 
 
+class RecipientVerificationTests(SynchronousTestCase):
+    def domain(self, **keys: Any) -> list[dict[str, Any]]:
+        entry: dict[str, Any] = {"domains": ["example.test"], "targetIPs": ["127.0.0.1"]}
+        entry.update(keys)
+        return [entry]
+
+    def test_only_when_some_entry_asks_for_it(self) -> None:
+        self.assertIsNone(DcRouter(smtp_options(self), reactor=MemoryReactorClock()).verifier)
+        listed = smtp_options(self, domainConfigs=self.domain(verifyRecipients="list", recipients=["a"]))
+        router = DcRouter(listed, reactor=MemoryReactorClock())
+        self.assertIsNotNone(router.verifier)
+
+    def test_callout_connections_closed_at_stop(self) -> None:
+        options = smtp_options(self, domainConfigs=self.domain(verifyRecipients="callout"))
+        router = DcRouter(options, reactor=MemoryReactorClock())
+        assert router.verifier is not None
+        closed: list[bool] = []
+
+        async def close() -> None:
+            closed.append(True)
+
+        self.patch(router.verifier, "close", close)
+        router.privilegedStartService()
+        router.startService()
+        self.successResultOf(router.stopService())
+        self.assertEqual(closed, [True])
+
+    def test_recipients_file_gone_since_the_check(self) -> None:
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as handle:
+            handle.write("alice\n")
+        domains = self.domain(verifyRecipients="list", recipientsFile=path)
+        result = load_options(smtp_options(self, domainConfigs=domains))
+        os.remove(path)
+        error = self.assertRaises(StartupError, DcRouter, result, reactor=MemoryReactorClock())
+        self.assertIn("smtpConfig.domainConfigs: recipient verification:", str(error))
+        self.assertIn(path, str(error))
+
+
 class TlsSelectionTests(SynchronousTestCase):
     def test_smtp_tls_wins(self) -> None:
         result = load_options(smtp_options(self))

@@ -220,6 +220,22 @@ def recipient_pattern(value: str) -> str | None:
     return _address_pattern(value, allow_null=False)
 
 
+def mailbox_or_empty(value: str) -> str | None:
+    """An envelope address (``local@domain``), or empty for the null sender."""
+    if value == "":
+        return None
+    # Imported here: the SMTP address parser sits above the configuration layer.
+    from dcrouter.smtp.address import AddressError, parse_mail_argument
+
+    try:
+        address, _ = parse_mail_argument(f"FROM:<{value}>", utf8=True)
+    except AddressError:
+        return f"not an address: {value!r}"
+    if not address.domain or address.is_literal:
+        return f"not an address at a domain: {value!r}"
+    return None
+
+
 def one_line(value: str) -> str | None:
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
         return f"must not contain CR, LF or other control characters: {value!r}"
@@ -383,6 +399,53 @@ def smtp_domains_once(smtp: Any, path: str, report: Report) -> None:
                     f"{domain!r} is also in {join(path, 'domainConfigs')}[{owner[norm]}]",
                 )
             owner.setdefault(norm, i)
+
+
+@block_check("domains", "verify_recipients", "recipients", "recipients_file")
+def domain_recipients(entry: Any, path: str, report: Report) -> None:
+    """Recipient verification's keys fit its mode, list entries name the entry's domains, and a recipients
+    file can be read and parsed now (a file that breaks later keeps its last good version in use)."""
+    # Imported here: the recipient tables belong to SMTP ingress, above the configuration layer.
+    from dcrouter.smtp.recipients import RecipientTable, read_recipients_file
+
+    mode = entry.verify_recipients
+    listed = ("recipients", entry.recipients), ("recipientsFile", entry.recipients_file)
+    if mode == "list" and not entry.recipients and entry.recipients_file is None:
+        report.error(join(path, "recipients"), "required by verifyRecipients 'list' (or recipientsFile)")
+    if mode != "list":
+        for key, value in listed:
+            if value:
+                report.error(join(path, key), f"used only with verifyRecipients = 'list', not {mode!r}")
+    if mode != "callout":
+        for key, attr in (("calloutSender", "callout_sender"), ("calloutFailOpen", "callout_fail_open")):
+            if attr in entry._given:
+                report.warning(join(path, key), f"has no effect with verifyRecipients = {mode!r}")
+    for i, item in enumerate(entry.recipients):
+        try:
+            RecipientTable([item], entry.domains)
+        except ValueError as error:
+            report.error(f"{join(path, 'recipients')}[{i}]", str(error))
+    if entry.recipients_file is not None:
+        try:
+            read_recipients_file(entry.recipients_file, entry.domains)
+        except OSError as error:
+            reason = error.strerror or error
+            report.error(join(path, "recipientsFile"), f"cannot read {entry.recipients_file!r}: {reason}")
+        except ValueError as error:
+            report.error(join(path, "recipientsFile"), str(error))
+
+
+@block_check("domain_configs", "callout", "socket_timeout")
+def smtp_callout_timeout(smtp: Any, path: str, report: Report) -> None:
+    """A client waiting for a callout sends nothing: past socketTimeout its session would be closed first."""
+    if not any(entry.verify_recipients == "callout" for entry in smtp.domain_configs):
+        return
+    if smtp.callout.timeout >= smtp.socket_timeout:
+        report.warning(
+            join(path, "callout.timeout"),
+            f"{smtp.callout.timeout} is not less than {join(path, 'socketTimeout')} ({smtp.socket_timeout}): "
+            "a session waiting for a callout would time out first",
+        )
 
 
 @block_check("default_server", "default_port", "use_tls")

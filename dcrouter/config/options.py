@@ -178,6 +178,7 @@ class DkimOptions:
     )
 
 
+@checked(c.domain_recipients)
 @dataclass(frozen=True)
 class DomainConfig:
     domains: list[str] = option(
@@ -209,6 +210,39 @@ class DomainConfig:
         doc="DKIM-sign mail whose From domain is one of these domains, with dkimOptions (needs dkimSigning).",
     )
     dkim_options: DkimOptions | None = option(None, doc="The signing key of signDkim.")
+    verify_recipients: Literal["off", "list", "callout"] = option(
+        "off",
+        addition=True,
+        doc="Refuse unknown recipients at RCPT (docs/smtp.md): `off` accepts every address at these domains; "
+        "`list` only those in recipients/recipientsFile (every client); `callout` asks the target first "
+        "(clients neither authenticated nor in relayNetworks).",
+    )
+    recipients: list[str] = option(
+        factory=list,
+        addition=True,
+        doc="With verifyRecipients `list`: the addresses that exist: `alice@example.com`, `alice` (at every "
+        "domain of the entry), `@example.com` (all of a domain), `*` wildcards in local parts (`alice+*`).",
+        each=c.one_line,
+    )
+    recipients_file: str | None = option(
+        None,
+        addition=True,
+        doc="With verifyRecipients `list`: a file of such entries, one per line (`#` comments; a Postfix "
+        "table's `address OK` lines work); re-read when it changes.",
+    )
+    callout_sender: str = option(
+        "",
+        addition=True,
+        doc="MAIL FROM of callout probes: empty for the null sender `<>`, or an address for targets that "
+        "refuse it.",
+        check=c.mailbox_or_empty,
+    )
+    callout_fail_open: bool = option(
+        False,
+        addition=True,
+        doc="Accept a recipient whose callout could not decide (target down, timeout, 4xx) instead of "
+        "answering 450 4.1.1.",
+    )
 
 
 @dataclass(frozen=True)
@@ -295,6 +329,31 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True)
+class CalloutConfig:
+    timeout: int = option(
+        30_000,
+        doc="Milliseconds one recipient callout may take in all (waiting its turn, connecting, TLS, the "
+        "replies); then the recipient is unverified.",
+        check=c.duration,
+    )
+    positive_ttl: int = option(
+        3_600_000, doc="Milliseconds an address the target accepted is remembered (0: not at all).",
+        check=c.non_negative,
+    )
+    negative_ttl: int = option(
+        600_000, doc="Milliseconds an address the target refused is remembered (0: not at all).",
+        check=c.non_negative,
+    )
+    cache_size: int = option(
+        100_000, doc="Addresses remembered at most; the least recently used are forgotten first.",
+        check=c.positive,
+    )
+    max_parallel: int = option(
+        20, doc="Callouts in flight at once; more wait their turn (within timeout).", check=c.positive
+    )
+
+
+@dataclass(frozen=True)
 class MtaConfig:
     dns_servers: list[str] = option(
         factory=list,
@@ -313,6 +372,7 @@ class MtaConfig:
     c.smtp_queue_storage,
     c.smtp_domains_once,
     c.smtp_default_route,
+    c.smtp_callout_timeout,
     c.smtp_routing_rules,
     c.smtp_processing,
 )
@@ -564,6 +624,11 @@ class SmtpConfig:
         addition=True,
         doc="Queued messages at which new mail gets 452 4.3.1 (0: no limit).",
         check=c.non_negative,
+    )
+    callout: CalloutConfig = option(
+        factory=CalloutConfig,
+        addition=True,
+        doc="Recipient callouts (domainConfigs' verifyRecipients `callout`): timeout, cache, concurrency.",
     )
 
 

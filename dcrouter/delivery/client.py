@@ -3,8 +3,9 @@ ENHANCEDSTATUSCODES and AUTH PLAIN/LOGIN), written on ``Protocol`` rather than t
 (DESIGN.md "Decisions" says why).
 
 Use: connect an :class:`ESMTPClient` (an endpoint's ``connectProtocol``), then ``await wait_greeting()``,
-``ehlo``, optionally ``starttls`` and ``authenticate``, then ``send`` as many times as wanted (``reset``
-between messages is cheap and safe), then ``quit``. One operation at a time.
+``ehlo``, optionally ``starttls`` and ``authenticate``, then ``send`` (or ``probe``, recipient verification
+without a message) as many times as wanted (``reset`` between messages is cheap and safe), then ``quit``.
+One operation at a time.
 
 What a caller may rely on:
 
@@ -119,6 +120,16 @@ class TransactionResult:
     mail: Reply
     recipients: dict[str, Reply]
     data: Reply | None
+
+
+@dataclass
+class ProbeReplies:
+    """The replies to a recipient probe (:meth:`ESMTPClient.probe`). ``rcpt`` is None when MAIL was refused
+    (the RCPT reply would say nothing then); ``reset`` is RSET's reply, None when no transaction was open."""
+
+    mail: Reply
+    rcpt: Reply | None
+    reset: Reply | None
 
 
 def parse_capabilities(reply: Reply) -> Capabilities:
@@ -468,6 +479,34 @@ class ESMTPClient(Protocol):
             reply = await self._ask("*")
         if reply.code != 235:
             raise SMTPClientError(reply)
+
+    async def probe(self, mail_from: str, recipient: str) -> ProbeReplies:
+        """Ask whether the server would take mail for ``recipient`` without sending any: ``MAIL FROM``,
+        ``RCPT TO``, then ``RSET`` so the session is clean for the next use (all three in one write when
+        PIPELINING is offered). Non-ASCII addresses add ``SMTPUTF8``; when the server lacks it, or an address
+        has characters SMTP cannot carry, nothing is sent and ``mail`` is the local refusal (``553``)."""
+        self._check()
+        capabilities = self.capabilities
+        if capabilities is None:
+            raise RuntimeError("ESMTPClient.probe before ehlo")
+        if _bad_address(mail_from) or _bad_address(recipient):
+            return ProbeReplies(Reply(553, "5.1.3", "Address has characters SMTP cannot carry"), None, None)
+        mail_line = f"MAIL FROM:<{mail_from}>"
+        if not (mail_from.isascii() and recipient.isascii()):
+            if not capabilities.smtputf8:
+                text = f"{self.peer} does not support SMTPUTF8, which this address needs"
+                return ProbeReplies(Reply(553, "5.6.7", text), None, None)
+            mail_line += " SMTPUTF8"
+        rcpt_line = f"RCPT TO:<{recipient}>"
+        if capabilities.pipelining:
+            self._command(mail_line, rcpt_line, "RSET")
+            mail, rcpt, reset = await self._reply(), await self._reply(), await self._reply()
+            return ProbeReplies(mail, rcpt if _is_positive(mail) else None, reset)
+        mail = await self._ask(mail_line)
+        if not _is_positive(mail):
+            return ProbeReplies(mail, None, None)
+        rcpt = await self._ask(rcpt_line)
+        return ProbeReplies(mail, rcpt, await self.reset())
 
     async def reset(self) -> Reply:
         """RSET; returns the server's reply (a non-2xx reply is the caller's to judge)."""

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import ipaddress
 
+from twisted.internet.defer import Deferred
+
 from dcrouter.config.options import DomainConfig, SmtpConfig
 from dcrouter.net.cidr import CidrSet
 from dcrouter.net.domains import DomainMatcher
 from dcrouter.smtp.address import Address
 from dcrouter.smtp.reply import Reply
 from dcrouter.smtp.session import Session
+from dcrouter.smtp.verify import RecipientVerifier
 
 
 class SessionPolicy:
@@ -19,11 +22,13 @@ class SessionPolicy:
     wildcard) is accepted from anyone, unless its local part carries routing (:attr:`Address.relay_trick`);
     every other recipient — other domains, address literals, relay tricks — is accepted only from an
     authenticated session or a peer in ``relayNetworks``. The bare ``<postmaster>`` is always accepted
-    (RFC 5321 §4.5.1).
+    (RFC 5321 §4.5.1). A recipient at one of our domains must also pass ``verifier`` (the entry's
+    ``verifyRecipients``; :mod:`dcrouter.smtp.verify` says for which clients) when one is given.
     """
 
-    def __init__(self, config: SmtpConfig) -> None:
+    def __init__(self, config: SmtpConfig, verifier: RecipientVerifier | None = None) -> None:
         """Raises ValueError naming a bad domain pattern or relay network."""
+        self._verifier = verifier
         self._hostname = config.hostname
         self._max_total = config.max_connections
         self._max_per_ip = config.max_connections_per_ip
@@ -83,13 +88,21 @@ class SessionPolicy:
         """
         return None
 
-    def check_recipient(self, session: Session, address: Address) -> Reply | None:
-        """None to accept RCPT TO ``address``, or ``554 5.7.1 <addr>: Relay access denied``."""
+    def check_recipient(
+        self, session: Session, address: Address, sender: Address | None = None
+    ) -> Reply | Deferred[Reply | None] | None:
+        """None to accept RCPT TO ``address`` in a transaction from ``sender``, or the reply refusing it:
+        ``554 5.7.1 <addr>: Relay access denied``, or the verifier's. A Deferred when verification has to
+        wait (a callout, a changed recipients file)."""
         if not address.domain:
             if address.local.lower() == "postmaster":
                 return None
             return self._relay_denied(address)
-        if self.is_local(address) or self.may_relay(session):
+        if self.is_local(address):
+            if self._verifier is None:
+                return None
+            return self._verifier.check(address, sender, trusted=self.may_relay(session))
+        if self.may_relay(session):
             return None
         return self._relay_denied(address)
 

@@ -766,7 +766,7 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
             return Reply(250, "2.1.5", "Ok")
         if len(txn.recipients) >= self._config.max_recipients:
             return Reply(452, "4.5.3", "Too many recipients")
-        verdict = await _resolve(self._f.policy.check_recipient(self.session, recipient))
+        verdict = await _resolve(self._f.policy.check_recipient(self.session, recipient, txn.sender))
         if self._mode is _CLOSED or self._txn is not txn:
             return None
         if verdict is not None:

@@ -191,6 +191,23 @@ class LoadingTests(LoadCase):
         )
         self.assertEqual(str(error), "\n".join(error.errors))
 
+    def test_warnings_beside_errors(self) -> None:
+        """A file with errors still reports its warnings (`--check` shows them all at once)."""
+        raw = smtp(ports=[25, 70000], socketTimeout=500)
+        raw["smtpConfig"]["auth"] = {"users": [{"username": "u", "password": "plain-text"}]}
+        error = self.assertRaises(ConfigError, load_options, raw)
+        self.assertEqual(error.errors, ["smtpConfig.ports[1]: not a port number (1-65535): 70000"])
+        self.assertEqual(
+            error.warnings,
+            [
+                (
+                    "smtpConfig.auth.users[0].password: stored in plain text; use a hash from "
+                    "'dcrouter hash-password'"
+                ),
+                "smtpConfig.socketTimeout: 500 ms is less than a second; durations are in milliseconds",
+            ],
+        )
+
 
 class UnsupportedTests(LoadCase):
     def test_top_level(self) -> None:

@@ -126,6 +126,38 @@ class OptionsTests(SynchronousTestCase):
         self.assertIn("maxMessageSize", errors)  # the closest known key is suggested
         self.assertEqual(self.out.getvalue(), "")
 
+    def test_check_invalid_also_prints_every_warning(self) -> None:
+        """Warnings found beside errors are shown too (the docs promise every error and warning): a plain-text
+        password and a duration that looks like seconds, next to five errors."""
+        path = write_json(
+            self,
+            {
+                "smtpConfig": {
+                    "ports": [2525, 70000],
+                    "maxMesageSize": 1,
+                    "hostname": "bad host",
+                    "defaultPort": 0,
+                    "relayNetworks": ["10.1.2.3/8"],
+                    "socketTimeout": 500,
+                    "auth": {"users": [{"username": "u", "password": "plain-text"}]},
+                }
+            },
+        )
+        self.assertEqual(tap.check(path, self.out, self.err), 1)
+        lines = self.err.getvalue().splitlines()
+        self.assertEqual(len([line for line in lines if line.startswith("error: ")]), 5, lines)
+        self.assertIn(
+            "warning: smtpConfig.auth.users[0].password: stored in plain text; use a hash from "
+            "'dcrouter hash-password'",
+            lines,
+        )
+        self.assertIn(
+            "warning: smtpConfig.socketTimeout: 500 ms is less than a second; durations are in milliseconds",
+            lines,
+        )
+        self.assertEqual(lines[-1], f"{path}: not valid, 5 error(s), 2 warning(s)")
+        self.assertNotIn("plain-text", self.err.getvalue())
+
     def test_check_missing_file(self) -> None:
         missing = os.path.join(self.mktemp(), "nowhere.toml")
         self.assertEqual(tap.check(missing, self.out, self.err), 1)

@@ -340,7 +340,10 @@ class SmtpConfig:
         52_428_800, doc="Largest message accepted, in bytes (advertised as SIZE).", check=c.positive
     )
     tls: TlsConfig | None = option(
-        None, doc="Certificate for STARTTLS and implicit TLS; required when implicitTlsPorts are listened on."
+        None,
+        doc="Certificate for STARTTLS and implicit TLS. Not set while implicitTlsPorts or submissionPorts "
+        "are listened on: a self-signed one is generated under persistentPath (`tls/cert.pem`; in memory "
+        "with the memory queue) and a warning says so.",
     )
     auth: AuthConfig = option(factory=AuthConfig, doc="SMTP AUTH.")
     # Routing

@@ -177,7 +177,8 @@ def _run_in_reactor(work: Callable[[Any], Coroutine[Any, Any, int]]) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dcrouter",
-        description="Configuration helpers for dcrouter, the SMTP store-and-forward gateway on Twisted.",
+        description="Helpers for dcrouter, the SMTP store-and-forward gateway and TCP/TLS/HTTP proxy on "
+        "Twisted: configuration, passwords, DKIM keys and quarantined mail.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

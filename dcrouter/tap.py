@@ -25,10 +25,15 @@ DEFAULT_CONFIG = "/etc/dcrouter/dcrouter.toml"
 class Options(usage.Options):
     synopsis = "[--config FILE] [--check]"
     longdesc = (
-        "dcrouter: an SMTP store-and-forward gateway (receive, process, durable queue) run by twistd. "
-        "The configuration file is TOML or JSON (by extension) with the seed's option names "
-        "(smtpConfig, domainConfigs, ...); see docs/configuration.md and etc/dcrouter.example.toml. "
-        "Example: twistd -n dcrouter --config etc/dcrouter.example.toml"
+        "dcrouter routes mail and TCP from one process, as its configuration says. smtpConfig: an SMTP "
+        "store-and-forward gateway (receive with STARTTLS and AUTH, scan and transform, queue durably, "
+        "deliver with retries and bounces). smartProxyConfig (or httpDomainRoutes): a TCP/TLS/HTTP proxy "
+        "routing by SNI or Host, passing TLS through or terminating it (certificates from files or ACME). "
+        "The file is TOML or JSON (by extension) with the seed's option names (smtpConfig, domainConfigs, "
+        "smartProxyConfig, ...); see docs/configuration.md, docs/proxy.md and etc/dcrouter.example.toml. "
+        "twistd's own options (--logfile, --pidfile, --uid, --logger) go before 'dcrouter'. Examples: "
+        "twistd -n dcrouter --config etc/dcrouter.example.toml; "
+        "twistd --logfile /var/log/dcrouter.log --pidfile /run/dcrouter.pid dcrouter --config FILE"
     )
     optParameters = [
         ["config", "c", DEFAULT_CONFIG, "Configuration file, .toml or .json."],

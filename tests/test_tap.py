@@ -104,6 +104,14 @@ class OptionsTests(SynchronousTestCase):
         for fragment in ("--config", "-c", "--check", "exit", "TOML or JSON", tap.DEFAULT_CONFIG):
             self.assertIn(fragment, text)
 
+    def test_help_describes_smtp_and_the_proxy(self) -> None:
+        """`twistd dcrouter --help` says what dcrouter runs: the gateway and the proxy, and where twistd's own
+        options go (after `dcrouter` they are refused)."""
+        text = " ".join(str(tap.Options()).split())
+        for fragment in ("smtpConfig", "SMTP", "smartProxyConfig", "proxy", "SNI", "docs/proxy.md"):
+            self.assertIn(fragment, text)
+        self.assertIn("twistd --logfile /var/log/dcrouter.log --pidfile /run/dcrouter.pid dcrouter", text)
+
     def test_check_valid_exits_zero(self) -> None:
         options = tap.Options()
         with self.assertRaises(SystemExit) as raised:

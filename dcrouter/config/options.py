@@ -537,7 +537,8 @@ class SharedTlsConfig:
     contact_email: str | None = option(
         None,
         doc="Contact for certificate authorities (ACME).",
-        unsupported="ACME certificates are not built yet.",
+        unsupported="ACME is configured under smartProxyConfig.acme (accountEmail); this block takes "
+        "certificate files only.",
     )
     domain: str | None = option(
         None, doc="The router's own domain name.", unsupported="Nothing uses the router's own domain yet."

@@ -124,14 +124,14 @@ def _dkim_keygen(args: argparse.Namespace) -> int:
 def _quarantine(args: argparse.Namespace) -> int:
     from dcrouter import quarantine
     from dcrouter.config import ConfigError, load_file
+    from dcrouter.tap import print_findings
 
     try:
         result = load_file(args.config)
     except ConfigError as error:
         # As `dcrouter check` prints them; exit 2: nothing was looked at.
         errors = error.errors or [str(error)]
-        for message in errors:
-            print(f"error: {message}", file=sys.stderr)
+        print_findings(errors, error.warnings, sys.stderr)
         print(f"{args.config}: not valid, {len(errors)} error(s)", file=sys.stderr)
         return 2
     smtp = result.options.smtp_config
@@ -177,7 +177,8 @@ def _run_in_reactor(work: Callable[[Any], Coroutine[Any, Any, int]]) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dcrouter",
-        description="Configuration helpers for dcrouter, the SMTP store-and-forward gateway on Twisted.",
+        description="Helpers for dcrouter, the SMTP store-and-forward gateway and TCP/TLS/HTTP proxy on "
+        "Twisted: configuration, passwords, DKIM keys and quarantined mail.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

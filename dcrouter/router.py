@@ -26,6 +26,7 @@ asynchronously (the queue cannot load) is logged as critical and fails the Defer
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,6 +43,7 @@ from twisted.python.threadpool import ThreadPool
 from dcrouter.acme.challenges import ChallengeResponder
 from dcrouter.acme.service import AcmeService
 from dcrouter.config import ConfigResult, load_options
+from dcrouter.config.checks import generated_certificate_paths, smtp_tls_needs
 from dcrouter.config.options import DcRouterOptions, SmtpConfig, TlsConfig
 from dcrouter.delivery.callout import CalloutProber
 from dcrouter.delivery.manager import DeliveryManager
@@ -51,8 +53,8 @@ from dcrouter.delivery.targets import TargetHealth
 from dcrouter.delivery.transport import ESMTPTransport
 from dcrouter.interfaces import IDeliveryQueue
 from dcrouter.log import logger, set_level
-from dcrouter.net.certstore import CertificateStore
-from dcrouter.net.tls import TlsMaterialError, load_certified_key
+from dcrouter.net.certstore import CertificateStore, CertifiedKey
+from dcrouter.net.tls import TlsMaterialError, generate_self_signed, load_certified_key
 from dcrouter.processing.build import build_chain
 from dcrouter.processing.processor import EmailProcessor
 from dcrouter.processing.routing import RouteTable
@@ -95,8 +97,10 @@ def coerce_options(options: Any) -> tuple[DcRouterOptions, list[str]]:
 
 def smtp_tls_config(options: DcRouterOptions) -> TlsConfig | None:
     """The TLS settings for SMTP: ``smtpConfig.tls``, with the top-level ``tls`` certificate as a fallback for
-    the files (``smtpConfig.tls`` may then carry only minVersion/ciphers). None when no certificate is
-    named."""
+    the files (``smtpConfig.tls`` may then carry only minVersion/ciphers). When neither names a certificate
+    but SMTP needs one (implicit TLS or submission ports are listened on): a self-signed certificate kept
+    under ``persistentPath`` (:func:`generated_certificate_paths`; with a memory queue the paths are None and
+    it is generated in memory). None when no certificate is named nor needed."""
     smtp = options.smtp_config
     own = smtp.tls if smtp is not None else None
     if own is not None and own.cert_path and own.key_path:
@@ -104,7 +108,20 @@ def smtp_tls_config(options: DcRouterOptions) -> TlsConfig | None:
     shared = options.tls
     if shared is not None and shared.cert_path and shared.key_path:
         return dataclasses.replace(own or TlsConfig(), cert_path=shared.cert_path, key_path=shared.key_path)
+    if smtp is not None and smtp_tls_needs(smtp):
+        cert_path: str | None = None
+        key_path: str | None = None
+        if smtp.queue_storage != "memory":
+            cert_path, key_path = generated_certificate_paths(smtp.persistent_path)
+        return dataclasses.replace(
+            own or TlsConfig(), cert_path=cert_path, key_path=key_path, self_signed=True
+        )
     return None
+
+
+def _generated_in_memory(hostname: str) -> CertifiedKey:
+    cert_pem, key_pem = generate_self_signed(hostname)
+    return CertifiedKey.from_pem(cert_pem, key_pem)
 
 
 def format_address(host: str, port: int) -> str:
@@ -372,15 +389,25 @@ class DcRouter(MultiService):
     def _load_tls(self, config: SmtpConfig) -> CertificateOptions | None:
         tls_config = smtp_tls_config(self.options)
         if tls_config is None:
-            if set(config.implicit_tls_ports) & set(config.ports):
-                raise StartupError(
-                    "smtpConfig.implicitTlsPorts: implicit TLS needs a certificate (smtpConfig.tls or tls)"
-                )
-            return None
+            return None  # nothing needs TLS (smtp_tls_config generates a certificate for what does)
+        generated = tls_config.self_signed and not (
+            tls_config.cert_path and os.path.exists(tls_config.cert_path)
+        )
         try:
-            key = load_certified_key(tls_config, config.hostname)
-        except TlsMaterialError as error:
+            if tls_config.cert_path is None:
+                key = _generated_in_memory(config.hostname)
+            else:
+                key = load_certified_key(tls_config, config.hostname)
+        except (TlsMaterialError, OSError) as error:
             raise StartupError(f"smtpConfig.tls: {error}") from error
+        if generated:
+            # Loud: a self-signed certificate is for trials, and clients that verify refuse it.
+            log.warn(
+                "smtpConfig.tls: generated a self-signed certificate for {hostname} {where}; clients that "
+                "verify certificates will refuse it",
+                hostname=config.hostname,
+                where=f"at {tls_config.cert_path}" if tls_config.cert_path else "in memory",
+            )
         # SMTP's certificate answers every name the store has no certificate for (most MX clients send no
         # SNI, or the MX host name); names put by the proxy or ACME get their own certificate on SMTP too.
         self.certificates.set_default(key)

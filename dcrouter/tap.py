@@ -32,10 +32,15 @@ DEFAULT_CONFIG = "/etc/dcrouter/dcrouter.toml"
 class Options(usage.Options):
     synopsis = "[--config FILE] [--check]"
     longdesc = (
-        "dcrouter: an SMTP store-and-forward gateway (receive, process, durable queue) run by twistd. "
-        "The configuration file is TOML or JSON (by extension) with the seed's option names "
-        "(smtpConfig, domainConfigs, ...); see docs/configuration.md and etc/dcrouter.example.toml. "
-        "Example: twistd -n dcrouter --config etc/dcrouter.example.toml"
+        "dcrouter routes mail and TCP from one process, as its configuration says. smtpConfig: an SMTP "
+        "store-and-forward gateway (receive with STARTTLS and AUTH, scan and transform, queue durably, "
+        "deliver with retries and bounces). smartProxyConfig (or httpDomainRoutes): a TCP/TLS/HTTP proxy "
+        "routing by SNI or Host, passing TLS through or terminating it (certificates from files or ACME). "
+        "The file is TOML or JSON (by extension) with the seed's option names (smtpConfig, domainConfigs, "
+        "smartProxyConfig, ...); see docs/configuration.md, docs/proxy.md and etc/dcrouter.example.toml. "
+        "twistd's own options (--logfile, --pidfile, --uid, --logger) go before 'dcrouter'. Examples: "
+        "twistd -n dcrouter --config etc/dcrouter.example.toml; "
+        "twistd --logfile /var/log/dcrouter.log --pidfile /run/dcrouter.pid dcrouter --config FILE"
     )
     optParameters = [
         ["config", "c", DEFAULT_CONFIG, "Configuration file, .toml or .json."],
@@ -72,21 +77,34 @@ def _config_errors(path: str, error: ConfigError | OSError) -> list[str]:
     return [f"cannot read the configuration file: {error.strerror or error}"]
 
 
+def _config_warnings(error: ConfigError | OSError) -> list[str]:
+    """The warnings found beside the errors: a file that is refused is fixed faster when every finding is
+    shown at once."""
+    return list(getattr(error, "warnings", []))
+
+
+def print_findings(errors: list[str], warnings: list[str], err: TextIO) -> None:
+    """Every error, then every warning, one per line: the form ``--check``, ``dcrouter check`` and start-up
+    share."""
+    for message in errors:
+        print(f"error: {message}", file=err)
+    for message in warnings:
+        print(f"warning: {message}", file=err)
+
+
 def check(path: str, out: TextIO, err: TextIO) -> int:
-    """Validate ``path`` as ``--check`` does: every error and warning printed, prefixed with the file name.
-    Returns the exit status (0 valid, 1 invalid)."""
+    """Validate ``path`` as ``--check`` does: every error and every warning printed (warnings also when there
+    are errors), and a summary line naming the file. Returns the exit status (0 valid, 1 invalid)."""
     from dcrouter.config import ConfigError
 
     try:
         result = _load(path)
     except (ConfigError, OSError) as error:
-        errors = _config_errors(path, error)
-        for message in errors:
-            print(f"error: {message}", file=err)
-        print(f"{path}: not valid, {len(errors)} error(s)", file=err)
+        errors, warnings = _config_errors(path, error), _config_warnings(error)
+        print_findings(errors, warnings, err)
+        print(f"{path}: not valid, {len(errors)} error(s), {len(warnings)} warning(s)", file=err)
         return 1
-    for warning in result.warnings:
-        print(f"warning: {warning}", file=err)
+    print_findings([], result.warnings, err)
     print(f"{path}: OK, {len(result.warnings)} warning(s)", file=out)
     return 0
 
@@ -103,15 +121,13 @@ def makeService(config: Options) -> Any:
     try:
         result = _load(path)
     except (ConfigError, OSError) as error:
-        for message in _config_errors(path, error):
-            print(f"error: {message}", file=sys.stderr)
+        print_findings(_config_errors(path, error), _config_warnings(error), sys.stderr)
         print(f"{path}: not valid; nothing started", file=sys.stderr)
         if path == DEFAULT_CONFIG:
             print("dcrouter: to try the example, pass --config etc/dcrouter.example.toml", file=sys.stderr)
         # The errors are printed above; the exception they came from would only repeat them.
         raise SystemExit(1) from None
-    for warning in result.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+    print_findings([], result.warnings, sys.stderr)
     router = DcRouter(result, reactor=reactor)
     # Under twistd a router that cannot start (its queue does not load) should not linger half-alive.
     router.when_ready().addErrback(_stop_reactor, reactor)

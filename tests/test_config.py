@@ -191,6 +191,23 @@ class LoadingTests(LoadCase):
         )
         self.assertEqual(str(error), "\n".join(error.errors))
 
+    def test_warnings_beside_errors(self) -> None:
+        """A file with errors still reports its warnings (`--check` shows them all at once)."""
+        raw = smtp(ports=[25, 70000], socketTimeout=500)
+        raw["smtpConfig"]["auth"] = {"users": [{"username": "u", "password": "plain-text"}]}
+        error = self.assertRaises(ConfigError, load_options, raw)
+        self.assertEqual(error.errors, ["smtpConfig.ports[1]: not a port number (1-65535): 70000"])
+        self.assertEqual(
+            error.warnings,
+            [
+                (
+                    "smtpConfig.auth.users[0].password: stored in plain text; use a hash from "
+                    "'dcrouter hash-password'"
+                ),
+                "smtpConfig.socketTimeout: 500 ms is less than a second; durations are in milliseconds",
+            ],
+        )
+
 
 class UnsupportedTests(LoadCase):
     def test_top_level(self) -> None:
@@ -297,15 +314,44 @@ class PortTests(LoadCase):
 
 class TlsTests(LoadCase):
     def test_needed_for_implicit_tls(self) -> None:
+        """Implicit TLS without a certificate in the file is not an error: the router generates one (and the
+        warning says so, and where)."""
+        warnings = self.warnings(smtp(ports=[25, 465], submissionPorts=[], persistentPath="var/q"))
         self.assertEqual(
-            self.errors(smtp(ports=[25, 465], submissionPorts=[])),
+            [w for w in warnings if w.startswith("smtpConfig.tls:")],
             [
                 (
-                    "smtpConfig.tls: required because smtpConfig.implicitTlsPorts lists [465]: "
-                    "set certPath and keyPath, or selfSigned = true"
+                    "smtpConfig.tls: not set, but smtpConfig.implicitTlsPorts lists [465]: a self-signed "
+                    "certificate for mx.example.com is generated at var/q/tls/cert.pem on first start and "
+                    "kept there (key: var/q/tls/key.pem). Clients that verify certificates refuse it; set "
+                    "certPath and keyPath for production"
                 )
             ],
         )
+        memory = self.warnings(smtp(ports=[465], queueStorage="memory"))
+        self.assertIn(
+            "smtpConfig.tls: not set, but smtpConfig.implicitTlsPorts lists [465]: a self-signed certificate "
+            "for mx.example.com is generated in memory at every start (queueStorage 'memory' keeps nothing). "
+            "Clients that verify certificates refuse it; set certPath and keyPath for production",
+            memory,
+        )
+
+    def test_minimal_configuration_loads(self) -> None:
+        """A hostname and one domainConfigs entry: every other key (ports 25/587/465 and their roles
+        included) is a default the user did not write, so it loads, with warnings and no error."""
+        result = load_options(
+            {
+                "smtpConfig": {
+                    "hostname": "mx.example.com",
+                    "domainConfigs": [{"domains": ["example.com"], "targetIPs": ["10.0.0.10"]}],
+                }
+            }
+        )
+        self.assertEqual(result.options.smtp_config.ports, [25, 587, 465])  # type: ignore[union-attr]
+        tls_warnings = [w for w in result.warnings if w.startswith("smtpConfig.tls:")]
+        self.assertEqual(len(tls_warnings), 1, result.warnings)
+        self.assertIn("implicitTlsPorts lists [465] and submission ports [587]", tls_warnings[0])
+        self.assertIn("/var/spool/dcrouter/tls/cert.pem", tls_warnings[0])
 
     def test_shared_certificate_counts(self) -> None:
         cert, key = self.write_pair()
@@ -509,17 +555,22 @@ class AuthTests(LoadCase):
         )
 
     def test_submission_without_tls(self) -> None:
+        """A submission port needs TLS (AUTH only after STARTTLS): without a certificate in the file, one is
+        generated under persistentPath, and the warning says where."""
         raw = smtp(
             ports=[25, 587],
             defaultServer="relay.example.com",
+            persistentPath="/srv/dcrouter",
             auth={"users": [{"username": "a", "password": hash_password("pw", log2_n=10)}]},
         )
         self.assertEqual(
             self.warnings(raw),
             [
                 (
-                    "smtpConfig.tls: not set, so nobody can authenticate on submission "
-                    "ports [587] (AUTH is offered only after STARTTLS)"
+                    "smtpConfig.tls: not set, but submission ports [587] offer AUTH only after STARTTLS: a "
+                    "self-signed certificate for mx.example.com is generated at /srv/dcrouter/tls/cert.pem "
+                    "on first start and kept there (key: /srv/dcrouter/tls/key.pem). Clients that verify "
+                    "certificates refuse it; set certPath and keyPath for production"
                 )
             ],
         )
@@ -605,9 +656,10 @@ class SeedExampleTests(LoadCase):
         )
 
     def test_advanced_configuration(self) -> None:
-        """Every part of 7.2 not built yet is named, with the placeholder DKIM key and the missing
-        certificate for port 465."""
-        errors = self.errors(json.loads(SEED_7_2))
+        """Every part of 7.2 not built yet is named, with the placeholder DKIM key; the certificate it does
+        not name for port 465 is a warning (one is generated)."""
+        error = self.assertRaises(ConfigError, load_options, json.loads(SEED_7_2))
+        errors = error.errors
         prefix = "smtpConfig.domainConfigs[0]."
         self.assertEqual(
             [e.split(": ")[0] for e in errors],
@@ -615,9 +667,9 @@ class SeedExampleTests(LoadCase):
                 prefix + "rateLimits.maxMessagesPerMinute",
                 prefix + "rateLimits.maxRecipientsPerMessage",
                 prefix + "dkimOptions.privateKey",
-                "smtpConfig.tls",
             ],
         )
+        self.assertIn("smtpConfig.tls", [w.split(": ")[0] for w in error.warnings])
         self.assertEqual(sum("not supported yet" in e for e in errors), 2)
 
     def test_advanced_configuration_without_unbuilt_parts(self) -> None:

@@ -250,10 +250,48 @@ class BindingTests(SynchronousTestCase):
         self.successResultOf(router.when_ready())
         self.assertEqual(len(clock.tcpServers), 3)
 
-    def test_implicit_tls_without_certificate_refused(self) -> None:
-        router = DcRouter(past_validation(smtp_options(self), tls=None), reactor=MemoryReactorClock())
-        error = self.assertRaises(StartupError, router.privilegedStartService)
-        self.assertIn("implicitTlsPorts", str(error))
+    def test_minimal_configuration_starts_with_generated_certificate(self) -> None:
+        """A hostname and one domainConfigs entry: ports 25/587/465 are defaults, 465 (implicit TLS) and 587
+        (AUTH after STARTTLS) need a certificate the file does not name. One is generated under
+        persistentPath on first start, logged as a warning, and reused by the next start."""
+        captured = CapturedLog(self)
+        persistent = os.path.abspath(self.mktemp())
+        minimal = {
+            "smtpConfig": {
+                "hostname": "mx.example.com",
+                "persistentPath": persistent,
+                "domainConfigs": [{"domains": ["example.com"], "targetIPs": ["127.0.0.1"]}],
+            }
+        }
+        clock = MemoryReactorClock()
+        router = DcRouter(minimal, reactor=clock)
+        router.privilegedStartService()
+        self.assertEqual([port for port, _, _, _ in clock.tcpServers], [25, 587, 465])
+        factories = {port: factory for port, factory, _, _ in clock.tcpServers}
+        self.assertIsInstance(factories[465], TLSMemoryBIOFactory)
+        self.assertIsNotNone(factories[25].tls_options)  # STARTTLS offered with the generated certificate
+        cert_path = os.path.join(persistent, "tls", "cert.pem")
+        key_path = os.path.join(persistent, "tls", "key.pem")
+        self.assertEqual(stat.S_IMODE(os.stat(key_path).st_mode), 0o600)
+        self.assertIn(
+            f"generated a self-signed certificate for mx.example.com at {cert_path}", captured.text()
+        )
+        self.assertTrue(any(w.startswith("smtpConfig.tls: not set") for w in router.warnings))
+        with open(cert_path, "rb") as handle:
+            first = handle.read()
+        again = DcRouter(minimal, reactor=MemoryReactorClock())
+        again.privilegedStartService()
+        with open(cert_path, "rb") as handle:
+            self.assertEqual(handle.read(), first)
+
+    def test_memory_queue_generates_certificate_in_memory(self) -> None:
+        """A memory queue keeps nothing on disk, its certificate neither: persistentPath is not written."""
+        persistent = os.path.abspath(self.mktemp())
+        options = past_validation(smtp_options(self, persistentPath=persistent), tls=None)
+        router = DcRouter(options, reactor=MemoryReactorClock())
+        router.privilegedStartService()
+        self.assertFalse(os.path.exists(persistent))
+        self.assertIsNotNone(router.certificates.default)
 
     def test_missing_certificate_named(self) -> None:
         missing = os.path.join(os.path.abspath(self.mktemp()), "cert.pem")

@@ -105,6 +105,14 @@ class OptionsTests(SynchronousTestCase):
         for fragment in ("--config", "-c", "--check", "exit", "TOML or JSON", tap.DEFAULT_CONFIG):
             self.assertIn(fragment, text)
 
+    def test_help_describes_smtp_and_the_proxy(self) -> None:
+        """`twistd dcrouter --help` says what dcrouter runs: the gateway and the proxy, and where twistd's own
+        options go (after `dcrouter` they are refused)."""
+        text = " ".join(str(tap.Options()).split())
+        for fragment in ("smtpConfig", "SMTP", "smartProxyConfig", "proxy", "SNI", "docs/proxy.md"):
+            self.assertIn(fragment, text)
+        self.assertIn("twistd --logfile /var/log/dcrouter.log --pidfile /run/dcrouter.pid dcrouter", text)
+
     def test_check_valid_exits_zero(self) -> None:
         options = tap.Options()
         with self.assertRaises(SystemExit) as raised:
@@ -126,6 +134,38 @@ class OptionsTests(SynchronousTestCase):
         self.assertIn("smtpConfig.maxMesageSize", errors)
         self.assertIn("maxMessageSize", errors)  # the closest known key is suggested
         self.assertEqual(self.out.getvalue(), "")
+
+    def test_check_invalid_also_prints_every_warning(self) -> None:
+        """Warnings found beside errors are shown too (the docs promise every error and warning): a plain-text
+        password and a duration that looks like seconds, next to five errors."""
+        path = write_json(
+            self,
+            {
+                "smtpConfig": {
+                    "ports": [2525, 70000],
+                    "maxMesageSize": 1,
+                    "hostname": "bad host",
+                    "defaultPort": 0,
+                    "relayNetworks": ["10.1.2.3/8"],
+                    "socketTimeout": 500,
+                    "auth": {"users": [{"username": "u", "password": "plain-text"}]},
+                }
+            },
+        )
+        self.assertEqual(tap.check(path, self.out, self.err), 1)
+        lines = self.err.getvalue().splitlines()
+        self.assertEqual(len([line for line in lines if line.startswith("error: ")]), 5, lines)
+        self.assertIn(
+            "warning: smtpConfig.auth.users[0].password: stored in plain text; use a hash from "
+            "'dcrouter hash-password'",
+            lines,
+        )
+        self.assertIn(
+            "warning: smtpConfig.socketTimeout: 500 ms is less than a second; durations are in milliseconds",
+            lines,
+        )
+        self.assertEqual(lines[-1], f"{path}: not valid, 5 error(s), 2 warning(s)")
+        self.assertNotIn("plain-text", self.err.getvalue())
 
     def test_check_missing_file(self) -> None:
         missing = os.path.join(self.mktemp(), "nowhere.toml")

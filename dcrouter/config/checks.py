@@ -306,36 +306,59 @@ def _tls_usable(tls: Any) -> bool:
     return tls is not None and (tls.self_signed or (tls.cert_path is not None and tls.key_path is not None))
 
 
+def generated_certificate_paths(persistent_path: str) -> tuple[str, str]:
+    """Where the router keeps the self-signed certificate and key it generates when SMTP needs TLS and the
+    configuration names no certificate (the disk and redis queues; a memory queue's is never written)."""
+    directory = os.path.join(persistent_path, "tls")
+    return os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+
+
+def smtp_tls_needs(smtp: Any) -> list[str]:
+    """Why SMTP needs a certificate, one reason per role that cannot work without TLS; empty when nothing
+    does (an MX port serves without TLS, it only cannot offer STARTTLS then)."""
+    implicit = [p for p in smtp.implicit_tls_ports if p in smtp.ports]
+    submission = [p for p in smtp.submission_ports if p in smtp.ports and p not in implicit]
+    reasons = []
+    if implicit:
+        reasons.append(f"smtpConfig.implicitTlsPorts lists {implicit}")
+    if submission and not smtp.auth.allow_insecure:
+        reasons.append(f"submission ports {submission} offer AUTH only after STARTTLS")
+    return reasons
+
+
 @block_check(
     "smtp_config.ports",
     "smtp_config.implicit_tls_ports",
     "smtp_config.submission_ports",
     "smtp_config.tls",
     "smtp_config.auth",
+    "smtp_config.hostname",
+    "smtp_config.queue_storage",
+    "smtp_config.persistent_path",
     "tls",
 )
 def smtp_tls_needed(options: Any, path: str, report: Report) -> None:
-    """Implicit TLS cannot work without a certificate; submission without TLS cannot authenticate.
-    The top-level ``tls`` certificate counts: the router falls back to it."""
+    """Implicit TLS cannot work without a certificate, nor submission (AUTH only after TLS). When the file
+    names none (the top-level ``tls`` certificate counts: the router falls back to it), the router generates
+    a self-signed one, so a minimal configuration starts; this warning says so, and where it is kept."""
     smtp = options.smtp_config
     shared = options.tls
     usable = _tls_usable(smtp.tls) or (
         shared is not None and shared.cert_path is not None and shared.key_path is not None
     )
-    implicit = [p for p in smtp.implicit_tls_ports if p in smtp.ports]
-    if implicit and not usable:
-        report.error(
-            "smtpConfig.tls",
-            f"required because smtpConfig.implicitTlsPorts lists {implicit}: "
-            "set certPath and keyPath, or selfSigned = true",
-        )
-    submission = [p for p in smtp.submission_ports if p in smtp.ports and p not in implicit]
-    if submission and not usable and not smtp.auth.allow_insecure:
-        report.warning(
-            "smtpConfig.tls",
-            f"not set, so nobody can authenticate on submission ports {submission} "
-            "(AUTH is offered only after STARTTLS)",
-        )
+    reasons = smtp_tls_needs(smtp)
+    if usable or not reasons:
+        return
+    if smtp.queue_storage == "memory":
+        where = "in memory at every start (queueStorage 'memory' keeps nothing)"
+    else:
+        cert, key = generated_certificate_paths(smtp.persistent_path)
+        where = f"at {cert} on first start and kept there (key: {key})"
+    report.warning(
+        "smtpConfig.tls",
+        f"not set, but {' and '.join(reasons)}: a self-signed certificate for {smtp.hostname} is generated "
+        f"{where}. Clients that verify certificates refuse it; set certPath and keyPath for production",
+    )
 
 
 @block_check("ports", "submission_ports", "auth")

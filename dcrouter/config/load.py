@@ -24,11 +24,13 @@ from dcrouter.config.options import DcRouterOptions, block_checks
 
 class ConfigError(Exception):
     """The configuration cannot be used. ``errors`` lists every problem, each starting with its key path;
-    ``str()`` gives them one per line."""
+    ``str()`` gives them one per line. ``warnings`` are those found in the same load (a file with errors
+    may have warnings too, and ``--check`` shows both)."""
 
-    def __init__(self, errors: list[str]) -> None:
+    def __init__(self, errors: list[str], warnings: list[str] | None = None) -> None:
         super().__init__(errors)
         self.errors = list(errors)
+        self.warnings = list(warnings or [])
 
     def __str__(self) -> str:
         return "\n".join(self.errors)
@@ -51,7 +53,7 @@ def load_options(raw: Mapping[str, Any]) -> ConfigResult:
     report = Report()
     options = _build(DcRouterOptions, raw, "", report)
     if report.errors or isinstance(options, _Invalid):
-        raise ConfigError(report.errors)
+        raise ConfigError(report.errors, report.warnings)
     return ConfigResult(options, report.warnings)
 
 

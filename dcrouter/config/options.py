@@ -400,7 +400,10 @@ class SmtpConfig:
         52_428_800, doc="Largest message accepted, in bytes (advertised as SIZE).", check=c.positive
     )
     tls: TlsConfig | None = option(
-        None, doc="Certificate for STARTTLS and implicit TLS; required when implicitTlsPorts are listened on."
+        None,
+        doc="Certificate for STARTTLS and implicit TLS. Not set while implicitTlsPorts or submissionPorts "
+        "are listened on: a self-signed one is generated under persistentPath (`tls/cert.pem`; in memory "
+        "with the memory queue) and a warning says so.",
     )
     auth: AuthConfig = option(factory=AuthConfig, doc="SMTP AUTH.")
     # Routing
@@ -638,7 +641,8 @@ class SharedTlsConfig:
     contact_email: str | None = option(
         None,
         doc="Contact for certificate authorities (ACME).",
-        unsupported="ACME certificates are not built yet.",
+        unsupported="ACME is configured under smartProxyConfig.acme (accountEmail); this block takes "
+        "certificate files only.",
     )
     domain: str | None = option(
         None, doc="The router's own domain name.", unsupported="Nothing uses the router's own domain yet."

@@ -1,6 +1,6 @@
 """dcrouter's outbound ESMTP client protocol (RFC 5321, with PIPELINING, SIZE, 8BITMIME, SMTPUTF8, STARTTLS,
 ENHANCEDSTATUSCODES and AUTH PLAIN/LOGIN), written on ``Protocol`` rather than twisted.mail's client
-(DESIGN.md "Decisions" says why).
+(docs/decisions.md, "Why not twisted.mail.smtp", says why; tests/test_twisted_mail_defects.py reproduces it).
 
 Use: connect an :class:`ESMTPClient` (an endpoint's ``connectProtocol``), then ``await wait_greeting()``,
 ``ehlo``, optionally ``starttls`` and ``authenticate``, then ``send`` (or ``probe``, recipient verification

@@ -17,7 +17,7 @@ What a caller may rely on (:class:`DotStuffer`):
 - The output is the same for every way of cutting the input into chunks.
 
 Why not twisted.mail's sender: it does not stuff the first line nor a line that begins a new chunk, and turns
-a CRLF split across chunks into CR CR LF (DESIGN.md, "Decisions").
+every CRLF into CR CR LF (docs/decisions.md; reproduced in tests/test_twisted_mail_defects.py).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""One pool of txredisapi connections, with the rules of DESIGN.md: bytes in and out (``charset=None``), no
-number guessing (``convertNumbers=False``), and a deadline on every call.
+"""One pool of txredisapi connections, with the rules of docs/decisions.md: bytes in and out
+(``charset=None``), no number guessing (``convertNumbers=False``), and a deadline on every call.
 
 What a caller may rely on:
 

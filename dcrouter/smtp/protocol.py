@@ -1,6 +1,6 @@
 """dcrouter's ESMTP server protocol (RFC 5321 with PIPELINING, SIZE, 8BITMIME, ENHANCEDSTATUSCODES,
-SMTPUTF8, STARTTLS and AUTH), written on ``Protocol`` rather than ``twisted.mail.smtp`` (DESIGN.md "Decisions"
-says why).
+SMTPUTF8, STARTTLS and AUTH), written on ``Protocol`` rather than ``twisted.mail.smtp`` (docs/decisions.md,
+"Why not twisted.mail.smtp", says why; tests/test_twisted_mail_defects.py reproduces each reason).
 
 What a caller may rely on:
 

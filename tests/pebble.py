@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.redis_server import free_port
+from tests.integration import free_ports
 
 
 def _binary(name: str) -> str | None:
@@ -122,10 +122,10 @@ class PebbleServer:
         self.directory = os.path.abspath(directory)
         os.makedirs(self.directory, exist_ok=True)
         self.http_port = http_port
-        self.port = free_port()
-        self.management_port = free_port()
-        self.dns_port = free_port()
-        self.challtestsrv_management_port = free_port()
+        # Held open together and never ``http_port``: one at a time, the kernel may hand out a port twice, or
+        # the one a test has chosen for its responder but not bound yet.
+        ports = [port for port in free_ports(6) if port != http_port][:5]
+        self.port, self.management_port, self.dns_port, self.challtestsrv_management_port, tls_port = ports
         self.ca_bundle, cert, key = write_listener_certificate(self.directory)
         self.config_path = os.path.join(self.directory, "pebble-config.json")
         config = {
@@ -135,7 +135,7 @@ class PebbleServer:
                 "certificate": cert,
                 "privateKey": key,
                 "httpPort": http_port,
-                "tlsPort": free_port(),  # TLS-ALPN-01 is not used; a free port keeps it from colliding
+                "tlsPort": tls_port,  # TLS-ALPN-01 is not used; a free port keeps it from colliding
                 "ocspResponderURL": "",
                 "externalAccountBindingRequired": False,
             }

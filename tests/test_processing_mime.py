@@ -270,6 +270,31 @@ class AddressTests(SynchronousTestCase):
         self.assertTrue(inspect(b"To: b@example.com\r\n\r\nx").from_ambiguous)
         self.assertEqual(self.from_of("alice@example.org)<bob@example.org>").from_addresses, ())
 
+    def test_internationalised_senders(self) -> None:
+        # RFC 6532: a UTF-8 local part and a U-label domain are an address, not a defect.
+        for value, expected in [
+            ("Jürgen <jürgen@sender.test>", "jürgen@sender.test"),
+            ("jürgen@sender.test", "jürgen@sender.test"),
+            ("用户 <用户@例子.test>", "用户@例子.test"),
+            ("user@bücher.test", "user@bücher.test"),
+            ('"jü rgen"@sender.test', '"jü rgen"@sender.test'),
+        ]:
+            info = self.from_of(value)
+            self.assertEqual((info.from_addresses, info.from_ambiguous), ((expected,), False), value)
+
+    def test_ambiguous_internationalised_senders(self) -> None:
+        for values in [
+            ("jürgen@sender.test", "bob@example.org"),  # two fields
+            ("jürgen@sender.test, bob@example.org",),  # two mailboxes
+            ("jürgen@sender.test <bob@example.org>",),  # parsers disagree
+            ("jü@sender.test)<bob@example.org>",),
+            ("j\u00a0rgen@sender.test",),  # shows as white space
+            ("ad\u202emin@sender.test",),  # a bidi override: shows reversed
+            ("jü\u200brgen@sender.test",),  # zero width
+        ]:
+            info = self.from_of(*values)
+            self.assertTrue(info.from_ambiguous, values)
+
     def test_recipients(self) -> None:
         data = (
             b'To: "Smith, J" <j@example.com>, team: a@example.com, b@example.com;, bad)<x@y>\r\n'

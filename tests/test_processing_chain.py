@@ -9,9 +9,14 @@ queue holds (envelope, ``head``, ``body_offset``, status) and the bytes delivery
 from __future__ import annotations
 
 import os
+import random
+import threading
+import zipfile
 from typing import Any
 
+from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred, fail
+from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -19,12 +24,14 @@ from zope.interface.verify import verifyObject
 from dcrouter.config.load import load_options
 from dcrouter.envelope import Envelope
 from dcrouter.interfaces import IScanner
+from dcrouter.processing import processor as processor_module
+from dcrouter.processing.archive import WorkBudget
 from dcrouter.processing.build import build_chain
 from dcrouter.processing.dkim import generate_private_key, private_key_pem
 from dcrouter.processing.headers import HeaderBlock
 from dcrouter.processing.message import Discarded, Draft, Refusal, ScannerUnavailable, ScanResult, Verdict
 from dcrouter.processing.mime import MimeLimits
-from dcrouter.processing.processor import EmailProcessor, ScannerStage
+from dcrouter.processing.processor import INLINE_ARCHIVE_BYTES, INLINE_BYTES, EmailProcessor, ScannerStage
 from dcrouter.processing.transforms.dkim import DkimSign
 from dcrouter.processing.transforms.headers import (
     AddHeader,
@@ -36,6 +43,8 @@ from dcrouter.processing.transforms.headers import (
 from dcrouter.queue.files import message_reader
 from dcrouter.queue.item import QueueItem, QueueItemStatus
 from dcrouter.smtp.spool import SpooledMessage
+from tests import mime_samples as samples
+from tests.archive_samples import EXE, make_zip
 from tests.results import MemoryQueueCase, result_of
 from tests.smtp_fixtures import connect
 
@@ -845,3 +854,67 @@ class BuildChainTests(ChainCase):
 class InterfaceTests(TestCase):
     def test_scripted_scanner_is_an_iscanner(self) -> None:
         self.assertTrue(verifyObject(IScanner, ScriptedScanner(verdict(Verdict.CLEAN))))
+
+
+class ArchiveWorkOffTheReactorTests(MemoryQueueCase):
+    """A small message is inspected on the reactor thread, unless its archives would decompress more than
+    INLINE_ARCHIVE_BYTES: then it is inspected again, in the thread pool. A big one goes to the pool at
+    once."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.pool = ThreadPool(1, 1, "test-archives")
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+        #: (on the reactor thread, with a work budget) for each inspection
+        self.inspections: list[tuple[bool, bool]] = []
+        inspect = processor_module.inspect_message
+
+        def spy(stream: Any, limits: MimeLimits, budget: WorkBudget | None = None) -> Any:
+            on_reactor = threading.current_thread() is threading.main_thread()
+            self.inspections.append((on_reactor, budget is not None))
+            return inspect(stream, limits, budget=budget)
+
+        self.patch(processor_module, "inspect_message", spy)
+
+    def metadata(self, data: bytes) -> Deferred[Draft]:
+        processor = EmailProcessor(
+            self.queue, self.clock.seconds, reactor=global_reactor, threadpool=self.pool
+        )
+        envelope = Envelope("alice@example.org", ["bob@example.com"])
+        message = SpooledMessage(len(data), data=data)
+        return Deferred.fromCoroutine(processor.extract_metadata(envelope, message, "ID"))
+
+    def archive_message(self, data: bytes, padding: int = 0) -> bytes:
+        return samples.message(
+            samples.headers(("Content-Type", 'multipart/mixed; boundary="b"')),
+            samples.multipart(b"b", [samples.text_part("x" * padding), samples.attachment("docs.zip", data)]),
+        )
+
+    async def test_costly_archives_of_a_small_message_are_listed_in_the_pool(self) -> None:
+        # 1.4 MB that deflate squeezes about 57 times: no bomb, but more than the inline budget to expand.
+        noise = random.Random(1)
+        sparse = b"".join(bytes([noise.randrange(256)]) + bytes(199) for _ in range(7000))
+        inner = make_zip({"sparse.bin": sparse, "run.exe": EXE}, zipfile.ZIP_STORED)
+        self.assertGreater(len(inner), INLINE_ARCHIVE_BYTES)
+        data = self.archive_message(make_zip({"inner.zip": inner}))
+        self.assertLess(len(data), INLINE_BYTES)
+        draft = await self.metadata(data)
+        self.assertEqual(self.inspections, [(True, True), (False, False)])
+        assert draft.info is not None
+        self.assertEqual(
+            draft.info.parts[1].archive_names, ("inner.zip", "inner.zip/sparse.bin", "inner.zip/run.exe")
+        )
+        self.assertIsNone(draft.info.parts[1].archive_problem)
+
+    async def test_cheap_archives_of_a_small_message_are_listed_inline(self) -> None:
+        data = self.archive_message(make_zip({"inner.zip": make_zip({"run.exe": EXE})}))
+        draft = await self.metadata(data)
+        self.assertEqual(self.inspections, [(True, True)])
+        assert draft.info is not None
+        self.assertEqual(draft.info.parts[1].archive_names, ("inner.zip", "inner.zip/run.exe"))
+
+    async def test_a_big_message_is_inspected_in_the_pool_without_a_budget(self) -> None:
+        data = self.archive_message(make_zip({"run.exe": EXE}), padding=INLINE_BYTES)
+        await self.metadata(data)
+        self.assertEqual(self.inspections, [(False, False)])

@@ -23,11 +23,14 @@ from dcrouter.queue.item import QueueItem
 from dcrouter.queue.memory import MemoryQueue
 from dcrouter.smtp.spool import SpooledMessage
 from tests import mime_samples as samples
+from tests.archive_samples import EXE, make_gzip, make_tar, make_zip, nested_zips, zip_bomb
 
 KEY = private_key_pem(generate_private_key("rsa", 2048))
 
 
-class HostileMimeThroughTheChainTests(TestCase):
+class ConfiguredChainCase(TestCase):
+    """The chain built from configuration, processing spooled messages."""
+
     def setUp(self) -> None:
         self.clock = Clock()
         self.directory = os.path.abspath(self.mktemp())
@@ -99,6 +102,8 @@ class HostileMimeThroughTheChainTests(TestCase):
         self.assertIn((result.reply.code, result.reply.enhanced), ((550, "5.7.1"), (554, "5.7.1")))
         self.assertIn(reason, str(result.reply.text))
 
+
+class HostileMimeThroughTheChainTests(ConfiguredChainCase):
     def test_unclosed_boundary(self) -> None:
         # The executable before the missing close-delimiter is seen and refused by name.
         self.refused(samples.unclosed_boundary, "x.exe")
@@ -142,3 +147,45 @@ class HostileMimeThroughTheChainTests(TestCase):
         assert result.head is not None
         self.assertTrue(result.head.startswith(b"DKIM-Signature: "))
         self.assertIn(b"\r\nX-Spam-Status: No, score=", result.head)
+
+
+def archive_mail(name: str, data: bytes) -> bytes:
+    return samples.message(
+        samples.headers(("Content-Type", 'multipart/mixed; boundary="b"')),
+        samples.multipart(b"b", [samples.text_part("see attached"), samples.attachment(name, data)]),
+    )
+
+
+class ArchivesThroughTheChainTests(ConfiguredChainCase):
+    """Archives inside archives, compressed tars and files, bombs: the configured chain's answers."""
+
+    def refused_by_policy(self, data: bytes, reason: str) -> None:
+        result = self.outcome(data)
+        assert isinstance(result, Refusal), result
+        self.assertEqual((result.reply.code, result.reply.enhanced), (550, "5.7.1"))
+        self.assertEqual(str(result.reply.text), f"Message refused by policy ({reason})")
+
+    def test_zip_in_a_zip_with_an_exe(self) -> None:
+        outer = make_zip({"readme.txt": b"hello", "inner.zip": make_zip({"evil.exe": EXE})})
+        reason = "attachment docs.zip contains inner.zip/evil.exe"
+        self.refused_by_policy(archive_mail("docs.zip", outer), reason)
+
+    def test_tar_gz_with_an_exe(self) -> None:
+        data = make_tar({"readme.txt": b"hi", "bin/evil.exe": EXE}, "gz")
+        reason = "attachment src.tar.gz contains bin/evil.exe"
+        self.refused_by_policy(archive_mail("src.tar.gz", data), reason)
+
+    def test_gzip_of_an_exe(self) -> None:
+        self.refused_by_policy(archive_mail("x.exe.gz", make_gzip(EXE)), "attachment x.exe.gz contains x.exe")
+
+    def test_depth_bomb(self) -> None:
+        self.refused_as_unscannable(lambda: archive_mail("deep.zip", nested_zips(10, {"a.txt": b"x"})))
+
+    def test_zip_bomb_by_ratio(self) -> None:
+        self.refused_as_unscannable(lambda: archive_mail("data.zip", zip_bomb(50)))
+        self.refused_as_unscannable(lambda: archive_mail("data.zip", make_zip({"in.zip": zip_bomb(50)})))
+
+    def test_nested_archives_of_harmless_files_are_queued(self) -> None:
+        inner = make_tar({"notes.txt": b"hello", "report.pdf": b"%PDF-1.4\n"}, "gz")
+        result = self.outcome(archive_mail("docs.zip", make_zip({"inner.tar.gz": inner})))
+        self.assertIsInstance(result, QueueItem)

@@ -20,10 +20,23 @@ from twisted.internet.defer import Deferred
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from dcrouter.processing import archive, decoding, mime, mimetext
+from dcrouter.processing import archive, archiveformats, decoding, mime, mimetext
 from dcrouter.processing.mime import MessageInfo, MimeLimits, inspect_in_thread, inspect_message
 from dcrouter.processing.sniff import sniff_type
 from tests import mime_samples as samples
+from tests.archive_samples import (
+    EXE,
+    make_bz2,
+    make_gzip,
+    make_tar,
+    make_xz,
+    make_zip,
+    nested_zips,
+    rar4,
+    rar5,
+    v7_tar,
+    zip_bomb,
+)
 from tests.mime_samples import CRLF, attachment, entity, headers, message, multipart, text_part
 
 
@@ -269,6 +282,31 @@ class AddressTests(SynchronousTestCase):
             self.assertTrue(info.from_ambiguous, values)
         self.assertTrue(inspect(b"To: b@example.com\r\n\r\nx").from_ambiguous)
         self.assertEqual(self.from_of("alice@example.org)<bob@example.org>").from_addresses, ())
+
+    def test_internationalised_senders(self) -> None:
+        # RFC 6532: a UTF-8 local part and a U-label domain are an address, not a defect.
+        for value, expected in [
+            ("Jürgen <jürgen@sender.test>", "jürgen@sender.test"),
+            ("jürgen@sender.test", "jürgen@sender.test"),
+            ("用户 <用户@例子.test>", "用户@例子.test"),
+            ("user@bücher.test", "user@bücher.test"),
+            ('"jü rgen"@sender.test', '"jü rgen"@sender.test'),
+        ]:
+            info = self.from_of(value)
+            self.assertEqual((info.from_addresses, info.from_ambiguous), ((expected,), False), value)
+
+    def test_ambiguous_internationalised_senders(self) -> None:
+        for values in [
+            ("jürgen@sender.test", "bob@example.org"),  # two fields
+            ("jürgen@sender.test, bob@example.org",),  # two mailboxes
+            ("jürgen@sender.test <bob@example.org>",),  # parsers disagree
+            ("jü@sender.test)<bob@example.org>",),
+            ("j\u00a0rgen@sender.test",),  # shows as white space
+            ("ad\u202emin@sender.test",),  # a bidi override: shows reversed
+            ("jü\u200brgen@sender.test",),  # zero width
+        ]:
+            info = self.from_of(*values)
+            self.assertTrue(info.from_ambiguous, values)
 
     def test_recipients(self) -> None:
         data = (
@@ -660,25 +698,7 @@ class ThreadTests(TestCase):
         return d.addCallback(check)
 
 
-# -- zip archives: listed from the central directory, never extracted --
-
-
-def make_zip(entries: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> bytes:
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", compression) as archive:
-        for name, data in entries.items():
-            archive.writestr(name, data)
-    return out.getvalue()
-
-
-def zip_bomb(megabytes: int = 50) -> bytes:
-    """One entry of ``megabytes`` MB of zeros, deflated (about 50 KB), written a megabyte at a time."""
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive, archive.open("a.txt", "w") as entry:
-        zeros = bytes(1024 * 1024)
-        for _ in range(megabytes):
-            entry.write(zeros)
-    return out.getvalue()
+# -- archives: listed from their directories; archives inside them decompressed and listed in turn --
 
 
 def set_encrypted_flag(data: bytes) -> bytes:
@@ -697,27 +717,180 @@ def zip_message(data: bytes, name: str = "docs.zip") -> bytes:
 
 
 class ArchiveTests(SynchronousTestCase):
-    def archive_part(self, data: bytes, limits: MimeLimits = DEFAULT_LIMITS) -> mime.Part:
-        info = inspect(zip_message(data), limits)
+    def archive_part(
+        self, data: bytes, limits: MimeLimits = DEFAULT_LIMITS, name: str = "docs.zip"
+    ) -> mime.Part:
+        info = inspect(zip_message(data, name), limits)
         self.assertEqual([p.path for p in info.parts], ["1", "2"])
         self.assertEqual(info.parts[0].archive_names, ())
         return info.parts[1]
 
-    def test_names_listed_nested_archives_not_opened(self) -> None:
-        inner = make_zip({"deep/payload.exe": b"MZ" + bytes(100)})
+    def test_names_listed_with_nested_archives(self) -> None:
+        inner = make_zip({"deep/payload.exe": EXE})
         data = make_zip({"readme.txt": b"hello", "bin/setup.exe": b"MZ" + bytes(500), "inner.zip": inner})
         part = self.archive_part(data)
         self.assertEqual(part.sniffed_type, "application/zip")
-        self.assertEqual(part.archive_names, ("readme.txt", "bin/setup.exe", "inner.zip"))
+        self.assertEqual(
+            part.archive_names, ("readme.txt", "bin/setup.exe", "inner.zip", "inner.zip/deep/payload.exe")
+        )
         self.assertIsNone(part.archive_problem)
         self.assertTrue(part.complete)
 
-    def test_not_a_zip_is_not_listed(self) -> None:
+    def test_nested_archive_under_a_harmless_name(self) -> None:
+        # Content decides, not the name: a zip called notes.txt is opened.
+        data = make_zip({"notes.txt": make_zip({"run.exe": EXE})})
+        self.assertEqual(self.archive_part(data).archive_names, ("notes.txt", "notes.txt/run.exe"))
+
+    def test_not_an_archive_is_not_listed(self) -> None:
         info = inspect(
-            mixed(attachment("a.zip", b"Rar!\x1a\x07\x01\x00" + bytes(40)), attachment("b", b"PK"))
+            mixed(
+                attachment("a.zip", b"%PDF-1.4\n" + bytes(600)),
+                attachment("b", b"PK"),
+                attachment("c", b"BZh9 is not bzip2"),
+            )
         )
         for part in info.parts:
             self.assertEqual((part.archive_names, part.archive_problem), ((), None))
+
+    def test_depth_bomb(self) -> None:
+        part = self.archive_part(nested_zips(10, {"evil.exe": EXE}))
+        self.assertEqual(part.archive_problem, "archives nested deeper than 3 levels")
+        self.assertEqual(
+            part.archive_names, ("level2.zip", "level2.zip/level3.zip", "level2.zip/level3.zip/level4.zip")
+        )
+        # Three levels are opened.
+        part = self.archive_part(nested_zips(3, {"evil.exe": EXE}))
+        self.assertIsNone(part.archive_problem)
+        self.assertEqual(part.archive_names[-1], "level2.zip/level3.zip/evil.exe")
+        self.assertEqual(
+            self.archive_part(nested_zips(3, {"a": b"x"}), MimeLimits(max_archive_depth=2)).archive_problem,
+            "archives nested deeper than 2 levels",
+        )
+
+    def test_nested_zip_bomb_by_ratio(self) -> None:
+        part = self.archive_part(make_zip({"readme.txt": b"hi", "data.zip": zip_bomb(20)}))
+        assert part.archive_problem is not None
+        self.assertRegex(part.archive_problem, r"^zip bomb: ratio \d{3,}:1 in a\.txt$")
+        self.assertEqual(part.archive_names, ("readme.txt", "data.zip", "data.zip/a.txt"))
+        limits = MimeLimits(max_archive_ratio=2000)
+        self.assertIsNone(self.archive_part(make_zip({"data.zip": zip_bomb(20)}), limits).archive_problem)
+
+    def test_entries_and_sizes_count_across_levels(self) -> None:
+        inner = make_zip({f"in{i}.txt": b"x" for i in range(3)})
+        data = make_zip({"a.txt": b"a", "b.txt": b"b", "inner.zip": inner})
+        self.assertIsNone(self.archive_part(data, MimeLimits(max_archive_entries=6)).archive_problem)
+        self.assertEqual(
+            self.archive_part(data, MimeLimits(max_archive_entries=5)).archive_problem,
+            "too many archive entries (over 5)",
+        )
+        block = bytes(range(256)) * 8
+        inner = make_zip({"x.bin": block, "y.bin": block}, zipfile.ZIP_STORED)
+        data = make_zip({"inner.zip": inner}, zipfile.ZIP_STORED)
+        # The outer entry (the inner zip itself) and the two inside it.
+        total = len(inner) + 2 * len(block)
+        self.assertIsNone(self.archive_part(data, MimeLimits(max_archive_expanded=total)).archive_problem)
+        self.assertEqual(
+            self.archive_part(data, MimeLimits(max_archive_expanded=total - 1)).archive_problem,
+            f"zip bomb: expands to {total} bytes",
+        )
+
+    def test_nested_archive_too_large(self) -> None:
+        inner = make_zip({"a.bin": bytes(range(256)) * 64}, zipfile.ZIP_STORED)
+        data = make_zip({"inner.zip": inner})  # deflated: the outer zip is far smaller than the inner one
+        self.assertLess(len(data), len(inner))
+        part = self.archive_part(data, MimeLimits(max_archive_bytes=len(inner) - 1))
+        self.assertEqual((part.archive_names, part.archive_problem), (("inner.zip",), "archive too large"))
+        self.assertIsNone(self.archive_part(data, MimeLimits(max_archive_bytes=len(inner))).archive_problem)
+
+    def test_encrypted_nested_zip(self) -> None:
+        inner = set_encrypted_flag(make_zip({"invoice.pdf": b"%PDF-1.4", "setup.exe": EXE}))
+        part = self.archive_part(make_zip({"inner.zip": inner}))
+        self.assertEqual(part.archive_problem, "encrypted archive")
+        self.assertEqual(part.archive_names, ("inner.zip", "inner.zip/invoice.pdf", "inner.zip/setup.exe"))
+        # An encrypted outer entry is not opened, whatever it holds.
+        part = self.archive_part(set_encrypted_flag(make_zip({"inner.zip": make_zip({"x.exe": EXE})})))
+        self.assertEqual((part.archive_names, part.archive_problem), (("inner.zip",), "encrypted archive"))
+
+    def test_tar_and_compressed_tars(self) -> None:
+        entries = {"readme.txt": b"hi", "bin/evil.exe": EXE}
+        listed = ("readme.txt", "bin/evil.exe")
+        cases = [
+            ("x.tar", make_tar(entries), listed),
+            ("old.tar", v7_tar(entries), listed),
+            ("x.tar.gz", make_tar(entries, "gz"), ("x.tar", *listed)),
+            ("x.tgz", make_tar(entries, "gz"), ("x.tar", *listed)),
+            ("x.tar.bz2", make_tar(entries, "bz2"), ("x.tar", *listed)),
+            ("x.txz", make_tar(entries, "xz"), ("x.tar", *listed)),
+            ("unnamed", make_tar(entries, "xz"), listed),
+        ]
+        for name, data, names in cases:
+            with self.subTest(name=name):
+                part = self.archive_part(data, name=name)
+                self.assertEqual((part.archive_names, part.archive_problem), (names, None))
+
+    def test_compressed_files_are_named_after_the_attachment(self) -> None:
+        cases = [
+            ("x.exe.gz", make_gzip(EXE), ("x.exe",)),
+            ("x.exe.GZ", make_gzip(EXE), ("x.exe",)),
+            ("report.gz", make_gzip(EXE, "setup.exe"), ("setup.exe", "report")),  # the header's name too
+            ("x.exe.bz2", make_bz2(EXE), ("x.exe",)),
+            ("x.exe.xz", make_xz(EXE), ("x.exe",)),
+            ("data", make_gzip(EXE), ()),
+        ]
+        for name, data, names in cases:
+            with self.subTest(name=name):
+                part = self.archive_part(data, name=name)
+                self.assertEqual((part.archive_names, part.archive_problem), (names, None))
+
+    def test_gzip_bombs(self) -> None:
+        part = self.archive_part(make_gzip(bytes(50 * 1024 * 1024)), name="zeros.bin.gz")
+        assert part.archive_problem is not None
+        self.assertRegex(part.archive_problem, r"^zip bomb: ratio \d{3,}:1 in zeros\.bin$")
+        # The declared size (ISIZE) made small: the expansion itself is measured as the content is opened.
+        tarred = bytearray(make_tar({"zeros.bin": bytes(50 * 1024 * 1024)}, "gz"))
+        tarred[-4:] = (100).to_bytes(4, "little")
+        limits = MimeLimits(max_archive_bytes=64 * 1024 * 1024)
+        part = self.archive_part(bytes(tarred), limits, name="x.tar.gz")
+        self.assertEqual(part.archive_problem, "zip bomb: ratio over 100:1 in x.tar")
+
+    def test_rar(self) -> None:
+        entries = {"readme.txt": b"hi", "bin/evil.exe": EXE}
+        for make in (rar4, rar5):
+            with self.subTest(make=make.__name__):
+                part = self.archive_part(make(entries), name="x.rar")
+                self.assertEqual((part.archive_names, part.archive_problem), (tuple(entries), None))
+        # Stored entries are read: a zip in a RAR is opened.
+        part = self.archive_part(rar5({"inner.zip": make_zip({"run.exe": EXE})}), name="x.rar")
+        self.assertEqual(part.archive_names, ("inner.zip", "inner.zip/run.exe"))
+        # Compressed ones would need unrar: listed, and the archive is unscannable.
+        part = self.archive_part(rar5(entries, method=3), name="x.rar")
+        self.assertEqual(
+            (part.archive_names, part.archive_problem),
+            (tuple(entries), "compressed RAR content cannot be opened"),
+        )
+        part = self.archive_part(rar5({}, encrypted_headers=True), name="x.rar")
+        self.assertEqual((part.archive_names, part.archive_problem), ((), "encrypted archive"))
+        many = {f"f{i}.txt": b"x" for i in range(8)}
+        for make in (rar4, rar5):
+            with self.subTest(make=make.__name__):
+                part = self.archive_part(make(many), MimeLimits(max_archive_entries=7), name="x.rar")
+                self.assertEqual(part.archive_names, ())
+                self.assertEqual(part.archive_problem, "too many archive entries (over 7)")
+        part = self.archive_part(b"Rar!\x1a\x07\x01\x00" + bytes(40), name="x.rar")
+        assert part.archive_problem is not None
+        self.assertTrue(part.archive_problem.startswith("corrupt archive: "), part.archive_problem)
+
+    def test_unlistable_kinds(self) -> None:
+        for head, kind in [
+            (b"7z\xbc\xaf\x27\x1c", "7z"),
+            (b"MSCF\x00\x00\x00\x00", "cab"),
+            (b"\x28\xb5\x2f\xfd", "zstd"),
+        ]:
+            with self.subTest(kind=kind):
+                part = self.archive_part(head + bytes(600), name="x")
+                self.assertEqual(part.archive_problem, f"{kind} archive: cannot be listed")
+                part = self.archive_part(make_zip({"inner": head + bytes(600)}))
+                self.assertEqual(part.archive_problem, f"{kind} archive inside an archive: cannot be listed")
 
     def test_empty_zip_and_zip_based_documents(self) -> None:
         self.assertEqual(self.archive_part(make_zip({})).archive_names, ())
@@ -753,10 +926,9 @@ class ArchiveTests(SynchronousTestCase):
         part = self.archive_part(data, MimeLimits(max_archive_entries=5))
         self.assertEqual(part.archive_problem, "too many archive entries (over 5)")
         self.assertIsNone(self.archive_part(data, MimeLimits(max_archive_entries=6)).archive_problem)
-        # Past the signature count, zipfile's own count (the central directory has 6 entries).
-        listing = archive.list_zip(io.BytesIO(data), archive.ArchiveLimits(max_entries=4))
-        self.assertEqual(listing.problem, "too many archive entries (over 4)")
-        self.assertEqual(len(listing.names), 4)
+        # zipfile (an object per entry) is not asked to parse a directory with too many signatures.
+        listing = archive.list_archive(io.BytesIO(data), "zip", limits=archive.ArchiveLimits(max_entries=4))
+        self.assertEqual(listing, archive.ArchiveListing((), "too many archive entries (over 4)"))
 
     def test_encrypted_entry(self) -> None:
         data = set_encrypted_flag(make_zip({"invoice.pdf": b"%PDF-1.4", "setup.exe": b"MZ"}))
@@ -807,13 +979,10 @@ class ArchiveTests(SynchronousTestCase):
             chunked = inspect_message(ChunkedStream(data, sizes), limit)  # type: ignore[arg-type]
             self.assertEqual(chunked, inspect(data, limit))
 
-    def test_signatures_counted_across_pieces(self) -> None:
+    def test_signatures_counted_across_chunks(self) -> None:
         data = b"PK\x03\x04" + b"PK\x01\x02" * 6
-        for cut in range(len(data)):
-            collector = archive.ZipCollector(archive.ArchiveLimits(max_entries=5))
-            collector.feed(data[:cut])
-            collector.feed(data[cut:])
-            self.assertEqual(collector.finish(True).problem, "too many archive entries (over 5)")
+        for size in range(1, len(data) + 1):
+            self.assertEqual(archiveformats.central_entries(io.BytesIO(data), chunk_size=size), 6)
 
     @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(st.binary(min_size=1, max_size=60), st.integers(0, 10_000))
@@ -821,7 +990,26 @@ class ArchiveTests(SynchronousTestCase):
         data = bytearray(make_zip({"a.txt": b"hello", "dir/b.exe": b"MZ" * 50, "c.zip": b"PK\x05\x06"}))
         for offset, value in enumerate(junk):
             data[(seed + offset * 31) % len(data)] = value
-        listing = archive.list_zip(io.BytesIO(bytes(data)))
+        listing = archive.list_archive(io.BytesIO(bytes(data)), "zip")
+        self.assertTrue(listing.problem is None or listing.problem.isascii())
+        inspect(zip_message(bytes(data)))
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.sampled_from(range(6)), st.binary(min_size=1, max_size=60), st.integers(0, 10_000))
+    def test_damaged_archives_never_raise(self, which: int, junk: bytes, seed: int) -> None:
+        entries = {"a.txt": b"hello", "dir/b.exe": EXE, "c.zip": make_zip({"d.exe": EXE})}
+        kind, sound = [
+            ("tar", make_tar(entries)),
+            ("gzip", make_tar(entries, "gz")),
+            ("bzip2", make_tar(entries, "bz2")),
+            ("xz", make_tar(entries, "xz")),
+            ("rar", rar4(entries)),
+            ("rar", rar5(entries)),
+        ][which]
+        data = bytearray(sound)
+        for offset, value in enumerate(junk):
+            data[(seed + offset * 31) % len(data)] = value
+        listing = archive.list_archive(io.BytesIO(bytes(data)), kind, ("x.tar.gz",))
         self.assertTrue(listing.problem is None or listing.problem.isascii())
         inspect(zip_message(bytes(data)))
 

@@ -255,3 +255,64 @@ class TwoKeysTests(SigningChainCase):
             sorted(tag(f, b"a") for f in data.split(b"\r\n\r\n")[0].split(b"DKIM-Signature: ")[1:]),
             [b"ed25519-sha256", b"rsa-sha256"],
         )
+
+
+class InternationalisedFromTests(SigningChainCase):
+    """EAI mail (RFC 6532, SMTPUTF8) is signed as RFC 8616 says: header fields are signed as the raw UTF-8
+    they are, ``d=`` holds the signing domain in A-labels, and the From domain is matched in A-label form
+    whichever form the configuration or the message writes it in."""
+
+    def outcome(self, from_field: str, configured: str, key: PrivateKey = RSA_KEY) -> QueueItem:
+        head = HEAD.replace(b"From: Alice <alice@example.com>", f"From: {from_field}".encode())
+        signer = DkimSigner(configured, SELECTOR, private_key_pem(key), now=lambda: NOW)
+        processor = EmailProcessor(self.queue, self.clock.seconds, signers=[DkimSign([(configured, signer)])])
+        envelope = Envelope("a@sender.test", ["bob@example.org"], mail_params={"SMTPUTF8": ""})
+        data = head + BODY
+        item: QueueItem = result_of(processor.process(envelope, SpooledMessage(len(data), data=data)))
+        return item
+
+    def eai(self, sender: str, domain: str, configured: str, key: PrivateKey = RSA_KEY) -> bytes:
+        item = self.outcome(sender, configured, key)
+        assert item.head is not None, "not signed"
+        data = self.composed(item)
+        self.assertTrue(data.startswith(b"DKIM-Signature: "))
+        self.assertIn(f"From: {sender}\r\n".encode(), data)  # as received: raw UTF-8, no encoded-word
+        self.assertEqual(tag(data, b"d"), domain.encode())
+        return data
+
+    def assertVerifiesAt(self, message: bytes, domain: str, key: PrivateKey = RSA_KEY) -> None:
+        self.assertTrue(dkimpy_verify(message, key, domain), "dkimpy did not verify the message")
+        if HAVE_MAIL_DKIM and (key is RSA_KEY or HAVE_MAIL_DKIM_ED25519):
+            self.assertEqual(mail_dkim_verify(message, key, name=f"{SELECTOR}._domainkey.{domain}"), "pass")
+
+    def test_utf8_local_part_is_signed(self) -> None:
+        message = self.eai("Jürgen <jürgen@sender.test>", "sender.test", "sender.test")
+        self.assertVerifiesAt(message, "sender.test")
+        # The UTF-8 From is covered: changing one of its octets breaks the signature.
+        changed = message.replace("jürgen@".encode(), b"jurgen@", 1)
+        self.assertFalse(dkimpy_verify(changed, RSA_KEY, "sender.test"))
+
+    def test_utf8_local_part_ed25519(self) -> None:
+        if NO_NACL:
+            raise SkipTest(NO_NACL)
+        message = self.eai("jürgen@sender.test", "sender.test", "sender.test", ED_KEY)
+        self.assertVerifiesAt(message, "sender.test", ED_KEY)
+
+    def test_idn_from_domain(self) -> None:
+        # The signing domain configured as U-labels or as A-labels, the From written either way.
+        for configured in ("bücher.test", "xn--bcher-kva.test", "BÜCHER.test"):
+            for sender in ("user@bücher.test", "Ütz <ütz@bücher.test>", "user@xn--bcher-kva.test"):
+                with self.subTest(configured=configured, sender=sender):
+                    message = self.eai(sender, "xn--bcher-kva.test", configured)
+                    self.assertVerifiesAt(message, "xn--bcher-kva.test")
+
+    def test_ambiguous_internationalised_from_not_signed(self) -> None:
+        for label, field in {
+            "two From fields": "jürgen@sender.test\r\nFrom: Mallory <m@evil.example>",
+            "two mailboxes": "jürgen@sender.test, m@evil.example",
+            "two addresses in one mailbox": "jürgen@sender.test <m@evil.example>",
+            "parsers disagree": "jürgen@sender.test)<m@evil.example>",
+            "a bidi override": "j\u202egrü@sender.test",
+        }.items():
+            with self.subTest(case=label):
+                self.assertIsNone(self.outcome(field, "sender.test").head)

@@ -1,5 +1,6 @@
 """Tests for dcrouter.processing.scanners.attachment: real messages, walked by the MIME inspector, judged on
-declared names, names inside zips, sniffed and declared types; hostile names included."""
+declared names, names inside archives (and archives inside them), sniffed and declared types; hostile names
+included."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from dcrouter.processing.scanners.attachment import (
     normalise_extension,
 )
 from dcrouter.smtp.spool import SpooledMessage
+from tests.archive_samples import make_gzip, make_tar, make_zip, nested_zips, rar5
 from tests.mime_samples import CRLF, attachment, b64, entity, headers, message, multipart, text_part
 
 EXE = b"MZ\x90\x00\x03\x00\x00\x00\x04\x00\x00\x00\xff\xff\x00\x00" + bytes(200)
@@ -60,14 +62,6 @@ def raw_attachment(fields: str, data: bytes) -> bytes:
         fields.encode("utf-8").replace(b"\n", CRLF) + CRLF + b"Content-Transfer-Encoding: base64\r\n",
         b64(data),
     )
-
-
-def make_zip(entries: dict[str, bytes]) -> bytes:
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name, data in entries.items():
-            archive.writestr(name, data)
-    return out.getvalue()
 
 
 def config(**given: Any) -> ScannerConfig:
@@ -223,15 +217,51 @@ class ArchiveTests(AttachmentScannerTestCase):
             "attachment photo.jpg contains invoice.pdf?exe.js",
         )
 
-    def test_nested_archive_judged_by_its_name(self) -> None:
+    def test_zip_in_a_zip(self) -> None:
         inner = make_zip({"evil.exe": EXE})
         outer = make_zip({"inner.zip": inner, "notes.txt": b"x"})
-        self.assertClean(with_attachments(attachment("docs.zip", outer)))
+        self.assertBlocked(
+            with_attachments(attachment("docs.zip", outer)), "attachment docs.zip contains inner.zip/evil.exe"
+        )
         # With .zip blocked the outer one hits on its own name first, so name it otherwise.
         self.assertBlocked(
             with_attachments(attachment("docs.dat", outer)),
             "attachment docs.dat contains inner.zip",
             blocked_extensions=[".zip"],
+        )
+
+    def test_tar_gz_and_gzip(self) -> None:
+        self.assertBlocked(
+            with_attachments(
+                attachment("src.tar.gz", make_tar({"src/setup.exe": EXE}, "gz"), "application/gzip")
+            ),
+            "attachment src.tar.gz contains src/setup.exe",
+            blocked_extensions=[".exe"],
+        )
+        self.assertBlocked(
+            with_attachments(attachment("x.exe.gz", make_gzip(EXE), "application/gzip")),
+            "attachment x.exe.gz contains x.exe",
+        )
+        self.assertClean(
+            with_attachments(attachment("notes.txt.gz", make_gzip(b"hello"), "application/gzip"))
+        )
+
+    def test_stored_rar(self) -> None:
+        self.assertBlocked(
+            with_attachments(attachment("x.rar", rar5({"a/b.exe": EXE}), "application/vnd.rar")),
+            "attachment x.rar contains a/b.exe",
+        )
+        result = self.scan(with_attachments(attachment("x.rar", rar5({"a.txt": b"x"}, method=3))))
+        self.assertEqual(
+            (result.verdict, result.reason),
+            (Verdict.UNSCANNABLE, "attachment x.rar: compressed RAR content cannot be opened"),
+        )
+
+    def test_depth_bomb_is_unscannable(self) -> None:
+        result = self.scan(with_attachments(attachment("deep.zip", nested_zips(10, {"a.txt": b"x"}))))
+        self.assertEqual(
+            (result.verdict, result.reason),
+            (Verdict.UNSCANNABLE, "attachment deep.zip: archives nested deeper than 3 levels"),
         )
 
     def test_zip_bomb_is_unscannable(self) -> None:

@@ -130,7 +130,7 @@ class ScannerConfig:
     blocked_extensions: list[str] = option(
         factory=list,
         doc="attachment: file name extensions refused (`.exe`; any case), checked on every name a part "
-        "declares, on double extensions (`invoice.pdf.exe`) and on names inside zip archives.",
+        "declares, on double extensions (`invoice.pdf.exe`) and on names inside archives.",
     )
     blocked_types: list[str] = option(
         factory=list,
@@ -139,7 +139,11 @@ class ScannerConfig:
         "(`application/x-dosexec`).",
     )
     scan_archives: bool = option(
-        True, addition=True, doc="attachment: look at the names inside zip archives (one level)."
+        True,
+        addition=True,
+        doc="attachment: look at the names inside archives (zip, tar, gzip, bzip2, xz, RAR), and inside "
+        "archives in them down to `mimeLimits.maxArchiveDepth`; an archive that cannot be listed is "
+        "unscannable.",
     )
     engine: str | None = option(
         None,
@@ -410,15 +414,31 @@ class MimeLimitsConfig:
     )
     max_archive_bytes: int = option(
         16 * 1024 * 1024,
-        doc="Largest zip attachment whose entry names are listed, in bytes (0: archives are not opened; a "
+        doc="Largest archive attachment (zip, tar, gzip, bzip2, xz, RAR) whose entries are listed, in bytes, "
+        "and largest archive inside one that is decompressed to be listed (0: archives are not opened; a "
         "larger one is unscannable).",
         check=c.non_negative,
     )
     max_archive_expanded: int = option(
         256 * 1024 * 1024,
-        doc="Largest total a zip's entries may declare uncompressed; more is a zip bomb (unscannable).",
+        doc="Largest total the entries of an archive attachment, archives inside it included, may declare "
+        "(or turn out to hold) uncompressed; more is a zip bomb (unscannable).",
         check=c.positive,
     )
     max_archive_entries: int = option(
-        10_000, doc="Most entries in one zip; more is unscannable.", check=c.positive
+        10_000,
+        doc="Most entries in an archive attachment, archives inside it included; more is unscannable.",
+        check=c.positive,
+    )
+    max_archive_depth: int = option(
+        3,
+        doc="Archive levels opened: 1 lists the attachment only, 3 also archives inside it and archives "
+        "inside those (a tar in a gzip counts as one); an archive nested deeper is unscannable.",
+        check=c.positive,
+    )
+    max_archive_ratio: int = option(
+        100,
+        doc="An archive entry that expands to more than this many times its compressed size, and to more "
+        "than 1 MiB, is a zip bomb (unscannable).",
+        check=c.positive,
     )

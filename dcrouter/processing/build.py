@@ -113,6 +113,8 @@ def build_chain(config: SmtpConfig, reactor: Any) -> Chain:
             max_archive_bytes=limits.max_archive_bytes,
             max_archive_expanded=limits.max_archive_expanded,
             max_archive_entries=limits.max_archive_entries,
+            max_archive_depth=limits.max_archive_depth,
+            max_archive_ratio=limits.max_archive_ratio,
         ),
         max_parallel=config.max_parallel_processing,
         timeout=config.processing_timeout / 1000,

@@ -3,12 +3,20 @@
 ``email.headerregistry`` is cross-checked against ``email.utils`` (the checks of CVE-2023-27043's fix done
 here because Python 3.11 before 3.11.10 has no ``strict=True``): an address that parses differently, or not at
 all, is left out rather than guessed, and an ambiguous ``From`` is reported as such.
+
+Internationalised addresses (RFC 6532: a UTF-8 local part, a U-label domain) are addresses like any other:
+``email.headerregistry`` reports a UTF-8 local part as a defect because RFC 5322 alone does not allow it, and
+that one defect is not held against the address. An address with a non-ASCII character that shows as nothing
+or as white space (controls, format characters such as bidi overrides, separators such as U+00A0, unassigned
+code points) is left out: two readers could show it as different addresses.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable
+from email.errors import NonASCIILocalPartDefect
 from email.headerregistry import HeaderRegistry
 from email.utils import getaddresses
 
@@ -17,6 +25,9 @@ _MAX_ADDRESS_CHARS = 2048  # email.headerregistry is quadratic in places: each i
 #: Addresses read from each of To and Cc; the rest are left out (a defect).
 MAX_ADDRESSES = 1000
 _CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f\ufffd]")  # NUL, CR, LF, ..., and bytes that were not UTF-8
+#: Unicode categories that no internationalised address may hold: controls, format characters (bidi
+#: overrides, zero-width), private use, surrogates, unassigned, and separators (white space other than SP).
+_INVISIBLE = frozenset({"Cc", "Cf", "Co", "Cs", "Cn", "Zs", "Zl", "Zp"})
 _ADDRESS_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"?|\((?:[^()\\]|\\.)*\)?|[<>,:;]|[^"<>,:;(]+', re.DOTALL)
 
 
@@ -48,13 +59,19 @@ def strict_mailboxes(value: str) -> list[str] | None:
         header = _REGISTRY("to", value)
     except Exception:  # noqa: BLE001 (hostile input: a parser failure means "not a valid address")
         return None
-    if header.defects:
+    # A UTF-8 local part is RFC 6532's, not a defect; any other defect is.
+    if any(not isinstance(defect, NonASCIILocalPartDefect) for defect in header.defects):
         return None
     found = []
     for address in getattr(header, "addresses", ()):
         if not address.username or not address.domain:
             return None
-        found.append(address.addr_spec)
+        spec = address.addr_spec
+        if not spec.isascii() and any(
+            not ch.isascii() and unicodedata.category(ch) in _INVISIBLE for ch in spec
+        ):
+            return None
+        found.append(spec)
     legacy = [spec for _, spec in getaddresses([value]) if spec]
     if legacy != found:
         return None

@@ -32,7 +32,7 @@ from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from dcrouter.processing.archive import MAGIC_BYTES, ArchiveLimits, ZipCollector, is_zip
+from dcrouter.processing.archive import ArchiveCollector, ArchiveLimits, WorkBudget
 from dcrouter.processing.decoding import IDENTITY_ENCODINGS, TransferDecoder, transfer_decoder
 from dcrouter.processing.mailboxes import originators, recipients, split_address_list, strict_mailboxes
 from dcrouter.processing.mimeheaders import (
@@ -72,16 +72,26 @@ class MimeLimits:
     max_parts: int = 1000  # body parts and encapsulated messages, all levels
     max_decoded_bytes: int = 64 * 1024 * 1024  # decoded content of all parts together
     max_text_bytes: int = 1024 * 1024  # UTF-8 text kept for scanners (beyond: truncated, not unscannable)
-    # A part that is a zip is kept up to this many decoded bytes to list its entries (0: zips are not listed);
-    # the next two are zip bomb limits read from its central directory. Crossing them marks the part
-    # (Part.archive_problem), not the message.
+    # A part that is an archive (zip, tar, gzip, bzip2, xz, RAR) is kept up to this many decoded bytes to
+    # list its entries (0: archives are not listed), and so is each archive inside it, down to
+    # max_archive_depth levels; the entries and their sizes of all levels together are bounded by the next
+    # two, and one entry's ratio by max_archive_ratio. Crossing them marks the part (Part.archive_problem),
+    # not the message.
     max_archive_bytes: int = 16 * 1024 * 1024
     max_archive_expanded: int = 256 * 1024 * 1024
     max_archive_entries: int = 10_000
+    max_archive_depth: int = 3
+    max_archive_ratio: int = 100
 
     @property
     def archive(self) -> ArchiveLimits:
-        return ArchiveLimits(self.max_archive_bytes, self.max_archive_expanded, self.max_archive_entries)
+        return ArchiveLimits(
+            self.max_archive_bytes,
+            self.max_archive_expanded,
+            self.max_archive_entries,
+            self.max_archive_depth,
+            self.max_archive_ratio,
+        )
 
 
 @dataclass(frozen=True)
@@ -99,10 +109,12 @@ class Part:
     size: int  # decoded bytes (seen, when incomplete)
     sha256: str | None  # of the decoded content; None when incomplete
     complete: bool  # False when a limit stopped the inspection inside this part
-    #: Entry names of a zip (by its content, whatever its name), from its central directory; not extracted.
+    #: Entry names of an archive (by its content, whatever its name), archives inside it included as
+    #: ``inner.zip/name`` (dcrouter.processing.archive); nothing is extracted to disk under these names.
     archive_names: tuple[str, ...] = ()
-    #: Why the zip's entries cannot be trusted or listed ("encrypted archive", "zip bomb: ...", "archive too
-    #: large", "corrupt archive: ..."); None for a sound zip and for parts that are not zips.
+    #: Why the archive's entries cannot be trusted or listed ("encrypted archive", "zip bomb: ...", "archive
+    #: too large", "corrupt archive: ...", "archives nested deeper than 3 levels", ...); None for a sound
+    #: archive and for parts that are not archives.
     archive_problem: str | None = None
 
     @property
@@ -151,11 +163,16 @@ class MessageInfo:
 
 
 def inspect_message(
-    stream: BinaryIO, limits: MimeLimits = MimeLimits(), chunk_size: int = CHUNK_SIZE
+    stream: BinaryIO,
+    limits: MimeLimits = MimeLimits(),
+    chunk_size: int = CHUNK_SIZE,
+    budget: WorkBudget | None = None,
 ) -> MessageInfo:
     """Read ``stream`` to its end once, in chunks, and describe the message. Only the stream's own I/O errors
-    propagate. Memory stays within a few buffers of ``chunk_size`` plus the header and text budgets."""
-    walker = _Walker(limits)
+    propagate, and :class:`~dcrouter.processing.archive.ArchiveWorkExceeded` when listing archives would
+    decompress more than ``budget`` allows. Memory stays within a few buffers of ``chunk_size`` plus the
+    header and text budgets (archives are spooled to disk beyond 1 MiB)."""
+    walker = _Walker(limits, budget)
     while chunk := stream.read(chunk_size):
         walker.feed(chunk)
     walker.finish()
@@ -247,9 +264,9 @@ class _Leaf:
         self.truncated = False
         self._done = False
         self._text: TextPart | None = None
-        #: Until the first 4 decoded bytes are seen, whether the part is a zip is open.
-        self._zip_undecided = walker.limits.max_archive_bytes > 0
-        self._zip: ZipCollector | None = None
+        self._archive: ArchiveCollector | None = None
+        if walker.limits.max_archive_bytes > 0:
+            self._archive = ArchiveCollector(walker.limits.archive, names, walker.budget)
         if kind in ("text/plain", "text/html") and disposition != "attachment":
             charsets = params.get("charset")
             charset = charsets[0] if charsets else None
@@ -265,14 +282,8 @@ class _Leaf:
         if allowed < len(decoded):
             decoded = decoded[:allowed]
             self.truncated = True
-        if self._zip_undecided and len(self._head) + len(decoded) >= MAGIC_BYTES:
-            # Undecided means fewer than 4 bytes came before, all of them in the head.
-            self._zip_undecided = False
-            if is_zip(bytes(self._head) + decoded[:MAGIC_BYTES]):
-                self._zip = ZipCollector(self._walker.limits.archive)
-                self._zip.feed(bytes(self._head))
-        if self._zip is not None:
-            self._zip.feed(decoded)
+        if self._archive is not None:
+            self._archive.feed(decoded)
         if len(self._head) < SNIFF_BYTES:
             self._head += decoded[: SNIFF_BYTES - len(self._head)]
         self._sha.update(decoded)
@@ -293,8 +304,8 @@ class _Leaf:
             for defect in sorted(self._decoder.defects):
                 self._walker.defect(f"part {path}: {defect}")
         complete = complete and not self.truncated
-        listing = self._zip.finish(complete) if self._zip is not None else None
-        self._zip = None
+        listing = self._archive.finish(complete) if self._archive is not None else None
+        self._archive = None
         self._walker.parts.append(
             Part(
                 path=path,
@@ -318,8 +329,9 @@ class _Walker:
     """The push parser: :meth:`feed` any chunks, then :meth:`finish`. Everything it decides depends on the
     bytes only (lines, fixed limits), never on where the chunks were cut."""
 
-    def __init__(self, limits: MimeLimits) -> None:
+    def __init__(self, limits: MimeLimits, budget: WorkBudget | None = None) -> None:
         self.limits = limits
+        self.budget = budget
         self.size = 0
         self.parts: list[Part] = []
         self.text = TextBudget(limits.max_text_bytes)

@@ -28,6 +28,7 @@ from twisted.python.threadpool import ThreadPool
 from dcrouter.envelope import Envelope
 from dcrouter.interfaces import IDeliveryQueue, IRoutingRule, IScanner, ITransformation
 from dcrouter.log import logger
+from dcrouter.processing.archive import ArchiveWorkExceeded, WorkBudget
 from dcrouter.processing.headers import HeaderBlock, HeaderError, HeaderTooLarge, read_header_block
 from dcrouter.processing.message import (
     Discarded,
@@ -50,6 +51,10 @@ HEADER_TOO_LARGE = Reply(552, "5.3.4", "Message header too large")
 DEFAULT_LIMITS = MimeLimits()
 #: Messages up to this size are inspected and signed on the reactor thread (see EmailProcessor._runner).
 INLINE_BYTES = 64 * 1024
+#: Bytes that listing the archives of such a message may decompress on the reactor thread (a few
+#: milliseconds); a small message whose archives hold more (a nested zip, a tar.gz) is inspected again in the
+#: thread pool, since a 64 KiB message can hold archives that expand to many megabytes.
+INLINE_ARCHIVE_BYTES = 1024 * 1024
 
 
 def new_queue_id() -> str:
@@ -293,11 +298,12 @@ class EmailProcessor:
 
     async def extract_metadata(self, envelope: Envelope, message: SpooledMessage, queue_id: str) -> Draft:
         """The header block and the MIME structure, read from the spool in a thread (one pass for
-        the header block, one for the structure). A header block over ``maxHeaderBytes`` is refused
-        (552 5.3.4)."""
+        the header block, one for the structure); a message of at most :data:`INLINE_BYTES` on the reactor
+        thread, unless its archives would decompress more than :data:`INLINE_ARCHIVE_BYTES`, when it is read
+        again in the thread. A header block over ``maxHeaderBytes`` is refused (552 5.3.4)."""
         limits = self._limits
 
-        def work() -> tuple[HeaderBlock, int, Any]:
+        def work(budget: WorkBudget | None) -> tuple[HeaderBlock, int, Any]:
             with message.open() as stream:
                 try:
                     headers, offset = read_header_block(stream, limits.max_header_bytes)
@@ -307,11 +313,16 @@ class EmailProcessor:
                     # Not a header block at all: the whole message is body; added fields go on top.
                     headers, offset = HeaderBlock([], True), 0
                 stream.seek(0)
-                info = inspect_message(stream, limits)
+                info = inspect_message(stream, limits, budget=budget)
             return headers, offset, info
 
+        inline = message.size <= INLINE_BYTES
         try:
-            headers, offset, info = await self._runner(message.size)(work)
+            try:
+                budget = WorkBudget(INLINE_ARCHIVE_BYTES) if inline else None
+                headers, offset, info = await self._runner(message.size)(lambda: work(budget))
+            except ArchiveWorkExceeded:
+                headers, offset, info = await self._in_thread(lambda: work(None))
         except HeaderTooLarge as e:
             raise Refusal(HEADER_TOO_LARGE, str(e)) from e
         return Draft(

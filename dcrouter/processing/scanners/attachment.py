@@ -2,8 +2,9 @@
 
 Every attachment of :attr:`Draft.info` is checked on everything that could name or type it: each name the part
 declares (a Content-Disposition filename and a Content-Type name may differ, and clients pick either), the
-entry names of a zip attachment (one level; an archive inside it is judged by its name), the declared type and
-the type sniffed from the content. Names are compared after the tricks that make a name look other than it is
+entry names of an archive attachment and of the archives inside it (``inner.zip/setup.exe``, down to
+``mimeLimits.maxArchiveDepth`` levels; see :mod:`dcrouter.processing.archive`), the declared type and the type
+sniffed from the content. Names are compared after the tricks that make a name look other than it is
 are undone: case, Unicode compatibility forms, invisible format characters (the right-to-left override
 ``U+202E`` that shows ``invoice\\u202efdp.exe`` as ``invoiceexe.pdf``, zero-width spaces), trailing dots and
 spaces Windows drops, and what follows a NUL or a ``:`` (an NTFS stream). A name hits when it *ends* with a
@@ -159,8 +160,9 @@ def disguised(names: tuple[str, ...], sniffed_type: str, extensions: tuple[str, 
 @implementer(IScanner)
 class AttachmentScanner:
     """Refuses (``blocked``) messages with an attachment the configuration blocks; ``unscannable`` when the
-    walker could not see the whole message, or a zip attachment cannot be listed or is a bomb (with
-    ``scanArchives``)."""
+    walker could not see the whole message, or (with ``scanArchives``) an archive attachment cannot be listed
+    to the end: a bomb, too deep, encrypted, damaged, or of a kind that cannot be read. A blocked name found
+    in it decides first."""
 
     def __init__(self, config: ScannerConfig) -> None:
         self.config = config

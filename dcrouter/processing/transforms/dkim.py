@@ -2,7 +2,9 @@
 
 The signer is chosen by the domain of the message's ``From:`` as it stands after every other change (DMARC
 aligns on it). A ``From`` that is not exactly one strictly parsed mailbox is not signed (logged): signing an
-ambiguous author would lend the domain's name to whichever address a reader's client shows. Signing reads
+ambiguous author would lend the domain's name to whichever address a reader's client shows. An
+internationalised From (RFC 6532, a UTF-8 local part or an IDN domain) is one mailbox like any other: its
+domain is matched in A-label form and its field signed as the raw UTF-8 it holds (RFC 8616). Signing reads
 the message (header block plus body, streamed) in the thread pool, so a big message never blocks the reactor
 and is never held whole in memory.
 """

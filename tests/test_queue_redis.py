@@ -79,11 +79,11 @@ class RedisQueueTestBase(TestCase):
 
     async def abandon(self, queue: RedisQueue) -> None:
         """What a SIGKILL does to a process: its claims stay in Redis, nobody renews or returns them."""
-        assert queue._renewal is not None and queue._connection is not None
+        assert queue._renewal is not None and queue._store.connection is not None
         queue._renewal.stop()
         queue._held.clear()
         queue._state = "closed"
-        await queue._connection.disconnect()
+        await queue._store.connection.disconnect()
 
     def warnings(self, events: list[dict[str, Any]]) -> list[str]:
         return [
@@ -178,9 +178,9 @@ class ClaimTests(RedisQueueTestBase):
         await queue.enqueue(make_item("H2", size=len(big)), inline(big))
         await queue.get_next(2)
         calls: list[str] = []
-        real_call = queue._call
+        real_call = queue._store.call
         self.patch(
-            queue, "_call", lambda method, *a, **kw: calls.append(method) or real_call(method, *a, **kw)
+            queue._store, "call", lambda method, *a, **kw: calls.append(method) or real_call(method, *a, **kw)
         )
         self.assertEqual(await read_body(queue, "H1"), small)
         self.assertEqual(calls, [])

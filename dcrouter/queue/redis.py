@@ -69,7 +69,6 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -81,6 +80,8 @@ from dcrouter.queue.contract import check_changes, check_item_id, new_load_count
 from dcrouter.queue.item import QueueItem, QueueItemStatus
 from dcrouter.queue.lifecycle import QueueLifecycle
 from dcrouter.queue.redis_connection import RedisConnection
+from dcrouter.queue.redis_recovery import recover
+from dcrouter.queue.redis_store import RedisStore
 from dcrouter.queue.redis_url import parse_redis_url
 from dcrouter.smtp.spool import SpooledMessage
 
@@ -148,9 +149,8 @@ class RedisQueue(QueueLifecycle):
         self._clock = clock
         self._inline_limit = inline_body_limit
         self._timeout = command_timeout
-        self._prefix = key_prefix
+        self._store = RedisStore(reactor=reactor, prefix=key_prefix)
         self._pool_size = pool_size
-        self._connection: RedisConnection | None = None
         self._renewal: LoopingCall | None = None
         self._held: set[str] = set()  # ids this process claimed and has not finished
         self._known: dict[str, _Held] = {}  # of those, the ones whose version and JSON this process wrote
@@ -182,26 +182,26 @@ class RedisQueue(QueueLifecycle):
                 inline = (
                     message.data
                     if message.data is not None
-                    else await self._in_thread(bodies.read_file, message.path)
+                    else await self._store.in_thread(bodies.read_file, message.path)
                 )
             else:
                 kind = "file"
                 if message.path is not None:
-                    await self._in_thread(bodies.store_file, self.body_directory, item.id, message.path)
+                    await self._store.in_thread(bodies.store_file, self.body_directory, item.id, message.path)
                     message.path = None
                 else:
-                    await self._in_thread(bodies.write_file, self.body_directory, item.id, message.data)
+                    await self._store.in_thread(bodies.write_file, self.body_directory, item.id, message.data)
         except BaseException:
             await self._discard(message)
             raise
         await self._discard(message)
         lease = repr(float(self.lease_seconds))
-        result = await self._script(
+        result = await self._store.script(
             scripts.ENQUEUE, item.id, *fields, kind, inline, self.max_size, self.owner, lease
         )
         if result != b"ok":
             if kind == "file":
-                await self._in_thread(bodies.remove_files, self.body_directory, [item.id])
+                await self._store.in_thread(bodies.remove_files, self.body_directory, [item.id])
             if result == b"full":
                 raise QueueFull(f"the queue holds {self.max_size} items (maxQueueSize)")
             raise DuplicateItem(f"queue id already stored: {item.id}")
@@ -228,15 +228,15 @@ class RedisQueue(QueueLifecycle):
             if known is not None:
                 text, status, version = known.text, QueueItemStatus.DELIVERING.value.encode(), known.version
             else:
-                text, status, version = await self._call(
-                    "hmget", self._key("item:", item_id), ["item", "status", "ver"]
+                text, status, version = await self._store.call(
+                    "hmget", self._store.key("item:", item_id), ["item", "status", "ver"]
                 )
                 if text is None:
                     raise KeyError(item_id)
             new = self._parse(item_id, text, status).evolve(**changes)
             fields = self._fields(new)
             lease = repr(float(self.lease_seconds))
-            result = await self._script(scripts.UPDATE, item_id, version, *fields, self.owner, lease)
+            result = await self._store.script(scripts.UPDATE, item_id, version, *fields, self.owner, lease)
             if result == b"ok":
                 if new.status == QueueItemStatus.DELIVERING:
                     self._held.add(item_id)
@@ -293,7 +293,7 @@ class RedisQueue(QueueLifecycle):
     async def _claim_script(self, count: int) -> list[Any]:
         now = repr(float(self._clock.seconds()))
         lease = repr(float(self.lease_seconds))
-        reply = await self._script(
+        reply = await self._store.script(
             scripts.CLAIM, now, count, self.owner, lease, CHUNK, PROMOTE_LIMIT, HANDOUT_BODY_LIMIT
         )
         if int(reply[0]):
@@ -306,7 +306,7 @@ class RedisQueue(QueueLifecycle):
         return self._open_call(lambda: self._get(item_id))
 
     async def _get(self, item_id: str) -> QueueItem | None:
-        text, status = await self._call("hmget", self._key("item:", item_id), ["item", "status"])
+        text, status = await self._store.call("hmget", self._store.key("item:", item_id), ["item", "status"])
         return None if text is None else self._parse(item_id, text, status)
 
     def get_by_status(self, status: QueueItemStatus | str) -> Deferred:
@@ -322,7 +322,7 @@ class RedisQueue(QueueLifecycle):
         return self._open_call(lambda: self._select("dest:" + destination))
 
     async def _select(self, index: str) -> list[QueueItem]:
-        reply = await self._script(scripts.SELECT, index)
+        reply = await self._store.script(scripts.SELECT, index)
         return [
             self._parse(i.decode(), text, status)
             for i, text, status in zip(reply[0::3], reply[1::3], reply[2::3], strict=True)
@@ -333,7 +333,7 @@ class RedisQueue(QueueLifecycle):
         return self._open_call(self._count_live)
 
     async def _count_live(self) -> int:
-        return int(await self._call("get", self._key("live")) or 0)
+        return int(await self._store.call("get", self._store.key("live")) or 0)
 
     def open_body(self, item_id: str) -> Deferred:
         """A readable binary file over the body (BytesIO when inline); fails with KeyError if unknown. A body
@@ -345,12 +345,12 @@ class RedisQueue(QueueLifecycle):
 
     async def _open_body(self, item_id: str) -> Any:
         check_item_id(item_id)
-        [kind] = await self._call("hmget", self._key("item:", item_id), ["body"])
+        [kind] = await self._store.call("hmget", self._store.key("item:", item_id), ["body"])
         if kind is None:
             raise KeyError(item_id)
         if kind == b"file":
-            return await self._in_thread(open, bodies.body_path(self.body_directory, item_id), "rb")
-        data = await self._call("get", self._key("body:", item_id))
+            return await self._store.in_thread(open, bodies.body_path(self.body_directory, item_id), "rb")
+        data = await self._store.call("get", self._store.key("body:", item_id))
         if data is None:
             raise QueueUnavailable(f"Redis queue: the body of {item_id} is missing")
         return io.BytesIO(data)
@@ -364,7 +364,7 @@ class RedisQueue(QueueLifecycle):
         if self._state != "new":
             return fail(QueueUnavailable(f"Redis queue {self.address.display} was already loaded"))
         self._state = "loading"
-        self._connection = RedisConnection(
+        self._store.connection = RedisConnection(
             self.address, reactor=self._reactor, timeout=self._timeout, pool_size=self._pool_size
         )
         d = Deferred.fromCoroutine(self._load())
@@ -372,10 +372,8 @@ class RedisQueue(QueueLifecycle):
         return d
 
     async def _load(self) -> dict[str, int]:
-        from dcrouter.queue.redis_recovery import recover
-
-        await self._call("ping")
-        counts = await recover(self)
+        await self._store.call("ping")
+        counts = await recover(self._store, self.body_directory, self.address.display)
         self._state = "open"
         self._renewal = LoopingCall(self._renew)
         self._renewal.clock = self._reactor
@@ -393,8 +391,8 @@ class RedisQueue(QueueLifecycle):
     def _load_failed(self, failure: Failure) -> Deferred:
         log.failure("Redis queue {address} could not be loaded", failure, address=self.address.display)
         self._state = "closed"
-        assert self._connection is not None
-        d = self._connection.disconnect()
+        assert self._store.connection is not None
+        d = self._store.connection.disconnect()
         d.addCallback(lambda _: failure)
         return d
 
@@ -406,7 +404,7 @@ class RedisQueue(QueueLifecycle):
         if self._held:
             held, self._held = sorted(self._held), set()
             try:
-                n = await self._script(scripts.RELEASE, self.owner, *held)
+                n = await self._store.script(scripts.RELEASE, self.owner, *held)
                 log.info("Redis queue: {n} claims returned to ready at shutdown", n=n)
             except QueueUnavailable as e:
                 log.warn(
@@ -415,8 +413,8 @@ class RedisQueue(QueueLifecycle):
                     n=len(held),
                     error=str(e),
                 )
-        assert self._connection is not None
-        await self._connection.disconnect()
+        assert self._store.connection is not None
+        await self._store.connection.disconnect()
 
     async def _renew(self) -> None:
         """Extend the leases this process holds and return expired ones of others (errors are only logged:
@@ -424,7 +422,9 @@ class RedisQueue(QueueLifecycle):
         try:
             if self._held:
                 held = sorted(self._held)
-                lost = await self._script(scripts.RENEW, self.owner, repr(float(self.lease_seconds)), *held)
+                lost = await self._store.script(
+                    scripts.RENEW, self.owner, repr(float(self.lease_seconds)), *held
+                )
                 for item_id in lost:
                     self._forget(item_id.decode())
                     log.warn(
@@ -450,47 +450,23 @@ class RedisQueue(QueueLifecycle):
         self._held.discard(item_id)
         self._known.pop(item_id, None)
 
-    def _key(self, *parts: str) -> str:
-        return self._prefix + "".join(parts)
-
-    def _call(self, method: str, *args: Any, refusal_expected: bool = False) -> Deferred:
-        assert self._connection is not None
-        return self._connection.call(method, *args, refusal_expected=refusal_expected)
-
-    def _script(self, script: str, *args: Any) -> Deferred:
-        return self._call("eval", script, [], [self._prefix, *args])
-
-    def _in_thread(self, f: Callable[..., Any], *args: Any) -> Deferred:
-        """Run blocking file work in the reactor's thread pool; OSError becomes QueueUnavailable."""
-        d = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), f, *args)
-
-        def unavailable(failure: Failure) -> Failure:
-            if failure.check(OSError):
-                error = QueueUnavailable(f"Redis queue body directory: {failure.getErrorMessage()}")
-                error.__cause__ = failure.value
-                return Failure(error)
-            return failure
-
-        d.addErrback(unavailable)
-        return d
-
     def _discard(self, message: SpooledMessage) -> Deferred:
         """Drop a message's spool file (off the reactor); a failure to unlink is logged, never raised."""
         if message.path is None:
             message.discard()
             return succeed(None)
-        d = self._in_thread(message.discard)
+        d = self._store.in_thread(message.discard)
         d.addErrback(lambda f: log.failure("Redis queue: could not discard a spool file", f))
         return d
 
     async def _remove(self, script: str, *args: Any) -> QueueItem | None:
-        removed = await self._removed(await self._script(script, *args))
+        removed = await self._removed(await self._store.script(script, *args))
         return removed[0] if removed else None
 
     async def _remove_all(self, script: str, *args: Any) -> int:
         total = 0
         while True:
-            removed = await self._removed(await self._script(script, *args))
+            removed = await self._removed(await self._store.script(script, *args))
             total += len(removed)
             if len(removed) < CHUNK:
                 return total
@@ -507,7 +483,7 @@ class RedisQueue(QueueLifecycle):
             if kind == b"file":
                 files.append(item_id)
         if files:
-            await self._in_thread(bodies.remove_files, self.body_directory, files)
+            await self._store.in_thread(bodies.remove_files, self.body_directory, files)
         return items
 
     def _parse(self, item_id: str, text: bytes, status: bytes) -> QueueItem:

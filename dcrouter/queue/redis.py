@@ -61,7 +61,6 @@ import dataclasses
 import io
 import json
 import os
-import secrets
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -72,14 +71,16 @@ from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from dcrouter.interfaces import DuplicateItem, IDeliveryQueue, QueueFull, QueueUnavailable
+from dcrouter.interfaces import ClaimLost, DuplicateItem, IDeliveryQueue, QueueFull, QueueUnavailable
 from dcrouter.log import logger
 from dcrouter.queue import redis_bodies as bodies
+from dcrouter.queue import redis_consumer
 from dcrouter.queue import redis_scripts as scripts
 from dcrouter.queue.contract import check_changes, check_item_id, new_load_counts
 from dcrouter.queue.item import QueueItem, QueueItemStatus
 from dcrouter.queue.lifecycle import QueueLifecycle
 from dcrouter.queue.redis_connection import RedisConnection
+from dcrouter.queue.redis_consumer import ConsumerSlot
 from dcrouter.queue.redis_recovery import recover
 from dcrouter.queue.redis_store import RedisStore
 from dcrouter.queue.redis_url import parse_redis_url
@@ -99,6 +100,10 @@ PRIORITY_WEIGHT = 1e10
 #: no ``open_body`` round trips. Bounds the memory held for claimed items (``concurrentDeliveries`` of them,
 #: 50 by default: 3.2 MiB at most); bigger bodies are read from Redis when opened.
 HANDOUT_BODY_LIMIT = 64 * 1024
+#: A claim starts a delivery (``open_body``) only while its lease is certainly valid for at least this share
+#: of a lease more. Healthy heartbeats (every third of a lease) keep two thirds or more; missing two in a
+#: row (Redis unreachable) falls below it: see the module docstring.
+CLAIM_MARGIN = 1 / 3
 
 
 @dataclasses.dataclass
@@ -117,9 +122,10 @@ class _Held:
 class RedisQueue(QueueLifecycle):
     """A DeliveryQueue in the Redis at ``url`` (``redis://[:password@]host:port/db`` or ``unix:///path``).
 
-    ``reactor`` runs the connections, the timeouts, the lease renewal and the file work (its thread pool);
-    ``clock`` decides due-ness (``get_next``) and age (``purge_expired``) like in the other backends. Bad
-    ``url``: ValueError at construction. Nothing connects before ``load()``."""
+    ``reactor`` runs the connections, the timeouts and the file work (its thread pool); ``clock`` decides
+    due-ness (``get_next``) and age (``purge_expired``) like in the other backends, and runs the heartbeat
+    that renews this process's leases (every ``lease_seconds / 3``). Bad ``url``: ValueError at
+    construction. Nothing connects before ``load()``."""
 
     def __init__(
         self,
@@ -130,7 +136,7 @@ class RedisQueue(QueueLifecycle):
         body_directory: str,
         max_size: int = 0,
         inline_body_limit: int = 1 << 20,
-        lease_seconds: float = 300,
+        lease_seconds: float = 30,
         command_timeout: float = 5,
         key_prefix: str = "dcrouter:",
         pool_size: int = 4,
@@ -142,8 +148,10 @@ class RedisQueue(QueueLifecycle):
         self.body_directory = os.path.abspath(body_directory)
         #: Where ingress spools big messages: next to the body files, so they can be linked in.
         self.spool_directory = bodies.spool_path(self.body_directory)
-        #: This process's name on its leases.
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        #: This process's consumer name, the owner on its leases: ``<hostname>/<slot>``, taken by ``load()``
+        #: (:mod:`dcrouter.queue.redis_consumer`).
+        self.owner = ""
+        self._slot: ConsumerSlot | None = None
         self.lease_seconds = lease_seconds
         self._reactor = reactor
         self._clock = clock
@@ -152,7 +160,10 @@ class RedisQueue(QueueLifecycle):
         self._store = RedisStore(reactor=reactor, prefix=key_prefix)
         self._pool_size = pool_size
         self._renewal: LoopingCall | None = None
-        self._held: set[str] = set()  # ids this process claimed and has not finished
+        #: Ids this process claimed and has not finished, each with the time (on ``clock``) until which its
+        #: lease is certainly valid: the time the claim, update or renewal that last set it was *sent*, plus
+        #: a lease. 0.0: the claim is lost (a renewal found it taken over), never to be delivered here.
+        self._held: dict[str, float] = {}
         self._known: dict[str, _Held] = {}  # of those, the ones whose version and JSON this process wrote
 
     # -- storing -----------------------------------------------------------------------------------
@@ -196,6 +207,7 @@ class RedisQueue(QueueLifecycle):
             raise
         await self._discard(message)
         lease = repr(float(self.lease_seconds))
+        sent = self._clock.seconds()
         result = await self._store.script(
             scripts.ENQUEUE, item.id, *fields, kind, inline, self.max_size, self.owner, lease
         )
@@ -206,7 +218,7 @@ class RedisQueue(QueueLifecycle):
                 raise QueueFull(f"the queue holds {self.max_size} items (maxQueueSize)")
             raise DuplicateItem(f"queue id already stored: {item.id}")
         if item.status == QueueItemStatus.DELIVERING:
-            self._held.add(item.id)
+            self._held[item.id] = sent + self.lease_seconds
         return item.copy()
 
     def update(self, item_id: str, **changes: Any) -> Deferred:
@@ -236,10 +248,12 @@ class RedisQueue(QueueLifecycle):
             new = self._parse(item_id, text, status).evolve(**changes)
             fields = self._fields(new)
             lease = repr(float(self.lease_seconds))
+            sent = self._clock.seconds()
             result = await self._store.script(scripts.UPDATE, item_id, version, *fields, self.owner, lease)
             if result == b"ok":
                 if new.status == QueueItemStatus.DELIVERING:
-                    self._held.add(item_id)
+                    # UPDATE leased it to this process afresh.
+                    self._held[item_id] = sent + self.lease_seconds
                     # UPDATE stored ``fields[0]`` and raised the version by one.
                     self._known[item_id] = _Held(str(int(version) + 1).encode(), fields[0], body)
                 else:
@@ -280,12 +294,13 @@ class RedisQueue(QueueLifecycle):
         return Deferred.fromCoroutine(self._claim(count))
 
     async def _claim(self, count: int) -> list[QueueItem]:
+        sent = self._clock.seconds()
         reply = await self._claim_script(count)
         claimed = []
         for n in range(1, len(reply), 5):
             raw_id, text, version, handed_out, body = reply[n : n + 5]
             item = self._parse(raw_id.decode(), text, b"delivering")
-            self._held.add(item.id)
+            self._held[item.id] = sent + self.lease_seconds
             self._known[item.id] = _Held(version, text, body if handed_out else None)
             claimed.append(item)
         return claimed
@@ -337,7 +352,17 @@ class RedisQueue(QueueLifecycle):
 
     def open_body(self, item_id: str) -> Deferred:
         """A readable binary file over the body (BytesIO when inline); fails with KeyError if unknown. A body
-        its claim handed out (up to HANDOUT_BODY_LIMIT) costs no round trip while this process holds it."""
+        its claim handed out (up to HANDOUT_BODY_LIMIT) costs no round trip while this process holds it.
+
+        For an item this process holds, this is where a delivery starts: it fails with ClaimLost, and the
+        process lets go of the item, when its lease is not certainly valid for another ``CLAIM_MARGIN`` of
+        a lease (heartbeats failed: Redis unreachable) or a heartbeat found it taken over."""
+        until = self._held.get(item_id)
+        if until is not None and self._state == "open":
+            if until <= 0:
+                return fail(self._claim_lost(item_id, "a heartbeat found it taken over"))
+            if until - self._clock.seconds() < self.lease_seconds * CLAIM_MARGIN:
+                return fail(self._claim_lost(item_id, "Redis did not confirm its lease in time"))
         known = self._known.get(item_id)
         if known is not None and known.body is not None and self._state == "open":
             return succeed(io.BytesIO(known.body))
@@ -373,17 +398,22 @@ class RedisQueue(QueueLifecycle):
 
     async def _load(self) -> dict[str, int]:
         await self._store.call("ping")
-        counts = await recover(self._store, self.body_directory, self.address.display)
+        self._slot = await self._store.in_thread(
+            redis_consumer.take_slot, self.body_directory, socket.gethostname()
+        )
+        self.owner = self._slot.name
+        counts = await recover(self._store, self.body_directory, self.address.display, self.owner)
         self._state = "open"
         self._renewal = LoopingCall(self._renew)
-        self._renewal.clock = self._reactor
+        self._renewal.clock = self._clock
         self._renewal.start(self.lease_seconds / 3, now=False).addErrback(
             lambda f: log.failure("Redis queue: lease renewal stopped", f)
         )
         log.info(
-            "Redis queue {address} loaded: {items} items ({live} to deliver); {claims_returned} expired"
-            " claims returned, {spool_discarded} stale spool files discarded",
+            "Redis queue {address} loaded as consumer {owner}: {items} items ({live} to deliver);"
+            " {claims_returned} claims returned, {spool_discarded} stale spool files discarded",
             address=self.address.display,
+            owner=self.owner,
             **counts,
         )
         return new_load_counts(**counts)
@@ -391,6 +421,7 @@ class RedisQueue(QueueLifecycle):
     def _load_failed(self, failure: Failure) -> Deferred:
         log.failure("Redis queue {address} could not be loaded", failure, address=self.address.display)
         self._state = "closed"
+        self._release_slot()
         assert self._store.connection is not None
         d = self._store.connection.disconnect()
         d.addCallback(lambda _: failure)
@@ -402,7 +433,7 @@ class RedisQueue(QueueLifecycle):
             self._renewal.stop()
         self._known.clear()
         if self._held:
-            held, self._held = sorted(self._held), set()
+            held, self._held = sorted(self._held), {}
             try:
                 n = await self._store.script(scripts.RELEASE, self.owner, *held)
                 log.info("Redis queue: {n} claims returned to ready at shutdown", n=n)
@@ -414,27 +445,55 @@ class RedisQueue(QueueLifecycle):
                     error=str(e),
                 )
         assert self._store.connection is not None
-        await self._store.connection.disconnect()
+        try:
+            await self._store.connection.disconnect()
+        finally:
+            # Only now: a successor taking the name at once must find the claims already returned.
+            self._release_slot()
+
+    def _release_slot(self) -> None:
+        if self._slot is not None:
+            self._slot.release()
 
     async def _renew(self) -> None:
-        """Extend the leases this process holds and return expired ones of others (errors are only logged:
-        the next round tries again, and a lost lease is what the expiry is for)."""
+        """The heartbeat: extend, in one script call, the leases of every claim this process holds, and
+        return expired ones of others to ready. A failure is only logged (by the connection): the next
+        beat tries again, and meanwhile ``open_body`` refuses claims whose lease may have lapsed."""
         try:
-            if self._held:
-                held = sorted(self._held)
-                lost = await self._store.script(
+            held = sorted(i for i, until in self._held.items() if until > 0)
+            if held:
+                sent = self._clock.seconds()
+                reply = await self._store.script(
                     scripts.RENEW, self.owner, repr(float(self.lease_seconds)), *held
                 )
-                for item_id in lost:
-                    self._forget(item_id.decode())
-                    log.warn(
-                        "Redis queue: the claim on {id} was lost (its lease expired and another process may"
-                        " deliver it too)",
-                        id=item_id.decode(),
-                    )
+                lost = {raw.decode() for raw in reply}
+                for item_id in held:
+                    until = self._held.get(item_id)
+                    if until is None or until <= 0:
+                        continue  # finished (or found lost) while the renewal was on its way
+                    if item_id in lost:
+                        self._mark_lost(item_id)
+                    else:
+                        self._held[item_id] = max(until, sent + self.lease_seconds)
             await self._claim_script(0)
         except QueueUnavailable:
             pass  # the outage is logged by the connection; leases are renewed once Redis is back
+
+    def _mark_lost(self, item_id: str) -> None:
+        """A heartbeat found ``item_id`` no longer claimed by this process: its lease expired and another
+        process may deliver it. It is not renewed any more, and ``open_body`` refuses it."""
+        self._held[item_id] = 0.0
+        self._known.pop(item_id, None)  # its version has changed: an update must read it afresh
+        log.warn(
+            "Redis queue: the claim on {id} was lost (its lease expired; another process may deliver it)",
+            id=item_id,
+        )
+
+    def _claim_lost(self, item_id: str, why: str) -> ClaimLost:
+        """Let go of ``item_id`` (its lease is not renewed any more: it returns to ready once expired, for
+        any process) and say why it must not be delivered here."""
+        self._forget(item_id)
+        return ClaimLost(f"Redis queue: the claim on {item_id} may be lost ({why}); not delivered here")
 
     # -- internals ---------------------------------------------------------------------------------
 
@@ -447,7 +506,7 @@ class RedisQueue(QueueLifecycle):
 
     def _forget(self, item_id: str) -> None:
         """This process no longer holds ``item_id``."""
-        self._held.discard(item_id)
+        self._held.pop(item_id, None)
         self._known.pop(item_id, None)
 
     def _discard(self, message: SpooledMessage) -> Deferred:

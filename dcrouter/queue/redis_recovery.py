@@ -1,13 +1,16 @@
 """What the Redis queue's ``load()`` does before it opens: check durability, then recover.
 
 Other processes may be using the same Redis and body directory while this runs, so recovery never assumes it
-is alone (unlike the disk queue's): only *expired* claims return to ready (a live process's claims are valid),
+is alone (unlike the disk queue's): only claims of this consumer name (whose previous holder is dead: see
+:mod:`dcrouter.queue.redis_consumer`) and *expired* claims return to ready (a live process's are valid),
 spool and body files younger than :data:`redis_bodies.GRACE_SECONDS` are left alone, and an item is set aside
 as damaged only if it has not changed since it was read. In order:
 
 1. ``CONFIG GET appendonly`` and ``appendfsync``: a loud warning unless ``yes`` and ``always``.
 2. The directories are created; spool files left by a crashed receiver are discarded.
-3. Expired claims return to ready (QUEUED, or DEFERRED when the item had attempts).
+3. Claims held under this process's consumer name return to ready at once (QUEUED, or DEFERRED when the
+   item had attempts): its previous run died, and no live process holds that name. Then expired claims
+   of any process return to ready.
 4. Every item is verified: its JSON parses into a QueueItem with its own id and a known status, and its
    body exists (inline in Redis, or its file). One that fails is renamed to ``damaged:<id>:<seq>`` (with
    ``damaged-body:<id>:<seq>`` when there is an inline body) and taken out of every index: never deleted.
@@ -33,13 +36,21 @@ log = logger("dcrouter.queue")
 SCAN_CHUNK = 500
 
 
-async def recover(store: RedisStore, body_directory: str, address: str) -> dict[str, int]:
-    """Check and recover the queue in ``store`` whose big bodies live in ``body_directory``; ``address``
-    names the Redis in log lines. Returns the counts of LOAD_COUNT_KEYS."""
+async def recover(store: RedisStore, body_directory: str, address: str, owner: str) -> dict[str, int]:
+    """Check and recover the queue in ``store`` whose big bodies live in ``body_directory``, for the consumer
+    named ``owner`` (held by this process); ``address`` names the Redis in log lines. Returns the counts of
+    LOAD_COUNT_KEYS (``claims_returned`` counts this consumer's and expired ones)."""
     await check_durability(store, address)
     await store.in_thread(bodies.prepare, body_directory)
     spool_discarded = await store.in_thread(bodies.discard_stale_spool, body_directory)
-    claims_returned = 0
+    claims_returned = int(await store.script(scripts.RELEASE_OWNED, owner))
+    if claims_returned:
+        log.info(
+            "Redis queue {address}: {n} claims of consumer {owner}'s previous run returned to ready",
+            address=address,
+            n=claims_returned,
+            owner=owner,
+        )
     while True:
         # A claim of nothing, for nobody: only its first step runs, returning expired leases to ready.
         reply = await store.script(scripts.CLAIM, "-inf", 0, "", "0", SCAN_CHUNK, 0)

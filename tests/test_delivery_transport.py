@@ -17,7 +17,7 @@ from dcrouter.delivery.route import Route
 from dcrouter.delivery.targets import TargetHealth
 from dcrouter.delivery.transport import ESMTPTransport
 from dcrouter.envelope import Envelope
-from dcrouter.interfaces import IDeliveryTransport
+from dcrouter.interfaces import ClaimLost, IDeliveryTransport
 from dcrouter.queue.item import QueueItem
 from tests.downstream import Downstream, Script, closed_port, start_downstream
 from tests.test_delivery_pool import PoolTestCase, TlsMaterial, run, until
@@ -451,6 +451,24 @@ class PoolingTests(TransportTestCase):
                 self.connection_pool.idle_count(route, Target("127.0.0.1", "127.0.0.1", downstream.port)), 1
             )
             self.flushLoggedErrors(OSError)
+
+        return run(check())
+
+    def test_lost_claim_is_an_errback_logged_by_the_manager(self) -> Deferred[None]:
+        """ClaimLost from open_body: nothing is sent, the Deferred fails with it, and the transport logs no
+        traceback (a foreseen condition the manager reports)."""
+        downstream = self.downstream()
+        transport = self.transport()
+
+        async def check() -> None:
+            route = local_route(downstream.port)
+            item = QueueItem(
+                id="Q3", envelope=Envelope(mail_from=SENDER, recipients=["b@example.test"]), size=1
+            )
+            with self.assertRaises(ClaimLost):
+                await transport.deliver(item, route, ["b@example.test"], lambda: fail(ClaimLost("lost")))
+            self.assertEqual(downstream.messages, [])
+            self.assertEqual(self.flushLoggedErrors(ClaimLost), [])
 
         return run(check())
 

@@ -45,7 +45,7 @@ from dcrouter.delivery.pool import (
 )
 from dcrouter.delivery.route import Route
 from dcrouter.delivery.targets import TargetHealth
-from dcrouter.interfaces import IDeliveryTransport
+from dcrouter.interfaces import ClaimLost, IDeliveryTransport
 from dcrouter.log import logger
 from dcrouter.queue.item import QueueItem
 from dcrouter.smtp.reply import Reply
@@ -127,6 +127,8 @@ class ESMTPTransport:
         delivering = Deferred.fromCoroutine(self._deliver(item, route, list(recipients), open_body))
 
         def local_error(failure: Failure) -> Failure:
+            if failure.check(ClaimLost):
+                return failure  # foreseen, and nothing was sent: the manager says what happened
             log.failure(
                 "delivery of {queue_id} via {route} failed locally",
                 failure,

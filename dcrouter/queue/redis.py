@@ -11,13 +11,21 @@ What a caller may rely on (beyond :mod:`dcrouter.queue.contract`, which it follo
   survives a Redis crash or a power cut. ``load()`` checks with ``CONFIG GET`` and logs a loud warning
   otherwise (or that it could not check, where CONFIG is disabled).
 - ``get_next`` claims atomically (a Lua script): due items by priority, then age, then arrival, marked
-  DELIVERING under a lease (``lease_seconds``, owner id, expiry on the Redis server's clock). While leases
-  are valid, no two processes ever get the same item. This process renews the leases of the items it holds
-  every ``lease_seconds / 3`` until ``update`` gives them another status or they are removed. A lease that
+  DELIVERING under a lease (``lease_seconds``, 30 by default; the owner is this process's consumer name;
+  expiry on the Redis server's clock). While leases are valid, no two processes ever get the same item. A
+  heartbeat on ``clock`` renews the leases of every item this process holds, in one script call, every
+  ``lease_seconds / 3``, until ``update`` gives them another status or they are removed. A lease that
   expires (its process died or lost Redis for a whole lease) is returned to ready by the next ``get_next``,
-  renewal or ``load()`` of any process: delivery is at-least-once across crashes.
+  heartbeat or ``load()`` of any process: delivery is at-least-once across crashes.
+- ``load()`` takes a consumer name, ``<hostname>/<slot>``, that no live process holds
+  (:mod:`dcrouter.queue.redis_consumer`), and returns the claims still held under it to ready at once:
+  they are a dead predecessor's. A restarted process gets its predecessor's name, so its claims do not
+  wait for their leases.
+- ``open_body`` of an item this process holds fails with :class:`ClaimLost` (and the process lets go of the
+  item) unless its lease is certainly valid for another ``CLAIM_MARGIN`` of a lease: see "Lost leases"
+  below.
 - ``save()`` returns the claims this process still holds to ready (a clean shutdown: delivery has stopped),
-  so a restart does not wait for the leases to expire, and closes the connections.
+  closes the connections and frees the consumer name.
 - Every call fails with :class:`QueueUnavailable` within about ``command_timeout`` seconds while Redis is
   unreachable (ingress answers ``451 4.3.0``), and works again without a restart once Redis is back.
 - ``load()`` recovers what applies of the disk queue's recovery: expired claims return to ready; stale spool
@@ -51,6 +59,23 @@ Decisions (and why):
   memory and ``update`` writes on that version without reading the item first (a conflict reads it afresh).
   Delivering a message went from five Redis calls (enqueue, open_body's two, update's two) to two, plus a
   share of a claim: 15-20% less reactor CPU per relayed message (bench/relay, docs/performance.md).
+- **Short leases, a heartbeat, and consumer names held by a lock.** A killed process's claims used to wait
+  out a 5-minute lease. Now a lease is 30 s, renewed every 10 s, so another process takes them over after at
+  most 30 s; and the restarted process itself takes them back at once, because it has the same name. A
+  name must never be shared by two live processes (one's start-up would hand the other's deliveries in
+  flight to a third: duplicates), which a name derived only from configuration cannot promise (several
+  processes on one host share ``persistentPath``) and a stored one cannot either (a copy of the directory).
+  An exclusive ``flock``, which the kernel drops at any death, can: whoever holds the lock file of a name is
+  the only live holder of that name.
+- **Lost leases.** The claim, update or renewal that last set an item's lease was sent at local time ``t``;
+  Redis ran it later, so the lease lasts at least until ``t + lease`` (measured on the local clock; the
+  two clocks' rates agree to far better than the margin over 30 s). A process delivers (``open_body``) only
+  while a third of a lease of that certainty is left, which healthy heartbeats always leave and two missed
+  ones do not. So while Redis cannot be reached for more than about two heartbeats, no new delivery starts
+  on a claim another process may already have taken over. A transaction already under way when the lease
+  runs out may finish and be delivered twice, as a delivery in flight at a crash may: at-least-once stays
+  the contract. A heartbeat that finds a claim taken over (its lease lapsed and another process claimed it)
+  marks it lost; ``open_body`` refuses it too.
 - All keys share one prefix. With Redis Cluster, a prefix with a hash tag (``{dcrouter}:``) keeps them in one
   slot, which the scripts need (they name keys computed from the prefix); Cluster is not tested.
 """

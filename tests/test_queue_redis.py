@@ -499,6 +499,21 @@ class RecoveryTests(RedisQueueTestBase):
         self.assertTrue(os.path.exists(os.path.join(self.bodies, "orphans", "ORPHAN")))
         self.assertEqual(len(await read_body(again, "BIG")), 1_200_000)
 
+    async def test_orphans_removed_after_the_retention(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(time.time())  # file times are wall-clock times
+        orphans = os.path.join(self.bodies, "orphans")
+        os.makedirs(orphans)
+        ages = {"OLD": 8 * 86400, "RECENT": 86400}
+        for name, age in ages.items():
+            path = os.path.join(orphans, name)
+            with open(path, "wb") as f:
+                f.write(b"nobody's")
+            os.utime(path, (time.time() - age, time.time() - age))
+        await self.open_queue(orphan_retention=7 * 86400)
+        await until(lambda: not os.path.exists(os.path.join(orphans, "OLD")), "the sweep at start-up")
+        self.assertEqual(os.listdir(orphans), ["RECENT"])
+
 
 class BodyTests(RedisQueueTestBase):
     async def test_big_bodies_go_to_the_shared_directory(self) -> None:
@@ -633,3 +648,4 @@ class ConfigTests(SynchronousTestCase):
         self.assertIsInstance(queue, RedisQueue)
         self.assertEqual(queue.address, RedisAddress(host="127.0.0.1", port=6390, db=2))
         self.assertEqual(queue.spool_directory, os.path.abspath("var/q/spool"))
+        self.assertEqual(queue._orphan_sweeper.retention, 7 * 86400)  # orphanRetention's default

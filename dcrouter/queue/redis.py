@@ -30,8 +30,9 @@ What a caller may rely on (beyond :mod:`dcrouter.queue.contract`, which it follo
   unreachable (ingress answers ``451 4.3.0``), and works again without a restart once Redis is back.
 - ``load()`` recovers what applies of the disk queue's recovery: expired claims return to ready; stale spool
   files are discarded; items that do not parse or whose body is missing are set aside under
-  ``damaged:<id>:<seq>`` (never deleted); body files no item names are moved to ``orphans/``. Because other
-  processes keep working meanwhile, files younger than two hours are left alone.
+  ``damaged:<id>:<seq>`` (never deleted); body files no item names are moved to ``orphans/`` (removed after
+  ``orphan_retention``). Because other processes keep working meanwhile, files younger than two hours are
+  left alone.
 
 Decisions (and why):
 
@@ -104,6 +105,7 @@ from dcrouter.queue import redis_scripts as scripts
 from dcrouter.queue.contract import check_changes, check_item_id, new_load_counts
 from dcrouter.queue.item import QueueItem, QueueItemStatus
 from dcrouter.queue.lifecycle import QueueLifecycle
+from dcrouter.queue.orphans import OrphanSweeper
 from dcrouter.queue.redis_connection import RedisConnection
 from dcrouter.queue.redis_consumer import ConsumerSlot
 from dcrouter.queue.redis_recovery import recover
@@ -149,8 +151,10 @@ class RedisQueue(QueueLifecycle):
 
     ``reactor`` runs the connections, the timeouts and the file work (its thread pool); ``clock`` decides
     due-ness (``get_next``) and age (``purge_expired``) like in the other backends, and runs the heartbeat
-    that renews this process's leases (every ``lease_seconds / 3``). Bad ``url``: ValueError at
-    construction. Nothing connects before ``load()``."""
+    that renews this process's leases (every ``lease_seconds / 3``) and the sweep of ``orphans/``, which
+    removes body files set aside there more than ``orphan_retention`` seconds ago (0: never; see
+    :mod:`dcrouter.queue.orphans`). Bad ``url``: ValueError at construction. Nothing connects before
+    ``load()``."""
 
     def __init__(
         self,
@@ -165,6 +169,7 @@ class RedisQueue(QueueLifecycle):
         command_timeout: float = 5,
         key_prefix: str = "dcrouter:",
         pool_size: int = 4,
+        orphan_retention: float = 0,
     ) -> None:
         super().__init__()
         self.address = parse_redis_url(url)
@@ -190,6 +195,12 @@ class RedisQueue(QueueLifecycle):
         #: a lease. 0.0: the claim is lost (a renewal found it taken over), never to be delivered here.
         self._held: dict[str, float] = {}
         self._known: dict[str, _Held] = {}  # of those, the ones whose version and JSON this process wrote
+        self._orphan_sweeper = OrphanSweeper(
+            os.path.join(self.body_directory, "orphans"),
+            orphan_retention,
+            clock=clock,
+            in_thread=self._store.in_thread,
+        )
 
     # -- storing -----------------------------------------------------------------------------------
 
@@ -434,6 +445,7 @@ class RedisQueue(QueueLifecycle):
         self._renewal.start(self.lease_seconds / 3, now=False).addErrback(
             lambda f: log.failure("Redis queue: lease renewal stopped", f)
         )
+        self._orphan_sweeper.start()
         log.info(
             "Redis queue {address} loaded as consumer {owner}: {items} items ({live} to deliver);"
             " {claims_returned} claims returned, {spool_discarded} stale spool files discarded",
@@ -454,6 +466,7 @@ class RedisQueue(QueueLifecycle):
 
     async def _close(self) -> None:
         """Return the claims this process holds to ready and disconnect."""
+        await self._orphan_sweeper.stop()
         if self._renewal is not None and self._renewal.running:
             self._renewal.stop()
         self._known.clear()

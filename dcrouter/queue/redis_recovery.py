@@ -14,7 +14,8 @@ as damaged only if it has not changed since it was read. In order:
 4. Every item is verified: its JSON parses into a QueueItem with its own id and a known status, and its
    body exists (inline in Redis, or its file). One that fails is renamed to ``damaged:<id>:<seq>`` (with
    ``damaged-body:<id>:<seq>`` when there is an inline body) and taken out of every index: never deleted.
-5. Body files no item names are moved to ``orphans/``.
+5. Body files no item names are moved to ``orphans/`` (where :mod:`dcrouter.queue.orphans` keeps them for
+   ``orphanRetention``).
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ async def recover(store: RedisStore, body_directory: str, address: str, owner: s
     if damaged or orphans:
         log.warn(
             "Redis queue {address}: {damaged} damaged items set aside as {prefix}damaged:<id>:<seq>,"
-            " {orphans} body files without an item moved to {directory}/orphans (kept for inspection,"
-            " nothing deleted)",
+            " {orphans} body files without an item moved to {directory}/orphans (kept for inspection:"
+            " damaged items for good, orphans for orphanRetention)",
             address=address,
             damaged=damaged,
             prefix=store.key(),

@@ -20,6 +20,14 @@ class QueueUnavailable(QueueError):
     ``451 4.3.0``)."""
 
 
+class ClaimLost(QueueUnavailable):
+    """``open_body`` of an item this process claimed, when the queue can no longer vouch that the claim is
+    still this process's (the Redis queue: its lease may have expired while Redis was unreachable, or was
+    taken over). The caller must not deliver the item and should end the attempt without recording
+    anything: the queue has let go of the claim, and the item returns to ready for whichever process
+    claims it next."""
+
+
 class DuplicateItem(ValueError):
     """``enqueue`` of an id the queue already holds. Callers that derive ids (bounces) rely on it to make
     queueing idempotent across crashes."""
@@ -51,7 +59,8 @@ class IDeliveryQueue(Interface):
     def open_body(item_id):
         """Deferred firing with a readable binary file object over the stored body (caller closes it). The
         message as relayed is that body behind the item's ``head`` from ``body_offset`` on, when processing
-        changed the header block (``dcrouter.queue.files.message_reader`` composes it)."""
+        changed the header block (``dcrouter.queue.files.message_reader`` composes it). Fails with
+        ClaimLost when the item was claimed by this process and that claim may no longer be valid."""
 
     def get(item_id):
         """Deferred firing with the QueueItem, or None."""

@@ -158,6 +158,7 @@ def build_queue(config: SmtpConfig, reactor: Any) -> IDeliveryQueue:
             clock=reactor,
             max_size=config.max_queue_size,
             close_on_shutdown=False,  # stopService saves it, after the listeners
+            orphan_retention=config.orphan_retention / 1000.0,
         )
     if config.queue_storage == "redis":
         from dcrouter.queue.redis import RedisQueue
@@ -169,6 +170,7 @@ def build_queue(config: SmtpConfig, reactor: Any) -> IDeliveryQueue:
             clock=reactor,
             body_directory=config.persistent_path,
             max_size=config.max_queue_size,
+            orphan_retention=config.orphan_retention / 1000.0,
         )
     raise StartupError(f"smtpConfig.queueStorage: {config.queue_storage!r} is not supported yet")
 

@@ -13,8 +13,10 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -24,7 +26,7 @@ from dcrouter.delivery.manager import DeliveryManager, dsn_queue_id
 from dcrouter.delivery.outcome import DeliveryReport, Outcome, RecipientResult
 from dcrouter.delivery.route import Route
 from dcrouter.envelope import Envelope
-from dcrouter.interfaces import IDeliveryTransport, IRoutingRule, QueueUnavailable
+from dcrouter.interfaces import ClaimLost, IDeliveryTransport, IRoutingRule, QueueUnavailable
 from dcrouter.processing.processor import EmailProcessor
 from dcrouter.processing.routing import RouteTable
 from dcrouter.queue.disk import DiskQueue
@@ -647,6 +649,40 @@ class LifecycleTests(ManagerTestsBase):
         item = self.item(qid)
         self.assertEqual(item.status, QueueItemStatus.DELIVERING)  # claimed until the queue recovers it
         self.assertEqual(item.outcomes, {})
+
+
+class ClaimLostTests(ManagerTestsBase):
+    """A queue that can no longer vouch for a claim (the Redis queue when its heartbeats failed) answers
+    ``open_body`` with ClaimLost: the attempt stops there, sends nothing and records nothing."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.lost: set[str] = set()
+        real_open_body = self.queue.open_body
+
+        def open_body(item_id: str) -> Deferred:
+            if item_id in self.lost:
+                return fail(ClaimLost(f"the claim on {item_id} may be lost"))
+            return real_open_body(item_id)
+
+        self.patch(self.queue, "open_body", open_body)
+
+    def test_attempt_stops_without_delivering_or_recording(self) -> None:
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.start()
+        self.lost.add("LOST1")
+        qid = self.send("alice@senders.test", "bob@a.test", "carol@b.test", queue_id="LOST1")
+        self.assertEqual(self.transport.calls, [])
+        item = self.item(qid)
+        self.assertEqual(
+            (item.status, item.attempts, item.history, item.outcomes), (QueueItemStatus.DELIVERING, 0, [], {})
+        )
+        stats = self.manager.get_delivery_stats()
+        self.assertEqual((stats["claims_lost"], stats["errors"], stats["in_flight"]), (1, 0, 0))
+        [warning] = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+        self.assertEqual(
+            warning, f"delivery attempt for {qid} stopped undelivered: the claim on {qid} may be lost"
+        )
 
 
 class DiskQueueTests(TestCase):

@@ -7,6 +7,8 @@ import io
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.names import dns, error
 from twisted.names.common import ResolverBase
 from zope.interface.verify import verifyObject
@@ -17,7 +19,7 @@ from dcrouter.delivery.route import Route
 from dcrouter.delivery.targets import TargetHealth
 from dcrouter.delivery.transport import ESMTPTransport
 from dcrouter.envelope import Envelope
-from dcrouter.interfaces import IDeliveryTransport
+from dcrouter.interfaces import ClaimLost, IDeliveryTransport
 from dcrouter.queue.item import QueueItem
 from tests.downstream import Downstream, Script, closed_port, start_downstream
 from tests.test_delivery_pool import PoolTestCase, TlsMaterial, run, until
@@ -66,6 +68,7 @@ class TransportTestCase(PoolTestCase):
         super().setUp()
         self.bodies: list[TrackedBody] = []
         self.zone = Zone({})
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
 
     def transport(self, trust_root: Any = None, **config: Any) -> ESMTPTransport:
         self.health = TargetHealth(self.clock, down_time=300)
@@ -73,6 +76,16 @@ class TransportTestCase(PoolTestCase):
         return ESMTPTransport(
             resolver=MxResolver(self.zone), health=self.health, pool=self.connection_pool, clock=self.clock
         )
+
+    def summary_line(self) -> str:
+        """The transport's one line about the last delivery (its final ``delivery of ... via ...`` event)."""
+        lines = [
+            formatEvent(e)
+            for e in self.events
+            if e.get("log_namespace") == "dcrouter.delivery" and "{queue_id} via {route}" in e["log_format"]
+        ]
+        self.assertTrue(lines, "no delivery line was logged")
+        return lines[-1]
 
     def open_body(self) -> Deferred[Any]:
         body = TrackedBody(BODY)
@@ -132,6 +145,10 @@ class ReplyTests(TransportTestCase):
             self.assertEqual({r.target for r in report.results}, {where})
             self.assertEqual(report.tried, [f"{where} answered"])
             self.assertEqual(report.route_name, "domain:example.test")
+            self.assertEqual(
+                self.summary_line(),
+                f"delivery of Q1 via domain:example.test to {where}: recipients: 2 delivered",
+            )
             [message] = downstream.messages
             self.assertEqual((message.mail_from, message.recipients), (SENDER, recipients))
             self.assertEqual(message.data, BODY)
@@ -274,6 +291,11 @@ class FailoverTests(TransportTestCase):
             self.assertEqual({r.target for r in report.results}, {""})
             self.assertEqual(report.tried, [f"127.0.0.2:{port} refused", f"127.0.0.1:{port} refused"])
             self.assertIn(f"127.0.0.1:{port}", report.results[0].text)
+            self.assertEqual(
+                self.summary_line(),
+                f"delivery of Q1 via domain:example.test: no target reachable (2 tried; last: 451 4.4.1"
+                f" Connection refused by 127.0.0.1:{port}); recipients: 2 deferred",
+            )
 
         return run(check())
 
@@ -391,6 +413,11 @@ class DnsTests(TransportTestCase):
             route = Route(name="mx:broken.test", mx_domain="broken.test")
             report = await self.deliver(transport, route, ["a@broken.test"])
             self.assertEqual(self.outcomes(report), [("a@broken.test", Outcome.TEMPORARY, 451, "4.4.3")])
+            self.assertEqual(
+                self.summary_line(),
+                "delivery of Q1 via mx:broken.test: no target to try (451 4.4.3 broken.test: MX lookup:"
+                " DNS server failure (SERVFAIL)); recipients: 1 deferred",
+            )
 
         return run(check())
 
@@ -451,6 +478,24 @@ class PoolingTests(TransportTestCase):
                 self.connection_pool.idle_count(route, Target("127.0.0.1", "127.0.0.1", downstream.port)), 1
             )
             self.flushLoggedErrors(OSError)
+
+        return run(check())
+
+    def test_lost_claim_is_an_errback_logged_by_the_manager(self) -> Deferred[None]:
+        """ClaimLost from open_body: nothing is sent, the Deferred fails with it, and the transport logs no
+        traceback (a foreseen condition the manager reports)."""
+        downstream = self.downstream()
+        transport = self.transport()
+
+        async def check() -> None:
+            route = local_route(downstream.port)
+            item = QueueItem(
+                id="Q3", envelope=Envelope(mail_from=SENDER, recipients=["b@example.test"]), size=1
+            )
+            with self.assertRaises(ClaimLost):
+                await transport.deliver(item, route, ["b@example.test"], lambda: fail(ClaimLost("lost")))
+            self.assertEqual(downstream.messages, [])
+            self.assertEqual(self.flushLoggedErrors(ClaimLost), [])
 
         return run(check())
 

@@ -7,19 +7,23 @@ import glob
 import json
 import os
 import sqlite3
+import time
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, reactor
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
+from dcrouter.config import load_options
 from dcrouter.interfaces import QueueFull, QueueUnavailable
 from dcrouter.queue import files as files_module
 from dcrouter.queue import index as index_module
 from dcrouter.queue.disk import DiskQueue
 from dcrouter.queue.index import CLAIM_SQL, DUE_SQL, FEW_DUE
 from dcrouter.queue.item import Priority, QueueItemStatus
+from dcrouter.router import build_queue
 from tests.test_queue_contract import START, inline, make_item, read_body, spool_file
 
 
@@ -271,6 +275,70 @@ class _TriggerRecordingReactor:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(reactor, name)
+
+
+DAY = 86400.0
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    """Wait (real time: the sweep runs in a thread) for ``predicate``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await deferLater(reactor, 0.01, lambda: None)
+
+
+class OrphanRetentionTests(TestCase):
+    """orphans/ is swept on the queue's clock: files set aside more than orphanRetention ago go."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(time.time())  # file times are wall-clock times
+        self.path = self.mktemp()
+        self.orphans = os.path.join(self.path, "orphans")
+        os.makedirs(self.orphans)
+        os.makedirs(os.path.join(self.path, "messages", "ZZ"))
+
+    def put(self, *parts: str, age: float) -> str:
+        path = os.path.join(self.path, *parts)
+        FilePath(path).setContent(b"nobody's")
+        when = self.clock.seconds() - age
+        os.utime(path, (when, when))
+        return path
+
+    async def open_queue(self, retention: float) -> DiskQueue:
+        queue = DiskQueue(self.path, reactor=reactor, clock=self.clock, orphan_retention=retention)
+        await queue.load()
+        self.addCleanup(queue.save)
+        return queue
+
+    async def test_set_aside_files_removed_after_the_retention(self) -> None:
+        old = self.put("orphans", "OLD", age=8 * DAY)
+        recent = self.put("orphans", "RECENT", age=1 * DAY)
+        # Written a month ago, set aside by this start-up: retention counts from now.
+        self.put("messages", "ZZ", "ZZ999", age=30 * DAY)
+        await self.open_queue(retention=7 * DAY)
+        await until(lambda: not os.path.exists(old), "the sweep at start-up")
+        set_aside = os.path.join(self.orphans, "ZZ999")
+        self.assertEqual((os.path.exists(recent), os.path.exists(set_aside)), (True, True))
+        self.clock.advance(6 * DAY + 3600)  # the hourly sweep, RECENT now 7 days and an hour old
+        await until(lambda: not os.path.exists(recent), "the hourly sweep")
+        self.assertTrue(os.path.exists(set_aside))
+
+    def test_configured_by_orphan_retention(self) -> None:
+        smtp = {"ports": [2525], "implicitTlsPorts": [], "submissionPorts": [], "persistentPath": self.path}
+        options = load_options({"smtpConfig": {**smtp, "orphanRetention": 3 * 86_400_000}}).options
+        queue = build_queue(options.smtp_config, reactor)
+        self.assertIsInstance(queue, DiskQueue)
+        self.assertEqual(queue._orphan_sweeper.retention, 3 * DAY)
+
+    async def test_zero_keeps_them(self) -> None:
+        old = self.put("orphans", "OLD", age=365 * DAY)
+        queue = await self.open_queue(retention=0)
+        self.clock.advance(DAY)
+        await queue.save()  # waits for a sweep under way, if one had started
+        self.assertTrue(os.path.exists(old))
 
 
 class ShutdownOwnershipTests(TestCase):

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import smtplib
+import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, reactor
@@ -18,8 +20,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from dcrouter import DcRouter
 from dcrouter.config import load_options
-from dcrouter.interfaces import DuplicateItem, QueueFull, QueueUnavailable
-from dcrouter.queue import redis_bodies
+from dcrouter.interfaces import ClaimLost, DuplicateItem, QueueFull, QueueUnavailable
+from dcrouter.queue import redis_bodies, redis_consumer
+from dcrouter.queue import redis_scripts as scripts
 from dcrouter.queue.item import QueueItemStatus
 from dcrouter.queue.redis import HANDOUT_BODY_LIMIT, RedisQueue
 from dcrouter.queue.redis_url import RedisAddress, parse_redis_url
@@ -77,13 +80,34 @@ class RedisQueueTestBase(TestCase):
         self.addCleanup(queue.save)
         return queue, counts
 
-    async def abandon(self, queue: RedisQueue) -> None:
-        """What a SIGKILL does to a process: its claims stay in Redis, nobody renews or returns them."""
-        assert queue._renewal is not None and queue._connection is not None
+    async def abandon(self, queue: RedisQueue, *, elsewhere: bool = False) -> None:
+        """What a SIGKILL does to a process: its claims stay in Redis, nobody renews or returns them, and the
+        kernel drops its consumer slot's lock -- unless it ran ``elsewhere`` (another host: no process here
+        can take its name, so its claims wait for their leases to expire)."""
+        assert queue._renewal is not None and queue._store.connection is not None
         queue._renewal.stop()
         queue._held.clear()
         queue._state = "closed"
-        await queue._connection.disconnect()
+        await queue._store.connection.disconnect()
+        if not elsewhere:
+            queue._release_slot()
+        else:
+            self.addCleanup(queue._release_slot)
+
+    def field(self, item_id: str, name: str) -> bytes | None:
+        """A field of an item's hash, read straight from Redis."""
+        reply = self.redis.command("HGET", f"dcrouter:item:{item_id}", name)
+        return None if reply.startswith(b"$-1") else reply.split(b"\r\n")[1]
+
+    def lease_until(self, item_id: str) -> float:
+        """The item's lease expiry, on the Redis server's clock."""
+        value = self.field(item_id, "lease_until")
+        assert value is not None, f"{item_id} has no lease"
+        return float(value)
+
+    def redis_now(self) -> float:
+        parts = self.redis.command("TIME").split(b"\r\n")
+        return int(parts[2]) + int(parts[4]) / 1e6
 
     def warnings(self, events: list[dict[str, Any]]) -> list[str]:
         return [
@@ -128,12 +152,15 @@ class ClaimTests(RedisQueueTestBase):
         self.assertEqual(taken.envelope, claimed.envelope)
 
     async def test_a_live_process_keeps_its_leases(self) -> None:
-        # Renewed every 0.2 s: a stall of the test machine up to 0.4 s does not lose the lease.
+        # The heartbeat runs on the queue's clock, every 0.2 s here, as real time goes by: a stall of the test
+        # machine up to 0.4 s does not lose the lease.
         holder, _ = await self.open_queue(lease_seconds=0.6)
-        other, _ = await self.open_queue(lease_seconds=0.6)
+        other, _ = await self.open_queue(lease_seconds=30)
         await holder.enqueue(make_item("K1"), inline())
         await holder.get_next()
-        await sleep(1.5)  # more than two leases
+        for _ in range(8):  # more than two leases
+            await sleep(0.2)
+            self.clock.advance(0.2)
         self.assertEqual(await other.get_next(), [])
         await holder.update("K1", status=QueueItemStatus.DEFERRED, attempts=1, next_attempt_at=START)
         # No longer renewed, and not needed: it is ready again at once.
@@ -154,7 +181,7 @@ class ClaimTests(RedisQueueTestBase):
         crashed, _ = await self.open_queue(lease_seconds=0.2)
         await crashed.enqueue(make_item("C1"), inline())
         await crashed.get_next()
-        await self.abandon(crashed)
+        await self.abandon(crashed, elsewhere=True)
         await sleep(0.3)
         _, counts = await self.open_queue()
         self.assertEqual((counts["claims_returned"], counts["items"], counts["live"]), (1, 1, 1))
@@ -178,9 +205,9 @@ class ClaimTests(RedisQueueTestBase):
         await queue.enqueue(make_item("H2", size=len(big)), inline(big))
         await queue.get_next(2)
         calls: list[str] = []
-        real_call = queue._call
+        real_call = queue._store.call
         self.patch(
-            queue, "_call", lambda method, *a, **kw: calls.append(method) or real_call(method, *a, **kw)
+            queue._store, "call", lambda method, *a, **kw: calls.append(method) or real_call(method, *a, **kw)
         )
         self.assertEqual(await read_body(queue, "H1"), small)
         self.assertEqual(calls, [])
@@ -212,6 +239,137 @@ class ClaimTests(RedisQueueTestBase):
         with self.assertRaises(QueueFull):
             await first.enqueue(make_item("M3"), inline())
         self.assertEqual(await second.get_item_count(), 2)
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await sleep(0.01)
+
+
+class HeartbeatTests(RedisQueueTestBase):
+    """Short leases kept by a heartbeat on the queue's clock; a restarted process (the same consumer name)
+    takes its claims back at once; a claim whose lease may have lapsed is never delivered."""
+
+    async def test_leases_last_30_seconds_renewed_every_10_on_the_clock(self) -> None:
+        queue, _ = await self.open_queue()
+        await queue.enqueue(make_item("B1"), inline())
+        await queue.get_next()
+        claimed = self.lease_until("B1")
+        self.assertTrue(29 < claimed - self.redis_now() <= 30, claimed - self.redis_now())
+        await sleep(0.05)
+        self.clock.advance(9.9)
+        await sleep(0.1)
+        self.assertEqual(self.lease_until("B1"), claimed, "renewed before a third of the lease")
+        self.clock.advance(0.1)
+        await until(lambda: self.lease_until("B1") > claimed, "the renewal")
+        self.assertTrue(29 < self.lease_until("B1") - self.redis_now() <= 30)
+
+    async def test_one_script_call_renews_every_claim(self) -> None:
+        queue, _ = await self.open_queue()
+        ids = [f"B{n}" for n in range(5)]
+        for item_id in ids:
+            await queue.enqueue(make_item(item_id), inline())
+        await queue.get_next(5)
+        before = {i: self.lease_until(i) for i in ids}
+        run: list[str] = []
+        real_script = queue._store.script
+        self.patch(queue._store, "script", lambda script, *a: run.append(script) or real_script(script, *a))
+        await sleep(0.05)
+        self.clock.advance(10)
+        await until(lambda: all(self.lease_until(i) > before[i] for i in ids), "every lease renewed")
+        self.assertEqual(run.count(scripts.RENEW), 1)
+
+    async def test_restarted_consumer_takes_back_its_claims_at_once(self) -> None:
+        crashed, _ = await self.open_queue()
+        alive, _ = await self.open_queue()
+        for item_id in ("R1", "R2", "R3"):
+            await crashed.enqueue(make_item(item_id, attempts=int(item_id == "R2")), inline())
+        self.assertEqual([i.id for i in await crashed.get_next(2)], ["R1", "R2"])
+        self.assertEqual([i.id for i in await alive.get_next(1)], ["R3"])
+        await self.abandon(crashed)
+        restarted, counts = await self.open_queue()
+        self.assertEqual(restarted.owner, crashed.owner)
+        self.assertEqual(counts["claims_returned"], 2)
+        self.assertEqual((await restarted.get("R2")).status, QueueItemStatus.DEFERRED)
+        self.assertEqual([i.id for i in await restarted.get_next(5)], ["R1", "R2"])
+        # The live consumer's claim is untouched.
+        self.assertEqual(self.field("R3", "owner"), alive.owner.encode())
+
+    async def test_a_live_consumers_name_is_never_taken(self) -> None:
+        first, _ = await self.open_queue()
+        second, _ = await self.open_queue()
+        host = socket.gethostname()
+        self.assertEqual((first.owner, second.owner), (f"{host}/0", f"{host}/1"))
+        await first.save()  # a clean stop frees the name for the next process
+        third, _ = await self.open_queue()
+        self.assertEqual(third.owner, f"{host}/0")
+
+    async def test_release_owned_returns_only_that_consumers_claims(self) -> None:
+        queue, _ = await self.open_queue()
+        await queue.enqueue(make_item("O1"), inline())
+        await queue.enqueue(make_item("O2", attempts=1, status=QueueItemStatus.DEFERRED), inline())
+        await queue.enqueue(make_item("O3"), inline())
+        await queue.get_next(3)
+        self.redis.command("HSET", "dcrouter:item:O3", "owner", "elsewhere/0")
+        self.assertEqual(await queue._store.script(scripts.RELEASE_OWNED, queue.owner), 2)
+        self.assertEqual(
+            [(await queue.get(i)).status for i in ("O1", "O2", "O3")],
+            [QueueItemStatus.QUEUED, QueueItemStatus.DEFERRED, QueueItemStatus.DELIVERING],
+        )
+        self.assertEqual(self.redis.command("ZRANGE", "dcrouter:leases", "0", "-1"), b"*1\r\n$2\r\nO3\r\n")
+
+    async def test_no_delivery_once_heartbeats_fail(self) -> None:
+        queue, _ = await self.open_queue(command_timeout=0.3)
+        await queue.enqueue(make_item("H1"), inline(b"handed out with the claim"))
+        await queue.get_next()
+        self.redis.kill()
+        for _ in range(2):
+            self.clock.advance(10)  # a heartbeat, which fails (Redis does not answer within 0.3 s)
+            await sleep(0.5)
+        # 20 s after the claim was sent: the lease is certainly valid for another 10 s, a third of a lease.
+        (await queue.open_body("H1")).close()
+        self.clock.advance(0.5)
+        with self.assertRaises(ClaimLost):
+            await queue.open_body("H1")
+        self.redis.start()
+        self.assertNotIn("H1", queue._held)  # let go of: no longer renewed, so it returns once expired
+
+    async def test_claim_found_taken_over_is_not_delivered(self) -> None:
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        slow, _ = await self.open_queue(lease_seconds=0.6)
+        fast, _ = await self.open_queue()
+        await slow.enqueue(make_item("T1"), inline())
+        await slow.get_next()
+        await sleep(0.7)  # slow's heartbeat (on self.clock) stays silent: its lease lapses in Redis
+        self.assertEqual([i.id for i in await fast.get_next()], ["T1"])
+        self.clock.advance(0.2)  # slow's heartbeat: finds T1 taken over
+        await until(lambda: any("claim on T1 was lost" in w for w in self.warnings(events)), "the warning")
+        with self.assertRaises(ClaimLost):
+            await slow.open_body("T1")
+        self.assertEqual(self.field("T1", "owner"), fast.owner.encode())
+
+
+class ConsumerSlotTests(SynchronousTestCase):
+    def test_lowest_free_slot(self) -> None:
+        directory = self.mktemp()
+        first = redis_consumer.take_slot(directory, "mx.example")
+        second = redis_consumer.take_slot(directory, "mx.example")
+        self.addCleanup(second.release)
+        self.assertEqual((first.name, second.name), ("mx.example/0", "mx.example/1"))
+        first.release()
+        first.release()  # idempotent
+        again = redis_consumer.take_slot(directory, "mx.example")
+        self.addCleanup(again.release)
+        self.assertEqual(again.name, "mx.example/0")
+
+    def test_host_name_made_file_safe(self) -> None:
+        slot = redis_consumer.take_slot(self.mktemp(), "odd/host:name")
+        self.addCleanup(slot.release)
+        self.assertEqual(slot.name, "odd/host:name/0")
+        self.assertEqual(os.path.basename(slot.path), "odd_host_name.0.lock")
 
 
 class OutageTests(RedisQueueTestBase):
@@ -340,6 +498,21 @@ class RecoveryTests(RedisQueueTestBase):
         )
         self.assertTrue(os.path.exists(os.path.join(self.bodies, "orphans", "ORPHAN")))
         self.assertEqual(len(await read_body(again, "BIG")), 1_200_000)
+
+    async def test_orphans_removed_after_the_retention(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(time.time())  # file times are wall-clock times
+        orphans = os.path.join(self.bodies, "orphans")
+        os.makedirs(orphans)
+        ages = {"OLD": 8 * 86400, "RECENT": 86400}
+        for name, age in ages.items():
+            path = os.path.join(orphans, name)
+            with open(path, "wb") as f:
+                f.write(b"nobody's")
+            os.utime(path, (time.time() - age, time.time() - age))
+        await self.open_queue(orphan_retention=7 * 86400)
+        await until(lambda: not os.path.exists(os.path.join(orphans, "OLD")), "the sweep at start-up")
+        self.assertEqual(os.listdir(orphans), ["RECENT"])
 
 
 class BodyTests(RedisQueueTestBase):
@@ -475,3 +648,4 @@ class ConfigTests(SynchronousTestCase):
         self.assertIsInstance(queue, RedisQueue)
         self.assertEqual(queue.address, RedisAddress(host="127.0.0.1", port=6390, db=2))
         self.assertEqual(queue.spool_directory, os.path.abspath("var/q/spool"))
+        self.assertEqual(queue._orphan_sweeper.retention, 7 * 86400)  # orphanRetention's default

@@ -616,6 +616,14 @@ class SmtpConfig:
         doc="Milliseconds a delivered, bounced or failed message stays queryable before it is purged.",
         check=c.non_negative,
     )
+    orphan_retention: int = option(
+        604_800_000,
+        addition=True,
+        doc="Milliseconds a body file set aside in `persistentPath/orphans/` at start-up (no queue entry "
+        "names it: never acknowledged, or already removed) is kept for inspection before it is deleted "
+        "(checked hourly; default 7 days); 0: kept forever.",
+        check=c.non_negative,
+    )
     routing_rules: list[RoutingRuleConfig] = option(
         factory=list, doc="Sender/recipient pattern rules, evaluated before domainConfigs."
     )

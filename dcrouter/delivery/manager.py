@@ -21,6 +21,10 @@ What a caller may rely on:
   with ``queue.update`` before the next group is tried, so a crash never re-sends to a delivered recipient.
   When that write fails the attempt stops there and the item stays claimed (DELIVERING) until the queue's
   recovery returns it: those recipients may be delivered twice (at-least-once, as everywhere).
+- **Lost claims.** When the queue answers ``open_body`` with ClaimLost (the Redis queue, when it can no
+  longer vouch that the claim is still this process's), the attempt stops where it is, without sending
+  that group and without recording anything (counted in ``claims_lost``, logged as a warning): the queue
+  has let go of the item, and another process, or a later claim, delivers it.
 - **Retries.** Recipients with a temporary failure stay pending; the message becomes DEFERRED with
   ``priority=RETRY``, ``attempts + 1``, ``last_error`` and ``next_attempt_at`` from
   :mod:`dcrouter.delivery.retry`. Once ``maxRetries`` attempts are used or ``queueLifetime`` has passed, the
@@ -59,7 +63,7 @@ from dcrouter.delivery.bounces import dsn_queue_id as dsn_queue_id  # re-exporte
 from dcrouter.delivery.outcome import DeliveryReport, Outcome, RecipientResult
 from dcrouter.delivery.retry import RetryPolicy, Verdict
 from dcrouter.delivery.route import Route
-from dcrouter.interfaces import IDeliveryQueue, IDeliveryTransport
+from dcrouter.interfaces import ClaimLost, IDeliveryQueue, IDeliveryTransport
 from dcrouter.log import logger
 from dcrouter.processing.processor import EmailProcessor
 from dcrouter.processing.routing import RouteTable
@@ -84,6 +88,7 @@ STAT_KEYS = (
     "dsn_sent",  # bounces queued
     "delay_warnings",  # delay warnings queued
     "errors",  # local failures: queue writes, transport bugs, routing bugs
+    "claims_lost",  # attempts stopped undelivered: the queue could no longer vouch for the claim (ClaimLost)
     "purged",
 )
 
@@ -300,6 +305,16 @@ class DeliveryManager(Service):
         d.addBoth(self._attempt_done, item.id)
 
     def _attempt_failed(self, failure: Failure, item_id: str) -> None:
+        if failure.check(ClaimLost):
+            # Foreseen (Redis unreachable for a while), and safe: nothing was sent, the queue let go of the
+            # claim, and the message returns to ready for whichever process claims it next.
+            self._stats["claims_lost"] += 1
+            log.warn(
+                "delivery attempt for {queue_id} stopped undelivered: {error}",
+                queue_id=item_id,
+                error=failure.getErrorMessage(),
+            )
+            return
         self._stats["errors"] += 1
         log.failure(
             "delivery attempt for {queue_id} stopped; the message stays claimed until the queue recovers it",
@@ -421,6 +436,8 @@ class DeliveryManager(Service):
             report: DeliveryReport = await self._transport.deliver(
                 item, route, rcpts, open_body=lambda: open_message(self._queue, item)
             )
+        except ClaimLost:
+            raise  # not this process's to deliver any more: the attempt stops, recording nothing
         except Exception:  # noqa: BLE001 (an errback is a transport bug: retry rather than lose the message)
             self._stats["errors"] += 1
             log.failure("transport failed for {queue_id} via {route}", queue_id=item.id, route=route.name)
@@ -537,6 +554,8 @@ class DeliveryManager(Service):
             return False
         try:
             await self._bouncer.warn(item, temporary, now)
+        except ClaimLost:
+            raise
         except Exception:  # noqa: BLE001 (a warning is a courtesy: never let it block the retry)
             self._stats["errors"] += 1
             log.failure("cannot queue the delay warning for {queue_id}", queue_id=item.id)
@@ -619,6 +638,8 @@ class DeliveryManager(Service):
         else:
             try:
                 changes["bounce_id"] = await self._bouncer.bounce(item, failed, now)
+            except ClaimLost:
+                raise
             except Exception:  # noqa: BLE001 (the queue is full or down: try the bounce again later)
                 self._stats["errors"] += 1
                 log.failure("cannot queue the bounce for {queue_id}; trying again later", queue_id=item.id)

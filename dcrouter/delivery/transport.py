@@ -45,7 +45,7 @@ from dcrouter.delivery.pool import (
 )
 from dcrouter.delivery.route import Route
 from dcrouter.delivery.targets import TargetHealth
-from dcrouter.interfaces import IDeliveryTransport
+from dcrouter.interfaces import ClaimLost, IDeliveryTransport
 from dcrouter.log import logger
 from dcrouter.queue.item import QueueItem
 from dcrouter.smtp.reply import Reply
@@ -127,6 +127,8 @@ class ESMTPTransport:
         delivering = Deferred.fromCoroutine(self._deliver(item, route, list(recipients), open_body))
 
         def local_error(failure: Failure) -> Failure:
+            if failure.check(ClaimLost):
+                return failure  # foreseen, and nothing was sent: the manager says what happened
             log.failure(
                 "delivery of {queue_id} via {route} failed locally",
                 failure,
@@ -152,7 +154,7 @@ class ESMTPTransport:
             report.results = [result_for(r, reply) for r in recipients]
             if isinstance(error, DnsTemporaryFailure):
                 report.tried.append(f"DNS: {error}")
-            self._log(item, route, None, report)
+            self._log_unreached(item, route, report, f"no target to try ({_describe(reply)})")
             return report
         last = NO_TARGET
         for target in self._health.order(route, targets):
@@ -172,10 +174,21 @@ class ESMTPTransport:
             self._health.mark_up(target)
             report.tried.append(f"{target_label(target)} answered")
             report.results = outcome
-            self._log(item, route, target, report)
+            log.info(
+                "delivery of {queue_id} via {route} to {target}: recipients: {counts}",
+                queue_id=item.id,
+                route=route.name,
+                target=target_label(target),
+                counts=_counts(report),
+                tried=list(report.tried),
+            )
             return report
         report.results = [result_for(r, last) for r in recipients]
-        self._log(item, route, None, report)
+        if report.tried:
+            why = f"no target reachable ({len(report.tried)} tried; last: {_describe(last)})"
+        else:
+            why = f"no target to try ({_describe(last)})"
+        self._log_unreached(item, route, report, why)
         return report
 
     async def _attempt(
@@ -219,18 +232,27 @@ class ESMTPTransport:
             item.envelope.mail_from, recipients, body, item.size, smtputf8=smtputf8, eight_bit=eight_bit
         )
 
-    def _log(self, item: QueueItem, route: Route, target: Target | None, report: DeliveryReport) -> None:
-        counts = dict.fromkeys(Outcome, 0)
-        for result in report.results:
-            counts[result.outcome] += 1
+    def _log_unreached(self, item: QueueItem, route: Route, report: DeliveryReport, why: str) -> None:
+        """The line for an attempt no server answered: what happened instead of a target name."""
         log.info(
-            "delivery of {queue_id} via {route} to {target}: {delivered} delivered, {temporary} deferred,"
-            " {permanent} failed",
+            "delivery of {queue_id} via {route}: {why}; recipients: {counts}",
             queue_id=item.id,
             route=route.name,
-            target=target_label(target) if target is not None else "-",
-            delivered=counts[Outcome.DELIVERED],
-            temporary=counts[Outcome.TEMPORARY],
-            permanent=counts[Outcome.PERMANENT],
+            why=why,
+            counts=_counts(report),
             tried=list(report.tried),
         )
+
+
+def _describe(reply: Reply) -> str:
+    """``451 4.4.1 Connection refused by ...``: a reply on one line."""
+    return " ".join(part for part in (str(reply.code), reply.enhanced, *reply.lines()) if part)
+
+
+def _counts(report: DeliveryReport) -> str:
+    """``2 delivered, 1 failed``: the outcomes of a report's recipients, those that occurred."""
+    names = {Outcome.DELIVERED: "delivered", Outcome.TEMPORARY: "deferred", Outcome.PERMANENT: "failed"}
+    counts = dict.fromkeys(names, 0)
+    for result in report.results:
+        counts[result.outcome] += 1
+    return ", ".join(f"{n} {names[o]}" for o, n in counts.items() if n) or "none"

@@ -50,6 +50,7 @@ from dcrouter.queue.contract import check_changes, check_item_id, is_live
 from dcrouter.queue.index import ClaimDue, Outcome, QueueIndex, RemoveItems, StoreItem, UpdateItem, Write
 from dcrouter.queue.item import QueueItem, QueueItemStatus
 from dcrouter.queue.lifecycle import QueueLifecycle
+from dcrouter.queue.orphans import OrphanSweeper
 from dcrouter.queue.recovery import recover
 from dcrouter.smtp.spool import SpooledMessage
 
@@ -69,7 +70,10 @@ class DiskQueue(QueueLifecycle):
     ``close_on_shutdown``: run ``save()`` before reactor shutdown, so a standalone queue's writer thread never
     keeps the process alive. A service that owns the queue passes False and calls ``save()`` itself, after
     its listeners have stopped (a shutdown trigger of the queue's own would close it while sessions still
-    run)."""
+    run).
+
+    ``orphan_retention``: seconds a body file set aside in ``orphans/`` is kept before a sweep (hourly, on
+    ``clock``, in ``reactor``'s thread pool) removes it; 0 keeps them (see :mod:`dcrouter.queue.orphans`)."""
 
     def __init__(
         self,
@@ -79,6 +83,7 @@ class DiskQueue(QueueLifecycle):
         clock: IReactorTime,
         max_size: int = 0,
         close_on_shutdown: bool = True,
+        orphan_retention: float = 0,
     ) -> None:
         super().__init__()
         self.max_size = max_size
@@ -100,6 +105,12 @@ class DiskQueue(QueueLifecycle):
         self._live = 0  # committed items in a non-final status
         self._reserved = 0  # enqueues accepted but not yet committed (they count towards max_size)
         self._shutdown_trigger: Any = None
+        self._orphan_sweeper = OrphanSweeper(
+            self._index.orphans,
+            orphan_retention,
+            clock=clock,
+            in_thread=self._in_reactor_thread,
+        )
         #: Transactions committed and writes they carried, for benchmarks and metrics.
         self.commits = 0
         self.committed_writes = 0
@@ -201,6 +212,7 @@ class DiskQueue(QueueLifecycle):
     def _loaded(self, counts: dict[str, int]) -> dict[str, int]:
         self._state = "open"
         self._live = counts["live"]
+        self._orphan_sweeper.start()
         log.info(
             "disk queue {path} loaded: {items} items ({live} to deliver); {claims_returned} claims returned,"
             " {spool_discarded} unacknowledged spool files discarded",
@@ -210,7 +222,8 @@ class DiskQueue(QueueLifecycle):
         if counts["damaged"] or counts["orphans"]:
             log.warn(
                 "disk queue {path}: {damaged} damaged items set aside in damaged/, {orphans} body files"
-                " without an item set aside in orphans/ (kept for inspection, nothing deleted)",
+                " without an item set aside in orphans/ (kept for inspection: damaged/ for good, orphans/"
+                " for orphanRetention)",
                 path=self.path,
                 damaged=counts["damaged"],
                 orphans=counts["orphans"],
@@ -225,6 +238,7 @@ class DiskQueue(QueueLifecycle):
 
     async def _close(self) -> None:
         """Let pending writes commit, close the reader, checkpoint the WAL, close the index and threads."""
+        await self._orphan_sweeper.stop()
         while self._committing or self._pending:
             waiter: Deferred = Deferred()
             self._idle_waiters.append(waiter)
@@ -319,6 +333,10 @@ class DiskQueue(QueueLifecycle):
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
+
+    def _in_reactor_thread(self, f: Callable[..., Any], *args: Any) -> Deferred:
+        """The reactor's thread pool, for file work that would hold up the writer's commits or the reads."""
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), f, *args)
 
     def _read(self, query: Callable[[], Any]) -> Deferred:
         try:

@@ -9,7 +9,7 @@ Layout under ``path``::
     spool/                        ingress writes big messages here; never acknowledged, emptied at start-up
     messages/<id[:2]>/<id>        big bodies, moved in by rename after an fsync
     damaged/                      rows that failed verification at start-up, each with its body if any
-    orphans/                      body files found without a row at start-up
+    orphans/                      body files found without a row at start-up (swept: dcrouter.queue.orphans)
 
 Writes come in batches (:meth:`QueueIndex.run_batch`): the file work of every write first (fsync, rename,
 directory fsync), then one transaction in which each write has its own savepoint, so one failing write does

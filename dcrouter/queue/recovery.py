@@ -12,7 +12,7 @@ Runs on the writer thread, after :meth:`QueueIndex.open`, before any other opera
    and only then removed from the index. Nothing is ever deleted.
 4. Body files under ``messages/`` that no row names are moved to ``orphans/``. They were either never
    acknowledged (crash between moving the body in and the commit) or already dequeued (crash between the
-   commit and the unlink).
+   commit and the unlink). They are kept ``orphanRetention`` (see :mod:`dcrouter.queue.orphans`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from dcrouter.queue.contract import new_load_counts
 from dcrouter.queue.files import fsync_directory, unique_path
 from dcrouter.queue.index import QueueIndex, parse_item
 from dcrouter.queue.item import QueueItemStatus
+from dcrouter.queue.orphans import set_aside
 
 
 def recover(index: QueueIndex) -> dict[str, int]:
@@ -165,7 +166,7 @@ def _set_aside_orphans(index: QueueIndex, referenced: set[str]) -> int:
             full = os.path.join(dirpath, name)
             if os.path.normpath(os.path.relpath(full, index.path)) in referenced:
                 continue
-            os.rename(full, unique_path(index.orphans, name))
+            set_aside(full, index.orphans)
             moved += 1
     if moved:
         fsync_directory(index.orphans)

@@ -11,19 +11,28 @@ What a caller may rely on (beyond :mod:`dcrouter.queue.contract`, which it follo
   survives a Redis crash or a power cut. ``load()`` checks with ``CONFIG GET`` and logs a loud warning
   otherwise (or that it could not check, where CONFIG is disabled).
 - ``get_next`` claims atomically (a Lua script): due items by priority, then age, then arrival, marked
-  DELIVERING under a lease (``lease_seconds``, owner id, expiry on the Redis server's clock). While leases
-  are valid, no two processes ever get the same item. This process renews the leases of the items it holds
-  every ``lease_seconds / 3`` until ``update`` gives them another status or they are removed. A lease that
+  DELIVERING under a lease (``lease_seconds``, 30 by default; the owner is this process's consumer name;
+  expiry on the Redis server's clock). While leases are valid, no two processes ever get the same item. A
+  heartbeat on ``clock`` renews the leases of every item this process holds, in one script call, every
+  ``lease_seconds / 3``, until ``update`` gives them another status or they are removed. A lease that
   expires (its process died or lost Redis for a whole lease) is returned to ready by the next ``get_next``,
-  renewal or ``load()`` of any process: delivery is at-least-once across crashes.
+  heartbeat or ``load()`` of any process: delivery is at-least-once across crashes.
+- ``load()`` takes a consumer name, ``<hostname>/<slot>``, that no live process holds
+  (:mod:`dcrouter.queue.redis_consumer`), and returns the claims still held under it to ready at once:
+  they are a dead predecessor's. A restarted process gets its predecessor's name, so its claims do not
+  wait for their leases.
+- ``open_body`` of an item this process holds fails with :class:`ClaimLost` (and the process lets go of the
+  item) unless its lease is certainly valid for another ``CLAIM_MARGIN`` of a lease: see "Lost leases"
+  below.
 - ``save()`` returns the claims this process still holds to ready (a clean shutdown: delivery has stopped),
-  so a restart does not wait for the leases to expire, and closes the connections.
+  closes the connections and frees the consumer name.
 - Every call fails with :class:`QueueUnavailable` within about ``command_timeout`` seconds while Redis is
   unreachable (ingress answers ``451 4.3.0``), and works again without a restart once Redis is back.
 - ``load()`` recovers what applies of the disk queue's recovery: expired claims return to ready; stale spool
   files are discarded; items that do not parse or whose body is missing are set aside under
-  ``damaged:<id>:<seq>`` (never deleted); body files no item names are moved to ``orphans/``. Because other
-  processes keep working meanwhile, files younger than two hours are left alone.
+  ``damaged:<id>:<seq>`` (never deleted); body files no item names are moved to ``orphans/`` (removed after
+  ``orphan_retention``). Because other processes keep working meanwhile, files younger than two hours are
+  left alone.
 
 Decisions (and why):
 
@@ -51,6 +60,23 @@ Decisions (and why):
   memory and ``update`` writes on that version without reading the item first (a conflict reads it afresh).
   Delivering a message went from five Redis calls (enqueue, open_body's two, update's two) to two, plus a
   share of a claim: 15-20% less reactor CPU per relayed message (bench/relay, docs/performance.md).
+- **Short leases, a heartbeat, and consumer names held by a lock.** A killed process's claims used to wait
+  out a 5-minute lease. Now a lease is 30 s, renewed every 10 s, so another process takes them over after at
+  most 30 s; and the restarted process itself takes them back at once, because it has the same name. A
+  name must never be shared by two live processes (one's start-up would hand the other's deliveries in
+  flight to a third: duplicates), which a name derived only from configuration cannot promise (several
+  processes on one host share ``persistentPath``) and a stored one cannot either (a copy of the directory).
+  An exclusive ``flock``, which the kernel drops at any death, can: whoever holds the lock file of a name is
+  the only live holder of that name.
+- **Lost leases.** The claim, update or renewal that last set an item's lease was sent at local time ``t``;
+  Redis ran it later, so the lease lasts at least until ``t + lease`` (measured on the local clock; the
+  two clocks' rates agree to far better than the margin over 30 s). A process delivers (``open_body``) only
+  while a third of a lease of that certainty is left, which healthy heartbeats always leave and two missed
+  ones do not. So while Redis cannot be reached for more than about two heartbeats, no new delivery starts
+  on a claim another process may already have taken over. A transaction already under way when the lease
+  runs out may finish and be delivered twice, as a delivery in flight at a crash may: at-least-once stays
+  the contract. A heartbeat that finds a claim taken over (its lease lapsed and another process claimed it)
+  marks it lost; ``open_body`` refuses it too.
 - All keys share one prefix. With Redis Cluster, a prefix with a hash tag (``{dcrouter}:``) keeps them in one
   slot, which the scripts need (they name keys computed from the prefix); Cluster is not tested.
 """
@@ -61,7 +87,6 @@ import dataclasses
 import io
 import json
 import os
-import secrets
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -69,18 +94,22 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from dcrouter.interfaces import DuplicateItem, IDeliveryQueue, QueueFull, QueueUnavailable
+from dcrouter.interfaces import ClaimLost, DuplicateItem, IDeliveryQueue, QueueFull, QueueUnavailable
 from dcrouter.log import logger
 from dcrouter.queue import redis_bodies as bodies
+from dcrouter.queue import redis_consumer
 from dcrouter.queue import redis_scripts as scripts
 from dcrouter.queue.contract import check_changes, check_item_id, new_load_counts
 from dcrouter.queue.item import QueueItem, QueueItemStatus
 from dcrouter.queue.lifecycle import QueueLifecycle
+from dcrouter.queue.orphans import OrphanSweeper
 from dcrouter.queue.redis_connection import RedisConnection
+from dcrouter.queue.redis_consumer import ConsumerSlot
+from dcrouter.queue.redis_recovery import recover
+from dcrouter.queue.redis_store import RedisStore
 from dcrouter.queue.redis_url import parse_redis_url
 from dcrouter.smtp.spool import SpooledMessage
 
@@ -98,6 +127,10 @@ PRIORITY_WEIGHT = 1e10
 #: no ``open_body`` round trips. Bounds the memory held for claimed items (``concurrentDeliveries`` of them,
 #: 50 by default: 3.2 MiB at most); bigger bodies are read from Redis when opened.
 HANDOUT_BODY_LIMIT = 64 * 1024
+#: A claim starts a delivery (``open_body``) only while its lease is certainly valid for at least this share
+#: of a lease more. Healthy heartbeats (every third of a lease) keep two thirds or more; missing two in a
+#: row (Redis unreachable) falls below it: see the module docstring.
+CLAIM_MARGIN = 1 / 3
 
 
 @dataclasses.dataclass
@@ -116,9 +149,12 @@ class _Held:
 class RedisQueue(QueueLifecycle):
     """A DeliveryQueue in the Redis at ``url`` (``redis://[:password@]host:port/db`` or ``unix:///path``).
 
-    ``reactor`` runs the connections, the timeouts, the lease renewal and the file work (its thread pool);
-    ``clock`` decides due-ness (``get_next``) and age (``purge_expired``) like in the other backends. Bad
-    ``url``: ValueError at construction. Nothing connects before ``load()``."""
+    ``reactor`` runs the connections, the timeouts and the file work (its thread pool); ``clock`` decides
+    due-ness (``get_next``) and age (``purge_expired``) like in the other backends, and runs the heartbeat
+    that renews this process's leases (every ``lease_seconds / 3``) and the sweep of ``orphans/``, which
+    removes body files set aside there more than ``orphan_retention`` seconds ago (0: never; see
+    :mod:`dcrouter.queue.orphans`). Bad ``url``: ValueError at construction. Nothing connects before
+    ``load()``."""
 
     def __init__(
         self,
@@ -129,10 +165,11 @@ class RedisQueue(QueueLifecycle):
         body_directory: str,
         max_size: int = 0,
         inline_body_limit: int = 1 << 20,
-        lease_seconds: float = 300,
+        lease_seconds: float = 30,
         command_timeout: float = 5,
         key_prefix: str = "dcrouter:",
         pool_size: int = 4,
+        orphan_retention: float = 0,
     ) -> None:
         super().__init__()
         self.address = parse_redis_url(url)
@@ -141,19 +178,29 @@ class RedisQueue(QueueLifecycle):
         self.body_directory = os.path.abspath(body_directory)
         #: Where ingress spools big messages: next to the body files, so they can be linked in.
         self.spool_directory = bodies.spool_path(self.body_directory)
-        #: This process's name on its leases.
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        #: This process's consumer name, the owner on its leases: ``<hostname>/<slot>``, taken by ``load()``
+        #: (:mod:`dcrouter.queue.redis_consumer`).
+        self.owner = ""
+        self._slot: ConsumerSlot | None = None
         self.lease_seconds = lease_seconds
         self._reactor = reactor
         self._clock = clock
         self._inline_limit = inline_body_limit
         self._timeout = command_timeout
-        self._prefix = key_prefix
+        self._store = RedisStore(reactor=reactor, prefix=key_prefix)
         self._pool_size = pool_size
-        self._connection: RedisConnection | None = None
         self._renewal: LoopingCall | None = None
-        self._held: set[str] = set()  # ids this process claimed and has not finished
+        #: Ids this process claimed and has not finished, each with the time (on ``clock``) until which its
+        #: lease is certainly valid: the time the claim, update or renewal that last set it was *sent*, plus
+        #: a lease. 0.0: the claim is lost (a renewal found it taken over), never to be delivered here.
+        self._held: dict[str, float] = {}
         self._known: dict[str, _Held] = {}  # of those, the ones whose version and JSON this process wrote
+        self._orphan_sweeper = OrphanSweeper(
+            os.path.join(self.body_directory, "orphans"),
+            orphan_retention,
+            clock=clock,
+            in_thread=self._store.in_thread,
+        )
 
     # -- storing -----------------------------------------------------------------------------------
 
@@ -182,31 +229,32 @@ class RedisQueue(QueueLifecycle):
                 inline = (
                     message.data
                     if message.data is not None
-                    else await self._in_thread(bodies.read_file, message.path)
+                    else await self._store.in_thread(bodies.read_file, message.path)
                 )
             else:
                 kind = "file"
                 if message.path is not None:
-                    await self._in_thread(bodies.store_file, self.body_directory, item.id, message.path)
+                    await self._store.in_thread(bodies.store_file, self.body_directory, item.id, message.path)
                     message.path = None
                 else:
-                    await self._in_thread(bodies.write_file, self.body_directory, item.id, message.data)
+                    await self._store.in_thread(bodies.write_file, self.body_directory, item.id, message.data)
         except BaseException:
             await self._discard(message)
             raise
         await self._discard(message)
         lease = repr(float(self.lease_seconds))
-        result = await self._script(
+        sent = self._clock.seconds()
+        result = await self._store.script(
             scripts.ENQUEUE, item.id, *fields, kind, inline, self.max_size, self.owner, lease
         )
         if result != b"ok":
             if kind == "file":
-                await self._in_thread(bodies.remove_files, self.body_directory, [item.id])
+                await self._store.in_thread(bodies.remove_files, self.body_directory, [item.id])
             if result == b"full":
                 raise QueueFull(f"the queue holds {self.max_size} items (maxQueueSize)")
             raise DuplicateItem(f"queue id already stored: {item.id}")
         if item.status == QueueItemStatus.DELIVERING:
-            self._held.add(item.id)
+            self._held[item.id] = sent + self.lease_seconds
         return item.copy()
 
     def update(self, item_id: str, **changes: Any) -> Deferred:
@@ -228,18 +276,20 @@ class RedisQueue(QueueLifecycle):
             if known is not None:
                 text, status, version = known.text, QueueItemStatus.DELIVERING.value.encode(), known.version
             else:
-                text, status, version = await self._call(
-                    "hmget", self._key("item:", item_id), ["item", "status", "ver"]
+                text, status, version = await self._store.call(
+                    "hmget", self._store.key("item:", item_id), ["item", "status", "ver"]
                 )
                 if text is None:
                     raise KeyError(item_id)
             new = self._parse(item_id, text, status).evolve(**changes)
             fields = self._fields(new)
             lease = repr(float(self.lease_seconds))
-            result = await self._script(scripts.UPDATE, item_id, version, *fields, self.owner, lease)
+            sent = self._clock.seconds()
+            result = await self._store.script(scripts.UPDATE, item_id, version, *fields, self.owner, lease)
             if result == b"ok":
                 if new.status == QueueItemStatus.DELIVERING:
-                    self._held.add(item_id)
+                    # UPDATE leased it to this process afresh.
+                    self._held[item_id] = sent + self.lease_seconds
                     # UPDATE stored ``fields[0]`` and raised the version by one.
                     self._known[item_id] = _Held(str(int(version) + 1).encode(), fields[0], body)
                 else:
@@ -280,12 +330,13 @@ class RedisQueue(QueueLifecycle):
         return Deferred.fromCoroutine(self._claim(count))
 
     async def _claim(self, count: int) -> list[QueueItem]:
+        sent = self._clock.seconds()
         reply = await self._claim_script(count)
         claimed = []
         for n in range(1, len(reply), 5):
             raw_id, text, version, handed_out, body = reply[n : n + 5]
             item = self._parse(raw_id.decode(), text, b"delivering")
-            self._held.add(item.id)
+            self._held[item.id] = sent + self.lease_seconds
             self._known[item.id] = _Held(version, text, body if handed_out else None)
             claimed.append(item)
         return claimed
@@ -293,7 +344,7 @@ class RedisQueue(QueueLifecycle):
     async def _claim_script(self, count: int) -> list[Any]:
         now = repr(float(self._clock.seconds()))
         lease = repr(float(self.lease_seconds))
-        reply = await self._script(
+        reply = await self._store.script(
             scripts.CLAIM, now, count, self.owner, lease, CHUNK, PROMOTE_LIMIT, HANDOUT_BODY_LIMIT
         )
         if int(reply[0]):
@@ -306,7 +357,7 @@ class RedisQueue(QueueLifecycle):
         return self._open_call(lambda: self._get(item_id))
 
     async def _get(self, item_id: str) -> QueueItem | None:
-        text, status = await self._call("hmget", self._key("item:", item_id), ["item", "status"])
+        text, status = await self._store.call("hmget", self._store.key("item:", item_id), ["item", "status"])
         return None if text is None else self._parse(item_id, text, status)
 
     def get_by_status(self, status: QueueItemStatus | str) -> Deferred:
@@ -322,7 +373,7 @@ class RedisQueue(QueueLifecycle):
         return self._open_call(lambda: self._select("dest:" + destination))
 
     async def _select(self, index: str) -> list[QueueItem]:
-        reply = await self._script(scripts.SELECT, index)
+        reply = await self._store.script(scripts.SELECT, index)
         return [
             self._parse(i.decode(), text, status)
             for i, text, status in zip(reply[0::3], reply[1::3], reply[2::3], strict=True)
@@ -333,11 +384,21 @@ class RedisQueue(QueueLifecycle):
         return self._open_call(self._count_live)
 
     async def _count_live(self) -> int:
-        return int(await self._call("get", self._key("live")) or 0)
+        return int(await self._store.call("get", self._store.key("live")) or 0)
 
     def open_body(self, item_id: str) -> Deferred:
         """A readable binary file over the body (BytesIO when inline); fails with KeyError if unknown. A body
-        its claim handed out (up to HANDOUT_BODY_LIMIT) costs no round trip while this process holds it."""
+        its claim handed out (up to HANDOUT_BODY_LIMIT) costs no round trip while this process holds it.
+
+        For an item this process holds, this is where a delivery starts: it fails with ClaimLost, and the
+        process lets go of the item, when its lease is not certainly valid for another ``CLAIM_MARGIN`` of
+        a lease (heartbeats failed: Redis unreachable) or a heartbeat found it taken over."""
+        until = self._held.get(item_id)
+        if until is not None and self._state == "open":
+            if until <= 0:
+                return fail(self._claim_lost(item_id, "a heartbeat found it taken over"))
+            if until - self._clock.seconds() < self.lease_seconds * CLAIM_MARGIN:
+                return fail(self._claim_lost(item_id, "Redis did not confirm its lease in time"))
         known = self._known.get(item_id)
         if known is not None and known.body is not None and self._state == "open":
             return succeed(io.BytesIO(known.body))
@@ -345,12 +406,12 @@ class RedisQueue(QueueLifecycle):
 
     async def _open_body(self, item_id: str) -> Any:
         check_item_id(item_id)
-        [kind] = await self._call("hmget", self._key("item:", item_id), ["body"])
+        [kind] = await self._store.call("hmget", self._store.key("item:", item_id), ["body"])
         if kind is None:
             raise KeyError(item_id)
         if kind == b"file":
-            return await self._in_thread(open, bodies.body_path(self.body_directory, item_id), "rb")
-        data = await self._call("get", self._key("body:", item_id))
+            return await self._store.in_thread(open, bodies.body_path(self.body_directory, item_id), "rb")
+        data = await self._store.call("get", self._store.key("body:", item_id))
         if data is None:
             raise QueueUnavailable(f"Redis queue: the body of {item_id} is missing")
         return io.BytesIO(data)
@@ -364,7 +425,7 @@ class RedisQueue(QueueLifecycle):
         if self._state != "new":
             return fail(QueueUnavailable(f"Redis queue {self.address.display} was already loaded"))
         self._state = "loading"
-        self._connection = RedisConnection(
+        self._store.connection = RedisConnection(
             self.address, reactor=self._reactor, timeout=self._timeout, pool_size=self._pool_size
         )
         d = Deferred.fromCoroutine(self._load())
@@ -372,20 +433,24 @@ class RedisQueue(QueueLifecycle):
         return d
 
     async def _load(self) -> dict[str, int]:
-        from dcrouter.queue.redis_recovery import recover
-
-        await self._call("ping")
-        counts = await recover(self)
+        await self._store.call("ping")
+        self._slot = await self._store.in_thread(
+            redis_consumer.take_slot, self.body_directory, socket.gethostname()
+        )
+        self.owner = self._slot.name
+        counts = await recover(self._store, self.body_directory, self.address.display, self.owner)
         self._state = "open"
         self._renewal = LoopingCall(self._renew)
-        self._renewal.clock = self._reactor
+        self._renewal.clock = self._clock
         self._renewal.start(self.lease_seconds / 3, now=False).addErrback(
             lambda f: log.failure("Redis queue: lease renewal stopped", f)
         )
+        self._orphan_sweeper.start()
         log.info(
-            "Redis queue {address} loaded: {items} items ({live} to deliver); {claims_returned} expired"
-            " claims returned, {spool_discarded} stale spool files discarded",
+            "Redis queue {address} loaded as consumer {owner}: {items} items ({live} to deliver);"
+            " {claims_returned} claims returned, {spool_discarded} stale spool files discarded",
             address=self.address.display,
+            owner=self.owner,
             **counts,
         )
         return new_load_counts(**counts)
@@ -393,20 +458,22 @@ class RedisQueue(QueueLifecycle):
     def _load_failed(self, failure: Failure) -> Deferred:
         log.failure("Redis queue {address} could not be loaded", failure, address=self.address.display)
         self._state = "closed"
-        assert self._connection is not None
-        d = self._connection.disconnect()
+        self._release_slot()
+        assert self._store.connection is not None
+        d = self._store.connection.disconnect()
         d.addCallback(lambda _: failure)
         return d
 
     async def _close(self) -> None:
         """Return the claims this process holds to ready and disconnect."""
+        await self._orphan_sweeper.stop()
         if self._renewal is not None and self._renewal.running:
             self._renewal.stop()
         self._known.clear()
         if self._held:
-            held, self._held = sorted(self._held), set()
+            held, self._held = sorted(self._held), {}
             try:
-                n = await self._script(scripts.RELEASE, self.owner, *held)
+                n = await self._store.script(scripts.RELEASE, self.owner, *held)
                 log.info("Redis queue: {n} claims returned to ready at shutdown", n=n)
             except QueueUnavailable as e:
                 log.warn(
@@ -415,26 +482,56 @@ class RedisQueue(QueueLifecycle):
                     n=len(held),
                     error=str(e),
                 )
-        assert self._connection is not None
-        await self._connection.disconnect()
+        assert self._store.connection is not None
+        try:
+            await self._store.connection.disconnect()
+        finally:
+            # Only now: a successor taking the name at once must find the claims already returned.
+            self._release_slot()
+
+    def _release_slot(self) -> None:
+        if self._slot is not None:
+            self._slot.release()
 
     async def _renew(self) -> None:
-        """Extend the leases this process holds and return expired ones of others (errors are only logged:
-        the next round tries again, and a lost lease is what the expiry is for)."""
+        """The heartbeat: extend, in one script call, the leases of every claim this process holds, and
+        return expired ones of others to ready. A failure is only logged (by the connection): the next
+        beat tries again, and meanwhile ``open_body`` refuses claims whose lease may have lapsed."""
         try:
-            if self._held:
-                held = sorted(self._held)
-                lost = await self._script(scripts.RENEW, self.owner, repr(float(self.lease_seconds)), *held)
-                for item_id in lost:
-                    self._forget(item_id.decode())
-                    log.warn(
-                        "Redis queue: the claim on {id} was lost (its lease expired and another process may"
-                        " deliver it too)",
-                        id=item_id.decode(),
-                    )
+            held = sorted(i for i, until in self._held.items() if until > 0)
+            if held:
+                sent = self._clock.seconds()
+                reply = await self._store.script(
+                    scripts.RENEW, self.owner, repr(float(self.lease_seconds)), *held
+                )
+                lost = {raw.decode() for raw in reply}
+                for item_id in held:
+                    until = self._held.get(item_id)
+                    if until is None or until <= 0:
+                        continue  # finished (or found lost) while the renewal was on its way
+                    if item_id in lost:
+                        self._mark_lost(item_id)
+                    else:
+                        self._held[item_id] = max(until, sent + self.lease_seconds)
             await self._claim_script(0)
         except QueueUnavailable:
             pass  # the outage is logged by the connection; leases are renewed once Redis is back
+
+    def _mark_lost(self, item_id: str) -> None:
+        """A heartbeat found ``item_id`` no longer claimed by this process: its lease expired and another
+        process may deliver it. It is not renewed any more, and ``open_body`` refuses it."""
+        self._held[item_id] = 0.0
+        self._known.pop(item_id, None)  # its version has changed: an update must read it afresh
+        log.warn(
+            "Redis queue: the claim on {id} was lost (its lease expired; another process may deliver it)",
+            id=item_id,
+        )
+
+    def _claim_lost(self, item_id: str, why: str) -> ClaimLost:
+        """Let go of ``item_id`` (its lease is not renewed any more: it returns to ready once expired, for
+        any process) and say why it must not be delivered here."""
+        self._forget(item_id)
+        return ClaimLost(f"Redis queue: the claim on {item_id} may be lost ({why}); not delivered here")
 
     # -- internals ---------------------------------------------------------------------------------
 
@@ -447,50 +544,26 @@ class RedisQueue(QueueLifecycle):
 
     def _forget(self, item_id: str) -> None:
         """This process no longer holds ``item_id``."""
-        self._held.discard(item_id)
+        self._held.pop(item_id, None)
         self._known.pop(item_id, None)
-
-    def _key(self, *parts: str) -> str:
-        return self._prefix + "".join(parts)
-
-    def _call(self, method: str, *args: Any, refusal_expected: bool = False) -> Deferred:
-        assert self._connection is not None
-        return self._connection.call(method, *args, refusal_expected=refusal_expected)
-
-    def _script(self, script: str, *args: Any) -> Deferred:
-        return self._call("eval", script, [], [self._prefix, *args])
-
-    def _in_thread(self, f: Callable[..., Any], *args: Any) -> Deferred:
-        """Run blocking file work in the reactor's thread pool; OSError becomes QueueUnavailable."""
-        d = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), f, *args)
-
-        def unavailable(failure: Failure) -> Failure:
-            if failure.check(OSError):
-                error = QueueUnavailable(f"Redis queue body directory: {failure.getErrorMessage()}")
-                error.__cause__ = failure.value
-                return Failure(error)
-            return failure
-
-        d.addErrback(unavailable)
-        return d
 
     def _discard(self, message: SpooledMessage) -> Deferred:
         """Drop a message's spool file (off the reactor); a failure to unlink is logged, never raised."""
         if message.path is None:
             message.discard()
             return succeed(None)
-        d = self._in_thread(message.discard)
+        d = self._store.in_thread(message.discard)
         d.addErrback(lambda f: log.failure("Redis queue: could not discard a spool file", f))
         return d
 
     async def _remove(self, script: str, *args: Any) -> QueueItem | None:
-        removed = await self._removed(await self._script(script, *args))
+        removed = await self._removed(await self._store.script(script, *args))
         return removed[0] if removed else None
 
     async def _remove_all(self, script: str, *args: Any) -> int:
         total = 0
         while True:
-            removed = await self._removed(await self._script(script, *args))
+            removed = await self._removed(await self._store.script(script, *args))
             total += len(removed)
             if len(removed) < CHUNK:
                 return total
@@ -507,7 +580,7 @@ class RedisQueue(QueueLifecycle):
             if kind == b"file":
                 files.append(item_id)
         if files:
-            await self._in_thread(bodies.remove_files, self.body_directory, files)
+            await self._store.in_thread(bodies.remove_files, self.body_directory, files)
         return items
 
     def _parse(self, item_id: str, text: bytes, status: bytes) -> QueueItem:

@@ -7,7 +7,8 @@ Layout under ``body_directory`` (on a file system every dcrouter process sharing
     spool/                   ingress writes big messages here while they arrive (never acknowledged yet)
     messages/<id[:2]>/<id>   bodies of queued items, moved in (fsynced, linked, directory fsynced) before the
                              item is written to Redis
-    orphans/                 body files that no item names, set aside by load() (never deleted)
+    orphans/                 body files that no item names, set aside by load(); removed after orphanRetention
+    consumers/               one lock file per consumer name (:mod:`dcrouter.queue.redis_consumer`)
 
 The path of a body is derived from the item id (which :func:`check_item_id` restricts to file-name-safe
 characters), never read from Redis: whoever can write to Redis cannot make dcrouter open another file.
@@ -23,13 +24,8 @@ import os
 import time
 
 from dcrouter.interfaces import DuplicateItem
-from dcrouter.queue.files import (
-    fsync_directory,
-    fsync_file,
-    link_without_replacing,
-    unique_path,
-    write_new_file,
-)
+from dcrouter.queue.files import fsync_directory, fsync_file, link_without_replacing, write_new_file
+from dcrouter.queue.orphans import set_aside
 
 #: Files younger than this (seconds since their last change) are left alone by load(). Longer than any SMTP
 #: session may last (connectionTimeout defaults to 30 minutes) and than any enqueue may take.
@@ -143,7 +139,7 @@ def set_aside_orphans(body_directory: str, referenced: set[str], now: float | No
             try:
                 if name in referenced or os.stat(full).st_mtime >= cutoff:
                     continue
-                os.rename(full, unique_path(orphans, name))
+                set_aside(full, orphans)
             except FileNotFoundError:
                 continue  # removed meanwhile by its item's dequeue
             moved += 1

@@ -26,6 +26,8 @@ so no float is ever rewritten by Lua. ``ver`` grows with every change; ``update`
 it read is still current (optimistic concurrency between processes).
 
 Leases use the Redis server's clock (``TIME``), so hosts with skewed clocks agree on when a claim expires.
+A lease's owner is a consumer name (:mod:`dcrouter.queue.redis_consumer`), held by one live process at a
+time and taken again by a restarted one.
 This needs Redis 5 or later (scripts replicated by effects).
 """
 
@@ -244,6 +246,24 @@ RELEASE = (
 local n = 0
 for i = 3, #ARGV do
   local id = ARGV[i]
+  local m = meta(id)
+  if m and m.status == 'delivering' and redis.call('HGET', ikey(id), 'owner') == ARGV[2] then
+    release(id, m)
+    n = n + 1
+  end
+end
+return n
+"""
+)
+
+#: ARGV: P, owner. Returns every claim ``owner`` holds to ready, whatever its lease (the consumer's previous
+#: run died: :mod:`dcrouter.queue.redis_consumer`); returns how many. Walks ``leases``, which holds only the
+#: claims in flight of every process (bounded by their ``concurrentDeliveries``).
+RELEASE_OWNED = (
+    _PRELUDE
+    + r"""
+local n = 0
+for _, id in ipairs(redis.call('ZRANGE', P .. 'leases', 0, -1)) do
   local m = meta(id)
   if m and m.status == 'delivering' and redis.call('HGET', ikey(id), 'owner') == ARGV[2] then
     release(id, m)

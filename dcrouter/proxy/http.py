@@ -31,7 +31,7 @@ from typing import Any
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -92,8 +92,11 @@ class PauseGate:
     def __init__(self, target: Any) -> None:
         self.target = target
         self.reasons: set[str] = set()
+        self.released = False
 
     def pause(self, reason: str) -> None:
+        if self.released:
+            return
         if not self.reasons:
             self.target.pauseProducing()
         self.reasons.add(reason)
@@ -112,6 +115,14 @@ class PauseGate:
 
     def stopProducing(self) -> None:
         """The consumer went away; the forwarder closes both sides itself when it learns of it."""
+
+    def release(self) -> None:
+        """Lift every pause for good (the connection is closing: what the peer sends now must be read, or
+        its close_notify and FIN would never be seen); later pauses are ignored."""
+        self.released = True
+        if self.reasons:
+            self.reasons.clear()
+            self.target.resumeProducing()
 
 
 class HttpBackend(Protocol):
@@ -146,6 +157,7 @@ class ForwardingPolicy:
     proto: bytes = b"https"
 
 
+@implementer(IHalfCloseableProtocol)
 class HttpForwarder(Protocol):
     """HTTP/1.1 from one client connection to the route's backends; see the module docstring."""
 
@@ -205,6 +217,13 @@ class HttpForwarder(Protocol):
         else:
             # Between requests nothing is lost; mid-head or mid-body the request can never complete.
             self._close("client EOF", abort=self.phase == "body")
+
+    def readConnectionLost(self) -> None:
+        """IHalfCloseableProtocol: the client's EOF (see :meth:`client_eof`)."""
+        self.client_eof()
+
+    def writeConnectionLost(self) -> None:
+        """IHalfCloseableProtocol: nothing to do; the forwarder never shuts only its side to the client."""
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.phase = "closed"
@@ -475,6 +494,8 @@ class HttpForwarder(Protocol):
             return
         self._drop_backend()
         self.phase = "closed"
+        if self._client_gate is not None:
+            self._client_gate.release()
         if abort:
             self.transport.abortConnection()
         else:
@@ -499,6 +520,7 @@ def _shut_write(transport: Any) -> None:
         transport.loseConnection()
 
 
+@implementer(IHalfCloseableProtocol)
 class HttpRedirect(Protocol):
     """The plain-HTTP port of a terminated domain: one request answered, then the connection closed.
 
@@ -531,6 +553,13 @@ class HttpRedirect(Protocol):
     def client_eof(self) -> None:
         if self.answered is None:
             self.transport.loseConnection()
+
+    def readConnectionLost(self) -> None:
+        """IHalfCloseableProtocol: the client's EOF (see :meth:`client_eof`)."""
+        self.client_eof()
+
+    def writeConnectionLost(self) -> None:
+        """IHalfCloseableProtocol: never sent; the answer closes the whole connection."""
 
     def _answer(self, head: RequestHead) -> None:
         host = host_name(head.fields.get(b"host"))

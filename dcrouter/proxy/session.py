@@ -360,8 +360,8 @@ class ProxySession(Protocol):
             assert self.splice is not None
             self.splice.client_eof()
         elif self._state == _State.TERMINATED:
-            assert self.front is not None
-            self.front.client_eof()
+            assert self._receiver is not None
+            self._receiver_eof()
         elif self._state == _State.PEEK:
             assert self._sniffer is not None
             self._decided(self._sniffer.give_up())
@@ -488,10 +488,16 @@ class ProxySession(Protocol):
         else:
             creator = self.context.server_creator()
             assert creator is not None
-            self._receiver = terminate_tls(self.transport, creator, front, replay)
+            self._receiver = terminate_tls(self.transport, creator, front, replay, clock=self.context.reactor)
         self.transport.resumeProducing()
         if self._client_eof and self._state == _State.TERMINATED:
-            front.client_eof()
+            self._receiver_eof()
+
+    def _receiver_eof(self) -> None:
+        """The client's EOF, to the TLS layer (which ends or passes it on) or the plain-HTTP answerer."""
+        receiver = self._receiver
+        assert receiver is not None and IHalfCloseableProtocol.providedBy(receiver)
+        receiver.readConnectionLost()
 
     def _forwarder(
         self, route: ProxyRoute, server_name: str | None, counters: RouteCounters
@@ -586,14 +592,16 @@ class ProxySession(Protocol):
         if self._lifetime is not None and self._lifetime.active():
             self._lifetime.cancel()
         self._lifetime = None
-        if self._connecting is not None:
-            self._connecting.cancel()
         if self._holds_ip:
             self._holds_ip = False
             self.context.release_ip(self.client_ip)
         if self._receiver is not None:
+            # Before the connect is cancelled: its failure must find the forwarder closed, not answer 502
+            # into a connection that is gone.
             self._receiver.connectionLost(reason)
             self._receiver = None
+        if self._connecting is not None:
+            self._connecting.cancel()
         if self.splice is not None:
             self.splice.client_lost()
         else:

@@ -306,6 +306,19 @@ class TerminatedEndingTests(SynchronousTestCase):
         wire.pump()
         self.assertEnds(wire)
 
+    def test_a_client_close_notify_whose_answer_is_never_taken_is_aborted(self) -> None:
+        # The TLS layer answers and closes the socket itself; that close waits for a client that may
+        # never read our last bytes.
+        wire = self.open()
+        wire.send(GET)
+        backend, _ = self.backend()
+        backend.dataReceived(OK)
+        wire.close_notify()
+        self.assertTrue(wire.transport.disconnecting)
+        self.reactor.advance(CLOSE_TIMEOUT)
+        self.assertTrue(wire.transport.aborted)
+        self.assertEnds(wire)
+
     def test_client_fin_during_the_handshake(self) -> None:
         self.ctx = ProxyContext(
             RouteTable([terminating_route()]), ProxySettings(), self.reactor, certificates=self.store

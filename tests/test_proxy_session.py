@@ -368,6 +368,91 @@ class ProxyHeaderTests(SessionTestCase):
         self.assertRefused(client, session)
         self.assertEqual(self.attempts(), [])
 
+    # A client's own PROXY header never reaches a backend, whatever the port: where nothing is peeked (a
+    # server may speak first), the client's first bytes are looked at when they come, before forwarding.
+
+    SPOOF = b"PROXY TCP4 203.0.113.8 127.0.0.1 5555 443\r\n"
+    SPOOF_V2 = encode_v2(IPv4Address("TCP", "203.0.113.8", 5555), IPv4Address("TCP", "127.0.0.1", 443))
+
+    def assertSpoofRefused(self, session: ProxySession, client: Any, backend: Any, header: bytes) -> None:
+        self.assertEqual(backend.value(), header, "only dcrouter's own header reached the backend")
+        self.assertTrue(client.aborted and backend.aborted)
+        self.assertEqual(session.refused, "PROXY header from the client")
+        assert session.route is not None
+        self.assertEqual(self.ctx.counters[session.route.name].refused, 1)
+
+    def test_header_from_an_untrusted_peer_on_a_port_not_peeked(self) -> None:
+        for spoof in (self.SPOOF, self.SPOOF_V2):
+            self.context(ANY, proxy_protocol="v1", trusted_proxies=CidrSet(["127.0.0.25/32"]))
+            session, client = self.connect("127.0.0.1")
+            _, backend = self.accept()
+            ours = encode_v1(client.getPeer(), client.getHost())
+            session.dataReceived(spoof + b"EHLO x\r\n")
+            self.assertSpoofRefused(session, client, backend, ours)
+
+    def test_header_split_across_reads_on_a_port_not_peeked(self) -> None:
+        self.context(ANY)
+        session, client = self.connect()
+        _, backend = self.accept()
+        for byte in self.SPOOF[:6]:
+            session.dataReceived(bytes([byte]))
+        self.assertSpoofRefused(session, client, backend, b"")
+
+    def test_server_speaks_first_on_a_port_not_peeked(self) -> None:
+        self.context(ANY, proxy_protocol="v1")
+        session, client = self.connect()
+        protocol, backend = self.accept()
+        ours = backend.value()
+        protocol.dataReceived(b"220 mail.test ESMTP\r\n")
+        self.assertEqual(client.value(), b"220 mail.test ESMTP\r\n")
+        session.dataReceived(b"PROX")  # may still become a header: held back
+        self.assertEqual(backend.value(), ours)
+        session.dataReceived(b"Y? EHLO x\r\n")  # cannot: forwarded whole
+        self.assertEqual(backend.value(), ours + b"PROXY? EHLO x\r\n")
+        session.dataReceived(self.SPOOF)  # only the client's first bytes count
+        self.assertEqual(backend.value(), ours + b"PROXY? EHLO x\r\n" + self.SPOOF)
+        self.assertIsNone(session.refused)
+
+    def test_start_of_a_header_then_silence_on_a_port_not_peeked(self) -> None:
+        self.context(ANY, sni_timeout=5)
+        session, client = self.connect()
+        _, backend = self.accept()
+        session.dataReceived(b"\r\n\r\n")  # the v2 signature's start
+        self.reactor.advance(4.9)
+        self.assertFalse(client.aborted)
+        self.reactor.advance(0.1)
+        self.assertSpoofRefused(session, client, backend, b"")
+
+    def test_start_of_a_header_then_eof_on_a_port_not_peeked(self) -> None:
+        self.context(ANY)
+        session, client = self.connect()
+        _, backend = self.accept()
+        session.dataReceived(b"PROX")
+        session.readConnectionLost()
+        self.assertSpoofRefused(session, client, backend, b"")
+
+    def test_header_after_the_peek_gave_up(self) -> None:
+        # A peeked port whose client says nothing within sniTimeout goes to a route for any name; its first
+        # bytes, when they come, are looked at there.
+        self.context(A, ANY, sni_timeout=5)
+        session, client = self.connect()
+        self.reactor.advance(5)
+        _, backend = self.accept()
+        session.dataReceived(self.SPOOF)
+        self.assertSpoofRefused(session, client, backend, b"")
+
+    def test_header_from_the_client_behind_a_trusted_proxy(self) -> None:
+        self.context(A, ANY, trusted_proxies=CidrSet(["10.9.0.0/16"]))
+        theirs = encode_v1(IPv4Address("TCP", "192.0.2.50", 1), IPv4Address("TCP", "203.0.113.1", 443))
+        session, client = self.connect("10.9.0.1", data=theirs + self.SPOOF)
+        self.assertRefused(client, session)
+        self.assertEqual(self.attempts(), [])
+        self.context(ANY, trusted_proxies=CidrSet(["10.9.0.0/16"]))
+        session, client = self.connect("10.9.0.1", data=theirs)
+        _, backend = self.accept()
+        session.dataReceived(self.SPOOF)
+        self.assertSpoofRefused(session, client, backend, b"")
+
     def test_trusted_peer_must_send_a_valid_header_in_time(self) -> None:
         self.context(A, trusted_proxies=CidrSet(["10.9.0.0/16"]), sni_timeout=5)
         session, client = self.connect("10.9.0.1", data=HELLO_A)

@@ -55,6 +55,7 @@ from dcrouter.proxy.terminate import ALPN, BackendTls, ServerCreatorSource, term
 log = logger(__name__)
 
 _NO_PEEK = Sniffed(Kind.OTHER, None, None, "not peeked: no route on this port selects by name")
+_CLIENT_HEADER = "PROXY header from the client"
 
 
 @dataclass(frozen=True)
@@ -269,6 +270,9 @@ class ProxySession(Protocol):
         self._lifetime: IDelayedCall | None = None
         self._connecting: Deferred[Any] | None = None
         self._receiver: IProtocol | None = None  # on a terminating route: the TLS layer or the redirect
+        # The client's first bytes, held back while they may still become a PROXY header; None once they
+        # were looked at (or, before routing, while the peek looks at them).
+        self._opening: bytes | None = None
         self.front: HttpForwarder | HttpRedirect | None = None
 
     # -- accept ----------------------------------------------------------------------------------------
@@ -317,7 +321,10 @@ class ProxySession(Protocol):
         state = self._state
         if state == _State.SPLICED:
             assert self.splice is not None
-            self.splice.client_data(data)
+            if self._opening is None:
+                self.splice.client_data(data)
+            else:
+                self._opening_data(data)
         elif state == _State.TERMINATED:
             assert self._receiver is not None
             self._receiver.dataReceived(data)
@@ -357,8 +364,7 @@ class ProxySession(Protocol):
         """The client sent EOF: passed on once spliced; before that, peeking stops with what arrived."""
         self._client_eof = True
         if self._state == _State.SPLICED:
-            assert self.splice is not None
-            self.splice.client_eof()
+            self._spliced_eof()
         elif self._state == _State.TERMINATED:
             assert self._receiver is not None
             self._receiver_eof()
@@ -387,10 +393,14 @@ class ProxySession(Protocol):
     def _decided(self, sniffed: Sniffed) -> None:
         self._cancel_deadline()
         self.sniffed = sniffed
-        if self._header is None and sniffed.kind is Kind.OTHER and self._buffer:
+        # A client's own PROXY header never reaches a backend (one that trusts dcrouter's headers would take
+        # it for dcrouter's): refused here if the peek read the first bytes, else looked at once spliced.
+        if not self._buffer:
+            self._opening = b""
+        elif sniffed.kind is Kind.OTHER:
             first = b"".join(self._buffer)
             if proxyprotocol.may_start_header(first[:12]):
-                self._refuse(None, "PROXY header from an untrusted peer")
+                self._refuse(None, _CLIENT_HEADER)
                 return
         # Nothing more is read until the backend is connected: the buffer stays bounded by what the sniffer
         # looks at.
@@ -540,26 +550,75 @@ class ProxySession(Protocol):
             idle_timeout=idle,
             on_done=self._release_route,
         )
-        first = header + b"".join(self._buffer)
+        pending = b"".join(self._buffer)
         self._buffer = []
         self._state = _State.SPLICED
-        self.splice.start(first)
-        if self._client_eof:
+        if self._opening is None:
+            self.splice.start(header + pending)
+        else:
+            self.splice.start(header)
+            if pending:
+                self._opening_data(pending)
+        if self._client_eof and self._state == _State.SPLICED:
+            self._spliced_eof()
+
+    def _opening_data(self, data: bytes) -> None:
+        """The client's first bytes on a connection spliced before any was read: forwarded once they
+        cannot start a PROXY header, refused if they do; held (at most 11 bytes) while it cannot be told,
+        for up to ``sniTimeout``."""
+        assert self._opening is not None and self.splice is not None
+        opening = self._opening + data
+        verdict = proxyprotocol.opens_with_header(opening)
+        if verdict is None:
+            self._opening = opening
+            if self._deadline is None:
+                self._deadline = self.context.reactor.callLater(
+                    self.context.settings.sni_timeout, self._opening_deadline
+                )
+            return
+        self._opening = None
+        self._cancel_deadline()
+        if verdict:
+            self._refuse_spliced(_CLIENT_HEADER)
+        else:
+            self.splice.client_data(opening)
+
+    def _opening_deadline(self) -> None:
+        self._deadline = None
+        if self._state == _State.SPLICED and self._opening:
+            self._refuse_spliced(_CLIENT_HEADER)
+
+    def _spliced_eof(self) -> None:
+        assert self.splice is not None
+        if self._opening:  # the start of a PROXY header, and no more: refused as the peek would
+            self._refuse_spliced(_CLIENT_HEADER)
+        else:
             self.splice.client_eof()
 
     # -- ending ----------------------------------------------------------------------------------------
 
     def _refuse(self, counters: RouteCounters | None, why: str) -> None:
         """Close the client without a byte written; ``counters``: the route that turned it away."""
+        self._note_refusal(counters, why)
+        self._state = _State.CLOSED
+        self._cancel_deadline()
+        self.transport.loseConnection()
+
+    def _refuse_spliced(self, why: str) -> None:
+        """Drop a spliced connection and its backend connection, nothing more forwarded."""
+        assert self.splice is not None and self.route is not None
+        self._note_refusal(self.context.counters[self.route.name], why)
+        self._state = _State.CLOSED
+        self._cancel_deadline()
+        self.splice.abort(why)
+
+    def _note_refusal(self, counters: RouteCounters | None, why: str) -> None:
         self.refused = why
         if counters is not None:
             counters.refused += 1
         log.info(
             "proxy: refused {client} on port {port}: {why}", client=self.client_ip, port=self.port, why=why
         )
-        self._state = _State.CLOSED
-        self._cancel_deadline()
-        self.transport.loseConnection()
 
     def _lifetime_over(self) -> None:
         self._lifetime = None

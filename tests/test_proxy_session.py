@@ -462,6 +462,44 @@ class ProxyHeaderTests(SessionTestCase):
         self.assertRefused(client, session)
 
 
+class RedirectPortTests(SessionTestCase):
+    """Plain HTTP that reaches a terminating route is redirected to the port HTTPS is served on."""
+
+    def terminating(self, ports: Any, acme_port: int = 80) -> None:
+        web = {
+            "name": "web",
+            "match": {"ports": ports, "domains": ["a.example"]},
+            "action": {"type": "forward", "target": {"host": "10.0.0.1", "port": 8080}},
+            "tls": {"mode": "terminate", "certificate": "auto"},
+        }
+        acme = {"enabled": True, "accountEmail": "ops@a.example", "port": acme_port}
+        options = load_options({"smartProxyConfig": {"routes": [web], "acme": acme}}).options
+        routes = RouteTable(build_routes(options.smart_proxy_config, None))
+        self.ctx = ProxyContext(routes, ProxySettings(), self.reactor)
+
+    def location(self, port: int) -> bytes:
+        request = b"GET /p HTTP/1.1\r\nHost: a.example:%d\r\n\r\n" % port
+        _, client = self.connect(port=port, data=request)
+        (location,) = [line for line in client.value().split(b"\r\n") if line.startswith(b"Location:")]
+        return location
+
+    def test_a_port_that_is_not_443_is_kept(self) -> None:
+        self.terminating([{"from": 31080, "to": 31081}])
+        self.assertEqual(self.location(31080), b"Location: https://a.example:31081/p")
+
+    def test_443_is_left_out(self) -> None:
+        self.terminating([80, 443], acme_port=8080)
+        self.assertEqual(self.location(80), b"Location: https://a.example/p")
+
+    def test_from_acme_port_to_the_routes_https_port(self) -> None:
+        self.terminating(8443)
+        self.assertEqual(self.location(80), b"Location: https://a.example:8443/p")
+
+    def test_one_port_for_both(self) -> None:
+        self.terminating(31081, acme_port=31080)
+        self.assertEqual(self.location(31081), b"Location: https://a.example:31081/p")
+
+
 class LimitTests(SessionTestCase):
     def test_lifetime(self) -> None:
         self.context(ANY, max_connection_lifetime=60)

@@ -19,7 +19,7 @@ domain (ACME HTTP-01 challenges, redirects to HTTPS).
 - A backend that fails before any response byte gets the client a ``502``; after, the client is dropped.
 
 :class:`HttpRedirect` answers the plain-HTTP side: ``/.well-known/acme-challenge/<token>`` from the ACME
-challenge responder (``404`` when unknown), every other request ``301`` to ``https://<host><path>``.
+challenge responder (``404`` when unknown), every other request ``301`` to ``https://<host>[:port]<path>``.
 """
 
 from __future__ import annotations
@@ -526,13 +526,21 @@ class HttpRedirect(Protocol):
 
     ``GET``/``HEAD`` of ``/.well-known/acme-challenge/<token>``: the key authorization from ``challenges``
     (``200``), or ``404`` when it has none (or there is no ACME). Anything else: ``301`` to
-    ``https://<host><path>`` (the Host's port dropped: the HTTPS side is on the default port)."""
+    ``https://<host>[:<port>]<path>``, the port from ``https_port(host)`` (the Host's own port is not
+    kept: it names the plain-HTTP port), left out when it is 443 or None."""
 
     transport: Any
 
-    def __init__(self, challenges: ChallengeSource | None, *, client_ip: str = "") -> None:
+    def __init__(
+        self,
+        challenges: ChallengeSource | None,
+        *,
+        client_ip: str = "",
+        https_port: Callable[[str], int | None] | None = None,
+    ) -> None:
         self.challenges = challenges
         self.client_ip = client_ip
+        self.https_port = https_port
         self._head = HeadBuffer()
         self.answered: int | None = None
 
@@ -575,7 +583,9 @@ class HttpRedirect(Protocol):
                 # RFC 8555 §8.3: the key authorization as the body; octet-stream as the responder documents.
                 self._send(200, body=body, head_only=head.method == b"HEAD", ok=True)
             return
-        location = b"https://" + host.encode("ascii") + path
+        port = self.https_port(host) if self.https_port is not None else None
+        authority = host if port in (None, 443) else f"{host}:{port}"
+        location = b"https://" + authority.encode("ascii") + path
         self._send(301, extra=(b"Location: " + location,), head_only=head.method == b"HEAD")
 
     def _send(

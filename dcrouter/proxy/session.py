@@ -48,7 +48,7 @@ from dcrouter.proxy.http import (
     HttpForwarder,
     HttpRedirect,
 )
-from dcrouter.proxy.routes import ProxyRoute, RouteTable
+from dcrouter.proxy.routes import ACME_PORT_ROUTE, ProxyRoute, RouteTable
 from dcrouter.proxy.sniff import Kind, Sniffed, Sniffer
 from dcrouter.proxy.terminate import ALPN, BackendTls, ServerCreatorSource, terminate_tls
 
@@ -480,7 +480,9 @@ class ProxySession(Protocol):
         counters = self.context.counters[route.name]
         front: HttpForwarder | HttpRedirect
         if sniffed.kind is Kind.HTTP:
-            front = HttpRedirect(self.context.challenges, client_ip=self.client_ip)
+            front = HttpRedirect(
+                self.context.challenges, client_ip=self.client_ip, https_port=self._https_port
+            )
         elif sniffed.kind is Kind.TLS and self.context.server_creator() is not None:
             front = self._forwarder(route, sniffed.server_name, counters)
         else:
@@ -490,6 +492,8 @@ class ProxySession(Protocol):
         self._buffer = []
         self._state = _State.TERMINATED
         self.front = front
+        # Read again before the replay, not after: what the replay leads to (a pause, a close) must stand.
+        self.transport.resumeProducing()
         if isinstance(front, HttpRedirect):
             front.makeConnection(self.transport)
             self._receiver = front
@@ -499,7 +503,6 @@ class ProxySession(Protocol):
             creator = self.context.server_creator()
             assert creator is not None
             self._receiver = terminate_tls(self.transport, creator, front, replay, clock=self.context.reactor)
-        self.transport.resumeProducing()
         if self._client_eof and self._state == _State.TERMINATED:
             self._receiver_eof()
 
@@ -508,6 +511,20 @@ class ProxySession(Protocol):
         receiver = self._receiver
         assert receiver is not None and IHalfCloseableProtocol.providedBy(receiver)
         receiver.readConnectionLost()
+
+    def _https_port(self, host: str) -> int | None:
+        """Where plain HTTP for ``host`` is redirected: the HTTPS port of this connection's route (of the
+        terminating route for ``host`` on ``acme.port``); None when no route would serve it."""
+        route = self.route
+        if route is None or route.name == ACME_PORT_ROUTE:
+            route = self.context.table.https_route(host, self.client_ip)
+        if route is None:
+            return None
+        port = route.https_port(self.port)
+        if port == self.port:
+            # Served on this very port: the one the client reached (a configured port 0 is an ephemeral one).
+            port = int(getattr(self.transport.getHost(), "port", port))
+        return port
 
     def _forwarder(
         self, route: ProxyRoute, server_name: str | None, counters: RouteCounters

@@ -7,6 +7,7 @@ by the test (accepted with a transport, or failed with a reason).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -179,6 +180,15 @@ class RoutingTests(SessionTestCase):
         self.assertEqual(self.attempts(), [("10.0.2.1", 25)])
         protocol, _ = self.accept()
         protocol.dataReceived(b"220 mx\r\n")
+
+    def test_a_terminating_route_for_any_name_is_peeked(self) -> None:
+        # TLS must be told from plain HTTP (redirected) even when no route there selects by name.
+        self.context(dataclasses.replace(route("web", ports=(443,)), tls_mode="terminate"))
+        session, _ = self.connect(data=b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n")
+        self.assertIsNone(session.refused)
+        self.assertIsNotNone(session.sniffed)
+        assert session.sniffed is not None
+        self.assertEqual(session.sniffed.server_name, "a.example")
 
     def test_sni_disabled_port_is_not_peeked(self) -> None:
         self.context(A, ANY, no_sni_ports=frozenset({443}))

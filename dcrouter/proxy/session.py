@@ -167,10 +167,11 @@ class ProxyContext:
 
     def peeks(self, port: int) -> bool:
         """Whether connections on ``port`` are read before routing: only when some route there selects by
-        name. Elsewhere nothing is awaited, so protocols where the server speaks first (SMTP) work."""
+        name or terminates TLS (which must tell TLS from plain HTTP). Elsewhere nothing is awaited, so
+        protocols where the server speaks first (SMTP) work."""
         if port in self.settings.no_sni_ports:
             return False
-        return any(route.domains for route in self.routes_on(port))
+        return any(route.domains or route.terminates for route in self.routes_on(port))
 
     def any_permits(self, port: int, client_ip: str) -> bool:
         """Whether some route on ``port`` could serve ``client_ip``: if none could, the client is refused

@@ -138,14 +138,20 @@ class TerminateTests(TestCase):
         self.addCleanup(port.stopListening)
         return int(port.getHost().port)
 
-    def proxy(self, target: int, mode: str = "terminate", ports: tuple[int, ...] = (0,)) -> int:
-        """A proxy with one terminating route for a.test on ``ports`` (0: one ephemeral port); returns the
-        first port's number."""
+    def proxy(
+        self,
+        target: int,
+        mode: str = "terminate",
+        ports: tuple[int, ...] = (0,),
+        domains: tuple[str, ...] = ("a.test",),
+    ) -> int:
+        """A proxy with one terminating route for ``domains`` on ``ports`` (0: one ephemeral port);
+        returns the first port's number."""
         route = ProxyRoute(
             name="a",
             priority=0,
             ports=tuple(PortRange(p, p) for p in ports),
-            domains=("a.test",),
+            domains=domains,
             client_ips=None,
             allow=None,
             block=None,
@@ -293,6 +299,17 @@ class TerminateTests(TestCase):
         redirect, response = await deferToThread(follow)
         self.assertIn(b"\r\nLocation: https://a.test:%d/p\r\n" % https_port, redirect)
         self.assertTrue(response.endswith(b"over https"), response)
+
+    async def test_a_route_for_any_name(self) -> None:
+        # Its port has no route that selects by name, and is peeked all the same (TLS or plain HTTP?).
+        proxy = self.proxy(self.listen(backend(b"any name")), domains=())
+
+        def fetch() -> bytes:
+            with self.tls(proxy) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+                return read_response(sock)
+
+        self.assertTrue((await deferToThread(fetch)).endswith(b"any name"))
 
     async def test_terminate_and_reencrypt(self) -> None:
         factory = backend(b"over-tls")

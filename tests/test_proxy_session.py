@@ -510,6 +510,24 @@ class RedirectPortTests(SessionTestCase):
         self.assertEqual(self.location(31081), b"Location: https://a.example:31081/p")
 
 
+class PlainHttpOnTerminatingRouteTests(SessionTestCase):
+    def test_an_unfinished_request_head_is_dropped_after_the_connection_timeout(self) -> None:
+        # Past sniTimeout the peek gives up with the head unfinished; the plain-HTTP answerer must not wait
+        # for the rest for good (a per-IP slot each, until maxConnectionLifetime).
+        web = dataclasses.replace(route("web", ports=(80,), timeout_ms=60_000), tls_mode="terminate")
+        self.context(web, sni_timeout=5)
+        session, client = self.connect(port=80, data=b"GET / HTTP/1.1\r\nHost: a.example\r\n")
+        self.reactor.advance(5)
+        self.assertIsNone(session.refused)
+        self.reactor.advance(59.9)
+        self.assertFalse(client.aborted)
+        self.reactor.advance(0.1)
+        self.assertTrue(client.aborted)
+        session.connectionLost(Failure(ConnectionRefusedError()))
+        self.assertEqual(self.ctx.per_ip, {})
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+
 class LimitTests(SessionTestCase):
     def test_lifetime(self) -> None:
         self.context(ANY, max_connection_lifetime=60)

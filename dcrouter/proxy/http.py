@@ -527,7 +527,10 @@ class HttpRedirect(Protocol):
     ``GET``/``HEAD`` of ``/.well-known/acme-challenge/<token>``: the key authorization from ``challenges``
     (``200``), or ``404`` when it has none (or there is no ACME). Anything else: ``301`` to
     ``https://<host>[:<port>]<path>``, the port from ``https_port(host)`` (the Host's own port is not
-    kept: it names the plain-HTTP port), left out when it is 443 or None."""
+    kept: it names the plain-HTTP port), left out when it is 443 or None.
+
+    With a ``clock``, the connection is aborted ``timeout`` seconds after it began, answered or not: a
+    request head that never ends, or a client that never takes the answer, holds nothing for longer."""
 
     transport: Any
 
@@ -537,12 +540,35 @@ class HttpRedirect(Protocol):
         *,
         client_ip: str = "",
         https_port: Callable[[str], int | None] | None = None,
+        clock: IReactorTime | None = None,
+        timeout: float = DEFAULT_IDLE_TIMEOUT,
     ) -> None:
         self.challenges = challenges
         self.client_ip = client_ip
         self.https_port = https_port
+        self._clock = clock
+        self._timeout = timeout
+        self._deadline: IDelayedCall | None = None
         self._head = HeadBuffer()
         self.answered: int | None = None
+
+    def connectionMade(self) -> None:
+        if self._clock is not None:
+            self._deadline = self._clock.callLater(self._timeout, self._overdue)
+
+    def _overdue(self) -> None:
+        self._deadline = None
+        log.info(
+            "proxy: {client}: plain HTTP not done within {timeout:g}s; connection aborted",
+            client=self.client_ip,
+            timeout=self._timeout,
+        )
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
 
     def dataReceived(self, data: bytes) -> None:
         if self.answered is not None:

@@ -233,6 +233,13 @@ class ProxyContext:
         return connecting
 
 
+def _idle_timeout(route: ProxyRoute) -> float:
+    """A terminating route's idle limit in seconds: its ``connectionTimeout``, else the default."""
+    if route.connection_timeout_ms is not None:
+        return route.connection_timeout_ms / 1000
+    return DEFAULT_IDLE_TIMEOUT
+
+
 class _State:
     HEADER = "header"  # reading an incoming PROXY header from a trusted peer
     PEEK = "peek"
@@ -482,7 +489,11 @@ class ProxySession(Protocol):
         front: HttpForwarder | HttpRedirect
         if sniffed.kind is Kind.HTTP:
             front = HttpRedirect(
-                self.context.challenges, client_ip=self.client_ip, https_port=self._https_port
+                self.context.challenges,
+                client_ip=self.client_ip,
+                https_port=self._https_port,
+                clock=self.context.reactor,
+                timeout=_idle_timeout(route),
             )
         elif sniffed.kind is Kind.TLS and self.context.server_creator() is not None:
             front = self._forwarder(route, sniffed.server_name, counters)
@@ -540,13 +551,12 @@ class ProxySession(Protocol):
             return table.match(port, host, client_ip) is route
 
         tls = self.context.backend_tls(server_name) if route.tls_mode == "terminate-and-reencrypt" else None
-        idle = route.connection_timeout_ms / 1000 if route.connection_timeout_ms is not None else None
         policy = ForwardingPolicy(
             client_ip=self.client_ip,
             # A PROXY header was read only from a trusted peer: that peer may also vouch for X-Forwarded-For.
             trust_forwarded=self._header is not None,
             host_allowed=host_allowed,
-            idle_timeout=idle if idle is not None else DEFAULT_IDLE_TIMEOUT,
+            idle_timeout=_idle_timeout(route),
         )
 
         def connect(protocol: Callable[[], Protocol]) -> Deferred[Any]:

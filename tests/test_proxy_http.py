@@ -441,6 +441,24 @@ class RedirectTests(SynchronousTestCase):
             b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
         )
 
+    def test_redirect_keeps_the_https_port(self) -> None:
+        ports = {"www.a.test": 31081, "b.test": 443, "c.test": None}
+        locations = []
+        for host in ports:
+            transport = StringTransport()
+            redirect = HttpRedirect(None, https_port=ports.get)
+            redirect.makeConnection(transport)
+            redirect.dataReceived(b"GET /p HTTP/1.1\r\nHost: %s:31080\r\n\r\n" % host.encode())
+            locations.append(transport.value().split(b"\r\n")[1])
+        self.assertEqual(
+            locations,
+            [
+                b"Location: https://www.a.test:31081/p",
+                b"Location: https://b.test/p",
+                b"Location: https://c.test/p",
+            ],
+        )
+
     def test_challenge(self) -> None:
         responder = ChallengeResponder()
         responder.add("tok_en-1", "tok_en-1.thumb")

@@ -311,6 +311,46 @@ class MatchTests(unittest.TestCase):
         self.assertEqual(name_of(routes.match(443, "a.example", "192.0.2.1")), "route")
 
 
+class HttpsPortTests(unittest.TestCase):
+    """Where a terminating route's plain-HTTP side redirects to."""
+
+    def route(self, *ports: tuple[int, int]) -> ProxyRoute:
+        raw = forward("web", [{"from": a, "to": b} for a, b in ports], ["a.example"])
+        raw["tls"] = {"mode": "terminate", "certificate": "auto"}
+        config = {"routes": [raw], "acme": {"enabled": True, "accountEmail": "ops@a.example", "port": 8080}}
+        (web, _) = routes_of({"smartProxyConfig": config})
+        return web
+
+    def test_the_port_a_client_must_use(self) -> None:
+        cases = {
+            ((80, 80), (443, 443)): {80: 443, 443: 443},
+            ((31080, 31081),): {31080: 31081, 31081: 31080},
+            ((31081, 31081),): {31081: 31081},
+            ((8000, 8010),): {8000: 8001, 8005: 8000},
+            ((9000, 9000), (8443, 8443)): {9000: 8443, 8080: 8443},  # 8080: arrived on acme.port
+        }
+        for ports, expected in cases.items():
+            route = self.route(*ports)
+            self.assertEqual({arrived: route.https_port(arrived) for arrived in expected}, expected, ports)
+
+    def test_the_route_behind_acme_port(self) -> None:
+        web = forward("web", 8443, ["a.example", "b.example"])
+        web["tls"] = {"mode": "terminate", "certificate": "auto"}
+        other = forward("other", 443, ["c.example"])
+        other["tls"] = {"mode": "terminate", "certificate": "auto"}
+        passthrough = forward("tls", 443, ["d.example"])
+        acme = {"enabled": True, "accountEmail": "ops@a.example", "port": 80}
+        config = {"routes": [web, other, passthrough], "acme": acme}
+        routes = RouteTable(routes_of({"smartProxyConfig": config}))
+        found = {
+            host: name_of(routes.https_route(host, "192.0.2.1"))
+            for host in ("a.example", "B.Example.", "c.example", "d.example")
+        }
+        self.assertEqual(
+            found, {"a.example": "web", "B.Example.": "web", "c.example": "other", "d.example": None}
+        )
+
+
 class ListeningPortsTests(unittest.TestCase):
     def test_ranges_and_duplicates(self) -> None:
         routes = routes_of(

@@ -7,6 +7,7 @@ by the test (accepted with a transport, or failed with a reason).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -179,6 +180,15 @@ class RoutingTests(SessionTestCase):
         self.assertEqual(self.attempts(), [("10.0.2.1", 25)])
         protocol, _ = self.accept()
         protocol.dataReceived(b"220 mx\r\n")
+
+    def test_a_terminating_route_for_any_name_is_peeked(self) -> None:
+        # TLS must be told from plain HTTP (redirected) even when no route there selects by name.
+        self.context(dataclasses.replace(route("web", ports=(443,)), tls_mode="terminate"))
+        session, _ = self.connect(data=b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n")
+        self.assertIsNone(session.refused)
+        self.assertIsNotNone(session.sniffed)
+        assert session.sniffed is not None
+        self.assertEqual(session.sniffed.server_name, "a.example")
 
     def test_sni_disabled_port_is_not_peeked(self) -> None:
         self.context(A, ANY, no_sni_ports=frozenset({443}))
@@ -368,6 +378,91 @@ class ProxyHeaderTests(SessionTestCase):
         self.assertRefused(client, session)
         self.assertEqual(self.attempts(), [])
 
+    # A client's own PROXY header never reaches a backend, whatever the port: where nothing is peeked (a
+    # server may speak first), the client's first bytes are looked at when they come, before forwarding.
+
+    SPOOF = b"PROXY TCP4 203.0.113.8 127.0.0.1 5555 443\r\n"
+    SPOOF_V2 = encode_v2(IPv4Address("TCP", "203.0.113.8", 5555), IPv4Address("TCP", "127.0.0.1", 443))
+
+    def assertSpoofRefused(self, session: ProxySession, client: Any, backend: Any, header: bytes) -> None:
+        self.assertEqual(backend.value(), header, "only dcrouter's own header reached the backend")
+        self.assertTrue(client.aborted and backend.aborted)
+        self.assertEqual(session.refused, "PROXY header from the client")
+        assert session.route is not None
+        self.assertEqual(self.ctx.counters[session.route.name].refused, 1)
+
+    def test_header_from_an_untrusted_peer_on_a_port_not_peeked(self) -> None:
+        for spoof in (self.SPOOF, self.SPOOF_V2):
+            self.context(ANY, proxy_protocol="v1", trusted_proxies=CidrSet(["127.0.0.25/32"]))
+            session, client = self.connect("127.0.0.1")
+            _, backend = self.accept()
+            ours = encode_v1(client.getPeer(), client.getHost())
+            session.dataReceived(spoof + b"EHLO x\r\n")
+            self.assertSpoofRefused(session, client, backend, ours)
+
+    def test_header_split_across_reads_on_a_port_not_peeked(self) -> None:
+        self.context(ANY)
+        session, client = self.connect()
+        _, backend = self.accept()
+        for byte in self.SPOOF[:6]:
+            session.dataReceived(bytes([byte]))
+        self.assertSpoofRefused(session, client, backend, b"")
+
+    def test_server_speaks_first_on_a_port_not_peeked(self) -> None:
+        self.context(ANY, proxy_protocol="v1")
+        session, client = self.connect()
+        protocol, backend = self.accept()
+        ours = backend.value()
+        protocol.dataReceived(b"220 mail.test ESMTP\r\n")
+        self.assertEqual(client.value(), b"220 mail.test ESMTP\r\n")
+        session.dataReceived(b"PROX")  # may still become a header: held back
+        self.assertEqual(backend.value(), ours)
+        session.dataReceived(b"Y? EHLO x\r\n")  # cannot: forwarded whole
+        self.assertEqual(backend.value(), ours + b"PROXY? EHLO x\r\n")
+        session.dataReceived(self.SPOOF)  # only the client's first bytes count
+        self.assertEqual(backend.value(), ours + b"PROXY? EHLO x\r\n" + self.SPOOF)
+        self.assertIsNone(session.refused)
+
+    def test_start_of_a_header_then_silence_on_a_port_not_peeked(self) -> None:
+        self.context(ANY, sni_timeout=5)
+        session, client = self.connect()
+        _, backend = self.accept()
+        session.dataReceived(b"\r\n\r\n")  # the v2 signature's start
+        self.reactor.advance(4.9)
+        self.assertFalse(client.aborted)
+        self.reactor.advance(0.1)
+        self.assertSpoofRefused(session, client, backend, b"")
+
+    def test_start_of_a_header_then_eof_on_a_port_not_peeked(self) -> None:
+        self.context(ANY)
+        session, client = self.connect()
+        _, backend = self.accept()
+        session.dataReceived(b"PROX")
+        session.readConnectionLost()
+        self.assertSpoofRefused(session, client, backend, b"")
+
+    def test_header_after_the_peek_gave_up(self) -> None:
+        # A peeked port whose client says nothing within sniTimeout goes to a route for any name; its first
+        # bytes, when they come, are looked at there.
+        self.context(A, ANY, sni_timeout=5)
+        session, client = self.connect()
+        self.reactor.advance(5)
+        _, backend = self.accept()
+        session.dataReceived(self.SPOOF)
+        self.assertSpoofRefused(session, client, backend, b"")
+
+    def test_header_from_the_client_behind_a_trusted_proxy(self) -> None:
+        self.context(A, ANY, trusted_proxies=CidrSet(["10.9.0.0/16"]))
+        theirs = encode_v1(IPv4Address("TCP", "192.0.2.50", 1), IPv4Address("TCP", "203.0.113.1", 443))
+        session, client = self.connect("10.9.0.1", data=theirs + self.SPOOF)
+        self.assertRefused(client, session)
+        self.assertEqual(self.attempts(), [])
+        self.context(ANY, trusted_proxies=CidrSet(["10.9.0.0/16"]))
+        session, client = self.connect("10.9.0.1", data=theirs)
+        _, backend = self.accept()
+        session.dataReceived(self.SPOOF)
+        self.assertSpoofRefused(session, client, backend, b"")
+
     def test_trusted_peer_must_send_a_valid_header_in_time(self) -> None:
         self.context(A, trusted_proxies=CidrSet(["10.9.0.0/16"]), sni_timeout=5)
         session, client = self.connect("10.9.0.1", data=HELLO_A)
@@ -375,6 +470,62 @@ class ProxyHeaderTests(SessionTestCase):
         session, client = self.connect("10.9.0.1", data=b"PROXY TCP4 ")
         self.reactor.advance(5)
         self.assertRefused(client, session)
+
+
+class RedirectPortTests(SessionTestCase):
+    """Plain HTTP that reaches a terminating route is redirected to the port HTTPS is served on."""
+
+    def terminating(self, ports: Any, acme_port: int = 80) -> None:
+        web = {
+            "name": "web",
+            "match": {"ports": ports, "domains": ["a.example"]},
+            "action": {"type": "forward", "target": {"host": "10.0.0.1", "port": 8080}},
+            "tls": {"mode": "terminate", "certificate": "auto"},
+        }
+        acme = {"enabled": True, "accountEmail": "ops@a.example", "port": acme_port}
+        options = load_options({"smartProxyConfig": {"routes": [web], "acme": acme}}).options
+        routes = RouteTable(build_routes(options.smart_proxy_config, None))
+        self.ctx = ProxyContext(routes, ProxySettings(), self.reactor)
+
+    def location(self, port: int) -> bytes:
+        request = b"GET /p HTTP/1.1\r\nHost: a.example:%d\r\n\r\n" % port
+        _, client = self.connect(port=port, data=request)
+        (location,) = [line for line in client.value().split(b"\r\n") if line.startswith(b"Location:")]
+        return location
+
+    def test_a_port_that_is_not_443_is_kept(self) -> None:
+        self.terminating([{"from": 31080, "to": 31081}])
+        self.assertEqual(self.location(31080), b"Location: https://a.example:31081/p")
+
+    def test_443_is_left_out(self) -> None:
+        self.terminating([80, 443], acme_port=8080)
+        self.assertEqual(self.location(80), b"Location: https://a.example/p")
+
+    def test_from_acme_port_to_the_routes_https_port(self) -> None:
+        self.terminating(8443)
+        self.assertEqual(self.location(80), b"Location: https://a.example:8443/p")
+
+    def test_one_port_for_both(self) -> None:
+        self.terminating(31081, acme_port=31080)
+        self.assertEqual(self.location(31081), b"Location: https://a.example:31081/p")
+
+
+class PlainHttpOnTerminatingRouteTests(SessionTestCase):
+    def test_an_unfinished_request_head_is_dropped_after_the_connection_timeout(self) -> None:
+        # Past sniTimeout the peek gives up with the head unfinished; the plain-HTTP answerer must not wait
+        # for the rest for good (a per-IP slot each, until maxConnectionLifetime).
+        web = dataclasses.replace(route("web", ports=(80,), timeout_ms=60_000), tls_mode="terminate")
+        self.context(web, sni_timeout=5)
+        session, client = self.connect(port=80, data=b"GET / HTTP/1.1\r\nHost: a.example\r\n")
+        self.reactor.advance(5)
+        self.assertIsNone(session.refused)
+        self.reactor.advance(59.9)
+        self.assertFalse(client.aborted)
+        self.reactor.advance(0.1)
+        self.assertTrue(client.aborted)
+        session.connectionLost(Failure(ConnectionRefusedError()))
+        self.assertEqual(self.ctx.per_ip, {})
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
 
 
 class LimitTests(SessionTestCase):

@@ -19,7 +19,7 @@ domain (ACME HTTP-01 challenges, redirects to HTTPS).
 - A backend that fails before any response byte gets the client a ``502``; after, the client is dropped.
 
 :class:`HttpRedirect` answers the plain-HTTP side: ``/.well-known/acme-challenge/<token>`` from the ACME
-challenge responder (``404`` when unknown), every other request ``301`` to ``https://<host><path>``.
+challenge responder (``404`` when unknown), every other request ``301`` to ``https://<host>[:port]<path>``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -92,8 +92,11 @@ class PauseGate:
     def __init__(self, target: Any) -> None:
         self.target = target
         self.reasons: set[str] = set()
+        self.released = False
 
     def pause(self, reason: str) -> None:
+        if self.released:
+            return
         if not self.reasons:
             self.target.pauseProducing()
         self.reasons.add(reason)
@@ -112,6 +115,14 @@ class PauseGate:
 
     def stopProducing(self) -> None:
         """The consumer went away; the forwarder closes both sides itself when it learns of it."""
+
+    def release(self) -> None:
+        """Lift every pause for good (the connection is closing: what the peer sends now must be read, or
+        its close_notify and FIN would never be seen); later pauses are ignored."""
+        self.released = True
+        if self.reasons:
+            self.reasons.clear()
+            self.target.resumeProducing()
 
 
 class HttpBackend(Protocol):
@@ -146,6 +157,7 @@ class ForwardingPolicy:
     proto: bytes = b"https"
 
 
+@implementer(IHalfCloseableProtocol)
 class HttpForwarder(Protocol):
     """HTTP/1.1 from one client connection to the route's backends; see the module docstring."""
 
@@ -205,6 +217,13 @@ class HttpForwarder(Protocol):
         else:
             # Between requests nothing is lost; mid-head or mid-body the request can never complete.
             self._close("client EOF", abort=self.phase == "body")
+
+    def readConnectionLost(self) -> None:
+        """IHalfCloseableProtocol: the client's EOF (see :meth:`client_eof`)."""
+        self.client_eof()
+
+    def writeConnectionLost(self) -> None:
+        """IHalfCloseableProtocol: nothing to do; the forwarder never shuts only its side to the client."""
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.phase = "closed"
@@ -475,6 +494,8 @@ class HttpForwarder(Protocol):
             return
         self._drop_backend()
         self.phase = "closed"
+        if self._client_gate is not None:
+            self._client_gate.release()
         if abort:
             self.transport.abortConnection()
         else:
@@ -499,20 +520,55 @@ def _shut_write(transport: Any) -> None:
         transport.loseConnection()
 
 
+@implementer(IHalfCloseableProtocol)
 class HttpRedirect(Protocol):
     """The plain-HTTP port of a terminated domain: one request answered, then the connection closed.
 
     ``GET``/``HEAD`` of ``/.well-known/acme-challenge/<token>``: the key authorization from ``challenges``
     (``200``), or ``404`` when it has none (or there is no ACME). Anything else: ``301`` to
-    ``https://<host><path>`` (the Host's port dropped: the HTTPS side is on the default port)."""
+    ``https://<host>[:<port>]<path>``, the port from ``https_port(host)`` (the Host's own port is not
+    kept: it names the plain-HTTP port), left out when it is 443 or None.
+
+    With a ``clock``, the connection is aborted ``timeout`` seconds after it began, answered or not: a
+    request head that never ends, or a client that never takes the answer, holds nothing for longer."""
 
     transport: Any
 
-    def __init__(self, challenges: ChallengeSource | None, *, client_ip: str = "") -> None:
+    def __init__(
+        self,
+        challenges: ChallengeSource | None,
+        *,
+        client_ip: str = "",
+        https_port: Callable[[str], int | None] | None = None,
+        clock: IReactorTime | None = None,
+        timeout: float = DEFAULT_IDLE_TIMEOUT,
+    ) -> None:
         self.challenges = challenges
         self.client_ip = client_ip
+        self.https_port = https_port
+        self._clock = clock
+        self._timeout = timeout
+        self._deadline: IDelayedCall | None = None
         self._head = HeadBuffer()
         self.answered: int | None = None
+
+    def connectionMade(self) -> None:
+        if self._clock is not None:
+            self._deadline = self._clock.callLater(self._timeout, self._overdue)
+
+    def _overdue(self) -> None:
+        self._deadline = None
+        log.info(
+            "proxy: {client}: plain HTTP not done within {timeout:g}s; connection aborted",
+            client=self.client_ip,
+            timeout=self._timeout,
+        )
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
 
     def dataReceived(self, data: bytes) -> None:
         if self.answered is not None:
@@ -532,6 +588,13 @@ class HttpRedirect(Protocol):
         if self.answered is None:
             self.transport.loseConnection()
 
+    def readConnectionLost(self) -> None:
+        """IHalfCloseableProtocol: the client's EOF (see :meth:`client_eof`)."""
+        self.client_eof()
+
+    def writeConnectionLost(self) -> None:
+        """IHalfCloseableProtocol: never sent; the answer closes the whole connection."""
+
     def _answer(self, head: RequestHead) -> None:
         host = host_name(head.fields.get(b"host"))
         path = _path(head.target)
@@ -546,7 +609,9 @@ class HttpRedirect(Protocol):
                 # RFC 8555 §8.3: the key authorization as the body; octet-stream as the responder documents.
                 self._send(200, body=body, head_only=head.method == b"HEAD", ok=True)
             return
-        location = b"https://" + host.encode("ascii") + path
+        port = self.https_port(host) if self.https_port is not None else None
+        authority = host if port in (None, 443) else f"{host}:{port}"
+        location = b"https://" + authority.encode("ascii") + path
         self._send(301, extra=(b"Location: " + location,), head_only=head.method == b"HEAD")
 
     def _send(

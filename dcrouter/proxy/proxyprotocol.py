@@ -102,6 +102,15 @@ def may_start_header(data: bytes) -> bool:
     return V1_PREFIX.startswith(data[:6]) or V2_SIGNATURE.startswith(data[:12])
 
 
+def opens_with_header(data: bytes) -> bool | None:
+    """Whether ``data`` (a connection's first bytes) opens a PROXY header: True once the v1 ``PROXY `` or
+    the whole v2 signature is there, False as soon as neither can follow, None while it cannot be told yet
+    (at most 11 bytes)."""
+    if data.startswith((V1_PREFIX, V2_SIGNATURE)):
+        return True
+    return None if may_start_header(data) else False
+
+
 class IncomingHeader:
     """Reads one PROXY v1 or v2 header from a connection's first bytes.
 

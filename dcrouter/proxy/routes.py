@@ -119,6 +119,15 @@ class ProxyRoute:
     def listens_on(self, port: int) -> bool:
         return any(port in r for r in self.ports)
 
+    def https_port(self, arrived: int) -> int:
+        """The port a client that sent plain HTTP to ``arrived`` is redirected to for HTTPS on this
+        (terminating) route: 443 when the route listens there, else its lowest other port, else
+        ``arrived`` itself (the one port serves both)."""
+        if self.listens_on(443):
+            return 443
+        others = [r.start + 1 if r.start == arrived else r.start for r in self.ports]
+        return min((p for p, r in zip(others, self.ports, strict=True) if p <= r.end), default=arrived)
+
 
 def _ranges(pairs: Iterable[tuple[int, int]]) -> tuple[PortRange, ...]:
     return tuple(PortRange(start, end) for start, end in pairs)
@@ -240,6 +249,10 @@ def _default_route(config: Any, ports: list[int], below: int) -> ProxyRoute:
     )
 
 
+#: The name (and source) of the route build_routes adds on ``acme.port``.
+ACME_PORT_ROUTE = "smartProxyConfig.acme.port"
+
+
 def _acme_port_route(config: Any, terminating: list[ProxyRoute], below: int) -> ProxyRoute:
     """Plain HTTP on ``acme.port`` for the terminated names: challenges answered, the rest redirected to
     HTTPS (a terminating route answers plain HTTP that way). Lowest priority: a route of the config's own on
@@ -247,7 +260,7 @@ def _acme_port_route(config: Any, terminating: list[ProxyRoute], below: int) -> 
     any_name = any(not r.domains for r in terminating)
     domains = () if any_name else tuple(dict.fromkeys(d for r in terminating for d in r.domains))
     return ProxyRoute(
-        name="smartProxyConfig.acme.port",
+        name=ACME_PORT_ROUTE,
         priority=below,
         ports=(PortRange(config.acme.port, config.acme.port),),
         domains=domains,
@@ -258,7 +271,7 @@ def _acme_port_route(config: Any, terminating: list[ProxyRoute], below: int) -> 
         tls_mode="terminate",
         max_connections=None,
         connection_timeout_ms=None,
-        source="smartProxyConfig.acme.port",
+        source=ACME_PORT_ROUTE,
     )
 
 
@@ -352,6 +365,7 @@ class RouteTable:
         # Higher priority first; among equal priorities, the order build_routes gave.
         self._ordered = sorted(self.routes, key=lambda r: -r.priority)
         self._ports: dict[int, _PortIndex] = {}
+        self._terminating: _PortIndex | None = None
 
     def _index(self, port: int) -> _PortIndex:
         index = self._ports.get(port)
@@ -372,14 +386,28 @@ class RouteTable:
 
         Whether the chosen route then serves the client is :meth:`ProxyRoute.permits`'s answer, not this
         one's: a blocked client is refused by its route, never handed to another."""
-        index = self._index(port)
-        name = _normalized(server_name)
-        if name is not None:
-            for candidates in index.by_name(name):
-                chosen = next((r for r in candidates if _admits(r, client_ip)), None)
-                if chosen is not None:
-                    return chosen
-        return next((r for r in index.any_name if _admits(r, client_ip)), None)
+        return _choose(self._index(port), server_name, client_ip)
+
+    def https_route(self, host: str, client_ip: str) -> ProxyRoute | None:
+        """The terminating route (other than the one on ``acme.port``) that would serve ``host`` over
+        HTTPS to ``client_ip``, chosen as :meth:`match` chooses on a port: where plain HTTP for ``host``
+        is redirected to."""
+        if self._terminating is None:
+            self._terminating = _PortIndex()
+            for route in self._ordered:
+                if route.terminates and route.name != ACME_PORT_ROUTE:
+                    self._terminating.add(route)
+        return _choose(self._terminating, host, client_ip)
+
+
+def _choose(index: _PortIndex, server_name: str | None, client_ip: str) -> ProxyRoute | None:
+    name = _normalized(server_name)
+    if name is not None:
+        for candidates in index.by_name(name):
+            chosen = next((r for r in candidates if _admits(r, client_ip)), None)
+            if chosen is not None:
+                return chosen
+    return next((r for r in index.any_name if _admits(r, client_ip)), None)
 
 
 def _normalized(server_name: str | None) -> str | None:

@@ -48,13 +48,14 @@ from dcrouter.proxy.http import (
     HttpForwarder,
     HttpRedirect,
 )
-from dcrouter.proxy.routes import ProxyRoute, RouteTable
+from dcrouter.proxy.routes import ACME_PORT_ROUTE, ProxyRoute, RouteTable
 from dcrouter.proxy.sniff import Kind, Sniffed, Sniffer
 from dcrouter.proxy.terminate import ALPN, BackendTls, ServerCreatorSource, terminate_tls
 
 log = logger(__name__)
 
 _NO_PEEK = Sniffed(Kind.OTHER, None, None, "not peeked: no route on this port selects by name")
+_CLIENT_HEADER = "PROXY header from the client"
 
 
 @dataclass(frozen=True)
@@ -166,10 +167,11 @@ class ProxyContext:
 
     def peeks(self, port: int) -> bool:
         """Whether connections on ``port`` are read before routing: only when some route there selects by
-        name. Elsewhere nothing is awaited, so protocols where the server speaks first (SMTP) work."""
+        name or terminates TLS (which must tell TLS from plain HTTP). Elsewhere nothing is awaited, so
+        protocols where the server speaks first (SMTP) work."""
         if port in self.settings.no_sni_ports:
             return False
-        return any(route.domains for route in self.routes_on(port))
+        return any(route.domains or route.terminates for route in self.routes_on(port))
 
     def any_permits(self, port: int, client_ip: str) -> bool:
         """Whether some route on ``port`` could serve ``client_ip``: if none could, the client is refused
@@ -231,6 +233,13 @@ class ProxyContext:
         return connecting
 
 
+def _idle_timeout(route: ProxyRoute) -> float:
+    """A terminating route's idle limit in seconds: its ``connectionTimeout``, else the default."""
+    if route.connection_timeout_ms is not None:
+        return route.connection_timeout_ms / 1000
+    return DEFAULT_IDLE_TIMEOUT
+
+
 class _State:
     HEADER = "header"  # reading an incoming PROXY header from a trusted peer
     PEEK = "peek"
@@ -269,6 +278,9 @@ class ProxySession(Protocol):
         self._lifetime: IDelayedCall | None = None
         self._connecting: Deferred[Any] | None = None
         self._receiver: IProtocol | None = None  # on a terminating route: the TLS layer or the redirect
+        # The client's first bytes, held back while they may still become a PROXY header; None once they
+        # were looked at (or, before routing, while the peek looks at them).
+        self._opening: bytes | None = None
         self.front: HttpForwarder | HttpRedirect | None = None
 
     # -- accept ----------------------------------------------------------------------------------------
@@ -317,7 +329,10 @@ class ProxySession(Protocol):
         state = self._state
         if state == _State.SPLICED:
             assert self.splice is not None
-            self.splice.client_data(data)
+            if self._opening is None:
+                self.splice.client_data(data)
+            else:
+                self._opening_data(data)
         elif state == _State.TERMINATED:
             assert self._receiver is not None
             self._receiver.dataReceived(data)
@@ -357,11 +372,10 @@ class ProxySession(Protocol):
         """The client sent EOF: passed on once spliced; before that, peeking stops with what arrived."""
         self._client_eof = True
         if self._state == _State.SPLICED:
-            assert self.splice is not None
-            self.splice.client_eof()
+            self._spliced_eof()
         elif self._state == _State.TERMINATED:
-            assert self.front is not None
-            self.front.client_eof()
+            assert self._receiver is not None
+            self._receiver_eof()
         elif self._state == _State.PEEK:
             assert self._sniffer is not None
             self._decided(self._sniffer.give_up())
@@ -387,10 +401,14 @@ class ProxySession(Protocol):
     def _decided(self, sniffed: Sniffed) -> None:
         self._cancel_deadline()
         self.sniffed = sniffed
-        if self._header is None and sniffed.kind is Kind.OTHER and self._buffer:
+        # A client's own PROXY header never reaches a backend (one that trusts dcrouter's headers would take
+        # it for dcrouter's): refused here if the peek read the first bytes, else looked at once spliced.
+        if not self._buffer:
+            self._opening = b""
+        elif sniffed.kind is Kind.OTHER:
             first = b"".join(self._buffer)
             if proxyprotocol.may_start_header(first[:12]):
-                self._refuse(None, "PROXY header from an untrusted peer")
+                self._refuse(None, _CLIENT_HEADER)
                 return
         # Nothing more is read until the backend is connected: the buffer stays bounded by what the sniffer
         # looks at.
@@ -470,7 +488,13 @@ class ProxySession(Protocol):
         counters = self.context.counters[route.name]
         front: HttpForwarder | HttpRedirect
         if sniffed.kind is Kind.HTTP:
-            front = HttpRedirect(self.context.challenges, client_ip=self.client_ip)
+            front = HttpRedirect(
+                self.context.challenges,
+                client_ip=self.client_ip,
+                https_port=self._https_port,
+                clock=self.context.reactor,
+                timeout=_idle_timeout(route),
+            )
         elif sniffed.kind is Kind.TLS and self.context.server_creator() is not None:
             front = self._forwarder(route, sniffed.server_name, counters)
         else:
@@ -480,6 +504,8 @@ class ProxySession(Protocol):
         self._buffer = []
         self._state = _State.TERMINATED
         self.front = front
+        # Read again before the replay, not after: what the replay leads to (a pause, a close) must stand.
+        self.transport.resumeProducing()
         if isinstance(front, HttpRedirect):
             front.makeConnection(self.transport)
             self._receiver = front
@@ -488,10 +514,29 @@ class ProxySession(Protocol):
         else:
             creator = self.context.server_creator()
             assert creator is not None
-            self._receiver = terminate_tls(self.transport, creator, front, replay)
-        self.transport.resumeProducing()
+            self._receiver = terminate_tls(self.transport, creator, front, replay, clock=self.context.reactor)
         if self._client_eof and self._state == _State.TERMINATED:
-            front.client_eof()
+            self._receiver_eof()
+
+    def _receiver_eof(self) -> None:
+        """The client's EOF, to the TLS layer (which ends or passes it on) or the plain-HTTP answerer."""
+        receiver = self._receiver
+        assert receiver is not None and IHalfCloseableProtocol.providedBy(receiver)
+        receiver.readConnectionLost()
+
+    def _https_port(self, host: str) -> int | None:
+        """Where plain HTTP for ``host`` is redirected: the HTTPS port of this connection's route (of the
+        terminating route for ``host`` on ``acme.port``); None when no route would serve it."""
+        route = self.route
+        if route is None or route.name == ACME_PORT_ROUTE:
+            route = self.context.table.https_route(host, self.client_ip)
+        if route is None:
+            return None
+        port = route.https_port(self.port)
+        if port == self.port:
+            # Served on this very port: the one the client reached (a configured port 0 is an ephemeral one).
+            port = int(getattr(self.transport.getHost(), "port", port))
+        return port
 
     def _forwarder(
         self, route: ProxyRoute, server_name: str | None, counters: RouteCounters
@@ -506,13 +551,12 @@ class ProxySession(Protocol):
             return table.match(port, host, client_ip) is route
 
         tls = self.context.backend_tls(server_name) if route.tls_mode == "terminate-and-reencrypt" else None
-        idle = route.connection_timeout_ms / 1000 if route.connection_timeout_ms is not None else None
         policy = ForwardingPolicy(
             client_ip=self.client_ip,
             # A PROXY header was read only from a trusted peer: that peer may also vouch for X-Forwarded-For.
             trust_forwarded=self._header is not None,
             host_allowed=host_allowed,
-            idle_timeout=idle if idle is not None else DEFAULT_IDLE_TIMEOUT,
+            idle_timeout=_idle_timeout(route),
         )
 
         def connect(protocol: Callable[[], Protocol]) -> Deferred[Any]:
@@ -534,26 +578,75 @@ class ProxySession(Protocol):
             idle_timeout=idle,
             on_done=self._release_route,
         )
-        first = header + b"".join(self._buffer)
+        pending = b"".join(self._buffer)
         self._buffer = []
         self._state = _State.SPLICED
-        self.splice.start(first)
-        if self._client_eof:
+        if self._opening is None:
+            self.splice.start(header + pending)
+        else:
+            self.splice.start(header)
+            if pending:
+                self._opening_data(pending)
+        if self._client_eof and self._state == _State.SPLICED:
+            self._spliced_eof()
+
+    def _opening_data(self, data: bytes) -> None:
+        """The client's first bytes on a connection spliced before any was read: forwarded once they
+        cannot start a PROXY header, refused if they do; held (at most 11 bytes) while it cannot be told,
+        for up to ``sniTimeout``."""
+        assert self._opening is not None and self.splice is not None
+        opening = self._opening + data
+        verdict = proxyprotocol.opens_with_header(opening)
+        if verdict is None:
+            self._opening = opening
+            if self._deadline is None:
+                self._deadline = self.context.reactor.callLater(
+                    self.context.settings.sni_timeout, self._opening_deadline
+                )
+            return
+        self._opening = None
+        self._cancel_deadline()
+        if verdict:
+            self._refuse_spliced(_CLIENT_HEADER)
+        else:
+            self.splice.client_data(opening)
+
+    def _opening_deadline(self) -> None:
+        self._deadline = None
+        if self._state == _State.SPLICED and self._opening:
+            self._refuse_spliced(_CLIENT_HEADER)
+
+    def _spliced_eof(self) -> None:
+        assert self.splice is not None
+        if self._opening:  # the start of a PROXY header, and no more: refused as the peek would
+            self._refuse_spliced(_CLIENT_HEADER)
+        else:
             self.splice.client_eof()
 
     # -- ending ----------------------------------------------------------------------------------------
 
     def _refuse(self, counters: RouteCounters | None, why: str) -> None:
         """Close the client without a byte written; ``counters``: the route that turned it away."""
+        self._note_refusal(counters, why)
+        self._state = _State.CLOSED
+        self._cancel_deadline()
+        self.transport.loseConnection()
+
+    def _refuse_spliced(self, why: str) -> None:
+        """Drop a spliced connection and its backend connection, nothing more forwarded."""
+        assert self.splice is not None and self.route is not None
+        self._note_refusal(self.context.counters[self.route.name], why)
+        self._state = _State.CLOSED
+        self._cancel_deadline()
+        self.splice.abort(why)
+
+    def _note_refusal(self, counters: RouteCounters | None, why: str) -> None:
         self.refused = why
         if counters is not None:
             counters.refused += 1
         log.info(
             "proxy: refused {client} on port {port}: {why}", client=self.client_ip, port=self.port, why=why
         )
-        self._state = _State.CLOSED
-        self._cancel_deadline()
-        self.transport.loseConnection()
 
     def _lifetime_over(self) -> None:
         self._lifetime = None
@@ -586,14 +679,16 @@ class ProxySession(Protocol):
         if self._lifetime is not None and self._lifetime.active():
             self._lifetime.cancel()
         self._lifetime = None
-        if self._connecting is not None:
-            self._connecting.cancel()
         if self._holds_ip:
             self._holds_ip = False
             self.context.release_ip(self.client_ip)
         if self._receiver is not None:
+            # Before the connect is cancelled: its failure must find the forwarder closed, not answer 502
+            # into a connection that is gone.
             self._receiver.connectionLost(reason)
             self._receiver = None
+        if self._connecting is not None:
+            self._connecting.cancel()
         if self.splice is not None:
             self.splice.client_lost()
         else:

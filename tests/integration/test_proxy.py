@@ -263,6 +263,34 @@ class ProxyIntegrationTests(TestCase):
         self.assertEqual(header.split()[5], str(proxy).encode())
         self.assertEqual(rest, request)
 
+    async def test_a_clients_own_proxy_header_on_a_port_not_peeked(self) -> None:
+        # The hardening issue's case: a route for any name (nothing peeked), v1 towards the backend, and a
+        # client that is not a trusted proxy opening with a PROXY header of its own.
+        factory = backend_factory(b"ok")
+        backend = self.listen(factory)
+        proxy = self.proxy(
+            route("r", backend), proxy_protocol="v1", trusted_proxies=CidrSet(["127.0.0.25/32"])
+        )
+        client = Client(b"PROXY TCP4 203.0.113.8 127.0.0.1 5555 443\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await self.connect(proxy, client)
+        self.assertEqual(await client.closed, b"")
+        await until(lambda: self.service.counters["r"].active == 0, "the backend connection to close")
+        self.assertEqual(self.service.counters["r"].refused, 1)
+        for received in factory.received:  # at most dcrouter's own header got there
+            self.assertNotIn(b"203.0.113.8", received)
+
+    async def test_a_server_that_speaks_first_on_a_port_not_peeked(self) -> None:
+        factory = Factory.forProtocol(GreetingServer)
+        factory.received = []  # type: ignore[attr-defined]
+        backend = self.listen(factory)
+        proxy = self.proxy(route("r", backend), proxy_protocol="v1")
+        client = GreetedClient()
+        await self.connect(proxy, client)
+        self.assertEqual(await client.closed, b"220 ready\r\n250 ok\r\n")
+        (received,) = factory.received
+        self.assertTrue(received.startswith(b"PROXY TCP4 127.0.0.1 127.0.0.1 "), received)
+        self.assertTrue(received.endswith(b"\r\nEHLO client.test\r\n"), received)
+
     async def test_a_client_that_stops_reading_pauses_the_backend(self) -> None:
         producer = FloodProducer()
         backend = self.listen(Factory.forProtocol(lambda: FloodServer(producer)))
@@ -290,6 +318,30 @@ class ProxyIntegrationTests(TestCase):
             if producer.written > written and not producer.paused:
                 break
         self.assertGreater(producer.written, written, "reading again must resume the backend")
+
+
+class GreetingServer(Protocol):
+    """Speaks first (as SMTP does), answers one line, then closes; what it read is kept on the factory."""
+
+    def connectionMade(self) -> None:
+        self.received = b""
+        self.transport.write(b"220 ready\r\n")
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if self.received.endswith(b"EHLO client.test\r\n"):
+            self.factory.received.append(self.received)  # type: ignore[attr-defined]
+            self.transport.write(b"250 ok\r\n")
+            self.transport.loseConnection()
+
+
+class GreetedClient(Client):
+    """Says nothing until the server's greeting came."""
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        if self.received == b"220 ready\r\n":
+            self.transport.write(b"EHLO client.test\r\n")
 
 
 class FloodProducer:

@@ -138,12 +138,20 @@ class TerminateTests(TestCase):
         self.addCleanup(port.stopListening)
         return int(port.getHost().port)
 
-    def proxy(self, target: int, mode: str = "terminate") -> int:
+    def proxy(
+        self,
+        target: int,
+        mode: str = "terminate",
+        ports: tuple[int, ...] = (0,),
+        domains: tuple[str, ...] = ("a.test",),
+    ) -> int:
+        """A proxy with one terminating route for ``domains`` on ``ports`` (0: one ephemeral port);
+        returns the first port's number."""
         route = ProxyRoute(
             name="a",
             priority=0,
-            ports=(PortRange(0, 0),),
-            domains=("a.test",),
+            ports=tuple(PortRange(p, p) for p in ports),
+            domains=domains,
             client_ips=None,
             allow=None,
             block=None,
@@ -159,7 +167,7 @@ class TerminateTests(TestCase):
             ProxySettings(),
             reactor=reactor,
             bind_address=LOCAL,
-            ports=[0],
+            ports=list(ports),
             drain_timeout=0.5,
             certificates=CertificateStore(clock=reactor),
             challenges=self.challenges,
@@ -167,7 +175,7 @@ class TerminateTests(TestCase):
         service.startService()
         self.service = service
         self.addCleanup(service.stopService)
-        return service.ports[0]
+        return service.ports[ports[0]]
 
     def tls(self, port: int) -> ssl.SSLSocket:
         context = ssl.create_default_context(cafile=self.cert)
@@ -264,7 +272,8 @@ class TerminateTests(TestCase):
 
         redirect = await deferToThread(plain, b"GET /p?q=1 HTTP/1.1\r\nHost: a.test\r\n\r\n")
         self.assertTrue(redirect.startswith(b"HTTP/1.1 301 Moved Permanently\r\n"), redirect)
-        self.assertIn(b"\r\nLocation: https://a.test/p?q=1\r\n", redirect)
+        # The route's one port serves HTTPS too: the redirect names it.
+        self.assertIn(b"\r\nLocation: https://a.test:%d/p?q=1\r\n" % proxy, redirect)
         challenge = await deferToThread(
             plain, b"GET /.well-known/acme-challenge/token-1 HTTP/1.1\r\nHost: a.test\r\n\r\n"
         )
@@ -274,6 +283,33 @@ class TerminateTests(TestCase):
             plain, b"GET /.well-known/acme-challenge/token-2 HTTP/1.1\r\nHost: a.test\r\n\r\n"
         )
         self.assertTrue(unknown.startswith(b"HTTP/1.1 404 Not Found\r\n"), unknown)
+
+    async def test_redirect_to_a_non_standard_https_port(self) -> None:
+        http_port, https_port = free_ports(2)
+        self.proxy(self.listen(backend(b"over https")), ports=(http_port, https_port))
+
+        def follow() -> tuple[bytes, bytes]:
+            with socket.create_connection((LOCAL, http_port), timeout=10) as sock:
+                sock.sendall(b"GET /p HTTP/1.1\r\nHost: a.test:%d\r\n\r\n" % http_port)
+                redirect = read_response(sock)
+            with self.tls(https_port) as sock:
+                sock.sendall(b"GET /p HTTP/1.1\r\nHost: a.test\r\n\r\n")
+                return redirect, read_response(sock)
+
+        redirect, response = await deferToThread(follow)
+        self.assertIn(b"\r\nLocation: https://a.test:%d/p\r\n" % https_port, redirect)
+        self.assertTrue(response.endswith(b"over https"), response)
+
+    async def test_a_route_for_any_name(self) -> None:
+        # Its port has no route that selects by name, and is peeked all the same (TLS or plain HTTP?).
+        proxy = self.proxy(self.listen(backend(b"any name")), domains=())
+
+        def fetch() -> bytes:
+            with self.tls(proxy) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+                return read_response(sock)
+
+        self.assertTrue((await deferToThread(fetch)).endswith(b"any name"))
 
     async def test_terminate_and_reencrypt(self) -> None:
         factory = backend(b"over-tls")

@@ -47,7 +47,7 @@ from dcrouter.delivery.transport import ESMTPTransport
 from dcrouter.interfaces import IDeliveryQueue
 from dcrouter.log import logger, set_level
 from dcrouter.net.certstore import CertificateStore
-from dcrouter.net.tls import TlsMaterialError, load_certified_key
+from dcrouter.net.tls import TlsMaterialError, TlsPolicy, load_certified_key
 from dcrouter.processing.build import build_chain
 from dcrouter.processing.processor import EmailProcessor
 from dcrouter.processing.routing import RouteTable
@@ -88,8 +88,8 @@ def coerce_options(options: Any) -> tuple[DcRouterOptions, list[str]]:
 
 def smtp_tls_config(options: DcRouterOptions) -> TlsConfig | None:
     """The TLS settings for SMTP: ``smtpConfig.tls``, with the top-level ``tls`` certificate as a fallback for
-    the files (``smtpConfig.tls`` may then carry only minVersion/ciphers). None when no certificate is
-    named."""
+    the files (``smtpConfig.tls`` may then carry only tlsProfile/minVersion/ciphers). None when no certificate
+    is named."""
     smtp = options.smtp_config
     own = smtp.tls if smtp is not None else None
     if own is not None and own.cert_path and own.key_path:
@@ -335,9 +335,8 @@ class DcRouter(MultiService):
         # SNI, or the MX host name); names put by the proxy or ACME get their own certificate on SMTP too.
         self.certificates.set_default(key)
         try:
-            return self.certificates.server_options(
-                min_version=tls_config.min_version, ciphers=tls_config.ciphers
-            )
+            policy = TlsPolicy(tls_config.tls_profile, tls_config.min_version, tls_config.ciphers)
+            return self.certificates.server_options(policy=policy)
         except ValueError as error:
             raise StartupError(f"smtpConfig.tls: {error}") from error
 

@@ -7,6 +7,9 @@ the TLS server cannot start from a fresh socket: :func:`terminate_tls` wraps the
 bytes into it. From then on the session passes every byte it reads to the returned protocol, whose
 application protocol (the HTTP forwarder) sees plaintext.
 
+Both sides follow the router's TLS policy (:mod:`dcrouter.net.tls`): towards clients the route's
+``tlsProfile``, towards backends ``intermediate``.
+
 Towards the backend (``terminate-and-reencrypt``) the certificate is **not verified**: backends behind a
 proxy commonly carry self-signed or internal certificates, and the hop is inside the operator's network.
 The backend is sent the client's SNI name so that virtual hosts there still select by name.
@@ -27,6 +30,8 @@ from twisted.internet.protocol import Factory
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
+from dcrouter.net.tls import INTERMEDIATE, TlsPolicy, client_options
+
 #: The only application protocol the terminating side speaks (offered by ALPN so clients do not pick h2).
 ALPN = (b"http/1.1",)
 
@@ -35,7 +40,7 @@ class ServerCreatorSource(TypingProtocol):
     """What termination needs of :class:`dcrouter.net.certstore.CertificateStore`."""
 
     def server_options(
-        self, *, min_version: str = "TLSv1.2", ciphers: str | None = None, alpn: tuple[bytes, ...] = ()
+        self, *, policy: TlsPolicy = INTERMEDIATE, alpn: tuple[bytes, ...] = ()
     ) -> IOpenSSLServerConnectionCreator: ...
 
 
@@ -56,16 +61,14 @@ def terminate_tls(
 
 
 class BackendTls:
-    """The client side of TLS towards backends: one SSL context (TLS 1.2+, the peer's
+    """The client side of TLS towards backends: one SSL context (the ``intermediate`` policy, the peer's
     certificate not verified — see the module docstring), a connection creator per backend connection."""
 
     def __init__(self) -> None:
-        context = SSL.Context(SSL.TLS_CLIENT_METHOD)
-        context.set_min_proto_version(SSL.TLS1_2_VERSION)
-        context.set_verify(SSL.VERIFY_NONE, lambda *args: True)
-        # No ALPN offer: without one HTTP/1.1 is implied, and some servers (pyOpenSSL's without an ALPN list
-        # of their own) answer an offer with an alert instead of ignoring it.
-        self.context = context
+        # Not verified: CertificateOptions without a trust root leaves the context at VERIFY_NONE. No ALPN
+        # offer: without one HTTP/1.1 is implied, and some servers (pyOpenSSL's without an ALPN list of their
+        # own) answer an offer with an alert instead of ignoring it.
+        self.context = client_options(INTERMEDIATE).getContext()
 
     def creator(self, server_name: str | None) -> IOpenSSLClientConnectionCreator:
         return _UnverifiedClient(self.context, server_name)

@@ -328,7 +328,7 @@ class DcRouter(MultiService):
                 )
             return None
         try:
-            key = load_certified_key(tls_config, config.hostname)
+            key = load_certified_key(tls_config, config.hostname, addresses=(config.bind_address,))
         except TlsMaterialError as error:
             raise StartupError(f"smtpConfig.tls: {error}") from error
         # SMTP's certificate answers every name the store has no certificate for (most MX clients send no

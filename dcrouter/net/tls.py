@@ -56,12 +56,15 @@ from twisted.internet.ssl import TLSVersion
 from zope.interface import implementer
 
 from dcrouter.config.options import TlsConfig
+from dcrouter.log import logger
 
 if TYPE_CHECKING:
     # certstore builds its contexts with this module's policy, so it is imported where used, not at the top.
     from twisted.internet._sslverify import IOpenSSLTrustRoot
 
     from dcrouter.net.certstore import CertifiedKey
+
+log = logger(__name__)
 
 #: Minimum versions a configuration may name (``minVersion``, ``tlsMinVersion``), lowest first.
 TLS_VERSIONS = {"TLSv1.2": TLSVersion.TLSv1_2, "TLSv1.3": TLSVersion.TLSv1_3}
@@ -225,19 +228,17 @@ class _WithPolicyOptions:
         return connection
 
 
-def generate_self_signed(hostname: str, days: int = 365) -> tuple[bytes, bytes]:
-    """A self-signed P-256 certificate for ``hostname`` (also valid for 127.0.0.1 and ::1).
-    Returns ``(certificate_pem, private_key_pem)``."""
+def generate_self_signed(
+    hostname: str, days: int = 365, addresses: Iterable[str] = ()
+) -> tuple[bytes, bytes]:
+    """A self-signed P-256 certificate for ``hostname``, valid for 127.0.0.1, ::1 and ``addresses`` too (the
+    address a listener is bound to, so that clients verifying by IP accept it; ``0.0.0.0`` and ``::`` name no
+    host and are left out). Returns ``(certificate_pem, private_key_pem)``."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
     now = datetime.datetime.now(datetime.UTC)
-    san = x509.SubjectAlternativeName(
-        [
-            x509.DNSName(hostname),
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-            x509.IPAddress(ipaddress.ip_address("::1")),
-        ]
-    )
+    ips = [x509.IPAddress(ip) for ip in _host_addresses(("127.0.0.1", "::1", *addresses))]
+    san = x509.SubjectAlternativeName([x509.DNSName(hostname), *ips])
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -272,6 +273,12 @@ def generate_self_signed(hostname: str, days: int = 365) -> tuple[bytes, bytes]:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def _host_addresses(addresses: Iterable[str]) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """``addresses`` parsed, without duplicates and without the unspecified ones (``0.0.0.0``, ``::``)."""
+    parsed = (ipaddress.ip_address(a) for a in addresses)
+    return list(dict.fromkeys(ip for ip in parsed if not ip.is_unspecified))
 
 
 def server_tls_options(
@@ -316,8 +323,9 @@ def _write_private(path: str, data: bytes, mode: int) -> None:
         raise
 
 
-def ensure_self_signed(cert_path: str, key_path: str, hostname: str) -> bool:
-    """Generate a self-signed certificate for ``hostname`` at ``cert_path``/``key_path`` unless both exist.
+def ensure_self_signed(cert_path: str, key_path: str, hostname: str, addresses: Iterable[str] = ()) -> bool:
+    """Generate a self-signed certificate for ``hostname`` (and ``addresses``, see
+    :func:`generate_self_signed`) at ``cert_path``/``key_path`` unless both exist.
 
     Directories are created (0700 for new ones); the key file is mode 0600. Returns True if files were
     written.
@@ -334,23 +342,46 @@ def ensure_self_signed(cert_path: str, key_path: str, hostname: str) -> bool:
         )
     for path in (cert_path, key_path):
         os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
-    cert_pem, key_pem = generate_self_signed(hostname)
+    cert_pem, key_pem = generate_self_signed(hostname, addresses=addresses)
     # Key first: a certificate without its key on disk is what the check above refuses.
     _write_private(key_path, key_pem, 0o600)
     _write_private(cert_path, cert_pem, 0o644)
     return True
 
 
-def load_certified_key(config: TlsConfig, hostname: str) -> CertifiedKey:
-    """The certificate and key named in ``config``, generated first when ``selfSigned`` is set and they are
-    missing. Raises TlsMaterialError naming the file at fault."""
+def load_certified_key(config: TlsConfig, hostname: str, addresses: Iterable[str] = ()) -> CertifiedKey:
+    """The certificate and key named in ``config``, generated first (for ``hostname`` and ``addresses``)
+    when ``selfSigned`` is set and they are missing. A self-signed pair generated earlier for other
+    addresses is kept, with a warning. Raises TlsMaterialError naming the file at fault."""
     from dcrouter.net.certstore import CertifiedKey
 
     if not config.cert_path or not config.key_path:
         raise TlsMaterialError("TLS needs both certPath and keyPath")
-    if config.self_signed:
-        ensure_self_signed(config.cert_path, config.key_path, hostname)
+    generated = config.self_signed and ensure_self_signed(
+        config.cert_path, config.key_path, hostname, addresses
+    )
     try:
-        return CertifiedKey.from_files(config.cert_path, config.key_path, config.ca_path)
+        key = CertifiedKey.from_files(config.cert_path, config.key_path, config.ca_path)
     except ValueError as error:
         raise TlsMaterialError(str(error)) from error
+    if config.self_signed and not generated:
+        _warn_uncovered(config.cert_path, key.certificate, addresses)
+    return key
+
+
+def _warn_uncovered(path: str, certificate: x509.Certificate, addresses: Iterable[str]) -> None:
+    """Warn when a self-signed certificate kept from an earlier start does not name ``addresses`` (the
+    listener moved since): clients that verify by IP refuse it."""
+    try:
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        named = set(san.get_values_for_type(x509.IPAddress))
+    except x509.ExtensionNotFound:
+        named = set()
+    missing = [str(ip) for ip in _host_addresses(addresses) if ip not in named]
+    if missing:
+        log.warn(
+            "self-signed certificate {path} does not name {addresses}: clients verifying by IP refuse it; "
+            "delete it and its key to have a new one generated",
+            path=path,
+            addresses=", ".join(missing),
+        )

@@ -35,9 +35,10 @@ check: $(VENV)/.installed-run
 	$(BIN)/twistd -n dcrouter --config $(CONFIG) --check
 
 # Real peers the tests start themselves (never the machine's shared services): redis-server for the Redis queue,
-# Debian's pebble ACME test server, Perl's Mail::DKIM as an independent DKIM verifier, and the content scanning
-# daemons spamd (SpamAssassin), clamd (ClamAV) and rspamd. Installed when missing and we may (root with apt-get);
-# otherwise the tests that need one are skipped and say what to install.
+# Debian's pebble ACME test server, Perl's Mail::DKIM as an independent DKIM verifier, the content scanning
+# daemons spamd (SpamAssassin), clamd (ClamAV) and rspamd, and the TLS scanners sslscan and testssl.sh (they
+# check the TLS policy on real listeners). Installed when missing and we may (root with apt-get); otherwise the
+# tests that need one are skipped and say what to install.
 test-peers:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
@@ -46,6 +47,8 @@ test-peers:
 	command -v spamd >/dev/null || [ -x /usr/sbin/spamd ] || missing="$$missing spamd spamassassin"; \
 	command -v clamd >/dev/null || [ -x /usr/sbin/clamd ] || missing="$$missing clamav-daemon"; \
 	command -v rspamd >/dev/null || [ -x /usr/bin/rspamd ] || missing="$$missing rspamd"; \
+	command -v sslscan >/dev/null || missing="$$missing sslscan"; \
+	command -v testssl >/dev/null || missing="$$missing testssl.sh"; \
 	[ -z "$$missing" ] || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    export DEBIAN_FRONTEND=noninteractive; \

@@ -54,7 +54,7 @@ from dcrouter.delivery.transport import ESMTPTransport
 from dcrouter.interfaces import IDeliveryQueue
 from dcrouter.log import logger, set_level
 from dcrouter.net.certstore import CertificateStore, CertifiedKey
-from dcrouter.net.tls import TlsMaterialError, generate_self_signed, load_certified_key
+from dcrouter.net.tls import TlsMaterialError, TlsPolicy, generate_self_signed, load_certified_key
 from dcrouter.processing.build import build_chain
 from dcrouter.processing.processor import EmailProcessor
 from dcrouter.processing.routing import RouteTable
@@ -97,7 +97,7 @@ def coerce_options(options: Any) -> tuple[DcRouterOptions, list[str]]:
 
 def smtp_tls_config(options: DcRouterOptions) -> TlsConfig | None:
     """The TLS settings for SMTP: ``smtpConfig.tls``, with the top-level ``tls`` certificate as a fallback for
-    the files (``smtpConfig.tls`` may then carry only minVersion/ciphers). When neither names a certificate
+    the files (``smtpConfig.tls`` may then carry only tlsProfile/minVersion/ciphers). When neither names a certificate
     but SMTP needs one (implicit TLS or submission ports are listened on): a self-signed certificate kept
     under ``persistentPath`` (:func:`generated_certificate_paths`; with a memory queue the paths are None and
     it is generated in memory). None when no certificate is named nor needed."""
@@ -119,8 +119,8 @@ def smtp_tls_config(options: DcRouterOptions) -> TlsConfig | None:
     return None
 
 
-def _generated_in_memory(hostname: str) -> CertifiedKey:
-    cert_pem, key_pem = generate_self_signed(hostname)
+def _generated_in_memory(hostname: str, bind_address: str) -> CertifiedKey:
+    cert_pem, key_pem = generate_self_signed(hostname, addresses=(bind_address,))
     return CertifiedKey.from_pem(cert_pem, key_pem)
 
 
@@ -397,9 +397,9 @@ class DcRouter(MultiService):
         )
         try:
             if tls_config.cert_path is None:
-                key = _generated_in_memory(config.hostname)
+                key = _generated_in_memory(config.hostname, config.bind_address)
             else:
-                key = load_certified_key(tls_config, config.hostname)
+                key = load_certified_key(tls_config, config.hostname, addresses=(config.bind_address,))
         except (TlsMaterialError, OSError) as error:
             raise StartupError(f"smtpConfig.tls: {error}") from error
         if generated:
@@ -414,9 +414,8 @@ class DcRouter(MultiService):
         # SNI, or the MX host name); names put by the proxy or ACME get their own certificate on SMTP too.
         self.certificates.set_default(key)
         try:
-            return self.certificates.server_options(
-                min_version=tls_config.min_version, ciphers=tls_config.ciphers
-            )
+            policy = TlsPolicy(tls_config.tls_profile, tls_config.min_version, tls_config.ciphers)
+            return self.certificates.server_options(policy=policy)
         except ValueError as error:
             raise StartupError(f"smtpConfig.tls: {error}") from error
 

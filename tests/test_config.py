@@ -422,6 +422,40 @@ class TlsTests(LoadCase):
         )
         load_options(smtp(tls={"ciphers": "ECDHE+AESGCM"}))
 
+    def test_tls_profile(self) -> None:
+        tls = load_options(smtp(tls={"tlsProfile": "modern"})).options.smtp_config.tls  # type: ignore[union-attr]
+        assert tls is not None
+        self.assertEqual(tls.tls_profile, "modern")
+        self.assertEqual(TlsConfig().tls_profile, "intermediate")
+        self.assertEqual(
+            self.errors(smtp(tls={"tlsProfile": "old"})),
+            ["smtpConfig.tls.tlsProfile: expected one of \"modern\", \"intermediate\", got a string 'old'"],
+        )
+
+    def test_ciphers_against_the_profile(self) -> None:
+        """ciphers replaces TLS 1.2 suites: where only TLS 1.3 is accepted it is an error; suites the profile
+        leaves out are named in a warning, and the strong ones pass quietly."""
+        no_effect = "so TLS 1.2 is not accepted; remove it"
+        self.assertEqual(
+            self.errors(smtp(tls={"tlsProfile": "modern", "ciphers": "ECDHE+AESGCM"})),
+            [f'smtpConfig.tls.ciphers: has no effect: smtpConfig.tls.tlsProfile is "modern", {no_effect}'],
+        )
+        self.assertEqual(
+            self.errors(smtp(tls={"minVersion": "TLSv1.3", "ciphers": "ECDHE+AESGCM"})),
+            [f'smtpConfig.tls.ciphers: has no effect: smtpConfig.tls.minVersion is "TLSv1.3", {no_effect}'],
+        )
+        weak = "ECDHE-RSA-AES128-GCM-SHA256:AES128-SHA:ECDHE-RSA-AES128-SHA"
+        self.assertEqual(
+            self.warnings(smtp(tls={"ciphers": weak})),
+            [
+                (
+                    "smtpConfig.tls.ciphers: lets in TLS 1.2 suites that smtpConfig.tls.tlsProfile leaves "
+                    "out (it keeps ECDHE with AEAD only): AES128-SHA, ECDHE-RSA-AES128-SHA"
+                )
+            ],
+        )
+        self.assertEqual(self.warnings(smtp(tls={"ciphers": "ECDHE-ECDSA-AES128-GCM-SHA256"})), [])
+
 
 class ValueTests(LoadCase):
     def test_host_names(self) -> None:

@@ -449,6 +449,52 @@ class TerminationConfigTests(ProxyCase):
             ],
         )
 
+    def test_tls_profile(self) -> None:
+        """tlsProfile on terminating routes reaches the route model (not set: intermediate)."""
+        from dcrouter.proxy.routes import build_routes
+
+        files = self.files()
+        raw = copy.deepcopy(SEED)
+        sp = raw["smartProxyConfig"]
+        sp["domainConfigs"][0].update(useNetworkProxy=True, certificate=files, tlsProfile="modern")
+        sp["routes"] = [
+            dict(copy.deepcopy(ROUTE), name="a", tls={"mode": "terminate", "certificate": files}),
+            dict(
+                copy.deepcopy(ROUTE),
+                name="b",
+                tls={"mode": "terminate-and-reencrypt", "certificate": files, "tlsProfile": "modern"},
+            ),
+        ]
+        routes = build_routes(self.config(raw), None)
+        self.assertEqual(
+            [(r.name, r.tls_profile) for r in routes[:3]],
+            [("a", "intermediate"), ("b", "modern"), ("smartProxyConfig.domainConfigs[0]", "modern")],
+        )
+
+    def test_tls_profile_checked(self) -> None:
+        raw = copy.deepcopy(SEED)
+        sp = raw["smartProxyConfig"]
+        sp["domainConfigs"][0]["tlsProfile"] = "intermediate"
+        sp["routes"] = [dict(copy.deepcopy(ROUTE), tls={"mode": "passthrough", "tlsProfile": "modern"})]
+        errors = [e.removeprefix("smartProxyConfig.") for e in self.errors(raw)]
+        self.assertEqual(
+            errors,
+            [
+                'routes[0].tls.tlsProfile: has no effect with mode "passthrough"',
+                "domainConfigs[0].tlsProfile: has no effect without useNetworkProxy = true",
+            ],
+        )
+        raw = route(tls={"mode": "terminate", "certificate": self.files(), "tlsProfile": "old"})
+        self.assertEqual(
+            self.errors(raw),
+            [
+                (
+                    'smartProxyConfig.routes[0].tls.tlsProfile: expected one of "modern", "intermediate", '
+                    "got a string 'old'"
+                )
+            ],
+        )
+
     def test_defaults_of_unsupported_keys_load(self) -> None:
         raw = route(tls={"mode": "passthrough", "certificate": None})
         raw["smartProxyConfig"]["acme"] = {"enabled": False}

@@ -9,6 +9,7 @@ import io
 from collections.abc import Callable
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.ssl import Certificate, CertificateOptions, TLSVersion
@@ -22,6 +23,7 @@ from dcrouter.delivery.pool import ConnectionPool, TargetFailure
 from dcrouter.delivery.route import Route
 from dcrouter.net.tls import generate_self_signed, server_tls_options
 from tests.downstream import Downstream, Script, closed_port, start_downstream
+from tests.test_net_tls import rsa_self_signed
 
 HELO = "relay.dcrouter.test"
 CERT_HOST = "downstream.test"
@@ -222,6 +224,44 @@ class TlsTests(PoolTestCase):
             target = local_target(downstream.port, host=CERT_HOST)
             failure = await self.failure(pool, local_route(downstream.port), target)
             self.assertEqual(failure.reply.enhanced, "4.7.5")
+
+        return run(check())
+
+    def old_server(self) -> Downstream:
+        """A server stuck with TLS 1.2 and one CBC static-RSA suite, as some old MX hosts are."""
+        cert_pem, key_pem = rsa_self_signed(CERT_HOST)
+        options = server_tls_options(cert_pem, key_pem, ciphers="AES128-SHA")
+        options.getContext().set_max_proto_version(SSL.TLS1_2_VERSION)
+        return self.downstream(Script(tls=options))
+
+    def test_opportunistic_takes_what_an_old_server_has(self) -> Deferred[None]:
+        """Opportunistic STARTTLS accepts a weak suite: the alternative is plaintext (or, after a failed
+        handshake, no delivery at all)."""
+        downstream = self.old_server()
+        pool = self.pool()
+
+        async def check() -> None:
+            route, target = local_route(downstream.port), local_target(downstream.port)
+            client = await pool.acquire(route, target)
+            self.assertTrue(client.is_tls)
+            result = await self.send(client)
+            pool.release(route, target, client, reusable=True)
+            self.assertEqual(result.data.code, 250)
+            self.assertTrue(downstream.messages[0].tls)
+
+        return run(check())
+
+    def test_required_tls_holds_to_the_policy(self) -> Deferred[None]:
+        """Required TLS (useTls) is the router's intermediate policy: the same old server fails the target
+        with 4.7.5, and nothing is sent."""
+        downstream = self.old_server()
+        pool = self.pool()
+
+        async def check() -> None:
+            route = local_route(downstream.port, require_tls=True)
+            failure = await self.failure(pool, route, local_target(downstream.port))
+            self.assertEqual((failure.reply.code, failure.reply.enhanced), (451, "4.7.5"))
+            self.assertNotIn("MAIL", " ".join(downstream.commands()))
 
         return run(check())
 

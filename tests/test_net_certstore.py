@@ -25,7 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from dcrouter.config.options import TlsConfig
 from dcrouter.net.certstore import CertificateStore, CertifiedKey
-from dcrouter.net.tls import TlsMaterialError, generate_self_signed, load_certified_key
+from dcrouter.net.tls import TlsMaterialError, TlsPolicy, generate_self_signed, load_certified_key
 
 DAY = 86400.0
 
@@ -355,13 +355,13 @@ class HandshakeTests(SynchronousTestCase):
         tls12.verify_mode = ssl.CERT_NONE
         tls12.maximum_version = ssl.TLSVersion.TLSv1_2
         self.assertEqual(self.connect("a.test", tls12).client.version(), "TLSv1.2")
-        self.options = self.store.server_options(min_version="TLSv1.3")
+        self.options = self.store.server_options(policy=TlsPolicy(min_version="TLSv1.3"))
         error = self.assertRaises(ssl.SSLError, self.connect, "a.test", tls12)
         self.assertIn("PROTOCOL_VERSION", error.reason or str(error))
         self.assertEqual(self.connect("a.test").client.version(), "TLSv1.3")
 
     def test_ciphers_apply_to_every_certificate(self) -> None:
-        self.options = self.store.server_options(ciphers="ECDHE-ECDSA-AES128-GCM-SHA256")
+        self.options = self.store.server_options(policy=TlsPolicy(ciphers="ECDHE-ECDSA-AES128-GCM-SHA256"))
         client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         client.check_hostname = False
         client.verify_mode = ssl.CERT_NONE
@@ -372,8 +372,10 @@ class HandshakeTests(SynchronousTestCase):
             self.assertEqual(cipher[0], "ECDHE-ECDSA-AES128-GCM-SHA256")
 
     def test_bad_settings_refused(self) -> None:
-        self.assertRaises(ValueError, self.store.server_options, min_version="TLSv1.1")
-        error = self.assertRaises(ValueError, self.store.server_options, ciphers="NO-SUCH-CIPHER")
+        self.assertRaises(ValueError, TlsPolicy, min_version="TLSv1.1")
+        error = self.assertRaises(
+            ValueError, self.store.server_options, policy=TlsPolicy(ciphers="NO-SUCH-CIPHER")
+        )
         self.assertIn("NO-SUCH-CIPHER", str(error))
 
     def test_alpn(self) -> None:

@@ -7,10 +7,12 @@ real reactor shows); everything else runs on MemoryReactorClock and never touche
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import stat
 from typing import Any
 
+from cryptography import x509
 from twisted.application.service import IService
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
@@ -323,6 +325,52 @@ class BindingTests(SynchronousTestCase):
         before = pair_state()
         DcRouter(smtp_options(self, tls=tls), reactor=MemoryReactorClock()).privilegedStartService()
         self.assertEqual(before, pair_state())
+
+    def test_self_signed_names_the_bind_address(self) -> None:
+        """The generated certificate names bindAddress (and the hostname), so that a client verifying by IP
+        accepts it; one generated for another address earlier is kept, with a warning."""
+        directory = os.path.join(os.path.abspath(self.mktemp()), "tls")
+        tls = {
+            "certPath": os.path.join(directory, "cert.pem"),
+            "keyPath": os.path.join(directory, "key.pem"),
+            "selfSigned": True,
+        }
+        DcRouter(
+            smtp_options(self, tls=tls, bindAddress="127.0.0.21"), reactor=MemoryReactorClock()
+        ).privilegedStartService()
+        with open(tls["certPath"], "rb") as handle:
+            certificate = x509.load_pem_x509_certificate(handle.read())
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        self.assertEqual(san.get_values_for_type(x509.DNSName), ["mx.test"])
+        self.assertIn(ipaddress.ip_address("127.0.0.21"), san.get_values_for_type(x509.IPAddress))
+
+        captured = CapturedLog(self)
+        DcRouter(
+            smtp_options(self, tls=tls, bindAddress="127.0.0.22"), reactor=MemoryReactorClock()
+        ).privilegedStartService()
+        self.assertIn(f"self-signed certificate {tls['certPath']} does not name 127.0.0.22", captured.text())
+
+    def test_self_signed_leaves_out_the_wildcard_address(self) -> None:
+        directory = os.path.join(os.path.abspath(self.mktemp()), "tls")
+        tls = {
+            "certPath": os.path.join(directory, "cert.pem"),
+            "keyPath": os.path.join(directory, "key.pem"),
+            "selfSigned": True,
+        }
+        captured = CapturedLog(self)
+        router = DcRouter(smtp_options(self, tls=tls, bindAddress="0.0.0.0"), reactor=MemoryReactorClock())
+        router.privilegedStartService()
+        DcRouter(
+            smtp_options(self, tls=tls, bindAddress="0.0.0.0"), reactor=MemoryReactorClock()
+        ).privilegedStartService()
+        with open(tls["certPath"], "rb") as handle:
+            certificate = x509.load_pem_x509_certificate(handle.read())
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        self.assertEqual(
+            san.get_values_for_type(x509.IPAddress),
+            [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")],
+        )
+        self.assertNotIn("does not name", captured.text())
 
     def test_logs_listeners(self) -> None:
         captured = CapturedLog(self)

@@ -603,16 +603,41 @@ def _pem_files(
         report.error(join(path, "keyPath"), f"does not match the certificate in {join(path, 'certPath')}")
 
 
-@block_check("ciphers")
+@block_check("ciphers", "min_version", "tls_profile")
 def tls_ciphers(tls: Any, path: str, report: Report) -> None:
+    """``ciphers`` replaces the profile's TLS 1.2 suites: it must name some, TLS 1.2 must be accepted at all,
+    and suites the profile leaves out (without forward secrecy, without AEAD, DHE) are worth a warning."""
     if tls.ciphers is None:
         return
+    # Imported here: dcrouter.net.tls imports this package's options.
     from OpenSSL import SSL
 
+    from dcrouter.net.tls import INTERMEDIATE_CIPHERS, TlsPolicy
+
+    ciphers = join(path, "ciphers")
+    if TlsPolicy(tls.tls_profile, tls.min_version).minimum_version == "TLSv1.3":
+        reason = (
+            f"{join(path, 'tlsProfile')} is \"modern\""
+            if tls.tls_profile == "modern"
+            else f"{join(path, 'minVersion')} is \"TLSv1.3\""
+        )
+        report.error(ciphers, f"has no effect: {reason}, so TLS 1.2 is not accepted; remove it")
+        return
+    context = SSL.Context(SSL.TLS_METHOD)
     try:
-        SSL.Context(SSL.TLS_METHOD).set_cipher_list(tls.ciphers.encode("ascii", "replace"))
+        context.set_cipher_list(tls.ciphers.encode("ascii", "replace"))
     except SSL.Error:
-        report.error(join(path, "ciphers"), f"OpenSSL knows no cipher in {tls.ciphers!r}")
+        report.error(ciphers, f"OpenSSL knows no cipher in {tls.ciphers!r}")
+        return
+    # TLS 1.3 suites (TLS_*) are listed too; they are not the override's and are all strong.
+    chosen = SSL.Connection(context, None).get_cipher_list()
+    weaker = [name for name in chosen if not name.startswith("TLS_") and name not in INTERMEDIATE_CIPHERS]
+    if weaker:
+        report.warning(
+            ciphers,
+            f"lets in TLS 1.2 suites that {join(path, 'tlsProfile')} leaves out (it keeps ECDHE with AEAD "
+            f"only): {', '.join(weaker)}",
+        )
 
 
 @block_check("users")

@@ -84,9 +84,22 @@ class TlsConfig:
     )
     key_path: str | None = option(None, doc="PEM private key matching certPath, unencrypted.")
     ca_path: str | None = option(None, doc="PEM bundle of CAs sent as the chain (intermediates).")
-    min_version: Literal["TLSv1.2", "TLSv1.3"] = option("TLSv1.2", doc="Lowest TLS version accepted.")
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = option(
+        "TLSv1.2", doc="Lowest TLS version accepted; raises tlsProfile's minimum, never lowers it."
+    )
+    tls_profile: Literal["modern", "intermediate"] = option(
+        "intermediate",
+        addition=True,
+        doc="TLS policy of every SMTP port (docs/security.md): `intermediate` accepts TLS 1.3 and TLS 1.2 "
+        "with ECDHE and AEAD suites only (Mozilla's intermediate profile, without DHE); `modern` accepts "
+        "TLS 1.3 only.",
+    )
     ciphers: str | None = option(
-        None, addition=True, doc="OpenSSL cipher string for TLS 1.2 (TLS 1.3 suites are OpenSSL's defaults)."
+        None,
+        addition=True,
+        doc="Expert override: an OpenSSL cipher string replacing tlsProfile's TLS 1.2 suites (TLS 1.3 suites "
+        "are OpenSSL's defaults). An error where TLS 1.2 is not accepted; a warning names the suites it lets "
+        "in that the profile leaves out.",
     )
     self_signed: bool = option(
         False,

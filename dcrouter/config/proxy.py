@@ -299,6 +299,27 @@ def _certificate_files(certificate: Any, path: str, report: Report) -> None:
         c._pem_files(certificate["certPath"], certificate["keyPath"], None, False, path, report)
 
 
+_PROFILE_DOC = (
+    "TLS policy towards clients (docs/security.md): `intermediate` accepts TLS 1.3 and TLS 1.2 with ECDHE "
+    "and AEAD suites only (Mozilla's intermediate profile, without DHE); `modern` accepts TLS 1.3 only. "
+    "Not set: `intermediate`."
+)
+
+
+@block_check("routes", "domain_configs")
+def _termination_profiles(proxy: Any, path: str, report: Report) -> None:
+    """A TLS profile applies where the proxy ends TLS; elsewhere it would be silently unused."""
+    for i, route in enumerate(proxy.routes):
+        tls = route.tls
+        if tls is not None and tls.tls_profile is not None and tls.mode not in _TERMINATING:
+            here = f"{join(path, 'routes')}[{i}].tls"
+            report.error(join(here, "tlsProfile"), f'has no effect with mode "{tls.mode}"')
+    for i, entry in enumerate(proxy.domain_configs):
+        if entry.tls_profile is not None and not entry.use_network_proxy:
+            here = f"{join(path, 'domainConfigs')}[{i}]"
+            report.error(join(here, "tlsProfile"), "has no effect without useNetworkProxy = true")
+
+
 @block_check("routes", "domain_configs", "acme")
 def _termination_certificates(proxy: Any, path: str, report: Report) -> None:
     """A terminating route needs a certificate (files, or "auto" for ACME); a certificate on a route that
@@ -443,6 +464,9 @@ class ProxyDomainConfig:
         doc="`{certPath, keyPath}`: the certificate a `useNetworkProxy` entry terminates with (else ACME).",
         check=_certificate_files_spec,
     )
+    tls_profile: Literal["modern", "intermediate"] | None = option(
+        None, addition=True, doc=f"With `useNetworkProxy`: the {_PROFILE_DOC}"
+    )
     max_connections: int | None = option(
         None,
         addition=True,
@@ -509,6 +533,9 @@ class RouteTls:
         doc='`"auto"`: obtained by ACME (needs `smartProxyConfig.acme.enabled`); or `{certPath, keyPath}`.',
         check=_certificate_spec,
     )
+    tls_profile: Literal["modern", "intermediate"] | None = option(
+        None, addition=True, doc=f"With a terminating mode: the {_PROFILE_DOC}"
+    )
 
 
 @dataclass(frozen=True)
@@ -561,6 +588,7 @@ class DefaultTarget:
     _sni_disabled,
     _acme_certificates,
     _termination_certificates,
+    _termination_profiles,
 )
 @dataclass(frozen=True)
 class SmartProxyConfig:

@@ -22,6 +22,11 @@ Decisions:
   ``451 4.7.5``; nothing is sent in plaintext. Otherwise STARTTLS is used whenever offered, and a failed
   handshake also fails the target (no fallback to plaintext in the same attempt: with ``verifyCertificates``
   a failure must defer, and a silent downgrade would make verification meaningless).
+- **Which TLS** (:mod:`dcrouter.net.tls`): required (``route.require_tls``) or verified
+  (``verifyCertificates``) TLS uses the router's ``intermediate`` policy, as its listeners do; STARTTLS that
+  is merely opportunistic uses the wider ``opportunistic`` profile, which also accepts CBC and static-RSA
+  suites, since a server that offers nothing better would otherwise get the message in plaintext, or (the
+  handshake having failed) not at all. ``tlsMinVersion`` applies to both.
 - **AUTH** is only sent over TLS, or in plaintext to a loopback address (127.0.0.0/8, ::1) where nothing
   crosses a network; otherwise the target fails with ``451 4.7.0``. A rejected AUTH defers rather than
   bounces (a wrong password in our configuration is not the recipient's fault; Postfix's
@@ -37,8 +42,8 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.ssl import CertificateOptions, TLSVersion, optionsForClientTLS, platformTrust
+from twisted.internet.interfaces import IDelayedCall, IOpenSSLClientConnectionCreator, IReactorTime
+from twisted.internet.ssl import platformTrust
 
 from dcrouter.config.options import DeliveryConfig
 from dcrouter.delivery.client import ESMTPClient, SMTPClientError
@@ -46,6 +51,7 @@ from dcrouter.delivery.mx import Target
 from dcrouter.delivery.route import Route
 from dcrouter.log import logger
 from dcrouter.net.quiet import connect_quietly
+from dcrouter.net.tls import TlsPolicy, client_options, verified_client_options
 from dcrouter.smtp.reply import Reply
 
 if TYPE_CHECKING:
@@ -53,8 +59,6 @@ if TYPE_CHECKING:
     from twisted.internet._sslverify import IOpenSSLTrustRoot
 
 log = logger("dcrouter.delivery")
-
-_VERSIONS = {"TLSv1.2": TLSVersion.TLSv1_2, "TLSv1.3": TLSVersion.TLSv1_3}
 
 #: Errors that mean "the network or the peer failed", as opposed to a bug here.
 NETWORK_ERRORS: tuple[type[BaseException], ...] = (
@@ -143,6 +147,7 @@ class ConnectionPool:
         self._counts: dict[ESMTPClient, int] = {}
         self._closing: list[Deferred[Any]] = []
         self._closed = False
+        self._unverified: dict[str, IOpenSSLClientConnectionCreator] = {}
 
     # -- handing out ----------------------------------------------------------------------------------
 
@@ -312,7 +317,7 @@ class ConnectionPool:
                 "no STARTTLS",
             )
         try:
-            await client.starttls(self._tls_options(target), self._helo_name)
+            await client.starttls(self._tls_options(route, target), self._helo_name)
         except SMTPClientError as error:
             refused = error.reply.code != 421 and not client.is_tls
             if refused and not route.require_tls:
@@ -335,15 +340,17 @@ class ConnectionPool:
             "AUTH needs TLS",
         )
 
-    def _tls_options(self, target: Target) -> Any:
-        minimum = _VERSIONS[self._config.tls_min_version]
+    def _tls_options(self, route: Route, target: Target) -> IOpenSSLClientConnectionCreator:
+        minimum = self._config.tls_min_version
         if self._config.verify_certificates:
-            return optionsForClientTLS(
-                target.host,
-                trustRoot=self._trust_root or platformTrust(),
-                extraCertificateOptions={"raiseMinimumTo": minimum},
-            )
-        return CertificateOptions(verify=False, raiseMinimumTo=minimum)
+            policy = TlsPolicy("intermediate", minimum)
+            return verified_client_options(policy, target.host, self._trust_root or platformTrust())
+        profile = "intermediate" if route.require_tls else "opportunistic"
+        options = self._unverified.get(profile)
+        if options is None:
+            # One per profile: its SSL context serves every connection.
+            options = self._unverified[profile] = client_options(TlsPolicy(profile, minimum))
+        return options
 
 
 def _alive(client: ESMTPClient) -> bool:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -27,18 +27,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import NameOID
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 from twisted.internet import ssl
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.ssl import TLSVersion
 
 from dcrouter.log import logger
 from dcrouter.net.domains import DomainMatcher, normalize_domain
+from dcrouter.net.tls import INTERMEDIATE, TlsPolicy, certificate_options
 
 log = logger(__name__)
-
-#: Minimum versions accepted by ``server_options`` (the configuration's ``minVersion`` values).
-TLS_VERSIONS = {"TLSv1.2": TLSVersion.TLSv1_2, "TLSv1.3": TLSVersion.TLSv1_3}
 
 # The key types pyOpenSSL can put into a context.
 _SUPPORTED_KEYS = (
@@ -131,45 +128,9 @@ class CertifiedKey:
         return bool(parent) and f"*.{parent}" in self.names
 
 
-def certificate_options(
-    key: CertifiedKey | None,
-    *,
-    min_version: str = "TLSv1.2",
-    ciphers: str | None = None,
-    alpn: Iterable[bytes] = (),
-    context_for_server_name: Callable[[bytes | None], SSL.Context | None] | None = None,
-) -> ssl.CertificateOptions:
-    """Twisted's hardened server options (no compression, no session tickets, single-use ECDH keys) for
-    ``key``, or without a certificate when ``key`` is None (a base context that switches by SNI).
-
-    Raises ValueError for an unknown ``min_version`` or a ``ciphers`` string OpenSSL knows no cipher in.
-    """
-    if min_version not in TLS_VERSIONS:
-        raise ValueError(f"minimum TLS version {min_version!r}: expected one of {', '.join(TLS_VERSIONS)}")
-    extra: dict[str, object] = {}
-    if ciphers:
-        extra["acceptableCiphers"] = ssl.AcceptableCiphers.fromOpenSSLCipherString(ciphers)
-    if key is not None:
-        extra["privateKey"] = crypto.PKey.from_cryptography_key(key.private_key)  # type: ignore[arg-type]
-        extra["certificate"] = crypto.X509.from_cryptography(key.certificate)
-        extra["extraCertChain"] = [crypto.X509.from_cryptography(c) for c in key.chain]
-    protocols = list(alpn)
-    try:
-        return ssl.CertificateOptions(
-            raiseMinimumTo=TLS_VERSIONS[min_version],
-            acceptableProtocols=protocols or None,
-            contextForServerName=context_for_server_name,
-            **extra,  # type: ignore[arg-type]
-        )
-    except ValueError as error:
-        # Twisted's message for an empty cipher selection is generic; say which setting caused it.
-        raise ValueError(f"ciphers {ciphers!r}: {error}" if ciphers else str(error)) from None
-
-
 @dataclass(frozen=True)
 class _Settings:
-    min_version: str
-    ciphers: str | None
+    policy: TlsPolicy
     alpn: tuple[bytes, ...]
 
 
@@ -258,27 +219,25 @@ class CertificateStore:
     # -- TLS ---------------------------------------------------------------------------------------------
 
     def server_options(
-        self, *, min_version: str = "TLSv1.2", ciphers: str | None = None, alpn: tuple[bytes, ...] = ()
+        self, *, policy: TlsPolicy = INTERMEDIATE, alpn: tuple[bytes, ...] = ()
     ) -> ssl.CertificateOptions:
         """A server TLS creator (an ``IOpenSSLServerConnectionCreator``, usable with ``TLSMemoryBIOFactory``
         and ``transport.startTLS``) that serves, at each handshake, the key :meth:`lookup` gives for the
-        client's SNI at that moment, with these settings. A handshake for which the store has no key (no match
-        and no default) is refused.
+        client's SNI at that moment, under ``policy`` (:mod:`dcrouter.net.tls`). A handshake for which the
+        store has no key (no match and no default) is refused.
 
         Contexts are built once per (key, settings) and dropped when their key leaves the store; every
-        context of one creator has the same settings, so the minimum version and ciphers hold whichever
-        certificate is chosen. Raises ValueError for an unknown ``min_version`` or unusable ``ciphers``.
+        context of one creator has the same settings, so the policy holds whichever certificate is chosen.
+        Raises ValueError for ``ciphers`` OpenSSL cannot use.
         """
-        settings = _Settings(min_version, ciphers, tuple(alpn))
+        settings = _Settings(policy, tuple(alpn))
 
         def context_for(server_name: bytes | None) -> SSL.Context | None:
             return self._context_for_name(server_name, settings)
 
         # The base context has no certificate: the servername callback runs for every ClientHello (with None
         # when there is no SNI) and always switches, so no handshake completes on it.
-        return certificate_options(
-            None, min_version=min_version, ciphers=ciphers, alpn=alpn, context_for_server_name=context_for
-        )
+        return certificate_options(None, policy=policy, alpn=alpn, context_for_server_name=context_for)
 
     def _context_for_name(self, server_name: bytes | None, settings: _Settings) -> SSL.Context | None:
         try:
@@ -296,9 +255,7 @@ class CertificateStore:
     def _context(self, key: CertifiedKey, settings: _Settings) -> SSL.Context:
         cached = self._contexts.get((settings, key))
         if cached is None:
-            options = certificate_options(
-                key, min_version=settings.min_version, ciphers=settings.ciphers, alpn=settings.alpn
-            )
+            options = certificate_options(key, policy=settings.policy, alpn=settings.alpn)
             cached = self._contexts[(settings, key)] = options.getContext()
         return cached
 

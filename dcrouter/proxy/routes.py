@@ -90,7 +90,8 @@ class ProxyRoute:
     refuse (a client they exclude is closed once this route was chosen). ``source`` is the key path the
     route came from, for error messages and logs. ``tls_mode`` is ``passthrough``, ``terminate`` or
     ``terminate-and-reencrypt``; a terminating route's ``certificate`` is files, ``"auto"`` (ACME) or None
-    (whatever the certificate store holds for the name)."""
+    (whatever the certificate store holds for the name), and ``tls_profile`` the TLS policy profile it
+    terminates with (``intermediate`` or ``modern``, see :mod:`dcrouter.net.tls`)."""
 
     name: str
     priority: int
@@ -105,6 +106,7 @@ class ProxyRoute:
     connection_timeout_ms: int | None
     source: str
     certificate: CertificateFiles | str | None = None
+    tls_profile: str = "intermediate"
 
     @property
     def terminates(self) -> bool:
@@ -157,6 +159,7 @@ def _from_route(route: Any, index: int) -> ProxyRoute:
         connection_timeout_ms=route.connection_timeout,
         source=source,
         certificate=_certificate(route.tls.certificate) if route.tls else None,
+        tls_profile=(route.tls.tls_profile if route.tls else None) or "intermediate",
     )
 
 
@@ -181,6 +184,7 @@ def _from_domain_config(config: Any, index: int) -> ProxyRoute:
         source=source,
         # With acme.enabled and no files, ACME obtains the entry's certificate.
         certificate=_certificate(entry.certificate) or ("auto" if entry.use_network_proxy else None),
+        tls_profile=entry.tls_profile or "intermediate",
     )
 
 

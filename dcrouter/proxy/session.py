@@ -39,6 +39,7 @@ from dcrouter.delivery.targets import TargetHealth
 from dcrouter.log import logger
 from dcrouter.net.cidr import CidrSet
 from dcrouter.net.quiet import connect_quietly, set_no_delay
+from dcrouter.net.tls import TlsPolicy
 from dcrouter.proxy import proxyprotocol
 from dcrouter.proxy.forward import BackendProtocol, RouteCounters, Splice
 from dcrouter.proxy.http import (
@@ -143,15 +144,20 @@ class ProxyContext:
         self.health = TargetHealth(self.reactor, self.settings.target_down_time)
         self.counters = {route.name: RouteCounters() for route in self.table.routes}
         self._port_routes: dict[int, tuple[ProxyRoute, ...]] = {}
-        self._server_creator: IOpenSSLServerConnectionCreator | None = None
+        self._server_creators: dict[str, IOpenSSLServerConnectionCreator] = {}
         self._backend_tls: BackendTls | None = None
 
-    def server_creator(self) -> IOpenSSLServerConnectionCreator | None:
-        """The TLS server side of terminating routes (certificate by SNI from the store, HTTP/1.1 by ALPN),
-        made once: the store consults its current certificates at each handshake. None without a store."""
-        if self._server_creator is None and self.certificates is not None:
-            self._server_creator = self.certificates.server_options(alpn=ALPN)
-        return self._server_creator
+    def server_creator(self, profile: str = "intermediate") -> IOpenSSLServerConnectionCreator | None:
+        """The TLS server side of terminating routes with ``tlsProfile`` ``profile`` (certificate by SNI from
+        the store, HTTP/1.1 by ALPN), made once per profile: the store consults its current certificates at
+        each handshake. None without a store."""
+        if self.certificates is None:
+            return None
+        creator = self._server_creators.get(profile)
+        if creator is None:
+            creator = self.certificates.server_options(policy=TlsPolicy(profile), alpn=ALPN)
+            self._server_creators[profile] = creator
+        return creator
 
     def backend_tls(self, server_name: str | None) -> IOpenSSLClientConnectionCreator:
         """TLS towards a ``terminate-and-reencrypt`` backend (not verified; SNI ``server_name``)."""
@@ -495,7 +501,7 @@ class ProxySession(Protocol):
                 clock=self.context.reactor,
                 timeout=_idle_timeout(route),
             )
-        elif sniffed.kind is Kind.TLS and self.context.server_creator() is not None:
+        elif sniffed.kind is Kind.TLS and self.context.server_creator(route.tls_profile) is not None:
             front = self._forwarder(route, sniffed.server_name, counters)
         else:
             self._refuse(counters, f"{route.name} terminates TLS; this connection is not TLS or HTTP/1.x")
@@ -512,7 +518,7 @@ class ProxySession(Protocol):
             if replay:
                 front.dataReceived(replay)
         else:
-            creator = self.context.server_creator()
+            creator = self.context.server_creator(route.tls_profile)
             assert creator is not None
             self._receiver = terminate_tls(self.transport, creator, front, replay, clock=self.context.reactor)
         if self._client_eof and self._state == _State.TERMINATED:

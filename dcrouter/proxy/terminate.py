@@ -15,6 +15,9 @@ complete: once the application closes, the client is read again (to hear its clo
 client's FIN closes the socket, and whatever is still open ``close_timeout`` seconds after the close began
 is aborted.
 
+Both sides follow the router's TLS policy (:mod:`dcrouter.net.tls`): towards clients the route's
+``tlsProfile``, towards backends ``intermediate``.
+
 Towards the backend (``terminate-and-reencrypt``) the certificate is **not verified**: backends behind a
 proxy commonly carry self-signed or internal certificates, and the hop is inside the operator's network.
 The backend is sent the client's SNI name so that virtual hosts there still select by name.
@@ -40,6 +43,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dcrouter.log import logger
+from dcrouter.net.tls import INTERMEDIATE, TlsPolicy, client_options
 
 log = logger(__name__)
 
@@ -56,7 +60,7 @@ class ServerCreatorSource(TypingProtocol):
     """What termination needs of :class:`dcrouter.net.certstore.CertificateStore`."""
 
     def server_options(
-        self, *, min_version: str = "TLSv1.2", ciphers: str | None = None, alpn: tuple[bytes, ...] = ()
+        self, *, policy: TlsPolicy = INTERMEDIATE, alpn: tuple[bytes, ...] = ()
     ) -> IOpenSSLServerConnectionCreator: ...
 
 
@@ -188,16 +192,14 @@ def terminate_tls(
 
 
 class BackendTls:
-    """The client side of TLS towards backends: one SSL context (TLS 1.2+, the peer's
+    """The client side of TLS towards backends: one SSL context (the ``intermediate`` policy, the peer's
     certificate not verified — see the module docstring), a connection creator per backend connection."""
 
     def __init__(self) -> None:
-        context = SSL.Context(SSL.TLS_CLIENT_METHOD)
-        context.set_min_proto_version(SSL.TLS1_2_VERSION)
-        context.set_verify(SSL.VERIFY_NONE, lambda *args: True)
-        # No ALPN offer: without one HTTP/1.1 is implied, and some servers (pyOpenSSL's without an ALPN list
-        # of their own) answer an offer with an alert instead of ignoring it.
-        self.context = context
+        # Not verified: CertificateOptions without a trust root leaves the context at VERIFY_NONE. No ALPN
+        # offer: without one HTTP/1.1 is implied, and some servers (pyOpenSSL's without an ALPN list of their
+        # own) answer an offer with an alert instead of ignoring it.
+        self.context = client_options(INTERMEDIATE).getContext()
 
     def creator(self, server_name: str | None) -> IOpenSSLClientConnectionCreator:
         return _UnverifiedClient(self.context, server_name)

@@ -97,10 +97,10 @@ def coerce_options(options: Any) -> tuple[DcRouterOptions, list[str]]:
 
 def smtp_tls_config(options: DcRouterOptions) -> TlsConfig | None:
     """The TLS settings for SMTP: ``smtpConfig.tls``, with the top-level ``tls`` certificate as a fallback for
-    the files (``smtpConfig.tls`` may then carry only tlsProfile/minVersion/ciphers). When neither names a certificate
-    but SMTP needs one (implicit TLS or submission ports are listened on): a self-signed certificate kept
-    under ``persistentPath`` (:func:`generated_certificate_paths`; with a memory queue the paths are None and
-    it is generated in memory). None when no certificate is named nor needed."""
+    the files (``smtpConfig.tls`` may then carry only tlsProfile/minVersion/ciphers). When neither names a
+    certificate but SMTP needs one (implicit TLS or submission ports are listened on): a self-signed
+    certificate kept under ``persistentPath`` (:func:`generated_certificate_paths`; with a memory queue the
+    paths are None and it is generated in memory). None when no certificate is named nor needed."""
     smtp = options.smtp_config
     own = smtp.tls if smtp is not None else None
     if own is not None and own.cert_path and own.key_path:

@@ -11,7 +11,7 @@ import dataclasses
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -20,7 +20,7 @@ from dcrouter.config import load_options
 from dcrouter.net.cidr import CidrSet
 from dcrouter.proxy.proxyprotocol import encode_v1, encode_v2
 from dcrouter.proxy.routes import PortRange, ProxyRoute, ProxyTarget, RouteTable, build_routes
-from dcrouter.proxy.session import ProxyContext, ProxySession, ProxySettings
+from dcrouter.proxy.session import REFUSAL_LINGER, ProxyContext, ProxySession, ProxySettings
 from tests.test_proxy_forward import BufferingTransport
 from tests.tls_hellos import real_client_hello
 
@@ -99,9 +99,17 @@ class SessionTestCase(SynchronousTestCase):
         factory.clientConnectionFailed(self.reactor.connectors[index], Failure(ConnectionRefusedError()))
 
     def assertRefused(self, transport: StringTransport, session: ProxySession) -> None:
-        self.assertTrue(transport.disconnecting, "the client was not closed")
+        """Refused: no byte written, our FIN sent at once, the connection closed at the latest
+        REFUSAL_LINGER seconds later (what the client still sends meanwhile is read and dropped)."""
         self.assertEqual(transport.value(), b"", "a refused client must get no bytes")
         self.assertIsNotNone(session.refused)
+        if not transport.disconnecting:
+            self.assertTrue(getattr(transport, "write_closed", False), "the client got no FIN")
+            self.assertEqual(transport.producerState, "producing", "a lingering close must read")
+            session.dataReceived(b"still sending")
+            self.reactor.advance(REFUSAL_LINGER)
+        self.assertTrue(transport.disconnecting, "the client was not closed")
+        self.assertEqual(transport.value(), b"", "a refused client must get no bytes")
 
 
 class RoutingTests(SessionTestCase):
@@ -141,6 +149,17 @@ class RoutingTests(SessionTestCase):
         session, client = self.connect(data=real_client_hello("c.test"))
         self.assertRefused(client, session)
         self.assertEqual(self.attempts(), [])
+
+    def test_refused_client_that_ends_is_closed_at_once(self) -> None:
+        """The lingering close of a refusal ends as soon as the client's EOF says nothing more comes."""
+        self.context(A, B)
+        session, client = self.connect(data=real_client_hello("c.test"))
+        self.assertTrue(client.write_closed)
+        self.assertFalse(client.disconnecting)
+        session.readConnectionLost()
+        self.assertTrue(client.disconnecting)
+        session.connectionLost(Failure(ConnectionDone()))
+        self.assertFalse([call for call in self.reactor.getDelayedCalls() if call.active()])
 
     def test_absent_sni_never_reaches_a_named_route(self) -> None:
         self.context(A)

@@ -57,6 +57,8 @@ log = logger(__name__)
 
 _NO_PEEK = Sniffed(Kind.OTHER, None, None, "not peeked: no route on this port selects by name")
 _CLIENT_HEADER = "PROXY header from the client"
+#: Seconds a refused client may go on sending before its connection is closed anyway (see _close_refused).
+REFUSAL_LINGER = 2.0
 
 
 @dataclass(frozen=True)
@@ -282,6 +284,7 @@ class ProxySession(Protocol):
         self._client_eof = False
         self._deadline: IDelayedCall | None = None
         self._lifetime: IDelayedCall | None = None
+        self._linger: IDelayedCall | None = None
         self._connecting: Deferred[Any] | None = None
         self._receiver: IProtocol | None = None  # on a terminating route: the TLS layer or the redirect
         # The client's first bytes, held back while they may still become a PROXY header; None once they
@@ -387,6 +390,8 @@ class ProxySession(Protocol):
             self._decided(self._sniffer.give_up())
         elif self._state == _State.HEADER:
             self._refuse(None, "EOF before the PROXY header ended")
+        elif self._linger is not None:
+            self.transport.loseConnection()  # a refused client has stopped sending: the close is clean now
 
     def writeConnectionLost(self) -> None:
         """Our EOF to the client was sent (the backend ended first)."""
@@ -636,7 +641,21 @@ class ProxySession(Protocol):
         self._note_refusal(counters, why)
         self._state = _State.CLOSED
         self._cancel_deadline()
-        self.transport.loseConnection()
+        self._close_refused()
+
+    def _close_refused(self) -> None:
+        """Close so that a client still sending reads our FIN, not a reset. Closing a socket with unread
+        bytes makes the kernel answer RST, and the client's next send then fails (EPIPE) before it has read
+        the end: a TLS scanner's SSLv2 probe, say, or a request body behind a refused head. So: FIN now,
+        drop what still comes (dataReceived ignores a closed session), close on the client's EOF or after
+        REFUSAL_LINGER seconds."""
+        transport = self.transport
+        if self._client_eof or not hasattr(transport, "loseWriteConnection"):
+            transport.loseConnection()
+            return
+        transport.loseWriteConnection()
+        transport.resumeProducing()  # a peek may have paused it: the kernel buffer must drain
+        self._linger = self.context.reactor.callLater(REFUSAL_LINGER, transport.loseConnection)
 
     def _refuse_spliced(self, why: str) -> None:
         """Drop a spliced connection and its backend connection, nothing more forwarded."""
@@ -685,6 +704,9 @@ class ProxySession(Protocol):
         if self._lifetime is not None and self._lifetime.active():
             self._lifetime.cancel()
         self._lifetime = None
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        self._linger = None
         if self._holds_ip:
             self._holds_ip = False
             self.context.release_ip(self.client_ip)

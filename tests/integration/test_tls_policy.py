@@ -275,7 +275,8 @@ class SslscanTests(PolicyOnTheWire):
         if endpoint.starttls:
             arguments.append("--starttls-smtp")
         out, err, code = await run_tool(SSLSCAN, [*arguments, f"{LOCAL}:{endpoint.port}"])
-        self.assertEqual(code, 0, f"sslscan failed: {err.decode(errors='replace')}")
+        said = (err + out[-1500:]).decode(errors="replace")
+        self.assertEqual(code, 0, f"sslscan failed on {endpoint}: {said}")
         xml = out[out.index(b"<?xml") :] if b"<?xml" in out else out
         return sslscan_problems(endpoint, sslscan_report(xml), self.tls12, self.versions)
 

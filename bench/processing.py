@@ -111,11 +111,11 @@ def measure_dcrouter(reactor: Any, workdir: str, key_path: str, samples: dict[in
     import tomllib
 
     from dcrouter.config.load import load_options
-    from dcrouter.envelope import Envelope
+    from dcrouter.mail.envelope import Envelope
+    from dcrouter.mail.spooled import SpooledMessage
     from dcrouter.processing.build import build_chain
     from dcrouter.processing.processor import EmailProcessor
     from dcrouter.queue.memory import MemoryQueue
-    from dcrouter.smtp.spool import SpooledMessage
 
     raw = tomllib.loads(
         "[smtpConfig]\nports = [2525]\nhostname = 'bench.invalid'\nqueueStorage = 'memory'\n"
@@ -232,7 +232,12 @@ def receive_rate(server: Dcrouter, messages: int, senders: int) -> dict[str, flo
         before = process_cpu_seconds(server.pid)
         result = asyncio.run(
             smtpload.run_senders(
-                HOST, server.port, senders, messages, 10 * 1024, recipient=f"user@{RECIPIENT_DOMAIN}",
+                HOST,
+                server.port,
+                senders,
+                messages,
+                10 * 1024,
+                recipient=f"user@{RECIPIENT_DOMAIN}",
                 sender="loadgen@bench.invalid",
             )
         )
@@ -268,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command     {command}")
     for line in machine_lines(workdir):
         print(line)
-    from dcrouter.processing.dkim import generate_private_key, private_key_pem
+    from dcrouter.mail.dkimkeys import generate_private_key, private_key_pem
 
     key_pem = private_key_pem(generate_private_key("rsa", 2048))
     key_path = os.path.join(workdir, KEY_PATH)
@@ -289,8 +294,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {a['cpu_ms']:.2f} / {b['cpu_ms']:.2f} | {a['peak_mb']:.1f} / {b['peak_mb']:.1f} |"
             )
         print()
-        print("| message | messages | dcrouter chain p50 / p99 ms | email+dkimpy p50 / p99 ms "
-              "| CPU ms/msg dcr / peer | peak traced MB dcr / peer |")
+        print(
+            "| message | messages | dcrouter chain p50 / p99 ms | email+dkimpy p50 / p99 ms "
+            "| CPU ms/msg dcr / peer | peak traced MB dcr / peer |"
+        )
         print("|---|---|---|---|---|---|")
         for row in rows:
             print(row)

@@ -21,10 +21,10 @@ from typing import Any
 from twisted.internet import defer, task
 from twisted.internet.task import Clock
 
-from dcrouter.envelope import Envelope
+from dcrouter.mail.envelope import Envelope
+from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.queue.disk import DiskQueue
 from dcrouter.queue.item import Priority, QueueItem, QueueItemStatus
-from dcrouter.smtp.spool import SpooledMessage
 
 NOW = 1_700_000_000.0
 

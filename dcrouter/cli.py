@@ -82,12 +82,7 @@ def _config_reference(args: argparse.Namespace) -> int:
 
 
 def _dkim_keygen(args: argparse.Namespace) -> int:
-    from dcrouter.processing.dkim import (
-        DkimError,
-        dns_txt_record,
-        generate_private_key,
-        private_key_pem,
-    )
+    from dcrouter.mail.dkimkeys import DkimError, dns_txt_record, generate_private_key, private_key_pem
 
     def fail(message: str) -> int:
         print(f"dcrouter dkim-keygen: {message}", file=sys.stderr)

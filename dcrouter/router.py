@@ -49,15 +49,15 @@ from dcrouter.delivery.callout import CalloutProber
 from dcrouter.delivery.manager import DeliveryManager
 from dcrouter.delivery.mx import MxResolver, make_resolver
 from dcrouter.delivery.pool import ConnectionPool
-from dcrouter.delivery.targets import TargetHealth
+from dcrouter.delivery.routing import RecipientRouter
 from dcrouter.delivery.transport import ESMTPTransport
 from dcrouter.interfaces import IDeliveryQueue
 from dcrouter.log import logger, set_level
 from dcrouter.net.certstore import CertificateStore, CertifiedKey
+from dcrouter.net.targets import TargetHealth
 from dcrouter.net.tls import TlsMaterialError, TlsPolicy, generate_self_signed, load_certified_key
 from dcrouter.processing.build import build_chain
 from dcrouter.processing.processor import EmailProcessor
-from dcrouter.processing.routing import RouteTable
 from dcrouter.proxy.service import ProxyBindError, ProxyService
 from dcrouter.smtp.auth import Authenticator
 from dcrouter.smtp.policy import SessionPolicy
@@ -251,7 +251,7 @@ class DcRouter(MultiService):
         self.policy: SessionPolicy | None = None
         self.verifier: RecipientVerifier | None = None
         self.authenticator: Authenticator | None = None
-        self.routes: RouteTable | None = None
+        self.routes: RecipientRouter | None = None
         self.delivery: DeliveryManager | None = None
         self.delivery_pool: ConnectionPool | None = None
         self.smtp: SmtpService | None = None
@@ -278,7 +278,7 @@ class DcRouter(MultiService):
     def _build_smtp(self, config: SmtpConfig, queue: IDeliveryQueue | None) -> None:
         reactor = self._reactor
         self.queue = queue if queue is not None else build_queue(config, reactor)
-        self.routes = RouteTable(config)
+        self.routes = RecipientRouter(config)
         self.processor = EmailProcessor(
             self.queue,
             reactor.seconds,

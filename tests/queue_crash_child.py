@@ -15,10 +15,10 @@ import sys
 from twisted.internet import reactor
 from twisted.python.failure import Failure
 
-from dcrouter.envelope import Envelope
+from dcrouter.mail.envelope import Envelope
+from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.queue.disk import DiskQueue
 from dcrouter.queue.item import QueueItem
-from dcrouter.smtp.spool import SpooledMessage
 
 IN_FLIGHT = 16
 

@@ -21,12 +21,12 @@ from zope.interface import directlyProvides, implementer
 
 from dcrouter.config.options import AuthConfig, DomainConfig, SmtpConfig
 from dcrouter.interfaces import IDeliveryQueue
+from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.processing.processor import EmailProcessor
 from dcrouter.queue.item import QueueItem
 from dcrouter.smtp.auth import Authenticator, MailUserRealm
 from dcrouter.smtp.policy import SessionPolicy
 from dcrouter.smtp.protocol import ESMTPServerFactory, ESMTPServerProtocol
-from dcrouter.smtp.spool import SpooledMessage
 
 HOSTNAME = "mx.example.test"
 PEER_IP = "192.0.2.10"

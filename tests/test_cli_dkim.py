@@ -13,7 +13,8 @@ import dkim
 from twisted.trial import unittest
 
 from dcrouter import cli
-from dcrouter.processing.dkim import DkimSigner, dns_txt_value, load_private_key, read_private_key
+from dcrouter.mail.dkimkeys import dns_txt_value, load_private_key, read_private_key
+from dcrouter.processing.dkim import DkimSigner
 from tests.test_processing_dkim import HAVE_MAIL_DKIM, MESSAGE, NO_MAIL_DKIM, NO_NACL, mail_dkim_verify
 
 

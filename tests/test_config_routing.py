@@ -8,7 +8,7 @@ from typing import Any
 from twisted.trial import unittest
 
 from dcrouter.config import ConfigError, load_options
-from dcrouter.config.checks import split_dns_server
+from dcrouter.net.hostport import split_dns_server
 
 
 def smtp(**keys: Any) -> dict[str, Any]:

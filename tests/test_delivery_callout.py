@@ -11,10 +11,10 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.names import dns
 
 from dcrouter.delivery.callout import GAVE_UP, CalloutProber, ProbeResult, Verdict
-from dcrouter.delivery.mx import MxResolver, Target
+from dcrouter.delivery.mx import MxResolver
 from dcrouter.delivery.route import Route
-from dcrouter.delivery.targets import TargetHealth
-from dcrouter.smtp.reply import Reply
+from dcrouter.mail.reply import Reply
+from dcrouter.net.targets import Target, TargetHealth
 from tests.downstream import Script, closed_port
 from tests.test_delivery_pool import PoolTestCase, TlsMaterial, run, until
 from tests.test_delivery_transport import Zone, local_route, two_targets

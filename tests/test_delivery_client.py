@@ -26,7 +26,7 @@ from dcrouter.delivery.client import (
     TransactionResult,
 )
 from dcrouter.log import levels, set_level
-from dcrouter.smtp.reply import Reply
+from dcrouter.mail.reply import Reply
 
 T = TypeVar("T")
 EHLO_FULL = (

@@ -11,7 +11,7 @@ import io
 from twisted.trial.unittest import TestCase
 
 from dcrouter.delivery.dsn import build_dsn, read_header_block, remote_host, status_of
-from dcrouter.envelope import Envelope
+from dcrouter.mail.envelope import Envelope
 from dcrouter.queue.item import QueueItem
 
 NOW = 1_700_000_000.0

@@ -1,4 +1,4 @@
-"""DeliveryManager against the real queues, a real RouteTable and a transport that answers on script.
+"""DeliveryManager against the real queues, a real RecipientRouter and a transport that answers on script.
 
 The transport here is a collaborator, not a mock of the manager: it answers per recipient from a script
 (``250`` unless told otherwise) and records what it was asked to deliver, reading the body through
@@ -25,14 +25,14 @@ from dcrouter.config.options import DeliveryConfig, SmtpConfig
 from dcrouter.delivery.manager import DeliveryManager, dsn_queue_id
 from dcrouter.delivery.outcome import DeliveryReport, Outcome, RecipientResult
 from dcrouter.delivery.route import Route
-from dcrouter.envelope import Envelope
+from dcrouter.delivery.routing import RecipientRouter
 from dcrouter.interfaces import ClaimLost, IDeliveryTransport, IRoutingRule, QueueUnavailable
+from dcrouter.mail.envelope import Envelope
+from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.processing.processor import EmailProcessor
-from dcrouter.processing.routing import RouteTable
 from dcrouter.queue.disk import DiskQueue
 from dcrouter.queue.item import Priority, QueueItem, QueueItemStatus
 from dcrouter.queue.memory import MemoryQueue
-from dcrouter.smtp.spool import SpooledMessage
 from tests.results import result_of
 
 START = 1_700_000_000.0
@@ -132,7 +132,7 @@ class ManagerTestsBase(TestCase):
         self.processor = EmailProcessor(self.queue, self.clock.seconds)
         self.manager = DeliveryManager(
             queue=self.queue,
-            routes=RouteTable(self.config, rules=[DomainRule()]),
+            routes=RecipientRouter(self.config, rules=[DomainRule()]),
             transport=self.transport,
             processor=self.processor,
             config=self.config,
@@ -612,7 +612,7 @@ class LifecycleTests(ManagerTestsBase):
                 raise RuntimeError("bug in a routing plugin")
 
         self.start()
-        self.manager._routes = RouteTable(self.config, rules=[BrokenRule()])  # a plugin with a bug
+        self.manager._routes = RecipientRouter(self.config, rules=[BrokenRule()])  # a plugin with a bug
         qid = self.send("alice@senders.test", "bob@a.test")
         item = self.item(qid)
         self.assertEqual((item.status, item.attempts), (QueueItemStatus.DEFERRED, 1))
@@ -703,7 +703,7 @@ class DiskQueueTests(TestCase):
         cfg = config()
         return DeliveryManager(
             queue=queue,
-            routes=RouteTable(cfg, rules=[DomainRule()]),
+            routes=RecipientRouter(cfg, rules=[DomainRule()]),
             transport=transport,
             processor=EmailProcessor(queue, self.clock.seconds),
             config=cfg,

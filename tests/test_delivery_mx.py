@@ -20,10 +20,10 @@ from dcrouter.delivery.mx import (
     MxResolver,
     NoSuchDomain,
     NullMX,
-    Target,
     make_resolver,
 )
 from dcrouter.delivery.route import Route
+from dcrouter.net.targets import Target
 
 E = TypeVar("E", bound=Exception)
 _reactor: Any = reactor  # typed loosely: the global reactor provides UDP and TCP

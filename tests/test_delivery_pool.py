@@ -18,9 +18,9 @@ from twisted.trial.unittest import TestCase
 
 from dcrouter.config.options import DeliveryConfig
 from dcrouter.delivery.client import ESMTPClient
-from dcrouter.delivery.mx import Target
 from dcrouter.delivery.pool import ConnectionPool, TargetFailure
 from dcrouter.delivery.route import Route
+from dcrouter.net.targets import Target
 from dcrouter.net.tls import generate_self_signed, server_tls_options
 from tests.downstream import Downstream, Script, closed_port, start_downstream
 from tests.test_net_tls import rsa_self_signed

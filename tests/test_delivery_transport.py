@@ -13,13 +13,13 @@ from twisted.names import dns, error
 from twisted.names.common import ResolverBase
 from zope.interface.verify import verifyObject
 
-from dcrouter.delivery.mx import MxResolver, Target
+from dcrouter.delivery.mx import MxResolver
 from dcrouter.delivery.outcome import DeliveryReport, Outcome
 from dcrouter.delivery.route import Route
-from dcrouter.delivery.targets import TargetHealth
 from dcrouter.delivery.transport import ESMTPTransport
-from dcrouter.envelope import Envelope
 from dcrouter.interfaces import ClaimLost, IDeliveryTransport
+from dcrouter.mail.envelope import Envelope
+from dcrouter.net.targets import Target, TargetHealth
 from dcrouter.queue.item import QueueItem
 from tests.downstream import Downstream, Script, closed_port, start_downstream
 from tests.test_delivery_pool import PoolTestCase, TlsMaterial, run, until

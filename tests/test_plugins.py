@@ -28,18 +28,18 @@ from dcrouter import plugins
 from dcrouter.config.checks import Report
 from dcrouter.config.load import ConfigError, load_options
 from dcrouter.config.processing import ScannerConfig, TransformationConfig
-from dcrouter.envelope import Envelope
 from dcrouter.interfaces import IScanner, ITransformation
+from dcrouter.mail.envelope import Envelope
+from dcrouter.mail.headers import read_header_block
+from dcrouter.mail.reply import Reply
+from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.processing.build import build_chain
-from dcrouter.processing.headers import read_header_block
 from dcrouter.processing.message import Discarded, Draft, Refusal, ScanResult, Verdict
 from dcrouter.processing.mime import MimeLimits, inspect_message
 from dcrouter.processing.processor import EmailProcessor
 from dcrouter.queue.files import message_reader
 from dcrouter.queue.item import QueueItem, QueueItemStatus
 from dcrouter.queue.memory import MemoryQueue
-from dcrouter.smtp.reply import Reply
-from dcrouter.smtp.spool import SpooledMessage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "docs", "examples", "dcrouter_example_plugins")

@@ -22,13 +22,14 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from dcrouter.config.load import load_options
-from dcrouter.envelope import Envelope
 from dcrouter.interfaces import IScanner
+from dcrouter.mail.dkimkeys import generate_private_key, private_key_pem
+from dcrouter.mail.envelope import Envelope
+from dcrouter.mail.headers import HeaderBlock
+from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.processing import processor as processor_module
 from dcrouter.processing.archive import WorkBudget
 from dcrouter.processing.build import build_chain
-from dcrouter.processing.dkim import generate_private_key, private_key_pem
-from dcrouter.processing.headers import HeaderBlock
 from dcrouter.processing.message import Discarded, Draft, Refusal, ScannerUnavailable, ScanResult, Verdict
 from dcrouter.processing.mime import MimeLimits
 from dcrouter.processing.processor import INLINE_ARCHIVE_BYTES, INLINE_BYTES, EmailProcessor, ScannerStage
@@ -42,7 +43,6 @@ from dcrouter.processing.transforms.headers import (
 )
 from dcrouter.queue.files import message_reader
 from dcrouter.queue.item import QueueItem, QueueItemStatus
-from dcrouter.smtp.spool import SpooledMessage
 from tests import mime_samples as samples
 from tests.archive_samples import EXE, make_zip
 from tests.results import MemoryQueueCase, result_of

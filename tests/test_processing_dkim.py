@@ -29,19 +29,17 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
 from dcrouter.delivery.dotstuff import DotStuffer
-from dcrouter.processing.dkim import (
+from dcrouter.mail.dkimkeys import (
     DkimError,
-    DkimSigner,
     PrivateKey,
-    RelaxedBodyHasher,
     dns_txt_record,
     dns_txt_value,
     generate_private_key,
     load_private_key,
     private_key_pem,
     read_private_key,
-    sign_in_thread,
 )
+from dcrouter.processing.dkim import DkimSigner, RelaxedBodyHasher, sign_in_thread
 
 NOW = 1_700_000_000
 DOMAIN = "example.com"

@@ -10,10 +10,10 @@ from typing import Any
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
-from dcrouter.envelope import Envelope
-from dcrouter.processing.headers import HeaderBlock
+from dcrouter.mail.envelope import Envelope
+from dcrouter.mail.headers import HeaderBlock
+from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.processing.message import Draft
-from dcrouter.smtp.spool import SpooledMessage
 
 MESSAGE = b"Subject: s\r\n\r\nbody\r\n"
 

@@ -1,4 +1,4 @@
-"""The header block transformations edit (dcrouter.processing.headers) and the reader that puts a new block in
+"""The header block transformations edit (dcrouter.mail.headers) and the reader that puts a new block in
 front of an unchanged body (dcrouter.queue.files).
 
 What is held here: an untouched block serialises to the bytes it was read from, whatever the folding and
@@ -15,7 +15,7 @@ from email.header import decode_header, make_header
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from dcrouter.processing.headers import (
+from dcrouter.mail.headers import (
     FOLD_WIDTH,
     HeaderBlock,
     HeaderError,

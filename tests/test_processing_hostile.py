@@ -14,14 +14,14 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from dcrouter.config.load import load_options
-from dcrouter.envelope import Envelope
+from dcrouter.mail.dkimkeys import generate_private_key, private_key_pem
+from dcrouter.mail.envelope import Envelope
+from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.processing.build import build_chain
-from dcrouter.processing.dkim import generate_private_key, private_key_pem
 from dcrouter.processing.message import Refusal
 from dcrouter.processing.processor import EmailProcessor
 from dcrouter.queue.item import QueueItem
 from dcrouter.queue.memory import MemoryQueue
-from dcrouter.smtp.spool import SpooledMessage
 from tests import mime_samples as samples
 from tests.archive_samples import EXE, make_gzip, make_tar, make_zip, nested_zips, zip_bomb
 

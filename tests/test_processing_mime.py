@@ -21,8 +21,8 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from dcrouter.processing import archive, archiveformats, decoding, mime, mimetext
+from dcrouter.processing.filetype import sniff_type
 from dcrouter.processing.mime import MessageInfo, MimeLimits, inspect_in_thread, inspect_message
-from dcrouter.processing.sniff import sniff_type
 from tests import mime_samples as samples
 from tests.archive_samples import (
     EXE,

@@ -11,15 +11,16 @@ from typing import Any
 
 from twisted.trial.unittest import SkipTest
 
-from dcrouter.envelope import Envelope
-from dcrouter.processing.dkim import DkimSigner, PrivateKey, dns_txt_value, private_key_pem
-from dcrouter.processing.headers import HeaderBlock
+from dcrouter.mail.dkimkeys import PrivateKey, dns_txt_value, private_key_pem
+from dcrouter.mail.envelope import Envelope
+from dcrouter.mail.headers import HeaderBlock
+from dcrouter.mail.spooled import SpooledMessage
+from dcrouter.processing.dkim import DkimSigner
 from dcrouter.processing.processor import EmailProcessor
 from dcrouter.processing.transforms.dkim import DkimSign
 from dcrouter.processing.transforms.headers import AddHeader, RemoveHeader, RewriteAddress
 from dcrouter.queue.files import message_reader
 from dcrouter.queue.item import QueueItem
-from dcrouter.smtp.spool import SpooledMessage
 from tests.results import MemoryQueueCase, result_of
 from tests.test_processing_dkim import (
     DOMAIN,

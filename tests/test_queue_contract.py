@@ -13,13 +13,13 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
-from dcrouter.envelope import Envelope
 from dcrouter.interfaces import IDeliveryQueue, QueueFull, QueueUnavailable
+from dcrouter.mail.envelope import Envelope
+from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.queue.contract import LOAD_COUNT_KEYS
 from dcrouter.queue.disk import DiskQueue
 from dcrouter.queue.item import Priority, QueueItem, QueueItemStatus
 from dcrouter.queue.memory import MemoryQueue
-from dcrouter.smtp.spool import SpooledMessage
 
 START = 1_700_000_000.0
 

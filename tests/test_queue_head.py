@@ -18,9 +18,9 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from dcrouter.delivery.manager import DeliveryManager, dsn_queue_id
-from dcrouter.envelope import Envelope
+from dcrouter.delivery.routing import RecipientRouter
+from dcrouter.mail.envelope import Envelope
 from dcrouter.processing.processor import EmailProcessor
-from dcrouter.processing.routing import RouteTable
 from dcrouter.processing.transforms.headers import AddHeader, RemoveHeader
 from dcrouter.queue.disk import DiskQueue
 from dcrouter.queue.files import message_reader
@@ -147,7 +147,7 @@ class QueueHeadMixin:
         cfg = config()
         return DeliveryManager(
             queue=queue,
-            routes=RouteTable(cfg, rules=[DomainRule()]),
+            routes=RecipientRouter(cfg, rules=[DomainRule()]),
             transport=transport,
             processor=self.processor(queue),
             config=cfg,

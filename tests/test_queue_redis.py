@@ -21,11 +21,11 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from dcrouter import DcRouter
 from dcrouter.config import load_options
 from dcrouter.interfaces import ClaimLost, DuplicateItem, QueueFull, QueueUnavailable
+from dcrouter.net.redis_url import RedisAddress, parse_redis_url
 from dcrouter.queue import redis_bodies, redis_consumer
 from dcrouter.queue import redis_scripts as scripts
 from dcrouter.queue.item import QueueItemStatus
 from dcrouter.queue.redis import HANDOUT_BODY_LIMIT, RedisQueue
-from dcrouter.queue.redis_url import RedisAddress, parse_redis_url
 from dcrouter.router import build_queue
 from tests.redis_server import SKIP_REASON, free_port, start_redis
 from tests.test_queue_contract import START, QueueContractMixin, inline, make_item, read_body, spool_file

@@ -29,14 +29,14 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from dcrouter import DcRouter
 from dcrouter.config import ConfigError, ConfigResult, load_options
 from dcrouter.config.options import SharedTlsConfig, TlsConfig
-from dcrouter.envelope import Envelope
 from dcrouter.interfaces import QueueUnavailable
+from dcrouter.mail.envelope import Envelope
+from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.net.tls import generate_self_signed
 from dcrouter.queue.disk import DiskQueue
 from dcrouter.queue.memory import MemoryQueue
 from dcrouter.router import StartupError, describe_listener, format_address, smtp_tls_config
 from dcrouter.smtp.protocol import ESMTPServerFactory
-from dcrouter.smtp.spool import SpooledMessage
 
 
 def smtp_options(test: SynchronousTestCase, **smtp: Any) -> dict[str, Any]:

@@ -13,9 +13,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from dcrouter.config.processing import ScannerConfig
-from dcrouter.envelope import Envelope
 from dcrouter.interfaces import IScanner
-from dcrouter.processing.headers import read_header_block
+from dcrouter.mail.envelope import Envelope
+from dcrouter.mail.headers import read_header_block
+from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.processing.message import Draft, ScanResult, Verdict
 from dcrouter.processing.mime import MimeLimits, inspect_message
 from dcrouter.processing.scanners.attachment import (
@@ -24,7 +25,6 @@ from dcrouter.processing.scanners.attachment import (
     name_forms,
     normalise_extension,
 )
-from dcrouter.smtp.spool import SpooledMessage
 from tests.archive_samples import make_gzip, make_tar, make_zip, nested_zips, rar5
 from tests.mime_samples import CRLF, attachment, b64, entity, headers, message, multipart, text_part
 

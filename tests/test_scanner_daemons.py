@@ -22,9 +22,10 @@ from twisted.web.server import Request as WebRequest
 from zope.interface.verify import verifyObject
 
 from dcrouter.config.processing import ScannerConfig
-from dcrouter.envelope import Envelope
 from dcrouter.interfaces import IScanner
-from dcrouter.processing.headers import read_header_block
+from dcrouter.mail.envelope import Envelope
+from dcrouter.mail.headers import read_header_block
+from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.processing.message import Draft, Refusal, ScannerUnavailable, ScanResult, Verdict
 from dcrouter.processing.processor import EmailProcessor, ScannerStage
 from dcrouter.processing.scanners import clamd, rspamd, spamd
@@ -33,7 +34,6 @@ from dcrouter.processing.scanners.daemon import Exchange, Request
 from dcrouter.processing.scanners.rspamd import RspamdScanner
 from dcrouter.processing.scanners.spamd import SpamdScanner
 from dcrouter.queue.memory import MemoryQueue
-from dcrouter.smtp.spool import SpooledMessage
 from tests import clamd_server, rspamd_server, spamd_server
 from tests.redis_server import free_port
 

@@ -11,9 +11,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from dcrouter.config.processing import ScannerConfig
-from dcrouter.envelope import Envelope
 from dcrouter.interfaces import IScanner
-from dcrouter.processing.headers import HeaderBlock, check_value
+from dcrouter.mail.envelope import Envelope
+from dcrouter.mail.headers import HeaderBlock, check_value
 from dcrouter.processing.message import ScanResult, Verdict
 from dcrouter.processing.scanners.heuristics import GTUBE, RULES, HeuristicSpamScanner
 from tests.mime_samples import CRLF, attachment, b64, entity, headers, message, multipart, text_part

@@ -1,4 +1,4 @@
-"""Tests for dcrouter.smtp.address: RFC 5321 paths, parameters, and relay tricks."""
+"""Tests for dcrouter.mail.address: RFC 5321 paths, parameters, and relay tricks."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from dcrouter.smtp.address import Address, AddressError, parse_mail_argument, parse_rcpt_argument
-from dcrouter.smtp.reply import Reply
+from dcrouter.mail.address import Address, AddressError, parse_mail_argument, parse_rcpt_argument
+from dcrouter.mail.reply import Reply
 
 _atext = st.sampled_from("abcxyzABCXYZ0189!#$%&'*+-/=?^_`{|}~")
 _atom = st.text(_atext, min_size=1, max_size=8)

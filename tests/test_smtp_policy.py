@@ -7,9 +7,9 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from dcrouter.config.options import DomainConfig, SmtpConfig
-from dcrouter.smtp.address import Address, AddressError, parse_rcpt_argument
+from dcrouter.mail.address import Address, AddressError, parse_rcpt_argument
+from dcrouter.mail.reply import Reply
 from dcrouter.smtp.policy import SessionPolicy
-from dcrouter.smtp.reply import Reply
 from dcrouter.smtp.session import Session
 
 OUTSIDE = "203.0.113.5"

@@ -13,8 +13,8 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
+from dcrouter.mail.address import Address, parse_rcpt_argument
 from dcrouter.smtp import recipients as recipients_module
-from dcrouter.smtp.address import Address, parse_rcpt_argument
 from dcrouter.smtp.recipients import (
     FILE_CHECK_INTERVAL,
     RecipientsFile,

@@ -7,7 +7,7 @@ import base64
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.trial import unittest
 
-from dcrouter.smtp.reply import Reply
+from dcrouter.mail.reply import Reply
 from dcrouter.smtp.sasl import MAX_DECODED_RESPONSE, Challenge, SaslError, SaslExchange
 
 UNDECODABLE = b"501 5.5.2 Cannot decode Base64 response\r\n"

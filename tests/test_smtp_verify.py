@@ -17,10 +17,10 @@ from twisted.trial import unittest
 from dcrouter.config.options import AuthConfig, CalloutConfig, DomainConfig, RoutingRuleConfig, SmtpConfig
 from dcrouter.delivery.callout import ProbeResult, Verdict
 from dcrouter.delivery.route import Route
-from dcrouter.processing.routing import RouteTable
+from dcrouter.delivery.routing import RecipientRouter
+from dcrouter.mail.reply import Reply
 from dcrouter.smtp.policy import SessionPolicy
 from dcrouter.smtp.recipients import FILE_CHECK_INTERVAL
-from dcrouter.smtp.reply import Reply
 from dcrouter.smtp.verify import RecipientVerifier, VerdictCache
 from tests.smtp_fixtures import PASSWORD, PEER_IP, START_TIME, Server, connect, make_config
 
@@ -97,7 +97,7 @@ class VerifyCase(unittest.TestCase):
             clock=self.clock,
             defer_to_thread=maybeDeferred,
             prober=self.prober,
-            route_for=RouteTable(self.config).route,
+            route_for=RecipientRouter(self.config).route,
         )
         self.policy = SessionPolicy(self.config, verifier=self.verifier)
         return self.config

@@ -19,15 +19,15 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from dcrouter.config.processing import TransformationConfig
-from dcrouter.envelope import Envelope
 from dcrouter.interfaces import ITransformation
-from dcrouter.processing.headers import HeaderBlock, read_header_block
+from dcrouter.mail.envelope import Envelope
+from dcrouter.mail.headers import HeaderBlock, read_header_block
+from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.processing.message import Draft
 from dcrouter.processing.mime import inspect_message
 from dcrouter.processing.transforms.attachments import RemoveAttachment, SanitizeAttachment
 from dcrouter.processing.transforms.footer import AddFooter, html_footer
 from dcrouter.processing.transforms.mimerewrite import PartView, RewriteLimits, rewrite_mime
-from dcrouter.smtp.spool import SpooledMessage
 from tests import mime_samples as samples
 from tests.mime_samples import CRLF, attachment, entity, headers, message, multipart, text_part
 

@@ -18,16 +18,16 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from dcrouter.config.load import ConfigError, load_options
-from dcrouter.envelope import Envelope
 from dcrouter.interfaces import ITransformation
+from dcrouter.mail.envelope import Envelope
+from dcrouter.mail.headers import read_header_block
+from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.processing.build import build_chain
-from dcrouter.processing.headers import read_header_block
 from dcrouter.processing.message import Draft, Refusal
 from dcrouter.processing.processor import EmailProcessor
 from dcrouter.processing.transforms.srs import SrsForward, SrsReverse, SrsScheme
 from dcrouter.queue.item import QueueItem
 from dcrouter.queue.memory import MemoryQueue
-from dcrouter.smtp.spool import SpooledMessage
 
 DAY = 86400
 NOW = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC

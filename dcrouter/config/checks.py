@@ -24,8 +24,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from dcrouter.net.domains import is_valid_domain_pattern, normalize_domain
+from dcrouter.net.hostport import split_dns_server
+from dcrouter.net.redis_url import parse_redis_url
 from dcrouter.passwords import is_password_hash, looks_like_password_hash
-from dcrouter.queue.redis_url import parse_redis_url
 
 
 class Advice(str):
@@ -163,33 +164,6 @@ def cidr(value: str) -> str | None:
     return None
 
 
-def split_dns_server(value: str) -> tuple[str, int]:
-    """``(ip, port)`` of an ``mtaConfig.dnsServers`` entry: ``IP``, ``IPv4:port`` or ``[IPv6]:port`` (port 53
-    when none is given). Raises ValueError with the reason; host names are refused (resolving the
-    resolver's name would need a resolver)."""
-    host, port_text = value, ""
-    if value.startswith("["):
-        host, bracket, rest = value[1:].partition("]")
-        if not bracket or (rest and not rest.startswith(":")):
-            raise ValueError(f"{value!r}: expected '[IPv6]:port'")
-        port_text = rest[1:] if rest else ""
-        if not port_text and rest:
-            raise ValueError(f"{value!r}: empty port")
-        if ":" not in host:
-            raise ValueError(f"{value!r}: brackets are for IPv6 addresses")
-    elif value.count(":") == 1:
-        host, _, port_text = value.partition(":")
-        if not port_text:
-            raise ValueError(f"{value!r}: empty port")
-    if not _is_ip(host):
-        raise ValueError(f"{value!r}: not an IP address (write IP, IP:port or [IPv6]:port)")
-    if not port_text:
-        return host, 53
-    if not port_text.isascii() or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise ValueError(f"{value!r}: not a port number (1-65535): {port_text!r}")
-    return host, int(port_text)
-
-
 def dns_server(value: str) -> str | None:
     """A resolver address for MX lookups: ``IP``, ``IPv4:port`` or ``[IPv6]:port``."""
     try:
@@ -201,7 +175,7 @@ def dns_server(value: str) -> str | None:
 
 def _address_pattern(value: str, allow_null: bool) -> str | None:
     # Imported here: the routing module imports the schema's neighbours, and options.py imports this module.
-    from dcrouter.processing.routing import parse_address_pattern
+    from dcrouter.mail.patterns import parse_address_pattern
 
     try:
         parse_address_pattern(value, allow_null=allow_null)
@@ -225,7 +199,7 @@ def mailbox_or_empty(value: str) -> str | None:
     if value == "":
         return None
     # Imported here: the SMTP address parser sits above the configuration layer.
-    from dcrouter.smtp.address import AddressError, parse_mail_argument
+    from dcrouter.mail.address import AddressError, parse_mail_argument
 
     try:
         address, _ = parse_mail_argument(f"FROM:<{value}>", utf8=True)
@@ -617,9 +591,9 @@ def tls_ciphers(tls: Any, path: str, report: Report) -> None:
     ciphers = join(path, "ciphers")
     if TlsPolicy(tls.tls_profile, tls.min_version).minimum_version == "TLSv1.3":
         reason = (
-            f"{join(path, 'tlsProfile')} is \"modern\""
+            f'{join(path, "tlsProfile")} is "modern"'
             if tls.tls_profile == "modern"
-            else f"{join(path, 'minVersion')} is \"TLSv1.3\""
+            else f'{join(path, "minVersion")} is "TLSv1.3"'
         )
         report.error(ciphers, f"has no effect: {reason}, so TLS 1.2 is not accepted; remove it")
         return

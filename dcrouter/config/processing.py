@@ -46,7 +46,7 @@ _ENGINES = {"spam": ("builtin", "spamassassin", "rspamd"), "virus": ("clamav",)}
 
 def dkim_private_key(value: str) -> str | None:
     """A usable DKIM private key: inline PEM or a readable file holding one (RSA of 2048+ bits or Ed25519)."""
-    from dcrouter.processing.dkim import DkimError, load_private_key, read_private_key
+    from dcrouter.mail.dkimkeys import DkimError, load_private_key, read_private_key
 
     try:
         load_private_key(read_private_key(value))
@@ -263,7 +263,7 @@ def srs_max_age(value: int) -> str | None:
 def transformation_entry(entry: Any, path: str, report: Report) -> None:
     import re
 
-    from dcrouter.processing.headers import HeaderError, check_name, check_value
+    from dcrouter.mail.headers import HeaderError, check_name, check_value
 
     if not _is_builtin("transformation", entry.type):
         _plugin_type("transformation", entry, path, report)

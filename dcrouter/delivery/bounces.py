@@ -32,13 +32,13 @@ from twisted.internet.defer import Deferred
 from dcrouter.delivery.dsn import Action, build_dsn, read_header_block
 from dcrouter.delivery.outcome import RecipientResult
 from dcrouter.delivery.retry import RetryPolicy
-from dcrouter.envelope import Envelope
 from dcrouter.interfaces import DuplicateItem, IDeliveryQueue
 from dcrouter.log import logger
+from dcrouter.mail.envelope import Envelope
+from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.processing.processor import EmailProcessor
 from dcrouter.queue.files import message_reader
 from dcrouter.queue.item import Priority, QueueItem
-from dcrouter.smtp.spool import SpooledMessage
 
 log = logger("dcrouter.delivery")
 

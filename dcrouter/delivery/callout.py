@@ -27,7 +27,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from dcrouter.delivery.client import SMTPClientError
-from dcrouter.delivery.mx import DnsTemporaryFailure, MxLookupError, MxResolver, Target
+from dcrouter.delivery.mx import DnsTemporaryFailure, MxLookupError, MxResolver
 from dcrouter.delivery.pool import (
     NETWORK_ERRORS,
     ConnectionPool,
@@ -37,9 +37,9 @@ from dcrouter.delivery.pool import (
     target_name,
 )
 from dcrouter.delivery.route import Route
-from dcrouter.delivery.targets import TargetHealth
 from dcrouter.log import logger
-from dcrouter.smtp.reply import Reply
+from dcrouter.mail.reply import Reply
+from dcrouter.net.targets import Target, TargetHealth
 
 log = logger("dcrouter.delivery.callout")
 
@@ -105,7 +105,7 @@ class CalloutProber:
             # NullMX or no such domain: delivery would bounce the message, so it is refused now.
             return ProbeResult(Verdict.REJECTED, Reply(error.code, error.enhanced, str(error)))
         last = NO_TARGET
-        for target in self._health.order(route, targets):
+        for target in self._health.order(route.name, targets, rotate=bool(route.targets)):
             if self._clock.seconds() >= deadline:
                 return ProbeResult(Verdict.UNVERIFIED, GAVE_UP)
             outcome = await self._attempt(route, target, sender, recipient)

@@ -56,8 +56,8 @@ from twisted.python.failure import Failure
 
 from dcrouter.delivery.dotstuff import StuffedBodyProducer
 from dcrouter.log import logger
+from dcrouter.mail.reply import Reply
 from dcrouter.net.quiet import set_no_delay
-from dcrouter.smtp.reply import Reply
 
 log = logger("dcrouter.delivery.client")
 

@@ -63,10 +63,10 @@ from dcrouter.delivery.bounces import dsn_queue_id as dsn_queue_id  # re-exporte
 from dcrouter.delivery.outcome import DeliveryReport, Outcome, RecipientResult
 from dcrouter.delivery.retry import RetryPolicy, Verdict
 from dcrouter.delivery.route import Route
+from dcrouter.delivery.routing import RecipientRouter
 from dcrouter.interfaces import ClaimLost, IDeliveryQueue, IDeliveryTransport
 from dcrouter.log import logger
 from dcrouter.processing.processor import EmailProcessor
-from dcrouter.processing.routing import RouteTable
 from dcrouter.queue.item import Priority, QueueItem, QueueItemStatus
 
 log = logger("dcrouter.delivery")
@@ -109,7 +109,7 @@ class DeliveryManager(Service):
         self,
         *,
         queue: IDeliveryQueue,
-        routes: RouteTable,
+        routes: RecipientRouter,
         transport: IDeliveryTransport,
         processor: EmailProcessor,
         config: SmtpConfig,

@@ -23,35 +23,18 @@ import ipaddress
 import random
 import socket
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred, TimeoutError, gatherResults
 from twisted.internet.interfaces import IResolver
 from twisted.names import client, dns, error
 
-from dcrouter.config.checks import split_dns_server
 from dcrouter.config.options import MtaConfig
 from dcrouter.delivery.route import Route
+from dcrouter.net.hostport import split_dns_server
+from dcrouter.net.targets import Target
 
 _MAX_CNAME_LINKS = 8
-
-
-@dataclass(frozen=True)
-class Target:
-    """One server to connect to. ``host`` is the name to verify its certificate against and to send as SNI
-    (the MX or target host name; the address itself for IP literals); ``address`` is an IPv4 or IPv6
-    address."""
-
-    host: str
-    address: str
-    port: int
-
-    def __str__(self) -> str:
-        """``address:port`` (``[address]:port`` for IPv6), as in attempt histories and results."""
-        if ":" in self.address:
-            return f"[{self.address}]:{self.port}"
-        return f"{self.address}:{self.port}"
 
 
 class MxLookupError(Exception):

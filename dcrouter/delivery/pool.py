@@ -47,12 +47,12 @@ from twisted.internet.ssl import platformTrust
 
 from dcrouter.config.options import DeliveryConfig
 from dcrouter.delivery.client import ESMTPClient, SMTPClientError
-from dcrouter.delivery.mx import Target
 from dcrouter.delivery.route import Route
 from dcrouter.log import logger
+from dcrouter.mail.reply import Reply
 from dcrouter.net.quiet import connect_quietly
+from dcrouter.net.targets import Target
 from dcrouter.net.tls import TlsPolicy, client_options, verified_client_options
-from dcrouter.smtp.reply import Reply
 
 if TYPE_CHECKING:
     # Twisted exports the interface only from a private module; it is needed for the annotation alone.

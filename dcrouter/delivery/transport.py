@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dcrouter.delivery.client import ESMTPClient, SMTPClientError
-from dcrouter.delivery.mx import DnsTemporaryFailure, MxLookupError, MxResolver, Target
+from dcrouter.delivery.mx import DnsTemporaryFailure, MxLookupError, MxResolver
 from dcrouter.delivery.outcome import DeliveryReport, Outcome, RecipientResult
 from dcrouter.delivery.pool import (
     NETWORK_ERRORS,
@@ -44,11 +44,11 @@ from dcrouter.delivery.pool import (
     target_name,
 )
 from dcrouter.delivery.route import Route
-from dcrouter.delivery.targets import TargetHealth
 from dcrouter.interfaces import ClaimLost, IDeliveryTransport
 from dcrouter.log import logger
+from dcrouter.mail.reply import Reply
+from dcrouter.net.targets import Target, TargetHealth
 from dcrouter.queue.item import QueueItem
-from dcrouter.smtp.reply import Reply
 
 log = logger("dcrouter.delivery")
 
@@ -157,7 +157,7 @@ class ESMTPTransport:
             self._log_unreached(item, route, report, f"no target to try ({_describe(reply)})")
             return report
         last = NO_TARGET
-        for target in self._health.order(route, targets):
+        for target in self._health.order(route.name, targets, rotate=bool(route.targets)):
             outcome = await self._attempt(item, route, target, recipients, open_body)
             if isinstance(outcome, TargetFailure):
                 self._health.mark_down(target)

@@ -27,41 +27,35 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import re
 import time
 from collections.abc import Callable, Iterable
 from typing import BinaryIO
 
-import idna
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from dcrouter.processing.headers import HeaderBlock, HeaderError
+from dcrouter.mail.dkimkeys import (
+    DkimError,
+    dns_txt_record,
+    load_private_key,
+    read_private_key,
+    selector_label,
+    signing_domain,
+)
+from dcrouter.mail.headers import HeaderBlock, HeaderError
 
 __all__ = [
-    "MIN_RSA_BITS",
     "OVERSIGNED_HEADERS",
     "SIGNED_HEADERS",
-    "DkimError",
     "DkimSigner",
-    "PrivateKey",
     "RelaxedBodyHasher",
-    "dns_txt_record",
-    "dns_txt_value",
-    "generate_private_key",
-    "load_private_key",
-    "private_key_pem",
-    "read_private_key",
     "sign_in_thread",
 ]
 
-PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
-
-MIN_RSA_BITS = 2048
 #: Header fields signed when present, in the order they are listed in ``h=``.
 SIGNED_HEADERS = (
     "from",
@@ -82,103 +76,6 @@ CHUNK_SIZE = 64 * 1024
 MAX_HEADER_BYTES = 1024 * 1024
 #: Longest line of the generated field (RFC 5322 recommends 78).
 _FOLD_WIDTH = 78
-
-_SELECTOR = re.compile(
-    r"^[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*$"
-)
-
-
-class DkimError(ValueError):
-    """The message cannot be signed, or the key or parameters cannot be used; the text says why."""
-
-
-# --- keys -------------------------------------------------------------------------------------------------
-
-
-def load_private_key(pem: bytes | str) -> PrivateKey:
-    """Parse an unencrypted PEM private key (PKCS#8 or PKCS#1 RSA); refuse RSA under :data:`MIN_RSA_BITS`
-    bits and every other key type."""
-    data = pem.encode("ascii", "replace") if isinstance(pem, str) else pem
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except TypeError as e:  # encrypted PEM and no password
-        raise DkimError(f"the DKIM private key must not be encrypted ({e})") from e
-    except ValueError as e:
-        raise DkimError(f"the DKIM private key is not a PEM private key ({e})") from e
-    except Exception as e:  # cryptography raises UnsupportedAlgorithm and others for odd PEM
-        raise DkimError(f"the DKIM private key cannot be used ({e})") from e
-    if isinstance(key, rsa.RSAPrivateKey):
-        if key.key_size < MIN_RSA_BITS:
-            raise DkimError(
-                f"the DKIM RSA key has {key.key_size} bits; at least {MIN_RSA_BITS} are required (RFC 8301)"
-            )
-        return key
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        return key
-    raise DkimError(f"DKIM keys are RSA or Ed25519, not {type(key).__name__}")
-
-
-def read_private_key(value: str) -> bytes:
-    """The PEM text of ``dkimOptions.privateKey``: the value itself when it is inline PEM (it contains
-    ``-----BEGIN``), else the contents of the file it names."""
-    if "-----BEGIN" in value:
-        return value.encode("ascii", "replace")
-    try:
-        with open(value, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise DkimError(f"cannot read the DKIM private key file {value!r}: {e.strerror}") from e
-
-
-def generate_private_key(key_type: str = "rsa", bits: int = MIN_RSA_BITS) -> PrivateKey:
-    """A new signing key: ``rsa`` of ``bits`` bits (at least :data:`MIN_RSA_BITS`) or ``ed25519``."""
-    if key_type == "rsa":
-        if bits < MIN_RSA_BITS:
-            raise DkimError(f"RSA keys need at least {MIN_RSA_BITS} bits, not {bits}")
-        return rsa.generate_private_key(public_exponent=65537, key_size=bits)
-    if key_type == "ed25519":
-        return ed25519.Ed25519PrivateKey.generate()
-    raise DkimError(f"unknown key type {key_type!r} (rsa or ed25519)")
-
-
-def private_key_pem(key: PrivateKey) -> bytes:
-    """``key`` as unencrypted PKCS#8 PEM, the form :func:`load_private_key` reads."""
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-def dns_txt_value(key: PrivateKey) -> str:
-    """The key record's text: ``v=DKIM1; k=rsa; p=<SubjectPublicKeyInfo>`` or, per RFC 8463,
-    ``v=DKIM1; k=ed25519; p=<the 32 raw public key octets>``, base64."""
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        return "v=DKIM1; k=ed25519; p=" + base64.b64encode(raw).decode("ascii")
-    der = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return "v=DKIM1; k=rsa; p=" + base64.b64encode(der).decode("ascii")
-
-
-def dns_txt_record(domain: str, selector: str, key: PrivateKey) -> str:
-    """The zone-file line to publish: ``S._domainkey.D. IN TXT "..." "..."``, the text cut into strings of
-    at most 255 octets (the limit of one DNS character-string; resolvers join them)."""
-    value = dns_txt_value(key)
-    strings = " ".join(f'"{value[i : i + 255]}"' for i in range(0, len(value), 255))
-    return f"{_selector(selector)}._domainkey.{_domain(domain)}. IN TXT {strings}"
-
-
-def _domain(domain: str) -> str:
-    try:
-        return idna.encode(domain.rstrip("."), uts46=True).decode("ascii").lower()
-    except idna.IDNAError as e:
-        raise DkimError(f"the DKIM domain {domain!r} is not a valid domain name ({e})") from e
-
-
-def _selector(selector: str) -> str:
-    if not _SELECTOR.match(selector):
-        raise DkimError(f"the DKIM selector {selector!r} is not a valid selector (letters, digits, '-', '.')")
-    return selector.lower()
 
 
 # --- canonicalisation -------------------------------------------------------------------------------------
@@ -319,8 +216,8 @@ class DkimSigner:
         max_header_bytes: int = MAX_HEADER_BYTES,
         chunk_size: int = CHUNK_SIZE,
     ) -> None:
-        self.domain = _domain(domain)
-        self.selector = _selector(selector)
+        self.domain = signing_domain(domain)
+        self.selector = selector_label(selector)
         self._key = load_private_key(private_key_pem)
         self.algorithm = (
             "ed25519-sha256" if isinstance(self._key, ed25519.Ed25519PrivateKey) else "rsa-sha256"

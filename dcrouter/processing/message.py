@@ -1,7 +1,7 @@
 """What the processing stages work on and what they report.
 
 A :class:`Draft` is one received message on its way through the chain: the envelope (a copy stages may
-change), the top-level :class:`~dcrouter.processing.headers.HeaderBlock`, the MIME metadata, and where the
+change), the top-level :class:`~dcrouter.mail.headers.HeaderBlock`, the MIME metadata, and where the
 body bytes are. The received file is never changed: a header-only change keeps the new block apart and the
 queue stores it with the original file and the offset of its body (``QueueItem.head``/``body_offset``), so
 the body is not copied; a body rewrite (an attachment removed, a footer) writes a new body file.
@@ -19,12 +19,12 @@ from typing import Any, BinaryIO, TypeVar
 
 from twisted.internet.defer import Deferred
 
-from dcrouter.envelope import Envelope
-from dcrouter.processing.headers import HeaderBlock
+from dcrouter.mail.envelope import Envelope
+from dcrouter.mail.headers import HeaderBlock
+from dcrouter.mail.reply import Reply
+from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.processing.mime import MessageInfo
 from dcrouter.queue.files import message_reader
-from dcrouter.smtp.reply import Reply
-from dcrouter.smtp.spool import SpooledMessage
 
 T = TypeVar("T")
 #: Runs a blocking callable off the reactor thread; the Deferred fires on the reactor thread.
@@ -62,7 +62,7 @@ class ScannerUnavailable(Exception):
 
 
 class Refusal(Exception):
-    """Refuse the message with ``reply`` (an SMTP :class:`~dcrouter.smtp.reply.Reply`); ingress sends it."""
+    """Refuse the message with ``reply`` (an SMTP :class:`~dcrouter.mail.reply.Reply`); ingress sends it."""
 
     def __init__(self, reply: Reply, reason: str = "") -> None:
         super().__init__(f"{reply.code} {reply.enhanced} {reason or reply.text}")

@@ -34,6 +34,7 @@ from twisted.python.threadpool import ThreadPool
 
 from dcrouter.processing.archive import ArchiveCollector, ArchiveLimits, WorkBudget
 from dcrouter.processing.decoding import IDENTITY_ENCODINGS, TransferDecoder, transfer_decoder
+from dcrouter.processing.filetype import SNIFF_BYTES, sniff_type
 from dcrouter.processing.mailboxes import originators, recipients, split_address_list, strict_mailboxes
 from dcrouter.processing.mimeheaders import (
     FIELD_START,
@@ -44,7 +45,6 @@ from dcrouter.processing.mimeheaders import (
 )
 from dcrouter.processing.mimetext import TextBudget, TextPart
 from dcrouter.processing.multipart import MAX_BOUNDARY, MAX_DELIMITER_LINE, Frame, match_delimiter
-from dcrouter.processing.sniff import SNIFF_BYTES, sniff_type
 
 __all__ = [
     "CHUNK_SIZE",

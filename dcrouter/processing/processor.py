@@ -15,7 +15,6 @@ enqueue itself is never cut short, since the queue may already be committing it.
 from __future__ import annotations
 
 import re
-import secrets
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -25,11 +24,14 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from dcrouter.envelope import Envelope
 from dcrouter.interfaces import IDeliveryQueue, IRoutingRule, IScanner, ITransformation
 from dcrouter.log import logger
+from dcrouter.mail.envelope import Envelope
+from dcrouter.mail.headers import HeaderBlock, HeaderError, HeaderTooLarge, read_header_block
+from dcrouter.mail.queueid import new_queue_id
+from dcrouter.mail.reply import Reply
+from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.processing.archive import ArchiveWorkExceeded, WorkBudget
-from dcrouter.processing.headers import HeaderBlock, HeaderError, HeaderTooLarge, read_header_block
 from dcrouter.processing.message import (
     Discarded,
     Draft,
@@ -40,8 +42,6 @@ from dcrouter.processing.message import (
 )
 from dcrouter.processing.mime import MimeLimits, inspect_message
 from dcrouter.queue.item import Priority, QueueItem, QueueItemStatus
-from dcrouter.smtp.reply import Reply
-from dcrouter.smtp.spool import SpooledMessage
 
 log = logger("dcrouter.processing")
 
@@ -55,11 +55,6 @@ INLINE_BYTES = 64 * 1024
 #: milliseconds); a small message whose archives hold more (a nested zip, a tar.gz) is inspected again in the
 #: thread pool, since a 64 KiB message can hold archives that expand to many megabytes.
 INLINE_ARCHIVE_BYTES = 1024 * 1024
-
-
-def new_queue_id() -> str:
-    """A queue id: 20 upper-case hex digits, unique without coordination, safe in file names."""
-    return secrets.token_hex(10).upper()
 
 
 class ScannerStage:

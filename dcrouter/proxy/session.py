@@ -33,12 +33,10 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from dcrouter.delivery.mx import Target
-from dcrouter.delivery.route import Route
-from dcrouter.delivery.targets import TargetHealth
 from dcrouter.log import logger
 from dcrouter.net.cidr import CidrSet
 from dcrouter.net.quiet import connect_quietly, set_no_delay
+from dcrouter.net.targets import Target, TargetHealth
 from dcrouter.net.tls import TlsPolicy
 from dcrouter.proxy import proxyprotocol
 from dcrouter.proxy.forward import BackendProtocol, RouteCounters, Splice
@@ -208,9 +206,7 @@ class ProxyContext:
     def targets(self, route: ProxyRoute, port: int) -> list[Target]:
         """The route's hosts in the order to try them: round robin, targets marked down last."""
         hosts = route.target.hosts
-        return self.health.order(
-            Route(name=route.name, targets=hosts, port=port), [Target(h, h, port) for h in hosts]
-        )
+        return self.health.order(route.name, [Target(h, h, port) for h in hosts])
 
     def connect(
         self,

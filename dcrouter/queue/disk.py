@@ -46,13 +46,13 @@ from zope.interface import implementer
 
 from dcrouter.interfaces import IDeliveryQueue, QueueFull, QueueUnavailable
 from dcrouter.log import logger
+from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.queue.contract import check_changes, check_item_id, is_live
 from dcrouter.queue.index import ClaimDue, Outcome, QueueIndex, RemoveItems, StoreItem, UpdateItem, Write
 from dcrouter.queue.item import QueueItem, QueueItemStatus
 from dcrouter.queue.lifecycle import QueueLifecycle
 from dcrouter.queue.orphans import OrphanSweeper
 from dcrouter.queue.recovery import recover
-from dcrouter.smtp.spool import SpooledMessage
 
 log = logger("dcrouter.queue")
 
@@ -197,7 +197,6 @@ class DiskQueue(QueueLifecycle):
         d = deferToThreadPool(self._reactor, self._pool, self._open_and_recover)
         d.addCallbacks(self._loaded, self._load_failed)
         return d
-
 
     # -- internals: life cycle ---------------------------------------------------------------------
 

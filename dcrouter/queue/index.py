@@ -27,10 +27,10 @@ from collections.abc import Callable, Iterable
 from typing import Any, BinaryIO
 
 from dcrouter.interfaces import DuplicateItem, QueueUnavailable
+from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.queue.contract import is_live
 from dcrouter.queue.files import fsync_directory, fsync_file, link_without_replacing
 from dcrouter.queue.item import QueueItem, QueueItemStatus
-from dcrouter.smtp.spool import SpooledMessage
 
 SCHEMA_VERSION = 1
 
@@ -469,9 +469,7 @@ class QueueIndex:
         return None if row is None else parse_item(row[0])
 
     def select(self, where: str, params: tuple[Any, ...]) -> list[QueueItem]:
-        rows = self.reader().execute(
-            f"SELECT item FROM items WHERE {where} ORDER BY created_at, seq", params
-        )
+        rows = self.reader().execute(f"SELECT item FROM items WHERE {where} ORDER BY created_at, seq", params)
         return [parse_item(r[0]) for r in rows]
 
     def open_body(self, item_id: str) -> BinaryIO:

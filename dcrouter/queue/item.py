@@ -7,7 +7,7 @@ import enum
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from dcrouter.envelope import Envelope
+from dcrouter.mail.envelope import Envelope
 
 
 class QueueItemStatus(str, enum.Enum):

@@ -28,6 +28,7 @@ from zope.interface import implementer
 
 from dcrouter.interfaces import DuplicateItem, IDeliveryQueue, QueueFull, QueueUnavailable
 from dcrouter.log import logger
+from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.queue.contract import (
     FINAL_STATUSES,
     check_changes,
@@ -36,7 +37,6 @@ from dcrouter.queue.contract import (
     new_load_counts,
 )
 from dcrouter.queue.item import READY_STATUSES, QueueItem, QueueItemStatus
-from dcrouter.smtp.spool import SpooledMessage
 
 log = logger("dcrouter.queue")
 

@@ -99,6 +99,8 @@ from zope.interface import implementer
 
 from dcrouter.interfaces import ClaimLost, DuplicateItem, IDeliveryQueue, QueueFull, QueueUnavailable
 from dcrouter.log import logger
+from dcrouter.mail.spooled import SpooledMessage
+from dcrouter.net.redis_url import parse_redis_url
 from dcrouter.queue import redis_bodies as bodies
 from dcrouter.queue import redis_consumer
 from dcrouter.queue import redis_scripts as scripts
@@ -110,8 +112,6 @@ from dcrouter.queue.redis_connection import RedisConnection
 from dcrouter.queue.redis_consumer import ConsumerSlot
 from dcrouter.queue.redis_recovery import recover
 from dcrouter.queue.redis_store import RedisStore
-from dcrouter.queue.redis_url import parse_redis_url
-from dcrouter.smtp.spool import SpooledMessage
 
 log = logger("dcrouter.queue")
 

@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 
 from dcrouter.interfaces import QueueError, QueueUnavailable
 from dcrouter.log import logger
-from dcrouter.queue.redis_url import RedisAddress
+from dcrouter.net.redis_url import RedisAddress
 
 log = logger("dcrouter.queue")
 

@@ -46,8 +46,8 @@ from zope.interface import Interface, implementer
 
 from dcrouter.config.options import AuthConfig, UserConfig
 from dcrouter.log import logger
+from dcrouter.mail.reply import Reply
 from dcrouter.passwords import ScryptHash, parse_password_hash, verify_password
-from dcrouter.smtp.reply import Reply
 from dcrouter.smtp.sasl import MECHANISMS, SaslError, SaslExchange
 
 log = logger("dcrouter.smtp.auth")

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from dcrouter.smtp.reply import Reply
+from dcrouter.mail.reply import Reply
 
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 BARE_LINE_ENDING = Reply(

@@ -7,10 +7,10 @@ import ipaddress
 from twisted.internet.defer import Deferred
 
 from dcrouter.config.options import DomainConfig, SmtpConfig
+from dcrouter.mail.address import Address
+from dcrouter.mail.reply import Reply
 from dcrouter.net.cidr import CidrSet
 from dcrouter.net.domains import DomainMatcher
-from dcrouter.smtp.address import Address
-from dcrouter.smtp.reply import Reply
 from dcrouter.smtp.session import Session
 from dcrouter.smtp.verify import RecipientVerifier
 

@@ -53,18 +53,19 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dcrouter.config.options import SmtpConfig
-from dcrouter.envelope import Envelope
 from dcrouter.interfaces import QueueFull, QueueUnavailable
 from dcrouter.log import logger
+from dcrouter.mail.address import Address, AddressError, parse_mail_argument, parse_rcpt_argument
+from dcrouter.mail.envelope import Envelope
+from dcrouter.mail.queueid import new_queue_id
+from dcrouter.mail.reply import Reply
 from dcrouter.processing.message import Discarded
-from dcrouter.processing.processor import EmailProcessor, new_queue_id
+from dcrouter.processing.processor import EmailProcessor
 from dcrouter.queue.item import QueueItemStatus
-from dcrouter.smtp.address import Address, AddressError, parse_mail_argument, parse_rcpt_argument
 from dcrouter.smtp.auth import Authenticator, AuthFailed
 from dcrouter.smtp.datastream import MESSAGE_TOO_BIG, DataStream
 from dcrouter.smtp.policy import SessionPolicy
 from dcrouter.smtp.received import received_header, with_protocol
-from dcrouter.smtp.reply import Reply
 from dcrouter.smtp.sasl import MAX_ENCODED_RESPONSE, Challenge, SaslError, SaslExchange
 from dcrouter.smtp.service import OpenSessions
 from dcrouter.smtp.session import Session

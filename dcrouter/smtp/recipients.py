@@ -35,8 +35,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from dcrouter.log import logger
+from dcrouter.mail.address import Address
 from dcrouter.net.domains import DomainMatcher, normalize_domain
-from dcrouter.smtp.address import Address
 
 log = logger("dcrouter.smtp")
 

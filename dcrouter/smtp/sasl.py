@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from twisted.cred.credentials import UsernamePassword
 
-from dcrouter.smtp.reply import Reply
+from dcrouter.mail.reply import Reply
 
 MECHANISMS = ("PLAIN", "LOGIN")
 

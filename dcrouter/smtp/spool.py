@@ -3,37 +3,12 @@ message in memory."""
 
 from __future__ import annotations
 
-import io
 import os
 import secrets
 from collections.abc import Callable
 from typing import BinaryIO
 
-
-class SpooledMessage:
-    """A received message, complete. Exactly one of ``data`` (small messages) or ``path`` (a file in the spool
-    directory, not yet fsynced) is set. A queue that takes it owns it: it moves or deletes the file."""
-
-    def __init__(self, size: int, data: bytes | None = None, path: str | None = None) -> None:
-        assert (data is None) != (path is None)
-        self.size = size
-        self.data = data
-        self.path = path
-
-    def open(self) -> BinaryIO:
-        if self.data is not None:
-            return io.BytesIO(self.data)
-        assert self.path is not None
-        return open(self.path, "rb")
-
-    def discard(self) -> None:
-        if self.path is not None:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
-            self.path = None
-        self.data = None
+from dcrouter.mail.spooled import SpooledMessage
 
 
 def open_spool_file(path: str) -> BinaryIO:

@@ -22,7 +22,7 @@ client.
 
 Callouts, what a caller may rely on:
 
-- Routed as delivery routes the message (``RouteTable.route`` with the transaction's real sender), so the
+- Routed as delivery routes the message (``RecipientRouter.route`` with the transaction's real sender), so the
   probe goes where the message would go; the probe itself says ``MAIL FROM:<calloutSender>`` (``<>``).
 - Results are cached per (route, probe sender, address) on the clock: accepted for ``callout.positiveTtl``,
   refused for ``callout.negativeTtl``, at most ``callout.cacheSize`` addresses (least recently used go
@@ -50,10 +50,10 @@ from dcrouter.config.options import CalloutConfig, DomainConfig, SmtpConfig
 from dcrouter.delivery.callout import ProbeResult, Verdict
 from dcrouter.delivery.route import Route
 from dcrouter.log import logger
+from dcrouter.mail.address import Address
+from dcrouter.mail.reply import Reply
 from dcrouter.net.domains import DomainMatcher
-from dcrouter.smtp.address import Address
 from dcrouter.smtp.recipients import DeferToThread, RecipientsFile, RecipientTable
-from dcrouter.smtp.reply import Reply
 
 log = logger("dcrouter.smtp")
 
@@ -174,7 +174,7 @@ _Rule = _Listed | _Probed | None
 class RecipientVerifier:
     """Verification for every ``domainConfigs`` entry of one configuration (see the module docstring).
 
-    ``route_for(sender, recipient)`` is delivery's routing (``RouteTable.route``) and ``prober`` asks a
+    ``route_for(sender, recipient)`` is delivery's routing (``RecipientRouter.route``) and ``prober`` asks a
     route's target; both are needed only when some entry uses callouts. ``defer_to_thread`` runs the
     re-reads of recipients files. ``stats`` counts probes started, cache hits and RCPTs that joined a probe
     already running.

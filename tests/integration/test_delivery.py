@@ -28,15 +28,15 @@ from dcrouter.delivery.dotstuff import CHUNK_SIZE
 from dcrouter.delivery.manager import DeliveryManager
 from dcrouter.delivery.mx import MxResolver, make_resolver
 from dcrouter.delivery.pool import ConnectionPool
-from dcrouter.delivery.targets import TargetHealth
+from dcrouter.delivery.routing import RecipientRouter
 from dcrouter.delivery.transport import ESMTPTransport
-from dcrouter.envelope import Envelope
 from dcrouter.interfaces import IDeliveryQueue
+from dcrouter.mail.envelope import Envelope
+from dcrouter.mail.spooled import SpooledMessage
+from dcrouter.net.targets import TargetHealth
 from dcrouter.processing.processor import EmailProcessor
-from dcrouter.processing.routing import RouteTable
 from dcrouter.queue.disk import DiskQueue
 from dcrouter.queue.item import QueueItem, QueueItemStatus
-from dcrouter.smtp.spool import SpooledMessage
 from tests.downstream import Downstream, ReceivedMessage, Script, start_downstream
 from tests.integration import free_ports
 
@@ -522,7 +522,7 @@ class RetryScheduleTests(TestCase):
         processor = EmailProcessor(queue, clock.seconds)
         manager = DeliveryManager(
             queue=queue,
-            routes=RouteTable(config),
+            routes=RecipientRouter(config),
             transport=transport,
             processor=processor,
             config=config,

@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
-from dcrouter.processing.dkim import dns_txt_value, generate_private_key, private_key_pem
+from dcrouter.mail.dkimkeys import dns_txt_value, generate_private_key, private_key_pem
 from tests.clamd_server import CLAMD, EICAR, REPORTED_SIGNATURE, shared_clamd
 from tests.downstream import Downstream, ReceivedMessage, start_downstream
 from tests.integration import TwistdProcess, free_ports

@@ -35,7 +35,7 @@ from dcrouter.processing.mime import Part
 MAX_REASON = 100
 WARNING_HEADER = "X-Attachment-Warning"
 
-#: Other names of the types :func:`dcrouter.processing.sniff.sniff_type` reports (libmagic's, browsers').
+#: Other names of the types :func:`dcrouter.processing.filetype.sniff_type` reports (libmagic's, browsers').
 _TYPE_ALIASES = {
     "application/x-dosexec": "application/x-msdownload",
     "application/x-msdos-program": "application/x-msdownload",

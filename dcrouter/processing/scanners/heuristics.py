@@ -23,10 +23,10 @@ from zope.interface import implementer
 
 from dcrouter.config.processing import ScannerConfig
 from dcrouter.interfaces import IScanner
+from dcrouter.processing.filetype import EXECUTABLE_TYPES
 from dcrouter.processing.message import Draft, ScanResult, Verdict
 from dcrouter.processing.mime import MessageInfo
 from dcrouter.processing.scanners.attachment import name_forms
-from dcrouter.processing.sniff import EXECUTABLE_TYPES
 
 #: Characters of decoded text the rules read (the walker keeps up to ``maxTextBytes``).
 MAX_TEXT = 1024 * 1024

@@ -17,8 +17,8 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
+from dcrouter.mail.headers import HeaderBlock, encode_field
 from dcrouter.processing.decoding import IDENTITY_ENCODINGS, TransferDecoder, transfer_decoder
-from dcrouter.processing.headers import HeaderBlock, encode_field
 from dcrouter.processing.mime import CHUNK_SIZE
 from dcrouter.processing.transforms.bodywriter import (
     CRLF,

@@ -14,8 +14,8 @@ from zope.interface import implementer
 
 from dcrouter.interfaces import ITransformation
 from dcrouter.log import logger
+from dcrouter.mail.headers import HeaderError, check_value
 from dcrouter.net.domains import DomainMatcher
-from dcrouter.processing.headers import HeaderError, check_value
 from dcrouter.processing.message import Draft
 
 log = logger("dcrouter.processing")

@@ -27,12 +27,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import BinaryIO, Protocol
 
+from dcrouter.mail.headers import HeaderBlock, encode_field
 from dcrouter.processing.decoding import IDENTITY_ENCODINGS, TransferDecoder, transfer_decoder
-from dcrouter.processing.headers import HeaderBlock, encode_field
+from dcrouter.processing.filetype import SNIFF_BYTES, sniff_type
 from dcrouter.processing.mime import CHUNK_SIZE, MimeLimits, is_attachment
 from dcrouter.processing.mimeheaders import FIELD_START, read_content_fields
 from dcrouter.processing.multipart import MAX_BOUNDARY, MAX_DELIMITER_LINE, Frame, match_delimiter
-from dcrouter.processing.sniff import SNIFF_BYTES, sniff_type
 from dcrouter.processing.transforms.bodywriter import CRLF, LINE_FRAGMENT, BodyWriter, encode_replacement
 from dcrouter.processing.transforms.footerpart import (
     FooterSink,

@@ -34,9 +34,9 @@ from zope.interface import implementer
 
 from dcrouter.interfaces import ITransformation
 from dcrouter.log import logger
+from dcrouter.mail.reply import Reply
 from dcrouter.net.domains import DomainMatcher, normalize_domain
 from dcrouter.processing.message import Draft, Refusal
-from dcrouter.smtp.reply import Reply
 
 log = logger("dcrouter.processing")
 

@@ -1,4 +1,4 @@
-"""Tests for dcrouter.processing.routing: rules, domainConfigs, defaultServer and MX, in that order."""
+"""Tests for dcrouter.delivery.routing: rules, domainConfigs, defaultServer and MX, in that order."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from zope.interface.verify import verifyObject
 from dcrouter.config import load_options
 from dcrouter.config.options import RoutingRuleConfig, SmtpConfig
 from dcrouter.delivery.route import Route
+from dcrouter.delivery.routing import PatternRule, RecipientRouter
 from dcrouter.interfaces import IRoutingRule
-from dcrouter.processing.routing import AddressPatterns, PatternRule, RouteTable, parse_address_pattern
+from dcrouter.mail.patterns import AddressPatterns, parse_address_pattern
 
 
 def smtp_config(**keys: Any) -> SmtpConfig:
@@ -54,7 +55,7 @@ class FixedRule:
 
 class DomainRoutingTests(unittest.TestCase):
     def setUp(self) -> None:
-        self.table = RouteTable(smtp_config(domainConfigs=DOMAINS))
+        self.table = RecipientRouter(smtp_config(domainConfigs=DOMAINS))
 
     def test_exact_domain(self) -> None:
         route = self.table.route("a@sender.test", "x@example.com")
@@ -97,7 +98,7 @@ class DomainRoutingTests(unittest.TestCase):
         )
 
     def test_bare_postmaster_is_the_gateway_hostname(self) -> None:
-        table = RouteTable(
+        table = RecipientRouter(
             smtp_config(
                 domainConfigs=[{"domains": ["gateway.test", "*.gateway.test"], "targetIPs": ["10.1.1.1"]}]
             )
@@ -107,7 +108,7 @@ class DomainRoutingTests(unittest.TestCase):
 
 class DefaultServerTests(unittest.TestCase):
     def test_default_server(self) -> None:
-        table = RouteTable(
+        table = RecipientRouter(
             smtp_config(domainConfigs=DOMAINS, defaultServer="smart.test", defaultPort=587, useTls=True)
         )
         self.assertEqual(
@@ -141,7 +142,7 @@ RULES = [
 
 class RuleTests(unittest.TestCase):
     def setUp(self) -> None:
-        self.table = RouteTable(
+        self.table = RecipientRouter(
             smtp_config(domainConfigs=DOMAINS, defaultServer="smart.test", routingRules=RULES)
         )
 
@@ -181,7 +182,7 @@ class RuleTests(unittest.TestCase):
         self.assertEqual(self.table.route("", "Boss@example.com").name, "rule:plugin")
 
     def test_equal_priority_keeps_config_rules_first(self) -> None:
-        table = RouteTable(smtp_config(routingRules=RULES), rules=[FixedRule("late", 5, "Boss")])
+        table = RecipientRouter(smtp_config(routingRules=RULES), rules=[FixedRule("late", 5, "Boss")])
         self.assertEqual(table.route("", "Boss@example.com").name, "rule:ceo")
         self.assertEqual(table.route("", "Boss@other.org").name, "rule:late")
 
@@ -195,7 +196,7 @@ class RuleTests(unittest.TestCase):
 
 class GroupTests(unittest.TestCase):
     def test_three_routes_in_recipient_order(self) -> None:
-        table = RouteTable(smtp_config(domainConfigs=DOMAINS, routingRules=RULES[2:3]))
+        table = RecipientRouter(smtp_config(domainConfigs=DOMAINS, routingRules=RULES[2:3]))
         recipients = ["a@other.org", "b@example.com", "Boss@example.com", "c@other.org", "d@example.com"]
         groups = table.group("s@x.test", recipients)
         self.assertEqual(
@@ -209,7 +210,7 @@ class GroupTests(unittest.TestCase):
 
     def test_same_targets_under_two_patterns_stay_apart(self) -> None:
         # The route name is the destination key (pools, limits), so equal servers do not merge routes.
-        table = RouteTable(
+        table = RecipientRouter(
             smtp_config(domainConfigs=[{"domains": ["a.test", "*.a.test"], "targetIPs": ["10.0.0.1"]}])
         )
         groups = table.group("", ["x@a.test", "y@s.a.test", "z@a.test"])
@@ -219,7 +220,7 @@ class GroupTests(unittest.TestCase):
         )
 
     def test_empty(self) -> None:
-        self.assertEqual(RouteTable(smtp_config()).group("", []), [])
+        self.assertEqual(RecipientRouter(smtp_config()).group("", []), [])
 
 
 class PatternTests(unittest.TestCase):

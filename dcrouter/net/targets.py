@@ -1,7 +1,9 @@
-"""Target health: which servers of a route to try first, and which to skip for a while after they failed.
+"""Targets and their health: which servers of a destination to try first, and which to skip for a while after
+they failed. Shared by mail delivery (a route's servers) and the proxy (a route's backends).
 
-Load balancing across configured targets is round robin: each call to ``order`` for the same route starts one
-place further along. MX routes keep DNS preference order (RFC 5321 §5.1: lower preference first). A target
+Load balancing across configured targets is round robin: each call to ``order`` for the same key starts one
+place further along; an ordered list such as MX hosts keeps its order (``rotate=False``: RFC 5321 §5.1, lower
+preference first). A target
 that refused a connection or timed out is marked down for ``down_time`` seconds; down targets move to the end
 of the order rather than out of it, so a message is never held back only because every mark is stale.
 """
@@ -9,15 +11,30 @@ of the order rather than out of it, so a message is never held back only because
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from twisted.internet.interfaces import IReactorTime
 
-from dcrouter.delivery.mx import Target
-from dcrouter.delivery.route import Route
+
+@dataclass(frozen=True)
+class Target:
+    """One server to connect to. ``host`` is the name to verify its certificate against and to send as SNI
+    (the MX or target host name; the address itself for IP literals); ``address`` is an IPv4 or IPv6
+    address."""
+
+    host: str
+    address: str
+    port: int
+
+    def __str__(self) -> str:
+        """``address:port`` (``[address]:port`` for IPv6), as in attempt histories and results."""
+        if ":" in self.address:
+            return f"[{self.address}]:{self.port}"
+        return f"{self.address}:{self.port}"
 
 
 class TargetHealth:
-    """Down marks per server (address and port, whatever name led to it) and round-robin positions per route.
+    """Down marks per server (address and port, whatever name led to it) and round-robin positions per key.
 
     One instance is shared by every delivery of a process. Marks live in memory only: after a restart every
     target is up again, which costs at most one failed connection each.
@@ -29,17 +46,17 @@ class TargetHealth:
         self._down_time = down_time
         # (address, port) -> the time the mark expires
         self._down: dict[tuple[str, int], float] = {}
-        # route name -> where the next round-robin order starts
+        # key (a route's name) -> where the next round-robin order starts
         self._next: dict[str, int] = {}
 
-    def order(self, route: Route, targets: Sequence[Target]) -> list[Target]:
-        """``targets`` in the order to try them: up targets first (rotated per call for routes with
-        configured targets, as given for MX routes), then down targets, those coming back soonest first.
-        Always a permutation of ``targets``."""
+    def order(self, key: str, targets: Sequence[Target], *, rotate: bool = True) -> list[Target]:
+        """``targets`` in the order to try them: up targets first (rotated per call for ``key``, a route's
+        name, unless ``rotate`` is false: then as given), then down targets, those coming back soonest
+        first. Always a permutation of ``targets``."""
         ordered = list(targets)
-        if route.targets and ordered:
-            start = self._next.get(route.name, 0) % len(ordered)
-            self._next[route.name] = (start + 1) % len(ordered)
+        if rotate and ordered:
+            start = self._next.get(key, 0) % len(ordered)
+            self._next[key] = (start + 1) % len(ordered)
             ordered = ordered[start:] + ordered[:start]
         up: list[Target] = []
         down: list[tuple[float, Target]] = []

@@ -26,8 +26,8 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from dcrouter.mail.reply import Reply
 from dcrouter.net.domains import normalize_domain
-from dcrouter.smtp.reply import Reply
 
 MAX_LOCAL_PART = 64  # octets, RFC 5321 §4.5.3.1.1
 MAX_DOMAIN = 255  # octets, RFC 5321 §4.5.3.1.2

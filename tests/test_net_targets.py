@@ -1,20 +1,18 @@
-"""Tests for dcrouter.delivery.targets: round robin, preference order and down marks on a Clock."""
+"""Tests for dcrouter.net.targets: round robin, preference order and down marks on a Clock."""
 
 from __future__ import annotations
 
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from dcrouter.delivery.mx import Target
-from dcrouter.delivery.route import Route
-from dcrouter.delivery.targets import TargetHealth
+from dcrouter.net.targets import Target, TargetHealth
 
 T1 = Target("one.test", "10.0.0.1", 25)
 T2 = Target("two.test", "10.0.0.2", 25)
 T3 = Target("three.test", "10.0.0.3", 25)
-POOL = Route(name="domain:example.com", targets=("one.test", "two.test", "three.test"))
-OTHER_POOL = Route(name="default", targets=("one.test", "two.test", "three.test"))
-MX_ROUTE = Route(name="mx:example.org", mx_domain="example.org")
+POOL = "domain:example.com"
+OTHER_POOL = "default"
+MX_ROUTE = "mx:example.org"
 
 
 class TargetHealthTests(unittest.TestCase):
@@ -31,12 +29,12 @@ class TargetHealthTests(unittest.TestCase):
 
     def test_mx_route_keeps_preference_order(self) -> None:
         for _ in range(3):
-            self.assertEqual(self.health.order(MX_ROUTE, [T3, T1, T2]), [T3, T1, T2])
+            self.assertEqual(self.health.order(MX_ROUTE, [T3, T1, T2], rotate=False), [T3, T1, T2])
 
     def test_down_targets_go_last(self) -> None:
         self.health.mark_down(T1)
         self.assertTrue(self.health.is_down(T1))
-        self.assertEqual(self.health.order(MX_ROUTE, [T1, T2, T3]), [T2, T3, T1])
+        self.assertEqual(self.health.order(MX_ROUTE, [T1, T2, T3], rotate=False), [T2, T3, T1])
         self.assertEqual(self.health.order(POOL, [T1, T2, T3]), [T2, T3, T1])
         self.assertEqual(self.health.order(POOL, [T1, T2, T3]), [T2, T3, T1])  # rotation start was T2
         self.assertEqual(self.health.order(POOL, [T1, T2, T3]), [T3, T2, T1])
@@ -47,7 +45,7 @@ class TargetHealthTests(unittest.TestCase):
         self.health.mark_down(T1)
         self.clock.advance(10)
         self.health.mark_down(T3)
-        self.assertEqual(self.health.order(MX_ROUTE, [T1, T2, T3]), [T2, T1, T3])
+        self.assertEqual(self.health.order(MX_ROUTE, [T1, T2, T3], rotate=False), [T2, T1, T3])
 
     def test_marks_expire(self) -> None:
         self.health.mark_down(T1)
@@ -55,7 +53,7 @@ class TargetHealthTests(unittest.TestCase):
         self.assertTrue(self.health.is_down(T1))
         self.clock.advance(1)
         self.assertFalse(self.health.is_down(T1))
-        self.assertEqual(self.health.order(MX_ROUTE, [T1, T2]), [T1, T2])
+        self.assertEqual(self.health.order(MX_ROUTE, [T1, T2], rotate=False), [T1, T2])
 
     def test_later_failure_extends_mark(self) -> None:
         self.health.mark_down(T1)

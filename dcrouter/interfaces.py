@@ -103,6 +103,20 @@ class IDeliveryQueue(Interface):
     )
 
 
+class IMessageAcceptor(Interface):
+    """Takes a complete received message from ingress (the processing chain and the queue behind it).
+
+    Ingress knows nothing else of what happens to the message: it answers 250 when the Deferred fires and the
+    refusal's reply when it fails with :class:`dcrouter.mail.acceptance.Refusal`. Any other failure is a bug;
+    ingress logs it and answers ``451 4.3.0``."""
+
+    def accept(envelope, message, queue_id):
+        """Take ``message`` (a :class:`dcrouter.mail.spooled.SpooledMessage`, consumed) received with
+        ``envelope`` under ``queue_id``. Returns a Deferred firing with an
+        :class:`dcrouter.mail.acceptance.Accepted` once the message is durable (or dropped on purpose), or
+        failing with a Refusal carrying the SMTP reply."""
+
+
 class IRoutingRule(Interface):
     """A rule that routes some recipients before the per-domain rules (``smtpConfig.routingRules`` or a
     plugin). Rules are evaluated in ascending ``priority``; the first that returns a Route wins."""
@@ -152,4 +166,4 @@ class ITransformation(Interface):
     def apply(message):
         """Change ``message`` (a :class:`dcrouter.processing.message.Draft`): its ``headers``, its envelope
         (``message.envelope``), or its body through ``message.rewrite_body``. Returns None or a Deferred.
-        Raising :class:`dcrouter.processing.message.Refusal` refuses the message with its reply."""
+        Raising :class:`dcrouter.mail.acceptance.Refusal` refuses the message with its reply."""

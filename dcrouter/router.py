@@ -284,7 +284,6 @@ class DcRouter(MultiService):
             reactor.seconds,
             reactor=reactor,
             threadpool=self.threadpool,
-            routes=self.routes,
             **build_chain(config, reactor).options(),
         )
         self._build_delivery(config)
@@ -317,7 +316,7 @@ class DcRouter(MultiService):
             queue=self.queue,
             routes=self.routes,
             transport=transport,
-            processor=self.processor,
+            submit_dsn=self.processor.submit_local,
             config=config,
             clock=reactor,
         )
@@ -429,7 +428,7 @@ class DcRouter(MultiService):
             port=port,
             policy=self.policy,
             authenticator=self.authenticator,
-            processor=self.processor,
+            acceptor=self.processor,
             spool_directory=self.queue.spool_directory,
             tls_options=tls_options,
             clock=self._reactor,

@@ -184,7 +184,7 @@ def make_factory(
         port=port,
         policy=policy or SessionPolicy(config),
         authenticator=authenticator,
-        processor=EmailProcessor(queue or ControlledQueue(), clock.seconds),
+        acceptor=EmailProcessor(queue or ControlledQueue(), clock.seconds),
         spool_directory=tempfile.mkdtemp(prefix="dcrouter-spool-"),
         tls_options=tls_options,
         clock=clock,

@@ -16,13 +16,15 @@ from typing import Any
 
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.task import Clock
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from dcrouter.config.load import load_options
-from dcrouter.interfaces import IScanner
+from dcrouter.interfaces import IMessageAcceptor, IScanner, QueueFull, QueueUnavailable
+from dcrouter.mail.acceptance import LOCAL_ERROR, QUEUE_FULL, Accepted, Disposition
 from dcrouter.mail.dkimkeys import generate_private_key, private_key_pem
 from dcrouter.mail.envelope import Envelope
 from dcrouter.mail.headers import HeaderBlock
@@ -46,7 +48,7 @@ from dcrouter.queue.item import QueueItem, QueueItemStatus
 from tests import mime_samples as samples
 from tests.archive_samples import EXE, make_zip
 from tests.results import MemoryQueueCase, result_of
-from tests.smtp_fixtures import connect
+from tests.smtp_fixtures import ControlledQueue, connect
 
 START = MemoryQueueCase.START
 
@@ -149,6 +151,14 @@ class ChainCase(MemoryQueueCase):
         self, processor: EmailProcessor, data: bytes | SpooledMessage = MESSAGE, **kw: Any
     ) -> QueueItem:
         item: QueueItem = result_of(self.process(processor, data, **kw))
+        return item
+
+    def queued_local(self, processor: EmailProcessor) -> QueueItem:
+        """The gateway's own mail (a DSN) queued through ``submit_local``."""
+        message = SpooledMessage(len(MESSAGE), data=MESSAGE)
+        item: QueueItem = result_of(
+            processor.submit_local(self.envelope(), message, "DSN0000000000000001", priority=0)
+        )
         return item
 
     def refusal(self, d: Deferred) -> Refusal:
@@ -333,7 +343,7 @@ class RejectTests(ChainCase):
 
     def test_smtp_reply_is_the_refusal(self) -> None:
         server = connect()
-        server.factory.processor.add_scanner(ScriptedScanner(verdict(Verdict.SPAM, score=12.5)))
+        server.factory.acceptor.add_scanner(ScriptedScanner(verdict(Verdict.SPAM, score=12.5)))
         server.exchange(b"EHLO client.example\r\n")
         server.exchange(b"MAIL FROM:<sender@example.net>\r\nRCPT TO:<rcpt@example.org>\r\nDATA\r\n")
         reply = server.exchange(b"Subject: hi\r\n\r\nHello.\r\n.\r\n")
@@ -358,7 +368,7 @@ class DiscardTests(ChainCase):
     def test_smtp_answers_as_if_queued(self) -> None:
         server = connect()
         scanner = ScriptedScanner(verdict(Verdict.SPAM, score=30.0))
-        server.factory.processor.add_scanner(ScannerStage(scanner, "discard"))
+        server.factory.acceptor.add_scanner(ScannerStage(scanner, "discard"))
         server.exchange(b"EHLO client.example\r\n")
         server.exchange(b"MAIL FROM:<sender@example.net>\r\nRCPT TO:<rcpt@example.org>\r\nDATA\r\n")
         reply = server.exchange(b"Subject: hi\r\n\r\nHello.\r\n.\r\n")
@@ -493,7 +503,7 @@ class ParallelTests(ChainCase):
         held = HeldScanner()
         processor = self.processor(scanners=[ScannerStage(held)], max_parallel=1)
         self.process(processor)
-        self.assertEqual(self.queued(processor, local=True).head, None)
+        self.assertEqual(self.queued_local(processor).head, None)
         self.assertEqual(processor.active, 1)
 
 
@@ -630,7 +640,7 @@ class HeaderOnlyChangeTests(ChainCase):
     def test_local_skips_every_stage(self) -> None:
         reject = ScriptedScanner(verdict(Verdict.VIRUS, "x"))
         processor = self.processor(scanners=[ScannerStage(reject)], transformations=[AddHeader("X-A", "1")])
-        item = self.queued(processor, local=True)
+        item = self.queued_local(processor)
         self.assertEqual((item.head, reject.seen), (None, []))
         self.assertEqual(self.composed(item), MESSAGE)
 
@@ -854,6 +864,69 @@ class BuildChainTests(ChainCase):
 class InterfaceTests(TestCase):
     def test_scripted_scanner_is_an_iscanner(self) -> None:
         self.assertTrue(verifyObject(IScanner, ScriptedScanner(verdict(Verdict.CLEAN))))
+
+    def test_processor_is_an_imessageacceptor(self) -> None:
+        self.assertTrue(verifyObject(IMessageAcceptor, EmailProcessor(ControlledQueue(), Clock().seconds)))
+
+
+class FailingQueue(ControlledQueue):
+    """A queue whose every enqueue fails with ``error`` (after taking the message, as a real one may)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+    def enqueue(self, item: QueueItem, message: SpooledMessage) -> Deferred[QueueItem]:
+        super().enqueue(item, message)
+        return fail(self.error)
+
+
+class AcceptTests(ChainCase):
+    """``accept`` (IMessageAcceptor): what ingress is told. Every refusal carries its reply, the queue's
+    too, so ingress needs to know nothing of queues or of the chain."""
+
+    def accept(self, processor: EmailProcessor, queue_id: str = "ACC1") -> Deferred[Accepted]:
+        return processor.accept(self.envelope(), SpooledMessage(len(MESSAGE), data=MESSAGE), queue_id)
+
+    def test_queued(self) -> None:
+        accepted = result_of(self.accept(self.processor()))
+        self.assertEqual(accepted, Accepted("ACC1", Disposition.QUEUED))
+        self.assertEqual(self.count(), 1)
+
+    def test_quarantined(self) -> None:
+        virus = ScriptedScanner(verdict(Verdict.VIRUS, "Eicar"), name="clamav")
+        accepted = result_of(self.accept(self.processor(scanners=[ScannerStage(virus, "quarantine")])))
+        self.assertEqual(accepted, Accepted("ACC1", Disposition.QUARANTINED, "clamav: virus (Eicar)"))
+
+    def test_discarded(self) -> None:
+        virus = ScriptedScanner(verdict(Verdict.VIRUS, "Eicar"))
+        accepted = result_of(self.accept(self.processor(scanners=[ScannerStage(virus, "discard")])))
+        self.assertEqual((accepted.queue_id, accepted.disposition), ("ACC1", Disposition.DISCARDED))
+        self.assertIn("Eicar", accepted.reason)
+        self.assertEqual(self.count(), 0)
+
+    def test_rejected_by_a_scanner(self) -> None:
+        spam = ScriptedScanner(verdict(Verdict.SPAM, "spammy"))
+        refusal = self.failureResultOf(
+            self.accept(self.processor(scanners=[ScannerStage(spam, "reject")])), Refusal
+        ).value
+        self.assertEqual((refusal.reply.code, refusal.reply.enhanced, refusal.storage), (550, "5.7.1", False))
+
+    def test_queue_full_is_452(self) -> None:
+        processor = EmailProcessor(FailingQueue(QueueFull("maxQueueSize 10 reached")), self.clock.seconds)
+        refusal = self.failureResultOf(self.accept(processor), Refusal).value
+        self.assertEqual((refusal.reply, refusal.storage), (QUEUE_FULL, False))
+        self.assertEqual(refusal.reason, "maxQueueSize 10 reached")
+
+    def test_store_down_is_451_and_a_storage_refusal(self) -> None:
+        for error in (QueueUnavailable("redis down"), OSError(28, "No space left on device")):
+            processor = EmailProcessor(FailingQueue(error), self.clock.seconds)
+            refusal = self.failureResultOf(self.accept(processor), Refusal).value
+            self.assertEqual((refusal.reply, refusal.storage), (LOCAL_ERROR, True))
+
+    def test_a_bug_is_not_a_refusal(self) -> None:
+        processor = EmailProcessor(FailingQueue(KeyError("bug")), self.clock.seconds)
+        self.failureResultOf(self.accept(processor), KeyError)
 
 
 class ArchiveWorkOffTheReactorTests(MemoryQueueCase):

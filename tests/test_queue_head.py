@@ -149,7 +149,7 @@ class QueueHeadMixin:
             queue=queue,
             routes=RecipientRouter(cfg, rules=[DomainRule()]),
             transport=transport,
-            processor=self.processor(queue),
+            submit_dsn=self.processor(queue).submit_local,
             config=cfg,
             clock=self.clock,
             random=lambda: 0.5,

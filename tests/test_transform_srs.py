@@ -426,21 +426,26 @@ class ChainTests(TestCase):
         self.assertEqual(failure.value.reply.enhanced, "5.1.1")
 
     def test_the_gateways_own_bounce_goes_to_the_original_sender(self) -> None:
-        """A DSN the gateway makes for forwarded mail (``local=True``: no scanning, no other change) is
+        """A DSN the gateway makes for forwarded mail (``submit_local``: no scanning, no other change) is
         reversed like a remote bounce; one to a forged SRS address is sent as addressed."""
         item: QueueItem = self.successResultOf(
             self.process(Envelope("alice@example.org", ["bob@example.com"]))
         )
         dsn = Envelope("", [item.envelope.mail_from])
         queued: QueueItem = self.successResultOf(
-            self.processor.process(dsn, SpooledMessage(len(MESSAGE), data=MESSAGE), local=True)
+            self.processor.submit_local(
+                dsn, SpooledMessage(len(MESSAGE), data=MESSAGE), "DSN0000000000000001", priority=0
+            )
         )
         self.assertEqual(queued.envelope.recipients, ["alice@example.org"])
         self.assertIsNone(queued.head)
         forged = f"SRS0=AAAA=AA=example.org=victim@{SRS_DOMAIN}"
         queued = self.successResultOf(
-            self.processor.process(
-                Envelope("", [forged]), SpooledMessage(len(MESSAGE), data=MESSAGE), local=True
+            self.processor.submit_local(
+                Envelope("", [forged]),
+                SpooledMessage(len(MESSAGE), data=MESSAGE),
+                "DSN0000000000000002",
+                priority=0,
             )
         )
         self.assertEqual(queued.envelope.recipients, [forged])

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from twisted.internet.defer import Deferred
 
@@ -36,7 +36,6 @@ from dcrouter.interfaces import DuplicateItem, IDeliveryQueue
 from dcrouter.log import logger
 from dcrouter.mail.envelope import Envelope
 from dcrouter.mail.spooled import SpooledMessage
-from dcrouter.processing.processor import EmailProcessor
 from dcrouter.queue.files import message_reader
 from dcrouter.queue.item import Priority, QueueItem
 
@@ -63,6 +62,15 @@ def open_message(queue: IDeliveryQueue, item: QueueItem) -> Deferred[BinaryIO]:
     return opened
 
 
+class SubmitLocal(Protocol):
+    """How a DSN is queued: ``EmailProcessor.submit_local`` (no scanning; the envelope changes that apply to
+    the gateway's own mail, such as an SRS reversal). Fails with DuplicateItem when ``queue_id`` is queued."""
+
+    def __call__(
+        self, envelope: Envelope, message: SpooledMessage, queue_id: str, *, priority: int
+    ) -> Deferred[QueueItem]: ...
+
+
 class Bouncer:
     """Builds and queues the DSNs of one gateway; see the module docstring. ``delay_warning_after`` is in
     seconds (0: never warn); ``wake`` runs after a DSN is newly queued."""
@@ -71,14 +79,14 @@ class Bouncer:
         self,
         *,
         queue: IDeliveryQueue,
-        processor: EmailProcessor,
+        submit: SubmitLocal,
         hostname: str,
         policy: RetryPolicy,
         delay_warning_after: float,
         wake: Callable[[], None],
     ) -> None:
         self._queue = queue
-        self._processor = processor
+        self._submit = submit
         self._hostname = hostname
         self._policy = policy
         self._delay_warning_after = delay_warning_after
@@ -128,12 +136,8 @@ class Bouncer:
             mail_from="", recipients=[item.envelope.mail_from], helo=self._hostname, received_at=now
         )
         try:
-            await self._processor.process(
-                envelope,
-                SpooledMessage(len(data), data=data),
-                queue_id=dsn_id,
-                priority=Priority.BOUNCE,
-                local=True,
+            await self._submit(
+                envelope, SpooledMessage(len(data), data=data), dsn_id, priority=Priority.BOUNCE
             )
         except DuplicateItem:
             # Queued before a crash, under the same derived id: that one is the DSN.

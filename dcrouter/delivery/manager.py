@@ -58,7 +58,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from dcrouter.config.options import SmtpConfig
-from dcrouter.delivery.bounces import Bouncer, open_message
+from dcrouter.delivery.bounces import Bouncer, SubmitLocal, open_message
 from dcrouter.delivery.bounces import dsn_queue_id as dsn_queue_id  # re-exported: tests import it from here
 from dcrouter.delivery.outcome import DeliveryReport, Outcome, RecipientResult
 from dcrouter.delivery.retry import RetryPolicy, Verdict
@@ -66,7 +66,6 @@ from dcrouter.delivery.route import Route
 from dcrouter.delivery.routing import RecipientRouter
 from dcrouter.interfaces import ClaimLost, IDeliveryQueue, IDeliveryTransport
 from dcrouter.log import logger
-from dcrouter.processing.processor import EmailProcessor
 from dcrouter.queue.item import Priority, QueueItem, QueueItemStatus
 
 log = logger("dcrouter.delivery")
@@ -111,7 +110,7 @@ class DeliveryManager(Service):
         queue: IDeliveryQueue,
         routes: RecipientRouter,
         transport: IDeliveryTransport,
-        processor: EmailProcessor,
+        submit_dsn: SubmitLocal,
         config: SmtpConfig,
         clock: IReactorTime,
         random: Callable[[], float] = random_module.random,
@@ -128,7 +127,7 @@ class DeliveryManager(Service):
         self._per_route = config.max_per_destination
         self._bouncer = Bouncer(
             queue=queue,
-            processor=processor,
+            submit=submit_dsn,
             hostname=config.hostname,
             policy=self._policy,
             delay_warning_after=config.delay_warning_after / 1000.0,

@@ -19,9 +19,9 @@ from typing import Any, BinaryIO, TypeVar
 
 from twisted.internet.defer import Deferred
 
+from dcrouter.mail.acceptance import Refusal as Refusal  # re-exported: plugins raise it from here
 from dcrouter.mail.envelope import Envelope
 from dcrouter.mail.headers import HeaderBlock
-from dcrouter.mail.reply import Reply
 from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.processing.mime import MessageInfo
 from dcrouter.queue.files import message_reader
@@ -59,15 +59,6 @@ class ScanResult:
 
 class ScannerUnavailable(Exception):
     """A scanner cannot give a verdict now (its daemon is down, timed out, answered nonsense): temporary."""
-
-
-class Refusal(Exception):
-    """Refuse the message with ``reply`` (an SMTP :class:`~dcrouter.mail.reply.Reply`); ingress sends it."""
-
-    def __init__(self, reply: Reply, reason: str = "") -> None:
-        super().__init__(f"{reply.code} {reply.enhanced} {reason or reply.text}")
-        self.reply = reply
-        self.reason = reason
 
 
 class Discarded(Exception):

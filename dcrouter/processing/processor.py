@@ -4,7 +4,7 @@ The chain is: metadata (the header block and the MIME structure, read off the re
 (``scanners``, each hit handled by its action) → transformations (in configured order) → DKIM signing (last,
 over the bytes that will be relayed) → the queue. It runs before the 250, so a refusal is an SMTP reply to
 the client, never a bounce to a possibly forged sender. Routing is decided at delivery time
-(docs/decisions.md): :meth:`EmailProcessor.determine_routing` reports where each recipient would go now.
+(docs/decisions.md), by :mod:`dcrouter.delivery.routing`.
 
 With no scanner, transformation or signing configured, a message goes straight to the queue (the fast path:
 no header parsing, no thread hop). At most ``maxParallelProcessing`` messages are in the chain at once (more:
@@ -23,9 +23,18 @@ from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
 
-from dcrouter.interfaces import IDeliveryQueue, IRoutingRule, IScanner, ITransformation
+from dcrouter.interfaces import (
+    IDeliveryQueue,
+    IMessageAcceptor,
+    IScanner,
+    ITransformation,
+    QueueFull,
+    QueueUnavailable,
+)
 from dcrouter.log import logger
+from dcrouter.mail.acceptance import LOCAL_ERROR, QUEUE_FULL, Accepted, Disposition
 from dcrouter.mail.envelope import Envelope
 from dcrouter.mail.headers import HeaderBlock, HeaderError, HeaderTooLarge, read_header_block
 from dcrouter.mail.queueid import new_queue_id
@@ -86,6 +95,7 @@ class ScannerStage:
         return self._name or str(self.scanner.name)
 
 
+@implementer(IMessageAcceptor)
 class EmailProcessor:
     """Takes a complete message from ingress and returns a Deferred firing with the durable QueueItem.
 
@@ -108,7 +118,6 @@ class EmailProcessor:
         limits: MimeLimits = DEFAULT_LIMITS,
         max_parallel: int = 64,
         timeout: float = 120.0,
-        routes: Any = None,
     ) -> None:
         self._queue = queue
         self._now = clock_seconds
@@ -120,7 +129,6 @@ class EmailProcessor:
         self._limits = limits
         self._max_parallel = max_parallel
         self._timeout = timeout
-        self._routes = routes
         self._active = 0
         self.on_queued: Callable[[QueueItem], object] | None = None
         self.stats = {"processed": 0, "refused": 0, "discarded": 0, "quarantined": 0, "tempfailed": 0}
@@ -158,12 +166,6 @@ class EmailProcessor:
     def add_transformation(self, transformation: ITransformation) -> None:
         self._transformations = [*self._transformations, transformation]
 
-    def add_routing_rule(self, rule: IRoutingRule) -> None:
-        """Add a routing rule to the route table delivery uses (rules are evaluated by priority)."""
-        if self._routes is None:
-            raise RuntimeError("this processor has no route table")
-        self._routes.add_rule(rule)
-
     @property
     def active(self) -> int:
         """Messages in the chain now."""
@@ -174,6 +176,33 @@ class EmailProcessor:
 
     # -- the chain --
 
+    def accept(self, envelope: Envelope, message: SpooledMessage, queue_id: str) -> Deferred[Accepted]:
+        """:class:`~dcrouter.interfaces.IMessageAcceptor`: process and queue one message from ingress. Every
+        refusal, the queue's included, is a :class:`Refusal` carrying the reply to send."""
+        return Deferred.fromCoroutine(self._accept(envelope, message, queue_id))
+
+    async def _accept(self, envelope: Envelope, message: SpooledMessage, queue_id: str) -> Accepted:
+        try:
+            item: QueueItem = await self.process(envelope, message, queue_id)
+        except Discarded as discarded:
+            return Accepted(discarded.queue_id, Disposition.DISCARDED, discarded.reason)
+        except QueueFull as error:
+            raise Refusal(QUEUE_FULL, str(error) or "maxQueueSize") from error
+        except (QueueUnavailable, OSError) as error:
+            # A store that cannot take the message (disk full, Redis down): an operating condition.
+            raise Refusal(LOCAL_ERROR, str(error) or type(error).__name__, storage=True) from error
+        if item.status is QueueItemStatus.QUARANTINED:
+            return Accepted(item.id, Disposition.QUARANTINED, item.last_error or "")
+        return Accepted(item.id)
+
+    def submit_local(
+        self, envelope: Envelope, message: SpooledMessage, queue_id: str, *, priority: int
+    ) -> Deferred[QueueItem]:
+        """Queue the gateway's own mail (its DSNs): no scanning and no transformations, but the envelope
+        changes that apply to such mail (an SRS reversal). Fails with DuplicateItem when ``queue_id`` is
+        queued already."""
+        return Deferred.fromCoroutine(self._process_local(envelope, message, queue_id, priority))
+
     def process(
         self,
         envelope: Envelope,
@@ -181,13 +210,9 @@ class EmailProcessor:
         queue_id: str | None = None,
         *,
         priority: int = Priority.FRESH,
-        local: bool = False,
     ) -> Deferred:
-        """Process and queue one message. ``local`` (the gateway's own DSNs) skips scanning and
-        transformations; such mail is queued as it is."""
+        """Process and queue one message; a Deferred firing with the durable QueueItem (see the class)."""
         queue_id = queue_id or new_queue_id()
-        if local:
-            return Deferred.fromCoroutine(self._process_local(envelope, message, queue_id, priority))
         if not self._has_stages():
             return self._enqueue(queue_id, envelope, message, None, 0, priority, None)
         if self._active >= self._max_parallel:
@@ -330,13 +355,6 @@ class EmailProcessor:
             spool_directory=getattr(self._queue, "spool_directory", None),
             info=info,
         )
-
-    def determine_routing(self, envelope: Envelope) -> dict[str, Any]:
-        """Where each recipient would be delivered now (``{recipient: Route}``); delivery decides again when
-        it sends, so a configuration change applies to mail already queued."""
-        if self._routes is None:
-            return {}
-        return {rcpt: self._routes.route(envelope.mail_from, rcpt) for rcpt in envelope.recipients}
 
     async def scan_content(self, draft: Draft) -> str | None:
         """Run the scanners in order. Returns the reason to quarantine, or None; raises Refusal or

@@ -11,8 +11,10 @@ What a caller may rely on:
   line over ``maxCommandLineLength`` gets ``500 5.5.2 Line too long`` once and is discarded up to its LF.
 - STARTTLS discards every byte received after the STARTTLS line and resets the session (RFC 3207 §4.2).
 - DATA is streamed through :class:`~dcrouter.smtp.datastream.DataStream` into a
-  :class:`~dcrouter.smtp.spool.SpoolWriter`; a ``Received:`` field goes first. ``250`` is sent only when the
-  processor's Deferred fires (the queue made the message durable); queue failures are 4xx, never 5xx.
+  :class:`~dcrouter.smtp.spool.SpoolWriter`; a ``Received:`` field goes first. The complete message goes to
+  the factory's :class:`~dcrouter.interfaces.IMessageAcceptor` (processing and the queue behind it, of which
+  this module knows nothing); ``250`` is sent only when its Deferred fires (the message is durable), and a
+  refusal's own reply otherwise; storage failures are 4xx, never 5xx.
 - Every reply but the greeting, EHLO/HELO, ``354`` and ``334`` carries an RFC 3463 enhanced status code.
 - Time is bounded as Postfix bounds it: a command line must be complete ``commandTimeout`` after its first
   byte; a DATA transfer must keep up ``minDataRate``; beyond ``maxJunkCommands`` NOOP, RSET, VRFY, HELP and
@@ -53,15 +55,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dcrouter.config.options import SmtpConfig
-from dcrouter.interfaces import QueueFull, QueueUnavailable
+from dcrouter.interfaces import IMessageAcceptor
 from dcrouter.log import logger
+from dcrouter.mail.acceptance import LOCAL_ERROR, Disposition, Refusal
 from dcrouter.mail.address import Address, AddressError, parse_mail_argument, parse_rcpt_argument
 from dcrouter.mail.envelope import Envelope
 from dcrouter.mail.queueid import new_queue_id
 from dcrouter.mail.reply import Reply
-from dcrouter.processing.message import Discarded
-from dcrouter.processing.processor import EmailProcessor
-from dcrouter.queue.item import QueueItemStatus
 from dcrouter.smtp.auth import Authenticator, AuthFailed
 from dcrouter.smtp.datastream import MESSAGE_TOO_BIG, DataStream
 from dcrouter.smtp.policy import SessionPolicy
@@ -89,8 +89,6 @@ BAD_CHARACTERS = Reply(500, "5.5.2", "Syntax error: bad characters in command li
 NO_ARGUMENTS = Reply(501, "5.5.4", "Syntax error: no parameters allowed")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors")
 TOO_MUCH_INPUT = Reply(421, "4.7.0", "Too much pipelined input")
-QUEUE_FULL = Reply(452, "4.3.1", "Insufficient system storage")
-LOCAL_ERROR = Reply(451, "4.3.0", "Requested action aborted: local error in processing")
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 AUTH_SUCCEEDED = Reply(235, "2.7.0", "Authentication successful")
@@ -177,7 +175,7 @@ class ESMTPServerFactory(Factory):
         port: int,
         policy: SessionPolicy,
         authenticator: Authenticator | None,
-        processor: EmailProcessor,
+        acceptor: IMessageAcceptor,
         spool_directory: str,
         tls_options: CertificateOptions | None,
         clock: IReactorTime,
@@ -187,7 +185,7 @@ class ESMTPServerFactory(Factory):
         self.port = port
         self.policy = policy
         self.authenticator = authenticator
-        self.processor = processor
+        self.acceptor = acceptor
         self.spool_directory = spool_directory
         self.tls_options = tls_options
         self.clock = clock
@@ -941,61 +939,50 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
             received_at=self._clock.seconds(),
         )
         try:
-            item = await self._f.processor.process(envelope, message, txn.queue_id)
-        except Discarded as discarded:
-            # Dropped on purpose by policy: answered as if queued, so the sender learns nothing.
-            self._log(
-                "info",
-                "{queue_id}: discarded from=<{sender}> size={size} peer={peer}: {reason}",
-                queue_id=discarded.queue_id,
-                sender=envelope.mail_from,
-                size=size,
-                reason=discarded.reason,
-            )
-            self._junk_commands = 0  # as for a queued message: the sender cannot tell
-            return Reply(250, "2.0.0", f"Ok: queued as {discarded.queue_id}")
-        except Exception as error:  # noqa: BLE001 (any processing failure is logged and answered, not dropped)
+            accepted = await self._f.acceptor.accept(envelope, message, txn.queue_id)
+        except Refusal as refusal:
             message.discard()
-            return self._queue_failure(txn, error)
+            return self._refused(txn, refusal)
+        except Exception as error:  # noqa: BLE001 (a bug behind the acceptor is logged and answered, not dropped)
+            message.discard()
+            self._log(
+                "failure",
+                "Message from {peer} not queued: {reply} ({error})",
+                failure=Failure(error),
+                queue_id=txn.queue_id,
+                reply=LOCAL_ERROR.code,
+                error=str(error) or type(error).__name__,
+            )
+            return LOCAL_ERROR
         # The one line per accepted message (MAIL and RCPT are not logged one by one: at thousands of
-        # messages a second, formatting log lines is a measurable share of the work).
+        # messages a second, formatting log lines is a measurable share of the work). A discarded message
+        # is answered as if queued, so the sender learns nothing.
         self._log(
             "info",
-            "{queue_id}: {status} from=<{sender}> size={size} nrcpt={recipients} peer={peer}",
-            status="queued" if item.status is not QueueItemStatus.QUARANTINED else "quarantined",
-            queue_id=item.id,
+            "{queue_id}: {status} from=<{sender}> size={size} nrcpt={recipients} peer={peer}{why}",
+            status=accepted.disposition.value,
+            queue_id=accepted.queue_id,
             sender=envelope.mail_from,
             size=size,
             recipients=len(txn.recipients),
+            why=f": {accepted.reason}" if accepted.disposition is Disposition.DISCARDED else "",
         )
         self._junk_commands = 0  # Postfix resets the junk count once mail is accepted
-        return Reply(250, "2.0.0", f"Ok: queued as {item.id}")
+        return Reply(250, "2.0.0", f"Ok: queued as {accepted.queue_id}")
 
-    def _queue_failure(self, txn: _Transaction, error: Exception) -> Reply:
-        if isinstance(error, QueueFull):
-            reply = QUEUE_FULL
-        elif isinstance(getattr(error, "reply", None), Reply):
-            # A processing stage that decided (for example a scanner's rejection) says what to answer.
-            reply = error.reply  # type: ignore[attr-defined]
-        else:
-            reply = LOCAL_ERROR
-        if reply is not LOCAL_ERROR:
-            level = "warn"
-        elif isinstance(error, QueueUnavailable | OSError):
-            # A store that cannot take the message (disk full, Redis down) is an operating condition, not a
-            # bug: one line that says why, no traceback.
-            level = "error"
-        else:
-            level = "failure"
+    def _queue_failure(self, txn: _Transaction, error: OSError) -> Reply:
+        """The spool could not hold the message (ENOSPC, EIO, ...): one line, no traceback."""
+        return self._refused(txn, Refusal(LOCAL_ERROR, str(error) or type(error).__name__, storage=True))
+
+    def _refused(self, txn: _Transaction, refusal: Refusal) -> Reply:
         self._log(
-            level,
+            "error" if refusal.storage else "warn",
             "Message from {peer} not queued: {reply} ({error})",
-            failure=Failure(error) if level == "failure" else None,
             queue_id=txn.queue_id,
-            reply=reply.code,
-            error=str(error) or type(error).__name__,
+            reply=refusal.reply.code,
+            error=refusal.reason or refusal.reply.text,
         )
-        return reply
+        return refusal.reply
 
     # Logging
 

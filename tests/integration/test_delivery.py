@@ -524,7 +524,7 @@ class RetryScheduleTests(TestCase):
             queue=queue,
             routes=RecipientRouter(config),
             transport=transport,
-            processor=processor,
+            submit_dsn=processor.submit_local,
             config=config,
             clock=clock,
         )

@@ -7,7 +7,7 @@ Everything runs as real subprocesses on loopback, started fresh in a temporary d
 
 - the backend, ``python -m bench.proxy_backend`` (threads, blocking sockets): a plain TCP port and a
   TLS port with a self-signed certificate for ``bench.example``
-  (from ``dcrouter.net.tls.generate_self_signed``);
+  (from ``dcrouter.net.certfiles.generate_self_signed``);
 - HAProxy, ``haproxy -f <generated cfg> -db`` (foreground, not the system service), ``mode tcp``: one
   frontend forwarding everything to the plain port, one routing by SNI (``tcp-request inspect-delay``,
   ``req_ssl_sni``) to the TLS port;
@@ -911,7 +911,7 @@ def main(argv: list[str] | None = None) -> int:
     print(load_line())
     print(f"workdir     {workdir}", flush=True)
 
-    from dcrouter.net.tls import generate_self_signed  # after the header: the import takes a moment
+    from dcrouter.net.certfiles import generate_self_signed  # after the header: the import takes a moment
 
     cert_pem, key_pem = generate_self_signed(SNI_NAME)
     cert, key = os.path.join(workdir, "cert.pem"), os.path.join(workdir, "key.pem")

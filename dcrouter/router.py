@@ -53,9 +53,10 @@ from dcrouter.delivery.routing import RecipientRouter
 from dcrouter.delivery.transport import ESMTPTransport
 from dcrouter.interfaces import IDeliveryQueue
 from dcrouter.log import logger, set_level
+from dcrouter.net.certfiles import TlsMaterialError, generate_self_signed, load_certified_key
 from dcrouter.net.certstore import CertificateStore, CertifiedKey
 from dcrouter.net.targets import TargetHealth
-from dcrouter.net.tls import TlsMaterialError, TlsPolicy, generate_self_signed, load_certified_key
+from dcrouter.net.tls import TlsPolicy
 from dcrouter.processing.build import build_chain
 from dcrouter.processing.processor import EmailProcessor
 from dcrouter.proxy.service import ProxyBindError, ProxyService

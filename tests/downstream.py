@@ -43,7 +43,7 @@ class Script:
     extensions: list[str] = field(
         default_factory=lambda: ["PIPELINING", "SIZE 10000000", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8"]
     )
-    #: Offer STARTTLS with these options (``dcrouter.net.tls.server_tls_options``); None: no STARTTLS.
+    #: Offer STARTTLS with these options (``dcrouter.net.certfiles.server_tls_options``); None: no STARTTLS.
     tls: CertificateOptions | None = None
     #: Offer AUTH PLAIN and accept these user → password pairs; None: no AUTH.
     users: dict[str, str] | None = None

@@ -363,7 +363,9 @@ class ConfigTests(unittest.TestCase):
 
         self.assertEqual(directory(), LETSENCRYPT_STAGING)
         self.assertEqual(directory(useProduction=True), LETSENCRYPT_PRODUCTION)
-        self.assertEqual(directory(useProduction=True, directoryUrl="https://ca.test/dir"), "https://ca.test/dir")
+        self.assertEqual(
+            directory(useProduction=True, directoryUrl="https://ca.test/dir"), "https://ca.test/dir"
+        )
 
     def test_state_directory_default(self) -> None:
         acme = load_options(acme_config()).options.smart_proxy_config.acme

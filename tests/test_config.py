@@ -14,7 +14,7 @@ from dcrouter.config import ConfigError, ConfigResult, load_file, load_options
 from dcrouter.config import load as load_module
 from dcrouter.config.checks import Report
 from dcrouter.config.options import DcRouterOptions, DomainConfig, SmtpConfig, TlsConfig
-from dcrouter.net.tls import generate_self_signed
+from dcrouter.net.certfiles import generate_self_signed
 from dcrouter.passwords import hash_password
 
 # An MX-only gateway: no implicit TLS port, so no certificate is needed.
@@ -429,7 +429,7 @@ class TlsTests(LoadCase):
         self.assertEqual(TlsConfig().tls_profile, "intermediate")
         self.assertEqual(
             self.errors(smtp(tls={"tlsProfile": "old"})),
-            ["smtpConfig.tls.tlsProfile: expected one of \"modern\", \"intermediate\", got a string 'old'"],
+            ['smtpConfig.tls.tlsProfile: expected one of "modern", "intermediate", got a string \'old\''],
         )
 
     def test_ciphers_against_the_profile(self) -> None:

@@ -359,7 +359,7 @@ class TerminationConfigTests(ProxyCase):
     """tls.mode terminate / terminate-and-reencrypt, tls.certificate files, domainConfigs useNetworkProxy."""
 
     def files(self) -> dict[str, str]:
-        from dcrouter.net.tls import generate_self_signed
+        from dcrouter.net.certfiles import generate_self_signed
 
         directory = self.mktemp()
         os.makedirs(directory)

@@ -26,7 +26,7 @@ from zope.interface import implementer
 from dcrouter.delivery.client import ESMTPClient, SMTPClientError
 from dcrouter.delivery.dotstuff import CHUNK_SIZE
 from dcrouter.mail.reply import Reply
-from dcrouter.net.tls import generate_self_signed, server_tls_options
+from dcrouter.net.certfiles import generate_self_signed, server_tls_options
 from tests.smtp_fixtures import (
     HOSTNAME,
     PASSWORD,

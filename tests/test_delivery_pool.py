@@ -20,8 +20,8 @@ from dcrouter.config.options import DeliveryConfig
 from dcrouter.delivery.client import ESMTPClient
 from dcrouter.delivery.pool import ConnectionPool, TargetFailure
 from dcrouter.delivery.route import Route
+from dcrouter.net.certfiles import generate_self_signed, server_tls_options
 from dcrouter.net.targets import Target
-from dcrouter.net.tls import generate_self_signed, server_tls_options
 from tests.downstream import Downstream, Script, closed_port, start_downstream
 from tests.test_net_tls import rsa_self_signed
 

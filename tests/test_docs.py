@@ -55,7 +55,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from dcrouter import cli, tap
 from dcrouter.config import ConfigError, load_options
-from dcrouter.net.tls import generate_self_signed
+from dcrouter.net.certfiles import generate_self_signed
 from tests.integration import CHECKOUT, TWISTD, TwistdProcess, twistd_environment
 
 EXAMPLE_CONFIG = os.path.join(CHECKOUT, "etc", "dcrouter.example.toml")

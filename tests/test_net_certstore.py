@@ -24,8 +24,9 @@ from twisted.protocols.wire import Echo
 from twisted.trial.unittest import SynchronousTestCase
 
 from dcrouter.config.options import TlsConfig
+from dcrouter.net.certfiles import TlsMaterialError, generate_self_signed, load_certified_key
 from dcrouter.net.certstore import CertificateStore, CertifiedKey
-from dcrouter.net.tls import TlsMaterialError, TlsPolicy, generate_self_signed, load_certified_key
+from dcrouter.net.tls import TlsPolicy
 
 DAY = 86400.0
 

@@ -29,14 +29,13 @@ from twisted.protocols.wire import Echo
 from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
+from dcrouter.net.certfiles import generate_self_signed, server_tls_options
 from dcrouter.net.certstore import CertificateStore, CertifiedKey
 from dcrouter.net.tls import (
     INTERMEDIATE_CIPHERS,
     OPPORTUNISTIC_CIPHERS,
     TlsPolicy,
     client_options,
-    generate_self_signed,
-    server_tls_options,
     verified_client_options,
 )
 from dcrouter.proxy.routes import RouteTable

@@ -1,6 +1,6 @@
-"""Tests for dcrouter.plugins with the example package in docs/examples/dcrouter_example_plugins: plugins
-named by dotted path and by entry point, every configuration error with its key path, and the plugins at work
-in the processing chain (configuration → build_chain → EmailProcessor → MemoryQueue).
+"""Tests for dcrouter.config.plugins with the example package in docs/examples/dcrouter_example_plugins:
+plugins named by dotted path and by entry point, every configuration error with its key path, and the
+plugins at work in the processing chain (configuration → build_chain → EmailProcessor → MemoryQueue).
 
 Nothing is installed: the example package's directory goes on ``sys.path`` for a test, and entry points come
 from a ``.dist-info`` directory the test writes (importlib.metadata finds it on ``sys.path``). Both are taken
@@ -24,7 +24,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from dcrouter import plugins
+from dcrouter.config import plugins
 from dcrouter.config.checks import Report
 from dcrouter.config.load import ConfigError, load_options
 from dcrouter.config.processing import ScannerConfig, TransformationConfig

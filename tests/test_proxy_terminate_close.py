@@ -22,8 +22,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from dcrouter.net.certfiles import generate_self_signed
 from dcrouter.net.certstore import CertificateStore, CertifiedKey
-from dcrouter.net.tls import generate_self_signed
 from dcrouter.proxy.http import HttpForwarder
 from dcrouter.proxy.routes import PortRange, ProxyRoute, ProxyTarget, RouteTable
 from dcrouter.proxy.session import ProxyContext, ProxySession, ProxySettings

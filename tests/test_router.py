@@ -32,7 +32,7 @@ from dcrouter.config.options import SharedTlsConfig, TlsConfig
 from dcrouter.interfaces import QueueUnavailable
 from dcrouter.mail.envelope import Envelope
 from dcrouter.mail.spooled import SpooledMessage
-from dcrouter.net.tls import generate_self_signed
+from dcrouter.net.certfiles import generate_self_signed
 from dcrouter.queue.disk import DiskQueue
 from dcrouter.queue.memory import MemoryQueue
 from dcrouter.router import StartupError, describe_listener, format_address, smtp_tls_config

@@ -14,7 +14,7 @@ from zope.interface.verify import verifyObject
 from dcrouter.config.options import AuthConfig
 from dcrouter.interfaces import IDeliveryQueue, QueueFull, QueueUnavailable
 from dcrouter.mail.reply import Reply
-from dcrouter.net.tls import generate_self_signed, server_tls_options
+from dcrouter.net.certfiles import generate_self_signed, server_tls_options
 from dcrouter.smtp.policy import SessionPolicy
 from tests.smtp_fixtures import (
     EHLO_PLAIN,

@@ -14,13 +14,9 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from dcrouter.mail.address import Address, parse_rcpt_argument
+from dcrouter.mail.recipients import RecipientTable, parse_recipients_file
 from dcrouter.smtp import recipients as recipients_module
-from dcrouter.smtp.recipients import (
-    FILE_CHECK_INTERVAL,
-    RecipientsFile,
-    RecipientTable,
-    parse_recipients_file,
-)
+from dcrouter.smtp.recipients import FILE_CHECK_INTERVAL, RecipientsFile
 
 DOMAINS = ["example.test", "*.corp.test", "bücher.test"]
 

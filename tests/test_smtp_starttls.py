@@ -13,7 +13,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test.iosim import connectedServerAndClient
 from twisted.trial import unittest
 
-from dcrouter.net.tls import generate_self_signed, server_tls_options
+from dcrouter.net.certfiles import generate_self_signed, server_tls_options
 from tests.smtp_fixtures import (
     GREETING,
     HOSTNAME,

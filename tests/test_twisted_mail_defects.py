@@ -33,7 +33,7 @@ from twisted.protocols.basic import FileSender, LineOnlyReceiver
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from zope.interface import implementer
 
-from dcrouter.net.tls import generate_self_signed, server_tls_options
+from dcrouter.net.certfiles import generate_self_signed, server_tls_options
 
 TWISTED = __import__("twisted").__version__
 

@@ -23,6 +23,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from dcrouter.mail.recipients import RecipientTable, read_recipients_file
 from dcrouter.net.domains import is_valid_domain_pattern, normalize_domain
 from dcrouter.net.hostport import split_dns_server
 from dcrouter.net.redis_url import parse_redis_url
@@ -402,9 +403,6 @@ def smtp_domains_once(smtp: Any, path: str, report: Report) -> None:
 def domain_recipients(entry: Any, path: str, report: Report) -> None:
     """Recipient verification's keys fit its mode, list entries name the entry's domains, and a recipients
     file can be read and parsed now (a file that breaks later keeps its last good version in use)."""
-    # Imported here: the recipient tables belong to SMTP ingress, above the configuration layer.
-    from dcrouter.smtp.recipients import RecipientTable, read_recipients_file
-
     mode = entry.verify_recipients
     listed = ("recipients", entry.recipients), ("recipientsFile", entry.recipients_file)
     if mode == "list" and not entry.recipients and entry.recipients_file is None:

@@ -61,7 +61,7 @@ def _is_builtin(kind: str, value: str) -> bool:
 
 def _plugin_type(kind: str, entry: Any, path: str, report: Report) -> None:
     """A type that is not built in must name a loadable plugin whose options pass its own schema."""
-    from dcrouter import plugins  # here: plugins imports interfaces and the loader, which import this schema
+    from dcrouter.config import plugins  # here: plugins imports the loader, which imports this schema
 
     plugins.check_config(kind, entry, path, report)
 

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from dcrouter import plugins
+from dcrouter.config import plugins
 from dcrouter.config.options import SmtpConfig
 from dcrouter.config.processing import SCANNER_TYPES, ScannerConfig, TransformationConfig
 from dcrouter.interfaces import IScanner, ITransformation

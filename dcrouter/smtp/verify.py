@@ -51,9 +51,10 @@ from dcrouter.delivery.callout import ProbeResult, Verdict
 from dcrouter.delivery.route import Route
 from dcrouter.log import logger
 from dcrouter.mail.address import Address
+from dcrouter.mail.recipients import RecipientTable
 from dcrouter.mail.reply import Reply
 from dcrouter.net.domains import DomainMatcher
-from dcrouter.smtp.recipients import DeferToThread, RecipientsFile, RecipientTable
+from dcrouter.smtp.recipients import DeferToThread, RecipientsFile
 
 log = logger("dcrouter.smtp")
 

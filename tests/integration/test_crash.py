@@ -31,8 +31,10 @@ READY = "dcrouter ready"
 
 
 def message(sender: int, number: int) -> bytes:
-    filler = b"".join(b"%d-%d line %d of the body, padding it to a few kilobytes\r\n" % (sender, number, i)
-                      for i in range(40))
+    filler = b"".join(
+        b"%d-%d line %d of the body, padding it to a few kilobytes\r\n" % (sender, number, i)
+        for i in range(40)
+    )
     return (
         b"From: sender%d@sender.test\r\nTo: sink@example.test\r\nSubject: crash test %d-%d\r\n\r\n"
         % (sender, sender, number)
@@ -175,5 +177,3 @@ class CrashTests(TestCase):
             code, text = smtp.data(body)
         self.assertEqual(code, 250, text)
         return text.split()[-1].decode("ascii"), body
-
-

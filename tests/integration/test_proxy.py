@@ -27,8 +27,8 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from dcrouter import DcRouter
+from dcrouter.net.certfiles import generate_self_signed
 from dcrouter.net.cidr import CidrSet
-from dcrouter.net.tls import generate_self_signed
 from dcrouter.proxy.routes import PortRange, ProxyRoute, ProxyTarget
 from dcrouter.proxy.service import ProxyService
 from dcrouter.proxy.session import ProxySettings

@@ -24,8 +24,8 @@ from twisted.trial.unittest import TestCase
 
 from dcrouter import DcRouter
 from dcrouter.acme.challenges import ChallengeResponder
+from dcrouter.net.certfiles import generate_self_signed
 from dcrouter.net.certstore import CertificateStore
-from dcrouter.net.tls import generate_self_signed
 from dcrouter.proxy.httpmessage import HeadBuffer
 from dcrouter.proxy.routes import CertificateFiles, PortRange, ProxyRoute, ProxyTarget
 from dcrouter.proxy.service import ProxyService

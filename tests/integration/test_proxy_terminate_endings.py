@@ -27,8 +27,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from dcrouter.net.certfiles import generate_self_signed
 from dcrouter.net.certstore import CertificateStore
-from dcrouter.net.tls import generate_self_signed
 from dcrouter.proxy.httpmessage import HeadBuffer
 from dcrouter.proxy.routes import CertificateFiles, PortRange, ProxyRoute, ProxyTarget
 from dcrouter.proxy.service import ProxyService

@@ -17,7 +17,7 @@ from twisted.mail.smtp import ESMTPSenderFactory
 from twisted.trial.unittest import TestCase
 
 from dcrouter import DcRouter
-from dcrouter.net.tls import generate_self_signed
+from dcrouter.net.certfiles import generate_self_signed
 from dcrouter.passwords import hash_password
 from dcrouter.queue.item import QueueItem, QueueItemStatus
 from tests.integration import free_ports
@@ -99,7 +99,7 @@ class SmtpIngressTests(TestCase):
         self.assertEqual(code, 250, text)
         prefix = b"2.0.0 Ok: queued as "
         self.assertTrue(text.startswith(prefix), text)
-        return text[len(prefix):].decode("ascii")
+        return text[len(prefix) :].decode("ascii")
 
     def assertStoredExactly(self, body: bytes, message: bytes) -> None:
         """The stored message is the one sent, byte for byte, after the Received field dcrouter prepends."""
@@ -214,8 +214,7 @@ class SmtpIngressTests(TestCase):
         sent: Deferred[Any] = Deferred()
         tls = optionsForClientTLS(HOSTNAME, trustRoot=Certificate.loadPEM(self.cert_pem))
         text = (
-            b"From: twisted@sender.test\nTo: bob@example.test\nSubject: from twisted\n\n"
-            b"hello from twisted\n"
+            b"From: twisted@sender.test\nTo: bob@example.test\nSubject: from twisted\n\nhello from twisted\n"
         )
         factory = ESMTPSenderFactory(
             USER.encode(),
@@ -248,8 +247,11 @@ class SmtpIngressTests(TestCase):
             self.assertEqual(accepted, 1, addresses)
             queue = self.router.queue
             assert queue is not None
-            items = [i for i in await queue.get_by_status(QueueItemStatus.QUEUED)
-                     if i.envelope.mail_from == "twisted@sender.test"]
+            items = [
+                i
+                for i in await queue.get_by_status(QueueItemStatus.QUEUED)
+                if i.envelope.mail_from == "twisted@sender.test"
+            ]
             self.assertEqual(len(items), 1)
             self.assertEqual(items[0].envelope.auth_user, USER)
             _, body = await self.stored(items[0].id)

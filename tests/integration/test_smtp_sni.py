@@ -16,8 +16,8 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from dcrouter import DcRouter
+from dcrouter.net.certfiles import generate_self_signed
 from dcrouter.net.certstore import CertifiedKey
-from dcrouter.net.tls import generate_self_signed
 from tests.integration import free_ports
 
 HOSTNAME = "mx.test"

@@ -31,7 +31,8 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
 from dcrouter import DcRouter
-from dcrouter.net.tls import INTERMEDIATE_CIPHERS, generate_self_signed
+from dcrouter.net.certfiles import generate_self_signed
+from dcrouter.net.tls import INTERMEDIATE_CIPHERS
 from tests.integration import free_ports
 from tests.integration.test_smtp_sni import SmtpLine
 from tests.test_net_tls import WEAK_SUITES, offering, rsa_self_signed
@@ -235,9 +236,7 @@ def sslscan_problems(
     """What sslscan's report shows beyond the policy: protocol versions other than ``versions``, TLS 1.2
     suites outside ``tls12``, renegotiation, compression, Heartbleed. An empty report is a problem too."""
     problems = []
-    enabled = {
-        f"{p.get('type')}{p.get('version')}" for p in test.iter("protocol") if p.get("enabled") == "1"
-    }
+    enabled = {f"{p.get('type')}{p.get('version')}" for p in test.iter("protocol") if p.get("enabled") == "1"}
     if enabled - versions:
         problems.append(f"{endpoint}: protocols {sorted(enabled - versions)} enabled")
     ciphers = [(c.get("sslversion"), c.get("cipher")) for c in test.iter("cipher")]

@@ -3,9 +3,8 @@
 A value check takes the converted value and returns ``None`` when it is fine, an error message, or an
 :class:`Advice` (a warning message). The loader prefixes every message with the key path.
 
-A block check (:func:`block_check`) sees one whole block after its keys were converted and reports through a
-:class:`Report`. It names the keys it reads; the loader runs it only when all of them loaded without error, so
-one mistake is reported once rather than again by every check that reads the same key.
+A block check (:func:`dcrouter.config.schema.block_check`) sees one whole block after its keys were converted
+and reports through a :class:`~dcrouter.config.schema.Report`.
 
 This module does not import the schema (``options.py`` imports it), so block checks read their block by
 attribute and spell the seed's file keys in their messages.
@@ -16,62 +15,18 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from dcrouter.config.schema import Advice, Report, ValueCheck, block_check, join, set_in_file
 from dcrouter.mail.recipients import RecipientTable, read_recipients_file
 from dcrouter.net.domains import is_valid_domain_pattern, normalize_domain
 from dcrouter.net.hostport import split_dns_server
 from dcrouter.net.redis_url import parse_redis_url
 from dcrouter.passwords import is_password_hash, looks_like_password_hash
-
-
-class Advice(str):
-    """A value check's result that is a warning, not an error."""
-
-
-ValueCheck = Callable[[Any], "str | None"]
-
-
-class Report:
-    """Collects every error and warning of one load, in the order found."""
-
-    def __init__(self) -> None:
-        self.errors: list[str] = []
-        self.warnings: list[str] = []
-
-    def error(self, path: str, message: str) -> None:
-        self.errors.append(f"{path}: {message}")
-
-    def warning(self, path: str, message: str) -> None:
-        self.warnings.append(f"{path}: {message}")
-
-
-@dataclass(frozen=True)
-class BlockCheck:
-    """A check of one block: ``run(block, path, report)``; ``needs`` are the attributes it reads."""
-
-    needs: tuple[str, ...]
-    run: Callable[[Any, str, Report], None]
-
-
-def block_check(*needs: str) -> Callable[[Callable[[Any, str, Report], None]], BlockCheck]:
-    """Decorate ``run(block, path, report)`` into a :class:`BlockCheck` reading the attributes ``needs``."""
-
-    def wrap(run: Callable[[Any, str, Report], None]) -> BlockCheck:
-        return BlockCheck(needs, run)
-
-    return wrap
-
-
-def join(path: str, key: str) -> str:
-    """The key path of ``key`` inside the block at ``path`` (``""`` for the top level)."""
-    return f"{path}.{key}" if path else key
-
 
 # --- value checks ------------------------------------------------------------------------------------------
 
@@ -263,7 +218,7 @@ def smtp_port_roles(smtp: Any, path: str, report: Report) -> None:
         ("submissionPorts", "submission_ports", smtp.submission_ports),
     )
     for key, attr, ports in roles:
-        if attr not in smtp._given:
+        if not set_in_file(smtp, attr):
             continue
         for i, p in _listed(ports, smtp.ports):
             report.error(f"{join(path, key)}[{i}]", f"port {p} is not in {join(path, 'ports')}")
@@ -413,7 +368,7 @@ def domain_recipients(entry: Any, path: str, report: Report) -> None:
                 report.error(join(path, key), f"used only with verifyRecipients = 'list', not {mode!r}")
     if mode != "callout":
         for key, attr in (("calloutSender", "callout_sender"), ("calloutFailOpen", "callout_fail_open")):
-            if attr in entry._given:
+            if set_in_file(entry, attr):
                 report.warning(join(path, key), f"has no effect with verifyRecipients = {mode!r}")
     for i, item in enumerate(entry.recipients):
         try:
@@ -449,7 +404,7 @@ def smtp_default_route(smtp: Any, path: str, report: Report) -> None:
     opportunistic TLS, so defaultPort and useTls (which apply to defaultServer only) would be ignored."""
     if smtp.default_server is not None:
         return
-    if "default_port" in smtp._given:
+    if set_in_file(smtp, "default_port"):
         report.warning(
             join(path, "defaultPort"),
             f"has no effect without {join(path, 'defaultServer')}: other mail goes by MX, to port 25",

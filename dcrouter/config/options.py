@@ -1,77 +1,27 @@
 """The options schema: one dataclass per block of the configuration, field by field.
 
 Keys in files are the seed's camelCase names (``maxMessageSize``); attributes are their snake_case twins
-(``max_message_size``). ``option()`` records the file key where the mechanical conversion would be wrong
-(``targetIPs``), the documentation line, whether the key is a dcrouter addition to the seed, and whether the
-feature behind it is built yet. The loader (``dcrouter.config.load``) and the reference in
-``docs/configuration.md`` are both derived from these declarations.
+(``max_message_size``). ``option()`` (:mod:`dcrouter.config.schema`) records the file key where the mechanical
+conversion would be wrong (``targetIPs``), the documentation line, whether the key is a dcrouter addition to
+the seed, and whether the feature behind it is built yet. The loader (``dcrouter.config.load``) and the
+reference in ``docs/configuration.md`` are both derived from these declarations.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import socket
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from dcrouter.config import checks as c
-from dcrouter.config.checks import BlockCheck, ValueCheck
-
-MISSING = dataclasses.MISSING
-_T = TypeVar("_T")
-
-
-def option(
-    default: Any = MISSING,
-    *,
-    factory: Any = MISSING,
-    key: str | None = None,
-    doc: str = "",
-    addition: bool = False,
-    unsupported: str | None = None,
-    unsupported_values: Mapping[Any, str] | None = None,
-    check: ValueCheck | None = None,
-    each: ValueCheck | None = None,
-    shown_default: str | None = None,
-) -> Any:
-    """Declare one configuration key.
-
-    ``unsupported``: the feature is not built yet; any value other than the default is refused with
-    "not supported yet" and this text. ``unsupported_values``: the same for single values of the key (or of
-    its list items). ``check`` runs on the loaded value, ``each`` on every item of a list (see
-    ``dcrouter.config.checks``); both run on defaults too. ``shown_default`` replaces the default in the
-    reference where it depends on the machine.
-    """
-    metadata = {
-        "key": key,
-        "doc": doc,
-        "addition": addition,
-        "unsupported": unsupported,
-        "unsupported_values": dict(unsupported_values or {}),
-        "check": check,
-        "each": each,
-        "shown_default": shown_default,
-    }
-    if factory is not MISSING:
-        return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-def checked(*block_checks: BlockCheck) -> Callable[[type[_T]], type[_T]]:
-    """Attach checks across the keys of a block; the loader runs them after the block's keys loaded."""
-
-    def attach(cls: type[_T]) -> type[_T]:
-        # setattr, not assignment: an arbitrary class has no declared attribute for mypy to check against.
-        setattr(cls, "__config_checks__", block_checks)  # noqa: B010
-        return cls
-
-    return attach
-
-
-def block_checks(cls: type) -> tuple[BlockCheck, ...]:
-    """The block checks attached to a schema class with :func:`checked`."""
-    return tuple(getattr(cls, "__config_checks__", ()))
+from dcrouter.config.processing import (
+    MimeLimitsConfig,
+    ScannerConfig,
+    TransformationConfig,
+    dkim_private_key,
+)
+from dcrouter.config.proxy import HttpDomainRoute, SmartProxyConfig
+from dcrouter.config.schema import checked, option
 
 
 @checked(c.tls_material, c.tls_ciphers)
@@ -159,15 +109,6 @@ class AuthConfig:
 class AuthenticationConfig:
     user: str | None = option(None, doc="User name for AUTH at the target server.")
     pass_: str | None = option(None, key="pass", doc="Password for AUTH at the target server.")
-
-
-# Imported here, not at the top: the processing schema is declared with option() and checked() above.
-from dcrouter.config.processing import (  # noqa: E402
-    MimeLimitsConfig,
-    ScannerConfig,
-    TransformationConfig,
-    dkim_private_key,
-)
 
 
 @dataclass(frozen=True)
@@ -350,15 +291,18 @@ class CalloutConfig:
         check=c.duration,
     )
     positive_ttl: int = option(
-        3_600_000, doc="Milliseconds an address the target accepted is remembered (0: not at all).",
+        3_600_000,
+        doc="Milliseconds an address the target accepted is remembered (0: not at all).",
         check=c.non_negative,
     )
     negative_ttl: int = option(
-        600_000, doc="Milliseconds an address the target refused is remembered (0: not at all).",
+        600_000,
+        doc="Milliseconds an address the target refused is remembered (0: not at all).",
         check=c.non_negative,
     )
     cache_size: int = option(
-        100_000, doc="Addresses remembered at most; the least recently used are forgotten first.",
+        100_000,
+        doc="Addresses remembered at most; the least recently used are forgotten first.",
         check=c.positive,
     )
     max_parallel: int = option(
@@ -674,10 +618,6 @@ class SharedTlsConfig:
         "no certificate).",
     )
     key_path: str | None = option(None, doc="PEM private key for certPath, unencrypted.")
-
-
-# Imported here, not at the top: the proxy's schema is declared with option() and checked() above.
-from dcrouter.config.proxy import HttpDomainRoute, SmartProxyConfig  # noqa: E402
 
 
 @checked(c.router_has_work, c.smtp_tls_needed, c.proxy_smtp_ports)

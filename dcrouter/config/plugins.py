@@ -5,7 +5,7 @@ or ``dcrouter.transformations`` (installed packages declare them in their ``pypr
 dotted path, ``package.module:Class`` or ``package.module.Class``. The class must implement
 :class:`~dcrouter.interfaces.IScanner` or :class:`~dcrouter.interfaces.ITransformation` (declared with
 ``@implementer``). It may declare ``options_schema``, a frozen dataclass written with
-:func:`dcrouter.config.options.option` like dcrouter's own blocks: the entry's ``options`` table is loaded
+:func:`dcrouter.config.schema.option` like dcrouter's own blocks: the entry's ``options`` table is loaded
 with it, every error reported with its key path, and the instance is built as ``Class(options)`` (without a
 schema, ``Class()`` and any option is an error); a constructor with a ``reactor`` parameter also gets the
 router's reactor, for plugins that talk to a daemon.
@@ -18,7 +18,7 @@ import inspect
 from importlib.metadata import entry_points
 from typing import Any
 
-from dcrouter.config.checks import Report, join
+from dcrouter.config.schema import Report, build_block, join
 from dcrouter.interfaces import IScanner, ITransformation
 
 GROUPS = {"scanner": "dcrouter.scanners", "transformation": "dcrouter.transformations"}
@@ -61,8 +61,6 @@ def resolve(kind: str, name: str) -> type:
 def load_options(plugin: type, raw: Any, path: str, report: Report) -> Any:
     """The plugin's options loaded with its ``options_schema`` (None without one); errors go to ``report``
     under ``path`` (the entry's ``options`` key path)."""
-    from dcrouter.config.load import build_block
-
     schema = getattr(plugin, "options_schema", None)
     if schema is None:
         for key in raw or {}:

@@ -13,8 +13,8 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 from dcrouter.config import checks as c
-from dcrouter.config.checks import Report, block_check, join
-from dcrouter.config.options import checked, option
+from dcrouter.config import plugins
+from dcrouter.config.schema import Report, block_check, checked, join, option, set_in_file
 
 SCANNER_TYPES = ("spam", "virus", "attachment")
 TRANSFORMATION_TYPES = (
@@ -61,8 +61,6 @@ def _is_builtin(kind: str, value: str) -> bool:
 
 def _plugin_type(kind: str, entry: Any, path: str, report: Report) -> None:
     """A type that is not built in must name a loadable plugin whose options pass its own schema."""
-    from dcrouter.config import plugins  # here: plugins imports the loader, which imports this schema
-
     plugins.check_config(kind, entry, path, report)
 
 
@@ -73,7 +71,7 @@ def _foreign_keys(
     for f in fields(cls):
         if f.name in allowed or f.name in ("type", "name", "action", "options"):
             continue
-        if f.name in entry._given:
+        if set_in_file(entry, f.name):
             key = f.metadata.get("key") or _camel(f.name)
             report.error(join(path, key), f"does not apply to {what}")
 

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from dcrouter.config import checks as c
-from dcrouter.config.checks import Report, block_check, join
-from dcrouter.config.options import checked, option
+from dcrouter.config.schema import Report, block_check, checked, join, option
 from dcrouter.net.domains import normalize_domain
 
 _FORWARD_ONLY = 'Only "forward" is built.'

@@ -14,8 +14,8 @@ import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, TypeGuard, get_args, get_origin, get_type_hints
 
-from dcrouter.config.load import file_key, type_name
 from dcrouter.config.options import DcRouterOptions
+from dcrouter.config.schema import file_key, type_name
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance

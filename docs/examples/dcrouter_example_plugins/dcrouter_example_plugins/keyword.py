@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
 from dcrouter.config import checks
-from dcrouter.config.options import option
+from dcrouter.config.schema import option
 from dcrouter.interfaces import IScanner
 from dcrouter.processing.message import Draft, ScanResult, Verdict
 

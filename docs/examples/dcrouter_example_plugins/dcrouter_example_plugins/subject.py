@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from zope.interface import implementer
 
 from dcrouter.config import checks
-from dcrouter.config.options import option
+from dcrouter.config.schema import option
 from dcrouter.interfaces import ITransformation
 from dcrouter.processing.message import Draft
 from dcrouter.processing.mime import decode_encoded_words

@@ -1,7 +1,4 @@
-"""Checks of configuration values, one key at a time (value checks) and across the keys of one block.
-
-A value check takes the converted value and returns ``None`` when it is fine, an error message, or an
-:class:`Advice` (a warning message). The loader prefixes every message with the key path.
+"""Checks across the keys of one block (block checks).
 
 A block check (:func:`dcrouter.config.schema.block_check`) sees one whole block after its keys were converted
 and reports through a :class:`~dcrouter.config.schema.Report`.
@@ -12,194 +9,18 @@ attribute and spell the seed's file keys in their messages.
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import re
 from collections.abc import Iterable
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from dcrouter.config.schema import Advice, Report, ValueCheck, block_check, join, set_in_file
+from dcrouter.config.schema import Report, block_check, join, set_in_file
 from dcrouter.mail.recipients import RecipientTable, read_recipients_file
-from dcrouter.net.domains import is_valid_domain_pattern, normalize_domain
-from dcrouter.net.hostport import split_dns_server
+from dcrouter.net.domains import normalize_domain
 from dcrouter.net.redis_url import parse_redis_url
 from dcrouter.passwords import is_password_hash, looks_like_password_hash
-
-# --- value checks ------------------------------------------------------------------------------------------
-
-_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
-
-
-def _is_host_name(value: str) -> bool:
-    # RFC 1123 host names; a trailing dot (absolute name) is tolerated, an all-numeric last label is not
-    # (it would be an IPv4 address written wrongly).
-    name = value[:-1] if value.endswith(".") else value
-    if not name or len(name) > 253:
-        return False
-    labels = name.split(".")
-    return all(_LABEL.match(label) for label in labels) and not labels[-1].isdigit()
-
-
-def _is_ip(value: str) -> bool:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        return False
-    return True
-
-
-def port(value: int) -> str | None:
-    if not 1 <= value <= 65535:
-        return f"not a port number (1-65535): {value}"
-    return None
-
-
-def at_least(minimum: int) -> ValueCheck:
-    """A check that an integer is at least ``minimum``."""
-
-    def check(value: int) -> str | None:
-        if value < minimum:
-            return f"must be at least {minimum}: {value}"
-        return None
-
-    return check
-
-
-positive = at_least(1)
-non_negative = at_least(0)
-
-
-def duration(value: int) -> str | None:
-    """A positive number of milliseconds; a small one is probably seconds written by mistake."""
-    if value < 1:
-        return f"must be a positive number of milliseconds: {value}"
-    if value < 1000:
-        return Advice(f"{value} ms is less than a second; durations are in milliseconds")
-    return None
-
-
-def host_name(value: str) -> str | None:
-    if not _is_host_name(value):
-        return f"not a valid host name: {value!r}"
-    return None
-
-
-def host_or_ip(value: str) -> str | None:
-    if not (_is_ip(value) or _is_host_name(value)):
-        return f"not a host name or IP address: {value!r}"
-    return None
-
-
-def ip_address(value: str) -> str | None:
-    if not _is_ip(value):
-        return f"not an IP address: {value!r}"
-    return None
-
-
-def domain_pattern(value: str) -> str | None:
-    """An exact domain or a ``*.`` wildcard, as the SMTP and proxy domain matchers accept them."""
-    if not is_valid_domain_pattern(value):
-        return f"not a domain name or '*.' wildcard: {value!r}"
-    return None
-
-
-def cidr(value: str) -> str | None:
-    """An IPv4/IPv6 network; a bare address is a /32 or /128. Host bits set are refused: ``10.1.2.3/8``
-    would silently widen to all of 10/8, which for a relay permission is the dangerous direction."""
-    try:
-        ipaddress.ip_network(value, strict=True)
-    except ValueError:
-        try:
-            network = ipaddress.ip_network(value, strict=False)
-        except ValueError:
-            return f"not an IP network in CIDR notation: {value!r}"
-        return f"host bits set in {value!r}; did you mean {str(network)!r}?"
-    return None
-
-
-def dns_server(value: str) -> str | None:
-    """A resolver address for MX lookups: ``IP``, ``IPv4:port`` or ``[IPv6]:port``."""
-    try:
-        split_dns_server(value)
-    except ValueError as exc:
-        return str(exc)
-    return None
-
-
-def _address_pattern(value: str, allow_null: bool) -> str | None:
-    # Imported here: the routing module imports the schema's neighbours, and options.py imports this module.
-    from dcrouter.mail.patterns import parse_address_pattern
-
-    try:
-        parse_address_pattern(value, allow_null=allow_null)
-    except ValueError as exc:
-        return str(exc)
-    return None
-
-
-def sender_pattern(value: str) -> str | None:
-    """A routing rule's sender pattern: ``*@domain``, ``local@domain``, ``*@*.domain`` or ``<>``."""
-    return _address_pattern(value, allow_null=True)
-
-
-def recipient_pattern(value: str) -> str | None:
-    """A routing rule's recipient pattern: as for senders, without ``<>``."""
-    return _address_pattern(value, allow_null=False)
-
-
-def mailbox_or_empty(value: str) -> str | None:
-    """An envelope address (``local@domain``), or empty for the null sender."""
-    if value == "":
-        return None
-    # Imported here: the SMTP address parser sits above the configuration layer.
-    from dcrouter.mail.address import AddressError, parse_mail_argument
-
-    try:
-        address, _ = parse_mail_argument(f"FROM:<{value}>", utf8=True)
-    except AddressError:
-        return f"not an address: {value!r}"
-    if not address.domain or address.is_literal:
-        return f"not an address at a domain: {value!r}"
-    return None
-
-
-def one_line(value: str) -> str | None:
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
-        return f"must not contain CR, LF or other control characters: {value!r}"
-    return None
-
-
-def not_empty(value: Any) -> str | None:
-    if len(value) == 0:
-        return "must not be empty"
-    return None
-
-
-def unique(value: list[Any]) -> str | None:
-    seen: set[Any] = set()
-    for item in value:
-        norm = item.lower() if isinstance(item, str) else item
-        if norm in seen:
-            return f"{item!r} is listed twice"
-        seen.add(norm)
-    return None
-
-
-def all_of(*checks: ValueCheck) -> ValueCheck:
-    """A check running ``checks`` in order and returning the first finding."""
-
-    def check(value: Any) -> str | None:
-        for one in checks:
-            found = one(value)
-            if found is not None:
-                return found
-        return None
-
-    return check
-
 
 # --- block checks ------------------------------------------------------------------------------------------
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from dcrouter.config import checks as c
+from dcrouter.config import values
 from dcrouter.config.processing import (
     MimeLimitsConfig,
     ScannerConfig,
     TransformationConfig,
-    dkim_private_key,
 )
 from dcrouter.config.proxy import HttpDomainRoute, SmartProxyConfig
 from dcrouter.config.schema import checked, option
@@ -62,10 +62,12 @@ class TlsConfig:
 @checked(c.user_password)
 @dataclass(frozen=True)
 class UserConfig:
-    username: str = option(doc="Login name for SMTP AUTH.", check=c.all_of(c.not_empty, c.one_line))
+    username: str = option(
+        doc="Login name for SMTP AUTH.", check=values.all_of(values.not_empty, values.one_line)
+    )
     password: str = option(
         doc="A hash made by `dcrouter hash-password` (`scrypt$...`), or plain text (logs a warning).",
-        check=c.not_empty,
+        check=values.not_empty,
     )
 
 
@@ -79,7 +81,7 @@ class AuthConfig:
         factory=lambda: ["PLAIN", "LOGIN"],
         doc="SASL mechanisms offered (after TLS only).",
         unsupported_values={"OAUTH2": "OAUTH2 is not built yet."},
-        check=c.unique,
+        check=values.unique,
     )
     users: list[UserConfig] = option(factory=list, doc="Accounts allowed to authenticate.")
     ldap_url: str | None = option(None, unsupported="LDAP authentication is not built yet.")
@@ -91,16 +93,19 @@ class AuthConfig:
         addition=True,
         doc="Failed AUTH attempts per client IP or per user name, within failureWindow, "
         "after which further attempts are refused with 454 4.7.0 until the window passes.",
-        check=c.positive,
+        check=values.positive,
     )
     failure_window: int = option(
-        900_000, addition=True, doc="Milliseconds over which AUTH failures are counted.", check=c.duration
+        900_000,
+        addition=True,
+        doc="Milliseconds over which AUTH failures are counted.",
+        check=values.duration,
     )
     failure_delay: int = option(
         1_000,
         addition=True,
         doc="Milliseconds added to the reply per recent failure (slows down guessing); 0 adds none.",
-        check=c.non_negative,
+        check=values.non_negative,
     )
 
 
@@ -128,7 +133,8 @@ class DkimOptions:
     domain_name: str = option(doc="d= of the signature.")
     key_selector: str = option(doc="s= of the signature.")
     private_key: str = option(
-        doc="PEM private key (RSA 2048+ bits or Ed25519), inline or a file path.", check=dkim_private_key
+        doc="PEM private key (RSA 2048+ bits or Ed25519), inline or a file path.",
+        check=values.dkim_private_key,
     )
 
 
@@ -138,17 +144,17 @@ class DomainConfig:
     domains: list[str] = option(
         doc="Recipient domains: exact names or `*.example.com` wildcards. A domain may appear in one entry "
         "only.",
-        check=c.all_of(c.not_empty, c.unique),
-        each=c.domain_pattern,
+        check=values.all_of(values.not_empty, values.unique),
+        each=values.domain_pattern,
     )
     target_ips: list[str] = option(
         factory=list,
         key="targetIPs",
         doc="Servers (host names or IPs) mail for these domains is relayed to; at least one.",
-        check=c.not_empty,
-        each=c.host_or_ip,
+        check=values.not_empty,
+        each=values.host_or_ip,
     )
-    port: int = option(25, doc="Port on the target servers.", check=c.port)
+    port: int = option(25, doc="Port on the target servers.", check=values.port)
     use_tls: bool = option(False, doc="Require STARTTLS towards the targets.")
     authentication: AuthenticationConfig | None = option(None, doc="AUTH towards the targets.")
     allowed_ips: list[str] = option(
@@ -176,7 +182,7 @@ class DomainConfig:
         addition=True,
         doc="With verifyRecipients `list`: the addresses that exist: `alice@example.com`, `alice` (at every "
         "domain of the entry), `@example.com` (all of a domain), `*` wildcards in local parts (`alice+*`).",
-        each=c.one_line,
+        each=values.one_line,
     )
     recipients_file: str | None = option(
         None,
@@ -189,7 +195,7 @@ class DomainConfig:
         addition=True,
         doc="MAIL FROM of callout probes: empty for the null sender `<>`, or an address for targets that "
         "refuse it.",
-        check=c.mailbox_or_empty,
+        check=values.mailbox_or_empty,
     )
     callout_fail_open: bool = option(
         False,
@@ -202,27 +208,27 @@ class DomainConfig:
 @dataclass(frozen=True)
 class RoutingRuleConfig:
     name: str = option(
-        doc="Name of the rule, shown in logs and as the route `rule:<name>`.", check=c.not_empty
+        doc="Name of the rule, shown in logs and as the route `rule:<name>`.", check=values.not_empty
     )
     target_ips: list[str] = option(
         key="targetIPs",
         doc="Servers (host names or IPs) the matching recipients are relayed to.",
-        check=c.not_empty,
-        each=c.host_or_ip,
+        check=values.not_empty,
+        each=values.host_or_ip,
     )
     priority: int = option(100, doc="Rules are evaluated in ascending priority, before domainConfigs.")
     senders: list[str] = option(
         factory=list,
         doc="Envelope sender patterns (`*@billing.example.com`, `user@example.com`, `*@*.example.com`, `<>` "
         "for the null sender); empty matches every sender.",
-        each=c.sender_pattern,
+        each=values.sender_pattern,
     )
     recipients: list[str] = option(
         factory=list,
         doc="Recipient patterns, as for senders (without `<>`); empty matches every recipient.",
-        each=c.recipient_pattern,
+        each=values.recipient_pattern,
     )
-    port: int = option(25, doc="Port on the target servers.", check=c.port)
+    port: int = option(25, doc="Port on the target servers.", check=values.port)
     use_tls: bool = option(False, doc="Require STARTTLS towards the targets.")
     authentication: AuthenticationConfig | None = option(None, doc="AUTH towards the targets.")
 
@@ -233,14 +239,16 @@ class DeliveryConfig:
         20,
         doc="Open connections kept per destination for reuse; at least maxPerDestination keeps every "
         "concurrent delivery's connection for the next message.",
-        check=c.positive,
+        check=values.positive,
     )
     socket_timeout: int = option(
-        300_000, doc="Milliseconds to wait for any one reply from a target server.", check=c.duration
+        300_000, doc="Milliseconds to wait for any one reply from a target server.", check=values.duration
     )
-    concurrent_deliveries: int = option(50, doc="Deliveries in flight at once, in total.", check=c.positive)
+    concurrent_deliveries: int = option(
+        50, doc="Deliveries in flight at once, in total.", check=values.positive
+    )
     send_timeout: int = option(
-        600_000, doc="Milliseconds one message transaction may take in total.", check=c.duration
+        600_000, doc="Milliseconds one message transaction may take in total.", check=values.duration
     )
     verify_certificates: bool = option(
         False,
@@ -256,19 +264,25 @@ class DeliveryConfig:
         None, unsupported="Delivery rate limits are not built yet."
     )
     helo_name: str | None = option(
-        None, addition=True, doc="Name sent in EHLO (default: smtpConfig.hostname).", check=c.host_name
+        None, addition=True, doc="Name sent in EHLO (default: smtpConfig.hostname).", check=values.host_name
     )
     connect_timeout: int = option(
-        30_000, addition=True, doc="Milliseconds to establish a connection to a target.", check=c.duration
+        30_000,
+        addition=True,
+        doc="Milliseconds to establish a connection to a target.",
+        check=values.duration,
     )
     target_down_time: int = option(
         300_000,
         addition=True,
         doc="Milliseconds a target that refused or timed out is skipped before it is tried again.",
-        check=c.duration,
+        check=values.duration,
     )
     idle_timeout: int = option(
-        30_000, addition=True, doc="Milliseconds an idle pooled connection is kept open.", check=c.duration
+        30_000,
+        addition=True,
+        doc="Milliseconds an idle pooled connection is kept open.",
+        check=values.duration,
     )
     paused: bool = option(
         False,
@@ -278,7 +292,10 @@ class DeliveryConfig:
         "deliver.",
     )
     max_messages_per_connection: int = option(
-        100, addition=True, doc="Messages sent over one connection before it is closed.", check=c.positive
+        100,
+        addition=True,
+        doc="Messages sent over one connection before it is closed.",
+        check=values.positive,
     )
 
 
@@ -288,25 +305,25 @@ class CalloutConfig:
         30_000,
         doc="Milliseconds one recipient callout may take in all (waiting its turn, connecting, TLS, the "
         "replies); then the recipient is unverified.",
-        check=c.duration,
+        check=values.duration,
     )
     positive_ttl: int = option(
         3_600_000,
         doc="Milliseconds an address the target accepted is remembered (0: not at all).",
-        check=c.non_negative,
+        check=values.non_negative,
     )
     negative_ttl: int = option(
         600_000,
         doc="Milliseconds an address the target refused is remembered (0: not at all).",
-        check=c.non_negative,
+        check=values.non_negative,
     )
     cache_size: int = option(
         100_000,
         doc="Addresses remembered at most; the least recently used are forgotten first.",
-        check=c.positive,
+        check=values.positive,
     )
     max_parallel: int = option(
-        20, doc="Callouts in flight at once; more wait their turn (within timeout).", check=c.positive
+        20, doc="Callouts in flight at once; more wait their turn (within timeout).", check=values.positive
     )
 
 
@@ -316,9 +333,9 @@ class MtaConfig:
         factory=list,
         doc="DNS resolvers for MX lookups (`IP`, `IP:port` or `[IPv6]:port`); empty: the system's "
         "/etc/resolv.conf.",
-        each=c.dns_server,
+        each=values.dns_server,
     )
-    dns_timeout: int = option(5_000, doc="Milliseconds per DNS query attempt.", check=c.duration)
+    dns_timeout: int = option(5_000, doc="Milliseconds per DNS query attempt.", check=values.duration)
 
 
 @checked(
@@ -339,22 +356,22 @@ class SmtpConfig:
     ports: list[int] = option(
         factory=lambda: [25, 587, 465],
         doc="Ports to accept SMTP on.",
-        check=c.all_of(c.not_empty, c.unique),
-        each=c.port,
+        check=values.all_of(values.not_empty, values.unique),
+        each=values.port,
     )
     hostname: str = option(
         factory=socket.getfqdn,
         doc="Name used in the greeting, EHLO and Received headers.",
-        check=c.host_name,
+        check=values.host_name,
         shown_default="the machine's fully qualified name",
     )
     banner: str | None = option(
         None,
         doc="Greeting text after `ESMTP` (`220 <hostname> ESMTP <banner>`; default `dcrouter`); one line.",
-        check=c.one_line,
+        check=values.one_line,
     )
     max_message_size: int = option(
-        52_428_800, doc="Largest message accepted, in bytes (advertised as SIZE).", check=c.positive
+        52_428_800, doc="Largest message accepted, in bytes (advertised as SIZE).", check=values.positive
     )
     tls: TlsConfig | None = option(
         None,
@@ -368,9 +385,11 @@ class SmtpConfig:
         factory=list, doc="Domains this gateway accepts mail for from anyone, and where it relays it."
     )
     default_server: str | None = option(
-        None, doc="Relay for recipients no domainConfigs entry matches (host name or IP).", check=c.host_or_ip
+        None,
+        doc="Relay for recipients no domainConfigs entry matches (host name or IP).",
+        check=values.host_or_ip,
     )
-    default_port: int = option(25, doc="Port on defaultServer.", check=c.port)
+    default_port: int = option(25, doc="Port on defaultServer.", check=values.port)
     use_tls: bool = option(False, doc="Require STARTTLS towards defaultServer.")
     # Processing
     content_scanning: bool = option(False, doc="Run `scanners` on every message before it is accepted.")
@@ -384,12 +403,12 @@ class SmtpConfig:
         64,
         doc="Messages processed (scanned, transformed, signed) at once; beyond it the end of DATA is "
         "answered 451 4.3.2.",
-        check=c.positive,
+        check=values.positive,
     )
     processing_timeout: int = option(
         120_000,
         doc="Milliseconds processing one message may take before it is answered 451 4.4.1.",
-        check=c.duration,
+        check=values.duration,
     )
     header_processing: bool = option(
         True, doc="Apply header transformations and domainConfigs' headerInfo (off: they are skipped)."
@@ -412,88 +431,88 @@ class SmtpConfig:
     persistent_path: str = option(
         "/var/spool/dcrouter",
         doc="Directory of the disk queue; with `redis`, of message bodies over 1 MiB and the receive spool.",
-        check=c.not_empty,
+        check=values.not_empty,
     )
     max_retries: int = option(
         40,
         doc="Delivery attempts before a message bounces. The default lets queueLifetime (5 days) decide, as "
         "operators of other MTAs expect.",
-        check=c.non_negative,
+        check=values.non_negative,
     )
     base_retry_delay: int = option(
-        300_000, doc="Milliseconds before the first retry; doubles per attempt.", check=c.duration
+        300_000, doc="Milliseconds before the first retry; doubles per attempt.", check=values.duration
     )
     max_retry_delay: int = option(
-        14_400_000, doc="Upper bound of the retry delay, in milliseconds.", check=c.duration
+        14_400_000, doc="Upper bound of the retry delay, in milliseconds.", check=values.duration
     )
     # dcrouter's additions
     bind_address: str = option(
         "0.0.0.0",
         addition=True,
         doc="IP address the SMTP ports listen on (`::` for all IPv6).",
-        check=c.ip_address,
+        check=values.ip_address,
     )
     implicit_tls_ports: list[int] = option(
         factory=lambda: [465],
         addition=True,
         doc="Ports of `ports` that speak TLS from the first byte (they never offer STARTTLS).",
-        check=c.unique,
-        each=c.port,
+        check=values.unique,
+        each=values.port,
     )
     submission_ports: list[int] = option(
         factory=lambda: [587, 465],
         addition=True,
         doc="Ports of `ports` where AUTH is required before MAIL. 465 is here by default because RFC 8314 "
         "makes implicit TLS a submission port.",
-        check=c.unique,
-        each=c.port,
+        check=values.unique,
+        each=values.port,
     )
     relay_networks: list[str] = option(
         factory=list,
         addition=True,
         doc="CIDRs whose clients may relay to any domain without AUTH (a bare address is one host; "
         "host bits set, as in `10.1.2.3/8`, are an error).",
-        each=c.cidr,
+        each=values.cidr,
     )
     max_connections: int = option(
-        1000, addition=True, doc="Concurrent SMTP connections in total.", check=c.positive
+        1000, addition=True, doc="Concurrent SMTP connections in total.", check=values.positive
     )
     max_connections_per_ip: int = option(
         20,
         key="maxConnectionsPerIP",
         addition=True,
         doc="Concurrent SMTP connections per client IP; at most maxConnections.",
-        check=c.positive,
+        check=values.positive,
     )
     max_recipients: int = option(
-        100, addition=True, doc="Recipients per message (more get 452 4.5.3).", check=c.positive
+        100, addition=True, doc="Recipients per message (more get 452 4.5.3).", check=values.positive
     )
     connection_timeout: int = option(
-        1_800_000, addition=True, doc="Milliseconds a whole SMTP session may last.", check=c.duration
+        1_800_000, addition=True, doc="Milliseconds a whole SMTP session may last.", check=values.duration
     )
     socket_timeout: int = option(
-        300_000, addition=True, doc="Milliseconds of client silence before 421 4.4.2.", check=c.duration
+        300_000, addition=True, doc="Milliseconds of client silence before 421 4.4.2.", check=values.duration
     )
     data_timeout: int = option(
-        600_000, addition=True, doc="Milliseconds one DATA transfer may take in total.", check=c.duration
+        600_000, addition=True, doc="Milliseconds one DATA transfer may take in total.", check=values.duration
     )
     max_command_line_length: int = option(
         512,
         addition=True,
         doc="Longest command line in octets, CRLF included (RFC 5321 4.5.3.1.4); at least 512.",
-        check=c.at_least(512),
+        check=values.at_least(512),
     )
     max_line_length: int = option(
         1000,
         addition=True,
         doc="Longest message text line in octets, CRLF included (RFC 5321 4.5.3.1.6); at least 1000.",
-        check=c.at_least(1000),
+        check=values.at_least(1000),
     )
     max_bad_commands: int = option(
         20,
         addition=True,
         doc="Unknown or out-of-sequence commands before the session is closed.",
-        check=c.positive,
+        check=values.positive,
     )
     max_junk_commands: int = option(
         100,
@@ -501,7 +520,7 @@ class SmtpConfig:
         doc="NOOP, RSET, VRFY, HELP and repeated HELO/EHLO (from a client neither authenticated nor in "
         "relayNetworks) a session may send before each further one also counts toward maxBadCommands "
         "(Postfix's smtpd_junk_command_limit); the count restarts after each accepted message.",
-        check=c.positive,
+        check=values.positive,
     )
     command_timeout: int = option(
         300_000,
@@ -509,7 +528,7 @@ class SmtpConfig:
         doc="Milliseconds a client may take to send one command line, counted from its first byte: bytes "
         "dripped slowly do not extend it (Postfix's smtpd_timeout with smtpd_per_request_deadline). Also the "
         "allowance a DATA transfer starts with (minDataRate). 421 4.4.2 and close.",
-        check=c.duration,
+        check=values.duration,
     )
     min_data_rate: int = option(
         500,
@@ -517,14 +536,14 @@ class SmtpConfig:
         doc="Octets per second a DATA transfer must keep up: it starts with commandTimeout to go, and each "
         "octet received adds 1/minDataRate s, never to more than commandTimeout ahead (Postfix's "
         "smtpd_min_data_rate). 421 4.4.2 and close. 0: no rate, only dataTimeout.",
-        check=c.non_negative,
+        check=values.non_negative,
     )
     pregreet_delay: int = option(
         0,
         addition=True,
         doc="Milliseconds to wait before the 220 greeting; a client that sends anything before it gets "
         "521 5.5.1 and is disconnected (postscreen's pregreet test). 0: greet at once.",
-        check=c.non_negative,
+        check=values.non_negative,
     )
     shutdown_grace_period: int = option(
         30_000,
@@ -532,13 +551,13 @@ class SmtpConfig:
         doc="Milliseconds a stop (SIGTERM) gives mail transactions in flight to finish. Listening stops at "
         "once, idle sessions get 421 4.3.2 at once, the others after their transaction or when the period "
         "ends.",
-        check=c.non_negative,
+        check=values.non_negative,
     )
     max_received_headers: int = option(
         50,
         addition=True,
         doc="Received headers (hops) above which a message is refused as a loop.",
-        check=c.positive,
+        check=values.positive,
     )
     redis_url: str | None = option(
         None,
@@ -550,28 +569,28 @@ class SmtpConfig:
     check_interval: int = option(
         1_000,
         doc="Milliseconds between looks at the queue for due messages (enqueue also wakes delivery).",
-        check=c.duration,
+        check=values.duration,
     )
     max_per_destination: int = option(
-        20, doc="Deliveries in flight at once to one destination (route).", check=c.positive
+        20, doc="Deliveries in flight at once to one destination (route).", check=values.positive
     )
     queue_lifetime: int = option(
         432_000_000,
         addition=True,
         doc="Milliseconds after which an undelivered message bounces (default 5 days).",
-        check=c.duration,
+        check=values.duration,
     )
     delay_warning_after: int = option(
         14_400_000,
         addition=True,
         doc="Milliseconds after which the sender gets one delay warning (RFC 3464 `delayed`); 0: never.",
-        check=c.non_negative,
+        check=values.non_negative,
     )
     finished_retention: int = option(
         86_400_000,
         addition=True,
         doc="Milliseconds a delivered, bounced or failed message stays queryable before it is purged.",
-        check=c.non_negative,
+        check=values.non_negative,
     )
     orphan_retention: int = option(
         604_800_000,
@@ -579,7 +598,7 @@ class SmtpConfig:
         doc="Milliseconds a body file set aside in `persistentPath/orphans/` at start-up (no queue entry "
         "names it: never acknowledged, or already removed) is kept for inspection before it is deleted "
         "(checked hourly; default 7 days); 0: kept forever.",
-        check=c.non_negative,
+        check=values.non_negative,
     )
     routing_rules: list[RoutingRuleConfig] = option(
         factory=list, doc="Sender/recipient pattern rules, evaluated before domainConfigs."
@@ -591,7 +610,7 @@ class SmtpConfig:
         0,
         addition=True,
         doc="Queued messages at which new mail gets 452 4.3.1 (0: no limit).",
-        check=c.non_negative,
+        check=values.non_negative,
     )
     callout: CalloutConfig = option(
         factory=CalloutConfig,

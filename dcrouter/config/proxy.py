@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from dcrouter.config import checks as c
+from dcrouter.config import values
 from dcrouter.config.schema import Report, block_check, checked, join, option
 from dcrouter.net.domains import normalize_domain
 
@@ -60,7 +61,7 @@ def _is_int(value: Any) -> bool:
 def _port_item(value: Any) -> str | None:
     """One item of ``match.ports``: a port, or a ``{from, to}`` table of ports with from <= to."""
     if _is_int(value):
-        return c.port(value)
+        return values.port(value)
     if not isinstance(value, Mapping):
         return f"expected a port number or a {{from, to}} table, got {value!r}"
     if set(value) != {"from", "to"}:
@@ -70,27 +71,27 @@ def _port_item(value: Any) -> str | None:
         return f"'from' and 'to' must be integers, got {start!r} and {end!r}"
     if start > end:
         return f"'from' ({start}) is more than 'to' ({end})"
-    return c.port(start) or c.port(end)
+    return values.port(start) or values.port(end)
 
 
 def _port_spec(value: Any) -> str | None:
     if _is_int(value):
-        return c.port(value)
+        return values.port(value)
     if not isinstance(value, list):
         return f"expected a port number or a list of ports and {{from, to}} tables, got {value!r}"
-    return c.not_empty(value)
+    return values.not_empty(value)
 
 
 def _host_spec(value: Any) -> str | None:
     if isinstance(value, str):
-        return c.host_or_ip(value)
+        return values.host_or_ip(value)
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         return f"expected a host name or IP address, or a list of them, got {value!r}"
-    return c.not_empty(value)
+    return values.not_empty(value)
 
 
 def _host_item(value: Any) -> str | None:
-    return c.host_or_ip(value) if isinstance(value, str) else None
+    return values.host_or_ip(value) if isinstance(value, str) else None
 
 
 def _target_port_spec(value: Any) -> str | None:
@@ -98,7 +99,7 @@ def _target_port_spec(value: Any) -> str | None:
         return None
     if not _is_int(value):
         return f'expected a port number or "preserve", got {value!r}'
-    return c.port(value)
+    return values.port(value)
 
 
 def _domains_spec(value: Any) -> str | None:
@@ -106,13 +107,13 @@ def _domains_spec(value: Any) -> str | None:
         return _domain_item(value)
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         return f"expected a domain pattern or a list of them, got {value!r}"
-    return c.unique(value)
+    return values.unique(value)
 
 
 def _domain_item(value: Any) -> str | None:
     if value == "*" or not isinstance(value, str):
         return None
-    return c.domain_pattern(value)
+    return values.domain_pattern(value)
 
 
 def _certificate_spec(value: Any) -> str | None:
@@ -355,8 +356,8 @@ def _termination_certificates(proxy: Any, path: str, report: Report) -> None:
 @checked(_range_order)
 @dataclass(frozen=True)
 class PortRangeConfig:
-    from_: int = option(key="from", doc="First port of the range.", check=c.port)
-    to: int = option(doc="Last port of the range (inclusive); at least `from`.", check=c.port)
+    from_: int = option(key="from", doc="First port of the range.", check=values.port)
+    to: int = option(doc="Last port of the range (inclusive); at least `from`.", check=values.port)
 
 
 #: Let's Encrypt's ACME directories, chosen by ``acme.useProduction`` when ``acme.directoryUrl`` is not set.
@@ -387,7 +388,7 @@ def _acme_account(acme: Any, path: str, report: Report) -> None:
 @checked(_acme_account)
 @dataclass(frozen=True)
 class AcmeConfig:
-    port: int = option(80, doc="Port the HTTP-01 challenge is answered on.", check=c.port)
+    port: int = option(80, doc="Port the HTTP-01 challenge is answered on.", check=values.port)
     enabled: bool = option(
         False,
         doc="Obtain and renew certificates for terminated domains (domainConfigs with useNetworkProxy, and "
@@ -398,22 +399,22 @@ class AcmeConfig:
         False, doc="Use Let's Encrypt's production directory (default: its staging directory)."
     )
     renew_threshold_days: int = option(
-        30, doc="Renew a certificate this many days before it expires.", check=c.positive
+        30, doc="Renew a certificate this many days before it expires.", check=values.positive
     )
     account_email: str | None = option(
-        None, doc="Contact address of the ACME account; required when enabled.", check=c.not_empty
+        None, doc="Contact address of the ACME account; required when enabled.", check=values.not_empty
     )
     directory_url: str | None = option(
         None,
         addition=True,
         doc="ACME directory URL of a private CA; overrides useProduction.",
-        check=c.all_of(c.not_empty, _https_url),
+        check=values.all_of(values.not_empty, _https_url),
     )
     state_directory: str = option(
         "/var/lib/dcrouter/acme",
         addition=True,
         doc="Directory of the ACME account key and the certificates obtained (keys are written mode 0600).",
-        check=c.not_empty,
+        check=values.not_empty,
     )
 
 
@@ -421,25 +422,28 @@ class AcmeConfig:
 class ProxyDomainConfig:
     domains: list[str] = option(
         doc="Names (TLS SNI or HTTP Host) this entry serves: exact names or `*.example.com` wildcards.",
-        check=c.all_of(c.not_empty, c.unique),
-        each=c.domain_pattern,
+        check=values.all_of(values.not_empty, values.unique),
+        each=values.domain_pattern,
     )
     allowed_ips: list[str] = option(
         factory=list,
         key="allowedIPs",
         doc="CIDRs of clients allowed to connect (a bare address is one host); empty: everyone. "
         "`0.0.0.0/0` is IPv4 only; add `::/0` for IPv6.",
-        each=c.cidr,
+        each=values.cidr,
     )
     blocked_ips: list[str] = option(
-        factory=list, key="blockedIPs", doc="CIDRs of clients refused; wins over allowedIPs.", each=c.cidr
+        factory=list,
+        key="blockedIPs",
+        doc="CIDRs of clients refused; wins over allowedIPs.",
+        each=values.cidr,
     )
     target_ips: list[str] = option(
         factory=list,
         key="targetIPs",
         doc="Backends (host names or IPs), used round robin; empty: smartProxyConfig.targetIP.",
-        check=c.unique,
-        each=c.host_or_ip,
+        check=values.unique,
+        each=values.host_or_ip,
     )
     port_ranges: list[PortRangeConfig] = option(
         factory=list,
@@ -449,7 +453,7 @@ class ProxyDomainConfig:
     connection_timeout: int | None = option(
         None,
         doc="Milliseconds a connection may be idle before it is closed; not set: no idle limit.",
-        check=c.duration,
+        check=values.duration,
     )
     use_network_proxy: bool = option(
         False,
@@ -470,7 +474,7 @@ class ProxyDomainConfig:
         None,
         addition=True,
         doc="Concurrent connections this entry forwards; not set: no limit.",
-        check=c.positive,
+        check=values.positive,
     )
 
 
@@ -492,7 +496,7 @@ class RouteMatch:
         factory=list,
         doc="CIDRs the client must be in for the route to match at all (other clients try the next "
         "route); empty: any client.",
-        each=c.cidr,
+        each=values.cidr,
     )
 
 
@@ -540,13 +544,13 @@ class RouteTls:
 @dataclass(frozen=True)
 class RouteSecurity:
     ip_allow_list: list[str] = option(
-        factory=list, doc="CIDRs of clients allowed (others are refused); empty: everyone.", each=c.cidr
+        factory=list, doc="CIDRs of clients allowed (others are refused); empty: everyone.", each=values.cidr
     )
     ip_block_list: list[str] = option(
-        factory=list, doc="CIDRs of clients refused; wins over ipAllowList.", each=c.cidr
+        factory=list, doc="CIDRs of clients refused; wins over ipAllowList.", each=values.cidr
     )
     max_connections: int | None = option(
-        None, doc="Concurrent connections this route forwards; not set: no limit.", check=c.positive
+        None, doc="Concurrent connections this route forwards; not set: no limit.", check=values.positive
     )
 
 
@@ -556,7 +560,7 @@ class RouteConfig:
     name: str | None = option(
         None,
         doc="Shown in logs and metrics; unique. Not set: `smartProxyConfig.routes[<index>]`.",
-        check=c.all_of(c.not_empty, c.one_line),
+        check=values.all_of(values.not_empty, values.one_line),
     )
     priority: int = option(0, doc="Among routes matching equally well, the higher priority wins.")
     match: RouteMatch = option(doc="Which connections the route takes.")
@@ -567,15 +571,15 @@ class RouteConfig:
         None,
         addition=True,
         doc="Milliseconds a connection may be idle; as domainConfigs[].connectionTimeout.",
-        check=c.duration,
+        check=values.duration,
     )
 
 
 @dataclass(frozen=True)
 class DefaultTarget:
-    host: str = option(doc="Backend host name or IP.", check=c.host_or_ip)
+    host: str = option(doc="Backend host name or IP.", check=values.host_or_ip)
     port: int | None = option(
-        None, doc="Backend port; not set: the port the client connected to.", check=c.port
+        None, doc="Backend port; not set: the port the client connected to.", check=values.port
     )
 
 
@@ -592,14 +596,14 @@ class DefaultTarget:
 @dataclass(frozen=True)
 class SmartProxyConfig:
     from_port: int | None = option(
-        None, doc="A port to listen on; connections no route takes go to targetIP:toPort.", check=c.port
+        None, doc="A port to listen on; connections no route takes go to targetIP:toPort.", check=values.port
     )
-    to_port: int | None = option(None, doc="Backend port for fromPort; not set: fromPort.", check=c.port)
+    to_port: int | None = option(None, doc="Backend port for fromPort; not set: fromPort.", check=values.port)
     target_ip: str | None = option(
         None,
         key="targetIP",
         doc="Backend for fromPort, and for domainConfigs entries without targetIPs.",
-        check=c.host_or_ip,
+        check=values.host_or_ip,
     )
     sni_enabled: bool = option(
         True, doc="Route connections on fromPort by TLS SNI / HTTP Host; false: forward all to targetIP."
@@ -618,14 +622,14 @@ class SmartProxyConfig:
         "0.0.0.0",
         addition=True,
         doc="IP address the proxy ports listen on (`::` for all IPv6).",
-        check=c.ip_address,
+        check=values.ip_address,
     )
     max_connections_per_ip: int = option(
         100,
         key="maxConnectionsPerIP",
         addition=True,
         doc="Concurrent proxied connections per client IP, over all routes.",
-        check=c.positive,
+        check=values.positive,
     )
     default_target: DefaultTarget | None = option(
         None, addition=True, doc="Where connections no route takes go; not set: they are closed."
@@ -638,19 +642,19 @@ class SmartProxyConfig:
         addition=True,
         doc="CIDRs allowed to send an incoming PROXY protocol header (v1 or v2); from anyone else it is "
         "refused.",
-        each=c.cidr,
+        each=values.cidr,
     )
     sni_timeout: int = option(
         10_000,
         addition=True,
         doc="Milliseconds to wait for a TLS ClientHello or HTTP Host header before using the default route.",
-        check=c.duration,
+        check=values.duration,
     )
     max_connection_lifetime: int = option(
         86_400_000,
         addition=True,
         doc="Milliseconds after which any proxied connection is closed.",
-        check=c.duration,
+        check=values.duration,
     )
     keep_alive: bool = option(
         True, addition=True, doc="TCP keep-alive on both sides of a proxied connection."
@@ -660,17 +664,19 @@ class SmartProxyConfig:
 @dataclass(frozen=True)
 class HttpDomainRoute:
     domain: str = option(
-        doc="Host name (HTTP Host or TLS SNI): exact or `*.` wildcard.", check=c.domain_pattern
+        doc="Host name (HTTP Host or TLS SNI): exact or `*.` wildcard.", check=values.domain_pattern
     )
-    target_server_ip: str = option(key="targetServerIP", doc="Backend host name or IP.", check=c.host_or_ip)
-    target_server_port: int = option(doc="Backend port.", check=c.port)
+    target_server_ip: str = option(
+        key="targetServerIP", doc="Backend host name or IP.", check=values.host_or_ip
+    )
+    target_server_port: int = option(doc="Backend port.", check=values.port)
     use_tls: bool = option(
         False,
         doc="The route carries HTTPS: routed by SNI on port 443 and passed through (the backend holds the "
         "certificate); false: plain HTTP routed by Host on port 80.",
     )
     listen_port: int | None = option(
-        None, addition=True, doc="Port the proxy takes this route on instead of 80 / 443.", check=c.port
+        None, addition=True, doc="Port the proxy takes this route on instead of 80 / 443.", check=values.port
     )
 
 

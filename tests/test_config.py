@@ -11,7 +11,10 @@ from typing import Any
 from twisted.trial import unittest
 
 from dcrouter.config import ConfigError, ConfigResult, load_file, load_options, schema
-from dcrouter.config.options import DcRouterOptions, DomainConfig, SmtpConfig, TlsConfig
+from dcrouter.config.domains import DomainConfig
+from dcrouter.config.options import DcRouterOptions
+from dcrouter.config.smtp import SmtpConfig
+from dcrouter.config.tls import TlsConfig
 from dcrouter.net.certfiles import generate_self_signed
 from dcrouter.passwords import hash_password
 

@@ -9,11 +9,13 @@ A ``type`` that is not built in names a plugin (an entry point or a dotted path,
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 from dcrouter.config import plugins, values
 from dcrouter.config.schema import Report, block_check, checked, join, option, set_in_file
+from dcrouter.mail.headers import HeaderError, check_name, check_value
 
 SCANNER_TYPES = ("spam", "virus", "attachment")
 TRANSFORMATION_TYPES = (
@@ -47,13 +49,13 @@ def _is_builtin(kind: str, value: str) -> bool:
     return value in (SCANNER_TYPES if kind == "scanner" else TRANSFORMATION_TYPES)
 
 
-def _plugin_type(kind: str, entry: Any, path: str, report: Report) -> None:
+def _plugin_type(kind: str, entry: ScannerConfig | TransformationConfig, path: str, report: Report) -> None:
     """A type that is not built in must name a loadable plugin whose options pass its own schema."""
     plugins.check_config(kind, entry, path, report)
 
 
 def _foreign_keys(
-    cls: type, entry: Any, allowed: frozenset[str], path: str, report: Report, what: str
+    cls: type, entry: object, allowed: frozenset[str], path: str, report: Report, what: str
 ) -> None:
     """Keys the file sets that the entry's type does not use."""
     for f in fields(cls):
@@ -70,7 +72,7 @@ def _camel(name: str) -> str:
 
 
 @block_check("type", "options", "engine", "blocked_extensions", "blocked_types", "socket", "port")
-def scanner_entry(entry: Any, path: str, report: Report) -> None:
+def scanner_entry(entry: ScannerConfig, path: str, report: Report) -> None:
     if not _is_builtin("scanner", entry.type):
         _plugin_type("scanner", entry, path, report)
         _foreign_keys(
@@ -251,11 +253,7 @@ def srs_max_age(value: int) -> str | None:
     "srs_domain",
     "secrets",
 )
-def transformation_entry(entry: Any, path: str, report: Report) -> None:
-    import re
-
-    from dcrouter.mail.headers import HeaderError, check_name, check_value
-
+def transformation_entry(entry: TransformationConfig, path: str, report: Report) -> None:
     if not _is_builtin("transformation", entry.type):
         _plugin_type("transformation", entry, path, report)
         _foreign_keys(TransformationConfig, entry, frozenset(), path, report, "a plugin")

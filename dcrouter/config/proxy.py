@@ -17,9 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from dcrouter.config import checks as c
 from dcrouter.config import values
 from dcrouter.config.schema import Report, block_check, checked, join, option
+from dcrouter.config.tls import pem_files
 from dcrouter.net.domains import normalize_domain
 
 _FORWARD_ONLY = 'Only "forward" is built.'
@@ -139,19 +139,19 @@ def _certificate_files_spec(value: Any) -> str | None:
 
 
 @block_check("from_", "to")
-def _range_order(block: Any, path: str, report: Report) -> None:
+def _range_order(block: PortRangeConfig, path: str, report: Report) -> None:
     if block.from_ > block.to:
         report.error(join(path, "to"), f"{block.to} is less than {join(path, 'from')} ({block.from_})")
 
 
 @block_check("type", "target")
-def _action_target(action: Any, path: str, report: Report) -> None:
+def _action_target(action: RouteAction, path: str, report: Report) -> None:
     if action.type == "forward" and action.target is None:
         report.error(join(path, "target"), 'required for type "forward"')
 
 
 @block_check("from_port", "to_port", "target_ip")
-def _from_port_pair(proxy: Any, path: str, report: Report) -> None:
+def _from_port_pair(proxy: SmartProxyConfig, path: str, report: Report) -> None:
     """toPort and targetIP describe where fromPort forwards to; without fromPort they would mean nothing."""
     if proxy.from_port is not None:
         return
@@ -161,7 +161,7 @@ def _from_port_pair(proxy: Any, path: str, report: Report) -> None:
 
 
 @block_check("domain_configs", "global_port_ranges", "from_port", "target_ip")
-def _domain_config_ports(proxy: Any, path: str, report: Report) -> None:
+def _domain_config_ports(proxy: SmartProxyConfig, path: str, report: Report) -> None:
     """An entry listens on its portRanges, else on globalPortRanges, else on fromPort; it forwards to its
     targetIPs, else to targetIP."""
     fallback_ports = bool(proxy.global_port_ranges) or proxy.from_port is not None
@@ -176,7 +176,7 @@ def _domain_config_ports(proxy: Any, path: str, report: Report) -> None:
             report.error(join(here, "targetIPs"), f"required when {join(path, 'targetIP')} is not set")
 
 
-def domain_config_ports(proxy: Any, index: int) -> list[tuple[int, int]]:
+def domain_config_ports(proxy: SmartProxyConfig, index: int) -> list[tuple[int, int]]:
     """The ``(start, end)`` port ranges ``domainConfigs[index]`` listens on (see the block check above)."""
     entry = proxy.domain_configs[index]
     if entry.port_ranges:
@@ -196,7 +196,7 @@ def _pattern_key(pattern: str) -> str:
 
 
 @block_check("domain_configs", "global_port_ranges", "from_port")
-def _domains_once(proxy: Any, path: str, report: Report) -> None:
+def _domains_once(proxy: SmartProxyConfig, path: str, report: Report) -> None:
     """One name in two domainConfigs entries on a shared port would route by the order of the entries
     (SmartProxy took the first); the route form says which wins with priority instead."""
     seen: list[tuple[str, int, list[tuple[int, int]]]] = []
@@ -214,7 +214,7 @@ def _domains_once(proxy: Any, path: str, report: Report) -> None:
 
 
 @block_check("routes")
-def _route_names(proxy: Any, path: str, report: Report) -> None:
+def _route_names(proxy: SmartProxyConfig, path: str, report: Report) -> None:
     """A route's name keys its counters and log lines: two routes with one name would be indistinguishable."""
     first: dict[str, int] = {}
     for i, route in enumerate(proxy.routes):
@@ -229,7 +229,7 @@ def _route_names(proxy: Any, path: str, report: Report) -> None:
 
 
 @block_check("sni_enabled", "from_port", "domain_configs", "global_port_ranges", "routes")
-def _sni_disabled(proxy: Any, path: str, report: Report) -> None:
+def _sni_disabled(proxy: SmartProxyConfig, path: str, report: Report) -> None:
     """With sniEnabled = false, fromPort forwards every connection without reading a name, so a route that
     selects by name there could never be chosen."""
     if proxy.sni_enabled or proxy.from_port is None:
@@ -269,7 +269,7 @@ def _acme_name_errors(names: tuple[str, ...]) -> str | None:
 
 
 @block_check("routes", "domain_configs", "acme")
-def _acme_certificates(proxy: Any, path: str, report: Report) -> None:
+def _acme_certificates(proxy: SmartProxyConfig, path: str, report: Report) -> None:
     """A certificate "auto" is one ACME obtains: it needs ACME enabled, a terminating route, and exact names
     (HTTP-01 proves one host name at a time)."""
     acme_on = proxy.acme is not None and proxy.acme.enabled
@@ -296,7 +296,7 @@ def _acme_certificates(proxy: Any, path: str, report: Report) -> None:
 def _certificate_files(certificate: Any, path: str, report: Report) -> None:
     """A ``{certPath, keyPath}`` table must name readable PEM files that match (as smtpConfig.tls)."""
     if isinstance(certificate, Mapping) and not _certificate_spec(certificate):
-        c._pem_files(certificate["certPath"], certificate["keyPath"], None, False, path, report)
+        pem_files(certificate["certPath"], certificate["keyPath"], None, False, path, report)
 
 
 _PROFILE_DOC = (
@@ -307,7 +307,7 @@ _PROFILE_DOC = (
 
 
 @block_check("routes", "domain_configs")
-def _termination_profiles(proxy: Any, path: str, report: Report) -> None:
+def _termination_profiles(proxy: SmartProxyConfig, path: str, report: Report) -> None:
     """A TLS profile applies where the proxy ends TLS; elsewhere it would be silently unused."""
     for i, route in enumerate(proxy.routes):
         tls = route.tls
@@ -321,7 +321,7 @@ def _termination_profiles(proxy: Any, path: str, report: Report) -> None:
 
 
 @block_check("routes", "domain_configs", "acme")
-def _termination_certificates(proxy: Any, path: str, report: Report) -> None:
+def _termination_certificates(proxy: SmartProxyConfig, path: str, report: Report) -> None:
     """A terminating route needs a certificate (files, or "auto" for ACME); a certificate on a route that
     does not terminate would be silently unused."""
     acme_on = proxy.acme is not None and proxy.acme.enabled
@@ -365,7 +365,7 @@ LETSENCRYPT_PRODUCTION = "https://acme-v02.api.letsencrypt.org/directory"
 LETSENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
 
 
-def acme_directory_url(acme: Any) -> str:
+def acme_directory_url(acme: AcmeConfig) -> str:
     """The directory an ``acme`` block uses: ``directoryUrl``, else Let's Encrypt by ``useProduction``."""
     if acme.directory_url:
         return str(acme.directory_url)
@@ -378,7 +378,7 @@ def _https_url(value: str) -> str | None:
 
 
 @block_check("enabled", "account_email")
-def _acme_account(acme: Any, path: str, report: Report) -> None:
+def _acme_account(acme: AcmeConfig, path: str, report: Report) -> None:
     """Let's Encrypt mails expiry warnings and policy changes to the account contact; without one a failing
     renewal goes unnoticed until the certificate expires."""
     if acme.enabled and not acme.account_email:
@@ -680,14 +680,16 @@ class HttpDomainRoute:
     )
 
 
-def http_route_port(route: Any) -> int:
+def http_route_port(route: HttpDomainRoute) -> int:
     """The port an ``httpDomainRoutes`` entry is listened on."""
     if route.listen_port is not None:
         return int(route.listen_port)
     return 443 if route.use_tls else 80
 
 
-def claimed_ports(proxy: Any, http_routes: Any) -> list[tuple[str, int, int]]:
+def claimed_ports(
+    proxy: SmartProxyConfig | None, http_routes: list[HttpDomainRoute] | None
+) -> list[tuple[str, int, int]]:
     """``(key path, start, end)`` of every port range the proxy listens on, as written in the file."""
     claims: list[tuple[str, int, int]] = []
     base = "smartProxyConfig"
@@ -707,13 +709,13 @@ def claimed_ports(proxy: Any, http_routes: Any) -> list[tuple[str, int, int]]:
         if proxy.acme is not None and _terminates_somewhere(proxy):
             # The proxy then listens on acme.port too (challenges, redirects to HTTPS): see proxy/routes.py.
             claims.append((f"{base}.acme.port", proxy.acme.port, proxy.acme.port))
-    for i, route in enumerate(http_routes or ()):
-        port = http_route_port(route)
+    for i, http_route in enumerate(http_routes or ()):
+        port = http_route_port(http_route)
         claims.append((f"httpDomainRoutes[{i}]", port, port))
     return claims
 
 
-def _terminates_somewhere(proxy: Any) -> bool:
+def _terminates_somewhere(proxy: SmartProxyConfig) -> bool:
     """Whether any route of ``proxy`` terminates TLS (a routes[] tls.mode other than passthrough, or a
     domainConfigs entry with useNetworkProxy)."""
     if any(entry.use_network_proxy for entry in proxy.domain_configs):

@@ -67,9 +67,9 @@ def block_check(*needs: str) -> Callable[[Callable[[_B, str, Report], None]], Bl
     """Decorate ``run(block, path, report)`` into a :class:`BlockCheck` reading the attributes ``needs``.
 
     ``run`` is given a view of the block with the attributes of its schema class: those in ``needs`` (and
-    the blocks on their dotted paths) are loaded and checked; another attribute is there only if its key
-    loaded too, so a check reads nothing it does not name. :func:`set_in_file` tells a key the file sets
-    from one left at its default.
+    the blocks on their dotted paths, which are then set, not None) are loaded and checked; another
+    attribute is there only if its key loaded too, so a check reads nothing it does not name.
+    :func:`set_in_file` tells a key the file sets from one left at its default.
     """
 
     def wrap(run: Callable[[_B, str, Report], None]) -> BlockCheck[_B]:

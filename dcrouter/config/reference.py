@@ -1,4 +1,5 @@
-"""The Markdown reference of every configuration key, rendered from the declarations in ``options.py``.
+"""The Markdown reference of every configuration key, rendered from the schema's declarations, walked from
+:class:`~dcrouter.config.options.DcRouterOptions` down through every block.
 
 ``python -m dcrouter.config.reference`` (or ``dcrouter config-reference``) prints it; ``--update FILE``
 rewrites the part of FILE between :data:`BEGIN` and :data:`END` (``docs/configuration.md``), and a test

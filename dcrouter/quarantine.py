@@ -40,7 +40,7 @@ from dcrouter.queue.files import message_reader
 from dcrouter.queue.item import QueueItem, QueueItemStatus
 
 if TYPE_CHECKING:
-    from dcrouter.config.options import SmtpConfig
+    from dcrouter.config.smtp import SmtpConfig
     from dcrouter.queue.redis import RedisQueue
 
 #: What ``show`` reads of a message (as relayed) to find its header block.

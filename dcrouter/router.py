@@ -43,8 +43,9 @@ from twisted.python.threadpool import ThreadPool
 from dcrouter.acme.challenges import ChallengeResponder
 from dcrouter.acme.service import AcmeService
 from dcrouter.config import ConfigResult, load_options
-from dcrouter.config.checks import generated_certificate_paths, smtp_tls_needs
-from dcrouter.config.options import DcRouterOptions, SmtpConfig, TlsConfig
+from dcrouter.config.options import DcRouterOptions
+from dcrouter.config.smtp import SmtpConfig, generated_certificate_paths, smtp_tls_needs
+from dcrouter.config.tls import TlsConfig
 from dcrouter.delivery.callout import CalloutProber
 from dcrouter.delivery.manager import DeliveryManager
 from dcrouter.delivery.mx import MxResolver, make_resolver

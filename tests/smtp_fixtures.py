@@ -19,7 +19,9 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.test.iosim import FakeTransport
 from zope.interface import directlyProvides, implementer
 
-from dcrouter.config.options import AuthConfig, DomainConfig, SmtpConfig
+from dcrouter.config.auth import AuthConfig
+from dcrouter.config.domains import DomainConfig
+from dcrouter.config.smtp import SmtpConfig
 from dcrouter.interfaces import IDeliveryQueue
 from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.processing.processor import EmailProcessor

@@ -10,10 +10,11 @@ from typing import Any
 
 from twisted.trial import unittest
 
-from dcrouter.config import ConfigError, ConfigResult, load_file, load_options
-from dcrouter.config import load as load_module
-from dcrouter.config.checks import Report
-from dcrouter.config.options import DcRouterOptions, DomainConfig, SmtpConfig, TlsConfig
+from dcrouter.config import ConfigError, ConfigResult, load_file, load_options, schema
+from dcrouter.config.domains import DomainConfig
+from dcrouter.config.options import DcRouterOptions
+from dcrouter.config.smtp import SmtpConfig
+from dcrouter.config.tls import TlsConfig
 from dcrouter.net.certfiles import generate_self_signed
 from dcrouter.passwords import hash_password
 
@@ -136,9 +137,9 @@ class LoadingTests(LoadCase):
         )
 
     def test_int_is_a_float(self) -> None:
-        report = Report()
-        self.assertEqual(load_module._convert(float, 3, "x", report), 3.0)
-        self.assertIs(load_module._convert(float, True, "x", report), load_module._INVALID)
+        report = schema.Report()
+        self.assertEqual(schema._convert(float, 3, "x", report), 3.0)
+        self.assertIs(schema._convert(float, True, "x", report), schema._INVALID)
         self.assertEqual(report.errors, ["x: expected number, got a boolean (true)"])
 
     def test_literal(self) -> None:
@@ -728,7 +729,7 @@ class SeedExampleTests(LoadCase):
 def _to_raw(value: Any) -> Any:
     """Options as a mapping with the file's keys, the way a JSON dump of an options object looks."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {load_module.file_key(f): _to_raw(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {schema.file_key(f): _to_raw(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, list):
         return [_to_raw(v) for v in value]
     return value

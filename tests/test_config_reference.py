@@ -14,9 +14,9 @@ from typing import Any, get_type_hints
 from twisted.trial import unittest
 
 from dcrouter.config import load_options
-from dcrouter.config.load import file_key
 from dcrouter.config.options import DcRouterOptions
 from dcrouter.config.reference import BEGIN, END, _block_type, main, render, splice
+from dcrouter.config.schema import file_key
 
 DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "configuration.md")
 

@@ -21,7 +21,8 @@ from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from dcrouter.config.options import DeliveryConfig, SmtpConfig
+from dcrouter.config.delivery import DeliveryConfig
+from dcrouter.config.smtp import SmtpConfig
 from dcrouter.delivery.manager import DeliveryManager, dsn_queue_id
 from dcrouter.delivery.outcome import DeliveryReport, Outcome, RecipientResult
 from dcrouter.delivery.route import Route

@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 from twisted.names import authority, client, dns, server
 from twisted.trial import unittest
 
-from dcrouter.config.options import MtaConfig
+from dcrouter.config.delivery import MtaConfig
 from dcrouter.delivery.mx import (
     AddressLiteralRefused,
     DnsTemporaryFailure,

@@ -16,7 +16,7 @@ from twisted.internet.ssl import Certificate, CertificateOptions, TLSVersion
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 
-from dcrouter.config.options import DeliveryConfig
+from dcrouter.config.delivery import DeliveryConfig
 from dcrouter.delivery.client import ESMTPClient
 from dcrouter.delivery.pool import ConnectionPool, TargetFailure
 from dcrouter.delivery.route import Route

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.trial.unittest import TestCase
 
-from dcrouter.config.options import SmtpConfig
+from dcrouter.config.smtp import SmtpConfig
 from dcrouter.delivery.retry import RetryPolicy, Verdict, delay
 
 

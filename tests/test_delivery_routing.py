@@ -9,7 +9,8 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from dcrouter.config import load_options
-from dcrouter.config.options import RoutingRuleConfig, SmtpConfig
+from dcrouter.config.delivery import RoutingRuleConfig
+from dcrouter.config.smtp import SmtpConfig
 from dcrouter.delivery.route import Route
 from dcrouter.delivery.routing import PatternRule, RecipientRouter
 from dcrouter.interfaces import IRoutingRule

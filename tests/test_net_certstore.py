@@ -23,7 +23,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.protocols.wire import Echo
 from twisted.trial.unittest import SynchronousTestCase
 
-from dcrouter.config.options import TlsConfig
+from dcrouter.config.tls import TlsConfig
 from dcrouter.net.certfiles import TlsMaterialError, generate_self_signed, load_certified_key
 from dcrouter.net.certstore import CertificateStore, CertifiedKey
 from dcrouter.net.tls import TlsPolicy

@@ -25,9 +25,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from dcrouter.config import plugins
-from dcrouter.config.checks import Report
 from dcrouter.config.load import ConfigError, load_options
 from dcrouter.config.processing import ScannerConfig, TransformationConfig
+from dcrouter.config.schema import Report
 from dcrouter.interfaces import IScanner, ITransformation
 from dcrouter.mail.envelope import Envelope
 from dcrouter.mail.headers import read_header_block

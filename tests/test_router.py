@@ -28,7 +28,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from dcrouter import DcRouter
 from dcrouter.config import ConfigError, ConfigResult, load_options
-from dcrouter.config.options import SharedTlsConfig, TlsConfig
+from dcrouter.config.tls import SharedTlsConfig, TlsConfig
 from dcrouter.interfaces import QueueUnavailable
 from dcrouter.mail.envelope import Envelope
 from dcrouter.mail.spooled import SpooledMessage

@@ -17,7 +17,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
 from dcrouter import passwords
-from dcrouter.config.options import AuthConfig, UserConfig
+from dcrouter.config.auth import AuthConfig, UserConfig
 from dcrouter.passwords import hash_password, parse_password_hash
 from dcrouter.smtp.auth import (
     MAX_FAILURE_DELAY,

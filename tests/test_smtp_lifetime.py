@@ -122,7 +122,7 @@ class CommandDeadlineTests(unittest.TestCase):
         self.assertEqual(server.take(), TIMEOUT)
 
     def test_sasl_response_line_has_a_deadline(self) -> None:
-        from dcrouter.config.options import AuthConfig
+        from dcrouter.config.auth import AuthConfig
 
         server = connect(self.config(auth=AuthConfig(allow_insecure=True, failure_delay=0)))
         server.exchange(b"EHLO c\r\n")

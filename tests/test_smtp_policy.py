@@ -6,7 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from dcrouter.config.options import DomainConfig, SmtpConfig
+from dcrouter.config.domains import DomainConfig
+from dcrouter.config.smtp import SmtpConfig
 from dcrouter.mail.address import Address, AddressError, parse_rcpt_argument
 from dcrouter.mail.reply import Reply
 from dcrouter.smtp.policy import SessionPolicy

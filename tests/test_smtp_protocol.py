@@ -11,7 +11,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
-from dcrouter.config.options import AuthConfig
+from dcrouter.config.auth import AuthConfig
 from dcrouter.interfaces import IDeliveryQueue, QueueFull, QueueUnavailable
 from dcrouter.mail.reply import Reply
 from dcrouter.net.certfiles import generate_self_signed, server_tls_options

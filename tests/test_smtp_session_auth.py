@@ -17,7 +17,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from dcrouter.config.options import AuthConfig
+from dcrouter.config.auth import AuthConfig
 from dcrouter.smtp.auth import Authenticator, MailUserRealm
 from tests.smtp_fixtures import PASSWORD, connect, make_config
 

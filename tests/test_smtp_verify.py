@@ -14,7 +14,10 @@ from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from dcrouter.config.options import AuthConfig, CalloutConfig, DomainConfig, RoutingRuleConfig, SmtpConfig
+from dcrouter.config.auth import AuthConfig
+from dcrouter.config.delivery import RoutingRuleConfig
+from dcrouter.config.domains import CalloutConfig, DomainConfig
+from dcrouter.config.smtp import SmtpConfig
 from dcrouter.delivery.callout import ProbeResult, Verdict
 from dcrouter.delivery.route import Route
 from dcrouter.delivery.routing import RecipientRouter

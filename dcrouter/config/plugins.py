@@ -5,7 +5,7 @@ or ``dcrouter.transformations`` (installed packages declare them in their ``pypr
 dotted path, ``package.module:Class`` or ``package.module.Class``. The class must implement
 :class:`~dcrouter.interfaces.IScanner` or :class:`~dcrouter.interfaces.ITransformation` (declared with
 ``@implementer``). It may declare ``options_schema``, a frozen dataclass written with
-:func:`dcrouter.config.options.option` like dcrouter's own blocks: the entry's ``options`` table is loaded
+:func:`dcrouter.config.schema.option` like dcrouter's own blocks: the entry's ``options`` table is loaded
 with it, every error reported with its key path, and the instance is built as ``Class(options)`` (without a
 schema, ``Class()`` and any option is an error); a constructor with a ``reactor`` parameter also gets the
 router's reactor, for plugins that talk to a daemon.
@@ -15,14 +15,25 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Mapping
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, Protocol
 
-from dcrouter.config.checks import Report, join
+from dcrouter.config.schema import Report, build_block, join
 from dcrouter.interfaces import IScanner, ITransformation
 
 GROUPS = {"scanner": "dcrouter.scanners", "transformation": "dcrouter.transformations"}
 INTERFACES = {"scanner": IScanner, "transformation": ITransformation}
+
+
+class PluginEntry(Protocol):
+    """A scanner or transformation entry of the configuration, as far as plugins read it."""
+
+    @property
+    def type(self) -> str: ...
+
+    @property
+    def options(self) -> Mapping[str, Any]: ...
 
 
 class PluginError(Exception):
@@ -61,8 +72,6 @@ def resolve(kind: str, name: str) -> type:
 def load_options(plugin: type, raw: Any, path: str, report: Report) -> Any:
     """The plugin's options loaded with its ``options_schema`` (None without one); errors go to ``report``
     under ``path`` (the entry's ``options`` key path)."""
-    from dcrouter.config.load import build_block
-
     schema = getattr(plugin, "options_schema", None)
     if schema is None:
         for key in raw or {}:
@@ -71,7 +80,7 @@ def load_options(plugin: type, raw: Any, path: str, report: Report) -> Any:
     return build_block(schema, raw or {}, path, report)
 
 
-def check_config(kind: str, entry: Any, path: str, report: Report) -> None:
+def check_config(kind: str, entry: PluginEntry, path: str, report: Report) -> None:
     """Config-time check of a plugin entry: the type resolves and its options pass the plugin's schema."""
     try:
         plugin = resolve(kind, entry.type)
@@ -81,7 +90,7 @@ def check_config(kind: str, entry: Any, path: str, report: Report) -> None:
     load_options(plugin, entry.options, join(path, "options"), report)
 
 
-def instantiate(kind: str, entry: Any, reactor: Any = None) -> Any:
+def instantiate(kind: str, entry: PluginEntry, reactor: Any = None) -> Any:
     """A ready plugin instance for a checked entry (the options are loaded again; they passed at load). A
     plugin whose constructor has a ``reactor`` parameter is given the router's reactor."""
     plugin = resolve(kind, entry.type)

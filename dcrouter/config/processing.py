@@ -9,12 +9,13 @@ A ``type`` that is not built in names a plugin (an entry point or a dotted path,
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
-from dcrouter.config import checks as c
-from dcrouter.config.checks import Report, block_check, join
-from dcrouter.config.options import checked, option
+from dcrouter.config import plugins, values
+from dcrouter.config.schema import Report, block_check, checked, join, option, set_in_file
+from dcrouter.mail.headers import HeaderError, check_name, check_value
 
 SCANNER_TYPES = ("spam", "virus", "attachment")
 TRANSFORMATION_TYPES = (
@@ -44,36 +45,23 @@ _SCANNER_KEYS: dict[str, frozenset[str]] = {
 _ENGINES = {"spam": ("builtin", "spamassassin", "rspamd"), "virus": ("clamav",)}
 
 
-def dkim_private_key(value: str) -> str | None:
-    """A usable DKIM private key: inline PEM or a readable file holding one (RSA of 2048+ bits or Ed25519)."""
-    from dcrouter.mail.dkimkeys import DkimError, load_private_key, read_private_key
-
-    try:
-        load_private_key(read_private_key(value))
-    except (DkimError, OSError, ValueError) as e:
-        return str(e)
-    return None
-
-
 def _is_builtin(kind: str, value: str) -> bool:
     return value in (SCANNER_TYPES if kind == "scanner" else TRANSFORMATION_TYPES)
 
 
-def _plugin_type(kind: str, entry: Any, path: str, report: Report) -> None:
+def _plugin_type(kind: str, entry: ScannerConfig | TransformationConfig, path: str, report: Report) -> None:
     """A type that is not built in must name a loadable plugin whose options pass its own schema."""
-    from dcrouter.config import plugins  # here: plugins imports the loader, which imports this schema
-
     plugins.check_config(kind, entry, path, report)
 
 
 def _foreign_keys(
-    cls: type, entry: Any, allowed: frozenset[str], path: str, report: Report, what: str
+    cls: type, entry: object, allowed: frozenset[str], path: str, report: Report, what: str
 ) -> None:
     """Keys the file sets that the entry's type does not use."""
     for f in fields(cls):
         if f.name in allowed or f.name in ("type", "name", "action", "options"):
             continue
-        if f.name in entry._given:
+        if set_in_file(entry, f.name):
             key = f.metadata.get("key") or _camel(f.name)
             report.error(join(path, key), f"does not apply to {what}")
 
@@ -84,7 +72,7 @@ def _camel(name: str) -> str:
 
 
 @block_check("type", "options", "engine", "blocked_extensions", "blocked_types", "socket", "port")
-def scanner_entry(entry: Any, path: str, report: Report) -> None:
+def scanner_entry(entry: ScannerConfig, path: str, report: Report) -> None:
     if not _is_builtin("scanner", entry.type):
         _plugin_type("scanner", entry, path, report)
         _foreign_keys(
@@ -116,7 +104,7 @@ class ScannerConfig:
     type: str = option(
         doc="`spam`, `virus` or `attachment`; any other value names a plugin scanner (an entry point in "
         "the `dcrouter.scanners` group, or a dotted path `package.module:Class`).",
-        check=c.not_empty,
+        check=values.not_empty,
     )
     action: Action = option(
         "reject",
@@ -124,7 +112,10 @@ class ScannerConfig:
         "it, never deliver; listable and releasable) or `discard` (answer 250, drop it, log it).",
     )
     name: str | None = option(
-        None, addition=True, doc="Name in logs, headers and replies (default: the type).", check=c.one_line
+        None,
+        addition=True,
+        doc="Name in logs, headers and replies (default: the type).",
+        check=values.one_line,
     )
     threshold: float = option(5.0, doc="spam: score at or above which a message is spam.")
     blocked_extensions: list[str] = option(
@@ -151,12 +142,14 @@ class ScannerConfig:
         doc="spam: `builtin` (heuristics, no daemon; the default), `spamassassin` (spamd) or `rspamd` "
         "(its HTTP API). virus: `clamav` (clamd; the default).",
     )
-    host: str = option("127.0.0.1", addition=True, doc="spam/virus: the daemon's host.", check=c.host_or_ip)
+    host: str = option(
+        "127.0.0.1", addition=True, doc="spam/virus: the daemon's host.", check=values.host_or_ip
+    )
     port: int | None = option(
         None,
         addition=True,
         doc="spam/virus: the daemon's TCP port (default: spamd 783, rspamd 11333, clamd 3310).",
-        check=c.port,
+        check=values.port,
     )
     socket: str | None = option(
         None, addition=True, doc="spam/virus: the daemon's Unix socket instead of host and port."
@@ -165,14 +158,14 @@ class ScannerConfig:
         30_000,
         addition=True,
         doc="Milliseconds one scan may take before the daemon counts as down.",
-        check=c.duration,
+        check=values.duration,
     )
     max_size: int | None = option(
         None,
         addition=True,
         doc="Largest message sent to the daemon, in bytes (default: spam 1 MiB, larger ones are not "
         "spam-checked, as with spamc; virus 25 MiB, larger ones are unscannable).",
-        check=c.positive,
+        check=values.positive,
     )
     on_error: Literal["tempfail", "accept"] = option(
         "tempfail",
@@ -190,7 +183,7 @@ class ScannerConfig:
         None,
         addition=True,
         doc="spam with action `tag`: put before the Subject of spam (`[SPAM] `).",
-        check=c.one_line,
+        check=values.one_line,
     )
     options: dict[str, Any] = option(
         factory=dict, addition=True, doc="A plugin scanner's own options, checked by the plugin's schema."
@@ -260,11 +253,7 @@ def srs_max_age(value: int) -> str | None:
     "srs_domain",
     "secrets",
 )
-def transformation_entry(entry: Any, path: str, report: Report) -> None:
-    import re
-
-    from dcrouter.mail.headers import HeaderError, check_name, check_value
-
+def transformation_entry(entry: TransformationConfig, path: str, report: Report) -> None:
     if not _is_builtin("transformation", entry.type):
         _plugin_type("transformation", entry, path, report)
         _foreign_keys(TransformationConfig, entry, frozenset(), path, report, "a plugin")
@@ -321,7 +310,7 @@ class TransformationConfig:
         doc="`addHeader`, `removeHeader`, `modifyHeader`, `rewriteAddress`, `removeAttachment`, "
         "`sanitizeAttachment`, `addFooter`, `dkimSign`, `srsForward` or `srsReverse`; any other value names "
         "a plugin transformation (entry point group `dcrouter.transformations`, or `package.module:Class`).",
-        check=c.not_empty,
+        check=values.not_empty,
     )
     header: str | None = option(None, doc="add/remove/modifyHeader: the field name.")
     value: str | None = option(
@@ -361,21 +350,21 @@ class TransformationConfig:
         factory=list,
         doc="dkimSign: sign mail whose From domain is one of these. add/remove/modifyHeader, addFooter: "
         "only mail to a recipient in these domains (empty: all mail).",
-        each=c.domain_pattern,
+        each=values.domain_pattern,
     )
     domain_name: str | None = option(
         None, doc="dkimSign: d= (default: the domainConfigs entry's dkimOptions)."
     )
     key_selector: str | None = option(None, doc="dkimSign: s=.")
     private_key: str | None = option(
-        None, doc="dkimSign: the PEM private key, inline or a file path.", check=dkim_private_key
+        None, doc="dkimSign: the PEM private key, inline or a file path.", check=values.dkim_private_key
     )
     srs_domain: str | None = option(
         None,
         addition=True,
         doc="srsForward/srsReverse: the domain of SRS addresses; its mail must reach this gateway "
         "(domainConfigs or relaying) so bounces can be reversed.",
-        check=c.host_name,
+        check=values.host_name,
     )
     secrets: list[str] = option(
         factory=list,
@@ -389,7 +378,7 @@ class TransformationConfig:
         addition=True,
         doc="srsForward: senders in these domains (exact or `*.` wildcard) are not rewritten; the SRS "
         "domain never is.",
-        each=c.domain_pattern,
+        each=values.domain_pattern,
     )
     max_age_days: int = option(
         21,
@@ -405,40 +394,42 @@ class TransformationConfig:
 @dataclass(frozen=True)
 class MimeLimitsConfig:
     max_header_bytes: int = option(
-        256 * 1024, doc="Largest header block (of the message or a part), in bytes.", check=c.positive
+        256 * 1024, doc="Largest header block (of the message or a part), in bytes.", check=values.positive
     )
-    max_depth: int = option(20, doc="Deepest nesting of multiparts and attached messages.", check=c.positive)
-    max_parts: int = option(1000, doc="Most body parts, all levels together.", check=c.positive)
+    max_depth: int = option(
+        20, doc="Deepest nesting of multiparts and attached messages.", check=values.positive
+    )
+    max_parts: int = option(1000, doc="Most body parts, all levels together.", check=values.positive)
     max_decoded_bytes: int = option(
-        64 * 1024 * 1024, doc="Most decoded content of all parts together, in bytes.", check=c.positive
+        64 * 1024 * 1024, doc="Most decoded content of all parts together, in bytes.", check=values.positive
     )
     max_archive_bytes: int = option(
         16 * 1024 * 1024,
         doc="Largest archive attachment (zip, tar, gzip, bzip2, xz, RAR) whose entries are listed, in bytes, "
         "and largest archive inside one that is decompressed to be listed (0: archives are not opened; a "
         "larger one is unscannable).",
-        check=c.non_negative,
+        check=values.non_negative,
     )
     max_archive_expanded: int = option(
         256 * 1024 * 1024,
         doc="Largest total the entries of an archive attachment, archives inside it included, may declare "
         "(or turn out to hold) uncompressed; more is a zip bomb (unscannable).",
-        check=c.positive,
+        check=values.positive,
     )
     max_archive_entries: int = option(
         10_000,
         doc="Most entries in an archive attachment, archives inside it included; more is unscannable.",
-        check=c.positive,
+        check=values.positive,
     )
     max_archive_depth: int = option(
         3,
         doc="Archive levels opened: 1 lists the attachment only, 3 also archives inside it and archives "
         "inside those (a tar in a gzip counts as one); an archive nested deeper is unscannable.",
-        check=c.positive,
+        check=values.positive,
     )
     max_archive_ratio: int = option(
         100,
         doc="An archive entry that expands to more than this many times its compressed size, and to more "
         "than 1 MiB, is a zip bomb (unscannable).",
-        check=c.positive,
+        check=values.positive,
     )

@@ -17,9 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from dcrouter.config import checks as c
-from dcrouter.config.checks import Report, block_check, join
-from dcrouter.config.options import checked, option
+from dcrouter.config import values
+from dcrouter.config.schema import Report, block_check, checked, join, option
+from dcrouter.config.tls import pem_files
 from dcrouter.net.domains import normalize_domain
 
 _FORWARD_ONLY = 'Only "forward" is built.'
@@ -61,7 +61,7 @@ def _is_int(value: Any) -> bool:
 def _port_item(value: Any) -> str | None:
     """One item of ``match.ports``: a port, or a ``{from, to}`` table of ports with from <= to."""
     if _is_int(value):
-        return c.port(value)
+        return values.port(value)
     if not isinstance(value, Mapping):
         return f"expected a port number or a {{from, to}} table, got {value!r}"
     if set(value) != {"from", "to"}:
@@ -71,27 +71,27 @@ def _port_item(value: Any) -> str | None:
         return f"'from' and 'to' must be integers, got {start!r} and {end!r}"
     if start > end:
         return f"'from' ({start}) is more than 'to' ({end})"
-    return c.port(start) or c.port(end)
+    return values.port(start) or values.port(end)
 
 
 def _port_spec(value: Any) -> str | None:
     if _is_int(value):
-        return c.port(value)
+        return values.port(value)
     if not isinstance(value, list):
         return f"expected a port number or a list of ports and {{from, to}} tables, got {value!r}"
-    return c.not_empty(value)
+    return values.not_empty(value)
 
 
 def _host_spec(value: Any) -> str | None:
     if isinstance(value, str):
-        return c.host_or_ip(value)
+        return values.host_or_ip(value)
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         return f"expected a host name or IP address, or a list of them, got {value!r}"
-    return c.not_empty(value)
+    return values.not_empty(value)
 
 
 def _host_item(value: Any) -> str | None:
-    return c.host_or_ip(value) if isinstance(value, str) else None
+    return values.host_or_ip(value) if isinstance(value, str) else None
 
 
 def _target_port_spec(value: Any) -> str | None:
@@ -99,7 +99,7 @@ def _target_port_spec(value: Any) -> str | None:
         return None
     if not _is_int(value):
         return f'expected a port number or "preserve", got {value!r}'
-    return c.port(value)
+    return values.port(value)
 
 
 def _domains_spec(value: Any) -> str | None:
@@ -107,13 +107,13 @@ def _domains_spec(value: Any) -> str | None:
         return _domain_item(value)
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         return f"expected a domain pattern or a list of them, got {value!r}"
-    return c.unique(value)
+    return values.unique(value)
 
 
 def _domain_item(value: Any) -> str | None:
     if value == "*" or not isinstance(value, str):
         return None
-    return c.domain_pattern(value)
+    return values.domain_pattern(value)
 
 
 def _certificate_spec(value: Any) -> str | None:
@@ -139,19 +139,19 @@ def _certificate_files_spec(value: Any) -> str | None:
 
 
 @block_check("from_", "to")
-def _range_order(block: Any, path: str, report: Report) -> None:
+def _range_order(block: PortRangeConfig, path: str, report: Report) -> None:
     if block.from_ > block.to:
         report.error(join(path, "to"), f"{block.to} is less than {join(path, 'from')} ({block.from_})")
 
 
 @block_check("type", "target")
-def _action_target(action: Any, path: str, report: Report) -> None:
+def _action_target(action: RouteAction, path: str, report: Report) -> None:
     if action.type == "forward" and action.target is None:
         report.error(join(path, "target"), 'required for type "forward"')
 
 
 @block_check("from_port", "to_port", "target_ip")
-def _from_port_pair(proxy: Any, path: str, report: Report) -> None:
+def _from_port_pair(proxy: SmartProxyConfig, path: str, report: Report) -> None:
     """toPort and targetIP describe where fromPort forwards to; without fromPort they would mean nothing."""
     if proxy.from_port is not None:
         return
@@ -161,7 +161,7 @@ def _from_port_pair(proxy: Any, path: str, report: Report) -> None:
 
 
 @block_check("domain_configs", "global_port_ranges", "from_port", "target_ip")
-def _domain_config_ports(proxy: Any, path: str, report: Report) -> None:
+def _domain_config_ports(proxy: SmartProxyConfig, path: str, report: Report) -> None:
     """An entry listens on its portRanges, else on globalPortRanges, else on fromPort; it forwards to its
     targetIPs, else to targetIP."""
     fallback_ports = bool(proxy.global_port_ranges) or proxy.from_port is not None
@@ -176,7 +176,7 @@ def _domain_config_ports(proxy: Any, path: str, report: Report) -> None:
             report.error(join(here, "targetIPs"), f"required when {join(path, 'targetIP')} is not set")
 
 
-def domain_config_ports(proxy: Any, index: int) -> list[tuple[int, int]]:
+def domain_config_ports(proxy: SmartProxyConfig, index: int) -> list[tuple[int, int]]:
     """The ``(start, end)`` port ranges ``domainConfigs[index]`` listens on (see the block check above)."""
     entry = proxy.domain_configs[index]
     if entry.port_ranges:
@@ -196,7 +196,7 @@ def _pattern_key(pattern: str) -> str:
 
 
 @block_check("domain_configs", "global_port_ranges", "from_port")
-def _domains_once(proxy: Any, path: str, report: Report) -> None:
+def _domains_once(proxy: SmartProxyConfig, path: str, report: Report) -> None:
     """One name in two domainConfigs entries on a shared port would route by the order of the entries
     (SmartProxy took the first); the route form says which wins with priority instead."""
     seen: list[tuple[str, int, list[tuple[int, int]]]] = []
@@ -214,7 +214,7 @@ def _domains_once(proxy: Any, path: str, report: Report) -> None:
 
 
 @block_check("routes")
-def _route_names(proxy: Any, path: str, report: Report) -> None:
+def _route_names(proxy: SmartProxyConfig, path: str, report: Report) -> None:
     """A route's name keys its counters and log lines: two routes with one name would be indistinguishable."""
     first: dict[str, int] = {}
     for i, route in enumerate(proxy.routes):
@@ -229,7 +229,7 @@ def _route_names(proxy: Any, path: str, report: Report) -> None:
 
 
 @block_check("sni_enabled", "from_port", "domain_configs", "global_port_ranges", "routes")
-def _sni_disabled(proxy: Any, path: str, report: Report) -> None:
+def _sni_disabled(proxy: SmartProxyConfig, path: str, report: Report) -> None:
     """With sniEnabled = false, fromPort forwards every connection without reading a name, so a route that
     selects by name there could never be chosen."""
     if proxy.sni_enabled or proxy.from_port is None:
@@ -269,7 +269,7 @@ def _acme_name_errors(names: tuple[str, ...]) -> str | None:
 
 
 @block_check("routes", "domain_configs", "acme")
-def _acme_certificates(proxy: Any, path: str, report: Report) -> None:
+def _acme_certificates(proxy: SmartProxyConfig, path: str, report: Report) -> None:
     """A certificate "auto" is one ACME obtains: it needs ACME enabled, a terminating route, and exact names
     (HTTP-01 proves one host name at a time)."""
     acme_on = proxy.acme is not None and proxy.acme.enabled
@@ -296,7 +296,7 @@ def _acme_certificates(proxy: Any, path: str, report: Report) -> None:
 def _certificate_files(certificate: Any, path: str, report: Report) -> None:
     """A ``{certPath, keyPath}`` table must name readable PEM files that match (as smtpConfig.tls)."""
     if isinstance(certificate, Mapping) and not _certificate_spec(certificate):
-        c._pem_files(certificate["certPath"], certificate["keyPath"], None, False, path, report)
+        pem_files(certificate["certPath"], certificate["keyPath"], None, False, path, report)
 
 
 _PROFILE_DOC = (
@@ -307,7 +307,7 @@ _PROFILE_DOC = (
 
 
 @block_check("routes", "domain_configs")
-def _termination_profiles(proxy: Any, path: str, report: Report) -> None:
+def _termination_profiles(proxy: SmartProxyConfig, path: str, report: Report) -> None:
     """A TLS profile applies where the proxy ends TLS; elsewhere it would be silently unused."""
     for i, route in enumerate(proxy.routes):
         tls = route.tls
@@ -321,7 +321,7 @@ def _termination_profiles(proxy: Any, path: str, report: Report) -> None:
 
 
 @block_check("routes", "domain_configs", "acme")
-def _termination_certificates(proxy: Any, path: str, report: Report) -> None:
+def _termination_certificates(proxy: SmartProxyConfig, path: str, report: Report) -> None:
     """A terminating route needs a certificate (files, or "auto" for ACME); a certificate on a route that
     does not terminate would be silently unused."""
     acme_on = proxy.acme is not None and proxy.acme.enabled
@@ -356,8 +356,8 @@ def _termination_certificates(proxy: Any, path: str, report: Report) -> None:
 @checked(_range_order)
 @dataclass(frozen=True)
 class PortRangeConfig:
-    from_: int = option(key="from", doc="First port of the range.", check=c.port)
-    to: int = option(doc="Last port of the range (inclusive); at least `from`.", check=c.port)
+    from_: int = option(key="from", doc="First port of the range.", check=values.port)
+    to: int = option(doc="Last port of the range (inclusive); at least `from`.", check=values.port)
 
 
 #: Let's Encrypt's ACME directories, chosen by ``acme.useProduction`` when ``acme.directoryUrl`` is not set.
@@ -365,7 +365,7 @@ LETSENCRYPT_PRODUCTION = "https://acme-v02.api.letsencrypt.org/directory"
 LETSENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
 
 
-def acme_directory_url(acme: Any) -> str:
+def acme_directory_url(acme: AcmeConfig) -> str:
     """The directory an ``acme`` block uses: ``directoryUrl``, else Let's Encrypt by ``useProduction``."""
     if acme.directory_url:
         return str(acme.directory_url)
@@ -378,7 +378,7 @@ def _https_url(value: str) -> str | None:
 
 
 @block_check("enabled", "account_email")
-def _acme_account(acme: Any, path: str, report: Report) -> None:
+def _acme_account(acme: AcmeConfig, path: str, report: Report) -> None:
     """Let's Encrypt mails expiry warnings and policy changes to the account contact; without one a failing
     renewal goes unnoticed until the certificate expires."""
     if acme.enabled and not acme.account_email:
@@ -388,7 +388,7 @@ def _acme_account(acme: Any, path: str, report: Report) -> None:
 @checked(_acme_account)
 @dataclass(frozen=True)
 class AcmeConfig:
-    port: int = option(80, doc="Port the HTTP-01 challenge is answered on.", check=c.port)
+    port: int = option(80, doc="Port the HTTP-01 challenge is answered on.", check=values.port)
     enabled: bool = option(
         False,
         doc="Obtain and renew certificates for terminated domains (domainConfigs with useNetworkProxy, and "
@@ -399,22 +399,22 @@ class AcmeConfig:
         False, doc="Use Let's Encrypt's production directory (default: its staging directory)."
     )
     renew_threshold_days: int = option(
-        30, doc="Renew a certificate this many days before it expires.", check=c.positive
+        30, doc="Renew a certificate this many days before it expires.", check=values.positive
     )
     account_email: str | None = option(
-        None, doc="Contact address of the ACME account; required when enabled.", check=c.not_empty
+        None, doc="Contact address of the ACME account; required when enabled.", check=values.not_empty
     )
     directory_url: str | None = option(
         None,
         addition=True,
         doc="ACME directory URL of a private CA; overrides useProduction.",
-        check=c.all_of(c.not_empty, _https_url),
+        check=values.all_of(values.not_empty, _https_url),
     )
     state_directory: str = option(
         "/var/lib/dcrouter/acme",
         addition=True,
         doc="Directory of the ACME account key and the certificates obtained (keys are written mode 0600).",
-        check=c.not_empty,
+        check=values.not_empty,
     )
 
 
@@ -422,25 +422,28 @@ class AcmeConfig:
 class ProxyDomainConfig:
     domains: list[str] = option(
         doc="Names (TLS SNI or HTTP Host) this entry serves: exact names or `*.example.com` wildcards.",
-        check=c.all_of(c.not_empty, c.unique),
-        each=c.domain_pattern,
+        check=values.all_of(values.not_empty, values.unique),
+        each=values.domain_pattern,
     )
     allowed_ips: list[str] = option(
         factory=list,
         key="allowedIPs",
         doc="CIDRs of clients allowed to connect (a bare address is one host); empty: everyone. "
         "`0.0.0.0/0` is IPv4 only; add `::/0` for IPv6.",
-        each=c.cidr,
+        each=values.cidr,
     )
     blocked_ips: list[str] = option(
-        factory=list, key="blockedIPs", doc="CIDRs of clients refused; wins over allowedIPs.", each=c.cidr
+        factory=list,
+        key="blockedIPs",
+        doc="CIDRs of clients refused; wins over allowedIPs.",
+        each=values.cidr,
     )
     target_ips: list[str] = option(
         factory=list,
         key="targetIPs",
         doc="Backends (host names or IPs), used round robin; empty: smartProxyConfig.targetIP.",
-        check=c.unique,
-        each=c.host_or_ip,
+        check=values.unique,
+        each=values.host_or_ip,
     )
     port_ranges: list[PortRangeConfig] = option(
         factory=list,
@@ -450,7 +453,7 @@ class ProxyDomainConfig:
     connection_timeout: int | None = option(
         None,
         doc="Milliseconds a connection may be idle before it is closed; not set: no idle limit.",
-        check=c.duration,
+        check=values.duration,
     )
     use_network_proxy: bool = option(
         False,
@@ -471,7 +474,7 @@ class ProxyDomainConfig:
         None,
         addition=True,
         doc="Concurrent connections this entry forwards; not set: no limit.",
-        check=c.positive,
+        check=values.positive,
     )
 
 
@@ -493,7 +496,7 @@ class RouteMatch:
         factory=list,
         doc="CIDRs the client must be in for the route to match at all (other clients try the next "
         "route); empty: any client.",
-        each=c.cidr,
+        each=values.cidr,
     )
 
 
@@ -541,13 +544,13 @@ class RouteTls:
 @dataclass(frozen=True)
 class RouteSecurity:
     ip_allow_list: list[str] = option(
-        factory=list, doc="CIDRs of clients allowed (others are refused); empty: everyone.", each=c.cidr
+        factory=list, doc="CIDRs of clients allowed (others are refused); empty: everyone.", each=values.cidr
     )
     ip_block_list: list[str] = option(
-        factory=list, doc="CIDRs of clients refused; wins over ipAllowList.", each=c.cidr
+        factory=list, doc="CIDRs of clients refused; wins over ipAllowList.", each=values.cidr
     )
     max_connections: int | None = option(
-        None, doc="Concurrent connections this route forwards; not set: no limit.", check=c.positive
+        None, doc="Concurrent connections this route forwards; not set: no limit.", check=values.positive
     )
 
 
@@ -557,7 +560,7 @@ class RouteConfig:
     name: str | None = option(
         None,
         doc="Shown in logs and metrics; unique. Not set: `smartProxyConfig.routes[<index>]`.",
-        check=c.all_of(c.not_empty, c.one_line),
+        check=values.all_of(values.not_empty, values.one_line),
     )
     priority: int = option(0, doc="Among routes matching equally well, the higher priority wins.")
     match: RouteMatch = option(doc="Which connections the route takes.")
@@ -568,15 +571,15 @@ class RouteConfig:
         None,
         addition=True,
         doc="Milliseconds a connection may be idle; as domainConfigs[].connectionTimeout.",
-        check=c.duration,
+        check=values.duration,
     )
 
 
 @dataclass(frozen=True)
 class DefaultTarget:
-    host: str = option(doc="Backend host name or IP.", check=c.host_or_ip)
+    host: str = option(doc="Backend host name or IP.", check=values.host_or_ip)
     port: int | None = option(
-        None, doc="Backend port; not set: the port the client connected to.", check=c.port
+        None, doc="Backend port; not set: the port the client connected to.", check=values.port
     )
 
 
@@ -593,14 +596,14 @@ class DefaultTarget:
 @dataclass(frozen=True)
 class SmartProxyConfig:
     from_port: int | None = option(
-        None, doc="A port to listen on; connections no route takes go to targetIP:toPort.", check=c.port
+        None, doc="A port to listen on; connections no route takes go to targetIP:toPort.", check=values.port
     )
-    to_port: int | None = option(None, doc="Backend port for fromPort; not set: fromPort.", check=c.port)
+    to_port: int | None = option(None, doc="Backend port for fromPort; not set: fromPort.", check=values.port)
     target_ip: str | None = option(
         None,
         key="targetIP",
         doc="Backend for fromPort, and for domainConfigs entries without targetIPs.",
-        check=c.host_or_ip,
+        check=values.host_or_ip,
     )
     sni_enabled: bool = option(
         True, doc="Route connections on fromPort by TLS SNI / HTTP Host; false: forward all to targetIP."
@@ -619,14 +622,14 @@ class SmartProxyConfig:
         "0.0.0.0",
         addition=True,
         doc="IP address the proxy ports listen on (`::` for all IPv6).",
-        check=c.ip_address,
+        check=values.ip_address,
     )
     max_connections_per_ip: int = option(
         100,
         key="maxConnectionsPerIP",
         addition=True,
         doc="Concurrent proxied connections per client IP, over all routes.",
-        check=c.positive,
+        check=values.positive,
     )
     default_target: DefaultTarget | None = option(
         None, addition=True, doc="Where connections no route takes go; not set: they are closed."
@@ -639,19 +642,19 @@ class SmartProxyConfig:
         addition=True,
         doc="CIDRs allowed to send an incoming PROXY protocol header (v1 or v2); from anyone else it is "
         "refused.",
-        each=c.cidr,
+        each=values.cidr,
     )
     sni_timeout: int = option(
         10_000,
         addition=True,
         doc="Milliseconds to wait for a TLS ClientHello or HTTP Host header before using the default route.",
-        check=c.duration,
+        check=values.duration,
     )
     max_connection_lifetime: int = option(
         86_400_000,
         addition=True,
         doc="Milliseconds after which any proxied connection is closed.",
-        check=c.duration,
+        check=values.duration,
     )
     keep_alive: bool = option(
         True, addition=True, doc="TCP keep-alive on both sides of a proxied connection."
@@ -661,28 +664,32 @@ class SmartProxyConfig:
 @dataclass(frozen=True)
 class HttpDomainRoute:
     domain: str = option(
-        doc="Host name (HTTP Host or TLS SNI): exact or `*.` wildcard.", check=c.domain_pattern
+        doc="Host name (HTTP Host or TLS SNI): exact or `*.` wildcard.", check=values.domain_pattern
     )
-    target_server_ip: str = option(key="targetServerIP", doc="Backend host name or IP.", check=c.host_or_ip)
-    target_server_port: int = option(doc="Backend port.", check=c.port)
+    target_server_ip: str = option(
+        key="targetServerIP", doc="Backend host name or IP.", check=values.host_or_ip
+    )
+    target_server_port: int = option(doc="Backend port.", check=values.port)
     use_tls: bool = option(
         False,
         doc="The route carries HTTPS: routed by SNI on port 443 and passed through (the backend holds the "
         "certificate); false: plain HTTP routed by Host on port 80.",
     )
     listen_port: int | None = option(
-        None, addition=True, doc="Port the proxy takes this route on instead of 80 / 443.", check=c.port
+        None, addition=True, doc="Port the proxy takes this route on instead of 80 / 443.", check=values.port
     )
 
 
-def http_route_port(route: Any) -> int:
+def http_route_port(route: HttpDomainRoute) -> int:
     """The port an ``httpDomainRoutes`` entry is listened on."""
     if route.listen_port is not None:
         return int(route.listen_port)
     return 443 if route.use_tls else 80
 
 
-def claimed_ports(proxy: Any, http_routes: Any) -> list[tuple[str, int, int]]:
+def claimed_ports(
+    proxy: SmartProxyConfig | None, http_routes: list[HttpDomainRoute] | None
+) -> list[tuple[str, int, int]]:
     """``(key path, start, end)`` of every port range the proxy listens on, as written in the file."""
     claims: list[tuple[str, int, int]] = []
     base = "smartProxyConfig"
@@ -702,13 +709,13 @@ def claimed_ports(proxy: Any, http_routes: Any) -> list[tuple[str, int, int]]:
         if proxy.acme is not None and _terminates_somewhere(proxy):
             # The proxy then listens on acme.port too (challenges, redirects to HTTPS): see proxy/routes.py.
             claims.append((f"{base}.acme.port", proxy.acme.port, proxy.acme.port))
-    for i, route in enumerate(http_routes or ()):
-        port = http_route_port(route)
+    for i, http_route in enumerate(http_routes or ()):
+        port = http_route_port(http_route)
         claims.append((f"httpDomainRoutes[{i}]", port, port))
     return claims
 
 
-def _terminates_somewhere(proxy: Any) -> bool:
+def _terminates_somewhere(proxy: SmartProxyConfig) -> bool:
     """Whether any route of ``proxy`` terminates TLS (a routes[] tls.mode other than passthrough, or a
     domainConfigs entry with useNetworkProxy)."""
     if any(entry.use_network_proxy for entry in proxy.domain_configs):

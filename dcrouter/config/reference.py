@@ -1,4 +1,5 @@
-"""The Markdown reference of every configuration key, rendered from the declarations in ``options.py``.
+"""The Markdown reference of every configuration key, rendered from the schema's declarations, walked from
+:class:`~dcrouter.config.options.DcRouterOptions` down through every block.
 
 ``python -m dcrouter.config.reference`` (or ``dcrouter config-reference``) prints it; ``--update FILE``
 rewrites the part of FILE between :data:`BEGIN` and :data:`END` (``docs/configuration.md``), and a test
@@ -14,8 +15,8 @@ import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, TypeGuard, get_args, get_origin, get_type_hints
 
-from dcrouter.config.load import file_key, type_name
 from dcrouter.config.options import DcRouterOptions
+from dcrouter.config.schema import file_key, type_name
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance

@@ -57,7 +57,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
-from dcrouter.config.options import SmtpConfig
+from dcrouter.config.smtp import SmtpConfig
 from dcrouter.delivery.bounces import Bouncer, SubmitLocal, open_message
 from dcrouter.delivery.bounces import dsn_queue_id as dsn_queue_id  # re-exported: tests import it from here
 from dcrouter.delivery.outcome import DeliveryReport, Outcome, RecipientResult

@@ -29,7 +29,7 @@ from twisted.internet.defer import Deferred, TimeoutError, gatherResults
 from twisted.internet.interfaces import IResolver
 from twisted.names import client, dns, error
 
-from dcrouter.config.options import MtaConfig
+from dcrouter.config.delivery import MtaConfig
 from dcrouter.delivery.route import Route
 from dcrouter.net.hostport import split_dns_server
 from dcrouter.net.targets import Target

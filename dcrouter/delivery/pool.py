@@ -45,7 +45,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IDelayedCall, IOpenSSLClientConnectionCreator, IReactorTime
 from twisted.internet.ssl import platformTrust
 
-from dcrouter.config.options import DeliveryConfig
+from dcrouter.config.delivery import DeliveryConfig
 from dcrouter.delivery.client import ESMTPClient, SMTPClientError
 from dcrouter.delivery.route import Route
 from dcrouter.log import logger

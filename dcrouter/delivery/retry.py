@@ -17,7 +17,7 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dcrouter.config.options import SmtpConfig
+from dcrouter.config.smtp import SmtpConfig
 
 #: Fraction of the delay by which it may be moved either way, so that messages that failed together (a
 #: destination that was down) do not all come back in the same second.

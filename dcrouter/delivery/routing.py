@@ -25,18 +25,15 @@ from __future__ import annotations
 import bisect
 import contextlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from zope.interface import implementer
 
+from dcrouter.config.delivery import AuthenticationConfig, RoutingRuleConfig
+from dcrouter.config.smtp import SmtpConfig
 from dcrouter.delivery.route import Route
 from dcrouter.interfaces import IRoutingRule
 from dcrouter.mail.patterns import AddressPatterns
 from dcrouter.net.domains import DomainMatcher, normalize_domain
-
-if TYPE_CHECKING:
-    # Only for annotations: dcrouter.config.checks imports this module lazily, and options imports checks.
-    from dcrouter.config.options import AuthenticationConfig, RoutingRuleConfig, SmtpConfig
 
 
 def _auth(auth: AuthenticationConfig | None) -> tuple[str | None, str | None]:

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dcrouter.config import plugins
-from dcrouter.config.options import SmtpConfig
 from dcrouter.config.processing import SCANNER_TYPES, ScannerConfig, TransformationConfig
+from dcrouter.config.smtp import SmtpConfig
 from dcrouter.interfaces import IScanner, ITransformation
 from dcrouter.processing.dkim import DkimSigner
 from dcrouter.processing.mime import MimeLimits

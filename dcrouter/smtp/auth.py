@@ -44,7 +44,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
 
-from dcrouter.config.options import AuthConfig, UserConfig
+from dcrouter.config.auth import AuthConfig, UserConfig
 from dcrouter.log import logger
 from dcrouter.mail.reply import Reply
 from dcrouter.passwords import ScryptHash, parse_password_hash, verify_password

@@ -6,7 +6,8 @@ import ipaddress
 
 from twisted.internet.defer import Deferred
 
-from dcrouter.config.options import DomainConfig, SmtpConfig
+from dcrouter.config.domains import DomainConfig
+from dcrouter.config.smtp import SmtpConfig
 from dcrouter.mail.address import Address
 from dcrouter.mail.reply import Reply
 from dcrouter.net.cidr import CidrSet

@@ -54,7 +54,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from dcrouter.config.options import SmtpConfig
+from dcrouter.config.smtp import SmtpConfig
 from dcrouter.interfaces import IMessageAcceptor
 from dcrouter.log import logger
 from dcrouter.mail.acceptance import LOCAL_ERROR, Disposition, Refusal

@@ -46,7 +46,8 @@ from twisted.internet.defer import Deferred, DeferredSemaphore, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
-from dcrouter.config.options import CalloutConfig, DomainConfig, SmtpConfig
+from dcrouter.config.domains import CalloutConfig, DomainConfig
+from dcrouter.config.smtp import SmtpConfig
 from dcrouter.delivery.callout import ProbeResult, Verdict
 from dcrouter.delivery.route import Route
 from dcrouter.log import logger

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
-from dcrouter.config import checks
-from dcrouter.config.options import option
+from dcrouter.config import values
+from dcrouter.config.schema import option
 from dcrouter.interfaces import IScanner
 from dcrouter.processing.message import Draft, ScanResult, Verdict
 
@@ -42,8 +42,8 @@ class KeywordOptions:
 
     words: list[str] = option(
         doc="Words and phrases that block a message; at least one.",
-        check=checks.not_empty,
-        each=checks.all_of(visible, checks.one_line),
+        check=values.not_empty,
+        each=values.all_of(visible, values.one_line),
     )
     case_sensitive: bool = option(False, doc="Match the words' case exactly (default: any case).")
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from zope.interface import implementer
 
-from dcrouter.config import checks
-from dcrouter.config.options import option
+from dcrouter.config import values
+from dcrouter.config.schema import option
 from dcrouter.interfaces import ITransformation
 from dcrouter.processing.message import Draft
 from dcrouter.processing.mime import decode_encoded_words
@@ -34,7 +34,7 @@ def has_text(value: str) -> str | None:
 class SubjectTagOptions:
     prefix: str = option(
         doc="Put before the Subject; include the trailing space (`[EXTERNAL] `). One line.",
-        check=checks.all_of(has_text, checks.one_line),
+        check=values.all_of(has_text, values.one_line),
     )
 
 

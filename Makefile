@@ -80,6 +80,7 @@ lint: $(VENV)/.installed-test
 	$(BIN)/python -m pip install -q '.[dev]'
 	$(BIN)/ruff check dcrouter tests bench twisted
 	$(BIN)/mypy dcrouter
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) _trial_temp* build *.egg-info

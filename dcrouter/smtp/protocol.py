@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHandshakeListener,
@@ -64,6 +63,7 @@ from dcrouter.mail.queueid import new_queue_id
 from dcrouter.mail.reply import Reply
 from dcrouter.smtp.auth import Authenticator, AuthFailed
 from dcrouter.smtp.datastream import MESSAGE_TOO_BIG, DataStream
+from dcrouter.smtp.eager import resolve, run_eagerly
 from dcrouter.smtp.policy import SessionPolicy
 from dcrouter.smtp.received import received_header, with_protocol
 from dcrouter.smtp.sasl import MAX_ENCODED_RESPONSE, Challenge, SaslError, SaslExchange
@@ -135,28 +135,6 @@ def _decode_line(raw: bytes | Reply) -> str | Reply:
         return body.decode("utf-8")
     except UnicodeDecodeError:
         return BAD_CHARACTERS
-
-
-async def _resolve(value: Any) -> Any:
-    """The result of a collaborator that may answer at once or with a Deferred."""
-    if isinstance(value, Deferred):
-        return await value
-    return value
-
-
-async def _resume(work: Coroutine[Any, Any, Any], awaited: Any) -> Any:
-    """Finish ``work``, a coroutine already run up to its first ``await`` of ``awaited`` (a Deferred)."""
-    while True:
-        try:
-            value = await awaited
-        except BaseException as error:  # noqa: BLE001 (handed to the coroutine, which decides)
-            step = partial(work.throw, error)
-        else:
-            step = partial(work.send, value)
-        try:
-            awaited = step()
-        except StopIteration as finished:
-            return finished.value
 
 
 class ESMTPServerFactory(Factory):
@@ -493,20 +471,11 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
         """Run one command's coroutine; input waits until it has answered (synchronously or later)."""
         self._busy = True
         # Most commands answer without waiting on anything: run them straight through, and build a Deferred
-        # only for those that await one (a check, AUTH, the queue). At thousands of messages a second the
-        # Deferred machinery per command is a measurable share of the CPU.
-        try:
-            awaited = work.send(None)
-        except StopIteration as finished:
-            self._answered(finished.value, counts)
+        # only for those that await one (a check, AUTH, the queue).
+        waiting = run_eagerly(work, partial(self._answered, counts=counts), self._internal_error)
+        if waiting is None:
             return
-        except Exception:  # noqa: BLE001 (a bug in one command is logged and answered 451, the session goes on)
-            self._answered(self._internal_error(Failure()), counts)
-            return
-        done = Deferred.fromCoroutine(_resume(work, awaited))
-        done.addErrback(self._internal_error)
-        done.addCallback(self._answered, counts)
-        done.addErrback(self._answer_failed)
+        waiting.addErrback(self._answer_failed)
         if self._busy:
             # Our own wait (a check, AUTH, the queue) is not client idleness.
             self.setTimeout(None)
@@ -722,7 +691,7 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
         if refusal is not None:
             return refusal
         txn = _Transaction(new_queue_id(), sender, params, utf8="SMTPUTF8" in params)
-        verdict = await _resolve(self._f.policy.check_sender(session, sender))
+        verdict = await resolve(self._f.policy.check_sender(session, sender))
         if self._mode is _CLOSED:
             return None
         if verdict is not None:
@@ -765,7 +734,7 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
             return Reply(250, "2.1.5", "Ok")
         if len(txn.recipients) >= self._config.max_recipients:
             return Reply(452, "4.5.3", "Too many recipients")
-        verdict = await _resolve(self._f.policy.check_recipient(self.session, recipient, txn.sender))
+        verdict = await resolve(self._f.policy.check_recipient(self.session, recipient, txn.sender))
         if self._mode is _CLOSED or self._txn is not txn:
             return None
         if verdict is not None:

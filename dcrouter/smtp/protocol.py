@@ -12,8 +12,8 @@ What a caller may rely on:
 - DATA is streamed through :class:`~dcrouter.smtp.datastream.DataStream` into a
   :class:`~dcrouter.smtp.spool.SpoolWriter`; a ``Received:`` field goes first. The complete message goes to
   the factory's :class:`~dcrouter.interfaces.IMessageAcceptor` (processing and the queue behind it, of which
-  this module knows nothing); ``250`` is sent only when its Deferred fires (the message is durable), and a
-  refusal's own reply otherwise; storage failures are 4xx, never 5xx.
+  this package knows nothing) as :func:`~dcrouter.smtp.transaction.hand_off` says: ``250`` only once its
+  Deferred fires (the message is durable), a refusal's own reply otherwise; storage failures are 4xx.
 - Every reply but the greeting, EHLO/HELO, ``354`` and ``334`` carries an RFC 3463 enhanced status code.
 - Time is bounded as Postfix bounds it: a command line must be complete ``commandTimeout`` after its first
   byte; a DATA transfer must keep up ``minDataRate``; beyond ``maxJunkCommands`` NOOP, RSET, VRFY, HELP and
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
@@ -53,21 +52,20 @@ from zope.interface import implementer
 from dcrouter.config.options import SmtpConfig
 from dcrouter.interfaces import IMessageAcceptor
 from dcrouter.log import logger
-from dcrouter.mail.acceptance import LOCAL_ERROR, Disposition, Refusal
-from dcrouter.mail.address import Address, AddressError, parse_mail_argument, parse_rcpt_argument
-from dcrouter.mail.envelope import Envelope
+from dcrouter.mail.acceptance import LOCAL_ERROR
+from dcrouter.mail.address import AddressError, parse_mail_argument, parse_rcpt_argument
 from dcrouter.mail.queueid import new_queue_id
 from dcrouter.mail.reply import Reply
 from dcrouter.smtp.auth import Authenticator, AuthFailed
-from dcrouter.smtp.datastream import MESSAGE_TOO_BIG, DataStream
+from dcrouter.smtp.datastream import DataStream
 from dcrouter.smtp.eager import resolve
 from dcrouter.smtp.framing import CLOSED, COMMAND, DATA, PREGREET, SASL, CommandReceiver, decode_line
 from dcrouter.smtp.policy import SessionPolicy
-from dcrouter.smtp.received import received_header, with_protocol
 from dcrouter.smtp.sasl import Challenge, SaslError, SaslExchange
 from dcrouter.smtp.service import OpenSessions
 from dcrouter.smtp.session import Session
 from dcrouter.smtp.spool import SpoolWriter
+from dcrouter.smtp.transaction import Transaction, check_mail_params, hand_off, received_field
 
 if TYPE_CHECKING:
     from OpenSSL import SSL
@@ -96,17 +94,6 @@ _GREETING_VERBS = frozenset({"HELO", "EHLO"})
 #: Verbs of other protocols that end the session at once (Postfix: smtpd_forbidden_commands).
 _NON_SMTP_VERBS = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS"})
 _COUNTED_AS_BAD = frozenset({500, 503})
-
-
-@dataclass
-class _Transaction:
-    """One mail transaction, from MAIL FROM to the end of DATA or RSET."""
-
-    queue_id: str
-    sender: Address
-    params: dict[str, str]
-    utf8: bool
-    recipients: list[str] = field(default_factory=list)
 
 
 class ESMTPServerFactory(Factory):
@@ -168,7 +155,7 @@ class ESMTPServerProtocol(CommandReceiver):
         self._admitted = False
         self._tls_started = False
         self._bad_commands = 0
-        self._txn: _Transaction | None = None
+        self._txn: Transaction | None = None
         self._sasl: SaslExchange | None = None
         self._spool: SpoolWriter | None = None
         self._session_timer: IDelayedCall | None = None
@@ -508,10 +495,12 @@ class ESMTPServerProtocol(CommandReceiver):
             sender, params = parse_mail_argument(arg, utf8=session.esmtp)
         except AddressError as error:
             return error.reply
-        refusal = self._check_mail_params(params)
+        refusal = check_mail_params(
+            params, esmtp=session.esmtp, max_message_size=self._config.max_message_size
+        )
         if refusal is not None:
             return refusal
-        txn = _Transaction(new_queue_id(), sender, params, utf8="SMTPUTF8" in params)
+        txn = Transaction(new_queue_id(), sender, params, utf8="SMTPUTF8" in params)
         verdict = await resolve(self._f.policy.check_sender(session, sender))
         if self._mode is CLOSED:
             return None
@@ -520,25 +509,6 @@ class ESMTPServerProtocol(CommandReceiver):
             return verdict
         self._txn = txn
         return Reply(250, "2.1.0", "Ok")
-
-    def _check_mail_params(self, params: dict[str, str]) -> Reply | None:
-        if params and not self.session.esmtp:
-            return Reply(555, "5.5.4", "Error: parameters need EHLO")
-        for key, value in params.items():
-            if key == "SIZE":
-                if not value.isdigit() or len(value) > 20:
-                    return Reply(501, "5.5.4", "Syntax: SIZE=<number>")
-                if int(value) > self._config.max_message_size:
-                    return MESSAGE_TOO_BIG
-            elif key == "BODY":
-                if value.upper() not in ("7BIT", "8BITMIME"):
-                    return Reply(501, "5.5.4", "Syntax: BODY=7BIT or BODY=8BITMIME")
-            elif key == "SMTPUTF8":
-                if value:
-                    return Reply(501, "5.5.4", "Syntax: SMTPUTF8 takes no value")
-            else:
-                return Reply(555, "5.5.4", f"Unsupported parameter {key[:20]}")
-        return None
 
     async def _rcpt(self, arg: str) -> Reply | None:
         txn = self._txn
@@ -576,7 +546,14 @@ class ESMTPServerProtocol(CommandReceiver):
             return Reply(503, "5.5.1", "Error: need RCPT command")
         spool = self._f.spool_writer(self._f.spool_directory)
         # Never raises: a failing file system is answered after the end of the data (see _queue).
-        spool.write(self._received_header(txn))
+        received = received_field(
+            txn,
+            self.session,
+            hostname=self._config.hostname,
+            tls=self._tls_active(),
+            when=self._clock.seconds(),
+        )
+        spool.write(received)
         self._spool = spool
         self._start_data(
             DataStream(
@@ -590,25 +567,6 @@ class ESMTPServerProtocol(CommandReceiver):
     def _write_spool(self, text: bytes) -> None:
         assert self._spool is not None
         self._spool.write(text)
-
-    def _received_header(self, txn: _Transaction) -> bytes:
-        session = self.session
-        protocol = with_protocol(
-            esmtp=session.esmtp,
-            tls=self._tls_active(),
-            authenticated=session.auth_user is not None,
-            utf8=txn.utf8,
-        )
-        return received_header(
-            helo=session.helo or "",
-            peer_ip=session.peer_host,
-            hostname=self._config.hostname,
-            protocol=protocol,
-            queue_id=txn.queue_id,
-            tls=session.tls,
-            recipients=txn.recipients,
-            when=self._clock.seconds(),
-        )
 
     async def _rset(self, arg: str) -> Reply:
         if arg.strip():
@@ -663,69 +621,13 @@ class ESMTPServerProtocol(CommandReceiver):
             return
         self._run(self._queue(txn, spool, stream.size))
 
-    async def _queue(self, txn: _Transaction, spool: SpoolWriter, size: int) -> Reply:
-        session = self.session
-        try:
-            message = spool.finish()
-        except OSError as error:
-            # The file system failed (ENOSPC, EIO, ...): the spool already removed its file.
-            return self._queue_failure(txn, error)
-        envelope = Envelope(
-            mail_from=str(txn.sender),
-            recipients=list(txn.recipients),
-            mail_params=dict(txn.params),
-            helo=session.helo or "",
-            peer_host=session.peer_host,
-            peer_port=session.peer_port,
-            tls=session.tls,
-            auth_user=session.auth_user,
-            received_at=self._clock.seconds(),
+    async def _queue(self, txn: Transaction, spool: SpoolWriter, size: int) -> Reply:
+        reply, accepted = await hand_off(
+            self._f.acceptor, txn, spool, size, session=self.session, clock=self._clock, log=self._log
         )
-        try:
-            accepted = await self._f.acceptor.accept(envelope, message, txn.queue_id)
-        except Refusal as refusal:
-            message.discard()
-            return self._refused(txn, refusal)
-        except Exception as error:  # noqa: BLE001 (a bug behind the acceptor is logged and answered, not dropped)
-            message.discard()
-            self._log(
-                "failure",
-                "Message from {peer} not queued: {reply} ({error})",
-                failure=Failure(error),
-                queue_id=txn.queue_id,
-                reply=LOCAL_ERROR.code,
-                error=str(error) or type(error).__name__,
-            )
-            return LOCAL_ERROR
-        # The one line per accepted message (MAIL and RCPT are not logged one by one: at thousands of
-        # messages a second, formatting log lines is a measurable share of the work). A discarded message
-        # is answered as if queued, so the sender learns nothing.
-        self._log(
-            "info",
-            "{queue_id}: {status} from=<{sender}> size={size} nrcpt={recipients} peer={peer}{why}",
-            status=accepted.disposition.value,
-            queue_id=accepted.queue_id,
-            sender=envelope.mail_from,
-            size=size,
-            recipients=len(txn.recipients),
-            why=f": {accepted.reason}" if accepted.disposition is Disposition.DISCARDED else "",
-        )
-        self._junk_commands = 0  # Postfix resets the junk count once mail is accepted
-        return Reply(250, "2.0.0", f"Ok: queued as {accepted.queue_id}")
-
-    def _queue_failure(self, txn: _Transaction, error: OSError) -> Reply:
-        """The spool could not hold the message (ENOSPC, EIO, ...): one line, no traceback."""
-        return self._refused(txn, Refusal(LOCAL_ERROR, str(error) or type(error).__name__, storage=True))
-
-    def _refused(self, txn: _Transaction, refusal: Refusal) -> Reply:
-        self._log(
-            "error" if refusal.storage else "warn",
-            "Message from {peer} not queued: {reply} ({error})",
-            queue_id=txn.queue_id,
-            reply=refusal.reply.code,
-            error=refusal.reason or refusal.reply.text,
-        )
-        return refusal.reply
+        if accepted:
+            self._junk_commands = 0  # Postfix resets the junk count once mail is accepted
+        return reply
 
     # Logging
 

@@ -3,6 +3,8 @@ that waits finishes on a Deferred, with results and failures reaching it as Defe
 
 from __future__ import annotations
 
+import gc
+import sys
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -163,3 +165,48 @@ class WaitingTests(SynchronousTestCase):
         assert waiting is not None
         pending.callback("later")
         self.assertEqual(outcomes.results, ["later"])
+
+
+class AbandonedWaitTests(SynchronousTestCase):
+    """A command whose wait is never answered (its session went away) is garbage: its coroutines are closed in
+    whatever order the collector picks, and closing must not raise (Python reports that as an unraisable
+    exception, "cannot reuse already awaited coroutine")."""
+
+    def test_closing_after_the_command_is_quiet(self) -> None:
+        unraisable: list[BaseException | None] = []
+        self.patch(sys, "unraisablehook", lambda report: unraisable.append(report.exc_value))
+
+        def abandon() -> None:
+            never: Deferred[str] = Deferred()
+
+            async def command() -> str:
+                return await never
+
+            work = command()
+            self.assertIsNotNone(run_eagerly(work, Outcomes().on_result, Outcomes().on_error))
+            work.close()  # the collector happened to close the command's coroutine first
+
+        abandon()
+        gc.collect()
+        self.assertEqual(unraisable, [])
+
+    def test_closing_the_driver_closes_the_command(self) -> None:
+        unraisable: list[BaseException | None] = []
+        self.patch(sys, "unraisablehook", lambda report: unraisable.append(report.exc_value))
+        steps: list[str] = []
+
+        def abandon() -> None:
+            never: Deferred[str] = Deferred()
+
+            async def command() -> str:
+                try:
+                    return await never
+                finally:
+                    steps.append("closed")
+
+            run_eagerly(command(), Outcomes().on_result, Outcomes().on_error)
+
+        abandon()
+        gc.collect()
+        self.assertEqual(steps, ["closed"])
+        self.assertEqual(unraisable, [])

@@ -17,6 +17,8 @@ What a caller of :func:`run_eagerly` may rely on:
   ``Deferred.fromCoroutine`` would run it: each awaited Deferred's result is sent into it, its failure thrown
   into it. That Deferred then runs ``on_error`` on a failure and ``on_result`` on the outcome; its own result
   is ``on_result``'s, and a failure of ``on_result`` itself is left on it for the caller's errback.
+- A wait that is never answered leaves garbage that is collected quietly: closing the driver closes the
+  command's coroutine too, in whichever order the collector gets to them.
 
 :func:`resolve` is the other half of the scheme: a coroutine awaits what a collaborator returned only when it
 is a Deferred, so a collaborator that answers at once keeps the command on the eager path.
@@ -59,6 +61,12 @@ async def _finish(work: Coroutine[Any, Any, _T], awaited: Any) -> _T:
     while True:
         try:
             value = await awaited
+        except GeneratorExit:
+            # Not the wait's outcome: this coroutine is being closed (garbage, its wait never answered), and
+            # the command with it. The collector may have closed the command first; close() then does nothing
+            # where throw() would raise.
+            work.close()
+            raise
         except BaseException as error:  # noqa: BLE001 (handed to the coroutine, which decides)
             step = partial(work.throw, error)
         else:

@@ -33,10 +33,12 @@ from dcrouter.interfaces import QueueUnavailable
 from dcrouter.mail.envelope import Envelope
 from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.net.certfiles import generate_self_signed
+from dcrouter.net.listen import format_address
 from dcrouter.queue.disk import DiskQueue
 from dcrouter.queue.memory import MemoryQueue
-from dcrouter.router import StartupError, describe_listener, format_address, smtp_tls_config
+from dcrouter.router import StartupError, smtp_tls_config
 from dcrouter.smtp.protocol import ESMTPServerFactory
+from dcrouter.smtp.service import describe_listener
 
 
 def smtp_options(test: SynchronousTestCase, **smtp: Any) -> dict[str, Any]:
@@ -448,7 +450,8 @@ class OrderTests(TestCase):
         router.privilegedStartService()
         router.startService()
         self.addCleanup(router.stopService)
-        (listener,) = router._listeners
+        assert router.smtp is not None
+        (listener,) = router.smtp.listeners
         # Bound (the kernel chose a port), but not accepting while the queue loads.
         self.assertNotEqual(router.smtp_ports[0], 0)
         self.assertNotIn(listener.listening, reactor.getReaders())

@@ -20,8 +20,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import globalLogPublisher
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -39,6 +39,7 @@ from dcrouter.queue.memory import MemoryQueue
 from dcrouter.router import StartupError, smtp_tls_config
 from dcrouter.smtp.protocol import ESMTPServerFactory
 from dcrouter.smtp.service import describe_listener
+from tests.test_net_listen import PortsReactor
 
 
 def smtp_options(test: SynchronousTestCase, **smtp: Any) -> dict[str, Any]:
@@ -414,6 +415,35 @@ class BindingTests(SynchronousTestCase):
         assert router.processor is not None
         processed = router.processor.process(Envelope("a@example.test"), SpooledMessage(3, data=b"abc"))
         self.assertIsInstance(self.failureResultOf(processed).value, QueueUnavailable)
+
+
+class BindFailureTests(SynchronousTestCase):
+    """A port that cannot be bound stops start-up with StartupError and one critical line naming it, and
+    leaves nothing bound, the proxy's ports included."""
+
+    PROXY = {"smartProxyConfig": {"bindAddress": "127.0.0.1", "fromPort": 8443, "targetIP": "127.0.0.1"}}
+
+    def test_proxy_port_in_use(self) -> None:
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        router = DcRouter(self.PROXY, reactor=PortsReactor(taken=(8443,)))
+        error = self.assertRaises(StartupError, router.privilegedStartService)
+        message = "cannot listen for the proxy on 127.0.0.1:8443: [Errno 98] Address already in use"
+        self.assertEqual(str(error), message)
+        critical = [formatEvent(event) for event in events if event["log_level"] == LogLevel.critical]
+        self.assertEqual(critical, [message])
+
+    def test_smtp_port_in_use_releases_the_proxy_ports_too(self) -> None:
+        reactor = PortsReactor(taken=(2587,))
+        router = DcRouter({**self.PROXY, **smtp_options(self)}, reactor=reactor)
+        error = self.assertRaises(StartupError, router.privilegedStartService)
+        self.assertEqual(
+            str(error), "cannot listen for SMTP on 127.0.0.1:2587: [Errno 98] Address already in use"
+        )
+        self.assertEqual(
+            reactor.log,
+            ["8443 bound", "8443 paused", "2525 bound", "2525 paused", "2525 closed", "8443 closed"],
+        )
+        self.assertEqual(router.smtp_ports, {})
 
 
 class GatedQueue(MemoryQueue):

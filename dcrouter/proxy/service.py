@@ -151,7 +151,8 @@ class ProxyService(Service):
                 what="the proxy",
             )
         except ListenError as error:
-            log.critical("{message}", message=str(error))
+            # Not "message=": a legacy log observer (trial's) replaces a "message" that is not a tuple.
+            log.critical("{problem}", problem=str(error))
             raise ProxyBindError(str(error)) from error
         for port, listening in zip(ports, bound, strict=True):
             self._listening.append((port, listening))

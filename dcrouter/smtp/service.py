@@ -192,7 +192,6 @@ class SmtpService(Service):
     ) -> None:
         self.config = config
         self._reactor = reactor
-        self._clock: IReactorTime = reactor
         self._factory_for = factory_for
         self._load_tls = load_tls
         self.grace_period = config.shutdown_grace_period / 1000

@@ -8,9 +8,9 @@ another program's service.
 Lifecycle, and why in this order:
 
 - ``privilegedStartService`` binds every SMTP port (twistd drops privileges right after it, so ports below
-  1024 must be bound here) and loads the TLS material (keys are often readable by root only). The listening
-  sockets are paused: the kernel may complete handshakes, but no connection is accepted and no session
-  starts yet.
+  1024 must be bound here) and loads the TLS material (keys are often readable by root only), through
+  :meth:`SmtpService.bind <dcrouter.smtp.service.SmtpService.bind>`. The listening sockets are paused: the
+  kernel may complete handshakes, but no connection is accepted and no session starts yet.
 - ``startService`` starts the thread pool, loads the queue (crash recovery), starts child services, and only
   then resumes the listening sockets, so no message can be acknowledged before the queue has recovered.
 - ``stopService`` stops SMTP ingress first (:class:`~dcrouter.smtp.service.SmtpService`): the listeners
@@ -28,15 +28,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
-from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReadDescriptor
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.threads import deferToThreadPool
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
@@ -56,6 +54,7 @@ from dcrouter.interfaces import IDeliveryQueue
 from dcrouter.log import logger, set_level
 from dcrouter.net.certfiles import TlsMaterialError, generate_self_signed, load_certified_key
 from dcrouter.net.certstore import CertificateStore, CertifiedKey
+from dcrouter.net.listen import ListenError
 from dcrouter.net.targets import TargetHealth
 from dcrouter.net.tls import TlsPolicy
 from dcrouter.processing.build import build_chain
@@ -72,11 +71,6 @@ log = logger(__name__)
 #: Threads for blocking work the router owns (scrypt password checks). Each check holds ~32 MiB, so the bound
 #: is also a memory bound.
 THREADPOOL_MAX = 4
-
-
-#: Pending connections the kernel queues per SMTP port (Twisted's default, 50, drops SYNs under bursts of
-#: connections long before maxConnections is reached; the kernel caps it at net.core.somaxconn).
-LISTEN_BACKLOG = 1024
 
 
 class StartupError(Exception):
@@ -126,25 +120,6 @@ def _generated_in_memory(hostname: str, bind_address: str) -> CertifiedKey:
     return CertifiedKey.from_pem(cert_pem, key_pem)
 
 
-def format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def describe_listener(config: SmtpConfig, port: int, has_tls: bool, auth_offered: bool) -> str:
-    """What a port does, for the start-up log: ``mx, STARTTLS`` or ``submission, STARTTLS, AUTH required``."""
-    submission = port in config.submission_ports
-    parts = ["submission" if submission else "mx"]
-    if port in config.implicit_tls_ports:
-        parts.append("implicit TLS")
-    else:
-        parts.append("STARTTLS" if has_tls else "no TLS")
-    if submission or config.auth.required:
-        parts.append("AUTH required")
-    elif auth_offered:
-        parts.append("AUTH offered")
-    return ", ".join(parts)
-
-
 def build_queue(config: SmtpConfig, reactor: Any) -> IDeliveryQueue:
     """The queue backend ``queueStorage`` names."""
     if config.queue_storage == "memory":
@@ -175,32 +150,6 @@ def build_queue(config: SmtpConfig, reactor: Any) -> IDeliveryQueue:
             orphan_retention=config.orphan_retention / 1000.0,
         )
     raise StartupError(f"smtpConfig.queueStorage: {config.queue_storage!r} is not supported yet")
-
-
-@dataclasses.dataclass
-class SmtpListener:
-    """One configured SMTP port and, once bound, its listening port."""
-
-    configured_port: int
-    description: str
-    listening: IListeningPort | None = None
-
-    @property
-    def actual_port(self) -> int:
-        assert self.listening is not None
-        return int(self.listening.getHost().port)  # type: ignore[attr-defined]  # TCP: an IPv4/IPv6Address
-
-
-def _pause(listening: IListeningPort) -> None:
-    # A real reactor's listening port is a read descriptor: not reading means not accepting. In-memory
-    # reactors used by unit tests accept nothing anyway.
-    if IReadDescriptor.providedBy(listening):
-        listening.stopReading()  # type: ignore[attr-defined]
-
-
-def _resume(listening: IListeningPort) -> None:
-    if IReadDescriptor.providedBy(listening):
-        listening.startReading()  # type: ignore[attr-defined]
 
 
 async def _settle_all(deferreds: list[Deferred[Any]], what: str) -> None:
@@ -240,9 +189,6 @@ class DcRouter(MultiService):
         self.options, self.warnings = coerce_options(options)
         set_level(self.options.log_level)
         self.smtp_config: SmtpConfig | None = self.options.smtp_config
-        self.smtp_ports: dict[int, int] = {}
-        self._listeners: list[SmtpListener] = []
-        self._bound = False
         self.threadpool = ThreadPool(minthreads=0, maxthreads=THREADPOOL_MAX, name="dcrouter")
         self._starting: Deferred[None] | None = None
         self._stopping: Deferred[None] | None = None
@@ -291,12 +237,26 @@ class DcRouter(MultiService):
         self._build_delivery(config)
         self.verifier = self._build_verifier(config)
         self.policy = SessionPolicy(config, verifier=self.verifier)
-        # Not a child service: it starts once the queue has loaded and stops before everything else (_stop).
-        self.smtp = SmtpService(clock=reactor, grace_period=config.shutdown_grace_period / 1000)
         if config.auth.users:
             self.authenticator = Authenticator(
                 config.auth, clock=reactor, reactor=reactor, threadpool=self.threadpool
             )
+        # Not a child service: it binds in privilegedStartService, starts once the queue has loaded and stops
+        # before everything else (_stop).
+        self.smtp = SmtpService(
+            config,
+            reactor=reactor,
+            factory_for=partial(
+                ESMTPServerFactory,
+                config=config,
+                policy=self.policy,
+                authenticator=self.authenticator,
+                acceptor=self.processor,
+                spool_directory=self.queue.spool_directory,
+                clock=reactor,
+            ),
+            load_tls=partial(self._load_tls, config),
+        )
 
     def _build_delivery(self, config: SmtpConfig) -> None:
         """Routing, the outbound pool and transport, and the DeliveryManager (a child service, so it starts
@@ -365,6 +325,11 @@ class DcRouter(MultiService):
             # The configuration check read the files already; one that broke since is a start-up error.
             raise StartupError(f"smtpConfig.domainConfigs: recipient verification: {error}") from error
 
+    @property
+    def smtp_ports(self) -> dict[int, int]:
+        """Configured SMTP port → actual port, filled once bound (empty without smtpConfig)."""
+        return self.smtp.ports if self.smtp is not None else {}
+
     # -- readiness ---------------------------------------------------------------------------------------
 
     def when_ready(self) -> Deferred[None]:
@@ -387,7 +352,7 @@ class DcRouter(MultiService):
             else:
                 waiter.callback(None)
 
-    # -- binding -----------------------------------------------------------------------------------------
+    # -- TLS material ------------------------------------------------------------------------------------
 
     def _load_tls(self, config: SmtpConfig) -> CertificateOptions | None:
         tls_config = smtp_tls_config(self.options)
@@ -420,66 +385,6 @@ class DcRouter(MultiService):
         except ValueError as error:
             raise StartupError(f"smtpConfig.tls: {error}") from error
 
-    def _factory_for(
-        self, config: SmtpConfig, port: int, tls_options: CertificateOptions | None
-    ) -> IProtocolFactory:
-        assert self.policy is not None and self.processor is not None and self.queue is not None
-        assert self.smtp is not None
-        factory: IProtocolFactory = ESMTPServerFactory(
-            config=config,
-            port=port,
-            policy=self.policy,
-            authenticator=self.authenticator,
-            acceptor=self.processor,
-            spool_directory=self.queue.spool_directory,
-            tls_options=tls_options,
-            clock=self._reactor,
-            sessions=self.smtp.sessions,
-        )
-        if port in config.implicit_tls_ports:
-            assert tls_options is not None
-            # TLS from the first byte; the protocol knows from its port never to offer STARTTLS here.
-            factory = TLSMemoryBIOFactory(tls_options, False, factory)
-        return factory
-
-    def _bind_listeners(self) -> None:
-        """Bind every SMTP port, paused. On any failure, close what was bound and raise StartupError."""
-        config = self.smtp_config
-        assert config is not None
-        self._bound = True
-        tls_options = self._load_tls(config)
-        for port in config.ports:
-            description = describe_listener(
-                config, port, tls_options is not None, self.authenticator is not None
-            )
-            listener = SmtpListener(port, description)
-            try:
-                listener.listening = self._reactor.listenTCP(
-                    port,
-                    self._factory_for(config, port, tls_options),
-                    backlog=LISTEN_BACKLOG,
-                    interface=config.bind_address,
-                )
-            except CannotListenError as error:
-                self._close_bound()
-                where = format_address(config.bind_address, port)
-                message = f"cannot listen for SMTP on {where}: {error.socketError}"
-                log.critical("{message}", message=message)
-                raise StartupError(message) from error
-            _pause(listener.listening)
-            assert self.smtp is not None
-            self.smtp.add_port(listener.listening)
-            self._listeners.append(listener)
-            self.smtp_ports[port] = listener.actual_port
-
-    def _close_bound(self) -> None:
-        if self.proxy is not None:
-            self.proxy.unbind()
-        if self.smtp is not None:
-            self.smtp.close_ports()
-        self._listeners = []
-        self.smtp_ports = {}
-
     # -- service lifecycle -------------------------------------------------------------------------------
 
     def _bind_proxy(self) -> None:
@@ -489,17 +394,26 @@ class DcRouter(MultiService):
             except ProxyBindError as error:
                 raise StartupError(str(error)) from error
 
+    def _bind_smtp(self) -> None:
+        """SMTP's ports, paused (once: SmtpService.bind); a port that cannot be bound releases the proxy's."""
+        if self.smtp is None:
+            return
+        try:
+            self.smtp.bind()
+        except ListenError as error:
+            if self.proxy is not None:
+                self.proxy.unbind()
+            raise StartupError(str(error)) from error
+
     def privilegedStartService(self) -> None:
         self._bind_proxy()
         super().privilegedStartService()
-        if self.smtp_config is not None and not self._bound:
-            self._bind_listeners()
+        self._bind_smtp()
 
     def startService(self) -> None:
         # Embedded use may call startService alone; bind now then.
         self._bind_proxy()
-        if self.smtp_config is not None and not self._bound:
-            self._bind_listeners()
+        self._bind_smtp()
         # Children start only after the queue has loaded (in _start): Service's startService, not Multi...'s.
         Service.startService(self)
         self._stopping = None
@@ -521,16 +435,7 @@ class DcRouter(MultiService):
         if not self.running:
             return  # stopped while loading: stay closed
         if self.smtp is not None:
-            self.smtp.startService()
-        for listener in self._listeners:
-            assert listener.listening is not None and self.smtp_config is not None
-            _resume(listener.listening)
-            log.info(
-                "SMTP listening on {address} ({description})",
-                address=format_address(self.smtp_config.bind_address, listener.actual_port),
-                description=listener.description,
-                port=listener.actual_port,
-            )
+            self.smtp.startService()  # resumes the listeners
         log.info("dcrouter ready")
         self._settle_ready(True)
 
@@ -555,8 +460,6 @@ class DcRouter(MultiService):
         independent = [maybeDeferred(child.stopService) for child in children]
         if self.smtp is not None:
             await _settle_all([self.smtp.stopService()], "SMTP ingress did not stop cleanly")
-        self._listeners = []
-        self._bound = False
         if self.delivery is not None:
             await _settle_all([maybeDeferred(self.delivery.stopService)], "delivery did not stop cleanly")
         await _settle_all(independent, "a service did not stop cleanly")

@@ -109,11 +109,15 @@ def check(path: str, out: TextIO, err: TextIO) -> int:
     return 0
 
 
-def makeService(config: Options) -> Any:
-    """Load the configuration file and return the DcRouter service. Errors are printed, then SystemExit(1):
-    at this point twistd has not started logging, so the terminal is where the operator is looking."""
-    from twisted.internet import reactor  # only here: the global reactor, as twistd runs it
+def makeService(config: Options, reactor: Any = None) -> Any:
+    """Load the configuration file and return the DcRouter service running on ``reactor``: twistd passes
+    none, and gets the global reactor, imported only then (as Twisted's own taps do); tests and embedding
+    programs pass theirs. Errors are printed, then SystemExit(1): at this point twistd has not started
+    logging, so the terminal is where the operator is looking."""
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor  # only here: the reactor twistd runs
 
+        reactor = global_reactor
     from dcrouter.config import ConfigError
     from dcrouter.router import DcRouter
 

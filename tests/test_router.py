@@ -20,8 +20,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import globalLogPublisher
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -33,10 +33,13 @@ from dcrouter.interfaces import QueueUnavailable
 from dcrouter.mail.envelope import Envelope
 from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.net.certfiles import generate_self_signed
+from dcrouter.net.listen import format_address
 from dcrouter.queue.disk import DiskQueue
 from dcrouter.queue.memory import MemoryQueue
-from dcrouter.router import StartupError, describe_listener, format_address, smtp_tls_config
+from dcrouter.router import StartupError, smtp_tls_config
 from dcrouter.smtp.protocol import ESMTPServerFactory
+from dcrouter.smtp.service import describe_listener
+from tests.test_net_listen import PortsReactor
 
 
 def smtp_options(test: SynchronousTestCase, **smtp: Any) -> dict[str, Any]:
@@ -414,6 +417,35 @@ class BindingTests(SynchronousTestCase):
         self.assertIsInstance(self.failureResultOf(processed).value, QueueUnavailable)
 
 
+class BindFailureTests(SynchronousTestCase):
+    """A port that cannot be bound stops start-up with StartupError and one critical line naming it, and
+    leaves nothing bound, the proxy's ports included."""
+
+    PROXY = {"smartProxyConfig": {"bindAddress": "127.0.0.1", "fromPort": 8443, "targetIP": "127.0.0.1"}}
+
+    def test_proxy_port_in_use(self) -> None:
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        router = DcRouter(self.PROXY, reactor=PortsReactor(taken=(8443,)))
+        error = self.assertRaises(StartupError, router.privilegedStartService)
+        message = "cannot listen for the proxy on 127.0.0.1:8443: [Errno 98] Address already in use"
+        self.assertEqual(str(error), message)
+        critical = [formatEvent(event) for event in events if event["log_level"] == LogLevel.critical]
+        self.assertEqual(critical, [message])
+
+    def test_smtp_port_in_use_releases_the_proxy_ports_too(self) -> None:
+        reactor = PortsReactor(taken=(2587,))
+        router = DcRouter({**self.PROXY, **smtp_options(self)}, reactor=reactor)
+        error = self.assertRaises(StartupError, router.privilegedStartService)
+        self.assertEqual(
+            str(error), "cannot listen for SMTP on 127.0.0.1:2587: [Errno 98] Address already in use"
+        )
+        self.assertEqual(
+            reactor.log,
+            ["8443 bound", "8443 paused", "2525 bound", "2525 paused", "2525 closed", "8443 closed"],
+        )
+        self.assertEqual(router.smtp_ports, {})
+
+
 class GatedQueue(MemoryQueue):
     """A memory queue whose load() waits for the test, and whose save() runs a check the test chooses."""
 
@@ -448,7 +480,8 @@ class OrderTests(TestCase):
         router.privilegedStartService()
         router.startService()
         self.addCleanup(router.stopService)
-        (listener,) = router._listeners
+        assert router.smtp is not None
+        (listener,) = router.smtp.listeners
         # Bound (the kernel chose a port), but not accepting while the queue loads.
         self.assertNotEqual(router.smtp_ports[0], 0)
         self.assertNotIn(listener.listening, reactor.getReaders())

@@ -1,17 +1,26 @@
-"""SmtpService: stopping SMTP ingress as an MTA does. The listening ports stop first, idle sessions get
-421 4.3.2 at once, transactions in flight get up to the grace period, and the stop's Deferred fires once every
-session is gone (or, with a peer that never lets go, a bounded time after the grace period)."""
+"""SmtpService: binding the SMTP listeners paused and resuming them, and stopping SMTP ingress as an MTA
+does. The listening ports stop first, idle sessions get 421 4.3.2 at once, transactions in flight get up to
+the grace period, and the stop's Deferred fires once every session is gone (or, with a peer that never lets
+go, a bounded time after the grace period)."""
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Any
+
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
-from twisted.internet.testing import EventLoggingObserver
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial import unittest
 
+from dcrouter.net.certfiles import generate_self_signed, server_tls_options
+from dcrouter.net.listen import LISTEN_BACKLOG, ListenError
+from dcrouter.smtp.protocol import ESMTPServerFactory
 from dcrouter.smtp.service import CLOSE_WAIT, SmtpService
-from tests.smtp_fixtures import START_TIME, Server, connect
+from tests.smtp_fixtures import START_TIME, Server, connect, make_config, make_factory
+from tests.test_net_listen import PortsReactor
 from tests.test_smtp_lifetime import MESSAGE, SHUTTING_DOWN, in_data, queued
 
 GRACE = 20.0
@@ -33,7 +42,9 @@ class SmtpServiceTests(unittest.TestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(START_TIME)
-        self.service = SmtpService(clock=self.clock, grace_period=GRACE)
+        config = make_config(shutdown_grace_period=int(GRACE * 1000))
+        self.service = SmtpService(config, reactor=self.clock, factory_for=partial(make_factory, config))
+        self.assertEqual(self.service.grace_period, GRACE)
         self.service.startService()
 
     def connect(self) -> Server:
@@ -120,3 +131,97 @@ class SmtpServiceTests(unittest.TestCase):
         server = connect(clock=self.clock, sessions=self.service.sessions, greet=False)
         self.assertTrue(server.take().startswith(b"220 "))
         in_data(server)
+
+
+class BindingTests(unittest.SynchronousTestCase):
+    """Binding: every port of smtpConfig.ports on bindAddress, paused, TLS from the first byte on implicit-TLS
+    ports; once; resumed and logged by startService."""
+
+    def service(self, reactor: Any, **config: Any) -> SmtpService:
+        smtp = make_config(bind_address="127.0.0.1", **config)
+        cert, key = generate_self_signed(smtp.hostname)
+        self.tls_loads = 0
+
+        def load_tls() -> Any:
+            self.tls_loads += 1
+            return server_tls_options(cert, key)
+
+        return SmtpService(
+            smtp,
+            reactor=reactor,
+            factory_for=partial(make_factory, smtp, authenticator=None),
+            load_tls=load_tls,
+        )
+
+    def test_binds_every_port_with_its_factory(self) -> None:
+        reactor = MemoryReactorClock()
+        service = self.service(reactor)
+        self.assertEqual((reactor.tcpServers, self.tls_loads), ([], 0))
+        service.bind()
+        self.assertEqual(self.tls_loads, 1)
+        self.assertEqual(
+            [(port, backlog, interface) for port, _, backlog, interface in reactor.tcpServers],
+            [
+                (25, LISTEN_BACKLOG, "127.0.0.1"),
+                (587, LISTEN_BACKLOG, "127.0.0.1"),
+                (465, LISTEN_BACKLOG, "127.0.0.1"),
+            ],
+        )
+        factories = {port: factory for port, factory, _, _ in reactor.tcpServers}
+        self.assertIsInstance(factories[25], ESMTPServerFactory)
+        self.assertIsNotNone(factories[25].tls_options)
+        self.assertIsInstance(factories[465], TLSMemoryBIOFactory)
+        self.assertIsInstance(factories[465].wrappedFactory, ESMTPServerFactory)
+        # One registry of open sessions for every port: a stop drains them all.
+        self.assertIs(factories[25].sessions, service.sessions)
+        self.assertIs(factories[465].wrappedFactory.sessions, service.sessions)
+        self.assertEqual(service.ports, {25: 25, 587: 587, 465: 465})
+        self.assertEqual(
+            [(listener.configured_port, listener.description) for listener in service.listeners],
+            [
+                (25, "mx, STARTTLS"),
+                (587, "submission, STARTTLS, AUTH required"),
+                (465, "submission, implicit TLS, AUTH required"),
+            ],
+        )
+
+    def test_binds_once_until_stopped(self) -> None:
+        reactor = MemoryReactorClock()
+        service = self.service(reactor, ports=[25])
+        service.bind()
+        service.bind()
+        self.assertEqual((len(reactor.tcpServers), self.tls_loads), (1, 1))
+        service.startService()
+        self.successResultOf(service.stopService())
+        self.assertEqual(service.listeners, [])
+        service.bind()
+        self.assertEqual((len(reactor.tcpServers), self.tls_loads), (2, 2))
+
+    def test_paused_until_started_then_logged(self) -> None:
+        reactor = PortsReactor()
+        service = self.service(reactor, ports=[25, 465])
+        service.bind()
+        self.assertEqual(reactor.log, ["25 bound", "25 paused", "465 bound", "465 paused"])
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual(reactor.log[4:], ["25 reading", "465 reading"])
+        self.assertEqual(
+            [formatEvent(event) for event in events if "listening" in event.get("log_format", "")],
+            [
+                "SMTP listening on 127.0.0.1:25 (mx, STARTTLS)",
+                "SMTP listening on 127.0.0.1:465 (submission, implicit TLS, AUTH required)",
+            ],
+        )
+
+    def test_a_port_in_use_is_named_and_nothing_stays_bound(self) -> None:
+        reactor = PortsReactor(taken=(587,))
+        service = self.service(reactor)
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        error = self.assertRaises(ListenError, service.bind)
+        message = "cannot listen for SMTP on 127.0.0.1:587: [Errno 98] Address already in use"
+        self.assertEqual(str(error), message)
+        self.assertEqual(reactor.log, ["25 bound", "25 paused", "25 closed"])
+        self.assertEqual((service.ports, service.listeners), ({}, []))
+        critical = [formatEvent(event) for event in events if event["log_level"] == LogLevel.critical]
+        self.assertEqual(critical, [message])

@@ -5,12 +5,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import sys
 from typing import Any
 
 from twisted.application.service import IService, IServiceMaker
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -204,6 +206,21 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertFalse(service.running)
         self.assertEqual(service.smtp_ports, {})  # nothing bound until twistd starts the service
         self.assertEqual(service.options.smtp_config.ports, [2525])  # type: ignore[union-attr]
+
+    def test_make_service_runs_on_the_reactor_given(self) -> None:
+        """makeService(options, reactor) as in Twisted's own taps: the router binds on that reactor."""
+        options = tap.Options()
+        options.parseOptions(["--config", self.config_file()])
+        previous = signal.getsignal(signal.SIGHUP)
+        self.addCleanup(signal.signal, signal.SIGHUP, previous)  # privilegedStartService installs the handler
+        memory = MemoryReactorClock()
+        service = tap.makeService(options, reactor=memory)
+        self.assertEqual(memory.tcpServers, [])
+        service.privilegedStartService()
+        self.assertEqual(
+            [(port, interface) for port, _, _, interface in memory.tcpServers], [(2525, "127.0.0.1")]
+        )
+        self.assertEqual(service.smtp_ports, {2525: 2525})
 
     def test_make_service_prints_warnings(self) -> None:
         """Warnings reach the terminal before twistd starts logging (a plain-text password is one)."""

@@ -21,19 +21,16 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
-from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IReadDescriptor
+from twisted.internet.interfaces import IListeningPort
 
 from dcrouter.log import logger
+from dcrouter.net.listen import ListenError, close, format_address, listen_paused, resume
 from dcrouter.proxy.forward import RouteCounters
 from dcrouter.proxy.http import ChallengeSource
 from dcrouter.proxy.routes import CertificateFiles, ProxyRoute, RouteTable, build_routes, listening_ports
 from dcrouter.proxy.session import ProxyContext, ProxySessionFactory, ProxySettings
 
 log = logger(__name__)
-
-#: Pending connections the kernel queues per proxy port (as for SMTP: Twisted's 50 drops SYNs in bursts).
-LISTEN_BACKLOG = 1024
 
 
 class ProxyBindError(Exception):
@@ -42,10 +39,6 @@ class ProxyBindError(Exception):
 
 class ProxyCertificateError(ProxyBindError):
     """A terminating route's certificate files could not be loaded; the message names the key path."""
-
-
-def format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class ProxyService(Service):
@@ -149,30 +142,25 @@ class ProxyService(Service):
         if self._listening:
             return
         self.load_certificates()
-        for port in self._configured_ports:
-            try:
-                listening = self._reactor.listenTCP(
-                    port,
-                    ProxySessionFactory(self.context, port),
-                    backlog=LISTEN_BACKLOG,
-                    interface=self.bind_address,
-                )
-            except CannotListenError as error:
-                self.unbind()
-                where = format_address(self.bind_address, port)
-                message = f"cannot listen for the proxy on {where}: {error.socketError}"
-                log.critical("{message}", message=message)
-                raise ProxyBindError(message) from error
-            # Not reading means not accepting (a real reactor's port is a read descriptor).
-            if IReadDescriptor.providedBy(listening):
-                listening.stopReading()  # type: ignore[attr-defined]
+        ports = self._configured_ports
+        try:
+            bound = listen_paused(
+                self._reactor,
+                [(port, ProxySessionFactory(self.context, port)) for port in ports],
+                interface=self.bind_address,
+                what="the proxy",
+            )
+        except ListenError as error:
+            # Not "message=": a legacy log observer (trial's) replaces a "message" that is not a tuple.
+            log.critical("{problem}", problem=str(error))
+            raise ProxyBindError(str(error)) from error
+        for port, listening in zip(ports, bound, strict=True):
             self._listening.append((port, listening))
-            self.ports[port] = int(listening.getHost().port)
+            self.ports[port] = int(listening.getHost().port)  # type: ignore[attr-defined]  # TCP: an IPv4/6Address
 
     def unbind(self) -> None:
         """Close every bound port (a failed start-up)."""
-        for _, listening in self._listening:
-            listening.stopListening()
+        close([listening for _, listening in self._listening])
         self._listening = []
         self.ports = {}
 
@@ -187,8 +175,7 @@ class ProxyService(Service):
         super().startService()
         self._stopping = None
         for port, listening in self._listening:
-            if IReadDescriptor.providedBy(listening):
-                listening.startReading()  # type: ignore[attr-defined]
+            resume(listening)
             log.info(
                 "proxy listening on {address} ({routes} routes)",
                 address=format_address(self.bind_address, self.ports[port]),

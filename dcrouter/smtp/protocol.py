@@ -4,17 +4,16 @@ SMTPUTF8, STARTTLS and AUTH), written on ``Protocol`` rather than ``twisted.mail
 
 What a caller may rely on:
 
-- Input is buffered and handled strictly one command at a time, in order. While a command waits on a Deferred
-  (a policy check, AUTH, queueing) nothing after it runs, so replies come out in the order of the commands.
-  While waiting, buffered input is bounded: the transport is paused past :data:`MAX_PENDING_INPUT` octets.
-- Command lines end in CRLF; a bare LF is accepted as a terminator in command mode (never in DATA). A command
-  line over ``maxCommandLineLength`` gets ``500 5.5.2 Line too long`` once and is discarded up to its LF.
+- Input is framed and run as :class:`~dcrouter.smtp.framing.CommandReceiver` says: strictly one command at a
+  time, in order, so replies come out in the order of the commands, even while one waits on a Deferred (a
+  policy check, AUTH, queueing); pipelined input is bounded; a bare LF ends a command line (never a DATA
+  line); a command line over ``maxCommandLineLength`` gets ``500 5.5.2 Line too long`` once.
 - STARTTLS discards every byte received after the STARTTLS line and resets the session (RFC 3207 §4.2).
 - DATA is streamed through :class:`~dcrouter.smtp.datastream.DataStream` into a
   :class:`~dcrouter.smtp.spool.SpoolWriter`; a ``Received:`` field goes first. The complete message goes to
   the factory's :class:`~dcrouter.interfaces.IMessageAcceptor` (processing and the queue behind it, of which
-  this module knows nothing); ``250`` is sent only when its Deferred fires (the message is durable), and a
-  refusal's own reply otherwise; storage failures are 4xx, never 5xx.
+  this package knows nothing) as :func:`~dcrouter.smtp.transaction.hand_off` says: ``250`` only once its
+  Deferred fires (the message is durable), a refusal's own reply otherwise; storage failures are 4xx.
 - Every reply but the greeting, EHLO/HELO, ``354`` and ``334`` carries an RFC 3463 enhanced status code.
 - Time is bounded as Postfix bounds it: a command line must be complete ``commandTimeout`` after its first
   byte; a DATA transfer must keep up ``minDataRate``; beyond ``maxJunkCommands`` NOOP, RSET, VRFY, HELP and
@@ -33,62 +32,51 @@ rather than normalised; 500 and 503 replies count toward
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHandshakeListener,
-    IPushProducer,
     IReactorTime,
     ISystemHandle,
     ITCPTransport,
     ITLSTransport,
 )
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.internet.ssl import CertificateOptions
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dcrouter.config.smtp import SmtpConfig
 from dcrouter.interfaces import IMessageAcceptor
 from dcrouter.log import logger
-from dcrouter.mail.acceptance import LOCAL_ERROR, Disposition, Refusal
-from dcrouter.mail.address import Address, AddressError, parse_mail_argument, parse_rcpt_argument
-from dcrouter.mail.envelope import Envelope
+from dcrouter.mail.acceptance import LOCAL_ERROR
+from dcrouter.mail.address import AddressError, parse_mail_argument, parse_rcpt_argument
 from dcrouter.mail.queueid import new_queue_id
 from dcrouter.mail.reply import Reply
 from dcrouter.smtp.auth import Authenticator, AuthFailed
-from dcrouter.smtp.datastream import MESSAGE_TOO_BIG, DataStream
+from dcrouter.smtp.datastream import DataStream
+from dcrouter.smtp.eager import resolve
+from dcrouter.smtp.framing import CLOSED, COMMAND, DATA, PREGREET, SASL, CommandReceiver, decode_line
 from dcrouter.smtp.policy import SessionPolicy
-from dcrouter.smtp.received import received_header, with_protocol
-from dcrouter.smtp.sasl import MAX_ENCODED_RESPONSE, Challenge, SaslError, SaslExchange
+from dcrouter.smtp.sasl import Challenge, SaslError, SaslExchange
 from dcrouter.smtp.service import OpenSessions
 from dcrouter.smtp.session import Session
 from dcrouter.smtp.spool import SpoolWriter
+from dcrouter.smtp.transaction import Transaction, check_mail_params, hand_off, received_field
 
 if TYPE_CHECKING:
     from OpenSSL import SSL
 
 log = logger("dcrouter.smtp")
 
-#: Octets of unprocessed input kept while a command waits before the transport is paused.
-MAX_PENDING_INPUT = 64 * 1024
-#: RFC 4954 §4: AUTH command lines may be up to 12288 octets.
-AUTH_LINE_LIMIT = 12288
-
 OK = Reply(250, "2.0.0", "Ok")
 BAD_SEQUENCE_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
 UNKNOWN_COMMAND = Reply(500, "5.5.1", "Error: command not recognized")
-LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
-BAD_CHARACTERS = Reply(500, "5.5.2", "Syntax error: bad characters in command line")
 NO_ARGUMENTS = Reply(501, "5.5.4", "Syntax error: no parameters allowed")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors")
-TOO_MUCH_INPUT = Reply(421, "4.7.0", "Too much pipelined input")
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 AUTH_SUCCEEDED = Reply(235, "2.7.0", "Authentication successful")
@@ -100,63 +88,12 @@ NON_SMTP_COMMAND = Reply(421, "4.7.0", "Non-SMTP command, closing connection")
 #: 5321 has a server that greets with 554 wait for QUIT, while 521 lets it close at once; postscreen agrees.
 PREGREET_REFUSED = Reply(521, "5.5.1", "Protocol error: client sent data before the greeting")
 
-_COMMAND, _SASL, _DATA, _CLOSED = "command", "sasl", "data", "closed"
-#: Connected, the greeting not sent yet (pregreetDelay).
-_PREGREET = "pregreet"
 #: Commands that move no mail (Postfix's smtpd_junk_command_limit; ETRN is an unknown command here).
 _JUNK_VERBS = frozenset({"NOOP", "RSET", "VRFY", "HELP"})
 _GREETING_VERBS = frozenset({"HELO", "EHLO"})
 #: Verbs of other protocols that end the session at once (Postfix: smtpd_forbidden_commands).
 _NON_SMTP_VERBS = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS"})
 _COUNTED_AS_BAD = frozenset({500, 503})
-#: The line limit applies to what comes before the CRLF too; "AUTH " lines get RFC 4954's larger limit.
-_AUTH_PREFIX = b"AUTH "
-
-
-@dataclass
-class _Transaction:
-    """One mail transaction, from MAIL FROM to the end of DATA or RSET."""
-
-    queue_id: str
-    sender: Address
-    params: dict[str, str]
-    utf8: bool
-    recipients: list[str] = field(default_factory=list)
-
-
-def _decode_line(raw: bytes | Reply) -> str | Reply:
-    """The text of a command line without its terminator, or the reply refusing the line."""
-    if isinstance(raw, Reply):
-        return raw
-    body = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
-    if b"\r" in body or b"\x00" in body:
-        return BAD_CHARACTERS
-    try:
-        return body.decode("utf-8")
-    except UnicodeDecodeError:
-        return BAD_CHARACTERS
-
-
-async def _resolve(value: Any) -> Any:
-    """The result of a collaborator that may answer at once or with a Deferred."""
-    if isinstance(value, Deferred):
-        return await value
-    return value
-
-
-async def _resume(work: Coroutine[Any, Any, Any], awaited: Any) -> Any:
-    """Finish ``work``, a coroutine already run up to its first ``await`` of ``awaited`` (a Deferred)."""
-    while True:
-        try:
-            value = await awaited
-        except BaseException as error:  # noqa: BLE001 (handed to the coroutine, which decides)
-            step = partial(work.throw, error)
-        else:
-            step = partial(work.send, value)
-        try:
-            awaited = step()
-        except StopIteration as finished:
-            return finished.value
 
 
 class ESMTPServerFactory(Factory):
@@ -206,44 +143,26 @@ class ESMTPServerFactory(Factory):
 
 
 @implementer(IHandshakeListener)
-class ESMTPServerProtocol(Protocol, TimeoutMixin):
+class ESMTPServerProtocol(CommandReceiver):
     """One SMTP session. See the module docstring for its guarantees."""
 
     def __init__(self, factory: ESMTPServerFactory) -> None:
+        super().__init__(factory.config, factory.clock)
         self._f = factory
-        self._config = factory.config
-        self._clock = factory.clock
         self.session = Session(
             session_id=secrets.token_hex(6), peer_host="", peer_port=0, local_port=factory.port
         )
-        self._mode = _COMMAND
-        self._in = bytearray()
-        self._busy = False
-        self._pumping = False
-        self._discarding_line = False
-        self._paused = False
         self._admitted = False
         self._tls_started = False
         self._bad_commands = 0
-        self._txn: _Transaction | None = None
+        self._txn: Transaction | None = None
         self._sasl: SaslExchange | None = None
-        self._stream: DataStream | None = None
         self._spool: SpoolWriter | None = None
-        self._data_timer: IDelayedCall | None = None
         self._session_timer: IDelayedCall | None = None
         self._greeting_timer: IDelayedCall | None = None
-        #: commandTimeout for the command line in progress, from its first byte.
-        self._line_timer: IDelayedCall | None = None
-        #: minDataRate: when the DATA transfer in progress must have ended by, as it stands.
-        self._rate_timer: IDelayedCall | None = None
-        self._data_deadline = 0.0
         self._junk_commands = 0
         self._junk_error = False
         self._stopping = False
-
-    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
-        """TimeoutMixin's timer source: the factory's clock, not the global reactor."""
-        return self._clock.callLater(period, func)
 
     @property
     def _wire(self) -> ITCPTransport:
@@ -276,7 +195,7 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
             return
         if self._config.pregreet_delay > 0:
             # A well-behaved client waits for the 220 (RFC 5321 section 3.1); spam bots often do not.
-            self._mode = _PREGREET
+            self._mode = PREGREET
             self._greeting_timer = self._clock.callLater(
                 self._config.pregreet_delay / 1000.0, self._send_greeting
             )
@@ -285,10 +204,17 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
 
     def _send_greeting(self) -> None:
         self._greeting_timer = None
-        self._mode = _COMMAND
+        self._mode = COMMAND
         self.setTimeout(self._config.socket_timeout / 1000.0)
         banner = self._config.banner or "dcrouter"
         self._send(Reply(220, "", f"{self._config.hostname} ESMTP {banner}"))
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._mode is PREGREET:
+            self._log("warn", "{peer} sent data before the greeting, disconnecting", size=len(data))
+            self._close(PREGREET_REFUSED)
+            return
+        super().dataReceived(data)
 
     def handshakeCompleted(self) -> None:
         """IHandshakeListener: TLS is up (implicit TLS or after STARTTLS); record version and cipher."""
@@ -298,7 +224,7 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
         self._log("info", "TLS established with {peer}: {tls}")
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._mode = _CLOSED
+        self._mode = CLOSED
         self.setTimeout(None)
         self._cancel_timers()
         self._abort_data()
@@ -312,7 +238,7 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
         self._timed_out("socketTimeout")
 
     def _timed_out(self, limit: str) -> None:
-        if self._mode is _CLOSED:
+        if self._mode is CLOSED:
             return
         self._log("info", "Timeout for {peer} in {mode} mode ({limit})", mode=self._mode, limit=limit)
         self._close(Reply(421, "4.4.2", f"{self._config.hostname} Error: timeout exceeded"))
@@ -323,7 +249,7 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
         """Stop this session as an MTA stopping does: ``421 4.3.2`` now when no transaction is in flight,
         otherwise once it ends: after the reply to its end of DATA (a ``250`` once queued), or as the answer
         to its next command when it has sent MAIL but not DATA."""
-        if self._mode is _CLOSED:
+        if self._mode is CLOSED:
             return
         self._stopping = True
         if self._idle_for_shutdown():
@@ -332,7 +258,7 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
     def close_for_shutdown(self) -> None:
         """The grace period is over: ``421 4.3.2`` and close now. A message whose end has not arrived was
         never acknowledged; its spool is dropped and the client will retry it."""
-        if self._mode is not _CLOSED:
+        if self._mode is not CLOSED:
             self._log("info", "Closing the session with {peer} in {mode} mode: stopping", mode=self._mode)
             self._close(self._shutting_down())
 
@@ -340,8 +266,14 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
         """Drop a connection whose peer does not let it close (its unread replies are discarded)."""
         self._wire.abortConnection()
 
+    def _stop_if_idle(self) -> bool:
+        if self._stopping and self._mode is not CLOSED and self._idle_for_shutdown():
+            self._close(self._shutting_down())
+            return True
+        return False
+
     def _idle_for_shutdown(self) -> bool:
-        return not self._busy and self._txn is None and self._mode is not _DATA
+        return not self._busy and self._txn is None and self._mode is not DATA
 
     def _shutting_down(self) -> Reply:
         return Reply(421, "4.3.2", f"{self._config.hostname} Service shutting down, try again later")
@@ -349,7 +281,7 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
     def _close(self, reply: Reply) -> None:
         """Send ``reply`` (a 421 or 221) and end the session; later input is ignored."""
         self._send(reply)
-        self._mode = _CLOSED
+        self._mode = CLOSED
         self._in.clear()
         self.setTimeout(None)
         self._cancel_timers()
@@ -357,17 +289,11 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
         self._wire.loseConnection()
 
     def _cancel_timers(self) -> None:
-        for timer in (
-            self._data_timer,
-            self._session_timer,
-            self._greeting_timer,
-            self._line_timer,
-            self._rate_timer,
-        ):
+        for timer in (self._session_timer, self._greeting_timer):
             if timer is not None and timer.active():
                 timer.cancel()
-        self._data_timer = self._session_timer = self._greeting_timer = None
-        self._line_timer = self._rate_timer = None
+        self._session_timer = self._greeting_timer = None
+        self._cancel_input_timers()
 
     def _abort_data(self) -> None:
         if self._spool is not None:
@@ -375,149 +301,7 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
         self._spool = None
         self._stream = None
 
-    # Input
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._mode is _CLOSED:
-            return
-        if self._mode is _PREGREET:
-            self._log("warn", "{peer} sent data before the greeting, disconnecting", size=len(data))
-            self._close(PREGREET_REFUSED)
-            return
-        self.resetTimeout()
-        if self._mode is _DATA and not self._busy and not self._in:
-            # The common case for message text: hand the chunk over without copying it into the buffer.
-            self._feed_data(data)
-        else:
-            self._in += data
-        self._pump()
-
-    def _pump(self) -> None:
-        """Handle buffered input until it runs out or a command has to wait."""
-        if self._pumping:
-            return
-        self._pumping = True
-        try:
-            while not self._busy and self._mode is not _CLOSED and self._in:
-                if self._mode is _DATA:
-                    chunk = bytes(self._in)
-                    self._in.clear()
-                    self._feed_data(chunk)
-                    continue
-                discarding = self._discarding_line
-                line = self._take_line()
-                if (line is not None or discarding) and not self._discarding_line:
-                    self._line_ended()
-                if line is None:
-                    break
-                self._run(self._dispatch(line), counts=True)
-        finally:
-            self._pumping = False
-        if self._stopping and self._mode is not _CLOSED and self._idle_for_shutdown():
-            self._close(self._shutting_down())
-            return
-        self._watch_line()
-        self._flow_control()
-
-    def _watch_line(self) -> None:
-        """Give a command line the client has begun, and not finished, its deadline (commandTimeout, counted
-        from its first byte, so dripping bytes never extend it). While a command of ours is waiting, nothing
-        is counted: a line begun then gets its whole deadline once the reply is out."""
-        in_progress = (self._mode is _COMMAND or self._mode is _SASL) and bool(
-            self._in or self._discarding_line
-        )
-        if not in_progress:
-            self._line_ended()
-        elif self._line_timer is None and not self._busy:
-            self._line_timer = self._clock.callLater(
-                self._config.command_timeout / 1000.0, partial(self._timed_out, "commandTimeout")
-            )
-
-    def _line_ended(self) -> None:
-        if self._line_timer is not None:
-            if self._line_timer.active():
-                self._line_timer.cancel()
-            self._line_timer = None
-
-    def _flow_control(self) -> None:
-        if self._mode is _CLOSED:
-            return
-        pending = len(self._in)
-        if pending > 4 * MAX_PENDING_INPUT:
-            # The transport kept delivering although paused: refuse to buffer more.
-            self._close(TOO_MUCH_INPUT)
-        elif pending > MAX_PENDING_INPUT and not self._paused:
-            self._paused = True
-            cast(IPushProducer, self.transport).pauseProducing()
-        elif self._paused and pending <= MAX_PENDING_INPUT // 2 and not self._busy:
-            self._paused = False
-            cast(IPushProducer, self.transport).resumeProducing()
-
-    def _line_limit(self) -> int:
-        if self._mode is _SASL:
-            return MAX_ENCODED_RESPONSE + 2
-        if self._in[: len(_AUTH_PREFIX)].upper() == _AUTH_PREFIX:
-            return max(AUTH_LINE_LIMIT, self._config.max_command_line_length)
-        return self._config.max_command_line_length
-
-    def _take_line(self) -> bytes | Reply | None:
-        """The next complete line (with its terminator), a Reply for an over-long one, or None (wait)."""
-        buf = self._in
-        if self._discarding_line:
-            lf = buf.find(b"\n")
-            if lf < 0:
-                buf.clear()
-                return None
-            del buf[: lf + 1]
-            self._discarding_line = False
-            if not buf:
-                return None
-        limit = self._line_limit()
-        lf = buf.find(b"\n", 0, limit)
-        if lf >= 0:
-            line = bytes(buf[: lf + 1])
-            del buf[: lf + 1]
-            return line
-        if len(buf) < limit:
-            return None
-        # Over the limit: answer once now and drop the rest of this line, wherever its LF turns up.
-        lf = buf.find(b"\n", limit)
-        if lf < 0:
-            buf.clear()
-            self._discarding_line = True
-        else:
-            del buf[: lf + 1]
-        return LINE_TOO_LONG
-
-    def _run(self, work: Coroutine[Any, Any, Reply | None], *, counts: bool = False) -> None:
-        """Run one command's coroutine; input waits until it has answered (synchronously or later)."""
-        self._busy = True
-        # Most commands answer without waiting on anything: run them straight through, and build a Deferred
-        # only for those that await one (a check, AUTH, the queue). At thousands of messages a second the
-        # Deferred machinery per command is a measurable share of the CPU.
-        try:
-            awaited = work.send(None)
-        except StopIteration as finished:
-            self._answered(finished.value, counts)
-            return
-        except Exception:  # noqa: BLE001 (a bug in one command is logged and answered 451, the session goes on)
-            self._answered(self._internal_error(Failure()), counts)
-            return
-        done = Deferred.fromCoroutine(_resume(work, awaited))
-        done.addErrback(self._internal_error)
-        done.addCallback(self._answered, counts)
-        done.addErrback(self._answer_failed)
-        if self._busy:
-            # Our own wait (a check, AUTH, the queue) is not client idleness.
-            self.setTimeout(None)
-
-    def _answered(self, reply: Reply | None, counts: bool) -> None:
-        was_waiting = self.timeOut is None
-        self._busy = False
-        if self._mode is _CLOSED:
-            return
-        if was_waiting:
-            self.setTimeout(self._config.socket_timeout / 1000.0)
+    def _reply(self, reply: Reply | None, counts: bool) -> bool:
         junk_error, self._junk_error = self._junk_error, False
         if reply is not None:
             self._send(reply)
@@ -526,25 +310,19 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
                 if self._bad_commands >= self._config.max_bad_commands:
                     self._log("warn", "Too many errors from {peer}", count=self._bad_commands)
                     self._close(TOO_MANY_ERRORS)
-                    return
-        if not self._pumping:
-            self._pump()
-
-    def _answer_failed(self, failure: Failure) -> None:
-        # Sending the reply itself broke (the transport is gone or broken): nothing left to answer.
-        self._busy = False
-        log.failure("Cannot answer SMTP client", failure, session_id=self.session.session_id)
+                    return False
+        return True
 
     def _internal_error(self, failure: Failure) -> Reply:
         self._log("failure", "Internal error in SMTP session with {peer}", failure=failure)
         self._txn = None
         self._sasl = None
-        if self._mode is not _CLOSED:
-            self._mode = _COMMAND
+        if self._mode is not CLOSED:
+            self._mode = COMMAND
         return LOCAL_ERROR
 
     def _send(self, reply: Reply) -> None:
-        if self._mode is not _CLOSED:
+        if self._mode is not CLOSED:
             self._wire.write(reply.to_bytes())
 
     # Commands
@@ -555,14 +333,14 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
             # command, whatever it is, with 421 (RFC 5321 section 3.8).
             self._close(self._shutting_down())
             return None
-        text = _decode_line(raw)
+        text = decode_line(raw)
         if isinstance(text, Reply):
-            if self._mode is _SASL:
+            if self._mode is SASL:
                 # A line the exchange cannot take ends the exchange; the next line is a command again.
                 self._sasl = None
-                self._mode = _COMMAND
+                self._mode = COMMAND
             return text
-        if self._mode is _SASL:
+        if self._mode is SASL:
             return await self._auth_step(text)
         verb, _, arg = text.partition(" ")
         if verb.upper() in _NON_SMTP_VERBS:
@@ -643,8 +421,7 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
             return Reply(454, "4.7.0", "TLS not available")
         self._send(Reply(220, "2.0.0", "Ready to start TLS"))
         # RFC 3207 §4.2 and CVE-2011-0411: nothing the client sent before the handshake may be acted upon.
-        self._in.clear()
-        self._discarding_line = False
+        self._discard_input()
         transport.startTLS(self._f.tls_options)
         self._tls_started = True
         self.session.helo = None
@@ -682,14 +459,14 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
             result = exchange.respond(line)
         except SaslError as error:
             self._sasl = None
-            self._mode = _COMMAND
+            self._mode = COMMAND
             self._log("info", "AUTH exchange with {peer} ended: {reply}", reply=error.reply.code)
             return error.reply
         if isinstance(result, Challenge):
-            self._mode = _SASL
+            self._mode = SASL
             return Reply(334, "", result.text)
         self._sasl = None
-        self._mode = _COMMAND
+        self._mode = COMMAND
         try:
             user = await self._f.authenticator.authenticate(result, self.session.peer_host)
         except AuthFailed as failed:
@@ -700,7 +477,7 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
                 reply=failed.reply.code,
             )
             return failed.reply
-        if self._mode is _CLOSED:
+        if self._mode is CLOSED:
             return None
         self.session.auth_user = user
         self._log("info", "AUTH succeeded for {peer}", mechanism=exchange.mechanism)
@@ -718,37 +495,20 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
             sender, params = parse_mail_argument(arg, utf8=session.esmtp)
         except AddressError as error:
             return error.reply
-        refusal = self._check_mail_params(params)
+        refusal = check_mail_params(
+            params, esmtp=session.esmtp, max_message_size=self._config.max_message_size
+        )
         if refusal is not None:
             return refusal
-        txn = _Transaction(new_queue_id(), sender, params, utf8="SMTPUTF8" in params)
-        verdict = await _resolve(self._f.policy.check_sender(session, sender))
-        if self._mode is _CLOSED:
+        txn = Transaction(new_queue_id(), sender, params, utf8="SMTPUTF8" in params)
+        verdict = await resolve(self._f.policy.check_sender(session, sender))
+        if self._mode is CLOSED:
             return None
         if verdict is not None:
             self._log("info", "Sender refused for {peer}: {reply}", queue_id=txn.queue_id, reply=verdict.code)
             return verdict
         self._txn = txn
         return Reply(250, "2.1.0", "Ok")
-
-    def _check_mail_params(self, params: dict[str, str]) -> Reply | None:
-        if params and not self.session.esmtp:
-            return Reply(555, "5.5.4", "Error: parameters need EHLO")
-        for key, value in params.items():
-            if key == "SIZE":
-                if not value.isdigit() or len(value) > 20:
-                    return Reply(501, "5.5.4", "Syntax: SIZE=<number>")
-                if int(value) > self._config.max_message_size:
-                    return MESSAGE_TOO_BIG
-            elif key == "BODY":
-                if value.upper() not in ("7BIT", "8BITMIME"):
-                    return Reply(501, "5.5.4", "Syntax: BODY=7BIT or BODY=8BITMIME")
-            elif key == "SMTPUTF8":
-                if value:
-                    return Reply(501, "5.5.4", "Syntax: SMTPUTF8 takes no value")
-            else:
-                return Reply(555, "5.5.4", f"Unsupported parameter {key[:20]}")
-        return None
 
     async def _rcpt(self, arg: str) -> Reply | None:
         txn = self._txn
@@ -765,8 +525,8 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
             return Reply(250, "2.1.5", "Ok")
         if len(txn.recipients) >= self._config.max_recipients:
             return Reply(452, "4.5.3", "Too many recipients")
-        verdict = await _resolve(self._f.policy.check_recipient(self.session, recipient, txn.sender))
-        if self._mode is _CLOSED or self._txn is not txn:
+        verdict = await resolve(self._f.policy.check_recipient(self.session, recipient, txn.sender))
+        if self._mode is CLOSED or self._txn is not txn:
             return None
         if verdict is not None:
             self._log(
@@ -786,66 +546,27 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
             return Reply(503, "5.5.1", "Error: need RCPT command")
         spool = self._f.spool_writer(self._f.spool_directory)
         # Never raises: a failing file system is answered after the end of the data (see _queue).
-        spool.write(self._received_header(txn))
+        received = received_field(
+            txn,
+            self.session,
+            hostname=self._config.hostname,
+            tls=self._tls_active(),
+            when=self._clock.seconds(),
+        )
+        spool.write(received)
         self._spool = spool
-        self._stream = DataStream(
-            self._write_spool,
-            max_line_length=self._config.max_line_length,
-            max_message_size=self._config.max_message_size,
-        )
-        self._mode = _DATA
-        self._data_timer = self._clock.callLater(
-            self._config.data_timeout / 1000.0, partial(self._timed_out, "dataTimeout")
-        )
-        if self._config.min_data_rate > 0:
-            allowance = self._config.command_timeout / 1000.0
-            self._data_deadline = self._clock.seconds() + allowance
-            self._rate_timer = self._clock.callLater(allowance, self._check_data_rate)
-        return START_DATA
-
-    def _count_data(self, octets: int) -> None:
-        """minDataRate (Postfix's smtpd_min_data_rate): ``octets`` received move the transfer's deadline
-        ``octets / minDataRate`` seconds later, never more than commandTimeout ahead, so a burst buys no idle
-        time beyond that. The timer is only moved when it fires: no timer work per chunk."""
-        if self._rate_timer is not None:
-            config = self._config
-            self._data_deadline = min(
-                self._data_deadline + octets / config.min_data_rate,
-                self._clock.seconds() + config.command_timeout / 1000.0,
+        self._start_data(
+            DataStream(
+                self._write_spool,
+                max_line_length=self._config.max_line_length,
+                max_message_size=self._config.max_message_size,
             )
-
-    def _check_data_rate(self) -> None:
-        self._rate_timer = None
-        if self._mode is not _DATA:
-            return
-        left = self._data_deadline - self._clock.seconds()
-        if left > 0:
-            self._rate_timer = self._clock.callLater(left, self._check_data_rate)
-            return
-        self._timed_out("minDataRate")
+        )
+        return START_DATA
 
     def _write_spool(self, text: bytes) -> None:
         assert self._spool is not None
         self._spool.write(text)
-
-    def _received_header(self, txn: _Transaction) -> bytes:
-        session = self.session
-        protocol = with_protocol(
-            esmtp=session.esmtp,
-            tls=self._tls_active(),
-            authenticated=session.auth_user is not None,
-            utf8=txn.utf8,
-        )
-        return received_header(
-            helo=session.helo or "",
-            peer_ip=session.peer_host,
-            hostname=self._config.hostname,
-            protocol=protocol,
-            queue_id=txn.queue_id,
-            tls=session.tls,
-            recipients=txn.recipients,
-            when=self._clock.seconds(),
-        )
 
     async def _rset(self, arg: str) -> Reply:
         if arg.strip():
@@ -882,30 +603,10 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
         "QUIT": _quit,
     }
 
-    # DATA
-
-    def _feed_data(self, chunk: bytes) -> None:
-        stream = self._stream
-        assert stream is not None
-        self._count_data(len(chunk))
-        # A failing spool does not raise here: it keeps its error for the end of the data (SpoolWriter), so
-        # the stream stays in step with the client and the answer is a 451 after the final dot.
-        end = stream.feed(chunk)
-        if end < 0:
-            return
-        if end < len(chunk):
-            self._in[0:0] = chunk[end:]
-        self._end_of_data(stream)
-
     def _end_of_data(self, stream: DataStream) -> None:
         txn, spool = self._txn, self._spool
         assert txn is not None and spool is not None
-        self._txn, self._spool, self._stream = None, None, None
-        self._mode = _COMMAND
-        for timer in (self._data_timer, self._rate_timer):
-            if timer is not None and timer.active():
-                timer.cancel()
-        self._data_timer = self._rate_timer = None
+        self._txn, self._spool = None, None
         refusal = stream.refusal(max_received_headers=self._config.max_received_headers)
         if refusal is not None:
             spool.abort()
@@ -920,69 +621,13 @@ class ESMTPServerProtocol(Protocol, TimeoutMixin):
             return
         self._run(self._queue(txn, spool, stream.size))
 
-    async def _queue(self, txn: _Transaction, spool: SpoolWriter, size: int) -> Reply:
-        session = self.session
-        try:
-            message = spool.finish()
-        except OSError as error:
-            # The file system failed (ENOSPC, EIO, ...): the spool already removed its file.
-            return self._queue_failure(txn, error)
-        envelope = Envelope(
-            mail_from=str(txn.sender),
-            recipients=list(txn.recipients),
-            mail_params=dict(txn.params),
-            helo=session.helo or "",
-            peer_host=session.peer_host,
-            peer_port=session.peer_port,
-            tls=session.tls,
-            auth_user=session.auth_user,
-            received_at=self._clock.seconds(),
+    async def _queue(self, txn: Transaction, spool: SpoolWriter, size: int) -> Reply:
+        reply, accepted = await hand_off(
+            self._f.acceptor, txn, spool, size, session=self.session, clock=self._clock, log=self._log
         )
-        try:
-            accepted = await self._f.acceptor.accept(envelope, message, txn.queue_id)
-        except Refusal as refusal:
-            message.discard()
-            return self._refused(txn, refusal)
-        except Exception as error:  # noqa: BLE001 (a bug behind the acceptor is logged and answered, not dropped)
-            message.discard()
-            self._log(
-                "failure",
-                "Message from {peer} not queued: {reply} ({error})",
-                failure=Failure(error),
-                queue_id=txn.queue_id,
-                reply=LOCAL_ERROR.code,
-                error=str(error) or type(error).__name__,
-            )
-            return LOCAL_ERROR
-        # The one line per accepted message (MAIL and RCPT are not logged one by one: at thousands of
-        # messages a second, formatting log lines is a measurable share of the work). A discarded message
-        # is answered as if queued, so the sender learns nothing.
-        self._log(
-            "info",
-            "{queue_id}: {status} from=<{sender}> size={size} nrcpt={recipients} peer={peer}{why}",
-            status=accepted.disposition.value,
-            queue_id=accepted.queue_id,
-            sender=envelope.mail_from,
-            size=size,
-            recipients=len(txn.recipients),
-            why=f": {accepted.reason}" if accepted.disposition is Disposition.DISCARDED else "",
-        )
-        self._junk_commands = 0  # Postfix resets the junk count once mail is accepted
-        return Reply(250, "2.0.0", f"Ok: queued as {accepted.queue_id}")
-
-    def _queue_failure(self, txn: _Transaction, error: OSError) -> Reply:
-        """The spool could not hold the message (ENOSPC, EIO, ...): one line, no traceback."""
-        return self._refused(txn, Refusal(LOCAL_ERROR, str(error) or type(error).__name__, storage=True))
-
-    def _refused(self, txn: _Transaction, refusal: Refusal) -> Reply:
-        self._log(
-            "error" if refusal.storage else "warn",
-            "Message from {peer} not queued: {reply} ({error})",
-            queue_id=txn.queue_id,
-            reply=refusal.reply.code,
-            error=refusal.reason or refusal.reply.text,
-        )
-        return refusal.reply
+        if accepted:
+            self._junk_commands = 0  # Postfix resets the junk count once mail is accepted
+        return reply
 
     # Logging
 

@@ -1,8 +1,17 @@
-"""Stopping SMTP ingress the way MTAs do: :class:`SmtpService` and the registry of open sessions it drains.
+"""SMTP ingress as a service: :class:`SmtpService` binds the listeners of ``smtpConfig``, and stops them and
+drains their sessions the way MTAs do; :class:`OpenSessions` is the registry of open sessions it drains.
 
 What a caller may rely on:
 
-- ``SmtpService.stopService()`` first stops every listening port it was given (no new session starts), then
+- :meth:`SmtpService.bind` (the router calls it from ``privilegedStartService``, so ports below 1024 are bound
+  before twistd drops privileges) loads the TLS material, then binds every port of ``smtpConfig.ports`` on
+  ``bindAddress``, paused (:mod:`dcrouter.net.listen`): no connection is accepted yet. Implicit-TLS ports
+  speak TLS from the first byte. A port that cannot be bound raises
+  :class:`~dcrouter.net.listen.ListenError` naming the address and port, and none of SMTP's ports stays
+  bound. It binds once: later calls do nothing until the service has stopped.
+- ``startService()`` (the router calls it once the queue has loaded) resumes the ports and logs ``SMTP
+  listening on ADDR:PORT (ROLE)`` for each (:func:`describe_listener`).
+- ``stopService()`` first stops every listening port (no new session starts), then
   asks every open session to stop (:meth:`OpenSessions.shut_down`): an idle session gets
   ``421 4.3.2`` at once; a session in DATA, or waiting for the queue to make its message durable, gets its
   reply (the ``250`` once the message is queued) and then ``421 4.3.2``; a session that has sent MAIL but not
@@ -20,13 +29,22 @@ transaction allowed to finish finds the queue still open.
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IProtocolFactory, IReactorTime
+from twisted.internet.ssl import CertificateOptions
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from dcrouter.config.options import SmtpConfig
 from dcrouter.log import logger
+from dcrouter.net.listen import ListenError, format_address, listen_paused, resume
+
+if TYPE_CHECKING:
+    from dcrouter.smtp.protocol import ESMTPServerFactory
 
 log = logger("dcrouter.smtp")
 
@@ -110,33 +128,136 @@ class OpenSessions:
         return done
 
 
+class SessionFactoryMaker(Protocol):
+    """Makes the ESMTP factory for one listening port (the router wires its collaborators in); ``sessions``
+    is the service's registry, shared by every port."""
+
+    def __call__(
+        self, *, port: int, tls_options: CertificateOptions | None, sessions: OpenSessions
+    ) -> ESMTPServerFactory: ...
+
+
+def describe_listener(config: SmtpConfig, port: int, has_tls: bool, auth_offered: bool) -> str:
+    """What a port does, for the start-up log: ``mx, STARTTLS`` or ``submission, STARTTLS, AUTH required``."""
+    submission = port in config.submission_ports
+    parts = ["submission" if submission else "mx"]
+    if port in config.implicit_tls_ports:
+        parts.append("implicit TLS")
+    else:
+        parts.append("STARTTLS" if has_tls else "no TLS")
+    if submission or config.auth.required:
+        parts.append("AUTH required")
+    elif auth_offered:
+        parts.append("AUTH offered")
+    return ", ".join(parts)
+
+
+@dataclass
+class SmtpListener:
+    """One configured SMTP port, its role (:func:`describe_listener`) and its listening port."""
+
+    configured_port: int
+    description: str
+    listening: IListeningPort
+
+    @property
+    def actual_port(self) -> int:
+        return int(self.listening.getHost().port)  # type: ignore[attr-defined]  # TCP: an IPv4/IPv6Address
+
+
+def _no_tls() -> CertificateOptions | None:
+    return None
+
+
 class SmtpService(Service):
-    """SMTP ingress as a service for stopping: the listening ports (bound and resumed by the router) and the
-    sessions they accepted. See the module docstring for the stop."""
+    """SMTP ingress as a service: the listeners of ``config`` (each port's factory from ``factory_for``, with
+    the TLS options ``load_tls`` returns when binding) and the sessions they accepted. ``reactor`` binds and
+    drives the stop's timers. See the module docstring for binding, starting and stopping.
+
+    Attributes callers may rely on: ``sessions`` (the :class:`OpenSessions` every port's sessions join),
+    ``listeners`` (the :class:`SmtpListener` of each bound port), ``ports`` (configured port → actual port,
+    filled once bound; port 0 binds an ephemeral port) and ``grace_period`` (seconds, from
+    ``shutdownGracePeriod``).
+    """
 
     name = "smtp"  # type: ignore[assignment]
 
-    def __init__(self, *, clock: IReactorTime, grace_period: float) -> None:
-        self._clock = clock
-        self.grace_period = grace_period
-        self.sessions = OpenSessions(clock)
+    def __init__(
+        self,
+        config: SmtpConfig,
+        *,
+        reactor: Any,
+        factory_for: SessionFactoryMaker,
+        load_tls: Callable[[], CertificateOptions | None] = _no_tls,
+    ) -> None:
+        self.config = config
+        self._reactor = reactor
+        self._factory_for = factory_for
+        self._load_tls = load_tls
+        self.grace_period = config.shutdown_grace_period / 1000
+        self.sessions = OpenSessions(reactor)
+        self.listeners: list[SmtpListener] = []
+        self.ports: dict[int, int] = {}
         self._ports: list[IListeningPort] = []
+        self._bound = False
         self._stopping: Deferred[None] | None = None
 
     def add_port(self, port: IListeningPort) -> None:
         """Stop ``port`` first when the service stops."""
         self._ports.append(port)
 
-    def close_ports(self) -> None:
-        """Stop listening on every port now and forget them (a failed start-up)."""
-        ports, self._ports = self._ports, []
-        for port in ports:
-            port.stopListening()
+    def bind(self) -> None:
+        """Load the TLS material and bind every port, paused; see the module docstring."""
+        if self._bound:
+            return
+        self._bound = True
+        config = self.config
+        tls_options = self._load_tls()
+        factories = [
+            self._factory_for(port=port, tls_options=tls_options, sessions=self.sessions)
+            for port in config.ports
+        ]
+        try:
+            bound = listen_paused(
+                self._reactor,
+                [(factory.port, self._serving(factory, tls_options)) for factory in factories],
+                interface=config.bind_address,
+                what="SMTP",
+            )
+        except ListenError as error:
+            # Not "message=": a legacy log observer (trial's) replaces a "message" that is not a tuple.
+            log.critical("{problem}", problem=str(error))
+            raise
+        for factory, listening in zip(factories, bound, strict=True):
+            port = factory.port
+            has_tls, auth_offered = tls_options is not None, factory.authenticator is not None
+            listener = SmtpListener(port, describe_listener(config, port, has_tls, auth_offered), listening)
+            self.add_port(listening)
+            self.listeners.append(listener)
+            self.ports[port] = listener.actual_port
+
+    def _serving(
+        self, factory: ESMTPServerFactory, tls_options: CertificateOptions | None
+    ) -> IProtocolFactory:
+        """What listens on ``factory``'s port: on an implicit-TLS port, TLS from the first byte (the protocol
+        knows from its port never to offer STARTTLS there)."""
+        if factory.port not in self.config.implicit_tls_ports:
+            return factory
+        assert tls_options is not None  # the configuration generates a certificate when none is named
+        return TLSMemoryBIOFactory(tls_options, False, factory)
 
     def startService(self) -> None:
         super().startService()
         self._stopping = None
         self.sessions.stopping = False
+        for listener in self.listeners:
+            resume(listener.listening)
+            log.info(
+                "SMTP listening on {address} ({description})",
+                address=format_address(self.config.bind_address, listener.actual_port),
+                description=listener.description,
+                port=listener.actual_port,
+            )
 
     def stopService(self) -> Deferred[None]:
         if self._stopping is None:
@@ -153,6 +274,9 @@ class SmtpService(Service):
             except Exception:  # noqa: BLE001 (the sessions must still be drained)
                 log.failure("an SMTP listener did not stop cleanly")
         await self.drain()
+        # A later start binds again (an embedding program may restart the router).
+        self.listeners = []
+        self._bound = False
 
     async def drain(self) -> None:
         """Stop every open session: at once when idle, after its transaction within the grace period."""

@@ -1,0 +1,112 @@
+"""Binding listening TCP ports paused: the one way SMTP ingress and the proxy listen.
+
+Both bind in ``privilegedStartService`` (twistd drops privileges right after it, so ports below 1024 must be
+bound then) yet may accept nothing before ``startService`` has loaded the queue. A port is bound through an
+endpoint string (``tcp:port=25:interface=...:backlog=1024``, :func:`tcp_endpoint`), as twistd's strports and
+Twisted's own taps bind, and paused at once: the kernel may complete handshakes into the backlog, but no
+connection is accepted and no protocol built until :func:`resume`.
+
+What a caller may rely on:
+
+- :func:`listen_paused` binds every ``(port, factory)`` in order and returns their listening ports, none
+  accepting. When one cannot be bound it closes those it bound and raises :class:`ListenError`, whose text
+  names what was listening, the address and the port.
+- Binding is done when :func:`listen_paused` returns: a TCP endpoint's ``listen`` binds before its Deferred is
+  returned (Twisted's ``defer.execute``); an endpoint that would bind later is refused with ListenError rather
+  than bound after privileges are dropped (docs/decisions.md, "Listening").
+- Not accepting is not reading: only a real reactor's port is a read descriptor; an in-memory reactor's
+  (unit tests) accepts nothing anyway, so pausing and resuming it do nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from twisted.internet.endpoints import quoteStringArgument, serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTCP, IReadDescriptor
+from twisted.python.failure import Failure
+
+#: Pending connections the kernel queues per port. Twisted's default, 50, drops SYNs under bursts of
+#: connections long before maxConnections is reached; the kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 1024
+
+
+class ListenError(Exception):
+    """A port could not be bound. ``str()`` reads ``cannot listen for WHAT on ADDRESS:PORT: REASON``."""
+
+    def __init__(self, what: str, interface: str, port: int, reason: object) -> None:
+        super().__init__(f"cannot listen for {what} on {format_address(interface, port)}: {reason}")
+        self.interface = interface
+        self.port = port
+
+
+def format_address(host: str, port: int) -> str:
+    """``host:port``, or ``[host]:port`` for an IPv6 address."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def tcp_endpoint(port: int, interface: str, backlog: int = LISTEN_BACKLOG) -> str:
+    """The endpoint string binding TCP ``port`` on ``interface`` (an IPv4 or IPv6 address, quoted)."""
+    return f"tcp:port={port}:interface={quoteStringArgument(interface)}:backlog={backlog}"
+
+
+def listen_paused(
+    reactor: IReactorTCP,
+    factories: Sequence[tuple[int, IProtocolFactory]],
+    *,
+    interface: str,
+    what: str,
+    backlog: int = LISTEN_BACKLOG,
+) -> list[IListeningPort]:
+    """Bind each ``(port, factory)`` on ``interface``, paused; see the module docstring. ``what`` names the
+    listener in the error (``SMTP``, ``the proxy``)."""
+    bound: list[IListeningPort] = []
+    for port, factory in factories:
+        try:
+            listening = _listen_now(reactor, tcp_endpoint(port, interface, backlog), factory)
+        except CannotListenError as error:
+            close(bound)
+            raise ListenError(what, interface, port, error.socketError) from error
+        except _NotAtOnce:
+            close(bound)
+            raise ListenError(what, interface, port, "the endpoint did not bind at once") from None
+        pause(listening)
+        bound.append(listening)
+    return bound
+
+
+class _NotAtOnce(Exception):
+    pass
+
+
+def _listen_now(reactor: IReactorTCP, description: str, factory: IProtocolFactory) -> IListeningPort:
+    """The port ``description``'s endpoint listens on, bound before this returns (or its error, raised)."""
+    outcome: list[IListeningPort | Failure] = []
+    waiting = serverFromString(reactor, description).listen(factory)
+    waiting.addBoth(outcome.append)
+    if not outcome:
+        waiting.cancel()
+        raise _NotAtOnce()
+    (result,) = outcome
+    if isinstance(result, Failure):
+        result.raiseException()
+    return result
+
+
+def pause(listening: IListeningPort) -> None:
+    """Stop accepting connections on ``listening`` (bound ports keep queueing handshakes)."""
+    if IReadDescriptor.providedBy(listening):
+        listening.stopReading()  # type: ignore[attr-defined]
+
+
+def resume(listening: IListeningPort) -> None:
+    """Accept connections on ``listening`` again."""
+    if IReadDescriptor.providedBy(listening):
+        listening.startReading()  # type: ignore[attr-defined]
+
+
+def close(ports: Sequence[IListeningPort]) -> None:
+    """Stop listening on every port now (a failed start-up: nothing was accepted on them)."""
+    for listening in ports:
+        listening.stopListening()

@@ -318,8 +318,11 @@ class OrphanRetentionTests(TestCase):
         recent = self.put("orphans", "RECENT", age=1 * DAY)
         # Written a month ago, set aside by this start-up: retention counts from now.
         self.put("messages", "ZZ", "ZZ999", age=30 * DAY)
-        await self.open_queue(retention=7 * DAY)
-        await until(lambda: not os.path.exists(old), "the sweep at start-up")
+        queue = await self.open_queue(retention=7 * DAY)
+        sweeper = queue._orphan_sweeper
+        # Its Deferred too, not only the file: LoopingCall schedules the next sweep once the last has fired,
+        # so a clock advanced while it is still under way would skip the hourly sweep.
+        await until(lambda: not os.path.exists(old) and sweeper._sweeping is None, "the sweep at start-up")
         set_aside = os.path.join(self.orphans, "ZZ999")
         self.assertEqual((os.path.exists(recent), os.path.exists(set_aside)), (True, True))
         self.clock.advance(6 * DAY + 3600)  # the hourly sweep, RECENT now 7 days and an hour old

@@ -309,7 +309,7 @@ class FailoverTests(TransportTestCase):
             await self.network.until(
                 lambda: any(c.startswith("MAIL") for c in downstream.commands()), "MAIL sent"
             )
-            self.assertFalse(delivering.called)
+            self.assertNoResult(delivering)
             self.clock.advance(20)
             report = await delivering
             self.assertEqual(report.results[0].outcome, Outcome.TEMPORARY)

@@ -316,7 +316,7 @@ class ScannerInMemoryTests(SynchronousTestCase):
 
     def test_processing_timeout_during_a_scan_answers_4_4_1(self) -> None:
         memory = MemoryReactorClock()
-        queue = MemoryQueue(clock=memory)
+        queue = MemoryQueue(clock=memory, spool_directory=self.mktemp())
         self.successResultOf(queue.load())
         scanner = ClamdScanner(config("clamav", timeout=30_000), memory)
         processor = EmailProcessor(

@@ -59,14 +59,22 @@ class NoDelayTests(TestCase):
         self.assertTrue(transport.no_delay)
 
     def test_transport_without_tcp_options_is_left_alone(self) -> None:
-        set_no_delay(object())  # no setTcpNoDelay: nothing to do, no error
+        """No setTcpNoDelay (a UNIX socket, an in-memory transport): it is asked for that and nothing else."""
+        transport = TransportWithoutTcpOptions()
+        self.assertIsNone(set_no_delay(transport))
+        self.assertEqual(transport.asked, ["setTcpNoDelay"])
 
     def test_closed_socket_is_ignored(self) -> None:
+        """The socket closed under us: the attempt was made, and its OSError goes no further."""
+        calls: list[bool] = []
+
         class Closed:
             def setTcpNoDelay(self, enabled: bool) -> None:
+                calls.append(enabled)
                 raise OSError(9, "Bad file descriptor")
 
-        set_no_delay(Closed())
+        self.assertIsNone(set_no_delay(Closed()))
+        self.assertEqual(calls, [True])
 
 
 class StringTransportWithNoDelay:
@@ -74,3 +82,14 @@ class StringTransportWithNoDelay:
 
     def setTcpNoDelay(self, enabled: bool) -> None:
         self.no_delay = enabled
+
+
+class TransportWithoutTcpOptions:
+    """Records every attribute it is asked for; it has none."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        self.asked.append(name)
+        raise AttributeError(name)

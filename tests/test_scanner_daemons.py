@@ -245,9 +245,9 @@ class ScannerInMemoryTests(SynchronousTestCase):
 
     def test_interfaces(self) -> None:
         memory = MemoryReactorClock()
-        verifyObject(IScanner, SpamdScanner(config("spamassassin"), memory))
-        verifyObject(IScanner, ClamdScanner(config("clamav"), memory))
-        verifyObject(IScanner, RspamdScanner(config("rspamd"), memory))
+        self.assertTrue(verifyObject(IScanner, SpamdScanner(config("spamassassin"), memory)))
+        self.assertTrue(verifyObject(IScanner, ClamdScanner(config("clamav"), memory)))
+        self.assertTrue(verifyObject(IScanner, RspamdScanner(config("rspamd"), memory)))
 
     def test_spamd_transcript(self) -> None:
         memory = MemoryReactorClock()

@@ -1,5 +1,7 @@
-"""A scripted downstream SMTP server for delivery tests: listens on 127.0.0.1 (port 0), answers what the
-test's :class:`Script` says, and records every envelope and the exact message bytes it received.
+"""A scripted downstream SMTP server for delivery tests: answers what the test's :class:`Script` says, and
+records every envelope and the exact message bytes it received. It listens on 127.0.0.1 (port 0) for
+integration tests (:func:`start_downstream`), or sits in a :class:`MemoryNetwork` for unit tests, which never
+touch the network.
 
 Usage::
 
@@ -18,15 +20,24 @@ STARTTLS, AUTH PLAIN, MAIL, RCPT, DATA, RSET, NOOP, QUIT) for a client to be tes
 from __future__ import annotations
 
 import base64
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import reactor as global_reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor
 from twisted.python.failure import Failure
+from twisted.test.iosim import IOPump, connect
+
+from tests.smtp_fixtures import StartTLSFakeTransport
 
 Scripted = str | list[str]
 
@@ -170,6 +181,97 @@ def closed_port(reactor: Any = None) -> Deferred[int]:
     port: int = listening.getHost().port
     stopped = listening.stopListening() or succeed(None)
     return stopped.addCallback(lambda _: port)
+
+
+class MemoryNetwork:
+    """Scripted servers reachable through ``reactor`` (a MemoryReactor the code under test connects with),
+    joined to each connection it makes by iosim, with real TLS in memory (StartTLSFakeTransport). Nothing
+    moves until :meth:`flush`, which completes the pending connections (refused where no server is) and
+    pumps bytes both ways, advancing ``clock`` by 0 on each turn, until nothing moves."""
+
+    #: Turns of :meth:`flush` after which a conversation is taken to be looping.
+    MAX_TURNS = 100_000
+
+    def __init__(self, clock: Clock) -> None:
+        self.reactor = MemoryReactor()
+        self.clock = clock
+        self._servers: dict[tuple[str, int], Downstream] = {}
+        self._pumps: list[IOPump] = []
+        self._ports = itertools.count(2525)
+        self._client_ports = itertools.count(40000)
+        self._waiters: list[tuple[Callable[[], Any], str, Deferred[None]]] = []
+
+    def downstream(
+        self, script: Script | None = None, *, address: str = "127.0.0.1", port: int | None = None
+    ) -> Downstream:
+        """A server at ``address`` on ``port`` (by default one no other server of this network has)."""
+        downstream = Downstream(script or Script())
+        downstream.port = next(self._ports) if port is None else port
+        self._servers[(address, downstream.port)] = downstream
+        return downstream
+
+    def closed_port(self) -> int:
+        """A port no server listens on: connecting to it is refused."""
+        return next(self._ports)
+
+    def until(self, condition: Callable[[], Any], what: str = "condition") -> Deferred[None]:
+        """Fires once ``condition()`` holds, checked after every turn of :meth:`flush` (at once if it
+        already holds); ``what`` names it in :meth:`waiting`."""
+        waiter: Deferred[None] = Deferred()
+        if condition():
+            waiter.callback(None)
+        else:
+            self._waiters.append((condition, what, waiter))
+        return waiter
+
+    def waiting(self) -> list[str]:
+        """What the :meth:`until` Deferreds still waiting for are waiting for."""
+        return [what for _, what, _ in self._waiters]
+
+    def flush(self) -> None:
+        """Connect, pump and fire the waiters whose condition holds, until nothing moves."""
+        for _ in range(self.MAX_TURNS):
+            moved = self._connect_pending()
+            for pump in self._pumps:
+                moved = pump.pump() or moved
+            moved = self._fire_waiters() or moved
+            if not moved:
+                return
+        raise AssertionError(f"the network still moved after {self.MAX_TURNS} turns")
+
+    def _connect_pending(self) -> bool:
+        pending = list(zip(self.reactor.tcpClients, self.reactor.connectors, strict=True))
+        self.reactor.tcpClients.clear()
+        self.reactor.connectors.clear()
+        for (host, port, factory, _timeout, _bind), connector in pending:
+            if connector.stoppedConnecting:  # cancelled (the caller's connect timeout) before it completed
+                continue
+            downstream = self._servers.get((host, port))
+            if downstream is None:
+                factory.clientConnectionFailed(connector, Failure(ConnectionRefusedError(host, port)))
+                continue
+            local = IPv4Address("TCP", "127.0.0.1", next(self._client_ports))
+            remote = IPv4Address("TCP", host, port)
+            client = factory.buildProtocol(remote)
+            server = _ScriptedSMTP(downstream)
+            self._pumps.append(
+                connect(
+                    server,
+                    StartTLSFakeTransport(server, True, hostAddress=remote, peerAddress=local),
+                    client,
+                    StartTLSFakeTransport(client, False, hostAddress=local, peerAddress=remote),
+                    greet=False,
+                    clock=self.clock,
+                )
+            )
+        return bool(pending)
+
+    def _fire_waiters(self) -> bool:
+        ready = [entry for entry in self._waiters if entry[0]()]
+        for entry in ready:
+            self._waiters.remove(entry)
+            entry[2].callback(None)
+        return bool(ready)
 
 
 class _ScriptedSMTP(Protocol):

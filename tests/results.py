@@ -1,4 +1,7 @@
-"""For tests driven by a Clock: the outcome of a Deferred that has already fired, and a memory queue."""
+"""For tests driven by a Clock: a loaded memory queue, and the outcome of a Deferred that has already fired.
+
+Tests take a fired Deferred's outcome with trial's ``successResultOf``/``failureResultOf``; ``result_of`` is
+left only for tests/test_delivery_manager.py until it moves to them too."""
 
 from __future__ import annotations
 
@@ -33,5 +36,5 @@ class MemoryQueueCase(TestCase):
         self.clock.advance(self.START)
         self.spool = os.path.abspath(self.mktemp())
         self.queue = MemoryQueue(clock=self.clock, spool_directory=self.spool)
-        result_of(self.queue.load())
+        self.successResultOf(self.queue.load())
         self.addCleanup(self.queue.save)

@@ -5,7 +5,9 @@ STARTTLS."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import tempfile
+import weakref
 from typing import Any
 
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
@@ -181,17 +183,21 @@ def make_factory(
     clock = clock or _clock()
     if authenticator == "default":
         authenticator = make_authenticator(config, clock)
-    return ESMTPServerFactory(
+    spool_directory = tempfile.mkdtemp(prefix="dcrouter-spool-")
+    factory = ESMTPServerFactory(
         config=config,
         port=port,
         policy=policy or SessionPolicy(config),
         authenticator=authenticator,
         acceptor=EmailProcessor(queue or ControlledQueue(), clock.seconds),
-        spool_directory=tempfile.mkdtemp(prefix="dcrouter-spool-"),
+        spool_directory=spool_directory,
         tls_options=tls_options,
         clock=clock,
         sessions=sessions,
     )
+    # No test case is at hand to clean up after: the directory goes when the factory does (or at exit).
+    weakref.finalize(factory, shutil.rmtree, spool_directory, ignore_errors=True)
+    return factory
 
 
 def _clock() -> Clock:

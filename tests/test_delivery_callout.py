@@ -1,5 +1,6 @@
-"""CalloutProber against real scripted downstream servers on 127.0.0.1 (127.0.0.2 for a second target), with
-the real client, pool, MX resolver (over an in-memory zone) and target health; timers on a Clock."""
+"""CalloutProber against scripted downstream servers in memory (127.0.0.1, and 127.0.0.2 for a second target;
+iosim with real TLS), with the real client, pool, MX resolver (over an in-memory zone) and target health;
+timers on a Clock."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from dcrouter.delivery.mx import MxResolver
 from dcrouter.delivery.route import Route
 from dcrouter.mail.reply import Reply
 from dcrouter.net.targets import Target, TargetHealth
-from tests.downstream import Script, closed_port
-from tests.test_delivery_pool import PoolTestCase, TlsMaterial, run, until
+from tests.downstream import Script
+from tests.test_delivery_pool import PoolTestCase, TlsMaterial
 from tests.test_delivery_transport import Zone, local_route, two_targets
 
 DEADLINE = 30.0
@@ -39,7 +40,7 @@ class ProberTestCase(PoolTestCase):
 
 
 class VerdictTests(ProberTestCase):
-    def test_known_mailbox(self) -> Deferred[None]:
+    def test_known_mailbox(self) -> None:
         """RCPT 250: accepted. The server saw MAIL FROM:<>, RCPT and RSET, never DATA."""
         downstream = self.downstream()
         prober = self.prober()
@@ -53,9 +54,9 @@ class VerdictTests(ProberTestCase):
             )
             self.assertEqual(downstream.messages, [])
 
-        return run(check())
+        self.drive(check())
 
-    def test_unknown_mailbox(self) -> Deferred[None]:
+    def test_unknown_mailbox(self) -> None:
         downstream = self.downstream(Script(rcpt={"nobody@example.test": "550 5.1.1 No such user here"}))
         prober = self.prober()
 
@@ -64,9 +65,9 @@ class VerdictTests(ProberTestCase):
             self.assertEqual(result.verdict, Verdict.REJECTED)
             self.assertEqual(result.reply, Reply(550, "5.1.1", "No such user here"))
 
-        return run(check())
+        self.drive(check())
 
-    def test_temporary_refusal_is_unverified(self) -> Deferred[None]:
+    def test_temporary_refusal_is_unverified(self) -> None:
         downstream = self.downstream(Script(rcpt_default="450 4.2.0 Greylisted"))
         prober = self.prober()
 
@@ -74,9 +75,9 @@ class VerdictTests(ProberTestCase):
             result = await self.probe(prober, local_route(downstream.port), "alice@example.test")
             self.assertEqual((result.verdict, result.reply.code), (Verdict.UNVERIFIED, 450))
 
-        return run(check())
+        self.drive(check())
 
-    def test_refused_probe_sender_is_unverified_and_logged(self) -> Deferred[None]:
+    def test_refused_probe_sender_is_unverified_and_logged(self) -> None:
         """A server refusing MAIL FROM:<> decides nothing about the mailbox; the operator is told why."""
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         downstream = self.downstream(Script(mail="553 5.7.1 No bounces here"))
@@ -89,9 +90,9 @@ class VerdictTests(ProberTestCase):
             self.assertTrue(any("refused MAIL FROM:<>: 553" in w for w in warnings), warnings)
             self.assertEqual(len(downstream.connections), 1)  # it answered: no second server asked
 
-        return run(check())
+        self.drive(check())
 
-    def test_probe_sender(self) -> Deferred[None]:
+    def test_probe_sender(self) -> None:
         downstream = self.downstream()
         prober = self.prober()
 
@@ -99,25 +100,25 @@ class VerdictTests(ProberTestCase):
             await self.probe(prober, local_route(downstream.port), "a@example.test", sender="probe@mx.test")
             self.assertIn("MAIL FROM:<probe@mx.test>", downstream.commands())
 
-        return run(check())
+        self.drive(check())
 
 
 class TargetTests(ProberTestCase):
-    def test_nothing_listening(self) -> Deferred[None]:
+    def test_nothing_listening(self) -> None:
         """Connection refused: unverified (never accepted), the target marked down for delivery too."""
         prober = self.prober()
 
         async def check() -> None:
-            port = await closed_port()
+            port = self.network.closed_port()
             result = await self.probe(prober, local_route(port), "alice@example.test")
             self.assertEqual(
                 (result.verdict, result.reply.code, result.target), (Verdict.UNVERIFIED, 451, "")
             )
             self.assertTrue(self.health.is_down(Target("127.0.0.1", "127.0.0.1", port)))
 
-        return run(check())
+        self.drive(check())
 
-    def test_failover_to_the_next_target(self) -> Deferred[None]:
+    def test_failover_to_the_next_target(self) -> None:
         downstream = self.downstream(Script(rcpt_default="550 5.1.1 Unknown"))
         prober = self.prober()
 
@@ -128,9 +129,9 @@ class TargetTests(ProberTestCase):
             )
             self.assertTrue(self.health.is_down(Target("127.0.0.2", "127.0.0.2", downstream.port)))
 
-        return run(check())
+        self.drive(check())
 
-    def test_required_tls_not_offered(self) -> Deferred[None]:
+    def test_required_tls_not_offered(self) -> None:
         """The route's TLS policy holds for probes: nothing, not even MAIL, goes out in plaintext."""
         downstream = self.downstream()
         prober = self.prober()
@@ -141,9 +142,9 @@ class TargetTests(ProberTestCase):
             self.assertEqual((result.verdict, result.reply.enhanced), (Verdict.UNVERIFIED, "4.7.5"))
             self.assertEqual([c.split()[0] for c in downstream.commands()], ["EHLO"])
 
-        return run(check())
+        self.drive(check())
 
-    def test_probe_inside_tls_when_offered(self) -> Deferred[None]:
+    def test_probe_inside_tls_when_offered(self) -> None:
         tls = TlsMaterial()
         downstream = self.downstream(Script(tls=tls.server_options))
         zone = Zone({("downstream.test", dns.A): [dns.Record_A("127.0.0.1")]})
@@ -156,9 +157,9 @@ class TargetTests(ProberTestCase):
             self.assertEqual(result.verdict, Verdict.ACCEPTED)
             self.assertTrue(downstream.connections[0].tls)
 
-        return run(check())
+        self.drive(check())
 
-    def test_connection_reused_for_the_next_probe(self) -> Deferred[None]:
+    def test_connection_reused_for_the_next_probe(self) -> None:
         downstream = self.downstream()
         prober = self.prober()
 
@@ -168,9 +169,9 @@ class TargetTests(ProberTestCase):
                 self.assertEqual(result.verdict, Verdict.ACCEPTED)
             self.assertEqual(len(downstream.connections), 1)
 
-        return run(check())
+        self.drive(check())
 
-    def test_cancelled_at_the_deadline(self) -> Deferred[None]:
+    def test_cancelled_at_the_deadline(self) -> None:
         """A server that stops answering at RCPT: cancelled past the deadline, the probe ends at once,
         unverified, and the target is not marked down (we gave up; it did not fail)."""
         downstream = self.downstream(Script(hang="RCPT"))
@@ -178,11 +179,13 @@ class TargetTests(ProberTestCase):
 
         async def check() -> None:
             probing = self.probe(prober, local_route(downstream.port), "alice@example.test")
-            await until(lambda: any(c.startswith("RCPT") for c in downstream.commands()), "RCPT sent")
+            await self.network.until(
+                lambda: any(c.startswith("RCPT") for c in downstream.commands()), "RCPT sent"
+            )
             self.clock.advance(DEADLINE)
             probing.cancel()
             self.assertEqual(self.successResultOf(probing), ProbeResult(Verdict.UNVERIFIED, GAVE_UP))
             self.assertFalse(self.health.is_down(Target("127.0.0.1", "127.0.0.1", downstream.port)))
-            await until(lambda: downstream.connections[0].closed, "the probe connection closed")
+            await self.network.until(lambda: downstream.connections[0].closed, "the probe connection closed")
 
-        return run(check())
+        self.drive(check())

@@ -1,25 +1,19 @@
-"""The client against real peers: STARTTLS through real in-memory TLS (iosim), dcrouter's own server end to
-end, and aiosmtpd (with STARTTLS) and twisted.mail's server over 127.0.0.1 sockets."""
+"""The client against real peers in memory (iosim, with real TLS): STARTTLS, dcrouter's own server end to
+end, and twisted.mail's server. Against aiosmtpd over 127.0.0.1 sockets: tests/integration/."""
 
 from __future__ import annotations
 
-import asyncio
 import io
-import os
-import ssl
-import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import Clock
 from twisted.mail import smtp
-from twisted.test.iosim import connectedServerAndClient
+from twisted.test.iosim import FakeTransport, connectedServerAndClient
 from twisted.trial import unittest
 from zope.interface import implementer
 
@@ -229,78 +223,6 @@ class InjectionTests(unittest.TestCase):
         self.assertEqual(self.successResultOf(done).lines(), ("real",))
 
 
-class AiosmtpdHandler:
-    def __init__(self) -> None:
-        self.messages: list[tuple[str, list[str], bytes]] = []
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
-        return "250 2.0.0 Ok: queued"
-
-
-class AiosmtpdTests(unittest.TestCase):
-    """aiosmtpd in its own asyncio loop and thread on 127.0.0.1, with STARTTLS required."""
-
-    timeout = 30
-
-    def setUp(self) -> None:
-        directory = self.mktemp()
-        os.makedirs(directory)
-        cert_path, key_path = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
-        with open(cert_path, "wb") as handle:
-            handle.write(CERT)
-        with open(key_path, "wb") as handle:
-            handle.write(KEY)
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(cert_path, key_path)
-        from aiosmtpd.smtp import SMTP
-
-        self.handler = AiosmtpdHandler()
-        self.loop = asyncio.new_event_loop()
-        server = self.loop.run_until_complete(
-            self.loop.create_server(
-                lambda: SMTP(self.handler, tls_context=context, require_starttls=True, hostname=HOSTNAME),
-                "127.0.0.1",
-                0,
-            )
-        )
-        self.port = server.sockets[0].getsockname()[1]
-        thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        thread.start()
-
-        def stop() -> None:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            thread.join(5)
-            server.close()
-            self.loop.close()
-
-        self.addCleanup(stop)
-
-    async def deliver(self, message: bytes) -> None:
-        client = ESMTPClient(clock=reactor, reply_timeout=10, send_timeout=20)
-        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), client)
-        await client.wait_greeting()
-        self.assertTrue((await client.ehlo("client.example")).starttls)
-        await client.starttls(client_tls(), "client.example")
-        result = await client.send(
-            "a@sender.test", ["x@example.org"], io.BytesIO(message), len(message), eight_bit=True
-        )
-        self.assertEqual(result.data.code if result.data else None, 250)
-        await client.quit()
-
-    def test_deliver_over_starttls(self) -> Deferred[None]:
-        # Several chunks' worth, so the real TCP and TLS transports push back on the producer.
-        message = dotted_message(40 * CHUNK_SIZE)
-        done = run(self.deliver(message))
-
-        def check(_: None) -> None:
-            [(sender, recipients, content)] = self.handler.messages
-            self.assertEqual((sender, recipients), ("a@sender.test", ["x@example.org"]))
-            assert_same_bytes(self, content, message)
-
-        return done.addCallback(check)
-
-
 @implementer(smtp.IMessage)
 class _Collected:
     def __init__(self, sink: list[bytes]) -> None:
@@ -349,36 +271,44 @@ class _DeliveringFactory(smtp.SMTPFactory):
 
 
 class TwistedMailServerTests(unittest.TestCase):
-    """twisted.mail's ESMTP server (no PIPELINING, no SIZE) on 127.0.0.1: one command at a time."""
+    """twisted.mail's ESMTP server (no PIPELINING, no SIZE), in memory: one command at a time."""
 
-    timeout = 30
-
-    async def deliver(self, port: int, message: bytes) -> Any:
-        client = ESMTPClient(clock=reactor, reply_timeout=10, send_timeout=20)
-        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
-        capabilities = await client.ehlo("client.example")
-        self.assertFalse(capabilities.pipelining)
-        result = await client.send(
-            "a@sender.test", ["x@example.org", "y@example.org"], io.BytesIO(message), len(message)
-        )
-        await client.quit()
-        return result
-
-    def test_deliver(self) -> Deferred[None]:
+    def test_deliver(self) -> None:
         delivery = _Delivery()
         factory = _DeliveringFactory(delivery)
+        clock = Clock()
+
+        def server() -> Any:
+            protocol = factory.buildProtocol(None)
+            protocol.callLater = clock.callLater  # its idle timeout, on the test's clock
+            return protocol
+
+        client, _, pump = connectedServerAndClient(
+            server,
+            lambda: ESMTPClient(clock=clock, reply_timeout=10, send_timeout=20),
+            serverTransportFactory=lambda p: FakeTransport(
+                p, True, peerAddress=IPv4Address("TCP", PEER_IP, 40000)
+            ),
+            clock=clock,
+        )
         # twisted.mail's server is 7-bit; same length, so the dots stay on the chunk boundaries.
         message = dotted_message(3 * CHUNK_SIZE).replace(b"h\xc3\xa9llo w\xc3\xb6rld", b"hello, world!")
 
-        async def go() -> None:
-            port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
-            self.addCleanup(port.stopListening)
-            result = await self.deliver(port.getHost().port, message)
-            self.assertEqual(result.data.code if result.data else None, 250)
-            self.assertEqual(len(result.recipients), 2)
-            # twisted.mail hands each recipient its own copy.
-            self.assertEqual(len(delivery.messages), 2)
-            for received in delivery.messages:
-                assert_same_bytes(self, received, message)
+        async def deliver() -> Any:
+            capabilities = await client.ehlo("client.example")
+            self.assertFalse(capabilities.pipelining)
+            result = await client.send(
+                "a@sender.test", ["x@example.org", "y@example.org"], io.BytesIO(message), len(message)
+            )
+            await client.quit()
+            return result
 
-        return run(go())
+        done = run(deliver())
+        pump.flush()
+        result = self.successResultOf(done)
+        self.assertEqual(result.data.code if result.data else None, 250)
+        self.assertEqual(len(result.recipients), 2)
+        # twisted.mail hands each recipient its own copy.
+        self.assertEqual(len(delivery.messages), 2)
+        for received in delivery.messages:
+            assert_same_bytes(self, received, message)

@@ -1,19 +1,18 @@
-"""ConnectionPool against real scripted downstream servers on 127.0.0.1: opening (greeting, EHLO, the TLS
-policy, AUTH), reuse with RSET, the limits, the idle timeout and closing. Timers run on a Clock; the sockets
-are real."""
+"""ConnectionPool against scripted downstream servers in memory (iosim, with real TLS handshakes): opening
+(greeting, EHLO, the TLS policy, AUTH), reuse with RSET, the limits, the idle timeout and closing. Timers run
+on a Clock; nothing touches the network."""
 
 from __future__ import annotations
 
 import dataclasses
 import io
-from collections.abc import Callable
+from collections.abc import Coroutine
 from typing import Any
 
 from OpenSSL import SSL
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.ssl import Certificate, CertificateOptions, TLSVersion
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from dcrouter.config.delivery import DeliveryConfig
@@ -22,21 +21,12 @@ from dcrouter.delivery.pool import ConnectionPool, TargetFailure
 from dcrouter.delivery.route import Route
 from dcrouter.net.certfiles import generate_self_signed, server_tls_options
 from dcrouter.net.targets import Target
-from tests.downstream import Downstream, Script, closed_port, start_downstream
+from tests.downstream import Downstream, MemoryNetwork, Script
 from tests.test_net_tls import rsa_self_signed
 
 HELO = "relay.dcrouter.test"
 CERT_HOST = "downstream.test"
 MESSAGE = b"Subject: pooled\r\n\r\nhello\r\n"
-
-
-async def until(condition: Callable[[], Any], what: str = "condition", turns: int = 200_000) -> None:
-    """Let the real reactor turn (no wall-clock waits) until ``condition()`` holds."""
-    for _ in range(turns):
-        if condition():
-            return
-        await deferLater(reactor, 0, lambda: None)
-    raise AssertionError(f"{what} never happened")
 
 
 def delivery_config(**changes: Any) -> DeliveryConfig:
@@ -61,28 +51,43 @@ class TlsMaterial:
 
 
 class PoolTestCase(TestCase):
-    """Starts downstream servers and a pool on a Clock; everything is closed in cleanup."""
-
-    timeout = 30
+    """Downstream servers in a MemoryNetwork and a pool connecting through it, timers on a Clock. A test is a
+    coroutine run by :meth:`drive`; the pool is closed in cleanup."""
 
     def setUp(self) -> None:
         self.clock = Clock()
+        self.network = MemoryNetwork(self.clock)
 
     def downstream(self, script: Script | None = None) -> Downstream:
-        downstream = start_downstream(script)
-        self.addCleanup(downstream.stop)
-        return downstream
+        return self.network.downstream(script)
 
     def pool(self, trust_root: Any = None, **config: Any) -> ConnectionPool:
         pool = ConnectionPool(
-            reactor=reactor,
+            reactor=self.network.reactor,
             clock=self.clock,
             config=delivery_config(**config),
             helo_name=HELO,
             trust_root=trust_root,
         )
-        self.addCleanup(lambda: Deferred.fromCoroutine(pool.close()))
+        self.addCleanup(self.close, pool)
         return pool
+
+    def close(self, pool: ConnectionPool) -> None:
+        closing = run(pool.close())
+        self.network.flush()
+        self.successResultOf(closing)
+
+    def drive(self, conversation: Coroutine[Any, Any, None]) -> None:
+        """Run ``conversation`` with the network flushed until nothing moves: by then it has finished."""
+        done = run(conversation)
+        self.network.flush()
+        if not done.called:
+            waiting = self.network.waiting()
+            self.fail(
+                "the conversation stopped before its end"
+                + (f": {', '.join(waiting)} never happened" if waiting else "")
+            )
+        self.successResultOf(done)
 
     async def acquire(self, pool: ConnectionPool, route: Route, target: Target) -> ESMTPClient:
         return await pool.acquire(route, target)
@@ -99,12 +104,12 @@ class PoolTestCase(TestCase):
         return await client.send("alice@sender.test", [recipient], io.BytesIO(MESSAGE), len(MESSAGE))
 
 
-def run(coroutine: Any) -> Deferred[Any]:
+def run(coroutine: Coroutine[Any, Any, Any]) -> Deferred[Any]:
     return Deferred.fromCoroutine(coroutine)
 
 
 class OpeningTests(PoolTestCase):
-    def test_ready_client(self) -> Deferred[None]:
+    def test_ready_client(self) -> None:
         """A fresh client is greeted and EHLO'd with our name; the server saw EHLO and nothing else."""
         downstream = self.downstream()
         pool = self.pool()
@@ -117,21 +122,21 @@ class OpeningTests(PoolTestCase):
             self.assertEqual(downstream.commands(), [f"EHLO {HELO}"])
             pool.release(route, target, client, reusable=True)
 
-        return run(check())
+        self.drive(check())
 
-    def test_refused(self) -> Deferred[None]:
+    def test_refused(self) -> None:
         """A closed port fails the target as 451 4.4.1 "refused"."""
         pool = self.pool()
 
         async def check() -> None:
-            port = await closed_port()
+            port = self.network.closed_port()
             failure = await self.failure(pool, local_route(port), local_target(port))
             self.assertEqual((failure.reply.code, failure.reply.enhanced), (451, "4.4.1"))
             self.assertEqual(failure.summary, "refused")
 
-        return run(check())
+        self.drive(check())
 
-    def test_greeting_5xx(self) -> Deferred[None]:
+    def test_greeting_5xx(self) -> None:
         """A 554 greeting fails the target with the server's reply (the caller moves on, never bounces)."""
         downstream = self.downstream(Script(greeting="554 5.7.1 Go away"))
         pool = self.pool()
@@ -141,32 +146,29 @@ class OpeningTests(PoolTestCase):
             self.assertEqual((failure.reply.code, failure.reply.enhanced), (554, "5.7.1"))
             self.assertIn("greeting", failure.summary)
 
-        return run(check())
+        self.drive(check())
 
-    def test_greeting_timeout(self) -> Deferred[None]:
+    def test_greeting_timeout(self) -> None:
         """A server that never greets: after socketTimeout on the clock, the target fails as a timeout."""
         downstream = self.downstream(Script(hang="greeting"))
         pool = self.pool(socket_timeout=10_000, connect_timeout=3_600_000)
 
         async def check() -> None:
             acquiring = run(self.failure(pool, local_route(downstream.port), local_target(downstream.port)))
-            await until(lambda: downstream.connections, "the connection")
-            # The client may see its side of the connection a turn later; its reply timer starts then.
-            for _ in range(100):
-                if acquiring.called:
-                    break
-                self.clock.advance(10)
-                await deferLater(reactor, 0, lambda: None)
+            await self.network.until(lambda: downstream.connections, "the connection")
+            self.clock.advance(9.9)
+            self.assertNoResult(acquiring)
+            self.clock.advance(0.1)
             failure = await acquiring
             self.assertEqual(failure.reply.code, 421)
             self.assertIn("timeout", " ".join(failure.reply.lines()))
             self.assertIn("greeting", failure.summary)
 
-        return run(check())
+        self.drive(check())
 
 
 class TlsTests(PoolTestCase):
-    def test_opportunistic_verify_off(self) -> Deferred[None]:
+    def test_opportunistic_verify_off(self) -> None:
         """STARTTLS is used when offered; without verification any certificate is accepted."""
         tls = TlsMaterial()
         downstream = self.downstream(Script(tls=tls.server_options))
@@ -182,9 +184,9 @@ class TlsTests(PoolTestCase):
             self.assertEqual(result.data.code, 250)
             self.assertTrue(downstream.messages[0].tls)
 
-        return run(check())
+        self.drive(check())
 
-    def test_verify_on_trusted(self) -> Deferred[None]:
+    def test_verify_on_trusted(self) -> None:
         """With verification, a certificate from the trust root naming the target host is accepted."""
         tls = TlsMaterial()
         downstream = self.downstream(Script(tls=tls.server_options))
@@ -196,9 +198,9 @@ class TlsTests(PoolTestCase):
             self.assertTrue(client.is_tls)
             pool.release(route, target, client, reusable=True)
 
-        return run(check())
+        self.drive(check())
 
-    def test_verify_on_wrong_name(self) -> Deferred[None]:
+    def test_verify_on_wrong_name(self) -> None:
         """With verification, a certificate that does not name the target host fails the target (4.7.5), even
         for a route that does not require TLS: no plaintext after a failed handshake."""
         tls = TlsMaterial()
@@ -211,9 +213,9 @@ class TlsTests(PoolTestCase):
             self.assertEqual((failure.reply.code, failure.reply.enhanced), (451, "4.7.5"))
             self.assertNotIn("MAIL", " ".join(downstream.commands()))
 
-        return run(check())
+        self.drive(check())
 
-    def test_verify_on_untrusted(self) -> Deferred[None]:
+    def test_verify_on_untrusted(self) -> None:
         """With verification, a certificate not from the trust root fails the target."""
         tls = TlsMaterial()
         other = TlsMaterial()
@@ -225,7 +227,7 @@ class TlsTests(PoolTestCase):
             failure = await self.failure(pool, local_route(downstream.port), target)
             self.assertEqual(failure.reply.enhanced, "4.7.5")
 
-        return run(check())
+        self.drive(check())
 
     def old_server(self) -> Downstream:
         """A server stuck with TLS 1.2 and one CBC static-RSA suite, as some old MX hosts are."""
@@ -234,7 +236,7 @@ class TlsTests(PoolTestCase):
         options.getContext().set_max_proto_version(SSL.TLS1_2_VERSION)
         return self.downstream(Script(tls=options))
 
-    def test_opportunistic_takes_what_an_old_server_has(self) -> Deferred[None]:
+    def test_opportunistic_takes_what_an_old_server_has(self) -> None:
         """Opportunistic STARTTLS accepts a weak suite: the alternative is plaintext (or, after a failed
         handshake, no delivery at all)."""
         downstream = self.old_server()
@@ -249,9 +251,9 @@ class TlsTests(PoolTestCase):
             self.assertEqual(result.data.code, 250)
             self.assertTrue(downstream.messages[0].tls)
 
-        return run(check())
+        self.drive(check())
 
-    def test_required_tls_holds_to_the_policy(self) -> Deferred[None]:
+    def test_required_tls_holds_to_the_policy(self) -> None:
         """Required TLS (useTls) is the router's intermediate policy: the same old server fails the target
         with 4.7.5, and nothing is sent."""
         downstream = self.old_server()
@@ -263,9 +265,9 @@ class TlsTests(PoolTestCase):
             self.assertEqual((failure.reply.code, failure.reply.enhanced), (451, "4.7.5"))
             self.assertNotIn("MAIL", " ".join(downstream.commands()))
 
-        return run(check())
+        self.drive(check())
 
-    def test_required_not_offered(self) -> Deferred[None]:
+    def test_required_not_offered(self) -> None:
         """require_tls with a server that offers no STARTTLS: 451 4.7.5 naming the server; QUIT follows."""
         downstream = self.downstream(Script(tls=None))
         pool = self.pool()
@@ -280,9 +282,9 @@ class TlsTests(PoolTestCase):
             self.assertEqual(downstream.commands()[0], f"EHLO {HELO}")
             self.assertNotIn("MAIL", " ".join(downstream.commands()))
 
-        return run(check())
+        self.drive(check())
 
-    def test_min_version(self) -> Deferred[None]:
+    def test_min_version(self) -> None:
         """tlsMinVersion TLSv1.3 against a server capped at TLS 1.2: the handshake fails, and the target."""
         tls = TlsMaterial()
         capped = CertificateOptions(
@@ -297,9 +299,9 @@ class TlsTests(PoolTestCase):
             failure = await self.failure(pool, local_route(downstream.port), local_target(downstream.port))
             self.assertEqual(failure.reply.enhanced, "4.7.5")
 
-        return run(check())
+        self.drive(check())
 
-    def test_min_version_met(self) -> Deferred[None]:
+    def test_min_version_met(self) -> None:
         """The same server with tlsMinVersion TLSv1.2 works (so the test above can fail)."""
         tls = TlsMaterial()
         capped = CertificateOptions(
@@ -316,11 +318,11 @@ class TlsTests(PoolTestCase):
             self.assertTrue(client.is_tls)
             pool.release(route, target, client, reusable=True)
 
-        return run(check())
+        self.drive(check())
 
 
 class AuthTests(PoolTestCase):
-    def test_auth_over_tls(self) -> Deferred[None]:
+    def test_auth_over_tls(self) -> None:
         """A route with credentials authenticates after STARTTLS; the server saw the user."""
         tls = TlsMaterial()
         downstream = self.downstream(Script(tls=tls.server_options, users={"relayuser": "pw 1"}))
@@ -335,9 +337,9 @@ class AuthTests(PoolTestCase):
             self.assertEqual(downstream.commands()[:4], [f"EHLO {HELO}", "STARTTLS", f"EHLO {HELO}", "AUTH"])
             self.assertEqual(downstream.messages[0].auth_user, "relayuser")
 
-        return run(check())
+        self.drive(check())
 
-    def test_auth_plaintext_loopback(self) -> Deferred[None]:
+    def test_auth_plaintext_loopback(self) -> None:
         """Without TLS, credentials go only to a loopback address (this one is)."""
         downstream = self.downstream(Script(users={"relayuser": "pw"}))
         pool = self.pool()
@@ -349,9 +351,9 @@ class AuthTests(PoolTestCase):
             pool.release(route, target, client, reusable=True)
             self.assertEqual(downstream.commands(), [f"EHLO {HELO}", "AUTH"])
 
-        return run(check())
+        self.drive(check())
 
-    def test_auth_rejected(self) -> Deferred[None]:
+    def test_auth_rejected(self) -> None:
         """A rejected password fails the target with the server's reply (the transport defers)."""
         downstream = self.downstream(Script(users={"relayuser": "right"}))
         pool = self.pool()
@@ -362,11 +364,11 @@ class AuthTests(PoolTestCase):
             self.assertEqual(failure.reply.code, 535)
             self.assertNotIn("wrong", str(failure))
 
-        return run(check())
+        self.drive(check())
 
 
 class ReuseTests(PoolTestCase):
-    def test_two_messages_one_connection(self) -> Deferred[None]:
+    def test_two_messages_one_connection(self) -> None:
         """The second acquire reuses the idle connection after an RSET; both messages arrive on it."""
         downstream = self.downstream()
         pool = self.pool()
@@ -386,9 +388,9 @@ class ReuseTests(PoolTestCase):
             commands = [c.split(":")[0] for c in downstream.commands()]
             self.assertEqual(commands[commands.index("DATA") + 1], "RSET")
 
-        return run(check())
+        self.drive(check())
 
-    def test_not_reusable(self) -> Deferred[None]:
+    def test_not_reusable(self) -> None:
         """A connection released as not reusable is closed and the next acquire opens a new one."""
         downstream = self.downstream()
         pool = self.pool()
@@ -402,11 +404,11 @@ class ReuseTests(PoolTestCase):
             self.assertIsNot(second, first)
             pool.release(route, target, second, reusable=True)
             self.assertEqual(len(downstream.connections), 2)
-            await until(lambda: downstream.connections[0].closed, "the first connection closed")
+            await self.network.until(lambda: downstream.connections[0].closed, "the first connection closed")
 
-        return run(check())
+        self.drive(check())
 
-    def test_dropped_while_idle(self) -> Deferred[None]:
+    def test_dropped_while_idle(self) -> None:
         """A connection the server dropped while idle is not handed out: a new one is opened."""
         downstream = self.downstream()
         pool = self.pool()
@@ -416,7 +418,7 @@ class ReuseTests(PoolTestCase):
             first = await pool.acquire(route, target)
             pool.release(route, target, first, reusable=True)
             downstream.disconnect()
-            await until(lambda: downstream.connections[0].closed, "the server closed it")
+            await self.network.until(lambda: downstream.connections[0].closed, "the server closed it")
             second = await pool.acquire(route, target)
             self.assertIsNot(second, first)
             result = await self.send(second)
@@ -424,9 +426,9 @@ class ReuseTests(PoolTestCase):
             self.assertEqual(result.data.code, 250)
             self.assertEqual(len(downstream.connections), 2)
 
-        return run(check())
+        self.drive(check())
 
-    def test_idle_timeout(self) -> Deferred[None]:
+    def test_idle_timeout(self) -> None:
         """An idle connection gets QUIT after idleTimeout (on the clock), and is not reused."""
         downstream = self.downstream()
         pool = self.pool(idle_timeout=5_000)
@@ -439,15 +441,15 @@ class ReuseTests(PoolTestCase):
             self.assertEqual(pool.idle_count(route, target), 1)
             self.clock.advance(0.1)
             self.assertEqual(pool.idle_count(route, target), 0)
-            await until(lambda: downstream.connections[0].closed, "the connection closed")
+            await self.network.until(lambda: downstream.connections[0].closed, "the connection closed")
             self.assertEqual(downstream.commands()[-1], "QUIT")
             again = await pool.acquire(route, target)
             self.assertIsNot(again, client)
             pool.release(route, target, again, reusable=True)
 
-        return run(check())
+        self.drive(check())
 
-    def test_max_messages_per_connection(self) -> Deferred[None]:
+    def test_max_messages_per_connection(self) -> None:
         """After maxMessagesPerConnection messages, the connection is closed instead of kept."""
         downstream = self.downstream()
         pool = self.pool(max_messages_per_connection=2)
@@ -463,12 +465,12 @@ class ReuseTests(PoolTestCase):
             self.assertIs(clients[1], clients[0])
             self.assertIsNot(clients[2], clients[0])
             self.assertEqual([m.connection for m in downstream.messages], [0, 0, 1])
-            await until(lambda: downstream.connections[0].closed, "the first connection closed")
+            await self.network.until(lambda: downstream.connections[0].closed, "the first connection closed")
             self.assertEqual(downstream.connections[0].commands[-1], "QUIT")
 
-        return run(check())
+        self.drive(check())
 
-    def test_pool_size(self) -> Deferred[None]:
+    def test_pool_size(self) -> None:
         """At most connectionPoolSize idle connections per key: the extra one is closed on release."""
         downstream = self.downstream()
         pool = self.pool(connection_pool_size=1)
@@ -481,12 +483,12 @@ class ReuseTests(PoolTestCase):
             pool.release(route, target, first, reusable=True)
             pool.release(route, target, second, reusable=True)
             self.assertEqual(pool.idle_count(route, target), 1)
-            await until(lambda: downstream.connections[1].closed, "the second connection closed")
+            await self.network.until(lambda: downstream.connections[1].closed, "the second connection closed")
             self.assertFalse(downstream.connections[0].closed)
 
-        return run(check())
+        self.drive(check())
 
-    def test_keys_are_separate(self) -> Deferred[None]:
+    def test_keys_are_separate(self) -> None:
         """A connection opened for one route is not handed out for another (policies, credentials differ)."""
         downstream = self.downstream()
         pool = self.pool()
@@ -503,11 +505,11 @@ class ReuseTests(PoolTestCase):
             self.assertIsNot(second, first)
             pool.release(other, target, second, reusable=True)
 
-        return run(check())
+        self.drive(check())
 
 
 class CloseTests(PoolTestCase):
-    def test_close(self) -> Deferred[None]:
+    def test_close(self) -> None:
         """close() QUITs idle connections, aborts busy ones, and refuses later acquires."""
         downstream = self.downstream()
         pool = self.pool()
@@ -518,11 +520,13 @@ class CloseTests(PoolTestCase):
             busy = await pool.acquire(route, target)
             pool.release(route, target, idle, reusable=True)
             await pool.close()
-            await until(lambda: all(c.closed for c in downstream.connections), "both connections closed")
+            await self.network.until(
+                lambda: all(c.closed for c in downstream.connections), "both connections closed"
+            )
             self.assertEqual(downstream.connections[0].commands[-1], "QUIT")
             self.assertNotIn("QUIT", downstream.connections[1].commands)
             with self.assertRaises(TargetFailure):
                 await pool.acquire(route, target)
             pool.release(route, target, busy, reusable=True)
 
-        return run(check())
+        self.drive(check())

@@ -1,5 +1,6 @@
-"""ESMTPTransport end to end against real scripted downstream servers on 127.0.0.1 (127.0.0.2 for a second
-target), with the real client, pool, MX resolver (over an in-memory zone) and target health."""
+"""ESMTPTransport end to end against scripted downstream servers in memory (127.0.0.1, and 127.0.0.2 for a
+second target; iosim with real TLS), with the real client, pool, MX resolver (over an in-memory zone) and
+target health; timers on a Clock."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from dcrouter.interfaces import ClaimLost, IDeliveryTransport
 from dcrouter.mail.envelope import Envelope
 from dcrouter.net.targets import Target, TargetHealth
 from dcrouter.queue.item import QueueItem
-from tests.downstream import Downstream, Script, closed_port, start_downstream
-from tests.test_delivery_pool import PoolTestCase, TlsMaterial, run, until
+from tests.downstream import Downstream, Script
+from tests.test_delivery_pool import PoolTestCase, TlsMaterial
 
 #: Lines that need dot-stuffing and 8-bit text: they must arrive byte-identical.
 BODY = (
@@ -111,9 +112,7 @@ class TransportTestCase(PoolTestCase):
 
     def second_server(self, first: Downstream, script: Script | None = None) -> Downstream:
         """A server on 127.0.0.2 at ``first``'s port (two targets of one route share the port)."""
-        downstream = start_downstream(script, interface="127.0.0.2", port=first.port)
-        self.addCleanup(downstream.stop)
-        return downstream
+        return self.network.downstream(script, address="127.0.0.2", port=first.port)
 
 
 def two_targets(port: int) -> Route:
@@ -130,7 +129,7 @@ class InterfaceTests(TransportTestCase):
 
 
 class ReplyTests(TransportTestCase):
-    def test_delivered(self) -> Deferred[None]:
+    def test_delivered(self) -> None:
         """250 everywhere: every recipient DELIVERED, the message byte-identical, the envelope as given."""
         downstream = self.downstream()
         transport = self.transport()
@@ -156,9 +155,9 @@ class ReplyTests(TransportTestCase):
             self.assertIn("BODY=8BITMIME", downstream.commands()[1])
             self.assertBodiesClosed()
 
-        return run(check())
+        self.drive(check())
 
-    def test_451_then_250(self) -> Deferred[None]:
+    def test_451_then_250(self) -> None:
         """451 after the data: every recipient TEMPORARY with that reply; the next attempt is delivered."""
         downstream = self.downstream(Script(data=["451 4.3.0 Try again later", "250 2.0.0 Ok"]))
         transport = self.transport()
@@ -174,9 +173,9 @@ class ReplyTests(TransportTestCase):
             self.assertEqual(len(downstream.messages), 2)
             self.assertBodiesClosed()
 
-        return run(check())
+        self.drive(check())
 
-    def test_one_recipient_refused(self) -> Deferred[None]:
+    def test_one_recipient_refused(self) -> None:
         """550 for one of three recipients: it is PERMANENT, the other two DELIVERED, in the given order."""
         downstream = self.downstream(Script(rcpt={"nobody@example.test": "550 5.1.1 No such user"}))
         transport = self.transport()
@@ -194,9 +193,9 @@ class ReplyTests(TransportTestCase):
             )
             self.assertEqual(downstream.messages[0].recipients, ["bob@example.test", "carol@example.test"])
 
-        return run(check())
+        self.drive(check())
 
-    def test_rcpt_4xx(self) -> Deferred[None]:
+    def test_rcpt_4xx(self) -> None:
         """A 452 for one recipient defers only that one."""
         downstream = self.downstream(Script(rcpt={"full@example.test": "452 4.2.2 Mailbox full"}))
         transport = self.transport()
@@ -213,9 +212,9 @@ class ReplyTests(TransportTestCase):
                 ],
             )
 
-        return run(check())
+        self.drive(check())
 
-    def test_mail_5xx(self) -> Deferred[None]:
+    def test_mail_5xx(self) -> None:
         """550 to MAIL FROM: every recipient PERMANENT with that reply."""
         downstream = self.downstream(Script(mail="550 5.7.1 Sender rejected"))
         transport = self.transport()
@@ -233,9 +232,9 @@ class ReplyTests(TransportTestCase):
             )
             self.assertEqual(downstream.messages, [])
 
-        return run(check())
+        self.drive(check())
 
-    def test_mail_4xx_is_the_answer(self) -> Deferred[None]:
+    def test_mail_4xx_is_the_answer(self) -> None:
         """451 to MAIL FROM from the first target tried: every recipient TEMPORARY, and the other target is
         not asked (a reachable server's 4xx is its answer)."""
         accepting = self.downstream()
@@ -251,11 +250,11 @@ class ReplyTests(TransportTestCase):
             self.assertEqual(accepting.connections, [])
             self.assertEqual(greylisting.messages + accepting.messages, [])
 
-        return run(check())
+        self.drive(check())
 
 
 class FailoverTests(TransportTestCase):
-    def test_refused_then_delivered(self) -> Deferred[None]:
+    def test_refused_then_delivered(self) -> None:
         """127.0.0.2 refuses, 127.0.0.1 accepts: delivered there, and 127.0.0.2 is marked down."""
         downstream = self.downstream()
         transport = self.transport()
@@ -272,14 +271,14 @@ class FailoverTests(TransportTestCase):
             self.assertFalse(self.health.is_down(Target("127.0.0.1", "127.0.0.1", downstream.port)))
             self.assertEqual(len(downstream.messages), 1)
 
-        return run(check())
+        self.drive(check())
 
-    def test_all_refused(self) -> Deferred[None]:
+    def test_all_refused(self) -> None:
         """No target reachable: every recipient TEMPORARY with the last failure, answered by nobody."""
         transport = self.transport()
 
         async def check() -> None:
-            port = await closed_port()
+            port = self.network.closed_port()
             report = await self.deliver(transport, two_targets(port), ["a@example.test", "b@example.test"])
             self.assertEqual(
                 self.outcomes(report),
@@ -297,9 +296,9 @@ class FailoverTests(TransportTestCase):
                 f" Connection refused by 127.0.0.1:{port}); recipients: 2 deferred",
             )
 
-        return run(check())
+        self.drive(check())
 
-    def test_timeout_mid_transaction(self) -> Deferred[None]:
+    def test_timeout_mid_transaction(self) -> None:
         """A server that stops answering after MAIL: after socketTimeout (on the clock) the target fails, the
         body is closed, the recipient is TEMPORARY and the target marked down."""
         downstream = self.downstream(Script(hang="MAIL"))
@@ -307,8 +306,10 @@ class FailoverTests(TransportTestCase):
 
         async def check() -> None:
             delivering = self.deliver(transport, local_route(downstream.port), ["bob@example.test"])
-            await until(lambda: any(c.startswith("MAIL") for c in downstream.commands()), "MAIL sent")
-            self.assertFalse(delivering.called)
+            await self.network.until(
+                lambda: any(c.startswith("MAIL") for c in downstream.commands()), "MAIL sent"
+            )
+            self.assertNoResult(delivering)
             self.clock.advance(20)
             report = await delivering
             self.assertEqual(report.results[0].outcome, Outcome.TEMPORARY)
@@ -318,11 +319,11 @@ class FailoverTests(TransportTestCase):
             self.assertEqual(downstream.messages, [])
             self.assertBodiesClosed()
 
-        return run(check())
+        self.drive(check())
 
 
 class TlsPolicyTests(TransportTestCase):
-    def test_required_tls_not_offered(self) -> Deferred[None]:
+    def test_required_tls_not_offered(self) -> None:
         """useTls with a server offering no STARTTLS: TEMPORARY 451 4.7.5, not a byte of the message sent."""
         downstream = self.downstream(Script(tls=None))
         transport = self.transport()
@@ -337,9 +338,9 @@ class TlsPolicyTests(TransportTestCase):
             self.assertFalse([c for c in commands if c.split(":")[0] in ("MAIL FROM", "RCPT TO", "DATA")])
             self.assertEqual(self.bodies, [])
 
-        return run(check())
+        self.drive(check())
 
-    def test_required_tls_offered(self) -> Deferred[None]:
+    def test_required_tls_offered(self) -> None:
         """useTls with STARTTLS offered: the message goes inside TLS."""
         tls = TlsMaterial()
         downstream = self.downstream(Script(tls=tls.server_options))
@@ -352,9 +353,9 @@ class TlsPolicyTests(TransportTestCase):
             self.assertTrue(downstream.messages[0].tls)
             self.assertEqual(downstream.messages[0].data, BODY)
 
-        return run(check())
+        self.drive(check())
 
-    def test_verified(self) -> Deferred[None]:
+    def test_verified(self) -> None:
         """verifyCertificates with the server's certificate in the trust root (it names 127.0.0.1)."""
         tls = TlsMaterial()
         downstream = self.downstream(Script(tls=tls.server_options))
@@ -365,9 +366,9 @@ class TlsPolicyTests(TransportTestCase):
             self.assertEqual(report.results[0].outcome, Outcome.DELIVERED)
             self.assertTrue(downstream.messages[0].tls)
 
-        return run(check())
+        self.drive(check())
 
-    def test_verification_fails(self) -> Deferred[None]:
+    def test_verification_fails(self) -> None:
         """verifyCertificates with an untrusted certificate: TEMPORARY 4.7.5, nothing sent."""
         tls = TlsMaterial()
         downstream = self.downstream(Script(tls=tls.server_options))
@@ -379,11 +380,11 @@ class TlsPolicyTests(TransportTestCase):
             self.assertEqual(downstream.messages, [])
             self.assertNotIn("MAIL", " ".join(downstream.commands()))
 
-        return run(check())
+        self.drive(check())
 
 
 class DnsTests(TransportTestCase):
-    def test_null_mx(self) -> Deferred[None]:
+    def test_null_mx(self) -> None:
         self.zone = Zone({("nomail.test", dns.MX): [dns.Record_MX(0, b"")]})
         transport = self.transport()
 
@@ -393,9 +394,9 @@ class DnsTests(TransportTestCase):
             self.assertEqual(self.outcomes(report), [("a@nomail.test", Outcome.PERMANENT, 556, "5.1.10")])
             self.assertEqual(self.bodies, [])
 
-        return run(check())
+        self.drive(check())
 
-    def test_no_such_domain(self) -> Deferred[None]:
+    def test_no_such_domain(self) -> None:
         transport = self.transport()
 
         async def check() -> None:
@@ -403,9 +404,9 @@ class DnsTests(TransportTestCase):
             report = await self.deliver(transport, route, ["a@missing.test"])
             self.assertEqual(self.outcomes(report), [("a@missing.test", Outcome.PERMANENT, 550, "5.1.2")])
 
-        return run(check())
+        self.drive(check())
 
-    def test_dns_temporary(self) -> Deferred[None]:
+    def test_dns_temporary(self) -> None:
         self.zone = Zone({}, failing=("broken.test",))
         transport = self.transport()
 
@@ -419,9 +420,9 @@ class DnsTests(TransportTestCase):
                 " DNS server failure (SERVFAIL)); recipients: 1 deferred",
             )
 
-        return run(check())
+        self.drive(check())
 
-    def test_mx_delivery(self) -> Deferred[None]:
+    def test_mx_delivery(self) -> None:
         """An MX route: the result names the MX host; the history shows its address too."""
         downstream = self.downstream()
         self.zone = Zone(
@@ -439,11 +440,11 @@ class DnsTests(TransportTestCase):
             self.assertEqual(report.results[0].target, f"mx.dest.test:{downstream.port}")
             self.assertEqual(report.tried, [f"mx.dest.test[127.0.0.1]:{downstream.port} answered"])
 
-        return run(check())
+        self.drive(check())
 
 
 class PoolingTests(TransportTestCase):
-    def test_two_messages_one_connection(self) -> Deferred[None]:
+    def test_two_messages_one_connection(self) -> None:
         """Two deliveries to one route share a connection, with RSET between them."""
         downstream = self.downstream()
         transport = self.transport()
@@ -460,9 +461,9 @@ class PoolingTests(TransportTestCase):
             self.assertIn("RSET", downstream.commands())
             self.assertBodiesClosed()
 
-        return run(check())
+        self.drive(check())
 
-    def test_body_failure_is_an_errback(self) -> Deferred[None]:
+    def test_body_failure_is_an_errback(self) -> None:
         """open_body failing is a local error: the Deferred fails, and the connection stays usable."""
         downstream = self.downstream()
         transport = self.transport()
@@ -479,9 +480,9 @@ class PoolingTests(TransportTestCase):
             )
             self.flushLoggedErrors(OSError)
 
-        return run(check())
+        self.drive(check())
 
-    def test_lost_claim_is_an_errback_logged_by_the_manager(self) -> Deferred[None]:
+    def test_lost_claim_is_an_errback_logged_by_the_manager(self) -> None:
         """ClaimLost from open_body: nothing is sent, the Deferred fails with it, and the transport logs no
         traceback (a foreseen condition the manager reports)."""
         downstream = self.downstream()
@@ -497,9 +498,9 @@ class PoolingTests(TransportTestCase):
             self.assertEqual(downstream.messages, [])
             self.assertEqual(self.flushLoggedErrors(ClaimLost), [])
 
-        return run(check())
+        self.drive(check())
 
-    def test_closes_after_error(self) -> Deferred[None]:
+    def test_closes_after_error(self) -> None:
         """A connection that timed out is not reused: the next delivery opens a new one."""
         downstream = self.downstream(Script(hang="end-of-data"))
         transport = self.transport(socket_timeout=5_000)
@@ -507,7 +508,7 @@ class PoolingTests(TransportTestCase):
         async def check() -> None:
             route = local_route(downstream.port)
             delivering = self.deliver(transport, route, ["bob@example.test"])
-            await until(lambda: downstream.messages, "the data sent")
+            await self.network.until(lambda: downstream.messages, "the data sent")
             self.clock.advance(5)
             report = await delivering
             self.assertEqual(report.results[0].outcome, Outcome.TEMPORARY)
@@ -517,4 +518,4 @@ class PoolingTests(TransportTestCase):
             self.assertEqual(again.results[0].outcome, Outcome.DELIVERED)
             self.assertEqual(len(downstream.connections), 2)
 
-        return run(check())
+        self.drive(check())

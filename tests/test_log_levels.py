@@ -51,7 +51,8 @@ class LevelTests(TestCase):
                 "domainConfigs": [{"domains": ["a.test"], "targetIPs": ["127.0.0.1"]}],
             },
         }
-        DcRouter(options, reactor=MemoryReactorClock())
+        router = DcRouter(options, reactor=MemoryReactorClock())
+        self.addCleanup(router.queue.save)  # never started: its memory queue's spool directory goes here
         log = logger("dcrouter.test.a")
         log.warn("problem")
         log.error("failure")

@@ -47,7 +47,7 @@ from dcrouter.queue.files import message_reader
 from dcrouter.queue.item import QueueItem, QueueItemStatus
 from tests import mime_samples as samples
 from tests.archive_samples import EXE, make_zip
-from tests.results import MemoryQueueCase, result_of
+from tests.results import MemoryQueueCase
 from tests.smtp_fixtures import ControlledQueue, connect
 
 START = MemoryQueueCase.START
@@ -150,13 +150,13 @@ class ChainCase(MemoryQueueCase):
     def queued(
         self, processor: EmailProcessor, data: bytes | SpooledMessage = MESSAGE, **kw: Any
     ) -> QueueItem:
-        item: QueueItem = result_of(self.process(processor, data, **kw))
+        item: QueueItem = self.successResultOf(self.process(processor, data, **kw))
         return item
 
     def queued_local(self, processor: EmailProcessor) -> QueueItem:
         """The gateway's own mail (a DSN) queued through ``submit_local``."""
         message = SpooledMessage(len(MESSAGE), data=MESSAGE)
-        item: QueueItem = result_of(
+        item: QueueItem = self.successResultOf(
             processor.submit_local(self.envelope(), message, "DSN0000000000000001", priority=0)
         )
         return item
@@ -168,18 +168,18 @@ class ChainCase(MemoryQueueCase):
 
     def composed(self, item: QueueItem) -> bytes:
         """The message as delivery relays it: the stored body behind the item's head."""
-        stream = result_of(self.queue.open_body(item.id))
+        stream = self.successResultOf(self.queue.open_body(item.id))
         with message_reader(item.head, stream, item.body_offset) as reader:
             data: bytes = reader.read()
         return data
 
     def stored_body(self, item: QueueItem) -> bytes:
-        with result_of(self.queue.open_body(item.id)) as stream:
+        with self.successResultOf(self.queue.open_body(item.id)) as stream:
             data: bytes = stream.read()
         return data
 
     def count(self) -> int:
-        n: int = result_of(self.queue.get_item_count())
+        n: int = self.successResultOf(self.queue.get_item_count())
         return n
 
     def spool_files(self) -> list[str]:
@@ -394,30 +394,30 @@ class QuarantineTests(ChainCase):
         self.assertEqual(self.notified, [])
         self.assertEqual(processor.stats["quarantined"], 1)
         self.clock.advance(3600)
-        self.assertEqual(result_of(self.queue.get_next(10)), [])
-        listed = result_of(self.queue.get_by_status(QueueItemStatus.QUARANTINED))
+        self.assertEqual(self.successResultOf(self.queue.get_next(10)), [])
+        listed = self.successResultOf(self.queue.get_by_status(QueueItemStatus.QUARANTINED))
         self.assertEqual([i.id for i in listed], ["QUAR1"])
-        self.assertEqual(result_of(self.queue.get_by_status(QueueItemStatus.QUEUED)), [])
+        self.assertEqual(self.successResultOf(self.queue.get_by_status(QueueItemStatus.QUEUED)), [])
 
     def test_release_makes_it_deliverable(self) -> None:
         processor, item = self.quarantine()
         self.clock.advance(60)
-        released = result_of(Deferred.fromCoroutine(processor.release("QUAR1")))
+        released = self.successResultOf(Deferred.fromCoroutine(processor.release("QUAR1")))
         self.assertEqual(released.status, QueueItemStatus.QUEUED)
         self.assertEqual(released.next_attempt_at, START + 60)
         self.assertIsNone(released.last_error)
         self.assertEqual([i.id for i in self.notified], ["QUAR1"])
-        [claimed] = result_of(self.queue.get_next(10))
+        [claimed] = self.successResultOf(self.queue.get_next(10))
         self.assertEqual((claimed.id, claimed.head), ("QUAR1", item.head))
         self.assertEqual(self.composed(claimed), item.head + BODY)
 
     def test_release_of_what_is_not_quarantined(self) -> None:
         processor, _ = self.quarantine()
         self.queued(processor.__class__(self.queue, self.clock.seconds), queue_id="PLAIN")
-        self.assertIsNone(result_of(Deferred.fromCoroutine(processor.release("NOPE"))))
-        self.assertIsNone(result_of(Deferred.fromCoroutine(processor.release("PLAIN"))))
-        self.assertIsNotNone(result_of(Deferred.fromCoroutine(processor.release("QUAR1"))))
-        self.assertIsNone(result_of(Deferred.fromCoroutine(processor.release("QUAR1"))))
+        self.assertIsNone(self.successResultOf(Deferred.fromCoroutine(processor.release("NOPE"))))
+        self.assertIsNone(self.successResultOf(Deferred.fromCoroutine(processor.release("PLAIN"))))
+        self.assertIsNotNone(self.successResultOf(Deferred.fromCoroutine(processor.release("QUAR1"))))
+        self.assertIsNone(self.successResultOf(Deferred.fromCoroutine(processor.release("QUAR1"))))
 
 
 class ScannerErrorTests(ChainCase):
@@ -481,13 +481,13 @@ class ParallelTests(ChainCase):
         self.assertIsNotNone(message.path)
 
         held.waiting[0].callback(verdict(Verdict.CLEAN))
-        self.assertEqual(result_of(first).id, "P1")
+        self.assertEqual(self.successResultOf(first).id, "P1")
         self.assertEqual(processor.active, 1)
         fourth = self.process(processor, queue_id="P4")
         self.assertEqual(processor.active, 2)
         held.waiting[1].callback(verdict(Verdict.CLEAN))
         held.waiting[2].callback(verdict(Verdict.CLEAN))
-        self.assertEqual([result_of(second).id, result_of(fourth).id], ["P2", "P4"])
+        self.assertEqual([self.successResultOf(second).id, self.successResultOf(fourth).id], ["P2", "P4"])
         self.assertEqual(processor.active, 0)
         self.assertEqual(self.count(), 3)
 
@@ -524,7 +524,7 @@ class TimeoutTests(ChainCase):
         stage = ScannerStage(held, timeout=2.0, on_error="accept")
         d = self.process(self.processor(scanners=[stage], timeout=120.0))
         self.clock.advance(2.0)
-        self.assertEqual(result_of(d).status, QueueItemStatus.QUEUED)
+        self.assertEqual(self.successResultOf(d).status, QueueItemStatus.QUEUED)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_timeout(self) -> None:
@@ -551,7 +551,7 @@ class TimeoutTests(ChainCase):
         processor = self.processor(scanners=[ScannerStage(held)], timeout=5.0)
         d = self.process(processor)
         held.waiting[0].callback(verdict(Verdict.CLEAN))
-        self.assertEqual(result_of(d).status, QueueItemStatus.QUEUED)
+        self.assertEqual(self.successResultOf(d).status, QueueItemStatus.QUEUED)
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(held.cancelled, 0)
 
@@ -580,7 +580,7 @@ class HeaderOnlyChangeTests(ChainCase):
         self.assertEqual(item.size, len(self.expected(b"X-Gateway: mx.test\r\n")))
         # The stored body is the received file itself.
         self.assertEqual(self.stored_body(item), MESSAGE)
-        with result_of(self.queue.open_body(item.id)) as stream:
+        with self.successResultOf(self.queue.open_body(item.id)) as stream:
             self.assertEqual(os.fstat(stream.fileno()).st_ino, inode)
         self.assertEqual(len(self.spool_files()), 1)
         self.assertEqual(self.composed(item), self.expected(b"X-Gateway: mx.test\r\n"))
@@ -661,7 +661,9 @@ class EnvelopeRewriteTests(ChainCase):
         self.assertEqual(head.get("From"), "Alice <alice@new.example>")
         self.assertEqual(head.get("To"), "bob@new.example, c@new.example")
         self.assertEqual(head.get("Cc"), "Dave <dave@new.example>")
-        self.assertEqual(result_of(self.queue.get(item.id)).envelope.recipients, item.envelope.recipients)
+        self.assertEqual(
+            self.successResultOf(self.queue.get(item.id)).envelope.recipients, item.envelope.recipients
+        )
 
     def test_8bit_display_name_keeps_its_address(self) -> None:
         data = "From: Jörg <joerg@old.example>\r\nSubject: s\r\n\r\nbody\r\n".encode()
@@ -889,18 +891,22 @@ class AcceptTests(ChainCase):
         return processor.accept(self.envelope(), SpooledMessage(len(MESSAGE), data=MESSAGE), queue_id)
 
     def test_queued(self) -> None:
-        accepted = result_of(self.accept(self.processor()))
+        accepted = self.successResultOf(self.accept(self.processor()))
         self.assertEqual(accepted, Accepted("ACC1", Disposition.QUEUED))
         self.assertEqual(self.count(), 1)
 
     def test_quarantined(self) -> None:
         virus = ScriptedScanner(verdict(Verdict.VIRUS, "Eicar"), name="clamav")
-        accepted = result_of(self.accept(self.processor(scanners=[ScannerStage(virus, "quarantine")])))
+        accepted = self.successResultOf(
+            self.accept(self.processor(scanners=[ScannerStage(virus, "quarantine")]))
+        )
         self.assertEqual(accepted, Accepted("ACC1", Disposition.QUARANTINED, "clamav: virus (Eicar)"))
 
     def test_discarded(self) -> None:
         virus = ScriptedScanner(verdict(Verdict.VIRUS, "Eicar"))
-        accepted = result_of(self.accept(self.processor(scanners=[ScannerStage(virus, "discard")])))
+        accepted = self.successResultOf(
+            self.accept(self.processor(scanners=[ScannerStage(virus, "discard")]))
+        )
         self.assertEqual((accepted.queue_id, accepted.disposition), ("ACC1", Disposition.DISCARDED))
         self.assertIn("Eicar", accepted.reason)
         self.assertEqual(self.count(), 0)

@@ -487,12 +487,13 @@ class HostileTests(SynchronousTestCase):
     @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(st.binary(max_size=2000), st.integers(0, 10_000))
     def test_garbage_never_raises(self, junk: bytes, seed: int) -> None:
-        # Random bytes after a multipart header, and the samples with bytes overwritten.
-        inspect(mixed(junk) + junk)
+        # Random bytes after a multipart header, and the samples with bytes overwritten: each read to its end.
         sample = bytearray(samples.simple_mixed())
         for offset, value in enumerate(junk[:50]):
             sample[(seed + offset * 97) % len(sample)] = value
-        inspect(bytes(sample))
+        for data in (mixed(junk) + junk, bytes(sample)):
+            info = inspect(data)
+            self.assertEqual(info.size, len(data))
 
 
 class BigMessageTests(SynchronousTestCase):

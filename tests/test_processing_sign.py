@@ -21,7 +21,7 @@ from dcrouter.processing.transforms.dkim import DkimSign
 from dcrouter.processing.transforms.headers import AddHeader, RemoveHeader, RewriteAddress
 from dcrouter.queue.files import message_reader
 from dcrouter.queue.item import QueueItem
-from tests.results import MemoryQueueCase, result_of
+from tests.results import MemoryQueueCase
 from tests.test_processing_dkim import (
     DOMAIN,
     ED_KEY,
@@ -83,11 +83,11 @@ class SigningChainCase(MemoryQueueCase):
         else:
             message = SpooledMessage(len(data), data=data)
         envelope = Envelope(mail_from="alice@example.com", recipients=["bob@example.org"])
-        item: QueueItem = result_of(processor.process(envelope, message))
+        item: QueueItem = self.successResultOf(processor.process(envelope, message))
         return item
 
     def composed(self, item: QueueItem) -> bytes:
-        stream = result_of(self.queue.open_body(item.id))
+        stream = self.successResultOf(self.queue.open_body(item.id))
         with message_reader(item.head, stream, item.body_offset) as reader:
             data: bytes = reader.read()
         return data
@@ -269,7 +269,9 @@ class InternationalisedFromTests(SigningChainCase):
         processor = EmailProcessor(self.queue, self.clock.seconds, signers=[DkimSign([(configured, signer)])])
         envelope = Envelope("a@sender.test", ["bob@example.org"], mail_params={"SMTPUTF8": ""})
         data = head + BODY
-        item: QueueItem = result_of(processor.process(envelope, SpooledMessage(len(data), data=data)))
+        item: QueueItem = self.successResultOf(
+            processor.process(envelope, SpooledMessage(len(data), data=data))
+        )
         return item
 
     def eai(self, sender: str, domain: str, configured: str, key: PrivateKey = RSA_KEY) -> bytes:

@@ -10,6 +10,7 @@ import dataclasses
 import ipaddress
 import os
 import stat
+import tempfile
 from typing import Any
 
 from cryptography import x509
@@ -43,7 +44,13 @@ from tests.test_net_listen import PortsReactor
 
 
 def smtp_options(test: SynchronousTestCase, **smtp: Any) -> dict[str, Any]:
-    """A small valid configuration: MX 2525, submission 2587, implicit TLS 2465, a memory queue."""
+    """A small valid configuration: MX 2525, submission 2587, implicit TLS 2465, a memory queue.
+
+    A memory queue makes its own spool directory, removed only when it is saved, and many routers here are
+    never started or stopped: for the rest of the test, temporary directories go under its own."""
+    temporary = os.path.abspath(test.mktemp())
+    os.makedirs(temporary)
+    test.patch(tempfile, "tempdir", temporary)
     config: dict[str, Any] = {
         "ports": [2525, 2587, 2465],
         "bindAddress": "127.0.0.1",

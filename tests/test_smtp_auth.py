@@ -128,7 +128,7 @@ class CheckerTests(unittest.TestCase):
         d = self.checker.requestAvatarId(creds("alice", "wonderland"))
         # The result travels back through reactor.callFromThread, which cannot run while this test holds the
         # reactor thread: a synchronous check would already have fired.
-        self.assertFalse(d.called)
+        self.assertNoResult(d)
         return d.addCallback(self.assertEqual, "alice")
 
     async def test_portal_login(self) -> None:

@@ -270,6 +270,7 @@ class SighupTests(SynchronousTestCase):
         options = tap.Options()
         options.parseOptions(["--config", path])
         service = tap.makeService(options)
+        self.addCleanup(service.queue.save)  # never started: its memory queue's spool directory goes here
         self.assertIsInstance(service.getServiceNamed("sighup"), tap.SighupHandler)
 
     def test_handler_defers_to_the_reactor_and_logs(self) -> None:

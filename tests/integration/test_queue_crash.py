@@ -15,9 +15,9 @@ from twisted.trial.unittest import TestCase
 
 from dcrouter.queue.disk import DiskQueue
 from dcrouter.queue.item import QueueItemStatus
+from tests.integration import CHECKOUT
 
-CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "queue_crash_child.py")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHILD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "queue_crash_child.py")
 
 
 class EnqueueingChild(ProcessProtocol):
@@ -57,7 +57,7 @@ class CrashTests(TestCase):
 
     async def run_and_kill(self, path: str, prefix: str, kill_after: int) -> EnqueueingChild:
         child = EnqueueingChild(kill_after)
-        env = dict(os.environ, PYTHONPATH=ROOT)
+        env = dict(os.environ, PYTHONPATH=CHECKOUT)
         reactor.spawnProcess(child, sys.executable, [sys.executable, CHILD, path, prefix], env=env)
         reason = await child.ended
         # Killed by our SIGKILL, not ended on its own: anything else means the run proved nothing.

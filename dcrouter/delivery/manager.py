@@ -61,7 +61,7 @@ from dcrouter.config.options import SmtpConfig
 from dcrouter.delivery.bounces import Bouncer, SubmitLocal, open_message
 from dcrouter.delivery.bounces import dsn_queue_id as dsn_queue_id  # re-exported: tests import it from here
 from dcrouter.delivery.outcome import DeliveryReport, Outcome, RecipientResult
-from dcrouter.delivery.retry import RetryPolicy, Verdict
+from dcrouter.delivery.retry import RetryDecision, RetryPolicy
 from dcrouter.delivery.route import Route
 from dcrouter.delivery.routing import RecipientRouter
 from dcrouter.interfaces import ClaimLost, IDeliveryQueue, IDeliveryTransport
@@ -501,17 +501,17 @@ class DeliveryManager(Service):
         if not pending:
             return await self._finish(item, now)
         attempts = item.attempts + int(tried)
-        verdict = self._policy.verdict(
+        decision = self._policy.decide(
             attempts=attempts, created_at=item.created_at, now=now, failed_temporarily=bool(temporary)
         )
-        if verdict is Verdict.RETRY:
+        if decision is RetryDecision.RETRY:
             if temporary:
                 return await self._defer(item, temporary, attempts, now)
             self._stats["busy"] += 1
             if not tried:
                 self._found_full.add(item.id)
             return await self._put_back(item, now, delay=self._interval, attempts=attempts)
-        item = await self._give_up(item, pending, temporary, attempts, verdict, now)
+        item = await self._give_up(item, pending, temporary, attempts, decision, now)
         return await self._finish(item, now)
 
     # -- outcomes of an attempt ------------------------------------------------------------------------
@@ -588,11 +588,11 @@ class DeliveryManager(Service):
         pending: list[str],
         temporary: dict[str, RecipientResult],
         attempts: int,
-        verdict: Verdict,
+        decision: RetryDecision,
         now: float,
     ) -> QueueItem:
         """Record every pending recipient as failed for good: expired, or out of retries."""
-        if verdict is Verdict.EXPIRED:
+        if decision is RetryDecision.EXPIRED:
             reason = f"Message expired after {(now - item.created_at) / 3600:.1f} hours in the queue"
         else:
             reason = f"Retry limit reached after {attempts} attempts"

@@ -22,7 +22,8 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from dcrouter.config.options import DeliveryConfig, SmtpConfig
-from dcrouter.delivery.manager import DeliveryManager, dsn_queue_id
+from dcrouter.delivery.bounces import dsn_queue_id
+from dcrouter.delivery.manager import DeliveryManager
 from dcrouter.delivery.outcome import DeliveryReport, Outcome, RecipientResult
 from dcrouter.delivery.route import Route
 from dcrouter.delivery.routing import RecipientRouter

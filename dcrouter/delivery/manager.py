@@ -59,7 +59,6 @@ from twisted.python.failure import Failure
 
 from dcrouter.config.options import SmtpConfig
 from dcrouter.delivery.bounces import Bouncer, SubmitLocal, open_message
-from dcrouter.delivery.bounces import dsn_queue_id as dsn_queue_id  # re-exported: tests import it from here
 from dcrouter.delivery.outcome import DeliveryReport, Outcome, RecipientResult
 from dcrouter.delivery.retry import RetryDecision, RetryPolicy
 from dcrouter.delivery.route import Route

@@ -8,7 +8,8 @@ What a caller may rely on:
   next reactor turn; several calls coalesce into one look) on :meth:`DeliveryManager.wake`, and again as soon
   as an attempt finishes. A look claims up to ``delivery.concurrentDeliveries`` minus the attempts in flight,
   but no more than the busiest route can still start or queue for (twice ``maxPerDestination`` minus its
-  attempts running and waiting) unless that route has stayed full for a ``checkInterval``.
+  attempts running and waiting) unless that route has stayed full for a ``checkInterval``
+  (:class:`~dcrouter.delivery.slots.RouteSlots` sizes the claims and keeps the slots below).
 - **Per-destination limit.** At most ``maxPerDestination`` transport calls run at once per route name. A
   claimed message whose route is at that limit waits for a slot, in order, up to ``maxPerDestination``
   waiters per route; beyond that its recipients are skipped for this attempt without counting a retry, and
@@ -48,7 +49,6 @@ Log events use the namespace ``dcrouter.delivery`` and carry the message's ``que
 from __future__ import annotations
 
 import random as random_module
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -63,6 +63,7 @@ from dcrouter.delivery.outcome import DeliveryReport, Outcome, RecipientResult
 from dcrouter.delivery.retry import RetryDecision, RetryPolicy
 from dcrouter.delivery.route import Route
 from dcrouter.delivery.routing import RecipientRouter
+from dcrouter.delivery.slots import RouteSlots
 from dcrouter.interfaces import ClaimLost, IDeliveryQueue, IDeliveryTransport
 from dcrouter.log import logger
 from dcrouter.queue.item import Priority, QueueItem, QueueItemStatus
@@ -122,8 +123,11 @@ class DeliveryManager(Service):
         self._random = random
         self._policy = RetryPolicy.from_config(config)
         self._interval = config.check_interval / 1000.0
-        self._concurrency = config.delivery.concurrent_deliveries
-        self._per_route = config.max_per_destination
+        self._slots = RouteSlots(
+            per_route=config.max_per_destination,
+            concurrency=config.delivery.concurrent_deliveries,
+            check_interval=self._interval,
+        )
         self._bouncer = Bouncer(
             queue=queue,
             submit=submit_dsn,
@@ -133,14 +137,8 @@ class DeliveryManager(Service):
             wake=self.wake,
         )
         self._active: dict[str, Deferred] = {}
-        self._route_load: dict[str, int] = {}
-        #: Attempts waiting for a slot of a route at maxPerDestination, in arrival order; each is fired with
-        #: True when a finishing attempt hands its slot over, or False when the manager stops.
-        self._slot_waiters: dict[str, deque[Deferred[bool]]] = {}
         #: Attempts that delivered nothing because every destination they needed was full.
         self._found_full: set[str] = set()
-        #: Routes whose slots and waiting places were all taken at every look since this time (_claim_count).
-        self._full_since: dict[str, float] = {}
         self._paused = False
         self._claiming = False
         self._claim_again = False
@@ -164,10 +162,7 @@ class DeliveryManager(Service):
                 call.cancel()
         self._tick_call = self._wake_call = None
         # Attempts waiting for a slot start nothing now: they put their messages back.
-        waiting, self._slot_waiters = self._slot_waiters, {}
-        for waiters in waiting.values():
-            for waiter in waiters:
-                waiter.callback(False)
+        self._slots.release_waiters()
         if self._idle():
             return succeed(None)
         done: Deferred = Deferred()
@@ -252,7 +247,7 @@ class DeliveryManager(Service):
         self._notify_idle()
 
     async def _claim(self) -> None:
-        count = self._claim_count()
+        count = self._slots.claim_size(len(self._active), self._clock.seconds())
         if count <= 0 or self._paused or not self.running:
             return
         items = await self._queue.get_next(count)
@@ -263,38 +258,6 @@ class DeliveryManager(Service):
             else:
                 # Stopped while the claim was on its way: hand the items back rather than leave them claimed.
                 await self._put_back(item, self._clock.seconds(), delay=0.0)
-
-    def _claim_count(self) -> int:
-        """How many messages a look claims: the free delivery slots, but no more than the busiest route can
-        still start or queue for a slot (twice ``maxPerDestination`` minus its attempts running and
-        waiting). When that route has stayed full for a whole ``checkInterval`` (none of its deliveries
-        finished meanwhile: it hangs), every free slot again, as if it were not there.
-
-        Why: a claimed message beyond that is put back for a ``checkInterval``. With one busy destination and
-        a backlog, every finished delivery claimed ``concurrentDeliveries - 2 * maxPerDestination`` messages
-        only to put them back, and the destination then sat idle until they were due again (bench/relay:
-        half the throughput at 100 senders). A destination that makes progress frees a place at each
-        delivery, and the next look claims the next message in order, whatever its destination. One that
-        does not would hold back the mail behind it for every other destination: after a ``checkInterval``
-        the looks claim past it again, and its messages beyond the waiting places are put back, which lets
-        the following looks reach the others."""
-        free = self._concurrency - len(self._active)
-        if free <= 0:
-            return 0
-        now = self._clock.seconds()
-        capacity = 2 * self._per_route
-        busiest, stuck, full = 0, False, set()
-        # Waiters exist only for routes at their limit, so every route with waiters is in _route_load.
-        for name, load in self._route_load.items():
-            taken = load + len(self._slot_waiters.get(name, ()))
-            busiest = max(busiest, taken)
-            if taken >= capacity:
-                full.add(name)
-                since = self._full_since.setdefault(name, now)
-                stuck = stuck or now - since >= self._interval
-        for name in [n for n in self._full_since if n not in full]:
-            del self._full_since[name]
-        return free if stuck else min(free, capacity - busiest)
 
     def _start(self, item: QueueItem) -> None:
         d = Deferred.fromCoroutine(self.deliver_message(item))
@@ -372,7 +335,8 @@ class DeliveryManager(Service):
             groups, tried = [], True
             temporary = {r: _result(r, 451, "4.3.0", "Local error in routing") for r in pending}
         for route, rcpts in groups:
-            if not await self._acquire_slot(route.name):
+            # Waiting is for a running manager: once stopping, a full destination's recipients go back.
+            if not await self._slots.acquire(route.name, may_wait=bool(self.running)):
                 busy.extend(rcpts)
                 continue
             tried = True
@@ -382,7 +346,7 @@ class DeliveryManager(Service):
                 # Free for the next message as soon as the destination has answered: holding the slot through
                 # the durable record below (a commit that waits behind ingress's under load) halved a busy
                 # destination's throughput (bench/relay).
-                self._release_slot(route.name)
+                self._slots.release(route.name)
             item = await self._record(item, route, report)
             temporary.update((r.recipient, r) for r in report.results if r.outcome is Outcome.TEMPORARY)
         if tried:
@@ -392,41 +356,6 @@ class DeliveryManager(Service):
             log.info("{queue_id} delivered", queue_id=item.id)
             return item
         return await self._conclude(item, temporary, tried=tried)
-
-    async def _acquire_slot(self, name: str) -> bool:
-        """Take one of the ``maxPerDestination`` slots of route ``name``, waiting for one when they are all
-        taken; False (the caller puts its recipients back) when ``maxPerDestination`` attempts already wait,
-        or the manager stops meanwhile.
-
-        Why wait rather than put back at once: with one busy destination, most claimed messages would go back
-        to the queue for a ``checkInterval`` each, and that destination's throughput would collapse. Waiting
-        is bounded (the waiters are claimed messages, so ``concurrentDeliveries`` bounds them all) and capped
-        per route, so one slow destination cannot hold every slot while others wait.
-        """
-        if self._route_load.get(name, 0) < self._per_route:
-            self._route_load[name] = self._route_load.get(name, 0) + 1
-            return True
-        waiters = self._slot_waiters.setdefault(name, deque())
-        if len(waiters) >= self._per_route or not self.running:
-            if not waiters:
-                del self._slot_waiters[name]
-            return False
-        handed_over: Deferred[bool] = Deferred()
-        waiters.append(handed_over)
-        return await handed_over
-
-    def _release_slot(self, name: str) -> None:
-        """Hand the slot to the next waiter of the route, or free it."""
-        waiters = self._slot_waiters.get(name)
-        if waiters and self.running:
-            waiter = waiters.popleft()
-            if not waiters:
-                del self._slot_waiters[name]
-            waiter.callback(True)  # the slot changes hands: the route's load stays as it is
-            return
-        self._route_load[name] -= 1
-        if not self._route_load[name]:
-            del self._route_load[name]
 
     async def _deliver_group(self, item: QueueItem, route: Route, rcpts: list[str]) -> DeliveryReport:
         """The transport's report for one group, with exactly one result per recipient of ``rcpts``."""

@@ -1,6 +1,8 @@
 """DeliveryManager: takes due messages from the queue, delivers them recipient group by recipient group, and
-decides what happens next: done, retry later, bounce, or warn the sender of a delay. It owns scheduling and
-outcomes; the DSNs themselves (ids, content, queueing) are :mod:`dcrouter.delivery.bounces`'s.
+decides what happens next: done, retry later, bounce, or warn the sender of a delay. It owns the loop and
+the orchestration: per-route slots and claim sizing are :mod:`dcrouter.delivery.slots`'s, what each step
+writes (as values) :mod:`dcrouter.delivery.transitions`'s, the DSNs themselves (ids, content, queueing)
+:mod:`dcrouter.delivery.bounces`'s.
 
 What a caller may rely on:
 
@@ -49,7 +51,7 @@ Log events use the namespace ``dcrouter.delivery`` and carry the message's ``que
 from __future__ import annotations
 
 import random as random_module
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.application.service import Service
@@ -58,15 +60,17 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from dcrouter.config.options import SmtpConfig
-from dcrouter.delivery.bounces import Bouncer, SubmitLocal, open_message
+from dcrouter.delivery import transitions
+from dcrouter.delivery.bounces import Bouncer, DsnRequest, SubmitLocal, open_message
 from dcrouter.delivery.outcome import DeliveryReport, Outcome, RecipientResult
 from dcrouter.delivery.retry import RetryDecision, RetryPolicy
 from dcrouter.delivery.route import Route
 from dcrouter.delivery.routing import RecipientRouter
 from dcrouter.delivery.slots import RouteSlots
+from dcrouter.delivery.transitions import Next
 from dcrouter.interfaces import ClaimLost, IDeliveryQueue, IDeliveryTransport
 from dcrouter.log import logger
-from dcrouter.queue.item import Priority, QueueItem, QueueItemStatus
+from dcrouter.queue.item import QueueItem, QueueItemStatus
 
 log = logger("dcrouter.delivery")
 
@@ -90,10 +94,6 @@ STAT_KEYS = (
     "claims_lost",  # attempts stopped undelivered: the queue could no longer vouch for the claim (ClaimLost)
     "purged",
 )
-
-
-def _result(rcpt: str, code: int, enhanced: str, text: str) -> RecipientResult:
-    return RecipientResult(rcpt, Outcome.TEMPORARY, code, enhanced, text)
 
 
 class DeliveryManager(Service):
@@ -325,7 +325,6 @@ class DeliveryManager(Service):
         (the item then stays claimed for the queue's recovery)."""
         pending = item.pending_recipients()
         temporary: dict[str, RecipientResult] = {}
-        busy: list[str] = []
         tried = False
         try:
             groups = self._routes.group(item.envelope.mail_from, pending) if pending else []
@@ -333,12 +332,11 @@ class DeliveryManager(Service):
             self._stats["errors"] += 1
             log.failure("routing failed for {queue_id}", queue_id=item.id)
             groups, tried = [], True
-            temporary = {r: _result(r, 451, "4.3.0", "Local error in routing") for r in pending}
+            temporary = transitions.routing_failed(pending)
         for route, rcpts in groups:
             # Waiting is for a running manager: once stopping, a full destination's recipients go back.
             if not await self._slots.acquire(route.name, may_wait=bool(self.running)):
-                busy.extend(rcpts)
-                continue
+                continue  # these recipients stay pending: the message is put back, using no retry
             tried = True
             try:
                 report = await self._deliver_group(item, route, rcpts)
@@ -369,26 +367,13 @@ class DeliveryManager(Service):
             self._stats["errors"] += 1
             log.failure("transport failed for {queue_id} via {route}", queue_id=item.id, route=route.name)
             report = DeliveryReport(route.name)
-        by_rcpt = {r.recipient: r for r in report.results if r.recipient in rcpts}
-        results = [
-            by_rcpt.get(rcpt) or _result(rcpt, 451, "4.3.0", "No result for this recipient (local error)")
-            for rcpt in rcpts
-        ]
-        return DeliveryReport(route.name, results, list(report.tried))
+        return transitions.one_result_each(route.name, report, rcpts)
 
     async def _record(self, item: QueueItem, route: Route, report: DeliveryReport) -> QueueItem:
         """Write the group's final outcomes and its history entry; fires once durable."""
-        now = self._clock.seconds()
-        outcomes = dict(item.outcomes)
+        transition = transitions.record_group(item, route.name, report, self._clock.seconds())
         for r in report.results:
             if r.outcome is not Outcome.TEMPORARY:
-                outcomes[r.recipient] = {
-                    "outcome": r.outcome.value,
-                    "reply": r.reply,
-                    "target": r.target,
-                    "at": now,
-                    "route": route.name,
-                }
                 key = "recipients_delivered" if r.outcome is Outcome.DELIVERED else "recipients_failed"
                 self._stats[key] += 1
             log.info(
@@ -399,69 +384,50 @@ class DeliveryManager(Service):
                 outcome=r.outcome.value,
                 reply=r.reply,
             )
-        entry = {
-            "at": now,
-            "route": route.name,
-            "tried": list(report.tried),
-            "results": [
-                {"recipient": r.recipient, "outcome": r.outcome.value, "reply": r.reply, "target": r.target}
-                for r in report.results
-            ],
-        }
-        changes: dict[str, Any] = {"outcomes": outcomes, "history": [*item.history, entry]}
-        if item.destination is None:
-            changes["destination"] = route.name
-        delivered = Outcome.DELIVERED.value
-        if len(outcomes) == len(item.envelope.recipients) and all(
-            o["outcome"] == delivered for o in outcomes.values()
-        ):
-            # The common case, every recipient delivered: the outcomes and the final status go in one durable
-            # write instead of two (each an fsync'd commit on the disk queue).
-            changes["status"] = QueueItemStatus.DELIVERED
-        updated: QueueItem = await self._queue.update(item.id, **changes)
-        return updated
+        return await self._write(item, transition.changes)
 
     async def _conclude(
         self, item: QueueItem, temporary: dict[str, RecipientResult], *, tried: bool
     ) -> QueueItem:
         now = self._clock.seconds()
-        pending = item.pending_recipients()
-        if not pending:
-            return await self._finish(item, now)
-        attempts = item.attempts + int(tried)
-        decision = self._policy.decide(
-            attempts=attempts, created_at=item.created_at, now=now, failed_temporarily=bool(temporary)
+        assessment = transitions.assess(
+            item, tried=tried, failed_temporarily=bool(temporary), policy=self._policy, now=now
         )
-        if decision is RetryDecision.RETRY:
-            if temporary:
-                return await self._defer(item, temporary, attempts, now)
+        step, attempts = assessment.step, assessment.attempts
+        if step is Next.FINISH:
+            return await self._finish(item, now)
+        if step is Next.DEFER:
+            return await self._defer(item, temporary, attempts, now)
+        if step is Next.PUT_BACK:
             self._stats["busy"] += 1
             if not tried:
                 self._found_full.add(item.id)
             return await self._put_back(item, now, delay=self._interval, attempts=attempts)
-        item = await self._give_up(item, pending, temporary, attempts, decision, now)
+        item = await self._give_up(item, temporary, attempts, assessment.decision, now)
         return await self._finish(item, now)
 
-    # -- outcomes of an attempt ------------------------------------------------------------------------
+    # -- outcomes of an attempt: the transitions' changes, written -------------------------------------
+
+    async def _write(self, item: QueueItem, changes: Mapping[str, Any]) -> QueueItem:
+        """One durable write of ``changes`` to ``item``; the item as stored afterwards."""
+        updated: QueueItem = await self._queue.update(item.id, **changes)
+        return updated
 
     async def _defer(
         self, item: QueueItem, temporary: dict[str, RecipientResult], attempts: int, now: float
     ) -> QueueItem:
         wait = self._policy.next_delay(attempts, self._random)
         pending = item.pending_recipients()
-        last_error = next((temporary[r].reply for r in pending if r in temporary), item.last_error)
-        changes: dict[str, Any] = {
-            "status": QueueItemStatus.DEFERRED,
-            "priority": Priority.RETRY,
-            "attempts": attempts,
-            "next_attempt_at": now + wait,
-            "last_error": last_error,
-        }
-        destination = self._destination(item, pending[0])
-        if destination is not None:
-            changes["destination"] = destination
-        if await self._maybe_warn(item, temporary, now):
-            changes["warned_at"] = now
+        transition = transitions.deferral(
+            item,
+            temporary,
+            attempts=attempts,
+            now=now,
+            wait=wait,
+            destination=self._destination(item, pending[0]),
+            warn=self._bouncer.warning_due(item, now),
+        )
+        queued = await self._queue_dsn(item, transition.dsn, now)
         self._stats["deferred"] += 1
         log.info(
             "{queue_id} deferred after attempt {attempts}: {pending} recipients pending, next attempt in "
@@ -470,24 +436,27 @@ class DeliveryManager(Service):
             attempts=attempts,
             pending=len(pending),
             wait=wait,
-            error=last_error,
+            error=transition.changes["last_error"],
         )
-        updated: QueueItem = await self._queue.update(item.id, **changes)
-        return updated
+        return await self._write(item, transition.to_write(dsn_queued=queued))
 
-    async def _maybe_warn(self, item: QueueItem, temporary: dict[str, RecipientResult], now: float) -> bool:
-        """Queue the delay warning if one is due; True when it was queued (or already was)."""
-        if not self._bouncer.warning_due(item, now):
-            return False
+    async def _queue_dsn(self, item: QueueItem, dsn: DsnRequest | None, now: float) -> bool:
+        """Queue ``dsn`` if there is one; False when it could not be queued (counted and logged: the
+        transition says what to write then)."""
+        if dsn is None:
+            return True
         try:
-            await self._bouncer.warn(item, temporary, now)
+            await self._bouncer.send(item, dsn, now)
         except ClaimLost:
             raise
-        except Exception:  # noqa: BLE001 (a warning is a courtesy: never let it block the retry)
+        except Exception:  # noqa: BLE001 (the queue is full or down: never let a DSN lose the message's state)
             self._stats["errors"] += 1
-            log.failure("cannot queue the delay warning for {queue_id}", queue_id=item.id)
+            if dsn.action == "delayed":  # a courtesy: the deferral is written without it
+                log.failure("cannot queue the delay warning for {queue_id}", queue_id=item.id)
+            else:
+                log.failure("cannot queue the bounce for {queue_id}; trying again later", queue_id=item.id)
             return False
-        self._stats["delay_warnings"] += 1
+        self._stats["delay_warnings" if dsn.action == "delayed" else "dsn_sent"] += 1
         return True
 
     def _destination(self, item: QueueItem, rcpt: str) -> str | None:
@@ -500,90 +469,43 @@ class DeliveryManager(Service):
     async def _put_back(
         self, item: QueueItem, now: float, *, delay: float, attempts: int | None = None
     ) -> QueueItem:
-        """Return a claimed item to a ready state, due after ``delay``. No retry is used up: ``attempts`` only
-        counts groups tried in the attempt, when some were (the others found their destination busy)."""
-        attempts = item.attempts if attempts is None else attempts
-        status = QueueItemStatus.QUEUED if attempts == 0 else QueueItemStatus.DEFERRED
+        """Return a claimed item to a ready state, due after ``delay``, using no retry
+        (:func:`~dcrouter.delivery.transitions.put_back`)."""
         log.debug("{queue_id} put back (destination busy or stopping)", queue_id=item.id)
-        updated: QueueItem = await self._queue.update(
-            item.id, status=status, next_attempt_at=now + delay, attempts=attempts
-        )
-        return updated
+        transition = transitions.put_back(item, now=now, delay=delay, attempts=attempts)
+        return await self._write(item, transition.changes)
 
     async def _give_up(
         self,
         item: QueueItem,
-        pending: list[str],
         temporary: dict[str, RecipientResult],
         attempts: int,
         decision: RetryDecision,
         now: float,
     ) -> QueueItem:
         """Record every pending recipient as failed for good: expired, or out of retries."""
-        if decision is RetryDecision.EXPIRED:
-            reason = f"Message expired after {(now - item.created_at) / 3600:.1f} hours in the queue"
-        else:
-            reason = f"Retry limit reached after {attempts} attempts"
-        outcomes = dict(item.outcomes)
-        for rcpt in pending:
-            last = temporary.get(rcpt)
-            last_error = last.reply if last else (item.last_error or "none")
-            outcomes[rcpt] = {
-                "outcome": Outcome.PERMANENT.value,
-                "reply": f"451 4.4.7 {reason}; last error: {last_error}",
-                "target": last.target if last else "",
-                "at": now,
-                "route": "",
-            }
-        self._stats["recipients_failed"] += len(pending)
+        reason = transitions.give_up_reason(item, attempts=attempts, decision=decision, now=now)
+        transition = transitions.give_up(item, temporary, attempts=attempts, reason=reason, now=now)
+        count = len(item.pending_recipients())
+        self._stats["recipients_failed"] += count
         log.info(
-            "{queue_id}: {reason}; {count} recipients fail",
-            queue_id=item.id,
-            reason=reason,
-            count=len(pending),
+            "{queue_id}: {reason}; {count} recipients fail", queue_id=item.id, reason=reason, count=count
         )
-        updated: QueueItem = await self._queue.update(
-            item.id, outcomes=outcomes, attempts=attempts, last_error=f"4.4.7 {reason}"
-        )
-        return updated
+        return await self._write(item, transition.changes)
 
     async def _finish(self, item: QueueItem, now: float) -> QueueItem:
         """No recipient is pending: DELIVERED, BOUNCED (after queueing the DSN) or FAILED."""
-        failed = [
-            r for r in item.envelope.recipients if item.outcomes[r]["outcome"] == Outcome.PERMANENT.value
-        ]
-        changes: dict[str, Any] = {}
-        if not failed:
-            status = QueueItemStatus.DELIVERED
-        elif not item.envelope.mail_from:
-            status = QueueItemStatus.FAILED
+        transition = transitions.finish(item, now=now, retry_delay=self._policy.base_delay)
+        status: QueueItemStatus = transition.changes["status"]
+        if status is QueueItemStatus.FAILED:
             log.warn(
                 "{queue_id} from the null sender failed for {count} recipients; no bounce is sent for it",
                 queue_id=item.id,
-                count=len(failed),
+                count=len(transitions.failed_recipients(item)),
             )
-        else:
-            try:
-                changes["bounce_id"] = await self._bouncer.bounce(item, failed, now)
-            except ClaimLost:
-                raise
-            except Exception:  # noqa: BLE001 (the queue is full or down: try the bounce again later)
-                self._stats["errors"] += 1
-                log.failure("cannot queue the bounce for {queue_id}; trying again later", queue_id=item.id)
-                return await self._retry_finish(item, now)
-            status = QueueItemStatus.BOUNCED
-            self._stats["dsn_sent"] += 1
+        if not await self._queue_dsn(item, transition.dsn, now):
+            # Nothing is pending, so the next attempt goes straight here and tries the bounce again.
+            return await self._write(item, transition.to_write(dsn_queued=False))
         self._stats[status.value] += 1
         log.info("{queue_id} {status}", queue_id=item.id, status=status.value)
-        updated: QueueItem = await self._queue.update(item.id, status=status, **changes)
-        return updated
-
-    async def _retry_finish(self, item: QueueItem, now: float) -> QueueItem:
-        # Nothing is pending, so the next attempt goes straight to _finish and tries the bounce again.
-        updated: QueueItem = await self._queue.update(
-            item.id,
-            status=QueueItemStatus.DEFERRED,
-            next_attempt_at=now + self._policy.base_delay,
-            last_error="4.3.0 Cannot queue the bounce",
-        )
-        return updated
+        return await self._write(item, transition.changes)

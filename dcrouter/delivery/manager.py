@@ -6,12 +6,13 @@ writes (as values) :mod:`dcrouter.delivery.transitions`'s, the DSNs themselves (
 
 What a caller may rely on:
 
-- **Scheduling.** While running, the manager looks at the queue every ``checkInterval`` and at once (in the
-  next reactor turn; several calls coalesce into one look) on :meth:`DeliveryManager.wake`, and again as soon
-  as an attempt finishes. A look claims up to ``delivery.concurrentDeliveries`` minus the attempts in flight,
-  but no more than the busiest route can still start or queue for (twice ``maxPerDestination`` minus its
-  attempts running and waiting) unless that route has stayed full for a ``checkInterval``
-  (:class:`~dcrouter.delivery.slots.RouteSlots` sizes the claims and keeps the slots below).
+- **Scheduling.** While running, the manager looks at the queue at start and every ``checkInterval`` (a
+  ``LoopingCall`` on the clock it was given), at once (in the next reactor turn; several calls coalesce into
+  one look) on :meth:`DeliveryManager.wake`, and again as soon as an attempt finishes. A look claims up to
+  ``delivery.concurrentDeliveries`` minus the attempts in flight, but no more than the busiest route can
+  still start or queue for (twice ``maxPerDestination`` minus its attempts running and waiting) unless that
+  route has stayed full for a ``checkInterval`` (:class:`~dcrouter.delivery.slots.RouteSlots` sizes the
+  claims and keeps the slots below).
 - **Per-destination limit.** At most ``maxPerDestination`` transport calls run at once per route name. A
   claimed message whose route is at that limit waits for a slot, in order, up to ``maxPerDestination``
   waiters per route; beyond that its recipients are skipped for this attempt without counting a retry, and
@@ -57,6 +58,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
 from dcrouter.config.options import SmtpConfig
@@ -142,7 +144,8 @@ class DeliveryManager(Service):
         self._paused = False
         self._claiming = False
         self._claim_again = False
-        self._tick_call: IDelayedCall | None = None
+        #: The periodic look, every checkInterval on the injected clock, while running.
+        self._loop: LoopingCall | None = None
         self._wake_call: IDelayedCall | None = None
         self._next_purge = 0.0
         self._idle_waiters: list[Deferred] = []
@@ -152,15 +155,21 @@ class DeliveryManager(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._tick()
+        self._loop = LoopingCall(self._look)
+        self._loop.clock = self._clock
+        # The first look at once: mail left in the queue by the last run starts without waiting.
+        looping = self._loop.start(self._interval, now=True)
+        looping.addErrback(self._log_failure, "the periodic look at the queue stopped")
 
     def stopService(self) -> Deferred:
         """Stop claiming; fires once no attempt is in flight, or after ``stop_grace`` seconds."""
         super().stopService()
-        for call in (self._tick_call, self._wake_call):
-            if call is not None and call.active():
-                call.cancel()
-        self._tick_call = self._wake_call = None
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        if self._wake_call is not None and self._wake_call.active():
+            self._wake_call.cancel()
+        self._wake_call = None
         # Attempts waiting for a slot start nothing now: they put their messages back.
         self._slots.release_waiters()
         if self._idle():
@@ -224,13 +233,10 @@ class DeliveryManager(Service):
 
     # -- the loop --------------------------------------------------------------------------------------
 
-    def _tick(self) -> None:
-        self._tick_call = None
-        if not self.running:
-            return
+    def _look(self) -> None:
+        """The periodic look: purge when due, and claim (in the next reactor turn, with any wake)."""
         self._maybe_purge()
         self.wake()
-        self._tick_call = self._clock.callLater(self._interval, self._tick)
 
     def _claim_now(self) -> None:
         self._wake_call = None
@@ -288,7 +294,7 @@ class DeliveryManager(Service):
         if item_id in self._found_full:
             # It only found its destination full: claiming again now would most likely find the same, and
             # with a backlog the manager would spin claiming and putting back. The next delivery that
-            # finishes, or the next tick, looks again.
+            # finishes, or the next periodic look, looks again.
             self._found_full.discard(item_id)
         else:
             self.wake()  # a slot is free

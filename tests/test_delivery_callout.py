@@ -11,7 +11,7 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.names import dns
 
-from dcrouter.delivery.callout import GAVE_UP, CalloutProber, ProbeResult, Verdict
+from dcrouter.delivery.callout import GAVE_UP, CalloutAnswer, CalloutProber, ProbeResult
 from dcrouter.delivery.mx import MxResolver
 from dcrouter.delivery.route import Route
 from dcrouter.mail.reply import Reply
@@ -48,7 +48,7 @@ class VerdictTests(ProberTestCase):
         async def check() -> None:
             result = await self.probe(prober, local_route(downstream.port), "alice@example.test")
             target = f"127.0.0.1:{downstream.port}"
-            self.assertEqual(result, ProbeResult(Verdict.ACCEPTED, Reply(250, "2.1.5", "Ok"), target))
+            self.assertEqual(result, ProbeResult(CalloutAnswer.ACCEPTED, Reply(250, "2.1.5", "Ok"), target))
             self.assertEqual(
                 downstream.commands()[1:], ["MAIL FROM:<>", "RCPT TO:<alice@example.test>", "RSET"]
             )
@@ -62,7 +62,7 @@ class VerdictTests(ProberTestCase):
 
         async def check() -> None:
             result = await self.probe(prober, local_route(downstream.port), "nobody@example.test")
-            self.assertEqual(result.verdict, Verdict.REJECTED)
+            self.assertEqual(result.verdict, CalloutAnswer.REJECTED)
             self.assertEqual(result.reply, Reply(550, "5.1.1", "No such user here"))
 
         self.drive(check())
@@ -73,7 +73,7 @@ class VerdictTests(ProberTestCase):
 
         async def check() -> None:
             result = await self.probe(prober, local_route(downstream.port), "alice@example.test")
-            self.assertEqual((result.verdict, result.reply.code), (Verdict.UNVERIFIED, 450))
+            self.assertEqual((result.verdict, result.reply.code), (CalloutAnswer.UNVERIFIED, 450))
 
         self.drive(check())
 
@@ -85,7 +85,7 @@ class VerdictTests(ProberTestCase):
 
         async def check() -> None:
             result = await self.probe(prober, local_route(downstream.port), "alice@example.test")
-            self.assertEqual((result.verdict, result.reply.code), (Verdict.UNVERIFIED, 553))
+            self.assertEqual((result.verdict, result.reply.code), (CalloutAnswer.UNVERIFIED, 553))
             warnings = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
             self.assertTrue(any("refused MAIL FROM:<>: 553" in w for w in warnings), warnings)
             self.assertEqual(len(downstream.connections), 1)  # it answered: no second server asked
@@ -112,7 +112,7 @@ class TargetTests(ProberTestCase):
             port = self.network.closed_port()
             result = await self.probe(prober, local_route(port), "alice@example.test")
             self.assertEqual(
-                (result.verdict, result.reply.code, result.target), (Verdict.UNVERIFIED, 451, "")
+                (result.verdict, result.reply.code, result.target), (CalloutAnswer.UNVERIFIED, 451, "")
             )
             self.assertTrue(self.health.is_down(Target("127.0.0.1", "127.0.0.1", port)))
 
@@ -125,7 +125,7 @@ class TargetTests(ProberTestCase):
         async def check() -> None:
             result = await self.probe(prober, two_targets(downstream.port), "alice@example.test")
             self.assertEqual(
-                (result.verdict, result.target), (Verdict.REJECTED, f"127.0.0.1:{downstream.port}")
+                (result.verdict, result.target), (CalloutAnswer.REJECTED, f"127.0.0.1:{downstream.port}")
             )
             self.assertTrue(self.health.is_down(Target("127.0.0.2", "127.0.0.2", downstream.port)))
 
@@ -139,7 +139,7 @@ class TargetTests(ProberTestCase):
         async def check() -> None:
             route = local_route(downstream.port, require_tls=True)
             result = await self.probe(prober, route, "alice@example.test")
-            self.assertEqual((result.verdict, result.reply.enhanced), (Verdict.UNVERIFIED, "4.7.5"))
+            self.assertEqual((result.verdict, result.reply.enhanced), (CalloutAnswer.UNVERIFIED, "4.7.5"))
             self.assertEqual([c.split()[0] for c in downstream.commands()], ["EHLO"])
 
         self.drive(check())
@@ -154,7 +154,7 @@ class TargetTests(ProberTestCase):
             # Named by its host name, so the certificate is verified against it.
             route = Route(name="domain:example.test", targets=("downstream.test",), port=downstream.port)
             result = await self.probe(prober, route, "alice@example.test")
-            self.assertEqual(result.verdict, Verdict.ACCEPTED)
+            self.assertEqual(result.verdict, CalloutAnswer.ACCEPTED)
             self.assertTrue(downstream.connections[0].tls)
 
         self.drive(check())
@@ -166,7 +166,7 @@ class TargetTests(ProberTestCase):
         async def check() -> None:
             for recipient in ("a@example.test", "b@example.test"):
                 result = await self.probe(prober, local_route(downstream.port), recipient)
-                self.assertEqual(result.verdict, Verdict.ACCEPTED)
+                self.assertEqual(result.verdict, CalloutAnswer.ACCEPTED)
             self.assertEqual(len(downstream.connections), 1)
 
         self.drive(check())
@@ -184,7 +184,7 @@ class TargetTests(ProberTestCase):
             )
             self.clock.advance(DEADLINE)
             probing.cancel()
-            self.assertEqual(self.successResultOf(probing), ProbeResult(Verdict.UNVERIFIED, GAVE_UP))
+            self.assertEqual(self.successResultOf(probing), ProbeResult(CalloutAnswer.UNVERIFIED, GAVE_UP))
             self.assertFalse(self.health.is_down(Target("127.0.0.1", "127.0.0.1", downstream.port)))
             await self.network.until(lambda: downstream.connections[0].closed, "the probe connection closed")
 

@@ -23,7 +23,8 @@ from zope.interface.verify import verifyObject
 
 from dcrouter.config.delivery import DeliveryConfig
 from dcrouter.config.smtp import SmtpConfig
-from dcrouter.delivery.manager import DeliveryManager, dsn_queue_id
+from dcrouter.delivery.bounces import dsn_queue_id
+from dcrouter.delivery.manager import DeliveryManager
 from dcrouter.delivery.outcome import DeliveryReport, Outcome, RecipientResult
 from dcrouter.delivery.route import Route
 from dcrouter.delivery.routing import RecipientRouter
@@ -553,6 +554,37 @@ class LimitTests(ManagerTestsBase):
 
 
 class LifecycleTests(ManagerTestsBase):
+    def test_first_look_at_start(self) -> None:
+        """Mail left in the queue by the last run starts when delivery starts, not a checkInterval later."""
+        envelope = Envelope(mail_from="alice@senders.test", recipients=["bob@a.test"])
+        processor = EmailProcessor(self.queue, self.clock.seconds)
+        queued = result_of(processor.process(envelope, SpooledMessage(len(BODY), data=BODY)))
+        self.start(check_interval=60_000)
+        self.assertEqual(self.item(queued.id).status, QueueItemStatus.DELIVERED)
+        self.assertEqual(self.clock.seconds(), START)
+
+    def test_looks_every_check_interval_on_the_injected_clock(self) -> None:
+        self.start(check_interval=2_000)
+        looks: list[float] = []
+        real_get_next = self.queue.get_next
+
+        def get_next(count: int = 1) -> Deferred:
+            looks.append(self.clock.seconds())
+            return real_get_next(count)
+
+        self.patch(self.queue, "get_next", get_next)
+        self.advance_to(START + 7)
+        self.assertEqual(looks, [START + 2, START + 4, START + 6])
+
+    def test_stopping_leaves_no_timer_behind(self) -> None:
+        self.start()
+        self.send("alice@senders.test", "bob@a.test")
+        self.manager.pause_deliveries()
+        self.manager.resume_deliveries()  # a wake pending in the next reactor turn
+        self.assertTrue(self.clock.getDelayedCalls())
+        self.successResultOf(self.manager.stopService())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_stop_waits_for_attempts_in_flight(self) -> None:
         self.start()
         self.transport.hold = True

@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.trial.unittest import TestCase
 
 from dcrouter.config.smtp import SmtpConfig
-from dcrouter.delivery.retry import RetryPolicy, Verdict, delay
+from dcrouter.delivery.retry import RetryDecision, RetryPolicy, delay
 
 
 def fixed(value: float):
@@ -46,24 +46,26 @@ class PolicyTests(TestCase):
             self.policy(), RetryPolicy(max_retries=40, base_delay=300, max_delay=14_400, lifetime=432_000)
         )
 
-    def test_verdicts(self) -> None:
+    def test_decisions(self) -> None:
         policy = self.policy(max_retries=3)
         self.assertEqual(
-            policy.verdict(attempts=2, created_at=0, now=100, failed_temporarily=True), Verdict.RETRY
+            policy.decide(attempts=2, created_at=0, now=100, failed_temporarily=True), RetryDecision.RETRY
         )
         self.assertEqual(
-            policy.verdict(attempts=3, created_at=0, now=100, failed_temporarily=True), Verdict.RETRY_LIMIT
+            policy.decide(attempts=3, created_at=0, now=100, failed_temporarily=True),
+            RetryDecision.RETRY_LIMIT,
         )
         # An attempt that only found its destination busy does not use up the last retry...
         self.assertEqual(
-            policy.verdict(attempts=3, created_at=0, now=100, failed_temporarily=False), Verdict.RETRY
+            policy.decide(attempts=3, created_at=0, now=100, failed_temporarily=False), RetryDecision.RETRY
         )
         # ...but the lifetime runs regardless.
         self.assertEqual(
-            policy.verdict(attempts=1, created_at=0, now=432_000, failed_temporarily=False), Verdict.EXPIRED
+            policy.decide(attempts=1, created_at=0, now=432_000, failed_temporarily=False),
+            RetryDecision.EXPIRED,
         )
         self.assertEqual(
-            policy.verdict(attempts=1, created_at=0, now=431_999, failed_temporarily=True), Verdict.RETRY
+            policy.decide(attempts=1, created_at=0, now=431_999, failed_temporarily=True), RetryDecision.RETRY
         )
 
     def test_next_delay_uses_the_configured_numbers(self) -> None:

@@ -17,7 +17,8 @@ from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from dcrouter.delivery.manager import DeliveryManager, dsn_queue_id
+from dcrouter.delivery.bounces import dsn_queue_id
+from dcrouter.delivery.manager import DeliveryManager
 from dcrouter.delivery.routing import RecipientRouter
 from dcrouter.mail.envelope import Envelope
 from dcrouter.processing.processor import EmailProcessor

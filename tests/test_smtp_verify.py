@@ -18,7 +18,7 @@ from dcrouter.config.auth import AuthConfig
 from dcrouter.config.delivery import RoutingRuleConfig
 from dcrouter.config.domains import CalloutConfig, DomainConfig
 from dcrouter.config.smtp import SmtpConfig
-from dcrouter.delivery.callout import ProbeResult, Verdict
+from dcrouter.delivery.callout import CalloutAnswer, ProbeResult
 from dcrouter.delivery.route import Route
 from dcrouter.delivery.routing import RecipientRouter
 from dcrouter.mail.reply import Reply
@@ -46,9 +46,9 @@ def unverified(address: str) -> bytes:
 
 
 OK = b"250 2.1.5 Ok\r\n"
-ACCEPTED = ProbeResult(Verdict.ACCEPTED, Reply(250, "2.1.5", "Ok"), "192.0.2.25:25")
-REJECTED = ProbeResult(Verdict.REJECTED, Reply(550, "5.1.1", "No such user"), "192.0.2.25:25")
-GREYLISTED = ProbeResult(Verdict.UNVERIFIED, Reply(450, "4.2.0", "Greylisted"), "192.0.2.25:25")
+ACCEPTED = ProbeResult(CalloutAnswer.ACCEPTED, Reply(250, "2.1.5", "Ok"), "192.0.2.25:25")
+REJECTED = ProbeResult(CalloutAnswer.REJECTED, Reply(550, "5.1.1", "No such user"), "192.0.2.25:25")
+GREYLISTED = ProbeResult(CalloutAnswer.UNVERIFIED, Reply(450, "4.2.0", "Greylisted"), "192.0.2.25:25")
 
 
 @dataclass
@@ -285,10 +285,12 @@ class CacheTests(VerifyCase):
 class VerdictCacheTests(unittest.SynchronousTestCase):
     def test_zero_ttl_keeps_nothing(self) -> None:
         cache = VerdictCache(Clock(), size=10, positive_ttl=0, negative_ttl=5)
-        cache.put("a", Verdict.ACCEPTED)
-        cache.put("b", Verdict.REJECTED)
-        cache.put("c", Verdict.UNVERIFIED)
-        self.assertEqual((cache.get("a"), cache.get("b"), cache.get("c")), (None, Verdict.REJECTED, None))
+        cache.put("a", CalloutAnswer.ACCEPTED)
+        cache.put("b", CalloutAnswer.REJECTED)
+        cache.put("c", CalloutAnswer.UNVERIFIED)
+        self.assertEqual(
+            (cache.get("a"), cache.get("b"), cache.get("c")), (None, CalloutAnswer.REJECTED, None)
+        )
         self.assertEqual(len(cache), 1)
 
 

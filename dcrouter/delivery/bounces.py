@@ -11,9 +11,11 @@ What a caller may rely on:
   be read it goes out without them. A delay warning says ``Will-Retry-Until`` (queued at + ``queueLifetime``).
 - **Warnings.** :meth:`Bouncer.warning_due` is the rule: ``delayWarningAfter`` > 0, not warned yet, queued at
   least that long ago, and not from the null sender (which never gets a DSN).
-- **Errors.** :meth:`Bouncer.bounce` and :meth:`Bouncer.warn` raise when the DSN cannot be queued; counting
-  and retrying are the caller's (:class:`dcrouter.delivery.manager.DeliveryManager`). After a DSN is newly
-  queued the ``wake`` callback runs, so delivery looks for it at once.
+- **What a DSN lists.** A :class:`DsnRequest` names the recipients and the reply to report for each; which
+  DSN a message gets is decided by :mod:`dcrouter.delivery.transitions`, queued here by :meth:`Bouncer.send`.
+- **Errors.** :meth:`Bouncer.send` raises when the DSN cannot be queued; counting and retrying are the
+  caller's (:class:`dcrouter.delivery.manager.DeliveryManager`). After a DSN is newly queued the ``wake``
+  callback runs, so delivery looks for it at once.
 
 :func:`open_message` (a queued message as it is relayed) lives here because both delivery and a DSN's
 original headers read a message that way.
@@ -24,13 +26,13 @@ Log events use the namespace ``dcrouter.delivery`` (as the manager's) and carry 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
 from twisted.internet.defer import Deferred
 
 from dcrouter.delivery.dsn import Action, build_dsn, read_header_block
-from dcrouter.delivery.outcome import RecipientResult
 from dcrouter.delivery.retry import RetryPolicy
 from dcrouter.interfaces import DuplicateItem, IDeliveryQueue
 from dcrouter.log import logger
@@ -52,6 +54,16 @@ def dsn_queue_id(item_id: str, action: Action) -> str:
     if len(item_id) > _MAX_BASE_ID:
         base = hashlib.sha256(item_id.encode()).hexdigest()[:40].upper()
     return base + ("B" if action == "failed" else "W")
+
+
+@dataclass(frozen=True)
+class DsnRequest:
+    """A DSN to queue for a message: ``action`` is "failed" (the bounce) or "delayed" (the delay warning);
+    ``rows`` list its recipients, each ``(recipient, reply, target)``: the reply that decided (or the last
+    error) and ``host:port`` of the server that gave it ("" when none did)."""
+
+    action: Action
+    rows: tuple[tuple[str, str, str], ...]
 
 
 def open_message(queue: IDeliveryQueue, item: QueueItem) -> Deferred[BinaryIO]:
@@ -99,32 +111,16 @@ class Bouncer:
             return False
         return bool(item.envelope.mail_from)  # never a DSN to the null sender
 
-    async def warn(self, item: QueueItem, temporary: dict[str, RecipientResult], now: float) -> str:
-        """Queue the delay warning listing ``item``'s pending recipients with their last error; returns its
-        queue id."""
-        rows = []
-        for rcpt in item.pending_recipients():
-            last = temporary.get(rcpt)
-            rows.append((rcpt, last.reply if last else (item.last_error or ""), last.target if last else ""))
-        return await self._send(item, rows, "delayed", now)
-
-    async def bounce(self, item: QueueItem, failed: Sequence[str], now: float) -> str:
-        """Queue the bounce listing the ``failed`` recipients with their recorded outcomes; returns its queue
-        id."""
-        rows = [(r, item.outcomes[r]["reply"], item.outcomes[r]["target"]) for r in failed]
-        return await self._send(item, rows, "failed", now)
-
-    async def _send(
-        self, item: QueueItem, rows: Sequence[tuple[str, str, str]], action: Action, now: float
-    ) -> str:
-        """Queue the DSN for ``item`` from the null sender to its sender; returns the DSN's queue id. Its id
-        is derived from ``item.id``, so queueing it twice (after a crash) finds the first one."""
+    async def send(self, item: QueueItem, request: DsnRequest, now: float) -> str:
+        """Queue the DSN ``request`` for ``item`` from the null sender to its sender; returns the DSN's queue
+        id. Its id is derived from ``item.id``, so queueing it twice (after a crash) finds the first one."""
+        action = request.action
         dsn_id = dsn_queue_id(item.id, action)
         headers = await self._original_headers(item)
         data = build_dsn(
             reporting_mta=self._hostname,
             original=item,
-            failed=list(rows),
+            failed=list(request.rows),
             action=action,
             headers_of_original=headers,
             arrival_date=item.envelope.received_at or item.created_at,

@@ -47,7 +47,7 @@ NO_TARGET = Reply(451, "4.4.0", "No target could be tried")
 GAVE_UP = Reply(451, "4.4.2", "Recipient verification timed out")
 
 
-class Verdict(enum.Enum):
+class CalloutAnswer(enum.Enum):
     """What a probe learnt about an address."""
 
     ACCEPTED = "accepted"
@@ -60,18 +60,18 @@ class ProbeResult:
     """The verdict, the reply it rests on (the server's RCPT or MAIL reply, or our description of a failure)
     and ``host:port`` of the server that answered ("" when none did)."""
 
-    verdict: Verdict
+    verdict: CalloutAnswer
     reply: Reply
     target: str = ""
 
 
-def verdict_of(reply: Reply) -> Verdict:
+def verdict_of(reply: Reply) -> CalloutAnswer:
     """RCPT 2xx accepted, 5xx rejected, anything else unverified."""
     if 200 <= reply.code < 300:
-        return Verdict.ACCEPTED
+        return CalloutAnswer.ACCEPTED
     if 500 <= reply.code < 600:
-        return Verdict.REJECTED
-    return Verdict.UNVERIFIED
+        return CalloutAnswer.REJECTED
+    return CalloutAnswer.UNVERIFIED
 
 
 class CalloutProber:
@@ -100,25 +100,25 @@ class CalloutProber:
         try:
             targets = await self._resolver.targets(route)
         except DnsTemporaryFailure as error:
-            return ProbeResult(Verdict.UNVERIFIED, Reply(error.code, error.enhanced, str(error)))
+            return ProbeResult(CalloutAnswer.UNVERIFIED, Reply(error.code, error.enhanced, str(error)))
         except MxLookupError as error:
             # NullMX or no such domain: delivery would bounce the message, so it is refused now.
-            return ProbeResult(Verdict.REJECTED, Reply(error.code, error.enhanced, str(error)))
+            return ProbeResult(CalloutAnswer.REJECTED, Reply(error.code, error.enhanced, str(error)))
         last = NO_TARGET
         for target in self._health.order(route.name, targets, rotate=bool(route.targets)):
             if self._clock.seconds() >= deadline:
-                return ProbeResult(Verdict.UNVERIFIED, GAVE_UP)
+                return ProbeResult(CalloutAnswer.UNVERIFIED, GAVE_UP)
             outcome = await self._attempt(route, target, sender, recipient)
             if isinstance(outcome, TargetFailure):
                 if self._clock.seconds() >= deadline:
                     # Cut short by our own deadline: that says nothing about the target.
-                    return ProbeResult(Verdict.UNVERIFIED, GAVE_UP)
+                    return ProbeResult(CalloutAnswer.UNVERIFIED, GAVE_UP)
                 self._health.mark_down(target)
                 last = outcome.reply
                 continue
             self._health.mark_up(target)
             return outcome
-        return ProbeResult(Verdict.UNVERIFIED, last)
+        return ProbeResult(CalloutAnswer.UNVERIFIED, last)
 
     async def _attempt(
         self, route: Route, target: Target, sender: str, recipient: str
@@ -152,5 +152,5 @@ class CalloutProber:
                 code=replies.mail.code,
                 text=" ".join(replies.mail.lines()),
             )
-            return ProbeResult(Verdict.UNVERIFIED, replies.mail, where)
+            return ProbeResult(CalloutAnswer.UNVERIFIED, replies.mail, where)
         return ProbeResult(verdict_of(replies.rcpt), replies.rcpt, where)

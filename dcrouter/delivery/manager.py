@@ -1,14 +1,18 @@
 """DeliveryManager: takes due messages from the queue, delivers them recipient group by recipient group, and
-decides what happens next: done, retry later, bounce, or warn the sender of a delay. It owns scheduling and
-outcomes; the DSNs themselves (ids, content, queueing) are :mod:`dcrouter.delivery.bounces`'s.
+decides what happens next: done, retry later, bounce, or warn the sender of a delay. It owns the loop and
+the orchestration: per-route slots and claim sizing are :mod:`dcrouter.delivery.slots`'s, what each step
+writes (as values) :mod:`dcrouter.delivery.transitions`'s, the DSNs themselves (ids, content, queueing)
+:mod:`dcrouter.delivery.bounces`'s.
 
 What a caller may rely on:
 
-- **Scheduling.** While running, the manager looks at the queue every ``checkInterval`` and at once (in the
-  next reactor turn; several calls coalesce into one look) on :meth:`DeliveryManager.wake`, and again as soon
-  as an attempt finishes. A look claims up to ``delivery.concurrentDeliveries`` minus the attempts in flight,
-  but no more than the busiest route can still start or queue for (twice ``maxPerDestination`` minus its
-  attempts running and waiting) unless that route has stayed full for a ``checkInterval``.
+- **Scheduling.** While running, the manager looks at the queue at start and every ``checkInterval`` (a
+  ``LoopingCall`` on the clock it was given), at once (in the next reactor turn; several calls coalesce into
+  one look) on :meth:`DeliveryManager.wake`, and again as soon as an attempt finishes. A look claims up to
+  ``delivery.concurrentDeliveries`` minus the attempts in flight, but no more than the busiest route can
+  still start or queue for (twice ``maxPerDestination`` minus its attempts running and waiting) unless that
+  route has stayed full for a ``checkInterval`` (:class:`~dcrouter.delivery.slots.RouteSlots` sizes the
+  claims and keeps the slots below).
 - **Per-destination limit.** At most ``maxPerDestination`` transport calls run at once per route name. A
   claimed message whose route is at that limit waits for a slot, in order, up to ``maxPerDestination``
   waiters per route; beyond that its recipients are skipped for this attempt without counting a retry, and
@@ -48,25 +52,27 @@ Log events use the namespace ``dcrouter.delivery`` and carry the message's ``que
 from __future__ import annotations
 
 import random as random_module
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
 from dcrouter.config.smtp import SmtpConfig
-from dcrouter.delivery.bounces import Bouncer, SubmitLocal, open_message
-from dcrouter.delivery.bounces import dsn_queue_id as dsn_queue_id  # re-exported: tests import it from here
+from dcrouter.delivery import transitions
+from dcrouter.delivery.bounces import Bouncer, DsnRequest, SubmitLocal, open_message
 from dcrouter.delivery.outcome import DeliveryReport, Outcome, RecipientResult
-from dcrouter.delivery.retry import RetryPolicy, Verdict
+from dcrouter.delivery.retry import RetryDecision, RetryPolicy
 from dcrouter.delivery.route import Route
 from dcrouter.delivery.routing import RecipientRouter
+from dcrouter.delivery.slots import RouteSlots
+from dcrouter.delivery.transitions import Next
 from dcrouter.interfaces import ClaimLost, IDeliveryQueue, IDeliveryTransport
 from dcrouter.log import logger
-from dcrouter.queue.item import Priority, QueueItem, QueueItemStatus
+from dcrouter.queue.item import QueueItem, QueueItemStatus
 
 log = logger("dcrouter.delivery")
 
@@ -90,10 +96,6 @@ STAT_KEYS = (
     "claims_lost",  # attempts stopped undelivered: the queue could no longer vouch for the claim (ClaimLost)
     "purged",
 )
-
-
-def _result(rcpt: str, code: int, enhanced: str, text: str) -> RecipientResult:
-    return RecipientResult(rcpt, Outcome.TEMPORARY, code, enhanced, text)
 
 
 class DeliveryManager(Service):
@@ -123,8 +125,11 @@ class DeliveryManager(Service):
         self._random = random
         self._policy = RetryPolicy.from_config(config)
         self._interval = config.check_interval / 1000.0
-        self._concurrency = config.delivery.concurrent_deliveries
-        self._per_route = config.max_per_destination
+        self._slots = RouteSlots(
+            per_route=config.max_per_destination,
+            concurrency=config.delivery.concurrent_deliveries,
+            check_interval=self._interval,
+        )
         self._bouncer = Bouncer(
             queue=queue,
             submit=submit_dsn,
@@ -134,18 +139,13 @@ class DeliveryManager(Service):
             wake=self.wake,
         )
         self._active: dict[str, Deferred] = {}
-        self._route_load: dict[str, int] = {}
-        #: Attempts waiting for a slot of a route at maxPerDestination, in arrival order; each is fired with
-        #: True when a finishing attempt hands its slot over, or False when the manager stops.
-        self._slot_waiters: dict[str, deque[Deferred[bool]]] = {}
         #: Attempts that delivered nothing because every destination they needed was full.
         self._found_full: set[str] = set()
-        #: Routes whose slots and waiting places were all taken at every look since this time (_claim_count).
-        self._full_since: dict[str, float] = {}
         self._paused = False
         self._claiming = False
         self._claim_again = False
-        self._tick_call: IDelayedCall | None = None
+        #: The periodic look, every checkInterval on the injected clock, while running.
+        self._loop: LoopingCall | None = None
         self._wake_call: IDelayedCall | None = None
         self._next_purge = 0.0
         self._idle_waiters: list[Deferred] = []
@@ -155,20 +155,23 @@ class DeliveryManager(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._tick()
+        self._loop = LoopingCall(self._look)
+        self._loop.clock = self._clock
+        # The first look at once: mail left in the queue by the last run starts without waiting.
+        looping = self._loop.start(self._interval, now=True)
+        looping.addErrback(self._log_failure, "the periodic look at the queue stopped")
 
     def stopService(self) -> Deferred:
         """Stop claiming; fires once no attempt is in flight, or after ``stop_grace`` seconds."""
         super().stopService()
-        for call in (self._tick_call, self._wake_call):
-            if call is not None and call.active():
-                call.cancel()
-        self._tick_call = self._wake_call = None
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        if self._wake_call is not None and self._wake_call.active():
+            self._wake_call.cancel()
+        self._wake_call = None
         # Attempts waiting for a slot start nothing now: they put their messages back.
-        waiting, self._slot_waiters = self._slot_waiters, {}
-        for waiters in waiting.values():
-            for waiter in waiters:
-                waiter.callback(False)
+        self._slots.release_waiters()
         if self._idle():
             return succeed(None)
         done: Deferred = Deferred()
@@ -230,13 +233,10 @@ class DeliveryManager(Service):
 
     # -- the loop --------------------------------------------------------------------------------------
 
-    def _tick(self) -> None:
-        self._tick_call = None
-        if not self.running:
-            return
+    def _look(self) -> None:
+        """The periodic look: purge when due, and claim (in the next reactor turn, with any wake)."""
         self._maybe_purge()
         self.wake()
-        self._tick_call = self._clock.callLater(self._interval, self._tick)
 
     def _claim_now(self) -> None:
         self._wake_call = None
@@ -253,7 +253,7 @@ class DeliveryManager(Service):
         self._notify_idle()
 
     async def _claim(self) -> None:
-        count = self._claim_count()
+        count = self._slots.claim_size(len(self._active), self._clock.seconds())
         if count <= 0 or self._paused or not self.running:
             return
         items = await self._queue.get_next(count)
@@ -264,38 +264,6 @@ class DeliveryManager(Service):
             else:
                 # Stopped while the claim was on its way: hand the items back rather than leave them claimed.
                 await self._put_back(item, self._clock.seconds(), delay=0.0)
-
-    def _claim_count(self) -> int:
-        """How many messages a look claims: the free delivery slots, but no more than the busiest route can
-        still start or queue for a slot (twice ``maxPerDestination`` minus its attempts running and
-        waiting). When that route has stayed full for a whole ``checkInterval`` (none of its deliveries
-        finished meanwhile: it hangs), every free slot again, as if it were not there.
-
-        Why: a claimed message beyond that is put back for a ``checkInterval``. With one busy destination and
-        a backlog, every finished delivery claimed ``concurrentDeliveries - 2 * maxPerDestination`` messages
-        only to put them back, and the destination then sat idle until they were due again (bench/relay:
-        half the throughput at 100 senders). A destination that makes progress frees a place at each
-        delivery, and the next look claims the next message in order, whatever its destination. One that
-        does not would hold back the mail behind it for every other destination: after a ``checkInterval``
-        the looks claim past it again, and its messages beyond the waiting places are put back, which lets
-        the following looks reach the others."""
-        free = self._concurrency - len(self._active)
-        if free <= 0:
-            return 0
-        now = self._clock.seconds()
-        capacity = 2 * self._per_route
-        busiest, stuck, full = 0, False, set()
-        # Waiters exist only for routes at their limit, so every route with waiters is in _route_load.
-        for name, load in self._route_load.items():
-            taken = load + len(self._slot_waiters.get(name, ()))
-            busiest = max(busiest, taken)
-            if taken >= capacity:
-                full.add(name)
-                since = self._full_since.setdefault(name, now)
-                stuck = stuck or now - since >= self._interval
-        for name in [n for n in self._full_since if n not in full]:
-            del self._full_since[name]
-        return free if stuck else min(free, capacity - busiest)
 
     def _start(self, item: QueueItem) -> None:
         d = Deferred.fromCoroutine(self.deliver_message(item))
@@ -326,7 +294,7 @@ class DeliveryManager(Service):
         if item_id in self._found_full:
             # It only found its destination full: claiming again now would most likely find the same, and
             # with a backlog the manager would spin claiming and putting back. The next delivery that
-            # finishes, or the next tick, looks again.
+            # finishes, or the next periodic look, looks again.
             self._found_full.discard(item_id)
         else:
             self.wake()  # a slot is free
@@ -363,7 +331,6 @@ class DeliveryManager(Service):
         (the item then stays claimed for the queue's recovery)."""
         pending = item.pending_recipients()
         temporary: dict[str, RecipientResult] = {}
-        busy: list[str] = []
         tried = False
         try:
             groups = self._routes.group(item.envelope.mail_from, pending) if pending else []
@@ -371,11 +338,11 @@ class DeliveryManager(Service):
             self._stats["errors"] += 1
             log.failure("routing failed for {queue_id}", queue_id=item.id)
             groups, tried = [], True
-            temporary = {r: _result(r, 451, "4.3.0", "Local error in routing") for r in pending}
+            temporary = transitions.routing_failed(pending)
         for route, rcpts in groups:
-            if not await self._acquire_slot(route.name):
-                busy.extend(rcpts)
-                continue
+            # Waiting is for a running manager: once stopping, a full destination's recipients go back.
+            if not await self._slots.acquire(route.name, may_wait=bool(self.running)):
+                continue  # these recipients stay pending: the message is put back, using no retry
             tried = True
             try:
                 report = await self._deliver_group(item, route, rcpts)
@@ -383,7 +350,7 @@ class DeliveryManager(Service):
                 # Free for the next message as soon as the destination has answered: holding the slot through
                 # the durable record below (a commit that waits behind ingress's under load) halved a busy
                 # destination's throughput (bench/relay).
-                self._release_slot(route.name)
+                self._slots.release(route.name)
             item = await self._record(item, route, report)
             temporary.update((r.recipient, r) for r in report.results if r.outcome is Outcome.TEMPORARY)
         if tried:
@@ -393,41 +360,6 @@ class DeliveryManager(Service):
             log.info("{queue_id} delivered", queue_id=item.id)
             return item
         return await self._conclude(item, temporary, tried=tried)
-
-    async def _acquire_slot(self, name: str) -> bool:
-        """Take one of the ``maxPerDestination`` slots of route ``name``, waiting for one when they are all
-        taken; False (the caller puts its recipients back) when ``maxPerDestination`` attempts already wait,
-        or the manager stops meanwhile.
-
-        Why wait rather than put back at once: with one busy destination, most claimed messages would go back
-        to the queue for a ``checkInterval`` each, and that destination's throughput would collapse. Waiting
-        is bounded (the waiters are claimed messages, so ``concurrentDeliveries`` bounds them all) and capped
-        per route, so one slow destination cannot hold every slot while others wait.
-        """
-        if self._route_load.get(name, 0) < self._per_route:
-            self._route_load[name] = self._route_load.get(name, 0) + 1
-            return True
-        waiters = self._slot_waiters.setdefault(name, deque())
-        if len(waiters) >= self._per_route or not self.running:
-            if not waiters:
-                del self._slot_waiters[name]
-            return False
-        handed_over: Deferred[bool] = Deferred()
-        waiters.append(handed_over)
-        return await handed_over
-
-    def _release_slot(self, name: str) -> None:
-        """Hand the slot to the next waiter of the route, or free it."""
-        waiters = self._slot_waiters.get(name)
-        if waiters and self.running:
-            waiter = waiters.popleft()
-            if not waiters:
-                del self._slot_waiters[name]
-            waiter.callback(True)  # the slot changes hands: the route's load stays as it is
-            return
-        self._route_load[name] -= 1
-        if not self._route_load[name]:
-            del self._route_load[name]
 
     async def _deliver_group(self, item: QueueItem, route: Route, rcpts: list[str]) -> DeliveryReport:
         """The transport's report for one group, with exactly one result per recipient of ``rcpts``."""
@@ -441,26 +373,13 @@ class DeliveryManager(Service):
             self._stats["errors"] += 1
             log.failure("transport failed for {queue_id} via {route}", queue_id=item.id, route=route.name)
             report = DeliveryReport(route.name)
-        by_rcpt = {r.recipient: r for r in report.results if r.recipient in rcpts}
-        results = [
-            by_rcpt.get(rcpt) or _result(rcpt, 451, "4.3.0", "No result for this recipient (local error)")
-            for rcpt in rcpts
-        ]
-        return DeliveryReport(route.name, results, list(report.tried))
+        return transitions.one_result_each(route.name, report, rcpts)
 
     async def _record(self, item: QueueItem, route: Route, report: DeliveryReport) -> QueueItem:
         """Write the group's final outcomes and its history entry; fires once durable."""
-        now = self._clock.seconds()
-        outcomes = dict(item.outcomes)
+        transition = transitions.record_group(item, route.name, report, self._clock.seconds())
         for r in report.results:
             if r.outcome is not Outcome.TEMPORARY:
-                outcomes[r.recipient] = {
-                    "outcome": r.outcome.value,
-                    "reply": r.reply,
-                    "target": r.target,
-                    "at": now,
-                    "route": route.name,
-                }
                 key = "recipients_delivered" if r.outcome is Outcome.DELIVERED else "recipients_failed"
                 self._stats[key] += 1
             log.info(
@@ -471,69 +390,50 @@ class DeliveryManager(Service):
                 outcome=r.outcome.value,
                 reply=r.reply,
             )
-        entry = {
-            "at": now,
-            "route": route.name,
-            "tried": list(report.tried),
-            "results": [
-                {"recipient": r.recipient, "outcome": r.outcome.value, "reply": r.reply, "target": r.target}
-                for r in report.results
-            ],
-        }
-        changes: dict[str, Any] = {"outcomes": outcomes, "history": [*item.history, entry]}
-        if item.destination is None:
-            changes["destination"] = route.name
-        delivered = Outcome.DELIVERED.value
-        if len(outcomes) == len(item.envelope.recipients) and all(
-            o["outcome"] == delivered for o in outcomes.values()
-        ):
-            # The common case, every recipient delivered: the outcomes and the final status go in one durable
-            # write instead of two (each an fsync'd commit on the disk queue).
-            changes["status"] = QueueItemStatus.DELIVERED
-        updated: QueueItem = await self._queue.update(item.id, **changes)
-        return updated
+        return await self._write(item, transition.changes)
 
     async def _conclude(
         self, item: QueueItem, temporary: dict[str, RecipientResult], *, tried: bool
     ) -> QueueItem:
         now = self._clock.seconds()
-        pending = item.pending_recipients()
-        if not pending:
-            return await self._finish(item, now)
-        attempts = item.attempts + int(tried)
-        verdict = self._policy.verdict(
-            attempts=attempts, created_at=item.created_at, now=now, failed_temporarily=bool(temporary)
+        assessment = transitions.assess(
+            item, tried=tried, failed_temporarily=bool(temporary), policy=self._policy, now=now
         )
-        if verdict is Verdict.RETRY:
-            if temporary:
-                return await self._defer(item, temporary, attempts, now)
+        step, attempts = assessment.step, assessment.attempts
+        if step is Next.FINISH:
+            return await self._finish(item, now)
+        if step is Next.DEFER:
+            return await self._defer(item, temporary, attempts, now)
+        if step is Next.PUT_BACK:
             self._stats["busy"] += 1
             if not tried:
                 self._found_full.add(item.id)
             return await self._put_back(item, now, delay=self._interval, attempts=attempts)
-        item = await self._give_up(item, pending, temporary, attempts, verdict, now)
+        item = await self._give_up(item, temporary, attempts, assessment.decision, now)
         return await self._finish(item, now)
 
-    # -- outcomes of an attempt ------------------------------------------------------------------------
+    # -- outcomes of an attempt: the transitions' changes, written -------------------------------------
+
+    async def _write(self, item: QueueItem, changes: Mapping[str, Any]) -> QueueItem:
+        """One durable write of ``changes`` to ``item``; the item as stored afterwards."""
+        updated: QueueItem = await self._queue.update(item.id, **changes)
+        return updated
 
     async def _defer(
         self, item: QueueItem, temporary: dict[str, RecipientResult], attempts: int, now: float
     ) -> QueueItem:
         wait = self._policy.next_delay(attempts, self._random)
         pending = item.pending_recipients()
-        last_error = next((temporary[r].reply for r in pending if r in temporary), item.last_error)
-        changes: dict[str, Any] = {
-            "status": QueueItemStatus.DEFERRED,
-            "priority": Priority.RETRY,
-            "attempts": attempts,
-            "next_attempt_at": now + wait,
-            "last_error": last_error,
-        }
-        destination = self._destination(item, pending[0])
-        if destination is not None:
-            changes["destination"] = destination
-        if await self._maybe_warn(item, temporary, now):
-            changes["warned_at"] = now
+        transition = transitions.deferral(
+            item,
+            temporary,
+            attempts=attempts,
+            now=now,
+            wait=wait,
+            destination=self._destination(item, pending[0]),
+            warn=self._bouncer.warning_due(item, now),
+        )
+        queued = await self._queue_dsn(item, transition.dsn, now)
         self._stats["deferred"] += 1
         log.info(
             "{queue_id} deferred after attempt {attempts}: {pending} recipients pending, next attempt in "
@@ -542,24 +442,27 @@ class DeliveryManager(Service):
             attempts=attempts,
             pending=len(pending),
             wait=wait,
-            error=last_error,
+            error=transition.changes["last_error"],
         )
-        updated: QueueItem = await self._queue.update(item.id, **changes)
-        return updated
+        return await self._write(item, transition.to_write(dsn_queued=queued))
 
-    async def _maybe_warn(self, item: QueueItem, temporary: dict[str, RecipientResult], now: float) -> bool:
-        """Queue the delay warning if one is due; True when it was queued (or already was)."""
-        if not self._bouncer.warning_due(item, now):
-            return False
+    async def _queue_dsn(self, item: QueueItem, dsn: DsnRequest | None, now: float) -> bool:
+        """Queue ``dsn`` if there is one; False when it could not be queued (counted and logged: the
+        transition says what to write then)."""
+        if dsn is None:
+            return True
         try:
-            await self._bouncer.warn(item, temporary, now)
+            await self._bouncer.send(item, dsn, now)
         except ClaimLost:
             raise
-        except Exception:  # noqa: BLE001 (a warning is a courtesy: never let it block the retry)
+        except Exception:  # noqa: BLE001 (the queue is full or down: never let a DSN lose the message's state)
             self._stats["errors"] += 1
-            log.failure("cannot queue the delay warning for {queue_id}", queue_id=item.id)
+            if dsn.action == "delayed":  # a courtesy: the deferral is written without it
+                log.failure("cannot queue the delay warning for {queue_id}", queue_id=item.id)
+            else:
+                log.failure("cannot queue the bounce for {queue_id}; trying again later", queue_id=item.id)
             return False
-        self._stats["delay_warnings"] += 1
+        self._stats["delay_warnings" if dsn.action == "delayed" else "dsn_sent"] += 1
         return True
 
     def _destination(self, item: QueueItem, rcpt: str) -> str | None:
@@ -572,90 +475,43 @@ class DeliveryManager(Service):
     async def _put_back(
         self, item: QueueItem, now: float, *, delay: float, attempts: int | None = None
     ) -> QueueItem:
-        """Return a claimed item to a ready state, due after ``delay``. No retry is used up: ``attempts`` only
-        counts groups tried in the attempt, when some were (the others found their destination busy)."""
-        attempts = item.attempts if attempts is None else attempts
-        status = QueueItemStatus.QUEUED if attempts == 0 else QueueItemStatus.DEFERRED
+        """Return a claimed item to a ready state, due after ``delay``, using no retry
+        (:func:`~dcrouter.delivery.transitions.put_back`)."""
         log.debug("{queue_id} put back (destination busy or stopping)", queue_id=item.id)
-        updated: QueueItem = await self._queue.update(
-            item.id, status=status, next_attempt_at=now + delay, attempts=attempts
-        )
-        return updated
+        transition = transitions.put_back(item, now=now, delay=delay, attempts=attempts)
+        return await self._write(item, transition.changes)
 
     async def _give_up(
         self,
         item: QueueItem,
-        pending: list[str],
         temporary: dict[str, RecipientResult],
         attempts: int,
-        verdict: Verdict,
+        decision: RetryDecision,
         now: float,
     ) -> QueueItem:
         """Record every pending recipient as failed for good: expired, or out of retries."""
-        if verdict is Verdict.EXPIRED:
-            reason = f"Message expired after {(now - item.created_at) / 3600:.1f} hours in the queue"
-        else:
-            reason = f"Retry limit reached after {attempts} attempts"
-        outcomes = dict(item.outcomes)
-        for rcpt in pending:
-            last = temporary.get(rcpt)
-            last_error = last.reply if last else (item.last_error or "none")
-            outcomes[rcpt] = {
-                "outcome": Outcome.PERMANENT.value,
-                "reply": f"451 4.4.7 {reason}; last error: {last_error}",
-                "target": last.target if last else "",
-                "at": now,
-                "route": "",
-            }
-        self._stats["recipients_failed"] += len(pending)
+        reason = transitions.give_up_reason(item, attempts=attempts, decision=decision, now=now)
+        transition = transitions.give_up(item, temporary, attempts=attempts, reason=reason, now=now)
+        count = len(item.pending_recipients())
+        self._stats["recipients_failed"] += count
         log.info(
-            "{queue_id}: {reason}; {count} recipients fail",
-            queue_id=item.id,
-            reason=reason,
-            count=len(pending),
+            "{queue_id}: {reason}; {count} recipients fail", queue_id=item.id, reason=reason, count=count
         )
-        updated: QueueItem = await self._queue.update(
-            item.id, outcomes=outcomes, attempts=attempts, last_error=f"4.4.7 {reason}"
-        )
-        return updated
+        return await self._write(item, transition.changes)
 
     async def _finish(self, item: QueueItem, now: float) -> QueueItem:
         """No recipient is pending: DELIVERED, BOUNCED (after queueing the DSN) or FAILED."""
-        failed = [
-            r for r in item.envelope.recipients if item.outcomes[r]["outcome"] == Outcome.PERMANENT.value
-        ]
-        changes: dict[str, Any] = {}
-        if not failed:
-            status = QueueItemStatus.DELIVERED
-        elif not item.envelope.mail_from:
-            status = QueueItemStatus.FAILED
+        transition = transitions.finish(item, now=now, retry_delay=self._policy.base_delay)
+        status: QueueItemStatus = transition.changes["status"]
+        if status is QueueItemStatus.FAILED:
             log.warn(
                 "{queue_id} from the null sender failed for {count} recipients; no bounce is sent for it",
                 queue_id=item.id,
-                count=len(failed),
+                count=len(transitions.failed_recipients(item)),
             )
-        else:
-            try:
-                changes["bounce_id"] = await self._bouncer.bounce(item, failed, now)
-            except ClaimLost:
-                raise
-            except Exception:  # noqa: BLE001 (the queue is full or down: try the bounce again later)
-                self._stats["errors"] += 1
-                log.failure("cannot queue the bounce for {queue_id}; trying again later", queue_id=item.id)
-                return await self._retry_finish(item, now)
-            status = QueueItemStatus.BOUNCED
-            self._stats["dsn_sent"] += 1
+        if not await self._queue_dsn(item, transition.dsn, now):
+            # Nothing is pending, so the next attempt goes straight here and tries the bounce again.
+            return await self._write(item, transition.to_write(dsn_queued=False))
         self._stats[status.value] += 1
         log.info("{queue_id} {status}", queue_id=item.id, status=status.value)
-        updated: QueueItem = await self._queue.update(item.id, status=status, **changes)
-        return updated
-
-    async def _retry_finish(self, item: QueueItem, now: float) -> QueueItem:
-        # Nothing is pending, so the next attempt goes straight to _finish and tries the bounce again.
-        updated: QueueItem = await self._queue.update(
-            item.id,
-            status=QueueItemStatus.DEFERRED,
-            next_attempt_at=now + self._policy.base_delay,
-            last_error="4.3.0 Cannot queue the bounce",
-        )
-        return updated
+        return await self._write(item, transition.changes)

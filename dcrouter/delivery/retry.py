@@ -38,7 +38,7 @@ def delay(attempt: int, base: float, maximum: float, random: Callable[[], float]
     return max(0.0, nominal * factor)
 
 
-class Verdict(enum.StrEnum):
+class RetryDecision(enum.StrEnum):
     """What to do with a message whose attempt left recipients pending."""
 
     RETRY = "retry"
@@ -67,15 +67,17 @@ class RetryPolicy:
             lifetime=config.queue_lifetime / 1000.0,
         )
 
-    def verdict(self, *, attempts: int, created_at: float, now: float, failed_temporarily: bool) -> Verdict:
+    def decide(
+        self, *, attempts: int, created_at: float, now: float, failed_temporarily: bool
+    ) -> RetryDecision:
         """Decide after an attempt. ``attempts`` counts attempts made, this one included;
         ``failed_temporarily`` says whether this attempt had a temporary failure (an attempt that could not
         even try, because its destination was busy, does not use up a retry but does age)."""
         if now - created_at >= self.lifetime:
-            return Verdict.EXPIRED
+            return RetryDecision.EXPIRED
         if failed_temporarily and attempts >= self.max_retries:
-            return Verdict.RETRY_LIMIT
-        return Verdict.RETRY
+            return RetryDecision.RETRY_LIMIT
+        return RetryDecision.RETRY
 
     def next_delay(self, attempt: int, random: Callable[[], float]) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (see :func:`delay`)."""

@@ -33,7 +33,7 @@ from twisted.internet.protocol import Protocol
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
-from dcrouter.config.options import SmtpConfig
+from dcrouter.config.smtp import SmtpConfig
 from dcrouter.log import logger
 from dcrouter.mail.reply import Reply
 from dcrouter.smtp.datastream import DataStream

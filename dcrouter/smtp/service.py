@@ -39,7 +39,7 @@ from twisted.internet.interfaces import IDelayedCall, IListeningPort, IProtocolF
 from twisted.internet.ssl import CertificateOptions
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from dcrouter.config.options import SmtpConfig
+from dcrouter.config.smtp import SmtpConfig
 from dcrouter.log import logger
 from dcrouter.net.listen import ListenError, format_address, listen_paused, resume
 

@@ -48,7 +48,7 @@ from twisted.python.failure import Failure
 
 from dcrouter.config.domains import CalloutConfig, DomainConfig
 from dcrouter.config.smtp import SmtpConfig
-from dcrouter.delivery.callout import ProbeResult, Verdict
+from dcrouter.delivery.callout import CalloutAnswer, ProbeResult
 from dcrouter.delivery.route import Route
 from dcrouter.log import logger
 from dcrouter.mail.address import Address
@@ -61,8 +61,10 @@ log = logger("dcrouter.smtp")
 
 _T = TypeVar("_T")
 
-TIMED_OUT = ProbeResult(Verdict.UNVERIFIED, Reply(451, "4.4.2", "Recipient verification timed out"))
-FAILED_LOCALLY = ProbeResult(Verdict.UNVERIFIED, Reply(451, "4.3.0", "Recipient verification failed locally"))
+TIMED_OUT = ProbeResult(CalloutAnswer.UNVERIFIED, Reply(451, "4.4.2", "Recipient verification timed out"))
+FAILED_LOCALLY = ProbeResult(
+    CalloutAnswer.UNVERIFIED, Reply(451, "4.3.0", "Recipient verification failed locally")
+)
 
 
 def unknown_recipient(address: Address) -> Reply:
@@ -94,13 +96,13 @@ class VerdictCache:
     def __init__(self, clock: IReactorTime, *, size: int, positive_ttl: float, negative_ttl: float) -> None:
         self._clock = clock
         self._size = size
-        self._ttl = {Verdict.ACCEPTED: positive_ttl, Verdict.REJECTED: negative_ttl}
-        self._entries: OrderedDict[Any, tuple[float, Verdict]] = OrderedDict()
+        self._ttl = {CalloutAnswer.ACCEPTED: positive_ttl, CalloutAnswer.REJECTED: negative_ttl}
+        self._entries: OrderedDict[Any, tuple[float, CalloutAnswer]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: Any) -> Verdict | None:
+    def get(self, key: Any) -> CalloutAnswer | None:
         """The verdict kept for ``key``, or None (never stored, expired or evicted)."""
         entry = self._entries.get(key)
         if entry is None:
@@ -112,7 +114,7 @@ class VerdictCache:
         self._entries.move_to_end(key)
         return verdict
 
-    def put(self, key: Any, verdict: Verdict) -> None:
+    def put(self, key: Any, verdict: CalloutAnswer) -> None:
         ttl = self._ttl.get(verdict, 0)
         if ttl <= 0:
             return
@@ -277,10 +279,10 @@ class RecipientVerifier:
             lambda result: self._answer(result.verdict, rule, address)
         )
 
-    def _answer(self, verdict: Verdict, rule: _Probed, address: Address) -> Reply | None:
-        if verdict is Verdict.ACCEPTED:
+    def _answer(self, verdict: CalloutAnswer, rule: _Probed, address: Address) -> Reply | None:
+        if verdict is CalloutAnswer.ACCEPTED:
             return None
-        if verdict is Verdict.REJECTED:
+        if verdict is CalloutAnswer.REJECTED:
             return unknown_recipient(address)
         if rule.fail_open:
             log.info("recipient <{recipient}> unverified, accepted (calloutFailOpen)", recipient=str(address))

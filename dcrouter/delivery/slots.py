@@ -1,0 +1,121 @@
+"""RouteSlots: the per-destination limit of delivery, its waiting places, and how much a look at the queue
+claims. A plain object: the :class:`~dcrouter.delivery.manager.DeliveryManager` asks it, nothing here reads
+the queue or the clock.
+
+What a caller may rely on:
+
+- **Slots.** At most ``per_route`` slots are taken at once per route name. :meth:`RouteSlots.acquire`
+  takes one when it is free; when they are all taken, the caller waits for one, in arrival order, up to
+  ``per_route`` waiters per route. :meth:`RouteSlots.release` hands the slot straight to the route's first
+  waiter (its load stays as it is), or frees it.
+- **Refusals.** ``acquire`` fires with False at once when ``per_route`` attempts already wait for the route,
+  or when the caller may not wait (the manager is stopping); :meth:`RouteSlots.release_waiters` fires every
+  waiter with False (stopping), after which waiters exist again only when a caller is allowed to wait.
+- **Claim sizing.** :meth:`RouteSlots.claim_size` is how many messages one look claims: the free delivery
+  slots (``concurrency`` minus the attempts in flight), but no more than the busiest route can still start or
+  queue for (twice ``per_route`` minus its slots taken and its waiters), unless that route has stayed full
+  (slots and waiting places all taken) at every look for a whole ``check_interval``: then every free slot, as
+  if it were not there.
+
+Why a look claims no more than that: a claimed message beyond it is put back for a ``checkInterval``. With one
+busy destination and a backlog, every finished delivery claimed ``concurrentDeliveries - 2 *
+maxPerDestination`` messages only to put them back, and the destination then sat idle until they were due
+again (bench/relay: half the throughput at 100 senders). A destination that makes progress frees a place at
+each delivery, and the next look claims the next message in order, whatever its destination. One that does not
+would hold back the mail behind it for every other destination: after a ``checkInterval`` the looks claim past
+it again, and its messages beyond the waiting places are put back, which lets the following looks reach the
+others.
+
+Why waiters rather than putting back at once: with one busy destination, most claimed messages would go back
+to the queue for a ``checkInterval`` each, and that destination's throughput would collapse. Waiting is
+bounded (the waiters are claimed messages, so ``concurrency`` bounds them all) and capped per route, so one
+slow destination cannot hold every slot while others wait.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from twisted.internet.defer import Deferred, succeed
+
+
+class RouteSlots:
+    """The delivery slots of every route; see the module docstring. ``check_interval`` is in seconds, in the
+    unit of the ``now`` given to :meth:`claim_size`."""
+
+    def __init__(self, *, per_route: int, concurrency: int, check_interval: float) -> None:
+        self._per_route = per_route
+        self._concurrency = concurrency
+        self._check_interval = check_interval
+        #: Slots taken per route name; a route with none taken has no entry.
+        self._load: dict[str, int] = {}
+        #: Attempts waiting for a slot of a route at its limit, in arrival order; each is fired with True when
+        #: a release hands its slot over, or False by release_waiters.
+        self._waiters: dict[str, deque[Deferred[bool]]] = {}
+        #: Routes whose slots and waiting places were all taken at every claim_size since this time.
+        self._full_since: dict[str, float] = {}
+
+    def taken(self, route: str) -> int:
+        """Slots of ``route`` taken now."""
+        return self._load.get(route, 0)
+
+    def waiting(self, route: str) -> int:
+        """Attempts waiting for a slot of ``route`` now."""
+        return len(self._waiters.get(route, ()))
+
+    def acquire(self, route: str, *, may_wait: bool = True) -> Deferred[bool]:
+        """Take a slot of ``route``: fires with True once it is the caller's (at once when one is free), with
+        False when the caller should put its recipients back instead (no waiting place, ``may_wait`` false, or
+        :meth:`release_waiters` meanwhile). Every True must be followed by one :meth:`release`."""
+        if self._load.get(route, 0) < self._per_route:
+            self._load[route] = self._load.get(route, 0) + 1
+            return succeed(True)
+        waiters = self._waiters.setdefault(route, deque())
+        if len(waiters) >= self._per_route or not may_wait:
+            if not waiters:
+                del self._waiters[route]
+            return succeed(False)
+        handed_over: Deferred[bool] = Deferred()
+        waiters.append(handed_over)
+        return handed_over
+
+    def release(self, route: str) -> None:
+        """Give back a slot of ``route``: to its first waiter if any, otherwise free."""
+        waiters = self._waiters.get(route)
+        if waiters:
+            waiter = waiters.popleft()
+            if not waiters:
+                del self._waiters[route]
+            waiter.callback(True)  # the slot changes hands: the route's load stays as it is
+            return
+        self._load[route] -= 1
+        if not self._load[route]:
+            del self._load[route]
+
+    def release_waiters(self) -> None:
+        """Fire every waiter with False (delivery stops: they put their messages back)."""
+        # Emptied first: a waiter's caller runs on at once and may acquire or release other routes' slots.
+        waiting, self._waiters = self._waiters, {}
+        for waiters in waiting.values():
+            for waiter in waiters:
+                waiter.callback(False)
+
+    def claim_size(self, in_flight: int, now: float) -> int:
+        """How many messages a look at ``now`` claims with ``in_flight`` attempts running (see the module
+        docstring); each call is a look, and updates how long each route has been full."""
+        free = self._concurrency - in_flight
+        if free <= 0:
+            return 0
+        capacity = 2 * self._per_route
+        busiest, stuck, full = 0, False, set()
+        # Waiters exist only for routes at their limit, so every route with waiters is in _load.
+        for name, load in self._load.items():
+            taken = load + len(self._waiters.get(name, ()))
+            busiest = max(busiest, taken)
+            if taken >= capacity:
+                full.add(name)
+                since = self._full_since.setdefault(name, now)
+                stuck = stuck or now - since >= self._check_interval
+        for name in [n for n in self._full_since if n not in full]:
+            del self._full_since[name]
+        return free if stuck else min(free, capacity - busiest)

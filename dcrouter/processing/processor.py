@@ -50,6 +50,7 @@ from dcrouter.processing.message import (
     Verdict,
 )
 from dcrouter.processing.mime import MimeLimits, inspect_message
+from dcrouter.queue import quarantine
 from dcrouter.queue.item import Priority, QueueItem, QueueItemStatus
 
 log = logger("dcrouter.processing")
@@ -482,13 +483,12 @@ class EmailProcessor:
         return item
 
     async def release(self, queue_id: str) -> QueueItem | None:
-        """Release a quarantined message for delivery (None when there is no such quarantined message)."""
-        item = await self._queue.get(queue_id)
-        if item is None or item.status is not QueueItemStatus.QUARANTINED:
+        """Release a quarantined message for delivery (None when there is no such quarantined message), as
+        ``dcrouter quarantine release`` does (:func:`dcrouter.queue.quarantine.release`)."""
+        try:
+            released = await quarantine.release(self._queue, queue_id, self._now())
+        except quarantine.NotQuarantined:
             return None
-        released: QueueItem = await self._queue.update(
-            queue_id, status=QueueItemStatus.QUEUED, next_attempt_at=self._now(), last_error=None
-        )
         log.info("{queue_id}: released from quarantine", queue_id=queue_id)
         if self.on_queued is not None:
             self._notify(released)

@@ -26,7 +26,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
-from dcrouter.interfaces import DuplicateItem, IDeliveryQueue, QueueFull, QueueUnavailable
+from dcrouter.interfaces import DuplicateItem, IDeliveryQueue, QueueFull, QueueUnavailable, StatusMismatch
 from dcrouter.log import logger
 from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.queue.contract import (
@@ -86,10 +86,22 @@ class MemoryQueue:
 
     def update(self, item_id: str, **changes: Any) -> Deferred:
         """Apply ``changes`` (QueueItem field names, all but ``id``); fails with KeyError if unknown."""
+        return self._update(item_id, None, changes)
+
+    def update_if(self, item_id: str, expected: QueueItemStatus | str, /, **changes: Any) -> Deferred:
+        """``update`` while the item is in status ``expected``; fails with StatusMismatch when it is not."""
+        return self._update(item_id, expected, changes)
+
+    def _update(
+        self, item_id: str, expected: QueueItemStatus | str | None, changes: dict[str, Any]
+    ) -> Deferred:
         try:
             self._check_open()
             normalised = check_changes(changes)
+            wanted = None if expected is None else QueueItemStatus(expected)
             current = self._items[item_id]
+            if wanted is not None and current.status is not wanted:
+                raise StatusMismatch(current.copy())
         except Exception as e:  # noqa: BLE001 (a failure for the caller)
             return fail(e)
         updated = current.evolve(**normalised).copy()
@@ -99,11 +111,21 @@ class MemoryQueue:
 
     def dequeue(self, item_id: str) -> Deferred:
         """Remove the item and its body; fires with the removed item, or None if there was none."""
+        return self._dequeue(item_id, None)
+
+    def dequeue_if(self, item_id: str, expected: QueueItemStatus | str) -> Deferred:
+        """``dequeue`` while the item is in status ``expected``; fails with StatusMismatch when it is not."""
+        return self._dequeue(item_id, expected)
+
+    def _dequeue(self, item_id: str, expected: QueueItemStatus | str | None) -> Deferred:
         try:
             self._check_open()
-        except QueueUnavailable as e:
+            wanted = None if expected is None else QueueItemStatus(expected)
+            item = self._items.get(item_id)
+            if item is not None and wanted is not None and item.status is not wanted:
+                raise StatusMismatch(item.copy())
+        except Exception as e:  # noqa: BLE001 (a failure for the caller)
             return fail(e)
-        item = self._items.get(item_id)
         if item is not None:
             self._remove(item_id)
         return succeed(item)

@@ -373,6 +373,17 @@ class MemoryQueueOwnSpoolTests(TestCase):
         self.assertEqual(len(warnings), 1)
         self.assertIn("lost when it exits", formatEvent(warnings[0]))
 
+    def test_open_from_construction_and_every_deferred_fired_at_once(self) -> None:
+        queue = MemoryQueue(clock=Clock(), spool_directory=self.mktemp())
+        self.assertEqual(self.successResultOf(queue.enqueue(make_item("M1"), inline())), make_item("M1"))
+        queue.pause()
+        self.assertEqual(self.successResultOf(queue.get_next()), [])
+        self.assertFalse(queue.is_processing())
+        self.assertIsNone(self.successResultOf(queue.save()))
+        self.assertIsNone(self.successResultOf(queue.save()))  # a second save is the same close
+        self.failureResultOf(queue.enqueue(make_item("M2"), inline()), QueueUnavailable)
+        self.assertIsNone(self.successResultOf(queue.get("M1")))  # dropped at save
+
     async def test_owned_spool_directory_removed_at_save(self) -> None:
         queue = MemoryQueue(clock=Clock())
         await queue.load()

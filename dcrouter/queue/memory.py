@@ -11,6 +11,9 @@ What a caller may rely on:
   ``save``, so a 50 MB message costs no memory here either.
 - ``spool_directory`` is the caller's directory when given, else a fresh temporary directory that the queue
   owns and removes at ``save()``.
+- The life cycle is the durable backends' (:class:`~dcrouter.queue.lifecycle.QueueLifecycle`), except that
+  there is nothing to open: the queue is open from construction, ``load()`` only prepares the spool directory
+  and warns, and ``save()`` drops everything.
 """
 
 from __future__ import annotations
@@ -37,15 +40,21 @@ from dcrouter.queue.contract import (
     new_load_counts,
 )
 from dcrouter.queue.item import READY_STATUSES, QueueItem, QueueItemStatus
+from dcrouter.queue.lifecycle import QueueLifecycle
 
 log = logger("dcrouter.queue")
 
 
 @implementer(IDeliveryQueue)
-class MemoryQueue:
+class MemoryQueue(QueueLifecycle):
     """A DeliveryQueue in a dict. ``clock`` decides due-ness (``get_next``) and age (``purge_expired``)."""
 
+    _description = "the memory queue"
+
     def __init__(self, *, clock: IReactorTime, max_size: int = 0, spool_directory: str | None = None) -> None:
+        super().__init__()
+        # Nothing to open or recover: usable at once, before load() as after it.
+        self._state = "open"
         self.max_size = max_size
         self._clock = clock
         self._owns_spool = spool_directory is None
@@ -55,8 +64,6 @@ class MemoryQueue:
         # bytes for an inline body, str for the path of a spool file the queue now owns.
         self._bodies: dict[str, bytes | str] = {}
         self._live = 0  # items in a non-final status, kept current so max_size checks are O(1)
-        self._paused = False
-        self._closed = False
 
     # -- storing -----------------------------------------------------------------------------------
 
@@ -209,30 +216,15 @@ class MemoryQueue:
         )
         return succeed(new_load_counts(items=len(self._items), live=self._live_count()))
 
-    def save(self) -> Deferred:
-        """Close: every item and body is dropped (nothing is kept) and an owned spool directory removed."""
-        if not self._closed:
-            self._closed = True
-            for item_id in list(self._items):
-                self._remove(item_id)
-            if self._owns_spool:
-                shutil.rmtree(self.spool_directory, ignore_errors=True)
-        return succeed(None)
-
-    def pause(self) -> None:
-        self._paused = True
-
-    def resume(self) -> None:
-        self._paused = False
-
-    def is_processing(self) -> bool:
-        return not self._paused
+    async def _close(self) -> None:
+        """``save()``: every item and body is dropped (nothing is kept) and an owned spool directory removed.
+        Nothing here waits, so ``save()``'s Deferred has fired when it returns."""
+        for item_id in list(self._items):
+            self._remove(item_id)
+        if self._owns_spool:
+            shutil.rmtree(self.spool_directory, ignore_errors=True)
 
     # -- internals ---------------------------------------------------------------------------------
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise QueueUnavailable("the memory queue is closed")
 
     def _select(self, wanted: Callable[[QueueItem], bool]) -> list[QueueItem]:
         # sorted() is stable, so equal creation times keep arrival order.

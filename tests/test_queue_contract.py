@@ -368,7 +368,9 @@ class MemoryQueueOwnSpoolTests(TestCase):
         await queue.load()
         self.addCleanup(queue.save)
         warnings = [
-            e for e in events if e["log_namespace"] == "dcrouter.queue" and e["log_level"] == LogLevel.warn
+            e
+            for e in events
+            if e["log_namespace"] == "dcrouter.queue.memory" and e["log_level"] == LogLevel.warn
         ]
         self.assertEqual(len(warnings), 1)
         self.assertIn("lost when it exits", formatEvent(warnings[0]))

@@ -113,7 +113,7 @@ class RedisQueueTestBase(TestCase):
         return [
             formatEvent(e)
             for e in events
-            if e.get("log_namespace") == "dcrouter.queue" and e["log_level"] == LogLevel.warn
+            if e.get("log_namespace", "").startswith("dcrouter.queue.") and e["log_level"] == LogLevel.warn
         ]
 
 

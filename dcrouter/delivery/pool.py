@@ -58,7 +58,7 @@ if TYPE_CHECKING:
     # Twisted exports the interface only from a private module; it is needed for the annotation alone.
     from twisted.internet._sslverify import IOpenSSLTrustRoot
 
-log = logger("dcrouter.delivery")
+log = logger(__name__)
 
 #: Errors that mean "the network or the peer failed", as opposed to a bug here.
 NETWORK_ERRORS: tuple[type[BaseException], ...] = (

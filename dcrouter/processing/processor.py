@@ -53,7 +53,7 @@ from dcrouter.processing.mime import MimeLimits, inspect_message
 from dcrouter.queue import quarantine
 from dcrouter.queue.item import Priority, QueueItem, QueueItemStatus
 
-log = logger("dcrouter.processing")
+log = logger(__name__)
 
 BUSY = Reply(451, "4.3.2", "Too many messages in processing, try again later")
 TIMED_OUT = Reply(451, "4.4.1", "Processing the message took too long, try again later")

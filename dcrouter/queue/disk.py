@@ -54,7 +54,7 @@ from dcrouter.queue.lifecycle import QueueLifecycle
 from dcrouter.queue.orphans import OrphanSweeper
 from dcrouter.queue.recovery import recover
 
-log = logger("dcrouter.queue")
+log = logger(__name__)
 
 _FINAL_SQL = "('delivered', 'bounced', 'failed')"
 

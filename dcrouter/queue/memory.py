@@ -42,7 +42,7 @@ from dcrouter.queue.contract import (
 from dcrouter.queue.item import READY_STATUSES, QueueItem, QueueItemStatus
 from dcrouter.queue.lifecycle import QueueLifecycle
 
-log = logger("dcrouter.queue")
+log = logger(__name__)
 
 
 @implementer(IDeliveryQueue)

@@ -120,7 +120,7 @@ from dcrouter.queue.redis_consumer import ConsumerSlot
 from dcrouter.queue.redis_recovery import recover
 from dcrouter.queue.redis_store import RedisStore
 
-log = logger("dcrouter.queue")
+log = logger(__name__)
 
 #: Items one script call removes, verifies or returns from expired leases; bounds how long Redis is busy.
 CHUNK = 500

@@ -32,7 +32,7 @@ from dcrouter.interfaces import QueueError, QueueUnavailable
 from dcrouter.log import logger
 from dcrouter.net.redis_url import RedisAddress
 
-log = logger("dcrouter.queue")
+log = logger(__name__)
 
 #: Longest pause between reconnection attempts while Redis is down (txredisapi's default is 10 s).
 MAX_RECONNECT_DELAY = 2.0

@@ -28,7 +28,7 @@ from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTi
 
 from dcrouter.log import logger
 
-log = logger("dcrouter.smtp")
+log = logger(__name__)
 
 #: Seconds a session told to close (after the grace period) has to let go before it is aborted, and an
 #: aborted one to be reported gone.

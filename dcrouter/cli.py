@@ -15,9 +15,12 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Coroutine
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from dcrouter import __version__
+
+if TYPE_CHECKING:
+    from dcrouter.net.reactor import IRouterReactor
 
 _EPILOG = """\
 examples:
@@ -125,7 +128,7 @@ def _quarantine(args: argparse.Namespace) -> int:
 
 def quarantine_work(
     args: argparse.Namespace, out: TextIO, err: TextIO
-) -> int | Callable[[Any], Coroutine[Any, Any, int]]:
+) -> int | Callable[[IRouterReactor], Coroutine[Any, Any, int]]:
     """What ``dcrouter quarantine`` does with ``args``: the exit status when the configuration rules it out
     (printed to ``err``), else the work to run in a reactor (``work(reactor)`` returns the exit status)."""
     from dcrouter import quarantine
@@ -155,11 +158,11 @@ def quarantine_work(
     return lambda reactor: quarantine.run(smtp, args.action, item_id, out, err, reactor=reactor)
 
 
-def _run_in_reactor(work: Callable[[Any], Coroutine[Any, Any, int]]) -> int:
+def _run_in_reactor(work: Callable[[IRouterReactor], Coroutine[Any, Any, int]]) -> int:
     """Run ``work(reactor)`` in the global reactor until it returns the exit status."""
     from twisted.internet.task import react  # only here: the global reactor, for one short-lived run
 
-    async def main(reactor: Any) -> None:
+    async def main(reactor: IRouterReactor) -> None:
         try:
             status = await work(reactor)
         except Exception:  # noqa: BLE001 (Twisted's log is not started: the terminal must see it)

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from dcrouter.interfaces import QueueUnavailable
+from dcrouter.net.reactor import IRouterReactor
 from dcrouter.queue import quarantine
 from dcrouter.queue.contract import check_item_id
 from dcrouter.queue.item import QueueItem
@@ -54,7 +55,7 @@ class QuarantineError(Exception):
 
 
 async def run(
-    config: SmtpConfig, action: str, item_id: str | None, out: TextIO, err: TextIO, *, reactor: Any
+    config: SmtpConfig, action: str, item_id: str | None, out: TextIO, err: TextIO, *, reactor: IRouterReactor
 ) -> int:
     """Run ``action`` on the disk or Redis queue ``config`` names, opened beside the router that holds it,
     and close it again (it holds no claims, so closing returns none). Returns the exit status; errors are
@@ -75,7 +76,7 @@ async def run(
     return 0
 
 
-async def open_queue(config: SmtpConfig, reactor: Any) -> IDeliveryQueue:
+async def open_queue(config: SmtpConfig, reactor: IRouterReactor) -> IDeliveryQueue:
     """The queue ``config`` names, opened from this process beside the router (see the module docstring).
     QueueUnavailable when it cannot be reached."""
     if config.queue_storage == "disk":

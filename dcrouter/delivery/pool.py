@@ -51,6 +51,7 @@ from dcrouter.delivery.route import Route
 from dcrouter.log import logger
 from dcrouter.mail.reply import Reply
 from dcrouter.net.quiet import connect_quietly
+from dcrouter.net.reactor import IRouterReactor
 from dcrouter.net.targets import Target
 from dcrouter.net.tls import TlsPolicy, client_options, verified_client_options
 
@@ -130,7 +131,7 @@ class ConnectionPool:
     def __init__(
         self,
         *,
-        reactor: Any,
+        reactor: IRouterReactor,
         clock: IReactorTime,
         config: DeliveryConfig,
         helo_name: str,

@@ -40,6 +40,7 @@ from dcrouter.mail.headers import HeaderBlock, HeaderError, HeaderTooLarge, read
 from dcrouter.mail.queueid import new_queue_id
 from dcrouter.mail.reply import Reply
 from dcrouter.mail.spooled import SpooledMessage
+from dcrouter.net.reactor import IRouterReactor
 from dcrouter.processing.archive import ArchiveWorkExceeded, WorkBudget
 from dcrouter.processing.message import (
     Discarded,
@@ -111,7 +112,7 @@ class EmailProcessor:
         queue: IDeliveryQueue,
         clock_seconds: Callable[[], float],
         *,
-        reactor: Any = None,
+        reactor: IRouterReactor | None = None,
         threadpool: ThreadPool | None = None,
         scanners: Iterable[ScannerStage] = (),
         transformations: Iterable[ITransformation] = (),

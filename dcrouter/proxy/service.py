@@ -17,14 +17,16 @@ Lifecycle (the same as DcRouter's SMTP listeners, for the same reasons):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import Service
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IReadDescriptor
 
 from dcrouter.log import logger
+from dcrouter.net.reactor import IRouterReactor
 from dcrouter.proxy.forward import RouteCounters
 from dcrouter.proxy.http import ChallengeSource
 from dcrouter.proxy.routes import CertificateFiles, ProxyRoute, RouteTable, build_routes, listening_ports
@@ -64,7 +66,7 @@ class ProxyService(Service):
         routes: Sequence[ProxyRoute],
         settings: ProxySettings,
         *,
-        reactor: Any,
+        reactor: IRouterReactor,
         bind_address: str = "0.0.0.0",
         ports: Sequence[int] | None = None,
         drain_timeout: float = 5.0,
@@ -89,7 +91,7 @@ class ProxyService(Service):
         cls,
         options: Any,
         *,
-        reactor: Any,
+        reactor: IRouterReactor,
         certificates: Any = None,
         challenges: ChallengeSource | None = None,
     ) -> ProxyService | None:
@@ -167,7 +169,8 @@ class ProxyService(Service):
             if IReadDescriptor.providedBy(listening):
                 listening.stopReading()  # type: ignore[attr-defined]
             self._listening.append((port, listening))
-            self.ports[port] = int(listening.getHost().port)
+            address = cast(IPv4Address | IPv6Address, listening.getHost())  # a TCP port's own address
+            self.ports[port] = int(address.port)
 
     def unbind(self) -> None:
         """Close every bound port (a failed start-up)."""

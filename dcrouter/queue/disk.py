@@ -47,6 +47,7 @@ from zope.interface import implementer
 from dcrouter.interfaces import IDeliveryQueue, QueueFull, QueueUnavailable
 from dcrouter.log import logger
 from dcrouter.mail.spooled import SpooledMessage
+from dcrouter.net.reactor import IRouterReactor
 from dcrouter.queue.contract import check_changes, check_item_id, is_live
 from dcrouter.queue.index import ClaimDue, Outcome, QueueIndex, RemoveItems, StoreItem, UpdateItem, Write
 from dcrouter.queue.item import QueueItem, QueueItemStatus
@@ -81,7 +82,7 @@ class DiskQueue(QueueLifecycle):
         self,
         path: str,
         *,
-        reactor: Any,
+        reactor: IRouterReactor,
         clock: IReactorTime,
         max_size: int = 0,
         close_on_shutdown: bool = True,

@@ -107,6 +107,7 @@ from dcrouter.interfaces import (
 )
 from dcrouter.log import logger
 from dcrouter.mail.spooled import SpooledMessage
+from dcrouter.net.reactor import IRouterReactor
 from dcrouter.net.redis_url import parse_redis_url
 from dcrouter.queue import redis_bodies as bodies
 from dcrouter.queue import redis_consumer
@@ -167,7 +168,7 @@ class RedisQueue(QueueLifecycle):
         self,
         url: str,
         *,
-        reactor: Any,
+        reactor: IRouterReactor,
         clock: IReactorTime,
         body_directory: str,
         max_size: int = 0,

@@ -259,6 +259,14 @@ class ReplaceTests(SynchronousTestCase, WireChecks):
         self.assertEqual(forwarded.get_content_type(), "text/plain")
         self.assertEqual(forwarded.get_content(), "[attachment x.exe removed by policy]")
 
+    def test_raw_eight_bit_byte_in_a_file_name(self) -> None:
+        part = entity(b"Content-Disposition: attachment; filename*=utf-8''a\x84b.exe\r\n", EXE)
+        changed, result, _ = rewrite(mixed(TEXT, part), replace=replace_names(".exe"))
+        self.assertTrue(changed)
+        self.assertEqual(
+            leaves(parse(result))[1].get_content(), "[attachment a\ufffdb.exe removed by policy]"
+        )
+
     def test_paths_and_views_agree_with_the_mime_walker(self) -> None:
         inner = message(
             headers(("Content-Type", 'multipart/mixed; boundary="in"')), multipart(b"in", [TEXT, EXE_PART])

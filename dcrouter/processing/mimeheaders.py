@@ -157,7 +157,8 @@ def _join_rfc2231(base: str, parts: dict[int, tuple[str, bool]], defects: list[s
                     charset, text = pieces[0] or charset, pieces[2]
                 else:
                     defects.append(f"parameter {base[:40]!r} has no charset'language' prefix")
-            data += unquote_to_bytes(text)
+            # Bytes, not str: a raw non-ASCII byte (surrogate-escaped here) is not encodable as UTF-8 text.
+            data += unquote_to_bytes(text.encode("utf-8", "surrogateescape"))
         else:
             data += text.encode("utf-8", "surrogateescape")
         number += 1

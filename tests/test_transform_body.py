@@ -298,6 +298,16 @@ class ReplaceTests(SynchronousTestCase, WireChecks):
             [v.path for v in views], ["1.1", "1.2", "2.1", "2.2", "3.1", "4.1.1", "4.2.1", "5", "6"]
         )
 
+    def test_part_without_header_or_content_replaced(self) -> None:
+        top = b"From: a@example.org\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+        data = top + b"--b\r\n--b\r\n" + TEXT + b"\r\n--b--\r\n"
+        changed, result, _ = rewrite(data, replace=lambda view: "gone" if view.path == "1" else None)
+        self.assertTrue(changed)
+        self.assertIn(b"--b\r\nContent-Type: text/plain; charset=utf-8\r\n", result)
+        self.assertEqual(
+            [p.get_content() for p in leaves(parse(result))], ["gone", "Hello world\r\nsecond line"]
+        )
+
     def test_part_without_body_is_copied_exactly(self) -> None:
         data = mixed(b"Content-Type: text/plain", EXE_PART)
         changed, result, _ = rewrite(data, replace=replace_names(".exe"))
@@ -357,6 +367,20 @@ class FooterTests(SynchronousTestCase, WireChecks):
         first = leaves(parsed)[0]
         self.assertEqual(first["Content-Transfer-Encoding"], "8bit")
         self.assertEqual(first.get_content(), "Grüße\r\nGrüße, ACME")
+
+    def test_footer_in_a_part_without_content(self) -> None:
+        """The footer becomes the content of a text part that had none, whether its header block ended with
+        its empty line, was cut short by the next delimiter or was not there at all; the delimiter after it
+        stays on a line of its own, so the message keeps its parts."""
+        top = b"From: a@example.org\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+        for first in (b"Content-Type: text/plain\r\n\r\n", b"Content-Type: text/plain\r\n", b""):
+            data = top + b"--b\r\n" + first + b"--b\r\n" + EXE_PART + b"\r\n--b--\r\n"
+            before = inspect_message(io.BytesIO(data)).parts
+            parsed = self.footer(data, text="Sent by ACME")
+            self.assertEqual(
+                [p.get_content_type() for p in leaves(parsed)], ["text/plain", before[1].declared_type]
+            )
+            self.assertEqual(leaves(parsed)[0].get_content(), "Sent by ACME", first)
 
     def test_seven_bit_ascii_footer_keeps_the_part_fields(self) -> None:
         data = self.part((("Content-Type", "text/plain; charset=us-ascii"),), b"Hello")

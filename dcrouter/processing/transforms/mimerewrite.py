@@ -199,6 +199,14 @@ class _Entity:
         data = b"".join(bytes(raw) for name, raw in self.fields if name not in dropped) + self.end
         return data[:-2] if self.owes_eol and not dropped and data.endswith(CRLF) else data
 
+    def complete_header_bytes(self) -> bytes:
+        """The block as written out for a part that is given content: ended by its empty line, which a block
+        cut short by a delimiter or the end of the input lacks."""
+        data = b"".join(bytes(raw) for _, raw in self.fields)
+        if data and not data.endswith(CRLF):
+            data += CRLF
+        return data + (self.end or CRLF)
+
     def content(self) -> tuple[str, dict[str, list[str]], str, str | None, tuple[str, ...]]:
         """(type, parameters, transfer encoding, disposition, names) read as the MIME walker reads them."""
         content = read_content_fields(self.values, self.default_type)
@@ -352,14 +360,14 @@ class _Rewriter:
         line = bytes(self._header_line)
         self._header_line.clear()
         content = line[:-1] if line.endswith(b"\r") else line
+        if self._pending_eol:  # the line break after the delimiter before this block
+            self.out.write(CRLF)
+            self._pending_eol = False
         if content.startswith(b"--") and (hit := match_delimiter(self.frames, content)) is not None:
             if entity.fields and entity.fields[-1][1].endswith(CRLF):
                 entity.owes_eol = self._pending_eol = True
             self._delimiter(content, newline, hit)
             return
-        if self._pending_eol:
-            self.out.write(CRLF)
-            self._pending_eol = False
         raw = content.replace(b"\r", b"") + (CRLF if newline else b"")
         if not content:
             entity.end = raw
@@ -378,7 +386,8 @@ class _Rewriter:
         self._finish_current()
         if index < len(self.frames) - 1:
             raise _Unchanged("multipart not closed before its enclosing multipart's boundary")
-        if self._pending_eol:
+        # A delimiter starts a line: also after a part that had no content and was given some.
+        if self._pending_eol or not self.out.at_line_start:
             self.out.write(CRLF)
         self.out.write(line.replace(b"\r", b""))
         self._pending_eol = newline
@@ -515,8 +524,8 @@ class _Rewriter:
                 self.top_changes.append(top_change)
             if header is not None:
                 self.out.write(header)
-            else:
-                self._write_header(entity)
+            elif not entity.top:
+                self.out.write(entity.complete_header_bytes())
 
         return FooterSink(
             self.out, recoding, self.limits.max_recode_bytes, begin, lambda: self._write_header(entity)

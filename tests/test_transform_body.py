@@ -14,6 +14,8 @@ from collections.abc import Callable
 from email.message import EmailMessage
 from typing import Any, BinaryIO, cast
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -30,6 +32,7 @@ from dcrouter.processing.transforms.footer import AddFooter, html_footer
 from dcrouter.processing.transforms.mimerewrite import PartView, RewriteLimits, rewrite_mime
 from tests import mime_samples as samples
 from tests.mime_samples import CRLF, attachment, entity, headers, message, multipart, text_part
+from tests.test_processing_mime import TREES, Tree, render
 
 EXE = samples.MAGIC_SAMPLES["application/x-msdownload"] + bytes(500)
 EXE_PART = attachment("invoice.pdf.exe", EXE)
@@ -554,6 +557,37 @@ class WireTests(SynchronousTestCase, WireChecks):
             f"bare LF\r\nand bareCR\r\n{long_line.decode()}\r\nF",
         )
         self.assertEqual(parsed[2].get_payload(decode=True), b"\xe9" * 400 + b"-" * 1200)
+
+
+class WalkerTests(SynchronousTestCase):
+    """The rewriter reads messages with the inspector's walker: the same parts, whatever the chunks."""
+
+    @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(TREES, st.lists(st.integers(1, 300), min_size=1, max_size=20), st.booleans())
+    def test_same_parts_as_the_inspector_and_output_independent_of_chunks(
+        self, tree: Tree, sizes: list[int], bare_lf: bool
+    ) -> None:
+        data = headers(("From", "a@example.org")) + render(tree, [0])
+        if bare_lf:  # in the body: the message's own header block reaches processing with CRLF (the spool's)
+            head, _, body = data.partition(CRLF + CRLF)
+            data = head + CRLF + CRLF + body.replace(CRLF, b"\n")
+        views: list[PartView] = []
+
+        def replace(view: PartView) -> str | None:
+            views.append(view)
+            return "gone" if view.transfer_encoding == "base64" else None
+
+        changed, whole, _ = rewrite(data, replace=replace, footer_text="F")
+        parts = inspect_message(io.BytesIO(data)).parts
+        self.assertEqual(
+            [(v.path, v.declared_type, v.names, v.sniffed_type, v.is_attachment) for v in views],
+            [(p.path, p.declared_type, p.names, p.sniffed_type, p.is_attachment) for p in parts],
+        )
+        self.assertEqual(rewrite(data, sizes, replace=replace, footer_text="F")[:2], (changed, whole))
+        if changed:
+            self.assertEqual(
+                [p.path for p in inspect_message(io.BytesIO(whole)).parts], [p.path for p in parts]
+            )
 
 
 class BigMessageTests(SynchronousTestCase):

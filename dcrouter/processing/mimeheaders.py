@@ -2,8 +2,8 @@
 parameters, and the Content-* fields of a header block.
 
 Nothing here raises on hostile input: what does not parse is kept as written or reported as a defect. The MIME
-walker (:mod:`dcrouter.processing.mime`) and the rewriter (:mod:`dcrouter.processing.transforms.mimerewrite`)
-both read a part's Content-* fields with :func:`read_content_fields`, so a part is the same part to both.
+walker (:mod:`dcrouter.processing.mimewalk`), which the inspector and the rewriter share, reads a part's
+Content-* fields with :func:`read_content_fields`.
 """
 
 from __future__ import annotations

@@ -15,9 +15,12 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from dcrouter import __version__
+
+if TYPE_CHECKING:
+    from dcrouter.net.reactor import IRouterReactor
 
 _EPILOG = """\
 examples:
@@ -117,6 +120,17 @@ def _dkim_keygen(args: argparse.Namespace) -> int:
 
 
 def _quarantine(args: argparse.Namespace) -> int:
+    work = quarantine_work(args, sys.stdout, sys.stderr)
+    if isinstance(work, int):
+        return work
+    return _run_in_reactor(work)
+
+
+def quarantine_work(
+    args: argparse.Namespace, out: TextIO, err: TextIO
+) -> int | Callable[[IRouterReactor], Coroutine[Any, Any, int]]:
+    """What ``dcrouter quarantine`` does with ``args``: the exit status when the configuration rules it out
+    (printed to ``err``), else the work to run in a reactor (``work(reactor)`` returns the exit status)."""
     from dcrouter import quarantine
     from dcrouter.config import ConfigError, load_file
     from dcrouter.tap import print_findings
@@ -126,8 +140,8 @@ def _quarantine(args: argparse.Namespace) -> int:
     except ConfigError as error:
         # As `dcrouter check` prints them; exit 2: nothing was looked at.
         errors = error.errors or [str(error)]
-        print_findings(errors, error.warnings, sys.stderr)
-        print(f"{args.config}: not valid, {len(errors)} error(s)", file=sys.stderr)
+        print_findings(errors, error.warnings, err)
+        print(f"{args.config}: not valid, {len(errors)} error(s)", file=err)
         return 2
     smtp = result.options.smtp_config
     storage = None if smtp is None else smtp.queue_storage
@@ -138,23 +152,17 @@ def _quarantine(args: argparse.Namespace) -> int:
             else f'smtpConfig.queueStorage is "{storage}": quarantined messages live inside the running '
             "process and cannot be reached from outside it"
         )
-        print(f"dcrouter quarantine: {args.config}: {reason}", file=sys.stderr)
+        print(f"dcrouter quarantine: {args.config}: {reason}", file=err)
         return 2
     item_id = getattr(args, "id", None)
-    if storage == "disk":
-        return quarantine.run_disk(smtp.persistent_path, args.action, item_id, sys.stdout, sys.stderr)
-    return _run_in_reactor(
-        lambda reactor: quarantine.run_redis(
-            smtp, args.action, item_id, sys.stdout, sys.stderr, reactor=reactor
-        )
-    )
+    return lambda reactor: quarantine.run(smtp, args.action, item_id, out, err, reactor=reactor)
 
 
-def _run_in_reactor(work: Callable[[Any], Coroutine[Any, Any, int]]) -> int:
+def _run_in_reactor(work: Callable[[IRouterReactor], Coroutine[Any, Any, int]]) -> int:
     """Run ``work(reactor)`` in the global reactor until it returns the exit status."""
     from twisted.internet.task import react  # only here: the global reactor, for one short-lived run
 
-    async def main(reactor: Any) -> None:
+    async def main(reactor: IRouterReactor) -> None:
         try:
             status = await work(reactor)
         except Exception:  # noqa: BLE001 (Twisted's log is not started: the terminal must see it)
@@ -265,10 +273,16 @@ def _add_quarantine(commands: Any) -> None:
         action.set_defaults(run=_quarantine)
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """``argv`` (default: ``sys.argv[1:]``) read as a ``dcrouter`` command line; ``run`` is the command's
+    function. Usage errors exit through argparse with status 2."""
+    return _parser().parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``dcrouter`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit status.
     Usage errors exit through argparse with status 2."""
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     status: int = args.run(args)
     return status
 

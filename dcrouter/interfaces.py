@@ -33,6 +33,16 @@ class DuplicateItem(ValueError):
     queueing idempotent across crashes."""
 
 
+class StatusMismatch(Exception):
+    """``update_if`` or ``dequeue_if`` found the item in another status than the caller's guard; nothing was
+    changed. ``item`` is the item as it is stored."""
+
+    def __init__(self, item: object) -> None:
+        status = getattr(item, "status", None)
+        super().__init__(f"queue item {getattr(item, 'id', '?')} is {getattr(status, 'value', status)}")
+        self.item = item
+
+
 class IDeliveryQueue(Interface):
     """Durable storage of queued messages and their delivery state (the seed's DeliveryQueue, Python naming).
 
@@ -51,6 +61,18 @@ class IDeliveryQueue(Interface):
 
     def update(item_id, **changes):
         """Change fields of a stored item durably. Deferred firing with the updated QueueItem."""
+
+    def update_if(item_id, expected, /, **changes):
+        """``update``, only while the item's status is ``expected`` (a QueueItemStatus; positional, as
+        ``status`` may be one of the ``changes``). The check and the change are one atomic step: no other
+        writer, another process on the same store included, comes between them. Deferred firing with the
+        updated QueueItem; fails with KeyError when the item is unknown and with StatusMismatch (nothing
+        changed) when it is in another status."""
+
+    def dequeue_if(item_id, expected):
+        """``dequeue``, only while the item's status is ``expected``, in one atomic step. Deferred firing with
+        the removed QueueItem, or None if unknown; fails with StatusMismatch (nothing removed) when the item
+        is in another status."""
 
     def get_next(count=1):
         """Claim up to ``count`` due items (ready status, ``next_attempt_at <= now``), by priority then age,

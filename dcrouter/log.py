@@ -40,7 +40,8 @@ LEVEL_NAMES = ("debug", "info", "warn", "error", "critical")
 
 
 def logger(namespace: str) -> Logger:
-    """A Logger for one of dcrouter's modules; its events below the configured level are dropped at once."""
+    """A Logger for one of dcrouter's modules (``namespace`` is its ``__name__``, so a level set for a package
+    covers its modules); its events below the configured level are dropped at once."""
     return Logger(namespace=namespace, observer=_filtered)
 
 

@@ -99,6 +99,12 @@ class ControlledQueue:
     def update(self, item_id: str, **changes: Any) -> Deferred[Any]:
         return succeed(None)
 
+    def update_if(self, item_id: str, expected: Any, /, **changes: Any) -> Deferred[Any]:
+        return succeed(None)
+
+    def dequeue_if(self, item_id: str, expected: Any) -> Deferred[Any]:
+        return succeed(None)
+
     def get_next(self, count: int = 1) -> Deferred[list[QueueItem]]:
         return succeed([])
 

@@ -50,10 +50,20 @@ class QuarantineCase(unittest.TestCase):
             f.write("\n".join(lines) + "\n")
         return path
 
-    def run_cli(self, *argv: str) -> int:
+    async def run_cli(self, *argv: str) -> int:
+        """``dcrouter quarantine ARGV`` as ``cli.main`` runs it, in this test's reactor rather than one of its
+        own (the real command, in its own process, is what the test_command_line tests run)."""
         self.out.seek(0), self.out.truncate()
         self.err.seek(0), self.err.truncate()
-        return cli.main(["quarantine", *argv])
+        work = cli.quarantine_work(cli.parse_args(["quarantine", *argv]), sys.stdout, sys.stderr)
+        return work if isinstance(work, int) else await work(reactor)
+
+    def run_command(self, *argv: str) -> subprocess.CompletedProcess[bytes]:
+        """The real ``dcrouter quarantine ARGV``, in its own process and reactor (task.react)."""
+        command = [sys.executable, "-m", "dcrouter.cli", "quarantine", *argv]
+        # This checkout's dcrouter, not an installed copy (trial runs in _trial_temp).
+        env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(cli.__file__)))}
+        return subprocess.run(command, check=False, capture_output=True, timeout=60, env=env)
 
 
 class DiskQuarantineTests(QuarantineCase):
@@ -96,7 +106,7 @@ class DiskQuarantineTests(QuarantineCase):
 
     async def test_list_shows_only_quarantined(self) -> None:
         await (await self.fill()).save()
-        self.assertEqual(self.run_cli("list", "--config", self.config), 0)
+        self.assertEqual(await self.run_cli("list", "--config", self.config), 0)
         lines = self.out.getvalue().splitlines()
         self.assertEqual([line.split("\t")[0] for line in lines], ["QUAR1", "QUARBIG", "QUARHEAD"])
         self.assertEqual(
@@ -107,7 +117,7 @@ class DiskQuarantineTests(QuarantineCase):
 
     async def test_show_prints_fields_and_headers_as_relayed(self) -> None:
         await (await self.fill()).save()
-        self.assertEqual(self.run_cli("show", "--config", self.config, "QUAR1"), 0)
+        self.assertEqual(await self.run_cli("show", "--config", self.config, "QUAR1"), 0)
         shown = self.out.getvalue()
         self.assertIn("id:            QUAR1\n", shown)
         self.assertIn(f"reason:        {REASON}\n", shown)
@@ -115,12 +125,12 @@ class DiskQuarantineTests(QuarantineCase):
         self.assertTrue(shown.endswith("Subject: hello\nFrom: <sender@example.org>\n"), shown)
         self.assertNotIn("the body", shown)
 
-        self.assertEqual(self.run_cli("show", "--config", self.config, "QUARHEAD"), 0)
+        self.assertEqual(await self.run_cli("show", "--config", self.config, "QUARHEAD"), 0)
         shown = self.out.getvalue()
         self.assertIn("Subject: as relayed\nX-Virus-Status: Infected\n", shown)
         self.assertNotIn("as received", shown)
 
-        self.assertEqual(self.run_cli("show", "--config", self.config, "QUARBIG"), 0)
+        self.assertEqual(await self.run_cli("show", "--config", self.config, "QUARBIG"), 0)
         self.assertTrue(self.out.getvalue().endswith("headers as they will be relayed:\nSubject: big\n"))
 
     async def test_show_escapes_control_characters(self) -> None:
@@ -128,7 +138,7 @@ class DiskQuarantineTests(QuarantineCase):
         body = b"Subject: \x1b[2Jgotcha\r\n\r\n"
         await queue.enqueue(quarantined("HOSTILE", last_error="bad\x07"), inline(body))
         await queue.save()
-        self.assertEqual(self.run_cli("show", "--config", self.config, "HOSTILE"), 0)
+        self.assertEqual(await self.run_cli("show", "--config", self.config, "HOSTILE"), 0)
         shown = self.out.getvalue()
         self.assertNotIn("\x1b", shown)
         self.assertIn("Subject: \\x1b[2Jgotcha\n", shown)
@@ -137,7 +147,7 @@ class DiskQuarantineTests(QuarantineCase):
     async def test_release_then_the_queue_hands_it_out(self) -> None:
         await (await self.fill()).save()
         before = time.time()
-        self.assertEqual(self.run_cli("release", "--config", self.config, "QUAR1"), 0)
+        self.assertEqual(await self.run_cli("release", "--config", self.config, "QUAR1"), 0)
         self.assertIn("QUAR1 released", self.out.getvalue())
         status, next_attempt_at, _text, _file = self.row("QUAR1") or ()
         self.assertEqual(status, "queued")
@@ -163,27 +173,27 @@ class DiskQuarantineTests(QuarantineCase):
         await queue.enqueue(make_item("NORMAL1"), inline(b"x"))
         self.assertEqual([i.id for i in await queue.get_next(10)], ["NORMAL1"])
 
-        self.assertEqual(self.run_cli("list", "--config", self.config), 0)
+        self.assertEqual(await self.run_cli("list", "--config", self.config), 0)
         self.assertTrue(self.out.getvalue().startswith("QUAR1\t"))
-        self.assertEqual(self.run_cli("release", "--config", self.config, "QUAR1"), 0)
+        self.assertEqual(await self.run_cli("release", "--config", self.config, "QUAR1"), 0)
 
         later.advance(time.time() + 1 - START)
         self.assertEqual([i.id for i in await queue.get_next(10)], ["QUAR1"])
         self.assertEqual((await queue.get("QUAR1")).status, QueueItemStatus.DELIVERING)
         self.assertEqual((await queue.get("NORMAL1")).status, QueueItemStatus.DELIVERING)
-        self.assertEqual(self.run_cli("list", "--config", self.config), 0)
+        self.assertEqual(await self.run_cli("list", "--config", self.config), 0)
         self.assertEqual(self.out.getvalue(), "")
 
     async def test_delete_removes_row_and_body(self) -> None:
         await (await self.fill()).save()
         body_file = os.path.join(self.path, (self.row("QUARBIG") or ())[3])
         self.assertTrue(os.path.isfile(body_file))
-        self.assertEqual(self.run_cli("delete", "--config", self.config, "QUARBIG"), 0)
+        self.assertEqual(await self.run_cli("delete", "--config", self.config, "QUARBIG"), 0)
         self.assertEqual(self.out.getvalue(), "QUARBIG deleted\n")
         self.assertIsNone(self.row("QUARBIG"))
         self.assertFalse(os.path.exists(body_file))
 
-        self.assertEqual(self.run_cli("delete", "--config", self.config, "QUAR1"), 0)
+        self.assertEqual(await self.run_cli("delete", "--config", self.config, "QUAR1"), 0)
         conn = sqlite3.connect(os.path.join(self.path, "index.sqlite"))
         self.addCleanup(conn.close)
         self.assertEqual(conn.execute("SELECT count(*) FROM bodies WHERE id = 'QUAR1'").fetchone(), (0,))
@@ -196,38 +206,58 @@ class DiskQuarantineTests(QuarantineCase):
     async def test_unknown_or_not_quarantined(self) -> None:
         await (await self.fill()).save()
         for action in ("show", "release", "delete"):
-            self.assertEqual(self.run_cli(action, "--config", self.config, "NOSUCH"), 1)
+            self.assertEqual(await self.run_cli(action, "--config", self.config, "NOSUCH"), 1)
             self.assertEqual(self.err.getvalue(), "dcrouter quarantine: no message NOSUCH in the queue\n")
-            self.assertEqual(self.run_cli(action, "--config", self.config, "NORMAL1"), 1)
+            self.assertEqual(await self.run_cli(action, "--config", self.config, "NORMAL1"), 1)
             self.assertEqual(
                 self.err.getvalue(), "dcrouter quarantine: message NORMAL1 is queued, not quarantined\n"
             )
-        self.assertEqual(self.run_cli("show", "--config", self.config, "../etc"), 1)
+        self.assertEqual(await self.run_cli("show", "--config", self.config, "../etc"), 1)
         self.assertIn("is not a queue id", self.err.getvalue())
         self.assertEqual(self.row("NORMAL1")[0], "queued")  # type: ignore[index]
 
-    def test_no_queue_there(self) -> None:
-        self.assertEqual(self.run_cli("list", "--config", self.config), 1)
+    async def test_no_queue_there(self) -> None:
+        self.assertEqual(await self.run_cli("list", "--config", self.config), 1)
         self.assertIn("no disk queue in", self.err.getvalue())
         self.assertFalse(os.path.exists(self.path))  # nothing created
 
-    def test_bad_config(self) -> None:
+    async def test_bad_config(self) -> None:
         config = self.write_config(queueStorage="tape")
-        self.assertEqual(self.run_cli("list", "--config", config), 2)
+        self.assertEqual(await self.run_cli("list", "--config", config), 2)
         self.assertIn("error: smtpConfig.queueStorage", self.err.getvalue())
         self.assertIn(f"{config}: not valid, 1 error(s)", self.err.getvalue())
         self.assertEqual(self.out.getvalue(), "")
 
-    def test_memory_queue(self) -> None:
+    async def test_memory_queue(self) -> None:
         config = self.write_config(queueStorage="memory")
-        self.assertEqual(self.run_cli("list", "--config", config), 2)
+        self.assertEqual(await self.run_cli("list", "--config", config), 2)
         self.assertIn('smtpConfig.queueStorage is "memory"', self.err.getvalue())
         self.assertIn("inside the running process", self.err.getvalue())
 
-    def test_usage(self) -> None:
+    async def test_usage(self) -> None:
         with self.assertRaises(SystemExit) as stopped:
-            self.run_cli("release", "--config", self.config)  # no id
+            await self.run_cli("release", "--config", self.config)  # no id
         self.assertEqual(stopped.exception.code, 2)
+
+    async def test_command_line(self) -> None:
+        """The real command, in its own process and reactor (task.react), beside an open queue."""
+        later = Clock()
+        later.advance(START)
+        queue = await self.open_queue(later)
+        await queue.enqueue(quarantined("QUAR1"), inline(BODY))
+        done = self.run_command("list", "--config", self.config)
+        self.assertEqual((done.returncode, done.stderr), (0, b""))
+        self.assertTrue(done.stdout.startswith(b"QUAR1\t"))
+        done = self.run_command("release", "--config", self.config, "QUAR1")
+        self.assertEqual((done.returncode, done.stderr), (0, b""))
+        self.assertIn(b"QUAR1 released", done.stdout)
+        done = self.run_command("delete", "--config", self.config, "QUAR1")
+        self.assertEqual(
+            (done.returncode, done.stderr),
+            (1, b"dcrouter quarantine: message QUAR1 is queued, not quarantined\n"),
+        )
+        later.advance(time.time() + 1 - START)
+        self.assertEqual([i.id for i in await queue.get_next(10)], ["QUAR1"])
 
 
 class RedisQuarantineTests(QuarantineCase):
@@ -257,7 +287,7 @@ class RedisQuarantineTests(QuarantineCase):
     async def run_action(self, action: str, item_id: str | None = None) -> int:
         self.out.seek(0), self.out.truncate()
         self.err.seek(0), self.err.truncate()
-        return await quarantine.run_redis(self.smtp, action, item_id, self.out, self.err, reactor=reactor)
+        return await quarantine.run(self.smtp, action, item_id, self.out, self.err, reactor=reactor)
 
     async def test_list_show_release_delete_beside_a_running_queue(self) -> None:
         clock = Clock()
@@ -304,21 +334,10 @@ class RedisQuarantineTests(QuarantineCase):
         clock.advance(START)
         queue = await self.open_queue(clock)
         await queue.enqueue(quarantined("QUAR1"), inline(BODY))
-        command = [sys.executable, "-m", "dcrouter.cli", "quarantine"]
-        # This checkout's dcrouter, not an installed copy (trial runs in _trial_temp).
-        env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(cli.__file__)))}
-        done = subprocess.run(
-            [*command, "list", "--config", self.config], check=False, capture_output=True, timeout=60, env=env
-        )
+        done = self.run_command("list", "--config", self.config)
         self.assertEqual((done.returncode, done.stderr), (0, b""))
         self.assertTrue(done.stdout.startswith(b"QUAR1\t"))
-        done = subprocess.run(
-            [*command, "show", "--config", self.config, "NOSUCH"],
-            check=False,
-            capture_output=True,
-            timeout=60,
-            env=env,
-        )
+        done = self.run_command("show", "--config", self.config, "NOSUCH")
         self.assertEqual(
             (done.returncode, done.stderr), (1, b"dcrouter quarantine: no message NOSUCH in the queue\n")
         )

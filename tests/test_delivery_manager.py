@@ -670,7 +670,7 @@ class LifecycleTests(ManagerTestsBase):
         self.start()
 
         def close_queue(call: dict[str, Any]) -> None:
-            self.queue._closed = True  # the store fails from now on
+            self.queue._state = "closed"  # the store fails from now on
 
         self.transport.on_call = close_queue
         qid = self.send("alice@senders.test", "bob@a.test", "carol@b.test")
@@ -678,7 +678,7 @@ class LifecycleTests(ManagerTestsBase):
         # The attempt's failure, and the next look's (the store is still down): both logged.
         self.assertEqual(len(self.flushLoggedErrors(QueueUnavailable)), 2)
         self.assertEqual(self.manager.get_delivery_stats()["errors"], 2)
-        self.queue._closed = False  # the store is back
+        self.queue._state = "open"  # the store is back
         item = self.item(qid)
         self.assertEqual(item.status, QueueItemStatus.DELIVERING)  # claimed until the queue recovers it
         self.assertEqual(item.outcomes, {})

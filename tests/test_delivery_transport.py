@@ -83,7 +83,8 @@ class TransportTestCase(PoolTestCase):
         lines = [
             formatEvent(e)
             for e in self.events
-            if e.get("log_namespace") == "dcrouter.delivery" and "{queue_id} via {route}" in e["log_format"]
+            if e.get("log_namespace") == "dcrouter.delivery.transport"
+            and "{queue_id} via {route}" in e["log_format"]
         ]
         self.assertTrue(lines, "no delivery line was logged")
         return lines[-1]

@@ -227,6 +227,13 @@ class HeaderTests(SynchronousTestCase):
         self.assertEqual(part_info.names, ("naïve.pdf", "other.exe"))
         self.assertTrue(part_info.is_attachment)
 
+    def test_raw_eight_bit_byte_in_an_extended_parameter(self) -> None:
+        """A byte left un-%-encoded in an RFC 2231 value (sloppy or hostile mail) is read, never raised on."""
+        part = entity(b"Content-Disposition: attachment; filename*=utf-8''a\x84b%C3%A9.exe\r\n", b"MZ")
+        info = inspect(mixed(part))
+        self.assertEqual(info.parts[0].names, ("a\ufffdbé.exe",))
+        self.assertIsNone(info.unscannable)
+
     def test_parameter_parsing(self) -> None:
         kind, params, defects = mime.parse_structured(
             'Text/Plain (comment); charset="a\\"b"; x; f=evil(.exe)'

@@ -13,7 +13,7 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
-from dcrouter.interfaces import IDeliveryQueue, QueueFull, QueueUnavailable
+from dcrouter.interfaces import IDeliveryQueue, QueueFull, QueueUnavailable, StatusMismatch
 from dcrouter.mail.envelope import Envelope
 from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.queue.contract import LOAD_COUNT_KEYS
@@ -224,6 +224,48 @@ class QueueContractMixin:
         self.assertIsNone(await queue.dequeue("Q2"))
         self.assertEqual(await queue.get_item_count(), 1)
 
+    async def test_update_if_changes_only_in_the_expected_status(self) -> None:
+        queue = await self.open_queue()
+        quarantined = make_item("G1", status=QueueItemStatus.QUARANTINED, last_error="virus")
+        await queue.enqueue(quarantined, inline())
+        await queue.enqueue(make_item("G2"), inline())
+        self.assertEqual(await queue.get_item_count(), 2)
+        released = await queue.update_if(
+            "G1", QueueItemStatus.QUARANTINED, status="queued", next_attempt_at=START + 5, last_error=None
+        )
+        self.assertEqual(
+            (released.status, released.next_attempt_at, released.last_error),
+            (QueueItemStatus.QUEUED, START + 5, None),
+        )
+        self.assertEqual(await queue.get("G1"), released)
+        # Already released: the guard fails, naming the status as stored, and nothing changes.
+        mismatch = await self.assertFails(
+            queue.update_if("G1", "quarantined", status="failed"), StatusMismatch
+        )
+        self.assertEqual(mismatch.item, released)  # type: ignore[attr-defined]
+        self.assertEqual(await queue.get("G1"), released)
+        await self.assertFails(queue.update_if("NOPE", "quarantined", status="queued"), KeyError)
+        await self.assertFails(queue.update_if("G2", "lost", status="queued"), ValueError)
+        await self.assertFails(queue.update_if("G2", "queued", colour="red"), TypeError)
+        self.assertEqual(await queue.get_item_count(), 2)
+        self.clock.advance(START + 5)
+        self.assertEqual(sorted(i.id for i in await queue.get_next(10)), ["G1", "G2"])
+
+    async def test_dequeue_if_removes_only_in_the_expected_status(self) -> None:
+        queue = await self.open_queue()
+        await queue.enqueue(make_item("H1"), inline())
+        held = make_item("H2", status=QueueItemStatus.QUARANTINED, size=4)
+        await queue.enqueue(held, spool_file(queue, b"file"))
+        mismatch = await self.assertFails(queue.dequeue_if("H1", QueueItemStatus.QUARANTINED), StatusMismatch)
+        self.assertEqual(mismatch.item, make_item("H1"))  # type: ignore[attr-defined]
+        self.assertEqual(await read_body(queue, "H1"), b"hello")
+        self.assertEqual(await queue.dequeue_if("H2", "quarantined"), held)
+        self.assertIsNone(await queue.get("H2"))
+        await self.assertFails(queue.open_body("H2"), KeyError)
+        self.assertIsNone(await queue.dequeue_if("H2", "quarantined"))
+        await self.assertFails(queue.dequeue_if("H1", "lost"), ValueError)
+        self.assertEqual(await queue.get_item_count(), 1)
+
     async def test_item_count_excludes_final_statuses(self) -> None:
         queue = await self.open_queue()
         await self.enqueue_all(
@@ -326,10 +368,23 @@ class MemoryQueueOwnSpoolTests(TestCase):
         await queue.load()
         self.addCleanup(queue.save)
         warnings = [
-            e for e in events if e["log_namespace"] == "dcrouter.queue" and e["log_level"] == LogLevel.warn
+            e
+            for e in events
+            if e["log_namespace"] == "dcrouter.queue.memory" and e["log_level"] == LogLevel.warn
         ]
         self.assertEqual(len(warnings), 1)
         self.assertIn("lost when it exits", formatEvent(warnings[0]))
+
+    def test_open_from_construction_and_every_deferred_fired_at_once(self) -> None:
+        queue = MemoryQueue(clock=Clock(), spool_directory=self.mktemp())
+        self.assertEqual(self.successResultOf(queue.enqueue(make_item("M1"), inline())), make_item("M1"))
+        queue.pause()
+        self.assertEqual(self.successResultOf(queue.get_next()), [])
+        self.assertFalse(queue.is_processing())
+        self.assertIsNone(self.successResultOf(queue.save()))
+        self.assertIsNone(self.successResultOf(queue.save()))  # a second save is the same close
+        self.failureResultOf(queue.enqueue(make_item("M2"), inline()), QueueUnavailable)
+        self.assertIsNone(self.successResultOf(queue.get("M1")))  # dropped at save
 
     async def test_owned_spool_directory_removed_at_save(self) -> None:
         queue = MemoryQueue(clock=Clock())

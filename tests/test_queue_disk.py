@@ -248,6 +248,43 @@ class DiskQueueTests(TestCase):
             return
         self.fail("a closed queue loaded again")
 
+    async def attach_fails(self, path: str) -> str:
+        queue = DiskQueue(path, reactor=reactor, clock=self.clock)
+        try:
+            await queue.attach()
+        except QueueUnavailable as e:
+            return str(e)
+        await queue.save()
+        self.fail("attached to what is not a disk queue")
+
+    async def test_attach_creates_nothing_and_checks_what_it_finds(self) -> None:
+        self.assertIn("no disk queue in", await self.attach_fails(self.path))
+        self.assertFalse(os.path.exists(self.path))
+        os.makedirs(self.path)
+        sqlite3.connect(os.path.join(self.path, "index.sqlite")).close()  # an empty database
+        self.assertIn("is not in WAL mode", await self.attach_fails(self.path))
+        conn = sqlite3.connect(os.path.join(self.path, "index.sqlite"), isolation_level=None)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.close()
+        self.assertIn("holds no queue items table", await self.attach_fails(self.path))
+        self.assertEqual(sorted(os.listdir(self.path)), ["index.sqlite"])
+
+    async def test_attach_beside_a_loaded_queue_recovers_nothing(self) -> None:
+        """What ``dcrouter quarantine`` relies on: the router's claims in flight stay claimed."""
+        queue, _ = await self.open_queue()
+        await queue.enqueue(make_item("A1"), inline(b"one"))
+        await queue.enqueue(make_item("A2", status=QueueItemStatus.QUARANTINED), inline(b"two"))
+        self.assertEqual([i.id for i in await queue.get_next(10)], ["A1"])
+        beside = DiskQueue(self.path, reactor=reactor, clock=self.clock)
+        await beside.attach()
+        self.assertEqual(await beside.get_item_count(), 2)
+        self.assertEqual((await beside.get("A1")).status, QueueItemStatus.DELIVERING)
+        await beside.update_if("A2", QueueItemStatus.QUARANTINED, status=QueueItemStatus.QUEUED)
+        self.assertEqual(await read_body(beside, "A2"), b"two")
+        await beside.save()
+        self.assertEqual([i.id for i in await queue.get_next(10)], ["A2"])
+        self.assertEqual((await queue.get("A1")).status, QueueItemStatus.DELIVERING)
+
     async def test_save_waits_for_pending_writes(self) -> None:
         queue = DiskQueue(self.path, reactor=reactor, clock=self.clock)
         await queue.load()

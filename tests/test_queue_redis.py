@@ -18,11 +18,11 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from dcrouter.config import load_options
-from dcrouter.interfaces import DuplicateItem, QueueFull
+from dcrouter.interfaces import DuplicateItem, QueueFull, StatusMismatch
 from dcrouter.net.redis_url import RedisAddress, parse_redis_url
 from dcrouter.queue import redis_bodies, redis_consumer
 from dcrouter.queue import redis_scripts as scripts
-from dcrouter.queue.item import QueueItemStatus
+from dcrouter.queue.item import QueueItem, QueueItemStatus
 from dcrouter.queue.redis import HANDOUT_BODY_LIMIT, RedisQueue
 from dcrouter.router import build_queue
 from tests.redis_server import SKIP_REASON, start_redis
@@ -111,7 +111,7 @@ class RedisQueueTestBase(TestCase):
         return [
             formatEvent(e)
             for e in events
-            if e.get("log_namespace") == "dcrouter.queue" and e["log_level"] == LogLevel.warn
+            if e.get("log_namespace", "").startswith("dcrouter.queue.") and e["log_level"] == LogLevel.warn
         ]
 
 
@@ -192,6 +192,28 @@ class ClaimTests(RedisQueueTestBase):
         self.assertEqual(
             (item.attempts, item.destination, item.status), (3, "mx.b", QueueItemStatus.DELIVERING)
         )
+
+    async def test_guarded_update_sees_a_change_made_after_its_read(self) -> None:
+        """update_if's status check and write are one step across processes: another process changing the
+        item between the read and the write makes the write retry on what it did, not overwrite it."""
+        operator, _ = await self.open_queue()
+        router, _ = await self.open_queue()
+        await router.enqueue(make_item("G1", status=QueueItemStatus.QUARANTINED), inline())
+        real_call = operator._store.call
+
+        async def read_then_changed(method: str, *args: Any) -> Any:
+            result = await real_call(method, *args)
+            if method == "hmget" and not changed:
+                changed.append(await router.update("G1", status=QueueItemStatus.FAILED, last_error="gone"))
+            return result
+
+        changed: list[QueueItem] = []
+        self.patch(operator._store, "call", lambda *a: defer.Deferred.fromCoroutine(read_then_changed(*a)))
+        with self.assertRaises(StatusMismatch) as raised:
+            await operator.update_if("G1", QueueItemStatus.QUARANTINED, status="queued", last_error=None)
+        self.assertEqual(raised.exception.item.status, QueueItemStatus.FAILED)
+        item = await router.get("G1")
+        self.assertEqual((item.status, item.last_error), (QueueItemStatus.FAILED, "gone"))
 
     async def test_max_size_counts_every_process(self) -> None:
         first, _ = await self.open_queue(max_size=2)

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from email.message import EmailMessage
 from typing import Any, BinaryIO, cast
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -30,6 +32,7 @@ from dcrouter.processing.transforms.footer import AddFooter, html_footer
 from dcrouter.processing.transforms.mimerewrite import PartView, RewriteLimits, rewrite_mime
 from tests import mime_samples as samples
 from tests.mime_samples import CRLF, attachment, entity, headers, message, multipart, text_part
+from tests.test_processing_mime import TREES, Tree, render
 
 EXE = samples.MAGIC_SAMPLES["application/x-msdownload"] + bytes(500)
 EXE_PART = attachment("invoice.pdf.exe", EXE)
@@ -259,6 +262,14 @@ class ReplaceTests(SynchronousTestCase, WireChecks):
         self.assertEqual(forwarded.get_content_type(), "text/plain")
         self.assertEqual(forwarded.get_content(), "[attachment x.exe removed by policy]")
 
+    def test_raw_eight_bit_byte_in_a_file_name(self) -> None:
+        part = entity(b"Content-Disposition: attachment; filename*=utf-8''a\x84b.exe\r\n", EXE)
+        changed, result, _ = rewrite(mixed(TEXT, part), replace=replace_names(".exe"))
+        self.assertTrue(changed)
+        self.assertEqual(
+            leaves(parse(result))[1].get_content(), "[attachment a\ufffdb.exe removed by policy]"
+        )
+
     def test_paths_and_views_agree_with_the_mime_walker(self) -> None:
         inner = message(
             headers(("Content-Type", 'multipart/mixed; boundary="in"')), multipart(b"in", [TEXT, EXE_PART])
@@ -288,6 +299,16 @@ class ReplaceTests(SynchronousTestCase, WireChecks):
         )
         self.assertEqual(
             [v.path for v in views], ["1.1", "1.2", "2.1", "2.2", "3.1", "4.1.1", "4.2.1", "5", "6"]
+        )
+
+    def test_part_without_header_or_content_replaced(self) -> None:
+        top = b"From: a@example.org\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+        data = top + b"--b\r\n--b\r\n" + TEXT + b"\r\n--b--\r\n"
+        changed, result, _ = rewrite(data, replace=lambda view: "gone" if view.path == "1" else None)
+        self.assertTrue(changed)
+        self.assertIn(b"--b\r\nContent-Type: text/plain; charset=utf-8\r\n", result)
+        self.assertEqual(
+            [p.get_content() for p in leaves(parse(result))], ["gone", "Hello world\r\nsecond line"]
         )
 
     def test_part_without_body_is_copied_exactly(self) -> None:
@@ -349,6 +370,20 @@ class FooterTests(SynchronousTestCase, WireChecks):
         first = leaves(parsed)[0]
         self.assertEqual(first["Content-Transfer-Encoding"], "8bit")
         self.assertEqual(first.get_content(), "Grüße\r\nGrüße, ACME")
+
+    def test_footer_in_a_part_without_content(self) -> None:
+        """The footer becomes the content of a text part that had none, whether its header block ended with
+        its empty line, was cut short by the next delimiter or was not there at all; the delimiter after it
+        stays on a line of its own, so the message keeps its parts."""
+        top = b"From: a@example.org\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+        for first in (b"Content-Type: text/plain\r\n\r\n", b"Content-Type: text/plain\r\n", b""):
+            data = top + b"--b\r\n" + first + b"--b\r\n" + EXE_PART + b"\r\n--b--\r\n"
+            before = inspect_message(io.BytesIO(data)).parts
+            parsed = self.footer(data, text="Sent by ACME")
+            self.assertEqual(
+                [p.get_content_type() for p in leaves(parsed)], ["text/plain", before[1].declared_type]
+            )
+            self.assertEqual(leaves(parsed)[0].get_content(), "Sent by ACME", first)
 
     def test_seven_bit_ascii_footer_keeps_the_part_fields(self) -> None:
         data = self.part((("Content-Type", "text/plain; charset=us-ascii"),), b"Hello")
@@ -522,6 +557,37 @@ class WireTests(SynchronousTestCase, WireChecks):
             f"bare LF\r\nand bareCR\r\n{long_line.decode()}\r\nF",
         )
         self.assertEqual(parsed[2].get_payload(decode=True), b"\xe9" * 400 + b"-" * 1200)
+
+
+class WalkerTests(SynchronousTestCase):
+    """The rewriter reads messages with the inspector's walker: the same parts, whatever the chunks."""
+
+    @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(TREES, st.lists(st.integers(1, 300), min_size=1, max_size=20), st.booleans())
+    def test_same_parts_as_the_inspector_and_output_independent_of_chunks(
+        self, tree: Tree, sizes: list[int], bare_lf: bool
+    ) -> None:
+        data = headers(("From", "a@example.org")) + render(tree, [0])
+        if bare_lf:  # in the body: the message's own header block reaches processing with CRLF (the spool's)
+            head, _, body = data.partition(CRLF + CRLF)
+            data = head + CRLF + CRLF + body.replace(CRLF, b"\n")
+        views: list[PartView] = []
+
+        def replace(view: PartView) -> str | None:
+            views.append(view)
+            return "gone" if view.transfer_encoding == "base64" else None
+
+        changed, whole, _ = rewrite(data, replace=replace, footer_text="F")
+        parts = inspect_message(io.BytesIO(data)).parts
+        self.assertEqual(
+            [(v.path, v.declared_type, v.names, v.sniffed_type, v.is_attachment) for v in views],
+            [(p.path, p.declared_type, p.names, p.sniffed_type, p.is_attachment) for p in parts],
+        )
+        self.assertEqual(rewrite(data, sizes, replace=replace, footer_text="F")[:2], (changed, whole))
+        if changed:
+            self.assertEqual(
+                [p.path for p in inspect_message(io.BytesIO(whole)).parts], [p.path for p in parts]
+            )
 
 
 class BigMessageTests(SynchronousTestCase):

@@ -27,6 +27,7 @@ from twisted.python.threadpool import ThreadPool
 
 from dcrouter.acme.challenges import ChallengeResponder
 from dcrouter.log import logger
+from dcrouter.net.reactor import IRouterReactor
 
 log = logger(__name__)
 
@@ -105,7 +106,7 @@ class AcmeAccount:
         account_key_pem: bytes,
         email: str | None,
         responder: ChallengeResponder,
-        reactor: Any,
+        reactor: IRouterReactor,
         threadpool: ThreadPool,
         ca_bundle: str | None = None,
     ) -> None:

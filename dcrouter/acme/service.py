@@ -45,6 +45,7 @@ from dcrouter.config.proxy import acme_directory_url, route_domains
 from dcrouter.log import logger
 from dcrouter.net.certstore import CertificateStore, CertifiedKey
 from dcrouter.net.domains import normalize_domain
+from dcrouter.net.reactor import IRouterReactor
 
 log = logger(__name__)
 
@@ -226,7 +227,7 @@ class AcmeService(Service):
         email: str | None,
         renew_threshold_days: int,
         auto_renew: bool = True,
-        reactor: Any,
+        reactor: IRouterReactor,
         ca_bundle: str | None = None,
         account: Issuer | None = None,
         run_blocking: BlockingRunner | None = None,
@@ -255,7 +256,7 @@ class AcmeService(Service):
 
     @classmethod
     def from_options(
-        cls, options: Any, *, store: CertificateStore, responder: ChallengeResponder, reactor: Any
+        cls, options: Any, *, store: CertificateStore, responder: ChallengeResponder, reactor: IRouterReactor
     ) -> AcmeService | None:
         """The service a DcRouterOptions configures, or None when there is nothing to obtain."""
         orders = certificate_orders(options)

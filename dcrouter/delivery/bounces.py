@@ -41,7 +41,7 @@ from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.queue.files import message_reader
 from dcrouter.queue.item import Priority, QueueItem
 
-log = logger("dcrouter.delivery")
+log = logger(__name__)
 
 #: Queue ids are at most 64 characters; a DSN id adds one.
 _MAX_BASE_ID = 63

@@ -41,7 +41,7 @@ from dcrouter.log import logger
 from dcrouter.mail.reply import Reply
 from dcrouter.net.targets import Target, TargetHealth
 
-log = logger("dcrouter.delivery.callout")
+log = logger(__name__)
 
 NO_TARGET = Reply(451, "4.4.0", "No target could be tried")
 GAVE_UP = Reply(451, "4.4.2", "Recipient verification timed out")

@@ -59,7 +59,7 @@ from dcrouter.log import logger
 from dcrouter.mail.reply import Reply
 from dcrouter.net.quiet import set_no_delay
 
-log = logger("dcrouter.delivery.client")
+log = logger(__name__)
 
 #: Longest reply line accepted, CRLF included. RFC 5321 §4.5.3.1.5 says 512; real servers exceed it a little.
 MAX_REPLY_LINE = 4096

@@ -32,6 +32,7 @@ from twisted.names import client, dns, error
 from dcrouter.config.delivery import MtaConfig
 from dcrouter.delivery.route import Route
 from dcrouter.net.hostport import split_dns_server
+from dcrouter.net.reactor import IRouterReactor
 from dcrouter.net.targets import Target
 
 _MAX_CNAME_LINKS = 8
@@ -236,7 +237,9 @@ def _targets(resolved: list[tuple[str, list[str] | _HostFailure]], port: int) ->
     return targets
 
 
-def make_resolver(mta: MtaConfig | None, reactor: Any, resolv_conf: str = "/etc/resolv.conf") -> IResolver:
+def make_resolver(
+    mta: MtaConfig | None, reactor: IRouterReactor, resolv_conf: str = "/etc/resolv.conf"
+) -> IResolver:
     """A ``twisted.names.client.Resolver`` asking ``mta.dnsServers`` in order (or the nameservers of
     ``resolv_conf``, read once: a change needs a restart), each query attempt waiting ``mta.dnsTimeout``;
     every server is tried twice before a lookup fails with a timeout.

@@ -51,6 +51,7 @@ from dcrouter.delivery.route import Route
 from dcrouter.log import logger
 from dcrouter.mail.reply import Reply
 from dcrouter.net.quiet import connect_quietly
+from dcrouter.net.reactor import IRouterReactor
 from dcrouter.net.targets import Target
 from dcrouter.net.tls import TlsPolicy, client_options, verified_client_options
 
@@ -58,7 +59,7 @@ if TYPE_CHECKING:
     # Twisted exports the interface only from a private module; it is needed for the annotation alone.
     from twisted.internet._sslverify import IOpenSSLTrustRoot
 
-log = logger("dcrouter.delivery")
+log = logger(__name__)
 
 #: Errors that mean "the network or the peer failed", as opposed to a bug here.
 NETWORK_ERRORS: tuple[type[BaseException], ...] = (
@@ -130,7 +131,7 @@ class ConnectionPool:
     def __init__(
         self,
         *,
-        reactor: Any,
+        reactor: IRouterReactor,
         clock: IReactorTime,
         config: DeliveryConfig,
         helo_name: str,

@@ -50,7 +50,7 @@ from dcrouter.mail.reply import Reply
 from dcrouter.net.targets import Target, TargetHealth
 from dcrouter.queue.item import QueueItem
 
-log = logger("dcrouter.delivery")
+log = logger(__name__)
 
 NO_TARGET = Reply(451, "4.4.0", "No target could be tried")
 

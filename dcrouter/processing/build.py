@@ -15,6 +15,7 @@ from dcrouter.config import plugins
 from dcrouter.config.processing import SCANNER_TYPES, ScannerConfig, TransformationConfig
 from dcrouter.config.smtp import SmtpConfig
 from dcrouter.interfaces import IScanner, ITransformation
+from dcrouter.net.reactor import IRouterReactor
 from dcrouter.processing.dkim import DkimSigner
 from dcrouter.processing.mime import MimeLimits
 from dcrouter.processing.processor import DEFAULT_LIMITS, ScannerStage
@@ -45,7 +46,7 @@ class Chain:
         }
 
 
-def build_scanner(entry: ScannerConfig, reactor: Any) -> IScanner:
+def build_scanner(entry: ScannerConfig, reactor: IRouterReactor) -> IScanner:
     """The scanner of one checked ``scanners`` entry."""
     if entry.type == "attachment":
         from dcrouter.processing.scanners.attachment import AttachmentScanner
@@ -73,7 +74,10 @@ def build_scanner(entry: ScannerConfig, reactor: Any) -> IScanner:
 
 
 def build_transformation(
-    entry: TransformationConfig, hostname: str, reactor: Any = None, limits: MimeLimits = DEFAULT_LIMITS
+    entry: TransformationConfig,
+    hostname: str,
+    reactor: IRouterReactor | None = None,
+    limits: MimeLimits = DEFAULT_LIMITS,
 ) -> ITransformation:
     """The transformation of one checked ``transformations`` entry (not dkimSign: see :func:`build_chain`)."""
     built = build_header_transformation(entry, hostname)
@@ -102,7 +106,7 @@ def build_transformation(
     return transformation
 
 
-def build_chain(config: SmtpConfig, reactor: Any) -> Chain:
+def build_chain(config: SmtpConfig, reactor: IRouterReactor) -> Chain:
     limits = config.mime_limits
     chain = Chain(
         limits=MimeLimits(

@@ -3,7 +3,7 @@
 :class:`Base64Decoder` and :class:`QuotedPrintableDecoder` take an encoded body in pieces cut anywhere and
 give the same decoded bytes whatever the cuts; they never raise on hostile input and note what was odd in
 ``defects``. :func:`charset_codec` turns a declared charset into a text codec, falling back to UTF-8. The
-MIME walker (:mod:`dcrouter.processing.mime`) and the rewriter
+inspector (:mod:`dcrouter.processing.mime`) and the rewriter
 (:mod:`dcrouter.processing.transforms.mimerewrite`) decode with these, so both see the same content.
 """
 

@@ -2,8 +2,8 @@
 parameters, and the Content-* fields of a header block.
 
 Nothing here raises on hostile input: what does not parse is kept as written or reported as a defect. The MIME
-walker (:mod:`dcrouter.processing.mime`) and the rewriter (:mod:`dcrouter.processing.transforms.mimerewrite`)
-both read a part's Content-* fields with :func:`read_content_fields`, so a part is the same part to both.
+walker (:mod:`dcrouter.processing.mimewalk`), which the inspector and the rewriter share, reads a part's
+Content-* fields with :func:`read_content_fields`.
 """
 
 from __future__ import annotations
@@ -157,7 +157,8 @@ def _join_rfc2231(base: str, parts: dict[int, tuple[str, bool]], defects: list[s
                     charset, text = pieces[0] or charset, pieces[2]
                 else:
                     defects.append(f"parameter {base[:40]!r} has no charset'language' prefix")
-            data += unquote_to_bytes(text)
+            # Bytes, not str: a raw non-ASCII byte (surrogate-escaped here) is not encodable as UTF-8 text.
+            data += unquote_to_bytes(text.encode("utf-8", "surrogateescape"))
         else:
             data += text.encode("utf-8", "surrogateescape")
         number += 1

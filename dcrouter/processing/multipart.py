@@ -1,8 +1,9 @@
-"""The multipart rules of RFC 2046 that the MIME walker and the rewriter share: which line is a delimiter of
-which open multipart, and how its parts are numbered.
+"""The multipart rules of RFC 2046: which line is a delimiter of which open multipart, and how its parts are
+numbered.
 
-Both readers keep a stack of :class:`Frame` (innermost last) and ask :func:`match_delimiter` about each line
-that starts with ``--``, so a part found by one at a ``path`` is the part the other sees there.
+The walker (:mod:`dcrouter.processing.mimewalk`) keeps a stack of :class:`Frame` (innermost last) and asks
+:func:`match_delimiter` about each line that starts with ``--``; the rewriter also checks with the open
+frames that nothing it writes could be read as a delimiter.
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ from dcrouter.mail.headers import HeaderBlock, HeaderError, HeaderTooLarge, read
 from dcrouter.mail.queueid import new_queue_id
 from dcrouter.mail.reply import Reply
 from dcrouter.mail.spooled import SpooledMessage
+from dcrouter.net.reactor import IRouterReactor
 from dcrouter.processing.archive import ArchiveWorkExceeded, WorkBudget
 from dcrouter.processing.message import (
     Discarded,
@@ -50,9 +51,10 @@ from dcrouter.processing.message import (
     Verdict,
 )
 from dcrouter.processing.mime import MimeLimits, inspect_message
+from dcrouter.queue import quarantine
 from dcrouter.queue.item import Priority, QueueItem, QueueItemStatus
 
-log = logger("dcrouter.processing")
+log = logger(__name__)
 
 BUSY = Reply(451, "4.3.2", "Too many messages in processing, try again later")
 TIMED_OUT = Reply(451, "4.4.1", "Processing the message took too long, try again later")
@@ -110,7 +112,7 @@ class EmailProcessor:
         queue: IDeliveryQueue,
         clock_seconds: Callable[[], float],
         *,
-        reactor: Any = None,
+        reactor: IRouterReactor | None = None,
         threadpool: ThreadPool | None = None,
         scanners: Iterable[ScannerStage] = (),
         transformations: Iterable[ITransformation] = (),
@@ -482,13 +484,12 @@ class EmailProcessor:
         return item
 
     async def release(self, queue_id: str) -> QueueItem | None:
-        """Release a quarantined message for delivery (None when there is no such quarantined message)."""
-        item = await self._queue.get(queue_id)
-        if item is None or item.status is not QueueItemStatus.QUARANTINED:
+        """Release a quarantined message for delivery (None when there is no such quarantined message), as
+        ``dcrouter quarantine release`` does (:func:`dcrouter.queue.quarantine.release`)."""
+        try:
+            released = await quarantine.release(self._queue, queue_id, self._now())
+        except quarantine.NotQuarantined:
             return None
-        released: QueueItem = await self._queue.update(
-            queue_id, status=QueueItemStatus.QUEUED, next_attempt_at=self._now(), last_error=None
-        )
         log.info("{queue_id}: released from quarantine", queue_id=queue_id)
         if self.on_queued is not None:
             self._notify(released)

@@ -17,14 +17,16 @@ Lifecycle (the same as DcRouter's SMTP listeners, for the same reasons):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import Service
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
 
 from dcrouter.log import logger
 from dcrouter.net.listen import ListenError, close, format_address, listen_paused, resume
+from dcrouter.net.reactor import IRouterReactor
 from dcrouter.proxy.forward import RouteCounters
 from dcrouter.proxy.http import ChallengeSource
 from dcrouter.proxy.routes import CertificateFiles, ProxyRoute, RouteTable, build_routes, listening_ports
@@ -57,7 +59,7 @@ class ProxyService(Service):
         routes: Sequence[ProxyRoute],
         settings: ProxySettings,
         *,
-        reactor: Any,
+        reactor: IRouterReactor,
         bind_address: str = "0.0.0.0",
         ports: Sequence[int] | None = None,
         drain_timeout: float = 5.0,
@@ -82,7 +84,7 @@ class ProxyService(Service):
         cls,
         options: Any,
         *,
-        reactor: Any,
+        reactor: IRouterReactor,
         certificates: Any = None,
         challenges: ChallengeSource | None = None,
     ) -> ProxyService | None:
@@ -156,7 +158,8 @@ class ProxyService(Service):
             raise ProxyBindError(str(error)) from error
         for port, listening in zip(ports, bound, strict=True):
             self._listening.append((port, listening))
-            self.ports[port] = int(listening.getHost().port)  # type: ignore[attr-defined]  # TCP: an IPv4/6Address
+            address = cast(IPv4Address | IPv6Address, listening.getHost())  # a TCP port's own address
+            self.ports[port] = int(address.port)
 
     def unbind(self) -> None:
         """Close every bound port (a failed start-up)."""

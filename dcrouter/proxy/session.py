@@ -29,13 +29,14 @@ from twisted.internet.interfaces import (
     IProtocol,
     IStreamClientEndpoint,
 )
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dcrouter.log import logger
 from dcrouter.net.cidr import CidrSet
 from dcrouter.net.quiet import connect_quietly, set_no_delay
+from dcrouter.net.reactor import IRouterReactor
 from dcrouter.net.targets import Target, TargetHealth
 from dcrouter.net.tls import TlsPolicy
 from dcrouter.proxy import proxyprotocol
@@ -110,7 +111,7 @@ def _host(address: IAddress) -> str:
     return canonical_ip(address.host) if isinstance(address, (IPv4Address, IPv6Address)) else ""
 
 
-def client_endpoint(reactor: Any, host: str, port: int) -> IStreamClientEndpoint:
+def client_endpoint(reactor: IRouterReactor, host: str, port: int) -> IStreamClientEndpoint:
     """An endpoint for a target: TCP4/TCP6 for IP literals, HostnameEndpoint (resolving) for names."""
     try:
         ip = ipaddress.ip_address(host)
@@ -132,7 +133,7 @@ class ProxyContext:
 
     table: RouteTable
     settings: ProxySettings
-    reactor: Any
+    reactor: IRouterReactor
     health: TargetHealth = field(init=False)
     counters: dict[str, RouteCounters] = field(init=False)
     per_ip: dict[str, int] = field(default_factory=dict)
@@ -719,7 +720,7 @@ class ProxySession(Protocol):
             self._release_route()
 
 
-class ProxySessionFactory(Factory):
+class ProxySessionFactory(ServerFactory):
     """Builds a :class:`ProxySession` for each connection accepted on one configured ``port``."""
 
     noisy = False

@@ -47,6 +47,7 @@ from zope.interface import implementer
 from dcrouter.interfaces import IDeliveryQueue, QueueFull, QueueUnavailable
 from dcrouter.log import logger
 from dcrouter.mail.spooled import SpooledMessage
+from dcrouter.net.reactor import IRouterReactor
 from dcrouter.queue.contract import check_changes, check_item_id, is_live
 from dcrouter.queue.index import ClaimDue, Outcome, QueueIndex, RemoveItems, StoreItem, UpdateItem, Write
 from dcrouter.queue.item import QueueItem, QueueItemStatus
@@ -54,12 +55,14 @@ from dcrouter.queue.lifecycle import QueueLifecycle
 from dcrouter.queue.orphans import OrphanSweeper
 from dcrouter.queue.recovery import recover
 
-log = logger("dcrouter.queue")
+log = logger(__name__)
 
 _FINAL_SQL = "('delivered', 'bounced', 'failed')"
 
 #: Most writes one transaction takes; the rest wait for the next. Bounds the latency of a huge burst.
 BATCH_LIMIT = 2000
+#: Seconds a write of a queue opened by ``attach()`` waits for the holding process's transaction to end.
+BUSY_TIMEOUT = 10.0
 
 
 @implementer(IDeliveryQueue)
@@ -79,7 +82,7 @@ class DiskQueue(QueueLifecycle):
         self,
         path: str,
         *,
-        reactor: Any,
+        reactor: IRouterReactor,
         clock: IReactorTime,
         max_size: int = 0,
         close_on_shutdown: bool = True,
@@ -136,16 +139,36 @@ class DiskQueue(QueueLifecycle):
 
     def update(self, item_id: str, **changes: Any) -> Deferred:
         """Change fields of an item durably; fires with the updated item, fails with KeyError if unknown."""
+        return self._update(item_id, None, changes)
+
+    def update_if(self, item_id: str, expected: QueueItemStatus | str, /, **changes: Any) -> Deferred:
+        """``update`` while the item is in status ``expected`` (checked in the write's transaction); fails
+        with StatusMismatch when it is not."""
+        return self._update(item_id, expected, changes)
+
+    def _update(
+        self, item_id: str, expected: QueueItemStatus | str | None, changes: dict[str, Any]
+    ) -> Deferred:
         try:
             self._check_open()
             normalised = check_changes(changes)
+            wanted = None if expected is None else QueueItemStatus(expected)
         except Exception as e:  # noqa: BLE001 (a failure for the caller)
             return fail(e)
-        return self._submit(UpdateItem(item_id, normalised))
+        return self._submit(UpdateItem(item_id, normalised, wanted))
 
     def dequeue(self, item_id: str) -> Deferred:
         """Remove the item and its body; fires with the removed item, or None."""
         return self._submit_open(lambda: RemoveItems("id = ?", (item_id,), single=True))
+
+    def dequeue_if(self, item_id: str, expected: QueueItemStatus | str) -> Deferred:
+        """``dequeue`` while the item is in status ``expected`` (checked in the write's transaction); fails
+        with StatusMismatch when it is not."""
+        try:
+            wanted = QueueItemStatus(expected)
+        except ValueError as e:
+            return fail(e)
+        return self._submit_open(lambda: RemoveItems("id = ?", (item_id,), single=True, expected=wanted))
 
     def get_next(self, count: int = 1) -> Deferred:
         """Claim up to ``count`` due items (priority, then creation time, then arrival) as DELIVERING."""
@@ -198,7 +221,43 @@ class DiskQueue(QueueLifecycle):
         d.addCallbacks(self._loaded, self._load_failed)
         return d
 
+    def attach(self, busy_timeout: float = BUSY_TIMEOUT) -> Deferred:
+        """Open the queue while another process, a running router, holds it: for an operator's tool
+        (``dcrouter quarantine``) beside the router. Unlike ``load()``, nothing is created (QueueUnavailable
+        when there is no queue in ``path``), no recovery runs (it would return the router's claims in flight
+        to ready: a second delivery), no orphan is swept, and a write waits up to ``busy_timeout`` seconds
+        for the router's commit. What this process makes due, the router claims at its next look at the
+        queue (``get_next`` is a query). ``get_item_count`` starts from the count at attach time. ``save()``
+        closes without checkpointing the WAL, which is the router's to do. Fires with None."""
+        if self._state != "new":
+            return fail(QueueUnavailable(f"disk queue {self.path} was already opened"))
+        self._state = "loading"
+        self._pool.start()
+        self._reader_pool.start()
+        if self._close_on_shutdown:
+            self._shutdown_trigger = self._reactor.addSystemEventTrigger("before", "shutdown", self.save)
+        d = deferToThreadPool(self._reactor, self._pool, self._attach, busy_timeout)
+        d.addCallbacks(self._attached, self._attach_failed)
+        return d
+
     # -- internals: life cycle ---------------------------------------------------------------------
+
+    def _attach(self, busy_timeout: float) -> int:
+        self._index.attach(busy_timeout)
+        try:
+            return self._index.read(lambda: self._index.counts()[1])
+        except BaseException:
+            self._index.close()
+            raise
+
+    def _attached(self, live: int) -> None:
+        self._state = "open"
+        self._live = live
+
+    def _attach_failed(self, failure: Failure) -> Failure:
+        self._state = "closed"
+        self._stop_pool()
+        return failure
 
     def _open_and_recover(self) -> dict[str, int]:
         self._index.open()

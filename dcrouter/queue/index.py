@@ -25,8 +25,9 @@ import os
 import sqlite3
 from collections.abc import Callable, Iterable
 from typing import Any, BinaryIO
+from urllib.parse import quote
 
-from dcrouter.interfaces import DuplicateItem, QueueUnavailable
+from dcrouter.interfaces import DuplicateItem, QueueUnavailable, StatusMismatch
 from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.queue.contract import is_live
 from dcrouter.queue.files import fsync_directory, fsync_file, link_without_replacing
@@ -178,15 +179,23 @@ class StoreItem(Write):
 
 
 class UpdateItem(Write):
-    def __init__(self, item_id: str, changes: dict[str, Any]) -> None:
+    """Change fields of one item; with ``expected``, only while the item is in that status (else
+    StatusMismatch, and nothing changes)."""
+
+    def __init__(
+        self, item_id: str, changes: dict[str, Any], expected: QueueItemStatus | None = None
+    ) -> None:
         self.item_id = item_id
         self.changes = changes
+        self.expected = expected
 
     def apply(self, conn: sqlite3.Connection) -> tuple[Any, int]:
         row = conn.execute("SELECT item FROM items WHERE id = ?", (self.item_id,)).fetchone()
         if row is None:
             raise KeyError(self.item_id)
         old = parse_item(row[0])
+        if self.expected is not None and old.status != self.expected:
+            raise StatusMismatch(old)
         new = old.evolve(**self.changes)
         conn.execute(
             "UPDATE items SET status = ?, priority = ?, created_at = ?, next_attempt_at = ?, destination = ?,"
@@ -236,18 +245,28 @@ class ClaimDue(Write):
 
 class RemoveItems(Write):
     """Delete the rows matching ``where`` (SQL over `items`); bodies files go once the deletion committed.
-    The result is the removed item (``single``: None when there was none) or the number removed."""
+    The result is the removed item (``single``: None when there was none) or the number removed. With
+    ``expected`` (``single`` only), a row in another status is not removed: StatusMismatch."""
 
-    def __init__(self, where: str, params: tuple[Any, ...], single: bool = False) -> None:
+    def __init__(
+        self,
+        where: str,
+        params: tuple[Any, ...],
+        single: bool = False,
+        expected: QueueItemStatus | None = None,
+    ) -> None:
         self.where = where
         self.params = params
         self.single = single
+        self.expected = expected
         self.files: list[str] = []
 
     def apply(self, conn: sqlite3.Connection) -> tuple[Any, int]:
         rows = conn.execute(
             f"SELECT seq, id, status, body_file, item FROM items WHERE {self.where}", self.params
         ).fetchall()
+        if self.expected is not None and rows and rows[0][2] != self.expected.value:
+            raise StatusMismatch(parse_item(rows[0][4]))
         conn.executemany("DELETE FROM items WHERE seq = ?", [(r[0],) for r in rows])
         conn.executemany("DELETE FROM bodies WHERE id = ?", [(r[1],) for r in rows])
         self.files = [r[3] for r in rows if r[3] is not None]
@@ -287,6 +306,7 @@ class QueueIndex:
         self._reader: sqlite3.Connection | None = None
         self._known_dirs: set[str] = set()
         self._synchronous_full = True
+        self._attached = False  # opened by attach(): another process holds the queue
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -316,6 +336,42 @@ class QueueIndex:
             self.close()
             raise _as_unavailable(e) from e
 
+    def attach(self, busy_timeout: float) -> None:
+        """Open the index of a queue another process (a running router) holds: nothing is created, and a
+        write waits up to ``busy_timeout`` seconds for that process's transaction to end. Raises
+        QueueUnavailable naming what is missing or wrong."""
+        index = os.path.join(self.path, "index.sqlite")
+        if not os.path.isfile(index):
+            raise QueueUnavailable(f"no disk queue in {self.path} ({index} does not exist)")
+        try:
+            # mode=rw: never create an empty database where the router's should be.
+            conn = sqlite3.connect(
+                f"file:{quote(index)}?mode=rw",
+                uri=True,
+                isolation_level=None,
+                check_same_thread=False,
+                timeout=busy_timeout,
+            )
+        except sqlite3.Error as e:
+            raise QueueUnavailable(f"cannot open {index}: {e}") from None
+        try:
+            # The router set WAL, and it persists. Only read here: never convert a database that is not ours.
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                raise QueueUnavailable(f"{index} is not in WAL mode; is it a dcrouter disk queue?")
+            conn.execute("PRAGMA synchronous = FULL")
+            items = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'items'"
+            if conn.execute(items).fetchone() is None:
+                raise QueueUnavailable(f"{index} holds no queue items table; is it a dcrouter disk queue?")
+        except sqlite3.Error as e:
+            conn.close()
+            raise QueueUnavailable(f"cannot read {index}: {e}") from None
+        except QueueUnavailable:
+            conn.close()
+            raise
+        self._conn = conn
+        self._synchronous_full = True
+        self._attached = True
+
     def counts(self) -> tuple[int, int]:
         """How many items are stored, and how many of them are live (not in a final status)."""
         items, live = self.conn.execute(
@@ -324,12 +380,14 @@ class QueueIndex:
         return items, live
 
     def close(self) -> None:
-        """Checkpoint the WAL into the database and close. Safe to call twice."""
+        """Checkpoint the WAL into the database and close. Safe to call twice. An attached index is closed
+        without the checkpoint: that is the work of the process that holds the queue."""
         conn, self._conn = self._conn, None
         if conn is None:
             return
         try:
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            if not self._attached:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error:
             pass  # the WAL is still valid; the next open replays it
         finally:

@@ -11,6 +11,9 @@ What a caller may rely on:
   ``save``, so a 50 MB message costs no memory here either.
 - ``spool_directory`` is the caller's directory when given, else a fresh temporary directory that the queue
   owns and removes at ``save()``.
+- The life cycle is the durable backends' (:class:`~dcrouter.queue.lifecycle.QueueLifecycle`), except that
+  there is nothing to open: the queue is open from construction, ``load()`` only prepares the spool directory
+  and warns, and ``save()`` drops everything.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
-from dcrouter.interfaces import DuplicateItem, IDeliveryQueue, QueueFull, QueueUnavailable
+from dcrouter.interfaces import DuplicateItem, IDeliveryQueue, QueueFull, QueueUnavailable, StatusMismatch
 from dcrouter.log import logger
 from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.queue.contract import (
@@ -37,15 +40,21 @@ from dcrouter.queue.contract import (
     new_load_counts,
 )
 from dcrouter.queue.item import READY_STATUSES, QueueItem, QueueItemStatus
+from dcrouter.queue.lifecycle import QueueLifecycle
 
-log = logger("dcrouter.queue")
+log = logger(__name__)
 
 
 @implementer(IDeliveryQueue)
-class MemoryQueue:
+class MemoryQueue(QueueLifecycle):
     """A DeliveryQueue in a dict. ``clock`` decides due-ness (``get_next``) and age (``purge_expired``)."""
 
+    _description = "the memory queue"
+
     def __init__(self, *, clock: IReactorTime, max_size: int = 0, spool_directory: str | None = None) -> None:
+        super().__init__()
+        # Nothing to open or recover: usable at once, before load() as after it.
+        self._state = "open"
         self.max_size = max_size
         self._clock = clock
         self._owns_spool = spool_directory is None
@@ -55,8 +64,6 @@ class MemoryQueue:
         # bytes for an inline body, str for the path of a spool file the queue now owns.
         self._bodies: dict[str, bytes | str] = {}
         self._live = 0  # items in a non-final status, kept current so max_size checks are O(1)
-        self._paused = False
-        self._closed = False
 
     # -- storing -----------------------------------------------------------------------------------
 
@@ -86,10 +93,22 @@ class MemoryQueue:
 
     def update(self, item_id: str, **changes: Any) -> Deferred:
         """Apply ``changes`` (QueueItem field names, all but ``id``); fails with KeyError if unknown."""
+        return self._update(item_id, None, changes)
+
+    def update_if(self, item_id: str, expected: QueueItemStatus | str, /, **changes: Any) -> Deferred:
+        """``update`` while the item is in status ``expected``; fails with StatusMismatch when it is not."""
+        return self._update(item_id, expected, changes)
+
+    def _update(
+        self, item_id: str, expected: QueueItemStatus | str | None, changes: dict[str, Any]
+    ) -> Deferred:
         try:
             self._check_open()
             normalised = check_changes(changes)
+            wanted = None if expected is None else QueueItemStatus(expected)
             current = self._items[item_id]
+            if wanted is not None and current.status is not wanted:
+                raise StatusMismatch(current.copy())
         except Exception as e:  # noqa: BLE001 (a failure for the caller)
             return fail(e)
         updated = current.evolve(**normalised).copy()
@@ -99,11 +118,21 @@ class MemoryQueue:
 
     def dequeue(self, item_id: str) -> Deferred:
         """Remove the item and its body; fires with the removed item, or None if there was none."""
+        return self._dequeue(item_id, None)
+
+    def dequeue_if(self, item_id: str, expected: QueueItemStatus | str) -> Deferred:
+        """``dequeue`` while the item is in status ``expected``; fails with StatusMismatch when it is not."""
+        return self._dequeue(item_id, expected)
+
+    def _dequeue(self, item_id: str, expected: QueueItemStatus | str | None) -> Deferred:
         try:
             self._check_open()
-        except QueueUnavailable as e:
+            wanted = None if expected is None else QueueItemStatus(expected)
+            item = self._items.get(item_id)
+            if item is not None and wanted is not None and item.status is not wanted:
+                raise StatusMismatch(item.copy())
+        except Exception as e:  # noqa: BLE001 (a failure for the caller)
             return fail(e)
-        item = self._items.get(item_id)
         if item is not None:
             self._remove(item_id)
         return succeed(item)
@@ -187,30 +216,15 @@ class MemoryQueue:
         )
         return succeed(new_load_counts(items=len(self._items), live=self._live_count()))
 
-    def save(self) -> Deferred:
-        """Close: every item and body is dropped (nothing is kept) and an owned spool directory removed."""
-        if not self._closed:
-            self._closed = True
-            for item_id in list(self._items):
-                self._remove(item_id)
-            if self._owns_spool:
-                shutil.rmtree(self.spool_directory, ignore_errors=True)
-        return succeed(None)
-
-    def pause(self) -> None:
-        self._paused = True
-
-    def resume(self) -> None:
-        self._paused = False
-
-    def is_processing(self) -> bool:
-        return not self._paused
+    async def _close(self) -> None:
+        """``save()``: every item and body is dropped (nothing is kept) and an owned spool directory removed.
+        Nothing here waits, so ``save()``'s Deferred has fired when it returns."""
+        for item_id in list(self._items):
+            self._remove(item_id)
+        if self._owns_spool:
+            shutil.rmtree(self.spool_directory, ignore_errors=True)
 
     # -- internals ---------------------------------------------------------------------------------
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise QueueUnavailable("the memory queue is closed")
 
     def _select(self, wanted: Callable[[QueueItem], bool]) -> list[QueueItem]:
         # sorted() is stable, so equal creation times keep arrival order.

@@ -29,7 +29,7 @@ from twisted.internet.task import LoopingCall
 from dcrouter.log import logger
 from dcrouter.queue.files import unique_path
 
-log = logger("dcrouter.queue")
+log = logger(__name__)
 
 #: Seconds between sweeps: retention is counted in days, an hour late is of no consequence.
 SWEEP_INTERVAL = 3600.0

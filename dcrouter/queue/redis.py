@@ -97,9 +97,17 @@ from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from dcrouter.interfaces import ClaimLost, DuplicateItem, IDeliveryQueue, QueueFull, QueueUnavailable
+from dcrouter.interfaces import (
+    ClaimLost,
+    DuplicateItem,
+    IDeliveryQueue,
+    QueueFull,
+    QueueUnavailable,
+    StatusMismatch,
+)
 from dcrouter.log import logger
 from dcrouter.mail.spooled import SpooledMessage
+from dcrouter.net.reactor import IRouterReactor
 from dcrouter.net.redis_url import parse_redis_url
 from dcrouter.queue import redis_bodies as bodies
 from dcrouter.queue import redis_consumer
@@ -113,7 +121,7 @@ from dcrouter.queue.redis_consumer import ConsumerSlot
 from dcrouter.queue.redis_recovery import recover
 from dcrouter.queue.redis_store import RedisStore
 
-log = logger("dcrouter.queue")
+log = logger(__name__)
 
 #: Items one script call removes, verifies or returns from expired leases; bounds how long Redis is busy.
 CHUNK = 500
@@ -160,7 +168,7 @@ class RedisQueue(QueueLifecycle):
         self,
         url: str,
         *,
-        reactor: Any,
+        reactor: IRouterReactor,
         clock: IReactorTime,
         body_directory: str,
         max_size: int = 0,
@@ -267,11 +275,27 @@ class RedisQueue(QueueLifecycle):
             return fail(e)
         return Deferred.fromCoroutine(self._update(item_id, normalised))
 
-    async def _update(self, item_id: str, changes: dict[str, Any]) -> QueueItem:
+    def update_if(self, item_id: str, expected: QueueItemStatus | str, /, **changes: Any) -> Deferred:
+        """``update`` while the item is in status ``expected``; fails with StatusMismatch when it is not. The
+        status is read with the version the write is guarded by, so a change by any process in between is
+        seen."""
+        try:
+            self._check_open()
+            normalised = check_changes(changes)
+            wanted = QueueItemStatus(expected)
+        except Exception as e:  # noqa: BLE001 (a failure for the caller)
+            return fail(e)
+        return Deferred.fromCoroutine(self._update(item_id, normalised, wanted))
+
+    async def _update(
+        self, item_id: str, changes: dict[str, Any], expected: QueueItemStatus | None = None
+    ) -> QueueItem:
         # An item this process holds is usually as its claim or last update left it: write on that version
-        # without reading it first (one round trip instead of two); a conflict reads it afresh.
-        known = self._known.get(item_id)
-        body = known.body if known is not None else None  # a body never changes
+        # without reading it first (one round trip instead of two); a conflict reads it afresh. A guarded
+        # update always reads: the guard is on the status as stored.
+        held = self._known.get(item_id)
+        body = held.body if held is not None else None  # a body never changes
+        known = held if expected is None else None
         for _attempt in range(UPDATE_ATTEMPTS):
             if known is not None:
                 text, status, version = known.text, QueueItemStatus.DELIVERING.value.encode(), known.version
@@ -281,7 +305,10 @@ class RedisQueue(QueueLifecycle):
                 )
                 if text is None:
                     raise KeyError(item_id)
-            new = self._parse(item_id, text, status).evolve(**changes)
+            old = self._parse(item_id, text, status)
+            if expected is not None and old.status != expected:
+                raise StatusMismatch(old)
+            new = old.evolve(**changes)
             fields = self._fields(new)
             lease = repr(float(self.lease_seconds))
             sent = self._clock.seconds()
@@ -306,6 +333,22 @@ class RedisQueue(QueueLifecycle):
     def dequeue(self, item_id: str) -> Deferred:
         """Remove the item and its body; fires with the removed item, or None if there was none."""
         return self._open_call(lambda: self._remove(scripts.REMOVE, item_id))
+
+    def dequeue_if(self, item_id: str, expected: QueueItemStatus | str) -> Deferred:
+        """``dequeue`` while the item is in status ``expected`` (checked in the removing script); fails with
+        StatusMismatch when it is not."""
+        try:
+            wanted = QueueItemStatus(expected).value
+        except ValueError as e:
+            return fail(e)
+        return self._open_call(lambda: self._remove_if(item_id, wanted))
+
+    async def _remove_if(self, item_id: str, status: str) -> QueueItem | None:
+        reply = await self._store.script(scripts.REMOVE_IF, item_id, status)
+        if reply[0] == b"other":
+            raise StatusMismatch(self._parse(item_id, reply[1], reply[2]))
+        removed = await self._removed(reply[1:])
+        return removed[0] if removed else None
 
     def purge_expired(self, max_age: float) -> Deferred:
         """Remove final items created more than ``max_age`` seconds ago; fires with how many."""

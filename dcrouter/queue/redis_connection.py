@@ -30,9 +30,10 @@ from twisted.python.failure import Failure
 
 from dcrouter.interfaces import QueueError, QueueUnavailable
 from dcrouter.log import logger
+from dcrouter.net.reactor import IRouterReactor
 from dcrouter.net.redis_url import RedisAddress
 
-log = logger("dcrouter.queue")
+log = logger(__name__)
 
 #: Longest pause between reconnection attempts while Redis is down (txredisapi's default is 10 s).
 MAX_RECONNECT_DELAY = 2.0
@@ -41,7 +42,9 @@ MAX_RECONNECT_DELAY = 2.0
 class RedisConnection:
     """A lazily connected pool of ``pool_size`` connections to ``address``."""
 
-    def __init__(self, address: RedisAddress, *, reactor: Any, timeout: float, pool_size: int = 4) -> None:
+    def __init__(
+        self, address: RedisAddress, *, reactor: IRouterReactor, timeout: float, pool_size: int = 4
+    ) -> None:
         self.address = address
         self._reactor = reactor
         self._timeout = timeout

@@ -31,7 +31,7 @@ from dcrouter.queue.contract import new_load_counts
 from dcrouter.queue.item import QueueItem, QueueItemStatus
 from dcrouter.queue.redis_store import RedisStore
 
-log = logger("dcrouter.queue")
+log = logger(__name__)
 
 #: Items one verification step reads.
 SCAN_CHUNK = 500

@@ -284,6 +284,21 @@ return out
 """
 )
 
+#: ARGV: P, id, status. Removes the item only while it is in ``status``: returns {'removed', then what REMOVE
+#: returns}, {'other', item JSON, status} (nothing removed) or {'missing'}.
+REMOVE_IF = (
+    _PRELUDE
+    + r"""
+local id = ARGV[2]
+local v = redis.call('HMGET', ikey(id), 'item', 'status')
+if not v[1] then return {'missing'} end
+if v[2] ~= ARGV[3] then return {'other', v[1], v[2]} end
+local out = {'removed'}
+remove(id, out)
+return out
+"""
+)
+
 #: ARGV: P, cutoff, limit. Removes up to ``limit`` items in a final status created before ``cutoff``;
 #: returns what REMOVE returns.
 PURGE_FINAL = (

@@ -13,6 +13,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 
 from dcrouter.interfaces import QueueUnavailable
+from dcrouter.net.reactor import IRouterReactor
 from dcrouter.queue.redis_connection import RedisConnection
 
 
@@ -20,7 +21,7 @@ class RedisStore:
     """Keys under ``prefix`` in the Redis of :attr:`connection` (set once the queue connects), and blocking
     file work on ``reactor``'s thread pool."""
 
-    def __init__(self, *, reactor: Any, prefix: str) -> None:
+    def __init__(self, *, reactor: IRouterReactor, prefix: str) -> None:
         self.reactor = reactor
         self.prefix = prefix
         self.connection: RedisConnection | None = None

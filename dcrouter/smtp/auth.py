@@ -50,7 +50,7 @@ from dcrouter.mail.reply import Reply
 from dcrouter.passwords import ScryptHash, parse_password_hash, verify_password
 from dcrouter.smtp.sasl import MECHANISMS, SaslError, SaslExchange
 
-log = logger("dcrouter.smtp.auth")
+log = logger(__name__)
 
 MAX_FAILURE_DELAY = 10.0
 MAX_TRACKED_KEYS = 100_000

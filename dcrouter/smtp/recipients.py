@@ -15,7 +15,7 @@ from dcrouter.log import logger
 from dcrouter.mail.address import Address
 from dcrouter.mail.recipients import RecipientTable, read_recipients_file
 
-log = logger("dcrouter.smtp")
+log = logger(__name__)
 
 #: Seconds between two looks (a ``stat``) at whether a recipients file changed.
 FILE_CHECK_INTERVAL = 1.0

@@ -46,7 +46,7 @@ from dcrouter.net.listen import ListenError, format_address, listen_paused, resu
 if TYPE_CHECKING:
     from dcrouter.smtp.protocol import ESMTPServerFactory
 
-log = logger("dcrouter.smtp")
+log = logger(__name__)
 
 #: Seconds a session told to close (after the grace period) has to let go before it is aborted, and an
 #: aborted one to be reported gone.

@@ -57,7 +57,7 @@ from dcrouter.mail.reply import Reply
 from dcrouter.net.domains import DomainMatcher
 from dcrouter.smtp.recipients import DeferToThread, RecipientsFile
 
-log = logger("dcrouter.smtp")
+log = logger(__name__)
 
 _T = TypeVar("_T")
 

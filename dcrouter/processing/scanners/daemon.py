@@ -23,6 +23,7 @@ from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 
 from dcrouter.config.processing import ScannerConfig
+from dcrouter.net.reactor import IRouterReactor
 from dcrouter.processing.message import ScannerUnavailable
 
 T = TypeVar("T")
@@ -33,7 +34,7 @@ MAX_REPLY = 256 * 1024
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]+")
 
 
-def endpoint_for(config: ScannerConfig, reactor: Any, default_port: int) -> IStreamClientEndpoint:
+def endpoint_for(config: ScannerConfig, reactor: IRouterReactor, default_port: int) -> IStreamClientEndpoint:
     """The daemon's Unix socket when ``config.socket`` is set, else ``config.host`` and ``config.port`` (or
     ``default_port``). The connect attempt itself is bounded by the scan's deadline, not here."""
     seconds = max(config.timeout / 1000.0, 0.001)
@@ -212,7 +213,7 @@ class DaemonScanner:
     default_port = 0
     default_max_size = 0
 
-    def __init__(self, config: ScannerConfig, reactor: Any) -> None:
+    def __init__(self, config: ScannerConfig, reactor: IRouterReactor) -> None:
         self.name = config.label
         self._config = config
         self._reactor = reactor
@@ -223,6 +224,6 @@ class DaemonScanner:
 class StreamDaemonScanner(DaemonScanner):
     """A daemon spoken to over a stream connection of its own per scan (spamd, clamd)."""
 
-    def __init__(self, config: ScannerConfig, reactor: Any) -> None:
+    def __init__(self, config: ScannerConfig, reactor: IRouterReactor) -> None:
         super().__init__(config, reactor)
         self._endpoint = endpoint_for(config, reactor, self.default_port)

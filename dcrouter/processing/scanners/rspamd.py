@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from dcrouter.config.processing import ScannerConfig
 from dcrouter.interfaces import IScanner
+from dcrouter.net.reactor import IRouterReactor
 from dcrouter.processing.message import Draft, ScannerUnavailable, ScanResult, Verdict
 from dcrouter.processing.scanners.daemon import MAX_REPLY, DaemonScanner, within
 from dcrouter.processing.scanners.spamd import SYMBOL_NAME, spam_result
@@ -37,7 +38,7 @@ DEFAULT_MAX_SIZE = 1024 * 1024
 class _UnixSocket:
     """Every request to rspamd's Unix socket, whatever the URL says."""
 
-    def __init__(self, reactor: Any, path: str, timeout: float) -> None:
+    def __init__(self, reactor: IRouterReactor, path: str, timeout: float) -> None:
         self._reactor = reactor
         self._path = path
         self._timeout = timeout
@@ -85,7 +86,7 @@ class RspamdScanner(DaemonScanner):
     default_port = DEFAULT_PORT
     default_max_size = DEFAULT_MAX_SIZE
 
-    def __init__(self, config: ScannerConfig, reactor: Any, agent: IAgent | None = None) -> None:
+    def __init__(self, config: ScannerConfig, reactor: IRouterReactor, agent: IAgent | None = None) -> None:
         super().__init__(config, reactor)
         seconds = max(config.timeout / 1000.0, 0.001)
         if agent is None:
@@ -117,7 +118,8 @@ class RspamdScanner(DaemonScanner):
                 headers=envelope_headers(message),
                 data=FileBodyProducer(body, self._cooperator),
                 unbuffered=True,
-                reactor=self._reactor,
+                # treq types this with a private interface of three of IRouterReactor's parts.
+                reactor=self._reactor,  # type: ignore[arg-type]
             )
             if response.code != 200:
                 raise ScannerUnavailable(f"rspamd: HTTP {response.code}")

@@ -37,7 +37,7 @@ from dcrouter.processing.transforms.mimerewrite import (
     rewrite_mime,
 )
 
-log = logger("dcrouter.processing")
+log = logger(__name__)
 
 REMOVED_TEXT = "[attachment {name} removed by policy]"
 SANITIZED_TEXT = "[attachment {name} ({type}) was removed by the security policy and is not delivered]"

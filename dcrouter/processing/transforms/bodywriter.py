@@ -30,6 +30,11 @@ class BodyWriter:
         self._stream = stream
         self._col = 0
 
+    @property
+    def at_line_start(self) -> bool:
+        """Nothing has been written since the last line break."""
+        return self._col == 0
+
     def write(self, data: bytes, qp: bool = False) -> None:
         if not data:
             return

@@ -23,7 +23,7 @@ from dcrouter.processing.dkim import DkimSigner
 from dcrouter.processing.message import Draft
 from dcrouter.processing.mime import strict_mailboxes
 
-log = logger("dcrouter.processing")
+log = logger(__name__)
 
 
 @implementer(ITransformation)

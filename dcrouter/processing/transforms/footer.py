@@ -21,7 +21,7 @@ from dcrouter.processing.message import Draft
 from dcrouter.processing.transforms.headers import recipient_filter
 from dcrouter.processing.transforms.mimerewrite import DEFAULT_LIMITS, RewriteLimits, rewrite_mime
 
-log = logger("dcrouter.processing")
+log = logger(__name__)
 
 
 def html_footer(text: str) -> str:

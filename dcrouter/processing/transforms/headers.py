@@ -18,7 +18,7 @@ from dcrouter.mail.headers import HeaderError, check_value
 from dcrouter.net.domains import DomainMatcher
 from dcrouter.processing.message import Draft
 
-log = logger("dcrouter.processing")
+log = logger(__name__)
 
 #: Header fields holding addresses that ``rewriteAddress`` rewrites (scope ``headers``).
 ADDRESS_FIELDS = ("From", "To", "Cc", "Reply-To", "Sender")

@@ -1,8 +1,8 @@
 """A streaming MIME rewriter: replaces leaf parts (attachments) and appends footers to the text bodies,
 copying everything else through, with bounded memory whatever the size of the message.
 
-:func:`rewrite_mime` reads the structure exactly as :mod:`dcrouter.processing.mime` does (same delimiter
-rules, same header-block rules, same part numbers), so a part found there by its ``path`` is the part seen
+:func:`rewrite_mime` reads the structure with the walker the inspector (:mod:`dcrouter.processing.mime`)
+reads it with, :mod:`dcrouter.processing.mimewalk`, so a part found there by its ``path`` is the part seen
 here. What a caller may rely on:
 
 - Parts that are neither replaced nor given a footer are copied byte for byte (line endings made CRLF; a bare
@@ -23,16 +23,16 @@ here. What a caller may rely on:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import BinaryIO, Protocol
 
 from dcrouter.mail.headers import HeaderBlock, encode_field
-from dcrouter.processing.decoding import IDENTITY_ENCODINGS, TransferDecoder, transfer_decoder
+from dcrouter.processing.decoding import TransferDecoder, transfer_decoder
 from dcrouter.processing.filetype import SNIFF_BYTES, sniff_type
 from dcrouter.processing.mime import CHUNK_SIZE, MimeLimits, is_attachment
-from dcrouter.processing.mimeheaders import FIELD_START, read_content_fields
-from dcrouter.processing.multipart import MAX_BOUNDARY, MAX_DELIMITER_LINE, Frame, match_delimiter
+from dcrouter.processing.mimeheaders import ContentFields
+from dcrouter.processing.mimewalk import Entity, MimeWalker
 from dcrouter.processing.transforms.bodywriter import CRLF, LINE_FRAGMENT, BodyWriter, encode_replacement
 from dcrouter.processing.transforms.footerpart import (
     FooterSink,
@@ -43,7 +43,6 @@ from dcrouter.processing.transforms.footerpart import (
 
 _HOLD = 64 * 1024  # raw bytes of a part held while its first bytes are sniffed
 _CONTENT_FIELDS = (b"content-type", b"content-transfer-encoding", b"content-disposition")
-_HEADERS, _LEAF, _IGNORE = "headers", "leaf", "ignore"
 
 
 @dataclass(frozen=True)
@@ -128,83 +127,97 @@ class _Unchanged(Exception):
 # -- input --
 
 
-def _lines(stream: BinaryIO, chunk_size: int) -> Iterator[tuple[bytes, bool, bool]]:
-    """(line without its LF, CR kept; ended by an LF; continued in the next item). A line longer than
-    :data:`LINE_FRAGMENT` comes in pieces, never cut between a CR and its LF."""
-    buf = bytearray()
-    pos = 0
-    eof = False
-    while True:
-        nl = buf.find(b"\n", pos)
-        if nl >= 0:
-            yield bytes(buf[pos:nl]), True, False
-            pos = nl + 1
-        elif len(buf) - pos > LINE_FRAGMENT:
-            cut = pos + LINE_FRAGMENT
-            if buf[cut - 1] == 0x0D:
-                cut -= 1
-            yield bytes(buf[pos:cut]), False, True
-            pos = cut
-        elif eof:
-            if pos < len(buf):
-                yield bytes(buf[pos:]), False, False
-            return
-        else:
-            del buf[:pos]
-            pos = 0
-            chunk = stream.read(chunk_size)
-            if chunk:
-                buf += chunk
+class _Lines:
+    """Raw bytes cut anywhere, as lines: ``(line without its LF, bare CRs kept, ended by an LF)``. A line
+    longer than :data:`LINE_FRAGMENT` comes in pieces, never cut between a CR and its LF. The rewriter writes
+    a line at a time, so that no write ends inside a quoted-printable escape of an ordinary line."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def push(self, data: bytes) -> list[tuple[bytes, bool]]:
+        buf = self._buf
+        buf += data
+        lines: list[tuple[bytes, bool]] = []
+        pos = 0
+        while True:
+            nl = buf.find(b"\n", pos)
+            if nl >= 0:
+                lines.append((bytes(buf[pos:nl]), True))
+                pos = nl + 1
+            elif len(buf) - pos > LINE_FRAGMENT:
+                cut = pos + LINE_FRAGMENT
+                if buf[cut - 1] == 0x0D:
+                    cut -= 1
+                lines.append((bytes(buf[pos:cut]), False))
+                pos = cut
             else:
-                eof = True
+                break
+        del buf[:pos]
+        return lines
+
+    def rest(self) -> bytes:
+        """The line begun and not ended (emptied)."""
+        rest, self._buf = bytes(self._buf), bytearray()
+        return rest
+
+
+def _written(line: bytes, newline: bool) -> bytes:
+    """A header line as written out: bare CRs dropped, a CRLF for its line break."""
+    return line.replace(b"\r", b"") + (CRLF if newline else b"")
 
 
 # -- structure --
 
 
-class _Entity:
-    """A header block: the message's own, a body part's or an encapsulated message's."""
+class _Entity(Entity):
+    """A header block the rewriter may write out again: ``raw`` holds its fields as written out, each with its
+    lower-case name (None for a stray continuation line), and ``end`` its empty line."""
 
     def __init__(
-        self, depth: int, path: str, leaf_path: str, default_type: str, in_message: bool, top: bool = False
+        self,
+        depth: int,
+        path: str,
+        leaf_path: str,
+        default_type: str,
+        *,
+        top: bool = False,
+        in_message: bool = False,
     ) -> None:
-        self.depth = depth
-        self.path = path
-        self.leaf_path = leaf_path
-        self.default_type = default_type
-        self.in_message = in_message
-        self.top = top
-        self.header_bytes = 0
-        #: (lower-case name or None for a stray line, the field as written out: CRLF lines)
-        self.fields: list[tuple[bytes | None, bytearray]] = []
-        self._values: list[tuple[bytes, list[bytes]]] = []  # exact value bytes as the MIME walker reads them
-        self.end = b""  # the empty line, as written out
-        self.owes_eol = False  # the last line break belongs to a delimiter that ends the block
+        super().__init__(depth, path, leaf_path, default_type, top=top, in_message=in_message)
+        self.raw: list[tuple[bytes | None, bytearray]] = []
+        self.end = b""
 
-    def start_field(self, name: bytes, rest: bytes, raw: bytes) -> None:
-        self.fields.append((name, bytearray(raw)))
-        self._values.append((name, [rest]))
+    def start_field(self, name: bytes, rest: bytes, line: bytes, newline: bool) -> None:
+        super().start_field(name, rest, line, newline)
+        self.raw.append((name.lower(), bytearray(_written(line, newline))))
 
-    def continue_field(self, line: bytes, raw: bytes) -> None:
-        if self.fields and self.fields[-1][0] is not None:
-            self.fields[-1][1].extend(raw)
-            self._values[-1][1].append(line)
+    def continue_field(self, line: bytes, newline: bool) -> bool:
+        if self.raw and self.raw[-1][0] is not None:
+            self.raw[-1][1].extend(_written(line, newline))
         else:
-            self.fields.append((None, bytearray(raw)))
+            self.raw.append((None, bytearray(_written(line, newline))))
+        return super().continue_field(line, newline)
 
-    def values(self, name: bytes) -> list[bytes]:
-        return [b"".join(parts).strip(b" \t") for field, parts in self._values if field == name]
+    def end_block(self, line: bytes, newline: bool) -> None:
+        self.end = _written(line, newline)
+
+    @property
+    def owes_eol(self) -> bool:
+        """A delimiter cut the block short: the line break ending its last line belongs to the delimiter."""
+        return self.cut and bool(self.raw) and self.raw[-1][1].endswith(CRLF)
 
     def header_bytes_out(self, dropped: tuple[bytes, ...] = ()) -> bytes:
-        data = b"".join(bytes(raw) for name, raw in self.fields if name not in dropped) + self.end
+        data = b"".join(bytes(raw) for name, raw in self.raw if name not in dropped) + self.end
         return data[:-2] if self.owes_eol and not dropped and data.endswith(CRLF) else data
 
-    def content(self) -> tuple[str, dict[str, list[str]], str, str | None, tuple[str, ...]]:
-        """(type, parameters, transfer encoding, disposition, names) read as the MIME walker reads them."""
-        content = read_content_fields(self.values, self.default_type)
-        if content.conflicts:
-            raise _Unchanged("conflicting fields")
-        return content.kind, content.params, content.transfer_encoding, content.disposition, content.names
+    def complete_header_bytes(self) -> bytes:
+        """The block as written out for a part that is given content: ended by its empty line, which a block
+        cut short by a delimiter or the end of the input lacks."""
+        data = b"".join(bytes(raw) for _, raw in self.raw)
+        if data and not data.endswith(CRLF):
+            data += CRLF
+        return data + (self.end or CRLF)
 
 
 class _Sink(Protocol):
@@ -275,8 +288,36 @@ class _Leaf:
             self._sink.feed(held)
 
 
+class _LeafLines:
+    """A leaf part as the walker feeds it (raw bytes cut anywhere), passed to its :class:`_Leaf` a line at a
+    time, CRLF-ended."""
+
+    stop_reason: str | None = None
+
+    def __init__(self, rewriter: _Rewriter, leaf: _Leaf) -> None:
+        self._rewriter = rewriter
+        self._leaf = leaf
+        self._lines = _Lines()
+
+    def feed(self, data: bytes) -> None:
+        for line, newline in self._lines.push(data):
+            self._rewriter.body(line, newline, self._leaf)
+
+    def finish(self, complete: bool) -> None:
+        rewriter = self._rewriter
+        rest = self._lines.rest()
+        if rest:
+            rewriter.body(rest, False, self._leaf)
+        # A line break owed at the part's end is its own: the one before a delimiter never reaches it.
+        rewriter.flush_eol(self._leaf)
+        self._leaf.finish()
+
+
 class _Rewriter:
-    """The line machine: the rules of :class:`dcrouter.processing.mime._Walker`, on lines."""
+    """The walk's reader: writes everything out again as it streams by, changing the leaf parts ``replace``
+    and the footers ask for. Any problem the walker reports leaves the message unchanged."""
+
+    wants_other = True  # preambles and epilogues are copied
 
     def __init__(
         self,
@@ -293,156 +334,90 @@ class _Rewriter:
         self.limits = limits
         self.changed = False
         self.top_changes: list[Callable[[HeaderBlock], None]] = []
-        self.frames: list[Frame] = []
         self._footered: set[str] = set()
-        self._entity: _Entity | None = None
-        self._leaf: _Leaf | None = None
-        self._mode = _IGNORE
+        self._walker = MimeWalker(self, limits)
+        self._other = _Lines()
         self._pending_eol = False  # a line break read but not yet passed on: it may belong to a delimiter
-        self._header_line = bytearray()
-        self._entities = 0
 
     def run(self, stream: BinaryIO, chunk_size: int) -> None:
-        top = _Entity(0, "", "1", "text/plain", in_message=False, top=True)
+        top = _Entity(0, "", "1", "text/plain", top=True)
         for field in self.headers:
             name, _, rest = field.raw.partition(b":")
-            top.start_field(name.strip(b" \t").lower(), rest.replace(CRLF, b""), b"")
-        self._entity = top
-        self._end_headers()
-        continued = False
-        for line, newline, partial in _lines(stream, chunk_size):
-            self._line(line, newline, partial, continued)
-            continued = partial
-        self._finish()
+            top.start_field(name.strip(b" \t"), rest.replace(CRLF, b""), b"", False)
+        walker = self._walker
+        walker.start_body(top)
+        while chunk := stream.read(chunk_size):
+            walker.feed(chunk)
+        walker.finish()
+        rest = self._other.rest()
+        if rest:
+            self.body(rest, False, None)
+        self.flush_eol(None)
 
     # -- lines --
 
-    def _line(self, line: bytes, newline: bool, partial: bool, continued: bool) -> None:
-        if self._mode == _HEADERS:
-            self._header_line += line
-            self._header_piece(len(line) + newline, newline, partial)
-            return
-        if not (continued or partial) and line.startswith(b"--") and len(line) <= MAX_DELIMITER_LINE:
-            content = line[:-1] if line.endswith(b"\r") else line
-            hit = match_delimiter(self.frames, content)
-            if hit is not None:
-                self._delimiter(content, newline, hit)
-                return
-        self._body(line, newline)
-
-    def _body(self, line: bytes, newline: bool) -> None:
+    def body(self, line: bytes, newline: bool, leaf: _Leaf | None) -> None:
+        """A line (or a piece of a long one) of a leaf part or of what lies outside parts, written out with
+        CRLF line breaks; its own line break waits for the next line, as it may belong to a delimiter."""
         data = line.replace(b"\r", b"")
         if self._pending_eol:
             data = CRLF + data
         self._pending_eol = newline
-        if self._mode == _LEAF:
-            assert self._leaf is not None
-            self._leaf.feed(data)
+        if leaf is not None:
+            leaf.feed(data)
         else:
             self.out.write(data)
 
-    def _header_piece(self, size: int, newline: bool, partial: bool) -> None:
-        entity = self._entity
-        assert entity is not None
-        entity.header_bytes += size
-        if entity.header_bytes > self.limits.max_header_bytes:
-            raise _Unchanged("header block too large")
-        if partial:
-            return
-        line = bytes(self._header_line)
-        self._header_line.clear()
-        content = line[:-1] if line.endswith(b"\r") else line
-        if content.startswith(b"--") and (hit := match_delimiter(self.frames, content)) is not None:
-            if entity.fields and entity.fields[-1][1].endswith(CRLF):
-                entity.owes_eol = self._pending_eol = True
-            self._delimiter(content, newline, hit)
-            return
-        if self._pending_eol:
-            self.out.write(CRLF)
-            self._pending_eol = False
-        raw = content.replace(b"\r", b"") + (CRLF if newline else b"")
-        if not content:
-            entity.end = raw
-            self._end_headers()
-        elif content[0] in b" \t":
-            entity.continue_field(content, raw)
-        elif (field := FIELD_START.match(content)) is not None:
-            entity.start_field(field.group(1).lower(), content[field.end() :], raw)
-        else:
-            # Not a header field: the block ended without its empty line and this line is the body's first.
-            self._end_headers()
-            self._line(line, newline, False, False)
-
-    def _delimiter(self, line: bytes, newline: bool, hit: tuple[int, bool]) -> None:
-        index, close = hit
-        self._finish_current()
-        if index < len(self.frames) - 1:
-            raise _Unchanged("multipart not closed before its enclosing multipart's boundary")
-        if self._pending_eol:
-            self.out.write(CRLF)
-        self.out.write(line.replace(b"\r", b""))
-        self._pending_eol = newline
-        frame = self.frames[index]
-        if close:
-            self.frames.pop()
-            return
-        path = frame.next_part()
-        self._begin_entity(frame.depth + 1, path, path, frame.default_type, frame.in_message)
-
-    def _finish(self) -> None:
+    def flush_eol(self, leaf: _Leaf | None) -> None:
+        """The line break waiting at the end of a part (or of the message) is written where the line was."""
         if self._pending_eol:
             self._pending_eol = False
-            if self._mode == _LEAF:
-                assert self._leaf is not None
-                self._leaf.feed(CRLF)
+            if leaf is not None:
+                leaf.feed(CRLF)
             else:
                 self.out.write(CRLF)
-        self._finish_current()
-        if self.frames:
-            raise _Unchanged("multipart not closed")
 
-    # -- entities --
+    # -- the walker's reader --
 
-    def _begin_entity(self, depth: int, path: str, leaf_path: str, default: str, in_message: bool) -> None:
-        self._entities += 1
-        if self._entities > self.limits.max_parts or depth > self.limits.max_depth:
-            raise _Unchanged("too many parts or too deep")
-        self._entity = _Entity(depth, path, leaf_path, default, in_message)
-        self._mode = _HEADERS
+    def entity(self, depth: int, path: str, leaf_path: str, default_type: str, in_message: bool) -> _Entity:
+        return _Entity(depth, path, leaf_path, default_type, in_message=in_message)
 
-    def _finish_current(self) -> None:
-        while self._mode == _HEADERS:
-            self._end_headers()
-        if self._mode == _LEAF and self._leaf is not None:
-            leaf, self._leaf = self._leaf, None
-            leaf.finish()
-        self._mode = _IGNORE
+    def defect(self, text: str) -> None:
+        pass
 
-    def _end_headers(self) -> None:
-        entity, self._entity = self._entity, None
-        assert entity is not None
-        kind, params, cte, disposition, names = entity.content()
-        self._mode = _IGNORE
-        if kind.startswith("multipart/"):
-            boundaries = params.get("boundary", [])
-            boundary = boundaries[0].encode("utf-8", "surrogateescape") if boundaries else b""
-            if len(set(boundaries)) > 1 or not boundary or len(boundary) > MAX_BOUNDARY:
-                raise _Unchanged("multipart without a usable boundary")
-            self._write_header(entity)
-            self.frames.append(
-                Frame(boundary, entity.depth, entity.path, kind == "multipart/digest", entity.in_message)
-            )
-            return
-        if kind in ("message/rfc822", "message/global") and cte in IDENTITY_ENCODINGS:
-            self._write_header(entity)
-            inner = f"{entity.path}.1" if entity.path else "1"
-            self._begin_entity(entity.depth + 1, entity.path, inner, "text/plain", True)
-            return
-        if kind == "message/partial":
-            raise _Unchanged("message/partial")
-        view = PartView(entity.leaf_path, kind, disposition, names, cte, None, entity.in_message)
-        self._leaf = _Leaf(self, entity, view, params)
-        self._mode = _LEAF
+    def problem(self, text: str) -> None:
+        raise _Unchanged(text)
+
+    def container(self, entity: Entity) -> None:
+        assert isinstance(entity, _Entity)
+        self._write_header(entity)
+
+    def leaf(self, entity: Entity, content: ContentFields) -> _LeafLines:
+        assert isinstance(entity, _Entity)
+        view = PartView(
+            entity.leaf_path,
+            content.kind,
+            content.disposition,
+            content.names,
+            content.transfer_encoding,
+            None,
+            entity.in_message,
+        )
+        return _LeafLines(self, _Leaf(self, entity, view, content.params))
+
+    def other(self, data: bytes) -> None:
+        for line, newline in self._other.push(data):
+            self.body(line, newline, None)
+
+    def delimiter(self, eol_before: bytes, line: bytes, newline: bool, cut: Entity | None) -> None:
+        owes = isinstance(cut, _Entity) and cut.owes_eol
+        # A delimiter starts a line: also after a part that had no content and was given some.
+        if eol_before or owes or self._pending_eol or not self.out.at_line_start:
+            self.out.write(CRLF)
+        self._pending_eol = False
+        self.out.write(line.replace(b"\r", b"") + (CRLF if newline else b""))
+
+    # -- output --
 
     def _write_header(self, entity: _Entity) -> None:
         if not entity.top:
@@ -507,7 +482,7 @@ class _Rewriter:
             if entity.top:
                 top_change = header_change(recoding.new_type, recoding.new_cte)
             else:
-                header = changed_header(entity.fields, recoding.new_type, recoding.new_cte)
+                header = changed_header(entity.raw, recoding.new_type, recoding.new_cte)
 
         def begin() -> None:
             self.changed = True
@@ -515,8 +490,8 @@ class _Rewriter:
                 self.top_changes.append(top_change)
             if header is not None:
                 self.out.write(header)
-            else:
-                self._write_header(entity)
+            elif not entity.top:
+                self.out.write(entity.complete_header_bytes())
 
         return FooterSink(
             self.out, recoding, self.limits.max_recode_bytes, begin, lambda: self._write_header(entity)
@@ -524,4 +499,4 @@ class _Rewriter:
 
     def collides(self, lines: list[bytes]) -> bool:
         """Could one of ``lines``, written as it is, be read as a delimiter of an open multipart?"""
-        return any(line.startswith(frame.delimiter) for line in lines for frame in self.frames)
+        return any(line.startswith(frame.delimiter) for line in lines for frame in self._walker.frames)

@@ -38,7 +38,7 @@ from dcrouter.mail.reply import Reply
 from dcrouter.net.domains import DomainMatcher, normalize_domain
 from dcrouter.processing.message import Draft, Refusal
 
-log = logger("dcrouter.processing")
+log = logger(__name__)
 
 HASH_LENGTH = 4
 DEFAULT_MAX_AGE_DAYS = 21

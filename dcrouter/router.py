@@ -29,7 +29,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
@@ -55,6 +55,7 @@ from dcrouter.log import logger, set_level
 from dcrouter.net.certfiles import TlsMaterialError, generate_self_signed, load_certified_key
 from dcrouter.net.certstore import CertificateStore, CertifiedKey
 from dcrouter.net.listen import ListenError
+from dcrouter.net.reactor import IRouterReactor
 from dcrouter.net.targets import TargetHealth
 from dcrouter.net.tls import TlsPolicy
 from dcrouter.processing.build import build_chain
@@ -120,7 +121,7 @@ def _generated_in_memory(hostname: str, bind_address: str) -> CertifiedKey:
     return CertifiedKey.from_pem(cert_pem, key_pem)
 
 
-def build_queue(config: SmtpConfig, reactor: Any) -> IDeliveryQueue:
+def build_queue(config: SmtpConfig, reactor: IRouterReactor) -> IDeliveryQueue:
     """The queue backend ``queueStorage`` names."""
     if config.queue_storage == "memory":
         from dcrouter.queue.memory import MemoryQueue
@@ -177,15 +178,17 @@ class DcRouter(MultiService):
     next handshake on any of them.
     """
 
-    def __init__(self, options: Any, *, reactor: Any = None, queue: IDeliveryQueue | None = None) -> None:
+    def __init__(
+        self, options: Any, *, reactor: IRouterReactor | None = None, queue: IDeliveryQueue | None = None
+    ) -> None:
         super().__init__()
         self.setName("dcrouter")
         if reactor is None:
             # Only for embedding without passing a reactor in; twistd's makeService passes it.
             from twisted.internet import reactor as global_reactor
 
-            reactor = global_reactor
-        self._reactor = reactor
+            reactor = cast(IRouterReactor, global_reactor)  # the one twistd runs provides every part of it
+        self._reactor: IRouterReactor = reactor
         self.options, self.warnings = coerce_options(options)
         set_level(self.options.log_level)
         self.smtp_config: SmtpConfig | None = self.options.smtp_config

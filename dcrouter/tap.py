@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import signal
 import sys
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 from twisted.application.service import Service
 from twisted.python import usage
 
 if TYPE_CHECKING:
     from dcrouter.config import ConfigError
+    from dcrouter.net.reactor import IRouterReactor
     from dcrouter.router import DcRouter
 
 #: A packaged deployment keeps its configuration here; from a checkout, pass
@@ -109,7 +110,7 @@ def check(path: str, out: TextIO, err: TextIO) -> int:
     return 0
 
 
-def makeService(config: Options, reactor: Any = None) -> Any:
+def makeService(config: Options, reactor: IRouterReactor | None = None) -> Any:
     """Load the configuration file and return the DcRouter service running on ``reactor``: twistd passes
     none, and gets the global reactor, imported only then (as Twisted's own taps do); tests and embedding
     programs pass theirs. Errors are printed, then SystemExit(1): at this point twistd has not started
@@ -117,7 +118,7 @@ def makeService(config: Options, reactor: Any = None) -> Any:
     if reactor is None:
         from twisted.internet import reactor as global_reactor  # only here: the reactor twistd runs
 
-        reactor = global_reactor
+        reactor = cast("IRouterReactor", global_reactor)  # the one twistd runs provides every part of it
     from dcrouter.config import ConfigError
     from dcrouter.router import DcRouter
 
@@ -158,7 +159,7 @@ class SighupHandler(Service):
 
     name = "sighup"  # type: ignore[assignment]
 
-    def __init__(self, router: DcRouter, reactor: Any) -> None:
+    def __init__(self, router: DcRouter, reactor: IRouterReactor) -> None:
         self._router = router
         self._reactor = reactor
 
@@ -174,7 +175,7 @@ class SighupHandler(Service):
         self._reactor.callFromThread(on_sighup, self._router)
 
 
-def _stop_reactor(failure: Any, reactor: Any) -> None:
+def _stop_reactor(failure: Any, reactor: IRouterReactor) -> None:
     # DcRouter has already logged the failure as critical; stopping the reactor ends the process.
     from twisted.internet.error import ReactorNotRunning
 

@@ -63,13 +63,6 @@ class LevelTests(TestCase):
         self.assertEqual(self.messages(), ["failure"])
 
 
-#: Modules whose logger still names its package, while other work splits them (issue 9): to be emptied.
-NOT_YET_BY_MODULE = {
-    "dcrouter.delivery.manager": "dcrouter.delivery",
-    "dcrouter.smtp.protocol": "dcrouter.smtp",
-}
-
-
 class NamespaceTests(TestCase):
     def test_every_module_logs_under_its_own_name(self) -> None:
         """A module's events carry its ``__name__``, so a level or a filter set for a package covers it."""
@@ -78,4 +71,4 @@ class NamespaceTests(TestCase):
             log = getattr(importlib.import_module(found.name), "log", None)
             if isinstance(log, Logger) and log.namespace != found.name:
                 named[found.name] = log.namespace
-        self.assertEqual(named, NOT_YET_BY_MODULE)
+        self.assertEqual(named, {})

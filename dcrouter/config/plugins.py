@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from dcrouter.config.schema import Report, build_block, join
 from dcrouter.interfaces import IScanner, ITransformation
+from dcrouter.net.reactor import IRouterReactor
 
 GROUPS = {"scanner": "dcrouter.scanners", "transformation": "dcrouter.transformations"}
 INTERFACES = {"scanner": IScanner, "transformation": ITransformation}
@@ -90,7 +91,7 @@ def check_config(kind: str, entry: PluginEntry, path: str, report: Report) -> No
     load_options(plugin, entry.options, join(path, "options"), report)
 
 
-def instantiate(kind: str, entry: PluginEntry, reactor: Any = None) -> Any:
+def instantiate(kind: str, entry: PluginEntry, reactor: IRouterReactor | None = None) -> Any:
     """A ready plugin instance for a checked entry (the options are loaded again; they passed at load). A
     plugin whose constructor has a ``reactor`` parameter is given the router's reactor."""
     plugin = resolve(kind, entry.type)

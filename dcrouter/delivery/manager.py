@@ -74,7 +74,7 @@ from dcrouter.interfaces import ClaimLost, IDeliveryQueue, IDeliveryTransport
 from dcrouter.log import logger
 from dcrouter.queue.item import QueueItem, QueueItemStatus
 
-log = logger("dcrouter.delivery")
+log = logger(__name__)
 
 #: Seconds between purges of finished items (a purge is a queue write: not on every look).
 PURGE_INTERVAL = 60.0

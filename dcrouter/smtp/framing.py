@@ -41,7 +41,7 @@ from dcrouter.smtp.eager import run_eagerly
 from dcrouter.smtp.sasl import MAX_ENCODED_RESPONSE
 from dcrouter.smtp.session import Session
 
-log = logger("dcrouter.smtp")
+log = logger(__name__)
 
 #: Octets of unprocessed input kept while a command waits before the transport is paused.
 MAX_PENDING_INPUT = 64 * 1024

@@ -70,7 +70,7 @@ from dcrouter.smtp.transaction import Transaction, check_mail_params, hand_off, 
 if TYPE_CHECKING:
     from OpenSSL import SSL
 
-log = logger("dcrouter.smtp")
+log = logger(__name__)
 
 OK = Reply(250, "2.0.0", "Ok")
 BAD_SEQUENCE_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")

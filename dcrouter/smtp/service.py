@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -42,6 +42,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from dcrouter.config.smtp import SmtpConfig
 from dcrouter.log import logger
 from dcrouter.net.listen import ListenError, format_address, listen_paused, resume
+from dcrouter.net.reactor import IRouterReactor
 
 if TYPE_CHECKING:
     from dcrouter.smtp.protocol import ESMTPServerFactory
@@ -186,7 +187,7 @@ class SmtpService(Service):
         self,
         config: SmtpConfig,
         *,
-        reactor: Any,
+        reactor: IRouterReactor,
         factory_for: SessionFactoryMaker,
         load_tls: Callable[[], CertificateOptions | None] = _no_tls,
     ) -> None:

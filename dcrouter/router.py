@@ -50,6 +50,7 @@ from dcrouter.delivery.mx import MxResolver, make_resolver
 from dcrouter.delivery.pool import ConnectionPool
 from dcrouter.delivery.routing import RecipientRouter
 from dcrouter.delivery.transport import ESMTPTransport
+from dcrouter.events import EventBus
 from dcrouter.interfaces import IDeliveryQueue
 from dcrouter.log import logger, set_level
 from dcrouter.net.certfiles import TlsMaterialError, generate_self_signed, load_certified_key
@@ -58,6 +59,8 @@ from dcrouter.net.listen import ListenError
 from dcrouter.net.reactor import IRouterReactor
 from dcrouter.net.targets import TargetHealth
 from dcrouter.net.tls import TlsPolicy
+from dcrouter.observe.metrics import RouterMetrics
+from dcrouter.observe.service import ObserveService
 from dcrouter.processing.build import build_chain
 from dcrouter.processing.processor import EmailProcessor
 from dcrouter.proxy.service import ProxyBindError, ProxyService
@@ -153,6 +156,18 @@ def build_queue(config: SmtpConfig, reactor: IRouterReactor) -> IDeliveryQueue:
     raise StartupError(f"smtpConfig.queueStorage: {config.queue_storage!r} is not supported yet")
 
 
+def certificate_expiry(store: CertificateStore) -> list[tuple[str, float]]:
+    """``(name, not_after)`` of every certificate the store serves, the default as ``(default)``."""
+    found = []
+    if store.default is not None:
+        found.append(("(default)", store.default.not_after.timestamp()))
+    for name in store.names():
+        key = store.lookup(name)
+        if key is not None:
+            found.append((name, key.not_after.timestamp()))
+    return found
+
+
 async def _settle_all(deferreds: list[Deferred[Any]], what: str) -> None:
     """Wait for every Deferred; log each failure (shutdown goes on regardless: the queue must be saved)."""
     for deferred in deferreds:
@@ -175,7 +190,10 @@ class DcRouter(MultiService):
     (the ACME HTTP-01 responder the proxy serves), ``acme`` (the AcmeService, None without ACME orders), and
     ``certificates``: the router's one :class:`CertificateStore`, whose default is SMTP's certificate once
     bound; SMTP, the proxy and ACME all serve from it, so a certificate put there is offered by SNI to the
-    next handshake on any of them.
+    next handshake on any of them. ``events`` is the router's :class:`~dcrouter.events.EventBus` (subscribe
+    an :class:`~dcrouter.events.IEventSink` to it), ``metrics`` its
+    :class:`~dcrouter.observe.metrics.RouterMetrics` (``metrics.registry``), ``observe`` the service with
+    the webhooks and the metrics listener (``observe.port`` once bound).
     """
 
     def __init__(
@@ -191,6 +209,11 @@ class DcRouter(MultiService):
         self._reactor: IRouterReactor = reactor
         self.options, self.warnings = coerce_options(options)
         set_level(self.options.log_level)
+        # One bus per router, handed down to every part that reports (dcrouter.events); the metrics are
+        # always kept (the management API serves them too), in a registry of this router's own.
+        self.events = EventBus(reactor.seconds)
+        self.metrics = RouterMetrics()
+        self.metrics.subscribe(self.events)
         self.smtp_config: SmtpConfig | None = self.options.smtp_config
         self.threadpool = ThreadPool(minthreads=0, maxthreads=THREADPOOL_MAX, name="dcrouter")
         self._starting: Deferred[None] | None = None
@@ -207,16 +230,22 @@ class DcRouter(MultiService):
         self.delivery_pool: ConnectionPool | None = None
         self.smtp: SmtpService | None = None
         self.certificates = CertificateStore(clock=reactor)
+        self.metrics.watch_certificates(partial(certificate_expiry, self.certificates))
         # HTTP-01 answers: written by ACME, read by the proxy's port-80 listener.
         self.challenges = ChallengeResponder()
         # A child service: binds in privilegedStartService, resumes in startService (after the queue has
         # loaded, as SMTP), stops its listeners and then drains its connections in stopService.
         # Terminating routes present certificates from the store and answer HTTP-01 from the responder.
         self.proxy: ProxyService | None = ProxyService.from_options(
-            self.options, reactor=reactor, certificates=self.certificates, challenges=self.challenges
+            self.options,
+            reactor=reactor,
+            certificates=self.certificates,
+            challenges=self.challenges,
+            events=self.events,
         )
         if self.proxy is not None:
             self.proxy.setServiceParent(self)
+            self.metrics.watch_proxy(self.proxy.counters)
         # After the proxy, as children start in order: port 80 answers before the first order is placed.
         self.acme: AcmeService | None = AcmeService.from_options(
             self.options, store=self.certificates, responder=self.challenges, reactor=reactor
@@ -225,6 +254,25 @@ class DcRouter(MultiService):
             self.acme.setServiceParent(self)
         if self.smtp_config is not None:
             self._build_smtp(self.smtp_config, queue)
+        self.observe = self._build_observe()
+        self.observe.setServiceParent(self)
+
+    def _build_observe(self) -> ObserveService:
+        """Webhooks, performance events and the metrics listener; the queue is read for metrics without
+        reading items (status_summary)."""
+        summary = getattr(self.queue, "status_summary", None)
+        if summary is not None:
+            self.metrics.watch_queue(summary, self._reactor.seconds)
+        processor = self.processor
+        return ObserveService(
+            bus=self.events,
+            metrics=self.metrics,
+            reactor=self._reactor,
+            metrics_config=self.options.metrics_config,
+            events_config=self.options.events,
+            summary=summary,
+            in_flight=(lambda: processor.active) if processor is not None else (lambda: 0),
+        )
 
     def _build_smtp(self, config: SmtpConfig, queue: IDeliveryQueue | None) -> None:
         reactor = self._reactor
@@ -235,6 +283,7 @@ class DcRouter(MultiService):
             reactor.seconds,
             reactor=reactor,
             threadpool=self.threadpool,
+            events=self.events,
             **build_chain(config, reactor).options(),
         )
         self._build_delivery(config)
@@ -257,6 +306,7 @@ class DcRouter(MultiService):
                 acceptor=self.processor,
                 spool_directory=self.queue.spool_directory,
                 clock=reactor,
+                events=self.events,
             ),
             load_tls=partial(self._load_tls, config),
         )
@@ -284,6 +334,7 @@ class DcRouter(MultiService):
             submit_dsn=self.processor.submit_local,
             config=config,
             clock=reactor,
+            events=self.events,
         )
         if delivery.paused:
             self.delivery.pause_deliveries()

@@ -1,0 +1,191 @@
+"""Metrics, events and webhooks end to end, in process: a DcRouter on 127.0.0.1 (disk queue) takes a message
+from smtplib (in a thread), delivers it to a scripted downstream, and then
+
+- ``GET /metrics`` on the ``metricsConfig`` port (fetched with treq, parsed with prometheus_client's own text
+  parser, ``text_string_to_metric_families``: the same format a Prometheus server scrapes) shows the
+  counters moved;
+- a webhook receiver (twisted.web on 127.0.0.1:0) got the message's events, signed;
+- the event stream on the same port (``/api/v1/events``, loopback) sent them as Server-Sent Events.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+from typing import Any
+
+import treq
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from dcrouter import DcRouter
+from dcrouter.queue.item import QueueItemStatus
+from tests.downstream import start_downstream
+from tests.integration import free_ports
+from tests.integration.test_delivery import MESSAGE, WAIT, smtp_send, wait_for_item
+
+SECRET = "webhook-secret"
+
+
+class Receiver(Resource):
+    """A webhook receiver that checks each signature and keeps the events."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[dict[str, Any]] = []
+        self.bad_signatures = 0
+
+    def render_POST(self, request: Any) -> bytes:
+        body = request.content.read()
+        expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+        given = (request.getHeader("X-Dcrouter-Signature") or "").strip()
+        if not hmac.compare_digest(given, expected):
+            self.bad_signatures += 1
+            request.setResponseCode(401)
+            return b"bad signature"
+        self.events.append(json.loads(body))
+        return b"ok"
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of an exposition, by name and sorted labels."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+async def until(condition: Any, what: str) -> None:
+    deadline = reactor.seconds() + WAIT
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await deferLater(reactor, 0.02, lambda: None)
+
+
+class ObserveIntegrationTests(TestCase):
+    timeout = 60
+
+    def test_metrics_webhook_and_stream_see_a_delivered_message(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._go())
+
+    async def _go(self) -> None:
+        downstream = start_downstream(reactor=reactor)
+        self.addCleanup(downstream.stop)
+        receiver = Receiver()
+        hook_port = reactor.listenTCP(0, Site(receiver), interface="127.0.0.1")
+        self.addCleanup(hook_port.stopListening)
+        hook_url = f"http://127.0.0.1:{hook_port.getHost().port}/hook"
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        smtp_port, metrics_port = free_ports(2)
+        router = DcRouter(
+            {
+                "smtpConfig": {
+                    "ports": [smtp_port],
+                    "bindAddress": "127.0.0.1",
+                    "hostname": "mx.test",
+                    "implicitTlsPorts": [],
+                    "submissionPorts": [],
+                    "queueStorage": "disk",
+                    "persistentPath": os.path.join(directory, "queue"),
+                    "domainConfigs": [
+                        {"domains": ["example.test"], "targetIPs": ["127.0.0.1"], "port": downstream.port}
+                    ],
+                },
+                "metricsConfig": {"enabled": True, "port": metrics_port, "eventStream": True},
+                "events": {"webhooks": [{"url": hook_url, "types": ["message.*"], "secret": SECRET}]},
+            },
+            reactor=reactor,
+        )
+        router.privilegedStartService()
+        router.startService()
+        self.addCleanup(router.stopService)
+        await router.when_ready().addTimeout(WAIT, reactor)
+        base = f"http://127.0.0.1:{metrics_port}"
+
+        # The stream, opened before the message: it sees the message's events as they happen.
+        stream_response = await treq.get(
+            f"{base}/api/v1/events?types=message.*", reactor=reactor, persistent=False
+        )
+        self.assertEqual(stream_response.code, 200)
+        self.assertEqual(
+            stream_response.headers.getRawHeaders("content-type"), ["text/event-stream; charset=utf-8"]
+        )
+        streamed: list[bytes] = []
+        stream_done = treq.collect(stream_response, streamed.append)
+        stream_done.addErrback(lambda _: None)  # cut when the router stops
+
+        [queue_id] = await deferToThread(
+            smtp_send, smtp_port, "alice@sender.test", ["bob@example.test"], [MESSAGE]
+        )
+        await wait_for_item(router.queue, queue_id, [QueueItemStatus.DELIVERED])
+
+        await until(
+            lambda: any(e["type"] == "message.delivered" for e in receiver.events), "the webhook's delivery"
+        )
+        self.assertEqual(receiver.bad_signatures, 0)
+        types = [e["type"] for e in receiver.events if e.get("queueId") == queue_id]
+        for wanted in ("message.received", "message.accepted", "message.queued", "message.delivered"):
+            self.assertIn(wanted, types)
+        self.assertTrue(all(t.startswith("message.") for t in types), types)
+        received = next(e for e in receiver.events if e["type"] == "message.received")
+        self.assertEqual(received["port"], smtp_port)
+        self.assertTrue(received["sessionId"])
+        self.assertNotIn("first line", json.dumps(receiver.events))  # no body in an event
+
+        await until(lambda: b"event: message.delivered" in b"".join(streamed), "the streamed delivery")
+        self.assertIn(f'"queueId":"{queue_id}"'.encode(), b"".join(streamed))
+
+        async def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+            response = await treq.get(f"{base}/metrics", reactor=reactor, persistent=False)
+            self.assertEqual(response.code, 200)
+            self.assertTrue(response.headers.getRawHeaders("content-type")[0].startswith("text/plain"))
+            return samples((await response.content()).decode("utf-8"))
+
+        # The queue's figures are read in the background when a scrape asks (a scrape never waits for the
+        # queue): the first scrape starts the reading, a later one shows it.
+        found = await scrape()
+        while found[("dcrouter_queue_items", (("status", "delivered"),))] != 1.0:
+            await deferLater(reactor, 0.05, lambda: None)
+            found = await scrape()
+        port = str(smtp_port)
+        self.assertEqual(found[("dcrouter_smtp_connections_total", (("port", port), ("tls", "no")))], 1.0)
+        self.assertEqual(found[("dcrouter_messages_received_total", (("port", port),))], 1.0)
+        self.assertEqual(found[("dcrouter_messages_accepted_total", (("port", port),))], 1.0)
+        self.assertEqual(found[("dcrouter_received_bytes_total", (("port", port),))], len(MESSAGE))
+        self.assertEqual(found[("dcrouter_messages_queued_total", (("kind", "received"),))], 1.0)
+        route = (("outcome", "delivered"), ("route", "domain:example.test"))
+        self.assertEqual(found[("dcrouter_deliveries_total", route)], 1.0)
+        self.assertEqual(
+            found[("dcrouter_delivery_duration_seconds_count", (("route", "domain:example.test"),))], 1.0
+        )
+        self.assertEqual(found[("dcrouter_queue_items", (("status", "delivered"),))], 1.0)
+        self.assertEqual(found[("dcrouter_queue_items", (("status", "queued"),))], 0.0)
+        self.assertIn(("dcrouter_smtp_sessions", (("port", port),)), found)
+        self.assertEqual(
+            found[
+                (
+                    "dcrouter_webhook_events_dropped_total",
+                    (("reason", "overflow"), ("webhook", "events.webhooks[0]")),
+                )
+            ],
+            0.0,
+        )
+
+        # Unknown types are a 400 with a JSON error.
+        bad = await treq.get(f"{base}/api/v1/events?types=message.nope", reactor=reactor, persistent=False)
+        self.assertEqual(bad.code, 400)
+        self.assertEqual((await bad.json())["error"]["code"], "bad_event_type")

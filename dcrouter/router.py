@@ -201,6 +201,9 @@ class DcRouter(MultiService):
     ) -> None:
         super().__init__()
         self.setName("dcrouter")
+        #: An ILogObserver this router asks the twistd Application it is put in to log through
+        #: (``logFormat = "json"``; set by dcrouter.tap). None: the application's own choice.
+        self.log_observer: Any = None
         if reactor is None:
             # Only for embedding without passing a reactor in; twistd's makeService passes it.
             from twisted.internet import reactor as global_reactor
@@ -378,6 +381,15 @@ class DcRouter(MultiService):
         except (OSError, ValueError) as error:
             # The configuration check read the files already; one that broke since is a start-up error.
             raise StartupError(f"smtpConfig.domainConfigs: recipient verification: {error}") from error
+
+    def setServiceParent(self, parent: Any) -> Any:
+        """Also hand :attr:`log_observer` to a twistd Application (a Componentized parent), which twistd's
+        logger uses when it starts, unless ``--logger`` was given."""
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            from twisted.logger import ILogObserver
+
+            parent.setComponent(ILogObserver, self.log_observer)
+        return super().setServiceParent(parent)
 
     @property
     def smtp_ports(self) -> dict[int, int]:

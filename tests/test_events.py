@@ -1,0 +1,272 @@
+"""The event bus (dcrouter.events), what an SMTP session emits on it, and the metrics made of those events."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from dcrouter.config.auth import AuthConfig
+from dcrouter.events import (
+    EVENT_TYPES,
+    NO_EVENTS,
+    CallableSink,
+    Event,
+    EventBus,
+    IEventSink,
+    UnknownEventType,
+    matches,
+    parse_patterns,
+)
+from dcrouter.observe.metrics import QUEUE_READ_INTERVAL, RouterMetrics, route_label
+from tests.smtp_fixtures import PASSWORD, PEER_IP, connect, make_config
+from tests.test_smtp_protocol import MAIL, MESSAGE, RCPT
+
+
+def collect(bus: EventBus, patterns: tuple[str, ...] = ("*",)) -> list[Event]:
+    seen: list[Event] = []
+    bus.subscribe(CallableSink(seen.append), patterns)
+    return seen
+
+
+def samples(metrics: RouterMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    found = {}
+    for family in text_string_to_metric_families(metrics.render().decode("utf-8")):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+class PatternTests(SynchronousTestCase):
+    def test_exact_family_and_everything(self) -> None:
+        self.assertTrue(matches("message.queued", "message.queued"))
+        self.assertTrue(matches("message.*", "message.queued"))
+        self.assertFalse(matches("message.*", "messages.queued"))
+        self.assertFalse(matches("security.*", "message.queued"))
+        self.assertTrue(matches("*", "connection.connect"))
+
+    def test_unknown_types_are_refused_by_name(self) -> None:
+        self.assertEqual(
+            parse_patterns([" message.* ", "security.auth_failure"]), ("message.*", "security.auth_failure")
+        )
+        error = self.assertRaises(UnknownEventType, parse_patterns, ["message.*", "mesage.queued"])
+        self.assertIn("'mesage.queued'", str(error))
+        self.assertRaises(UnknownEventType, parse_patterns, ["nothing.*"])
+
+    def test_every_type_is_family_dot_name(self) -> None:
+        for name in EVENT_TYPES:
+            family, _, rest = name.partition(".")
+            self.assertTrue(family and rest, name)
+
+
+class BusTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.bus = EventBus(self.clock.seconds)
+
+    def test_sinks_get_what_they_subscribed_to(self) -> None:
+        messages = collect(self.bus, ("message.*",))
+        everything = collect(self.bus)
+        self.bus.emit("message.queued", queue_id="Q1", session_id="S1", size=10)
+        self.bus.emit("connection.connect", port=25)
+        self.assertEqual([e.type for e in messages], ["message.queued"])
+        self.assertEqual([e.type for e in everything], ["message.queued", "connection.connect"])
+        event = messages[0]
+        self.assertEqual((event.time, event.queue_id, event.session_id), (1000, "Q1", "S1"))
+        self.assertEqual(
+            event.to_json(),
+            {"type": "message.queued", "time": 1000, "queueId": "Q1", "sessionId": "S1", "size": 10},
+        )
+
+    def test_wants_and_unsubscribe(self) -> None:
+        self.assertFalse(self.bus.wants("message.queued"))
+        sink = CallableSink(lambda event: None)
+        self.bus.subscribe(sink, ["security.*"])
+        self.assertTrue(self.bus.wants("security.relay_refused"))
+        self.assertFalse(self.bus.wants("message.queued"))
+        self.bus.unsubscribe(sink)
+        self.assertFalse(self.bus.wants("security.relay_refused"))
+
+    def test_a_failing_sink_reaches_neither_the_emitter_nor_other_sinks(self) -> None:
+        def broken(event: Event) -> None:
+            raise RuntimeError("subscriber bug")
+
+        self.bus.subscribe(CallableSink(broken, "broken"))
+        seen = collect(self.bus)
+        self.bus.emit("message.queued", queue_id="Q1")
+        self.bus.emit("message.queued", queue_id="Q2")
+        self.assertEqual([e.queue_id for e in seen], ["Q1", "Q2"])
+        self.assertEqual(self.bus.failures, 2)
+        # Logged once per sink and type, then only counted.
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_the_shared_silent_bus_takes_no_subscriber(self) -> None:
+        NO_EVENTS.emit("message.queued", queue_id="Q")
+        self.assertFalse(NO_EVENTS.wants("message.queued"))
+        self.assertRaises(TypeError, NO_EVENTS.subscribe, CallableSink(lambda event: None))
+
+    def test_interfaces(self) -> None:
+        self.assertTrue(verifyObject(IEventSink, CallableSink(lambda event: None)))
+        self.assertTrue(verifyObject(IEventSink, RouterMetrics()))
+
+
+class SessionEventTests(SynchronousTestCase):
+    """What one SMTP session emits: every event carries the session id, message events the queue id."""
+
+    def setUp(self) -> None:
+        self.bus = EventBus()
+        self.seen = collect(self.bus)
+
+    def connect(self, config: Any = None) -> Any:
+        return connect(config, events=self.bus)
+
+    def types(self) -> list[str]:
+        return [e.type for e in self.seen]
+
+    def test_a_message_from_connect_to_disconnect(self) -> None:
+        server = self.connect()
+        server.exchange(b"EHLO c\r\n" + MAIL + RCPT + b"DATA\r\n" + MESSAGE + b"QUIT\r\n")
+        server.protocol.connectionLost()
+        self.assertEqual(
+            self.types(),
+            [
+                "connection.connect",
+                "message.received",
+                "message.queued",
+                "message.accepted",
+                "connection.disconnect",
+            ],
+        )
+        session_id = server.protocol.session.session_id
+        self.assertEqual({e.session_id for e in self.seen if e.type != "message.queued"}, {session_id})
+        queue_id = server.queue.items[0].id
+        for event in self.seen[1:4]:
+            self.assertEqual(event.queue_id, queue_id)
+        connect, received = self.seen[0], self.seen[1]
+        self.assertEqual(
+            dict(connect.fields), {"port": 25, "protocol": "smtp", "peer": PEER_IP, "tls": False}
+        )
+        self.assertEqual(received.fields["recipients"], 1)
+        self.assertEqual(received.fields["size"], len(MESSAGE) - 3)  # without the final dot line
+
+    def test_security_events(self) -> None:
+        config = make_config(auth=AuthConfig(failure_delay=0, allow_insecure=True))
+        server = self.connect(config)
+        server.exchange(b"EHLO c\r\n")
+        wrong = base64.b64encode(b"\0alice\0not " + PASSWORD.encode()).decode()
+        self.assertTrue(server.exchange(f"AUTH PLAIN {wrong}\r\n".encode()).startswith(b"535"))
+        server.exchange(MAIL)
+        self.assertTrue(server.exchange(b"RCPT TO:<victim@elsewhere.example>\r\n").startswith(b"554 5.7.1"))
+        right = base64.b64encode(b"\0alice\0" + PASSWORD.encode()).decode()
+        server.exchange(b"RSET\r\n")
+        self.assertTrue(server.exchange(f"AUTH PLAIN {right}\r\n".encode()).startswith(b"235"))
+        failure = next(e for e in self.seen if e.type == "security.auth_failure")
+        self.assertEqual(failure.fields["mechanism"], "PLAIN")
+        self.assertNotIn(PASSWORD, repr(self.seen))  # never a password in an event
+        relay = next(e for e in self.seen if e.type == "security.relay_refused")
+        self.assertIsNotNone(relay.queue_id)
+        self.assertIn("connection.authenticated", self.types())
+        refused = [e.fields["replyClass"] for e in self.seen if e.type == "connection.command_refused"]
+        self.assertEqual(refused, ["5xx", "5xx"])
+
+    def test_non_smtp_command_is_a_policy_violation(self) -> None:
+        server = self.connect()
+        server.exchange(b"GET / HTTP/1.0\r\n")
+        violation = next(e for e in self.seen if e.type == "security.policy_violation")
+        self.assertEqual(violation.fields["rule"], "non_smtp")
+
+    def test_metrics_from_the_session(self) -> None:
+        metrics = RouterMetrics()
+        metrics.subscribe(self.bus)
+        server = self.connect()
+        server.exchange(b"EHLO c\r\n" + MAIL + RCPT + b"DATA\r\n" + MESSAGE + b"NOOP x\r\nBOGUS\r\n")
+        found = samples(metrics)
+        self.assertEqual(found[("dcrouter_smtp_connections_total", (("port", "25"), ("tls", "no")))], 1)
+        self.assertEqual(found[("dcrouter_smtp_sessions", (("port", "25"),))], 1)
+        self.assertEqual(found[("dcrouter_messages_received_total", (("port", "25"),))], 1)
+        self.assertEqual(found[("dcrouter_received_bytes_total", (("port", "25"),))], len(MESSAGE) - 3)
+        self.assertEqual(found[("dcrouter_messages_queued_total", (("kind", "received"),))], 1)
+        self.assertEqual(found[("dcrouter_smtp_commands_refused_total", (("reply_class", "5xx"),))], 1)
+        server.protocol.connectionLost()
+        self.assertEqual(samples(metrics)[("dcrouter_smtp_sessions", (("port", "25"),))], 0)
+
+    def test_metrics_registries_are_per_router(self) -> None:
+        first, second = RouterMetrics(), RouterMetrics()
+        first.receive(Event("message.refused", 0.0, fields={"reason": "5.6.0"}))
+        first.receive(Event("message.refused", 0.0, fields={"reason": "free text <a@b>"}))
+        self.assertEqual(samples(first)[("dcrouter_messages_refused_total", (("reason", "5.6.0"),))], 1)
+        self.assertEqual(samples(first)[("dcrouter_messages_refused_total", (("reason", "other"),))], 1)
+        self.assertNotIn(("dcrouter_messages_refused_total", (("reason", "5.6.0"),)), samples(second))
+
+
+class MetricsLabelTests(SynchronousTestCase):
+    def test_mx_routes_are_one_label(self) -> None:
+        self.assertEqual(route_label("mx:example.com"), "mx")
+        self.assertEqual(route_label("domain:example.org"), "domain:example.org")
+        self.assertEqual(route_label(None), "none")
+
+    def test_delivery_and_processing_metrics(self) -> None:
+        metrics = RouterMetrics()
+        metrics.receive(
+            Event(
+                "delivery.attempt",
+                0.0,
+                "Q",
+                fields={"route": "mx:a.example", "duration": 0.2, "delivered": 2, "failed": 1, "deferred": 0},
+            )
+        )
+        metrics.receive(
+            Event(
+                "message.processed",
+                0.0,
+                "Q",
+                fields={"outcome": "queued", "duration": 0.03, "stages": {"dkim": 0.01}},
+            )
+        )
+        metrics.receive(Event("message.scanned", 0.0, "Q", fields={"scanner": "spam", "verdict": "clean"}))
+        found = samples(metrics)
+        self.assertEqual(found[("dcrouter_deliveries_total", (("outcome", "delivered"), ("route", "mx")))], 2)
+        self.assertEqual(found[("dcrouter_deliveries_total", (("outcome", "failed"), ("route", "mx")))], 1)
+        self.assertEqual(found[("dcrouter_delivery_duration_seconds_count", (("route", "mx"),))], 1)
+        self.assertEqual(found[("dcrouter_processing_duration_seconds_count", (("stage", "dkim"),))], 1)
+        self.assertEqual(found[("dcrouter_processing_duration_seconds_count", (("stage", "total"),))], 1)
+        self.assertEqual(
+            found[("dcrouter_scanner_verdicts_total", (("scanner", "spam"), ("verdict", "clean")))], 1
+        )
+
+
+class QueueCollectorTests(SynchronousTestCase):
+    """A scrape never waits for the queue: it reports the last reading and starts a new one when stale."""
+
+    def test_last_reading_is_reported(self) -> None:
+        from twisted.internet.defer import Deferred
+
+        clock = Clock()
+        clock.advance(100)
+        readings: list[Deferred[Any]] = []
+
+        def summary() -> Deferred[Any]:
+            readings.append(Deferred())
+            return readings[-1]
+
+        metrics = RouterMetrics()
+        metrics.watch_queue(summary, clock.seconds)
+        found = samples(metrics)
+        self.assertEqual(found[("dcrouter_queue_items", (("status", "queued"),))], 0)
+        self.assertEqual(len(readings), 1)
+        samples(metrics)
+        self.assertEqual(len(readings), 1)  # one reading at a time
+        readings[0].callback({"queued": (3, 40.0), "delivered": (5, 10.0)})
+        found = samples(metrics)
+        self.assertEqual(found[("dcrouter_queue_items", (("status", "queued"),))], 3)
+        self.assertEqual(found[("dcrouter_queue_oldest_age_seconds", ())], 60)  # delivered is not live
+        self.assertEqual(len(readings), 1)  # fresh: not read again
+        clock.advance(QUEUE_READ_INTERVAL)
+        samples(metrics)
+        self.assertEqual(len(readings), 2)
+

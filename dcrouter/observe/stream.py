@@ -95,13 +95,16 @@ class StreamClient:
             "event stream: client too slow, disconnected ({size} events waiting)", size=len(self._buffer)
         )
         self.close()
-        transport = getattr(self._request, "transport", None)
-        if transport is not None:
-            transport.abortConnection() if hasattr(
-                transport, "abortConnection"
-            ) else transport.loseConnection()
+        request = self._request
+        transport = getattr(request, "transport", None) or getattr(
+            getattr(request, "channel", None), "transport", None
+        )
+        if transport is None:
+            request.finish()
+        elif hasattr(transport, "abortConnection"):
+            transport.abortConnection()  # its buffer is full: nothing more would be read anyway
         else:
-            self._request.loseConnection()
+            transport.loseConnection()
 
     def close(self) -> None:
         """Unsubscribe and stop the heartbeat (the response ended, or is being dropped)."""

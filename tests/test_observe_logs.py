@@ -1,0 +1,86 @@
+"""JSON logs (logFormat = "json"): the record's correlation ids, twistd taking the router's observer, and the
+mail path's log lines carrying the session and queue ids."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Any
+
+from twisted.application.service import Application
+from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from dcrouter import tap
+from dcrouter.log import JsonLinesObserver, twistd_json_observer
+from tests.smtp_fixtures import PASSWORD, connect
+from tests.test_smtp_protocol import MAIL, MESSAGE, RCPT
+
+
+class JsonRecordTests(SynchronousTestCase):
+    def test_correlation_ids_at_the_top(self) -> None:
+        out = io.StringIO()
+        log = Logger(namespace="dcrouter.test", observer=LogPublisher(JsonLinesObserver(out)))
+        log.info("{queue_id} queued", queue_id="Q1", session_id="S1", size=10)
+        log.info("no ids here", queue_id=None)
+        first, second = (json.loads(line) for line in out.getvalue().splitlines())
+        self.assertEqual((first["queueId"], first["sessionId"], first["message"]), ("Q1", "S1", "Q1 queued"))
+        self.assertEqual(first["fields"]["size"], 10)
+        self.assertNotIn("queueId", second)
+        self.assertNotIn("sessionId", second)
+
+    def test_where_twistd_would_write(self) -> None:
+        path = os.path.abspath(self.mktemp())
+        to_file = twistd_json_observer({"logfile": path, "nodaemon": True})
+        to_file({"log_format": "written", "log_level": LogLevel.info, "log_time": 0.0, "log_namespace": "x"})
+        with open(path) as written:
+            self.assertEqual(json.loads(written.read())["message"], "written")
+        self.assertIs(
+            twistd_json_observer({"logfile": None, "nodaemon": True})._out, __import__("sys").stdout
+        )
+
+
+class TwistdTests(SynchronousTestCase):
+    """makeService with logFormat json hands twistd's Application a JSON observer, as twistd's logger looks
+    for one there when no --logger is given (twisted.application.app.AppLogger.start)."""
+
+    def make(self, log_format: str) -> tuple[Any, Application]:
+        path = os.path.abspath(self.mktemp()) + ".json"
+        with open(path, "w") as handle:
+            smtp = {"ports": [2525], "implicitTlsPorts": [], "submissionPorts": [], "queueStorage": "memory"}
+            json.dump({"logFormat": log_format, "smtpConfig": smtp}, handle)
+        options = tap.Options()
+        options.parseOptions(["--config", path])
+        options.parent = {"logfile": os.path.abspath(self.mktemp()), "nodaemon": False}  # twistd's own
+        router = tap.makeService(options)
+        application = Application("dcrouter")
+        router.setServiceParent(application)
+        return router, application
+
+    def test_json_observer_for_the_application(self) -> None:
+        _, application = self.make("json")
+        self.assertIsInstance(application.getComponent(ILogObserver), JsonLinesObserver)
+
+    def test_text_leaves_twistd_alone(self) -> None:
+        _, application = self.make("text")
+        self.assertIsNone(application.getComponent(ILogObserver))
+
+
+class MailPathIdsTests(SynchronousTestCase):
+    """Every line an SMTP session logs carries its session id; those about a message its queue id."""
+
+    def test_session_and_queue_ids(self) -> None:
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        server = connect()
+        server.exchange(b"EHLO c\r\n" + MAIL + RCPT + b"DATA\r\n" + MESSAGE + b"QUIT\r\n")
+        server.protocol.connectionLost()
+        smtp = [e for e in events if str(e.get("log_namespace", "")).startswith("dcrouter.smtp")]
+        self.assertGreaterEqual(len(smtp), 3)  # connection, queued, disconnected
+        session_id = server.protocol.session.session_id
+        self.assertEqual({e.get("session_id") for e in smtp}, {session_id})
+        queued = [e for e in smtp if "from=<" in e.get("log_format", "")]
+        self.assertEqual([e["queue_id"] for e in queued], [server.queue.items[0].id])
+        self.assertNotIn(PASSWORD, repr(events))

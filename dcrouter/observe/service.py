@@ -13,7 +13,7 @@ The listener binds in ``privilegedStartService`` (a port below 1024 needs it) an
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
@@ -183,14 +183,14 @@ class ObserveService(Service):
         site = Site(self.root())
         site.noisy = False
         try:
-            self.port = self._reactor.listenTCP(config.port, site, interface=config.bind_address)
+            self.port = self._reactor.listenTCP(config.port, cast(Any, site), interface=config.bind_address)
         except Exception as error:
             raise ListenError(
                 "metrics (metricsConfig.port)", config.bind_address, config.port, error
             ) from error
         log.info(
             "metrics on http://{address}/metrics",
-            address=format_address(config.bind_address, self.port.getHost().port),
+            address=format_address(config.bind_address, getattr(self.port.getHost(), "port", config.port)),
         )
 
     def privilegedStartService(self) -> None:

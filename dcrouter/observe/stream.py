@@ -170,7 +170,8 @@ class EventStreamResource(Resource):
         self.slow_clients_dropped = 0
 
     def render_GET(self, request: Request) -> Any:
-        raw = [value.decode("utf-8", "replace") for value in request.args.get(b"types", [])]
+        args: dict[bytes, list[bytes]] = request.args or {}
+        raw = [value.decode("utf-8", "replace") for value in args.get(b"types", [])]
         wanted = [part for value in raw for part in value.split(",") if part.strip()] or ["*"]
         try:
             patterns = parse_patterns(wanted)

@@ -53,13 +53,16 @@ def treq_post(reactor: Any) -> Post:
     """A :data:`Post` over treq, with a connection pool of its own on ``reactor`` (not treq's global one)."""
     from treq.client import HTTPClient
     from twisted.web.client import Agent, HTTPConnectionPool
+    from twisted.web.http_headers import Headers
 
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 1
     client = HTTPClient(Agent(reactor, pool=pool, connectTimeout=10))
 
     async def post(url: str, body: bytes, headers: dict[bytes, list[bytes]], timeout: float) -> int:
-        response = await client.post(url, data=body, headers=headers, timeout=timeout, reactor=reactor)
+        response = await client.post(
+            url, data=body, headers=Headers(dict(headers)), timeout=timeout, reactor=reactor
+        )
         await response.content()  # read to the end so the connection returns to the pool
         return int(response.code)
 

@@ -54,14 +54,14 @@ EVENT_TYPES: Mapping[str, tuple[str, str]] = MappingProxyType(
         "connection.authenticated": ("SMTP AUTH succeeded", "port, mechanism"),
         "connection.command_refused": (
             "an SMTP command was answered 4xx or 5xx",
-            "port, verb, code, replyClass (4xx|5xx)",
+            "port, code, replyClass (4xx|5xx)",
         ),
         "message.received": ("the end of DATA arrived", "port, size, recipients"),
         "message.accepted": ("a message got its 250 (queued, quarantined or discarded)", "port, size"),
         "message.refused": ("a message was refused at the end of DATA", "port, code, reason (enhanced code)"),
         "message.processed": (
             "the processing chain finished with a message",
-            "outcome (queued|quarantined|refused|tempfailed), duration (s), stages ({stage: seconds})",
+            "outcome (queued|quarantined|discarded|refused|tempfailed), duration (s), stages ({stage: s})",
         ),
         "message.queued": ("a message is durable in the queue", "size, recipients, local (a DSN), status"),
         "message.delivered": ("recipients were delivered", "route, recipients, duration (s)"),
@@ -74,7 +74,7 @@ EVENT_TYPES: Mapping[str, tuple[str, str]] = MappingProxyType(
             "status (bounced|failed), recipients",
         ),
         "message.scanned": ("a scanner gave its verdict", "scanner, verdict, action"),
-        "message.dsn_sent": ("a DSN was queued", "action (failed|delayed), dsnId"),
+        "message.dsn_sent": ("a DSN was queued", "action (failed|delayed)"),
         "delivery.attempt": (
             "one route group of one delivery attempt ended",
             "route, duration (s), delivered, failed, deferred",
@@ -98,7 +98,10 @@ EVENT_TYPES: Mapping[str, tuple[str, str]] = MappingProxyType(
             "port, peer, rule (sender|pregreet|non_smtp|too_many_errors|ip), code",
         ),
         "security.relay_refused": ("a recipient was refused as relaying", "port, peer, code"),
-        "security.rate_limit": ("a rate limit was hit", "port, peer, limit"),
+        "security.rate_limit": (
+            "a rate limit was hit (reserved: rate limits are not built yet)",
+            "port, peer, limit",
+        ),
     }
 )
 

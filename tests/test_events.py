@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import os
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -270,3 +272,27 @@ class QueueCollectorTests(SynchronousTestCase):
         samples(metrics)
         self.assertEqual(len(readings), 2)
 
+
+class DocumentedTests(SynchronousTestCase):
+    """docs/operations.md lists every event type and every metric the router exports."""
+
+    def setUp(self) -> None:
+        path = os.path.join(
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "operations.md"
+        )
+        with open(path, encoding="utf-8") as page:
+            self.page = page.read()
+
+    def test_every_event_type(self) -> None:
+        for name in EVENT_TYPES:
+            self.assertIn(f"| `{name}` |", self.page)
+
+    def test_every_metric(self) -> None:
+        metrics = RouterMetrics()
+        metrics.watch_queue(lambda: succeed({}), lambda: 0.0)
+        metrics.watch_proxy({})
+        metrics.watch_certificates(list)
+        names = {family.name for family in text_string_to_metric_families(metrics.render().decode())}
+        for name in names:
+            suffix = "_total" if f"`{name}_total`" in self.page else ""
+            self.assertIn(f"`{name}{suffix}`", self.page)

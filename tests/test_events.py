@@ -26,6 +26,7 @@ from dcrouter.events import (
 )
 from dcrouter.observe.metrics import QUEUE_READ_INTERVAL, RouterMetrics, route_label
 from tests.smtp_fixtures import PASSWORD, PEER_IP, connect, make_config
+from tests.test_delivery_manager import START, ManagerTestsBase
 from tests.test_smtp_protocol import MAIL, MESSAGE, RCPT
 
 
@@ -296,3 +297,62 @@ class DocumentedTests(SynchronousTestCase):
         for name in names:
             suffix = "_total" if f"`{name}_total`" in self.page else ""
             self.assertIn(f"`{name}{suffix}`", self.page)
+
+
+class DeliveryEventTests(ManagerTestsBase):
+    """What the DeliveryManager emits: attempts per route group, deferrals, bounces and DSNs."""
+
+    def start(self, **changes: Any) -> Any:
+        manager = super().start(**changes)
+        self.bus = EventBus(self.clock.seconds)
+        self.seen = collect(self.bus)
+        manager.events = self.bus
+        return manager
+
+    def of(self, event_type: str) -> list[Event]:
+        return [e for e in self.seen if e.type == event_type]
+
+    def test_delivered_deferred_then_bounced(self) -> None:
+        self.start(base_retry_delay=300_000, max_retries=2)
+        self.transport.script["bob@a.test"] = ["451 4.2.0 Try later", "550 5.1.1 No such user"]
+        qid = self.send("alice@senders.test", "bob@a.test", "carol@b.test")
+        [deferred] = self.of("message.deferred")
+        self.assertEqual((deferred.queue_id, deferred.fields["destination"]), (qid, "rule:a.test"))
+        self.assertEqual((deferred.fields["attempts"], deferred.fields["pending"]), (1, 1))
+        self.assertEqual(deferred.fields["nextAttemptIn"], 300)
+        [delivered] = self.of("message.delivered")
+        self.assertEqual((delivered.fields["route"], delivered.fields["recipients"]), ("rule:b.test", 1))
+        [temporary] = self.of("error.delivery")
+        self.assertEqual((temporary.fields["permanent"], temporary.fields["reply"]), (False, 451))
+        self.advance_to(START + 300)
+        attempts = [
+            (e.fields["route"], e.fields["delivered"], e.fields["failed"], e.fields["deferred"])
+            for e in self.of("delivery.attempt")
+            if e.queue_id == qid
+        ]
+        self.assertEqual(
+            attempts, [("rule:a.test", 0, 0, 1), ("rule:b.test", 1, 0, 0), ("rule:a.test", 0, 1, 0)]
+        )
+        [bounced] = self.of("message.bounced")
+        self.assertEqual(
+            (bounced.queue_id, bounced.fields["status"], bounced.fields["recipients"]), (qid, "bounced", 1)
+        )
+        [dsn] = self.of("message.dsn_sent")
+        self.assertEqual((dsn.queue_id, dsn.fields["action"]), (qid, "failed"))
+        self.assertNotIn("Try later", repr([e for e in self.seen if e.type != "message.deferred"]))
+
+    def test_metrics_of_deliveries(self) -> None:
+        self.start()
+        metrics = RouterMetrics()
+        metrics.subscribe(self.bus)
+        self.transport.script["bob@a.test"] = ["550 5.1.1 No such user"]
+        self.send("alice@senders.test", "bob@a.test", "carol@a.test")
+        found = samples(metrics)
+        self.assertEqual(
+            found[("dcrouter_deliveries_total", (("outcome", "delivered"), ("route", "rule:a.test")))], 1
+        )
+        self.assertEqual(
+            found[("dcrouter_deliveries_total", (("outcome", "failed"), ("route", "rule:a.test")))], 1
+        )
+        self.assertEqual(found[("dcrouter_messages_bounced_total", (("status", "bounced"),))], 1)
+        self.assertEqual(found[("dcrouter_dsn_sent_total", (("action", "failed"),))], 1)

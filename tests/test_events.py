@@ -25,8 +25,11 @@ from dcrouter.events import (
     parse_patterns,
 )
 from dcrouter.observe.metrics import QUEUE_READ_INTERVAL, RouterMetrics, route_label
+from dcrouter.processing.message import Verdict
+from dcrouter.processing.processor import ScannerStage
 from tests.smtp_fixtures import PASSWORD, PEER_IP, connect, make_config
 from tests.test_delivery_manager import START, ManagerTestsBase
+from tests.test_processing_chain import ChainCase, ScriptedScanner, verdict
 from tests.test_smtp_protocol import MAIL, MESSAGE, RCPT
 
 
@@ -356,3 +359,50 @@ class DeliveryEventTests(ManagerTestsBase):
         )
         self.assertEqual(found[("dcrouter_messages_bounced_total", (("status", "bounced"),))], 1)
         self.assertEqual(found[("dcrouter_dsn_sent_total", (("action", "failed"),))], 1)
+
+
+class ProcessingEventTests(ChainCase):
+    """What the processing chain emits: verdicts, time per stage, the outcome, failures."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.bus = EventBus(self.clock.seconds)
+        self.seen = collect(self.bus)
+
+    def of(self, event_type: str) -> list[Event]:
+        return [e for e in self.seen if e.type == event_type]
+
+    def test_stages_verdicts_and_queued(self) -> None:
+        def slow_clean(draft: Any) -> Any:
+            self.clock.advance(0.25)  # the scan takes a quarter of a second of the processor's clock
+            return verdict(Verdict.CLEAN)
+
+        processor = self.processor(
+            scanners=[ScannerStage(ScriptedScanner(slow_clean, "virus"))], events=self.bus
+        )
+        item = self.queued(processor)
+        [scanned] = self.of("message.scanned")
+        self.assertEqual(dict(scanned.fields), {"scanner": "virus", "verdict": "clean", "action": "pass"})
+        [processed] = self.of("message.processed")
+        self.assertEqual(processed.queue_id, item.id)
+        self.assertEqual(processed.fields["outcome"], "queued")
+        self.assertEqual(processed.fields["stages"]["scanner:virus"], 0.25)
+        self.assertEqual(set(processed.fields["stages"]), {"metadata", "scanner:virus"})
+        self.assertEqual(processed.fields["duration"], 0.25)
+        [queued] = self.of("message.queued")
+        self.assertEqual(
+            (queued.queue_id, queued.fields["local"], queued.fields["status"]), (item.id, False, "queued")
+        )
+
+    def test_refusal_and_failure(self) -> None:
+        spam = ScriptedScanner(verdict(Verdict.SPAM, "bulk", score=9.0), "spam")
+        processor = self.processor(scanners=[ScannerStage(spam, "reject")], events=self.bus)
+        self.refusal(self.process(processor))
+        self.assertEqual([e.fields["outcome"] for e in self.of("message.processed")], ["refused"])
+        broken = ScriptedScanner(RuntimeError("plugin bug"), "broken")
+        processor = self.processor(scanners=[ScannerStage(broken, "reject")], events=self.bus)
+        self.refusal(self.process(processor))
+        self.flushLoggedErrors(RuntimeError)
+        [error] = self.of("error.processing")
+        self.assertEqual(error.fields["reason"], "RuntimeError")
+        self.assertEqual(self.of("message.processed")[-1].fields["outcome"], "tempfailed")

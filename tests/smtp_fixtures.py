@@ -123,6 +123,9 @@ class ControlledQueue:
     def get_item_count(self) -> Deferred[int]:
         return succeed(len(self.items))
 
+    def status_summary(self) -> Deferred[dict[str, tuple[int, float | None]]]:
+        return succeed({"queued": (len(self.items), None)} if self.items else {})
+
     def purge_expired(self, max_age: float) -> Deferred[int]:
         return succeed(0)
 

@@ -8,7 +8,9 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -30,6 +32,7 @@ from dcrouter.processing.processor import ScannerStage
 from tests.smtp_fixtures import PASSWORD, PEER_IP, connect, make_config
 from tests.test_delivery_manager import START, ManagerTestsBase
 from tests.test_processing_chain import ChainCase, ScriptedScanner, verdict
+from tests.test_proxy_session import HELLO_A, HELLO_B, A, SessionTestCase, route
 from tests.test_smtp_protocol import MAIL, MESSAGE, RCPT
 
 
@@ -406,3 +409,32 @@ class ProcessingEventTests(ChainCase):
         [error] = self.of("error.processing")
         self.assertEqual(error.fields["reason"], "RuntimeError")
         self.assertEqual(self.of("message.processed")[-1].fields["outcome"], "tempfailed")
+
+
+class ProxyEventTests(SessionTestCase):
+    """What proxy sessions emit: connect, refusals with their reason, disconnect with the route."""
+
+    def test_connect_refuse_and_disconnect(self) -> None:
+        bus = EventBus(self.reactor.seconds)
+        seen = collect(bus, ("connection.*",))
+        self.context(A, route("guarded", domains=("b.test",), block=["192.0.2.0/24"]))
+        self.ctx.events = bus
+        session, _ = self.connect("198.51.100.1", data=HELLO_A)
+        self.accept()
+        self.reactor.advance(2)
+        session.connectionLost(Failure(ConnectionDone()))
+        refused, _ = self.connect("192.0.2.9", data=HELLO_B)
+        self.assertEqual(
+            [(e.type, e.fields.get("peer")) for e in seen],
+            [
+                ("connection.connect", "198.51.100.1"),
+                ("connection.disconnect", None),
+                ("connection.connect", "192.0.2.9"),
+                ("connection.error", "192.0.2.9"),
+            ],
+        )
+        disconnect, error = seen[1], seen[3]
+        self.assertEqual(
+            dict(disconnect.fields), {"protocol": "proxy", "port": 443, "route": "a", "duration": 2}
+        )
+        self.assertEqual(error.fields["reason"], refused.refused)

@@ -152,29 +152,41 @@ class RouterMetrics:
         self.proxy_connections_open = Gauge(
             "dcrouter_proxy_client_connections", "Proxy client connections open now", registry=r
         )
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self._handlers: Mapping[str, Callable[[Event], None]] = {
             "connection.connect": self._connect,
             "connection.disconnect": self._disconnect,
             "connection.error": self._connection_error,
             "connection.tls": self._tls,
-            "connection.authenticated": lambda e: self.auth.labels("success").inc(),
+            "connection.authenticated": lambda e: self._with(self.auth, "success").inc(),
             "connection.command_refused": self._command_refused,
             "message.received": self._received,
-            "message.accepted": lambda e: self.accepted.labels(_port(e)).inc(),
-            "message.refused": lambda e: self.refused.labels(reason_label(e.fields.get("reason"))).inc(),
+            "message.accepted": lambda e: self._with(self.accepted, _port(e)).inc(),
+            "message.refused": lambda e: self._with(self.refused, reason_label(e.fields.get("reason"))).inc(),
             "message.processed": self._processed,
             "message.scanned": self._scanned,
             "message.queued": self._queued,
             "delivery.attempt": self._attempt,
-            "message.deferred": lambda e: self.retries.labels(route_label(e.fields.get("destination"))).inc(),
-            "message.bounced": lambda e: self.bounced.labels(str(e.fields.get("status"))).inc(),
-            "message.dsn_sent": lambda e: self.dsn_sent.labels(str(e.fields.get("action"))).inc(),
+            "message.deferred": lambda e: self._with(
+                self.retries, route_label(e.fields.get("destination"))
+            ).inc(),
+            "message.bounced": lambda e: self._with(self.bounced, str(e.fields.get("status"))).inc(),
+            "message.dsn_sent": lambda e: self._with(self.dsn_sent, str(e.fields.get("action"))).inc(),
             "error.processing": self._processing_error,
             "security.auth_failure": self._auth_failure,
             "security.policy_violation": lambda e: self._security(e, str(e.fields.get("rule", ""))),
             "security.relay_refused": lambda e: self._security(e, ""),
             "security.rate_limit": lambda e: self._security(e, str(e.fields.get("limit", ""))),
         }
+
+    def _with(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, kept: the label sets are bounded, and prometheus_client's look-up
+        (validation, a lock) is most of the cost of counting an event."""
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     def subscribe(self, bus: EventBus) -> None:
         """Receive the events the metrics are made of from ``bus``."""
@@ -221,72 +233,72 @@ class RouterMetrics:
     def _connect(self, event: Event) -> None:
         if event.fields.get("protocol") == "smtp":
             port = _port(event)
-            self.smtp_connections.labels(port, "implicit" if event.fields.get("tls") else "no").inc()
-            self.smtp_sessions.labels(port).inc()
+            self._with(self.smtp_connections, port, "implicit" if event.fields.get("tls") else "no").inc()
+            self._with(self.smtp_sessions, port).inc()
         else:
             self.proxy_connections_open.inc()
 
     def _disconnect(self, event: Event) -> None:
         if event.fields.get("protocol") == "smtp":
-            self.smtp_sessions.labels(_port(event)).dec()
+            self._with(self.smtp_sessions, _port(event)).dec()
         else:
             self.proxy_connections_open.dec()
 
     def _connection_error(self, event: Event) -> None:
         protocol = str(event.fields.get("protocol", "smtp"))
         if event.fields.get("tls"):
-            self.tls_handshakes.labels(protocol, "failed").inc()
+            self._with(self.tls_handshakes, protocol, "failed").inc()
         else:
-            self.connections_refused.labels(protocol).inc()
+            self._with(self.connections_refused, protocol).inc()
 
     def _tls(self, event: Event) -> None:
-        self.tls_handshakes.labels(str(event.fields.get("protocol", "smtp")), "ok").inc()
+        self._with(self.tls_handshakes, str(event.fields.get("protocol", "smtp")), "ok").inc()
 
     def _command_refused(self, event: Event) -> None:
-        self.commands_refused.labels(str(event.fields.get("replyClass", "5xx"))).inc()
+        self._with(self.commands_refused, str(event.fields.get("replyClass", "5xx"))).inc()
 
     def _received(self, event: Event) -> None:
         port = _port(event)
-        self.received.labels(port).inc()
+        self._with(self.received, port).inc()
         size = event.fields.get("size")
         if isinstance(size, int) and size > 0:
-            self.received_bytes.labels(port).inc(size)
+            self._with(self.received_bytes, port).inc(size)
 
     def _processed(self, event: Event) -> None:
-        self.processed.labels(str(event.fields.get("outcome"))).inc()
+        self._with(self.processed, str(event.fields.get("outcome"))).inc()
         duration = event.fields.get("duration")
         if isinstance(duration, int | float):
-            self.processing.labels("total").observe(duration)
+            self._with(self.processing, "total").observe(duration)
         stages = event.fields.get("stages")
         if isinstance(stages, Mapping):
             for stage, seconds in stages.items():
-                self.processing.labels(str(stage)).observe(seconds)
+                self._with(self.processing, str(stage)).observe(seconds)
 
     def _scanned(self, event: Event) -> None:
-        self.verdicts.labels(str(event.fields.get("scanner")), str(event.fields.get("verdict"))).inc()
+        self._with(self.verdicts, str(event.fields.get("scanner")), str(event.fields.get("verdict"))).inc()
 
     def _queued(self, event: Event) -> None:
-        self.queued.labels("local" if event.fields.get("local") else "received").inc()
+        self._with(self.queued, "local" if event.fields.get("local") else "received").inc()
 
     def _attempt(self, event: Event) -> None:
         route = route_label(event.fields.get("route"))
         for outcome in ("delivered", "failed", "deferred"):
             count = event.fields.get(outcome)
             if isinstance(count, int) and count:
-                self.deliveries.labels(route, outcome).inc(count)
+                self._with(self.deliveries, route, outcome).inc(count)
         duration = event.fields.get("duration")
         if isinstance(duration, int | float):
-            self.delivery_duration.labels(route).observe(duration)
+            self._with(self.delivery_duration, route).observe(duration)
 
     def _processing_error(self, event: Event) -> None:
-        self.processing_errors.labels(str(event.fields.get("reason", "error"))).inc()
+        self._with(self.processing_errors, str(event.fields.get("reason", "error"))).inc()
 
     def _auth_failure(self, event: Event) -> None:
-        self.auth.labels("failure").inc()
+        self._with(self.auth, "failure").inc()
         self._security(event, "")
 
     def _security(self, event: Event, rule: str) -> None:
-        self.security.labels(event.type.split(".", 1)[1], rule).inc()
+        self._with(self.security, event.type.split(".", 1)[1], rule).inc()
 
 
 def _port(event: Event) -> str:

@@ -473,7 +473,12 @@ class DcRouter(MultiService):
 
     def privilegedStartService(self) -> None:
         self._bind_proxy()
-        super().privilegedStartService()
+        try:
+            super().privilegedStartService()  # the metrics listener binds here
+        except ListenError as error:
+            if self.proxy is not None:
+                self.proxy.unbind()
+            raise StartupError(str(error)) from error
         self._bind_smtp()
 
     def startService(self) -> None:

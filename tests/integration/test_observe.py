@@ -189,3 +189,18 @@ class ObserveIntegrationTests(TestCase):
         bad = await treq.get(f"{base}/api/v1/events?types=message.nope", reactor=reactor, persistent=False)
         self.assertEqual(bad.code, 400)
         self.assertEqual((await bad.json())["error"]["code"], "bad_event_type")
+
+
+class MetricsListenerTests(TestCase):
+    def test_a_port_in_use_is_a_startup_error_naming_the_key(self) -> None:
+        from dcrouter.router import StartupError
+
+        taken = reactor.listenTCP(0, Site(Resource()), interface="127.0.0.1")
+        self.addCleanup(taken.stopListening)
+        port = taken.getHost().port
+        router = DcRouter(
+            {"metricsConfig": {"enabled": True, "port": port}, "smartProxyConfig": {"routes": []}},
+            reactor=reactor,
+        )
+        error = self.assertRaises(StartupError, router.privilegedStartService)
+        self.assertIn(f"metricsConfig.port) on 127.0.0.1:{port}", str(error))

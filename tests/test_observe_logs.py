@@ -84,3 +84,21 @@ class MailPathIdsTests(SynchronousTestCase):
         queued = [e for e in smtp if "from=<" in e.get("log_format", "")]
         self.assertEqual([e["queue_id"] for e in queued], [server.queue.items[0].id])
         self.assertNotIn(PASSWORD, repr(events))
+
+    def test_auth_lines_carry_the_session_id(self) -> None:
+        import base64
+
+        from dcrouter.config.auth import AuthConfig
+        from tests.smtp_fixtures import make_config
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        server = connect(make_config(auth=AuthConfig(failure_delay=0, allow_insecure=True)))
+        server.exchange(b"EHLO c\r\n")
+        for password in (b"wrong", PASSWORD.encode()):
+            server.exchange(b"AUTH PLAIN " + base64.b64encode(b"\0alice\0" + password) + b"\r\n")
+        auth = [e for e in events if e.get("log_namespace") == "dcrouter.smtp.auth"]
+        self.assertEqual(len(auth), 2)  # the failure and the success
+        self.assertEqual({e["session_id"] for e in auth}, {server.protocol.session.session_id})
+        self.assertNotIn(PASSWORD, repr(events))

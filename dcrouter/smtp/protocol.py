@@ -499,7 +499,9 @@ class ESMTPServerProtocol(CommandReceiver):
         self._sasl = None
         self._mode = COMMAND
         try:
-            user = await self._f.authenticator.authenticate(result, self.session.peer_host)
+            user = await self._f.authenticator.authenticate(
+                result, self.session.peer_host, session_id=self.session.session_id
+            )
         except AuthFailed as failed:
             self._log(
                 "warn",

@@ -102,3 +102,29 @@ class MailPathIdsTests(SynchronousTestCase):
         self.assertEqual(len(auth), 2)  # the failure and the success
         self.assertEqual({e["session_id"] for e in auth}, {server.protocol.session.session_id})
         self.assertNotIn(PASSWORD, repr(events))
+
+
+class ClientTransactionIdsTests(SynchronousTestCase):
+    """The outbound client's lines during a transaction name the message being sent."""
+
+    def test_queue_id_on_the_transactions_lines(self) -> None:
+        from twisted.internet.testing import EventLoggingObserver
+
+        from dcrouter.log import levels, set_level
+        from tests.test_delivery_client import ClientTestCase, run
+
+        set_level("debug", "dcrouter.delivery.client")
+        self.addCleanup(levels.clearLogLevels)
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        case = ClientTestCase()
+        case.setUp()
+        case.ready()
+        done = run(
+            case.client.send("a@sender.test", ["x@example.org"], io.BytesIO(b"x\r\n"), 3, queue_id="Q42")
+        )
+        case.server(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n250 2.0.0 Ok\r\n")
+        self.successResultOf(done)
+        during = [e for e in events if "MAIL FROM" in str(e.get("command", "")) or e.get("text") == "Ok"]
+        self.assertTrue(during)
+        self.assertEqual({e["queue_id"] for e in during}, {"Q42"})
+        self.assertIsNone(case.client.queue_id)  # not carried over to the next use of the connection

@@ -4,6 +4,7 @@ Clock; and the metrics resource and the metricsConfig listener wiring."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -153,3 +154,44 @@ class ObserveConfigTests(SynchronousTestCase):
             (hook.url, hook.types, hook._timeout, hook._buffer_size),
             ("https://hooks.example/x", ("security.*",), 2.0, 7),
         )
+
+
+class PerformanceEventTests(SynchronousTestCase):
+    """events.performanceInterval: queue size and processing time, on the reactor's clock."""
+
+    def test_periodic_reports(self) -> None:
+        from twisted.internet.defer import succeed
+
+        from dcrouter.events import CallableSink
+
+        clock = Clock()
+        clock.advance(1000)
+        bus = EventBus(clock.seconds)
+        seen: list[Any] = []
+        bus.subscribe(CallableSink(seen.append), ["performance.*"])
+        summary = {"queued": (2, 940.0), "deferred": (1, 990.0), "delivered": (7, 100.0)}
+        service = ObserveService(
+            bus=bus,
+            metrics=RouterMetrics(),
+            reactor=clock,  # type: ignore[arg-type]
+            metrics_config=None,
+            events_config=load_options({"events": {"performanceInterval": 10_000}}).options.events,
+            summary=lambda: succeed(summary),
+            in_flight=lambda: 3,
+        )
+        service.startService()
+        bus.emit("message.processed", duration=0.5)
+        bus.emit("message.processed", duration=1.5)
+        clock.advance(10)
+        processing, queue = seen
+        self.assertEqual(
+            dict(processing.fields), {"messages": 2, "meanDuration": 1.0, "maxDuration": 1.5, "inFlight": 3}
+        )
+        self.assertEqual(
+            dict(queue.fields),
+            {"byStatus": {"queued": 2, "deferred": 1, "delivered": 7}, "total": 3, "oldestAge": 70.0},
+        )
+        clock.advance(10)
+        self.assertEqual(seen[2].fields["messages"], 0)
+        service.stopService()
+        self.assertEqual(clock.getDelayedCalls(), [])

@@ -84,6 +84,14 @@ EVENT_TYPES: Mapping[str, tuple[str, str]] = MappingProxyType(
             "route, recipients, permanent, reply (code)",
         ),
         "error.processing": ("the chain failed or timed out (4xx to the client)", "reason"),
+        "certificate.issued": (
+            "ACME issued a certificate",
+            "name (the order's first name), renewal, notAfter (Unix time)",
+        ),
+        "certificate.order_failed": (
+            "an ACME order failed (retried with backoff)",
+            "name, renewal, failures (in a row), error",
+        ),
         "performance.queue": (
             "periodic: the queue's size",
             "byStatus ({status: count}), total, oldestAge (s)",

@@ -251,7 +251,11 @@ class DcRouter(MultiService):
             self.metrics.watch_proxy(self.proxy.counters)
         # After the proxy, as children start in order: port 80 answers before the first order is placed.
         self.acme: AcmeService | None = AcmeService.from_options(
-            self.options, store=self.certificates, responder=self.challenges, reactor=reactor
+            self.options,
+            store=self.certificates,
+            responder=self.challenges,
+            reactor=reactor,
+            events=self.events,
         )
         if self.acme is not None:
             self.acme.setServiceParent(self)

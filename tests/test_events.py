@@ -438,3 +438,47 @@ class ProxyEventTests(SessionTestCase):
             dict(disconnect.fields), {"protocol": "proxy", "port": 443, "route": "a", "duration": 2}
         )
         self.assertEqual(error.fields["reason"], refused.refused)
+
+
+class AcmeEventTests(SynchronousTestCase):
+    """ACME's events and the orders metric: a failed order, then the certificate issued."""
+
+    def test_failed_then_issued(self) -> None:
+        import time
+
+        from dcrouter.acme.challenges import ChallengeResponder
+        from dcrouter.acme.service import AcmeService
+        from dcrouter.net.certstore import CertificateStore
+        from tests.test_acme import DIRECTORY, ORDER, FakeIssuer, run_now
+
+        self.clock = Clock()
+        self.clock.advance(time.time())  # certificates carry real dates
+        self.issuer = FakeIssuer(self.clock)
+        bus = EventBus(self.clock.seconds)
+        seen = collect(bus, ("certificate.*",))
+        metrics = RouterMetrics()
+        metrics.subscribe(bus)
+        self.issuer.fail = 1
+        service = AcmeService(
+            [ORDER],
+            store=CertificateStore(clock=self.clock),
+            responder=ChallengeResponder(),
+            state_directory=self.mktemp(),
+            directory_url=DIRECTORY,
+            email=None,
+            renew_threshold_days=30,
+            reactor=self.clock,  # type: ignore[arg-type]
+            account=self.issuer,
+            run_blocking=run_now,
+            events=bus,
+        )
+        self.addCleanup(service.stopService)
+        service.startService()
+        self.clock.advance(3600)
+        self.assertEqual([e.type for e in seen], ["certificate.order_failed", "certificate.issued"])
+        failed, issued = seen
+        self.assertEqual((failed.fields["name"], failed.fields["failures"]), ("www.example.com", 1))
+        self.assertEqual((issued.fields["renewal"], issued.fields["name"]), (False, "www.example.com"))
+        found = samples(metrics)
+        self.assertEqual(found[("dcrouter_acme_orders_total", (("kind", "new"), ("result", "failed")))], 1)
+        self.assertEqual(found[("dcrouter_acme_orders_total", (("kind", "new"), ("result", "issued")))], 1)

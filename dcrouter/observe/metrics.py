@@ -149,6 +149,12 @@ class RouterMetrics:
             ["type", "rule"],
             registry=r,
         )
+        self.acme_orders = Counter(
+            "dcrouter_acme_orders",
+            "ACME certificate orders by result (issued, failed) and kind (new, renewal)",
+            ["result", "kind"],
+            registry=r,
+        )
         self.proxy_connections_open = Gauge(
             "dcrouter_proxy_client_connections", "Proxy client connections open now", registry=r
         )
@@ -173,6 +179,8 @@ class RouterMetrics:
             "message.bounced": lambda e: self._with(self.bounced, str(e.fields.get("status"))).inc(),
             "message.dsn_sent": lambda e: self._with(self.dsn_sent, str(e.fields.get("action"))).inc(),
             "error.processing": self._processing_error,
+            "certificate.issued": lambda e: self._acme(e, "issued"),
+            "certificate.order_failed": lambda e: self._acme(e, "failed"),
             "security.auth_failure": self._auth_failure,
             "security.policy_violation": lambda e: self._security(e, str(e.fields.get("rule", ""))),
             "security.relay_refused": lambda e: self._security(e, ""),
@@ -289,6 +297,9 @@ class RouterMetrics:
         duration = event.fields.get("duration")
         if isinstance(duration, int | float):
             self._with(self.delivery_duration, route).observe(duration)
+
+    def _acme(self, event: Event, result: str) -> None:
+        self._with(self.acme_orders, result, "renewal" if event.fields.get("renewal") else "new").inc()
 
     def _processing_error(self, event: Event) -> None:
         self._with(self.processing_errors, str(event.fields.get("reason", "error"))).inc()

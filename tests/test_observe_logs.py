@@ -128,3 +128,38 @@ class ClientTransactionIdsTests(SynchronousTestCase):
         self.assertTrue(during)
         self.assertEqual({e["queue_id"] for e in during}, {"Q42"})
         self.assertIsNone(case.client.queue_id)  # not carried over to the next use of the connection
+
+
+class EventLogTests(SynchronousTestCase):
+    """events.log: the chosen event types as log lines, with their correlation ids."""
+
+    def test_selected_events_are_logged(self) -> None:
+        from twisted.internet.task import Clock
+
+        from dcrouter.config import load_options
+        from dcrouter.events import EventBus
+        from dcrouter.observe.metrics import RouterMetrics
+        from dcrouter.observe.service import ObserveService
+
+        logged: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        bus = EventBus()
+        service = ObserveService(
+            bus=bus,
+            metrics=RouterMetrics(),
+            reactor=Clock(),  # type: ignore[arg-type]
+            metrics_config=None,
+            events_config=load_options({"events": {"log": ["security.*"]}}).options.events,
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        bus.emit("security.relay_refused", queue_id="Q1", session_id="S1", peer="192.0.2.1", code=554)
+        bus.emit("message.queued", queue_id="Q1")
+        lines = [e for e in logged if e.get("log_namespace") == "dcrouter.events"]
+        self.assertEqual([e["event_type"] for e in lines], ["security.relay_refused"])
+        out = io.StringIO()
+        JsonLinesObserver(out)(lines[0])
+        record = json.loads(out.getvalue())
+        self.assertEqual((record["queueId"], record["sessionId"]), ("Q1", "S1"))
+        self.assertEqual(record["fields"]["event"], {"peer": "192.0.2.1", "code": 554})

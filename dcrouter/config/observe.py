@@ -94,6 +94,12 @@ class EventsConfig:
         "counted.",
         check=values.positive,
     )
+    log: list[str] = option(
+        factory=list,
+        doc="Event types also written to the log, one line each at info level in namespace "
+        '`dcrouter.events` (`["security.*"]`, `["*"]`); empty: none (the mail path logs its own lines).',
+        each=event_pattern,
+    )
     performance_interval: int = option(
         60_000,
         doc="Milliseconds between the periodic `performance.queue` and `performance.processing` events.",

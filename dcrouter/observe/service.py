@@ -33,6 +33,26 @@ from dcrouter.observe.stream import EventStreamResource
 from dcrouter.observe.webhooks import WebhookSink, treq_post
 
 log = logger(__name__)
+#: Not a class attribute: a Logger there renames itself after the class (it is a descriptor).
+_event_log = logger("dcrouter.events")
+
+
+@implementer(IEventSink)
+class EventLog:
+    """Writes each event it receives as one log line (``events.log``), at info level in the namespace
+    ``dcrouter.events``, with the correlation ids as ``queue_id``/``session_id`` (so JSON logs carry them)
+    and the event's fields."""
+
+    name = "log"
+
+    def receive(self, event: Event) -> None:
+        _event_log.info(
+            "event {event_type}",
+            event_type=event.type,
+            queue_id=event.queue_id,
+            session_id=event.session_id,
+            event=dict(event.fields),
+        )
 
 
 @implementer(IEventSink)
@@ -163,6 +183,7 @@ class ObserveService(Service):
             bus, summary=summary, in_flight=in_flight, clock_seconds=reactor.seconds
         )
         self._loop: LoopingCall | None = None
+        self.event_log = EventLog()
 
     def root(self) -> Resource:
         """The listener's resource tree: ``/metrics`` and, when configured, ``/api/v1/events``."""
@@ -203,6 +224,8 @@ class ObserveService(Service):
         for sink in self.webhooks:
             self.bus.subscribe(sink, sink.types)
         self.bus.subscribe(self.performance, ["message.processed"])
+        if self.events_config.log:
+            self.bus.subscribe(self.event_log, self.events_config.log)
         self._loop = LoopingCall(self.performance.report)
         self._loop.clock = self._reactor
         self._loop.start(self.events_config.performance_interval / 1000.0, now=False)
@@ -213,6 +236,7 @@ class ObserveService(Service):
             self._loop.stop()
         self._loop = None
         self.bus.unsubscribe(self.performance)
+        self.bus.unsubscribe(self.event_log)
         for sink in self.webhooks:
             self.bus.unsubscribe(sink)
             sink.stop()

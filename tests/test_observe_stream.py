@@ -10,9 +10,10 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
+from zope.interface import implementer
 
 from dcrouter.config import load_options
-from dcrouter.events import EventBus
+from dcrouter.events import EventBus, IEventSink
 from dcrouter.observe.metrics import MetricsResource, RouterMetrics
 from dcrouter.observe.service import ObserveService
 from dcrouter.observe.stream import EventStreamResource
@@ -195,3 +196,62 @@ class PerformanceEventTests(SynchronousTestCase):
         self.assertEqual(seen[2].fields["messages"], 0)
         service.stopService()
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+@implementer(IEventSink)
+class RecordingSubscriber:
+    """A subscriber plugin named by dotted path in the tests' configurations."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+
+    def receive(self, event: Any) -> None:
+        self.events.append(event)
+
+
+class SubscriberPluginTests(SynchronousTestCase):
+    def test_named_by_dotted_path_and_subscribed_to_its_types(self) -> None:
+        events = load_options(
+            {
+                "events": {
+                    "subscribers": [
+                        {"type": "tests.test_observe_stream:RecordingSubscriber", "types": ["security.*"]}
+                    ]
+                }
+            }
+        ).options.events
+        bus = EventBus()
+        service = ObserveService(
+            bus=bus,
+            metrics=RouterMetrics(),
+            reactor=Clock(),  # type: ignore[arg-type]
+            metrics_config=None,
+            events_config=events,
+        )
+        [(plugin, types)] = service.subscribers
+        self.assertEqual(types, ["security.*"])
+        self.assertIsInstance(plugin, RecordingSubscriber)
+        service.startService()
+        bus.emit("message.queued", queue_id="Q")
+        bus.emit("security.relay_refused", queue_id="Q")
+        service.stopService()
+        bus.emit("security.relay_refused", queue_id="R")
+        self.assertEqual([e.type for e in plugin.events], ["security.relay_refused"])  # type: ignore[attr-defined]
+
+    def test_bad_plugins_are_configuration_errors(self) -> None:
+        from dcrouter.config import ConfigError
+
+        for name, wanted in (
+            ("tests.test_observe_stream:Missing", "cannot load subscriber plugin"),
+            ("tests.test_observe_stream:EventStreamTests", "is not a class implementing IEventSink"),
+            ("nothing", "unknown subscriber type 'nothing'"),
+        ):
+            error = self.assertRaises(
+                ConfigError,
+                load_options,
+                {"events": {"subscribers": [{"type": name, "types": ["message.*"]}]}},
+            )
+            self.assertIn("events.subscribers[0].type: ", str(error))
+            self.assertIn(wanted, str(error))

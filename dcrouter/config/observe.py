@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
-from dcrouter.config import values
+from dcrouter.config import plugins, values
 from dcrouter.config.schema import Report, block_check, checked, join, option
 from dcrouter.events import UnknownEventType, parse_patterns
 
@@ -85,9 +86,35 @@ class WebhookConfig:
     )
 
 
+@block_check("type", "options")
+def subscriber_plugin(entry: SubscriberConfig, path: str, report: Report) -> None:
+    """The type must name a loadable IEventSink whose options pass its own schema."""
+    plugins.check_config("subscriber", entry, path, report)
+
+
+@checked(subscriber_plugin)
+@dataclass(frozen=True)
+class SubscriberConfig:
+    type: str = option(
+        doc="The subscriber plugin: an entry point of group `dcrouter.event_subscribers`, or a dotted path "
+        "`package.module:Class` of a class implementing `dcrouter.events.IEventSink` (docs/plugins.md).",
+        check=values.not_empty,
+    )
+    types: list[str] = option(
+        factory=lambda: ["*"],
+        doc="Event types it receives: exact types, families (`message.*`) or `*`.",
+        check=values.not_empty,
+        each=event_pattern,
+    )
+    options: dict[str, Any] = option(factory=dict, doc="The plugin's own options (its `options_schema`).")
+
+
 @dataclass(frozen=True)
 class EventsConfig:
     webhooks: list[WebhookConfig] = option(factory=list, doc="Receivers of events, each with its types.")
+    subscribers: list[SubscriberConfig] = option(
+        factory=list, doc="Event subscriber plugins, built at start-up and subscribed to their types."
+    )
     buffer_size: int = option(
         1000,
         doc="Events kept per webhook while its receiver is slow or down; past it the oldest is dropped and "

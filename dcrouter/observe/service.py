@@ -23,6 +23,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
+from dcrouter.config import plugins
 from dcrouter.config.observe import EventsConfig, MetricsConfig
 from dcrouter.events import Event, EventBus, IEventSink
 from dcrouter.log import logger
@@ -184,6 +185,11 @@ class ObserveService(Service):
         )
         self._loop: LoopingCall | None = None
         self.event_log = EventLog()
+        #: Subscriber plugins (events.subscribers), with the types each receives.
+        self.subscribers: list[tuple[IEventSink, list[str]]] = [
+            (plugins.instantiate("subscriber", entry, reactor), list(entry.types))
+            for entry in self.events_config.subscribers
+        ]
 
     def root(self) -> Resource:
         """The listener's resource tree: ``/metrics`` and, when configured, ``/api/v1/events``."""
@@ -226,6 +232,8 @@ class ObserveService(Service):
         self.bus.subscribe(self.performance, ["message.processed"])
         if self.events_config.log:
             self.bus.subscribe(self.event_log, self.events_config.log)
+        for plugin, types in self.subscribers:
+            self.bus.subscribe(plugin, types)
         self._loop = LoopingCall(self.performance.report)
         self._loop.clock = self._reactor
         self._loop.start(self.events_config.performance_interval / 1000.0, now=False)
@@ -237,6 +245,8 @@ class ObserveService(Service):
         self._loop = None
         self.bus.unsubscribe(self.performance)
         self.bus.unsubscribe(self.event_log)
+        for plugin, _ in self.subscribers:
+            self.bus.unsubscribe(plugin)
         for sink in self.webhooks:
             self.bus.unsubscribe(sink)
             sink.stop()

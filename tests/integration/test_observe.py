@@ -204,3 +204,59 @@ class MetricsListenerTests(TestCase):
         )
         error = self.assertRaises(StartupError, router.privilegedStartService)
         self.assertIn(f"metricsConfig.port) on 127.0.0.1:{port}", str(error))
+
+
+class TwistdJsonLogTests(TestCase):
+    """`logFormat = "json"` under a real `twistd -n dcrouter`: standard output is JSON lines (twistd's own
+    too), a session's lines with its id at the top."""
+
+    timeout = 60
+
+    def test_json_lines_on_stdout(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._go())
+
+    async def _go(self) -> None:
+        from tests.integration import TwistdProcess
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        (smtp_port,) = free_ports(1)
+        config = os.path.join(directory, "dcrouter.json")
+        with open(config, "w") as handle:
+            json.dump(
+                {
+                    "logFormat": "json",
+                    "smtpConfig": {
+                        "ports": [smtp_port],
+                        "bindAddress": "127.0.0.1",
+                        "hostname": "mx.test",
+                        "implicitTlsPorts": [],
+                        "submissionPorts": [],
+                        "queueStorage": "memory",
+                    },
+                },
+                handle,
+            )
+        process = TwistdProcess.spawn(
+            reactor, ["-n", "--pidfile=", "dcrouter", "--config", config], directory
+        )
+        self.addCleanup(process.kill_on_cleanup)
+        await process.seen('"dcrouter ready"').addTimeout(WAIT, reactor)
+        await deferToThread(_connect_and_quit, smtp_port)
+        await process.seen("Disconnected from").addTimeout(WAIT, reactor)
+        process.signal("TERM")
+        await process.ended.addTimeout(WAIT, reactor)
+        lines = [line for line in process.output.decode().splitlines() if line.startswith("{")]
+        records = [json.loads(line) for line in lines]
+        rest = [line for line in process.output.decode().splitlines() if line and not line.startswith("{")]
+        self.assertEqual([r for r in rest if not r.startswith("warning: ")], [])  # everything else is JSON
+        session = [r for r in records if r["namespace"] == "dcrouter.smtp.protocol"]
+        self.assertEqual(len({r["sessionId"] for r in session}), 1, session)
+        self.assertTrue(any("starting up" in r["message"] for r in records))  # twistd's own line
+
+
+def _connect_and_quit(port: int) -> None:
+    import smtplib
+
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=WAIT) as smtp:
+        smtp.noop()

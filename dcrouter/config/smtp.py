@@ -192,6 +192,23 @@ def smtp_processing(smtp: SmtpConfig, path: str, report: Report) -> None:
         report.warning(join(path, "contentScanning"), "is on but no scanners are configured")
 
 
+@block_check("proxy_protocol", "trusted_proxies")
+def smtp_proxy_protocol(smtp: SmtpConfig, path: str, report: Report) -> None:
+    """PROXY headers are read only from trustedProxies, so one without the other does nothing."""
+    if smtp.proxy_protocol != "none" and not smtp.trusted_proxies:
+        report.error(
+            join(path, "trustedProxies"),
+            f"is empty while {join(path, 'proxyProtocol')} is {smtp.proxy_protocol!r}: no peer may send a "
+            "PROXY header",
+        )
+    if smtp.proxy_protocol == "none" and smtp.trusted_proxies:
+        report.error(
+            join(path, "proxyProtocol"),
+            f"is 'none' while {join(path, 'trustedProxies')} is set: say which PROXY protocol version "
+            "(v1, v2 or any) the trusted proxies send",
+        )
+
+
 def generated_certificate_paths(persistent_path: str) -> tuple[str, str]:
     """Where the router keeps the self-signed certificate and key it generates when SMTP needs TLS and the
     configuration names no certificate (the disk and redis queues; a memory queue's is never written)."""
@@ -223,6 +240,7 @@ def smtp_tls_needs(smtp: SmtpConfig) -> list[str]:
     smtp_callout_timeout,
     smtp_routing_rules,
     smtp_processing,
+    smtp_proxy_protocol,
 )
 @dataclass(frozen=True)
 class SmtpConfig:
@@ -426,6 +444,29 @@ class SmtpConfig:
         "once, idle sessions get 421 4.3.2 at once, the others after their transaction or when the period "
         "ends.",
         check=values.non_negative,
+    )
+    proxy_protocol: Literal["none", "v1", "v2", "any"] = option(
+        "none",
+        addition=True,
+        doc="PROXY protocol header (HAProxy's) that connections from `trustedProxies` must open with, on "
+        "every SMTP port: `v1`, `v2` or `any` (either). The address it carries is the client's for "
+        "relayNetworks, connection limits, the Received field, logs and SPF. A trusted peer that sends no "
+        "valid header, or none within proxyHeaderTimeout, is disconnected (as Postfix's "
+        "smtpd_upstream_proxy_protocol); any other peer that opens with a PROXY header is disconnected. "
+        "`LOCAL`/`UNKNOWN` headers (health checks) keep the proxy's own address.",
+    )
+    trusted_proxies: list[str] = option(
+        factory=list,
+        addition=True,
+        doc="CIDRs of the load balancers allowed to send a PROXY header to the SMTP ports; required by "
+        "proxyProtocol.",
+        each=values.cidr,
+    )
+    proxy_header_timeout: int = option(
+        5_000,
+        addition=True,
+        doc="Milliseconds a trusted proxy has to send its whole PROXY header; then the connection is closed.",
+        check=values.duration,
     )
     max_received_headers: int = option(
         50,

@@ -21,6 +21,7 @@ from dcrouter.config.domains import CalloutConfig, DomainConfig
 from dcrouter.config.processing import MimeLimitsConfig, ScannerConfig, TransformationConfig
 from dcrouter.config.schema import Report, block_check, checked, join, option, set_in_file
 from dcrouter.config.tls import TlsConfig
+from dcrouter.config.verification import VerificationConfig
 from dcrouter.net.domains import normalize_domain
 from dcrouter.net.redis_url import parse_redis_url
 
@@ -526,6 +527,11 @@ class SmtpConfig:
         addition=True,
         doc="Queued messages at which new mail gets 452 4.3.1 (0: no limit).",
         check=values.non_negative,
+    )
+    verification: VerificationConfig = option(
+        factory=VerificationConfig,
+        addition=True,
+        doc="Inbound SPF, DKIM, DMARC and ARC verification (docs/verification.md).",
     )
     callout: CalloutConfig = option(
         factory=CalloutConfig,

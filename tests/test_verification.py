@@ -289,6 +289,30 @@ class ResultTests(VerificationCase):
         return Deferred.fromCoroutine(go())
 
 
+class ArcTests(VerificationCase):
+    def sealed(self) -> bytes:
+        """A message as a mailing list at lists.good.test forwards it: its own results, sealed (i=1)."""
+        upstream = b"Authentication-Results: lists.good.test; spf=pass smtp.mailfrom=good.test\r\n"
+        message = upstream + _message("alice@none.test")
+        arc_set = dkim.arc_sign(message, b"sel", b"good.test", self.pem, b"lists.good.test")
+        return b"".join(arc_set) + message
+
+    def test_chain_passes(self) -> Deferred[None]:
+        async def go() -> None:
+            value = await self.results(self.processor(), self.sealed(), self.envelope("a@none.test"))
+            self.assertIn("arc=pass", value)
+
+        return Deferred.fromCoroutine(go())
+
+    def test_altered_after_sealing_fails(self) -> Deferred[None]:
+        async def go() -> None:
+            message = self.sealed().replace(b"a test", b"a forgery")
+            value = await self.results(self.processor(), message, self.envelope("a@none.test"))
+            self.assertIn("arc=fail", value)
+
+        return Deferred.fromCoroutine(go())
+
+
 class TemporaryFailureTests(VerificationCase):
     def setUp(self) -> None:
         super().setUp()

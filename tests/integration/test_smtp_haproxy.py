@@ -1,6 +1,7 @@
 """DcRouter's SMTP port behind a real HAProxy (TCP mode, ``send-proxy-v2``): clients connect to HAProxy from
-127.0.0.2 and 127.0.0.3, and dcrouter's relay decision and Received field show those addresses, not the
-proxy's (127.0.0.1). Skipped when Debian's ``haproxy`` is not installed (``make test-peers`` installs it)."""
+127.0.0.2, 127.0.0.3 and 127.0.0.4, and dcrouter's relay decision, Received field and SPF check show those
+addresses, not the proxy's (127.0.0.1). Skipped when Debian's ``haproxy`` is not installed (``make
+test-peers`` installs it)."""
 
 from __future__ import annotations
 
@@ -18,12 +19,14 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from dcrouter import DcRouter
 from dcrouter.net.certfiles import generate_self_signed
+from dcrouter.queue.files import message_reader
 from tests.daemons import DaemonProcess
+from tests.dns_zone import ZoneAuthority, ZoneServer, txt
 from tests.integration import free_ports
 
 HOSTNAME = "localhost"
 HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None)
-MESSAGE = b"From: <alice@sender.test>\r\nTo: <carol@elsewhere.test>\r\nSubject: via haproxy\r\n\r\nbody\r\n"
+MESSAGE = b"From: <alice@good.test>\r\nTo: <carol@elsewhere.test>\r\nSubject: via haproxy\r\n\r\nbody\r\n"
 
 
 class HAProxy(DaemonProcess):
@@ -89,7 +92,12 @@ class HAProxyTests(TestCase):
         with open(key_path, "wb") as f:
             f.write(key_pem)
         (self.mx,) = free_ports(1)
+        # SPF for good.test allows 127.0.0.4 only: HAProxy's own 127.0.0.1 would fail.
+        zone = ZoneAuthority("test", [("good.test", txt("v=spf1 ip4:127.0.0.4 -all"))])
+        self.zone = ZoneServer(reactor, zone)
+        self.addCleanup(self.zone.stop)
         options = {
+            "mtaConfig": {"dnsServers": [f"127.0.0.1:{self.zone.port}"]},
             "smtpConfig": {
                 "ports": [self.mx],
                 "bindAddress": "127.0.0.1",
@@ -101,7 +109,8 @@ class HAProxyTests(TestCase):
                 "relayNetworks": ["127.0.0.2/32"],
                 "proxyProtocol": "v2",
                 "trustedProxies": ["127.0.0.1/32"],
-            }
+                "verification": {"enabled": True},
+            },
         }
         self.router = DcRouter(options, reactor=reactor)
         assert self.router.delivery is not None
@@ -115,7 +124,7 @@ class HAProxyTests(TestCase):
         self.addCleanup(self.haproxy.stop)
         return self.router.when_ready()
 
-    def send(self, source: str, starttls: bool = False) -> dict[str, Any]:
+    def send(self, source: str, starttls: bool = False, rcpt: str = "carol@elsewhere.test") -> dict[str, Any]:
         """One transaction through HAProxy from ``source``; the replies by step."""
         with smtplib.SMTP(
             "127.0.0.1", self.haproxy.port, "client.test", timeout=20, source_address=(source, 0)
@@ -124,8 +133,8 @@ class HAProxyTests(TestCase):
             if starttls:
                 smtp.starttls(context=ssl.create_default_context(cafile=self.ca_path))
                 smtp.ehlo()
-            smtp.mail("alice@sender.test")
-            replies: dict[str, Any] = {"rcpt": smtp.rcpt("carol@elsewhere.test")}
+            smtp.mail("alice@good.test")
+            replies: dict[str, Any] = {"rcpt": smtp.rcpt(rcpt)}
             if replies["rcpt"][0] == 250:
                 replies["data"] = smtp.data(MESSAGE)
             return replies
@@ -138,10 +147,9 @@ class HAProxyTests(TestCase):
         assert queue is not None
         item = await queue.get(queue_id)
         body = await queue.open_body(queue_id)
-        try:
-            return item, body.read()
-        finally:
-            body.close()
+        # As delivery composes it: the header block processing left, then the body.
+        with message_reader(item.head, body, item.body_offset) as reader:
+            return item, reader.read()
 
     def test_relay_network_client_through_haproxy(self) -> Deferred[None]:
         """127.0.0.2 is in relayNetworks: relaying is allowed, and Received names 127.0.0.2. STARTTLS
@@ -166,6 +174,18 @@ class HAProxyTests(TestCase):
             code, text = replies["rcpt"]
             self.assertEqual(code, 554, text)
             self.assertTrue(text.startswith(b"5.7.1"), text)
+
+        return Deferred.fromCoroutine(go())
+
+    def test_spf_checks_the_client_behind_haproxy(self) -> Deferred[None]:
+        """The client at 127.0.0.4 (outside relayNetworks, so its mail is verified) passes SPF for good.test,
+        which allows 127.0.0.4 and not HAProxy's 127.0.0.1."""
+
+        async def go() -> None:
+            replies = await deferToThread(self.send, "127.0.0.4", False, "bob@example.test")
+            _item, body = await self.stored(replies["data"])
+            self.assertTrue(body.startswith(b"Authentication-Results: localhost; spf=pass"), body[:300])
+            self.assertIn(b"smtp.mailfrom=good.test", body[:300])
 
         return Deferred.fromCoroutine(go())
 

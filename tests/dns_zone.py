@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import DatagramProtocol
 from twisted.names import authority, client, dns, server
@@ -43,11 +44,20 @@ class ZoneServer:
     def __init__(self, reactor: Any, zone: ZoneAuthority) -> None:
         factory = server.DNSServerFactory(authorities=[zone])
         factory.noisy = False
-        self._udp: IListeningPort = reactor.listenUDP(
-            0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1"
-        )
-        self.port = self._udp.getHost().port
-        self._tcp: IListeningPort = reactor.listenTCP(self.port, factory, interface="127.0.0.1")
+        # A port free for UDP may be taken for TCP (another program's connection): then try another.
+        for _attempt in range(20):
+            udp: IListeningPort = reactor.listenUDP(
+                0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1"
+            )
+            port = udp.getHost().port
+            try:
+                tcp: IListeningPort = reactor.listenTCP(port, factory, interface="127.0.0.1")
+            except CannotListenError:
+                udp.stopListening()
+                continue
+            self._udp, self._tcp, self.port = udp, tcp, port
+            return
+        raise RuntimeError("no port on 127.0.0.1 free for both UDP and TCP")
 
     def stop(self) -> Any:
         from twisted.internet.defer import gatherResults

@@ -15,7 +15,7 @@ from twisted.trial.unittest import TestCase
 
 from dcrouter.config import ConfigError, load_options
 from dcrouter.config.smtp import SmtpConfig
-from dcrouter.config.verification import VerificationConfig
+from dcrouter.config.verification import DomainPolicyConfig, VerificationConfig
 from dcrouter.mail.dkimkeys import dns_txt_value, generate_private_key, private_key_pem
 from dcrouter.mail.envelope import Envelope
 from dcrouter.mail.spooled import SpooledMessage
@@ -289,6 +289,51 @@ class ResultTests(VerificationCase):
         return Deferred.fromCoroutine(go())
 
 
+class PolicyTests(VerificationCase):
+    """Per-recipient-domain actions: example.test refuses p=reject failures, the rest only tags."""
+
+    def policy_processor(self) -> EmailProcessor:
+        return self.processor(
+            policies=[DomainPolicyConfig(domains=["example.test"], on_dmarc_reject="reject")]
+        )
+
+    def test_domain_policy_applies(self) -> Deferred[None]:
+        async def go() -> None:
+            envelope = self.envelope("alice@good.test", ip=OTHER_CLIENT)
+            refused = await self.refusal(self.policy_processor(), _message("alice@good.test"), envelope)
+            self.assertEqual(refused.reply.code, 550)
+
+        return Deferred.fromCoroutine(go())
+
+    def test_other_domain_gets_global(self) -> Deferred[None]:
+        async def go() -> None:
+            envelope = self.envelope("alice@good.test", ip=OTHER_CLIENT, recipients=["x@elsewhere.test"])
+            value = await self.results(self.policy_processor(), _message("alice@good.test"), envelope)
+            self.assertIn("dmarc=fail", value)
+
+        return Deferred.fromCoroutine(go())
+
+    def test_strictest_of_the_recipients(self) -> Deferred[None]:
+        async def go() -> None:
+            envelope = self.envelope(
+                "alice@good.test", ip=OTHER_CLIENT, recipients=["x@elsewhere.test", "bob@example.test"]
+            )
+            refused = await self.refusal(self.policy_processor(), _message("alice@good.test"), envelope)
+            self.assertEqual(refused.reply.code, 550)
+
+        return Deferred.fromCoroutine(go())
+
+    def test_mapped_ipv4_client(self) -> Deferred[None]:
+        """A dual-stack listener reports an IPv4 client as ::ffff:a.b.c.d; SPF's ip4 still matches it."""
+
+        async def go() -> None:
+            envelope = self.envelope("alice@good.test", ip=f"::ffff:{GOOD_CLIENT}")
+            value = await self.results(self.processor(), _message("alice@good.test"), envelope)
+            self.assertIn("spf=pass smtp.mailfrom=good.test", value)
+
+        return Deferred.fromCoroutine(go())
+
+
 class ArcTests(VerificationCase):
     def sealed(self) -> bytes:
         """A message as a mailing list at lists.good.test forwards it: its own results, sealed (i=1)."""
@@ -407,6 +452,21 @@ class ConfigTests(TestCase):
     def test_action_needs_dmarc(self) -> None:
         errors = self.errors({"enabled": True, "dmarc": False, "onDmarcReject": "reject"})
         self.assertTrue(any(e.startswith("smtpConfig.verification.onDmarcReject") for e in errors), errors)
+
+    def test_policies(self) -> None:
+        config = self.load(
+            {"enabled": True, "policies": [{"domains": ["*.example.com"], "onDmarcQuarantine": "quarantine"}]}
+        ).options.smtp_config.verification
+        self.assertEqual(config.policies[0].on_dmarc_quarantine, "quarantine")
+        duplicate = {"policies": [{"domains": ["a.example.com"]}, {"domains": ["A.example.com"]}]}
+        errors = self.errors(duplicate)
+        self.assertTrue(
+            any(e.startswith("smtpConfig.verification.policies[1].domains[0]") for e in errors), errors
+        )
+        errors = self.errors({"policies": [{"domains": ["a.example.com"], "onDmarcReject": "no"}]})
+        self.assertTrue(
+            any(e.startswith("smtpConfig.verification.policies[0].onDmarcReject") for e in errors), errors
+        )
 
     def test_bad_action(self) -> None:
         errors = self.errors({"onDmarcReject": "bounce"})

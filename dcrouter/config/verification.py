@@ -9,19 +9,47 @@ from typing import Literal
 from dcrouter.config import values
 from dcrouter.config.schema import Report, block_check, checked, join, option
 
+Action = Literal["tag", "reject", "quarantine"]
 
-@block_check("dmarc", "on_dmarc_reject", "on_dmarc_quarantine")
-def verification_actions(verification: VerificationConfig, path: str, report: Report) -> None:
-    acting = [
-        key
+
+def _acting(entry: VerificationConfig | DomainPolicyConfig, path: str) -> list[str]:
+    return [
+        join(path, key)
         for key, value in (
-            ("onDmarcReject", verification.on_dmarc_reject),
-            ("onDmarcQuarantine", verification.on_dmarc_quarantine),
+            ("onDmarcReject", entry.on_dmarc_reject),
+            ("onDmarcQuarantine", entry.on_dmarc_quarantine),
         )
         if value != "tag"
     ]
+
+
+@block_check("dmarc", "on_dmarc_reject", "on_dmarc_quarantine", "policies")
+def verification_actions(verification: VerificationConfig, path: str, report: Report) -> None:
+    acting = _acting(verification, path)
+    for i, policy in enumerate(verification.policies):
+        acting.extend(_acting(policy, f"{join(path, 'policies')}[{i}]"))
     if acting and not verification.dmarc:
-        report.error(join(path, acting[0]), f"acts on DMARC results, but {join(path, 'dmarc')} is false")
+        report.error(acting[0], f"acts on DMARC results, but {join(path, 'dmarc')} is false")
+    first: dict[str, str] = {}
+    for i, policy in enumerate(verification.policies):
+        for j, domain in enumerate(policy.domains):
+            where = f"{join(path, 'policies')}[{i}].domains[{j}]"
+            if domain.lower() in first:
+                report.error(where, f"{domain!r} is also {first[domain.lower()]}")
+            first.setdefault(domain.lower(), where)
+
+
+@dataclass(frozen=True)
+class DomainPolicyConfig:
+    domains: list[str] = option(
+        doc="Recipient domains (exact, or `*.` wildcard) whose mail this policy decides.",
+        check=values.not_empty,
+        each=values.domain_pattern,
+    )
+    on_dmarc_reject: Action = option("tag", doc="As verification.onDmarcReject, for these recipients.")
+    on_dmarc_quarantine: Action = option(
+        "tag", doc="As verification.onDmarcQuarantine, for these recipients."
+    )
 
 
 @checked(verification_actions)
@@ -44,14 +72,20 @@ class VerificationConfig:
         True, doc="Evaluate DMARC (RFC 7489) for the From domain, with the Public Suffix List."
     )
     arc: bool = option(True, doc="Validate the ARC chain (RFC 8617).")
-    on_dmarc_reject: Literal["tag", "reject", "quarantine"] = option(
+    on_dmarc_reject: Action = option(
         "tag",
         doc="Mail failing DMARC whose domain publishes p=reject: `tag` (only the header), `reject` "
         "(550 5.7.1) or `quarantine`.",
     )
-    on_dmarc_quarantine: Literal["tag", "reject", "quarantine"] = option(
+    on_dmarc_quarantine: Action = option(
         "tag",
         doc="Mail failing DMARC whose domain publishes p=quarantine: `tag`, `reject` (550 5.7.1) or "
         "`quarantine`.",
+    )
+    policies: list[DomainPolicyConfig] = option(
+        factory=list,
+        doc="Other actions for mail to some recipient domains; recipients of no entry get the actions "
+        "above. A message for several recipients gets the strictest of their actions (reject, then "
+        "quarantine, then tag).",
     )
     arc_sign: bool = option(False, unsupported="ARC sealing on relay is not built yet.")

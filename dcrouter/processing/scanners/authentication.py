@@ -10,7 +10,8 @@ What a caller may rely on:
   ``Authentication-Results`` fields that arrived claiming the same authserv-id are removed first (RFC 8601
   §5), those of other authserv-ids are kept.
 - DMARC ``fail``: the action configured for the domain's policy (``onDmarcReject`` for p=reject,
-  ``onDmarcQuarantine`` for p=quarantine; p=none is only tagged): ``reject`` is ``550 5.7.1``,
+  ``onDmarcQuarantine`` for p=quarantine; p=none is only tagged), from the recipients' ``policies`` entries
+  or the global keys, the strictest where recipients differ: ``reject`` is ``550 5.7.1``,
   ``quarantine`` the chain's quarantine. DMARC ``temperror`` (a DNS lookup timed out or failed) is
   ``451 4.7.0`` whenever the result could have led to an action (the policy is known and acts, or unknown
   and some action is configured): mail is deferred, never bounced, and the sender retries.
@@ -18,6 +19,7 @@ What a caller may rely on:
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -27,6 +29,7 @@ from zope.interface import implementer
 from dcrouter.config.verification import VerificationConfig
 from dcrouter.interfaces import IScanner
 from dcrouter.net.cidr import CidrSet
+from dcrouter.net.domains import DomainMatcher
 from dcrouter.net.reactor import IRouterReactor
 from dcrouter.processing.message import Draft, ScanResult, Verdict
 from dcrouter.processing.verification.checks import Identities, Results, verify
@@ -34,6 +37,7 @@ from dcrouter.processing.verification.dns import BlockingDns
 from dcrouter.processing.verification.header import authentication_results, authserv_id
 
 HEADER = "Authentication-Results"
+_STRICTNESS = {"tag": 0, "quarantine": 1, "reject": 2}
 
 
 @implementer(IScanner)
@@ -57,12 +61,18 @@ class AuthenticationScanner:
         self._resolver = resolver
         self._reactor = reactor
         self._relay = relay_networks
+        self._global = (config.on_dmarc_reject, config.on_dmarc_quarantine)
+        self._policies: DomainMatcher[tuple[str, str]] = DomainMatcher(
+            (domain, (policy.on_dmarc_reject, policy.on_dmarc_quarantine))
+            for policy in config.policies
+            for domain in policy.domains
+        )
 
     def scan(self, message: Draft) -> Deferred[ScanResult]:
         envelope = message.envelope
         if envelope.auth_user is not None or (self._relay is not None and envelope.peer_host in self._relay):
             return succeed(ScanResult(self.name, Verdict.CLEAN, "not checked: a local client"))
-        who = Identities(ip=envelope.peer_host, helo=envelope.helo, mail_from=envelope.mail_from)
+        who = Identities(ip=_plain_ip(envelope.peer_host), helo=envelope.helo, mail_from=envelope.mail_from)
 
         def work() -> Results:
             with message.open_received() as stream:
@@ -80,21 +90,34 @@ class AuthenticationScanner:
 
         # Always in a thread (never inline, however small the message): the checks wait for the reactor.
         running: Deferred[Results] = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), work)
-        return running.addCallback(self.judge)
+        return running.addCallback(self.judge, self.actions_for(envelope.recipients))
 
     def keep(self, name: str, value: str) -> bool:
         """Whether an arrived field stays: only those claiming our authserv-id go."""
         return authserv_id(value) != self._own_id
 
-    def judge(self, results: Results) -> ScanResult:
-        """The finding for ``results``: the field, and the action the DMARC outcome asks for."""
+    def actions_for(self, recipients: list[str]) -> tuple[str, str]:
+        """``(onDmarcReject, onDmarcQuarantine)`` for a message to ``recipients``: each recipient's policy
+        entry or the global actions, the strictest of them where they differ."""
+        chosen = [self._policies.match(r.rpartition("@")[2]) or self._global for r in recipients]
+        if not chosen:
+            return self._global
+        return (
+            max((c[0] for c in chosen), key=_STRICTNESS.__getitem__),
+            max((c[1] for c in chosen), key=_STRICTNESS.__getitem__),
+        )
+
+    def judge(self, results: Results, actions: tuple[str, str] | None = None) -> ScanResult:
+        """The finding for ``results``: the field, and the action the DMARC outcome asks for under
+        ``actions`` (``(onDmarcReject, onDmarcQuarantine)``; by default the global ones)."""
+        on_reject, on_quarantine = actions or self._global
         value = authentication_results(self.authserv_id, results)
         dmarc = results.dmarc
         if dmarc is None or dmarc.result not in ("fail", "temperror"):
             return self._finding(value, Verdict.CLEAN, "")
-        action = self._action_for(dmarc.policy)
+        action = {"reject": on_reject, "quarantine": on_quarantine}.get(dmarc.policy, "tag")
         if dmarc.result == "temperror":
-            could_act = action != "tag" if dmarc.policy else self._any_action()
+            could_act = action != "tag" if dmarc.policy else (on_reject, on_quarantine) != ("tag", "tag")
             if could_act:
                 reason = f"DMARC for {dmarc.from_domain}: DNS temporary failure"
                 return self._finding(value, Verdict.BLOCKED, reason, "tempfail")
@@ -107,12 +130,14 @@ class AuthenticationScanner:
             self.name, verdict, reason, headers=((HEADER, value),), action=action, keep=self.keep, on_top=True
         )
 
-    def _action_for(self, policy: str) -> str:
-        if policy == "reject":
-            return self.config.on_dmarc_reject
-        if policy == "quarantine":
-            return self.config.on_dmarc_quarantine
-        return "tag"
 
-    def _any_action(self) -> bool:
-        return self.config.on_dmarc_reject != "tag" or self.config.on_dmarc_quarantine != "tag"
+def _plain_ip(host: str) -> str:
+    """``host`` with an IPv4-mapped IPv6 address (a dual-stack listener's IPv4 client) as plain IPv4, which is
+    what SPF's ip4 mechanisms match."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)

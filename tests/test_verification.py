@@ -5,11 +5,13 @@ made here: the Authentication-Results field, and what the chain does (queue, 550
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import dkim
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
 from twisted.names import dns
 from twisted.trial.unittest import TestCase
 
@@ -23,6 +25,7 @@ from dcrouter.processing.build import build_chain
 from dcrouter.processing.message import Refusal
 from dcrouter.processing.processor import EmailProcessor
 from dcrouter.processing.verification.checks import organizational_domain, parse_dmarc_record
+from dcrouter.processing.verification.dns import BlockingDns, DnsTemporaryError
 from dcrouter.processing.verification.header import authserv_id
 from dcrouter.queue.files import message_reader
 from dcrouter.queue.item import QueueItem, QueueItemStatus
@@ -388,6 +391,62 @@ class TemporaryFailureTests(VerificationCase):
             )
             self.assertIn("spf=temperror smtp.mailfrom=good.test", value)
             self.assertIn("dmarc=temperror", value)
+
+        return Deferred.fromCoroutine(go())
+
+
+class Recording:
+    """A resolver whose TXT lookups' Deferreds are kept, so a test can wait for abandoned ones to end."""
+
+    def __init__(self, wrapped: Any) -> None:
+        self.wrapped = wrapped
+        self.started: list[Deferred[Any]] = []
+
+    def lookupText(self, name: str) -> Deferred[Any]:
+        started: Deferred[Any] = self.wrapped.lookupText(name)
+        self.started.append(started)
+        return started
+
+
+class DnsBridgeTests(VerificationCase):
+    """The lookups the libraries make from a worker thread, answered by the resolver on the reactor."""
+
+    def test_answers_and_empty_answers(self) -> Deferred[None]:
+        def lookups() -> tuple[list[bytes], list[bytes], list[Any]]:
+            bridge = BlockingDns(self.resolver, reactor)
+            return bridge.txt("good.test"), bridge.txt("nothing.test"), bridge.spf_lookup("none.test", "A")
+
+        async def go() -> None:
+            spf, missing, address = await deferToThread(lookups)
+            self.assertEqual(spf, [f"v=spf1 ip4:{GOOD_CLIENT} -all".encode()])
+            self.assertEqual(missing, [])
+            self.assertEqual(address, [(("none.test", "A"), "127.0.0.1")])
+
+        return Deferred.fromCoroutine(go())
+
+    def test_time_limit_bounds_the_wait(self) -> Deferred[None]:
+        """A server that never answers, a resolver that would wait 30 s: the thread gives up at the
+        verification's limit, and later lookups fail at once."""
+        silent = SilentServer(reactor)
+        self.addCleanup(silent.stop)
+        slow = Recording(resolver(reactor, silent.port, timeout=0.5))
+
+        def lookups() -> tuple[list[str], float]:
+            bridge = BlockingDns(slow, reactor, time_limit=0.2)
+            started = time.monotonic()
+            for name in ("a.test", "b.test"):
+                with self.assertRaises(DnsTemporaryError):
+                    bridge.txt(name)
+            return bridge.failures, time.monotonic() - started
+
+        async def go() -> None:
+            failures, elapsed = await deferToThread(lookups)
+            self.assertEqual(failures, ["a.test", "b.test"])
+            self.assertLess(elapsed, 0.9)  # the resolver alone would have waited 1 s for the first
+            self.assertEqual(len(slow.started), 1)  # the second was never sent
+            # The abandoned query ends on its own (the resolver's timeout); let it, for a clean reactor.
+            for started in slow.started:
+                await started.addErrback(lambda failure: None)
 
         return Deferred.fromCoroutine(go())
 

@@ -9,24 +9,33 @@ What a caller may rely on:
 - A name that does not exist, or has no record of the type, is an empty answer. A timeout, SERVFAIL, REFUSED
   or a malformed answer raises :class:`DnsTemporaryError`, and is remembered in ``failures`` so a library
   that swallows the exception (dkimpy turns it into a plain failure) can still be told apart.
-- Each lookup waits at most what the resolver allows (``mtaConfig.dnsTimeout`` per attempt); one
-  verification makes at most :data:`MAX_LOOKUPS` lookups, then they count as temporary failures.
+- One verification makes at most :data:`MAX_LOOKUPS` lookups and spends at most ``time_limit`` seconds
+  waiting for answers (each lookup also at most what the resolver allows, ``mtaConfig.dnsTimeout`` per
+  attempt); past either, lookups fail at once as temporary failures. The thread never waits on the reactor
+  beyond that limit, so a stopping reactor (which joins its pool's threads) is never kept waiting by a
+  lookup it will no longer answer.
 """
 
 from __future__ import annotations
 
 import socket
+import threading
+import time
+from collections.abc import Callable
 from typing import Any, cast
 
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import IReactorFromThreads
-from twisted.internet.threads import blockingCallFromThread
 from twisted.names import dns, error
 from twisted.names.error import DNSNameError
+from twisted.python.failure import Failure
 
 #: Lookups one message's verification may make (SPF allows 10 mechanisms with lookups, each MX up to 10
 #: names; DKIM a key per signature; DMARC two records).
 MAX_LOOKUPS = 120
+#: Seconds one message's verification may wait for DNS answers in all.
+TIME_LIMIT = 30.0
 
 _TEMPORARY = (
     DeferredTimeoutError,
@@ -56,9 +65,17 @@ class DnsTemporaryError(Exception):
 class BlockingDns:
     """The lookups of one verification, from a worker thread, through ``resolver`` on ``reactor``."""
 
-    def __init__(self, resolver: Any, reactor: IReactorFromThreads) -> None:
+    def __init__(
+        self,
+        resolver: Any,
+        reactor: IReactorFromThreads,
+        time_limit: float = TIME_LIMIT,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._resolver = resolver
         self._reactor = reactor
+        self._monotonic = monotonic
+        self._deadline = monotonic() + time_limit
         self.lookups = 0
         #: Names whose lookup failed temporarily, in order.
         self.failures: list[str] = []
@@ -73,13 +90,37 @@ class BlockingDns:
             raise DnsTemporaryError(f"more than {MAX_LOOKUPS} DNS lookups for one message")
         method = getattr(self._resolver, _LOOKUP[qtype])
         try:
-            answers, _authority, _additional = blockingCallFromThread(self._reactor, method, name)
+            answers, _authority, _additional = self._on_reactor(method, name)
         except DNSNameError:
             return []
+        except DnsTemporaryError:
+            self.failures.append(name)
+            raise
         except _TEMPORARY as e:
             self.failures.append(name)
             raise DnsTemporaryError(f"{qtype} {name}: {type(e).__name__}") from None
         return list(answers)
+
+    def _on_reactor(self, method: Callable[[str], Deferred[Any]], name: str) -> Any:
+        """``method(name)`` run on the reactor; its result here, or its exception raised here. Waits until
+        the deadline at most (then DnsTemporaryError; the lookup's late answer is dropped)."""
+        remaining = self._deadline - self._monotonic()
+        if remaining <= 0:
+            raise DnsTemporaryError(f"{name}: over the verification's DNS time limit")
+        done = threading.Event()
+        outcome: list[Any] = []
+
+        def finish(result: Any) -> None:
+            outcome.append(result)
+            done.set()
+
+        self._reactor.callFromThread(lambda: maybeDeferred(method, name).addBoth(finish))
+        if not done.wait(remaining):
+            raise DnsTemporaryError(f"{name}: no answer within the verification's DNS time limit")
+        result = outcome[0]
+        if isinstance(result, Failure):
+            result.raiseException()
+        return result
 
     def txt(self, name: str) -> list[bytes]:
         """Every TXT record of ``name``, each one's strings joined (RFC 7208 §3.3, RFC 6376 §3.6.2.2)."""

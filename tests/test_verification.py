@@ -17,7 +17,7 @@ from twisted.trial.unittest import TestCase
 
 from dcrouter.config import ConfigError, load_options
 from dcrouter.config.smtp import SmtpConfig
-from dcrouter.config.verification import DomainPolicyConfig, VerificationConfig
+from dcrouter.config.verification import ArcSignConfig, DomainPolicyConfig, VerificationConfig
 from dcrouter.mail.dkimkeys import dns_txt_value, generate_private_key, private_key_pem
 from dcrouter.mail.envelope import Envelope
 from dcrouter.mail.spooled import SpooledMessage
@@ -361,6 +361,54 @@ class ArcTests(VerificationCase):
         return Deferred.fromCoroutine(go())
 
 
+class ArcSealTests(VerificationCase):
+    """arcSign: verified mail leaves with the next ARC set, which dkimpy validates with the published key."""
+
+    def sealing_processor(self) -> EmailProcessor:
+        return self.processor(arc_sign=ArcSignConfig("good.test", "sel", self.pem.decode()))
+
+    def validate(self, data: bytes) -> tuple[bytes, str]:
+        records = {b"sel._domainkey.good.test.": dns_txt_value(self.key).encode()}
+        cv, _sets, reason = dkim.arc_verify(data, dnsfunc=lambda name, timeout=5: records.get(name))
+        return cv, reason
+
+    def test_first_seal(self) -> Deferred[None]:
+        async def go() -> None:
+            message = self.sign(_message("alice@good.test"))
+            item = await self.submit(self.sealing_processor(), message, self.envelope("alice@good.test"))
+            data = await self.stored(item)
+            self.assertTrue(data.startswith(b"ARC-Seal: i=1; cv=none;"), data[:200])
+            self.assertIn(b"ARC-Authentication-Results: i=1; mx.example.test;", data)
+            self.assertEqual(self.validate(data), (dkim.CV_Pass, "success"))
+            self.assertEqual(self.validate(data.replace(b"a test", b"a forgery"))[0], dkim.CV_Fail)
+
+        return Deferred.fromCoroutine(go())
+
+    def test_chain_continued(self) -> Deferred[None]:
+        """A message sealed upstream (i=1, valid): dcrouter adds i=2 with cv=pass, and the chain holds."""
+
+        async def go() -> None:
+            upstream = b"Authentication-Results: lists.good.test; spf=pass smtp.mailfrom=good.test\r\n"
+            message = upstream + _message("alice@none.test")
+            message = (
+                b"".join(dkim.arc_sign(message, b"sel", b"good.test", self.pem, b"lists.good.test")) + message
+            )
+            item = await self.submit(self.sealing_processor(), message, self.envelope("a@none.test"))
+            data = await self.stored(item)
+            self.assertTrue(data.startswith(b"ARC-Seal: i=2; cv=pass;"), data[:200])
+            self.assertEqual(self.validate(data), (dkim.CV_Pass, "success"))
+
+        return Deferred.fromCoroutine(go())
+
+    def test_local_mail_not_sealed(self) -> Deferred[None]:
+        async def go() -> None:
+            envelope = self.envelope("alice@good.test", auth_user="alice")
+            item = await self.submit(self.sealing_processor(), _message("alice@good.test"), envelope)
+            self.assertNotIn(b"ARC-Seal", await self.stored(item))
+
+        return Deferred.fromCoroutine(go())
+
+
 class TemporaryFailureTests(VerificationCase):
     def setUp(self) -> None:
         super().setUp()
@@ -502,11 +550,22 @@ class ConfigTests(TestCase):
             (True, "auth.example.com", "reject", False),
         )
 
-    def test_arc_sign_not_supported_yet(self) -> None:
-        errors = self.errors({"enabled": True, "arcSign": True})
+    def test_arc_sign_key(self) -> None:
+        """arcSign takes its key inline, or from the dkimOptions of the domainConfigs entry of its domain;
+        without either, or with an Ed25519 key (ARC seals with rsa-sha256), the file is refused."""
+        rsa_pem = private_key_pem(generate_private_key("rsa", 2048)).decode()
+        inline = {"domainName": "example.com", "keySelector": "arc", "privateKey": rsa_pem}
+        loaded = self.load({"enabled": True, "arcSign": inline}).options.smtp_config.verification
+        self.assertEqual(loaded.arc_sign.key_selector if loaded.arc_sign else None, "arc")
+        errors = self.errors({"enabled": True, "arcSign": {"domainName": "example.com"}})
         self.assertTrue(
-            any("smtpConfig.verification.arcSign" in e and "not supported yet" in e for e in errors)
+            any(e.startswith("smtpConfig.verification.arcSign.domainName") for e in errors), errors
         )
+        errors = self.errors({"enabled": True, "arcSign": {"domainName": "example.com", "keySelector": "a"}})
+        self.assertTrue(any(e.startswith("smtpConfig.verification.arcSign") for e in errors), errors)
+        ed_pem = private_key_pem(generate_private_key("ed25519")).decode()
+        errors = self.errors({"enabled": True, "arcSign": {**inline, "privateKey": ed_pem}})
+        self.assertTrue(any("RSA" in e for e in errors), errors)
 
     def test_action_needs_dmarc(self) -> None:
         errors = self.errors({"enabled": True, "dmarc": False, "onDmarcReject": "reject"})

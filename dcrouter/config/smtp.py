@@ -22,6 +22,7 @@ from dcrouter.config.processing import MimeLimitsConfig, ScannerConfig, Transfor
 from dcrouter.config.schema import Report, block_check, checked, join, option, set_in_file
 from dcrouter.config.tls import TlsConfig
 from dcrouter.config.verification import VerificationConfig
+from dcrouter.mail.dkimkeys import is_rsa_key
 from dcrouter.net.domains import normalize_domain
 from dcrouter.net.redis_url import parse_redis_url
 
@@ -210,6 +211,42 @@ def smtp_proxy_protocol(smtp: SmtpConfig, path: str, report: Report) -> None:
         )
 
 
+@block_check("verification", "domain_configs")
+def smtp_arc_sign(smtp: SmtpConfig, path: str, report: Report) -> None:
+    """arcSign's key: given with it, or the dkimOptions of the domainConfigs entry listing its domain; RSA
+    (dkimpy seals with rsa-sha256 only)."""
+    arc = smtp.verification.arc_sign
+    if arc is None:
+        return
+    where = join(path, "verification.arcSign")
+    if (arc.key_selector is None) != (arc.private_key is None):
+        report.error(where, "give keySelector and privateKey together, or neither")
+        return
+    key = arc.private_key
+    if key is None:
+        wanted = arc.domain_name.lower()
+        entry = next(
+            (
+                d
+                for d in smtp.domain_configs
+                if d.dkim_options is not None and wanted in (n.lower() for n in d.domains)
+            ),
+            None,
+        )
+        if entry is None or entry.dkim_options is None:
+            report.error(
+                join(where, "domainName"),
+                f"{arc.domain_name!r} has no key: give keySelector and privateKey, or dkimOptions in its "
+                f"{join(path, 'domainConfigs')} entry",
+            )
+            return
+        key = entry.dkim_options.private_key
+    if not smtp.verification.enabled:
+        report.warning(where, f"not used: {join(path, 'verification.enabled')} is false")
+    if not is_rsa_key(key):
+        report.error(where, "ARC seals with rsa-sha256: the key must be an RSA key")
+
+
 def generated_certificate_paths(persistent_path: str) -> tuple[str, str]:
     """Where the router keeps the self-signed certificate and key it generates when SMTP needs TLS and the
     configuration names no certificate (the disk and redis queues; a memory queue's is never written)."""
@@ -242,6 +279,7 @@ def smtp_tls_needs(smtp: SmtpConfig) -> list[str]:
     smtp_routing_rules,
     smtp_processing,
     smtp_proxy_protocol,
+    smtp_arc_sign,
 )
 @dataclass(frozen=True)
 class SmtpConfig:

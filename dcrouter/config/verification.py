@@ -52,6 +52,21 @@ class DomainPolicyConfig:
     )
 
 
+@dataclass(frozen=True)
+class ArcSignConfig:
+    domain_name: str = option(
+        doc="The sealing domain (d=). Without keySelector and privateKey, the dkimOptions of the "
+        "domainConfigs entry listing it are used.",
+        check=values.host_name,
+    )
+    key_selector: str | None = option(None, doc="s= of the seal; with privateKey.")
+    private_key: str | None = option(
+        None,
+        doc="The RSA private key (PEM, inline or a file path); with keySelector.",
+        check=values.dkim_private_key,
+    )
+
+
 @checked(verification_actions)
 @dataclass(frozen=True)
 class VerificationConfig:
@@ -88,4 +103,9 @@ class VerificationConfig:
         "above. A message for several recipients gets the strictest of their actions (reject, then "
         "quarantine, then tag).",
     )
-    arc_sign: bool = option(False, unsupported="ARC sealing on relay is not built yet.")
+    arc_sign: ArcSignConfig | None = option(
+        None,
+        doc="Seal verified mail with an ARC set (RFC 8617: ARC-Authentication-Results with this gateway's "
+        "results, ARC-Message-Signature, ARC-Seal) before it is queued, so that a receiver downstream of "
+        "a forwarding (a mailing list, an alias) can rely on what this gateway found.",
+    )

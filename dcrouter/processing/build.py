@@ -157,7 +157,31 @@ def build_chain(config: SmtpConfig, reactor: IRouterReactor, resolver: Any = Non
         signers = _signers(config)
         if signers:
             chain.signers.append(DkimSign(signers))
+    if config.verification.enabled and config.verification.arc_sign is not None:
+        # Last: the seal covers every change, DKIM signatures included.
+        chain.signers.append(_arc_seal(config, reactor))
     return chain
+
+
+def _arc_seal(config: SmtpConfig, reactor: IRouterReactor | None) -> ITransformation:
+    from dcrouter.mail.dkimkeys import read_private_key
+    from dcrouter.processing.transforms.arc import ArcSeal
+
+    arc = config.verification.arc_sign
+    assert arc is not None
+    domain, selector, key = arc.domain_name, arc.key_selector, arc.private_key
+    if key is None:
+        wanted = domain.lower()
+        for entry in config.domain_configs:
+            opts = entry.dkim_options
+            if opts is not None and wanted in (name.lower() for name in entry.domains):
+                domain, selector, key = opts.domain_name, opts.key_selector, opts.private_key
+                break
+    if key is None or selector is None:
+        raise ValueError(f"smtpConfig.verification.arcSign: no key for {arc.domain_name!r}")
+    now = reactor.seconds if reactor is not None else time.time
+    authserv = config.verification.authserv_id or config.hostname
+    return ArcSeal(domain, selector, read_private_key(key), authserv, now)
 
 
 def _verification_stage(config: SmtpConfig, reactor: IRouterReactor, resolver: Any) -> ScannerStage:

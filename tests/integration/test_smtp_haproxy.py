@@ -13,12 +13,14 @@ import ssl
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
 from dcrouter import DcRouter
 from dcrouter.net.certfiles import generate_self_signed
+from dcrouter.net.proxyprotocol import encode_v2
 from dcrouter.queue.files import message_reader
 from tests.daemons import DaemonProcess
 from tests.dns_zone import ZoneAuthority, ZoneServer, txt
@@ -91,7 +93,7 @@ class HAProxyTests(TestCase):
             f.write(cert_pem)
         with open(key_path, "wb") as f:
             f.write(key_pem)
-        (self.mx,) = free_ports(1)
+        self.mx, self.implicit = free_ports(2)
         # SPF for good.test allows 127.0.0.4 only: HAProxy's own 127.0.0.1 would fail.
         zone = ZoneAuthority("test", [("good.test", txt("v=spf1 ip4:127.0.0.4 -all"))])
         self.zone = ZoneServer(reactor, zone)
@@ -99,7 +101,8 @@ class HAProxyTests(TestCase):
         options = {
             "mtaConfig": {"dnsServers": [f"127.0.0.1:{self.zone.port}"]},
             "smtpConfig": {
-                "ports": [self.mx],
+                "ports": [self.mx, self.implicit],
+                "implicitTlsPorts": [self.implicit],
                 "bindAddress": "127.0.0.1",
                 "hostname": HOSTNAME,
                 "tls": {"certPath": self.ca_path, "keyPath": key_path},
@@ -186,6 +189,37 @@ class HAProxyTests(TestCase):
             _item, body = await self.stored(replies["data"])
             self.assertTrue(body.startswith(b"Authentication-Results: localhost; spf=pass"), body[:300])
             self.assertIn(b"smtp.mailfrom=good.test", body[:300])
+
+        return Deferred.fromCoroutine(go())
+
+    def test_header_before_implicit_tls(self) -> Deferred[None]:
+        """On an implicit-TLS port the header comes first, then the TLS handshake: a trusted peer (127.0.0.1)
+        sends a v2 header naming 127.0.0.5, and the session, inside TLS, knows its client as 127.0.0.5."""
+
+        def client() -> tuple[int, bytes]:
+            raw = socket.create_connection(("127.0.0.1", self.implicit), timeout=20)
+            raw.sendall(
+                encode_v2(IPv4Address("TCP", "127.0.0.5", 40000), IPv4Address("TCP", "127.0.0.1", 465))
+            )
+            context = ssl.create_default_context(cafile=self.ca_path)
+            smtp = smtplib.SMTP(local_hostname="client.test", timeout=20)
+            smtp._host = "127.0.0.1"  # type: ignore[attr-defined]
+            smtp.sock = context.wrap_socket(raw, server_hostname="127.0.0.1")
+            try:
+                smtp.getreply()
+                smtp.ehlo()
+                smtp.mail("alice@good.test")
+                smtp.rcpt("bob@example.test")
+                return smtp.data(MESSAGE)
+            finally:
+                smtp.close()
+
+        async def go() -> None:
+            reply = await deferToThread(client)
+            item, body = await self.stored(reply)
+            self.assertIn(b"[127.0.0.5]", body[:400])
+            self.assertEqual(item.envelope.peer_host, "127.0.0.5")
+            self.assertTrue(item.envelope.tls, item.envelope)
 
         return Deferred.fromCoroutine(go())
 

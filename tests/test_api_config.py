@@ -85,3 +85,17 @@ class ApiConfigTests(unittest.TestCase):
         self.assertTrue(is_token_hash(SHA))
         self.assertFalse(is_token_hash(SHA.upper()))
         self.assertFalse(is_token_hash("sha256$abc"))
+
+
+class ApiTokenCommandTests(unittest.TestCase):
+    def test_lines_load_and_match_the_token(self) -> None:
+        import tomllib
+
+        from dcrouter.cli import api_token_lines
+
+        token, lines = api_token_lines("ops", "admin")
+        entry = tomllib.loads(lines)["apiConfig"]["tokens"][0]
+        self.assertEqual((entry["name"], entry["scope"]), ("ops", "admin"))
+        self.assertEqual(entry["tokenHash"], "sha256$" + hashlib.sha256(token.encode()).hexdigest())
+        self.assertNotIn(token, lines)
+        self.assertGreaterEqual(len(token), 40)

@@ -93,6 +93,17 @@ class IDeliveryQueue(Interface):
     def get_by_destination(destination):
         """Deferred firing with the list of items whose ``destination`` equals ``destination``."""
 
+    def list_items(filter, limit, cursor=None):
+        """One page of items matching ``filter`` (a :class:`dcrouter.queue.contract.QueueFilter`), newest
+        first by arrival in the queue: a Deferred firing with an ``ItemPage`` (up to ``limit`` items, 1 to
+        ``MAX_PAGE``, and ``next_cursor``: a string to pass as ``cursor`` for the next page, or None after
+        the last). Fails with ValueError for a bad limit or cursor (``contract.check_page``). Never holds
+        the reactor for the whole queue: the stores page in the database or in bounded script calls."""
+
+    def count_by_status():
+        """Deferred firing with a dict: status value (``"queued"``, ``"held"``, ...) → number of items, every
+        status present (0 when none)."""
+
     def get_item_count():
         """Deferred firing with the number of items not yet delivered, bounced or failed."""
 

@@ -70,6 +70,16 @@ class DiskQueueTests(TestCase):
         self.assertEqual(await again.get_item_count(), 2)
         self.assertEqual([i.id for i in await again.get_by_destination("a.example")], ["R1"])
 
+    async def test_held_survives_restart(self) -> None:
+        queue, _ = await self.open_queue()
+        await queue.enqueue(make_item("HOLD"), inline())
+        await queue.update("HOLD", status=QueueItemStatus.HELD)
+        await queue.save()
+        again, counts = await self.open_queue()
+        self.assertEqual((counts["live"], counts["claims_returned"]), (1, 0))
+        self.assertEqual((await again.get("HOLD")).status, QueueItemStatus.HELD)
+        self.assertEqual(await again.get_next(5), [])
+
     async def test_claims_in_flight_return_to_ready(self) -> None:
         queue, _ = await self.open_queue()
         await queue.enqueue(make_item("FIRST"), inline())

@@ -29,7 +29,9 @@ def _token_hash(value: str) -> str | None:
         return None
     if looks_like_password_hash(value):
         return "malformed scrypt hash; make a new one with 'dcrouter api-token NAME'"
-    return "not a token hash: 'scrypt$...' or 'sha256$<64 hex digits>' (make one with 'dcrouter api-token NAME')"
+    return (
+        "not a token hash: 'scrypt$...' or 'sha256$<64 hex digits>' (make one with 'dcrouter api-token NAME')"
+    )
 
 
 def _api_port(value: int) -> str | None:
@@ -102,9 +104,7 @@ class ApiToken:
 @dataclass(frozen=True)
 class ApiConfig:
     enabled: bool = option(False, doc="Serve the management API (docs/api.md).")
-    bind_address: str = option(
-        "127.0.0.1", doc="Address the API listens on (TCP).", check=values.ip_address
-    )
+    bind_address: str = option("127.0.0.1", doc="Address the API listens on (TCP).", check=values.ip_address)
     port: int = option(8025, doc="TCP port of the API (0: any free port).", check=_api_port)
     socket: str | None = option(
         None,

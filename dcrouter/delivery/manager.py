@@ -70,9 +70,10 @@ from dcrouter.delivery.route import Route
 from dcrouter.delivery.routing import RecipientRouter
 from dcrouter.delivery.slots import RouteSlots
 from dcrouter.delivery.transitions import Next
-from dcrouter.interfaces import ClaimLost, IDeliveryQueue, IDeliveryTransport
+from dcrouter.interfaces import ClaimLost, IDeliveryQueue, IDeliveryTransport, StatusMismatch
 from dcrouter.log import logger
-from dcrouter.queue.item import QueueItem, QueueItemStatus
+from dcrouter.queue.item import READY_STATUSES, QueueItem, QueueItemStatus
+from dcrouter.queue.operations import NotFound, WrongStatus
 
 log = logger(__name__)
 
@@ -142,6 +143,8 @@ class DeliveryManager(Service):
         #: Attempts that delivered nothing because every destination they needed was full.
         self._found_full: set[str] = set()
         self._paused = False
+        #: Route names paused one by one (pause_deliveries(destination)); their recipients are put back.
+        self._paused_routes: set[str] = set()
         self._claiming = False
         self._claim_again = False
         #: The periodic look, every checkInterval on the injected clock, while running.
@@ -215,13 +218,66 @@ class DeliveryManager(Service):
         if self._wake_call is None:
             self._wake_call = self._clock.callLater(0, self._claim_now)
 
-    def pause_deliveries(self) -> None:
-        """Claim nothing more; attempts in flight finish."""
-        self._paused = True
+    def pause_deliveries(self, destination: str | None = None) -> None:
+        """Claim nothing more; attempts in flight finish. With ``destination`` (a route name, as in a queue
+        item's ``destination``: ``domain:example.com``, ``mx:example.org``, ``rule:NAME``, ``default``):
+        only recipients routed there wait (put back, counting no retry); other mail goes on."""
+        if destination is None:
+            self._paused = True
+        else:
+            self._paused_routes.add(destination)
 
-    def resume_deliveries(self) -> None:
-        self._paused = False
+    def resume_deliveries(self, destination: str | None = None) -> None:
+        """Undo ``pause_deliveries`` (with ``destination``: that route's pause only)."""
+        if destination is None:
+            self._paused = False
+        else:
+            self._paused_routes.discard(destination)
         self.wake()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    @property
+    def paused_destinations(self) -> list[str]:
+        return sorted(self._paused_routes)
+
+    def in_flight_by_destination(self) -> dict[str, int]:
+        """Deliveries running now, per route name."""
+        return self._slots.in_use()
+
+    async def bounce_now(self, item_id: str, reason: str) -> QueueItem:
+        """Fail every pending recipient of ``item_id`` for good with ``reason`` and finish it as an attempt
+        would: a DSN to the sender (none for the null sender), status bounced (or failed). Applies to
+        queued, deferred and held messages (NotFound, WrongStatus otherwise), claiming it first like a
+        delivery so no attempt runs meanwhile."""
+        item: QueueItem | None = await self._queue.get(item_id)
+        if item is None:
+            raise NotFound(item_id)
+        wanted = "queued, deferred or held messages"
+        if item.status not in (*READY_STATUSES, QueueItemStatus.HELD):
+            raise WrongStatus(item, "bounce", wanted)
+        try:
+            claimed: QueueItem = await self._queue.update_if(
+                item_id, item.status, status=QueueItemStatus.DELIVERING
+            )
+        except StatusMismatch as mismatch:
+            raise WrongStatus(mismatch.item, "bounce", wanted) from None  # type: ignore[arg-type]
+        now = self._clock.seconds()
+        reply = f"550 5.0.0 Returned by the postmaster: {reason}"
+        outcomes = dict(claimed.outcomes)
+        for rcpt in claimed.pending_recipients():
+            outcomes[rcpt] = {
+                "outcome": Outcome.PERMANENT.value,
+                "reply": reply,
+                "target": "",
+                "at": now,
+                "route": "",
+            }
+        log.info("{queue_id} bounced by the postmaster: {reason}", queue_id=item_id, reason=reason)
+        claimed = await self._write(claimed, {"outcomes": outcomes, "last_error": reply})
+        return await self._finish(claimed, now)
 
     def get_delivery_stats(self) -> dict[str, int]:
         """Counters since start (see ``STAT_KEYS``) plus ``in_flight`` (attempts running now) and
@@ -340,6 +396,8 @@ class DeliveryManager(Service):
             groups, tried = [], True
             temporary = transitions.routing_failed(pending)
         for route, rcpts in groups:
+            if route.name in self._paused_routes:
+                continue  # paused by an operator: these recipients stay pending, the message is put back
             # Waiting is for a running manager: once stopping, a full destination's recipients go back.
             if not await self._slots.acquire(route.name, may_wait=bool(self.running)):
                 continue  # these recipients stay pending: the message is put back, using no retry

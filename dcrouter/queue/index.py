@@ -532,7 +532,9 @@ class QueueIndex:
         rows = self.reader().execute(f"SELECT item FROM items WHERE {where} ORDER BY created_at, seq", params)
         return [parse_item(r[0]) for r in rows]
 
-    def list_page(self, filter: QueueFilter, before: int | None, limit: int) -> tuple[list[QueueItem], int | None]:
+    def list_page(
+        self, filter: QueueFilter, before: int | None, limit: int
+    ) -> tuple[list[QueueItem], int | None]:
         """Up to ``limit`` items matching ``filter`` with ``seq`` below ``before``, newest first, and the seq
         of the last one when more may follow."""
         where: list[str] = ["1"]
@@ -551,13 +553,18 @@ class QueueIndex:
             params.append(filter.sender.lower())
         if filter.recipient is not None:
             where.append(
-                "EXISTS (SELECT 1 FROM json_each(item, '$.envelope.recipients') WHERE instr(lower(value), ?) > 0)"
+                "EXISTS (SELECT 1 FROM json_each(item, '$.envelope.recipients')"
+                " WHERE instr(lower(value), ?) > 0)"
             )
             params.append(filter.recipient.lower())
-        rows = self.reader().execute(
-            f"SELECT seq, item FROM items WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?",
-            (*params, limit + 1),
-        ).fetchall()
+        rows = (
+            self.reader()
+            .execute(
+                f"SELECT seq, item FROM items WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?",
+                (*params, limit + 1),
+            )
+            .fetchall()
+        )
         more = len(rows) > limit
         rows = rows[:limit]
         return [parse_item(r[1]) for r in rows], (rows[-1][0] if more else None)

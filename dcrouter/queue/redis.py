@@ -451,7 +451,9 @@ class RedisQueue(QueueLifecycle):
             (filter.recipient or "").lower(),
         )
         while True:
-            reply = await self._store.script(scripts.LIST, scan_from, limit + 1 - len(found), LIST_BUDGET, *args)
+            reply = await self._store.script(
+                scripts.LIST, scan_from, limit + 1 - len(found), LIST_BUDGET, *args
+            )
             for n in range(1, len(reply), 4):
                 raw_id, seq, text, raw_status = reply[n : n + 4]
                 found.append((int(seq), self._parse(raw_id.decode(), text, raw_status)))

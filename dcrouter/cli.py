@@ -4,7 +4,9 @@
 validates a configuration file as ``twistd dcrouter --config FILE --check`` does;
 ``dcrouter config-reference`` prints the reference of every key; ``dcrouter dkim-keygen`` writes a DKIM
 signing key and prints the DNS record to publish; ``dcrouter quarantine list|show|release|delete`` works on
-quarantined messages while the router runs (:mod:`dcrouter.quarantine`).
+quarantined messages while the router runs (:mod:`dcrouter.quarantine`); ``dcrouter api-token`` makes a
+management API token; ``dcrouter queue``, ``dcrouter delivery`` and ``dcrouter stats`` are clients of that API
+(:mod:`dcrouter.ctl`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ examples:
   dcrouter api-token ops --scope admin    prints a token and its [[apiConfig.tokens]] lines
   dcrouter quarantine list --config /etc/dcrouter/dcrouter.toml
   dcrouter quarantine release --config /etc/dcrouter/dcrouter.toml 1a2b3c4d5e6f
+  DCROUTER_TOKEN=... dcrouter queue list --config /etc/dcrouter/dcrouter.toml
+  DCROUTER_TOKEN=... dcrouter queue hold 1a2b3c4d5e6f
+  DCROUTER_TOKEN=... dcrouter delivery pause domain:example.com
+  DCROUTER_TOKEN=... dcrouter stats --json
 
 Run the router itself with: twistd -n dcrouter --config FILE
 """
@@ -264,6 +270,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     token.set_defaults(run=_api_token)
     _add_quarantine(commands)
+    from dcrouter import ctl
+
+    ctl.add_commands(commands)
     return parser
 
 

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
+import stat
 from typing import Any
 
 import treq
 from treq.testing import StubTreq
 from twisted.internet import reactor
 from twisted.internet.defer import succeed
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
@@ -118,6 +122,31 @@ class AccessTests(ApiTestBase):
         self.assertEqual((code, body["error"]["code"]), (403, "host_not_allowed"))
         code, _, _ = await self.call("GET", "/health", headers={"Host": "localhost:8025"})
         self.assertEqual(code, 200)
+
+    async def test_unix_socket(self) -> None:
+        path = os.path.abspath(self.mktemp())
+        os.makedirs(path)
+        sock_path = os.path.join(path, "api.sock")
+        await self.start(socket=sock_path)
+        self.assertEqual(stat.S_IMODE(os.stat(sock_path).st_mode), 0o600)
+
+        def ask() -> bytes:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(sock_path)
+                s.sendall(
+                    f"GET /api/v1/ready HTTP/1.0\r\nHost: localhost\r\nAuthorization: Bearer {READER}"
+                    "\r\n\r\n".encode()
+                )
+                chunks = []
+                while chunk := s.recv(65536):
+                    chunks.append(chunk)
+                return b"".join(chunks)
+
+        answer = await deferToThread(ask)
+        self.assertTrue(answer.startswith(b"HTTP/1.0 200"), answer)
+        self.assertTrue(answer.endswith(b'{"ready":true}\n'), answer)
+        await self.router.stopService()
+        self.assertFalse(os.path.exists(sock_path))
 
     async def test_no_cors_unless_configured(self) -> None:
         await self.start()

@@ -132,6 +132,8 @@ log = logger(__name__)
 
 #: Items one ``list_items`` script call looks at; a filter matching few items pages through several calls.
 LIST_BUDGET = 2000
+#: Script calls one page makes at most; a filter matching little returns a short page with a cursor beyond.
+LIST_CALLS = 10
 #: Items one script call removes, verifies or returns from expired leases; bounds how long Redis is busy.
 CHUNK = 500
 #: Due items one claim moves from ``wait`` to ``due`` (the rest follow in the next claims).
@@ -450,7 +452,7 @@ class RedisQueue(QueueLifecycle):
             (filter.sender or "").lower(),
             (filter.recipient or "").lower(),
         )
-        while True:
+        for _call in range(LIST_CALLS):
             reply = await self._store.script(
                 scripts.LIST, scan_from, limit + 1 - len(found), LIST_BUDGET, *args
             )
@@ -460,6 +462,9 @@ class RedisQueue(QueueLifecycle):
             if len(found) > limit or not reply[0]:
                 break
             scan_from = reply[0].decode()
+        else:
+            # Scanned LIST_CALLS * LIST_BUDGET items: a short page, and where to go on.
+            return ItemPage([item for _, item in found], scan_from)
         more = len(found) > limit
         found = found[:limit]
         return ItemPage([item for _, item in found], str(found[-1][0]) if more else None)

@@ -125,23 +125,22 @@ class Endpoint:
 def parse_query(request: Request, endpoint: Endpoint) -> dict[str, str]:
     """The query parameters, one value each; unknown or repeated names are a 400 naming them. Read from the
     URI itself: twisted.web's ``request.args`` also holds the fields of a form body."""
-    query_string = request.uri.partition(b"?")[2]
-    args: dict[bytes, list[bytes]] = parse_qs(query_string, keep_blank_values=True)
+    query_string = request.uri.partition(b"?")[2].decode("latin-1")
+    try:
+        args = parse_qs(query_string, keep_blank_values=True, encoding="utf-8", errors="strict")
+    except (UnicodeDecodeError, ValueError):
+        raise ApiError(400, "bad_parameter", "the query string is not UTF-8 once %-decoded") from None
     known = {f.name: f for f in endpoint.query}
-    unknown = sorted(k.decode("utf-8", "replace") for k in args if k.decode("utf-8", "replace") not in known)
+    unknown = sorted(name for name in args if name not in known)
     if unknown:
-        raise ApiError(400, "unknown_parameter", f"unknown query parameters: {', '.join(unknown)}")
+        shown = ", ".join(repr(n) if not n.isprintable() else n for n in unknown)
+        raise ApiError(400, "unknown_parameter", f"unknown query parameters: {shown}")
     query: dict[str, str] = {}
-    for raw, values in args.items():
-        name = raw.decode()
+    for name, values in args.items():
         if len(values) != 1:
             raise ApiError(400, "bad_parameter", f"{name}: given {len(values)} times")
-        try:
-            value = values[0].decode("utf-8")
-        except UnicodeDecodeError:
-            raise ApiError(400, "bad_parameter", f"{name}: not UTF-8") from None
-        check_value(known[name], value, where=name)
-        query[name] = value
+        check_value(known[name], values[0], where=name)
+        query[name] = values[0]
     return query
 
 

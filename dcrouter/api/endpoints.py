@@ -139,7 +139,8 @@ class Endpoints:
                 "/api/v1/delivery",
                 self.delivery_show,
                 "read",
-                "Whether delivery is paused (globally, per destination) and deliveries in flight.",
+                "Whether delivery is paused (globally, per destination), deliveries in flight, and the last "
+                "failure per destination.",
             ),
             E(
                 "POST",
@@ -335,6 +336,10 @@ class Endpoints:
             "pausedDestinations": delivery.paused_destinations,
             "inFlight": stats["in_flight"],
             "inFlightByDestination": delivery.in_flight_by_destination(),
+            "lastErrors": {
+                route: {"reply": reply, "at": iso_time(at)}
+                for route, (reply, at) in sorted(delivery.last_errors().items())
+            },
         }
 
     async def delivery_pause(self, call: Call) -> Any:

@@ -52,6 +52,7 @@ Log events use the namespace ``dcrouter.delivery`` and carry the message's ``que
 from __future__ import annotations
 
 import random as random_module
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -76,6 +77,9 @@ from dcrouter.queue.item import READY_STATUSES, QueueItem, QueueItemStatus
 from dcrouter.queue.operations import NotFound, WrongStatus
 
 log = logger(__name__)
+
+#: Routes whose last failure ``last_errors`` remembers (bounded: MX routes are one per recipient domain).
+LAST_ERRORS_KEPT = 500
 
 #: Seconds between purges of finished items (a purge is a queue write: not on every look).
 PURGE_INTERVAL = 60.0
@@ -143,6 +147,8 @@ class DeliveryManager(Service):
         #: Attempts that delivered nothing because every destination they needed was full.
         self._found_full: set[str] = set()
         self._paused = False
+        #: The last failure reply (temporary or permanent) and its time, per route name, most recent last.
+        self._last_errors: OrderedDict[str, tuple[str, float]] = OrderedDict()
         #: Route names paused one by one (pause_deliveries(destination)); their recipients are put back.
         self._paused_routes: set[str] = set()
         self._claiming = False
@@ -246,6 +252,10 @@ class DeliveryManager(Service):
     def in_flight_by_destination(self) -> dict[str, int]:
         """Deliveries running now, per route name."""
         return self._slots.in_use()
+
+    def last_errors(self) -> dict[str, tuple[str, float]]:
+        """The last failure reply and when it came, per route name (the LAST_ERRORS_KEPT most recent)."""
+        return dict(self._last_errors)
 
     async def bounce_now(self, item_id: str, reason: str) -> QueueItem:
         """Fail every pending recipient of ``item_id`` for good with ``reason`` and finish it as an attempt
@@ -435,11 +445,17 @@ class DeliveryManager(Service):
 
     async def _record(self, item: QueueItem, route: Route, report: DeliveryReport) -> QueueItem:
         """Write the group's final outcomes and its history entry; fires once durable."""
-        transition = transitions.record_group(item, route.name, report, self._clock.seconds())
+        now = self._clock.seconds()
+        transition = transitions.record_group(item, route.name, report, now)
         for r in report.results:
             if r.outcome is not Outcome.TEMPORARY:
                 key = "recipients_delivered" if r.outcome is Outcome.DELIVERED else "recipients_failed"
                 self._stats[key] += 1
+            if r.outcome is not Outcome.DELIVERED:
+                self._last_errors[route.name] = (r.reply, now)
+                self._last_errors.move_to_end(route.name)
+                while len(self._last_errors) > LAST_ERRORS_KEPT:
+                    self._last_errors.popitem(last=False)
             log.info(
                 "{queue_id} to {recipient} via {route}: {outcome} ({reply})",
                 queue_id=item.id,

@@ -175,7 +175,9 @@ class DcRouter(MultiService):
     verification; None when no domainConfigs entry asks for it), ``threadpool``,
     ``smtp`` (the SmtpService: listening ports and open sessions, for a graceful stop),
     ``smtp_ports`` (configured port → actual port, filled once bound; useful with port 0), ``challenges``
-    (the ACME HTTP-01 responder the proxy serves), ``acme`` (the AcmeService, None without ACME orders), and
+    (the ACME HTTP-01 responder the proxy serves), ``acme`` (the AcmeService, None without ACME orders),
+    ``api`` (the management API's ApiService, None unless ``apiConfig.enabled``; ``api.port`` is its bound
+    port and ``api.root`` its resource, where ``/metrics`` and ``/api/v1/events`` can be mounted), and
     ``certificates``: the router's one :class:`CertificateStore`, whose default is SMTP's certificate once
     bound; SMTP, the proxy and ACME all serve from it, so a certificate put there is offered by SNI to the
     next handshake on any of them.

@@ -16,7 +16,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.web.server import Site
 
 from dcrouter.api.endpoints import Endpoints
-from dcrouter.api.http import ApiError, ApiRequest, Call, Endpoint
+from dcrouter.api.http import ApiRequest, Call, Endpoint
 from dcrouter.api.openapi import document
 from dcrouter.api.root import ApiRoot
 from dcrouter.api.tokens import DeferToThread, TokenVerifier
@@ -114,5 +114,3 @@ class ApiService(Service):
         # A Unix port removes its socket file as it closes.
         return gatherResults([maybeDeferred(port.stopListening) for port in ports])
 
-
-__all__ = ["ApiError", "ApiService", "build_root", "build_site"]

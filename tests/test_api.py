@@ -269,6 +269,34 @@ class QueueEndpointTests(ApiTestBase):
         code, body, _ = await self.call("POST", "/api/v1/queue/H1/hold", token=READER)
         self.assertEqual(code, 403)
 
+    async def test_bulk_operations(self) -> None:
+        router = await self.start()
+        assert router.queue is not None
+        items = [make_item(f"K{n}", destination=f"domain:{'a' if n % 2 else 'b'}.example") for n in range(6)]
+        await self.enqueue(*items)
+        code, body, _ = await self.call("POST", "/api/v1/queue/hold", body={})
+        self.assertEqual((code, body["error"]["code"]), (400, "missing_filter"))
+        code, body, _ = await self.call(
+            "POST", "/api/v1/queue/hold", body={"destination": "domain:a.example", "dryRun": True}
+        )
+        self.assertEqual((code, body["matched"], body["done"]), (200, ["K5", "K3", "K1"], []))
+        self.assertEqual((await router.queue.get("K5")).status, QueueItemStatus.QUEUED)
+        code, body, _ = await self.call(
+            "POST", "/api/v1/queue/hold", body={"destination": "domain:a.example"}
+        )
+        self.assertEqual((body["done"], body["skipped"], body["truncated"]), (["K5", "K3", "K1"], [], False))
+        _, counts, _ = await self.call("GET", "/api/v1/stats")
+        self.assertEqual((counts["queue"]["held"], counts["queue"]["queued"]), (3, 3))
+        code, body, _ = await self.call("POST", "/api/v1/queue/release", body={"status": "held", "limit": 2})
+        self.assertEqual((body["done"], body["truncated"]), (["K5", "K3"], True))
+        code, body, _ = await self.call(
+            "POST", "/api/v1/queue/delete", body={"destination": "domain:b.example"}
+        )
+        self.assertEqual(body["done"], ["K4", "K2", "K0"])
+        self.assertIsNone(await router.queue.get("K0"))
+        code, body, _ = await self.call("POST", "/api/v1/queue/retry", body={"status": "held"}, token=READER)
+        self.assertEqual(code, 403)
+
     async def test_bounce(self) -> None:
         router = await self.start()
         assert router.queue is not None

@@ -4,6 +4,7 @@ manager, never a backend's insides; see docs/api.md for each one's contract."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from dcrouter import log as dclog
@@ -30,6 +31,25 @@ _DESTINATION = Field(
 )
 _ID = {400: "bad id", 404: "no such message"}
 _WRITE = {**_ID, 409: "the message is not in a status this applies to"}
+
+
+#: Most messages one bulk request acts on (the rest: ask again).
+BULK_LIMIT = 10_000
+
+_BULK_APPLIES = {
+    "retry": "queued or deferred",
+    "hold": "queued or deferred",
+    "release": "held",
+    "delete": "any status but delivering",
+}
+_BULK_BODY = (
+    Field("status", "string", "Only messages in this status.", enum=_STATUSES),
+    _DESTINATION,
+    Field("sender", "string", "Case-insensitive part of the envelope sender."),
+    Field("recipient", "string", "Case-insensitive part of any envelope recipient."),
+    Field("dryRun", "boolean", "Change nothing; answer which messages would be affected."),
+    Field("limit", "integer", f"Act on at most this many (default and most: {BULK_LIMIT})."),
+)
 
 
 class Endpoints:
@@ -125,6 +145,19 @@ class Endpoints:
                 "Fail every pending recipient now with a reason and send the sender a bounce.",
                 body=(Field("reason", "string", "Said in the bounce (default: no reason given)."),),
                 responses=_WRITE,
+            ),
+            *(
+                E(
+                    "POST",
+                    f"/api/v1/queue/{name}",
+                    partial(self.queue_bulk, name),
+                    "admin",
+                    f"{name.capitalize()} every message a filter matches ({_BULK_APPLIES[name]}); with "
+                    "`dryRun`, only say which.",
+                    body=_BULK_BODY,
+                    responses={400: "no filter, or a bad one"},
+                )
+                for name in ("retry", "hold", "release", "delete")
             ),
             E(
                 "DELETE",
@@ -320,6 +353,66 @@ class Endpoints:
     async def queue_delete(self, call: Call) -> Any:
         queue = self._queue()
         return await self._operate(call, "delete (no bounce)", lambda i: operations.delete(queue, i))
+
+    async def queue_bulk(self, name: str, call: Call) -> Any:
+        """One operation on every message matching a filter, newest first, up to ``limit``."""
+        body = call.body
+        criteria = {k: body[k] for k in ("status", "destination", "sender", "recipient") if k in body}
+        if not criteria:
+            raise ApiError(
+                400,
+                "missing_filter",
+                "give a filter (status, destination, sender or recipient); a bulk operation never applies to "
+                "the whole queue by default",
+            )
+        limit = body.get("limit", BULK_LIMIT)
+        if not 1 <= limit <= BULK_LIMIT:
+            raise ApiError(400, "bad_field", f"limit: 1 to {BULK_LIMIT}, got {limit}")
+        queue, now = self._queue(), self.view.clock.seconds()
+        run = {
+            "retry": lambda i: operations.retry(queue, i, now),
+            "hold": lambda i: operations.hold(queue, i),
+            "release": lambda i: operations.release(queue, i),
+            "delete": lambda i: operations.delete(queue, i),
+        }[name]
+        applies = operations.APPLIES[name]
+        status = criteria.get("status")
+        wanted = QueueFilter(
+            QueueItemStatus(status) if status else None,
+            criteria.get("destination"),
+            criteria.get("sender"),
+            criteria.get("recipient"),
+        )
+        matched: list[str] = []
+        cursor: str | None = None
+        while len(matched) < limit:
+            page = await queue.list_items(wanted, MAX_PAGE, cursor)
+            matched += [i.id for i in page.items if applies(i.status)]
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        truncated = len(matched) > limit or cursor is not None
+        matched = matched[:limit]
+        if body.get("dryRun"):
+            return {"dryRun": True, "matched": matched, "done": [], "skipped": [], "truncated": truncated}
+        done, skipped = [], []
+        for item_id in matched:
+            try:
+                await run(item_id)
+            except (operations.NotFound, operations.WrongStatus) as e:
+                skipped.append({"id": item_id, "reason": str(e)})  # changed since it was listed
+            else:
+                done.append(item_id)
+        log.info(
+            "{operation} of {count} messages by API token {token} (filter {criteria})",
+            operation=name,
+            count=len(done),
+            token=self._who(call),
+            criteria=criteria,
+        )
+        if name in ("retry", "release") and self.view.delivery is not None:
+            self.view.delivery.wake()
+        return {"dryRun": False, "matched": matched, "done": done, "skipped": skipped, "truncated": truncated}
 
     async def queue_bounce(self, call: Call) -> Any:
         delivery = self._delivery()

@@ -22,6 +22,14 @@ from dcrouter.queue.item import READY_STATUSES, QueueItem, QueueItemStatus
 
 HELD = QueueItemStatus.HELD
 
+#: Per operation: whether it applies to a message in a status (for listing what a bulk operation would do).
+APPLIES = {
+    "hold": lambda status: status in READY_STATUSES,
+    "release": lambda status: status is HELD,
+    "retry": lambda status: status in READY_STATUSES,
+    "delete": lambda status: status is not QueueItemStatus.DELIVERING,
+}
+
 
 class NotFound(LookupError):
     """No message of that id in the queue."""

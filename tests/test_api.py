@@ -245,6 +245,9 @@ class QueueEndpointTests(ApiTestBase):
         self.assertEqual((code, body["error"]["code"]), (404, "not_found"))
         code, body, _ = await self.call("GET", "/api/v1/queue/NOPE/message")
         self.assertEqual(code, 404)
+        await self.enqueue(make_item("S2", status=QueueItemStatus.DELIVERING))
+        code, body, _ = await self.call("GET", "/api/v1/queue/S2/message")
+        self.assertEqual((code, body["error"]["code"]), (409, "wrong_status"))
 
     async def test_hold_release_retry_delete(self) -> None:
         router = await self.start()

@@ -326,6 +326,12 @@ class Endpoints:
         item = await queue.get(item_id)
         if item is None:
             raise ApiError(404, "not_found", f"no message {item_id} in the queue")
+        if item.status is QueueItemStatus.DELIVERING:
+            # For the queue, opening a claimed item's body is where its delivery starts (the Redis queue lets
+            # go of a claim whose lease it cannot vouch for there): never do that beside a delivery.
+            raise ApiError(
+                409, "wrong_status", f"message {item_id} is being delivered; try again in a moment"
+            )
         try:
             stream = await queue.open_body(item_id)
         except KeyError:

@@ -157,6 +157,8 @@ class AccessTests(ApiTestBase):
         await self.start()
         code, body, _ = await self.call("GET", "/api/v1/nothing")
         self.assertEqual((code, body["error"]["code"]), (404, "not_found"))
+        code, body, _ = await self.call("GET", "/api/v1/nothing", token=None)
+        self.assertEqual(code, 401)  # what exists is told only to callers with a token
         code, body, headers = await self.call("DELETE", "/api/v1/stats")
         self.assertEqual((code, body["error"]["code"]), (405, "method_not_allowed"))
         self.assertEqual(headers.getRawHeaders("allow"), ["GET"])

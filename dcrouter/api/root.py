@@ -106,7 +106,12 @@ class ApiRoot(Resource):
                     request.write(body)
                     request.finish()
                 return
-            endpoint, params = self._route(method, path)
+            try:
+                endpoint, params = self._route(method, path)
+            except ApiError:
+                # What exists is told only to callers with a token.
+                await self._authenticate(request, "read")
+                raise
             token = None if endpoint.scope == "public" else await self._authenticate(request, endpoint.scope)
             if isinstance(request, ApiRequest) and request.too_large:
                 raise ApiError(413, "too_large", "the request body is over 1 MiB")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import stat
 from typing import Any
@@ -28,7 +29,7 @@ from dcrouter.config.api import ApiConfig, ApiToken
 from dcrouter.log import level_for, set_level
 from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.queue.item import QueueItemStatus
-from tests.integration import free_ports
+from tests.integration import CHECKOUT, free_ports
 from tests.test_queue_contract import make_item
 
 ADMIN, READER = "admin-token-for-tests", "read-token-for-tests"
@@ -436,6 +437,19 @@ class InMemoryTests(TestCase):
         self.assertEqual((await client.get("http://localhost/metrics")).code, 401)
         response = await client.get("http://localhost/metrics", headers={"Authorization": "Bearer t"})
         self.assertEqual(await response.content(), b"metric 1\n")
+
+    def test_every_endpoint_has_a_curl_line_in_the_docs(self) -> None:
+        root, _ = self.root([])
+        with open(os.path.join(CHECKOUT, "docs", "api.md"), encoding="utf-8") as f:
+            curl_lines = [line for line in f if line.startswith("curl ")]
+        missing = []
+        for endpoint in root.endpoints:
+            path = re.escape(endpoint.path).replace(r"\{id\}", "[A-Za-z0-9_-]+")
+            method = "" if endpoint.method == "GET" else f"-X {endpoint.method} "
+            pattern = re.compile(re.escape(method) + r".*\$A" + path + r"([?\" ]|$)")
+            if not any(pattern.search(line.rstrip()) for line in curl_lines):
+                missing.append(f"{endpoint.method} {endpoint.path}")
+        self.assertEqual(missing, [])
 
     def test_document_is_openapi_3_1(self) -> None:
         root, _ = self.root([])

@@ -135,6 +135,17 @@ class ListingTests(RedisQueueTestBase):
         everything = await queue.list_items(QueueFilter(), 4)
         self.assertEqual([i.id for i in everything.items], ["L9", "L8", "L7", "L6"])
 
+    async def test_held_survives_restart(self) -> None:
+        queue, _ = await self.open_queue()
+        await queue.enqueue(make_item("HOLD", next_attempt_at=0.0), inline())
+        await queue.update_if("HOLD", QueueItemStatus.QUEUED, status=QueueItemStatus.HELD)
+        await queue.save()
+        again, counts = await self.open_queue()
+        self.assertEqual((counts["live"], counts["damaged"]), (1, 0))
+        self.assertEqual((await again.get("HOLD")).status, QueueItemStatus.HELD)
+        self.assertEqual(await again.get_next(5), [])
+        self.assertEqual((await again.count_by_status())["held"], 1)
+
     async def test_a_page_stops_at_its_budget(self) -> None:
         self.patch(redis_module, "LIST_BUDGET", 2)
         self.patch(redis_module, "LIST_CALLS", 2)

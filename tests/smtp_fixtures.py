@@ -27,7 +27,8 @@ from dcrouter.config.smtp import SmtpConfig
 from dcrouter.interfaces import IDeliveryQueue
 from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.processing.processor import EmailProcessor
-from dcrouter.queue.item import QueueItem
+from dcrouter.queue.contract import ItemPage
+from dcrouter.queue.item import QueueItem, QueueItemStatus
 from dcrouter.smtp.auth import Authenticator, MailUserRealm
 from dcrouter.smtp.policy import SessionPolicy
 from dcrouter.smtp.protocol import ESMTPServerFactory, ESMTPServerProtocol
@@ -125,6 +126,12 @@ class ControlledQueue:
 
     def status_summary(self) -> Deferred[dict[str, tuple[int, float | None]]]:
         return succeed({"queued": (len(self.items), None)} if self.items else {})
+
+    def list_items(self, filter: Any, limit: int, cursor: str | None = None) -> Deferred[Any]:
+        return succeed(ItemPage(list(reversed(self.items))[:limit], None))
+
+    def count_by_status(self) -> Deferred[dict[str, int]]:
+        return succeed({status.value: 0 for status in QueueItemStatus})
 
     def purge_expired(self, max_age: float) -> Deferred[int]:
         return succeed(0)

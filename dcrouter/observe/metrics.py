@@ -36,6 +36,8 @@ from zope.interface import implementer
 
 from dcrouter.events import Event, EventBus, IEventSink
 from dcrouter.log import logger
+from dcrouter.queue.contract import is_live
+from dcrouter.queue.item import QueueItemStatus
 
 log = logger(__name__)
 
@@ -320,7 +322,7 @@ class QueueCollector(Collector):
     """``dcrouter_queue_items{status}`` and ``dcrouter_queue_oldest_age_seconds`` from the last reading of
     the queue's status summary (see the module docstring: a scrape never waits for the queue)."""
 
-    LIVE = ("queued", "deferred", "delivering", "quarantined")
+    LIVE = frozenset(s.value for s in QueueItemStatus if is_live(s))
 
     def __init__(self, summary: Callable[[], Deferred[Any]], clock_seconds: Callable[[], float]) -> None:
         self._summary = summary
@@ -359,7 +361,7 @@ class QueueCollector(Collector):
             "dcrouter_queue_oldest_age_seconds", "Age of the oldest item not yet finished (0: none)"
         )
         last = self._last or {}
-        for status in ("queued", "deferred", "delivering", "quarantined", "delivered", "bounced", "failed"):
+        for status in (s.value for s in QueueItemStatus):
             items.add_metric([status], last.get(status, (0, None))[0])
         oldest = [t for s, (n, t) in last.items() if s in self.LIVE and n and t is not None]
         age.add_metric([], max(0.0, self._now() - min(oldest)) if oldest else 0.0)

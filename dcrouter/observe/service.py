@@ -29,7 +29,7 @@ from dcrouter.events import Event, EventBus, IEventSink
 from dcrouter.log import logger
 from dcrouter.net.listen import ListenError, format_address
 from dcrouter.net.reactor import IRouterReactor
-from dcrouter.observe.metrics import MetricsResource, RouterMetrics
+from dcrouter.observe.metrics import MetricsResource, QueueCollector, RouterMetrics
 from dcrouter.observe.stream import EventStreamResource
 from dcrouter.observe.webhooks import WebhookSink, treq_post
 
@@ -63,7 +63,7 @@ class PerformanceReporter:
     ``message.processed`` to count them; nothing is read when nobody subscribes to the reports."""
 
     name = "performance"
-    LIVE = ("queued", "deferred", "delivering", "quarantined")
+    LIVE = QueueCollector.LIVE
 
     def __init__(
         self,

@@ -62,7 +62,7 @@ from dcrouter.net.listen import ListenError
 from dcrouter.net.reactor import IRouterReactor
 from dcrouter.net.targets import TargetHealth
 from dcrouter.net.tls import TlsPolicy
-from dcrouter.observe.metrics import RouterMetrics
+from dcrouter.observe.metrics import MetricsResource, RouterMetrics
 from dcrouter.observe.service import ObserveService
 from dcrouter.processing.build import build_chain
 from dcrouter.processing.processor import EmailProcessor
@@ -312,6 +312,10 @@ class DcRouter(MultiService):
             view,
             defer_to_thread=lambda work: deferToThreadPool(reactor, threadpool, work),
         )
+        # Behind the API's Host check and a read token; the stream is the observe service's, so its clients
+        # are counted (maxClients) and ended with it.
+        root.mount("/metrics", MetricsResource(self.metrics), scope="read")
+        root.mount("/api/v1/events", self.observe.stream, scope="read")
         return ApiService(self.options.api_config, root, reactor=reactor)
 
     def _verification_resolver(self, config: SmtpConfig) -> Any:

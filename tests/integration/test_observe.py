@@ -260,3 +260,68 @@ def _connect_and_quit(port: int) -> None:
 
     with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=WAIT) as smtp:
         smtp.noop()
+
+
+class ApiMountTests(TestCase):
+    """`/metrics` and `/api/v1/events` on the management API, behind its tokens."""
+
+    timeout = 60
+
+    def test_metrics_and_stream_need_a_token(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._go())
+
+    async def _go(self) -> None:
+        token = "observe-test-token"
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        (smtp_port,) = free_ports(1)
+        router = DcRouter(
+            {
+                "smtpConfig": {
+                    "ports": [smtp_port],
+                    "bindAddress": "127.0.0.1",
+                    "hostname": "mx.test",
+                    "implicitTlsPorts": [],
+                    "submissionPorts": [],
+                    "queueStorage": "memory",
+                },
+                "apiConfig": {
+                    "enabled": True,
+                    "port": 0,
+                    "tokens": [
+                        {
+                            "name": "viewer",
+                            "tokenHash": "sha256$" + hashlib.sha256(token.encode()).hexdigest(),
+                            "scope": "read",
+                        }
+                    ],
+                },
+            },
+            reactor=reactor,
+        )
+        assert router.api is not None
+        router.privilegedStartService()
+        router.startService()
+        self.addCleanup(router.stopService)
+        await router.when_ready().addTimeout(WAIT, reactor)
+        base = f"http://127.0.0.1:{router.api.port}"
+        bearer = {"Authorization": [f"Bearer {token}"]}
+
+        anonymous = await treq.get(f"{base}/metrics", reactor=reactor, persistent=False)
+        self.assertEqual(anonymous.code, 401)
+        await anonymous.content()
+
+        stream = await treq.get(
+            f"{base}/api/v1/events?types=connection.*", headers=bearer, reactor=reactor, persistent=False
+        )
+        self.assertEqual(stream.code, 200)
+        streamed: list[bytes] = []
+        treq.collect(stream, streamed.append).addErrback(lambda _: None)
+        await deferToThread(_connect_and_quit, smtp_port)
+        await until(lambda: b"event: connection.disconnect" in b"".join(streamed), "the streamed disconnect")
+
+        response = await treq.get(f"{base}/metrics", headers=bearer, reactor=reactor, persistent=False)
+        self.assertEqual(response.code, 200)
+        found = samples((await response.content()).decode("utf-8"))
+        port = str(smtp_port)
+        self.assertEqual(found[("dcrouter_smtp_connections_total", (("port", port), ("tls", "no")))], 1.0)

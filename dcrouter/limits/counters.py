@@ -1,0 +1,245 @@
+"""Where the limiter's state lives: :class:`LocalCounters` (this process), :class:`RedisCounters` (shared by
+every process on one Redis, one Lua script per check) and :class:`SharedCounters` (Redis, falling back to
+local counting while Redis cannot answer).
+
+A store takes a batch of :class:`Step` and applies it as one atomic step: every step that is not ``force``
+must be allowed, otherwise nothing is counted except the ``force`` steps, and the answer names the first
+refusing step. That is what lets one message be checked against several limits (per IP, per sender, per
+recipient domain) without a refusal by one of them being counted by the others.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+
+from dcrouter.limits.gcra import Rate, decide
+from dcrouter.log import logger
+
+log = logger(__name__)
+
+#: Keys a local store holds at most, by default (about 100 bytes each).
+DEFAULT_MAX_KEYS = 100_000
+#: Expired keys dropped from the cold end of the store per step, so idle keys go without a sweep timer.
+_EXPIRE_PER_STEP = 4
+
+
+@dataclass(frozen=True)
+class Step:
+    """One key's share of a check: ``cost`` events at ``rate``; ``force`` counts it whatever the outcome."""
+
+    key: str
+    rate: Rate
+    cost: int = 1
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """``refused``: the index of the first step over its limit, or None when all were within (and counted).
+    ``retry_after``: seconds until that step would be allowed. ``usage``: per step, the share of its burst
+    in use afterwards (what alerts look at)."""
+
+    refused: int | None
+    retry_after: float
+    usage: tuple[float, ...]
+
+    @property
+    def allowed(self) -> bool:
+        return self.refused is None
+
+
+class LocalCounters:
+    """Counters in this process: a dict from key to TAT, in least-recently-used order, bounded.
+
+    Memory is bounded two ways: a key whose TAT has passed holds nothing and is dropped as the store is
+    used (a few from the cold end per step, no timer), and at most ``max_keys`` are held. When a new key
+    would pass the cap, the least recently used key is evicted (after the expired ones): under a flood of
+    new source addresses the state of the addresses seen least recently is what is lost, and losing it
+    only makes that key start fresh (the limit forgets, it never refuses wrongly). Prefix keys (/24, /64)
+    are what still holds an attacker who rotates addresses inside a network. ``evictions`` counts keys
+    evicted while still holding state, for a metric.
+    """
+
+    def __init__(self, clock: IReactorTime, max_keys: int = DEFAULT_MAX_KEYS) -> None:
+        if max_keys < 1:
+            raise ValueError(f"max_keys must be positive: {max_keys}")
+        self._clock = clock
+        self.max_keys = max_keys
+        self._tats: OrderedDict[str, float] = OrderedDict()
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._tats)
+
+    def tat(self, key: str) -> float | None:
+        """The stored TAT of ``key`` (tests and the fallback's hand-over), or None."""
+        return self._tats.get(key)
+
+    def apply(self, steps: Sequence[Step]) -> Outcome:
+        """Apply ``steps`` as one atomic step (see the module docstring); synchronous."""
+        now = self._clock.seconds()
+        self._expire(now)
+        decisions = [decide(s.rate, self._tats.get(s.key), now, s.cost, force=s.force) for s in steps]
+        over = [not s.force and not d.allowed for s, d in zip(steps, decisions, strict=True)]
+        refused = over.index(True) if True in over else None
+        usage = []
+        for step, decision in zip(steps, decisions, strict=True):
+            if refused is None or step.force:
+                self._store(step.key, decision.tat, now)
+                usage.append(decision.usage)
+            else:
+                tat = self._tats.get(step.key)
+                usage.append(decide(step.rate, tat, now, 0).usage)
+        retry = decisions[refused].retry_after if refused is not None else 0.0
+        return Outcome(refused, retry, tuple(usage))
+
+    def _store(self, key: str, tat: float, now: float) -> None:
+        tats = self._tats
+        if key in tats:
+            tats.move_to_end(key)
+        elif len(tats) >= self.max_keys:
+            self._expire(now, limit=None)
+            if len(tats) >= self.max_keys:
+                _, oldest = tats.popitem(last=False)
+                if oldest > now:
+                    self.evictions += 1
+        tats[key] = tat
+
+    def _expire(self, now: float, limit: int | None = _EXPIRE_PER_STEP) -> None:
+        """Drop keys whose TAT has passed from the cold end: ``limit`` of them at most, or all when None
+        (only when the cap is reached, so a full sweep is paid once per cap's worth of new keys at most)."""
+        tats = self._tats
+        if limit is None:
+            for key in [k for k, tat in tats.items() if tat <= now]:
+                del tats[key]
+            return
+        for _ in range(limit):
+            if not tats:
+                return
+            key, tat = next(iter(tats.items()))
+            if tat > now:
+                return
+            del tats[key]
+
+
+#: The check-and-count of :meth:`LocalCounters.apply`, in Redis: KEYS are the steps' keys; ARGV holds, per
+#: step, interval, capacity, cost and force (1/0), all in milliseconds and counts. Time is Redis's own (TIME),
+#: so processes on several hosts agree whatever their clocks. Each key expires when its TAT passes.
+#: Returns {refused index (0 = none, else 1-based), retry after ms, usage per step in millionths}.
+GCRA_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local n = #KEYS
+local tats, news, refused, retry = {}, {}, 0, 0
+for i = 1, n do
+  local interval = tonumber(ARGV[4 * i - 3])
+  local capacity = tonumber(ARGV[4 * i - 2])
+  local cost = tonumber(ARGV[4 * i - 1])
+  local force = ARGV[4 * i] == '1'
+  local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if tat < now then tat = now end
+  tats[i] = tat
+  local new = tat + cost * interval
+  news[i] = new
+  local allowed
+  if cost > 0 then allowed = (new - now) <= capacity else allowed = (tat - now) < capacity end
+  if not allowed and not force and refused == 0 then
+    refused = i
+    retry = math.max(new - now - capacity, 0)
+  end
+end
+local usage = {}
+for i = 1, n do
+  local capacity = tonumber(ARGV[4 * i - 2])
+  local force = ARGV[4 * i] == '1'
+  local tat = tats[i]
+  if refused == 0 or force then
+    tat = news[i]
+    redis.call('SET', KEYS[i], string.format('%.3f', tat), 'PX', math.max(math.ceil(tat - now), 1))
+  end
+  usage[i] = math.floor(math.min(1, math.max(0, (tat - now) / capacity)) * 1000000)
+end
+return {refused, math.floor(retry), unpack(usage)}
+"""
+
+
+class RedisCounters:
+    """Counters in Redis, applied by :data:`GCRA_SCRIPT` in one atomic step.
+
+    ``call(method, *args)`` is a Redis client's call returning a Deferred (dcrouter's router passes the
+    queue's :class:`~dcrouter.queue.redis_connection.RedisConnection` ``call``, so this package needs no
+    Redis client of its own); it must fail, not hang, when Redis cannot answer. ``prefix`` namespaces the
+    keys (several gateways on one Redis).
+    """
+
+    def __init__(self, call: Callable[..., Deferred[Any]], prefix: str = "dcrouter:limit:") -> None:
+        self._call = call
+        self._prefix = prefix
+
+    def apply(self, steps: Sequence[Step]) -> Deferred[Outcome]:
+        keys = [self._prefix + s.key for s in steps]
+        args: list[str] = []
+        for s in steps:
+            args += [
+                repr(s.rate.interval * 1000),
+                repr(s.rate.capacity * 1000),
+                str(s.cost),
+                "1" if s.force else "0",
+            ]
+        d = self._call("eval", GCRA_SCRIPT, keys, args)
+        return d.addCallback(_outcome)
+
+
+def _outcome(reply: Any) -> Outcome:
+    refused, retry, *usage = (int(x) for x in reply)
+    return Outcome(refused - 1 if refused else None, retry / 1000.0, tuple(u / 1e6 for u in usage))
+
+
+class SharedCounters:
+    """:class:`RedisCounters`, or :class:`LocalCounters` while Redis cannot answer.
+
+    Mail is never refused because the limiter's store is down: a failed Redis call is answered by the local
+    counters (this process's share of the traffic only, so a limit is looser during an outage, never
+    stricter). The switch is logged once each way, not once per call. Redis is tried again on every check,
+    so counting returns to Redis as soon as it answers.
+    """
+
+    def __init__(self, redis: RedisCounters, local: LocalCounters) -> None:
+        self.redis = redis
+        self.local = local
+        self.degraded = False
+
+    def apply(self, steps: Sequence[Step]) -> Deferred[Outcome]:
+        d = self.redis.apply(steps)
+        d.addCallbacks(self._answered, self._failed, errbackArgs=(steps,))
+        return d
+
+    def _answered(self, outcome: Outcome) -> Outcome:
+        if self.degraded:
+            self.degraded = False
+            log.info("Rate limits are counted in Redis again")
+        return outcome
+
+    def _failed(self, failure: Any, steps: Sequence[Step]) -> Outcome:
+        if not self.degraded:
+            self.degraded = True
+            log.warn(
+                "Rate limits cannot reach Redis ({error}): counting in this process until it answers",
+                error=failure.getErrorMessage(),
+            )
+        return self.local.apply(steps)
+
+
+def applied(
+    store: LocalCounters | RedisCounters | SharedCounters, steps: Sequence[Step]
+) -> Outcome | Deferred[Outcome]:
+    """``store.apply(steps)``; an empty batch is allowed at once without asking the store."""
+    if not steps:
+        return Outcome(None, 0.0, ())
+    return store.apply(steps)

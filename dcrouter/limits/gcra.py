@@ -1,0 +1,78 @@
+"""The generic cell rate algorithm (GCRA, ATM's virtual scheduling form), one number per key.
+
+A :class:`Rate` of ``count`` per ``window`` seconds with a ``burst`` spaces events
+``interval = window / count`` apart and lets ``burst`` of them through at once when the key is idle.
+The state of a key is its *theoretical arrival time* (TAT): when the key would be idle again. An event
+costing ``cost`` is allowed when ``TAT + cost * interval - now <= burst * interval``; allowing it moves
+TAT to ``max(TAT, now) + cost * interval``. A key whose TAT is in the past holds nothing (it is
+indistinguishable from a key never seen), which is why idle keys can be forgotten and why a store sets
+their expiry to TAT.
+
+What a caller may rely on: from idle, exactly ``burst`` events of cost 1 are allowed at one instant; after
+that one per ``interval``; over any span of ``t`` seconds at most ``burst + t / interval`` are allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: The shortest and longest windows a rate may have (one second, one day).
+MIN_WINDOW = 1.0
+MAX_WINDOW = 86_400.0
+
+
+@dataclass(frozen=True)
+class Rate:
+    """``count`` events per ``window`` seconds, up to ``burst`` at once (default: ``count``)."""
+
+    count: int
+    window: float
+    burst: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ValueError(f"a rate needs a positive count: {self.count}")
+        if not MIN_WINDOW <= self.window <= MAX_WINDOW:
+            raise ValueError(f"a rate's window is 1 s to 1 day: {self.window}")
+        if self.burst is not None and self.burst < 1:
+            raise ValueError(f"a rate's burst is at least 1: {self.burst}")
+
+    @property
+    def interval(self) -> float:
+        """Seconds between two events at the sustained rate."""
+        return self.window / self.count
+
+    @property
+    def capacity(self) -> float:
+        """Seconds of debt a key may hold: ``burst * interval``."""
+        return (self.burst if self.burst is not None else self.count) * self.interval
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome for one key: ``allowed``; ``tat`` to store (unchanged when refused); ``retry_after``
+    seconds until an event of the same cost would be allowed (0 when allowed); ``usage``, the share of the
+    burst in use after the decision (0.0 idle, 1.0 full)."""
+
+    allowed: bool
+    tat: float
+    retry_after: float
+    usage: float
+
+
+def decide(rate: Rate, tat: float | None, now: float, cost: int = 1, *, force: bool = False) -> Decision:
+    """Decide an event of ``cost`` against a key whose stored TAT is ``tat`` (None: never seen).
+
+    ``force`` counts the event even when it is over the limit (what was already done, such as bytes
+    received or a failed AUTH); the decision still says whether it was within. ``cost`` 0 only asks
+    whether the key is over its limit now.
+    """
+    base = now if tat is None or tat < now else tat
+    new_tat = base + cost * rate.interval
+    debt = new_tat - now
+    capacity = rate.capacity
+    allowed = debt <= capacity + 1e-9 if cost else base - now < capacity - 1e-9
+    if allowed or force:
+        usage = min(1.0, max(0.0, debt / capacity))
+        return Decision(allowed, new_tat, 0.0 if allowed else debt - capacity, usage)
+    return Decision(False, base, max(debt - capacity, 0.0), min(1.0, (base - now) / capacity))

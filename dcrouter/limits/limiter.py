@@ -1,0 +1,93 @@
+"""The check-and-count every user of the engine goes through: :class:`Limiter`.
+
+A :class:`Limit` is a named rate with an action; a :class:`Charge` is one event (or ``cost`` of them) of
+one key against one limit. :meth:`Limiter.check` applies a batch of charges as one atomic step in the store
+(all within: all counted; one over: nothing counted but the forced ones) and answers with a :class:`Verdict`
+naming the limit that refused, so the caller can say which limit in its reply without ever showing the key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+
+from dcrouter.limits.alerts import Alerts
+from dcrouter.limits.counters import LocalCounters, Outcome, RedisCounters, SharedCounters, Step, applied
+from dcrouter.limits.gcra import Rate
+
+#: What happens when a limit is over: a temporary refusal now (the default), the command held back by the
+#: tarpit delay and then let through, or a permanent refusal (``550 5.7.1``, for hard quotas).
+Action = Literal["defer", "tarpit", "reject"]
+
+Store = LocalCounters | RedisCounters | SharedCounters
+
+
+@dataclass(frozen=True)
+class Limit:
+    """``name`` is unique among the limiter's limits and part of every counter key (``anonymous.messages.0``);
+    ``label`` says in replies and alerts which limit this is (``messages per client address: 100 per
+    minute``)."""
+
+    name: str
+    label: str
+    rate: Rate
+    action: Action = "defer"
+
+
+@dataclass(frozen=True)
+class Charge:
+    """``cost`` events of ``key`` (an IP, a prefix, an address, a user) against ``limit``; ``force`` counts
+    them even when over (what has already happened: bytes received, a failed AUTH)."""
+
+    limit: Limit
+    key: str
+    cost: int = 1
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """``refused``: the limit that refused (None: all within, all counted); ``retry_after`` seconds."""
+
+    refused: Limit | None
+    retry_after: float = 0.0
+
+
+ALLOWED = Verdict(None)
+
+
+class Limiter:
+    """Checks and counts :class:`Charge` batches in ``store``, raising alerts through ``alerts``."""
+
+    def __init__(self, store: Store, clock: IReactorTime, alerts: Alerts | None = None) -> None:
+        self.store = store
+        self.clock = clock
+        self.alerts = alerts if alerts is not None else Alerts()
+
+    def check(self, charges: Sequence[Charge]) -> Verdict | Deferred[Verdict]:
+        """Check and count ``charges`` in one atomic step. Synchronous with the local store; a Deferred
+        (that never fails: the shared store falls back to local counting) with Redis."""
+        if not charges:
+            return ALLOWED
+        steps = [Step(f"{c.limit.name}|{c.key}", c.limit.rate, c.cost, c.force) for c in charges]
+        outcome = applied(self.store, steps)
+        if isinstance(outcome, Deferred):
+            return outcome.addCallback(self._verdict, charges)
+        return self._verdict(outcome, charges)
+
+    def _verdict(self, outcome: Outcome, charges: Sequence[Charge]) -> Verdict:
+        now = self.clock.seconds()
+        alerts = self.alerts
+        for index, (charge, usage) in enumerate(zip(charges, outcome.usage, strict=True)):
+            limit = charge.limit
+            if index == outcome.refused:
+                alerts.refused(limit.label, charge.key, limit.rate.window, now)
+            elif outcome.refused is None or charge.force:
+                alerts.used(limit.label, charge.key, limit.rate.window, usage, now)
+        if outcome.refused is None:
+            return ALLOWED
+        return Verdict(charges[outcome.refused].limit, outcome.retry_after)

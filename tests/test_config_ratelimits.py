@@ -1,5 +1,5 @@
-"""``smtpConfig.rateLimits`` and the domainConfigs' rateLimits and allowedIPs: loading and every check, with key
-paths."""
+"""``smtpConfig.rateLimits`` and the domainConfigs' rateLimits and allowedIPs: loading and every check, with
+key paths."""
 
 from __future__ import annotations
 

@@ -134,10 +134,26 @@ class RateLimitsConfigTests(unittest.TestCase):
         )
         self.assertEqual(self.errors(raw), ["smtpConfig.rateLimits.tiers[1].name: 'p' is listed twice"])
 
-    def test_delivery_rate_limits_still_refused(self) -> None:
+    def test_delivery_rate_limits(self) -> None:
         raw = copy.deepcopy(BASE)
-        raw["smtpConfig"]["delivery"] = {"globalRateLimit": 100, "perDomainRateLimit": {"example.org": 5}}
-        errors = self.errors(raw)
-        self.assertEqual(len(errors), 2)
-        for error in errors:
-            self.assertIn("not supported yet", error)
+        raw["smtpConfig"]["delivery"] = {
+            "globalRateLimit": 100,
+            "perServerRateLimit": 20,
+            "perDomainRateLimit": {"example.org": 5},
+        }
+        delivery = load_options(raw).options.smtp_config.delivery  # type: ignore[union-attr]
+        self.assertEqual(delivery.per_domain_rate_limit, {"example.org": 5})
+        raw["smtpConfig"]["delivery"] = {
+            "globalRateLimit": 0,
+            "perDomainRateLimit": {"*.example.org": 5},
+        }
+        self.assertEqual(
+            self.errors(raw),
+            [
+                "smtpConfig.delivery.globalRateLimit: must be at least 1: 0",
+                "smtpConfig.delivery.perDomainRateLimit: not a domain name: '*.example.org'",
+            ],
+        )
+        raw["smtpConfig"]["delivery"] = {"perDomainRateLimit": {"example.org": 0}}
+        (error,) = self.errors(raw)
+        self.assertIn("example.org: must be a positive number of messages per minute: 0", error)

@@ -133,6 +133,8 @@ class LocalCounters:
 #: so processes on several hosts agree whatever their clocks. Each key expires when its TAT passes.
 #: Returns {refused index (0 = none, else 1-based), retry after ms, usage per step in millionths}.
 GCRA_SCRIPT = """
+-- Redis before 5 replicates scripts verbatim and refuses writes after TIME unless told to replicate effects.
+if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local n = #KEYS

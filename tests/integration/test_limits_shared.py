@@ -1,23 +1,45 @@
-"""Two DcRouters (as two dcrouter processes would) on one real redis-server with the Redis queue: a shared
-anonymous limit of 100 messages is exceeded by nothing, however the clients split between them. (The fallback
-to local counting while Redis is away is in tests/test_limits_redis.py: with the Redis queue, no mail is
-accepted then anyway.)"""
+"""Two dcrouter processes (``twistd dcrouter``) on one real redis-server with the Redis queue: a shared
+anonymous limit of 100 messages is exceeded by nothing, however the clients split between them. (The
+fallback to local counting while Redis is away is in tests/test_limits_redis.py: with the Redis queue, no
+mail is accepted then anyway.)"""
 
 from __future__ import annotations
 
+import os
 import smtplib
-from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList
 from twisted.internet.threads import deferToThread
 
-from dcrouter import DcRouter
-from dcrouter.limits.counters import SharedCounters
-from tests.redis_server import free_port
+from tests.integration import TwistdProcess, free_ports
 from tests.test_queue_redis import RedisQueueTestBase
 
+READY = "dcrouter ready"
 MESSAGE = b"Subject: shared\r\n\r\nbody\r\n"
+
+CONFIG = """\
+[smtpConfig]
+ports = [{port}]
+bindAddress = "127.0.0.1"
+hostname = "mx.test"
+implicitTlsPorts = []
+submissionPorts = []
+queueStorage = "redis"
+redisUrl = "{redis}"
+persistentPath = "{bodies}"
+
+[smtpConfig.delivery]
+paused = true
+
+[[smtpConfig.domainConfigs]]
+domains = ["example.test"]
+targetIPs = ["127.0.0.1"]
+
+# 100 a day: nothing is paid back during the test, so "at most 100" is exact.
+[smtpConfig.rateLimits.anonymous]
+messages = [{{ count = 100, window = 86400000 }}]
+"""
 
 
 def send_many(port: int, count: int) -> list[int]:
@@ -38,34 +60,20 @@ def send_many(port: int, count: int) -> list[int]:
 class SharedLimitTests(RedisQueueTestBase):
     timeout = 120
 
-    async def router(self, limit: dict[str, Any]) -> tuple[DcRouter, int]:
-        port = free_port()
-        config = {
-            "ports": [port],
-            "bindAddress": "127.0.0.1",
-            "hostname": "mx.test",
-            "implicitTlsPorts": [],
-            "submissionPorts": [],
-            "queueStorage": "redis",
-            "redisUrl": self.redis.url,
-            "persistentPath": self.bodies,
-            "domainConfigs": [{"domains": ["example.test"], "targetIPs": ["127.0.0.1"]}],
-            "rateLimits": {"anonymous": {"messages": [limit]}},
-        }
-        router = DcRouter({"smtpConfig": config}, reactor=reactor)
-        assert router.delivery is not None
-        router.delivery.pause_deliveries()
-        router.privilegedStartService()
-        router.startService()
-        self.addCleanup(router.stopService)
-        await router.when_ready()
-        return router, port
+    async def start_process(self, port: int, name: str) -> None:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, f"{name}.toml")
+        with open(path, "w") as f:
+            f.write(CONFIG.format(port=port, redis=self.redis.url, bodies=os.path.abspath(self.bodies)))
+        process = TwistdProcess.spawn(reactor, ["-n", "--pidfile=", "dcrouter", "--config", path], directory)
+        self.addCleanup(process.kill_on_cleanup)
+        await process.seen(READY).addTimeout(60, reactor)
 
-    async def test_two_routers_share_a_limit_of_100_exactly(self) -> None:
-        day = {"count": 100, "window": 86_400_000}  # nothing is paid back during the test
-        (first, port1), (_, port2) = [await self.router(day), await self.router(day)]
-        assert first.limits is not None
-        self.assertIsInstance(first.limits.limiter.store, SharedCounters)
+    async def test_two_processes_share_a_limit_of_100_exactly(self) -> None:
+        port1, port2 = free_ports(2)
+        await self.start_process(port1, "one")
+        await self.start_process(port2, "two")
         results = await DeferredList(
             [deferToThread(send_many, port1, 90), deferToThread(send_many, port2, 70)], consumeErrors=True
         )
@@ -73,6 +81,4 @@ class SharedLimitTests(RedisQueueTestBase):
         self.assertEqual(len(codes), 160, results)
         self.assertEqual(codes.count(250), 100)
         self.assertEqual(codes.count(451), 60)
-        queue = first.queue
-        assert queue is not None
-        self.assertEqual(await queue.get_item_count(), 100)
+        self.assertEqual(self.redis.command("GET", "dcrouter:live"), b"$3\r\n100\r\n")  # queued: 100

@@ -436,11 +436,16 @@ def report_limits_cost(plain: dict[str, Any] | None, limited: dict[str, Any], pl
         p = plain.get(str(senders)) if plain else None
         q = limited.get(str(senders))
         cost = f"{(1 - q['rate'] / p['rate']) * 100:+.1f}%" if p and q and p["rate"] else "n/a"
+
+        def cpu(r: dict[str, Any] | None) -> str:
+            return f"{r['server_cpu'] / plan.messages * 1000:.2f}" if r else "n/a"
+
         rows.append([
             str(senders), f"{p['rate']:.0f}" if p else "n/a", f"{q['rate']:.0f}" if q else "n/a", cost,
-            f"{q['errors']}" if q else "n/a",
+            f"{cpu(p)} / {cpu(q)}", f"{q['errors']}" if q else "n/a",
         ])
-    header = ["senders", "dcrouter msg/s", "dcrouter+limits msg/s", "cost of the limits", "errors (limits)"]
+    header = ["senders", "dcrouter msg/s", "dcrouter+limits msg/s", "throughput cost",
+              "server CPU ms/msg without / with", "errors (limits)"]
     title = "Rate limits configured but not reached (bench/ingress.py LIMITS_NOT_HIT), same run"
     return "\n".join([title, "", table(header, rows)])
 

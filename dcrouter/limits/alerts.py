@@ -18,6 +18,8 @@ log = logger(__name__)
 HITS = "hits"
 NEARLY_FULL = "80%"
 FULL = "100%"
+#: The share of a limit's burst in use at which :data:`NEARLY_FULL` is raised.
+NEARLY_FULL_USAGE = 0.8
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ class Alerts:
 
     def used(self, limit: str, key: str, window: float, usage: float, now: float) -> None:
         """Note that ``key`` uses ``usage`` of ``limit`` after an allowed event."""
-        if usage >= 0.8:
+        if usage >= NEARLY_FULL_USAGE:
             self._raise(NEARLY_FULL, limit, key, window, now, refused=False)
         if usage >= 1.0 - 1e-9:
             self._raise(FULL, limit, key, window, now, refused=False)

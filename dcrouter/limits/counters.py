@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -29,8 +28,7 @@ DEFAULT_MAX_KEYS = 100_000
 _EXPIRE_PER_STEP = 4
 
 
-@dataclass(frozen=True)
-class Step:
+class Step(NamedTuple):
     """One key's share of a check: ``cost`` events at ``rate``; ``force`` counts it whatever the outcome."""
 
     key: str
@@ -39,8 +37,7 @@ class Step:
     force: bool = False
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(NamedTuple):
     """``refused``: the index of the first step over its limit, or None when all were within (and counted).
     ``retry_after``: seconds until that step would be allowed. ``usage``: per step, the share of its burst
     in use afterwards (what alerts look at)."""
@@ -84,20 +81,43 @@ class LocalCounters:
     def apply(self, steps: Sequence[Step]) -> Outcome:
         """Apply ``steps`` as one atomic step (see the module docstring); synchronous."""
         now = self._clock.seconds()
-        self._expire(now)
-        decisions = [decide(s.rate, self._tats.get(s.key), now, s.cost, force=s.force) for s in steps]
-        over = [not s.force and not d.allowed for s, d in zip(steps, decisions, strict=True)]
-        refused = over.index(True) if True in over else None
+        tats = self._tats
+        if tats:
+            self._expire(now)
+        # The common case first, inline (this runs several times per message): every step within its limit.
+        news = []
+        usage = []
+        for step in steps:
+            rate = step.rate
+            tat = tats.get(step.key)
+            base = now if tat is None or tat < now else tat
+            new = base + step.cost * rate.interval
+            debt = new - now
+            if (
+                debt > rate.capacity + 1e-9 if step.cost else base - now >= rate.capacity - 1e-9
+            ) and not step.force:
+                return self._refuse(steps, now)
+            news.append(new)
+            usage.append(min(1.0, debt / rate.capacity))
+        for step, new in zip(steps, news, strict=True):
+            self._store(step.key, new, now)
+        return Outcome(None, 0.0, tuple(usage))
+
+    def _refuse(self, steps: Sequence[Step], now: float) -> Outcome:
+        """Some step is over its limit: count only the forced ones."""
+        tats = self._tats
+        decisions = [decide(s.rate, tats.get(s.key), now, s.cost, force=s.force) for s in steps]
+        refused = next(
+            i for i, (s, d) in enumerate(zip(steps, decisions, strict=True)) if not (d.allowed or s.force)
+        )
         usage = []
         for step, decision in zip(steps, decisions, strict=True):
-            if refused is None or step.force:
+            if step.force:
                 self._store(step.key, decision.tat, now)
                 usage.append(decision.usage)
             else:
-                tat = self._tats.get(step.key)
-                usage.append(decide(step.rate, tat, now, 0).usage)
-        retry = decisions[refused].retry_after if refused is not None else 0.0
-        return Outcome(refused, retry, tuple(usage))
+                usage.append(decide(step.rate, tats.get(step.key), now, 0).usage)
+        return Outcome(refused, decisions[refused].retry_after, tuple(usage))
 
     def _store(self, key: str, tat: float, now: float) -> None:
         tats = self._tats
@@ -236,12 +256,3 @@ class SharedCounters:
                 error=failure.getErrorMessage(),
             )
         return self.local.apply(steps)
-
-
-def applied(
-    store: LocalCounters | RedisCounters | SharedCounters, steps: Sequence[Step]
-) -> Outcome | Deferred[Outcome]:
-    """``store.apply(steps)``; an empty batch is allowed at once without asking the store."""
-    if not steps:
-        return Outcome(None, 0.0, ())
-    return store.apply(steps)

@@ -14,7 +14,8 @@ that one per ``interval``; over any span of ``t`` seconds at most ``burst + t / 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 #: The shortest and longest windows a rate may have (one second, one day).
 MIN_WINDOW = 1.0
@@ -29,6 +30,11 @@ class Rate:
     window: float
     burst: int | None = None
 
+    #: Seconds between two events at the sustained rate.
+    interval: float = field(init=False, repr=False, compare=False)
+    #: Seconds of debt a key may hold: ``burst * interval``.
+    capacity: float = field(init=False, repr=False, compare=False)
+
     def __post_init__(self) -> None:
         if self.count < 1:
             raise ValueError(f"a rate needs a positive count: {self.count}")
@@ -36,20 +42,15 @@ class Rate:
             raise ValueError(f"a rate's window is 1 s to 1 day: {self.window}")
         if self.burst is not None and self.burst < 1:
             raise ValueError(f"a rate's burst is at least 1: {self.burst}")
-
-    @property
-    def interval(self) -> float:
-        """Seconds between two events at the sustained rate."""
-        return self.window / self.count
-
-    @property
-    def capacity(self) -> float:
-        """Seconds of debt a key may hold: ``burst * interval``."""
-        return (self.burst if self.burst is not None else self.count) * self.interval
+        # Computed once: every check reads them.
+        interval = self.window / self.count
+        object.__setattr__(self, "interval", interval)
+        object.__setattr__(
+            self, "capacity", (self.burst if self.burst is not None else self.count) * interval
+        )
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
     """The outcome for one key: ``allowed``; ``tat`` to store (unchanged when refused); ``retry_after``
     seconds until an event of the same cost would be allowed (0 when allowed); ``usage``, the share of the
     burst in use after the decision (0.0 idle, 1.0 full)."""
@@ -68,11 +69,14 @@ def decide(rate: Rate, tat: float | None, now: float, cost: int = 1, *, force: b
     whether the key is over its limit now.
     """
     base = now if tat is None or tat < now else tat
-    new_tat = base + cost * rate.interval
-    debt = new_tat - now
     capacity = rate.capacity
-    allowed = debt <= capacity + 1e-9 if cost else base - now < capacity - 1e-9
+    if cost:
+        new_tat = base + cost * rate.interval
+        allowed = new_tat - now <= capacity + 1e-9
+    else:
+        new_tat = base
+        allowed = base - now < capacity - 1e-9
     if allowed or force:
-        usage = min(1.0, max(0.0, debt / capacity))
-        return Decision(allowed, new_tat, 0.0 if allowed else debt - capacity, usage)
-    return Decision(False, base, max(debt - capacity, 0.0), min(1.0, (base - now) / capacity))
+        usage = (new_tat - now) / capacity
+        return Decision(allowed, new_tat, 0.0 if allowed else new_tat - now - capacity, min(1.0, usage))
+    return Decision(False, base, max(new_tat - now - capacity, 0.0), min(1.0, (base - now) / capacity))

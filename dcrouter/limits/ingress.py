@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
@@ -25,7 +26,7 @@ from dcrouter.interfaces import IIngressLimits
 from dcrouter.limits.alerts import Alerts
 from dcrouter.limits.counters import LocalCounters, RedisCounters, SharedCounters
 from dcrouter.limits.gcra import Rate
-from dcrouter.limits.limiter import Charge, Limit, Limiter, Verdict
+from dcrouter.limits.limiter import ALLOWED, Charge, Limit, Limiter, Verdict
 from dcrouter.log import logger
 from dcrouter.mail.address import Address
 from dcrouter.mail.reply import Reply
@@ -92,6 +93,10 @@ def _tier(name: str, config: TierConfig) -> _Tier:
         thing: tuple(_rule(f"{name}.{thing}.{i}", thing, e) for i, e in enumerate(entries))
         for thing, entries in tier_limits(config).items()
     }
+    # Messages per recipient domain are counted at RCPT, the others at MAIL: split once, here.
+    messages = rules["messages"]
+    rules["messages"] = tuple(r for r in messages if r.per != "recipientDomain")
+    rules["messagesPerRecipientDomain"] = tuple(r for r in messages if r.per == "recipientDomain")
     return _Tier(name, config.connections, rules)
 
 
@@ -120,6 +125,11 @@ def _domain_rules(index: int, entry: DomainConfig) -> _DomainRules:
     )
 
 
+#: Addresses whose spellings and networks are remembered (parsing one costs more than a whole check).
+_ADDRESS_CACHE = 4096
+
+
+@lru_cache(maxsize=_ADDRESS_CACHE)
 def normal_ip(ip: str) -> str:
     """One spelling per address (an IPv4-mapped IPv6 address as its IPv4 address)."""
     try:
@@ -131,6 +141,7 @@ def normal_ip(ip: str) -> str:
     return str(address)
 
 
+@lru_cache(maxsize=_ADDRESS_CACHE)
 def ip_prefix(ip: str, v4: int, v6: int) -> str:
     """The network of ``ip``: its /``v4`` or /``v6`` (the address itself when it is not an IP)."""
     try:
@@ -163,7 +174,13 @@ class IngressLimits:
         self._domains: DomainMatcher[_DomainRules] = DomainMatcher(
             (domain, rules) for entry, rules in entries for domain in entry.domains
         )
+        #: Whether any domainConfigs entry has client rules (the RCPT checks are skipped otherwise).
+        self._domain_rules = any(
+            rules.allowed is not None or rules.max_recipients is not None or rules.messages is not None
+            for _, rules in entries
+        )
         self._open: dict[str, int] = {}
+        self._network_tier = lru_cache(maxsize=_ADDRESS_CACHE)(self._tier_by_address)
 
     # Tiers and keys
 
@@ -174,10 +191,13 @@ class IngressLimits:
     def _tier(self, session: SessionView) -> _Tier:
         if session.auth_user:
             return self._authenticated
+        return self._network_tier(session.peer_host)
+
+    def _tier_by_address(self, ip: str) -> _Tier:
         for networks, tier in self._named:
-            if session.peer_host in networks:
+            if ip in networks:
                 return tier
-        if session.peer_host in self._relay_networks:
+        if ip in self._relay_networks:
             return self._relay
         return self._anonymous
 
@@ -214,24 +234,25 @@ class IngressLimits:
         recipient: Address | None = None,
         cost: int = 1,
         force: bool = False,
-        only: Callable[[_Rule], bool] = lambda rule: True,
     ) -> list[Charge]:
         charges = []
         for rule in rules:
-            if not only(rule):
-                continue
             key = self._key(rule.per, session, sender, recipient)
             if key is not None:
                 charges.append(Charge(rule.limit, key, cost, force))
         return charges
 
     def _decide(self, charges: list[Charge], refusal: Callable[[Limit], Reply]) -> Result:
+        if not charges:
+            return None
         verdict = self.limiter.check(charges)
         if isinstance(verdict, Deferred):
             return verdict.addCallback(self._answer, refusal)
         return self._answer(verdict, refusal)
 
     def _answer(self, verdict: Verdict, refusal: Callable[[Limit], Reply]) -> Result:
+        if verdict is ALLOWED:
+            return None
         limit = verdict.refused
         if limit is None:
             return None
@@ -294,7 +315,7 @@ class IngressLimits:
 
     def check_mail(self, session: SessionView, sender: Address, size: int) -> Result:
         rules = self._tier(session).rules
-        charges = self._charges(rules["messages"], session, sender=sender, only=_not_per_recipient)
+        charges = self._charges(rules["messages"], session, sender=sender)
         charges += self._charges(rules["bytes"], session, sender=sender, cost=size)
         return self._decide(
             charges,
@@ -304,6 +325,8 @@ class IngressLimits:
     def check_recipient_rules(
         self, session: SessionView, recipient: Address, accepted: Sequence[str]
     ) -> Reply | None:
+        if not self._domain_rules:
+            return None
         rules = self._domain(recipient)
         if rules is None:
             return None
@@ -326,9 +349,9 @@ class IngressLimits:
         if not any(_domain_part(text) == domain for text in accepted):
             # The first recipient at this domain: the message counts toward the domain's message limits.
             charges += self._charges(
-                tier.rules["messages"], session, sender=sender, recipient=recipient, only=_per_recipient
+                tier.rules["messagesPerRecipientDomain"], session, sender=sender, recipient=recipient
             )
-            rules = self._domain(recipient)
+            rules = self._domain(recipient) if self._domain_rules else None
             if rules is not None and rules.messages is not None:
                 charges.append(Charge(rules.messages.limit, f"domain.{rules.label}"))
         return self._decide(
@@ -350,14 +373,6 @@ class IngressLimits:
     def _domain_of(self, text: str) -> _DomainRules | None:
         domain = _domain_part(text)
         return self._domains.match(domain) if domain else None
-
-
-def _per_recipient(rule: _Rule) -> bool:
-    return rule.per == "recipientDomain"
-
-
-def _not_per_recipient(rule: _Rule) -> bool:
-    return rule.per != "recipientDomain"
 
 
 def _domain_part(text: str) -> str:

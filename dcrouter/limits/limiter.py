@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from functools import cached_property
+from typing import Literal, NamedTuple
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
-from dcrouter.limits.alerts import Alerts
-from dcrouter.limits.counters import LocalCounters, Outcome, RedisCounters, SharedCounters, Step, applied
+from dcrouter.limits.alerts import NEARLY_FULL_USAGE, Alerts
+from dcrouter.limits.counters import LocalCounters, Outcome, RedisCounters, SharedCounters, Step
 from dcrouter.limits.gcra import Rate
 
 #: What happens when a limit is over: a temporary refusal now (the default), the command held back by the
@@ -37,9 +38,13 @@ class Limit:
     rate: Rate
     action: Action = "defer"
 
+    @cached_property
+    def prefix(self) -> str:
+        """The start of this limit's counter keys: ``name|``."""
+        return self.name + "|"
 
-@dataclass(frozen=True)
-class Charge:
+
+class Charge(NamedTuple):
     """``cost`` events of ``key`` (an IP, a prefix, an address, a user) against ``limit``; ``force`` counts
     them even when over (what has already happened: bytes received, a failed AUTH)."""
 
@@ -73,21 +78,24 @@ class Limiter:
         (that never fails: the shared store falls back to local counting) with Redis."""
         if not charges:
             return ALLOWED
-        steps = [Step(f"{c.limit.name}|{c.key}", c.limit.rate, c.cost, c.force) for c in charges]
-        outcome = applied(self.store, steps)
+        steps = [Step(limit.prefix + key, limit.rate, cost, force) for limit, key, cost, force in charges]
+        outcome = self.store.apply(steps)
         if isinstance(outcome, Deferred):
             return outcome.addCallback(self._verdict, charges)
         return self._verdict(outcome, charges)
 
     def _verdict(self, outcome: Outcome, charges: Sequence[Charge]) -> Verdict:
+        refused = outcome.refused
+        if refused is None and max(outcome.usage) < NEARLY_FULL_USAGE:
+            return ALLOWED  # the common case: well within every limit, nothing to alert about
         now = self.clock.seconds()
         alerts = self.alerts
         for index, (charge, usage) in enumerate(zip(charges, outcome.usage, strict=True)):
             limit = charge.limit
-            if index == outcome.refused:
+            if index == refused:
                 alerts.refused(limit.label, charge.key, limit.rate.window, now)
-            elif outcome.refused is None or charge.force:
+            elif refused is None or charge.force:
                 alerts.used(limit.label, charge.key, limit.rate.window, usage, now)
-        if outcome.refused is None:
+        if refused is None:
             return ALLOWED
-        return Verdict(charges[outcome.refused].limit, outcome.retry_after)
+        return Verdict(charges[refused].limit, outcome.retry_after)

@@ -8,6 +8,8 @@ import base64
 from typing import Any
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
@@ -16,6 +18,7 @@ from dcrouter.config.auth import AuthConfig
 from dcrouter.config.domains import DomainConfig, RateLimitsConfig
 from dcrouter.config.ratelimits import IngressLimitsConfig, LimitConfig, NetworkTierConfig, TierConfig
 from dcrouter.interfaces import IIngressLimits
+from dcrouter.limits.counters import LocalCounters, Outcome
 from dcrouter.limits.ingress import IngressLimits, build_ingress_limits
 from dcrouter.smtp.policy import SessionPolicy
 from dcrouter.smtp.protocol import ESMTPServerFactory
@@ -58,9 +61,26 @@ class Gateway:
         server.exchange(b"EHLO client.example\r\n")
         return server
 
+    def limiter_store(self) -> LocalCounters:
+        assert isinstance(self.limits, IngressLimits)
+        store = self.limits.limiter.store
+        assert isinstance(store, LocalCounters)
+        return store
+
     @staticmethod
     def assert_greeting(server: Server) -> None:
         assert server.take().startswith(b"220 "), "no greeting"
+
+
+class SlowCounters:
+    """Local counters whose answers arrive 0.1 s later on the clock, as a remote store's do."""
+
+    def __init__(self, local: LocalCounters, clock: Clock) -> None:
+        self.local = local
+        self.clock = clock
+
+    def apply(self, steps: Any) -> Deferred[Outcome]:
+        return deferLater(self.clock, 0.1, self.local.apply, steps)
 
 
 def config_with(rate_limits: IngressLimitsConfig | None = None, **changes: Any) -> Any:
@@ -113,6 +133,34 @@ class ConnectPhaseTests(unittest.TestCase):
         gateway.assert_greeting(gateway.connect("192.0.2.11"))  # another address has its own counter
         gateway.clock.advance(30)
         gateway.assert_greeting(gateway.connect())
+
+    def test_tarpit_at_connect_delays_the_greeting(self) -> None:
+        """A check that answers later (a tarpit here; Redis alike) holds the greeting, and what the client
+        sends meanwhile waits for it."""
+        tier = TierConfig(connection_rate=[LimitConfig(1, action="tarpit")])
+        gateway = Gateway(config_with(limits(anonymous=tier, tarpit_delay=2_000)))
+        gateway.assert_greeting(gateway.connect())
+        slow = gateway.connect()
+        self.assertEqual(slow.exchange(b"EHLO client.example\r\n"), b"")
+        gateway.clock.advance(2)
+        out = slow.take()
+        self.assertTrue(out.startswith(b"220 mx.example.test ESMTP"), out)
+        self.assertIn(b"250-mx.example.test", out)
+        self.assertFalse(slow.transport.disconnecting)
+
+    def test_refusal_that_answers_later(self) -> None:
+        """Counters that answer with a Deferred (as Redis does): the 421 comes when they answer."""
+        gateway = Gateway(config_with(limits(anonymous=TierConfig(connection_rate=[LimitConfig(1)]))))
+        assert isinstance(gateway.limits, IngressLimits)
+        gateway.limits.limiter.store = SlowCounters(gateway.limiter_store(), gateway.clock)  # type: ignore[assignment]
+        first = gateway.connect()
+        self.assertEqual(first.take(), b"")
+        gateway.clock.advance(0.1)
+        gateway.assert_greeting(first)
+        second = gateway.connect()
+        gateway.clock.advance(0.1)
+        self.assertEqual(second.take()[:9], b"421 4.7.0")
+        self.assertTrue(second.transport.disconnecting)
 
     def test_concurrent_connections_per_tier(self) -> None:
         gateway = Gateway(config_with(limits(anonymous=TierConfig(connections=1))))

@@ -20,6 +20,10 @@ What a caller may rely on:
   ``checkInterval``. Why both: putting back every message that finds its destination full made a single
   busy destination trickle (each put-back waits a ``checkInterval``); waiting without a cap would let one
   slow destination hold every claimed slot while other destinations wait.
+- **Outbound rate limits.** A route group over ``delivery.globalRateLimit``, ``perServerRateLimit`` or
+  ``perDomainRateLimit`` (or a limit set with :meth:`DeliveryManager.set_rate_limit`) is not sent: the
+  message is put back due at the time :mod:`dcrouter.delivery.shaping` reserved for it, using no retry
+  (counted in ``shaped``), and a timer wakes the manager then.
 - **Durability per recipient.** After each route group's report, the recipients delivered or failed for good
   are written to the item's ``outcomes`` (and a ``history`` entry ``{"at", "route", "tried", "results"}``)
   with ``queue.update`` before the next group is tried, so a crash never re-sends to a delivered recipient.

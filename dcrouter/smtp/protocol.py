@@ -19,6 +19,10 @@ What a caller may rely on:
   byte; a DATA transfer must keep up ``minDataRate``; beyond ``maxJunkCommands`` NOOP, RSET, VRFY, HELP and
   repeated greetings each count as an error toward ``maxBadCommands``. With ``pregreetDelay`` a client that
   talks before the 220 is refused with ``521 5.5.1``. Every timer runs on the factory's clock.
+- Rate limits (the policy's :class:`~dcrouter.interfaces.IIngressLimits`, docs/limits.md) are asked at
+  connect (the greeting waits for an answer that comes later; a refusal is a ``421 4.7.0`` and the end),
+  before each AUTH exchange (``421 4.7.0`` and the end), at MAIL and RCPT (their own replies), and told of
+  each failed AUTH and each accepted message's size.
 - A graceful stop (:meth:`ESMTPServerProtocol.shut_down`, driven by :mod:`dcrouter.smtp.service`) answers
   ``421 4.3.2`` at once when idle, otherwise after the transaction in flight (its ``250`` first).
 

@@ -49,6 +49,19 @@ def window(value: int) -> str | None:
 
 
 @dataclass(frozen=True)
+class RateConfig:
+    count: int = option(doc="Connections allowed per window.", check=values.positive)
+    window: int = option(
+        60_000, doc="The window in milliseconds, one second (1000) to one day (86400000).", check=window
+    )
+    burst: int | None = option(
+        None,
+        doc="Connections allowed at once from idle (default: count); past it, spaced window/count apart.",
+        check=values.positive,
+    )
+
+
+@dataclass(frozen=True)
 class LimitConfig:
     count: int = option(
         doc="Events allowed per window (messages, recipients, bytes, ...).", check=values.positive

@@ -128,6 +128,24 @@ class RateLimitsConfigTests(unittest.TestCase):
         )
         self.assertIn("only in the authenticated tier", errors[0])
 
+    def test_reject_only_for_quotas(self) -> None:
+        raw = with_limits(
+            {
+                "anonymous": {
+                    "connectionRate": [{"count": 1, "action": "reject"}],
+                    "authFailures": [{"count": 1, "action": "reject"}],
+                    "messages": [{"count": 1, "action": "reject"}],
+                }
+            }
+        )
+        self.assertEqual(
+            [e.split(": ")[0] for e in self.errors(raw)],
+            [
+                "smtpConfig.rateLimits.anonymous.connectionRate[0].action",
+                "smtpConfig.rateLimits.anonymous.authFailures[0].action",
+            ],
+        )
+
     def test_tier_names_once(self) -> None:
         raw = with_limits(
             {"tiers": [{"name": "p", "networks": ["10.0.0.0/8"]}, {"name": "p", "networks": ["11.0.0.0/8"]}]}

@@ -90,6 +90,12 @@ def _keys_of(attr: str, key: str) -> BlockCheck[TierConfig]:
 
     def run(tier: TierConfig, path: str, report: Report) -> None:
         for i, limit in enumerate(getattr(tier, attr)):
+            if limit.action == "reject" and key in ("connectionRate", "authFailures"):
+                report.error(
+                    f"{join(path, key)}[{i}].action",
+                    "'reject' is for quotas on messages, recipients and bytes; a connection is refused "
+                    "with 421 4.7.0 ('defer') or slowed ('tarpit')",
+                )
             if limit.per not in ALLOWED_PER[key]:
                 allowed = ", ".join(sorted(ALLOWED_PER[key]))
                 report.error(

@@ -228,16 +228,25 @@ class SharedCounters:
 
     Mail is never refused because the limiter's store is down: a failed Redis call is answered by the local
     counters (this process's share of the traffic only, so a limit is looser during an outage, never
-    stricter). The switch is logged once each way, not once per call. Redis is tried again on every check,
-    so counting returns to Redis as soon as it answers.
+    stricter). After a failure, checks go straight to the local counters (answered at once, no Redis
+    deadline to wait out per command) for ``retry_interval`` seconds; then the next check tries Redis
+    again, and counting returns to Redis as soon as it answers. The switch is logged once each way, not
+    once per call.
     """
 
-    def __init__(self, redis: RedisCounters, local: LocalCounters) -> None:
+    def __init__(
+        self, redis: RedisCounters, local: LocalCounters, clock: IReactorTime, retry_interval: float = 5.0
+    ) -> None:
         self.redis = redis
         self.local = local
         self.degraded = False
+        self._clock = clock
+        self._retry_interval = retry_interval
+        self._retry_at = 0.0
 
-    def apply(self, steps: Sequence[Step]) -> Deferred[Outcome]:
+    def apply(self, steps: Sequence[Step]) -> Outcome | Deferred[Outcome]:
+        if self.degraded and self._clock.seconds() < self._retry_at:
+            return self.local.apply(steps)
         d = self.redis.apply(steps)
         d.addCallbacks(self._answered, self._failed, errbackArgs=(steps,))
         return d
@@ -249,6 +258,7 @@ class SharedCounters:
         return outcome
 
     def _failed(self, failure: Any, steps: Sequence[Step]) -> Outcome:
+        self._retry_at = self._clock.seconds() + self._retry_interval
         if not self.degraded:
             self.degraded = True
             log.warn(

@@ -412,6 +412,6 @@ def build_ingress_limits(
     local = LocalCounters(clock, limits.max_keys)
     store: LocalCounters | SharedCounters = local
     if redis_call is not None:
-        store = SharedCounters(RedisCounters(redis_call), local)
+        store = SharedCounters(RedisCounters(redis_call), local, clock)
     alerts = Alerts(hits=limits.alert_after, max_keys=limits.max_keys)
     return IngressLimits(config, Limiter(store, clock, alerts), clock)

@@ -74,8 +74,9 @@ class Limiter:
         self.alerts = alerts if alerts is not None else Alerts()
 
     def check(self, charges: Sequence[Charge]) -> Verdict | Deferred[Verdict]:
-        """Check and count ``charges`` in one atomic step. Synchronous with the local store; a Deferred
-        (that never fails: the shared store falls back to local counting) with Redis."""
+        """Check and count ``charges`` in one atomic step. Synchronous with the local store; with Redis a
+        Deferred (that never fails: the shared store falls back to local counting), or synchronous while the
+        shared store counts locally after a Redis failure."""
         if not charges:
             return ALLOWED
         steps = [Step(limit.prefix + key, limit.rate, cost, force) for limit, key, cost, force in charges]

@@ -70,6 +70,16 @@ class LocalCountersTests(unittest.TestCase):
         self.clock.advance(60.0)
         self.assertEqual(allowed_in_a_row(self.counters, "a", PER_MINUTE, 200), 100)
 
+    def test_bursts_that_do_not_divide_evenly(self) -> None:
+        """window / count is not exact in floating point, and an epoch clock carries little precision: a
+        burst of n is still exactly n."""
+        clock = Clock()
+        clock.advance(1_800_000_000)  # an epoch time, as the reactor's clock reads
+        counters = LocalCounters(clock)
+        for n in (3, 7, 11, 13, 17, 29, 97, 9_999):
+            self.assertEqual(allowed_in_a_row(counters, f"k{n}", Rate(n, 60.0), n + 3), n, n)
+            self.assertEqual(allowed_in_a_row(counters, f"d{n}", Rate(n, 86_400.0), n + 3), n, n)
+
     def test_windows_from_a_second_to_a_day(self) -> None:
         per_second = Rate(5, 1.0)
         self.assertEqual(allowed_in_a_row(self.counters, "s", per_second, 10), 5)

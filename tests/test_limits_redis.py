@@ -53,6 +53,13 @@ class RedisLimiterTests(TestCase):
         self.assertEqual(sum(allowed), 100)
         self.assertTrue(all(allowed), allowed)  # both took a share
 
+    async def test_a_burst_that_does_not_divide_evenly(self) -> None:
+        """7 a minute: the seventh of a burst is allowed although 60000 / 7 * 7 is not exactly 60000."""
+        limiter = self.limiter()
+        odd = Limit("odd", "seven a minute", Rate(7, 60.0))
+        verdicts = [await self.check(limiter, [Charge(odd, "k")]) for _ in range(8)]
+        self.assertEqual([v.refused is None for v in verdicts], [True] * 7 + [False])
+
     async def test_concurrent_checks_from_both_are_atomic(self) -> None:
         """Checks in flight together (pipelined on both pools) still let exactly 100 through."""
         limiters = [self.limiter(), self.limiter()]

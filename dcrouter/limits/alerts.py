@@ -71,7 +71,7 @@ class Alerts:
         """Note that ``key`` uses ``usage`` of ``limit`` after an allowed event."""
         if usage >= NEARLY_FULL_USAGE:
             self._raise(NEARLY_FULL, limit, key, window, now, refused=False)
-        if usage >= 1.0 - 1e-9:
+        if usage >= 1.0 - 1e-6:
             self._raise(FULL, limit, key, window, now, refused=False)
 
     def refused(self, limit: str, key: str, window: float, now: float) -> None:

@@ -94,7 +94,7 @@ class LocalCounters:
             new = base + step.cost * rate.interval
             debt = new - now
             if (
-                debt > rate.capacity + 1e-9 if step.cost else base - now >= rate.capacity - 1e-9
+                debt > rate.capacity + rate.slack if step.cost else base - now >= rate.capacity - rate.slack
             ) and not step.force:
                 return self._refuse(steps, now)
             news.append(new)
@@ -170,7 +170,9 @@ for i = 1, n do
   local new = tat + cost * interval
   news[i] = new
   local allowed
-  if cost > 0 then allowed = (new - now) <= capacity else allowed = (tat - now) < capacity end
+  -- Slack of a thousandth of an interval (dcrouter.limits.gcra.SLACK_SHARE): floating point rounding.
+  local slack = math.max(0.001, interval * 0.001)
+  if cost > 0 then allowed = (new - now) <= capacity + slack else allowed = (tat - now) < capacity - slack end
   if not allowed and not force and refused == 0 then
     refused = i
     retry = math.max(new - now - capacity, 0)

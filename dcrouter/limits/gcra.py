@@ -20,6 +20,12 @@ from typing import NamedTuple
 #: The shortest and longest windows a rate may have (one second, one day).
 MIN_WINDOW = 1.0
 MAX_WINDOW = 86_400.0
+#: Slack in comparisons, as a share of one interval (and at least a microsecond): ``interval * count`` is
+#: not exactly the window in floating point, and each step of a TAT near an epoch time (2e9 s) rounds by
+#: about 1e-7 s, which a burst of thousands adds up. A thousandth of an interval absorbs that and can never
+#: let an extra event through.
+SLACK_SHARE = 1e-3
+MIN_SLACK = 1e-6
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,8 @@ class Rate:
     interval: float = field(init=False, repr=False, compare=False)
     #: Seconds of debt a key may hold: ``burst * interval``.
     capacity: float = field(init=False, repr=False, compare=False)
+    #: Seconds of tolerance in comparisons with the capacity (:data:`SLACK_SHARE`).
+    slack: float = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.count < 1:
@@ -48,6 +56,7 @@ class Rate:
         object.__setattr__(
             self, "capacity", (self.burst if self.burst is not None else self.count) * interval
         )
+        object.__setattr__(self, "slack", max(MIN_SLACK, interval * SLACK_SHARE))
 
 
 class Decision(NamedTuple):
@@ -72,10 +81,10 @@ def decide(rate: Rate, tat: float | None, now: float, cost: int = 1, *, force: b
     capacity = rate.capacity
     if cost:
         new_tat = base + cost * rate.interval
-        allowed = new_tat - now <= capacity + 1e-9
+        allowed = new_tat - now <= capacity + rate.slack
     else:
         new_tat = base
-        allowed = base - now < capacity - 1e-9
+        allowed = base - now < capacity - rate.slack
     if allowed or force:
         usage = (new_tat - now) / capacity
         return Decision(allowed, new_tat, 0.0 if allowed else new_tat - now - capacity, min(1.0, usage))

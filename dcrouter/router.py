@@ -233,6 +233,12 @@ class DcRouter(MultiService):
         if self.smtp_config is not None:
             self._build_smtp(self.smtp_config, queue)
 
+    def _verification_resolver(self, config: SmtpConfig) -> Any:
+        """The resolver inbound verification asks (mtaConfig's servers), when it is enabled."""
+        if not config.verification.enabled:
+            return None
+        return make_resolver(self.options.mta_config, self._reactor)
+
     def _build_smtp(self, config: SmtpConfig, queue: IDeliveryQueue | None) -> None:
         reactor = self._reactor
         self.queue = queue if queue is not None else build_queue(config, reactor)
@@ -242,7 +248,7 @@ class DcRouter(MultiService):
             reactor.seconds,
             reactor=reactor,
             threadpool=self.threadpool,
-            **build_chain(config, reactor).options(),
+            **build_chain(config, reactor, self._verification_resolver(config)).options(),
         )
         self._build_delivery(config)
         self.verifier = self._build_verifier(config)

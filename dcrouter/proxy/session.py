@@ -37,12 +37,12 @@ from dcrouter.limits.counters import LocalCounters
 from dcrouter.limits.gcra import Rate
 from dcrouter.limits.limiter import ALLOWED, Charge, Limit, Limiter
 from dcrouter.log import logger
+from dcrouter.net import proxyprotocol
 from dcrouter.net.cidr import CidrSet
 from dcrouter.net.quiet import connect_quietly, set_no_delay
 from dcrouter.net.reactor import IRouterReactor
 from dcrouter.net.targets import Target, TargetHealth
 from dcrouter.net.tls import TlsPolicy
-from dcrouter.proxy import proxyprotocol
 from dcrouter.proxy.forward import BackendProtocol, RouteCounters, Splice
 from dcrouter.proxy.http import (
     DEFAULT_IDLE_TIMEOUT,

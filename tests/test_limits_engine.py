@@ -4,6 +4,8 @@ and its eviction under address rotation), alerts and their deduplication."""
 from __future__ import annotations
 
 from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from dcrouter.limits.alerts import FULL, HITS, NEARLY_FULL, Alerts, LimitAlert
@@ -184,6 +186,15 @@ class AlertTests(unittest.TestCase):
         self.send(30)
         self.assertEqual([k for k, _ in self.kinds()[3:]], [NEARLY_FULL, FULL, HITS])
         self.assertIn("messages per client address", self.seen[0].limit)
+
+    def test_default_observer_logs_one_warning(self) -> None:
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.send(25)
+        lines = [e for e in events if e.get("log_namespace") == "dcrouter.limits.alerts"]
+        self.assertEqual([e["kind"] for e in lines], [NEARLY_FULL, FULL, HITS])
+        self.assertTrue(all(e["log_level"] is LogLevel.warn for e in lines))
+        expected = "anonymous.messages.0 (messages per client address: 10 per minute) for 192.0.2.1"
+        self.assertIn(expected, formatEvent(lines[1]))
 
     def test_an_observer_that_fails_does_not_stop_the_others(self) -> None:
         def broken(alert: LimitAlert) -> None:

@@ -24,9 +24,9 @@ NEARLY_FULL_USAGE = 0.8
 
 @dataclass(frozen=True)
 class LimitAlert:
-    """``kind`` (:data:`HITS`, :data:`NEARLY_FULL`, :data:`FULL`); ``limit``, the limit's description as
-    replies give it; ``key``, the counted key (an IP, an address: for operators, never sent to clients);
-    ``count``, refusals so far in the window; ``window`` seconds; ``at`` (clock seconds)."""
+    """``kind`` (:data:`HITS`, :data:`NEARLY_FULL`, :data:`FULL`); ``limit``, the limit's name and its
+    description as replies give it; ``key``, the counted key (an IP, an address: for operators, never sent
+    to clients); ``count``, refusals so far in the window; ``window`` seconds; ``at`` (clock seconds)."""
 
     kind: str
     limit: str

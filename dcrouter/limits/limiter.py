@@ -39,6 +39,11 @@ class Limit:
     action: Action = "defer"
 
     @cached_property
+    def description(self) -> str:
+        """For operators (alerts, logs): ``anonymous.messages.0 (messages per client address: ...)``."""
+        return f"{self.name} ({self.label})"
+
+    @cached_property
     def prefix(self) -> str:
         """The start of this limit's counter keys: ``name|``."""
         return self.name + "|"
@@ -94,9 +99,9 @@ class Limiter:
         for index, (charge, usage) in enumerate(zip(charges, outcome.usage, strict=True)):
             limit = charge.limit
             if index == refused:
-                alerts.refused(limit.label, charge.key, limit.rate.window, now)
+                alerts.refused(limit.description, charge.key, limit.rate.window, now)
             elif refused is None or charge.force:
-                alerts.used(limit.label, charge.key, limit.rate.window, usage, now)
+                alerts.used(limit.description, charge.key, limit.rate.window, usage, now)
         if refused is None:
             return ALLOWED
         return Verdict(charges[refused].limit, outcome.retry_after)

@@ -107,8 +107,8 @@ EVENT_TYPES: Mapping[str, tuple[str, str]] = MappingProxyType(
         ),
         "security.relay_refused": ("a recipient was refused as relaying", "port, peer, code"),
         "security.rate_limit": (
-            "a rate limit was hit (reserved: rate limits are not built yet)",
-            "port, peer, limit",
+            "a rate limit alert (deduplicated per limit and key): refusals in a window, nearly full, full",
+            "protocol (smtp|proxy), kind, limit, key (the counted IP or address), count, window (s)",
         ),
     }
 )

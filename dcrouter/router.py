@@ -29,7 +29,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from functools import partial
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
@@ -55,6 +55,8 @@ from dcrouter.delivery.routing import RecipientRouter
 from dcrouter.delivery.transport import ESMTPTransport
 from dcrouter.events import EventBus
 from dcrouter.interfaces import IDeliveryQueue
+from dcrouter.limits.alerts import Alerts, LimitAlert
+from dcrouter.limits.ingress import IngressLimits, build_ingress_limits, limits_configured
 from dcrouter.log import logger, set_level
 from dcrouter.net.certfiles import TlsMaterialError, generate_self_signed, load_certified_key
 from dcrouter.net.certstore import CertificateStore, CertifiedKey
@@ -72,6 +74,9 @@ from dcrouter.smtp.policy import SessionPolicy
 from dcrouter.smtp.protocol import ESMTPServerFactory
 from dcrouter.smtp.service import SmtpService
 from dcrouter.smtp.verify import RecipientVerifier
+
+if TYPE_CHECKING:
+    from dcrouter.queue.redis_connection import RedisConnection
 
 log = logger(__name__)
 
@@ -159,6 +164,23 @@ def build_queue(config: SmtpConfig, reactor: IRouterReactor) -> IDeliveryQueue:
     raise StartupError(f"smtpConfig.queueStorage: {config.queue_storage!r} is not supported yet")
 
 
+def report_limit_alerts(alerts: Alerts, bus: EventBus, protocol: str) -> None:
+    """Rate limit alerts (dcrouter.limits) also become ``security.rate_limit`` events."""
+
+    def emit(alert: LimitAlert) -> None:
+        bus.emit(
+            "security.rate_limit",
+            protocol=protocol,
+            kind=alert.kind,
+            limit=alert.limit,
+            key=alert.key,
+            count=alert.count,
+            window=alert.window,
+        )
+
+    alerts.observers.append(emit)
+
+
 def certificate_expiry(store: CertificateStore) -> list[tuple[str, float]]:
     """``(name, not_after)`` of every certificate the store serves, the default as ``(default)``."""
     found = []
@@ -232,6 +254,9 @@ class DcRouter(MultiService):
         self.processor: EmailProcessor | None = None
         self.policy: SessionPolicy | None = None
         self.verifier: RecipientVerifier | None = None
+        #: SMTP rate limits (None when none is configured) and their own Redis connection, if any.
+        self.limits: IngressLimits | None = None
+        self._limits_redis: RedisConnection | None = None
         self.authenticator: Authenticator | None = None
         self.routes: RecipientRouter | None = None
         self.delivery: DeliveryManager | None = None
@@ -254,6 +279,7 @@ class DcRouter(MultiService):
         if self.proxy is not None:
             self.proxy.setServiceParent(self)
             self.metrics.watch_proxy(self.proxy.counters)
+            report_limit_alerts(self.proxy.context.limiter.alerts, self.events, "proxy")
         # After the proxy, as children start in order: port 80 answers before the first order is placed.
         self.acme: AcmeService | None = AcmeService.from_options(
             self.options,
@@ -338,7 +364,10 @@ class DcRouter(MultiService):
         )
         self._build_delivery(config)
         self.verifier = self._build_verifier(config)
-        self.policy = SessionPolicy(config, verifier=self.verifier)
+        self.limits = self._build_limits(config)
+        if self.limits is not None:
+            report_limit_alerts(self.limits.limiter.alerts, self.events, "smtp")
+        self.policy = SessionPolicy(config, verifier=self.verifier, limits=self.limits)
         if config.auth.users:
             self.authenticator = Authenticator(
                 config.auth, clock=reactor, reactor=reactor, threadpool=self.threadpool
@@ -392,6 +421,22 @@ class DcRouter(MultiService):
         # Delivery starts on a message as soon as it is durable, not at the next periodic look.
         manager = self.delivery
         self.processor.on_queued = lambda item: manager.wake()
+
+    def _build_limits(self, config: SmtpConfig) -> IngressLimits | None:
+        """SMTP rate limits when any is configured; with the Redis queue their counters are in the same
+        Redis (a connection pool of their own, with a short deadline: a check waits at most a second before
+        it falls back to counting in this process)."""
+        redis_call = None
+        if limits_configured(config) and config.queue_storage == "redis":
+            from dcrouter.net.redis_url import parse_redis_url
+            from dcrouter.queue.redis_connection import RedisConnection
+
+            assert config.redis_url is not None  # the configuration check requires it
+            self._limits_redis = RedisConnection(
+                parse_redis_url(config.redis_url), reactor=self._reactor, timeout=1.0, pool_size=2
+            )
+            redis_call = self._limits_redis.call
+        return build_ingress_limits(config, self._reactor, redis_call)
 
     def _build_verifier(self, config: SmtpConfig) -> RecipientVerifier | None:
         """Recipient verification when some domainConfigs entry asks for it; callouts get a connection pool
@@ -611,6 +656,8 @@ class DcRouter(MultiService):
             await _settle_all(
                 [Deferred.fromCoroutine(self.verifier.close())], "recipient callout connections did not close"
             )
+        if self._limits_redis is not None:
+            await _settle_all([self._limits_redis.disconnect()], "rate limit counters: Redis did not close")
         if self.queue is not None and self._starting is not None:
             try:
                 await self.queue.save()

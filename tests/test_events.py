@@ -482,3 +482,28 @@ class AcmeEventTests(SynchronousTestCase):
         found = samples(metrics)
         self.assertEqual(found[("dcrouter_acme_orders_total", (("kind", "new"), ("result", "failed")))], 1)
         self.assertEqual(found[("dcrouter_acme_orders_total", (("kind", "new"), ("result", "issued")))], 1)
+
+
+class RateLimitEventTests(SynchronousTestCase):
+    def test_limit_alerts_become_events_and_metrics(self) -> None:
+        from dcrouter.limits.alerts import Alerts
+        from dcrouter.router import report_limit_alerts
+
+        bus = EventBus()
+        seen = collect(bus, ("security.*",))
+        metrics = RouterMetrics()
+        metrics.subscribe(bus)
+        alerts = Alerts(hits=2)
+        report_limit_alerts(alerts, bus, "smtp")
+        for _ in range(2):
+            alerts.refused("anonymous.messages.0 (messages per client address)", "192.0.2.9", 60.0, 1000.0)
+        self.assertEqual([e.type for e in seen], ["security.rate_limit"] * 2)
+        self.assertEqual([(e.fields["kind"], e.fields["count"]) for e in seen], [("100%", 1), ("hits", 2)])
+        self.assertEqual({(e.fields["protocol"], e.fields["key"]) for e in seen}, {("smtp", "192.0.2.9")})
+        found = samples(metrics)
+        self.assertEqual(
+            found[("dcrouter_security_events_total", (("rule", "hits"), ("type", "rate_limit")))], 1
+        )
+        self.assertEqual(
+            found[("dcrouter_security_events_total", (("rule", "100%"), ("type", "rate_limit")))], 1
+        )

@@ -186,7 +186,7 @@ class RouterMetrics:
             "security.auth_failure": self._auth_failure,
             "security.policy_violation": lambda e: self._security(e, str(e.fields.get("rule", ""))),
             "security.relay_refused": lambda e: self._security(e, ""),
-            "security.rate_limit": lambda e: self._security(e, str(e.fields.get("limit", ""))),
+            "security.rate_limit": lambda e: self._security(e, str(e.fields.get("kind", ""))),
         }
 
     def _with(self, metric: Any, *values: str) -> Any:

@@ -32,16 +32,26 @@ class ApiError(Exception):
     """An answer other than success: HTTP ``status``, a stable ``code`` and a human ``message``."""
 
     def __init__(
-        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: Mapping[str, str] | None = None,
+        errors: list[str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = dict(headers or {})
+        #: Every problem found, each starting with its key path (a refused configuration), when several.
+        self.errors = errors
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"code": self.code, "message": self.message}}
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.errors is not None:
+            error["errors"] = list(self.errors)
+        return {"error": error}
 
 
 class ApiRequest(Request):

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from dcrouter.delivery.manager import DeliveryManager
@@ -35,6 +36,9 @@ class RouterView:
     smtp_sessions: Callable[[], int] = _zero
     proxy_connections: Callable[[], int] = _zero
     started_at: float = field(default=0.0)
+    #: Reloads the configuration file (``source`` names who asked) and fires with a
+    #: :class:`dcrouter.reload.ReloadOutcome`; None when the router was not started from a file.
+    reload: Callable[[str], Deferred[Any]] | None = None
 
 
 def iso_time(when: float | None) -> str | None:

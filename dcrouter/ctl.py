@@ -188,6 +188,8 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO, environ: dict[str, s
 def _dispatch(client: ApiClient, args: argparse.Namespace) -> Any:
     if args.command == "stats":
         return client.call("GET", "/api/v1/stats")
+    if args.command == "reload":
+        return client.call("POST", "/api/v1/reload", {})
     if args.command == "delivery":
         if args.action == "status":
             return client.call("GET", "/api/v1/delivery")
@@ -227,6 +229,10 @@ def _list(client: ApiClient, args: argparse.Namespace) -> dict[str, Any]:
 def _print(args: argparse.Namespace, result: Any, out: TextIO) -> None:
     if args.command == "stats":
         print_stats(result, out)
+    elif args.command == "reload":
+        out.write(f"reloaded {result['path']}:\n")
+        for change in result["changes"]:
+            out.write(f"  {change}\n")
     elif args.command == "delivery":
         paused = "paused" if result["paused"] else "running"
         out.write(
@@ -300,5 +306,14 @@ def add_commands(commands: Any) -> None:
         "stats", parents=[client], help="queue counts, messages since start, sessions (through the API)"
     )
     stats.set_defaults(action="stats")
-    for parser in (queue, delivery, stats):
+    reload = commands.add_parser(
+        "reload",
+        parents=[client],
+        help="re-read the configuration file and apply it now, like SIGHUP (through the API)",
+        description="Ask the running router to re-read its configuration file (POST /api/v1/reload). Prints "
+        "what changed; an invalid file, or a change that needs a restart, changes nothing and is shown here "
+        "(exit status 1).",
+    )
+    reload.set_defaults(action="reload")
+    for parser in (queue, delivery, stats, reload):
         parser.set_defaults(run=lambda args: run(args, sys.stdout, sys.stderr))

@@ -208,3 +208,71 @@ class DiffTests(SynchronousTestCase):
         self.assertEqual(
             [e.split(":")[0] for e in restart_needed(old, new)], ["smtpConfig.bindAddress"]
         )
+
+
+def proxy_config(*routes: tuple[str, int, str]) -> dict[str, Any]:
+    return {
+        "smartProxyConfig": {
+            "bindAddress": "127.0.0.1",
+            "routes": [
+                {
+                    "name": name,
+                    "match": {"ports": port, "domains": domain},
+                    "action": {"type": "forward", "target": {"host": "127.0.0.1", "port": 9}},
+                }
+                for name, port, domain in routes
+            ],
+        }
+    }
+
+
+class ProxyReloadTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        self.path = os.path.join(directory, "router.json")
+        self.write(proxy_config(("a", 8443, "a.test")))
+        self.reactor = PortsReactor()
+        self.router = DcRouter(load_file(self.path), reactor=self.reactor)
+        self.router.privilegedStartService()
+        self.router.startService()
+        self.addCleanup(self.stop)
+        self.reloader = Reloader(self.router, self.path, lambda work: maybeDeferred(work))
+
+    def stop(self) -> None:
+        self.router.stopService()
+        self.reactor.advance(60)
+
+    def write(self, config: dict[str, Any]) -> None:
+        with open(self.path, "w") as handle:
+            json.dump(config, handle)
+
+    def test_routes_and_ports(self) -> None:
+        proxy = self.router.proxy
+        assert proxy is not None
+        counters = proxy.counters["a"]
+        self.write(proxy_config(("a", 9443, "a.test"), ("b", 9443, "b.test")))
+        outcome = self.successResultOf(self.reloader.reload("api"))
+        self.assertTrue(outcome.applied, outcome.errors)
+        self.assertEqual(sorted(proxy.ports), [9443])
+        self.assertIn("9443 bound", self.reactor.log)
+        self.assertIn("8443 closed", self.reactor.log)
+        route = proxy.context.table.match(9443, "b.test", "127.0.0.1")
+        assert route is not None
+        self.assertEqual(route.name, "b")
+        self.assertIsNone(proxy.context.table.match(8443, "a.test", "127.0.0.1"))
+        # A route that stays keeps its counters; a new one has its own.
+        self.assertIs(proxy.counters["a"], counters)
+        self.assertIn("b", proxy.counters)
+        self.assertIn("smartProxyConfig ports: listening on 9443", outcome.changes)
+
+    def test_proxy_port_taken_changes_nothing(self) -> None:
+        proxy = self.router.proxy
+        assert proxy is not None
+        table = proxy.context.table
+        self.reactor.taken = (9443,)
+        self.write(proxy_config(("a", 9443, "a.test")))
+        outcome = self.successResultOf(self.reloader.reload("api"))
+        self.assertFalse(outcome.applied)
+        self.assertIs(proxy.context.table, table)
+        self.assertEqual(sorted(proxy.ports), [8443])

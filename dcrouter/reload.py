@@ -35,10 +35,10 @@ from dcrouter.processing.build import build_chain
 from dcrouter.proxy.routes import build_routes, listening_ports
 from dcrouter.proxy.service import ProxyBindError
 from dcrouter.proxy.session import ProxySettings
+from dcrouter.router import DcRouter, smtp_tls_config
 from dcrouter.smtp.auth import Authenticator
 from dcrouter.smtp.policy import SessionPolicy
 from dcrouter.smtp.protocol import ESMTPServerFactory
-from dcrouter.router import DcRouter, smtp_tls_config
 from dcrouter.smtp.service import PendingPorts
 
 log = logger(__name__)
@@ -247,8 +247,9 @@ class Reloader:
         if config.domain_configs != old.domain_configs:
             try:
                 verifier = router.build_verifier(config)
-            except Exception as error:  # noqa: BLE001 (StartupError and what the files raise)
+            except Exception as error:  # StartupError, and what reading the files raises
                 raise BuildError(str(error)) from error
+        assert router.policy is not None  # built with smtpConfig
         limits = router.limits
         if (config.rate_limits, config.domain_configs, config.max_recipients) != (
             old.rate_limits,
@@ -360,7 +361,9 @@ class Reloader:
         for error in errors:
             log.error("configuration reload refused: {problem}", problem=error)
         log.error(
-            "configuration reload ({source}) of {path} refused; nothing changed", source=source, path=self._path
+            "configuration reload ({source}) of {path} refused; nothing changed",
+            source=source,
+            path=self._path,
         )
         self._router.events.emit("config.reload_failed", source=source, path=self._path, errors=errors)
         return ReloadOutcome(False, self._path, errors=errors)
@@ -377,5 +380,7 @@ class Reloader:
 
 
 def _proxy_changed(old: DcRouterOptions, new: DcRouterOptions) -> bool:
-    return (old.smart_proxy_config, old.http_domain_routes) != (new.smart_proxy_config, new.http_domain_routes)
-
+    return (old.smart_proxy_config, old.http_domain_routes) != (
+        new.smart_proxy_config,
+        new.http_domain_routes,
+    )

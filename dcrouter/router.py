@@ -543,7 +543,9 @@ class DcRouter(MultiService):
         self.certificates.set_default(key)
         try:
             policy = TlsPolicy(tls_config.tls_profile, tls_config.min_version, tls_config.ciphers)
-            self._smtp_tls_options: CertificateOptions | None = self.certificates.server_options(policy=policy)
+            self._smtp_tls_options: CertificateOptions | None = self.certificates.server_options(
+                policy=policy
+            )
         except ValueError as error:
             raise StartupError(f"smtpConfig.tls: {error}") from error
         return self._smtp_tls_options

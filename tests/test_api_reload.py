@@ -92,7 +92,7 @@ class ReloadEndpointTests(ApiTestBase):
     async def test_needs_admin(self) -> None:
         config = await self.start_from_file()
         self.write(config)
-        code, body, _ = await self.call("POST", "/api/v1/reload", token=READER, body={})
+        code, _, _ = await self.call("POST", "/api/v1/reload", token=READER, body={})
         self.assertEqual(code, 403)
 
     async def test_without_a_file(self) -> None:

@@ -16,7 +16,7 @@ from dcrouter import DcRouter
 from dcrouter.config import load_file
 from dcrouter.events import Event
 from dcrouter.log import level_for
-from dcrouter.reload import ReloadOutcome, Reloader, changed_keys, restart_needed
+from dcrouter.reload import Reloader, ReloadOutcome, changed_keys, restart_needed
 from dcrouter.tap import make_reloader, on_sighup
 from tests.test_net_listen import PortsReactor
 from tests.test_router import write_tls
@@ -62,7 +62,7 @@ class ReloadTests(SynchronousTestCase):
         self.router.privilegedStartService()
         self.router.startService()
         self.addCleanup(self.stop)
-        self.reloader = Reloader(self.router, self.path, lambda work: maybeDeferred(work))
+        self.reloader = Reloader(self.router, self.path, maybeDeferred)
         self.events = Recorder()
         self.router.events.subscribe(self.events, ["config.*"])
 
@@ -165,7 +165,9 @@ class ReloadTests(SynchronousTestCase):
         self.config["smtpConfig"]["persistentPath"] = os.path.abspath(self.mktemp())
         outcome = self.reload()
         self.assertFalse(outcome.applied)
-        self.assertTrue(any("smtpConfig.queueStorage" in e and "needs a restart" in e for e in outcome.errors))
+        self.assertTrue(
+            any("smtpConfig.queueStorage" in e and "needs a restart" in e for e in outcome.errors)
+        )
         self.assertTrue(any("smtpConfig.persistentPath" in e for e in outcome.errors))
 
     def test_log_level(self) -> None:
@@ -187,7 +189,7 @@ class ReloadTests(SynchronousTestCase):
 
     def test_sighup_reloads(self) -> None:
         self.router.reloader = make_reloader(self.router, self.path, self.reactor)
-        self.router.reloader._defer_to_thread = lambda work: maybeDeferred(work)
+        self.router.reloader._defer_to_thread = maybeDeferred
         self.config["smtpConfig"]["ports"] = [2525]
         self.write(self.config)
         on_sighup(self.router)
@@ -205,9 +207,7 @@ class DiffTests(SynchronousTestCase):
         config["smtpConfig"]["bindAddress"] = "127.0.0.2"
         new = load_options(config).options
         self.assertEqual(changed_keys(old, new), ["smtpConfig.maxRetries", "smtpConfig.bindAddress"])
-        self.assertEqual(
-            [e.split(":")[0] for e in restart_needed(old, new)], ["smtpConfig.bindAddress"]
-        )
+        self.assertEqual([e.split(":")[0] for e in restart_needed(old, new)], ["smtpConfig.bindAddress"])
 
 
 def proxy_config(*routes: tuple[str, int, str]) -> dict[str, Any]:
@@ -237,7 +237,7 @@ class ProxyReloadTests(SynchronousTestCase):
         self.router.privilegedStartService()
         self.router.startService()
         self.addCleanup(self.stop)
-        self.reloader = Reloader(self.router, self.path, lambda work: maybeDeferred(work))
+        self.reloader = Reloader(self.router, self.path, maybeDeferred)
 
     def stop(self) -> None:
         self.router.stopService()

@@ -251,7 +251,8 @@ class MakeServiceTests(SynchronousTestCase):
 
 class SighupTests(SynchronousTestCase):
     """SIGHUP under twistd: a handler that hands on_sighup to the reactor thread, which reloads the
-    configuration file (tests/test_reload.py; the real signal to a real twistd is in tests/integration/test_shutdown_twistd.py)."""
+    configuration file (tests/test_reload.py; the real signal to a real twistd is in
+    tests/integration/test_shutdown_twistd.py and test_reload_twistd.py)."""
 
     def test_make_service_adds_the_handler(self) -> None:
         path = write_json(

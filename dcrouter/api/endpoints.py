@@ -220,7 +220,7 @@ class Endpoints:
                 self.reload,
                 "admin",
                 "Read the configuration file again and apply it at once (as SIGHUP does); answers what "
-                "changed. An invalid file, or one that changes a setting only a restart can, changes nothing.",
+                "changed. An invalid file, or one changing a setting only a restart can, changes nothing.",
                 body=(),
                 responses={
                     404: "the router was not started from a configuration file",

@@ -72,8 +72,8 @@ class ApiRoot(Resource):
         self._mounts: list[tuple[str, Resource, str]] = []
 
     def mount(self, path: str, resource: Resource, *, scope: str = "read") -> None:
-        """Serve ``resource`` (its ``render``) at ``path`` and below (``/``: only ``/`` itself), after the Host
-        and token checks."""
+        """Serve ``resource`` (its ``render``) at ``path`` and below (``/``: only ``/`` itself), after the
+        Host and token checks."""
         if scope not in _SCOPES:
             raise ValueError(f"scope must be one of {', '.join(_SCOPES)}: {scope!r}")
         self._mounts.append((path.rstrip("/"), resource, scope))

@@ -216,17 +216,19 @@ class ProxyService(Service):
             self.ports[port] = int(address.port)
             if self.running:
                 resume(listening)
-            log.info("proxy listening on {address}", address=format_address(self.bind_address, self.ports[port]))
+            log.info(
+                "proxy listening on {address}", address=format_address(self.bind_address, self.ports[port])
+            )
         stopping = []
         for port, listening in [entry for entry in self._listening if entry[0] not in ports]:
             self._listening.remove((port, listening))
             log.info(
-                "proxy stopped listening on {address}", address=format_address(self.bind_address, self.ports[port])
+                "proxy stopped listening on {address}",
+                address=format_address(self.bind_address, self.ports[port]),
             )
             del self.ports[port]
             stopping.append(maybeDeferred(listening.stopListening))
-        done = DeferredList(stopping, consumeErrors=True)
-        done.addCallback(lambda _: None)
+        done: Deferred[None] = DeferredList(stopping, consumeErrors=True).addCallback(lambda _: None)
         return done
 
     def unbind(self) -> None:

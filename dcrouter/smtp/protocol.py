@@ -36,7 +36,6 @@ rather than normalised; 500 and 503 replies count toward
 from __future__ import annotations
 
 import copy
-
 import secrets
 from collections.abc import Callable
 from functools import partial

@@ -326,8 +326,7 @@ class SmtpService(Service):
                 address=format_address(config.bind_address, listener.actual_port),
             )
             stopping.append(maybeDeferred(listener.listening.stopListening))
-        done = DeferredList(stopping, consumeErrors=True)
-        done.addCallback(lambda _: None)
+        done: Deferred[None] = DeferredList(stopping, consumeErrors=True).addCallback(lambda _: None)
         return done
 
     def _serving(

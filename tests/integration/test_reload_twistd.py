@@ -30,9 +30,7 @@ PER_CLIENT = 50
 
 def post_reload(api_port: int) -> tuple[int, dict[str, Any]]:
     """``POST /api/v1/reload`` (in a thread): the status and the JSON answer."""
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{api_port}/api/v1/reload", data=b"{}", method="POST"
-    )
+    request = urllib.request.Request(f"http://127.0.0.1:{api_port}/api/v1/reload", data=b"{}", method="POST")
     request.add_header("Authorization", f"Bearer {TOKEN}")
     request.add_header("Content-Type", "application/json")
     try:
@@ -111,9 +109,7 @@ class TwistdReloadTests(TestCase):
         # The load: each client one SMTP session for all its messages, so sessions span several reloads.
         sending = DeferredList(
             [
-                deferToThread(
-                    send_all, self.smtp_port, [message(f"load{c}", n) for n in range(PER_CLIENT)]
-                )
+                deferToThread(send_all, self.smtp_port, [message(f"load{c}", n) for n in range(PER_CLIENT)])
                 for c in range(CLIENTS)
             ],
             fireOnOneErrback=True,
@@ -135,7 +131,9 @@ class TwistdReloadTests(TestCase):
             await deferLater(reactor, 1.0, lambda: None)
         results = await sending
         ids = [queue_id for _, sent in results for queue_id in sent]
-        self.assertEqual(len(set(ids)), CLIENTS * PER_CLIENT)  # every message answered 250, no session dropped
+        self.assertEqual(
+            len(set(ids)), CLIENTS * PER_CLIENT
+        )  # every message answered 250, no session dropped
         received = await self.first.wait_for_messages(CLIENTS * PER_CLIENT).addTimeout(WAIT, reactor)
         expected = {f"<load{c}-{n}@sender.test>" for c in range(CLIENTS) for n in range(PER_CLIENT)}
         self.assertEqual({message_id(r) for r in received}, expected)

@@ -38,7 +38,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from dcrouter.acme.challenges import ChallengeResponder
+from dcrouter.acme.challenges import ChallengeResponder, Dns01Responder
 from dcrouter.acme.service import AcmeService
 from dcrouter.config import ConfigResult, load_options
 from dcrouter.config.options import DcRouterOptions
@@ -50,6 +50,8 @@ from dcrouter.delivery.mx import MxResolver, make_resolver
 from dcrouter.delivery.pool import ConnectionPool
 from dcrouter.delivery.routing import RecipientRouter
 from dcrouter.delivery.transport import ESMTPTransport
+from dcrouter.dns.service import DnsBindError, DnsService
+from dcrouter.dns.zone import build_zones
 from dcrouter.interfaces import IDeliveryQueue
 from dcrouter.log import logger, set_level
 from dcrouter.net.certfiles import TlsMaterialError, generate_self_signed, load_certified_key
@@ -172,7 +174,9 @@ class DcRouter(MultiService):
     verification; None when no domainConfigs entry asks for it), ``threadpool``,
     ``smtp`` (the SmtpService: listening ports and open sessions, for a graceful stop),
     ``smtp_ports`` (configured port → actual port, filled once bound; useful with port 0), ``challenges``
-    (the ACME HTTP-01 responder the proxy serves), ``acme`` (the AcmeService, None without ACME orders), and
+    (the ACME HTTP-01 responder the proxy serves), ``dns_challenges`` (the DNS-01 TXT values the DNS server
+    publishes), ``dns`` (the DnsService, None without dnsServerConfig), ``acme`` (the AcmeService, None
+    without ACME orders), and
     ``certificates``: the router's one :class:`CertificateStore`, whose default is SMTP's certificate once
     bound; SMTP, the proxy and ACME all serve from it, so a certificate put there is offered by SNI to the
     next handshake on any of them.
@@ -209,6 +213,10 @@ class DcRouter(MultiService):
         self.certificates = CertificateStore(clock=reactor)
         # HTTP-01 answers: written by ACME, read by the proxy's port-80 listener.
         self.challenges = ChallengeResponder()
+        # DNS-01 answers: written by ACME, published by the DNS server.
+        self.dns_challenges = Dns01Responder()
+        # First: it binds in privilegedStartService with the others and answers as soon as it starts.
+        self.dns: DnsService | None = self._build_dns()
         # A child service: binds in privilegedStartService, resumes in startService (after the queue has
         # loaded, as SMTP), stops its listeners and then drains its connections in stopService.
         # Terminating routes present certificates from the store and answer HTTP-01 from the responder.
@@ -219,12 +227,34 @@ class DcRouter(MultiService):
             self.proxy.setServiceParent(self)
         # After the proxy, as children start in order: port 80 answers before the first order is placed.
         self.acme: AcmeService | None = AcmeService.from_options(
-            self.options, store=self.certificates, responder=self.challenges, reactor=reactor
+            self.options,
+            store=self.certificates,
+            responder=self.challenges,
+            dns_responder=self.dns_challenges,
+            reactor=reactor,
         )
         if self.acme is not None:
             self.acme.setServiceParent(self)
         if self.smtp_config is not None:
             self._build_smtp(self.smtp_config, queue)
+
+    def _build_dns(self) -> DnsService | None:
+        """The DNS server ``dnsServerConfig`` describes (a child service), or None."""
+        config = self.options.dns_server_config
+        if config is None:
+            return None
+        try:
+            zones = build_zones(
+                self.options, serial=int(self._reactor.seconds()), dynamic=self.dns_challenges
+            )
+        except (OSError, ValueError) as error:
+            # The configuration check read the keys already; one that broke since is a start-up error.
+            raise StartupError(f"dnsServerConfig: {error}") from error
+        service = DnsService(
+            zones, interface=config.udp_bind_interface, port=config.udp_port, reactor=self._reactor
+        )
+        service.setServiceParent(self)
+        return service
 
     def _verification_resolver(self, config: SmtpConfig) -> Any:
         """The resolver inbound verification asks (mtaConfig's servers), when it is enabled."""
@@ -412,16 +442,29 @@ class DcRouter(MultiService):
         except ListenError as error:
             if self.proxy is not None:
                 self.proxy.unbind()
+            if self.dns is not None:
+                self.dns.unbind()
             raise StartupError(str(error)) from error
+
+    def _bind_dns(self) -> None:
+        if self.dns is not None:
+            try:
+                self.dns.bind()
+            except DnsBindError as error:
+                if self.proxy is not None:
+                    self.proxy.unbind()
+                raise StartupError(str(error)) from error
 
     def privilegedStartService(self) -> None:
         self._bind_proxy()
+        self._bind_dns()
         super().privilegedStartService()
         self._bind_smtp()
 
     def startService(self) -> None:
         # Embedded use may call startService alone; bind now then.
         self._bind_proxy()
+        self._bind_dns()
         self._bind_smtp()
         # Children start only after the queue has loaded (in _start): Service's startService, not Multi...'s.
         Service.startService(self)

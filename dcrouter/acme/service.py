@@ -39,7 +39,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from dcrouter.acme.challenges import ChallengeResponder
+from dcrouter.acme.challenges import ChallengeResponder, Dns01Responder
 from dcrouter.acme.client import AcmeAccount, IssuedCertificate, generate_key_pem
 from dcrouter.config.proxy import acme_directory_url, route_domains
 from dcrouter.log import logger
@@ -74,6 +74,13 @@ class CertificateOrder:
         return self.names[0]
 
 
+def _normalize_name(pattern: str) -> str:
+    """A host name normalised, or a ``*.`` wildcard with its base normalised (DNS-01 orders those)."""
+    if pattern.startswith("*."):
+        return "*." + normalize_domain(pattern[2:])
+    return normalize_domain(pattern)
+
+
 def certificate_orders(options: Any) -> list[CertificateOrder]:
     """The certificates ACME must obtain for a DcRouterOptions (see the module docstring); the config
     checks have made sure every name is an exact host name. Names already ordered are not ordered twice."""
@@ -84,7 +91,7 @@ def certificate_orders(options: Any) -> list[CertificateOrder]:
     seen: set[tuple[str, ...]] = set()
 
     def add(patterns: Sequence[str], source: str) -> None:
-        names = tuple(dict.fromkeys(normalize_domain(p) for p in patterns))
+        names = tuple(dict.fromkeys(_normalize_name(p) for p in patterns))
         if names and names not in seen:
             seen.add(names)
             orders.append(CertificateOrder(names, source))
@@ -172,7 +179,8 @@ class AcmeStateDirectory:
             return key
 
     def certificate_directory(self, order: CertificateOrder) -> str:
-        return os.path.join(self.path, "certificates", order.primary)
+        # "*" is awkward in a path; "_" never starts a normalised host name, so "_.example.com" is no one's.
+        return os.path.join(self.path, "certificates", order.primary.replace("*", "_", 1))
 
     def load(self, order: CertificateOrder) -> CertifiedKey | None:
         """The stored certificate of ``order``, or None when there is none or it cannot be read (logged)."""
@@ -234,8 +242,12 @@ class AcmeService(Service):
         ca_bundle: str | None = None,
         account: Issuer | None = None,
         run_blocking: BlockingRunner | None = None,
+        challenge: str = "http-01",
+        dns_responder: Dns01Responder | None = None,
     ) -> None:
         self._reactor = reactor
+        self.challenge = challenge
+        self.dns_responder = dns_responder
         self._clock = reactor
         self.store = store
         self.responder = responder
@@ -259,7 +271,13 @@ class AcmeService(Service):
 
     @classmethod
     def from_options(
-        cls, options: Any, *, store: CertificateStore, responder: ChallengeResponder, reactor: IRouterReactor
+        cls,
+        options: Any,
+        *,
+        store: CertificateStore,
+        responder: ChallengeResponder,
+        reactor: IRouterReactor,
+        dns_responder: Dns01Responder | None = None,
     ) -> AcmeService | None:
         """The service a DcRouterOptions configures, or None when there is nothing to obtain."""
         orders = certificate_orders(options)
@@ -276,6 +294,8 @@ class AcmeService(Service):
             renew_threshold_days=acme.renew_threshold_days,
             auto_renew=acme.auto_renew,
             reactor=reactor,
+            challenge=acme.challenge,
+            dns_responder=dns_responder,
         )
 
     # -- service ---------------------------------------------------------------------------------------
@@ -337,6 +357,8 @@ class AcmeService(Service):
                     reactor=self._reactor,
                     threadpool=self._threadpool,
                     ca_bundle=self._ca_bundle,
+                    challenge=self.challenge,
+                    dns_responder=self.dns_responder,
                 )
         except Exception:  # noqa: BLE001 (no account: every order fails alike; logged, retried as one)
             log.failure("ACME: cannot set up the account in {path}", path=self.state.path)

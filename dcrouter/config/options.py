@@ -11,10 +11,11 @@ reference in ``docs/configuration.md`` are both derived from these declarations.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from dcrouter.config.delivery import MtaConfig
-from dcrouter.config.proxy import HttpDomainRoute, SmartProxyConfig, claimed_ports
+from dcrouter.config.dns import DnsServerConfig, dns_name, zone_of
+from dcrouter.config.proxy import HttpDomainRoute, SmartProxyConfig, acme_names, claimed_ports
 from dcrouter.config.schema import Report, block_check, checked, option
 from dcrouter.config.smtp import SmtpConfig, generated_certificate_paths, smtp_tls_needs
 from dcrouter.config.tls import SharedTlsConfig, TlsConfig
@@ -79,7 +80,42 @@ def proxy_smtp_ports(options: DcRouterOptions, path: str, report: Report) -> Non
                 report.error(where, f"port {p} is also smtpConfig.ports[{i}]")
 
 
-@checked(router_has_work, smtp_tls_needed, proxy_smtp_ports)
+@block_check("dns_server_config", "smtp_config.hostname", "smtp_config.ports")
+def dns_server_fits(options: DcRouterOptions, path: str, report: Report) -> None:
+    """The zones need name servers (``smtpConfig.hostname`` stands in), and the server's TCP port is not one
+    SMTP listens on."""
+    dns = options.dns_server_config
+    if dns is None:
+        return
+    smtp = options.smtp_config
+    if not dns.nameservers and smtp is None:
+        report.error("dnsServerConfig.nameservers", "required without smtpConfig (whose hostname stands in)")
+    if smtp is not None and dns.udp_port in smtp.ports:
+        report.error("dnsServerConfig.udpPort", f"port {dns.udp_port} is also smtpConfig.ports (TCP)")
+
+
+@block_check("dns_server_config", "smart_proxy_config")
+def acme_dns_01(options: DcRouterOptions, path: str, report: Report) -> None:
+    """DNS-01 answers come from the router's own server: it must run and serve every name ordered."""
+    proxy = options.smart_proxy_config
+    if proxy is None or proxy.acme is None or not proxy.acme.enabled or proxy.acme.challenge != "dns-01":
+        return
+    dns = options.dns_server_config
+    if dns is None:
+        report.error(
+            "smartProxyConfig.acme.challenge", '"dns-01" needs dnsServerConfig (the server answering)'
+        )
+        return
+    zones = [dns_name(z) for z in dns.zones]
+    for where, name in acme_names(proxy, "smartProxyConfig"):
+        bare = name[2:] if name.startswith("*.") else name
+        if zone_of(dns_name(bare), zones) is None:
+            report.error(
+                where, f"{name!r} lies in none of dnsServerConfig.zones, so DNS-01 cannot answer for it"
+            )
+
+
+@checked(router_has_work, smtp_tls_needed, proxy_smtp_ports, dns_server_fits, acme_dns_01)
 @dataclass(frozen=True)
 class DcRouterOptions:
     smart_proxy_config: SmartProxyConfig | None = option(
@@ -90,7 +126,11 @@ class DcRouterOptions:
     )
     smtp_config: SmtpConfig | None = option(None, doc="The SMTP store-and-forward gateway.")
     tls: SharedTlsConfig | None = option(None, doc="Certificate shared by the router's services.")
-    dns_server_config: dict[str, Any] | None = option(None, unsupported="The DNS server is not built yet.")
+    dns_server_config: DnsServerConfig | None = option(
+        None,
+        doc="The router's own authoritative DNS server for its zones: configured records, and MX, DKIM, SPF "
+        "and DMARC records generated from the mail configuration (see docs/dns.md).",
+    )
     mta_config: MtaConfig | None = option(None, doc="Direct delivery by MX (when no defaultServer is set).")
     log_level: Literal["debug", "info", "warn", "error", "critical"] = option(
         "info",

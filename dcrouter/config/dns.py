@@ -159,10 +159,11 @@ def dns_records(config: DnsServerConfig, path: str, report: Report) -> None:
         except ValueError as error:
             report.error(join(where, "name"), str(error))
             continue
-        zone = zone_of(name, zones)
-        if zone is None:
+        found = zone_of(name, zones)
+        if found is None:
             report.error(join(where, "name"), f"{record.name!r} lies in none of {join(path, 'zones')}")
             continue
+        zone = found
         try:
             record_data(record.type, record.value, record.ttl)
         except ValueError as error:

@@ -54,13 +54,14 @@ def udp_limit(query: dns.Message) -> int:
 
 def _response(query: dns.Message, rcode: int, auth: bool = False) -> dns.Message:
     response = dns.Message(
-        id=query.id, answer=1, opCode=query.opCode, recDes=query.recDes, recAv=0, auth=int(auth), rCode=rcode
+        id=query.id, answer=1, opCode=query.opCode, recDes=query.recDes, recAv=0, auth=auth, rCode=rcode
     )
     response.maxSize = 0  # never cut inside a record; truncation is decided below, whole sections at a time
     response.queries = list(query.queries)
     if _edns(query) is not None:
         # EDNS was offered: say ours (RFC 6891 §6.1.1: a responder that understands OPT includes one).
-        response.additional = [dns._OPTHeader(udpPayloadSize=EDNS_PAYLOAD)]
+        # twisted.names has no public OPT writer for plain Messages; _OPTHeader encodes like an RRHeader.
+        response.additional = [dns._OPTHeader(udpPayloadSize=EDNS_PAYLOAD)]  # type: ignore[list-item]
     return response
 
 
@@ -105,7 +106,7 @@ def _lookup(zones: ZoneSet, query: dns.Message) -> dns.Message:
     qname = question.name.name
     name = _normalised(qname)
     zone = zones.zone_for(name) if name is not None else None
-    if zone is None or question.cls != dns.IN or question.type in _REFUSED_TYPES:
+    if name is None or zone is None or question.cls != dns.IN or question.type in _REFUSED_TYPES:
         return _response(query, dns.EREFUSED)
     response = _response(query, dns.OK, auth=True)
     soa = zone.soa
@@ -132,7 +133,7 @@ def _lookup(zones: ZoneSet, query: dns.Message) -> dns.Message:
         owner = cname.name.name
         target = _normalised(owner)
         target_zone = zones.zone_for(target) if target is not None else None
-        if target_zone is None:
+        if target is None or target_zone is None:
             return response  # the client resolves the rest elsewhere
         records = zones.records_at(target_zone, target)
         if not records:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.names import dns, server
@@ -61,7 +61,7 @@ class AuthoritativeFactory(server.DNSServerFactory):
         protocol = _TcpProtocol(self)
         protocol.factory = self
         if self._clock is not None:
-            protocol.callLater = self._clock.callLater
+            protocol.callLater = self._clock.callLater  # type: ignore[method-assign]
         return protocol
 
     def messageReceived(self, message: dns.Message, proto: Any, address: Any = None) -> None:
@@ -137,7 +137,8 @@ class DnsService(Service):
         listening, self._listening = self._listening, []
         for connection in list(self.factory.connections):
             connection.transport.loseConnection()
-        return gatherResults([port.stopListening() for port in listening]).addCallback(lambda _: None)
+        stopping = [maybeDeferred(port.stopListening) for port in listening]
+        return gatherResults(stopping).addCallback(lambda _: None)
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()

@@ -4,12 +4,16 @@
 from __future__ import annotations
 
 import copy
+import io
+import json
+import sys
 from typing import Any
 
 from twisted.internet.testing import StringTransport
 from twisted.names import dns
 from twisted.trial import unittest
 
+from dcrouter import cli
 from dcrouter.acme.challenges import Dns01Responder
 from dcrouter.config import ConfigError, load_options
 from dcrouter.dns.answer import EDNS_PAYLOAD, respond
@@ -300,3 +304,45 @@ class ProtocolTests(unittest.TestCase):
         # Idle connections are closed.
         clock.advance(11)
         self.assertTrue(transport.disconnecting)
+
+
+class DnsRecordsCommandTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.out, self.err = io.StringIO(), io.StringIO()
+        self.patch(sys, "stdout", self.out)
+        self.patch(sys, "stderr", self.err)
+
+    def write(self, raw: dict[str, Any]) -> str:
+        path = self.mktemp() + ".json"
+        with open(path, "w") as f:
+            json.dump(raw, f)
+        return path
+
+    def test_prints_the_zone(self) -> None:
+        self.assertEqual(0, cli.main(["dns-records", self.write(CONFIG)]))
+        lines = self.out.getvalue().splitlines()
+        self.assertEqual("$ORIGIN example.com.", lines[0])
+        self.assertRegex(
+            lines[1], r"^example\.com\. 300 IN SOA mx\.example\.com\. hostmaster\.example\.com\. \d+ "
+        )
+        text = self.out.getvalue()
+        for line in [
+            "example.com. 300 IN MX 10 mx.example.com. ; MX of smtpConfig.domainConfigs[0]",
+            'example.com. 300 IN TXT "v=spf1 mx -all" ; dnsServerConfig.mailRecords.spf',
+            '_dmarc.example.com. 300 IN TXT "v=DMARC1; p=reject" ; dnsServerConfig.mailRecords.dmarc',
+            "www.example.com. 300 IN AAAA 2001:db8::10 ; dnsServerConfig.records[1]",
+            "alias.example.com. 300 IN CNAME www.example.com. ; dnsServerConfig.records[2]",
+        ]:
+            self.assertIn(line + "\n", text)
+        self.assertIn('s1._domainkey.example.com. 300 IN TXT "v=DKIM1; k=ed25519; p=', text)
+        self.assertIn(f'"{"x" * 255}" "{"x" * 255}" "{"x" * 190}" ; dnsServerConfig.records[4]', text)
+
+    def test_without_dns_server(self) -> None:
+        raw = copy.deepcopy(CONFIG)
+        del raw["dnsServerConfig"]
+        self.assertEqual(1, cli.main(["dns-records", self.write(raw)]))
+        self.assertIn("dnsServerConfig is not set", self.err.getvalue())
+
+    def test_invalid_configuration(self) -> None:
+        self.assertEqual(1, cli.main(["dns-records", self.write(_config(zones=[]))]))
+        self.assertIn("dnsServerConfig.zones: must not be empty", self.err.getvalue())

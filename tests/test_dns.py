@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import os
 import sys
 from typing import Any
 
@@ -15,6 +16,7 @@ from twisted.trial import unittest
 
 from dcrouter import cli
 from dcrouter.acme.challenges import Dns01Responder
+from dcrouter.acme.service import AcmeStateDirectory, certificate_orders
 from dcrouter.config import ConfigError, load_options
 from dcrouter.dns.answer import EDNS_PAYLOAD, respond
 from dcrouter.dns.service import AuthoritativeFactory
@@ -346,3 +348,83 @@ class DnsRecordsCommandTests(unittest.TestCase):
     def test_invalid_configuration(self) -> None:
         self.assertEqual(1, cli.main(["dns-records", self.write(_config(zones=[]))]))
         self.assertIn("dnsServerConfig.zones: must not be empty", self.err.getvalue())
+
+
+class AcmeOrderTests(unittest.TestCase):
+    def test_wildcard_orders(self) -> None:
+        raw = copy.deepcopy(CONFIG)
+        state = self.mktemp()
+        raw["smartProxyConfig"] = {
+            "acme": {
+                "enabled": True,
+                "accountEmail": "a@example.com",
+                "challenge": "dns-01",
+                "stateDirectory": state,
+            },
+            "routes": [
+                {
+                    "match": {"ports": 8443, "domains": ["*.Example.com", "example.com"]},
+                    "action": {"type": "forward", "target": {"host": "127.0.0.1", "port": 8080}},
+                    "tls": {"mode": "terminate", "certificate": "auto"},
+                }
+            ],
+        }
+        options = load_options(raw).options
+        [order] = certificate_orders(options)
+        self.assertEqual(("*.example.com", "example.com"), order.names)
+        directory = AcmeStateDirectory(state, "https://ca.example/dir").certificate_directory(order)
+        self.assertEqual("_.example.com", os.path.basename(directory))
+
+    def test_http01_still_refuses_wildcards(self) -> None:
+        raw = copy.deepcopy(CONFIG)
+        raw["smartProxyConfig"] = {
+            "acme": {"enabled": True, "accountEmail": "a@example.com", "stateDirectory": self.mktemp()},
+            "routes": [
+                {
+                    "match": {"ports": 8443, "domains": ["*.example.com"]},
+                    "action": {"type": "forward", "target": {"host": "127.0.0.1", "port": 8080}},
+                    "tls": {"mode": "terminate", "certificate": "auto"},
+                }
+            ],
+        }
+        with self.assertRaises(ConfigError) as caught:
+            load_options(raw)
+        self.assertIn("ACME by HTTP-01 cannot obtain wildcard certificates", caught.exception.errors[0])
+
+    def test_dns01_needs_the_server(self) -> None:
+        raw = copy.deepcopy(CONFIG)
+        del raw["dnsServerConfig"]
+        raw["smartProxyConfig"] = {
+            "acme": {
+                "enabled": True,
+                "accountEmail": "a@example.com",
+                "challenge": "dns-01",
+                "stateDirectory": self.mktemp(),
+            },
+            "routes": [
+                {
+                    "match": {"ports": 8443, "domains": ["www.example.com"]},
+                    "action": {"type": "forward", "target": {"host": "127.0.0.1", "port": 8080}},
+                    "tls": {"mode": "terminate", "certificate": "auto"},
+                }
+            ],
+        }
+        with self.assertRaises(ConfigError) as caught:
+            load_options(raw)
+        self.assertEqual(
+            ['smartProxyConfig.acme.challenge: "dns-01" needs dnsServerConfig (the server answering)'],
+            caught.exception.errors,
+        )
+
+
+class Dns01ResponderTests(unittest.TestCase):
+    def test_several_values_at_one_name(self) -> None:
+        responder = Dns01Responder()
+        responder.add("_acme-challenge.example.com", "a")
+        responder.add("_ACME-challenge.example.com.", "b")
+        self.assertEqual(["a", "b"], responder.txt_values("_acme-challenge.example.com"))
+        responder.remove("_acme-challenge.example.com", "a")
+        responder.remove("_acme-challenge.example.com", "unknown")
+        self.assertEqual(["b"], responder.txt_values("_acme-challenge.example.com."))
+        responder.remove("_acme-challenge.example.com", "b")
+        self.assertEqual(0, len(responder))

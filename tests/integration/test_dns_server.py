@@ -22,8 +22,9 @@ from twisted.trial.unittest import TestCase
 
 from dcrouter import DcRouter
 from dcrouter.config import load_options
-from dcrouter.dns.service import DnsService
+from dcrouter.dns.service import DnsBindError, DnsService
 from dcrouter.dns.zone import build_zones
+from dcrouter.router import StartupError
 from tests.dns_zone import resolver
 from tests.integration import free_ports
 from tests.pebble import SKIP_REASON as PEBBLE_SKIP
@@ -205,3 +206,25 @@ class Dns01IssuanceTests(TestCase):
 
     def test_wildcard_certificate_by_dns01(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._wildcard())
+
+
+class BindTests(ServerCase):
+    def test_port_taken(self) -> None:
+        zones = build_zones(load_options(copy.deepcopy(CONFIG)).options, serial=1)
+        second = DnsService(zones, interface="127.0.0.1", port=self.port, reactor=reactor)
+        with self.assertRaises(DnsBindError) as caught:
+            second.bind()
+        self.assertIn(
+            f"dnsServerConfig.udpPort: cannot listen on 127.0.0.1:{self.port} (UDP)", str(caught.exception)
+        )
+
+    def test_router_refuses_to_start(self) -> None:
+        raw = copy.deepcopy(CONFIG)
+        raw["smtpConfig"]["ports"] = free_ports(1)
+        raw["smtpConfig"]["bindAddress"] = "127.0.0.1"
+        raw["smtpConfig"]["queueStorage"] = "memory"
+        raw["dnsServerConfig"]["udpPort"] = self.port
+        router = DcRouter(raw, reactor=reactor)
+        with self.assertRaises(StartupError) as caught:
+            router.privilegedStartService()
+        self.assertIn("dnsServerConfig.udpPort: cannot listen on", str(caught.exception))

@@ -107,7 +107,8 @@ def smtp_tls_config(options: DcRouterOptions) -> TlsConfig | None:
     shared = options.tls
     if shared is not None and shared.cert_path and shared.key_path:
         return dataclasses.replace(own or TlsConfig(), cert_path=shared.cert_path, key_path=shared.key_path)
-    if smtp is not None and smtp_tls_needs(smtp):
+    # With tls.acme, a stand-in until ACME's certificate arrives: STARTTLS is offered from the start.
+    if smtp is not None and (smtp_tls_needs(smtp) or (own is not None and own.acme)):
         cert_path: str | None = None
         key_path: str | None = None
         if smtp.queue_storage != "memory":
@@ -407,7 +408,13 @@ class DcRouter(MultiService):
                 key = load_certified_key(tls_config, config.hostname, addresses=(config.bind_address,))
         except (TlsMaterialError, OSError) as error:
             raise StartupError(f"smtpConfig.tls: {error}") from error
-        if generated:
+        if generated and tls_config.acme:
+            log.info(
+                "smtpConfig.tls: serving a generated self-signed certificate for {hostname} until ACME's "
+                "arrives",
+                hostname=config.hostname,
+            )
+        elif generated:
             # Loud: a self-signed certificate is for trials, and clients that verify refuse it.
             log.warn(
                 "smtpConfig.tls: generated a self-signed certificate for {hostname} {where}; clients that "

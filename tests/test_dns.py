@@ -428,3 +428,49 @@ class Dns01ResponderTests(unittest.TestCase):
         self.assertEqual(["b"], responder.txt_values("_acme-challenge.example.com."))
         responder.remove("_acme-challenge.example.com", "b")
         self.assertEqual(0, len(responder))
+
+
+class SmtpAcmeTests(unittest.TestCase):
+    def options(self, challenge: str = "dns-01", **smtp: Any) -> dict[str, Any]:
+        raw = copy.deepcopy(CONFIG)
+        raw["smtpConfig"]["tls"] = {"acme": True}
+        raw["smtpConfig"].update(smtp)
+        raw["smartProxyConfig"] = {
+            "acme": {"enabled": True, "accountEmail": "a@example.com", "challenge": challenge,
+                     "stateDirectory": self.mktemp()},
+        }  # fmt: skip
+        return raw
+
+    def test_order_is_the_default(self) -> None:
+        [order] = certificate_orders(load_options(self.options()).options)
+        self.assertEqual(
+            (("mx.example.com",), True, "smtpConfig.tls.acme"), (order.names, order.default, order.source)
+        )
+
+    def test_needs_acme_enabled(self) -> None:
+        raw = self.options()
+        del raw["smartProxyConfig"]
+        with self.assertRaises(ConfigError) as caught:
+            load_options(raw)
+        self.assertEqual(
+            ["smtpConfig.tls.acme: needs smartProxyConfig.acme.enabled = true (the account and CA)"],
+            caught.exception.errors,
+        )
+
+    def test_http01_needs_port_80_answered(self) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            load_options(self.options("http-01"))
+        self.assertIn("smtpConfig.tls.acme: HTTP-01 is answered by the proxy", caught.exception.errors[0])
+
+    def test_hostname_in_zones(self) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            load_options(self.options(hostname="mx.example.org"))
+        self.assertEqual(
+            [
+                (
+                    "smtpConfig.hostname: 'mx.example.org' lies in none of dnsServerConfig.zones, so DNS-01 "
+                    "cannot answer for it"
+                )
+            ],
+            caught.exception.errors,
+        )

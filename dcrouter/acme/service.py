@@ -2,7 +2,8 @@
 
 What is ordered (:func:`certificate_orders`), with ``acme.enabled``: one certificate per terminating route
 with ``tls.certificate = "auto"`` for the names of its ``match.domains``, and one per ``domainConfigs``
-entry with ``useNetworkProxy`` and no ``certificate`` files for its ``domains``.
+entry with ``useNetworkProxy`` and no ``certificate`` files for its ``domains``; with ``smtpConfig.tls.acme``,
+one for ``smtpConfig.hostname``, which also becomes the store's default (SMTP clients rarely send SNI).
 
 Lifecycle:
 
@@ -25,6 +26,7 @@ Orders run one at a time: a CA's rate limits are per account, and nothing is gai
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -68,6 +70,8 @@ class CertificateOrder:
 
     names: tuple[str, ...]
     source: str
+    #: Also the certificate served to clients whose SNI matches nothing (SMTP's: ``smtpConfig.tls.acme``).
+    default: bool = False
 
     @property
     def primary(self) -> str:
@@ -104,6 +108,14 @@ def certificate_orders(options: Any) -> list[CertificateOrder]:
         # An entry with its own certificate files terminates with those.
         if entry.use_network_proxy and entry.certificate is None:
             add(entry.domains, f"smartProxyConfig.domainConfigs[{i}]")
+    smtp = options.smtp_config
+    if smtp is not None and smtp.tls is not None and smtp.tls.acme:
+        names = (_normalize_name(smtp.hostname),)
+        same = [i for i, order in enumerate(orders) if order.names == names]
+        if same:  # a route orders that very certificate already: it is SMTP's default too
+            orders[same[0]] = dataclasses.replace(orders[same[0]], default=True)
+        else:
+            orders.append(CertificateOrder(names, "smtpConfig.tls.acme", default=True))
     return orders
 
 
@@ -431,6 +443,8 @@ class AcmeService(Service):
         state.current = key
         for name in state.order.names:
             self.store.put(name, key)
+        if state.order.default:
+            self.store.set_default(key)
 
     def _failed(self, state: OrderState, error: BaseException | None = None) -> None:
         state.failures += 1

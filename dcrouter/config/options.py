@@ -15,14 +15,22 @@ from typing import Literal
 
 from dcrouter.config.delivery import MtaConfig
 from dcrouter.config.dns import DnsServerConfig, dns_name, zone_of
-from dcrouter.config.proxy import HttpDomainRoute, SmartProxyConfig, acme_names, claimed_ports
+from dcrouter.config.proxy import (
+    HttpDomainRoute,
+    SmartProxyConfig,
+    acme_names,
+    claimed_ports,
+    terminates_somewhere,
+)
 from dcrouter.config.schema import Report, block_check, checked, option
 from dcrouter.config.smtp import SmtpConfig, generated_certificate_paths, smtp_tls_needs
 from dcrouter.config.tls import SharedTlsConfig, TlsConfig
 
 
 def _tls_usable(tls: TlsConfig | None) -> bool:
-    return tls is not None and (tls.self_signed or (tls.cert_path is not None and tls.key_path is not None))
+    return tls is not None and (
+        tls.self_signed or tls.acme or (tls.cert_path is not None and tls.key_path is not None)
+    )
 
 
 @block_check(
@@ -94,7 +102,25 @@ def dns_server_fits(options: DcRouterOptions, path: str, report: Report) -> None
         report.error("dnsServerConfig.udpPort", f"port {dns.udp_port} is also smtpConfig.ports (TCP)")
 
 
-@block_check("dns_server_config", "smart_proxy_config")
+@block_check("smtp_config.tls", "smtp_config.hostname", "smart_proxy_config")
+def smtp_acme(options: DcRouterOptions, path: str, report: Report) -> None:
+    """SMTP's certificate from ACME needs ACME enabled, and for HTTP-01 a proxy that answers port 80."""
+    smtp = options.smtp_config
+    assert smtp is not None  # the needs through smtp_config are met only when it is set
+    if smtp.tls is None or not smtp.tls.acme:
+        return
+    proxy = options.smart_proxy_config
+    if proxy is None or proxy.acme is None or not proxy.acme.enabled:
+        report.error("smtpConfig.tls.acme", "needs smartProxyConfig.acme.enabled = true (the account and CA)")
+    elif proxy.acme.challenge == "http-01" and not terminates_somewhere(proxy):
+        report.error(
+            "smtpConfig.tls.acme",
+            "HTTP-01 is answered by the proxy on acme.port only when it terminates TLS for some route; "
+            'use smartProxyConfig.acme.challenge = "dns-01" with dnsServerConfig',
+        )
+
+
+@block_check("dns_server_config", "smart_proxy_config", "smtp_config.tls", "smtp_config.hostname")
 def acme_dns_01(options: DcRouterOptions, path: str, report: Report) -> None:
     """DNS-01 answers come from the router's own server: it must run and serve every name ordered."""
     proxy = options.smart_proxy_config
@@ -107,7 +133,11 @@ def acme_dns_01(options: DcRouterOptions, path: str, report: Report) -> None:
         )
         return
     zones = [dns_name(z) for z in dns.zones]
-    for where, name in acme_names(proxy, "smartProxyConfig"):
+    names = acme_names(proxy, "smartProxyConfig")
+    smtp = options.smtp_config
+    if smtp is not None and smtp.tls is not None and smtp.tls.acme:
+        names.append(("smtpConfig.hostname", smtp.hostname))
+    for where, name in names:
         bare = name[2:] if name.startswith("*.") else name
         if zone_of(dns_name(bare), zones) is None:
             report.error(
@@ -115,7 +145,7 @@ def acme_dns_01(options: DcRouterOptions, path: str, report: Report) -> None:
             )
 
 
-@checked(router_has_work, smtp_tls_needed, proxy_smtp_ports, dns_server_fits, acme_dns_01)
+@checked(router_has_work, smtp_tls_needed, proxy_smtp_ports, dns_server_fits, smtp_acme, acme_dns_01)
 @dataclass(frozen=True)
 class DcRouterOptions:
     smart_proxy_config: SmartProxyConfig | None = option(

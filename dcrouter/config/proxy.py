@@ -731,7 +731,7 @@ def claimed_ports(
             multiple = isinstance(route.match.ports, list)
             for j, (start, end) in enumerate(port_ranges(route.match.ports)):
                 claims.append((f"{where}[{j}]" if multiple else where, start, end))
-        if proxy.acme is not None and _terminates_somewhere(proxy):
+        if proxy.acme is not None and terminates_somewhere(proxy):
             # The proxy then listens on acme.port too (challenges, redirects to HTTPS): see proxy/routes.py.
             claims.append((f"{base}.acme.port", proxy.acme.port, proxy.acme.port))
     for i, http_route in enumerate(http_routes or ()):
@@ -740,7 +740,7 @@ def claimed_ports(
     return claims
 
 
-def _terminates_somewhere(proxy: SmartProxyConfig) -> bool:
+def terminates_somewhere(proxy: SmartProxyConfig) -> bool:
     """Whether any route of ``proxy`` terminates TLS (a routes[] tls.mode other than passthrough, or a
     domainConfigs entry with useNetworkProxy)."""
     if any(entry.use_network_proxy for entry in proxy.domain_configs):

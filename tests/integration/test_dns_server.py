@@ -228,3 +228,72 @@ class BindTests(ServerCase):
         with self.assertRaises(StartupError) as caught:
             router.privilegedStartService()
         self.assertIn("dnsServerConfig.udpPort: cannot listen on", str(caught.exception))
+
+
+def _smtp_certificate(port: int) -> bytes:
+    """The DER certificate SMTP on 127.0.0.1:``port`` presents after STARTTLS to a client sending no SNI (an
+    address as server name sends none), as most MX clients do."""
+    import smtplib
+    import ssl
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.ehlo("client.example")
+        client.starttls(context=context)
+        assert client.sock is not None
+        der = client.sock.getpeercert(binary_form=True)  # type: ignore[attr-defined]
+        assert der is not None
+        return bytes(der)
+
+
+class SmtpCertificateByDns01Tests(TestCase):
+    skip = PEBBLE_SKIP
+    timeout = 90
+
+    async def _smtp(self) -> None:
+        dns_port, http_port, smtp_port = free_ports(3)
+        pebble = start_pebble(self, http_port, dns_server=f"127.0.0.1:{dns_port}")
+        previous = os.environ.get("REQUESTS_CA_BUNDLE")
+        os.environ["REQUESTS_CA_BUNDLE"] = pebble.ca_bundle
+        self.addCleanup(Dns01IssuanceTests._restore_environment, self, "REQUESTS_CA_BUNDLE", previous)
+        options: dict[str, Any] = {
+            "smtpConfig": {
+                "ports": [smtp_port],
+                "bindAddress": "127.0.0.1",
+                "hostname": "mx.example.test",
+                "queueStorage": "memory",
+                "tls": {"acme": True},
+            },
+            "dnsServerConfig": {
+                "udpPort": dns_port,
+                "udpBindInterface": "127.0.0.1",
+                "zones": ["example.test"],
+            },
+            "smartProxyConfig": {
+                "bindAddress": "127.0.0.1",
+                "acme": {
+                    "enabled": True,
+                    "challenge": "dns-01",
+                    "accountEmail": "admin@example.test",
+                    "directoryUrl": pebble.directory_url,
+                    "stateDirectory": os.path.abspath(self.mktemp()),
+                    "port": http_port,
+                },
+            },
+        }
+        router = DcRouter(options, reactor=reactor)
+        router.privilegedStartService()
+        router.startService()
+        self.addCleanup(router.stopService)
+        await router.when_ready()
+        assert router.acme is not None
+        await router.acme.when_settled()
+        served = x509.load_der_x509_certificate(await deferToThread(_smtp_certificate, smtp_port))
+        san = served.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        self.assertEqual(["mx.example.test"], san.get_values_for_type(x509.DNSName), pebble.log_tail())
+        self.assertIn("Pebble", served.issuer.rfc4514_string())
+
+    def test_smtp_certificate_by_dns01(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._smtp())

@@ -44,6 +44,7 @@ from twisted.python.threadpool import ThreadPool
 from dcrouter.acme.challenges import ChallengeResponder, Dns01Responder
 from dcrouter.acme.client import AcmeAccount, IssuedCertificate, generate_key_pem
 from dcrouter.config.proxy import acme_directory_url, route_domains
+from dcrouter.events import NO_EVENTS, EventBus
 from dcrouter.log import logger
 from dcrouter.net.certstore import CertificateStore, CertifiedKey
 from dcrouter.net.domains import normalize_domain
@@ -256,10 +257,13 @@ class AcmeService(Service):
         run_blocking: BlockingRunner | None = None,
         challenge: str = "http-01",
         dns_responder: Dns01Responder | None = None,
+        events: EventBus = NO_EVENTS,
     ) -> None:
         self._reactor = reactor
         self.challenge = challenge
         self.dns_responder = dns_responder
+        #: Where certificate.issued and certificate.order_failed go (dcrouter.events).
+        self.events = events
         self._clock = reactor
         self.store = store
         self.responder = responder
@@ -290,6 +294,7 @@ class AcmeService(Service):
         responder: ChallengeResponder,
         reactor: IRouterReactor,
         dns_responder: Dns01Responder | None = None,
+        events: EventBus = NO_EVENTS,
     ) -> AcmeService | None:
         """The service a DcRouterOptions configures, or None when there is nothing to obtain."""
         orders = certificate_orders(options)
@@ -308,6 +313,7 @@ class AcmeService(Service):
             reactor=reactor,
             challenge=acme.challenge,
             dns_responder=dns_responder,
+            events=events,
         )
 
     # -- service ---------------------------------------------------------------------------------------
@@ -415,6 +421,7 @@ class AcmeService(Service):
         if not self.running:
             return
         names = state.order.names
+        renewal = state.current is not None
         assert self._account is not None
         log.info(
             "ACME: ordering a certificate for {names} from {directory} ({why})",
@@ -428,9 +435,22 @@ class AcmeService(Service):
             await self._run(self.state.save, state.order, issued)
         except Exception as error:  # noqa: BLE001 (any failure is logged and retried; the service goes on)
             self._failed(state, error)
+            self.events.emit(
+                "certificate.order_failed",
+                name=state.order.primary,
+                renewal=renewal,
+                failures=state.failures,
+                error=str(error)[:200],
+            )
             return
         self._use(state, key)
         state.failures = 0
+        self.events.emit(
+            "certificate.issued",
+            name=state.order.primary,
+            renewal=renewal,
+            notAfter=key.not_after.timestamp(),
+        )
         log.info(
             "ACME: obtained a certificate for {names}, valid until {not_after}",
             names=", ".join(names),

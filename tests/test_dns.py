@@ -474,3 +474,70 @@ class SmtpAcmeTests(unittest.TestCase):
             ],
             caught.exception.errors,
         )
+
+
+class WithoutSmtpTests(unittest.TestCase):
+    """A DNS server (and ACME) without smtpConfig: the checks that read smtpConfig when it is there still
+    run when it is not."""
+
+    def base(self) -> dict[str, Any]:
+        return {
+            "dnsServerConfig": {
+                "udpPort": 5300,
+                "zones": ["example.test"],
+                "nameservers": ["ns.example.test"],
+            }
+        }
+
+    def test_nameservers_required(self) -> None:
+        raw = self.base()
+        del raw["dnsServerConfig"]["nameservers"]
+        with self.assertRaises(ConfigError) as caught:
+            load_options(raw)
+        self.assertIn(
+            "dnsServerConfig.nameservers: required without smtpConfig (whose hostname stands in)",
+            caught.exception.errors,
+        )
+
+    def test_dns01_name_outside_zones(self) -> None:
+        raw = self.base()
+        raw["smartProxyConfig"] = {
+            "acme": {"enabled": True, "accountEmail": "a@example.test", "challenge": "dns-01",
+                     "stateDirectory": self.mktemp()},
+            "routes": [
+                {
+                    "match": {"ports": 8443, "domains": ["*.example.org"]},
+                    "action": {"type": "forward", "target": {"host": "127.0.0.1", "port": 8080}},
+                    "tls": {"mode": "terminate", "certificate": "auto"},
+                }
+            ],
+        }  # fmt: skip
+        with self.assertRaises(ConfigError) as caught:
+            load_options(raw)
+        self.assertEqual(1, len(caught.exception.errors), caught.exception.errors)
+        self.assertIn("'*.example.org' lies in none of dnsServerConfig.zones", caught.exception.errors[0])
+
+    def test_port_shared_with_proxy_or_api(self) -> None:
+        raw = self.base()
+        raw["dnsServerConfig"]["udpPort"] = 8443
+        raw["smartProxyConfig"] = {"fromPort": 8443, "targetIP": "127.0.0.1"}
+        raw["apiConfig"] = {"enabled": True, "port": 8443}
+        with self.assertRaises(ConfigError) as caught:
+            load_options(raw)
+        self.assertEqual(
+            [
+                "dnsServerConfig.udpPort: port 8443 is also smartProxyConfig.fromPort (TCP)",
+                "dnsServerConfig.udpPort: port 8443 is also apiConfig.port (TCP)",
+            ],
+            [e for e in caught.exception.errors if e.startswith("dnsServerConfig")],
+        )
+
+    def test_zones_alone_load(self) -> None:
+        options = load_options(self.base()).options
+        zones = build_zones(options, serial=3)
+        zone = zones.zone_for("example.test")
+        assert zone is not None
+        self.assertEqual(
+            [dns.Record_NS("ns.example.test", ttl=300)],
+            [r for r in zone.at("example.test") if r.TYPE == dns.NS],
+        )

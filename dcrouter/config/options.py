@@ -11,7 +11,7 @@ reference in ``docs/configuration.md`` are both derived from these declarations.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 from dcrouter.config.api import ApiConfig
 from dcrouter.config.delivery import MtaConfig
@@ -27,6 +27,8 @@ from dcrouter.config.proxy import (
 from dcrouter.config.schema import Report, block_check, checked, option
 from dcrouter.config.smtp import SmtpConfig, generated_certificate_paths, smtp_tls_needs
 from dcrouter.config.tls import SharedTlsConfig, TlsConfig
+
+_T = TypeVar("_T")
 
 
 def _tls_usable(tls: TlsConfig | None) -> bool:
@@ -90,18 +92,34 @@ def proxy_smtp_ports(options: DcRouterOptions, path: str, report: Report) -> Non
                 report.error(where, f"port {p} is also smtpConfig.ports[{i}]")
 
 
-@block_check("dns_server_config", "smtp_config.hostname", "smtp_config.ports")
+def _loaded(options: Any, attr: str, cls: type[_T]) -> _T | None:
+    """Block ``attr`` of the top level when it loaded without error (a check that does not need it gets
+    a partial view of a failed block, or nothing), else None."""
+    value = getattr(options, attr, None)
+    return value if isinstance(value, cls) else None
+
+
+@block_check("dns_server_config")
 def dns_server_fits(options: DcRouterOptions, path: str, report: Report) -> None:
     """The zones need name servers (``smtpConfig.hostname`` stands in), and the server's TCP port is not one
-    SMTP listens on."""
+    SMTP, the proxy or the API listens on. (Runs without smtpConfig too: it reads the other blocks only when
+    they loaded.)"""
     dns = options.dns_server_config
     if dns is None:
         return
-    smtp = options.smtp_config
-    if not dns.nameservers and smtp is None:
+    smtp = _loaded(options, "smtp_config", SmtpConfig)
+    if not dns.nameservers and getattr(options, "smtp_config", None) is None:
         report.error("dnsServerConfig.nameservers", "required without smtpConfig (whose hostname stands in)")
     if smtp is not None and dns.udp_port in smtp.ports:
         report.error("dnsServerConfig.udpPort", f"port {dns.udp_port} is also smtpConfig.ports (TCP)")
+    proxy = _loaded(options, "smart_proxy_config", SmartProxyConfig)
+    routes = getattr(options, "http_domain_routes", None)
+    for where, start, end in claimed_ports(proxy, routes if isinstance(routes, list) else None):
+        if start <= dns.udp_port <= end:
+            report.error("dnsServerConfig.udpPort", f"port {dns.udp_port} is also {where} (TCP)")
+    api = _loaded(options, "api_config", ApiConfig)
+    if api is not None and api.enabled and api.port == dns.udp_port:
+        report.error("dnsServerConfig.udpPort", f"port {dns.udp_port} is also apiConfig.port (TCP)")
 
 
 @block_check("smtp_config.tls", "smtp_config.hostname", "smart_proxy_config")
@@ -122,7 +140,7 @@ def smtp_acme(options: DcRouterOptions, path: str, report: Report) -> None:
         )
 
 
-@block_check("dns_server_config", "smart_proxy_config", "smtp_config.tls", "smtp_config.hostname")
+@block_check("dns_server_config", "smart_proxy_config")
 def acme_dns_01(options: DcRouterOptions, path: str, report: Report) -> None:
     """DNS-01 answers come from the router's own server: it must run and serve every name ordered."""
     proxy = options.smart_proxy_config
@@ -136,7 +154,7 @@ def acme_dns_01(options: DcRouterOptions, path: str, report: Report) -> None:
         return
     zones = [dns_name(z) for z in dns.zones]
     names = acme_names(proxy, "smartProxyConfig")
-    smtp = options.smtp_config
+    smtp = _loaded(options, "smtp_config", SmtpConfig)  # (smtp_acme checks the rest)
     if smtp is not None and smtp.tls is not None and smtp.tls.acme:
         names.append(("smtpConfig.hostname", smtp.hostname))
     for where, name in names:

@@ -99,10 +99,10 @@ class DnsService(Service):
         where = f"dnsServerConfig.udpPort: cannot listen on {self.interface}:{self.configured_port}"
         # Port 0: a port free for UDP may be taken for TCP; try a few.
         for _attempt in range(20 if self.configured_port == 0 else 1):
+            datagrams = dns.DNSDatagramProtocol(self.factory)
+            datagrams.noisy = False  # our own line below says where it listens
             try:
-                udp = reactor.listenUDP(
-                    self.configured_port, dns.DNSDatagramProtocol(self.factory), interface=self.interface
-                )
+                udp = reactor.listenUDP(self.configured_port, datagrams, interface=self.interface)
             except CannotListenError as error:
                 raise DnsBindError(f"{where} (UDP): {error.socketError}") from error
             port = udp.getHost().port

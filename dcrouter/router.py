@@ -370,6 +370,12 @@ class DcRouter(MultiService):
             zones, interface=config.udp_bind_interface, port=config.udp_port, reactor=self._reactor
         )
         service.setServiceParent(self)
+        self.metrics.watch(
+            "dcrouter_dns_responses",
+            "DNS responses sent by the router's DNS server",
+            lambda: dict(service.factory.responses),
+            ["transport", "rcode", "size"],
+        )
         return service
 
     def _verification_resolver(self, config: SmtpConfig) -> Any:

@@ -7,6 +7,7 @@ query (RFC 7766 §6.2.3), so idle clients cannot hold sockets open.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,17 @@ log = logger(__name__)
 
 #: Seconds a TCP connection may stay idle before the server closes it.
 TCP_IDLE_TIMEOUT = 10.0
+
+
+_RCODES = {
+    dns.OK: "NOERROR",
+    dns.EFORMAT: "FORMERR",
+    dns.ESERVER: "SERVFAIL",
+    dns.ENAME: "NXDOMAIN",
+    dns.ENOTIMP: "NOTIMP",
+    dns.EREFUSED: "REFUSED",
+}
+_SIZES = {0: "full", 1: "truncated"}
 
 
 class DnsBindError(Exception):
@@ -56,6 +68,8 @@ class AuthoritativeFactory(server.DNSServerFactory):
         super().__init__()
         self._zones = zones
         self._clock = clock
+        #: Responses sent by (transport ``udp``/``tcp``, rcode name, ``truncated``/``full``), for metrics.
+        self.responses: Counter[tuple[str, str, str]] = Counter()
 
     def buildProtocol(self, addr: Any) -> dns.DNSProtocol:
         protocol = _TcpProtocol(self)
@@ -67,6 +81,8 @@ class AuthoritativeFactory(server.DNSServerFactory):
     def messageReceived(self, message: dns.Message, proto: Any, address: Any = None) -> None:
         response = respond(self._zones(), message, udp=address is not None)
         if response is not None:
+            rcode = _RCODES.get(response.rCode, "other")
+            self.responses["udp" if address is not None else "tcp", rcode, _SIZES[response.trunc]] += 1
             self.sendReply(proto, response, address)
 
     def sendReply(self, protocol: Any, message: dns.Message, address: Any) -> None:

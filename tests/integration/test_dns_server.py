@@ -14,6 +14,7 @@ import subprocess
 from typing import Any
 
 from cryptography import x509
+from prometheus_client import generate_latest
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
@@ -140,6 +141,16 @@ class TwistedClientTests(ServerCase):
             await client.lookupAddress("nothing.example.com")
         with self.assertRaises(error.DNSQueryRefusedError):
             await client.lookupAddress("www.example.org")
+        self.assertEqual(
+            {
+                ("udp", "NOERROR", "full"): 2,
+                ("udp", "NOERROR", "truncated"): 1,
+                ("tcp", "NOERROR", "full"): 1,
+                ("udp", "NXDOMAIN", "full"): 1,
+                ("udp", "REFUSED", "full"): 1,
+            },
+            dict(self.service.factory.responses),
+        )
 
     def test_lookups(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._lookups())
@@ -203,6 +214,10 @@ class Dns01IssuanceTests(TestCase):
         # The challenge answer was withdrawn once the order settled.
         self.assertEqual(0, len(router.dns_challenges))
         # (pebble refuses HTTP-01 for a wildcard: the certificate is proof that DNS-01 was answered.)
+        exposition = generate_latest(router.metrics.registry).decode()
+        self.assertRegex(
+            exposition, r'dcrouter_dns_responses_total\{rcode="NOERROR",size="full",transport="udp"\} [1-9]'
+        )
 
     def test_wildcard_certificate_by_dns01(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._wildcard())

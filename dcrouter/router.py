@@ -373,7 +373,7 @@ class DcRouter(MultiService):
         self.metrics.watch(
             "dcrouter_dns_responses",
             "DNS responses sent by the router's DNS server",
-            lambda: dict(service.factory.responses),
+            lambda: {labels: float(n) for labels, n in service.factory.responses.items()},
             ["transport", "rcode", "size"],
         )
         return service

@@ -50,6 +50,7 @@ test-peers:
 	command -v sslscan >/dev/null || missing="$$missing sslscan"; \
 	command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing="$$missing haproxy"; \
 	command -v testssl >/dev/null || missing="$$missing testssl.sh"; \
+	command -v dig >/dev/null || missing="$$missing bind9-dnsutils"; \
 	[ -z "$$missing" ] || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    export DEBIAN_FRONTEND=noninteractive; \

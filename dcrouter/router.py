@@ -39,7 +39,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from dcrouter import __version__
-from dcrouter.acme.challenges import ChallengeResponder
+from dcrouter.acme.challenges import ChallengeResponder, Dns01Responder
 from dcrouter.acme.service import AcmeService
 from dcrouter.api.service import ApiService, build_root
 from dcrouter.api.view import RouterView
@@ -53,6 +53,8 @@ from dcrouter.delivery.mx import MxResolver, make_resolver
 from dcrouter.delivery.pool import ConnectionPool
 from dcrouter.delivery.routing import RecipientRouter
 from dcrouter.delivery.transport import ESMTPTransport
+from dcrouter.dns.service import DnsBindError, DnsService
+from dcrouter.dns.zone import build_zones
 from dcrouter.events import EventBus
 from dcrouter.interfaces import IDeliveryQueue
 from dcrouter.limits.alerts import Alerts, LimitAlert
@@ -116,7 +118,8 @@ def smtp_tls_config(options: DcRouterOptions) -> TlsConfig | None:
     shared = options.tls
     if shared is not None and shared.cert_path and shared.key_path:
         return dataclasses.replace(own or TlsConfig(), cert_path=shared.cert_path, key_path=shared.key_path)
-    if smtp is not None and smtp_tls_needs(smtp):
+    # With tls.acme, a stand-in until ACME's certificate arrives: STARTTLS is offered from the start.
+    if smtp is not None and (smtp_tls_needs(smtp) or (own is not None and own.acme)):
         cert_path: str | None = None
         key_path: str | None = None
         if smtp.queue_storage != "memory":
@@ -212,9 +215,11 @@ class DcRouter(MultiService):
     verification; None when no domainConfigs entry asks for it), ``threadpool``,
     ``smtp`` (the SmtpService: listening ports and open sessions, for a graceful stop),
     ``smtp_ports`` (configured port → actual port, filled once bound; useful with port 0), ``challenges``
-    (the ACME HTTP-01 responder the proxy serves), ``acme`` (the AcmeService, None without ACME orders),
-    ``api`` (the management API's ApiService, None unless ``apiConfig.enabled``; ``api.port`` is its bound
-    port and ``api.root`` its resource, where ``/metrics`` and ``/api/v1/events`` can be mounted), and
+    (the ACME HTTP-01 responder the proxy serves), ``dns_challenges`` (the DNS-01 TXT values the DNS server
+    publishes), ``dns`` (the DnsService, None without dnsServerConfig), ``acme`` (the AcmeService, None
+    without ACME orders), ``api`` (the management API's ApiService, None unless ``apiConfig.enabled``;
+    ``api.port`` is its bound port and ``api.root`` its resource, where ``/metrics`` and
+    ``/api/v1/events`` can be mounted), and
     ``certificates``: the router's one :class:`CertificateStore`, whose default is SMTP's certificate once
     bound; SMTP, the proxy and ACME all serve from it, so a certificate put there is offered by SNI to the
     next handshake on any of them. ``events`` is the router's :class:`~dcrouter.events.EventBus` (subscribe
@@ -266,6 +271,10 @@ class DcRouter(MultiService):
         self.metrics.watch_certificates(partial(certificate_expiry, self.certificates))
         # HTTP-01 answers: written by ACME, read by the proxy's port-80 listener.
         self.challenges = ChallengeResponder()
+        # DNS-01 answers: written by ACME, published by the DNS server.
+        self.dns_challenges = Dns01Responder()
+        # First: it binds in privilegedStartService with the others and answers as soon as it starts.
+        self.dns: DnsService | None = self._build_dns()
         # A child service: binds in privilegedStartService, resumes in startService (after the queue has
         # loaded, as SMTP), stops its listeners and then drains its connections in stopService.
         # Terminating routes present certificates from the store and answer HTTP-01 from the responder.
@@ -285,6 +294,7 @@ class DcRouter(MultiService):
             self.options,
             store=self.certificates,
             responder=self.challenges,
+            dns_responder=self.dns_challenges,
             reactor=reactor,
             events=self.events,
         )
@@ -343,6 +353,30 @@ class DcRouter(MultiService):
         root.mount("/metrics", MetricsResource(self.metrics), scope="read")
         root.mount("/api/v1/events", self.observe.stream, scope="read")
         return ApiService(self.options.api_config, root, reactor=reactor)
+
+    def _build_dns(self) -> DnsService | None:
+        """The DNS server ``dnsServerConfig`` describes (a child service), or None."""
+        config = self.options.dns_server_config
+        if config is None:
+            return None
+        try:
+            zones = build_zones(
+                self.options, serial=int(self._reactor.seconds()), dynamic=self.dns_challenges
+            )
+        except (OSError, ValueError) as error:
+            # The configuration check read the keys already; one that broke since is a start-up error.
+            raise StartupError(f"dnsServerConfig: {error}") from error
+        service = DnsService(
+            zones, interface=config.udp_bind_interface, port=config.udp_port, reactor=self._reactor
+        )
+        service.setServiceParent(self)
+        self.metrics.watch(
+            "dcrouter_dns_responses",
+            "DNS responses sent by the router's DNS server",
+            lambda: {labels: float(n) for labels, n in service.factory.responses.items()},
+            ["transport", "rcode", "size"],
+        )
+        return service
 
     def _verification_resolver(self, config: SmtpConfig) -> Any:
         """The resolver inbound verification asks (mtaConfig's servers), when it is enabled."""
@@ -526,7 +560,13 @@ class DcRouter(MultiService):
                 key = load_certified_key(tls_config, config.hostname, addresses=(config.bind_address,))
         except (TlsMaterialError, OSError) as error:
             raise StartupError(f"smtpConfig.tls: {error}") from error
-        if generated:
+        if generated and tls_config.acme:
+            log.info(
+                "smtpConfig.tls: serving a generated self-signed certificate for {hostname} until ACME's "
+                "arrives",
+                hostname=config.hostname,
+            )
+        elif generated:
             # Loud: a self-signed certificate is for trials, and clients that verify refuse it.
             log.warn(
                 "smtpConfig.tls: generated a self-signed certificate for {hostname} {where}; clients that "
@@ -563,6 +603,8 @@ class DcRouter(MultiService):
                 self.proxy.unbind()
             if self.api is not None:
                 self.api.unbind()
+            if self.dns is not None:
+                self.dns.unbind()
             raise StartupError(str(error)) from error
 
     def _bind_api(self) -> None:
@@ -574,10 +616,22 @@ class DcRouter(MultiService):
         except ListenError as error:
             if self.proxy is not None:
                 self.proxy.unbind()
+            if self.dns is not None:
+                self.dns.unbind()
             raise StartupError(str(error)) from error
+
+    def _bind_dns(self) -> None:
+        if self.dns is not None:
+            try:
+                self.dns.bind()
+            except DnsBindError as error:
+                if self.proxy is not None:
+                    self.proxy.unbind()
+                raise StartupError(str(error)) from error
 
     def privilegedStartService(self) -> None:
         self._bind_proxy()
+        self._bind_dns()
         self._bind_api()
         try:
             super().privilegedStartService()  # the metrics listener binds here
@@ -586,12 +640,15 @@ class DcRouter(MultiService):
                 self.proxy.unbind()
             if self.api is not None:
                 self.api.unbind()
+            if self.dns is not None:
+                self.dns.unbind()
             raise StartupError(str(error)) from error
         self._bind_smtp()
 
     def startService(self) -> None:
         # Embedded use may call startService alone; bind now then.
         self._bind_proxy()
+        self._bind_dns()
         self._bind_api()
         self._bind_smtp()
         # Children start only after the queue has loaded (in _start): Service's startService, not Multi...'s.

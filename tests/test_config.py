@@ -227,12 +227,12 @@ class LoadingTests(LoadCase):
 class UnsupportedTests(LoadCase):
     def test_top_level(self) -> None:
         raw = copy.deepcopy(MX_ONLY)
-        raw.update(dnsServerConfig={})
+        raw.update(dnsServerConfig={"zones": ["example.com"], "dnssecZone": "example.com"})
         raw["tls"] = {"contactEmail": "admin@example.com", "domain": "example.com"}
         errors = self.errors(raw)
         self.assertEqual(
             [e.split(":")[0] for e in errors],
-            ["tls.contactEmail", "tls.domain", "dnsServerConfig"],
+            ["tls.contactEmail", "tls.domain", "dnsServerConfig.dnssecZone"],
         )
         for e in errors:
             self.assertIn(": not supported yet: ", e)

@@ -255,18 +255,35 @@ def _sni_disabled(proxy: SmartProxyConfig, path: str, report: Report) -> None:
 _TERMINATING = ("terminate", "terminate-and-reencrypt")
 
 
-def _acme_name_errors(names: tuple[str, ...]) -> str | None:
-    """Why ACME (HTTP-01) cannot obtain a certificate for ``names``, or None."""
+def _acme_name_errors(names: tuple[str, ...], challenge: str) -> str | None:
+    """Why ACME (by ``challenge``) cannot obtain a certificate for ``names``, or None. Whether DNS-01 names
+    lie in the DNS server's zones is checked at the top level (dcrouter.config.options)."""
     if not names:
         return 'ACME needs the names to request: list them in match.domains (not empty or "*")'
     wildcards = [n for n in names if n.startswith("*.")]
-    if wildcards:
+    if wildcards and challenge != "dns-01":
         # RFC 8555 §8.3 / Let's Encrypt: wildcards need DNS-01, which dcrouter does not answer.
         return (
             f"ACME by HTTP-01 cannot obtain wildcard certificates ({', '.join(wildcards)}); "
-            "use certificate files"
+            'use acme.challenge = "dns-01" with dnsServerConfig, or certificate files'
         )
     return None
+
+
+def acme_names(proxy: SmartProxyConfig, path: str) -> list[tuple[str, str]]:
+    """``(key path, name)`` of every name ACME orders a certificate for (as
+    :func:`dcrouter.acme.service.certificate_orders` picks them)."""
+    found: list[tuple[str, str]] = []
+    for i, route in enumerate(proxy.routes):
+        tls = route.tls
+        if tls is not None and tls.mode in _TERMINATING and tls.certificate == "auto":
+            where = f"{join(path, 'routes')}[{i}].match.domains"
+            found.extend((where, name) for name in route_domains(route.match.domains))
+    for i, entry in enumerate(proxy.domain_configs):
+        if entry.use_network_proxy and entry.certificate is None:
+            where = f"{join(path, 'domainConfigs')}[{i}].domains"
+            found.extend((where, name) for name in entry.domains)
+    return found
 
 
 @block_check("routes", "domain_configs", "acme")
@@ -274,6 +291,7 @@ def _acme_certificates(proxy: SmartProxyConfig, path: str, report: Report) -> No
     """A certificate "auto" is one ACME obtains: it needs ACME enabled, a terminating route, and exact names
     (HTTP-01 proves one host name at a time)."""
     acme_on = proxy.acme is not None and proxy.acme.enabled
+    challenge = proxy.acme.challenge if proxy.acme is not None else "http-01"
     for i, route in enumerate(proxy.routes):
         if route.tls is None or route.tls.certificate != "auto":
             continue
@@ -282,14 +300,14 @@ def _acme_certificates(proxy: SmartProxyConfig, path: str, report: Report) -> No
             report.error(join(here, "tls.certificate"), f'"auto" needs {join(here, "tls.mode")} "terminate"')
         if not acme_on:
             report.error(join(here, "tls.certificate"), f'"auto" needs {join(path, "acme.enabled")} = true')
-        problem = _acme_name_errors(route_domains(route.match.domains))
+        problem = _acme_name_errors(route_domains(route.match.domains), challenge)
         if problem:
             report.error(join(here, "match.domains"), problem)
     if not acme_on:
         return
     for i, entry in enumerate(proxy.domain_configs):
         if entry.use_network_proxy and entry.certificate is None:
-            problem = _acme_name_errors(tuple(entry.domains))
+            problem = _acme_name_errors(tuple(entry.domains), challenge)
             if problem:
                 report.error(f"{join(path, 'domainConfigs')}[{i}].domains", problem)
 
@@ -394,6 +412,13 @@ class AcmeConfig:
         False,
         doc="Obtain and renew certificates for terminated domains (domainConfigs with useNetworkProxy, and "
         'routes with `tls.certificate = "auto"`) by HTTP-01.',
+    )
+    challenge: Literal["http-01", "dns-01"] = option(
+        "http-01",
+        addition=True,
+        doc='How control of a name is proven: `"http-01"` (answered on `port`) or `"dns-01"` (TXT records '
+        "published by the router's own DNS server, `dnsServerConfig`, which must serve the names' zones; "
+        "the only way to a wildcard certificate).",
     )
     auto_renew: bool = option(True, doc="Renew certificates before they expire.")
     use_production: bool = option(
@@ -726,7 +751,7 @@ def claimed_ports(
             multiple = isinstance(route.match.ports, list)
             for j, (start, end) in enumerate(port_ranges(route.match.ports)):
                 claims.append((f"{where}[{j}]" if multiple else where, start, end))
-        if proxy.acme is not None and _terminates_somewhere(proxy):
+        if proxy.acme is not None and terminates_somewhere(proxy):
             # The proxy then listens on acme.port too (challenges, redirects to HTTPS): see proxy/routes.py.
             claims.append((f"{base}.acme.port", proxy.acme.port, proxy.acme.port))
     for i, http_route in enumerate(http_routes or ()):
@@ -735,7 +760,7 @@ def claimed_ports(
     return claims
 
 
-def _terminates_somewhere(proxy: SmartProxyConfig) -> bool:
+def terminates_somewhere(proxy: SmartProxyConfig) -> bool:
     """Whether any route of ``proxy`` terminates TLS (a routes[] tls.mode other than passthrough, or a
     domainConfigs entry with useNetworkProxy)."""
     if any(entry.use_network_proxy for entry in proxy.domain_configs):

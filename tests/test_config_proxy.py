@@ -349,10 +349,151 @@ class RouteFormTests(ProxyCase):
 
 
 class UnsupportedTests(ProxyCase):
-    def test_action_types_not_built(self) -> None:
-        errors = self.errors(route(action={"type": "block"}))
-        self.assertEqual([e.split(": ")[0] for e in errors], ["smartProxyConfig.routes[0].action.type"])
-        self.assertIn(": not supported yet: ", errors[0])
+    def test_route_keys_not_built_are_refused_by_path(self) -> None:
+        raw = route(
+            match={"ports": 80, "path": "/api/*", "headers": {"x": "y"}, "tlsVersion": ["TLSv1.3"]},
+            security={"basicAuth": {"users": []}, "jwtAuth": {}, "rateLimit": {"maxRequests": 5}},
+        )
+        raw["smartProxyConfig"]["routes"][0]["action"]["headers"] = {"request": {}}
+        raw["smartProxyConfig"]["routes"][0]["tls"] = None
+        del raw["smartProxyConfig"]["routes"][0]["tls"]
+        errors = self.errors(raw)
+        where = sorted(e.split(": ")[0].removeprefix("smartProxyConfig.routes[0].") for e in errors)
+        self.assertEqual(
+            where,
+            [
+                "action.headers",
+                "match.headers",
+                "match.path",
+                "match.tlsVersion",
+                "security.basicAuth",
+                "security.jwtAuth",
+                "security.rateLimit",
+            ],
+        )
+        for error in errors:
+            self.assertIn(": not supported yet: ", error)
+        self.assertIn("rate limiter", next(e for e in errors if "rateLimit" in e))
+
+    def test_port_templates_not_built(self) -> None:
+        raw = route(action={"type": "forward", "target": {"host": "10.0.0.1", "port": "{port}"}})
+        (error,) = self.errors(raw)
+        self.assertTrue(error.startswith("smartProxyConfig.routes[0].action.target.port: not supported yet"))
+
+
+class ActionConfigTests(ProxyCase):
+    def test_each_action_type_loads(self) -> None:
+        from dcrouter.proxy.routes import Redirect, StaticContent, build_routes
+
+        root = self.mktemp()
+        os.makedirs(root)
+        raw = proxy()
+        raw["smartProxyConfig"]["routes"] = [
+            {
+                "name": "r",
+                "match": {"ports": 80},
+                "action": {"type": "redirect", "redirect": {"to": "https://{domain}{path}{query}"}},
+            },
+            {"name": "s", "match": {"ports": 81}, "action": {"type": "static", "static": {"root": root}}},
+            {
+                "name": "c",
+                "match": {"ports": 82},
+                "action": {"type": "static", "static": {"content": "hi", "status": 503}},
+            },
+            {"name": "b", "match": {"ports": 83}, "action": {"type": "block"}},
+            {"name": "b403", "match": {"ports": 84}, "action": {"type": "block", "status": 403}},
+            {
+                "name": "h",
+                "match": {"ports": 85},
+                "action": {"type": "socket-handler", "socketHandler": "smtp"},
+            },
+        ]
+        routes = {r.name: r for r in build_routes(self.config(raw), None)}
+        self.assertEqual(routes["r"].action.redirect, Redirect("https://{domain}{path}{query}", 301))
+        self.assertEqual(routes["s"].action.static, StaticContent(root=root))
+        self.assertEqual(routes["c"].action.static, StaticContent(content=b"hi", status=503))
+        self.assertEqual((routes["b"].action.type, routes["b"].action.status), ("block", None))
+        self.assertFalse(routes["b"].action.answers_http)
+        self.assertTrue(routes["b403"].action.answers_http)
+        self.assertEqual(routes["h"].action.handler, "smtp")
+        self.assertEqual(routes["h"].target.hosts, ())
+
+    def test_action_tables_checked(self) -> None:
+        raw = proxy()
+        raw["smartProxyConfig"]["routes"] = [
+            {"match": {"ports": 80}, "action": {"type": "redirect"}},
+            {"match": {"ports": 81}, "action": {"type": "static", "static": {}}},
+            {"match": {"ports": 82}, "action": {"type": "static", "static": {"root": "/no/such/dir"}}},
+            {"match": {"ports": 83}, "action": {"type": "forward", "target": {"host": "h"}, "status": 403}},
+            {
+                "match": {"ports": 84},
+                "action": {"type": "redirect", "redirect": {"to": "https://{host}/", "status": 200}},
+            },
+            {"match": {"ports": 85}, "action": {"type": "block", "status": 200}},
+            {"match": {"ports": 86}, "action": {"type": "socket-handler"}},
+        ]
+        errors = [e.removeprefix("smartProxyConfig.routes") for e in self.errors(raw)]
+        self.assertEqual(
+            errors,
+            [
+                '[0].action.redirect: required for type "redirect"',
+                ("[1].action.static: set exactly one of 'root' (a directory of files) and 'content' "
+                "(a fixed body)"),
+                "[2].action.static.root: no such directory: '/no/such/dir'",
+                '[3].action.status: has no effect with type "forward"',
+                ("[4].action.redirect.to: unknown placeholder {host} "
+                "(known: {domain}, {path}, {query}, {port})"),
+                "[4].action.redirect.status: a redirect status is one of 301, 302, 303, 307, 308: 200",
+                "[5].action.status: a block answers an error status (400-599): 200",
+                '[6].action.socketHandler: required for type "socket-handler"',
+            ],
+        )
+
+    def test_tls_in_the_action_as_smartproxy_writes_it(self) -> None:
+        from dcrouter.proxy.routes import build_routes
+
+        raw = proxy()
+        entry = raw["smartProxyConfig"]["routes"][0]
+        entry["action"]["tls"] = entry.pop("tls")
+        entry["action"]["tls"]["mode"] = "terminate"
+        entry["action"]["tls"]["certificate"] = "store"
+        (built,) = build_routes(self.config(raw), None)
+        self.assertEqual((built.tls_mode, built.certificate), ("terminate", "store"))
+        entry["tls"] = {"mode": "passthrough"}
+        self.assertEqual(
+            self.errors(raw),
+            [
+                (
+                    "smartProxyConfig.routes[0].tls: set both here and as "
+                    "smartProxyConfig.routes[0].action.tls; "
+                    "keep one"
+                )
+            ],
+        )
+
+    def test_http_actions_and_tls_modes(self) -> None:
+        raw = proxy()
+        raw["smartProxyConfig"]["routes"] = [
+            {
+                "match": {"ports": 80},
+                "action": {"type": "static", "static": {"content": "x"}, "tls": {"mode": "passthrough"}},
+            },
+            {
+                "match": {"ports": 81},
+                "action": {"type": "socket-handler", "socketHandler": "smtp"},
+                "tls": {"mode": "terminate", "certificate": "store"},
+            },
+        ]
+        self.assertEqual(
+            [e.removeprefix("smartProxyConfig.routes") for e in self.errors(raw)],
+            [
+                (
+                    '[0].action.tls.mode: a "static" action answers HTTP itself: it needs "terminate" '
+                    "(HTTPS) or no tls (plain HTTP)"
+                ),
+                '[1].tls.mode: has no effect with action type "socket-handler"',
+            ],
+        )
 
 
 class TerminationConfigTests(ProxyCase):
@@ -437,7 +578,7 @@ class TerminationConfigTests(ProxyCase):
             [
                 (
                     'routes[0].tls.certificate: required with mode "terminate": {certPath, keyPath}, '
-                    'or "auto" (ACME)'
+                    '"auto" (ACME) or "store"'
                 ),
                 'routes[1].tls.certificate: has no effect with mode "passthrough"',
                 "routes[2].tls.certificate.certPath: cannot read '/none.pem': No such file or directory",

@@ -13,6 +13,7 @@ value into one shape.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -22,7 +23,13 @@ from dcrouter.config.schema import Report, block_check, checked, join, option
 from dcrouter.config.tls import pem_files
 from dcrouter.net.domains import normalize_domain
 
-_FORWARD_ONLY = 'Only "forward" is built.'
+_LATER = "it is planned (issue 12) and refused rather than silently ignored"
+_LIMITER = "waits for the traffic-control rate limiter; " + _LATER
+#: The HTTP statuses a redirect may answer with (RFC 9110 §15.4).
+REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+#: The placeholders a redirect's ``to`` may use (see docs/proxy.md).
+REDIRECT_PLACEHOLDERS = ("domain", "path", "query", "port")
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 
 # --- one-shape views of multi-shape values -----------------------------------------------------------------
 
@@ -49,6 +56,15 @@ def route_domains(value: Any) -> tuple[str, ...]:
     SmartProxy's spelling of that)."""
     items = [value] if isinstance(value, str) else list(value)
     return () if "*" in items else tuple(items)
+
+
+def route_tls(route: Any) -> tuple[Any, str]:
+    """A route's TLS block and its key relative to the route: SmartProxy's ``action.tls``, or dcrouter's
+    older ``tls`` beside ``action`` (both load; setting both is an error)."""
+    action_tls = getattr(route.action, "tls", None)
+    if action_tls is not None:
+        return action_tls, "action.tls"
+    return route.tls, "tls"
 
 
 # --- value checks of multi-shape keys ----------------------------------------------------------------------
@@ -94,13 +110,6 @@ def _host_item(value: Any) -> str | None:
     return values.host_or_ip(value) if isinstance(value, str) else None
 
 
-def _target_port_spec(value: Any) -> str | None:
-    if value == "preserve":
-        return None
-    if not _is_int(value):
-        return f'expected a port number or "preserve", got {value!r}'
-    return values.port(value)
-
 
 def _domains_spec(value: Any) -> str | None:
     if isinstance(value, str):
@@ -117,10 +126,10 @@ def _domain_item(value: Any) -> str | None:
 
 
 def _certificate_spec(value: Any) -> str | None:
-    if value is None or value == "auto":
+    if value is None or value in ("auto", "store"):
         return None
     if not isinstance(value, Mapping):
-        return f'expected "auto" or a {{certPath, keyPath}} table, got {value!r}'
+        return f'expected "auto", "store" or a {{certPath, keyPath}} table, got {value!r}'
     if set(value) != {"certPath", "keyPath"}:
         keys = sorted(map(str, value))
         return f"a certificate table has exactly the keys 'certPath' and 'keyPath', got {keys}"
@@ -130,6 +139,8 @@ def _certificate_spec(value: Any) -> str | None:
 
 
 def _certificate_files_spec(value: Any) -> str | None:
+    if value == "store":
+        return '"store" is a routes[].tls.certificate value; here leave certificate out and set acme'
     if value == "auto":
         return '"auto" is not needed here: with acme.enabled, useNetworkProxy entries get ACME certificates'
     return _certificate_spec(value)
@@ -144,10 +155,78 @@ def _range_order(block: PortRangeConfig, path: str, report: Report) -> None:
         report.error(join(path, "to"), f"{block.to} is less than {join(path, 'from')} ({block.from_})")
 
 
-@block_check("type", "target")
+#: The table each action type is configured by (``forward``: ``target``), and the types that answer HTTP.
+_ACTION_TABLES = {
+    "forward": "target",
+    "redirect": "redirect",
+    "static": "static",
+    "socket-handler": "socketHandler",
+}
+
+
+@block_check("type", "target", "redirect", "static", "status", "socket_handler")
 def _action_target(action: RouteAction, path: str, report: Report) -> None:
-    if action.type == "forward" and action.target is None:
-        report.error(join(path, "target"), 'required for type "forward"')
+    """Each type needs its own table and takes no other's: a ``redirect`` table on a ``forward`` route
+    would otherwise be silently unused."""
+    given = {
+        "target": action.target,
+        "redirect": action.redirect,
+        "static": action.static,
+        "socketHandler": action.socket_handler,
+        "status": action.status,
+    }
+    wanted = _ACTION_TABLES.get(action.type)
+    if wanted is not None and given[wanted] is None:
+        report.error(join(path, wanted), f'required for type "{action.type}"')
+    for key, value in given.items():
+        if value is None or key == wanted or (key == "status" and action.type == "block"):
+            continue
+        report.error(join(path, key), f'has no effect with type "{action.type}"')
+
+
+def _redirect_template(value: str) -> str | None:
+    for name in _PLACEHOLDER.findall(value):
+        if name not in REDIRECT_PLACEHOLDERS:
+            known = ", ".join(f"{{{n}}}" for n in REDIRECT_PLACEHOLDERS)
+            return f"unknown placeholder {{{name}}} (known: {known})"
+    if "{" in _PLACEHOLDER.sub("", value) or "}" in _PLACEHOLDER.sub("", value):
+        return f"unbalanced braces in {value!r}"
+    return values.one_line(value)
+
+
+def _redirect_status(value: int) -> str | None:
+    if value not in REDIRECT_STATUSES:
+        return f"a redirect status is one of {', '.join(map(str, REDIRECT_STATUSES))}: {value}"
+    return None
+
+
+def _http_status(value: int) -> str | None:
+    return None if 200 <= value <= 599 else f"an HTTP status from 200 to 599: {value}"
+
+
+def _block_status(value: int) -> str | None:
+    return None if 400 <= value <= 599 else f"a block answers an error status (400-599): {value}"
+
+
+def _directory(value: str) -> str | None:
+    import os
+
+    if not os.path.isdir(value):
+        return f"no such directory: {value!r}"
+    return None
+
+
+def _index_name(value: str) -> str | None:
+    if not value or "/" in value or value in (".", ".."):
+        return f"an index is a file name in the directory, got {value!r}"
+    return None
+
+
+@block_check("root", "content")
+def _static_source(static: RouteStatic, path: str, report: Report) -> None:
+    """A static action serves files from ``root`` or answers ``content``, one of the two."""
+    if (static.root is None) == (static.content is None):
+        report.error(path, "set exactly one of 'root' (a directory of files) and 'content' (a fixed body)")
 
 
 @block_check("from_port", "to_port", "target_ip")
@@ -252,6 +331,29 @@ def _sni_disabled(proxy: SmartProxyConfig, path: str, report: Report) -> None:
 
 
 _TERMINATING = ("terminate", "terminate-and-reencrypt")
+#: Action types the proxy answers itself over HTTP (plain, or after terminating TLS).
+HTTP_ACTIONS = ("redirect", "static")
+
+
+@block_check("routes")
+def _route_actions(proxy: SmartProxyConfig, path: str, report: Report) -> None:
+    """Where the TLS block is (one place only), and which TLS modes each action can work with."""
+    for i, route in enumerate(proxy.routes):
+        here = f"{join(path, 'routes')}[{i}]"
+        if route.tls is not None and route.action.tls is not None:
+            report.error(join(here, "tls"), f"set both here and as {join(here, 'action.tls')}; keep one")
+        tls, key = route_tls(route)
+        mode = tls.mode if tls is not None else "passthrough"
+        kind = route.action.type
+        if kind in HTTP_ACTIONS and mode == "terminate-and-reencrypt":
+            report.error(join(here, key + ".mode"), f'a "{kind}" action has no target to re-encrypt to')
+        if kind in HTTP_ACTIONS and tls is not None and mode == "passthrough":
+            report.error(
+                join(here, key + ".mode"),
+                f'a "{kind}" action answers HTTP itself: it needs "terminate" (HTTPS) or no tls (plain HTTP)',
+            )
+        if kind == "socket-handler" and mode != "passthrough":
+            report.error(join(here, key + ".mode"), f'has no effect with action type "{kind}"')
 
 
 def _acme_name_errors(names: tuple[str, ...]) -> str | None:
@@ -274,13 +376,18 @@ def _acme_certificates(proxy: SmartProxyConfig, path: str, report: Report) -> No
     (HTTP-01 proves one host name at a time)."""
     acme_on = proxy.acme is not None and proxy.acme.enabled
     for i, route in enumerate(proxy.routes):
-        if route.tls is None or route.tls.certificate != "auto":
+        tls, key = route_tls(route)
+        if tls is None or tls.certificate != "auto":
             continue
         here = f"{join(path, 'routes')}[{i}]"
-        if route.tls.mode not in _TERMINATING:
-            report.error(join(here, "tls.certificate"), f'"auto" needs {join(here, "tls.mode")} "terminate"')
+        if tls.mode not in _TERMINATING:
+            report.error(
+                join(here, f"{key}.certificate"), f'"auto" needs {join(here, key + ".mode")} "terminate"'
+            )
         if not acme_on:
-            report.error(join(here, "tls.certificate"), f'"auto" needs {join(path, "acme.enabled")} = true')
+            report.error(
+                join(here, f"{key}.certificate"), f'"auto" needs {join(path, "acme.enabled")} = true'
+            )
         problem = _acme_name_errors(route_domains(route.match.domains))
         if problem:
             report.error(join(here, "match.domains"), problem)
@@ -310,9 +417,9 @@ _PROFILE_DOC = (
 def _termination_profiles(proxy: SmartProxyConfig, path: str, report: Report) -> None:
     """A TLS profile applies where the proxy ends TLS; elsewhere it would be silently unused."""
     for i, route in enumerate(proxy.routes):
-        tls = route.tls
+        tls, key = route_tls(route)
         if tls is not None and tls.tls_profile is not None and tls.mode not in _TERMINATING:
-            here = f"{join(path, 'routes')}[{i}].tls"
+            here = f"{join(path, 'routes')}[{i}].{key}"
             report.error(join(here, "tlsProfile"), f'has no effect with mode "{tls.mode}"')
     for i, entry in enumerate(proxy.domain_configs):
         if entry.tls_profile is not None and not entry.use_network_proxy:
@@ -326,16 +433,18 @@ def _termination_certificates(proxy: SmartProxyConfig, path: str, report: Report
     does not terminate would be silently unused."""
     acme_on = proxy.acme is not None and proxy.acme.enabled
     for i, route in enumerate(proxy.routes):
-        here = f"{join(path, 'routes')}[{i}].tls"
-        tls = route.tls
+        tls, key = route_tls(route)
+        here = f"{join(path, 'routes')}[{i}].{key}"
         if tls is None:
             continue
         if tls.mode in _TERMINATING and tls.certificate is None:
             report.error(
                 join(here, "certificate"),
-                f'required with mode "{tls.mode}": {{certPath, keyPath}}, or "auto" (ACME)',
+                f'required with mode "{tls.mode}": {{certPath, keyPath}}, "auto" (ACME) or "store"',
             )
-        elif tls.mode not in _TERMINATING and isinstance(tls.certificate, Mapping):
+        elif (tls.mode not in _TERMINATING and tls.certificate == "store") or (
+            tls.mode not in _TERMINATING and isinstance(tls.certificate, Mapping)
+        ):
             report.error(join(here, "certificate"), f'has no effect with mode "{tls.mode}"')
         _certificate_files(tls.certificate, join(here, "certificate"), report)
     for i, entry in enumerate(proxy.domain_configs):
@@ -498,6 +607,21 @@ class RouteMatch:
         "route); empty: any client.",
         each=values.cidr,
     )
+    path: Any = option(None, doc="Request path prefix or glob (HTTP routes).", unsupported=_LATER)
+    headers: Any = option(
+        None, doc="Request header values, exact or /regex/ (HTTP routes).", unsupported=_LATER
+    )
+    tls_version: Any = option(None, doc="TLS versions the ClientHello offers.", unsupported=_LATER)
+
+
+def _target_port_spec(value: Any) -> str | None:
+    if value == "preserve":
+        return None
+    if isinstance(value, str) and "{" in value:
+        return f"not supported yet: port templates ({value!r}); {_LATER}"
+    if not _is_int(value):
+        return f'expected a port number or "preserve", got {value!r}'
+    return values.port(value)
 
 
 @dataclass(frozen=True)
@@ -512,14 +636,35 @@ class RouteTarget:
     )
 
 
-@checked(_action_target)
 @dataclass(frozen=True)
-class RouteAction:
-    type: Literal["forward", "redirect", "block", "static", "socket-handler"] = option(
-        doc="What the route does.",
-        unsupported_values=dict.fromkeys(("redirect", "block", "static", "socket-handler"), _FORWARD_ONLY),
+class RouteRedirect:
+    to: str = option(
+        doc="Where to: a URL template with `{domain}` (the request's host name), `{path}` (its path), "
+        "`{query}` (`?` and its query, or nothing) and `{port}` (the port the client connected to).",
+        check=_redirect_template,
     )
-    target: RouteTarget | None = option(None, doc="Where `forward` sends connections.")
+    status: int = option(301, doc="301, 302, 303, 307 or 308.", check=_redirect_status)
+
+
+@checked(_static_source)
+@dataclass(frozen=True)
+class RouteStatic:
+    root: str | None = option(
+        None,
+        doc="Directory whose files are served (GET and HEAD; content type by file name; nothing outside it, "
+        "also through symbolic links).",
+        check=_directory,
+    )
+    index: list[str] = option(
+        factory=lambda: ["index.html"],
+        doc="With `root`: files served for a directory's path, the first that exists.",
+        each=_index_name,
+    )
+    content: str | None = option(None, doc="A fixed body answered to every request (instead of `root`).")
+    content_type: str = option(
+        "text/plain; charset=utf-8", doc="With `content`: its Content-Type.", check=values.one_line
+    )
+    status: int = option(200, doc="With `content`: the status answered.", check=_http_status)
 
 
 @dataclass(frozen=True)
@@ -533,7 +678,10 @@ class RouteTls:
     )
     certificate: Any = option(
         None,
-        doc='`"auto"`: obtained by ACME (needs `smartProxyConfig.acme.enabled`); or `{certPath, keyPath}`.',
+        doc='`"auto"`: obtained by ACME (needs `smartProxyConfig.acme.enabled`); `{certPath, keyPath}`; or '
+        "`\"store\"`: whatever the router's certificate store holds for the name, by default SMTP's "
+        "certificate "
+        "(`smtpConfig.tls`, self-signed with `selfSigned`).",
         check=_certificate_spec,
     )
     tls_profile: Literal["modern", "intermediate"] | None = option(
@@ -550,7 +698,43 @@ class RouteSecurity:
         factory=list, doc="CIDRs of clients refused; wins over ipAllowList.", each=values.cidr
     )
     max_connections: int | None = option(
-        None, doc="Concurrent connections this route forwards; not set: no limit.", check=values.positive
+        None, doc="Concurrent connections this route takes; not set: no limit.", check=values.positive
+    )
+    basic_auth: Any = option(
+        None, doc="HTTP Basic authentication on terminated and plain HTTP routes.", unsupported=_LATER
+    )
+    jwt_auth: Any = option(None, doc="JWT bearer authentication on HTTP routes.", unsupported=_LATER)
+    rate_limit: Any = option(None, doc="Requests or connections per client over time.", unsupported=_LIMITER)
+
+
+@checked(_action_target)
+@dataclass(frozen=True)
+class RouteAction:
+    type: Literal["forward", "redirect", "block", "static", "socket-handler"] = option(
+        doc="What the route does: `forward` to `target`; answer with a `redirect` or `static` content "
+        "(HTTP, plain or terminated); `block` (close, or answer `status` on HTTP); hand the connection "
+        "to a `socketHandler`.",
+    )
+    target: RouteTarget | None = option(None, doc="Where `forward` sends connections.")
+    redirect: RouteRedirect | None = option(None, doc="For `redirect`: where to, and the status.")
+    static: RouteStatic | None = option(None, doc="For `static`: files from a directory, or a fixed body.")
+    status: int | None = option(
+        None,
+        doc="For `block`: the HTTP status answered to requests (the route must read HTTP: plain, or "
+        "terminated); not set: the connection is closed without a byte.",
+        check=_block_status,
+    )
+    socket_handler: str | None = option(
+        None,
+        doc='For `socket-handler`: `"smtp"` (dcrouter\'s own ESMTP server), an entry point name in the group '
+        "`dcrouter.socket_handlers`, or a dotted path (`package.module:handler`).",
+        check=values.all_of(values.not_empty, values.one_line),
+    )
+    tls: RouteTls | None = option(
+        None, doc="TLS handling, SmartProxy's place for it (the same as the route's own `tls`; set one)."
+    )
+    headers: Any = option(
+        None, doc="Request and response header fields to set or remove (HTTP routes).", unsupported=_LATER
     )
 
 
@@ -592,6 +776,7 @@ class DefaultTarget:
     _acme_certificates,
     _termination_certificates,
     _termination_profiles,
+    _route_actions,
 )
 @dataclass(frozen=True)
 class SmartProxyConfig:
@@ -720,4 +905,6 @@ def _terminates_somewhere(proxy: SmartProxyConfig) -> bool:
     domainConfigs entry with useNetworkProxy)."""
     if any(entry.use_network_proxy for entry in proxy.domain_configs):
         return True
-    return any(route.tls is not None and route.tls.mode != "passthrough" for route in proxy.routes)
+    return any(
+        tls is not None and tls.mode != "passthrough" for tls in (route_tls(r)[0] for r in proxy.routes)
+    )

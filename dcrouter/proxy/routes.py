@@ -22,6 +22,7 @@ from dcrouter.config.proxy import (
     http_route_port,
     port_ranges,
     route_domains,
+    route_tls,
     target_port,
 )
 from dcrouter.net.cidr import CidrSet
@@ -79,6 +80,48 @@ class CertificateFiles:
     key_path: str
 
 
+@dataclass(frozen=True)
+class Redirect:
+    """``action.redirect``: ``to`` is a URL template (``{domain}``, ``{path}``, ``{query}``, ``{port}``)."""
+
+    to: str
+    status: int = 301
+
+
+@dataclass(frozen=True)
+class StaticContent:
+    """``action.static``: files under ``root`` (with ``index`` names for directories), or a fixed
+    ``content`` answered with ``status`` and ``content_type``."""
+
+    root: str | None = None
+    index: tuple[str, ...] = ("index.html",)
+    content: bytes | None = None
+    content_type: str = "text/plain; charset=utf-8"
+    status: int = 200
+
+
+@dataclass(frozen=True)
+class RouteAction:
+    """What a route does with a connection: ``forward`` (to its target), ``redirect``, ``static``,
+    ``block`` (``status``: answered to HTTP requests; None: closed) or ``socket-handler`` (``handler``: the
+    configured name or dotted path)."""
+
+    type: str = "forward"
+    redirect: Redirect | None = None
+    static: StaticContent | None = None
+    status: int | None = None
+    handler: str | None = None
+
+    @property
+    def answers_http(self) -> bool:
+        """Whether the proxy answers HTTP requests itself rather than connecting anywhere."""
+        return self.type in ("redirect", "static") or (self.type == "block" and self.status is not None)
+
+
+FORWARD = RouteAction()
+#: A forward route's target when it has none (the other action types).
+NO_TARGET = ProxyTarget((), None)
+
 #: The TLS modes that end TLS at the proxy and forward HTTP.
 TERMINATING = frozenset({"terminate", "terminate-and-reencrypt"})
 
@@ -107,6 +150,7 @@ class ProxyRoute:
     source: str
     certificate: CertificateFiles | str | None = None
     tls_profile: str = "intermediate"
+    action: RouteAction = FORWARD
 
     @property
     def terminates(self) -> bool:
@@ -141,10 +185,33 @@ def _certificate(value: Any) -> CertificateFiles | str | None:
     return value if isinstance(value, str) else None
 
 
+def _action(action: Any) -> RouteAction:
+    if action.type == "forward":
+        return FORWARD
+    redirect = action.redirect
+    static = action.static
+    return RouteAction(
+        type=action.type,
+        redirect=Redirect(redirect.to, redirect.status) if redirect is not None else None,
+        static=StaticContent(
+            root=static.root,
+            index=tuple(static.index),
+            content=static.content.encode("utf-8") if static.content is not None else None,
+            content_type=static.content_type,
+            status=static.status,
+        )
+        if static is not None
+        else None,
+        status=action.status,
+        handler=action.socket_handler,
+    )
+
+
 def _from_route(route: Any, index: int) -> ProxyRoute:
     source = f"smartProxyConfig.routes[{index}]"
     security = route.security
     target = route.action.target
+    tls, _ = route_tls(route)
     return ProxyRoute(
         name=route.name if route.name is not None else source,
         priority=route.priority,
@@ -153,13 +220,14 @@ def _from_route(route: Any, index: int) -> ProxyRoute:
         client_ips=_networks(route.match.client_ip),
         allow=_networks(security.ip_allow_list) if security else None,
         block=_networks(security.ip_block_list) if security else None,
-        target=ProxyTarget(hosts(target.host), target_port(target.port)),
-        tls_mode=route.tls.mode if route.tls else "passthrough",
+        target=ProxyTarget(hosts(target.host), target_port(target.port)) if target is not None else NO_TARGET,
+        tls_mode=tls.mode if tls else "passthrough",
         max_connections=security.max_connections if security else None,
         connection_timeout_ms=route.connection_timeout,
         source=source,
-        certificate=_certificate(route.tls.certificate) if route.tls else None,
-        tls_profile=(route.tls.tls_profile if route.tls else None) or "intermediate",
+        certificate=_certificate(tls.certificate) if tls else None,
+        tls_profile=(tls.tls_profile if tls else None) or "intermediate",
+        action=_action(route.action),
     )
 
 

@@ -28,6 +28,7 @@ from dcrouter.log import logger
 from dcrouter.net.listen import ListenError, close, format_address, listen_paused, resume
 from dcrouter.net.reactor import IRouterReactor
 from dcrouter.proxy.forward import RouteCounters
+from dcrouter.proxy.handlers import SocketHandlerError
 from dcrouter.proxy.http import ChallengeSource
 from dcrouter.proxy.routes import CertificateFiles, ProxyRoute, RouteTable, build_routes, listening_ports
 from dcrouter.proxy.session import ProxyContext, ProxySessionFactory, ProxySettings
@@ -139,10 +140,22 @@ class ProxyService(Service):
                 names=", ".join(key.names),
             )
 
+    def check_handlers(self) -> None:
+        """Every ``socket-handler`` route's handler must be found before a port is bound: a plugin that
+        cannot be imported stops start-up naming the route, rather than refusing each connection."""
+        for route in self.context.table.routes:
+            if route.action.handler is None:
+                continue
+            try:
+                self.context.handlers.get(route.action.handler)
+            except SocketHandlerError as error:
+                raise ProxyBindError(f"{route.source}.action.socketHandler: {error}") from error
+
     def bind(self) -> None:
         """Bind every port, paused (see the module docstring). Does nothing when already bound."""
         if self._listening:
             return
+        self.check_handlers()
         self.load_certificates()
         ports = self._configured_ports
         try:

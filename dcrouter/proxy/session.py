@@ -40,7 +40,9 @@ from dcrouter.net.reactor import IRouterReactor
 from dcrouter.net.targets import Target, TargetHealth
 from dcrouter.net.tls import TlsPolicy
 from dcrouter.proxy import proxyprotocol
+from dcrouter.proxy.answer import HttpAnswerer
 from dcrouter.proxy.forward import BackendProtocol, RouteCounters, Splice
+from dcrouter.proxy.handlers import RouteContext, SocketHandlerError, SocketHandlers
 from dcrouter.proxy.http import (
     DEFAULT_IDLE_TIMEOUT,
     ChallengeSource,
@@ -129,7 +131,8 @@ class ProxyContext:
     ``counters`` holds a :class:`RouteCounters` for every route, by route name; ``per_ip`` the open
     connections per client address; ``sessions`` the sessions whose client connection is open.
     ``certificates`` (the router's CertificateStore) is what terminating routes present, by SNI;
-    ``challenges`` (the ACME ChallengeResponder) answers HTTP-01 on their plain-HTTP ports."""
+    ``challenges`` (the ACME ChallengeResponder) answers HTTP-01 on their plain-HTTP ports; ``handlers``
+    the socket handlers ``socket-handler`` routes name."""
 
     table: RouteTable
     settings: ProxySettings
@@ -140,6 +143,7 @@ class ProxyContext:
     sessions: set[ProxySession] = field(default_factory=set)
     certificates: ServerCreatorSource | None = None
     challenges: ChallengeSource | None = None
+    handlers: SocketHandlers = field(default_factory=SocketHandlers)
 
     def __post_init__(self) -> None:
         self.health = TargetHealth(self.reactor, self.settings.target_down_time)
@@ -287,7 +291,7 @@ class ProxySession(Protocol):
         # The client's first bytes, held back while they may still become a PROXY header; None once they
         # were looked at (or, before routing, while the peek looks at them).
         self._opening: bytes | None = None
-        self.front: HttpForwarder | HttpRedirect | None = None
+        self.front: HttpForwarder | HttpRedirect | HttpAnswerer | None = None
 
     # -- accept ----------------------------------------------------------------------------------------
 
@@ -434,11 +438,20 @@ class ProxySession(Protocol):
         if route.max_connections is not None and counters.active >= route.max_connections:
             self._refuse(counters, f"{route.name}: maxConnections ({route.max_connections}) reached")
             return
+        if route.action.type == "block" and not route.action.answers_http:
+            self._refuse(counters, f"blocked by {route.name}")
+            return
         counters.active += 1
         counters.connections += 1
         self._holds_route = True
         if route.terminates:
             self._terminate(route, sniffed)
+            return
+        if route.action.answers_http:
+            self._answer_plain(route, sniffed)
+            return
+        if route.action.type == "socket-handler":
+            self._hand_over(route, sniffed)
             return
         connecting = Deferred.fromCoroutine(self._connect(route))
         connecting.addErrback(self._connect_crashed)
@@ -490,12 +503,76 @@ class ProxySession(Protocol):
         log.failure("proxy: connecting {client} failed unexpectedly", failure, client=self.client_ip)
         self.transport.abortConnection()
 
+    def _answerer(self, route: ProxyRoute, server_name: str | None) -> HttpAnswerer:
+        return HttpAnswerer(
+            route.action,
+            counters=self.context.counters[route.name],
+            clock=self.context.reactor,
+            client_ip=self.client_ip,
+            port=int(getattr(self.transport.getHost(), "port", self.port)),
+            server_name=server_name,
+            host_allowed=self._host_check(route, server_name),
+            timeout=_idle_timeout(route),
+        )
+
+    def _attach(self, receiver: IProtocol) -> None:
+        """Give the client's connection to ``receiver`` (an answerer or a socket handler's protocol): the
+        bytes already read first, every later one as it comes."""
+        replay = b"".join(self._buffer)
+        self._buffer = []
+        self._opening = None
+        self._state = _State.TERMINATED
+        self._receiver = receiver
+        self.transport.resumeProducing()
+        receiver.makeConnection(self.transport)
+        if replay and self._state == _State.TERMINATED:
+            receiver.dataReceived(replay)
+        if self._client_eof and self._state == _State.TERMINATED:
+            self._receiver_eof()
+
+    def _answer_plain(self, route: ProxyRoute, sniffed: Sniffed) -> None:
+        """Plain HTTP answered by the route's action (redirect, static, block with a status)."""
+        if sniffed.kind is Kind.TLS:
+            self._refuse(self.context.counters[route.name], f"{route.name} answers plain HTTP; this is TLS")
+            return
+        answerer = self._answerer(route, sniffed.server_name)
+        self.front = answerer
+        self._attach(answerer)
+
+    def _hand_over(self, route: ProxyRoute, sniffed: Sniffed) -> None:
+        """The ``socket-handler`` action: the connection goes to the handler's protocol."""
+        assert route.action.handler is not None
+        context = RouteContext(
+            route_name=route.name,
+            port=self.port,
+            client_ip=self.client_ip,
+            client_address=self.client_address,
+            local_address=self.local_address,
+            server_name=sniffed.server_name,
+        )
+        try:
+            protocol = self.context.handlers.get(route.action.handler)(context)
+        except SocketHandlerError as error:
+            self._refuse(self.context.counters[route.name], str(error))
+            return
+        except Exception:  # noqa: BLE001 -- a plugin's bug must cost one connection, not the proxy
+            log.failure("proxy: socket handler {handler} failed", handler=route.action.handler)
+            self._refuse(self.context.counters[route.name], f"socket handler {route.action.handler} failed")
+            return
+        self._attach(protocol)
+
     def _terminate(self, route: ProxyRoute, sniffed: Sniffed) -> None:
-        """End TLS here and forward HTTP (a ClientHello), or answer plain HTTP with a redirect or an ACME
-        challenge (a request head); anything else cannot be served by a terminating route."""
+        """End TLS here and forward HTTP or answer it by the route's action (a ClientHello), or answer plain
+        HTTP with a redirect or an ACME challenge (a request head); anything else cannot be served by a
+        terminating route."""
         counters = self.context.counters[route.name]
-        front: HttpForwarder | HttpRedirect
-        if sniffed.kind is Kind.HTTP:
+        front: HttpForwarder | HttpRedirect | HttpAnswerer
+        if sniffed.kind is Kind.TLS and route.action.answers_http:
+            if self.context.server_creator(route.tls_profile) is None:
+                self._refuse(counters, f"{route.name}: no certificate store to terminate TLS with")
+                return
+            front = self._answerer(route, sniffed.server_name)
+        elif sniffed.kind is Kind.HTTP:
             front = HttpRedirect(
                 self.context.challenges,
                 client_ip=self.client_ip,
@@ -527,10 +604,14 @@ class ProxySession(Protocol):
             self._receiver_eof()
 
     def _receiver_eof(self) -> None:
-        """The client's EOF, to the TLS layer (which ends or passes it on) or the plain-HTTP answerer."""
+        """The client's EOF, to the TLS layer (which ends or passes it on), the plain-HTTP answerer or a
+        socket handler's protocol (closed, if it cannot take a half-close)."""
         receiver = self._receiver
-        assert receiver is not None and IHalfCloseableProtocol.providedBy(receiver)
-        receiver.readConnectionLost()
+        assert receiver is not None
+        if IHalfCloseableProtocol.providedBy(receiver):
+            receiver.readConnectionLost()
+        else:
+            self.transport.loseConnection()
 
     def _https_port(self, host: str) -> int | None:
         """Where plain HTTP for ``host`` is redirected: the HTTPS port of this connection's route (of the
@@ -546,9 +627,7 @@ class ProxySession(Protocol):
             port = int(getattr(self.transport.getHost(), "port", port))
         return port
 
-    def _forwarder(
-        self, route: ProxyRoute, server_name: str | None, counters: RouteCounters
-    ) -> HttpForwarder:
+    def _host_check(self, route: ProxyRoute, server_name: str | None) -> Callable[[str], bool]:
         table, port, client_ip = self.context.table, self.port, self.client_ip
 
         def host_allowed(host: str) -> bool:
@@ -557,6 +636,13 @@ class ProxySession(Protocol):
             if server_name is not None:
                 return host == server_name
             return table.match(port, host, client_ip) is route
+
+        return host_allowed
+
+    def _forwarder(
+        self, route: ProxyRoute, server_name: str | None, counters: RouteCounters
+    ) -> HttpForwarder:
+        host_allowed = self._host_check(route, server_name)
 
         tls = self.context.backend_tls(server_name) if route.tls_mode == "terminate-and-reencrypt" else None
         policy = ForwardingPolicy(

@@ -33,6 +33,7 @@ from typing import Any, cast
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IProtocol
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
@@ -60,6 +61,7 @@ from dcrouter.net.targets import TargetHealth
 from dcrouter.net.tls import TlsPolicy
 from dcrouter.processing.build import build_chain
 from dcrouter.processing.processor import EmailProcessor
+from dcrouter.proxy.handlers import RouteContext
 from dcrouter.proxy.service import ProxyBindError, ProxyService
 from dcrouter.smtp.auth import Authenticator
 from dcrouter.smtp.policy import SessionPolicy
@@ -225,6 +227,14 @@ class DcRouter(MultiService):
             self.acme.setServiceParent(self)
         if self.smtp_config is not None:
             self._build_smtp(self.smtp_config, queue)
+            if self.proxy is not None:
+                # The proxy imports no mail code: dcrouter's ESMTP server is given to it from here.
+                self.proxy.context.handlers.register("smtp", self._smtp_handover)
+
+    def _smtp_handover(self, context: RouteContext) -> IProtocol:
+        """The ``smtp`` socket handler: an ESMTP session on the connection a proxy route hands over."""
+        assert self.smtp is not None
+        return self.smtp.handover_factory(context.port).buildProtocol(context.client_address)
 
     def _build_smtp(self, config: SmtpConfig, queue: IDeliveryQueue | None) -> None:
         reactor = self._reactor

@@ -405,7 +405,7 @@ class ActionConfigTests(ProxyCase):
             {
                 "name": "h",
                 "match": {"ports": 85},
-                "action": {"type": "socket-handler", "socketHandler": "smtp"},
+                "action": {"type": "socket-handler", "socketHandler": "plugins.mine:handler"},
             },
         ]
         routes = {r.name: r for r in build_routes(self.config(raw), None)}
@@ -415,7 +415,7 @@ class ActionConfigTests(ProxyCase):
         self.assertEqual((routes["b"].action.type, routes["b"].action.status), ("block", None))
         self.assertFalse(routes["b"].action.answers_http)
         self.assertTrue(routes["b403"].action.answers_http)
-        self.assertEqual(routes["h"].action.handler, "smtp")
+        self.assertEqual(routes["h"].action.handler, "plugins.mine:handler")
         self.assertEqual(routes["h"].target.hosts, ())
 
     def test_action_tables_checked(self) -> None:
@@ -446,6 +446,16 @@ class ActionConfigTests(ProxyCase):
                 "[4].action.redirect.status: a redirect status is one of 301, 302, 303, 307, 308: 200",
                 "[5].action.status: a block answers an error status (400-599): 200",
                 '[6].action.socketHandler: required for type "socket-handler"',
+            ],
+        )
+
+    def test_the_smtp_handler_needs_smtp(self) -> None:
+        raw = route(action={"type": "socket-handler", "socketHandler": "smtp"})
+        self.assertEqual(
+            self.errors(raw),
+            [
+                ("smartProxyConfig.routes[0].action.socketHandler: \"smtp\" hands connections to dcrouter's "
+                "ESMTP server, which needs smtpConfig")
             ],
         )
 
@@ -480,7 +490,7 @@ class ActionConfigTests(ProxyCase):
             },
             {
                 "match": {"ports": 81},
-                "action": {"type": "socket-handler", "socketHandler": "smtp"},
+                "action": {"type": "socket-handler", "socketHandler": "plugins.mine:handler"},
                 "tls": {"mode": "terminate", "certificate": "store"},
             },
         ]

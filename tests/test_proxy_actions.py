@@ -294,3 +294,14 @@ class SocketHandlerTests(SessionTestCase):
         self.assertIs(resolve("tests.test_proxy_actions.Greeter"), Greeter)
         with self.assertRaises(SocketHandlerError):
             resolve("smtp")
+
+
+class HostTests(SessionTestCase):
+    def test_an_address_as_host_is_served_where_no_name_was_asked_for(self) -> None:
+        action = RouteAction("redirect", redirect=Redirect("https://{domain}:8443{path}"))
+        self.context(acting(action))
+        for host, expected in (("127.0.0.1:8080", b"127.0.0.1"), ("[::1]:8080", b"[::1]")):
+            _session, client = self.connect(port=8080, data=get(host=host))
+            self.assertIn(b"Location: https://" + expected + b":8443/\r\n", client.value())
+        _session, client = self.connect(port=8080, data=get(host="bad host"))
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 400 "))

@@ -13,6 +13,7 @@ thread with :class:`~twisted.protocols.basic.FileSender` in 16 KiB chunks, as ``
 
 from __future__ import annotations
 
+import ipaddress
 import mimetypes
 import os
 import re
@@ -130,6 +131,25 @@ def _inside(root: str, path: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
+def host_address(value: bytes) -> str | None:
+    """The IP address a ``Host`` value (``192.0.2.1:8080``, ``[2001:db8::1]``) names, as written; None when
+    it names no address."""
+    text = value.decode("ascii", "replace")
+    if text.startswith("["):
+        literal, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+            return None
+        candidate = literal
+        written = f"[{literal}]"
+    else:
+        candidate = written = text.partition(":")[0]
+    try:
+        ipaddress.ip_address(candidate)
+    except ValueError:
+        return None
+    return written
+
+
 def content_type(path: str) -> str:
     guessed, encoding = mimetypes.guess_type(path, strict=False)
     if guessed is None or encoding is not None:
@@ -234,12 +254,20 @@ class HttpAnswerer(Protocol):
         if host_field is None:
             domain = self.server_name or ""
         else:
-            try:
-                domain = host_name(host_field)
-            except ValueError as error:
-                raise HttpError(400, str(error)) from error
-            if self.host_allowed is not None and not self.host_allowed(domain):
-                raise HttpError(421, f"Host {domain} is not served on this connection")
+            address = host_address(host_field)
+            if address is not None:
+                # An address names no route; it is served where no name was asked for (plain HTTP, or
+                # TLS without SNI), as curl http://127.0.0.1:8080/ expects.
+                if self.server_name is not None:
+                    raise HttpError(421, f"Host {address} is not served on this connection")
+                domain = address
+            else:
+                try:
+                    domain = host_name(host_field)
+                except ValueError as error:
+                    raise HttpError(400, str(error)) from error
+                if self.host_allowed is not None and not self.host_allowed(domain):
+                    raise HttpError(421, f"Host {domain} is not served on this connection")
         action = self.action
         path, query = split_target(head.target)
         if action.type == "redirect":

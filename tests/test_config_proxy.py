@@ -351,25 +351,15 @@ class RouteFormTests(ProxyCase):
 class UnsupportedTests(ProxyCase):
     def test_route_keys_not_built_are_refused_by_path(self) -> None:
         raw = route(
-            match={"ports": 80, "path": "/api/*", "headers": {"x": "y"}, "tlsVersion": ["TLSv1.3"]},
+            match={"ports": 80},
             security={"basicAuth": {"users": []}, "jwtAuth": {}, "rateLimit": {"maxRequests": 5}},
         )
         raw["smartProxyConfig"]["routes"][0]["action"]["headers"] = {"request": {}}
-        raw["smartProxyConfig"]["routes"][0]["tls"] = None
         del raw["smartProxyConfig"]["routes"][0]["tls"]
         errors = self.errors(raw)
         where = sorted(e.split(": ")[0].removeprefix("smartProxyConfig.routes[0].") for e in errors)
         self.assertEqual(
-            where,
-            [
-                "action.headers",
-                "match.headers",
-                "match.path",
-                "match.tlsVersion",
-                "security.basicAuth",
-                "security.jwtAuth",
-                "security.rateLimit",
-            ],
+            where, ["action.headers", "security.basicAuth", "security.jwtAuth", "security.rateLimit"]
         )
         for error in errors:
             self.assertIn(": not supported yet: ", error)
@@ -379,6 +369,56 @@ class UnsupportedTests(ProxyCase):
         raw = route(action={"type": "forward", "target": {"host": "10.0.0.1", "port": "{port}"}})
         (error,) = self.errors(raw)
         self.assertTrue(error.startswith("smartProxyConfig.routes[0].action.target.port: not supported yet"))
+
+
+class MatchConfigTests(ProxyCase):
+    def test_request_and_tls_conditions_load(self) -> None:
+        from dcrouter.proxy.routes import build_routes
+
+        raw = route(
+            match={
+                "ports": 80,
+                "path": "/api/*",
+                "headers": {"X-Env": "/^(dev|test)$/", "Accept": "text/html"},
+                "tlsVersion": ["TLSv1.3"],
+            }
+        )
+        del raw["smartProxyConfig"]["routes"][0]["tls"]
+        (built,) = build_routes(self.config(raw), None)
+        self.assertEqual(built.conditions.path, "/api/*")
+        (env, env_pattern), accept = built.conditions.headers
+        self.assertEqual((env, env_pattern.pattern), ("x-env", "^(dev|test)$"))
+        self.assertEqual(accept, ("accept", "text/html"))
+        self.assertEqual(built.tls_versions, frozenset({0x0304}))
+
+    def test_bad_conditions(self) -> None:
+        raw = route(
+            match={"ports": 80, "path": "api", "headers": {"X-A": "/(/"}, "tlsVersion": ["TLS1.3"]},
+        )
+        errors = [e.removeprefix("smartProxyConfig.routes[0].") for e in self.errors(raw)]
+        self.assertEqual(
+            errors,
+            [
+                "match.path: a path starts with '/': 'api'",
+                (
+                    "match.headers: X-A: not a regular expression: "
+                    "missing ), unterminated subpattern at position 0"
+                ),
+                "match.tlsVersion[0]: one of TLSv1, TLSv1.1, TLSv1.2, TLSv1.3, got 'TLS1.3'",
+            ],
+        )
+
+    def test_request_conditions_need_http(self) -> None:
+        raw = route(match={"ports": 443, "path": "/x"})  # ROUTE passes TLS through
+        self.assertEqual(
+            self.errors(raw),
+            [
+                (
+                    "smartProxyConfig.routes[0].match.path: is read from HTTP requests: "
+                    "passed-through TLS hides them"
+                )
+            ],
+        )
 
 
 class ActionConfigTests(ProxyCase):
@@ -437,12 +477,16 @@ class ActionConfigTests(ProxyCase):
             errors,
             [
                 '[0].action.redirect: required for type "redirect"',
-                ("[1].action.static: set exactly one of 'root' (a directory of files) and 'content' "
-                "(a fixed body)"),
+                (
+                    "[1].action.static: set exactly one of 'root' (a directory of files) and 'content' "
+                    "(a fixed body)"
+                ),
                 "[2].action.static.root: no such directory: '/no/such/dir'",
                 '[3].action.status: has no effect with type "forward"',
-                ("[4].action.redirect.to: unknown placeholder {host} "
-                "(known: {domain}, {path}, {query}, {port})"),
+                (
+                    "[4].action.redirect.to: unknown placeholder {host} "
+                    "(known: {domain}, {path}, {query}, {port})"
+                ),
                 "[4].action.redirect.status: a redirect status is one of 301, 302, 303, 307, 308: 200",
                 "[5].action.status: a block answers an error status (400-599): 200",
                 '[6].action.socketHandler: required for type "socket-handler"',
@@ -454,8 +498,11 @@ class ActionConfigTests(ProxyCase):
         self.assertEqual(
             self.errors(raw),
             [
-                ("smartProxyConfig.routes[0].action.socketHandler: \"smtp\" hands connections to dcrouter's "
-                "ESMTP server, which needs smtpConfig")
+                (
+                    'smartProxyConfig.routes[0].action.socketHandler: "smtp" hands connections to '
+                    "dcrouter's "
+                    "ESMTP server, which needs smtpConfig"
+                )
             ],
         )
 

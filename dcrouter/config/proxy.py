@@ -110,7 +110,6 @@ def _host_item(value: Any) -> str | None:
     return values.host_or_ip(value) if isinstance(value, str) else None
 
 
-
 def _domains_spec(value: Any) -> str | None:
     if isinstance(value, str):
         return _domain_item(value)
@@ -352,6 +351,16 @@ def _route_actions(proxy: SmartProxyConfig, path: str, report: Report) -> None:
                 join(here, key + ".mode"),
                 f'a "{kind}" action answers HTTP itself: it needs "terminate" (HTTPS) or no tls (plain HTTP)',
             )
+        conditions = [k for k, v in (("path", route.match.path), ("headers", route.match.headers)) if v]
+        for name in conditions:
+            if mode == "passthrough" and tls is not None:
+                report.error(
+                    join(here, f"match.{name}"), "is read from HTTP requests: passed-through TLS hides them"
+                )
+            if kind == "socket-handler":
+                report.error(
+                    join(here, f"match.{name}"), 'is read from HTTP requests: a "socket-handler" gets none'
+                )
         if kind == "socket-handler" and mode != "passthrough":
             report.error(join(here, key + ".mode"), f'has no effect with action type "{kind}"')
 
@@ -587,6 +596,38 @@ class ProxyDomainConfig:
     )
 
 
+#: The ``match.tlsVersion`` names, as ``smtpConfig.tls.minVersion`` spells them.
+TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+
+
+def _tls_version(value: str) -> str | None:
+    return None if value in TLS_VERSIONS else f"one of {', '.join(TLS_VERSIONS)}, got {value!r}"
+
+
+def _path_pattern(value: str) -> str | None:
+    if not value.startswith("/"):
+        return f"a path starts with '/': {value!r}"
+    return values.one_line(value)
+
+
+def header_pattern(value: str) -> re.Pattern[str] | None:
+    """The regular expression a ``match.headers`` value between slashes holds; None for an exact value."""
+    if len(value) >= 2 and value.startswith("/") and value.endswith("/"):
+        return re.compile(value[1:-1])
+    return None
+
+
+def _header_patterns(value: dict[str, str]) -> str | None:
+    for name, pattern in value.items():
+        if not re.fullmatch(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", name):
+            return f"not a header field name: {name!r}"
+        try:
+            header_pattern(pattern)
+        except re.error as error:
+            return f"{name}: not a regular expression: {error}"
+    return None
+
+
 @dataclass(frozen=True)
 class RouteMatch:
     ports: Any = option(
@@ -607,11 +648,27 @@ class RouteMatch:
         "route); empty: any client.",
         each=values.cidr,
     )
-    path: Any = option(None, doc="Request path prefix or glob (HTTP routes).", unsupported=_LATER)
-    headers: Any = option(
-        None, doc="Request header values, exact or /regex/ (HTTP routes).", unsupported=_LATER
+    path: str | None = option(
+        None,
+        doc="HTTP routes: the request path (without the query) is this prefix (`/api` takes `/api` and "
+        "`/api/...`, not `/apix`; `/api/` takes what starts with it) or matches this glob (`*`, `?`, "
+        "`[...]`, e.g. `/img/*.png`).",
+        check=_path_pattern,
     )
-    tls_version: Any = option(None, doc="TLS versions the ClientHello offers.", unsupported=_LATER)
+    headers: dict[str, str] | None = option(
+        None,
+        doc="HTTP routes: request header fields (name = value) that must all be present; a value is exact, "
+        "or a regular expression between slashes (`/^curl\\//`).",
+        check=_header_patterns,
+    )
+    tls_version: list[str] = option(
+        factory=list,
+        doc='TLS versions (`"TLSv1.2"`, `"TLSv1.3"`): the highest version the ClientHello offers must be one '
+        "of them; "
+        "a connection that is not TLS does not match. Empty: any.",
+        check=values.unique,
+        each=_tls_version,
+    )
 
 
 def _target_port_spec(value: Any) -> str | None:

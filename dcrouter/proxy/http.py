@@ -155,6 +155,8 @@ class ForwardingPolicy:
     host_allowed: Callable[[str], bool]
     idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT
     proto: bytes = b"https"
+    #: Close after the first response (the route was chosen by that request's path or headers).
+    one_request: bool = False
 
 
 @implementer(IHalfCloseableProtocol)
@@ -277,7 +279,7 @@ class HttpForwarder(Protocol):
             return
         self.requests += 1
         self._request = head
-        self._close_after = self._close_after or not head.keep_alive
+        self._close_after = self._close_after or not head.keep_alive or self.policy.one_request
         self._request_body = framing.reader()
         self._response_head = HeadBuffer(leading_crlf=False)
         self._response_body = None

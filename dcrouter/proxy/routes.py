@@ -9,8 +9,10 @@ where its two spellings were enforced by different code and diverged.
 
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +20,7 @@ from dcrouter.config.proxy import (
     HttpDomainRoute,
     SmartProxyConfig,
     domain_config_ports,
+    header_pattern,
     hosts,
     http_route_port,
     port_ranges,
@@ -119,6 +122,65 @@ class RouteAction:
 
 
 FORWARD = RouteAction()
+
+#: ClientHello version numbers (``supported_versions``, else the legacy version) by ``match.tlsVersion`` name.
+TLS_VERSION_NUMBERS = {"TLSv1": 0x0301, "TLSv1.1": 0x0302, "TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
+_GLOB = re.compile(r"[*?\[]")
+
+
+@dataclass(frozen=True)
+class Request:
+    """What request conditions look at: the path (percent-encoded as sent, without the query) and the
+    header fields, by lower-case name, every value in order."""
+
+    path: str
+    headers: Mapping[str, tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class RequestConditions:
+    """``match.path`` and ``match.headers``: ``path`` a prefix or a glob (see :meth:`path_matches`);
+    ``headers`` (lower-case name, exact value or compiled pattern) pairs that must all hold."""
+
+    path: str | None = None
+    headers: tuple[tuple[str, str | re.Pattern[str]], ...] = ()
+
+    def __bool__(self) -> bool:
+        return self.path is not None or bool(self.headers)
+
+    @property
+    def specificity(self) -> tuple[int, int, int]:
+        """Larger is more specific: a prefix before a glob before no path, longer before shorter, then
+        the number of header conditions."""
+        kind = 0 if self.path is None else 1 if _GLOB.search(self.path) else 2
+        return kind, len(self.path or ""), len(self.headers)
+
+    def path_matches(self, path: str) -> bool:
+        """A glob must match the whole path; a prefix ending in ``/`` matches what starts with it, any
+        other prefix the path itself and what continues it after a ``/``."""
+        pattern = self.path
+        if pattern is None:
+            return True
+        if _GLOB.search(pattern):
+            return fnmatch.fnmatchcase(path, pattern)
+        if pattern.endswith("/"):
+            return path.startswith(pattern)
+        return path == pattern or path.startswith(pattern + "/")
+
+    def matches(self, request: Request) -> bool:
+        if not self.path_matches(request.path):
+            return False
+        for name, wanted in self.headers:
+            present = request.headers.get(name, ())
+            if isinstance(wanted, str):
+                if wanted not in present:
+                    return False
+            elif not any(wanted.search(value) for value in present):
+                return False
+        return True
+
+
+NO_CONDITIONS = RequestConditions()
 #: A forward route's target when it has none (the other action types).
 NO_TARGET = ProxyTarget((), None)
 
@@ -151,6 +213,8 @@ class ProxyRoute:
     certificate: CertificateFiles | str | None = None
     tls_profile: str = "intermediate"
     action: RouteAction = FORWARD
+    conditions: RequestConditions = NO_CONDITIONS
+    tls_versions: frozenset[int] = frozenset()
 
     @property
     def terminates(self) -> bool:
@@ -228,7 +292,18 @@ def _from_route(route: Any, index: int) -> ProxyRoute:
         certificate=_certificate(tls.certificate) if tls else None,
         tls_profile=(tls.tls_profile if tls else None) or "intermediate",
         action=_action(route.action),
+        conditions=_conditions(route.match),
+        tls_versions=frozenset(TLS_VERSION_NUMBERS[v] for v in route.match.tls_version),
     )
+
+
+def _conditions(match: Any) -> RequestConditions:
+    headers = tuple(
+        (name.lower(), header_pattern(value) or value) for name, value in (match.headers or {}).items()
+    )
+    if match.path is None and not headers:
+        return NO_CONDITIONS
+    return RequestConditions(match.path, headers)
 
 
 def _from_domain_config(config: Any, index: int) -> ProxyRoute:
@@ -434,8 +509,8 @@ class RouteTable:
 
     def __init__(self, routes: Iterable[ProxyRoute]) -> None:
         self.routes: tuple[ProxyRoute, ...] = tuple(routes)
-        # Higher priority first; among equal priorities, the order build_routes gave.
-        self._ordered = sorted(self.routes, key=lambda r: -r.priority)
+        # More specific request conditions first, then higher priority; among equals, build_routes' order.
+        self._ordered = sorted(self.routes, key=lambda r: (_negated(r.conditions.specificity), -r.priority))
         self._ports: dict[int, _PortIndex] = {}
         self._terminating: _PortIndex | None = None
 
@@ -449,16 +524,36 @@ class RouteTable:
             self._ports[port] = index
         return index
 
-    def match(self, port: int, server_name: str | None, client_ip: str) -> ProxyRoute | None:
+    def match(
+        self,
+        port: int,
+        server_name: str | None,
+        client_ip: str,
+        *,
+        request: Request | Deferral | None = None,
+        tls_versions: frozenset[int] | None = None,
+    ) -> ProxyRoute | None:
         """The route for a connection to ``port`` from ``client_ip`` that asked for ``server_name`` (TLS SNI
         or HTTP Host; None when it carried none). A route for the name (exact, then the most specific
         wildcard) wins over routes for any name; among routes at one level the highest priority wins. Routes
         whose ``client_ips`` exclude the client are passed over. A name that is not a valid host name is
         treated as no name. None: no route, the connection is to be closed.
 
+        ``request``: the HTTP request head, for routes with ``match.path`` / ``match.headers`` (None: such
+        routes do not match; :data:`DEFERRED`: they match, to be chosen again once a request is read).
+        ``tls_versions``: the versions a ClientHello offered, for routes with ``match.tlsVersion`` (None: not
+        TLS, such routes do not match). Within a name level, more specific request conditions come before
+        priority.
+
         Whether the chosen route then serves the client is :meth:`ProxyRoute.permits`'s answer, not this
         one's: a blocked client is refused by its route, never handed to another."""
-        return _choose(self._index(port), server_name, client_ip)
+        return _choose(self._index(port), server_name, client_ip, request, tls_versions)
+
+    def has_conditions(self, port: int) -> bool:
+        """Whether some route on ``port`` selects by request (path or headers)."""
+        index = self._index(port)
+        groups = [index.any_name, *index.exact.values(), *index.wildcard.values()]
+        return any(r.conditions for group in groups for r in group)
 
     def https_route(self, host: str, client_ip: str) -> ProxyRoute | None:
         """The terminating route (other than the one on ``acme.port``) that would serve ``host`` over
@@ -469,17 +564,75 @@ class RouteTable:
             for route in self._ordered:
                 if route.terminates and route.name != ACME_PORT_ROUTE:
                     self._terminating.add(route)
-        return _choose(self._terminating, host, client_ip)
+        return _choose(self._terminating, host, client_ip, DEFERRED, None)
 
 
-def _choose(index: _PortIndex, server_name: str | None, client_ip: str) -> ProxyRoute | None:
+class Deferral:
+    """The type of :data:`DEFERRED`."""
+
+
+#: ``RouteTable.match(request=DEFERRED)``: request conditions are not known yet and do not exclude.
+DEFERRED = Deferral()
+
+
+def _negated(key: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(-k for k in key)
+
+
+def _fits(
+    route: ProxyRoute, client_ip: str, request: Request | Deferral | None, versions: frozenset[int] | None
+) -> bool:
+    if not _admits(route, client_ip):
+        return False
+    if route.tls_versions and (versions is None or not route.tls_versions & versions):
+        return False
+    if route.conditions:
+        if request is None:
+            return False
+        if isinstance(request, Request):
+            return route.conditions.matches(request)
+    return True
+
+
+def _choose(
+    index: _PortIndex,
+    server_name: str | None,
+    client_ip: str,
+    request: Request | Deferral | None,
+    versions: frozenset[int] | None,
+) -> ProxyRoute | None:
     name = _normalized(server_name)
     if name is not None:
         for candidates in index.by_name(name):
-            chosen = next((r for r in candidates if _admits(r, client_ip)), None)
+            chosen = next((r for r in candidates if _fits(r, client_ip, request, versions)), None)
             if chosen is not None:
                 return chosen
-    return next((r for r in index.any_name if _admits(r, client_ip)), None)
+    return next((r for r in index.any_name if _fits(r, client_ip, request, versions)), None)
+
+
+def offered_versions(supported_versions: Sequence[int], legacy_version: int) -> frozenset[int]:
+    """The TLS version a ClientHello will get, as a one-element set: the highest it offers in
+    ``supported_versions`` (GREASE values ignored), else its legacy version (RFC 8446 §4.2.1). A client
+    offering TLS 1.3 and 1.2 is a TLS 1.3 client: ``match.tlsVersion = ["TLSv1.2"]`` is for those that
+    cannot do better."""
+    known = [v for v in supported_versions if v in _KNOWN_VERSIONS]
+    return frozenset({max(known) if known else legacy_version})
+
+
+_KNOWN_VERSIONS = frozenset(TLS_VERSION_NUMBERS.values())
+
+
+def request_of(target: bytes, fields: Iterable[tuple[bytes, bytes]]) -> Request:
+    """The :class:`Request` of a request head's target and field lines (origin or absolute form)."""
+    if not target.startswith(b"/"):
+        match = re.match(rb"[a-zA-Z][a-zA-Z0-9+.-]*://[^/?#]*(.*)\Z", target, re.DOTALL)
+        target = (match.group(1) if match else b"") or b"/"
+    path = target.split(b"?", 1)[0].split(b"#", 1)[0]
+    headers: dict[str, tuple[str, ...]] = {}
+    for name, value in fields:
+        key = name.decode("latin-1").lower()
+        headers[key] = (*headers.get(key, ()), value.decode("latin-1"))
+    return Request(path.decode("latin-1"), headers)
 
 
 def _normalized(server_name: str | None) -> str | None:

@@ -41,6 +41,7 @@ from dcrouter.net.targets import Target, TargetHealth
 from dcrouter.net.tls import TlsPolicy
 from dcrouter.proxy import proxyprotocol
 from dcrouter.proxy.answer import HttpAnswerer
+from dcrouter.proxy.dispatch import RequestDispatcher
 from dcrouter.proxy.forward import BackendProtocol, RouteCounters, Splice
 from dcrouter.proxy.handlers import RouteContext, SocketHandlerError, SocketHandlers
 from dcrouter.proxy.http import (
@@ -50,7 +51,16 @@ from dcrouter.proxy.http import (
     HttpForwarder,
     HttpRedirect,
 )
-from dcrouter.proxy.routes import ACME_PORT_ROUTE, ProxyRoute, RouteTable
+from dcrouter.proxy.httpmessage import HeadBuffer, HttpError, RequestHead, parse_request_head
+from dcrouter.proxy.routes import (
+    ACME_PORT_ROUTE,
+    DEFERRED,
+    ProxyRoute,
+    Request,
+    RouteTable,
+    offered_versions,
+    request_of,
+)
 from dcrouter.proxy.sniff import Kind, Sniffed, Sniffer
 from dcrouter.proxy.terminate import ALPN, BackendTls, ServerCreatorSource, terminate_tls
 
@@ -182,7 +192,10 @@ class ProxyContext:
         protocols where the server speaks first (SMTP) work."""
         if port in self.settings.no_sni_ports:
             return False
-        return any(route.domains or route.terminates for route in self.routes_on(port))
+        return any(
+            route.domains or route.terminates or route.conditions or route.tls_versions
+            for route in self.routes_on(port)
+        )
 
     def any_permits(self, port: int, client_ip: str) -> bool:
         """Whether some route on ``port`` could serve ``client_ip``: if none could, the client is refused
@@ -291,7 +304,7 @@ class ProxySession(Protocol):
         # The client's first bytes, held back while they may still become a PROXY header; None once they
         # were looked at (or, before routing, while the peek looks at them).
         self._opening: bytes | None = None
-        self.front: HttpForwarder | HttpRedirect | HttpAnswerer | None = None
+        self.front: HttpForwarder | HttpRedirect | HttpAnswerer | RequestDispatcher | None = None
 
     # -- accept ----------------------------------------------------------------------------------------
 
@@ -426,7 +439,16 @@ class ProxySession(Protocol):
         # looks at.
         self.transport.pauseProducing()
         self._state = _State.CONNECTING
-        route = self.context.table.match(self.port, sniffed.server_name, self.client_ip)
+        route = self.context.table.match(
+            self.port,
+            sniffed.server_name,
+            self.client_ip,
+            # TLS: a terminating route's request conditions are looked at once the request is read inside.
+            request=DEFERRED if sniffed.kind is Kind.TLS else self._peeked_request(sniffed),
+            tls_versions=offered_versions(sniffed.hello.supported_versions, sniffed.hello.legacy_version)
+            if sniffed.hello is not None
+            else None,
+        )
         if route is None:
             self._refuse(None, f"no route for {sniffed.server_name or 'a connection without a name'}")
             return
@@ -450,11 +472,31 @@ class ProxySession(Protocol):
         if route.action.answers_http:
             self._answer_plain(route, sniffed)
             return
+        if sniffed.kind is Kind.HTTP and self.context.table.has_conditions(self.port):
+            # Routes here differ by request: this connection carries the one request its route was chosen
+            # by, forwarded as HTTP (the next request comes on a new connection and is routed afresh).
+            forwarder = self._forwarder(route, sniffed.server_name, counters, one_request=True, proto=b"http")
+            self.front = forwarder
+            self._attach(forwarder)
+            return
         if route.action.type == "socket-handler":
             self._hand_over(route, sniffed)
             return
         connecting = Deferred.fromCoroutine(self._connect(route))
         connecting.addErrback(self._connect_crashed)
+
+    def _peeked_request(self, sniffed: Sniffed) -> Request | None:
+        """The request whose head the peek read (plain HTTP), for routes with request conditions."""
+        if sniffed.kind is not Kind.HTTP or not self._buffer:
+            return None
+        try:
+            complete = HeadBuffer().feed(b"".join(self._buffer))
+            if complete is None:
+                return None
+            head = parse_request_head(complete[0])
+        except HttpError:
+            return None  # answered by the route's own parser
+        return request_of(head.target, head.fields.lines)
 
     async def _connect(self, route: ProxyRoute) -> None:
         """Try the route's targets in order; the first that accepts is spliced to the client."""
@@ -566,11 +608,13 @@ class ProxySession(Protocol):
         HTTP with a redirect or an ACME challenge (a request head); anything else cannot be served by a
         terminating route."""
         counters = self.context.counters[route.name]
-        front: HttpForwarder | HttpRedirect | HttpAnswerer
-        if sniffed.kind is Kind.TLS and route.action.answers_http:
-            if self.context.server_creator(route.tls_profile) is None:
-                self._refuse(counters, f"{route.name}: no certificate store to terminate TLS with")
-                return
+        front: HttpForwarder | HttpRedirect | HttpAnswerer | RequestDispatcher
+        if sniffed.kind is Kind.TLS and self.context.server_creator(route.tls_profile) is None:
+            self._refuse(counters, f"{route.name}: no certificate store to terminate TLS with")
+            return
+        if sniffed.kind is Kind.TLS and self.context.table.has_conditions(self.port):
+            front = RequestDispatcher(lambda head: self._dispatch(head, sniffed))
+        elif sniffed.kind is Kind.TLS and route.action.answers_http:
             front = self._answerer(route, sniffed.server_name)
         elif sniffed.kind is Kind.HTTP:
             front = HttpRedirect(
@@ -602,6 +646,46 @@ class ProxySession(Protocol):
             self._receiver = terminate_tls(self.transport, creator, front, replay, clock=self.context.reactor)
         if self._client_eof and self._state == _State.TERMINATED:
             self._receiver_eof()
+
+    def _dispatch(self, head: RequestHead, sniffed: Sniffed) -> IProtocol:
+        """The route for the first request on a terminated connection whose port routes by request, and the
+        protocol that serves it (that one request, then the connection closes). HttpError: answered."""
+        current = self.route
+        assert current is not None
+        chosen = self.context.table.match(
+            self.port,
+            sniffed.server_name,
+            self.client_ip,
+            request=request_of(head.target, head.fields.lines),
+            tls_versions=offered_versions(sniffed.hello.supported_versions, sniffed.hello.legacy_version)
+            if sniffed.hello is not None
+            else None,
+        )
+        if chosen is None or not chosen.terminates:
+            self._note_refusal(self.context.counters[current.name], "no route for this request")
+            raise HttpError(404, "no route for this request")
+        if chosen is not current:
+            counters = self.context.counters[chosen.name]
+            if not chosen.permits(self.client_ip):
+                self._note_refusal(counters, f"refused by the IP rules of {chosen.name}")
+                raise HttpError(403, "refused by the route's IP rules")
+            if chosen.max_connections is not None and counters.active >= chosen.max_connections:
+                self._note_refusal(
+                    counters, f"{chosen.name}: maxConnections ({chosen.max_connections}) reached"
+                )
+                raise HttpError(503, "the route's maxConnections is reached")
+            self._release_route()
+            # The route taken at the handshake was provisional: the connection counts for the chosen one.
+            self.context.counters[current.name].connections -= 1
+            counters.active += 1
+            counters.connections += 1
+            self._holds_route = True
+            self.route = chosen
+        if chosen.action.answers_http:
+            return self._answerer(chosen, sniffed.server_name)
+        return self._forwarder(
+            chosen, sniffed.server_name, self.context.counters[chosen.name], one_request=True
+        )
 
     def _receiver_eof(self) -> None:
         """The client's EOF, to the TLS layer (which ends or passes it on), the plain-HTTP answerer or a
@@ -640,7 +724,13 @@ class ProxySession(Protocol):
         return host_allowed
 
     def _forwarder(
-        self, route: ProxyRoute, server_name: str | None, counters: RouteCounters
+        self,
+        route: ProxyRoute,
+        server_name: str | None,
+        counters: RouteCounters,
+        *,
+        one_request: bool = False,
+        proto: bytes = b"https",
     ) -> HttpForwarder:
         host_allowed = self._host_check(route, server_name)
 
@@ -651,6 +741,8 @@ class ProxySession(Protocol):
             trust_forwarded=self._header is not None,
             host_allowed=host_allowed,
             idle_timeout=_idle_timeout(route),
+            one_request=one_request,
+            proto=proto,
         )
 
         def connect(protocol: Callable[[], Protocol]) -> Deferred[Any]:

@@ -139,3 +139,74 @@ class StaticFilesWithCurlTests(TestCase):
             self.assertEqual(status, "400", path)
             self.assertNotIn(b"secret", body)
         self.assertEqual((await self.curl("/link.txt"))[0], "404")
+
+
+class TerminatedRoutesByRequestTests(TestCase):
+    """Terminating routes on one port told apart by path, header and TLS version; curl over real TLS."""
+
+    timeout = 60
+
+    def setUp(self) -> Deferred[None]:
+        if shutil.which("curl") is None:
+            raise SkipTest("curl is not installed")
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        cert_pem, key_pem = generate_self_signed("site.test")
+        files = {"certPath": os.path.join(directory, "c.pem"), "keyPath": os.path.join(directory, "k.pem")}
+        for path, data in zip(files.values(), (cert_pem, key_pem), strict=True):
+            with open(path, "wb") as handle:
+                handle.write(data)
+        (self.port,) = free_ports(1)
+        tls = {"mode": "terminate", "certificate": files}
+
+        def static(name: str, match: dict[str, Any]) -> dict[str, Any]:
+            return {
+                "name": name,
+                "match": {"ports": self.port, "domains": "site.test", **match},
+                "action": {"type": "static", "static": {"content": name}, "tls": tls},
+            }
+
+        options = {
+            "smartProxyConfig": {
+                "bindAddress": LOCAL,
+                "routes": [
+                    static("default", {}),
+                    static("api", {"path": "/api"}),
+                    static("images", {"path": "/img/*.png"}),
+                    static("beta", {"path": "/api", "headers": {"X-Beta": "/^y/"}}),
+                    static("old-tls", {"tlsVersion": ["TLSv1.2"], "path": "/"}),
+                ],
+            }
+        }
+        self.router = DcRouter(options, reactor=reactor)
+        self.router.privilegedStartService()
+        self.router.startService()
+        self.addCleanup(self.router.stopService)
+        return self.router.when_ready()
+
+    async def curl(self, path: str, *args: str) -> bytes:
+        out, err, code = await getProcessOutputAndValue(
+            "curl",
+            [
+                "-sSk",
+                "--resolve",
+                f"site.test:{self.port}:{LOCAL}",
+                *args,
+                f"https://site.test:{self.port}{path}",
+            ],
+            env=os.environ,
+        )
+        self.assertEqual(code, 0, err)
+        return out
+
+    async def test_routes_by_path_header_and_tls_version(self) -> None:
+        self.assertEqual(await self.curl("/"), b"default")
+        self.assertEqual(await self.curl("/api/items?x=1"), b"api")
+        self.assertEqual(await self.curl("/apix"), b"default")
+        self.assertEqual(await self.curl("/img/a.png"), b"images")
+        self.assertEqual(await self.curl("/api/items", "-H", "X-Beta: yes"), b"beta")
+        self.assertEqual(await self.curl("/api/items", "-H", "X-Beta: no"), b"api")
+        self.assertEqual(await self.curl("/", "--tls-max", "1.2"), b"old-tls")
+        counters = self.router.proxy.counters  # type: ignore[union-attr]
+        self.assertEqual(counters["beta"].connections, 1)
+        self.assertEqual(sum(c.active for c in counters.values()), 0)

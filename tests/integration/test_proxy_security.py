@@ -1,0 +1,169 @@
+"""Per-route security on every kind of route, on real sockets: ``ipBlockList``, ``ipAllowList`` and
+``maxConnections`` on a plain TCP route, a TLS passthrough route (by SNI), a terminating route (real TLS) and a
+plain-HTTP route. Clients connect from 127.0.0.1, 127.0.0.2 and 127.0.0.3 (all loopback) with Python sockets
+in threads; a refused client reads nothing and sees the connection end.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from dcrouter import DcRouter
+from dcrouter.net.certfiles import generate_self_signed
+from tests.integration import free_ports
+from tests.tls_hellos import real_client_hello
+
+LOCAL = "127.0.0.1"
+KINDS = ("tcp", "passthrough", "terminate", "http")
+
+
+class Echo(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(b"echo:" + data)
+
+
+def exchange(kind: str, port: int, source: str, *, hold: list[Any] | None = None) -> bytes:
+    """One client of ``kind`` from ``source``: what it got back (b"" when refused). With ``hold``, the
+    connection is left open (appended to it) once it is known to be served."""
+    sock = socket.create_connection((LOCAL, port), timeout=10, source_address=(source, 0))
+    try:
+        if kind == "terminate":
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            try:
+                conn: Any = context.wrap_socket(sock, server_hostname="secure.test")
+            except (ssl.SSLError, ConnectionError, OSError):
+                return b""
+            if hold is not None:
+                hold.append(conn)
+                return b"handshake done"
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: secure.test\r\n\r\n")
+        else:
+            conn = sock
+            first = {"tcp": b"hello", "passthrough": real_client_hello("pass.test"), "http": b"GET / HT"}[
+                kind
+            ]
+            conn.sendall(first)
+            if hold is not None:
+                conn.settimeout(0.5)
+                try:
+                    data = conn.recv(100)  # served: an echo (tcp, passthrough); refused: EOF
+                except TimeoutError:
+                    data = b"open"  # plain HTTP waits for the rest of the request
+                if data:
+                    hold.append(conn)
+                return data
+            if kind == "http":
+                conn.sendall(b"TP/1.1\r\nHost: web.test\r\n\r\n")
+            else:
+                try:
+                    return bytes(conn.recv(100))  # the echo (the backend never closes); b"": refused
+                except ConnectionError:
+                    return b""
+        received = b""
+        while True:
+            try:
+                chunk = conn.recv(65536)
+            except (ConnectionError, ssl.SSLError):
+                break
+            if not chunk:
+                break
+            received += chunk
+        return received
+    finally:
+        if hold is None or not hold or hold[-1] is not sock:
+            sock.close()
+
+
+class SecurityOnEveryKindTests(TestCase):
+    timeout = 60
+
+    def setUp(self) -> Deferred[None]:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        cert_pem, key_pem = generate_self_signed("secure.test")
+        files = {"certPath": os.path.join(directory, "c.pem"), "keyPath": os.path.join(directory, "k.pem")}
+        for path, data in zip(files.values(), (cert_pem, key_pem), strict=True):
+            with open(path, "wb") as handle:
+                handle.write(data)
+        backend = reactor.listenTCP(0, Factory.forProtocol(Echo), interface=LOCAL)
+        self.addCleanup(backend.stopListening)
+        target = {"host": LOCAL, "port": backend.getHost().port}
+        self.ports = dict(zip(KINDS, free_ports(len(KINDS)), strict=True))
+        security = {"ipBlockList": ["127.0.0.2/32"], "ipAllowList": ["127.0.0.0/30"], "maxConnections": 1}
+        routes = [
+            {
+                "name": "tcp",
+                "match": {"ports": self.ports["tcp"]},
+                "action": {"type": "forward", "target": target},
+            },
+            {
+                "name": "passthrough",
+                "match": {"ports": self.ports["passthrough"], "domains": "pass.test"},
+                "action": {"type": "forward", "target": target},
+            },
+            {
+                "name": "terminate",
+                "match": {"ports": self.ports["terminate"]},
+                "action": {
+                    "type": "static",
+                    "static": {"content": "secure"},
+                    "tls": {"mode": "terminate", "certificate": files},
+                },
+            },
+            {
+                "name": "http",
+                "match": {"ports": self.ports["http"]},
+                "action": {"type": "static", "static": {"content": "plain"}},
+            },
+        ]
+        for entry in routes:
+            entry["security"] = security
+        self.router = DcRouter(
+            {"smartProxyConfig": {"bindAddress": LOCAL, "routes": routes}}, reactor=reactor
+        )
+        self.router.privilegedStartService()
+        self.router.startService()
+        self.addCleanup(self.router.stopService)
+        return self.router.when_ready()
+
+    async def fetch(self, kind: str, source: str, hold: list[Any] | None = None) -> bytes:
+        return await deferToThread(exchange, kind, self.ports[kind], source, hold=hold)
+
+    async def test_allowed_client_is_served(self) -> None:
+        expected = {"tcp": b"echo:hello", "terminate": b"secure", "http": b"plain"}
+        for kind in KINDS:
+            got = await self.fetch(kind, "127.0.0.1")
+            if kind == "passthrough":
+                self.assertTrue(got.startswith(b"echo:\x16\x03"), kind)
+            else:
+                self.assertTrue(got.endswith(expected[kind]), (kind, got))
+
+    async def test_block_list(self) -> None:
+        for kind in KINDS:
+            self.assertEqual(await self.fetch(kind, "127.0.0.2"), b"", kind)
+
+    async def test_allow_list(self) -> None:
+        for kind in KINDS:
+            self.assertEqual(await self.fetch(kind, "127.0.0.5"), b"", kind)  # outside 127.0.0.0/30
+
+    async def test_max_connections(self) -> None:
+        for kind in KINDS:
+            held: list[Any] = []
+            self.assertNotEqual(await self.fetch(kind, "127.0.0.1", held), b"", kind)
+            self.assertEqual(len(held), 1, kind)
+            try:
+                self.assertEqual(await self.fetch(kind, "127.0.0.3"), b"", f"{kind}: a second connection")
+            finally:
+                for conn in held:
+                    conn.close()

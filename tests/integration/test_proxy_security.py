@@ -1,6 +1,6 @@
 """Per-route security on every kind of route, on real sockets: ``ipBlockList``, ``ipAllowList`` and
-``maxConnections`` on a plain TCP route, a TLS passthrough route (by SNI), a terminating route (real TLS) and a
-plain-HTTP route. Clients connect from 127.0.0.1, 127.0.0.2 and 127.0.0.3 (all loopback) with Python sockets
+``maxConnections`` on a plain TCP route, a TLS passthrough route (by SNI), a terminating route (real TLS)
+and a plain-HTTP route. Clients connect from 127.0.0.1, .2, .3 and .5 (all loopback) with Python sockets
 in threads; a refused client reads nothing and sees the connection end.
 """
 

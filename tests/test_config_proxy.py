@@ -352,15 +352,13 @@ class UnsupportedTests(ProxyCase):
     def test_route_keys_not_built_are_refused_by_path(self) -> None:
         raw = route(
             match={"ports": 80},
-            security={"basicAuth": {"users": []}, "jwtAuth": {}, "rateLimit": {"maxRequests": 5}},
+            security={"jwtAuth": {}, "rateLimit": {"maxRequests": 5}},
         )
         raw["smartProxyConfig"]["routes"][0]["action"]["headers"] = {"request": {}}
         del raw["smartProxyConfig"]["routes"][0]["tls"]
         errors = self.errors(raw)
         where = sorted(e.split(": ")[0].removeprefix("smartProxyConfig.routes[0].") for e in errors)
-        self.assertEqual(
-            where, ["action.headers", "security.basicAuth", "security.jwtAuth", "security.rateLimit"]
-        )
+        self.assertEqual(where, ["action.headers", "security.jwtAuth", "security.rateLimit"])
         for error in errors:
             self.assertIn(": not supported yet: ", error)
         self.assertIn("rate limiter", next(e for e in errors if "rateLimit" in e))
@@ -415,6 +413,55 @@ class MatchConfigTests(ProxyCase):
             [
                 (
                     "smartProxyConfig.routes[0].match.path: is read from HTTP requests: "
+                    "passed-through TLS hides them"
+                )
+            ],
+        )
+
+
+class BasicAuthConfigTests(ProxyCase):
+    HASH = "scrypt$15$8$1$RLinzXEgoHDp+tVepmtkqA==$KNF2ptdCmFXBQ1jmLhS9nw44wypV6vnglklGxZ6Vh4w="
+
+    def test_loads_into_the_route(self) -> None:
+        from dcrouter.proxy.routes import BasicAuthRule, build_routes
+
+        raw = route(
+            security={"basicAuth": {"realm": "staff", "users": [{"username": "ann", "password": self.HASH}]}}
+        )
+        del raw["smartProxyConfig"]["routes"][0]["tls"]
+        (built,) = build_routes(self.config(raw), None)
+        self.assertEqual(built.basic_auth, BasicAuthRule("staff", (("ann", self.HASH),)))
+
+    def test_checked(self) -> None:
+        bad = [{"username": "a:b", "password": "secret"}]
+        errors = [
+            e.removeprefix("smartProxyConfig.routes[0].security.basicAuth.")
+            for e in self.errors(route(security={"basicAuth": {"users": bad}}))
+        ]
+        self.assertEqual(
+            errors,
+            [
+                "users[0].username: ':' is not allowed",
+                (
+                    "users[0].password: must be a hash made by `dcrouter hash-password` (scrypt$...), "
+                    "not a password"
+                ),
+            ],
+        )
+        twice = [{"username": "x", "password": self.HASH}] * 2
+        raw = route(security={"basicAuth": {"users": twice}})
+        del raw["smartProxyConfig"]["routes"][0]["tls"]
+        self.assertEqual(
+            self.errors(raw), ["smartProxyConfig.routes[0].security.basicAuth.users: 'x' is listed twice"]
+        )
+
+    def test_needs_http(self) -> None:
+        raw = route(security={"basicAuth": {"users": [{"username": "a", "password": self.HASH}]}})
+        self.assertEqual(
+            self.errors(raw),
+            [
+                (
+                    "smartProxyConfig.routes[0].security.basicAuth: checks HTTP requests: "
                     "passed-through TLS hides them"
                 )
             ],

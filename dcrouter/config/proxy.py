@@ -22,6 +22,7 @@ from dcrouter.config import values
 from dcrouter.config.schema import Report, block_check, checked, join, option
 from dcrouter.config.tls import pem_files
 from dcrouter.net.domains import normalize_domain
+from dcrouter.passwords import is_password_hash
 
 _LATER = "it is planned (issue 12) and refused rather than silently ignored"
 _LIMITER = "waits for the traffic-control rate limiter; " + _LATER
@@ -361,6 +362,12 @@ def _route_actions(proxy: SmartProxyConfig, path: str, report: Report) -> None:
                 report.error(
                     join(here, f"match.{name}"), 'is read from HTTP requests: a "socket-handler" gets none'
                 )
+        if route.security is not None and route.security.basic_auth is not None:
+            where = join(here, "security.basicAuth")
+            if mode == "passthrough" and tls is not None:
+                report.error(where, "checks HTTP requests: passed-through TLS hides them")
+            if kind == "socket-handler" or (kind == "block" and route.action.status is None):
+                report.error(where, f'has no effect with action type "{kind}"')
         if kind == "socket-handler" and mode != "passthrough":
             report.error(join(here, key + ".mode"), f'has no effect with action type "{kind}"')
 
@@ -746,6 +753,38 @@ class RouteTls:
     )
 
 
+def _password_hash(value: str) -> str | None:
+    if not is_password_hash(value):
+        return "must be a hash made by `dcrouter hash-password` (scrypt$...), not a password"
+    return None
+
+
+@dataclass(frozen=True)
+class BasicAuthUser:
+    username: str = option(
+        doc="User name (no colon: Basic credentials are user:password).",
+        check=values.all_of(
+            values.not_empty, values.one_line, lambda v: "':' is not allowed" if ":" in v else None
+        ),
+    )
+    password: str = option(
+        doc="A hash made by `dcrouter hash-password` (`scrypt$...`).", check=_password_hash
+    )
+
+
+def _unique_users(value: list[BasicAuthUser]) -> str | None:
+    return values.unique([user.username for user in value])
+
+
+@dataclass(frozen=True)
+class BasicAuthConfig:
+    users: list[BasicAuthUser] = option(
+        doc="Accounts; passwords checked in constant time, off the reactor.",
+        check=values.all_of(values.not_empty, _unique_users),
+    )
+    realm: str = option("dcrouter", doc="The realm the 401 challenge names.", check=values.one_line)
+
+
 @dataclass(frozen=True)
 class RouteSecurity:
     ip_allow_list: list[str] = option(
@@ -757,8 +796,10 @@ class RouteSecurity:
     max_connections: int | None = option(
         None, doc="Concurrent connections this route takes; not set: no limit.", check=values.positive
     )
-    basic_auth: Any = option(
-        None, doc="HTTP Basic authentication on terminated and plain HTTP routes.", unsupported=_LATER
+    basic_auth: BasicAuthConfig | None = option(
+        None,
+        doc="HTTP Basic authentication of every request (HTTP routes: terminated, or plain HTTP); a request "
+        "without valid credentials is answered `401` with a `WWW-Authenticate` challenge.",
     )
     jwt_auth: Any = option(None, doc="JWT bearer authentication on HTTP routes.", unsupported=_LATER)
     rate_limit: Any = option(None, doc="Requests or connections per client over time.", unsupported=_LIMITER)

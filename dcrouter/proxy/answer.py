@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dcrouter.log import logger
+from dcrouter.proxy.basicauth import BasicAuth
 from dcrouter.proxy.forward import RouteCounters
 from dcrouter.proxy.http import DEFAULT_IDLE_TIMEOUT, host_name
 from dcrouter.proxy.httpmessage import HeadBuffer, HttpError, RequestHead, parse_request_head, simple_response
@@ -190,8 +191,10 @@ class HttpAnswerer(Protocol):
         server_name: str | None = None,
         host_allowed: Callable[[str], bool] | None = None,
         timeout: float = DEFAULT_IDLE_TIMEOUT,
+        auth: BasicAuth | None = None,
     ) -> None:
         self.action = action
+        self.auth = auth
         self.counters = counters
         self.client_ip = client_ip
         self.port = port
@@ -202,6 +205,7 @@ class HttpAnswerer(Protocol):
         self._deadline: IDelayedCall | None = None
         self._head = HeadBuffer()
         self._file: IO[bytes] | None = None
+        self._lost = False
         #: The status answered, once it was.
         self.answered: int | None = None
 
@@ -216,6 +220,7 @@ class HttpAnswerer(Protocol):
         self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost = True
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
@@ -236,16 +241,41 @@ class HttpAnswerer(Protocol):
             complete = self._head.feed(data)
             if complete is None:
                 return
-            self._answer(parse_request_head(complete[0]))
+            head = parse_request_head(complete[0])
         except HttpError as error:
-            if error.status >= 500 or error.status in (400, 405, 421, 431):
-                log.info(
-                    "proxy: {client}: HTTP {s} ({why})",
-                    client=self.client_ip,
-                    s=error.status,
-                    why=error.reason,
-                )
-            self._send(error.status, body=reason(error.status).encode() + b"\n", head=None)
+            self._error(error)
+            return
+        if self.auth is None:
+            self._respond(head)
+            return
+        self.answered = 0  # nothing more is read: the answer is being decided
+        checking = self.auth.check(head.fields.get(b"authorization"))
+        checking.addCallbacks(lambda _: self._respond(head), self._unauthorized)
+
+    def _unauthorized(self, failure: Failure) -> None:
+        if self._lost:
+            return
+        error = failure.value
+        if not isinstance(error, HttpError):
+            log.failure("proxy: {client}: checking credentials failed", failure, client=self.client_ip)
+            error = HttpError(500, "checking credentials failed")
+        self._error(error)
+
+    def _respond(self, head: RequestHead) -> None:
+        if self._lost:
+            return
+        try:
+            self._answer(head)
+        except HttpError as error:
+            self._error(error, head)
+
+    def _error(self, error: HttpError, head: RequestHead | None = None) -> None:
+        if error.status >= 500 or error.status in (400, 401, 405, 421, 431):
+            log.info(
+                "proxy: {client}: HTTP {s} ({why})", client=self.client_ip, s=error.status, why=error.reason
+            )
+        extra = getattr(error, "extra", ())
+        self._send(error.status, body=reason(error.status).encode() + b"\n", extra=extra, head=head)
 
     # -- answers ----------------------------------------------------------------------------------------
 

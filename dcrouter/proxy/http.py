@@ -37,6 +37,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dcrouter.log import logger
+from dcrouter.proxy.basicauth import BasicAuth
 from dcrouter.proxy.clienthello import routable_name
 from dcrouter.proxy.forward import RouteCounters
 from dcrouter.proxy.httpmessage import (
@@ -157,6 +158,8 @@ class ForwardingPolicy:
     proto: bytes = b"https"
     #: Close after the first response (the route was chosen by that request's path or headers).
     one_request: bool = False
+    #: ``security.basicAuth``: every request must carry credentials it accepts (else ``401``).
+    auth: BasicAuth | None = None
 
 
 @implementer(IHalfCloseableProtocol)
@@ -172,7 +175,7 @@ class HttpForwarder(Protocol):
         self._connect = connect
         self.counters = counters
         self._clock = clock
-        self.phase = "head"  # head | body | wait | upgraded | closed: the client side
+        self.phase = "head"  # head | auth | body | wait | upgraded | closed: the client side
         self.requests = 0
         self._pending = b""
         self._head = HeadBuffer()
@@ -277,6 +280,36 @@ class HttpForwarder(Protocol):
         if not self.policy.host_allowed(name):
             self._refuse(HttpError(421, f"Host {name} is not served on this connection"))
             return
+        auth = self.policy.auth
+        if auth is None:
+            self._request_accepted(head, framing)
+            return
+        # Nothing more is read or forwarded until the credentials are checked (in a thread).
+        self.phase = "auth"
+        if self._client_gate is not None:
+            self._client_gate.pause("auth")
+        checking = auth.check(head.fields.get(b"authorization"))
+        checking.addCallbacks(lambda _: self._authorized(head, framing), self._unauthorized)
+
+    def _authorized(self, head: RequestHead, framing: Any) -> None:
+        if self.phase != "auth":
+            return  # closed meanwhile
+        self._request_accepted(head, framing)
+        if self._client_gate is not None:
+            self._client_gate.resume("auth")
+        self._advance()
+
+    def _unauthorized(self, failure: Failure) -> None:
+        if self.phase != "auth":
+            return
+        error = failure.value
+        if not isinstance(error, HttpError):
+            log.failure("proxy: {client}: checking credentials failed", failure, client=self.policy.client_ip)
+            error = HttpError(500, "checking credentials failed")
+        self.phase = "head"  # so that _refuse answers
+        self._refuse(error)
+
+    def _request_accepted(self, head: RequestHead, framing: Any) -> None:
         self.requests += 1
         self._request = head
         self._close_after = self._close_after or not head.keep_alive or self.policy.one_request
@@ -310,7 +343,10 @@ class HttpForwarder(Protocol):
         )
         if not self._response_started:
             reason = REASONS.get(error.status, "Error")
-            self._write_client(simple_response(error.status, reason, body=reason.encode() + b"\n"))
+            extra = getattr(error, "extra", ())
+            self._write_client(
+                simple_response(error.status, reason, body=reason.encode() + b"\n", extra=extra)
+            )
         self._close(error.reason)
 
     # -- the backend side -----------------------------------------------------------------------------
@@ -433,6 +469,7 @@ class HttpForwarder(Protocol):
             self._response_pending = b""
         self._request = None
         self._response_body = None
+        self._response_started = False  # a refusal of the next request head is answered again
         if self._close_after:
             self._close("response done, connection not persistent")
             return

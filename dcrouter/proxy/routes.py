@@ -123,6 +123,15 @@ class RouteAction:
 
 FORWARD = RouteAction()
 
+
+@dataclass(frozen=True)
+class BasicAuthRule:
+    """``security.basicAuth``: the realm named in the challenge, and ``(username, scrypt hash)`` pairs."""
+
+    realm: str
+    users: tuple[tuple[str, str], ...]
+
+
 #: ClientHello version numbers (``supported_versions``, else the legacy version) by ``match.tlsVersion`` name.
 TLS_VERSION_NUMBERS = {"TLSv1": 0x0301, "TLSv1.1": 0x0302, "TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
 _GLOB = re.compile(r"[*?\[]")
@@ -215,6 +224,7 @@ class ProxyRoute:
     action: RouteAction = FORWARD
     conditions: RequestConditions = NO_CONDITIONS
     tls_versions: frozenset[int] = frozenset()
+    basic_auth: BasicAuthRule | None = None
 
     @property
     def terminates(self) -> bool:
@@ -294,7 +304,12 @@ def _from_route(route: Any, index: int) -> ProxyRoute:
         action=_action(route.action),
         conditions=_conditions(route.match),
         tls_versions=frozenset(TLS_VERSION_NUMBERS[v] for v in route.match.tls_version),
+        basic_auth=_basic_auth(security.basic_auth) if security and security.basic_auth else None,
     )
+
+
+def _basic_auth(config: Any) -> BasicAuthRule:
+    return BasicAuthRule(config.realm, tuple((u.username, u.password) for u in config.users))
 
 
 def _conditions(match: Any) -> RequestConditions:

@@ -30,6 +30,7 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
+from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -41,6 +42,7 @@ from dcrouter.net.targets import Target, TargetHealth
 from dcrouter.net.tls import TlsPolicy
 from dcrouter.proxy import proxyprotocol
 from dcrouter.proxy.answer import HttpAnswerer
+from dcrouter.proxy.basicauth import BasicAuth, BlockingRunner
 from dcrouter.proxy.dispatch import RequestDispatcher
 from dcrouter.proxy.forward import BackendProtocol, RouteCounters, Splice
 from dcrouter.proxy.handlers import RouteContext, SocketHandlerError, SocketHandlers
@@ -142,7 +144,8 @@ class ProxyContext:
     connections per client address; ``sessions`` the sessions whose client connection is open.
     ``certificates`` (the router's CertificateStore) is what terminating routes present, by SNI;
     ``challenges`` (the ACME ChallengeResponder) answers HTTP-01 on their plain-HTTP ports; ``handlers``
-    the socket handlers ``socket-handler`` routes name."""
+    the socket handlers ``socket-handler`` routes name; ``run_blocking`` runs password checks off the
+    reactor (default: the reactor's thread pool)."""
 
     table: RouteTable
     settings: ProxySettings
@@ -154,6 +157,7 @@ class ProxyContext:
     certificates: ServerCreatorSource | None = None
     challenges: ChallengeSource | None = None
     handlers: SocketHandlers = field(default_factory=SocketHandlers)
+    run_blocking: BlockingRunner | None = None
 
     def __post_init__(self) -> None:
         self.health = TargetHealth(self.reactor, self.settings.target_down_time)
@@ -161,6 +165,22 @@ class ProxyContext:
         self._port_routes: dict[int, tuple[ProxyRoute, ...]] = {}
         self._server_creators: dict[str, IOpenSSLServerConnectionCreator] = {}
         self._backend_tls: BackendTls | None = None
+        self._auth: dict[str, BasicAuth] = {}
+
+    def auth_for(self, route: ProxyRoute) -> BasicAuth | None:
+        """The route's ``security.basicAuth`` checker (made once; it remembers good credentials)."""
+        rule = route.basic_auth
+        if rule is None:
+            return None
+        checker = self._auth.get(route.name)
+        if checker is None:
+            checker = self._auth[route.name] = BasicAuth(rule, self._blocking)
+        return checker
+
+    def _blocking(self, function: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        if self.run_blocking is not None:
+            return self.run_blocking(function, *args)
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), function, *args)
 
     def server_creator(self, profile: str = "intermediate") -> IOpenSSLServerConnectionCreator | None:
         """The TLS server side of terminating routes with ``tlsProfile`` ``profile`` (certificate by SNI from
@@ -193,7 +213,7 @@ class ProxyContext:
         if port in self.settings.no_sni_ports:
             return False
         return any(
-            route.domains or route.terminates or route.conditions or route.tls_versions
+            route.domains or route.terminates or route.conditions or route.tls_versions or route.basic_auth
             for route in self.routes_on(port)
         )
 
@@ -472,15 +492,28 @@ class ProxySession(Protocol):
         if route.action.answers_http:
             self._answer_plain(route, sniffed)
             return
+        if route.action.type == "socket-handler":
+            self._hand_over(route, sniffed)
+            return
+        if route.basic_auth is not None and sniffed.kind is not Kind.HTTP:
+            self._refuse(counters, f"{route.name} requires HTTP (basicAuth); this is not an HTTP request")
+            return
+        if (
+            sniffed.kind is Kind.HTTP
+            and route.basic_auth is not None
+            and not self.context.table.has_conditions(self.port)
+        ):
+            # Credentials are checked per request: forwarded as HTTP, not spliced.
+            forwarder = self._forwarder(route, sniffed.server_name, counters, proto=b"http")
+            self.front = forwarder
+            self._attach(forwarder)
+            return
         if sniffed.kind is Kind.HTTP and self.context.table.has_conditions(self.port):
             # Routes here differ by request: this connection carries the one request its route was chosen
             # by, forwarded as HTTP (the next request comes on a new connection and is routed afresh).
             forwarder = self._forwarder(route, sniffed.server_name, counters, one_request=True, proto=b"http")
             self.front = forwarder
             self._attach(forwarder)
-            return
-        if route.action.type == "socket-handler":
-            self._hand_over(route, sniffed)
             return
         connecting = Deferred.fromCoroutine(self._connect(route))
         connecting.addErrback(self._connect_crashed)
@@ -555,6 +588,7 @@ class ProxySession(Protocol):
             server_name=server_name,
             host_allowed=self._host_check(route, server_name),
             timeout=_idle_timeout(route),
+            auth=self.context.auth_for(route),
         )
 
     def _attach(self, receiver: IProtocol) -> None:
@@ -743,6 +777,7 @@ class ProxySession(Protocol):
             idle_timeout=_idle_timeout(route),
             one_request=one_request,
             proto=proto,
+            auth=self.context.auth_for(route),
         )
 
         def connect(protocol: Callable[[], Protocol]) -> Deferred[Any]:

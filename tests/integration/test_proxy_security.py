@@ -7,6 +7,7 @@ in threads; a refused client reads nothing and sees the connection end.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import ssl
 from typing import Any
@@ -15,10 +16,12 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import TestCase
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import SkipTest, TestCase
 
 from dcrouter import DcRouter
 from dcrouter.net.certfiles import generate_self_signed
+from dcrouter.passwords import hash_password
 from tests.integration import free_ports
 from tests.tls_hellos import real_client_hello
 
@@ -167,3 +170,85 @@ class SecurityOnEveryKindTests(TestCase):
             finally:
                 for conn in held:
                     conn.close()
+
+
+class BasicAuthWithCurlTests(TestCase):
+    """``security.basicAuth`` on a terminated route and on a plain-HTTP route, checked by curl; the
+    password check runs in the reactor's thread pool."""
+
+    timeout = 60
+
+    def setUp(self) -> Deferred[None]:
+        if shutil.which("curl") is None:
+            raise SkipTest("curl is not installed")
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        cert_pem, key_pem = generate_self_signed("secure.test")
+        files = {"certPath": os.path.join(directory, "c.pem"), "keyPath": os.path.join(directory, "k.pem")}
+        for path, data in zip(files.values(), (cert_pem, key_pem), strict=True):
+            with open(path, "wb") as handle:
+                handle.write(data)
+        self.https, self.http = free_ports(2)
+        auth = {
+            "realm": "staff",
+            "users": [{"username": "ann", "password": hash_password("s3cret", log2_n=10)}],
+        }
+        routes = [
+            {
+                "name": "https",
+                "match": {"ports": self.https},
+                "action": {
+                    "type": "static",
+                    "static": {"content": "secure"},
+                    "tls": {"mode": "terminate", "certificate": files},
+                },
+                "security": {"basicAuth": auth},
+            },
+            {
+                "name": "http",
+                "match": {"ports": self.http},
+                "action": {"type": "static", "static": {"content": "plain"}},
+                "security": {"basicAuth": auth},
+            },
+        ]
+        self.router = DcRouter(
+            {"smartProxyConfig": {"bindAddress": LOCAL, "routes": routes}}, reactor=reactor
+        )
+        self.router.privilegedStartService()
+        self.router.startService()
+        self.addCleanup(self.router.stopService)
+        return self.router.when_ready()
+
+    async def curl(self, url: str, *args: str) -> tuple[str, bytes]:
+        out, err, code = await getProcessOutputAndValue(
+            "curl",
+            [
+                "-sSk",
+                "--resolve",
+                f"secure.test:{self.https}:{LOCAL}",
+                "-o",
+                "-",
+                "-w",
+                "\n%{http_code}",
+                *args,
+                url,
+            ],
+            env=os.environ,
+        )
+        self.assertEqual(code, 0, err)
+        body, _, status = out.rpartition(b"\n")
+        return status.decode(), body
+
+    async def test_credentials_required(self) -> None:
+        for url, body in (
+            (f"https://secure.test:{self.https}/", b"secure"),
+            (f"http://{LOCAL}:{self.http}/", b"plain"),
+        ):
+            self.assertEqual((await self.curl(url))[0], "401", url)
+            self.assertEqual((await self.curl(url, "-u", "ann:wrong"))[0], "401", url)
+            self.assertEqual((await self.curl(url, "-u", "bob:s3cret"))[0], "401", url)
+            self.assertEqual(await self.curl(url, "-u", "ann:s3cret"), ("200", body), url)
+        out, _, _ = await getProcessOutputAndValue(
+            "curl", ["-sSk", "-D", "-", f"http://{LOCAL}:{self.http}/"]
+        )
+        self.assertIn(b'WWW-Authenticate: Basic realm="staff", charset="UTF-8"', out)

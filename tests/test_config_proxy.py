@@ -298,7 +298,8 @@ class RouteFormTests(ProxyCase):
                 ),
                 "smartProxyConfig.routes[0].action.target.host[0]: not a host name or IP address: 'a b'",
                 (
-                    'smartProxyConfig.routes[0].action.target.port: expected a port number or "preserve", '
+                    'smartProxyConfig.routes[0].action.target.port: expected a port number, "preserve" or '
+                    '"{port}+N" / "{port}-N", '
                     "got 'same'"
                 ),
             ],
@@ -354,19 +355,31 @@ class UnsupportedTests(ProxyCase):
             match={"ports": 80},
             security={"jwtAuth": {}, "rateLimit": {"maxRequests": 5}},
         )
-        raw["smartProxyConfig"]["routes"][0]["action"]["headers"] = {"request": {}}
         del raw["smartProxyConfig"]["routes"][0]["tls"]
         errors = self.errors(raw)
         where = sorted(e.split(": ")[0].removeprefix("smartProxyConfig.routes[0].") for e in errors)
-        self.assertEqual(where, ["action.headers", "security.jwtAuth", "security.rateLimit"])
+        self.assertEqual(where, ["security.jwtAuth", "security.rateLimit"])
         for error in errors:
             self.assertIn(": not supported yet: ", error)
         self.assertIn("rate limiter", next(e for e in errors if "rateLimit" in e))
 
-    def test_port_templates_not_built(self) -> None:
-        raw = route(action={"type": "forward", "target": {"host": "10.0.0.1", "port": "{port}"}})
+    def test_port_templates(self) -> None:
+        from dcrouter.proxy.routes import build_routes
+
+        for written, port, offset in (
+            ("{port}", None, 0),
+            ("{port}+1000", None, 1000),
+            ("{port} - 1", None, -1),
+        ):
+            raw = route(action={"type": "forward", "target": {"host": "10.0.0.1", "port": written}})
+            (built,) = build_routes(self.config(raw), None)
+            self.assertEqual((built.target.port, built.target.offset), (port, offset), written)
+        self.assertEqual(built.target.port_for(8443), 8442)
+        raw = route(action={"type": "forward", "target": {"host": "10.0.0.1", "port": "{port}*2"}})
         (error,) = self.errors(raw)
-        self.assertTrue(error.startswith("smartProxyConfig.routes[0].action.target.port: not supported yet"))
+        self.assertTrue(
+            error.startswith("smartProxyConfig.routes[0].action.target.port: expected a port number")
+        )
 
 
 class MatchConfigTests(ProxyCase):
@@ -461,9 +474,41 @@ class BasicAuthConfigTests(ProxyCase):
             self.errors(raw),
             [
                 (
-                    "smartProxyConfig.routes[0].security.basicAuth: checks HTTP requests: "
+                    "smartProxyConfig.routes[0].security.basicAuth: works on HTTP requests: "
                     "passed-through TLS hides them"
                 )
+            ],
+        )
+
+
+class HeaderChangeConfigTests(ProxyCase):
+    def test_loads(self) -> None:
+        from dcrouter.proxy.routes import FieldChanges, build_routes
+
+        headers = {
+            "request": {"set": {"X-Env": "prod"}, "remove": ["Cookie"]},
+            "response": {"set": {"Strict-Transport-Security": "max-age=63072000"}, "remove": ["Server"]},
+        }
+        raw = route(action={"type": "forward", "target": {"host": "10.0.0.1"}, "headers": headers})
+        del raw["smartProxyConfig"]["routes"][0]["tls"]
+        (built,) = build_routes(self.config(raw), None)
+        self.assertEqual(built.request_fields, FieldChanges(((b"X-Env", b"prod"),), frozenset({b"cookie"})))
+        self.assertEqual(built.response_fields.dropped, frozenset({b"server", b"strict-transport-security"}))
+        self.assertTrue(built.reads_http)
+
+    def test_framing_and_hop_fields_refused(self) -> None:
+        headers = {"request": {"set": {"Content-Length": "0"}, "remove": ["Transfer-Encoding", "bad name"]}}
+        raw = route(action={"type": "forward", "target": {"host": "10.0.0.1"}, "headers": headers})
+        errors = [
+            e.removeprefix("smartProxyConfig.routes[0].action.headers.request.") for e in self.errors(raw)
+        ]
+        self.assertEqual(
+            errors,
+            [
+                "set: Content-Length is set by the proxy or frames the message; it cannot be changed",
+                "remove[0]: Transfer-Encoding is set by the proxy or frames the message; "
+                "it cannot be changed",
+                "remove[1]: not a header field name: 'bad name'",
             ],
         )
 

@@ -305,3 +305,58 @@ class HostTests(SessionTestCase):
             self.assertIn(b"Location: https://" + expected + b":8443/\r\n", client.value())
         _session, client = self.connect(port=8080, data=get(host="bad host"))
         self.assertTrue(client.value().startswith(b"HTTP/1.1 400 "))
+
+
+class HeaderChangeTests(SessionTestCase):
+    def test_request_and_response_fields_changed(self) -> None:
+        from dcrouter.proxy.routes import FieldChanges
+
+        forward = dataclasses.replace(
+            route("r", ports=(8080,), port=9000),
+            request_fields=FieldChanges(((b"X-Env", b"prod"),), frozenset({b"cookie"})),
+            response_fields=FieldChanges(((b"X-Frame-Options", b"DENY"),), frozenset({b"server"})),
+        )
+        self.context(forward)
+        self.assertTrue(self.ctx.peeks(8080))
+        request = b"GET / HTTP/1.1\r\nHost: a.test\r\nCookie: secret=1\r\nX-Env: dev\r\n\r\n"
+        _session, client = self.connect(port=8080, data=request)
+        backend, backend_transport = self.accept()
+        sent = backend_transport.value()
+        self.assertNotIn(b"Cookie", sent)
+        self.assertNotIn(b"X-Env: dev", sent)
+        self.assertIn(b"\r\nX-Env: prod\r\n", sent)
+        backend.dataReceived(b"HTTP/1.1 200 OK\r\nServer: internal/1.0\r\nContent-Length: 0\r\n\r\n")
+        answer = client.value()
+        self.assertNotIn(b"Server:", answer)
+        self.assertIn(b"\r\nX-Frame-Options: DENY\r\n", answer)
+
+    def test_answers_get_the_response_fields_set(self) -> None:
+        from dcrouter.proxy.routes import FieldChanges
+
+        static = acting(RouteAction("static", static=StaticContent(content=b"x")))
+        self.context(
+            dataclasses.replace(static, response_fields=FieldChanges(((b"Cache-Control", b"no-store"),)))
+        )
+        _session, client = self.connect(port=8080, data=get())
+        self.assertIn(b"\r\nCache-Control: no-store\r\n", client.value())
+
+
+class PortTemplateTests(SessionTestCase):
+    def test_the_port_connected_to_moved(self) -> None:
+        from dcrouter.proxy.routes import ProxyTarget
+
+        self.context(
+            dataclasses.replace(route("r", ports=(8443,)), target=ProxyTarget(("10.0.0.1",), None, 1000))
+        )
+        self.connect(port=8443, data=b"x")
+        self.assertEqual(self.attempts(), [("10.0.0.1", 9443)])
+
+    def test_out_of_range_is_refused(self) -> None:
+        from dcrouter.proxy.routes import ProxyTarget
+
+        self.context(
+            dataclasses.replace(route("r", ports=(65000,)), target=ProxyTarget(("10.0.0.1",), None, 1000))
+        )
+        session, client = self.connect(port=65000, data=b"x")
+        self.assertEqual(self.attempts(), [])
+        self.assertRefused(client, session)

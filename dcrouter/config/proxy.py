@@ -47,9 +47,22 @@ def hosts(value: Any) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
+#: ``action.target.port`` as a template: the port the client connected to, plus or minus a number.
+PORT_TEMPLATE = re.compile(r"\{port\}(?:\s*([+-])\s*(\d{1,5}))?")
+
+
 def target_port(value: Any) -> int | None:
-    """The port of a checked ``action.target.port``; None for ``"preserve"`` (the port connected to)."""
-    return None if value == "preserve" else int(value)
+    """The port of a checked ``action.target.port``; None for ``"preserve"`` and templates (the port
+    connected to, moved by :func:`port_offset`)."""
+    return None if isinstance(value, str) else int(value)
+
+
+def port_offset(value: Any) -> int:
+    """What a checked ``action.target.port`` template adds to the port connected to (0 otherwise)."""
+    match = PORT_TEMPLATE.fullmatch(value) if isinstance(value, str) else None
+    if match is None or match.group(1) is None:
+        return 0
+    return int(match.group(2)) * (1 if match.group(1) == "+" else -1)
 
 
 def route_domains(value: Any) -> tuple[str, ...]:
@@ -362,10 +375,17 @@ def _route_actions(proxy: SmartProxyConfig, path: str, report: Report) -> None:
                 report.error(
                     join(here, f"match.{name}"), 'is read from HTTP requests: a "socket-handler" gets none'
                 )
-        if route.security is not None and route.security.basic_auth is not None:
-            where = join(here, "security.basicAuth")
+        for where, given in (
+            (
+                join(here, "security.basicAuth"),
+                route.security is not None and route.security.basic_auth is not None,
+            ),
+            (join(here, "action.headers"), route.action.headers is not None),
+        ):
+            if not given:
+                continue
             if mode == "passthrough" and tls is not None:
-                report.error(where, "checks HTTP requests: passed-through TLS hides them")
+                report.error(where, "works on HTTP requests: passed-through TLS hides them")
             if kind == "socket-handler" or (kind == "block" and route.action.status is None):
                 report.error(where, f'has no effect with action type "{kind}"')
         if kind == "socket-handler" and mode != "passthrough":
@@ -681,10 +701,10 @@ class RouteMatch:
 def _target_port_spec(value: Any) -> str | None:
     if value == "preserve":
         return None
-    if isinstance(value, str) and "{" in value:
-        return f"not supported yet: port templates ({value!r}); {_LATER}"
+    if isinstance(value, str) and PORT_TEMPLATE.fullmatch(value):
+        return None
     if not _is_int(value):
-        return f'expected a port number or "preserve", got {value!r}'
+        return f'expected a port number, "preserve" or "{{port}}+N" / "{{port}}-N", got {value!r}'
     return values.port(value)
 
 
@@ -695,7 +715,8 @@ class RouteTarget:
     )
     port: Any = option(
         "preserve",
-        doc='Backend port, or `"preserve"`: the port the client connected to.',
+        doc='Backend port; `"preserve"` (or `"{port}"`): the port the client connected to; `"{port}+N"` / '
+        '`"{port}-N"`: that port moved by N.',
         check=_target_port_spec,
     )
 
@@ -805,6 +826,60 @@ class RouteSecurity:
     rate_limit: Any = option(None, doc="Requests or connections per client over time.", unsupported=_LIMITER)
 
 
+#: Fields an action may not set or remove: they frame the message or belong to the hop (RFC 9110 §7.6.1),
+#: or the proxy sets them itself.
+RESERVED_FIELDS = frozenset(
+    {
+        "connection",
+        "content-length",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+    }
+)
+_FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def _field_name(name: str) -> str | None:
+    if not _FIELD_NAME.fullmatch(name):
+        return f"not a header field name: {name!r}"
+    if name.lower() in RESERVED_FIELDS:
+        return f"{name} is set by the proxy or frames the message; it cannot be changed"
+    return None
+
+
+def _field_values(value: dict[str, str]) -> str | None:
+    for name, text in value.items():
+        problem = _field_name(name) or values.one_line(text)
+        if problem:
+            return problem
+    return None
+
+
+@dataclass(frozen=True)
+class HeaderChanges:
+    set_fields: dict[str, str] = option(
+        factory=dict,
+        key="set",
+        doc="Fields to set (name = value), replacing any of that name.",
+        check=_field_values,
+    )
+    remove: list[str] = option(factory=list, doc="Names of fields to remove.", each=_field_name)
+
+
+@dataclass(frozen=True)
+class RouteHeaders:
+    request: HeaderChanges | None = option(None, doc="Changes to requests, before they are forwarded.")
+    response: HeaderChanges | None = option(
+        None, doc="Changes to responses (the target's, and the proxy's own answers: `set` only)."
+    )
+
+
 @checked(_action_target)
 @dataclass(frozen=True)
 class RouteAction:
@@ -831,8 +906,10 @@ class RouteAction:
     tls: RouteTls | None = option(
         None, doc="TLS handling, SmartProxy's place for it (the same as the route's own `tls`; set one)."
     )
-    headers: Any = option(
-        None, doc="Request and response header fields to set or remove (HTTP routes).", unsupported=_LATER
+    headers: RouteHeaders | None = option(
+        None,
+        doc="HTTP routes: header fields set or removed on requests (towards the target) and responses "
+        "(towards the client).",
     )
 
 

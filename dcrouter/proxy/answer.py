@@ -192,9 +192,11 @@ class HttpAnswerer(Protocol):
         host_allowed: Callable[[str], bool] | None = None,
         timeout: float = DEFAULT_IDLE_TIMEOUT,
         auth: BasicAuth | None = None,
+        extra: tuple[bytes, ...] = (),
     ) -> None:
         self.action = action
         self.auth = auth
+        self.extra = extra
         self.counters = counters
         self.client_ip = client_ip
         self.port = port
@@ -376,7 +378,7 @@ class HttpAnswerer(Protocol):
 
     def _write_head(self, status: int, extra: list[bytes], *, length: int | None) -> None:
         self.answered = status
-        lines = [b"HTTP/1.1 %d %s" % (status, reason(status).encode("ascii")), *extra]
+        lines = [b"HTTP/1.1 %d %s" % (status, reason(status).encode("ascii")), *extra, *self.extra]
         if length is not None:
             lines.append(b"Content-Length: %d" % length)
         lines.append(b"Connection: close")
@@ -392,7 +394,9 @@ class HttpAnswerer(Protocol):
         head: RequestHead | None,
     ) -> None:
         self.answered = status
-        response = simple_response(status, reason(status), body=body, extra=extra, content_type=content_type)
+        response = simple_response(
+            status, reason(status), body=body, extra=(*extra, *self.extra), content_type=content_type
+        )
         if head is not None and head.method == b"HEAD":
             response = response[: len(response) - len(body)]
         self.write(response)

@@ -56,6 +56,7 @@ from dcrouter.proxy.httpmessage import (
     response_framing,
     simple_response,
 )
+from dcrouter.proxy.routes import NO_CHANGES, FieldChanges
 
 log = logger(__name__)
 
@@ -160,6 +161,9 @@ class ForwardingPolicy:
     one_request: bool = False
     #: ``security.basicAuth``: every request must carry credentials it accepts (else ``401``).
     auth: BasicAuth | None = None
+    #: ``action.headers``: fields changed on requests and on final responses.
+    request_fields: FieldChanges = NO_CHANGES
+    response_fields: FieldChanges = NO_CHANGES
 
 
 @implementer(IHalfCloseableProtocol)
@@ -324,6 +328,8 @@ class HttpForwarder(Protocol):
                 client_ip=self.policy.client_ip,
                 trust_forwarded=self.policy.trust_forwarded,
                 proto=self.policy.proto,
+                drop=self.policy.request_fields.dropped,
+                add=self.policy.request_fields.set_fields,
             )
         )
 
@@ -443,7 +449,10 @@ class HttpForwarder(Protocol):
         # request body ended leaves the rest of that body unread.
         if framing.kind == "close" or self.phase == "body":
             self._close_after = True
-        self._write_client(relayed_response_head(head, close=self._close_after))
+        changes = self.policy.response_fields
+        self._write_client(
+            relayed_response_head(head, close=self._close_after, drop=changes.dropped, add=changes.set_fields)
+        )
         self._response_started = True
         self._response_body = framing.reader()
         if self._response_body.done:

@@ -23,6 +23,7 @@ from dcrouter.config.proxy import (
     header_pattern,
     hosts,
     http_route_port,
+    port_offset,
     port_ranges,
     route_domains,
     route_tls,
@@ -69,10 +70,16 @@ class PortRange:
 
 @dataclass(frozen=True)
 class ProxyTarget:
-    """Backends tried round robin, and their port: None means the port the client connected to."""
+    """Backends tried round robin, and their port: None means the port the client connected to, moved by
+    ``offset`` (``"{port}+1000"``)."""
 
     hosts: tuple[str, ...]
     port: int | None
+    offset: int = 0
+
+    def port_for(self, connected: int) -> int:
+        """The backend port for a client that connected to ``connected``."""
+        return self.port if self.port is not None else connected + self.offset
 
 
 @dataclass(frozen=True)
@@ -122,6 +129,22 @@ class RouteAction:
 
 
 FORWARD = RouteAction()
+
+
+@dataclass(frozen=True)
+class FieldChanges:
+    """Header fields to set (replacing those of the name) and to remove, names in lower case for removal."""
+
+    set_fields: tuple[tuple[bytes, bytes], ...] = ()
+    remove: frozenset[bytes] = frozenset()
+
+    @property
+    def dropped(self) -> frozenset[bytes]:
+        """The names whose fields as received are left out: removed ones, and set ones (replaced)."""
+        return self.remove | {name.lower() for name, _ in self.set_fields}
+
+
+NO_CHANGES = FieldChanges()
 
 
 @dataclass(frozen=True)
@@ -225,6 +248,16 @@ class ProxyRoute:
     conditions: RequestConditions = NO_CONDITIONS
     tls_versions: frozenset[int] = frozenset()
     basic_auth: BasicAuthRule | None = None
+    request_fields: FieldChanges = NO_CHANGES
+    response_fields: FieldChanges = NO_CHANGES
+
+    @property
+    def reads_http(self) -> bool:
+        """Whether requests must be read one by one even on a plain route that forwards (credentials are
+        checked, or header fields changed): such a route forwards HTTP rather than splicing bytes."""
+        return self.basic_auth is not None or bool(
+            self.request_fields.dropped or self.response_fields.dropped
+        )
 
     @property
     def terminates(self) -> bool:
@@ -294,7 +327,9 @@ def _from_route(route: Any, index: int) -> ProxyRoute:
         client_ips=_networks(route.match.client_ip),
         allow=_networks(security.ip_allow_list) if security else None,
         block=_networks(security.ip_block_list) if security else None,
-        target=ProxyTarget(hosts(target.host), target_port(target.port)) if target is not None else NO_TARGET,
+        target=ProxyTarget(hosts(target.host), target_port(target.port), port_offset(target.port))
+        if target is not None
+        else NO_TARGET,
         tls_mode=tls.mode if tls else "passthrough",
         max_connections=security.max_connections if security else None,
         connection_timeout_ms=route.connection_timeout,
@@ -305,6 +340,17 @@ def _from_route(route: Any, index: int) -> ProxyRoute:
         conditions=_conditions(route.match),
         tls_versions=frozenset(TLS_VERSION_NUMBERS[v] for v in route.match.tls_version),
         basic_auth=_basic_auth(security.basic_auth) if security and security.basic_auth else None,
+        request_fields=_changes(route.action.headers.request if route.action.headers else None),
+        response_fields=_changes(route.action.headers.response if route.action.headers else None),
+    )
+
+
+def _changes(config: Any) -> FieldChanges:
+    if config is None:
+        return NO_CHANGES
+    return FieldChanges(
+        tuple((name.encode("ascii"), value.encode("utf-8")) for name, value in config.set_fields.items()),
+        frozenset(name.lower().encode("ascii") for name in config.remove),
     )
 
 

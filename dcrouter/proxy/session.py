@@ -213,7 +213,7 @@ class ProxyContext:
         if port in self.settings.no_sni_ports:
             return False
         return any(
-            route.domains or route.terminates or route.conditions or route.tls_versions or route.basic_auth
+            route.domains or route.terminates or route.conditions or route.tls_versions or route.reads_http
             for route in self.routes_on(port)
         )
 
@@ -495,15 +495,15 @@ class ProxySession(Protocol):
         if route.action.type == "socket-handler":
             self._hand_over(route, sniffed)
             return
-        if route.basic_auth is not None and sniffed.kind is not Kind.HTTP:
-            self._refuse(counters, f"{route.name} requires HTTP (basicAuth); this is not an HTTP request")
+        if route.reads_http and sniffed.kind is not Kind.HTTP:
+            self._refuse(counters, f"{route.name} reads HTTP requests; this is not an HTTP request")
             return
         if (
             sniffed.kind is Kind.HTTP
-            and route.basic_auth is not None
+            and route.reads_http
             and not self.context.table.has_conditions(self.port)
         ):
-            # Credentials are checked per request: forwarded as HTTP, not spliced.
+            # Credentials checked or fields changed per request: forwarded as HTTP, not spliced.
             forwarder = self._forwarder(route, sniffed.server_name, counters, proto=b"http")
             self.front = forwarder
             self._attach(forwarder)
@@ -547,7 +547,10 @@ class ProxySession(Protocol):
     ) -> Any:
         """A connection to the first of the route's targets (in round-robin order) that accepts, marking
         those that fail down; None when none does or the client went away meanwhile."""
-        port = route.target.port if route.target.port is not None else self.port
+        port = route.target.port_for(self.port)
+        if not 1 <= port <= 65535:
+            log.info("proxy: {route}: target port {port} is out of range", route=route.name, port=port)
+            return None
         for target in self.context.targets(route, port):
             self._connecting = self.context.connect(target.address, port, protocol=protocol, tls=tls)
             try:
@@ -589,6 +592,7 @@ class ProxySession(Protocol):
             host_allowed=self._host_check(route, server_name),
             timeout=_idle_timeout(route),
             auth=self.context.auth_for(route),
+            extra=tuple(b"%s: %s" % field for field in route.response_fields.set_fields),
         )
 
     def _attach(self, receiver: IProtocol) -> None:
@@ -778,6 +782,8 @@ class ProxySession(Protocol):
             one_request=one_request,
             proto=proto,
             auth=self.context.auth_for(route),
+            request_fields=route.request_fields,
+            response_fields=route.response_fields,
         )
 
         def connect(protocol: Callable[[], Protocol]) -> Deferred[Any]:

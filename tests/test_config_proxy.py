@@ -506,8 +506,10 @@ class HeaderChangeConfigTests(ProxyCase):
             errors,
             [
                 "set: Content-Length is set by the proxy or frames the message; it cannot be changed",
-                "remove[0]: Transfer-Encoding is set by the proxy or frames the message; "
-                "it cannot be changed",
+                (
+                    "remove[0]: Transfer-Encoding is set by the proxy or frames the message; "
+                    "it cannot be changed"
+                ),
                 "remove[1]: not a header field name: 'bad name'",
             ],
         )

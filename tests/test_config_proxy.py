@@ -353,12 +353,12 @@ class UnsupportedTests(ProxyCase):
     def test_route_keys_not_built_are_refused_by_path(self) -> None:
         raw = route(
             match={"ports": 80},
-            security={"jwtAuth": {}, "rateLimit": {"maxRequests": 5}},
+            security={"rateLimit": {"maxRequests": 5}},
         )
         del raw["smartProxyConfig"]["routes"][0]["tls"]
         errors = self.errors(raw)
         where = sorted(e.split(": ")[0].removeprefix("smartProxyConfig.routes[0].") for e in errors)
-        self.assertEqual(where, ["security.jwtAuth", "security.rateLimit"])
+        self.assertEqual(where, ["security.rateLimit"])
         for error in errors:
             self.assertIn(": not supported yet: ", error)
         self.assertIn("rate limiter", next(e for e in errors if "rateLimit" in e))
@@ -511,6 +511,74 @@ class HeaderChangeConfigTests(ProxyCase):
                     "it cannot be changed"
                 ),
                 "remove[1]: not a header field name: 'bad name'",
+            ],
+        )
+
+
+class JwtAuthConfigTests(ProxyCase):
+    def pem(self) -> str:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        path = self.mktemp()
+        with open(path, "wb") as handle:
+            handle.write(
+                ec.generate_private_key(ec.SECP256R1())
+                .public_key()
+                .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+            )
+        return path
+
+    def test_loads_into_the_route(self) -> None:
+        from dcrouter.proxy.routes import JwtRule, build_routes
+
+        pem = self.pem()
+        jwt_auth = {"keyFile": pem, "algorithms": ["ES256"], "issuer": "https://id.test", "audience": ["app"]}
+        raw = route(security={"jwtAuth": jwt_auth})
+        del raw["smartProxyConfig"]["routes"][0]["tls"]
+        (built,) = build_routes(self.config(raw), None)
+        self.assertEqual(
+            built.jwt_auth,
+            JwtRule(algorithms=("ES256",), key_file=pem, issuer="https://id.test", audience=("app",)),
+        )
+        self.assertTrue(built.reads_http)
+
+    def test_checked(self) -> None:
+        path = "smartProxyConfig.routes[0].security.jwtAuth"
+        cases = [
+            (
+                {"algorithms": ["RS256"]},
+                f"{path}: set exactly one of keyFile, jwksFile and jwksUrl (got none)",
+            ),
+            (
+                {"keyFile": "/no/such.pem"},
+                f"{path}.keyFile: cannot read '/no/such.pem': No such file or directory",
+            ),
+            ({"jwksUrl": "http://id.test/jwks"}, f"{path}.jwksUrl: must be an https:// URL"),
+            (
+                {"jwksUrl": "https://id.test/jwks", "algorithms": ["HS256"]},
+                (
+                    f"{path}.algorithms[0]: one of RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, "
+                    "ES512, EdDSA (public-key algorithms only), got 'HS256'"
+                ),
+            ),
+        ]
+        for given, expected in cases:
+            raw = route(security={"jwtAuth": given})
+            del raw["smartProxyConfig"]["routes"][0]["tls"]
+            self.assertEqual(self.errors(raw), [expected])
+
+    def test_not_with_basic_auth(self) -> None:
+        users = [{"username": "a", "password": BasicAuthConfigTests.HASH}]
+        raw = route(security={"jwtAuth": {"jwksUrl": "https://id.test/k"}, "basicAuth": {"users": users}})
+        del raw["smartProxyConfig"]["routes"][0]["tls"]
+        self.assertEqual(
+            self.errors(raw),
+            [
+                (
+                    "smartProxyConfig.routes[0].security.jwtAuth: a request carries one Authorization: "
+                    "basicAuth or jwtAuth"
+                )
             ],
         )
 

@@ -381,6 +381,10 @@ def _route_actions(proxy: SmartProxyConfig, path: str, report: Report) -> None:
                 route.security is not None and route.security.basic_auth is not None,
             ),
             (join(here, "action.headers"), route.action.headers is not None),
+            (
+                join(here, "security.jwtAuth"),
+                route.security is not None and route.security.jwt_auth is not None,
+            ),
         ):
             if not given:
                 continue
@@ -388,6 +392,11 @@ def _route_actions(proxy: SmartProxyConfig, path: str, report: Report) -> None:
                 report.error(where, "works on HTTP requests: passed-through TLS hides them")
             if kind == "socket-handler" or (kind == "block" and route.action.status is None):
                 report.error(where, f'has no effect with action type "{kind}"')
+        security = route.security
+        if security is not None and security.basic_auth is not None and security.jwt_auth is not None:
+            report.error(
+                join(here, "security.jwtAuth"), "a request carries one Authorization: basicAuth or jwtAuth"
+            )
         if kind == "socket-handler" and mode != "passthrough":
             report.error(join(here, key + ".mode"), f'has no effect with action type "{kind}"')
 
@@ -806,6 +815,99 @@ class BasicAuthConfig:
     realm: str = option("dcrouter", doc="The realm the 401 challenge names.", check=values.one_line)
 
 
+def _readable_pem_key(value: str) -> str | None:
+    try:
+        with open(value, "rb") as handle:
+            data = handle.read()
+    except OSError as error:
+        return f"cannot read {value!r}: {error.strerror}"
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    try:
+        if b"BEGIN CERTIFICATE" in data:
+            x509.load_pem_x509_certificate(data)
+        else:
+            load_pem_public_key(data)
+    except ValueError as error:
+        return f"{value!r} holds no PEM public key or certificate: {error}"
+    return None
+
+
+def _readable_jwks(value: str) -> str | None:
+    import jwt
+
+    try:
+        with open(value, "rb") as handle:
+            jwt.PyJWKSet.from_json(handle.read().decode("utf-8"))
+    except OSError as error:
+        return f"cannot read {value!r}: {error.strerror}"
+    except (ValueError, jwt.exceptions.PyJWKSetError) as error:
+        return f"{value!r} is not a usable JWKS: {error}"
+    return None
+
+
+@block_check("key_file", "jwks_file", "jwks_url")
+def _jwt_key_source(jwt_auth: JwtAuthConfig, path: str, report: Report) -> None:
+    given = [
+        k
+        for k, v in (
+            ("keyFile", jwt_auth.key_file),
+            ("jwksFile", jwt_auth.jwks_file),
+            ("jwksUrl", jwt_auth.jwks_url),
+        )
+        if v
+    ]
+    if len(given) != 1:
+        report.error(
+            path, f"set exactly one of keyFile, jwksFile and jwksUrl (got {', '.join(given) or 'none'})"
+        )
+
+
+#: Public-key JWS algorithms (RFC 7518, RFC 8037): an HMAC secret would be one more secret in the config.
+JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+
+
+def _jwt_algorithm(value: str) -> str | None:
+    if value not in JWT_ALGORITHMS:
+        return f"one of {', '.join(JWT_ALGORITHMS)} (public-key algorithms only), got {value!r}"
+    return None
+
+
+@checked(_jwt_key_source)
+@dataclass(frozen=True)
+class JwtAuthConfig:
+    key_file: str | None = option(
+        None,
+        doc="PEM file of the public key (or a certificate) tokens are signed with.",
+        check=_readable_pem_key,
+    )
+    jwks_file: str | None = option(None, doc="JWKS file of the keys (by `kid`).", check=_readable_jwks)
+    jwks_url: str | None = option(
+        None,
+        doc="JWKS URL (`https://`), fetched at start, every `jwksRefresh`, and when a token names an unknown "
+        "`kid` (at most once a minute).",
+        check=values.all_of(
+            values.one_line, lambda v: None if v.startswith("https://") else "must be an https:// URL"
+        ),
+    )
+    algorithms: list[str] = option(
+        factory=lambda: ["RS256", "ES256", "EdDSA"],
+        doc="Accepted signature algorithms (public-key only).",
+        check=values.all_of(values.not_empty, values.unique),
+        each=_jwt_algorithm,
+    )
+    issuer: str | None = option(None, doc="Required `iss` claim.", check=values.one_line)
+    audience: list[str] = option(factory=list, doc="Accepted `aud` values; empty: `aud` not checked.")
+    leeway: int = option(
+        30_000, doc="Milliseconds of clock difference allowed for `exp` and `nbf`.", check=values.non_negative
+    )
+    jwks_refresh: int = option(
+        3_600_000, doc="Milliseconds between fetches of `jwksUrl`.", check=values.duration
+    )
+    realm: str = option("dcrouter", doc="The realm the 401 challenge names.", check=values.one_line)
+
+
 @dataclass(frozen=True)
 class RouteSecurity:
     ip_allow_list: list[str] = option(
@@ -822,7 +924,11 @@ class RouteSecurity:
         doc="HTTP Basic authentication of every request (HTTP routes: terminated, or plain HTTP); a request "
         "without valid credentials is answered `401` with a `WWW-Authenticate` challenge.",
     )
-    jwt_auth: Any = option(None, doc="JWT bearer authentication on HTTP routes.", unsupported=_LATER)
+    jwt_auth: JwtAuthConfig | None = option(
+        None,
+        doc="JWT bearer tokens (`Authorization: Bearer`) required on every request (HTTP routes); "
+        "else `401`.",
+    )
     rate_limit: Any = option(None, doc="Requests or connections per client over time.", unsupported=_LIMITER)
 
 

@@ -13,7 +13,6 @@ thread with :class:`~twisted.protocols.basic.FileSender` in 16 KiB chunks, as ``
 
 from __future__ import annotations
 
-import ipaddress
 import mimetypes
 import os
 import re
@@ -32,8 +31,9 @@ from zope.interface import implementer
 from dcrouter.log import logger
 from dcrouter.proxy.basicauth import BasicAuth
 from dcrouter.proxy.forward import RouteCounters
-from dcrouter.proxy.http import DEFAULT_IDLE_TIMEOUT, host_name
+from dcrouter.proxy.http import DEFAULT_IDLE_TIMEOUT, host_address, host_name
 from dcrouter.proxy.httpmessage import HeadBuffer, HttpError, RequestHead, parse_request_head, simple_response
+from dcrouter.proxy.jwtauth import JwtAuth
 from dcrouter.proxy.routes import RouteAction, StaticContent
 
 log = logger(__name__)
@@ -132,25 +132,6 @@ def _inside(root: str, path: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def host_address(value: bytes) -> str | None:
-    """The IP address a ``Host`` value (``192.0.2.1:8080``, ``[2001:db8::1]``) names, as written; None when
-    it names no address."""
-    text = value.decode("ascii", "replace")
-    if text.startswith("["):
-        literal, bracket, rest = text[1:].partition("]")
-        if not bracket or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
-            return None
-        candidate = literal
-        written = f"[{literal}]"
-    else:
-        candidate = written = text.partition(":")[0]
-    try:
-        ipaddress.ip_address(candidate)
-    except ValueError:
-        return None
-    return written
-
-
 def content_type(path: str) -> str:
     guessed, encoding = mimetypes.guess_type(path, strict=False)
     if guessed is None or encoding is not None:
@@ -191,7 +172,7 @@ class HttpAnswerer(Protocol):
         server_name: str | None = None,
         host_allowed: Callable[[str], bool] | None = None,
         timeout: float = DEFAULT_IDLE_TIMEOUT,
-        auth: BasicAuth | None = None,
+        auth: BasicAuth | JwtAuth | None = None,
         extra: tuple[bytes, ...] = (),
     ) -> None:
         self.action = action

@@ -24,6 +24,7 @@ challenge responder (``404`` when unknown), every other request ``301`` to ``htt
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ from dcrouter.proxy.httpmessage import (
     response_framing,
     simple_response,
 )
+from dcrouter.proxy.jwtauth import JwtAuth
 from dcrouter.proxy.routes import NO_CHANGES, FieldChanges
 
 log = logger(__name__)
@@ -83,6 +85,25 @@ def host_name(value: bytes | None) -> str:
     if colon and not (port.isdigit() and len(port) <= 5 and int(port) <= 65535):
         raise ValueError(f"Host {text[:60]!r} has an invalid port")
     return routable_name(host)
+
+
+def host_address(value: bytes) -> str | None:
+    """The IP address a ``Host`` value (``192.0.2.1:8080``, ``[2001:db8::1]``) names, as written; None when
+    it names no address."""
+    text = value.decode("ascii", "replace")
+    if text.startswith("["):
+        literal, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+            return None
+        candidate = literal
+        written = f"[{literal}]"
+    else:
+        candidate = written = text.partition(":")[0]
+    try:
+        ipaddress.ip_address(candidate)
+    except ValueError:
+        return None
+    return written
 
 
 @implementer(IPushProducer)
@@ -160,7 +181,7 @@ class ForwardingPolicy:
     #: Close after the first response (the route was chosen by that request's path or headers).
     one_request: bool = False
     #: ``security.basicAuth``: every request must carry credentials it accepts (else ``401``).
-    auth: BasicAuth | None = None
+    auth: BasicAuth | JwtAuth | None = None
     #: ``action.headers``: fields changed on requests and on final responses.
     request_fields: FieldChanges = NO_CHANGES
     response_fields: FieldChanges = NO_CHANGES
@@ -274,7 +295,11 @@ class HttpForwarder(Protocol):
         try:
             head = parse_request_head(raw)
             framing = request_framing(head)
-            name = host_name(head.fields.get(b"host"))
+            host = head.fields.get(b"host")
+            # An address names no route, but is what curl http://127.0.0.1:8080/ sends: it is served where
+            # no name was asked for (host_allowed decides, as for a name).
+            address = host_address(host) if host else None
+            name = address if address is not None else host_name(host)
         except HttpError as error:
             self._refuse(error)
             return

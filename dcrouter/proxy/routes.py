@@ -148,6 +148,21 @@ NO_CHANGES = FieldChanges()
 
 
 @dataclass(frozen=True)
+class JwtRule:
+    """``security.jwtAuth`` as the proxy uses it; exactly one of ``key_file``, ``jwks_file``, ``jwks_url``."""
+
+    algorithms: tuple[str, ...]
+    key_file: str | None = None
+    jwks_file: str | None = None
+    jwks_url: str | None = None
+    issuer: str | None = None
+    audience: tuple[str, ...] = ()
+    leeway: float = 30.0
+    refresh: float = 3600.0
+    realm: str = "dcrouter"
+
+
+@dataclass(frozen=True)
 class BasicAuthRule:
     """``security.basicAuth``: the realm named in the challenge, and ``(username, scrypt hash)`` pairs."""
 
@@ -248,6 +263,7 @@ class ProxyRoute:
     conditions: RequestConditions = NO_CONDITIONS
     tls_versions: frozenset[int] = frozenset()
     basic_auth: BasicAuthRule | None = None
+    jwt_auth: JwtRule | None = None
     request_fields: FieldChanges = NO_CHANGES
     response_fields: FieldChanges = NO_CHANGES
 
@@ -255,8 +271,10 @@ class ProxyRoute:
     def reads_http(self) -> bool:
         """Whether requests must be read one by one even on a plain route that forwards (credentials are
         checked, or header fields changed): such a route forwards HTTP rather than splicing bytes."""
-        return self.basic_auth is not None or bool(
-            self.request_fields.dropped or self.response_fields.dropped
+        return (
+            self.basic_auth is not None
+            or self.jwt_auth is not None
+            or bool(self.request_fields.dropped or self.response_fields.dropped)
         )
 
     @property
@@ -340,6 +358,7 @@ def _from_route(route: Any, index: int) -> ProxyRoute:
         conditions=_conditions(route.match),
         tls_versions=frozenset(TLS_VERSION_NUMBERS[v] for v in route.match.tls_version),
         basic_auth=_basic_auth(security.basic_auth) if security and security.basic_auth else None,
+        jwt_auth=_jwt_auth(security.jwt_auth) if security and security.jwt_auth else None,
         request_fields=_changes(route.action.headers.request if route.action.headers else None),
         response_fields=_changes(route.action.headers.response if route.action.headers else None),
     )
@@ -351,6 +370,20 @@ def _changes(config: Any) -> FieldChanges:
     return FieldChanges(
         tuple((name.encode("ascii"), value.encode("utf-8")) for name, value in config.set_fields.items()),
         frozenset(name.lower().encode("ascii") for name in config.remove),
+    )
+
+
+def _jwt_auth(config: Any) -> JwtRule:
+    return JwtRule(
+        algorithms=tuple(config.algorithms),
+        key_file=config.key_file,
+        jwks_file=config.jwks_file,
+        jwks_url=config.jwks_url,
+        issuer=config.issuer,
+        audience=tuple(config.audience),
+        leeway=config.leeway / 1000,
+        refresh=config.jwks_refresh / 1000,
+        realm=config.realm,
     )
 
 

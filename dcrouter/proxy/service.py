@@ -30,6 +30,7 @@ from dcrouter.net.reactor import IRouterReactor
 from dcrouter.proxy.forward import RouteCounters
 from dcrouter.proxy.handlers import SocketHandlerError
 from dcrouter.proxy.http import ChallengeSource
+from dcrouter.proxy.jwtauth import JwtAuth
 from dcrouter.proxy.routes import CertificateFiles, ProxyRoute, RouteTable, build_routes, listening_ports
 from dcrouter.proxy.session import ProxyContext, ProxySessionFactory, ProxySettings
 
@@ -189,6 +190,10 @@ class ProxyService(Service):
     def startService(self) -> None:
         self.bind()
         super().startService()
+        for route in self.context.table.routes:
+            checker = self.context.auth_for(route)
+            if isinstance(checker, JwtAuth):
+                checker.start()  # a jwksUrl is fetched now and kept fresh
         self._stopping = None
         for port, listening in self._listening:
             resume(listening)
@@ -202,6 +207,10 @@ class ProxyService(Service):
     def stopService(self) -> Deferred[None]:
         if self._stopping is None:
             super().stopService()
+            for route in self.context.table.routes:
+                checker = self.context.auth_for(route)
+                if isinstance(checker, JwtAuth):
+                    checker.stop()
             self._stopping = Deferred.fromCoroutine(self._stop())
             self._stopping.addErrback(lambda failure: log.failure("error while stopping the proxy", failure))
         return self._stopping

@@ -54,6 +54,7 @@ from dcrouter.proxy.http import (
     HttpRedirect,
 )
 from dcrouter.proxy.httpmessage import HeadBuffer, HttpError, RequestHead, parse_request_head
+from dcrouter.proxy.jwtauth import Fetcher, JwtAuth
 from dcrouter.proxy.routes import (
     ACME_PORT_ROUTE,
     DEFERRED,
@@ -145,7 +146,7 @@ class ProxyContext:
     ``certificates`` (the router's CertificateStore) is what terminating routes present, by SNI;
     ``challenges`` (the ACME ChallengeResponder) answers HTTP-01 on their plain-HTTP ports; ``handlers``
     the socket handlers ``socket-handler`` routes name; ``run_blocking`` runs password checks off the
-    reactor (default: the reactor's thread pool)."""
+    reactor (default: the reactor's thread pool); ``fetch`` gets JWKS documents (default: treq)."""
 
     table: RouteTable
     settings: ProxySettings
@@ -158,6 +159,7 @@ class ProxyContext:
     challenges: ChallengeSource | None = None
     handlers: SocketHandlers = field(default_factory=SocketHandlers)
     run_blocking: BlockingRunner | None = None
+    fetch: Fetcher | None = None
 
     def __post_init__(self) -> None:
         self.health = TargetHealth(self.reactor, self.settings.target_down_time)
@@ -165,17 +167,35 @@ class ProxyContext:
         self._port_routes: dict[int, tuple[ProxyRoute, ...]] = {}
         self._server_creators: dict[str, IOpenSSLServerConnectionCreator] = {}
         self._backend_tls: BackendTls | None = None
-        self._auth: dict[str, BasicAuth] = {}
+        self._auth: dict[str, BasicAuth | JwtAuth] = {}
 
-    def auth_for(self, route: ProxyRoute) -> BasicAuth | None:
-        """The route's ``security.basicAuth`` checker (made once; it remembers good credentials)."""
-        rule = route.basic_auth
-        if rule is None:
-            return None
+    def auth_for(self, route: ProxyRoute) -> BasicAuth | JwtAuth | None:
+        """The route's ``security.basicAuth`` or ``security.jwtAuth`` checker (made once: it remembers good
+        credentials, or holds the fetched keys)."""
         checker = self._auth.get(route.name)
         if checker is None:
-            checker = self._auth[route.name] = BasicAuth(rule, self._blocking)
+            if route.basic_auth is not None:
+                checker = BasicAuth(route.basic_auth, self._blocking)
+            elif route.jwt_auth is not None:
+                checker = JwtAuth(route.jwt_auth, clock=self.reactor, fetch=self.fetch or self._fetch)
+            else:
+                return None
+            self._auth[route.name] = checker
         return checker
+
+    def _fetch(self, url: str) -> Deferred[bytes]:
+        """The body of a ``200`` answer to ``GET url`` (a JWKS), within 10 seconds."""
+        from treq.client import HTTPClient
+        from twisted.web.client import Agent
+
+        async def get() -> bytes:
+            response = await HTTPClient(Agent(self.reactor)).get(url, timeout=10)
+            if response.code != 200:
+                raise ValueError(f"HTTP {response.code}")
+            body: bytes = await response.content()
+            return body
+
+        return Deferred.fromCoroutine(get())
 
     def _blocking(self, function: Callable[..., Any], *args: Any) -> Deferred[Any]:
         if self.run_blocking is not None:

@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import ssl
+import time
 from typing import Any
 
 from twisted.internet import reactor
@@ -252,3 +253,70 @@ class BasicAuthWithCurlTests(TestCase):
             "curl", ["-sSk", "-D", "-", f"http://{LOCAL}:{self.http}/"]
         )
         self.assertIn(b'WWW-Authenticate: Basic realm="staff", charset="UTF-8"', out)
+
+
+class JwtAuthWithCurlTests(TestCase):
+    """``security.jwtAuth`` on a plain-HTTP forward route: curl with and without a bearer token; the
+    target sees only requests that carried a good one."""
+
+    timeout = 60
+
+    def setUp(self) -> Deferred[None]:
+        if shutil.which("curl") is None:
+            raise SkipTest("curl is not installed")
+        import jwt
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        pem = os.path.abspath(self.mktemp())
+        with open(pem, "wb") as handle:
+            handle.write(
+                key.public_key().public_bytes(
+                    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+                )
+            )
+        self.good = jwt.encode({"sub": "ann", "exp": int(time.time()) + 300}, key, algorithm="ES256")
+        self.requests: list[bytes] = []
+        requests = self.requests
+
+        class Backend(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                requests.append(data)
+                self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nbackend")
+
+        backend = reactor.listenTCP(0, Factory.forProtocol(Backend), interface=LOCAL)
+        self.addCleanup(backend.stopListening)
+        (self.port,) = free_ports(1)
+        routes = [
+            {
+                "name": "api",
+                "match": {"ports": self.port},
+                "action": {"type": "forward", "target": {"host": LOCAL, "port": backend.getHost().port}},
+                "security": {"jwtAuth": {"keyFile": pem, "algorithms": ["ES256"]}},
+            }
+        ]
+        self.router = DcRouter(
+            {"smartProxyConfig": {"bindAddress": LOCAL, "routes": routes}}, reactor=reactor
+        )
+        self.router.privilegedStartService()
+        self.router.startService()
+        self.addCleanup(self.router.stopService)
+        return self.router.when_ready()
+
+    async def curl(self, *args: str) -> tuple[str, bytes]:
+        out, err, code = await getProcessOutputAndValue(
+            "curl",
+            ["-sS", "-o", "-", "-w", "\n%{http_code}", *args, f"http://{LOCAL}:{self.port}/"],
+            env=os.environ,
+        )
+        self.assertEqual(code, 0, err)
+        body, _, status = out.rpartition(b"\n")
+        return status.decode(), body
+
+    async def test_bearer_required(self) -> None:
+        self.assertEqual((await self.curl())[0], "401")
+        self.assertEqual((await self.curl("-H", "Authorization: Bearer x.y.z"))[0], "401")
+        self.assertEqual(self.requests, [])
+        self.assertEqual(await self.curl("-H", f"Authorization: Bearer {self.good}"), ("200", b"backend"))
+        self.assertEqual(len(self.requests), 1)

@@ -105,7 +105,15 @@ class StaticFilesWithCurlTests(TestCase):
         with open(os.path.join(base, "secret.txt"), "wb") as handle:
             handle.write(b"secret")
         os.symlink(os.path.join(base, "secret.txt"), os.path.join(root, "link.txt"))
-        (self.port,) = free_ports(1)
+        self.big = os.urandom(3_000_000)
+        with open(os.path.join(root, "big.bin"), "wb") as handle:
+            handle.write(self.big)
+        cert_pem, key_pem = generate_self_signed("files.test")
+        files = {"certPath": os.path.join(base, "c.pem"), "keyPath": os.path.join(base, "k.pem")}
+        for path, data in zip(files.values(), (cert_pem, key_pem), strict=True):
+            with open(path, "wb") as handle:
+                handle.write(data)
+        self.port, self.https = free_ports(2)
         options = {
             "smartProxyConfig": {
                 "bindAddress": LOCAL,
@@ -114,7 +122,16 @@ class StaticFilesWithCurlTests(TestCase):
                         "name": "site",
                         "match": {"ports": self.port},
                         "action": {"type": "static", "static": {"root": root}},
-                    }
+                    },
+                    {
+                        "name": "site-tls",
+                        "match": {"ports": self.https, "domains": "files.test"},
+                        "action": {
+                            "type": "static",
+                            "static": {"root": root},
+                            "tls": {"mode": "terminate", "certificate": files},
+                        },
+                    },
                 ],
             }
         }
@@ -132,6 +149,21 @@ class StaticFilesWithCurlTests(TestCase):
         self.assertEqual(code, 0, err)
         body, _, status = out.rpartition(b"\n")
         return status.decode(), body
+
+    async def test_a_large_file_over_tls_and_plain(self) -> None:
+        for args in (
+            [f"http://{LOCAL}:{self.port}/big.bin"],
+            [
+                "-k",
+                "--resolve",
+                f"files.test:{self.https}:{LOCAL}",
+                f"https://files.test:{self.https}/big.bin",
+            ],
+        ):
+            out, err, code = await getProcessOutputAndValue("curl", ["-sS", *args], env=os.environ)
+            self.assertEqual(code, 0, err)
+            self.assertEqual(len(out), len(self.big), args)
+            self.assertTrue(out == self.big, args)
 
     async def test_files_and_traversal(self) -> None:
         self.assertEqual(await self.curl("/"), ("200", b"<p>static</p>"))

@@ -48,6 +48,7 @@ test-peers:
 	command -v clamd >/dev/null || [ -x /usr/sbin/clamd ] || missing="$$missing clamav-daemon"; \
 	command -v rspamd >/dev/null || [ -x /usr/bin/rspamd ] || missing="$$missing rspamd"; \
 	command -v sslscan >/dev/null || missing="$$missing sslscan"; \
+	command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing="$$missing haproxy"; \
 	command -v testssl >/dev/null || missing="$$missing testssl.sh"; \
 	[ -z "$$missing" ] || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

@@ -93,6 +93,19 @@ class IDeliveryQueue(Interface):
     def get_by_destination(destination):
         """Deferred firing with the list of items whose ``destination`` equals ``destination``."""
 
+    def list_items(filter, limit, cursor=None):
+        """One page of items matching ``filter`` (a :class:`dcrouter.queue.contract.QueueFilter`), newest
+        first by arrival in the queue: a Deferred firing with an ``ItemPage`` (up to ``limit`` items, 1 to
+        ``MAX_PAGE``, and ``next_cursor``: a string to pass as ``cursor`` for the next page, or None after
+        the last). A backend may bound the work of one page (sender and recipient filters scan): the page is
+        then short, even empty, while ``next_cursor`` is not None. Fails with ValueError for a bad limit or
+        cursor (``contract.check_page``). Never holds the reactor: the stores page in the database on their
+        reader thread or in bounded script calls."""
+
+    def count_by_status():
+        """Deferred firing with a dict: status value (``"queued"``, ``"held"``, ...) → number of items, every
+        status present (0 when none)."""
+
     def get_item_count():
         """Deferred firing with the number of items not yet delivered, bounced or failed."""
 

@@ -45,11 +45,25 @@ def logger(namespace: str) -> Logger:
     return Logger(namespace=namespace, observer=_filtered)
 
 
+#: The levels set by :func:`set_level`, by namespace (what :func:`level_settings` shows).
+_settings: dict[str, str] = {}
+
+
 def set_level(level: LogLevel | str, namespace: str = "dcrouter") -> None:
     """Log ``namespace`` (and the namespaces under it) from ``level`` up; takes effect immediately."""
-    if isinstance(level, str):
-        level = LogLevel.levelWithName(level)
-    levels.setLogLevelForNamespace(namespace, level)
+    chosen = LogLevel.levelWithName(level) if isinstance(level, str) else level
+    levels.setLogLevelForNamespace(namespace, chosen)
+    _settings[namespace] = chosen.name
+
+
+def level_settings() -> dict[str, str]:
+    """Namespace → level name, for every namespace a level was set for (``dcrouter`` is the global one)."""
+    return dict(_settings)
+
+
+def level_for(namespace: str) -> str:
+    """The level in effect for ``namespace`` (its own, or its nearest parent's)."""
+    return str(levels.logLevelForNamespace(namespace).name)
 
 
 #: Keys of Twisted's own bookkeeping (new and legacy logging) that are not the event's fields.

@@ -39,8 +39,11 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from dcrouter import __version__
 from dcrouter.acme.challenges import ChallengeResponder
 from dcrouter.acme.service import AcmeService
+from dcrouter.api.service import ApiService, build_root
+from dcrouter.api.view import RouterView
 from dcrouter.config import ConfigResult, load_options
 from dcrouter.config.options import DcRouterOptions
 from dcrouter.config.smtp import SmtpConfig, generated_certificate_paths, smtp_tls_needs
@@ -174,7 +177,9 @@ class DcRouter(MultiService):
     verification; None when no domainConfigs entry asks for it), ``threadpool``,
     ``smtp`` (the SmtpService: listening ports and open sessions, for a graceful stop),
     ``smtp_ports`` (configured port → actual port, filled once bound; useful with port 0), ``challenges``
-    (the ACME HTTP-01 responder the proxy serves), ``acme`` (the AcmeService, None without ACME orders), and
+    (the ACME HTTP-01 responder the proxy serves), ``acme`` (the AcmeService, None without ACME orders),
+    ``api`` (the management API's ApiService, None unless ``apiConfig.enabled``; ``api.port`` is its bound
+    port and ``api.root`` its resource, where ``/metrics`` and ``/api/v1/events`` can be mounted), and
     ``certificates``: the router's one :class:`CertificateStore`, whose default is SMTP's certificate once
     bound; SMTP, the proxy and ACME all serve from it, so a certificate put there is offered by SNI to the
     next handshake on any of them.
@@ -230,6 +235,40 @@ class DcRouter(MultiService):
             if self.proxy is not None:
                 # The proxy imports no mail code: dcrouter's ESMTP server is given to it from here.
                 self.proxy.context.handlers.register("smtp", self._smtp_handover)
+        # Not a child service: it answers from startService on, before the queue has loaded (``/ready`` says
+        # 503 meanwhile), and stops with the services that do not hold the queue.
+        self.api: ApiService | None = self._build_api() if self.options.api_config.enabled else None
+
+    def _build_api(self) -> ApiService:
+        reactor = self._reactor
+        threadpool = self.threadpool
+        processor, smtp, proxy = self.processor, self.smtp, self.proxy
+        view = RouterView(
+            clock=reactor,
+            version=__version__,
+            queue=self.queue,
+            delivery=self.delivery,
+            ready=lambda: self._ready_result is True,
+            processing_stats=(lambda: dict(processor.stats)) if processor is not None else dict,
+            processing_in_flight=(lambda: processor.active) if processor is not None else (lambda: 0),
+            smtp_sessions=(lambda: len(smtp.sessions)) if smtp is not None else (lambda: 0),
+            proxy_connections=(
+                (lambda: sum(c.active for c in proxy.counters.values())) if proxy is not None else (lambda: 0)
+            ),
+            started_at=reactor.seconds(),
+        )
+        root = build_root(
+            self.options.api_config,
+            view,
+            defer_to_thread=lambda work: deferToThreadPool(reactor, threadpool, work),
+        )
+        return ApiService(self.options.api_config, root, reactor=reactor)
+
+    def _verification_resolver(self, config: SmtpConfig) -> Any:
+        """The resolver inbound verification asks (mtaConfig's servers), when it is enabled."""
+        if not config.verification.enabled:
+            return None
+        return make_resolver(self.options.mta_config, self._reactor)
 
     def _smtp_handover(self, context: RouteContext) -> IProtocol:
         """The ``smtp`` socket handler: an ESMTP session on the connection a proxy route hands over."""
@@ -245,7 +284,7 @@ class DcRouter(MultiService):
             reactor.seconds,
             reactor=reactor,
             threadpool=self.threadpool,
-            **build_chain(config, reactor).options(),
+            **build_chain(config, reactor, self._verification_resolver(config)).options(),
         )
         self._build_delivery(config)
         self.verifier = self._build_verifier(config)
@@ -416,21 +455,38 @@ class DcRouter(MultiService):
         except ListenError as error:
             if self.proxy is not None:
                 self.proxy.unbind()
+            if self.api is not None:
+                self.api.unbind()
+            raise StartupError(str(error)) from error
+
+    def _bind_api(self) -> None:
+        """The API's port, paused (once); a port that cannot be bound releases the others'."""
+        if self.api is None:
+            return
+        try:
+            self.api.bind()
+        except ListenError as error:
+            if self.proxy is not None:
+                self.proxy.unbind()
             raise StartupError(str(error)) from error
 
     def privilegedStartService(self) -> None:
         self._bind_proxy()
+        self._bind_api()
         super().privilegedStartService()
         self._bind_smtp()
 
     def startService(self) -> None:
         # Embedded use may call startService alone; bind now then.
         self._bind_proxy()
+        self._bind_api()
         self._bind_smtp()
         # Children start only after the queue has loaded (in _start): Service's startService, not Multi...'s.
         Service.startService(self)
         self._stopping = None
         self.threadpool.start()
+        if self.api is not None:
+            self.api.startService()
         self._starting = Deferred.fromCoroutine(self._start())
         self._starting.addErrback(self._start_failed)
 
@@ -471,6 +527,8 @@ class DcRouter(MultiService):
         # mail it queues may as well start on its way.
         children = [child for child in reversed(list(self)) if child is not self.delivery]
         independent = [maybeDeferred(child.stopService) for child in children]
+        if self.api is not None and self.api.running:
+            independent.append(maybeDeferred(self.api.stopService))
         if self.smtp is not None:
             await _settle_all([self.smtp.stopService()], "SMTP ingress did not stop cleanly")
         if self.delivery is not None:

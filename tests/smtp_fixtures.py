@@ -27,7 +27,8 @@ from dcrouter.config.smtp import SmtpConfig
 from dcrouter.interfaces import IDeliveryQueue
 from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.processing.processor import EmailProcessor
-from dcrouter.queue.item import QueueItem
+from dcrouter.queue.contract import ItemPage
+from dcrouter.queue.item import QueueItem, QueueItemStatus
 from dcrouter.smtp.auth import Authenticator, MailUserRealm
 from dcrouter.smtp.policy import SessionPolicy
 from dcrouter.smtp.protocol import ESMTPServerFactory, ESMTPServerProtocol
@@ -122,6 +123,12 @@ class ControlledQueue:
 
     def get_item_count(self) -> Deferred[int]:
         return succeed(len(self.items))
+
+    def list_items(self, filter: Any, limit: int, cursor: str | None = None) -> Deferred[Any]:
+        return succeed(ItemPage(list(reversed(self.items))[:limit], None))
+
+    def count_by_status(self) -> Deferred[dict[str, int]]:
+        return succeed({status.value: 0 for status in QueueItemStatus})
 
     def purge_expired(self, max_age: float) -> Deferred[int]:
         return succeed(0)

@@ -136,6 +136,20 @@ class LoadingTests(LoadCase):
             ],
         )
 
+    def test_nul_in_a_string(self) -> None:
+        # A path with a NUL would be cut short by the OS or fail only at start-up; a name would be truncated.
+        raw = smtp(hostname="mx\x00.example.com")
+        raw["smtpConfig"]["persistentPath"] = "/var/lib/dcrouter\x00/evil"
+        raw["smtpConfig"]["domainConfigs"][0]["domains"] = ["a.example\x00"]
+        self.assertEqual(
+            sorted(self.errors(raw)),
+            [
+                "smtpConfig.domainConfigs[0].domains[0]: contains a NUL character (\\x00)",
+                "smtpConfig.hostname: contains a NUL character (\\x00)",
+                "smtpConfig.persistentPath: contains a NUL character (\\x00)",
+            ],
+        )
+
     def test_int_is_a_float(self) -> None:
         report = schema.Report()
         self.assertEqual(schema._convert(float, 3, "x", report), 3.0)

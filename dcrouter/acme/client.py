@@ -170,8 +170,18 @@ class AcmeAccount:
         except (errors.Error, requests.RequestException, ValueError) as error:
             # Start from the directory next time: the CA may have forgotten the account (its state was reset)
             # or the connection may have been the problem.
-            self._client = None
+            self._forget_client()
             raise AcmeError(f"{', '.join(names)}: {_problem(error)}") from error
+
+    def _forget_client(self) -> None:
+        """Drop the client and close its HTTP session's pooled connections (requests keeps them open)."""
+        if self._client is not None:
+            self._client.net.session.close()
+            self._client = None
+
+    def close(self) -> None:
+        """Release the connections to the CA; the next order connects afresh. Called when the service stops."""
+        self._forget_client()
 
     async def _issue(self, names: list[str]) -> IssuedCertificate:
         acme = await self._acme()

@@ -105,6 +105,9 @@ class Issuer(Protocol):
 
     async def issue(self, names: Sequence[str]) -> IssuedCertificate: ...
 
+    def close(self) -> None:
+        """Release connections to the CA (the service has stopped)."""
+
 
 #: Runs a blocking function off the reactor thread: ``run(function, *args) -> Deferred``.
 BlockingRunner = Callable[..., "Deferred[Any]"]
@@ -292,6 +295,8 @@ class AcmeService(Service):
     async def _stop(self) -> None:
         for deferred in list(self._in_flight):
             await deferred  # _track made these infallible
+        if self._account is not None:
+            self._account.close()
         if self._threadpool is not None and self._threadpool.started:
             self._threadpool.stop()
 

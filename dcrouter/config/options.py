@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from dcrouter.config.api import ApiConfig
 from dcrouter.config.delivery import MtaConfig
 from dcrouter.config.proxy import HttpDomainRoute, SmartProxyConfig, claimed_ports
 from dcrouter.config.schema import Report, block_check, checked, option
@@ -106,6 +107,11 @@ class DcRouterOptions:
     tls: SharedTlsConfig | None = option(None, doc="Certificate shared by the router's services.")
     dns_server_config: dict[str, Any] | None = option(None, unsupported="The DNS server is not built yet.")
     mta_config: MtaConfig | None = option(None, doc="Direct delivery by MX (when no defaultServer is set).")
+    api_config: ApiConfig = option(
+        factory=ApiConfig,
+        addition=True,
+        doc="The management API: queue control, stats, delivery pause, log levels (docs/api.md).",
+    )
     log_level: Literal["debug", "info", "warn", "error", "critical"] = option(
         "info",
         addition=True,

@@ -52,6 +52,7 @@ Log events use the namespace ``dcrouter.delivery`` and carry the message's ``que
 from __future__ import annotations
 
 import random as random_module
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -70,11 +71,15 @@ from dcrouter.delivery.route import Route
 from dcrouter.delivery.routing import RecipientRouter
 from dcrouter.delivery.slots import RouteSlots
 from dcrouter.delivery.transitions import Next
-from dcrouter.interfaces import ClaimLost, IDeliveryQueue, IDeliveryTransport
+from dcrouter.interfaces import ClaimLost, IDeliveryQueue, IDeliveryTransport, StatusMismatch
 from dcrouter.log import logger
-from dcrouter.queue.item import QueueItem, QueueItemStatus
+from dcrouter.queue.item import READY_STATUSES, QueueItem, QueueItemStatus
+from dcrouter.queue.operations import NotFound, WrongStatus
 
 log = logger(__name__)
+
+#: Routes whose last failure ``last_errors`` remembers (bounded: MX routes are one per recipient domain).
+LAST_ERRORS_KEPT = 500
 
 #: Seconds between purges of finished items (a purge is a queue write: not on every look).
 PURGE_INTERVAL = 60.0
@@ -142,6 +147,10 @@ class DeliveryManager(Service):
         #: Attempts that delivered nothing because every destination they needed was full.
         self._found_full: set[str] = set()
         self._paused = False
+        #: The last failure reply (temporary or permanent) and its time, per route name, most recent last.
+        self._last_errors: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        #: Route names paused one by one (pause_deliveries(destination)); their recipients are put back.
+        self._paused_routes: set[str] = set()
         self._claiming = False
         self._claim_again = False
         #: The periodic look, every checkInterval on the injected clock, while running.
@@ -215,13 +224,70 @@ class DeliveryManager(Service):
         if self._wake_call is None:
             self._wake_call = self._clock.callLater(0, self._claim_now)
 
-    def pause_deliveries(self) -> None:
-        """Claim nothing more; attempts in flight finish."""
-        self._paused = True
+    def pause_deliveries(self, destination: str | None = None) -> None:
+        """Claim nothing more; attempts in flight finish. With ``destination`` (a route name, as in a queue
+        item's ``destination``: ``domain:example.com``, ``mx:example.org``, ``rule:NAME``, ``default``):
+        only recipients routed there wait (put back, counting no retry); other mail goes on."""
+        if destination is None:
+            self._paused = True
+        else:
+            self._paused_routes.add(destination)
 
-    def resume_deliveries(self) -> None:
-        self._paused = False
+    def resume_deliveries(self, destination: str | None = None) -> None:
+        """Undo ``pause_deliveries`` (with ``destination``: that route's pause only)."""
+        if destination is None:
+            self._paused = False
+        else:
+            self._paused_routes.discard(destination)
         self.wake()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    @property
+    def paused_destinations(self) -> list[str]:
+        return sorted(self._paused_routes)
+
+    def in_flight_by_destination(self) -> dict[str, int]:
+        """Deliveries running now, per route name."""
+        return self._slots.in_use()
+
+    def last_errors(self) -> dict[str, tuple[str, float]]:
+        """The last failure reply and when it came, per route name (the LAST_ERRORS_KEPT most recent)."""
+        return dict(self._last_errors)
+
+    async def bounce_now(self, item_id: str, reason: str) -> QueueItem:
+        """Fail every pending recipient of ``item_id`` for good with ``reason`` and finish it as an attempt
+        would: a DSN to the sender (none for the null sender), status bounced (or failed). Applies to
+        queued, deferred and held messages (NotFound, WrongStatus otherwise), claiming it first like a
+        delivery so no attempt runs meanwhile."""
+        item: QueueItem | None = await self._queue.get(item_id)
+        if item is None:
+            raise NotFound(item_id)
+        wanted = "queued, deferred or held messages"
+        if item.status not in (*READY_STATUSES, QueueItemStatus.HELD):
+            raise WrongStatus(item, "bounce", wanted)
+        try:
+            claimed: QueueItem = await self._queue.update_if(
+                item_id, item.status, status=QueueItemStatus.DELIVERING
+            )
+        except StatusMismatch as mismatch:
+            raise WrongStatus(mismatch.item, "bounce", wanted) from None  # type: ignore[arg-type]
+        now = self._clock.seconds()
+        reply = f"550 5.0.0 Returned by the postmaster: {reason}"
+        outcomes = dict(claimed.outcomes)
+        for rcpt in claimed.pending_recipients():
+            outcomes[rcpt] = {
+                "outcome": Outcome.PERMANENT.value,
+                "reply": reply,
+                "target": "",
+                "at": now,
+                "route": "",
+            }
+        log.info("{queue_id} bounced by the postmaster: {reason}", queue_id=item_id, reason=reason)
+        claimed = await self._write(claimed, {"outcomes": outcomes, "last_error": reply})
+        return await self._finish(claimed, now)
 
     def get_delivery_stats(self) -> dict[str, int]:
         """Counters since start (see ``STAT_KEYS``) plus ``in_flight`` (attempts running now) and
@@ -340,6 +406,8 @@ class DeliveryManager(Service):
             groups, tried = [], True
             temporary = transitions.routing_failed(pending)
         for route, rcpts in groups:
+            if route.name in self._paused_routes:
+                continue  # paused by an operator: these recipients stay pending, the message is put back
             # Waiting is for a running manager: once stopping, a full destination's recipients go back.
             if not await self._slots.acquire(route.name, may_wait=bool(self.running)):
                 continue  # these recipients stay pending: the message is put back, using no retry
@@ -377,11 +445,17 @@ class DeliveryManager(Service):
 
     async def _record(self, item: QueueItem, route: Route, report: DeliveryReport) -> QueueItem:
         """Write the group's final outcomes and its history entry; fires once durable."""
-        transition = transitions.record_group(item, route.name, report, self._clock.seconds())
+        now = self._clock.seconds()
+        transition = transitions.record_group(item, route.name, report, now)
         for r in report.results:
             if r.outcome is not Outcome.TEMPORARY:
                 key = "recipients_delivered" if r.outcome is Outcome.DELIVERED else "recipients_failed"
                 self._stats[key] += 1
+            if r.outcome is not Outcome.DELIVERED:
+                self._last_errors[route.name] = (r.reply, now)
+                self._last_errors.move_to_end(route.name)
+                while len(self._last_errors) > LAST_ERRORS_KEPT:
+                    self._last_errors.popitem(last=False)
             log.info(
                 "{queue_id} to {recipient} via {route}: {outcome} ({reply})",
                 queue_id=item.id,

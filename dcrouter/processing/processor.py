@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
@@ -392,7 +393,7 @@ class EmailProcessor:
                     Reply(451, "4.7.0", f"Content scanner {stage.name} unavailable, try again later"), str(e)
                 ) from e
             draft.results.append(result)
-            action = stage.action
+            action = result.action or stage.action
             if result.verdict is Verdict.UNSCANNABLE and stage.on_unscannable != "action":
                 action = stage.on_unscannable
             if not result.hit:
@@ -536,11 +537,19 @@ def _one_line(value: str) -> str:
 _UNSAFE = re.compile(r"[\r\n\x00]")
 
 
+def _stale(keep: Callable[[str, str], bool], name: str, value: str) -> bool:
+    return not keep(name, value)
+
+
 def _tag(draft: Draft, result: ScanResult, subject_prefix: str | None) -> None:
+    keep = result.keep
     for name in {name.lower() for name, _ in result.headers}:
-        draft.headers.remove(name)
-    for name, value in result.headers:
-        draft.headers.add(name, _one_line(value))
+        if keep is None:
+            draft.headers.remove(name)
+        else:
+            draft.headers.remove_if(name, partial(_stale, keep, name))
+    for name, value in reversed(result.headers) if result.on_top else result.headers:
+        draft.headers.add(name, _one_line(value), top=result.on_top)
     if subject_prefix and result.hit:
         subject = draft.headers.get("Subject") or ""
         if not subject.startswith(subject_prefix.strip()):

@@ -35,12 +35,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dcrouter.log import logger
+from dcrouter.net import proxyprotocol
 from dcrouter.net.cidr import CidrSet
 from dcrouter.net.quiet import connect_quietly, set_no_delay
 from dcrouter.net.reactor import IRouterReactor
 from dcrouter.net.targets import Target, TargetHealth
 from dcrouter.net.tls import TlsPolicy
-from dcrouter.proxy import proxyprotocol
 from dcrouter.proxy.answer import HttpAnswerer
 from dcrouter.proxy.basicauth import BasicAuth, BlockingRunner
 from dcrouter.proxy.dispatch import RequestDispatcher

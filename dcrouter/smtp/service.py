@@ -41,8 +41,10 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from dcrouter.config.smtp import SmtpConfig
 from dcrouter.log import logger
+from dcrouter.net.cidr import CidrSet
 from dcrouter.net.listen import ListenError, format_address, listen_paused, resume
 from dcrouter.net.reactor import IRouterReactor
+from dcrouter.smtp.proxied import ProxyHeaderFactory
 
 if TYPE_CHECKING:
     from dcrouter.smtp.protocol import ESMTPServerFactory
@@ -150,6 +152,8 @@ def describe_listener(config: SmtpConfig, port: int, has_tls: bool, auth_offered
         parts.append("AUTH required")
     elif auth_offered:
         parts.append("AUTH offered")
+    if config.proxy_protocol != "none":
+        parts.append(f"PROXY {config.proxy_protocol} from trustedProxies")
     return ", ".join(parts)
 
 
@@ -253,11 +257,22 @@ class SmtpService(Service):
         self, factory: ESMTPServerFactory, tls_options: CertificateOptions | None
     ) -> IProtocolFactory:
         """What listens on ``factory``'s port: on an implicit-TLS port, TLS from the first byte (the protocol
-        knows from its port never to offer STARTTLS there)."""
-        if factory.port not in self.config.implicit_tls_ports:
-            return factory
-        assert tls_options is not None  # the configuration generates a certificate when none is named
-        return TLSMemoryBIOFactory(tls_options, False, factory)
+        knows from its port never to offer STARTTLS there); with ``proxyProtocol``, the PROXY header is read
+        before anything else (:mod:`dcrouter.smtp.proxied`)."""
+        serving: IProtocolFactory = factory
+        if factory.port in self.config.implicit_tls_ports:
+            assert tls_options is not None  # the configuration generates a certificate when none is named
+            serving = TLSMemoryBIOFactory(tls_options, False, factory)
+        config = self.config
+        if config.proxy_protocol != "none":
+            serving = ProxyHeaderFactory(
+                serving,
+                trusted=CidrSet(config.trusted_proxies),
+                version=config.proxy_protocol,
+                timeout=config.proxy_header_timeout / 1000,
+                clock=self._reactor,
+            )
+        return serving
 
     def startService(self) -> None:
         super().startService()

@@ -30,12 +30,17 @@ def example_options(directory: str) -> tuple[dict[str, Any], dict[int, int]]:
         options = tomllib.load(handle)
     smtp = options["smtpConfig"]
     proxy_routes = options["smartProxyConfig"]["routes"]
+    api = options.get("apiConfig")
     example_ports = list(smtp["ports"]) + [r["match"]["ports"] for r in proxy_routes]
+    if api is not None:
+        example_ports.append(api["port"])
     moved = dict(zip(example_ports, free_ports(len(example_ports)), strict=True))
     for key in ("ports", "implicitTlsPorts", "submissionPorts"):
         smtp[key] = [moved[p] for p in smtp[key]]
     for route in proxy_routes:
         route["match"]["ports"] = moved[route["match"]["ports"]]
+    if api is not None:
+        api["port"] = moved[api["port"]]
     smtp["persistentPath"] = os.path.join(directory, "queue")
     smtp["tls"]["certPath"] = os.path.join(directory, "tls", "cert.pem")
     smtp["tls"]["keyPath"] = os.path.join(directory, "tls", "key.pem")

@@ -29,7 +29,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from functools import partial
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
@@ -55,6 +55,7 @@ from dcrouter.delivery.pool import ConnectionPool
 from dcrouter.delivery.routing import RecipientRouter
 from dcrouter.delivery.transport import ESMTPTransport
 from dcrouter.interfaces import IDeliveryQueue
+from dcrouter.limits.ingress import IngressLimits, build_ingress_limits, limits_configured
 from dcrouter.log import logger, set_level
 from dcrouter.net.certfiles import TlsMaterialError, generate_self_signed, load_certified_key
 from dcrouter.net.certstore import CertificateStore, CertifiedKey
@@ -71,6 +72,9 @@ from dcrouter.smtp.policy import SessionPolicy
 from dcrouter.smtp.protocol import ESMTPServerFactory
 from dcrouter.smtp.service import SmtpService
 from dcrouter.smtp.verify import RecipientVerifier
+
+if TYPE_CHECKING:
+    from dcrouter.queue.redis_connection import RedisConnection
 
 log = logger(__name__)
 
@@ -208,6 +212,9 @@ class DcRouter(MultiService):
         self.processor: EmailProcessor | None = None
         self.policy: SessionPolicy | None = None
         self.verifier: RecipientVerifier | None = None
+        #: SMTP rate limits (None when none is configured) and their own Redis connection, if any.
+        self.limits: IngressLimits | None = None
+        self._limits_redis: RedisConnection | None = None
         self.authenticator: Authenticator | None = None
         self.routes: RecipientRouter | None = None
         self.delivery: DeliveryManager | None = None
@@ -288,7 +295,8 @@ class DcRouter(MultiService):
         )
         self._build_delivery(config)
         self.verifier = self._build_verifier(config)
-        self.policy = SessionPolicy(config, verifier=self.verifier)
+        self.limits = self._build_limits(config)
+        self.policy = SessionPolicy(config, verifier=self.verifier, limits=self.limits)
         if config.auth.users:
             self.authenticator = Authenticator(
                 config.auth, clock=reactor, reactor=reactor, threadpool=self.threadpool
@@ -340,6 +348,22 @@ class DcRouter(MultiService):
         # Delivery starts on a message as soon as it is durable, not at the next periodic look.
         manager = self.delivery
         self.processor.on_queued = lambda item: manager.wake()
+
+    def _build_limits(self, config: SmtpConfig) -> IngressLimits | None:
+        """SMTP rate limits when any is configured; with the Redis queue their counters are in the same
+        Redis (a connection pool of their own, with a short deadline: a check waits at most a second before
+        it falls back to counting in this process)."""
+        redis_call = None
+        if limits_configured(config) and config.queue_storage == "redis":
+            from dcrouter.net.redis_url import parse_redis_url
+            from dcrouter.queue.redis_connection import RedisConnection
+
+            assert config.redis_url is not None  # the configuration check requires it
+            self._limits_redis = RedisConnection(
+                parse_redis_url(config.redis_url), reactor=self._reactor, timeout=1.0, pool_size=2
+            )
+            redis_call = self._limits_redis.call
+        return build_ingress_limits(config, self._reactor, redis_call)
 
     def _build_verifier(self, config: SmtpConfig) -> RecipientVerifier | None:
         """Recipient verification when some domainConfigs entry asks for it; callouts get a connection pool
@@ -543,6 +567,8 @@ class DcRouter(MultiService):
             await _settle_all(
                 [Deferred.fromCoroutine(self.verifier.close())], "recipient callout connections did not close"
             )
+        if self._limits_redis is not None:
+            await _settle_all([self._limits_redis.disconnect()], "rate limit counters: Redis did not close")
         if self.queue is not None and self._starting is not None:
             try:
                 await self.queue.save()

@@ -20,6 +20,10 @@ What a caller may rely on:
   ``checkInterval``. Why both: putting back every message that finds its destination full made a single
   busy destination trickle (each put-back waits a ``checkInterval``); waiting without a cap would let one
   slow destination hold every claimed slot while other destinations wait.
+- **Outbound rate limits.** A route group over ``delivery.globalRateLimit``, ``perServerRateLimit`` or
+  ``perDomainRateLimit`` (or a limit set with :meth:`DeliveryManager.set_rate_limit`) is not sent: the
+  message is put back due at the time :mod:`dcrouter.delivery.shaping` reserved for it, using no retry
+  (counted in ``shaped``), and a timer wakes the manager then.
 - **Durability per recipient.** After each route group's report, the recipients delivered or failed for good
   are written to the item's ``outcomes`` (and a ``history`` entry ``{"at", "route", "tried", "results"}``)
   with ``queue.update`` before the next group is tried, so a crash never re-sends to a delivered recipient.
@@ -51,6 +55,7 @@ Log events use the namespace ``dcrouter.delivery`` and carry the message's ``que
 
 from __future__ import annotations
 
+import heapq
 import random as random_module
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -69,6 +74,7 @@ from dcrouter.delivery.outcome import DeliveryReport, Outcome, RecipientResult
 from dcrouter.delivery.retry import RetryDecision, RetryPolicy
 from dcrouter.delivery.route import Route
 from dcrouter.delivery.routing import RecipientRouter
+from dcrouter.delivery.shaping import OutboundShaper
 from dcrouter.delivery.slots import RouteSlots
 from dcrouter.delivery.transitions import Next
 from dcrouter.interfaces import ClaimLost, IDeliveryQueue, IDeliveryTransport, StatusMismatch
@@ -93,6 +99,7 @@ STAT_KEYS = (
     "bounced",  # messages finished with a DSN sent
     "failed",  # messages finished with failures and no DSN (null sender)
     "busy",  # messages put back because their destination was at maxPerDestination
+    "shaped",  # messages put back to wait for their time under an outbound rate limit
     "recipients_delivered",
     "recipients_failed",
     "dsn_sent",  # bounces queued
@@ -159,6 +166,12 @@ class DeliveryManager(Service):
         self._next_purge = 0.0
         self._idle_waiters: list[Deferred] = []
         self._stats = dict.fromkeys(STAT_KEYS, 0)
+        #: The outbound rate limits (delivery.globalRateLimit, perServerRateLimit, perDomainRateLimit).
+        self.shaper = OutboundShaper(config.delivery, clock)
+        #: When messages waiting under an outbound limit are due: a wake at the earliest, so a paced
+        #: destination's messages leave at their times rather than at the next periodic look.
+        self._shaped_due: list[float] = []
+        self._shaped_call: IDelayedCall | None = None
 
     # -- service life cycle ----------------------------------------------------------------------------
 
@@ -179,6 +192,9 @@ class DeliveryManager(Service):
         if self._wake_call is not None and self._wake_call.active():
             self._wake_call.cancel()
         self._wake_call = None
+        if self._shaped_call is not None and self._shaped_call.active():
+            self._shaped_call.cancel()
+        self._shaped_call = None
         # Attempts waiting for a slot start nothing now: they put their messages back.
         self._slots.release_waiters()
         if self._idle():
@@ -240,6 +256,16 @@ class DeliveryManager(Service):
         else:
             self._paused_routes.discard(destination)
         self.wake()
+
+    def set_rate_limit(self, domain: str, limit: int) -> None:
+        """Send at most ``limit`` messages a minute to recipients at ``domain``, spread evenly, from now on
+        (the seed's ``setRateLimit``; replaces ``perDomainRateLimit``'s entry). Mail over it waits."""
+        self.shaper.set_rate_limit(domain, limit)
+
+    def clear_rate_limit(self, domain: str) -> None:
+        """Lift the per-domain limit of ``domain`` (the seed's ``clearRateLimit``). Messages already given a
+        time keep it."""
+        self.shaper.clear_rate_limit(domain)
 
     @property
     def paused(self) -> bool:
@@ -366,6 +392,26 @@ class DeliveryManager(Service):
             self.wake()  # a slot is free
         self._notify_idle()
 
+    def _wake_at(self, when: float) -> None:
+        """Wake when ``when`` comes (one timer, at the earliest such time)."""
+        heapq.heappush(self._shaped_due, when)
+        if self._shaped_call is None or not self._shaped_call.active() or self._shaped_call.getTime() > when:
+            if self._shaped_call is not None and self._shaped_call.active():
+                self._shaped_call.cancel()
+            self._shaped_call = self._clock.callLater(
+                max(0.0, when - self._clock.seconds()), self._shaped_wake
+            )
+
+    def _shaped_wake(self) -> None:
+        self._shaped_call = None
+        now = self._clock.seconds()
+        due = self._shaped_due
+        while due and due[0] <= now:
+            heapq.heappop(due)
+        if due:
+            self._shaped_call = self._clock.callLater(due[0] - now, self._shaped_wake)
+        self.wake()
+
     def _maybe_purge(self) -> None:
         now = self._clock.seconds()
         if now < self._next_purge:
@@ -405,13 +451,20 @@ class DeliveryManager(Service):
             log.failure("routing failed for {queue_id}", queue_id=item.id)
             groups, tried = [], True
             temporary = transitions.routing_failed(pending)
+        shaped: float | None = None
         for route, rcpts in groups:
             if route.name in self._paused_routes:
                 continue  # paused by an operator: these recipients stay pending, the message is put back
+            wait = self.shaper.wait(item.id, route.name, rcpts)
+            if wait > 0:
+                # Over an outbound rate limit: these recipients wait for their time, using no retry.
+                shaped = wait if shaped is None else min(shaped, wait)
+                continue
             # Waiting is for a running manager: once stopping, a full destination's recipients go back.
             if not await self._slots.acquire(route.name, may_wait=bool(self.running)):
                 continue  # these recipients stay pending: the message is put back, using no retry
             tried = True
+            self.shaper.delivered(item.id, route.name)
             try:
                 report = await self._deliver_group(item, route, rcpts)
             finally:
@@ -427,7 +480,7 @@ class DeliveryManager(Service):
             self._stats["delivered"] += 1
             log.info("{queue_id} delivered", queue_id=item.id)
             return item
-        return await self._conclude(item, temporary, tried=tried)
+        return await self._conclude(item, temporary, tried=tried, shaped=shaped)
 
     async def _deliver_group(self, item: QueueItem, route: Route, rcpts: list[str]) -> DeliveryReport:
         """The transport's report for one group, with exactly one result per recipient of ``rcpts``."""
@@ -467,7 +520,12 @@ class DeliveryManager(Service):
         return await self._write(item, transition.changes)
 
     async def _conclude(
-        self, item: QueueItem, temporary: dict[str, RecipientResult], *, tried: bool
+        self,
+        item: QueueItem,
+        temporary: dict[str, RecipientResult],
+        *,
+        tried: bool,
+        shaped: float | None = None,
     ) -> QueueItem:
         now = self._clock.seconds()
         assessment = transitions.assess(
@@ -478,6 +536,10 @@ class DeliveryManager(Service):
             return await self._finish(item, now)
         if step is Next.DEFER:
             return await self._defer(item, temporary, attempts, now)
+        if step is Next.PUT_BACK and shaped is not None:
+            self._stats["shaped"] += 1
+            self._wake_at(now + shaped)
+            return await self._put_back(item, now, delay=shaped, attempts=attempts)
         if step is Next.PUT_BACK:
             self._stats["busy"] += 1
             if not tried:

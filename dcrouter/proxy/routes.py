@@ -29,6 +29,8 @@ from dcrouter.config.proxy import (
     route_tls,
     target_port,
 )
+from dcrouter.config.ratelimits import RateConfig
+from dcrouter.limits.gcra import Rate
 from dcrouter.net.cidr import CidrSet
 from dcrouter.net.domains import normalize_domain
 
@@ -276,6 +278,8 @@ class ProxyRoute:
             or self.jwt_auth is not None
             or bool(self.request_fields.dropped or self.response_fields.dropped)
         )
+    #: New connections per window from all clients together (``connectionRate``); None: no limit.
+    connection_rate: Rate | None = None
 
     @property
     def terminates(self) -> bool:
@@ -298,6 +302,13 @@ class ProxyRoute:
             return 443
         others = [r.start + 1 if r.start == arrived else r.start for r in self.ports]
         return min((p for p, r in zip(others, self.ports, strict=True) if p <= r.end), default=arrived)
+
+
+def rate(config: RateConfig | None) -> Rate | None:
+    """The engine's rate for a ``connectionRate`` table (window in milliseconds), or None."""
+    if config is None:
+        return None
+    return Rate(config.count, config.window / 1000, config.burst)
 
 
 def _ranges(pairs: Iterable[tuple[int, int]]) -> tuple[PortRange, ...]:
@@ -361,6 +372,7 @@ def _from_route(route: Any, index: int) -> ProxyRoute:
         jwt_auth=_jwt_auth(security.jwt_auth) if security and security.jwt_auth else None,
         request_fields=_changes(route.action.headers.request if route.action.headers else None),
         response_fields=_changes(route.action.headers.response if route.action.headers else None),
+        connection_rate=rate(security.connection_rate) if security else None,
     )
 
 
@@ -422,6 +434,7 @@ def _from_domain_config(config: Any, index: int) -> ProxyRoute:
         # With acme.enabled and no files, ACME obtains the entry's certificate.
         certificate=_certificate(entry.certificate) or ("auto" if entry.use_network_proxy else None),
         tls_profile=entry.tls_profile or "intermediate",
+        connection_rate=rate(entry.connection_rate),
     )
 
 

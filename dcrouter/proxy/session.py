@@ -34,6 +34,9 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from dcrouter.limits.counters import LocalCounters
+from dcrouter.limits.gcra import Rate
+from dcrouter.limits.limiter import ALLOWED, Charge, Limit, Limiter
 from dcrouter.log import logger
 from dcrouter.net import proxyprotocol
 from dcrouter.net.cidr import CidrSet
@@ -62,6 +65,7 @@ from dcrouter.proxy.routes import (
     Request,
     RouteTable,
     offered_versions,
+    rate,
     request_of,
 )
 from dcrouter.proxy.sniff import Kind, Sniffed, Sniffer
@@ -89,6 +93,8 @@ class ProxySettings:
     connect_timeout: float = 10.0
     target_down_time: float = 30.0
     no_sni_ports: frozenset[int] = frozenset()
+    #: New connections per client IP (``connectionRatePerIP``); None: no limit.
+    connection_rate_per_ip: Rate | None = None
 
     @classmethod
     def from_config(cls, config: Any) -> ProxySettings:
@@ -107,6 +113,7 @@ class ProxySettings:
             trusted_proxies=CidrSet(config.trusted_proxies) if config.trusted_proxies else None,
             keep_alive=config.keep_alive,
             no_sni_ports=no_sni,
+            connection_rate_per_ip=rate(config.connection_rate_per_ip),
         )
 
 
@@ -164,6 +171,19 @@ class ProxyContext:
     def __post_init__(self) -> None:
         self.health = TargetHealth(self.reactor, self.settings.target_down_time)
         self.counters = {route.name: RouteCounters() for route in self.table.routes}
+        # Connection rates, counted in this process (dcrouter.limits); alerts as for SMTP's limits.
+        self.limiter = Limiter(LocalCounters(self.reactor), self.reactor)
+        rate_per_ip = self.settings.connection_rate_per_ip
+        self._ip_rate = (
+            None if rate_per_ip is None else Limit("proxy.ip", "connections per client IP", rate_per_ip)
+        )
+        self._route_rates = {
+            route.name: Limit(
+                f"proxy.route.{route.name}", f"connections to {route.name}", route.connection_rate
+            )
+            for route in self.table.routes
+            if route.connection_rate is not None
+        }
         self._port_routes: dict[int, tuple[ProxyRoute, ...]] = {}
         self._server_creators: dict[str, IOpenSSLServerConnectionCreator] = {}
         self._backend_tls: BackendTls | None = None
@@ -253,6 +273,19 @@ class ProxyContext:
             return False
         self.per_ip[client_ip] = count + 1
         return True
+
+    def within_ip_rate(self, client_ip: str) -> bool:
+        """Count a new connection from ``client_ip`` against ``connectionRatePerIP``; False when over it."""
+        if self._ip_rate is None:
+            return True
+        return self.limiter.check([Charge(self._ip_rate, client_ip)]) is ALLOWED
+
+    def within_route_rate(self, route: ProxyRoute) -> bool:
+        """Count a new connection to ``route`` against its ``connectionRate``; False when over it."""
+        limit = self._route_rates.get(route.name)
+        if limit is None:
+            return True
+        return self.limiter.check([Charge(limit, "")]) is ALLOWED
 
     def release_ip(self, client_ip: str) -> None:
         count = self.per_ip.get(client_ip, 0) - 1
@@ -374,6 +407,9 @@ class ProxySession(Protocol):
             self._refuse(None, "maxConnectionsPerIP reached")
             return
         self._holds_ip = True
+        if not self.context.within_ip_rate(self.client_ip):
+            self._refuse(None, "connectionRatePerIP reached")
+            return
         if not self.context.any_permits(self.port, self.client_ip):
             self._refuse(None, "no route on this port serves this client (IP rules)")
             return
@@ -499,6 +535,9 @@ class ProxySession(Protocol):
             return
         if route.max_connections is not None and counters.active >= route.max_connections:
             self._refuse(counters, f"{route.name}: maxConnections ({route.max_connections}) reached")
+            return
+        if not self.context.within_route_rate(route):
+            self._refuse(counters, f"{route.name}: connectionRate reached")
             return
         if route.action.type == "block" and not route.action.answers_http:
             self._refuse(counters, f"blocked by {route.name}")

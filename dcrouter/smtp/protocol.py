@@ -19,6 +19,10 @@ What a caller may rely on:
   byte; a DATA transfer must keep up ``minDataRate``; beyond ``maxJunkCommands`` NOOP, RSET, VRFY, HELP and
   repeated greetings each count as an error toward ``maxBadCommands``. With ``pregreetDelay`` a client that
   talks before the 220 is refused with ``521 5.5.1``. Every timer runs on the factory's clock.
+- Rate limits (the policy's :class:`~dcrouter.interfaces.IIngressLimits`, docs/limits.md) are asked at
+  connect (the greeting waits for an answer that comes later; a refusal is a ``421 4.7.0`` and the end),
+  before each AUTH exchange (``421 4.7.0`` and the end), at MAIL and RCPT (their own replies), and told of
+  each failed AUTH and each accepted message's size.
 - A graceful stop (:meth:`ESMTPServerProtocol.shut_down`, driven by :mod:`dcrouter.smtp.service`) answers
   ``421 4.3.2`` at once when idle, otherwise after the transaction in flight (its ``250`` first).
 
@@ -36,6 +40,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHandshakeListener,
@@ -193,6 +198,29 @@ class ESMTPServerProtocol(CommandReceiver):
             # Accepted just as the listeners stopped.
             self._close(self._shutting_down())
             return
+        limited = self._f.policy.check_connection(session)
+        if limited is None:
+            self._greet_client()
+        elif isinstance(limited, Reply):
+            self._refuse_connection(limited)
+        else:
+            # Counters in Redis, or a tarpit: the greeting waits (input meanwhile is held, as for a command).
+            self._run(self._greet_when_allowed(limited))
+
+    async def _greet_when_allowed(self, limited: Deferred[Reply | None]) -> None:
+        refusal = await limited
+        if self._mode is CLOSED:
+            return
+        if refusal is not None:
+            self._refuse_connection(refusal)
+        else:
+            self._greet_client()
+
+    def _refuse_connection(self, refusal: Reply) -> None:
+        self._log("warn", "Connection from {peer} refused by a rate limit: {reply}", reply=refusal.code)
+        self._close(refusal)
+
+    def _greet_client(self) -> None:
         if self._config.pregreet_delay > 0:
             # A well-behaved client waits for the 220 (RFC 5321 section 3.1); spam bots often do not.
             self._mode = PREGREET
@@ -231,6 +259,7 @@ class ESMTPServerProtocol(CommandReceiver):
         if self._admitted:
             self._admitted = False
             self._f.policy.connection_closed(self.session.peer_host)
+            self._f.policy.session_closed(self.session)
             self._f.sessions.closed(self)
             self._log("info", "Disconnected from {peer}")
 
@@ -446,6 +475,13 @@ class ESMTPServerProtocol(CommandReceiver):
         parts = arg.split()
         if not parts or len(parts) > 2:
             return Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+        limited = await resolve(self._f.policy.check_auth(self.session))
+        if self._mode is CLOSED:
+            return None
+        if limited is not None:
+            self._log("warn", "AUTH from {peer} refused by a rate limit: {reply}", reply=limited.code)
+            self._close(limited)
+            return None
         try:
             self._sasl = authenticator.start(parts[0], parts[1] if len(parts) == 2 else None)
         except SaslError as error:
@@ -470,6 +506,7 @@ class ESMTPServerProtocol(CommandReceiver):
         try:
             user = await self._f.authenticator.authenticate(result, self.session.peer_host)
         except AuthFailed as failed:
+            self._f.policy.auth_failed(self.session)
             self._log(
                 "warn",
                 "AUTH failed for {peer}: {reply}",
@@ -501,7 +538,8 @@ class ESMTPServerProtocol(CommandReceiver):
         if refusal is not None:
             return refusal
         txn = Transaction(new_queue_id(), sender, params, utf8="SMTPUTF8" in params)
-        verdict = await resolve(self._f.policy.check_sender(session, sender))
+        size = int(params.get("SIZE") or 0)
+        verdict = await resolve(self._f.policy.check_sender(session, sender, size))
         if self._mode is CLOSED:
             return None
         if verdict is not None:
@@ -525,7 +563,9 @@ class ESMTPServerProtocol(CommandReceiver):
             return Reply(250, "2.1.5", "Ok")
         if len(txn.recipients) >= self._config.max_recipients:
             return Reply(452, "4.5.3", "Too many recipients")
-        verdict = await resolve(self._f.policy.check_recipient(self.session, recipient, txn.sender))
+        verdict = await resolve(
+            self._f.policy.check_recipient(self.session, recipient, txn.sender, txn.recipients)
+        )
         if self._mode is CLOSED or self._txn is not txn:
             return None
         if verdict is not None:
@@ -627,6 +667,7 @@ class ESMTPServerProtocol(CommandReceiver):
         )
         if accepted:
             self._junk_commands = 0  # Postfix resets the junk count once mail is accepted
+            self._f.policy.message_accepted(self.session, txn.sender, size)
         return reply
 
     # Logging

@@ -350,18 +350,13 @@ class RouteFormTests(ProxyCase):
 
 
 class UnsupportedTests(ProxyCase):
-    def test_route_keys_not_built_are_refused_by_path(self) -> None:
-        raw = route(
-            match={"ports": 80},
-            security={"rateLimit": {"maxRequests": 5}},
-        )
+    def test_smartproxy_rate_limit_keys_are_named(self) -> None:
+        raw = route(match={"ports": 80}, security={"rateLimit": {"maxRequests": 5, "window": 60}})
         del raw["smartProxyConfig"]["routes"][0]["tls"]
-        errors = self.errors(raw)
-        where = sorted(e.split(": ")[0].removeprefix("smartProxyConfig.routes[0].") for e in errors)
-        self.assertEqual(where, ["security.rateLimit"])
-        for error in errors:
-            self.assertIn(": not supported yet: ", error)
-        self.assertIn("rate limiter", next(e for e in errors if "rateLimit" in e))
+        self.assertEqual(
+            sorted(e.split(": ")[0].removeprefix("smartProxyConfig.routes[0].") for e in self.errors(raw)),
+            ["security.rateLimit.count", "security.rateLimit.maxRequests", "security.rateLimit.window"],
+        )
 
     def test_port_templates(self) -> None:
         from dcrouter.proxy.routes import build_routes
@@ -512,6 +507,33 @@ class HeaderChangeConfigTests(ProxyCase):
                 ),
                 "remove[1]: not a header field name: 'bad name'",
             ],
+        )
+
+
+class RateLimitConfigTests(ProxyCase):
+    def test_loads_into_the_route(self) -> None:
+        from dcrouter.limits.gcra import Rate
+        from dcrouter.proxy.routes import RequestRateRule, build_routes
+
+        limit = {"count": 100, "window": 60_000, "burst": 20, "keyBy": "header", "headerName": "X-Api-Key"}
+        raw = route(security={"rateLimit": limit})
+        del raw["smartProxyConfig"]["routes"][0]["tls"]
+        (built,) = build_routes(self.config(raw), None)
+        self.assertEqual(built.request_rate, RequestRateRule(Rate(100, 60.0, 20), "header", "X-Api-Key"))
+        self.assertTrue(built.reads_http)
+
+    def test_checked(self) -> None:
+        base = "smartProxyConfig.routes[0].security.rateLimit"
+        for given, expected in (
+            ({"count": 5, "keyBy": "header"}, f'{base}.headerName: required with keyBy = "header"'),
+            ({"count": 5, "headerName": "X-A"}, f'{base}.headerName: has no effect with keyBy = "ip"'),
+        ):
+            raw = route(security={"rateLimit": given})
+            del raw["smartProxyConfig"]["routes"][0]["tls"]
+            self.assertEqual(self.errors(raw), [expected])
+        self.assertEqual(
+            self.errors(route(security={"rateLimit": {"count": 5}})),
+            [f"{base}: works on HTTP requests: passed-through TLS hides them"],
         )
 
 

@@ -20,13 +20,13 @@ from typing import Any, Literal
 
 from dcrouter.config import values
 from dcrouter.config.ratelimits import RateConfig
+from dcrouter.config.ratelimits import window as rate_window
 from dcrouter.config.schema import Report, block_check, checked, join, option
 from dcrouter.config.tls import pem_files
 from dcrouter.net.domains import normalize_domain
 from dcrouter.passwords import is_password_hash
 
 _LATER = "it is planned (issue 12) and refused rather than silently ignored"
-_LIMITER = "waits for the traffic-control rate limiter; " + _LATER
 #: The HTTP statuses a redirect may answer with (RFC 9110 §15.4).
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 #: The placeholders a redirect's ``to`` may use (see docs/proxy.md).
@@ -385,6 +385,10 @@ def _route_actions(proxy: SmartProxyConfig, path: str, report: Report) -> None:
             (
                 join(here, "security.jwtAuth"),
                 route.security is not None and route.security.jwt_auth is not None,
+            ),
+            (
+                join(here, "security.rateLimit"),
+                route.security is not None and route.security.rate_limit is not None,
             ),
         ):
             if not given:
@@ -915,6 +919,34 @@ class JwtAuthConfig:
     realm: str = option("dcrouter", doc="The realm the 401 challenge names.", check=values.one_line)
 
 
+@block_check("key_by", "header_name")
+def _rate_key(config: RequestRateConfig, path: str, report: Report) -> None:
+    if config.key_by == "header" and not config.header_name:
+        report.error(join(path, "headerName"), 'required with keyBy = "header"')
+    if config.key_by != "header" and config.header_name:
+        report.error(join(path, "headerName"), f'has no effect with keyBy = "{config.key_by}"')
+
+
+@checked(_rate_key)
+@dataclass(frozen=True)
+class RequestRateConfig:
+    count: int = option(doc="Requests allowed per window (SmartProxy's maxRequests).", check=values.positive)
+    window: int = option(
+        60_000,
+        doc="The window in milliseconds (SmartProxy wrote seconds), one second to one day.",
+        check=rate_window,
+    )
+    burst: int | None = option(
+        None,
+        doc="Requests allowed at once from idle (default: count); past it, spaced window/count apart (GCRA).",
+        check=values.positive,
+    )
+    key_by: Literal["ip", "path", "header"] = option(
+        "ip", doc="What is counted apart: the client address, the request path, or a header's value."
+    )
+    header_name: str | None = option(None, doc='With keyBy = "header": the field whose value keys the count.')
+
+
 @dataclass(frozen=True)
 class RouteSecurity:
     ip_allow_list: list[str] = option(
@@ -942,7 +974,11 @@ class RouteSecurity:
         doc="JWT bearer tokens (`Authorization: Bearer`) required on every request (HTTP routes); "
         "else `401`.",
     )
-    rate_limit: Any = option(None, doc="Requests or connections per client over time.", unsupported=_LIMITER)
+    rate_limit: RequestRateConfig | None = option(
+        None,
+        doc="HTTP requests per client (or per path, or per header value) over a window (HTTP routes; "
+        "more are answered `429` with `Retry-After`).",
+    )
 
 
 #: Fields an action may not set or remove: they frame the message or belong to the hop (RFC 9110 §7.6.1),

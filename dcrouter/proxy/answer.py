@@ -29,11 +29,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dcrouter.log import logger
-from dcrouter.proxy.basicauth import BasicAuth
 from dcrouter.proxy.forward import RouteCounters
+from dcrouter.proxy.gate import RequestGate
 from dcrouter.proxy.http import DEFAULT_IDLE_TIMEOUT, host_address, host_name
 from dcrouter.proxy.httpmessage import HeadBuffer, HttpError, RequestHead, parse_request_head, simple_response
-from dcrouter.proxy.jwtauth import JwtAuth
 from dcrouter.proxy.routes import RouteAction, StaticContent
 
 log = logger(__name__)
@@ -172,11 +171,11 @@ class HttpAnswerer(Protocol):
         server_name: str | None = None,
         host_allowed: Callable[[str], bool] | None = None,
         timeout: float = DEFAULT_IDLE_TIMEOUT,
-        auth: BasicAuth | JwtAuth | None = None,
+        gate: RequestGate | None = None,
         extra: tuple[bytes, ...] = (),
     ) -> None:
         self.action = action
-        self.auth = auth
+        self.gate = gate
         self.extra = extra
         self.counters = counters
         self.client_ip = client_ip
@@ -228,11 +227,11 @@ class HttpAnswerer(Protocol):
         except HttpError as error:
             self._error(error)
             return
-        if self.auth is None:
+        if self.gate is None:
             self._respond(head)
             return
         self.answered = 0  # nothing more is read: the answer is being decided
-        checking = self.auth.check(head.fields.get(b"authorization"))
+        checking = self.gate.check(head, self.client_ip)
         checking.addCallbacks(lambda _: self._respond(head), self._unauthorized)
 
     def _unauthorized(self, failure: Failure) -> None:

@@ -38,9 +38,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dcrouter.log import logger
-from dcrouter.proxy.basicauth import BasicAuth
 from dcrouter.proxy.clienthello import routable_name
 from dcrouter.proxy.forward import RouteCounters
+from dcrouter.proxy.gate import RequestGate
 from dcrouter.proxy.httpmessage import (
     REASONS,
     ChunkedBody,
@@ -57,7 +57,6 @@ from dcrouter.proxy.httpmessage import (
     response_framing,
     simple_response,
 )
-from dcrouter.proxy.jwtauth import JwtAuth
 from dcrouter.proxy.routes import NO_CHANGES, FieldChanges
 
 log = logger(__name__)
@@ -180,8 +179,8 @@ class ForwardingPolicy:
     proto: bytes = b"https"
     #: Close after the first response (the route was chosen by that request's path or headers).
     one_request: bool = False
-    #: ``security.basicAuth``: every request must carry credentials it accepts (else ``401``).
-    auth: BasicAuth | JwtAuth | None = None
+    #: ``security.rateLimit``, ``basicAuth``, ``jwtAuth``: what each request must pass (else 429, 401).
+    gate: RequestGate | None = None
     #: ``action.headers``: fields changed on requests and on final responses.
     request_fields: FieldChanges = NO_CHANGES
     response_fields: FieldChanges = NO_CHANGES
@@ -309,15 +308,15 @@ class HttpForwarder(Protocol):
         if not self.policy.host_allowed(name):
             self._refuse(HttpError(421, f"Host {name} is not served on this connection"))
             return
-        auth = self.policy.auth
-        if auth is None:
+        gate = self.policy.gate
+        if gate is None:
             self._request_accepted(head, framing)
             return
         # Nothing more is read or forwarded until the credentials are checked (in a thread).
         self.phase = "auth"
         if self._client_gate is not None:
             self._client_gate.pause("auth")
-        checking = auth.check(head.fields.get(b"authorization"))
+        checking = gate.check(head, self.policy.client_ip)
         checking.addCallbacks(lambda _: self._authorized(head, framing), self._unauthorized)
 
     def _authorized(self, head: RequestHead, framing: Any) -> None:

@@ -487,6 +487,7 @@ REASONS = {
     404: "Not Found",
     405: "Method Not Allowed",
     421: "Misdirected Request",
+    429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     501: "Not Implemented",
     502: "Bad Gateway",

@@ -165,6 +165,15 @@ class JwtRule:
 
 
 @dataclass(frozen=True)
+class RequestRateRule:
+    """``security.rateLimit``: ``rate`` per client address, request path or a header's value (``key_by``)."""
+
+    rate: Rate
+    key_by: str = "ip"
+    header_name: str | None = None
+
+
+@dataclass(frozen=True)
 class BasicAuthRule:
     """``security.basicAuth``: the realm named in the challenge, and ``(username, scrypt hash)`` pairs."""
 
@@ -266,6 +275,7 @@ class ProxyRoute:
     tls_versions: frozenset[int] = frozenset()
     basic_auth: BasicAuthRule | None = None
     jwt_auth: JwtRule | None = None
+    request_rate: RequestRateRule | None = None
     request_fields: FieldChanges = NO_CHANGES
     response_fields: FieldChanges = NO_CHANGES
 
@@ -276,8 +286,10 @@ class ProxyRoute:
         return (
             self.basic_auth is not None
             or self.jwt_auth is not None
+            or self.request_rate is not None
             or bool(self.request_fields.dropped or self.response_fields.dropped)
         )
+
     #: New connections per window from all clients together (``connectionRate``); None: no limit.
     connection_rate: Rate | None = None
 
@@ -370,6 +382,7 @@ def _from_route(route: Any, index: int) -> ProxyRoute:
         tls_versions=frozenset(TLS_VERSION_NUMBERS[v] for v in route.match.tls_version),
         basic_auth=_basic_auth(security.basic_auth) if security and security.basic_auth else None,
         jwt_auth=_jwt_auth(security.jwt_auth) if security and security.jwt_auth else None,
+        request_rate=_request_rate(security.rate_limit) if security and security.rate_limit else None,
         request_fields=_changes(route.action.headers.request if route.action.headers else None),
         response_fields=_changes(route.action.headers.response if route.action.headers else None),
         connection_rate=rate(security.connection_rate) if security else None,
@@ -382,6 +395,12 @@ def _changes(config: Any) -> FieldChanges:
     return FieldChanges(
         tuple((name.encode("ascii"), value.encode("utf-8")) for name, value in config.set_fields.items()),
         frozenset(name.lower().encode("ascii") for name in config.remove),
+    )
+
+
+def _request_rate(config: Any) -> RequestRateRule:
+    return RequestRateRule(
+        Rate(config.count, config.window / 1000, config.burst), config.key_by, config.header_name
     )
 
 

@@ -48,6 +48,7 @@ from dcrouter.proxy.answer import HttpAnswerer
 from dcrouter.proxy.basicauth import BasicAuth, BlockingRunner
 from dcrouter.proxy.dispatch import RequestDispatcher
 from dcrouter.proxy.forward import BackendProtocol, RouteCounters, Splice
+from dcrouter.proxy.gate import RequestGate, RequestRate
 from dcrouter.proxy.handlers import RouteContext, SocketHandlerError, SocketHandlers
 from dcrouter.proxy.http import (
     DEFAULT_IDLE_TIMEOUT,
@@ -188,6 +189,19 @@ class ProxyContext:
         self._server_creators: dict[str, IOpenSSLServerConnectionCreator] = {}
         self._backend_tls: BackendTls | None = None
         self._auth: dict[str, BasicAuth | JwtAuth] = {}
+        self._gates: dict[str, RequestGate] = {}
+
+    def gate_for(self, route: ProxyRoute) -> RequestGate | None:
+        """What the route's requests must pass (rate, credentials), or None when nothing."""
+        gate = self._gates.get(route.name)
+        if gate is None:
+            auth = self.auth_for(route)
+            rule = route.request_rate
+            rate = RequestRate(route.name, rule, self.limiter) if rule is not None else None
+            if auth is None and rate is None:
+                return None
+            gate = self._gates[route.name] = RequestGate(rate, auth)
+        return gate
 
     def auth_for(self, route: ProxyRoute) -> BasicAuth | JwtAuth | None:
         """The route's ``security.basicAuth`` or ``security.jwtAuth`` checker (made once: it remembers good
@@ -650,7 +664,7 @@ class ProxySession(Protocol):
             server_name=server_name,
             host_allowed=self._host_check(route, server_name),
             timeout=_idle_timeout(route),
-            auth=self.context.auth_for(route),
+            gate=self.context.gate_for(route),
             extra=tuple(b"%s: %s" % field for field in route.response_fields.set_fields),
         )
 
@@ -840,7 +854,7 @@ class ProxySession(Protocol):
             idle_timeout=_idle_timeout(route),
             one_request=one_request,
             proto=proto,
-            auth=self.context.auth_for(route),
+            gate=self.context.gate_for(route),
             request_fields=route.request_fields,
             response_fields=route.response_fields,
         )

@@ -320,3 +320,42 @@ class JwtAuthWithCurlTests(TestCase):
         self.assertEqual(self.requests, [])
         self.assertEqual(await self.curl("-H", f"Authorization: Bearer {self.good}"), ("200", b"backend"))
         self.assertEqual(len(self.requests), 1)
+
+
+class RateLimitWithCurlTests(TestCase):
+    """``security.rateLimit`` on a plain-HTTP route, on real sockets: the third request in a minute is
+    answered 429 with Retry-After."""
+
+    timeout = 60
+
+    def setUp(self) -> Deferred[None]:
+        if shutil.which("curl") is None:
+            raise SkipTest("curl is not installed")
+        (self.port,) = free_ports(1)
+        routes = [
+            {
+                "name": "limited",
+                "match": {"ports": self.port},
+                "action": {"type": "static", "static": {"content": "ok"}},
+                "security": {"rateLimit": {"count": 2, "window": 60_000}},
+            }
+        ]
+        self.router = DcRouter(
+            {"smartProxyConfig": {"bindAddress": LOCAL, "routes": routes}}, reactor=reactor
+        )
+        self.router.privilegedStartService()
+        self.router.startService()
+        self.addCleanup(self.router.stopService)
+        return self.router.when_ready()
+
+    async def test_429_past_the_rate(self) -> None:
+        url = f"http://{LOCAL}:{self.port}/"
+        statuses = []
+        for _ in range(3):
+            out, err, code = await getProcessOutputAndValue(
+                "curl", ["-sS", "-D", "-", "-o", os.devnull, url], env=os.environ
+            )
+            self.assertEqual(code, 0, err)
+            statuses.append(out.split(b" ")[1])
+        self.assertEqual(statuses, [b"200", b"200", b"429"])
+        self.assertIn(b"Retry-After: 30", out)

@@ -109,6 +109,10 @@ class IDeliveryQueue(Interface):
     def get_item_count():
         """Deferred firing with the number of items not yet delivered, bounced or failed."""
 
+    def status_summary():
+        """Deferred firing with ``{status value: (count, oldest created_at or None)}`` for every status that
+        has items (an index look-up, never a read of the items: metrics scrape it)."""
+
     def purge_expired(max_age):
         """Remove items older than ``max_age`` seconds in a final status. Deferred firing with the count."""
 

@@ -77,6 +77,7 @@ from dcrouter.delivery.routing import RecipientRouter
 from dcrouter.delivery.shaping import OutboundShaper
 from dcrouter.delivery.slots import RouteSlots
 from dcrouter.delivery.transitions import Next
+from dcrouter.events import NO_EVENTS, EventBus
 from dcrouter.interfaces import ClaimLost, IDeliveryQueue, IDeliveryTransport, StatusMismatch
 from dcrouter.log import logger
 from dcrouter.queue.item import READY_STATUSES, QueueItem, QueueItemStatus
@@ -128,8 +129,11 @@ class DeliveryManager(Service):
         config: SmtpConfig,
         clock: IReactorTime,
         random: Callable[[], float] = random_module.random,
+        events: EventBus = NO_EVENTS,
     ) -> None:
         self._queue = queue
+        #: Where message.delivered/deferred/bounced/dsn_sent, delivery.attempt and error.delivery go.
+        self.events = events
         self._routes = routes
         self._transport = transport
         self._config = config
@@ -465,8 +469,10 @@ class DeliveryManager(Service):
                 continue  # these recipients stay pending: the message is put back, using no retry
             tried = True
             self.shaper.delivered(item.id, route.name)
+            started = self._clock.seconds()
             try:
                 report = await self._deliver_group(item, route, rcpts)
+                self._report_group(item, route, report, self._clock.seconds() - started)
             finally:
                 # Free for the next message as soon as the destination has answered: holding the slot through
                 # the durable record below (a commit that waits behind ingress's under load) halved a busy
@@ -495,6 +501,46 @@ class DeliveryManager(Service):
             log.failure("transport failed for {queue_id} via {route}", queue_id=item.id, route=route.name)
             report = DeliveryReport(route.name)
         return transitions.one_result_each(route.name, report, rcpts)
+
+    def _report_group(self, item: QueueItem, route: Route, report: DeliveryReport, duration: float) -> None:
+        """The events of one route group's report (nothing is computed when nobody listens)."""
+        events = self.events
+        if not any(events.wants(t) for t in ("delivery.attempt", "message.delivered", "error.delivery")):
+            return
+        counts = dict.fromkeys(Outcome, 0)
+        for result in report.results:
+            counts[result.outcome] += 1
+        delivered, failed = counts[Outcome.DELIVERED], counts[Outcome.PERMANENT]
+        deferred = counts[Outcome.TEMPORARY]
+        events.emit(
+            "delivery.attempt",
+            queue_id=item.id,
+            route=route.name,
+            duration=max(0.0, duration),
+            delivered=delivered,
+            failed=failed,
+            deferred=deferred,
+        )
+        if delivered:
+            events.emit(
+                "message.delivered",
+                queue_id=item.id,
+                route=route.name,
+                recipients=delivered,
+                duration=max(0.0, duration),
+            )
+        for permanent, count in ((True, failed), (False, deferred)):
+            if count:
+                wanted = Outcome.PERMANENT if permanent else Outcome.TEMPORARY
+                code = next(r.code for r in report.results if r.outcome is wanted)
+                events.emit(
+                    "error.delivery",
+                    queue_id=item.id,
+                    route=route.name,
+                    recipients=count,
+                    permanent=permanent,
+                    reply=code,
+                )
 
     async def _record(self, item: QueueItem, route: Route, report: DeliveryReport) -> QueueItem:
         """Write the group's final outcomes and its history entry; fires once durable."""
@@ -560,17 +606,27 @@ class DeliveryManager(Service):
     ) -> QueueItem:
         wait = self._policy.next_delay(attempts, self._random)
         pending = item.pending_recipients()
+        destination = self._destination(item, pending[0])
         transition = transitions.deferral(
             item,
             temporary,
             attempts=attempts,
             now=now,
             wait=wait,
-            destination=self._destination(item, pending[0]),
+            destination=destination,
             warn=self._bouncer.warning_due(item, now),
         )
         queued = await self._queue_dsn(item, transition.dsn, now)
         self._stats["deferred"] += 1
+        self.events.emit(
+            "message.deferred",
+            queue_id=item.id,
+            destination=destination,
+            attempts=attempts,
+            pending=len(pending),
+            nextAttemptIn=wait,
+            error=str(transition.changes["last_error"])[:200],
+        )
         log.info(
             "{queue_id} deferred after attempt {attempts}: {pending} recipients pending, next attempt in "
             "{wait:.0f} s ({error})",
@@ -599,6 +655,7 @@ class DeliveryManager(Service):
                 log.failure("cannot queue the bounce for {queue_id}; trying again later", queue_id=item.id)
             return False
         self._stats["delay_warnings" if dsn.action == "delayed" else "dsn_sent"] += 1
+        self.events.emit("message.dsn_sent", queue_id=item.id, action=dsn.action)
         return True
 
     def _destination(self, item: QueueItem, rcpt: str) -> str | None:
@@ -650,4 +707,11 @@ class DeliveryManager(Service):
             return await self._write(item, transition.to_write(dsn_queued=False))
         self._stats[status.value] += 1
         log.info("{queue_id} {status}", queue_id=item.id, status=status.value)
+        if status in (QueueItemStatus.BOUNCED, QueueItemStatus.FAILED):
+            self.events.emit(
+                "message.bounced",
+                queue_id=item.id,
+                status=status.value,
+                recipients=len(transitions.failed_recipients(item)),
+            )
         return await self._write(item, transition.changes)

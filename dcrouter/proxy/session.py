@@ -34,6 +34,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from dcrouter.events import NO_EVENTS, EventBus
 from dcrouter.limits.counters import LocalCounters
 from dcrouter.limits.gcra import Rate
 from dcrouter.limits.limiter import ALLOWED, Charge, Limit, Limiter
@@ -168,6 +169,8 @@ class ProxyContext:
     handlers: SocketHandlers = field(default_factory=SocketHandlers)
     run_blocking: BlockingRunner | None = None
     fetch: Fetcher | None = None
+    #: Where sessions report connections (dcrouter.events); bytes per route are in ``counters``.
+    events: EventBus = NO_EVENTS
 
     def __post_init__(self) -> None:
         self.health = TargetHealth(self.reactor, self.settings.target_down_time)
@@ -392,6 +395,7 @@ class ProxySession(Protocol):
         # were looked at (or, before routing, while the peek looks at them).
         self._opening: bytes | None = None
         self.front: HttpForwarder | HttpRedirect | HttpAnswerer | RequestDispatcher | None = None
+        self._opened_at = 0.0
 
     # -- accept ----------------------------------------------------------------------------------------
 
@@ -403,6 +407,8 @@ class ProxySession(Protocol):
         self.local_address = self.transport.getHost()
         self.client_ip = _host(self.client_address)
         self.context.sessions.add(self)
+        self._opened_at = clock.seconds()
+        self.context.events.emit("connection.connect", protocol="proxy", port=self.port, peer=self.client_ip)
         if settings.keep_alive and hasattr(self.transport, "setTcpKeepAlive"):
             self.transport.setTcpKeepAlive(True)
         if settings.max_connection_lifetime is not None:
@@ -956,6 +962,14 @@ class ProxySession(Protocol):
 
     def _note_refusal(self, counters: RouteCounters | None, why: str) -> None:
         self.refused = why
+        self.context.events.emit(
+            "connection.error",
+            protocol="proxy",
+            port=self.port,
+            peer=self.client_ip,
+            reason=why,
+            route=self.route.name if self.route is not None else None,
+        )
         if counters is not None:
             counters.refused += 1
         log.info(
@@ -989,6 +1003,15 @@ class ProxySession(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._state = _State.CLOSED
         self.context.sessions.discard(self)
+        events = self.context.events
+        if events.wants("connection.disconnect"):
+            events.emit(
+                "connection.disconnect",
+                protocol="proxy",
+                port=self.port,
+                route=self.route.name if self.route is not None else None,
+                duration=max(0.0, self.context.reactor.seconds() - self._opened_at),
+            )
         self._cancel_deadline()
         if self._lifetime is not None and self._lifetime.active():
             self._lifetime.cancel()

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IProtocol
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
@@ -70,6 +71,7 @@ from dcrouter.observe.metrics import MetricsResource, RouterMetrics
 from dcrouter.observe.service import ObserveService
 from dcrouter.processing.build import build_chain
 from dcrouter.processing.processor import EmailProcessor
+from dcrouter.proxy.handlers import RouteContext
 from dcrouter.proxy.service import ProxyBindError, ProxyService
 from dcrouter.smtp.auth import Authenticator
 from dcrouter.smtp.policy import SessionPolicy
@@ -302,6 +304,9 @@ class DcRouter(MultiService):
             self.acme.setServiceParent(self)
         if self.smtp_config is not None:
             self._build_smtp(self.smtp_config, queue)
+            if self.proxy is not None:
+                # The proxy imports no mail code: dcrouter's ESMTP server is given to it from here.
+                self.proxy.context.handlers.register("smtp", self._smtp_handover)
         self.observe = self._build_observe()
         self.observe.setServiceParent(self)
         # Not a child service: it answers from startService on, before the queue has loaded (``/ready`` says
@@ -383,6 +388,11 @@ class DcRouter(MultiService):
         if not config.verification.enabled:
             return None
         return make_resolver(self.options.mta_config, self._reactor)
+
+    def _smtp_handover(self, context: RouteContext) -> IProtocol:
+        """The ``smtp`` socket handler: an ESMTP session on the connection a proxy route hands over."""
+        assert self.smtp is not None
+        return self.smtp.handover_factory(context.port).buildProtocol(context.client_address)
 
     def _build_smtp(self, config: SmtpConfig, queue: IDeliveryQueue | None) -> None:
         reactor = self._reactor

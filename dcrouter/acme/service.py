@@ -43,7 +43,7 @@ from twisted.python.threadpool import ThreadPool
 
 from dcrouter.acme.challenges import ChallengeResponder, Dns01Responder
 from dcrouter.acme.client import AcmeAccount, IssuedCertificate, generate_key_pem
-from dcrouter.config.proxy import acme_directory_url, route_domains
+from dcrouter.config.proxy import acme_directory_url, route_domains, route_tls
 from dcrouter.events import NO_EVENTS, EventBus
 from dcrouter.log import logger
 from dcrouter.net.certstore import CertificateStore, CertifiedKey
@@ -102,7 +102,7 @@ def certificate_orders(options: Any) -> list[CertificateOrder]:
             orders.append(CertificateOrder(names, source))
 
     for i, route in enumerate(config.routes):
-        tls = route.tls
+        tls, _ = route_tls(route)
         if tls is not None and tls.mode in _TERMINATING and tls.certificate == "auto":
             add(route_domains(route.match.domains), f"smartProxyConfig.routes[{i}]")
     for i, entry in enumerate(config.domain_configs):

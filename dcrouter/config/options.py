@@ -165,7 +165,29 @@ def acme_dns_01(options: DcRouterOptions, path: str, report: Report) -> None:
             )
 
 
-@checked(router_has_work, smtp_tls_needed, proxy_smtp_ports, dns_server_fits, smtp_acme, acme_dns_01)
+@block_check("smart_proxy_config.routes", "smtp_config")
+def smtp_socket_handler(options: DcRouterOptions, path: str, report: Report) -> None:
+    """The ``smtp`` socket handler is dcrouter's own ESMTP server: without smtpConfig there is none."""
+    if options.smtp_config is not None:
+        return
+    assert options.smart_proxy_config is not None  # the need smart_proxy_config.routes is met
+    for i, route in enumerate(options.smart_proxy_config.routes):
+        if route.action.socket_handler == "smtp":
+            report.error(
+                f"smartProxyConfig.routes[{i}].action.socketHandler",
+                '"smtp" hands connections to dcrouter\'s ESMTP server, which needs smtpConfig',
+            )
+
+
+@checked(
+    router_has_work,
+    smtp_tls_needed,
+    proxy_smtp_ports,
+    smtp_socket_handler,
+    dns_server_fits,
+    smtp_acme,
+    acme_dns_01,
+)
 @dataclass(frozen=True)
 class DcRouterOptions:
     smart_proxy_config: SmartProxyConfig | None = option(

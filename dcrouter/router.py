@@ -40,6 +40,7 @@ from twisted.python.threadpool import ThreadPool
 
 from dcrouter.acme.challenges import ChallengeResponder
 from dcrouter.acme.service import AcmeService
+from dcrouter.auth.build import build_providers
 from dcrouter.config import ConfigResult, load_options
 from dcrouter.config.options import DcRouterOptions
 from dcrouter.config.smtp import SmtpConfig, generated_certificate_paths, smtp_tls_needs
@@ -246,9 +247,14 @@ class DcRouter(MultiService):
         self._build_delivery(config)
         self.verifier = self._build_verifier(config)
         self.policy = SessionPolicy(config, verifier=self.verifier)
-        if config.auth.users:
+        auth = config.auth
+        if auth.users or auth.ldap_url or auth.oauth2 or auth.providers:
             self.authenticator = Authenticator(
-                config.auth, clock=reactor, reactor=reactor, threadpool=self.threadpool
+                auth,
+                clock=reactor,
+                reactor=reactor,
+                threadpool=self.threadpool,
+                providers=build_providers(auth, reactor),
             )
         # Not a child service: it binds in privilegedStartService, starts once the queue has loaded and stops
         # before everything else (_stop).

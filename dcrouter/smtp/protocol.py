@@ -476,6 +476,12 @@ class ESMTPServerProtocol(CommandReceiver):
                 mechanism=exchange.mechanism,
                 reply=failed.reply.code,
             )
+            challenge = exchange.failed(failed.reply) if failed.reply.code == 535 else None
+            if challenge is not None and self._mode is not CLOSED:
+                # XOAUTH2/OAUTHBEARER: the error comes as a challenge, the 535 after the client's answer.
+                self._sasl = exchange
+                self._mode = SASL
+                return Reply(334, "", challenge.text)
             return failed.reply
         if self._mode is CLOSED:
             return None

@@ -254,8 +254,8 @@ class ConfigTests(unittest.TestCase):
             self.errors({"ldapUrl": "ldap://ldap.example.test/dc=example,dc=test"}),
             [
                 (
-                    "smtpConfig.auth.ldapUrl: passwords would cross the network in clear: use ldaps:// or set "
-                    "smtpConfig.auth.ldap.startTls = true (plain ldap:// is taken only on loopback)"
+                    "smtpConfig.auth.ldapUrl: passwords would cross the network in clear: use ldaps:// or "
+                    "set smtpConfig.auth.ldap.startTls = true (plain ldap:// is taken only on loopback)"
                 )
             ],
         )

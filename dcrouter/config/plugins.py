@@ -7,9 +7,9 @@ A ``type`` that is not built in is looked up first as an entry point name in the
 must implement :class:`~dcrouter.interfaces.IScanner`, :class:`~dcrouter.interfaces.ITransformation` or
 :class:`twisted.cred.checkers.ICredentialsChecker` (declared with ``@implementer``). It may declare
 ``options_schema``, a frozen dataclass written with :func:`dcrouter.config.schema.option` like dcrouter's
-own blocks: the entry's ``options`` table is loaded with it, every error reported with its key path, and the instance is built as ``Class(options)`` (without a
-schema, ``Class()`` and any option is an error); a constructor with a ``reactor`` parameter also gets the
-router's reactor, for plugins that talk to a daemon.
+own blocks: the entry's ``options`` table is loaded with it, every error reported with its key path, and the
+instance is built as ``Class(options)`` (without a schema, ``Class()`` and any option is an error); a
+constructor with a ``reactor`` parameter also gets the router's reactor, for plugins that talk to a daemon.
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ class Slapd:
         self.directory = os.path.abspath(directory)
         os.makedirs(os.path.join(self.directory, "db"), exist_ok=True)
         self.port = free_port()
-        self.tls = cert is not None
+        self.tls_port = free_port() if cert is not None else None
         tls = f"TLSCertificateFile {cert}\nTLSCertificateKeyFile {key}" if cert else ""
         self.conf = os.path.join(self.directory, "slapd.conf")
         with open(self.conf, "w") as f:
@@ -108,10 +108,17 @@ class Slapd:
     def url(self) -> str:
         return f"ldap://127.0.0.1:{self.port}/{PEOPLE}"
 
+    @property
+    def ldaps_url(self) -> str:
+        return f"ldaps://127.0.0.1:{self.tls_port}/{PEOPLE}"
+
     def start(self) -> None:
         log = open(os.path.join(self.directory, "slapd.log"), "wb")  # noqa: SIM115 (the child keeps it)
+        urls = f"ldap://127.0.0.1:{self.port}/"
+        if self.tls_port is not None:
+            urls += f" ldaps://127.0.0.1:{self.tls_port}/"
         self.process = subprocess.Popen(
-            [SLAPD or "slapd", "-d", "0", "-f", self.conf, "-h", f"ldap://127.0.0.1:{self.port}/"],
+            [SLAPD or "slapd", "-d", "0", "-f", self.conf, "-h", urls],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,

@@ -226,7 +226,7 @@ class LdapChecker:
             endpoint = TCP6ClientEndpoint(self._reactor, host, port, timeout=self._timeout)
         else:
             endpoint = HostnameEndpoint(self._reactor, host, port, timeout=self._timeout)
-        if self._url.tls:
+        if self._tls is not None and self._url.tls:
             endpoint = wrapClientTLS(self._tls, endpoint)
         client: LDAPClient = await self._bounded(connectProtocol(endpoint, LDAPClient()))
         if self._config.start_tls and not self._url.tls:

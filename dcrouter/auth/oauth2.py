@@ -170,6 +170,7 @@ class JwksVerifier:
             except JoseError:
                 raise UnauthorizedLogin() from None
         config = self._config
+        assert config.issuer is not None and config.audience is not None  # the loader requires both here
         registry = jwt.JWTClaimsRegistry(
             now=lambda: int(self._clock.seconds()),
             leeway=config.max_clock_skew // 1000,
@@ -244,7 +245,8 @@ class OAuth2Checker:
         else:
             self._verifier = JwksVerifier(config, http=http, clock=clock)
 
-    def requestAvatarId(self, credentials: Any) -> Deferred[str]:
+    # Avatar ids are user names as text, as UserTableChecker's (see there).
+    def requestAvatarId(self, credentials: Any) -> Deferred[str]:  # type: ignore[override]
         return Deferred.fromCoroutine(self._check(credentials.username, credentials.token))
 
     async def _check(self, claimed: str | None, token: str) -> str:

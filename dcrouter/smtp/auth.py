@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.credentials import ICredentials, IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import CancelledError, Deferred
@@ -358,7 +358,9 @@ class Authenticator:
 
     async def _login(self, credentials: IUsernamePassword | IOAuthBearerToken) -> str | Failure:
         try:
-            _interface, avatar, logout = await self._portal.login(credentials, None, IMailUser)
+            _interface, avatar, logout = await self._portal.login(
+                cast(ICredentials, credentials), None, IMailUser
+            )
         except CancelledError:
             # The caller gave up (the client hung up): nothing broke, so nothing to log or answer.
             raise

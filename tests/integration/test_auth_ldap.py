@@ -4,6 +4,8 @@ that is gone or silent is 454 4.7.0, never 535."""
 
 from __future__ import annotations
 
+import os
+
 from twisted.cred.credentials import UsernamePassword
 from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
@@ -13,6 +15,7 @@ from twisted.trial import unittest
 from dcrouter.auth.build import build_providers
 from dcrouter.config.auth import AuthConfig, LdapConfig
 from dcrouter.smtp.auth import Authenticator, AuthFailed
+from tests.pebble import write_listener_certificate
 from tests.slapd_server import PEOPLE, SERVICE_DN, SERVICE_PASSWORD, SKIP_REASON, USERS, start_slapd
 
 
@@ -107,3 +110,36 @@ class SilentDirectoryTests(unittest.TestCase):
         await port.stopListening()
         auth = ldap_auth(f"ldap://127.0.0.1:{number}/{PEOPLE}")
         self.assertEqual(await outcome(auth, "alice", "pw"), "454 4.7.0")
+
+
+class TlsTests(unittest.TestCase):
+    """StartTLS and ldaps:// against slapd with a certificate from a CA made here; the directory's
+    certificate is verified (a CA that did not sign it is an outage, 454, never a plaintext fallback)."""
+
+    skip = SKIP_REASON
+
+    def setUp(self) -> None:
+        directory = self.mktemp()
+        os.makedirs(directory)
+        self.ca, cert, key = write_listener_certificate(directory)
+        self.slapd = start_slapd(self, cert=cert, key=key)
+
+    async def test_starttls(self) -> None:
+        auth = ldap_auth(self.slapd.url, start_tls=True, ca_file=self.ca)
+        self.assertEqual(await outcome(auth, "alice", USERS["alice"]), "alice")
+        self.assertEqual(await outcome(auth, "alice", "wrong"), "535 5.7.8")
+
+    async def test_ldaps(self) -> None:
+        auth = ldap_auth(self.slapd.ldaps_url, ca_file=self.ca)
+        self.assertEqual(await outcome(auth, "bob", USERS["bob"]), "bob")
+        self.assertEqual(await outcome(auth, "bob", "wrong"), "535 5.7.8")
+
+    async def test_unverified_certificate_is_temporary(self) -> None:
+        other = self.mktemp()
+        os.makedirs(other)
+        stranger_ca, _, _ = write_listener_certificate(other)
+        for auth in (
+            ldap_auth(self.slapd.url, start_tls=True, ca_file=stranger_ca),
+            ldap_auth(self.slapd.ldaps_url, ca_file=stranger_ca),
+        ):
+            self.assertEqual(await outcome(auth, "alice", USERS["alice"]), "454 4.7.0")

@@ -169,8 +169,8 @@ class DcRouter(MultiService):
     ``queue`` replaces the backend ``queueStorage`` names (an embedding program's own, or a test's).
 
     Attributes tests and embedding programs may rely on: ``options``, ``warnings`` (from validation),
-    ``queue``, ``processor``, ``policy``, ``authenticator`` (None without users), ``verifier`` (recipient
-    verification; None when no domainConfigs entry asks for it), ``threadpool``,
+    ``queue``, ``processor``, ``policy``, ``authenticator`` (None without users or providers), ``verifier``
+    (recipient verification; None when no domainConfigs entry asks for it), ``threadpool``,
     ``smtp`` (the SmtpService: listening ports and open sessions, for a graceful stop),
     ``smtp_ports`` (configured port → actual port, filled once bound; useful with port 0), ``challenges``
     (the ACME HTTP-01 responder the proxy serves), ``acme`` (the AcmeService, None without ACME orders), and

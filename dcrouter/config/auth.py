@@ -115,6 +115,28 @@ def auth_providers(auth: AuthConfig, path: str, report: Report) -> None:
         plugins.check_config("auth", entry, f"{join(path, 'providers')}[{i}]", report)
 
 
+def _jwks_file(value: str) -> str | None:
+    try:
+        with open(value, "rb") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"cannot read a JSON key set from {value!r}: {e}"
+    if not isinstance(data, dict) or not isinstance(data.get("keys"), list) or not data["keys"]:
+        return f'{value!r} is not a JWKS (a JSON object with a non-empty "keys" list)'
+    return None
+
+
+def _ca_file(value: str) -> str | None:
+    try:
+        with open(value, "rb") as f:
+            pem = f.read()
+    except OSError as e:
+        return f"cannot read {value!r}: {e.strerror}"
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        return f"no PEM certificate in {value!r}"
+    return None
+
+
 @dataclass(frozen=True)
 class LdapConfig:
     bind_dn: str | None = option(
@@ -143,7 +165,7 @@ class LdapConfig:
     ca_file: str | None = option(
         None,
         doc="PEM file of the CAs that vouch for the directory's certificate (default: the system's).",
-        check=values.not_empty,
+        check=_ca_file,
     )
     timeout: int = option(
         10_000,
@@ -192,7 +214,7 @@ class OAuth2Config:
     jwks_file: str | None = option(
         None,
         doc="Verify tokens locally as JWTs against the keys (JWKS) in this file.",
-        check=values.not_empty,
+        check=_jwks_file,
     )
     issuer: str | None = option(None, doc="The `iss` a token must carry (required with JWKS).")
     audience: str | None = option(None, doc="A value the token's `aud` must contain (required with JWKS).")

@@ -1,9 +1,12 @@
-"""The server side of the SASL PLAIN (RFC 4616) and LOGIN mechanisms as used by SMTP AUTH (RFC 4954).
+"""The server side of the SASL PLAIN (RFC 4616), LOGIN, XOAUTH2 and OAUTHBEARER (RFC 7628) mechanisms as
+used by SMTP AUTH (RFC 4954).
 
 A :class:`SaslExchange` turns the client's base64 lines into either the next challenge to send (``334
-<text>``) or, at the end, a :class:`twisted.cred.credentials.UsernamePassword` to hand to the portal. It does
-no I/O and checks no password; every malformed input raises :class:`SaslError` carrying the reply to send,
-after which the exchange is over.
+<text>``) or, at the end, credentials to hand to the portal: a :class:`twisted.cred.credentials.
+UsernamePassword` for PLAIN and LOGIN, an :class:`~dcrouter.auth.credentials.OAuthBearer` for the OAuth
+mechanisms. It does no I/O and checks nothing; every malformed input raises :class:`SaslError` carrying the
+reply to send, after which the exchange is over. When OAuth credentials are refused, :meth:`SaslExchange.
+failed` gives the error challenge the client must answer before the final reply (RFC 7628 §3.2.3).
 """
 
 from __future__ import annotations

@@ -249,6 +249,18 @@ class ConfigTests(unittest.TestCase):
             ],
         )
 
+    def test_files_are_read_at_load(self) -> None:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write('{"keys": []}')
+        oauth2 = {"jwksFile": path, "issuer": ISSUER, "audience": AUDIENCE}
+        self.assertEqual(
+            self.errors({"methods": ["OAUTH2"], "oauth2": oauth2}),
+            [f"{OAUTH2}.jwksFile: {path!r} is not a JWKS (a JSON object with a non-empty \"keys\" list)"],
+        )
+        ldap = {"ldapUrl": "ldap://127.0.0.1/dc=x", "ldap": {"caFile": path}}
+        self.assertEqual(self.errors(ldap), [f"smtpConfig.auth.ldap.caFile: no PEM certificate in {path!r}"])
+
     def test_ldap_keys(self) -> None:
         self.assertEqual(
             self.errors({"ldapUrl": "ldap://ldap.example.test/dc=example,dc=test"}),

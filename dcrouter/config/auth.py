@@ -3,6 +3,7 @@ third-party providers named like plugin scanners, docs/auth.md)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Literal
 

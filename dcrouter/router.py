@@ -487,6 +487,8 @@ class DcRouter(MultiService):
             await _settle_all(
                 [Deferred.fromCoroutine(self.verifier.close())], "recipient callout connections did not close"
             )
+        if self.authenticator is not None:
+            self.authenticator.close()
         if self.queue is not None and self._starting is not None:
             try:
                 await self.queue.save()

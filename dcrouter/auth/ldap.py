@@ -102,6 +102,17 @@ class LdapChecker:
         self._tls = ssl.optionsForClientTLS(url.host, _trust(config)) if url.tls or config.start_tls else None
         self._service: LDAPClient | None = None
 
+    def close(self) -> None:
+        """Close the service connection (the next check would open another)."""
+        client, self._service = self._service, None
+        if client is not None and client.connected:
+            client.unbind()
+
+    @property
+    def service_connected(self) -> bool:
+        """Whether a service connection is open (for tests and diagnostics)."""
+        return self._service is not None and bool(self._service.connected)
+
     def requestAvatarId(self, credentials: IUsernamePassword) -> Deferred[str]:  # type: ignore[override]
         return Deferred.fromCoroutine(self._check(credentials.username, credentials.password))
 

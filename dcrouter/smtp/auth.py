@@ -282,9 +282,21 @@ class Authenticator:
         self._config = config
         self._clock = clock
         self._portal = portal
+        self._providers = list(providers)
         window = config.failure_window / 1000.0
         self._by_ip = FailureCounter(window=window, limit=config.max_failures)
         self._by_user = FailureCounter(window=window, limit=config.max_failures)
+
+    def close(self) -> None:
+        """Close what the providers keep open (the LDAP service connection): called when the router stops.
+        A provider (a plugin's too) that holds connections may have a ``close()`` taking no argument."""
+        for provider in self._providers:
+            close = getattr(provider, "close", None)
+            if callable(close):
+                try:
+                    close()
+                except Exception:  # noqa: BLE001 (one provider's trouble must not stop the others closing)
+                    log.failure("closing authentication provider {provider!r}", provider=provider)
 
     @property
     def mechanisms(self) -> list[str]:

@@ -17,6 +17,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from dcrouter import DcRouter
+from dcrouter.auth.ldap import LdapChecker
 from tests.integration import free_ports
 from tests.oauth_tokens import AUDIENCE, ISSUER, jwks, token
 from tests.slapd_server import SERVICE_DN, SERVICE_PASSWORD, SKIP_REASON, USERS, start_slapd
@@ -91,6 +92,15 @@ class RouterAuthTests(TestCase):
         self.slapd.kill()
         _, down = await deferToThread(self.session, "AUTH " + plain("alice", USERS["alice"]))
         self.assertEqual(down, (454, b"4.7.0 Temporary authentication failure"))
+
+    async def test_directory_connection_closed_at_stop(self) -> None:
+        _, good = await deferToThread(self.session, "AUTH " + plain("bob", USERS["bob"]))
+        self.assertEqual(good[0], 235, good)
+        assert self.router.authenticator is not None
+        (checker,) = [p for p in self.router.authenticator._providers if isinstance(p, LdapChecker)]
+        self.assertTrue(checker.service_connected)
+        await self.router.stopService()
+        self.assertFalse(checker.service_connected)
 
     async def test_xoauth2(self) -> None:
         now = reactor.seconds()

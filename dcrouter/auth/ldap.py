@@ -151,12 +151,24 @@ class LdapChecker:
             filter=ldapfilter.parseFilter(text),
             attributes=["1.1"],
         )
-        client = await self._service_client()
+        client, reused = await self._service_client()
         try:
             entries = await self._bounded(self._search(client, request))
-        except Exception:
+        except (CancelledError, ProviderUnavailable):
             self._drop_service(client)
             raise
+        except Exception:
+            # A kept connection the directory closed while idle (its idle timeout, a firewall): one more
+            # try on a new one, so such a close costs the client nothing.
+            self._drop_service(client)
+            if not reused:
+                raise
+            client, _ = await self._service_client()
+            try:
+                entries = await self._bounded(self._search(client, request))
+            except Exception:
+                self._drop_service(client)
+                raise
         if len(entries) != 1:
             if len(entries) > 1:
                 log.warn("LDAP: the user filter matches several entries for {user!r}", user=username[:256])
@@ -199,10 +211,11 @@ class LdapChecker:
         if code != SUCCESS:
             raise ProviderUnavailable(f"bind failed with result code {code}")
 
-    async def _service_client(self) -> LDAPClient:
+    async def _service_client(self) -> tuple[LDAPClient, bool]:
+        """The service connection, and whether it was kept from an earlier check."""
         client = self._service
         if client is not None and client.connected:
-            return client
+            return client, True
         self._service = None
         client = await self._connect()
         if self._config.bind_dn is not None:
@@ -219,7 +232,7 @@ class LdapChecker:
                 # A refused service account is a configuration problem: the user can only retry later.
                 raise ProviderUnavailable(f"bindDn refused with result code {response.resultCode}")
         self._service = client
-        return client
+        return client, False
 
     def _drop_service(self, client: LDAPClient) -> None:
         if self._service is client:

@@ -69,6 +69,14 @@ class SearchThenBindTests(unittest.TestCase):
         self.assertEqual(await outcome(self.auth, "alice", USERS["alice"]), "454 4.7.0")
         self.assertEqual(await outcome(self.auth, "alice", "wrong"), "454 4.7.0")
 
+    async def test_directory_restarted_costs_nothing(self) -> None:
+        # The kept service connection dies with the old slapd; the next check notices only when it uses it
+        # (the reactor has not run in between), and tries once more on a new connection.
+        self.assertEqual(await outcome(self.auth, "alice", USERS["alice"]), "alice")
+        self.slapd.stop()
+        self.slapd.start()
+        self.assertEqual(await outcome(self.auth, "bob", USERS["bob"]), "bob")
+
     async def test_service_account_refused_is_temporary(self) -> None:
         auth = ldap_auth(self.slapd.url, bind_password="not-the-service-password")
         self.assertEqual(await outcome(auth, "alice", USERS["alice"]), "454 4.7.0")

@@ -4,7 +4,9 @@
 validates a configuration file as ``twistd dcrouter --config FILE --check`` does;
 ``dcrouter config-reference`` prints the reference of every key; ``dcrouter dkim-keygen`` writes a DKIM
 signing key and prints the DNS record to publish; ``dcrouter quarantine list|show|release|delete`` works on
-quarantined messages while the router runs (:mod:`dcrouter.quarantine`).
+quarantined messages while the router runs (:mod:`dcrouter.quarantine`); ``dcrouter api-token`` makes a
+management API token; ``dcrouter queue``, ``dcrouter delivery`` and ``dcrouter stats`` are clients of that API
+(:mod:`dcrouter.ctl`).
 """
 
 from __future__ import annotations
@@ -29,8 +31,13 @@ examples:
   dcrouter check etc/dcrouter.example.toml
   dcrouter config-reference > reference.md
   dcrouter dkim-keygen --domain example.com --selector mail2025 --out /etc/dcrouter/dkim
+  dcrouter api-token ops --scope admin    prints a token and its [[apiConfig.tokens]] lines
   dcrouter quarantine list --config /etc/dcrouter/dcrouter.toml
   dcrouter quarantine release --config /etc/dcrouter/dcrouter.toml 1a2b3c4d5e6f
+  DCROUTER_TOKEN=... dcrouter queue list --config /etc/dcrouter/dcrouter.toml
+  DCROUTER_TOKEN=... dcrouter queue hold 1a2b3c4d5e6f
+  DCROUTER_TOKEN=... dcrouter delivery pause domain:example.com
+  DCROUTER_TOKEN=... dcrouter stats --json
 
 Run the router itself with: twistd -n dcrouter --config FILE
 """
@@ -67,6 +74,33 @@ def _hash_password(args: argparse.Namespace) -> int:
         print("dcrouter hash-password: no password given", file=sys.stderr)
         return 1
     print(hash_password(password))
+    return 0
+
+
+def api_token_lines(name: str, scope: str, *, use_scrypt: bool = False) -> tuple[str, str]:
+    """A new random token and the ``[[apiConfig.tokens]]`` TOML lines holding its hash (never the token)."""
+    import hashlib
+    import json
+    import secrets
+
+    token = secrets.token_urlsafe(32)  # 256 random bits: a fast hash is as safe as a slow one
+    if use_scrypt:
+        from dcrouter.passwords import hash_password
+
+        token_hash = hash_password(token)
+    else:
+        token_hash = "sha256$" + hashlib.sha256(token.encode("ascii")).hexdigest()
+    lines = (
+        f"[[apiConfig.tokens]]\nname = {json.dumps(name)}\ntokenHash = {json.dumps(token_hash)}\n"
+        f"scope = {json.dumps(scope)}"
+    )
+    return token, lines
+
+
+def _api_token(args: argparse.Namespace) -> int:
+    token, lines = api_token_lines(args.name, args.scope, use_scrypt=args.scrypt)
+    print(f"# token (give it to the client, keep it secret; it is shown only now): {token}")
+    print(lines)
     return 0
 
 
@@ -223,7 +257,22 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument("--bits", type=int, default=None, help="RSA key size, at least 2048 (default 2048)")
     keygen.add_argument("--out", default=".", metavar="DIR", help="directory for the key file (default .)")
     keygen.set_defaults(run=_dkim_keygen)
+    token = commands.add_parser(
+        "api-token",
+        help="make a management API token and print its apiConfig.tokens entry",
+        description="Print a new random token (in a comment line: hand it to the client) and the "
+        "[[apiConfig.tokens]] lines to paste into the configuration, which hold only its hash.",
+    )
+    token.add_argument("name", metavar="NAME", help="who holds the token (apiConfig.tokens[].name)")
+    token.add_argument("--scope", choices=("read", "admin"), default="read", help="default: read")
+    token.add_argument(
+        "--scrypt", action="store_true", help="hash with scrypt instead of SHA-256 (slower to check)"
+    )
+    token.set_defaults(run=_api_token)
     _add_quarantine(commands)
+    from dcrouter import ctl
+
+    ctl.add_commands(commands)
     return parser
 
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from dcrouter.config.api import ApiConfig
 from dcrouter.config.delivery import MtaConfig
+from dcrouter.config.observe import EventsConfig, MetricsConfig
 from dcrouter.config.proxy import HttpDomainRoute, SmartProxyConfig, claimed_ports
 from dcrouter.config.schema import Report, block_check, checked, option
 from dcrouter.config.smtp import SmtpConfig, generated_certificate_paths, smtp_tls_needs
@@ -92,9 +94,26 @@ class DcRouterOptions:
     tls: SharedTlsConfig | None = option(None, doc="Certificate shared by the router's services.")
     dns_server_config: dict[str, Any] | None = option(None, unsupported="The DNS server is not built yet.")
     mta_config: MtaConfig | None = option(None, doc="Direct delivery by MX (when no defaultServer is set).")
+    api_config: ApiConfig = option(
+        factory=ApiConfig,
+        addition=True,
+        doc="The management API: queue control, stats, delivery pause, log levels (docs/api.md).",
+    )
     log_level: Literal["debug", "info", "warn", "error", "critical"] = option(
         "info",
         addition=True,
         doc="Lowest level of dcrouter's own log events that are written; `debug` adds every outbound SMTP "
         "command and reply.",
+    )
+    log_format: Literal["text", "json"] = option(
+        "text",
+        addition=True,
+        doc="`json`: under twistd, one JSON object per line (time, level, namespace, message, queueId, "
+        "sessionId, fields) instead of text; twistd's `--logger` overrides it. See docs/operations.md.",
+    )
+    metrics_config: MetricsConfig | None = option(
+        None, addition=True, doc="Prometheus metrics on a listener of their own (docs/operations.md)."
+    )
+    events: EventsConfig | None = option(
+        None, addition=True, doc="Webhooks and periodic performance events (docs/operations.md)."
     )

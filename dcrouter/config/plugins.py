@@ -1,10 +1,11 @@
-"""Third-party scanners, transformations and authentication providers, named in the configuration
-(docs/plugins.md).
+"""Third-party scanners, transformations, event subscribers and authentication providers, named in the
+configuration (docs/plugins.md).
 
 A ``type`` that is not built in is looked up first as an entry point name in the group ``dcrouter.scanners``,
-``dcrouter.transformations`` or ``dcrouter.auth`` (installed packages declare them in their
-``pyproject.toml``), then as a dotted path, ``package.module:Class`` or ``package.module.Class``. The class
-must implement :class:`~dcrouter.interfaces.IScanner`, :class:`~dcrouter.interfaces.ITransformation` or
+``dcrouter.transformations``, ``dcrouter.event_subscribers`` or ``dcrouter.auth`` (installed packages declare
+them in their ``pyproject.toml``), then as a dotted path, ``package.module:Class`` or
+``package.module.Class``. The class must implement :class:`~dcrouter.interfaces.IScanner`,
+:class:`~dcrouter.interfaces.ITransformation`, :class:`~dcrouter.events.IEventSink` or
 :class:`twisted.cred.checkers.ICredentialsChecker` (declared with ``@implementer``). It may declare
 ``options_schema``, a frozen dataclass written with :func:`dcrouter.config.schema.option` like dcrouter's
 own blocks: the entry's ``options`` table is loaded with it, every error reported with its key path, and the
@@ -23,15 +24,22 @@ from typing import Any, Protocol
 from twisted.cred.checkers import ICredentialsChecker
 
 from dcrouter.config.schema import Report, build_block, join
+from dcrouter.events import IEventSink
 from dcrouter.interfaces import IScanner, ITransformation
 from dcrouter.net.reactor import IRouterReactor
 
 GROUPS = {
     "scanner": "dcrouter.scanners",
     "transformation": "dcrouter.transformations",
+    "subscriber": "dcrouter.event_subscribers",
     "auth": "dcrouter.auth",
 }
-INTERFACES = {"scanner": IScanner, "transformation": ITransformation, "auth": ICredentialsChecker}
+INTERFACES = {
+    "scanner": IScanner,
+    "transformation": ITransformation,
+    "subscriber": IEventSink,
+    "auth": ICredentialsChecker,
+}
 
 
 class PluginEntry(Protocol):

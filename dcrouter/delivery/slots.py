@@ -59,6 +59,10 @@ class RouteSlots:
         """Slots of ``route`` taken now."""
         return self._load.get(route, 0)
 
+    def in_use(self) -> dict[str, int]:
+        """Slots taken now, per route that has any."""
+        return dict(self._load)
+
     def waiting(self, route: str) -> int:
         """Attempts waiting for a slot of ``route`` now."""
         return len(self._waiters.get(route, ()))

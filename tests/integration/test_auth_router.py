@@ -18,6 +18,7 @@ from twisted.web.server import Site
 
 from dcrouter import DcRouter
 from dcrouter.auth.ldap import LdapChecker
+from dcrouter.events import CallableSink, Event
 from tests.integration import free_ports
 from tests.oauth_tokens import AUDIENCE, ISSUER, jwks, token
 from tests.slapd_server import SERVICE_DN, SERVICE_PASSWORD, SKIP_REASON, USERS, start_slapd
@@ -84,6 +85,8 @@ class RouterAuthTests(TestCase):
             return replies
 
     async def test_ldap_password(self) -> None:
+        events: list[Event] = []
+        self.router.events.subscribe(CallableSink(events.append), ["connection.authenticated", "security.*"])
         ehlo, good = await deferToThread(self.session, "AUTH " + plain("alice", USERS["alice"]))
         self.assertIn(b"AUTH PLAIN XOAUTH2 OAUTHBEARER", ehlo[1])
         self.assertEqual(good, (235, b"2.7.0 Authentication successful"))
@@ -92,6 +95,15 @@ class RouterAuthTests(TestCase):
         self.slapd.kill()
         _, down = await deferToThread(self.session, "AUTH " + plain("alice", USERS["alice"]))
         self.assertEqual(down, (454, b"4.7.0 Temporary authentication failure"))
+        seen = [(e.type, e.fields.get("mechanism"), e.fields.get("code")) for e in events]
+        self.assertEqual(
+            seen,
+            [
+                ("connection.authenticated", "PLAIN", None),
+                ("security.auth_failure", "PLAIN", 535),
+                ("security.auth_failure", "PLAIN", 454),
+            ],
+        )
 
     async def test_directory_connection_closed_at_stop(self) -> None:
         _, good = await deferToThread(self.session, "AUTH " + plain("bob", USERS["bob"]))

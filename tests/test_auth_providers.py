@@ -4,6 +4,7 @@ and by entry point, its options checked by its schema), logging in through the r
 
 from __future__ import annotations
 
+import base64
 import hashlib
 
 from twisted.cred.checkers import ICredentialsChecker, InMemoryUsernamePasswordDatabaseDontUse
@@ -22,8 +23,12 @@ from dcrouter.auth.ldap import escape_dn_value, escape_filter_value
 from dcrouter.config import plugins
 from dcrouter.config.auth import AuthConfig
 from dcrouter.config.load import load_options
+from dcrouter.config.ratelimits import IngressLimitsConfig, LimitConfig, TierConfig
 from dcrouter.interfaces import IOAuthBearerToken, ProviderUnavailable
+from dcrouter.limits.ingress import build_ingress_limits
 from dcrouter.smtp.auth import Authenticator, AuthFailed, MailUserRealm
+from dcrouter.smtp.policy import SessionPolicy
+from tests.smtp_fixtures import _clock, connect, make_config
 from tests.test_plugins import PluginCase
 
 TOKEN = "build-bot-token"
@@ -168,3 +173,23 @@ class ThirdPartyProviderTests(PluginCase):
             ],
         )
         self.assertIsInstance(plugins.GROUPS["auth"], str)
+
+
+class RateLimitTests(TestCase):
+    """The rate limits' authFailures count refusals, not outages: a directory that is down must not leave
+    its users locked out once it is back."""
+
+    def test_outage_is_not_a_failed_attempt(self) -> None:
+        tier = TierConfig(auth_failures=[LimitConfig(2, window=600_000)])
+        config = make_config(
+            auth=AuthConfig(allow_insecure=True, failure_delay=0),
+            rate_limits=IngressLimitsConfig(anonymous=tier),
+        )
+        clock = _clock()
+        limits = build_ingress_limits(config, clock)
+        down = authenticator(Down(), allow_insecure=True)
+        server = connect(config, clock=clock, policy=SessionPolicy(config, limits=limits), authenticator=down)
+        server.exchange(b"EHLO client.example\r\n")
+        plain = b"AUTH PLAIN " + base64.b64encode(b"\0alice\0pw") + b"\r\n"
+        for _ in range(3):
+            self.assertEqual(server.exchange(plain), b"454 4.7.0 Temporary authentication failure\r\n")

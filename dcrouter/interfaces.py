@@ -244,3 +244,20 @@ class IIngressLimits(Interface):
 
     def message_accepted(session, sender, size):
         """A message of ``size`` octets from ``sender`` was accepted: count its bytes."""
+
+
+class IOAuthBearerToken(Interface):
+    """Credentials of SASL XOAUTH2 and OAUTHBEARER (RFC 7628): an OAuth 2.0 bearer token, and the user name
+    the client says it belongs to (None when it named none). A twisted.cred checker that takes them
+    (``credentialInterfaces``) fires with the user the token was issued to."""
+
+    username = Attribute("The user the client claims (str), or None.")
+    token = Attribute("The bearer token (str).")
+
+
+class ProviderUnavailable(Exception):
+    """An authentication provider cannot decide now (its directory or token endpoint is down or too slow).
+
+    Raised (as a Deferred's failure) by a twisted.cred checker, it becomes ``454 4.7.0`` — a temporary
+    failure the client retries — never ``535``: an outage says nothing about the password. The message is
+    logged without a traceback."""

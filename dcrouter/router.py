@@ -44,6 +44,7 @@ from dcrouter.acme.challenges import ChallengeResponder, Dns01Responder
 from dcrouter.acme.service import AcmeService
 from dcrouter.api.service import ApiService, build_root
 from dcrouter.api.view import RouterView
+from dcrouter.auth.build import build_providers
 from dcrouter.config import ConfigResult, load_options
 from dcrouter.config.options import DcRouterOptions
 from dcrouter.config.smtp import SmtpConfig, generated_certificate_paths, smtp_tls_needs
@@ -213,8 +214,8 @@ class DcRouter(MultiService):
     ``queue`` replaces the backend ``queueStorage`` names (an embedding program's own, or a test's).
 
     Attributes tests and embedding programs may rely on: ``options``, ``warnings`` (from validation),
-    ``queue``, ``processor``, ``policy``, ``authenticator`` (None without users), ``verifier`` (recipient
-    verification; None when no domainConfigs entry asks for it), ``threadpool``,
+    ``queue``, ``processor``, ``policy``, ``authenticator`` (None without users or providers), ``verifier``
+    (recipient verification; None when no domainConfigs entry asks for it), ``threadpool``,
     ``smtp`` (the SmtpService: listening ports and open sessions, for a graceful stop),
     ``smtp_ports`` (configured port → actual port, filled once bound; useful with port 0), ``challenges``
     (the ACME HTTP-01 responder the proxy serves), ``dns_challenges`` (the DNS-01 TXT values the DNS server
@@ -412,9 +413,14 @@ class DcRouter(MultiService):
         if self.limits is not None:
             report_limit_alerts(self.limits.limiter.alerts, self.events, "smtp")
         self.policy = SessionPolicy(config, verifier=self.verifier, limits=self.limits)
-        if config.auth.users:
+        auth = config.auth
+        if auth.users or auth.ldap_url or auth.oauth2 or auth.providers:
             self.authenticator = Authenticator(
-                config.auth, clock=reactor, reactor=reactor, threadpool=self.threadpool
+                auth,
+                clock=reactor,
+                reactor=reactor,
+                threadpool=self.threadpool,
+                providers=build_providers(auth, reactor),
             )
         # Not a child service: it binds in privilegedStartService, starts once the queue has loaded and stops
         # before everything else (_stop).
@@ -723,6 +729,8 @@ class DcRouter(MultiService):
             await _settle_all(
                 [Deferred.fromCoroutine(self.verifier.close())], "recipient callout connections did not close"
             )
+        if self.authenticator is not None:
+            self.authenticator.close()
         if self._limits_redis is not None:
             await _settle_all([self._limits_redis.disconnect()], "rate limit counters: Redis did not close")
         if self.queue is not None and self._starting is not None:

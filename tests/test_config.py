@@ -253,8 +253,14 @@ class UnsupportedTests(LoadCase):
         self.assertEqual(
             self.errors(raw),
             [
-                "smtpConfig.auth.methods[1]: not supported yet: 'OAUTH2': OAUTH2 is not built yet.",
-                "smtpConfig.auth.ldapUrl: not supported yet: LDAP authentication is not built yet.",
+                (
+                    "smtpConfig.auth.ldapUrl: no base DN: the URL's path names where users are searched "
+                    "(ldap://host/ou=people,...)"
+                ),
+                (
+                    "smtpConfig.auth.methods: OAUTH2 is offered, but smtpConfig.auth.oauth2 says nothing of "
+                    "how tokens are verified"
+                ),
                 (
                     "smtpConfig.transformations[0].type: unknown transformation type 'x': not built in, no "
                     "entry point 'x' in group 'dcrouter.transformations', and not a dotted path "

@@ -58,7 +58,8 @@ def smtp_port_roles(smtp: SmtpConfig, path: str, report: Report) -> None:
 
 @block_check("ports", "submission_ports", "auth")
 def smtp_users_present(smtp: SmtpConfig, path: str, report: Report) -> None:
-    if smtp.auth.users:
+    auth = smtp.auth
+    if auth.users or auth.ldap_url or auth.oauth2 or auth.providers:
         return
     submission = [p for p in smtp.submission_ports if p in smtp.ports]
     users = join(path, "auth.users")

@@ -10,10 +10,12 @@ from typing import Any
 from dcrouter import log as dclog
 from dcrouter.api.http import ApiError, Call, Endpoint, Field, Stream
 from dcrouter.api.view import RouterView, iso_time, item_detail, item_summary
+from dcrouter.quarantine import HEAD_LIMIT, header_block
 from dcrouter.delivery.manager import DeliveryManager
 from dcrouter.interfaces import IDeliveryQueue, QueueUnavailable
 from dcrouter.log import LEVEL_NAMES, logger
 from dcrouter.queue import operations
+from dcrouter.queue import quarantine as quarantined
 from dcrouter.queue.contract import MAX_PAGE, QueueFilter, check_item_id
 from dcrouter.queue.files import message_reader
 from dcrouter.queue.item import QueueItemStatus
@@ -190,6 +192,38 @@ class Endpoints:
                 "admin",
                 "Resume delivery, globally or for one destination.",
                 body=(_DESTINATION,),
+            ),
+            E(
+                "GET",
+                "/api/v1/quarantine",
+                self.quarantine_list,
+                "read",
+                "Quarantined messages, oldest first, each with the reason it was quarantined.",
+            ),
+            E(
+                "GET",
+                "/api/v1/quarantine/{id}",
+                self.quarantine_show,
+                "read",
+                "One quarantined message: envelope, reason, and its header block as it will be relayed.",
+                responses={400: "bad id", 404: "no such quarantined message"},
+            ),
+            E(
+                "POST",
+                "/api/v1/quarantine/{id}/release",
+                self.quarantine_release,
+                "admin",
+                "Release a quarantined message: queued, due now.",
+                body=(),
+                responses={400: "bad id", 404: "no such message", 409: "the message is not quarantined"},
+            ),
+            E(
+                "DELETE",
+                "/api/v1/quarantine/{id}",
+                self.quarantine_delete,
+                "admin",
+                "Delete a quarantined message and its body (no delivery, no bounce; logged).",
+                responses={400: "bad id", 404: "no such message", 409: "the message is not quarantined"},
             ),
             E(
                 "GET",
@@ -485,3 +519,47 @@ class Endpoints:
             token=self._who(call),
         )
         return await self.log_level_show(call)
+
+    # -- quarantine (the operations of dcrouter.queue.quarantine, as `dcrouter quarantine` uses them) -------
+
+    async def _quarantined(self, call: Call, operation: str, run: Any) -> Any:
+        item_id = self._id(call)
+        try:
+            return await run(item_id)
+        except quarantined.NotQuarantined as e:
+            if e.item is None:
+                raise ApiError(404, "not_found", str(e)) from None
+            raise ApiError(409, "wrong_status", str(e)) from None
+        except QueueUnavailable as e:
+            raise ApiError(503, "queue_unavailable", str(e)) from None
+
+    async def quarantine_list(self, call: Call) -> Any:
+        try:
+            items = await quarantined.quarantined(self._queue())
+        except QueueUnavailable as e:
+            raise ApiError(503, "queue_unavailable", str(e)) from None
+        return {"items": [{**item_summary(i), "reason": i.last_error} for i in items]}
+
+    async def quarantine_show(self, call: Call) -> Any:
+        queue = self._queue()
+
+        async def show(item_id: str) -> Any:
+            item = await quarantined.get_quarantined(queue, item_id)
+            lines, cut = header_block(await quarantined.read_head(queue, item, HEAD_LIMIT))
+            return {**item_detail(item), "reason": item.last_error, "headers": lines, "headersCut": cut}
+
+        return await self._quarantined(call, "show", show)
+
+    async def quarantine_release(self, call: Call) -> Any:
+        queue, now = self._queue(), self.view.clock.seconds()
+        item = await self._quarantined(call, "release", lambda i: quarantined.release(queue, i, now))
+        log.info("{queue_id}: released from quarantine by API token {token}", queue_id=item.id, token=self._who(call))
+        if self.view.delivery is not None:
+            self.view.delivery.wake()
+        return {"item": item_summary(item)}
+
+    async def quarantine_delete(self, call: Call) -> Any:
+        queue = self._queue()
+        item = await self._quarantined(call, "delete", lambda i: quarantined.delete(queue, i))
+        log.info("{queue_id}: deleted from quarantine by API token {token}", queue_id=item.id, token=self._who(call))
+        return {"item": item_summary(item)}

@@ -25,6 +25,7 @@ asynchronously (the queue cannot load) is logged as critical and fails the Defer
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from collections.abc import Mapping
@@ -32,7 +33,7 @@ from functools import partial
 from typing import Any, cast
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredLock, fail, maybeDeferred, succeed
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
@@ -43,7 +44,14 @@ from dcrouter.acme.challenges import ChallengeResponder
 from dcrouter.acme.service import AcmeService
 from dcrouter.api.service import ApiService, build_root
 from dcrouter.api.view import RouterView
-from dcrouter.config import ConfigResult, load_options
+from dcrouter.config import ConfigError, ConfigResult, load_options
+from dcrouter.config.edit import (
+    hidden_passwords,
+    routing_of,
+    unapplied_changes,
+    with_routing,
+    write_routing,
+)
 from dcrouter.config.options import DcRouterOptions
 from dcrouter.config.smtp import SmtpConfig, generated_certificate_paths, smtp_tls_needs
 from dcrouter.config.tls import TlsConfig
@@ -195,6 +203,15 @@ class DcRouter(MultiService):
             reactor = cast(IRouterReactor, global_reactor)  # the one twistd runs provides every part of it
         self._reactor: IRouterReactor = reactor
         self.options, self.warnings = coerce_options(options)
+        #: The configuration as written (its own keys; None when given DcRouterOptions) and its file (None
+        #: unless loaded from one): what ``GET /api/v1/routing`` shows and ``apiConfig.persist`` writes to.
+        self.raw_config: Mapping[str, Any] | None = None
+        self.config_path: str | None = None
+        if isinstance(options, ConfigResult):
+            self.raw_config, self.config_path = options.raw, options.path
+        elif isinstance(options, Mapping):
+            self.raw_config = copy.deepcopy(dict(options))
+        self._routing_lock = DeferredLock()
         set_level(self.options.log_level)
         self.smtp_config: SmtpConfig | None = self.options.smtp_config
         self.threadpool = ThreadPool(minthreads=0, maxthreads=THREADPOOL_MAX, name="dcrouter")
@@ -251,6 +268,8 @@ class DcRouter(MultiService):
                 (lambda: sum(c.active for c in proxy.counters.values())) if proxy is not None else (lambda: 0)
             ),
             started_at=reactor.seconds(),
+            routing=self.routing_config if self.smtp_config is not None else None,
+            replace_routing=self.replace_routing if self.smtp_config is not None else None,
         )
         root = build_root(
             self.options.api_config,
@@ -258,6 +277,82 @@ class DcRouter(MultiService):
             defer_to_thread=lambda work: deferToThreadPool(reactor, threadpool, work),
         )
         return ApiService(self.options.api_config, root, reactor=reactor)
+
+    # -- routing while running ----------------------------------------------------------------------------
+
+    def routing_config(self, show_passwords: bool = True) -> dict[str, Any] | None:
+        """The routing keys of smtpConfig as configured (see :func:`dcrouter.config.edit.routing_of`); None
+        when the router was given DcRouterOptions rather than a configuration."""
+        if self.raw_config is None:
+            return None
+        return routing_of(self.raw_config, show_passwords=show_passwords)
+
+    async def replace_routing(self, routing: Mapping[str, Any]) -> dict[str, Any]:
+        """Replace ``domainConfigs``, ``routingRules`` and ``defaultServer`` (``defaultPort``, ``useTls``):
+        the whole configuration with the new routing is checked as the loader checks a file (in the thread
+        pool: it may read recipients files and keys), then routing, relay acceptance, recipient verification
+        and per-destination delivery limits switch to it in one step on the reactor thread, so the next RCPT
+        and the next delivery attempt use it. Raises ConfigError (every error with its key path), changing
+        nothing. With ``apiConfig.persist`` the file is then rewritten (:func:`write_routing`). One change
+        at a time."""
+        async with self._routing_lock:
+            return await self._replace_routing(routing)
+
+    async def _replace_routing(self, routing: Mapping[str, Any]) -> dict[str, Any]:
+        old = self.smtp_config
+        if self.raw_config is None or old is None:
+            raise ConfigError(
+                ["smtpConfig: this router was not built from a configuration; nothing to change"]
+            )
+        hidden = hidden_passwords(routing)
+        if hidden:
+            raise ConfigError(hidden)
+        raw = with_routing(self.raw_config, routing)
+        reactor, pool = self._reactor, self.threadpool
+        result: ConfigResult = await deferToThreadPool(reactor, pool, partial(load_options, raw))
+        new = result.options.smtp_config
+        assert new is not None
+        errors = unapplied_changes(old, new)
+        if errors:
+            raise ConfigError(errors)
+        try:
+            verifier = self._build_verifier(new)
+        except StartupError as error:
+            raise ConfigError([str(error)]) from None
+        # From here to the end of the swap nothing yields to the reactor: no RCPT and no delivery attempt sees
+        # half of it.
+        assert self.routes is not None and self.policy is not None and self.delivery is not None
+        self.routes.reconfigure(new)
+        self.policy.set_domains(new, verifier)
+        self.delivery.reconfigure(new)
+        old_verifier, self.verifier = self.verifier, verifier
+        self.smtp_config = new
+        self.options = dataclasses.replace(self.options, smtp_config=new)
+        self.raw_config = raw
+        log.info(
+            "routing replaced: {rules} routing rules, {domains} domainConfigs entries, default {default}",
+            rules=len(new.routing_rules),
+            domains=len(new.domain_configs),
+            default=new.default_server or "MX",
+        )
+        if old_verifier is not None:
+            # Callouts in flight on the old one end unverified (450), as at shutdown.
+            Deferred.fromCoroutine(old_verifier.close()).addErrback(
+                lambda failure: log.failure("recipient callout connections did not close", failure)
+            )
+        answer: dict[str, Any] = {"persisted": False, "warnings": list(result.warnings)}
+        path = self.config_path
+        if self.options.api_config.persist and path is not None:
+            written = routing_of(raw)
+            try:
+                await deferToThreadPool(reactor, pool, partial(write_routing, path, written))
+            except (OSError, ValueError) as error:
+                log.error("routing applied but not written to {path}: {error}", path=path, error=error)
+                answer["persistError"] = f"{path}: {error}"
+            else:
+                answer["persisted"] = True
+                log.info("routing written to {path} (previous file: {path}.bak)", path=path)
+        return answer
 
     def _verification_resolver(self, config: SmtpConfig) -> Any:
         """The resolver inbound verification asks (mtaConfig's servers), when it is enabled."""

@@ -3,9 +3,222 @@ port on 127.0.0.1 (the harness of tests.test_api)."""
 
 from __future__ import annotations
 
+import json
+import os
+import smtplib
+import tomllib
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.threads import deferToThread
+
+from dcrouter import DcRouter
+from dcrouter.config import load_file
 from dcrouter.queue.item import QueueItemStatus
-from tests.test_api import READER, ApiTestBase
+from tests.downstream import start_downstream
+from tests.integration import free_ports
+from tests.test_api import ADMIN, READER, ApiTestBase, sha
 from tests.test_queue_contract import make_item
+
+TOKENS = [
+    {"name": "ops", "tokenHash": sha(ADMIN), "scope": "admin"},
+    {"name": "viewer", "tokenHash": sha(READER), "scope": "read"},
+]
+
+
+def smtp_options(domain_configs: list[dict[str, Any]], **api: Any) -> dict[str, Any]:
+    (smtp_port,) = free_ports(1)
+    return {
+        "smtpConfig": {
+            "ports": [smtp_port],
+            "bindAddress": "127.0.0.1",
+            "hostname": "mx.test",
+            "implicitTlsPorts": [],
+            "submissionPorts": [],
+            "queueStorage": "memory",
+            "domainConfigs": domain_configs,
+        },
+        "apiConfig": {"enabled": True, "port": 0, "tokens": TOKENS, **api},
+    }
+
+
+def send(port: int, recipient: str, sender: str = "alice@sender.test") -> Any:
+    """One message over a real SMTP session (in a thread: smtplib blocks); the refused recipients, or the
+    SMTPRecipientsRefused it raised."""
+
+    def run() -> Any:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            try:
+                return client.sendmail(sender, [recipient], b"Subject: t\r\n\r\nhello\r\n")
+            except smtplib.SMTPRecipientsRefused as refused:
+                return refused.recipients
+
+    return deferToThread(run)
+
+
+class RoutingRouterBase(ApiTestBase):
+    async def start_router(self, options: Any, *, paused: bool = False) -> DcRouter:
+        router = DcRouter(options, reactor=reactor)
+        assert router.delivery is not None and router.api is not None
+        if paused:
+            router.delivery.pause_deliveries()
+        router.privilegedStartService()
+        router.startService()
+        self.addCleanup(router.stopService)
+        await router.when_ready()
+        self.router = router
+        self.base = f"http://127.0.0.1:{router.api.port}"
+        return router
+
+    def smtp_port(self) -> int:
+        return next(iter(self.router.smtp_ports.values()))
+
+
+class RoutingEndpointTests(RoutingRouterBase):
+    async def test_get_shows_configured_routing(self) -> None:
+        entry = {
+            "domains": ["example.com"],
+            "targetIPs": ["127.0.0.1"],
+            "port": 9,
+            "authentication": {"user": "u", "pass": "secret"},
+        }
+        await self.start_router(smtp_options([entry]))
+        code, body, _ = await self.call("GET", "/api/v1/routing")
+        self.assertEqual(code, 200)
+        self.assertEqual(body, {"domainConfigs": [entry], "routingRules": [], "defaultServer": None})
+        code, body, _ = await self.call("GET", "/api/v1/routing", token=READER)
+        self.assertEqual(body["domainConfigs"][0]["authentication"], {"user": "u", "pass": "<hidden>"})
+        code, body, _ = await self.call("GET", "/api/v1/routing", token=None)
+        self.assertEqual(code, 401)
+        # What a read token saw, sent back, is not taken for the password.
+        code, body, _ = await self.call(
+            "PUT",
+            "/api/v1/routing",
+            body={"domainConfigs": [{**entry, "authentication": {"user": "u", "pass": "<hidden>"}}]},
+        )
+        self.assertEqual(code, 422)
+        self.assertEqual(
+            body["error"]["errors"][0].split(":")[0], "smtpConfig.domainConfigs[0].authentication.pass"
+        )
+
+    async def test_invalid_routing_changes_nothing(self) -> None:
+        await self.start_router(smtp_options([{"domains": ["example.com"], "targetIPs": ["127.0.0.1"]}]))
+        code, before, _ = await self.call("GET", "/api/v1/routing")
+        bad = {
+            "domainConfigs": [
+                {"domains": ["new.test"], "targetIPs": []},
+                {"domains": ["bad domain!"], "targetIPs": ["x"]},
+            ],
+            "routingRules": [{"name": "r", "recipients": ["*@a.test"]}],
+        }
+        code, body, _ = await self.call("PUT", "/api/v1/routing", body=bad)
+        self.assertEqual((code, body["error"]["code"]), (422, "invalid_config"))
+        errors = body["error"]["errors"]
+        self.assertTrue(any(e.startswith("smtpConfig.domainConfigs[0].targetIPs") for e in errors), errors)
+        self.assertTrue(any(e.startswith("smtpConfig.domainConfigs[1].domains[0]") for e in errors), errors)
+        self.assertTrue(any(e.startswith("smtpConfig.routingRules[0]") for e in errors), errors)
+        code, after, _ = await self.call("GET", "/api/v1/routing")
+        self.assertEqual(after, before)
+        assert self.router.routes is not None
+        self.assertEqual(self.router.routes.route("a@b.test", "x@example.com").name, "domain:example.com")
+        # The body's own checks: types and unknown keys, 400 before any configuration check.
+        code, body, _ = await self.call("PUT", "/api/v1/routing", body={"domainConfigs": {}})
+        self.assertEqual((code, body["error"]["code"]), (400, "bad_field"))
+        code, body, _ = await self.call("PUT", "/api/v1/routing", body={"domains": []})
+        self.assertEqual((code, body["error"]["code"]), (400, "unknown_field"))
+        code, body, _ = await self.call("PUT", "/api/v1/routing", token=READER, body={})
+        self.assertEqual(code, 403)
+
+    async def test_header_and_dkim_settings_are_not_changed_by_routing(self) -> None:
+        await self.start_router(smtp_options([{"domains": ["example.com"], "targetIPs": ["127.0.0.1"]}]))
+        entry = {
+            "domains": ["example.com"],
+            "targetIPs": ["127.0.0.1"],
+            "addHeaders": True,
+            "headerInfo": [{"name": "X-A", "value": "b"}],
+        }
+        code, body, _ = await self.call("PUT", "/api/v1/routing", body={"domainConfigs": [entry]})
+        self.assertEqual(code, 422)
+        [error] = body["error"]["errors"]
+        self.assertTrue(
+            error.startswith("smtpConfig.domainConfigs[0]: example.com: addHeaders, headerInfo"), error
+        )
+
+    async def test_new_routing_applies_to_next_rcpt_and_delivery(self) -> None:
+        old, new = start_downstream(), start_downstream()
+        self.addCleanup(old.stop)
+        self.addCleanup(new.stop)
+        options = smtp_options([{"domains": ["example.com"], "targetIPs": ["127.0.0.1"], "port": old.port}])
+        await self.start_router(options)
+        routing = {
+            "domainConfigs": [
+                {"domains": ["example.com"], "targetIPs": ["127.0.0.1"], "port": new.port},
+                {"domains": ["new.test"], "targetIPs": ["127.0.0.1"], "port": new.port},
+            ]
+        }
+        code, body, _ = await self.call("PUT", "/api/v1/routing", body=routing)
+        self.assertEqual(code, 200, body)
+        self.assertEqual(
+            (body["persisted"], body["routing"]["domainConfigs"]), (False, routing["domainConfigs"])
+        )
+        self.assertEqual(await send(self.smtp_port(), "bob@new.test"), {})
+        self.assertEqual(await send(self.smtp_port(), "carol@example.com"), {})
+        messages = await new.wait_for_messages(2).addTimeout(10, reactor)
+        self.assertEqual(sorted(m.recipients[0] for m in messages), ["bob@new.test", "carol@example.com"])
+        self.assertEqual(old.messages, [])
+        # Dropping a domain: its recipients are relay from then on.
+        code, _, _ = await self.call(
+            "PUT", "/api/v1/routing", body={"domainConfigs": routing["domainConfigs"][1:]}
+        )
+        self.assertEqual(code, 200)
+        refused = await send(self.smtp_port(), "dave@example.com")
+        self.assertEqual(refused["dave@example.com"][0], 554)
+
+    async def test_persist_rewrites_the_file_keeping_a_backup(self) -> None:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, "dcrouter.toml")
+        options = smtp_options([{"domains": ["example.com"], "targetIPs": ["127.0.0.1"]}], persist=True)
+        smtp, api = options["smtpConfig"], options["apiConfig"]
+        text = (
+            "# the operator's comment\n[smtpConfig]\n"
+            f"ports = {smtp['ports']}  # SMTP\n"
+            'bindAddress = "127.0.0.1"\nhostname = "mx.test"\nimplicitTlsPorts = []\nsubmissionPorts = []\n'
+            'queueStorage = "memory"\n\n[[smtpConfig.domainConfigs]]\ndomains = ["example.com"]\n'
+            'targetIPs = ["127.0.0.1"]\n\n[apiConfig]\nenabled = true\nport = 0\npersist = true\n'
+        )
+        for token in api["tokens"]:
+            text += f'\n[[apiConfig.tokens]]\nname = "{token["name"]}"\ntokenHash = "{token["tokenHash"]}"\n'
+            text += f'scope = "{token["scope"]}"\n'
+        with open(path, "w") as f:
+            f.write(text)
+        await self.start_router(load_file(path))
+        routing = {
+            "domainConfigs": [
+                {"domains": ["new.test"], "targetIPs": ["127.0.0.2"], "port": 2525, "maxRetries": 3}
+            ],
+            "routingRules": [
+                {"name": "billing", "recipients": ["billing@*.test"], "targetIPs": ["127.0.0.3"]}
+            ],
+            "defaultServer": "relay.test",
+        }
+        code, body, _ = await self.call("PUT", "/api/v1/routing", body=routing)
+        self.assertEqual(code, 200, body)
+        self.assertTrue(body["persisted"], body)
+        with open(path + ".bak") as f:
+            self.assertEqual(f.read(), text)
+        with open(path) as f:
+            written = f.read()
+        self.assertIn("# the operator's comment", written)
+        self.assertIn("# SMTP", written)
+        reread = load_file(path)
+        assert reread.options.smtp_config is not None
+        self.assertEqual(reread.options.smtp_config.default_server, "relay.test")
+        self.assertEqual(
+            {k: tomllib.loads(written)["smtpConfig"][k] for k in routing}, json.loads(json.dumps(routing))
+        )
+        code, body, _ = await self.call("GET", "/api/v1/routing")
+        self.assertEqual(body, routing)
 
 
 class QuarantineEndpointTests(ApiTestBase):
@@ -18,10 +231,14 @@ class QuarantineEndpointTests(ApiTestBase):
         )
         code, body, _ = await self.call("GET", "/api/v1/quarantine", token=READER)
         self.assertEqual(code, 200)
-        self.assertEqual([(i["id"], i["reason"]) for i in body["items"]], [("QA", "virus found"), ("QB", "spam")])
+        self.assertEqual(
+            [(i["id"], i["reason"]) for i in body["items"]], [("QA", "virus found"), ("QB", "spam")]
+        )
         code, body, _ = await self.call("GET", "/api/v1/quarantine/QA", token=READER)
         self.assertEqual(code, 200)
-        self.assertEqual((body["reason"], body["headers"], body["headersCut"]), ("virus found", ["Subject: x"], False))
+        self.assertEqual(
+            (body["reason"], body["headers"], body["headersCut"]), ("virus found", ["Subject: x"], False)
+        )
         code, body, _ = await self.call("GET", "/api/v1/quarantine/QC", token=READER)
         self.assertEqual((code, body["error"]["code"]), (409, "wrong_status"))
         code, body, _ = await self.call("GET", "/api/v1/quarantine/QZ", token=READER)

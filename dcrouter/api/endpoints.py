@@ -10,10 +10,11 @@ from typing import Any
 from dcrouter import log as dclog
 from dcrouter.api.http import ApiError, Call, Endpoint, Field, Stream
 from dcrouter.api.view import RouterView, iso_time, item_detail, item_summary
-from dcrouter.quarantine import HEAD_LIMIT, header_block
+from dcrouter.config import ConfigError
 from dcrouter.delivery.manager import DeliveryManager
 from dcrouter.interfaces import IDeliveryQueue, QueueUnavailable
 from dcrouter.log import LEVEL_NAMES, logger
+from dcrouter.quarantine import HEAD_LIMIT, header_block
 from dcrouter.queue import operations
 from dcrouter.queue import quarantine as quarantined
 from dcrouter.queue.contract import MAX_PAGE, QueueFilter, check_item_id
@@ -51,6 +52,20 @@ _BULK_BODY = (
     Field("recipient", "string", "Case-insensitive part of any envelope recipient."),
     Field("dryRun", "boolean", "Change nothing; answer which messages would be affected."),
     Field("limit", "integer", f"Act on at most this many (default and most: {BULK_LIMIT})."),
+)
+
+
+_ROUTING_BODY = (
+    Field("domainConfigs", "array", "smtpConfig.domainConfigs entries (omitted: none).", nullable=True),
+    Field("routingRules", "array", "smtpConfig.routingRules entries (omitted: none).", nullable=True),
+    Field(
+        "defaultServer",
+        "string",
+        "smtpConfig.defaultServer (omitted or null: delivery by MX).",
+        nullable=True,
+    ),
+    Field("defaultPort", "integer", "smtpConfig.defaultPort (omitted: 25).", nullable=True),
+    Field("useTls", "boolean", "smtpConfig.useTls (omitted: false).", nullable=True),
 )
 
 
@@ -192,6 +207,25 @@ class Endpoints:
                 "admin",
                 "Resume delivery, globally or for one destination.",
                 body=(_DESTINATION,),
+            ),
+            E(
+                "GET",
+                "/api/v1/routing",
+                self.routing_show,
+                "read",
+                "smtpConfig's domainConfigs, routingRules and defaultServer (defaultPort, useTls) as "
+                "configured; downstream AUTH passwords only to admin tokens.",
+                responses={404: "no smtpConfig, or not built from a configuration"},
+            ),
+            E(
+                "PUT",
+                "/api/v1/routing",
+                self.routing_replace,
+                "admin",
+                "Replace the routing after the configuration loader's checks; used from the next RCPT and "
+                "delivery attempt on; written to the file with apiConfig.persist.",
+                body=_ROUTING_BODY,
+                responses={404: "no smtpConfig", 422: "the configuration with this routing is not valid"},
             ),
             E(
                 "GET",
@@ -553,7 +587,11 @@ class Endpoints:
     async def quarantine_release(self, call: Call) -> Any:
         queue, now = self._queue(), self.view.clock.seconds()
         item = await self._quarantined(call, "release", lambda i: quarantined.release(queue, i, now))
-        log.info("{queue_id}: released from quarantine by API token {token}", queue_id=item.id, token=self._who(call))
+        log.info(
+            "{queue_id}: released from quarantine by API token {token}",
+            queue_id=item.id,
+            token=self._who(call),
+        )
         if self.view.delivery is not None:
             self.view.delivery.wake()
         return {"item": item_summary(item)}
@@ -561,5 +599,39 @@ class Endpoints:
     async def quarantine_delete(self, call: Call) -> Any:
         queue = self._queue()
         item = await self._quarantined(call, "delete", lambda i: quarantined.delete(queue, i))
-        log.info("{queue_id}: deleted from quarantine by API token {token}", queue_id=item.id, token=self._who(call))
+        log.info(
+            "{queue_id}: deleted from quarantine by API token {token}",
+            queue_id=item.id,
+            token=self._who(call),
+        )
         return {"item": item_summary(item)}
+
+    # -- routing ------------------------------------------------------------------------------------------
+
+    async def routing_show(self, call: Call) -> Any:
+        routing = None
+        if self.view.routing is not None:
+            admin = call.token is not None and call.token.scope == "admin"
+            routing = self.view.routing(admin)
+        if routing is None:
+            raise ApiError(404, "no_routing", "this router has no smtpConfig built from a configuration")
+        return routing
+
+    async def routing_replace(self, call: Call) -> Any:
+        replace = self.view.replace_routing
+        if replace is None:
+            raise ApiError(404, "no_routing", "this router has no smtpConfig built from a configuration")
+        try:
+            answer = await replace(call.body)
+        except ConfigError as error:
+            count = len(error.errors)
+            raise ApiError(
+                422,
+                "invalid_config",
+                f"the configuration with this routing is not valid ({count} error{'s' * (count != 1)}); "
+                "nothing changed",
+                errors=error.errors,
+            ) from None
+        log.warn("routing replaced by API token {token}", token=self._who(call))
+        routing = self.view.routing(True) if self.view.routing is not None else None
+        return {**answer, "routing": routing}

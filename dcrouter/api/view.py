@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,10 @@ class RouterView:
     smtp_sessions: Callable[[], int] = _zero
     proxy_connections: Callable[[], int] = _zero
     started_at: float = field(default=0.0)
+    #: The routing keys as configured (argument: show downstream AUTH passwords); None: not known.
+    routing: Callable[[bool], dict[str, Any] | None] | None = None
+    #: Replace the routing (raises dcrouter.config.ConfigError); answers ``persisted`` and ``warnings``.
+    replace_routing: Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]] | None = None
 
 
 def iso_time(when: float | None) -> str | None:

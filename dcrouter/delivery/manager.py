@@ -68,7 +68,7 @@ from dcrouter.delivery.bounces import Bouncer, DsnRequest, SubmitLocal, open_mes
 from dcrouter.delivery.outcome import DeliveryReport, Outcome, RecipientResult
 from dcrouter.delivery.retry import RetryDecision, RetryPolicy
 from dcrouter.delivery.route import Route
-from dcrouter.delivery.routing import RecipientRouter
+from dcrouter.delivery.routing import RecipientRouter, domain_name
 from dcrouter.delivery.slots import RouteSlots
 from dcrouter.delivery.transitions import Next
 from dcrouter.interfaces import ClaimLost, IDeliveryQueue, IDeliveryTransport, StatusMismatch
@@ -103,6 +103,21 @@ STAT_KEYS = (
 )
 
 
+def route_settings(config: SmtpConfig, policy: RetryPolicy) -> tuple[dict[str, int], dict[str, RetryPolicy]]:
+    """The route names of domainConfigs entries that set ``maxPerDestination`` or a retry key, with their
+    limit and their policy (``policy`` with the entry's numbers)."""
+    limits: dict[str, int] = {}
+    policies: dict[str, RetryPolicy] = {}
+    for entry in config.domain_configs:
+        names = [f"domain:{domain_name(pattern)}" for pattern in entry.domains]
+        if entry.max_per_destination is not None:
+            limits.update(dict.fromkeys(names, entry.max_per_destination))
+        own = policy.for_entry(entry)
+        if own != policy:
+            policies.update(dict.fromkeys(names, own))
+    return limits, policies
+
+
 class DeliveryManager(Service):
     """Delivers queued messages; see the module docstring for every promise. ``random`` returns a float in
     [0, 1) and drives the retry jitter (inject it for deterministic schedules)."""
@@ -130,10 +145,12 @@ class DeliveryManager(Service):
         self._random = random
         self._policy = RetryPolicy.from_config(config)
         self._interval = config.check_interval / 1000.0
+        limits, self._route_policies = route_settings(config, self._policy)
         self._slots = RouteSlots(
             per_route=config.max_per_destination,
             concurrency=config.delivery.concurrent_deliveries,
             check_interval=self._interval,
+            limits=limits,
         )
         self._bouncer = Bouncer(
             queue=queue,
@@ -471,7 +488,7 @@ class DeliveryManager(Service):
     ) -> QueueItem:
         now = self._clock.seconds()
         assessment = transitions.assess(
-            item, tried=tried, failed_temporarily=bool(temporary), policy=self._policy, now=now
+            item, tried=tried, failed_temporarily=bool(temporary), policy=self._policy_for(item), now=now
         )
         step, attempts = assessment.step, assessment.attempts
         if step is Next.FINISH:
@@ -496,7 +513,7 @@ class DeliveryManager(Service):
     async def _defer(
         self, item: QueueItem, temporary: dict[str, RecipientResult], attempts: int, now: float
     ) -> QueueItem:
-        wait = self._policy.next_delay(attempts, self._random)
+        wait = self._policy_for(item).next_delay(attempts, self._random)
         pending = item.pending_recipients()
         transition = transitions.deferral(
             item,
@@ -538,6 +555,24 @@ class DeliveryManager(Service):
             return False
         self._stats["delay_warnings" if dsn.action == "delayed" else "dsn_sent"] += 1
         return True
+
+    def reconfigure(self, config: SmtpConfig) -> None:
+        """Per-destination limits and retry schedules of ``config``'s domainConfigs (a routing change) from
+        the next attempt on; the global numbers stay as started."""
+        limits, self._route_policies = route_settings(config, self._policy)
+        self._slots.set_limits(self._config.max_per_destination, limits)
+
+    def settings_for(self, route: str) -> tuple[int, RetryPolicy]:
+        """The deliveries in flight allowed at once and the retry policy for the route named ``route``."""
+        return self._slots.limit(route), self._route_policies.get(route, self._policy)
+
+    def _policy_for(self, item: QueueItem) -> RetryPolicy:
+        """The retry policy of the route the message waits for (its first pending recipient's)."""
+        if not self._route_policies:
+            return self._policy
+        pending = item.pending_recipients()
+        route = self._destination(item, pending[0]) if pending else None
+        return self._route_policies.get(route or "", self._policy)
 
     def _destination(self, item: QueueItem, rcpt: str) -> str | None:
         """Where the message waits now (the route of its first pending recipient), for get_by_destination."""

@@ -40,6 +40,15 @@ class SessionPolicy:
         self._total = 0
         self._per_ip: dict[str, int] = {}
 
+    def set_domains(self, config: SmtpConfig, verifier: RecipientVerifier | None) -> None:
+        """Accept mail for ``config``'s domainConfigs, verified by ``verifier``, from the next RCPT on (a
+        routing change; connection counts are kept). Raises ValueError, changing nothing, for a bad
+        pattern."""
+        local: DomainMatcher[DomainConfig] = DomainMatcher(
+            (domain, entry) for entry in config.domain_configs for domain in entry.domains
+        )
+        self._local_domains, self._verifier = local, verifier
+
     # Connections
 
     def connection_opened(self, ip: str) -> Reply | None:

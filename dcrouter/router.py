@@ -72,6 +72,7 @@ from dcrouter.net.tls import TlsPolicy
 from dcrouter.processing.build import build_chain
 from dcrouter.processing.processor import EmailProcessor
 from dcrouter.proxy.service import ProxyBindError, ProxyService
+from dcrouter.routetest import dry_run
 from dcrouter.smtp.auth import Authenticator
 from dcrouter.smtp.policy import SessionPolicy
 from dcrouter.smtp.protocol import ESMTPServerFactory
@@ -270,6 +271,7 @@ class DcRouter(MultiService):
             started_at=reactor.seconds(),
             routing=self.routing_config if self.smtp_config is not None else None,
             replace_routing=self.replace_routing if self.smtp_config is not None else None,
+            route_test=partial(dry_run, self),
         )
         root = build_root(
             self.options.api_config,

@@ -3,6 +3,7 @@ port on 127.0.0.1 (the harness of tests.test_api)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import smtplib
@@ -13,7 +14,9 @@ from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
 from dcrouter import DcRouter
+from dcrouter.cli import parse_args
 from dcrouter.config import load_file
+from dcrouter.ctl import run
 from dcrouter.queue.item import QueueItemStatus
 from tests.downstream import start_downstream
 from tests.integration import free_ports
@@ -265,3 +268,179 @@ class QuarantineEndpointTests(ApiTestBase):
         code, body, _ = await self.call("DELETE", "/api/v1/quarantine/QC")
         self.assertEqual(code, 409)
         self.assertIsNotNone(await self.router.queue.get("QC"))
+
+
+class RouteTestEndpointTests(RoutingRouterBase):
+    async def test_mail(self) -> None:
+        options = smtp_options(
+            [
+                {
+                    "domains": ["example.com"],
+                    "targetIPs": ["10.0.0.5", "10.0.0.6"],
+                    "port": 2525,
+                    "useTls": True,
+                },
+                {
+                    "domains": ["*.slow.test"],
+                    "targetIPs": ["10.0.0.7"],
+                    "maxPerDestination": 2,
+                    "maxRetries": 4,
+                },
+            ]
+        )
+        smtp = options["smtpConfig"]
+        smtp["relayNetworks"] = ["10.9.0.0/16"]
+        smtp["routingRules"] = [
+            {"name": "billing", "recipients": ["billing@*.test"], "targetIPs": ["10.0.0.9"], "priority": 1}
+        ]
+        await self.start_router(options, paused=True)
+        ask = {"sender": "alice@sender.test", "recipient": "bob@example.com"}
+        code, body, _ = await self.call("POST", "/api/v1/routing/test", token=READER, body=ask)
+        self.assertEqual(code, 200, body)
+        self.assertEqual(
+            {k: body[k] for k in ("accepted", "relayRefused", "local", "route", "targets", "port", "tls")},
+            {
+                "accepted": True,
+                "relayRefused": False,
+                "local": True,
+                "route": "domain:example.com",
+                "targets": ["10.0.0.5", "10.0.0.6"],
+                "port": 2525,
+                "tls": "required",
+            },
+        )
+        self.assertEqual(
+            body["matched"],
+            {"by": "domainConfigs", "key": "smtpConfig.domainConfigs[0]", "name": "example.com"},
+        )
+        self.assertEqual(body["retry"]["maxRetries"], 40)
+        self.assertTrue(body["paused"])
+
+        code, body, _ = await self.call("POST", "/api/v1/routing/test", body={"recipient": "x@a.slow.test"})
+        self.assertEqual(
+            (body["route"], body["maxPerDestination"], body["retry"]["maxRetries"]),
+            ("domain:*.slow.test", 2, 4),
+        )
+        self.assertEqual(body["matched"]["key"], "smtpConfig.domainConfigs[1]")
+
+        code, body, _ = await self.call("POST", "/api/v1/routing/test", body={"recipient": "billing@a.test"})
+        self.assertEqual(
+            body["matched"], {"by": "routingRules", "key": "smtpConfig.routingRules[0]", "name": "billing"}
+        )
+        self.assertEqual(
+            (body["relayRefused"], body["reply"]), (True, "554 5.7.1 <billing@a.test>: Relay access denied")
+        )
+
+        # Relay: refused from anywhere, allowed when authenticated or from relayNetworks; routed by MX.
+        outside = {"recipient": "carol@elsewhere.test"}
+        code, body, _ = await self.call("POST", "/api/v1/routing/test", body=outside)
+        self.assertEqual(
+            (body["relayRefused"], body["route"], body["mxDomain"]),
+            (True, "mx:elsewhere.test", "elsewhere.test"),
+        )
+        self.assertEqual(body["matched"]["by"], "mx")
+        code, body, _ = await self.call(
+            "POST", "/api/v1/routing/test", body={**outside, "authenticated": True}
+        )
+        self.assertFalse(body["relayRefused"])
+        code, body, _ = await self.call(
+            "POST", "/api/v1/routing/test", body={**outside, "clientIp": "10.9.1.2"}
+        )
+        self.assertFalse(body["relayRefused"])
+        # Nothing was sent or queued.
+        assert self.router.queue is not None
+        self.assertEqual(sum((await self.router.queue.count_by_status()).values()), 0)
+
+    async def test_bad_input(self) -> None:
+        await self.start_router(smtp_options([{"domains": ["example.com"], "targetIPs": ["10.0.0.5"]}]))
+        for body, text in [
+            ({}, "give either"),
+            ({"recipient": "a@b.test", "sni": "x.test"}, "give either"),
+            ({"recipient": "not an address"}, "recipient:"),
+            ({"recipient": "a@b.test", "clientIp": "nope"}, "clientIp:"),
+            ({"recipient": "a@b.test", "sender": "<<"}, "sender:"),
+        ]:
+            code, answer, _ = await self.call("POST", "/api/v1/routing/test", body=body)
+            self.assertEqual((code, answer["error"]["code"]), (400, "bad_field"), body)
+            self.assertIn(text, answer["error"]["message"])
+        code, answer, _ = await self.call("POST", "/api/v1/routing/test", body={"sni": "a.test", "port": 443})
+        self.assertEqual((code, answer["error"]["code"]), (404, "not_running"))
+        code, answer, _ = await self.call("POST", "/api/v1/routing/test", body={"recipient": 5})
+        self.assertEqual(code, 400)
+        code, answer, _ = await self.call(
+            "POST", "/api/v1/routing/test", token=None, body={"recipient": "a@b.test"}
+        )
+        self.assertEqual(code, 401)
+
+    async def test_proxy(self) -> None:
+        options = smtp_options([{"domains": ["example.com"], "targetIPs": ["10.0.0.5"]}])
+        (proxy_port,) = free_ports(1)
+        options["smartProxyConfig"] = {
+            "bindAddress": "127.0.0.1",
+            "routes": [
+                {
+                    "name": "web",
+                    "match": {"ports": [proxy_port], "domains": ["www.example.com"]},
+                    "action": {"type": "forward", "target": {"host": ["10.1.0.1", "10.1.0.2"], "port": 8443}},
+                    "security": {"ipBlockList": ["10.66.0.0/16"]},
+                },
+                {
+                    "name": "rest",
+                    "match": {"ports": [proxy_port]},
+                    "action": {"type": "forward", "target": {"host": "10.1.0.3", "port": 9000}},
+                },
+            ],
+        }
+        await self.start_router(options, paused=True)
+        code, body, _ = await self.call(
+            "POST", "/api/v1/routing/test", body={"sni": "WWW.example.com", "port": proxy_port}
+        )
+        self.assertEqual(code, 200, body)
+        self.assertEqual(
+            body["matched"], {"name": "web", "key": "smartProxyConfig.routes[0]", "index": 0, "priority": 0}
+        )
+        self.assertEqual(
+            (body["action"], body["target"]), ("forward", {"hosts": ["10.1.0.1", "10.1.0.2"], "port": 8443})
+        )
+        code, body, _ = await self.call(
+            "POST", "/api/v1/routing/test", body={"host": "other.test", "port": proxy_port}
+        )
+        self.assertEqual((body["matched"]["name"], body["target"]["port"]), ("rest", 9000))
+        code, body, _ = await self.call(
+            "POST",
+            "/api/v1/routing/test",
+            body={"sni": "www.example.com", "port": proxy_port, "clientIp": "10.66.1.1"},
+        )
+        self.assertEqual((body["matched"]["name"], body["action"]), ("web", "close"))
+        code, body, _ = await self.call(
+            "POST", "/api/v1/routing/test", body={"sni": "www.example.com", "port": 1}
+        )
+        self.assertEqual((body["matched"], body["action"]), (None, "close"))
+        code, body, _ = await self.call("POST", "/api/v1/routing/test", body={"sni": "www.example.com"})
+        self.assertEqual(code, 400)
+
+    async def test_cli(self) -> None:
+        options = smtp_options([{"domains": ["example.com"], "targetIPs": ["10.0.0.5"], "port": 2525}])
+        await self.start_router(options, paused=True)
+
+        async def cli(*argv: str) -> tuple[int, str, str]:
+            args = parse_args(["route-test", "--url", self.base, *argv])
+            out, err = io.StringIO(), io.StringIO()
+            status = await deferToThread(run, args, out, err, {"DCROUTER_TOKEN": READER})
+            return status, out.getvalue(), err.getvalue()
+
+        status, out, _ = await cli("--sender", "a@sender.test", "--recipient", "b@example.com")
+        self.assertEqual(status, 0)
+        self.assertIn("at RCPT:    accepted", out)
+        self.assertIn("route:      domain:example.com -> 10.0.0.5 port 2525, TLS opportunistic", out)
+        self.assertIn("(smtpConfig.domainConfigs[0])", out)
+        status, out, _ = await cli("--recipient", "b@elsewhere.test", "--client-ip", "192.0.2.9")
+        self.assertIn("refused: 554 5.7.1", out)
+        status, out, _ = await cli("--recipient", "b@elsewhere.test", "--authenticated", "--json")
+        self.assertEqual((status, json.loads(out)["relayRefused"]), (0, False))
+        status, _, err = await cli("--sni", "a.test")
+        self.assertEqual(status, 2)
+        self.assertIn("--port", err)
+        status, _, err = await cli("--sni", "a.test", "--port", "443")
+        self.assertEqual(status, 1)
+        self.assertIn("not_running", err)

@@ -228,6 +228,27 @@ class Endpoints:
                 responses={404: "no smtpConfig", 422: "the configuration with this routing is not valid"},
             ),
             E(
+                "POST",
+                "/api/v1/routing/test",
+                self.routing_test,
+                "read",
+                "Dry-run a route, sending nothing: for mail (recipient, sender, clientIp, authenticated) the "
+                "relay decision, the matching rule or domainConfigs entry, targets, TLS, limits and retry "
+                "schedule; for the proxy (sni or host, port, clientIp) the route, action and target.",
+                body=(
+                    Field("recipient", "string", "Mail: the RCPT TO address."),
+                    Field("sender", "string", "Mail: the MAIL FROM address (default: the null sender)."),
+                    Field(
+                        "clientIp", "string", "The client's address (default 192.0.2.1: no relay network)."
+                    ),
+                    Field("authenticated", "boolean", "Mail: the session authenticated (default false)."),
+                    Field("sni", "string", "Proxy: the TLS server name asked for."),
+                    Field("host", "string", "Proxy: the HTTP Host asked for."),
+                    Field("port", "integer", "Proxy: the port connected to."),
+                ),
+                responses={404: "the router runs no SMTP (or no proxy)"},
+            ),
+            E(
                 "GET",
                 "/api/v1/quarantine",
                 self.quarantine_list,
@@ -635,3 +656,13 @@ class Endpoints:
         log.warn("routing replaced by API token {token}", token=self._who(call))
         routing = self.view.routing(True) if self.view.routing is not None else None
         return {**answer, "routing": routing}
+
+    async def routing_test(self, call: Call) -> Any:
+        if self.view.route_test is None:
+            raise ApiError(404, "not_found", "this router cannot answer route tests")
+        try:
+            return self.view.route_test(call.body)
+        except ValueError as error:
+            raise ApiError(400, "bad_field", str(error)) from None
+        except LookupError as error:
+            raise ApiError(404, "not_running", str(error)) from None

@@ -39,6 +39,9 @@ class RouterView:
     routing: Callable[[bool], dict[str, Any] | None] | None = None
     #: Replace the routing (raises dcrouter.config.ConfigError); answers ``persisted`` and ``warnings``.
     replace_routing: Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]] | None = None
+    #: The route dry-run (dcrouter.routetest.dry_run): ValueError for bad input, LookupError for a part the
+    #: router does not run.
+    route_test: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
 
 
 def iso_time(when: float | None) -> str | None:

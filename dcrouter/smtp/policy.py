@@ -104,15 +104,21 @@ class SessionPolicy:
         """None to accept RCPT TO ``address`` in a transaction from ``sender``, or the reply refusing it:
         ``554 5.7.1 <addr>: Relay access denied``, or the verifier's. A Deferred when verification has to
         wait (a callout, a changed recipients file)."""
+        refusal = self.relay_refusal(session, address)
+        if refusal is not None:
+            return refusal
+        if self._verifier is not None and address.domain and self.is_local(address):
+            return self._verifier.check(address, sender, trusted=self.may_relay(session))
+        return None
+
+    def relay_refusal(self, session: Session, address: Address) -> Reply | None:
+        """The relay decision alone, before recipient verification (what ``POST /api/v1/routing/test``
+        asks): None when ``session`` may send to ``address``, else ``554 5.7.1 Relay access denied``."""
         if not address.domain:
             if address.local.lower() == "postmaster":
                 return None
             return self._relay_denied(address)
-        if self.is_local(address):
-            if self._verifier is None:
-                return None
-            return self._verifier.check(address, sender, trusted=self.may_relay(session))
-        if self.may_relay(session):
+        if self.is_local(address) or self.may_relay(session):
             return None
         return self._relay_denied(address)
 

@@ -61,7 +61,7 @@ from dcrouter.delivery.mx import MxResolver, make_resolver
 from dcrouter.delivery.pool import ConnectionPool
 from dcrouter.delivery.routing import RecipientRouter
 from dcrouter.delivery.transport import ESMTPTransport
-from dcrouter.interfaces import IDeliveryQueue
+from dcrouter.interfaces import IDeliveryQueue, ISuppressionList
 from dcrouter.log import logger, set_level
 from dcrouter.net.certfiles import TlsMaterialError, generate_self_signed, load_certified_key
 from dcrouter.net.certstore import CertificateStore, CertifiedKey
@@ -226,6 +226,7 @@ class DcRouter(MultiService):
         self.verifier: RecipientVerifier | None = None
         self.authenticator: Authenticator | None = None
         self.routes: RecipientRouter | None = None
+        self.suppressions: ISuppressionList | None = None
         self.delivery: DeliveryManager | None = None
         self.delivery_pool: ConnectionPool | None = None
         self.smtp: SmtpService | None = None
@@ -255,7 +256,7 @@ class DcRouter(MultiService):
     def _build_api(self) -> ApiService:
         reactor = self._reactor
         threadpool = self.threadpool
-        processor, smtp, proxy = self.processor, self.smtp, self.proxy
+        processor, smtp, proxy, policy = self.processor, self.smtp, self.proxy, self.policy
         view = RouterView(
             clock=reactor,
             version=__version__,
@@ -272,6 +273,9 @@ class DcRouter(MultiService):
             routing=self.routing_config if self.smtp_config is not None else None,
             replace_routing=self.replace_routing if self.smtp_config is not None else None,
             route_test=partial(dry_run, self),
+            suppressions=self.suppressions,
+            suppression_ttl=self.smtp_config.delivery.suppression_ttl / 1000.0 if self.smtp_config else 0.0,
+            suppressed_refusals=(lambda: policy.suppressed_refusals) if policy is not None else (lambda: 0),
         )
         root = build_root(
             self.options.api_config,
@@ -366,6 +370,7 @@ class DcRouter(MultiService):
         reactor = self._reactor
         self.queue = queue if queue is not None else build_queue(config, reactor)
         self.routes = RecipientRouter(config)
+        self.suppressions = self._build_suppressions(config)
         self.processor = EmailProcessor(
             self.queue,
             reactor.seconds,
@@ -375,7 +380,7 @@ class DcRouter(MultiService):
         )
         self._build_delivery(config)
         self.verifier = self._build_verifier(config)
-        self.policy = SessionPolicy(config, verifier=self.verifier)
+        self.policy = SessionPolicy(config, verifier=self.verifier, suppressions=self.suppressions)
         if config.auth.users:
             self.authenticator = Authenticator(
                 config.auth, clock=reactor, reactor=reactor, threadpool=self.threadpool
@@ -420,6 +425,7 @@ class DcRouter(MultiService):
             submit_dsn=self.processor.submit_local,
             config=config,
             clock=reactor,
+            suppressions=self.suppressions,
         )
         if delivery.paused:
             self.delivery.pause_deliveries()
@@ -427,6 +433,18 @@ class DcRouter(MultiService):
         # Delivery starts on a message as soon as it is durable, not at the next periodic look.
         manager = self.delivery
         self.processor.on_queued = lambda item: manager.wake()
+
+    def _build_suppressions(self, config: SmtpConfig) -> ISuppressionList | None:
+        """The queue's suppression list (``suppression_list()`` of the backend), unless
+        ``delivery.suppressionTtl`` is 0 or the queue (an embedding program's own) keeps none."""
+        if not config.delivery.suppression_ttl:
+            return None
+        make = getattr(self.queue, "suppression_list", None)
+        if make is None:
+            log.warn("the queue keeps no suppression list; hard-bounced recipients are not suppressed")
+            return None
+        suppressions: ISuppressionList = make()
+        return suppressions
 
     def _build_verifier(self, config: SmtpConfig) -> RecipientVerifier | None:
         """Recipient verification when some domainConfigs entry asks for it; callouts get a connection pool
@@ -635,6 +653,8 @@ class DcRouter(MultiService):
                 await self.queue.save()
             except Exception:  # noqa: BLE001 (logged; the thread pool must still be stopped)
                 log.failure("the queue could not be saved")
+        if self.suppressions is not None:
+            await _settle_all([self.suppressions.close()], "the suppression list did not close")
         if self.threadpool.started:
             self.threadpool.stop()
         if self._ready_result is None:

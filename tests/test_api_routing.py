@@ -18,7 +18,7 @@ from dcrouter.cli import parse_args
 from dcrouter.config import load_file
 from dcrouter.ctl import run
 from dcrouter.queue.item import QueueItemStatus
-from tests.downstream import start_downstream
+from tests.downstream import Script, start_downstream
 from tests.integration import free_ports
 from tests.test_api import ADMIN, READER, ApiTestBase, sha
 from tests.test_queue_contract import make_item
@@ -444,3 +444,70 @@ class RouteTestEndpointTests(RoutingRouterBase):
         status, _, err = await cli("--sni", "a.test", "--port", "443")
         self.assertEqual(status, 1)
         self.assertIn("not_running", err)
+
+
+class SuppressionTests(RoutingRouterBase):
+    async def test_hard_bounce_suppresses_then_refused_at_rcpt(self) -> None:
+        downstream = start_downstream(Script(rcpt={"gone@example.com": "550 5.1.1 No such user"}))
+        self.addCleanup(downstream.stop)
+        options = smtp_options(
+            [
+                {"domains": ["example.com"], "targetIPs": ["127.0.0.1"], "port": downstream.port},
+                {"domains": ["sender.test"], "targetIPs": ["127.0.0.1"], "port": downstream.port},
+            ]
+        )
+        await self.start_router(options)
+        # The first message to the address goes out and hard-bounces (the bounce goes to sender.test).
+        self.assertEqual(await send(self.smtp_port(), "gone@example.com", "alice@sender.test"), {})
+        await downstream.wait_for_messages(1).addTimeout(10, reactor)  # the bounce to alice
+        code, body, _ = await self.call("GET", "/api/v1/suppression/gone@example.com", token=READER)
+        self.assertEqual((code, body["reason"]), (200, "550 5.1.1 No such user"))
+        # Over a real SMTP session, RCPT is refused and counted; other recipients are not.
+        refused = await send(self.smtp_port(), "gone@example.com", "alice@sender.test")
+        self.assertEqual(refused["gone@example.com"][0], 550)
+        self.assertIn(b"5.1.1", refused["gone@example.com"][1])
+        self.assertEqual(await send(self.smtp_port(), "here@example.com", "alice@sender.test"), {})
+        code, body, _ = await self.call("GET", "/api/v1/suppression", token=READER)
+        self.assertEqual([i["address"] for i in body["items"]], ["gone@example.com"])
+        self.assertEqual((body["refusedSinceStart"], body["ttl"]), (1, 604_800_000))
+        # Taken off the list: accepted again.
+        code, body, _ = await self.call("DELETE", "/api/v1/suppression/gone%40example.com")
+        self.assertEqual((code, body), (200, {"removed": "gone@example.com"}))
+        code, _, _ = await self.call("DELETE", "/api/v1/suppression/gone@example.com")
+        self.assertEqual(code, 404)
+        self.router.delivery.pause_deliveries()  # type: ignore[union-attr]
+        self.assertEqual(await send(self.smtp_port(), "gone@example.com", "alice@sender.test"), {})
+
+    async def test_endpoints(self) -> None:
+        await self.start_router(
+            smtp_options([{"domains": ["example.com"], "targetIPs": ["127.0.0.1"]}]), paused=True
+        )
+        code, body, _ = await self.call(
+            "POST", "/api/v1/suppression", body={"address": "Spam@Example.com", "ttl": 60_000}
+        )
+        self.assertEqual(
+            (code, body["address"], body["reason"]), (200, "spam@example.com", "added by API token ops")
+        )
+        refused = await send(self.smtp_port(), "spam@example.com", "alice@sender.test")
+        self.assertEqual(refused["spam@example.com"][0], 550)
+        code, body, _ = await self.call(
+            "POST", "/api/v1/suppression", token=READER, body={"address": "a@b.test"}
+        )
+        self.assertEqual(code, 403)
+        code, body, _ = await self.call("POST", "/api/v1/suppression", body={"address": "nobody"})
+        self.assertEqual((code, body["error"]["code"]), (400, "bad_field"))
+        code, body, _ = await self.call("POST", "/api/v1/suppression", body={"address": "a@b.test", "ttl": 0})
+        self.assertEqual(code, 400)
+        code, body, _ = await self.call("GET", "/api/v1/suppression/nobody")
+        self.assertEqual((code, body["error"]["code"]), (400, "bad_address"))
+        code, body, _ = await self.call("GET", "/api/v1/suppression/a@b.test")
+        self.assertEqual(code, 404)
+        code, body, _ = await self.call("GET", "/api/v1/suppression?limit=0")
+        self.assertEqual(code, 400)
+
+    async def test_off(self) -> None:
+        options = smtp_options([{"domains": ["example.com"], "targetIPs": ["127.0.0.1"]}])
+        options["smtpConfig"]["delivery"] = {"suppressionTtl": 0}
+        await self.start_router(options, paused=True)
+        code, body, _ = await self.call("GET", "/api/v1/suppression")
+        self.assertEqual((code, body["error"]["code"]), (404, "suppression_off"))

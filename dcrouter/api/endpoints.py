@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from functools import partial
 from typing import Any
+from urllib.parse import unquote
 
 from dcrouter import log as dclog
 from dcrouter.api.http import ApiError, Call, Endpoint, Field, Stream
 from dcrouter.api.view import RouterView, iso_time, item_detail, item_summary
 from dcrouter.config import ConfigError
 from dcrouter.delivery.manager import DeliveryManager
-from dcrouter.interfaces import IDeliveryQueue, QueueUnavailable
+from dcrouter.interfaces import IDeliveryQueue, ISuppressionList, QueueUnavailable, Suppression
 from dcrouter.log import LEVEL_NAMES, logger
 from dcrouter.quarantine import HEAD_LIMIT, header_block
 from dcrouter.queue import operations
@@ -20,6 +21,7 @@ from dcrouter.queue import quarantine as quarantined
 from dcrouter.queue.contract import MAX_PAGE, QueueFilter, check_item_id
 from dcrouter.queue.files import message_reader
 from dcrouter.queue.item import QueueItemStatus
+from dcrouter.queue.suppression import normalize
 
 log = logger(__name__)
 
@@ -247,6 +249,49 @@ class Endpoints:
                     Field("port", "integer", "Proxy: the port connected to."),
                 ),
                 responses={404: "the router runs no SMTP (or no proxy)"},
+            ),
+            E(
+                "GET",
+                "/api/v1/suppression",
+                self.suppression_list,
+                "read",
+                "Suppressed recipients (hard bounces, 5.1.x), the soonest to expire first, and the RCPTs "
+                "refused for them since start.",
+                query=(
+                    Field(
+                        "limit", "integer", f"At most this many, 1 to {MAX_PAGE} (default {DEFAULT_PAGE})."
+                    ),
+                ),
+                responses={404: "suppression is off"},
+            ),
+            E(
+                "GET",
+                "/api/v1/suppression/{address}",
+                self.suppression_show,
+                "read",
+                "One suppressed recipient: why, since and until when.",
+                responses={400: "not an address", 404: "not suppressed"},
+            ),
+            E(
+                "POST",
+                "/api/v1/suppression",
+                self.suppression_add,
+                "admin",
+                "Suppress a recipient: mail to it is refused at RCPT with 550 5.1.1.",
+                body=(
+                    Field("address", "string", "The recipient address.", required=True),
+                    Field("reason", "string", "Why (default: added by the API token's name)."),
+                    Field("ttl", "integer", "Milliseconds it stays suppressed (default: suppressionTtl)."),
+                ),
+                responses={404: "suppression is off"},
+            ),
+            E(
+                "DELETE",
+                "/api/v1/suppression/{address}",
+                self.suppression_remove,
+                "admin",
+                "Take a recipient off the suppression list: mail to it is accepted again.",
+                responses={400: "not an address", 404: "not suppressed"},
             ),
             E(
                 "GET",
@@ -666,3 +711,81 @@ class Endpoints:
             raise ApiError(400, "bad_field", str(error)) from None
         except LookupError as error:
             raise ApiError(404, "not_running", str(error)) from None
+
+    # -- suppression list ------------------------------------------------------------------------------
+
+    def _suppressions(self) -> ISuppressionList:
+        if self.view.suppressions is None:
+            raise ApiError(
+                404, "suppression_off", "no suppression list (smtpConfig.delivery.suppressionTtl is 0)"
+            )
+        return self.view.suppressions
+
+    @staticmethod
+    def _address(call: Call) -> str:
+        raw = unquote(call.params["address"], errors="strict")
+        try:
+            return normalize(raw)
+        except ValueError as error:
+            raise ApiError(400, "bad_address", str(error)) from None
+
+    @staticmethod
+    def _suppression(entry: Suppression) -> dict[str, Any]:
+        return {
+            "address": entry.address,
+            "reason": entry.reason,
+            "createdAt": iso_time(entry.created_at),
+            "expiresAt": iso_time(entry.expires_at),
+        }
+
+    async def _suppression_call(self, work: Any) -> Any:
+        try:
+            return await work
+        except QueueUnavailable as e:
+            raise ApiError(503, "queue_unavailable", str(e)) from None
+
+    async def suppression_list(self, call: Call) -> Any:
+        suppressions = self._suppressions()
+        limit = int(call.query.get("limit", DEFAULT_PAGE))
+        if not 1 <= limit <= MAX_PAGE:
+            raise ApiError(400, "bad_parameter", f"limit: 1 to {MAX_PAGE}, got {limit}")
+        entries = await self._suppression_call(suppressions.entries(limit))
+        return {
+            "items": [self._suppression(e) for e in entries],
+            "refusedSinceStart": self.view.suppressed_refusals(),
+            "ttl": round(self.view.suppression_ttl * 1000),
+        }
+
+    async def suppression_show(self, call: Call) -> Any:
+        address = self._address(call)
+        entry = await self._suppression_call(self._suppressions().get(address))
+        if entry is None:
+            raise ApiError(404, "not_found", f"{address} is not suppressed")
+        return self._suppression(entry)
+
+    async def suppression_add(self, call: Call) -> Any:
+        suppressions = self._suppressions()
+        try:
+            address = normalize(call.body["address"])
+        except ValueError as error:
+            raise ApiError(400, "bad_field", f"address: {error}") from None
+        reason = call.body.get("reason") or f"added by API token {self._who(call)}"
+        if len(reason) > 500 or any(ord(c) < 32 for c in reason):
+            raise ApiError(400, "bad_field", "reason: one line of at most 500 characters")
+        ttl_ms = call.body.get("ttl", round(self.view.suppression_ttl * 1000))
+        if not 1 <= ttl_ms <= 10 * 365 * 86_400_000:
+            raise ApiError(400, "bad_field", f"ttl: 1 ms to 10 years, got {ttl_ms}")
+        entry = await self._suppression_call(suppressions.add(address, reason, ttl_ms / 1000.0))
+        log.info("{address} suppressed by API token {token}", address=address, token=self._who(call))
+        return self._suppression(entry)
+
+    async def suppression_remove(self, call: Call) -> Any:
+        address = self._address(call)
+        if not await self._suppression_call(self._suppressions().remove(address)):
+            raise ApiError(404, "not_found", f"{address} is not suppressed")
+        log.info(
+            "{address} taken off the suppression list by API token {token}",
+            address=address,
+            token=self._who(call),
+        )
+        return {"removed": address}

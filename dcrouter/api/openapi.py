@@ -70,7 +70,9 @@ def _operation(endpoint: Endpoint) -> dict[str, Any]:
             "name": name,
             "in": "path",
             "required": True,
-            "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+            "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}
+            if name == "id"
+            else {"type": "string"},
         }
         for name in re.findall(r"\{(\w+)\}", endpoint.path)
     ]

@@ -11,7 +11,7 @@ from typing import Any
 from twisted.internet.interfaces import IReactorTime
 
 from dcrouter.delivery.manager import DeliveryManager
-from dcrouter.interfaces import IDeliveryQueue
+from dcrouter.interfaces import IDeliveryQueue, ISuppressionList
 from dcrouter.queue.item import QueueItem, QueueItemStatus
 
 
@@ -42,6 +42,11 @@ class RouterView:
     #: The route dry-run (dcrouter.routetest.dry_run): ValueError for bad input, LookupError for a part the
     #: router does not run.
     route_test: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
+    #: The queue's suppression list (None: suppression is off), its entries' lifetime in seconds, and the
+    #: RCPTs it refused since start.
+    suppressions: ISuppressionList | None = None
+    suppression_ttl: float = 0.0
+    suppressed_refusals: Callable[[], int] = _zero
 
 
 def iso_time(when: float | None) -> str | None:

@@ -71,7 +71,13 @@ from dcrouter.delivery.route import Route
 from dcrouter.delivery.routing import RecipientRouter, domain_name
 from dcrouter.delivery.slots import RouteSlots
 from dcrouter.delivery.transitions import Next
-from dcrouter.interfaces import ClaimLost, IDeliveryQueue, IDeliveryTransport, StatusMismatch
+from dcrouter.interfaces import (
+    ClaimLost,
+    IDeliveryQueue,
+    IDeliveryTransport,
+    ISuppressionList,
+    StatusMismatch,
+)
 from dcrouter.log import logger
 from dcrouter.queue.item import READY_STATUSES, QueueItem, QueueItemStatus
 from dcrouter.queue.operations import NotFound, WrongStatus
@@ -100,6 +106,7 @@ STAT_KEYS = (
     "errors",  # local failures: queue writes, transport bugs, routing bugs
     "claims_lost",  # attempts stopped undelivered: the queue could no longer vouch for the claim (ClaimLost)
     "purged",
+    "suppressed",  # recipients put on the suppression list (a 5.1.x permanent failure)
 )
 
 
@@ -136,8 +143,12 @@ class DeliveryManager(Service):
         config: SmtpConfig,
         clock: IReactorTime,
         random: Callable[[], float] = random_module.random,
+        suppressions: ISuppressionList | None = None,
     ) -> None:
         self._queue = queue
+        #: Where recipients that hard-bounced (5.1.x) are suppressed, for delivery.suppressionTtl.
+        self._suppressions = suppressions if config.delivery.suppression_ttl else None
+        self._suppression_ttl = config.delivery.suppression_ttl / 1000.0
         self._routes = routes
         self._transport = transport
         self._config = config
@@ -468,6 +479,8 @@ class DeliveryManager(Service):
             if r.outcome is not Outcome.TEMPORARY:
                 key = "recipients_delivered" if r.outcome is Outcome.DELIVERED else "recipients_failed"
                 self._stats[key] += 1
+            if r.outcome is Outcome.PERMANENT and r.enhanced.startswith("5.1."):
+                self._suppress(item, r)
             if r.outcome is not Outcome.DELIVERED:
                 self._last_errors[route.name] = (r.reply, now)
                 self._last_errors.move_to_end(route.name)
@@ -555,6 +568,25 @@ class DeliveryManager(Service):
             return False
         self._stats["delay_warnings" if dsn.action == "delayed" else "dsn_sent"] += 1
         return True
+
+    def _suppress(self, item: QueueItem, result: RecipientResult) -> None:
+        """Put a recipient that hard-bounced on the suppression list (in the background: a failure to is
+        logged, and the delivery's outcome stands)."""
+        if self._suppressions is None:
+            return
+        self._stats["suppressed"] += 1
+        try:
+            d = self._suppressions.add(result.recipient, result.reply, self._suppression_ttl)
+        except ValueError:
+            return  # not an address a client could name at RCPT
+        d.addErrback(
+            lambda failure: log.failure(
+                "{queue_id}: cannot suppress {recipient}",
+                failure,
+                queue_id=item.id,
+                recipient=result.recipient,
+            )
+        )
 
     def reconfigure(self, config: SmtpConfig) -> None:
         """Per-destination limits and retry schedules of ``config``'s domainConfigs (a routing change) from

@@ -5,15 +5,20 @@ from __future__ import annotations
 import ipaddress
 
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from dcrouter.config.domains import DomainConfig
 from dcrouter.config.smtp import SmtpConfig
+from dcrouter.interfaces import ISuppressionList, Suppression
+from dcrouter.log import logger
 from dcrouter.mail.address import Address
 from dcrouter.mail.reply import Reply
 from dcrouter.net.cidr import CidrSet
 from dcrouter.net.domains import DomainMatcher
 from dcrouter.smtp.session import Session
 from dcrouter.smtp.verify import RecipientVerifier
+
+log = logger(__name__)
 
 
 class SessionPolicy:
@@ -27,9 +32,17 @@ class SessionPolicy:
     ``verifyRecipients``; :mod:`dcrouter.smtp.verify` says for which clients) when one is given.
     """
 
-    def __init__(self, config: SmtpConfig, verifier: RecipientVerifier | None = None) -> None:
+    def __init__(
+        self,
+        config: SmtpConfig,
+        verifier: RecipientVerifier | None = None,
+        suppressions: ISuppressionList | None = None,
+    ) -> None:
         """Raises ValueError naming a bad domain pattern or relay network."""
         self._verifier = verifier
+        #: Recipients that hard-bounced recently: refused with 550 5.1.1 (counted in suppressed_refusals).
+        self.suppressions = suppressions
+        self.suppressed_refusals = 0
         self._hostname = config.hostname
         self._max_total = config.max_connections
         self._max_per_ip = config.max_connections_per_ip
@@ -107,9 +120,38 @@ class SessionPolicy:
         refusal = self.relay_refusal(session, address)
         if refusal is not None:
             return refusal
+        if self.suppressions is not None and address.domain and not address.is_literal:
+            d = self.suppressions.get(str(address))
+            args = (session, address, sender)
+            d.addCallbacks(self._suppressed, self._suppression_unknown, callbackArgs=args, errbackArgs=args)
+            return d
+        return self._verify(session, address, sender)
+
+    def _verify(
+        self, session: Session, address: Address, sender: Address | None
+    ) -> Reply | Deferred[Reply | None] | None:
         if self._verifier is not None and address.domain and self.is_local(address):
             return self._verifier.check(address, sender, trusted=self.may_relay(session))
         return None
+
+    def _suppressed(
+        self, found: Suppression | None, session: Session, address: Address, sender: Address | None
+    ) -> Reply | Deferred[Reply | None] | None:
+        if found is None:
+            return self._verify(session, address, sender)
+        self.suppressed_refusals += 1
+        return Reply(
+            550, "5.1.1", f"<{address}>: Recipient address rejected: it bounced recently (suppressed)"
+        )
+
+    def _suppression_unknown(
+        self, failure: Failure, session: Session, address: Address, sender: Address | None
+    ) -> Reply | Deferred[Reply | None] | None:
+        # The list cannot be read (its store is down): go on as without one; delivery decides.
+        log.failure(
+            "suppression list unavailable; {address} not checked against it", failure, address=str(address)
+        )
+        return self._verify(session, address, sender)
 
     def relay_refusal(self, session: Session, address: Address) -> Reply | None:
         """The relay decision alone, before recipient verification (what ``POST /api/v1/routing/test``

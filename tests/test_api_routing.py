@@ -347,6 +347,12 @@ class RouteTestEndpointTests(RoutingRouterBase):
             "POST", "/api/v1/routing/test", body={**outside, "clientIp": "10.9.1.2"}
         )
         self.assertFalse(body["relayRefused"])
+        # A suppressed recipient: refused, and said why.
+        code, _, _ = await self.call("POST", "/api/v1/suppression", body={"address": "bob@example.com"})
+        code, body, _ = await self.call("POST", "/api/v1/routing/test", body=ask)
+        self.assertEqual((body["accepted"], body["relayRefused"]), (False, False))
+        self.assertEqual(body["suppressed"]["address"], "bob@example.com")
+        self.assertTrue(body["reply"].startswith("550 5.1.1"))
         # Nothing was sent or queued.
         assert self.router.queue is not None
         self.assertEqual(sum((await self.router.queue.count_by_status()).values()), 0)

@@ -706,11 +706,21 @@ class Endpoints:
         if self.view.route_test is None:
             raise ApiError(404, "not_found", "this router cannot answer route tests")
         try:
-            return self.view.route_test(call.body)
+            answer = self.view.route_test(call.body)
         except ValueError as error:
             raise ApiError(400, "bad_field", str(error)) from None
         except LookupError as error:
             raise ApiError(404, "not_running", str(error)) from None
+        if answer["kind"] == "mail":
+            # The suppression list, asked as RCPT asks it (after the relay decision).
+            entry = None
+            if self.view.suppressions is not None and answer["accepted"] and "@" in call.body["recipient"]:
+                entry = await self._suppression_call(self.view.suppressions.get(call.body["recipient"]))
+            answer["suppressed"] = None if entry is None else self._suppression(entry)
+            if entry is not None:
+                answer["accepted"] = False
+                answer["reply"] = f"550 5.1.1 <{entry.address}>: Recipient address rejected (suppressed)"
+        return answer
 
     # -- suppression list ------------------------------------------------------------------------------
 
@@ -723,10 +733,9 @@ class Endpoints:
 
     @staticmethod
     def _address(call: Call) -> str:
-        raw = unquote(call.params["address"], errors="strict")
         try:
-            return normalize(raw)
-        except ValueError as error:
+            return normalize(unquote(call.params["address"], errors="strict"))
+        except ValueError as error:  # UnicodeDecodeError included
             raise ApiError(400, "bad_address", str(error)) from None
 
     @staticmethod

@@ -111,6 +111,10 @@ class IDeliveryQueue(Interface):
     def get_item_count():
         """Deferred firing with the number of items not yet delivered, bounced or failed."""
 
+    def status_summary():
+        """Deferred firing with ``{status value: (count, oldest created_at or None)}`` for every status that
+        has items (an index look-up, never a read of the items: metrics scrape it)."""
+
     def purge_expired(max_age):
         """Remove items older than ``max_age`` seconds in a final status. Deferred firing with the count."""
 
@@ -238,3 +242,41 @@ class ITransformation(Interface):
         """Change ``message`` (a :class:`dcrouter.processing.message.Draft`): its ``headers``, its envelope
         (``message.envelope``), or its body through ``message.rewrite_body``. Returns None or a Deferred.
         Raising :class:`dcrouter.mail.acceptance.Refusal` refuses the message with its reply."""
+
+
+class IIngressLimits(Interface):
+    """Rate limits, quotas and per-domain client rules applied to SMTP sessions (docs/limits.md); the SMTP
+    session policy asks it at each phase. Built-in: :class:`dcrouter.limits.ingress.IngressLimits`.
+
+    ``session`` is the SMTP session (``peer_host``, ``local_port``, ``auth_user``); addresses are
+    :class:`dcrouter.mail.address.Address`. Each check returns None to go on, the Reply refusing, or a
+    Deferred firing with either (counters in Redis, a tarpit delay); those Deferreds never fail. A check that
+    allows also counts: call each once per event."""
+
+    def connection_opened(session):
+        """A connection was accepted: check concurrency and connection rate. A refusal is a ``421 4.7.0``
+        and the session ends. Whatever the answer, :meth:`connection_closed` must follow once."""
+
+    def connection_closed(session):
+        """The connection :meth:`connection_opened` allowed has ended."""
+
+    def check_auth(session):
+        """Before an AUTH exchange: a ``421 4.7.0`` when the client's failed attempts are over a limit."""
+
+    def auth_failed(session):
+        """An AUTH attempt failed: count it."""
+
+    def check_mail(session, sender, size):
+        """MAIL FROM ``sender`` declaring ``size`` octets (0 when not declared): message and byte limits."""
+
+    def check_recipient_rules(session, recipient, accepted):
+        """Before RCPT TO ``recipient`` is verified, with ``accepted`` (list of str) the transaction's
+        recipients so far: the domain's ``allowedIPs`` (``550 5.7.1``) and ``maxRecipientsPerMessage``
+        (``452 4.5.3``). Synchronous: None or a Reply."""
+
+    def check_recipient(session, sender, recipient, accepted):
+        """RCPT TO ``recipient`` about to be accepted: recipient limits, and message limits per recipient
+        domain at its first recipient in the transaction (``451 4.7.1``)."""
+
+    def message_accepted(session, sender, size):
+        """A message of ``size`` octets from ``sender`` was accepted: count its bytes."""

@@ -30,7 +30,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from functools import partial
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredLock, fail, maybeDeferred, succeed
@@ -61,7 +61,10 @@ from dcrouter.delivery.mx import MxResolver, make_resolver
 from dcrouter.delivery.pool import ConnectionPool
 from dcrouter.delivery.routing import RecipientRouter
 from dcrouter.delivery.transport import ESMTPTransport
+from dcrouter.events import EventBus
 from dcrouter.interfaces import IDeliveryQueue, ISuppressionList
+from dcrouter.limits.alerts import Alerts, LimitAlert
+from dcrouter.limits.ingress import IngressLimits, build_ingress_limits, limits_configured
 from dcrouter.log import logger, set_level
 from dcrouter.net.certfiles import TlsMaterialError, generate_self_signed, load_certified_key
 from dcrouter.net.certstore import CertificateStore, CertifiedKey
@@ -69,6 +72,8 @@ from dcrouter.net.listen import ListenError
 from dcrouter.net.reactor import IRouterReactor
 from dcrouter.net.targets import TargetHealth
 from dcrouter.net.tls import TlsPolicy
+from dcrouter.observe.metrics import MetricsResource, RouterMetrics
+from dcrouter.observe.service import ObserveService
 from dcrouter.processing.build import build_chain
 from dcrouter.processing.processor import EmailProcessor
 from dcrouter.proxy.service import ProxyBindError, ProxyService
@@ -78,6 +83,9 @@ from dcrouter.smtp.policy import SessionPolicy
 from dcrouter.smtp.protocol import ESMTPServerFactory
 from dcrouter.smtp.service import SmtpService
 from dcrouter.smtp.verify import RecipientVerifier
+
+if TYPE_CHECKING:
+    from dcrouter.queue.redis_connection import RedisConnection
 
 log = logger(__name__)
 
@@ -165,6 +173,35 @@ def build_queue(config: SmtpConfig, reactor: IRouterReactor) -> IDeliveryQueue:
     raise StartupError(f"smtpConfig.queueStorage: {config.queue_storage!r} is not supported yet")
 
 
+def report_limit_alerts(alerts: Alerts, bus: EventBus, protocol: str) -> None:
+    """Rate limit alerts (dcrouter.limits) also become ``security.rate_limit`` events."""
+
+    def emit(alert: LimitAlert) -> None:
+        bus.emit(
+            "security.rate_limit",
+            protocol=protocol,
+            kind=alert.kind,
+            limit=alert.limit,
+            key=alert.key,
+            count=alert.count,
+            window=alert.window,
+        )
+
+    alerts.observers.append(emit)
+
+
+def certificate_expiry(store: CertificateStore) -> list[tuple[str, float]]:
+    """``(name, not_after)`` of every certificate the store serves, the default as ``(default)``."""
+    found = []
+    if store.default is not None:
+        found.append(("(default)", store.default.not_after.timestamp()))
+    for name in store.names():
+        key = store.lookup(name)
+        if key is not None:
+            found.append((name, key.not_after.timestamp()))
+    return found
+
+
 async def _settle_all(deferreds: list[Deferred[Any]], what: str) -> None:
     """Wait for every Deferred; log each failure (shutdown goes on regardless: the queue must be saved)."""
     for deferred in deferreds:
@@ -189,7 +226,10 @@ class DcRouter(MultiService):
     port and ``api.root`` its resource, where ``/metrics`` and ``/api/v1/events`` can be mounted), and
     ``certificates``: the router's one :class:`CertificateStore`, whose default is SMTP's certificate once
     bound; SMTP, the proxy and ACME all serve from it, so a certificate put there is offered by SNI to the
-    next handshake on any of them.
+    next handshake on any of them. ``events`` is the router's :class:`~dcrouter.events.EventBus` (subscribe
+    an :class:`~dcrouter.events.IEventSink` to it), ``metrics`` its
+    :class:`~dcrouter.observe.metrics.RouterMetrics` (``metrics.registry``), ``observe`` the service with
+    the webhooks and the metrics listener (``observe.port`` once bound).
     """
 
     def __init__(
@@ -197,6 +237,9 @@ class DcRouter(MultiService):
     ) -> None:
         super().__init__()
         self.setName("dcrouter")
+        #: An ILogObserver this router asks the twistd Application it is put in to log through
+        #: (``logFormat = "json"``; set by dcrouter.tap). None: the application's own choice.
+        self.log_observer: Any = None
         if reactor is None:
             # Only for embedding without passing a reactor in; twistd's makeService passes it.
             from twisted.internet import reactor as global_reactor
@@ -214,6 +257,11 @@ class DcRouter(MultiService):
             self.raw_config = copy.deepcopy(dict(options))
         self._routing_lock = DeferredLock()
         set_level(self.options.log_level)
+        # One bus per router, handed down to every part that reports (dcrouter.events); the metrics are
+        # always kept (the management API serves them too), in a registry of this router's own.
+        self.events = EventBus(reactor.seconds)
+        self.metrics = RouterMetrics()
+        self.metrics.subscribe(self.events)
         self.smtp_config: SmtpConfig | None = self.options.smtp_config
         self.threadpool = ThreadPool(minthreads=0, maxthreads=THREADPOOL_MAX, name="dcrouter")
         self._starting: Deferred[None] | None = None
@@ -224,6 +272,9 @@ class DcRouter(MultiService):
         self.processor: EmailProcessor | None = None
         self.policy: SessionPolicy | None = None
         self.verifier: RecipientVerifier | None = None
+        #: SMTP rate limits (None when none is configured) and their own Redis connection, if any.
+        self.limits: IngressLimits | None = None
+        self._limits_redis: RedisConnection | None = None
         self.authenticator: Authenticator | None = None
         self.routes: RecipientRouter | None = None
         self.suppressions: ISuppressionList | None = None
@@ -231,27 +282,57 @@ class DcRouter(MultiService):
         self.delivery_pool: ConnectionPool | None = None
         self.smtp: SmtpService | None = None
         self.certificates = CertificateStore(clock=reactor)
+        self.metrics.watch_certificates(partial(certificate_expiry, self.certificates))
         # HTTP-01 answers: written by ACME, read by the proxy's port-80 listener.
         self.challenges = ChallengeResponder()
         # A child service: binds in privilegedStartService, resumes in startService (after the queue has
         # loaded, as SMTP), stops its listeners and then drains its connections in stopService.
         # Terminating routes present certificates from the store and answer HTTP-01 from the responder.
         self.proxy: ProxyService | None = ProxyService.from_options(
-            self.options, reactor=reactor, certificates=self.certificates, challenges=self.challenges
+            self.options,
+            reactor=reactor,
+            certificates=self.certificates,
+            challenges=self.challenges,
+            events=self.events,
         )
         if self.proxy is not None:
             self.proxy.setServiceParent(self)
+            self.metrics.watch_proxy(self.proxy.counters)
+            report_limit_alerts(self.proxy.context.limiter.alerts, self.events, "proxy")
         # After the proxy, as children start in order: port 80 answers before the first order is placed.
         self.acme: AcmeService | None = AcmeService.from_options(
-            self.options, store=self.certificates, responder=self.challenges, reactor=reactor
+            self.options,
+            store=self.certificates,
+            responder=self.challenges,
+            reactor=reactor,
+            events=self.events,
         )
         if self.acme is not None:
             self.acme.setServiceParent(self)
         if self.smtp_config is not None:
             self._build_smtp(self.smtp_config, queue)
+        self.observe = self._build_observe()
+        self.observe.setServiceParent(self)
         # Not a child service: it answers from startService on, before the queue has loaded (``/ready`` says
         # 503 meanwhile), and stops with the services that do not hold the queue.
         self.api: ApiService | None = self._build_api() if self.options.api_config.enabled else None
+
+    def _build_observe(self) -> ObserveService:
+        """Webhooks, performance events and the metrics listener; the queue is read for metrics without
+        reading items (status_summary)."""
+        summary = getattr(self.queue, "status_summary", None)
+        if summary is not None:
+            self.metrics.watch_queue(summary, self._reactor.seconds)
+        processor = self.processor
+        return ObserveService(
+            bus=self.events,
+            metrics=self.metrics,
+            reactor=self._reactor,
+            metrics_config=self.options.metrics_config,
+            events_config=self.options.events,
+            summary=summary,
+            in_flight=(lambda: processor.active) if processor is not None else (lambda: 0),
+        )
 
     def _build_api(self) -> ApiService:
         reactor = self._reactor
@@ -282,6 +363,10 @@ class DcRouter(MultiService):
             view,
             defer_to_thread=lambda work: deferToThreadPool(reactor, threadpool, work),
         )
+        # Behind the API's Host check and a read token; the stream is the observe service's, so its clients
+        # are counted (maxClients) and ended with it.
+        root.mount("/metrics", MetricsResource(self.metrics), scope="read")
+        root.mount("/api/v1/events", self.observe.stream, scope="read")
         return ApiService(self.options.api_config, root, reactor=reactor)
 
     # -- routing while running ----------------------------------------------------------------------------
@@ -376,11 +461,17 @@ class DcRouter(MultiService):
             reactor.seconds,
             reactor=reactor,
             threadpool=self.threadpool,
+            events=self.events,
             **build_chain(config, reactor, self._verification_resolver(config)).options(),
         )
         self._build_delivery(config)
         self.verifier = self._build_verifier(config)
-        self.policy = SessionPolicy(config, verifier=self.verifier, suppressions=self.suppressions)
+        self.limits = self._build_limits(config)
+        if self.limits is not None:
+            report_limit_alerts(self.limits.limiter.alerts, self.events, "smtp")
+        self.policy = SessionPolicy(
+            config, verifier=self.verifier, limits=self.limits, suppressions=self.suppressions
+        )
         if config.auth.users:
             self.authenticator = Authenticator(
                 config.auth, clock=reactor, reactor=reactor, threadpool=self.threadpool
@@ -398,6 +489,7 @@ class DcRouter(MultiService):
                 acceptor=self.processor,
                 spool_directory=self.queue.spool_directory,
                 clock=reactor,
+                events=self.events,
             ),
             load_tls=partial(self._load_tls, config),
         )
@@ -425,6 +517,7 @@ class DcRouter(MultiService):
             submit_dsn=self.processor.submit_local,
             config=config,
             clock=reactor,
+            events=self.events,
             suppressions=self.suppressions,
         )
         if delivery.paused:
@@ -445,6 +538,22 @@ class DcRouter(MultiService):
             return None
         suppressions: ISuppressionList = make()
         return suppressions
+
+    def _build_limits(self, config: SmtpConfig) -> IngressLimits | None:
+        """SMTP rate limits when any is configured; with the Redis queue their counters are in the same
+        Redis (a connection pool of their own, with a short deadline: a check waits at most a second before
+        it falls back to counting in this process)."""
+        redis_call = None
+        if limits_configured(config) and config.queue_storage == "redis":
+            from dcrouter.net.redis_url import parse_redis_url
+            from dcrouter.queue.redis_connection import RedisConnection
+
+            assert config.redis_url is not None  # the configuration check requires it
+            self._limits_redis = RedisConnection(
+                parse_redis_url(config.redis_url), reactor=self._reactor, timeout=1.0, pool_size=2
+            )
+            redis_call = self._limits_redis.call
+        return build_ingress_limits(config, self._reactor, redis_call)
 
     def _build_verifier(self, config: SmtpConfig) -> RecipientVerifier | None:
         """Recipient verification when some domainConfigs entry asks for it; callouts get a connection pool
@@ -481,6 +590,15 @@ class DcRouter(MultiService):
         except (OSError, ValueError) as error:
             # The configuration check read the files already; one that broke since is a start-up error.
             raise StartupError(f"smtpConfig.domainConfigs: recipient verification: {error}") from error
+
+    def setServiceParent(self, parent: Any) -> Any:
+        """Also hand :attr:`log_observer` to a twistd Application (a Componentized parent), which twistd's
+        logger uses when it starts, unless ``--logger`` was given."""
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            from twisted.logger import ILogObserver
+
+            parent.setComponent(ILogObserver, self.log_observer)
+        return super().setServiceParent(parent)
 
     @property
     def smtp_ports(self) -> dict[int, int]:
@@ -578,7 +696,14 @@ class DcRouter(MultiService):
     def privilegedStartService(self) -> None:
         self._bind_proxy()
         self._bind_api()
-        super().privilegedStartService()
+        try:
+            super().privilegedStartService()  # the metrics listener binds here
+        except ListenError as error:
+            if self.proxy is not None:
+                self.proxy.unbind()
+            if self.api is not None:
+                self.api.unbind()
+            raise StartupError(str(error)) from error
         self._bind_smtp()
 
     def startService(self) -> None:
@@ -648,6 +773,8 @@ class DcRouter(MultiService):
             await _settle_all(
                 [Deferred.fromCoroutine(self.verifier.close())], "recipient callout connections did not close"
             )
+        if self._limits_redis is not None:
+            await _settle_all([self._limits_redis.disconnect()], "rate limit counters: Redis did not close")
         if self.queue is not None and self._starting is not None:
             try:
                 await self.queue.save()

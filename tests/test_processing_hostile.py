@@ -198,7 +198,8 @@ class ArchivesThroughTheChainTests(ConfiguredChainCase):
         tar = pax_tar({long_name: EXE}, {"mtime": "1700000000.123456789", "comment": "build 42"})
         result = self.outcome(archive_mail("x.tar", tar))
         assert isinstance(result, Refusal), result
-        self.assertEqual((result.reply.code, result.reply.enhanced), (550, "5.7.1"))  # listed, name read whole
+        # Listed: the long name came whole from its pax "path" record.
+        self.assertEqual((result.reply.code, result.reply.enhanced), (550, "5.7.1"))
         self.assertTrue(str(result.reply.text).endswith("/d/evil.exe)"), result.reply.text)
 
     def test_nested_archives_of_harmless_files_are_queued(self) -> None:

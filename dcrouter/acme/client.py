@@ -180,7 +180,7 @@ class AcmeAccount:
             self._client = None
 
     def close(self) -> None:
-        """Release the connections to the CA; the next order connects afresh. Called when the service stops."""
+        """Release the connections to the CA; the next order connects afresh. Called at stop."""
         self._forget_client()
 
     async def _issue(self, names: list[str]) -> IssuedCertificate:

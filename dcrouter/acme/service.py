@@ -42,6 +42,7 @@ from twisted.python.threadpool import ThreadPool
 from dcrouter.acme.challenges import ChallengeResponder
 from dcrouter.acme.client import AcmeAccount, IssuedCertificate, generate_key_pem
 from dcrouter.config.proxy import acme_directory_url, route_domains
+from dcrouter.events import NO_EVENTS, EventBus
 from dcrouter.log import logger
 from dcrouter.net.certstore import CertificateStore, CertifiedKey
 from dcrouter.net.domains import normalize_domain
@@ -234,8 +235,11 @@ class AcmeService(Service):
         ca_bundle: str | None = None,
         account: Issuer | None = None,
         run_blocking: BlockingRunner | None = None,
+        events: EventBus = NO_EVENTS,
     ) -> None:
         self._reactor = reactor
+        #: Where certificate.issued and certificate.order_failed go (dcrouter.events).
+        self.events = events
         self._clock = reactor
         self.store = store
         self.responder = responder
@@ -259,7 +263,13 @@ class AcmeService(Service):
 
     @classmethod
     def from_options(
-        cls, options: Any, *, store: CertificateStore, responder: ChallengeResponder, reactor: IRouterReactor
+        cls,
+        options: Any,
+        *,
+        store: CertificateStore,
+        responder: ChallengeResponder,
+        reactor: IRouterReactor,
+        events: EventBus = NO_EVENTS,
     ) -> AcmeService | None:
         """The service a DcRouterOptions configures, or None when there is nothing to obtain."""
         orders = certificate_orders(options)
@@ -276,6 +286,7 @@ class AcmeService(Service):
             renew_threshold_days=acme.renew_threshold_days,
             auto_renew=acme.auto_renew,
             reactor=reactor,
+            events=events,
         )
 
     # -- service ---------------------------------------------------------------------------------------
@@ -381,6 +392,7 @@ class AcmeService(Service):
         if not self.running:
             return
         names = state.order.names
+        renewal = state.current is not None
         assert self._account is not None
         log.info(
             "ACME: ordering a certificate for {names} from {directory} ({why})",
@@ -394,9 +406,22 @@ class AcmeService(Service):
             await self._run(self.state.save, state.order, issued)
         except Exception as error:  # noqa: BLE001 (any failure is logged and retried; the service goes on)
             self._failed(state, error)
+            self.events.emit(
+                "certificate.order_failed",
+                name=state.order.primary,
+                renewal=renewal,
+                failures=state.failures,
+                error=str(error)[:200],
+            )
             return
         self._use(state, key)
         state.failures = 0
+        self.events.emit(
+            "certificate.issued",
+            name=state.order.primary,
+            renewal=renewal,
+            notAfter=key.not_after.timestamp(),
+        )
         log.info(
             "ACME: obtained a certificate for {names}, valid until {not_after}",
             names=", ".join(names),

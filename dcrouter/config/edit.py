@@ -8,7 +8,8 @@ What a caller may rely on:
 - :func:`with_routing` is a copy of a raw configuration with its routing replaced; :func:`load_options` on it
   is the whole check (every error with its key path, as ``dcrouter --check`` reports them).
 - :func:`unapplied_changes` names what a routing change would alter that only a restart applies (the header
-  and DKIM settings of ``domainConfigs`` entries, which the processing chain holds).
+  and DKIM settings of ``domainConfigs`` entries, which the processing chain holds, and their
+  ``allowedIPs`` and ``rateLimits``, which the SMTP limits hold).
 - :func:`write_routing` replaces the routing keys in the file and nothing else: a TOML file keeps its comments
   and layout (tomlkit), a JSON one is rewritten with two-space indentation. The write is atomic: the old
   file is first copied to ``<file>.bak``, the new text goes to a temporary file in the same directory, is
@@ -34,13 +35,15 @@ ROUTING_KEYS = ("domainConfigs", "routingRules", "defaultServer", "defaultPort",
 #: What a routing answer shows for a downstream AUTH password to a caller who may not read it.
 HIDDEN = "<hidden>"
 
-#: DomainConfig fields the processing chain reads when it is built (headers, DKIM): a routing change cannot
-#: alter them while the router runs.
+#: DomainConfig fields read when the processing chain (headers, DKIM) and the SMTP limits (allowedIPs,
+#: rateLimits) are built: a routing change cannot alter them while the router runs.
 _PROCESSING_FIELDS = {
     "add_headers": "addHeaders",
     "header_info": "headerInfo",
     "sign_dkim": "signDkim",
     "dkim_options": "dkimOptions",
+    "allowed_ips": "allowedIPs",
+    "rate_limits": "rateLimits",
 }
 
 
@@ -123,8 +126,8 @@ def unapplied_changes(old: SmtpConfig, new: SmtpConfig) -> list[str]:
         changed = [key for key, a, b in pairs if a != b]
         where = f"smtpConfig.domainConfigs[{index}]" if index >= 0 else "smtpConfig.domainConfigs"
         errors.append(
-            f"{where}: {domain}: {', '.join(changed)} changed; header and DKIM settings are applied at a "
-            "restart, not by a routing change (change them in the file)"
+            f"{where}: {domain}: {', '.join(changed)} changed; header, DKIM and client-limit settings are "
+            "applied at a restart, not by a routing change (change them in the file)"
         )
     return errors
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from dcrouter.config.api import ApiConfig
 from dcrouter.config.delivery import MtaConfig
+from dcrouter.config.observe import EventsConfig, MetricsConfig
 from dcrouter.config.proxy import HttpDomainRoute, SmartProxyConfig, claimed_ports
 from dcrouter.config.schema import Report, block_check, checked, option
 from dcrouter.config.smtp import SmtpConfig, generated_certificate_paths, smtp_tls_needs
@@ -103,4 +104,16 @@ class DcRouterOptions:
         addition=True,
         doc="Lowest level of dcrouter's own log events that are written; `debug` adds every outbound SMTP "
         "command and reply.",
+    )
+    log_format: Literal["text", "json"] = option(
+        "text",
+        addition=True,
+        doc="`json`: under twistd, one JSON object per line (time, level, namespace, message, queueId, "
+        "sessionId, fields) instead of text; twistd's `--logger` overrides it. See docs/operations.md.",
+    )
+    metrics_config: MetricsConfig | None = option(
+        None, addition=True, doc="Prometheus metrics on a listener of their own (docs/operations.md)."
+    )
+    events: EventsConfig | None = option(
+        None, addition=True, doc="Webhooks and periodic performance events (docs/operations.md)."
     )

@@ -1,14 +1,14 @@
-"""Third-party scanners and transformations, named in the configuration (docs/plugins.md).
+"""Third-party scanners, transformations and event subscribers, named in the configuration (docs/plugins.md).
 
-A ``type`` that is not built in is looked up first as an entry point name in the group ``dcrouter.scanners``
-or ``dcrouter.transformations`` (installed packages declare them in their ``pyproject.toml``), then as a
-dotted path, ``package.module:Class`` or ``package.module.Class``. The class must implement
-:class:`~dcrouter.interfaces.IScanner` or :class:`~dcrouter.interfaces.ITransformation` (declared with
-``@implementer``). It may declare ``options_schema``, a frozen dataclass written with
-:func:`dcrouter.config.schema.option` like dcrouter's own blocks: the entry's ``options`` table is loaded
-with it, every error reported with its key path, and the instance is built as ``Class(options)`` (without a
-schema, ``Class()`` and any option is an error); a constructor with a ``reactor`` parameter also gets the
-router's reactor, for plugins that talk to a daemon.
+A ``type`` that is not built in is looked up first as an entry point name in the group ``dcrouter.scanners``,
+``dcrouter.transformations`` or ``dcrouter.event_subscribers`` (installed packages declare them in their
+``pyproject.toml``), then as a dotted path, ``package.module:Class`` or ``package.module.Class``. The class
+must implement :class:`~dcrouter.interfaces.IScanner`, :class:`~dcrouter.interfaces.ITransformation` or
+:class:`~dcrouter.events.IEventSink` (declared with ``@implementer``). It may declare ``options_schema``, a
+frozen dataclass written with :func:`dcrouter.config.schema.option` like dcrouter's own blocks: the entry's
+``options`` table is loaded with it, every error reported with its key path, and the instance is built as
+``Class(options)`` (without a schema, ``Class()`` and any option is an error); a constructor with a
+``reactor`` parameter also gets the router's reactor, for plugins that talk to a daemon.
 """
 
 from __future__ import annotations
@@ -20,11 +20,16 @@ from importlib.metadata import entry_points
 from typing import Any, Protocol
 
 from dcrouter.config.schema import Report, build_block, join
+from dcrouter.events import IEventSink
 from dcrouter.interfaces import IScanner, ITransformation
 from dcrouter.net.reactor import IRouterReactor
 
-GROUPS = {"scanner": "dcrouter.scanners", "transformation": "dcrouter.transformations"}
-INTERFACES = {"scanner": IScanner, "transformation": ITransformation}
+GROUPS = {
+    "scanner": "dcrouter.scanners",
+    "transformation": "dcrouter.transformations",
+    "subscriber": "dcrouter.event_subscribers",
+}
+INTERFACES = {"scanner": IScanner, "transformation": ITransformation, "subscriber": IEventSink}
 
 
 class PluginEntry(Protocol):

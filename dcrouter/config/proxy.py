@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from dcrouter.config import values
+from dcrouter.config.ratelimits import RateConfig
 from dcrouter.config.schema import Report, block_check, checked, join, option
 from dcrouter.config.tls import pem_files
 from dcrouter.net.domains import normalize_domain
@@ -476,6 +477,12 @@ class ProxyDomainConfig:
         doc="Concurrent connections this entry forwards; not set: no limit.",
         check=values.positive,
     )
+    connection_rate: RateConfig | None = option(
+        None,
+        addition=True,
+        doc="New connections this entry forwards per window, from all clients together (more are closed); "
+        "not set: no limit.",
+    )
 
 
 @dataclass(frozen=True)
@@ -551,6 +558,12 @@ class RouteSecurity:
     )
     max_connections: int | None = option(
         None, doc="Concurrent connections this route forwards; not set: no limit.", check=values.positive
+    )
+    connection_rate: RateConfig | None = option(
+        None,
+        addition=True,
+        doc="New connections this route forwards per window, from all clients together (more are closed; "
+        "docs/limits.md); not set: no limit.",
     )
 
 
@@ -630,6 +643,13 @@ class SmartProxyConfig:
         addition=True,
         doc="Concurrent proxied connections per client IP, over all routes.",
         check=values.positive,
+    )
+    connection_rate_per_ip: RateConfig | None = option(
+        None,
+        key="connectionRatePerIP",
+        addition=True,
+        doc="New connections per client IP per window, over all routes (more are closed; docs/limits.md); "
+        "not set: no limit.",
     )
     default_target: DefaultTarget | None = option(
         None, addition=True, doc="Where connections no route takes go; not set: they are closed."

@@ -3,7 +3,7 @@
 The blocks it holds are declared next to their own checks: ``tls`` in :mod:`dcrouter.config.tls`, ``auth`` in
 :mod:`dcrouter.config.auth`, ``domainConfigs`` and ``callout`` in :mod:`dcrouter.config.domains`,
 ``routingRules`` and ``delivery`` in :mod:`dcrouter.config.delivery`, ``scanners``, ``transformations`` and
-``mimeLimits`` in :mod:`dcrouter.config.processing`.
+``mimeLimits`` in :mod:`dcrouter.config.processing`, ``rateLimits`` in :mod:`dcrouter.config.ratelimits`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from dcrouter.config.auth import AuthConfig
 from dcrouter.config.delivery import DeliveryConfig, RoutingRuleConfig
 from dcrouter.config.domains import CalloutConfig, DomainConfig
 from dcrouter.config.processing import MimeLimitsConfig, ScannerConfig, TransformationConfig
+from dcrouter.config.ratelimits import IngressLimitsConfig
 from dcrouter.config.schema import Report, block_check, checked, join, option, set_in_file
 from dcrouter.config.tls import TlsConfig
 from dcrouter.config.verification import VerificationConfig
@@ -593,4 +594,9 @@ class SmtpConfig:
         factory=CalloutConfig,
         addition=True,
         doc="Recipient callouts (domainConfigs' verifyRecipients `callout`): timeout, cache, concurrency.",
+    )
+    rate_limits: IngressLimitsConfig = option(
+        factory=IngressLimitsConfig,
+        addition=True,
+        doc="Rate limits, tiers and quotas on SMTP clients (docs/limits.md).",
     )

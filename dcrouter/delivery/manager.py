@@ -20,6 +20,10 @@ What a caller may rely on:
   ``checkInterval``. Why both: putting back every message that finds its destination full made a single
   busy destination trickle (each put-back waits a ``checkInterval``); waiting without a cap would let one
   slow destination hold every claimed slot while other destinations wait.
+- **Outbound rate limits.** A route group over ``delivery.globalRateLimit``, ``perServerRateLimit`` or
+  ``perDomainRateLimit`` (or a limit set with :meth:`DeliveryManager.set_rate_limit`) is not sent: the
+  message is put back due at the time :mod:`dcrouter.delivery.shaping` reserved for it, using no retry
+  (counted in ``shaped``), and a timer wakes the manager then.
 - **Durability per recipient.** After each route group's report, the recipients delivered or failed for good
   are written to the item's ``outcomes`` (and a ``history`` entry ``{"at", "route", "tried", "results"}``)
   with ``queue.update`` before the next group is tried, so a crash never re-sends to a delivered recipient.
@@ -51,6 +55,7 @@ Log events use the namespace ``dcrouter.delivery`` and carry the message's ``que
 
 from __future__ import annotations
 
+import heapq
 import random as random_module
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -69,8 +74,10 @@ from dcrouter.delivery.outcome import DeliveryReport, Outcome, RecipientResult
 from dcrouter.delivery.retry import RetryDecision, RetryPolicy
 from dcrouter.delivery.route import Route
 from dcrouter.delivery.routing import RecipientRouter, domain_name
+from dcrouter.delivery.shaping import OutboundShaper
 from dcrouter.delivery.slots import RouteSlots
 from dcrouter.delivery.transitions import Next
+from dcrouter.events import NO_EVENTS, EventBus
 from dcrouter.interfaces import (
     ClaimLost,
     IDeliveryQueue,
@@ -99,6 +106,7 @@ STAT_KEYS = (
     "bounced",  # messages finished with a DSN sent
     "failed",  # messages finished with failures and no DSN (null sender)
     "busy",  # messages put back because their destination was at maxPerDestination
+    "shaped",  # messages put back to wait for their time under an outbound rate limit
     "recipients_delivered",
     "recipients_failed",
     "dsn_sent",  # bounces queued
@@ -143,9 +151,12 @@ class DeliveryManager(Service):
         config: SmtpConfig,
         clock: IReactorTime,
         random: Callable[[], float] = random_module.random,
+        events: EventBus = NO_EVENTS,
         suppressions: ISuppressionList | None = None,
     ) -> None:
         self._queue = queue
+        #: Where message.delivered/deferred/bounced/dsn_sent, delivery.attempt and error.delivery go.
+        self.events = events
         #: Where recipients that hard-bounced (5.1.x) are suppressed, for delivery.suppressionTtl.
         self._suppressions = suppressions if config.delivery.suppression_ttl else None
         self._suppression_ttl = config.delivery.suppression_ttl / 1000.0
@@ -187,6 +198,12 @@ class DeliveryManager(Service):
         self._next_purge = 0.0
         self._idle_waiters: list[Deferred] = []
         self._stats = dict.fromkeys(STAT_KEYS, 0)
+        #: The outbound rate limits (delivery.globalRateLimit, perServerRateLimit, perDomainRateLimit).
+        self.shaper = OutboundShaper(config.delivery, clock)
+        #: When messages waiting under an outbound limit are due: a wake at the earliest, so a paced
+        #: destination's messages leave at their times rather than at the next periodic look.
+        self._shaped_due: list[float] = []
+        self._shaped_call: IDelayedCall | None = None
 
     # -- service life cycle ----------------------------------------------------------------------------
 
@@ -207,6 +224,9 @@ class DeliveryManager(Service):
         if self._wake_call is not None and self._wake_call.active():
             self._wake_call.cancel()
         self._wake_call = None
+        if self._shaped_call is not None and self._shaped_call.active():
+            self._shaped_call.cancel()
+        self._shaped_call = None
         # Attempts waiting for a slot start nothing now: they put their messages back.
         self._slots.release_waiters()
         if self._idle():
@@ -268,6 +288,16 @@ class DeliveryManager(Service):
         else:
             self._paused_routes.discard(destination)
         self.wake()
+
+    def set_rate_limit(self, domain: str, limit: int) -> None:
+        """Send at most ``limit`` messages a minute to recipients at ``domain``, spread evenly, from now on
+        (the seed's ``setRateLimit``; replaces ``perDomainRateLimit``'s entry). Mail over it waits."""
+        self.shaper.set_rate_limit(domain, limit)
+
+    def clear_rate_limit(self, domain: str) -> None:
+        """Lift the per-domain limit of ``domain`` (the seed's ``clearRateLimit``). Messages already given a
+        time keep it."""
+        self.shaper.clear_rate_limit(domain)
 
     @property
     def paused(self) -> bool:
@@ -394,6 +424,26 @@ class DeliveryManager(Service):
             self.wake()  # a slot is free
         self._notify_idle()
 
+    def _wake_at(self, when: float) -> None:
+        """Wake when ``when`` comes (one timer, at the earliest such time)."""
+        heapq.heappush(self._shaped_due, when)
+        if self._shaped_call is None or not self._shaped_call.active() or self._shaped_call.getTime() > when:
+            if self._shaped_call is not None and self._shaped_call.active():
+                self._shaped_call.cancel()
+            self._shaped_call = self._clock.callLater(
+                max(0.0, when - self._clock.seconds()), self._shaped_wake
+            )
+
+    def _shaped_wake(self) -> None:
+        self._shaped_call = None
+        now = self._clock.seconds()
+        due = self._shaped_due
+        while due and due[0] <= now:
+            heapq.heappop(due)
+        if due:
+            self._shaped_call = self._clock.callLater(due[0] - now, self._shaped_wake)
+        self.wake()
+
     def _maybe_purge(self) -> None:
         now = self._clock.seconds()
         if now < self._next_purge:
@@ -433,15 +483,24 @@ class DeliveryManager(Service):
             log.failure("routing failed for {queue_id}", queue_id=item.id)
             groups, tried = [], True
             temporary = transitions.routing_failed(pending)
+        shaped: float | None = None
         for route, rcpts in groups:
             if route.name in self._paused_routes:
                 continue  # paused by an operator: these recipients stay pending, the message is put back
+            wait = self.shaper.wait(item.id, route.name, rcpts)
+            if wait > 0:
+                # Over an outbound rate limit: these recipients wait for their time, using no retry.
+                shaped = wait if shaped is None else min(shaped, wait)
+                continue
             # Waiting is for a running manager: once stopping, a full destination's recipients go back.
             if not await self._slots.acquire(route.name, may_wait=bool(self.running)):
                 continue  # these recipients stay pending: the message is put back, using no retry
             tried = True
+            self.shaper.delivered(item.id, route.name)
+            started = self._clock.seconds()
             try:
                 report = await self._deliver_group(item, route, rcpts)
+                self._report_group(item, route, report, self._clock.seconds() - started)
             finally:
                 # Free for the next message as soon as the destination has answered: holding the slot through
                 # the durable record below (a commit that waits behind ingress's under load) halved a busy
@@ -455,7 +514,7 @@ class DeliveryManager(Service):
             self._stats["delivered"] += 1
             log.info("{queue_id} delivered", queue_id=item.id)
             return item
-        return await self._conclude(item, temporary, tried=tried)
+        return await self._conclude(item, temporary, tried=tried, shaped=shaped)
 
     async def _deliver_group(self, item: QueueItem, route: Route, rcpts: list[str]) -> DeliveryReport:
         """The transport's report for one group, with exactly one result per recipient of ``rcpts``."""
@@ -470,6 +529,46 @@ class DeliveryManager(Service):
             log.failure("transport failed for {queue_id} via {route}", queue_id=item.id, route=route.name)
             report = DeliveryReport(route.name)
         return transitions.one_result_each(route.name, report, rcpts)
+
+    def _report_group(self, item: QueueItem, route: Route, report: DeliveryReport, duration: float) -> None:
+        """The events of one route group's report (nothing is computed when nobody listens)."""
+        events = self.events
+        if not any(events.wants(t) for t in ("delivery.attempt", "message.delivered", "error.delivery")):
+            return
+        counts = dict.fromkeys(Outcome, 0)
+        for result in report.results:
+            counts[result.outcome] += 1
+        delivered, failed = counts[Outcome.DELIVERED], counts[Outcome.PERMANENT]
+        deferred = counts[Outcome.TEMPORARY]
+        events.emit(
+            "delivery.attempt",
+            queue_id=item.id,
+            route=route.name,
+            duration=max(0.0, duration),
+            delivered=delivered,
+            failed=failed,
+            deferred=deferred,
+        )
+        if delivered:
+            events.emit(
+                "message.delivered",
+                queue_id=item.id,
+                route=route.name,
+                recipients=delivered,
+                duration=max(0.0, duration),
+            )
+        for permanent, count in ((True, failed), (False, deferred)):
+            if count:
+                wanted = Outcome.PERMANENT if permanent else Outcome.TEMPORARY
+                code = next(r.code for r in report.results if r.outcome is wanted)
+                events.emit(
+                    "error.delivery",
+                    queue_id=item.id,
+                    route=route.name,
+                    recipients=count,
+                    permanent=permanent,
+                    reply=code,
+                )
 
     async def _record(self, item: QueueItem, route: Route, report: DeliveryReport) -> QueueItem:
         """Write the group's final outcomes and its history entry; fires once durable."""
@@ -497,7 +596,12 @@ class DeliveryManager(Service):
         return await self._write(item, transition.changes)
 
     async def _conclude(
-        self, item: QueueItem, temporary: dict[str, RecipientResult], *, tried: bool
+        self,
+        item: QueueItem,
+        temporary: dict[str, RecipientResult],
+        *,
+        tried: bool,
+        shaped: float | None = None,
     ) -> QueueItem:
         now = self._clock.seconds()
         assessment = transitions.assess(
@@ -508,6 +612,10 @@ class DeliveryManager(Service):
             return await self._finish(item, now)
         if step is Next.DEFER:
             return await self._defer(item, temporary, attempts, now)
+        if step is Next.PUT_BACK and shaped is not None:
+            self._stats["shaped"] += 1
+            self._wake_at(now + shaped)
+            return await self._put_back(item, now, delay=shaped, attempts=attempts)
         if step is Next.PUT_BACK:
             self._stats["busy"] += 1
             if not tried:
@@ -528,17 +636,27 @@ class DeliveryManager(Service):
     ) -> QueueItem:
         wait = self._policy_for(item).next_delay(attempts, self._random)
         pending = item.pending_recipients()
+        destination = self._destination(item, pending[0])
         transition = transitions.deferral(
             item,
             temporary,
             attempts=attempts,
             now=now,
             wait=wait,
-            destination=self._destination(item, pending[0]),
+            destination=destination,
             warn=self._bouncer.warning_due(item, now),
         )
         queued = await self._queue_dsn(item, transition.dsn, now)
         self._stats["deferred"] += 1
+        self.events.emit(
+            "message.deferred",
+            queue_id=item.id,
+            destination=destination,
+            attempts=attempts,
+            pending=len(pending),
+            nextAttemptIn=wait,
+            error=str(transition.changes["last_error"])[:200],
+        )
         log.info(
             "{queue_id} deferred after attempt {attempts}: {pending} recipients pending, next attempt in "
             "{wait:.0f} s ({error})",
@@ -567,6 +685,7 @@ class DeliveryManager(Service):
                 log.failure("cannot queue the bounce for {queue_id}; trying again later", queue_id=item.id)
             return False
         self._stats["delay_warnings" if dsn.action == "delayed" else "dsn_sent"] += 1
+        self.events.emit("message.dsn_sent", queue_id=item.id, action=dsn.action)
         return True
 
     def _suppress(self, item: QueueItem, result: RecipientResult) -> None:
@@ -655,4 +774,11 @@ class DeliveryManager(Service):
             return await self._write(item, transition.to_write(dsn_queued=False))
         self._stats[status.value] += 1
         log.info("{queue_id} {status}", queue_id=item.id, status=status.value)
+        if status in (QueueItemStatus.BOUNCED, QueueItemStatus.FAILED):
+            self.events.emit(
+                "message.bounced",
+                queue_id=item.id,
+                status=status.value,
+                recipients=len(transitions.failed_recipients(item)),
+            )
         return await self._write(item, transition.changes)

@@ -24,6 +24,8 @@ from dcrouter.config.proxy import (
     route_domains,
     target_port,
 )
+from dcrouter.config.ratelimits import RateConfig
+from dcrouter.limits.gcra import Rate
 from dcrouter.net.cidr import CidrSet
 from dcrouter.net.domains import normalize_domain
 
@@ -107,6 +109,8 @@ class ProxyRoute:
     source: str
     certificate: CertificateFiles | str | None = None
     tls_profile: str = "intermediate"
+    #: New connections per window from all clients together (``connectionRate``); None: no limit.
+    connection_rate: Rate | None = None
 
     @property
     def terminates(self) -> bool:
@@ -129,6 +133,13 @@ class ProxyRoute:
             return 443
         others = [r.start + 1 if r.start == arrived else r.start for r in self.ports]
         return min((p for p, r in zip(others, self.ports, strict=True) if p <= r.end), default=arrived)
+
+
+def rate(config: RateConfig | None) -> Rate | None:
+    """The engine's rate for a ``connectionRate`` table (window in milliseconds), or None."""
+    if config is None:
+        return None
+    return Rate(config.count, config.window / 1000, config.burst)
 
 
 def _ranges(pairs: Iterable[tuple[int, int]]) -> tuple[PortRange, ...]:
@@ -160,6 +171,7 @@ def _from_route(route: Any, index: int) -> ProxyRoute:
         source=source,
         certificate=_certificate(route.tls.certificate) if route.tls else None,
         tls_profile=(route.tls.tls_profile if route.tls else None) or "intermediate",
+        connection_rate=rate(security.connection_rate) if security else None,
     )
 
 
@@ -185,6 +197,7 @@ def _from_domain_config(config: Any, index: int) -> ProxyRoute:
         # With acme.enabled and no files, ACME obtains the entry's certificate.
         certificate=_certificate(entry.certificate) or ("auto" if entry.use_network_proxy else None),
         tls_profile=entry.tls_profile or "intermediate",
+        connection_rate=rate(entry.connection_rate),
     )
 
 

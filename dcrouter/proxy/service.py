@@ -24,6 +24,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
 
+from dcrouter.events import NO_EVENTS, EventBus
 from dcrouter.log import logger
 from dcrouter.net.listen import ListenError, close, format_address, listen_paused, resume
 from dcrouter.net.reactor import IRouterReactor
@@ -65,12 +66,18 @@ class ProxyService(Service):
         drain_timeout: float = 5.0,
         certificates: Any = None,
         challenges: ChallengeSource | None = None,
+        events: EventBus = NO_EVENTS,
     ) -> None:
         self._reactor = reactor
         self.bind_address = bind_address
         self.certificates = certificates
         self.context = ProxyContext(
-            RouteTable(routes), settings, reactor, certificates=certificates, challenges=challenges
+            RouteTable(routes),
+            settings,
+            reactor,
+            certificates=certificates,
+            challenges=challenges,
+            events=events,
         )
         self.counters: dict[str, RouteCounters] = self.context.counters
         self._configured_ports = list(ports) if ports is not None else listening_ports(routes)
@@ -87,6 +94,7 @@ class ProxyService(Service):
         reactor: IRouterReactor,
         certificates: Any = None,
         challenges: ChallengeSource | None = None,
+        events: EventBus = NO_EVENTS,
     ) -> ProxyService | None:
         """The proxy a DcRouterOptions configures (``smartProxyConfig``, ``httpDomainRoutes``), or None.
         ``certificates`` (a CertificateStore) and ``challenges`` (a ChallengeResponder) serve terminating
@@ -104,6 +112,7 @@ class ProxyService(Service):
             ports=listening_ports(routes, config),
             certificates=certificates,
             challenges=challenges,
+            events=events,
         )
 
     @property

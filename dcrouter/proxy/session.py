@@ -33,6 +33,10 @@ from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from dcrouter.events import NO_EVENTS, EventBus
+from dcrouter.limits.counters import LocalCounters
+from dcrouter.limits.gcra import Rate
+from dcrouter.limits.limiter import ALLOWED, Charge, Limit, Limiter
 from dcrouter.log import logger
 from dcrouter.net import proxyprotocol
 from dcrouter.net.cidr import CidrSet
@@ -48,7 +52,7 @@ from dcrouter.proxy.http import (
     HttpForwarder,
     HttpRedirect,
 )
-from dcrouter.proxy.routes import ACME_PORT_ROUTE, ProxyRoute, RouteTable
+from dcrouter.proxy.routes import ACME_PORT_ROUTE, ProxyRoute, RouteTable, rate
 from dcrouter.proxy.sniff import Kind, Sniffed, Sniffer
 from dcrouter.proxy.terminate import ALPN, BackendTls, ServerCreatorSource, terminate_tls
 
@@ -74,6 +78,8 @@ class ProxySettings:
     connect_timeout: float = 10.0
     target_down_time: float = 30.0
     no_sni_ports: frozenset[int] = frozenset()
+    #: New connections per client IP (``connectionRatePerIP``); None: no limit.
+    connection_rate_per_ip: Rate | None = None
 
     @classmethod
     def from_config(cls, config: Any) -> ProxySettings:
@@ -92,6 +98,7 @@ class ProxySettings:
             trusted_proxies=CidrSet(config.trusted_proxies) if config.trusted_proxies else None,
             keep_alive=config.keep_alive,
             no_sni_ports=no_sni,
+            connection_rate_per_ip=rate(config.connection_rate_per_ip),
         )
 
 
@@ -140,10 +147,25 @@ class ProxyContext:
     sessions: set[ProxySession] = field(default_factory=set)
     certificates: ServerCreatorSource | None = None
     challenges: ChallengeSource | None = None
+    #: Where sessions report connections (dcrouter.events); bytes per route are in ``counters``.
+    events: EventBus = NO_EVENTS
 
     def __post_init__(self) -> None:
         self.health = TargetHealth(self.reactor, self.settings.target_down_time)
         self.counters = {route.name: RouteCounters() for route in self.table.routes}
+        # Connection rates, counted in this process (dcrouter.limits); alerts as for SMTP's limits.
+        self.limiter = Limiter(LocalCounters(self.reactor), self.reactor)
+        rate_per_ip = self.settings.connection_rate_per_ip
+        self._ip_rate = (
+            None if rate_per_ip is None else Limit("proxy.ip", "connections per client IP", rate_per_ip)
+        )
+        self._route_rates = {
+            route.name: Limit(
+                f"proxy.route.{route.name}", f"connections to {route.name}", route.connection_rate
+            )
+            for route in self.table.routes
+            if route.connection_rate is not None
+        }
         self._port_routes: dict[int, tuple[ProxyRoute, ...]] = {}
         self._server_creators: dict[str, IOpenSSLServerConnectionCreator] = {}
         self._backend_tls: BackendTls | None = None
@@ -196,6 +218,19 @@ class ProxyContext:
             return False
         self.per_ip[client_ip] = count + 1
         return True
+
+    def within_ip_rate(self, client_ip: str) -> bool:
+        """Count a new connection from ``client_ip`` against ``connectionRatePerIP``; False when over it."""
+        if self._ip_rate is None:
+            return True
+        return self.limiter.check([Charge(self._ip_rate, client_ip)]) is ALLOWED
+
+    def within_route_rate(self, route: ProxyRoute) -> bool:
+        """Count a new connection to ``route`` against its ``connectionRate``; False when over it."""
+        limit = self._route_rates.get(route.name)
+        if limit is None:
+            return True
+        return self.limiter.check([Charge(limit, "")]) is ALLOWED
 
     def release_ip(self, client_ip: str) -> None:
         count = self.per_ip.get(client_ip, 0) - 1
@@ -288,6 +323,7 @@ class ProxySession(Protocol):
         # were looked at (or, before routing, while the peek looks at them).
         self._opening: bytes | None = None
         self.front: HttpForwarder | HttpRedirect | None = None
+        self._opened_at = 0.0
 
     # -- accept ----------------------------------------------------------------------------------------
 
@@ -299,6 +335,8 @@ class ProxySession(Protocol):
         self.local_address = self.transport.getHost()
         self.client_ip = _host(self.client_address)
         self.context.sessions.add(self)
+        self._opened_at = clock.seconds()
+        self.context.events.emit("connection.connect", protocol="proxy", port=self.port, peer=self.client_ip)
         if settings.keep_alive and hasattr(self.transport, "setTcpKeepAlive"):
             self.transport.setTcpKeepAlive(True)
         if settings.max_connection_lifetime is not None:
@@ -317,6 +355,9 @@ class ProxySession(Protocol):
             self._refuse(None, "maxConnectionsPerIP reached")
             return
         self._holds_ip = True
+        if not self.context.within_ip_rate(self.client_ip):
+            self._refuse(None, "connectionRatePerIP reached")
+            return
         if not self.context.any_permits(self.port, self.client_ip):
             self._refuse(None, "no route on this port serves this client (IP rules)")
             return
@@ -433,6 +474,9 @@ class ProxySession(Protocol):
             return
         if route.max_connections is not None and counters.active >= route.max_connections:
             self._refuse(counters, f"{route.name}: maxConnections ({route.max_connections}) reached")
+            return
+        if not self.context.within_route_rate(route):
+            self._refuse(counters, f"{route.name}: connectionRate reached")
             return
         counters.active += 1
         counters.connections += 1
@@ -664,6 +708,14 @@ class ProxySession(Protocol):
 
     def _note_refusal(self, counters: RouteCounters | None, why: str) -> None:
         self.refused = why
+        self.context.events.emit(
+            "connection.error",
+            protocol="proxy",
+            port=self.port,
+            peer=self.client_ip,
+            reason=why,
+            route=self.route.name if self.route is not None else None,
+        )
         if counters is not None:
             counters.refused += 1
         log.info(
@@ -697,6 +749,15 @@ class ProxySession(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._state = _State.CLOSED
         self.context.sessions.discard(self)
+        events = self.context.events
+        if events.wants("connection.disconnect"):
+            events.emit(
+                "connection.disconnect",
+                protocol="proxy",
+                port=self.port,
+                route=self.route.name if self.route is not None else None,
+                duration=max(0.0, self.context.reactor.seconds() - self._opened_at),
+            )
         self._cancel_deadline()
         if self._lifetime is not None and self._lifetime.active():
             self._lifetime.cancel()

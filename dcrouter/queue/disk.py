@@ -221,6 +221,10 @@ class DiskQueue(QueueLifecycle):
     def get_item_count(self) -> Deferred:
         return succeed(self._live)
 
+    def status_summary(self) -> Deferred:
+        """From the status index, in the reader pool."""
+        return self._read(self._index.status_summary)
+
     # -- life cycle --------------------------------------------------------------------------------
 
     def suppression_list(self) -> SqliteSuppressionList:

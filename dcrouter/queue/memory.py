@@ -195,6 +195,16 @@ class MemoryQueue(QueueLifecycle):
     def get_item_count(self) -> Deferred:
         return succeed(self._live_count())
 
+    def status_summary(self) -> Deferred:
+        summary: dict[str, tuple[int, float | None]] = {}
+        for item in self._items.values():
+            count, oldest = summary.get(item.status.value, (0, None))
+            summary[item.status.value] = (
+                count + 1,
+                item.created_at if oldest is None else min(oldest, item.created_at),
+            )
+        return succeed(summary)
+
     def list_items(self, filter: QueueFilter, limit: int, cursor: str | None = None) -> Deferred:
         """Items matching ``filter``, newest first, ``limit`` at most, after ``cursor``."""
         try:

@@ -482,6 +482,21 @@ class RedisQueue(QueueLifecycle):
         """Items not delivered, bounced or failed, across every process sharing this Redis."""
         return self._open_call(self._count_live)
 
+    def status_summary(self) -> Deferred:
+        """From the per-status sorted sets (scored by creation time), across every process."""
+        return self._open_call(self._status_summary)
+
+    async def _status_summary(self) -> dict[str, tuple[int, float | None]]:
+        summary: dict[str, tuple[int, float | None]] = {}
+        for status in QueueItemStatus:
+            key = self._store.key("status:", status.value)
+            count = int(await self._store.call("zcard", key) or 0)
+            if count:
+                first = await self._store.call("zrange", key, 0, 0, True)
+                oldest = float(first[0][1]) if first else None
+                summary[status.value] = (count, oldest)
+        return summary
+
     async def _count_live(self) -> int:
         return int(await self._store.call("get", self._store.key("live")) or 0)
 

@@ -293,23 +293,33 @@ class Authenticator:
             raise SaslError(UNRECOGNIZED_MECHANISM)
         return SaslExchange(name, initial_response)
 
-    def authenticate(self, credentials: IUsernamePassword, client_ip: str) -> Deferred[str]:
-        """Check ``credentials`` for a client at ``client_ip``.
+    def authenticate(
+        self, credentials: IUsernamePassword, client_ip: str, *, session_id: str | None = None
+    ) -> Deferred[str]:
+        """Check ``credentials`` for a client at ``client_ip`` (``session_id``: the SMTP session asking, for
+        the log lines).
 
         Fires with the user name, or fails with AuthFailed whose reply is ``535 5.7.8`` (invalid, after the
         throttling delay), ``454 4.7.0`` "Too many authentication failures" (refused unchecked) or ``454
         4.7.0`` "Temporary authentication failure" (the check itself broke).
         """
-        return Deferred.fromCoroutine(self._authenticate(credentials, client_ip))
+        return Deferred.fromCoroutine(self._authenticate(credentials, client_ip, session_id))
 
-    async def _authenticate(self, credentials: IUsernamePassword, client_ip: str) -> str:
+    async def _authenticate(
+        self, credentials: IUsernamePassword, client_ip: str, session_id: str | None
+    ) -> str:
         username = _as_text(credentials.username)
         user_key, shown = _user_key(username), _loggable(username)
         now = self._clock.seconds()
         self._by_ip.prune(now)
         self._by_user.prune(now)
         if self._by_ip.blocked(client_ip, now) or self._by_user.blocked(user_key, now):
-            log.warn("AUTH refused: too many failures for ip {ip} or user {user!r}", ip=client_ip, user=shown)
+            log.warn(
+                "AUTH refused: too many failures for ip {ip} or user {user!r}",
+                ip=client_ip,
+                user=shown,
+                session_id=session_id,
+            )
             raise AuthFailed(TOO_MANY_FAILURES)
         self._by_ip.begin(client_ip)
         self._by_user.begin(user_key)
@@ -320,12 +330,23 @@ class Authenticator:
             self._by_user.end(user_key)
         if isinstance(result, str):
             self._by_user.clear(user_key)
-            log.info("AUTH succeeded for user {user!r} from ip {ip}", ip=client_ip, user=result)
+            log.info(
+                "AUTH succeeded for user {user!r} from ip {ip}",
+                ip=client_ip,
+                user=result,
+                session_id=session_id,
+            )
             return result
         if not result.check(UnauthorizedLogin):
-            log.failure("AUTH check broke for user {user!r} from ip {ip}", result, ip=client_ip, user=shown)
+            log.failure(
+                "AUTH check broke for user {user!r} from ip {ip}",
+                result,
+                ip=client_ip,
+                user=shown,
+                session_id=session_id,
+            )
             raise AuthFailed(TEMPORARY_FAILURE)
-        await self._delay_failure(client_ip, user_key, shown)
+        await self._delay_failure(client_ip, user_key, shown, session_id)
         raise AuthFailed(INVALID_CREDENTIALS)
 
     async def _login(self, credentials: IUsernamePassword) -> str | Failure:
@@ -341,7 +362,7 @@ class Authenticator:
         # The Portal types avatars as object; ours (MailUserRealm) is the user name.
         return _as_text(cast("bytes | str", avatar))
 
-    async def _delay_failure(self, client_ip: str, user_key: str, shown: str) -> None:
+    async def _delay_failure(self, client_ip: str, user_key: str, shown: str, session_id: str | None) -> None:
         now = self._clock.seconds()
         count = max(self._by_ip.fail(client_ip, now), self._by_user.fail(user_key, now))
         delay = min(count * self._config.failure_delay / 1000.0, MAX_FAILURE_DELAY)
@@ -351,6 +372,7 @@ class Authenticator:
             user=shown,
             count=count,
             delay=delay,
+            session_id=session_id,
         )
         if delay > 0:
             await deferLater(self._clock, delay)

@@ -1,15 +1,17 @@
-"""The session policy: who may connect, send and relay. A plain object the ESMTP protocol asks; no Twisted."""
+"""The session policy: who may connect, send and relay, and how much (rate limits through
+:class:`~dcrouter.interfaces.IIngressLimits`). A plain object the ESMTP protocol asks."""
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from dcrouter.config.domains import DomainConfig
 from dcrouter.config.smtp import SmtpConfig
-from dcrouter.interfaces import ISuppressionList, Suppression
+from dcrouter.interfaces import IIngressLimits, ISuppressionList, Suppression
 from dcrouter.log import logger
 from dcrouter.mail.address import Address
 from dcrouter.mail.reply import Reply
@@ -30,16 +32,22 @@ class SessionPolicy:
     authenticated session or a peer in ``relayNetworks``. The bare ``<postmaster>`` is always accepted
     (RFC 5321 §4.5.1). A recipient at one of our domains must also pass ``verifier`` (the entry's
     ``verifyRecipients``; :mod:`dcrouter.smtp.verify` says for which clients) when one is given.
+
+    ``limits`` (rate limits, quotas, a domain's ``allowedIPs`` and ``maxRecipientsPerMessage``) is asked at
+    connect (:meth:`check_connection`), AUTH, MAIL and RCPT when given; its checks may answer with a
+    Deferred (counters in Redis, a tarpit delay).
     """
 
     def __init__(
         self,
         config: SmtpConfig,
         verifier: RecipientVerifier | None = None,
+        limits: IIngressLimits | None = None,
         suppressions: ISuppressionList | None = None,
     ) -> None:
         """Raises ValueError naming a bad domain pattern or relay network."""
         self._verifier = verifier
+        self.limits = limits
         #: Recipients that hard-bounced recently: refused with 550 5.1.1 (counted in suppressed_refusals).
         self.suppressions = suppressions
         self.suppressed_refusals = 0
@@ -92,6 +100,35 @@ class SessionPolicy:
             self._per_ip[key] = count - 1
         self._total -= 1
 
+    def check_connection(self, session: Session) -> Reply | Deferred[Reply | None] | None:
+        """After :meth:`connection_opened` admitted ``session``: its rate limits (a ``421 4.7.0`` refuses).
+        :meth:`session_closed` must follow once, whatever the answer."""
+        if self.limits is None:
+            return None
+        return self.limits.connection_opened(session)
+
+    def session_closed(self, session: Session) -> None:
+        """The session :meth:`check_connection` was asked about has ended."""
+        if self.limits is not None:
+            self.limits.connection_closed(session)
+
+    def check_auth(self, session: Session) -> Reply | Deferred[Reply | None] | None:
+        """Before an AUTH exchange: a ``421 4.7.0`` (the session ends) when its failed attempts are over a
+        limit."""
+        if self.limits is None:
+            return None
+        return self.limits.check_auth(session)
+
+    def auth_failed(self, session: Session) -> None:
+        """Count a failed AUTH attempt."""
+        if self.limits is not None:
+            self.limits.auth_failed(session)
+
+    def message_accepted(self, session: Session, sender: Address, size: int) -> None:
+        """Count an accepted message's ``size`` octets."""
+        if self.limits is not None:
+            self.limits.message_accepted(session, sender, size)
+
     @property
     def connections(self) -> int:
         """Connections currently counted, in total."""
@@ -103,20 +140,54 @@ class SessionPolicy:
 
     # Transaction
 
-    def check_sender(self, session: Session, address: Address) -> Reply | None:
-        """None to accept MAIL FROM ``address``, or the reply refusing it.
+    def check_sender(
+        self, session: Session, address: Address, size: int = 0
+    ) -> Reply | Deferred[Reply | None] | None:
+        """None to accept MAIL FROM ``address`` declaring ``size`` octets (0: not declared), or the reply
+        refusing it: a rate limit's (``451 4.7.1``).
 
-        Every syntactically valid sender is accepted for now: a reverse path is not routed, so relay tricks
+        Every syntactically valid sender is accepted otherwise: a reverse path is not routed, so relay tricks
         in it are harmless. The hook is where sender authentication rules (SPF, own-domain spoofing) go.
         """
-        return None
+        if self.limits is None:
+            return None
+        return self.limits.check_mail(session, address, size)
 
     def check_recipient(
-        self, session: Session, address: Address, sender: Address | None = None
+        self,
+        session: Session,
+        address: Address,
+        sender: Address | None = None,
+        accepted: Sequence[str] = (),
     ) -> Reply | Deferred[Reply | None] | None:
-        """None to accept RCPT TO ``address`` in a transaction from ``sender``, or the reply refusing it:
-        ``554 5.7.1 <addr>: Relay access denied``, or the verifier's. A Deferred when verification has to
-        wait (a callout, a changed recipients file)."""
+        """None to accept RCPT TO ``address`` in a transaction from ``sender`` that has ``accepted``
+        recipients so far, or the reply refusing it: ``554 5.7.1 <addr>: Relay access denied``, the
+        domain's client rules (``550 5.7.1``, ``452 4.5.3``), the verifier's, or a rate limit's
+        (``451 4.7.1``). A Deferred when a check has to wait (a callout, a changed recipients file, counters
+        in Redis)."""
+        limits = self.limits
+        if limits is not None and address.domain and self.is_local(address):
+            refusal = limits.check_recipient_rules(session, address, accepted)
+            if refusal is not None:
+                return refusal
+        verdict = self._recipient_verdict(session, address, sender)
+        if limits is None or isinstance(verdict, Reply):
+            return verdict
+        from_address = sender if sender is not None else Address.null()
+        if isinstance(verdict, Deferred):
+            return verdict.addCallback(
+                lambda found: (
+                    found
+                    if found is not None
+                    else limits.check_recipient(session, from_address, address, accepted)
+                )
+            )
+        return limits.check_recipient(session, from_address, address, accepted)
+
+    def _recipient_verdict(
+        self, session: Session, address: Address, sender: Address | None
+    ) -> Reply | Deferred[Reply | None] | None:
+        """The relay decision, then the suppression list (``550 5.1.1``), then recipient verification."""
         refusal = self.relay_refusal(session, address)
         if refusal is not None:
             return refusal

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from zope.interface import Attribute, Interface
 
 
@@ -140,6 +142,40 @@ class IDeliveryQueue(Interface):
         "Where ingress writes messages that outgrow memory: a directory on the queue's file system, so that "
         "enqueue can link the file into place instead of copying it."
     )
+
+
+@dataclass(frozen=True)
+class Suppression:
+    """A recipient mail is refused for (``550 5.1.1`` at RCPT) until ``expires_at`` (seconds since the
+    epoch): ``reason`` is the hard bounce that put it there, or an operator's note."""
+
+    address: str
+    reason: str
+    created_at: float
+    expires_at: float
+
+
+class ISuppressionList(Interface):
+    """Recipients that hard-bounced (5.1.x), kept with the queue (memory, SQLite beside the disk queue, Redis
+    keys with a TTL) for a while, so that mail to them is refused at RCPT instead of queued to bounce again.
+    Addresses are compared case-insensitively. Every method returns a Deferred; the disk and Redis lists
+    fail with QueueUnavailable when their store cannot be reached."""
+
+    def add(address, reason, ttl):
+        """Suppress ``address`` for ``ttl`` seconds from now (again: the newer entry replaces the older);
+        fires with the Suppression."""
+
+    def get(address):
+        """Fires with the Suppression of ``address`` if it has one that has not expired, else None."""
+
+    def remove(address):
+        """Forget ``address``; fires with True when it was suppressed."""
+
+    def entries(limit):
+        """Fires with up to ``limit`` unexpired Suppressions, the soonest to expire first."""
+
+    def close():
+        """Release the store (the process stops); fires when done."""
 
 
 class IMessageAcceptor(Interface):

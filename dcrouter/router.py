@@ -25,6 +25,7 @@ asynchronously (the queue cannot load) is logged as critical and fails the Defer
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from collections.abc import Mapping
@@ -32,7 +33,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredLock, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IProtocol
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.threads import deferToThreadPool
@@ -45,7 +46,14 @@ from dcrouter.acme.service import AcmeService
 from dcrouter.api.service import ApiService, build_root
 from dcrouter.api.view import RouterView
 from dcrouter.auth.build import build_providers
-from dcrouter.config import ConfigResult, load_options
+from dcrouter.config import ConfigError, ConfigResult, load_options
+from dcrouter.config.edit import (
+    hidden_passwords,
+    routing_of,
+    unapplied_changes,
+    with_routing,
+    write_routing,
+)
 from dcrouter.config.options import DcRouterOptions
 from dcrouter.config.smtp import SmtpConfig, generated_certificate_paths, smtp_tls_needs
 from dcrouter.config.tls import TlsConfig
@@ -58,7 +66,7 @@ from dcrouter.delivery.transport import ESMTPTransport
 from dcrouter.dns.service import DnsBindError, DnsService
 from dcrouter.dns.zone import build_zones
 from dcrouter.events import EventBus
-from dcrouter.interfaces import IDeliveryQueue
+from dcrouter.interfaces import IDeliveryQueue, ISuppressionList
 from dcrouter.limits.alerts import Alerts, LimitAlert
 from dcrouter.limits.ingress import IngressLimits, build_ingress_limits, limits_configured
 from dcrouter.log import logger, set_level
@@ -74,6 +82,7 @@ from dcrouter.processing.build import build_chain
 from dcrouter.processing.processor import EmailProcessor
 from dcrouter.proxy.handlers import RouteContext
 from dcrouter.proxy.service import ProxyBindError, ProxyService
+from dcrouter.routetest import dry_run
 from dcrouter.smtp.auth import Authenticator
 from dcrouter.smtp.policy import SessionPolicy
 from dcrouter.smtp.protocol import ESMTPServerFactory
@@ -246,6 +255,15 @@ class DcRouter(MultiService):
             reactor = cast(IRouterReactor, global_reactor)  # the one twistd runs provides every part of it
         self._reactor: IRouterReactor = reactor
         self.options, self.warnings = coerce_options(options)
+        #: The configuration as written (its own keys; None when given DcRouterOptions) and its file (None
+        #: unless loaded from one): what ``GET /api/v1/routing`` shows and ``apiConfig.persist`` writes to.
+        self.raw_config: Mapping[str, Any] | None = None
+        self.config_path: str | None = None
+        if isinstance(options, ConfigResult):
+            self.raw_config, self.config_path = options.raw, options.path
+        elif isinstance(options, Mapping):
+            self.raw_config = copy.deepcopy(dict(options))
+        self._routing_lock = DeferredLock()
         set_level(self.options.log_level)
         # One bus per router, handed down to every part that reports (dcrouter.events); the metrics are
         # always kept (the management API serves them too), in a registry of this router's own.
@@ -267,6 +285,7 @@ class DcRouter(MultiService):
         self._limits_redis: RedisConnection | None = None
         self.authenticator: Authenticator | None = None
         self.routes: RecipientRouter | None = None
+        self.suppressions: ISuppressionList | None = None
         self.delivery: DeliveryManager | None = None
         self.delivery_pool: ConnectionPool | None = None
         self.smtp: SmtpService | None = None
@@ -334,7 +353,7 @@ class DcRouter(MultiService):
     def _build_api(self) -> ApiService:
         reactor = self._reactor
         threadpool = self.threadpool
-        processor, smtp, proxy = self.processor, self.smtp, self.proxy
+        processor, smtp, proxy, policy = self.processor, self.smtp, self.proxy, self.policy
         view = RouterView(
             clock=reactor,
             version=__version__,
@@ -348,6 +367,12 @@ class DcRouter(MultiService):
                 (lambda: sum(c.active for c in proxy.counters.values())) if proxy is not None else (lambda: 0)
             ),
             started_at=reactor.seconds(),
+            routing=self.routing_config if self.smtp_config is not None else None,
+            replace_routing=self.replace_routing if self.smtp_config is not None else None,
+            route_test=partial(dry_run, self),
+            suppressions=self.suppressions,
+            suppression_ttl=self.smtp_config.delivery.suppression_ttl / 1000.0 if self.smtp_config else 0.0,
+            suppressed_refusals=(lambda: policy.suppressed_refusals) if policy is not None else (lambda: 0),
         )
         root = build_root(
             self.options.api_config,
@@ -384,6 +409,82 @@ class DcRouter(MultiService):
         )
         return service
 
+    # -- routing while running ----------------------------------------------------------------------------
+
+    def routing_config(self, show_passwords: bool = True) -> dict[str, Any] | None:
+        """The routing keys of smtpConfig as configured (see :func:`dcrouter.config.edit.routing_of`); None
+        when the router was given DcRouterOptions rather than a configuration."""
+        if self.raw_config is None:
+            return None
+        return routing_of(self.raw_config, show_passwords=show_passwords)
+
+    async def replace_routing(self, routing: Mapping[str, Any]) -> dict[str, Any]:
+        """Replace ``domainConfigs``, ``routingRules`` and ``defaultServer`` (``defaultPort``, ``useTls``):
+        the whole configuration with the new routing is checked as the loader checks a file (in the thread
+        pool: it may read recipients files and keys), then routing, relay acceptance, recipient verification
+        and per-destination delivery limits switch to it in one step on the reactor thread, so the next RCPT
+        and the next delivery attempt use it. Raises ConfigError (every error with its key path), changing
+        nothing. With ``apiConfig.persist`` the file is then rewritten (:func:`write_routing`). One change
+        at a time."""
+        async with self._routing_lock:
+            return await self._replace_routing(routing)
+
+    async def _replace_routing(self, routing: Mapping[str, Any]) -> dict[str, Any]:
+        old = self.smtp_config
+        if self.raw_config is None or old is None:
+            raise ConfigError(
+                ["smtpConfig: this router was not built from a configuration; nothing to change"]
+            )
+        hidden = hidden_passwords(routing)
+        if hidden:
+            raise ConfigError(hidden)
+        raw = with_routing(self.raw_config, routing)
+        reactor, pool = self._reactor, self.threadpool
+        result: ConfigResult = await deferToThreadPool(reactor, pool, partial(load_options, raw))
+        new = result.options.smtp_config
+        assert new is not None
+        errors = unapplied_changes(old, new)
+        if errors:
+            raise ConfigError(errors)
+        try:
+            verifier = self._build_verifier(new)
+        except StartupError as error:
+            raise ConfigError([str(error)]) from None
+        # From here to the end of the swap nothing yields to the reactor: no RCPT and no delivery attempt sees
+        # half of it.
+        assert self.routes is not None and self.policy is not None and self.delivery is not None
+        self.routes.reconfigure(new)
+        self.policy.set_domains(new, verifier)
+        self.delivery.reconfigure(new)
+        old_verifier, self.verifier = self.verifier, verifier
+        self.smtp_config = new
+        self.options = dataclasses.replace(self.options, smtp_config=new)
+        self.raw_config = raw
+        log.info(
+            "routing replaced: {rules} routing rules, {domains} domainConfigs entries, default {default}",
+            rules=len(new.routing_rules),
+            domains=len(new.domain_configs),
+            default=new.default_server or "MX",
+        )
+        if old_verifier is not None:
+            # Callouts in flight on the old one end unverified (450), as at shutdown.
+            Deferred.fromCoroutine(old_verifier.close()).addErrback(
+                lambda failure: log.failure("recipient callout connections did not close", failure)
+            )
+        answer: dict[str, Any] = {"persisted": False, "warnings": list(result.warnings)}
+        path = self.config_path
+        if self.options.api_config.persist and path is not None:
+            written = routing_of(raw)
+            try:
+                await deferToThreadPool(reactor, pool, partial(write_routing, path, written))
+            except (OSError, ValueError) as error:
+                log.error("routing applied but not written to {path}: {error}", path=path, error=error)
+                answer["persistError"] = f"{path}: {error}"
+            else:
+                answer["persisted"] = True
+                log.info("routing written to {path} (previous file: {path}.bak)", path=path)
+        return answer
+
     def _verification_resolver(self, config: SmtpConfig) -> Any:
         """The resolver inbound verification asks (mtaConfig's servers), when it is enabled."""
         if not config.verification.enabled:
@@ -399,6 +500,7 @@ class DcRouter(MultiService):
         reactor = self._reactor
         self.queue = queue if queue is not None else build_queue(config, reactor)
         self.routes = RecipientRouter(config)
+        self.suppressions = self._build_suppressions(config)
         self.processor = EmailProcessor(
             self.queue,
             reactor.seconds,
@@ -412,7 +514,9 @@ class DcRouter(MultiService):
         self.limits = self._build_limits(config)
         if self.limits is not None:
             report_limit_alerts(self.limits.limiter.alerts, self.events, "smtp")
-        self.policy = SessionPolicy(config, verifier=self.verifier, limits=self.limits)
+        self.policy = SessionPolicy(
+            config, verifier=self.verifier, limits=self.limits, suppressions=self.suppressions
+        )
         auth = config.auth
         if auth.users or auth.ldap_url or auth.oauth2 or auth.providers:
             self.authenticator = Authenticator(
@@ -464,6 +568,7 @@ class DcRouter(MultiService):
             config=config,
             clock=reactor,
             events=self.events,
+            suppressions=self.suppressions,
         )
         if delivery.paused:
             self.delivery.pause_deliveries()
@@ -471,6 +576,18 @@ class DcRouter(MultiService):
         # Delivery starts on a message as soon as it is durable, not at the next periodic look.
         manager = self.delivery
         self.processor.on_queued = lambda item: manager.wake()
+
+    def _build_suppressions(self, config: SmtpConfig) -> ISuppressionList | None:
+        """The queue's suppression list (``suppression_list()`` of the backend), unless
+        ``delivery.suppressionTtl`` is 0 or the queue (an embedding program's own) keeps none."""
+        if not config.delivery.suppression_ttl:
+            return None
+        make = getattr(self.queue, "suppression_list", None)
+        if make is None:
+            log.warn("the queue keeps no suppression list; hard-bounced recipients are not suppressed")
+            return None
+        suppressions: ISuppressionList = make()
+        return suppressions
 
     def _build_limits(self, config: SmtpConfig) -> IngressLimits | None:
         """SMTP rate limits when any is configured; with the Redis queue their counters are in the same
@@ -738,6 +855,8 @@ class DcRouter(MultiService):
                 await self.queue.save()
             except Exception:  # noqa: BLE001 (logged; the thread pool must still be stopped)
                 log.failure("the queue could not be saved")
+        if self.suppressions is not None:
+            await _settle_all([self.suppressions.close()], "the suppression list did not close")
         if self.threadpool.started:
             self.threadpool.stop()
         if self._ready_result is None:

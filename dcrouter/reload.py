@@ -224,6 +224,7 @@ class Reloader:
             notes += self._swap_proxy(proxy)
         set_level(new.log_level)
         router.options = new
+        router.raw_config = result.raw
         for warning in result.warnings:
             log.warn("configuration: {problem}", problem=warning)
         return self._applied(source, changes + notes)
@@ -239,7 +240,7 @@ class Reloader:
         assert old is not None
         reactor = router.reactor
         try:
-            routes = RecipientRouter(config)
+            routes = RecipientRouter(config)  # a check only: the router's own is reconfigured in place
             chain = build_chain(config, reactor, router.verification_resolver(config)).options()
         except (OSError, ValueError) as error:
             raise BuildError(f"smtpConfig: {error}") from error
@@ -258,7 +259,13 @@ class Reloader:
         ):
             limits = router.build_limits(config)
         try:
-            policy = SessionPolicy(config, verifier=verifier, limits=limits, counts=router.policy.counts)
+            policy = SessionPolicy(
+                config,
+                verifier=verifier,
+                limits=limits,
+                suppressions=router.policy.suppressions,
+                counts=router.policy.counts,
+            )
         except ValueError as error:
             raise BuildError(f"smtpConfig: {error}") from error
         authenticator = router.authenticator
@@ -308,8 +315,11 @@ class Reloader:
         assert router.smtp is not None and router.processor is not None and router.delivery is not None
         old = router.smtp.config
         config = parts.config
+        assert router.routes is not None and router.policy is not None
         router.processor.update_options(**parts.chain)
-        router.delivery.reconfigure(routes=parts.routes, config=config)
+        router.routes.reconfigure(config)  # checked while building: cannot fail now
+        router.delivery.reload_config(config)
+        parts.policy.suppressed_refusals = router.policy.suppressed_refusals
         if parts.key is not None:
             router.certificates.set_default(parts.key)
         tls_options = router.smtp_tls_options()
@@ -323,7 +333,7 @@ class Reloader:
             )
 
         router.smtp.reconfigure(config, parts.ports, update)
-        router.routes, router.policy, router.authenticator = parts.routes, parts.policy, parts.authenticator
+        router.policy, router.authenticator = parts.policy, parts.authenticator
         router.limits, router.verifier = parts.limits, parts.verifier
         router.smtp_config = config
         return _ports_change("smtpConfig.ports", old.ports, config.ports)

@@ -37,6 +37,7 @@ class ApiError(Exception):
         code: str,
         message: str,
         headers: Mapping[str, str] | None = None,
+        *,
         errors: list[str] | None = None,
     ) -> None:
         super().__init__(message)
@@ -44,7 +45,7 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.headers = dict(headers or {})
-        #: Every problem found, each starting with its key path (a refused configuration), when several.
+        #: Every problem found (a configuration check's errors, each starting with its key path).
         self.errors = errors
 
     def body(self) -> dict[str, Any]:
@@ -104,10 +105,12 @@ class Field:
     """A query parameter or JSON body field: its JSON type and meaning (documented in OpenAPI)."""
 
     name: str
-    type: str  # "string" | "integer" | "boolean"
+    type: str  # "string" | "integer" | "boolean" | "array" (of objects) | "object"
     doc: str
     required: bool = False
     enum: tuple[str, ...] = ()
+    #: JSON null is accepted too (a body field only).
+    nullable: bool = False
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,16 @@ def parse_query(request: Request, endpoint: Endpoint) -> dict[str, str]:
 
 
 def check_value(spec: Field, value: Any, *, where: str) -> None:
+    if value is None and spec.nullable:
+        return
+    if spec.type == "array":
+        if not isinstance(value, list):
+            raise ApiError(400, "bad_field", f"{where}: expected an array, got {value!r}")
+        return
+    if spec.type == "object":
+        if not isinstance(value, dict):
+            raise ApiError(400, "bad_field", f"{where}: expected an object, got {value!r}")
+        return
     if spec.type == "integer":
         ok = isinstance(value, int) and not isinstance(value, bool)
         if isinstance(value, str):

@@ -64,6 +64,7 @@ RESTART_ONLY: tuple[tuple[str, str], ...] = (
     ("smartProxyConfig", "adding or removing the proxy"),
     ("smartProxyConfig.bindAddress", "the address every proxy port is bound on"),
     ("smartProxyConfig.acme", "ACME orders"),
+    ("dnsServerConfig", "the DNS server"),
     ("httpDomainRoutes", "adding or removing the proxy"),
     ("apiConfig", "the management API itself"),
     ("metricsConfig", "the metrics listener"),
@@ -270,11 +271,10 @@ class Reloader:
             raise BuildError(f"smtpConfig: {error}") from error
         authenticator = router.authenticator
         if config.auth != old.auth:
-            authenticator = (
-                Authenticator(config.auth, clock=reactor, reactor=reactor, threadpool=router.threadpool)
-                if config.auth.users
-                else None
-            )
+            try:
+                authenticator = router.build_authenticator(config)
+            except Exception as error:  # what building a provider raises
+                raise BuildError(f"smtpConfig.auth: {error}") from error
         key = self._smtp_key(options, config)
         tls_options = router.smtp_tls_options()
         smtp = router.smtp

@@ -526,15 +526,7 @@ class DcRouter(MultiService):
         self.policy = SessionPolicy(
             config, verifier=self.verifier, limits=self.limits, suppressions=self.suppressions
         )
-        auth = config.auth
-        if auth.users or auth.ldap_url or auth.oauth2 or auth.providers:
-            self.authenticator = Authenticator(
-                auth,
-                clock=reactor,
-                reactor=reactor,
-                threadpool=self.threadpool,
-                providers=build_providers(auth, reactor),
-            )
+        self.authenticator = self.build_authenticator(config)
         # Not a child service: it binds in privilegedStartService, starts once the queue has loaded and stops
         # before everything else (_stop).
         self.smtp = SmtpService(
@@ -749,6 +741,20 @@ class DcRouter(MultiService):
 
     def build_verifier(self, config: SmtpConfig) -> RecipientVerifier | None:
         return self._build_verifier(config)
+
+    def build_authenticator(self, config: SmtpConfig) -> Authenticator | None:
+        """SMTP AUTH's checker when ``config`` has users or providers (None: AUTH is not offered)."""
+        auth = config.auth
+        if not (auth.users or auth.ldap_url or auth.oauth2 or auth.providers):
+            return None
+        reactor = self._reactor
+        return Authenticator(
+            auth,
+            clock=reactor,
+            reactor=reactor,
+            threadpool=self.threadpool,
+            providers=build_providers(auth, reactor),
+        )
 
     def build_limits(self, config: SmtpConfig) -> IngressLimits | None:
         limits = self._build_limits(config)

@@ -19,7 +19,7 @@ from dcrouter.log import level_for
 from dcrouter.reload import Reloader, ReloadOutcome, changed_keys, restart_needed
 from dcrouter.tap import make_reloader, on_sighup
 from tests.test_net_listen import PortsReactor
-from tests.test_router import write_tls
+from tests.test_router import A_HASH, write_tls
 
 
 class Recorder:
@@ -186,6 +186,16 @@ class ReloadTests(SynchronousTestCase):
         outcome = self.reload()
         self.assertTrue(outcome.applied, outcome.errors)
         self.assertEqual(len(self.router.processor._transformations), 1)
+
+    def test_auth_users_for_new_sessions(self) -> None:
+        assert self.router.smtp is not None
+        factory = self.router.smtp.factories[2525]
+        self.assertIsNone(self.router.authenticator)
+        self.config["smtpConfig"]["auth"] = {"users": [{"username": "u", "password": A_HASH}]}
+        outcome = self.reload()
+        self.assertTrue(outcome.applied, outcome.errors)
+        self.assertIsNotNone(self.router.authenticator)
+        self.assertIs(factory.authenticator, self.router.authenticator)
 
     def test_sighup_reloads(self) -> None:
         self.router.reloader = make_reloader(self.router, self.path, self.reactor)

@@ -209,12 +209,12 @@ class Reloader:
         refused = restart_needed(old, new)
         if refused:
             return self._failed(source, refused)
-        changes = changed_keys(old, new)
-        if not changes:
-            return self._applied(source, ["nothing changed"])
+        # Built even when the file is unchanged: certificate and DKIM key files are read again (a renewed
+        # certificate is the usual reason for a SIGHUP).
+        changes = changed_keys(old, new) or ["nothing changed in the file; certificates and keys read again"]
         try:
-            smtp = self._build_smtp(new) if new.smtp_config != old.smtp_config or new.tls != old.tls else None
-            proxy = self._build_proxy(new) if _proxy_changed(old, new) else None
+            smtp = self._build_smtp(new)
+            proxy = self._build_proxy(new)
         except BuildError as error:
             return self._failed(source, [str(error)])
         # From here to the end, nothing waits: the new parts replace the old ones in one step.
@@ -388,9 +388,3 @@ class Reloader:
         self._router.events.emit("config.reloaded", source=source, path=self._path, changes=changes)
         return ReloadOutcome(True, self._path, changes=changes)
 
-
-def _proxy_changed(old: DcRouterOptions, new: DcRouterOptions) -> bool:
-    return (old.smart_proxy_config, old.http_domain_routes) != (
-        new.smart_proxy_config,
-        new.http_domain_routes,
-    )

@@ -16,6 +16,7 @@ from dcrouter import DcRouter
 from dcrouter.config import load_file
 from dcrouter.events import Event
 from dcrouter.log import level_for
+from dcrouter.net.certfiles import generate_self_signed
 from dcrouter.reload import Reloader, ReloadOutcome, changed_keys, restart_needed
 from dcrouter.tap import make_reloader, on_sighup
 from tests.test_net_listen import PortsReactor
@@ -90,7 +91,7 @@ class ReloadTests(SynchronousTestCase):
     def test_unchanged_file(self) -> None:
         outcome = self.reload()
         self.assertTrue(outcome.applied)
-        self.assertEqual(outcome.changes, ["nothing changed"])
+        self.assertEqual(outcome.changes, ["nothing changed in the file; certificates and keys read again"])
         self.assertEqual([e.type for e in self.events.events], ["config.reloaded"])
 
     def test_routing_rule_for_the_next_message(self) -> None:
@@ -186,6 +187,20 @@ class ReloadTests(SynchronousTestCase):
         outcome = self.reload()
         self.assertTrue(outcome.applied, outcome.errors)
         self.assertEqual(len(self.router.processor._transformations), 1)
+
+    def test_renewed_certificate_with_the_same_file_names(self) -> None:
+        before = self.router.certificates.default
+        assert before is not None
+        cert, key = generate_self_signed("mx.test")
+        paths = self.config["smtpConfig"]["tls"]
+        for name, data in (("certPath", cert), ("keyPath", key)):
+            with open(paths[name], "wb") as handle:
+                handle.write(data)
+        outcome = self.reload()
+        self.assertTrue(outcome.applied, outcome.errors)
+        after = self.router.certificates.default
+        assert after is not None
+        self.assertNotEqual(after.certificate.serial_number, before.certificate.serial_number)
 
     def test_auth_users_for_new_sessions(self) -> None:
         assert self.router.smtp is not None

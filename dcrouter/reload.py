@@ -334,7 +334,13 @@ class Reloader:
 
         router.smtp.reconfigure(config, parts.ports, update)
         router.policy, router.authenticator = parts.policy, parts.authenticator
+        old_verifier = router.verifier
         router.limits, router.verifier = parts.limits, parts.verifier
+        if old_verifier is not None and old_verifier is not parts.verifier:
+            # Callouts in flight on the old one end unverified (450), as after PUT /api/v1/routing.
+            Deferred.fromCoroutine(old_verifier.close()).addErrback(
+                lambda failure: log.failure("recipient callout connections did not close", failure)
+            )
         router.smtp_config = config
         return _ports_change("smtpConfig.ports", old.ports, config.ports)
 

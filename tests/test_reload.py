@@ -122,6 +122,16 @@ class ReloadTests(SynchronousTestCase):
         assert old_policy is not None and self.router.policy is not None
         self.assertIs(old_policy.counts, self.router.policy.counts)
 
+    def test_handed_over_sessions_get_the_new_configuration(self) -> None:
+        """Sessions the proxy hands over (its smtp socket handler): a factory first made after a reload has
+        the reload's settings, not those of the start."""
+        self.config["smtpConfig"]["relayNetworks"] = ["10.0.0.0/8"]
+        self.assertTrue(self.reload().applied)
+        assert self.router.smtp is not None
+        factory = self.router.smtp.handover_factory(2525)
+        self.assertIs(factory.policy, self.router.policy)
+        self.assertIs(factory.config, self.router.smtp_config)
+
     def test_ports_opened_and_closed(self) -> None:
         self.config["smtpConfig"]["ports"] = [2526, 2527]
         outcome = self.reload()

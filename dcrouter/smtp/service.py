@@ -224,6 +224,8 @@ class SmtpService(Service):
         self._stopping: Deferred[None] | None = None
         self._tls_options: CertificateOptions | None = None
         self._handed_over: dict[int, ESMTPServerFactory] = {}
+        #: What the last reload did to every factory, for handed-over ports first used after it.
+        self._reconfigured: Callable[[ESMTPServerFactory], None] | None = None
 
     def add_port(self, port: IListeningPort) -> None:
         """Stop ``port`` first when the service stops."""
@@ -310,6 +312,7 @@ class SmtpService(Service):
                 update(factory)
         for factory in self._handed_over.values():
             update(factory)
+        self._reconfigured = update
         for listener in self._add_listeners(config, added.factories, added.bound, added.tls_options):
             if self.running:
                 resume(listener.listening)
@@ -340,6 +343,8 @@ class SmtpService(Service):
         factory = self._handed_over.get(port)
         if factory is None:
             factory = self._factory_for(port=port, tls_options=self._tls_options, sessions=self.sessions)
+            if self._reconfigured is not None:
+                self._reconfigured(factory)  # the settings of the last reload, not those of the start
             self._handed_over[port] = factory
         return factory
 

@@ -50,6 +50,8 @@ test-peers:
 	command -v sslscan >/dev/null || missing="$$missing sslscan"; \
 	command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing="$$missing haproxy"; \
 	command -v testssl >/dev/null || missing="$$missing testssl.sh"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
 	command -v dig >/dev/null || missing="$$missing bind9-dnsutils"; \
 	command -v slapd >/dev/null || [ -x /usr/sbin/slapd ] || missing="$$missing slapd"; \
 	[ -z "$$missing" ] || { \

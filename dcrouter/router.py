@@ -248,6 +248,8 @@ class DcRouter(MultiService):
         #: An ILogObserver this router asks the twistd Application it is put in to log through
         #: (``logFormat = "json"``; set by dcrouter.tap). None: the application's own choice.
         self.log_observer: Any = None
+        #: Reloads the configuration file (dcrouter.reload.Reloader); set by dcrouter.tap, None otherwise.
+        self.reloader: Any = None
         if reactor is None:
             # Only for embedding without passing a reactor in; twistd's makeService passes it.
             from twisted.internet import reactor as global_reactor
@@ -372,8 +374,15 @@ class DcRouter(MultiService):
             route_test=partial(dry_run, self),
             suppressions=self.suppressions,
             suppression_ttl=self.smtp_config.delivery.suppression_ttl / 1000.0 if self.smtp_config else 0.0,
-            suppressed_refusals=(lambda: policy.suppressed_refusals) if policy is not None else (lambda: 0),
+            # The router's policy of the moment: a configuration reload replaces it.
+            suppressed_refusals=(
+                (lambda: self.policy.suppressed_refusals if self.policy is not None else 0)
+                if policy is not None
+                else (lambda: 0)
+            ),
         )
+        #: What the API reads; ``view.reload`` is set by whoever knows the configuration file (dcrouter.tap).
+        self.api_view = view
         root = build_root(
             self.options.api_config,
             view,
@@ -517,15 +526,7 @@ class DcRouter(MultiService):
         self.policy = SessionPolicy(
             config, verifier=self.verifier, limits=self.limits, suppressions=self.suppressions
         )
-        auth = config.auth
-        if auth.users or auth.ldap_url or auth.oauth2 or auth.providers:
-            self.authenticator = Authenticator(
-                auth,
-                clock=reactor,
-                reactor=reactor,
-                threadpool=self.threadpool,
-                providers=build_providers(auth, reactor),
-            )
+        self.authenticator = self.build_authenticator(config)
         # Not a child service: it binds in privilegedStartService, starts once the queue has loaded and stops
         # before everything else (_stop).
         self.smtp = SmtpService(
@@ -712,9 +713,54 @@ class DcRouter(MultiService):
         self.certificates.set_default(key)
         try:
             policy = TlsPolicy(tls_config.tls_profile, tls_config.min_version, tls_config.ciphers)
-            return self.certificates.server_options(policy=policy)
+            self._smtp_tls_options: CertificateOptions | None = self.certificates.server_options(
+                policy=policy
+            )
         except ValueError as error:
             raise StartupError(f"smtpConfig.tls: {error}") from error
+        return self._smtp_tls_options
+
+    # -- what a configuration reload (dcrouter.reload) builds with -------------------------------------
+
+    @property
+    def reactor(self) -> IRouterReactor:
+        return self._reactor
+
+    @property
+    def spool_directory(self) -> str:
+        assert self.queue is not None
+        return self.queue.spool_directory
+
+    def smtp_tls_options(self) -> CertificateOptions | None:
+        """The TLS options SMTP's ports were bound with (None: no TLS); they serve the store's current
+        certificates, so a reload that changes the certificate files keeps them."""
+        return getattr(self, "_smtp_tls_options", None)
+
+    def verification_resolver(self, config: SmtpConfig) -> Any:
+        return self._verification_resolver(config)
+
+    def build_verifier(self, config: SmtpConfig) -> RecipientVerifier | None:
+        return self._build_verifier(config)
+
+    def build_authenticator(self, config: SmtpConfig) -> Authenticator | None:
+        """SMTP AUTH's checker when ``config`` has users or providers (None: AUTH is not offered)."""
+        auth = config.auth
+        if not (auth.users or auth.ldap_url or auth.oauth2 or auth.providers):
+            return None
+        reactor = self._reactor
+        return Authenticator(
+            auth,
+            clock=reactor,
+            reactor=reactor,
+            threadpool=self.threadpool,
+            providers=build_providers(auth, reactor),
+        )
+
+    def build_limits(self, config: SmtpConfig) -> IngressLimits | None:
+        limits = self._build_limits(config)
+        if limits is not None:
+            report_limit_alerts(limits.limiter.alerts, self.events, "smtp")
+        return limits
 
     # -- service lifecycle -------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from dcrouter.delivery.manager import DeliveryManager
@@ -47,6 +48,9 @@ class RouterView:
     suppressions: ISuppressionList | None = None
     suppression_ttl: float = 0.0
     suppressed_refusals: Callable[[], int] = _zero
+    #: Reloads the configuration file (``source`` names who asked) and fires with a
+    #: :class:`dcrouter.reload.ReloadOutcome`; None when the router was not started from a file.
+    reload: Callable[[str], Deferred[Any]] | None = None
 
 
 def iso_time(when: float | None) -> str | None:

@@ -41,6 +41,7 @@ from twisted.python.threadpool import ThreadPool
 from dcrouter import __version__
 from dcrouter.acme.challenges import ChallengeResponder
 from dcrouter.acme.service import AcmeService
+from dcrouter.api.ratelimits import RateLimitControl
 from dcrouter.api.service import ApiService, build_root
 from dcrouter.api.view import RouterView
 from dcrouter.config import ConfigResult, load_options
@@ -56,7 +57,12 @@ from dcrouter.delivery.transport import ESMTPTransport
 from dcrouter.events import EventBus
 from dcrouter.interfaces import IDeliveryQueue
 from dcrouter.limits.alerts import Alerts, LimitAlert
-from dcrouter.limits.ingress import IngressLimits, build_ingress_limits, limits_configured
+from dcrouter.limits.ingress import (
+    IngressLimits,
+    build_ingress_limits,
+    limits_configured,
+    rebuild_ingress_limits,
+)
 from dcrouter.log import logger, set_level
 from dcrouter.net.certfiles import TlsMaterialError, generate_self_signed, load_certified_key
 from dcrouter.net.certstore import CertificateStore, CertifiedKey
@@ -256,6 +262,9 @@ class DcRouter(MultiService):
         self.verifier: RecipientVerifier | None = None
         #: SMTP rate limits (None when none is configured) and their own Redis connection, if any.
         self.limits: IngressLimits | None = None
+        #: The last limits built, kept while a change at run time turns every limit off (their counters and
+        #: alert observers serve again when limits come back).
+        self._limits_built: IngressLimits | None = None
         self._limits_redis: RedisConnection | None = None
         self.authenticator: Authenticator | None = None
         self.routes: RecipientRouter | None = None
@@ -332,6 +341,11 @@ class DcRouter(MultiService):
                 (lambda: sum(c.active for c in proxy.counters.values())) if proxy is not None else (lambda: 0)
             ),
             started_at=reactor.seconds(),
+            rate_limits=(
+                RateLimitControl(self._smtp_config, self.set_rate_limits, self.delivery)
+                if self.smtp_config is not None
+                else None
+            ),
         )
         root = build_root(
             self.options.api_config,
@@ -364,7 +378,7 @@ class DcRouter(MultiService):
         )
         self._build_delivery(config)
         self.verifier = self._build_verifier(config)
-        self.limits = self._build_limits(config)
+        self.limits = self._limits_built = self._build_limits(config)
         if self.limits is not None:
             report_limit_alerts(self.limits.limiter.alerts, self.events, "smtp")
         self.policy = SessionPolicy(config, verifier=self.verifier, limits=self.limits)
@@ -422,12 +436,46 @@ class DcRouter(MultiService):
         manager = self.delivery
         self.processor.on_queued = lambda item: manager.wake()
 
+    def _smtp_config(self) -> SmtpConfig:
+        assert self.smtp_config is not None
+        return self.smtp_config
+
+    def set_rate_limits(self, config: SmtpConfig) -> None:
+        """Put ``config``'s rate limits in force now (``PUT /api/v1/rate-limits``): ``rateLimits`` and the
+        ``domainConfigs`` limits over the same counters (:func:`rebuild_ingress_limits`), the outbound
+        limits in the delivery shaper. Nothing else of ``config`` is read; sessions ask the new limits from
+        their next command on."""
+        assert self.policy is not None
+        built = self._limits_built
+        if built is not None:
+            limits = None
+            if limits_configured(config):
+                limits = rebuild_ingress_limits(built, config, self._reactor)
+        else:
+            limits = self._build_limits(config)
+            if limits is not None:
+                report_limit_alerts(limits.limiter.alerts, self.events, "smtp")
+        if limits is not None:
+            self._limits_built = limits
+        elif built is not None:
+            # Closes are not counted while off: open counts would be stale when limits come back.
+            built.forget_connections()
+        self.limits = self.policy.limits = limits
+        if self.delivery is not None:
+            delivery = config.delivery
+            self.delivery.shaper.configure(
+                delivery.global_rate_limit, delivery.per_server_rate_limit, delivery.per_domain_rate_limit
+            )
+            self.delivery.wake()
+        self.smtp_config = config
+        self.options = dataclasses.replace(self.options, smtp_config=config)
+
     def _build_limits(self, config: SmtpConfig) -> IngressLimits | None:
         """SMTP rate limits when any is configured; with the Redis queue their counters are in the same
         Redis (a connection pool of their own, with a short deadline: a check waits at most a second before
         it falls back to counting in this process)."""
         redis_call = None
-        if limits_configured(config) and config.queue_storage == "redis":
+        if limits_configured(config) and config.queue_storage == "redis" and self._limits_redis is None:
             from dcrouter.net.redis_url import parse_redis_url
             from dcrouter.queue.redis_connection import RedisConnection
 
@@ -435,6 +483,7 @@ class DcRouter(MultiService):
             self._limits_redis = RedisConnection(
                 parse_redis_url(config.redis_url), reactor=self._reactor, timeout=1.0, pool_size=2
             )
+        if self._limits_redis is not None:
             redis_call = self._limits_redis.call
         return build_ingress_limits(config, self._reactor, redis_call)
 

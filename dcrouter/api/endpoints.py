@@ -9,6 +9,7 @@ from typing import Any
 
 from dcrouter import log as dclog
 from dcrouter.api.http import ApiError, Call, Endpoint, Field, Stream
+from dcrouter.api.ratelimits import endpoints as rate_limit_endpoints
 from dcrouter.api.view import RouterView, iso_time, item_detail, item_summary
 from dcrouter.delivery.manager import DeliveryManager
 from dcrouter.interfaces import IDeliveryQueue, QueueUnavailable
@@ -214,6 +215,7 @@ class Endpoints:
                 ),
                 responses={400: "bad level or namespace"},
             ),
+            *rate_limit_endpoints(lambda: self.view.rate_limits),
         ]
 
     # -- helpers ---------------------------------------------------------------------------------------

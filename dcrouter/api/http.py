@@ -94,7 +94,7 @@ class Field:
     """A query parameter or JSON body field: its JSON type and meaning (documented in OpenAPI)."""
 
     name: str
-    type: str  # "string" | "integer" | "boolean"
+    type: str  # "string" | "integer" | "boolean" | "object" | "array"
     doc: str
     required: bool = False
     enum: tuple[str, ...] = ()
@@ -151,6 +151,9 @@ def check_value(spec: Field, value: Any, *, where: str) -> None:
             ok = value.isascii() and value.isdigit() and len(value) <= 9
         if not ok:
             raise ApiError(400, "bad_parameter", f"{where}: expected an integer, got {value!r}")
+    elif spec.type in ("object", "array"):
+        if not isinstance(value, dict if spec.type == "object" else list):
+            raise ApiError(400, "bad_field", f"{where}: expected a JSON {spec.type}")
     elif spec.type == "boolean":
         if not isinstance(value, bool):
             raise ApiError(400, "bad_field", f"{where}: expected true or false, got {value!r}")

@@ -10,6 +10,7 @@ from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 
+from dcrouter.api.ratelimits import RateLimitControl
 from dcrouter.delivery.manager import DeliveryManager
 from dcrouter.interfaces import IDeliveryQueue
 from dcrouter.queue.item import QueueItem, QueueItemStatus
@@ -35,6 +36,8 @@ class RouterView:
     smtp_sessions: Callable[[], int] = _zero
     proxy_connections: Callable[[], int] = _zero
     started_at: float = field(default=0.0)
+    #: The rate limits in force and how to change them (None without smtpConfig): /api/v1/rate-limits.
+    rate_limits: RateLimitControl | None = None
 
 
 def iso_time(when: float | None) -> str | None:

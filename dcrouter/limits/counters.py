@@ -131,6 +131,30 @@ class LocalCounters:
                     self.evictions += 1
         tats[key] = tat
 
+    def carry_over(self, changes: dict[str, float | None]) -> int:
+        """After the limits changed at run time: for each limit name in ``changes`` (the part of a key
+        before ``|``), scale its keys' debt by the factor (a rate whose count or burst changed keeps the
+        events it counted: ``new interval / old interval``), or drop its keys when the factor is None (a
+        limit gone, or now counted per something else or over another window). Keys of limits not named
+        are kept as they are. Returns the keys changed or dropped. Walks the whole store once: for an
+        operator's change, never per message."""
+        if not changes:
+            return 0
+        now = self._clock.seconds()
+        tats = self._tats
+        touched = 0
+        for key in list(tats):
+            name = key.partition("|")[0]
+            if name not in changes:
+                continue
+            factor = changes[name]
+            touched += 1
+            if factor is None:
+                del tats[key]
+            elif tats[key] > now:
+                tats[key] = now + (tats[key] - now) * factor
+        return touched
+
     def _expire(self, now: float, limit: int | None = _EXPIRE_PER_STEP) -> None:
         """Drop keys whose TAT has passed from the cold end: ``limit`` of them at most, or all when None
         (only when the cap is reached, so a full sweep is paid once per cap's worth of new keys at most)."""

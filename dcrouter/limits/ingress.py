@@ -171,6 +171,7 @@ class IngressLimits:
         self._relay_networks = CidrSet(config.relay_networks)
         self._named = [(CidrSet(t.networks), _tier(f"tier:{t.name}", t)) for t in limits.tiers]
         entries = [(entry, _domain_rules(i, entry)) for i, entry in enumerate(config.domain_configs)]
+        self._domain_list = [rules for _, rules in entries]
         self._domains: DomainMatcher[_DomainRules] = DomainMatcher(
             (domain, rules) for entry, rules in entries for domain in entry.domains
         )
@@ -181,6 +182,19 @@ class IngressLimits:
         )
         self._open: dict[str, int] = {}
         self._network_tier = lru_cache(maxsize=_ADDRESS_CACHE)(self._tier_by_address)
+
+    def rules(self) -> dict[str, tuple[str, Limit]]:
+        """Every configured limit by name, with what it counts per (``ip``, ``sender``, ...)."""
+        found: dict[str, tuple[str, Limit]] = {}
+        tiers = [self._anonymous, self._authenticated, self._relay, *(tier for _, tier in self._named)]
+        for tier in tiers:
+            for rules in tier.rules.values():
+                for rule in rules:
+                    found[rule.limit.name] = (rule.per, rule.limit)
+        for domain in self._domain_list:
+            if domain.messages is not None:
+                found[domain.messages.limit.name] = (domain.messages.per, domain.messages.limit)
+        return found
 
     # Tiers and keys
 
@@ -289,6 +303,10 @@ class IngressLimits:
             self._open.pop(ip, None)
         else:
             self._open[ip] = count - 1
+
+    def forget_connections(self) -> None:
+        """Forget the open connection counts (the limits are put out of use: closes go uncounted)."""
+        self._open.clear()
 
     def connections_from(self, ip: str) -> int:
         """Connections counted from ``ip`` (tests)."""
@@ -399,6 +417,40 @@ def limits_configured(config: SmtpConfig) -> bool:
         )
         for entry in config.domain_configs
     )
+
+
+def carried_over(
+    old: dict[str, tuple[str, Limit]], new: dict[str, tuple[str, Limit]]
+) -> dict[str, float | None]:
+    """What :meth:`~dcrouter.limits.counters.LocalCounters.carry_over` does with each old limit's counters
+    when the limits change at run time: a limit with the same name, key (``per``) and window keeps the events
+    it counted, rescaled to its new count or burst (so a lowered limit applies to them at once); any other
+    old limit's counters are dropped. Unchanged limits are left out (nothing to do)."""
+    changes: dict[str, float | None] = {}
+    for name, (per, limit) in old.items():
+        kept = new.get(name)
+        if kept is None or kept[0] != per or kept[1].rate.window != limit.rate.window:
+            changes[name] = None
+        elif kept[1].rate != limit.rate:
+            changes[name] = kept[1].rate.interval / limit.rate.interval
+    return changes
+
+
+def rebuild_ingress_limits(previous: IngressLimits, config: SmtpConfig, clock: IReactorTime) -> IngressLimits:
+    """The limits of ``config`` counted by ``previous``'s limiter (same store, same alerts and their
+    observers), for a change at run time: the open connection counts move over, and the counters are
+    carried over as :func:`carried_over` says. With Redis, the local fallback's counters are carried over;
+    the shared ones in Redis are kept as they are (a changed limit reads a key's stored time debt at its new
+    rate) and expire by themselves."""
+    limiter = previous.limiter
+    limiter.alerts.hits = config.rate_limits.alert_after
+    current = IngressLimits(config, limiter, clock)
+    current._open = previous._open
+    store = limiter.store
+    local = store if isinstance(store, LocalCounters) else getattr(store, "local", None)
+    if isinstance(local, LocalCounters):
+        local.carry_over(carried_over(previous.rules(), current.rules()))
+    return current
 
 
 def build_ingress_limits(

@@ -289,6 +289,7 @@ class DcRouter(MultiService):
             self.proxy.setServiceParent(self)
             self.metrics.watch_proxy(self.proxy.counters)
             report_limit_alerts(self.proxy.context.limiter.alerts, self.events, "proxy")
+            self.metrics.watch_limits("proxy", self.proxy.context.limiter.stats)
         # After the proxy, as children start in order: port 80 answers before the first order is placed.
         self.acme: AcmeService | None = AcmeService.from_options(
             self.options,
@@ -379,6 +380,9 @@ class DcRouter(MultiService):
         self._build_delivery(config)
         self.verifier = self._build_verifier(config)
         self.limits = self._limits_built = self._build_limits(config)
+        self.metrics.watch_limits(
+            "smtp", lambda: self._limits_built.limiter.stats() if self._limits_built is not None else None
+        )
         if self.limits is not None:
             report_limit_alerts(self.limits.limiter.alerts, self.events, "smtp")
         self.policy = SessionPolicy(config, verifier=self.verifier, limits=self.limits)

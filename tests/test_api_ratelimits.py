@@ -6,6 +6,7 @@ from __future__ import annotations
 import smtplib
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
@@ -16,6 +17,7 @@ from dcrouter.config import load_options
 from dcrouter.limits.counters import LocalCounters
 from dcrouter.limits.ingress import build_ingress_limits, rebuild_ingress_limits
 from dcrouter.mail.address import parse_mail_argument
+from dcrouter.observe.metrics import RouterMetrics
 from tests.integration import free_ports
 from tests.test_api import ADMIN, READER, ApiTestBase, sha
 
@@ -147,6 +149,12 @@ class RateLimitApiTests(ApiTestBase):
         # The three messages counted under 100 a minute are kept: two a minute is over at once.
         code, text = await self.smtp_mail()
         self.assertEqual(code, 451)
+        code, scraped, _ = await self.call("GET", "/metrics")
+        self.assertIn(
+            b'dcrouter_rate_limit_hits_total{phase="mail",protocol="smtp",thing="messages",'
+            b'tier="anonymous"} 1.0',
+            scraped,
+        )
         self.assertTrue(
             text.startswith(b"4.7.1 Rate limit exceeded (messages per client address: 2 per"), text
         )
@@ -214,6 +222,57 @@ class RateLimitApiTests(ApiTestBase):
             {"globalRateLimit": 120, "perServerRateLimit": 60, "perDomainRateLimit": {}},
         )
         self.assertEqual(router.options.smtp_config.delivery.global_rate_limit, 120)
+
+
+class LimiterMetricsTests(TestCase):
+    """The limiter's figures as the metrics registry exports them (parsed by prometheus_client)."""
+
+    def test_hits_tarpits_keys_and_evictions(self) -> None:
+        clock = Clock()
+        config = smtp_config(
+            {
+                "maxKeys": 2,
+                "tarpitDelay": 2000,
+                "anonymous": {"connections": 1, "messages": [{"count": 1}, {"count": 1, "per": "sender"}]},
+                "authenticated": {"messages": [{"count": 1, "action": "tarpit", "per": "user"}]},
+            }
+        )
+        limits = build_ingress_limits(config, clock)
+        assert limits is not None
+        metrics = RouterMetrics()
+        metrics.watch_limits("smtp", limits.limiter.stats)
+        sender = parse_mail_argument("FROM:<a@sender.test>", utf8=False)[0]
+        first, second = Session("192.0.2.1"), Session("192.0.2.2")
+        self.assertIsNone(limits.connection_opened(first))
+        self.assertIsNotNone(limits.connection_opened(first))  # over connections: 1
+        self.assertIsNone(limits.check_mail(first, sender, 1))
+        self.assertIsNotNone(limits.check_mail(first, sender, 1))  # the per-ip limit refuses first
+        user = Session("192.0.2.3")
+        user.auth_user = "alice"
+        self.assertIsNone(limits.check_mail(user, sender, 1))
+        limits.check_mail(user, sender, 1)  # tarpit: held back 2 s
+        other = parse_mail_argument("FROM:<b@other.test>", utf8=False)[0]
+        self.assertIsNone(limits.check_mail(second, other, 1))  # new keys into a store of 2: evictions
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(metrics.render().decode())
+            for s in family.samples
+        }
+
+        def hits(tier: str, thing: str, phase: str) -> float:
+            labels = {"protocol": "smtp", "tier": tier, "thing": thing, "phase": phase}
+            return samples[("dcrouter_rate_limit_hits_total", tuple(sorted(labels.items())))]
+
+        self.assertEqual(hits("anonymous", "connections", "connect"), 1)
+        self.assertEqual(hits("anonymous", "messages", "mail"), 1)
+        self.assertEqual(hits("authenticated", "messages", "mail"), 1)
+        smtp = (("protocol", "smtp"),)
+        self.assertEqual(samples[("dcrouter_rate_limit_tarpits_total", smtp)], 1)
+        self.assertEqual(samples[("dcrouter_rate_limit_tarpit_seconds_total", smtp)], 2.0)
+        self.assertEqual(samples[("dcrouter_rate_limit_keys", smtp)], 2)
+        self.assertGreaterEqual(samples[("dcrouter_rate_limit_evictions_total", smtp)], 1)
+        self.assertEqual(samples[("dcrouter_rate_limit_redis_fallback", smtp)], 0)
+        clock.advance(3)
 
 
 class Session:

@@ -81,16 +81,27 @@ class _Tier:
     rules: dict[str, tuple[_Rule, ...]]
 
 
-def _rule(name: str, thing: str, entry: LimitConfig) -> _Rule:
+#: The SMTP phase at which each thing is checked (a metric label).
+_PHASE = {
+    "connectionRate": "connect",
+    "authFailures": "auth",
+    "messages": "mail",
+    "recipients": "rcpt",
+    "bytes": "mail",
+}
+
+
+def _rule(name: str, tier: str, thing: str, entry: LimitConfig) -> _Rule:
     unit = {"connectionRate": "connections", "authFailures": "failed AUTH attempts"}.get(thing, thing)
     label = f"{unit} per {_PER_TEXT[entry.per]}: {entry.count} per {window_text(entry.window)}"
     rate = Rate(entry.count, entry.window / 1000, entry.burst)
-    return _Rule(entry.per, Limit(name, label, rate, entry.action))
+    phase = "rcpt" if thing == "messages" and entry.per == "recipientDomain" else _PHASE[thing]
+    return _Rule(entry.per, Limit(name, label, rate, entry.action, (tier, thing, phase)))
 
 
 def _tier(name: str, config: TierConfig) -> _Tier:
     rules = {
-        thing: tuple(_rule(f"{name}.{thing}.{i}", thing, e) for i, e in enumerate(entries))
+        thing: tuple(_rule(f"{name}.{thing}.{i}", name, thing, e) for i, e in enumerate(entries))
         for thing, entries in tier_limits(config).items()
     }
     # Messages per recipient domain are counted at RCPT, the others at MAIL: split once, here.
@@ -110,13 +121,20 @@ class _DomainRules:
     messages: _Rule | None
 
 
+#: Metric labels of the domainConfigs rules (tier ``domain``: every entry together, a bounded label set).
+_DOMAIN_MESSAGES = ("domain", "maxMessagesPerMinute", "rcpt")
+_DOMAIN_ALLOWED = ("domain", "allowedIPs", "rcpt")
+_DOMAIN_RECIPIENTS = ("domain", "maxRecipientsPerMessage", "rcpt")
+
+
 def _domain_rules(index: int, entry: DomainConfig) -> _DomainRules:
     limits = entry.rate_limits
     per_minute = limits.max_messages_per_minute if limits is not None else None
     messages = None
     if per_minute is not None:
         label = f"messages to {entry.domains[0]}: {per_minute} per minute"
-        messages = _Rule("recipientDomain", Limit(f"domain.{index}.messages", label, Rate(per_minute, 60.0)))
+        limit = Limit(f"domain.{index}.messages", label, Rate(per_minute, 60.0), metric=_DOMAIN_MESSAGES)
+        messages = _Rule("recipientDomain", limit)
     return _DomainRules(
         label=entry.domains[0],
         allowed=CidrSet(entry.allowed_ips) if entry.allowed_ips else None,
@@ -272,6 +290,8 @@ class IngressLimits:
             return None
         if limit.action == "tarpit":
             log.info("Rate limit reached, holding the reply back: {limit}", limit=limit.name)
+            self.limiter.tarpits += 1
+            self.limiter.tarpit_seconds += self._tarpit
             return deferLater(self._clock, self._tarpit, lambda: None)
         if limit.action == "reject":
             return Reply(550, "5.7.1", f"Quota exceeded ({limit.label})")
@@ -285,6 +305,7 @@ class IngressLimits:
         # Counted whatever the answer: connection_closed follows every connection_opened.
         self._open[ip] = self._open.get(ip, 0) + 1
         if tier.connections is not None and self._open[ip] > tier.connections:
+            self.limiter.count_hit((tier.name, "connections", "connect"))
             return Reply(421, "4.7.0", f"{self._hostname} Too many connections from your address")
         charges = self._charges(tier.rules["connectionRate"], session)
         return self._decide(
@@ -349,12 +370,14 @@ class IngressLimits:
         if rules is None:
             return None
         if rules.allowed is not None and not session.auth_user and session.peer_host not in rules.allowed:
+            self.limiter.count_hit(_DOMAIN_ALLOWED)
             return Reply(
                 550, "5.7.1", f"<{recipient}>: Client address not allowed to send mail to this domain"
             )
         if rules.max_recipients is not None:
             same = sum(1 for text in accepted if self._domain_of(text) is rules)
             if same >= rules.max_recipients:
+                self.limiter.count_hit(_DOMAIN_RECIPIENTS)
                 return Reply(452, "4.5.3", f"Too many recipients at {rules.label} in one message")
         return None
 

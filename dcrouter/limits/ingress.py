@@ -278,6 +278,8 @@ class IngressLimits:
         if not charges:
             return None
         verdict = self.limiter.check(charges)
+        if verdict is ALLOWED:
+            return None
         if isinstance(verdict, Deferred):
             return verdict.addCallback(self._answer, refusal)
         return self._answer(verdict, refusal)

@@ -79,6 +79,8 @@ class Limiter:
     def __init__(self, store: Store, clock: IReactorTime, alerts: Alerts | None = None) -> None:
         self.store = store
         self.clock = clock
+        #: The store when it counts in this process, for the fast path (:meth:`LocalCounters.within`).
+        self._local = store if isinstance(store, LocalCounters) else None
         self.alerts = alerts if alerts is not None else Alerts()
         #: Refusals by the refusing limit's :attr:`Limit.metric` (and what its users count beside: a
         #: concurrency cap, a tarpit), since start; read by the metrics at scrape time.
@@ -111,6 +113,8 @@ class Limiter:
         Deferred (that never fails: the shared store falls back to local counting), or synchronous while the
         shared store counts locally after a Redis failure."""
         if not charges:
+            return ALLOWED
+        if self._local is not None and self._local.within(charges):
             return ALLOWED
         steps = [Step(limit.prefix + key, limit.rate, cost, force) for limit, key, cost, force in charges]
         outcome = self.store.apply(steps)

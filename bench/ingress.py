@@ -293,13 +293,16 @@ class DcrouterObserved(Dcrouter):
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._hooks: http.server.ThreadingHTTPServer | None = None
+        self._receiver: type[_HookReceiver] = _HookReceiver
         self.scrapes = 0
         self.stream_events = 0
 
     def command(self, directory: str) -> tuple[list[str], dict[str, str]]:
         argv, env = super().command(directory)
         self.api_port, metrics_port = free_port(), free_port()
-        self._hooks = http.server.ThreadingHTTPServer((HOST, 0), _HookReceiver)
+        # A receiver class per server, so each counts its own posts.
+        self._receiver = type("HookReceiver", (_HookReceiver,), {"received": 0})
+        self._hooks = http.server.ThreadingHTTPServer((HOST, 0), self._receiver)
         self._hooks.daemon_threads = True
         with open(os.path.join(directory, "dcrouter.toml"), "a") as f:
             f.write(OBSERVED.format(
@@ -326,7 +329,7 @@ class DcrouterObserved(Dcrouter):
         self._stop.set()
         if self.process is not None and self.process.poll() is None:
             print(f"  {self.label}: {self.scrapes} scrapes, {self.stream_events} events streamed, "
-                  f"{_HookReceiver.received} webhook posts so far", flush=True)
+                  f"{self._receiver.received} webhook posts so far", flush=True)
         if self._hooks is not None:
             self._hooks.shutdown()
             self._hooks.server_close()

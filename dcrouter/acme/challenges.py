@@ -46,7 +46,7 @@ class ChallengeResponder:
         path = path.split("?", 1)[0]
         if not path.startswith(CHALLENGE_PATH_PREFIX):
             return None
-        token = path[len(CHALLENGE_PATH_PREFIX) :]
+        token = path[len(CHALLENGE_PATH_PREFIX):]
         if not _TOKEN.fullmatch(token):
             return None
         return self._authorizations.get(token)

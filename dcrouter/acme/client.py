@@ -214,7 +214,9 @@ class AcmeAccount:
     ) -> None:
         """Serve the HTTP-01 key authorization of ``authzr`` and tell the CA to validate it."""
         name = authzr.body.identifier.value
-        challenge = next((c for c in authzr.body.challenges if isinstance(c.chall, challenges.HTTP01)), None)
+        challenge = next(
+            (c for c in authzr.body.challenges if isinstance(c.chall, challenges.HTTP01)), None
+        )
         if challenge is None:
             raise AcmeError(f"{name}: the CA offers no http-01 challenge (only HTTP-01 is implemented)")
         response, key_authorization = challenge.response_and_validation(self._jwk)

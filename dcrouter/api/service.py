@@ -113,3 +113,4 @@ class ApiService(Service):
             pause(port)
         # A Unix port removes its socket file as it closes.
         return gatherResults([maybeDeferred(port.stopListening) for port in ports])
+

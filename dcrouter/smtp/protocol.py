@@ -360,7 +360,9 @@ class ESMTPServerProtocol(CommandReceiver):
         if reply is not None:
             self._send(reply)
             if reply.code >= 400 and self._f.events.wants("connection.command_refused"):
-                self._emit("connection.command_refused", code=reply.code, replyClass=f"{reply.code // 100}xx")
+                self._emit(
+                    "connection.command_refused", code=reply.code, replyClass=f"{reply.code // 100}xx"
+                )
             if counts and (reply.code in _COUNTED_AS_BAD or junk_error):
                 self._bad_commands += 1
                 if self._bad_commands >= self._config.max_bad_commands:

@@ -25,6 +25,7 @@ asynchronously (the queue cannot load) is logged as critical and fails the Defer
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from collections.abc import Mapping
@@ -32,19 +33,28 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredLock, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IProtocol
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from dcrouter import __version__
-from dcrouter.acme.challenges import ChallengeResponder
+from dcrouter.acme.challenges import ChallengeResponder, Dns01Responder
 from dcrouter.acme.service import AcmeService
-from dcrouter.api.ratelimits import RateLimitControl
+from dcrouter.api.ratelimits import RateLimitControl, with_rate_limits
 from dcrouter.api.service import ApiService, build_root
 from dcrouter.api.view import RouterView
-from dcrouter.config import ConfigResult, load_options
+from dcrouter.auth.build import build_providers
+from dcrouter.config import ConfigError, ConfigResult, load_options
+from dcrouter.config.edit import (
+    hidden_passwords,
+    routing_of,
+    unapplied_changes,
+    with_routing,
+    write_routing,
+)
 from dcrouter.config.options import DcRouterOptions
 from dcrouter.config.smtp import SmtpConfig, generated_certificate_paths, smtp_tls_needs
 from dcrouter.config.tls import TlsConfig
@@ -54,8 +64,10 @@ from dcrouter.delivery.mx import MxResolver, make_resolver
 from dcrouter.delivery.pool import ConnectionPool
 from dcrouter.delivery.routing import RecipientRouter
 from dcrouter.delivery.transport import ESMTPTransport
+from dcrouter.dns.service import DnsBindError, DnsService
+from dcrouter.dns.zone import build_zones
 from dcrouter.events import EventBus
-from dcrouter.interfaces import IDeliveryQueue
+from dcrouter.interfaces import IDeliveryQueue, ISuppressionList
 from dcrouter.limits.alerts import Alerts, LimitAlert
 from dcrouter.limits.ingress import (
     IngressLimits,
@@ -74,7 +86,9 @@ from dcrouter.observe.metrics import MetricsResource, RouterMetrics
 from dcrouter.observe.service import ObserveService
 from dcrouter.processing.build import build_chain
 from dcrouter.processing.processor import EmailProcessor
+from dcrouter.proxy.handlers import RouteContext
 from dcrouter.proxy.service import ProxyBindError, ProxyService
+from dcrouter.routetest import dry_run
 from dcrouter.smtp.auth import Authenticator
 from dcrouter.smtp.policy import SessionPolicy
 from dcrouter.smtp.protocol import ESMTPServerFactory
@@ -122,7 +136,8 @@ def smtp_tls_config(options: DcRouterOptions) -> TlsConfig | None:
     shared = options.tls
     if shared is not None and shared.cert_path and shared.key_path:
         return dataclasses.replace(own or TlsConfig(), cert_path=shared.cert_path, key_path=shared.key_path)
-    if smtp is not None and smtp_tls_needs(smtp):
+    # With tls.acme, a stand-in until ACME's certificate arrives: STARTTLS is offered from the start.
+    if smtp is not None and (smtp_tls_needs(smtp) or (own is not None and own.acme)):
         cert_path: str | None = None
         key_path: str | None = None
         if smtp.queue_storage != "memory":
@@ -214,13 +229,15 @@ class DcRouter(MultiService):
     ``queue`` replaces the backend ``queueStorage`` names (an embedding program's own, or a test's).
 
     Attributes tests and embedding programs may rely on: ``options``, ``warnings`` (from validation),
-    ``queue``, ``processor``, ``policy``, ``authenticator`` (None without users), ``verifier`` (recipient
-    verification; None when no domainConfigs entry asks for it), ``threadpool``,
+    ``queue``, ``processor``, ``policy``, ``authenticator`` (None without users or providers), ``verifier``
+    (recipient verification; None when no domainConfigs entry asks for it), ``threadpool``,
     ``smtp`` (the SmtpService: listening ports and open sessions, for a graceful stop),
     ``smtp_ports`` (configured port → actual port, filled once bound; useful with port 0), ``challenges``
-    (the ACME HTTP-01 responder the proxy serves), ``acme`` (the AcmeService, None without ACME orders),
-    ``api`` (the management API's ApiService, None unless ``apiConfig.enabled``; ``api.port`` is its bound
-    port and ``api.root`` its resource, where ``/metrics`` and ``/api/v1/events`` can be mounted), and
+    (the ACME HTTP-01 responder the proxy serves), ``dns_challenges`` (the DNS-01 TXT values the DNS server
+    publishes), ``dns`` (the DnsService, None without dnsServerConfig), ``acme`` (the AcmeService, None
+    without ACME orders), ``api`` (the management API's ApiService, None unless ``apiConfig.enabled``;
+    ``api.port`` is its bound port and ``api.root`` its resource, where ``/metrics`` and
+    ``/api/v1/events`` can be mounted), and
     ``certificates``: the router's one :class:`CertificateStore`, whose default is SMTP's certificate once
     bound; SMTP, the proxy and ACME all serve from it, so a certificate put there is offered by SNI to the
     next handshake on any of them. ``events`` is the router's :class:`~dcrouter.events.EventBus` (subscribe
@@ -244,6 +261,15 @@ class DcRouter(MultiService):
             reactor = cast(IRouterReactor, global_reactor)  # the one twistd runs provides every part of it
         self._reactor: IRouterReactor = reactor
         self.options, self.warnings = coerce_options(options)
+        #: The configuration as written (its own keys; None when given DcRouterOptions) and its file (None
+        #: unless loaded from one): what ``GET /api/v1/routing`` shows and ``apiConfig.persist`` writes to.
+        self.raw_config: Mapping[str, Any] | None = None
+        self.config_path: str | None = None
+        if isinstance(options, ConfigResult):
+            self.raw_config, self.config_path = options.raw, options.path
+        elif isinstance(options, Mapping):
+            self.raw_config = copy.deepcopy(dict(options))
+        self._routing_lock = DeferredLock()
         set_level(self.options.log_level)
         # One bus per router, handed down to every part that reports (dcrouter.events); the metrics are
         # always kept (the management API serves them too), in a registry of this router's own.
@@ -268,6 +294,7 @@ class DcRouter(MultiService):
         self._limits_redis: RedisConnection | None = None
         self.authenticator: Authenticator | None = None
         self.routes: RecipientRouter | None = None
+        self.suppressions: ISuppressionList | None = None
         self.delivery: DeliveryManager | None = None
         self.delivery_pool: ConnectionPool | None = None
         self.smtp: SmtpService | None = None
@@ -275,6 +302,10 @@ class DcRouter(MultiService):
         self.metrics.watch_certificates(partial(certificate_expiry, self.certificates))
         # HTTP-01 answers: written by ACME, read by the proxy's port-80 listener.
         self.challenges = ChallengeResponder()
+        # DNS-01 answers: written by ACME, published by the DNS server.
+        self.dns_challenges = Dns01Responder()
+        # First: it binds in privilegedStartService with the others and answers as soon as it starts.
+        self.dns: DnsService | None = self._build_dns()
         # A child service: binds in privilegedStartService, resumes in startService (after the queue has
         # loaded, as SMTP), stops its listeners and then drains its connections in stopService.
         # Terminating routes present certificates from the store and answer HTTP-01 from the responder.
@@ -295,6 +326,7 @@ class DcRouter(MultiService):
             self.options,
             store=self.certificates,
             responder=self.challenges,
+            dns_responder=self.dns_challenges,
             reactor=reactor,
             events=self.events,
         )
@@ -302,6 +334,9 @@ class DcRouter(MultiService):
             self.acme.setServiceParent(self)
         if self.smtp_config is not None:
             self._build_smtp(self.smtp_config, queue)
+            if self.proxy is not None:
+                # The proxy imports no mail code: dcrouter's ESMTP server is given to it from here.
+                self.proxy.context.handlers.register("smtp", self._smtp_handover)
         self.observe = self._build_observe()
         self.observe.setServiceParent(self)
         # Not a child service: it answers from startService on, before the queue has loaded (``/ready`` says
@@ -328,7 +363,7 @@ class DcRouter(MultiService):
     def _build_api(self) -> ApiService:
         reactor = self._reactor
         threadpool = self.threadpool
-        processor, smtp, proxy = self.processor, self.smtp, self.proxy
+        processor, smtp, proxy, policy = self.processor, self.smtp, self.proxy, self.policy
         view = RouterView(
             clock=reactor,
             version=__version__,
@@ -342,6 +377,12 @@ class DcRouter(MultiService):
                 (lambda: sum(c.active for c in proxy.counters.values())) if proxy is not None else (lambda: 0)
             ),
             started_at=reactor.seconds(),
+            routing=self.routing_config if self.smtp_config is not None else None,
+            replace_routing=self.replace_routing if self.smtp_config is not None else None,
+            route_test=partial(dry_run, self),
+            suppressions=self.suppressions,
+            suppression_ttl=self.smtp_config.delivery.suppression_ttl / 1000.0 if self.smtp_config else 0.0,
+            suppressed_refusals=(lambda: policy.suppressed_refusals) if policy is not None else (lambda: 0),
             rate_limits=(
                 RateLimitControl(self._smtp_config, self.set_rate_limits, self.delivery)
                 if self.smtp_config is not None
@@ -359,16 +400,122 @@ class DcRouter(MultiService):
         root.mount("/api/v1/events", self.observe.stream, scope="read")
         return ApiService(self.options.api_config, root, reactor=reactor)
 
+    def _build_dns(self) -> DnsService | None:
+        """The DNS server ``dnsServerConfig`` describes (a child service), or None."""
+        config = self.options.dns_server_config
+        if config is None:
+            return None
+        try:
+            zones = build_zones(
+                self.options, serial=int(self._reactor.seconds()), dynamic=self.dns_challenges
+            )
+        except (OSError, ValueError) as error:
+            # The configuration check read the keys already; one that broke since is a start-up error.
+            raise StartupError(f"dnsServerConfig: {error}") from error
+        service = DnsService(
+            zones, interface=config.udp_bind_interface, port=config.udp_port, reactor=self._reactor
+        )
+        service.setServiceParent(self)
+        self.metrics.watch(
+            "dcrouter_dns_responses",
+            "DNS responses sent by the router's DNS server",
+            lambda: {labels: float(n) for labels, n in service.factory.responses.items()},
+            ["transport", "rcode", "size"],
+        )
+        return service
+
+    # -- routing while running ----------------------------------------------------------------------------
+
+    def routing_config(self, show_passwords: bool = True) -> dict[str, Any] | None:
+        """The routing keys of smtpConfig as configured (see :func:`dcrouter.config.edit.routing_of`); None
+        when the router was given DcRouterOptions rather than a configuration."""
+        if self.raw_config is None:
+            return None
+        return routing_of(self.raw_config, show_passwords=show_passwords)
+
+    async def replace_routing(self, routing: Mapping[str, Any]) -> dict[str, Any]:
+        """Replace ``domainConfigs``, ``routingRules`` and ``defaultServer`` (``defaultPort``, ``useTls``):
+        the whole configuration with the new routing is checked as the loader checks a file (in the thread
+        pool: it may read recipients files and keys), then routing, relay acceptance, recipient verification
+        and per-destination delivery limits switch to it in one step on the reactor thread, so the next RCPT
+        and the next delivery attempt use it. Raises ConfigError (every error with its key path), changing
+        nothing. With ``apiConfig.persist`` the file is then rewritten (:func:`write_routing`). One change
+        at a time."""
+        async with self._routing_lock:
+            return await self._replace_routing(routing)
+
+    async def _replace_routing(self, routing: Mapping[str, Any]) -> dict[str, Any]:
+        old = self.smtp_config
+        if self.raw_config is None or old is None:
+            raise ConfigError(
+                ["smtpConfig: this router was not built from a configuration; nothing to change"]
+            )
+        hidden = hidden_passwords(routing)
+        if hidden:
+            raise ConfigError(hidden)
+        raw = with_routing(self.raw_config, routing)
+        reactor, pool = self._reactor, self.threadpool
+        result: ConfigResult = await deferToThreadPool(reactor, pool, partial(load_options, raw))
+        new = result.options.smtp_config
+        assert new is not None
+        errors = unapplied_changes(old, new)
+        if errors:
+            raise ConfigError(errors)
+        try:
+            verifier = self._build_verifier(new)
+        except StartupError as error:
+            raise ConfigError([str(error)]) from None
+        # From here to the end of the swap nothing yields to the reactor: no RCPT and no delivery attempt sees
+        # half of it.
+        assert self.routes is not None and self.policy is not None and self.delivery is not None
+        self.routes.reconfigure(new)
+        self.policy.set_domains(new, verifier)
+        self.delivery.reconfigure(new)
+        old_verifier, self.verifier = self.verifier, verifier
+        self.smtp_config = new
+        self.options = dataclasses.replace(self.options, smtp_config=new)
+        self.raw_config = raw
+        log.info(
+            "routing replaced: {rules} routing rules, {domains} domainConfigs entries, default {default}",
+            rules=len(new.routing_rules),
+            domains=len(new.domain_configs),
+            default=new.default_server or "MX",
+        )
+        if old_verifier is not None:
+            # Callouts in flight on the old one end unverified (450), as at shutdown.
+            Deferred.fromCoroutine(old_verifier.close()).addErrback(
+                lambda failure: log.failure("recipient callout connections did not close", failure)
+            )
+        answer: dict[str, Any] = {"persisted": False, "warnings": list(result.warnings)}
+        path = self.config_path
+        if self.options.api_config.persist and path is not None:
+            written = routing_of(raw)
+            try:
+                await deferToThreadPool(reactor, pool, partial(write_routing, path, written))
+            except (OSError, ValueError) as error:
+                log.error("routing applied but not written to {path}: {error}", path=path, error=error)
+                answer["persistError"] = f"{path}: {error}"
+            else:
+                answer["persisted"] = True
+                log.info("routing written to {path} (previous file: {path}.bak)", path=path)
+        return answer
+
     def _verification_resolver(self, config: SmtpConfig) -> Any:
         """The resolver inbound verification asks (mtaConfig's servers), when it is enabled."""
         if not config.verification.enabled:
             return None
         return make_resolver(self.options.mta_config, self._reactor)
 
+    def _smtp_handover(self, context: RouteContext) -> IProtocol:
+        """The ``smtp`` socket handler: an ESMTP session on the connection a proxy route hands over."""
+        assert self.smtp is not None
+        return self.smtp.handover_factory(context.port).buildProtocol(context.client_address)
+
     def _build_smtp(self, config: SmtpConfig, queue: IDeliveryQueue | None) -> None:
         reactor = self._reactor
         self.queue = queue if queue is not None else build_queue(config, reactor)
         self.routes = RecipientRouter(config)
+        self.suppressions = self._build_suppressions(config)
         self.processor = EmailProcessor(
             self.queue,
             reactor.seconds,
@@ -385,10 +532,17 @@ class DcRouter(MultiService):
         )
         if self.limits is not None:
             report_limit_alerts(self.limits.limiter.alerts, self.events, "smtp")
-        self.policy = SessionPolicy(config, verifier=self.verifier, limits=self.limits)
-        if config.auth.users:
+        self.policy = SessionPolicy(
+            config, verifier=self.verifier, limits=self.limits, suppressions=self.suppressions
+        )
+        auth = config.auth
+        if auth.users or auth.ldap_url or auth.oauth2 or auth.providers:
             self.authenticator = Authenticator(
-                config.auth, clock=reactor, reactor=reactor, threadpool=self.threadpool
+                auth,
+                clock=reactor,
+                reactor=reactor,
+                threadpool=self.threadpool,
+                providers=build_providers(auth, reactor),
             )
         # Not a child service: it binds in privilegedStartService, starts once the queue has loaded and stops
         # before everything else (_stop).
@@ -432,6 +586,7 @@ class DcRouter(MultiService):
             config=config,
             clock=reactor,
             events=self.events,
+            suppressions=self.suppressions,
         )
         if delivery.paused:
             self.delivery.pause_deliveries()
@@ -440,15 +595,29 @@ class DcRouter(MultiService):
         manager = self.delivery
         self.processor.on_queued = lambda item: manager.wake()
 
+    def _build_suppressions(self, config: SmtpConfig) -> ISuppressionList | None:
+        """The queue's suppression list (``suppression_list()`` of the backend), unless
+        ``delivery.suppressionTtl`` is 0 or the queue (an embedding program's own) keeps none."""
+        if not config.delivery.suppression_ttl:
+            return None
+        make = getattr(self.queue, "suppression_list", None)
+        if make is None:
+            log.warn("the queue keeps no suppression list; hard-bounced recipients are not suppressed")
+            return None
+        suppressions: ISuppressionList = make()
+        return suppressions
+
     def _smtp_config(self) -> SmtpConfig:
         assert self.smtp_config is not None
         return self.smtp_config
 
-    def set_rate_limits(self, config: SmtpConfig) -> None:
+    def set_rate_limits(self, config: SmtpConfig, raw: Mapping[str, Any] | None = None) -> None:
         """Put ``config``'s rate limits in force now (``PUT /api/v1/rate-limits``): ``rateLimits`` and the
         ``domainConfigs`` limits over the same counters (:func:`rebuild_ingress_limits`), the outbound
         limits in the delivery shaper. Nothing else of ``config`` is read; sessions ask the new limits from
-        their next command on."""
+        their next command on. ``raw``: the parts changed as the file spells them (``rateLimits``,
+        ``domainConfigs``, ``delivery``), copied into :attr:`raw_config` so that a routing change, which
+        starts from it, keeps these limits."""
         assert self.policy is not None
         built = self._limits_built
         if built is not None:
@@ -473,6 +642,8 @@ class DcRouter(MultiService):
             self.delivery.wake()
         self.smtp_config = config
         self.options = dataclasses.replace(self.options, smtp_config=config)
+        if raw and self.raw_config is not None:
+            self.raw_config = with_rate_limits(self.raw_config, raw)
 
     def _build_limits(self, config: SmtpConfig) -> IngressLimits | None:
         """SMTP rate limits when any is configured; with the Redis queue their counters are in the same
@@ -579,7 +750,13 @@ class DcRouter(MultiService):
                 key = load_certified_key(tls_config, config.hostname, addresses=(config.bind_address,))
         except (TlsMaterialError, OSError) as error:
             raise StartupError(f"smtpConfig.tls: {error}") from error
-        if generated:
+        if generated and tls_config.acme:
+            log.info(
+                "smtpConfig.tls: serving a generated self-signed certificate for {hostname} until ACME's "
+                "arrives",
+                hostname=config.hostname,
+            )
+        elif generated:
             # Loud: a self-signed certificate is for trials, and clients that verify refuse it.
             log.warn(
                 "smtpConfig.tls: generated a self-signed certificate for {hostname} {where}; clients that "
@@ -616,6 +793,8 @@ class DcRouter(MultiService):
                 self.proxy.unbind()
             if self.api is not None:
                 self.api.unbind()
+            if self.dns is not None:
+                self.dns.unbind()
             raise StartupError(str(error)) from error
 
     def _bind_api(self) -> None:
@@ -627,10 +806,22 @@ class DcRouter(MultiService):
         except ListenError as error:
             if self.proxy is not None:
                 self.proxy.unbind()
+            if self.dns is not None:
+                self.dns.unbind()
             raise StartupError(str(error)) from error
+
+    def _bind_dns(self) -> None:
+        if self.dns is not None:
+            try:
+                self.dns.bind()
+            except DnsBindError as error:
+                if self.proxy is not None:
+                    self.proxy.unbind()
+                raise StartupError(str(error)) from error
 
     def privilegedStartService(self) -> None:
         self._bind_proxy()
+        self._bind_dns()
         self._bind_api()
         try:
             super().privilegedStartService()  # the metrics listener binds here
@@ -639,12 +830,15 @@ class DcRouter(MultiService):
                 self.proxy.unbind()
             if self.api is not None:
                 self.api.unbind()
+            if self.dns is not None:
+                self.dns.unbind()
             raise StartupError(str(error)) from error
         self._bind_smtp()
 
     def startService(self) -> None:
         # Embedded use may call startService alone; bind now then.
         self._bind_proxy()
+        self._bind_dns()
         self._bind_api()
         self._bind_smtp()
         # Children start only after the queue has loaded (in _start): Service's startService, not Multi...'s.
@@ -709,6 +903,8 @@ class DcRouter(MultiService):
             await _settle_all(
                 [Deferred.fromCoroutine(self.verifier.close())], "recipient callout connections did not close"
             )
+        if self.authenticator is not None:
+            self.authenticator.close()
         if self._limits_redis is not None:
             await _settle_all([self._limits_redis.disconnect()], "rate limit counters: Redis did not close")
         if self.queue is not None and self._starting is not None:
@@ -716,6 +912,8 @@ class DcRouter(MultiService):
                 await self.queue.save()
             except Exception:  # noqa: BLE001 (logged; the thread pool must still be stopped)
                 log.failure("the queue could not be saved")
+        if self.suppressions is not None:
+            await _settle_all([self.suppressions.close()], "the suppression list did not close")
         if self.threadpool.started:
             self.threadpool.stop()
         if self._ready_result is None:

@@ -189,6 +189,13 @@ class RateLimitApiTests(ApiTestBase):
         )
         self.assertEqual(code, 200, body)
         self.assertEqual(await deferToThread(run), [250, 250, 451])
+        # A routing change starts from the configuration as it now is: the limit set here is kept.
+        code, routing, _ = await self.call("GET", "/api/v1/routing")
+        self.assertEqual(routing["domainConfigs"][0]["rateLimits"], {"maxMessagesPerMinute": 2})
+        code, body, _ = await self.call("PUT", "/api/v1/routing", body=routing)
+        self.assertEqual(code, 200, body)
+        code, body, _ = await self.call("GET", "/api/v1/rate-limits")
+        self.assertEqual(body["domainConfigs"][0]["rateLimits"]["maxMessagesPerMinute"], 2)
 
     async def test_outbound_set_and_clear(self) -> None:
         router = await self.start_limits()

@@ -227,12 +227,12 @@ class LoadingTests(LoadCase):
 class UnsupportedTests(LoadCase):
     def test_top_level(self) -> None:
         raw = copy.deepcopy(MX_ONLY)
-        raw.update(dnsServerConfig={})
+        raw.update(dnsServerConfig={"zones": ["example.com"], "dnssecZone": "example.com"})
         raw["tls"] = {"contactEmail": "admin@example.com", "domain": "example.com"}
         errors = self.errors(raw)
         self.assertEqual(
             [e.split(":")[0] for e in errors],
-            ["tls.contactEmail", "tls.domain", "dnsServerConfig"],
+            ["tls.contactEmail", "tls.domain", "dnsServerConfig.dnssecZone"],
         )
         for e in errors:
             self.assertIn(": not supported yet: ", e)
@@ -253,8 +253,14 @@ class UnsupportedTests(LoadCase):
         self.assertEqual(
             self.errors(raw),
             [
-                "smtpConfig.auth.methods[1]: not supported yet: 'OAUTH2': OAUTH2 is not built yet.",
-                "smtpConfig.auth.ldapUrl: not supported yet: LDAP authentication is not built yet.",
+                (
+                    "smtpConfig.auth.ldapUrl: no base DN: the URL's path names where users are searched "
+                    "(ldap://host/ou=people,...)"
+                ),
+                (
+                    "smtpConfig.auth.methods: OAUTH2 is offered, but smtpConfig.auth.oauth2 says nothing of "
+                    "how tokens are verified"
+                ),
                 (
                     "smtpConfig.transformations[0].type: unknown transformation type 'x': not built in, no "
                     "entry point 'x' in group 'dcrouter.transformations', and not a dotted path "

@@ -10,6 +10,7 @@ configuration file.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -59,15 +60,42 @@ def as_file(value: Any) -> Any:
     return value
 
 
+def with_rate_limits(raw: Mapping[str, Any], parts: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of the raw configuration ``raw`` with the rate-limit ``parts`` of a PUT body in it, spelled as
+    the file spells them: ``rateLimits`` replaced, each ``domainConfigs`` entry's ``rateLimits`` replaced (or
+    removed when null), the outbound keys of ``delivery`` replaced (or removed when null)."""
+    new = copy.deepcopy(dict(raw))
+    smtp = new.setdefault("smtpConfig", {})
+    if "rateLimits" in parts:
+        smtp["rateLimits"] = copy.deepcopy(parts["rateLimits"])
+    if "domainConfigs" in parts:
+        for entry, item in zip(smtp.get("domainConfigs") or [], parts["domainConfigs"], strict=False):
+            limits = item.get("rateLimits")
+            if limits is None:
+                entry.pop("rateLimits", None)
+            else:
+                entry["rateLimits"] = copy.deepcopy(limits)
+    if "delivery" in parts:
+        delivery = smtp.setdefault("delivery", {})
+        for key in OUTBOUND_KEYS:
+            value = parts["delivery"].get(key)
+            if value is None:
+                delivery.pop(key, None)
+            else:
+                delivery[key] = copy.deepcopy(value)
+    return new
+
+
 class RateLimitControl:
     """The rate limits of a running router. ``config`` reads the SMTP configuration in force; ``apply``
-    puts a new one in force (the router rebuilds the ingress limits over the same counters and reshapes
-    outbound delivery); ``delivery`` answers the outbound limits in force (set_rate_limit included)."""
+    puts a new one in force, given with the parts of the body as the file spells them (the router rebuilds
+    the ingress limits over the same counters, reshapes outbound delivery and keeps its copy of the file's
+    content in step); ``delivery`` answers the outbound limits in force (set_rate_limit included)."""
 
     def __init__(
         self,
         config: Callable[[], SmtpConfig],
-        apply: Callable[[SmtpConfig], None],
+        apply: Callable[[SmtpConfig, Mapping[str, Any]], None],
         delivery: DeliveryManager | None,
     ) -> None:
         self._config = config
@@ -105,7 +133,7 @@ class RateLimitControl:
         if report.errors:
             raise InvalidLimits(report.errors)
         updated = dataclasses.replace(config, **changes)
-        self._apply(updated)
+        self._apply(updated, {k: body[k] for k in ("rateLimits", "domainConfigs", "delivery") if k in body})
         return self.show()
 
     @staticmethod

@@ -113,4 +113,3 @@ class ApiService(Service):
             pause(port)
         # A Unix port removes its socket file as it closes.
         return gatherResults([maybeDeferred(port.stopListening) for port in ports])
-

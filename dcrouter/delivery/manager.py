@@ -73,12 +73,18 @@ from dcrouter.delivery.bounces import Bouncer, DsnRequest, SubmitLocal, open_mes
 from dcrouter.delivery.outcome import DeliveryReport, Outcome, RecipientResult
 from dcrouter.delivery.retry import RetryDecision, RetryPolicy
 from dcrouter.delivery.route import Route
-from dcrouter.delivery.routing import RecipientRouter
+from dcrouter.delivery.routing import RecipientRouter, domain_name
 from dcrouter.delivery.shaping import OutboundShaper
 from dcrouter.delivery.slots import RouteSlots
 from dcrouter.delivery.transitions import Next
 from dcrouter.events import NO_EVENTS, EventBus
-from dcrouter.interfaces import ClaimLost, IDeliveryQueue, IDeliveryTransport, StatusMismatch
+from dcrouter.interfaces import (
+    ClaimLost,
+    IDeliveryQueue,
+    IDeliveryTransport,
+    ISuppressionList,
+    StatusMismatch,
+)
 from dcrouter.log import logger
 from dcrouter.queue.item import READY_STATUSES, QueueItem, QueueItemStatus
 from dcrouter.queue.operations import NotFound, WrongStatus
@@ -108,7 +114,23 @@ STAT_KEYS = (
     "errors",  # local failures: queue writes, transport bugs, routing bugs
     "claims_lost",  # attempts stopped undelivered: the queue could no longer vouch for the claim (ClaimLost)
     "purged",
+    "suppressed",  # recipients put on the suppression list (a 5.1.x permanent failure)
 )
+
+
+def route_settings(config: SmtpConfig, policy: RetryPolicy) -> tuple[dict[str, int], dict[str, RetryPolicy]]:
+    """The route names of domainConfigs entries that set ``maxPerDestination`` or a retry key, with their
+    limit and their policy (``policy`` with the entry's numbers)."""
+    limits: dict[str, int] = {}
+    policies: dict[str, RetryPolicy] = {}
+    for entry in config.domain_configs:
+        names = [f"domain:{domain_name(pattern)}" for pattern in entry.domains]
+        if entry.max_per_destination is not None:
+            limits.update(dict.fromkeys(names, entry.max_per_destination))
+        own = policy.for_entry(entry)
+        if own != policy:
+            policies.update(dict.fromkeys(names, own))
+    return limits, policies
 
 
 class DeliveryManager(Service):
@@ -130,10 +152,14 @@ class DeliveryManager(Service):
         clock: IReactorTime,
         random: Callable[[], float] = random_module.random,
         events: EventBus = NO_EVENTS,
+        suppressions: ISuppressionList | None = None,
     ) -> None:
         self._queue = queue
         #: Where message.delivered/deferred/bounced/dsn_sent, delivery.attempt and error.delivery go.
         self.events = events
+        #: Where recipients that hard-bounced (5.1.x) are suppressed, for delivery.suppressionTtl.
+        self._suppressions = suppressions if config.delivery.suppression_ttl else None
+        self._suppression_ttl = config.delivery.suppression_ttl / 1000.0
         self._routes = routes
         self._transport = transport
         self._config = config
@@ -141,10 +167,12 @@ class DeliveryManager(Service):
         self._random = random
         self._policy = RetryPolicy.from_config(config)
         self._interval = config.check_interval / 1000.0
+        limits, self._route_policies = route_settings(config, self._policy)
         self._slots = RouteSlots(
             per_route=config.max_per_destination,
             concurrency=config.delivery.concurrent_deliveries,
             check_interval=self._interval,
+            limits=limits,
         )
         self._bouncer = Bouncer(
             queue=queue,
@@ -550,6 +578,8 @@ class DeliveryManager(Service):
             if r.outcome is not Outcome.TEMPORARY:
                 key = "recipients_delivered" if r.outcome is Outcome.DELIVERED else "recipients_failed"
                 self._stats[key] += 1
+            if r.outcome is Outcome.PERMANENT and r.enhanced.startswith("5.1."):
+                self._suppress(item, r)
             if r.outcome is not Outcome.DELIVERED:
                 self._last_errors[route.name] = (r.reply, now)
                 self._last_errors.move_to_end(route.name)
@@ -575,7 +605,7 @@ class DeliveryManager(Service):
     ) -> QueueItem:
         now = self._clock.seconds()
         assessment = transitions.assess(
-            item, tried=tried, failed_temporarily=bool(temporary), policy=self._policy, now=now
+            item, tried=tried, failed_temporarily=bool(temporary), policy=self._policy_for(item), now=now
         )
         step, attempts = assessment.step, assessment.attempts
         if step is Next.FINISH:
@@ -604,7 +634,7 @@ class DeliveryManager(Service):
     async def _defer(
         self, item: QueueItem, temporary: dict[str, RecipientResult], attempts: int, now: float
     ) -> QueueItem:
-        wait = self._policy.next_delay(attempts, self._random)
+        wait = self._policy_for(item).next_delay(attempts, self._random)
         pending = item.pending_recipients()
         destination = self._destination(item, pending[0])
         transition = transitions.deferral(
@@ -657,6 +687,43 @@ class DeliveryManager(Service):
         self._stats["delay_warnings" if dsn.action == "delayed" else "dsn_sent"] += 1
         self.events.emit("message.dsn_sent", queue_id=item.id, action=dsn.action)
         return True
+
+    def _suppress(self, item: QueueItem, result: RecipientResult) -> None:
+        """Put a recipient that hard-bounced on the suppression list (in the background: a failure to is
+        logged, and the delivery's outcome stands)."""
+        if self._suppressions is None:
+            return
+        self._stats["suppressed"] += 1
+        try:
+            d = self._suppressions.add(result.recipient, result.reply, self._suppression_ttl)
+        except ValueError:
+            return  # not an address a client could name at RCPT
+        d.addErrback(
+            lambda failure: log.failure(
+                "{queue_id}: cannot suppress {recipient}",
+                failure,
+                queue_id=item.id,
+                recipient=result.recipient,
+            )
+        )
+
+    def reconfigure(self, config: SmtpConfig) -> None:
+        """Per-destination limits and retry schedules of ``config``'s domainConfigs (a routing change) from
+        the next attempt on; the global numbers stay as started."""
+        limits, self._route_policies = route_settings(config, self._policy)
+        self._slots.set_limits(self._config.max_per_destination, limits)
+
+    def settings_for(self, route: str) -> tuple[int, RetryPolicy]:
+        """The deliveries in flight allowed at once and the retry policy for the route named ``route``."""
+        return self._slots.limit(route), self._route_policies.get(route, self._policy)
+
+    def _policy_for(self, item: QueueItem) -> RetryPolicy:
+        """The retry policy of the route the message waits for (its first pending recipient's)."""
+        if not self._route_policies:
+            return self._policy
+        pending = item.pending_recipients()
+        route = self._destination(item, pending[0]) if pending else None
+        return self._route_policies.get(route or "", self._policy)
 
     def _destination(self, item: QueueItem, rcpt: str) -> str | None:
         """Where the message waits now (the route of its first pending recipient), for get_by_destination."""

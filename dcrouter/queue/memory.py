@@ -44,6 +44,7 @@ from dcrouter.queue.contract import (
 )
 from dcrouter.queue.item import READY_STATUSES, QueueItem, QueueItemStatus
 from dcrouter.queue.lifecycle import QueueLifecycle
+from dcrouter.queue.suppression import MemorySuppressionList
 
 log = logger(__name__)
 
@@ -246,6 +247,10 @@ class MemoryQueue(QueueLifecycle):
         return succeed(count)
 
     # -- life cycle --------------------------------------------------------------------------------
+
+    def suppression_list(self) -> MemorySuppressionList:
+        """The suppression list kept with this queue: in the process, like the queue."""
+        return MemorySuppressionList(self._clock)
 
     def load(self) -> Deferred:
         """Make sure the spool directory exists and warn that nothing survives the process."""

@@ -127,6 +127,7 @@ from dcrouter.queue.redis_connection import RedisConnection
 from dcrouter.queue.redis_consumer import ConsumerSlot
 from dcrouter.queue.redis_recovery import recover
 from dcrouter.queue.redis_store import RedisStore
+from dcrouter.queue.suppression import RedisSuppressionList
 
 log = logger(__name__)
 
@@ -530,6 +531,11 @@ class RedisQueue(QueueLifecycle):
         return io.BytesIO(data)
 
     # -- life cycle --------------------------------------------------------------------------------
+
+    def suppression_list(self) -> RedisSuppressionList:
+        """The suppression list kept with this queue: keys under its prefix, shared by every router on this
+        Redis (usable once the queue has connected)."""
+        return RedisSuppressionList(self._store.call, self._store.key, clock=self._clock)
 
     def load(self) -> Deferred:
         """Connect, check Redis's durability settings, recover; fires with the counts of LOAD_COUNT_KEYS

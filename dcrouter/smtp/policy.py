@@ -7,16 +7,20 @@ import ipaddress
 from collections.abc import Sequence
 
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from dcrouter.config.domains import DomainConfig
 from dcrouter.config.smtp import SmtpConfig
-from dcrouter.interfaces import IIngressLimits
+from dcrouter.interfaces import IIngressLimits, ISuppressionList, Suppression
+from dcrouter.log import logger
 from dcrouter.mail.address import Address
 from dcrouter.mail.reply import Reply
 from dcrouter.net.cidr import CidrSet
 from dcrouter.net.domains import DomainMatcher
 from dcrouter.smtp.session import Session
 from dcrouter.smtp.verify import RecipientVerifier
+
+log = logger(__name__)
 
 
 class SessionPolicy:
@@ -39,10 +43,14 @@ class SessionPolicy:
         config: SmtpConfig,
         verifier: RecipientVerifier | None = None,
         limits: IIngressLimits | None = None,
+        suppressions: ISuppressionList | None = None,
     ) -> None:
         """Raises ValueError naming a bad domain pattern or relay network."""
         self._verifier = verifier
         self.limits = limits
+        #: Recipients that hard-bounced recently: refused with 550 5.1.1 (counted in suppressed_refusals).
+        self.suppressions = suppressions
+        self.suppressed_refusals = 0
         self._hostname = config.hostname
         self._max_total = config.max_connections
         self._max_per_ip = config.max_connections_per_ip
@@ -52,6 +60,15 @@ class SessionPolicy:
         self._relay_networks = CidrSet(config.relay_networks)
         self._total = 0
         self._per_ip: dict[str, int] = {}
+
+    def set_domains(self, config: SmtpConfig, verifier: RecipientVerifier | None) -> None:
+        """Accept mail for ``config``'s domainConfigs, verified by ``verifier``, from the next RCPT on (a
+        routing change; connection counts are kept). Raises ValueError, changing nothing, for a bad
+        pattern."""
+        local: DomainMatcher[DomainConfig] = DomainMatcher(
+            (domain, entry) for entry in config.domain_configs for domain in entry.domains
+        )
+        self._local_domains, self._verifier = local, verifier
 
     # Connections
 
@@ -170,15 +187,51 @@ class SessionPolicy:
     def _recipient_verdict(
         self, session: Session, address: Address, sender: Address | None
     ) -> Reply | Deferred[Reply | None] | None:
+        """The relay decision, then the suppression list (``550 5.1.1``), then recipient verification."""
+        refusal = self.relay_refusal(session, address)
+        if refusal is not None:
+            return refusal
+        if self.suppressions is not None and address.domain and not address.is_literal:
+            d = self.suppressions.get(str(address))
+            args = (session, address, sender)
+            d.addCallbacks(self._suppressed, self._suppression_unknown, callbackArgs=args, errbackArgs=args)
+            return d
+        return self._verify(session, address, sender)
+
+    def _verify(
+        self, session: Session, address: Address, sender: Address | None
+    ) -> Reply | Deferred[Reply | None] | None:
+        if self._verifier is not None and address.domain and self.is_local(address):
+            return self._verifier.check(address, sender, trusted=self.may_relay(session))
+        return None
+
+    def _suppressed(
+        self, found: Suppression | None, session: Session, address: Address, sender: Address | None
+    ) -> Reply | Deferred[Reply | None] | None:
+        if found is None:
+            return self._verify(session, address, sender)
+        self.suppressed_refusals += 1
+        return Reply(
+            550, "5.1.1", f"<{address}>: Recipient address rejected: it bounced recently (suppressed)"
+        )
+
+    def _suppression_unknown(
+        self, failure: Failure, session: Session, address: Address, sender: Address | None
+    ) -> Reply | Deferred[Reply | None] | None:
+        # The list cannot be read (its store is down): go on as without one; delivery decides.
+        log.failure(
+            "suppression list unavailable; {address} not checked against it", failure, address=str(address)
+        )
+        return self._verify(session, address, sender)
+
+    def relay_refusal(self, session: Session, address: Address) -> Reply | None:
+        """The relay decision alone, before recipient verification (what ``POST /api/v1/routing/test``
+        asks): None when ``session`` may send to ``address``, else ``554 5.7.1 Relay access denied``."""
         if not address.domain:
             if address.local.lower() == "postmaster":
                 return None
             return self._relay_denied(address)
-        if self.is_local(address):
-            if self._verifier is None:
-                return None
-            return self._verifier.check(address, sender, trusted=self.may_relay(session))
-        if self.may_relay(session):
+        if self.is_local(address) or self.may_relay(session):
             return None
         return self._relay_denied(address)
 

@@ -62,7 +62,7 @@ from dcrouter.mail.acceptance import LOCAL_ERROR
 from dcrouter.mail.address import AddressError, parse_mail_argument, parse_rcpt_argument
 from dcrouter.mail.queueid import new_queue_id
 from dcrouter.mail.reply import Reply
-from dcrouter.smtp.auth import Authenticator, AuthFailed
+from dcrouter.smtp.auth import TEMPORARY_FAILURE, Authenticator, AuthFailed
 from dcrouter.smtp.datastream import DataStream
 from dcrouter.smtp.eager import resolve
 from dcrouter.smtp.framing import CLOSED, COMMAND, DATA, PREGREET, SASL, CommandReceiver, decode_line
@@ -360,9 +360,7 @@ class ESMTPServerProtocol(CommandReceiver):
         if reply is not None:
             self._send(reply)
             if reply.code >= 400 and self._f.events.wants("connection.command_refused"):
-                self._emit(
-                    "connection.command_refused", code=reply.code, replyClass=f"{reply.code // 100}xx"
-                )
+                self._emit("connection.command_refused", code=reply.code, replyClass=f"{reply.code // 100}xx")
             if counts and (reply.code in _COUNTED_AS_BAD or junk_error):
                 self._bad_commands += 1
                 if self._bad_commands >= self._config.max_bad_commands:
@@ -539,7 +537,9 @@ class ESMTPServerProtocol(CommandReceiver):
                 result, self.session.peer_host, session_id=self.session.session_id
             )
         except AuthFailed as failed:
-            self._f.policy.auth_failed(self.session)
+            if failed.reply != TEMPORARY_FAILURE:
+                # A provider that could not decide (directory down) says nothing against the client.
+                self._f.policy.auth_failed(self.session)
             self._log(
                 "warn",
                 "AUTH failed for {peer}: {reply}",
@@ -552,6 +552,12 @@ class ESMTPServerProtocol(CommandReceiver):
                 mechanism=exchange.mechanism,
                 code=failed.reply.code,
             )
+            challenge = exchange.failed(failed.reply) if failed.reply.code == 535 else None
+            if challenge is not None and self._mode is not CLOSED:
+                # XOAUTH2/OAUTHBEARER: the error comes as a challenge, the 535 after the client's answer.
+                self._sasl = exchange
+                self._mode = SASL
+                return Reply(334, "", challenge.text)
             return failed.reply
         if self._mode is CLOSED:
             return None

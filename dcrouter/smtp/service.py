@@ -206,6 +206,8 @@ class SmtpService(Service):
         self._ports: list[IListeningPort] = []
         self._bound = False
         self._stopping: Deferred[None] | None = None
+        self._tls_options: CertificateOptions | None = None
+        self._handed_over: dict[int, ESMTPServerFactory] = {}
 
     def add_port(self, port: IListeningPort) -> None:
         """Stop ``port`` first when the service stops."""
@@ -217,7 +219,7 @@ class SmtpService(Service):
             return
         self._bound = True
         config = self.config
-        tls_options = self._load_tls()
+        tls_options = self._tls_options = self._load_tls()
         factories = [
             self._factory_for(port=port, tls_options=tls_options, sessions=self.sessions)
             for port in config.ports
@@ -240,6 +242,16 @@ class SmtpService(Service):
             self.add_port(listening)
             self.listeners.append(listener)
             self.ports[port] = listener.actual_port
+
+    def handover_factory(self, port: int) -> ESMTPServerFactory:
+        """The factory of sessions whose connections were accepted elsewhere on ``port`` and handed over
+        (the proxy's ``smtp`` socket handler): STARTTLS with the certificate loaded by :meth:`bind`, the
+        role that ``port`` has in ``submissionPorts`` (else MX), drained with the listeners' sessions."""
+        factory = self._handed_over.get(port)
+        if factory is None:
+            factory = self._factory_for(port=port, tls_options=self._tls_options, sessions=self.sessions)
+            self._handed_over[port] = factory
+        return factory
 
     def _serving(
         self, factory: ESMTPServerFactory, tls_options: CertificateOptions | None

@@ -43,7 +43,7 @@ from twisted.python.threadpool import ThreadPool
 from dcrouter import __version__
 from dcrouter.acme.challenges import ChallengeResponder, Dns01Responder
 from dcrouter.acme.service import AcmeService
-from dcrouter.api.ratelimits import RateLimitControl, with_rate_limits
+from dcrouter.api.ratelimits import RateLimitControl
 from dcrouter.api.service import ApiService, build_root
 from dcrouter.api.view import RouterView
 from dcrouter.auth.build import build_providers
@@ -52,7 +52,9 @@ from dcrouter.config.edit import (
     hidden_passwords,
     routing_of,
     unapplied_changes,
+    with_rate_limits,
     with_routing,
+    write_rate_limits,
     write_routing,
 )
 from dcrouter.config.options import DcRouterOptions
@@ -384,7 +386,9 @@ class DcRouter(MultiService):
             suppression_ttl=self.smtp_config.delivery.suppression_ttl / 1000.0 if self.smtp_config else 0.0,
             suppressed_refusals=(lambda: policy.suppressed_refusals) if policy is not None else (lambda: 0),
             rate_limits=(
-                RateLimitControl(self._smtp_config, self.set_rate_limits, self.delivery)
+                RateLimitControl(
+                    self._smtp_config, self.set_rate_limits, self.delivery, self.persist_rate_limits
+                )
                 if self.smtp_config is not None
                 else None
             ),
@@ -644,6 +648,20 @@ class DcRouter(MultiService):
         self.options = dataclasses.replace(self.options, smtp_config=config)
         if raw and self.raw_config is not None:
             self.raw_config = with_rate_limits(self.raw_config, raw)
+
+    async def persist_rate_limits(self, parts: Mapping[str, Any]) -> dict[str, Any]:
+        """With ``apiConfig.persist`` and a configuration file, write the rate-limit ``parts`` of a PUT to it
+        (:func:`write_rate_limits`, in the thread pool): ``{"persisted": ...}`` as the routing answers."""
+        path = self.config_path
+        if not self.options.api_config.persist or path is None or not parts:
+            return {"persisted": False}
+        try:
+            await deferToThreadPool(self._reactor, self.threadpool, partial(write_rate_limits, path, parts))
+        except (OSError, ValueError) as error:
+            log.error("rate limits applied but not written to {path}: {error}", path=path, error=error)
+            return {"persisted": False, "persistError": f"{path}: {error}"}
+        log.info("rate limits written to {path} (previous file: {path}.bak)", path=path)
+        return {"persisted": True}
 
     def _build_limits(self, config: SmtpConfig) -> IngressLimits | None:
         """SMTP rate limits when any is configured; with the Redis queue their counters are in the same

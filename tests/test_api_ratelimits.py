@@ -3,6 +3,7 @@ effect over a real SMTP session (smtplib in a thread), and the carry-over of cou
 
 from __future__ import annotations
 
+import os
 import smtplib
 from typing import Any
 
@@ -13,13 +14,14 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from dcrouter import DcRouter
-from dcrouter.config import load_options
+from dcrouter.config import load_file, load_options
 from dcrouter.limits.counters import LocalCounters
 from dcrouter.limits.ingress import build_ingress_limits, rebuild_ingress_limits
 from dcrouter.mail.address import parse_mail_argument
 from dcrouter.observe.metrics import RouterMetrics
 from tests.integration import free_ports
 from tests.test_api import ADMIN, READER, ApiTestBase, sha
+from tests.test_api_routing import RoutingRouterBase, smtp_options
 
 ANONYMOUS_100 = {"anonymous": {"messages": [{"count": 100, "window": 60000}]}}
 
@@ -88,7 +90,8 @@ class RateLimitApiTests(ApiTestBase):
             {"globalRateLimit": 600, "perServerRateLimit": None, "perDomainRateLimit": {"b.test": 6}},
         )
         code, again, _ = await self.call("PUT", "/api/v1/rate-limits", body=body)
-        self.assertEqual((code, again), (200, body))
+        self.assertEqual((code, again.pop("persisted")), (200, False))
+        self.assertEqual(again, body)
 
     async def test_invalid_limits_change_nothing(self) -> None:
         router = await self.start_limits()
@@ -352,3 +355,46 @@ class CarryOverTests(TestCase):
         changed = self.change(limits, config)
         reply = changed.connection_opened(self.session)
         self.assertEqual(reply.code if reply is not None else None, 421)
+
+
+class PersistTests(RoutingRouterBase):
+    async def test_persist_writes_the_limits_keeping_the_file(self) -> None:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, "dcrouter.toml")
+        options = smtp_options([{"domains": ["example.com"], "targetIPs": ["127.0.0.1"]}], persist=True)
+        smtp, api = options["smtpConfig"], options["apiConfig"]
+        text = (
+            "# the operator's comment\n[smtpConfig]\n"
+            f"ports = {smtp['ports']}  # SMTP\n"
+            'bindAddress = "127.0.0.1"\nhostname = "mx.test"\nimplicitTlsPorts = []\nsubmissionPorts = []\n'
+            'queueStorage = "memory"\n\n[smtpConfig.rateLimits.anonymous]\n'
+            'messages = [{ count = 100 }]\n\n[[smtpConfig.domainConfigs]]\ndomains = ["example.com"]\n'
+            'targetIPs = ["127.0.0.1"]\n\n[apiConfig]\nenabled = true\nport = 0\npersist = true\n'
+        )
+        for token in api["tokens"]:
+            text += f'\n[[apiConfig.tokens]]\nname = "{token["name"]}"\ntokenHash = "{token["tokenHash"]}"\n'
+            text += f'scope = "{token["scope"]}"\n'
+        with open(path, "w") as f:
+            f.write(text)
+        await self.start_router(load_file(path))
+        change = {
+            "rateLimits": {"anonymous": {"messages": [{"count": 20}]}},
+            "domainConfigs": [{"rateLimits": {"maxMessagesPerMinute": 10}}],
+            "delivery": {"globalRateLimit": 600},
+        }
+        code, body, _ = await self.call("PUT", "/api/v1/rate-limits", body=change)
+        self.assertEqual(code, 200, body)
+        self.assertTrue(body["persisted"], body)
+        with open(path + ".bak") as f:
+            self.assertEqual(f.read(), text)
+        with open(path) as f:
+            written = f.read()
+        self.assertIn("# the operator's comment", written)
+        self.assertIn("# SMTP", written)
+        reread = load_file(path).options.smtp_config
+        assert reread is not None
+        self.assertEqual(reread.rate_limits.anonymous.messages[0].count, 20)
+        limits = reread.domain_configs[0].rate_limits
+        self.assertEqual(limits.max_messages_per_minute if limits is not None else None, 10)
+        self.assertEqual(reread.delivery.global_rate_limit, 600)

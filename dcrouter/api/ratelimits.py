@@ -10,15 +10,15 @@ configuration file.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from dcrouter.api.http import ApiError, Call, Endpoint, Field
 from dcrouter.config import values
 from dcrouter.config.delivery import DeliveryConfig
 from dcrouter.config.domains import RateLimitsConfig
+from dcrouter.config.edit import OUTBOUND_RATE_KEYS
 from dcrouter.config.ratelimits import IngressLimitsConfig
 from dcrouter.config.schema import Report, build_block, file_key
 from dcrouter.config.smtp import SmtpConfig
@@ -28,7 +28,7 @@ from dcrouter.log import logger
 log = logger(__name__)
 
 #: The keys of ``smtpConfig.delivery`` this endpoint changes.
-OUTBOUND_KEYS = ("globalRateLimit", "perServerRateLimit", "perDomainRateLimit")
+OUTBOUND_KEYS = OUTBOUND_RATE_KEYS
 _OUTBOUND_ATTRS = {
     "globalRateLimit": "global_rate_limit",
     "perServerRateLimit": "per_server_rate_limit",
@@ -60,32 +60,6 @@ def as_file(value: Any) -> Any:
     return value
 
 
-def with_rate_limits(raw: Mapping[str, Any], parts: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of the raw configuration ``raw`` with the rate-limit ``parts`` of a PUT body in it, spelled as
-    the file spells them: ``rateLimits`` replaced, each ``domainConfigs`` entry's ``rateLimits`` replaced (or
-    removed when null), the outbound keys of ``delivery`` replaced (or removed when null)."""
-    new = copy.deepcopy(dict(raw))
-    smtp = new.setdefault("smtpConfig", {})
-    if "rateLimits" in parts:
-        smtp["rateLimits"] = copy.deepcopy(parts["rateLimits"])
-    if "domainConfigs" in parts:
-        for entry, item in zip(smtp.get("domainConfigs") or [], parts["domainConfigs"], strict=False):
-            limits = item.get("rateLimits")
-            if limits is None:
-                entry.pop("rateLimits", None)
-            else:
-                entry["rateLimits"] = copy.deepcopy(limits)
-    if "delivery" in parts:
-        delivery = smtp.setdefault("delivery", {})
-        for key in OUTBOUND_KEYS:
-            value = parts["delivery"].get(key)
-            if value is None:
-                delivery.pop(key, None)
-            else:
-                delivery[key] = copy.deepcopy(value)
-    return new
-
-
 class RateLimitControl:
     """The rate limits of a running router. ``config`` reads the SMTP configuration in force; ``apply``
     puts a new one in force, given with the parts of the body as the file spells them (the router rebuilds
@@ -97,10 +71,19 @@ class RateLimitControl:
         config: Callable[[], SmtpConfig],
         apply: Callable[[SmtpConfig, Mapping[str, Any]], None],
         delivery: DeliveryManager | None,
+        persist: Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         self._config = config
         self._apply = apply
         self._delivery = delivery
+        self._persist = persist
+
+    async def persist(self, parts: Mapping[str, Any]) -> dict[str, Any]:
+        """Write ``parts`` to the configuration file when the router does (``apiConfig.persist``):
+        ``{"persisted": bool}``, with ``persistError`` when the write failed (the change stays applied)."""
+        if self._persist is None:
+            return {"persisted": False}
+        return await self._persist(parts)
 
     def show(self) -> dict[str, Any]:
         config = self._config()
@@ -203,7 +186,12 @@ def endpoints(control: Callable[[], RateLimitControl | None]) -> list[Endpoint]:
         return need().show()
 
     async def update(call: Call) -> Any:
-        result = need().update(call.body)
+        control = need()
+        result = control.update(call.body)
+        parts: dict[str, Any] = {
+            k: call.body[k] for k in ("rateLimits", "domainConfigs", "delivery") if k in call.body
+        }
+        result.update(await control.persist(parts))
         log.info(
             "rate limits changed by API token {token}: {parts}", token=_who(call), parts=sorted(call.body)
         )

@@ -10,6 +10,7 @@ from urllib.parse import unquote
 
 from dcrouter import log as dclog
 from dcrouter.api.http import ApiError, Call, Endpoint, Field, Stream
+from dcrouter.api.ratelimits import endpoints as rate_limit_endpoints
 from dcrouter.api.view import RouterView, iso_time, item_detail, item_summary
 from dcrouter.config import ConfigError
 from dcrouter.delivery.manager import DeliveryManager
@@ -361,6 +362,7 @@ class Endpoints:
                     422: "the file was refused; `error.errors` lists why, each starting with its key path",
                 },
             ),
+            *rate_limit_endpoints(lambda: self.view.rate_limits),
         ]
 
     # -- helpers ---------------------------------------------------------------------------------------

@@ -182,11 +182,21 @@ class ProxyContext:
     def _set_limits(self) -> None:
         rate_per_ip = self.settings.connection_rate_per_ip
         self._ip_rate = (
-            None if rate_per_ip is None else Limit("proxy.ip", "connections per client IP", rate_per_ip)
+            None
+            if rate_per_ip is None
+            else Limit(
+                "proxy.ip",
+                "connections per client IP",
+                rate_per_ip,
+                metric=("proxy", "connectionRatePerIP", "connect"),
+            )
         )
         self._route_rates = {
             route.name: Limit(
-                f"proxy.route.{route.name}", f"connections to {route.name}", route.connection_rate
+                f"proxy.route.{route.name}",
+                f"connections to {route.name}",
+                route.connection_rate,
+                metric=("proxy", "routeConnectionRate", "connect"),
             )
             for route in self.table.routes
             if route.connection_rate is not None

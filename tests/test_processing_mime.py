@@ -405,6 +405,21 @@ class BrokenStructureTests(SynchronousTestCase):
         part = entity(b'Content-Type: multipart/mixed; boundary="a"; boundary="b"\r\n', b"")
         self.assertEqual(inspect(mixed(part)).unscannable, "part 1: conflicting multipart boundaries")
 
+    def test_bare_cr_in_a_header_block(self) -> None:
+        # Found by fuzzing (tests/test_fuzz_mime.py). "\r\r\n" is an empty line to readers that end a line at a
+        # bare CR (Python's email, many MUAs): the encapsulated message below holds an .exe for them, and was a
+        # text/plain leaf (2.1) to the walker, with no problem reported. Such a block is read two ways.
+        forwarded = (
+            b"Content-Type: message/rfc822\r\r\n\r\r\nSubject: inner\r\r\n"
+            b'Content-Type: application/x-msdownload; name="a.exe"\r\n\r\n'
+        )
+        info = inspect(mixed(text_part("hi"), forwarded))
+        self.assertEqual(info.unscannable, "part 2: bare CR in a header block")
+        self.assertEqual(
+            inspect(message(b"Subject: x\r\rX: y\r\n", b"")).unscannable,
+            "part 1: bare CR in a header block",
+        )
+
     def test_message_partial(self) -> None:
         part = entity(headers(("Content-Type", "message/partial; id=x; number=1; total=2")), b"x")
         self.assertIn("message/partial", inspect(mixed(part)).unscannable or "")

@@ -17,14 +17,13 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.interfaces import ITLSTransport
-from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
 from dcrouter.config.auth import AuthConfig
 from dcrouter.smtp.framing import AUTH_LINE_LIMIT, MAX_PENDING_INPUT
 from tests.fuzzing import examples, split
-from tests.smtp_fixtures import PASSWORD, Server, connect, make_config
+from tests.smtp_fixtures import PASSWORD, BufferingTransport, Server, connect, make_config
 
 #: Every reply code docs/smtp.md names (its tables and examples), and the HELP reply (RFC 5321 §4.2.3).
 DOCUMENTED_CODES = {
@@ -210,7 +209,7 @@ streams = st.lists(elements, max_size=14).map(b"".join)
 
 
 @implementer(ITLSTransport)
-class TLSCapableTransport(StringTransport):
+class TLSCapableTransport(BufferingTransport):
     """A StringTransport that can "start TLS": it records the switch; what arrives afterwards stands for the
     decrypted bytes. The handshake itself is tested with real TLS in test_smtp_starttls."""
 
@@ -222,14 +221,13 @@ class TLSCapableTransport(StringTransport):
         self.tls_started += 1
 
 
-def session(*, tls: bool, config_changes: dict[str, Any]) -> Server:
+def session(*, tls: bool, config_changes: dict[str, Any], buffer_size: int = 64 * 1024) -> Server:
+    """A server on a transport that pushes back past ``buffer_size`` unread bytes (as TCP does)."""
     config = make_config(**config_changes)
-    server = connect(config, tls_options=object() if tls else None)
-    if tls:
-        old = server.transport
-        transport = TLSCapableTransport(hostAddress=old.getHost(), peerAddress=old.getPeer())
-        server.protocol.transport = transport
-        server.transport = transport
+    kind = TLSCapableTransport if tls else BufferingTransport
+    server = connect(config, tls_options=object() if tls else None, transport_class=kind)
+    assert isinstance(server.transport, BufferingTransport)
+    server.transport.buffer_size = buffer_size
     return server
 
 
@@ -277,21 +275,35 @@ class Transcript:
 
 
 def drive(
-    test: TestCase, server: Server, pieces: list[bytes], advances: list[float] | None = None
+    test: TestCase,
+    server: Server,
+    pieces: list[bytes],
+    advances: list[float] | None = None,
+    *,
+    lazy: bool = False,
 ) -> list[bytes]:
     """Feed ``pieces`` (the client's bursts) one by one, checking the bounds after each; returns the
-    transcript. ``advances``: seconds the clock moves after each piece."""
+    transcript. ``advances``: seconds the clock moves after each piece. The client reads every reply at once,
+    or (``lazy``) only when the server has stopped reading from it, as a client blocked on a full TCP window
+    would have to."""
+    transport = server.transport
+    assert isinstance(transport, BufferingTransport)
     transcript = Transcript(test)
-    transcript.add(server.take())
-    received = 0
+    transcript.add(transport.drain())
     protocol = server.protocol
     for index, piece in enumerate(pieces):
+        for _ in range(3):
+            if transport.producerState != "paused":
+                break
+            transcript.add(transport.drain())
         protocol.dataReceived(piece)
-        received += piece.count(b"\n") + 1
-        output = server.take()
-        # Replies in proportion to what was sent: at most one reply (of bounded size) per line received.
-        test.assertLessEqual(len(output), MAX_REPLY_PER_LINE * (piece.count(b"\n") + 2))
-        transcript.add(output)
+        # Unread replies stay within the transport's buffer (and the reply that crossed it, and a 421).
+        test.assertLessEqual(len(transport.value()), transport.buffer_size + 2 * MAX_REPLY_PER_LINE)
+        if not lazy:
+            output = transport.drain()
+            # Replies in proportion to what was sent: at most one reply (of bounded size) per line received.
+            test.assertLessEqual(len(output), MAX_REPLY_PER_LINE * (piece.count(b"\n") + 2))
+            transcript.add(output)
         # Input waiting to be handled is bounded (the transport is paused, then the session closed).
         test.assertLessEqual(len(protocol._in), 4 * MAX_PENDING_INPUT + len(piece))
         # Message text is never held whole in memory: the stream keeps a partial line, the spool a bound.
@@ -303,9 +315,12 @@ def drive(
             test.assertLessEqual(spool._buffered, SPOOL_MEMORY_LIMIT + len(piece) + 1000)
         if advances and index < len(advances):
             server.clock.advance(advances[index])
-            transcript.add(server.take())
+            if not lazy:
+                transcript.add(transport.drain())
+    while output := transport.drain():
+        transcript.add(output)
     protocol.connectionLost()
-    transcript.add(server.take())
+    transcript.add(transport.drain())
     errors = test.flushLoggedErrors()
     test.assertEqual(errors, [], [e.getTraceback() for e in errors])
     return transcript.finish()
@@ -313,11 +328,15 @@ def drive(
 
 class SMTPFuzzTests(TestCase):
     @examples(0.5)
-    @given(streams, st.lists(st.integers(0, 1 << 16), max_size=10), configs)
-    def test_any_client_any_cut(self, stream: bytes, cuts: list[int], changes: dict[str, Any]) -> None:
-        """Without STARTTLS or timers, cutting the stream differently changes nothing."""
+    @given(streams, st.lists(st.integers(0, 1 << 16), max_size=10), configs, st.sampled_from([64, 300, 4096]))
+    def test_any_client_any_cut(
+        self, stream: bytes, cuts: list[int], changes: dict[str, Any], buffer_size: int
+    ) -> None:
+        """Without STARTTLS or timers, cutting the stream differently, or reading the replies late (the
+        server then holds back), changes nothing."""
         whole = drive(self, session(tls=False, config_changes=changes), [stream])
-        pieces = drive(self, session(tls=False, config_changes=changes), split(stream, cuts))
+        lazy = session(tls=False, config_changes=changes, buffer_size=buffer_size)
+        pieces = drive(self, lazy, split(stream, cuts), lazy=True)
         self.assertEqual(pieces, whole)
 
     @examples(0.5)
@@ -329,12 +348,13 @@ class SMTPFuzzTests(TestCase):
         ),
         st.lists(st.sampled_from([0, 0, 0, 1, 30, 300, 3600]), max_size=4),
         configs,
+        st.booleans(),
     )
     def test_starttls_and_timers_anywhere(
-        self, bursts: list[bytes], advances: list[float], changes: dict[str, Any]
+        self, bursts: list[bytes], advances: list[float], changes: dict[str, Any], lazy: bool
     ) -> None:
         timed = {**changes, "command_timeout": 60_000, "min_data_rate": 100}
-        drive(self, session(tls=True, config_changes=timed), bursts, advances)
+        drive(self, session(tls=True, config_changes=timed, buffer_size=512), bursts, advances, lazy=lazy)
 
     def test_big_message_is_never_held_in_memory(self) -> None:
         """Megabytes of DATA in chunks of several sizes, well-formed or damaged: the bounds ``drive`` checks

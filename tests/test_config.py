@@ -123,8 +123,8 @@ class LoadingTests(LoadCase):
         self.assertEqual(caught.exception.errors, ["smtpConfig.ports: key given twice"])
 
     def test_file_names_the_system_cannot_take(self) -> None:
-        # Found by fuzzing (tests/test_fuzz_config.py): a certPath with a NUL, or with a lone surrogate (a JSON
-        # "\\ud800" escape), made open() raise ValueError out of the loader instead of a ConfigError.
+        # Found by fuzzing (tests/test_fuzz_config.py): a certPath with a NUL, or with a lone surrogate (a
+        # JSON "\\ud800" escape), made open() raise ValueError out of the loader instead of a ConfigError.
         for name in ["a\x00b.pem", "\ud800.pem"]:
             pair = {"certPath": name, "keyPath": name}
             self.assertEqual(

@@ -5,7 +5,9 @@ times, timers firing between bursts.
 Whatever the client sends: no unhandled error is logged; every reply line is ``NNN`` then a space or a
 hyphen, its code one the documentation names (docs/smtp.md); replies stay in proportion to the input; input
 waiting to be read and message text held in memory stay bounded. Without STARTTLS (which discards what
-follows it) and without timers, the transcript does not depend on how the bytes were cut.
+follows it) and without timers, the transcript does not depend on how the bytes were cut, nor on when the
+client reads its replies. SessionModel, a state machine, checks each reply's code against a model of the
+command sequence.
 """
 
 from __future__ import annotations
@@ -15,9 +17,18 @@ import os
 import re
 from typing import Any
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 from twisted.internet.interfaces import ITLSTransport
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
@@ -353,3 +364,152 @@ class SMTPFuzzTests(TestCase):
             )
             lines = drive(self, server, [stream[i : i + chunk] for i in range(0, len(stream), chunk)])
             self.assertEqual(lines[-1][:3], b"221", line[:10])
+
+
+class SessionModel(RuleBasedStateMachine):
+    """The ESMTP session against a model of RFC 5321's command sequence: which command gets 250, 354, 452,
+    500, 501 or 503 depends only on what was accepted before (a greeting, MAIL, RCPTs), never on how earlier
+    input failed. Every reply is checked as it comes; no error may be logged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        config = {**_config_changes("insecure", max_bad_commands=10_000, max_junk_commands=10_000)}
+        self.server = session(tls=False, config_changes=config)
+        self.errors: list[Any] = []
+        self.observer = lambda event: self.errors.append(event) if event.get("log_failure") else None
+        globalLogPublisher.addObserver(self.observer)
+        self.server.transport.drain()
+        self.greeted = False
+        self.in_transaction = False
+        self.recipients: set[str] = set()
+        self.closed = False
+        self.steps = 0
+
+    def send(self, line: bytes) -> list[bytes]:
+        self.steps += 1
+        assert isinstance(self.server.transport, BufferingTransport)
+        self.server.protocol.dataReceived(line)
+        output = self.server.transport.drain()
+        assert output.endswith(b"\r\n"), output
+        lines = output[:-2].split(b"\r\n")
+        for reply in lines:
+            match = REPLY_LINE.match(reply)
+            assert match is not None and int(match.group(1)) in DOCUMENTED_CODES, reply
+        return lines
+
+    def code(self, line: bytes) -> int:
+        lines = self.send(line)
+        assert len({reply[:3] for reply in lines}) == 1, lines
+        return int(lines[-1][:3])
+
+    @initialize()
+    def greet(self) -> None:
+        assert self.code(b"EHLO client.example\r\n") == 250
+        self.greeted = True
+
+    @precondition(lambda self: not self.closed)
+    @rule(name=st.sampled_from(["client.example", "[192.0.2.1]", "", "two words", "ü"]))
+    def ehlo(self, name: str) -> None:
+        valid = name not in ("", "two words", "ü")
+        assert self.code(f"EHLO {name}\r\n".encode()) == (250 if valid else 501)
+        if valid:
+            self.greeted = True
+            self.in_transaction = False
+            self.recipients = set()
+
+    @precondition(lambda self: not self.closed)
+    @rule(sender=st.sampled_from(["<a@example.net>", "<>", "<b@example.com> SIZE=10"]))
+    def mail(self, sender: str) -> None:
+        expected = 503 if not self.greeted or self.in_transaction else 250
+        assert self.code(f"MAIL FROM:{sender}\r\n".encode()) == expected
+        if expected == 250:
+            self.in_transaction = True
+
+    @precondition(lambda self: not self.closed)
+    @rule(local=st.sampled_from(["a", "b", "c", "d", "e"]))
+    def rcpt_again(self, local: str) -> None:
+        """RCPT twice as often as the other commands: the recipient limit needs several in a row."""
+        self.rcpt(local)
+
+    @precondition(lambda self: not self.closed)
+    @rule(local=st.sampled_from(["a", "b", "c", "d", "e"]))
+    def rcpt(self, local: str) -> None:
+        address = f"{local}@example.org"
+        if not self.in_transaction:
+            expected = 503
+        elif address in self.recipients:
+            expected = 250  # a duplicate is accepted again, not counted twice
+        elif len(self.recipients) >= 3:  # make_config's maxRecipients
+            expected = 452
+        else:
+            expected = 250
+        assert self.code(f"RCPT TO:<{address}>\r\n".encode()) == expected
+        if expected == 250:
+            self.recipients.add(address)
+
+    @precondition(lambda self: not self.closed)
+    @rule(body=st.sampled_from([b"Subject: x\r\n\r\nhi\r\n", b"", b"..dot\r\n", b"a\nb\r\n"]))
+    def data(self, body: bytes) -> None:
+        if not self.in_transaction or not self.recipients:
+            assert self.code(b"DATA\r\n") == 503
+            return
+        assert self.code(b"DATA\r\n") == 354
+        expected = 550 if b"\n" in body.replace(b"\r\n", b"") else 250
+        assert self.code(body + b".\r\n") == expected
+        self.in_transaction = False
+        self.recipients = set()
+
+    @precondition(lambda self: not self.closed)
+    @rule(command=st.sampled_from([b"RSET\r\n", b"NOOP\r\n", b"VRFY x\r\n", b"HELP\r\n"]))
+    def junk(self, command: bytes) -> None:
+        assert self.code(command) in (250, 252, 214)
+        if command == b"RSET\r\n":
+            self.in_transaction = False
+            self.recipients = set()
+
+    @precondition(lambda self: not self.closed)
+    @rule(
+        line=st.one_of(
+            st.sampled_from([b"XYZZY\r\n", b"MAIL\r\n", b"RCPT TO:\r\n", b"\r\n", b"x" * 600 + b"\r\n"]),
+            st.binary(max_size=30).map(lambda b: b.replace(b"\n", b"") + b"\r\n"),
+        )
+    )
+    def garbage(self, line: bytes) -> None:
+        lines = self.send(line)
+        code = int(lines[-1][:3])
+        if code == 421:  # a non-SMTP verb (GET, POST, ...) ends the session
+            self.closed = True
+            return
+        # A refused line changes nothing the model knows (a MAIL or RCPT with a bad argument is refused).
+        assert code in (500, 501, 503, 504, 530, 553, 555, 250, 214, 252), lines
+        assert code != 250 or line.upper().startswith((b"NOOP", b"RSET", b"EHLO", b"HELO")), lines
+        if line.upper().startswith((b"RSET", b"EHLO", b"HELO")) and code == 250:
+            self.in_transaction = False
+            self.recipients = set()
+            self.greeted = self.greeted or line.upper().startswith((b"EHLO", b"HELO"))
+
+    @precondition(lambda self: not self.closed and self.steps > 20)
+    @rule()
+    def quit(self) -> None:
+        assert self.code(b"QUIT\r\n") == 221
+        self.closed = True
+
+    @precondition(lambda self: self.closed)
+    @rule(line=st.sampled_from([b"NOOP\r\n", b"MAIL FROM:<a@example.net>\r\n", b"x"]))
+    def after_the_end(self, line: bytes) -> None:
+        assert isinstance(self.server.transport, BufferingTransport)
+        self.server.protocol.dataReceived(line)
+        assert self.server.transport.drain() == b""  # input after the end is ignored
+
+    @invariant()
+    def nothing_logged_as_an_error(self) -> None:
+        assert self.errors == [], self.errors
+
+    def teardown(self) -> None:
+        globalLogPublisher.removeObserver(self.observer)
+        self.server.protocol.connectionLost()
+
+
+class SessionModelTests(TestCase):
+    def test_session_follows_the_model(self) -> None:
+        run_state_machine_as_test(SessionModel, settings=settings(examples(0.2), stateful_step_count=30))

@@ -212,6 +212,29 @@ class Dcrouter(ServerUnderTest):
         return argv, env
 
 
+#: Limits on every counted thing that the benchmark's load never reaches: what checking them costs.
+LIMITS_NOT_HIT = """
+[smtpConfig.rateLimits.anonymous]
+connectionRate = [{ count = 10000000, window = 1000 }]
+messages = [{ count = 10000000, window = 60000 }, { count = 10000000, window = 60000, per = "ipPrefix" }]
+recipients = [{ count = 10000000, window = 60000, per = "recipientDomain" }]
+bytes = [{ count = 2000000000, window = 1000 }]
+"""
+
+
+class DcrouterLimits(Dcrouter):
+    """dcrouter with rate limits configured on connections, messages, recipients and bytes, none reached."""
+
+    name = "dcrouter-limits"
+    label = "dcrouter+limits"
+
+    def command(self, directory: str) -> tuple[list[str], dict[str, str]]:
+        argv, env = super().command(directory)
+        with open(os.path.join(directory, "dcrouter.toml"), "a") as f:
+            f.write(LIMITS_NOT_HIT)
+        return argv, env
+
+
 # -- measurements --------------------------------------------------------------------------------
 
 
@@ -399,7 +422,32 @@ def report_throughput(results: dict[str, Any], plan: Plan) -> str:
                 notes.append(f"  {name} at {senders} senders: {r['errors']} errors, "
                              f"{r['connect_failures']} connect failures, timed out: {r['timed_out']}, "
                              f"kinds: {r['error_kinds']}")
-    return "\n".join([title, "", table(header, rows), *notes])
+    report = "\n".join([title, "", table(header, rows), *notes])
+    limited = get(results, "dcrouter-limits", "throughput")
+    if limited is not None:
+        report += "\n\n" + report_limits_cost(dcr, limited, plan)
+    return report
+
+
+def report_limits_cost(plain: dict[str, Any] | None, limited: dict[str, Any], plan: Plan) -> str:
+    """dcrouter with rate limits configured but not reached against dcrouter without (docs/limits.md)."""
+    rows = []
+    for senders in plan.senders:
+        p = plain.get(str(senders)) if plain else None
+        q = limited.get(str(senders))
+        cost = f"{(1 - q['rate'] / p['rate']) * 100:+.1f}%" if p and q and p["rate"] else "n/a"
+
+        def cpu(r: dict[str, Any] | None) -> str:
+            return f"{r['server_cpu'] / plan.messages * 1000:.2f}" if r else "n/a"
+
+        rows.append([
+            str(senders), f"{p['rate']:.0f}" if p else "n/a", f"{q['rate']:.0f}" if q else "n/a", cost,
+            f"{cpu(p)} / {cpu(q)}", f"{q['errors']}" if q else "n/a",
+        ])
+    header = ["senders", "dcrouter msg/s", "dcrouter+limits msg/s", "throughput cost",
+              "server CPU ms/msg without / with", "errors (limits)"]
+    title = "Rate limits configured but not reached (bench/ingress.py LIMITS_NOT_HIT), same run"
+    return "\n".join([title, "", table(header, rows)])
 
 
 def report_large(results: dict[str, Any], plan: Plan) -> str:
@@ -515,7 +563,8 @@ def machine_lines(workdir: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ingress", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="Short run: fewer messages and connections.")
-    parser.add_argument("--servers", default="peer,dcrouter", help="Comma-separated: peer, dcrouter.")
+    parser.add_argument("--servers", default="peer,dcrouter",
+                        help="Comma-separated: peer, dcrouter, dcrouter-limits (limits set, not reached).")
     parser.add_argument("--tests", default="throughput,large,idle",
                         help="Comma-separated: throughput, large, idle.")
     parser.add_argument("--messages", type=int, help="Messages per throughput run (default 2000, quick 300).")
@@ -557,7 +606,8 @@ def main(argv: list[str] | None = None) -> int:
 
     servers: list[ServerUnderTest] = []
     for name in args.servers.split(","):
-        servers.append({"peer": AiosmtpdPeer, "dcrouter": Dcrouter}[name.strip()](workdir))
+        kinds = {"peer": AiosmtpdPeer, "dcrouter": Dcrouter, "dcrouter-limits": DcrouterLimits}
+        servers.append(kinds[name.strip()](workdir))
     tests = [t.strip() for t in args.tests.split(",")]
     results: dict[str, Any] = {s.name: {} for s in servers}
     try:

@@ -3,8 +3,11 @@
 ``dcrouter hash-password`` prints a hash for ``smtpConfig.auth.users[].password``; ``dcrouter check FILE``
 validates a configuration file as ``twistd dcrouter --config FILE --check`` does;
 ``dcrouter config-reference`` prints the reference of every key; ``dcrouter dkim-keygen`` writes a DKIM
-signing key and prints the DNS record to publish; ``dcrouter quarantine list|show|release|delete`` works on
-quarantined messages while the router runs (:mod:`dcrouter.quarantine`).
+signing key and prints the DNS record to publish; ``dcrouter dns-records FILE`` prints the zones the
+DNS server (``dnsServerConfig``) publishes; ``dcrouter quarantine list|show|release|delete`` works on
+quarantined messages while the router runs (:mod:`dcrouter.quarantine`); ``dcrouter api-token`` makes a
+management API token; ``dcrouter queue``, ``dcrouter delivery`` and ``dcrouter stats`` are clients of that API
+(:mod:`dcrouter.ctl`).
 """
 
 from __future__ import annotations
@@ -29,8 +32,14 @@ examples:
   dcrouter check etc/dcrouter.example.toml
   dcrouter config-reference > reference.md
   dcrouter dkim-keygen --domain example.com --selector mail2025 --out /etc/dcrouter/dkim
+  dcrouter dns-records /etc/dcrouter/dcrouter.toml
+  dcrouter api-token ops --scope admin    prints a token and its [[apiConfig.tokens]] lines
   dcrouter quarantine list --config /etc/dcrouter/dcrouter.toml
   dcrouter quarantine release --config /etc/dcrouter/dcrouter.toml 1a2b3c4d5e6f
+  DCROUTER_TOKEN=... dcrouter queue list --config /etc/dcrouter/dcrouter.toml
+  DCROUTER_TOKEN=... dcrouter queue hold 1a2b3c4d5e6f
+  DCROUTER_TOKEN=... dcrouter delivery pause domain:example.com
+  DCROUTER_TOKEN=... dcrouter stats --json
 
 Run the router itself with: twistd -n dcrouter --config FILE
 """
@@ -70,6 +79,33 @@ def _hash_password(args: argparse.Namespace) -> int:
     return 0
 
 
+def api_token_lines(name: str, scope: str, *, use_scrypt: bool = False) -> tuple[str, str]:
+    """A new random token and the ``[[apiConfig.tokens]]`` TOML lines holding its hash (never the token)."""
+    import hashlib
+    import json
+    import secrets
+
+    token = secrets.token_urlsafe(32)  # 256 random bits: a fast hash is as safe as a slow one
+    if use_scrypt:
+        from dcrouter.passwords import hash_password
+
+        token_hash = hash_password(token)
+    else:
+        token_hash = "sha256$" + hashlib.sha256(token.encode("ascii")).hexdigest()
+    lines = (
+        f"[[apiConfig.tokens]]\nname = {json.dumps(name)}\ntokenHash = {json.dumps(token_hash)}\n"
+        f"scope = {json.dumps(scope)}"
+    )
+    return token, lines
+
+
+def _api_token(args: argparse.Namespace) -> int:
+    token, lines = api_token_lines(args.name, args.scope, use_scrypt=args.scrypt)
+    print(f"# token (give it to the client, keep it secret; it is shown only now): {token}")
+    print(lines)
+    return 0
+
+
 def _check(args: argparse.Namespace) -> int:
     # One implementation for `dcrouter check` and `twistd dcrouter --check`, so both print the same.
     from dcrouter.tap import check
@@ -81,6 +117,31 @@ def _config_reference(args: argparse.Namespace) -> int:
     from dcrouter.config.reference import render
 
     sys.stdout.write(render())
+    return 0
+
+
+def _dns_records(args: argparse.Namespace) -> int:
+    import time
+
+    from dcrouter.config import ConfigError, load_file
+    from dcrouter.dns.zone import build_zones
+    from dcrouter.dns.zonefile import zone_file
+
+    try:
+        result = load_file(args.config)
+    except ConfigError as error:
+        for line in error.errors:
+            print(f"dcrouter dns-records: {line}", file=sys.stderr)
+        return 1
+    if result.options.dns_server_config is None:
+        print(f"dcrouter dns-records: {args.config}: dnsServerConfig is not set", file=sys.stderr)
+        return 1
+    try:
+        zones = build_zones(result.options, serial=int(time.time()))
+    except (OSError, ValueError) as error:
+        print(f"dcrouter dns-records: dnsServerConfig: {error}", file=sys.stderr)
+        return 1
+    sys.stdout.write(zone_file(zones))
     return 0
 
 
@@ -223,7 +284,31 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument("--bits", type=int, default=None, help="RSA key size, at least 2048 (default 2048)")
     keygen.add_argument("--out", default=".", metavar="DIR", help="directory for the key file (default .)")
     keygen.set_defaults(run=_dkim_keygen)
+    records = commands.add_parser(
+        "dns-records",
+        help="print the zones dnsServerConfig publishes",
+        description="Load CONFIG and print, as zone-file lines, every record the DNS server would answer "
+        "with (configured, and generated from the mail configuration: MX, DKIM keys, SPF, DMARC), each with "
+        "its source. The SOA serial of a generated SOA is the current time, as at start-up.",
+    )
+    records.add_argument("config", metavar="CONFIG", help="configuration file, .toml or .json")
+    records.set_defaults(run=_dns_records)
+    token = commands.add_parser(
+        "api-token",
+        help="make a management API token and print its apiConfig.tokens entry",
+        description="Print a new random token (in a comment line: hand it to the client) and the "
+        "[[apiConfig.tokens]] lines to paste into the configuration, which hold only its hash.",
+    )
+    token.add_argument("name", metavar="NAME", help="who holds the token (apiConfig.tokens[].name)")
+    token.add_argument("--scope", choices=("read", "admin"), default="read", help="default: read")
+    token.add_argument(
+        "--scrypt", action="store_true", help="hash with scrypt instead of SHA-256 (slower to check)"
+    )
+    token.set_defaults(run=_api_token)
     _add_quarantine(commands)
+    from dcrouter import ctl
+
+    ctl.add_commands(commands)
     return parser
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from zope.interface import Attribute, Interface
 
 
@@ -93,8 +95,25 @@ class IDeliveryQueue(Interface):
     def get_by_destination(destination):
         """Deferred firing with the list of items whose ``destination`` equals ``destination``."""
 
+    def list_items(filter, limit, cursor=None):
+        """One page of items matching ``filter`` (a :class:`dcrouter.queue.contract.QueueFilter`), newest
+        first by arrival in the queue: a Deferred firing with an ``ItemPage`` (up to ``limit`` items, 1 to
+        ``MAX_PAGE``, and ``next_cursor``: a string to pass as ``cursor`` for the next page, or None after
+        the last). A backend may bound the work of one page (sender and recipient filters scan): the page is
+        then short, even empty, while ``next_cursor`` is not None. Fails with ValueError for a bad limit or
+        cursor (``contract.check_page``). Never holds the reactor: the stores page in the database on their
+        reader thread or in bounded script calls."""
+
+    def count_by_status():
+        """Deferred firing with a dict: status value (``"queued"``, ``"held"``, ...) → number of items, every
+        status present (0 when none)."""
+
     def get_item_count():
         """Deferred firing with the number of items not yet delivered, bounced or failed."""
+
+    def status_summary():
+        """Deferred firing with ``{status value: (count, oldest created_at or None)}`` for every status that
+        has items (an index look-up, never a read of the items: metrics scrape it)."""
 
     def purge_expired(max_age):
         """Remove items older than ``max_age`` seconds in a final status. Deferred firing with the count."""
@@ -123,6 +142,40 @@ class IDeliveryQueue(Interface):
         "Where ingress writes messages that outgrow memory: a directory on the queue's file system, so that "
         "enqueue can link the file into place instead of copying it."
     )
+
+
+@dataclass(frozen=True)
+class Suppression:
+    """A recipient mail is refused for (``550 5.1.1`` at RCPT) until ``expires_at`` (seconds since the
+    epoch): ``reason`` is the hard bounce that put it there, or an operator's note."""
+
+    address: str
+    reason: str
+    created_at: float
+    expires_at: float
+
+
+class ISuppressionList(Interface):
+    """Recipients that hard-bounced (5.1.x), kept with the queue (memory, SQLite beside the disk queue, Redis
+    keys with a TTL) for a while, so that mail to them is refused at RCPT instead of queued to bounce again.
+    Addresses are compared case-insensitively. Every method returns a Deferred; the disk and Redis lists
+    fail with QueueUnavailable when their store cannot be reached."""
+
+    def add(address, reason, ttl):
+        """Suppress ``address`` for ``ttl`` seconds from now (again: the newer entry replaces the older);
+        fires with the Suppression."""
+
+    def get(address):
+        """Fires with the Suppression of ``address`` if it has one that has not expired, else None."""
+
+    def remove(address):
+        """Forget ``address``; fires with True when it was suppressed."""
+
+    def entries(limit):
+        """Fires with up to ``limit`` unexpired Suppressions, the soonest to expire first."""
+
+    def close():
+        """Release the store (the process stops); fires when done."""
 
 
 class IMessageAcceptor(Interface):
@@ -189,3 +242,58 @@ class ITransformation(Interface):
         """Change ``message`` (a :class:`dcrouter.processing.message.Draft`): its ``headers``, its envelope
         (``message.envelope``), or its body through ``message.rewrite_body``. Returns None or a Deferred.
         Raising :class:`dcrouter.mail.acceptance.Refusal` refuses the message with its reply."""
+
+
+class IIngressLimits(Interface):
+    """Rate limits, quotas and per-domain client rules applied to SMTP sessions (docs/limits.md); the SMTP
+    session policy asks it at each phase. Built-in: :class:`dcrouter.limits.ingress.IngressLimits`.
+
+    ``session`` is the SMTP session (``peer_host``, ``local_port``, ``auth_user``); addresses are
+    :class:`dcrouter.mail.address.Address`. Each check returns None to go on, the Reply refusing, or a
+    Deferred firing with either (counters in Redis, a tarpit delay); those Deferreds never fail. A check that
+    allows also counts: call each once per event."""
+
+    def connection_opened(session):
+        """A connection was accepted: check concurrency and connection rate. A refusal is a ``421 4.7.0``
+        and the session ends. Whatever the answer, :meth:`connection_closed` must follow once."""
+
+    def connection_closed(session):
+        """The connection :meth:`connection_opened` allowed has ended."""
+
+    def check_auth(session):
+        """Before an AUTH exchange: a ``421 4.7.0`` when the client's failed attempts are over a limit."""
+
+    def auth_failed(session):
+        """An AUTH attempt failed: count it."""
+
+    def check_mail(session, sender, size):
+        """MAIL FROM ``sender`` declaring ``size`` octets (0 when not declared): message and byte limits."""
+
+    def check_recipient_rules(session, recipient, accepted):
+        """Before RCPT TO ``recipient`` is verified, with ``accepted`` (list of str) the transaction's
+        recipients so far: the domain's ``allowedIPs`` (``550 5.7.1``) and ``maxRecipientsPerMessage``
+        (``452 4.5.3``). Synchronous: None or a Reply."""
+
+    def check_recipient(session, sender, recipient, accepted):
+        """RCPT TO ``recipient`` about to be accepted: recipient limits, and message limits per recipient
+        domain at its first recipient in the transaction (``451 4.7.1``)."""
+
+    def message_accepted(session, sender, size):
+        """A message of ``size`` octets from ``sender`` was accepted: count its bytes."""
+
+
+class IOAuthBearerToken(Interface):
+    """Credentials of SASL XOAUTH2 and OAUTHBEARER (RFC 7628): an OAuth 2.0 bearer token, and the user name
+    the client says it belongs to (None when it named none). A twisted.cred checker that takes them
+    (``credentialInterfaces``) fires with the user the token was issued to."""
+
+    username = Attribute("The user the client claims (str), or None.")
+    token = Attribute("The bearer token (str).")
+
+
+class ProviderUnavailable(Exception):
+    """An authentication provider cannot decide now (its directory or token endpoint is down or too slow).
+
+    Raised (as a Deferred's failure) by a twisted.cred checker, it becomes ``454 4.7.0`` — a temporary
+    failure the client retries — never ``535``: an outage says nothing about the password. The message is
+    logged without a traceback."""

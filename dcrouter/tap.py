@@ -134,6 +134,11 @@ def makeService(config: Options, reactor: IRouterReactor | None = None) -> Any:
         raise SystemExit(1) from None
     print_findings([], result.warnings, sys.stderr)
     router = DcRouter(result, reactor=reactor)
+    if result.options.log_format == "json":
+        from dcrouter.log import twistd_json_observer
+
+        # Taken up by twistd when it starts logging, unless its own --logger was given (that wins).
+        router.log_observer = twistd_json_observer(getattr(config, "parent", None))
     # Under twistd a router that cannot start (its queue does not load) should not linger half-alive.
     router.when_ready().addErrback(_stop_reactor, reactor)
     SighupHandler(router, reactor).setServiceParent(router)

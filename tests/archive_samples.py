@@ -54,6 +54,18 @@ def make_tar(entries: dict[str, bytes], compression: str = "") -> bytes:
     return out.getvalue()
 
 
+def pax_tar(entries: dict[str, bytes], pax: dict[str, str]) -> bytes:
+    """A POSIX.1-2001 (pax) tar whose members carry the extended header fields ``pax``."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for name, data in entries.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.pax_headers = dict(pax)
+            archive.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
 def v7_tar(entries: dict[str, bytes]) -> bytes:
     """An old-style (v7) tar: no "ustar" magic, only the header checksum says it is a tar."""
     out = io.BytesIO()

@@ -27,7 +27,8 @@ from dcrouter.config.smtp import SmtpConfig
 from dcrouter.interfaces import IDeliveryQueue
 from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.processing.processor import EmailProcessor
-from dcrouter.queue.item import QueueItem
+from dcrouter.queue.contract import ItemPage
+from dcrouter.queue.item import QueueItem, QueueItemStatus
 from dcrouter.smtp.auth import Authenticator, MailUserRealm
 from dcrouter.smtp.policy import SessionPolicy
 from dcrouter.smtp.protocol import ESMTPServerFactory, ESMTPServerProtocol
@@ -123,6 +124,15 @@ class ControlledQueue:
     def get_item_count(self) -> Deferred[int]:
         return succeed(len(self.items))
 
+    def status_summary(self) -> Deferred[dict[str, tuple[int, float | None]]]:
+        return succeed({"queued": (len(self.items), None)} if self.items else {})
+
+    def list_items(self, filter: Any, limit: int, cursor: str | None = None) -> Deferred[Any]:
+        return succeed(ItemPage(list(reversed(self.items))[:limit], None))
+
+    def count_by_status(self) -> Deferred[dict[str, int]]:
+        return succeed({status.value: 0 for status in QueueItemStatus})
+
     def purge_expired(self, max_age: float) -> Deferred[int]:
         return succeed(0)
 
@@ -182,9 +192,10 @@ def make_factory(
     authenticator: Any = "default",
     tls_options: Any = None,
     sessions: Any = None,
+    events: Any = None,
 ) -> ESMTPServerFactory:
     """A factory on ``port`` with the test collaborators; ``sessions`` is an OpenSessions registry to share
-    (by default the factory makes its own)."""
+    (by default the factory makes its own); ``events``: an EventBus for the session and the processor."""
     config = config or make_config()
     clock = clock or _clock()
     if authenticator == "default":
@@ -195,11 +206,14 @@ def make_factory(
         port=port,
         policy=policy or SessionPolicy(config),
         authenticator=authenticator,
-        acceptor=EmailProcessor(queue or ControlledQueue(), clock.seconds),
+        acceptor=EmailProcessor(
+            queue or ControlledQueue(), clock.seconds, **({"events": events} if events else {})
+        ),
         spool_directory=spool_directory,
         tls_options=tls_options,
         clock=clock,
         sessions=sessions,
+        **({"events": events} if events is not None else {}),
     )
     # No test case is at hand to clean up after: the directory goes when the factory does (or at exit).
     weakref.finalize(factory, shutil.rmtree, spool_directory, ignore_errors=True)

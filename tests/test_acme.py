@@ -106,6 +106,7 @@ class FakeIssuer:
         self.lifetime = lifetime
         self.fail = 0
         self.calls: list[tuple[str, ...]] = []
+        self.closed = 0
         self.ca_key = ec.generate_private_key(ec.SECP256R1())
         self.ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fake ACME CA")])
         self.ca = self._build(self.ca_name, self.ca_key.public_key(), 3650 * DAY, ca=True)
@@ -142,6 +143,9 @@ class FakeIssuer:
             self.fail -= 1
             raise AcmeError(f"{', '.join(names)}: the fake CA says no")
         return self.sign(names, self.lifetime, generate_key_pem())
+
+    def close(self) -> None:
+        self.closed += 1
 
 
 def run_now(function: Any, *args: Any) -> Deferred[Any]:
@@ -294,6 +298,14 @@ class ServiceTests(unittest.TestCase):
         self.assertTrue(self.clock.getDelayedCalls())
         self.successResultOf(service.stopService())
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_stop_releases_the_account_connections(self) -> None:
+        # AcmeAccount keeps a requests session (pooled connections to the CA) for its orders.
+        service = self.service()
+        service.startService()
+        self.assertEqual(self.issuer.closed, 0)
+        self.successResultOf(service.stopService())
+        self.assertEqual(self.issuer.closed, 1)
 
     def test_orders_run_one_at_a_time(self) -> None:
         orders = [CertificateOrder((f"n{i}.example.com",), f"o{i}") for i in range(3)]

@@ -35,6 +35,7 @@ from dcrouter.processing.processor import EmailProcessor
 from dcrouter.queue.disk import DiskQueue
 from dcrouter.queue.item import Priority, QueueItem, QueueItemStatus
 from dcrouter.queue.memory import MemoryQueue
+from dcrouter.queue.operations import NotFound, WrongStatus
 from tests.results import result_of
 
 START = 1_700_000_000.0
@@ -247,6 +248,7 @@ class DeliveryTests(ManagerTestsBase):
         self.assertEqual(item.last_error, "451 4.2.0 Try later")
         self.assertEqual(item.pending_recipients(), ["bob@a.test"])
         self.assertEqual(item.destination, "rule:a.test")
+        self.assertEqual(self.manager.last_errors(), {"rule:a.test": ("451 4.2.0 Try later", START)})
         self.advance_to(START + 299)
         self.assertEqual(len(self.transport.to("bob@a.test")), 1)
         self.advance_to(START + 300)
@@ -534,6 +536,33 @@ class LimitTests(ManagerTestsBase):
         self.manager.resume_deliveries()
         self.clock.advance(0)
         self.assertEqual(self.item(qid).status, QueueItemStatus.DELIVERED)
+
+    def test_pause_one_destination(self) -> None:
+        self.start()
+        self.manager.pause_deliveries("rule:a.test")
+        qid = self.send("alice@senders.test", "bob@a.test", "carol@b.test")
+        self.advance_to(START + 5)
+        self.assertEqual([c["rcpts"] for c in self.transport.calls], [["carol@b.test"]])
+        item = self.item(qid)
+        # Put back as a busy destination's recipients are: due again after checkInterval, not a retry delay.
+        self.assertLessEqual(item.next_attempt_at, self.clock.seconds() + self.config.check_interval / 1000)
+        self.assertEqual(item.pending_recipients(), ["bob@a.test"])
+        self.assertEqual(self.manager.paused_destinations, ["rule:a.test"])
+        self.assertEqual(self.manager.last_errors(), {})
+        self.manager.resume_deliveries("rule:a.test")
+        self.advance_to(START + 10)
+        self.assertEqual(self.item(qid).status, QueueItemStatus.DELIVERED)
+
+    def test_bounce_now(self) -> None:
+        self.start()
+        self.manager.pause_deliveries()
+        qid = self.send("alice@senders.test", "bob@a.test")
+        item = result_of(Deferred.fromCoroutine(self.manager.bounce_now(qid, "operator says no")))
+        self.assertEqual(item.status, QueueItemStatus.BOUNCED)
+        self.assertIn("operator says no", item.outcomes["bob@a.test"]["reply"])
+        self.assertEqual(self.item(item.bounce_id).envelope.recipients, ["alice@senders.test"])
+        self.failureResultOf(Deferred.fromCoroutine(self.manager.bounce_now(qid, "again")), WrongStatus)
+        self.failureResultOf(Deferred.fromCoroutine(self.manager.bounce_now("NOPE", "x")), NotFound)
 
     def test_wakes_coalesce(self) -> None:
         self.start()

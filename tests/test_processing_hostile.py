@@ -25,7 +25,7 @@ from dcrouter.processing.processor import EmailProcessor
 from dcrouter.queue.item import QueueItem
 from dcrouter.queue.memory import MemoryQueue
 from tests import mime_samples as samples
-from tests.archive_samples import EXE, make_gzip, make_tar, make_zip, nested_zips, zip_bomb
+from tests.archive_samples import EXE, make_gzip, make_tar, make_zip, nested_zips, pax_tar, zip_bomb
 
 KEY = private_key_pem(generate_private_key("rsa", 2048))
 
@@ -186,6 +186,21 @@ class ArchivesThroughTheChainTests(ConfiguredChainCase):
     def test_zip_bomb_by_ratio(self) -> None:
         self.refused_as_unscannable(lambda: archive_mail("data.zip", zip_bomb(50)))
         self.refused_as_unscannable(lambda: archive_mail("data.zip", make_zip({"in.zip": zip_bomb(50)})))
+
+    def test_pax_header_with_a_digit_run_is_unscannable(self) -> None:
+        # CVE-2024-6232: CPython < 3.11.10 / 3.12.6 takes quadratic time in tarfile's pax header searches on a
+        # long run of digits (60,000 digits: minutes on the reactor for a 64 KiB attachment). Refused unread.
+        tar = pax_tar({"a.txt": b"x"}, {"comment": "1" * 60_000})
+        self.refused_as_unscannable(lambda: archive_mail("x.tar", tar))
+
+    def test_pax_tar_with_ordinary_headers_is_listed(self) -> None:
+        long_name = "d/" * 80 + "evil.exe"  # over ustar's 100 bytes: a pax "path" record
+        tar = pax_tar({long_name: EXE}, {"mtime": "1700000000.123456789", "comment": "build 42"})
+        result = self.outcome(archive_mail("x.tar", tar))
+        assert isinstance(result, Refusal), result
+        # Listed: the long name came whole from its pax "path" record.
+        self.assertEqual((result.reply.code, result.reply.enhanced), (550, "5.7.1"))
+        self.assertTrue(str(result.reply.text).endswith("/d/evil.exe)"), result.reply.text)
 
     def test_nested_archives_of_harmless_files_are_queued(self) -> None:
         inner = make_tar({"notes.txt": b"hello", "report.pdf": b"%PDF-1.4\n"}, "gz")

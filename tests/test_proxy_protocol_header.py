@@ -12,7 +12,7 @@ from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.trial.unittest import SynchronousTestCase
 
-from dcrouter.proxy.proxyprotocol import (
+from dcrouter.net.proxyprotocol import (
     V2_SIGNATURE,
     IncomingHeader,
     ProxyHeaderError,

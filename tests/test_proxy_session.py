@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from dcrouter.config import load_options
 from dcrouter.net.cidr import CidrSet
-from dcrouter.proxy.proxyprotocol import encode_v1, encode_v2
+from dcrouter.net.proxyprotocol import encode_v1, encode_v2
 from dcrouter.proxy.routes import PortRange, ProxyRoute, ProxyTarget, RouteTable, build_routes
 from dcrouter.proxy.session import REFUSAL_LINGER, ProxyContext, ProxySession, ProxySettings
 from tests.test_proxy_forward import BufferingTransport

@@ -16,7 +16,7 @@ from zope.interface.verify import verifyObject
 from dcrouter.interfaces import IDeliveryQueue, QueueFull, QueueUnavailable, StatusMismatch
 from dcrouter.mail.envelope import Envelope
 from dcrouter.mail.spooled import SpooledMessage
-from dcrouter.queue.contract import LOAD_COUNT_KEYS
+from dcrouter.queue.contract import LOAD_COUNT_KEYS, QueueFilter
 from dcrouter.queue.disk import DiskQueue
 from dcrouter.queue.item import Priority, QueueItem, QueueItemStatus
 from dcrouter.queue.memory import MemoryQueue
@@ -282,6 +282,21 @@ class QueueContractMixin:
         await queue.update("N2", status=QueueItemStatus.QUEUED)
         self.assertEqual(await queue.get_item_count(), 3)
 
+    async def test_status_summary_counts_and_oldest_by_status(self) -> None:
+        queue = await self.open_queue()
+        self.assertEqual(await queue.status_summary(), {})
+        await self.enqueue_all(
+            queue,
+            make_item("S1", created_at=START + 5),
+            make_item("S2", created_at=START + 2),
+            make_item("S3", created_at=START + 9, status=QueueItemStatus.QUARANTINED),
+        )
+        await queue.update("S1", status=QueueItemStatus.DEFERRED)
+        summary = await queue.status_summary()
+        self.assertEqual(
+            summary, {"queued": (1, START + 2), "deferred": (1, START + 5), "quarantined": (1, START + 9)}
+        )
+
     async def test_max_size(self) -> None:
         queue = await self.open_queue(max_size=2)
         await self.enqueue_all(queue, make_item("M1"), make_item("M2"))
@@ -346,6 +361,65 @@ class QueueContractMixin:
         self.assertEqual(await queue.purge_all(), 3)
         self.assertEqual(await queue.get_item_count(), 0)
         self.assertEqual(await queue.get_by_status(QueueItemStatus.QUEUED), [])
+
+    async def test_list_items_pages_newest_first(self) -> None:
+        queue = await self.open_queue()
+        await self.enqueue_all(queue, *(make_item(f"P{n}") for n in range(5)))
+        page = await queue.list_items(QueueFilter(), 2)
+        self.assertEqual([i.id for i in page.items], ["P4", "P3"])
+        await self.enqueue_all(queue, make_item("P5"))  # queued meanwhile: not on later pages
+        await queue.dequeue("P2")  # removed meanwhile: shifts nothing
+        page = await queue.list_items(QueueFilter(), 2, page.next_cursor)
+        self.assertEqual([i.id for i in page.items], ["P1", "P0"])
+        self.assertIsNone(page.next_cursor)
+        everything = await queue.list_items(QueueFilter(), 1000)
+        self.assertEqual([i.id for i in everything.items], ["P5", "P4", "P3", "P1", "P0"])
+        self.assertIsNone(everything.next_cursor)
+        exact = await queue.list_items(QueueFilter(), 5)
+        self.assertIsNone(exact.next_cursor)
+
+    async def test_list_items_filters(self) -> None:
+        queue = await self.open_queue()
+        a = make_item("F1", destination="domain:a.example")
+        a.envelope.mail_from = "Alice@Example.org"
+        a.envelope.recipients = ["x@one.example", "y@two.example"]
+        b = make_item("F2", destination="domain:b.example", status=QueueItemStatus.DEFERRED)
+        await self.enqueue_all(queue, a, b)
+
+        async def ids(**criteria: Any) -> list[str]:
+            page = await queue.list_items(QueueFilter(**criteria), 10)
+            return [i.id for i in page.items]
+
+        self.assertEqual(await ids(status=QueueItemStatus.DEFERRED), ["F2"])
+        self.assertEqual(await ids(status=QueueItemStatus.HELD), [])
+        self.assertEqual(await ids(destination="domain:a.example"), ["F1"])
+        self.assertEqual(await ids(sender="alice@"), ["F1"])
+        self.assertEqual(await ids(recipient="@TWO.example"), ["F1"])
+        self.assertEqual(await ids(recipient="@example.com"), ["F2"])
+        self.assertEqual(await ids(sender="alice", status=QueueItemStatus.DEFERRED), [])
+
+    async def test_list_items_refuses_bad_pages(self) -> None:
+        queue = await self.open_queue()
+        for limit, cursor in ((0, None), (1001, None), (10, "x1"), (10, "-1")):
+            await self.assertFails(queue.list_items(QueueFilter(), limit, cursor), ValueError)
+
+    async def test_count_by_status(self) -> None:
+        queue = await self.open_queue()
+        await self.enqueue_all(
+            queue, make_item("S1"), make_item("S2", status=QueueItemStatus.HELD), make_item("S3")
+        )
+        counts = await queue.count_by_status()
+        self.assertEqual(set(counts), {s.value for s in QueueItemStatus})
+        self.assertEqual((counts["queued"], counts["held"], counts["delivered"]), (2, 1, 0))
+
+    async def test_held_items_are_never_claimed(self) -> None:
+        queue = await self.open_queue()
+        await self.enqueue_all(queue, make_item("H1", next_attempt_at=0.0))
+        await queue.update_if("H1", QueueItemStatus.QUEUED, status=QueueItemStatus.HELD)
+        self.assertEqual(await queue.get_next(10), [])
+        self.assertEqual(await queue.get_item_count(), 1)  # still queued mail
+        await queue.update_if("H1", QueueItemStatus.HELD, status=QueueItemStatus.QUEUED)
+        self.assertEqual([i.id for i in await queue.get_next(10)], ["H1"])
 
     async def test_closed_queue_refuses_writes(self) -> None:
         queue = await self.open_queue()

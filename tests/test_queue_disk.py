@@ -20,6 +20,7 @@ from dcrouter.config import load_options
 from dcrouter.interfaces import QueueFull, QueueUnavailable
 from dcrouter.queue import files as files_module
 from dcrouter.queue import index as index_module
+from dcrouter.queue.contract import QueueFilter
 from dcrouter.queue.disk import DiskQueue
 from dcrouter.queue.index import CLAIM_SQL, DUE_SQL, FEW_DUE
 from dcrouter.queue.item import Priority, QueueItemStatus
@@ -69,6 +70,33 @@ class DiskQueueTests(TestCase):
         self.assertEqual(await read_body(again, "R2"), big)
         self.assertEqual(await again.get_item_count(), 2)
         self.assertEqual([i.id for i in await again.get_by_destination("a.example")], ["R1"])
+
+    async def test_text_filters_stop_at_their_budget(self) -> None:
+        self.patch(index_module, "LIST_SCAN_BUDGET", 3)
+        queue, _ = await self.open_queue()
+        for n in range(5):
+            item = make_item(f"T{n}")
+            item.envelope.recipients = ["x@rare.example" if n == 0 else f"r{n}@common.example"]
+            await queue.enqueue(item, inline())
+        page = await queue.list_items(QueueFilter(recipient="@rare."), 10)
+        self.assertEqual(page.items, [])  # three looked at, none matched
+        self.assertIsNotNone(page.next_cursor)
+        page = await queue.list_items(QueueFilter(recipient="@rare."), 10, page.next_cursor)
+        self.assertEqual(([i.id for i in page.items], page.next_cursor), (["T0"], None))
+        page = await queue.list_items(QueueFilter(recipient="@common."), 2)
+        self.assertEqual([i.id for i in page.items], ["T4", "T3"])
+        page = await queue.list_items(QueueFilter(recipient="@common."), 2, page.next_cursor)
+        self.assertEqual([i.id for i in page.items], ["T2", "T1"])
+
+    async def test_held_survives_restart(self) -> None:
+        queue, _ = await self.open_queue()
+        await queue.enqueue(make_item("HOLD"), inline())
+        await queue.update("HOLD", status=QueueItemStatus.HELD)
+        await queue.save()
+        again, counts = await self.open_queue()
+        self.assertEqual((counts["live"], counts["claims_returned"]), (1, 0))
+        self.assertEqual((await again.get("HOLD")).status, QueueItemStatus.HELD)
+        self.assertEqual(await again.get_next(5), [])
 
     async def test_claims_in_flight_return_to_ready(self) -> None:
         queue, _ = await self.open_queue()

@@ -20,8 +20,10 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from dcrouter.config import load_options
 from dcrouter.interfaces import DuplicateItem, QueueFull, StatusMismatch
 from dcrouter.net.redis_url import RedisAddress, parse_redis_url
+from dcrouter.queue import redis as redis_module
 from dcrouter.queue import redis_bodies, redis_consumer
 from dcrouter.queue import redis_scripts as scripts
+from dcrouter.queue.contract import QueueFilter
 from dcrouter.queue.item import QueueItem, QueueItemStatus
 from dcrouter.queue.redis import HANDOUT_BODY_LIMIT, RedisQueue
 from dcrouter.router import build_queue
@@ -113,6 +115,51 @@ class RedisQueueTestBase(TestCase):
             for e in events
             if e.get("log_namespace", "").startswith("dcrouter.queue.") and e["log_level"] == LogLevel.warn
         ]
+
+
+class ListingTests(RedisQueueTestBase):
+    async def test_list_walks_in_bounded_script_calls(self) -> None:
+        """A filter matching only old items pages through several calls of LIST_BUDGET items each."""
+        self.patch(redis_module, "LIST_BUDGET", 3)
+        queue, _ = await self.open_queue()
+        for n in range(10):
+            item = make_item(f"L{n}")
+            if n < 2:
+                item.envelope.mail_from = "old@example.org"
+            await queue.enqueue(item, inline())
+        page = await queue.list_items(QueueFilter(sender="old@"), 1)
+        self.assertEqual([i.id for i in page.items], ["L1"])
+        page = await queue.list_items(QueueFilter(sender="old@"), 1, page.next_cursor)
+        self.assertEqual([i.id for i in page.items], ["L0"])
+        self.assertIsNone(page.next_cursor)
+        everything = await queue.list_items(QueueFilter(), 4)
+        self.assertEqual([i.id for i in everything.items], ["L9", "L8", "L7", "L6"])
+
+    async def test_held_survives_restart(self) -> None:
+        queue, _ = await self.open_queue()
+        await queue.enqueue(make_item("HOLD", next_attempt_at=0.0), inline())
+        await queue.update_if("HOLD", QueueItemStatus.QUEUED, status=QueueItemStatus.HELD)
+        await queue.save()
+        again, counts = await self.open_queue()
+        self.assertEqual((counts["live"], counts["damaged"]), (1, 0))
+        self.assertEqual((await again.get("HOLD")).status, QueueItemStatus.HELD)
+        self.assertEqual(await again.get_next(5), [])
+        self.assertEqual((await again.count_by_status())["held"], 1)
+
+    async def test_a_page_stops_at_its_budget(self) -> None:
+        self.patch(redis_module, "LIST_BUDGET", 2)
+        self.patch(redis_module, "LIST_CALLS", 2)
+        queue, _ = await self.open_queue()
+        for n in range(6):
+            item = make_item(f"B{n}")
+            if n == 0:
+                item.envelope.mail_from = "old@example.org"
+            await queue.enqueue(item, inline())
+        page = await queue.list_items(QueueFilter(sender="old@"), 5)
+        self.assertEqual(page.items, [])  # four looked at, none matched
+        self.assertIsNotNone(page.next_cursor)
+        page = await queue.list_items(QueueFilter(sender="old@"), 5, page.next_cursor)
+        self.assertEqual(([i.id for i in page.items], page.next_cursor), (["B0"], None))
 
 
 class ClaimTests(RedisQueueTestBase):

@@ -355,8 +355,8 @@ class _DeferredPolicy(SessionPolicy):
         super().__init__(config)
         self.waiting: list[tuple[Deferred, Reply | None]] = []
 
-    def check_recipient(self, session, address, sender=None):
-        verdict = super().check_recipient(session, address, sender)
+    def check_recipient(self, session, address, sender=None, accepted=()):
+        verdict = super().check_recipient(session, address, sender, accepted)
         held: Deferred = Deferred()
         self.waiting.append((held, verdict))
         return held

@@ -10,6 +10,17 @@ from dcrouter.config import values
 from dcrouter.config.schema import Report, block_check, checked, join, option
 
 
+def _domain_rates(value: dict[str, int]) -> str | None:
+    """Each key a domain, each value a positive number of messages per minute."""
+    for domain, limit in value.items():
+        found = values.domain_pattern(domain)
+        if found is not None or domain.startswith("*."):
+            return f"not a domain name: {domain!r}"
+        if limit < 1:
+            return f"{domain}: must be a positive number of messages per minute: {limit}"
+    return None
+
+
 @block_check("user", "pass_")
 def authentication_pair(auth: AuthenticationConfig, path: str, report: Report) -> None:
     if (auth.user is None) != (auth.pass_ is None):
@@ -77,10 +88,22 @@ class DeliveryConfig:
     tls_min_version: Literal["TLSv1.2", "TLSv1.3"] = option(
         "TLSv1.2", doc="Lowest TLS version used outbound."
     )
-    global_rate_limit: int | None = option(None, unsupported="Delivery rate limits are not built yet.")
-    per_server_rate_limit: int | None = option(None, unsupported="Delivery rate limits are not built yet.")
+    global_rate_limit: int | None = option(
+        None,
+        doc="Messages per minute leaving the gateway in all, spread evenly; more wait (never bounced for it; "
+        "docs/limits.md, Outbound).",
+        check=values.positive,
+    )
+    per_server_rate_limit: int | None = option(
+        None,
+        doc="Messages per minute to one destination (a route: its servers), spread evenly; more wait.",
+        check=values.positive,
+    )
     per_domain_rate_limit: dict[str, int] | None = option(
-        None, unsupported="Delivery rate limits are not built yet."
+        None,
+        doc='Messages per minute by recipient domain (`{ "example.com" = 60 }`), spread evenly; more wait. '
+        "Changed at run time with DeliveryManager.set_rate_limit/clear_rate_limit.",
+        check=_domain_rates,
     )
     helo_name: str | None = option(
         None, addition=True, doc="Name sent in EHLO (default: smtpConfig.hostname).", check=values.host_name
@@ -102,6 +125,14 @@ class DeliveryConfig:
         addition=True,
         doc="Milliseconds an idle pooled connection is kept open.",
         check=values.duration,
+    )
+    suppression_ttl: int = option(
+        604_800_000,
+        addition=True,
+        doc="Milliseconds a recipient whose delivery failed with a permanent 5.1.x reply (no such user, bad "
+        "domain) is suppressed: mail to it is refused at RCPT with 550 5.1.1 instead of queued to bounce "
+        "again (default 7 days; 0: no suppression). Kept with the queue; see docs/api.md#suppression.",
+        check=values.non_negative,
     )
     paused: bool = option(
         False,

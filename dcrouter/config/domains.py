@@ -14,8 +14,17 @@ from dcrouter.mail.recipients import RecipientTable, read_recipients_file
 
 @dataclass(frozen=True)
 class RateLimitsConfig:
-    max_messages_per_minute: int | None = option(None, unsupported="Rate limits are not built yet.")
-    max_recipients_per_message: int | None = option(None, unsupported="Rate limits are not built yet.")
+    max_messages_per_minute: int | None = option(
+        None,
+        doc="Messages accepted per minute for these domains' recipients, from all clients together (more get "
+        "451 4.7.1 at RCPT; a burst of the whole minute's worth, then spaced evenly: docs/limits.md).",
+        check=values.positive,
+    )
+    max_recipients_per_message: int | None = option(
+        None,
+        doc="Recipients at these domains in one message (more get 452 4.5.3).",
+        check=values.positive,
+    )
 
 
 @dataclass(frozen=True)
@@ -84,8 +93,40 @@ class DomainConfig:
     port: int = option(25, doc="Port on the target servers.", check=values.port)
     use_tls: bool = option(False, doc="Require STARTTLS towards the targets.")
     authentication: AuthenticationConfig | None = option(None, doc="AUTH towards the targets.")
+    max_per_destination: int | None = option(
+        None,
+        addition=True,
+        doc="Deliveries in flight at once to these domains' targets (each domain is its own destination); "
+        "not set: smtpConfig.maxPerDestination.",
+        check=values.positive,
+    )
+    max_retries: int | None = option(
+        None,
+        addition=True,
+        doc="Delivery attempts before mail waiting for these domains bounces; not set: "
+        "smtpConfig.maxRetries.",
+        check=values.non_negative,
+    )
+    base_retry_delay: int | None = option(
+        None,
+        addition=True,
+        doc="Milliseconds before the first retry to these domains (doubles per attempt); not set: "
+        "smtpConfig.baseRetryDelay.",
+        check=values.duration,
+    )
+    max_retry_delay: int | None = option(
+        None,
+        addition=True,
+        doc="Upper bound of the retry delay to these domains, in milliseconds; not set: "
+        "smtpConfig.maxRetryDelay.",
+        check=values.duration,
+    )
     allowed_ips: list[str] = option(
-        factory=list, key="allowedIPs", unsupported="Per-domain sender IP rules are not built yet."
+        factory=list,
+        key="allowedIPs",
+        doc="CIDRs of the clients allowed to send mail to these domains (others get 550 5.7.1 at RCPT; "
+        "authenticated sessions are not held to it). Empty: every client.",
+        each=values.cidr,
     )
     rate_limits: RateLimitsConfig | None = option(None, doc="Per-domain limits.")
     add_headers: bool = option(

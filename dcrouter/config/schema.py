@@ -243,6 +243,11 @@ def _convert(tp: Any, value: Any, path: str, report: Report) -> Any:
         return _wrong(tp, value, path, report)
     if tp is float and type(value) in (int, float):
         return float(value)
+    if tp is str and type(value) is str and "\x00" in value:
+        # No setting can hold a NUL: a path would be cut short by the OS (or raise at start-up), a name would
+        # reach a peer or a log truncated.
+        report.error(path, "contains a NUL character (\\x00)")
+        return _INVALID
     if tp in (bool, int, str) and type(value) is tp:
         return value
     return _wrong(tp, value, path, report)

@@ -3,7 +3,7 @@
 The blocks it holds are declared next to their own checks: ``tls`` in :mod:`dcrouter.config.tls`, ``auth`` in
 :mod:`dcrouter.config.auth`, ``domainConfigs`` and ``callout`` in :mod:`dcrouter.config.domains`,
 ``routingRules`` and ``delivery`` in :mod:`dcrouter.config.delivery`, ``scanners``, ``transformations`` and
-``mimeLimits`` in :mod:`dcrouter.config.processing`.
+``mimeLimits`` in :mod:`dcrouter.config.processing`, ``rateLimits`` in :mod:`dcrouter.config.ratelimits`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,11 @@ from dcrouter.config.auth import AuthConfig
 from dcrouter.config.delivery import DeliveryConfig, RoutingRuleConfig
 from dcrouter.config.domains import CalloutConfig, DomainConfig
 from dcrouter.config.processing import MimeLimitsConfig, ScannerConfig, TransformationConfig
+from dcrouter.config.ratelimits import IngressLimitsConfig
 from dcrouter.config.schema import Report, block_check, checked, join, option, set_in_file
 from dcrouter.config.tls import TlsConfig
+from dcrouter.config.verification import VerificationConfig
+from dcrouter.mail.dkimkeys import is_rsa_key
 from dcrouter.net.domains import normalize_domain
 from dcrouter.net.redis_url import parse_redis_url
 
@@ -55,7 +58,8 @@ def smtp_port_roles(smtp: SmtpConfig, path: str, report: Report) -> None:
 
 @block_check("ports", "submission_ports", "auth")
 def smtp_users_present(smtp: SmtpConfig, path: str, report: Report) -> None:
-    if smtp.auth.users:
+    auth = smtp.auth
+    if auth.users or auth.ldap_url or auth.oauth2 or auth.providers:
         return
     submission = [p for p in smtp.submission_ports if p in smtp.ports]
     users = join(path, "auth.users")
@@ -82,6 +86,23 @@ def smtp_retry_delays(smtp: SmtpConfig, path: str, report: Report) -> None:
             join(path, "maxRetryDelay"),
             f"{smtp.max_retry_delay} is less than {join(path, 'baseRetryDelay')} ({smtp.base_retry_delay})",
         )
+
+
+@block_check("domain_configs", "base_retry_delay", "max_retry_delay")
+def domain_retry_delays(smtp: SmtpConfig, path: str, report: Report) -> None:
+    """A domainConfigs entry's retry delays, with smtpConfig's for the one it leaves unset, must still make
+    a schedule: the bound not below the first delay."""
+    for i, entry in enumerate(smtp.domain_configs):
+        if entry.base_retry_delay is None and entry.max_retry_delay is None:
+            continue
+        base = entry.base_retry_delay if entry.base_retry_delay is not None else smtp.base_retry_delay
+        bound = entry.max_retry_delay if entry.max_retry_delay is not None else smtp.max_retry_delay
+        if bound < base:
+            where = f"{join(path, 'domainConfigs')}[{i}]"
+            report.error(
+                f"{where}.maxRetryDelay" if entry.max_retry_delay is not None else f"{where}.baseRetryDelay",
+                f"the retry delay bound ({bound}) is less than the first delay ({base})",
+            )
 
 
 @block_check("queue_storage", "redis_url")
@@ -192,6 +213,59 @@ def smtp_processing(smtp: SmtpConfig, path: str, report: Report) -> None:
         report.warning(join(path, "contentScanning"), "is on but no scanners are configured")
 
 
+@block_check("proxy_protocol", "trusted_proxies")
+def smtp_proxy_protocol(smtp: SmtpConfig, path: str, report: Report) -> None:
+    """PROXY headers are read only from trustedProxies, so one without the other does nothing."""
+    if smtp.proxy_protocol != "none" and not smtp.trusted_proxies:
+        report.error(
+            join(path, "trustedProxies"),
+            f"is empty while {join(path, 'proxyProtocol')} is {smtp.proxy_protocol!r}: no peer may send a "
+            "PROXY header",
+        )
+    if smtp.proxy_protocol == "none" and smtp.trusted_proxies:
+        report.error(
+            join(path, "proxyProtocol"),
+            f"is 'none' while {join(path, 'trustedProxies')} is set: say which PROXY protocol version "
+            "(v1, v2 or any) the trusted proxies send",
+        )
+
+
+@block_check("verification", "domain_configs")
+def smtp_arc_sign(smtp: SmtpConfig, path: str, report: Report) -> None:
+    """arcSign's key: given with it, or the dkimOptions of the domainConfigs entry listing its domain; RSA
+    (dkimpy seals with rsa-sha256 only)."""
+    arc = smtp.verification.arc_sign
+    if arc is None:
+        return
+    where = join(path, "verification.arcSign")
+    if (arc.key_selector is None) != (arc.private_key is None):
+        report.error(where, "give keySelector and privateKey together, or neither")
+        return
+    key = arc.private_key
+    if key is None:
+        wanted = arc.domain_name.lower()
+        entry = next(
+            (
+                d
+                for d in smtp.domain_configs
+                if d.dkim_options is not None and wanted in (n.lower() for n in d.domains)
+            ),
+            None,
+        )
+        if entry is None or entry.dkim_options is None:
+            report.error(
+                join(where, "domainName"),
+                f"{arc.domain_name!r} has no key: give keySelector and privateKey, or dkimOptions in its "
+                f"{join(path, 'domainConfigs')} entry",
+            )
+            return
+        key = entry.dkim_options.private_key
+    if not smtp.verification.enabled:
+        report.warning(where, f"not used: {join(path, 'verification.enabled')} is false")
+    if not is_rsa_key(key):
+        report.error(where, "ARC seals with rsa-sha256: the key must be an RSA key")
+
+
 def generated_certificate_paths(persistent_path: str) -> tuple[str, str]:
     """Where the router keeps the self-signed certificate and key it generates when SMTP needs TLS and the
     configuration names no certificate (the disk and redis queues; a memory queue's is never written)."""
@@ -217,12 +291,15 @@ def smtp_tls_needs(smtp: SmtpConfig) -> list[str]:
     smtp_users_present,
     smtp_connection_caps,
     smtp_retry_delays,
+    domain_retry_delays,
     smtp_queue_storage,
     smtp_domains_once,
     smtp_default_route,
     smtp_callout_timeout,
     smtp_routing_rules,
     smtp_processing,
+    smtp_proxy_protocol,
+    smtp_arc_sign,
 )
 @dataclass(frozen=True)
 class SmtpConfig:
@@ -427,6 +504,29 @@ class SmtpConfig:
         "ends.",
         check=values.non_negative,
     )
+    proxy_protocol: Literal["none", "v1", "v2", "any"] = option(
+        "none",
+        addition=True,
+        doc="PROXY protocol header (HAProxy's) that connections from `trustedProxies` must open with, on "
+        "every SMTP port: `v1`, `v2` or `any` (either). The address it carries is the client's for "
+        "relayNetworks, connection limits, the Received field, logs and SPF. A trusted peer that sends no "
+        "valid header, or none within proxyHeaderTimeout, is disconnected (as Postfix's "
+        "smtpd_upstream_proxy_protocol); any other peer that opens with a PROXY header is disconnected. "
+        "`LOCAL`/`UNKNOWN` headers (health checks) keep the proxy's own address.",
+    )
+    trusted_proxies: list[str] = option(
+        factory=list,
+        addition=True,
+        doc="CIDRs of the load balancers allowed to send a PROXY header to the SMTP ports; required by "
+        "proxyProtocol.",
+        each=values.cidr,
+    )
+    proxy_header_timeout: int = option(
+        5_000,
+        addition=True,
+        doc="Milliseconds a trusted proxy has to send its whole PROXY header; then the connection is closed.",
+        check=values.duration,
+    )
     max_received_headers: int = option(
         50,
         addition=True,
@@ -486,8 +586,18 @@ class SmtpConfig:
         doc="Queued messages at which new mail gets 452 4.3.1 (0: no limit).",
         check=values.non_negative,
     )
+    verification: VerificationConfig = option(
+        factory=VerificationConfig,
+        addition=True,
+        doc="Inbound SPF, DKIM, DMARC and ARC verification (docs/verification.md).",
+    )
     callout: CalloutConfig = option(
         factory=CalloutConfig,
         addition=True,
         doc="Recipient callouts (domainConfigs' verifyRecipients `callout`): timeout, cache, concurrency.",
+    )
+    rate_limits: IngressLimitsConfig = option(
+        factory=IngressLimitsConfig,
+        addition=True,
+        doc="Rate limits, tiers and quotas on SMTP clients (docs/limits.md).",
     )

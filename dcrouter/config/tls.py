@@ -163,6 +163,14 @@ class TlsConfig:
         doc="Generate a self-signed certificate at certPath/keyPath on first start when they do not exist "
         "(for trials; use a real certificate in production).",
     )
+    acme: bool = option(
+        False,
+        addition=True,
+        doc="Obtain the certificate for `smtpConfig.hostname` from `smartProxyConfig.acme` (which must be "
+        'enabled; with `challenge = "dns-01"` the name must lie in `dnsServerConfig.zones`) and serve it to '
+        "every client, with or without SNI. Until it is obtained, the files (or a generated self-signed "
+        "certificate) are served.",
+    )
 
 
 @checked(shared_tls_material)

@@ -20,6 +20,10 @@ What a caller may rely on:
   ``checkInterval``. Why both: putting back every message that finds its destination full made a single
   busy destination trickle (each put-back waits a ``checkInterval``); waiting without a cap would let one
   slow destination hold every claimed slot while other destinations wait.
+- **Outbound rate limits.** A route group over ``delivery.globalRateLimit``, ``perServerRateLimit`` or
+  ``perDomainRateLimit`` (or a limit set with :meth:`DeliveryManager.set_rate_limit`) is not sent: the
+  message is put back due at the time :mod:`dcrouter.delivery.shaping` reserved for it, using no retry
+  (counted in ``shaped``), and a timer wakes the manager then.
 - **Durability per recipient.** After each route group's report, the recipients delivered or failed for good
   are written to the item's ``outcomes`` (and a ``history`` entry ``{"at", "route", "tried", "results"}``)
   with ``queue.update`` before the next group is tried, so a crash never re-sends to a delivered recipient.
@@ -51,7 +55,9 @@ Log events use the namespace ``dcrouter.delivery`` and carry the message's ``que
 
 from __future__ import annotations
 
+import heapq
 import random as random_module
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -67,14 +73,26 @@ from dcrouter.delivery.bounces import Bouncer, DsnRequest, SubmitLocal, open_mes
 from dcrouter.delivery.outcome import DeliveryReport, Outcome, RecipientResult
 from dcrouter.delivery.retry import RetryDecision, RetryPolicy
 from dcrouter.delivery.route import Route
-from dcrouter.delivery.routing import RecipientRouter
+from dcrouter.delivery.routing import RecipientRouter, domain_name
+from dcrouter.delivery.shaping import OutboundShaper
 from dcrouter.delivery.slots import RouteSlots
 from dcrouter.delivery.transitions import Next
-from dcrouter.interfaces import ClaimLost, IDeliveryQueue, IDeliveryTransport
+from dcrouter.events import NO_EVENTS, EventBus
+from dcrouter.interfaces import (
+    ClaimLost,
+    IDeliveryQueue,
+    IDeliveryTransport,
+    ISuppressionList,
+    StatusMismatch,
+)
 from dcrouter.log import logger
-from dcrouter.queue.item import QueueItem, QueueItemStatus
+from dcrouter.queue.item import READY_STATUSES, QueueItem, QueueItemStatus
+from dcrouter.queue.operations import NotFound, WrongStatus
 
 log = logger(__name__)
+
+#: Routes whose last failure ``last_errors`` remembers (bounded: MX routes are one per recipient domain).
+LAST_ERRORS_KEPT = 500
 
 #: Seconds between purges of finished items (a purge is a queue write: not on every look).
 PURGE_INTERVAL = 60.0
@@ -88,6 +106,7 @@ STAT_KEYS = (
     "bounced",  # messages finished with a DSN sent
     "failed",  # messages finished with failures and no DSN (null sender)
     "busy",  # messages put back because their destination was at maxPerDestination
+    "shaped",  # messages put back to wait for their time under an outbound rate limit
     "recipients_delivered",
     "recipients_failed",
     "dsn_sent",  # bounces queued
@@ -95,7 +114,23 @@ STAT_KEYS = (
     "errors",  # local failures: queue writes, transport bugs, routing bugs
     "claims_lost",  # attempts stopped undelivered: the queue could no longer vouch for the claim (ClaimLost)
     "purged",
+    "suppressed",  # recipients put on the suppression list (a 5.1.x permanent failure)
 )
+
+
+def route_settings(config: SmtpConfig, policy: RetryPolicy) -> tuple[dict[str, int], dict[str, RetryPolicy]]:
+    """The route names of domainConfigs entries that set ``maxPerDestination`` or a retry key, with their
+    limit and their policy (``policy`` with the entry's numbers)."""
+    limits: dict[str, int] = {}
+    policies: dict[str, RetryPolicy] = {}
+    for entry in config.domain_configs:
+        names = [f"domain:{domain_name(pattern)}" for pattern in entry.domains]
+        if entry.max_per_destination is not None:
+            limits.update(dict.fromkeys(names, entry.max_per_destination))
+        own = policy.for_entry(entry)
+        if own != policy:
+            policies.update(dict.fromkeys(names, own))
+    return limits, policies
 
 
 class DeliveryManager(Service):
@@ -116,8 +151,15 @@ class DeliveryManager(Service):
         config: SmtpConfig,
         clock: IReactorTime,
         random: Callable[[], float] = random_module.random,
+        events: EventBus = NO_EVENTS,
+        suppressions: ISuppressionList | None = None,
     ) -> None:
         self._queue = queue
+        #: Where message.delivered/deferred/bounced/dsn_sent, delivery.attempt and error.delivery go.
+        self.events = events
+        #: Where recipients that hard-bounced (5.1.x) are suppressed, for delivery.suppressionTtl.
+        self._suppressions = suppressions if config.delivery.suppression_ttl else None
+        self._suppression_ttl = config.delivery.suppression_ttl / 1000.0
         self._routes = routes
         self._transport = transport
         self._config = config
@@ -125,10 +167,12 @@ class DeliveryManager(Service):
         self._random = random
         self._policy = RetryPolicy.from_config(config)
         self._interval = config.check_interval / 1000.0
+        limits, self._route_policies = route_settings(config, self._policy)
         self._slots = RouteSlots(
             per_route=config.max_per_destination,
             concurrency=config.delivery.concurrent_deliveries,
             check_interval=self._interval,
+            limits=limits,
         )
         self._bouncer = Bouncer(
             queue=queue,
@@ -142,6 +186,10 @@ class DeliveryManager(Service):
         #: Attempts that delivered nothing because every destination they needed was full.
         self._found_full: set[str] = set()
         self._paused = False
+        #: The last failure reply (temporary or permanent) and its time, per route name, most recent last.
+        self._last_errors: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        #: Route names paused one by one (pause_deliveries(destination)); their recipients are put back.
+        self._paused_routes: set[str] = set()
         self._claiming = False
         self._claim_again = False
         #: The periodic look, every checkInterval on the injected clock, while running.
@@ -150,6 +198,12 @@ class DeliveryManager(Service):
         self._next_purge = 0.0
         self._idle_waiters: list[Deferred] = []
         self._stats = dict.fromkeys(STAT_KEYS, 0)
+        #: The outbound rate limits (delivery.globalRateLimit, perServerRateLimit, perDomainRateLimit).
+        self.shaper = OutboundShaper(config.delivery, clock)
+        #: When messages waiting under an outbound limit are due: a wake at the earliest, so a paced
+        #: destination's messages leave at their times rather than at the next periodic look.
+        self._shaped_due: list[float] = []
+        self._shaped_call: IDelayedCall | None = None
 
     # -- service life cycle ----------------------------------------------------------------------------
 
@@ -170,6 +224,9 @@ class DeliveryManager(Service):
         if self._wake_call is not None and self._wake_call.active():
             self._wake_call.cancel()
         self._wake_call = None
+        if self._shaped_call is not None and self._shaped_call.active():
+            self._shaped_call.cancel()
+        self._shaped_call = None
         # Attempts waiting for a slot start nothing now: they put their messages back.
         self._slots.release_waiters()
         if self._idle():
@@ -215,13 +272,80 @@ class DeliveryManager(Service):
         if self._wake_call is None:
             self._wake_call = self._clock.callLater(0, self._claim_now)
 
-    def pause_deliveries(self) -> None:
-        """Claim nothing more; attempts in flight finish."""
-        self._paused = True
+    def pause_deliveries(self, destination: str | None = None) -> None:
+        """Claim nothing more; attempts in flight finish. With ``destination`` (a route name, as in a queue
+        item's ``destination``: ``domain:example.com``, ``mx:example.org``, ``rule:NAME``, ``default``):
+        only recipients routed there wait (put back, counting no retry); other mail goes on."""
+        if destination is None:
+            self._paused = True
+        else:
+            self._paused_routes.add(destination)
 
-    def resume_deliveries(self) -> None:
-        self._paused = False
+    def resume_deliveries(self, destination: str | None = None) -> None:
+        """Undo ``pause_deliveries`` (with ``destination``: that route's pause only)."""
+        if destination is None:
+            self._paused = False
+        else:
+            self._paused_routes.discard(destination)
         self.wake()
+
+    def set_rate_limit(self, domain: str, limit: int) -> None:
+        """Send at most ``limit`` messages a minute to recipients at ``domain``, spread evenly, from now on
+        (the seed's ``setRateLimit``; replaces ``perDomainRateLimit``'s entry). Mail over it waits."""
+        self.shaper.set_rate_limit(domain, limit)
+
+    def clear_rate_limit(self, domain: str) -> None:
+        """Lift the per-domain limit of ``domain`` (the seed's ``clearRateLimit``). Messages already given a
+        time keep it."""
+        self.shaper.clear_rate_limit(domain)
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    @property
+    def paused_destinations(self) -> list[str]:
+        return sorted(self._paused_routes)
+
+    def in_flight_by_destination(self) -> dict[str, int]:
+        """Deliveries running now, per route name."""
+        return self._slots.in_use()
+
+    def last_errors(self) -> dict[str, tuple[str, float]]:
+        """The last failure reply and when it came, per route name (the LAST_ERRORS_KEPT most recent)."""
+        return dict(self._last_errors)
+
+    async def bounce_now(self, item_id: str, reason: str) -> QueueItem:
+        """Fail every pending recipient of ``item_id`` for good with ``reason`` and finish it as an attempt
+        would: a DSN to the sender (none for the null sender), status bounced (or failed). Applies to
+        queued, deferred and held messages (NotFound, WrongStatus otherwise), claiming it first like a
+        delivery so no attempt runs meanwhile."""
+        item: QueueItem | None = await self._queue.get(item_id)
+        if item is None:
+            raise NotFound(item_id)
+        wanted = "queued, deferred or held messages"
+        if item.status not in (*READY_STATUSES, QueueItemStatus.HELD):
+            raise WrongStatus(item, "bounce", wanted)
+        try:
+            claimed: QueueItem = await self._queue.update_if(
+                item_id, item.status, status=QueueItemStatus.DELIVERING
+            )
+        except StatusMismatch as mismatch:
+            raise WrongStatus(mismatch.item, "bounce", wanted) from None  # type: ignore[arg-type]
+        now = self._clock.seconds()
+        reply = f"550 5.0.0 Returned by the postmaster: {reason}"
+        outcomes = dict(claimed.outcomes)
+        for rcpt in claimed.pending_recipients():
+            outcomes[rcpt] = {
+                "outcome": Outcome.PERMANENT.value,
+                "reply": reply,
+                "target": "",
+                "at": now,
+                "route": "",
+            }
+        log.info("{queue_id} bounced by the postmaster: {reason}", queue_id=item_id, reason=reason)
+        claimed = await self._write(claimed, {"outcomes": outcomes, "last_error": reply})
+        return await self._finish(claimed, now)
 
     def get_delivery_stats(self) -> dict[str, int]:
         """Counters since start (see ``STAT_KEYS``) plus ``in_flight`` (attempts running now) and
@@ -300,6 +424,26 @@ class DeliveryManager(Service):
             self.wake()  # a slot is free
         self._notify_idle()
 
+    def _wake_at(self, when: float) -> None:
+        """Wake when ``when`` comes (one timer, at the earliest such time)."""
+        heapq.heappush(self._shaped_due, when)
+        if self._shaped_call is None or not self._shaped_call.active() or self._shaped_call.getTime() > when:
+            if self._shaped_call is not None and self._shaped_call.active():
+                self._shaped_call.cancel()
+            self._shaped_call = self._clock.callLater(
+                max(0.0, when - self._clock.seconds()), self._shaped_wake
+            )
+
+    def _shaped_wake(self) -> None:
+        self._shaped_call = None
+        now = self._clock.seconds()
+        due = self._shaped_due
+        while due and due[0] <= now:
+            heapq.heappop(due)
+        if due:
+            self._shaped_call = self._clock.callLater(due[0] - now, self._shaped_wake)
+        self.wake()
+
     def _maybe_purge(self) -> None:
         now = self._clock.seconds()
         if now < self._next_purge:
@@ -339,13 +483,24 @@ class DeliveryManager(Service):
             log.failure("routing failed for {queue_id}", queue_id=item.id)
             groups, tried = [], True
             temporary = transitions.routing_failed(pending)
+        shaped: float | None = None
         for route, rcpts in groups:
+            if route.name in self._paused_routes:
+                continue  # paused by an operator: these recipients stay pending, the message is put back
+            wait = self.shaper.wait(item.id, route.name, rcpts)
+            if wait > 0:
+                # Over an outbound rate limit: these recipients wait for their time, using no retry.
+                shaped = wait if shaped is None else min(shaped, wait)
+                continue
             # Waiting is for a running manager: once stopping, a full destination's recipients go back.
             if not await self._slots.acquire(route.name, may_wait=bool(self.running)):
                 continue  # these recipients stay pending: the message is put back, using no retry
             tried = True
+            self.shaper.delivered(item.id, route.name)
+            started = self._clock.seconds()
             try:
                 report = await self._deliver_group(item, route, rcpts)
+                self._report_group(item, route, report, self._clock.seconds() - started)
             finally:
                 # Free for the next message as soon as the destination has answered: holding the slot through
                 # the durable record below (a commit that waits behind ingress's under load) halved a busy
@@ -359,7 +514,7 @@ class DeliveryManager(Service):
             self._stats["delivered"] += 1
             log.info("{queue_id} delivered", queue_id=item.id)
             return item
-        return await self._conclude(item, temporary, tried=tried)
+        return await self._conclude(item, temporary, tried=tried, shaped=shaped)
 
     async def _deliver_group(self, item: QueueItem, route: Route, rcpts: list[str]) -> DeliveryReport:
         """The transport's report for one group, with exactly one result per recipient of ``rcpts``."""
@@ -375,13 +530,61 @@ class DeliveryManager(Service):
             report = DeliveryReport(route.name)
         return transitions.one_result_each(route.name, report, rcpts)
 
+    def _report_group(self, item: QueueItem, route: Route, report: DeliveryReport, duration: float) -> None:
+        """The events of one route group's report (nothing is computed when nobody listens)."""
+        events = self.events
+        if not any(events.wants(t) for t in ("delivery.attempt", "message.delivered", "error.delivery")):
+            return
+        counts = dict.fromkeys(Outcome, 0)
+        for result in report.results:
+            counts[result.outcome] += 1
+        delivered, failed = counts[Outcome.DELIVERED], counts[Outcome.PERMANENT]
+        deferred = counts[Outcome.TEMPORARY]
+        events.emit(
+            "delivery.attempt",
+            queue_id=item.id,
+            route=route.name,
+            duration=max(0.0, duration),
+            delivered=delivered,
+            failed=failed,
+            deferred=deferred,
+        )
+        if delivered:
+            events.emit(
+                "message.delivered",
+                queue_id=item.id,
+                route=route.name,
+                recipients=delivered,
+                duration=max(0.0, duration),
+            )
+        for permanent, count in ((True, failed), (False, deferred)):
+            if count:
+                wanted = Outcome.PERMANENT if permanent else Outcome.TEMPORARY
+                code = next(r.code for r in report.results if r.outcome is wanted)
+                events.emit(
+                    "error.delivery",
+                    queue_id=item.id,
+                    route=route.name,
+                    recipients=count,
+                    permanent=permanent,
+                    reply=code,
+                )
+
     async def _record(self, item: QueueItem, route: Route, report: DeliveryReport) -> QueueItem:
         """Write the group's final outcomes and its history entry; fires once durable."""
-        transition = transitions.record_group(item, route.name, report, self._clock.seconds())
+        now = self._clock.seconds()
+        transition = transitions.record_group(item, route.name, report, now)
         for r in report.results:
             if r.outcome is not Outcome.TEMPORARY:
                 key = "recipients_delivered" if r.outcome is Outcome.DELIVERED else "recipients_failed"
                 self._stats[key] += 1
+            if r.outcome is Outcome.PERMANENT and r.enhanced.startswith("5.1."):
+                self._suppress(item, r)
+            if r.outcome is not Outcome.DELIVERED:
+                self._last_errors[route.name] = (r.reply, now)
+                self._last_errors.move_to_end(route.name)
+                while len(self._last_errors) > LAST_ERRORS_KEPT:
+                    self._last_errors.popitem(last=False)
             log.info(
                 "{queue_id} to {recipient} via {route}: {outcome} ({reply})",
                 queue_id=item.id,
@@ -393,17 +596,26 @@ class DeliveryManager(Service):
         return await self._write(item, transition.changes)
 
     async def _conclude(
-        self, item: QueueItem, temporary: dict[str, RecipientResult], *, tried: bool
+        self,
+        item: QueueItem,
+        temporary: dict[str, RecipientResult],
+        *,
+        tried: bool,
+        shaped: float | None = None,
     ) -> QueueItem:
         now = self._clock.seconds()
         assessment = transitions.assess(
-            item, tried=tried, failed_temporarily=bool(temporary), policy=self._policy, now=now
+            item, tried=tried, failed_temporarily=bool(temporary), policy=self._policy_for(item), now=now
         )
         step, attempts = assessment.step, assessment.attempts
         if step is Next.FINISH:
             return await self._finish(item, now)
         if step is Next.DEFER:
             return await self._defer(item, temporary, attempts, now)
+        if step is Next.PUT_BACK and shaped is not None:
+            self._stats["shaped"] += 1
+            self._wake_at(now + shaped)
+            return await self._put_back(item, now, delay=shaped, attempts=attempts)
         if step is Next.PUT_BACK:
             self._stats["busy"] += 1
             if not tried:
@@ -422,19 +634,29 @@ class DeliveryManager(Service):
     async def _defer(
         self, item: QueueItem, temporary: dict[str, RecipientResult], attempts: int, now: float
     ) -> QueueItem:
-        wait = self._policy.next_delay(attempts, self._random)
+        wait = self._policy_for(item).next_delay(attempts, self._random)
         pending = item.pending_recipients()
+        destination = self._destination(item, pending[0])
         transition = transitions.deferral(
             item,
             temporary,
             attempts=attempts,
             now=now,
             wait=wait,
-            destination=self._destination(item, pending[0]),
+            destination=destination,
             warn=self._bouncer.warning_due(item, now),
         )
         queued = await self._queue_dsn(item, transition.dsn, now)
         self._stats["deferred"] += 1
+        self.events.emit(
+            "message.deferred",
+            queue_id=item.id,
+            destination=destination,
+            attempts=attempts,
+            pending=len(pending),
+            nextAttemptIn=wait,
+            error=str(transition.changes["last_error"])[:200],
+        )
         log.info(
             "{queue_id} deferred after attempt {attempts}: {pending} recipients pending, next attempt in "
             "{wait:.0f} s ({error})",
@@ -463,7 +685,45 @@ class DeliveryManager(Service):
                 log.failure("cannot queue the bounce for {queue_id}; trying again later", queue_id=item.id)
             return False
         self._stats["delay_warnings" if dsn.action == "delayed" else "dsn_sent"] += 1
+        self.events.emit("message.dsn_sent", queue_id=item.id, action=dsn.action)
         return True
+
+    def _suppress(self, item: QueueItem, result: RecipientResult) -> None:
+        """Put a recipient that hard-bounced on the suppression list (in the background: a failure to is
+        logged, and the delivery's outcome stands)."""
+        if self._suppressions is None:
+            return
+        self._stats["suppressed"] += 1
+        try:
+            d = self._suppressions.add(result.recipient, result.reply, self._suppression_ttl)
+        except ValueError:
+            return  # not an address a client could name at RCPT
+        d.addErrback(
+            lambda failure: log.failure(
+                "{queue_id}: cannot suppress {recipient}",
+                failure,
+                queue_id=item.id,
+                recipient=result.recipient,
+            )
+        )
+
+    def reconfigure(self, config: SmtpConfig) -> None:
+        """Per-destination limits and retry schedules of ``config``'s domainConfigs (a routing change) from
+        the next attempt on; the global numbers stay as started."""
+        limits, self._route_policies = route_settings(config, self._policy)
+        self._slots.set_limits(self._config.max_per_destination, limits)
+
+    def settings_for(self, route: str) -> tuple[int, RetryPolicy]:
+        """The deliveries in flight allowed at once and the retry policy for the route named ``route``."""
+        return self._slots.limit(route), self._route_policies.get(route, self._policy)
+
+    def _policy_for(self, item: QueueItem) -> RetryPolicy:
+        """The retry policy of the route the message waits for (its first pending recipient's)."""
+        if not self._route_policies:
+            return self._policy
+        pending = item.pending_recipients()
+        route = self._destination(item, pending[0]) if pending else None
+        return self._route_policies.get(route or "", self._policy)
 
     def _destination(self, item: QueueItem, rcpt: str) -> str | None:
         """Where the message waits now (the route of its first pending recipient), for get_by_destination."""
@@ -514,4 +774,11 @@ class DeliveryManager(Service):
             return await self._write(item, transition.to_write(dsn_queued=False))
         self._stats[status.value] += 1
         log.info("{queue_id} {status}", queue_id=item.id, status=status.value)
+        if status in (QueueItemStatus.BOUNCED, QueueItemStatus.FAILED):
+            self.events.emit(
+                "message.bounced",
+                queue_id=item.id,
+                status=status.value,
+                recipients=len(transitions.failed_recipients(item)),
+            )
         return await self._write(item, transition.changes)

@@ -61,6 +61,15 @@ def read_private_key(value: str) -> bytes:
         raise DkimError(f"cannot read the DKIM private key file {value!r}: {e.strerror}") from e
 
 
+def is_rsa_key(value: str) -> bool:
+    """Whether ``dkimOptions.privateKey``-style ``value`` (inline PEM or a file path) holds a usable RSA key;
+    False for anything else, an unreadable file included (its own check reports why)."""
+    try:
+        return isinstance(load_private_key(read_private_key(value)), rsa.RSAPrivateKey)
+    except (DkimError, OSError, ValueError):
+        return False
+
+
 def generate_private_key(key_type: str = "rsa", bits: int = MIN_RSA_BITS) -> PrivateKey:
     """A new signing key: ``rsa`` of ``bits`` bits (at least :data:`MIN_RSA_BITS`) or ``ed25519``."""
     if key_type == "rsa":

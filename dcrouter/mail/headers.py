@@ -12,7 +12,7 @@ unstructured fields are RFC 2047-encoded; long values are folded at whitespace.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.header import Header
 from typing import BinaryIO
@@ -181,6 +181,17 @@ class HeaderBlock:
         """Remove every field called ``name`` (any case); the number removed."""
         wanted = name.lower()
         kept = [f for f in self._fields if f.name.lower() != wanted]
+        removed = len(self._fields) - len(kept)
+        if removed:
+            self._fields = kept
+            self.changed = True
+        return removed
+
+    def remove_if(self, name: str, predicate: Callable[[str], bool]) -> int:
+        """Remove the fields called ``name`` (any case) whose unfolded value ``predicate`` holds for; the
+        number removed."""
+        wanted = name.lower()
+        kept = [f for f in self._fields if f.name.lower() != wanted or not predicate(f.value)]
         removed = len(self._fields) - len(kept)
         if removed:
             self._fields = kept

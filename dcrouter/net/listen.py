@@ -76,6 +76,22 @@ def listen_paused(
     return bound
 
 
+def listen_unix_paused(
+    reactor: IReactorTCP, path: str, factory: IProtocolFactory, *, what: str
+) -> IListeningPort:
+    """Bind the Unix socket ``path`` (mode 0600; a stale socket left by a dead process is replaced, one a
+    live process holds is not), paused. ListenError naming the path when it cannot be bound."""
+    description = f"unix:address={quoteStringArgument(path)}:mode=600:lockfile=1"
+    try:
+        listening = _listen_now(reactor, description, factory)
+    except CannotListenError as error:
+        raise ListenError(what, path, 0, error.socketError) from error
+    except _NotAtOnce:
+        raise ListenError(what, path, 0, "the endpoint did not bind at once") from None
+    pause(listening)
+    return listening
+
+
 class _NotAtOnce(Exception):
     pass
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import lzma
+import re
 import struct
 import tarfile
 import zipfile
@@ -160,7 +161,57 @@ def _zip(stream: IO[bytes], max_entries: int) -> Generator[Entry, None, None]:
 # -- tar --
 
 
+#: Longest run of digits a pax extended header may hold. CPython before 3.11.10 and 3.12.6 searches pax
+#: headers with patterns that take quadratic time on a long digit run (CVE-2024-6232): 64 KiB of digits is
+#: minutes of CPU. Real headers hold numbers of at most ~30 digits (a time with nanoseconds, a size).
+MAX_PAX_DIGITS = 64
+#: Largest pax extended header read (real ones are a few hundred bytes: a long path, times, ids).
+MAX_PAX_HEADER = 64 * 1024
+_PAX_TYPES = frozenset({b"x", b"g", b"X"})
+_DIGIT_RUN = re.compile(rb"[0-9]{%d}" % (MAX_PAX_DIGITS + 1))
+
+
+def _tar_size(block: bytes) -> int:
+    """The size field of a header block: octal text, or GNU's base-256 form (high bit of the first byte)."""
+    field = block[124:136]
+    if field[0] & 0x80:
+        return int.from_bytes(field[1:], "big")
+    text = field.replace(b"\x00", b" ").strip()
+    return int(text, 8) if text else 0
+
+
+def check_pax_headers(stream: IO[bytes]) -> None:
+    """Walk the tar headers in ``stream`` (seekable, at its start; left there) and refuse, before
+    :mod:`tarfile` sees them, pax extended headers that would make it spend unbounded time: larger than
+    :data:`MAX_PAX_HEADER` or holding a run of more than :data:`MAX_PAX_DIGITS` digits. A damaged header ends
+    the walk: :mod:`tarfile` judges the rest. Costs one 512-byte read per member plus the pax headers.
+
+    :raises ArchiveError: such a header was found.
+    """
+    start = stream.tell()
+    try:
+        while True:
+            block = stream.read(512)
+            if len(block) < 512 or not _is_tar_header(block):
+                return
+            try:
+                size = _tar_size(block)
+            except ValueError:
+                return
+            if block[156:157] in _PAX_TYPES:
+                if size > MAX_PAX_HEADER:
+                    raise ArchiveError(f"a tar pax header of {size} bytes (more than {MAX_PAX_HEADER})")
+                if _DIGIT_RUN.search(stream.read(size)):
+                    raise ArchiveError(f"a tar pax header with a run of over {MAX_PAX_DIGITS} digits")
+                stream.seek(-size % 512, 1)
+            else:
+                stream.seek(size + (-size % 512), 1)
+    finally:
+        stream.seek(start)
+
+
 def _tar(stream: IO[bytes]) -> Generator[Entry, None, None]:
+    check_pax_headers(stream)
     with tarfile.open(fileobj=stream, mode="r:") as archive:
         for member in archive:
             opener = _tar_opener(archive, member) if member.isfile() else None

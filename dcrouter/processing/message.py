@@ -51,6 +51,14 @@ class ScanResult:
     score: float | None = None
     threshold: float | None = None
     headers: tuple[tuple[str, str], ...] = ()
+    #: The action this finding asks for instead of the stage's own (a scanner whose policy depends on what
+    #: it found, as verification does with a domain's DMARC policy); None: the stage's.
+    action: str | None = None
+    #: Fields named in ``headers`` that arrived with the message are removed before those are added, except
+    #: the ones ``keep(name, value)`` holds for; None: all are removed.
+    keep: Callable[[str, str], bool] | None = None
+    #: Add ``headers`` above every other field (trace fields such as Authentication-Results), not at the end.
+    on_top: bool = False
 
     @property
     def hit(self) -> bool:

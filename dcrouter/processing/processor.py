@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
@@ -25,6 +26,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from dcrouter.events import NO_EVENTS, EventBus
 from dcrouter.interfaces import (
     IDeliveryQueue,
     IMessageAcceptor,
@@ -120,8 +122,11 @@ class EmailProcessor:
         limits: MimeLimits = DEFAULT_LIMITS,
         max_parallel: int = 64,
         timeout: float = 120.0,
+        events: EventBus = NO_EVENTS,
     ) -> None:
         self._queue = queue
+        #: Where message.processed/queued/scanned and error.processing go (dcrouter.events).
+        self.events = events
         self._now = clock_seconds
         self._reactor = reactor
         self._threadpool = threadpool
@@ -234,8 +239,10 @@ class EmailProcessor:
     ) -> QueueItem:
         """Run every stage, then queue. The message's files are owned by this call from here on."""
         draft: Draft | None = None
+        started = self._now()
+        timings: dict[str, float] = {}
         try:
-            staged = Deferred.fromCoroutine(self._stages(envelope, message, queue_id))
+            staged = Deferred.fromCoroutine(self._stages(envelope, message, queue_id, timings))
             if self._reactor is not None and self._timeout:
                 staged.addTimeout(self._timeout, self._reactor)
             draft, quarantine = await staged
@@ -244,11 +251,27 @@ class EmailProcessor:
                 draft.discard()
             else:
                 message.discard()
-            raise self._refusal_for(error, queue_id) from error
+            refusal = self._refusal_for(error, queue_id)
+            outcome = "discarded" if isinstance(refusal, Discarded) else "refused"
+            if isinstance(refusal, Refusal) and refusal.reply.is_temporary:
+                outcome = "tempfailed"
+            self._processed(queue_id, outcome, started, timings)
+            raise refusal from error
         stored, head, offset = draft.finish()
         envelope = draft.envelope
         self.stats["processed"] += 1
+        self._processed(queue_id, "quarantined" if quarantine else "queued", started, timings)
         return await self._enqueue(queue_id, envelope, stored, head, offset, priority, quarantine)
+
+    def _processed(self, queue_id: str, outcome: str, started: float, timings: dict[str, float]) -> None:
+        if self.events.wants("message.processed"):
+            self.events.emit(
+                "message.processed",
+                queue_id=queue_id,
+                outcome=outcome,
+                duration=max(0.0, self._now() - started),
+                stages=dict(timings),
+            )
 
     async def _process_local(
         self, envelope: Envelope, message: SpooledMessage, queue_id: str, priority: int
@@ -272,17 +295,21 @@ class EmailProcessor:
             except Refusal as e:
                 # A bounce to a forged or expired SRS address: sent as addressed rather than lost.
                 log.info("{queue_id}: {reason}; sent as addressed", queue_id=queue_id, reason=e.reason)
-        queued: QueueItem = await self._enqueue(queue_id, envelope, message, None, 0, priority, None)
+        queued: QueueItem = await self._enqueue(
+            queue_id, envelope, message, None, 0, priority, None, local=True
+        )
         return queued
 
     async def _stages(
-        self, envelope: Envelope, message: SpooledMessage, queue_id: str
+        self, envelope: Envelope, message: SpooledMessage, queue_id: str, timings: dict[str, float]
     ) -> tuple[Draft, str | None]:
+        mark = self._now()
         draft = await self.extract_metadata(envelope, message, queue_id)
+        timings["metadata"] = self._now() - mark
         try:
-            quarantine = await self.scan_content(draft)
-            await self.apply_transformations(draft)
-            await self._sign(draft)
+            quarantine = await self.scan_content(draft, timings)
+            await self.apply_transformations(draft, timings)
+            await self._sign(draft, timings)
         except BaseException:
             draft.discard()
             raise
@@ -297,8 +324,10 @@ class EmailProcessor:
         if isinstance(error, CancelledError | DeferredTimeout | TimeoutError):
             self.stats["tempfailed"] += 1
             log.warn("{queue_id}: processing timed out", queue_id=queue_id)
+            self.events.emit("error.processing", queue_id=queue_id, reason="processingTimeout")
             return Refusal(TIMED_OUT, "processingTimeout")
         log.failure("{queue_id}: processing failed", Failure(error), queue_id=queue_id)
+        self.events.emit("error.processing", queue_id=queue_id, reason=type(error).__name__)
         self.stats["tempfailed"] += 1
         return Refusal(Reply(451, "4.3.0", "Local error in processing, try again later"), "error")
 
@@ -358,11 +387,12 @@ class EmailProcessor:
             info=info,
         )
 
-    async def scan_content(self, draft: Draft) -> str | None:
+    async def scan_content(self, draft: Draft, timings: dict[str, float] | None = None) -> str | None:
         """Run the scanners in order. Returns the reason to quarantine, or None; raises Refusal or
         Discarded. A clean result, or a hit whose action is tag, adds the scanner's headers; fields of those
         names that the message came with are removed first (a sender must not pre-label its own mail)."""
         for stage in self._scanners:
+            mark = self._now()
             try:
                 scanning = maybeDeferred(stage.scanner.scan, draft)
                 if stage.timeout and self._reactor is not None:
@@ -392,9 +422,18 @@ class EmailProcessor:
                     Reply(451, "4.7.0", f"Content scanner {stage.name} unavailable, try again later"), str(e)
                 ) from e
             draft.results.append(result)
-            action = stage.action
+            action = result.action or stage.action
             if result.verdict is Verdict.UNSCANNABLE and stage.on_unscannable != "action":
                 action = stage.on_unscannable
+            if timings is not None:
+                timings[f"scanner:{stage.name}"] = self._now() - mark
+            self.events.emit(
+                "message.scanned",
+                queue_id=draft.queue_id,
+                scanner=stage.name,
+                verdict=result.verdict.value,
+                action=action if result.hit else "pass",
+            )
             if not result.hit:
                 # Passed mail carries the scanner's status (X-Spam-Status: No, score=...; X-Virus-Status:
                 # Clean), as SpamAssassin and amavis leave it, whatever the action on a hit would have been.
@@ -426,14 +465,20 @@ class EmailProcessor:
                 return f"{stage.name}: {result.verdict.value} ({result.reason})"
         return None
 
-    async def apply_transformations(self, draft: Draft) -> None:
+    async def apply_transformations(self, draft: Draft, timings: dict[str, float] | None = None) -> None:
         """Each transformation in configured order; DKIM signing is not among them (it runs last)."""
         for transformation in self._transformations:
+            mark = self._now()
             await maybeDeferred(transformation.apply, draft)
+            if timings is not None:
+                timings[f"transform:{_stage_name(transformation)}"] = self._now() - mark
 
-    async def _sign(self, draft: Draft) -> None:
+    async def _sign(self, draft: Draft, timings: dict[str, float] | None = None) -> None:
+        mark = self._now()
         for signer in self._signers:
             await maybeDeferred(signer.apply, draft)
+        if timings is not None and self._signers:
+            timings["dkim"] = self._now() - mark
 
     # -- queueing --
 
@@ -446,6 +491,8 @@ class EmailProcessor:
         offset: int,
         priority: int,
         quarantine: str | None,
+        *,
+        local: bool = False,
     ) -> Deferred:
         now = self._now()
         size = stored.size if head is None else len(head) + stored.size - offset
@@ -463,12 +510,25 @@ class EmailProcessor:
             item.status = QueueItemStatus.QUARANTINED
             item.last_error = quarantine
         queued = self._queue.enqueue(item, stored)
+        if self.events.wants("message.queued"):
+            queued.addCallback(self._report_queued, local)
         if quarantine is not None:
             self.stats["quarantined"] += 1
             queued.addCallback(self._quarantined)
         elif self.on_queued is not None:
             queued.addCallback(self._notify)
         return queued
+
+    def _report_queued(self, item: QueueItem, local: bool) -> QueueItem:
+        self.events.emit(
+            "message.queued",
+            queue_id=item.id,
+            size=item.size,
+            recipients=len(item.envelope.recipients),
+            local=local,
+            status=item.status.value,
+        )
+        return item
 
     def _quarantined(self, item: QueueItem) -> QueueItem:
         log.warn("{queue_id}: quarantined: {reason}", queue_id=item.id, reason=item.last_error)
@@ -494,6 +554,10 @@ class EmailProcessor:
         if self.on_queued is not None:
             self._notify(released)
         return released
+
+
+def _stage_name(transformation: ITransformation) -> str:
+    return str(getattr(transformation, "name", None) or type(transformation).__name__)
 
 
 def _copy_envelope(envelope: Envelope) -> Envelope:
@@ -536,11 +600,19 @@ def _one_line(value: str) -> str:
 _UNSAFE = re.compile(r"[\r\n\x00]")
 
 
+def _stale(keep: Callable[[str, str], bool], name: str, value: str) -> bool:
+    return not keep(name, value)
+
+
 def _tag(draft: Draft, result: ScanResult, subject_prefix: str | None) -> None:
+    keep = result.keep
     for name in {name.lower() for name, _ in result.headers}:
-        draft.headers.remove(name)
-    for name, value in result.headers:
-        draft.headers.add(name, _one_line(value))
+        if keep is None:
+            draft.headers.remove(name)
+        else:
+            draft.headers.remove_if(name, partial(_stale, keep, name))
+    for name, value in reversed(result.headers) if result.on_top else result.headers:
+        draft.headers.add(name, _one_line(value), top=result.on_top)
     if subject_prefix and result.hit:
         subject = draft.headers.get("Subject") or ""
         if not subject.startswith(subject_prefix.strip()):

@@ -24,11 +24,14 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
 
+from dcrouter.events import NO_EVENTS, EventBus
 from dcrouter.log import logger
 from dcrouter.net.listen import ListenError, close, format_address, listen_paused, resume
 from dcrouter.net.reactor import IRouterReactor
 from dcrouter.proxy.forward import RouteCounters
+from dcrouter.proxy.handlers import SocketHandlerError
 from dcrouter.proxy.http import ChallengeSource
+from dcrouter.proxy.jwtauth import JwtAuth
 from dcrouter.proxy.routes import CertificateFiles, ProxyRoute, RouteTable, build_routes, listening_ports
 from dcrouter.proxy.session import ProxyContext, ProxySessionFactory, ProxySettings
 
@@ -65,12 +68,18 @@ class ProxyService(Service):
         drain_timeout: float = 5.0,
         certificates: Any = None,
         challenges: ChallengeSource | None = None,
+        events: EventBus = NO_EVENTS,
     ) -> None:
         self._reactor = reactor
         self.bind_address = bind_address
         self.certificates = certificates
         self.context = ProxyContext(
-            RouteTable(routes), settings, reactor, certificates=certificates, challenges=challenges
+            RouteTable(routes),
+            settings,
+            reactor,
+            certificates=certificates,
+            challenges=challenges,
+            events=events,
         )
         self.counters: dict[str, RouteCounters] = self.context.counters
         self._configured_ports = list(ports) if ports is not None else listening_ports(routes)
@@ -87,6 +96,7 @@ class ProxyService(Service):
         reactor: IRouterReactor,
         certificates: Any = None,
         challenges: ChallengeSource | None = None,
+        events: EventBus = NO_EVENTS,
     ) -> ProxyService | None:
         """The proxy a DcRouterOptions configures (``smartProxyConfig``, ``httpDomainRoutes``), or None.
         ``certificates`` (a CertificateStore) and ``challenges`` (a ChallengeResponder) serve terminating
@@ -104,6 +114,7 @@ class ProxyService(Service):
             ports=listening_ports(routes, config),
             certificates=certificates,
             challenges=challenges,
+            events=events,
         )
 
     @property
@@ -139,10 +150,22 @@ class ProxyService(Service):
                 names=", ".join(key.names),
             )
 
+    def check_handlers(self) -> None:
+        """Every ``socket-handler`` route's handler must be found before a port is bound: a plugin that
+        cannot be imported stops start-up naming the route, rather than refusing each connection."""
+        for route in self.context.table.routes:
+            if route.action.handler is None:
+                continue
+            try:
+                self.context.handlers.get(route.action.handler)
+            except SocketHandlerError as error:
+                raise ProxyBindError(f"{route.source}.action.socketHandler: {error}") from error
+
     def bind(self) -> None:
         """Bind every port, paused (see the module docstring). Does nothing when already bound."""
         if self._listening:
             return
+        self.check_handlers()
         self.load_certificates()
         ports = self._configured_ports
         try:
@@ -176,6 +199,10 @@ class ProxyService(Service):
     def startService(self) -> None:
         self.bind()
         super().startService()
+        for route in self.context.table.routes:
+            checker = self.context.auth_for(route)
+            if isinstance(checker, JwtAuth):
+                checker.start()  # a jwksUrl is fetched now and kept fresh
         self._stopping = None
         for port, listening in self._listening:
             resume(listening)
@@ -189,6 +216,10 @@ class ProxyService(Service):
     def stopService(self) -> Deferred[None]:
         if self._stopping is None:
             super().stopService()
+            for route in self.context.table.routes:
+                checker = self.context.auth_for(route)
+                if isinstance(checker, JwtAuth):
+                    checker.stop()
             self._stopping = Deferred.fromCoroutine(self._stop())
             self._stopping.addErrback(lambda failure: log.failure("error while stopping the proxy", failure))
         return self._stopping

@@ -13,6 +13,9 @@ from dcrouter.queue.item import QueueItem, QueueItemStatus
 #: ``max_size`` or ``get_item_count``. ``QUARANTINED`` is not final: it waits for an operator.
 FINAL_STATUSES = frozenset({QueueItemStatus.DELIVERED, QueueItemStatus.BOUNCED, QueueItemStatus.FAILED})
 
+#: The largest page ``list_items`` hands out.
+MAX_PAGE = 1000
+
 #: Queue ids name body files, so they are restricted to characters safe in a file name on every platform.
 _ITEM_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 
@@ -21,6 +24,57 @@ UPDATABLE_FIELDS = frozenset(f.name for f in dataclasses.fields(QueueItem)) - {"
 
 #: The keys of the dict ``load()`` fires with, each a count; every backend reports each (0: not applicable).
 LOAD_COUNT_KEYS = ("items", "live", "claims_returned", "spool_discarded", "damaged", "orphans")
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueFilter:
+    """Which items ``list_items`` returns: every given criterion must hold. ``status`` and ``destination``
+    are exact; ``sender`` and ``recipient`` are case-insensitive substrings of the envelope's sender and of
+    any of its recipients (``"@example.com"`` finds a whole domain)."""
+
+    status: QueueItemStatus | None = None
+    destination: str | None = None
+    sender: str | None = None
+    recipient: str | None = None
+
+    def matches(self, item: QueueItem) -> bool:
+        if self.status is not None and item.status != self.status:
+            return False
+        if self.destination is not None and item.destination != self.destination:
+            return False
+        if self.sender is not None and self.sender.lower() not in item.envelope.mail_from.lower():
+            return False
+        if self.recipient is not None:
+            needle = self.recipient.lower()
+            if not any(needle in r.lower() for r in item.envelope.recipients):
+                return False
+        return True
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemPage:
+    """One page of ``list_items``: items newest first (by arrival in the queue), and the cursor of the next
+    page, or None when this is the last."""
+
+    items: list[QueueItem]
+    next_cursor: str | None
+
+
+_CURSOR = re.compile(r"[0-9]{1,18}\Z")
+
+
+def check_page(limit: int, cursor: str | None) -> int | None:
+    """The arrival number ``cursor`` stands for (None: from the newest item). Raises ValueError for a limit
+    outside 1..MAX_PAGE or a cursor that is not one ``list_items`` made. A cursor is the arrival number of
+    the last item of the previous page, so paging is stable: items queued meanwhile never show up on later
+    pages, and removed ones never shift them."""
+    if not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
+        raise ValueError(f"limit must be 1 to {MAX_PAGE}: {limit!r}")
+    if cursor is None:
+        return None
+    if not isinstance(cursor, str) or not _CURSOR.match(cursor):
+        raise ValueError(f"not a queue cursor: {cursor!r}")
+    return int(cursor)
 
 
 def is_live(status: QueueItemStatus) -> bool:

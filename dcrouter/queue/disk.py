@@ -34,6 +34,7 @@ row) takes about 0.9 s and ``get_next`` about 1 ms.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -48,12 +49,13 @@ from dcrouter.interfaces import IDeliveryQueue, QueueFull, QueueUnavailable
 from dcrouter.log import logger
 from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.net.reactor import IRouterReactor
-from dcrouter.queue.contract import check_changes, check_item_id, is_live
+from dcrouter.queue.contract import ItemPage, QueueFilter, check_changes, check_item_id, check_page, is_live
 from dcrouter.queue.index import ClaimDue, Outcome, QueueIndex, RemoveItems, StoreItem, UpdateItem, Write
 from dcrouter.queue.item import QueueItem, QueueItemStatus
 from dcrouter.queue.lifecycle import QueueLifecycle
 from dcrouter.queue.orphans import OrphanSweeper
 from dcrouter.queue.recovery import recover
+from dcrouter.queue.suppression import SqliteSuppressionList
 
 log = logger(__name__)
 
@@ -199,6 +201,19 @@ class DiskQueue(QueueLifecycle):
     def get_by_destination(self, destination: str) -> Deferred:
         return self._read(functools.partial(self._index.select, "destination = ?", (destination,)))
 
+    def list_items(self, filter: QueueFilter, limit: int, cursor: str | None = None) -> Deferred:
+        """Items matching ``filter``, newest first (by arrival: the index's ``seq``), on the reader thread."""
+        try:
+            before = check_page(limit, cursor)
+        except ValueError as e:
+            return fail(e)
+        d = self._read(functools.partial(self._index.list_page, filter, before, limit))
+        d.addCallback(lambda page: ItemPage(page[0], None if page[1] is None else str(page[1])))
+        return d
+
+    def count_by_status(self) -> Deferred:
+        return self._read(self._index.count_by_status)
+
     def open_body(self, item_id: str) -> Deferred:
         """A readable binary file over the body (BytesIO when inline); fails with KeyError if unknown."""
         return self._read(functools.partial(self._index.open_body, item_id))
@@ -206,7 +221,18 @@ class DiskQueue(QueueLifecycle):
     def get_item_count(self) -> Deferred:
         return succeed(self._live)
 
+    def status_summary(self) -> Deferred:
+        """From the status index, in the reader pool."""
+        return self._read(self._index.status_summary)
+
     # -- life cycle --------------------------------------------------------------------------------
+
+    def suppression_list(self) -> SqliteSuppressionList:
+        """The suppression list kept with this queue: ``suppression.sqlite`` in its directory, on a thread
+        of its own."""
+        return SqliteSuppressionList(
+            os.path.join(self.path, "suppression.sqlite"), reactor=self._reactor, clock=self._clock
+        )
 
     def load(self) -> Deferred:
         """Open (creating if needed) and recover; fires with the counts of :data:`LOAD_COUNT_KEYS`."""

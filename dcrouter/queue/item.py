@@ -18,6 +18,8 @@ class QueueItemStatus(str, enum.Enum):
     BOUNCED = "bounced"
     FAILED = "failed"
     QUARANTINED = "quarantined"
+    #: Held by an operator (``POST /api/v1/queue/{id}/hold``): never claimed until released, across restarts.
+    HELD = "held"
 
 
 #: Statuses ``get_next`` may hand out.

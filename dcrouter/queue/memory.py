@@ -34,13 +34,17 @@ from dcrouter.log import logger
 from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.queue.contract import (
     FINAL_STATUSES,
+    ItemPage,
+    QueueFilter,
     check_changes,
     check_item_id,
+    check_page,
     is_live,
     new_load_counts,
 )
 from dcrouter.queue.item import READY_STATUSES, QueueItem, QueueItemStatus
 from dcrouter.queue.lifecycle import QueueLifecycle
+from dcrouter.queue.suppression import MemorySuppressionList
 
 log = logger(__name__)
 
@@ -64,6 +68,9 @@ class MemoryQueue(QueueLifecycle):
         # bytes for an inline body, str for the path of a spool file the queue now owns.
         self._bodies: dict[str, bytes | str] = {}
         self._live = 0  # items in a non-final status, kept current so max_size checks are O(1)
+        # Arrival numbers (list_items' order and cursors); the dict keeps insertion order, so these rise.
+        self._arrival: dict[str, int] = {}
+        self._next_arrival = 1
 
     # -- storing -----------------------------------------------------------------------------------
 
@@ -88,6 +95,8 @@ class MemoryQueue(QueueLifecycle):
         stored = item.copy()
         stored.status = QueueItemStatus(stored.status)
         self._items[item.id] = stored
+        self._arrival[item.id] = self._next_arrival
+        self._next_arrival += 1
         self._live += is_live(stored.status)
         return succeed(stored.copy())
 
@@ -186,6 +195,41 @@ class MemoryQueue(QueueLifecycle):
     def get_item_count(self) -> Deferred:
         return succeed(self._live_count())
 
+    def status_summary(self) -> Deferred:
+        summary: dict[str, tuple[int, float | None]] = {}
+        for item in self._items.values():
+            count, oldest = summary.get(item.status.value, (0, None))
+            summary[item.status.value] = (
+                count + 1,
+                item.created_at if oldest is None else min(oldest, item.created_at),
+            )
+        return succeed(summary)
+
+    def list_items(self, filter: QueueFilter, limit: int, cursor: str | None = None) -> Deferred:
+        """Items matching ``filter``, newest first, ``limit`` at most, after ``cursor``."""
+        try:
+            before = check_page(limit, cursor)
+        except ValueError as e:
+            return fail(e)
+        found: list[QueueItem] = []
+        last = 0
+        for item in reversed(self._items.values()):
+            arrival = self._arrival[item.id]
+            if before is not None and arrival >= before:
+                continue
+            if filter.matches(item):
+                if len(found) == limit:
+                    return succeed(ItemPage(found, str(last)))
+                found.append(item.copy())
+                last = arrival
+        return succeed(ItemPage(found, None))
+
+    def count_by_status(self) -> Deferred:
+        counts = {status.value: 0 for status in QueueItemStatus}
+        for item in self._items.values():
+            counts[item.status.value] += 1
+        return succeed(counts)
+
     # -- removing in bulk --------------------------------------------------------------------------
 
     def purge_expired(self, max_age: float) -> Deferred:
@@ -203,6 +247,10 @@ class MemoryQueue(QueueLifecycle):
         return succeed(count)
 
     # -- life cycle --------------------------------------------------------------------------------
+
+    def suppression_list(self) -> MemorySuppressionList:
+        """The suppression list kept with this queue: in the process, like the queue."""
+        return MemorySuppressionList(self._clock)
 
     def load(self) -> Deferred:
         """Make sure the spool directory exists and warn that nothing survives the process."""
@@ -236,6 +284,7 @@ class MemoryQueue(QueueLifecycle):
 
     def _remove(self, item_id: str) -> None:
         item = self._items.pop(item_id)
+        del self._arrival[item_id]
         self._live -= is_live(item.status)
         body = self._bodies.pop(item_id, None)
         if isinstance(body, str):

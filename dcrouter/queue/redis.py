@@ -112,7 +112,14 @@ from dcrouter.net.redis_url import parse_redis_url
 from dcrouter.queue import redis_bodies as bodies
 from dcrouter.queue import redis_consumer
 from dcrouter.queue import redis_scripts as scripts
-from dcrouter.queue.contract import check_changes, check_item_id, new_load_counts
+from dcrouter.queue.contract import (
+    ItemPage,
+    QueueFilter,
+    check_changes,
+    check_item_id,
+    check_page,
+    new_load_counts,
+)
 from dcrouter.queue.item import QueueItem, QueueItemStatus
 from dcrouter.queue.lifecycle import QueueLifecycle
 from dcrouter.queue.orphans import OrphanSweeper
@@ -120,9 +127,14 @@ from dcrouter.queue.redis_connection import RedisConnection
 from dcrouter.queue.redis_consumer import ConsumerSlot
 from dcrouter.queue.redis_recovery import recover
 from dcrouter.queue.redis_store import RedisStore
+from dcrouter.queue.suppression import RedisSuppressionList
 
 log = logger(__name__)
 
+#: Items one ``list_items`` script call looks at; a filter matching few items pages through several calls.
+LIST_BUDGET = 2000
+#: Script calls one page makes at most; a filter matching little returns a short page with a cursor beyond.
+LIST_CALLS = 10
 #: Items one script call removes, verifies or returns from expired leases; bounds how long Redis is busy.
 CHUNK = 500
 #: Due items one claim moves from ``wait`` to ``due`` (the rest follow in the next claims).
@@ -422,9 +434,68 @@ class RedisQueue(QueueLifecycle):
             for i, text, status in zip(reply[0::3], reply[1::3], reply[2::3], strict=True)
         ]
 
+    def list_items(self, filter: QueueFilter, limit: int, cursor: str | None = None) -> Deferred:
+        """Items matching ``filter``, newest first (by arrival: the ``items`` sorted set's seq), in script
+        calls that each look at LIST_BUDGET items at most."""
+        try:
+            before = check_page(limit, cursor)
+        except ValueError as e:
+            return fail(e)
+        return self._open_call(lambda: self._list(filter, before, limit))
+
+    async def _list(self, filter: QueueFilter, before: int | None, limit: int) -> ItemPage:
+        found: list[tuple[int, QueueItem]] = []
+        scan_from = "" if before is None else str(before)
+        status = "" if filter.status is None else QueueItemStatus(filter.status).value
+        args = (
+            status,
+            filter.destination or "",
+            (filter.sender or "").lower(),
+            (filter.recipient or "").lower(),
+        )
+        for _call in range(LIST_CALLS):
+            reply = await self._store.script(
+                scripts.LIST, scan_from, limit + 1 - len(found), LIST_BUDGET, *args
+            )
+            for n in range(1, len(reply), 4):
+                raw_id, seq, text, raw_status = reply[n : n + 4]
+                found.append((int(seq), self._parse(raw_id.decode(), text, raw_status)))
+            if len(found) > limit or not reply[0]:
+                break
+            scan_from = reply[0].decode()
+        else:
+            # Scanned LIST_CALLS * LIST_BUDGET items: a short page, and where to go on.
+            return ItemPage([item for _, item in found], scan_from)
+        more = len(found) > limit
+        found = found[:limit]
+        return ItemPage([item for _, item in found], str(found[-1][0]) if more else None)
+
+    def count_by_status(self) -> Deferred:
+        return self._open_call(self._count_by_status)
+
+    async def _count_by_status(self) -> dict[str, int]:
+        statuses = [status.value for status in QueueItemStatus]
+        reply = await self._store.script(scripts.COUNT_BY_STATUS, *statuses)
+        return {status: int(n) for status, n in zip(statuses, reply, strict=True)}
+
     def get_item_count(self) -> Deferred:
         """Items not delivered, bounced or failed, across every process sharing this Redis."""
         return self._open_call(self._count_live)
+
+    def status_summary(self) -> Deferred:
+        """From the per-status sorted sets (scored by creation time), across every process."""
+        return self._open_call(self._status_summary)
+
+    async def _status_summary(self) -> dict[str, tuple[int, float | None]]:
+        summary: dict[str, tuple[int, float | None]] = {}
+        for status in QueueItemStatus:
+            key = self._store.key("status:", status.value)
+            count = int(await self._store.call("zcard", key) or 0)
+            if count:
+                first = await self._store.call("zrange", key, 0, 0, True)
+                oldest = float(first[0][1]) if first else None
+                summary[status.value] = (count, oldest)
+        return summary
 
     async def _count_live(self) -> int:
         return int(await self._store.call("get", self._store.key("live")) or 0)
@@ -460,6 +531,11 @@ class RedisQueue(QueueLifecycle):
         return io.BytesIO(data)
 
     # -- life cycle --------------------------------------------------------------------------------
+
+    def suppression_list(self) -> RedisSuppressionList:
+        """The suppression list kept with this queue: keys under its prefix, shared by every router on this
+        Redis (usable once the queue has connected)."""
+        return RedisSuppressionList(self._store.call, self._store.key, clock=self._clock)
 
     def load(self) -> Deferred:
         """Connect, check Redis's durability settings, recover; fires with the counts of LOAD_COUNT_KEYS

@@ -399,3 +399,66 @@ end
 return 1
 """
 )
+
+#: ARGV: P, before seq ('' for the newest), wanted, budget, status, destination, sender, recipient (each ''
+#: for any; sender and recipient lower-cased substrings). Walks ``items`` newest first from below ``before``,
+#: looking at ``budget`` items at most, and returns {continue from seq ('' when the walk reached the oldest),
+#: then id, seq, item JSON, status for each match, up to ``wanted``}.
+LIST = (
+    _PRELUDE
+    + r"""
+local out = {''}
+local max = '+inf'
+if ARGV[2] ~= '' then max = '(' .. ARGV[2] end
+local budget = tonumber(ARGV[4])
+local ids = redis.call('ZREVRANGEBYSCORE', P .. 'items', max, '-inf', 'WITHSCORES', 'LIMIT', 0, budget)
+local want = tonumber(ARGV[3])
+local found = 0
+local last = ''
+for i = 1, #ids, 2 do
+  local id = ids[i]
+  last = ids[i + 1]
+  local v = redis.call('HMGET', ikey(id), 'item', 'status', 'dest')
+  local ok = v[1] ~= false and v[1] ~= nil
+  if ok and ARGV[5] ~= '' and v[2] ~= ARGV[5] then ok = false end
+  if ok and ARGV[6] ~= '' and v[3] ~= ARGV[6] then ok = false end
+  if ok and (ARGV[7] ~= '' or ARGV[8] ~= '') then
+    local env = cjson.decode(v[1]).envelope
+    if ARGV[7] ~= '' and not string.find(string.lower(env.mail_from), ARGV[7], 1, true) then ok = false end
+    if ok and ARGV[8] ~= '' then
+      local hit = false
+      for _, r in ipairs(env.recipients) do
+        if string.find(string.lower(r), ARGV[8], 1, true) then
+          hit = true
+          break
+        end
+      end
+      ok = hit
+    end
+  end
+  if ok then
+    table.insert(out, id)
+    table.insert(out, ids[i + 1])
+    table.insert(out, v[1])
+    table.insert(out, v[2])
+    found = found + 1
+    if found == want then
+      out[1] = last
+      return out
+    end
+  end
+end
+if #ids == 2 * budget then out[1] = last end
+return out
+"""
+)
+
+#: ARGV: P, status... Returns the number of items in each status, in ARGV order.
+COUNT_BY_STATUS = (
+    _PRELUDE
+    + r"""
+local out = {}
+for i = 2, #ARGV do table.insert(out, redis.call('ZCARD', P .. 'status:' .. ARGV[i])) end
+return out
+"""
+)

@@ -1,19 +1,26 @@
-"""The session policy: who may connect, send and relay. A plain object the ESMTP protocol asks; no Twisted."""
+"""The session policy: who may connect, send and relay, and how much (rate limits through
+:class:`~dcrouter.interfaces.IIngressLimits`). A plain object the ESMTP protocol asks."""
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from dcrouter.config.domains import DomainConfig
 from dcrouter.config.smtp import SmtpConfig
+from dcrouter.interfaces import IIngressLimits, ISuppressionList, Suppression
+from dcrouter.log import logger
 from dcrouter.mail.address import Address
 from dcrouter.mail.reply import Reply
 from dcrouter.net.cidr import CidrSet
 from dcrouter.net.domains import DomainMatcher
 from dcrouter.smtp.session import Session
 from dcrouter.smtp.verify import RecipientVerifier
+
+log = logger(__name__)
 
 
 class SessionPolicy:
@@ -25,11 +32,25 @@ class SessionPolicy:
     authenticated session or a peer in ``relayNetworks``. The bare ``<postmaster>`` is always accepted
     (RFC 5321 §4.5.1). A recipient at one of our domains must also pass ``verifier`` (the entry's
     ``verifyRecipients``; :mod:`dcrouter.smtp.verify` says for which clients) when one is given.
+
+    ``limits`` (rate limits, quotas, a domain's ``allowedIPs`` and ``maxRecipientsPerMessage``) is asked at
+    connect (:meth:`check_connection`), AUTH, MAIL and RCPT when given; its checks may answer with a
+    Deferred (counters in Redis, a tarpit delay).
     """
 
-    def __init__(self, config: SmtpConfig, verifier: RecipientVerifier | None = None) -> None:
+    def __init__(
+        self,
+        config: SmtpConfig,
+        verifier: RecipientVerifier | None = None,
+        limits: IIngressLimits | None = None,
+        suppressions: ISuppressionList | None = None,
+    ) -> None:
         """Raises ValueError naming a bad domain pattern or relay network."""
         self._verifier = verifier
+        self.limits = limits
+        #: Recipients that hard-bounced recently: refused with 550 5.1.1 (counted in suppressed_refusals).
+        self.suppressions = suppressions
+        self.suppressed_refusals = 0
         self._hostname = config.hostname
         self._max_total = config.max_connections
         self._max_per_ip = config.max_connections_per_ip
@@ -39,6 +60,15 @@ class SessionPolicy:
         self._relay_networks = CidrSet(config.relay_networks)
         self._total = 0
         self._per_ip: dict[str, int] = {}
+
+    def set_domains(self, config: SmtpConfig, verifier: RecipientVerifier | None) -> None:
+        """Accept mail for ``config``'s domainConfigs, verified by ``verifier``, from the next RCPT on (a
+        routing change; connection counts are kept). Raises ValueError, changing nothing, for a bad
+        pattern."""
+        local: DomainMatcher[DomainConfig] = DomainMatcher(
+            (domain, entry) for entry in config.domain_configs for domain in entry.domains
+        )
+        self._local_domains, self._verifier = local, verifier
 
     # Connections
 
@@ -70,6 +100,35 @@ class SessionPolicy:
             self._per_ip[key] = count - 1
         self._total -= 1
 
+    def check_connection(self, session: Session) -> Reply | Deferred[Reply | None] | None:
+        """After :meth:`connection_opened` admitted ``session``: its rate limits (a ``421 4.7.0`` refuses).
+        :meth:`session_closed` must follow once, whatever the answer."""
+        if self.limits is None:
+            return None
+        return self.limits.connection_opened(session)
+
+    def session_closed(self, session: Session) -> None:
+        """The session :meth:`check_connection` was asked about has ended."""
+        if self.limits is not None:
+            self.limits.connection_closed(session)
+
+    def check_auth(self, session: Session) -> Reply | Deferred[Reply | None] | None:
+        """Before an AUTH exchange: a ``421 4.7.0`` (the session ends) when its failed attempts are over a
+        limit."""
+        if self.limits is None:
+            return None
+        return self.limits.check_auth(session)
+
+    def auth_failed(self, session: Session) -> None:
+        """Count a failed AUTH attempt."""
+        if self.limits is not None:
+            self.limits.auth_failed(session)
+
+    def message_accepted(self, session: Session, sender: Address, size: int) -> None:
+        """Count an accepted message's ``size`` octets."""
+        if self.limits is not None:
+            self.limits.message_accepted(session, sender, size)
+
     @property
     def connections(self) -> int:
         """Connections currently counted, in total."""
@@ -81,29 +140,98 @@ class SessionPolicy:
 
     # Transaction
 
-    def check_sender(self, session: Session, address: Address) -> Reply | None:
-        """None to accept MAIL FROM ``address``, or the reply refusing it.
+    def check_sender(
+        self, session: Session, address: Address, size: int = 0
+    ) -> Reply | Deferred[Reply | None] | None:
+        """None to accept MAIL FROM ``address`` declaring ``size`` octets (0: not declared), or the reply
+        refusing it: a rate limit's (``451 4.7.1``).
 
-        Every syntactically valid sender is accepted for now: a reverse path is not routed, so relay tricks
+        Every syntactically valid sender is accepted otherwise: a reverse path is not routed, so relay tricks
         in it are harmless. The hook is where sender authentication rules (SPF, own-domain spoofing) go.
         """
-        return None
+        if self.limits is None:
+            return None
+        return self.limits.check_mail(session, address, size)
 
     def check_recipient(
-        self, session: Session, address: Address, sender: Address | None = None
+        self,
+        session: Session,
+        address: Address,
+        sender: Address | None = None,
+        accepted: Sequence[str] = (),
     ) -> Reply | Deferred[Reply | None] | None:
-        """None to accept RCPT TO ``address`` in a transaction from ``sender``, or the reply refusing it:
-        ``554 5.7.1 <addr>: Relay access denied``, or the verifier's. A Deferred when verification has to
-        wait (a callout, a changed recipients file)."""
+        """None to accept RCPT TO ``address`` in a transaction from ``sender`` that has ``accepted``
+        recipients so far, or the reply refusing it: ``554 5.7.1 <addr>: Relay access denied``, the
+        domain's client rules (``550 5.7.1``, ``452 4.5.3``), the verifier's, or a rate limit's
+        (``451 4.7.1``). A Deferred when a check has to wait (a callout, a changed recipients file, counters
+        in Redis)."""
+        limits = self.limits
+        if limits is not None and address.domain and self.is_local(address):
+            refusal = limits.check_recipient_rules(session, address, accepted)
+            if refusal is not None:
+                return refusal
+        verdict = self._recipient_verdict(session, address, sender)
+        if limits is None or isinstance(verdict, Reply):
+            return verdict
+        from_address = sender if sender is not None else Address.null()
+        if isinstance(verdict, Deferred):
+            return verdict.addCallback(
+                lambda found: (
+                    found
+                    if found is not None
+                    else limits.check_recipient(session, from_address, address, accepted)
+                )
+            )
+        return limits.check_recipient(session, from_address, address, accepted)
+
+    def _recipient_verdict(
+        self, session: Session, address: Address, sender: Address | None
+    ) -> Reply | Deferred[Reply | None] | None:
+        """The relay decision, then the suppression list (``550 5.1.1``), then recipient verification."""
+        refusal = self.relay_refusal(session, address)
+        if refusal is not None:
+            return refusal
+        if self.suppressions is not None and address.domain and not address.is_literal:
+            d = self.suppressions.get(str(address))
+            args = (session, address, sender)
+            d.addCallbacks(self._suppressed, self._suppression_unknown, callbackArgs=args, errbackArgs=args)
+            return d
+        return self._verify(session, address, sender)
+
+    def _verify(
+        self, session: Session, address: Address, sender: Address | None
+    ) -> Reply | Deferred[Reply | None] | None:
+        if self._verifier is not None and address.domain and self.is_local(address):
+            return self._verifier.check(address, sender, trusted=self.may_relay(session))
+        return None
+
+    def _suppressed(
+        self, found: Suppression | None, session: Session, address: Address, sender: Address | None
+    ) -> Reply | Deferred[Reply | None] | None:
+        if found is None:
+            return self._verify(session, address, sender)
+        self.suppressed_refusals += 1
+        return Reply(
+            550, "5.1.1", f"<{address}>: Recipient address rejected: it bounced recently (suppressed)"
+        )
+
+    def _suppression_unknown(
+        self, failure: Failure, session: Session, address: Address, sender: Address | None
+    ) -> Reply | Deferred[Reply | None] | None:
+        # The list cannot be read (its store is down): go on as without one; delivery decides.
+        log.failure(
+            "suppression list unavailable; {address} not checked against it", failure, address=str(address)
+        )
+        return self._verify(session, address, sender)
+
+    def relay_refusal(self, session: Session, address: Address) -> Reply | None:
+        """The relay decision alone, before recipient verification (what ``POST /api/v1/routing/test``
+        asks): None when ``session`` may send to ``address``, else ``554 5.7.1 Relay access denied``."""
         if not address.domain:
             if address.local.lower() == "postmaster":
                 return None
             return self._relay_denied(address)
-        if self.is_local(address):
-            if self._verifier is None:
-                return None
-            return self._verifier.check(address, sender, trusted=self.may_relay(session))
-        if self.may_relay(session):
+        if self.is_local(address) or self.may_relay(session):
             return None
         return self._relay_denied(address)
 

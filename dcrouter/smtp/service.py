@@ -41,8 +41,10 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from dcrouter.config.smtp import SmtpConfig
 from dcrouter.log import logger
+from dcrouter.net.cidr import CidrSet
 from dcrouter.net.listen import ListenError, format_address, listen_paused, resume
 from dcrouter.net.reactor import IRouterReactor
+from dcrouter.smtp.proxied import ProxyHeaderFactory
 
 if TYPE_CHECKING:
     from dcrouter.smtp.protocol import ESMTPServerFactory
@@ -150,6 +152,8 @@ def describe_listener(config: SmtpConfig, port: int, has_tls: bool, auth_offered
         parts.append("AUTH required")
     elif auth_offered:
         parts.append("AUTH offered")
+    if config.proxy_protocol != "none":
+        parts.append(f"PROXY {config.proxy_protocol} from trustedProxies")
     return ", ".join(parts)
 
 
@@ -202,6 +206,8 @@ class SmtpService(Service):
         self._ports: list[IListeningPort] = []
         self._bound = False
         self._stopping: Deferred[None] | None = None
+        self._tls_options: CertificateOptions | None = None
+        self._handed_over: dict[int, ESMTPServerFactory] = {}
 
     def add_port(self, port: IListeningPort) -> None:
         """Stop ``port`` first when the service stops."""
@@ -213,7 +219,7 @@ class SmtpService(Service):
             return
         self._bound = True
         config = self.config
-        tls_options = self._load_tls()
+        tls_options = self._tls_options = self._load_tls()
         factories = [
             self._factory_for(port=port, tls_options=tls_options, sessions=self.sessions)
             for port in config.ports
@@ -237,15 +243,36 @@ class SmtpService(Service):
             self.listeners.append(listener)
             self.ports[port] = listener.actual_port
 
+    def handover_factory(self, port: int) -> ESMTPServerFactory:
+        """The factory of sessions whose connections were accepted elsewhere on ``port`` and handed over
+        (the proxy's ``smtp`` socket handler): STARTTLS with the certificate loaded by :meth:`bind`, the
+        role that ``port`` has in ``submissionPorts`` (else MX), drained with the listeners' sessions."""
+        factory = self._handed_over.get(port)
+        if factory is None:
+            factory = self._factory_for(port=port, tls_options=self._tls_options, sessions=self.sessions)
+            self._handed_over[port] = factory
+        return factory
+
     def _serving(
         self, factory: ESMTPServerFactory, tls_options: CertificateOptions | None
     ) -> IProtocolFactory:
         """What listens on ``factory``'s port: on an implicit-TLS port, TLS from the first byte (the protocol
-        knows from its port never to offer STARTTLS there)."""
-        if factory.port not in self.config.implicit_tls_ports:
-            return factory
-        assert tls_options is not None  # the configuration generates a certificate when none is named
-        return TLSMemoryBIOFactory(tls_options, False, factory)
+        knows from its port never to offer STARTTLS there); with ``proxyProtocol``, the PROXY header is read
+        before anything else (:mod:`dcrouter.smtp.proxied`)."""
+        serving: IProtocolFactory = factory
+        if factory.port in self.config.implicit_tls_ports:
+            assert tls_options is not None  # the configuration generates a certificate when none is named
+            serving = TLSMemoryBIOFactory(tls_options, False, factory)
+        config = self.config
+        if config.proxy_protocol != "none":
+            serving = ProxyHeaderFactory(
+                serving,
+                trusted=CidrSet(config.trusted_proxies),
+                version=config.proxy_protocol,
+                timeout=config.proxy_header_timeout / 1000,
+                clock=self._reactor,
+            )
+        return serving
 
     def startService(self) -> None:
         super().startService()

@@ -1,5 +1,6 @@
 """The PROXY protocol (HAProxy's, versions 1 and 2): headers the proxy writes towards backends so they see
-the client's address, and headers it reads from trusted load balancers in front of it.
+the client's address, and headers the proxy and the SMTP listeners read from trusted load balancers in front
+of them (here in ``net`` because both use it and neither may import the other).
 
 Encoding is done here (Twisted has parsers only). Decoding uses ``twisted.protocols.haproxy``'s parsers,
 behind :class:`IncomingHeader`, which adds what their wrapper leaves to the caller: a byte cap, and telling
@@ -109,6 +110,11 @@ def opens_with_header(data: bytes) -> bool | None:
     if data.startswith((V1_PREFIX, V2_SIGNATURE)):
         return True
     return None if may_start_header(data) else False
+
+
+def header_version(info: ProxyInfo) -> str:
+    """``"v1"`` or ``"v2"``: which version of the protocol a parsed header came in."""
+    return "v2" if info.header.startswith(V2_SIGNATURE) else "v1"
 
 
 class IncomingHeader:

@@ -1,0 +1,1 @@
+"""The management API (twisted.web): queue control, delivery pause, stats, log levels; see docs/api.md."""

@@ -1,0 +1,99 @@
+"""Outbound shaping: ``smtpConfig.delivery``'s ``globalRateLimit``, ``perServerRateLimit`` and
+``perDomainRateLimit`` (messages per minute), with :meth:`OutboundShaper.set_rate_limit` and
+:meth:`OutboundShaper.clear_rate_limit` for a domain at run time.
+
+What a caller may rely on:
+
+- A message over an outbound limit **waits**; it is never refused, bounced or charged a retry for it. Each
+  route group of a message gets a reserved time (:class:`~dcrouter.limits.pacing.Pacer`): the first time
+  every limit that applies has room, spacing that destination's messages ``60 / limit`` seconds apart. The
+  manager puts the message back due at that time and delivers the group when it is claimed again.
+- Limits: the global one (every message transaction), the per-server one (per route: the servers one
+  route delivers to, ``domain:example.com``, ``mx:example.org``), and the per-domain one for each recipient
+  domain of the group that has an entry.
+- Reservations are kept per (message, route) in this process until the group is delivered
+  (:meth:`OutboundShaper.delivered`), so a message put back for another reason (a full destination) does
+  not queue up again. Counting is per process (with several processes on one Redis queue, each paces its
+  own deliveries).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from twisted.internet.interfaces import IReactorTime
+
+from dcrouter.config.delivery import DeliveryConfig
+from dcrouter.limits.gcra import Rate
+from dcrouter.limits.pacing import Pacer
+
+#: Reservations kept at most (messages waiting for their time); the oldest go first.
+MAX_RESERVATIONS = 100_000
+
+
+def _per_minute(limit: int) -> Rate:
+    return Rate(limit, 60.0, burst=1)
+
+
+class OutboundShaper:
+    """Paces message transactions by the delivery rate limits (see the module docstring)."""
+
+    def __init__(self, config: DeliveryConfig, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._pacer = Pacer(clock)
+        self._global = _per_minute(config.global_rate_limit) if config.global_rate_limit else None
+        self._per_server = _per_minute(config.per_server_rate_limit) if config.per_server_rate_limit else None
+        self._per_domain: dict[str, Rate] = {
+            domain.lower(): _per_minute(limit)
+            for domain, limit in (config.per_domain_rate_limit or {}).items()
+        }
+        self._reserved: OrderedDict[tuple[str, str], float] = OrderedDict()
+
+    @property
+    def active(self) -> bool:
+        """Whether any limit is set (without one, :meth:`wait` is always 0)."""
+        return bool(self._global or self._per_server or self._per_domain)
+
+    def set_rate_limit(self, domain: str, limit: int) -> None:
+        """Messages per minute to recipients at ``domain`` from now on (replacing any configured one)."""
+        if limit < 1:
+            raise ValueError(f"a rate limit is a positive number of messages per minute: {limit}")
+        self._per_domain[domain.lower()] = _per_minute(limit)
+
+    def clear_rate_limit(self, domain: str) -> None:
+        """No per-domain limit for ``domain`` any more (no error when there was none)."""
+        self._per_domain.pop(domain.lower(), None)
+
+    def rate_limits(self) -> dict[str, int]:
+        """The per-domain limits in force, messages per minute."""
+        return {domain: rate.count for domain, rate in self._per_domain.items()}
+
+    def wait(self, item_id: str, route: str, recipients: Sequence[str]) -> float:
+        """Seconds until the group of ``item_id`` to ``route`` (for ``recipients``) may be sent: 0 to send
+        now. Reserves its time at the first call; later calls answer from the reservation."""
+        if not self.active:
+            return 0.0
+        now = self._clock.seconds()
+        reserved = self._reserved.get((item_id, route))
+        if reserved is None:
+            keys: list[tuple[str, Rate]] = []
+            if self._global is not None:
+                keys.append(("global", self._global))
+            if self._per_server is not None:
+                keys.append((f"server|{route}", self._per_server))
+            for domain in sorted({r.rpartition("@")[2].lower() for r in recipients}):
+                rate = self._per_domain.get(domain)
+                if rate is not None:
+                    keys.append((f"domain|{domain}", rate))
+            if not keys:
+                return 0.0
+            reserved = now + self._pacer.reserve(keys)
+            if len(self._reserved) >= MAX_RESERVATIONS:
+                self._reserved.popitem(last=False)
+            self._reserved[(item_id, route)] = reserved
+        return max(0.0, reserved - now)
+
+    def delivered(self, item_id: str, route: str) -> None:
+        """The group was handed to the transport: its reservation is used."""
+        self._reserved.pop((item_id, route), None)

@@ -125,23 +125,20 @@ class LoadingTests(LoadCase):
     def test_file_names_the_system_cannot_take(self) -> None:
         # Found by fuzzing (tests/test_fuzz_config.py): a certPath with a NUL, or with a lone surrogate (a
         # JSON "\\ud800" escape), made open() raise ValueError out of the loader instead of a ConfigError.
-        for name in ["a\x00b.pem", "\ud800.pem"]:
+        # (A NUL is now refused in every string setting, before the file name check.)
+        for name, why in [
+            ("a\x00b.pem", "contains a NUL character (\\x00)"),
+            ("\ud800.pem", values.file_path("\ud800.pem")),
+        ]:
             pair = {"certPath": name, "keyPath": name}
             self.assertEqual(
-                self.errors({**MX_ONLY, "tls": pair}),
-                [f"tls.certPath: {values.file_path(name)}", f"tls.keyPath: {values.file_path(name)}"],
+                self.errors({**MX_ONLY, "tls": pair}), [f"tls.certPath: {why}", f"tls.keyPath: {why}"]
             )
             self.assertEqual(
                 self.errors(smtp(tls=pair)),
-                [
-                    f"smtpConfig.tls.certPath: {values.file_path(name)}",
-                    f"smtpConfig.tls.keyPath: {values.file_path(name)}",
-                ],
+                [f"smtpConfig.tls.certPath: {why}", f"smtpConfig.tls.keyPath: {why}"],
             )
-            self.assertEqual(
-                self.errors(smtp(persistentPath=name)),
-                [f"smtpConfig.persistentPath: {values.file_path(name)}"],
-            )
+            self.assertEqual(self.errors(smtp(persistentPath=name)), [f"smtpConfig.persistentPath: {why}"])
         self.assertIn("NUL", values.file_path("a\x00b") or "")
         self.assertIn("invalid Unicode", values.file_path("\ud800") or "")
         self.assertEqual(values.file_path(""), "must not be empty")

@@ -12,14 +12,14 @@ from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.trial.unittest import SynchronousTestCase
 
-from dcrouter.proxy.clienthello import ClientHello, ClientHelloReader, MalformedClientHello
-from dcrouter.proxy.proxyprotocol import (
+from dcrouter.net.proxyprotocol import (
     V2_MAX,
     IncomingHeader,
     ProxyHeaderError,
     encode_v1,
     encode_v2,
 )
+from dcrouter.proxy.clienthello import ClientHello, ClientHelloReader, MalformedClientHello
 from tests.fuzzing import examples, mutated, split
 from tests.tls_hellos import real_client_hello
 

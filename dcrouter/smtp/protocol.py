@@ -200,6 +200,7 @@ class ESMTPServerProtocol(CommandReceiver):
     # Connection life cycle
 
     def connectionMade(self) -> None:
+        self._watch_output()
         peer = self._wire.getPeer()
         session = self.session
         session.peer_host = str(getattr(peer, "host", ""))

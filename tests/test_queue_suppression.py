@@ -150,6 +150,18 @@ class PolicySuppressionTests(TestCase):
 
         from dcrouter.interfaces import QueueUnavailable
 
+        from twisted.logger import globalLogPublisher
+
+        seen: list[dict[str, object]] = []
+        globalLogPublisher.addObserver(seen.append)
+        self.addCleanup(globalLogPublisher.removeObserver, seen.append)
+        # An unavailable store (Redis down, a full disk) is an operating condition: a warning, not an error.
         self.suppressions.get = lambda address: fail(QueueUnavailable("down"))  # type: ignore[method-assign]
         self.assertIsNone(await self.rcpt("bob@elsewhere.test"))
-        self.assertEqual(len(self.flushLoggedErrors(QueueUnavailable)), 1)
+        self.assertEqual(self.flushLoggedErrors(QueueUnavailable), [])
+        warnings = [e for e in seen if "suppression list unavailable" in str(e.get("log_format", ""))]
+        self.assertEqual([e["why"] for e in warnings], ["down"])
+        # Anything else is a defect and logged as one; RCPT still goes on.
+        self.suppressions.get = lambda address: fail(KeyError("bug"))  # type: ignore[method-assign]
+        self.assertIsNone(await self.rcpt("carol@elsewhere.test"))
+        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)

@@ -12,7 +12,7 @@ from twisted.python.failure import Failure
 
 from dcrouter.config.domains import DomainConfig
 from dcrouter.config.smtp import SmtpConfig
-from dcrouter.interfaces import IIngressLimits, ISuppressionList, Suppression
+from dcrouter.interfaces import IIngressLimits, ISuppressionList, QueueUnavailable, Suppression
 from dcrouter.log import logger
 from dcrouter.mail.address import Address
 from dcrouter.mail.reply import Reply
@@ -231,10 +231,17 @@ class SessionPolicy:
     def _suppression_unknown(
         self, failure: Failure, session: Session, address: Address, sender: Address | None
     ) -> Reply | Deferred[Reply | None] | None:
-        # The list cannot be read (its store is down): go on as without one; delivery decides.
-        log.failure(
-            "suppression list unavailable; {address} not checked against it", failure, address=str(address)
-        )
+        # The list cannot be read (its store is down, its disk full): go on as without one; delivery decides.
+        if failure.check(QueueUnavailable):
+            log.warn(
+                "suppression list unavailable ({why}); {address} not checked against it",
+                why=failure.getErrorMessage(),
+                address=str(address),
+            )
+        else:
+            log.failure(
+                "suppression list failed; {address} not checked against it", failure, address=str(address)
+            )
         return self._verify(session, address, sender)
 
     def relay_refusal(self, session: Session, address: Address) -> Reply | None:

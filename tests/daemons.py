@@ -91,7 +91,8 @@ class DaemonProcess:
             code = self.process.poll()
             if code is not None or time.monotonic() > deadline:
                 self.stop()
-                why = f"exited with {code}" if code is not None else f"not ready in {self.start_timeout:.0f} s"
+                limit = f"not ready in {self.start_timeout:.0f} s"
+                why = f"exited with {code}" if code is not None else limit
                 tail = self.log_tail()
                 raise RuntimeError(f"{self.name} did not start on port {self.port} ({why}): {tail}")
             time.sleep(0.05)

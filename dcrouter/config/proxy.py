@@ -871,14 +871,20 @@ def _readable_pem_key(value: str) -> str | None:
 
 
 def _readable_jwks(value: str) -> str | None:
-    import jwt
+    import json
+
+    from joserfc.errors import JoseError
+    from joserfc.jwk import KeySet
 
     try:
         with open(value, "rb") as handle:
-            jwt.PyJWKSet.from_json(handle.read().decode("utf-8"))
+            document = json.loads(handle.read())
+        if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+            raise ValueError('no "keys" list')
+        KeySet.import_key_set(document)  # type: ignore[arg-type]
     except OSError as error:
         return f"cannot read {value!r}: {error.strerror}"
-    except (ValueError, jwt.exceptions.PyJWKSetError) as error:
+    except (JoseError, ValueError, TypeError, KeyError) as error:
         return f"{value!r} is not a usable JWKS: {error}"
     return None
 

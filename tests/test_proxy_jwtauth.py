@@ -97,7 +97,8 @@ class KeyFileTests(SynchronousTestCase):
             "garbage": b"Bearer not.a.token",
             "other key": token(other, iss="https://id.test", aud="app"),
             "expired": token(iss="https://id.test", aud="app", exp=int(time.time()) - 120),
-            "no exp": b"Bearer " + encode({"iss": "https://id.test", "aud": "app"}, RSA_KEY, "RS256").encode(),
+            "no exp": b"Bearer "
+            + encode({"iss": "https://id.test", "aud": "app"}, RSA_KEY, "RS256").encode(),
             "issuer": token(iss="https://evil.test", aud="app"),
             "audience": token(iss="https://id.test", aud="other"),
             "algorithm": token(EC_KEY, "ES256", iss="https://id.test", aud="app"),

@@ -63,10 +63,11 @@ def load_pem_key(path: str) -> Any:
 
     with open(path, "rb") as handle:
         data = handle.read()
-    if b"BEGIN CERTIFICATE" in data:
-        public = x509.load_pem_x509_certificate(data).public_key()
-    else:
-        public = load_pem_public_key(data)
+    public: Any = (
+        x509.load_pem_x509_certificate(data).public_key()
+        if b"BEGIN CERTIFICATE" in data
+        else load_pem_public_key(data)
+    )
     pem = public.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
     if isinstance(public, rsa.RSAPublicKey):
         return RSAKey.import_key(pem)

@@ -265,9 +265,9 @@ class JwtAuthWithCurlTests(TestCase):
         if shutil.which("curl") is None:
             raise SkipTest("curl is not installed")
         from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
         from joserfc import jwt
         from joserfc.jwk import ECKey
-        from cryptography.hazmat.primitives.asymmetric import ec
 
         key = ec.generate_private_key(ec.SECP256R1())
         pem = os.path.abspath(self.mktemp())

@@ -310,6 +310,7 @@ class DcRouter(MultiService):
         if self.proxy is not None:
             self.proxy.setServiceParent(self)
             self.metrics.watch_proxy(self.proxy.counters)
+            self.metrics.watch_proxy_targets(self.proxy.context.monitor.states)
             report_limit_alerts(self.proxy.context.limiter.alerts, self.events, "proxy")
         # After the proxy, as children start in order: port 80 answers before the first order is placed.
         self.acme: AcmeService | None = AcmeService.from_options(

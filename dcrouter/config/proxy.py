@@ -1262,7 +1262,7 @@ class RouteAction:
         addition=True,
         doc="For `forward`: active checks of every target (as HAProxy's `check inter rise fall`); a target "
         "that fails `fall` in a row gets no new connection until it passes `rise` in a row. Not set: "
-        "passive only (a target refusing a connection is tried last for `targetDownTime`).",
+        "passive only (a target refusing a connection is tried last for 30 seconds).",
     )
 
 

@@ -150,6 +150,8 @@ class ProbeTests(SynchronousTestCase):
         connect = FakeConnect()
         make_probe(HealthCheckRule(kind="http"), connect, tls=False)(T)
         self.assertIn(b"Host: b.test\r\n", connect.protocols[0].transport.value())
+        make_probe(HealthCheckRule(kind="http"), connect, tls=False)(Target("::1", "::1", 80))
+        self.assertIn(b"Host: [::1]\r\n", connect.protocols[1].transport.value())
 
     def test_tls_waits_for_the_handshake(self) -> None:
         connect = FakeConnect()

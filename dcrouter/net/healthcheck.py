@@ -151,6 +151,8 @@ def make_probe(rule: HealthCheckRule, connect: Connect, *, tls: bool) -> Probe:
     def probe(target: Target) -> Deferred[None]:
         if rule.kind == "http":
             host = rule.host or target.host
+            if ":" in host:
+                host = f"[{host}]"  # an IPv6 literal (RFC 9110 §7.2)
             request = (
                 f"GET {rule.path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: dcrouter-health-check\r\n"
                 "Connection: close\r\n\r\n"

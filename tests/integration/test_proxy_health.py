@@ -13,6 +13,7 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.ssl import CertificateOptions, PrivateCertificate
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
@@ -21,9 +22,10 @@ from twisted.web.server import Site
 
 from dcrouter.events import CallableSink, Event, EventBus
 from dcrouter.net.healthcheck import HealthCheckRule
-from dcrouter.proxy.routes import PortRange, ProxyRoute, ProxyTarget
+from dcrouter.proxy.routes import BackendVerification, PortRange, ProxyRoute, ProxyTarget, RouteTable
 from dcrouter.proxy.service import ProxyService
-from dcrouter.proxy.session import ProxySettings
+from dcrouter.proxy.session import ProxyContext, ProxySettings
+from tests.ca import TestCA
 
 A, B = "127.0.0.1", "127.0.0.2"
 
@@ -147,3 +149,53 @@ class HealthUnderLoadTests(TestCase):
             [(e.type, e.fields["target"]) for e in events],
             [("proxy.target_down", f"{B}:{port}"), ("proxy.target_up", f"{B}:{port}")],
         )
+
+
+class TlsCheckTests(TestCase):
+    """``type = "tls"`` on a re-encrypting route verifies the backend as requests would be: a backend
+    whose certificate does not chain to ``backendCaFile`` is taken out, one that does stays in."""
+
+    timeout = 30
+
+    async def check_state(self, trusted: TestCA, signer: TestCA) -> bool:
+        cert, key = signer.issue("backend.test")
+        loaded = PrivateCertificate.loadPEM(cert + key)
+        options = CertificateOptions(privateKey=loaded.privateKey.original, certificate=loaded.original)
+        listening = reactor.listenSSL(0, Site(Named(b"tls")), options, interface=A)
+        self.addCleanup(listening.stopListening)
+        ca_file = self.mktemp()
+        with open(ca_file, "wb") as handle:
+            handle.write(trusted.cert_pem)
+        rule = HealthCheckRule(kind="tls", interval=0.1, timeout=1.0, rise=1, fall=2)
+        route = ProxyRoute(
+            name="tls",
+            priority=0,
+            ports=(PortRange(0, 0),),
+            domains=(),
+            client_ips=None,
+            allow=None,
+            block=None,
+            target=ProxyTarget(
+                (A,),
+                int(listening.getHost().port),
+                health_check=rule,
+                verification=BackendVerification(ca_file=ca_file, server_name="backend.test"),
+            ),
+            tls_mode="terminate-and-reencrypt",
+            max_connections=None,
+            connection_timeout_ms=None,
+            source="tls",
+        )
+        context = ProxyContext(RouteTable([route]), ProxySettings(), reactor)
+        context.monitor.start()
+        self.addCleanup(context.monitor.stop)
+        await deferLater(reactor, 0.8, lambda: None)
+        (up,) = context.monitor.states().values()
+        return up
+
+    async def test_an_unknown_ca_takes_the_target_out(self) -> None:
+        self.assertFalse(await self.check_state(TestCA(), TestCA("another CA")))
+
+    async def test_a_verified_backend_stays_in(self) -> None:
+        ca = TestCA()
+        self.assertTrue(await self.check_state(ca, ca))

@@ -382,7 +382,7 @@ class SmtpConfig:
     persistent_path: str = option(
         "/var/spool/dcrouter",
         doc="Directory of the disk queue; with `redis`, of message bodies over 1 MiB and the receive spool.",
-        check=values.not_empty,
+        check=values.file_path,
     )
     max_retries: int = option(
         40,

@@ -647,3 +647,27 @@ class BalancingTests(SessionTestCase):
         self.ctx.health.check_passed(Target("10.0.0.1", "10.0.0.1", 80))
         self.connect()
         self.assertEqual(self.attempts()[-1], ("10.0.0.1", 80))
+
+    def test_checks_hold_targets_down_and_a_reload_replaces_them(self) -> None:
+        from dcrouter.net.healthcheck import HealthCheckRule
+
+        checked = route("r", hosts=("10.0.0.1", "10.0.0.2"), port=80)
+        rule = HealthCheckRule(kind="tcp", interval=1.0, timeout=0.5, rise=1, fall=1)
+        checked = dataclasses.replace(checked, target=dataclasses.replace(checked.target, health_check=rule))
+        self.context(checked)
+        self.ctx.monitor.start()
+        self.assertEqual(self.attempts(), [("10.0.0.1", 80), ("10.0.0.2", 80)])  # probed at once
+        self.refuse(0)
+        self.accept(1)
+        one = Target("10.0.0.1", "10.0.0.1", 80)
+        self.assertTrue(self.ctx.health.is_failing(one))
+        self.assertEqual(self.ctx.monitor.states(), {("r", "10.0.0.1:80"): False, ("r", "10.0.0.2:80"): True})
+        self.connect()
+        self.assertEqual(self.attempts()[-1], ("10.0.0.2", 80))
+        # A reload without the check: .1 is no longer held down, and no probe runs any more.
+        self.ctx.replace(RouteTable([route("r", hosts=("10.0.0.1", "10.0.0.2"), port=80)]), ProxySettings())
+        self.assertFalse(self.ctx.health.is_failing(one))
+        self.assertEqual(self.ctx.monitor.states(), {})
+        before = len(self.attempts())
+        self.reactor.advance(10)
+        self.assertEqual(len(self.attempts()), before)

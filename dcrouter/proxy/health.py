@@ -30,6 +30,7 @@ class HealthMonitor:
 
     def __init__(self, context: ProxyContext) -> None:
         self.context = context
+        self.running = False
         #: (route name, target) -> its check
         self.checks: dict[tuple[str, Target], TargetCheck] = {}
         for route in context.table.routes:
@@ -47,12 +48,21 @@ class HealthMonitor:
                 )
 
     def start(self) -> None:
+        self.running = True
         for check in self.checks.values():
             check.start()
 
     def stop(self) -> None:
+        self.running = False
         for check in self.checks.values():
             check.stop()
+
+    def release(self) -> None:
+        """Stop, and lift the holds these checks put on targets (a reload replaces them)."""
+        self.stop()
+        for check in self.checks.values():
+            if not check.up:
+                self.context.health.check_passed(check.target)
 
     def states(self) -> dict[tuple[str, str], bool]:
         """``(route, "host:port") -> up`` for every checked target."""

@@ -179,7 +179,11 @@ class ProxyContext:
         self.counters = {route.name: RouteCounters() for route in self.table.routes}
         # Connection rates, counted in this process (dcrouter.limits); alerts as for SMTP's limits.
         self.limiter = Limiter(LocalCounters(self.reactor), self.reactor)
+        #: Open backend connections per target (what ``leastConnections`` compares), across reloads.
+        self.connections: dict[Target, int] = {}
         self._set_limits()
+        #: The routes' active health checks (``action.healthCheck``), started with the proxy service.
+        self.monitor = HealthMonitor(self)
 
     def _set_limits(self) -> None:
         rate_per_ip = self.settings.connection_rate_per_ip
@@ -209,10 +213,6 @@ class ProxyContext:
         self._auth: dict[str, BasicAuth | JwtAuth] = {}
         self._gates: dict[str, RequestGate] = {}
         self._balancers = {route.name: Balancer(route.target.balancing) for route in self.table.routes}
-        #: Open backend connections per target (what ``leastConnections`` compares).
-        self.connections: dict[Target, int] = {}
-        #: The routes' active health checks (``action.healthCheck``), started with the proxy service.
-        self.monitor = HealthMonitor(self)
 
     def gate_for(self, route: ProxyRoute) -> RequestGate | None:
         """What the route's requests must pass (rate, credentials), or None when nothing."""
@@ -267,6 +267,13 @@ class ProxyContext:
         for route in table.routes:
             self.counters.setdefault(route.name, RouteCounters())
         self._set_limits()
+        # The new routes' checks replace the old ones; every target starts up again (a down target of the
+        # new checks goes down after ``fall`` of them), none stays held down by a check that is gone.
+        running = self.monitor.running
+        self.monitor.release()
+        self.monitor = HealthMonitor(self)
+        if running:
+            self.monitor.start()
 
     def server_creator(self, profile: str = "intermediate") -> IOpenSSLServerConnectionCreator | None:
         """The TLS server side of terminating routes with ``tlsProfile`` ``profile`` (certificate by SNI from

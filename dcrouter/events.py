@@ -108,6 +108,11 @@ EVENT_TYPES: Mapping[str, tuple[str, str]] = MappingProxyType(
             "periodic: processing since the last report",
             "messages, meanDuration (s), maxDuration (s), inFlight",
         ),
+        "proxy.target_down": (
+            "a proxy target failed its health checks (no new connection until it recovers)",
+            "route, target (host:port), reason",
+        ),
+        "proxy.target_up": ("a proxy target passed its health checks again", "route, target, reason"),
         "security.auth_failure": ("SMTP AUTH failed", "port, peer, mechanism, code"),
         "security.policy_violation": (
             "a client broke a session rule",

@@ -323,6 +323,12 @@ class DcRouter(MultiService):
         if self.proxy is not None:
             self.proxy.setServiceParent(self)
             self.metrics.watch_proxy(self.proxy.counters)
+            context = self.proxy.context
+
+            def target_states() -> Mapping[tuple[str, str], bool]:
+                return context.monitor.states()  # through the context: a reload replaces its monitor
+
+            self.metrics.watch_proxy_targets(target_states)
             report_limit_alerts(self.proxy.context.limiter.alerts, self.events, "proxy")
             self.metrics.watch_limits("proxy", self.proxy.context.limiter.stats)
         # After the proxy, as children start in order: port 80 answers before the first order is placed.

@@ -973,3 +973,83 @@ class SmtpPortConflictTests(ProxyCase):
         options = load_options(raw).options
         self.assertIsNotNone(options.smart_proxy_config)
         self.assertIsNotNone(options.smtp_config)
+
+
+class BackendsTests(ProxyCase):
+    """action.loadBalancing, target.weights, action.healthCheck and the backend verification keys."""
+
+    def action(self, **keys: Any) -> dict[str, Any]:
+        action = copy.deepcopy(ROUTE["action"])
+        action.update(keys)
+        return route(action=action)
+
+    def test_they_load_into_the_model(self) -> None:
+        from dcrouter.net.healthcheck import HealthCheckRule
+        from dcrouter.proxy.routes import BackendVerification, build_routes
+
+        raw = self.action(
+            target={"host": ["10.0.0.1", "backend.internal"], "port": 8443, "weights": [3, 1]},
+            loadBalancing="sourceHash",
+            healthCheck={"type": "http", "path": "/healthz", "expectStatus": [200, 204], "interval": 5000},
+        )
+        raw["smartProxyConfig"]["routes"][0]["tls"] = {
+            "mode": "terminate-and-reencrypt",
+            "certificate": "store",
+            "verifyBackend": False,
+        }
+        (web, *_) = build_routes(self.config(raw), None)
+        target = web.target
+        self.assertEqual((target.weights, target.balancing), ((3, 1), "sourceHash"))
+        self.assertEqual(
+            target.health_check,
+            HealthCheckRule(kind="http", interval=5.0, timeout=1.0, path="/healthz", expect=(200, 204)),
+        )
+        self.assertEqual(target.verification, BackendVerification(verify=False))
+
+    def test_defaults(self) -> None:
+        from dcrouter.proxy.routes import VERIFIED, build_routes
+
+        (web, *_) = build_routes(self.config(route()), None)
+        self.assertEqual(
+            (web.target.balancing, web.target.weights, web.target.health_check, web.target.verification),
+            ("roundRobin", (), None, VERIFIED),
+        )
+
+    def test_refusals_name_the_key(self) -> None:
+        at = "smartProxyConfig.routes[0]"
+        cases = [
+            (
+                self.action(target={"host": ["10.0.0.1", "b.internal"], "port": 80, "weights": [1]}),
+                f"{at}.action.target.weights",
+            ),
+            (self.action(target={"host": "10.0.0.1", "port": 80, "weights": [0]}), "weights[0]"),
+            (self.action(loadBalancing="random"), f"{at}.action.loadBalancing"),
+            (
+                self.action(target={"host": "10.0.0.1", "port": "preserve"}, healthCheck={}),
+                f"{at}.action.healthCheck.port",
+            ),
+            (self.action(healthCheck={"type": "tcp", "path": "/x"}), f"{at}.action.healthCheck.path"),
+            (self.action(healthCheck={"type": "http", "expectStatus": [700]}), "expectStatus[0]"),
+            (self.action(healthCheck={"fall": 0}), f"{at}.action.healthCheck.fall"),
+            (
+                route(
+                    action={
+                        "type": "block",
+                        "loadBalancing": "leastConnections",
+                        "healthCheck": {"type": "tcp"},
+                    }
+                ),
+                f"{at}.action.loadBalancing",
+            ),
+            (route(tls={"mode": "passthrough", "verifyBackend": False}), f"{at}.tls.verifyBackend"),
+            (route(tls={"mode": "passthrough", "serverName": "b.internal"}), f"{at}.tls.serverName"),
+            (
+                route(
+                    tls={"mode": "terminate-and-reencrypt", "certificate": "store", "backendCaFile": "/nope"}
+                ),
+                f"{at}.tls.backendCaFile",
+            ),
+        ]
+        for raw, key in cases:
+            errors = self.errors(raw)
+            self.assertTrue(any(key in error for error in errors), (key, errors))

@@ -91,7 +91,13 @@ OWN_PACKAGES = {"bench", "dcrouter", "tests"}
 #: Options whose value names a configuration file.
 CONFIG_OPTIONS = {"--config", "-c"}
 #: Files a configuration example may name that are generated for the check, by key.
-MATERIAL_KEYS = {"certPath": "cert", "caPath": "cert", "keyPath": "key", "privateKey": "dkim"}
+MATERIAL_KEYS = {
+    "certPath": "cert",
+    "caPath": "cert",
+    "backendCaFile": "cert",
+    "keyPath": "key",
+    "privateKey": "dkim",
+}
 
 
 @dataclass(frozen=True)

@@ -298,8 +298,15 @@ class DocumentedTests(SynchronousTestCase):
         metrics = RouterMetrics()
         metrics.watch_queue(lambda: succeed({}), lambda: 0.0)
         metrics.watch_proxy({})
+        metrics.watch_proxy_targets(lambda: {("app", "10.0.0.1:80"): True, ("app", "10.0.0.2:80"): False})
         metrics.watch_certificates(list)
-        names = {family.name for family in text_string_to_metric_families(metrics.render().decode())}
+        families = list(text_string_to_metric_families(metrics.render().decode()))
+        (targets,) = [f for f in families if f.name == "dcrouter_proxy_target_up"]
+        self.assertEqual(
+            {(s.labels["target"], s.value) for s in targets.samples},
+            {("10.0.0.1:80", 1.0), ("10.0.0.2:80", 0.0)},
+        )
+        names = {family.name for family in families}
         for name in names:
             suffix = "_total" if f"`{name}_total`" in self.page else ""
             self.assertIn(f"`{name}{suffix}`", self.page)

@@ -1,19 +1,21 @@
-"""``security.jwtAuth``: bearer tokens verified with PyJWT against a PEM key, a JWKS file or a JWKS URL
+"""``security.jwtAuth``: bearer tokens verified with joserfc against a PEM key, a JWKS file or a JWKS URL
 (fetched by a fetcher the test answers, on a Clock), with issuer, audience, expiry and algorithm checks,
 a 401 challenge; and on a connection, the proxy's own answer behind it.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import os
 import time
 from typing import Any
 
-import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from joserfc import jwt
+from joserfc.jwk import ECKey, RSAKey
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -27,16 +29,38 @@ RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 EC_KEY = ec.generate_private_key(ec.SECP256R1())
 
 
+def _jwk(key: Any) -> Any:
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return (ECKey if isinstance(key, ec.EllipticCurvePrivateKey) else RSAKey).import_key(pem)
+
+
+def encode(claims: dict[str, Any], key: Any, algorithm: str, kid: str | None = None) -> str:
+    header: dict[str, Any] = {"alg": algorithm, "typ": "JWT"}
+    if kid:
+        header["kid"] = kid
+    return jwt.encode(header, claims, _jwk(key), algorithms=[algorithm])
+
+
 def token(key: Any = RSA_KEY, algorithm: str = "RS256", kid: str | None = None, **claims: Any) -> bytes:
     claims.setdefault("exp", int(time.time()) + 300)
-    headers = {"kid": kid} if kid else None
-    return b"Bearer " + jwt.encode(claims, key, algorithm=algorithm, headers=headers).encode()
+    return b"Bearer " + encode(claims, key, algorithm, kid).encode()
+
+
+def unsigned(claims: dict[str, Any]) -> bytes:
+    """An ``alg: none`` token (no library makes one by default)."""
+
+    def b64(data: bytes) -> bytes:
+        return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+    return b"Bearer " + b64(b'{"alg":"none","typ":"JWT"}') + b"." + b64(json.dumps(claims).encode()) + b"."
 
 
 def jwks(*pairs: tuple[str, Any]) -> str:
     keys = []
     for kid, key in pairs:
-        entry = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+        entry = dict(_jwk(key).as_dict(private=False))
         entry["kid"] = kid
         keys.append(entry)
     return json.dumps({"keys": keys})
@@ -74,11 +98,12 @@ class KeyFileTests(SynchronousTestCase):
             "other key": token(other, iss="https://id.test", aud="app"),
             "expired": token(iss="https://id.test", aud="app", exp=int(time.time()) - 120),
             "no exp": b"Bearer "
-            + jwt.encode({"iss": "https://id.test", "aud": "app"}, RSA_KEY, "RS256").encode(),
+            + encode({"iss": "https://id.test", "aud": "app"}, RSA_KEY, "RS256").encode(),
             "issuer": token(iss="https://evil.test", aud="app"),
             "audience": token(iss="https://id.test", aud="other"),
             "algorithm": token(EC_KEY, "ES256", iss="https://id.test", aud="app"),
-            "none alg": b"Bearer " + jwt.encode({"exp": int(time.time()) + 60}, None, "none").encode(),
+            "none alg": unsigned({"iss": "https://id.test", "aud": "app", "exp": int(time.time()) + 60}),
+            "not before": token(iss="https://id.test", aud="app", nbf=int(time.time()) + 600),
         }
         for name, header in cases.items():
             refused = outcome(self.auth.check(header))

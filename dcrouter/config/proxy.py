@@ -178,6 +178,28 @@ _ACTION_TABLES = {
 }
 
 
+@block_check("type", "target", "load_balancing", "health_check")
+def _action_backends(action: RouteAction, path: str, report: Report) -> None:
+    """Balancing and health checks are about targets: elsewhere they would be silently unused."""
+    if action.type != "forward":
+        if action.load_balancing != "roundRobin":
+            report.error(join(path, "loadBalancing"), f'has no effect with type "{action.type}"')
+        if action.health_check is not None:
+            report.error(join(path, "healthCheck"), f'has no effect with type "{action.type}"')
+        return
+    check = action.health_check
+    if (
+        check is not None
+        and check.port is None
+        and action.target is not None
+        and target_port(action.target.port) is None
+    ):
+        report.error(
+            join(path, "healthCheck.port"),
+            f"required: the target's port ({action.target.port!r}) depends on the connection",
+        )
+
+
 @block_check("type", "target", "redirect", "static", "status", "socket_handler")
 def _action_target(action: RouteAction, path: str, report: Report) -> None:
     """Each type needs its own table and takes no other's: a ``redirect`` table on a ``forward`` route
@@ -753,16 +775,96 @@ def _target_port_spec(value: Any) -> str | None:
     return values.port(value)
 
 
+@block_check("host", "weights")
+def _target_weights(target: RouteTarget, path: str, report: Report) -> None:
+    hosts = [target.host] if isinstance(target.host, str) else list(target.host)
+    if target.weights and len(target.weights) != len(hosts):
+        report.error(
+            join(path, "weights"), f"one weight per host: {len(hosts)} hosts, {len(target.weights)} weights"
+        )
+
+
+@checked(_target_weights)
 @dataclass(frozen=True)
 class RouteTarget:
     host: Any = option(
-        doc="Backend host name or IP, or a list of them used round robin.", check=_host_spec, each=_host_item
+        doc="Backend host name or IP, or a list of them, shared out by the action's `loadBalancing`.",
+        check=_host_spec,
+        each=_host_item,
     )
     port: Any = option(
         "preserve",
         doc='Backend port; `"preserve"` (or `"{port}"`): the port the client connected to; `"{port}+N"` / '
         '`"{port}-N"`: that port moved by N.',
         check=_target_port_spec,
+    )
+    weights: list[int] = option(
+        factory=list,
+        addition=True,
+        doc="One positive weight per `host`, in the same order (a host of weight 2 gets twice the share of "
+        "one of weight 1); empty: all 1.",
+        each=values.all_of(values.positive, lambda v: "at most 1000" if v > 1000 else None),
+    )
+
+
+def _http_path(value: str) -> str | None:
+    if not value.startswith("/") or any(c in value for c in " \r\n\t"):
+        return f"an absolute path without spaces, such as /healthz, got {value!r}"
+    return None
+
+
+def _expect_status(value: int) -> str | None:
+    return None if 100 <= value <= 599 else f"an HTTP status (100 to 599), got {value}"
+
+
+@block_check("type", "path", "expect_status", "host")
+def _check_kind_fields(check: HealthCheckConfig, path: str, report: Report) -> None:
+    if check.type == "http":
+        return
+    for key, value, default in (
+        ("path", check.path, "/"),
+        ("expectStatus", check.expect_status, [200]),
+        ("host", check.host, None),
+    ):
+        if value != default:
+            report.error(join(path, key), f'has no effect with type "{check.type}" (only "http")')
+
+
+@checked(_check_kind_fields)
+@dataclass(frozen=True)
+class HealthCheckConfig:
+    type: Literal["tcp", "tls", "http"] = option(
+        "tcp",
+        doc="`tcp`: a connection is accepted; `tls`: a TLS handshake completes (verified as the route "
+        "verifies its backends); `http`: `GET path` answers a status in `expectStatus` (over TLS on a "
+        "`terminate-and-reencrypt` route).",
+    )
+    interval: int = option(
+        2000, doc="Milliseconds between checks of each target (HAProxy's `inter`).", check=values.duration
+    )
+    timeout: int = option(
+        1000, doc="Milliseconds a check may take; longer is a failure.", check=values.duration
+    )
+    rise: int = option(2, doc="Checks passed in a row that bring a down target back.", check=values.positive)
+    fall: int = option(
+        3,
+        doc="Checks failed in a row that take a target down (no new connection until it rises).",
+        check=values.positive,
+    )
+    path: str = option("/", doc="For `http`: the path requested.", check=_http_path)
+    expect_status: list[int] = option(
+        factory=lambda: [200],
+        doc="For `http`: the statuses of a healthy target.",
+        check=values.not_empty,
+        each=_expect_status,
+    )
+    host: str | None = option(
+        None, doc="For `http`: the `Host` header; not set: the target's host.", check=values.host_name
+    )
+    port: int | None = option(
+        None,
+        doc='The port checked; not set: the target\'s port (then required to be a number, not `"preserve"`).',
+        check=values.port,
     )
 
 
@@ -797,6 +899,35 @@ class RouteStatic:
     status: int = option(200, doc="With `content`: the status answered.", check=_http_status)
 
 
+def _readable_ca_file(value: str) -> str | None:
+    from cryptography import x509
+
+    try:
+        with open(value, "rb") as handle:
+            found = x509.load_pem_x509_certificates(handle.read())
+    except OSError as error:
+        return f"cannot read {value!r}: {error.strerror}"
+    except ValueError as error:
+        return f"{value!r} holds no PEM certificate: {error}"
+    return None if found else f"{value!r} holds no PEM certificate"
+
+
+@block_check("mode", "verify_backend", "backend_ca_file", "server_name")
+def _backend_options(tls: RouteTls, path: str, report: Report) -> None:
+    if tls.mode == "terminate-and-reencrypt":
+        if not tls.verify_backend and tls.backend_ca_file is not None:
+            report.error(join(path, "backendCaFile"), "has no effect with verifyBackend = false")
+        return
+    for key, value, default in (
+        ("verifyBackend", tls.verify_backend, True),
+        ("backendCaFile", tls.backend_ca_file, None),
+        ("serverName", tls.server_name, None),
+    ):
+        if value != default:
+            report.error(join(path, key), f'has no effect with mode "{tls.mode}"')
+
+
+@checked(_backend_options)
 @dataclass(frozen=True)
 class RouteTls:
     mode: Literal["passthrough", "terminate", "terminate-and-reencrypt"] = option(
@@ -804,7 +935,7 @@ class RouteTls:
         doc="`passthrough`: TLS bytes are forwarded as they are, routed by SNI. `terminate`: TLS ends here "
         "with `certificate` and HTTP/1.1 goes to the target in plain text (with X-Forwarded-For/-Proto); "
         "plain HTTP on the route's ports is redirected to HTTPS. `terminate-and-reencrypt`: the same, over "
-        "TLS to the target (its certificate is not verified).",
+        "TLS to the target, whose certificate is verified (`verifyBackend`).",
     )
     certificate: Any = option(
         None,
@@ -816,6 +947,27 @@ class RouteTls:
     )
     tls_profile: Literal["modern", "intermediate"] | None = option(
         None, addition=True, doc=f"With a terminating mode: the {_PROFILE_DOC}"
+    )
+    verify_backend: bool = option(
+        True,
+        addition=True,
+        doc="With `terminate-and-reencrypt`: verify the target's certificate (chain to `backendCaFile`, or "
+        "the system's CAs; name `serverName`, or the target host). `false` connects to any certificate "
+        "(a self-signed backend): say so knowingly, the hop is then open to a man in the middle.",
+    )
+    backend_ca_file: str | None = option(
+        None,
+        addition=True,
+        doc="With `terminate-and-reencrypt`: PEM file of the CA certificates the target's certificate must "
+        "chain to (instead of the system's).",
+        check=_readable_ca_file,
+    )
+    server_name: str | None = option(
+        None,
+        addition=True,
+        doc="With `terminate-and-reencrypt`: the name sent as SNI to the target and verified in its "
+        "certificate; not set: the target host (an IP address is verified as one).",
+        check=values.host_name,
     )
 
 
@@ -871,14 +1023,20 @@ def _readable_pem_key(value: str) -> str | None:
 
 
 def _readable_jwks(value: str) -> str | None:
-    import jwt
+    import json
+
+    from joserfc.errors import JoseError
+    from joserfc.jwk import KeySet
 
     try:
         with open(value, "rb") as handle:
-            jwt.PyJWKSet.from_json(handle.read().decode("utf-8"))
+            document = json.loads(handle.read())
+        if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+            raise ValueError('no "keys" list')
+        KeySet.import_key_set(document)  # type: ignore[arg-type]
     except OSError as error:
         return f"cannot read {value!r}: {error.strerror}"
-    except (ValueError, jwt.exceptions.PyJWKSetError) as error:
+    except (JoseError, ValueError, TypeError, KeyError) as error:
         return f"{value!r} is not a usable JWKS: {error}"
     return None
 
@@ -1060,7 +1218,7 @@ class RouteHeaders:
     )
 
 
-@checked(_action_target)
+@checked(_action_target, _action_backends)
 @dataclass(frozen=True)
 class RouteAction:
     type: Literal["forward", "redirect", "block", "static", "socket-handler"] = option(
@@ -1090,6 +1248,21 @@ class RouteAction:
         None,
         doc="HTTP routes: header fields set or removed on requests (towards the target) and responses "
         "(towards the client).",
+    )
+    load_balancing: Literal["roundRobin", "leastConnections", "sourceHash"] = option(
+        "roundRobin",
+        addition=True,
+        doc="For `forward`: which target a new connection tries first (the others follow as failover). "
+        "`roundRobin`: in turn, by `target.weights`; `leastConnections`: the fewest open connections per "
+        "weight; `sourceHash`: by client IP, sticky (consistent hashing: a target going down moves only "
+        "its own clients).",
+    )
+    health_check: HealthCheckConfig | None = option(
+        None,
+        addition=True,
+        doc="For `forward`: active checks of every target (as HAProxy's `check inter rise fall`); a target "
+        "that fails `fall` in a row gets no new connection until it passes `rise` in a row. Not set: "
+        "passive only (a target refusing a connection is tried last for 30 seconds).",
     )
 
 

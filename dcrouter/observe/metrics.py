@@ -224,6 +224,11 @@ class RouterMetrics:
         """Connections and bytes per proxy route, from the proxy's RouteCounters by route name."""
         self.registry.register(ProxyCollector(counters))
 
+    def watch_proxy_targets(self, states: Callable[[], Mapping[tuple[str, str], bool]]) -> None:
+        """``dcrouter_proxy_target_up{route,target}``: 1 while a health-checked target is up, 0 while its
+        checks hold it down; ``states()`` maps (route name, ``host:port``) to up."""
+        self.registry.register(TargetCollector(states))
+
     def watch_certificates(self, certificates: Callable[[], Iterable[tuple[str, float]]]) -> None:
         """Expiry of every certificate: ``certificates()`` yields ``(name, not_after as a timestamp)``;
         ``now`` is wall time, as certificates expire in it."""
@@ -405,6 +410,23 @@ class ProxyCollector(Collector):
         yield active
         yield refused
         yield octets
+
+
+class TargetCollector(Collector):
+    """``dcrouter_proxy_target_up{route,target}`` for the proxy's health-checked targets."""
+
+    def __init__(self, states: Callable[[], Mapping[tuple[str, str], bool]]) -> None:
+        self._states = states
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        up = GaugeMetricFamily(
+            "dcrouter_proxy_target_up",
+            "1: the health-checked proxy target takes connections; 0: its checks hold it down",
+            labels=["route", "target"],
+        )
+        for (route, target), state in sorted(self._states().items()):
+            up.add_metric([route, target], 1.0 if state else 0.0)
+        yield up
 
 
 class CertificateCollector(Collector):

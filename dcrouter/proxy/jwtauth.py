@@ -1,4 +1,5 @@
-"""JWT bearer authentication (RFC 6750, RFC 7519) for a route's ``security.jwtAuth``, with PyJWT.
+"""JWT bearer authentication (RFC 6750, RFC 7519) for a route's ``security.jwtAuth``, with joserfc (the
+JOSE library OAUTH2 token verification uses too: one library to patch and audit).
 
 Every request must carry ``Authorization: Bearer <token>``: a JWS signed by one of the configured keys
 with one of the configured algorithms (public-key algorithms only: an HMAC secret in a proxy config would
@@ -18,7 +19,9 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-import jwt
+from joserfc import jws, jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import ECKey, KeySet, OKPKey, RSAKey
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
@@ -48,22 +51,41 @@ class BearerRefused(HttpError):
 
 
 def load_pem_key(path: str) -> Any:
-    """The public key of a PEM file holding a public key or a certificate; ValueError if it holds neither."""
+    """The public key of a PEM file holding a public key or a certificate, as a JWK; ValueError if it holds
+    neither (or a key of a type JWS does not sign with)."""
     from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+    from cryptography.hazmat.primitives.serialization import (
+        Encoding,
+        PublicFormat,
+        load_pem_public_key,
+    )
 
     with open(path, "rb") as handle:
         data = handle.read()
-    if b"BEGIN CERTIFICATE" in data:
-        return x509.load_pem_x509_certificate(data).public_key()
-    return load_pem_public_key(data)
+    public: Any = (
+        x509.load_pem_x509_certificate(data).public_key()
+        if b"BEGIN CERTIFICATE" in data
+        else load_pem_public_key(data)
+    )
+    pem = public.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    if isinstance(public, rsa.RSAPublicKey):
+        return RSAKey.import_key(pem)
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        return ECKey.import_key(pem)
+    if isinstance(public, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
+        return OKPKey.import_key(pem)
+    raise ValueError(f"{path}: a {type(public).__name__} signs no JWS")
 
 
-def load_jwks(data: bytes | str) -> jwt.PyJWKSet:
-    """A JWKS document; ValueError (PyJWT's errors are ValueErrors or PyJWKSetError) when it is not one."""
+def load_jwks(data: bytes | str) -> KeySet:
+    """A JWKS document; ValueError when it is not one."""
     try:
-        return jwt.PyJWKSet.from_json(data if isinstance(data, str) else data.decode("utf-8"))
-    except (jwt.exceptions.PyJWKSetError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        document = json.loads(data)
+        if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+            raise ValueError('no "keys" list')
+        return KeySet.import_key_set(document)  # type: ignore[arg-type]
+    except (JoseError, ValueError, TypeError, KeyError, UnicodeDecodeError) as error:
         raise ValueError(f"not a usable JWKS: {error}") from error
 
 
@@ -75,7 +97,7 @@ class JwtAuth:
         self._clock = clock
         self._fetch = fetch
         self._key: Any = load_pem_key(rule.key_file) if rule.key_file else None
-        self._keys: jwt.PyJWKSet | None = None
+        self._keys: KeySet | None = None
         if rule.jwks_file:
             with open(rule.jwks_file, "rb") as handle:
                 self._keys = load_jwks(handle.read())
@@ -133,17 +155,19 @@ class JwtAuth:
             return _failed(BearerRefused(realm, "no bearer token", token_given=False))
         text = token.strip().decode("ascii", "replace")
         try:
-            header = jwt.get_unverified_header(text)
-        except jwt.exceptions.InvalidTokenError as error:
+            header = jws.extract_compact(text.encode("ascii")).headers()
+        except (JoseError, ValueError) as error:
             return _failed(BearerRefused(realm, f"malformed token: {error}", token_given=True))
         kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            return _failed(BearerRefused(realm, "malformed token: kid is not a string", token_given=True))
         if self._key is None and self._keys is None:
             return _failed(HttpError(503, "the signing keys have not been fetched yet"))
         if (
             kid is not None
             and self._keys is not None
             and self.rule.jwks_url
-            and not any(k.key_id == kid for k in self._keys.keys)
+            and not any(k.kid == kid for k in self._keys.keys)
             and self._clock.seconds() - self._last_fetch >= UNKNOWN_KID_INTERVAL
         ):
             # A key the issuer may just have rotated in: fetch once, then decide. A Deferred of its own, so
@@ -163,18 +187,18 @@ class JwtAuth:
     def _verify(self, token: str, kid: str | None) -> dict[str, Any]:
         realm = self.rule.realm
         key = self._key if self._key is not None else self._jwk(kid)
+        claims_rules: dict[str, Any] = {"exp": {"essential": True}}
+        if self.rule.issuer is not None:
+            claims_rules["iss"] = {"essential": True, "value": self.rule.issuer}
+        if self.rule.audience:
+            claims_rules["aud"] = {"essential": True, "values": list(self.rule.audience)}
         try:
-            claims: dict[str, Any] = jwt.decode(
-                token,
-                key,
-                algorithms=list(self.rule.algorithms),
-                issuer=self.rule.issuer,
-                audience=list(self.rule.audience) or None,
-                leeway=self.rule.leeway,
-                options={"require": ["exp"], "verify_aud": bool(self.rule.audience)},
-            )
-        except jwt.exceptions.InvalidTokenError as error:
+            decoded = jwt.decode(token, key, algorithms=list(self.rule.algorithms))
+            # Claims against the wall clock (tokens carry wall-clock times), with the configured leeway.
+            jwt.JWTClaimsRegistry(leeway=int(self.rule.leeway), **claims_rules).validate(decoded.claims)
+        except (JoseError, ValueError) as error:
             raise BearerRefused(realm, f"token refused: {error}", token_given=True) from error
+        claims: dict[str, Any] = decoded.claims
         return claims
 
     def _jwk(self, kid: str | None) -> Any:
@@ -187,7 +211,7 @@ class JwtAuth:
                 )
             return keys[0]
         for candidate in keys:
-            if candidate.key_id == kid:
+            if candidate.kid == kid:
                 return candidate
         raise BearerRefused(self.rule.realm, f"no key {kid!r}", token_given=True)
 

@@ -31,8 +31,10 @@ from dcrouter.config.proxy import (
 )
 from dcrouter.config.ratelimits import RateConfig
 from dcrouter.limits.gcra import Rate
+from dcrouter.net.balance import Method
 from dcrouter.net.cidr import CidrSet
 from dcrouter.net.domains import normalize_domain
+from dcrouter.net.healthcheck import HealthCheckRule
 
 
 class Networks(CidrSet):
@@ -71,13 +73,37 @@ class PortRange:
 
 
 @dataclass(frozen=True)
+class BackendVerification:
+    """How ``terminate-and-reencrypt`` checks its backends' certificates: ``verify`` (else any is taken),
+    against ``ca_file`` (PEM CA certificates; None: the system's), for ``server_name`` (None: the target
+    host)."""
+
+    verify: bool = True
+    ca_file: str | None = None
+    server_name: str | None = None
+
+
+VERIFIED = BackendVerification()
+
+
+@dataclass(frozen=True)
 class ProxyTarget:
-    """Backends tried round robin, and their port: None means the port the client connected to, moved by
-    ``offset`` (``"{port}+1000"``)."""
+    """Backends, and their port: None means the port the client connected to, moved by ``offset``
+    (``"{port}+1000"``). ``weights`` (one per host; empty: all 1) and ``balancing`` (a
+    :data:`~dcrouter.net.balance.METHODS` name) choose the first host a connection tries;
+    ``health_check`` (None: passive marks only) keeps failing hosts out; ``verification`` is for
+    re-encrypting routes."""
 
     hosts: tuple[str, ...]
     port: int | None
     offset: int = 0
+    weights: tuple[int, ...] = ()
+    balancing: Method = "roundRobin"
+    health_check: HealthCheckRule | None = None
+    verification: BackendVerification = VERIFIED
+
+    def weight_list(self) -> list[int]:
+        return list(self.weights) if self.weights else [1] * len(self.hosts)
 
     def port_for(self, connected: int) -> int:
         """The backend port for a client that connected to ``connected``."""
@@ -368,9 +394,7 @@ def _from_route(route: Any, index: int) -> ProxyRoute:
         client_ips=_networks(route.match.client_ip),
         allow=_networks(security.ip_allow_list) if security else None,
         block=_networks(security.ip_block_list) if security else None,
-        target=ProxyTarget(hosts(target.host), target_port(target.port), port_offset(target.port))
-        if target is not None
-        else NO_TARGET,
+        target=_target(route.action, tls) if target is not None else NO_TARGET,
         tls_mode=tls.mode if tls else "passthrough",
         max_connections=security.max_connections if security else None,
         connection_timeout_ms=route.connection_timeout,
@@ -386,6 +410,36 @@ def _from_route(route: Any, index: int) -> ProxyRoute:
         request_fields=_changes(route.action.headers.request if route.action.headers else None),
         response_fields=_changes(route.action.headers.response if route.action.headers else None),
         connection_rate=rate(security.connection_rate) if security else None,
+    )
+
+
+def _target(action: Any, tls: Any) -> ProxyTarget:
+    target = action.target
+    check = action.health_check
+    rule = None
+    if check is not None:
+        rule = HealthCheckRule(
+            kind=check.type,
+            interval=check.interval / 1000,
+            timeout=check.timeout / 1000,
+            rise=check.rise,
+            fall=check.fall,
+            path=check.path,
+            expect=tuple(check.expect_status),
+            host=check.host,
+            port=check.port,
+        )
+    verification = VERIFIED
+    if tls is not None:
+        verification = BackendVerification(tls.verify_backend, tls.backend_ca_file, tls.server_name)
+    return ProxyTarget(
+        hosts(target.host),
+        target_port(target.port),
+        port_offset(target.port),
+        weights=tuple(target.weights),
+        balancing=action.load_balancing,
+        health_check=rule,
+        verification=verification,
     )
 
 

@@ -264,6 +264,7 @@ class ProxyService(Service):
             checker = self.context.auth_for(route)
             if isinstance(checker, JwtAuth):
                 checker.start()  # a jwksUrl is fetched now and kept fresh
+        self.context.monitor.start()
         self._stopping = None
         for port, listening in self._listening:
             resume(listening)
@@ -281,6 +282,7 @@ class ProxyService(Service):
                 checker = self.context.auth_for(route)
                 if isinstance(checker, JwtAuth):
                     checker.stop()
+            self.context.monitor.stop()
             self._stopping = Deferred.fromCoroutine(self._stop())
             self._stopping.addErrback(lambda failure: log.failure("error while stopping the proxy", failure))
         return self._stopping

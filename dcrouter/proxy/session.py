@@ -40,6 +40,7 @@ from dcrouter.limits.gcra import Rate
 from dcrouter.limits.limiter import ALLOWED, Charge, Limit, Limiter
 from dcrouter.log import logger
 from dcrouter.net import proxyprotocol
+from dcrouter.net.balance import Balancer
 from dcrouter.net.cidr import CidrSet
 from dcrouter.net.quiet import connect_quietly, set_no_delay
 from dcrouter.net.reactor import IRouterReactor
@@ -51,6 +52,7 @@ from dcrouter.proxy.dispatch import RequestDispatcher
 from dcrouter.proxy.forward import BackendProtocol, RouteCounters, Splice
 from dcrouter.proxy.gate import RequestGate, RequestRate
 from dcrouter.proxy.handlers import RouteContext, SocketHandlerError, SocketHandlers
+from dcrouter.proxy.health import HealthMonitor
 from dcrouter.proxy.http import (
     DEFAULT_IDLE_TIMEOUT,
     ChallengeSource,
@@ -177,7 +179,11 @@ class ProxyContext:
         self.counters = {route.name: RouteCounters() for route in self.table.routes}
         # Connection rates, counted in this process (dcrouter.limits); alerts as for SMTP's limits.
         self.limiter = Limiter(LocalCounters(self.reactor), self.reactor)
+        #: Open backend connections per target (what ``leastConnections`` compares), across reloads.
+        self.connections: dict[Target, int] = {}
         self._set_limits()
+        #: The routes' active health checks (``action.healthCheck``), started with the proxy service.
+        self.monitor = HealthMonitor(self)
 
     def _set_limits(self) -> None:
         rate_per_ip = self.settings.connection_rate_per_ip
@@ -206,6 +212,7 @@ class ProxyContext:
         self._backend_tls: BackendTls | None = None
         self._auth: dict[str, BasicAuth | JwtAuth] = {}
         self._gates: dict[str, RequestGate] = {}
+        self._balancers = {route.name: Balancer(route.target.balancing) for route in self.table.routes}
 
     def gate_for(self, route: ProxyRoute) -> RequestGate | None:
         """What the route's requests must pass (rate, credentials), or None when nothing."""
@@ -260,6 +267,13 @@ class ProxyContext:
         for route in table.routes:
             self.counters.setdefault(route.name, RouteCounters())
         self._set_limits()
+        # The new routes' checks replace the old ones; every target starts up again (a down target of the
+        # new checks goes down after ``fall`` of them), none stays held down by a check that is gone.
+        running = self.monitor.running
+        self.monitor.release()
+        self.monitor = HealthMonitor(self)
+        if running:
+            self.monitor.start()
 
     def server_creator(self, profile: str = "intermediate") -> IOpenSSLServerConnectionCreator | None:
         """The TLS server side of terminating routes with ``tlsProfile`` ``profile`` (certificate by SNI from
@@ -273,8 +287,21 @@ class ProxyContext:
             self._server_creators[profile] = creator
         return creator
 
-    def backend_tls(self, server_name: str | None) -> IOpenSSLClientConnectionCreator:
-        """TLS towards a ``terminate-and-reencrypt`` backend (not verified; SNI ``server_name``)."""
+    def backend_tls(
+        self, route: ProxyRoute, target: Target, server_name: str | None
+    ) -> IOpenSSLClientConnectionCreator:
+        """TLS towards ``target`` of a ``terminate-and-reencrypt`` route: its certificate verified for the
+        route's ``serverName`` or the target host (against ``backendCaFile`` or the system's CAs); with
+        ``verifyBackend = false`` not verified, sending the client's SNI ``server_name``."""
+        verification = route.target.verification
+        if not verification.verify:
+            return self.unverified_tls(server_name)
+        if self._backend_tls is None:
+            self._backend_tls = BackendTls()
+        return self._backend_tls.verified(verification.server_name or target.host, verification.ca_file)
+
+    def unverified_tls(self, server_name: str | None) -> IOpenSSLClientConnectionCreator:
+        """TLS that takes any certificate, sending SNI ``server_name`` (``verifyBackend = false``)."""
         if self._backend_tls is None:
             self._backend_tls = BackendTls()
         return self._backend_tls.creator(server_name)
@@ -333,10 +360,39 @@ class ProxyContext:
         else:
             self.per_ip.pop(client_ip, None)
 
-    def targets(self, route: ProxyRoute, port: int) -> list[Target]:
-        """The route's hosts in the order to try them: round robin, targets marked down last."""
-        hosts = route.target.hosts
-        return self.health.order(route.name, [Target(h, h, port) for h in hosts])
+    def targets(self, route: ProxyRoute, port: int, client_ip: str = "") -> list[Target]:
+        """The route's hosts in the order to try them: as its ``loadBalancing`` prefers (``client_ip`` for
+        ``sourceHash``), without those an active health check holds down, passively marked ones last."""
+        candidates = [Target(h, h, port) for h in route.target.hosts]
+        balancer = self._balancers.get(route.name)
+        if balancer is None:
+            balancer = self._balancers[route.name] = Balancer(route.target.balancing)
+        preferred = balancer.order(
+            candidates, route.target.weight_list(), client_ip=client_ip, connections=self.connections
+        )
+        return self.health.arrange(preferred)
+
+    def counted(self, target: Target, protocol: Callable[[], Protocol]) -> Callable[[], Protocol]:
+        """``protocol``'s factory, counting the connection to ``target`` open from when the protocol is
+        built (the connection is made) until it is lost."""
+
+        def build() -> Protocol:
+            built = protocol()
+            lost = built.connectionLost
+            self.connections[target] = self.connections.get(target, 0) + 1
+
+            def connection_lost(reason: Failure = connectionDone) -> None:
+                left = self.connections.get(target, 1) - 1
+                if left > 0:
+                    self.connections[target] = left
+                else:
+                    self.connections.pop(target, None)
+                lost(reason)
+
+            built.connectionLost = connection_lost  # type: ignore[method-assign]
+            return built
+
+        return build
 
     def connect(
         self,
@@ -644,16 +700,22 @@ class ProxySession(Protocol):
         self,
         route: ProxyRoute,
         protocol: Callable[[], Protocol],
-        tls: IOpenSSLClientConnectionCreator | None = None,
+        tls: Callable[[Target], IOpenSSLClientConnectionCreator] | None = None,
     ) -> Any:
-        """A connection to the first of the route's targets (in round-robin order) that accepts, marking
-        those that fail down; None when none does or the client went away meanwhile."""
+        """A connection to the first of the route's targets (in the balancer's order) that accepts, marking
+        those that fail down; None when none does or the client went away meanwhile. ``tls`` gives the TLS
+        creator for a target (re-encrypting routes)."""
         port = route.target.port_for(self.port)
         if not 1 <= port <= 65535:
             log.info("proxy: {route}: target port {port} is out of range", route=route.name, port=port)
             return None
-        for target in self.context.targets(route, port):
-            self._connecting = self.context.connect(target.address, port, protocol=protocol, tls=tls)
+        for target in self.context.targets(route, port, self.client_ip):
+            self._connecting = self.context.connect(
+                target.address,
+                port,
+                protocol=self.context.counted(target, protocol),
+                tls=tls(target) if tls is not None else None,
+            )
             try:
                 backend = await self._connecting
             except (CancelledError, ConnectingCancelledError):
@@ -873,7 +935,12 @@ class ProxySession(Protocol):
     ) -> HttpForwarder:
         host_allowed = self._host_check(route, server_name)
 
-        tls = self.context.backend_tls(server_name) if route.tls_mode == "terminate-and-reencrypt" else None
+        tls = None
+        if route.tls_mode == "terminate-and-reencrypt":
+
+            def tls(target: Target) -> IOpenSSLClientConnectionCreator:
+                return self.context.backend_tls(route, target, server_name)
+
         policy = ForwardingPolicy(
             client_ip=self.client_ip,
             # A PROXY header was read only from a trusted peer: that peer may also vouch for X-Forwarded-For.

@@ -264,9 +264,10 @@ class JwtAuthWithCurlTests(TestCase):
     def setUp(self) -> Deferred[None]:
         if shutil.which("curl") is None:
             raise SkipTest("curl is not installed")
-        import jwt
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ec
+        from joserfc import jwt
+        from joserfc.jwk import ECKey
 
         key = ec.generate_private_key(ec.SECP256R1())
         pem = os.path.abspath(self.mktemp())
@@ -276,7 +277,14 @@ class JwtAuthWithCurlTests(TestCase):
                     serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
                 )
             )
-        self.good = jwt.encode({"sub": "ann", "exp": int(time.time()) + 300}, key, algorithm="ES256")
+        signer = ECKey.import_key(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        self.good = jwt.encode(
+            {"alg": "ES256"}, {"sub": "ann", "exp": int(time.time()) + 300}, signer, algorithms=["ES256"]
+        )
         self.requests: list[bytes] = []
         requests = self.requests
 

@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from dcrouter.passwords import hash_password
 from dcrouter.proxy.basicauth import BasicAuth, Unauthorized, credentials
-from dcrouter.proxy.routes import NO_TARGET, BasicAuthRule, RouteAction, StaticContent
+from dcrouter.proxy.routes import NO_TARGET, BasicAuthRule, RouteAction, RouteTable, StaticContent
 from tests.test_proxy_session import SessionTestCase, route
 
 # A cheap cost: the tests check behaviour, not scrypt's strength.
@@ -118,6 +118,19 @@ class OnConnectionTests(SessionTestCase):
         self.assertTrue(client.value().startswith(b"HTTP/1.1 401 Unauthorized\r\n"))
         self.assertIn(b'WWW-Authenticate: Basic realm="staff area"', client.value())
         _session, client = self.connect(port=8080, data=self.request(basic("ann", "s3cret")))
+        self.assertTrue(client.value().endswith(b"\r\n\r\ninside"))
+
+    def test_a_reload_replaces_the_users(self) -> None:
+        # The checker is made per route name on first use; a reload changing the users must not keep it.
+        ctx = self.context(self.static_route())
+        ctx.run_blocking = Runner()
+        _session, client = self.connect(port=8080, data=self.request(basic("ann", "s3cret")))
+        self.assertTrue(client.value().endswith(b"\r\n\r\ninside"))
+        bob = BasicAuthRule("staff area", (("bob", hash_password("n3w", log2_n=10)),))
+        ctx.replace(RouteTable([dataclasses.replace(self.static_route(), basic_auth=bob)]), ctx.settings)
+        _session, client = self.connect(port=8080, data=self.request(basic("ann", "s3cret")))
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 401 Unauthorized\r\n"))
+        _session, client = self.connect(port=8080, data=self.request(basic("bob", "n3w")))
         self.assertTrue(client.value().endswith(b"\r\n\r\ninside"))
 
     def test_plain_http_forwarded_per_request(self) -> None:

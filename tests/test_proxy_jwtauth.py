@@ -16,13 +16,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from joserfc import jwt
 from joserfc.jwk import ECKey, RSAKey
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from dcrouter.proxy.httpmessage import HttpError
 from dcrouter.proxy.jwtauth import BearerRefused, JwtAuth
-from dcrouter.proxy.routes import NO_TARGET, JwtRule, RouteAction, StaticContent
+from dcrouter.proxy.routes import NO_TARGET, JwtRule, RouteAction, RouteTable, StaticContent
 from tests.test_proxy_session import SessionTestCase, route
 
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -188,3 +188,29 @@ class OnConnectionTests(SessionTestCase):
         )
         self.assertTrue(client.value().endswith(b"for token holders"))
         os.remove(path)
+
+    def test_a_reload_stops_the_old_key_refresh_and_starts_the_new(self) -> None:
+        fetched: list[str] = []
+
+        def fetch(url: str) -> Deferred[bytes]:
+            fetched.append(url)
+            return fail(ValueError("HTTP 500"))  # keys or not, the next refresh is then due in 600 s
+
+        def protected(url: str) -> Any:
+            static = RouteAction("static", static=StaticContent(content=b"x"))
+            rule = JwtRule(algorithms=("RS256",), jwks_url=url, refresh=600)
+            bare = route("r", ports=(8080,))
+            return dataclasses.replace(bare, action=static, target=NO_TARGET, jwt_auth=rule)
+
+        ctx = self.context(protected("https://old.test/jwks"))
+        ctx.fetch = fetch
+        ctx.monitor.start()  # as ProxyService.startService does, with the checkers below
+        checker = ctx.auth_for(ctx.table.routes[0])
+        assert isinstance(checker, JwtAuth)
+        checker.start()
+        self.assertEqual(fetched, ["https://old.test/jwks"])
+        ctx.replace(RouteTable([protected("https://new.test/jwks")]), ctx.settings)
+        self.assertEqual(fetched, ["https://old.test/jwks", "https://new.test/jwks"])
+        self.reactor.advance(600)  # one refresh: the new URL's only; the old checker's timer is gone
+        self.assertEqual(fetched[2:], ["https://new.test/jwks"])
+

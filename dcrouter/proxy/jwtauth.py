@@ -141,8 +141,12 @@ class JwtAuth:
             if not self._stopped and (self._refresh_call is None or not self._refresh_call.active()):
                 self._refresh_call = self._clock.callLater(self.rule.refresh, self._fetch_keys)
 
-        self._fetching = fetching.addCallback(loaded).addErrback(failed).addBoth(done)
-        return self._fetching
+        # Held before the callbacks are added: a fetch that has already fired runs ``done`` at once, which
+        # must find it to clear it (else every later refresh would think a fetch is still in flight).
+        handled: Deferred[None] = Deferred()
+        self._fetching = handled
+        fetching.addCallback(loaded).addErrback(failed).addBoth(done).chainDeferred(handled)
+        return handled
 
     # -- checking -------------------------------------------------------------------------------------
 

@@ -266,7 +266,11 @@ class ProxyContext:
         self.settings = settings
         for route in table.routes:
             self.counters.setdefault(route.name, RouteCounters())
-        self._set_limits()
+        previous = list(self._auth.values())
+        self._set_limits()  # new, empty tables of checkers and gates: made again per route on first use
+        for checker in previous:
+            if isinstance(checker, JwtAuth):
+                checker.stop()  # its jwksUrl refresh timer would otherwise go on for good
         # The new routes' checks replace the old ones; every target starts up again (a down target of the
         # new checks goes down after ``fall`` of them), none stays held down by a check that is gone.
         running = self.monitor.running
@@ -274,6 +278,10 @@ class ProxyContext:
         self.monitor = HealthMonitor(self)
         if running:
             self.monitor.start()
+            for route in table.routes:
+                made = self.auth_for(route)
+                if isinstance(made, JwtAuth):
+                    made.start()  # the new route's jwksUrl fetched now and kept fresh
 
     def server_creator(self, profile: str = "intermediate") -> IOpenSSLServerConnectionCreator | None:
         """The TLS server side of terminating routes with ``tlsProfile`` ``profile`` (certificate by SNI from

@@ -1,7 +1,7 @@
-"""Three ``twistd dcrouter`` processes standing in for three hosts: bound to 127.0.0.2, .3 and .4, each with its
-own ``persistentPath`` and consumer name, sharing nothing but one real redis-server (started per test on a free
-port). Big bodies (over the 1 MiB inline limit) travel in Redis in chunks, so a host delivers mail another
-host received without any shared directory. Counted at a real downstream SMTP server in the test's reactor:
+"""Three ``twistd dcrouter`` processes standing in for three hosts: bound to 127.0.0.2, .3 and .4, each with
+its own ``persistentPath`` and consumer name, sharing nothing but one real redis-server (started per test on a
+free port). Big bodies (over the 1 MiB inline limit) travel in Redis in chunks, so a host delivers mail
+another host received without any shared directory. Counted at a real downstream SMTP server (test reactor):
 
 - normal operation: every message delivered exactly once;
 - ``kill -9`` of one process mid-load, then its restart: every message that got a ``250`` delivered (at least
@@ -43,7 +43,8 @@ def message(host: int, number: int) -> bytes:
         filler = line * (BIG_SIZE // len(line))
     return (
         b"From: sender@sender.test\r\nTo: sink@example.test\r\n"
-        b"Message-ID: <h%d-%d@sender.test>\r\nSubject: %d %d\r\n\r\n" % (host, number, host, number)
+        b"Message-ID: <h%d-%d@sender.test>\r\nSubject: %d %d\r\n\r\n"
+        % (host, number, host, number)
         + filler
         + b"end\r\n"
     )
@@ -156,7 +157,8 @@ class ThreeHostsTests(TestCase):
         # Restarted with the same persistentPath and name, it takes back its claims at once.
         processes[1] = await self.start(1)
         while not accepted <= set(self.counts()):
-            await self.downstream.wait_for_messages(len(self.downstream.messages) + 1).addTimeout(WAIT, reactor)
+            more = self.downstream.wait_for_messages(len(self.downstream.messages) + 1)
+            await more.addTimeout(WAIT, reactor)
         for process in processes:
             await self.stop(process)
         counts = self.counts()

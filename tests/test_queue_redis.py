@@ -592,14 +592,31 @@ class RedisUrlTests(SynchronousTestCase):
             parse_redis_url("unix:///run/redis/redis.sock?db=2"),
             RedisAddress(unix_path="/run/redis/redis.sock", db=2),
         )
+        self.assertEqual(
+            parse_redis_url("redis+sentinel://:pw@10.0.0.1,[::1]:26380/my%20master/2?wait=2"),
+            RedisAddress(
+                host=None,
+                port=0,
+                db=2,
+                password="pw",
+                sentinels=(("10.0.0.1", 26379), ("::1", 26380)),
+                master_name="my master",
+                wait_replicas=2,
+            ),
+        )
+        self.assertEqual(parse_redis_url("redis+sentinel://s1/mymaster").wait_replicas, 1)
 
     def test_display_hides_the_password(self) -> None:
         address = parse_redis_url("redis://:hunter2@[::1]:6380/3")
         self.assertEqual(address.display, "redis://[::1]:6380 db 3")
+        sentinel = parse_redis_url("redis+sentinel://:hunter2@s1,s2:26380/mymaster/1")
+        self.assertEqual(sentinel.display, "redis+sentinel://s1:26379,s2:26380/mymaster db 1")
 
     def test_refused(self) -> None:
         for url in ("", "http://x", "redis://", "redis://h/x", "redis://h:0x/1", "rediss://h", "unix://rel",
-                    "unix:///s?x=1", "redis://h/0?db=1"):  # fmt: skip
+                    "unix:///s?x=1", "redis://h/0?db=1", "redis+sentinel://s1", "redis+sentinel:///m",
+                    "redis+sentinel://s1/m/x", "redis+sentinel://s1/m/0/1", "redis+sentinel://s1/m?wait=x",
+                    "redis+sentinel://s1/m?db=1", "redis+sentinel://s1:x/m"):  # fmt: skip
             with self.assertRaises(ValueError, msg=url):
                 parse_redis_url(url)
 

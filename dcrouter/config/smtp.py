@@ -117,7 +117,8 @@ def smtp_queue_storage(smtp: SmtpConfig, path: str, report: Report) -> None:
     elif smtp.queue_storage == "redis":
         report.error(
             join(path, "redisUrl"),
-            "required with queueStorage 'redis' (redis://host:port/db or unix:///path)",
+            "required with queueStorage 'redis' (redis://host:port/db, unix:///path or "
+            "redis+sentinel://host:port,host:port/master-name/db)",
         )
 
 
@@ -537,9 +538,11 @@ class SmtpConfig:
     redis_url: str | None = option(
         None,
         addition=True,
-        doc="Redis of the `redis` queue: `redis://[:password@]host:port/db` or `unix:///path/redis.sock` "
-        "(`?db=N`). Run Redis with `appendonly yes` and `appendfsync always`, or an acknowledged message can "
-        "be lost (dcrouter warns at start-up).",
+        doc="Redis of the `redis` queue: `redis://[:password@]host:port/db`, `unix:///path/redis.sock` "
+        "(`?db=N`), or with Sentinel `redis+sentinel://[:password@]host:port,host:port/master-name/db` "
+        "(`?wait=N`: replicas an enqueue waits for, default 1). Run Redis with `appendonly yes` and "
+        "`appendfsync always` (with Sentinel also `min-replicas-to-write 1`), or an acknowledged message can "
+        "be lost (dcrouter warns at start-up; docs/queue.md).",
     )
     redis_body_store: Literal["redis", "directory"] = option(
         "redis",

@@ -283,7 +283,7 @@ class RedisQueue(QueueLifecycle):
         await self._discard(message)
         lease = repr(float(self.lease_seconds))
         sent = self._clock.seconds()
-        result = await self._store.script(
+        result = await self._store.script_replicated(
             scripts.ENQUEUE, item.id, *fields, kind, inline, self.max_size, self.owner, lease
         )
         if result != b"ok":

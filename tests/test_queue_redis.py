@@ -18,7 +18,7 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from dcrouter.config import load_options
-from dcrouter.interfaces import DuplicateItem, QueueFull, StatusMismatch
+from dcrouter.interfaces import DuplicateItem, QueueFull, QueueUnavailable, StatusMismatch
 from dcrouter.net.redis_url import RedisAddress, parse_redis_url
 from dcrouter.queue import redis as redis_module
 from dcrouter.queue import redis_bodies, redis_chunks, redis_consumer
@@ -557,15 +557,30 @@ class ChunkedBodyTests(RedisQueueTestBase):
         an item whose list expired first is refused (451), never stored without its body."""
         queue, _ = await self.open_queue()
         message = spool_file(queue, b"z" * 700_000, "spool-dead")
-        await redis_chunks.store_chunks(queue._store, "DEAD", message)
+        self.assertEqual(await redis_chunks.store_chunks(queue._store, "DEAD", message), 3)
         self.assertGreater(self.ttl("DEAD"), redis_bodies.GRACE_SECONDS - 60)
-        self.redis.command("DEL", "dcrouter:body:DEAD")  # what the expiry does
         fields = queue._fields(make_item("DEAD"))
+        for count in ("2", "4"):  # not the number written: refused
+            reply = await queue._store.script(
+                scripts.ENQUEUE, "DEAD", *fields, "chunks", count, 0, queue.owner, "30.0"
+            )
+            self.assertEqual(reply, b"nobody")
+        self.redis.command("DEL", "dcrouter:body:DEAD")  # what the expiry does
         reply = await queue._store.script(
-            scripts.ENQUEUE, "DEAD", *fields, "chunks", b"", 0, queue.owner, "30.0"
+            scripts.ENQUEUE, "DEAD", *fields, "chunks", "3", 0, queue.owner, "30.0"
         )
         self.assertEqual(reply, b"nobody")
         self.assertIsNone(await queue.get("DEAD"))
+
+    async def test_a_chunk_after_a_gap_is_refused(self) -> None:
+        """A failover can lose the last chunks written to the old master: the next chunk, written to the new
+        one, must not close the gap silently."""
+        queue, _ = await self.open_queue()
+        await redis_chunks.store_chunks(queue._store, "GAP", spool_file(queue, b"q" * 600_000, "spool-gap"))
+        self.redis.command("RPOP", "dcrouter:body:GAP")  # the last chunk never reached the new master
+        with self.assertRaises(QueueUnavailable):
+            await redis_chunks._append(queue._store, "GAP", b"late", 3)
+        self.assertEqual(self.chunks("GAP"), [262_144, 262_144])
 
     async def test_missing_chunks_set_aside_at_start_up(self) -> None:
         queue, _ = await self.open_queue()

@@ -259,7 +259,7 @@ class RedisQueue(QueueLifecycle):
         return Deferred.fromCoroutine(self._enqueue(stored, fields, message))
 
     async def _enqueue(self, item: QueueItem, fields: list[Any], message: SpooledMessage) -> QueueItem:
-        kind, inline = "inline", b""
+        kind, inline = "inline", b""  # for chunks, "inline" carries their number
         try:
             if message.size <= self._inline_limit:
                 inline = (
@@ -269,7 +269,8 @@ class RedisQueue(QueueLifecycle):
                 )
             elif self._body_store == "redis":
                 kind = "chunks"
-                await chunks.store_chunks(self._store, item.id, message)
+                count = await chunks.store_chunks(self._store, item.id, message)
+                inline = str(count).encode()
             else:
                 kind = "file"
                 if message.path is not None:

@@ -37,35 +37,39 @@ EXPIRY_SECONDS = int(GRACE_SECONDS)
 
 async def store_chunks(
     store: RedisStore, item_id: str, message: SpooledMessage, chunk_size: int = CHUNK_SIZE
-) -> None:
-    """Write the body of ``message`` (its file or its in-memory data) as the chunk list of ``item_id``.
-    DuplicateItem when a body of that id exists already (nothing written); QueueUnavailable when Redis or the
-    spool file fails (what was written expires). Does not consume ``message``."""
+) -> int:
+    """Write the body of ``message`` (its file or its in-memory data) as the chunk list of ``item_id``;
+    returns how many chunks (the enqueue script checks the list holds exactly that many). DuplicateItem when
+    a body of that id exists already (nothing written); QueueUnavailable when Redis or the spool file fails,
+    or a chunk finds the list without all the chunks before it (what was written expires). Does not consume
+    ``message``."""
     if message.path is None:
         data = message.data or b""
         pieces = [data[i : i + chunk_size] for i in range(0, len(data), chunk_size)] or [b""]
         for n, piece in enumerate(pieces):
-            await _append(store, item_id, piece, n == 0)
-        return
+            await _append(store, item_id, piece, n)
+        return len(pieces)
     f: BinaryIO = await store.in_thread(open, message.path, "rb")
     try:
-        first = True
+        n = 0
         while True:
             piece = await store.in_thread(f.read, chunk_size)
-            if not piece and not first:
-                return
-            await _append(store, item_id, piece, first)
-            first = False
+            if not piece and n > 0:
+                return n
+            await _append(store, item_id, piece, n)
+            n += 1
             if len(piece) < chunk_size:
-                return
+                return n
     finally:
         await store.in_thread(f.close)
 
 
-async def _append(store: RedisStore, item_id: str, piece: bytes, first: bool) -> None:
-    result = await store.script(scripts.APPEND_CHUNK, item_id, piece, EXPIRY_SECONDS, "1" if first else "0")
+async def _append(store: RedisStore, item_id: str, piece: bytes, index: int) -> None:
+    result = await store.script(scripts.APPEND_CHUNK, item_id, piece, EXPIRY_SECONDS, index)
     if result == b"exists":
         raise DuplicateItem(f"queue id already stored: {item_id} (a body exists)")
+    if result == b"gap":
+        raise QueueUnavailable(f"Redis queue: chunks of {item_id} written before this one are missing")
 
 
 async def open_chunks(store: RedisStore, item_id: str, spool_directory: str) -> BinaryIO:

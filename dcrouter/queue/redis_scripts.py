@@ -95,16 +95,19 @@ end
 """
 
 #: ARGV: P, id, item JSON, status, created_at, next_attempt_at, due_score, has_dest, dest, attempts,
-#: body kind ('inline' | 'chunks' | 'file'), inline body, max_size, owner, lease seconds.
-#: Returns 'ok', 'exists', 'full' or 'nobody' (kind 'chunks' and no chunk list: it expired before the item
-#: came). A chunk list (APPEND_CHUNK) loses its expiry here: it is the item's body from now on.
+#: body kind ('inline' | 'chunks' | 'file'), inline body (for 'chunks': their number), max_size, owner,
+#: lease seconds. Returns 'ok', 'exists', 'full' or 'nobody' (kind 'chunks' and not that many chunks: the
+#: list expired before the item came, or a failover lost some). A chunk list (APPEND_CHUNK) loses its expiry
+#: here: it is the item's body from now on.
 ENQUEUE = (
     _PRELUDE
     + r"""
 local id = ARGV[2]
 local k = ikey(id)
 if redis.call('EXISTS', k) == 1 then return 'exists' end
-if ARGV[11] == 'chunks' and redis.call('EXISTS', P .. 'body:' .. id) == 0 then return 'nobody' end
+if ARGV[11] == 'chunks' and redis.call('LLEN', P .. 'body:' .. id) ~= tonumber(ARGV[12]) then
+  return 'nobody'
+end
 local status = ARGV[4]
 if is_live(status) then
   local max = tonumber(ARGV[13])
@@ -129,13 +132,15 @@ return 'ok'
 """
 )
 
-#: ARGV: P, id, chunk, expiry seconds, first ('1' | '0'). Appends one chunk of a body being stored to
+#: ARGV: P, id, chunk, expiry seconds, index (from 0). Appends one chunk of a body being stored to
 #: ``body:<id>`` before its item exists, and (re)sets the list's expiry: a list whose item never comes (the
-#: process died or Redis failed mid-way; no 250 was sent) disappears by itself. Returns 'ok', or 'exists'
-#: when the first chunk finds a body already there (an id in use: nothing is appended).
+#: process died or Redis failed mid-way; no 250 was sent) disappears by itself. Returns 'ok'; 'exists' when
+#: the first chunk finds a body already there (an id in use); 'gap' when the list does not hold exactly the
+#: chunks before this one (a failover lost some): nothing is appended then.
 APPEND_CHUNK = r"""
 local k = ARGV[1] .. 'body:' .. ARGV[2]
-if ARGV[5] == '1' and redis.call('EXISTS', k) == 1 then return 'exists' end
+if ARGV[5] == '0' and redis.call('EXISTS', k) == 1 then return 'exists' end
+if redis.call('LLEN', k) ~= tonumber(ARGV[5]) then return 'gap' end
 redis.call('RPUSH', k, ARGV[3])
 redis.call('EXPIRE', k, tonumber(ARGV[4]))
 return 'ok'

@@ -10,8 +10,10 @@ What a caller may rely on (beyond :mod:`dcrouter.queue.contract`, which it follo
   durable as a file under ``body_directory`` (``body_store="directory"``: fsynced, linked into place,
   directory fsynced).
 - How durable an acknowledged write is depends on Redis: only ``appendonly yes`` with ``appendfsync always``
-  survives a Redis crash or a power cut. ``load()`` checks with ``CONFIG GET`` and logs a loud warning
-  otherwise (or that it could not check, where CONFIG is disabled).
+  survives a Redis crash or a power cut. With Sentinel (``wait`` replicas in the URL, 1 by default) an enqueue
+  fires only once that many replicas have it too (``WAIT``), so a failover does not lose it. ``load()``
+  checks with ``CONFIG GET`` and logs a loud warning otherwise (or that it could not check, where CONFIG is
+  disabled).
 - ``get_next`` claims atomically (a Lua script): due items by priority, then age, then arrival, marked
   DELIVERING under a lease (``lease_seconds``, 30 by default; the owner is this process's consumer name;
   expiry on the Redis server's clock). While leases are valid, no two processes ever get the same item. A
@@ -173,7 +175,8 @@ class _Held:
 
 @implementer(IDeliveryQueue)
 class RedisQueue(QueueLifecycle):
-    """A DeliveryQueue in the Redis at ``url`` (``redis://[:password@]host:port/db`` or ``unix:///path``).
+    """A DeliveryQueue in the Redis at ``url`` (``redis://[:password@]host:port/db``, ``unix:///path`` or
+    ``redis+sentinel://host:port,.../master-name/db``: :mod:`dcrouter.net.redis_url`).
 
     ``reactor`` runs the connections, the timeouts and the file work (its thread pool); ``clock`` decides
     due-ness (``get_next``) and age (``purge_expired``) like in the other backends, and runs the heartbeat

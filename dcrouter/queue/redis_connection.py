@@ -42,6 +42,9 @@ log = logger(__name__)
 
 #: Longest pause between reconnection attempts while Redis is down (txredisapi's default is 10 s).
 MAX_RECONNECT_DELAY = 2.0
+#: Error replies that mean "not now" rather than a bug: a replica not (yet) promoted, a master without the
+#: replicas ``min-replicas-to-write`` asks for, a server loading its data. Outages, logged as such.
+UNAVAILABLE_REPLIES = ("READONLY", "NOREPLICAS", "LOADING", "MASTERDOWN", "TRYAGAIN")
 
 
 class _MasterProtocol(txredisapi.SentinelRedisProtocol):  # type: ignore[misc]
@@ -183,6 +186,10 @@ class RedisConnection:
             reason = f"Redis at {self.address.display} did not answer within {self._timeout:g} s"
         elif failure.check(txredisapi.ConnectionError):
             reason = f"no connection to Redis at {self.address.display}: {failure.getErrorMessage()}"
+        elif failure.check(txredisapi.ResponseError) and failure.getErrorMessage().startswith(
+            UNAVAILABLE_REPLIES
+        ):
+            reason = f"Redis at {self.address.display} cannot take writes now: {failure.getErrorMessage()}"
         elif failure.check(txredisapi.ResponseError):
             reason = f"Redis at {self.address.display} refused a command: {failure.getErrorMessage()}"
             # Not an outage: a script error or a refused command is worth the whole traceback.

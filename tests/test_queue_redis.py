@@ -658,3 +658,25 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(queue.address, RedisAddress(host="127.0.0.1", port=6390, db=2))
         self.assertEqual(queue.spool_directory, os.path.abspath("var/q/spool"))
         self.assertEqual(queue._orphan_sweeper.retention, 7 * 86400)  # orphanRetention's default
+        self.assertEqual((queue._body_store, queue._consumer_host), ("redis", socket.gethostname()))
+
+    def test_body_store_and_consumer_name(self) -> None:
+        keys = {"queueStorage": "redis", "redisUrl": "redis://127.0.0.1:6390/2"}
+        options = load_options(self.smtp(**keys, redisBodyStore="directory", redisConsumerName="mx7")).options
+        queue = build_queue(options.smtp_config, Clock())
+        assert isinstance(queue, RedisQueue)
+        self.assertEqual((queue._body_store, queue._consumer_host), ("directory", "mx7"))
+        for bad, message in (
+            ({"redisBodyStore": "s3"}, "smtpConfig.redisBodyStore"),
+            ({"redisConsumerName": ""}, "smtpConfig.redisConsumerName: must not be empty"),
+        ):
+            with self.assertRaises(Exception) as caught:
+                load_options(self.smtp(**keys, **bad))
+            self.assertIn(message, str(caught.exception))
+
+    def test_sentinel_url_accepted(self) -> None:
+        url = "redis+sentinel://127.0.0.1:26379,127.0.0.1:26380/mymaster/0"
+        options = load_options(self.smtp(queueStorage="redis", redisUrl=url)).options
+        queue = build_queue(options.smtp_config, Clock())
+        assert isinstance(queue, RedisQueue)
+        self.assertEqual(queue.address.master_name, "mymaster")

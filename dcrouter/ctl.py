@@ -239,6 +239,8 @@ def print_route_test(result: dict[str, Any], out: TextIO) -> None:
 def _dispatch(client: ApiClient, args: argparse.Namespace) -> Any:
     if args.command == "stats":
         return client.call("GET", "/api/v1/stats")
+    if args.command == "reload":
+        return client.call("POST", "/api/v1/reload", {})
     if args.command == "route-test":
         return client.call("POST", "/api/v1/routing/test", _route_query(args))
     if args.command == "delivery":
@@ -280,6 +282,10 @@ def _list(client: ApiClient, args: argparse.Namespace) -> dict[str, Any]:
 def _print(args: argparse.Namespace, result: Any, out: TextIO) -> None:
     if args.command == "stats":
         print_stats(result, out)
+    elif args.command == "reload":
+        out.write(f"reloaded {result['path']}:\n")
+        for change in result["changes"]:
+            out.write(f"  {change}\n")
     elif args.command == "route-test":
         print_route_test(result, out)
     elif args.command == "delivery":
@@ -355,6 +361,15 @@ def add_commands(commands: Any) -> None:
         "stats", parents=[client], help="queue counts, messages since start, sessions (through the API)"
     )
     stats.set_defaults(action="stats")
+    reload = commands.add_parser(
+        "reload",
+        parents=[client],
+        help="re-read the configuration file and apply it now, like SIGHUP (through the API)",
+        description="Ask the running router to re-read its configuration file (POST /api/v1/reload). Prints "
+        "what changed; an invalid file, or a change that needs a restart, changes nothing and is shown here "
+        "(exit status 1).",
+    )
+    reload.set_defaults(action="reload")
     route_test = commands.add_parser(
         "route-test",
         parents=[client],
@@ -371,5 +386,5 @@ def add_commands(commands: Any) -> None:
     route_test.add_argument("--host", help="proxy: the HTTP Host")
     route_test.add_argument("--port", type=int, help="proxy: the port connected to")
     route_test.set_defaults(action="route-test")
-    for parser in (queue, delivery, stats, route_test):
+    for parser in (queue, delivery, stats, reload, route_test):
         parser.set_defaults(run=lambda args: run(args, sys.stdout, sys.stderr))

@@ -38,6 +38,14 @@ log = logger(__name__)
 #: type → (what it means, its fields). docs/operations.md is checked against this table.
 EVENT_TYPES: Mapping[str, tuple[str, str]] = MappingProxyType(
     {
+        "config.reloaded": (
+            "a configuration reload was applied (SIGHUP, POST /api/v1/reload)",
+            "source (signal|api), path, changes (list of what changed)",
+        ),
+        "config.reload_failed": (
+            "a configuration reload was refused; nothing changed",
+            "source (signal|api), path, errors (list, each starting with its key path)",
+        ),
         "connection.connect": (
             "a client connection was admitted",
             "protocol (smtp|proxy), port, peer, tls (implicit TLS port)",

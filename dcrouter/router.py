@@ -43,6 +43,7 @@ from twisted.python.threadpool import ThreadPool
 from dcrouter import __version__
 from dcrouter.acme.challenges import ChallengeResponder, Dns01Responder
 from dcrouter.acme.service import AcmeService
+from dcrouter.api.ratelimits import RateLimitControl
 from dcrouter.api.service import ApiService, build_root
 from dcrouter.api.view import RouterView
 from dcrouter.auth.build import build_providers
@@ -51,7 +52,9 @@ from dcrouter.config.edit import (
     hidden_passwords,
     routing_of,
     unapplied_changes,
+    with_rate_limits,
     with_routing,
+    write_rate_limits,
     write_routing,
 )
 from dcrouter.config.options import DcRouterOptions
@@ -68,7 +71,12 @@ from dcrouter.dns.zone import build_zones
 from dcrouter.events import EventBus
 from dcrouter.interfaces import IDeliveryQueue, ISuppressionList
 from dcrouter.limits.alerts import Alerts, LimitAlert
-from dcrouter.limits.ingress import IngressLimits, build_ingress_limits, limits_configured
+from dcrouter.limits.ingress import (
+    IngressLimits,
+    build_ingress_limits,
+    limits_configured,
+    rebuild_ingress_limits,
+)
 from dcrouter.log import logger, set_level
 from dcrouter.net.certfiles import TlsMaterialError, generate_self_signed, load_certified_key
 from dcrouter.net.certstore import CertificateStore, CertifiedKey
@@ -250,6 +258,8 @@ class DcRouter(MultiService):
         #: An ILogObserver this router asks the twistd Application it is put in to log through
         #: (``logFormat = "json"``; set by dcrouter.tap). None: the application's own choice.
         self.log_observer: Any = None
+        #: Reloads the configuration file (dcrouter.reload.Reloader); set by dcrouter.tap, None otherwise.
+        self.reloader: Any = None
         if reactor is None:
             # Only for embedding without passing a reactor in; twistd's makeService passes it.
             from twisted.internet import reactor as global_reactor
@@ -284,6 +294,9 @@ class DcRouter(MultiService):
         self.verifier: RecipientVerifier | None = None
         #: SMTP rate limits (None when none is configured) and their own Redis connection, if any.
         self.limits: IngressLimits | None = None
+        #: The last limits built, kept while a change at run time turns every limit off (their counters and
+        #: alert observers serve again when limits come back).
+        self._limits_built: IngressLimits | None = None
         self._limits_redis: RedisConnection | None = None
         self.authenticator: Authenticator | None = None
         self.routes: RecipientRouter | None = None
@@ -313,6 +326,7 @@ class DcRouter(MultiService):
             self.proxy.setServiceParent(self)
             self.metrics.watch_proxy(self.proxy.counters)
             report_limit_alerts(self.proxy.context.limiter.alerts, self.events, "proxy")
+            self.metrics.watch_limits("proxy", self.proxy.context.limiter.stats)
         # After the proxy, as children start in order: port 80 answers before the first order is placed.
         self.acme: AcmeService | None = AcmeService.from_options(
             self.options,
@@ -374,8 +388,22 @@ class DcRouter(MultiService):
             route_test=partial(dry_run, self),
             suppressions=self.suppressions,
             suppression_ttl=self.smtp_config.delivery.suppression_ttl / 1000.0 if self.smtp_config else 0.0,
-            suppressed_refusals=(lambda: policy.suppressed_refusals) if policy is not None else (lambda: 0),
+            # The router's policy of the moment: a configuration reload replaces it.
+            suppressed_refusals=(
+                (lambda: self.policy.suppressed_refusals if self.policy is not None else 0)
+                if policy is not None
+                else (lambda: 0)
+            ),
+            rate_limits=(
+                RateLimitControl(
+                    self._smtp_config, self.set_rate_limits, self.delivery, self.persist_rate_limits
+                )
+                if self.smtp_config is not None
+                else None
+            ),
         )
+        #: What the API reads; ``view.reload`` is set by whoever knows the configuration file (dcrouter.tap).
+        self.api_view = view
         root = build_root(
             self.options.api_config,
             view,
@@ -513,21 +541,16 @@ class DcRouter(MultiService):
         )
         self._build_delivery(config)
         self.verifier = self._build_verifier(config)
-        self.limits = self._build_limits(config)
+        self.limits = self._limits_built = self._build_limits(config)
+        self.metrics.watch_limits(
+            "smtp", lambda: self._limits_built.limiter.stats() if self._limits_built is not None else None
+        )
         if self.limits is not None:
             report_limit_alerts(self.limits.limiter.alerts, self.events, "smtp")
         self.policy = SessionPolicy(
             config, verifier=self.verifier, limits=self.limits, suppressions=self.suppressions
         )
-        auth = config.auth
-        if auth.users or auth.ldap_url or auth.oauth2 or auth.providers:
-            self.authenticator = Authenticator(
-                auth,
-                clock=reactor,
-                reactor=reactor,
-                threadpool=self.threadpool,
-                providers=build_providers(auth, reactor),
-            )
+        self.authenticator = self.build_authenticator(config)
         # Not a child service: it binds in privilegedStartService, starts once the queue has loaded and stops
         # before everything else (_stop).
         self.smtp = SmtpService(
@@ -591,12 +614,64 @@ class DcRouter(MultiService):
         suppressions: ISuppressionList = make()
         return suppressions
 
+    def _smtp_config(self) -> SmtpConfig:
+        assert self.smtp_config is not None
+        return self.smtp_config
+
+    def set_rate_limits(self, config: SmtpConfig, raw: Mapping[str, Any] | None = None) -> None:
+        """Put ``config``'s rate limits in force now (``PUT /api/v1/rate-limits``): ``rateLimits`` and the
+        ``domainConfigs`` limits over the same counters (:func:`rebuild_ingress_limits`), the outbound
+        limits in the delivery shaper. Nothing else of ``config`` is read; sessions ask the new limits from
+        their next command on. ``raw``: the parts changed as the file spells them (``rateLimits``,
+        ``domainConfigs``, ``delivery``), copied into :attr:`raw_config` so that a routing change, which
+        starts from it, keeps these limits."""
+        assert self.policy is not None
+        built = self._limits_built
+        if built is not None:
+            limits = None
+            if limits_configured(config):
+                limits = rebuild_ingress_limits(built, config, self._reactor)
+        else:
+            limits = self._build_limits(config)
+            if limits is not None:
+                report_limit_alerts(limits.limiter.alerts, self.events, "smtp")
+        if limits is not None:
+            self._limits_built = limits
+        elif built is not None:
+            # Closes are not counted while off: open counts would be stale when limits come back.
+            built.forget_connections()
+        self.limits = self.policy.limits = limits
+        if self.delivery is not None:
+            delivery = config.delivery
+            self.delivery.shaper.configure(
+                delivery.global_rate_limit, delivery.per_server_rate_limit, delivery.per_domain_rate_limit
+            )
+            self.delivery.wake()
+        self.smtp_config = config
+        self.options = dataclasses.replace(self.options, smtp_config=config)
+        if raw and self.raw_config is not None:
+            self.raw_config = with_rate_limits(self.raw_config, raw)
+
+    async def persist_rate_limits(self, parts: Mapping[str, Any]) -> dict[str, Any]:
+        """With ``apiConfig.persist`` and a configuration file, write the rate-limit ``parts`` of a PUT to it
+        (:func:`write_rate_limits`, in the thread pool): ``{"persisted": ...}`` as the routing answers."""
+        path = self.config_path
+        if not self.options.api_config.persist or path is None or not parts:
+            return {"persisted": False}
+        try:
+            await deferToThreadPool(self._reactor, self.threadpool, partial(write_rate_limits, path, parts))
+        except (OSError, ValueError) as error:
+            log.error("rate limits applied but not written to {path}: {error}", path=path, error=error)
+            return {"persisted": False, "persistError": f"{path}: {error}"}
+        log.info("rate limits written to {path} (previous file: {path}.bak)", path=path)
+        return {"persisted": True}
+
     def _build_limits(self, config: SmtpConfig) -> IngressLimits | None:
         """SMTP rate limits when any is configured; with the Redis queue their counters are in the same
         Redis (a connection pool of their own, with a short deadline: a check waits at most a second before
         it falls back to counting in this process)."""
         redis_call = None
-        if limits_configured(config) and config.queue_storage == "redis":
+        if limits_configured(config) and config.queue_storage == "redis" and self._limits_redis is None:
             from dcrouter.net.redis_url import parse_redis_url
             from dcrouter.queue.redis_connection import RedisConnection
 
@@ -604,6 +679,7 @@ class DcRouter(MultiService):
             self._limits_redis = RedisConnection(
                 parse_redis_url(config.redis_url), reactor=self._reactor, timeout=1.0, pool_size=2
             )
+        if self._limits_redis is not None:
             redis_call = self._limits_redis.call
         return build_ingress_limits(config, self._reactor, redis_call)
 
@@ -714,9 +790,54 @@ class DcRouter(MultiService):
         self.certificates.set_default(key)
         try:
             policy = TlsPolicy(tls_config.tls_profile, tls_config.min_version, tls_config.ciphers)
-            return self.certificates.server_options(policy=policy)
+            self._smtp_tls_options: CertificateOptions | None = self.certificates.server_options(
+                policy=policy
+            )
         except ValueError as error:
             raise StartupError(f"smtpConfig.tls: {error}") from error
+        return self._smtp_tls_options
+
+    # -- what a configuration reload (dcrouter.reload) builds with -------------------------------------
+
+    @property
+    def reactor(self) -> IRouterReactor:
+        return self._reactor
+
+    @property
+    def spool_directory(self) -> str:
+        assert self.queue is not None
+        return self.queue.spool_directory
+
+    def smtp_tls_options(self) -> CertificateOptions | None:
+        """The TLS options SMTP's ports were bound with (None: no TLS); they serve the store's current
+        certificates, so a reload that changes the certificate files keeps them."""
+        return getattr(self, "_smtp_tls_options", None)
+
+    def verification_resolver(self, config: SmtpConfig) -> Any:
+        return self._verification_resolver(config)
+
+    def build_verifier(self, config: SmtpConfig) -> RecipientVerifier | None:
+        return self._build_verifier(config)
+
+    def build_authenticator(self, config: SmtpConfig) -> Authenticator | None:
+        """SMTP AUTH's checker when ``config`` has users or providers (None: AUTH is not offered)."""
+        auth = config.auth
+        if not (auth.users or auth.ldap_url or auth.oauth2 or auth.providers):
+            return None
+        reactor = self._reactor
+        return Authenticator(
+            auth,
+            clock=reactor,
+            reactor=reactor,
+            threadpool=self.threadpool,
+            providers=build_providers(auth, reactor),
+        )
+
+    def build_limits(self, config: SmtpConfig) -> IngressLimits | None:
+        limits = self._build_limits(config)
+        if limits is not None:
+            report_limit_alerts(limits.limiter.alerts, self.events, "smtp")
+        return limits
 
     # -- service lifecycle -------------------------------------------------------------------------------
 

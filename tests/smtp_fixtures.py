@@ -226,15 +226,49 @@ def _clock() -> Clock:
     return clock
 
 
+class BufferingTransport(StringTransport):
+    """A StringTransport that pushes back as a TCP transport does (``FileDescriptor``): once more than
+    ``buffer_size`` written bytes wait unread, the registered producer is paused; :meth:`drain` (the client
+    reading) empties the buffer and resumes it."""
+
+    def __init__(self, *args: Any, buffer_size: int = 64 * 1024, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.buffer_size = buffer_size
+        self.output_paused = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if (
+            len(self.io.getvalue()) > self.buffer_size
+            and self.producer is not None
+            and not self.output_paused
+        ):
+            self.output_paused = True
+            self.producer.pauseProducing()
+
+    def drain(self) -> bytes:
+        out = self.value()
+        self.clear()
+        if self.output_paused and self.producer is not None:
+            self.output_paused = False
+            self.producer.resumeProducing()
+        return out
+
+
 def connect(
-    config: SmtpConfig | None = None, *, greet: bool = True, peer: str = PEER_IP, **kwargs: Any
+    config: SmtpConfig | None = None,
+    *,
+    greet: bool = True,
+    peer: str = PEER_IP,
+    transport_class: type[StringTransport] = StringTransport,
+    **kwargs: Any,
 ) -> Server:
     """A connected server; the greeting is consumed unless ``greet`` is False."""
     queue = kwargs.pop("queue", None) or ControlledQueue()
     clock = kwargs.pop("clock", None) or _clock()
     factory = make_factory(config, queue=queue, clock=clock, **kwargs)
     protocol = factory.buildProtocol(IPv4Address("TCP", peer, 40000))
-    transport = StringTransport(
+    transport = transport_class(
         hostAddress=IPv4Address("TCP", "127.0.0.1", factory.port), peerAddress=IPv4Address("TCP", peer, 40000)
     )
     protocol.makeConnection(transport)

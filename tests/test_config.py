@@ -10,7 +10,7 @@ from typing import Any
 
 from twisted.trial import unittest
 
-from dcrouter.config import ConfigError, ConfigResult, load_file, load_options, schema
+from dcrouter.config import ConfigError, ConfigResult, load_file, load_options, schema, values
 from dcrouter.config.domains import DomainConfig
 from dcrouter.config.options import DcRouterOptions
 from dcrouter.config.smtp import SmtpConfig
@@ -121,6 +121,28 @@ class LoadingTests(LoadCase):
         with self.assertRaises(ConfigError) as caught:
             load_file(path)
         self.assertEqual(caught.exception.errors, ["smtpConfig.ports: key given twice"])
+
+    def test_file_names_the_system_cannot_take(self) -> None:
+        # Found by fuzzing (tests/test_fuzz_config.py): a certPath with a NUL, or with a lone surrogate (a
+        # JSON "\\ud800" escape), made open() raise ValueError out of the loader instead of a ConfigError.
+        # (A NUL is now refused in every string setting, before the file name check.)
+        for name, why in [
+            ("a\x00b.pem", "contains a NUL character (\\x00)"),
+            ("\ud800.pem", values.file_path("\ud800.pem")),
+        ]:
+            pair = {"certPath": name, "keyPath": name}
+            self.assertEqual(
+                self.errors({**MX_ONLY, "tls": pair}), [f"tls.certPath: {why}", f"tls.keyPath: {why}"]
+            )
+            self.assertEqual(
+                self.errors(smtp(tls=pair)),
+                [f"smtpConfig.tls.certPath: {why}", f"smtpConfig.tls.keyPath: {why}"],
+            )
+            self.assertEqual(self.errors(smtp(persistentPath=name)), [f"smtpConfig.persistentPath: {why}"])
+        self.assertIn("NUL", values.file_path("a\x00b") or "")
+        self.assertIn("invalid Unicode", values.file_path("\ud800") or "")
+        self.assertEqual(values.file_path(""), "must not be empty")
+        self.assertIsNone(values.file_path("var/spool/é"))
 
     def test_types(self) -> None:
         raw = smtp(useTls=1, maxMessageSize=True, hostname=["a"], ports="25", banner=None)

@@ -10,6 +10,7 @@ from urllib.parse import unquote
 
 from dcrouter import log as dclog
 from dcrouter.api.http import ApiError, Call, Endpoint, Field, Stream
+from dcrouter.api.ratelimits import endpoints as rate_limit_endpoints
 from dcrouter.api.view import RouterView, iso_time, item_detail, item_summary
 from dcrouter.config import ConfigError
 from dcrouter.delivery.manager import DeliveryManager
@@ -348,6 +349,20 @@ class Endpoints:
                 ),
                 responses={400: "bad level or namespace"},
             ),
+            E(
+                "POST",
+                "/api/v1/reload",
+                self.reload,
+                "admin",
+                "Read the configuration file again and apply it at once (as SIGHUP does); answers what "
+                "changed. An invalid file, or one changing a setting only a restart can, changes nothing.",
+                body=(),
+                responses={
+                    404: "the router was not started from a configuration file",
+                    422: "the file was refused; `error.errors` lists why, each starting with its key path",
+                },
+            ),
+            *rate_limit_endpoints(lambda: self.view.rate_limits),
         ]
 
     # -- helpers ---------------------------------------------------------------------------------------
@@ -798,3 +813,17 @@ class Endpoints:
             token=self._who(call),
         )
         return {"removed": address}
+
+    async def reload(self, call: Call) -> Any:
+        if self.view.reload is None:
+            raise ApiError(404, "no_config_file", "this router was not started from a configuration file")
+        log.info("configuration reload asked by API token {token}", token=self._who(call))
+        outcome = await self.view.reload("api")
+        if not outcome.applied:
+            raise ApiError(
+                422,
+                "invalid_config",
+                f"{outcome.path}: refused, nothing changed: " + "; ".join(outcome.errors),
+                errors=outcome.errors,
+            )
+        return {"applied": True, "path": outcome.path, "changes": outcome.changes}

@@ -8,8 +8,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
+from dcrouter.api.ratelimits import RateLimitControl
 from dcrouter.delivery.manager import DeliveryManager
 from dcrouter.interfaces import IDeliveryQueue, ISuppressionList
 from dcrouter.queue.item import QueueItem, QueueItemStatus
@@ -47,6 +49,11 @@ class RouterView:
     suppressions: ISuppressionList | None = None
     suppression_ttl: float = 0.0
     suppressed_refusals: Callable[[], int] = _zero
+    #: Reloads the configuration file (``source`` names who asked) and fires with a
+    #: :class:`dcrouter.reload.ReloadOutcome`; None when the router was not started from a file.
+    reload: Callable[[str], Deferred[Any]] | None = None
+    #: The rate limits in force and how to change them (None without smtpConfig): /api/v1/rate-limits.
+    rate_limits: RateLimitControl | None = None
 
 
 def iso_time(when: float | None) -> str | None:

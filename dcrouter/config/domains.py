@@ -157,6 +157,7 @@ class DomainConfig:
         addition=True,
         doc="With verifyRecipients `list`: a file of such entries, one per line (`#` comments; a Postfix "
         "table's `address OK` lines work); re-read when it changes.",
+        check=values.file_path,
     )
     callout_sender: str = option(
         "",

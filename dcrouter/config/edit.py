@@ -22,7 +22,7 @@ import copy
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 from dcrouter.config.domains import DomainConfig
@@ -180,6 +180,71 @@ def write_routing(path: str, routing: Mapping[str, Any]) -> None:
     new = _render(path, routing, old.decode("utf-8")).encode("utf-8")
     _fsync_write(path + ".bak", old, mode)
     _fsync_write(path, new, mode)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+#: The keys of ``smtpConfig.delivery`` that ``PUT /api/v1/rate-limits`` changes.
+OUTBOUND_RATE_KEYS = ("globalRateLimit", "perServerRateLimit", "perDomainRateLimit")
+
+
+def put_rate_limits(smtp: MutableMapping[str, Any], parts: Mapping[str, Any]) -> None:
+    """Put the rate-limit ``parts`` of a ``PUT /api/v1/rate-limits`` body into the raw ``smtpConfig`` table
+    ``smtp``, in place (a dict, or a tomlkit table, whose layout is kept): ``rateLimits`` replaced, each
+    ``domainConfigs`` entry's ``rateLimits`` replaced (removed when null), the outbound keys of ``delivery``
+    replaced (removed when null)."""
+    if "rateLimits" in parts:
+        smtp["rateLimits"] = copy.deepcopy(parts["rateLimits"])
+    if "domainConfigs" in parts:
+        for entry, item in zip(smtp.get("domainConfigs") or [], parts["domainConfigs"], strict=False):
+            limits = item.get("rateLimits")
+            if limits is None:
+                entry.pop("rateLimits", None)
+            else:
+                entry["rateLimits"] = copy.deepcopy(limits)
+    if "delivery" in parts:
+        if "delivery" not in smtp:
+            smtp["delivery"] = {}
+        delivery = smtp["delivery"]
+        for key in OUTBOUND_RATE_KEYS:
+            value = parts["delivery"].get(key)
+            if value is None:
+                delivery.pop(key, None)
+            else:
+                delivery[key] = copy.deepcopy(value)
+
+
+def with_rate_limits(raw: Mapping[str, Any], parts: Mapping[str, Any]) -> dict[str, Any]:
+    """A deep copy of ``raw`` with the rate-limit ``parts`` put in (:func:`put_rate_limits`)."""
+    new = copy.deepcopy(dict(raw))
+    smtp = new.setdefault("smtpConfig", {})
+    put_rate_limits(smtp, parts)
+    return new
+
+
+def write_rate_limits(path: str, parts: Mapping[str, Any]) -> None:
+    """Write the rate-limit ``parts`` into the configuration file ``path`` as :func:`write_routing` writes
+    the routing (the rest of the file untouched, ``<path>.bak``, atomic). Blocks; raises OSError or
+    ValueError."""
+    with open(path, "rb") as f:
+        old = f.read()
+    mode = os.stat(path).st_mode & 0o7777
+    current = old.decode("utf-8")
+    if path.lower().endswith(".json"):
+        text = json.dumps(with_rate_limits(json.loads(current), parts), indent=2, ensure_ascii=False) + "\n"
+    else:
+        import tomlkit
+
+        doc = tomlkit.parse(current)
+        if "smtpConfig" not in doc:
+            doc["smtpConfig"] = tomlkit.table()
+        put_rate_limits(doc["smtpConfig"], parts)  # type: ignore[arg-type]
+        text = tomlkit.dumps(doc)
+    _fsync_write(path + ".bak", old, mode)
+    _fsync_write(path, text.encode("utf-8"), mode)
     dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
         os.fsync(dir_fd)

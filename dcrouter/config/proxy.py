@@ -598,7 +598,7 @@ class AcmeConfig:
         "/var/lib/dcrouter/acme",
         addition=True,
         doc="Directory of the ACME account key and the certificates obtained (keys are written mode 0600).",
-        check=values.not_empty,
+        check=values.file_path,
     )
 
 

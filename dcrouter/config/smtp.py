@@ -384,7 +384,7 @@ class SmtpConfig:
         "/var/spool/dcrouter",
         doc="Directory of the disk queue; with `redis`, of the receive spool, the consumer name locks "
         "and (with `redisBodyStore` `directory`) message bodies over 1 MiB.",
-        check=values.not_empty,
+        check=values.file_path,
     )
     max_retries: int = option(
         40,

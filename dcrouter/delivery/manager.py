@@ -289,6 +289,16 @@ class DeliveryManager(Service):
             self._paused_routes.discard(destination)
         self.wake()
 
+    def reload_config(self, config: SmtpConfig) -> None:
+        """The retry schedules and per-destination limits of a configuration reload (the routes object is
+        reconfigured by the caller), for every claim from now on; attempts in flight finish on the route
+        they were given. Wakes the loop: a new route may make mail due."""
+        self._config = config
+        self._policy = RetryPolicy.from_config(config)
+        self._bouncer.policy = self._policy
+        self.reconfigure(config)
+        self.wake()
+
     def set_rate_limit(self, domain: str, limit: int) -> None:
         """Send at most ``limit`` messages a minute to recipients at ``domain``, spread evenly, from now on
         (the seed's ``setRateLimit``; replaces ``perDomainRateLimit``'s entry). Mail over it waits."""

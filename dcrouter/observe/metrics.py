@@ -160,6 +160,8 @@ class RouterMetrics:
         self.proxy_connections_open = Gauge(
             "dcrouter_proxy_client_connections", "Proxy client connections open now", registry=r
         )
+        self.limits = LimitsCollector()
+        r.register(self.limits)
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self._handlers: Mapping[str, Callable[[Event], None]] = {
             "connection.connect": self._connect,
@@ -226,6 +228,11 @@ class RouterMetrics:
         """Expiry of every certificate: ``certificates()`` yields ``(name, not_after as a timestamp)``;
         ``now`` is wall time, as certificates expire in it."""
         self.registry.register(CertificateCollector(certificates))
+
+    def watch_limits(self, protocol: str, stats: Callable[[], Mapping[str, Any] | None]) -> None:
+        """The rate limiter of ``protocol`` (``smtp``, ``proxy``): ``stats()`` is its
+        :meth:`~dcrouter.limits.limiter.Limiter.stats` (None while it has no limiter)."""
+        self.limits.sources[protocol] = stats
 
     def watch(
         self,
@@ -419,6 +426,55 @@ class CertificateCollector(Collector):
             not_after.add_metric([name], end)
         yield days
         yield not_after
+
+
+class LimitsCollector(Collector):
+    """The rate limiters' figures, read at scrape time from each one's ``stats()`` (no event per check:
+    a check is on every command's path, a scrape once in a while). Labels: ``protocol`` (``smtp``,
+    ``proxy``); for refusals ``tier`` (a tier name from the configuration, ``domain`` for the domainConfigs
+    rules, ``proxy``), ``thing`` (what the limit counts) and ``phase`` (``connect``, ``auth``, ``mail``,
+    ``rcpt``)."""
+
+    def __init__(self) -> None:
+        self.sources: dict[str, Callable[[], Mapping[str, Any] | None]] = {}
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        hits = CounterMetricFamily(
+            "dcrouter_rate_limit_hits",
+            "Commands and connections a rate limit refused or held back",
+            labels=["protocol", "tier", "thing", "phase"],
+        )
+        tarpits = CounterMetricFamily(
+            "dcrouter_rate_limit_tarpits", "Replies held back by a tarpit", labels=["protocol"]
+        )
+        tarpit_seconds = CounterMetricFamily(
+            "dcrouter_rate_limit_tarpit_seconds", "Seconds of tarpit delay imposed", labels=["protocol"]
+        )
+        keys = GaugeMetricFamily(
+            "dcrouter_rate_limit_keys", "Counter keys held in this process", labels=["protocol"]
+        )
+        evictions = CounterMetricFamily(
+            "dcrouter_rate_limit_evictions",
+            "Counter keys evicted while holding state (the store at maxKeys)",
+            labels=["protocol"],
+        )
+        fallback = GaugeMetricFamily(
+            "dcrouter_rate_limit_redis_fallback",
+            "1 while the limits count in this process because Redis cannot answer",
+            labels=["protocol"],
+        )
+        for protocol, read in self.sources.items():
+            stats = read()
+            if stats is None:
+                continue
+            for (tier, thing, phase), count in stats["hits"].items():
+                hits.add_metric([protocol, tier, thing, phase], count)
+            tarpits.add_metric([protocol], stats["tarpits"])
+            tarpit_seconds.add_metric([protocol], stats["tarpitSeconds"])
+            keys.add_metric([protocol], stats["keys"])
+            evictions.add_metric([protocol], stats["evictions"])
+            fallback.add_metric([protocol], 1.0 if stats["fallback"] else 0.0)
+        yield from (hits, tarpits, tarpit_seconds, keys, evictions, fallback)
 
 
 class _ReadCounter(Collector):

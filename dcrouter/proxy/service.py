@@ -129,9 +129,15 @@ class ProxyService(Service):
 
     def load_certificates(self) -> None:
         """Put the certificate files of terminating routes into the store (see the module docstring)."""
+        self.put_certificates(self.read_certificates(self.context.table.routes))
+
+    def read_certificates(self, routes: Sequence[ProxyRoute]) -> list[tuple[ProxyRoute, Any]]:
+        """The key of each terminating route of ``routes`` that names certificate files, read now; raises
+        ProxyCertificateError naming the route's key path."""
         from dcrouter.net.certstore import CertifiedKey  # late: only configs that terminate need it
 
-        for route in self.context.table.routes:
+        found = []
+        for route in routes:
             files = route.certificate
             if not isinstance(files, CertificateFiles):
                 continue
@@ -141,12 +147,18 @@ class ProxyService(Service):
                 key = CertifiedKey.from_files(files.cert_path, files.key_path)
             except (OSError, ValueError) as error:
                 raise ProxyCertificateError(f"{route.source}: certificate: {error}") from error
+            found.append((route, key))
+        return found
+
+    def put_certificates(self, keys: list[tuple[ProxyRoute, Any]]) -> None:
+        for route, key in keys:
             for name in route.domains or key.names:
                 self.certificates.put(name, key)
+            assert isinstance(route.certificate, CertificateFiles)
             log.info(
                 "proxy: {route} terminates TLS with {cert} ({names})",
                 route=route.name,
-                cert=files.cert_path,
+                cert=route.certificate.cert_path,
                 names=", ".join(key.names),
             )
 
@@ -183,6 +195,55 @@ class ProxyService(Service):
             self._listening.append((port, listening))
             address = cast(IPv4Address | IPv6Address, listening.getHost())  # a TCP port's own address
             self.ports[port] = int(address.port)
+
+    # -- reload --------------------------------------------------------------------------------------
+
+    def bind_more(self, ports: Sequence[int]) -> list[tuple[int, IListeningPort]]:
+        """Bind ``ports`` (new ports of a reload), paused and unused until :meth:`reconfigure`; raises
+        ProxyBindError (nothing stays bound)."""
+        try:
+            bound = listen_paused(
+                self._reactor,
+                [(port, ProxySessionFactory(self.context, port)) for port in ports],
+                interface=self.bind_address,
+                what="the proxy",
+            )
+        except ListenError as error:
+            raise ProxyBindError(str(error)) from error
+        return list(zip(ports, bound, strict=True))
+
+    def reconfigure(
+        self,
+        routes: Sequence[ProxyRoute],
+        settings: ProxySettings,
+        ports: Sequence[int],
+        added: list[tuple[int, IListeningPort]],
+    ) -> Deferred[None]:
+        """Switch to ``routes`` and ``settings`` at once (connections accepted from now on route by them;
+        open ones go on), start the ports in ``added`` and stop listening on those not in ``ports``. Fires
+        once the removed ports have stopped."""
+        self.context.replace(RouteTable(routes), settings)
+        self._configured_ports = list(ports)
+        for port, listening in added:
+            self._listening.append((port, listening))
+            address = cast(IPv4Address | IPv6Address, listening.getHost())
+            self.ports[port] = int(address.port)
+            if self.running:
+                resume(listening)
+            log.info(
+                "proxy listening on {address}", address=format_address(self.bind_address, self.ports[port])
+            )
+        stopping = []
+        for port, listening in [entry for entry in self._listening if entry[0] not in ports]:
+            self._listening.remove((port, listening))
+            log.info(
+                "proxy stopped listening on {address}",
+                address=format_address(self.bind_address, self.ports[port]),
+            )
+            del self.ports[port]
+            stopping.append(maybeDeferred(listening.stopListening))
+        done: Deferred[None] = DeferredList(stopping, consumeErrors=True).addCallback(lambda _: None)
+        return done
 
     def unbind(self) -> None:
         """Close every bound port (a failed start-up)."""

@@ -177,13 +177,26 @@ class ProxyContext:
         self.counters = {route.name: RouteCounters() for route in self.table.routes}
         # Connection rates, counted in this process (dcrouter.limits); alerts as for SMTP's limits.
         self.limiter = Limiter(LocalCounters(self.reactor), self.reactor)
+        self._set_limits()
+
+    def _set_limits(self) -> None:
         rate_per_ip = self.settings.connection_rate_per_ip
         self._ip_rate = (
-            None if rate_per_ip is None else Limit("proxy.ip", "connections per client IP", rate_per_ip)
+            None
+            if rate_per_ip is None
+            else Limit(
+                "proxy.ip",
+                "connections per client IP",
+                rate_per_ip,
+                metric=("proxy", "connectionRatePerIP", "connect"),
+            )
         )
         self._route_rates = {
             route.name: Limit(
-                f"proxy.route.{route.name}", f"connections to {route.name}", route.connection_rate
+                f"proxy.route.{route.name}",
+                f"connections to {route.name}",
+                route.connection_rate,
+                metric=("proxy", "routeConnectionRate", "connect"),
             )
             for route in self.table.routes
             if route.connection_rate is not None
@@ -238,6 +251,15 @@ class ProxyContext:
         if self.run_blocking is not None:
             return self.run_blocking(function, *args)
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), function, *args)
+
+    def replace(self, table: RouteTable, settings: ProxySettings) -> None:
+        """The routes and settings of a configuration reload, for connections accepted from now on (one in
+        flight has its route already). Counters of routes that stay are kept; new routes get theirs."""
+        self.table = table
+        self.settings = settings
+        for route in table.routes:
+            self.counters.setdefault(route.name, RouteCounters())
+        self._set_limits()
 
     def server_creator(self, profile: str = "intermediate") -> IOpenSSLServerConnectionCreator | None:
         """The TLS server side of terminating routes with ``tlsProfile`` ``profile`` (certificate by SNI from

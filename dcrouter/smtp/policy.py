@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -21,6 +22,14 @@ from dcrouter.smtp.session import Session
 from dcrouter.smtp.verify import RecipientVerifier
 
 log = logger(__name__)
+
+
+@dataclass
+class ConnectionCounts:
+    """Connections open now, in total and per client address (the caps' counters)."""
+
+    total: int = 0
+    per_ip: dict[str, int] = field(default_factory=dict)
 
 
 class SessionPolicy:
@@ -44,8 +53,10 @@ class SessionPolicy:
         verifier: RecipientVerifier | None = None,
         limits: IIngressLimits | None = None,
         suppressions: ISuppressionList | None = None,
+        counts: ConnectionCounts | None = None,
     ) -> None:
-        """Raises ValueError naming a bad domain pattern or relay network."""
+        """Raises ValueError naming a bad domain pattern or relay network. ``counts``: the open connections
+        of the policy this one replaces at a reload (shared, so the caps hold across it)."""
         self._verifier = verifier
         self.limits = limits
         #: Recipients that hard-bounced recently: refused with 550 5.1.1 (counted in suppressed_refusals).
@@ -58,8 +69,8 @@ class SessionPolicy:
             (domain, entry) for entry in config.domain_configs for domain in entry.domains
         )
         self._relay_networks = CidrSet(config.relay_networks)
-        self._total = 0
-        self._per_ip: dict[str, int] = {}
+        #: Connections counted now; shared with the policy a reload replaces this one with.
+        self.counts = counts if counts is not None else ConnectionCounts()
 
     def set_domains(self, config: SmtpConfig, verifier: RecipientVerifier | None) -> None:
         """Accept mail for ``config``'s domainConfigs, verified by ``verifier``, from the next RCPT on (a
@@ -80,25 +91,27 @@ class SessionPolicy:
         and never for a refused one. IPv4-mapped IPv6 peers count as their IPv4 address.
         """
         key = _client_key(ip)
-        if self._total >= self._max_total:
+        counts = self.counts
+        if counts.total >= self._max_total:
             return Reply(421, "4.7.0", f"{self._hostname} Too many connections, try again later")
-        if self._per_ip.get(key, 0) >= self._max_per_ip:
+        if counts.per_ip.get(key, 0) >= self._max_per_ip:
             return Reply(421, "4.7.0", f"{self._hostname} Too many connections from your address")
-        self._total += 1
-        self._per_ip[key] = self._per_ip.get(key, 0) + 1
+        counts.total += 1
+        counts.per_ip[key] = counts.per_ip.get(key, 0) + 1
         return None
 
     def connection_closed(self, ip: str) -> None:
         """Forget one accepted connection from ``ip``. Counts never go below zero, even if misused."""
         key = _client_key(ip)
-        count = self._per_ip.get(key, 0)
+        counts = self.counts
+        count = counts.per_ip.get(key, 0)
         if count == 0:
             return
         if count == 1:
-            del self._per_ip[key]
+            del counts.per_ip[key]
         else:
-            self._per_ip[key] = count - 1
-        self._total -= 1
+            counts.per_ip[key] = count - 1
+        counts.total -= 1
 
     def check_connection(self, session: Session) -> Reply | Deferred[Reply | None] | None:
         """After :meth:`connection_opened` admitted ``session``: its rate limits (a ``421 4.7.0`` refuses).
@@ -132,11 +145,11 @@ class SessionPolicy:
     @property
     def connections(self) -> int:
         """Connections currently counted, in total."""
-        return self._total
+        return self.counts.total
 
     def connections_from(self, ip: str) -> int:
         """Connections currently counted from ``ip``."""
-        return self._per_ip.get(_client_key(ip), 0)
+        return self.counts.per_ip.get(_client_key(ip), 0)
 
     # Transaction
 

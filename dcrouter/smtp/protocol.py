@@ -35,6 +35,7 @@ rather than normalised; 500 and 503 replies count toward
 
 from __future__ import annotations
 
+import copy
 import secrets
 from collections.abc import Callable
 from functools import partial
@@ -146,9 +147,26 @@ class ESMTPServerFactory(Factory):
     spool_writer: Callable[[str], SpoolWriter] = SpoolWriter
 
     def buildProtocol(self, addr: Any) -> ESMTPServerProtocol:
-        protocol = ESMTPServerProtocol(self)
+        # The session keeps a copy of the factory as it is now: a reload (reconfigure) changes what the
+        # next session gets, never the configuration of one in flight.
+        protocol = ESMTPServerProtocol(copy.copy(self))
         protocol.factory = self
         return protocol
+
+    def reconfigure(
+        self,
+        *,
+        config: SmtpConfig,
+        policy: SessionPolicy,
+        authenticator: Authenticator | None,
+        tls_options: CertificateOptions | None,
+    ) -> None:
+        """What sessions accepted from now on get (a configuration reload); open sessions keep theirs."""
+        self.config = config
+        self.policy = policy
+        self.authenticator = authenticator
+        self.tls_options = tls_options
+        self.submission = self.port in config.submission_ports
 
 
 @implementer(IHandshakeListener)
@@ -182,6 +200,7 @@ class ESMTPServerProtocol(CommandReceiver):
     # Connection life cycle
 
     def connectionMade(self) -> None:
+        self._watch_output()
         peer = self._wire.getPeer()
         session = self.session
         session.peer_host = str(getattr(peer, "host", ""))

@@ -42,6 +42,7 @@ check: $(VENV)/.installed-run
 test-peers:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v redis-sentinel >/dev/null || missing="$$missing redis-sentinel"; \
 	command -v pebble >/dev/null || [ -x /usr/bin/pebble ] || missing="$$missing pebble"; \
 	perl -MMail::DKIM::Verifier -e 1 2>/dev/null || missing="$$missing libmail-dkim-perl"; \
 	command -v spamd >/dev/null || [ -x /usr/sbin/spamd ] || missing="$$missing spamd spamassassin"; \

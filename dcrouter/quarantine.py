@@ -89,7 +89,12 @@ async def open_queue(config: SmtpConfig, reactor: IRouterReactor) -> IDeliveryQu
 
     assert config.queue_storage == "redis" and config.redis_url is not None  # as the command checked
     redis = RedisQueue(
-        config.redis_url, reactor=reactor, clock=reactor, body_directory=config.persistent_path
+        config.redis_url,
+        reactor=reactor,
+        clock=reactor,
+        body_directory=config.persistent_path,
+        body_store=config.redis_body_store,
+        consumer_host=config.redis_consumer_name,
     )
     await redis.load()
     return redis

@@ -182,6 +182,8 @@ def build_queue(config: SmtpConfig, reactor: IRouterReactor) -> IDeliveryQueue:
             clock=reactor,
             body_directory=config.persistent_path,
             max_size=config.max_queue_size,
+            body_store=config.redis_body_store,
+            consumer_host=config.redis_consumer_name,
             orphan_retention=config.orphan_retention / 1000.0,
         )
     raise StartupError(f"smtpConfig.queueStorage: {config.queue_storage!r} is not supported yet")

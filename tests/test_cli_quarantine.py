@@ -276,9 +276,15 @@ class RedisQuarantineTests(QuarantineCase):
     async def open_queue(self, clock: Any) -> Any:
         from dcrouter.queue.redis import RedisQueue
 
-        # A small inline limit puts big bodies in files, as 1 MiB does in production.
+        # A small inline limit puts big bodies in files, as 1 MiB does in production with redisBodyStore
+        # "directory" (the CLI, configured with the default "redis", still reads and deletes them).
         queue = RedisQueue(
-            self.server.url, reactor=reactor, clock=clock, body_directory=self.bodies, inline_body_limit=1000
+            self.server.url,
+            reactor=reactor,
+            clock=clock,
+            body_directory=self.bodies,
+            inline_body_limit=1000,
+            body_store="directory",
         )
         await queue.load()
         self.addCleanup(queue.save)

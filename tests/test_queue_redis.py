@@ -18,10 +18,10 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from dcrouter.config import load_options
-from dcrouter.interfaces import DuplicateItem, QueueFull, StatusMismatch
+from dcrouter.interfaces import DuplicateItem, QueueFull, QueueUnavailable, StatusMismatch
 from dcrouter.net.redis_url import RedisAddress, parse_redis_url
 from dcrouter.queue import redis as redis_module
-from dcrouter.queue import redis_bodies, redis_consumer
+from dcrouter.queue import redis_bodies, redis_chunks, redis_consumer
 from dcrouter.queue import redis_scripts as scripts
 from dcrouter.queue.contract import QueueFilter
 from dcrouter.queue.item import QueueItem, QueueItemStatus
@@ -36,10 +36,11 @@ def sleep(seconds: float) -> defer.Deferred:
 
 
 class RedisQueueContractTests(QueueContractMixin, TestCase):
-    """The contract, with bodies over 100 kB on disk (so test_file_backed_body goes through a file)."""
+    """The contract, with bodies over 100 kB in Redis in chunks (test_file_backed_body goes through them)."""
 
     skip = SKIP_REASON
     inline_body_limit = 100_000
+    body_store = "redis"
 
     def setUp(self) -> None:
         self.clock = Clock()
@@ -54,13 +55,21 @@ class RedisQueueContractTests(QueueContractMixin, TestCase):
             body_directory=self.bodies,
             max_size=max_size,
             inline_body_limit=self.inline_body_limit,
+            body_store=self.body_store,
         )
+
+
+class RedisQueueChunkedBodyContractTests(RedisQueueContractTests):
+    """The contract again with every body in chunks (the empty one too)."""
+
+    inline_body_limit = 0
 
 
 class RedisQueueFileBodyContractTests(RedisQueueContractTests):
     """The contract again with every body in a file."""
 
     inline_body_limit = 0
+    body_store = "directory"
 
 
 class RedisQueueTestBase(TestCase):
@@ -407,7 +416,7 @@ class RecoveryTests(RedisQueueTestBase):
         self.assertIn(b"kept", self.redis.command("GET", "dcrouter:damaged-body:BADJSON:2"))
 
     async def test_stale_files_are_cleaned_up(self) -> None:
-        queue, _ = await self.open_queue()
+        queue, _ = await self.open_queue(body_store="directory")
         await queue.enqueue(make_item("BIG"), spool_file(queue, os.urandom(1_200_000)))
         await queue.save()
         old = time.time() - redis_bodies.GRACE_SECONDS - 60
@@ -424,7 +433,7 @@ class RecoveryTests(RedisQueueTestBase):
             if not name.startswith("fresh"):
                 os.utime(path, (old, old))
         os.utime(redis_bodies.body_path(self.bodies, "BIG"), (old, old))
-        again, counts = await self.open_queue()
+        again, counts = await self.open_queue(body_store="directory")
         self.assertEqual((counts["spool_discarded"], counts["orphans"]), (1, 1))
         self.assertEqual(
             {name: os.path.exists(path) for name, path in files.items()},
@@ -451,8 +460,8 @@ class RecoveryTests(RedisQueueTestBase):
 
 class BodyTests(RedisQueueTestBase):
     async def test_big_bodies_go_to_the_shared_directory(self) -> None:
-        first, _ = await self.open_queue()
-        second, _ = await self.open_queue()  # another process on the same Redis and directory
+        first, _ = await self.open_queue(body_store="directory")
+        second, _ = await self.open_queue(body_store="directory")  # another process, same Redis and directory
         big = os.urandom(2_000_000)
         small = os.urandom(600_000)
         await first.enqueue(make_item("BIG", size=len(big)), spool_file(first, big, "spool-big"))
@@ -468,8 +477,8 @@ class BodyTests(RedisQueueTestBase):
         self.assertFalse(os.path.exists(path))
 
     async def test_duplicate_ids_are_refused_across_processes(self) -> None:
-        first, _ = await self.open_queue()
-        second, _ = await self.open_queue()
+        first, _ = await self.open_queue(body_store="directory")
+        second, _ = await self.open_queue(body_store="directory")
         await first.enqueue(make_item("DUP"), spool_file(first, b"a" * 1_100_000, "spool-1"))
         with self.assertRaises(DuplicateItem):
             await second.enqueue(make_item("DUP"), spool_file(second, b"b" * 1_100_000, "spool-2"))
@@ -479,12 +488,108 @@ class BodyTests(RedisQueueTestBase):
         self.assertEqual(os.listdir(second.spool_directory), [])
 
     async def test_refused_big_body_leaves_nothing(self) -> None:
-        queue, _ = await self.open_queue(max_size=1)
+        queue, _ = await self.open_queue(max_size=1, body_store="directory")
         await queue.enqueue(make_item("FIRST"), inline())
         with self.assertRaises(QueueFull):
             await queue.enqueue(make_item("BIG"), spool_file(queue, os.urandom(1_100_000)))
         self.assertFalse(os.path.exists(redis_bodies.body_path(self.bodies, "BIG")))
         self.assertEqual(os.listdir(queue.spool_directory), [])
+
+
+class ChunkedBodyTests(RedisQueueTestBase):
+    """Bodies over the inline limit in Redis (``body_store="redis"``, the default): nothing else shared."""
+
+    def chunks(self, item_id: str) -> list[int]:
+        """The sizes of the chunks of ``item_id``'s body list, read straight from Redis."""
+        sizes = (
+            "local t = {} for i, v in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do t[i] = #v end return t"
+        )
+        reply = self.redis.command("EVAL", sizes, "1", f"dcrouter:body:{item_id}")
+        return [int(line[1:]) for line in reply.split(b"\r\n") if line.startswith(b":")]
+
+    def ttl(self, item_id: str) -> int:
+        return int(self.redis.command("TTL", f"dcrouter:body:{item_id}")[1:].split(b"\r\n")[0])
+
+    async def test_big_body_in_chunks_shared_without_a_directory(self) -> None:
+        first, _ = await self.open_queue()
+        # Another host: its own directory, so its own consumer name.
+        second, _ = await self.open_queue(body_directory=self.mktemp(), consumer_host="other")
+        big = os.urandom(2_000_000)
+        await first.enqueue(make_item("BIG", size=len(big)), spool_file(first, big, "spool-big"))
+        self.assertEqual(self.chunks("BIG"), [redis_chunks.CHUNK_SIZE] * 7 + [2_000_000 - 7 * 262_144])
+        self.assertEqual(self.field("BIG", "body"), b"chunks")
+        self.assertEqual(self.ttl("BIG"), -1)  # the item's body: it no longer expires
+        self.assertFalse(os.path.exists(redis_bodies.body_path(self.bodies, "BIG")))
+        self.assertEqual(os.listdir(first.spool_directory), [])
+        self.assertEqual(await read_body(second, "BIG"), big)
+        self.assertEqual(os.listdir(second.spool_directory), [])  # the download file is anonymous
+        [claimed] = await second.get_next(1)
+        self.assertEqual(claimed.id, "BIG")
+        self.assertEqual(await read_body(second, "BIG"), big)
+        await second.dequeue("BIG")
+        self.assertEqual(self.redis.command("EXISTS", "dcrouter:body:BIG"), b":0\r\n")
+
+    async def test_in_memory_big_body_is_chunked_too(self) -> None:
+        queue, _ = await self.open_queue(inline_body_limit=10)
+        await queue.enqueue(make_item("MEM"), inline(b"x" * 600_000))
+        self.assertEqual(self.chunks("MEM"), [262_144, 262_144, 600_000 - 2 * 262_144])
+        self.assertEqual(await read_body(queue, "MEM"), b"x" * 600_000)
+
+    async def test_refused_item_leaves_no_chunks(self) -> None:
+        queue, _ = await self.open_queue(max_size=1)
+        await queue.enqueue(make_item("FIRST"), inline())
+        with self.assertRaises(QueueFull):
+            await queue.enqueue(make_item("BIG"), spool_file(queue, os.urandom(1_100_000)))
+        self.assertEqual(self.redis.command("EXISTS", "dcrouter:body:BIG"), b":0\r\n")
+        self.assertEqual(os.listdir(queue.spool_directory), [])
+
+    async def test_duplicate_id_keeps_the_first_body(self) -> None:
+        first, _ = await self.open_queue()
+        second, _ = await self.open_queue()
+        await first.enqueue(make_item("DUP"), spool_file(first, b"a" * 1_100_000, "spool-1"))
+        with self.assertRaises(DuplicateItem):
+            await second.enqueue(make_item("DUP"), spool_file(second, b"b" * 1_100_000, "spool-2"))
+        self.assertEqual(await read_body(second, "DUP"), b"a" * 1_100_000)
+        self.assertEqual(os.listdir(second.spool_directory), [])
+
+    async def test_chunks_without_their_item_expire(self) -> None:
+        """A process that died between its chunks and its item (no 250 was sent) leaves a list that expires;
+        an item whose list expired first is refused (451), never stored without its body."""
+        queue, _ = await self.open_queue()
+        message = spool_file(queue, b"z" * 700_000, "spool-dead")
+        self.assertEqual(await redis_chunks.store_chunks(queue._store, "DEAD", message), 3)
+        self.assertGreater(self.ttl("DEAD"), redis_bodies.GRACE_SECONDS - 60)
+        fields = queue._fields(make_item("DEAD"))
+        for count in ("2", "4"):  # not the number written: refused
+            reply = await queue._store.script(
+                scripts.ENQUEUE, "DEAD", *fields, "chunks", count, 0, queue.owner, "30.0"
+            )
+            self.assertEqual(reply, b"nobody")
+        self.redis.command("DEL", "dcrouter:body:DEAD")  # what the expiry does
+        reply = await queue._store.script(
+            scripts.ENQUEUE, "DEAD", *fields, "chunks", "3", 0, queue.owner, "30.0"
+        )
+        self.assertEqual(reply, b"nobody")
+        self.assertIsNone(await queue.get("DEAD"))
+
+    async def test_a_chunk_after_a_gap_is_refused(self) -> None:
+        """A failover can lose the last chunks written to the old master: the next chunk, written to the new
+        one, must not close the gap silently."""
+        queue, _ = await self.open_queue()
+        await redis_chunks.store_chunks(queue._store, "GAP", spool_file(queue, b"q" * 600_000, "spool-gap"))
+        self.redis.command("RPOP", "dcrouter:body:GAP")  # the last chunk never reached the new master
+        with self.assertRaises(QueueUnavailable):
+            await redis_chunks._append(queue._store, "GAP", b"late", 3)
+        self.assertEqual(self.chunks("GAP"), [262_144, 262_144])
+
+    async def test_missing_chunks_set_aside_at_start_up(self) -> None:
+        queue, _ = await self.open_queue()
+        await queue.enqueue(make_item("GONE"), spool_file(queue, os.urandom(1_100_000)))
+        await queue.save()
+        self.redis.command("DEL", "dcrouter:body:GONE")
+        again, counts = await self.open_queue()
+        self.assertEqual(counts["damaged"], 1)
+        self.assertIsNone(await again.get("GONE"))
 
 
 class RedisUrlTests(SynchronousTestCase):
@@ -502,14 +607,31 @@ class RedisUrlTests(SynchronousTestCase):
             parse_redis_url("unix:///run/redis/redis.sock?db=2"),
             RedisAddress(unix_path="/run/redis/redis.sock", db=2),
         )
+        self.assertEqual(
+            parse_redis_url("redis+sentinel://:pw@10.0.0.1,[::1]:26380/my%20master/2?wait=2"),
+            RedisAddress(
+                host=None,
+                port=0,
+                db=2,
+                password="pw",
+                sentinels=(("10.0.0.1", 26379), ("::1", 26380)),
+                master_name="my master",
+                wait_replicas=2,
+            ),
+        )
+        self.assertEqual(parse_redis_url("redis+sentinel://s1/mymaster").wait_replicas, 1)
 
     def test_display_hides_the_password(self) -> None:
         address = parse_redis_url("redis://:hunter2@[::1]:6380/3")
         self.assertEqual(address.display, "redis://[::1]:6380 db 3")
+        sentinel = parse_redis_url("redis+sentinel://:hunter2@s1,s2:26380/mymaster/1")
+        self.assertEqual(sentinel.display, "redis+sentinel://s1:26379,s2:26380/mymaster db 1")
 
     def test_refused(self) -> None:
         for url in ("", "http://x", "redis://", "redis://h/x", "redis://h:0x/1", "rediss://h", "unix://rel",
-                    "unix:///s?x=1", "redis://h/0?db=1"):  # fmt: skip
+                    "unix:///s?x=1", "redis://h/0?db=1", "redis+sentinel://s1", "redis+sentinel:///m",
+                    "redis+sentinel://s1/m/x", "redis+sentinel://s1/m/0/1", "redis+sentinel://s1/m?wait=x",
+                    "redis+sentinel://s1/m?db=1", "redis+sentinel://s1:x/m"):  # fmt: skip
             with self.assertRaises(ValueError, msg=url):
                 parse_redis_url(url)
 
@@ -536,3 +658,25 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(queue.address, RedisAddress(host="127.0.0.1", port=6390, db=2))
         self.assertEqual(queue.spool_directory, os.path.abspath("var/q/spool"))
         self.assertEqual(queue._orphan_sweeper.retention, 7 * 86400)  # orphanRetention's default
+        self.assertEqual((queue._body_store, queue._consumer_host), ("redis", socket.gethostname()))
+
+    def test_body_store_and_consumer_name(self) -> None:
+        keys = {"queueStorage": "redis", "redisUrl": "redis://127.0.0.1:6390/2"}
+        options = load_options(self.smtp(**keys, redisBodyStore="directory", redisConsumerName="mx7")).options
+        queue = build_queue(options.smtp_config, Clock())
+        assert isinstance(queue, RedisQueue)
+        self.assertEqual((queue._body_store, queue._consumer_host), ("directory", "mx7"))
+        for bad, message in (
+            ({"redisBodyStore": "s3"}, "smtpConfig.redisBodyStore"),
+            ({"redisConsumerName": ""}, "smtpConfig.redisConsumerName: must not be empty"),
+        ):
+            with self.assertRaises(Exception) as caught:
+                load_options(self.smtp(**keys, **bad))
+            self.assertIn(message, str(caught.exception))
+
+    def test_sentinel_url_accepted(self) -> None:
+        url = "redis+sentinel://127.0.0.1:26379,127.0.0.1:26380/mymaster/0"
+        options = load_options(self.smtp(queueStorage="redis", redisUrl=url)).options
+        queue = build_queue(options.smtp_config, Clock())
+        assert isinstance(queue, RedisQueue)
+        self.assertEqual(queue.address.master_name, "mymaster")

@@ -117,7 +117,8 @@ def smtp_queue_storage(smtp: SmtpConfig, path: str, report: Report) -> None:
     elif smtp.queue_storage == "redis":
         report.error(
             join(path, "redisUrl"),
-            "required with queueStorage 'redis' (redis://host:port/db or unix:///path)",
+            "required with queueStorage 'redis' (redis://host:port/db, unix:///path or "
+            "redis+sentinel://host:port,host:port/master-name/db)",
         )
 
 
@@ -376,12 +377,13 @@ class SmtpConfig:
     queue_storage: Literal["memory", "disk", "redis"] = option(
         "disk",
         doc="Where queued mail is kept. `memory` loses it on exit (a warning says so); `redis` shares one "
-        "queue between several dcrouter processes (needs `redisUrl`; bodies over 1 MiB go to "
-        "`persistentPath`, which those processes must share).",
+        "queue between several dcrouter processes (needs `redisUrl`; bodies over 1 MiB go where "
+        "`redisBodyStore` says).",
     )
     persistent_path: str = option(
         "/var/spool/dcrouter",
-        doc="Directory of the disk queue; with `redis`, of message bodies over 1 MiB and the receive spool.",
+        doc="Directory of the disk queue; with `redis`, of the receive spool, the consumer name locks "
+        "and (with `redisBodyStore` `directory`) message bodies over 1 MiB.",
         check=values.file_path,
     )
     max_retries: int = option(
@@ -536,9 +538,27 @@ class SmtpConfig:
     redis_url: str | None = option(
         None,
         addition=True,
-        doc="Redis of the `redis` queue: `redis://[:password@]host:port/db` or `unix:///path/redis.sock` "
-        "(`?db=N`). Run Redis with `appendonly yes` and `appendfsync always`, or an acknowledged message can "
-        "be lost (dcrouter warns at start-up).",
+        doc="Redis of the `redis` queue: `redis://[:password@]host:port/db`, `unix:///path/redis.sock` "
+        "(`?db=N`), or with Sentinel `redis+sentinel://[:password@]host:port,host:port/master-name/db` "
+        "(`?wait=N`: replicas an enqueue waits for, default 1). Run Redis with `appendonly yes` and "
+        "`appendfsync always` (with Sentinel also `min-replicas-to-write 1`), or an acknowledged message can "
+        "be lost (dcrouter warns at start-up; docs/queue.md).",
+    )
+    redis_body_store: Literal["redis", "directory"] = option(
+        "redis",
+        addition=True,
+        doc="Where the `redis` queue keeps bodies over 1 MiB: `redis` (in Redis, in 256 KiB chunks; Redis is "
+        "then the only thing several hosts share) or `directory` (files under `persistentPath`, which every "
+        "process sharing the Redis must then mount from one shared file system). Smaller bodies are always "
+        "in Redis. No object store: there is no well-kept Twisted client for one.",
+    )
+    redis_consumer_name: str | None = option(
+        None,
+        addition=True,
+        doc="First part of this process's consumer name on the `redis` queue (`<name>/<slot>`, the owner "
+        "of its claims); default: the host name. Processes sharing one Redis but not one `persistentPath` "
+        "must each have their own (docs/queue.md).",
+        check=values.not_empty,
     )
     check_interval: int = option(
         1_000,

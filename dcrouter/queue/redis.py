@@ -6,10 +6,14 @@ What a caller may rely on (beyond :mod:`dcrouter.queue.contract`, which it follo
 - ``enqueue`` fires only after Redis acknowledged the write of the whole item: one Lua script stores the
   metadata, the inline body and every index entry, so an item is visible completely or not at all, and the
   ``max_size`` check is made in the same script, across all processes. A body above ``inline_body_limit``
-  is first made durable as a file under ``body_directory`` (fsynced, linked into place, directory fsynced).
+  is first streamed into Redis in chunks (``body_store="redis"``, :mod:`dcrouter.queue.redis_chunks`) or made
+  durable as a file under ``body_directory`` (``body_store="directory"``: fsynced, linked into place,
+  directory fsynced).
 - How durable an acknowledged write is depends on Redis: only ``appendonly yes`` with ``appendfsync always``
-  survives a Redis crash or a power cut. ``load()`` checks with ``CONFIG GET`` and logs a loud warning
-  otherwise (or that it could not check, where CONFIG is disabled).
+  survives a Redis crash or a power cut. With Sentinel (``wait`` replicas in the URL, 1 by default) an enqueue
+  fires only once that many replicas have it too (``WAIT``), so a failover does not lose it. ``load()``
+  checks with ``CONFIG GET`` and logs a loud warning otherwise (or that it could not check, where CONFIG is
+  disabled).
 - ``get_next`` claims atomically (a Lua script): due items by priority, then age, then arrival, marked
   DELIVERING under a lease (``lease_seconds``, 30 by default; the owner is this process's consumer name;
   expiry on the Redis server's clock). While leases are valid, no two processes ever get the same item. A
@@ -36,13 +40,16 @@ What a caller may rely on (beyond :mod:`dcrouter.queue.contract`, which it follo
 
 Decisions (and why):
 
-- **Bodies up to 1 MiB in Redis, bigger ones on a file system.** The spool hands over messages up to 256 KiB
-  in memory; keeping them (and a little more) in Redis makes a message one network round trip and needs no
-  shared file system for ordinary mail. Very big messages in Redis would cost Redis memory, make every
-  ``appendfsync always`` write tens of megabytes while the single-threaded server waits, and arrive in one
-  reply held whole in our memory. So bodies above the limit live in ``body_directory``; several hosts sharing
-  one Redis must mount that directory from a shared file system (NFS, CephFS, ...) with the same path, or
-  set ``inline_body_limit`` above ``maxMessageSize`` to keep everything in Redis.
+- **Bodies up to 1 MiB in one Redis string, bigger ones in Redis in chunks (or on a shared file system).**
+  The spool hands over messages up to 256 KiB in memory; keeping them (and a little more) as one value makes
+  a message one network round trip. One very big value would make every ``appendfsync always`` write tens
+  of megabytes while the single-threaded server waits, and arrive in one reply held whole in our memory, so
+  bigger bodies are a list of 256 KiB chunks streamed in from the spool file and out into a temporary file
+  (:mod:`dcrouter.queue.redis_chunks`): Redis is then the only thing hosts share. They still cost Redis
+  memory; an operator who would rather keep them on a shared file system (NFS, CephFS, mounted at the same
+  path on every host) sets ``body_store="directory"`` (``smtpConfig.redisBodyStore``). The kind is recorded
+  per item, so a queue holding both kinds (after a change of setting) delivers both. No object store (S3):
+  there is no well-kept Twisted client for one (botocore is synchronous; aiobotocore needs asyncio).
 - **The schedule is two sorted sets.** ``wait`` (by next attempt) holds ready items not yet due; a claim first
   moves the due ones to ``due``, scored ``priority * 1e10 + created_at`` so the first members are the ones to
   hand out. A claim costs O(log n) per item however many are waiting; one sorted set scored by time alone
@@ -110,6 +117,7 @@ from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.net.reactor import IRouterReactor
 from dcrouter.net.redis_url import parse_redis_url
 from dcrouter.queue import redis_bodies as bodies
+from dcrouter.queue import redis_chunks as chunks
 from dcrouter.queue import redis_consumer
 from dcrouter.queue import redis_scripts as scripts
 from dcrouter.queue.contract import (
@@ -167,14 +175,19 @@ class _Held:
 
 @implementer(IDeliveryQueue)
 class RedisQueue(QueueLifecycle):
-    """A DeliveryQueue in the Redis at ``url`` (``redis://[:password@]host:port/db`` or ``unix:///path``).
+    """A DeliveryQueue in the Redis at ``url`` (``redis://[:password@]host:port/db``, ``unix:///path`` or
+    ``redis+sentinel://host:port,.../master-name/db``: :mod:`dcrouter.net.redis_url`).
 
     ``reactor`` runs the connections, the timeouts and the file work (its thread pool); ``clock`` decides
     due-ness (``get_next``) and age (``purge_expired``) like in the other backends, and runs the heartbeat
     that renews this process's leases (every ``lease_seconds / 3``) and the sweep of ``orphans/``, which
     removes body files set aside there more than ``orphan_retention`` seconds ago (0: never; see
     :mod:`dcrouter.queue.orphans`). Bad ``url``: ValueError at construction. Nothing connects before
-    ``load()``."""
+    ``load()``.
+
+    Bodies above ``inline_body_limit`` go to Redis in chunks (``body_store="redis"``) or to files under
+    ``body_directory`` (``"directory"``). ``consumer_host`` (default: the host name) is the first part of
+    this process's consumer name; processes that do not share ``body_directory`` must each have their own."""
 
     def __init__(
         self,
@@ -185,6 +198,8 @@ class RedisQueue(QueueLifecycle):
         body_directory: str,
         max_size: int = 0,
         inline_body_limit: int = 1 << 20,
+        body_store: str = "redis",
+        consumer_host: str | None = None,
         lease_seconds: float = 30,
         command_timeout: float = 5,
         key_prefix: str = "dcrouter:",
@@ -206,6 +221,10 @@ class RedisQueue(QueueLifecycle):
         self._reactor = reactor
         self._clock = clock
         self._inline_limit = inline_body_limit
+        if body_store not in ("redis", "directory"):
+            raise ValueError(f"body_store must be 'redis' or 'directory', not {body_store!r}")
+        self._body_store = body_store
+        self._consumer_host = consumer_host or socket.gethostname()
         self._timeout = command_timeout
         self._store = RedisStore(reactor=reactor, prefix=key_prefix)
         self._pool_size = pool_size
@@ -243,7 +262,7 @@ class RedisQueue(QueueLifecycle):
         return Deferred.fromCoroutine(self._enqueue(stored, fields, message))
 
     async def _enqueue(self, item: QueueItem, fields: list[Any], message: SpooledMessage) -> QueueItem:
-        kind, inline = "inline", b""
+        kind, inline = "inline", b""  # for chunks, "inline" carries their number
         try:
             if message.size <= self._inline_limit:
                 inline = (
@@ -251,6 +270,10 @@ class RedisQueue(QueueLifecycle):
                     if message.data is not None
                     else await self._store.in_thread(bodies.read_file, message.path)
                 )
+            elif self._body_store == "redis":
+                kind = "chunks"
+                count = await chunks.store_chunks(self._store, item.id, message)
+                inline = str(count).encode()
             else:
                 kind = "file"
                 if message.path is not None:
@@ -264,12 +287,19 @@ class RedisQueue(QueueLifecycle):
         await self._discard(message)
         lease = repr(float(self.lease_seconds))
         sent = self._clock.seconds()
-        result = await self._store.script(
+        result = await self._store.script_replicated(
             scripts.ENQUEUE, item.id, *fields, kind, inline, self.max_size, self.owner, lease
         )
         if result != b"ok":
             if kind == "file":
                 await self._store.in_thread(bodies.remove_files, self.body_directory, [item.id])
+            if kind == "chunks" and result != b"exists":
+                # The script refused: the list is certainly no item's body (an existing item's is its own).
+                await self._store.call("delete", self._store.key("body:", item.id))
+            if result == b"nobody":
+                raise QueueUnavailable(
+                    f"Redis queue: the body of {item.id} expired before its item was stored"
+                )
             if result == b"full":
                 raise QueueFull(f"the queue holds {self.max_size} items (maxQueueSize)")
             raise DuplicateItem(f"queue id already stored: {item.id}")
@@ -525,6 +555,8 @@ class RedisQueue(QueueLifecycle):
             raise KeyError(item_id)
         if kind == b"file":
             return await self._store.in_thread(open, bodies.body_path(self.body_directory, item_id), "rb")
+        if kind == b"chunks":
+            return await chunks.open_chunks(self._store, item_id, self.spool_directory)
         data = await self._store.call("get", self._store.key("body:", item_id))
         if data is None:
             raise QueueUnavailable(f"Redis queue: the body of {item_id} is missing")
@@ -554,7 +586,7 @@ class RedisQueue(QueueLifecycle):
     async def _load(self) -> dict[str, int]:
         await self._store.call("ping")
         self._slot = await self._store.in_thread(
-            redis_consumer.take_slot, self.body_directory, socket.gethostname()
+            redis_consumer.take_slot, self.body_directory, self._consumer_host
         )
         self.owner = self._slot.name
         counts = await recover(self._store, self.body_directory, self.address.display, self.owner)

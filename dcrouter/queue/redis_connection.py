@@ -13,6 +13,11 @@ What a caller may rely on:
   ``replyTimeout``, set a little shorter than the call deadline so it fires first): a Redis that hangs or a
   network that drops packets silently does not leave a dead connection in the pool.
 - Outages are logged once when they begin and once when they end, not once per failed call.
+- With Sentinel (``redis+sentinel://``), every connection attempt first asks the sentinels for the current
+  master (txredisapi's ``Sentinel.master_for``), and a connection to a server that is no longer a master is
+  dropped: after a failover the pool reconnects to the new master by itself. Meanwhile calls fail with
+  QueueUnavailable (ingress answers ``451``). :meth:`call_replicated` runs a write and then ``WAIT`` on the
+  same connection, for the URL's ``wait`` replicas.
 
 A call that timed out may still be executed by Redis later (the command was sent). The queue's writes are
 written so that this is harmless: see :mod:`dcrouter.queue.redis`.
@@ -37,6 +42,31 @@ log = logger(__name__)
 
 #: Longest pause between reconnection attempts while Redis is down (txredisapi's default is 10 s).
 MAX_RECONNECT_DELAY = 2.0
+#: Error replies that mean "not now" rather than a bug: a replica not (yet) promoted, a master without the
+#: replicas ``min-replicas-to-write`` asks for, a server loading its data. Outages, logged as such.
+UNAVAILABLE_REPLIES = ("READONLY", "NOREPLICAS", "LOADING", "MASTERDOWN", "TRYAGAIN")
+
+
+class _MasterProtocol(txredisapi.SentinelRedisProtocol):  # type: ignore[misc]
+    """txredisapi's check that a server Sentinel named is (still) a master, for bytes replies: its own
+    compares ``ROLE``'s first element with a str, which with ``charset=None`` never matches, so every
+    connection would be dropped."""
+
+    def connectionMade(self) -> Any:
+        def check_role(role: list[Any]) -> Any:
+            kind = role[0].decode() if isinstance(role[0], bytes) else role[0]
+            if self.factory.is_master and kind != "master":
+                self.transport.loseConnection()
+                return None
+            return txredisapi.RedisProtocol.connectionMade(self)
+
+        if self.password is not None:
+            self.auth(self.password, self.username)
+        return self.role().addCallback(check_role)
+
+
+class _MasterConnectionFactory(txredisapi.SentinelConnectionFactory):  # type: ignore[misc]
+    protocol = _MasterProtocol
 
 
 class RedisConnection:
@@ -49,29 +79,43 @@ class RedisConnection:
         self._reactor = reactor
         self._timeout = timeout
         self._healthy = True
-        handler = txredisapi.UnixConnectionHandler if address.unix_path else txredisapi.ConnectionHandler
-        factory = txredisapi.RedisFactory(
-            address.display,
-            address.db,
-            pool_size,
-            isLazy=True,
-            handler=handler,
-            charset=None,
-            password=address.password,
-            replyTimeout=max(0.05, timeout * 0.8),
-            convertNumbers=False,
-            username=address.username,
-        )
-        factory.maxDelay = MAX_RECONNECT_DELAY
-        factory.initialDelay = min(factory.initialDelay, MAX_RECONNECT_DELAY / 4)
-        self._factory = factory
-        endpoint: Any
-        if address.unix_path:
-            endpoint = UNIXClientEndpoint(reactor, address.unix_path, timeout=timeout)
+        self._sentinel: Any = None
+        options: dict[str, Any] = {
+            "isLazy": True,
+            "charset": None,
+            "password": address.password,
+            "replyTimeout": max(0.05, timeout * 0.8),
+            "convertNumbers": False,
+            "username": address.username,
+        }
+        if address.sentinels:
+            # The sentinels' own connections keep txredisapi's defaults: it parses their replies as text.
+            self._sentinel = txredisapi.Sentinel(list(address.sentinels), replyTimeout=timeout)
+            self._sentinel.discovery_timeout = timeout
+            self._handler = self._sentinel.master_for(
+                address.master_name,
+                factory_class=_MasterConnectionFactory,
+                dbid=address.db,
+                poolsize=pool_size,
+                **options,
+            )
+            self._factory = self._handler._factory
+            self._factory.maxDelay = MAX_RECONNECT_DELAY
         else:
-            endpoint = HostnameEndpoint(reactor, address.host or "", address.port, timeout=timeout)
-        factory.startConnecting(endpoint)
-        self._handler = factory.handler
+            handler = txredisapi.UnixConnectionHandler if address.unix_path else txredisapi.ConnectionHandler
+            factory = txredisapi.RedisFactory(
+                address.display, address.db, pool_size, handler=handler, **options
+            )
+            factory.maxDelay = MAX_RECONNECT_DELAY
+            factory.initialDelay = min(factory.initialDelay, MAX_RECONNECT_DELAY / 4)
+            self._factory = factory
+            endpoint: Any
+            if address.unix_path:
+                endpoint = UNIXClientEndpoint(reactor, address.unix_path, timeout=timeout)
+            else:
+                endpoint = HostnameEndpoint(reactor, address.host or "", address.port, timeout=timeout)
+            factory.startConnecting(endpoint)
+            self._handler = factory.handler
         self._closed = False
 
     def call(self, method: str, *args: Any, refusal_expected: bool = False) -> Deferred:
@@ -88,9 +132,42 @@ class RedisConnection:
         d.addCallbacks(self._succeeded, self._failed, errbackArgs=(refusal_expected,))
         return d
 
+    def call_replicated(self, method: str, *args: Any) -> Deferred:
+        """:meth:`call`, and then, when the address asks for replicas (``wait``), Redis's ``WAIT`` on the same
+        connection: fires with the reply only once that many replicas have the write (and every write before
+        it). Fewer within half the deadline: QueueUnavailable (the write is on the master and may still be
+        applied: a ``451`` then means a possible duplicate, never a loss)."""
+        replicas = self.address.wait_replicas
+        if not replicas:
+            return self.call(method, *args)
+        if self._closed:
+            return fail(QueueUnavailable(f"the Redis queue at {self.address.display} is closed"))
+        d = Deferred.fromCoroutine(self._replicated(method, args, replicas))
+        d.addTimeout(self._timeout, self._reactor)
+        d.addCallbacks(self._succeeded, self._failed)
+        return d
+
+    async def _replicated(self, method: str, args: tuple[Any, ...], replicas: int) -> Any:
+        # Taken out of the pool, so the WAIT follows this write on its connection (WAIT counts the
+        # replication offset of its own client's last write).
+        connection = await self._factory.getConnection(peek=False)
+        try:
+            reply = await getattr(connection, method)(*args)
+            acknowledged = await connection.execute_command("WAIT", replicas, int(self._timeout * 500))
+        finally:
+            self._factory.connectionQueue.put(connection)
+        if int(acknowledged) < replicas:
+            raise QueueUnavailable(
+                f"Redis at {self.address.display}: only {int(acknowledged)} of {replicas} replicas confirmed "
+                "a write in time"
+            )
+        return reply
+
     def disconnect(self) -> Deferred:
         """Close every connection and stop reconnecting. Fires once closed (or after the deadline)."""
         self._closed = True
+        if self._sentinel is not None:
+            self._sentinel.disconnect().addErrback(lambda f: None)
         d = self._factory.disconnect()
         d.addTimeout(self._timeout, self._reactor)
         d.addErrback(lambda f: log.failure("Redis connections did not close cleanly", f))
@@ -109,6 +186,10 @@ class RedisConnection:
             reason = f"Redis at {self.address.display} did not answer within {self._timeout:g} s"
         elif failure.check(txredisapi.ConnectionError):
             reason = f"no connection to Redis at {self.address.display}: {failure.getErrorMessage()}"
+        elif failure.check(txredisapi.ResponseError) and failure.getErrorMessage().startswith(
+            UNAVAILABLE_REPLIES
+        ):
+            reason = f"Redis at {self.address.display} cannot take writes now: {failure.getErrorMessage()}"
         elif failure.check(txredisapi.ResponseError):
             reason = f"Redis at {self.address.display} refused a command: {failure.getErrorMessage()}"
             # Not an outage: a script error or a refused command is worth the whole traceback.

@@ -152,8 +152,10 @@ def _problem(item_id: str, text: bytes, status: bytes, kind: bytes, inline: int,
         return f"item id {item.id!r} differs from the key's id"
     if kind == b"inline" and not inline:
         return "inline body missing"
+    if kind == b"chunks" and not inline:
+        return "body chunks missing"
     if kind == b"file" and not file:
         return "body file missing"
-    if kind not in (b"inline", b"file"):
+    if kind not in (b"inline", b"chunks", b"file"):
         return f"unknown body kind {kind!r}"
     return None

@@ -4,8 +4,8 @@ at all, and two processes never claim the same item while its lease is valid.
 Keys, all under the queue's prefix ``P`` (``dcrouter:`` by default)::
 
     P item:<id>        hash: item (QueueItem JSON), status, seq, mk, created_at, next_attempt_at, due_score,
-                       attempts, body ('inline' | 'file'), ver, [dest], [owner, lease_until]
-    P body:<id>        string: the body, when it is inline
+                       attempts, body ('inline' | 'chunks' | 'file'), ver, [dest], [owner, lease_until]
+    P body:<id>        string: the body, when it is inline; list of its chunks (in order), when 'chunks'
     P seq              counter: arrival order
     P live             counter: items not delivered, bounced or failed (maxQueueSize, get_item_count)
     P items            zset seq -> id: every item, in arrival order (load's verification walks it)
@@ -95,14 +95,19 @@ end
 """
 
 #: ARGV: P, id, item JSON, status, created_at, next_attempt_at, due_score, has_dest, dest, attempts,
-#: body kind ('inline' | 'file'), inline body, max_size, owner, lease seconds.
-#: Returns 'ok', 'exists' or 'full'.
+#: body kind ('inline' | 'chunks' | 'file'), inline body (for 'chunks': their number), max_size, owner,
+#: lease seconds. Returns 'ok', 'exists', 'full' or 'nobody' (kind 'chunks' and not that many chunks: the
+#: list expired before the item came, or a failover lost some). A chunk list (APPEND_CHUNK) loses its expiry
+#: here: it is the item's body from now on.
 ENQUEUE = (
     _PRELUDE
     + r"""
 local id = ARGV[2]
 local k = ikey(id)
 if redis.call('EXISTS', k) == 1 then return 'exists' end
+if ARGV[11] == 'chunks' and redis.call('LLEN', P .. 'body:' .. id) ~= tonumber(ARGV[12]) then
+  return 'nobody'
+end
 local status = ARGV[4]
 if is_live(status) then
   local max = tonumber(ARGV[13])
@@ -119,12 +124,27 @@ if ARGV[8] == '1' then
   redis.call('HSET', k, 'dest', ARGV[9])
 end
 if ARGV[11] == 'inline' then redis.call('SET', P .. 'body:' .. id, ARGV[12]) end
+if ARGV[11] == 'chunks' then redis.call('PERSIST', P .. 'body:' .. id) end
 redis.call('ZADD', P .. 'items', seq, id)
 index(id, m)
 if status == 'delivering' then lease(id, ARGV[14], redis_now() + tonumber(ARGV[15])) end
 return 'ok'
 """
 )
+
+#: ARGV: P, id, chunk, expiry seconds, index (from 0). Appends one chunk of a body being stored to
+#: ``body:<id>`` before its item exists, and (re)sets the list's expiry: a list whose item never comes (the
+#: process died or Redis failed mid-way; no 250 was sent) disappears by itself. Returns 'ok'; 'exists' when
+#: the first chunk finds a body already there (an id in use); 'gap' when the list does not hold exactly the
+#: chunks before this one (a failover lost some): nothing is appended then.
+APPEND_CHUNK = r"""
+local k = ARGV[1] .. 'body:' .. ARGV[2]
+if ARGV[5] == '0' and redis.call('EXISTS', k) == 1 then return 'exists' end
+if redis.call('LLEN', k) ~= tonumber(ARGV[5]) then return 'gap' end
+redis.call('RPUSH', k, ARGV[3])
+redis.call('EXPIRE', k, tonumber(ARGV[4]))
+return 'ok'
+"""
 
 #: ARGV: P, id, expected ver, item JSON, status, created_at, next_attempt_at, due_score, has_dest, dest,
 #: attempts, owner, lease seconds. Returns 'ok', 'missing' or 'conflict' (changed since it was read).

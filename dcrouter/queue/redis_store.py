@@ -38,6 +38,11 @@ class RedisStore:
         """Run one of :mod:`dcrouter.queue.redis_scripts`; the prefix is its first argument."""
         return self.call("eval", script, [], [self.prefix, *args])
 
+    def script_replicated(self, script: str, *args: Any) -> Deferred:
+        """:meth:`script`, acknowledged only once the replicas the URL asks for (``wait``) have it too."""
+        assert self.connection is not None
+        return self.connection.call_replicated("eval", script, [], [self.prefix, *args])
+
     def in_thread(self, f: Callable[..., Any], *args: Any) -> Deferred:
         """Run blocking file work in the reactor's thread pool; OSError becomes QueueUnavailable."""
         d = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)

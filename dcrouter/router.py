@@ -338,6 +338,8 @@ class DcRouter(MultiService):
         # Delivery starts on a message as soon as it is durable, not at the next periodic look.
         manager = self.delivery
         self.processor.on_queued = lambda item: manager.wake()
+        # Queued with its destination, so claims share delivery between destinations from the first attempt.
+        self.processor.destination_of = manager.destination_of
 
     def _build_limits(self, config: SmtpConfig) -> IngressLimits | None:
         """SMTP rate limits when any is configured; with the Redis queue their counters are in the same

@@ -79,6 +79,7 @@ from dcrouter.delivery.slots import RouteSlots
 from dcrouter.delivery.transitions import Next
 from dcrouter.interfaces import ClaimLost, IDeliveryQueue, IDeliveryTransport, StatusMismatch
 from dcrouter.log import logger
+from dcrouter.mail.envelope import Envelope
 from dcrouter.queue.item import READY_STATUSES, QueueItem, QueueItemStatus
 from dcrouter.queue.operations import NotFound, WrongStatus
 
@@ -108,6 +109,12 @@ STAT_KEYS = (
     "claims_lost",  # attempts stopped undelivered: the queue could no longer vouch for the claim (ClaimLost)
     "purged",
 )
+
+
+def _reached(report: DeliveryReport) -> bool:
+    """Whether the attempt reached a server of its route (any answer counts; none: refused, timed out, no
+    address, every result temporary and without a target)."""
+    return any(r.target or r.outcome is not Outcome.TEMPORARY for r in report.results)
 
 
 class DeliveryManager(Service):
@@ -345,10 +352,10 @@ class DeliveryManager(Service):
         self._notify_idle()
 
     async def _claim(self) -> None:
-        count = self._slots.claim_size(len(self._active), self._clock.seconds())
+        count, schedule = self._slots.schedule(len(self._active), self._clock.seconds(), self._paused_routes)
         if count <= 0 or self._paused or not self.running:
             return
-        items = await self._queue.get_next(count)
+        items = await self._queue.get_next(count, schedule)
         for item in items:
             self._stats["claimed"] += 1
             if self.running:
@@ -472,6 +479,7 @@ class DeliveryManager(Service):
                 # the durable record below (a commit that waits behind ingress's under load) halved a busy
                 # destination's throughput (bench/relay).
                 self._slots.release(route.name)
+            self._slots.record(route.name, reached=_reached(report), now=self._clock.seconds())
             item = await self._record(item, route, report)
             temporary.update((r.recipient, r) for r in report.results if r.outcome is Outcome.TEMPORARY)
         if tried:
@@ -601,6 +609,17 @@ class DeliveryManager(Service):
         self._stats["delay_warnings" if dsn.action == "delayed" else "dsn_sent"] += 1
         return True
 
+    def destination_of(self, envelope: Envelope) -> str | None:
+        """The route of the first recipient of ``envelope``: the ``destination`` a message is queued with, so
+        that claims share delivery between destinations from its first attempt on (None when routing fails:
+        it is then claimed as unrouted mail, and its first attempt records where it goes)."""
+        if not envelope.recipients:
+            return None
+        try:
+            return self._routes.route(envelope.mail_from, envelope.recipients[0]).name
+        except Exception:  # noqa: BLE001 (the attempt routes again and logs what fails)
+            return None
+
     def _destination(self, item: QueueItem, rcpt: str) -> str | None:
         """Where the message waits now (the route of its first pending recipient), for get_by_destination."""
         try:
@@ -614,7 +633,11 @@ class DeliveryManager(Service):
         """Return a claimed item to a ready state, due after ``delay``, using no retry
         (:func:`~dcrouter.delivery.transitions.put_back`)."""
         log.debug("{queue_id} put back (destination busy or stopping)", queue_id=item.id)
-        transition = transitions.put_back(item, now=now, delay=delay, attempts=attempts)
+        pending = item.pending_recipients()
+        destination = self._destination(item, pending[0]) if item.destination is None and pending else None
+        transition = transitions.put_back(
+            item, now=now, delay=delay, attempts=attempts, destination=destination
+        )
         return await self._write(item, transition.changes)
 
     async def _give_up(

@@ -11,7 +11,14 @@ What a caller may rely on:
 - **Refusals.** ``acquire`` fires with False at once when ``per_route`` attempts already wait for the route,
   or when the caller may not wait (the manager is stopping); :meth:`RouteSlots.release_waiters` fires every
   waiter with False (stopping), after which waiters exist again only when a caller is allowed to wait.
-- **Claim sizing.** :meth:`RouteSlots.claim_size` is how many messages one look claims: the free delivery
+- **Destination-aware claims.** :meth:`RouteSlots.schedule` is what one look claims: every free slot
+  (``concurrency`` minus the attempts in flight), shared between destinations by a
+  :class:`~dcrouter.queue.contract.ClaimSchedule` the queue applies in its claim: each route at most what it
+  can still start or queue for (twice ``per_route`` minus its slots taken and its waiters; 0 when full or
+  paused), and a route that is **down** (its last attempt reached no server: :meth:`RouteSlots.record`)
+  nothing for a ``check_interval``, then one attempt at a time until one reaches a server. Messages with no
+  recorded destination get :meth:`RouteSlots.claim_size`, the bound below.
+- **Claim sizing (unrouted mail).** :meth:`RouteSlots.claim_size` is how many messages one look claims: the free delivery
   slots (``concurrency`` minus the attempts in flight), but no more than the busiest route can still start or
   queue for (twice ``per_route`` minus its slots taken and its waiters), unless that route has stayed full
   (slots and waiting places all taken) at every look for a whole ``check_interval``: then every free slot, as
@@ -35,8 +42,11 @@ slow destination cannot hold every slot while others wait.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 
 from twisted.internet.defer import Deferred, succeed
+
+from dcrouter.queue.contract import ClaimSchedule
 
 
 class RouteSlots:
@@ -54,6 +64,8 @@ class RouteSlots:
         self._waiters: dict[str, deque[Deferred[bool]]] = {}
         #: Routes whose slots and waiting places were all taken at every claim_size since this time.
         self._full_since: dict[str, float] = {}
+        #: Routes whose last attempt reached no server: until when they get nothing (then one at a time).
+        self._down_until: dict[str, float] = {}
 
     def taken(self, route: str) -> int:
         """Slots of ``route`` taken now."""
@@ -123,3 +135,37 @@ class RouteSlots:
         for name in [n for n in self._full_since if n not in full]:
             del self._full_since[name]
         return free if stuck else min(free, capacity - busiest)
+
+    def record(self, route: str, *, reached: bool, now: float) -> None:
+        """What an attempt to ``route`` found: ``reached`` a server (it answered, whatever it said), or none
+        (refused, timed out, no address): then the route is down for a ``check_interval``, and probed by one
+        attempt at a time after that until one reaches a server."""
+        if reached:
+            self._down_until.pop(route, None)
+        else:
+            self._down_until[route] = now + self._check_interval
+
+    def down(self) -> dict[str, float]:
+        """Routes down now (their last attempt reached no server), with when they are probed again."""
+        return dict(self._down_until)
+
+    def schedule(self, in_flight: int, now: float, closed: Iterable[str] = ()) -> tuple[int, ClaimSchedule]:
+        """How many messages a look at ``now`` claims with ``in_flight`` attempts running, and how the claim
+        shares them between destinations (see the module docstring). ``closed``: routes that get nothing
+        (paused by an operator). Each call is a look (it sizes the unrouted share as claim_size)."""
+        unrouted = self.claim_size(in_flight, now)
+        free = self._concurrency - in_flight
+        if free <= 0:
+            return 0, ClaimSchedule({}, 0, 0)
+        capacity = 2 * self._per_route
+        limits: dict[str, int] = {}
+        for name, load in self._load.items():
+            limits[name] = max(0, capacity - load - len(self._waiters.get(name, ())))
+        for name, until in self._down_until.items():
+            if now < until:
+                limits[name] = 0
+            else:  # probing: one attempt at a time, no waiters
+                limits[name] = max(0, 1 - self._load.get(name, 0) - len(self._waiters.get(name, ())))
+        for name in closed:
+            limits[name] = 0
+        return free, ClaimSchedule(limits, default=min(free, capacity), unrouted=unrouted)

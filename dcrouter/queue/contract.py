@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from dcrouter.queue.item import QueueItem, QueueItemStatus
@@ -144,6 +144,46 @@ def scan_window(count: int) -> int:
     destination whose backlog fills the window and whose limit is below the count lets this claim take less
     than it could; the next claim (that destination now full, so closed) walks past it."""
     return max(4 * count, 256)
+
+
+#: Walks a scheduled claim makes at most (each past the destinations the ones before filled).
+SCAN_ROUNDS = 4
+
+
+def walk(
+    fetch: Callable[[list[str], bool], list[tuple[K, str | None]]], count: int, schedule: ClaimSchedule
+) -> list[K]:
+    """What a scheduled claim takes, when the backend walks its due items a window at a time:
+    ``fetch(closed, unrouted)`` returns up to ``scan_window(count)`` (key, destination) of the due items, in
+    get_next order, of destinations not in ``closed`` (and with no destination only when ``unrouted``).
+    When a window holds no more than its destinations' limits allow (a backlog of one destination with a
+    slot free fills it), the next walk skips those destinations too, so mail behind a backlog is found in
+    the same claim."""
+    closed = set(schedule.closed())
+    unrouted = schedule.unrouted > 0
+    window = scan_window(count)
+    rows: list[tuple[K, str | None]] = []
+    seen: set[K] = set()
+    for _ in range(SCAN_ROUNDS):
+        batch = fetch(sorted(closed), unrouted)
+        for key, destination in batch:
+            if key not in seen:
+                seen.add(key)
+                rows.append((key, destination))
+        if len(batch) < window:
+            break
+        counts: dict[str | None, int] = {}
+        for _key, destination in rows:
+            counts[destination] = counts.get(destination, 0) + 1
+        full = {d for d, n in counts.items() if n >= schedule.limit(d)}
+        if sum(min(n, schedule.limit(d)) for d, n in counts.items()) >= count:
+            break
+        more = {d for d in full if d is not None} - closed
+        if not more and not (None in full and unrouted):
+            break
+        closed |= more
+        unrouted = unrouted and None not in full
+    return pick(rows, count, schedule)
 
 
 def pick(rows: Iterable[tuple[K, str | None]], count: int, schedule: ClaimSchedule) -> list[K]:

@@ -29,7 +29,7 @@ from urllib.parse import quote
 
 from dcrouter.interfaces import DuplicateItem, QueueUnavailable, StatusMismatch
 from dcrouter.mail.spooled import SpooledMessage
-from dcrouter.queue.contract import ClaimSchedule, QueueFilter, is_live, pick, scan_window
+from dcrouter.queue.contract import ClaimSchedule, QueueFilter, is_live, scan_window, walk
 from dcrouter.queue.files import fsync_directory, fsync_file, link_without_replacing
 from dcrouter.queue.item import QueueItem, QueueItemStatus
 
@@ -91,14 +91,15 @@ ORDER BY priority, created_at, seq LIMIT ?
 #: order, read from items_ready_dest alone. ``{closed}`` is one ``?`` per closed destination.
 SCHEDULED_SQL = f"""
 SELECT seq, destination FROM items INDEXED BY items_ready_dest
-WHERE status IN {_READY_SQL} AND next_attempt_at <= ? AND (destination IS NULL OR destination NOT IN ({{closed}}))
+WHERE status IN {_READY_SQL} AND next_attempt_at <= ?
+AND CASE WHEN destination IS NULL THEN ? ELSE destination NOT IN ({{closed}}) END
 ORDER BY priority, created_at, seq LIMIT ?
 """
 
 #: The same when the due items are few (found by items_due, as FEW_DUE_CLAIM_SQL).
 FEW_SCHEDULED_SQL = f"""
 SELECT seq, destination FROM items WHERE seq IN ({DUE_SQL})
-AND (destination IS NULL OR destination NOT IN ({{closed}}))
+AND CASE WHEN destination IS NULL THEN ? ELSE destination NOT IN ({{closed}}) END
 ORDER BY priority, created_at, seq LIMIT ?
 """
 
@@ -267,24 +268,24 @@ class ClaimDue(Write):
         return conn.execute(FEW_DUE_CLAIM_SQL, (self.now, FEW_DUE + 1, self.count)).fetchall()
 
     def _scheduled_rows(self, conn: sqlite3.Connection, schedule: ClaimSchedule) -> list[tuple[int, str]]:
-        # The walk skips closed destinations inside SQLite, from the index alone: a full destination's backlog
+        # The walks skip closed destinations inside SQLite, from the index alone: a full destination's backlog
         # of 20,000 at the front of the queue costs a few ms of index walk, never 20,000 rows in Python.
         (due,) = conn.execute(DUE_COUNT_SQL, (self.now, FEW_DUE + 1)).fetchone()
         if not due:
             return []
-        closed = schedule.closed()
-        marks = ",".join("?" * len(closed))
         window = scan_window(self.count)
-        if due > FEW_DUE:
-            query, params = SCHEDULED_SQL, (self.now, *closed, window)
-        else:
-            query, params = FEW_SCHEDULED_SQL, (self.now, FEW_DUE + 1, *closed, window)
-        candidates = conn.execute(query.format(closed=marks), params).fetchall()
-        seqs = pick(candidates, self.count, schedule)
+
+        def fetch(closed: list[str], unrouted: bool) -> list[tuple[int, str | None]]:
+            marks = ",".join("?" * len(closed))
+            if due > FEW_DUE:
+                query, params = SCHEDULED_SQL, (self.now, int(unrouted), *closed, window)
+            else:
+                query, params = FEW_SCHEDULED_SQL, (self.now, FEW_DUE + 1, int(unrouted), *closed, window)
+            return conn.execute(query.format(closed=marks), params).fetchall()
+
         rows = []
-        for seq in seqs:
-            row = conn.execute("SELECT seq, item FROM items WHERE seq = ?", (seq,)).fetchone()
-            rows.append(row)
+        for seq in walk(fetch, self.count, schedule):
+            rows.append(conn.execute("SELECT seq, item FROM items WHERE seq = ?", (seq,)).fetchone())
         return rows
 
 

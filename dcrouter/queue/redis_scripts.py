@@ -176,36 +176,56 @@ CLAIM = (
     _PRELUDE
     + r"""
 -- The members of due (or parked) to claim, taken out of their set: see above.
+local PARK_BUDGET = 4096
 local function schedule(count)
-  local unrouted, default, window = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
+  -- Without a schedule (a caller other than delivery) every destination is open: parked items come back.
+  local unrouted, default, window = count, count, count
   local limits = {}
-  for i = 13, #ARGV - 1, 2 do limits[ARGV[i]] = tonumber(ARGV[i + 1]) end
+  if ARGV[9] == '1' then
+    unrouted, default, window = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
+    for i = 13, #ARGV - 1, 2 do limits[ARGV[i]] = tonumber(ARGV[i + 1]) end
+  end
   local function limit(dest)
     if not dest then return unrouted end
     return limits[dest] or default
   end
-  local found = {}
+  local found, taken = {}, {}
   for _, dest in ipairs(redis.call('SMEMBERS', P .. 'parked')) do
-    local n = limit(dest)
+    local n = math.min(limit(dest), count)
     if n > 0 then
       local parked = redis.call('ZRANGE', P .. 'parked:' .. dest, 0, n - 1, 'WITHSCORES')
       if #parked == 0 then redis.call('SREM', P .. 'parked', dest) end
+      taken[dest] = #parked / 2
       for i = 1, #parked, 2 do
         table.insert(found, {score = tonumber(parked[i + 1]), mk = parked[i], dest = dest, parked = true})
       end
     end
   end
-  local front = redis.call('ZRANGE', P .. 'due', 0, window - 1, 'WITHSCORES')
-  for i = 1, #front, 2 do
-    local mk, score = front[i], front[i + 1]
-    local dest = redis.call('HGET', ikey(string.sub(mk, 17)), 'dest') or nil
-    if dest and limit(dest) <= 0 then
-      redis.call('ZREM', P .. 'due', mk)
-      redis.call('ZADD', P .. 'parked:' .. dest, score, mk)
-      redis.call('SADD', P .. 'parked', dest)
-    else
-      table.insert(found, {score = tonumber(score), mk = mk, dest = dest, parked = false})
+  -- A destination's items beyond what it may take now are parked too: the window then moves on past a
+  -- backlog whatever its destination's free slots, and the parked items come back first once it has room.
+  -- Window after window while the last one parked something and too little was found: up to PARK_BUDGET
+  -- items parked per claim (each only once: a backlog is walked past once, not at every claim).
+  local start, parked_now, open = 0, 0, #found
+  while true do
+    local front = redis.call('ZRANGE', P .. 'due', start, start + window - 1, 'WITHSCORES')
+    local parked_here = 0
+    for i = 1, #front, 2 do
+      local mk, score = front[i], front[i + 1]
+      local dest = redis.call('HGET', ikey(string.sub(mk, 17)), 'dest') or nil
+      if dest then taken[dest] = (taken[dest] or 0) + 1 end
+      if dest and taken[dest] > limit(dest) then
+        redis.call('ZREM', P .. 'due', mk)
+        redis.call('ZADD', P .. 'parked:' .. dest, score, mk)
+        redis.call('SADD', P .. 'parked', dest)
+        parked_here = parked_here + 1
+      else
+        table.insert(found, {score = tonumber(score), mk = mk, dest = dest, parked = false})
+        open = open + 1
+      end
     end
+    parked_now = parked_now + parked_here
+    if #front < 2 * window or parked_here == 0 or open >= count or parked_now >= PARK_BUDGET then break end
+    start = start + window - parked_here
   end
   table.sort(found, function(a, b)
     if a.score ~= b.score then return a.score < b.score end
@@ -265,7 +285,7 @@ local body_limit = tonumber(ARGV[8] or '0')
 if count > 0 then
   local expiry = rnow + tonumber(ARGV[5])
   local chosen
-  if ARGV[9] == '1' then
+  if ARGV[9] == '1' or redis.call('EXISTS', P .. 'parked') == 1 then
     chosen = schedule(count)
   else
     chosen = redis.call('ZRANGE', P .. 'due', 0, count - 1)

@@ -170,7 +170,8 @@ def slow_scenario(args: argparse.Namespace, workdir: str, tree: str, name: str) 
     try:
         relay.start()
         began = time.time()
-        send_many(relay.port, [(f"s{n}", f"u{n}@slow.example") for n in range(args.backlog)], args.connections)
+        backlog = [(f"s{n}", f"u{n}@slow.example") for n in range(args.backlog)]
+        send_many(relay.port, backlog, args.connections)
         queued_in = time.time() - began
         sent: dict[str, float] = {}
         start = time.time()
@@ -224,7 +225,8 @@ def down_scenario(args: argparse.Namespace, workdir: str, tree: str, name: str) 
     try:
         relay.start()
         alone = burst(relay.port, fast, args, "a")
-        send_many(relay.port, [(f"d{n}", f"u{n}@slow.example") for n in range(args.backlog)], args.connections)
+        backlog = [(f"d{n}", f"u{n}@slow.example") for n in range(args.backlog)]
+        send_many(relay.port, backlog, args.connections)
         behind = burst(relay.port, fast, args, "b")
         return {"fast msg/s alone": alone, "fast msg/s with down backlog": behind}
     finally:
@@ -245,9 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     trees = [t.split("=", 1) for t in (args.tree or [f"this={REPO_ROOT}"])]
     scenarios = args.scenarios.split(",")
-    print(f"bench/hol: backlog {args.backlog}, fast {args.rate:g}/s for {args.seconds:g} s, burst {args.burst}, "
-          f"{args.connections} connections, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-          f"load {os.getloadavg()[0]:.1f}")
+    print(f"bench/hol: backlog {args.backlog}, fast {args.rate:g}/s for {args.seconds:g} s, "
+          f"burst {args.burst}, {args.connections} connections, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory(prefix="bench-hol-") as workdir:
         for scenario in scenarios:
             for name, tree in trees:

@@ -37,7 +37,8 @@ class DownAwareTransport(ScriptedTransport):
 
     def _answer(self, rcpt: str, route: Route) -> RecipientResult:
         if route.name in self.down:
-            return RecipientResult(rcpt, Outcome.TEMPORARY, 451, "4.4.1", f"Connection refused by {route.name}")
+            refused = f"Connection refused by {route.name}"
+            return RecipientResult(rcpt, Outcome.TEMPORARY, 451, "4.4.1", refused)
         return super()._answer(rcpt, route)
 
     def release_slow(self) -> None:
@@ -56,7 +57,8 @@ class SchedulingTests(ManagerTestsBase):
 
     def queue_only(self, rcpt: str) -> str:
         """Queue a message without waking delivery (a backlog built while delivery is paused)."""
-        envelope = Envelope(mail_from="alice@senders.test", recipients=[rcpt], received_at=self.clock.seconds())
+        now = self.clock.seconds()
+        envelope = Envelope(mail_from="alice@senders.test", recipients=[rcpt], received_at=now)
         return result_of(self.processor.process(envelope, SpooledMessage(len(BODY), data=BODY))).id
 
     def routes_called(self) -> list[str]:

@@ -175,7 +175,8 @@ class QueueContractMixin:
     async def test_scheduled_claim_skips_closed_destinations(self) -> None:
         """A full or paused destination's backlog ahead in the queue holds back nobody else's mail."""
         queue = await self.open_queue()
-        slow = [make_item(f"SLOW{n:03d}", destination="slow", created_at=START - 1000 + n) for n in range(300)]
+        slow = [make_item(f"SLOW{n:03d}", destination="slow", created_at=START - 1000 + n)
+                for n in range(300)]
         await self.enqueue_all(queue, *slow, make_item("FAST", destination="fast"), make_item("NEW"))
         self.clock.advance(START)
         claimed = await queue.get_next(10, ClaimSchedule({"slow": 0}))
@@ -190,7 +191,8 @@ class QueueContractMixin:
         """A destination with one free slot and a backlog longer than a claim's window: one of its messages,
         and the mail behind the backlog, in the same claim."""
         queue = await self.open_queue()
-        slow = [make_item(f"SLOW{n:04d}", destination="slow", created_at=START - 2000 + n) for n in range(1200)]
+        slow = [make_item(f"SLOW{n:04d}", destination="slow", created_at=START - 2000 + n)
+                for n in range(1200)]
         await self.enqueue_all(queue, *slow, make_item("FAST", destination="fast"))
         self.clock.advance(START)
         claimed = await queue.get_next(5, ClaimSchedule({"slow": 1}))
@@ -209,7 +211,8 @@ class QueueContractMixin:
         self.assertEqual([i.id for i in claimed], ["A0", "B0", "C0", "A1", "A2"])
         self.assertEqual({i.status for i in claimed}, {QueueItemStatus.DELIVERING})
         # Unrouted mail has its own limit.
-        await self.enqueue_all(queue, make_item("U1", created_at=START - 5), make_item("U2", created_at=START - 4))
+        unrouted = [make_item("U1", created_at=START - 5), make_item("U2", created_at=START - 4)]
+        await self.enqueue_all(queue, *unrouted)
         claimed = await queue.get_next(10, ClaimSchedule({"a": 0, "b": 0}, unrouted=1))
         self.assertEqual([i.id for i in claimed], ["U1"])
 

@@ -18,11 +18,11 @@ What a caller may rely on:
   paused), and a route that is **down** (its last attempt reached no server: :meth:`RouteSlots.record`)
   nothing for a ``check_interval``, then one attempt at a time until one reaches a server. Messages with no
   recorded destination get :meth:`RouteSlots.claim_size`, the bound below.
-- **Claim sizing (unrouted mail).** :meth:`RouteSlots.claim_size` is how many messages one look claims: the free delivery
-  slots (``concurrency`` minus the attempts in flight), but no more than the busiest route can still start or
-  queue for (twice ``per_route`` minus its slots taken and its waiters), unless that route has stayed full
-  (slots and waiting places all taken) at every look for a whole ``check_interval``: then every free slot, as
-  if it were not there.
+- **Claim sizing (unrouted mail).** :meth:`RouteSlots.claim_size` is how many messages with no recorded
+  destination one look claims: the free delivery slots (``concurrency`` minus the attempts in flight), but no
+  more than the busiest route can still start or queue for (twice ``per_route`` minus its slots taken and its
+  waiters), unless that route has stayed full (slots and waiting places all taken) at every look for a whole
+  ``check_interval``: then every free slot, as if it were not there.
 
 Why a look claims no more than that: a claimed message beyond it is put back for a ``checkInterval``. With one
 busy destination and a backlog, every finished delivery claimed ``concurrentDeliveries - 2 *

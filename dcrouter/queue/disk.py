@@ -48,7 +48,15 @@ from dcrouter.interfaces import IDeliveryQueue, QueueFull, QueueUnavailable
 from dcrouter.log import logger
 from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.net.reactor import IRouterReactor
-from dcrouter.queue.contract import ClaimSchedule, ItemPage, QueueFilter, check_changes, check_item_id, check_page, is_live
+from dcrouter.queue.contract import (
+    ClaimSchedule,
+    ItemPage,
+    QueueFilter,
+    check_changes,
+    check_item_id,
+    check_page,
+    is_live,
+)
 from dcrouter.queue.index import ClaimDue, Outcome, QueueIndex, RemoveItems, StoreItem, UpdateItem, Write
 from dcrouter.queue.item import QueueItem, QueueItemStatus
 from dcrouter.queue.lifecycle import QueueLifecycle

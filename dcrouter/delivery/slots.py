@@ -48,6 +48,10 @@ from twisted.internet.defer import Deferred, succeed
 
 from dcrouter.queue.contract import ClaimSchedule
 
+#: A down route not probed again for this many ``check_interval``s after its down time (no mail for it came
+#: due) is forgotten: its next attempts get a full share again.
+FORGET_DOWN_AFTER = 10
+
 
 class RouteSlots:
     """The delivery slots of every route; see the module docstring. ``check_interval`` is in seconds, in the
@@ -161,7 +165,11 @@ class RouteSlots:
         limits: dict[str, int] = {}
         for name, load in self._load.items():
             limits[name] = max(0, capacity - load - len(self._waiters.get(name, ())))
-        for name, until in self._down_until.items():
+        for name, until in list(self._down_until.items()):
+            if now >= until + FORGET_DOWN_AFTER * self._check_interval and name not in self._load:
+                # Not probed for a while: it has no mail due. Forgotten, so the marks stay bounded.
+                del self._down_until[name]
+                continue
             if now < until:
                 limits[name] = 0
             else:  # probing: one attempt at a time, no waiters

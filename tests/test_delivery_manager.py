@@ -479,6 +479,8 @@ class LimitTests(ManagerTestsBase):
         put_back = self.item(third)
         self.assertEqual(put_back.status, QueueItemStatus.QUEUED)
         self.assertEqual((put_back.attempts, put_back.next_attempt_at), (0, START + 4))
+        # Queued without a destination: the put-back records it, so later claims schedule it with its route.
+        self.assertEqual(put_back.destination, "rule:a.test")
         self.assertEqual(self.manager.get_delivery_stats()["busy"], 1)
         self.transport.release(0)
         self.clock.advance(0)

@@ -269,7 +269,8 @@ class DiskQueueTests(TestCase):
             (READY_DESTINATIONS_SQL, ()),
             (DESTINATION_DUE_SQL, ("mx.example", START, 10)),
         ):
-            self.assertRegex(plan(sql, *params), r"SEARCH items USING (COVERING )?INDEX items_dest_ready \(destination")
+            searched = r"SEARCH items USING (COVERING )?INDEX items_dest_ready \(destination"
+            self.assertRegex(plan(sql, *params), searched)
             self.assertNotIn("TEMP B-TREE", plan(sql, *params))
         claim = plan(CLAIM_SQL, START, 10)
         self.assertIn("USING INDEX items_ready_dest", claim)

@@ -100,8 +100,9 @@ SELECT seq, destination FROM (
 ORDER BY priority, created_at, seq LIMIT ?
 """
 
-#: How many due items a scheduled claim walks in get_next order before it looks destination by destination.
-SCHEDULED_WALK = 2048
+#: Up to how many due items a scheduled claim walks them in get_next order; with more it looks destination by
+#: destination. FEW_DUE's count (which every claim makes) decides, so the choice costs nothing more.
+SCHEDULED_WALK = 1000
 
 #: The destinations with ready items, one index probe each (a skip scan of items_dest_ready).
 READY_DESTINATIONS_SQL = f"""
@@ -297,7 +298,7 @@ class ClaimDue(Write):
         # SQLite from the index alone. Beyond, walking past a backlog would cost ~0.5 us per item at every
         # claim (~10 ms behind 20,000), so the claim looks destination by destination instead: the
         # destinations with ready items (one index probe each), then each open one's first due items.
-        (due,) = conn.execute(DUE_COUNT_SQL, (self.now, SCHEDULED_WALK + 1)).fetchone()
+        (due,) = conn.execute(DUE_COUNT_SQL, (self.now, max(FEW_DUE, SCHEDULED_WALK) + 1)).fetchone()
         if not due:
             return []
         window = scan_window(self.count)

@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 CONFIG ?= etc/dcrouter.example.toml
 TESTS  ?= tests
 
-.PHONY: run test check bench bench-relay bench-processing bench-proxy lint clean venv test-peers
+.PHONY: run test check fuzz bench bench-relay bench-processing bench-proxy lint clean venv test-peers
 
 # Debian splits venv support out of python3; install it when it is missing and we may.
 $(BIN)/python:
@@ -37,8 +37,8 @@ check: $(VENV)/.installed-run
 # Real peers the tests start themselves (never the machine's shared services): redis-server for the Redis queue,
 # Debian's pebble ACME test server, Perl's Mail::DKIM as an independent DKIM verifier, the content scanning
 # daemons spamd (SpamAssassin), clamd (ClamAV) and rspamd, and the TLS scanners sslscan and testssl.sh (they
-# check the TLS policy on real listeners). Installed when missing and we may (root with apt-get); otherwise the
-# tests that need one are skipped and say what to install.
+# check the TLS policy on real listeners), and OpenLDAP's slapd for LDAP authentication. Installed when missing
+# and we may (root with apt-get); otherwise the tests that need one are skipped and say what to install.
 test-peers:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
@@ -50,6 +50,10 @@ test-peers:
 	command -v sslscan >/dev/null || missing="$$missing sslscan"; \
 	command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing="$$missing haproxy"; \
 	command -v testssl >/dev/null || missing="$$missing testssl.sh"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
+	command -v dig >/dev/null || missing="$$missing bind9-dnsutils"; \
+	command -v slapd >/dev/null || [ -x /usr/sbin/slapd ] || missing="$$missing slapd"; \
 	[ -z "$$missing" ] || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    export DEBIAN_FRONTEND=noninteractive; \
@@ -63,6 +67,22 @@ test: $(VENV)/.installed-test test-peers
 	@set -o pipefail; $(BIN)/python -m twisted.trial --temp-directory=_trial_temp $(TESTS) 2>&1 \
 	  | tee _trial_temp.log; rc=$$?; \
 	  $(BIN)/python .ci/trial_summary.py _trial_temp.log; exit $$rc
+
+# The fuzz tests with the long Hypothesis profile (tests/fuzzing.py): FUZZ_EXAMPLES per parser at weight 1,
+# about 10^6 examples in all at the default (docs/fuzzing.md: figures, and how to replay a failure). Each
+# module runs on its own, its time printed; a failure does not stop the others, and fails the target.
+FUZZ_EXAMPLES ?= 75000
+FUZZ_TESTS ?= tests.test_fuzz_proxy_parsers tests.test_fuzz_proxy_http tests.test_fuzz_smtp tests.test_fuzz_mime \
+	tests.test_fuzz_config
+
+fuzz: $(VENV)/.installed-test
+	@failed=""; for t in $(FUZZ_TESTS); do \
+	  start=$$(date +%s); \
+	  HYPOTHESIS_PROFILE=fuzz HYPOTHESIS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \
+	    $(BIN)/python -m twisted.trial --temp-directory=_trial_temp.fuzz $$t || failed="$$failed $$t"; \
+	  echo "fuzz: $$t: $$(( $$(date +%s) - start )) s at FUZZ_EXAMPLES=$(FUZZ_EXAMPLES)"; \
+	done; \
+	[ -z "$$failed" ] || { echo "fuzz: failed:$$failed" >&2; exit 1; }
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m bench.ingress

@@ -26,6 +26,9 @@ import argparse
 import asyncio
 import dataclasses
 import datetime
+import hashlib
+import http.client
+import http.server
 import json
 import math
 import os
@@ -37,6 +40,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from importlib import metadata
@@ -235,6 +239,142 @@ class DcrouterLimits(Dcrouter):
         return argv, env
 
 
+#: The management API, the metrics listener and a webhook on; see DcrouterObserved.
+OBSERVED = """
+[apiConfig]
+enabled = true
+bindAddress = "{host}"
+port = {api_port}
+tokens = [{{ name = "bench", tokenHash = "sha256${token_hash}", scope = "read" }}]
+
+[metricsConfig]
+enabled = true
+bindAddress = "{host}"
+port = {metrics_port}
+
+[[events.webhooks]]
+url = "http://{host}:{hook_port}/hook"
+types = [{hook_types}]
+secret = "bench-secret"
+"""
+OBSERVED_TOKEN = "bench-read-token"
+
+
+class _HookReceiver(http.server.BaseHTTPRequestHandler):
+    """A webhook receiver: reads the body, answers 204, counts (HTTP/1.1, keeping the connection)."""
+
+    protocol_version = "HTTP/1.1"
+    received = 0
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        type(self).received += 1
+        self.send_response(204)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class DcrouterObserved(Dcrouter):
+    """dcrouter operated as issue 15 means: the management API and the metrics listener on, a scraper
+    fetching /metrics every second, one Server-Sent Events client subscribed to every event, and a signed
+    webhook to a receiver in the bench process for what an operator is alerted about (bounces, deferrals,
+    security events: none in this load, so the webhook costs its subscription only). Their client side runs
+    in threads of the bench process (its CPU is the client's, not the server's)."""
+
+    name = "dcrouter-observed"
+    label = "dcrouter+observed"
+    hook_types = '"message.bounced", "message.deferred", "security.*"'
+
+    def __init__(self, workdir: str) -> None:
+        super().__init__(workdir)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._hooks: http.server.ThreadingHTTPServer | None = None
+        self._receiver: type[_HookReceiver] = _HookReceiver
+        self.scrapes = 0
+        self.stream_events = 0
+
+    def command(self, directory: str) -> tuple[list[str], dict[str, str]]:
+        argv, env = super().command(directory)
+        self.api_port, metrics_port = free_port(), free_port()
+        # A receiver class per server, so each counts its own posts.
+        self._receiver = type("HookReceiver", (_HookReceiver,), {"received": 0})
+        self._hooks = http.server.ThreadingHTTPServer((HOST, 0), self._receiver)
+        self._hooks.daemon_threads = True
+        with open(os.path.join(directory, "dcrouter.toml"), "a") as f:
+            f.write(OBSERVED.format(
+                host=HOST, api_port=self.api_port, metrics_port=metrics_port,
+                token_hash=hashlib.sha256(OBSERVED_TOKEN.encode()).hexdigest(),
+                hook_port=self._hooks.server_address[1], hook_types=self.hook_types,
+            ))
+        return argv, env
+
+    def start(self) -> None:
+        super().start()
+        self._stop.clear()
+        assert self._hooks is not None
+        hooks = self._hooks
+        self._threads = [
+            threading.Thread(target=hooks.serve_forever, daemon=True),
+            threading.Thread(target=self._scrape, daemon=True),
+            threading.Thread(target=self._stream, daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.process is not None and self.process.poll() is None:
+            print(f"  {self.label}: {self.scrapes} scrapes, {self.stream_events} events streamed, "
+                  f"{self._receiver.received} webhook posts so far", flush=True)
+        if self._hooks is not None:
+            self._hooks.shutdown()
+            self._hooks.server_close()
+            self._hooks = None
+        super().stop()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._threads = []
+
+    def _get(self, path: str, timeout: float) -> http.client.HTTPResponse:
+        connection = http.client.HTTPConnection(HOST, self.api_port, timeout=timeout)
+        connection.request("GET", path, headers={"Authorization": f"Bearer {OBSERVED_TOKEN}"})
+        return connection.getresponse()
+
+    def _scrape(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                response = self._get("/metrics", 5)
+                response.read()
+                self.scrapes += response.status == 200
+            except OSError:
+                pass
+
+    def _stream(self) -> None:
+        while not self._stop.is_set():
+            try:
+                response = self._get("/api/v1/events", 2)
+                while not self._stop.is_set():
+                    line = response.readline()
+                    if not line:
+                        break
+                    self.stream_events += line.startswith(b"event:")
+            except OSError:  # a read timeout while idle, or the server stopping: connect again
+                self._stop.wait(0.2)
+
+
+class DcrouterObservedHooks(DcrouterObserved):
+    """As DcrouterObserved, with the webhook also sent every queued message: one signed HTTP POST per
+    message (what a per-message webhook costs)."""
+
+    name = "dcrouter-observed-hooks"
+    label = "dcrouter+observed+hook/msg"
+    hook_types = '"message.queued", "message.bounced", "message.deferred", "security.*"'
+
+
 # -- measurements --------------------------------------------------------------------------------
 
 
@@ -426,28 +566,55 @@ def report_throughput(results: dict[str, Any], plan: Plan) -> str:
     limited = get(results, "dcrouter-limits", "throughput")
     if limited is not None:
         report += "\n\n" + report_limits_cost(dcr, limited, plan)
+    observed = get(results, "dcrouter-observed", "throughput")
+    if observed is not None:
+        title = ("API, metrics listener and events on (bench/ingress.py OBSERVED: /metrics scraped every "
+                 "second, one SSE client of every event, a webhook for bounces, deferrals and security), "
+                 "same run")
+        report += "\n\n" + report_cost(dcr, observed, plan, "dcrouter+observed", title)
+    hooks = get(results, "dcrouter-observed-hooks", "throughput")
+    if hooks is not None:
+        title = "As above, and the webhook also sent every queued message (one POST per message), same run"
+        report += "\n\n" + report_cost(dcr, hooks, plan, "dcrouter+observed+hook/msg", title)
     return report
+
+
+def report_cost(
+    plain: dict[str, Any] | None, other: dict[str, Any], plan: Plan, label: str, title: str
+) -> str:
+    """dcrouter with something on (``label``) against plain dcrouter, same run: msg/s and server CPU per
+    message, and the cost of each (CPU per message is the steadier figure on a shared machine)."""
+    rows = []
+    for senders in plan.senders:
+        p = plain.get(str(senders)) if plain else None
+        q = other.get(str(senders))
+        cost = f"{(1 - q['rate'] / p['rate']) * 100:+.1f}%" if p and q and p["rate"] else "n/a"
+        cpu_cost = (f"{(q['server_cpu'] / p['server_cpu'] - 1) * 100:+.1f}%"
+                    if p and q and p["server_cpu"] else "n/a")
+        # Runs i of both servers are next to each other in time (interleaved): the median of their ratios
+        # cancels much of the machine's drift that the ratio of the two medians keeps.
+        paired = "n/a"
+        if p and q:
+            ratios = [b["server_cpu"] / a["server_cpu"] for a, b in zip(p["runs"], q["runs"], strict=False)
+                      if a["server_cpu"]]
+            paired = f"{(median(ratios) - 1) * 100:+.1f}%" if ratios else "n/a"
+
+        def cpu(r: dict[str, Any] | None) -> str:
+            return f"{r['server_cpu'] / plan.messages * 1000:.3f}" if r else "n/a"
+
+        rows.append([
+            str(senders), f"{p['rate']:.0f}" if p else "n/a", f"{q['rate']:.0f}" if q else "n/a", cost,
+            f"{cpu(p)} / {cpu(q)}", cpu_cost, paired, f"{q['errors']}" if q else "n/a",
+        ])
+    header = ["senders", "dcrouter msg/s", f"{label} msg/s", "throughput cost",
+              "server CPU ms/msg without / with", "CPU cost", "CPU cost, paired runs", f"errors ({label})"]
+    return "\n".join([title, "", table(header, rows)])
 
 
 def report_limits_cost(plain: dict[str, Any] | None, limited: dict[str, Any], plan: Plan) -> str:
     """dcrouter with rate limits configured but not reached against dcrouter without (docs/limits.md)."""
-    rows = []
-    for senders in plan.senders:
-        p = plain.get(str(senders)) if plain else None
-        q = limited.get(str(senders))
-        cost = f"{(1 - q['rate'] / p['rate']) * 100:+.1f}%" if p and q and p["rate"] else "n/a"
-
-        def cpu(r: dict[str, Any] | None) -> str:
-            return f"{r['server_cpu'] / plan.messages * 1000:.2f}" if r else "n/a"
-
-        rows.append([
-            str(senders), f"{p['rate']:.0f}" if p else "n/a", f"{q['rate']:.0f}" if q else "n/a", cost,
-            f"{cpu(p)} / {cpu(q)}", f"{q['errors']}" if q else "n/a",
-        ])
-    header = ["senders", "dcrouter msg/s", "dcrouter+limits msg/s", "throughput cost",
-              "server CPU ms/msg without / with", "errors (limits)"]
     title = "Rate limits configured but not reached (bench/ingress.py LIMITS_NOT_HIT), same run"
-    return "\n".join([title, "", table(header, rows)])
+    return report_cost(plain, limited, plan, "dcrouter+limits", title)
 
 
 def report_large(results: dict[str, Any], plan: Plan) -> str:
@@ -606,7 +773,8 @@ def main(argv: list[str] | None = None) -> int:
 
     servers: list[ServerUnderTest] = []
     for name in args.servers.split(","):
-        kinds = {"peer": AiosmtpdPeer, "dcrouter": Dcrouter, "dcrouter-limits": DcrouterLimits}
+        kinds = {"peer": AiosmtpdPeer, "dcrouter": Dcrouter, "dcrouter-limits": DcrouterLimits,
+                 "dcrouter-observed": DcrouterObserved, "dcrouter-observed-hooks": DcrouterObservedHooks}
         servers.append(kinds[name.strip()](workdir))
     tests = [t.strip() for t in args.tests.split(",")]
     results: dict[str, Any] = {s.name: {} for s in servers}

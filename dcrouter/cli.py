@@ -3,7 +3,8 @@
 ``dcrouter hash-password`` prints a hash for ``smtpConfig.auth.users[].password``; ``dcrouter check FILE``
 validates a configuration file as ``twistd dcrouter --config FILE --check`` does;
 ``dcrouter config-reference`` prints the reference of every key; ``dcrouter dkim-keygen`` writes a DKIM
-signing key and prints the DNS record to publish; ``dcrouter quarantine list|show|release|delete`` works on
+signing key and prints the DNS record to publish; ``dcrouter dns-records FILE`` prints the zones the
+DNS server (``dnsServerConfig``) publishes; ``dcrouter quarantine list|show|release|delete`` works on
 quarantined messages while the router runs (:mod:`dcrouter.quarantine`); ``dcrouter api-token`` makes a
 management API token; ``dcrouter queue``, ``dcrouter delivery`` and ``dcrouter stats`` are clients of that API
 (:mod:`dcrouter.ctl`).
@@ -31,6 +32,7 @@ examples:
   dcrouter check etc/dcrouter.example.toml
   dcrouter config-reference > reference.md
   dcrouter dkim-keygen --domain example.com --selector mail2025 --out /etc/dcrouter/dkim
+  dcrouter dns-records /etc/dcrouter/dcrouter.toml
   dcrouter api-token ops --scope admin    prints a token and its [[apiConfig.tokens]] lines
   dcrouter quarantine list --config /etc/dcrouter/dcrouter.toml
   dcrouter quarantine release --config /etc/dcrouter/dcrouter.toml 1a2b3c4d5e6f
@@ -115,6 +117,31 @@ def _config_reference(args: argparse.Namespace) -> int:
     from dcrouter.config.reference import render
 
     sys.stdout.write(render())
+    return 0
+
+
+def _dns_records(args: argparse.Namespace) -> int:
+    import time
+
+    from dcrouter.config import ConfigError, load_file
+    from dcrouter.dns.zone import build_zones
+    from dcrouter.dns.zonefile import zone_file
+
+    try:
+        result = load_file(args.config)
+    except ConfigError as error:
+        for line in error.errors:
+            print(f"dcrouter dns-records: {line}", file=sys.stderr)
+        return 1
+    if result.options.dns_server_config is None:
+        print(f"dcrouter dns-records: {args.config}: dnsServerConfig is not set", file=sys.stderr)
+        return 1
+    try:
+        zones = build_zones(result.options, serial=int(time.time()))
+    except (OSError, ValueError) as error:
+        print(f"dcrouter dns-records: dnsServerConfig: {error}", file=sys.stderr)
+        return 1
+    sys.stdout.write(zone_file(zones))
     return 0
 
 
@@ -257,6 +284,15 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument("--bits", type=int, default=None, help="RSA key size, at least 2048 (default 2048)")
     keygen.add_argument("--out", default=".", metavar="DIR", help="directory for the key file (default .)")
     keygen.set_defaults(run=_dkim_keygen)
+    records = commands.add_parser(
+        "dns-records",
+        help="print the zones dnsServerConfig publishes",
+        description="Load CONFIG and print, as zone-file lines, every record the DNS server would answer "
+        "with (configured, and generated from the mail configuration: MX, DKIM keys, SPF, DMARC), each with "
+        "its source. The SOA serial of a generated SOA is the current time, as at start-up.",
+    )
+    records.add_argument("config", metavar="CONFIG", help="configuration file, .toml or .json")
+    records.set_defaults(run=_dns_records)
     token = commands.add_parser(
         "api-token",
         help="make a management API token and print its apiConfig.tokens entry",

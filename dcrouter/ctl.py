@@ -1,5 +1,5 @@
-"""``dcrouter queue``, ``dcrouter delivery`` and ``dcrouter stats``: a thin client of the management API
-(docs/api.md), with output like Postfix's ``mailq`` and ``--json`` for scripts.
+"""``dcrouter queue``, ``dcrouter delivery``, ``dcrouter stats`` and ``dcrouter route-test``: a thin client
+of the management API (docs/api.md), with output like Postfix's ``mailq`` and ``--json`` for scripts.
 
 Where it connects: ``--url``, else ``DCROUTER_API``, else the ``apiConfig`` of ``--config FILE``
 (``http://bindAddress:port``), else ``http://127.0.0.1:8025``. The token: ``DCROUTER_TOKEN``, else the first
@@ -185,9 +185,64 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO, environ: dict[str, s
     return 0
 
 
+def _route_query(args: argparse.Namespace) -> dict[str, Any]:
+    """The body of ``POST /api/v1/routing/test`` from ``route-test``'s options."""
+    proxy = args.sni is not None or args.host is not None
+    if proxy == (args.recipient is not None):
+        raise CtlError("give --recipient (mail) or --sni/--host with --port (proxy)", status=2)
+    if proxy:
+        if args.port is None:
+            raise CtlError("--sni/--host need --port", status=2)
+        body: dict[str, Any] = {"port": args.port}
+        body.update({k: getattr(args, k) for k in ("sni", "host") if getattr(args, k) is not None})
+    else:
+        body = {"recipient": args.recipient, "sender": args.sender or "", "authenticated": args.authenticated}
+    if args.client_ip:
+        body["clientIp"] = args.client_ip
+    return body
+
+
+def print_route_test(result: dict[str, Any], out: TextIO) -> None:
+    if result["kind"] == "proxy":
+        matched = result["matched"]
+        if matched is None:
+            out.write(f"no route: the connection is closed ({result['reason']})\n")
+            return
+        target = result["target"]
+        port = target["port"] if target["port"] is not None else "(the port connected to)"
+        out.write(f"route:      {matched['name']} ({matched['key']}, priority {matched['priority']})\n")
+        out.write(
+            f"action:     {result['action']}" + (f" ({result['reason']})" if result["reason"] else "") + "\n"
+        )
+        out.write(f"target:     {', '.join(target['hosts'])} port {port}, TLS {result['tlsMode']}\n")
+        return
+    matched = result["matched"]
+    accepted = "accepted" if result["accepted"] else f"refused: {result['reply']}"
+    out.write(f"at RCPT:    {accepted}")
+    if result["verifyRecipients"] != "off":
+        out.write(f" (then verified: {result['verifyRecipients']})")
+    out.write("\n")
+    where = f" ({matched['key']})" if matched["key"] else ""
+    out.write(f"matched:    {matched['by']} {matched['name'] or ''}{where}\n")
+    targets = ", ".join(result["targets"]) if result["targets"] else f"MX of {result['mxDomain']}"
+    out.write(f"route:      {result['route']} -> {targets} port {result['port']}, TLS {result['tls']}\n")
+    retry = result["retry"]
+    out.write(
+        f"limits:     {result['maxPerDestination']} deliveries at once; retries: {retry['maxRetries']}, "
+        f"first after {retry['baseRetryDelay'] / 1000:g} s, at most {retry['maxRetryDelay'] / 1000:g} s "
+        "apart\n"
+    )
+    if result["paused"]:
+        out.write("delivery:   paused\n")
+
+
 def _dispatch(client: ApiClient, args: argparse.Namespace) -> Any:
     if args.command == "stats":
         return client.call("GET", "/api/v1/stats")
+    if args.command == "reload":
+        return client.call("POST", "/api/v1/reload", {})
+    if args.command == "route-test":
+        return client.call("POST", "/api/v1/routing/test", _route_query(args))
     if args.command == "delivery":
         if args.action == "status":
             return client.call("GET", "/api/v1/delivery")
@@ -227,6 +282,12 @@ def _list(client: ApiClient, args: argparse.Namespace) -> dict[str, Any]:
 def _print(args: argparse.Namespace, result: Any, out: TextIO) -> None:
     if args.command == "stats":
         print_stats(result, out)
+    elif args.command == "reload":
+        out.write(f"reloaded {result['path']}:\n")
+        for change in result["changes"]:
+            out.write(f"  {change}\n")
+    elif args.command == "route-test":
+        print_route_test(result, out)
     elif args.command == "delivery":
         paused = "paused" if result["paused"] else "running"
         out.write(
@@ -300,5 +361,30 @@ def add_commands(commands: Any) -> None:
         "stats", parents=[client], help="queue counts, messages since start, sessions (through the API)"
     )
     stats.set_defaults(action="stats")
-    for parser in (queue, delivery, stats):
+    reload = commands.add_parser(
+        "reload",
+        parents=[client],
+        help="re-read the configuration file and apply it now, like SIGHUP (through the API)",
+        description="Ask the running router to re-read its configuration file (POST /api/v1/reload). Prints "
+        "what changed; an invalid file, or a change that needs a restart, changes nothing and is shown here "
+        "(exit status 1).",
+    )
+    reload.set_defaults(action="reload")
+    route_test = commands.add_parser(
+        "route-test",
+        parents=[client],
+        help="where the running router would send a recipient or a proxied connection; sends nothing",
+        description="Ask the running router (POST /api/v1/routing/test) how it would route: mail with "
+        "--recipient (and --sender, --client-ip, --authenticated), the proxy with --sni or --host and "
+        "--port.",
+    )
+    route_test.add_argument("--recipient", help="mail: the RCPT TO address")
+    route_test.add_argument("--sender", help="mail: the MAIL FROM address (default: the null sender)")
+    route_test.add_argument("--client-ip", help="the client's address (default: one in no relay network)")
+    route_test.add_argument("--authenticated", action="store_true", help="mail: the client authenticated")
+    route_test.add_argument("--sni", help="proxy: the TLS server name")
+    route_test.add_argument("--host", help="proxy: the HTTP Host")
+    route_test.add_argument("--port", type=int, help="proxy: the port connected to")
+    route_test.set_defaults(action="route-test")
+    for parser in (queue, delivery, stats, reload, route_test):
         parser.set_defaults(run=lambda args: run(args, sys.stdout, sys.stderr))

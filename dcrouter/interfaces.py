@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from zope.interface import Attribute, Interface
 
 
@@ -111,6 +113,10 @@ class IDeliveryQueue(Interface):
     def get_item_count():
         """Deferred firing with the number of items not yet delivered, bounced or failed."""
 
+    def status_summary():
+        """Deferred firing with ``{status value: (count, oldest created_at or None)}`` for every status that
+        has items (an index look-up, never a read of the items: metrics scrape it)."""
+
     def purge_expired(max_age):
         """Remove items older than ``max_age`` seconds in a final status. Deferred firing with the count."""
 
@@ -138,6 +144,40 @@ class IDeliveryQueue(Interface):
         "Where ingress writes messages that outgrow memory: a directory on the queue's file system, so that "
         "enqueue can link the file into place instead of copying it."
     )
+
+
+@dataclass(frozen=True)
+class Suppression:
+    """A recipient mail is refused for (``550 5.1.1`` at RCPT) until ``expires_at`` (seconds since the
+    epoch): ``reason`` is the hard bounce that put it there, or an operator's note."""
+
+    address: str
+    reason: str
+    created_at: float
+    expires_at: float
+
+
+class ISuppressionList(Interface):
+    """Recipients that hard-bounced (5.1.x), kept with the queue (memory, SQLite beside the disk queue, Redis
+    keys with a TTL) for a while, so that mail to them is refused at RCPT instead of queued to bounce again.
+    Addresses are compared case-insensitively. Every method returns a Deferred; the disk and Redis lists
+    fail with QueueUnavailable when their store cannot be reached."""
+
+    def add(address, reason, ttl):
+        """Suppress ``address`` for ``ttl`` seconds from now (again: the newer entry replaces the older);
+        fires with the Suppression."""
+
+    def get(address):
+        """Fires with the Suppression of ``address`` if it has one that has not expired, else None."""
+
+    def remove(address):
+        """Forget ``address``; fires with True when it was suppressed."""
+
+    def entries(limit):
+        """Fires with up to ``limit`` unexpired Suppressions, the soonest to expire first."""
+
+    def close():
+        """Release the store (the process stops); fires when done."""
 
 
 class IMessageAcceptor(Interface):
@@ -242,3 +282,20 @@ class IIngressLimits(Interface):
 
     def message_accepted(session, sender, size):
         """A message of ``size`` octets from ``sender`` was accepted: count its bytes."""
+
+
+class IOAuthBearerToken(Interface):
+    """Credentials of SASL XOAUTH2 and OAUTHBEARER (RFC 7628): an OAuth 2.0 bearer token, and the user name
+    the client says it belongs to (None when it named none). A twisted.cred checker that takes them
+    (``credentialInterfaces``) fires with the user the token was issued to."""
+
+    username = Attribute("The user the client claims (str), or None.")
+    token = Attribute("The bearer token (str).")
+
+
+class ProviderUnavailable(Exception):
+    """An authentication provider cannot decide now (its directory or token endpoint is down or too slow).
+
+    Raised (as a Deferred's failure) by a twisted.cred checker, it becomes ``454 4.7.0`` — a temporary
+    failure the client retries — never ``535``: an outage says nothing about the password. The message is
+    logged without a traceback."""

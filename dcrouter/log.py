@@ -7,10 +7,12 @@ outbound SMTP client's per-command debug events would otherwise be written for e
 
 Structured logs: one JSON object per line.
 
-``twistd --logger dcrouter.log.json_observer -n dcrouter --config FILE`` writes every event to standard
-output as ``{"time": ..., "level": ..., "namespace": ..., "message": ..., "fields": {...}}``. ``fields``
-holds the event's own keys (``queue_id``, ``peer``, ``port``, …) whose values are JSON-serialisable; what
-emitters put in an event is their responsibility (dcrouter never logs passwords or message bodies).
+``logFormat = "json"`` in the configuration (or ``twistd --logger dcrouter.log.json_observer``) writes every
+event as ``{"time": ..., "level": ..., "namespace": ..., "message": ..., "queueId": ..., "sessionId": ...,
+"fields": {...}}``. ``queueId`` and ``sessionId`` are the correlation ids, there when the event carries
+``queue_id``/``session_id`` (every line about a message or an SMTP session does); ``fields`` holds the
+event's own keys (``queue_id``, ``peer``, ``port``, …) whose values are JSON-serialisable. What emitters put
+in an event is their responsibility: dcrouter never logs passwords or message bodies.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import datetime
 import json
 import sys
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from twisted.logger import (
     FilteringLogObserver,
@@ -103,8 +105,12 @@ class JsonLinesObserver:
             "level": level.name,
             "namespace": event.get("log_namespace", "-"),
             "message": formatEvent(event),
-            "fields": _fields(event),
         }
+        for key, name in (("queue_id", "queueId"), ("session_id", "sessionId")):
+            value = event.get(key)
+            if isinstance(value, str) and value:
+                record[name] = value
+        record["fields"] = _fields(event)
         failure = event.get("log_failure")
         if failure is not None:
             record["traceback"] = failure.getTraceback()
@@ -115,3 +121,16 @@ class JsonLinesObserver:
 def json_observer() -> JsonLinesObserver:
     """The factory twistd's ``--logger`` calls (no arguments): JSON lines on standard output."""
     return JsonLinesObserver(sys.stdout)
+
+
+def twistd_json_observer(server_options: Any) -> JsonLinesObserver:
+    """JSON lines where twistd would have written text, given twistd's own options: ``--logfile FILE``
+    (rotated by size as twistd's are), standard output with ``-n`` and no ``--logfile`` (or ``-``), otherwise
+    ``twistd.log``."""
+    from twisted.python.logfile import LogFile
+
+    name = server_options.get("logfile") if server_options is not None else None
+    nodaemon = bool(server_options.get("nodaemon")) if server_options is not None else True
+    if name == "-" or (nodaemon and not name):
+        return JsonLinesObserver(sys.stdout)
+    return JsonLinesObserver(cast(TextIO, LogFile.fromFullPath(name or "twistd.log")))

@@ -8,7 +8,7 @@ points here).
 
 Signals under twistd: SIGTERM and SIGINT stop the router gracefully (twistd stops the reactor, which stops the
 service; see ``dcrouter.router``). SIGHUP, which twistd leaves at the system default (the process ends), runs
-:func:`on_sighup` instead; until configuration reload exists that only logs.
+:func:`on_sighup` instead: the configuration file is read again and applied (:mod:`dcrouter.reload`).
 """
 
 from __future__ import annotations
@@ -134,20 +134,43 @@ def makeService(config: Options, reactor: IRouterReactor | None = None) -> Any:
         raise SystemExit(1) from None
     print_findings([], result.warnings, sys.stderr)
     router = DcRouter(result, reactor=reactor)
+    if result.options.log_format == "json":
+        from dcrouter.log import twistd_json_observer
+
+        # Taken up by twistd when it starts logging, unless its own --logger was given (that wins).
+        router.log_observer = twistd_json_observer(getattr(config, "parent", None))
     # Under twistd a router that cannot start (its queue does not load) should not linger half-alive.
     router.when_ready().addErrback(_stop_reactor, reactor)
+    router.reloader = make_reloader(router, path, reactor)
     SighupHandler(router, reactor).setServiceParent(router)
     return router
 
 
+def make_reloader(router: DcRouter, path: str, reactor: IRouterReactor) -> Any:
+    """The :class:`~dcrouter.reload.Reloader` of ``router`` from ``path``, also behind ``POST
+    /api/v1/reload`` when the API is on."""
+    from twisted.internet.threads import deferToThreadPool
+
+    from dcrouter.reload import Reloader
+
+    threadpool = router.threadpool
+    reloader = Reloader(router, path, lambda work: deferToThreadPool(reactor, threadpool, work))
+    if router.api is not None:
+        router.api_view.reload = reloader.reload
+    return reloader
+
+
 def on_sighup(router: DcRouter) -> None:
-    """What SIGHUP does, run in the reactor thread. Configuration reload is not built yet, so it logs and
-    changes nothing; this is the function a reload replaces (SighupHandler's wiring stays)."""
+    """What SIGHUP does, run in the reactor thread: reload the configuration file (dcrouter.reload). The
+    outcome is logged (and emitted as ``config.reloaded`` or ``config.reload_failed``)."""
     from dcrouter.log import logger
 
-    logger(__name__).warn(
-        "SIGHUP received: configuration reload is not supported yet; dcrouter keeps running unchanged"
-    )
+    reloader = getattr(router, "reloader", None)
+    if reloader is None:
+        logger(__name__).warn("SIGHUP received, but this router has no configuration file to reload")
+        return
+    logger(__name__).info("SIGHUP received: reloading the configuration")
+    reloader.reload("signal")
 
 
 class SighupHandler(Service):

@@ -57,7 +57,9 @@ class DaemonProcess:
     (polled every 50 ms, for at most ``start_timeout`` seconds); ``stop()`` is SIGTERM, then SIGKILL."""
 
     name = "daemon"
-    start_timeout = 60.0
+    #: Seconds a daemon may take to become ready. rspamd loads its Lua rules in ~5 s on a quiet machine and
+    #: took over 60 s with the machine's load at 15; a daemon that exits is reported at once anyway.
+    start_timeout = 240.0
 
     def __init__(self, directory: str | None = None) -> None:
         self.directory = os.path.abspath(directory or tempfile.mkdtemp(prefix=f"dcrouter-{self.name}-"))
@@ -86,9 +88,13 @@ class DaemonProcess:
             )
         deadline = began + self.start_timeout
         while not self.ready():
-            if self.process.poll() is not None or time.monotonic() > deadline:
+            code = self.process.poll()
+            if code is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"{self.name} did not start on port {self.port}: {self.log_tail()}")
+                limit = f"not ready in {self.start_timeout:.0f} s"
+                why = f"exited with {code}" if code is not None else limit
+                tail = self.log_tail()
+                raise RuntimeError(f"{self.name} did not start on port {self.port} ({why}): {tail}")
             time.sleep(0.05)
         self.started_in = time.monotonic() - began
 

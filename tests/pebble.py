@@ -117,11 +117,13 @@ class PebbleServer:
     ``http_port`` is where pebble looks for HTTP-01 answers: the port the test's responder listens on.
     """
 
-    def __init__(self, directory: str, http_port: int) -> None:
+    def __init__(self, directory: str, http_port: int, dns_server: str | None = None) -> None:
         assert PEBBLE and CHALLTESTSRV, SKIP_REASON
         self.directory = os.path.abspath(directory)
         os.makedirs(self.directory, exist_ok=True)
         self.http_port = http_port
+        # DNS-01 tests point pebble at dcrouter's own DNS server instead of challtestsrv's mock.
+        self.dns_server = dns_server
         # Held open together and never ``http_port``: one at a time, the kernel may hand out a port twice, or
         # the one a test has chosen for its responder but not bound yet.
         ports = [port for port in free_ports(6) if port != http_port][:5]
@@ -157,6 +159,21 @@ class PebbleServer:
 
     def start(self) -> None:
         assert PEBBLE and CHALLTESTSRV
+        if self.dns_server is None:
+            self._start_challtestsrv()
+        env = dict(os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_WFE_NONCEREJECT="0", PEBBLE_AUTHZREUSE="0")
+        dns_server = self.dns_server or f"127.0.0.1:{self.dns_port}"
+        self._spawn("pebble", [PEBBLE, "-config", self.config_path, "-dnsserver", dns_server], env=env)
+        deadline = time.monotonic() + START_TIMEOUT
+        ready_ports = [self.port] if self.dns_server else [self.port, self.challtestsrv_management_port]
+        while not all(_listening(port) for port in ready_ports):
+            dead = [name for name, p, _ in self._processes if p.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{', '.join(dead) or 'pebble'} did not start: {self.log_tail()}")
+            time.sleep(0.05)
+
+    def _start_challtestsrv(self) -> None:
         # Only the mock DNS is wanted from challtestsrv; its own challenge servers are switched off.
         self._spawn(
             "challtestsrv",
@@ -171,19 +188,6 @@ class PebbleServer:
                 "-management", f"127.0.0.1:{self.challtestsrv_management_port}",
             ],
         )  # fmt: skip
-        env = dict(os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_WFE_NONCEREJECT="0", PEBBLE_AUTHZREUSE="0")
-        self._spawn(
-            "pebble",
-            [PEBBLE, "-config", self.config_path, "-dnsserver", f"127.0.0.1:{self.dns_port}"],
-            env=env,
-        )
-        deadline = time.monotonic() + START_TIMEOUT
-        while not (_listening(self.port) and _listening(self.challtestsrv_management_port)):
-            dead = [name for name, p, _ in self._processes if p.poll() is not None]
-            if dead or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"{', '.join(dead) or 'pebble'} did not start: {self.log_tail()}")
-            time.sleep(0.05)
 
     def stop(self) -> None:
         for _, process, log in self._processes:
@@ -208,10 +212,11 @@ class PebbleServer:
         return "\n".join(tails)
 
 
-def start_pebble(test: Any, http_port: int) -> PebbleServer:
+def start_pebble(test: Any, http_port: int, dns_server: str | None = None) -> PebbleServer:
     """A running pebble for ``test`` (a trial TestCase) validating HTTP-01 on ``http_port``, stopped in its
-    cleanup."""
-    server = PebbleServer(test.mktemp(), http_port)
+    cleanup; ``dns_server`` (``127.0.0.1:port``) is the DNS server its lookups go to (default: challtestsrv's
+    mock answering 127.0.0.1 for every name)."""
+    server = PebbleServer(test.mktemp(), http_port, dns_server)
     server.start()
     test.addCleanup(server.stop)
     return server

@@ -124,6 +124,9 @@ class ControlledQueue:
     def get_item_count(self) -> Deferred[int]:
         return succeed(len(self.items))
 
+    def status_summary(self) -> Deferred[dict[str, tuple[int, float | None]]]:
+        return succeed({"queued": (len(self.items), None)} if self.items else {})
+
     def list_items(self, filter: Any, limit: int, cursor: str | None = None) -> Deferred[Any]:
         return succeed(ItemPage(list(reversed(self.items))[:limit], None))
 
@@ -189,9 +192,10 @@ def make_factory(
     authenticator: Any = "default",
     tls_options: Any = None,
     sessions: Any = None,
+    events: Any = None,
 ) -> ESMTPServerFactory:
     """A factory on ``port`` with the test collaborators; ``sessions`` is an OpenSessions registry to share
-    (by default the factory makes its own)."""
+    (by default the factory makes its own); ``events``: an EventBus for the session and the processor."""
     config = config or make_config()
     clock = clock or _clock()
     if authenticator == "default":
@@ -202,11 +206,14 @@ def make_factory(
         port=port,
         policy=policy or SessionPolicy(config),
         authenticator=authenticator,
-        acceptor=EmailProcessor(queue or ControlledQueue(), clock.seconds),
+        acceptor=EmailProcessor(
+            queue or ControlledQueue(), clock.seconds, **({"events": events} if events else {})
+        ),
         spool_directory=spool_directory,
         tls_options=tls_options,
         clock=clock,
         sessions=sessions,
+        **({"events": events} if events is not None else {}),
     )
     # No test case is at hand to clean up after: the directory goes when the factory does (or at exit).
     weakref.finalize(factory, shutil.rmtree, spool_directory, ignore_errors=True)
@@ -219,15 +226,49 @@ def _clock() -> Clock:
     return clock
 
 
+class BufferingTransport(StringTransport):
+    """A StringTransport that pushes back as a TCP transport does (``FileDescriptor``): once more than
+    ``buffer_size`` written bytes wait unread, the registered producer is paused; :meth:`drain` (the client
+    reading) empties the buffer and resumes it."""
+
+    def __init__(self, *args: Any, buffer_size: int = 64 * 1024, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.buffer_size = buffer_size
+        self.output_paused = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if (
+            len(self.io.getvalue()) > self.buffer_size
+            and self.producer is not None
+            and not self.output_paused
+        ):
+            self.output_paused = True
+            self.producer.pauseProducing()
+
+    def drain(self) -> bytes:
+        out = self.value()
+        self.clear()
+        if self.output_paused and self.producer is not None:
+            self.output_paused = False
+            self.producer.resumeProducing()
+        return out
+
+
 def connect(
-    config: SmtpConfig | None = None, *, greet: bool = True, peer: str = PEER_IP, **kwargs: Any
+    config: SmtpConfig | None = None,
+    *,
+    greet: bool = True,
+    peer: str = PEER_IP,
+    transport_class: type[StringTransport] = StringTransport,
+    **kwargs: Any,
 ) -> Server:
     """A connected server; the greeting is consumed unless ``greet`` is False."""
     queue = kwargs.pop("queue", None) or ControlledQueue()
     clock = kwargs.pop("clock", None) or _clock()
     factory = make_factory(config, queue=queue, clock=clock, **kwargs)
     protocol = factory.buildProtocol(IPv4Address("TCP", peer, 40000))
-    transport = StringTransport(
+    transport = transport_class(
         hostAddress=IPv4Address("TCP", "127.0.0.1", factory.port), peerAddress=IPv4Address("TCP", peer, 40000)
     )
     protocol.makeConnection(transport)

@@ -444,7 +444,7 @@ class InMemoryTests(TestCase):
             curl_lines = [line for line in f if line.startswith("curl ")]
         missing = []
         for endpoint in root.endpoints:
-            path = re.escape(endpoint.path).replace(r"\{id\}", "[A-Za-z0-9_-]+")
+            path = re.sub(r"\\\{\w+\\\}", "[^/ ]+", re.escape(endpoint.path))
             method = "" if endpoint.method == "GET" else f"-X {endpoint.method} "
             pattern = re.compile(re.escape(method) + r".*\$A" + path + r"([?\" ]|$)")
             if not any(pattern.search(line.rstrip()) for line in curl_lines):

@@ -65,7 +65,14 @@ class OpenApiPropertyTests(SynchronousTestCase):
             clock=clock,
         )
         self.queue = queue
-        view = RouterView(clock=clock, version="fuzz", queue=queue, delivery=delivery)
+        view = RouterView(
+            clock=clock,
+            version="fuzz",
+            queue=queue,
+            delivery=delivery,
+            suppressions=queue.suppression_list(),
+            suppression_ttl=3600.0,
+        )
         token = ApiToken("fuzz", "sha256$" + hashlib.sha256(TOKEN.encode()).hexdigest(), "admin")
         self.root = build_root(
             ApiConfig(enabled=True, tokens=[token]), view, defer_to_thread=lambda work: succeed(work())

@@ -10,7 +10,7 @@ from typing import Any
 
 from twisted.trial import unittest
 
-from dcrouter.config import ConfigError, ConfigResult, load_file, load_options, schema
+from dcrouter.config import ConfigError, ConfigResult, load_file, load_options, schema, values
 from dcrouter.config.domains import DomainConfig
 from dcrouter.config.options import DcRouterOptions
 from dcrouter.config.smtp import SmtpConfig
@@ -122,6 +122,28 @@ class LoadingTests(LoadCase):
             load_file(path)
         self.assertEqual(caught.exception.errors, ["smtpConfig.ports: key given twice"])
 
+    def test_file_names_the_system_cannot_take(self) -> None:
+        # Found by fuzzing (tests/test_fuzz_config.py): a certPath with a NUL, or with a lone surrogate (a
+        # JSON "\\ud800" escape), made open() raise ValueError out of the loader instead of a ConfigError.
+        # (A NUL is now refused in every string setting, before the file name check.)
+        for name, why in [
+            ("a\x00b.pem", "contains a NUL character (\\x00)"),
+            ("\ud800.pem", values.file_path("\ud800.pem")),
+        ]:
+            pair = {"certPath": name, "keyPath": name}
+            self.assertEqual(
+                self.errors({**MX_ONLY, "tls": pair}), [f"tls.certPath: {why}", f"tls.keyPath: {why}"]
+            )
+            self.assertEqual(
+                self.errors(smtp(tls=pair)),
+                [f"smtpConfig.tls.certPath: {why}", f"smtpConfig.tls.keyPath: {why}"],
+            )
+            self.assertEqual(self.errors(smtp(persistentPath=name)), [f"smtpConfig.persistentPath: {why}"])
+        self.assertIn("NUL", values.file_path("a\x00b") or "")
+        self.assertIn("invalid Unicode", values.file_path("\ud800") or "")
+        self.assertEqual(values.file_path(""), "must not be empty")
+        self.assertIsNone(values.file_path("var/spool/é"))
+
     def test_types(self) -> None:
         raw = smtp(useTls=1, maxMessageSize=True, hostname=["a"], ports="25", banner=None)
         raw["smtpConfig"]["domainConfigs"][0]["domains"] = "example.com"
@@ -227,12 +249,12 @@ class LoadingTests(LoadCase):
 class UnsupportedTests(LoadCase):
     def test_top_level(self) -> None:
         raw = copy.deepcopy(MX_ONLY)
-        raw.update(dnsServerConfig={})
+        raw.update(dnsServerConfig={"zones": ["example.com"], "dnssecZone": "example.com"})
         raw["tls"] = {"contactEmail": "admin@example.com", "domain": "example.com"}
         errors = self.errors(raw)
         self.assertEqual(
             [e.split(":")[0] for e in errors],
-            ["tls.contactEmail", "tls.domain", "dnsServerConfig"],
+            ["tls.contactEmail", "tls.domain", "dnsServerConfig.dnssecZone"],
         )
         for e in errors:
             self.assertIn(": not supported yet: ", e)
@@ -253,8 +275,14 @@ class UnsupportedTests(LoadCase):
         self.assertEqual(
             self.errors(raw),
             [
-                "smtpConfig.auth.methods[1]: not supported yet: 'OAUTH2': OAUTH2 is not built yet.",
-                "smtpConfig.auth.ldapUrl: not supported yet: LDAP authentication is not built yet.",
+                (
+                    "smtpConfig.auth.ldapUrl: no base DN: the URL's path names where users are searched "
+                    "(ldap://host/ou=people,...)"
+                ),
+                (
+                    "smtpConfig.auth.methods: OAUTH2 is offered, but smtpConfig.auth.oauth2 says nothing of "
+                    "how tokens are verified"
+                ),
                 (
                     "smtpConfig.transformations[0].type: unknown transformation type 'x': not built in, no "
                     "entry point 'x' in group 'dcrouter.transformations', and not a dotted path "

@@ -298,7 +298,8 @@ class RouteFormTests(ProxyCase):
                 ),
                 "smartProxyConfig.routes[0].action.target.host[0]: not a host name or IP address: 'a b'",
                 (
-                    'smartProxyConfig.routes[0].action.target.port: expected a port number or "preserve", '
+                    'smartProxyConfig.routes[0].action.target.port: expected a port number, "preserve" or '
+                    '"{port}+N" / "{port}-N", '
                     "got 'same'"
                 ),
             ],
@@ -349,10 +350,391 @@ class RouteFormTests(ProxyCase):
 
 
 class UnsupportedTests(ProxyCase):
-    def test_action_types_not_built(self) -> None:
-        errors = self.errors(route(action={"type": "block"}))
-        self.assertEqual([e.split(": ")[0] for e in errors], ["smartProxyConfig.routes[0].action.type"])
-        self.assertIn(": not supported yet: ", errors[0])
+    def test_smartproxy_rate_limit_keys_are_named(self) -> None:
+        raw = route(match={"ports": 80}, security={"rateLimit": {"maxRequests": 5, "window": 60}})
+        del raw["smartProxyConfig"]["routes"][0]["tls"]
+        self.assertEqual(
+            sorted(e.split(": ")[0].removeprefix("smartProxyConfig.routes[0].") for e in self.errors(raw)),
+            ["security.rateLimit.count", "security.rateLimit.maxRequests", "security.rateLimit.window"],
+        )
+
+    def test_port_templates(self) -> None:
+        from dcrouter.proxy.routes import build_routes
+
+        for written, port, offset in (
+            ("{port}", None, 0),
+            ("{port}+1000", None, 1000),
+            ("{port} - 1", None, -1),
+        ):
+            raw = route(action={"type": "forward", "target": {"host": "10.0.0.1", "port": written}})
+            (built,) = build_routes(self.config(raw), None)
+            self.assertEqual((built.target.port, built.target.offset), (port, offset), written)
+        self.assertEqual(built.target.port_for(8443), 8442)
+        raw = route(action={"type": "forward", "target": {"host": "10.0.0.1", "port": "{port}*2"}})
+        (error,) = self.errors(raw)
+        self.assertTrue(
+            error.startswith("smartProxyConfig.routes[0].action.target.port: expected a port number")
+        )
+
+
+class MatchConfigTests(ProxyCase):
+    def test_request_and_tls_conditions_load(self) -> None:
+        from dcrouter.proxy.routes import build_routes
+
+        raw = route(
+            match={
+                "ports": 80,
+                "path": "/api/*",
+                "headers": {"X-Env": "/^(dev|test)$/", "Accept": "text/html"},
+                "tlsVersion": ["TLSv1.3"],
+            }
+        )
+        del raw["smartProxyConfig"]["routes"][0]["tls"]
+        (built,) = build_routes(self.config(raw), None)
+        self.assertEqual(built.conditions.path, "/api/*")
+        (env, env_pattern), accept = built.conditions.headers
+        self.assertEqual((env, env_pattern.pattern), ("x-env", "^(dev|test)$"))
+        self.assertEqual(accept, ("accept", "text/html"))
+        self.assertEqual(built.tls_versions, frozenset({0x0304}))
+
+    def test_bad_conditions(self) -> None:
+        raw = route(
+            match={"ports": 80, "path": "api", "headers": {"X-A": "/(/"}, "tlsVersion": ["TLS1.3"]},
+        )
+        errors = [e.removeprefix("smartProxyConfig.routes[0].") for e in self.errors(raw)]
+        self.assertEqual(
+            errors,
+            [
+                "match.path: a path starts with '/': 'api'",
+                (
+                    "match.headers: X-A: not a regular expression: "
+                    "missing ), unterminated subpattern at position 0"
+                ),
+                "match.tlsVersion[0]: one of TLSv1, TLSv1.1, TLSv1.2, TLSv1.3, got 'TLS1.3'",
+            ],
+        )
+
+    def test_request_conditions_need_http(self) -> None:
+        raw = route(match={"ports": 443, "path": "/x"})  # ROUTE passes TLS through
+        self.assertEqual(
+            self.errors(raw),
+            [
+                (
+                    "smartProxyConfig.routes[0].match.path: is read from HTTP requests: "
+                    "passed-through TLS hides them"
+                )
+            ],
+        )
+
+
+class BasicAuthConfigTests(ProxyCase):
+    HASH = "scrypt$15$8$1$RLinzXEgoHDp+tVepmtkqA==$KNF2ptdCmFXBQ1jmLhS9nw44wypV6vnglklGxZ6Vh4w="
+
+    def test_loads_into_the_route(self) -> None:
+        from dcrouter.proxy.routes import BasicAuthRule, build_routes
+
+        raw = route(
+            security={"basicAuth": {"realm": "staff", "users": [{"username": "ann", "password": self.HASH}]}}
+        )
+        del raw["smartProxyConfig"]["routes"][0]["tls"]
+        (built,) = build_routes(self.config(raw), None)
+        self.assertEqual(built.basic_auth, BasicAuthRule("staff", (("ann", self.HASH),)))
+
+    def test_checked(self) -> None:
+        bad = [{"username": "a:b", "password": "secret"}]
+        errors = [
+            e.removeprefix("smartProxyConfig.routes[0].security.basicAuth.")
+            for e in self.errors(route(security={"basicAuth": {"users": bad}}))
+        ]
+        self.assertEqual(
+            errors,
+            [
+                "users[0].username: ':' is not allowed",
+                (
+                    "users[0].password: must be a hash made by `dcrouter hash-password` (scrypt$...), "
+                    "not a password"
+                ),
+            ],
+        )
+        twice = [{"username": "x", "password": self.HASH}] * 2
+        raw = route(security={"basicAuth": {"users": twice}})
+        del raw["smartProxyConfig"]["routes"][0]["tls"]
+        self.assertEqual(
+            self.errors(raw), ["smartProxyConfig.routes[0].security.basicAuth.users: 'x' is listed twice"]
+        )
+
+    def test_needs_http(self) -> None:
+        raw = route(security={"basicAuth": {"users": [{"username": "a", "password": self.HASH}]}})
+        self.assertEqual(
+            self.errors(raw),
+            [
+                (
+                    "smartProxyConfig.routes[0].security.basicAuth: works on HTTP requests: "
+                    "passed-through TLS hides them"
+                )
+            ],
+        )
+
+
+class HeaderChangeConfigTests(ProxyCase):
+    def test_loads(self) -> None:
+        from dcrouter.proxy.routes import FieldChanges, build_routes
+
+        headers = {
+            "request": {"set": {"X-Env": "prod"}, "remove": ["Cookie"]},
+            "response": {"set": {"Strict-Transport-Security": "max-age=63072000"}, "remove": ["Server"]},
+        }
+        raw = route(action={"type": "forward", "target": {"host": "10.0.0.1"}, "headers": headers})
+        del raw["smartProxyConfig"]["routes"][0]["tls"]
+        (built,) = build_routes(self.config(raw), None)
+        self.assertEqual(built.request_fields, FieldChanges(((b"X-Env", b"prod"),), frozenset({b"cookie"})))
+        self.assertEqual(built.response_fields.dropped, frozenset({b"server", b"strict-transport-security"}))
+        self.assertTrue(built.reads_http)
+
+    def test_framing_and_hop_fields_refused(self) -> None:
+        headers = {"request": {"set": {"Content-Length": "0"}, "remove": ["Transfer-Encoding", "bad name"]}}
+        raw = route(action={"type": "forward", "target": {"host": "10.0.0.1"}, "headers": headers})
+        errors = [
+            e.removeprefix("smartProxyConfig.routes[0].action.headers.request.") for e in self.errors(raw)
+        ]
+        self.assertEqual(
+            errors,
+            [
+                "set: Content-Length is set by the proxy or frames the message; it cannot be changed",
+                (
+                    "remove[0]: Transfer-Encoding is set by the proxy or frames the message; "
+                    "it cannot be changed"
+                ),
+                "remove[1]: not a header field name: 'bad name'",
+            ],
+        )
+
+
+class RateLimitConfigTests(ProxyCase):
+    def test_loads_into_the_route(self) -> None:
+        from dcrouter.limits.gcra import Rate
+        from dcrouter.proxy.routes import RequestRateRule, build_routes
+
+        limit = {"count": 100, "window": 60_000, "burst": 20, "keyBy": "header", "headerName": "X-Api-Key"}
+        raw = route(security={"rateLimit": limit})
+        del raw["smartProxyConfig"]["routes"][0]["tls"]
+        (built,) = build_routes(self.config(raw), None)
+        self.assertEqual(built.request_rate, RequestRateRule(Rate(100, 60.0, 20), "header", "X-Api-Key"))
+        self.assertTrue(built.reads_http)
+
+    def test_checked(self) -> None:
+        base = "smartProxyConfig.routes[0].security.rateLimit"
+        for given, expected in (
+            ({"count": 5, "keyBy": "header"}, f'{base}.headerName: required with keyBy = "header"'),
+            ({"count": 5, "headerName": "X-A"}, f'{base}.headerName: has no effect with keyBy = "ip"'),
+        ):
+            raw = route(security={"rateLimit": given})
+            del raw["smartProxyConfig"]["routes"][0]["tls"]
+            self.assertEqual(self.errors(raw), [expected])
+        self.assertEqual(
+            self.errors(route(security={"rateLimit": {"count": 5}})),
+            [f"{base}: works on HTTP requests: passed-through TLS hides them"],
+        )
+
+
+class JwtAuthConfigTests(ProxyCase):
+    def pem(self) -> str:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        path = self.mktemp()
+        with open(path, "wb") as handle:
+            handle.write(
+                ec.generate_private_key(ec.SECP256R1())
+                .public_key()
+                .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+            )
+        return path
+
+    def test_loads_into_the_route(self) -> None:
+        from dcrouter.proxy.routes import JwtRule, build_routes
+
+        pem = self.pem()
+        jwt_auth = {"keyFile": pem, "algorithms": ["ES256"], "issuer": "https://id.test", "audience": ["app"]}
+        raw = route(security={"jwtAuth": jwt_auth})
+        del raw["smartProxyConfig"]["routes"][0]["tls"]
+        (built,) = build_routes(self.config(raw), None)
+        self.assertEqual(
+            built.jwt_auth,
+            JwtRule(algorithms=("ES256",), key_file=pem, issuer="https://id.test", audience=("app",)),
+        )
+        self.assertTrue(built.reads_http)
+
+    def test_checked(self) -> None:
+        path = "smartProxyConfig.routes[0].security.jwtAuth"
+        cases = [
+            (
+                {"algorithms": ["RS256"]},
+                f"{path}: set exactly one of keyFile, jwksFile and jwksUrl (got none)",
+            ),
+            (
+                {"keyFile": "/no/such.pem"},
+                f"{path}.keyFile: cannot read '/no/such.pem': No such file or directory",
+            ),
+            ({"jwksUrl": "http://id.test/jwks"}, f"{path}.jwksUrl: must be an https:// URL"),
+            (
+                {"jwksUrl": "https://id.test/jwks", "algorithms": ["HS256"]},
+                (
+                    f"{path}.algorithms[0]: one of RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, "
+                    "ES512, EdDSA (public-key algorithms only), got 'HS256'"
+                ),
+            ),
+        ]
+        for given, expected in cases:
+            raw = route(security={"jwtAuth": given})
+            del raw["smartProxyConfig"]["routes"][0]["tls"]
+            self.assertEqual(self.errors(raw), [expected])
+
+    def test_not_with_basic_auth(self) -> None:
+        users = [{"username": "a", "password": BasicAuthConfigTests.HASH}]
+        raw = route(security={"jwtAuth": {"jwksUrl": "https://id.test/k"}, "basicAuth": {"users": users}})
+        del raw["smartProxyConfig"]["routes"][0]["tls"]
+        self.assertEqual(
+            self.errors(raw),
+            [
+                (
+                    "smartProxyConfig.routes[0].security.jwtAuth: a request carries one Authorization: "
+                    "basicAuth or jwtAuth"
+                )
+            ],
+        )
+
+
+class ActionConfigTests(ProxyCase):
+    def test_each_action_type_loads(self) -> None:
+        from dcrouter.proxy.routes import Redirect, StaticContent, build_routes
+
+        root = self.mktemp()
+        os.makedirs(root)
+        raw = proxy()
+        raw["smartProxyConfig"]["routes"] = [
+            {
+                "name": "r",
+                "match": {"ports": 80},
+                "action": {"type": "redirect", "redirect": {"to": "https://{domain}{path}{query}"}},
+            },
+            {"name": "s", "match": {"ports": 81}, "action": {"type": "static", "static": {"root": root}}},
+            {
+                "name": "c",
+                "match": {"ports": 82},
+                "action": {"type": "static", "static": {"content": "hi", "status": 503}},
+            },
+            {"name": "b", "match": {"ports": 83}, "action": {"type": "block"}},
+            {"name": "b403", "match": {"ports": 84}, "action": {"type": "block", "status": 403}},
+            {
+                "name": "h",
+                "match": {"ports": 85},
+                "action": {"type": "socket-handler", "socketHandler": "plugins.mine:handler"},
+            },
+        ]
+        routes = {r.name: r for r in build_routes(self.config(raw), None)}
+        self.assertEqual(routes["r"].action.redirect, Redirect("https://{domain}{path}{query}", 301))
+        self.assertEqual(routes["s"].action.static, StaticContent(root=root))
+        self.assertEqual(routes["c"].action.static, StaticContent(content=b"hi", status=503))
+        self.assertEqual((routes["b"].action.type, routes["b"].action.status), ("block", None))
+        self.assertFalse(routes["b"].action.answers_http)
+        self.assertTrue(routes["b403"].action.answers_http)
+        self.assertEqual(routes["h"].action.handler, "plugins.mine:handler")
+        self.assertEqual(routes["h"].target.hosts, ())
+
+    def test_action_tables_checked(self) -> None:
+        raw = proxy()
+        raw["smartProxyConfig"]["routes"] = [
+            {"match": {"ports": 80}, "action": {"type": "redirect"}},
+            {"match": {"ports": 81}, "action": {"type": "static", "static": {}}},
+            {"match": {"ports": 82}, "action": {"type": "static", "static": {"root": "/no/such/dir"}}},
+            {"match": {"ports": 83}, "action": {"type": "forward", "target": {"host": "h"}, "status": 403}},
+            {
+                "match": {"ports": 84},
+                "action": {"type": "redirect", "redirect": {"to": "https://{host}/", "status": 200}},
+            },
+            {"match": {"ports": 85}, "action": {"type": "block", "status": 200}},
+            {"match": {"ports": 86}, "action": {"type": "socket-handler"}},
+        ]
+        errors = [e.removeprefix("smartProxyConfig.routes") for e in self.errors(raw)]
+        self.assertEqual(
+            errors,
+            [
+                '[0].action.redirect: required for type "redirect"',
+                (
+                    "[1].action.static: set exactly one of 'root' (a directory of files) and 'content' "
+                    "(a fixed body)"
+                ),
+                "[2].action.static.root: no such directory: '/no/such/dir'",
+                '[3].action.status: has no effect with type "forward"',
+                (
+                    "[4].action.redirect.to: unknown placeholder {host} "
+                    "(known: {domain}, {path}, {query}, {port})"
+                ),
+                "[4].action.redirect.status: a redirect status is one of 301, 302, 303, 307, 308: 200",
+                "[5].action.status: a block answers an error status (400-599): 200",
+                '[6].action.socketHandler: required for type "socket-handler"',
+            ],
+        )
+
+    def test_the_smtp_handler_needs_smtp(self) -> None:
+        raw = route(action={"type": "socket-handler", "socketHandler": "smtp"})
+        self.assertEqual(
+            self.errors(raw),
+            [
+                (
+                    'smartProxyConfig.routes[0].action.socketHandler: "smtp" hands connections to '
+                    "dcrouter's "
+                    "ESMTP server, which needs smtpConfig"
+                )
+            ],
+        )
+
+    def test_tls_in_the_action_as_smartproxy_writes_it(self) -> None:
+        from dcrouter.proxy.routes import build_routes
+
+        raw = proxy()
+        entry = raw["smartProxyConfig"]["routes"][0]
+        entry["action"]["tls"] = entry.pop("tls")
+        entry["action"]["tls"]["mode"] = "terminate"
+        entry["action"]["tls"]["certificate"] = "store"
+        (built,) = build_routes(self.config(raw), None)
+        self.assertEqual((built.tls_mode, built.certificate), ("terminate", "store"))
+        entry["tls"] = {"mode": "passthrough"}
+        self.assertEqual(
+            self.errors(raw),
+            [
+                (
+                    "smartProxyConfig.routes[0].tls: set both here and as "
+                    "smartProxyConfig.routes[0].action.tls; "
+                    "keep one"
+                )
+            ],
+        )
+
+    def test_http_actions_and_tls_modes(self) -> None:
+        raw = proxy()
+        raw["smartProxyConfig"]["routes"] = [
+            {
+                "match": {"ports": 80},
+                "action": {"type": "static", "static": {"content": "x"}, "tls": {"mode": "passthrough"}},
+            },
+            {
+                "match": {"ports": 81},
+                "action": {"type": "socket-handler", "socketHandler": "plugins.mine:handler"},
+                "tls": {"mode": "terminate", "certificate": "store"},
+            },
+        ]
+        self.assertEqual(
+            [e.removeprefix("smartProxyConfig.routes") for e in self.errors(raw)],
+            [
+                (
+                    '[0].action.tls.mode: a "static" action answers HTTP itself: it needs "terminate" '
+                    "(HTTPS) or no tls (plain HTTP)"
+                ),
+                '[1].tls.mode: has no effect with action type "socket-handler"',
+            ],
+        )
 
 
 class TerminationConfigTests(ProxyCase):
@@ -437,7 +819,7 @@ class TerminationConfigTests(ProxyCase):
             [
                 (
                     'routes[0].tls.certificate: required with mode "terminate": {certPath, keyPath}, '
-                    'or "auto" (ACME)'
+                    '"auto" (ACME) or "store"'
                 ),
                 'routes[1].tls.certificate: has no effect with mode "passthrough"',
                 "routes[2].tls.certificate.certPath: cannot read '/none.pem': No such file or directory",
@@ -591,3 +973,83 @@ class SmtpPortConflictTests(ProxyCase):
         options = load_options(raw).options
         self.assertIsNotNone(options.smart_proxy_config)
         self.assertIsNotNone(options.smtp_config)
+
+
+class BackendsTests(ProxyCase):
+    """action.loadBalancing, target.weights, action.healthCheck and the backend verification keys."""
+
+    def action(self, **keys: Any) -> dict[str, Any]:
+        action = copy.deepcopy(ROUTE["action"])
+        action.update(keys)
+        return route(action=action)
+
+    def test_they_load_into_the_model(self) -> None:
+        from dcrouter.net.healthcheck import HealthCheckRule
+        from dcrouter.proxy.routes import BackendVerification, build_routes
+
+        raw = self.action(
+            target={"host": ["10.0.0.1", "backend.internal"], "port": 8443, "weights": [3, 1]},
+            loadBalancing="sourceHash",
+            healthCheck={"type": "http", "path": "/healthz", "expectStatus": [200, 204], "interval": 5000},
+        )
+        raw["smartProxyConfig"]["routes"][0]["tls"] = {
+            "mode": "terminate-and-reencrypt",
+            "certificate": "store",
+            "verifyBackend": False,
+        }
+        (web, *_) = build_routes(self.config(raw), None)
+        target = web.target
+        self.assertEqual((target.weights, target.balancing), ((3, 1), "sourceHash"))
+        self.assertEqual(
+            target.health_check,
+            HealthCheckRule(kind="http", interval=5.0, timeout=1.0, path="/healthz", expect=(200, 204)),
+        )
+        self.assertEqual(target.verification, BackendVerification(verify=False))
+
+    def test_defaults(self) -> None:
+        from dcrouter.proxy.routes import VERIFIED, build_routes
+
+        (web, *_) = build_routes(self.config(route()), None)
+        self.assertEqual(
+            (web.target.balancing, web.target.weights, web.target.health_check, web.target.verification),
+            ("roundRobin", (), None, VERIFIED),
+        )
+
+    def test_refusals_name_the_key(self) -> None:
+        at = "smartProxyConfig.routes[0]"
+        cases = [
+            (
+                self.action(target={"host": ["10.0.0.1", "b.internal"], "port": 80, "weights": [1]}),
+                f"{at}.action.target.weights",
+            ),
+            (self.action(target={"host": "10.0.0.1", "port": 80, "weights": [0]}), "weights[0]"),
+            (self.action(loadBalancing="random"), f"{at}.action.loadBalancing"),
+            (
+                self.action(target={"host": "10.0.0.1", "port": "preserve"}, healthCheck={}),
+                f"{at}.action.healthCheck.port",
+            ),
+            (self.action(healthCheck={"type": "tcp", "path": "/x"}), f"{at}.action.healthCheck.path"),
+            (self.action(healthCheck={"type": "http", "expectStatus": [700]}), "expectStatus[0]"),
+            (self.action(healthCheck={"fall": 0}), f"{at}.action.healthCheck.fall"),
+            (
+                route(
+                    action={
+                        "type": "block",
+                        "loadBalancing": "leastConnections",
+                        "healthCheck": {"type": "tcp"},
+                    }
+                ),
+                f"{at}.action.loadBalancing",
+            ),
+            (route(tls={"mode": "passthrough", "verifyBackend": False}), f"{at}.tls.verifyBackend"),
+            (route(tls={"mode": "passthrough", "serverName": "b.internal"}), f"{at}.tls.serverName"),
+            (
+                route(
+                    tls={"mode": "terminate-and-reencrypt", "certificate": "store", "backendCaFile": "/nope"}
+                ),
+                f"{at}.tls.backendCaFile",
+            ),
+        ]
+        for raw, key in cases:
+            errors = self.errors(raw)
+            self.assertTrue(any(key in error for error in errors), (key, errors))

@@ -183,3 +183,11 @@ class ScheduleTests(SynchronousTestCase):
         routes.record("b", reached=False, now=0.0)
         routes.record("b", reached=True, now=1.0)
         self.assertEqual(routes.schedule(0, 1.0)[1].limit("b"), 4)
+
+    def test_a_route_with_a_limit_of_its_own_gets_twice_that(self) -> None:
+        routes = RouteSlots(per_route=2, concurrency=50, check_interval=1.0, limits={"big": 5})
+        routes.acquire("big")
+        _, schedule = routes.schedule(in_flight=1, now=0.0)
+        self.assertEqual((schedule.limit("big"), schedule.limit("other")), (9, 4))
+        routes.set_limits(2, {"small": 1})
+        self.assertEqual(routes.schedule(in_flight=1, now=0.0)[1].limit("small"), 2)

@@ -11,7 +11,8 @@ What is checked, and the conventions a page follows for it:
   checkout).
   ``dcrouter ...`` is parsed by the command's own parser; ``dcrouter check FILE`` is run; ``dcrouter COMMAND
   --help`` is run for every command named anywhere. ``python -m bench.X`` runs ``--help`` and every option the
-  docs pass must be in it; ``python -m twisted.trial M`` needs the module ``M``; ``make T`` needs the target.
+  docs pass must be in it; ``python -m twisted.trial M`` needs the module ``M``; ``make T`` needs the target
+  (``VAR=value`` arguments set make variables).
   A configuration file a command names that is not in the checkout (``my.toml``, ``/etc/dcrouter/...``,
   ``FILE``) stands for the reader's own and is replaced by etc/dcrouter.example.toml; a user or group name
   given to ``--uid``/``--gid`` by the current user's. Other programs (pip, openssl, swaks, ...) are not run.
@@ -90,7 +91,13 @@ OWN_PACKAGES = {"bench", "dcrouter", "tests"}
 #: Options whose value names a configuration file.
 CONFIG_OPTIONS = {"--config", "-c"}
 #: Files a configuration example may name that are generated for the check, by key.
-MATERIAL_KEYS = {"certPath": "cert", "caPath": "cert", "keyPath": "key", "privateKey": "dkim"}
+MATERIAL_KEYS = {
+    "certPath": "cert",
+    "caPath": "cert",
+    "backendCaFile": "cert",
+    "keyPath": "key",
+    "privateKey": "dkim",
+}
 
 
 @dataclass(frozen=True)
@@ -343,7 +350,9 @@ def parse_problem(command: Command) -> str | None:
             return None if known else f"no dcrouter command {command.argv[1]!r}"
         return parse_dcrouter(dcrouter_argv(command))
     if command.program == "make":
-        missing = [target for target in command.argv[1:] if target not in makefile_targets()]
+        # VAR=value arguments set make variables (make fuzz FUZZ_EXAMPLES=5000); the rest are targets.
+        targets = [arg for arg in command.argv[1:] if "=" not in arg]
+        missing = [target for target in targets if target not in makefile_targets()]
         return f"no make target {missing}" if missing else None
     module = python_module(command)
     if module is not None and module[0] == "twisted.trial":

@@ -405,6 +405,21 @@ class BrokenStructureTests(SynchronousTestCase):
         part = entity(b'Content-Type: multipart/mixed; boundary="a"; boundary="b"\r\n', b"")
         self.assertEqual(inspect(mixed(part)).unscannable, "part 1: conflicting multipart boundaries")
 
+    def test_bare_cr_in_a_header_block(self) -> None:
+        # Found by fuzzing (tests/test_fuzz_mime.py). "\r\r\n" is an empty line to readers that end a line
+        # at a bare CR (Python's email, many MUAs): the encapsulated message below holds an .exe for them, and
+        # was a text/plain leaf (2.1) to the walker, with no problem reported. Such a block reads two ways.
+        forwarded = (
+            b"Content-Type: message/rfc822\r\r\n\r\r\nSubject: inner\r\r\n"
+            b'Content-Type: application/x-msdownload; name="a.exe"\r\n\r\n'
+        )
+        info = inspect(mixed(text_part("hi"), forwarded))
+        self.assertEqual(info.unscannable, "part 2: bare CR in a header block")
+        self.assertEqual(
+            inspect(message(b"Subject: x\r\rX: y\r\n", b"")).unscannable,
+            "part 1: bare CR in a header block",
+        )
+
     def test_message_partial(self) -> None:
         part = entity(headers(("Content-Type", "message/partial; id=x; number=1; total=2")), b"x")
         self.assertIn("message/partial", inspect(mixed(part)).unscannable or "")
@@ -674,6 +689,28 @@ class ChunkingTests(SynchronousTestCase):
     def test_quoted_printable_decoder(self, data: bytes, cuts: list[int]) -> None:
         encoded = binascii.b2a_qp(data, quotetabs=True, istext=False)
         self.assertEqual(self._decode(decoding.QuotedPrintableDecoder(), encoded, cuts), data)
+
+    def test_quoted_printable_decoder_on_broken_escapes(self) -> None:
+        # Found by fuzzing (tests/test_fuzz_mime.py): "===" decoded to "=" whole but to "" when cut as
+        # "=" "=" "=" (the carried "=" was split from the "=" it pairs with), so the inspector's size, hash
+        # and sniffed type of a part depended on where the chunks fell.
+        for encoded in [b"===", b"a==b", b"=\r==\r\n=", b"x=4=\r\n=41==", b"=\rjunk\n=4", b"==\n===\n=\n"]:
+            whole = binascii.a2b_qp(encoded)
+            for cuts in itertools.combinations(range(1, len(encoded)), 2):
+                self.assertEqual(self._decode(decoding.QuotedPrintableDecoder(), encoded, list(cuts)), whole)
+            bytewise = [*range(1, len(encoded))]
+            self.assertEqual(
+                self._decode(decoding.QuotedPrintableDecoder(), encoded, bytewise), whole, encoded
+            )
+
+    @given(
+        st.binary(max_size=60).map(lambda b: b.replace(b"\x00", b"=")),
+        st.lists(st.integers(0, 60), max_size=6),
+    )
+    def test_quoted_printable_decoder_any_bytes_any_cut(self, encoded: bytes, cuts: list[int]) -> None:
+        self.assertEqual(
+            self._decode(decoding.QuotedPrintableDecoder(), encoded, cuts), binascii.a2b_qp(encoded)
+        )
 
     @given(
         st.text(st.sampled_from("<>!-&;#x41ampscriptyle/ p"), max_size=200),

@@ -19,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from dcrouter.config import load_options
 from dcrouter.net.cidr import CidrSet
 from dcrouter.net.proxyprotocol import encode_v1, encode_v2
+from dcrouter.net.targets import Target
 from dcrouter.proxy.routes import PortRange, ProxyRoute, ProxyTarget, RouteTable, build_routes
 from dcrouter.proxy.session import REFUSAL_LINGER, ProxyContext, ProxySession, ProxySettings
 from tests.test_proxy_forward import BufferingTransport
@@ -590,3 +591,83 @@ class LimitTests(SessionTestCase):
         _, backend = self.accept()
         self.assertEqual(backend.value(), request[:10])
         self.assertTrue(backend.write_closed)
+
+
+class BalancingTests(SessionTestCase):
+    """``loadBalancing`` and health marks as sessions see them: the order of connection attempts."""
+
+    def balanced(self, method: str, *hosts: str, weights: tuple[int, ...] = ()) -> ProxyRoute:
+        base = route("r", hosts=hosts, port=80)
+        return dataclasses.replace(
+            base, target=dataclasses.replace(base.target, balancing=method, weights=weights)
+        )
+
+    def test_least_connections_counts_open_backend_connections(self) -> None:
+        self.context(self.balanced("leastConnections", "10.0.0.1", "10.0.0.2"))
+        self.connect(data=b"a")
+        first, _ = self.accept()  # .1 has one open connection
+        self.connect(data=b"b")  # so .2 is chosen
+        self.accept()
+        self.assertEqual(self.attempts(), [("10.0.0.1", 80), ("10.0.0.2", 80)])
+        self.assertEqual(
+            {str(t): n for t, n in self.ctx.connections.items()}, {"10.0.0.1:80": 1, "10.0.0.2:80": 1}
+        )
+        first.connectionLost(Failure(ConnectionDone()))  # .1's backend connection ends
+        self.assertEqual({str(t): n for t, n in self.ctx.connections.items()}, {"10.0.0.2:80": 1})
+        self.connect()  # .1 (none open) first, whatever the round-robin turn
+        self.assertEqual(self.attempts()[-1], ("10.0.0.1", 80))
+        self.accept()
+        self.connect()  # one each: now the round-robin turn decides, and it is .2's
+        self.assertEqual(self.attempts()[-1], ("10.0.0.2", 80))
+
+    def test_source_hash_is_sticky_per_client(self) -> None:
+        self.context(self.balanced("sourceHash", "10.0.0.1", "10.0.0.2", "10.0.0.3"))
+        for ip in ("192.0.2.7", "192.0.2.8", "2001:db8::9"):
+            for _ in range(3):
+                self.connect(ip=ip)
+            chosen = set(self.attempts()[-3:])
+            self.assertEqual(len(chosen), 1, ip)
+
+    def test_weights(self) -> None:
+        self.context(self.balanced("roundRobin", "10.0.0.1", "10.0.0.2", weights=(3, 1)))
+        for _ in range(8):
+            self.connect()
+        self.assertEqual([host for host, _ in self.attempts()].count("10.0.0.1"), 6)
+
+    def test_a_target_checks_hold_down_gets_nothing(self) -> None:
+        self.context(route("r", hosts=("10.0.0.1", "10.0.0.2"), port=80))
+        self.ctx.health.check_failed(Target("10.0.0.1", "10.0.0.1", 80))
+        for _ in range(3):
+            self.connect()
+        self.assertEqual({host for host, _ in self.attempts()}, {"10.0.0.2"})
+        self.ctx.health.check_failed(Target("10.0.0.2", "10.0.0.2", 80))
+        session, client = self.connect()
+        self.assertEqual(len(self.attempts()), 3)  # nothing left to try: refused
+        self.assertRefused(client, session)
+        self.ctx.health.check_passed(Target("10.0.0.1", "10.0.0.1", 80))
+        self.connect()
+        self.assertEqual(self.attempts()[-1], ("10.0.0.1", 80))
+
+    def test_checks_hold_targets_down_and_a_reload_replaces_them(self) -> None:
+        from dcrouter.net.healthcheck import HealthCheckRule
+
+        checked = route("r", hosts=("10.0.0.1", "10.0.0.2"), port=80)
+        rule = HealthCheckRule(kind="tcp", interval=1.0, timeout=0.5, rise=1, fall=1)
+        checked = dataclasses.replace(checked, target=dataclasses.replace(checked.target, health_check=rule))
+        self.context(checked)
+        self.ctx.monitor.start()
+        self.assertEqual(self.attempts(), [("10.0.0.1", 80), ("10.0.0.2", 80)])  # probed at once
+        self.refuse(0)
+        self.accept(1)
+        one = Target("10.0.0.1", "10.0.0.1", 80)
+        self.assertTrue(self.ctx.health.is_failing(one))
+        self.assertEqual(self.ctx.monitor.states(), {("r", "10.0.0.1:80"): False, ("r", "10.0.0.2:80"): True})
+        self.connect()
+        self.assertEqual(self.attempts()[-1], ("10.0.0.2", 80))
+        # A reload without the check: .1 is no longer held down, and no probe runs any more.
+        self.ctx.replace(RouteTable([route("r", hosts=("10.0.0.1", "10.0.0.2"), port=80)]), ProxySettings())
+        self.assertFalse(self.ctx.health.is_failing(one))
+        self.assertEqual(self.ctx.monitor.states(), {})
+        before = len(self.attempts())
+        self.reactor.advance(10)
+        self.assertEqual(len(self.attempts()), before)

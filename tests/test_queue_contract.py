@@ -326,6 +326,21 @@ class QueueContractMixin:
         await queue.update("N2", status=QueueItemStatus.QUEUED)
         self.assertEqual(await queue.get_item_count(), 3)
 
+    async def test_status_summary_counts_and_oldest_by_status(self) -> None:
+        queue = await self.open_queue()
+        self.assertEqual(await queue.status_summary(), {})
+        await self.enqueue_all(
+            queue,
+            make_item("S1", created_at=START + 5),
+            make_item("S2", created_at=START + 2),
+            make_item("S3", created_at=START + 9, status=QueueItemStatus.QUARANTINED),
+        )
+        await queue.update("S1", status=QueueItemStatus.DEFERRED)
+        summary = await queue.status_summary()
+        self.assertEqual(
+            summary, {"queued": (1, START + 2), "deferred": (1, START + 5), "quarantined": (1, START + 9)}
+        )
+
     async def test_max_size(self) -> None:
         queue = await self.open_queue(max_size=2)
         await self.enqueue_all(queue, make_item("M1"), make_item("M2"))

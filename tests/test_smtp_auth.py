@@ -200,7 +200,10 @@ class MechanismTests(AuthenticatorSetup):
         self.assertEqual(self.authenticator().mechanisms, ["PLAIN", "LOGIN"])
 
     def test_configured_mechanisms(self) -> None:
-        self.assertEqual(self.authenticator(methods=["LOGIN", "OAUTH2", "LOGIN"]).mechanisms, ["LOGIN"])
+        self.assertEqual(
+            self.authenticator(methods=["LOGIN", "OAUTH2", "LOGIN"]).mechanisms,
+            ["LOGIN", "XOAUTH2", "OAUTHBEARER"],
+        )
 
     def test_start(self) -> None:
         exchange = self.authenticator().start("plain", "AGFsaWNlAHNlY3JldA==")

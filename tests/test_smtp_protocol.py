@@ -20,6 +20,7 @@ from tests.smtp_fixtures import (
     EHLO_PLAIN,
     GREETING,
     PEER_IP,
+    BufferingTransport,
     ControlledQueue,
     connect,
     make_config,
@@ -413,6 +414,37 @@ class PipeliningTests(unittest.TestCase):
         queue.pending[0].callback(queue.items[0])
         self.assertEqual(server.take(), queued(server) + b"250 2.0.0 Ok\r\n" * 70 * 170)
         self.assertEqual(server.transport.producerState, "producing")
+
+    def test_replies_wait_for_a_client_that_does_not_read(self) -> None:
+        # Found by fuzzing (tests/test_fuzz_smtp.py): a client that pipelines and never reads had every reply
+        # buffered in the server: duplicate RCPTs (answered 250, counted as neither errors nor junk) made 14
+        # bytes of reply each, without bound. Like a TCP transport, BufferingTransport pauses its producer
+        # past 64 KiB unread; the session then stops answering and reading until the client reads.
+        server = connect(transport_class=BufferingTransport)
+        transport = server.transport
+        assert isinstance(transport, BufferingTransport)
+        commands = 20_000
+        data = b"EHLO c\r\n" + MAIL + RCPT * commands
+        sent = 0
+        # The client writes 16 KiB at a time while the server reads, and reads nothing itself.
+        while sent < len(data) and transport.producerState == "producing":
+            server.protocol.dataReceived(data[sent : sent + 16384])
+            sent += 16384
+            self.assertLessEqual(len(transport.value()), transport.buffer_size + 512)
+        self.assertLess(sent, len(data) // 2)  # the server stopped reading long before the end
+        # Now it reads: everything is answered, in order, never more than the buffer at a time.
+        replies = b""
+        while sent < len(data) or transport.output_paused:
+            if transport.producerState == "producing" and sent < len(data):
+                server.protocol.dataReceived(data[sent : sent + 16384])
+                sent += 16384
+            else:
+                replies += transport.drain()
+            self.assertLessEqual(len(transport.value()), transport.buffer_size + 512)
+        replies += transport.drain()
+        self.assertEqual(replies.count(b"250 2.1.5 Ok\r\n"), commands)
+        self.assertEqual(transport.producerState, "producing")
+        self.assertEqual(server.exchange(b"QUIT\r\n"), b"221 2.0.0 Bye\r\n")
 
     def test_queue_failures_are_temporary(self) -> None:
         for error, reply in [

@@ -250,8 +250,9 @@ class MakeServiceTests(SynchronousTestCase):
 
 
 class SighupTests(SynchronousTestCase):
-    """SIGHUP under twistd: a handler that hands on_sighup to the reactor thread, which logs and changes
-    nothing (the real signal to a real twistd is in tests/integration/test_shutdown_twistd.py)."""
+    """SIGHUP under twistd: a handler that hands on_sighup to the reactor thread, which reloads the
+    configuration file (tests/test_reload.py; the real signal to a real twistd is in
+    tests/integration/test_shutdown_twistd.py and test_reload_twistd.py)."""
 
     def test_make_service_adds_the_handler(self) -> None:
         path = write_json(
@@ -298,7 +299,7 @@ class SighupTests(SynchronousTestCase):
         tap.on_sighup(router)  # type: ignore[arg-type]
         self.assertEqual(
             [formatEvent(e) for e in events],
-            ["SIGHUP received: configuration reload is not supported yet; dcrouter keeps running unchanged"],
+            ["SIGHUP received, but this router has no configuration file to reload"],
         )
 
 

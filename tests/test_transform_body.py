@@ -324,6 +324,16 @@ class BrokenStructureTests(SynchronousTestCase):
         changed = rewrite(data, replace=lambda v: "x", footer_text="F")[0]
         self.assertFalse(changed)
 
+    def test_bare_cr_in_a_header_block(self) -> None:
+        # Found by fuzzing (tests/test_fuzz_mime.py): dropping the bare CRs of "message/rfc822\r\r\n\r\r\n"
+        # made an empty line of "\r\r\n", so the output held an encapsulated message with an .exe (2.1)
+        # that the walker had read as a text/plain leaf, and that was never replaced.
+        forwarded = (
+            b"Content-Type: message/rfc822\r\r\n\r\r\nSubject: inner\r\r\n"
+            b'Content-Type: application/x-msdownload; name="a.exe"\r\n\r\n'
+        )
+        self.assertUnchanged(mixed(EXE_PART, forwarded))
+
     def test_unclosed_boundary(self) -> None:
         self.assertUnchanged(samples.unclosed_boundary())
 

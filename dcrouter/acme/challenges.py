@@ -1,4 +1,5 @@
-"""HTTP-01 challenge responses (RFC 8555 §8.3), shared by the ACME client and the proxy's port 80."""
+"""Challenge responses shared by the ACME client and what serves them: HTTP-01 (RFC 8555 §8.3) on the
+proxy's port 80, DNS-01 (RFC 8555 §8.4) in the router's DNS server."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ class ChallengeResponder:
         path = path.split("?", 1)[0]
         if not path.startswith(CHALLENGE_PATH_PREFIX):
             return None
-        token = path[len(CHALLENGE_PATH_PREFIX):]
+        token = path[len(CHALLENGE_PATH_PREFIX) :]
         if not _TOKEN.fullmatch(token):
             return None
         return self._authorizations.get(token)
@@ -54,3 +55,40 @@ class ChallengeResponder:
     def __len__(self) -> int:
         """How many challenges are being served (for logs and tests)."""
         return len(self._authorizations)
+
+
+class Dns01Responder:
+    """DNS-01 TXT values being published (RFC 8555 §8.4): ``_acme-challenge.<name>`` → values.
+
+    The ACME client adds the value of each authorization before it asks the server to validate and removes
+    it once settled; the DNS server asks :meth:`txt_values` on every lookup. Several values may stand at
+    one name at once (a certificate for ``example.com`` and ``*.example.com`` has two authorizations for
+    ``_acme-challenge.example.com``). Plain in-memory state: both sides run on the reactor thread.
+    """
+
+    def __init__(self) -> None:
+        self._values: dict[str, list[str]] = {}
+
+    @staticmethod
+    def _key(name: str) -> str:
+        return name.rstrip(".").lower()
+
+    def add(self, name: str, value: str) -> None:
+        """Publish ``value`` as a TXT record at ``name`` until :meth:`remove`."""
+        self._values.setdefault(self._key(name), []).append(value)
+
+    def remove(self, name: str, value: str) -> None:
+        """Stop publishing ``value`` at ``name``; an unknown one is not an error (cleanup runs on every
+        path)."""
+        values = self._values.get(self._key(name), [])
+        if value in values:
+            values.remove(value)
+        if not values:
+            self._values.pop(self._key(name), None)
+
+    def txt_values(self, name: str) -> list[str]:
+        """The values published at ``name`` (compared without case or final dot)."""
+        return list(self._values.get(self._key(name), ()))
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._values.values())

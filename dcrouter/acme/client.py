@@ -1,4 +1,5 @@
-"""One ACME account speaking RFC 8555 with certbot's ``acme`` package: obtain a certificate by HTTP-01.
+"""One ACME account speaking RFC 8555 with certbot's ``acme`` package: obtain a certificate by HTTP-01 or
+DNS-01.
 
 ``acme`` (and the ``requests`` session under it) blocks, so every network call runs in a thread pool
 (``deferToThreadPool``); what touches shared state -- the :class:`ChallengeResponder` the port-80 listener
@@ -25,7 +26,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from dcrouter.acme.challenges import ChallengeResponder
+from dcrouter.acme.challenges import ChallengeResponder, Dns01Responder
 from dcrouter.log import logger
 from dcrouter.net.reactor import IRouterReactor
 
@@ -94,7 +95,8 @@ def _problem(error: BaseException) -> str:
 class AcmeAccount:
     """An ACME account (``account_key_pem``, registered on first use) at ``directory_url``.
 
-    ``responder`` serves the HTTP-01 key authorizations while an order is validated. ``ca_bundle`` is a
+    ``responder`` serves the HTTP-01 key authorizations while an order is validated; with ``challenge``
+    ``"dns-01"``, ``dns_responder`` publishes the DNS-01 TXT values instead. ``ca_bundle`` is a
     PEM file of CAs to trust for the directory's HTTPS instead of the system's (a private CA, or pebble in
     tests). Blocking calls go to ``threadpool``, which the caller starts and stops.
     """
@@ -109,7 +111,13 @@ class AcmeAccount:
         reactor: IRouterReactor,
         threadpool: ThreadPool,
         ca_bundle: str | None = None,
+        challenge: str = "http-01",
+        dns_responder: Dns01Responder | None = None,
     ) -> None:
+        if challenge == "dns-01" and dns_responder is None:
+            raise ValueError("DNS-01 needs a Dns01Responder (the router's DNS server)")
+        self.challenge = challenge
+        self._dns_responder = dns_responder
         self.directory_url = directory_url
         self._email = email
         self._responder = responder
@@ -189,17 +197,17 @@ class AcmeAccount:
         csr_pem = crypto_util.make_csr(key_pem, names)
         order: messages.OrderResource = await self._in_thread(acme.new_order, csr_pem)
         deadline = self._clock.seconds() + ORDER_TIMEOUT
-        tokens: list[str] = []
+        cleanups: list[Callable[[], None]] = []
         try:
             for authzr in order.authorizations:
                 if authzr.body.status == messages.STATUS_VALID:
                     continue  # validated recently (CAs reuse authorizations for a while)
-                await self._answer(acme, authzr, tokens)
+                await self._answer(acme, authzr, cleanups)
             for authzr in order.authorizations:
                 await self._wait_valid(acme, authzr, deadline)
         finally:
-            for token in tokens:
-                self._responder.remove(token)
+            for cleanup in cleanups:
+                cleanup()
         finalize_by = datetime.datetime.now() + datetime.timedelta(
             seconds=max(1.0, deadline - self._clock.seconds())
         )
@@ -210,20 +218,31 @@ class AcmeAccount:
         return IssuedCertificate(cert_pem=cert_pem, chain_pem=chain_pem, key_pem=key_pem)
 
     async def _answer(
-        self, acme: client.ClientV2, authzr: messages.AuthorizationResource, tokens: list[str]
+        self,
+        acme: client.ClientV2,
+        authzr: messages.AuthorizationResource,
+        cleanups: list[Callable[[], None]],
     ) -> None:
-        """Serve the HTTP-01 key authorization of ``authzr`` and tell the CA to validate it."""
+        """Serve the key authorization of ``authzr`` (HTTP-01 body or DNS-01 TXT value) and tell the CA to
+        validate it; ``cleanups`` gets what withdraws it."""
         name = authzr.body.identifier.value
-        challenge = next(
-            (c for c in authzr.body.challenges if isinstance(c.chall, challenges.HTTP01)), None
-        )
+        kind = challenges.DNS01 if self.challenge == "dns-01" else challenges.HTTP01
+        challenge = next((c for c in authzr.body.challenges if isinstance(c.chall, kind)), None)
         if challenge is None:
-            raise AcmeError(f"{name}: the CA offers no http-01 challenge (only HTTP-01 is implemented)")
-        response, key_authorization = challenge.response_and_validation(self._jwk)
-        token = challenge.chall.encode("token")
-        # Served before the CA is asked to look, or its first fetch could miss it.
-        self._responder.add(token, key_authorization)
-        tokens.append(token)
+            raise AcmeError(f"{name}: the CA offers no {self.challenge} challenge")
+        response, validation = challenge.response_and_validation(self._jwk)
+        # Served before the CA is asked to look, or its first look could miss it.
+        if isinstance(challenge.chall, challenges.DNS01):
+            assert self._dns_responder is not None
+            dns_responder = self._dns_responder
+            # For a wildcard the identifier is the base name (RFC 8555 §7.1.3): same TXT name.
+            txt_name = challenge.chall.validation_domain_name(name)
+            dns_responder.add(txt_name, validation)
+            cleanups.append(lambda: dns_responder.remove(txt_name, validation))
+        else:
+            token = challenge.chall.encode("token")
+            self._responder.add(token, validation)
+            cleanups.append(lambda: self._responder.remove(token))
         await self._in_thread(acme.answer_challenge, challenge, response)
 
     async def _wait_valid(

@@ -2,7 +2,8 @@
 
 What is ordered (:func:`certificate_orders`), with ``acme.enabled``: one certificate per terminating route
 with ``tls.certificate = "auto"`` for the names of its ``match.domains``, and one per ``domainConfigs``
-entry with ``useNetworkProxy`` and no ``certificate`` files for its ``domains``.
+entry with ``useNetworkProxy`` and no ``certificate`` files for its ``domains``; with ``smtpConfig.tls.acme``,
+one for ``smtpConfig.hostname``, which also becomes the store's default (SMTP clients rarely send SNI).
 
 Lifecycle:
 
@@ -25,6 +26,7 @@ Orders run one at a time: a CA's rate limits are per account, and nothing is gai
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -39,9 +41,10 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from dcrouter.acme.challenges import ChallengeResponder
+from dcrouter.acme.challenges import ChallengeResponder, Dns01Responder
 from dcrouter.acme.client import AcmeAccount, IssuedCertificate, generate_key_pem
-from dcrouter.config.proxy import acme_directory_url, route_domains
+from dcrouter.config.proxy import acme_directory_url, route_domains, route_tls
+from dcrouter.events import NO_EVENTS, EventBus
 from dcrouter.log import logger
 from dcrouter.net.certstore import CertificateStore, CertifiedKey
 from dcrouter.net.domains import normalize_domain
@@ -68,10 +71,19 @@ class CertificateOrder:
 
     names: tuple[str, ...]
     source: str
+    #: Also the certificate served to clients whose SNI matches nothing (SMTP's: ``smtpConfig.tls.acme``).
+    default: bool = False
 
     @property
     def primary(self) -> str:
         return self.names[0]
+
+
+def _normalize_name(pattern: str) -> str:
+    """A host name normalised, or a ``*.`` wildcard with its base normalised (DNS-01 orders those)."""
+    if pattern.startswith("*."):
+        return "*." + normalize_domain(pattern[2:])
+    return normalize_domain(pattern)
 
 
 def certificate_orders(options: Any) -> list[CertificateOrder]:
@@ -84,19 +96,27 @@ def certificate_orders(options: Any) -> list[CertificateOrder]:
     seen: set[tuple[str, ...]] = set()
 
     def add(patterns: Sequence[str], source: str) -> None:
-        names = tuple(dict.fromkeys(normalize_domain(p) for p in patterns))
+        names = tuple(dict.fromkeys(_normalize_name(p) for p in patterns))
         if names and names not in seen:
             seen.add(names)
             orders.append(CertificateOrder(names, source))
 
     for i, route in enumerate(config.routes):
-        tls = route.tls
+        tls, _ = route_tls(route)
         if tls is not None and tls.mode in _TERMINATING and tls.certificate == "auto":
             add(route_domains(route.match.domains), f"smartProxyConfig.routes[{i}]")
     for i, entry in enumerate(config.domain_configs):
         # An entry with its own certificate files terminates with those.
         if entry.use_network_proxy and entry.certificate is None:
             add(entry.domains, f"smartProxyConfig.domainConfigs[{i}]")
+    smtp = options.smtp_config
+    if smtp is not None and smtp.tls is not None and smtp.tls.acme:
+        names = (_normalize_name(smtp.hostname),)
+        same = [i for i, order in enumerate(orders) if order.names == names]
+        if same:  # a route orders that very certificate already: it is SMTP's default too
+            orders[same[0]] = dataclasses.replace(orders[same[0]], default=True)
+        else:
+            orders.append(CertificateOrder(names, "smtpConfig.tls.acme", default=True))
     return orders
 
 
@@ -172,7 +192,8 @@ class AcmeStateDirectory:
             return key
 
     def certificate_directory(self, order: CertificateOrder) -> str:
-        return os.path.join(self.path, "certificates", order.primary)
+        # "*" is awkward in a path; "_" never starts a normalised host name, so "_.example.com" is no one's.
+        return os.path.join(self.path, "certificates", order.primary.replace("*", "_", 1))
 
     def load(self, order: CertificateOrder) -> CertifiedKey | None:
         """The stored certificate of ``order``, or None when there is none or it cannot be read (logged)."""
@@ -234,8 +255,15 @@ class AcmeService(Service):
         ca_bundle: str | None = None,
         account: Issuer | None = None,
         run_blocking: BlockingRunner | None = None,
+        challenge: str = "http-01",
+        dns_responder: Dns01Responder | None = None,
+        events: EventBus = NO_EVENTS,
     ) -> None:
         self._reactor = reactor
+        self.challenge = challenge
+        self.dns_responder = dns_responder
+        #: Where certificate.issued and certificate.order_failed go (dcrouter.events).
+        self.events = events
         self._clock = reactor
         self.store = store
         self.responder = responder
@@ -259,7 +287,14 @@ class AcmeService(Service):
 
     @classmethod
     def from_options(
-        cls, options: Any, *, store: CertificateStore, responder: ChallengeResponder, reactor: IRouterReactor
+        cls,
+        options: Any,
+        *,
+        store: CertificateStore,
+        responder: ChallengeResponder,
+        reactor: IRouterReactor,
+        dns_responder: Dns01Responder | None = None,
+        events: EventBus = NO_EVENTS,
     ) -> AcmeService | None:
         """The service a DcRouterOptions configures, or None when there is nothing to obtain."""
         orders = certificate_orders(options)
@@ -276,6 +311,9 @@ class AcmeService(Service):
             renew_threshold_days=acme.renew_threshold_days,
             auto_renew=acme.auto_renew,
             reactor=reactor,
+            challenge=acme.challenge,
+            dns_responder=dns_responder,
+            events=events,
         )
 
     # -- service ---------------------------------------------------------------------------------------
@@ -337,6 +375,8 @@ class AcmeService(Service):
                     reactor=self._reactor,
                     threadpool=self._threadpool,
                     ca_bundle=self._ca_bundle,
+                    challenge=self.challenge,
+                    dns_responder=self.dns_responder,
                 )
         except Exception:  # noqa: BLE001 (no account: every order fails alike; logged, retried as one)
             log.failure("ACME: cannot set up the account in {path}", path=self.state.path)
@@ -381,6 +421,7 @@ class AcmeService(Service):
         if not self.running:
             return
         names = state.order.names
+        renewal = state.current is not None
         assert self._account is not None
         log.info(
             "ACME: ordering a certificate for {names} from {directory} ({why})",
@@ -394,9 +435,22 @@ class AcmeService(Service):
             await self._run(self.state.save, state.order, issued)
         except Exception as error:  # noqa: BLE001 (any failure is logged and retried; the service goes on)
             self._failed(state, error)
+            self.events.emit(
+                "certificate.order_failed",
+                name=state.order.primary,
+                renewal=renewal,
+                failures=state.failures,
+                error=str(error)[:200],
+            )
             return
         self._use(state, key)
         state.failures = 0
+        self.events.emit(
+            "certificate.issued",
+            name=state.order.primary,
+            renewal=renewal,
+            notAfter=key.not_after.timestamp(),
+        )
         log.info(
             "ACME: obtained a certificate for {names}, valid until {not_after}",
             names=", ".join(names),
@@ -409,6 +463,8 @@ class AcmeService(Service):
         state.current = key
         for name in state.order.names:
             self.store.put(name, key)
+        if state.order.default:
+            self.store.set_default(key)
 
     def _failed(self, state: OrderState, error: BaseException | None = None) -> None:
         state.failures += 1

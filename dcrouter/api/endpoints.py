@@ -6,17 +6,23 @@ from __future__ import annotations
 
 from functools import partial
 from typing import Any
+from urllib.parse import unquote
 
 from dcrouter import log as dclog
 from dcrouter.api.http import ApiError, Call, Endpoint, Field, Stream
+from dcrouter.api.ratelimits import endpoints as rate_limit_endpoints
 from dcrouter.api.view import RouterView, iso_time, item_detail, item_summary
+from dcrouter.config import ConfigError
 from dcrouter.delivery.manager import DeliveryManager
-from dcrouter.interfaces import IDeliveryQueue, QueueUnavailable
+from dcrouter.interfaces import IDeliveryQueue, ISuppressionList, QueueUnavailable, Suppression
 from dcrouter.log import LEVEL_NAMES, logger
+from dcrouter.quarantine import HEAD_LIMIT, header_block
 from dcrouter.queue import operations
+from dcrouter.queue import quarantine as quarantined
 from dcrouter.queue.contract import MAX_PAGE, QueueFilter, check_item_id
 from dcrouter.queue.files import message_reader
 from dcrouter.queue.item import QueueItemStatus
+from dcrouter.queue.suppression import normalize
 
 log = logger(__name__)
 
@@ -49,6 +55,20 @@ _BULK_BODY = (
     Field("recipient", "string", "Case-insensitive part of any envelope recipient."),
     Field("dryRun", "boolean", "Change nothing; answer which messages would be affected."),
     Field("limit", "integer", f"Act on at most this many (default and most: {BULK_LIMIT})."),
+)
+
+
+_ROUTING_BODY = (
+    Field("domainConfigs", "array", "smtpConfig.domainConfigs entries (omitted: none).", nullable=True),
+    Field("routingRules", "array", "smtpConfig.routingRules entries (omitted: none).", nullable=True),
+    Field(
+        "defaultServer",
+        "string",
+        "smtpConfig.defaultServer (omitted or null: delivery by MX).",
+        nullable=True,
+    ),
+    Field("defaultPort", "integer", "smtpConfig.defaultPort (omitted: 25).", nullable=True),
+    Field("useTls", "boolean", "smtpConfig.useTls (omitted: false).", nullable=True),
 )
 
 
@@ -193,6 +213,121 @@ class Endpoints:
             ),
             E(
                 "GET",
+                "/api/v1/routing",
+                self.routing_show,
+                "read",
+                "smtpConfig's domainConfigs, routingRules and defaultServer (defaultPort, useTls) as "
+                "configured; downstream AUTH passwords only to admin tokens.",
+                responses={404: "no smtpConfig, or not built from a configuration"},
+            ),
+            E(
+                "PUT",
+                "/api/v1/routing",
+                self.routing_replace,
+                "admin",
+                "Replace the routing after the configuration loader's checks; used from the next RCPT and "
+                "delivery attempt on; written to the file with apiConfig.persist.",
+                body=_ROUTING_BODY,
+                responses={404: "no smtpConfig", 422: "the configuration with this routing is not valid"},
+            ),
+            E(
+                "POST",
+                "/api/v1/routing/test",
+                self.routing_test,
+                "read",
+                "Dry-run a route, sending nothing: for mail (recipient, sender, clientIp, authenticated) the "
+                "relay decision, the matching rule or domainConfigs entry, targets, TLS, limits and retry "
+                "schedule; for the proxy (sni or host, port, clientIp) the route, action and target.",
+                body=(
+                    Field("recipient", "string", "Mail: the RCPT TO address."),
+                    Field("sender", "string", "Mail: the MAIL FROM address (default: the null sender)."),
+                    Field(
+                        "clientIp", "string", "The client's address (default 192.0.2.1: no relay network)."
+                    ),
+                    Field("authenticated", "boolean", "Mail: the session authenticated (default false)."),
+                    Field("sni", "string", "Proxy: the TLS server name asked for."),
+                    Field("host", "string", "Proxy: the HTTP Host asked for."),
+                    Field("port", "integer", "Proxy: the port connected to."),
+                ),
+                responses={404: "the router runs no SMTP (or no proxy)"},
+            ),
+            E(
+                "GET",
+                "/api/v1/suppression",
+                self.suppression_list,
+                "read",
+                "Suppressed recipients (hard bounces, 5.1.x), the soonest to expire first, and the RCPTs "
+                "refused for them since start.",
+                query=(
+                    Field(
+                        "limit", "integer", f"At most this many, 1 to {MAX_PAGE} (default {DEFAULT_PAGE})."
+                    ),
+                ),
+                responses={404: "suppression is off"},
+            ),
+            E(
+                "GET",
+                "/api/v1/suppression/{address}",
+                self.suppression_show,
+                "read",
+                "One suppressed recipient: why, since and until when.",
+                responses={400: "not an address", 404: "not suppressed"},
+            ),
+            E(
+                "POST",
+                "/api/v1/suppression",
+                self.suppression_add,
+                "admin",
+                "Suppress a recipient: mail to it is refused at RCPT with 550 5.1.1.",
+                body=(
+                    Field("address", "string", "The recipient address.", required=True),
+                    Field("reason", "string", "Why (default: added by the API token's name)."),
+                    Field("ttl", "integer", "Milliseconds it stays suppressed (default: suppressionTtl)."),
+                ),
+                responses={404: "suppression is off"},
+            ),
+            E(
+                "DELETE",
+                "/api/v1/suppression/{address}",
+                self.suppression_remove,
+                "admin",
+                "Take a recipient off the suppression list: mail to it is accepted again.",
+                responses={400: "not an address", 404: "not suppressed"},
+            ),
+            E(
+                "GET",
+                "/api/v1/quarantine",
+                self.quarantine_list,
+                "read",
+                "Quarantined messages, oldest first, each with the reason it was quarantined.",
+            ),
+            E(
+                "GET",
+                "/api/v1/quarantine/{id}",
+                self.quarantine_show,
+                "read",
+                "One quarantined message: envelope, reason, and its header block as it will be relayed.",
+                responses={400: "bad id", 404: "no such quarantined message"},
+            ),
+            E(
+                "POST",
+                "/api/v1/quarantine/{id}/release",
+                self.quarantine_release,
+                "admin",
+                "Release a quarantined message: queued, due now.",
+                body=(),
+                responses={400: "bad id", 404: "no such message", 409: "the message is not quarantined"},
+            ),
+            E(
+                "DELETE",
+                "/api/v1/quarantine/{id}",
+                self.quarantine_delete,
+                "admin",
+                "Delete a quarantined message and its body (no delivery, no bounce; logged).",
+                responses={400: "bad id", 404: "no such message", 409: "the message is not quarantined"},
+            ),
+            E(
+                "GET",
                 "/api/v1/log-level",
                 self.log_level_show,
                 "read",
@@ -214,6 +349,20 @@ class Endpoints:
                 ),
                 responses={400: "bad level or namespace"},
             ),
+            E(
+                "POST",
+                "/api/v1/reload",
+                self.reload,
+                "admin",
+                "Read the configuration file again and apply it at once (as SIGHUP does); answers what "
+                "changed. An invalid file, or one changing a setting only a restart can, changes nothing.",
+                body=(),
+                responses={
+                    404: "the router was not started from a configuration file",
+                    422: "the file was refused; `error.errors` lists why, each starting with its key path",
+                },
+            ),
+            *rate_limit_endpoints(lambda: self.view.rate_limits),
         ]
 
     # -- helpers ---------------------------------------------------------------------------------------
@@ -485,3 +634,196 @@ class Endpoints:
             token=self._who(call),
         )
         return await self.log_level_show(call)
+
+    # -- quarantine (the operations of dcrouter.queue.quarantine, as `dcrouter quarantine` uses them) -------
+
+    async def _quarantined(self, call: Call, operation: str, run: Any) -> Any:
+        item_id = self._id(call)
+        try:
+            return await run(item_id)
+        except quarantined.NotQuarantined as e:
+            if e.item is None:
+                raise ApiError(404, "not_found", str(e)) from None
+            raise ApiError(409, "wrong_status", str(e)) from None
+        except QueueUnavailable as e:
+            raise ApiError(503, "queue_unavailable", str(e)) from None
+
+    async def quarantine_list(self, call: Call) -> Any:
+        try:
+            items = await quarantined.quarantined(self._queue())
+        except QueueUnavailable as e:
+            raise ApiError(503, "queue_unavailable", str(e)) from None
+        return {"items": [{**item_summary(i), "reason": i.last_error} for i in items]}
+
+    async def quarantine_show(self, call: Call) -> Any:
+        queue = self._queue()
+
+        async def show(item_id: str) -> Any:
+            item = await quarantined.get_quarantined(queue, item_id)
+            lines, cut = header_block(await quarantined.read_head(queue, item, HEAD_LIMIT))
+            return {**item_detail(item), "reason": item.last_error, "headers": lines, "headersCut": cut}
+
+        return await self._quarantined(call, "show", show)
+
+    async def quarantine_release(self, call: Call) -> Any:
+        queue, now = self._queue(), self.view.clock.seconds()
+        item = await self._quarantined(call, "release", lambda i: quarantined.release(queue, i, now))
+        log.info(
+            "{queue_id}: released from quarantine by API token {token}",
+            queue_id=item.id,
+            token=self._who(call),
+        )
+        if self.view.delivery is not None:
+            self.view.delivery.wake()
+        return {"item": item_summary(item)}
+
+    async def quarantine_delete(self, call: Call) -> Any:
+        queue = self._queue()
+        item = await self._quarantined(call, "delete", lambda i: quarantined.delete(queue, i))
+        log.info(
+            "{queue_id}: deleted from quarantine by API token {token}",
+            queue_id=item.id,
+            token=self._who(call),
+        )
+        return {"item": item_summary(item)}
+
+    # -- routing ------------------------------------------------------------------------------------------
+
+    async def routing_show(self, call: Call) -> Any:
+        routing = None
+        if self.view.routing is not None:
+            admin = call.token is not None and call.token.scope == "admin"
+            routing = self.view.routing(admin)
+        if routing is None:
+            raise ApiError(404, "no_routing", "this router has no smtpConfig built from a configuration")
+        return routing
+
+    async def routing_replace(self, call: Call) -> Any:
+        replace = self.view.replace_routing
+        if replace is None:
+            raise ApiError(404, "no_routing", "this router has no smtpConfig built from a configuration")
+        try:
+            answer = await replace(call.body)
+        except ConfigError as error:
+            count = len(error.errors)
+            raise ApiError(
+                422,
+                "invalid_config",
+                f"the configuration with this routing is not valid ({count} error{'s' * (count != 1)}); "
+                "nothing changed",
+                errors=error.errors,
+            ) from None
+        log.warn("routing replaced by API token {token}", token=self._who(call))
+        routing = self.view.routing(True) if self.view.routing is not None else None
+        return {**answer, "routing": routing}
+
+    async def routing_test(self, call: Call) -> Any:
+        if self.view.route_test is None:
+            raise ApiError(404, "not_found", "this router cannot answer route tests")
+        try:
+            answer = self.view.route_test(call.body)
+        except ValueError as error:
+            raise ApiError(400, "bad_field", str(error)) from None
+        except LookupError as error:
+            raise ApiError(404, "not_running", str(error)) from None
+        if answer["kind"] == "mail":
+            # The suppression list, asked as RCPT asks it (after the relay decision).
+            entry = None
+            if self.view.suppressions is not None and answer["accepted"] and "@" in call.body["recipient"]:
+                entry = await self._suppression_call(self.view.suppressions.get(call.body["recipient"]))
+            answer["suppressed"] = None if entry is None else self._suppression(entry)
+            if entry is not None:
+                answer["accepted"] = False
+                answer["reply"] = f"550 5.1.1 <{entry.address}>: Recipient address rejected (suppressed)"
+        return answer
+
+    # -- suppression list ------------------------------------------------------------------------------
+
+    def _suppressions(self) -> ISuppressionList:
+        if self.view.suppressions is None:
+            raise ApiError(
+                404, "suppression_off", "no suppression list (smtpConfig.delivery.suppressionTtl is 0)"
+            )
+        return self.view.suppressions
+
+    @staticmethod
+    def _address(call: Call) -> str:
+        try:
+            return normalize(unquote(call.params["address"], errors="strict"))
+        except ValueError as error:  # UnicodeDecodeError included
+            raise ApiError(400, "bad_address", str(error)) from None
+
+    @staticmethod
+    def _suppression(entry: Suppression) -> dict[str, Any]:
+        return {
+            "address": entry.address,
+            "reason": entry.reason,
+            "createdAt": iso_time(entry.created_at),
+            "expiresAt": iso_time(entry.expires_at),
+        }
+
+    async def _suppression_call(self, work: Any) -> Any:
+        try:
+            return await work
+        except QueueUnavailable as e:
+            raise ApiError(503, "queue_unavailable", str(e)) from None
+
+    async def suppression_list(self, call: Call) -> Any:
+        suppressions = self._suppressions()
+        limit = int(call.query.get("limit", DEFAULT_PAGE))
+        if not 1 <= limit <= MAX_PAGE:
+            raise ApiError(400, "bad_parameter", f"limit: 1 to {MAX_PAGE}, got {limit}")
+        entries = await self._suppression_call(suppressions.entries(limit))
+        return {
+            "items": [self._suppression(e) for e in entries],
+            "refusedSinceStart": self.view.suppressed_refusals(),
+            "ttl": round(self.view.suppression_ttl * 1000),
+        }
+
+    async def suppression_show(self, call: Call) -> Any:
+        address = self._address(call)
+        entry = await self._suppression_call(self._suppressions().get(address))
+        if entry is None:
+            raise ApiError(404, "not_found", f"{address} is not suppressed")
+        return self._suppression(entry)
+
+    async def suppression_add(self, call: Call) -> Any:
+        suppressions = self._suppressions()
+        try:
+            address = normalize(call.body["address"])
+        except ValueError as error:
+            raise ApiError(400, "bad_field", f"address: {error}") from None
+        reason = call.body.get("reason") or f"added by API token {self._who(call)}"
+        if len(reason) > 500 or any(ord(c) < 32 for c in reason):
+            raise ApiError(400, "bad_field", "reason: one line of at most 500 characters")
+        ttl_ms = call.body.get("ttl", round(self.view.suppression_ttl * 1000))
+        if not 1 <= ttl_ms <= 10 * 365 * 86_400_000:
+            raise ApiError(400, "bad_field", f"ttl: 1 ms to 10 years, got {ttl_ms}")
+        entry = await self._suppression_call(suppressions.add(address, reason, ttl_ms / 1000.0))
+        log.info("{address} suppressed by API token {token}", address=address, token=self._who(call))
+        return self._suppression(entry)
+
+    async def suppression_remove(self, call: Call) -> Any:
+        address = self._address(call)
+        if not await self._suppression_call(self._suppressions().remove(address)):
+            raise ApiError(404, "not_found", f"{address} is not suppressed")
+        log.info(
+            "{address} taken off the suppression list by API token {token}",
+            address=address,
+            token=self._who(call),
+        )
+        return {"removed": address}
+
+    async def reload(self, call: Call) -> Any:
+        if self.view.reload is None:
+            raise ApiError(404, "no_config_file", "this router was not started from a configuration file")
+        log.info("configuration reload asked by API token {token}", token=self._who(call))
+        outcome = await self.view.reload("api")
+        if not outcome.applied:
+            raise ApiError(
+                422,
+                "invalid_config",
+                f"{outcome.path}: refused, nothing changed: " + "; ".join(outcome.errors),
+                errors=outcome.errors,
+            )
+        return {"applied": True, "path": outcome.path, "changes": outcome.changes}

@@ -32,16 +32,27 @@ class ApiError(Exception):
     """An answer other than success: HTTP ``status``, a stable ``code`` and a human ``message``."""
 
     def __init__(
-        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: Mapping[str, str] | None = None,
+        *,
+        errors: list[str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = dict(headers or {})
+        #: Every problem found (a configuration check's errors, each starting with its key path).
+        self.errors = errors
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"code": self.code, "message": self.message}}
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.errors is not None:
+            error["errors"] = list(self.errors)
+        return {"error": error}
 
 
 class ApiRequest(Request):
@@ -94,10 +105,12 @@ class Field:
     """A query parameter or JSON body field: its JSON type and meaning (documented in OpenAPI)."""
 
     name: str
-    type: str  # "string" | "integer" | "boolean"
+    type: str  # "string" | "integer" | "boolean" | "array" (of objects) | "object"
     doc: str
     required: bool = False
     enum: tuple[str, ...] = ()
+    #: JSON null is accepted too (a body field only).
+    nullable: bool = False
 
 
 @dataclass(frozen=True)
@@ -145,6 +158,16 @@ def parse_query(request: Request, endpoint: Endpoint) -> dict[str, str]:
 
 
 def check_value(spec: Field, value: Any, *, where: str) -> None:
+    if value is None and spec.nullable:
+        return
+    if spec.type == "array":
+        if not isinstance(value, list):
+            raise ApiError(400, "bad_field", f"{where}: expected an array, got {value!r}")
+        return
+    if spec.type == "object":
+        if not isinstance(value, dict):
+            raise ApiError(400, "bad_field", f"{where}: expected an object, got {value!r}")
+        return
     if spec.type == "integer":
         ok = isinstance(value, int) and not isinstance(value, bool)
         if isinstance(value, str):

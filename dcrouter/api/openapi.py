@@ -16,7 +16,11 @@ _ERROR = {
         "error": {
             "type": "object",
             "required": ["code", "message"],
-            "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+            "properties": {
+                "code": {"type": "string"},
+                "message": {"type": "string"},
+                "errors": {"type": "array", "items": {"type": "string"}},
+            },
         }
     },
 }
@@ -25,7 +29,12 @@ _COMMON = {401: "no or unknown token", 403: "Host not allowed, or the token's sc
 
 
 def _schema(spec: Field) -> dict[str, Any]:
-    schema: dict[str, Any] = {"type": spec.type, "description": spec.doc}
+    schema: dict[str, Any] = {
+        "type": [spec.type, "null"] if spec.nullable else spec.type,
+        "description": spec.doc,
+    }
+    if spec.type == "array":
+        schema["items"] = {"type": "object"}
     if spec.enum:
         schema["enum"] = list(spec.enum)
     return schema
@@ -61,7 +70,9 @@ def _operation(endpoint: Endpoint) -> dict[str, Any]:
             "name": name,
             "in": "path",
             "required": True,
-            "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+            "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}
+            if name == "id"
+            else {"type": "string"},
         }
         for name in re.findall(r"\{(\w+)\}", endpoint.path)
     ]

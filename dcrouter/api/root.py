@@ -72,7 +72,8 @@ class ApiRoot(Resource):
         self._mounts: list[tuple[str, Resource, str]] = []
 
     def mount(self, path: str, resource: Resource, *, scope: str = "read") -> None:
-        """Serve ``resource`` (its ``render``) at ``path`` and below, after the Host and token checks."""
+        """Serve ``resource`` (its ``render``) at ``path`` and below (``/``: only ``/`` itself), after the
+        Host and token checks."""
         if scope not in _SCOPES:
             raise ValueError(f"scope must be one of {', '.join(_SCOPES)}: {scope!r}")
         self._mounts.append((path.rstrip("/"), resource, scope))
@@ -177,7 +178,10 @@ class ApiRoot(Resource):
 
     def _mounted(self, path: str) -> tuple[Resource, str] | None:
         for prefix, resource, scope in self._mounts:
-            if path == prefix or path.startswith(prefix + "/"):
+            if not prefix:  # "/" itself, not everything under it
+                if path == "/":
+                    return resource, scope
+            elif path == prefix or path.startswith(prefix + "/"):
                 return resource, scope
         return None
 

@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.web.server import Site
 
+from dcrouter.api.dashboard import dashboard_files
 from dcrouter.api.endpoints import Endpoints
 from dcrouter.api.http import ApiRequest, Call, Endpoint
 from dcrouter.api.openapi import document
@@ -41,6 +42,9 @@ def build_root(config: ApiConfig, view: RouterView, *, defer_to_thread: DeferToT
     )
     verifier = TokenVerifier(config.tokens, defer_to_thread=defer_to_thread)
     root = ApiRoot(endpoints, verifier, allowed_hosts=config.allowed_hosts, cors=config.cors)
+    # The dashboard's files carry no data: served without a token (the page asks for one).
+    for path, resource in dashboard_files().items():
+        root.mount(path, resource, scope="public")
     return root
 
 
@@ -113,4 +117,3 @@ class ApiService(Service):
             pause(port)
         # A Unix port removes its socket file as it closes.
         return gatherResults([maybeDeferred(port.stopListening) for port in ports])
-

@@ -4,14 +4,16 @@
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
+from dcrouter.api.ratelimits import RateLimitControl
 from dcrouter.delivery.manager import DeliveryManager
-from dcrouter.interfaces import IDeliveryQueue
+from dcrouter.interfaces import IDeliveryQueue, ISuppressionList
 from dcrouter.queue.item import QueueItem, QueueItemStatus
 
 
@@ -35,6 +37,23 @@ class RouterView:
     smtp_sessions: Callable[[], int] = _zero
     proxy_connections: Callable[[], int] = _zero
     started_at: float = field(default=0.0)
+    #: The routing keys as configured (argument: show downstream AUTH passwords); None: not known.
+    routing: Callable[[bool], dict[str, Any] | None] | None = None
+    #: Replace the routing (raises dcrouter.config.ConfigError); answers ``persisted`` and ``warnings``.
+    replace_routing: Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]] | None = None
+    #: The route dry-run (dcrouter.routetest.dry_run): ValueError for bad input, LookupError for a part the
+    #: router does not run.
+    route_test: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
+    #: The queue's suppression list (None: suppression is off), its entries' lifetime in seconds, and the
+    #: RCPTs it refused since start.
+    suppressions: ISuppressionList | None = None
+    suppression_ttl: float = 0.0
+    suppressed_refusals: Callable[[], int] = _zero
+    #: Reloads the configuration file (``source`` names who asked) and fires with a
+    #: :class:`dcrouter.reload.ReloadOutcome`; None when the router was not started from a file.
+    reload: Callable[[str], Deferred[Any]] | None = None
+    #: The rate limits in force and how to change them (None without smtpConfig): /api/v1/rate-limits.
+    rate_limits: RateLimitControl | None = None
 
 
 def iso_time(when: float | None) -> str | None:

@@ -118,6 +118,12 @@ class ApiConfig:
         "any.",
         each=_host_entry,
     )
+    persist: bool = option(
+        False,
+        doc="Write changes made through the API (`PUT /api/v1/routing`) back to the configuration file "
+        "(atomically, the previous file kept as `<file>.bak`; a TOML file keeps its comments). Off: they "
+        "last until the process restarts.",
+    )
     cors: list[str] = option(
         factory=list,
         doc="Origins allowed by CORS (`https://ops.example.com`, or `*`); empty: no CORS headers at all.",

@@ -126,6 +126,14 @@ class DeliveryConfig:
         doc="Milliseconds an idle pooled connection is kept open.",
         check=values.duration,
     )
+    suppression_ttl: int = option(
+        604_800_000,
+        addition=True,
+        doc="Milliseconds a recipient whose delivery failed with a permanent 5.1.x reply (no such user, bad "
+        "domain) is suppressed: mail to it is refused at RCPT with 550 5.1.1 instead of queued to bounce "
+        "again (default 7 days; 0: no suppression). Kept with the queue; see docs/api.md#suppression.",
+        check=values.non_negative,
+    )
     paused: bool = option(
         False,
         addition=True,

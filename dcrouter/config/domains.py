@@ -93,6 +93,34 @@ class DomainConfig:
     port: int = option(25, doc="Port on the target servers.", check=values.port)
     use_tls: bool = option(False, doc="Require STARTTLS towards the targets.")
     authentication: AuthenticationConfig | None = option(None, doc="AUTH towards the targets.")
+    max_per_destination: int | None = option(
+        None,
+        addition=True,
+        doc="Deliveries in flight at once to these domains' targets (each domain is its own destination); "
+        "not set: smtpConfig.maxPerDestination.",
+        check=values.positive,
+    )
+    max_retries: int | None = option(
+        None,
+        addition=True,
+        doc="Delivery attempts before mail waiting for these domains bounces; not set: "
+        "smtpConfig.maxRetries.",
+        check=values.non_negative,
+    )
+    base_retry_delay: int | None = option(
+        None,
+        addition=True,
+        doc="Milliseconds before the first retry to these domains (doubles per attempt); not set: "
+        "smtpConfig.baseRetryDelay.",
+        check=values.duration,
+    )
+    max_retry_delay: int | None = option(
+        None,
+        addition=True,
+        doc="Upper bound of the retry delay to these domains, in milliseconds; not set: "
+        "smtpConfig.maxRetryDelay.",
+        check=values.duration,
+    )
     allowed_ips: list[str] = option(
         factory=list,
         key="allowedIPs",
@@ -129,6 +157,7 @@ class DomainConfig:
         addition=True,
         doc="With verifyRecipients `list`: a file of such entries, one per line (`#` comments; a Postfix "
         "table's `address OK` lines work); re-read when it changes.",
+        check=values.file_path,
     )
     callout_sender: str = option(
         "",

@@ -7,6 +7,7 @@ path as written in the file (``smtpConfig.domainConfigs[1].targetIPs[0]``), noth
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tomllib
@@ -39,6 +40,9 @@ class ConfigResult:
 
     options: DcRouterOptions
     warnings: list[str] = field(default_factory=list)
+    #: The mapping the options were built from (the file's own keys), and the file it was read from.
+    raw: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+    path: str | None = None
 
 
 def load_options(raw: Mapping[str, Any]) -> ConfigResult:
@@ -50,7 +54,7 @@ def load_options(raw: Mapping[str, Any]) -> ConfigResult:
     options = build_block(DcRouterOptions, raw, "", report)
     if report.errors or options is None:
         raise ConfigError(report.errors, report.warnings)
-    return ConfigResult(options, report.warnings)
+    return ConfigResult(options, report.warnings, raw=raw)
 
 
 def load_file(path: str | os.PathLike[str]) -> ConfigResult:
@@ -77,7 +81,7 @@ def load_file(path: str | os.PathLike[str]) -> ConfigResult:
         raise ConfigError([f"{name}: not valid {ext[1:].upper()}: {e}"]) from None
     if not isinstance(raw, Mapping):
         raise ConfigError([f"{name}: the top level must be an object"])
-    return load_options(raw)
+    return dataclasses.replace(load_options(raw), path=name)
 
 
 class _JsonObject(dict[str, Any]):

@@ -1,14 +1,16 @@
-"""Third-party scanners and transformations, named in the configuration (docs/plugins.md).
+"""Third-party scanners, transformations, event subscribers and authentication providers, named in the
+configuration (docs/plugins.md).
 
-A ``type`` that is not built in is looked up first as an entry point name in the group ``dcrouter.scanners``
-or ``dcrouter.transformations`` (installed packages declare them in their ``pyproject.toml``), then as a
-dotted path, ``package.module:Class`` or ``package.module.Class``. The class must implement
-:class:`~dcrouter.interfaces.IScanner` or :class:`~dcrouter.interfaces.ITransformation` (declared with
-``@implementer``). It may declare ``options_schema``, a frozen dataclass written with
-:func:`dcrouter.config.schema.option` like dcrouter's own blocks: the entry's ``options`` table is loaded
-with it, every error reported with its key path, and the instance is built as ``Class(options)`` (without a
-schema, ``Class()`` and any option is an error); a constructor with a ``reactor`` parameter also gets the
-router's reactor, for plugins that talk to a daemon.
+A ``type`` that is not built in is looked up first as an entry point name in the group ``dcrouter.scanners``,
+``dcrouter.transformations``, ``dcrouter.event_subscribers`` or ``dcrouter.auth`` (installed packages declare
+them in their ``pyproject.toml``), then as a dotted path, ``package.module:Class`` or
+``package.module.Class``. The class must implement :class:`~dcrouter.interfaces.IScanner`,
+:class:`~dcrouter.interfaces.ITransformation`, :class:`~dcrouter.events.IEventSink` or
+:class:`twisted.cred.checkers.ICredentialsChecker` (declared with ``@implementer``). It may declare
+``options_schema``, a frozen dataclass written with :func:`dcrouter.config.schema.option` like dcrouter's
+own blocks: the entry's ``options`` table is loaded with it, every error reported with its key path, and the
+instance is built as ``Class(options)`` (without a schema, ``Class()`` and any option is an error); a
+constructor with a ``reactor`` parameter also gets the router's reactor, for plugins that talk to a daemon.
 """
 
 from __future__ import annotations
@@ -19,16 +21,29 @@ from collections.abc import Mapping
 from importlib.metadata import entry_points
 from typing import Any, Protocol
 
+from twisted.cred.checkers import ICredentialsChecker
+
 from dcrouter.config.schema import Report, build_block, join
+from dcrouter.events import IEventSink
 from dcrouter.interfaces import IScanner, ITransformation
 from dcrouter.net.reactor import IRouterReactor
 
-GROUPS = {"scanner": "dcrouter.scanners", "transformation": "dcrouter.transformations"}
-INTERFACES = {"scanner": IScanner, "transformation": ITransformation}
+GROUPS = {
+    "scanner": "dcrouter.scanners",
+    "transformation": "dcrouter.transformations",
+    "subscriber": "dcrouter.event_subscribers",
+    "auth": "dcrouter.auth",
+}
+INTERFACES = {
+    "scanner": IScanner,
+    "transformation": ITransformation,
+    "subscriber": IEventSink,
+    "auth": ICredentialsChecker,
+}
 
 
 class PluginEntry(Protocol):
-    """A scanner or transformation entry of the configuration, as far as plugins read it."""
+    """A scanner, transformation or auth provider entry of the configuration, as far as plugins read it."""
 
     @property
     def type(self) -> str: ...
@@ -42,7 +57,7 @@ class PluginError(Exception):
 
 
 def resolve(kind: str, name: str) -> type:
-    """The plugin class ``name`` names for ``kind`` (``scanner`` or ``transformation``)."""
+    """The plugin class ``name`` names for ``kind`` (``scanner``, ``transformation`` or ``auth``)."""
     group = GROUPS[kind]
     found = [ep for ep in entry_points(group=group) if ep.name == name]
     try:

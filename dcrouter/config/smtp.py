@@ -58,7 +58,8 @@ def smtp_port_roles(smtp: SmtpConfig, path: str, report: Report) -> None:
 
 @block_check("ports", "submission_ports", "auth")
 def smtp_users_present(smtp: SmtpConfig, path: str, report: Report) -> None:
-    if smtp.auth.users:
+    auth = smtp.auth
+    if auth.users or auth.ldap_url or auth.oauth2 or auth.providers:
         return
     submission = [p for p in smtp.submission_ports if p in smtp.ports]
     users = join(path, "auth.users")
@@ -85,6 +86,23 @@ def smtp_retry_delays(smtp: SmtpConfig, path: str, report: Report) -> None:
             join(path, "maxRetryDelay"),
             f"{smtp.max_retry_delay} is less than {join(path, 'baseRetryDelay')} ({smtp.base_retry_delay})",
         )
+
+
+@block_check("domain_configs", "base_retry_delay", "max_retry_delay")
+def domain_retry_delays(smtp: SmtpConfig, path: str, report: Report) -> None:
+    """A domainConfigs entry's retry delays, with smtpConfig's for the one it leaves unset, must still make
+    a schedule: the bound not below the first delay."""
+    for i, entry in enumerate(smtp.domain_configs):
+        if entry.base_retry_delay is None and entry.max_retry_delay is None:
+            continue
+        base = entry.base_retry_delay if entry.base_retry_delay is not None else smtp.base_retry_delay
+        bound = entry.max_retry_delay if entry.max_retry_delay is not None else smtp.max_retry_delay
+        if bound < base:
+            where = f"{join(path, 'domainConfigs')}[{i}]"
+            report.error(
+                f"{where}.maxRetryDelay" if entry.max_retry_delay is not None else f"{where}.baseRetryDelay",
+                f"the retry delay bound ({bound}) is less than the first delay ({base})",
+            )
 
 
 @block_check("queue_storage", "redis_url")
@@ -273,6 +291,7 @@ def smtp_tls_needs(smtp: SmtpConfig) -> list[str]:
     smtp_users_present,
     smtp_connection_caps,
     smtp_retry_delays,
+    domain_retry_delays,
     smtp_queue_storage,
     smtp_domains_once,
     smtp_default_route,
@@ -363,7 +382,7 @@ class SmtpConfig:
     persistent_path: str = option(
         "/var/spool/dcrouter",
         doc="Directory of the disk queue; with `redis`, of message bodies over 1 MiB and the receive spool.",
-        check=values.not_empty,
+        check=values.file_path,
     )
     max_retries: int = option(
         40,

@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 
+from dcrouter.config import values
 from dcrouter.config.schema import Report, block_check, checked, join, option
 from dcrouter.net.tls import INTERMEDIATE_CIPHERS, TlsPolicy
 
@@ -24,8 +25,9 @@ def _read(path: str) -> bytes | str:
     try:
         with open(path, "rb") as f:
             return f.read()
-    except OSError as e:
-        return f"cannot read {path!r}: {e.strerror or e}"
+    except (OSError, ValueError) as e:
+        # ValueError: a name open() cannot take (values.file_path refuses those first).
+        return f"cannot read {path!r}: {getattr(e, 'strerror', None) or e}"
 
 
 def _load_pem(file: str, what: str) -> Any:
@@ -130,9 +132,14 @@ class TlsConfig:
         None,
         doc="PEM certificate chain for STARTTLS and implicit TLS (a file path; relative paths are "
         "relative to the working directory).",
+        check=values.file_path,
     )
-    key_path: str | None = option(None, doc="PEM private key matching certPath, unencrypted.")
-    ca_path: str | None = option(None, doc="PEM bundle of CAs sent as the chain (intermediates).")
+    key_path: str | None = option(
+        None, doc="PEM private key matching certPath, unencrypted.", check=values.file_path
+    )
+    ca_path: str | None = option(
+        None, doc="PEM bundle of CAs sent as the chain (intermediates).", check=values.file_path
+    )
     min_version: Literal["TLSv1.2", "TLSv1.3"] = option(
         "TLSv1.2", doc="Lowest TLS version accepted; raises tlsProfile's minimum, never lowers it."
     )
@@ -156,6 +163,14 @@ class TlsConfig:
         doc="Generate a self-signed certificate at certPath/keyPath on first start when they do not exist "
         "(for trials; use a real certificate in production).",
     )
+    acme: bool = option(
+        False,
+        addition=True,
+        doc="Obtain the certificate for `smtpConfig.hostname` from `smartProxyConfig.acme` (which must be "
+        'enabled; with `challenge = "dns-01"` the name must lie in `dnsServerConfig.zones`) and serve it to '
+        "every client, with or without SNI. Until it is obtained, the files (or a generated self-signed "
+        "certificate) are served.",
+    )
 
 
 @checked(shared_tls_material)
@@ -174,5 +189,8 @@ class SharedTlsConfig:
         None,
         doc="PEM certificate used when a service has none of its own (SMTP: when smtpConfig.tls names "
         "no certificate).",
+        check=values.file_path,
     )
-    key_path: str | None = option(None, doc="PEM private key for certPath, unencrypted.")
+    key_path: str | None = option(
+        None, doc="PEM private key for certPath, unencrypted.", check=values.file_path
+    )

@@ -11,6 +11,7 @@ passes here parses there.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from typing import Any
 
@@ -154,6 +155,21 @@ def mailbox_or_empty(value: str) -> str | None:
 def one_line(value: str) -> str | None:
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
         return f"must not contain CR, LF or other control characters: {value!r}"
+    return None
+
+
+def file_path(value: str) -> str | None:
+    """A name the operating system can take for a file or directory: not empty, no NUL character and nothing
+    the file system encoding cannot write (a lone surrogate, which a JSON ``\\ud800`` escape makes). Such a
+    value makes ``open()`` raise ValueError rather than OSError, so it must be refused here, by key path."""
+    if not value:
+        return "must not be empty"
+    if "\x00" in value:
+        return f"must not contain a NUL character: {value!r}"
+    try:
+        os.fsencode(value)
+    except UnicodeEncodeError:
+        return f"cannot be written as a file name (invalid Unicode): {value!r}"
     return None
 
 

@@ -100,7 +100,7 @@ class Bouncer:
         self._queue = queue
         self._submit = submit
         self._hostname = hostname
-        self._policy = policy
+        self.policy = policy
         self._delay_warning_after = delay_warning_after
         self._wake = wake
 
@@ -126,7 +126,7 @@ class Bouncer:
             arrival_date=item.envelope.received_at or item.created_at,
             message_id=f"{dsn_id}@{self._hostname}",
             now=now,
-            will_retry_until=item.created_at + self._policy.lifetime if action == "delayed" else None,
+            will_retry_until=item.created_at + self.policy.lifetime if action == "delayed" else None,
         )
         envelope = Envelope(
             mail_from="", recipients=[item.envelope.mail_from], helo=self._hostname, received_at=now

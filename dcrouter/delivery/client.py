@@ -215,6 +215,8 @@ class ESMTPClient(Protocol):
         self._discarding = False
         self._closing = False
         self._producer: StuffedBodyProducer | None = None
+        #: The message of the transaction under way (``send``'s ``queue_id``), for the log lines.
+        self.queue_id: str | None = None
 
     @property
     def _wire(self) -> ITCPTransport:
@@ -259,7 +261,12 @@ class ESMTPClient(Protocol):
             return
         self._failure = error
         level = log.debug if self._closing else log.info
-        level("SMTP session with {peer} ended: {error}", peer=self.peer, error=str(error))
+        level(
+            "SMTP session with {peer} ended: {error}",
+            peer=self.peer,
+            queue_id=self.queue_id,
+            error=str(error),
+        )
         self._cancel_reply_timer()
         self._buffer.clear()
         if abort and self.transport is not None:
@@ -276,7 +283,12 @@ class ESMTPClient(Protocol):
         if self._failure is not None:
             return
         if self._discarding:
-            log.warn("Discarded {count} octets from {peer} sent before TLS", count=len(data), peer=self.peer)
+            log.warn(
+                "Discarded {count} octets from {peer} sent before TLS",
+                count=len(data),
+                peer=self.peer,
+                queue_id=self.queue_id,
+            )
             return
         self._buffer += data
         while self._failure is None and not self._discarding:
@@ -311,7 +323,13 @@ class ESMTPClient(Protocol):
         self._deliver(reply)
 
     def _deliver(self, reply: Reply) -> None:
-        log.debug("S: {code} {text}", peer=self.peer, code=reply.code, text=" / ".join(reply.lines()))
+        log.debug(
+            "S: {code} {text}",
+            peer=self.peer,
+            queue_id=self.queue_id,
+            code=reply.code,
+            text=" / ".join(reply.lines()),
+        )
         if self._expected == 0:
             if reply.code == 421:
                 # RFC 5321 §3.8: a server shutting down may say so at any time.
@@ -331,6 +349,7 @@ class ESMTPClient(Protocol):
                         "Discarded {count} octets from {peer} sent after its 220 to STARTTLS",
                         count=len(self._buffer),
                         peer=self.peer,
+                        queue_id=self.queue_id,
                     )
                 self._buffer.clear()
                 self._discarding = True
@@ -341,7 +360,7 @@ class ESMTPClient(Protocol):
             self._replies.append(reply)
 
     def _protocol_error(self, what: str) -> None:
-        log.info("Protocol error from {peer}: {what}", peer=self.peer, what=what)
+        log.info("Protocol error from {peer}: {what}", peer=self.peer, queue_id=self.queue_id, what=what)
         self._fail(SMTPClientError(Reply(421, "4.5.0", f"Protocol error: {self.peer} sent a {what}")))
 
     def _reply(self) -> Deferred[Reply]:
@@ -382,7 +401,12 @@ class ESMTPClient(Protocol):
         """Write ``lines`` in one go (pipelined when several) and expect one reply for each."""
         self._check()
         for line in lines:
-            log.debug("C: {command}", peer=self.peer, command=log_as if log_as is not None else line)
+            log.debug(
+                "C: {command}",
+                peer=self.peer,
+                queue_id=self.queue_id,
+                command=log_as if log_as is not None else line,
+            )
         self._wire.write("".join(line + "\r\n" for line in lines).encode("utf-8"))
         self._expect(len(lines))
 
@@ -452,7 +476,7 @@ class ESMTPClient(Protocol):
         self._discarding = False
         self.is_tls = True
         self.capabilities = None
-        log.debug("TLS started with {peer}", peer=self.peer)
+        log.debug("TLS started with {peer}", peer=self.peer, queue_id=self.queue_id)
         return await self.ehlo(name)
 
     async def authenticate(self, user: str, password: str) -> None:
@@ -536,10 +560,13 @@ class ESMTPClient(Protocol):
         *,
         smtputf8: bool = False,
         eight_bit: bool = False,
+        queue_id: str | None = None,
     ) -> TransactionResult:
         """One mail transaction: ``body`` (message text, read from its current position to EOF, any line
         endings) to every recipient the server accepts. ``size`` is announced with SIZE. Addresses are sent
-        as given between angle brackets; non-ASCII ones imply ``smtputf8``."""
+        as given between angle brackets; non-ASCII ones imply ``smtputf8``. ``queue_id`` names the message
+        in the log lines of the transaction."""
+        self.queue_id = queue_id
         self._check()
         capabilities = self.capabilities
         if capabilities is None:
@@ -547,7 +574,9 @@ class ESMTPClient(Protocol):
         smtputf8 = smtputf8 or not all(a.isascii() for a in (mail_from, *recipients))
         refusal = self._refusal(capabilities, mail_from, size, smtputf8=smtputf8, eight_bit=eight_bit)
         if refusal is not None:
-            log.info("Not sending to {peer}: {reply}", peer=self.peer, reply=refusal.code)
+            log.info(
+                "Not sending to {peer}: {reply}", peer=self.peer, queue_id=self.queue_id, reply=refusal.code
+            )
             return TransactionResult(mail=refusal, recipients={}, data=None)
         timer = self._clock.callLater(self._send_timeout, self._send_timed_out)
         try:
@@ -557,6 +586,7 @@ class ESMTPClient(Protocol):
         finally:
             if timer.active():
                 timer.cancel()
+            self.queue_id = None
 
     def _send_timed_out(self) -> None:
         text = f"{self.peer} Error: timeout exceeded: transaction took over {self._send_timeout:g}s"
@@ -631,7 +661,9 @@ class ESMTPClient(Protocol):
         if not accepted:
             if data is not None and data.code == 354:
                 # A server that wants text although it accepted nobody: give it an empty one to refuse.
-                log.warn("{peer} answered DATA with 354 without recipients", peer=self.peer)
+                log.warn(
+                    "{peer} answered DATA with 354 without recipients", peer=self.peer, queue_id=self.queue_id
+                )
                 await self._ask(".", log_as="<end of data>")
             if _is_positive(mail) or data is not None:
                 # Leave no half transaction behind: the connection may carry the next message.
@@ -650,7 +682,7 @@ class ESMTPClient(Protocol):
             octets = await producer.start()
         except OSError:
             # Part of the text is out: ending it now would deliver a truncated message. Hang up instead.
-            log.failure("Cannot read the message body for {peer}", peer=self.peer)
+            log.failure("Cannot read the message body for {peer}", peer=self.peer, queue_id=self.queue_id)
             self._fail(SMTPClientError(Reply(451, "4.3.0", "Local error reading the message text")))
             raise self._failure from None  # type: ignore[misc]
         except Exception:  # noqa: BLE001 - ProducerStopped or our own failure, both end the session
@@ -659,6 +691,6 @@ class ESMTPClient(Protocol):
             raise self._failure from None  # type: ignore[misc]
         finally:
             self._producer = None
-        log.debug("C: <message text, {octets} octets>", peer=self.peer, octets=octets)
+        log.debug("C: <message text, {octets} octets>", peer=self.peer, queue_id=self.queue_id, octets=octets)
         self._expect(1)
         return await self._reply()

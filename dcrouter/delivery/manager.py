@@ -73,11 +73,18 @@ from dcrouter.delivery.bounces import Bouncer, DsnRequest, SubmitLocal, open_mes
 from dcrouter.delivery.outcome import DeliveryReport, Outcome, RecipientResult
 from dcrouter.delivery.retry import RetryDecision, RetryPolicy
 from dcrouter.delivery.route import Route
-from dcrouter.delivery.routing import RecipientRouter
+from dcrouter.delivery.routing import RecipientRouter, domain_name
 from dcrouter.delivery.shaping import OutboundShaper
 from dcrouter.delivery.slots import RouteSlots
 from dcrouter.delivery.transitions import Next
-from dcrouter.interfaces import ClaimLost, IDeliveryQueue, IDeliveryTransport, StatusMismatch
+from dcrouter.events import NO_EVENTS, EventBus
+from dcrouter.interfaces import (
+    ClaimLost,
+    IDeliveryQueue,
+    IDeliveryTransport,
+    ISuppressionList,
+    StatusMismatch,
+)
 from dcrouter.log import logger
 from dcrouter.mail.envelope import Envelope
 from dcrouter.queue.item import READY_STATUSES, QueueItem, QueueItemStatus
@@ -108,6 +115,7 @@ STAT_KEYS = (
     "errors",  # local failures: queue writes, transport bugs, routing bugs
     "claims_lost",  # attempts stopped undelivered: the queue could no longer vouch for the claim (ClaimLost)
     "purged",
+    "suppressed",  # recipients put on the suppression list (a 5.1.x permanent failure)
 )
 
 
@@ -115,6 +123,21 @@ def _reached(report: DeliveryReport) -> bool:
     """Whether the attempt reached a server of its route (any answer counts; none: refused, timed out, no
     address, every result temporary and without a target)."""
     return any(r.target or r.outcome is not Outcome.TEMPORARY for r in report.results)
+
+
+def route_settings(config: SmtpConfig, policy: RetryPolicy) -> tuple[dict[str, int], dict[str, RetryPolicy]]:
+    """The route names of domainConfigs entries that set ``maxPerDestination`` or a retry key, with their
+    limit and their policy (``policy`` with the entry's numbers)."""
+    limits: dict[str, int] = {}
+    policies: dict[str, RetryPolicy] = {}
+    for entry in config.domain_configs:
+        names = [f"domain:{domain_name(pattern)}" for pattern in entry.domains]
+        if entry.max_per_destination is not None:
+            limits.update(dict.fromkeys(names, entry.max_per_destination))
+        own = policy.for_entry(entry)
+        if own != policy:
+            policies.update(dict.fromkeys(names, own))
+    return limits, policies
 
 
 class DeliveryManager(Service):
@@ -135,8 +158,15 @@ class DeliveryManager(Service):
         config: SmtpConfig,
         clock: IReactorTime,
         random: Callable[[], float] = random_module.random,
+        events: EventBus = NO_EVENTS,
+        suppressions: ISuppressionList | None = None,
     ) -> None:
         self._queue = queue
+        #: Where message.delivered/deferred/bounced/dsn_sent, delivery.attempt and error.delivery go.
+        self.events = events
+        #: Where recipients that hard-bounced (5.1.x) are suppressed, for delivery.suppressionTtl.
+        self._suppressions = suppressions if config.delivery.suppression_ttl else None
+        self._suppression_ttl = config.delivery.suppression_ttl / 1000.0
         self._routes = routes
         self._transport = transport
         self._config = config
@@ -144,10 +174,12 @@ class DeliveryManager(Service):
         self._random = random
         self._policy = RetryPolicy.from_config(config)
         self._interval = config.check_interval / 1000.0
+        limits, self._route_policies = route_settings(config, self._policy)
         self._slots = RouteSlots(
             per_route=config.max_per_destination,
             concurrency=config.delivery.concurrent_deliveries,
             check_interval=self._interval,
+            limits=limits,
         )
         self._bouncer = Bouncer(
             queue=queue,
@@ -262,6 +294,16 @@ class DeliveryManager(Service):
             self._paused = False
         else:
             self._paused_routes.discard(destination)
+        self.wake()
+
+    def reload_config(self, config: SmtpConfig) -> None:
+        """The retry schedules and per-destination limits of a configuration reload (the routes object is
+        reconfigured by the caller), for every claim from now on; attempts in flight finish on the route
+        they were given. Wakes the loop: a new route may make mail due."""
+        self._config = config
+        self._policy = RetryPolicy.from_config(config)
+        self._bouncer.policy = self._policy
+        self.reconfigure(config)
         self.wake()
 
     def set_rate_limit(self, domain: str, limit: int) -> None:
@@ -472,8 +514,10 @@ class DeliveryManager(Service):
                 continue  # these recipients stay pending: the message is put back, using no retry
             tried = True
             self.shaper.delivered(item.id, route.name)
+            started = self._clock.seconds()
             try:
                 report = await self._deliver_group(item, route, rcpts)
+                self._report_group(item, route, report, self._clock.seconds() - started)
             finally:
                 # Free for the next message as soon as the destination has answered: holding the slot through
                 # the durable record below (a commit that waits behind ingress's under load) halved a busy
@@ -504,6 +548,46 @@ class DeliveryManager(Service):
             report = DeliveryReport(route.name)
         return transitions.one_result_each(route.name, report, rcpts)
 
+    def _report_group(self, item: QueueItem, route: Route, report: DeliveryReport, duration: float) -> None:
+        """The events of one route group's report (nothing is computed when nobody listens)."""
+        events = self.events
+        if not any(events.wants(t) for t in ("delivery.attempt", "message.delivered", "error.delivery")):
+            return
+        counts = dict.fromkeys(Outcome, 0)
+        for result in report.results:
+            counts[result.outcome] += 1
+        delivered, failed = counts[Outcome.DELIVERED], counts[Outcome.PERMANENT]
+        deferred = counts[Outcome.TEMPORARY]
+        events.emit(
+            "delivery.attempt",
+            queue_id=item.id,
+            route=route.name,
+            duration=max(0.0, duration),
+            delivered=delivered,
+            failed=failed,
+            deferred=deferred,
+        )
+        if delivered:
+            events.emit(
+                "message.delivered",
+                queue_id=item.id,
+                route=route.name,
+                recipients=delivered,
+                duration=max(0.0, duration),
+            )
+        for permanent, count in ((True, failed), (False, deferred)):
+            if count:
+                wanted = Outcome.PERMANENT if permanent else Outcome.TEMPORARY
+                code = next(r.code for r in report.results if r.outcome is wanted)
+                events.emit(
+                    "error.delivery",
+                    queue_id=item.id,
+                    route=route.name,
+                    recipients=count,
+                    permanent=permanent,
+                    reply=code,
+                )
+
     async def _record(self, item: QueueItem, route: Route, report: DeliveryReport) -> QueueItem:
         """Write the group's final outcomes and its history entry; fires once durable."""
         now = self._clock.seconds()
@@ -512,6 +596,8 @@ class DeliveryManager(Service):
             if r.outcome is not Outcome.TEMPORARY:
                 key = "recipients_delivered" if r.outcome is Outcome.DELIVERED else "recipients_failed"
                 self._stats[key] += 1
+            if r.outcome is Outcome.PERMANENT and r.enhanced.startswith("5.1."):
+                self._suppress(item, r)
             if r.outcome is not Outcome.DELIVERED:
                 self._last_errors[route.name] = (r.reply, now)
                 self._last_errors.move_to_end(route.name)
@@ -537,7 +623,7 @@ class DeliveryManager(Service):
     ) -> QueueItem:
         now = self._clock.seconds()
         assessment = transitions.assess(
-            item, tried=tried, failed_temporarily=bool(temporary), policy=self._policy, now=now
+            item, tried=tried, failed_temporarily=bool(temporary), policy=self._policy_for(item), now=now
         )
         step, attempts = assessment.step, assessment.attempts
         if step is Next.FINISH:
@@ -566,19 +652,29 @@ class DeliveryManager(Service):
     async def _defer(
         self, item: QueueItem, temporary: dict[str, RecipientResult], attempts: int, now: float
     ) -> QueueItem:
-        wait = self._policy.next_delay(attempts, self._random)
+        wait = self._policy_for(item).next_delay(attempts, self._random)
         pending = item.pending_recipients()
+        destination = self._destination(item, pending[0])
         transition = transitions.deferral(
             item,
             temporary,
             attempts=attempts,
             now=now,
             wait=wait,
-            destination=self._destination(item, pending[0]),
+            destination=destination,
             warn=self._bouncer.warning_due(item, now),
         )
         queued = await self._queue_dsn(item, transition.dsn, now)
         self._stats["deferred"] += 1
+        self.events.emit(
+            "message.deferred",
+            queue_id=item.id,
+            destination=destination,
+            attempts=attempts,
+            pending=len(pending),
+            nextAttemptIn=wait,
+            error=str(transition.changes["last_error"])[:200],
+        )
         log.info(
             "{queue_id} deferred after attempt {attempts}: {pending} recipients pending, next attempt in "
             "{wait:.0f} s ({error})",
@@ -607,6 +703,7 @@ class DeliveryManager(Service):
                 log.failure("cannot queue the bounce for {queue_id}; trying again later", queue_id=item.id)
             return False
         self._stats["delay_warnings" if dsn.action == "delayed" else "dsn_sent"] += 1
+        self.events.emit("message.dsn_sent", queue_id=item.id, action=dsn.action)
         return True
 
     def destination_of(self, envelope: Envelope) -> str | None:
@@ -619,6 +716,43 @@ class DeliveryManager(Service):
             return self._routes.route(envelope.mail_from, envelope.recipients[0]).name
         except Exception:  # noqa: BLE001 (the attempt routes again and logs what fails)
             return None
+
+    def _suppress(self, item: QueueItem, result: RecipientResult) -> None:
+        """Put a recipient that hard-bounced on the suppression list (in the background: a failure to is
+        logged, and the delivery's outcome stands)."""
+        if self._suppressions is None:
+            return
+        self._stats["suppressed"] += 1
+        try:
+            d = self._suppressions.add(result.recipient, result.reply, self._suppression_ttl)
+        except ValueError:
+            return  # not an address a client could name at RCPT
+        d.addErrback(
+            lambda failure: log.failure(
+                "{queue_id}: cannot suppress {recipient}",
+                failure,
+                queue_id=item.id,
+                recipient=result.recipient,
+            )
+        )
+
+    def reconfigure(self, config: SmtpConfig) -> None:
+        """Per-destination limits and retry schedules of ``config``'s domainConfigs (a routing change) from
+        the next attempt on; the global numbers stay as started."""
+        limits, self._route_policies = route_settings(config, self._policy)
+        self._slots.set_limits(self._config.max_per_destination, limits)
+
+    def settings_for(self, route: str) -> tuple[int, RetryPolicy]:
+        """The deliveries in flight allowed at once and the retry policy for the route named ``route``."""
+        return self._slots.limit(route), self._route_policies.get(route, self._policy)
+
+    def _policy_for(self, item: QueueItem) -> RetryPolicy:
+        """The retry policy of the route the message waits for (its first pending recipient's)."""
+        if not self._route_policies:
+            return self._policy
+        pending = item.pending_recipients()
+        route = self._destination(item, pending[0]) if pending else None
+        return self._route_policies.get(route or "", self._policy)
 
     def _destination(self, item: QueueItem, rcpt: str) -> str | None:
         """Where the message waits now (the route of its first pending recipient), for get_by_destination."""
@@ -673,4 +807,11 @@ class DeliveryManager(Service):
             return await self._write(item, transition.to_write(dsn_queued=False))
         self._stats[status.value] += 1
         log.info("{queue_id} {status}", queue_id=item.id, status=status.value)
+        if status in (QueueItemStatus.BOUNCED, QueueItemStatus.FAILED):
+            self.events.emit(
+                "message.bounced",
+                queue_id=item.id,
+                status=status.value,
+                recipients=len(transitions.failed_recipients(item)),
+            )
         return await self._write(item, transition.changes)

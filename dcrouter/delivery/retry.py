@@ -17,6 +17,7 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from dcrouter.config.domains import DomainConfig
 from dcrouter.config.smtp import SmtpConfig
 
 #: Fraction of the delay by which it may be moved either way, so that messages that failed together (a
@@ -65,6 +66,18 @@ class RetryPolicy:
             base_delay=config.base_retry_delay / 1000.0,
             max_delay=config.max_retry_delay / 1000.0,
             lifetime=config.queue_lifetime / 1000.0,
+        )
+
+    def for_entry(self, entry: DomainConfig) -> RetryPolicy:
+        """This policy with a domainConfigs entry's own ``maxRetries``, ``baseRetryDelay`` and
+        ``maxRetryDelay`` where it sets them."""
+        return RetryPolicy(
+            max_retries=entry.max_retries if entry.max_retries is not None else self.max_retries,
+            base_delay=entry.base_retry_delay / 1000.0
+            if entry.base_retry_delay is not None
+            else self.base_delay,
+            max_delay=entry.max_retry_delay / 1000.0 if entry.max_retry_delay is not None else self.max_delay,
+            lifetime=self.lifetime,
         )
 
     def decide(

@@ -75,7 +75,7 @@ class PatternRule:
         return f"<PatternRule {self.name!r} priority={self.priority}>"
 
 
-def _domain_name(pattern: str) -> str:
+def domain_name(pattern: str) -> str:
     """The normalised spelling of a domainConfigs pattern, for the route name."""
     if pattern.startswith("*."):
         return "*." + normalize_domain(pattern[2:])
@@ -87,16 +87,27 @@ class RecipientRouter:
 
     def __init__(self, config: SmtpConfig, rules: Sequence[IRoutingRule] = ()) -> None:
         """Raises ValueError for an invalid pattern in ``config`` (the loader refuses those already)."""
+        #: Rules added other than from the configuration (plugins): kept by :meth:`reconfigure`.
+        self._added: list[IRoutingRule] = []
         self._rules: list[IRoutingRule] = []
-        for rule_config in config.routing_rules:
-            self.add_rule(PatternRule(rule_config))
+        self.reconfigure(config)
         for rule in rules:
             self.add_rule(rule)
+
+    def reconfigure(self, config: SmtpConfig) -> None:
+        """Route by ``config``'s routingRules, domainConfigs and defaultServer from now on (rules added by
+        :meth:`add_rule` stay). Everything is built before anything changes, so a ValueError leaves the
+        router as it was, and a caller on the reactor thread swaps it between two routing decisions."""
+        rules: list[IRoutingRule] = []
+        for rule_config in config.routing_rules:
+            bisect.insort_right(rules, PatternRule(rule_config), key=lambda r: r.priority)
+        for rule in self._added:
+            bisect.insort_right(rules, rule, key=lambda r: r.priority)
         entries: list[tuple[str, Route]] = []
         for domain_config in config.domain_configs:
             user, password = _auth(domain_config.authentication)
             for pattern in domain_config.domains:
-                name = _domain_name(pattern)
+                name = domain_name(pattern)
                 route = Route(
                     name=f"domain:{name}",
                     targets=tuple(domain_config.target_ips),
@@ -106,19 +117,21 @@ class RecipientRouter:
                     auth_password=password,
                 )
                 entries.append((pattern, route))
-        self._domains: DomainMatcher[Route] = DomainMatcher(entries)
-        self._default: Route | None = None
+        domains: DomainMatcher[Route] = DomainMatcher(entries)
+        default: Route | None = None
         if config.default_server:
-            self._default = Route(
+            default = Route(
                 name="default",
                 targets=(config.default_server,),
                 port=config.default_port,
                 require_tls=config.use_tls,
             )
+        self._rules, self._domains, self._default = rules, domains, default
         self._hostname = config.hostname
 
     def add_rule(self, rule: IRoutingRule) -> None:
         """Add a rule; it is evaluated after rules of lower or equal priority that were added before it."""
+        self._added.append(rule)
         bisect.insort_right(self._rules, rule, key=lambda r: r.priority)
 
     def route(self, sender: str, recipient: str) -> Route:

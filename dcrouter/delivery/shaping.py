@@ -55,6 +55,25 @@ class OutboundShaper:
         """Whether any limit is set (without one, :meth:`wait` is always 0)."""
         return bool(self._global or self._per_server or self._per_domain)
 
+    def configure(
+        self, global_limit: int | None, per_server: int | None, per_domain: dict[str, int] | None
+    ) -> None:
+        """Replace every outbound limit at run time (``globalRateLimit``, ``perServerRateLimit`` and the
+        whole ``perDomainRateLimit`` table, including limits set with :meth:`set_rate_limit`). Times already
+        reserved are kept; the pacer's keys are too, so a destination's next message is spaced from its last
+        one at the new rate."""
+        self._global = _per_minute(global_limit) if global_limit else None
+        self._per_server = _per_minute(per_server) if per_server else None
+        self._per_domain = {d.lower(): _per_minute(n) for d, n in (per_domain or {}).items()}
+
+    def settings(self) -> dict[str, object]:
+        """The limits in force, as the configuration names them (messages per minute; None: no limit)."""
+        return {
+            "globalRateLimit": self._global.count if self._global else None,
+            "perServerRateLimit": self._per_server.count if self._per_server else None,
+            "perDomainRateLimit": self.rate_limits(),
+        }
+
     def set_rate_limit(self, domain: str, limit: int) -> None:
         """Messages per minute to recipients at ``domain`` from now on (replacing any configured one)."""
         if limit < 1:

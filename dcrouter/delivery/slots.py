@@ -4,10 +4,11 @@ the queue or the clock.
 
 What a caller may rely on:
 
-- **Slots.** At most ``per_route`` slots are taken at once per route name. :meth:`RouteSlots.acquire`
-  takes one when it is free; when they are all taken, the caller waits for one, in arrival order, up to
-  ``per_route`` waiters per route. :meth:`RouteSlots.release` hands the slot straight to the route's first
-  waiter (its load stays as it is), or frees it.
+- **Slots.** At most ``per_route`` slots are taken at once per route name (``limits`` gives some routes a
+  limit of their own: domainConfigs' ``maxPerDestination``; "``per_route``" below means the route's limit).
+  :meth:`RouteSlots.acquire` takes one when it is free; when they are all taken, the caller waits for one, in
+  arrival order, up to ``per_route`` waiters per route. :meth:`RouteSlots.release` hands the slot straight
+  to the route's first waiter (its load stays as it is), or frees it.
 - **Refusals.** ``acquire`` fires with False at once when ``per_route`` attempts already wait for the route,
   or when the caller may not wait (the manager is stopping); :meth:`RouteSlots.release_waiters` fires every
   waiter with False (stopping), after which waiters exist again only when a caller is allowed to wait.
@@ -20,7 +21,7 @@ What a caller may rely on:
   recorded destination get :meth:`RouteSlots.claim_size`, the bound below.
 - **Claim sizing (unrouted mail).** :meth:`RouteSlots.claim_size` is how many messages with no recorded
   destination one look claims: the free delivery slots (``concurrency`` minus the attempts in flight), but no
-  more than the busiest route can still start or queue for (twice ``per_route`` minus its slots taken and its
+  more than the fullest route can still start or queue for (twice ``per_route`` minus its slots taken and its
   waiters), unless that route has stayed full (slots and waiting places all taken) at every look for a whole
   ``check_interval``: then every free slot, as if it were not there.
 
@@ -42,7 +43,7 @@ slow destination cannot hold every slot while others wait.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from twisted.internet.defer import Deferred, succeed
 
@@ -57,8 +58,17 @@ class RouteSlots:
     """The delivery slots of every route; see the module docstring. ``check_interval`` is in seconds, in the
     unit of the ``now`` given to :meth:`claim_size`."""
 
-    def __init__(self, *, per_route: int, concurrency: int, check_interval: float) -> None:
+    def __init__(
+        self,
+        *,
+        per_route: int,
+        concurrency: int,
+        check_interval: float,
+        limits: Mapping[str, int] | None = None,
+    ) -> None:
         self._per_route = per_route
+        #: Routes with a limit of their own (domainConfigs' maxPerDestination) instead of ``per_route``.
+        self._limits: dict[str, int] = dict(limits or {})
         self._concurrency = concurrency
         self._check_interval = check_interval
         #: Slots taken per route name; a route with none taken has no entry.
@@ -70,6 +80,15 @@ class RouteSlots:
         self._full_since: dict[str, float] = {}
         #: Routes whose last attempt reached no server: until when they get nothing (then one at a time).
         self._down_until: dict[str, float] = {}
+
+    def set_limits(self, per_route: int, limits: Mapping[str, int]) -> None:
+        """New limits from the next acquire on (slots taken beyond a lowered limit are kept until released;
+        waiters keep waiting)."""
+        self._per_route, self._limits = per_route, dict(limits)
+
+    def limit(self, route: str) -> int:
+        """The most slots ``route`` may take at once."""
+        return self._limits.get(route, self._per_route)
 
     def taken(self, route: str) -> int:
         """Slots of ``route`` taken now."""
@@ -87,11 +106,12 @@ class RouteSlots:
         """Take a slot of ``route``: fires with True once it is the caller's (at once when one is free), with
         False when the caller should put its recipients back instead (no waiting place, ``may_wait`` false, or
         :meth:`release_waiters` meanwhile). Every True must be followed by one :meth:`release`."""
-        if self._load.get(route, 0) < self._per_route:
+        limit = self.limit(route)
+        if self._load.get(route, 0) < limit:
             self._load[route] = self._load.get(route, 0) + 1
             return succeed(True)
         waiters = self._waiters.setdefault(route, deque())
-        if len(waiters) >= self._per_route or not may_wait:
+        if len(waiters) >= limit or not may_wait:
             if not waiters:
                 del self._waiters[route]
             return succeed(False)
@@ -126,19 +146,19 @@ class RouteSlots:
         free = self._concurrency - in_flight
         if free <= 0:
             return 0
-        capacity = 2 * self._per_route
-        busiest, stuck, full = 0, False, set()
+        room, stuck, full = 2 * self._per_route, False, set()
         # Waiters exist only for routes at their limit, so every route with waiters is in _load.
         for name, load in self._load.items():
             taken = load + len(self._waiters.get(name, ()))
-            busiest = max(busiest, taken)
+            capacity = 2 * self.limit(name)
+            room = min(room, max(0, capacity - taken))
             if taken >= capacity:
                 full.add(name)
                 since = self._full_since.setdefault(name, now)
                 stuck = stuck or now - since >= self._check_interval
         for name in [n for n in self._full_since if n not in full]:
             del self._full_since[name]
-        return free if stuck else min(free, capacity - busiest)
+        return free if stuck else min(free, room)
 
     def record(self, route: str, *, reached: bool, now: float) -> None:
         """What an attempt to ``route`` found: ``reached`` a server (it answered, whatever it said), or none
@@ -161,10 +181,12 @@ class RouteSlots:
         free = self._concurrency - in_flight
         if free <= 0:
             return 0, ClaimSchedule({}, 0, 0)
-        capacity = 2 * self._per_route
         limits: dict[str, int] = {}
         for name, load in self._load.items():
-            limits[name] = max(0, capacity - load - len(self._waiters.get(name, ())))
+            limits[name] = max(0, 2 * self.limit(name) - load - len(self._waiters.get(name, ())))
+        # Routes with a limit of their own and nothing in flight: their share when idle.
+        for name, own in self._limits.items():
+            limits.setdefault(name, 2 * own)
         for name, until in list(self._down_until.items()):
             if now >= until + FORGET_DOWN_AFTER * self._check_interval and name not in self._load:
                 # Not probed for a while: it has no mail due. Forgotten, so the marks stay bounded.
@@ -176,4 +198,4 @@ class RouteSlots:
                 limits[name] = max(0, 1 - self._load.get(name, 0) - len(self._waiters.get(name, ())))
         for name in closed:
             limits[name] = 0
-        return free, ClaimSchedule(limits, default=min(free, capacity), unrouted=unrouted)
+        return free, ClaimSchedule(limits, default=min(free, 2 * self._per_route), unrouted=unrouted)

@@ -229,7 +229,13 @@ class ESMTPTransport:
     async def _send(self, client: ESMTPClient, item: QueueItem, recipients: list[str], body: BinaryIO) -> Any:
         smtputf8, eight_bit = _transaction_flags(item, recipients)
         return await client.send(
-            item.envelope.mail_from, recipients, body, item.size, smtputf8=smtputf8, eight_bit=eight_bit
+            item.envelope.mail_from,
+            recipients,
+            body,
+            item.size,
+            smtputf8=smtputf8,
+            eight_bit=eight_bit,
+            queue_id=item.id,
         )
 
     def _log_unreached(self, item: QueueItem, route: Route, report: DeliveryReport, why: str) -> None:

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
+from dcrouter.limits.alerts import NEARLY_FULL_USAGE
 from dcrouter.limits.gcra import Rate, decide
 from dcrouter.log import logger
 
@@ -70,6 +71,7 @@ class LocalCounters:
         self.max_keys = max_keys
         self._tats: OrderedDict[str, float] = OrderedDict()
         self.evictions = 0
+        self._calls = 0
 
     def __len__(self) -> int:
         return len(self._tats)
@@ -77,6 +79,38 @@ class LocalCounters:
     def tat(self, key: str) -> float | None:
         """The stored TAT of ``key`` (tests and the fallback's hand-over), or None."""
         return self._tats.get(key)
+
+    def within(self, charges: Sequence[Any]) -> bool:
+        """The fast path of a check (every message runs several): count ``charges`` and answer True when
+        each is within its limit and, once counted, uses less than :data:`NEARLY_FULL_USAGE` of its burst
+        (so there is nothing to refuse or alert about); otherwise count nothing and answer False, and the
+        caller goes through :meth:`apply`. A charge is a :class:`~dcrouter.limits.limiter.Charge`:
+        ``(limit, key, cost, force)`` where ``limit`` has ``prefix`` and ``rate``; its counter key is
+        ``limit.prefix + key``, as :meth:`apply`'s steps name it."""
+        now = self._clock.seconds()
+        tats = self._tats
+        # Expired keys are dropped in batches (the same number per step on average as apply's, at a
+        # sixteenth of the calls).
+        self._calls += 1
+        if not self._calls & 15 and tats:
+            self._expire(now, _EXPIRE_PER_STEP * 16)
+        news = []
+        for limit, key, cost, _ in charges:
+            rate = limit.rate
+            full = limit.prefix + key
+            tat = tats.get(full)
+            base = now if tat is None or tat < now else tat
+            new = base + cost * rate.interval
+            if new - now >= rate.capacity * NEARLY_FULL_USAGE:
+                return False
+            news.append((full, new))
+        for full, new in news:
+            if full in tats:
+                tats.move_to_end(full)
+                tats[full] = new
+            else:
+                self._store(full, new, now)
+        return True
 
     def apply(self, steps: Sequence[Step]) -> Outcome:
         """Apply ``steps`` as one atomic step (see the module docstring); synchronous."""
@@ -130,6 +164,30 @@ class LocalCounters:
                 if oldest > now:
                     self.evictions += 1
         tats[key] = tat
+
+    def carry_over(self, changes: dict[str, float | None]) -> int:
+        """After the limits changed at run time: for each limit name in ``changes`` (the part of a key
+        before ``|``), scale its keys' debt by the factor (a rate whose count or burst changed keeps the
+        events it counted: ``new interval / old interval``), or drop its keys when the factor is None (a
+        limit gone, or now counted per something else or over another window). Keys of limits not named
+        are kept as they are. Returns the keys changed or dropped. Walks the whole store once: for an
+        operator's change, never per message."""
+        if not changes:
+            return 0
+        now = self._clock.seconds()
+        tats = self._tats
+        touched = 0
+        for key in list(tats):
+            name = key.partition("|")[0]
+            if name not in changes:
+                continue
+            factor = changes[name]
+            touched += 1
+            if factor is None:
+                del tats[key]
+            elif tats[key] > now:
+                tats[key] = now + (tats[key] - now) * factor
+        return touched
 
     def _expire(self, now: float, limit: int | None = _EXPIRE_PER_STEP) -> None:
         """Drop keys whose TAT has passed from the cold end: ``limit`` of them at most, or all when None

@@ -81,16 +81,27 @@ class _Tier:
     rules: dict[str, tuple[_Rule, ...]]
 
 
-def _rule(name: str, thing: str, entry: LimitConfig) -> _Rule:
+#: The SMTP phase at which each thing is checked (a metric label).
+_PHASE = {
+    "connectionRate": "connect",
+    "authFailures": "auth",
+    "messages": "mail",
+    "recipients": "rcpt",
+    "bytes": "mail",
+}
+
+
+def _rule(name: str, tier: str, thing: str, entry: LimitConfig) -> _Rule:
     unit = {"connectionRate": "connections", "authFailures": "failed AUTH attempts"}.get(thing, thing)
     label = f"{unit} per {_PER_TEXT[entry.per]}: {entry.count} per {window_text(entry.window)}"
     rate = Rate(entry.count, entry.window / 1000, entry.burst)
-    return _Rule(entry.per, Limit(name, label, rate, entry.action))
+    phase = "rcpt" if thing == "messages" and entry.per == "recipientDomain" else _PHASE[thing]
+    return _Rule(entry.per, Limit(name, label, rate, entry.action, (tier, thing, phase)))
 
 
 def _tier(name: str, config: TierConfig) -> _Tier:
     rules = {
-        thing: tuple(_rule(f"{name}.{thing}.{i}", thing, e) for i, e in enumerate(entries))
+        thing: tuple(_rule(f"{name}.{thing}.{i}", name, thing, e) for i, e in enumerate(entries))
         for thing, entries in tier_limits(config).items()
     }
     # Messages per recipient domain are counted at RCPT, the others at MAIL: split once, here.
@@ -110,13 +121,20 @@ class _DomainRules:
     messages: _Rule | None
 
 
+#: Metric labels of the domainConfigs rules (tier ``domain``: every entry together, a bounded label set).
+_DOMAIN_MESSAGES = ("domain", "maxMessagesPerMinute", "rcpt")
+_DOMAIN_ALLOWED = ("domain", "allowedIPs", "rcpt")
+_DOMAIN_RECIPIENTS = ("domain", "maxRecipientsPerMessage", "rcpt")
+
+
 def _domain_rules(index: int, entry: DomainConfig) -> _DomainRules:
     limits = entry.rate_limits
     per_minute = limits.max_messages_per_minute if limits is not None else None
     messages = None
     if per_minute is not None:
         label = f"messages to {entry.domains[0]}: {per_minute} per minute"
-        messages = _Rule("recipientDomain", Limit(f"domain.{index}.messages", label, Rate(per_minute, 60.0)))
+        limit = Limit(f"domain.{index}.messages", label, Rate(per_minute, 60.0), metric=_DOMAIN_MESSAGES)
+        messages = _Rule("recipientDomain", limit)
     return _DomainRules(
         label=entry.domains[0],
         allowed=CidrSet(entry.allowed_ips) if entry.allowed_ips else None,
@@ -171,6 +189,7 @@ class IngressLimits:
         self._relay_networks = CidrSet(config.relay_networks)
         self._named = [(CidrSet(t.networks), _tier(f"tier:{t.name}", t)) for t in limits.tiers]
         entries = [(entry, _domain_rules(i, entry)) for i, entry in enumerate(config.domain_configs)]
+        self._domain_list = [rules for _, rules in entries]
         self._domains: DomainMatcher[_DomainRules] = DomainMatcher(
             (domain, rules) for entry, rules in entries for domain in entry.domains
         )
@@ -181,6 +200,19 @@ class IngressLimits:
         )
         self._open: dict[str, int] = {}
         self._network_tier = lru_cache(maxsize=_ADDRESS_CACHE)(self._tier_by_address)
+
+    def rules(self) -> dict[str, tuple[str, Limit]]:
+        """Every configured limit by name, with what it counts per (``ip``, ``sender``, ...)."""
+        found: dict[str, tuple[str, Limit]] = {}
+        tiers = [self._anonymous, self._authenticated, self._relay, *(tier for _, tier in self._named)]
+        for tier in tiers:
+            for rules in tier.rules.values():
+                for rule in rules:
+                    found[rule.limit.name] = (rule.per, rule.limit)
+        for domain in self._domain_list:
+            if domain.messages is not None:
+                found[domain.messages.limit.name] = (domain.messages.per, domain.messages.limit)
+        return found
 
     # Tiers and keys
 
@@ -246,6 +278,8 @@ class IngressLimits:
         if not charges:
             return None
         verdict = self.limiter.check(charges)
+        if verdict is ALLOWED:
+            return None
         if isinstance(verdict, Deferred):
             return verdict.addCallback(self._answer, refusal)
         return self._answer(verdict, refusal)
@@ -258,6 +292,8 @@ class IngressLimits:
             return None
         if limit.action == "tarpit":
             log.info("Rate limit reached, holding the reply back: {limit}", limit=limit.name)
+            self.limiter.tarpits += 1
+            self.limiter.tarpit_seconds += self._tarpit
             return deferLater(self._clock, self._tarpit, lambda: None)
         if limit.action == "reject":
             return Reply(550, "5.7.1", f"Quota exceeded ({limit.label})")
@@ -271,6 +307,7 @@ class IngressLimits:
         # Counted whatever the answer: connection_closed follows every connection_opened.
         self._open[ip] = self._open.get(ip, 0) + 1
         if tier.connections is not None and self._open[ip] > tier.connections:
+            self.limiter.count_hit((tier.name, "connections", "connect"))
             return Reply(421, "4.7.0", f"{self._hostname} Too many connections from your address")
         charges = self._charges(tier.rules["connectionRate"], session)
         return self._decide(
@@ -289,6 +326,10 @@ class IngressLimits:
             self._open.pop(ip, None)
         else:
             self._open[ip] = count - 1
+
+    def forget_connections(self) -> None:
+        """Forget the open connection counts (the limits are put out of use: closes go uncounted)."""
+        self._open.clear()
 
     def connections_from(self, ip: str) -> int:
         """Connections counted from ``ip`` (tests)."""
@@ -331,12 +372,14 @@ class IngressLimits:
         if rules is None:
             return None
         if rules.allowed is not None and not session.auth_user and session.peer_host not in rules.allowed:
+            self.limiter.count_hit(_DOMAIN_ALLOWED)
             return Reply(
                 550, "5.7.1", f"<{recipient}>: Client address not allowed to send mail to this domain"
             )
         if rules.max_recipients is not None:
             same = sum(1 for text in accepted if self._domain_of(text) is rules)
             if same >= rules.max_recipients:
+                self.limiter.count_hit(_DOMAIN_RECIPIENTS)
                 return Reply(452, "4.5.3", f"Too many recipients at {rules.label} in one message")
         return None
 
@@ -399,6 +442,40 @@ def limits_configured(config: SmtpConfig) -> bool:
         )
         for entry in config.domain_configs
     )
+
+
+def carried_over(
+    old: dict[str, tuple[str, Limit]], new: dict[str, tuple[str, Limit]]
+) -> dict[str, float | None]:
+    """What :meth:`~dcrouter.limits.counters.LocalCounters.carry_over` does with each old limit's counters
+    when the limits change at run time: a limit with the same name, key (``per``) and window keeps the events
+    it counted, rescaled to its new count or burst (so a lowered limit applies to them at once); any other
+    old limit's counters are dropped. Unchanged limits are left out (nothing to do)."""
+    changes: dict[str, float | None] = {}
+    for name, (per, limit) in old.items():
+        kept = new.get(name)
+        if kept is None or kept[0] != per or kept[1].rate.window != limit.rate.window:
+            changes[name] = None
+        elif kept[1].rate != limit.rate:
+            changes[name] = kept[1].rate.interval / limit.rate.interval
+    return changes
+
+
+def rebuild_ingress_limits(previous: IngressLimits, config: SmtpConfig, clock: IReactorTime) -> IngressLimits:
+    """The limits of ``config`` counted by ``previous``'s limiter (same store, same alerts and their
+    observers), for a change at run time: the open connection counts move over, and the counters are
+    carried over as :func:`carried_over` says. With Redis, the local fallback's counters are carried over;
+    the shared ones in Redis are kept as they are (a changed limit reads a key's stored time debt at its new
+    rate) and expire by themselves."""
+    limiter = previous.limiter
+    limiter.alerts.hits = config.rate_limits.alert_after
+    current = IngressLimits(config, limiter, clock)
+    current._open = previous._open
+    store = limiter.store
+    local = store if isinstance(store, LocalCounters) else getattr(store, "local", None)
+    if isinstance(local, LocalCounters):
+        local.carry_over(carried_over(previous.rules(), current.rules()))
+    return current
 
 
 def build_ingress_limits(

@@ -37,6 +37,9 @@ class Limit:
     label: str
     rate: Rate
     action: Action = "defer"
+    #: ``(tier, thing, phase)`` under which a refusal counts in :attr:`Limiter.hits` (metric labels, so
+    #: made of configured names only: ``("anonymous", "messages", "mail")``).
+    metric: tuple[str, str, str] = ("", "", "")
 
     @cached_property
     def description(self) -> str:
@@ -76,13 +79,42 @@ class Limiter:
     def __init__(self, store: Store, clock: IReactorTime, alerts: Alerts | None = None) -> None:
         self.store = store
         self.clock = clock
+        #: The store when it counts in this process, for the fast path (:meth:`LocalCounters.within`).
+        self._local = store if isinstance(store, LocalCounters) else None
         self.alerts = alerts if alerts is not None else Alerts()
+        #: Refusals by the refusing limit's :attr:`Limit.metric` (and what its users count beside: a
+        #: concurrency cap, a tarpit), since start; read by the metrics at scrape time.
+        self.hits: dict[tuple[str, str, str], int] = {}
+        #: Replies held back by a tarpit, and their seconds in all.
+        self.tarpits = 0
+        self.tarpit_seconds = 0.0
+
+    def count_hit(self, metric: tuple[str, str, str]) -> None:
+        """Count a refusal decided by a user of the limiter (a concurrency cap, a domain's allowedIPs)."""
+        self.hits[metric] = self.hits.get(metric, 0) + 1
+
+    def stats(self) -> dict[str, object]:
+        """What the metrics read: ``hits``, ``tarpits``, ``tarpitSeconds``, ``keys`` (held in this
+        process), ``evictions`` (keys evicted while holding state), ``fallback`` (counting in this process
+        because Redis cannot answer)."""
+        store = self.store
+        local = store if isinstance(store, LocalCounters) else getattr(store, "local", None)
+        return {
+            "hits": dict(self.hits),
+            "tarpits": self.tarpits,
+            "tarpitSeconds": self.tarpit_seconds,
+            "keys": len(local) if local is not None else 0,
+            "evictions": local.evictions if local is not None else 0,
+            "fallback": bool(getattr(store, "degraded", False)),
+        }
 
     def check(self, charges: Sequence[Charge]) -> Verdict | Deferred[Verdict]:
         """Check and count ``charges`` in one atomic step. Synchronous with the local store; with Redis a
         Deferred (that never fails: the shared store falls back to local counting), or synchronous while the
         shared store counts locally after a Redis failure."""
         if not charges:
+            return ALLOWED
+        if self._local is not None and self._local.within(charges):
             return ALLOWED
         steps = [Step(limit.prefix + key, limit.rate, cost, force) for limit, key, cost, force in charges]
         outcome = self.store.apply(steps)
@@ -104,4 +136,6 @@ class Limiter:
                 alerts.used(limit.description, charge.key, limit.rate.window, usage, now)
         if refused is None:
             return ALLOWED
-        return Verdict(charges[refused].limit, outcome.retry_after)
+        limit = charges[refused].limit
+        self.hits[limit.metric] = self.hits.get(limit.metric, 0) + 1
+        return Verdict(limit, outcome.retry_after)

@@ -1,6 +1,9 @@
 """Targets and their health: which servers of a destination to try first, and which to skip for a while after
 they failed. Shared by mail delivery (a route's servers) and the proxy (a route's backends).
 
+Active health checks (:mod:`dcrouter.net.healthcheck`) hold a target out altogether (``check_failed``) until
+they pass again (``check_passed``): ``order`` leaves it out, ``arrange`` too.
+
 Load balancing across configured targets is round robin: each call to ``order`` for the same key starts one
 place further along; an ordered list such as MX hosts keeps its order (``rotate=False``: RFC 5321 §5.1, lower
 preference first). A target
@@ -48,19 +51,29 @@ class TargetHealth:
         self._down: dict[tuple[str, int], float] = {}
         # key (a route's name) -> where the next round-robin order starts
         self._next: dict[str, int] = {}
+        # (address, port) of targets an active health check holds down
+        self._failing: set[tuple[str, int]] = set()
 
     def order(self, key: str, targets: Sequence[Target], *, rotate: bool = True) -> list[Target]:
         """``targets`` in the order to try them: up targets first (rotated per call for ``key``, a route's
         name, unless ``rotate`` is false: then as given), then down targets, those coming back soonest
-        first. Always a permutation of ``targets``."""
+        first. A permutation of ``targets`` less those an active health check holds down (mail delivery
+        runs none)."""
         ordered = list(targets)
         if rotate and ordered:
             start = self._next.get(key, 0) % len(ordered)
             self._next[key] = (start + 1) % len(ordered)
             ordered = ordered[start:] + ordered[:start]
+        return self.arrange(ordered)
+
+    def arrange(self, preferred: Sequence[Target]) -> list[Target]:
+        """``preferred`` (a balancer's order) without the targets an active check holds down, and with
+        passively marked ones moved to the end, those coming back soonest first."""
         up: list[Target] = []
         down: list[tuple[float, Target]] = []
-        for target in ordered:
+        for target in preferred:
+            if _key(target) in self._failing:
+                continue
             if self.is_down(target):
                 down.append((self._down[_key(target)], target))
             else:
@@ -79,6 +92,19 @@ class TargetHealth:
     def mark_up(self, target: Target) -> None:
         """Forget any mark on ``target`` (it just accepted a connection)."""
         self._down.pop(_key(target), None)
+
+    def check_failed(self, target: Target) -> None:
+        """An active health check took ``target`` down: no new connection until :meth:`check_passed`."""
+        self._failing.add(_key(target))
+
+    def check_passed(self, target: Target) -> None:
+        """An active health check brought ``target`` back (a passive mark on it is forgotten too)."""
+        self._failing.discard(_key(target))
+        self._down.pop(_key(target), None)
+
+    def is_failing(self, target: Target) -> bool:
+        """True while an active health check holds ``target`` down."""
+        return _key(target) in self._failing
 
     def is_down(self, target: Target) -> bool:
         """True while a mark on ``target`` has not expired."""

@@ -93,19 +93,29 @@ class Base64Decoder:
         return binascii.a2b_base64(carry + b"=" * (4 - len(carry)))
 
 
+#: Octets of one quoted-printable line held back at most (SMTP lines are at most 1000): past it, decoded.
+QP_MAX_LINE = 64 * 1024
+
+
 class QuotedPrintableDecoder:
+    """``binascii.a2b_qp`` over pieces: whole lines are decoded, the line begun is carried to the next piece.
+    After a line feed ``a2b_qp`` starts afresh (a soft break "=\\r...\\n" ends there too), so the decoded
+    bytes are those of the whole body whatever the cuts; carrying less (an "=" alone) is not enough, since
+    runs of "=" pair up from their start. A line longer than :data:`QP_MAX_LINE` is decoded in pieces (memory
+    stays bounded) and noted as a defect."""
+
     def __init__(self) -> None:
         self._carry = b""
         self.defects: set[str] = set()
 
     def feed(self, data: bytes) -> bytes:
         data = self._carry + data
-        # An escape ("=XX", "=\r\n") may be cut by the end of this piece: keep it for the next one.
-        cut = data.rfind(b"=", max(0, len(data) - 2))
-        if cut >= 0:
-            data, self._carry = data[:cut], data[cut:]
-        else:
-            self._carry = b""
+        cut = data.rfind(b"\n") + 1
+        if len(data) - cut > QP_MAX_LINE:
+            self.defects.add(f"quoted-printable line longer than {QP_MAX_LINE} octets")
+            # The rest of the line goes now, less the last two or three octets, which may be a cut escape.
+            cut = len(data) - 3 if data[-3:-2] == b"=" else len(data) - 2
+        data, self._carry = data[:cut], data[cut:]
         return binascii.a2b_qp(data)
 
     def flush(self) -> bytes:

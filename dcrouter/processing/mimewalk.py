@@ -277,6 +277,10 @@ class MimeWalker:
             line = line[:-1]
         if b"\x00" in line:
             self.reader.defect("NUL byte in a header block")
+        if b"\r" in line:
+            # Readers differ on a bare CR: many (Python's email, MUAs) end a line there, so "\r\r\n" is an
+            # empty line to them, ending the block, and to us a line that is not a field: two structures.
+            self.broken(f"part {entity.leaf_path}: bare CR in a header block")
         if line.startswith(b"--") and (hit := match_delimiter(self._frames, line)) is not None:
             self._pos, self._at_line_start = following, True
             entity.cut = True

@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from dcrouter.events import NO_EVENTS, EventBus
 from dcrouter.interfaces import (
     IDeliveryQueue,
     IMessageAcceptor,
@@ -121,8 +122,11 @@ class EmailProcessor:
         limits: MimeLimits = DEFAULT_LIMITS,
         max_parallel: int = 64,
         timeout: float = 120.0,
+        events: EventBus = NO_EVENTS,
     ) -> None:
         self._queue = queue
+        #: Where message.processed/queued/scanned and error.processing go (dcrouter.events).
+        self.events = events
         self._now = clock_seconds
         self._reactor = reactor
         self._threadpool = threadpool
@@ -238,8 +242,10 @@ class EmailProcessor:
     ) -> QueueItem:
         """Run every stage, then queue. The message's files are owned by this call from here on."""
         draft: Draft | None = None
+        started = self._now()
+        timings: dict[str, float] = {}
         try:
-            staged = Deferred.fromCoroutine(self._stages(envelope, message, queue_id))
+            staged = Deferred.fromCoroutine(self._stages(envelope, message, queue_id, timings))
             if self._reactor is not None and self._timeout:
                 staged.addTimeout(self._timeout, self._reactor)
             draft, quarantine = await staged
@@ -248,11 +254,27 @@ class EmailProcessor:
                 draft.discard()
             else:
                 message.discard()
-            raise self._refusal_for(error, queue_id) from error
+            refusal = self._refusal_for(error, queue_id)
+            outcome = "discarded" if isinstance(refusal, Discarded) else "refused"
+            if isinstance(refusal, Refusal) and refusal.reply.is_temporary:
+                outcome = "tempfailed"
+            self._processed(queue_id, outcome, started, timings)
+            raise refusal from error
         stored, head, offset = draft.finish()
         envelope = draft.envelope
         self.stats["processed"] += 1
+        self._processed(queue_id, "quarantined" if quarantine else "queued", started, timings)
         return await self._enqueue(queue_id, envelope, stored, head, offset, priority, quarantine)
+
+    def _processed(self, queue_id: str, outcome: str, started: float, timings: dict[str, float]) -> None:
+        if self.events.wants("message.processed"):
+            self.events.emit(
+                "message.processed",
+                queue_id=queue_id,
+                outcome=outcome,
+                duration=max(0.0, self._now() - started),
+                stages=dict(timings),
+            )
 
     async def _process_local(
         self, envelope: Envelope, message: SpooledMessage, queue_id: str, priority: int
@@ -276,17 +298,21 @@ class EmailProcessor:
             except Refusal as e:
                 # A bounce to a forged or expired SRS address: sent as addressed rather than lost.
                 log.info("{queue_id}: {reason}; sent as addressed", queue_id=queue_id, reason=e.reason)
-        queued: QueueItem = await self._enqueue(queue_id, envelope, message, None, 0, priority, None)
+        queued: QueueItem = await self._enqueue(
+            queue_id, envelope, message, None, 0, priority, None, local=True
+        )
         return queued
 
     async def _stages(
-        self, envelope: Envelope, message: SpooledMessage, queue_id: str
+        self, envelope: Envelope, message: SpooledMessage, queue_id: str, timings: dict[str, float]
     ) -> tuple[Draft, str | None]:
+        mark = self._now()
         draft = await self.extract_metadata(envelope, message, queue_id)
+        timings["metadata"] = self._now() - mark
         try:
-            quarantine = await self.scan_content(draft)
-            await self.apply_transformations(draft)
-            await self._sign(draft)
+            quarantine = await self.scan_content(draft, timings)
+            await self.apply_transformations(draft, timings)
+            await self._sign(draft, timings)
         except BaseException:
             draft.discard()
             raise
@@ -301,8 +327,10 @@ class EmailProcessor:
         if isinstance(error, CancelledError | DeferredTimeout | TimeoutError):
             self.stats["tempfailed"] += 1
             log.warn("{queue_id}: processing timed out", queue_id=queue_id)
+            self.events.emit("error.processing", queue_id=queue_id, reason="processingTimeout")
             return Refusal(TIMED_OUT, "processingTimeout")
         log.failure("{queue_id}: processing failed", Failure(error), queue_id=queue_id)
+        self.events.emit("error.processing", queue_id=queue_id, reason=type(error).__name__)
         self.stats["tempfailed"] += 1
         return Refusal(Reply(451, "4.3.0", "Local error in processing, try again later"), "error")
 
@@ -362,11 +390,12 @@ class EmailProcessor:
             info=info,
         )
 
-    async def scan_content(self, draft: Draft) -> str | None:
+    async def scan_content(self, draft: Draft, timings: dict[str, float] | None = None) -> str | None:
         """Run the scanners in order. Returns the reason to quarantine, or None; raises Refusal or
         Discarded. A clean result, or a hit whose action is tag, adds the scanner's headers; fields of those
         names that the message came with are removed first (a sender must not pre-label its own mail)."""
         for stage in self._scanners:
+            mark = self._now()
             try:
                 scanning = maybeDeferred(stage.scanner.scan, draft)
                 if stage.timeout and self._reactor is not None:
@@ -399,6 +428,15 @@ class EmailProcessor:
             action = result.action or stage.action
             if result.verdict is Verdict.UNSCANNABLE and stage.on_unscannable != "action":
                 action = stage.on_unscannable
+            if timings is not None:
+                timings[f"scanner:{stage.name}"] = self._now() - mark
+            self.events.emit(
+                "message.scanned",
+                queue_id=draft.queue_id,
+                scanner=stage.name,
+                verdict=result.verdict.value,
+                action=action if result.hit else "pass",
+            )
             if not result.hit:
                 # Passed mail carries the scanner's status (X-Spam-Status: No, score=...; X-Virus-Status:
                 # Clean), as SpamAssassin and amavis leave it, whatever the action on a hit would have been.
@@ -430,14 +468,20 @@ class EmailProcessor:
                 return f"{stage.name}: {result.verdict.value} ({result.reason})"
         return None
 
-    async def apply_transformations(self, draft: Draft) -> None:
+    async def apply_transformations(self, draft: Draft, timings: dict[str, float] | None = None) -> None:
         """Each transformation in configured order; DKIM signing is not among them (it runs last)."""
         for transformation in self._transformations:
+            mark = self._now()
             await maybeDeferred(transformation.apply, draft)
+            if timings is not None:
+                timings[f"transform:{_stage_name(transformation)}"] = self._now() - mark
 
-    async def _sign(self, draft: Draft) -> None:
+    async def _sign(self, draft: Draft, timings: dict[str, float] | None = None) -> None:
+        mark = self._now()
         for signer in self._signers:
             await maybeDeferred(signer.apply, draft)
+        if timings is not None and self._signers:
+            timings["dkim"] = self._now() - mark
 
     # -- queueing --
 
@@ -450,6 +494,8 @@ class EmailProcessor:
         offset: int,
         priority: int,
         quarantine: str | None,
+        *,
+        local: bool = False,
     ) -> Deferred:
         now = self._now()
         size = stored.size if head is None else len(head) + stored.size - offset
@@ -468,12 +514,25 @@ class EmailProcessor:
             item.status = QueueItemStatus.QUARANTINED
             item.last_error = quarantine
         queued = self._queue.enqueue(item, stored)
+        if self.events.wants("message.queued"):
+            queued.addCallback(self._report_queued, local)
         if quarantine is not None:
             self.stats["quarantined"] += 1
             queued.addCallback(self._quarantined)
         elif self.on_queued is not None:
             queued.addCallback(self._notify)
         return queued
+
+    def _report_queued(self, item: QueueItem, local: bool) -> QueueItem:
+        self.events.emit(
+            "message.queued",
+            queue_id=item.id,
+            size=item.size,
+            recipients=len(item.envelope.recipients),
+            local=local,
+            status=item.status.value,
+        )
+        return item
 
     def _quarantined(self, item: QueueItem) -> QueueItem:
         log.warn("{queue_id}: quarantined: {reason}", queue_id=item.id, reason=item.last_error)
@@ -499,6 +558,10 @@ class EmailProcessor:
         if self.on_queued is not None:
             self._notify(released)
         return released
+
+
+def _stage_name(transformation: ITransformation) -> str:
+    return str(getattr(transformation, "name", None) or type(transformation).__name__)
 
 
 def _copy_envelope(envelope: Envelope) -> Envelope:

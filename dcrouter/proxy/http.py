@@ -24,6 +24,7 @@ challenge responder (``404`` when unknown), every other request ``301`` to ``htt
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from zope.interface import implementer
 from dcrouter.log import logger
 from dcrouter.proxy.clienthello import routable_name
 from dcrouter.proxy.forward import RouteCounters
+from dcrouter.proxy.gate import RequestGate
 from dcrouter.proxy.httpmessage import (
     REASONS,
     ChunkedBody,
@@ -55,6 +57,7 @@ from dcrouter.proxy.httpmessage import (
     response_framing,
     simple_response,
 )
+from dcrouter.proxy.routes import NO_CHANGES, FieldChanges
 
 log = logger(__name__)
 
@@ -81,6 +84,25 @@ def host_name(value: bytes | None) -> str:
     if colon and not (port.isdigit() and len(port) <= 5 and int(port) <= 65535):
         raise ValueError(f"Host {text[:60]!r} has an invalid port")
     return routable_name(host)
+
+
+def host_address(value: bytes) -> str | None:
+    """The IP address a ``Host`` value (``192.0.2.1:8080``, ``[2001:db8::1]``) names, as written; None when
+    it names no address."""
+    text = value.decode("ascii", "replace")
+    if text.startswith("["):
+        literal, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+            return None
+        candidate = literal
+        written = f"[{literal}]"
+    else:
+        candidate = written = text.partition(":")[0]
+    try:
+        ipaddress.ip_address(candidate)
+    except ValueError:
+        return None
+    return written
 
 
 @implementer(IPushProducer)
@@ -155,6 +177,13 @@ class ForwardingPolicy:
     host_allowed: Callable[[str], bool]
     idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT
     proto: bytes = b"https"
+    #: Close after the first response (the route was chosen by that request's path or headers).
+    one_request: bool = False
+    #: ``security.rateLimit``, ``basicAuth``, ``jwtAuth``: what each request must pass (else 429, 401).
+    gate: RequestGate | None = None
+    #: ``action.headers``: fields changed on requests and on final responses.
+    request_fields: FieldChanges = NO_CHANGES
+    response_fields: FieldChanges = NO_CHANGES
 
 
 @implementer(IHalfCloseableProtocol)
@@ -170,7 +199,7 @@ class HttpForwarder(Protocol):
         self._connect = connect
         self.counters = counters
         self._clock = clock
-        self.phase = "head"  # head | body | wait | upgraded | closed: the client side
+        self.phase = "head"  # head | auth | body | wait | upgraded | closed: the client side
         self.requests = 0
         self._pending = b""
         self._head = HeadBuffer()
@@ -265,7 +294,11 @@ class HttpForwarder(Protocol):
         try:
             head = parse_request_head(raw)
             framing = request_framing(head)
-            name = host_name(head.fields.get(b"host"))
+            host = head.fields.get(b"host")
+            # An address names no route, but is what curl http://127.0.0.1:8080/ sends: it is served where
+            # no name was asked for (host_allowed decides, as for a name).
+            address = host_address(host) if host else None
+            name = address if address is not None else host_name(host)
         except HttpError as error:
             self._refuse(error)
             return
@@ -275,9 +308,39 @@ class HttpForwarder(Protocol):
         if not self.policy.host_allowed(name):
             self._refuse(HttpError(421, f"Host {name} is not served on this connection"))
             return
+        gate = self.policy.gate
+        if gate is None:
+            self._request_accepted(head, framing)
+            return
+        # Nothing more is read or forwarded until the credentials are checked (in a thread).
+        self.phase = "auth"
+        if self._client_gate is not None:
+            self._client_gate.pause("auth")
+        checking = gate.check(head, self.policy.client_ip)
+        checking.addCallbacks(lambda _: self._authorized(head, framing), self._unauthorized)
+
+    def _authorized(self, head: RequestHead, framing: Any) -> None:
+        if self.phase != "auth":
+            return  # closed meanwhile
+        self._request_accepted(head, framing)
+        if self._client_gate is not None:
+            self._client_gate.resume("auth")
+        self._advance()
+
+    def _unauthorized(self, failure: Failure) -> None:
+        if self.phase != "auth":
+            return
+        error = failure.value
+        if not isinstance(error, HttpError):
+            log.failure("proxy: {client}: checking credentials failed", failure, client=self.policy.client_ip)
+            error = HttpError(500, "checking credentials failed")
+        self.phase = "head"  # so that _refuse answers
+        self._refuse(error)
+
+    def _request_accepted(self, head: RequestHead, framing: Any) -> None:
         self.requests += 1
         self._request = head
-        self._close_after = self._close_after or not head.keep_alive
+        self._close_after = self._close_after or not head.keep_alive or self.policy.one_request
         self._request_body = framing.reader()
         self._response_head = HeadBuffer(leading_crlf=False)
         self._response_body = None
@@ -289,6 +352,8 @@ class HttpForwarder(Protocol):
                 client_ip=self.policy.client_ip,
                 trust_forwarded=self.policy.trust_forwarded,
                 proto=self.policy.proto,
+                drop=self.policy.request_fields.dropped,
+                add=self.policy.request_fields.set_fields,
             )
         )
 
@@ -308,7 +373,10 @@ class HttpForwarder(Protocol):
         )
         if not self._response_started:
             reason = REASONS.get(error.status, "Error")
-            self._write_client(simple_response(error.status, reason, body=reason.encode() + b"\n"))
+            extra = getattr(error, "extra", ())
+            self._write_client(
+                simple_response(error.status, reason, body=reason.encode() + b"\n", extra=extra)
+            )
         self._close(error.reason)
 
     # -- the backend side -----------------------------------------------------------------------------
@@ -405,7 +473,10 @@ class HttpForwarder(Protocol):
         # request body ended leaves the rest of that body unread.
         if framing.kind == "close" or self.phase == "body":
             self._close_after = True
-        self._write_client(relayed_response_head(head, close=self._close_after))
+        changes = self.policy.response_fields
+        self._write_client(
+            relayed_response_head(head, close=self._close_after, drop=changes.dropped, add=changes.set_fields)
+        )
         self._response_started = True
         self._response_body = framing.reader()
         if self._response_body.done:
@@ -431,6 +502,7 @@ class HttpForwarder(Protocol):
             self._response_pending = b""
         self._request = None
         self._response_body = None
+        self._response_started = False  # a refusal of the next request head is answered again
         if self._close_after:
             self._close("response done, connection not persistent")
             return

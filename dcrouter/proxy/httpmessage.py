@@ -413,19 +413,27 @@ class ChunkedBody:
 
 
 def forwarded_request_head(
-    head: RequestHead, *, client_ip: str, trust_forwarded: bool, proto: bytes = b"https"
+    head: RequestHead,
+    *,
+    client_ip: str,
+    trust_forwarded: bool,
+    proto: bytes = b"https",
+    drop: frozenset[bytes] = frozenset(),
+    add: tuple[tuple[bytes, bytes], ...] = (),
 ) -> bytes:
     """The head to send to the backend: the request line and fields as received, less the hop-by-hop fields
     (and those ``Connection`` names), with ``X-Forwarded-For`` (the client appended; a client's own list
     kept only when ``trust_forwarded``) and ``X-Forwarded-Proto`` set. A WebSocket handshake keeps its
-    ``Connection: Upgrade`` / ``Upgrade`` pair."""
+    ``Connection: Upgrade`` / ``Upgrade`` pair. Fields named in ``drop`` (lower case) are left out and
+    ``add`` appended (a route's ``action.headers.request``)."""
     fields = head.fields
-    dropped = HOP_BY_HOP | fields.tokens(b"connection") | {b"x-forwarded-proto"}
+    dropped = HOP_BY_HOP | fields.tokens(b"connection") | {b"x-forwarded-proto"} | drop
     if not trust_forwarded:
         dropped |= {b"x-forwarded-for", b"forwarded"}
     prior = fields.get_all(b"x-forwarded-for") if trust_forwarded else []
     lines = [b"%s %s %s" % (head.method, head.target, head.version)]
     lines += [b"%s: %s" % (name, value) for name, value in fields.lines if name.lower() not in dropped]
+    lines += [b"%s: %s" % field for field in add]
     lines.append(b"X-Forwarded-For: " + b", ".join([*prior, client_ip.encode("ascii")]))
     lines.append(b"X-Forwarded-Proto: " + proto)
     if head.upgrade_websocket:
@@ -433,15 +441,23 @@ def forwarded_request_head(
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
-def relayed_response_head(head: ResponseHead, *, close: bool) -> bytes:
+def relayed_response_head(
+    head: ResponseHead,
+    *,
+    close: bool,
+    drop: frozenset[bytes] = frozenset(),
+    add: tuple[tuple[bytes, bytes], ...] = (),
+) -> bytes:
     """The head to send to the client: as received less the hop-by-hop fields, plus ``Connection: close``
-    when the proxy closes the client connection after this response. A 101 is relayed unchanged."""
+    when the proxy closes the client connection after this response. A 101 is relayed unchanged. Fields
+    named in ``drop`` (lower case) are left out and ``add`` appended (``action.headers.response``)."""
     lines = [b"%s %d %s" % (head.version, head.status, head.reason)]
     if head.status == 101:
         lines += [b"%s: %s" % line for line in head.fields.lines]
     else:
-        dropped = HOP_BY_HOP | head.fields.tokens(b"connection")
+        dropped = HOP_BY_HOP | head.fields.tokens(b"connection") | drop
         lines += [b"%s: %s" % (n, v) for n, v in head.fields.lines if n.lower() not in dropped]
+        lines += [b"%s: %s" % field for field in add]
         if close:
             lines.append(b"Connection: close")
     return b"\r\n".join(lines) + b"\r\n\r\n"
@@ -466,11 +482,15 @@ REASONS = {
     101: "Switching Protocols",
     301: "Moved Permanently",
     400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     421: "Misdirected Request",
+    429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     501: "Not Implemented",
     502: "Bad Gateway",
+    503: "Service Unavailable",
     505: "HTTP Version Not Supported",
 }

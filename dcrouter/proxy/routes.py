@@ -9,8 +9,10 @@ where its two spellings were enforced by different code and diverged.
 
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,16 +20,21 @@ from dcrouter.config.proxy import (
     HttpDomainRoute,
     SmartProxyConfig,
     domain_config_ports,
+    header_pattern,
     hosts,
     http_route_port,
+    port_offset,
     port_ranges,
     route_domains,
+    route_tls,
     target_port,
 )
 from dcrouter.config.ratelimits import RateConfig
 from dcrouter.limits.gcra import Rate
+from dcrouter.net.balance import Method
 from dcrouter.net.cidr import CidrSet
 from dcrouter.net.domains import normalize_domain
+from dcrouter.net.healthcheck import HealthCheckRule
 
 
 class Networks(CidrSet):
@@ -66,11 +73,41 @@ class PortRange:
 
 
 @dataclass(frozen=True)
+class BackendVerification:
+    """How ``terminate-and-reencrypt`` checks its backends' certificates: ``verify`` (else any is taken),
+    against ``ca_file`` (PEM CA certificates; None: the system's), for ``server_name`` (None: the target
+    host)."""
+
+    verify: bool = True
+    ca_file: str | None = None
+    server_name: str | None = None
+
+
+VERIFIED = BackendVerification()
+
+
+@dataclass(frozen=True)
 class ProxyTarget:
-    """Backends tried round robin, and their port: None means the port the client connected to."""
+    """Backends, and their port: None means the port the client connected to, moved by ``offset``
+    (``"{port}+1000"``). ``weights`` (one per host; empty: all 1) and ``balancing`` (a
+    :data:`~dcrouter.net.balance.METHODS` name) choose the first host a connection tries;
+    ``health_check`` (None: passive marks only) keeps failing hosts out; ``verification`` is for
+    re-encrypting routes."""
 
     hosts: tuple[str, ...]
     port: int | None
+    offset: int = 0
+    weights: tuple[int, ...] = ()
+    balancing: Method = "roundRobin"
+    health_check: HealthCheckRule | None = None
+    verification: BackendVerification = VERIFIED
+
+    def weight_list(self) -> list[int]:
+        return list(self.weights) if self.weights else [1] * len(self.hosts)
+
+    def port_for(self, connected: int) -> int:
+        """The backend port for a client that connected to ``connected``."""
+        return self.port if self.port is not None else connected + self.offset
 
 
 @dataclass(frozen=True)
@@ -80,6 +117,156 @@ class CertificateFiles:
     cert_path: str
     key_path: str
 
+
+@dataclass(frozen=True)
+class Redirect:
+    """``action.redirect``: ``to`` is a URL template (``{domain}``, ``{path}``, ``{query}``, ``{port}``)."""
+
+    to: str
+    status: int = 301
+
+
+@dataclass(frozen=True)
+class StaticContent:
+    """``action.static``: files under ``root`` (with ``index`` names for directories), or a fixed
+    ``content`` answered with ``status`` and ``content_type``."""
+
+    root: str | None = None
+    index: tuple[str, ...] = ("index.html",)
+    content: bytes | None = None
+    content_type: str = "text/plain; charset=utf-8"
+    status: int = 200
+
+
+@dataclass(frozen=True)
+class RouteAction:
+    """What a route does with a connection: ``forward`` (to its target), ``redirect``, ``static``,
+    ``block`` (``status``: answered to HTTP requests; None: closed) or ``socket-handler`` (``handler``: the
+    configured name or dotted path)."""
+
+    type: str = "forward"
+    redirect: Redirect | None = None
+    static: StaticContent | None = None
+    status: int | None = None
+    handler: str | None = None
+
+    @property
+    def answers_http(self) -> bool:
+        """Whether the proxy answers HTTP requests itself rather than connecting anywhere."""
+        return self.type in ("redirect", "static") or (self.type == "block" and self.status is not None)
+
+
+FORWARD = RouteAction()
+
+
+@dataclass(frozen=True)
+class FieldChanges:
+    """Header fields to set (replacing those of the name) and to remove, names in lower case for removal."""
+
+    set_fields: tuple[tuple[bytes, bytes], ...] = ()
+    remove: frozenset[bytes] = frozenset()
+
+    @property
+    def dropped(self) -> frozenset[bytes]:
+        """The names whose fields as received are left out: removed ones, and set ones (replaced)."""
+        return self.remove | {name.lower() for name, _ in self.set_fields}
+
+
+NO_CHANGES = FieldChanges()
+
+
+@dataclass(frozen=True)
+class JwtRule:
+    """``security.jwtAuth`` as the proxy uses it; exactly one of ``key_file``, ``jwks_file``, ``jwks_url``."""
+
+    algorithms: tuple[str, ...]
+    key_file: str | None = None
+    jwks_file: str | None = None
+    jwks_url: str | None = None
+    issuer: str | None = None
+    audience: tuple[str, ...] = ()
+    leeway: float = 30.0
+    refresh: float = 3600.0
+    realm: str = "dcrouter"
+
+
+@dataclass(frozen=True)
+class RequestRateRule:
+    """``security.rateLimit``: ``rate`` per client address, request path or a header's value (``key_by``)."""
+
+    rate: Rate
+    key_by: str = "ip"
+    header_name: str | None = None
+
+
+@dataclass(frozen=True)
+class BasicAuthRule:
+    """``security.basicAuth``: the realm named in the challenge, and ``(username, scrypt hash)`` pairs."""
+
+    realm: str
+    users: tuple[tuple[str, str], ...]
+
+
+#: ClientHello version numbers (``supported_versions``, else the legacy version) by ``match.tlsVersion`` name.
+TLS_VERSION_NUMBERS = {"TLSv1": 0x0301, "TLSv1.1": 0x0302, "TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
+_GLOB = re.compile(r"[*?\[]")
+
+
+@dataclass(frozen=True)
+class Request:
+    """What request conditions look at: the path (percent-encoded as sent, without the query) and the
+    header fields, by lower-case name, every value in order."""
+
+    path: str
+    headers: Mapping[str, tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class RequestConditions:
+    """``match.path`` and ``match.headers``: ``path`` a prefix or a glob (see :meth:`path_matches`);
+    ``headers`` (lower-case name, exact value or compiled pattern) pairs that must all hold."""
+
+    path: str | None = None
+    headers: tuple[tuple[str, str | re.Pattern[str]], ...] = ()
+
+    def __bool__(self) -> bool:
+        return self.path is not None or bool(self.headers)
+
+    @property
+    def specificity(self) -> tuple[int, int, int]:
+        """Larger is more specific: a prefix before a glob before no path, longer before shorter, then
+        the number of header conditions."""
+        kind = 0 if self.path is None else 1 if _GLOB.search(self.path) else 2
+        return kind, len(self.path or ""), len(self.headers)
+
+    def path_matches(self, path: str) -> bool:
+        """A glob must match the whole path; a prefix ending in ``/`` matches what starts with it, any
+        other prefix the path itself and what continues it after a ``/``."""
+        pattern = self.path
+        if pattern is None:
+            return True
+        if _GLOB.search(pattern):
+            return fnmatch.fnmatchcase(path, pattern)
+        if pattern.endswith("/"):
+            return path.startswith(pattern)
+        return path == pattern or path.startswith(pattern + "/")
+
+    def matches(self, request: Request) -> bool:
+        if not self.path_matches(request.path):
+            return False
+        for name, wanted in self.headers:
+            present = request.headers.get(name, ())
+            if isinstance(wanted, str):
+                if wanted not in present:
+                    return False
+            elif not any(wanted.search(value) for value in present):
+                return False
+        return True
+
+
+NO_CONDITIONS = RequestConditions()
+#: A forward route's target when it has none (the other action types).
+NO_TARGET = ProxyTarget((), None)
 
 #: The TLS modes that end TLS at the proxy and forward HTTP.
 TERMINATING = frozenset({"terminate", "terminate-and-reencrypt"})
@@ -109,6 +296,26 @@ class ProxyRoute:
     source: str
     certificate: CertificateFiles | str | None = None
     tls_profile: str = "intermediate"
+    action: RouteAction = FORWARD
+    conditions: RequestConditions = NO_CONDITIONS
+    tls_versions: frozenset[int] = frozenset()
+    basic_auth: BasicAuthRule | None = None
+    jwt_auth: JwtRule | None = None
+    request_rate: RequestRateRule | None = None
+    request_fields: FieldChanges = NO_CHANGES
+    response_fields: FieldChanges = NO_CHANGES
+
+    @property
+    def reads_http(self) -> bool:
+        """Whether requests must be read one by one even on a plain route that forwards (credentials are
+        checked, or header fields changed): such a route forwards HTTP rather than splicing bytes."""
+        return (
+            self.basic_auth is not None
+            or self.jwt_auth is not None
+            or self.request_rate is not None
+            or bool(self.request_fields.dropped or self.response_fields.dropped)
+        )
+
     #: New connections per window from all clients together (``connectionRate``); None: no limit.
     connection_rate: Rate | None = None
 
@@ -152,10 +359,33 @@ def _certificate(value: Any) -> CertificateFiles | str | None:
     return value if isinstance(value, str) else None
 
 
+def _action(action: Any) -> RouteAction:
+    if action.type == "forward":
+        return FORWARD
+    redirect = action.redirect
+    static = action.static
+    return RouteAction(
+        type=action.type,
+        redirect=Redirect(redirect.to, redirect.status) if redirect is not None else None,
+        static=StaticContent(
+            root=static.root,
+            index=tuple(static.index),
+            content=static.content.encode("utf-8") if static.content is not None else None,
+            content_type=static.content_type,
+            status=static.status,
+        )
+        if static is not None
+        else None,
+        status=action.status,
+        handler=action.socket_handler,
+    )
+
+
 def _from_route(route: Any, index: int) -> ProxyRoute:
     source = f"smartProxyConfig.routes[{index}]"
     security = route.security
     target = route.action.target
+    tls, _ = route_tls(route)
     return ProxyRoute(
         name=route.name if route.name is not None else source,
         priority=route.priority,
@@ -164,15 +394,95 @@ def _from_route(route: Any, index: int) -> ProxyRoute:
         client_ips=_networks(route.match.client_ip),
         allow=_networks(security.ip_allow_list) if security else None,
         block=_networks(security.ip_block_list) if security else None,
-        target=ProxyTarget(hosts(target.host), target_port(target.port)),
-        tls_mode=route.tls.mode if route.tls else "passthrough",
+        target=_target(route.action, tls) if target is not None else NO_TARGET,
+        tls_mode=tls.mode if tls else "passthrough",
         max_connections=security.max_connections if security else None,
         connection_timeout_ms=route.connection_timeout,
         source=source,
-        certificate=_certificate(route.tls.certificate) if route.tls else None,
-        tls_profile=(route.tls.tls_profile if route.tls else None) or "intermediate",
+        certificate=_certificate(tls.certificate) if tls else None,
+        tls_profile=(tls.tls_profile if tls else None) or "intermediate",
+        action=_action(route.action),
+        conditions=_conditions(route.match),
+        tls_versions=frozenset(TLS_VERSION_NUMBERS[v] for v in route.match.tls_version),
+        basic_auth=_basic_auth(security.basic_auth) if security and security.basic_auth else None,
+        jwt_auth=_jwt_auth(security.jwt_auth) if security and security.jwt_auth else None,
+        request_rate=_request_rate(security.rate_limit) if security and security.rate_limit else None,
+        request_fields=_changes(route.action.headers.request if route.action.headers else None),
+        response_fields=_changes(route.action.headers.response if route.action.headers else None),
         connection_rate=rate(security.connection_rate) if security else None,
     )
+
+
+def _target(action: Any, tls: Any) -> ProxyTarget:
+    target = action.target
+    check = action.health_check
+    rule = None
+    if check is not None:
+        rule = HealthCheckRule(
+            kind=check.type,
+            interval=check.interval / 1000,
+            timeout=check.timeout / 1000,
+            rise=check.rise,
+            fall=check.fall,
+            path=check.path,
+            expect=tuple(check.expect_status),
+            host=check.host,
+            port=check.port,
+        )
+    verification = VERIFIED
+    if tls is not None:
+        verification = BackendVerification(tls.verify_backend, tls.backend_ca_file, tls.server_name)
+    return ProxyTarget(
+        hosts(target.host),
+        target_port(target.port),
+        port_offset(target.port),
+        weights=tuple(target.weights),
+        balancing=action.load_balancing,
+        health_check=rule,
+        verification=verification,
+    )
+
+
+def _changes(config: Any) -> FieldChanges:
+    if config is None:
+        return NO_CHANGES
+    return FieldChanges(
+        tuple((name.encode("ascii"), value.encode("utf-8")) for name, value in config.set_fields.items()),
+        frozenset(name.lower().encode("ascii") for name in config.remove),
+    )
+
+
+def _request_rate(config: Any) -> RequestRateRule:
+    return RequestRateRule(
+        Rate(config.count, config.window / 1000, config.burst), config.key_by, config.header_name
+    )
+
+
+def _jwt_auth(config: Any) -> JwtRule:
+    return JwtRule(
+        algorithms=tuple(config.algorithms),
+        key_file=config.key_file,
+        jwks_file=config.jwks_file,
+        jwks_url=config.jwks_url,
+        issuer=config.issuer,
+        audience=tuple(config.audience),
+        leeway=config.leeway / 1000,
+        refresh=config.jwks_refresh / 1000,
+        realm=config.realm,
+    )
+
+
+def _basic_auth(config: Any) -> BasicAuthRule:
+    return BasicAuthRule(config.realm, tuple((u.username, u.password) for u in config.users))
+
+
+def _conditions(match: Any) -> RequestConditions:
+    headers = tuple(
+        (name.lower(), header_pattern(value) or value) for name, value in (match.headers or {}).items()
+    )
+    if match.path is None and not headers:
+        return NO_CONDITIONS
+    return RequestConditions(match.path, headers)
 
 
 def _from_domain_config(config: Any, index: int) -> ProxyRoute:
@@ -379,8 +689,8 @@ class RouteTable:
 
     def __init__(self, routes: Iterable[ProxyRoute]) -> None:
         self.routes: tuple[ProxyRoute, ...] = tuple(routes)
-        # Higher priority first; among equal priorities, the order build_routes gave.
-        self._ordered = sorted(self.routes, key=lambda r: -r.priority)
+        # More specific request conditions first, then higher priority; among equals, build_routes' order.
+        self._ordered = sorted(self.routes, key=lambda r: (_negated(r.conditions.specificity), -r.priority))
         self._ports: dict[int, _PortIndex] = {}
         self._terminating: _PortIndex | None = None
 
@@ -394,16 +704,36 @@ class RouteTable:
             self._ports[port] = index
         return index
 
-    def match(self, port: int, server_name: str | None, client_ip: str) -> ProxyRoute | None:
+    def match(
+        self,
+        port: int,
+        server_name: str | None,
+        client_ip: str,
+        *,
+        request: Request | Deferral | None = None,
+        tls_versions: frozenset[int] | None = None,
+    ) -> ProxyRoute | None:
         """The route for a connection to ``port`` from ``client_ip`` that asked for ``server_name`` (TLS SNI
         or HTTP Host; None when it carried none). A route for the name (exact, then the most specific
         wildcard) wins over routes for any name; among routes at one level the highest priority wins. Routes
         whose ``client_ips`` exclude the client are passed over. A name that is not a valid host name is
         treated as no name. None: no route, the connection is to be closed.
 
+        ``request``: the HTTP request head, for routes with ``match.path`` / ``match.headers`` (None: such
+        routes do not match; :data:`DEFERRED`: they match, to be chosen again once a request is read).
+        ``tls_versions``: the versions a ClientHello offered, for routes with ``match.tlsVersion`` (None: not
+        TLS, such routes do not match). Within a name level, more specific request conditions come before
+        priority.
+
         Whether the chosen route then serves the client is :meth:`ProxyRoute.permits`'s answer, not this
         one's: a blocked client is refused by its route, never handed to another."""
-        return _choose(self._index(port), server_name, client_ip)
+        return _choose(self._index(port), server_name, client_ip, request, tls_versions)
+
+    def has_conditions(self, port: int) -> bool:
+        """Whether some route on ``port`` selects by request (path or headers)."""
+        index = self._index(port)
+        groups = [index.any_name, *index.exact.values(), *index.wildcard.values()]
+        return any(r.conditions for group in groups for r in group)
 
     def https_route(self, host: str, client_ip: str) -> ProxyRoute | None:
         """The terminating route (other than the one on ``acme.port``) that would serve ``host`` over
@@ -414,17 +744,75 @@ class RouteTable:
             for route in self._ordered:
                 if route.terminates and route.name != ACME_PORT_ROUTE:
                     self._terminating.add(route)
-        return _choose(self._terminating, host, client_ip)
+        return _choose(self._terminating, host, client_ip, DEFERRED, None)
 
 
-def _choose(index: _PortIndex, server_name: str | None, client_ip: str) -> ProxyRoute | None:
+class Deferral:
+    """The type of :data:`DEFERRED`."""
+
+
+#: ``RouteTable.match(request=DEFERRED)``: request conditions are not known yet and do not exclude.
+DEFERRED = Deferral()
+
+
+def _negated(key: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(-k for k in key)
+
+
+def _fits(
+    route: ProxyRoute, client_ip: str, request: Request | Deferral | None, versions: frozenset[int] | None
+) -> bool:
+    if not _admits(route, client_ip):
+        return False
+    if route.tls_versions and (versions is None or not route.tls_versions & versions):
+        return False
+    if route.conditions:
+        if request is None:
+            return False
+        if isinstance(request, Request):
+            return route.conditions.matches(request)
+    return True
+
+
+def _choose(
+    index: _PortIndex,
+    server_name: str | None,
+    client_ip: str,
+    request: Request | Deferral | None,
+    versions: frozenset[int] | None,
+) -> ProxyRoute | None:
     name = _normalized(server_name)
     if name is not None:
         for candidates in index.by_name(name):
-            chosen = next((r for r in candidates if _admits(r, client_ip)), None)
+            chosen = next((r for r in candidates if _fits(r, client_ip, request, versions)), None)
             if chosen is not None:
                 return chosen
-    return next((r for r in index.any_name if _admits(r, client_ip)), None)
+    return next((r for r in index.any_name if _fits(r, client_ip, request, versions)), None)
+
+
+def offered_versions(supported_versions: Sequence[int], legacy_version: int) -> frozenset[int]:
+    """The TLS version a ClientHello will get, as a one-element set: the highest it offers in
+    ``supported_versions`` (GREASE values ignored), else its legacy version (RFC 8446 §4.2.1). A client
+    offering TLS 1.3 and 1.2 is a TLS 1.3 client: ``match.tlsVersion = ["TLSv1.2"]`` is for those that
+    cannot do better."""
+    known = [v for v in supported_versions if v in _KNOWN_VERSIONS]
+    return frozenset({max(known) if known else legacy_version})
+
+
+_KNOWN_VERSIONS = frozenset(TLS_VERSION_NUMBERS.values())
+
+
+def request_of(target: bytes, fields: Iterable[tuple[bytes, bytes]]) -> Request:
+    """The :class:`Request` of a request head's target and field lines (origin or absolute form)."""
+    if not target.startswith(b"/"):
+        match = re.match(rb"[a-zA-Z][a-zA-Z0-9+.-]*://[^/?#]*(.*)\Z", target, re.DOTALL)
+        target = (match.group(1) if match else b"") or b"/"
+    path = target.split(b"?", 1)[0].split(b"#", 1)[0]
+    headers: dict[str, tuple[str, ...]] = {}
+    for name, value in fields:
+        key = name.decode("latin-1").lower()
+        headers[key] = (*headers.get(key, ()), value.decode("latin-1"))
+    return Request(path.decode("latin-1"), headers)
 
 
 def _normalized(server_name: str | None) -> str | None:

@@ -24,11 +24,14 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
 
+from dcrouter.events import NO_EVENTS, EventBus
 from dcrouter.log import logger
 from dcrouter.net.listen import ListenError, close, format_address, listen_paused, resume
 from dcrouter.net.reactor import IRouterReactor
 from dcrouter.proxy.forward import RouteCounters
+from dcrouter.proxy.handlers import SocketHandlerError
 from dcrouter.proxy.http import ChallengeSource
+from dcrouter.proxy.jwtauth import JwtAuth
 from dcrouter.proxy.routes import CertificateFiles, ProxyRoute, RouteTable, build_routes, listening_ports
 from dcrouter.proxy.session import ProxyContext, ProxySessionFactory, ProxySettings
 
@@ -65,12 +68,18 @@ class ProxyService(Service):
         drain_timeout: float = 5.0,
         certificates: Any = None,
         challenges: ChallengeSource | None = None,
+        events: EventBus = NO_EVENTS,
     ) -> None:
         self._reactor = reactor
         self.bind_address = bind_address
         self.certificates = certificates
         self.context = ProxyContext(
-            RouteTable(routes), settings, reactor, certificates=certificates, challenges=challenges
+            RouteTable(routes),
+            settings,
+            reactor,
+            certificates=certificates,
+            challenges=challenges,
+            events=events,
         )
         self.counters: dict[str, RouteCounters] = self.context.counters
         self._configured_ports = list(ports) if ports is not None else listening_ports(routes)
@@ -87,6 +96,7 @@ class ProxyService(Service):
         reactor: IRouterReactor,
         certificates: Any = None,
         challenges: ChallengeSource | None = None,
+        events: EventBus = NO_EVENTS,
     ) -> ProxyService | None:
         """The proxy a DcRouterOptions configures (``smartProxyConfig``, ``httpDomainRoutes``), or None.
         ``certificates`` (a CertificateStore) and ``challenges`` (a ChallengeResponder) serve terminating
@@ -104,6 +114,7 @@ class ProxyService(Service):
             ports=listening_ports(routes, config),
             certificates=certificates,
             challenges=challenges,
+            events=events,
         )
 
     @property
@@ -118,9 +129,15 @@ class ProxyService(Service):
 
     def load_certificates(self) -> None:
         """Put the certificate files of terminating routes into the store (see the module docstring)."""
+        self.put_certificates(self.read_certificates(self.context.table.routes))
+
+    def read_certificates(self, routes: Sequence[ProxyRoute]) -> list[tuple[ProxyRoute, Any]]:
+        """The key of each terminating route of ``routes`` that names certificate files, read now; raises
+        ProxyCertificateError naming the route's key path."""
         from dcrouter.net.certstore import CertifiedKey  # late: only configs that terminate need it
 
-        for route in self.context.table.routes:
+        found = []
+        for route in routes:
             files = route.certificate
             if not isinstance(files, CertificateFiles):
                 continue
@@ -130,19 +147,37 @@ class ProxyService(Service):
                 key = CertifiedKey.from_files(files.cert_path, files.key_path)
             except (OSError, ValueError) as error:
                 raise ProxyCertificateError(f"{route.source}: certificate: {error}") from error
+            found.append((route, key))
+        return found
+
+    def put_certificates(self, keys: list[tuple[ProxyRoute, Any]]) -> None:
+        for route, key in keys:
             for name in route.domains or key.names:
                 self.certificates.put(name, key)
+            assert isinstance(route.certificate, CertificateFiles)
             log.info(
                 "proxy: {route} terminates TLS with {cert} ({names})",
                 route=route.name,
-                cert=files.cert_path,
+                cert=route.certificate.cert_path,
                 names=", ".join(key.names),
             )
+
+    def check_handlers(self) -> None:
+        """Every ``socket-handler`` route's handler must be found before a port is bound: a plugin that
+        cannot be imported stops start-up naming the route, rather than refusing each connection."""
+        for route in self.context.table.routes:
+            if route.action.handler is None:
+                continue
+            try:
+                self.context.handlers.get(route.action.handler)
+            except SocketHandlerError as error:
+                raise ProxyBindError(f"{route.source}.action.socketHandler: {error}") from error
 
     def bind(self) -> None:
         """Bind every port, paused (see the module docstring). Does nothing when already bound."""
         if self._listening:
             return
+        self.check_handlers()
         self.load_certificates()
         ports = self._configured_ports
         try:
@@ -161,6 +196,55 @@ class ProxyService(Service):
             address = cast(IPv4Address | IPv6Address, listening.getHost())  # a TCP port's own address
             self.ports[port] = int(address.port)
 
+    # -- reload --------------------------------------------------------------------------------------
+
+    def bind_more(self, ports: Sequence[int]) -> list[tuple[int, IListeningPort]]:
+        """Bind ``ports`` (new ports of a reload), paused and unused until :meth:`reconfigure`; raises
+        ProxyBindError (nothing stays bound)."""
+        try:
+            bound = listen_paused(
+                self._reactor,
+                [(port, ProxySessionFactory(self.context, port)) for port in ports],
+                interface=self.bind_address,
+                what="the proxy",
+            )
+        except ListenError as error:
+            raise ProxyBindError(str(error)) from error
+        return list(zip(ports, bound, strict=True))
+
+    def reconfigure(
+        self,
+        routes: Sequence[ProxyRoute],
+        settings: ProxySettings,
+        ports: Sequence[int],
+        added: list[tuple[int, IListeningPort]],
+    ) -> Deferred[None]:
+        """Switch to ``routes`` and ``settings`` at once (connections accepted from now on route by them;
+        open ones go on), start the ports in ``added`` and stop listening on those not in ``ports``. Fires
+        once the removed ports have stopped."""
+        self.context.replace(RouteTable(routes), settings)
+        self._configured_ports = list(ports)
+        for port, listening in added:
+            self._listening.append((port, listening))
+            address = cast(IPv4Address | IPv6Address, listening.getHost())
+            self.ports[port] = int(address.port)
+            if self.running:
+                resume(listening)
+            log.info(
+                "proxy listening on {address}", address=format_address(self.bind_address, self.ports[port])
+            )
+        stopping = []
+        for port, listening in [entry for entry in self._listening if entry[0] not in ports]:
+            self._listening.remove((port, listening))
+            log.info(
+                "proxy stopped listening on {address}",
+                address=format_address(self.bind_address, self.ports[port]),
+            )
+            del self.ports[port]
+            stopping.append(maybeDeferred(listening.stopListening))
+        done: Deferred[None] = DeferredList(stopping, consumeErrors=True).addCallback(lambda _: None)
+        return done
+
     def unbind(self) -> None:
         """Close every bound port (a failed start-up)."""
         close([listening for _, listening in self._listening])
@@ -176,6 +260,11 @@ class ProxyService(Service):
     def startService(self) -> None:
         self.bind()
         super().startService()
+        for route in self.context.table.routes:
+            checker = self.context.auth_for(route)
+            if isinstance(checker, JwtAuth):
+                checker.start()  # a jwksUrl is fetched now and kept fresh
+        self.context.monitor.start()
         self._stopping = None
         for port, listening in self._listening:
             resume(listening)
@@ -189,6 +278,11 @@ class ProxyService(Service):
     def stopService(self) -> Deferred[None]:
         if self._stopping is None:
             super().stopService()
+            for route in self.context.table.routes:
+                checker = self.context.auth_for(route)
+                if isinstance(checker, JwtAuth):
+                    checker.stop()
+            self.context.monitor.stop()
             self._stopping = Deferred.fromCoroutine(self._stop())
             self._stopping.addErrback(lambda failure: log.failure("error while stopping the proxy", failure))
         return self._stopping

@@ -30,20 +30,29 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
+from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from dcrouter.events import NO_EVENTS, EventBus
 from dcrouter.limits.counters import LocalCounters
 from dcrouter.limits.gcra import Rate
 from dcrouter.limits.limiter import ALLOWED, Charge, Limit, Limiter
 from dcrouter.log import logger
 from dcrouter.net import proxyprotocol
+from dcrouter.net.balance import Balancer
 from dcrouter.net.cidr import CidrSet
 from dcrouter.net.quiet import connect_quietly, set_no_delay
 from dcrouter.net.reactor import IRouterReactor
 from dcrouter.net.targets import Target, TargetHealth
 from dcrouter.net.tls import TlsPolicy
+from dcrouter.proxy.answer import HttpAnswerer
+from dcrouter.proxy.basicauth import BasicAuth, BlockingRunner
+from dcrouter.proxy.dispatch import RequestDispatcher
 from dcrouter.proxy.forward import BackendProtocol, RouteCounters, Splice
+from dcrouter.proxy.gate import RequestGate, RequestRate
+from dcrouter.proxy.handlers import RouteContext, SocketHandlerError, SocketHandlers
+from dcrouter.proxy.health import HealthMonitor
 from dcrouter.proxy.http import (
     DEFAULT_IDLE_TIMEOUT,
     ChallengeSource,
@@ -51,7 +60,18 @@ from dcrouter.proxy.http import (
     HttpForwarder,
     HttpRedirect,
 )
-from dcrouter.proxy.routes import ACME_PORT_ROUTE, ProxyRoute, RouteTable, rate
+from dcrouter.proxy.httpmessage import HeadBuffer, HttpError, RequestHead, parse_request_head
+from dcrouter.proxy.jwtauth import Fetcher, JwtAuth
+from dcrouter.proxy.routes import (
+    ACME_PORT_ROUTE,
+    DEFERRED,
+    ProxyRoute,
+    Request,
+    RouteTable,
+    offered_versions,
+    rate,
+    request_of,
+)
 from dcrouter.proxy.sniff import Kind, Sniffed, Sniffer
 from dcrouter.proxy.terminate import ALPN, BackendTls, ServerCreatorSource, terminate_tls
 
@@ -135,7 +155,9 @@ class ProxyContext:
     ``counters`` holds a :class:`RouteCounters` for every route, by route name; ``per_ip`` the open
     connections per client address; ``sessions`` the sessions whose client connection is open.
     ``certificates`` (the router's CertificateStore) is what terminating routes present, by SNI;
-    ``challenges`` (the ACME ChallengeResponder) answers HTTP-01 on their plain-HTTP ports."""
+    ``challenges`` (the ACME ChallengeResponder) answers HTTP-01 on their plain-HTTP ports; ``handlers``
+    the socket handlers ``socket-handler`` routes name; ``run_blocking`` runs password checks off the
+    reactor (default: the reactor's thread pool); ``fetch`` gets JWKS documents (default: treq)."""
 
     table: RouteTable
     settings: ProxySettings
@@ -146,19 +168,41 @@ class ProxyContext:
     sessions: set[ProxySession] = field(default_factory=set)
     certificates: ServerCreatorSource | None = None
     challenges: ChallengeSource | None = None
+    handlers: SocketHandlers = field(default_factory=SocketHandlers)
+    run_blocking: BlockingRunner | None = None
+    fetch: Fetcher | None = None
+    #: Where sessions report connections (dcrouter.events); bytes per route are in ``counters``.
+    events: EventBus = NO_EVENTS
 
     def __post_init__(self) -> None:
         self.health = TargetHealth(self.reactor, self.settings.target_down_time)
         self.counters = {route.name: RouteCounters() for route in self.table.routes}
         # Connection rates, counted in this process (dcrouter.limits); alerts as for SMTP's limits.
         self.limiter = Limiter(LocalCounters(self.reactor), self.reactor)
+        #: Open backend connections per target (what ``leastConnections`` compares), across reloads.
+        self.connections: dict[Target, int] = {}
+        self._set_limits()
+        #: The routes' active health checks (``action.healthCheck``), started with the proxy service.
+        self.monitor = HealthMonitor(self)
+
+    def _set_limits(self) -> None:
         rate_per_ip = self.settings.connection_rate_per_ip
         self._ip_rate = (
-            None if rate_per_ip is None else Limit("proxy.ip", "connections per client IP", rate_per_ip)
+            None
+            if rate_per_ip is None
+            else Limit(
+                "proxy.ip",
+                "connections per client IP",
+                rate_per_ip,
+                metric=("proxy", "connectionRatePerIP", "connect"),
+            )
         )
         self._route_rates = {
             route.name: Limit(
-                f"proxy.route.{route.name}", f"connections to {route.name}", route.connection_rate
+                f"proxy.route.{route.name}",
+                f"connections to {route.name}",
+                route.connection_rate,
+                metric=("proxy", "routeConnectionRate", "connect"),
             )
             for route in self.table.routes
             if route.connection_rate is not None
@@ -166,6 +210,70 @@ class ProxyContext:
         self._port_routes: dict[int, tuple[ProxyRoute, ...]] = {}
         self._server_creators: dict[str, IOpenSSLServerConnectionCreator] = {}
         self._backend_tls: BackendTls | None = None
+        self._auth: dict[str, BasicAuth | JwtAuth] = {}
+        self._gates: dict[str, RequestGate] = {}
+        self._balancers = {route.name: Balancer(route.target.balancing) for route in self.table.routes}
+
+    def gate_for(self, route: ProxyRoute) -> RequestGate | None:
+        """What the route's requests must pass (rate, credentials), or None when nothing."""
+        gate = self._gates.get(route.name)
+        if gate is None:
+            auth = self.auth_for(route)
+            rule = route.request_rate
+            rate = RequestRate(route.name, rule, self.limiter) if rule is not None else None
+            if auth is None and rate is None:
+                return None
+            gate = self._gates[route.name] = RequestGate(rate, auth)
+        return gate
+
+    def auth_for(self, route: ProxyRoute) -> BasicAuth | JwtAuth | None:
+        """The route's ``security.basicAuth`` or ``security.jwtAuth`` checker (made once: it remembers good
+        credentials, or holds the fetched keys)."""
+        checker = self._auth.get(route.name)
+        if checker is None:
+            if route.basic_auth is not None:
+                checker = BasicAuth(route.basic_auth, self._blocking)
+            elif route.jwt_auth is not None:
+                checker = JwtAuth(route.jwt_auth, clock=self.reactor, fetch=self.fetch or self._fetch)
+            else:
+                return None
+            self._auth[route.name] = checker
+        return checker
+
+    def _fetch(self, url: str) -> Deferred[bytes]:
+        """The body of a ``200`` answer to ``GET url`` (a JWKS), within 10 seconds."""
+        from treq.client import HTTPClient
+        from twisted.web.client import Agent
+
+        async def get() -> bytes:
+            response = await HTTPClient(Agent(self.reactor)).get(url, timeout=10)
+            if response.code != 200:
+                raise ValueError(f"HTTP {response.code}")
+            body: bytes = await response.content()
+            return body
+
+        return Deferred.fromCoroutine(get())
+
+    def _blocking(self, function: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        if self.run_blocking is not None:
+            return self.run_blocking(function, *args)
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), function, *args)
+
+    def replace(self, table: RouteTable, settings: ProxySettings) -> None:
+        """The routes and settings of a configuration reload, for connections accepted from now on (one in
+        flight has its route already). Counters of routes that stay are kept; new routes get theirs."""
+        self.table = table
+        self.settings = settings
+        for route in table.routes:
+            self.counters.setdefault(route.name, RouteCounters())
+        self._set_limits()
+        # The new routes' checks replace the old ones; every target starts up again (a down target of the
+        # new checks goes down after ``fall`` of them), none stays held down by a check that is gone.
+        running = self.monitor.running
+        self.monitor.release()
+        self.monitor = HealthMonitor(self)
+        if running:
+            self.monitor.start()
 
     def server_creator(self, profile: str = "intermediate") -> IOpenSSLServerConnectionCreator | None:
         """The TLS server side of terminating routes with ``tlsProfile`` ``profile`` (certificate by SNI from
@@ -179,8 +287,21 @@ class ProxyContext:
             self._server_creators[profile] = creator
         return creator
 
-    def backend_tls(self, server_name: str | None) -> IOpenSSLClientConnectionCreator:
-        """TLS towards a ``terminate-and-reencrypt`` backend (not verified; SNI ``server_name``)."""
+    def backend_tls(
+        self, route: ProxyRoute, target: Target, server_name: str | None
+    ) -> IOpenSSLClientConnectionCreator:
+        """TLS towards ``target`` of a ``terminate-and-reencrypt`` route: its certificate verified for the
+        route's ``serverName`` or the target host (against ``backendCaFile`` or the system's CAs); with
+        ``verifyBackend = false`` not verified, sending the client's SNI ``server_name``."""
+        verification = route.target.verification
+        if not verification.verify:
+            return self.unverified_tls(server_name)
+        if self._backend_tls is None:
+            self._backend_tls = BackendTls()
+        return self._backend_tls.verified(verification.server_name or target.host, verification.ca_file)
+
+    def unverified_tls(self, server_name: str | None) -> IOpenSSLClientConnectionCreator:
+        """TLS that takes any certificate, sending SNI ``server_name`` (``verifyBackend = false``)."""
         if self._backend_tls is None:
             self._backend_tls = BackendTls()
         return self._backend_tls.creator(server_name)
@@ -197,7 +318,10 @@ class ProxyContext:
         protocols where the server speaks first (SMTP) work."""
         if port in self.settings.no_sni_ports:
             return False
-        return any(route.domains or route.terminates for route in self.routes_on(port))
+        return any(
+            route.domains or route.terminates or route.conditions or route.tls_versions or route.reads_http
+            for route in self.routes_on(port)
+        )
 
     def any_permits(self, port: int, client_ip: str) -> bool:
         """Whether some route on ``port`` could serve ``client_ip``: if none could, the client is refused
@@ -236,10 +360,39 @@ class ProxyContext:
         else:
             self.per_ip.pop(client_ip, None)
 
-    def targets(self, route: ProxyRoute, port: int) -> list[Target]:
-        """The route's hosts in the order to try them: round robin, targets marked down last."""
-        hosts = route.target.hosts
-        return self.health.order(route.name, [Target(h, h, port) for h in hosts])
+    def targets(self, route: ProxyRoute, port: int, client_ip: str = "") -> list[Target]:
+        """The route's hosts in the order to try them: as its ``loadBalancing`` prefers (``client_ip`` for
+        ``sourceHash``), without those an active health check holds down, passively marked ones last."""
+        candidates = [Target(h, h, port) for h in route.target.hosts]
+        balancer = self._balancers.get(route.name)
+        if balancer is None:
+            balancer = self._balancers[route.name] = Balancer(route.target.balancing)
+        preferred = balancer.order(
+            candidates, route.target.weight_list(), client_ip=client_ip, connections=self.connections
+        )
+        return self.health.arrange(preferred)
+
+    def counted(self, target: Target, protocol: Callable[[], Protocol]) -> Callable[[], Protocol]:
+        """``protocol``'s factory, counting the connection to ``target`` open from when the protocol is
+        built (the connection is made) until it is lost."""
+
+        def build() -> Protocol:
+            built = protocol()
+            lost = built.connectionLost
+            self.connections[target] = self.connections.get(target, 0) + 1
+
+            def connection_lost(reason: Failure = connectionDone) -> None:
+                left = self.connections.get(target, 1) - 1
+                if left > 0:
+                    self.connections[target] = left
+                else:
+                    self.connections.pop(target, None)
+                lost(reason)
+
+            built.connectionLost = connection_lost  # type: ignore[method-assign]
+            return built
+
+        return build
 
     def connect(
         self,
@@ -319,7 +472,8 @@ class ProxySession(Protocol):
         # The client's first bytes, held back while they may still become a PROXY header; None once they
         # were looked at (or, before routing, while the peek looks at them).
         self._opening: bytes | None = None
-        self.front: HttpForwarder | HttpRedirect | None = None
+        self.front: HttpForwarder | HttpRedirect | HttpAnswerer | RequestDispatcher | None = None
+        self._opened_at = 0.0
 
     # -- accept ----------------------------------------------------------------------------------------
 
@@ -331,6 +485,8 @@ class ProxySession(Protocol):
         self.local_address = self.transport.getHost()
         self.client_ip = _host(self.client_address)
         self.context.sessions.add(self)
+        self._opened_at = clock.seconds()
+        self.context.events.emit("connection.connect", protocol="proxy", port=self.port, peer=self.client_ip)
         if settings.keep_alive and hasattr(self.transport, "setTcpKeepAlive"):
             self.transport.setTcpKeepAlive(True)
         if settings.max_connection_lifetime is not None:
@@ -457,7 +613,16 @@ class ProxySession(Protocol):
         # looks at.
         self.transport.pauseProducing()
         self._state = _State.CONNECTING
-        route = self.context.table.match(self.port, sniffed.server_name, self.client_ip)
+        route = self.context.table.match(
+            self.port,
+            sniffed.server_name,
+            self.client_ip,
+            # TLS: a terminating route's request conditions are looked at once the request is read inside.
+            request=DEFERRED if sniffed.kind is Kind.TLS else self._peeked_request(sniffed),
+            tls_versions=offered_versions(sniffed.hello.supported_versions, sniffed.hello.legacy_version)
+            if sniffed.hello is not None
+            else None,
+        )
         if route is None:
             self._refuse(None, f"no route for {sniffed.server_name or 'a connection without a name'}")
             return
@@ -472,14 +637,56 @@ class ProxySession(Protocol):
         if not self.context.within_route_rate(route):
             self._refuse(counters, f"{route.name}: connectionRate reached")
             return
+        if route.action.type == "block" and not route.action.answers_http:
+            self._refuse(counters, f"blocked by {route.name}")
+            return
         counters.active += 1
         counters.connections += 1
         self._holds_route = True
         if route.terminates:
             self._terminate(route, sniffed)
             return
+        if route.action.answers_http:
+            self._answer_plain(route, sniffed)
+            return
+        if route.action.type == "socket-handler":
+            self._hand_over(route, sniffed)
+            return
+        if route.reads_http and sniffed.kind is not Kind.HTTP:
+            self._refuse(counters, f"{route.name} reads HTTP requests; this is not an HTTP request")
+            return
+        if (
+            sniffed.kind is Kind.HTTP
+            and route.reads_http
+            and not self.context.table.has_conditions(self.port)
+        ):
+            # Credentials checked or fields changed per request: forwarded as HTTP, not spliced.
+            forwarder = self._forwarder(route, sniffed.server_name, counters, proto=b"http")
+            self.front = forwarder
+            self._attach(forwarder)
+            return
+        if sniffed.kind is Kind.HTTP and self.context.table.has_conditions(self.port):
+            # Routes here differ by request: this connection carries the one request its route was chosen
+            # by, forwarded as HTTP (the next request comes on a new connection and is routed afresh).
+            forwarder = self._forwarder(route, sniffed.server_name, counters, one_request=True, proto=b"http")
+            self.front = forwarder
+            self._attach(forwarder)
+            return
         connecting = Deferred.fromCoroutine(self._connect(route))
         connecting.addErrback(self._connect_crashed)
+
+    def _peeked_request(self, sniffed: Sniffed) -> Request | None:
+        """The request whose head the peek read (plain HTTP), for routes with request conditions."""
+        if sniffed.kind is not Kind.HTTP or not self._buffer:
+            return None
+        try:
+            complete = HeadBuffer().feed(b"".join(self._buffer))
+            if complete is None:
+                return None
+            head = parse_request_head(complete[0])
+        except HttpError:
+            return None  # answered by the route's own parser
+        return request_of(head.target, head.fields.lines)
 
     async def _connect(self, route: ProxyRoute) -> None:
         """Try the route's targets in order; the first that accepts is spliced to the client."""
@@ -493,13 +700,22 @@ class ProxySession(Protocol):
         self,
         route: ProxyRoute,
         protocol: Callable[[], Protocol],
-        tls: IOpenSSLClientConnectionCreator | None = None,
+        tls: Callable[[Target], IOpenSSLClientConnectionCreator] | None = None,
     ) -> Any:
-        """A connection to the first of the route's targets (in round-robin order) that accepts, marking
-        those that fail down; None when none does or the client went away meanwhile."""
-        port = route.target.port if route.target.port is not None else self.port
-        for target in self.context.targets(route, port):
-            self._connecting = self.context.connect(target.address, port, protocol=protocol, tls=tls)
+        """A connection to the first of the route's targets (in the balancer's order) that accepts, marking
+        those that fail down; None when none does or the client went away meanwhile. ``tls`` gives the TLS
+        creator for a target (re-encrypting routes)."""
+        port = route.target.port_for(self.port)
+        if not 1 <= port <= 65535:
+            log.info("proxy: {route}: target port {port} is out of range", route=route.name, port=port)
+            return None
+        for target in self.context.targets(route, port, self.client_ip):
+            self._connecting = self.context.connect(
+                target.address,
+                port,
+                protocol=self.context.counted(target, protocol),
+                tls=tls(target) if tls is not None else None,
+            )
             try:
                 backend = await self._connecting
             except (CancelledError, ConnectingCancelledError):
@@ -528,12 +744,80 @@ class ProxySession(Protocol):
         log.failure("proxy: connecting {client} failed unexpectedly", failure, client=self.client_ip)
         self.transport.abortConnection()
 
+    def _answerer(self, route: ProxyRoute, server_name: str | None) -> HttpAnswerer:
+        return HttpAnswerer(
+            route.action,
+            counters=self.context.counters[route.name],
+            clock=self.context.reactor,
+            client_ip=self.client_ip,
+            port=int(getattr(self.transport.getHost(), "port", self.port)),
+            server_name=server_name,
+            host_allowed=self._host_check(route, server_name),
+            timeout=_idle_timeout(route),
+            gate=self.context.gate_for(route),
+            extra=tuple(b"%s: %s" % field for field in route.response_fields.set_fields),
+        )
+
+    def _attach(self, receiver: IProtocol) -> None:
+        """Give the client's connection to ``receiver`` (an answerer or a socket handler's protocol): the
+        bytes already read first, every later one as it comes."""
+        replay = b"".join(self._buffer)
+        self._buffer = []
+        self._opening = None
+        self._state = _State.TERMINATED
+        self._receiver = receiver
+        self.transport.resumeProducing()
+        receiver.makeConnection(self.transport)
+        if replay and self._state == _State.TERMINATED:
+            receiver.dataReceived(replay)
+        if self._client_eof and self._state == _State.TERMINATED:
+            self._receiver_eof()
+
+    def _answer_plain(self, route: ProxyRoute, sniffed: Sniffed) -> None:
+        """Plain HTTP answered by the route's action (redirect, static, block with a status)."""
+        if sniffed.kind is Kind.TLS:
+            self._refuse(self.context.counters[route.name], f"{route.name} answers plain HTTP; this is TLS")
+            return
+        answerer = self._answerer(route, sniffed.server_name)
+        self.front = answerer
+        self._attach(answerer)
+
+    def _hand_over(self, route: ProxyRoute, sniffed: Sniffed) -> None:
+        """The ``socket-handler`` action: the connection goes to the handler's protocol."""
+        assert route.action.handler is not None
+        context = RouteContext(
+            route_name=route.name,
+            port=self.port,
+            client_ip=self.client_ip,
+            client_address=self.client_address,
+            local_address=self.local_address,
+            server_name=sniffed.server_name,
+        )
+        try:
+            protocol = self.context.handlers.get(route.action.handler)(context)
+        except SocketHandlerError as error:
+            self._refuse(self.context.counters[route.name], str(error))
+            return
+        except Exception:  # noqa: BLE001 -- a plugin's bug must cost one connection, not the proxy
+            log.failure("proxy: socket handler {handler} failed", handler=route.action.handler)
+            self._refuse(self.context.counters[route.name], f"socket handler {route.action.handler} failed")
+            return
+        self._attach(protocol)
+
     def _terminate(self, route: ProxyRoute, sniffed: Sniffed) -> None:
-        """End TLS here and forward HTTP (a ClientHello), or answer plain HTTP with a redirect or an ACME
-        challenge (a request head); anything else cannot be served by a terminating route."""
+        """End TLS here and forward HTTP or answer it by the route's action (a ClientHello), or answer plain
+        HTTP with a redirect or an ACME challenge (a request head); anything else cannot be served by a
+        terminating route."""
         counters = self.context.counters[route.name]
-        front: HttpForwarder | HttpRedirect
-        if sniffed.kind is Kind.HTTP:
+        front: HttpForwarder | HttpRedirect | HttpAnswerer | RequestDispatcher
+        if sniffed.kind is Kind.TLS and self.context.server_creator(route.tls_profile) is None:
+            self._refuse(counters, f"{route.name}: no certificate store to terminate TLS with")
+            return
+        if sniffed.kind is Kind.TLS and self.context.table.has_conditions(self.port):
+            front = RequestDispatcher(lambda head: self._dispatch(head, sniffed))
+        elif sniffed.kind is Kind.TLS and route.action.answers_http:
+            front = self._answerer(route, sniffed.server_name)
+        elif sniffed.kind is Kind.HTTP:
             front = HttpRedirect(
                 self.context.challenges,
                 client_ip=self.client_ip,
@@ -564,11 +848,55 @@ class ProxySession(Protocol):
         if self._client_eof and self._state == _State.TERMINATED:
             self._receiver_eof()
 
+    def _dispatch(self, head: RequestHead, sniffed: Sniffed) -> IProtocol:
+        """The route for the first request on a terminated connection whose port routes by request, and the
+        protocol that serves it (that one request, then the connection closes). HttpError: answered."""
+        current = self.route
+        assert current is not None
+        chosen = self.context.table.match(
+            self.port,
+            sniffed.server_name,
+            self.client_ip,
+            request=request_of(head.target, head.fields.lines),
+            tls_versions=offered_versions(sniffed.hello.supported_versions, sniffed.hello.legacy_version)
+            if sniffed.hello is not None
+            else None,
+        )
+        if chosen is None or not chosen.terminates:
+            self._note_refusal(self.context.counters[current.name], "no route for this request")
+            raise HttpError(404, "no route for this request")
+        if chosen is not current:
+            counters = self.context.counters[chosen.name]
+            if not chosen.permits(self.client_ip):
+                self._note_refusal(counters, f"refused by the IP rules of {chosen.name}")
+                raise HttpError(403, "refused by the route's IP rules")
+            if chosen.max_connections is not None and counters.active >= chosen.max_connections:
+                self._note_refusal(
+                    counters, f"{chosen.name}: maxConnections ({chosen.max_connections}) reached"
+                )
+                raise HttpError(503, "the route's maxConnections is reached")
+            self._release_route()
+            # The route taken at the handshake was provisional: the connection counts for the chosen one.
+            self.context.counters[current.name].connections -= 1
+            counters.active += 1
+            counters.connections += 1
+            self._holds_route = True
+            self.route = chosen
+        if chosen.action.answers_http:
+            return self._answerer(chosen, sniffed.server_name)
+        return self._forwarder(
+            chosen, sniffed.server_name, self.context.counters[chosen.name], one_request=True
+        )
+
     def _receiver_eof(self) -> None:
-        """The client's EOF, to the TLS layer (which ends or passes it on) or the plain-HTTP answerer."""
+        """The client's EOF, to the TLS layer (which ends or passes it on), the plain-HTTP answerer or a
+        socket handler's protocol (closed, if it cannot take a half-close)."""
         receiver = self._receiver
-        assert receiver is not None and IHalfCloseableProtocol.providedBy(receiver)
-        receiver.readConnectionLost()
+        assert receiver is not None
+        if IHalfCloseableProtocol.providedBy(receiver):
+            receiver.readConnectionLost()
+        else:
+            self.transport.loseConnection()
 
     def _https_port(self, host: str) -> int | None:
         """Where plain HTTP for ``host`` is redirected: the HTTPS port of this connection's route (of the
@@ -584,9 +912,7 @@ class ProxySession(Protocol):
             port = int(getattr(self.transport.getHost(), "port", port))
         return port
 
-    def _forwarder(
-        self, route: ProxyRoute, server_name: str | None, counters: RouteCounters
-    ) -> HttpForwarder:
+    def _host_check(self, route: ProxyRoute, server_name: str | None) -> Callable[[str], bool]:
         table, port, client_ip = self.context.table, self.port, self.client_ip
 
         def host_allowed(host: str) -> bool:
@@ -596,13 +922,36 @@ class ProxySession(Protocol):
                 return host == server_name
             return table.match(port, host, client_ip) is route
 
-        tls = self.context.backend_tls(server_name) if route.tls_mode == "terminate-and-reencrypt" else None
+        return host_allowed
+
+    def _forwarder(
+        self,
+        route: ProxyRoute,
+        server_name: str | None,
+        counters: RouteCounters,
+        *,
+        one_request: bool = False,
+        proto: bytes = b"https",
+    ) -> HttpForwarder:
+        host_allowed = self._host_check(route, server_name)
+
+        tls = None
+        if route.tls_mode == "terminate-and-reencrypt":
+
+            def tls(target: Target) -> IOpenSSLClientConnectionCreator:
+                return self.context.backend_tls(route, target, server_name)
+
         policy = ForwardingPolicy(
             client_ip=self.client_ip,
             # A PROXY header was read only from a trusted peer: that peer may also vouch for X-Forwarded-For.
             trust_forwarded=self._header is not None,
             host_allowed=host_allowed,
             idle_timeout=_idle_timeout(route),
+            one_request=one_request,
+            proto=proto,
+            gate=self.context.gate_for(route),
+            request_fields=route.request_fields,
+            response_fields=route.response_fields,
         )
 
         def connect(protocol: Callable[[], Protocol]) -> Deferred[Any]:
@@ -702,6 +1051,14 @@ class ProxySession(Protocol):
 
     def _note_refusal(self, counters: RouteCounters | None, why: str) -> None:
         self.refused = why
+        self.context.events.emit(
+            "connection.error",
+            protocol="proxy",
+            port=self.port,
+            peer=self.client_ip,
+            reason=why,
+            route=self.route.name if self.route is not None else None,
+        )
         if counters is not None:
             counters.refused += 1
         log.info(
@@ -735,6 +1092,15 @@ class ProxySession(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._state = _State.CLOSED
         self.context.sessions.discard(self)
+        events = self.context.events
+        if events.wants("connection.disconnect"):
+            events.emit(
+                "connection.disconnect",
+                protocol="proxy",
+                port=self.port,
+                route=self.route.name if self.route is not None else None,
+                duration=max(0.0, self.context.reactor.seconds() - self._opened_at),
+            )
         self._cancel_deadline()
         if self._lifetime is not None and self._lifetime.active():
             self._lifetime.cancel()

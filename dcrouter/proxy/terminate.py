@@ -18,9 +18,11 @@ is aborted.
 Both sides follow the router's TLS policy (:mod:`dcrouter.net.tls`): towards clients the route's
 ``tlsProfile``, towards backends ``intermediate``.
 
-Towards the backend (``terminate-and-reencrypt``) the certificate is **not verified**: backends behind a
-proxy commonly carry self-signed or internal certificates, and the hop is inside the operator's network.
-The backend is sent the client's SNI name so that virtual hosts there still select by name.
+Towards the backend (``terminate-and-reencrypt``) the certificate is verified by default
+(:meth:`BackendTls.verified`): chained to the route's ``backendCaFile`` or the system's CAs, for its
+``serverName`` or the target host, which is also the SNI sent. With ``verifyBackend = false``
+(:meth:`BackendTls.creator`) any certificate is taken and the backend is sent the client's SNI name, so
+that virtual hosts there still select by name.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dcrouter.log import logger
-from dcrouter.net.tls import INTERMEDIATE, TlsPolicy, client_options
+from dcrouter.net.tls import INTERMEDIATE, TlsPolicy, client_options, verified_client_options
 
 log = logger(__name__)
 
@@ -192,8 +194,8 @@ def terminate_tls(
 
 
 class BackendTls:
-    """The client side of TLS towards backends: one SSL context (the ``intermediate`` policy, the peer's
-    certificate not verified — see the module docstring), a connection creator per backend connection."""
+    """The client side of TLS towards backends, under the ``intermediate`` policy: verifying creators by
+    backend name and CA file, or one unverified SSL context (see the module docstring)."""
 
     def __init__(self) -> None:
         # Not verified: CertificateOptions without a trust root leaves the context at VERIFY_NONE. No ALPN
@@ -201,8 +203,35 @@ class BackendTls:
         # own) answer an offer with an alert instead of ignoring it.
         self.context = client_options(INTERMEDIATE).getContext()
 
+        # (host name, CA file) -> a verifying creator: each holds its own SSL context, so one per pair
+        self._verified: dict[tuple[str, str | None], IOpenSSLClientConnectionCreator] = {}
+
     def creator(self, server_name: str | None) -> IOpenSSLClientConnectionCreator:
+        """Unverified (``verifyBackend = false``), sending ``server_name`` by SNI."""
         return _UnverifiedClient(self.context, server_name)
+
+    def verified(self, host_name: str, ca_file: str | None) -> IOpenSSLClientConnectionCreator:
+        """Verifying the backend's certificate for ``host_name`` (also sent by SNI unless an IP address)
+        against the CA certificates of ``ca_file`` (PEM), or the system's trust store when None. The file is
+        read the first time a pair is asked for (a small file: once per backend name per run)."""
+        key = (host_name, ca_file)
+        creator = self._verified.get(key)
+        if creator is None:
+            from twisted.internet import ssl
+
+            if ca_file is None:
+                root = ssl.platformTrust()
+            else:
+                from cryptography import x509
+                from cryptography.hazmat.primitives.serialization import Encoding
+
+                with open(ca_file, "rb") as handle:
+                    found = x509.load_pem_x509_certificates(handle.read())
+                root = ssl.trustRootFromCertificates(
+                    [ssl.Certificate.loadPEM(c.public_bytes(Encoding.PEM)) for c in found]
+                )
+            creator = self._verified[key] = verified_client_options(INTERMEDIATE, host_name, root)
+        return creator
 
 
 @implementer(IOpenSSLClientConnectionCreator)

@@ -34,6 +34,7 @@ row) takes about 0.9 s and ``get_next`` about 1 ms.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -62,6 +63,7 @@ from dcrouter.queue.item import QueueItem, QueueItemStatus
 from dcrouter.queue.lifecycle import QueueLifecycle
 from dcrouter.queue.orphans import OrphanSweeper
 from dcrouter.queue.recovery import recover
+from dcrouter.queue.suppression import SqliteSuppressionList
 
 log = logger(__name__)
 
@@ -228,7 +230,18 @@ class DiskQueue(QueueLifecycle):
     def get_item_count(self) -> Deferred:
         return succeed(self._live)
 
+    def status_summary(self) -> Deferred:
+        """From the status index, in the reader pool."""
+        return self._read(self._index.status_summary)
+
     # -- life cycle --------------------------------------------------------------------------------
+
+    def suppression_list(self) -> SqliteSuppressionList:
+        """The suppression list kept with this queue: ``suppression.sqlite`` in its directory, on a thread
+        of its own."""
+        return SqliteSuppressionList(
+            os.path.join(self.path, "suppression.sqlite"), reactor=self._reactor, clock=self._clock
+        )
 
     def load(self) -> Deferred:
         """Open (creating if needed) and recover; fires with the counts of :data:`LOAD_COUNT_KEYS`."""

@@ -615,6 +615,11 @@ class QueueIndex:
         row = self.reader().execute("SELECT item FROM items WHERE id = ?", (item_id,)).fetchone()
         return None if row is None else parse_item(row[0])
 
+    def status_summary(self) -> dict[str, tuple[int, float | None]]:
+        """``{status: (count, oldest created_at)}`` from the ``items_status`` index."""
+        rows = self.reader().execute("SELECT status, COUNT(*), MIN(created_at) FROM items GROUP BY status")
+        return {status: (count, oldest) for status, count, oldest in rows}
+
     def select(self, where: str, params: tuple[Any, ...]) -> list[QueueItem]:
         rows = self.reader().execute(f"SELECT item FROM items WHERE {where} ORDER BY created_at, seq", params)
         return [parse_item(r[0]) for r in rows]

@@ -46,6 +46,7 @@ from dcrouter.queue.contract import (
 )
 from dcrouter.queue.item import READY_STATUSES, QueueItem, QueueItemStatus
 from dcrouter.queue.lifecycle import QueueLifecycle
+from dcrouter.queue.suppression import MemorySuppressionList
 
 log = logger(__name__)
 
@@ -198,6 +199,16 @@ class MemoryQueue(QueueLifecycle):
     def get_item_count(self) -> Deferred:
         return succeed(self._live_count())
 
+    def status_summary(self) -> Deferred:
+        summary: dict[str, tuple[int, float | None]] = {}
+        for item in self._items.values():
+            count, oldest = summary.get(item.status.value, (0, None))
+            summary[item.status.value] = (
+                count + 1,
+                item.created_at if oldest is None else min(oldest, item.created_at),
+            )
+        return succeed(summary)
+
     def list_items(self, filter: QueueFilter, limit: int, cursor: str | None = None) -> Deferred:
         """Items matching ``filter``, newest first, ``limit`` at most, after ``cursor``."""
         try:
@@ -240,6 +251,10 @@ class MemoryQueue(QueueLifecycle):
         return succeed(count)
 
     # -- life cycle --------------------------------------------------------------------------------
+
+    def suppression_list(self) -> MemorySuppressionList:
+        """The suppression list kept with this queue: in the process, like the queue."""
+        return MemorySuppressionList(self._clock)
 
     def load(self) -> Deferred:
         """Make sure the spool directory exists and warn that nothing survives the process."""

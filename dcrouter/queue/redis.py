@@ -129,6 +129,7 @@ from dcrouter.queue.redis_connection import RedisConnection
 from dcrouter.queue.redis_consumer import ConsumerSlot
 from dcrouter.queue.redis_recovery import recover
 from dcrouter.queue.redis_store import RedisStore
+from dcrouter.queue.suppression import RedisSuppressionList
 
 log = logger(__name__)
 
@@ -490,6 +491,21 @@ class RedisQueue(QueueLifecycle):
         """Items not delivered, bounced or failed, across every process sharing this Redis."""
         return self._open_call(self._count_live)
 
+    def status_summary(self) -> Deferred:
+        """From the per-status sorted sets (scored by creation time), across every process."""
+        return self._open_call(self._status_summary)
+
+    async def _status_summary(self) -> dict[str, tuple[int, float | None]]:
+        summary: dict[str, tuple[int, float | None]] = {}
+        for status in QueueItemStatus:
+            key = self._store.key("status:", status.value)
+            count = int(await self._store.call("zcard", key) or 0)
+            if count:
+                first = await self._store.call("zrange", key, 0, 0, True)
+                oldest = float(first[0][1]) if first else None
+                summary[status.value] = (count, oldest)
+        return summary
+
     async def _count_live(self) -> int:
         return int(await self._store.call("get", self._store.key("live")) or 0)
 
@@ -524,6 +540,11 @@ class RedisQueue(QueueLifecycle):
         return io.BytesIO(data)
 
     # -- life cycle --------------------------------------------------------------------------------
+
+    def suppression_list(self) -> RedisSuppressionList:
+        """The suppression list kept with this queue: keys under its prefix, shared by every router on this
+        Redis (usable once the queue has connected)."""
+        return RedisSuppressionList(self._store.call, self._store.key, clock=self._clock)
 
     def load(self) -> Deferred:
         """Connect, check Redis's durability settings, recover; fires with the counts of LOAD_COUNT_KEYS

@@ -1,4 +1,5 @@
-"""SMTP AUTH: a twisted.cred portal over ``smtpConfig.auth.users``, and the throttling around it.
+"""SMTP AUTH: a twisted.cred portal over ``smtpConfig.auth.users`` and the other providers (LDAP, OAUTH2
+tokens, plugins: :mod:`dcrouter.auth`), and the throttling around all of them.
 
 One :class:`Authenticator` serves the whole router, so failure counters survive reconnects. The protocol asks
 it which mechanisms to advertise, starts a :class:`~dcrouter.smtp.sasl.SaslExchange`, and hands the resulting
@@ -33,7 +34,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.credentials import ICredentials, IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import CancelledError, Deferred
@@ -44,11 +45,13 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
 
+from dcrouter.auth.chain import CheckerChain
 from dcrouter.config.auth import AuthConfig, UserConfig
+from dcrouter.interfaces import IOAuthBearerToken, ProviderUnavailable
 from dcrouter.log import logger
 from dcrouter.mail.reply import Reply
 from dcrouter.passwords import ScryptHash, parse_password_hash, verify_password
-from dcrouter.smtp.sasl import MECHANISMS, SaslError, SaslExchange
+from dcrouter.smtp.sasl import MECHANISMS, OAUTH_MECHANISMS, SaslError, SaslExchange
 
 log = logger(__name__)
 
@@ -174,10 +177,19 @@ class MailUserRealm:
 
 
 def build_portal(
-    users: Sequence[UserConfig], *, reactor: IReactorFromThreads, threadpool: ThreadPool
+    users: Sequence[UserConfig],
+    *,
+    reactor: IReactorFromThreads,
+    threadpool: ThreadPool,
+    providers: Sequence[ICredentialsChecker] = (),
 ) -> Portal:
-    """A Portal over ``users``: ``login(creds, None, IMailUser)`` fires with ``(IMailUser, name, logout)``."""
-    return Portal(MailUserRealm(), [UserTableChecker(users, reactor=reactor, threadpool=threadpool)])
+    """A Portal over ``users`` and then ``providers`` (asked in that order, :class:`CheckerChain`):
+    ``login(creds, None, IMailUser)`` fires with ``(IMailUser, name, logout)``."""
+    checkers: list[ICredentialsChecker] = []
+    if users or not providers:
+        checkers.append(UserTableChecker(users, reactor=reactor, threadpool=threadpool))
+    checkers.extend(providers)
+    return Portal(MailUserRealm(), [CheckerChain(checkers)])
 
 
 class FailureCounter:
@@ -261,17 +273,30 @@ class Authenticator:
         reactor: IReactorFromThreads | None = None,
         threadpool: ThreadPool | None = None,
         portal: Portal | None = None,
+        providers: Sequence[ICredentialsChecker] = (),
     ) -> None:
         if portal is None:
             if reactor is None or threadpool is None:
                 raise TypeError("Authenticator needs a portal, or a reactor and a threadpool to build one")
-            portal = build_portal(config.users, reactor=reactor, threadpool=threadpool)
+            portal = build_portal(config.users, reactor=reactor, threadpool=threadpool, providers=providers)
         self._config = config
         self._clock = clock
         self._portal = portal
+        self._providers = list(providers)
         window = config.failure_window / 1000.0
         self._by_ip = FailureCounter(window=window, limit=config.max_failures)
         self._by_user = FailureCounter(window=window, limit=config.max_failures)
+
+    def close(self) -> None:
+        """Close what the providers keep open (the LDAP service connection): called when the router stops.
+        A provider (a plugin's too) that holds connections may have a ``close()`` taking no argument."""
+        for provider in self._providers:
+            close = getattr(provider, "close", None)
+            if callable(close):
+                try:
+                    close()
+                except Exception:  # noqa: BLE001 (one provider's trouble must not stop the others closing)
+                    log.failure("closing authentication provider {provider!r}", provider=provider)
 
     @property
     def mechanisms(self) -> list[str]:
@@ -279,8 +304,8 @@ class Authenticator:
         offered: list[str] = []
         for method in self._config.methods:
             name = method.upper()
-            if name in MECHANISMS and name not in offered:
-                offered.append(name)
+            names = OAUTH_MECHANISMS if name == "OAUTH2" else (name,)
+            offered.extend(n for n in names if n in MECHANISMS and n not in offered)
         return offered
 
     def start(self, mechanism: str, initial_response: str | None = None) -> SaslExchange:
@@ -293,23 +318,42 @@ class Authenticator:
             raise SaslError(UNRECOGNIZED_MECHANISM)
         return SaslExchange(name, initial_response)
 
-    def authenticate(self, credentials: IUsernamePassword, client_ip: str) -> Deferred[str]:
-        """Check ``credentials`` for a client at ``client_ip``.
+    def authenticate(
+        self,
+        credentials: IUsernamePassword | IOAuthBearerToken,
+        client_ip: str,
+        *,
+        session_id: str | None = None,
+    ) -> Deferred[str]:
+        """Check ``credentials`` for a client at ``client_ip`` (``session_id``: the SMTP session asking, for
+        the log lines).
 
         Fires with the user name, or fails with AuthFailed whose reply is ``535 5.7.8`` (invalid, after the
         throttling delay), ``454 4.7.0`` "Too many authentication failures" (refused unchecked) or ``454
         4.7.0`` "Temporary authentication failure" (the check itself broke).
         """
-        return Deferred.fromCoroutine(self._authenticate(credentials, client_ip))
+        return Deferred.fromCoroutine(self._authenticate(credentials, client_ip, session_id))
 
-    async def _authenticate(self, credentials: IUsernamePassword, client_ip: str) -> str:
-        username = _as_text(credentials.username)
+    async def _authenticate(
+        self, credentials: IUsernamePassword | IOAuthBearerToken, client_ip: str, session_id: str | None
+    ) -> str:
+        username = _as_text(credentials.username or "")
         user_key, shown = _user_key(username), _loggable(username)
+        if not username:
+            # A token without a named user (OAUTHBEARER without a=): counted by the token, so that such
+            # attempts from everywhere do not share one counter (anyone could lock everyone out).
+            token = cast(str, getattr(credentials, "token", ""))
+            user_key = "token:" + hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
         now = self._clock.seconds()
         self._by_ip.prune(now)
         self._by_user.prune(now)
         if self._by_ip.blocked(client_ip, now) or self._by_user.blocked(user_key, now):
-            log.warn("AUTH refused: too many failures for ip {ip} or user {user!r}", ip=client_ip, user=shown)
+            log.warn(
+                "AUTH refused: too many failures for ip {ip} or user {user!r}",
+                ip=client_ip,
+                user=shown,
+                session_id=session_id,
+            )
             raise AuthFailed(TOO_MANY_FAILURES)
         self._by_ip.begin(client_ip)
         self._by_user.begin(user_key)
@@ -320,17 +364,39 @@ class Authenticator:
             self._by_user.end(user_key)
         if isinstance(result, str):
             self._by_user.clear(user_key)
-            log.info("AUTH succeeded for user {user!r} from ip {ip}", ip=client_ip, user=result)
+            log.info(
+                "AUTH succeeded for user {user!r} from ip {ip}",
+                ip=client_ip,
+                user=result,
+                session_id=session_id,
+            )
             return result
-        if not result.check(UnauthorizedLogin):
-            log.failure("AUTH check broke for user {user!r} from ip {ip}", result, ip=client_ip, user=shown)
+        if result.check(ProviderUnavailable):
+            log.warn(
+                "AUTH for user {user!r} from ip {ip} undecided: {reason}",
+                ip=client_ip,
+                user=shown,
+                reason=str(result.value),
+                session_id=session_id,
+            )
             raise AuthFailed(TEMPORARY_FAILURE)
-        await self._delay_failure(client_ip, user_key, shown)
+        if not result.check(UnauthorizedLogin):
+            log.failure(
+                "AUTH check broke for user {user!r} from ip {ip}",
+                result,
+                ip=client_ip,
+                user=shown,
+                session_id=session_id,
+            )
+            raise AuthFailed(TEMPORARY_FAILURE)
+        await self._delay_failure(client_ip, user_key, shown, session_id)
         raise AuthFailed(INVALID_CREDENTIALS)
 
-    async def _login(self, credentials: IUsernamePassword) -> str | Failure:
+    async def _login(self, credentials: IUsernamePassword | IOAuthBearerToken) -> str | Failure:
         try:
-            _interface, avatar, logout = await self._portal.login(credentials, None, IMailUser)
+            _interface, avatar, logout = await self._portal.login(
+                cast(ICredentials, credentials), None, IMailUser
+            )
         except CancelledError:
             # The caller gave up (the client hung up): nothing broke, so nothing to log or answer.
             raise
@@ -341,7 +407,7 @@ class Authenticator:
         # The Portal types avatars as object; ours (MailUserRealm) is the user name.
         return _as_text(cast("bytes | str", avatar))
 
-    async def _delay_failure(self, client_ip: str, user_key: str, shown: str) -> None:
+    async def _delay_failure(self, client_ip: str, user_key: str, shown: str, session_id: str | None) -> None:
         now = self._clock.seconds()
         count = max(self._by_ip.fail(client_ip, now), self._by_user.fail(user_key, now))
         delay = min(count * self._config.failure_delay / 1000.0, MAX_FAILURE_DELAY)
@@ -351,6 +417,7 @@ class Authenticator:
             user=shown,
             count=count,
             delay=delay,
+            session_id=session_id,
         )
         if delay > 0:
             await deferLater(self._clock, delay)

@@ -10,6 +10,10 @@ What a subclass may rely on:
   it waits on a Deferred nothing after it runs, so replies come out in the order of the commands. While
   waiting, buffered input is bounded: the transport is paused past :data:`MAX_PENDING_INPUT` octets (resumed
   below half of it) and the session closed with ``421 4.7.0`` past four times that.
+- Replies wait for a client that does not read them: :meth:`~CommandReceiver._watch_output` registers a
+  producer with the transport, and while the transport says its write buffer is full (``pauseProducing``)
+  no further command is run until it has drained; input meanwhile is bounded as above. A client that
+  pipelines and never reads holds at most the transport's buffer of replies, not one per command it sent.
 - Command lines end in CRLF; a bare LF is accepted as a terminator (never in DATA). A line over
   ``maxCommandLineLength`` (``AUTH`` lines: :data:`AUTH_LINE_LIMIT`; lines of a SASL exchange: the encoded
   response's limit) is dispatched as ``500 5.5.2 Line too long`` once and discarded up to its LF.
@@ -28,10 +32,11 @@ from collections.abc import Callable, Coroutine
 from functools import partial
 from typing import Any, cast
 
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from dcrouter.config.smtp import SmtpConfig
 from dcrouter.log import logger
@@ -98,6 +103,8 @@ class CommandReceiver(Protocol, TimeoutMixin):
         self._pumping = False
         self._discarding_line = False
         self._paused = False
+        #: The transport's write buffer is full (its pauseProducing): no command runs until it drains.
+        self._output_blocked = False
         self._stream: DataStream | None = None
         self._data_timer: IDelayedCall | None = None
         #: commandTimeout for the command line in progress, from its first byte.
@@ -141,6 +148,21 @@ class CommandReceiver(Protocol, TimeoutMixin):
         """Hook: send ``reply`` and end the session (the mode becomes CLOSED)."""
         raise NotImplementedError
 
+    # Output
+
+    def _watch_output(self) -> None:
+        """Have the transport tell this session when its write buffer is full and when it has drained (call
+        once, when the connection is made)."""
+        cast(IConsumer, self.transport).registerProducer(_OutputGate(self), True)
+
+    def _output_full(self, full: bool) -> None:
+        # Only commands wait: reading goes on into the input buffer, whose own bound pauses the transport.
+        # (Pausing it here would stall a TLS handshake: the TLS layer reports its buffered writes as full
+        # until the handshake, which needs reading, is done.)
+        self._output_blocked = full
+        if not full and not self._pumping:
+            self._pump()
+
     # Input
 
     def dataReceived(self, data: bytes) -> None:
@@ -165,7 +187,7 @@ class CommandReceiver(Protocol, TimeoutMixin):
             return
         self._pumping = True
         try:
-            while not self._busy and self._mode is not CLOSED and self._in:
+            while not self._busy and not self._output_blocked and self._mode is not CLOSED and self._in:
                 if self._mode is DATA:
                     chunk = bytes(self._in)
                     self._in.clear()
@@ -347,3 +369,21 @@ class CommandReceiver(Protocol, TimeoutMixin):
             if timer is not None and timer.active():
                 timer.cancel()
         self._data_timer = self._line_timer = self._rate_timer = None
+
+
+@implementer(IPushProducer)
+class _OutputGate:
+    """What a session registers with its transport as producer: the transport pauses it when its write
+    buffer is full and resumes it when that has drained (``FileDescriptor`` and the TLS layer do)."""
+
+    def __init__(self, receiver: CommandReceiver) -> None:
+        self._receiver = receiver
+
+    def pauseProducing(self) -> None:
+        self._receiver._output_full(True)
+
+    def resumeProducing(self) -> None:
+        self._receiver._output_full(False)
+
+    def stopProducing(self) -> None:
+        """The connection is going away; connectionLost ends the session."""

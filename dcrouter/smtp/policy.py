@@ -5,18 +5,31 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from dcrouter.config.domains import DomainConfig
 from dcrouter.config.smtp import SmtpConfig
-from dcrouter.interfaces import IIngressLimits
+from dcrouter.interfaces import IIngressLimits, ISuppressionList, QueueUnavailable, Suppression
+from dcrouter.log import logger
 from dcrouter.mail.address import Address
 from dcrouter.mail.reply import Reply
 from dcrouter.net.cidr import CidrSet
 from dcrouter.net.domains import DomainMatcher
 from dcrouter.smtp.session import Session
 from dcrouter.smtp.verify import RecipientVerifier
+
+log = logger(__name__)
+
+
+@dataclass
+class ConnectionCounts:
+    """Connections open now, in total and per client address (the caps' counters)."""
+
+    total: int = 0
+    per_ip: dict[str, int] = field(default_factory=dict)
 
 
 class SessionPolicy:
@@ -39,10 +52,16 @@ class SessionPolicy:
         config: SmtpConfig,
         verifier: RecipientVerifier | None = None,
         limits: IIngressLimits | None = None,
+        suppressions: ISuppressionList | None = None,
+        counts: ConnectionCounts | None = None,
     ) -> None:
-        """Raises ValueError naming a bad domain pattern or relay network."""
+        """Raises ValueError naming a bad domain pattern or relay network. ``counts``: the open connections
+        of the policy this one replaces at a reload (shared, so the caps hold across it)."""
         self._verifier = verifier
         self.limits = limits
+        #: Recipients that hard-bounced recently: refused with 550 5.1.1 (counted in suppressed_refusals).
+        self.suppressions = suppressions
+        self.suppressed_refusals = 0
         self._hostname = config.hostname
         self._max_total = config.max_connections
         self._max_per_ip = config.max_connections_per_ip
@@ -50,8 +69,17 @@ class SessionPolicy:
             (domain, entry) for entry in config.domain_configs for domain in entry.domains
         )
         self._relay_networks = CidrSet(config.relay_networks)
-        self._total = 0
-        self._per_ip: dict[str, int] = {}
+        #: Connections counted now; shared with the policy a reload replaces this one with.
+        self.counts = counts if counts is not None else ConnectionCounts()
+
+    def set_domains(self, config: SmtpConfig, verifier: RecipientVerifier | None) -> None:
+        """Accept mail for ``config``'s domainConfigs, verified by ``verifier``, from the next RCPT on (a
+        routing change; connection counts are kept). Raises ValueError, changing nothing, for a bad
+        pattern."""
+        local: DomainMatcher[DomainConfig] = DomainMatcher(
+            (domain, entry) for entry in config.domain_configs for domain in entry.domains
+        )
+        self._local_domains, self._verifier = local, verifier
 
     # Connections
 
@@ -63,25 +91,27 @@ class SessionPolicy:
         and never for a refused one. IPv4-mapped IPv6 peers count as their IPv4 address.
         """
         key = _client_key(ip)
-        if self._total >= self._max_total:
+        counts = self.counts
+        if counts.total >= self._max_total:
             return Reply(421, "4.7.0", f"{self._hostname} Too many connections, try again later")
-        if self._per_ip.get(key, 0) >= self._max_per_ip:
+        if counts.per_ip.get(key, 0) >= self._max_per_ip:
             return Reply(421, "4.7.0", f"{self._hostname} Too many connections from your address")
-        self._total += 1
-        self._per_ip[key] = self._per_ip.get(key, 0) + 1
+        counts.total += 1
+        counts.per_ip[key] = counts.per_ip.get(key, 0) + 1
         return None
 
     def connection_closed(self, ip: str) -> None:
         """Forget one accepted connection from ``ip``. Counts never go below zero, even if misused."""
         key = _client_key(ip)
-        count = self._per_ip.get(key, 0)
+        counts = self.counts
+        count = counts.per_ip.get(key, 0)
         if count == 0:
             return
         if count == 1:
-            del self._per_ip[key]
+            del counts.per_ip[key]
         else:
-            self._per_ip[key] = count - 1
-        self._total -= 1
+            counts.per_ip[key] = count - 1
+        counts.total -= 1
 
     def check_connection(self, session: Session) -> Reply | Deferred[Reply | None] | None:
         """After :meth:`connection_opened` admitted ``session``: its rate limits (a ``421 4.7.0`` refuses).
@@ -115,11 +145,11 @@ class SessionPolicy:
     @property
     def connections(self) -> int:
         """Connections currently counted, in total."""
-        return self._total
+        return self.counts.total
 
     def connections_from(self, ip: str) -> int:
         """Connections currently counted from ``ip``."""
-        return self._per_ip.get(_client_key(ip), 0)
+        return self.counts.per_ip.get(_client_key(ip), 0)
 
     # Transaction
 
@@ -170,15 +200,58 @@ class SessionPolicy:
     def _recipient_verdict(
         self, session: Session, address: Address, sender: Address | None
     ) -> Reply | Deferred[Reply | None] | None:
+        """The relay decision, then the suppression list (``550 5.1.1``), then recipient verification."""
+        refusal = self.relay_refusal(session, address)
+        if refusal is not None:
+            return refusal
+        if self.suppressions is not None and address.domain and not address.is_literal:
+            d = self.suppressions.get(str(address))
+            args = (session, address, sender)
+            d.addCallbacks(self._suppressed, self._suppression_unknown, callbackArgs=args, errbackArgs=args)
+            return d
+        return self._verify(session, address, sender)
+
+    def _verify(
+        self, session: Session, address: Address, sender: Address | None
+    ) -> Reply | Deferred[Reply | None] | None:
+        if self._verifier is not None and address.domain and self.is_local(address):
+            return self._verifier.check(address, sender, trusted=self.may_relay(session))
+        return None
+
+    def _suppressed(
+        self, found: Suppression | None, session: Session, address: Address, sender: Address | None
+    ) -> Reply | Deferred[Reply | None] | None:
+        if found is None:
+            return self._verify(session, address, sender)
+        self.suppressed_refusals += 1
+        return Reply(
+            550, "5.1.1", f"<{address}>: Recipient address rejected: it bounced recently (suppressed)"
+        )
+
+    def _suppression_unknown(
+        self, failure: Failure, session: Session, address: Address, sender: Address | None
+    ) -> Reply | Deferred[Reply | None] | None:
+        # The list cannot be read (its store is down, its disk full): go on as without one; delivery decides.
+        if failure.check(QueueUnavailable):
+            log.warn(
+                "suppression list unavailable ({why}); {address} not checked against it",
+                why=failure.getErrorMessage(),
+                address=str(address),
+            )
+        else:
+            log.failure(
+                "suppression list failed; {address} not checked against it", failure, address=str(address)
+            )
+        return self._verify(session, address, sender)
+
+    def relay_refusal(self, session: Session, address: Address) -> Reply | None:
+        """The relay decision alone, before recipient verification (what ``POST /api/v1/routing/test``
+        asks): None when ``session`` may send to ``address``, else ``554 5.7.1 Relay access denied``."""
         if not address.domain:
             if address.local.lower() == "postmaster":
                 return None
             return self._relay_denied(address)
-        if self.is_local(address):
-            if self._verifier is None:
-                return None
-            return self._verifier.check(address, sender, trusted=self.may_relay(session))
-        if self.may_relay(session):
+        if self.is_local(address) or self.may_relay(session):
             return None
         return self._relay_denied(address)
 

@@ -35,6 +35,7 @@ rather than normalised; 500 and 503 replies count toward
 
 from __future__ import annotations
 
+import copy
 import secrets
 from collections.abc import Callable
 from functools import partial
@@ -55,13 +56,14 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dcrouter.config.smtp import SmtpConfig
+from dcrouter.events import NO_EVENTS, EventBus
 from dcrouter.interfaces import IMessageAcceptor
 from dcrouter.log import logger
 from dcrouter.mail.acceptance import LOCAL_ERROR
 from dcrouter.mail.address import AddressError, parse_mail_argument, parse_rcpt_argument
 from dcrouter.mail.queueid import new_queue_id
 from dcrouter.mail.reply import Reply
-from dcrouter.smtp.auth import Authenticator, AuthFailed
+from dcrouter.smtp.auth import TEMPORARY_FAILURE, Authenticator, AuthFailed
 from dcrouter.smtp.datastream import DataStream
 from dcrouter.smtp.eager import resolve
 from dcrouter.smtp.framing import CLOSED, COMMAND, DATA, PREGREET, SASL, CommandReceiver, decode_line
@@ -122,8 +124,11 @@ class ESMTPServerFactory(Factory):
         tls_options: CertificateOptions | None,
         clock: IReactorTime,
         sessions: OpenSessions | None = None,
+        events: EventBus = NO_EVENTS,
     ) -> None:
         self.config = config
+        #: Where the sessions report connections, messages and security findings (dcrouter.events).
+        self.events = events
         self.port = port
         self.policy = policy
         self.authenticator = authenticator
@@ -142,9 +147,26 @@ class ESMTPServerFactory(Factory):
     spool_writer: Callable[[str], SpoolWriter] = SpoolWriter
 
     def buildProtocol(self, addr: Any) -> ESMTPServerProtocol:
-        protocol = ESMTPServerProtocol(self)
+        # The session keeps a copy of the factory as it is now: a reload (reconfigure) changes what the
+        # next session gets, never the configuration of one in flight.
+        protocol = ESMTPServerProtocol(copy.copy(self))
         protocol.factory = self
         return protocol
+
+    def reconfigure(
+        self,
+        *,
+        config: SmtpConfig,
+        policy: SessionPolicy,
+        authenticator: Authenticator | None,
+        tls_options: CertificateOptions | None,
+    ) -> None:
+        """What sessions accepted from now on get (a configuration reload); open sessions keep theirs."""
+        self.config = config
+        self.policy = policy
+        self.authenticator = authenticator
+        self.tls_options = tls_options
+        self.submission = self.port in config.submission_ports
 
 
 @implementer(IHandshakeListener)
@@ -168,6 +190,7 @@ class ESMTPServerProtocol(CommandReceiver):
         self._junk_commands = 0
         self._junk_error = False
         self._stopping = False
+        self._opened_at = 0.0
 
     @property
     def _wire(self) -> ITCPTransport:
@@ -177,6 +200,7 @@ class ESMTPServerProtocol(CommandReceiver):
     # Connection life cycle
 
     def connectionMade(self) -> None:
+        self._watch_output()
         peer = self._wire.getPeer()
         session = self.session
         session.peer_host = str(getattr(peer, "host", ""))
@@ -186,11 +210,15 @@ class ESMTPServerProtocol(CommandReceiver):
         refusal = self._f.policy.connection_opened(session.peer_host)
         if refusal is not None:
             self._log("warn", "Connection from {peer} refused: {reply}", reply=refusal.code)
+            self._emit("connection.error", protocol="smtp", peer=session.peer_host, reason=str(refusal.text))
+            self._emit("security.policy_violation", peer=session.peer_host, rule="ip", code=refusal.code)
             self._close(refusal)
             return
         self._admitted = True
+        self._opened_at = self._clock.seconds()
         self._f.sessions.opened(self)
         self._log("info", "Connection from {peer} on port {port}", port=self._f.port)
+        self._emit("connection.connect", protocol="smtp", peer=session.peer_host, tls=session.implicit_tls)
         self._session_timer = self._clock.callLater(
             self._config.connection_timeout / 1000.0, partial(self._timed_out, "connectionTimeout")
         )
@@ -240,6 +268,7 @@ class ESMTPServerProtocol(CommandReceiver):
     def dataReceived(self, data: bytes) -> None:
         if self._mode is PREGREET:
             self._log("warn", "{peer} sent data before the greeting, disconnecting", size=len(data))
+            self._violation("pregreet", PREGREET_REFUSED)
             self._close(PREGREET_REFUSED)
             return
         super().dataReceived(data)
@@ -250,6 +279,7 @@ class ESMTPServerProtocol(CommandReceiver):
         handle = cast("SSL.Connection", cast(ISystemHandle, self.transport).getHandle())
         self.session.tls = f"{handle.get_protocol_version_name()} {handle.get_cipher_name()}"
         self._log("info", "TLS established with {peer}: {tls}")
+        self._emit("connection.tls", protocol="smtp", version=handle.get_protocol_version_name())
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._mode = CLOSED
@@ -262,6 +292,20 @@ class ESMTPServerProtocol(CommandReceiver):
             self._f.policy.session_closed(self.session)
             self._f.sessions.closed(self)
             self._log("info", "Disconnected from {peer}")
+            if self._tls_active() and self.session.tls is None:
+                # Implicit TLS or after STARTTLS, and the handshake never completed.
+                self._emit(
+                    "connection.error",
+                    protocol="smtp",
+                    peer=self.session.peer_host,
+                    reason=reason.getErrorMessage()[:200],
+                    tls=True,
+                )
+            self._emit(
+                "connection.disconnect",
+                protocol="smtp",
+                duration=max(0.0, self._clock.seconds() - self._opened_at),
+            )
 
     def timeoutConnection(self) -> None:
         self._timed_out("socketTimeout")
@@ -334,10 +378,13 @@ class ESMTPServerProtocol(CommandReceiver):
         junk_error, self._junk_error = self._junk_error, False
         if reply is not None:
             self._send(reply)
+            if reply.code >= 400 and self._f.events.wants("connection.command_refused"):
+                self._emit("connection.command_refused", code=reply.code, replyClass=f"{reply.code // 100}xx")
             if counts and (reply.code in _COUNTED_AS_BAD or junk_error):
                 self._bad_commands += 1
                 if self._bad_commands >= self._config.max_bad_commands:
                     self._log("warn", "Too many errors from {peer}", count=self._bad_commands)
+                    self._violation("too_many_errors", TOO_MANY_ERRORS)
                     self._close(TOO_MANY_ERRORS)
                     return False
         return True
@@ -376,6 +423,7 @@ class ESMTPServerProtocol(CommandReceiver):
             # Cross-protocol abuse (a browser or proxy made to talk to an SMTP port): hang up at once instead
             # of treating what follows, an HTTP request, as SMTP commands.
             self._log("warn", "Non-SMTP command from {peer}, disconnecting", verb=verb[:20])
+            self._violation("non_smtp", NON_SMTP_COMMAND)
             self._close(NON_SMTP_COMMAND)
             return None
         handler = self._HANDLERS.get(verb.upper())
@@ -504,20 +552,37 @@ class ESMTPServerProtocol(CommandReceiver):
         self._sasl = None
         self._mode = COMMAND
         try:
-            user = await self._f.authenticator.authenticate(result, self.session.peer_host)
+            user = await self._f.authenticator.authenticate(
+                result, self.session.peer_host, session_id=self.session.session_id
+            )
         except AuthFailed as failed:
-            self._f.policy.auth_failed(self.session)
+            if failed.reply != TEMPORARY_FAILURE:
+                # A provider that could not decide (directory down) says nothing against the client.
+                self._f.policy.auth_failed(self.session)
             self._log(
                 "warn",
                 "AUTH failed for {peer}: {reply}",
                 mechanism=exchange.mechanism,
                 reply=failed.reply.code,
             )
+            self._emit(
+                "security.auth_failure",
+                peer=self.session.peer_host,
+                mechanism=exchange.mechanism,
+                code=failed.reply.code,
+            )
+            challenge = exchange.failed(failed.reply) if failed.reply.code == 535 else None
+            if challenge is not None and self._mode is not CLOSED:
+                # XOAUTH2/OAUTHBEARER: the error comes as a challenge, the 535 after the client's answer.
+                self._sasl = exchange
+                self._mode = SASL
+                return Reply(334, "", challenge.text)
             return failed.reply
         if self._mode is CLOSED:
             return None
         self.session.auth_user = user
         self._log("info", "AUTH succeeded for {peer}", mechanism=exchange.mechanism)
+        self._emit("connection.authenticated", mechanism=exchange.mechanism)
         return AUTH_SUCCEEDED
 
     async def _mail(self, arg: str) -> Reply | None:
@@ -544,6 +609,7 @@ class ESMTPServerProtocol(CommandReceiver):
             return None
         if verdict is not None:
             self._log("info", "Sender refused for {peer}: {reply}", queue_id=txn.queue_id, reply=verdict.code)
+            self._violation("sender", verdict, queue_id=txn.queue_id)
             return verdict
         self._txn = txn
         return Reply(250, "2.1.0", "Ok")
@@ -572,6 +638,13 @@ class ESMTPServerProtocol(CommandReceiver):
             self._log(
                 "info", "Recipient refused for {peer}: {reply}", queue_id=txn.queue_id, reply=verdict.code
             )
+            if verdict.enhanced == "5.7.1":
+                self._emit(
+                    "security.relay_refused",
+                    queue_id=txn.queue_id,
+                    peer=self.session.peer_host,
+                    code=verdict.code,
+                )
             return verdict
         txn.recipients.append(text)
         return Reply(250, "2.1.5", "Ok")
@@ -648,7 +721,11 @@ class ESMTPServerProtocol(CommandReceiver):
         assert txn is not None and spool is not None
         self._txn, self._spool = None, None
         refusal = stream.refusal(max_received_headers=self._config.max_received_headers)
+        self._emit(
+            "message.received", queue_id=txn.queue_id, size=stream.size, recipients=len(txn.recipients)
+        )
         if refusal is not None:
+            self._emit("message.refused", queue_id=txn.queue_id, code=refusal.code, reason=refusal.enhanced)
             spool.abort()
             self._log(
                 "info",
@@ -667,10 +744,36 @@ class ESMTPServerProtocol(CommandReceiver):
         )
         if accepted:
             self._junk_commands = 0  # Postfix resets the junk count once mail is accepted
+            self._emit("message.accepted", queue_id=txn.queue_id, size=size)
             self._f.policy.message_accepted(self.session, txn.sender, size)
+        else:
+            self._emit("message.refused", queue_id=txn.queue_id, code=reply.code, reason=reply.enhanced)
         return reply
 
-    # Logging
+    # Events and logging
+
+    def _emit(self, event_type: str, *, queue_id: str | None = None, **fields: Any) -> None:
+        """An event of this session (dcrouter.events), with its session id and listening port."""
+        events = self._f.events
+        if events.wants(event_type):
+            if queue_id is None and self._txn is not None:
+                queue_id = self._txn.queue_id
+            events.emit(
+                event_type,
+                queue_id=queue_id,
+                session_id=self.session.session_id,
+                port=self._f.port,
+                **fields,
+            )
+
+    def _violation(self, rule: str, reply: Reply, *, queue_id: str | None = None) -> None:
+        self._emit(
+            "security.policy_violation",
+            queue_id=queue_id,
+            peer=self.session.peer_host,
+            rule=rule,
+            code=reply.code,
+        )
 
     def _log(self, level: str, fmt: str, *, failure: Failure | None = None, **fields: Any) -> None:
         session = self.session

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IProtocolFactory, IReactorTime
 from twisted.internet.ssl import CertificateOptions
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -42,7 +42,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from dcrouter.config.smtp import SmtpConfig
 from dcrouter.log import logger
 from dcrouter.net.cidr import CidrSet
-from dcrouter.net.listen import ListenError, format_address, listen_paused, resume
+from dcrouter.net.listen import ListenError, close, format_address, listen_paused, resume
 from dcrouter.net.reactor import IRouterReactor
 from dcrouter.smtp.proxied import ProxyHeaderFactory
 
@@ -170,6 +170,20 @@ class SmtpListener:
         return int(self.listening.getHost().port)  # type: ignore[attr-defined]  # TCP: an IPv4/IPv6Address
 
 
+@dataclass
+class PendingPorts:
+    """Ports a reload has bound, paused, and not yet put to use (:meth:`SmtpService.bind_more`)."""
+
+    config: SmtpConfig
+    factories: list[ESMTPServerFactory]
+    bound: list[IListeningPort]
+    tls_options: CertificateOptions | None
+
+    def close(self) -> None:
+        """Give the ports back (the reload did not go ahead)."""
+        close(self.bound)
+
+
 def _no_tls() -> CertificateOptions | None:
     return None
 
@@ -203,9 +217,15 @@ class SmtpService(Service):
         self.sessions = OpenSessions(reactor)
         self.listeners: list[SmtpListener] = []
         self.ports: dict[int, int] = {}
+        #: The session factory of each bound port (configured port → factory), for a reload to reconfigure.
+        self.factories: dict[int, ESMTPServerFactory] = {}
         self._ports: list[IListeningPort] = []
         self._bound = False
         self._stopping: Deferred[None] | None = None
+        self._tls_options: CertificateOptions | None = None
+        self._handed_over: dict[int, ESMTPServerFactory] = {}
+        #: What the last reload did to every factory, for handed-over ports first used after it.
+        self._reconfigured: Callable[[ESMTPServerFactory], None] | None = None
 
     def add_port(self, port: IListeningPort) -> None:
         """Stop ``port`` first when the service stops."""
@@ -217,41 +237,127 @@ class SmtpService(Service):
             return
         self._bound = True
         config = self.config
-        tls_options = self._load_tls()
+        tls_options = self._tls_options = self._load_tls()
         factories = [
             self._factory_for(port=port, tls_options=tls_options, sessions=self.sessions)
             for port in config.ports
         ]
         try:
-            bound = listen_paused(
-                self._reactor,
-                [(factory.port, self._serving(factory, tls_options)) for factory in factories],
-                interface=config.bind_address,
-                what="SMTP",
-            )
+            bound = self._listen(config, factories, tls_options)
         except ListenError as error:
             # Not "message=": a legacy log observer (trial's) replaces a "message" that is not a tuple.
             log.critical("{problem}", problem=str(error))
             raise
+        self._add_listeners(config, factories, bound, tls_options)
+
+    def _listen(
+        self,
+        config: SmtpConfig,
+        factories: list[ESMTPServerFactory],
+        tls_options: CertificateOptions | None,
+    ) -> list[IListeningPort]:
+        return listen_paused(
+            self._reactor,
+            [(factory.port, self._serving(config, factory, tls_options)) for factory in factories],
+            interface=config.bind_address,
+            what="SMTP",
+        )
+
+    def _add_listeners(
+        self,
+        config: SmtpConfig,
+        factories: list[ESMTPServerFactory],
+        bound: list[IListeningPort],
+        tls_options: CertificateOptions | None,
+    ) -> list[SmtpListener]:
+        added = []
         for factory, listening in zip(factories, bound, strict=True):
             port = factory.port
             has_tls, auth_offered = tls_options is not None, factory.authenticator is not None
             listener = SmtpListener(port, describe_listener(config, port, has_tls, auth_offered), listening)
             self.add_port(listening)
             self.listeners.append(listener)
+            self.factories[port] = factory
             self.ports[port] = listener.actual_port
+            added.append(listener)
+        return added
+
+    # -- reload ----------------------------------------------------------------------------------------
+
+    def bind_more(
+        self,
+        config: SmtpConfig,
+        factories: list[ESMTPServerFactory],
+        tls_options: CertificateOptions | None,
+    ) -> PendingPorts:
+        """Bind, paused, the ports of ``factories`` (new ports of a reload's ``config``), without using them
+        yet: :meth:`reconfigure` takes them in, :meth:`PendingPorts.close` gives them back. Raises ListenError
+        (nothing stays bound)."""
+        return PendingPorts(config, factories, self._listen(config, factories, tls_options), tls_options)
+
+    def reconfigure(
+        self,
+        config: SmtpConfig,
+        added: PendingPorts,
+        update: Callable[[ESMTPServerFactory], None],
+    ) -> Deferred[None]:
+        """Switch to ``config`` at once: every kept port's factory is passed to ``update`` (sessions accepted
+        from now on get the new settings; open ones keep theirs), the ports in ``added`` start accepting,
+        and the ports ``config`` no longer lists stop listening (their open sessions go on to their end).
+        The Deferred fires once the removed ports have stopped."""
+        self.config = config
+        self.grace_period = config.shutdown_grace_period / 1000
+        for port, factory in self.factories.items():
+            if port in config.ports:
+                update(factory)
+        for factory in self._handed_over.values():
+            update(factory)
+        self._reconfigured = update
+        for listener in self._add_listeners(config, added.factories, added.bound, added.tls_options):
+            if self.running:
+                resume(listener.listening)
+            log.info(
+                "SMTP listening on {address} ({description})",
+                address=format_address(config.bind_address, listener.actual_port),
+                description=listener.description,
+                port=listener.actual_port,
+            )
+        stopping = []
+        for listener in [kept for kept in self.listeners if kept.configured_port not in config.ports]:
+            self.listeners.remove(listener)
+            self._ports.remove(listener.listening)
+            del self.factories[listener.configured_port]
+            del self.ports[listener.configured_port]
+            log.info(
+                "SMTP stopped listening on {address}",
+                address=format_address(config.bind_address, listener.actual_port),
+            )
+            stopping.append(maybeDeferred(listener.listening.stopListening))
+        done: Deferred[None] = DeferredList(stopping, consumeErrors=True).addCallback(lambda _: None)
+        return done
+
+    def handover_factory(self, port: int) -> ESMTPServerFactory:
+        """The factory of sessions whose connections were accepted elsewhere on ``port`` and handed over
+        (the proxy's ``smtp`` socket handler): STARTTLS with the certificate loaded by :meth:`bind`, the
+        role that ``port`` has in ``submissionPorts`` (else MX), drained with the listeners' sessions."""
+        factory = self._handed_over.get(port)
+        if factory is None:
+            factory = self._factory_for(port=port, tls_options=self._tls_options, sessions=self.sessions)
+            if self._reconfigured is not None:
+                self._reconfigured(factory)  # the settings of the last reload, not those of the start
+            self._handed_over[port] = factory
+        return factory
 
     def _serving(
-        self, factory: ESMTPServerFactory, tls_options: CertificateOptions | None
+        self, config: SmtpConfig, factory: ESMTPServerFactory, tls_options: CertificateOptions | None
     ) -> IProtocolFactory:
         """What listens on ``factory``'s port: on an implicit-TLS port, TLS from the first byte (the protocol
         knows from its port never to offer STARTTLS there); with ``proxyProtocol``, the PROXY header is read
         before anything else (:mod:`dcrouter.smtp.proxied`)."""
         serving: IProtocolFactory = factory
-        if factory.port in self.config.implicit_tls_ports:
+        if factory.port in config.implicit_tls_ports:
             assert tls_options is not None  # the configuration generates a certificate when none is named
             serving = TLSMemoryBIOFactory(tls_options, False, factory)
-        config = self.config
         if config.proxy_protocol != "none":
             serving = ProxyHeaderFactory(
                 serving,
@@ -292,6 +398,7 @@ class SmtpService(Service):
         await self.drain()
         # A later start binds again (an embedding program may restart the router).
         self.listeners = []
+        self.factories = {}
         self._bound = False
 
     async def drain(self) -> None:

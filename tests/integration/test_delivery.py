@@ -222,7 +222,10 @@ class RouterDeliveryTests(TestCase):
 
     def test_permanent_failure_bounces_to_the_senders_route(self) -> Deferred[None]:
         async def go() -> None:
-            recipients = self.downstream(Script(rcpt={"bad@example.test": "550 5.1.1 No such user here"}))
+            no_such_user = "550 5.1.1 No such user here"
+            recipients = self.downstream(
+                Script(rcpt={"bad@example.test": no_such_user, "bad2@example.test": no_such_user})
+            )
             senders = self.downstream()
             await self.start_router(
                 domainConfigs=[
@@ -265,7 +268,8 @@ class RouterDeliveryTests(TestCase):
             self.assertEqual(dsn_item.history[0]["route"], "domain:sender.test")
 
             # The null sender's failure ends FAILED without any DSN (it would be queued before the status).
-            [null_id] = await self.send("", ["bad@example.test"], MESSAGE)
+            # (Another address: bad@example.test is now on the suppression list, refused at RCPT.)
+            [null_id] = await self.send("", ["bad2@example.test"], MESSAGE)
             null_item = await wait_for_item(self.queue, null_id, FINAL)
             self.assertEqual(null_item.status, QueueItemStatus.FAILED)
             self.assertIsNone(null_item.bounce_id)

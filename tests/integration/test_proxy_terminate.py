@@ -27,9 +27,17 @@ from dcrouter.acme.challenges import ChallengeResponder
 from dcrouter.net.certfiles import generate_self_signed
 from dcrouter.net.certstore import CertificateStore
 from dcrouter.proxy.httpmessage import HeadBuffer
-from dcrouter.proxy.routes import CertificateFiles, PortRange, ProxyRoute, ProxyTarget
+from dcrouter.proxy.routes import (
+    VERIFIED,
+    BackendVerification,
+    CertificateFiles,
+    PortRange,
+    ProxyRoute,
+    ProxyTarget,
+)
 from dcrouter.proxy.service import ProxyService
 from dcrouter.proxy.session import ProxySettings
+from tests.ca import TestCA
 from tests.integration import free_ports
 
 LOCAL = "127.0.0.1"
@@ -127,9 +135,9 @@ class TerminateTests(TestCase):
                 handle.write(data)
         return paths
 
-    def listen(self, factory: Factory, tls: bool = False) -> int:
+    def listen(self, factory: Factory, tls: bool = False, pem: tuple[bytes, bytes] | None = None) -> int:
         if tls:
-            cert, key = generate_self_signed("backend.test")
+            cert, key = pem or generate_self_signed("backend.test")
             loaded = PrivateCertificate.loadPEM(cert + key)
             options = CertificateOptions(privateKey=loaded.privateKey.original, certificate=loaded.original)
             port = reactor.listenSSL(0, factory, options, interface=LOCAL)
@@ -144,6 +152,7 @@ class TerminateTests(TestCase):
         mode: str = "terminate",
         ports: tuple[int, ...] = (0,),
         domains: tuple[str, ...] = ("a.test",),
+        verification: BackendVerification = VERIFIED,
     ) -> int:
         """A proxy with one terminating route for ``domains`` on ``ports`` (0: one ephemeral port);
         returns the first port's number."""
@@ -155,7 +164,7 @@ class TerminateTests(TestCase):
             client_ips=None,
             allow=None,
             block=None,
-            target=ProxyTarget((LOCAL,), target),
+            target=ProxyTarget((LOCAL,), target, verification=verification),
             tls_mode=mode,
             max_connections=None,
             connection_timeout_ms=None,
@@ -311,18 +320,54 @@ class TerminateTests(TestCase):
 
         self.assertTrue((await deferToThread(fetch)).endswith(b"any name"))
 
-    async def test_terminate_and_reencrypt(self) -> None:
+    async def reencrypted(self, verification: BackendVerification, pem: Any = None) -> tuple[bytes, Factory]:
         factory = backend(b"over-tls")
-        proxy = self.proxy(self.listen(factory, tls=True), mode="terminate-and-reencrypt")
+        proxy = self.proxy(
+            self.listen(factory, tls=True, pem=pem), mode="terminate-and-reencrypt", verification=verification
+        )
 
         def fetch() -> bytes:
             with self.tls(proxy) as sock:
                 sock.sendall(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
                 return read_response(sock)
 
-        response = await deferToThread(fetch)
+        return await deferToThread(fetch), factory
+
+    def ca_file(self, ca: TestCA) -> str:
+        path = self.mktemp()
+        with open(path, "wb") as handle:
+            handle.write(ca.cert_pem)
+        return path
+
+    async def test_terminate_and_reencrypt_verifies_the_backend(self) -> None:
+        ca = TestCA()
+        pem = ca.issue("backend.test")
+        verified = BackendVerification(ca_file=self.ca_file(ca), server_name="backend.test")
+        response, factory = await self.reencrypted(verified, pem)
         self.assertTrue(response.endswith(b"over-tls"), response)
         self.assertIn(b"X-Forwarded-Proto: https", factory.heads[0])
+
+    async def test_reencrypt_refuses_a_wrong_name(self) -> None:
+        ca = TestCA()
+        wrong = BackendVerification(ca_file=self.ca_file(ca), server_name="other.test")
+        response, factory = await self.reencrypted(wrong, ca.issue("backend.test"))
+        self.assertTrue(response.startswith(b"HTTP/1.1 502 "), response)
+        self.assertEqual(factory.heads, [])
+
+    async def test_reencrypt_refuses_an_unknown_ca(self) -> None:
+        unknown = BackendVerification(ca_file=self.ca_file(TestCA("another CA")), server_name="backend.test")
+        response, factory = await self.reencrypted(unknown, TestCA().issue("backend.test"))
+        self.assertTrue(response.startswith(b"HTTP/1.1 502 "), response)
+        self.assertEqual(factory.heads, [])
+
+    async def test_reencrypt_by_default_refuses_a_self_signed_backend(self) -> None:
+        # No CA file: the system's trust store, which does not hold a self-signed test certificate.
+        response, _ = await self.reencrypted(VERIFIED)
+        self.assertTrue(response.startswith(b"HTTP/1.1 502 "), response)
+
+    async def test_reencrypt_opted_out_takes_any_certificate(self) -> None:
+        response, _ = await self.reencrypted(BackendVerification(verify=False))
+        self.assertTrue(response.endswith(b"over-tls"), response)
 
 
 class TerminateFromConfigTests(TestCase):

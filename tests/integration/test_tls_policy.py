@@ -326,6 +326,10 @@ class TestsslTests(PolicyOnTheWire):
     if TESTSSL is None:
         skip = "testssl.sh is not installed (apt-get install testssl.sh; `make test-peers` installs it)"
 
+    # About ten seconds per listener on a quiet machine; testssl.sh is a shell script of thousands of
+    # openssl runs, and on a loaded 2-core machine the three scans took over 180 s.
+    timeout = 900
+
     async def scan(self, endpoint: Endpoint, directory: str) -> list[str]:
         assert TESTSSL is not None
         report = os.path.join(directory, f"{endpoint.port}.json")

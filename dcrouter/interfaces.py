@@ -76,9 +76,11 @@ class IDeliveryQueue(Interface):
         the removed QueueItem, or None if unknown; fails with StatusMismatch (nothing removed) when the item
         is in another status."""
 
-    def get_next(count=1):
+    def get_next(count=1, schedule=None):
         """Claim up to ``count`` due items (ready status, ``next_attempt_at <= now``), by priority then age,
-        marking them DELIVERING. Deferred firing with a list of QueueItem. Returns [] while paused."""
+        marking them DELIVERING. Deferred firing with a list of QueueItem. Returns [] while paused. With
+        ``schedule`` (a :class:`dcrouter.queue.contract.ClaimSchedule`), the claim is shared between
+        destinations: round robin over the destinations with due mail, each up to its limit."""
 
     def open_body(item_id):
         """Deferred firing with a readable binary file object over the stored body (caller closes it). The

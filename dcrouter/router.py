@@ -607,6 +607,8 @@ class DcRouter(MultiService):
         # Delivery starts on a message as soon as it is durable, not at the next periodic look.
         manager = self.delivery
         self.processor.on_queued = lambda item: manager.wake()
+        # Queued with its destination, so claims share delivery between destinations from the first attempt.
+        self.processor.destination_of = manager.destination_of
 
     def _build_suppressions(self, config: SmtpConfig) -> ISuppressionList | None:
         """The queue's suppression list (``suppression_list()`` of the backend), unless

@@ -106,7 +106,7 @@ class ControlledQueue:
     def dequeue_if(self, item_id: str, expected: Any) -> Deferred[Any]:
         return succeed(None)
 
-    def get_next(self, count: int = 1) -> Deferred[list[QueueItem]]:
+    def get_next(self, count: int = 1, schedule: Any = None) -> Deferred[list[QueueItem]]:
         return succeed([])
 
     def open_body(self, item_id: str) -> Deferred[Any]:

@@ -32,6 +32,7 @@ from dcrouter.interfaces import ClaimLost, IDeliveryTransport, IRoutingRule, Que
 from dcrouter.mail.envelope import Envelope
 from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.processing.processor import EmailProcessor
+from dcrouter.queue.contract import ClaimSchedule
 from dcrouter.queue.disk import DiskQueue
 from dcrouter.queue.item import Priority, QueueItem, QueueItemStatus
 from dcrouter.queue.memory import MemoryQueue
@@ -478,6 +479,8 @@ class LimitTests(ManagerTestsBase):
         put_back = self.item(third)
         self.assertEqual(put_back.status, QueueItemStatus.QUEUED)
         self.assertEqual((put_back.attempts, put_back.next_attempt_at), (0, START + 4))
+        # Queued without a destination: the put-back records it, so later claims schedule it with its route.
+        self.assertEqual(put_back.destination, "rule:a.test")
         self.assertEqual(self.manager.get_delivery_stats()["busy"], 1)
         self.transport.release(0)
         self.clock.advance(0)
@@ -570,15 +573,22 @@ class LimitTests(ManagerTestsBase):
         for n in range(3):
             self.send("alice@senders.test", f"r{n}@a.test")
         self.manager.resume_deliveries()
-        claims: list[int] = []
+        claims: list[tuple[int, int]] = []
         real_get_next = self.queue.get_next
-        self.queue.get_next = lambda count=1: claims.append(count) or real_get_next(count)  # type: ignore
+
+        def get_next(count: int = 1, schedule: ClaimSchedule | None = None) -> Deferred:
+            assert schedule is not None
+            claims.append((count, schedule.unrouted))
+            return real_get_next(count, schedule)
+
+        self.queue.get_next = get_next  # type: ignore[method-assign]
         for _ in range(5):
             self.manager.wake()
         self.clock.advance(0)
         # Five wakes, one look; then one more because attempts finished during it (they coalesce too). A look
-        # claims at most what one destination can start or queue for: 2 x maxPerDestination (20).
-        self.assertEqual(claims, [40, 40])
+        # claims every free slot (concurrentDeliveries, 50), but of mail with no recorded destination at most
+        # what one destination can start or queue for: 2 x maxPerDestination (20).
+        self.assertEqual(claims, [(50, 40), (50, 40)])
         self.assertEqual(len(self.transport.calls), 3)
 
 
@@ -597,9 +607,9 @@ class LifecycleTests(ManagerTestsBase):
         looks: list[float] = []
         real_get_next = self.queue.get_next
 
-        def get_next(count: int = 1) -> Deferred:
+        def get_next(count: int = 1, schedule: object = None) -> Deferred:
             looks.append(self.clock.seconds())
-            return real_get_next(count)
+            return real_get_next(count, schedule)
 
         self.patch(self.queue, "get_next", get_next)
         self.advance_to(START + 7)

@@ -149,3 +149,45 @@ class ClaimSizeTests(SynchronousTestCase):
         self.assertEqual(routes.claim_size(2, 101.0), 0)  # starts here
         self.assertEqual(routes.claim_size(2, 102.9), 0)
         self.assertEqual(routes.claim_size(2, 103.0), 1)
+
+
+class ScheduleTests(SynchronousTestCase):
+    def test_each_route_gets_what_it_can_still_start_or_queue_for(self) -> None:
+        routes = slots(per_route=2, concurrency=10)
+        for _ in range(3):  # two running, one waiting
+            routes.acquire("a")
+        routes.acquire("b")
+        count, schedule = routes.schedule(in_flight=4, now=0.0, closed=["paused"])
+        self.assertEqual(count, 6)
+        self.assertEqual(dict(schedule.limits), {"a": 1, "b": 3, "paused": 0})
+        self.assertEqual(schedule.default, 4)  # an idle route: 2 x per_route
+        self.assertEqual(schedule.unrouted, 1)  # the busiest route's room, as claim_size
+
+    def test_no_free_slot_claims_nothing(self) -> None:
+        count, schedule = slots(concurrency=2).schedule(in_flight=2, now=0.0)
+        self.assertEqual((count, schedule.default, schedule.unrouted), (0, 0, 0))
+
+    def test_a_route_that_reached_no_server_is_down_then_probed_then_forgotten(self) -> None:
+        routes = slots(per_route=2, check_interval=5.0)
+        routes.record("a", reached=False, now=100.0)
+        self.assertEqual(routes.schedule(0, 104.0)[1].limit("a"), 0)
+        self.assertEqual(routes.schedule(0, 105.0)[1].limit("a"), 1)  # one probe at a time
+        routes.acquire("a")
+        self.assertEqual(routes.schedule(1, 105.0)[1].limit("a"), 0)
+        routes.release("a")
+        routes.record("a", reached=False, now=106.0)
+        self.assertEqual(routes.down(), {"a": 111.0})
+        self.assertEqual(routes.schedule(0, 111.0 + 49.0)[1].limit("a"), 1)
+        self.assertEqual(routes.schedule(0, 111.0 + 50.0)[1].limit("a"), 4)  # forgotten: a full share
+        self.assertEqual(routes.down(), {})
+        routes.record("b", reached=False, now=0.0)
+        routes.record("b", reached=True, now=1.0)
+        self.assertEqual(routes.schedule(0, 1.0)[1].limit("b"), 4)
+
+    def test_a_route_with_a_limit_of_its_own_gets_twice_that(self) -> None:
+        routes = RouteSlots(per_route=2, concurrency=50, check_interval=1.0, limits={"big": 5})
+        routes.acquire("big")
+        _, schedule = routes.schedule(in_flight=1, now=0.0)
+        self.assertEqual((schedule.limit("big"), schedule.limit("other")), (9, 4))
+        routes.set_limits(2, {"small": 1})
+        self.assertEqual(routes.schedule(in_flight=1, now=0.0)[1].limit("small"), 2)

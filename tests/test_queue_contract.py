@@ -16,7 +16,7 @@ from zope.interface.verify import verifyObject
 from dcrouter.interfaces import IDeliveryQueue, QueueFull, QueueUnavailable, StatusMismatch
 from dcrouter.mail.envelope import Envelope
 from dcrouter.mail.spooled import SpooledMessage
-from dcrouter.queue.contract import LOAD_COUNT_KEYS, QueueFilter
+from dcrouter.queue.contract import LOAD_COUNT_KEYS, ClaimSchedule, QueueFilter
 from dcrouter.queue.disk import DiskQueue
 from dcrouter.queue.item import Priority, QueueItem, QueueItemStatus
 from dcrouter.queue.memory import MemoryQueue
@@ -171,6 +171,50 @@ class QueueContractMixin:
         self.assertEqual(await queue.get_next(10), [])
         self.clock.advance(1)
         self.assertEqual([i.id for i in await queue.get_next(10)], ["LATER"])
+
+    async def test_scheduled_claim_skips_closed_destinations(self) -> None:
+        """A full or paused destination's backlog ahead in the queue holds back nobody else's mail."""
+        queue = await self.open_queue()
+        slow = [make_item(f"SLOW{n:03d}", destination="slow", created_at=START - 1000 + n)
+                for n in range(300)]
+        await self.enqueue_all(queue, *slow, make_item("FAST", destination="fast"), make_item("NEW"))
+        self.clock.advance(START)
+        claimed = await queue.get_next(10, ClaimSchedule({"slow": 0}))
+        self.assertEqual([i.id for i in claimed], ["FAST", "NEW"])
+        # Opened again (a slot free): its oldest first, only as many as its limit.
+        claimed = await queue.get_next(10, ClaimSchedule({"slow": 2}))
+        self.assertEqual([i.id for i in claimed], ["SLOW000", "SLOW001"])
+        # Without a schedule: queue order, nothing left behind.
+        self.assertEqual(len(await queue.get_next(1000)), 298)
+
+    async def test_scheduled_claim_finds_mail_behind_a_backlog_with_a_slot_free(self) -> None:
+        """A destination with one free slot and a backlog longer than a claim's window: one of its messages,
+        and the mail behind the backlog, in the same claim."""
+        queue = await self.open_queue()
+        slow = [make_item(f"SLOW{n:04d}", destination="slow", created_at=START - 2000 + n)
+                for n in range(1200)]
+        await self.enqueue_all(queue, *slow, make_item("FAST", destination="fast"))
+        self.clock.advance(START)
+        claimed = await queue.get_next(5, ClaimSchedule({"slow": 1}))
+        self.assertEqual([i.id for i in claimed], ["SLOW0000", "FAST"])
+        claimed = await queue.get_next(5, ClaimSchedule({"slow": 1}))
+        self.assertEqual([i.id for i in claimed], ["SLOW0001"])
+
+    async def test_scheduled_claim_is_round_robin_within_limits(self) -> None:
+        queue = await self.open_queue()
+        items = [make_item(f"A{n}", destination="a", created_at=START - 100 + n) for n in range(5)]
+        items += [make_item(f"B{n}", destination="b", created_at=START - 50 + n) for n in range(5)]
+        items += [make_item("C0", destination="c", created_at=START - 10)]
+        await self.enqueue_all(queue, *items)
+        self.clock.advance(START)
+        claimed = await queue.get_next(6, ClaimSchedule({"b": 1}, default=3))
+        self.assertEqual([i.id for i in claimed], ["A0", "B0", "C0", "A1", "A2"])
+        self.assertEqual({i.status for i in claimed}, {QueueItemStatus.DELIVERING})
+        # Unrouted mail has its own limit.
+        unrouted = [make_item("U1", created_at=START - 5), make_item("U2", created_at=START - 4)]
+        await self.enqueue_all(queue, *unrouted)
+        claimed = await queue.get_next(10, ClaimSchedule({"a": 0, "b": 0}, unrouted=1))
+        self.assertEqual([i.id for i in claimed], ["U1"])
 
     async def test_get_next_only_ready_statuses(self) -> None:
         queue = await self.open_queue()

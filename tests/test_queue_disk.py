@@ -20,9 +20,9 @@ from dcrouter.config import load_options
 from dcrouter.interfaces import QueueFull, QueueUnavailable
 from dcrouter.queue import files as files_module
 from dcrouter.queue import index as index_module
-from dcrouter.queue.contract import QueueFilter
+from dcrouter.queue.contract import ClaimSchedule, QueueFilter
 from dcrouter.queue.disk import DiskQueue
-from dcrouter.queue.index import CLAIM_SQL, DUE_SQL, FEW_DUE
+from dcrouter.queue.index import CLAIM_SQL, DESTINATION_DUE_SQL, DUE_SQL, FEW_DUE, READY_DESTINATIONS_SQL
 from dcrouter.queue.item import Priority, QueueItemStatus
 from dcrouter.router import build_queue
 from tests.test_queue_contract import START, inline, make_item, read_body, spool_file
@@ -243,6 +243,21 @@ class DiskQueueTests(TestCase):
         claimed = await queue.get_next(5)
         self.assertEqual([i.id for i in claimed], ["F2", "F1", "F0", "R00000", "R00001"])
 
+    async def test_scheduled_claim_behind_a_long_backlog_looks_destination_by_destination(self) -> None:
+        # More due items than a scheduled claim walks in order, all but a few a backlog of one destination.
+        self.patch(index_module, "FEW_DUE", 10)
+        self.patch(index_module, "SCHEDULED_WALK", 50)
+        queue, _ = await self.open_queue()
+        slow = [make_item(f"S{n:03}", destination="slow", created_at=START - 500 + n) for n in range(200)]
+        fast = [make_item(f"F{n}", destination="fast", created_at=START - 10 + n) for n in range(3)]
+        unrouted = [make_item("U0", created_at=START - 5)]
+        waiting = make_item("FW", destination="fast", created_at=START - 900, next_attempt_at=START + 1)
+        await defer.gatherResults([queue.enqueue(i, inline()) for i in [*slow, *fast, *unrouted, waiting]])
+        claimed = await queue.get_next(10, ClaimSchedule({"slow": 1, "fast": 2}))
+        self.assertEqual([i.id for i in claimed], ["S000", "F0", "U0", "F1"])
+        claimed = await queue.get_next(10, ClaimSchedule({"slow": 0}))
+        self.assertEqual([i.id for i in claimed], ["F2"])
+
     async def test_queries_use_indexes(self) -> None:
         await self.open_queue()
         conn = self.index()
@@ -250,8 +265,15 @@ class DiskQueueTests(TestCase):
         def plan(sql: str, *params: Any) -> str:
             return " | ".join(row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
 
+        for sql, params in (
+            (READY_DESTINATIONS_SQL, ()),
+            (DESTINATION_DUE_SQL, ("mx.example", START, 10)),
+        ):
+            searched = r"SEARCH items USING (COVERING )?INDEX items_dest_ready \(destination"
+            self.assertRegex(plan(sql, *params), searched)
+            self.assertNotIn("TEMP B-TREE", plan(sql, *params))
         claim = plan(CLAIM_SQL, START, 10)
-        self.assertIn("USING INDEX items_ready", claim)
+        self.assertIn("USING INDEX items_ready_dest", claim)
         self.assertNotIn("TEMP B-TREE", claim)
         self.assertIn("USING INDEX items_due (next_attempt_at<?)", plan(DUE_SQL, START, 10))
         self.assertIn("USING INDEX items_status", plan("SELECT item FROM items WHERE status = ?", "queued"))

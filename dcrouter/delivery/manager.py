@@ -86,6 +86,7 @@ from dcrouter.interfaces import (
     StatusMismatch,
 )
 from dcrouter.log import logger
+from dcrouter.mail.envelope import Envelope
 from dcrouter.queue.item import READY_STATUSES, QueueItem, QueueItemStatus
 from dcrouter.queue.operations import NotFound, WrongStatus
 
@@ -116,6 +117,12 @@ STAT_KEYS = (
     "purged",
     "suppressed",  # recipients put on the suppression list (a 5.1.x permanent failure)
 )
+
+
+def _reached(report: DeliveryReport) -> bool:
+    """Whether the attempt reached a server of its route (any answer counts; none: refused, timed out, no
+    address, every result temporary and without a target)."""
+    return any(r.target or r.outcome is not Outcome.TEMPORARY for r in report.results)
 
 
 def route_settings(config: SmtpConfig, policy: RetryPolicy) -> tuple[dict[str, int], dict[str, RetryPolicy]]:
@@ -387,10 +394,10 @@ class DeliveryManager(Service):
         self._notify_idle()
 
     async def _claim(self) -> None:
-        count = self._slots.claim_size(len(self._active), self._clock.seconds())
+        count, schedule = self._slots.schedule(len(self._active), self._clock.seconds(), self._paused_routes)
         if count <= 0 or self._paused or not self.running:
             return
-        items = await self._queue.get_next(count)
+        items = await self._queue.get_next(count, schedule)
         for item in items:
             self._stats["claimed"] += 1
             if self.running:
@@ -516,6 +523,7 @@ class DeliveryManager(Service):
                 # the durable record below (a commit that waits behind ingress's under load) halved a busy
                 # destination's throughput (bench/relay).
                 self._slots.release(route.name)
+            self._slots.record(route.name, reached=_reached(report), now=self._clock.seconds())
             item = await self._record(item, route, report)
             temporary.update((r.recipient, r) for r in report.results if r.outcome is Outcome.TEMPORARY)
         if tried:
@@ -698,6 +706,17 @@ class DeliveryManager(Service):
         self.events.emit("message.dsn_sent", queue_id=item.id, action=dsn.action)
         return True
 
+    def destination_of(self, envelope: Envelope) -> str | None:
+        """The route of the first recipient of ``envelope``: the ``destination`` a message is queued with, so
+        that claims share delivery between destinations from its first attempt on (None when routing fails:
+        it is then claimed as unrouted mail, and its first attempt records where it goes)."""
+        if not envelope.recipients:
+            return None
+        try:
+            return self._routes.route(envelope.mail_from, envelope.recipients[0]).name
+        except Exception:  # noqa: BLE001 (the attempt routes again and logs what fails)
+            return None
+
     def _suppress(self, item: QueueItem, result: RecipientResult) -> None:
         """Put a recipient that hard-bounced on the suppression list (in the background: a failure to is
         logged, and the delivery's outcome stands)."""
@@ -748,7 +767,11 @@ class DeliveryManager(Service):
         """Return a claimed item to a ready state, due after ``delay``, using no retry
         (:func:`~dcrouter.delivery.transitions.put_back`)."""
         log.debug("{queue_id} put back (destination busy or stopping)", queue_id=item.id)
-        transition = transitions.put_back(item, now=now, delay=delay, attempts=attempts)
+        pending = item.pending_recipients()
+        destination = self._destination(item, pending[0]) if item.destination is None and pending else None
+        transition = transitions.put_back(
+            item, now=now, delay=delay, attempts=attempts, destination=destination
+        )
         return await self._write(item, transition.changes)
 
     async def _give_up(

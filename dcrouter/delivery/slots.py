@@ -12,11 +12,18 @@ What a caller may rely on:
 - **Refusals.** ``acquire`` fires with False at once when ``per_route`` attempts already wait for the route,
   or when the caller may not wait (the manager is stopping); :meth:`RouteSlots.release_waiters` fires every
   waiter with False (stopping), after which waiters exist again only when a caller is allowed to wait.
-- **Claim sizing.** :meth:`RouteSlots.claim_size` is how many messages one look claims: the free delivery
-  slots (``concurrency`` minus the attempts in flight), but no more than the fullest route can still start or
-  queue for (twice ``per_route`` minus its slots taken and its waiters), unless that route has stayed full
-  (slots and waiting places all taken) at every look for a whole ``check_interval``: then every free slot, as
-  if it were not there.
+- **Destination-aware claims.** :meth:`RouteSlots.schedule` is what one look claims: every free slot
+  (``concurrency`` minus the attempts in flight), shared between destinations by a
+  :class:`~dcrouter.queue.contract.ClaimSchedule` the queue applies in its claim: each route at most what it
+  can still start or queue for (twice ``per_route`` minus its slots taken and its waiters; 0 when full or
+  paused), and a route that is **down** (its last attempt reached no server: :meth:`RouteSlots.record`)
+  nothing for a ``check_interval``, then one attempt at a time until one reaches a server. Messages with no
+  recorded destination get :meth:`RouteSlots.claim_size`, the bound below.
+- **Claim sizing (unrouted mail).** :meth:`RouteSlots.claim_size` is how many messages with no recorded
+  destination one look claims: the free delivery slots (``concurrency`` minus the attempts in flight), but no
+  more than the fullest route can still start or queue for (twice ``per_route`` minus its slots taken and its
+  waiters), unless that route has stayed full (slots and waiting places all taken) at every look for a whole
+  ``check_interval``: then every free slot, as if it were not there.
 
 Why a look claims no more than that: a claimed message beyond it is put back for a ``checkInterval``. With one
 busy destination and a backlog, every finished delivery claimed ``concurrentDeliveries - 2 *
@@ -36,9 +43,15 @@ slow destination cannot hold every slot while others wait.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from twisted.internet.defer import Deferred, succeed
+
+from dcrouter.queue.contract import ClaimSchedule
+
+#: A down route not probed again for this many ``check_interval``s after its down time (no mail for it came
+#: due) is forgotten: its next attempts get a full share again.
+FORGET_DOWN_AFTER = 10
 
 
 class RouteSlots:
@@ -65,6 +78,8 @@ class RouteSlots:
         self._waiters: dict[str, deque[Deferred[bool]]] = {}
         #: Routes whose slots and waiting places were all taken at every claim_size since this time.
         self._full_since: dict[str, float] = {}
+        #: Routes whose last attempt reached no server: until when they get nothing (then one at a time).
+        self._down_until: dict[str, float] = {}
 
     def set_limits(self, per_route: int, limits: Mapping[str, int]) -> None:
         """New limits from the next acquire on (slots taken beyond a lowered limit are kept until released;
@@ -144,3 +159,43 @@ class RouteSlots:
         for name in [n for n in self._full_since if n not in full]:
             del self._full_since[name]
         return free if stuck else min(free, room)
+
+    def record(self, route: str, *, reached: bool, now: float) -> None:
+        """What an attempt to ``route`` found: ``reached`` a server (it answered, whatever it said), or none
+        (refused, timed out, no address): then the route is down for a ``check_interval``, and probed by one
+        attempt at a time after that until one reaches a server."""
+        if reached:
+            self._down_until.pop(route, None)
+        else:
+            self._down_until[route] = now + self._check_interval
+
+    def down(self) -> dict[str, float]:
+        """Routes down now (their last attempt reached no server), with when they are probed again."""
+        return dict(self._down_until)
+
+    def schedule(self, in_flight: int, now: float, closed: Iterable[str] = ()) -> tuple[int, ClaimSchedule]:
+        """How many messages a look at ``now`` claims with ``in_flight`` attempts running, and how the claim
+        shares them between destinations (see the module docstring). ``closed``: routes that get nothing
+        (paused by an operator). Each call is a look (it sizes the unrouted share as claim_size)."""
+        unrouted = self.claim_size(in_flight, now)
+        free = self._concurrency - in_flight
+        if free <= 0:
+            return 0, ClaimSchedule({}, 0, 0)
+        limits: dict[str, int] = {}
+        for name, load in self._load.items():
+            limits[name] = max(0, 2 * self.limit(name) - load - len(self._waiters.get(name, ())))
+        # Routes with a limit of their own and nothing in flight: their share when idle.
+        for name, own in self._limits.items():
+            limits.setdefault(name, 2 * own)
+        for name, until in list(self._down_until.items()):
+            if now >= until + FORGET_DOWN_AFTER * self._check_interval and name not in self._load:
+                # Not probed for a while: it has no mail due. Forgotten, so the marks stay bounded.
+                del self._down_until[name]
+                continue
+            if now < until:
+                limits[name] = 0
+            else:  # probing: one attempt at a time, no waiters
+                limits[name] = max(0, 1 - self._load.get(name, 0) - len(self._waiters.get(name, ())))
+        for name in closed:
+            limits[name] = 0
+        return free, ClaimSchedule(limits, default=min(free, 2 * self._per_route), unrouted=unrouted)

@@ -177,12 +177,18 @@ def deferral(
     return Transition({**changes, "warned_at": now}, DsnRequest("delayed", tuple(rows)), unsent=changes)
 
 
-def put_back(item: QueueItem, *, now: float, delay: float, attempts: int | None = None) -> Transition:
+def put_back(
+    item: QueueItem, *, now: float, delay: float, attempts: int | None = None, destination: str | None = None
+) -> Transition:
     """Back to a ready state, due after ``delay``. No retry is used up: ``attempts`` only counts groups tried
-    in the attempt, when some were (the others found their destination busy)."""
+    in the attempt, when some were (the others found their destination busy). ``destination``, when given,
+    is recorded (a message queued without one: claims then schedule it with its destination's mail)."""
     attempts = item.attempts if attempts is None else attempts
     status = QueueItemStatus.QUEUED if attempts == 0 else QueueItemStatus.DEFERRED
-    return Transition({"status": status, "next_attempt_at": now + delay, "attempts": attempts})
+    changes: dict[str, Any] = {"status": status, "next_attempt_at": now + delay, "attempts": attempts}
+    if destination is not None:
+        changes["destination"] = destination
+    return Transition(changes)
 
 
 def give_up_reason(item: QueueItem, *, attempts: int, decision: RetryDecision, now: float) -> str:

@@ -138,6 +138,9 @@ class EmailProcessor:
         self._timeout = timeout
         self._active = 0
         self.on_queued: Callable[[QueueItem], object] | None = None
+        #: When set, the ``destination`` each message is queued with (the route of its first recipient:
+        #: delivery's claims share slots between destinations by it from the first attempt on).
+        self.destination_of: Callable[[Envelope], str | None] | None = None
         self.stats = {"processed": 0, "refused": 0, "discarded": 0, "quarantined": 0, "tempfailed": 0}
 
     # -- configuration --
@@ -505,6 +508,7 @@ class EmailProcessor:
             next_attempt_at=now,
             head=head,
             body_offset=offset,
+            destination=None if self.destination_of is None else self.destination_of(envelope),
         )
         if quarantine is not None:
             item.status = QueueItemStatus.QUARANTINED

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 from dcrouter.queue.item import QueueItem, QueueItemStatus
 
@@ -21,6 +22,8 @@ _ITEM_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 
 #: Fields ``update`` may change: everything but the id.
 UPDATABLE_FIELDS = frozenset(f.name for f in dataclasses.fields(QueueItem)) - {"id"}
+
+K = TypeVar("K")
 
 #: The keys of the dict ``load()`` fires with, each a count; every backend reports each (0: not applicable).
 LOAD_COUNT_KEYS = ("items", "live", "claims_returned", "spool_discarded", "damaged", "orphans")
@@ -106,3 +109,110 @@ def new_load_counts(**counts: int) -> dict[str, int]:
     result = dict.fromkeys(LOAD_COUNT_KEYS, 0)
     result.update(counts)
     return result
+
+
+@dataclasses.dataclass(frozen=True)
+class ClaimSchedule:
+    """How one claim (``get_next``) shares itself between destinations (an item's ``destination``, the route
+    its first pending recipient was routed to). Every backend applies it the same way (:func:`pick`): it walks
+    due items in get_next order, skips destinations whose limit is 0, keeps at most each destination's limit,
+    and hands out round robin over destinations (in the order of each one's oldest due item) up to the count.
+
+    ``limits``: per named destination (its free delivery slots, 0 when full, paused or down); ``default``: any
+    other named destination; ``unrouted``: items with no destination (queued before routing was recorded)."""
+
+    limits: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    default: int = 1 << 30
+    unrouted: int = 1 << 30
+
+    def limit(self, destination: str | None) -> int:
+        if destination is None:
+            return self.unrouted
+        return self.limits.get(destination, self.default)
+
+    def closed(self) -> list[str]:
+        """Named destinations this claim takes nothing from (sorted, for a stable SQL text)."""
+        return sorted(d for d, n in self.limits.items() if n <= 0)
+
+
+#: A schedule that is only queue order: what ``get_next`` applies without one.
+IN_ORDER = ClaimSchedule()
+
+
+def scan_window(count: int) -> int:
+    """How many due items (of destinations not closed) a scheduled claim of ``count`` looks at, at most. A
+    destination whose backlog fills the window and whose limit is below the count lets this claim take less
+    than it could; the next claim (that destination now full, so closed) walks past it."""
+    return max(4 * count, 256)
+
+
+#: Walks a scheduled claim makes at most (each past the destinations the ones before filled).
+SCAN_ROUNDS = 4
+
+
+def walk(
+    fetch: Callable[[list[str], bool], list[tuple[K, str | None]]], count: int, schedule: ClaimSchedule
+) -> list[K]:
+    """What a scheduled claim takes, when the backend walks its due items a window at a time:
+    ``fetch(closed, unrouted)`` returns up to ``scan_window(count)`` (key, destination) of the due items, in
+    get_next order, of destinations not in ``closed`` (and with no destination only when ``unrouted``).
+    When a window holds no more than its destinations' limits allow (a backlog of one destination with a
+    slot free fills it), the next walk skips those destinations too, so mail behind a backlog is found in
+    the same claim."""
+    closed = set(schedule.closed())
+    unrouted = schedule.unrouted > 0
+    window = scan_window(count)
+    rows: list[tuple[K, str | None]] = []
+    seen: set[K] = set()
+    for _ in range(SCAN_ROUNDS):
+        batch = fetch(sorted(closed), unrouted)
+        for key, destination in batch:
+            if key not in seen:
+                seen.add(key)
+                rows.append((key, destination))
+        if len(batch) < window:
+            break
+        counts: dict[str | None, int] = {}
+        for _key, destination in rows:
+            counts[destination] = counts.get(destination, 0) + 1
+        full = {d for d, n in counts.items() if n >= schedule.limit(d)}
+        if sum(min(n, schedule.limit(d)) for d, n in counts.items()) >= count:
+            break
+        more = {d for d in full if d is not None} - closed
+        if not more and not (None in full and unrouted):
+            break
+        closed |= more
+        unrouted = unrouted and None not in full
+    return pick(rows, count, schedule)
+
+
+def pick(rows: Iterable[tuple[K, str | None]], count: int, schedule: ClaimSchedule) -> list[K]:
+    """The keys to claim from ``rows`` (key, destination), due items in get_next order: round robin over
+    destinations in the order of their first row, each up to ``schedule.limit``, ``count`` in all."""
+    if count <= 0:
+        return []
+    per: dict[str | None, list[K]] = {}
+    shut: set[str | None] = set()
+    for key, destination in rows:
+        keys = per.get(destination)
+        if keys is None:
+            if destination in shut:
+                continue
+            if schedule.limit(destination) <= 0:
+                shut.add(destination)
+                continue
+            keys = per[destination] = []
+        if len(keys) < schedule.limit(destination):
+            keys.append(key)
+    picked: list[K] = []
+    queues = list(per.values())
+    turn = 0
+    while queues and len(picked) < count:
+        for keys in queues:
+            if turn < len(keys):
+                picked.append(keys[turn])
+                if len(picked) == count:
+                    break
+        turn += 1
+        queues = [keys for keys in queues if len(keys) > turn]
+    return picked

@@ -49,7 +49,15 @@ from dcrouter.interfaces import IDeliveryQueue, QueueFull, QueueUnavailable
 from dcrouter.log import logger
 from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.net.reactor import IRouterReactor
-from dcrouter.queue.contract import ItemPage, QueueFilter, check_changes, check_item_id, check_page, is_live
+from dcrouter.queue.contract import (
+    ClaimSchedule,
+    ItemPage,
+    QueueFilter,
+    check_changes,
+    check_item_id,
+    check_page,
+    is_live,
+)
 from dcrouter.queue.index import ClaimDue, Outcome, QueueIndex, RemoveItems, StoreItem, UpdateItem, Write
 from dcrouter.queue.item import QueueItem, QueueItemStatus
 from dcrouter.queue.lifecycle import QueueLifecycle
@@ -172,11 +180,12 @@ class DiskQueue(QueueLifecycle):
             return fail(e)
         return self._submit_open(lambda: RemoveItems("id = ?", (item_id,), single=True, expected=wanted))
 
-    def get_next(self, count: int = 1) -> Deferred:
-        """Claim up to ``count`` due items (priority, then creation time, then arrival) as DELIVERING."""
+    def get_next(self, count: int = 1, schedule: ClaimSchedule | None = None) -> Deferred:
+        """Claim up to ``count`` due items (priority, then creation time, then arrival) as DELIVERING; with
+        ``schedule``, shared between destinations as :class:`~dcrouter.queue.contract.ClaimSchedule` says."""
         if self._state == "open" and (self._paused or count <= 0):
             return succeed([])
-        return self._submit_open(lambda: ClaimDue(self._clock.seconds(), count))
+        return self._submit_open(lambda: ClaimDue(self._clock.seconds(), count, schedule))
 
     def purge_expired(self, max_age: float) -> Deferred:
         """Remove final items created more than ``max_age`` seconds ago; fires with how many."""

@@ -29,7 +29,7 @@ from urllib.parse import quote
 
 from dcrouter.interfaces import DuplicateItem, QueueUnavailable, StatusMismatch
 from dcrouter.mail.spooled import SpooledMessage
-from dcrouter.queue.contract import QueueFilter, is_live
+from dcrouter.queue.contract import ClaimSchedule, QueueFilter, is_live, pick, scan_window, walk
 from dcrouter.queue.files import fsync_directory, fsync_file, link_without_replacing
 from dcrouter.queue.item import QueueItem, QueueItemStatus
 
@@ -53,8 +53,13 @@ CREATE TABLE IF NOT EXISTS items (
     body_file TEXT                      -- path under messages/, or NULL when the body is in `bodies`
 );
 CREATE TABLE IF NOT EXISTS bodies (id TEXT PRIMARY KEY, data BLOB NOT NULL);
--- get_next walks this in ORDER BY order and reads next_attempt_at from the index itself.
-CREATE INDEX IF NOT EXISTS items_ready ON items (priority, created_at, seq, next_attempt_at)
+-- get_next walks this in ORDER BY order and reads next_attempt_at and destination from the index itself
+-- (a scheduled claim skips the destinations it closes without reading a row). It replaced items_ready.
+DROP INDEX IF EXISTS items_ready;
+CREATE INDEX IF NOT EXISTS items_ready_dest ON items (priority, created_at, seq, next_attempt_at, destination)
+    WHERE status IN {_READY_SQL};
+-- A scheduled claim behind a backlog: the destinations with ready items, and each one's first due items.
+CREATE INDEX IF NOT EXISTS items_dest_ready ON items (destination, priority, created_at, seq, next_attempt_at)
     WHERE status IN {_READY_SQL};
 -- Finds the due items when they are few (many items waiting for a retry): see ClaimDue.
 CREATE INDEX IF NOT EXISTS items_due ON items (next_attempt_at) WHERE status IN {_READY_SQL};
@@ -64,10 +69,10 @@ CREATE INDEX IF NOT EXISTS items_destination ON items (destination);
 CREATE INDEX IF NOT EXISTS items_status_seq ON items (status, seq);
 """
 
-# INDEXED BY: without statistics the planner prefers items_status and sorts every ready row; items_ready
+# INDEXED BY: without statistics the planner prefers items_status and sorts every ready row; items_ready_dest
 # yields rows already in order, so the LIMIT stops the walk early.
 CLAIM_SQL = f"""
-SELECT seq, item FROM items INDEXED BY items_ready
+SELECT seq, item FROM items INDEXED BY items_ready_dest
 WHERE status IN {_READY_SQL} AND next_attempt_at <= ?
 ORDER BY priority, created_at, seq LIMIT ?
 """
@@ -82,6 +87,45 @@ DUE_COUNT_SQL = f"SELECT count(*) FROM ({DUE_SQL})"
 #: The due items, found by items_due and sorted into get_next order: for when they are few.
 FEW_DUE_CLAIM_SQL = f"""
 SELECT seq, item FROM items WHERE seq IN ({DUE_SQL})
+ORDER BY priority, created_at, seq LIMIT ?
+"""
+
+#: A scheduled claim's candidates: (seq, destination) of due items of destinations not closed, in get_next
+#: order, read from items_ready_dest alone. ``{closed}`` is one ``?`` per closed destination.
+SCHEDULED_SQL = f"""
+SELECT seq, destination FROM (
+    SELECT seq, destination, priority, created_at FROM items INDEXED BY items_ready_dest
+    WHERE status IN {_READY_SQL} AND next_attempt_at <= ? ORDER BY priority, created_at, seq LIMIT ?
+) WHERE CASE WHEN destination IS NULL THEN ? ELSE destination NOT IN ({{closed}}) END
+ORDER BY priority, created_at, seq LIMIT ?
+"""
+
+#: Up to how many due items a scheduled claim walks them in get_next order; with more it looks destination by
+#: destination. FEW_DUE's count (which every claim makes) decides, so the choice costs nothing more.
+SCHEDULED_WALK = 1000
+
+#: The destinations with ready items, one index probe each (a skip scan of items_dest_ready).
+READY_DESTINATIONS_SQL = f"""
+WITH RECURSIVE d(x) AS (
+    SELECT (SELECT min(destination) FROM items INDEXED BY items_dest_ready WHERE status IN {_READY_SQL})
+    UNION ALL
+    SELECT (SELECT min(destination) FROM items INDEXED BY items_dest_ready
+            WHERE status IN {_READY_SQL} AND destination > x)
+    FROM d WHERE x IS NOT NULL
+) SELECT x FROM d WHERE x IS NOT NULL
+"""
+
+#: The first due items of one destination (``IS ?``: NULL for unrouted mail), in get_next order.
+DESTINATION_DUE_SQL = f"""
+SELECT priority, created_at, seq FROM items INDEXED BY items_dest_ready
+WHERE status IN {_READY_SQL} AND destination IS ? AND next_attempt_at <= ?
+ORDER BY priority, created_at, seq LIMIT ?
+"""
+
+#: The same when the due items are few (found by items_due, as FEW_DUE_CLAIM_SQL).
+FEW_SCHEDULED_SQL = f"""
+SELECT seq, destination FROM items WHERE seq IN ({DUE_SQL})
+AND CASE WHEN destination IS NULL THEN ? ELSE destination NOT IN ({{closed}}) END
 ORDER BY priority, created_at, seq LIMIT ?
 """
 
@@ -218,13 +262,15 @@ class ClaimDue(Write):
 
     durable = False
 
-    def __init__(self, now: float, count: int) -> None:
+    def __init__(self, now: float, count: int, schedule: ClaimSchedule | None = None) -> None:
         self.now = now
         self.count = count
+        self.schedule = schedule
 
     def apply(self, conn: sqlite3.Connection) -> tuple[Any, int]:
         claimed = []
-        for seq, text in self._due_rows(conn):
+        rows = self._due_rows(conn) if self.schedule is None else self._scheduled_rows(conn, self.schedule)
+        for seq, text in rows:
             item = parse_item(text)
             item.status = QueueItemStatus.DELIVERING
             conn.execute(
@@ -235,7 +281,7 @@ class ClaimDue(Write):
         return claimed, 0
 
     def _due_rows(self, conn: sqlite3.Connection) -> list[tuple[int, str]]:
-        # Walking items_ready in order is fast when due items are near its front, but walks every waiting
+        # Walking items_ready_dest in order is fast when due items are near its front, but walks every waiting
         # item when they are not (a destination down for hours). items_due finds the due ones directly; when
         # they are few, sorting them costs less than that walk.
         # Both the count and the sort stay inside SQLite: fetching up to FEW_DUE seqs into Python first cost
@@ -246,6 +292,44 @@ class ClaimDue(Write):
         if not due:
             return []
         return conn.execute(FEW_DUE_CLAIM_SQL, (self.now, FEW_DUE + 1, self.count)).fetchall()
+
+    def _scheduled_rows(self, conn: sqlite3.Connection, schedule: ClaimSchedule) -> list[tuple[int, str]]:
+        # Up to SCHEDULED_WALK due items, a walk in get_next order, the closed destinations skipped inside
+        # SQLite from the index alone. Beyond, walking past a backlog would cost ~0.5 us per item at every
+        # claim (~10 ms behind 20,000), so the claim looks destination by destination instead: the
+        # destinations with ready items (one index probe each), then each open one's first due items.
+        (due,) = conn.execute(DUE_COUNT_SQL, (self.now, max(FEW_DUE, SCHEDULED_WALK) + 1)).fetchone()
+        if not due:
+            return []
+        window = scan_window(self.count)
+        walked_all = due <= SCHEDULED_WALK
+
+        def fetch(closed: list[str], unrouted: bool) -> list[tuple[int, str | None]]:
+            marks = ",".join("?" * len(closed))
+            if due > FEW_DUE:
+                query, params = SCHEDULED_SQL, (self.now, SCHEDULED_WALK, int(unrouted), *closed, window)
+            else:
+                query, params = FEW_SCHEDULED_SQL, (self.now, FEW_DUE + 1, int(unrouted), *closed, window)
+            return conn.execute(query.format(closed=marks), params).fetchall()
+
+        seqs = walk(fetch, self.count, schedule) if walked_all else self._by_destination(conn, schedule)
+        rows = []
+        for seq in seqs:
+            rows.append(conn.execute("SELECT seq, item FROM items WHERE seq = ?", (seq,)).fetchone())
+        return rows
+
+    def _by_destination(self, conn: sqlite3.Connection, schedule: ClaimSchedule) -> list[int]:
+        destinations: list[str | None] = [row[0] for row in conn.execute(READY_DESTINATIONS_SQL)]
+        destinations.append(None)
+        found: list[tuple[int, float, int, str | None]] = []
+        for destination in destinations:
+            limit = min(schedule.limit(destination), self.count)
+            if limit <= 0:
+                continue
+            due = conn.execute(DESTINATION_DUE_SQL, (destination, self.now, limit))
+            found.extend((priority, created_at, seq, destination) for priority, created_at, seq in due)
+        found.sort()
+        return pick(((seq, destination) for _p, _c, seq, destination in found), self.count, schedule)
 
 
 class RemoveItems(Write):

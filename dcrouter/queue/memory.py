@@ -34,6 +34,7 @@ from dcrouter.log import logger
 from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.queue.contract import (
     FINAL_STATUSES,
+    ClaimSchedule,
     ItemPage,
     QueueFilter,
     check_changes,
@@ -41,6 +42,7 @@ from dcrouter.queue.contract import (
     check_page,
     is_live,
     new_load_counts,
+    pick,
 )
 from dcrouter.queue.item import READY_STATUSES, QueueItem, QueueItemStatus
 from dcrouter.queue.lifecycle import QueueLifecycle
@@ -148,8 +150,9 @@ class MemoryQueue(QueueLifecycle):
 
     # -- claiming and reading ----------------------------------------------------------------------
 
-    def get_next(self, count: int = 1) -> Deferred:
-        """Claim up to ``count`` due items by priority, then creation time, then arrival order."""
+    def get_next(self, count: int = 1, schedule: ClaimSchedule | None = None) -> Deferred:
+        """Claim up to ``count`` due items by priority, then creation time, then arrival order; with
+        ``schedule``, shared between destinations as :class:`~dcrouter.queue.contract.ClaimSchedule` says."""
         try:
             self._check_open()
         except QueueUnavailable as e:
@@ -160,8 +163,9 @@ class MemoryQueue(QueueLifecycle):
         due = [i for i in self._items.values() if i.status in READY_STATUSES and i.next_attempt_at <= now]
         # sorted() is stable, so equal keys keep the dict's insertion order.
         due.sort(key=lambda i: (i.priority, i.created_at))
+        chosen = due[:count] if schedule is None else pick(((i, i.destination) for i in due), count, schedule)
         claimed = []
-        for item in due[:count]:
+        for item in chosen:
             item.status = QueueItemStatus.DELIVERING
             claimed.append(item.copy())
         return succeed(claimed)

@@ -121,12 +121,14 @@ from dcrouter.queue import redis_chunks as chunks
 from dcrouter.queue import redis_consumer
 from dcrouter.queue import redis_scripts as scripts
 from dcrouter.queue.contract import (
+    ClaimSchedule,
     ItemPage,
     QueueFilter,
     check_changes,
     check_item_id,
     check_page,
     new_load_counts,
+    scan_window,
 )
 from dcrouter.queue.item import QueueItem, QueueItemStatus
 from dcrouter.queue.lifecycle import QueueLifecycle
@@ -403,20 +405,22 @@ class RedisQueue(QueueLifecycle):
 
     # -- claiming ----------------------------------------------------------------------------------
 
-    def get_next(self, count: int = 1) -> Deferred:
+    def get_next(self, count: int = 1, schedule: ClaimSchedule | None = None) -> Deferred:
         """Claim up to ``count`` due items (priority, then creation time, then arrival) as DELIVERING, under
-        this process's lease; also returns expired leases of any process to ready."""
+        this process's lease; also returns expired leases of any process to ready. With ``schedule``, shared
+        between destinations as :class:`~dcrouter.queue.contract.ClaimSchedule` says (the CLAIM script's
+        ``parked`` sets: :mod:`dcrouter.queue.redis_scripts`)."""
         try:
             self._check_open()
         except QueueUnavailable as e:
             return fail(e)
         if self._paused or count <= 0:
             return succeed([])
-        return Deferred.fromCoroutine(self._claim(count))
+        return Deferred.fromCoroutine(self._claim(count, schedule))
 
-    async def _claim(self, count: int) -> list[QueueItem]:
+    async def _claim(self, count: int, schedule: ClaimSchedule | None = None) -> list[QueueItem]:
         sent = self._clock.seconds()
-        reply = await self._claim_script(count)
+        reply = await self._claim_script(count, schedule)
         claimed = []
         for n in range(1, len(reply), 5):
             raw_id, text, version, handed_out, body = reply[n : n + 5]
@@ -426,11 +430,16 @@ class RedisQueue(QueueLifecycle):
             claimed.append(item)
         return claimed
 
-    async def _claim_script(self, count: int) -> list[Any]:
+    async def _claim_script(self, count: int, schedule: ClaimSchedule | None = None) -> list[Any]:
         now = repr(float(self._clock.seconds()))
         lease = repr(float(self.lease_seconds))
+        extra: list[Any] = []
+        if schedule is not None:
+            extra = ["1", schedule.unrouted, schedule.default, scan_window(count)]
+            for destination, limit in sorted(schedule.limits.items()):
+                extra += [destination, limit]
         reply = await self._store.script(
-            scripts.CLAIM, now, count, self.owner, lease, CHUNK, PROMOTE_LIMIT, HANDOUT_BODY_LIMIT
+            scripts.CLAIM, now, count, self.owner, lease, CHUNK, PROMOTE_LIMIT, HANDOUT_BODY_LIMIT, *extra
         )
         if int(reply[0]):
             log.info("Redis queue: {n} expired claims returned to ready", n=int(reply[0]))

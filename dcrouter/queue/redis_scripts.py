@@ -11,6 +11,8 @@ Keys, all under the queue's prefix ``P`` (``dcrouter:`` by default)::
     P items            zset seq -> id: every item, in arrival order (load's verification walks it)
     P wait             zset next_attempt_at -> id: ready items (queued, deferred) not yet moved to `due`
     P due              zset due_score -> mk: ready items whose time has come, in hand-out order
+    P parked:<dest>    zset due_score -> mk: due items a scheduled claim found while <dest> was closed
+    P parked           set of destinations that may have parked items (emptied lazily)
     P leases           zset lease expiry (Redis server time) -> id: claimed items
     P status:<status>  zset created_at -> mk, per status
     P dest:<dest>      zset created_at -> mk, per destination
@@ -59,6 +61,7 @@ local function unindex(id, m)
   if m.dest then redis.call('ZREM', P .. 'dest:' .. m.dest, m.mk) end
   redis.call('ZREM', P .. 'wait', id)
   redis.call('ZREM', P .. 'due', m.mk)
+  if m.dest then redis.call('ZREM', P .. 'parked:' .. m.dest, m.mk) end
   redis.call('ZREM', P .. 'leases', id)
 end
 local function set_status(id, m, new)
@@ -179,12 +182,105 @@ return 'ok'
 """
 )
 
-#: ARGV: P, now (caller's clock), count, owner, lease seconds, reclaim limit, promote limit, [body limit].
-#: Returns {expired leases returned to ready, then for each claimed item: id, item JSON, ver, 1 and its
-#: inline body when that is at most ``body limit`` bytes (else 0 and '')}; the claimed items are DELIVERING.
+#: ARGV: P, now (caller's clock), count, owner, lease seconds, reclaim limit, promote limit, [body limit,
+#: then for a scheduled claim (ClaimSchedule): '1', unrouted limit, default limit, scan window, then
+#: destination, limit pairs]. Returns {expired leases returned to ready, then for each claimed item: id, item
+#: JSON, ver, 1 and its inline body when that is at most ``body limit`` bytes (else 0 and '')}; the claimed
+#: items are DELIVERING.
+#:
+#: A scheduled claim looks at the first ``scan window`` members of ``due``; those of a closed destination
+#: (limit 0) move to ``parked:<dest>`` (so the next claims walk past them for good), and with them as
+#: candidates come the first parked items of every destination now open. It hands out round robin over the
+#: candidates' destinations, each up to its limit, as :func:`dcrouter.queue.contract.pick` does.
 CLAIM = (
     _PRELUDE
     + r"""
+-- The members of due (or parked) to claim, taken out of their set: see above.
+local PARK_BUDGET = 4096
+local function schedule(count)
+  -- Without a schedule (a caller other than delivery) every destination is open: parked items come back.
+  local unrouted, default, window = count, count, count
+  local limits = {}
+  if ARGV[9] == '1' then
+    unrouted, default, window = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
+    for i = 13, #ARGV - 1, 2 do limits[ARGV[i]] = tonumber(ARGV[i + 1]) end
+  end
+  local function limit(dest)
+    if not dest then return unrouted end
+    return limits[dest] or default
+  end
+  local found, taken = {}, {}
+  for _, dest in ipairs(redis.call('SMEMBERS', P .. 'parked')) do
+    local n = math.min(limit(dest), count)
+    if n > 0 then
+      local parked = redis.call('ZRANGE', P .. 'parked:' .. dest, 0, n - 1, 'WITHSCORES')
+      if #parked == 0 then redis.call('SREM', P .. 'parked', dest) end
+      taken[dest] = #parked / 2
+      for i = 1, #parked, 2 do
+        table.insert(found, {score = tonumber(parked[i + 1]), mk = parked[i], dest = dest, parked = true})
+      end
+    end
+  end
+  -- A destination's items beyond what it may take now are parked too: the window then moves on past a
+  -- backlog whatever its destination's free slots, and the parked items come back first once it has room.
+  -- Window after window while the last one parked something and too little was found: up to PARK_BUDGET
+  -- items parked per claim (each only once: a backlog is walked past once, not at every claim).
+  local start, parked_now, open = 0, 0, #found
+  while true do
+    local front = redis.call('ZRANGE', P .. 'due', start, start + window - 1, 'WITHSCORES')
+    local parked_here = 0
+    for i = 1, #front, 2 do
+      local mk, score = front[i], front[i + 1]
+      local dest = redis.call('HGET', ikey(string.sub(mk, 17)), 'dest') or nil
+      if dest then taken[dest] = (taken[dest] or 0) + 1 end
+      if dest and taken[dest] > limit(dest) then
+        redis.call('ZREM', P .. 'due', mk)
+        redis.call('ZADD', P .. 'parked:' .. dest, score, mk)
+        redis.call('SADD', P .. 'parked', dest)
+        parked_here = parked_here + 1
+      else
+        table.insert(found, {score = tonumber(score), mk = mk, dest = dest, parked = false})
+        open = open + 1
+      end
+    end
+    parked_now = parked_now + parked_here
+    if #front < 2 * window or parked_here == 0 or open >= count or parked_now >= PARK_BUDGET then break end
+    start = start + window - parked_here
+  end
+  table.sort(found, function(a, b)
+    if a.score ~= b.score then return a.score < b.score end
+    return a.mk < b.mk
+  end)
+  local groups, order = {}, {}
+  for _, c in ipairs(found) do
+    local key = c.dest and ('d:' .. c.dest) or 'u'
+    local g = groups[key]
+    if not g then
+      g = {}
+      groups[key] = g
+      table.insert(order, g)
+    end
+    if #g < limit(c.dest) then table.insert(g, c) end
+  end
+  local chosen, turn, more = {}, 1, true
+  while more and #chosen < count do
+    more = false
+    for _, g in ipairs(order) do
+      local c = g[turn]
+      if c and #chosen < count then
+        table.insert(chosen, c.mk)
+        if c.parked then
+          redis.call('ZREM', P .. 'parked:' .. c.dest, c.mk)
+        else
+          redis.call('ZREM', P .. 'due', c.mk)
+        end
+        more = true
+      end
+    end
+    turn = turn + 1
+  end
+  return chosen
+end
 local rnow = redis_now()
 local returned = 0
 local expired = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', rnow, 'LIMIT', 0, tonumber(ARGV[6]))
@@ -208,8 +304,14 @@ local count = tonumber(ARGV[3])
 local body_limit = tonumber(ARGV[8] or '0')
 if count > 0 then
   local expiry = rnow + tonumber(ARGV[5])
-  for _, mk in ipairs(redis.call('ZRANGE', P .. 'due', 0, count - 1)) do
-    redis.call('ZREM', P .. 'due', mk)
+  local chosen
+  if ARGV[9] == '1' or redis.call('EXISTS', P .. 'parked') == 1 then
+    chosen = schedule(count)
+  else
+    chosen = redis.call('ZRANGE', P .. 'due', 0, count - 1)
+    for _, mk in ipairs(chosen) do redis.call('ZREM', P .. 'due', mk) end
+  end
+  for _, mk in ipairs(chosen) do
     local id = string.sub(mk, 17)
     local m = meta(id)
     if m and is_ready(m.status) then

@@ -27,6 +27,7 @@ from dcrouter.config.options import DcRouterOptions
 from dcrouter.config.schema import file_key
 from dcrouter.config.smtp import SmtpConfig
 from dcrouter.delivery.routing import RecipientRouter
+from dcrouter.dns.zone import ZoneSet, build_zones
 from dcrouter.log import logger, set_level
 from dcrouter.net.certfiles import TlsMaterialError, load_certified_key
 from dcrouter.net.certstore import CertifiedKey
@@ -64,7 +65,9 @@ RESTART_ONLY: tuple[tuple[str, str], ...] = (
     ("smartProxyConfig", "adding or removing the proxy"),
     ("smartProxyConfig.bindAddress", "the address every proxy port is bound on"),
     ("smartProxyConfig.acme", "ACME orders"),
-    ("dnsServerConfig", "the DNS server"),
+    ("dnsServerConfig", "adding or removing the DNS server"),
+    ("dnsServerConfig.udpPort", "the DNS server's bound port"),
+    ("dnsServerConfig.udpBindInterface", "the address the DNS server is bound on"),
     ("httpDomainRoutes", "adding or removing the proxy"),
     ("apiConfig", "the management API itself"),
     ("metricsConfig", "the metrics listener"),
@@ -111,7 +114,7 @@ def restart_needed(old: DcRouterOptions, new: DcRouterOptions) -> list[str]:
     errors = []
     for path, why in RESTART_ONLY:
         before, after = _key_value(old, path), _key_value(new, path)
-        if path in ("smtpConfig", "smartProxyConfig", "httpDomainRoutes"):
+        if path in ("smtpConfig", "smartProxyConfig", "httpDomainRoutes", "dnsServerConfig"):
             changed = _present(before) != _present(after)
         else:
             changed = before != after
@@ -184,6 +187,7 @@ class Reloader:
         self._path = path
         self._defer_to_thread = defer_to_thread
         self._running: Deferred[ReloadOutcome] | None = None
+        self._dns_serial = 0
 
     def reload(self, source: str) -> Deferred[ReloadOutcome]:
         """Reload now (after one in progress). Never fails: a refusal is an outcome with errors."""
@@ -215,6 +219,7 @@ class Reloader:
         try:
             smtp = self._build_smtp(new)
             proxy = self._build_proxy(new)
+            zones = self._build_zones(new)
         except BuildError as error:
             return self._failed(source, [str(error)])
         # From here to the end, nothing waits: the new parts replace the old ones in one step.
@@ -223,12 +228,30 @@ class Reloader:
             notes += self._swap_smtp(smtp)
         if proxy is not None:
             notes += self._swap_proxy(proxy)
+        if zones is not None and router.dns is not None:
+            router.dns.zones = zones  # the next query is answered from them
+            notes.append("dnsServerConfig: zones rebuilt (configured and generated records)")
         set_level(new.log_level)
         router.options = new
         router.raw_config = result.raw
         for warning in result.warnings:
             log.warn("configuration: {problem}", problem=warning)
         return self._applied(source, changes + notes)
+
+    # -- DNS -------------------------------------------------------------------------------------------
+
+    def _build_zones(self, options: DcRouterOptions) -> ZoneSet | None:
+        """The DNS server's zones from ``options``: its own records and those generated from the mail
+        configuration (MX, DKIM keys read again, SPF, DMARC), with a new SOA serial; None without a server."""
+        router = self._router
+        if router.dns is None or options.dns_server_config is None:
+            return None
+        # A new SOA serial (the time, as at start), so secondaries copying the zones see they changed.
+        self._dns_serial = max(int(router.reactor.seconds()), self._dns_serial + 1)
+        try:
+            return build_zones(options, serial=self._dns_serial, dynamic=router.dns_challenges)
+        except (OSError, ValueError) as error:
+            raise BuildError(f"dnsServerConfig: {error}") from error
 
     # -- SMTP ------------------------------------------------------------------------------------------
 

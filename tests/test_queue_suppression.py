@@ -147,10 +147,9 @@ class PolicySuppressionTests(TestCase):
 
     async def test_unreadable_list_accepts(self) -> None:
         from twisted.internet.defer import fail
+        from twisted.logger import globalLogPublisher
 
         from dcrouter.interfaces import QueueUnavailable
-
-        from twisted.logger import globalLogPublisher
 
         seen: list[dict[str, object]] = []
         globalLogPublisher.addObserver(seen.append)

@@ -23,6 +23,24 @@ from tests.test_net_listen import PortsReactor
 from tests.test_router import A_HASH, write_tls
 
 
+class UdpPort:
+    """What DnsService needs of a UDP port on a memory reactor."""
+
+    def __init__(self, port: int, interface: str) -> None:
+        self.address = IPv4Address("UDP", interface, port)
+
+    def getHost(self) -> IPv4Address:
+        return self.address
+
+    def stopListening(self) -> None:
+        pass
+
+
+class DnsPortsReactor(PortsReactor):
+    def listenUDP(self, port: int, protocol: Any, interface: str = "", maxPacketSize: int = 8192) -> UdpPort:
+        return UdpPort(port, interface)
+
+
 class Recorder:
     name = "recorder"
 
@@ -180,6 +198,51 @@ class ReloadTests(SynchronousTestCase):
             any("smtpConfig.queueStorage" in e and "needs a restart" in e for e in outcome.errors)
         )
         self.assertTrue(any("smtpConfig.persistentPath" in e for e in outcome.errors))
+
+    def test_dns_zones_rebuilt(self) -> None:
+        self.router.stopService()
+        self.reactor.advance(60)
+        self.config["dnsServerConfig"] = {
+            "udpPort": 5300,
+            "udpBindInterface": "127.0.0.1",
+            "zones": ["example.test"],
+            "records": [{"name": "www.example.test", "type": "A", "value": "192.0.2.1"}],
+        }
+        self.write(self.config)
+        self.reactor = DnsPortsReactor()
+        self.router = DcRouter(load_file(self.path), reactor=self.reactor)
+        self.router.privilegedStartService()
+        self.router.startService()
+        self.reloader = Reloader(self.router, self.path, maybeDeferred)
+
+        def answers(name: str) -> list[str]:
+            assert self.router.dns is not None
+            zones = self.router.dns.zones
+            zone = zones.zone_for(name)
+            assert zone is not None
+            records = zones.records_at(zone, name)
+            return sorted(str(r.dottedQuad()) for r in records if hasattr(r, "dottedQuad"))
+
+        self.assertEqual(answers("www.example.test"), ["192.0.2.1"])
+        self.reactor.advance(5)
+        self.config["dnsServerConfig"]["records"][0]["value"] = "192.0.2.2"
+        self.config["smtpConfig"]["domainConfigs"].append(
+            {"domains": ["lists.example.test"], "targetIPs": ["127.0.0.1"], "port": 2601}
+        )
+        outcome = self.reload()
+        self.assertTrue(outcome.applied, outcome.errors)
+        self.assertIn("dnsServerConfig: zones rebuilt (configured and generated records)", outcome.changes)
+        self.assertEqual(answers("www.example.test"), ["192.0.2.2"])
+        assert self.router.dns is not None
+        zone = self.router.dns.zones.zone_for("example.test")
+        assert zone is not None
+        mx = [r for r in zone.at("lists.example.test") if r.TYPE == 15]  # the new domainConfigs entry's MX
+        self.assertEqual([str(r.name) for r in mx], ["mx.test"])
+        # The port is bound: changing it needs a restart, and nothing is applied.
+        self.config["dnsServerConfig"]["udpPort"] = 5301
+        outcome = self.reload()
+        self.assertFalse(outcome.applied)
+        self.assertTrue(any(e.startswith("dnsServerConfig.udpPort: changed") for e in outcome.errors))
 
     def test_log_level(self) -> None:
         self.addCleanup(lambda: __import__("dcrouter.log").log.set_level("info"))

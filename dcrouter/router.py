@@ -163,6 +163,8 @@ def build_queue(config: SmtpConfig, reactor: IRouterReactor) -> IDeliveryQueue:
             max_size=config.max_queue_size,
             close_on_shutdown=False,  # stopService saves it, after the listeners
             orphan_retention=config.orphan_retention / 1000.0,
+            # Take mail at once, however big the queue; rows are verified meanwhile (docs/queue.md).
+            background_verification=True,
         )
     if config.queue_storage == "redis":
         from dcrouter.queue.redis import RedisQueue

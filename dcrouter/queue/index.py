@@ -309,6 +309,8 @@ class QueueIndex:
         self._conn: sqlite3.Connection | None = None
         #: The reader thread's own connection (WAL: readers never wait for the writer's commits).
         self._reader: sqlite3.Connection | None = None
+        #: The background verification's connection, on its own thread (see recovery.verify_chunk).
+        self._verifier: sqlite3.Connection | None = None
         self._known_dirs: set[str] = set()
         self._synchronous_full = True
         self._attached = False  # opened by attach(): another process holds the queue
@@ -521,6 +523,24 @@ class QueueIndex:
                 os.path.join(self.path, "index.sqlite"), isolation_level=None, check_same_thread=False
             )
         return self._reader
+
+    def verifier(self) -> sqlite3.Connection:
+        """A read-only connection for the background verification's thread (opened on first use there)."""
+        if self._verifier is None:
+            if self._conn is None:
+                raise QueueUnavailable("disk queue is not open")
+            self._verifier = sqlite3.connect(
+                f"file:{quote(os.path.join(self.path, 'index.sqlite'))}?mode=ro",
+                uri=True,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        return self._verifier
+
+    def close_verifier(self) -> None:
+        verifier, self._verifier = self._verifier, None
+        if verifier is not None:
+            verifier.close()
 
     def close_reader(self) -> None:
         reader, self._reader = self._reader, None

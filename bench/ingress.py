@@ -51,11 +51,19 @@ START_TIMEOUT = 30.0
 TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
 
 
+#: Open files the run needs per process (set by main from --idle); None: as many as the hard limit allows.
+NOFILE_WANTED: int | None = None
+
+
 def raise_nofile_limit() -> None:
-    """Soft open-files limit up to the hard one (run in this process and, as preexec_fn, in each server)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    """The open-files limit raised as dcrouter raises its own (dcrouter.net.fdlimit: the soft limit to what
+    the run needs and, as root, the hard one too), in this process and, as preexec_fn, in each server."""
+    from dcrouter.net.fdlimit import raise_nofile
+
+    outcome = raise_nofile(NOFILE_WANTED)
+    if not outcome.enough:
+        print(f"bench/ingress: open files limit {outcome.after} short of {NOFILE_WANTED}: {outcome.error}",
+              file=sys.stderr)
 
 
 def stop_process(process: subprocess.Popen[bytes] | None) -> None:
@@ -179,8 +187,8 @@ hostname = "dcrouter.bench.invalid"
 implicitTlsPorts = []
 submissionPorts = []
 maxMessageSize = {max_size}
-maxConnections = 20000
-maxConnectionsPerIP = 20000
+maxConnections = {max_connections}
+maxConnectionsPerIP = {max_connections}
 maxQueueSize = 0
 queueStorage = "disk"
 persistentPath = "{queue}"
@@ -205,6 +213,7 @@ class Dcrouter(ServerUnderTest):
             f.write(DCROUTER_CONFIG.format(
                 port=self.port, host=HOST, max_size=64 << 20, queue=os.path.join(directory, "queue"),
                 domain=RECIPIENT_DOMAIN, relay_port=free_port(),
+                max_connections=max(20_000, (NOFILE_WANTED or 0) - 10_000),
             ))
         argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "dcrouter", "--config", config]
         pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
@@ -593,6 +602,8 @@ def main(argv: list[str] | None = None) -> int:
         repeat=args.repeat or (1 if args.quick else 5),
         pipelining=not args.no_pipelining,
     )
+    global NOFILE_WANTED  # noqa: PLW0603 (read by preexec_fn in the servers' processes)
+    NOFILE_WANTED = plan.idle + 11_000  # each idle session, plus the throughput tests' and some headroom
     raise_nofile_limit()
     workdir = tempfile.mkdtemp(prefix="dcrouter-bench-")
     command = "python -m bench.ingress" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))

@@ -194,7 +194,7 @@ queueStorage = "disk"
 persistentPath = "{queue}"
 # This benchmark measures receiving and durably queueing (as the peer does); delivery is bench/relay's.
 [smtpConfig.delivery]
-paused = true
+paused = {paused}
 
 [[smtpConfig.domainConfigs]]
 domains = ["{domain}"]
@@ -206,13 +206,19 @@ port = {relay_port}
 class Dcrouter(ServerUnderTest):
     name = "dcrouter"
     label = "dcrouter"
+    #: Where delivery goes, and whether it runs (only dcrouter-dkim-relay delivers).
+    relay_port: int | None = None
+    paused = True
+    #: Seconds the large test keeps sampling RSS after the reply (delivery included, for a relay).
+    settle = 0.5
 
     def command(self, directory: str) -> tuple[list[str], dict[str, str]]:
         config = os.path.join(directory, "dcrouter.toml")
         with open(config, "w") as f:
             f.write(DCROUTER_CONFIG.format(
                 port=self.port, host=HOST, max_size=64 << 20, queue=os.path.join(directory, "queue"),
-                domain=RECIPIENT_DOMAIN, relay_port=free_port(),
+                domain=RECIPIENT_DOMAIN, relay_port=self.relay_port or free_port(),
+                paused=str(self.paused).lower(),
                 max_connections=max(20_000, (NOFILE_WANTED or 0) - 10_000),
             ))
         argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "dcrouter", "--config", config]
@@ -270,6 +276,30 @@ signDkim = true
 dkimOptions = {{ domainName = "bench.invalid", keySelector = "bench", privateKey = "{key_path}" }}
 """)
         return argv, env
+
+
+class DcrouterDkimRelay(DcrouterDkim):
+    """dcrouter+dkim relaying to an aiosmtpd sink (bench.aiosmtpd_peer): the large test then samples RSS
+    through signing, queueing and the delivery of the message."""
+
+    name = "dcrouter-dkim-relay"
+    label = "dcrouter+dkim relay"
+    paused = False
+    settle = 20.0
+
+    def __init__(self, workdir: str) -> None:
+        super().__init__(workdir)
+        self.sink = AiosmtpdPeer(workdir)
+        self.sink.name = "sink"
+
+    def start(self) -> None:
+        self.sink.start()
+        self.relay_port = self.sink.port
+        super().start()
+
+    def stop(self) -> None:
+        super().stop()
+        self.sink.stop()
 
 
 # -- measurements --------------------------------------------------------------------------------
@@ -370,7 +400,8 @@ def measure_throughput(servers: list[ServerUnderTest], plan: Plan) -> dict[str, 
 
 def measure_large(server: ServerUnderTest, plan: Plan) -> dict[str, Any]:
     result = asyncio.run(smtpload.send_large(HOST, server.port, server.pid, plan.large_size,
-                                             recipient=f"user@{RECIPIENT_DOMAIN}"))
+                                             recipient=f"user@{RECIPIENT_DOMAIN}",
+                                             settle=getattr(server, "settle", 0.5)))
     out = dataclasses.asdict(result)
     out["rss_growth_kb"] = result.rss_growth_kb
     out["hwm_growth_kb"] = result.hwm_growth_kb
@@ -602,7 +633,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="Short run: fewer messages and connections.")
     parser.add_argument("--servers", default="peer,dcrouter",
                         help="Comma-separated: peer, dcrouter, dcrouter-limits (limits set, not reached),"
-                        " dcrouter-dkim (DKIM-signs what it receives).")
+                        " dcrouter-dkim (DKIM-signs what it receives), dcrouter-dkim-relay (and relays it"
+                        " to a sink).")
     parser.add_argument("--tests", default="throughput,large,idle",
                         help="Comma-separated: throughput, large, idle.")
     parser.add_argument("--messages", type=int, help="Messages per throughput run (default 2000, quick 300).")
@@ -647,7 +679,8 @@ def main(argv: list[str] | None = None) -> int:
     servers: list[ServerUnderTest] = []
     for name in args.servers.split(","):
         kinds = {"peer": AiosmtpdPeer, "dcrouter": Dcrouter, "dcrouter-limits": DcrouterLimits,
-                 "dcrouter-dkim": DcrouterDkim}
+                 "dcrouter-dkim": DcrouterDkim,
+                 "dcrouter-dkim-relay": DcrouterDkimRelay}
         servers.append(kinds[name.strip()](workdir))
     tests = [t.strip() for t in args.tests.split(",")]
     results: dict[str, Any] = {s.name: {} for s in servers}

@@ -175,6 +175,7 @@ def build_queue(config: SmtpConfig, reactor: IRouterReactor) -> IDeliveryQueue:
             reactor=reactor,
             clock=reactor,
             body_directory=config.persistent_path,
+            background_verification=True,  # as the disk queue's (docs/queue.md)
             max_size=config.max_queue_size,
             orphan_retention=config.orphan_retention / 1000.0,
         )

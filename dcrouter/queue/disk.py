@@ -341,7 +341,7 @@ class DiskQueue(QueueLifecycle):
         if self.background_verification:
             upto = counts.pop("max_seq")
             log.info(
-                "disk queue {path} open: {items} items ({live} to deliver); {claims_returned} claims"
+                "disk queue {path} loaded: {items} items ({live} to deliver); {claims_returned} claims"
                 " returned, {spool_discarded} unacknowledged spool files discarded; verifying the items"
                 " in the background (delivery starts when done)",
                 path=self.path,

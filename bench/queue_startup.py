@@ -258,7 +258,7 @@ bindAddress = "127.0.0.1"
 tokens = [{{ name = "bench", tokenHash = "sha256${hashlib.sha256(API_TOKEN.encode()).hexdigest()}" }}]
 """
         )
-    log_path = os.path.join(directory, "dcrouter.log")
+    log_path = os.path.join(directory, f"dcrouter-{count}.log")  # one per run: twistd appends
     pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
     argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "--logfile", log_path, "dcrouter"]
     started = time.monotonic()
@@ -294,7 +294,7 @@ tokens = [{{ name = "bench", tokenHash = "sha256${hashlib.sha256(API_TOKEN.encod
         stop_process(process)
 
 
-async def big(reactor: Any, directory: str, sizes: list[int], twistd: bool) -> None:
+async def big(reactor: Any, directory: str, sizes: list[int], twistd: bool, in_process: bool = True) -> None:
     if twistd:
         # The baseline: the same start with an empty queue (imports, configuration, listeners).
         await deferToThread(big_twistd, directory, os.path.join(directory, "empty"), 0)
@@ -303,7 +303,8 @@ async def big(reactor: Any, directory: str, sizes: list[int], twistd: bool) -> N
         seconds = fill_directly(path, count)
         size = os.path.getsize(os.path.join(path, "index.sqlite")) >> 20
         print(f"[{count} items] filled by direct index writes in {seconds:.1f} s ({size} MiB index)")
-        await big_in_process(reactor, path, count)
+        if in_process:
+            await big_in_process(reactor, path, count)
         if twistd:
             await deferToThread(big_twistd, directory, path, count)
         shutil.rmtree(path)
@@ -315,13 +316,16 @@ async def main(reactor: Any, argv: list[str] | None = None) -> None:
     parser.add_argument("--directory", help="where to build the queues (default: a temporary directory here)")
     parser.add_argument("--big", help="queue sizes for the start-up figures, comma-separated (section 3)")
     parser.add_argument("--no-twistd", action="store_true", help="with --big: in-process figures only")
+    parser.add_argument("--twistd-only", action="store_true", help="with --big: dcrouter's figures only")
     options = parser.parse_args(argv)
     directory = options.directory or tempfile.mkdtemp(prefix="bench-queue-", dir=".")
     os.makedirs(directory, exist_ok=True)
     try:
         if options.big:
             sizes = [int(n.replace("_", "")) for n in options.big.split(",")]
-            await big(reactor, os.path.abspath(directory), sizes, not options.no_twistd)
+            await big(
+                reactor, os.path.abspath(directory), sizes, not options.no_twistd, not options.twistd_only
+            )
             return
         await enqueue_rates(reactor, directory)
         await startup(reactor, directory, options.items, waiting=False)

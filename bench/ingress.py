@@ -55,11 +55,19 @@ START_TIMEOUT = 30.0
 TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
 
 
+#: Open files the run needs per process (set by main from --idle); None: as many as the hard limit allows.
+NOFILE_WANTED: int | None = None
+
+
 def raise_nofile_limit() -> None:
-    """Soft open-files limit up to the hard one (run in this process and, as preexec_fn, in each server)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    """The open-files limit raised as dcrouter raises its own (dcrouter.net.fdlimit: the soft limit to what
+    the run needs and, as root, the hard one too), in this process and, as preexec_fn, in each server."""
+    from dcrouter.net.fdlimit import raise_nofile
+
+    outcome = raise_nofile(NOFILE_WANTED)
+    if not outcome.enough:
+        print(f"bench/ingress: open files limit {outcome.after} short of {NOFILE_WANTED}: {outcome.error}",
+              file=sys.stderr)
 
 
 def stop_process(process: subprocess.Popen[bytes] | None) -> None:
@@ -183,14 +191,14 @@ hostname = "dcrouter.bench.invalid"
 implicitTlsPorts = []
 submissionPorts = []
 maxMessageSize = {max_size}
-maxConnections = 20000
-maxConnectionsPerIP = 20000
+maxConnections = {max_connections}
+maxConnectionsPerIP = {max_connections}
 maxQueueSize = 0
 queueStorage = "disk"
 persistentPath = "{queue}"
 # This benchmark measures receiving and durably queueing (as the peer does); delivery is bench/relay's.
 [smtpConfig.delivery]
-paused = true
+paused = {paused}
 
 [[smtpConfig.domainConfigs]]
 domains = ["{domain}"]
@@ -202,13 +210,20 @@ port = {relay_port}
 class Dcrouter(ServerUnderTest):
     name = "dcrouter"
     label = "dcrouter"
+    #: Where delivery goes, and whether it runs (only dcrouter-dkim-relay delivers).
+    relay_port: int | None = None
+    paused = True
+    #: Seconds the large test keeps sampling RSS after the reply (delivery included, for a relay).
+    settle = 0.5
 
     def command(self, directory: str) -> tuple[list[str], dict[str, str]]:
         config = os.path.join(directory, "dcrouter.toml")
         with open(config, "w") as f:
             f.write(DCROUTER_CONFIG.format(
                 port=self.port, host=HOST, max_size=64 << 20, queue=os.path.join(directory, "queue"),
-                domain=RECIPIENT_DOMAIN, relay_port=free_port(),
+                domain=RECIPIENT_DOMAIN, relay_port=self.relay_port or free_port(),
+                paused=str(self.paused).lower(),
+                max_connections=max(20_000, (NOFILE_WANTED or 0) - 10_000),
             ))
         argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "dcrouter", "--config", config]
         pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
@@ -375,6 +390,58 @@ class DcrouterObservedHooks(DcrouterObserved):
     hook_types = '"message.queued", "message.bounced", "message.deferred", "security.*"'
 
 
+class DcrouterDkim(Dcrouter):
+    """dcrouter DKIM-signing what it receives (the load generator's From domain, an RSA 2048 key): for the
+    memory of a large message signed on its way through (issue 14: < 8 MiB of RSS growth at 50 MB)."""
+
+    name = "dcrouter-dkim"
+    label = "dcrouter+dkim"
+
+    def command(self, directory: str) -> tuple[list[str], dict[str, str]]:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        argv, env = super().command(directory)
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        key_path = os.path.join(directory, "dkim.pem")
+        with open(key_path, "wb") as f:
+            f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+        with open(os.path.join(directory, "dcrouter.toml"), "a") as f:
+            f.write(f"""
+[[smtpConfig.domainConfigs]]
+domains = ["bench.invalid"]
+targetIPs = ["127.0.0.1"]
+signDkim = true
+dkimOptions = {{ domainName = "bench.invalid", keySelector = "bench", privateKey = "{key_path}" }}
+""")
+        return argv, env
+
+
+class DcrouterDkimRelay(DcrouterDkim):
+    """dcrouter+dkim relaying to an aiosmtpd sink (bench.aiosmtpd_peer): the large test then samples RSS
+    through signing, queueing and the delivery of the message."""
+
+    name = "dcrouter-dkim-relay"
+    label = "dcrouter+dkim relay"
+    paused = False
+    settle = 20.0
+
+    def __init__(self, workdir: str) -> None:
+        super().__init__(workdir)
+        self.sink = AiosmtpdPeer(workdir)
+        self.sink.name = "sink"
+
+    def start(self) -> None:
+        self.sink.start()
+        self.relay_port = self.sink.port
+        super().start()
+
+    def stop(self) -> None:
+        super().stop()
+        self.sink.stop()
+
+
 # -- measurements --------------------------------------------------------------------------------
 
 
@@ -473,7 +540,8 @@ def measure_throughput(servers: list[ServerUnderTest], plan: Plan) -> dict[str, 
 
 def measure_large(server: ServerUnderTest, plan: Plan) -> dict[str, Any]:
     result = asyncio.run(smtpload.send_large(HOST, server.port, server.pid, plan.large_size,
-                                             recipient=f"user@{RECIPIENT_DOMAIN}"))
+                                             recipient=f"user@{RECIPIENT_DOMAIN}",
+                                             settle=getattr(server, "settle", 0.5)))
     out = dataclasses.asdict(result)
     out["rss_growth_kb"] = result.rss_growth_kb
     out["hwm_growth_kb"] = result.hwm_growth_kb
@@ -731,7 +799,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ingress", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="Short run: fewer messages and connections.")
     parser.add_argument("--servers", default="peer,dcrouter",
-                        help="Comma-separated: peer, dcrouter, dcrouter-limits (limits set, not reached).")
+                        help="Comma-separated: peer, dcrouter, dcrouter-limits (limits set, not reached),"
+                        " dcrouter-dkim (DKIM-signs what it receives), dcrouter-dkim-relay (and relays it"
+                        " to a sink).")
     parser.add_argument("--tests", default="throughput,large,idle",
                         help="Comma-separated: throughput, large, idle.")
     parser.add_argument("--messages", type=int, help="Messages per throughput run (default 2000, quick 300).")
@@ -760,6 +830,8 @@ def main(argv: list[str] | None = None) -> int:
         repeat=args.repeat or (1 if args.quick else 5),
         pipelining=not args.no_pipelining,
     )
+    global NOFILE_WANTED  # noqa: PLW0603 (read by preexec_fn in the servers' processes)
+    NOFILE_WANTED = plan.idle + 11_000  # each idle session, plus the throughput tests' and some headroom
     raise_nofile_limit()
     workdir = tempfile.mkdtemp(prefix="dcrouter-bench-")
     command = "python -m bench.ingress" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
@@ -774,7 +846,9 @@ def main(argv: list[str] | None = None) -> int:
     servers: list[ServerUnderTest] = []
     for name in args.servers.split(","):
         kinds = {"peer": AiosmtpdPeer, "dcrouter": Dcrouter, "dcrouter-limits": DcrouterLimits,
-                 "dcrouter-observed": DcrouterObserved, "dcrouter-observed-hooks": DcrouterObservedHooks}
+                 "dcrouter-observed": DcrouterObserved, "dcrouter-observed-hooks": DcrouterObservedHooks,
+                 "dcrouter-dkim": DcrouterDkim,
+                 "dcrouter-dkim-relay": DcrouterDkimRelay}
         servers.append(kinds[name.strip()](workdir))
     tests = [t.strip() for t in args.tests.split(",")]
     results: dict[str, Any] = {s.name: {} for s in servers}

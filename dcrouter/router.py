@@ -171,6 +171,8 @@ def build_queue(config: SmtpConfig, reactor: IRouterReactor) -> IDeliveryQueue:
             max_size=config.max_queue_size,
             close_on_shutdown=False,  # stopService saves it, after the listeners
             orphan_retention=config.orphan_retention / 1000.0,
+            # Take mail at once, however big the queue; rows are verified meanwhile (docs/queue.md).
+            background_verification=True,
         )
     if config.queue_storage == "redis":
         from dcrouter.queue.redis import RedisQueue
@@ -181,6 +183,7 @@ def build_queue(config: SmtpConfig, reactor: IRouterReactor) -> IDeliveryQueue:
             reactor=reactor,
             clock=reactor,
             body_directory=config.persistent_path,
+            background_verification=True,  # as the disk queue's (docs/queue.md)
             max_size=config.max_queue_size,
             body_store=config.redis_body_store,
             consumer_host=config.redis_consumer_name,

@@ -133,6 +133,11 @@ def makeService(config: Options, reactor: IRouterReactor | None = None) -> Any:
         # The errors are printed above; the exception they came from would only repeat them.
         raise SystemExit(1) from None
     print_findings([], result.warnings, sys.stderr)
+    from dcrouter.net.fdlimit import apply_nofile
+
+    # Here, before twistd gives up root (the hard limit can only be raised as root); logged once twistd
+    # begins logging.
+    apply_nofile(result.options)
     router = DcRouter(result, reactor=reactor)
     if result.options.log_format == "json":
         from dcrouter.log import twistd_json_observer

@@ -1,5 +1,8 @@
 """Child process of tests/test_queue_crash.py: enqueue into the DiskQueue at ``argv[1]`` until killed.
 
+With ``argv[3]`` ``background``, the queue verifies its rows in the background, slowly (see
+``slow_verify_chunk``), and prints ``VERIFIED`` when that is done.
+
 Ids are ``argv[2]`` followed by a counter. Every acknowledged enqueue prints ``ACK <id> <sha256 of body>``
 (and flushes), only from the enqueue's callback: a printed id is an acknowledged one, as a 250 would be. Every
 fifth message is file-backed (a spool file moved in), the rest are inline; 16 enqueues are kept in flight so
@@ -11,14 +14,17 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import time
 
 from twisted.internet import reactor
 from twisted.python.failure import Failure
 
 from dcrouter.mail.envelope import Envelope
 from dcrouter.mail.spooled import SpooledMessage
+from dcrouter.queue import disk as disk_module
 from dcrouter.queue.disk import DiskQueue
 from dcrouter.queue.item import QueueItem
+from dcrouter.queue.recovery import verify_chunk
 
 IN_FLIGHT = 16
 
@@ -74,11 +80,26 @@ class Feeder:
         reactor.stop()
 
 
+def slow_verify_chunk(*args: object) -> object:
+    """The background verification, made slow enough that the parent's SIGKILL lands in the middle of it."""
+    time.sleep(0.05)
+    return verify_chunk(*args)  # type: ignore[arg-type]
+
+
 def main() -> None:
     path, prefix = sys.argv[1], sys.argv[2]
-    queue = DiskQueue(path, reactor=reactor, clock=reactor)
+    background = sys.argv[3:] == ["background"]
+    if background:
+        # A thread of the child, not the test's reactor, sleeps; 10 rows a chunk: 0.05 s per 10 rows.
+        disk_module.VERIFY_CHUNK = 10
+        disk_module.verify_chunk = slow_verify_chunk  # type: ignore[assignment]
+    queue = DiskQueue(path, reactor=reactor, clock=reactor, background_verification=background)
     feeder = Feeder(queue, prefix)
-    queue.load().addCallbacks(feeder.start, feeder.failed)
+    d = queue.load()
+    d.addCallbacks(feeder.start, feeder.failed)
+    if background:
+        d.addCallback(lambda _: queue.verified())
+        d.addCallback(lambda _: print("VERIFIED", flush=True))
     reactor.run()
 
 

@@ -18,6 +18,7 @@ from twisted.trial.unittest import TestCase
 
 from dcrouter.config import load_options
 from dcrouter.interfaces import QueueFull, QueueUnavailable
+from dcrouter.queue import disk as disk_module
 from dcrouter.queue import files as files_module
 from dcrouter.queue import index as index_module
 from dcrouter.queue.contract import ClaimSchedule, QueueFilter
@@ -223,6 +224,65 @@ class DiskQueueTests(TestCase):
         self.assertEqual((counts["orphans"], counts["items"]), (1, 1))
         self.assertEqual(self.file("orphans", "ZZ999").getContent(), b"nobody's")
         self.assertEqual(await read_body(again, "HAS"), b"kept")
+
+    async def open_in_background(self) -> tuple[DiskQueue, dict[str, int]]:
+        queue = DiskQueue(self.path, reactor=reactor, clock=self.clock, background_verification=True)
+        counts = await queue.load()
+        self.addCleanup(queue.save)
+        return queue, counts
+
+    async def test_background_verification_takes_mail_at_once(self) -> None:
+        """load() fires before the rows are verified; mail taken meanwhile is durable and claimed once the
+        verification, which sets aside what a full recovery would, is done."""
+        queue, _ = await self.open_queue()
+        await queue.enqueue(make_item("GOOD"), inline(b"good body"))
+        await queue.enqueue(make_item("BAD"), inline(b"bad body"))
+        await queue.enqueue(make_item("FILE"), spool_file(queue, b"file body"))
+        await queue.save()
+        self.index().execute("UPDATE items SET item = '{\"truncated' WHERE id = 'BAD'")
+        os.makedirs(os.path.join(self.path, "messages", "ZZ"))
+        self.file("messages", "ZZ", "ZZ999").setContent(b"nobody's")
+
+        again, counts = await self.open_in_background()
+        self.assertTrue(again.verifying())
+        self.assertEqual((counts["items"], counts["damaged"], counts["orphans"]), (3, 0, 0))
+        # Taken while verifying: an inline body and a file body (linked into messages/ as the walk runs).
+        await again.enqueue(
+            make_item("NEW", created_at=START + 1, next_attempt_at=START), inline(b"new body")
+        )
+        await again.enqueue(
+            make_item("NEWFILE", created_at=START + 2, next_attempt_at=START), spool_file(again, b"new file")
+        )
+        self.assertEqual(await again.get_next(10), [])  # nothing unverified is handed out
+
+        verified = await again.verified()
+        self.assertFalse(again.verifying())
+        self.assertEqual((verified["damaged"], verified["orphans"], verified["items"]), (1, 1, 2))
+        self.assertEqual(self.file("orphans", "ZZ999").getContent(), b"nobody's")
+        self.assertEqual(await again.get_item_count(), 4)
+        claimed = await again.get_next(10)
+        self.assertEqual([i.id for i in claimed], ["GOOD", "FILE", "NEW", "NEWFILE"])
+        self.assertEqual(await read_body(again, "NEWFILE"), b"new file")
+        self.assertEqual(await again.verified(), verified)
+        await again.save()
+
+        # Durable, and nothing left for the next start to set aside.
+        third, counts = await self.open_queue()
+        self.assertEqual((counts["items"], counts["damaged"], counts["orphans"]), (4, 0, 0))
+        self.assertEqual(await read_body(third, "NEW"), b"new body")
+
+    async def test_save_while_verifying(self) -> None:
+        queue, _ = await self.open_queue()
+        for n in range(30):
+            await queue.enqueue(make_item(f"V{n:02d}"), inline())
+        await queue.save()
+        self.patch(disk_module, "VERIFY_CHUNK", 1)
+        again, _ = await self.open_in_background()
+        waiting = again.verified()
+        await again.save()
+        self.assertIsNone(await waiting)
+        _third, counts = await self.open_queue()
+        self.assertEqual((counts["items"], counts["damaged"]), (30, 0))
 
     async def test_dequeue_removes_body_file(self) -> None:
         queue, _ = await self.open_queue()

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -62,7 +63,14 @@ from dcrouter.queue.index import ClaimDue, Outcome, QueueIndex, RemoveItems, Sto
 from dcrouter.queue.item import QueueItem, QueueItemStatus
 from dcrouter.queue.lifecycle import QueueLifecycle
 from dcrouter.queue.orphans import OrphanSweeper
-from dcrouter.queue.recovery import recover
+from dcrouter.queue.recovery import (
+    SetAsideDamaged,
+    SetAsideOrphans,
+    orphan_candidates,
+    recover,
+    recover_start,
+    verify_chunk,
+)
 from dcrouter.queue.suppression import SqliteSuppressionList
 
 log = logger(__name__)
@@ -71,6 +79,8 @@ _FINAL_SQL = "('delivered', 'bounced', 'failed')"
 
 #: Most writes one transaction takes; the rest wait for the next. Bounds the latency of a huge burst.
 BATCH_LIMIT = 2000
+#: Rows the background verification reads per step (~0.1 s of its thread).
+VERIFY_CHUNK = 10_000
 #: Seconds a write of a queue opened by ``attach()`` waits for the holding process's transaction to end.
 BUSY_TIMEOUT = 10.0
 
@@ -86,7 +96,13 @@ class DiskQueue(QueueLifecycle):
     run).
 
     ``orphan_retention``: seconds a body file set aside in ``orphans/`` is kept before a sweep (hourly, on
-    ``clock``, in ``reactor``'s thread pool) removes it; 0 keeps them (see :mod:`dcrouter.queue.orphans`)."""
+    ``clock``, in ``reactor``'s thread pool) removes it; 0 keeps them (see :mod:`dcrouter.queue.orphans`).
+
+    ``background_verification``: ``load()`` fires once the spool is emptied and claims returned (steps 1 and
+    2 of :mod:`dcrouter.queue.recovery`, fast at any size) instead of after verifying every row, so the
+    queue takes new mail at once; the rows and body files are verified on a thread of their own meanwhile,
+    and no claim is handed out until that is done. ``load()``'s ``damaged`` and ``orphans`` are then 0 and
+    :meth:`verified` fires with the final counts. DcRouter turns it on."""
 
     def __init__(
         self,
@@ -97,8 +113,10 @@ class DiskQueue(QueueLifecycle):
         max_size: int = 0,
         close_on_shutdown: bool = True,
         orphan_retention: float = 0,
+        background_verification: bool = False,
     ) -> None:
         super().__init__()
+        self.background_verification = background_verification
         self.max_size = max_size
         self._close_on_shutdown = close_on_shutdown
         self._reactor = reactor
@@ -124,6 +142,13 @@ class DiskQueue(QueueLifecycle):
             clock=clock,
             in_thread=self._in_reactor_thread,
         )
+        # Background verification: its thread and connection, whether it runs, who waits for its end.
+        self._verify_pool = ThreadPool(minthreads=1, maxthreads=1, name=f"dcrouter-queue-verify:{self.path}")
+        self._verifying = False
+        self._verify_stop = False
+        self._verification: Deferred | None = None
+        self._verified_counts: dict[str, int] | None = None
+        self._verified_waiters: list[Deferred] = []
         #: Transactions committed and writes they carried, for benchmarks and metrics.
         self.commits = 0
         self.committed_writes = 0
@@ -183,7 +208,7 @@ class DiskQueue(QueueLifecycle):
     def get_next(self, count: int = 1, schedule: ClaimSchedule | None = None) -> Deferred:
         """Claim up to ``count`` due items (priority, then creation time, then arrival) as DELIVERING; with
         ``schedule``, shared between destinations as :class:`~dcrouter.queue.contract.ClaimSchedule` says."""
-        if self._state == "open" and (self._paused or count <= 0):
+        if self._state == "open" and (self._paused or count <= 0 or self._verifying):
             return succeed([])
         return self._submit_open(lambda: ClaimDue(self._clock.seconds(), count, schedule))
 
@@ -256,6 +281,22 @@ class DiskQueue(QueueLifecycle):
         d.addCallbacks(self._loaded, self._load_failed)
         return d
 
+    def verifying(self) -> bool:
+        """Whether the background verification of the rows found at ``load()`` is still under way."""
+        return self._verifying
+
+    def verified(self) -> Deferred:
+        """Fires with the counts of :data:`LOAD_COUNT_KEYS` once every row and body file found at ``load()``
+        has been verified (at once after a ``load()`` without background verification). Fires with None when
+        the queue is closed first, and fails with QueueUnavailable before ``load()`` has succeeded."""
+        if self._verified_counts is not None:
+            return succeed(dict(self._verified_counts))
+        if self._state in ("new", "loading") or (self._state != "open" and not self._verifying):
+            return fail(QueueUnavailable(f"{self._description} is {self._state}, not verifying"))
+        waiter: Deferred = Deferred()
+        self._verified_waiters.append(waiter)
+        return waiter
+
     def attach(self, busy_timeout: float = BUSY_TIMEOUT) -> Deferred:
         """Open the queue while another process, a running router, holds it: for an operator's tool
         (``dcrouter quarantine``) beside the router. Unlike ``load()``, nothing is created (QueueUnavailable
@@ -296,8 +337,9 @@ class DiskQueue(QueueLifecycle):
 
     def _open_and_recover(self) -> dict[str, int]:
         self._index.open()
+        run = recover_start if self.background_verification else recover
         try:
-            return self._index.read(lambda: recover(self._index))
+            return self._index.read(lambda: run(self._index))
         except BaseException:
             self._index.close()
             raise
@@ -305,7 +347,76 @@ class DiskQueue(QueueLifecycle):
     def _loaded(self, counts: dict[str, int]) -> dict[str, int]:
         self._state = "open"
         self._live = counts["live"]
+        if self.background_verification:
+            upto = counts.pop("max_seq")
+            log.info(
+                "disk queue {path} loaded: {items} items ({live} to deliver); {claims_returned} claims"
+                " returned, {spool_discarded} unacknowledged spool files discarded; verifying the items"
+                " in the background (delivery starts when done)",
+                path=self.path,
+                **counts,
+            )
+            self._verifying = True
+            self._verification = Deferred.fromCoroutine(self._verify(dict(counts), upto))
+            return counts
+        self._verification_done(counts)
+        return counts
+
+    async def _verify(self, counts: dict[str, int], upto: int) -> None:
+        """Steps 3 and 4 of recovery for the rows up to seq ``upto``, a chunk at a time on the verify thread;
+        set-asides go through the writer like any write. Stops early (without counts) when the queue closes;
+        a failure is logged, and the rows stay unverified until the next start (no claims until then)."""
+        self._verify_pool.start()
+        started = time.monotonic()
+        try:
+            after = 0
+            while not self._verify_stop:
+                last, damaged = await self._in_verifier(verify_chunk, after, upto, VERIFY_CHUNK)
+                if damaged:
+                    counts["damaged"] += await self._submit(SetAsideDamaged([row[0] for row, _ in damaged]))
+                if last is None:
+                    break
+                after = last
+            if self._verify_stop:
+                return
+            candidates = await self._in_verifier(orphan_candidates)
+            if candidates and not self._verify_stop:
+                counts["orphans"] = await self._submit(SetAsideOrphans(candidates))
+            if self._verify_stop:
+                return
+        except Exception:  # noqa: BLE001 (logged; the next start verifies again)
+            log.failure(
+                "disk queue {path}: verifying the items failed; no delivery until restarted", path=self.path
+            )
+            return
+        finally:
+            await deferToThreadPool(self._reactor, self._verify_pool, self._index.close_verifier)
+            self._verify_pool.stop()
+        counts["items"], counts["live"] = counts["items"] - counts["damaged"], self._live
+        log.info(
+            "disk queue {path}: items verified in {seconds:.1f} s; delivery starts",
+            path=self.path,
+            seconds=time.monotonic() - started,
+        )
+        self._verification_done(counts)
+
+    def _in_verifier(self, f: Callable[..., Any], *args: Any) -> Deferred:
+        def run() -> Any:
+            return self._index.read(lambda: f(self._index.verifier(), self._index, *args))
+
+        return deferToThreadPool(self._reactor, self._verify_pool, run)
+
+    def _verification_done(self, counts: dict[str, int]) -> None:
+        self._verifying = False
+        self._verified_counts = counts
+        waiters, self._verified_waiters = self._verified_waiters, []
+        for waiter in waiters:
+            waiter.callback(dict(counts))
         self._orphan_sweeper.start()
+        if self.background_verification:
+            if counts["damaged"] or counts["orphans"]:
+                self._warn_set_aside(counts)
+            return
         log.info(
             "disk queue {path} loaded: {items} items ({live} to deliver); {claims_returned} claims returned,"
             " {spool_discarded} unacknowledged spool files discarded",
@@ -313,15 +424,17 @@ class DiskQueue(QueueLifecycle):
             **counts,
         )
         if counts["damaged"] or counts["orphans"]:
-            log.warn(
-                "disk queue {path}: {damaged} damaged items set aside in damaged/, {orphans} body files"
-                " without an item set aside in orphans/ (kept for inspection: damaged/ for good, orphans/"
-                " for orphanRetention)",
-                path=self.path,
-                damaged=counts["damaged"],
-                orphans=counts["orphans"],
-            )
-        return counts
+            self._warn_set_aside(counts)
+
+    def _warn_set_aside(self, counts: dict[str, int]) -> None:
+        log.warn(
+            "disk queue {path}: {damaged} damaged items set aside in damaged/, {orphans} body files"
+            " without an item set aside in orphans/ (kept for inspection: damaged/ for good, orphans/"
+            " for orphanRetention)",
+            path=self.path,
+            damaged=counts["damaged"],
+            orphans=counts["orphans"],
+        )
 
     def _load_failed(self, failure: Failure) -> Failure:
         log.failure("disk queue {path} could not be loaded", failure, path=self.path)
@@ -330,7 +443,16 @@ class DiskQueue(QueueLifecycle):
         return failure
 
     async def _close(self) -> None:
-        """Let pending writes commit, close the reader, checkpoint the WAL, close the index and threads."""
+        """Stop the verification, let pending writes commit, close the reader, checkpoint the WAL, close the
+        index and threads."""
+        self._verify_stop = True
+        if self._verification is not None:
+            await self._verification
+        if self._verifying:
+            self._verifying = False
+            waiters, self._verified_waiters = self._verified_waiters, []
+            for verified in waiters:
+                verified.callback(None)
         await self._orphan_sweeper.stop()
         while self._committing or self._pending:
             waiter: Deferred = Deferred()

@@ -13,6 +13,19 @@ Runs on the writer thread, after :meth:`QueueIndex.open`, before any other opera
 4. Body files under ``messages/`` that no row names are moved to ``orphans/``. They were either never
    acknowledged (crash between moving the body in and the commit) or already dequeued (crash between the
    commit and the unlink). They are kept ``orphanRetention`` (see :mod:`dcrouter.queue.orphans`).
+
+:func:`recover` does all four before returning. With a big queue, steps 3 and 4 are what takes time (about
+14 µs a row), so the disk queue can run them in the background instead (``background_verification``):
+:func:`recover_start` does steps 1 and 2 -- cheap, and what must precede any new write, since new mail goes
+through the spool and a claim returned late would be delivered twice -- and the queue opens. Then
+:func:`verify_chunk` reads the rows that existed at start, a range of ``seq`` at a time, on a connection of
+its own (WAL: it never holds up the writer); a row found damaged is set aside by a :class:`SetAsideDamaged`
+write, which checks the row again on the writer thread (so a row changed meanwhile is judged as it is now).
+Last, :func:`orphan_candidates` walks ``messages/`` and asks the index about each file; the few it finds
+without a row go to :class:`SetAsideOrphans`, which asks again on the writer thread, between two batches:
+there no enqueue is half done, so a body file linked in for mail accepted meanwhile always has its row. Rows
+added after start need no verification: they were written by this process. Until the rows are verified the
+queue hands out no claims (``get_next`` finds nothing): an unverified row is never delivered.
 """
 
 from __future__ import annotations
@@ -22,11 +35,20 @@ import os
 import sqlite3
 from typing import Any
 
-from dcrouter.queue.contract import new_load_counts
+from dcrouter.queue.contract import is_live, new_load_counts
 from dcrouter.queue.files import fsync_directory, unique_path
-from dcrouter.queue.index import QueueIndex, parse_item
+from dcrouter.queue.index import QueueIndex, Write, parse_item
 from dcrouter.queue.item import QueueItemStatus
 from dcrouter.queue.orphans import set_aside
+
+#: The row columns verification reads; the last is true when an inline body is missing.
+_ROW_SQL = (
+    "SELECT seq, id, status, item, body_file,"
+    " body_file IS NULL AND NOT EXISTS (SELECT 1 FROM bodies WHERE bodies.id = items.id)"
+    " FROM items"
+)
+
+Row = tuple[Any, ...]
 
 
 def recover(index: QueueIndex) -> dict[str, int]:
@@ -44,6 +66,115 @@ def recover(index: QueueIndex) -> dict[str, int]:
         damaged=damaged,
         orphans=orphans,
     )
+
+
+def recover_start(index: QueueIndex) -> dict[str, int]:
+    """Steps 1 and 2 only (what must be done before the queue takes any write); returns the counts of
+    LOAD_COUNT_KEYS (``damaged`` and ``orphans`` 0: the background verification counts them) and
+    ``max_seq``, the last row that verification must look at."""
+    spool_discarded = _discard_spool(index)
+    claims_returned = _return_claims(index.conn)
+    items, live = index.counts()
+    (max_seq,) = index.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM items").fetchone()
+    counts = new_load_counts(
+        items=items, live=live, claims_returned=claims_returned, spool_discarded=spool_discarded
+    )
+    counts["max_seq"] = max_seq
+    return counts
+
+
+def verify_chunk(
+    conn: sqlite3.Connection, index: QueueIndex, after: int, upto: int, limit: int
+) -> tuple[int | None, list[tuple[Row, str]]]:
+    """Verify up to ``limit`` rows with ``after < seq <= upto`` through ``conn`` (read only). Returns the
+    last seq looked at (None when there was none) and the rows that failed, with why."""
+    rows = conn.execute(f"{_ROW_SQL} WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?", (after, upto, limit))
+    last = None
+    damaged = []
+    for row in rows:
+        last = row[0]
+        reason = _row_problem(index, row[1], row[3], row[4], bool(row[5]))
+        if reason is not None:
+            damaged.append((row, reason))
+    return last, damaged
+
+
+class SetAsideDamaged(Write):
+    """Set aside rows verification found damaged: each row is read and verified again here (on the writer
+    thread, so as it is now), copied to ``damaged/`` durably, then deleted. The result is how many."""
+
+    def __init__(self, seqs: list[int]) -> None:
+        self.seqs = seqs
+        self.rows: list[tuple[Row, str]] = []
+
+    def prepare(self, index: QueueIndex) -> str | None:
+        for seq in self.seqs:
+            row = index.conn.execute(f"{_ROW_SQL} WHERE seq = ?", (seq,)).fetchone()
+            if row is None:
+                continue  # removed meanwhile
+            reason = _row_problem(index, row[1], row[3], row[4], bool(row[5]))
+            if reason is not None:
+                self.rows.append((row, reason))
+        if not self.rows:
+            return None
+        _copy_damaged(index, self.rows)
+        return index.damaged
+
+    def apply(self, conn: sqlite3.Connection) -> tuple[Any, int]:
+        live = 0
+        for (seq, item_id, status, *_rest), _reason in self.rows:
+            conn.execute("DELETE FROM items WHERE seq = ?", (seq,))
+            conn.execute("DELETE FROM bodies WHERE id = ?", (item_id,))
+            try:
+                live += int(is_live(QueueItemStatus(status)))
+            except ValueError:
+                pass
+        return len(self.rows), -live
+
+
+def orphan_candidates(conn: sqlite3.Connection, index: QueueIndex) -> list[str]:
+    """Body files under ``messages/`` that no row names, asking the index through ``conn`` (read only) file
+    by file: memory stays bounded whatever the queue holds. :class:`SetAsideOrphans` asks again."""
+    found = []
+    for dirpath, _dirnames, filenames in os.walk(index.messages):
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            if not _names(conn, index, full):
+                found.append(full)
+    return found
+
+
+class SetAsideOrphans(Write):
+    """Move the ``candidates`` still without a row into ``orphans/``. Runs between two batches of the writer,
+    where every body file linked in belongs to a committed row or has been removed again. Not durable (no
+    row changes); the move is made durable by the fsync of ``orphans/``. The result is how many."""
+
+    durable = False
+
+    def __init__(self, candidates: list[str]) -> None:
+        self.candidates = candidates
+        self.moved = 0
+
+    def prepare(self, index: QueueIndex) -> str | None:
+        for full in self.candidates:
+            if _names(index.conn, index, full):
+                continue
+            try:
+                set_aside(full, index.orphans)
+            except FileNotFoundError:
+                continue  # dequeued meanwhile
+            self.moved += 1
+        return index.orphans if self.moved else None
+
+    def apply(self, conn: sqlite3.Connection) -> tuple[Any, int]:
+        return self.moved, 0
+
+
+def _names(conn: sqlite3.Connection, index: QueueIndex, full: str) -> bool:
+    """Whether a row names the body file ``full`` (its file name is the item's id)."""
+    row = conn.execute("SELECT body_file FROM items WHERE id = ?", (os.path.basename(full),)).fetchone()
+    relative = os.path.normpath(os.path.relpath(full, index.path))
+    return row is not None and row[0] is not None and os.path.normpath(row[0]) == relative
 
 
 def _discard_spool(index: QueueIndex) -> int:
@@ -86,11 +217,7 @@ def _verify_rows(index: QueueIndex) -> tuple[int, set[str]]:
     """Set aside every row that fails verification. Returns how many, and the body files still referenced."""
     referenced: set[str] = set()
     damaged: list[tuple[tuple[Any, ...], str]] = []
-    rows = index.conn.execute(
-        "SELECT seq, id, status, item, body_file,"
-        " body_file IS NULL AND NOT EXISTS (SELECT 1 FROM bodies WHERE bodies.id = items.id)"
-        " FROM items"
-    )
+    rows = index.conn.execute(_ROW_SQL)
     for row in rows:
         _seq, item_id, _status, text, body_file, inline_missing = row
         reason = _row_problem(index, item_id, text, body_file, bool(inline_missing))
@@ -124,7 +251,25 @@ def _row_problem(
     return None
 
 
-def _set_aside_damaged(index: QueueIndex, damaged: list[tuple[tuple[Any, ...], str]]) -> None:
+def _set_aside_damaged(index: QueueIndex, damaged: list[tuple[Row, str]]) -> None:
+    conn = index.conn
+    _copy_damaged(index, damaged)
+    fsync_directory(index.damaged)
+    # Only now that the copies are durable may the rows go.
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for (seq, item_id, *_rest), _reason in damaged:
+            conn.execute("DELETE FROM items WHERE seq = ?", (seq,))
+            conn.execute("DELETE FROM bodies WHERE id = ?", (item_id,))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _copy_damaged(index: QueueIndex, damaged: list[tuple[Row, str]]) -> None:
+    """Write each row's record and body into ``damaged/``, every file fsynced; the caller fsyncs the
+    directory and only then deletes the rows."""
     conn = index.conn
     for (seq, item_id, status, text, body_file, _inline_missing), reason in damaged:
         base = f"{_file_safe(item_id)}-{seq}"
@@ -146,17 +291,6 @@ def _set_aside_damaged(index: QueueIndex, damaged: list[tuple[tuple[Any, ...], s
                 _write_durably(body_target, inline[0])
                 record["body"] = os.path.basename(body_target)
         _write_durably(unique_path(index.damaged, base + ".json"), json.dumps(record, indent=1).encode())
-    fsync_directory(index.damaged)
-    # Only now that the copies are durable may the rows go.
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        for (seq, item_id, *_rest), _reason in damaged:
-            conn.execute("DELETE FROM items WHERE seq = ?", (seq,))
-            conn.execute("DELETE FROM bodies WHERE id = ?", (item_id,))
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
 
 
 def _set_aside_orphans(index: QueueIndex, referenced: set[str]) -> int:

@@ -95,6 +95,7 @@ import io
 import json
 import os
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -135,7 +136,7 @@ from dcrouter.queue.lifecycle import QueueLifecycle
 from dcrouter.queue.orphans import OrphanSweeper
 from dcrouter.queue.redis_connection import RedisConnection
 from dcrouter.queue.redis_consumer import ConsumerSlot
-from dcrouter.queue.redis_recovery import recover
+from dcrouter.queue.redis_recovery import recover, recover_start, verify_items
 from dcrouter.queue.redis_store import RedisStore
 from dcrouter.queue.suppression import RedisSuppressionList
 
@@ -189,7 +190,12 @@ class RedisQueue(QueueLifecycle):
 
     Bodies above ``inline_body_limit`` go to Redis in chunks (``body_store="redis"``) or to files under
     ``body_directory`` (``"directory"``). ``consumer_host`` (default: the host name) is the first part of
-    this process's consumer name; processes that do not share ``body_directory`` must each have their own."""
+    this process's consumer name; processes that do not share ``body_directory`` must each have their own.
+
+    ``background_verification``: ``load()`` fires after steps 1 to 3 of :mod:`dcrouter.queue.redis_recovery`
+    (durability check, spool, claims); steps 4 and 5 (every item and body file verified) run afterwards while
+    the queue takes mail, and this process claims nothing until they are done (:meth:`verified`). DcRouter
+    turns it on."""
 
     def __init__(
         self,
@@ -205,6 +211,7 @@ class RedisQueue(QueueLifecycle):
         lease_seconds: float = 30,
         command_timeout: float = 5,
         key_prefix: str = "dcrouter:",
+        background_verification: bool = False,
         pool_size: int = 4,
         orphan_retention: float = 0,
     ) -> None:
@@ -242,6 +249,11 @@ class RedisQueue(QueueLifecycle):
             clock=clock,
             in_thread=self._store.in_thread,
         )
+        self.background_verification = background_verification
+        self._verifying = False
+        self._verification: Deferred | None = None
+        self._verified_counts: dict[str, int] | None = None
+        self._verified_waiters: list[Deferred] = []
 
     # -- storing -----------------------------------------------------------------------------------
 
@@ -414,7 +426,7 @@ class RedisQueue(QueueLifecycle):
             self._check_open()
         except QueueUnavailable as e:
             return fail(e)
-        if self._paused or count <= 0:
+        if self._paused or count <= 0 or self._verifying:
             return succeed([])
         return Deferred.fromCoroutine(self._claim(count, schedule))
 
@@ -598,7 +610,8 @@ class RedisQueue(QueueLifecycle):
             redis_consumer.take_slot, self.body_directory, self._consumer_host
         )
         self.owner = self._slot.name
-        counts = await recover(self._store, self.body_directory, self.address.display, self.owner)
+        run = recover_start if self.background_verification else recover
+        counts = await run(self._store, self.body_directory, self.address.display, self.owner)
         self._state = "open"
         self._renewal = LoopingCall(self._renew)
         self._renewal.clock = self._clock
@@ -608,12 +621,76 @@ class RedisQueue(QueueLifecycle):
         self._orphan_sweeper.start()
         log.info(
             "Redis queue {address} loaded as consumer {owner}: {items} items ({live} to deliver);"
-            " {claims_returned} claims returned, {spool_discarded} stale spool files discarded",
+            " {claims_returned} claims returned, {spool_discarded} stale spool files discarded{later}",
             address=self.address.display,
             owner=self.owner,
+            later="; verifying the items in the background (no claims until done)"
+            if self.background_verification
+            else "",
             **counts,
         )
+        if self.background_verification:
+            self._verifying = True
+            self._verification = Deferred.fromCoroutine(self._verify(dict(counts)))
+        else:
+            self._verified_counts = new_load_counts(**counts)
         return new_load_counts(**counts)
+
+    def verifying(self) -> bool:
+        """Whether the background verification started by ``load()`` is still under way."""
+        return self._verifying
+
+    def verified(self) -> Deferred:
+        """Fires with the counts of LOAD_COUNT_KEYS once every item found at ``load()`` is verified (at once
+        without background verification); with None when the queue closes first."""
+        if self._verified_counts is not None:
+            return succeed(dict(self._verified_counts))
+        if not self._verifying:
+            return fail(QueueUnavailable(f"{self._description} is {self._state}, not verifying"))
+        waiter: Deferred = Deferred()
+        self._verified_waiters.append(waiter)
+        return waiter
+
+    async def _stop_verification(self) -> None:
+        """Stop a verification under way (each of its steps is atomic in Redis; the next start does it all
+        again) and fire whoever waits for it with None."""
+        if self._verification is not None and self._verifying:
+            self._verification.cancel()
+            try:
+                await self._verification
+            except Exception:  # noqa: BLE001 (cancelled: nothing to report)
+                pass
+        if self._verifying:
+            self._verifying = False
+            waiters, self._verified_waiters = self._verified_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    async def _verify(self, counts: dict[str, int]) -> None:
+        started = time.monotonic()
+        try:
+            damaged, orphans = await verify_items(self._store, self.body_directory, self.address.display)
+        except Exception:  # noqa: BLE001 (logged; the next start verifies again)
+            if self._state == "open":
+                log.failure(
+                    "Redis queue {address}: verifying the items failed; this process claims nothing until"
+                    " restarted",
+                    address=self.address.display,
+                )
+            return
+        counts.update(damaged=damaged, orphans=orphans)
+        counts["items"] = int(await self._store.call("zcard", self._store.key("items")))
+        counts["live"] = int(await self._store.call("get", self._store.key("live")) or 0)
+        log.info(
+            "Redis queue {address}: items verified in {seconds:.1f} s; delivery starts",
+            address=self.address.display,
+            seconds=time.monotonic() - started,
+        )
+        self._verifying = False
+        self._verified_counts = new_load_counts(**counts)
+        waiters, self._verified_waiters = self._verified_waiters, []
+        for waiter in waiters:
+            waiter.callback(dict(self._verified_counts))
 
     def _load_failed(self, failure: Failure) -> Deferred:
         log.failure("Redis queue {address} could not be loaded", failure, address=self.address.display)
@@ -627,6 +704,7 @@ class RedisQueue(QueueLifecycle):
     async def _close(self) -> None:
         """Return the claims this process holds to ready and disconnect."""
         await self._orphan_sweeper.stop()
+        await self._stop_verification()
         if self._renewal is not None and self._renewal.running:
             self._renewal.stop()
         self._known.clear()

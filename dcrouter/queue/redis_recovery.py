@@ -41,6 +41,18 @@ async def recover(store: RedisStore, body_directory: str, address: str, owner: s
     """Check and recover the queue in ``store`` whose big bodies live in ``body_directory``, for the consumer
     named ``owner`` (held by this process); ``address`` names the Redis in log lines. Returns the counts of
     LOAD_COUNT_KEYS (``claims_returned`` counts this consumer's and expired ones)."""
+    counts = await recover_start(store, body_directory, address, owner)
+    damaged, orphans = await verify_items(store, body_directory, address)
+    counts.update(damaged=damaged, orphans=orphans)
+    counts["items"] = int(await store.call("zcard", store.key("items")))
+    counts["live"] = int(await store.call("get", store.key("live")) or 0)
+    return counts
+
+
+async def recover_start(store: RedisStore, body_directory: str, address: str, owner: str) -> dict[str, int]:
+    """Steps 1 to 3: what must precede this process's first claim or enqueue. Returns the counts of
+    LOAD_COUNT_KEYS with ``damaged`` and ``orphans`` 0 (:func:`verify_items` does steps 4 and 5; the queue
+    may run it in the background, as every step already allows other processes to work meanwhile)."""
     await check_durability(store, address)
     await store.in_thread(bodies.prepare, body_directory)
     spool_discarded = await store.in_thread(bodies.discard_stale_spool, body_directory)
@@ -58,10 +70,17 @@ async def recover(store: RedisStore, body_directory: str, address: str, owner: s
         claims_returned += int(reply[0])
         if int(reply[0]) < SCAN_CHUNK:
             break
-    damaged, ids = await _verify(store, body_directory)
-    orphans = await store.in_thread(bodies.set_aside_orphans, body_directory, ids)
     items = int(await store.call("zcard", store.key("items")))
     live = int(await store.call("get", store.key("live")) or 0)
+    return new_load_counts(
+        items=items, live=live, claims_returned=claims_returned, spool_discarded=spool_discarded
+    )
+
+
+async def verify_items(store: RedisStore, body_directory: str, address: str) -> tuple[int, int]:
+    """Steps 4 and 5; returns how many items were set aside as damaged, and how many files as orphans."""
+    damaged, ids = await _verify(store, body_directory)
+    orphans = await store.in_thread(bodies.set_aside_orphans, body_directory, ids)
     if damaged or orphans:
         log.warn(
             "Redis queue {address}: {damaged} damaged items set aside as {prefix}damaged:<id>:<seq>,"
@@ -73,14 +92,7 @@ async def recover(store: RedisStore, body_directory: str, address: str, owner: s
             orphans=orphans,
             directory=body_directory,
         )
-    return new_load_counts(
-        items=items,
-        live=live,
-        claims_returned=claims_returned,
-        spool_discarded=spool_discarded,
-        damaged=damaged,
-        orphans=orphans,
-    )
+    return damaged, orphans
 
 
 async def check_durability(store: RedisStore, address: str) -> None:

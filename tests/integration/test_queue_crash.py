@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sqlite3
 import sys
 
 from twisted.internet import reactor
@@ -55,10 +56,10 @@ class EnqueueingChild(ProcessProtocol):
 class CrashTests(TestCase):
     timeout = 60
 
-    async def run_and_kill(self, path: str, prefix: str, kill_after: int) -> EnqueueingChild:
+    async def run_and_kill(self, path: str, prefix: str, kill_after: int, *extra: str) -> EnqueueingChild:
         child = EnqueueingChild(kill_after)
         env = dict(os.environ, PYTHONPATH=CHECKOUT)
-        reactor.spawnProcess(child, sys.executable, [sys.executable, CHILD, path, prefix], env=env)
+        reactor.spawnProcess(child, sys.executable, [sys.executable, CHILD, path, prefix, *extra], env=env)
         reason = await child.ended
         # Killed by our SIGKILL, not ended on its own: anything else means the run proved nothing.
         self.assertEqual(getattr(reason, "signal", None), 9, child.other)
@@ -95,3 +96,31 @@ class CrashTests(TestCase):
         second = await self.run_and_kill(path, "B", kill_after=300)
         counts = await self.check_all_there(path, {**first.acked, **second.acked})
         self.assertEqual(counts["damaged"], 0)
+
+    async def test_kill_9_during_background_verification(self) -> None:
+        """Killed while it verifies in the background, having taken new mail meanwhile: the next start
+        finds every acknowledged item of both runs, and sets aside the damaged row and the orphan the
+        interrupted verification had not reached yet, as a start without background verification does."""
+        path = os.path.abspath(self.mktemp())
+        first = await self.run_and_kill(path, "A", kill_after=300)
+        conn = sqlite3.connect(os.path.join(path, "index.sqlite"), isolation_level=None)
+        try:
+            # The newest row is damaged: the verification (oldest first) reaches it last.
+            (bad,) = conn.execute("SELECT id FROM items ORDER BY seq DESC LIMIT 1").fetchone()
+            conn.execute("UPDATE items SET item = '{\"truncated' WHERE id = ?", (bad,))
+        finally:
+            conn.close()
+        os.makedirs(os.path.join(path, "messages", "ZZ"), exist_ok=True)
+        with open(os.path.join(path, "messages", "ZZ", "ZZ999"), "wb") as f:
+            f.write(b"nobody's")
+
+        second = await self.run_and_kill(path, "B", 40, "background")
+        self.assertTrue(any(line.startswith("LOADED") for line in second.other), second.other)
+        self.assertFalse(any("VERIFIED" in line for line in second.other), "killed too late to prove it")
+
+        acked = {**first.acked, **second.acked}
+        acked.pop(bad, None)
+        counts = await self.check_all_there(path, acked)
+        self.assertEqual(counts["damaged"], 1)
+        self.assertGreaterEqual(counts["orphans"], 1)
+        self.assertTrue(os.path.exists(os.path.join(path, "orphans", "ZZ999")))

@@ -817,6 +817,12 @@ class RouteTls:
     tls_profile: Literal["modern", "intermediate"] | None = option(
         None, addition=True, doc=f"With a terminating mode: the {_PROFILE_DOC}"
     )
+    http2: bool = option(
+        True,
+        addition=True,
+        doc="With a terminating mode: offer HTTP/2 (`h2`) by ALPN besides HTTP/1.1; each stream goes to the "
+        "target as an HTTP/1.1 request (see docs/proxy.md, HTTP/2). false: ALPN offers `http/1.1` only.",
+    )
 
 
 def _password_hash(value: str) -> str | None:
@@ -1060,6 +1066,22 @@ class RouteHeaders:
     )
 
 
+@dataclass(frozen=True)
+class RouteWebsocket:
+    idle_timeout: int | None = option(
+        None,
+        doc="Milliseconds an upgraded connection (after `101 Switching Protocols`) may go without a byte "
+        "either way; not set: no idle limit (the route's `connectionTimeout` ends with the upgrade).",
+        check=values.duration,
+    )
+    max_age: int | None = option(
+        None,
+        doc="Milliseconds an upgraded connection may last in all; not set: no limit "
+        "(`maxConnectionLifetime` does not apply to it).",
+        check=values.duration,
+    )
+
+
 @checked(_action_target)
 @dataclass(frozen=True)
 class RouteAction:
@@ -1090,6 +1112,12 @@ class RouteAction:
         None,
         doc="HTTP routes: header fields set or removed on requests (towards the target) and responses "
         "(towards the client).",
+    )
+    websocket: RouteWebsocket | None = option(
+        None,
+        addition=True,
+        doc="Terminated HTTP routes that forward: the idle and age limits of WebSocket connections once "
+        "upgraded; not set: neither limit.",
     )
 
 
@@ -1133,6 +1161,44 @@ class DefaultTarget:
     _termination_profiles,
     _route_actions,
 )
+@dataclass(frozen=True)
+class Http2Config:
+    max_concurrent_streams: int = option(
+        100, doc="Streams a client may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).", check=values.at_least(1)
+    )
+    initial_window_size: int = option(
+        1_048_576,
+        doc="Bytes of request body a stream may send before the proxy has passed them on "
+        "(SETTINGS_INITIAL_WINDOW_SIZE, at most 2147483647).",
+        check=values.all_of(values.positive, lambda v: None if v <= 2**31 - 1 else "must be at most 2147483647"),
+    )
+    max_header_list_size: int = option(
+        65_536, doc="Bytes of a request's decoded header list (SETTINGS_MAX_HEADER_LIST_SIZE).", check=values.at_least(1024)
+    )
+    max_header_block_bytes: int = option(
+        65_536,
+        doc="Bytes of one compressed header block across HEADERS and CONTINUATION frames (CONTINUATION "
+        "floods).",
+        check=values.at_least(1024),
+    )
+    max_resets: int = option(
+        100,
+        doc="Streams the client may reset within `floodWindow` (CVE-2023-44487, rapid reset); past it: "
+        "GOAWAY ENHANCE_YOUR_CALM.",
+        check=values.at_least(1),
+    )
+    max_control_frames: int = option(
+        100,
+        doc="SETTINGS and PING frames the client may send within `floodWindow`; past it: GOAWAY "
+        "ENHANCE_YOUR_CALM.",
+        check=values.at_least(1),
+    )
+    flood_window: int = option(10_000, doc="Milliseconds over which resets and control frames are counted.", check=values.duration)
+    idle_timeout: int = option(
+        300_000, doc="Milliseconds an HTTP/2 connection may have no open stream before GOAWAY.", check=values.duration
+    )
+
+
 @dataclass(frozen=True)
 class SmartProxyConfig:
     from_port: int | None = option(
@@ -1196,6 +1262,9 @@ class SmartProxyConfig:
         addition=True,
         doc="Milliseconds to wait for a TLS ClientHello or HTTP Host header before using the default route.",
         check=values.duration,
+    )
+    http2: Http2Config | None = option(
+        None, addition=True, doc="Limits of HTTP/2 connections on terminating routes; not set: the defaults."
     )
     max_connection_lifetime: int = option(
         86_400_000,

@@ -58,6 +58,7 @@ from dcrouter.proxy.http import (
     HttpForwarder,
     HttpRedirect,
 )
+from dcrouter.proxy.http2 import ALPN_H2, AlpnFront, Http2Connection, Http2Limits
 from dcrouter.proxy.httpmessage import HeadBuffer, HttpError, RequestHead, parse_request_head
 from dcrouter.proxy.jwtauth import Fetcher, JwtAuth
 from dcrouter.proxy.routes import (
@@ -97,6 +98,8 @@ class ProxySettings:
     no_sni_ports: frozenset[int] = frozenset()
     #: New connections per client IP (``connectionRatePerIP``); None: no limit.
     connection_rate_per_ip: Rate | None = None
+    #: HTTP/2 on terminating routes (``http2``).
+    http2: Http2Limits = Http2Limits()
 
     @classmethod
     def from_config(cls, config: Any) -> ProxySettings:
@@ -116,7 +119,24 @@ class ProxySettings:
             keep_alive=config.keep_alive,
             no_sni_ports=no_sni,
             connection_rate_per_ip=rate(config.connection_rate_per_ip),
+            http2=http2_limits(config.http2),
         )
+
+
+def http2_limits(config: Any) -> Http2Limits:
+    """``smartProxyConfig.http2`` (an Http2Config, or None for the defaults) as limits in seconds."""
+    if config is None:
+        return Http2Limits()
+    return Http2Limits(
+        max_concurrent_streams=config.max_concurrent_streams,
+        initial_window_size=config.initial_window_size,
+        max_header_list_size=config.max_header_list_size,
+        max_header_block_bytes=config.max_header_block_bytes,
+        max_resets=config.max_resets,
+        max_control_frames=config.max_control_frames,
+        window=config.flood_window / 1000,
+        idle_timeout=config.idle_timeout / 1000,
+    )
 
 
 def canonical_ip(host: str) -> str:
@@ -189,7 +209,7 @@ class ProxyContext:
             if route.connection_rate is not None
         }
         self._port_routes: dict[int, tuple[ProxyRoute, ...]] = {}
-        self._server_creators: dict[str, IOpenSSLServerConnectionCreator] = {}
+        self._server_creators: dict[tuple[str, tuple[bytes, ...]], IOpenSSLServerConnectionCreator] = {}
         self._backend_tls: BackendTls | None = None
         self._auth: dict[str, BasicAuth | JwtAuth] = {}
         self._gates: dict[str, RequestGate] = {}
@@ -239,16 +259,19 @@ class ProxyContext:
             return self.run_blocking(function, *args)
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), function, *args)
 
-    def server_creator(self, profile: str = "intermediate") -> IOpenSSLServerConnectionCreator | None:
+    def server_creator(
+        self, profile: str = "intermediate", *, http2: bool = False
+    ) -> IOpenSSLServerConnectionCreator | None:
         """The TLS server side of terminating routes with ``tlsProfile`` ``profile`` (certificate by SNI from
-        the store, HTTP/1.1 by ALPN), made once per profile: the store consults its current certificates at
-        each handshake. None without a store."""
+        the store; by ALPN HTTP/1.1, and ``h2`` first with ``http2``), made once per profile and ALPN list:
+        the store consults its current certificates at each handshake. None without a store."""
         if self.certificates is None:
             return None
-        creator = self._server_creators.get(profile)
+        alpn = ALPN_H2 if http2 else ALPN
+        creator = self._server_creators.get((profile, alpn))
         if creator is None:
-            creator = self.certificates.server_options(policy=TlsPolicy(profile), alpn=ALPN)
-            self._server_creators[profile] = creator
+            creator = self.certificates.server_options(policy=TlsPolicy(profile), alpn=alpn)
+            self._server_creators[(profile, alpn)] = creator
         return creator
 
     def backend_tls(self, server_name: str | None) -> IOpenSSLClientConnectionCreator:
@@ -758,11 +781,30 @@ class ProxySession(Protocol):
             if replay:
                 front.dataReceived(replay)
         else:
-            creator = self.context.server_creator(route.tls_profile)
+            creator = self.context.server_creator(route.tls_profile, http2=route.http2)
             assert creator is not None
-            self._receiver = terminate_tls(self.transport, creator, front, replay, clock=self.context.reactor)
+            application: IProtocol = front
+            if route.http2:
+                application = AlpnFront(front, lambda: self._http2(route, sniffed, counters))
+            self._receiver = terminate_tls(
+                self.transport, creator, application, replay, clock=self.context.reactor
+            )
         if self._client_eof and self._state == _State.TERMINATED:
             self._receiver_eof()
+
+    def _http2(self, route: ProxyRoute, sniffed: Sniffed, counters: RouteCounters) -> Http2Connection:
+        """HTTP/2 on a terminated connection: each stream served by the front an HTTP/1.1 connection of the
+        route would get (the dispatcher, the route's answerer, or its forwarder)."""
+        make_front: Callable[[], IProtocol]
+        if self.context.table.has_conditions(self.port):
+            make_front = lambda: RequestDispatcher(lambda head: self._dispatch(head, sniffed))  # noqa: E731
+        elif route.action.answers_http:
+            make_front = lambda: self._answerer(route, sniffed.server_name)  # noqa: E731
+        else:
+            make_front = lambda: self._forwarder(route, sniffed.server_name, counters)  # noqa: E731
+        return Http2Connection(
+            make_front, clock=self.context.reactor, limits=self.context.settings.http2, client_ip=self.client_ip
+        )
 
     def _dispatch(self, head: RequestHead, sniffed: Sniffed) -> IProtocol:
         """The route for the first request on a terminated connection whose port routes by request, and the

@@ -1150,17 +1150,6 @@ class DefaultTarget:
     )
 
 
-@checked(
-    _from_port_pair,
-    _domain_config_ports,
-    _domains_once,
-    _route_names,
-    _sni_disabled,
-    _acme_certificates,
-    _termination_certificates,
-    _termination_profiles,
-    _route_actions,
-)
 @dataclass(frozen=True)
 class Http2Config:
     max_concurrent_streams: int = option(
@@ -1199,6 +1188,17 @@ class Http2Config:
     )
 
 
+@checked(
+    _from_port_pair,
+    _domain_config_ports,
+    _domains_once,
+    _route_names,
+    _sni_disabled,
+    _acme_certificates,
+    _termination_certificates,
+    _termination_profiles,
+    _route_actions,
+)
 @dataclass(frozen=True)
 class SmartProxyConfig:
     from_port: int | None = option(

@@ -238,12 +238,16 @@ class StreamChannel:
         self._body: Any = None
         self._remaining: int | None = None
         self._producer_paused = False
+        self.streaming = True
+        self._pulling = False
+        self._written = 0
 
     # -- the transport the front sees -----------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
         if self.finished or not data:
             return
+        self._written += len(data)
         try:
             self._response(data)
         except HttpError as error:
@@ -277,9 +281,12 @@ class StreamChannel:
     def getHost(self) -> Any:
         return self.connection.transport.getHost()
 
-    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
         self.producer = producer
-        if self._producer_paused:
+        self.streaming = streaming
+        if not streaming:
+            self._pull()
+        elif self._producer_paused:
             producer.pauseProducing()
 
     def unregisterProducer(self) -> None:
@@ -352,12 +359,31 @@ class StreamChannel:
         self.connection.flush(self)
 
     def flushed(self) -> None:
-        """Called after a flush: pause or resume the backend by what is still buffered."""
+        """Called after a flush: pause or resume the backend by what is still buffered, or ask a pull
+        producer (a static file) for more."""
+        if self.producer is not None and not self.streaming:
+            self._pull()
+            return
         high = len(self.outbound) > _BUFFER_HIGH
         if high != self._producer_paused:
             self._producer_paused = high
             if self.producer is not None:
                 (self.producer.pauseProducing if high else self.producer.resumeProducing)()
+
+    def _pull(self) -> None:
+        if self._pulling:
+            return
+        self._pulling = True
+        try:
+            while self.producer is not None and not self.streaming:
+                if len(self.outbound) > _BUFFER_HIGH:
+                    return
+                written = self._written
+                self.producer.resumeProducing()
+                if self._written == written:
+                    return  # nothing came: the producer writes later, or is done
+        finally:
+            self._pulling = False
 
 
 def _unchunk(encoded: bytes) -> bytes:

@@ -184,6 +184,11 @@ class ForwardingPolicy:
     #: ``action.headers``: fields changed on requests and on final responses.
     request_fields: FieldChanges = NO_CHANGES
     response_fields: FieldChanges = NO_CHANGES
+    #: ``action.websocket``: once upgraded, the idle limit and the age limit in seconds (None: none), which
+    #: replace ``idle_timeout``; ``on_upgrade`` is told, so that the connection's own age cap can be lifted.
+    websocket_idle: float | None = None
+    websocket_max_age: float | None = None
+    on_upgrade: Callable[[], None] | None = None
 
 
 @implementer(IHalfCloseableProtocol)
@@ -218,7 +223,9 @@ class HttpForwarder(Protocol):
         self._response_body: LengthBody | ChunkedBody | UntilCloseBody | None = None
         self._response_started = False
         self._last_activity = clock.seconds()
+        self._idle_timeout = policy.idle_timeout
         self._idle_call: IDelayedCall | None = None
+        self._age_call: IDelayedCall | None = None
 
     # -- the client side ------------------------------------------------------------------------------
 
@@ -256,9 +263,7 @@ class HttpForwarder(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.phase = "closed"
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.cancel()
-        self._idle_call = None
+        self._cancel_timers()
         self._drop_backend()
 
     def _advance(self) -> None:
@@ -485,8 +490,18 @@ class HttpForwarder(Protocol):
         return True
 
     def _upgraded(self) -> None:
-        """After a 101: raw bytes both ways, the client read again, whatever either side sent early first."""
+        """After a 101: raw bytes both ways, the client read again, whatever either side sent early first.
+        From now on only the route's WebSocket limits apply (none unless configured)."""
         self.phase = "upgraded"
+        self._cancel_timers()
+        policy = self.policy
+        self._idle_timeout = policy.websocket_idle
+        if self._idle_timeout is not None:
+            self._idle_call = self._clock.callLater(self._idle_timeout, self._idle_check)
+        if policy.websocket_max_age is not None:
+            self._age_call = self._clock.callLater(policy.websocket_max_age, self._too_old)
+        if policy.on_upgrade is not None:
+            policy.on_upgrade()
         early_backend, self._response_pending = self._response_pending, b""
         early_client, self._pending = self._pending, b""
         if early_backend:
@@ -573,8 +588,18 @@ class HttpForwarder(Protocol):
         else:
             self.transport.loseConnection()
 
+    def _cancel_timers(self) -> None:
+        for call in (self._idle_call, self._age_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._idle_call = self._age_call = None
+
+    def _too_old(self) -> None:
+        self._age_call = None
+        self._close(f"WebSocket older than {self.policy.websocket_max_age:g}s")
+
     def _idle_check(self) -> None:
-        timeout = self.policy.idle_timeout
+        timeout = self._idle_timeout
         assert timeout is not None
         idle_for = self._clock.seconds() - self._last_activity
         if idle_for >= timeout:

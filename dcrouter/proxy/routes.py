@@ -293,6 +293,8 @@ class ProxyRoute:
             or self.jwt_auth is not None
             or self.request_rate is not None
             or bool(self.request_fields.dropped or self.response_fields.dropped)
+            or self.websocket_idle is not None
+            or self.websocket_max_age is not None
         )
 
     #: New connections per window from all clients together (``connectionRate``); None: no limit.

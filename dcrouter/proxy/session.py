@@ -905,6 +905,9 @@ class ProxySession(Protocol):
             gate=self.context.gate_for(route),
             request_fields=route.request_fields,
             response_fields=route.response_fields,
+            websocket_idle=route.websocket_idle,
+            websocket_max_age=route.websocket_max_age,
+            on_upgrade=self._upgraded,
         )
 
         def connect(protocol: Callable[[], Protocol]) -> Deferred[Any]:
@@ -1017,6 +1020,13 @@ class ProxySession(Protocol):
         log.info(
             "proxy: refused {client} on port {port}: {why}", client=self.client_ip, port=self.port, why=why
         )
+
+    def _upgraded(self) -> None:
+        """A WebSocket upgrade went through: ``maxConnectionLifetime`` no longer applies (the route's
+        ``action.websocket.maxAge`` does, in the forwarder)."""
+        if self._lifetime is not None and self._lifetime.active():
+            self._lifetime.cancel()
+        self._lifetime = None
 
     def _lifetime_over(self) -> None:
         self._lifetime = None

@@ -991,7 +991,9 @@ class Http2AndWebsocketConfigTests(ProxyCase):
         self.assertEqual((limits.max_concurrent_streams, limits.max_resets, limits.window), (10, 5, 2.0))
         self.assertEqual(limits.initial_window_size, 1_048_576)
         (default,) = build_routes(self.config(route(tls={"mode": "terminate", "certificate": "store"})), None)
-        self.assertEqual((default.http2, default.websocket_idle, default.websocket_max_age), (True, None, None))
+        self.assertEqual(
+            (default.http2, default.websocket_idle, default.websocket_max_age), (True, None, None)
+        )
 
     def test_checked(self) -> None:
         errors = self.errors(proxy(http2={"maxConcurrentStreams": 0, "initialWindowSize": 2**31}))

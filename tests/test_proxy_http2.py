@@ -54,7 +54,9 @@ class Front(Protocol):
 class Exchange:
     """An h2 client and the proxy's HTTP/2 connection over in-memory transports."""
 
-    def __init__(self, answer: bytes = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", **limits: Any) -> None:
+    def __init__(
+        self, answer: bytes = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", **limits: Any
+    ) -> None:
         self.clock = Clock()
         self.fronts: list[Front] = []
         self.answer = answer

@@ -1153,16 +1153,22 @@ class DefaultTarget:
 @dataclass(frozen=True)
 class Http2Config:
     max_concurrent_streams: int = option(
-        100, doc="Streams a client may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).", check=values.at_least(1)
+        100,
+        doc="Streams a client may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).",
+        check=values.at_least(1),
     )
     initial_window_size: int = option(
         1_048_576,
         doc="Bytes of request body a stream may send before the proxy has passed them on "
         "(SETTINGS_INITIAL_WINDOW_SIZE, at most 2147483647).",
-        check=values.all_of(values.positive, lambda v: None if v <= 2**31 - 1 else "must be at most 2147483647"),
+        check=values.all_of(
+            values.positive, lambda v: None if v <= 2**31 - 1 else "must be at most 2147483647"
+        ),
     )
     max_header_list_size: int = option(
-        65_536, doc="Bytes of a request's decoded header list (SETTINGS_MAX_HEADER_LIST_SIZE).", check=values.at_least(1024)
+        65_536,
+        doc="Bytes of a request's decoded header list (SETTINGS_MAX_HEADER_LIST_SIZE).",
+        check=values.at_least(1024),
     )
     max_header_block_bytes: int = option(
         65_536,
@@ -1182,9 +1188,13 @@ class Http2Config:
         "ENHANCE_YOUR_CALM.",
         check=values.at_least(1),
     )
-    flood_window: int = option(10_000, doc="Milliseconds over which resets and control frames are counted.", check=values.duration)
+    flood_window: int = option(
+        10_000, doc="Milliseconds over which resets and control frames are counted.", check=values.duration
+    )
     idle_timeout: int = option(
-        300_000, doc="Milliseconds an HTTP/2 connection may have no open stream before GOAWAY.", check=values.duration
+        300_000,
+        doc="Milliseconds an HTTP/2 connection may have no open stream before GOAWAY.",
+        check=values.duration,
     )
 
 

@@ -418,9 +418,7 @@ class Http2Connection(Protocol):
         self._make_front = make_front
         self._clock = clock
         self.client_ip = client_ip
-        self.h2 = H2Connection(
-            config=H2Configuration(client_side=False, header_encoding=None)
-        )
+        self.h2 = H2Connection(config=H2Configuration(client_side=False, header_encoding=None))
         self.streams: dict[int, StreamChannel] = {}
         self.closed = False
         self.goaway: str | None = None  # why we sent GOAWAY, when we did
@@ -482,7 +480,9 @@ class Http2Connection(Protocol):
                 channel.front.dataReceived(b"0\r\n\r\n")
         elif isinstance(event, StreamReset):
             if event.remote_reset and self._resets.add():
-                raise _Calm(f"more than {self.limits.max_resets} streams reset within {self.limits.window:g}s")
+                raise _Calm(
+                    f"more than {self.limits.max_resets} streams reset within {self.limits.window:g}s"
+                )
             channel = self.streams.get(event.stream_id)
             if channel is not None:
                 channel.finished = True
@@ -494,7 +494,9 @@ class Http2Connection(Protocol):
                     f"{self.limits.window:g}s"
                 )
         elif isinstance(event, WindowUpdated):
-            targets = list(self.streams.values()) if event.stream_id == 0 else [self.streams.get(event.stream_id)]
+            targets = (
+                list(self.streams.values()) if event.stream_id == 0 else [self.streams.get(event.stream_id)]
+            )
             for channel in targets:
                 if channel is not None:
                     self.flush(channel)
@@ -504,7 +506,9 @@ class Http2Connection(Protocol):
     def _request(self, event: RequestReceived) -> None:
         stream_id = event.stream_id
         try:
-            raw, method, chunked = request_head(list(event.headers or ()), ended=event.stream_ended is not None)
+            raw, method, chunked = request_head(
+                list(event.headers or ()), ended=event.stream_ended is not None
+            )
         except HttpError as error:
             channel = StreamChannel(self, stream_id, b"GET")
             self.streams[stream_id] = channel

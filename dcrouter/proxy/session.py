@@ -803,7 +803,10 @@ class ProxySession(Protocol):
         else:
             make_front = lambda: self._forwarder(route, sniffed.server_name, counters)  # noqa: E731
         return Http2Connection(
-            make_front, clock=self.context.reactor, limits=self.context.settings.http2, client_ip=self.client_ip
+            make_front,
+            clock=self.context.reactor,
+            limits=self.context.settings.http2,
+            client_ip=self.client_ip,
         )
 
     def _dispatch(self, head: RequestHead, sniffed: Sniffed) -> IProtocol:

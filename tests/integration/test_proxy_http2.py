@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import ssl
 import socket
+import ssl
 from typing import Any
 
 import httpx
@@ -50,7 +50,9 @@ class Echo(Resource):
                 "method": request.method.decode(),
                 "path": request.uri.decode(),
                 "version": request.clientproto.decode(),
-                "headers": {k.decode().lower(): v[0].decode() for k, v in request.requestHeaders.getAllRawHeaders()},
+                "headers": {
+                    k.decode().lower(): v[0].decode() for k, v in request.requestHeaders.getAllRawHeaders()
+                },
                 "body": len(body),
             }
         ).encode()
@@ -184,14 +186,20 @@ class Http2Tests(TestCase):
         def negotiate() -> str | None:
             context = ssl.create_default_context(cafile=self.cert)
             context.set_alpn_protocols(["h2", "http/1.1"])
-            with socket.create_connection((LOCAL, port), timeout=10) as raw:
-                with context.wrap_socket(raw, server_hostname="a.test") as sock:
-                    return sock.selected_alpn_protocol()
+            with (
+                socket.create_connection((LOCAL, port), timeout=10) as raw,
+                context.wrap_socket(raw, server_hostname="a.test") as sock,
+            ):
+                return sock.selected_alpn_protocol()
 
         self.assertEqual(await deferToThread(negotiate), "http/1.1")
 
     async def test_static_answered_per_stream(self) -> None:
-        action = RouteAction(type="static", static=StaticContent(content=b"hello\n", content_type="text/plain"))
+        action = RouteAction(
+            type="static", static=StaticContent(content=b"hello\n", content_type="text/plain")
+        )
         port = self.proxy(action=action)
         responses = await deferToThread(self.fetch_all, port, [("GET", "/a", None), ("GET", "/b", None)])
-        self.assertEqual([(r.http_version, r.status_code, r.text) for r in responses], [("HTTP/2", 200, "hello\n")] * 2)
+        self.assertEqual(
+            [(r.http_version, r.status_code, r.text) for r in responses], [("HTTP/2", 200, "hello\n")] * 2
+        )

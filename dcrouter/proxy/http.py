@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 from typing import Protocol as TypingProtocol
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -167,6 +167,54 @@ class HttpBackend(Protocol):
 Connector = Callable[[Callable[[], Protocol]], "Deferred[Any]"]
 
 
+class BackendPool:
+    """Idle keep-alive connections to a route's backends, shared by the forwarders of one client connection
+    that carry one request each (the streams of an HTTP/2 connection): a forwarder done with a reusable
+    backend connection :meth:`put`s it here, and the next forwarder's :meth:`connector` takes it rather
+    than opening one. An idle connection that the backend closes, or that sends anything, is dropped.
+    At most ``size`` are kept; :meth:`close` closes them all."""
+
+    def __init__(self, connect: Connector, size: int = 32) -> None:
+        self._connect = connect
+        self.size = size
+        self.idle: list[HttpBackend] = []
+
+    def connector(self, factory: Callable[[], Protocol]) -> Deferred[Any]:
+        while self.idle:
+            backend = self.idle.pop()
+            if backend.transport is not None and backend.transport.connected:
+                taker = factory()
+                assert isinstance(taker, HttpBackend)
+                backend.forwarder = taker.forwarder
+                return succeed(backend)
+        return self._connect(factory)
+
+    def put(self, backend: HttpBackend) -> None:
+        if len(self.idle) >= self.size:
+            backend.transport.loseConnection()
+            return
+        backend.forwarder = self  # type: ignore[assignment]
+        backend.transport.resumeProducing()  # it may have been paused for a slow client
+        self.idle.append(backend)
+
+    def backend_data(self, backend: HttpBackend, data: bytes) -> None:
+        """Bytes on an idle connection: it is out of step, and never reused."""
+        self._discard(backend)
+        backend.transport.loseConnection()
+
+    def backend_lost(self, backend: HttpBackend, reason: Failure = connectionDone) -> None:
+        self._discard(backend)
+
+    def _discard(self, backend: HttpBackend) -> None:
+        if backend in self.idle:
+            self.idle.remove(backend)
+
+    def close(self) -> None:
+        idle, self.idle = self.idle, []
+        for backend in idle:
+            backend.transport.loseConnection()
+
+
 @dataclass(frozen=True)
 class ForwardingPolicy:
     """Per-connection facts the forwarder applies. ``host_allowed``: whether a request's normalised Host
@@ -189,6 +237,8 @@ class ForwardingPolicy:
     websocket_idle: float | None = None
     websocket_max_age: float | None = None
     on_upgrade: Callable[[], None] | None = None
+    #: Where a reusable backend connection goes when the client connection closes after its response.
+    pool: BackendPool | None = None
 
 
 @implementer(IHalfCloseableProtocol)
@@ -519,6 +569,11 @@ class HttpForwarder(Protocol):
         self._response_body = None
         self._response_started = False  # a refusal of the next request head is answered again
         if self._close_after:
+            pool = self.policy.pool
+            if pool is not None and self._backend_reusable and self.backend is not None:
+                backend = self.backend
+                self._release_backend()
+                pool.put(backend)
             self._close("response done, connection not persistent")
             return
         if not self._backend_reusable:

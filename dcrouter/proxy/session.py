@@ -53,7 +53,9 @@ from dcrouter.proxy.gate import RequestGate, RequestRate
 from dcrouter.proxy.handlers import RouteContext, SocketHandlerError, SocketHandlers
 from dcrouter.proxy.http import (
     DEFAULT_IDLE_TIMEOUT,
+    BackendPool,
     ChallengeSource,
+    Connector,
     ForwardingPolicy,
     HttpForwarder,
     HttpRedirect,
@@ -418,6 +420,7 @@ class ProxySession(Protocol):
         # were looked at (or, before routing, while the peek looks at them).
         self._opening: bytes | None = None
         self.front: HttpForwarder | HttpRedirect | HttpAnswerer | RequestDispatcher | None = None
+        self._pools: dict[str, BackendPool] = {}
         self._opened_at = 0.0
 
     # -- accept ----------------------------------------------------------------------------------------
@@ -801,7 +804,7 @@ class ProxySession(Protocol):
         elif route.action.answers_http:
             make_front = lambda: self._answerer(route, sniffed.server_name)  # noqa: E731
         else:
-            make_front = lambda: self._forwarder(route, sniffed.server_name, counters)  # noqa: E731
+            make_front = lambda: self._forwarder(route, sniffed.server_name, counters, pooled=True)  # noqa: E731
         return Http2Connection(
             make_front,
             clock=self.context.reactor,
@@ -893,10 +896,18 @@ class ProxySession(Protocol):
         *,
         one_request: bool = False,
         proto: bytes = b"https",
+        pooled: bool = False,
     ) -> HttpForwarder:
+        """``pooled``: the forwarder carries one request (an HTTP/2 stream's) and shares backend
+        connections with the connection's other forwarders of ``route`` (see BackendPool)."""
         host_allowed = self._host_check(route, server_name)
 
         tls = self.context.backend_tls(server_name) if route.tls_mode == "terminate-and-reencrypt" else None
+
+        def connect(protocol: Callable[[], Protocol]) -> Deferred[Any]:
+            return Deferred.fromCoroutine(self._open_backend(route, protocol, tls))
+
+        pool = self._pool(route, connect) if pooled else None
         policy = ForwardingPolicy(
             client_ip=self.client_ip,
             # A PROXY header was read only from a trusted peer: that peer may also vouch for X-Forwarded-For.
@@ -911,12 +922,21 @@ class ProxySession(Protocol):
             websocket_idle=route.websocket_idle,
             websocket_max_age=route.websocket_max_age,
             on_upgrade=self._upgraded,
+            pool=pool,
+        )
+        return HttpForwarder(
+            policy,
+            connect=pool.connector if pool is not None else connect,
+            counters=counters,
+            clock=self.context.reactor,
         )
 
-        def connect(protocol: Callable[[], Protocol]) -> Deferred[Any]:
-            return Deferred.fromCoroutine(self._open_backend(route, protocol, tls))
-
-        return HttpForwarder(policy, connect=connect, counters=counters, clock=self.context.reactor)
+    def _pool(self, route: ProxyRoute, connect: Connector) -> BackendPool:
+        """The idle backend connections of ``route`` kept for this client connection's streams."""
+        pool = self._pools.get(route.name)
+        if pool is None:
+            pool = self._pools[route.name] = BackendPool(connect)
+        return pool
 
     def _spliced(self, route: ProxyRoute, backend: BackendProtocol) -> None:
         settings = self.context.settings
@@ -1068,6 +1088,8 @@ class ProxySession(Protocol):
                 duration=max(0.0, self.context.reactor.seconds() - self._opened_at),
             )
         self._cancel_deadline()
+        for pool in self._pools.values():
+            pool.close()
         if self._lifetime is not None and self._lifetime.active():
             self._lifetime.cancel()
         self._lifetime = None

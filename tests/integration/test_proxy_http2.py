@@ -41,7 +41,12 @@ class Echo(Resource):
 
     isLeaf = True
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.sources: list[int] = []
+
     def render(self, request: Any) -> bytes:
+        self.sources.append(request.getClientAddress().port)
         body = request.content.read()
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"x-backend", b"echo")
@@ -71,7 +76,8 @@ class Http2Tests(TestCase):
             handle.write(cert)
         with open(self.key, "wb") as handle:
             handle.write(key)
-        site = Site(Echo())
+        self.echo = Echo()
+        site = Site(self.echo)
         port = reactor.listenTCP(0, site, interface=LOCAL)
         self.addCleanup(port.stopListening)
         self.backend = int(port.getHost().port)
@@ -148,6 +154,9 @@ class Http2Tests(TestCase):
         self.assertEqual(first["headers"]["x-forwarded-for"], LOCAL)
         self.assertEqual((second["method"], second["body"]), ("POST", 100_000))
         self.assertEqual(responses[0].headers["x-backend"], "echo")
+        # One after the other, the streams shared one keep-alive backend connection (the pool).
+        self.assertEqual(len(self.echo.sources), 3)
+        self.assertEqual(len(set(self.echo.sources)), 1, self.echo.sources)
 
     async def test_curl_http2(self) -> None:
         curl = shutil.which("curl")

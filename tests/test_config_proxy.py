@@ -1002,3 +1002,18 @@ class Http2AndWebsocketConfigTests(ProxyCase):
         self.assertTrue(any("smartProxyConfig.http2.initialWindowSize" in e for e in errors), errors)
         errors = self.errors(route(action={"type": "forward", "websocket": {"idleTime": 5}}))
         self.assertTrue(any("websocket.idleTime" in e for e in errors), errors)
+
+    def test_no_effect_refused(self) -> None:
+        raw = proxy()
+        entry = raw["smartProxyConfig"]["routes"][0]
+        entry["tls"]["http2"] = False
+        entry["action"]["websocket"] = {"maxAge": 60_000}
+        self.assertEqual(
+            self.errors(raw),
+            [
+                'smartProxyConfig.routes[0].tls.http2: has no effect with mode "passthrough"',
+                "smartProxyConfig.routes[0].action.websocket: applies to forward routes that read HTTP "
+                "(terminated, or plain HTTP)",
+            ],
+        )
+

@@ -489,6 +489,14 @@ def _termination_profiles(proxy: SmartProxyConfig, path: str, report: Report) ->
         if tls is not None and tls.tls_profile is not None and tls.mode not in _TERMINATING:
             here = f"{join(path, 'routes')}[{i}].{key}"
             report.error(join(here, "tlsProfile"), f'has no effect with mode "{tls.mode}"')
+        if tls is not None and not tls.http2 and tls.mode not in _TERMINATING:
+            here = f"{join(path, 'routes')}[{i}].{key}"
+            report.error(join(here, "http2"), f'has no effect with mode "{tls.mode}"')
+        if route.action.websocket is not None and (
+            route.action.type != "forward" or (tls is not None and tls.mode not in _TERMINATING)
+        ):
+            here = f"{join(path, 'routes')}[{i}].action.websocket"
+            report.error(here, "applies to forward routes that read HTTP (terminated, or plain HTTP)")
     for i, entry in enumerate(proxy.domain_configs):
         if entry.tls_profile is not None and not entry.use_network_proxy:
             here = f"{join(path, 'domainConfigs')}[{i}]"

@@ -212,3 +212,18 @@ class Http2Tests(TestCase):
         self.assertEqual(
             [(r.http_version, r.status_code, r.text) for r in responses], [("HTTP/2", 200, "hello\n")] * 2
         )
+
+    async def test_h2load(self) -> None:
+        """nghttp2's load generator: 400 requests over 4 connections, 10 streams each, none failed."""
+        h2load = shutil.which("h2load")
+        if h2load is None:
+            raise SkipTest("h2load is not installed (Debian: nghttp2-client)")
+        port = self.proxy()
+        out, err, code = await getProcessOutputAndValue(
+            h2load,
+            ["-n", "400", "-c", "4", "-m", "10", f"--connect-to={LOCAL}:{port}", f"https://a.test:{port}/"],
+            env=dict(os.environ),
+        )
+        self.assertEqual(code, 0, err)
+        self.assertIn(b"400 succeeded, 0 failed, 0 errored", out, out)
+        self.assertIn(b"Application protocol: h2", out, out)

@@ -426,6 +426,7 @@ class Http2Connection(Protocol):
         self._resets = _WindowCounter(clock, self.limits.window, self.limits.max_resets)
         self._control = _WindowCounter(clock, self.limits.window, self.limits.max_control_frames)
         self._idle: IDelayedCall | None = None
+        self._write_call: IDelayedCall | None = None
         self._last_activity = clock.seconds()
 
     def connectionMade(self) -> None:
@@ -464,7 +465,6 @@ class Http2Connection(Protocol):
         except ProtocolError as error:
             log.info("proxy: {client}: HTTP/2 protocol error: {error}", client=self.client_ip, error=error)
             self.goaway = f"protocol error: {error}"
-            self._write()
             self._end()
             return
         self._write()
@@ -620,6 +620,15 @@ class Http2Connection(Protocol):
     # -- the connection -------------------------------------------------------------------------------
 
     def _write(self) -> None:
+        """Send what ``h2`` has queued, once per reactor turn: the frames of every stream that advanced in
+        this turn (a response's HEADERS and DATA, other streams' frames) go out in one TLS write."""
+        if self._write_call is None and not self.closed:
+            self._write_call = self._clock.callLater(0, self._write_now)
+
+    def _write_now(self) -> None:
+        if self._write_call is not None and self._write_call.active():
+            self._write_call.cancel()
+        self._write_call = None
         data = self.h2.data_to_send()
         if data and not self.closed:
             self.transport.write(data)
@@ -631,12 +640,11 @@ class Http2Connection(Protocol):
             self.h2.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
         except ProtocolError:
             pass
-        self._write()
         self._end()
 
     def _end(self) -> None:
         if not self.closed:
-            self._write()
+            self._write_now()
             self.closed = True
             self.transport.loseConnection()
 
@@ -656,9 +664,10 @@ class Http2Connection(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closed = True
-        if self._idle is not None and self._idle.active():
-            self._idle.cancel()
-        self._idle = None
+        for call in (self._idle, self._write_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._idle = self._write_call = None
         for channel in list(self.streams.values()):
             channel.finished = True
             self._lose_front(channel, ConnectionLost("HTTP/2 connection lost"))

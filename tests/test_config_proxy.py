@@ -1012,8 +1012,10 @@ class Http2AndWebsocketConfigTests(ProxyCase):
             self.errors(raw),
             [
                 'smartProxyConfig.routes[0].tls.http2: has no effect with mode "passthrough"',
-                "smartProxyConfig.routes[0].action.websocket: applies to forward routes that read HTTP "
-                "(terminated, or plain HTTP)",
+                (
+                    "smartProxyConfig.routes[0].action.websocket: applies to forward routes that read HTTP "
+                    "(terminated, or plain HTTP)"
+                ),
             ],
         )
 

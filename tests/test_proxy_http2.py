@@ -286,3 +286,9 @@ class ProtectionTests(TestCase):
         exchange.pump()
         self.assertEqual(exchange.fronts, [])
         self.assertTrue(exchange.of(ConnectionTerminated) or exchange.of(StreamReset), exchange.events)
+
+    def test_receive_windows(self) -> None:
+        exchange = Exchange(initial_window_size=200_000)
+        self.assertEqual(exchange.client.outbound_flow_control_window, 65_535 + 200_000)
+        self.assertEqual(exchange.client.remote_settings.initial_window_size, 200_000)
+

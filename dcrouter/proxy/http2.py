@@ -443,6 +443,10 @@ class Http2Connection(Protocol):
         # h2 applies our settings once the client acknowledges them; until then (one round trip) the
         # protocol's defaults hold, except for the header list size, bounded from the start.
         self.h2.decoder.max_header_list_size = limits.max_header_list_size
+        # The connection's own receive window (65535 by the protocol) grows by as much again as one stream's:
+        # a stream paused by a slow backend must not hold up the others' uploads, and what the client may
+        # send before the proxy passes it on stays bounded by this one window.
+        self.h2.increment_flow_control_window(limits.initial_window_size)
         self._write()
         if limits.idle_timeout is not None:
             self._idle = self._clock.callLater(limits.idle_timeout, self._idle_check)

@@ -50,6 +50,7 @@ test-peers:
 	command -v rspamd >/dev/null || [ -x /usr/bin/rspamd ] || missing="$$missing rspamd"; \
 	command -v sslscan >/dev/null || missing="$$missing sslscan"; \
 	command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing="$$missing haproxy"; \
+	command -v h2load >/dev/null || missing="$$missing nghttp2-client"; \
 	command -v testssl >/dev/null || missing="$$missing testssl.sh"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
@@ -97,6 +98,7 @@ bench-processing: $(VENV)/.installed-test
 
 bench-proxy: $(VENV)/.installed-test
 	$(BIN)/python -m bench.proxy
+	$(BIN)/python -m bench.proxy_http
 
 lint: $(VENV)/.installed-test
 	$(BIN)/python -m pip install -q '.[dev]'

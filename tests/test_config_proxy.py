@@ -1053,3 +1053,49 @@ class BackendsTests(ProxyCase):
         for raw, key in cases:
             errors = self.errors(raw)
             self.assertTrue(any(key in error for error in errors), (key, errors))
+
+
+class Http2AndWebsocketConfigTests(ProxyCase):
+    def test_loaded_into_routes_and_settings(self) -> None:
+        from dcrouter.proxy.routes import build_routes
+        from dcrouter.proxy.session import ProxySettings
+
+        raw = proxy(http2={"maxConcurrentStreams": 10, "maxResets": 5, "floodWindow": 2000})
+        entry = raw["smartProxyConfig"]["routes"][0]
+        entry["tls"] = {"mode": "terminate", "certificate": "store", "http2": False}
+        entry["action"]["websocket"] = {"idleTimeout": 60_000, "maxAge": 3_600_000}
+        config = self.config(raw)
+        (built,) = build_routes(config, None)
+        self.assertEqual((built.http2, built.websocket_idle, built.websocket_max_age), (False, 60.0, 3600.0))
+        limits = ProxySettings.from_config(config).http2
+        self.assertEqual((limits.max_concurrent_streams, limits.max_resets, limits.window), (10, 5, 2.0))
+        self.assertEqual(limits.initial_window_size, 1_048_576)
+        (default,) = build_routes(self.config(route(tls={"mode": "terminate", "certificate": "store"})), None)
+        self.assertEqual(
+            (default.http2, default.websocket_idle, default.websocket_max_age), (True, None, None)
+        )
+
+    def test_checked(self) -> None:
+        errors = self.errors(proxy(http2={"maxConcurrentStreams": 0, "initialWindowSize": 2**31}))
+        self.assertEqual(len(errors), 2, errors)
+        self.assertTrue(any("smartProxyConfig.http2.maxConcurrentStreams" in e for e in errors), errors)
+        self.assertTrue(any("smartProxyConfig.http2.initialWindowSize" in e for e in errors), errors)
+        errors = self.errors(route(action={"type": "forward", "websocket": {"idleTime": 5}}))
+        self.assertTrue(any("websocket.idleTime" in e for e in errors), errors)
+
+    def test_no_effect_refused(self) -> None:
+        raw = proxy()
+        entry = raw["smartProxyConfig"]["routes"][0]
+        entry["tls"]["http2"] = False
+        entry["action"]["websocket"] = {"maxAge": 60_000}
+        self.assertEqual(
+            self.errors(raw),
+            [
+                'smartProxyConfig.routes[0].tls.http2: has no effect with mode "passthrough"',
+                (
+                    "smartProxyConfig.routes[0].action.websocket: applies to forward routes that read HTTP "
+                    "(terminated, or plain HTTP)"
+                ),
+            ],
+        )
+

@@ -239,13 +239,13 @@ class ForwardedHeadTests(SynchronousTestCase):
 class Harness:
     """A forwarder on a StringTransport whose backends are StringTransports too, connected on demand."""
 
-    def __init__(self, *, sni: str | None = "a.test", reachable: bool = True) -> None:
+    def __init__(self, *, sni: str | None = "a.test", reachable: bool = True, **options: Any) -> None:
         self.clock = Clock()
         self.counters = RouteCounters()
         self.backends: list[tuple[HttpBackend, StringTransport]] = []
         self.reachable = reachable
         policy = ForwardingPolicy(
-            client_ip="192.0.2.7", trust_forwarded=False, host_allowed=lambda host: host == sni
+            client_ip="192.0.2.7", trust_forwarded=False, host_allowed=lambda host: host == sni, **options
         )
         self.forwarder = HttpForwarder(policy, connect=self.connect, counters=self.counters, clock=self.clock)
         self.client = StringTransport()
@@ -386,6 +386,46 @@ class ForwarderTests(SynchronousTestCase):
         h.send(b"\x81\x82raw bytes, not HTTP\r\n\n")
         self.assertEqual(h.to_backend(), b"\x81\x82raw bytes, not HTTP\r\n\n")
         self.assertEqual(h.client.producerState, "producing")
+
+    def upgraded(self, **options: Any) -> Harness:
+        h = Harness(**options)
+        h.send(b"GET /ws HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        h.answer(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+        h.to_client()
+        h.to_backend()
+        return h
+
+    def test_websocket_outlives_every_default(self) -> None:
+        """No idle or age limit applies to an upgraded connection unless the route sets one: silent for
+        ten days (beyond the 300 s idle default and the 24 h maxConnectionLifetime default), still open,
+        and the session was told (it lifts maxConnectionLifetime)."""
+        told: list[bool] = []
+        h = self.upgraded(on_upgrade=lambda: told.append(True))
+        self.assertEqual(told, [True])
+        for _ in range(10 * 24):
+            h.clock.advance(3600)
+        self.assertFalse(h.client.disconnecting)
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+        h.send(b"\x81\x00")
+        self.assertEqual(h.to_backend(), b"\x81\x00")
+
+    def test_websocket_idle_limit(self) -> None:
+        h = self.upgraded(websocket_idle=60.0)
+        for _ in range(10):
+            h.clock.advance(50)
+            h.answer(b"\x81\x00")  # traffic from either side counts
+        self.assertFalse(h.client.disconnecting)
+        h.clock.advance(61)
+        self.assertTrue(h.client.disconnected)
+
+    def test_websocket_age_limit(self) -> None:
+        h = self.upgraded(websocket_max_age=3600.0)
+        for _ in range(70):
+            h.clock.advance(50)
+            h.send(b"\x81\x00")
+        self.assertFalse(h.client.disconnecting)  # 3500 s, busy
+        h.clock.advance(100)
+        self.assertTrue(h.client.disconnecting)
 
     def test_unasked_101_is_a_bad_gateway(self) -> None:
         h = Harness()

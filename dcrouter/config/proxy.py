@@ -511,6 +511,14 @@ def _termination_profiles(proxy: SmartProxyConfig, path: str, report: Report) ->
         if tls is not None and tls.tls_profile is not None and tls.mode not in _TERMINATING:
             here = f"{join(path, 'routes')}[{i}].{key}"
             report.error(join(here, "tlsProfile"), f'has no effect with mode "{tls.mode}"')
+        if tls is not None and not tls.http2 and tls.mode not in _TERMINATING:
+            here = f"{join(path, 'routes')}[{i}].{key}"
+            report.error(join(here, "http2"), f'has no effect with mode "{tls.mode}"')
+        if route.action.websocket is not None and (
+            route.action.type != "forward" or (tls is not None and tls.mode not in _TERMINATING)
+        ):
+            here = f"{join(path, 'routes')}[{i}].action.websocket"
+            report.error(here, "applies to forward routes that read HTTP (terminated, or plain HTTP)")
     for i, entry in enumerate(proxy.domain_configs):
         if entry.tls_profile is not None and not entry.use_network_proxy:
             here = f"{join(path, 'domainConfigs')}[{i}]"
@@ -969,6 +977,12 @@ class RouteTls:
         "certificate; not set: the target host (an IP address is verified as one).",
         check=values.host_name,
     )
+    http2: bool = option(
+        True,
+        addition=True,
+        doc="With a terminating mode: offer HTTP/2 (`h2`) by ALPN besides HTTP/1.1; each stream goes to the "
+        "target as an HTTP/1.1 request (see docs/proxy.md, HTTP/2). false: ALPN offers `http/1.1` only.",
+    )
 
 
 def _password_hash(value: str) -> str | None:
@@ -1218,6 +1232,22 @@ class RouteHeaders:
     )
 
 
+@dataclass(frozen=True)
+class RouteWebsocket:
+    idle_timeout: int | None = option(
+        None,
+        doc="Milliseconds an upgraded connection (after `101 Switching Protocols`) may go without a byte "
+        "either way; not set: no idle limit (the route's `connectionTimeout` ends with the upgrade).",
+        check=values.duration,
+    )
+    max_age: int | None = option(
+        None,
+        doc="Milliseconds an upgraded connection may last in all; not set: no limit "
+        "(`maxConnectionLifetime` does not apply to it).",
+        check=values.duration,
+    )
+
+
 @checked(_action_target, _action_backends)
 @dataclass(frozen=True)
 class RouteAction:
@@ -1264,6 +1294,12 @@ class RouteAction:
         "that fails `fall` in a row gets no new connection until it passes `rise` in a row. Not set: "
         "passive only (a target refusing a connection is tried last for 30 seconds).",
     )
+    websocket: RouteWebsocket | None = option(
+        None,
+        addition=True,
+        doc="Terminated HTTP routes that forward: the idle and age limits of WebSocket connections once "
+        "upgraded; not set: neither limit.",
+    )
 
 
 # kw_only: SmartProxy puts the optional name first, before the required match and action.
@@ -1292,6 +1328,54 @@ class DefaultTarget:
     host: str = option(doc="Backend host name or IP.", check=values.host_or_ip)
     port: int | None = option(
         None, doc="Backend port; not set: the port the client connected to.", check=values.port
+    )
+
+
+@dataclass(frozen=True)
+class Http2Config:
+    max_concurrent_streams: int = option(
+        100,
+        doc="Streams a client may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).",
+        check=values.at_least(1),
+    )
+    initial_window_size: int = option(
+        1_048_576,
+        doc="Bytes of request body a stream may send before the proxy has passed them on "
+        "(SETTINGS_INITIAL_WINDOW_SIZE, at most 2147483647).",
+        check=values.all_of(
+            values.positive, lambda v: None if v <= 2**31 - 1 else "must be at most 2147483647"
+        ),
+    )
+    max_header_list_size: int = option(
+        65_536,
+        doc="Bytes of a request's decoded header list (SETTINGS_MAX_HEADER_LIST_SIZE).",
+        check=values.at_least(1024),
+    )
+    max_header_block_bytes: int = option(
+        65_536,
+        doc="Bytes of one compressed header block across HEADERS and CONTINUATION frames (CONTINUATION "
+        "floods).",
+        check=values.at_least(1024),
+    )
+    max_resets: int = option(
+        100,
+        doc="Streams the client may reset within `floodWindow` (CVE-2023-44487, rapid reset); past it: "
+        "GOAWAY ENHANCE_YOUR_CALM.",
+        check=values.at_least(1),
+    )
+    max_control_frames: int = option(
+        100,
+        doc="SETTINGS and PING frames the client may send within `floodWindow`; past it: GOAWAY "
+        "ENHANCE_YOUR_CALM.",
+        check=values.at_least(1),
+    )
+    flood_window: int = option(
+        10_000, doc="Milliseconds over which resets and control frames are counted.", check=values.duration
+    )
+    idle_timeout: int = option(
+        300_000,
+        doc="Milliseconds an HTTP/2 connection may have no open stream before GOAWAY.",
+        check=values.duration,
     )
 
 
@@ -1369,6 +1453,9 @@ class SmartProxyConfig:
         addition=True,
         doc="Milliseconds to wait for a TLS ClientHello or HTTP Host header before using the default route.",
         check=values.duration,
+    )
+    http2: Http2Config | None = option(
+        None, addition=True, doc="Limits of HTTP/2 connections on terminating routes; not set: the defaults."
     )
     max_connection_lifetime: int = option(
         86_400_000,

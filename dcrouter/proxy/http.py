@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 from typing import Protocol as TypingProtocol
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -167,6 +167,54 @@ class HttpBackend(Protocol):
 Connector = Callable[[Callable[[], Protocol]], "Deferred[Any]"]
 
 
+class BackendPool:
+    """Idle keep-alive connections to a route's backends, shared by the forwarders of one client connection
+    that carry one request each (the streams of an HTTP/2 connection): a forwarder done with a reusable
+    backend connection :meth:`put`s it here, and the next forwarder's :meth:`connector` takes it rather
+    than opening one. An idle connection that the backend closes, or that sends anything, is dropped.
+    At most ``size`` are kept; :meth:`close` closes them all."""
+
+    def __init__(self, connect: Connector, size: int = 32) -> None:
+        self._connect = connect
+        self.size = size
+        self.idle: list[HttpBackend] = []
+
+    def connector(self, factory: Callable[[], Protocol]) -> Deferred[Any]:
+        while self.idle:
+            backend = self.idle.pop()
+            if backend.transport is not None and backend.transport.connected:
+                taker = factory()
+                assert isinstance(taker, HttpBackend)
+                backend.forwarder = taker.forwarder
+                return succeed(backend)
+        return self._connect(factory)
+
+    def put(self, backend: HttpBackend) -> None:
+        if len(self.idle) >= self.size:
+            backend.transport.loseConnection()
+            return
+        backend.forwarder = self  # type: ignore[assignment]
+        backend.transport.resumeProducing()  # it may have been paused for a slow client
+        self.idle.append(backend)
+
+    def backend_data(self, backend: HttpBackend, data: bytes) -> None:
+        """Bytes on an idle connection: it is out of step, and never reused."""
+        self._discard(backend)
+        backend.transport.loseConnection()
+
+    def backend_lost(self, backend: HttpBackend, reason: Failure = connectionDone) -> None:
+        self._discard(backend)
+
+    def _discard(self, backend: HttpBackend) -> None:
+        if backend in self.idle:
+            self.idle.remove(backend)
+
+    def close(self) -> None:
+        idle, self.idle = self.idle, []
+        for backend in idle:
+            backend.transport.loseConnection()
+
+
 @dataclass(frozen=True)
 class ForwardingPolicy:
     """Per-connection facts the forwarder applies. ``host_allowed``: whether a request's normalised Host
@@ -184,6 +232,13 @@ class ForwardingPolicy:
     #: ``action.headers``: fields changed on requests and on final responses.
     request_fields: FieldChanges = NO_CHANGES
     response_fields: FieldChanges = NO_CHANGES
+    #: ``action.websocket``: once upgraded, the idle limit and the age limit in seconds (None: none), which
+    #: replace ``idle_timeout``; ``on_upgrade`` is told, so that the connection's own age cap can be lifted.
+    websocket_idle: float | None = None
+    websocket_max_age: float | None = None
+    on_upgrade: Callable[[], None] | None = None
+    #: Where a reusable backend connection goes when the client connection closes after its response.
+    pool: BackendPool | None = None
 
 
 @implementer(IHalfCloseableProtocol)
@@ -218,7 +273,9 @@ class HttpForwarder(Protocol):
         self._response_body: LengthBody | ChunkedBody | UntilCloseBody | None = None
         self._response_started = False
         self._last_activity = clock.seconds()
+        self._idle_timeout = policy.idle_timeout
         self._idle_call: IDelayedCall | None = None
+        self._age_call: IDelayedCall | None = None
 
     # -- the client side ------------------------------------------------------------------------------
 
@@ -256,9 +313,7 @@ class HttpForwarder(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.phase = "closed"
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.cancel()
-        self._idle_call = None
+        self._cancel_timers()
         self._drop_backend()
 
     def _advance(self) -> None:
@@ -485,8 +540,18 @@ class HttpForwarder(Protocol):
         return True
 
     def _upgraded(self) -> None:
-        """After a 101: raw bytes both ways, the client read again, whatever either side sent early first."""
+        """After a 101: raw bytes both ways, the client read again, whatever either side sent early first.
+        From now on only the route's WebSocket limits apply (none unless configured)."""
         self.phase = "upgraded"
+        self._cancel_timers()
+        policy = self.policy
+        self._idle_timeout = policy.websocket_idle
+        if self._idle_timeout is not None:
+            self._idle_call = self._clock.callLater(self._idle_timeout, self._idle_check)
+        if policy.websocket_max_age is not None:
+            self._age_call = self._clock.callLater(policy.websocket_max_age, self._too_old)
+        if policy.on_upgrade is not None:
+            policy.on_upgrade()
         early_backend, self._response_pending = self._response_pending, b""
         early_client, self._pending = self._pending, b""
         if early_backend:
@@ -504,6 +569,11 @@ class HttpForwarder(Protocol):
         self._response_body = None
         self._response_started = False  # a refusal of the next request head is answered again
         if self._close_after:
+            pool = self.policy.pool
+            if pool is not None and self._backend_reusable and self.backend is not None:
+                backend = self.backend
+                self._release_backend()
+                pool.put(backend)
             self._close("response done, connection not persistent")
             return
         if not self._backend_reusable:
@@ -573,8 +643,18 @@ class HttpForwarder(Protocol):
         else:
             self.transport.loseConnection()
 
+    def _cancel_timers(self) -> None:
+        for call in (self._idle_call, self._age_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._idle_call = self._age_call = None
+
+    def _too_old(self) -> None:
+        self._age_call = None
+        self._close(f"WebSocket older than {self.policy.websocket_max_age:g}s")
+
     def _idle_check(self) -> None:
-        timeout = self.policy.idle_timeout
+        timeout = self._idle_timeout
         assert timeout is not None
         idle_for = self._clock.seconds() - self._last_activity
         if idle_for >= timeout:

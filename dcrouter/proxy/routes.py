@@ -304,6 +304,11 @@ class ProxyRoute:
     request_rate: RequestRateRule | None = None
     request_fields: FieldChanges = NO_CHANGES
     response_fields: FieldChanges = NO_CHANGES
+    #: A terminating route offers ``h2`` by ALPN.
+    http2: bool = True
+    #: ``action.websocket``: seconds an upgraded connection may be idle, and may last; None: no limit.
+    websocket_idle: float | None = None
+    websocket_max_age: float | None = None
 
     @property
     def reads_http(self) -> bool:
@@ -314,6 +319,8 @@ class ProxyRoute:
             or self.jwt_auth is not None
             or self.request_rate is not None
             or bool(self.request_fields.dropped or self.response_fields.dropped)
+            or self.websocket_idle is not None
+            or self.websocket_max_age is not None
         )
 
     #: New connections per window from all clients together (``connectionRate``); None: no limit.
@@ -401,6 +408,9 @@ def _from_route(route: Any, index: int) -> ProxyRoute:
         source=source,
         certificate=_certificate(tls.certificate) if tls else None,
         tls_profile=(tls.tls_profile if tls else None) or "intermediate",
+        http2=tls.http2 if tls else True,
+        websocket_idle=_seconds(route.action.websocket.idle_timeout) if route.action.websocket else None,
+        websocket_max_age=_seconds(route.action.websocket.max_age) if route.action.websocket else None,
         action=_action(route.action),
         conditions=_conditions(route.match),
         tls_versions=frozenset(TLS_VERSION_NUMBERS[v] for v in route.match.tls_version),
@@ -822,3 +832,7 @@ def _normalized(server_name: str | None) -> str | None:
         return normalize_domain(server_name)
     except ValueError:
         return None
+
+
+def _seconds(milliseconds: int | None) -> float | None:
+    return milliseconds / 1000 if milliseconds is not None else None

@@ -55,11 +55,14 @@ from dcrouter.proxy.handlers import RouteContext, SocketHandlerError, SocketHand
 from dcrouter.proxy.health import HealthMonitor
 from dcrouter.proxy.http import (
     DEFAULT_IDLE_TIMEOUT,
+    BackendPool,
     ChallengeSource,
+    Connector,
     ForwardingPolicy,
     HttpForwarder,
     HttpRedirect,
 )
+from dcrouter.proxy.http2 import ALPN_H2, AlpnFront, Http2Connection, Http2Limits
 from dcrouter.proxy.httpmessage import HeadBuffer, HttpError, RequestHead, parse_request_head
 from dcrouter.proxy.jwtauth import Fetcher, JwtAuth
 from dcrouter.proxy.routes import (
@@ -99,6 +102,8 @@ class ProxySettings:
     no_sni_ports: frozenset[int] = frozenset()
     #: New connections per client IP (``connectionRatePerIP``); None: no limit.
     connection_rate_per_ip: Rate | None = None
+    #: HTTP/2 on terminating routes (``http2``).
+    http2: Http2Limits = Http2Limits()
 
     @classmethod
     def from_config(cls, config: Any) -> ProxySettings:
@@ -118,7 +123,24 @@ class ProxySettings:
             keep_alive=config.keep_alive,
             no_sni_ports=no_sni,
             connection_rate_per_ip=rate(config.connection_rate_per_ip),
+            http2=http2_limits(config.http2),
         )
+
+
+def http2_limits(config: Any) -> Http2Limits:
+    """``smartProxyConfig.http2`` (an Http2Config, or None for the defaults) as limits in seconds."""
+    if config is None:
+        return Http2Limits()
+    return Http2Limits(
+        max_concurrent_streams=config.max_concurrent_streams,
+        initial_window_size=config.initial_window_size,
+        max_header_list_size=config.max_header_list_size,
+        max_header_block_bytes=config.max_header_block_bytes,
+        max_resets=config.max_resets,
+        max_control_frames=config.max_control_frames,
+        window=config.flood_window / 1000,
+        idle_timeout=config.idle_timeout / 1000,
+    )
 
 
 def canonical_ip(host: str) -> str:
@@ -208,7 +230,7 @@ class ProxyContext:
             if route.connection_rate is not None
         }
         self._port_routes: dict[int, tuple[ProxyRoute, ...]] = {}
-        self._server_creators: dict[str, IOpenSSLServerConnectionCreator] = {}
+        self._server_creators: dict[tuple[str, tuple[bytes, ...]], IOpenSSLServerConnectionCreator] = {}
         self._backend_tls: BackendTls | None = None
         self._auth: dict[str, BasicAuth | JwtAuth] = {}
         self._gates: dict[str, RequestGate] = {}
@@ -283,16 +305,19 @@ class ProxyContext:
                 if isinstance(made, JwtAuth):
                     made.start()  # the new route's jwksUrl fetched now and kept fresh
 
-    def server_creator(self, profile: str = "intermediate") -> IOpenSSLServerConnectionCreator | None:
+    def server_creator(
+        self, profile: str = "intermediate", *, http2: bool = False
+    ) -> IOpenSSLServerConnectionCreator | None:
         """The TLS server side of terminating routes with ``tlsProfile`` ``profile`` (certificate by SNI from
-        the store, HTTP/1.1 by ALPN), made once per profile: the store consults its current certificates at
-        each handshake. None without a store."""
+        the store; by ALPN HTTP/1.1, and ``h2`` first with ``http2``), made once per profile and ALPN list:
+        the store consults its current certificates at each handshake. None without a store."""
         if self.certificates is None:
             return None
-        creator = self._server_creators.get(profile)
+        alpn = ALPN_H2 if http2 else ALPN
+        creator = self._server_creators.get((profile, alpn))
         if creator is None:
-            creator = self.certificates.server_options(policy=TlsPolicy(profile), alpn=ALPN)
-            self._server_creators[profile] = creator
+            creator = self.certificates.server_options(policy=TlsPolicy(profile), alpn=alpn)
+            self._server_creators[(profile, alpn)] = creator
         return creator
 
     def backend_tls(
@@ -481,6 +506,7 @@ class ProxySession(Protocol):
         # were looked at (or, before routing, while the peek looks at them).
         self._opening: bytes | None = None
         self.front: HttpForwarder | HttpRedirect | HttpAnswerer | RequestDispatcher | None = None
+        self._pools: dict[str, BackendPool] = {}
         self._opened_at = 0.0
 
     # -- accept ----------------------------------------------------------------------------------------
@@ -850,11 +876,33 @@ class ProxySession(Protocol):
             if replay:
                 front.dataReceived(replay)
         else:
-            creator = self.context.server_creator(route.tls_profile)
+            creator = self.context.server_creator(route.tls_profile, http2=route.http2)
             assert creator is not None
-            self._receiver = terminate_tls(self.transport, creator, front, replay, clock=self.context.reactor)
+            application: IProtocol = front
+            if route.http2:
+                application = AlpnFront(front, lambda: self._http2(route, sniffed, counters))
+            self._receiver = terminate_tls(
+                self.transport, creator, application, replay, clock=self.context.reactor
+            )
         if self._client_eof and self._state == _State.TERMINATED:
             self._receiver_eof()
+
+    def _http2(self, route: ProxyRoute, sniffed: Sniffed, counters: RouteCounters) -> Http2Connection:
+        """HTTP/2 on a terminated connection: each stream served by the front an HTTP/1.1 connection of the
+        route would get (the dispatcher, the route's answerer, or its forwarder)."""
+        make_front: Callable[[], IProtocol]
+        if self.context.table.has_conditions(self.port):
+            make_front = lambda: RequestDispatcher(lambda head: self._dispatch(head, sniffed))  # noqa: E731
+        elif route.action.answers_http:
+            make_front = lambda: self._answerer(route, sniffed.server_name)  # noqa: E731
+        else:
+            make_front = lambda: self._forwarder(route, sniffed.server_name, counters, pooled=True)  # noqa: E731
+        return Http2Connection(
+            make_front,
+            clock=self.context.reactor,
+            limits=self.context.settings.http2,
+            client_ip=self.client_ip,
+        )
 
     def _dispatch(self, head: RequestHead, sniffed: Sniffed) -> IProtocol:
         """The route for the first request on a terminated connection whose port routes by request, and the
@@ -940,7 +988,10 @@ class ProxySession(Protocol):
         *,
         one_request: bool = False,
         proto: bytes = b"https",
+        pooled: bool = False,
     ) -> HttpForwarder:
+        """``pooled``: the forwarder carries one request (an HTTP/2 stream's) and shares backend
+        connections with the connection's other forwarders of ``route`` (see BackendPool)."""
         host_allowed = self._host_check(route, server_name)
 
         tls = None
@@ -949,6 +1000,10 @@ class ProxySession(Protocol):
             def tls(target: Target) -> IOpenSSLClientConnectionCreator:
                 return self.context.backend_tls(route, target, server_name)
 
+        def connect(protocol: Callable[[], Protocol]) -> Deferred[Any]:
+            return Deferred.fromCoroutine(self._open_backend(route, protocol, tls))
+
+        pool = self._pool(route, connect) if pooled else None
         policy = ForwardingPolicy(
             client_ip=self.client_ip,
             # A PROXY header was read only from a trusted peer: that peer may also vouch for X-Forwarded-For.
@@ -960,12 +1015,24 @@ class ProxySession(Protocol):
             gate=self.context.gate_for(route),
             request_fields=route.request_fields,
             response_fields=route.response_fields,
+            websocket_idle=route.websocket_idle,
+            websocket_max_age=route.websocket_max_age,
+            on_upgrade=self._upgraded,
+            pool=pool,
+        )
+        return HttpForwarder(
+            policy,
+            connect=pool.connector if pool is not None else connect,
+            counters=counters,
+            clock=self.context.reactor,
         )
 
-        def connect(protocol: Callable[[], Protocol]) -> Deferred[Any]:
-            return Deferred.fromCoroutine(self._open_backend(route, protocol, tls))
-
-        return HttpForwarder(policy, connect=connect, counters=counters, clock=self.context.reactor)
+    def _pool(self, route: ProxyRoute, connect: Connector) -> BackendPool:
+        """The idle backend connections of ``route`` kept for this client connection's streams."""
+        pool = self._pools.get(route.name)
+        if pool is None:
+            pool = self._pools[route.name] = BackendPool(connect)
+        return pool
 
     def _spliced(self, route: ProxyRoute, backend: BackendProtocol) -> None:
         settings = self.context.settings
@@ -1073,6 +1140,13 @@ class ProxySession(Protocol):
             "proxy: refused {client} on port {port}: {why}", client=self.client_ip, port=self.port, why=why
         )
 
+    def _upgraded(self) -> None:
+        """A WebSocket upgrade went through: ``maxConnectionLifetime`` no longer applies (the route's
+        ``action.websocket.maxAge`` does, in the forwarder)."""
+        if self._lifetime is not None and self._lifetime.active():
+            self._lifetime.cancel()
+        self._lifetime = None
+
     def _lifetime_over(self) -> None:
         self._lifetime = None
         if self.splice is not None:
@@ -1110,6 +1184,8 @@ class ProxySession(Protocol):
                 duration=max(0.0, self.context.reactor.seconds() - self._opened_at),
             )
         self._cancel_deadline()
+        for pool in self._pools.values():
+            pool.close()
         if self._lifetime is not None and self._lifetime.active():
             self._lifetime.cancel()
         self._lifetime = None

@@ -1,0 +1,717 @@
+"""HTTP/2 on terminated routes (RFC 9113), by ALPN, with the ``h2`` library's connection state machine.
+
+**One stream, one HTTP/1.1 exchange.** Each request stream is translated into an HTTP/1.1 request head (and
+body) and given to a fresh *front* — the very protocol a terminated HTTP/1.1 connection gets (forwarder,
+answerer of a ``redirect``/``static``/``block`` route, or the dispatcher of a port that routes by path and
+headers) — over a :class:`StreamChannel`, a transport that turns the front's HTTP/1.1 response back into
+HEADERS and DATA frames. So Host checks (``421``), ``basicAuth``/``jwtAuth``/``rateLimit``, header
+changes, X-Forwarded-* and every route action work per stream with the HTTP/1.1 code, and a backend
+speaks HTTP/1.1 only. The translation follows RFC 9113 §8: pseudo-header fields become the request line
+and ``Host``; ``cookie`` crumbs are joined with ``"; "``; connection-specific fields never cross; a field
+name or value that HTTP/1.1 cannot carry (CR, LF, NUL, upper case, no token) makes the request malformed
+(``400``), so nothing can be smuggled into the HTTP/1.1 side. ``CONNECT`` is refused (``501``): neither
+tunnels nor RFC 8441 WebSockets are offered over HTTP/2.
+
+**Protections** (:class:`Http2Limits`, each bounded and tested): concurrent streams (SETTINGS, enforced by
+``h2``), the receive window (the client's data is acknowledged only as the stream's front takes it, so a
+slow backend holds the client back), the header list size (decoded, by ``h2``) and the size of a header
+block across HEADERS and CONTINUATION frames (counted here from the frame headers before ``h2`` buffers
+anything: the CVE-2024-27316 class), and per time window: streams reset by the client (CVE-2023-44487,
+"rapid reset"), SETTINGS and PING frames. Past a bound the connection ends with GOAWAY
+``ENHANCE_YOUR_CALM``. A connection without open streams for ``idle_timeout`` seconds ends with GOAWAY.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    PingReceived,
+    RemoteSettingsChanged,
+    RequestReceived,
+    StreamEnded,
+    StreamReset,
+    WindowUpdated,
+)
+from h2.exceptions import ProtocolError, StreamClosedError
+from h2.settings import SettingCodes
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IHandshakeListener,
+    IProtocol,
+    IPushProducer,
+    IReactorTime,
+)
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from dcrouter.log import logger
+from dcrouter.proxy.httpmessage import (
+    HOP_BY_HOP,
+    ChunkedBody,
+    HeadBuffer,
+    HttpError,
+    parse_response_head,
+    response_framing,
+    simple_response,
+)
+
+log = logger(__name__)
+
+#: The ALPN protocol names a terminating route offers: with HTTP/2, and without.
+ALPN_H2 = (b"h2", b"http/1.1")
+ALPN_HTTP1 = (b"http/1.1",)
+
+_FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+\Z")
+_FIELD_VALUE = re.compile(rb"[^\x00\r\n]*\Z")
+_TARGET = re.compile(rb"[\x21-\x7e]+\Z")
+#: Fields that describe one connection (RFC 9113 §8.2.2) or that the translation sets itself.
+_NOT_FORWARDED = HOP_BY_HOP | {b"transfer-encoding", b"host", b"content-length", b"cookie"}
+#: Bytes of response data buffered for a stream beyond its flow-control window before its backend is paused.
+_BUFFER_HIGH = 64 * 1024
+_PREFACE_LENGTH = 24
+_HEADERS, _PUSH_PROMISE, _CONTINUATION = 0x1, 0x5, 0x9
+_END_HEADERS = 0x4
+
+
+@dataclass(frozen=True)
+class Http2Limits:
+    """The bounds of one HTTP/2 connection (``smartProxyConfig.http2``), times in seconds."""
+
+    max_concurrent_streams: int = 100
+    initial_window_size: int = 1024 * 1024
+    max_header_list_size: int = 64 * 1024
+    max_header_block_bytes: int = 64 * 1024
+    max_resets: int = 100
+    max_control_frames: int = 100
+    window: float = 10.0
+    idle_timeout: float | None = 300.0
+
+
+class _Calm(Exception):
+    """The client went past a bound: the connection ends with GOAWAY ENHANCE_YOUR_CALM."""
+
+
+class HeaderBlockMeter:
+    """Reads the frame headers of the client's byte stream to bound a header block — a HEADERS or
+    PUSH_PROMISE frame and the CONTINUATION frames that follow it — to ``limit`` bytes, before any of it is
+    buffered. :meth:`feed` raises ValueError past the bound."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._skip = _PREFACE_LENGTH
+        self._header = bytearray()
+        self._block: int | None = None
+
+    def feed(self, data: bytes) -> None:
+        i, n = 0, len(data)
+        while i < n:
+            if self._skip:
+                take = min(self._skip, n - i)
+                self._skip -= take
+                i += take
+                continue
+            need = 9 - len(self._header)
+            self._header += data[i : i + need]
+            i += need
+            if len(self._header) < 9:
+                return
+            length = int.from_bytes(self._header[0:3], "big")
+            kind, flags = self._header[3], self._header[4]
+            self._header = bytearray()
+            self._skip = length
+            if kind in (_HEADERS, _PUSH_PROMISE) or (kind == _CONTINUATION and self._block is not None):
+                self._block = (self._block or 0) + length if kind == _CONTINUATION else length
+                if self._block > self.limit:
+                    raise ValueError(f"header block over {self.limit} bytes")
+                if flags & _END_HEADERS:
+                    self._block = None
+
+
+class _WindowCounter:
+    """Events in the last ``window`` seconds, by ``clock``."""
+
+    def __init__(self, clock: IReactorTime, window: float, limit: int) -> None:
+        self._clock = clock
+        self._window = window
+        self._limit = limit
+        self._start = clock.seconds()
+        self.count = 0
+
+    def add(self) -> bool:
+        """Count one; True when the limit is passed."""
+        now = self._clock.seconds()
+        if now - self._start >= self._window:
+            self._start, self.count = now, 0
+        self.count += 1
+        return self.count > self._limit
+
+
+def request_head(headers: list[tuple[bytes, bytes]], *, ended: bool) -> tuple[bytes, bytes, bool]:
+    """An HTTP/2 request's header list as an HTTP/1.1 request head: (head, method, chunked body).
+    HttpError when it is malformed or cannot be carried (RFC 9113 §8.2, §8.3)."""
+    pseudo: dict[bytes, bytes] = {}
+    fields: list[tuple[bytes, bytes]] = []
+    cookies: list[bytes] = []
+    host: bytes | None = None
+    length: bytes | None = None
+    for name, value in headers:
+        if name.startswith(b":"):
+            pseudo[name] = value
+            continue
+        if not _FIELD_NAME.match(name) or not _FIELD_VALUE.match(value):
+            raise HttpError(400, "a field HTTP/1.1 cannot carry")
+        if name == b"cookie":
+            cookies.append(value)
+        elif name == b"host":
+            host = value
+        elif name == b"content-length":
+            length = value
+        elif name not in _NOT_FORWARDED:
+            fields.append((name, value))
+    method = pseudo.get(b":method", b"")
+    if method == b"CONNECT":
+        raise HttpError(501, "CONNECT is not served over HTTP/2")
+    authority = pseudo.get(b":authority", host)
+    path = pseudo.get(b":path", b"")
+    if not authority or not _TARGET.match(authority) or not _TARGET.match(path) or not _TARGET.match(method):
+        raise HttpError(400, "no usable :authority, :path or :method")
+    lines = [b"%s %s HTTP/1.1" % (method, path), b"Host: " + authority]
+    lines += [b"%s: %s" % field for field in fields]
+    if cookies:
+        lines.append(b"Cookie: " + b"; ".join(cookies))
+    chunked = False
+    if length is not None:
+        lines.append(b"Content-Length: " + length)
+    elif not ended:
+        lines.append(b"Transfer-Encoding: chunked")
+        chunked = True
+    # One exchange per front: it closes after the response, which ends the stream.
+    lines.append(b"Connection: close")
+    return b"\r\n".join(lines) + b"\r\n\r\n", method, chunked
+
+
+def response_fields(head: Any) -> list[tuple[bytes, bytes]]:
+    """An HTTP/1.1 response head's fields as HTTP/2 fields: names in lower case, connection-specific ones
+    (and those the Connection field names) left out."""
+    named = {token.lower() for token in head.fields.tokens(b"connection")}
+    out = [(b":status", b"%d" % head.status)]
+    for name, value in head.fields.lines:
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower == b"transfer-encoding" or lower in named:
+            continue
+        out.append((lower, value))
+    return out
+
+
+@implementer(IPushProducer)
+class StreamChannel:
+    """The transport a stream's front writes its HTTP/1.1 response to; see the module docstring."""
+
+    disconnecting = False
+
+    def __init__(self, connection: Http2Connection, stream_id: int, method: bytes) -> None:
+        self.connection = connection
+        self.stream_id = stream_id
+        self.method = method
+        self.front: IProtocol | None = None
+        self.producer: IPushProducer | None = None
+        self.paused = False
+        self.unacknowledged = 0
+        self.outbound = bytearray()
+        self.end_pending = False
+        self.finished = False  # END_STREAM sent or the stream reset: nothing more goes out
+        self.chunked = False  # the request body is passed on chunked (no Content-Length came)
+        self.lost = False  # the front was told the connection is gone
+        self._head: HeadBuffer | None = HeadBuffer(leading_crlf=False)
+        self._body: Any = None
+        self._remaining: int | None = None
+        self._producer_paused = False
+        self.streaming = True
+        self._pulling = False
+        self._written = 0
+
+    # -- the transport the front sees -----------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.finished or not data:
+            return
+        self._written += len(data)
+        try:
+            self._response(data)
+        except HttpError as error:
+            log.info("proxy: h2 stream {id}: bad response ({reason})", id=self.stream_id, reason=error.reason)
+            self.abortConnection()
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        self.write(b"".join(data))
+
+    def loseConnection(self) -> None:
+        if self.disconnecting:
+            return
+        self.disconnecting = True
+        if not self.finished:
+            if self._body is not None and self._remaining is None and not isinstance(self._body, ChunkedBody):
+                self.end_pending = True  # a body delimited by the close ends here
+                self.connection.flush(self)
+            elif not self.end_pending:
+                self.connection.reset(self, ErrorCodes.INTERNAL_ERROR)
+        self.connection.front_closed(self)
+
+    def abortConnection(self) -> None:
+        self.disconnecting = True
+        if not self.finished:
+            self.connection.reset(self, ErrorCodes.INTERNAL_ERROR)
+        self.connection.front_closed(self)
+
+    def getPeer(self) -> Any:
+        return self.connection.transport.getPeer()
+
+    def getHost(self) -> Any:
+        return self.connection.transport.getHost()
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+        self.streaming = streaming
+        if not streaming:
+            self._pull()
+        elif self._producer_paused:
+            producer.pauseProducing()
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    # -- the client side, paused by the front ---------------------------------------------------------
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if self.unacknowledged:
+            count, self.unacknowledged = self.unacknowledged, 0
+            self.connection.acknowledge(self, count)
+
+    def stopProducing(self) -> None:
+        self.abortConnection()
+
+    # -- the response, HTTP/1.1 to HTTP/2 -------------------------------------------------------------
+
+    def _response(self, data: bytes) -> None:
+        while data and not self.finished:
+            if self._head is not None:
+                complete = self._head.feed(data)
+                if complete is None:
+                    return
+                raw, data = complete
+                self._response_head(raw)
+                continue
+            if self._body is None or self.end_pending:
+                return  # bytes past the response: nothing can carry them
+            if isinstance(self._body, ChunkedBody):
+                body, data = self._body.feed(data)
+                self._send(_unchunk(body), end=self._body.done)
+                continue
+            if self._remaining is None:
+                self._send(data, end=False)
+                return
+            take = data[: self._remaining]
+            data = data[self._remaining :]
+            self._remaining -= len(take)
+            self._send(take, end=self._remaining == 0)
+
+    def _response_head(self, raw: bytes) -> None:
+        head = parse_response_head(raw)
+        if head.status == 101:
+            raise HttpError(502, "no protocol switch over HTTP/2")
+        if head.status < 200:
+            self.connection.send_headers(self, response_fields(head), end=False)
+            self._head = HeadBuffer(leading_crlf=False)
+            return
+        self._head = None
+        framing = response_framing(self.method, head)
+        self.connection.send_headers(self, response_fields(head), end=framing.kind == "none")
+        if framing.kind == "none":
+            self.finished = True
+        elif framing.kind == "chunked":
+            self._body = ChunkedBody()
+        elif framing.kind == "length":
+            self._body, self._remaining = True, framing.length
+            if framing.length == 0:
+                self._send(b"", end=True)
+        else:
+            self._body = True
+
+    def _send(self, data: bytes, *, end: bool) -> None:
+        self.outbound += data
+        self.end_pending = self.end_pending or end
+        self.connection.flush(self)
+
+    def flushed(self) -> None:
+        """Called after a flush: pause or resume the backend by what is still buffered, or ask a pull
+        producer (a static file) for more."""
+        if self.producer is not None and not self.streaming:
+            self._pull()
+            return
+        high = len(self.outbound) > _BUFFER_HIGH
+        if high != self._producer_paused:
+            self._producer_paused = high
+            if self.producer is not None:
+                (self.producer.pauseProducing if high else self.producer.resumeProducing)()
+
+    def _pull(self) -> None:
+        if self._pulling:
+            return
+        self._pulling = True
+        try:
+            while self.producer is not None and not self.streaming:
+                if len(self.outbound) > _BUFFER_HIGH:
+                    return
+                written = self._written
+                self.producer.resumeProducing()
+                if self._written == written:
+                    return  # nothing came: the producer writes later, or is done
+        finally:
+            self._pulling = False
+
+
+def _unchunk(encoded: bytes) -> bytes:
+    """The data of a canonical chunked encoding as :class:`ChunkedBody` writes it (``%x CRLF data CRLF``)."""
+    out: list[bytes] = []
+    i = 0
+    while i < len(encoded):
+        end = encoded.index(b"\r\n", i)
+        size = int(encoded[i:end], 16)
+        if size == 0:
+            break
+        out.append(encoded[end + 2 : end + 2 + size])
+        i = end + 2 + size + 2
+    return b"".join(out)
+
+
+class Http2Connection(Protocol):
+    """HTTP/2 inside a terminated TLS connection; see the module docstring. ``make_front`` gives the
+    protocol that serves one request (a fresh one per stream)."""
+
+    transport: Any
+
+    def __init__(
+        self,
+        make_front: Callable[[], IProtocol],
+        *,
+        clock: IReactorTime,
+        limits: Http2Limits | None = None,
+        client_ip: str = "",
+    ) -> None:
+        self.limits = limits or Http2Limits()
+        self._make_front = make_front
+        self._clock = clock
+        self.client_ip = client_ip
+        self.h2 = H2Connection(config=H2Configuration(client_side=False, header_encoding=None))
+        self.streams: dict[int, StreamChannel] = {}
+        self.closed = False
+        self.goaway: str | None = None  # why we sent GOAWAY, when we did
+        self._meter = HeaderBlockMeter(self.limits.max_header_block_bytes)
+        self._resets = _WindowCounter(clock, self.limits.window, self.limits.max_resets)
+        self._control = _WindowCounter(clock, self.limits.window, self.limits.max_control_frames)
+        self._idle: IDelayedCall | None = None
+        self._write_call: IDelayedCall | None = None
+        self._last_activity = clock.seconds()
+
+    def connectionMade(self) -> None:
+        limits = self.limits
+        self.h2.initiate_connection()
+        self.h2.update_settings(
+            {
+                SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
+                SettingCodes.INITIAL_WINDOW_SIZE: limits.initial_window_size,
+                SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_list_size,
+                SettingCodes.ENABLE_PUSH: 0,
+            }
+        )
+        # h2 applies our settings once the client acknowledges them; until then (one round trip) the
+        # protocol's defaults hold, except for the header list size, bounded from the start.
+        self.h2.decoder.max_header_list_size = limits.max_header_list_size
+        # The connection's own receive window (65535 by the protocol) grows by as much again as one stream's:
+        # a stream paused by a slow backend must not hold up the others' uploads, and what the client may
+        # send before the proxy passes it on stays bounded by this one window.
+        self.h2.increment_flow_control_window(limits.initial_window_size)
+        self._write()
+        if limits.idle_timeout is not None:
+            self._idle = self._clock.callLater(limits.idle_timeout, self._idle_check)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self._last_activity = self._clock.seconds()
+        try:
+            self._meter.feed(data)
+            events = self.h2.receive_data(data)
+            for event in events:
+                self._event(event)
+        except ValueError as error:  # the header block meter
+            self._calm(str(error))
+            return
+        except _Calm as error:
+            self._calm(str(error))
+            return
+        except ProtocolError as error:
+            log.info("proxy: {client}: HTTP/2 protocol error: {error}", client=self.client_ip, error=error)
+            self.goaway = f"protocol error: {error}"
+            self._end()
+            return
+        self._write()
+
+    def _event(self, event: Any) -> None:
+        if isinstance(event, RequestReceived):
+            self._request(event)
+        elif isinstance(event, DataReceived):
+            self._data(event)
+        elif isinstance(event, StreamEnded):
+            channel = self.streams.get(event.stream_id)
+            if channel is not None and channel.front is not None and channel.chunked:
+                channel.front.dataReceived(b"0\r\n\r\n")
+        elif isinstance(event, StreamReset):
+            if event.remote_reset and self._resets.add():
+                raise _Calm(
+                    f"more than {self.limits.max_resets} streams reset within {self.limits.window:g}s"
+                )
+            channel = self.streams.get(event.stream_id)
+            if channel is not None:
+                channel.finished = True
+                self._lose_front(channel, ConnectionLost("stream reset by the client"))
+        elif isinstance(event, PingReceived | RemoteSettingsChanged):
+            if self._control.add():
+                raise _Calm(
+                    f"more than {self.limits.max_control_frames} SETTINGS and PING frames within "
+                    f"{self.limits.window:g}s"
+                )
+        elif isinstance(event, WindowUpdated):
+            targets = (
+                list(self.streams.values()) if event.stream_id == 0 else [self.streams.get(event.stream_id)]
+            )
+            for channel in targets:
+                if channel is not None:
+                    self.flush(channel)
+        elif isinstance(event, ConnectionTerminated):
+            self._end()
+
+    def _request(self, event: RequestReceived) -> None:
+        stream_id = event.stream_id
+        try:
+            raw, method, chunked = request_head(
+                list(event.headers or ()), ended=event.stream_ended is not None
+            )
+        except HttpError as error:
+            channel = StreamChannel(self, stream_id, b"GET")
+            self.streams[stream_id] = channel
+            reason = error.reason
+            channel.write(simple_response(error.status, reason, body=reason.encode() + b"\n"))
+            channel.loseConnection()
+            return
+        channel = StreamChannel(self, stream_id, method)
+        channel.chunked = chunked
+        self.streams[stream_id] = channel
+        front = self._make_front()
+        channel.front = front
+        front.makeConnection(channel)  # type: ignore[arg-type]
+        if not channel.lost:
+            front.dataReceived(raw)
+
+    def _data(self, event: DataReceived) -> None:
+        channel = self.streams.get(event.stream_id)
+        length = event.flow_controlled_length or 0
+        if channel is None or channel.front is None or channel.lost:
+            self.h2.acknowledge_received_data(length, event.stream_id)
+            return
+        data = event.data or b""
+        if data:
+            channel.front.dataReceived(b"%x\r\n%s\r\n" % (len(data), data) if channel.chunked else data)
+        if channel.paused:
+            channel.unacknowledged += length
+        else:
+            self.acknowledge(channel, length)
+
+    # -- what channels ask ----------------------------------------------------------------------------
+
+    def acknowledge(self, channel: StreamChannel, count: int) -> None:
+        if count and not self.closed:
+            try:
+                self.h2.acknowledge_received_data(count, channel.stream_id)
+            except (StreamClosedError, ProtocolError):
+                return
+            self._write()
+
+    def send_headers(self, channel: StreamChannel, headers: list[tuple[bytes, bytes]], *, end: bool) -> None:
+        if self.closed:
+            return
+        try:
+            self.h2.send_headers(channel.stream_id, headers, end_stream=end)
+        except (StreamClosedError, ProtocolError):
+            channel.finished = True
+            return
+        if end:
+            self._stream_done(channel)
+        self._write()
+
+    def flush(self, channel: StreamChannel) -> None:
+        """Send what the stream's flow-control window allows of its buffered response."""
+        if self.closed or channel.finished:
+            return
+        sid = channel.stream_id
+        try:
+            while channel.outbound:
+                size = min(self.h2.local_flow_control_window(sid), self.h2.max_outbound_frame_size)
+                if size <= 0:
+                    break
+                chunk = bytes(channel.outbound[:size])
+                del channel.outbound[:size]
+                last = channel.end_pending and not channel.outbound
+                self.h2.send_data(sid, chunk, end_stream=last)
+                if last:
+                    self._stream_done(channel)
+            if channel.end_pending and not channel.outbound and not channel.finished:
+                self.h2.end_stream(sid)
+                self._stream_done(channel)
+        except (StreamClosedError, ProtocolError):
+            self._stream_done(channel)
+            return
+        self._write()
+        channel.flushed()
+
+    def reset(self, channel: StreamChannel, code: ErrorCodes) -> None:
+        if channel.finished or self.closed:
+            return
+        channel.finished = True
+        try:
+            self.h2.reset_stream(channel.stream_id, code)
+        except (StreamClosedError, ProtocolError):
+            pass
+        self.streams.pop(channel.stream_id, None)
+        self._write()
+
+    def front_closed(self, channel: StreamChannel) -> None:
+        """The front closed its side: it is told the connection is gone (as a transport would, later)."""
+        self._clock.callLater(0, self._lose_front, channel, ConnectionDone("stream done"))
+
+    def _stream_done(self, channel: StreamChannel) -> None:
+        """Nothing more goes out on the stream; the front closes when it sees its response end."""
+        channel.finished = True
+        self.streams.pop(channel.stream_id, None)
+
+    def _lose_front(self, channel: StreamChannel, reason: Exception) -> None:
+        if channel.lost:
+            return
+        channel.lost = True
+        if not channel.finished and not channel.end_pending:
+            self.reset(channel, ErrorCodes.CANCEL)
+        if channel.finished:
+            self.streams.pop(channel.stream_id, None)
+        if channel.front is not None:
+            channel.front.connectionLost(Failure(reason))
+
+    # -- the connection -------------------------------------------------------------------------------
+
+    def _write(self) -> None:
+        """Send what ``h2`` has queued, once per reactor turn: the frames of every stream that advanced in
+        this turn (a response's HEADERS and DATA, other streams' frames) go out in one TLS write."""
+        if self._write_call is None and not self.closed:
+            self._write_call = self._clock.callLater(0, self._write_now)
+
+    def _write_now(self) -> None:
+        if self._write_call is not None and self._write_call.active():
+            self._write_call.cancel()
+        self._write_call = None
+        data = self.h2.data_to_send()
+        if data and not self.closed:
+            self.transport.write(data)
+
+    def _calm(self, why: str) -> None:
+        log.info("proxy: {client}: HTTP/2 connection ended: {why}", client=self.client_ip, why=why)
+        self.goaway = why
+        try:
+            self.h2.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
+        except ProtocolError:
+            pass
+        self._end()
+
+    def _end(self) -> None:
+        if not self.closed:
+            self._write_now()
+            self.closed = True
+            self.transport.loseConnection()
+
+    def _idle_check(self) -> None:
+        timeout = self.limits.idle_timeout
+        assert timeout is not None
+        self._idle = None
+        if self.closed:
+            return
+        idle_for = self._clock.seconds() - self._last_activity
+        if not self.streams and idle_for >= timeout:
+            self.goaway = f"idle for {timeout:g}s"
+            self.h2.close_connection(ErrorCodes.NO_ERROR)
+            self._end()
+            return
+        self._idle = self._clock.callLater(max(timeout - idle_for, 1.0), self._idle_check)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.closed = True
+        for call in (self._idle, self._write_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._idle = self._write_call = None
+        for channel in list(self.streams.values()):
+            channel.finished = True
+            self._lose_front(channel, ConnectionLost("HTTP/2 connection lost"))
+        self.streams.clear()
+
+
+@implementer(IHandshakeListener, IHalfCloseableProtocol)
+class AlpnFront(Protocol):
+    """The application protocol of a terminated TLS connection that offered ``h2``: HTTP/1.1 (``http1``,
+    connected at once, as without HTTP/2) unless the handshake chose ``h2``, then ``http2()``."""
+
+    transport: Any
+
+    def __init__(self, http1: IProtocol, http2: Callable[[], IProtocol]) -> None:
+        self.http1 = http1
+        self._http2 = http2
+        self.inner: IProtocol = http1
+
+    def makeConnection(self, transport: Any) -> None:
+        self.transport = transport
+        self.http1.makeConnection(transport)
+
+    def handshakeCompleted(self) -> None:
+        if getattr(self.transport, "negotiatedProtocol", None) != b"h2":
+            return
+        self.http1.connectionLost(Failure(ConnectionDone("HTTP/2 chosen")))
+        self.inner = self._http2()
+        self.inner.makeConnection(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.inner.dataReceived(data)
+
+    def readConnectionLost(self) -> None:
+        if IHalfCloseableProtocol.providedBy(self.inner):
+            self.inner.readConnectionLost()
+        else:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        """Never sent by the proxy's terminated connections."""
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.inner.connectionLost(reason)

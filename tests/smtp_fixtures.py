@@ -272,7 +272,9 @@ def connect(
         hostAddress=IPv4Address("TCP", "127.0.0.1", factory.port), peerAddress=IPv4Address("TCP", peer, 40000)
     )
     protocol.makeConnection(transport)
-    server = Server(protocol, transport, clock, queue, factory)
+    # ``factory``: the session's own copy (taken at connect, as a reload needs), so a test that sets a
+    # collaborator on it after connecting (a spool writer, an authenticator) reaches this session.
+    server = Server(protocol, transport, clock, queue, protocol._f)
     if greet:
         server.take()
     return server

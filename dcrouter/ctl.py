@@ -299,10 +299,8 @@ def print_destinations(result: dict[str, Any], out: TextIO) -> None:
         )
     other = result.get("queuedOther", {})
     if other.get("queued") or other.get("deferred"):
-        out.write(
-            f"{'(' + str(other.get('destinations', 0)) + ' more / none)':<32} {other.get('queued', 0):>8} "
-            f"{other.get('deferred', 0):>8}\n"
-        )
+        label = f"({other.get('destinations', 0)} other destinations)"
+        out.write(f"{label:<32} {other.get('queued', 0):>8} {other.get('deferred', 0):>8}\n")
     if result.get("queuedComplete") is False:
         out.write("(queued and deferred counted over part of the queue only: lower bounds)\n")
 

@@ -279,6 +279,32 @@ def _list(client: ApiClient, args: argparse.Namespace) -> dict[str, Any]:
             return {"items": items, "nextCursor": cursor}
 
 
+def print_destinations(result: dict[str, Any], out: TextIO) -> None:
+    """``dcrouter delivery status``'s table: one line per destination with mail queued, deferred, in flight
+    or a last error."""
+    queued = result.get("queuedByDestination", {})
+    flying = result.get("inFlightByDestination", {})
+    errors = result.get("lastErrors", {})
+    names = sorted(set(queued) | set(flying) | set(errors))
+    if not names:
+        return
+    out.write(f"{'DESTINATION':<32} {'QUEUED':>8} {'DEFERRED':>8} {'FLIGHT':>6}  LAST ERROR\n")
+    for name in names:
+        counts = queued.get(name, {})
+        error = errors.get(name, {}).get("reply", "")
+        out.write(
+            f"{name:<32} {counts.get('queued', 0):>8} {counts.get('deferred', 0):>8} "
+            f"{flying.get(name, 0):>6}  {error}\n".rstrip()
+            + "\n"
+        )
+    other = result.get("queuedOther", {})
+    if other.get("queued") or other.get("deferred"):
+        label = f"({other.get('destinations', 0)} other destinations)"
+        out.write(f"{label:<32} {other.get('queued', 0):>8} {other.get('deferred', 0):>8}\n")
+    if result.get("queuedComplete") is False:
+        out.write("(queued and deferred counted over part of the queue only: lower bounds)\n")
+
+
 def _print(args: argparse.Namespace, result: Any, out: TextIO) -> None:
     if args.command == "stats":
         print_stats(result, out)
@@ -294,6 +320,7 @@ def _print(args: argparse.Namespace, result: Any, out: TextIO) -> None:
             f"delivery {paused}; paused destinations: {', '.join(result['pausedDestinations']) or 'none'}; "
             f"{result['inFlight']} in flight\n"
         )
+        print_destinations(result, out)
     elif args.action == "list":
         items = result["items"]
         if not items:
@@ -356,7 +383,11 @@ def add_commands(commands: Any) -> None:
     for name in ("pause", "resume"):
         step = steps.add_parser(name, parents=[client], help=f"{name} delivery")
         step.add_argument("destination", nargs="?", metavar="DESTINATION", help="a route name; default: all")
-    steps.add_parser("status", parents=[client], help="what is paused, deliveries in flight")
+    steps.add_parser(
+        "status",
+        parents=[client],
+        help="what is paused; per destination in flight, queued, deferred, last error",
+    )
     stats = commands.add_parser(
         "stats", parents=[client], help="queue counts, messages since start, sessions (through the API)"
     )

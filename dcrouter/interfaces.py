@@ -110,6 +110,13 @@ class IDeliveryQueue(Interface):
         """Deferred firing with a dict: status value (``"queued"``, ``"held"``, ...) → number of items, every
         status present (0 when none)."""
 
+    def count_by_destination():
+        """Deferred firing with a :class:`dcrouter.queue.contract.DestinationCounts`: per destination, how
+        many items are ``queued`` and ``deferred`` (``contract.DESTINATION_COUNT_STATUSES``), for the
+        ``DESTINATION_COUNT_TOP`` destinations with most, the rest summed. Never holds the reactor: memory
+        counts in Python, disk in one GROUP BY on its reader thread, Redis in bounded script calls (past
+        their budget the counts are a lower bound, ``complete`` False)."""
+
     def get_item_count():
         """Deferred firing with the number of items not yet delivered, bounced or failed."""
 

@@ -354,6 +354,27 @@ class ControlEndpointTests(ApiTestBase):
         _, body, _ = await self.call("POST", "/api/v1/delivery/pause")
         self.assertTrue(router.delivery.paused)
 
+    async def test_delivery_counts_queued_and_deferred_per_destination(self) -> None:
+        await self.start()  # delivery paused: nothing is claimed while we look
+        await self.enqueue(
+            make_item("P1", destination="domain:example.com"),
+            make_item("P2", destination="domain:example.com"),
+            make_item("P3", destination="domain:example.com", status=QueueItemStatus.DEFERRED),
+            make_item("P4", destination="smarthost:relay", status=QueueItemStatus.DEFERRED),
+            make_item("P5", destination="smarthost:relay", status=QueueItemStatus.HELD),
+        )
+        code, body, _ = await self.call("GET", "/api/v1/delivery")
+        self.assertEqual(code, 200)
+        self.assertEqual(
+            body["queuedByDestination"],
+            {
+                "domain:example.com": {"queued": 2, "deferred": 1},
+                "smarthost:relay": {"queued": 0, "deferred": 1},
+            },
+        )
+        self.assertEqual(body["queuedOther"], {"destinations": 0, "queued": 0, "deferred": 0})
+        self.assertIs(body["queuedComplete"], True)
+
     async def test_log_level(self) -> None:
         await self.start()
         self.addCleanup(set_level, "info", "dcrouter.delivery")

@@ -8,7 +8,7 @@ import io
 from twisted.trial.unittest import SynchronousTestCase
 
 from dcrouter.cli import parse_args
-from dcrouter.ctl import CtlError, print_queue, resolve, run
+from dcrouter.ctl import CtlError, print_destinations, print_queue, resolve, run
 
 
 class ResolveTests(SynchronousTestCase):
@@ -53,6 +53,28 @@ class ResolveTests(SynchronousTestCase):
         args = parse_args(["stats", "--url", "http://127.0.0.1:9"])
         self.assertEqual(run(args, io.StringIO(), err, {"DCROUTER_TOKEN": "t"}), 1)
         self.assertIn("cannot reach the management API at http://127.0.0.1:9", err.getvalue())
+
+    def test_delivery_status_prints_each_destination(self) -> None:
+        out = io.StringIO()
+        result = {
+            "inFlightByDestination": {"mx:example.org": 2},
+            "lastErrors": {
+                "domain:example.test": {"reply": "421 4.4.2 timeout", "at": "2026-12-07T17:55:00Z"}
+            },
+            "queuedByDestination": {
+                "domain:example.test": {"queued": 3, "deferred": 40},
+                "mx:example.org": {"queued": 12, "deferred": 0},
+            },
+            "queuedOther": {"destinations": 7, "queued": 1, "deferred": 2},
+            "queuedComplete": False,
+        }
+        print_destinations(result, out)
+        lines = out.getvalue().splitlines()
+        self.assertEqual(lines[0].split(), ["DESTINATION", "QUEUED", "DEFERRED", "FLIGHT", "LAST", "ERROR"])
+        self.assertEqual(lines[1].split(), ["domain:example.test", "3", "40", "0", "421", "4.4.2", "timeout"])
+        self.assertEqual(lines[2].split(), ["mx:example.org", "12", "0", "2"])
+        self.assertEqual(lines[3].split(), ["(7", "other", "destinations)", "1", "2"])
+        self.assertIn("lower bounds", lines[4])
 
     def test_mailq_layout(self) -> None:
         out = io.StringIO()

@@ -16,7 +16,7 @@ from zope.interface.verify import verifyObject
 from dcrouter.interfaces import IDeliveryQueue, QueueFull, QueueUnavailable, StatusMismatch
 from dcrouter.mail.envelope import Envelope
 from dcrouter.mail.spooled import SpooledMessage
-from dcrouter.queue.contract import LOAD_COUNT_KEYS, ClaimSchedule, QueueFilter
+from dcrouter.queue.contract import LOAD_COUNT_KEYS, ClaimSchedule, QueueFilter, destination_counts
 from dcrouter.queue.disk import DiskQueue
 from dcrouter.queue.item import Priority, QueueItem, QueueItemStatus
 from dcrouter.queue.memory import MemoryQueue
@@ -175,8 +175,9 @@ class QueueContractMixin:
     async def test_scheduled_claim_skips_closed_destinations(self) -> None:
         """A full or paused destination's backlog ahead in the queue holds back nobody else's mail."""
         queue = await self.open_queue()
-        slow = [make_item(f"SLOW{n:03d}", destination="slow", created_at=START - 1000 + n)
-                for n in range(300)]
+        slow = [
+            make_item(f"SLOW{n:03d}", destination="slow", created_at=START - 1000 + n) for n in range(300)
+        ]
         await self.enqueue_all(queue, *slow, make_item("FAST", destination="fast"), make_item("NEW"))
         self.clock.advance(START)
         claimed = await queue.get_next(10, ClaimSchedule({"slow": 0}))
@@ -191,8 +192,9 @@ class QueueContractMixin:
         """A destination with one free slot and a backlog longer than a claim's window: one of its messages,
         and the mail behind the backlog, in the same claim."""
         queue = await self.open_queue()
-        slow = [make_item(f"SLOW{n:04d}", destination="slow", created_at=START - 2000 + n)
-                for n in range(1200)]
+        slow = [
+            make_item(f"SLOW{n:04d}", destination="slow", created_at=START - 2000 + n) for n in range(1200)
+        ]
         await self.enqueue_all(queue, *slow, make_item("FAST", destination="fast"))
         self.clock.advance(START)
         claimed = await queue.get_next(5, ClaimSchedule({"slow": 1}))
@@ -456,6 +458,31 @@ class QueueContractMixin:
         self.assertEqual(set(counts), {s.value for s in QueueItemStatus})
         self.assertEqual((counts["queued"], counts["held"], counts["delivered"]), (2, 1, 0))
 
+    async def test_count_by_destination(self) -> None:
+        queue = await self.open_queue()
+        due = {"next_attempt_at": 0.0}
+        await self.enqueue_all(
+            queue,
+            make_item("D1", **due, destination="a.example"),
+            make_item("D2", **due, destination="a.example"),
+            make_item("D3", **due, destination="a.example", status=QueueItemStatus.DEFERRED),
+            make_item("D4", **due, destination="b.example", status=QueueItemStatus.DEFERRED),
+            make_item("D5", **due, destination="b.example", status=QueueItemStatus.HELD),  # not counted
+            make_item("D6", **due, destination="c.example", status=QueueItemStatus.DELIVERED),  # not counted
+            make_item("D7", **due),  # no destination recorded: in "other"
+        )
+        counts = await queue.count_by_destination()  # held and delivered are not counted
+        self.assertEqual(
+            counts.by_destination,
+            {"a.example": {"queued": 2, "deferred": 1}, "b.example": {"queued": 0, "deferred": 1}},
+        )
+        self.assertEqual(list(counts.by_destination), ["a.example", "b.example"])  # most first
+        self.assertEqual(counts.other, {"destinations": 0, "queued": 1, "deferred": 0})
+        self.assertTrue(counts.complete)
+        claimed = await queue.get_next(10)  # delivering: neither queued nor deferred
+        self.assertEqual(len(claimed), 5)
+        self.assertEqual((await queue.count_by_destination()).by_destination, {})
+
     async def test_held_items_are_never_claimed(self) -> None:
         queue = await self.open_queue()
         await self.enqueue_all(queue, make_item("H1", next_attempt_at=0.0))
@@ -469,6 +496,18 @@ class QueueContractMixin:
         queue = await self.open_queue()
         await queue.save()
         await self.assertFails(queue.enqueue(make_item("L1"), inline()), QueueUnavailable)
+
+
+class DestinationCountsTests(TestCase):
+    def test_the_top_destinations_are_named_the_rest_summed(self) -> None:
+        rows = [("a", "queued", 5), ("b", "deferred", 2), ("b", "queued", 2), ("c", "queued", 1)]
+        rows += [("d", "deferred", 1), (None, "queued", 3), ("a", "held", 9)]
+        counts = destination_counts(rows, top=2)
+        self.assertEqual(
+            counts.by_destination, {"a": {"queued": 5, "deferred": 0}, "b": {"queued": 2, "deferred": 2}}
+        )
+        self.assertEqual(counts.other, {"destinations": 2, "queued": 4, "deferred": 1})
+        self.assertTrue(counts.complete)
 
 
 class MemoryQueueContractTests(QueueContractMixin, TestCase):

@@ -144,6 +144,23 @@ class ListingTests(RedisQueueTestBase):
         everything = await queue.list_items(QueueFilter(), 4)
         self.assertEqual([i.id for i in everything.items], ["L9", "L8", "L7", "L6"])
 
+    async def test_count_by_destination_walks_in_bounded_calls(self) -> None:
+        """Counting walks the status sets COUNT_BUDGET items a call; past COUNT_CALLS calls it says so."""
+        self.patch(redis_module, "COUNT_BUDGET", 3)
+        queue, _ = await self.open_queue()
+        for n in range(8):
+            await queue.enqueue(make_item(f"C{n}", destination=f"d{n % 2}.example"), inline())
+        counts = await queue.count_by_destination()  # 3 calls of 3 items: all 8 seen
+        self.assertEqual(
+            counts.by_destination,
+            {"d0.example": {"queued": 4, "deferred": 0}, "d1.example": {"queued": 4, "deferred": 0}},
+        )
+        self.assertTrue(counts.complete)
+        self.patch(redis_module, "COUNT_CALLS", 2)
+        partial = await queue.count_by_destination()  # 6 of 8 seen: a lower bound, said so
+        self.assertEqual(sum(c["queued"] for c in partial.by_destination.values()), 6)
+        self.assertFalse(partial.complete)
+
     async def test_held_survives_restart(self) -> None:
         queue, _ = await self.open_queue()
         await queue.enqueue(make_item("HOLD", next_attempt_at=0.0), inline())

@@ -192,8 +192,11 @@ class Endpoints:
                 "/api/v1/delivery",
                 self.delivery_show,
                 "read",
-                "Whether delivery is paused (globally, per destination), deliveries in flight, and the last "
-                "failure per destination.",
+                "Whether delivery is paused (globally, per destination), deliveries in flight, the last "
+                "failure per destination, and per destination how many messages are `queued` (waiting for a "
+                "first attempt) and `deferred` (waiting for a retry): `queuedByDestination`, the 500 "
+                "destinations with most, the rest summed in `queuedOther` (with no destination recorded "
+                "too); `queuedComplete` is false when the queue (Redis) counted a bounded part only.",
             ),
             E(
                 "POST",
@@ -579,6 +582,7 @@ class Endpoints:
     async def delivery_show(self, call: Call) -> Any:
         delivery = self._delivery()
         stats = delivery.get_delivery_stats()
+        counts = await self._queue().count_by_destination()
         return {
             "paused": delivery.paused,
             "pausedDestinations": delivery.paused_destinations,
@@ -588,6 +592,9 @@ class Endpoints:
                 route: {"reply": reply, "at": iso_time(at)}
                 for route, (reply, at) in sorted(delivery.last_errors().items())
             },
+            "queuedByDestination": counts.by_destination,
+            "queuedOther": counts.other,
+            "queuedComplete": counts.complete,
         }
 
     async def delivery_pause(self, call: Call) -> Any:

@@ -63,6 +63,47 @@ class ItemPage:
     next_cursor: str | None
 
 
+#: The statuses ``count_by_destination`` counts: mail waiting for a first attempt, and for a retry.
+DESTINATION_COUNT_STATUSES = (QueueItemStatus.QUEUED, QueueItemStatus.DEFERRED)
+#: Destinations ``count_by_destination`` names, most items first; the rest are summed in ``other``.
+DESTINATION_COUNT_TOP = 500
+
+
+@dataclasses.dataclass(frozen=True)
+class DestinationCounts:
+    """What ``count_by_destination`` fires with. ``by_destination``: destination → ``{"queued": n,
+    "deferred": n}`` for the ``DESTINATION_COUNT_TOP`` destinations with most such items (most first, then by
+    name). ``other``: ``{"destinations": k, "queued": n, "deferred": n}`` summed over the destinations left
+    out and the items with no destination recorded. ``complete`` is False when the backend counted a bounded
+    part of the queue only (Redis, past its budget): the counts are then a lower bound."""
+
+    by_destination: dict[str, dict[str, int]]
+    other: dict[str, int]
+    complete: bool
+
+
+def destination_counts(
+    rows: Iterable[tuple[str | None, str, int]], complete: bool = True, top: int = DESTINATION_COUNT_TOP
+) -> DestinationCounts:
+    """``DestinationCounts`` from ``(destination, status value, count)`` rows (a destination may repeat)."""
+    statuses = [s.value for s in DESTINATION_COUNT_STATUSES]
+    per: dict[str, dict[str, int]] = {}
+    other = {"destinations": 0, **dict.fromkeys(statuses, 0)}
+    for destination, status, count in rows:
+        if status not in other or not count:
+            continue
+        if destination is None:
+            other[status] += count
+            continue
+        per.setdefault(destination, dict.fromkeys(statuses, 0))[status] += count
+    ranked = sorted(per.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))
+    for _destination, counts in ranked[top:]:
+        other["destinations"] += 1
+        for s in statuses:
+            other[s] += counts[s]
+    return DestinationCounts(dict(ranked[:top]), other, complete)
+
+
 _CURSOR = re.compile(r"[0-9]{1,18}\Z")
 
 

@@ -57,6 +57,7 @@ from dcrouter.queue.contract import (
     check_changes,
     check_item_id,
     check_page,
+    destination_counts,
     is_live,
 )
 from dcrouter.queue.index import ClaimDue, Outcome, QueueIndex, RemoveItems, StoreItem, UpdateItem, Write
@@ -247,6 +248,12 @@ class DiskQueue(QueueLifecycle):
 
     def count_by_status(self) -> Deferred:
         return self._read(self._index.count_by_status)
+
+    def count_by_destination(self) -> Deferred:
+        """One GROUP BY over the ready items' index, on the reader thread."""
+        d = self._read(self._index.count_by_destination)
+        d.addCallback(destination_counts)
+        return d
 
     def open_body(self, item_id: str) -> Deferred:
         """A readable binary file over the body (BytesIO when inline); fails with KeyError if unknown."""

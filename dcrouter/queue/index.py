@@ -712,6 +712,18 @@ class QueueIndex:
             counts[status] = count
         return counts
 
+    def count_by_destination(self) -> list[tuple[str | None, str, int]]:
+        """``(destination, status, count)`` of the queued and deferred items: items_dest_ready holds exactly
+        them, in destination order, so the grouping walks it once."""
+        return (
+            self.reader()
+            .execute(
+                "SELECT destination, status, COUNT(*) FROM items INDEXED BY items_dest_ready"
+                f" WHERE status IN {_READY_SQL} GROUP BY destination, status"
+            )
+            .fetchall()
+        )
+
     def open_body(self, item_id: str) -> BinaryIO:
         row = self.reader().execute("SELECT body_file FROM items WHERE id = ?", (item_id,)).fetchone()
         if row is None:

@@ -40,6 +40,7 @@ from dcrouter.queue.contract import (
     check_changes,
     check_item_id,
     check_page,
+    destination_counts,
     is_live,
     new_load_counts,
     pick,
@@ -233,6 +234,10 @@ class MemoryQueue(QueueLifecycle):
         for item in self._items.values():
             counts[item.status.value] += 1
         return succeed(counts)
+
+    def count_by_destination(self) -> Deferred:
+        rows = ((i.destination, i.status.value, 1) for i in self._items.values())
+        return succeed(destination_counts(rows))
 
     # -- removing in bulk --------------------------------------------------------------------------
 

@@ -122,12 +122,15 @@ from dcrouter.queue import redis_chunks as chunks
 from dcrouter.queue import redis_consumer
 from dcrouter.queue import redis_scripts as scripts
 from dcrouter.queue.contract import (
+    DESTINATION_COUNT_STATUSES,
     ClaimSchedule,
+    DestinationCounts,
     ItemPage,
     QueueFilter,
     check_changes,
     check_item_id,
     check_page,
+    destination_counts,
     new_load_counts,
     scan_window,
 )
@@ -146,6 +149,10 @@ log = logger(__name__)
 LIST_BUDGET = 2000
 #: Script calls one page makes at most; a filter matching little returns a short page with a cursor beyond.
 LIST_CALLS = 10
+#: Items one ``count_by_destination`` script call looks at, and the calls it makes per status at most: past
+#: them the counts are a lower bound (``complete`` False).
+COUNT_BUDGET = 5000
+COUNT_CALLS = 10
 #: Items one script call removes, verifies or returns from expired leases; bounds how long Redis is busy.
 CHUNK = 500
 #: Due items one claim moves from ``wait`` to ``due`` (the rest follow in the next claims).
@@ -528,6 +535,30 @@ class RedisQueue(QueueLifecycle):
         statuses = [status.value for status in QueueItemStatus]
         reply = await self._store.script(scripts.COUNT_BY_STATUS, *statuses)
         return {status: int(n) for status, n in zip(statuses, reply, strict=True)}
+
+    def count_by_destination(self) -> Deferred:
+        """Per destination queued and deferred items, across every process: the status sets walked in
+        script calls of COUNT_BUDGET items (Redis keeps no count per destination and status), COUNT_CALLS
+        per status at most, so a very large queue gives a lower bound."""
+        return self._open_call(self._count_by_destination)
+
+    async def _count_by_destination(self) -> DestinationCounts:
+        rows: list[tuple[str | None, str, int]] = []
+        complete = True
+        for status in DESTINATION_COUNT_STATUSES:
+            start = "0"
+            for _call in range(COUNT_CALLS):
+                reply = await self._store.script(
+                    scripts.COUNT_DESTINATIONS, status.value, start, COUNT_BUDGET
+                )
+                for raw, n in zip(reply[1::2], reply[2::2], strict=True):
+                    rows.append((raw.decode() or None, status.value, int(n)))
+                if not reply[0]:
+                    break
+                start = reply[0].decode()
+            else:
+                complete = False
+        return destination_counts(rows, complete)
 
     def get_item_count(self) -> Deferred:
         """Items not delivered, bounced or failed, across every process sharing this Redis."""

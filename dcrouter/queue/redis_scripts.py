@@ -576,6 +576,29 @@ return out
 )
 
 #: ARGV: P, status... Returns the number of items in each status, in ARGV order.
+#: count_by_destination, one bounded step: the destinations of the items of ``status:<ARGV[2]>`` from rank
+#: ARGV[3], ARGV[4] items at most. Returns {next rank or '' when done, destination, count, ...} (items with
+#: no destination under '').
+COUNT_DESTINATIONS = (
+    _PRELUDE
+    + r"""
+local start, budget = tonumber(ARGV[3]), tonumber(ARGV[4])
+local members = redis.call('ZRANGE', P .. 'status:' .. ARGV[2], start, start + budget - 1)
+local counts = {}
+for _, mk in ipairs(members) do
+  local dest = redis.call('HGET', ikey(string.match(mk, '[^:]+$')), 'dest') or ''
+  counts[dest] = (counts[dest] or 0) + 1
+end
+local out = {''}
+if #members == budget then out[1] = tostring(start + budget) end
+for dest, n in pairs(counts) do
+  table.insert(out, dest)
+  table.insert(out, n)
+end
+return out
+"""
+)
+
 COUNT_BY_STATUS = (
     _PRELUDE
     + r"""

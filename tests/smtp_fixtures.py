@@ -133,6 +133,11 @@ class ControlledQueue:
     def count_by_status(self) -> Deferred[dict[str, int]]:
         return succeed({status.value: 0 for status in QueueItemStatus})
 
+    def count_by_destination(self) -> Deferred[Any]:
+        from dcrouter.queue.contract import destination_counts
+
+        return succeed(destination_counts([]))
+
     def purge_expired(self, max_age: float) -> Deferred[int]:
         return succeed(0)
 

@@ -918,4 +918,7 @@ class DcRouter(MultiService):
             self.threadpool.stop()
         if self._ready_result is None:
             self._settle_ready(Failure(StartupError("dcrouter was stopped before it became ready")))
+        if self.smtp is not None:
+            # Under a supervisor, each worker's line shows how the load was spread (docs/deployment.md).
+            log.info("SMTP: {accepted} message(s) accepted since start", accepted=self.metrics.accepted_total())
         log.info("dcrouter stopped")

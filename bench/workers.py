@@ -6,8 +6,9 @@
 Both sides are ``twistd dcrouter`` with the processing chain of bench/processing (metadata, attachment
 scanner, spam heuristics, a header, RSA-2048 DKIM signing), the Redis queue (``workers > 1`` needs it; each
 side its own redis-server with ``appendfsync always``) and delivery paused; 10 KB messages from 20 concurrent
-senders. Redis's append-only file is on tmpfs (``/dev/shm``) unless ``--redis-on-disk``: on this shared VM an
-fsync per write caps both sides at the same ~60 msg/s, which would measure the disk, not the cores. Printed per side: msg/s (median run), p99, and the server's CPU per message, summed over the
+senders. Redis's append-only file is on tmpfs (``/dev/shm``) unless ``--redis-on-disk``: on this shared VM
+an fsync per write caps both sides at the same ~60 msg/s, which would measure the disk, not the cores.
+Printed per side: msg/s (median run), p99, and the server's CPU per message, summed over the
 supervisor and every worker (and over the one process with ``workers = 1``). The load generator runs on
 the same machine and takes CPU from the same cores.
 """
@@ -97,20 +98,37 @@ class WorkersDcrouter(ProcessingDcrouter):
 def one_run(server: WorkersDcrouter, messages: int, senders: int) -> dict[str, float]:
     server.start()
     try:
-        asyncio.run(smtpload.run_senders(HOST, server.port, senders, 50, 10 * 1024,
-                                         recipient=f"user@{RECIPIENT_DOMAIN}", time_limit=60))  # warm-up
+        asyncio.run(
+            smtpload.run_senders(
+                HOST, server.port, senders, 50, 10 * 1024, recipient=f"user@{RECIPIENT_DOMAIN}", time_limit=60
+            )
+        )  # warm-up
         before = tree_cpu_seconds(server.pid)
         result = asyncio.run(
-            smtpload.run_senders(HOST, server.port, senders, messages, 10 * 1024,
-                                 recipient=f"user@{RECIPIENT_DOMAIN}", sender="loadgen@bench.invalid")
+            smtpload.run_senders(
+                HOST,
+                server.port,
+                senders,
+                messages,
+                10 * 1024,
+                recipient=f"user@{RECIPIENT_DOMAIN}",
+                sender="loadgen@bench.invalid",
+            )
         )
         cpu = tree_cpu_seconds(server.pid) - before
     finally:
         server.stop()
-    print(f"  {server.label:12} {result.rate:8.1f} msg/s  ok {result.ok} errors {result.errors}"
-          f"  CPU {cpu / max(1, result.ok) * 1000:.2f} ms/msg", flush=True)
-    return {"rate": result.rate, "errors": result.errors, "p99_ms": result.percentile(99) * 1000,
-            "cpu_ms": cpu / max(1, result.ok) * 1000}
+    print(
+        f"  {server.label:12} {result.rate:8.1f} msg/s  ok {result.ok} errors {result.errors}"
+        f"  CPU {cpu / max(1, result.ok) * 1000:.2f} ms/msg",
+        flush=True,
+    )
+    return {
+        "rate": result.rate,
+        "errors": result.errors,
+        "p99_ms": result.percentile(99) * 1000,
+        "cpu_ms": cpu / max(1, result.ok) * 1000,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -920,5 +920,6 @@ class DcRouter(MultiService):
             self._settle_ready(Failure(StartupError("dcrouter was stopped before it became ready")))
         if self.smtp is not None:
             # Under a supervisor, each worker's line shows how the load was spread (docs/deployment.md).
-            log.info("SMTP: {accepted} message(s) accepted since start", accepted=self.metrics.accepted_total())
+            accepted = self.metrics.accepted_total()
+            log.info("SMTP: {accepted} message(s) accepted since start", accepted=accepted)
         log.info("dcrouter stopped")

@@ -201,7 +201,7 @@ class Supervisor(Service):
             log.critical("{problem}", problem=str(error))
             self.close_sockets()
             raise
-        for (interface, port), sock in self.sockets.items():
+        for (interface, _port), sock in self.sockets.items():
             actual = sock.getsockname()[1]
             log.info(
                 "supervisor: listening on {address} for {count} workers",

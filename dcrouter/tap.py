@@ -142,9 +142,7 @@ def makeService(config: Options, reactor: IRouterReactor | None = None) -> Any:
     if worker is None and resolve_workers(result.options.workers) > 1:
         # This process is the supervisor: it opens the ports and runs the workers (dcrouter.supervisor).
         count = resolve_workers(result.options.workers)
-        return Supervisor(
-            os.path.abspath(path), count, listen_addresses(result.options), reactor=reactor
-        )
+        return Supervisor(os.path.abspath(path), count, listen_addresses(result.options), reactor=reactor)
     index = 0
     if worker is not None:
         index, sockets = worker

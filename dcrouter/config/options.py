@@ -269,8 +269,8 @@ class DcRouterOptions:
         1,
         addition=True,
         check=worker_count,
-        doc='Worker processes serving the same SMTP and proxy ports under one supervisor (twistd runs the '
+        doc="Worker processes serving the same SMTP and proxy ports under one supervisor (twistd runs the "
         'supervisor): a positive integer, or `"auto"` for the number of cores. Above 1 it needs '
         '`smtpConfig.queueStorage = "redis"`; the API, metrics listener and DNS server run in worker 0 '
-        "only (docs/deployment.md, \"Workers\").",
+        'only (docs/deployment.md, "Workers").',
     )

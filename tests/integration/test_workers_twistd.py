@@ -94,7 +94,8 @@ class WorkersTests(TestCase):
                 break
             await deferLater(reactor, 0.05, lambda: None)
         raise AssertionError(
-            f"{pattern!r} not seen {count} times; output:\n" + process.output.decode("utf-8", "replace")[-6000:]
+            f"{pattern!r} not seen {count} times; output:\n"
+            + process.output.decode("utf-8", "replace")[-6000:]
         )
 
     async def start(self) -> TwistdProcess:

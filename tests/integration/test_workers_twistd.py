@@ -147,6 +147,12 @@ class WorkersTests(TestCase):
         acked = await self.send_load("spread")
         self.assertEqual(len(acked), SESSIONS * PER_SESSION)
         await self.downstream.wait_for_messages(len(acked)).addTimeout(WAIT, reactor)
+        # SIGHUP to the supervisor reloads every worker.
+        process.signal("HUP")
+        for index in (0, 1):
+            await self.until(process, rb"worker %d: [^\n]*SIGHUP received: reloading" % index)
+        self.assertEqual(self.worker_pids(process).keys(), {0, 1})
+        self.assertNotIn(b"worker 0 ended", process.output)
         await self.stop(process)
         counts = collections.Counter(message_id(r) for r in self.downstream.messages)
         self.assertEqual({m: n for m, n in counts.items() if n != 1}, {}, "delivered more than once")
@@ -238,3 +244,39 @@ class WorkersTests(TestCase):
         reply: bytes = reader.readline()
         sock.close()
         return reply
+
+    def test_supervisor_killed_under_load(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._supervisor_killed())
+
+    async def _supervisor_killed(self) -> None:
+        process = await self.start()
+        workers = list(self.worker_pids(process).values())
+        loading = Deferred.fromCoroutine(self.send_load("orphaned"))
+        await self.downstream.wait_for_messages(5).addTimeout(WAIT, reactor)
+        process.signal("KILL")
+        acked = await loading
+        # The kernel sends each worker SIGTERM (PR_SET_PDEATHSIG): they drain and exit, no orphan serves on.
+        for _ in range(int(WAIT / 0.1)):
+            if not any(alive(pid) for pid in workers):
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual([pid for pid in workers if alive(pid)], [], "workers outlived their supervisor")
+        # A new supervisor on the same Redis delivers whatever was answered 250 and not yet delivered.
+        again = await self.start()
+        for _ in range(int(WAIT / 0.1)):
+            if set(acked) <= {message_id(r) for r in self.downstream.messages}:
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        await self.stop(again)
+        self.assertEqual(set(acked) - {message_id(r) for r in self.downstream.messages}, set())
+        self.assertGreater(len(acked), 0)
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting to be reaped counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != b"Z"

@@ -9,7 +9,9 @@ import socket
 from typing import Any
 
 from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -17,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from dcrouter import supervisor as sup
 from dcrouter.config import ConfigError, load_options
 from dcrouter.config.options import resolve_workers
-from dcrouter.net.listen import ListenError
+from dcrouter.net.listen import ListenError, inherit, listen_paused
 from dcrouter.supervisor import SOCKETS_ENV, WORKER_ENV, Supervisor, listen_addresses, worker_sockets
 
 
@@ -210,3 +212,24 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(options.workers, "auto")
         self.assertGreaterEqual(resolve_workers(options.workers), 1)
         self.assertEqual(listen_addresses(options), [("127.0.0.1", 2525), ("127.0.0.1", 2526)])
+
+
+class AdoptTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.addCleanup(inherit, {})
+
+    def test_inherited_socket_adopted_not_bound(self) -> None:
+        inherit({("127.0.0.1", 25): 7, ("::1", 25): 8})
+        reactor = MemoryReactor()
+        factory = Factory()
+        listen_paused(reactor, [(25, factory)], interface="127.0.0.1", what="SMTP")
+        listen_paused(reactor, [(25, factory)], interface="::1", what="SMTP")
+        self.assertEqual(reactor.adoptedPorts, [(7, socket.AF_INET, factory), (8, socket.AF_INET6, factory)])
+        self.assertEqual(reactor.tcpServers, [])
+
+    def test_other_ports_bound_as_before(self) -> None:
+        inherit({("127.0.0.1", 25): 7})
+        reactor = MemoryReactor()
+        listen_paused(reactor, [(587, Factory())], interface="127.0.0.1", what="SMTP")
+        self.assertEqual(reactor.adoptedPorts, [])
+        self.assertEqual([server[0] for server in reactor.tcpServers], [587])

@@ -11,7 +11,7 @@ from typing import Any
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -20,6 +20,7 @@ from dcrouter import supervisor as sup
 from dcrouter.config import ConfigError, load_options
 from dcrouter.config.options import resolve_workers
 from dcrouter.net.listen import ListenError, inherit, listen_paused
+from dcrouter.router import DcRouter
 from dcrouter.supervisor import SOCKETS_ENV, WORKER_ENV, Supervisor, listen_addresses, worker_sockets
 
 
@@ -233,3 +234,34 @@ class AdoptTests(SynchronousTestCase):
         listen_paused(reactor, [(587, Factory())], interface="127.0.0.1", what="SMTP")
         self.assertEqual(reactor.adoptedPorts, [])
         self.assertEqual([server[0] for server in reactor.tcpServers], [587])
+
+
+class RunOnceTests(SynchronousTestCase):
+    """The services that must run once are built in worker 0 only."""
+
+    def router(self, worker: int) -> DcRouter:
+        from tests.test_dns import CONFIG as DNS_CONFIG
+        from tests.test_router import smtp_options
+
+        options = {
+            "smtpConfig": smtp_options(self)["smtpConfig"],
+            "apiConfig": {"enabled": True, "port": 0},
+            "metricsConfig": {"enabled": True, "port": 9125},
+            "dnsServerConfig": DNS_CONFIG["dnsServerConfig"],
+        }
+        return DcRouter(options, reactor=MemoryReactorClock(), worker=worker)
+
+    def test_worker_0_runs_api_metrics_and_dns(self) -> None:
+        router = self.router(0)
+        self.assertIsNotNone(router.api)
+        self.assertIsNotNone(router.dns)
+        self.assertIsNotNone(router.observe.metrics_config)
+        self.assertIsNotNone(router.delivery)
+
+    def test_other_workers_serve_and_deliver_only(self) -> None:
+        router = self.router(1)
+        self.assertIsNone(router.api)
+        self.assertIsNone(router.dns)
+        self.assertIsNone(router.observe.metrics_config)
+        self.assertIsNotNone(router.smtp)
+        self.assertIsNotNone(router.delivery)

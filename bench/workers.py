@@ -120,7 +120,8 @@ def one_run(server: WorkersDcrouter, messages: int, senders: int) -> dict[str, f
         server.stop()
     print(
         f"  {server.label:12} {result.rate:8.1f} msg/s  ok {result.ok} errors {result.errors}"
-        f"  CPU {cpu / max(1, result.ok) * 1000:.2f} ms/msg",
+        f"  CPU {cpu / max(1, result.ok) * 1000:.2f} ms/msg"
+        f"  client CPU {result.client_cpu / max(1, result.ok) * 1000:.2f} ms/msg",
         flush=True,
     )
     return {
@@ -128,6 +129,7 @@ def one_run(server: WorkersDcrouter, messages: int, senders: int) -> dict[str, f
         "errors": result.errors,
         "p99_ms": result.percentile(99) * 1000,
         "cpu_ms": cpu / max(1, result.ok) * 1000,
+        "client_cpu_ms": result.client_cpu / max(1, result.ok) * 1000,
     }
 
 
@@ -167,13 +169,19 @@ def main(argv: list[str] | None = None) -> int:
                 runs[count].append(one_run(sides[count], messages, args.senders))
         med = {k: sorted(v, key=lambda r: r["rate"])[len(v) // 2] for k, v in runs.items()}
         print()
-        print("| workers | msg/s (median) | runs msg/s | p99 ms | server CPU ms/msg | errors |")
-        print("|---|---|---|---|---|---|")
+        print(
+            "| workers | msg/s (median) | runs msg/s | p99 ms | server CPU ms/msg | client CPU ms/msg "
+            "| errors |"
+        )
+        print("|---|---|---|---|---|---|---|")
         for k in (1, 2):
             r = med[k]
             rates = ", ".join(f"{x['rate']:.0f}" for x in runs[k])
             errors = sum(int(x["errors"]) for x in runs[k])
-            print(f"| {k} | {r['rate']:.0f} | {rates} | {r['p99_ms']:.1f} | {r['cpu_ms']:.2f} | {errors} |")
+            print(
+                f"| {k} | {r['rate']:.0f} | {rates} | {r['p99_ms']:.1f} | {r['cpu_ms']:.2f} "
+                f"| {r['client_cpu_ms']:.2f} | {errors} |"
+            )
         print(f"\n2 workers / 1 worker: {med[2]['rate'] / med[1]['rate']:.2f}x")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -228,12 +228,25 @@ class AdoptTests(SynchronousTestCase):
         self.assertEqual(reactor.adoptedPorts, [(7, socket.AF_INET, factory), (8, socket.AF_INET6, factory)])
         self.assertEqual(reactor.tcpServers, [])
 
-    def test_other_ports_bound_as_before(self) -> None:
-        inherit({("127.0.0.1", 25): 7})
+    def test_not_a_worker_binds_as_before(self) -> None:
+        inherit({})
         reactor = MemoryReactor()
         listen_paused(reactor, [(587, Factory())], interface="127.0.0.1", what="SMTP")
         self.assertEqual(reactor.adoptedPorts, [])
         self.assertEqual([server[0] for server in reactor.tcpServers], [587])
+
+    def test_worker_refuses_a_shared_port_it_did_not_inherit(self) -> None:
+        inherit({("127.0.0.1", 25): 7})
+        reactor = MemoryReactor()
+        error = self.assertRaises(
+            ListenError, listen_paused, reactor, [(25, Factory()), (2525, Factory())],
+            interface="127.0.0.1", what="SMTP",
+        )  # fmt: skip
+        self.assertIn("127.0.0.1:2525", str(error))
+        self.assertIn("restart to add it", str(error))
+        # The API (worker 0's own port) binds as before.
+        listen_paused(reactor, [(8025, Factory())], interface="127.0.0.1", what="the management API")
+        self.assertEqual([server[0] for server in reactor.tcpServers], [8025])
 
 
 class RunOnceTests(SynchronousTestCase):

@@ -16,7 +16,9 @@ What a caller may rely on:
   than bound after privileges are dropped (docs/decisions.md, "Listening").
 - A worker process (``workers`` > 1) does not bind: its supervisor opened the sockets and passed them down
   (:func:`inherit`); :func:`listen_paused` then adopts the inherited socket of ``(interface, port)`` with
-  ``adoptStreamPort`` instead (docs/decisions.md, "Workers").
+  ``adoptStreamPort`` instead (docs/decisions.md, "Workers"). A worker never binds an SMTP or proxy port of
+  its own (a reload that adds one): the others could not bind it too, so it is refused with ListenError
+  ("restart to add it"), in every worker alike.
 - Not accepting is not reading: only a real reactor's port is a read descriptor; an in-memory reactor's
   (unit tests) accepts nothing anyway, so pausing and resuming it do nothing.
 """
@@ -39,6 +41,10 @@ LISTEN_BACKLOG = 1024
 #: (interface, configured port) → file descriptor of a listening socket this process inherited from its
 #: supervisor (:func:`inherit`); empty in a process that binds its own.
 _inherited: dict[tuple[str, int], int] = {}
+
+
+#: The listeners every worker shares (their ports come from the supervisor); others (the API) bind their own.
+_SHARED = frozenset({"SMTP", "the proxy"})
 
 
 def inherit(sockets: Mapping[tuple[str, int], int]) -> None:
@@ -85,6 +91,10 @@ def listen_paused(
     bound: list[IListeningPort] = []
     for port, factory in factories:
         fd = _inherited.get((interface, port))
+        if fd is None and _inherited and what in _SHARED:
+            close(bound)
+            reason = "a worker serves only the ports its supervisor opened: restart to add it"
+            raise ListenError(what, interface, port, reason)
         if fd is not None:
             family = socket.AF_INET6 if ":" in interface else socket.AF_INET
             # The reactor dups the descriptor; the inherited one stays open for the process's life.

@@ -47,6 +47,7 @@ log = logger(__name__)
 #: Settings a reload refuses to change, as (key path, why): the queue, the addresses listeners are bound on,
 #: and services built once at start (the API, metrics, webhooks, ACME, the outbound pool).
 RESTART_ONLY: tuple[tuple[str, str], ...] = (
+    ("workers", "the number of worker processes"),
     ("smtpConfig", "adding or removing SMTP"),
     ("smtpConfig.queueStorage", "the queue backend"),
     ("smtpConfig.persistentPath", "the queue's directory"),

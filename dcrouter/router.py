@@ -254,9 +254,18 @@ class DcRouter(MultiService):
     """
 
     def __init__(
-        self, options: Any, *, reactor: IRouterReactor | None = None, queue: IDeliveryQueue | None = None
+        self,
+        options: Any,
+        *,
+        reactor: IRouterReactor | None = None,
+        queue: IDeliveryQueue | None = None,
+        worker: int = 0,
     ) -> None:
         super().__init__()
+        #: This process's worker index under a supervisor (``workers`` > 1; dcrouter.supervisor). The services
+        #: that must run once (the management API, the metrics listener, the DNS server) run in worker 0
+        #: only; every worker serves SMTP and the proxy and delivers (claims from the shared Redis queue).
+        self.worker = worker
         self.setName("dcrouter")
         #: An ILogObserver this router asks the twistd Application it is put in to log through
         #: (``logFormat = "json"``; set by dcrouter.tap). None: the application's own choice.
@@ -356,7 +365,9 @@ class DcRouter(MultiService):
         self.observe.setServiceParent(self)
         # Not a child service: it answers from startService on, before the queue has loaded (``/ready`` says
         # 503 meanwhile), and stops with the services that do not hold the queue.
-        self.api: ApiService | None = self._build_api() if self.options.api_config.enabled else None
+        self.api: ApiService | None = (
+            self._build_api() if self.options.api_config.enabled and worker == 0 else None
+        )
 
     def _build_observe(self) -> ObserveService:
         """Webhooks, performance events and the metrics listener; the queue is read for metrics without
@@ -369,7 +380,7 @@ class DcRouter(MultiService):
             bus=self.events,
             metrics=self.metrics,
             reactor=self._reactor,
-            metrics_config=self.options.metrics_config,
+            metrics_config=self.options.metrics_config if self.worker == 0 else None,
             events_config=self.options.events,
             summary=summary,
             in_flight=(lambda: processor.active) if processor is not None else (lambda: 0),
@@ -427,7 +438,7 @@ class DcRouter(MultiService):
     def _build_dns(self) -> DnsService | None:
         """The DNS server ``dnsServerConfig`` describes (a child service), or None."""
         config = self.options.dns_server_config
-        if config is None:
+        if config is None or self.worker != 0:
             return None
         try:
             zones = build_zones(
@@ -995,4 +1006,8 @@ class DcRouter(MultiService):
             self.threadpool.stop()
         if self._ready_result is None:
             self._settle_ready(Failure(StartupError("dcrouter was stopped before it became ready")))
+        if self.smtp is not None:
+            # Under a supervisor, each worker's line shows how the load was spread (docs/deployment.md).
+            accepted = self.metrics.accepted_total()
+            log.info("SMTP: {accepted} message(s) accepted since start", accepted=accepted)
         log.info("dcrouter stopped")

@@ -13,6 +13,7 @@ service; see ``dcrouter.router``). SIGHUP, which twistd leaves at the system def
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import TYPE_CHECKING, Any, TextIO, cast
@@ -138,7 +139,22 @@ def makeService(config: Options, reactor: IRouterReactor | None = None) -> Any:
     # Here, before twistd gives up root (the hard limit can only be raised as root); logged once twistd
     # begins logging.
     apply_nofile(result.options)
-    router = DcRouter(result, reactor=reactor)
+
+    from dcrouter.config.options import resolve_workers
+    from dcrouter.net.listen import inherit
+    from dcrouter.supervisor import Supervisor, die_with_parent, listen_addresses, worker_sockets
+
+    worker = worker_sockets(os.environ)
+    if worker is None and resolve_workers(result.options.workers) > 1:
+        # This process is the supervisor: it opens the ports and runs the workers (dcrouter.supervisor).
+        count = resolve_workers(result.options.workers)
+        return Supervisor(os.path.abspath(path), count, listen_addresses(result.options), reactor=reactor)
+    index = 0
+    if worker is not None:
+        index, sockets = worker
+        inherit(sockets)
+        die_with_parent()
+    router = DcRouter(result, reactor=reactor, worker=index)
     if result.options.log_format == "json":
         from dcrouter.log import twistd_json_observer
 

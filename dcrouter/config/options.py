@@ -10,6 +10,7 @@ reference in ``docs/configuration.md`` are both derived from these declarations.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -179,7 +180,44 @@ def smtp_socket_handler(options: DcRouterOptions, path: str, report: Report) -> 
             )
 
 
+def worker_count(value: Any) -> str | None:
+    """``workers``: a positive integer or ``"auto"`` (the number of cores)."""
+    if value == "auto" or (type(value) is int and value >= 1):
+        return None
+    return f'expected a positive integer or "auto", got {value!r}'
+
+
+def resolve_workers(value: Any) -> int:
+    """The number of worker processes ``workers`` asks for (``"auto"``: the machine's cores)."""
+    if value == "auto":
+        return max(1, os.cpu_count() or 1)
+    return int(value)
+
+
+@block_check("workers")
+def workers_need_redis(options: DcRouterOptions, path: str, report: Report) -> None:
+    """Several workers share the queue only through Redis (docs/decisions.md, "Workers"); ACME's renewals
+    would land in one worker's certificate store only, so they are refused with workers too."""
+    if resolve_workers(options.workers) <= 1:
+        return
+    smtp = getattr(options, "smtp_config", None)
+    if smtp is not None and smtp.queue_storage != "redis":
+        report.error(
+            "workers",
+            f'workers > 1 needs the Redis queue for now (smtpConfig.queueStorage = "redis"); '
+            f"smtpConfig.queueStorage is {smtp.queue_storage!r}",
+        )
+    proxy = getattr(options, "smart_proxy_config", None)
+    if proxy is not None and proxy.acme is not None and proxy.acme.enabled:
+        report.error(
+            "workers",
+            "workers > 1 with smartProxyConfig.acme is not built yet (a renewed certificate would reach one "
+            "worker only); run ACME with workers = 1",
+        )
+
+
 @checked(
+    workers_need_redis,
     router_has_work,
     smtp_tls_needed,
     proxy_smtp_ports,
@@ -226,4 +264,13 @@ class DcRouterOptions:
     )
     events: EventsConfig | None = option(
         None, addition=True, doc="Webhooks and periodic performance events (docs/operations.md)."
+    )
+    workers: Any = option(
+        1,
+        addition=True,
+        check=worker_count,
+        doc="Worker processes serving the same SMTP and proxy ports under one supervisor (twistd runs the "
+        'supervisor): a positive integer, or `"auto"` for the number of cores. Above 1 it needs '
+        '`smtpConfig.queueStorage = "redis"`; the API, metrics listener and DNS server run in worker 0 '
+        'only (docs/deployment.md, "Workers").',
     )

@@ -14,13 +14,19 @@ What a caller may rely on:
 - Binding is done when :func:`listen_paused` returns: a TCP endpoint's ``listen`` binds before its Deferred is
   returned (Twisted's ``defer.execute``); an endpoint that would bind later is refused with ListenError rather
   than bound after privileges are dropped (docs/decisions.md, "Listening").
+- A worker process (``workers`` > 1) does not bind: its supervisor opened the sockets and passed them down
+  (:func:`inherit`); :func:`listen_paused` then adopts the inherited socket of ``(interface, port)`` with
+  ``adoptStreamPort`` instead (docs/decisions.md, "Workers"). A worker never binds an SMTP or proxy port of
+  its own (a reload that adds one): the others could not bind it too, so it is refused with ListenError
+  ("restart to add it"), in every worker alike.
 - Not accepting is not reading: only a real reactor's port is a read descriptor; an in-memory reactor's
   (unit tests) accepts nothing anyway, so pausing and resuming it do nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import socket
+from collections.abc import Mapping, Sequence
 
 from twisted.internet.endpoints import quoteStringArgument, serverFromString
 from twisted.internet.error import CannotListenError
@@ -30,6 +36,27 @@ from twisted.python.failure import Failure
 #: Pending connections the kernel queues per port. Twisted's default, 50, drops SYNs under bursts of
 #: connections long before maxConnections is reached; the kernel caps it at net.core.somaxconn.
 LISTEN_BACKLOG = 1024
+
+
+#: (interface, configured port) → file descriptor of a listening socket this process inherited from its
+#: supervisor (:func:`inherit`); empty in a process that binds its own.
+_inherited: dict[tuple[str, int], int] = {}
+
+
+#: The listeners every worker shares (their ports come from the supervisor); others (the API) bind their own.
+_SHARED = frozenset({"SMTP", "the proxy"})
+
+
+def inherit(sockets: Mapping[tuple[str, int], int]) -> None:
+    """Adopt these inherited listening sockets (``(interface, configured port)`` → fd) where this process
+    would bind ``port`` on ``interface``."""
+    _inherited.clear()
+    _inherited.update(sockets)
+
+
+def inherited(interface: str, port: int) -> int | None:
+    """The fd inherited for ``(interface, port)``, or None."""
+    return _inherited.get((interface, port))
 
 
 class ListenError(Exception):
@@ -63,6 +90,18 @@ def listen_paused(
     listener in the error (``SMTP``, ``the proxy``)."""
     bound: list[IListeningPort] = []
     for port, factory in factories:
+        fd = _inherited.get((interface, port))
+        if fd is None and _inherited and what in _SHARED:
+            close(bound)
+            reason = "a worker serves only the ports its supervisor opened: restart to add it"
+            raise ListenError(what, interface, port, reason)
+        if fd is not None:
+            family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+            # The reactor dups the descriptor; the inherited one stays open for the process's life.
+            listening = reactor.adoptStreamPort(fd, family, factory)  # type: ignore[attr-defined]
+            pause(listening)
+            bound.append(listening)
+            continue
         try:
             listening = _listen_now(reactor, tcp_endpoint(port, interface, backlog), factory)
         except CannotListenError as error:

@@ -191,6 +191,17 @@ class RouterMetrics:
             "security.rate_limit": lambda e: self._security(e, str(e.fields.get("kind", ""))),
         }
 
+    def accepted_total(self) -> int:
+        """Messages answered 250 since start, over every port (a worker logs it as it stops)."""
+        return int(
+            sum(
+                sample.value
+                for family in self.accepted.collect()
+                for sample in family.samples
+                if sample.name.endswith("_total")
+            )
+        )
+
     def _with(self, metric: Any, *values: str) -> Any:
         """``metric.labels(*values)``, kept: the label sets are bounded, and prometheus_client's look-up
         (validation, a lock) is most of the cost of counting an event."""

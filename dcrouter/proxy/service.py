@@ -46,6 +46,17 @@ class ProxyCertificateError(ProxyBindError):
     """A terminating route's certificate files could not be loaded; the message names the key path."""
 
 
+def listening_ports_of(options: Any) -> tuple[str, list[int]] | None:
+    """The address and ports the proxy of ``options`` (DcRouterOptions) listens on, or None without a
+    proxy (a supervisor opens them for its workers: dcrouter.supervisor)."""
+    config = options.smart_proxy_config
+    http_routes = options.http_domain_routes
+    if config is None and not http_routes:
+        return None
+    routes = build_routes(config, http_routes)
+    return (config.bind_address if config is not None else "0.0.0.0", list(listening_ports(routes, config)))
+
+
 class ProxyService(Service):
     """Listens on ``ports`` (default: every port the routes and ``config`` claim) on ``bind_address`` and
     proxies each connection by ``routes``.

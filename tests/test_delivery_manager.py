@@ -207,8 +207,8 @@ class DeliveryTests(ManagerTestsBase):
         self.assertEqual((stats["delivered"], stats["recipients_delivered"], stats["in_flight"]), (1, 2, 0))
 
     def test_one_info_line_per_outcome_that_matters(self) -> None:
-        # Delivered recipients are said once, by the transport's line about the attempt: the manager's own lines
-        # for them are debug (dropped by default). A deferred recipient keeps its info line, with the reply.
+        # Delivered recipients are said once, by the transport's line about the attempt: the manager's own
+        # lines for them are debug (dropped by default). A deferred recipient keeps its info line and reply.
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         self.transport.script["bob@a.test"] = ["451 4.2.0 Try later"]
         self.start()
@@ -218,7 +218,9 @@ class DeliveryTests(ManagerTestsBase):
             for e in events
             if e.get("log_namespace") == "dcrouter.delivery.manager" and e.get("queue_id") == qid
         ]
-        self.assertIn((LogLevel.info, f"{qid} to bob@a.test via rule:a.test: temporary (451 4.2.0 Try later)"), lines)
+        self.assertIn(
+            (LogLevel.info, f"{qid} to bob@a.test via rule:a.test: temporary (451 4.2.0 Try later)"), lines
+        )
         self.assertFalse([line for line in lines if "carol@a.test" in line[1]], lines)
         set_level("debug", "dcrouter.delivery.manager")
         self.addCleanup(levels.clearLogLevels)

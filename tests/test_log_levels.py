@@ -37,7 +37,7 @@ class LevelTests(TestCase):
         self.assertEqual(self.messages(), ["child trace"])
 
     def test_enabled_follows_the_level_at_once(self) -> None:
-        # What hot paths guard their debug events with: it must agree with the filter, including later changes.
+        # What hot paths guard their debug events with: it agrees with the filter, including later changes.
         self.assertFalse(enabled("dcrouter.test.a"))
         self.assertTrue(enabled("dcrouter.test.a", LogLevel.info))
         set_level("debug", "dcrouter.test")

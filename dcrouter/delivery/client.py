@@ -695,6 +695,8 @@ class ESMTPClient(Protocol):
         finally:
             self._producer = None
         if enabled(__name__):
-            log.debug("C: <message text, {octets} octets>", peer=self.peer, queue_id=self.queue_id, octets=octets)
+            log.debug(
+                "C: <message text, {octets} octets>", peer=self.peer, queue_id=self.queue_id, octets=octets
+            )
         self._expect(1)
         return await self._reply()

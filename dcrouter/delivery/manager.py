@@ -530,8 +530,8 @@ class DeliveryManager(Service):
             self._stats["attempts"] += 1
         if item.status is QueueItemStatus.DELIVERED:
             self._stats["delivered"] += 1
-            # One route group's transport line already says the message was delivered; with several groups, this
-            # line says when the last of them is done.
+            # One route group's transport line already says the message was delivered; with several groups,
+            # this line says when the last of them is done.
             if len(groups) > 1:
                 log.info("{queue_id} delivered", queue_id=item.id)
             elif enabled(__name__):
@@ -608,8 +608,8 @@ class DeliveryManager(Service):
                 self._last_errors.move_to_end(route.name)
                 while len(self._last_errors) > LAST_ERRORS_KEPT:
                     self._last_errors.popitem(last=False)
-            # A delivered recipient is in the transport's line about the attempt ("recipients: 1 delivered"), so
-            # its own line is debug; deferred and failed recipients keep theirs at info, with the server's reply.
+            # A delivered recipient is in the transport's line about the attempt ("recipients: 1 delivered"),
+            # so its own line is debug; deferred and failed recipients keep theirs at info, with the reply.
             if r.outcome is not Outcome.DELIVERED or enabled(__name__):
                 (log.debug if r.outcome is Outcome.DELIVERED else log.info)(
                     "{queue_id} to {recipient} via {route}: {outcome} ({reply})",

@@ -68,6 +68,14 @@ def level_for(namespace: str) -> str:
     return str(levels.logLevelForNamespace(namespace).name)
 
 
+def enabled(namespace: str, level: LogLevel = LogLevel.debug) -> bool:
+    """Whether ``namespace``'s events at ``level`` pass the filter now. A hot path guards its debug events
+    with it (``if enabled(__name__): log.debug(...)``) so that nothing of them is built while debug is off: a
+    dropped event still costs its arguments, the event dict and the filter. Cheap (a dict look-up per
+    namespace segment) and always current, so a level set at run time (:func:`set_level`) applies at once."""
+    return bool(level >= levels.logLevelForNamespace(namespace))
+
+
 #: Keys of Twisted's own bookkeeping (new and legacy logging) that are not the event's fields.
 _INTERNAL = frozenset({"format", "message", "time", "system", "isError", "why", "failure", "printed"})
 

@@ -29,6 +29,7 @@ from dcrouter.delivery.outcome import DeliveryReport, Outcome, RecipientResult
 from dcrouter.delivery.route import Route
 from dcrouter.delivery.routing import RecipientRouter
 from dcrouter.interfaces import ClaimLost, IDeliveryTransport, IRoutingRule, QueueUnavailable
+from dcrouter.log import levels, set_level
 from dcrouter.mail.envelope import Envelope
 from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.processing.processor import EmailProcessor
@@ -204,6 +205,33 @@ class DeliveryTests(ManagerTestsBase):
         self.assertIsNone(item.bounce_id)
         stats = self.manager.get_delivery_stats()
         self.assertEqual((stats["delivered"], stats["recipients_delivered"], stats["in_flight"]), (1, 2, 0))
+
+    def test_one_info_line_per_outcome_that_matters(self) -> None:
+        # Delivered recipients are said once, by the transport's line about the attempt: the manager's own
+        # lines for them are debug (dropped by default). A deferred recipient keeps its info line and reply.
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.transport.script["bob@a.test"] = ["451 4.2.0 Try later"]
+        self.start()
+        qid = self.send("alice@senders.test", "bob@a.test", "carol@a.test")
+        lines = [
+            (e["log_level"], formatEvent(e))
+            for e in events
+            if e.get("log_namespace") == "dcrouter.delivery.manager" and e.get("queue_id") == qid
+        ]
+        self.assertIn(
+            (LogLevel.info, f"{qid} to bob@a.test via rule:a.test: temporary (451 4.2.0 Try later)"), lines
+        )
+        self.assertFalse([line for line in lines if "carol@a.test" in line[1]], lines)
+        set_level("debug", "dcrouter.delivery.manager")
+        self.addCleanup(levels.clearLogLevels)
+        other = self.send("alice@senders.test", "dave@a.test")
+        self.assertEqual(
+            [(e["log_level"], formatEvent(e)) for e in events if e.get("queue_id") == other],
+            [
+                (LogLevel.debug, f"{other} to dave@a.test via rule:a.test: delivered (250 2.0.0 Ok)"),
+                (LogLevel.debug, f"{other} delivered"),
+            ],
+        )
 
     def test_timer_finds_due_items_without_wake(self) -> None:
         self.start(check_interval=5_000)

@@ -10,7 +10,7 @@ from twisted.logger import Logger, LogLevel, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 import dcrouter
-from dcrouter.log import levels, logger, set_level
+from dcrouter.log import enabled, levels, logger, set_level
 from dcrouter.router import DcRouter
 
 
@@ -35,6 +35,19 @@ class LevelTests(TestCase):
         logger("dcrouter.test.a.b").debug("child trace")
         logger("dcrouter.test.c").debug("other trace")
         self.assertEqual(self.messages(), ["child trace"])
+
+    def test_enabled_follows_the_level_at_once(self) -> None:
+        # What hot paths guard their debug events with: it agrees with the filter, including later changes.
+        self.assertFalse(enabled("dcrouter.test.a"))
+        self.assertTrue(enabled("dcrouter.test.a", LogLevel.info))
+        set_level("debug", "dcrouter.test")
+        self.assertTrue(enabled("dcrouter.test.a.b"))
+        self.assertFalse(enabled("dcrouter.other"))
+        set_level("warn", "dcrouter.test.a")
+        self.assertFalse(enabled("dcrouter.test.a", LogLevel.info))
+        self.assertTrue(enabled("dcrouter.test.a", LogLevel.error))
+        levels.clearLogLevels()
+        self.assertFalse(enabled("dcrouter.test.a"))
 
     def test_raising_the_level_silences_info(self) -> None:
         set_level(LogLevel.warn)

@@ -55,7 +55,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 
 from dcrouter.delivery.dotstuff import StuffedBodyProducer
-from dcrouter.log import logger
+from dcrouter.log import enabled, logger
 from dcrouter.mail.reply import Reply
 from dcrouter.net.quiet import set_no_delay
 
@@ -323,13 +323,14 @@ class ESMTPClient(Protocol):
         self._deliver(reply)
 
     def _deliver(self, reply: Reply) -> None:
-        log.debug(
-            "S: {code} {text}",
-            peer=self.peer,
-            queue_id=self.queue_id,
-            code=reply.code,
-            text=" / ".join(reply.lines()),
-        )
+        if enabled(__name__):  # the protocol trace: per reply, so built only when debug is on
+            log.debug(
+                "S: {code} {text}",
+                peer=self.peer,
+                queue_id=self.queue_id,
+                code=reply.code,
+                text=" / ".join(reply.lines()),
+            )
         if self._expected == 0:
             if reply.code == 421:
                 # RFC 5321 §3.8: a server shutting down may say so at any time.
@@ -400,13 +401,14 @@ class ESMTPClient(Protocol):
     def _command(self, *lines: str, log_as: str | None = None) -> None:
         """Write ``lines`` in one go (pipelined when several) and expect one reply for each."""
         self._check()
-        for line in lines:
-            log.debug(
-                "C: {command}",
-                peer=self.peer,
-                queue_id=self.queue_id,
-                command=log_as if log_as is not None else line,
-            )
+        if enabled(__name__):
+            for line in lines:
+                log.debug(
+                    "C: {command}",
+                    peer=self.peer,
+                    queue_id=self.queue_id,
+                    command=log_as if log_as is not None else line,
+                )
         self._wire.write("".join(line + "\r\n" for line in lines).encode("utf-8"))
         self._expect(len(lines))
 
@@ -476,7 +478,8 @@ class ESMTPClient(Protocol):
         self._discarding = False
         self.is_tls = True
         self.capabilities = None
-        log.debug("TLS started with {peer}", peer=self.peer, queue_id=self.queue_id)
+        if enabled(__name__):
+            log.debug("TLS started with {peer}", peer=self.peer, queue_id=self.queue_id)
         return await self.ehlo(name)
 
     async def authenticate(self, user: str, password: str) -> None:
@@ -691,6 +694,9 @@ class ESMTPClient(Protocol):
             raise self._failure from None  # type: ignore[misc]
         finally:
             self._producer = None
-        log.debug("C: <message text, {octets} octets>", peer=self.peer, queue_id=self.queue_id, octets=octets)
+        if enabled(__name__):
+            log.debug(
+                "C: <message text, {octets} octets>", peer=self.peer, queue_id=self.queue_id, octets=octets
+            )
         self._expect(1)
         return await self._reply()

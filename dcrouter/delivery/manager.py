@@ -85,7 +85,7 @@ from dcrouter.interfaces import (
     ISuppressionList,
     StatusMismatch,
 )
-from dcrouter.log import logger
+from dcrouter.log import enabled, logger
 from dcrouter.mail.envelope import Envelope
 from dcrouter.queue.item import READY_STATUSES, QueueItem, QueueItemStatus
 from dcrouter.queue.operations import NotFound, WrongStatus
@@ -530,7 +530,12 @@ class DeliveryManager(Service):
             self._stats["attempts"] += 1
         if item.status is QueueItemStatus.DELIVERED:
             self._stats["delivered"] += 1
-            log.info("{queue_id} delivered", queue_id=item.id)
+            # One route group's transport line already says the message was delivered; with several groups,
+            # this line says when the last of them is done.
+            if len(groups) > 1:
+                log.info("{queue_id} delivered", queue_id=item.id)
+            elif enabled(__name__):
+                log.debug("{queue_id} delivered", queue_id=item.id)
             return item
         return await self._conclude(item, temporary, tried=tried, shaped=shaped)
 
@@ -603,14 +608,17 @@ class DeliveryManager(Service):
                 self._last_errors.move_to_end(route.name)
                 while len(self._last_errors) > LAST_ERRORS_KEPT:
                     self._last_errors.popitem(last=False)
-            log.info(
-                "{queue_id} to {recipient} via {route}: {outcome} ({reply})",
-                queue_id=item.id,
-                recipient=r.recipient,
-                route=route.name,
-                outcome=r.outcome.value,
-                reply=r.reply,
-            )
+            # A delivered recipient is in the transport's line about the attempt ("recipients: 1 delivered"),
+            # so its own line is debug; deferred and failed recipients keep theirs at info, with the reply.
+            if r.outcome is not Outcome.DELIVERED or enabled(__name__):
+                (log.debug if r.outcome is Outcome.DELIVERED else log.info)(
+                    "{queue_id} to {recipient} via {route}: {outcome} ({reply})",
+                    queue_id=item.id,
+                    recipient=r.recipient,
+                    route=route.name,
+                    outcome=r.outcome.value,
+                    reply=r.reply,
+                )
         return await self._write(item, transition.changes)
 
     async def _conclude(

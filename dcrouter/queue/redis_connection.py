@@ -69,6 +69,14 @@ class _MasterConnectionFactory(txredisapi.SentinelConnectionFactory):  # type: i
     protocol = _MasterProtocol
 
 
+def _select(db: int) -> int | None:
+    """The database txredisapi SELECTs on each new connection: None for 0, which every connection starts in.
+    A connection lost during that SELECT makes txredisapi stop reconnecting that pool member and leaves an
+    unhandled error behind (seen when a test's Redis went away mid-handshake); with the default database there
+    is no SELECT to lose."""
+    return db or None
+
+
 class RedisConnection:
     """A lazily connected pool of ``pool_size`` connections to ``address``."""
 
@@ -95,7 +103,7 @@ class RedisConnection:
             self._handler = self._sentinel.master_for(
                 address.master_name,
                 factory_class=_MasterConnectionFactory,
-                dbid=address.db,
+                dbid=_select(address.db),
                 poolsize=pool_size,
                 **options,
             )
@@ -104,7 +112,7 @@ class RedisConnection:
         else:
             handler = txredisapi.UnixConnectionHandler if address.unix_path else txredisapi.ConnectionHandler
             factory = txredisapi.RedisFactory(
-                address.display, address.db, pool_size, handler=handler, **options
+                address.display, _select(address.db), pool_size, handler=handler, **options
             )
             factory.maxDelay = MAX_RECONNECT_DELAY
             factory.initialDelay = min(factory.initialDelay, MAX_RECONNECT_DELAY / 4)

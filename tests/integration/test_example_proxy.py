@@ -24,23 +24,27 @@ README = os.path.join(CHECKOUT, "README.md")
 
 
 def example_options(directory: str) -> tuple[dict[str, Any], dict[int, int]]:
-    """The example's options with every port replaced by a free one (returned: example port → free port)
-    and its var/ paths under ``directory``."""
+    """The example's options with every port (SMTP, proxy, API, DNS, metrics) replaced by a free one
+    (returned: example port → free port) and its var/ paths under ``directory``."""
     with open(EXAMPLE, "rb") as handle:
         options = tomllib.load(handle)
     smtp = options["smtpConfig"]
     proxy_routes = options["smartProxyConfig"]["routes"]
     api = options.get("apiConfig")
+    dns = options.get("dnsServerConfig")
+    metrics = options.get("metricsConfig")
     example_ports = list(smtp["ports"]) + [r["match"]["ports"] for r in proxy_routes]
-    if api is not None:
-        example_ports.append(api["port"])
+    for block, key in ((api, "port"), (dns, "udpPort"), (metrics, "port")):
+        if block is not None and key in block:
+            example_ports.append(block[key])
     moved = dict(zip(example_ports, free_ports(len(example_ports)), strict=True))
     for key in ("ports", "implicitTlsPorts", "submissionPorts"):
         smtp[key] = [moved[p] for p in smtp[key]]
     for route in proxy_routes:
         route["match"]["ports"] = moved[route["match"]["ports"]]
-    if api is not None:
-        api["port"] = moved[api["port"]]
+    for block, key in ((api, "port"), (dns, "udpPort"), (metrics, "port")):
+        if block is not None and key in block:
+            block[key] = moved[block[key]]
     smtp["persistentPath"] = os.path.join(directory, "queue")
     smtp["tls"]["certPath"] = os.path.join(directory, "tls", "cert.pem")
     smtp["tls"]["keyPath"] = os.path.join(directory, "tls", "key.pem")

@@ -260,6 +260,10 @@ class ConfigTests(unittest.TestCase):
         )
         ldap = {"ldapUrl": "ldap://127.0.0.1/dc=x", "ldap": {"caFile": path}}
         self.assertEqual(self.errors(ldap), [f"smtpConfig.auth.ldap.caFile: no PEM certificate in {path!r}"])
+        # A certificate's markers around something that is not one: refused as well (parsed, not grepped).
+        with open(path, "w") as f:
+            f.write("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n")
+        self.assertEqual(self.errors(ldap), [f"smtpConfig.auth.ldap.caFile: no PEM certificate in {path!r}"])
 
     def test_ldap_keys(self) -> None:
         self.assertEqual(

@@ -127,17 +127,6 @@ def _jwks_file(value: str) -> str | None:
     return None
 
 
-def _ca_file(value: str) -> str | None:
-    try:
-        with open(value, "rb") as f:
-            pem = f.read()
-    except OSError as e:
-        return f"cannot read {value!r}: {e.strerror}"
-    if b"-----BEGIN CERTIFICATE-----" not in pem:
-        return f"no PEM certificate in {value!r}"
-    return None
-
-
 @dataclass(frozen=True)
 class LdapConfig:
     bind_dn: str | None = option(
@@ -166,7 +155,7 @@ class LdapConfig:
     ca_file: str | None = option(
         None,
         doc="PEM file of the CAs that vouch for the directory's certificate (default: the system's).",
-        check=_ca_file,
+        check=values.ca_certificates_file,
     )
     timeout: int = option(
         10_000,

@@ -907,19 +907,6 @@ class RouteStatic:
     status: int = option(200, doc="With `content`: the status answered.", check=_http_status)
 
 
-def _readable_ca_file(value: str) -> str | None:
-    from cryptography import x509
-
-    try:
-        with open(value, "rb") as handle:
-            found = x509.load_pem_x509_certificates(handle.read())
-    except OSError as error:
-        return f"cannot read {value!r}: {error.strerror}"
-    except ValueError as error:
-        return f"{value!r} holds no PEM certificate: {error}"
-    return None if found else f"{value!r} holds no PEM certificate"
-
-
 @block_check("mode", "verify_backend", "backend_ca_file", "server_name")
 def _backend_options(tls: RouteTls, path: str, report: Report) -> None:
     if tls.mode == "terminate-and-reencrypt":
@@ -968,7 +955,7 @@ class RouteTls:
         addition=True,
         doc="With `terminate-and-reencrypt`: PEM file of the CA certificates the target's certificate must "
         "chain to (instead of the system's).",
-        check=_readable_ca_file,
+        check=values.ca_certificates_file,
     )
     server_name: str | None = option(
         None,

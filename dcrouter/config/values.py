@@ -173,6 +173,24 @@ def file_path(value: str) -> str | None:
     return None
 
 
+def ca_certificates_file(value: str) -> str | None:
+    """A readable PEM file holding at least one certificate that parses (a CA bundle to verify a peer
+    against): refused at load rather than found wanting at the first connection."""
+    from cryptography import x509
+
+    problem = file_path(value)
+    if problem:
+        return problem
+    try:
+        with open(value, "rb") as handle:
+            found = x509.load_pem_x509_certificates(handle.read())
+    except OSError as error:
+        return f"cannot read {value!r}: {error.strerror}"
+    except ValueError:
+        return f"no PEM certificate in {value!r}"
+    return None if found else f"no PEM certificate in {value!r}"
+
+
 def not_empty(value: Any) -> str | None:
     if len(value) == 0:
         return "must not be empty"

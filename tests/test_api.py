@@ -39,35 +39,42 @@ def sha(token: str) -> str:
     return "sha256$" + hashlib.sha256(token.encode()).hexdigest()
 
 
+TOKENS = [
+    {"name": "ops", "tokenHash": sha(ADMIN), "scope": "admin"},
+    {"name": "viewer", "tokenHash": sha(READER), "scope": "read"},
+]
+
+
+def router_options(smtp: dict[str, Any] | None = None, **api: Any) -> dict[str, Any]:
+    """A DcRouter's options for the API tests: SMTP on a free port of 127.0.0.1 with a memory queue and mail
+    for example.com routed to a closed port, ``smtp`` laid over that, and the API on port 0 with the two
+    tokens (``api`` laid over its section)."""
+    (smtp_port,) = free_ports(1)
+    return {
+        "smtpConfig": {
+            "ports": [smtp_port],
+            "bindAddress": "127.0.0.1",
+            "hostname": "mx.test",
+            "implicitTlsPorts": [],
+            "submissionPorts": [],
+            "queueStorage": "memory",
+            "domainConfigs": [{"domains": ["example.com"], "targetIPs": ["127.0.0.1"], "port": 9}],
+            **(smtp or {}),
+        },
+        "apiConfig": {"enabled": True, "port": 0, "tokens": TOKENS, **api},
+    }
+
+
 class ApiTestBase(TestCase):
     timeout = 20
 
-    async def start(self, **api: Any) -> DcRouter:
-        (smtp_port,) = free_ports(1)
-        config = {
-            "enabled": True,
-            "port": 0,
-            "tokens": [
-                {"name": "ops", "tokenHash": sha(ADMIN), "scope": "admin"},
-                {"name": "viewer", "tokenHash": sha(READER), "scope": "read"},
-            ],
-            **api,
-        }
-        options = {
-            "smtpConfig": {
-                "ports": [smtp_port],
-                "bindAddress": "127.0.0.1",
-                "hostname": "mx.test",
-                "implicitTlsPorts": [],
-                "submissionPorts": [],
-                "queueStorage": "memory",
-                "domainConfigs": [{"domains": ["example.com"], "targetIPs": ["127.0.0.1"], "port": 9}],
-            },
-            "apiConfig": config,
-        }
+    async def start_router(self, options: Any, *, paused: bool = False) -> DcRouter:
+        """Start a DcRouter on the real reactor (stopped at cleanup), with deliveries paused if asked, and
+        point :meth:`call` at its API."""
         router = DcRouter(options, reactor=reactor)
         assert router.delivery is not None and router.api is not None
-        router.delivery.pause_deliveries()
+        if paused:
+            router.delivery.pause_deliveries()
         router.privilegedStartService()
         router.startService()
         self.addCleanup(router.stopService)
@@ -75,6 +82,12 @@ class ApiTestBase(TestCase):
         self.router = router
         self.base = f"http://127.0.0.1:{router.api.port}"
         return router
+
+    async def start(self, **api: Any) -> DcRouter:
+        return await self.start_router(router_options(**api), paused=True)
+
+    def smtp_port(self) -> int:
+        return next(iter(self.router.smtp_ports.values()))
 
     async def call(
         self, method: str, path: str, *, token: str | None = ADMIN, body: Any = None, **kw: Any

@@ -196,8 +196,7 @@ def resolve_workers(value: Any) -> int:
 
 @block_check("workers")
 def workers_need_redis(options: DcRouterOptions, path: str, report: Report) -> None:
-    """Several workers share the queue only through Redis (docs/decisions.md, "Workers"); ACME's renewals
-    would land in one worker's certificate store only, so they are refused with workers too."""
+    """Several workers share the queue only through Redis (docs/decisions.md, "Workers")."""
     if resolve_workers(options.workers) <= 1:
         return
     smtp = getattr(options, "smtp_config", None)
@@ -206,13 +205,6 @@ def workers_need_redis(options: DcRouterOptions, path: str, report: Report) -> N
             "workers",
             f'workers > 1 needs the Redis queue for now (smtpConfig.queueStorage = "redis"); '
             f"smtpConfig.queueStorage is {smtp.queue_storage!r}",
-        )
-    proxy = getattr(options, "smart_proxy_config", None)
-    if proxy is not None and proxy.acme is not None and proxy.acme.enabled:
-        report.error(
-            "workers",
-            "workers > 1 with smartProxyConfig.acme is not built yet (a renewed certificate would reach one "
-            "worker only); run ACME with workers = 1",
         )
 
 

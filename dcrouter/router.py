@@ -627,6 +627,8 @@ class DcRouter(MultiService):
             events=self.events,
             suppressions=self.suppressions,
         )
+        # With workers each delivers its share of the mail: each paces at 1/N of the outbound limits.
+        self.delivery.shaper.share_among(resolve_workers(self.options.workers))
         if delivery.paused:
             self.delivery.pause_deliveries()
         self.delivery.setServiceParent(self)

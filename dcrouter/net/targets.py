@@ -69,6 +69,8 @@ class TargetHealth:
     def arrange(self, preferred: Sequence[Target]) -> list[Target]:
         """``preferred`` (a balancer's order) without the targets an active check holds down, and with
         passively marked ones moved to the end, those coming back soonest first."""
+        if not self._down and not self._failing:
+            return list(preferred)  # nothing marked (the usual case): the preferred order as it is
         up: list[Target] = []
         down: list[tuple[float, Target]] = []
         for target in preferred:

@@ -199,6 +199,9 @@ class ProxyContext:
     fetch: Fetcher | None = None
     #: Where sessions report connections (dcrouter.events); bytes per route are in ``counters``.
     events: EventBus = NO_EVENTS
+    #: The listening sockets carry TCP_NODELAY and, as ``keepAlive`` asks, SO_KEEPALIVE (set by
+    #: ProxyService), which accepted sockets inherit: nothing to set per connection on the client side.
+    listeners_tuned: bool = False
 
     def __post_init__(self) -> None:
         self.health = TargetHealth(self.reactor, self.settings.target_down_time)
@@ -584,14 +587,15 @@ class ProxySession(Protocol):
     def connectionMade(self) -> None:
         settings = self.context.settings
         clock = self.context.reactor
-        set_no_delay(self.transport)
+        if not self.context.listeners_tuned:
+            set_no_delay(self.transport)
+            if settings.keep_alive and hasattr(self.transport, "setTcpKeepAlive"):
+                self.transport.setTcpKeepAlive(True)
         self.client_address = self.transport.getPeer()
         self.client_ip = _host(self.client_address)
         self.context.sessions.add(self)
         self._opened_at = clock.seconds()
         self.context.events.emit("connection.connect", protocol="proxy", port=self.port, peer=self.client_ip)
-        if settings.keep_alive and hasattr(self.transport, "setTcpKeepAlive"):
-            self.transport.setTcpKeepAlive(True)
         self._lifetime = self.context.track_lifetime(self)
         trusted = settings.trusted_proxies
         if trusted is not None and self.client_ip in trusted:

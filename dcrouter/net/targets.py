@@ -93,7 +93,8 @@ class TargetHealth:
 
     def mark_up(self, target: Target) -> None:
         """Forget any mark on ``target`` (it just accepted a connection)."""
-        self._down.pop(_key(target), None)
+        if self._down:
+            self._down.pop(_key(target), None)
 
     def check_failed(self, target: Target) -> None:
         """An active health check took ``target`` down: no new connection until :meth:`check_passed`."""

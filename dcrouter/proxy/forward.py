@@ -77,11 +77,15 @@ def _shut_write(transport: Any) -> None:
         transport.loseConnection()
 
 
-def _lose(transport: Any) -> None:
+def _lose(transport: Any, *, ended: bool = False) -> None:
     """``transport.loseConnection()``; a drained TCP transport is closed at once (``loseConnection`` takes
-    its own immediate path, the one it takes after a half-close: shutdown, close, connectionLost)."""
+    its own immediate path, the one it takes after a half-close: shutdown, close, connectionLost).
+    ``ended``: both directions have seen EOF, so the ``shutdown(SHUT_RDWR)`` before ``close`` can add
+    nothing (``close`` sends the FIN still owed; after our own half-close it would fail ENOTCONN)."""
     if _drained(transport):
         transport._writeDisconnected = True
+    if ended and isinstance(transport, tcp.Connection):
+        transport._shouldShutdown = False
     transport.loseConnection()
 
 
@@ -151,7 +155,8 @@ class Splice:
         self._backend_eof = False
         self._client_gone = False
         self._backend_gone = False
-        self._last_activity = clock.seconds()
+        # Kept only where an idle timeout reads it: no clock read per chunk otherwise.
+        self._last_activity = clock.seconds() if idle_timeout is not None else 0.0
         self._idle_call: IDelayedCall | None = None
         self.close_reason: str | None = None
         # Which transports still have the other registered as their producer (unregistered at most once).
@@ -190,7 +195,8 @@ class Splice:
     # -- events from the client side ------------------------------------------------------------------
 
     def client_data(self, data: bytes) -> None:
-        self._last_activity = self._clock.seconds()
+        if self._idle_timeout is not None:
+            self._last_activity = self._clock.seconds()
         self.counters.bytes_in += len(data)
         self.backend_transport.write(data)
 
@@ -201,7 +207,7 @@ class Splice:
         # The client will produce nothing more: it must not stay the backend's producer, or a paused
         # producer would keep the backend transport from ever sending its EOF.
         if self._backend_eof:
-            self.close("both sides ended")
+            self.close("both sides ended", ended=True)
             return
         self._unregister(self.backend_transport)
         _shut_write(self.backend_transport)
@@ -218,7 +224,8 @@ class Splice:
     # -- events from the backend side -----------------------------------------------------------------
 
     def backend_data(self, data: bytes) -> None:
-        self._last_activity = self._clock.seconds()
+        if self._idle_timeout is not None:
+            self._last_activity = self._clock.seconds()
         self.counters.bytes_out += len(data)
         self.client.write(data)
 
@@ -227,7 +234,7 @@ class Splice:
             return
         self._backend_eof = True
         if self._client_eof:
-            self.close("both sides ended")
+            self.close("both sides ended", ended=True)
             return
         self._unregister(self.client)
         _shut_write(self.client)
@@ -243,8 +250,8 @@ class Splice:
 
     # -- ending ---------------------------------------------------------------------------------------
 
-    def close(self, reason: str) -> None:
-        """Close both connections after their pending bytes are written."""
+    def close(self, reason: str, *, ended: bool = False) -> None:
+        """Close both connections after their pending bytes are written (``ended``: both sides sent EOF)."""
         self.close_reason = self.close_reason or reason
         for transport, gone in (
             (self.client, self._client_gone),
@@ -252,7 +259,7 @@ class Splice:
         ):
             if not gone:
                 self._unregister(transport)
-                _lose(transport)
+                _lose(transport, ended=ended)
 
     def abort(self, reason: str) -> None:
         """Drop both connections now, pending bytes and all (timeouts, shutdown)."""

@@ -14,6 +14,7 @@ import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from dcrouter.config.proxy import (
@@ -166,7 +167,7 @@ class FieldChanges:
     set_fields: tuple[tuple[bytes, bytes], ...] = ()
     remove: frozenset[bytes] = frozenset()
 
-    @property
+    @cached_property  # asked per connection (ProxyRoute.reads_http); the instance is frozen
     def dropped(self) -> frozenset[bytes]:
         """The names whose fields as received are left out: removed ones, and set ones (replaced)."""
         return self.remove | {name.lower() for name, _ in self.set_fields}
@@ -310,7 +311,7 @@ class ProxyRoute:
     websocket_idle: float | None = None
     websocket_max_age: float | None = None
 
-    @property
+    @cached_property  # asked per connection; the route is frozen
     def reads_http(self) -> bool:
         """Whether requests must be read one by one even on a plain route that forwards (credentials are
         checked, or header fields changed): such a route forwards HTTP rather than splicing bytes."""
@@ -326,7 +327,7 @@ class ProxyRoute:
     #: New connections per window from all clients together (``connectionRate``); None: no limit.
     connection_rate: Rate | None = None
 
-    @property
+    @cached_property
     def terminates(self) -> bool:
         return self.tls_mode in TERMINATING
 

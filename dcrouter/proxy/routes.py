@@ -151,7 +151,7 @@ class RouteAction:
     status: int | None = None
     handler: str | None = None
 
-    @property
+    @cached_property  # asked per connection; the action is frozen
     def answers_http(self) -> bool:
         """Whether the proxy answers HTTP requests itself rather than connecting anywhere."""
         return self.type in ("redirect", "static") or (self.type == "block" and self.status is not None)

@@ -128,6 +128,10 @@ class BackendProtocol(Protocol):
             self.splice.backend_lost()
 
 
+def _nothing() -> None:
+    pass
+
+
 class Splice:
     """Joins a client transport and a connected :class:`BackendProtocol` (see the module docstring).
 
@@ -290,4 +294,8 @@ class Splice:
             if self._idle_call is not None and self._idle_call.active():
                 self._idle_call.cancel()
             self._idle_call = None
-            self._on_done()
+            on_done, self._on_done = self._on_done, _nothing
+            # No reference cycles left behind (splice <-> backend, splice -> session -> splice): the pair
+            # is freed as soon as its last reference goes, not by the cyclic garbage collector.
+            self.backend.splice = None
+            on_done()

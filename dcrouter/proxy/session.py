@@ -1330,12 +1330,12 @@ class _SplicedBackend(BackendProtocol):
     def connectionMade(self) -> None:
         super().connectionMade()
         attempt = self.factory
-        connections = attempt.session.context.connections
+        connections = attempt.connections
         connections[attempt.target] = connections.get(attempt.target, 0) + 1
         attempt.made(self)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        connections = self.factory.session.context.connections
+        connections = self.factory.connections
         target = self.factory.target
         left = connections.get(target, 1) - 1
         if left > 0:
@@ -1361,9 +1361,13 @@ class _BackendAttempt(ClientFactory):
         self.targets = targets
         self.index = index
         self.target = targets[index]
+        self.connections = session.context.connections
 
     def made(self, backend: BackendProtocol) -> None:
         session = self.session
+        # The backend protocol keeps this factory: without the session here, the connected pair holds no
+        # reference cycle through it.
+        del self.session
         session._connecting = None
         session.context.health.mark_up(self.target)
         if self.cancelled or session._state == _State.CLOSED:

@@ -663,13 +663,13 @@ def report_throughput(results: dict[str, Any], plan: Plan, names: list[str]) -> 
                 fmt(med(fwd, "rate"), ".0f"),
                 fmt(med(dcr, "rate"), ".0f"),
                 ratio(med(dcr, "rate"), med(hap, "rate")),
-                " / ".join(spread(r, '.0f') for r in (hap, fwd, dcr)),
+                " / ".join(spread(r, ".0f") for r in (hap, fwd, dcr)),
                 " / ".join(errors(r) for r in (hap, fwd, dcr)),
-                " / ".join(per_mb(r, 'proxy_cpu') for r in (hap, fwd, dcr)),
+                " / ".join(per_mb(r, "proxy_cpu") for r in (hap, fwd, dcr)),
                 " / ".join(utilisation(r) for r in (hap, fwd, dcr)),
-                " / ".join(per_mb(r, 'backend_cpu') for r in (hap, fwd, dcr)),
-                " / ".join(per_mb(r, 'client_cpu') for r in (hap, fwd, dcr)),
-                " / ".join(fmt(med(r, 'other_cpu_pct'), '.0f') for r in (hap, fwd, dcr)),
+                " / ".join(per_mb(r, "backend_cpu") for r in (hap, fwd, dcr)),
+                " / ".join(per_mb(r, "client_cpu") for r in (hap, fwd, dcr)),
+                " / ".join(fmt(med(r, "other_cpu_pct"), ".0f") for r in (hap, fwd, dcr)),
             ]
         )
     title = (
@@ -732,15 +732,15 @@ def report_rate(results: dict[str, Any], plan: Plan, names: list[str]) -> str:
                     fmt(med(fwd, "rate"), ".0f"),
                     fmt(med(dcr, "rate"), ".0f"),
                     ratio(med(dcr, "rate"), med(hap, "rate")),
-                    " / ".join(spread(r, '.0f') for r in (hap, fwd, dcr)),
+                    " / ".join(spread(r, ".0f") for r in (hap, fwd, dcr)),
                     " / ".join(errors(r) for r in (hap, fwd, dcr)),
-                    " / ".join(fmt(med(r, 'p99_ms'), '.1f') for r in (hap, fwd, dcr)),
-                    " / ".join(per_conn(r, 'proxy_cpu') for r in (hap, fwd, dcr)),
+                    " / ".join(fmt(med(r, "p99_ms"), ".1f") for r in (hap, fwd, dcr)),
+                    " / ".join(per_conn(r, "proxy_cpu") for r in (hap, fwd, dcr)),
                     cpu_ratio(dcr, fwd),
                     " / ".join(utilisation(r) for r in (hap, fwd, dcr)),
-                    " / ".join(per_conn(r, 'backend_cpu') for r in (hap, fwd, dcr)),
-                    " / ".join(per_conn(r, 'client_cpu') for r in (hap, fwd, dcr)),
-                    " / ".join(fmt(med(r, 'other_cpu_pct'), '.0f') for r in (hap, fwd, dcr)),
+                    " / ".join(per_conn(r, "backend_cpu") for r in (hap, fwd, dcr)),
+                    " / ".join(per_conn(r, "client_cpu") for r in (hap, fwd, dcr)),
+                    " / ".join(fmt(med(r, "other_cpu_pct"), ".0f") for r in (hap, fwd, dcr)),
                 ]
             )
     title = (

@@ -32,8 +32,8 @@ from bench.ingress import free_port
 from bench.proxy import (
     DCROUTER_CONFIG,
     HOST,
-    REPO_ROOT,
     REPLY_SIZE,
+    REPO_ROOT,
     REQUEST_SIZE,
     SNI_NAME,
     TWISTD,
@@ -97,9 +97,7 @@ def total_ir(path: str) -> int:
     return total
 
 
-def measure(
-    name: str, route: str, workdir: str, backend: tuple[int, int], args: argparse.Namespace
-) -> float:
+def measure(name: str, route: str, workdir: str, backend: tuple[int, int], args: argparse.Namespace) -> float:
     root = args.dcrouter_root if name == "dcrouter" else ""
     process, plain, tls_port = start(name, workdir, backend, os.path.abspath(root) if root else "")
     try:

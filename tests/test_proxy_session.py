@@ -340,9 +340,7 @@ class TargetTests(SessionTestCase):
         self.connect()
         self.assertEqual([timeout for _, _, _, timeout, _ in self.reactor.tcpClients], [3])
         factory, connector = self.reactor.tcpClients[0][2], self.reactor.connectors[0]
-        self.reactor.callLater(
-            3, factory.clientConnectionFailed, connector, Failure(ConnectTimeoutError())
-        )
+        self.reactor.callLater(3, factory.clientConnectionFailed, connector, Failure(ConnectTimeoutError()))
         self.reactor.advance(2.9)
         self.assertEqual(len(self.attempts()), 1)
         self.reactor.advance(0.1)

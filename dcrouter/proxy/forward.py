@@ -50,7 +50,7 @@ def _drained(transport: Any) -> bool:
     """Whether ``transport`` is a connected TCP transport of the reactor with nothing buffered to write, no
     producer and no close under way: what ``FileDescriptor.doWrite`` would find on its next turn before
     shutting or closing it, so that can be done now."""
-    return (
+    return bool(
         isinstance(transport, tcp.Connection)
         and transport.connected
         and not transport.disconnecting

@@ -17,7 +17,6 @@ Lifecycle (the same as DcRouter's SMTP listeners, for the same reasons):
 from __future__ import annotations
 
 import socket
-
 from collections.abc import Sequence
 from typing import Any, cast
 

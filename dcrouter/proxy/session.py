@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
@@ -29,7 +30,6 @@ from twisted.internet.interfaces import (
     IProtocol,
     IStreamClientEndpoint,
 )
-from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory, connectionDone
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
@@ -377,14 +377,8 @@ class ProxyContext:
             return self._port_plans[port]
         except KeyError:
             routes = self.routes_on(port)
-            plan = (
-                (
-                    self.peeks(port),
-                    any(r.client_ips is not None or r.allow is not None or r.block is not None for r in routes),
-                )
-                if routes
-                else None
-            )
+            rules = any(r.client_ips or r.allow is not None or r.block is not None for r in routes)
+            plan = (self.peeks(port), rules) if routes else None
             self._port_plans[port] = plan
             return plan
 
@@ -1351,7 +1345,7 @@ class _BackendAttempt(ClientFactory):
     and tries the next; a connection is spliced. :meth:`cancel`: the client went away meanwhile."""
 
     noisy = False
-    protocol = _SplicedBackend
+    protocol = _SplicedBackend  # type: ignore[assignment]  # Twisted's own stub types it loosely
     connector: Any = None
     cancelled = False
 

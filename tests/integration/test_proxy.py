@@ -332,18 +332,18 @@ class ProxyIntegrationTests(TestCase):
         await until(lambda: self.service.counters["r"].active == 0, "the spliced pair to close")
 
     async def test_accepted_sockets_inherit_nodelay_and_keep_alive_from_the_listener(self) -> None:
-        backend, servers = self.half_close_backend(first=True)
+        backend, _ = self.half_close_backend(first=True)
         for keep_alive in (True, False):
             proxy = self.proxy(route("r", backend), keep_alive=keep_alive)
             self.assertTrue(self.service.context.listeners_tuned)
             sock = socket.create_connection((LOCAL, proxy))
             self.addCleanup(sock.close)
             await until(lambda: len(self.service.context.sessions) == 1, "the connection to be accepted")
-            (session,) = self.service.context.sessions
+            session = next(iter(self.service.context.sessions))
             accepted = session.transport.socket
             self.assertEqual(accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
             self.assertEqual(bool(accepted.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)), keep_alive)
-            await until(lambda: session.splice is not None, "the backend connection")
+            await until(lambda s=session: s.splice is not None, "the backend connection")
             towards = session.splice.backend_transport.socket
             self.assertEqual(towards.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
             self.assertEqual(bool(towards.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)), keep_alive)

@@ -308,7 +308,9 @@ def start_forwarder(workdir: str, backend_plain: int, backend_tls: int) -> Targe
     return Target("forwarder", "forwarder", plain, tls, process)
 
 
-def start_dcrouter(workdir: str, backend_plain: int, backend_tls: int, profile: str | None) -> Target:
+def start_dcrouter(
+    workdir: str, backend_plain: int, backend_tls: int, profile: str | None, root: str = ""
+) -> Target:
     plain, tls = free_port(), free_port()
     config = os.path.join(workdir, "dcrouter.toml")
     with open(config, "w") as f:
@@ -326,7 +328,7 @@ def start_dcrouter(workdir: str, backend_plain: int, backend_tls: int, profile: 
     if profile:
         argv += [f"--profile={os.path.abspath(profile)}", "--profiler=cprofile", "--savestats"]
     argv += ["dcrouter", "--config", config]
-    pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
+    pythonpath = os.pathsep.join(p for p in (root, REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
     process = Process("dcrouter", workdir)
     process.spawn(argv, env=dict(os.environ, PYTHONPATH=pythonpath))
     process.wait_listening([plain, tls])
@@ -835,7 +837,7 @@ def load_line() -> str:
         return "load        " + " ".join(f.read().split()[:3]) + " (1, 5, 15 min load average)"
 
 
-def machine_lines() -> list[str]:
+def machine_lines(root: str = "") -> list[str]:
     model = "unknown"
     with open("/proc/cpuinfo") as f:
         for line in f:
@@ -857,6 +859,7 @@ def machine_lines() -> list[str]:
         (
             f"versions    HAProxy {haproxy_version()}, Twisted {version('twisted')}, OpenSSL "
             f"{ssl.OPENSSL_VERSION.split()[1]}, dcrouter {version('dcrouter')} at {git_revision()}"
+            + (f" (dcrouter's code from {os.path.abspath(root)})" if root else "")
         ),
         f"open files  {resource.getrlimit(resource.RLIMIT_NOFILE)[0]} (bench and servers)",
     ]
@@ -904,6 +907,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FILE",
         help="Run dcrouter under cProfile (twistd --profiler=cprofile --savestats) into FILE.",
     )
+    parser.add_argument(
+        "--dcrouter-root",
+        metavar="DIR",
+        help="Run dcrouter's code from this checkout (a git archive of the commit to compare with).",
+    )
     parser.add_argument("--json", metavar="FILE", help="Also write the raw results as JSON.")
     parser.add_argument("--keep", action="store_true", help="Keep the temporary directory (configs, logs).")
     args = parser.parse_args(argv)
@@ -928,7 +936,7 @@ def main(argv: list[str] | None = None) -> int:
         "same machine, same run"
     )
     print(f"command     {command}")
-    for line in machine_lines():
+    for line in machine_lines(args.dcrouter_root or ""):
         print(line)
     print(
         f"client      one process (threads, blocking sockets) on this machine (it shares the "
@@ -978,7 +986,10 @@ def main(argv: list[str] | None = None) -> int:
                 elif name == "forwarder":
                     targets.append(start_forwarder(workdir, backend_plain, backend_tls))
                 elif name == "dcrouter":
-                    targets.append(start_dcrouter(workdir, backend_plain, backend_tls, args.dcrouter_profile))
+                    root = os.path.abspath(args.dcrouter_root) if args.dcrouter_root else ""
+                    targets.append(
+                        start_dcrouter(workdir, backend_plain, backend_tls, args.dcrouter_profile, root)
+                    )
                 else:
                     raise RuntimeError(f"unknown proxy {name!r}")
             except RuntimeError as e:

@@ -71,3 +71,15 @@ class DeadlinesTests(SynchronousTestCase):
         self.expired.append(item)
         if not item.endswith("2"):
             deadlines.add(item + "2")
+
+    def test_an_item_added_again_expires_from_its_new_start(self) -> None:
+        self.deadlines.add("a")
+        self.deadlines.add("b")
+        self.clock.advance(30)
+        self.deadlines.add("a")  # again: due at 90 now, after b
+        self.clock.advance(30)
+        self.assertEqual(self.expired, ["b"])
+        self.clock.advance(29.9)
+        self.assertEqual(self.expired, ["b"])
+        self.clock.advance(0.1)
+        self.assertEqual(self.expired, ["b", "a"])

@@ -1,4 +1,4 @@
-"""One timer for many connections with the same lifetime (``maxConnectionLifetime``).
+"""One timer for many connections with the same time limit (``maxConnectionLifetime``, ``sniTimeout``).
 
 Connections that must end ``seconds`` after they were accepted expire in the order they were accepted, so
 they are kept in that order (an ``OrderedDict``: adding, removing and looking at the oldest are O(1)) and one
@@ -33,7 +33,11 @@ class Deadlines(Generic[T]):
         return len(self._due)
 
     def add(self, item: T) -> None:
-        self._due[item] = self._clock.seconds() + self.seconds
+        """Expire ``item`` ``seconds`` from now (an item added again moves to the end, as it must)."""
+        due = self._due
+        if item in due:
+            del due[item]
+        due[item] = self._clock.seconds() + self.seconds
         if self._call is None:
             self._call = self._clock.callLater(self.seconds, self._fire)
 

@@ -14,7 +14,7 @@ import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any
 
 from dcrouter.config.proxy import (
@@ -826,6 +826,7 @@ def request_of(target: bytes, fields: Iterable[tuple[bytes, bytes]]) -> Request:
     return Request(path.decode("latin-1"), headers)
 
 
+@lru_cache(maxsize=4096)  # asked per connection, mostly for the same few names (a pure function)
 def _normalized(server_name: str | None) -> str | None:
     if server_name is None:
         return None

@@ -249,6 +249,8 @@ class ProxyContext:
         self._port_plans: dict[int, tuple[bool, bool] | None] = {}
         #: maxConnectionLifetime in seconds -> the connections that end then (one timer for all of them).
         self._lifetimes: dict[float, Deadlines[ProxySession]] = getattr(self, "_lifetimes", {})
+        #: sniTimeout in seconds -> the connections waiting that long (see sni_deadline).
+        self._sni_deadlines: dict[float, Deadlines[ProxySession]] = getattr(self, "_sni_deadlines", {})
 
     def gate_for(self, route: ProxyRoute) -> RequestGate | None:
         """What the route's requests must pass (rate, credentials), or None when nothing."""
@@ -381,6 +383,16 @@ class ProxyContext:
             plan = (self.peeks(port), rules) if routes else None
             self._port_plans[port] = plan
             return plan
+
+    def sni_deadline(self, session: ProxySession) -> Deadlines[ProxySession]:
+        """Wait ``sniTimeout`` from now for ``session`` (one timer for all connections waiting as long);
+        returns what to :meth:`~Deadlines.discard` it from once what it waited for came."""
+        seconds = self.settings.sni_timeout
+        deadlines = self._sni_deadlines.get(seconds)
+        if deadlines is None:
+            deadlines = self._sni_deadlines[seconds] = Deadlines(self.reactor, seconds, _sni_deadline_over)
+        deadlines.add(session)
+        return deadlines
 
     def track_lifetime(self, session: ProxySession) -> Deadlines[ProxySession] | None:
         """Count ``session`` against ``maxConnectionLifetime`` from now (aborted when it is over); returns
@@ -546,7 +558,8 @@ class ProxySession(Protocol):
     _holds_ip = False
     _holds_route = False
     _client_eof = False
-    _deadline: IDelayedCall | None = None
+    #: Where this connection waits for ``sniTimeout`` (a PROXY header, a peek, a client's first bytes).
+    _deadline: Deadlines[ProxySession] | None = None
     #: Where this connection counts against maxConnectionLifetime (see ProxyContext.track_lifetime).
     _lifetime: Deadlines[ProxySession] | None = None
     _linger: IDelayedCall | None = None
@@ -594,7 +607,7 @@ class ProxySession(Protocol):
         trusted = settings.trusted_proxies
         if trusted is not None and self.client_ip in trusted:
             self._header = proxyprotocol.IncomingHeader()
-            self._deadline = clock.callLater(settings.sni_timeout, self._header_deadline)
+            self._deadline = self.context.sni_deadline(self)
             return
         self._admit()
 
@@ -617,9 +630,7 @@ class ProxySession(Protocol):
         if plan[0]:
             self._state = _State.PEEK
             self._sniffer = Sniffer()
-            self._deadline = self.context.reactor.callLater(
-                self.context.settings.sni_timeout, self._peek_deadline
-            )
+            self._deadline = self.context.sni_deadline(self)
         else:
             self._decided(_NO_PEEK)
 
@@ -1173,9 +1184,7 @@ class ProxySession(Protocol):
         if verdict is None:
             self._opening = opening
             if self._deadline is None:
-                self._deadline = self.context.reactor.callLater(
-                    self.context.settings.sni_timeout, self._opening_deadline
-                )
+                self._deadline = self.context.sni_deadline(self)
             return
         self._opening = None
         self._cancel_deadline()
@@ -1265,9 +1274,19 @@ class ProxySession(Protocol):
             self.transport.abortConnection()
 
     def _cancel_deadline(self) -> None:
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
+        if self._deadline is not None:
+            self._deadline.discard(self)
         self._deadline = None
+
+    def _sni_deadline_over(self) -> None:
+        """``sniTimeout`` passed for what this connection was waiting for (see its state)."""
+        state = self._state
+        if state == _State.HEADER:
+            self._header_deadline()
+        elif state == _State.PEEK:
+            self._peek_deadline()
+        else:
+            self._opening_deadline()
 
     def _release_route(self) -> None:
         if self._holds_route and self.route is not None:
@@ -1313,6 +1332,11 @@ class ProxySession(Protocol):
 
 def _lifetime_over(session: ProxySession) -> None:
     session._lifetime_over()
+
+
+def _sni_deadline_over(session: ProxySession) -> None:
+    session._deadline = None
+    session._sni_deadline_over()
 
 
 class _SplicedBackend(BackendProtocol):

@@ -547,10 +547,14 @@ def alive(target: Target) -> bool:
 def measure_throughput(targets: list[Target], backend: Process, plan: Plan) -> dict[str, Any]:
     size = plan.stream_mb * MB
     out: dict[str, Any] = {}
+    if any(t.name == "forwarder" for t in targets):
+        # The stream ends with the client's half-close and the backend's trailer after it: the forwarder
+        # closes both sides on the first EOF (no half-close), so it cannot carry this test.
+        print("  forwarder: not in the throughput test (no half-close; the stream's trailer needs it)")
     for connections in plan.stream_connections:
         for order in interleaved(targets, plan.repeat):
             for target in order:
-                if not alive(target):
+                if not alive(target) or target.name == "forwarder":
                     continue
                 run = measured(
                     target,

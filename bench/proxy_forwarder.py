@@ -6,7 +6,8 @@ Accept, pause the client, ``reactor.connectTCP`` to the backend, then pass bytes
 transport the streaming producer of the other (flow control as ``twisted.protocols.portforward``), Nagle off
 on both sides as a proxy needs; when either side closes, the other is closed after its pending bytes. No
 routing, limits, half-close or counters: the floor a Twisted proxy on this reactor cannot go below. (On
-bench/proxy's TLS port it forwards to the backend's TLS port without reading the ClientHello.)
+bench/proxy's TLS port it forwards to the backend's TLS port without reading the ClientHello. Without
+half-close it cannot carry bench/proxy's throughput test, whose trailer comes after the client's EOF.)
 """
 
 from __future__ import annotations

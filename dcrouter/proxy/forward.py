@@ -222,7 +222,7 @@ class Splice:
         self._client_gone = True
         if not self._backend_gone:
             self._unregister(self.backend_transport)
-            _lose(self.backend_transport)
+            _lose(self.backend_transport, ended=self._client_eof and self._backend_eof)
         self._maybe_done()
 
     # -- events from the backend side -----------------------------------------------------------------
@@ -249,7 +249,7 @@ class Splice:
         self._backend_gone = True
         if not self._client_gone:
             self._unregister(self.client)
-            _lose(self.client)
+            _lose(self.client, ended=self._client_eof and self._backend_eof)
         self._maybe_done()
 
     # -- ending ---------------------------------------------------------------------------------------

@@ -296,7 +296,21 @@ def start_haproxy(
     return Target("haproxy", "HAProxy", plain, tls, process)
 
 
-def start_dcrouter(workdir: str, backend_plain: int, backend_tls: int, profile: str | None) -> Target:
+def start_forwarder(workdir: str, backend_plain: int, backend_tls: int) -> Target:
+    """bench/proxy_forwarder.py: the minimal Twisted forwarder, plain port to plain, TLS port to TLS."""
+    plain, tls = free_port(), free_port()
+    argv = [sys.executable, "-m", "bench.proxy_forwarder", "--host", HOST]
+    argv += ["--forward", f"{plain}:{backend_plain}", "--forward", f"{tls}:{backend_tls}"]
+    pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
+    process = Process("forwarder", workdir)
+    process.spawn(argv, env=dict(os.environ, PYTHONPATH=pythonpath))
+    process.wait_listening([plain, tls])
+    return Target("forwarder", "forwarder", plain, tls, process)
+
+
+def start_dcrouter(
+    workdir: str, backend_plain: int, backend_tls: int, profile: str | None, root: str = ""
+) -> Target:
     plain, tls = free_port(), free_port()
     config = os.path.join(workdir, "dcrouter.toml")
     with open(config, "w") as f:
@@ -314,7 +328,7 @@ def start_dcrouter(workdir: str, backend_plain: int, backend_tls: int, profile: 
     if profile:
         argv += [f"--profile={os.path.abspath(profile)}", "--profiler=cprofile", "--savestats"]
     argv += ["dcrouter", "--config", config]
-    pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
+    pythonpath = os.pathsep.join(p for p in (root, REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
     process = Process("dcrouter", workdir)
     process.spawn(argv, env=dict(os.environ, PYTHONPATH=pythonpath))
     process.wait_listening([plain, tls])
@@ -533,10 +547,14 @@ def alive(target: Target) -> bool:
 def measure_throughput(targets: list[Target], backend: Process, plan: Plan) -> dict[str, Any]:
     size = plan.stream_mb * MB
     out: dict[str, Any] = {}
+    if any(t.name == "forwarder" for t in targets):
+        # The stream ends with the client's half-close and the backend's trailer after it: the forwarder
+        # closes both sides on the first EOF (no half-close), so it cannot carry this test.
+        print("  forwarder: not in the throughput test (no half-close; the stream's trailer needs it)")
     for connections in plan.stream_connections:
         for order in interleaved(targets, plan.repeat):
             for target in order:
-                if not alive(target):
+                if not alive(target) or target.name == "forwarder":
                     continue
                 run = measured(
                     target,
@@ -630,6 +648,7 @@ def report_throughput(results: dict[str, Any], plan: Plan, names: list[str]) -> 
     for connections in plan.stream_connections:
         runs = {n: results.get(n, {}).get(str(connections)) for n in names}
         hap, dcr, direct = runs.get("haproxy"), runs.get("dcrouter"), runs.get("direct")
+        fwd = runs.get("forwarder")
         total_mb = 2 * connections * plan.stream_mb
 
         def per_mb(r: list[dict[str, Any]] | None, key: str, total_mb: int = total_mb) -> str:
@@ -647,15 +666,16 @@ def report_throughput(results: dict[str, Any], plan: Plan, names: list[str]) -> 
                 str(connections),
                 fmt(med(direct, "rate"), ".0f"),
                 fmt(med(hap, "rate"), ".0f"),
+                fmt(med(fwd, "rate"), ".0f"),
                 fmt(med(dcr, "rate"), ".0f"),
                 ratio(med(dcr, "rate"), med(hap, "rate")),
-                f"{spread(hap, '.0f')} / {spread(dcr, '.0f')}",
-                f"{errors(hap)} / {errors(dcr)}",
-                f"{per_mb(hap, 'proxy_cpu')} / {per_mb(dcr, 'proxy_cpu')}",
-                f"{utilisation(hap)} / {utilisation(dcr)}",
-                f"{per_mb(hap, 'backend_cpu')} / {per_mb(dcr, 'backend_cpu')}",
-                f"{per_mb(hap, 'client_cpu')} / {per_mb(dcr, 'client_cpu')}",
-                f"{fmt(med(hap, 'other_cpu_pct'), '.0f')} / {fmt(med(dcr, 'other_cpu_pct'), '.0f')}",
+                " / ".join(spread(r, ".0f") for r in (hap, fwd, dcr)),
+                " / ".join(errors(r) for r in (hap, fwd, dcr)),
+                " / ".join(per_mb(r, "proxy_cpu") for r in (hap, fwd, dcr)),
+                " / ".join(utilisation(r) for r in (hap, fwd, dcr)),
+                " / ".join(per_mb(r, "backend_cpu") for r in (hap, fwd, dcr)),
+                " / ".join(per_mb(r, "client_cpu") for r in (hap, fwd, dcr)),
+                " / ".join(fmt(med(r, "other_cpu_pct"), ".0f") for r in (hap, fwd, dcr)),
             ]
         )
     title = (
@@ -667,17 +687,26 @@ def report_throughput(results: dict[str, Any], plan: Plan, names: list[str]) -> 
         "connections",
         "direct MB/s",
         "HAProxy MB/s",
+        "forwarder MB/s",
         "dcrouter MB/s",
         "dcrouter/HAProxy",
-        "range hap / dcr",
-        "errors hap / dcr",
-        "proxy CPU ms/MB hap / dcr",
-        "proxy CPU % hap / dcr",
-        "backend CPU ms/MB",
-        "client CPU ms/MB",
-        "other CPU % hap / dcr",
+        "range hap / fwd / dcr",
+        "errors hap / fwd / dcr",
+        "proxy CPU ms/MB hap / fwd / dcr",
+        "proxy CPU % hap / fwd / dcr",
+        "backend CPU ms/MB hap / fwd / dcr",
+        "client CPU ms/MB hap / fwd / dcr",
+        "other CPU % hap / fwd / dcr",
     ]
     return "\n".join([title, "", table(header, rows)])
+
+
+def cpu_ratio(dcr: list[dict[str, Any]] | None, fwd: list[dict[str, Any]] | None) -> str:
+    """dcrouter's median CPU per connection over the forwarder's (issue 14's aim: at most 1.1x)."""
+    if not dcr or not fwd:
+        return "n/a"
+    per = [median([x["proxy_cpu"] / x["ok"] if x["ok"] else float("nan") for x in r]) for r in (dcr, fwd)]
+    return ratio(per[0], per[1])
 
 
 def report_rate(results: dict[str, Any], plan: Plan, names: list[str]) -> str:
@@ -687,6 +716,7 @@ def report_rate(results: dict[str, Any], plan: Plan, names: list[str]) -> str:
             key = f"{route}/{clients}"
             runs = {n: results.get(n, {}).get(key) for n in names}
             hap, dcr, direct = runs.get("haproxy"), runs.get("dcrouter"), runs.get("direct")
+            fwd = runs.get("forwarder")
 
             def per_conn(r: list[dict[str, Any]] | None, what: str) -> str:
                 if not r:
@@ -705,16 +735,18 @@ def report_rate(results: dict[str, Any], plan: Plan, names: list[str]) -> str:
                     str(clients),
                     fmt(med(direct, "rate"), ".0f"),
                     fmt(med(hap, "rate"), ".0f"),
+                    fmt(med(fwd, "rate"), ".0f"),
                     fmt(med(dcr, "rate"), ".0f"),
                     ratio(med(dcr, "rate"), med(hap, "rate")),
-                    f"{spread(hap, '.0f')} / {spread(dcr, '.0f')}",
-                    f"{errors(hap)} / {errors(dcr)}",
-                    f"{fmt(med(hap, 'p99_ms'), '.1f')} / {fmt(med(dcr, 'p99_ms'), '.1f')}",
-                    f"{per_conn(hap, 'proxy_cpu')} / {per_conn(dcr, 'proxy_cpu')}",
-                    f"{utilisation(hap)} / {utilisation(dcr)}",
-                    f"{per_conn(hap, 'backend_cpu')} / {per_conn(dcr, 'backend_cpu')}",
-                    f"{per_conn(hap, 'client_cpu')} / {per_conn(dcr, 'client_cpu')}",
-                    f"{fmt(med(hap, 'other_cpu_pct'), '.0f')} / {fmt(med(dcr, 'other_cpu_pct'), '.0f')}",
+                    " / ".join(spread(r, ".0f") for r in (hap, fwd, dcr)),
+                    " / ".join(errors(r) for r in (hap, fwd, dcr)),
+                    " / ".join(fmt(med(r, "p99_ms"), ".1f") for r in (hap, fwd, dcr)),
+                    " / ".join(per_conn(r, "proxy_cpu") for r in (hap, fwd, dcr)),
+                    cpu_ratio(dcr, fwd),
+                    " / ".join(utilisation(r) for r in (hap, fwd, dcr)),
+                    " / ".join(per_conn(r, "backend_cpu") for r in (hap, fwd, dcr)),
+                    " / ".join(per_conn(r, "client_cpu") for r in (hap, fwd, dcr)),
+                    " / ".join(fmt(med(r, "other_cpu_pct"), ".0f") for r in (hap, fwd, dcr)),
                 ]
             )
     title = (
@@ -726,16 +758,18 @@ def report_rate(results: dict[str, Any], plan: Plan, names: list[str]) -> str:
         "clients",
         "direct conn/s",
         "HAProxy conn/s",
+        "forwarder conn/s",
         "dcrouter conn/s",
         "dcrouter/HAProxy",
-        "range hap / dcr",
-        "errors hap / dcr",
-        "p99 ms hap / dcr",
-        "proxy CPU µs/conn hap / dcr",
-        "proxy CPU % hap / dcr",
-        "backend CPU µs/conn",
-        "client CPU µs/conn",
-        "other CPU % hap / dcr",
+        "range hap / fwd / dcr",
+        "errors hap / fwd / dcr",
+        "p99 ms hap / fwd / dcr",
+        "proxy CPU µs/conn hap / fwd / dcr",
+        "dcrouter/forwarder CPU",
+        "proxy CPU % hap / fwd / dcr",
+        "backend CPU µs/conn hap / fwd / dcr",
+        "client CPU µs/conn hap / fwd / dcr",
+        "other CPU % hap / fwd / dcr",
     ]
     notes = []
     for name in names:
@@ -807,7 +841,7 @@ def load_line() -> str:
         return "load        " + " ".join(f.read().split()[:3]) + " (1, 5, 15 min load average)"
 
 
-def machine_lines() -> list[str]:
+def machine_lines(root: str = "") -> list[str]:
     model = "unknown"
     with open("/proc/cpuinfo") as f:
         for line in f:
@@ -829,6 +863,7 @@ def machine_lines() -> list[str]:
         (
             f"versions    HAProxy {haproxy_version()}, Twisted {version('twisted')}, OpenSSL "
             f"{ssl.OPENSSL_VERSION.split()[1]}, dcrouter {version('dcrouter')} at {git_revision()}"
+            + (f" (dcrouter's code from {os.path.abspath(root)})" if root else "")
         ),
         f"open files  {resource.getrlimit(resource.RLIMIT_NOFILE)[0]} (bench and servers)",
     ]
@@ -841,8 +876,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--proxies",
-        default="direct,haproxy,dcrouter",
-        help="Comma-separated: direct (no proxy), haproxy, dcrouter.",
+        default="direct,haproxy,forwarder,dcrouter",
+        help="Comma-separated: direct (no proxy), haproxy, forwarder (bench/proxy_forwarder.py), dcrouter.",
     )
     parser.add_argument("--tests", default="throughput,rate", help="Comma-separated: throughput, rate.")
     parser.add_argument(
@@ -876,6 +911,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FILE",
         help="Run dcrouter under cProfile (twistd --profiler=cprofile --savestats) into FILE.",
     )
+    parser.add_argument(
+        "--dcrouter-root",
+        metavar="DIR",
+        help="Run dcrouter's code from this checkout (a git archive of the commit to compare with).",
+    )
     parser.add_argument("--json", metavar="FILE", help="Also write the raw results as JSON.")
     parser.add_argument("--keep", action="store_true", help="Keep the temporary directory (configs, logs).")
     args = parser.parse_args(argv)
@@ -895,9 +935,12 @@ def main(argv: list[str] | None = None) -> int:
     raise_nofile_limit()
     workdir = tempfile.mkdtemp(prefix="dcrouter-bench-proxy-")
     command = "python -m bench.proxy" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
-    print("bench/proxy: dcrouter's proxy vs HAProxy (mode tcp), same backend, same machine, same run")
+    print(
+        "bench/proxy: dcrouter's proxy vs HAProxy (mode tcp) and a minimal Twisted forwarder, same backend, "
+        "same machine, same run"
+    )
     print(f"command     {command}")
-    for line in machine_lines():
+    for line in machine_lines(args.dcrouter_root or ""):
         print(line)
     print(
         f"client      one process (threads, blocking sockets) on this machine (it shares the "
@@ -944,8 +987,13 @@ def main(argv: list[str] | None = None) -> int:
                             workdir, backend_plain, backend_tls, args.haproxy_nbthread, args.haproxy_splice
                         )
                     )
+                elif name == "forwarder":
+                    targets.append(start_forwarder(workdir, backend_plain, backend_tls))
                 elif name == "dcrouter":
-                    targets.append(start_dcrouter(workdir, backend_plain, backend_tls, args.dcrouter_profile))
+                    root = os.path.abspath(args.dcrouter_root) if args.dcrouter_root else ""
+                    targets.append(
+                        start_dcrouter(workdir, backend_plain, backend_tls, args.dcrouter_profile, root)
+                    )
                 else:
                     raise RuntimeError(f"unknown proxy {name!r}")
             except RuntimeError as e:

@@ -12,6 +12,7 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -333,12 +334,19 @@ class TargetTests(SessionTestCase):
         self.assertIn(("10.0.0.1", 80), self.attempts()[4:])
 
     def test_connect_timeout_fails_over(self) -> None:
+        """The session relies on the connector's own timeout (MemoryReactor keeps no timers for its
+        connectors: they are armed here as ``BaseConnector.connect`` arms them)."""
         self.context(route("r", hosts=("10.0.0.1", "10.0.0.2"), port=80), connect_timeout=3)
         self.connect()
+        self.assertEqual([timeout for _, _, _, timeout, _ in self.reactor.tcpClients], [3])
+        factory, connector = self.reactor.tcpClients[0][2], self.reactor.connectors[0]
+        self.reactor.callLater(3, factory.clientConnectionFailed, connector, Failure(ConnectTimeoutError()))
         self.reactor.advance(2.9)
         self.assertEqual(len(self.attempts()), 1)
         self.reactor.advance(0.1)
         self.assertEqual(self.attempts(), [("10.0.0.1", 80), ("10.0.0.2", 80)])
+        self.assertEqual([timeout for _, _, _, timeout, _ in self.reactor.tcpClients], [3, 3])
+        self.assertTrue(self.ctx.health.is_down(Target("10.0.0.1", "10.0.0.1", 80)))
 
     def test_no_target_reachable_closes_the_client(self) -> None:
         self.context(route("r", hosts=("10.0.0.1", "10.0.0.2"), port=80))

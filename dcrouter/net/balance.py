@@ -46,8 +46,8 @@ class Balancer:
         """``targets`` in the order a new connection should try them. ``weights`` (positive, one per target;
         default all 1); ``client_ip`` for ``sourceHash``; ``connections`` (open connections per target) for
         ``leastConnections``."""
-        if not targets:
-            return []
+        if len(targets) <= 1:
+            return list(targets)  # one target: every method's order, and no state moves
         weights = list(weights) if weights is not None else [1] * len(targets)
         if self.method == "sourceHash":
             scores = [_rendezvous(client_ip, t, w) for t, w in zip(targets, weights, strict=True)]

@@ -69,6 +69,8 @@ class TargetHealth:
     def arrange(self, preferred: Sequence[Target]) -> list[Target]:
         """``preferred`` (a balancer's order) without the targets an active check holds down, and with
         passively marked ones moved to the end, those coming back soonest first."""
+        if not self._down and not self._failing:
+            return list(preferred)  # nothing marked (the usual case): the preferred order as it is
         up: list[Target] = []
         down: list[tuple[float, Target]] = []
         for target in preferred:
@@ -91,7 +93,8 @@ class TargetHealth:
 
     def mark_up(self, target: Target) -> None:
         """Forget any mark on ``target`` (it just accepted a connection)."""
-        self._down.pop(_key(target), None)
+        if self._down:
+            self._down.pop(_key(target), None)
 
     def check_failed(self, target: Target) -> None:
         """An active health check took ``target`` down: no new connection until :meth:`check_passed`."""

@@ -21,6 +21,7 @@ _EXT_SERVER_NAME = 0
 _EXT_ALPN = 16
 _EXT_SUPPORTED_VERSIONS = 43
 _NAME_TYPE_HOST_NAME = 0
+_PRINTABLE = bytes(range(0x21, 0x7F))
 
 
 class MalformedClientHello(Exception):
@@ -155,7 +156,12 @@ def _handshake_total(handshake: bytes | bytearray) -> int | None:
 
 
 class _Cursor:
-    """Reads big-endian integers and length-prefixed vectors, refusing to read past its container."""
+    """Reads big-endian integers and length-prefixed vectors, refusing to read past its container.
+
+    Written for the proxy's per-connection path: field names are formatted into a message only when a
+    read fails."""
+
+    __slots__ = ("_data", "_pos", "_what")
 
     def __init__(self, data: bytes, what: str) -> None:
         self._data = data
@@ -167,19 +173,28 @@ class _Cursor:
         return len(self._data) - self._pos
 
     def take(self, size: int, field: str) -> bytes:
-        if size > self.remaining:
-            raise MalformedClientHello(f"{field} runs past the end of {self._what}")
         start = self._pos
-        self._pos += size
-        return self._data[start : self._pos]
+        end = start + size
+        if end > len(self._data):
+            raise MalformedClientHello(f"{field} runs past the end of {self._what}")
+        self._pos = end
+        return self._data[start:end]
 
     def uint(self, size: int, field: str) -> int:
         return int.from_bytes(self.take(size, field), "big")
 
     def vector(self, length_size: int, field: str) -> _Cursor:
         """The vector whose length is in the next ``length_size`` bytes, as a cursor of its own."""
-        length = self.uint(length_size, f"length of {field}")
-        return _Cursor(self.take(length, field), field)
+        data = self._data
+        start = self._pos
+        end = start + length_size
+        if end > len(data):
+            raise MalformedClientHello(f"length of {field} runs past the end of {self._what}")
+        length = int.from_bytes(data[start:end], "big")
+        if end + length > len(data):
+            raise MalformedClientHello(f"{field} runs past the end of {self._what}")
+        self._pos = end + length
+        return _Cursor(data[end : end + length], field)
 
     def rest(self) -> bytes:
         return self.take(self.remaining, self._what)
@@ -216,14 +231,27 @@ def _parse_body(body: bytes) -> ClientHello:
 
 
 def _extensions(cursor: _Cursor) -> dict[int, bytes]:
+    # Walked by index (a hello has a dozen or more extensions): the checks and messages of
+    # ``cursor.uint(2, "extension type")`` and ``cursor.vector(2, f"extension {kind}")``, without a cursor
+    # and two formatted names per extension.
+    data = cursor.rest()
+    end = len(data)
+    pos = 0
     found: dict[int, bytes] = {}
-    while cursor.remaining:
-        kind = cursor.uint(2, "extension type")
-        data = cursor.vector(2, f"extension {kind}").rest()
+    while pos < end:
+        if pos + 2 > end:
+            raise MalformedClientHello("extension type runs past the end of extensions")
+        kind = (data[pos] << 8) | data[pos + 1]
+        if pos + 4 > end:
+            raise MalformedClientHello(f"length of extension {kind} runs past the end of extensions")
+        start = pos + 4
+        pos = start + ((data[pos + 2] << 8) | data[pos + 3])
+        if pos > end:
+            raise MalformedClientHello(f"extension {kind} runs past the end of extensions")
         if kind in found:
             # RFC 8446 §4.2 and RFC 5246 §7.4.1.4: at most one extension of each type.
             raise MalformedClientHello(f"extension {kind} appears twice")
-        found[kind] = data
+        found[kind] = data[start:pos]
     return found
 
 
@@ -247,7 +275,7 @@ def _server_name(data: bytes) -> tuple[str | None, str]:
         # RFC 6066 §3: at most one name of each type; choosing one would be a guess.
         return None, f"{len(host_names)} host_names in server_name extension"
     raw = host_names[0]
-    if not all(0x21 <= byte <= 0x7E for byte in raw):
+    if raw.translate(None, _PRINTABLE):  # some byte outside 0x21-0x7E
         return None, f"SNI host_name {raw[:64]!r} is not printable ASCII"
     try:
         return routable_name(raw.decode("ascii")), ""
@@ -265,12 +293,15 @@ def routable_name(text: str) -> str:
     bare = text[:-1] if text.endswith(".") else text
     if not bare:
         raise ValueError("empty host name")
-    try:
-        ipaddress.ip_address(bare)
-    except ValueError:
-        pass
-    else:
-        raise ValueError(f"{text!r} is an IP address, not a host name")
+    # Only a name with a colon (IPv6) or of digits and dots (IPv4) can be an address: the others are not
+    # parsed (an exception raised and caught per connection).
+    if ":" in bare or bare.replace(".", "").isdigit():
+        try:
+            ipaddress.ip_address(bare)
+        except ValueError:
+            pass
+        else:
+            raise ValueError(f"{text!r} is an IP address, not a host name")
     if bare.rsplit(".", 1)[-1].isdigit():
         raise ValueError(f"{text!r} looks like an address literal, not a host name")
     return normalize_domain(text)

@@ -8,7 +8,10 @@ What :class:`Splice` guarantees, once started:
   ``twisted.protocols.portforward`` does), so when one side's write buffer fills, reading from the other side
   pauses; nothing is buffered without bound.
 - Half-close: end-of-file from one side shuts the write side of the other (``loseWriteConnection``);
-  when both sides have sent EOF, both connections are closed.
+  when both sides have sent EOF, both connections are closed (the second EOF closes at once: the close
+  sends the FIN that a separate shutdown would have).
+- A TCP transport with nothing left to write is shut or closed at once (``shutdown`` now, rather than on
+  the reactor's next write turn after an empty ``send``): the same FIN, three system calls fewer.
 - A connection lost on one side closes the other after its pending bytes are written.
 - Idle timeout: no byte in either direction for ``idle_timeout`` seconds aborts both connections.
 - Counters: bytes from the client (``bytes_in``) and to it (``bytes_out``) are added to the route's
@@ -21,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.internet import tcp
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -42,13 +46,47 @@ class RouteCounters:
     bytes_out: int = 0
 
 
+def _drained(transport: Any) -> bool:
+    """Whether ``transport`` is a connected TCP transport of the reactor with nothing buffered to write, no
+    producer and no close under way: what ``FileDescriptor.doWrite`` would find on its next turn before
+    shutting or closing it, so that can be done now."""
+    return bool(
+        isinstance(transport, tcp.Connection)
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnecting
+        and transport.producer is None
+        and not transport._tempDataLen
+        and transport.offset == len(transport.dataBuffer)
+    )
+
+
 def _shut_write(transport: Any) -> None:
     """Send EOF on ``transport``: the write half only when it can half-close (TCP), else all of it."""
+    if _drained(transport):
+        # As doWrite half-closes once the buffer is empty, without the round through it (an epoll_ctl
+        # each way and an empty send).
+        transport._writeDisconnecting = True
+        transport._writeDisconnected = True
+        transport._closeWriteConnection()
+        return
     lose_write = getattr(transport, "loseWriteConnection", None)
     if lose_write is not None:
         lose_write()
     else:
         transport.loseConnection()
+
+
+def _lose(transport: Any, *, ended: bool = False) -> None:
+    """``transport.loseConnection()``; a drained TCP transport is closed at once (``loseConnection`` takes
+    its own immediate path, the one it takes after a half-close: shutdown, close, connectionLost).
+    ``ended``: both directions have seen EOF, so the ``shutdown(SHUT_RDWR)`` before ``close`` can add
+    nothing (``close`` sends the FIN still owed; after our own half-close it would fail ENOTCONN)."""
+    if _drained(transport):
+        transport._writeDisconnected = True
+    if ended and isinstance(transport, tcp.Connection):
+        transport._shouldShutdown = False
+    transport.loseConnection()
 
 
 @implementer(IHalfCloseableProtocol)
@@ -90,6 +128,10 @@ class BackendProtocol(Protocol):
             self.splice.backend_lost()
 
 
+def _nothing() -> None:
+    pass
+
+
 class Splice:
     """Joins a client transport and a connected :class:`BackendProtocol` (see the module docstring).
 
@@ -117,7 +159,8 @@ class Splice:
         self._backend_eof = False
         self._client_gone = False
         self._backend_gone = False
-        self._last_activity = clock.seconds()
+        # Kept only where an idle timeout reads it: no clock read per chunk otherwise.
+        self._last_activity = clock.seconds() if idle_timeout is not None else 0.0
         self._idle_call: IDelayedCall | None = None
         self.close_reason: str | None = None
         # Which transports still have the other registered as their producer (unregistered at most once).
@@ -156,7 +199,8 @@ class Splice:
     # -- events from the client side ------------------------------------------------------------------
 
     def client_data(self, data: bytes) -> None:
-        self._last_activity = self._clock.seconds()
+        if self._idle_timeout is not None:
+            self._last_activity = self._clock.seconds()
         self.counters.bytes_in += len(data)
         self.backend_transport.write(data)
 
@@ -166,10 +210,11 @@ class Splice:
         self._client_eof = True
         # The client will produce nothing more: it must not stay the backend's producer, or a paused
         # producer would keep the backend transport from ever sending its EOF.
+        if self._backend_eof:
+            self.close("both sides ended", ended=True)
+            return
         self._unregister(self.backend_transport)
         _shut_write(self.backend_transport)
-        if self._backend_eof:
-            self.close("both sides ended")
 
     def client_lost(self) -> None:
         if self._client_gone:
@@ -177,13 +222,14 @@ class Splice:
         self._client_gone = True
         if not self._backend_gone:
             self._unregister(self.backend_transport)
-            self.backend_transport.loseConnection()
+            _lose(self.backend_transport, ended=self._client_eof and self._backend_eof)
         self._maybe_done()
 
     # -- events from the backend side -----------------------------------------------------------------
 
     def backend_data(self, data: bytes) -> None:
-        self._last_activity = self._clock.seconds()
+        if self._idle_timeout is not None:
+            self._last_activity = self._clock.seconds()
         self.counters.bytes_out += len(data)
         self.client.write(data)
 
@@ -191,10 +237,11 @@ class Splice:
         if self._backend_eof or self._client_gone:
             return
         self._backend_eof = True
+        if self._client_eof:
+            self.close("both sides ended", ended=True)
+            return
         self._unregister(self.client)
         _shut_write(self.client)
-        if self._client_eof:
-            self.close("both sides ended")
 
     def backend_lost(self) -> None:
         if self._backend_gone:
@@ -202,13 +249,13 @@ class Splice:
         self._backend_gone = True
         if not self._client_gone:
             self._unregister(self.client)
-            self.client.loseConnection()
+            _lose(self.client, ended=self._client_eof and self._backend_eof)
         self._maybe_done()
 
     # -- ending ---------------------------------------------------------------------------------------
 
-    def close(self, reason: str) -> None:
-        """Close both connections after their pending bytes are written."""
+    def close(self, reason: str, *, ended: bool = False) -> None:
+        """Close both connections after their pending bytes are written (``ended``: both sides sent EOF)."""
         self.close_reason = self.close_reason or reason
         for transport, gone in (
             (self.client, self._client_gone),
@@ -216,7 +263,7 @@ class Splice:
         ):
             if not gone:
                 self._unregister(transport)
-                transport.loseConnection()
+                _lose(transport, ended=ended)
 
     def abort(self, reason: str) -> None:
         """Drop both connections now, pending bytes and all (timeouts, shutdown)."""
@@ -247,4 +294,8 @@ class Splice:
             if self._idle_call is not None and self._idle_call.active():
                 self._idle_call.cancel()
             self._idle_call = None
-            self._on_done()
+            on_done, self._on_done = self._on_done, _nothing
+            # No reference cycles left behind (splice <-> backend, splice -> session -> splice): the pair
+            # is freed as soon as its last reference goes, not by the cyclic garbage collector.
+            self.backend.splice = None
+            on_done()

@@ -14,6 +14,7 @@ import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
 from typing import Any
 
 from dcrouter.config.proxy import (
@@ -150,7 +151,7 @@ class RouteAction:
     status: int | None = None
     handler: str | None = None
 
-    @property
+    @cached_property  # asked per connection; the action is frozen
     def answers_http(self) -> bool:
         """Whether the proxy answers HTTP requests itself rather than connecting anywhere."""
         return self.type in ("redirect", "static") or (self.type == "block" and self.status is not None)
@@ -166,7 +167,7 @@ class FieldChanges:
     set_fields: tuple[tuple[bytes, bytes], ...] = ()
     remove: frozenset[bytes] = frozenset()
 
-    @property
+    @cached_property  # asked per connection (ProxyRoute.reads_http); the instance is frozen
     def dropped(self) -> frozenset[bytes]:
         """The names whose fields as received are left out: removed ones, and set ones (replaced)."""
         return self.remove | {name.lower() for name, _ in self.set_fields}
@@ -310,7 +311,7 @@ class ProxyRoute:
     websocket_idle: float | None = None
     websocket_max_age: float | None = None
 
-    @property
+    @cached_property  # asked per connection; the route is frozen
     def reads_http(self) -> bool:
         """Whether requests must be read one by one even on a plain route that forwards (credentials are
         checked, or header fields changed): such a route forwards HTTP rather than splicing bytes."""
@@ -326,7 +327,7 @@ class ProxyRoute:
     #: New connections per window from all clients together (``connectionRate``); None: no limit.
     connection_rate: Rate | None = None
 
-    @property
+    @cached_property
     def terminates(self) -> bool:
         return self.tls_mode in TERMINATING
 
@@ -825,6 +826,7 @@ def request_of(target: bytes, fields: Iterable[tuple[bytes, bytes]]) -> Request:
     return Request(path.decode("latin-1"), headers)
 
 
+@lru_cache(maxsize=4096)  # asked per connection, mostly for the same few names (a pure function)
 def _normalized(server_name: str | None) -> str | None:
     if server_name is None:
         return None

@@ -15,10 +15,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
-from twisted.internet.error import ConnectError, ConnectingCancelledError
+from twisted.internet.error import ConnectError, ConnectingCancelledError, NotConnectingError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.internet.interfaces import (
     IAddress,
@@ -29,7 +30,7 @@ from twisted.internet.interfaces import (
     IProtocol,
     IStreamClientEndpoint,
 )
-from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
+from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory, connectionDone
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -65,6 +66,7 @@ from dcrouter.proxy.http import (
 from dcrouter.proxy.http2 import ALPN_H2, AlpnFront, Http2Connection, Http2Limits
 from dcrouter.proxy.httpmessage import HeadBuffer, HttpError, RequestHead, parse_request_head
 from dcrouter.proxy.jwtauth import Fetcher, JwtAuth
+from dcrouter.proxy.lifetime import Deadlines
 from dcrouter.proxy.routes import (
     ACME_PORT_ROUTE,
     DEFERRED,
@@ -156,7 +158,9 @@ def canonical_ip(host: str) -> str:
 
 
 def _host(address: IAddress) -> str:
-    return canonical_ip(address.host) if isinstance(address, (IPv4Address, IPv6Address)) else ""
+    if isinstance(address, IPv4Address):
+        return address.host  # the kernel's dotted quad: already the one spelling (no parse per connection)
+    return canonical_ip(address.host) if isinstance(address, IPv6Address) else ""
 
 
 def client_endpoint(reactor: IRouterReactor, host: str, port: int) -> IStreamClientEndpoint:
@@ -195,6 +199,9 @@ class ProxyContext:
     fetch: Fetcher | None = None
     #: Where sessions report connections (dcrouter.events); bytes per route are in ``counters``.
     events: EventBus = NO_EVENTS
+    #: The listening sockets carry TCP_NODELAY and, as ``keepAlive`` asks, SO_KEEPALIVE (set by
+    #: ProxyService), which accepted sockets inherit: nothing to set per connection on the client side.
+    listeners_tuned: bool = False
 
     def __post_init__(self) -> None:
         self.health = TargetHealth(self.reactor, self.settings.target_down_time)
@@ -235,6 +242,15 @@ class ProxyContext:
         self._auth: dict[str, BasicAuth | JwtAuth] = {}
         self._gates: dict[str, RequestGate] = {}
         self._balancers = {route.name: Balancer(route.target.balancing) for route in self.table.routes}
+        #: (route name, backend port) -> (route, its targets, their weights, whether all are IP literals):
+        #: built on a route's first connection, kept until the next reload.
+        self._target_lists: dict[tuple[str, int], tuple[ProxyRoute, list[Target], list[int], bool]] = {}
+        #: port -> (whether it peeks, whether some route there has client IP rules); None: no route there.
+        self._port_plans: dict[int, tuple[bool, bool] | None] = {}
+        #: maxConnectionLifetime in seconds -> the connections that end then (one timer for all of them).
+        self._lifetimes: dict[float, Deadlines[ProxySession]] = getattr(self, "_lifetimes", {})
+        #: sniTimeout in seconds -> the connections waiting that long (see sni_deadline).
+        self._sni_deadlines: dict[float, Deadlines[ProxySession]] = getattr(self, "_sni_deadlines", {})
 
     def gate_for(self, route: ProxyRoute) -> RequestGate | None:
         """What the route's requests must pass (rate, credentials), or None when nothing."""
@@ -356,6 +372,40 @@ class ProxyContext:
             for route in self.routes_on(port)
         )
 
+    def port_plan(self, port: int) -> tuple[bool, bool] | None:
+        """``(peeks(port), whether some route on port has client IP rules)``, worked out once per port
+        until the next reload; None when no route listens on ``port``."""
+        try:
+            return self._port_plans[port]
+        except KeyError:
+            routes = self.routes_on(port)
+            rules = any(r.client_ips or r.allow is not None or r.block is not None for r in routes)
+            plan = (self.peeks(port), rules) if routes else None
+            self._port_plans[port] = plan
+            return plan
+
+    def sni_deadline(self, session: ProxySession) -> Deadlines[ProxySession]:
+        """Wait ``sniTimeout`` from now for ``session`` (one timer for all connections waiting as long);
+        returns what to :meth:`~Deadlines.discard` it from once what it waited for came."""
+        seconds = self.settings.sni_timeout
+        deadlines = self._sni_deadlines.get(seconds)
+        if deadlines is None:
+            deadlines = self._sni_deadlines[seconds] = Deadlines(self.reactor, seconds, _sni_deadline_over)
+        deadlines.add(session)
+        return deadlines
+
+    def track_lifetime(self, session: ProxySession) -> Deadlines[ProxySession] | None:
+        """Count ``session`` against ``maxConnectionLifetime`` from now (aborted when it is over); returns
+        what to :meth:`~Deadlines.discard` it from, or None when no lifetime is configured."""
+        seconds = self.settings.max_connection_lifetime
+        if seconds is None:
+            return None
+        deadlines = self._lifetimes.get(seconds)
+        if deadlines is None:
+            deadlines = self._lifetimes[seconds] = Deadlines(self.reactor, seconds, _lifetime_over)
+        deadlines.add(session)
+        return deadlines
+
     def any_permits(self, port: int, client_ip: str) -> bool:
         """Whether some route on ``port`` could serve ``client_ip``: if none could, the client is refused
         before anything is read from it."""
@@ -396,14 +446,27 @@ class ProxyContext:
     def targets(self, route: ProxyRoute, port: int, client_ip: str = "") -> list[Target]:
         """The route's hosts in the order to try them: as its ``loadBalancing`` prefers (``client_ip`` for
         ``sourceHash``), without those an active health check holds down, passively marked ones last."""
-        candidates = [Target(h, h, port) for h in route.target.hosts]
+        _, candidates, weights, _ = self.target_list(route, port)
         balancer = self._balancers.get(route.name)
         if balancer is None:
             balancer = self._balancers[route.name] = Balancer(route.target.balancing)
-        preferred = balancer.order(
-            candidates, route.target.weight_list(), client_ip=client_ip, connections=self.connections
-        )
+        preferred = balancer.order(candidates, weights, client_ip=client_ip, connections=self.connections)
         return self.health.arrange(preferred)
+
+    def target_list(self, route: ProxyRoute, port: int) -> tuple[ProxyRoute, list[Target], list[int], bool]:
+        """``(route, its targets on port, their weights, whether every target is an IP address)``, made on
+        the route's first connection and reused (not to be changed by the caller)."""
+        entry = self._target_lists.get((route.name, port))
+        if entry is None or entry[0] is not route:
+            hosts = route.target.hosts
+            entry = (
+                route,
+                [Target(h, h, port) for h in hosts],
+                route.target.weight_list(),
+                all(isIPAddress(h) or isIPv6Address(h) for h in hosts),
+            )
+            self._target_lists[(route.name, port)] = entry
+        return entry
 
     def counted(self, target: Target, protocol: Callable[[], Protocol]) -> Callable[[], Protocol]:
         """``protocol``'s factory, counting the connection to ``target`` open from when the protocol is
@@ -480,77 +543,94 @@ class ProxySession(Protocol):
 
     transport: Any  # a TCP transport: also a producer and consumer
 
+    # The starting values of what most connections never change, as class attributes: fewer stores per
+    # accepted connection (an assignment on the instance shadows them).
+    client_ip = ""
+    client_address: IAddress | None = None
+    route: ProxyRoute | None = None
+    sniffed: Sniffed | None = None
+    splice: Splice | None = None
+    refused: str | None = None
+    front: HttpForwarder | HttpRedirect | HttpAnswerer | RequestDispatcher | None = None
+    _local_address: IAddress | None = None
+    _sniffer: Sniffer | None = None
+    _header: proxyprotocol.IncomingHeader | None = None
+    _holds_ip = False
+    _holds_route = False
+    _client_eof = False
+    #: Where this connection waits for ``sniTimeout`` (a PROXY header, a peek, a client's first bytes).
+    _deadline: Deadlines[ProxySession] | None = None
+    #: Where this connection counts against maxConnectionLifetime (see ProxyContext.track_lifetime).
+    _lifetime: Deadlines[ProxySession] | None = None
+    _linger: IDelayedCall | None = None
+    _connecting: Deferred[Any] | _BackendAttempt | None = None
+    _receiver: IProtocol | None = None  # on a terminating route: the TLS layer or the redirect
+    # The client's first bytes, held back while they may still become a PROXY header; None once they
+    # were looked at (or, before routing, while the peek looks at them).
+    _opening: bytes | None = None
+    _opened_at = 0.0
+
     def __init__(self, context: ProxyContext, port: int) -> None:
         self.context = context
         self.port = port
-        self.client_ip = ""
-        self.client_address: IAddress | None = None
-        self.local_address: IAddress | None = None
-        self.route: ProxyRoute | None = None
-        self.sniffed: Sniffed | None = None
-        self.splice: Splice | None = None
-        self.refused: str | None = None
         self._state = _State.HEADER
         self._buffer: list[bytes] = []
-        self._sniffer: Sniffer | None = None
-        self._header: proxyprotocol.IncomingHeader | None = None
-        self._holds_ip = False
-        self._holds_route = False
-        self._client_eof = False
-        self._deadline: IDelayedCall | None = None
-        self._lifetime: IDelayedCall | None = None
-        self._linger: IDelayedCall | None = None
-        self._connecting: Deferred[Any] | None = None
-        self._receiver: IProtocol | None = None  # on a terminating route: the TLS layer or the redirect
-        # The client's first bytes, held back while they may still become a PROXY header; None once they
-        # were looked at (or, before routing, while the peek looks at them).
-        self._opening: bytes | None = None
-        self.front: HttpForwarder | HttpRedirect | HttpAnswerer | RequestDispatcher | None = None
         self._pools: dict[str, BackendPool] = {}
-        self._opened_at = 0.0
+
+    @property
+    def local_address(self) -> IAddress | None:
+        """The address the client connected to (from a trusted PROXY header, else the socket's, looked up
+        when first needed: most connections never need it)."""
+        if self._local_address is None and self.transport is not None:
+            self._local_address = self.transport.getHost()
+        return self._local_address
+
+    @local_address.setter
+    def local_address(self, address: IAddress | None) -> None:
+        self._local_address = address
 
     # -- accept ----------------------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
         settings = self.context.settings
         clock = self.context.reactor
-        set_no_delay(self.transport)
+        if not self.context.listeners_tuned:
+            set_no_delay(self.transport)
+            if settings.keep_alive and hasattr(self.transport, "setTcpKeepAlive"):
+                self.transport.setTcpKeepAlive(True)
         self.client_address = self.transport.getPeer()
-        self.local_address = self.transport.getHost()
         self.client_ip = _host(self.client_address)
         self.context.sessions.add(self)
         self._opened_at = clock.seconds()
         self.context.events.emit("connection.connect", protocol="proxy", port=self.port, peer=self.client_ip)
-        if settings.keep_alive and hasattr(self.transport, "setTcpKeepAlive"):
-            self.transport.setTcpKeepAlive(True)
-        if settings.max_connection_lifetime is not None:
-            self._lifetime = clock.callLater(settings.max_connection_lifetime, self._lifetime_over)
+        self._lifetime = self.context.track_lifetime(self)
         trusted = settings.trusted_proxies
         if trusted is not None and self.client_ip in trusted:
             self._header = proxyprotocol.IncomingHeader()
-            self._deadline = clock.callLater(settings.sni_timeout, self._header_deadline)
+            self._deadline = self.context.sni_deadline(self)
             return
         self._admit()
 
     def _admit(self) -> None:
         """Client IP rules, before anything is read: the per-IP cap, then whether any route on the port
         serves this client at all."""
-        if not self.context.take_ip(self.client_ip):
+        context = self.context
+        if not context.take_ip(self.client_ip):
             self._refuse(None, "maxConnectionsPerIP reached")
             return
         self._holds_ip = True
-        if not self.context.within_ip_rate(self.client_ip):
+        if not context.within_ip_rate(self.client_ip):
             self._refuse(None, "connectionRatePerIP reached")
             return
-        if not self.context.any_permits(self.port, self.client_ip):
+        plan = context.port_plan(self.port)
+        # Without IP rules on the port, every client is served by some route there: nothing to look at.
+        if plan is None or (plan[1] and not context.any_permits(self.port, self.client_ip)):
             self._refuse(None, "no route on this port serves this client (IP rules)")
             return
-        if self.context.peeks(self.port):
+        if plan[0]:
             self._state = _State.PEEK
             self._sniffer = Sniffer()
-            self._deadline = self.context.reactor.callLater(
-                self.context.settings.sni_timeout, self._peek_deadline
-            )
+            self._deadline = self.context.sni_deadline(self)
         else:
             self._decided(_NO_PEEK)
 
@@ -632,7 +712,8 @@ class ProxySession(Protocol):
             self._refuse(None, "no PROXY header before the deadline")
 
     def _decided(self, sniffed: Sniffed) -> None:
-        self._cancel_deadline()
+        if self._deadline is not None:
+            self._cancel_deadline()
         self.sniffed = sniffed
         # A client's own PROXY header never reaches a backend (one that trusts dcrouter's headers would take
         # it for dcrouter's): refused here if the peek read the first bytes, else looked at once spliced.
@@ -706,8 +787,7 @@ class ProxySession(Protocol):
             self.front = forwarder
             self._attach(forwarder)
             return
-        connecting = Deferred.fromCoroutine(self._connect(route))
-        connecting.addErrback(self._connect_crashed)
+        self._connect_splice(route)
 
     def _peeked_request(self, sniffed: Sniffed) -> Request | None:
         """The request whose head the peek read (plain HTTP), for routes with request conditions."""
@@ -721,6 +801,42 @@ class ProxySession(Protocol):
         except HttpError:
             return None  # answered by the route's own parser
         return request_of(head.target, head.fields.lines)
+
+    def _connect_splice(self, route: ProxyRoute) -> None:
+        """Connect to the route's targets in order (the first that accepts is spliced to the client),
+        straight from ``reactor.connectTCP`` with the connector's own timeout: no endpoint, Deferred or
+        coroutine per connection. Targets given by host name go the resolving way (:meth:`_connect`)."""
+        port = route.target.port_for(self.port)
+        if not 1 <= port <= 65535 or not self.context.target_list(route, port)[3]:
+            connecting = Deferred.fromCoroutine(self._connect(route))
+            connecting.addErrback(self._connect_crashed)
+            return
+        self._try_target(route, self.context.targets(route, port, self.client_ip), 0)
+
+    def _try_target(self, route: ProxyRoute, targets: list[Target], index: int) -> None:
+        """Connect to ``targets[index]``, or refuse the client when no target is left."""
+        if index >= len(targets):
+            self._connecting = None
+            if self._state != _State.CLOSED:
+                self._refuse(self.context.counters[route.name], f"{route.name}: no target reachable")
+            return
+        attempt = _BackendAttempt(self, route, targets, index)
+        self._connecting = attempt
+        target = targets[index]
+        context = self.context
+        attempt.connector = context.reactor.connectTCP(
+            target.address, target.port, attempt, timeout=context.settings.connect_timeout
+        )
+
+    def _backend_failed(self, route: ProxyRoute, target: Target, error: BaseException) -> None:
+        """A target did not accept: marked down (passively, for ``targetDownTime``) and logged."""
+        self.context.health.mark_down(target)
+        log.info(
+            "proxy: {route}: target {target} failed ({error}); marked down",
+            route=route.name,
+            target=str(target),
+            error=error.__class__.__name__ + (f": {error}" if str(error) else ""),
+        )
 
     async def _connect(self, route: ProxyRoute) -> None:
         """Try the route's targets in order; the first that accepts is spliced to the client."""
@@ -757,13 +873,7 @@ class ProxySession(Protocol):
             except (ConnectError, OSError) as exc:  # refused, unreachable, timed out, no such host
                 if self._state == _State.CLOSED:
                     return None
-                self.context.health.mark_down(target)
-                log.info(
-                    "proxy: {route}: target {target} failed ({error}); marked down",
-                    route=route.name,
-                    target=str(target),
-                    error=exc.__class__.__name__ + (f": {exc}" if str(exc) else ""),
-                )
+                self._backend_failed(route, target, exc)
                 continue
             finally:
                 self._connecting = None
@@ -1038,7 +1148,11 @@ class ProxySession(Protocol):
         settings = self.context.settings
         if settings.keep_alive and hasattr(backend.transport, "setTcpKeepAlive"):
             backend.transport.setTcpKeepAlive(True)
-        header = proxyprotocol.encode(settings.proxy_protocol, self.client_address, self.local_address)
+        header = (
+            b""
+            if settings.proxy_protocol == "none"
+            else proxyprotocol.encode(settings.proxy_protocol, self.client_address, self.local_address)
+        )
         idle = route.connection_timeout_ms / 1000 if route.connection_timeout_ms is not None else None
         self.splice = Splice(
             self.transport,
@@ -1070,9 +1184,7 @@ class ProxySession(Protocol):
         if verdict is None:
             self._opening = opening
             if self._deadline is None:
-                self._deadline = self.context.reactor.callLater(
-                    self.context.settings.sni_timeout, self._opening_deadline
-                )
+                self._deadline = self.context.sni_deadline(self)
             return
         self._opening = None
         self._cancel_deadline()
@@ -1143,8 +1255,8 @@ class ProxySession(Protocol):
     def _upgraded(self) -> None:
         """A WebSocket upgrade went through: ``maxConnectionLifetime`` no longer applies (the route's
         ``action.websocket.maxAge`` does, in the forwarder)."""
-        if self._lifetime is not None and self._lifetime.active():
-            self._lifetime.cancel()
+        if self._lifetime is not None:
+            self._lifetime.discard(self)
         self._lifetime = None
 
     def _lifetime_over(self) -> None:
@@ -1162,9 +1274,19 @@ class ProxySession(Protocol):
             self.transport.abortConnection()
 
     def _cancel_deadline(self) -> None:
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
+        if self._deadline is not None:
+            self._deadline.discard(self)
         self._deadline = None
+
+    def _sni_deadline_over(self) -> None:
+        """``sniTimeout`` passed for what this connection was waiting for (see its state)."""
+        state = self._state
+        if state == _State.HEADER:
+            self._header_deadline()
+        elif state == _State.PEEK:
+            self._peek_deadline()
+        else:
+            self._opening_deadline()
 
     def _release_route(self) -> None:
         if self._holds_route and self.route is not None:
@@ -1174,21 +1296,21 @@ class ProxySession(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._state = _State.CLOSED
         self.context.sessions.discard(self)
-        events = self.context.events
-        if events.wants("connection.disconnect"):
-            events.emit(
-                "connection.disconnect",
-                protocol="proxy",
-                port=self.port,
-                route=self.route.name if self.route is not None else None,
-                duration=max(0.0, self.context.reactor.seconds() - self._opened_at),
-            )
-        self._cancel_deadline()
+        # Emitted without asking ``wants`` first: its fields cost less than a second look-up of the sinks.
+        self.context.events.emit(
+            "connection.disconnect",
+            protocol="proxy",
+            port=self.port,
+            route=self.route.name if self.route is not None else None,
+            duration=max(0.0, self.context.reactor.seconds() - self._opened_at),
+        )
+        if self._deadline is not None:
+            self._cancel_deadline()
         for pool in self._pools.values():
             pool.close()
-        if self._lifetime is not None and self._lifetime.active():
-            self._lifetime.cancel()
-        self._lifetime = None
+        if self._lifetime is not None:
+            self._lifetime.discard(self)
+            self._lifetime = None
         if self._linger is not None and self._linger.active():
             self._linger.cancel()
         self._linger = None
@@ -1206,6 +1328,94 @@ class ProxySession(Protocol):
             self.splice.client_lost()
         else:
             self._release_route()
+
+
+def _lifetime_over(session: ProxySession) -> None:
+    session._lifetime_over()
+
+
+def _sni_deadline_over(session: ProxySession) -> None:
+    session._deadline = None
+    session._sni_deadline_over()
+
+
+class _SplicedBackend(BackendProtocol):
+    """A backend connection made by a :class:`_BackendAttempt`: counted open for ``leastConnections`` from
+    when it is made until it is lost, and handed to the session once made."""
+
+    factory: _BackendAttempt
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        attempt = self.factory
+        connections = attempt.connections
+        connections[attempt.target] = connections.get(attempt.target, 0) + 1
+        attempt.made(self)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        connections = self.factory.connections
+        target = self.factory.target
+        left = connections.get(target, 1) - 1
+        if left > 0:
+            connections[target] = left
+        else:
+            connections.pop(target, None)
+        super().connectionLost(reason)
+
+
+class _BackendAttempt(ClientFactory):
+    """One connection attempt of a session to one target (``targets[index]``), as the factory given to
+    ``reactor.connectTCP``: a failure (refused, unreachable, the connector's timeout) marks the target down
+    and tries the next; a connection is spliced. :meth:`cancel`: the client went away meanwhile."""
+
+    noisy = False
+    protocol = _SplicedBackend  # type: ignore[assignment]  # Twisted's own stub types it loosely
+    connector: Any = None
+    cancelled = False
+
+    def __init__(self, session: ProxySession, route: ProxyRoute, targets: list[Target], index: int) -> None:
+        self.session = session
+        self.route = route
+        self.targets = targets
+        self.index = index
+        self.target = targets[index]
+        self.connections = session.context.connections
+
+    def made(self, backend: BackendProtocol) -> None:
+        session = self.session
+        # The backend protocol keeps this factory: without the session here, the connected pair holds no
+        # reference cycle through it.
+        del self.session
+        session._connecting = None
+        session.context.health.mark_up(self.target)
+        if self.cancelled or session._state == _State.CLOSED:
+            backend.transport.loseConnection()
+            return
+        try:
+            session._spliced(self.route, backend)
+        except Exception:  # noqa: BLE001 -- a bug here must cost this connection, not leave it hanging
+            log.failure("proxy: connecting {client} failed unexpectedly", client=session.client_ip)
+            backend.transport.abortConnection()
+            session.transport.abortConnection()
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        session = self.session
+        if self.cancelled or session._state == _State.CLOSED:
+            return
+        error = reason.value
+        if isinstance(error, ConnectTimeoutError):
+            timeout = session.context.settings.connect_timeout
+            error = ConnectTimeoutError(f"no connection to {self.target} within {timeout:g}s")
+        session._backend_failed(self.route, self.target, error)
+        session._try_target(self.route, self.targets, self.index + 1)
+
+    def cancel(self) -> None:
+        """Stop connecting (the client went away); a connection made meanwhile is closed."""
+        self.cancelled = True
+        try:
+            self.connector.stopConnecting()
+        except NotConnectingError:
+            pass  # connected already (and closed by made), or failed
 
 
 class ProxySessionFactory(ServerFactory):

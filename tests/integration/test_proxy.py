@@ -18,6 +18,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions, PrivateCertificate
 from twisted.internet.task import deferLater
@@ -25,6 +26,7 @@ from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
 
 from dcrouter import DcRouter
 from dcrouter.net.certfiles import generate_self_signed
@@ -291,6 +293,64 @@ class ProxyIntegrationTests(TestCase):
         self.assertTrue(received.startswith(b"PROXY TCP4 127.0.0.1 127.0.0.1 "), received)
         self.assertTrue(received.endswith(b"\r\nEHLO client.test\r\n"), received)
 
+    def half_close_backend(self, first: bool) -> tuple[int, list[HalfCloseServer]]:
+        factory = Factory.forProtocol(lambda: HalfCloseServer(first))
+        factory.servers = []  # type: ignore[attr-defined]
+        return self.listen(factory), factory.servers  # type: ignore[attr-defined]
+
+    async def test_client_half_close_passes_through_and_the_answer_comes_back(self) -> None:
+        backend, servers = self.half_close_backend(first=False)
+        proxy = self.proxy(route("r", backend))
+
+        def client() -> bytes:
+            with socket.create_connection((LOCAL, proxy), timeout=10) as sock:
+                sock.sendall(b"hello")
+                sock.shutdown(socket.SHUT_WR)  # the backend must see EOF, and may still answer
+                return read_all(sock)
+
+        self.assertEqual(await deferToThread(client), b"got:hello")
+        self.assertEqual(await servers[0].eof, b"hello")
+        await servers[0].lost
+        await until(lambda: self.service.counters["r"].active == 0, "the spliced pair to close")
+
+    async def test_backend_half_close_passes_through_and_the_client_may_still_send(self) -> None:
+        backend, servers = self.half_close_backend(first=True)
+        proxy = self.proxy(route("r", backend))
+
+        def client() -> bytes:
+            with socket.create_connection((LOCAL, proxy), timeout=10) as sock:
+                banner = read_all(sock)  # the backend's EOF reaches the client
+                sock.sendall(b"late")  # and the client's direction stays open
+                sock.shutdown(socket.SHUT_WR)
+                sock.settimeout(10)
+                self.assertEqual(sock.recv(10), b"")  # closed once both sides ended
+                return banner
+
+        self.assertEqual(await deferToThread(client), b"banner")
+        self.assertEqual(await servers[0].eof, b"late")
+        await servers[0].lost
+        await until(lambda: self.service.counters["r"].active == 0, "the spliced pair to close")
+
+    async def test_accepted_sockets_inherit_nodelay_and_keep_alive_from_the_listener(self) -> None:
+        backend, _ = self.half_close_backend(first=True)
+        for keep_alive in (True, False):
+            proxy = self.proxy(route("r", backend), keep_alive=keep_alive)
+            self.assertTrue(self.service.context.listeners_tuned)
+            sock = socket.create_connection((LOCAL, proxy))
+            self.addCleanup(sock.close)
+            await until(lambda: len(self.service.context.sessions) == 1, "the connection to be accepted")
+            session = next(iter(self.service.context.sessions))
+            accepted = session.transport.socket
+            self.assertEqual(accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
+            self.assertEqual(bool(accepted.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)), keep_alive)
+            await until(lambda s=session: s.splice is not None, "the backend connection")
+            towards = session.splice.backend_transport.socket
+            self.assertEqual(towards.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
+            self.assertEqual(bool(towards.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)), keep_alive)
+            sock.close()
+            await until(lambda: not self.service.context.sessions, "the connection to close")
+            await self.service.stopService()
+
     async def test_a_client_that_stops_reading_pauses_the_backend(self) -> None:
         producer = FloodProducer()
         backend = self.listen(Factory.forProtocol(lambda: FloodServer(producer)))
@@ -318,6 +378,46 @@ class ProxyIntegrationTests(TestCase):
             if producer.written > written and not producer.paused:
                 break
         self.assertGreater(producer.written, written, "reading again must resume the backend")
+
+
+@implementer(IHalfCloseableProtocol)
+class HalfCloseServer(Protocol):
+    """Keeps what it reads and notes its EOF. ``first``: it sends a banner and shuts its write side at
+    once; else it answers ``got:<what it read>`` once it reads EOF, then closes."""
+
+    def __init__(self, first: bool) -> None:
+        self.first = first
+        self.received = b""
+        self.eof: Deferred[bytes] = Deferred()
+        self.lost: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.factory.servers.append(self)  # type: ignore[attr-defined]
+        if self.first:
+            self.transport.write(b"banner")
+            self.transport.loseWriteConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def readConnectionLost(self) -> None:
+        if not self.first:
+            self.transport.write(b"got:" + self.received)
+        self.transport.loseConnection()  # both directions are done (a half-closed one needs this too)
+        self.eof.callback(self.received)
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Any) -> None:
+        self.lost.callback(None)
+
+
+def read_all(sock: socket.socket) -> bytes:
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received
 
 
 class GreetingServer(Protocol):

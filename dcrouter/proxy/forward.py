@@ -50,15 +50,19 @@ def _drained(transport: Any) -> bool:
     """Whether ``transport`` is a connected TCP transport of the reactor with nothing buffered to write, no
     producer and no close under way: what ``FileDescriptor.doWrite`` would find on its next turn before
     shutting or closing it, so that can be done now."""
-    return bool(
-        isinstance(transport, tcp.Connection)
-        and transport.connected
-        and not transport.disconnecting
-        and not transport._writeDisconnecting
-        and transport.producer is None
-        and not transport._tempDataLen
-        and transport.offset == len(transport.dataBuffer)
-    )
+    # These are FileDescriptor's private attributes: a Twisted without them gets the public path.
+    try:
+        return bool(
+            isinstance(transport, tcp.Connection)
+            and transport.connected
+            and not transport.disconnecting
+            and not transport._writeDisconnecting
+            and transport.producer is None
+            and not transport._tempDataLen
+            and transport.offset == len(transport.dataBuffer)
+        )
+    except AttributeError:
+        return False
 
 
 def _shut_write(transport: Any) -> None:

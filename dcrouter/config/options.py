@@ -195,17 +195,19 @@ def resolve_workers(value: Any) -> int:
 
 
 @block_check("workers")
-def workers_need_redis(options: DcRouterOptions, path: str, report: Report) -> None:
-    """Several workers share the queue only through Redis (docs/decisions.md, "Workers"); ACME's renewals
-    would land in one worker's certificate store only, so they are refused with workers too."""
+def workers_need_a_shared_queue(options: DcRouterOptions, path: str, report: Report) -> None:
+    """Several workers share the Redis queue, or hold a partition of the disk queue each (docs/decisions.md,
+    "Workers"); the memory queue lives inside one process, so it is refused. ACME's renewals would land in
+    one worker's certificate store only, so they are refused with workers too."""
     if resolve_workers(options.workers) <= 1:
         return
     smtp = getattr(options, "smtp_config", None)
-    if smtp is not None and smtp.queue_storage != "redis":
+    if smtp is not None and smtp.queue_storage == "memory":
         report.error(
             "workers",
-            f'workers > 1 needs the Redis queue for now (smtpConfig.queueStorage = "redis"); '
-            f"smtpConfig.queueStorage is {smtp.queue_storage!r}",
+            'workers > 1 needs a queue the workers can share: smtpConfig.queueStorage = "disk" (a partition '
+            'per worker) or "redis"; the "memory" queue lives inside one process, so mail a worker accepted '
+            "could be delivered only by that worker and would be lost when it is restarted",
         )
     proxy = getattr(options, "smart_proxy_config", None)
     if proxy is not None and proxy.acme is not None and proxy.acme.enabled:
@@ -217,7 +219,7 @@ def workers_need_redis(options: DcRouterOptions, path: str, report: Report) -> N
 
 
 @checked(
-    workers_need_redis,
+    workers_need_a_shared_queue,
     router_has_work,
     smtp_tls_needed,
     proxy_smtp_ports,

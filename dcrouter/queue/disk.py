@@ -255,6 +255,11 @@ class DiskQueue(QueueLifecycle):
         d.addCallback(destination_counts)
         return d
 
+    def destination_rows(self) -> Deferred:
+        """``(destination, status, count)`` of the queued and deferred items, not yet ranked (for a caller
+        that sums several queues before :func:`~dcrouter.queue.contract.destination_counts`)."""
+        return self._read(self._index.count_by_destination)
+
     def open_body(self, item_id: str) -> Deferred:
         """A readable binary file over the body (BytesIO when inline); fails with KeyError if unknown."""
         return self._read(functools.partial(self._index.open_body, item_id))

@@ -189,7 +189,9 @@ def build_queue(
                 max_size=-(-config.max_queue_size // workers),
                 **options,
             )
-        return DiskQueue(config.persistent_path, reactor=reactor, clock=reactor, max_size=config.max_queue_size, **options)
+        return DiskQueue(
+            config.persistent_path, reactor=reactor, clock=reactor, max_size=config.max_queue_size, **options
+        )
     if config.queue_storage == "redis":
         from dcrouter.queue.redis import RedisQueue
 

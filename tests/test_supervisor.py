@@ -197,7 +197,9 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(load_options({"smtpConfig": self.smtp("disk")}).options.workers, 1)
 
     def test_workers_refuse_the_memory_queue(self) -> None:
-        error = self.assertRaises(ConfigError, load_options, {"workers": 2, "smtpConfig": self.smtp("memory")})
+        error = self.assertRaises(
+            ConfigError, load_options, {"workers": 2, "smtpConfig": self.smtp("memory")}
+        )
         self.assertEqual(len(error.errors), 1)
         self.assertIn("workers: workers > 1 needs a queue the workers can share", error.errors[0])
         self.assertIn('the "memory" queue lives inside one process', error.errors[0])

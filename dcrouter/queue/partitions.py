@@ -27,10 +27,10 @@ What a caller may rely on:
 - Writes to an item of a partition another process holds: ``update_if`` that keeps the item waiting (hold,
   release, retry, a quarantine release) is done there, one transaction guarded by the status, which the holder
   claims at its next look (as ``dcrouter quarantine`` does beside a single router). A change that would make
-  the item final, removed or claimed (delete, bounce) fails with :class:`HeldByOtherWorker` unless
-  ``foreign_removals`` (the command-line tools, as beside a single router): the holder keeps its count of live
-  items (``maxQueueSize``) in memory, and a claim by a process that is not the holder would not be returned to
-  ready by the holder's recovery.
+  the item final, removed or claimed (delete, bounce) fails with
+  :class:`~dcrouter.interfaces.HeldByOtherWorker` unless ``foreign_removals`` (the command-line tools, as
+  beside a single router): the holder keeps its count of live items (``maxQueueSize``) in memory, and a claim
+  by a process that is not the holder would not be returned to ready by the holder's recovery.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
-from dcrouter.interfaces import IDeliveryQueue, QueueUnavailable
+from dcrouter.interfaces import HeldByOtherWorker, IDeliveryQueue, QueueUnavailable
 from dcrouter.log import logger
 from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.net.reactor import IRouterReactor
@@ -103,22 +103,9 @@ def owned_partitions(worker: int, workers: int, existing: Iterable[int]) -> list
     return [worker, *adopted]
 
 
-class HeldByOtherWorker(Exception):
-    """The change would remove, finish or claim a message in a partition another worker holds."""
-
-    def __init__(self, item_id: str, partition: int, change: str) -> None:
-        super().__init__(
-            f"message {item_id} is in the queue partition of another worker (partition {partition}); "
-            f"{change} is done only by the worker that holds it, which keeps its count of queued messages "
-            "and its claims in memory. Hold the message instead (held mail is never delivered), or run the "
-            "operation with workers = 1"
-        )
-        self.item_id = item_id
-        self.partition = partition
-
-
 class PartitionLock:
-    """An exclusive ``flock`` on ``path``, tried without blocking (the kernel drops it when the process ends)."""
+    """An exclusive ``flock`` on ``path``, tried without blocking (the kernel drops it when its process
+    ends)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -190,7 +177,9 @@ class PartitionedQueue(QueueLifecycle):
         }
         #: partition → its queue opened beside the process holding it (attach), for reads.
         self.others: dict[int, DiskQueue] = {}
-        self._locks = {p: PartitionLock(os.path.join(partition_path(self.base, p), LOCK_FILE)) for p in numbers}
+        self._locks = {
+            p: PartitionLock(os.path.join(partition_path(self.base, p), LOCK_FILE)) for p in numbers
+        }
         #: id → partition of the items this process claimed and has not finished (routing without a probe).
         self._claimed: dict[str, int] = {}
         self._next_claim = 0
@@ -359,7 +348,11 @@ class PartitionedQueue(QueueLifecycle):
             result = await d
             self._claimed.pop(item_id, None)
             return result
-        d = queue.update(item_id, **changes) if expected is None else queue.update_if(item_id, expected, **changes)
+        d = (
+            queue.update(item_id, **changes)
+            if expected is None
+            else queue.update_if(item_id, expected, **changes)
+        )
         updated: QueueItem = await d
         if updated.status is not QueueItemStatus.DELIVERING:
             self._claimed.pop(item_id, None)
@@ -452,7 +445,10 @@ class PartitionedQueue(QueueLifecycle):
                 filter, limit, None if positions is None else positions[partition]
             )
         merged = heapq.merge(
-            *[[(-item.created_at, p, n, item) for n, item in enumerate(page.items)] for p, page in pages.items()]
+            *[
+                [(-item.created_at, p, n, item) for n, item in enumerate(page.items)]
+                for p, page in pages.items()
+            ]
         )
         taken: dict[int, int] = dict.fromkeys(pages, 0)
         items: list[QueueItem] = []
@@ -499,7 +495,7 @@ class PartitionedQueue(QueueLifecycle):
 
     def get_item_count(self) -> Deferred:
         """The live items of the partitions this process holds (kept in memory, no I/O)."""
-        return succeed(sum(q._live for q in self.held.values()))  # noqa: SLF001 (the count get_item_count reads)
+        return succeed(sum(q._live for q in self.held.values()))
 
     def status_summary(self) -> Deferred:
         return Deferred.fromCoroutine(self._status_summary())

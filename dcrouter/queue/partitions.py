@@ -42,7 +42,7 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
@@ -164,7 +164,8 @@ class PartitionedQueue(QueueLifecycle):
         self.observe_others = observe_others
         self.foreign_removals = foreign_removals
         numbers = owned if owned is not None else owned_partitions(worker, workers, existing_partitions(base))
-        #: partition → its queue, held by this process (the first is this worker's own, where mail goes in).
+        #: partition → its queue, held by this process (the first is this worker's own, where mail goes in;
+        #: none for a tool that only opens them beside the workers: ``owned=[]`` with ``observe_others``).
         self.held: dict[int, DiskQueue] = {
             p: DiskQueue(
                 partition_path(self.base, p),
@@ -188,11 +189,14 @@ class PartitionedQueue(QueueLifecycle):
 
     @property
     def own(self) -> DiskQueue:
+        """This worker's own partition, where mail goes in (QueueUnavailable for a tool holding none)."""
+        if not self.held:
+            raise QueueUnavailable(f"{self._description} {self.base}: this process holds no partition")
         return self.held[next(iter(self.held))]
 
     @property
     def max_size(self) -> int:
-        return self.own.max_size
+        return self.own.max_size if self.held else 0
 
     @property
     def spool_directory(self) -> str:
@@ -292,9 +296,16 @@ class PartitionedQueue(QueueLifecycle):
     # -- storing and claiming ----------------------------------------------------------------------
 
     def enqueue(self, item: QueueItem, message: SpooledMessage) -> Deferred:
-        return self.own.enqueue(item, message)
+        try:
+            own = self.own
+        except QueueUnavailable as e:
+            message.discard()
+            return fail(e)
+        return own.enqueue(item, message)
 
     def get_next(self, count: int = 1, schedule: ClaimSchedule | None = None) -> Deferred:
+        if not self.held:
+            return succeed([])
         if self._state != "open" or len(self.held) == 1:
             d = self.own.get_next(count, schedule)
             first = next(iter(self.held))

@@ -272,7 +272,8 @@ class DcRouterOptions:
         addition=True,
         check=worker_count,
         doc="Worker processes serving the same SMTP and proxy ports under one supervisor (twistd runs the "
-        'supervisor): a positive integer, or `"auto"` for the number of cores. Above 1 it needs '
-        '`smtpConfig.queueStorage = "redis"`; the API, metrics listener and DNS server run in worker 0 '
-        'only (docs/deployment.md, "Workers").',
+        'supervisor): a positive integer, or `"auto"` for the number of cores. Above 1 the queue is '
+        '`"redis"` (shared) or `"disk"` (a partition per worker under `persistentPath`, docs/queue.md), '
+        'not `"memory"`; the API, metrics listener and DNS server run in worker 0 only '
+        '(docs/deployment.md, "Workers").',
     )

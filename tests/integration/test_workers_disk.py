@@ -19,7 +19,7 @@ from twisted.internet.task import deferLater
 
 from tests.downstream import start_downstream
 
-# The module, not its class: a class imported into this module's namespace would be collected (and run) twice.
+# test_workers_twistd as a module: its class imported here would be collected (and run) twice.
 from tests.integration import TwistdProcess, free_ports
 from tests.integration import test_workers_twistd as redis_workers
 from tests.integration.test_delivery_twistd import HOSTNAME, message_id

@@ -29,6 +29,7 @@ from dcrouter.config.api import ApiConfig, ApiToken
 from dcrouter.log import level_for, set_level
 from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.queue.item import QueueItemStatus
+from dcrouter.queue.partitions import PartitionedQueue
 from tests.integration import CHECKOUT, free_ports
 from tests.test_queue_contract import make_item
 
@@ -41,6 +42,11 @@ def sha(token: str) -> str:
 
 class ApiTestBase(TestCase):
     timeout = 20
+    #: Top-level options and smtpConfig keys a test class changes (merged over the defaults below).
+    options: dict[str, Any] = {}
+    smtp: dict[str, Any] = {}
+    #: The worker this router is (DcRouter's ``worker``).
+    worker = 0
 
     async def start(self, **api: Any) -> DcRouter:
         (smtp_port,) = free_ports(1)
@@ -62,10 +68,12 @@ class ApiTestBase(TestCase):
                 "submissionPorts": [],
                 "queueStorage": "memory",
                 "domainConfigs": [{"domains": ["example.com"], "targetIPs": ["127.0.0.1"], "port": 9}],
+                **self.smtp,
             },
             "apiConfig": config,
+            **self.options,
         }
-        router = DcRouter(options, reactor=reactor)
+        router = DcRouter(options, reactor=reactor, worker=self.worker)
         assert router.delivery is not None and router.api is not None
         router.delivery.pause_deliveries()
         router.privilegedStartService()
@@ -97,6 +105,59 @@ class ApiTestBase(TestCase):
         assert self.router.queue is not None
         for item in items:
             await self.router.queue.enqueue(item, SpooledMessage(11, data=b"Subject: x\r\n"))
+
+
+class WorkerPartitionsTests(ApiTestBase):
+    """Worker 0 of two on the disk queue: the API covers worker 1's partition (dcrouter.queue.partitions),
+    held here by a PartitionedQueue of the test's own as worker 1 would hold it."""
+
+    options = {"workers": 2}
+
+    def setUp(self) -> None:
+        self.path = os.path.abspath(self.mktemp())
+        self.smtp = {"queueStorage": "disk", "persistentPath": self.path}
+
+    async def worker_one(self, *items: Any) -> PartitionedQueue:
+        queue = PartitionedQueue(self.path, reactor=reactor, clock=reactor, worker=1, workers=2)
+        await queue.load()
+        self.addCleanup(queue.save)
+        for item in items:
+            await queue.enqueue(item, SpooledMessage(11, data=b"Subject: y\r\n"))
+        return queue
+
+    async def test_every_partition_listed_and_counted(self) -> None:
+        await self.worker_one(
+            make_item("W1A", created_at=1_700_000_001), make_item("W1B", created_at=1_700_000_003)
+        )
+        await self.start()
+        assert isinstance(self.router.queue, PartitionedQueue)
+        await self.enqueue(make_item("W0A", created_at=1_700_000_002))
+        code, body, _ = await self.call("GET", "/api/v1/queue?limit=2")
+        self.assertEqual((code, [i["id"] for i in body["items"]]), (200, ["W1B", "W0A"]))
+        code, body, _ = await self.call("GET", f"/api/v1/queue?limit=2&cursor={body['nextCursor']}")
+        self.assertEqual(([i["id"] for i in body["items"]], body["nextCursor"]), (["W1A"], None))
+        _, counts, _ = await self.call("GET", "/api/v1/stats")
+        self.assertEqual(counts["queue"]["queued"], 3)
+        code, raw, _ = await self.call("GET", "/api/v1/queue/W1A/message")
+        self.assertEqual((code, raw), (200, b"Subject: y\r\n"))
+
+    async def test_hold_there_but_not_delete_or_bounce(self) -> None:
+        one = await self.worker_one(make_item("W1A", next_attempt_at=4e9))
+        await self.start()
+        code, body, _ = await self.call("POST", "/api/v1/queue/W1A/hold")
+        self.assertEqual((code, body["item"]["status"]), (200, "held"))
+        self.assertEqual((await one.get("W1A")).status, QueueItemStatus.HELD)  # type: ignore[union-attr]
+        code, body, _ = await self.call("DELETE", "/api/v1/queue/W1A")
+        self.assertEqual((code, body["error"]["code"]), (409, "held_by_other_worker"))
+        self.assertIn("Hold the message instead", body["error"]["message"])
+        code, body, _ = await self.call("POST", "/api/v1/queue/W1A/bounce", body={"reason": "spam run"})
+        self.assertEqual((code, body["error"]["code"]), (409, "held_by_other_worker"))
+        self.assertEqual((await one.get("W1A")).status, QueueItemStatus.HELD)  # type: ignore[union-attr]
+        self.assertEqual(await one.get_item_count(), 1)
+        # Worker 0's own mail: deleted as ever.
+        await self.enqueue(make_item("W0A"))
+        code, _, _ = await self.call("DELETE", "/api/v1/queue/W0A")
+        self.assertEqual(code, 200)
 
 
 class AccessTests(ApiTestBase):

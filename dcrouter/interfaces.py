@@ -54,8 +54,8 @@ class HeldByOtherWorker(Exception):
         super().__init__(
             f"message {item_id} is in the queue partition of another worker (partition {partition}); "
             f"{change} is done only by the worker that holds it, which keeps its count of queued messages "
-            "and its claims in memory. Hold the message instead (held mail is never delivered), or run the "
-            "operation with dcrouter stopped or with workers = 1"
+            "and its claims in memory. Hold the message instead (held mail is never delivered); with "
+            "workers = 1 the one worker holds every partition"
         )
         self.item_id = item_id
         self.partition = partition

@@ -11,9 +11,10 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface.verify import verifyObject
 
 from dcrouter.config import load_options
-from dcrouter.interfaces import HeldByOtherWorker
+from dcrouter.interfaces import HeldByOtherWorker, IDeliveryQueue
 from dcrouter.queue import partitions as partitions_module
 from dcrouter.queue.contract import QueueFilter
 from dcrouter.queue.disk import DiskQueue
@@ -145,6 +146,7 @@ class PartitionedQueueTests(TestCase):
     async def test_mail_goes_into_each_workers_own_partition(self) -> None:
         zero = await self.open(0, 2)
         one = await self.open(1, 2)
+        self.assertTrue(verifyObject(IDeliveryQueue, zero))
         await zero.enqueue(make_item("Z1"), inline(b"z"))
         await one.enqueue(make_item("O1"), inline(b"o"))
         self.assertTrue(os.path.isfile(os.path.join(self.base, "partitions", "1", "index.sqlite")))
@@ -173,6 +175,16 @@ class PartitionedQueueTests(TestCase):
         self.assertEqual((await again.get("P2a")).status, QueueItemStatus.DELIVERED)  # type: ignore[union-attr]
         self.assertIsNone(await again.get("P2b"))
         self.assertEqual([i.id for i in await one.get_next(10)], ["P1a"])
+
+    async def test_purge_covers_every_held_partition(self) -> None:
+        await self.fill(2, 3, ["P2a"])
+        zero = await self.open(0, 2)
+        await zero.enqueue(make_item("Z1"), inline(b"z"))
+        await zero.update("Z1", status=QueueItemStatus.DELIVERED)
+        await zero.update("P2a", status=QueueItemStatus.FAILED)
+        self.clock.advance(100)
+        self.assertEqual(await zero.purge_expired(10), 2)
+        self.assertEqual(await zero.count_by_status(), dict.fromkeys((s.value for s in QueueItemStatus), 0))
 
     async def test_a_partition_has_one_holder_at_a_time(self) -> None:
         self.patch(partitions_module, "LOCK_RETRY", 0.01)

@@ -28,7 +28,7 @@ from dcrouter.queue.partitions import (
     partition_path,
 )
 from dcrouter.router import build_queue
-from tests.test_queue_contract import START, inline, make_item, read_body
+from tests.test_queue_contract import START, QueueContractMixin, inline, make_item, read_body
 
 
 class LayoutTests(SynchronousTestCase):
@@ -260,3 +260,36 @@ class PartitionedQueueTests(TestCase):
         await a.add("gone@example.test", "550 5.1.1 no such user", 3600)
         found = await b.get("gone@example.test")
         self.assertIsNotNone(found)
+
+
+class OneHeldPartitionContractTests(QueueContractMixin, TestCase):
+    """The queue contract, on worker 1 of 2 (one partition held)."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+
+    def make_queue(self, max_size: int = 0) -> PartitionedQueue:
+        return PartitionedQueue(
+            self.mktemp(), reactor=reactor, clock=self.clock, worker=1, workers=2, max_size=max_size
+        )
+
+
+class SeveralPartitionsContractTests(QueueContractMixin, TestCase):
+    """The queue contract, on worker 0 of 2 holding an adopted partition too and reading the others: every
+    path through more than one partition (rotating claims, located writes, merged reads)."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+
+    def make_queue(self, max_size: int = 0) -> PartitionedQueue:
+        base = self.mktemp()
+        os.makedirs(os.path.join(base, "partitions", "2"))
+        return PartitionedQueue(
+            base,
+            reactor=reactor,
+            clock=self.clock,
+            worker=0,
+            workers=2,
+            observe_others=True,
+            max_size=max_size,
+        )

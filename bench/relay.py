@@ -11,7 +11,10 @@ Three relays, all up at once on 127.0.0.1 (high ports), their runs interleaved:
 - dcrouter with the disk queue: ``twistd -n dcrouter --config <generated toml>``, ``domainConfigs``
   routing the bench domain to the sink;
 - dcrouter with the Redis queue: the same, with its own ``redis-server`` (``appendonly yes``, ``appendfsync
-  always``) on a free port.
+  always``) on a free port;
+- optionally dcrouter with several worker processes: ``dcrouter-redis-w2`` (or ``-wN``, any storage the
+  loader allows with workers) is the same relay with ``workers = N``; its CPU is the supervisor's and the
+  workers' together, and its "reactor" is the sum of the workers' main threads.
 
 The downstream for all three is one Postfix ``smtp-sink -c`` on 127.0.0.1; its running message counter is
 followed. A run: N senders (10, 100) share M messages of 10 KB, sent by one load generator
@@ -58,7 +61,14 @@ from bench.ingress import (
     version,
 )
 from bench.postfix_peer import MISSING as POSTFIX_MISSING
-from bench.postfix_peer import SMTP_SOURCE, PostfixRelay, SmtpSink, postfix_version, tree_cpu_seconds
+from bench.postfix_peer import (
+    SMTP_SOURCE,
+    PostfixRelay,
+    SmtpSink,
+    children_of,
+    postfix_version,
+    tree_cpu_seconds,
+)
 
 RECIPIENT_DOMAIN = "bench.example"
 RECIPIENT = f"user@{RECIPIENT_DOMAIN}"
@@ -122,14 +132,15 @@ class DcrouterRelay(ServerUnderTest):
     """dcrouter as a twistd subprocess (bench/ingress's way of starting it), relaying to the sink."""
 
     def __init__(
-        self, workdir: str, storage: str, sink_port: int, overrides: list[str] | None = None
+        self, workdir: str, storage: str, sink_port: int, overrides: list[str] | None = None, workers: int = 1
     ) -> None:
         super().__init__(workdir)
         self.overrides = list(overrides or [])
         self.storage = storage
         self.sink_port = sink_port
-        self.name = f"dcrouter-{storage}"
-        self.label = f"dcrouter ({storage})"
+        self.workers = workers
+        self.name = f"dcrouter-{storage}" + (f"-w{workers}" if workers > 1 else "")
+        self.label = f"dcrouter ({storage}" + (f", {workers} workers)" if workers > 1 else ")")
         self.redis: Any = None
 
     def command(self, directory: str) -> tuple[list[str], dict[str, str]]:
@@ -143,6 +154,8 @@ class DcrouterRelay(ServerUnderTest):
         )
         config = os.path.join(directory, "dcrouter.toml")
         with open(config, "w") as f:
+            if self.workers > 1:
+                f.write(f"workers = {self.workers}\n")  # a top-level key: before the first table
             f.write(
                 DCROUTER_CONFIG.format(
                     port=self.port,
@@ -186,7 +199,11 @@ class DcrouterRelay(ServerUnderTest):
         return self.process is not None and self.process.poll() is None
 
     def cpu(self) -> float:
-        return cpu_seconds(self.pid)
+        return tree_cpu_seconds(self.pid) if self.workers > 1 else cpu_seconds(self.pid)
+
+    def main_tids(self) -> set[int]:
+        """The reactor threads: the process's main thread, or with workers each worker's."""
+        return set(children_of(self.pid)) if self.workers > 1 else {self.pid}
 
     def helper_cpu(self) -> float:
         """redis-server's CPU (0 for the disk queue)."""
@@ -195,7 +212,12 @@ class DcrouterRelay(ServerUnderTest):
         return cpu_seconds(self.redis.process.pid)
 
     def threads(self) -> dict[int, tuple[str, float]]:
-        return thread_cpu(self.pid)
+        if self.workers == 1:
+            return thread_cpu(self.pid)
+        merged: dict[int, tuple[str, float]] = {}
+        for pid in self.main_tids():
+            merged.update(thread_cpu(pid))
+        return merged
 
 
 class PostfixPeer:
@@ -358,11 +380,10 @@ def one_run(
     time.sleep(0.3)  # anything arriving after the target (duplicates) shows as extra
     delivered = sink.count - base
     thread_rows = []
+    mains = relay.main_tids() if hasattr(relay, "main_tids") else set()
     for tid, (name, seconds) in threads1.items():
         used = seconds - threads0.get(tid, (name, 0.0))[1]
-        thread_rows.append(
-            {"tid": tid, "name": name, "main": tid == getattr(relay, "pid", None), "cpu": used}
-        )
+        thread_rows.append({"tid": tid, "name": name, "main": tid in mains, "cpu": used})
     thread_rows.sort(key=lambda r: -r["cpu"])
     run = {
         "rate": sent.ok / wall if reached is not None else float("nan"),
@@ -733,8 +754,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in (n.strip() for n in args.relays.split(",")):
             if name == "postfix":
                 relays.append(PostfixPeer(workdir, sink.port))
-            elif name in ("dcrouter-disk", "dcrouter-redis"):
-                relays.append(DcrouterRelay(workdir, name.split("-", 1)[1], sink.port, args.dcrouter_option))
+            elif match := re.fullmatch(r"dcrouter-(disk|redis)(?:-w([1-9][0-9]?))?", name):
+                storage, workers = match.group(1), int(match.group(2) or 1)
+                relays.append(DcrouterRelay(workdir, storage, sink.port, args.dcrouter_option, workers))
             else:
                 parser.error(f"unknown relay {name!r}")
         print("\n== end-to-end throughput", flush=True)

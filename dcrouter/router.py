@@ -42,7 +42,7 @@ from twisted.python.threadpool import ThreadPool
 
 from dcrouter import __version__
 from dcrouter.acme.challenges import ChallengeResponder, Dns01Responder
-from dcrouter.acme.service import AcmeService
+from dcrouter.acme.service import AcmeFollower, AcmeService
 from dcrouter.api.ratelimits import RateLimitControl
 from dcrouter.api.service import ApiService, build_root
 from dcrouter.api.view import RouterView
@@ -336,8 +336,11 @@ class DcRouter(MultiService):
         self.smtp: SmtpService | None = None
         self.certificates = CertificateStore(clock=reactor)
         self.metrics.watch_certificates(partial(certificate_expiry, self.certificates))
-        # HTTP-01 answers: written by ACME, read by the proxy's port-80 listener.
-        self.challenges = ChallengeResponder()
+        # HTTP-01 answers: written by ACME, read by the proxy's port-80 listener; with workers, shared
+        # through files, since worker 0 orders but any worker may accept the CA's request.
+        self.challenges = ChallengeResponder(self._shared_challenges())
+        if self.worker == 0:
+            self.challenges.clear_shared()
         # DNS-01 answers: written by ACME, published by the DNS server.
         self.dns_challenges = Dns01Responder()
         # First: it binds in privilegedStartService with the others and answers as soon as it starts.
@@ -364,7 +367,8 @@ class DcRouter(MultiService):
             report_limit_alerts(self.proxy.context.limiter.alerts, self.events, "proxy")
             self.metrics.watch_limits("proxy", self.proxy.context.limiter.stats)
         # After the proxy, as children start in order: port 80 answers before the first order is placed.
-        self.acme: AcmeService | None = AcmeService.from_options(
+        # With workers, worker 0 orders and renews; the others follow its state directory.
+        self.acme: AcmeService | None = (AcmeFollower if self.worker > 0 else AcmeService).from_options(
             self.options,
             store=self.certificates,
             responder=self.challenges,
@@ -452,6 +456,14 @@ class DcRouter(MultiService):
         root.mount("/metrics", MetricsResource(self.metrics), scope="read")
         root.mount("/api/v1/events", self.observe.stream, scope="read")
         return ApiService(self.options.api_config, root, reactor=reactor)
+
+    def _shared_challenges(self) -> str | None:
+        """Where the workers share HTTP-01 tokens (``workers`` > 1 with ACME), or None."""
+        proxy = getattr(self.options, "smart_proxy_config", None)
+        acme = proxy.acme if proxy is not None else None
+        if acme is None or not acme.enabled or resolve_workers(self.options.workers) <= 1:
+            return None
+        return os.path.join(acme.state_directory, "http-01")
 
     def _build_dns(self) -> DnsService | None:
         """The DNS server ``dnsServerConfig`` describes (a child service), or None."""
@@ -635,6 +647,8 @@ class DcRouter(MultiService):
             events=self.events,
             suppressions=self.suppressions,
         )
+        # With workers each delivers its share of the mail: each paces at 1/N of the outbound limits.
+        self.delivery.shaper.share_among(resolve_workers(self.options.workers))
         if delivery.paused:
             self.delivery.pause_deliveries()
         self.delivery.setServiceParent(self)

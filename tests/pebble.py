@@ -220,3 +220,18 @@ def start_pebble(test: Any, http_port: int, dns_server: str | None = None) -> Pe
     server.start()
     test.addCleanup(server.stop)
     return server
+
+
+def trust_pebble(test: Any, pebble: PebbleServer) -> None:
+    """Make ``requests`` (under ``acme``) trust ``pebble``'s directory certificate for the rest of ``test``:
+    REQUESTS_CA_BUNDLE is set, and put back as it was in the test's cleanup."""
+    previous = os.environ.get("REQUESTS_CA_BUNDLE")
+    os.environ["REQUESTS_CA_BUNDLE"] = pebble.ca_bundle
+
+    def restore() -> None:
+        if previous is None:
+            os.environ.pop("REQUESTS_CA_BUNDLE", None)
+        else:
+            os.environ["REQUESTS_CA_BUNDLE"] = previous
+
+    test.addCleanup(restore)

@@ -8,6 +8,7 @@ tests/integration/test_acme_pebble.py.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import stat
@@ -27,8 +28,10 @@ from dcrouter.acme.challenges import ChallengeResponder
 from dcrouter.acme.client import AcmeError, IssuedCertificate, generate_key_pem, split_fullchain
 from dcrouter.acme.service import (
     CHECK_INTERVAL,
+    FOLLOW_INTERVAL,
     RETRY_BASE,
     RETRY_MAX,
+    AcmeFollower,
     AcmeService,
     AcmeStateDirectory,
     CertificateOrder,
@@ -80,6 +83,42 @@ class ChallengeResponderTests(unittest.TestCase):
     def test_token_must_be_base64url(self) -> None:
         for token in ("", "a/b", "a.b", "a b", "../x"):
             self.assertRaises(ValueError, self.responder.add, token, "x")
+
+
+class SharedChallengeTests(unittest.TestCase):
+    """With workers, worker 0's responder and the others' share tokens through a directory."""
+
+    def setUp(self) -> None:
+        self.directory = os.path.abspath(self.mktemp())
+        self.owner = ChallengeResponder(self.directory)
+        self.owner.clear_shared()  # worker 0 at start: creates the directory
+        self.other = ChallengeResponder(self.directory)
+
+    def test_token_added_by_one_is_served_by_the_other(self) -> None:
+        path = "/.well-known/acme-challenge/tok_EN-1"
+        self.assertIsNone(self.other.response_for(path))
+        self.owner.add("tok_EN-1", "tok_EN-1.thumbprint")
+        self.assertEqual(self.other.response_for(path), b"tok_EN-1.thumbprint")
+        self.assertEqual(os.listdir(self.directory), ["tok_EN-1"])  # no temporary file left
+        self.owner.remove("tok_EN-1")
+        self.assertIsNone(self.other.response_for(path))
+        self.assertEqual(os.listdir(self.directory), [])
+
+    def test_only_token_names_are_read(self) -> None:
+        with open(os.path.join(self.directory, "x.tmp"), "wb") as f:
+            f.write(b"not a token")
+        for path in ("/.well-known/acme-challenge/x.tmp", "/.well-known/acme-challenge/../x.tmp"):
+            self.assertIsNone(self.other.response_for(path), path)
+
+    def test_owner_clears_tokens_left_by_a_killed_predecessor(self) -> None:
+        self.owner.add("stale", "stale.t")
+        restarted = ChallengeResponder(self.directory)
+        restarted.clear_shared()
+        self.assertIsNone(self.other.response_for("/.well-known/acme-challenge/stale"))
+
+    def test_missing_directory_is_a_miss(self) -> None:
+        lone = ChallengeResponder(os.path.join(self.directory, "absent"))
+        self.assertIsNone(lone.response_for("/.well-known/acme-challenge/tok"))
 
 
 class ClientHelperTests(unittest.TestCase):
@@ -344,6 +383,130 @@ def acme_config(**acme: Any) -> dict[str, Any]:
             ],
         }
     }
+
+
+class FollowerTests(unittest.TestCase):
+    """Workers other than worker 0 take what worker 0's AcmeService stores, and order nothing."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(time.time())
+        self.issuer = FakeIssuer(self.clock, lifetime=40 * DAY)
+        self.root = self.mktemp()
+        self.owner_store = CertificateStore(clock=self.clock)
+        self.follower_store = CertificateStore(clock=self.clock)
+
+    def build(self, cls: type[AcmeService], store: CertificateStore) -> AcmeService:
+        service = cls(
+            [ORDER],
+            store=store,
+            responder=ChallengeResponder(),
+            state_directory=self.root,
+            directory_url=DIRECTORY,
+            email="admin@example.com",
+            renew_threshold_days=30,
+            reactor=self.clock,
+            account=self.issuer,
+            run_blocking=run_now,
+        )
+        self.addCleanup(service.stopService)
+        return service
+
+    def test_follows_issue_and_renewal(self) -> None:
+        follower = self.build(AcmeFollower, self.follower_store)
+        follower.startService()  # before worker 0 has anything: serves nothing yet, orders nothing
+        self.assertIsNone(self.follower_store.lookup("example.com"))
+        self.build(AcmeService, self.owner_store).startService()
+        first = self.owner_store.lookup("example.com")
+        assert first is not None
+        self.clock.advance(FOLLOW_INTERVAL)
+        taken = self.follower_store.lookup("www.example.com")
+        self.assertEqual(taken.fingerprint if taken else None, first.fingerprint)
+        # Worker 0 renews at 40 - 30 = 10 days; the follower serves the renewed one within one interval.
+        for _ in range(10):
+            self.clock.advance(DAY)
+        renewed = self.owner_store.lookup("example.com")
+        assert renewed is not None
+        self.assertNotEqual(renewed.fingerprint, first.fingerprint)
+        self.clock.advance(FOLLOW_INTERVAL)
+        taken = self.follower_store.lookup("example.com")
+        self.assertEqual(taken.fingerprint if taken else None, renewed.fingerprint)
+        self.assertEqual(len(self.issuer.calls), 2)  # worker 0's two orders; none by the follower
+
+    def test_loads_stored_certificate_at_start(self) -> None:
+        self.build(AcmeService, self.owner_store).startService()
+        self.build(AcmeFollower, self.follower_store).startService()
+        self.assertIsNotNone(self.follower_store.lookup("example.com"))
+
+    def test_half_written_pair_is_taken_on_the_next_look(self) -> None:
+        self.build(AcmeService, self.owner_store).startService()
+        follower = self.build(AcmeFollower, self.follower_store)
+        follower.startService()
+        first = self.follower_store.lookup("example.com")
+        assert first is not None
+        state = AcmeStateDirectory(self.root, DIRECTORY)
+        where = state.certificate_directory(ORDER)
+        issued = self.issuer.sign(ORDER.names, 90 * DAY, generate_key_pem())
+        with open(os.path.join(where, "cert.pem"), "wb") as f:  # the new certificate, the old key
+            f.write(issued.cert_pem)
+        self.clock.advance(FOLLOW_INTERVAL)
+        self.assertIs(self.follower_store.lookup("example.com"), first)
+        with open(os.path.join(where, "key.pem"), "wb") as f:
+            f.write(issued.key_pem)
+        self.clock.advance(FOLLOW_INTERVAL)
+        taken = self.follower_store.lookup("example.com")
+        self.assertIsNot(taken, first)
+        self.assertGreater(taken.not_after, first.not_after)  # type: ignore[union-attr]
+
+    def test_stops_looking_when_stopped(self) -> None:
+        follower = self.build(AcmeFollower, self.follower_store)
+        follower.startService()
+        follower.stopService()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class WorkersTests(unittest.TestCase):
+    """``workers`` > 1 with ACME: accepted; worker 0 orders, the others follow, HTTP-01 tokens shared."""
+
+    def options(self) -> Any:
+        self.state = os.path.abspath(self.mktemp())
+        return load_options(
+            {
+                "workers": 2,
+                "smartProxyConfig": {
+                    "bindAddress": "127.0.0.1",
+                    "acme": {"enabled": True, "accountEmail": "a@example.com", "stateDirectory": self.state},
+                    "routes": [
+                        {
+                            "match": {"ports": [8443], "domains": ["www.example.com"]},
+                            "action": {"type": "forward", "target": {"host": "127.0.0.1", "port": 9}},
+                            "tls": {"mode": "terminate", "certificate": "auto"},
+                        }
+                    ],
+                },
+            }
+        ).options
+
+    def test_worker_0_orders_the_others_follow(self) -> None:
+        from dcrouter import DcRouter
+
+        owner = DcRouter(self.options(), reactor=Clock(), worker=0)  # type: ignore[arg-type]
+        self.assertEqual(type(owner.acme), AcmeService)
+        shared = os.path.join(self.state, "http-01")
+        self.assertEqual(owner.challenges.shared_directory, shared)
+        self.assertTrue(os.path.isdir(shared))
+        other = DcRouter(self.options(), reactor=Clock(), worker=1)  # type: ignore[arg-type]
+        self.assertIsInstance(other.acme, AcmeFollower)
+        self.assertEqual(other.challenges.shared_directory, os.path.join(self.state, "http-01"))
+
+    def test_one_worker_shares_nothing(self) -> None:
+        from dcrouter import DcRouter
+
+        options = self.options()
+        router = DcRouter(dataclasses.replace(options, workers=1), reactor=Clock())  # type: ignore[arg-type]
+        self.assertEqual(type(router.acme), AcmeService)
+        self.assertIsNone(router.challenges.shared_directory)
+        self.assertFalse(os.path.exists(os.path.join(self.state, "http-01")))
 
 
 class ConfigTests(unittest.TestCase):

@@ -40,42 +40,42 @@ def sha(token: str) -> str:
     return "sha256$" + hashlib.sha256(token.encode()).hexdigest()
 
 
+TOKENS = [
+    {"name": "ops", "tokenHash": sha(ADMIN), "scope": "admin"},
+    {"name": "viewer", "tokenHash": sha(READER), "scope": "read"},
+]
+
+
+def router_options(smtp: dict[str, Any] | None = None, **api: Any) -> dict[str, Any]:
+    """A DcRouter's options for the API tests: SMTP on a free port of 127.0.0.1 with a memory queue and mail
+    for example.com routed to a closed port, ``smtp`` laid over that, and the API on port 0 with the two
+    tokens (``api`` laid over its section)."""
+    (smtp_port,) = free_ports(1)
+    return {
+        "smtpConfig": {
+            "ports": [smtp_port],
+            "bindAddress": "127.0.0.1",
+            "hostname": "mx.test",
+            "implicitTlsPorts": [],
+            "submissionPorts": [],
+            "queueStorage": "memory",
+            "domainConfigs": [{"domains": ["example.com"], "targetIPs": ["127.0.0.1"], "port": 9}],
+            **(smtp or {}),
+        },
+        "apiConfig": {"enabled": True, "port": 0, "tokens": TOKENS, **api},
+    }
+
+
 class ApiTestBase(TestCase):
     timeout = 20
-    #: Top-level options and smtpConfig keys a test class changes (merged over the defaults below).
-    options: dict[str, Any] = {}
-    smtp: dict[str, Any] = {}
-    #: The worker this router is (DcRouter's ``worker``).
-    worker = 0
 
-    async def start(self, **api: Any) -> DcRouter:
-        (smtp_port,) = free_ports(1)
-        config = {
-            "enabled": True,
-            "port": 0,
-            "tokens": [
-                {"name": "ops", "tokenHash": sha(ADMIN), "scope": "admin"},
-                {"name": "viewer", "tokenHash": sha(READER), "scope": "read"},
-            ],
-            **api,
-        }
-        options = {
-            "smtpConfig": {
-                "ports": [smtp_port],
-                "bindAddress": "127.0.0.1",
-                "hostname": "mx.test",
-                "implicitTlsPorts": [],
-                "submissionPorts": [],
-                "queueStorage": "memory",
-                "domainConfigs": [{"domains": ["example.com"], "targetIPs": ["127.0.0.1"], "port": 9}],
-                **self.smtp,
-            },
-            "apiConfig": config,
-            **self.options,
-        }
-        router = DcRouter(options, reactor=reactor, worker=self.worker)
+    async def start_router(self, options: Any, *, paused: bool = False, worker: int = 0) -> DcRouter:
+        """Start a DcRouter (worker ``worker``) on the real reactor (stopped at cleanup), with deliveries
+        paused if asked, and point :meth:`call` at its API."""
+        router = DcRouter(options, reactor=reactor, worker=worker)
         assert router.delivery is not None and router.api is not None
-        router.delivery.pause_deliveries()
+        if paused:
+            router.delivery.pause_deliveries()
         router.privilegedStartService()
         router.startService()
         self.addCleanup(router.stopService)
@@ -83,6 +83,12 @@ class ApiTestBase(TestCase):
         self.router = router
         self.base = f"http://127.0.0.1:{router.api.port}"
         return router
+
+    async def start(self, **api: Any) -> DcRouter:
+        return await self.start_router(router_options(**api), paused=True)
+
+    def smtp_port(self) -> int:
+        return next(iter(self.router.smtp_ports.values()))
 
     async def call(
         self, method: str, path: str, *, token: str | None = ADMIN, body: Any = None, **kw: Any
@@ -111,11 +117,12 @@ class WorkerPartitionsTests(ApiTestBase):
     """Worker 0 of two on the disk queue: the API covers worker 1's partition (dcrouter.queue.partitions),
     held here by a PartitionedQueue of the test's own as worker 1 would hold it."""
 
-    options = {"workers": 2}
-
     def setUp(self) -> None:
         self.path = os.path.abspath(self.mktemp())
-        self.smtp = {"queueStorage": "disk", "persistentPath": self.path}
+
+    async def start(self, **api: Any) -> DcRouter:
+        options = router_options({"queueStorage": "disk", "persistentPath": self.path}, **api)
+        return await self.start_router({**options, "workers": 2}, paused=True, worker=0)
 
     async def worker_one(self, *items: Any) -> PartitionedQueue:
         queue = PartitionedQueue(self.path, reactor=reactor, clock=reactor, worker=1, workers=2)

@@ -8,7 +8,6 @@ import smtplib
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
@@ -19,8 +18,7 @@ from dcrouter.limits.counters import LocalCounters
 from dcrouter.limits.ingress import build_ingress_limits, rebuild_ingress_limits
 from dcrouter.mail.address import parse_mail_argument
 from dcrouter.observe.metrics import RouterMetrics
-from tests.integration import free_ports
-from tests.test_api import ADMIN, READER, ApiTestBase, sha
+from tests.test_api import READER, ApiTestBase, router_options
 from tests.test_api_routing import RoutingRouterBase, smtp_options
 
 ANONYMOUS_100 = {"anonymous": {"messages": [{"count": 100, "window": 60000}]}}
@@ -28,39 +26,8 @@ ANONYMOUS_100 = {"anonymous": {"messages": [{"count": 100, "window": 60000}]}}
 
 class RateLimitApiTests(ApiTestBase):
     async def start_limits(self, smtp: dict[str, Any] | None = None) -> DcRouter:
-        (smtp_port,) = free_ports(1)
-        self.smtp_port = smtp_port
-        options = {
-            "smtpConfig": {
-                "ports": [smtp_port],
-                "bindAddress": "127.0.0.1",
-                "hostname": "mx.test",
-                "implicitTlsPorts": [],
-                "submissionPorts": [],
-                "queueStorage": "memory",
-                "domainConfigs": [{"domains": ["example.com"], "targetIPs": ["127.0.0.1"], "port": 9}],
-                "rateLimits": ANONYMOUS_100,
-                **(smtp or {}),
-            },
-            "apiConfig": {
-                "enabled": True,
-                "port": 0,
-                "tokens": [
-                    {"name": "ops", "tokenHash": sha(ADMIN), "scope": "admin"},
-                    {"name": "viewer", "tokenHash": sha(READER), "scope": "read"},
-                ],
-            },
-        }
-        router = DcRouter(options, reactor=reactor)
-        assert router.delivery is not None and router.api is not None
-        router.delivery.pause_deliveries()
-        router.privilegedStartService()
-        router.startService()
-        self.addCleanup(router.stopService)
-        await router.when_ready()
-        self.router = router
-        self.base = f"http://127.0.0.1:{router.api.port}"
-        return router
+        options = router_options({"rateLimits": ANONYMOUS_100, **(smtp or {})})
+        return await self.start_router(options, paused=True)
 
     async def test_scopes(self) -> None:
         await self.start_limits()
@@ -131,7 +98,7 @@ class RateLimitApiTests(ApiTestBase):
         """One session: EHLO, then MAIL FROM; its reply."""
 
         def run() -> tuple[int, bytes]:
-            with smtplib.SMTP("127.0.0.1", self.smtp_port, local_hostname="client.test", timeout=10) as s:
+            with smtplib.SMTP("127.0.0.1", self.smtp_port(), local_hostname="client.test", timeout=10) as s:
                 s.ehlo()
                 reply = s.mail("a@sender.test")
                 s.rset()
@@ -177,7 +144,7 @@ class RateLimitApiTests(ApiTestBase):
 
         def run() -> list[int]:
             codes = []
-            with smtplib.SMTP("127.0.0.1", self.smtp_port, local_hostname="client.test", timeout=10) as s:
+            with smtplib.SMTP("127.0.0.1", self.smtp_port(), local_hostname="client.test", timeout=10) as s:
                 s.ehlo()
                 for _ in range(3):
                     s.mail("a@sender.test")

@@ -13,36 +13,18 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
-from dcrouter import DcRouter
 from dcrouter.cli import parse_args
 from dcrouter.config import load_file
 from dcrouter.ctl import run
 from dcrouter.queue.item import QueueItemStatus
 from tests.downstream import Script, start_downstream
 from tests.integration import free_ports
-from tests.test_api import ADMIN, READER, ApiTestBase, sha
+from tests.test_api import READER, ApiTestBase, router_options
 from tests.test_queue_contract import make_item
-
-TOKENS = [
-    {"name": "ops", "tokenHash": sha(ADMIN), "scope": "admin"},
-    {"name": "viewer", "tokenHash": sha(READER), "scope": "read"},
-]
 
 
 def smtp_options(domain_configs: list[dict[str, Any]], **api: Any) -> dict[str, Any]:
-    (smtp_port,) = free_ports(1)
-    return {
-        "smtpConfig": {
-            "ports": [smtp_port],
-            "bindAddress": "127.0.0.1",
-            "hostname": "mx.test",
-            "implicitTlsPorts": [],
-            "submissionPorts": [],
-            "queueStorage": "memory",
-            "domainConfigs": domain_configs,
-        },
-        "apiConfig": {"enabled": True, "port": 0, "tokens": TOKENS, **api},
-    }
+    return router_options({"domainConfigs": domain_configs}, **api)
 
 
 def send(port: int, recipient: str, sender: str = "alice@sender.test") -> Any:
@@ -60,21 +42,7 @@ def send(port: int, recipient: str, sender: str = "alice@sender.test") -> Any:
 
 
 class RoutingRouterBase(ApiTestBase):
-    async def start_router(self, options: Any, *, paused: bool = False) -> DcRouter:
-        router = DcRouter(options, reactor=reactor)
-        assert router.delivery is not None and router.api is not None
-        if paused:
-            router.delivery.pause_deliveries()
-        router.privilegedStartService()
-        router.startService()
-        self.addCleanup(router.stopService)
-        await router.when_ready()
-        self.router = router
-        self.base = f"http://127.0.0.1:{router.api.port}"
-        return router
-
-    def smtp_port(self) -> int:
-        return next(iter(self.router.smtp_ports.values()))
+    """The routing tests start their own router (:meth:`ApiTestBase.start_router`), deliveries running."""
 
 
 class RoutingEndpointTests(RoutingRouterBase):

@@ -65,6 +65,24 @@ class ShaperTests(TestCase):
         self.assertRaises(ValueError, shaper.set_rate_limit, "d.example", 0)
 
 
+    def test_shared_among_workers(self) -> None:
+        clock = Clock()
+        shaper = OutboundShaper(DeliveryConfig(global_rate_limit=120, per_server_rate_limit=60), clock)
+        shaper.share_among(2)  # two workers: each sends at half of every limit
+        self.assertEqual([shaper.wait(str(i), "r", ["a@d.example"]) for i in range(3)], [0.0, 2.0, 4.0])
+        shaper.set_rate_limit("d.example", 15)  # set later: shared as well (8 s apart, not 4)
+        clock.advance(100)
+        self.assertEqual([shaper.wait(f"x{i}", "s", ["a@d.example"]) for i in range(2)], [0.0, 8.0])
+        # What is reported, and what the API replaces, are the machine's limits.
+        self.assertEqual(
+            shaper.settings(),
+            {"globalRateLimit": 120, "perServerRateLimit": 60, "perDomainRateLimit": {"d.example": 15}},
+        )
+        shaper.configure(240, None, None)
+        clock.advance(100)
+        self.assertEqual([shaper.wait(f"y{i}", "t", ["a@e.example"]) for i in range(2)], [0.0, 0.5])
+
+
 class ManagerShapingTests(ManagerTestsBase):
     def test_per_domain_60_a_minute_spreads_120_messages_over_two_minutes(self) -> None:
         self.start(delivery=DeliveryConfig(per_domain_rate_limit={"paced.test": 60}))

@@ -3,6 +3,7 @@ proxy's port 80, DNS-01 (RFC 8555 §8.4) in the router's DNS server."""
 
 from __future__ import annotations
 
+import os
 import re
 
 #: The path prefix an ACME server fetches HTTP-01 challenges from (RFC 8555 §8.3).
@@ -20,10 +21,17 @@ class ChallengeResponder:
     once the authorization is settled; the proxy's port-80 listener asks `response_for` for every request
     path and answers 200 with the body (``Content-Type: application/octet-stream``) when it is not None.
     Plain in-memory state: both sides run on the reactor thread.
+
+    With ``shared_directory`` (several workers: worker 0 orders, but any worker may accept the CA's request
+    on port 80), each key authorization is also a file ``<shared_directory>/<token>`` while it is served, and
+    a token not held in memory is looked up there. The files are a few dozen bytes, written (to a temporary
+    name, then renamed, so a reader never sees half of one) and read only for real challenge tokens, so the
+    reactor does no more file I/O than one small read per validation request.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, shared_directory: str | None = None) -> None:
         self._authorizations: dict[str, bytes] = {}
+        self.shared_directory = shared_directory
 
     def add(self, token: str, key_authorization: str) -> None:
         """Serve `key_authorization` for `token` until `remove` is called.
@@ -32,11 +40,35 @@ class ChallengeResponder:
         """
         if not _TOKEN.fullmatch(token):
             raise ValueError(f"ACME token is not base64url: {token!r}")
-        self._authorizations[token] = key_authorization.encode("ascii")
+        body = key_authorization.encode("ascii")
+        self._authorizations[token] = body
+        if self.shared_directory is not None:
+            path = os.path.join(self.shared_directory, token)
+            with open(f"{path}.tmp", "wb") as f:
+                f.write(body)
+            os.replace(f"{path}.tmp", path)
 
     def remove(self, token: str) -> None:
         """Stop serving `token`; removing an unknown token is not an error (cleanup runs on every path)."""
         self._authorizations.pop(token, None)
+        if self.shared_directory is not None:
+            try:
+                os.unlink(os.path.join(self.shared_directory, token))
+            except FileNotFoundError:
+                pass
+
+    def clear_shared(self) -> None:
+        """Remove every token file left in the shared directory (by an owner that was killed mid-order), and
+        create the directory if it is missing. Called by the worker that orders, at start."""
+        if self.shared_directory is None:
+            return
+        os.makedirs(self.shared_directory, mode=0o755, exist_ok=True)
+        for name in os.listdir(self.shared_directory):
+            if name not in self._authorizations:
+                try:
+                    os.unlink(os.path.join(self.shared_directory, name))
+                except FileNotFoundError:
+                    pass
 
     def response_for(self, path: str) -> bytes | None:
         """The body for a request to `path` ("/.well-known/acme-challenge/<token>"), or None.
@@ -50,7 +82,14 @@ class ChallengeResponder:
         token = path[len(CHALLENGE_PATH_PREFIX) :]
         if not _TOKEN.fullmatch(token):
             return None
-        return self._authorizations.get(token)
+        body = self._authorizations.get(token)
+        if body is None and self.shared_directory is not None:
+            try:
+                with open(os.path.join(self.shared_directory, token), "rb") as f:
+                    body = f.read(4096)
+            except OSError:
+                return None
+        return body
 
     def __len__(self) -> int:
         """How many challenges are being served (for logs and tests)."""

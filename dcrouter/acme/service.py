@@ -58,6 +58,9 @@ CHECK_INTERVAL = 86_400.0
 RETRY_BASE = 60.0
 #: Longest retry delay, in seconds. Let's Encrypt allows 5 failed validations per name per hour.
 RETRY_MAX = 6 * 3600.0
+#: How often a worker other than worker 0 looks for a certificate worker 0 obtained (workers > 1), in
+#: seconds: a stat of two files per certificate.
+FOLLOW_INTERVAL = 10.0
 #: Threads of the service's own pool: one order at a time needs one; the second serves file I/O meanwhile.
 THREADPOOL_MAX = 2
 
@@ -207,6 +210,16 @@ class AcmeStateDirectory:
             log.warn("ACME: ignoring the stored certificate in {path}: {error}", path=where, error=error)
             return None
 
+    def stamp(self, order: CertificateOrder) -> tuple[int, ...] | None:
+        """Modification times and sizes of the stored certificate and key of ``order`` (None while either is
+        missing): a change means another process stored a new pair."""
+        where = self.certificate_directory(order)
+        try:
+            cert, key = (os.stat(os.path.join(where, n)) for n in ("cert.pem", "key.pem"))
+        except FileNotFoundError:
+            return None
+        return (cert.st_mtime_ns, cert.st_size, key.st_mtime_ns, key.st_size)
+
     def save(self, order: CertificateOrder, issued: IssuedCertificate) -> None:
         """Store a new certificate; the key is written last, after the certificate it belongs to, so a
         crash in between leaves a pair the store refuses (key does not match) and a new order follows."""
@@ -226,6 +239,8 @@ class OrderState:
     failures: int = 0
     next_check: float | None = None
     timer: IDelayedCall | None = field(default=None, repr=False)
+    #: The stored files' :meth:`AcmeStateDirectory.stamp` when :class:`AcmeFollower` last took them.
+    stamp: tuple[int, ...] | None = None
 
 
 class AcmeService(Service):
@@ -496,3 +511,51 @@ class AcmeService(Service):
             state.timer.cancel()
         state.timer = None
         state.next_check = None
+
+
+class AcmeFollower(AcmeService):
+    """The certificates of ``orders`` as another process obtains them: with ``workers`` > 1, worker 0 runs the
+    :class:`AcmeService` (one account, one order and one renewal per certificate, DNS-01 through worker 0's
+    DNS server) and every other worker runs a follower over the same ``acme.stateDirectory``.
+
+    A follower orders nothing. At start it puts every stored certificate into its store (as the service does),
+    then every :data:`FOLLOW_INTERVAL` seconds compares the stored files' :meth:`~AcmeStateDirectory.stamp`
+    with the last one it took and loads a changed pair: a certificate worker 0 obtains or renews is served by
+    every worker within that interval. A pair caught half-written (the key is written last, so the store
+    refuses a new certificate with the old key) is simply taken on the next look. HTTP-01 validations reach
+    whichever worker accepts them: the :class:`~dcrouter.acme.challenges.ChallengeResponder` of every worker
+    shares its tokens through files.
+    """
+
+    name = "acme-follower"  # type: ignore[assignment]
+
+    async def _start(self) -> None:
+        for state in self.states.values():
+            await self._check(state)
+
+    async def _check(self, state: OrderState) -> None:
+        state.timer = None
+        if not self.running:
+            return
+        try:
+            await self._take(state)
+        finally:
+            self._schedule(state, FOLLOW_INTERVAL)
+
+    async def _take(self, state: OrderState) -> None:
+        stamp = await self._run(self.state.stamp, state.order)
+        if stamp is None or stamp == state.stamp:
+            return
+        stored = await self._run(self.state.load, state.order)
+        if stored is None or not set(state.order.names) <= set(stored.names):
+            return  # not (yet) a usable pair for these names: looked at again next time
+        if state.current is not None and stored.fingerprint == state.current.fingerprint:
+            state.stamp = stamp
+            return
+        state.stamp = stamp
+        self._use(state, stored)
+        log.info(
+            "ACME: serving the certificate for {names} stored by worker 0 (valid until {not_after})",
+            names=", ".join(state.order.names),
+            not_after=stored.not_after.isoformat(),
+        )

@@ -197,8 +197,7 @@ def resolve_workers(value: Any) -> int:
 @block_check("workers")
 def workers_need_a_shared_queue(options: DcRouterOptions, path: str, report: Report) -> None:
     """Several workers share the Redis queue, or hold a partition of the disk queue each (docs/decisions.md,
-    "Workers"); the memory queue lives inside one process, so it is refused. ACME's renewals would land in
-    one worker's certificate store only, so they are refused with workers too."""
+    "Workers"); the memory queue lives inside one process, so it is refused."""
     if resolve_workers(options.workers) <= 1:
         return
     smtp = getattr(options, "smtp_config", None)
@@ -208,13 +207,6 @@ def workers_need_a_shared_queue(options: DcRouterOptions, path: str, report: Rep
             'workers > 1 needs a queue the workers can share: smtpConfig.queueStorage = "disk" (a partition '
             'per worker) or "redis"; the "memory" queue lives inside one process, so mail a worker accepted '
             "could be delivered only by that worker and would be lost when it is restarted",
-        )
-    proxy = getattr(options, "smart_proxy_config", None)
-    if proxy is not None and proxy.acme is not None and proxy.acme.enabled:
-        report.error(
-            "workers",
-            "workers > 1 with smartProxyConfig.acme is not built yet (a renewed certificate would reach one "
-            "worker only); run ACME with workers = 1",
         )
 
 

@@ -13,8 +13,9 @@ What a caller may rely on:
   domain of the group that has an entry.
 - Reservations are kept per (message, route) in this process until the group is delivered
   (:meth:`OutboundShaper.delivered`), so a message put back for another reason (a full destination) does
-  not queue up again. Counting is per process (with several processes on one Redis queue, each paces its
-  own deliveries).
+  not queue up again. Counting is per process: with ``workers = N`` (:meth:`OutboundShaper.share_among`)
+  each worker paces at 1/N of every limit, so the machine stays within it; separate dcrouter processes on
+  one Redis queue each pace their own deliveries.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ from dcrouter.limits.pacing import Pacer
 MAX_RESERVATIONS = 100_000
 
 
-def _per_minute(limit: int) -> Rate:
-    return Rate(limit, 60.0, burst=1)
+def _per_minute(limit: int, share: int = 1) -> Rate:
+    """``limit`` messages per minute, of which this process may send 1/``share``: the same count over a
+    period ``share`` times as long, so the count reported stays the configured one."""
+    return Rate(limit, 60.0 * share, burst=1)
 
 
 class OutboundShaper:
@@ -42,6 +45,8 @@ class OutboundShaper:
     def __init__(self, config: DeliveryConfig, clock: IReactorTime) -> None:
         self._clock = clock
         self._pacer = Pacer(clock)
+        #: Processes sharing every limit (``workers``): each paces at 1/share of it.
+        self._share = 1
         self._global = _per_minute(config.global_rate_limit) if config.global_rate_limit else None
         self._per_server = _per_minute(config.per_server_rate_limit) if config.per_server_rate_limit else None
         self._per_domain: dict[str, Rate] = {
@@ -62,9 +67,20 @@ class OutboundShaper:
         whole ``perDomainRateLimit`` table, including limits set with :meth:`set_rate_limit`). Times already
         reserved are kept; the pacer's keys are too, so a destination's next message is spaced from its last
         one at the new rate."""
-        self._global = _per_minute(global_limit) if global_limit else None
-        self._per_server = _per_minute(per_server) if per_server else None
-        self._per_domain = {d.lower(): _per_minute(n) for d, n in (per_domain or {}).items()}
+        self._global = _per_minute(global_limit, self._share) if global_limit else None
+        self._per_server = _per_minute(per_server, self._share) if per_server else None
+        self._per_domain = {d.lower(): _per_minute(n, self._share) for d, n in (per_domain or {}).items()}
+
+    def share_among(self, processes: int) -> None:
+        """``processes`` workers deliver from one queue on this machine: from now on this one paces at
+        1/``processes`` of every limit (including those set later), so together they keep to it."""
+        self._share = max(1, processes)
+        settings = self.settings()
+        self.configure(
+            settings["globalRateLimit"],  # type: ignore[arg-type]
+            settings["perServerRateLimit"],  # type: ignore[arg-type]
+            settings["perDomainRateLimit"],  # type: ignore[arg-type]
+        )
 
     def settings(self) -> dict[str, object]:
         """The limits in force, as the configuration names them (messages per minute; None: no limit)."""
@@ -78,7 +94,7 @@ class OutboundShaper:
         """Messages per minute to recipients at ``domain`` from now on (replacing any configured one)."""
         if limit < 1:
             raise ValueError(f"a rate limit is a positive number of messages per minute: {limit}")
-        self._per_domain[domain.lower()] = _per_minute(limit)
+        self._per_domain[domain.lower()] = _per_minute(limit, self._share)
 
     def clear_rate_limit(self, domain: str) -> None:
         """No per-domain limit for ``domain`` any more (no error when there was none)."""

@@ -30,7 +30,7 @@ from dcrouter.acme.challenges import ChallengeResponder
 from dcrouter.acme.service import AcmeService, CertificateOrder
 from dcrouter.net.certstore import CertificateStore
 from tests.integration import free_ports
-from tests.pebble import SKIP_REASON, start_pebble
+from tests.pebble import SKIP_REASON, start_pebble, trust_pebble
 
 NAMES = ("acme-test.example", "www.acme-test.example")
 
@@ -131,19 +131,10 @@ class RouterIssuanceTests(TestCase):
     skip = SKIP_REASON
     timeout = 90
 
-    def _restore_environment(self, name: str, value: str | None) -> None:
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-
     async def _obtain_and_serve(self) -> None:
         https_port, http_port = free_ports(2)
         pebble = start_pebble(self, http_port)
-        # requests (under acme) trusts this bundle when verifying the directory's HTTPS.
-        previous = os.environ.get("REQUESTS_CA_BUNDLE")
-        os.environ["REQUESTS_CA_BUNDLE"] = pebble.ca_bundle
-        self.addCleanup(self._restore_environment, "REQUESTS_CA_BUNDLE", previous)
+        trust_pebble(self, pebble)
         state_directory = os.path.abspath(self.mktemp())
         options = {
             "smartProxyConfig": {

@@ -29,7 +29,7 @@ from dcrouter.router import StartupError
 from tests.dns_zone import resolver
 from tests.integration import free_ports
 from tests.pebble import SKIP_REASON as PEBBLE_SKIP
-from tests.pebble import start_pebble
+from tests.pebble import start_pebble, trust_pebble
 from tests.test_dns import CONFIG
 
 DIG = shutil.which("dig")
@@ -160,18 +160,10 @@ class Dns01IssuanceTests(TestCase):
     skip = PEBBLE_SKIP
     timeout = 90
 
-    def _restore_environment(self, name: str, value: str | None) -> None:
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-
     async def _wildcard(self) -> None:
         dns_port, https_port, http_port = free_ports(3)
         pebble = start_pebble(self, http_port, dns_server=f"127.0.0.1:{dns_port}")
-        previous = os.environ.get("REQUESTS_CA_BUNDLE")
-        os.environ["REQUESTS_CA_BUNDLE"] = pebble.ca_bundle
-        self.addCleanup(self._restore_environment, "REQUESTS_CA_BUNDLE", previous)
+        trust_pebble(self, pebble)
         options: dict[str, Any] = {
             "dnsServerConfig": {
                 "udpPort": dns_port,
@@ -270,9 +262,7 @@ class SmtpCertificateByDns01Tests(TestCase):
     async def _smtp(self) -> None:
         dns_port, http_port, smtp_port = free_ports(3)
         pebble = start_pebble(self, http_port, dns_server=f"127.0.0.1:{dns_port}")
-        previous = os.environ.get("REQUESTS_CA_BUNDLE")
-        os.environ["REQUESTS_CA_BUNDLE"] = pebble.ca_bundle
-        self.addCleanup(Dns01IssuanceTests._restore_environment, self, "REQUESTS_CA_BUNDLE", previous)
+        trust_pebble(self, pebble)
         options: dict[str, Any] = {
             "smtpConfig": {
                 "ports": [smtp_port],

@@ -4,8 +4,8 @@ dcrouter`` supervisor with ``workers = 2``: the same proofs as the Redis workers
 both workers and every message delivered exactly once to a real downstream SMTP server; a worker killed with
 SIGKILL under load (worker 1, and worker 0, which also holds the single-worker partition) and the supervisor
 killed with SIGKILL under load lose nothing answered 250; SIGTERM drains a transaction in flight — plus what
-is the disk queue's own: each worker's mail is in its own partition, and a queue left by two workers is
-delivered by one. The partition logic without processes: tests/test_queue_partitions.py."""
+is the disk queue's own: each worker's mail is in its own partition, a queue left by two workers is
+delivered by one, and a single dcrouter's queue by two workers. The partition logic without processes: tests/test_queue_partitions.py."""
 
 from __future__ import annotations
 
@@ -153,3 +153,29 @@ class DiskWorkersTests(redis_workers.WorkersTests):
         counts = collections.Counter(message_id(r) for r in self.downstream.messages)
         self.assertEqual(set(counts), set(acked))
         self.assertEqual({m: n for m, n in counts.items() if n != 1}, {}, "delivered more than once")
+
+    def test_two_workers_deliver_what_one_left(self) -> None:
+        return Deferred.fromCoroutine(self._more())
+
+    async def _more(self) -> None:
+        # A single dcrouter queues mail with delivery paused and stops; two workers then deliver all of it:
+        # the single-worker queue is worker 0's partition.
+        self.paused, self.workers = True, 1
+        single = await self.start()
+        acked = await self.send_load("more")
+        single.signal("TERM")
+        await single.ended.addTimeout(WAIT, reactor)
+        self.assertEqual(self.downstream.messages, [])
+        self.assertEqual(stored(os.path.join(self.queue, "index.sqlite")), len(acked))
+        self.assertFalse(os.path.exists(os.path.join(self.queue, "partitions")))
+        self.paused, self.workers = False, 2
+        process = await self.start()
+        for _ in range(int(WAIT / 0.1)):
+            if set(acked) <= {message_id(r) for r in self.downstream.messages}:
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        await self.stop(process)
+        counts = collections.Counter(message_id(r) for r in self.downstream.messages)
+        self.assertEqual(set(counts), set(acked))
+        self.assertEqual({m: n for m, n in counts.items() if n != 1}, {}, "delivered more than once")
+        self.assertIn(b"holding queue partitions [0]", process.output)

@@ -5,7 +5,8 @@ both workers and every message delivered exactly once to a real downstream SMTP 
 SIGKILL under load (worker 1, and worker 0, which also holds the single-worker partition) and the supervisor
 killed with SIGKILL under load lose nothing answered 250; SIGTERM drains a transaction in flight — plus what
 is the disk queue's own: each worker's mail is in its own partition, a queue left by two workers is
-delivered by one, and a single dcrouter's queue by two workers. The partition logic without processes: tests/test_queue_partitions.py."""
+delivered by one, and a single dcrouter's queue by two workers. The partition logic without processes:
+tests/test_queue_partitions.py."""
 
 from __future__ import annotations
 

@@ -225,6 +225,16 @@ class PartitionedQueueTests(TestCase):
         # Worker 1, which serves no API, sees its own.
         self.assertEqual((await one.count_by_status())["queued"], 3)
 
+    async def test_worker_zero_sees_a_partition_created_after_it(self) -> None:
+        zero = await self.open(0, 2, observe_others=True)
+        self.assertEqual((await zero.count_by_status())["queued"], 0)
+        self.assertEqual(zero.others, {})
+        one = await self.open(1, 2)
+        await one.enqueue(make_item("LATE"), inline(b"late"))
+        self.assertEqual((await zero.count_by_status())["queued"], 1)
+        self.assertEqual(list(zero.others), [1])
+        self.assertEqual((await zero.get("LATE")).id, "LATE")  # type: ignore[union-attr]
+
     async def test_worker_zero_holds_but_does_not_remove_another_workers_mail(self) -> None:
         await self.fill(1, 2, ["B1"])
         one = await self.open(1, 2)

@@ -148,23 +148,25 @@ class WorkerPartitionsTests(ApiTestBase):
         code, raw, _ = await self.call("GET", "/api/v1/queue/W1A/message")
         self.assertEqual((code, raw), (200, b"Subject: y\r\n"))
 
-    async def test_hold_there_but_not_delete_or_bounce(self) -> None:
-        one = await self.worker_one(make_item("W1A", next_attempt_at=4e9))
+    async def test_hold_and_delete_there_but_not_bounce(self) -> None:
+        one = await self.worker_one(
+            make_item("W1A", next_attempt_at=4e9), make_item("W1B", next_attempt_at=4e9)
+        )
         await self.start()
         code, body, _ = await self.call("POST", "/api/v1/queue/W1A/hold")
         self.assertEqual((code, body["item"]["status"]), (200, "held"))
         self.assertEqual((await one.get("W1A")).status, QueueItemStatus.HELD)  # type: ignore[union-attr]
-        code, body, _ = await self.call("DELETE", "/api/v1/queue/W1A")
-        self.assertEqual((code, body["error"]["code"]), (409, "held_by_other_worker"))
-        self.assertIn("Hold the message instead", body["error"]["message"])
         code, body, _ = await self.call("POST", "/api/v1/queue/W1A/bounce", body={"reason": "spam run"})
         self.assertEqual((code, body["error"]["code"]), (409, "held_by_other_worker"))
+        self.assertIn("Hold or delete the message instead", body["error"]["message"])
         self.assertEqual((await one.get("W1A")).status, QueueItemStatus.HELD)  # type: ignore[union-attr]
-        self.assertEqual(await one.get_item_count(), 1)
-        # Worker 0's own mail: deleted as ever.
-        await self.enqueue(make_item("W0A"))
-        code, _, _ = await self.call("DELETE", "/api/v1/queue/W0A")
+        code, body, _ = await self.call("DELETE", "/api/v1/queue/W1B")
         self.assertEqual(code, 200)
+        self.assertIsNone(await one.get("W1B"))
+        # Worker 0's own mail: bounced as ever.
+        await self.enqueue(make_item("W0A"))
+        code, body, _ = await self.call("POST", "/api/v1/queue/W0A/bounce", body={"reason": "spam run"})
+        self.assertEqual((code, body["item"]["status"]), (200, "bounced"))
 
 
 class AccessTests(ApiTestBase):

@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from dcrouter.config import load_options
-from dcrouter.interfaces import HeldByOtherWorker, IDeliveryQueue
+from dcrouter.interfaces import HeldByOtherWorker, IDeliveryQueue, StatusMismatch
 from dcrouter.queue import partitions as partitions_module
 from dcrouter.queue.contract import QueueFilter
 from dcrouter.queue.disk import DiskQueue
@@ -235,24 +235,33 @@ class PartitionedQueueTests(TestCase):
         self.assertEqual(list(zero.others), [1])
         self.assertEqual((await zero.get("LATE")).id, "LATE")  # type: ignore[union-attr]
 
-    async def test_worker_zero_holds_but_does_not_remove_another_workers_mail(self) -> None:
-        await self.fill(1, 2, ["B1"])
+    async def test_worker_zero_holds_and_deletes_but_does_not_bounce_another_workers_mail(self) -> None:
+        await self.fill(1, 2, ["B1", "B2"])
         one = await self.open(1, 2)
         zero = await self.open(0, 2, observe_others=True)
         held = await zero.update_if("B1", QueueItemStatus.QUEUED, status=QueueItemStatus.HELD)
         self.assertEqual(held.status, QueueItemStatus.HELD)
-        # The holder sees the hold at once (its claims are queries) and claims nothing.
-        self.assertEqual(await one.get_next(10), [])
+        # The holder sees the hold at once (its claims are queries) and claims nothing of it.
+        self.assertEqual([i.id for i in await one.get_next(10)], ["B2"])
         self.assertEqual((await one.get("B1")).status, QueueItemStatus.HELD)  # type: ignore[union-attr]
-        error = await self.assertFailure(zero.dequeue_if("B1", QueueItemStatus.HELD), HeldByOtherWorker)
-        self.assertIn("partition 1", str(error))
-        await self.assertFailure(
+        # A claim or a final status is the holder's to make.
+        error = await self.assertFailure(
             zero.update_if("B1", QueueItemStatus.HELD, status=QueueItemStatus.DELIVERING), HeldByOtherWorker
         )
+        self.assertIn("partition 1", str(error))
         await self.assertFailure(zero.update("B1", status=QueueItemStatus.BOUNCED), HeldByOtherWorker)
+        # A removal is guarded by the status: one being delivered is refused, a held one goes.
+        await self.assertFailure(zero.dequeue_if("B2", QueueItemStatus.QUEUED), StatusMismatch)
+        self.assertEqual((await zero.dequeue_if("B1", QueueItemStatus.HELD)).id, "B1")  # type: ignore[union-attr]
+        self.assertIsNone(await one.get("B1"))
+        # The holder's count of live items catches up at its next recount.
+        self.assertEqual(await one.get_item_count(), 2)
+        self.clock.advance(partitions_module.RECOUNT_INTERVAL)
+        for _ in range(200):
+            if await one.get_item_count() == 1:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
         self.assertEqual(await one.get_item_count(), 1)
-        await zero.update_if("B1", QueueItemStatus.HELD, status=QueueItemStatus.QUEUED)
-        self.assertEqual([i.id for i in await one.get_next(10)], ["B1"])
 
     async def test_tools_may_remove_in_any_partition(self) -> None:
         await self.fill(1, 2, ["B1"])

@@ -60,7 +60,16 @@ from dcrouter.queue.contract import (
     destination_counts,
     is_live,
 )
-from dcrouter.queue.index import ClaimDue, Outcome, QueueIndex, RemoveItems, StoreItem, UpdateItem, Write
+from dcrouter.queue.index import (
+    ClaimDue,
+    CountLive,
+    Outcome,
+    QueueIndex,
+    RemoveItems,
+    StoreItem,
+    UpdateItem,
+    Write,
+)
 from dcrouter.queue.item import QueueItem, QueueItemStatus
 from dcrouter.queue.lifecycle import QueueLifecycle
 from dcrouter.queue.orphans import OrphanSweeper
@@ -266,6 +275,12 @@ class DiskQueue(QueueLifecycle):
 
     def get_item_count(self) -> Deferred:
         return succeed(self._live)
+
+    def recount(self) -> Deferred:
+        """Take the count of live items (``get_item_count``, the ``max_size`` check) from the index again, in
+        the writer's next batch: after another process removed items (:mod:`dcrouter.queue.partitions`).
+        Fires with the count."""
+        return self._submit_open(CountLive)
 
     def status_summary(self) -> Deferred:
         """From the status index, in the reader pool."""
@@ -529,10 +544,10 @@ class DiskQueue(QueueLifecycle):
         failed = 0
         # Writes issued by the callbacks below wait (self._committing is still set) and go out together.
         # run_batch returns one outcome per write, in order.
-        for (_write, d), (ok, value) in zip(batch, outcomes, strict=True):
+        for (write, d), (ok, value) in zip(batch, outcomes, strict=True):
             if ok:
                 result, delta = value
-                self._live += delta
+                self._live = result if getattr(write, "sets_live", False) else self._live + delta
                 self.committed_writes += 1
                 d.callback(result)
             else:

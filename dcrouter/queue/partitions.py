@@ -44,7 +44,7 @@ from typing import Any, cast
 
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
@@ -74,6 +74,9 @@ PARTITIONS = "partitions"
 LOCK_FILE = "owner.lock"
 #: Seconds between two tries for a partition another process still holds.
 LOCK_RETRY = 0.2
+#: Seconds between two recounts of the live items of each held partition (another process may have removed
+#: some: worker 0's API, ``dcrouter quarantine``), which keep ``maxQueueSize`` exact within this time.
+RECOUNT_INTERVAL = 60.0
 
 _PARTITION_NAME = re.compile(r"[0-9]{1,6}\Z")
 
@@ -184,6 +187,8 @@ class PartitionedQueue(QueueLifecycle):
         #: id → partition of the items this process claimed and has not finished (routing without a probe).
         self._claimed: dict[str, int] = {}
         self._next_claim = 0
+        self._recounts = LoopingCall(self._recount)
+        self._recounts.clock = clock
 
     # -- what ingress and the router read ----------------------------------------------------------
 
@@ -241,6 +246,10 @@ class PartitionedQueue(QueueLifecycle):
             self._state = "closed"
             raise
         self._state = "open"
+        if self.held:
+            self._recounts.start(RECOUNT_INTERVAL, now=False).addErrback(
+                lambda f: log.failure("queue partitions: the recounts stopped", f)
+            )
         log.info(
             "worker {worker}: holding queue partitions {partitions} under {base}",
             worker=self.worker,
@@ -271,7 +280,17 @@ class PartitionedQueue(QueueLifecycle):
         d.addErrback(lambda f: f.value.subFailure)  # type: ignore[union-attr]
         return d.addCallback(_sum_counts)
 
+    def _recount(self) -> Deferred:
+        """Every held partition's count of live items, from its index again (``DiskQueue.recount``)."""
+        d = gatherResults([q.recount() for q in self.held.values()], consumeErrors=True)
+        d.addErrback(
+            lambda f: log.debug("queue partitions: a recount failed: {error}", error=f.getErrorMessage())
+        )
+        return d
+
     async def _close(self) -> None:
+        if self._recounts.running:
+            self._recounts.stop()
         queues = [*self.held.values(), *self.others.values()]
         try:
             for queue in queues:
@@ -371,10 +390,10 @@ class PartitionedQueue(QueueLifecycle):
 
     def _check_foreign(self, item_id: str, partition: int, kind: str, changes: dict[str, Any]) -> None:
         """Refuse what only the holder of ``partition`` may do (module docstring), unless foreign_removals."""
-        if self.foreign_removals:
+        if self.foreign_removals or kind == "dequeue":
+            # A removal is one guarded transaction there (a message being delivered is refused); the holder's
+            # count of live items catches up at its next recount (RECOUNT_INTERVAL).
             return
-        if kind == "dequeue":
-            raise HeldByOtherWorker(item_id, partition, "removing it")
         status = changes.get("status")
         if status is not None:
             status = QueueItemStatus(status)

@@ -24,13 +24,14 @@ What a caller may rely on:
   (worker 0, which runs the management API and the metrics): the partitions other workers hold are opened
   with :meth:`DiskQueue.attach <dcrouter.queue.disk.DiskQueue.attach>` (WAL: reads never wait for the
   holder's commits), on first use and again when a new one appears.
-- Writes to an item of a partition another process holds: ``update_if`` that keeps the item waiting (hold,
-  release, retry, a quarantine release) is done there, one transaction guarded by the status, which the holder
-  claims at its next look (as ``dcrouter quarantine`` does beside a single router). A change that would make
-  the item final, removed or claimed (delete, bounce) fails with
-  :class:`~dcrouter.interfaces.HeldByOtherWorker` unless ``foreign_removals`` (the command-line tools, as
-  beside a single router): the holder keeps its count of live items (``maxQueueSize``) in memory, and a claim
-  by a process that is not the holder would not be returned to ready by the holder's recovery.
+- Writes to an item of a partition another process holds are done there, each one transaction guarded by
+  the status (as ``dcrouter quarantine`` does beside a single router): an ``update_if`` that keeps the item
+  waiting (hold, release, retry, a quarantine release), which the holder claims at its next look (claims are
+  queries), and removals (delete; a message being delivered is refused by the guard), after which the
+  holder's count of live items (``maxQueueSize``) is high until its next recount (every
+  :data:`RECOUNT_INTERVAL` seconds, ``DiskQueue.recount``). A change that would claim the item or make it
+  final (a bounce) fails with :class:`~dcrouter.interfaces.HeldByOtherWorker` unless ``foreign_removals``:
+  a claim by a process that is not the holder would not be returned to ready by the holder's recovery.
 """
 
 from __future__ import annotations
@@ -389,7 +390,7 @@ class PartitionedQueue(QueueLifecycle):
         return updated
 
     def _check_foreign(self, item_id: str, partition: int, kind: str, changes: dict[str, Any]) -> None:
-        """Refuse what only the holder of ``partition`` may do (module docstring), unless foreign_removals."""
+        """Refuse a claim or a final status in ``partition`` (module docstring), unless foreign_removals."""
         if self.foreign_removals or kind == "dequeue":
             # A removal is one guarded transaction there (a message being delivered is refused); the holder's
             # count of live items catches up at its next recount (RECOUNT_INTERVAL).

@@ -45,6 +45,22 @@ class StatusMismatch(Exception):
         self.item = item
 
 
+class HeldByOtherWorker(Exception):
+    """A change only the process holding the item's part of the queue may make (a claim, a final status: a
+    bounce) was asked of another process (the disk queue with workers: :mod:`dcrouter.queue.partitions`);
+    nothing was changed. The API answers it with 409 ``held_by_other_worker``."""
+
+    def __init__(self, item_id: str, partition: int, change: str) -> None:
+        super().__init__(
+            f"message {item_id} is in the queue partition of another worker (partition {partition}); "
+            f"{change} is done only by the worker that holds it (claims and final outcomes are recorded by "
+            "the worker that delivers the message). Hold or delete the message instead; with workers = 1 "
+            "the one worker holds every partition"
+        )
+        self.item_id = item_id
+        self.partition = partition
+
+
 class IDeliveryQueue(Interface):
     """Durable storage of queued messages and their delivery state (the seed's DeliveryQueue, Python naming).
 

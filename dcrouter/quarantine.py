@@ -11,6 +11,9 @@ process while the router runs:
   queue (``checkInterval``), as ``get_next`` is a query. A delete removes the row (and an inline body) in one
   transaction and the body file after the commit, as every removal from the queue does: a crash in between
   leaves an orphan, set aside at the next start, never a row without its body.
+- ``disk`` with workers (``persistentPath/partitions/`` exists): a
+  :class:`~dcrouter.queue.partitions.PartitionedQueue` holding no partition, which attaches to each as above
+  and acts on the message in whichever partition has it.
 - ``redis``: a :class:`~dcrouter.queue.redis.RedisQueue` of this process's own. Its ``load()`` recovery is
   written for processes sharing one Redis (only *expired* leases return to ready, only files older than two
   hours are touched, an item is set aside only if unchanged since read), so running it beside live routers
@@ -81,7 +84,20 @@ async def open_queue(config: SmtpConfig, reactor: IRouterReactor) -> IDeliveryQu
     QueueUnavailable when it cannot be reached."""
     if config.queue_storage == "disk":
         from dcrouter.queue.disk import DiskQueue
+        from dcrouter.queue.partitions import PartitionedQueue, existing_partitions
 
+        if existing_partitions(config.persistent_path):
+            # Workers: every partition, attached beside the worker holding it (dcrouter.queue.partitions).
+            partitioned = PartitionedQueue(
+                config.persistent_path,
+                reactor=reactor,
+                clock=reactor,
+                owned=[],
+                observe_others=True,
+                foreign_removals=True,
+            )
+            await partitioned.load()
+            return partitioned
         disk = DiskQueue(config.persistent_path, reactor=reactor, clock=reactor)
         await disk.attach()
         return disk

@@ -155,24 +155,42 @@ def _generated_in_memory(hostname: str, bind_address: str) -> CertifiedKey:
     return CertifiedKey.from_pem(cert_pem, key_pem)
 
 
-def build_queue(config: SmtpConfig, reactor: IRouterReactor) -> IDeliveryQueue:
-    """The queue backend ``queueStorage`` names."""
+def build_queue(
+    config: SmtpConfig, reactor: IRouterReactor, worker: int = 0, workers: int = 1
+) -> IDeliveryQueue:
+    """The queue backend ``queueStorage`` names, for worker ``worker`` of ``workers``. The disk queue with
+    several workers, or with partitions left by more workers before, is partitioned
+    (:mod:`dcrouter.queue.partitions`); the listing of ``persistentPath/partitions`` happens here, before
+    the reactor runs."""
     if config.queue_storage == "memory":
         from dcrouter.queue.memory import MemoryQueue
 
         return MemoryQueue(clock=reactor, max_size=config.max_queue_size)
     if config.queue_storage == "disk":
         from dcrouter.queue.disk import DiskQueue
+        from dcrouter.queue.partitions import PartitionedQueue, existing_partitions
 
-        return DiskQueue(
-            config.persistent_path,
-            reactor=reactor,
-            clock=reactor,
-            max_size=config.max_queue_size,
-            close_on_shutdown=False,  # stopService saves it, after the listeners
-            orphan_retention=config.orphan_retention / 1000.0,
+        options: dict[str, Any] = {
+            "close_on_shutdown": False,  # stopService saves it, after the listeners
+            "orphan_retention": config.orphan_retention / 1000.0,
             # Take mail at once, however big the queue; rows are verified meanwhile (docs/queue.md).
-            background_verification=True,
+            "background_verification": True,
+        }
+        if workers > 1 or existing_partitions(config.persistent_path):
+            return PartitionedQueue(
+                config.persistent_path,
+                reactor=reactor,
+                clock=reactor,
+                worker=worker,
+                workers=workers,
+                # Worker 0 runs the API and the metrics: they see every partition.
+                observe_others=worker == 0,
+                # Divided between the workers, so the machine holds at most maxQueueSize.
+                max_size=-(-config.max_queue_size // workers),
+                **options,
+            )
+        return DiskQueue(
+            config.persistent_path, reactor=reactor, clock=reactor, max_size=config.max_queue_size, **options
         )
     if config.queue_storage == "redis":
         from dcrouter.queue.redis import RedisQueue
@@ -560,7 +578,9 @@ class DcRouter(MultiService):
 
     def _build_smtp(self, config: SmtpConfig, queue: IDeliveryQueue | None) -> None:
         reactor = self._reactor
-        self.queue = queue if queue is not None else build_queue(config, reactor)
+        if queue is None:
+            queue = build_queue(config, reactor, self.worker, resolve_workers(self.options.workers))
+        self.queue = queue
         self.routes = RecipientRouter(config)
         self.suppressions = self._build_suppressions(config)
         self.processor = EmailProcessor(

@@ -29,6 +29,7 @@ from dcrouter.config.api import ApiConfig, ApiToken
 from dcrouter.log import level_for, set_level
 from dcrouter.mail.spooled import SpooledMessage
 from dcrouter.queue.item import QueueItemStatus
+from dcrouter.queue.partitions import PartitionedQueue
 from tests.integration import CHECKOUT, free_ports
 from tests.test_queue_contract import make_item
 
@@ -68,10 +69,10 @@ def router_options(smtp: dict[str, Any] | None = None, **api: Any) -> dict[str, 
 class ApiTestBase(TestCase):
     timeout = 20
 
-    async def start_router(self, options: Any, *, paused: bool = False) -> DcRouter:
-        """Start a DcRouter on the real reactor (stopped at cleanup), with deliveries paused if asked, and
-        point :meth:`call` at its API."""
-        router = DcRouter(options, reactor=reactor)
+    async def start_router(self, options: Any, *, paused: bool = False, worker: int = 0) -> DcRouter:
+        """Start a DcRouter (worker ``worker``) on the real reactor (stopped at cleanup), with deliveries
+        paused if asked, and point :meth:`call` at its API."""
+        router = DcRouter(options, reactor=reactor, worker=worker)
         assert router.delivery is not None and router.api is not None
         if paused:
             router.delivery.pause_deliveries()
@@ -110,6 +111,62 @@ class ApiTestBase(TestCase):
         assert self.router.queue is not None
         for item in items:
             await self.router.queue.enqueue(item, SpooledMessage(11, data=b"Subject: x\r\n"))
+
+
+class WorkerPartitionsTests(ApiTestBase):
+    """Worker 0 of two on the disk queue: the API covers worker 1's partition (dcrouter.queue.partitions),
+    held here by a PartitionedQueue of the test's own as worker 1 would hold it."""
+
+    def setUp(self) -> None:
+        self.path = os.path.abspath(self.mktemp())
+
+    async def start(self, **api: Any) -> DcRouter:
+        options = router_options({"queueStorage": "disk", "persistentPath": self.path}, **api)
+        return await self.start_router({**options, "workers": 2}, paused=True, worker=0)
+
+    async def worker_one(self, *items: Any) -> PartitionedQueue:
+        queue = PartitionedQueue(self.path, reactor=reactor, clock=reactor, worker=1, workers=2)
+        await queue.load()
+        self.addCleanup(queue.save)
+        for item in items:
+            await queue.enqueue(item, SpooledMessage(11, data=b"Subject: y\r\n"))
+        return queue
+
+    async def test_every_partition_listed_and_counted(self) -> None:
+        await self.worker_one(
+            make_item("W1A", created_at=1_700_000_001), make_item("W1B", created_at=1_700_000_003)
+        )
+        await self.start()
+        assert isinstance(self.router.queue, PartitionedQueue)
+        await self.enqueue(make_item("W0A", created_at=1_700_000_002))
+        code, body, _ = await self.call("GET", "/api/v1/queue?limit=2")
+        self.assertEqual((code, [i["id"] for i in body["items"]]), (200, ["W1B", "W0A"]))
+        code, body, _ = await self.call("GET", f"/api/v1/queue?limit=2&cursor={body['nextCursor']}")
+        self.assertEqual(([i["id"] for i in body["items"]], body["nextCursor"]), (["W1A"], None))
+        _, counts, _ = await self.call("GET", "/api/v1/stats")
+        self.assertEqual(counts["queue"]["queued"], 3)
+        code, raw, _ = await self.call("GET", "/api/v1/queue/W1A/message")
+        self.assertEqual((code, raw), (200, b"Subject: y\r\n"))
+
+    async def test_hold_and_delete_there_but_not_bounce(self) -> None:
+        one = await self.worker_one(
+            make_item("W1A", next_attempt_at=4e9), make_item("W1B", next_attempt_at=4e9)
+        )
+        await self.start()
+        code, body, _ = await self.call("POST", "/api/v1/queue/W1A/hold")
+        self.assertEqual((code, body["item"]["status"]), (200, "held"))
+        self.assertEqual((await one.get("W1A")).status, QueueItemStatus.HELD)  # type: ignore[union-attr]
+        code, body, _ = await self.call("POST", "/api/v1/queue/W1A/bounce", body={"reason": "spam run"})
+        self.assertEqual((code, body["error"]["code"]), (409, "held_by_other_worker"))
+        self.assertIn("Hold or delete the message instead", body["error"]["message"])
+        self.assertEqual((await one.get("W1A")).status, QueueItemStatus.HELD)  # type: ignore[union-attr]
+        code, body, _ = await self.call("DELETE", "/api/v1/queue/W1B")
+        self.assertEqual(code, 200)
+        self.assertIsNone(await one.get("W1B"))
+        # Worker 0's own mail: bounced as ever.
+        await self.enqueue(make_item("W0A"))
+        code, body, _ = await self.call("POST", "/api/v1/queue/W0A/bounce", body={"reason": "spam run"})
+        self.assertEqual((code, body["item"]["status"]), (200, "bounced"))
 
 
 class AccessTests(ApiTestBase):

@@ -19,6 +19,7 @@ from dcrouter import cli, quarantine
 from dcrouter.config import load_file
 from dcrouter.queue.disk import DiskQueue
 from dcrouter.queue.item import QueueItem, QueueItemStatus
+from dcrouter.queue.partitions import PartitionedQueue
 from tests.redis_server import SKIP_REASON, start_redis
 from tests.test_queue_contract import START, inline, make_item, read_body, spool_file
 
@@ -202,6 +203,23 @@ class DiskQuarantineTests(QuarantineCase):
         queue = await self.open_queue()  # recovery finds nothing damaged or orphaned
         self.assertEqual([i.id for i in await queue.get_by_status("quarantined")], ["QUARHEAD"])
         self.assertIsNotNone(await queue.get("NORMAL1"))
+
+    async def test_every_worker_partition(self) -> None:
+        """With workers, quarantined mail sits in every worker's partition: list, release and delete find it
+        wherever it is, beside the worker holding it."""
+        await (await self.fill()).save()  # partition 0, as one worker left it
+        worker = PartitionedQueue(self.path, reactor=reactor, clock=self.clock, worker=1, workers=2)
+        await worker.load()
+        self.addCleanup(worker.save)
+        await worker.enqueue(quarantined("QUARW1", size=len(BODY), created_at=START + 5), inline(BODY))
+        self.assertEqual(await self.run_cli("list", "--config", self.config), 0)
+        listed = self.out.getvalue()
+        for item_id in ("QUAR1", "QUARBIG", "QUARHEAD", "QUARW1"):
+            self.assertIn(item_id, listed)
+        self.assertEqual(await self.run_cli("release", "--config", self.config, "QUARW1"), 0)
+        self.assertEqual((await worker.get("QUARW1")).status, QueueItemStatus.QUEUED)  # type: ignore[union-attr]
+        self.assertEqual(await self.run_cli("delete", "--config", self.config, "QUAR1"), 0)
+        self.assertIsNone(self.row("QUAR1"))
 
     async def test_unknown_or_not_quarantined(self) -> None:
         await (await self.fill()).save()

@@ -395,6 +395,27 @@ class DiskQueueTests(TestCase):
         self.assertEqual([i.id for i in await queue.get_next(10)], ["A2"])
         self.assertEqual((await queue.get("A1")).status, QueueItemStatus.DELIVERING)
 
+    async def test_recount_after_another_process_removed_items(self) -> None:
+        queue, _ = await self.open_queue(max_size=2)
+        await queue.enqueue(make_item("C3", status=QueueItemStatus.DELIVERED), inline(b"done"))
+        await queue.enqueue(make_item("C1"), inline(b"one"))
+        await queue.enqueue(make_item("C2"), inline(b"two"))
+        beside = DiskQueue(self.path, reactor=reactor, clock=self.clock)
+        await beside.attach()
+        self.assertEqual((await beside.dequeue("C1")).id, "C1")
+        await beside.save()
+        # The count in memory does not know yet: at max_size, the next enqueue is refused.
+        self.assertEqual(await queue.get_item_count(), 2)
+        await self.assertFailure(queue.enqueue(make_item("C4"), inline()), QueueFull)
+        # Taken from the index again; a write in the same batch after it counts on top.
+        recounted = queue.recount()
+        updated = queue.update("C2", status=QueueItemStatus.DELIVERED)
+        self.assertEqual(await recounted, 1)
+        await updated
+        self.assertEqual(await queue.get_item_count(), 0)
+        await queue.enqueue(make_item("C5"), inline(b"five"))
+        self.assertEqual(await queue.get_item_count(), 1)
+
     async def test_save_waits_for_pending_writes(self) -> None:
         queue = DiskQueue(self.path, reactor=reactor, clock=self.clock)
         await queue.load()

@@ -196,10 +196,17 @@ class ConfigTests(SynchronousTestCase):
     def test_default_is_one(self) -> None:
         self.assertEqual(load_options({"smtpConfig": self.smtp("disk")}).options.workers, 1)
 
-    def test_workers_need_redis(self) -> None:
-        error = self.assertRaises(ConfigError, load_options, {"workers": 2, "smtpConfig": self.smtp("disk")})
+    def test_workers_refuse_the_memory_queue(self) -> None:
+        error = self.assertRaises(
+            ConfigError, load_options, {"workers": 2, "smtpConfig": self.smtp("memory")}
+        )
         self.assertEqual(len(error.errors), 1)
-        self.assertIn("workers: workers > 1 needs the Redis queue", error.errors[0])
+        self.assertIn("workers: workers > 1 needs a queue the workers can share", error.errors[0])
+        self.assertIn('the "memory" queue lives inside one process', error.errors[0])
+
+    def test_workers_take_the_disk_queue(self) -> None:
+        options = load_options({"workers": 2, "smtpConfig": self.smtp("disk")}).options
+        self.assertEqual(options.workers, 2)
 
     def test_bad_values(self) -> None:
         for value in (0, -1, "all", 1.5, True):

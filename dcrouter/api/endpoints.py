@@ -14,7 +14,13 @@ from dcrouter.api.ratelimits import endpoints as rate_limit_endpoints
 from dcrouter.api.view import RouterView, iso_time, item_detail, item_summary
 from dcrouter.config import ConfigError
 from dcrouter.delivery.manager import DeliveryManager
-from dcrouter.interfaces import IDeliveryQueue, ISuppressionList, QueueUnavailable, Suppression
+from dcrouter.interfaces import (
+    HeldByOtherWorker,
+    IDeliveryQueue,
+    ISuppressionList,
+    QueueUnavailable,
+    Suppression,
+)
 from dcrouter.log import LEVEL_NAMES, logger
 from dcrouter.quarantine import HEAD_LIMIT, header_block
 from dcrouter.queue import operations
@@ -401,6 +407,8 @@ class Endpoints:
             raise ApiError(404, "not_found", f"no message {item_id} in the queue") from None
         except operations.WrongStatus as e:
             raise ApiError(409, "wrong_status", str(e)) from None
+        except HeldByOtherWorker as e:
+            raise ApiError(409, "held_by_other_worker", str(e)) from None
         except QueueUnavailable as e:
             raise ApiError(503, "queue_unavailable", str(e)) from None
         log.info(
@@ -557,7 +565,7 @@ class Endpoints:
         for item_id in matched:
             try:
                 await run(item_id)
-            except (operations.NotFound, operations.WrongStatus) as e:
+            except (operations.NotFound, operations.WrongStatus, HeldByOtherWorker) as e:
                 skipped.append({"id": item_id, "reason": str(e)})  # changed since it was listed
             else:
                 done.append(item_id)
@@ -652,6 +660,8 @@ class Endpoints:
             if e.item is None:
                 raise ApiError(404, "not_found", str(e)) from None
             raise ApiError(409, "wrong_status", str(e)) from None
+        except HeldByOtherWorker as e:
+            raise ApiError(409, "held_by_other_worker", str(e)) from None
         except QueueUnavailable as e:
             raise ApiError(503, "queue_unavailable", str(e)) from None
 

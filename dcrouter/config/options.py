@@ -195,21 +195,23 @@ def resolve_workers(value: Any) -> int:
 
 
 @block_check("workers")
-def workers_need_redis(options: DcRouterOptions, path: str, report: Report) -> None:
-    """Several workers share the queue only through Redis (docs/decisions.md, "Workers")."""
+def workers_need_a_shared_queue(options: DcRouterOptions, path: str, report: Report) -> None:
+    """Several workers share the Redis queue, or hold a partition of the disk queue each (docs/decisions.md,
+    "Workers"); the memory queue lives inside one process, so it is refused."""
     if resolve_workers(options.workers) <= 1:
         return
     smtp = getattr(options, "smtp_config", None)
-    if smtp is not None and smtp.queue_storage != "redis":
+    if smtp is not None and smtp.queue_storage == "memory":
         report.error(
             "workers",
-            f'workers > 1 needs the Redis queue for now (smtpConfig.queueStorage = "redis"); '
-            f"smtpConfig.queueStorage is {smtp.queue_storage!r}",
+            'workers > 1 needs a queue the workers can share: smtpConfig.queueStorage = "disk" (a partition '
+            'per worker) or "redis"; the "memory" queue lives inside one process, so mail a worker accepted '
+            "could be delivered only by that worker and would be lost when it is restarted",
         )
 
 
 @checked(
-    workers_need_redis,
+    workers_need_a_shared_queue,
     router_has_work,
     smtp_tls_needed,
     proxy_smtp_ports,
@@ -262,7 +264,8 @@ class DcRouterOptions:
         addition=True,
         check=worker_count,
         doc="Worker processes serving the same SMTP and proxy ports under one supervisor (twistd runs the "
-        'supervisor): a positive integer, or `"auto"` for the number of cores. Above 1 it needs '
-        '`smtpConfig.queueStorage = "redis"`; the API, metrics listener and DNS server run in worker 0 '
-        'only (docs/deployment.md, "Workers").',
+        'supervisor): a positive integer, or `"auto"` for the number of cores. Above 1 the queue is '
+        '`"redis"` (shared) or `"disk"` (a partition per worker under `persistentPath`, docs/queue.md), '
+        'not `"memory"`; the API, metrics listener and DNS server run in worker 0 only '
+        '(docs/deployment.md, "Workers").',
     )

@@ -603,7 +603,8 @@ class SmtpConfig:
     max_queue_size: int = option(
         0,
         addition=True,
-        doc="Queued messages at which new mail gets 452 4.3.1 (0: no limit).",
+        doc="Queued messages at which new mail gets 452 4.3.1 (0: no limit). With the disk queue and "
+        "`workers` > 1, each worker's partition holds its share (this divided by `workers`, rounded up).",
         check=values.non_negative,
     )
     verification: VerificationConfig = option(

@@ -60,7 +60,16 @@ from dcrouter.queue.contract import (
     destination_counts,
     is_live,
 )
-from dcrouter.queue.index import ClaimDue, Outcome, QueueIndex, RemoveItems, StoreItem, UpdateItem, Write
+from dcrouter.queue.index import (
+    ClaimDue,
+    CountLive,
+    Outcome,
+    QueueIndex,
+    RemoveItems,
+    StoreItem,
+    UpdateItem,
+    Write,
+)
 from dcrouter.queue.item import QueueItem, QueueItemStatus
 from dcrouter.queue.lifecycle import QueueLifecycle
 from dcrouter.queue.orphans import OrphanSweeper
@@ -255,12 +264,23 @@ class DiskQueue(QueueLifecycle):
         d.addCallback(destination_counts)
         return d
 
+    def destination_rows(self) -> Deferred:
+        """``(destination, status, count)`` of the queued and deferred items, not yet ranked (for a caller
+        that sums several queues before :func:`~dcrouter.queue.contract.destination_counts`)."""
+        return self._read(self._index.count_by_destination)
+
     def open_body(self, item_id: str) -> Deferred:
         """A readable binary file over the body (BytesIO when inline); fails with KeyError if unknown."""
         return self._read(functools.partial(self._index.open_body, item_id))
 
     def get_item_count(self) -> Deferred:
         return succeed(self._live)
+
+    def recount(self) -> Deferred:
+        """Take the count of live items (``get_item_count``, the ``max_size`` check) from the index again, in
+        the writer's next batch: after another process removed items (:mod:`dcrouter.queue.partitions`).
+        Fires with the count."""
+        return self._submit_open(CountLive)
 
     def status_summary(self) -> Deferred:
         """From the status index, in the reader pool."""
@@ -524,10 +544,10 @@ class DiskQueue(QueueLifecycle):
         failed = 0
         # Writes issued by the callbacks below wait (self._committing is still set) and go out together.
         # run_batch returns one outcome per write, in order.
-        for (_write, d), (ok, value) in zip(batch, outcomes, strict=True):
+        for (write, d), (ok, value) in zip(batch, outcomes, strict=True):
             if ok:
                 result, delta = value
-                self._live += delta
+                self._live = result if getattr(write, "sets_live", False) else self._live + delta
                 self.committed_writes += 1
                 d.callback(result)
             else:

@@ -332,6 +332,21 @@ class ClaimDue(Write):
         return pick(((seq, destination) for _p, _c, seq, destination in found), self.count, schedule)
 
 
+class CountLive(Write):
+    """Count the live items (not in a final status) inside the batch's transaction, so the result is exact at
+    that point of the batch. ``sets_live``: the caller's in-memory count takes the result as it is (not as a
+    change): another process (an operator's tool, worker 0 of several) may have removed items meanwhile. Not
+    durable: it changes nothing."""
+
+    durable = False
+    sets_live = True
+
+    def apply(self, conn: sqlite3.Connection) -> tuple[Any, int]:
+        final = {s.value for s in QueueItemStatus if not is_live(s)}
+        rows = conn.execute("SELECT status, COUNT(*) FROM items INDEXED BY items_status GROUP BY status")
+        return sum(count for status, count in rows if status not in final), 0
+
+
 class RemoveItems(Write):
     """Delete the rows matching ``where`` (SQL over `items`); bodies files go once the deletion committed.
     The result is the removed item (``single``: None when there was none) or the number removed. With

@@ -354,6 +354,7 @@ class DcRouter(MultiService):
             certificates=self.certificates,
             challenges=self.challenges,
             events=self.events,
+            workers=resolve_workers(self.options.workers),
         )
         if self.proxy is not None:
             self.proxy.setServiceParent(self)
@@ -737,7 +738,7 @@ class DcRouter(MultiService):
             )
         if self._limits_redis is not None:
             redis_call = self._limits_redis.call
-        return build_ingress_limits(config, self._reactor, redis_call)
+        return build_ingress_limits(config, self._reactor, redis_call, resolve_workers(self.options.workers))
 
     def _build_verifier(self, config: SmtpConfig) -> RecipientVerifier | None:
         """Recipient verification when some domainConfigs entry asks for it; callouts get a connection pool

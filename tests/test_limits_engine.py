@@ -3,6 +3,9 @@ and its eviction under address rotation), alerts and their deduplication."""
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
@@ -143,6 +146,21 @@ class LocalCountersTests(unittest.TestCase):
 
     def test_refuses_a_bad_cap(self) -> None:
         self.assertRaises(ValueError, LocalCounters, self.clock, 0)
+        self.assertRaises(ValueError, LocalCounters, self.clock, 10, 0)
+
+    def test_shared_by_workers(self) -> None:
+        """Two workers counting for themselves (share=2): each allows half of the burst and of the rate, so
+        together they allow what one process would."""
+        workers = [LocalCounters(self.clock, share=2) for _ in range(2)]
+        self.assertEqual([allowed_in_a_row(w, "a", PER_MINUTE, 200) for w in workers], [50, 50])
+        self.clock.advance(0.6)
+        self.assertEqual([allowed_in_a_row(w, "a", PER_MINUTE, 5) for w in workers], [0, 0])
+        self.clock.advance(0.6)  # 1.2 s: one event's worth for each
+        self.assertEqual([allowed_in_a_row(w, "a", PER_MINUTE, 5) for w in workers], [1, 1])
+        # The fast path counts the same way.
+        limit = Limit("x", "x", PER_MINUTE)
+        fresh = LocalCounters(self.clock, share=2)
+        self.assertEqual(sum(fresh.within([Charge(limit, "k", 1, False)]) for _ in range(200)), 40)
 
 
 class PrefixTests(unittest.TestCase):
@@ -210,3 +228,43 @@ class AlertTests(unittest.TestCase):
         for i in range(100):
             alerts.refused("l", f"k{i}", 60.0, 0.0)
         self.assertEqual(len(alerts._seen), 10)
+
+
+class WorkersShareTests(unittest.TestCase):
+    """With ``workers = 2`` and nothing shared to count in (the disk queue), the router's SMTP limits and the
+    proxy's connection rates each count 1/2 in every worker; with one worker, the whole."""
+
+    def router(self, workers: int) -> Any:
+        from dcrouter import DcRouter
+
+        directory = os.path.abspath(self.mktemp())
+        options = {
+            "workers": workers,
+            "smtpConfig": {
+                "ports": [2525],
+                "hostname": "mx.test",
+                "persistentPath": directory,
+                "rateLimits": {"anonymous": {"messages": [{"count": 100, "window": 60000}]}},
+                "domainConfigs": [{"domains": ["example.com"], "targetIPs": ["127.0.0.1"], "port": 9}],
+            },
+            "smartProxyConfig": {
+                "connectionRatePerIP": {"count": 60, "window": 60000},
+                "routes": [
+                    {
+                        "match": {"ports": [8080]},
+                        "action": {"type": "forward", "target": {"host": "127.0.0.1", "port": 9}},
+                    }
+                ],
+            },
+        }
+        return DcRouter(options, reactor=Clock())  # type: ignore[arg-type]
+
+    def test_two_workers_count_half(self) -> None:
+        router = self.router(2)
+        self.assertEqual(router.limits.limiter.store.share, 2)
+        self.assertEqual(router.proxy.context.limiter.store.share, 2)
+
+    def test_one_worker_counts_whole(self) -> None:
+        router = self.router(1)
+        self.assertEqual(router.limits.limiter.store.share, 1)
+        self.assertEqual(router.proxy.context.limiter.store.share, 1)

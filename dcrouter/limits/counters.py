@@ -62,13 +62,20 @@ class LocalCounters:
     only makes that key start fresh (the limit forgets, it never refuses wrongly). Prefix keys (/24, /64)
     are what still holds an attacker who rotates addresses inside a network. ``evictions`` counts keys
     evicted while still holding state, for a metric.
+
+    ``share``: how many processes enforce the same limits with counters of their own (``workers``, when
+    nothing shared such as Redis counts for them): each event then costs ``share`` times its cost, so each
+    process allows 1/``share`` of every rate and burst and together they keep to the configured limit.
     """
 
-    def __init__(self, clock: IReactorTime, max_keys: int = DEFAULT_MAX_KEYS) -> None:
+    def __init__(self, clock: IReactorTime, max_keys: int = DEFAULT_MAX_KEYS, share: int = 1) -> None:
         if max_keys < 1:
             raise ValueError(f"max_keys must be positive: {max_keys}")
+        if share < 1:
+            raise ValueError(f"share must be positive: {share}")
         self._clock = clock
         self.max_keys = max_keys
+        self.share = share
         self._tats: OrderedDict[str, float] = OrderedDict()
         self.evictions = 0
         self._calls = 0
@@ -95,12 +102,13 @@ class LocalCounters:
         if not self._calls & 15 and tats:
             self._expire(now, _EXPIRE_PER_STEP * 16)
         news = []
+        share = self.share
         for limit, key, cost, _ in charges:
             rate = limit.rate
             full = limit.prefix + key
             tat = tats.get(full)
             base = now if tat is None or tat < now else tat
-            new = base + cost * rate.interval
+            new = base + cost * share * rate.interval
             if new - now >= rate.capacity * NEARLY_FULL_USAGE:
                 return False
             news.append((full, new))
@@ -121,11 +129,12 @@ class LocalCounters:
         # The common case first, inline (this runs several times per message): every step within its limit.
         news = []
         usage = []
+        share = self.share
         for step in steps:
             rate = step.rate
             tat = tats.get(step.key)
             base = now if tat is None or tat < now else tat
-            new = base + step.cost * rate.interval
+            new = base + step.cost * share * rate.interval
             debt = new - now
             if (
                 debt > rate.capacity + rate.slack if step.cost else base - now >= rate.capacity - rate.slack
@@ -140,7 +149,7 @@ class LocalCounters:
     def _refuse(self, steps: Sequence[Step], now: float) -> Outcome:
         """Some step is over its limit: count only the forced ones."""
         tats = self._tats
-        decisions = [decide(s.rate, tats.get(s.key), now, s.cost, force=s.force) for s in steps]
+        decisions = [decide(s.rate, tats.get(s.key), now, s.cost * self.share, force=s.force) for s in steps]
         refused = next(
             i for i, (s, d) in enumerate(zip(steps, decisions, strict=True)) if not (d.allowed or s.force)
         )

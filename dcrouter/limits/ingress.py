@@ -479,14 +479,18 @@ def rebuild_ingress_limits(previous: IngressLimits, config: SmtpConfig, clock: I
 
 
 def build_ingress_limits(
-    config: SmtpConfig, clock: IReactorTime, redis_call: Callable[..., Deferred[Any]] | None = None
+    config: SmtpConfig,
+    clock: IReactorTime,
+    redis_call: Callable[..., Deferred[Any]] | None = None,
+    workers: int = 1,
 ) -> IngressLimits | None:
     """The SMTP limits of ``config``, counting in this process, or shared through Redis when ``redis_call``
-    (a Redis client's ``call(method, *args)``) is given; None when no limit is configured."""
+    (a Redis client's ``call(method, *args)``) is given; None when no limit is configured. Without Redis,
+    ``workers`` processes each count 1/``workers`` of every limit (:class:`LocalCounters`' ``share``)."""
     if not limits_configured(config):
         return None
     limits = config.rate_limits
-    local = LocalCounters(clock, limits.max_keys)
+    local = LocalCounters(clock, limits.max_keys, share=1 if redis_call is not None else workers)
     store: LocalCounters | SharedCounters = local
     if redis_call is not None:
         store = SharedCounters(RedisCounters(redis_call), local, clock)

@@ -81,6 +81,7 @@ class ProxyService(Service):
         certificates: Any = None,
         challenges: ChallengeSource | None = None,
         events: EventBus = NO_EVENTS,
+        workers: int = 1,
     ) -> None:
         self._reactor = reactor
         self.bind_address = bind_address
@@ -92,6 +93,7 @@ class ProxyService(Service):
             certificates=certificates,
             challenges=challenges,
             events=events,
+            workers=workers,
         )
         self.counters: dict[str, RouteCounters] = self.context.counters
         self._configured_ports = list(ports) if ports is not None else listening_ports(routes)
@@ -109,10 +111,11 @@ class ProxyService(Service):
         certificates: Any = None,
         challenges: ChallengeSource | None = None,
         events: EventBus = NO_EVENTS,
+        workers: int = 1,
     ) -> ProxyService | None:
         """The proxy a DcRouterOptions configures (``smartProxyConfig``, ``httpDomainRoutes``), or None.
         ``certificates`` (a CertificateStore) and ``challenges`` (a ChallengeResponder) serve terminating
-        routes."""
+        routes; ``workers``: the processes serving the same ports, which share the connection rates."""
         config = options.smart_proxy_config
         http_routes = options.http_domain_routes
         if config is None and not http_routes:
@@ -127,6 +130,7 @@ class ProxyService(Service):
             certificates=certificates,
             challenges=challenges,
             events=events,
+            workers=workers,
         )
 
     @property

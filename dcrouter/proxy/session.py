@@ -202,12 +202,14 @@ class ProxyContext:
     #: The listening sockets carry TCP_NODELAY and, as ``keepAlive`` asks, SO_KEEPALIVE (set by
     #: ProxyService), which accepted sockets inherit: nothing to set per connection on the client side.
     listeners_tuned: bool = False
+    #: Worker processes serving the same ports: each counts 1/workers of every connection rate.
+    workers: int = 1
 
     def __post_init__(self) -> None:
         self.health = TargetHealth(self.reactor, self.settings.target_down_time)
         self.counters = {route.name: RouteCounters() for route in self.table.routes}
         # Connection rates, counted in this process (dcrouter.limits); alerts as for SMTP's limits.
-        self.limiter = Limiter(LocalCounters(self.reactor), self.reactor)
+        self.limiter = Limiter(LocalCounters(self.reactor, share=self.workers), self.reactor)
         #: Open backend connections per target (what ``leastConnections`` compares), across reloads.
         self.connections: dict[Target, int] = {}
         self._set_limits()

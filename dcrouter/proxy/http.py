@@ -276,6 +276,10 @@ class HttpForwarder(Protocol):
         self._idle_timeout = policy.idle_timeout
         self._idle_call: IDelayedCall | None = None
         self._age_call: IDelayedCall | None = None
+        #: The last Host value that passed the checks: the next request almost always repeats it.
+        self._allowed_host: bytes | None = None
+        #: Bytes for the client collected while one backend read is handled, written once (one TLS record).
+        self._out: list[bytes] | None = None
 
     # -- the client side ------------------------------------------------------------------------------
 
@@ -292,6 +296,8 @@ class HttpForwarder(Protocol):
         elif self.phase != "closed":
             self._pending += data
             self._advance()
+            if self.phase == "wait" and self._pending:
+                self._hold_pipelined()
 
     def client_eof(self) -> None:
         """The client shut its sending side: finish the request in flight, if complete, then close."""
@@ -350,18 +356,20 @@ class HttpForwarder(Protocol):
             head = parse_request_head(raw)
             framing = request_framing(head)
             host = head.fields.get(b"host")
-            # An address names no route, but is what curl http://127.0.0.1:8080/ sends: it is served where
-            # no name was asked for (host_allowed decides, as for a name).
-            address = host_address(host) if host else None
-            name = address if address is not None else host_name(host)
+            if host is None or host != self._allowed_host:
+                # An address names no route, but is what curl http://127.0.0.1:8080/ sends: it is served
+                # where no name was asked for (host_allowed decides, as for a name).
+                address = host_address(host) if host else None
+                name = address if address is not None else host_name(host)
+                if not self.policy.host_allowed(name):
+                    self._refuse(HttpError(421, f"Host {name} is not served on this connection"))
+                    return
+                self._allowed_host = host
         except HttpError as error:
             self._refuse(error)
             return
         except ValueError as error:
             self._refuse(HttpError(400, str(error)))
-            return
-        if not self.policy.host_allowed(name):
-            self._refuse(HttpError(421, f"Host {name} is not served on this connection"))
             return
         gate = self.policy.gate
         if gate is None:
@@ -413,8 +421,15 @@ class HttpForwarder(Protocol):
         )
 
     def _request_sent(self) -> None:
-        """The whole request went out: read nothing more until its response has been relayed."""
+        """The whole request went out: nothing more is taken from the client until its response has been
+        relayed. Reading pauses only once bytes of a next request are here (pipelined): pausing and
+        resuming the socket for every request would cost two system calls each, for nothing."""
         self.phase = "wait"
+        if self._pending:
+            self._hold_pipelined()
+
+    def _hold_pipelined(self) -> None:
+        """Bytes arrived while a response is awaited: keep them, and read no more until it has been relayed."""
         if self._client_gate is not None:
             self._client_gate.pause("response")
 
@@ -484,7 +499,12 @@ class HttpForwarder(Protocol):
             self._drop_backend()
         else:
             self._response_pending += data
-            self._advance_response()
+            # A response head and its body, often in one read, go to the client in one write.
+            self._out = []
+            try:
+                self._advance_response()
+            finally:
+                self._flush_client()
 
     def _advance_response(self) -> None:
         try:
@@ -611,7 +631,16 @@ class HttpForwarder(Protocol):
     def _write_client(self, data: bytes) -> None:
         if data and self.phase != "closed":
             self.counters.bytes_out += len(data)
-            self.transport.write(data)
+            if self._out is not None:
+                self._out.append(data)
+            else:
+                self.transport.write(data)
+
+    def _flush_client(self) -> None:
+        """Write what :meth:`_write_client` collected, and collect no more."""
+        out, self._out = self._out, None
+        if out:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _release_backend(self) -> None:
         """Forget the backend connection: producers unregistered, the client no longer paused for it."""
@@ -634,6 +663,7 @@ class HttpForwarder(Protocol):
     def _close(self, reason: str, *, abort: bool = False) -> None:
         if self.phase == "closed":
             return
+        self._flush_client()
         self._drop_backend()
         self.phase = "closed"
         if self._client_gate is not None:

@@ -178,6 +178,42 @@ class FramingTests(TestCase):
         ended = exchange.of(StreamReset) or exchange.of(ConnectionTerminated)
         self.assertTrue(statuses == [b"400"] or ended, exchange.events)
 
+    def test_what_h2_would_have_refused_is_refused_here(self) -> None:
+        # h2's own header validation is off (for speed): request_head is the whole check.
+        get, scheme, authority, path = REQUEST
+        for headers in (
+            [*REQUEST, (b"X-Upper", b"1")],
+            [*REQUEST, (b"x-space", b" padded")],
+            [*REQUEST, (b"x-space", b"padded\t")],
+            [*REQUEST, (b"x-nul", b"a\x00b")],
+            [*REQUEST, (b"connection", b"close")],
+            [*REQUEST, (b"transfer-encoding", b"chunked")],
+            [*REQUEST, (b"upgrade", b"websocket")],
+            [*REQUEST, (b"te", b"gzip")],
+            [*REQUEST, (b"host", b"a.test"), (b"host", b"a.test")],
+            [*REQUEST, (b"host", b"b.test")],
+            [get, scheme, authority, path, (b":path", b"/y")],
+            [get, scheme, authority, (b"x-a", b"1"), path],
+            [*REQUEST, (b":protocol", b"websocket")],
+            [get, authority, path],
+            [get, scheme, authority, (b":path", b"")],
+        ):
+            with self.assertRaises(HttpError, msg=repr(headers)):
+                request_head(headers, ended=True)
+        head, _, _ = request_head([*REQUEST, (b"te", b"trailers"), (b"host", b"a.test")], ended=True)
+        self.assertEqual(head, b"GET /x HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+
+    def test_a_malformed_stream_leaves_the_others(self) -> None:
+        exchange = Exchange()
+        exchange.client.config.validate_outbound_headers = False  # a client sending what h2 would not
+        exchange.client.config.normalize_outbound_headers = False
+        exchange.client.send_headers(1, [*REQUEST, (b"x-space", b" padded")], end_stream=True)
+        exchange.client.send_headers(3, REQUEST, end_stream=True)
+        exchange.pump()
+        statuses = sorted(dict(e.headers)[b":status"] for e in exchange.of(ResponseReceived))
+        self.assertEqual(statuses, [b"200", b"400"])
+        self.assertEqual(len(exchange.fronts), 1)
+
     def test_connect_refused(self) -> None:
         with self.assertRaises(HttpError) as caught:
             request_head([(b":method", b"CONNECT"), (b":authority", b"a.test:443")], ended=False)

@@ -74,7 +74,14 @@ ALPN_H2 = (b"h2", b"http/1.1")
 ALPN_HTTP1 = (b"http/1.1",)
 
 _FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+\Z")
-_FIELD_VALUE = re.compile(rb"[^\x00\r\n]*\Z")
+# No NUL, CR or LF, and no whitespace at either end (RFC 9113 §8.2.1).
+_FIELD_VALUE = re.compile(rb"(?:[^\x00\r\n\t ](?:[^\x00\r\n]*[^\x00\r\n\t ])?)?\Z")
+#: The request pseudo-header fields (RFC 9113 §8.3.1); ``:protocol`` (RFC 8441) is not offered.
+_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
+#: Connection-specific fields that make an HTTP/2 request malformed (RFC 9113 §8.2.2).
+_CONNECTION_SPECIFIC = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+)
 _TARGET = re.compile(rb"[\x21-\x7e]+\Z")
 #: Fields that describe one connection (RFC 9113 §8.2.2) or that the translation sets itself.
 _NOT_FORWARDED = HOP_BY_HOP | {b"transfer-encoding", b"host", b"content-length", b"cookie"}
@@ -160,31 +167,50 @@ class _WindowCounter:
 
 def request_head(headers: list[tuple[bytes, bytes]], *, ended: bool) -> tuple[bytes, bytes, bool]:
     """An HTTP/2 request's header list as an HTTP/1.1 request head: (head, method, chunked body).
-    HttpError when it is malformed or cannot be carried (RFC 9113 §8.2, §8.3)."""
+    HttpError when it is malformed or cannot be carried (RFC 9113 §8.2, §8.3).
+
+    This is the whole check of a request's header list: ``h2``'s own validation is off (it cost more than
+    the rest of a request's handling in ``h2``), so everything it refused is refused here, as ``400`` on
+    the stream — field names that are not lower-case tokens, values with NUL, CR, LF or surrounding
+    whitespace, connection-specific fields, ``TE`` other than ``trailers``, pseudo-header fields unknown,
+    repeated or after a regular field, no ``:method``, ``:scheme`` or ``:path``, several ``Host`` fields
+    or one that differs from ``:authority``."""
     pseudo: dict[bytes, bytes] = {}
     fields: list[tuple[bytes, bytes]] = []
     cookies: list[bytes] = []
     host: bytes | None = None
     length: bytes | None = None
+    regular = False
     for name, value in headers:
-        if name.startswith(b":"):
+        if name[:1] == b":":
+            if regular or name in pseudo or name not in _PSEUDO:
+                raise HttpError(400, "a pseudo-header field unknown, repeated or after a regular field")
             pseudo[name] = value
             continue
+        regular = True
         if not _FIELD_NAME.match(name) or not _FIELD_VALUE.match(value):
             raise HttpError(400, "a field HTTP/1.1 cannot carry")
         if name == b"cookie":
             cookies.append(value)
         elif name == b"host":
+            if host is not None:
+                raise HttpError(400, "several Host fields")
             host = value
         elif name == b"content-length":
             length = value
+        elif name in _CONNECTION_SPECIFIC or (name == b"te" and value.lower() != b"trailers"):
+            raise HttpError(400, f"connection-specific field {name.decode()!r}")
         elif name not in _NOT_FORWARDED:
             fields.append((name, value))
     method = pseudo.get(b":method", b"")
     if method == b"CONNECT":
         raise HttpError(501, "CONNECT is not served over HTTP/2")
     authority = pseudo.get(b":authority", host)
+    if host is not None and authority != host:
+        raise HttpError(400, ":authority and Host differ")
     path = pseudo.get(b":path", b"")
+    if b":scheme" not in pseudo:
+        raise HttpError(400, "no :scheme")
     if not authority or not _TARGET.match(authority) or not _TARGET.match(path) or not _TARGET.match(method):
         raise HttpError(400, "no usable :authority, :path or :method")
     lines = [b"%s %s HTTP/1.1" % (method, path), b"Host: " + authority]
@@ -418,7 +444,17 @@ class Http2Connection(Protocol):
         self._make_front = make_front
         self._clock = clock
         self.client_ip = client_ip
-        self.h2 = H2Connection(config=H2Configuration(client_side=False, header_encoding=None))
+        # Headers are checked by request_head (inbound) and come from a parsed HTTP/1.1 head (outbound):
+        # h2's validation and normalisation of both would only repeat that, at a high cost per request.
+        config = H2Configuration(
+            client_side=False,
+            header_encoding=None,
+            validate_inbound_headers=False,
+            normalize_inbound_headers=False,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
+        self.h2 = H2Connection(config=config)
         self.streams: dict[int, StreamChannel] = {}
         self.closed = False
         self.goaway: str | None = None  # why we sent GOAWAY, when we did

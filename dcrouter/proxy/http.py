@@ -48,6 +48,7 @@ from dcrouter.proxy.httpmessage import (
     HttpError,
     LengthBody,
     RequestHead,
+    ResponseHead,
     UntilCloseBody,
     forwarded_request_head,
     parse_request_head,
@@ -280,11 +281,14 @@ class HttpForwarder(Protocol):
         self._allowed_host: bytes | None = None
         #: Bytes for the client collected while one backend read is handled, written once (one TLS record).
         self._out: list[bytes] | None = None
+        #: The transport's own way to take a parsed response head (an HTTP/2 stream's), if it has one.
+        self._head_sink: Callable[..., None] | None = None
 
     # -- the client side ------------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
         self._client_gate = PauseGate(self.transport)
+        self._head_sink = getattr(self.transport, "relay_response_head", None)
         if self.policy.idle_timeout is not None:
             self._idle_call = self._clock.callLater(self.policy.idle_timeout, self._idle_check)
 
@@ -351,9 +355,18 @@ class HttpForwarder(Protocol):
     def _body_done(self) -> bool:
         return self.phase == "body" and self._request_body is not None and self._request_body.done
 
-    def _request_head(self, raw: bytes) -> None:
+    def head_received(self, head: RequestHead) -> None:
+        """A request head parsed already, as :func:`parse_request_head` would have parsed it (an HTTP/2
+        stream's, translated): handled as if its bytes had come, without writing and parsing them."""
+        if self.phase != "head" or self._pending:
+            raise RuntimeError("head_received: only as the first thing a fresh forwarder gets")
+        self._last_activity = self._clock.seconds()
+        self._request_head(None, head)
+        self._advance()
+
+    def _request_head(self, raw: bytes | None, parsed: RequestHead | None = None) -> None:
         try:
-            head = parse_request_head(raw)
+            head = parsed if parsed is not None else parse_request_head(raw or b"")
             framing = request_framing(head)
             host = head.fields.get(b"host")
             if host is None or host != self._allowed_host:
@@ -499,8 +512,10 @@ class HttpForwarder(Protocol):
             self._drop_backend()
         else:
             self._response_pending += data
-            # A response head and its body, often in one read, go to the client in one write.
-            self._out = []
+            # A response head and its body, often in one read, go to the client in one write (one TLS
+            # record); a transport taking parsed heads batches by itself.
+            if self._head_sink is None:
+                self._out = []
             try:
                 self._advance_response()
             finally:
@@ -537,7 +552,7 @@ class HttpForwarder(Protocol):
             self._upgraded()
             return False
         if head.status < 200:
-            self._write_client(relayed_response_head(head, close=False))
+            self._relay_head(head, close=False)
             self._response_started = True
             self._response_head = HeadBuffer(leading_crlf=False)
             return True
@@ -549,9 +564,7 @@ class HttpForwarder(Protocol):
         if framing.kind == "close" or self.phase == "body":
             self._close_after = True
         changes = self.policy.response_fields
-        self._write_client(
-            relayed_response_head(head, close=self._close_after, drop=changes.dropped, add=changes.set_fields)
-        )
+        self._relay_head(head, close=self._close_after, drop=changes.dropped, add=changes.set_fields)
         self._response_started = True
         self._response_body = framing.reader()
         if self._response_body.done:
@@ -627,6 +640,21 @@ class HttpForwarder(Protocol):
             self._refuse(HttpError(502, reason))
 
     # -- ending ---------------------------------------------------------------------------------------
+
+    def _relay_head(
+        self,
+        head: ResponseHead,
+        *,
+        close: bool,
+        drop: frozenset[bytes] = frozenset(),
+        add: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
+        """A response head (not a 101) to the client: parsed to a transport that takes it so, else as bytes."""
+        sink = self._head_sink
+        if sink is None:
+            self._write_client(relayed_response_head(head, close=close, drop=drop, add=add))
+        elif self.phase != "closed":
+            sink(head, drop, add)
 
     def _write_client(self, data: bytes) -> None:
         if data and self.phase != "closed":

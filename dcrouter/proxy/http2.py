@@ -59,10 +59,16 @@ from zope.interface import implementer
 from dcrouter.log import logger
 from dcrouter.proxy.httpmessage import (
     HOP_BY_HOP,
+    MAX_FIELDS,
+    MAX_HEAD_BYTES,
     ChunkedBody,
+    Fields,
     HeadBuffer,
     HttpError,
+    RequestHead,
+    ResponseHead,
     parse_response_head,
+    relayed_fields,
     response_framing,
     simple_response,
 )
@@ -74,8 +80,10 @@ ALPN_H2 = (b"h2", b"http/1.1")
 ALPN_HTTP1 = (b"http/1.1",)
 
 _FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+\Z")
-# No NUL, CR or LF, and no whitespace at either end (RFC 9113 §8.2.1).
-_FIELD_VALUE = re.compile(rb"(?:[^\x00\r\n\t ](?:[^\x00\r\n]*[^\x00\r\n\t ])?)?\Z")
+# What HTTP/1.1 carries (httpmessage's check): visible ASCII and obs-text, spaces and tabs only inside — so
+# also no NUL, CR or LF and no whitespace at either end (RFC 9113 §8.2.1).
+_FIELD_VALUE = re.compile(rb"(?:[\x21-\x7e\x80-\xff](?:[\x20-\x7e\x80-\xff\t]*[\x21-\x7e\x80-\xff])?)?\Z")
+_METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 #: The request pseudo-header fields (RFC 9113 §8.3.1); ``:protocol`` (RFC 8441) is not offered.
 _PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
 #: Connection-specific fields that make an HTTP/2 request malformed (RFC 9113 §8.2.2).
@@ -167,7 +175,30 @@ class _WindowCounter:
 
 def request_head(headers: list[tuple[bytes, bytes]], *, ended: bool) -> tuple[bytes, bytes, bool]:
     """An HTTP/2 request's header list as an HTTP/1.1 request head: (head, method, chunked body).
-    HttpError when it is malformed or cannot be carried (RFC 9113 §8.2, §8.3).
+    HttpError when it is malformed or cannot be carried (RFC 9113 §8.2, §8.3); see :func:`request_fields`."""
+    method, path, lines, chunked = request_fields(headers, ended=ended)
+    out = [b"%s %s HTTP/1.1" % (method, path)]
+    out += [b"%s: %s" % field for field in lines]
+    return b"\r\n".join(out) + b"\r\n\r\n", method, chunked
+
+
+def parsed_request_head(method: bytes, path: bytes, lines: list[tuple[bytes, bytes]]) -> RequestHead:
+    """What :func:`~dcrouter.proxy.httpmessage.parse_request_head` would make of the head
+    :func:`request_head` writes for these: the same limits (fields, head size: ``431``) apply. The other
+    checks of that parse hold already (:func:`request_fields`)."""
+    if len(lines) > MAX_FIELDS:
+        raise HttpError(431, f"more than {MAX_FIELDS} fields")
+    size = len(method) + len(path) + 15 + sum(len(name) + len(value) + 4 for name, value in lines)
+    if size > MAX_HEAD_BYTES:
+        raise HttpError(431, f"head longer than {MAX_HEAD_BYTES} bytes")
+    return RequestHead(method, path, b"HTTP/1.1", Fields(tuple(lines)))
+
+
+def request_fields(
+    headers: list[tuple[bytes, bytes]], *, ended: bool
+) -> tuple[bytes, bytes, list[tuple[bytes, bytes]], bool]:
+    """An HTTP/2 request's header list as the parts of an HTTP/1.1 request head: (method, path, field
+    lines, chunked body). HttpError when it is malformed or cannot be carried (RFC 9113 §8.2, §8.3).
 
     This is the whole check of a request's header list: ``h2``'s own validation is off (it cost more than
     the rest of a request's handling in ``h2``), so everything it refused is refused here, as ``400`` on
@@ -211,21 +242,20 @@ def request_head(headers: list[tuple[bytes, bytes]], *, ended: bool) -> tuple[by
     path = pseudo.get(b":path", b"")
     if b":scheme" not in pseudo:
         raise HttpError(400, "no :scheme")
-    if not authority or not _TARGET.match(authority) or not _TARGET.match(path) or not _TARGET.match(method):
+    if not authority or not _TARGET.match(authority) or not _TARGET.match(path) or not _METHOD.match(method):
         raise HttpError(400, "no usable :authority, :path or :method")
-    lines = [b"%s %s HTTP/1.1" % (method, path), b"Host: " + authority]
-    lines += [b"%s: %s" % field for field in fields]
+    lines = [(b"Host", authority), *fields]
     if cookies:
-        lines.append(b"Cookie: " + b"; ".join(cookies))
+        lines.append((b"Cookie", b"; ".join(cookies)))
     chunked = False
     if length is not None:
-        lines.append(b"Content-Length: " + length)
+        lines.append((b"Content-Length", length))
     elif not ended:
-        lines.append(b"Transfer-Encoding: chunked")
+        lines.append((b"Transfer-Encoding", b"chunked"))
         chunked = True
     # One exchange per front: it closes after the response, which ends the stream.
-    lines.append(b"Connection: close")
-    return b"\r\n".join(lines) + b"\r\n\r\n", method, chunked
+    lines.append((b"Connection", b"close"))
+    return method, path, lines, chunked
 
 
 def response_fields(head: Any) -> list[tuple[bytes, bytes]]:
@@ -357,8 +387,22 @@ class StreamChannel:
             self._remaining -= len(take)
             self._send(take, end=self._remaining == 0)
 
-    def _response_head(self, raw: bytes) -> None:
-        head = parse_response_head(raw)
+    def relay_response_head(
+        self, head: ResponseHead, drop: frozenset[bytes], add: tuple[tuple[bytes, bytes], ...]
+    ) -> None:
+        """The front's response head, parsed already (an :class:`~dcrouter.proxy.http.HttpForwarder`
+        has it so): as if written as HTTP/1.1 bytes, without writing and parsing them again."""
+        if self.finished or self._head is None:
+            return
+        lines = relayed_fields(head, drop=drop, add=add)
+        try:
+            self._response_head(None, ResponseHead(head.version, head.status, head.reason, Fields(lines)))
+        except HttpError as error:
+            log.info("proxy: h2 stream {id}: bad response ({reason})", id=self.stream_id, reason=error.reason)
+            self.abortConnection()
+
+    def _response_head(self, raw: bytes | None, parsed: ResponseHead | None = None) -> None:
+        head = parsed if parsed is not None else parse_response_head(raw or b"")
         if head.status == 101:
             raise HttpError(502, "no protocol switch over HTTP/2")
         if head.status < 200:
@@ -545,10 +589,20 @@ class Http2Connection(Protocol):
 
     def _request(self, event: RequestReceived) -> None:
         stream_id = event.stream_id
+        raw: bytes | None = None
+        front: Any = None
         try:
-            raw, method, chunked = request_head(
+            method, path, lines, chunked = request_fields(
                 list(event.headers or ()), ended=event.stream_ended is not None
             )
+            front = self._make_front()
+            if getattr(front, "head_received", None) is not None:
+                # A forwarder takes the head parsed: no HTTP/1.1 bytes written here to be parsed there.
+                head = parsed_request_head(method, path, lines)
+            else:
+                out = [b"%s %s HTTP/1.1" % (method, path)]
+                out += [b"%s: %s" % field for field in lines]
+                raw = b"\r\n".join(out) + b"\r\n\r\n"
         except HttpError as error:
             channel = StreamChannel(self, stream_id, b"GET")
             self.streams[stream_id] = channel
@@ -559,11 +613,13 @@ class Http2Connection(Protocol):
         channel = StreamChannel(self, stream_id, method)
         channel.chunked = chunked
         self.streams[stream_id] = channel
-        front = self._make_front()
         channel.front = front
-        front.makeConnection(channel)  # type: ignore[arg-type]
+        front.makeConnection(channel)
         if not channel.lost:
-            front.dataReceived(raw)
+            if raw is None:
+                front.head_received(head)
+            else:
+                front.dataReceived(raw)
 
     def _data(self, event: DataReceived) -> None:
         channel = self.streams.get(event.stream_id)

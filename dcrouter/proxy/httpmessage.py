@@ -500,12 +500,21 @@ def relayed_response_head(
     if head.status == 101:
         lines += [b"%s: %s" % line for line in head.fields.lines]
     else:
-        dropped = HOP_BY_HOP | head.fields.tokens(b"connection") | drop
-        lines += [b"%s: %s" % (n, v) for n, v in head.fields.lines if n.lower() not in dropped]
-        lines += [b"%s: %s" % field for field in add]
+        lines += [b"%s: %s" % field for field in relayed_fields(head, drop=drop, add=add)]
         if close:
             lines.append(b"Connection: close")
     return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def relayed_fields(
+    head: ResponseHead, *, drop: frozenset[bytes] = frozenset(), add: tuple[tuple[bytes, bytes], ...] = ()
+) -> tuple[tuple[bytes, bytes], ...]:
+    """The field lines :func:`relayed_response_head` relays of a response other than a 101 (without the
+    ``Connection: close`` it may add)."""
+    connection = head.fields.tokens(b"connection")
+    dropped = (HOP_BY_HOP | connection | drop) if connection or drop else HOP_BY_HOP
+    kept = tuple((n, v) for n, v in head.fields.lines if n.lower() not in dropped)
+    return kept + add if add else kept
 
 
 def simple_response(

@@ -24,6 +24,7 @@ challenge responder (``404`` when unknown), every other request ``301`` to ``htt
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Callable
@@ -104,6 +105,24 @@ def host_address(value: bytes) -> str | None:
     except ValueError:
         return None
     return written
+
+
+@functools.lru_cache(maxsize=1024)
+def _request_host(value: bytes) -> str:
+    address = host_address(value)
+    return address if address is not None else host_name(value)
+
+
+def request_host(value: bytes | None) -> str:
+    """The name a request's ``Host`` value asks for: its address as written when it is one (what
+    ``curl http://127.0.0.1:8080/`` sends: served where no name was asked for, as ``host_allowed``
+    decides), else the normalised host name; ValueError with the reason. Remembered for the values seen
+    last (every request of every connection carries one, almost always the same few)."""
+    if not value:
+        raise ValueError("no Host field")
+    if len(value) > 270:  # longer than any name with a port: worked out, not kept
+        return _request_host.__wrapped__(value)
+    return _request_host(value)
 
 
 @implementer(IPushProducer)
@@ -370,10 +389,7 @@ class HttpForwarder(Protocol):
             framing = request_framing(head)
             host = head.fields.get(b"host")
             if host is None or host != self._allowed_host:
-                # An address names no route, but is what curl http://127.0.0.1:8080/ sends: it is served
-                # where no name was asked for (host_allowed decides, as for a name).
-                address = host_address(host) if host else None
-                name = address if address is not None else host_name(host)
+                name = request_host(host)
                 if not self.policy.host_allowed(name):
                     self._refuse(HttpError(421, f"Host {name} is not served on this connection"))
                     return

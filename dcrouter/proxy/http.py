@@ -200,14 +200,22 @@ class BackendPool:
         self.idle: list[HttpBackend] = []
 
     def connector(self, factory: Callable[[], Protocol]) -> Deferred[Any]:
+        if self.idle:
+            taker = factory()
+            assert isinstance(taker, HttpBackend)
+            backend = self.take(taker.forwarder)
+            if backend is not None:
+                return succeed(backend)
+        return self._connect(factory)
+
+    def take(self, forwarder: HttpForwarder) -> HttpBackend | None:
+        """An idle connection, now ``forwarder``'s; None when none is left."""
         while self.idle:
             backend = self.idle.pop()
             if backend.transport is not None and backend.transport.connected:
-                taker = factory()
-                assert isinstance(taker, HttpBackend)
-                backend.forwarder = taker.forwarder
-                return succeed(backend)
-        return self._connect(factory)
+                backend.forwarder = forwarder
+                return backend
+        return None
 
     def put(self, backend: HttpBackend) -> None:
         if len(self.idle) >= self.size:
@@ -486,6 +494,11 @@ class HttpForwarder(Protocol):
             return
         self._queued.append(data)
         if not self._connecting:
+            pool = self.policy.pool
+            backend = pool.take(self) if pool is not None else None
+            if backend is not None:
+                self._connected(backend)  # an idle one at hand: no Deferred, no reactor turn
+                return
             self._connecting = True
             if self._client_gate is not None:
                 self._client_gate.pause("connecting")

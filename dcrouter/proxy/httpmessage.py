@@ -457,6 +457,10 @@ class ChunkedBody:
         return False
 
 
+_DROPPED_TRUSTED = HOP_BY_HOP | {b"x-forwarded-proto"}
+_DROPPED_UNTRUSTED = _DROPPED_TRUSTED | {b"x-forwarded-for", b"forwarded"}
+
+
 def forwarded_request_head(
     head: RequestHead,
     *,
@@ -472,9 +476,10 @@ def forwarded_request_head(
     ``Connection: Upgrade`` / ``Upgrade`` pair. Fields named in ``drop`` (lower case) are left out and
     ``add`` appended (a route's ``action.headers.request``)."""
     fields = head.fields
-    dropped = HOP_BY_HOP | fields.tokens(b"connection") | {b"x-forwarded-proto"} | drop
-    if not trust_forwarded:
-        dropped |= {b"x-forwarded-for", b"forwarded"}
+    dropped = _DROPPED_TRUSTED if trust_forwarded else _DROPPED_UNTRUSTED
+    connection = fields.tokens(b"connection")
+    if connection or drop:
+        dropped = dropped | connection | drop
     prior = fields.get_all(b"x-forwarded-for") if trust_forwarded else []
     lines = [b"%s %s %s" % (head.method, head.target, head.version)]
     lines += [b"%s: %s" % (name, value) for name, value in fields.lines if name.lower() not in dropped]

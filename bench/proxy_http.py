@@ -126,8 +126,9 @@ def tree_cpu_seconds(pid: int) -> float:
 class Servers:
     """HAProxy (``nbthread N``) and dcrouter (``workers = N``) in front of the shared backend."""
 
-    def __init__(self, workdir: str, n: int, backend_port: int, profile: str | None) -> None:
+    def __init__(self, workdir: str, n: int, backend_port: int, profile: str | None, root: str) -> None:
         self.workdir, self.n, self.backend_port, self.profile = workdir, n, backend_port, profile
+        self.root = root
         self.processes: dict[str, Process] = {}
         self.ports: dict[str, int] = {}
 
@@ -154,7 +155,7 @@ class Servers:
                         host=HOST, name=NAME, port=port, backend=self.backend_port, cert=cert, key=key
                     )
                 )
-            root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            root = self.root
             argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile="]
             if self.profile:
                 # One process only: with workers > 1 the supervisor is profiled, not the workers.
@@ -196,6 +197,12 @@ def main() -> None:
         metavar="FILE",
         help="Run dcrouter under cProfile (twistd --profiler=cprofile --savestats) into FILE (use --workers 1).",
     )
+    parser.add_argument(
+        "--dcrouter-root",
+        metavar="DIR",
+        default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        help="The checkout whose dcrouter runs (default: this one); for A/B runs against another worktree",
+    )
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.seconds = 1, 5
@@ -222,7 +229,7 @@ def main() -> None:
             backend.spawn([haproxy_binary(), "-f", path, "-db"])
             backend.wait_listening([backend_port])
             for n in counts:
-                servers = Servers(workdir, n, backend_port, args.dcrouter_profile)
+                servers = Servers(workdir, n, backend_port, args.dcrouter_profile, args.dcrouter_root)
                 try:
                     servers.start(proxies)
                     for round_ in range(args.rounds):

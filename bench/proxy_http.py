@@ -140,7 +140,9 @@ class Servers:
             path = os.path.join(workdir, f"haproxy-{n}.cfg")
             with open(path, "w") as handle:
                 handle.write(
-                    HAPROXY_CONFIG.format(host=HOST, port=port, pem=pem, backend=self.backend_port, nbthread=n)
+                    HAPROXY_CONFIG.format(
+                        host=HOST, port=port, pem=pem, backend=self.backend_port, nbthread=n
+                    )
                 )
             process = self.processes["HAProxy"] = Process(f"HAProxy-{n}", workdir)
             process.spawn([haproxy_binary(), "-f", path, "-db"])
@@ -161,7 +163,7 @@ class Servers:
                 # One process only: with workers > 1 the supervisor is profiled, not the workers.
                 argv += [f"--profile={os.path.abspath(self.profile)}", "--profiler=cprofile", "--savestats"]
             process = self.processes["dcrouter"] = Process(f"dcrouter-{n}", workdir)
-            process.spawn(argv + ["dcrouter", "--config", config], env=dict(os.environ, PYTHONPATH=root))
+            process.spawn([*argv, "dcrouter", "--config", config], env=dict(os.environ, PYTHONPATH=root))
             process.wait_listening([port])
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
@@ -170,7 +172,9 @@ class Servers:
                         break
                 time.sleep(0.1)
             else:
-                raise RuntimeError(f"dcrouter workers = {n}: not every worker became ready:\n{process.log_tail()}")
+                raise RuntimeError(
+                    f"dcrouter workers = {n}: not every worker became ready:\n{process.log_tail()}"
+                )
 
     def stop(self) -> None:
         for process in reversed(list(self.processes.values())):
@@ -195,7 +199,8 @@ def main() -> None:
     parser.add_argument(
         "--dcrouter-profile",
         metavar="FILE",
-        help="Run dcrouter under cProfile (twistd --profiler=cprofile --savestats) into FILE (use --workers 1).",
+        help="Run dcrouter under cProfile (twistd --profiler=cprofile --savestats) into FILE "
+        "(use --workers 1).",
     )
     parser.add_argument(
         "--dcrouter-root",
@@ -238,10 +243,15 @@ def main() -> None:
                             for name in order:
                                 port, pid = servers.ports[name], servers.processes[name].pid
                                 http1 = protocol == "HTTP/1.1"
-                                h2load(port, http1=http1, clients=args.clients, streams=args.streams, seconds=2)
+                                h2load(
+                                    port, http1=http1, clients=args.clients, streams=args.streams, seconds=2
+                                )
                                 before = tree_cpu_seconds(pid)
                                 rate, done, note = h2load(
-                                    port, http1=http1, clients=args.clients, streams=args.streams,
+                                    port,
+                                    http1=http1,
+                                    clients=args.clients,
+                                    streams=args.streams,
                                     seconds=args.seconds,
                                 )
                                 cpu = tree_cpu_seconds(pid) - before
@@ -261,9 +271,13 @@ def main() -> None:
         print()
         print(
             f"h2load -c {args.clients} (HTTP/2: -m {args.streams}), {args.seconds} s per run after a 2 s "
-            f"warm-up run, median of {args.rounds}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+            f"warm-up run, median of {args.rounds}; "
+            f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
         )
-        print("| N | protocol | HAProxy req/s | dcrouter req/s | dcrouter / HAProxy | HAProxy CPU µs/req | dcrouter CPU µs/req |")
+        print(
+            "| N | protocol | HAProxy req/s | dcrouter req/s | dcrouter / HAProxy "
+            "| HAProxy CPU µs/req | dcrouter CPU µs/req |"
+        )
         print("|---|---|---:|---:|---:|---:|---:|")
         for n in counts:
             for protocol in protocols:
@@ -272,12 +286,14 @@ def main() -> None:
                     runs = results.get((n, protocol, name))
                     row[name] = (
                         (statistics.median(r for r, _ in runs), statistics.median(u for _, u in runs))
-                        if runs else (0.0, 0.0)
+                        if runs
+                        else (0.0, 0.0)
                     )
                 hap, dcr = row["HAProxy"], row["dcrouter"]
                 ratio = f"{dcr[0] / hap[0]:.2f}x" if hap[0] and dcr[0] else "-"
                 print(
-                    f"| {n} | {protocol} | {hap[0]:.0f} | {dcr[0]:.0f} | {ratio} | {hap[1]:.0f} | {dcr[1]:.0f} |"
+                    f"| {n} | {protocol} | {hap[0]:.0f} | {dcr[0]:.0f} | {ratio} "
+                    f"| {hap[1]:.0f} | {dcr[1]:.0f} |"
                 )
         for key_, values in notes.items():
             print(f"note: N={key_[0]} {key_[2]} {key_[1]}: {', '.join(sorted(values))}")

@@ -25,9 +25,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 
-from dcrouter.proxy.http2 import HeaderBlockMeter, Http2Connection, Http2Limits, request_head
 from dcrouter.proxy.forward import RouteCounters
 from dcrouter.proxy.http import BackendPool, ForwardingPolicy, HttpBackend, HttpForwarder
+from dcrouter.proxy.http2 import HeaderBlockMeter, Http2Connection, Http2Limits, request_head
 from dcrouter.proxy.httpmessage import HttpError
 from dcrouter.proxy.routes import FieldChanges
 
@@ -334,7 +334,6 @@ class ProtectionTests(TestCase):
         self.assertEqual(exchange.client.remote_settings.initial_window_size, 200_000)
 
 
-
 class ForwarderTests(TestCase):
     """Streams served by the real HTTP/1.1 forwarder (sharing a backend pool): it takes the request head
     parsed and gives the response head parsed, and what reaches the backend and the client is what the
@@ -404,7 +403,9 @@ class ForwarderTests(TestCase):
 
     def test_refusals_as_over_http1(self) -> None:
         exchange, backends = self.exchange()
-        exchange.client.send_headers(1, [*REQUEST[:2], (b":authority", b"b.test"), REQUEST[3]], end_stream=True)
+        exchange.client.send_headers(
+            1, [*REQUEST[:2], (b":authority", b"b.test"), REQUEST[3]], end_stream=True
+        )
         many = [*REQUEST, *((b"x-f%d" % i, b"v") for i in range(120))]
         exchange.client.send_headers(3, many, end_stream=True)
         exchange.pump()

@@ -466,7 +466,7 @@ class HttpForwarder(Protocol):
             self._hold_pipelined()
 
     def _hold_pipelined(self) -> None:
-        """Bytes arrived while a response is awaited: keep them, and read no more until it has been relayed."""
+        """Bytes came while a response is awaited: kept, and no more read until it has been relayed."""
         if self._client_gate is not None:
             self._client_gate.pause("response")
 
@@ -678,7 +678,7 @@ class HttpForwarder(Protocol):
         drop: frozenset[bytes] = frozenset(),
         add: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:
-        """A response head (not a 101) to the client: parsed to a transport that takes it so, else as bytes."""
+        """A response head (not a 101) to the client: parsed to a transport that takes it so, else bytes."""
         sink = self._head_sink
         if sink is None:
             self._write_client(relayed_response_head(head, close=close, drop=drop, add=add))

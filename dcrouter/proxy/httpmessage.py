@@ -60,7 +60,7 @@ class Fields:
     Looked up by lower-case name through an index built on the first lookup (a head is asked for several
     fields: Host, Connection, Content-Length, Transfer-Encoding, X-Forwarded-For, ...), not by a scan each."""
 
-    __slots__ = ("lines", "_index", "_tokens")
+    __slots__ = ("_index", "_tokens", "lines")
 
     def __init__(self, lines: tuple[tuple[bytes, bytes], ...]) -> None:
         self.lines = lines

@@ -12,8 +12,10 @@ domain (ACME HTTP-01 challenges, redirects to HTTPS).
 - Bodies stream both ways, framed by Content-Length or chunked (re-encoded canonically), so request
   boundaries are exact and several requests share one client connection (keep-alive). Producers are wired
   both ways through :class:`PauseGate`, so a slow side pauses the other; no body is held whole.
-- One request at a time: once a request has been sent, reading from the client pauses until its response
-  has been relayed (pipelined bytes already read wait their turn). Responses are relayed as they arrive;
+- One request at a time: once a request has been sent, nothing more of the client's is handled until its
+  response has been relayed; bytes of a next request (pipelined) wait their turn, and reading from the
+  client pauses as soon as any arrive (not before: a pause and resume per request would cost two system
+  calls each). Responses are relayed as they arrive;
   HEAD, 1xx, 204 and 304 have no body; 1xx interim responses are relayed before the final one.
 - ``Upgrade: websocket``: after the backend's ``101`` the connection becomes a raw splice both ways.
 - A backend that fails before any response byte gets the client a ``502``; after, the client is dropped.

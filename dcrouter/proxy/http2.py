@@ -507,6 +507,8 @@ class Http2Connection(Protocol):
         self._control = _WindowCounter(clock, self.limits.window, self.limits.max_control_frames)
         self._idle: IDelayedCall | None = None
         self._write_call: IDelayedCall | None = None
+        self._closed_fronts: list[StreamChannel] = []
+        self._closed_call: IDelayedCall | None = None
         self._last_activity = clock.seconds()
 
     def connectionMade(self) -> None:
@@ -695,7 +697,16 @@ class Http2Connection(Protocol):
 
     def front_closed(self, channel: StreamChannel) -> None:
         """The front closed its side: it is told the connection is gone (as a transport would, later)."""
-        self._clock.callLater(0, self._lose_front, channel, ConnectionDone("stream done"))
+        # One timer for the fronts closed in this reactor turn (often a stream each), not one per front.
+        self._closed_fronts.append(channel)
+        if self._closed_call is None:
+            self._closed_call = self._clock.callLater(0, self._lose_closed_fronts)
+
+    def _lose_closed_fronts(self) -> None:
+        self._closed_call = None
+        closed, self._closed_fronts = self._closed_fronts, []
+        for channel in closed:
+            self._lose_front(channel, ConnectionDone("stream done"))
 
     def _stream_done(self, channel: StreamChannel) -> None:
         """Nothing more goes out on the stream; the front closes when it sees its response end."""

@@ -1,22 +1,25 @@
 """bench/proxy_http: HTTP/1.1 and HTTP/2 requests per second through a TLS-terminating route, dcrouter side by
-side with HAProxy (HTTP mode), in one run.
+side with HAProxy (HTTP mode), in one run, with the same number of threads and workers on both sides.
 
-    python -m bench.proxy_http                 # 3 rounds, 20 s each way
-    python -m bench.proxy_http --quick         # 1 round, shorter
+    python -m bench.proxy_http                 # N = 1 and 2, 3 rounds of 10 s each way: about 5 minutes
+    python -m bench.proxy_http --quick         # 1 round of 5 s
 
 Everything runs as real subprocesses on loopback, started fresh in a temporary directory:
 
 - the backend: a second HAProxy process, ``nbthread 1``, answering every request itself
   (``http-request return``, 200, a 2-byte body) over HTTP/1.1 keep-alive — cheap and the same for both;
-- HAProxy, ``mode http``, ``nbthread 1`` (dcrouter runs on one core), ``bind ... ssl crt <pem> alpn
-  h2,http/1.1``, ``http-reuse always`` towards the backend;
-- dcrouter, ``twistd -n dcrouter`` with one ``terminate`` route (the same certificate, HTTP/2 on by
-  default) to the backend.
+- for each N of ``--workers`` (default 1 and 2): HAProxy, ``mode http``, ``nbthread N``, ``bind ... ssl crt
+  <pem> alpn h2,http/1.1``, ``http-reuse always`` towards the backend; and dcrouter, ``twistd -n dcrouter``
+  with ``workers = N`` (a proxy-only configuration: no queue, so no Redis) and one ``terminate`` route
+  (the same certificate, HTTP/2 on by default) to the backend.
 
 The load generator is ``h2load`` (Debian: nghttp2-client) — ``--h1`` for HTTP/1.1 — with ``-c`` clients
 and, for HTTP/2, ``-m`` streams per connection; a full TLS handshake per client connection, then keep-alive.
-Rounds alternate (HAProxy, dcrouter, then dcrouter, HAProxy, ...), and the median is shown with the ratio
-dcrouter / HAProxy. All share the machine's cores; see docs/performance.md.
+Each measurement follows a 2 s warm-up run. Rounds alternate (HAProxy, dcrouter, then dcrouter, HAProxy,
+...), and the median is shown with the ratio dcrouter / HAProxy and each server's CPU per request
+(utime + stime from /proc over the measured run: HAProxy's process, dcrouter's supervisor and workers
+summed). ``--dcrouter-root`` runs another checkout's dcrouter (A/B); ``--dcrouter-profile`` runs one under
+cProfile. All share the machine's cores; see docs/performance.md.
 """
 
 from __future__ import annotations
@@ -188,7 +191,7 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=int, default=20)
+    parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--streams", type=int, default=10)
     parser.add_argument(

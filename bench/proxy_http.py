@@ -1,22 +1,25 @@
 """bench/proxy_http: HTTP/1.1 and HTTP/2 requests per second through a TLS-terminating route, dcrouter side by
-side with HAProxy (HTTP mode), in one run.
+side with HAProxy (HTTP mode), in one run, with the same number of threads and workers on both sides.
 
-    python -m bench.proxy_http                 # 3 rounds, 20 s each way
-    python -m bench.proxy_http --quick         # 1 round, shorter
+    python -m bench.proxy_http                 # N = 1 and 2, 3 rounds of 10 s each way: about 5 minutes
+    python -m bench.proxy_http --quick         # 1 round of 5 s
 
 Everything runs as real subprocesses on loopback, started fresh in a temporary directory:
 
 - the backend: a second HAProxy process, ``nbthread 1``, answering every request itself
   (``http-request return``, 200, a 2-byte body) over HTTP/1.1 keep-alive — cheap and the same for both;
-- HAProxy, ``mode http``, ``nbthread 1`` (dcrouter runs on one core), ``bind ... ssl crt <pem> alpn
-  h2,http/1.1``, ``http-reuse always`` towards the backend;
-- dcrouter, ``twistd -n dcrouter`` with one ``terminate`` route (the same certificate, HTTP/2 on by
-  default) to the backend.
+- for each N of ``--workers`` (default 1 and 2): HAProxy, ``mode http``, ``nbthread N``, ``bind ... ssl crt
+  <pem> alpn h2,http/1.1``, ``http-reuse always`` towards the backend; and dcrouter, ``twistd -n dcrouter``
+  with ``workers = N`` (a proxy-only configuration: no queue, so no Redis) and one ``terminate`` route
+  (the same certificate, HTTP/2 on by default) to the backend.
 
 The load generator is ``h2load`` (Debian: nghttp2-client) — ``--h1`` for HTTP/1.1 — with ``-c`` clients
 and, for HTTP/2, ``-m`` streams per connection; a full TLS handshake per client connection, then keep-alive.
-Rounds alternate (HAProxy, dcrouter, then dcrouter, HAProxy, ...), and the median is shown with the ratio
-dcrouter / HAProxy. All share the machine's cores; see docs/performance.md.
+Each measurement follows a 2 s warm-up run. Rounds alternate (HAProxy, dcrouter, then dcrouter, HAProxy,
+...), and the median is shown with the ratio dcrouter / HAProxy and each server's CPU per request
+(utime + stime from /proc over the measured run: HAProxy's process, dcrouter's supervisor and workers
+summed). ``--dcrouter-root`` runs another checkout's dcrouter (A/B); ``--dcrouter-profile`` runs one under
+cProfile. All share the machine's cores; see docs/performance.md.
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 from bench.ingress import free_port
-from bench.proxy import HOST, TWISTD, Process, haproxy_binary, raise_nofile_limit
+from bench.proxy import HOST, TWISTD, Process, cpu_seconds, haproxy_binary, raise_nofile_limit
 from dcrouter.net.certfiles import generate_self_signed
 
 NAME = "bench.example"
@@ -51,7 +55,7 @@ frontend backend
 
 HAPROXY_CONFIG = """\
 global
-    nbthread 1
+    nbthread {nbthread}
     maxconn 4000
 defaults
     mode http
@@ -84,19 +88,101 @@ _RATE = re.compile(rb"finished in [0-9.]+m?s, ([0-9.]+) req/s")
 _DONE = re.compile(rb"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed")
 
 
-def h2load(port: int, *, http1: bool, clients: int, streams: int, seconds: int) -> tuple[float, str]:
-    """Requests per second over ``seconds`` (after a 2 s warm-up), and a note on failures."""
-    argv = [shutil.which("h2load") or "h2load", "-c", str(clients), "-D", str(seconds), "--warm-up-time=2"]
+def h2load(
+    port: int, *, http1: bool, clients: int, streams: int, seconds: int, warm_up: int = 0
+) -> tuple[float, int, str]:
+    """Requests per second over ``seconds`` (after ``warm_up`` s), the requests that succeeded, and a
+    note on failures."""
+    argv = [shutil.which("h2load") or "h2load", "-c", str(clients), "-D", str(seconds)]
+    if warm_up:
+        argv.append(f"--warm-up-time={warm_up}")
     argv += ["--h1"] if http1 else ["-m", str(streams)]
     # The name in the URL gives the SNI and :authority (a route chooses its certificate by SNI).
     argv += [f"--connect-to={HOST}:{port}", f"https://{NAME}:{port}/"]
-    out = subprocess.run(argv, capture_output=True, timeout=seconds + 60, check=False).stdout
+    out = subprocess.run(argv, capture_output=True, timeout=seconds + warm_up + 60, check=False).stdout
     rate = _RATE.search(out)
     done = _DONE.search(out)
     note = f"{done.group(3).decode()} failed" if done and done.group(3) != b"0" else ""
     if rate is None or not done:
         note = "h2load: " + out.decode(errors="replace")[-300:].replace("\n", " ")
-    return (float(rate.group(1)) if rate else 0.0), note
+    succeeded = int(done.group(2)) if done else 0
+    return (float(rate.group(1)) if rate else 0.0), succeeded, note
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (utime + stime, all threads) of ``pid`` and its live children: dcrouter's supervisor and
+    its workers, or HAProxy's one process."""
+    total = cpu_seconds(pid)
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except OSError:
+        children = []
+    for child in children:
+        try:
+            total += tree_cpu_seconds(child)
+        except OSError:
+            pass
+    return total
+
+
+class Servers:
+    """HAProxy (``nbthread N``) and dcrouter (``workers = N``) in front of the shared backend."""
+
+    def __init__(self, workdir: str, n: int, backend_port: int, profile: str | None, root: str) -> None:
+        self.workdir, self.n, self.backend_port, self.profile = workdir, n, backend_port, profile
+        self.root = root
+        self.processes: dict[str, Process] = {}
+        self.ports: dict[str, int] = {}
+
+    def start(self, which: list[str]) -> None:
+        workdir, n = self.workdir, self.n
+        cert, key, pem = (os.path.join(workdir, name) for name in ("cert.pem", "key.pem", "both.pem"))
+        if "HAProxy" in which:
+            port = self.ports["HAProxy"] = free_port()
+            path = os.path.join(workdir, f"haproxy-{n}.cfg")
+            with open(path, "w") as handle:
+                handle.write(
+                    HAPROXY_CONFIG.format(
+                        host=HOST, port=port, pem=pem, backend=self.backend_port, nbthread=n
+                    )
+                )
+            process = self.processes["HAProxy"] = Process(f"HAProxy-{n}", workdir)
+            process.spawn([haproxy_binary(), "-f", path, "-db"])
+            process.wait_listening([port])
+        if "dcrouter" in which:
+            port = self.ports["dcrouter"] = free_port()
+            config = os.path.join(workdir, f"dcrouter-{n}.toml")
+            with open(config, "w") as handle:
+                handle.write(f"workers = {n}\n\n")
+                handle.write(
+                    DCROUTER_CONFIG.format(
+                        host=HOST, name=NAME, port=port, backend=self.backend_port, cert=cert, key=key
+                    )
+                )
+            root = self.root
+            argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile="]
+            if self.profile:
+                # One process only: with workers > 1 the supervisor is profiled, not the workers.
+                argv += [f"--profile={os.path.abspath(self.profile)}", "--profiler=cprofile", "--savestats"]
+            process = self.processes["dcrouter"] = Process(f"dcrouter-{n}", workdir)
+            process.spawn([*argv, "dcrouter", "--config", config], env=dict(os.environ, PYTHONPATH=root))
+            process.wait_listening([port])
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                with open(process.log_path, "rb") as handle:
+                    if handle.read().count(b"dcrouter ready") >= n:
+                        break
+                time.sleep(0.1)
+            else:
+                raise RuntimeError(
+                    f"dcrouter workers = {n}: not every worker became ready:\n{process.log_tail()}"
+                )
+
+    def stop(self) -> None:
+        for process in reversed(list(self.processes.values())):
+            process.stop()
+        self.processes.clear()
 
 
 def main() -> None:
@@ -105,12 +191,32 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=int, default=20)
+    parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--streams", type=int, default=10)
+    parser.add_argument(
+        "--workers", default="1,2", help="N for HAProxy's nbthread and dcrouter's workers, comma-separated"
+    )
+    parser.add_argument("--protocols", default="HTTP/1.1,HTTP/2", help="HTTP/1.1, HTTP/2 or both")
+    parser.add_argument("--proxies", default="HAProxy,dcrouter", help="HAProxy, dcrouter or both")
+    parser.add_argument(
+        "--dcrouter-profile",
+        metavar="FILE",
+        help="Run dcrouter under cProfile (twistd --profiler=cprofile --savestats) into FILE "
+        "(use --workers 1).",
+    )
+    parser.add_argument(
+        "--dcrouter-root",
+        metavar="DIR",
+        default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        help="The checkout whose dcrouter runs (default: this one); for A/B runs against another worktree",
+    )
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.seconds = 1, 5
+    counts = [int(n) for n in args.workers.split(",")]
+    protocols = args.protocols.split(",")
+    proxies = args.proxies.split(",")
     raise_nofile_limit()
     if shutil.which("h2load") is None:
         sys.exit("h2load not found (Debian: apt-get install nghttp2-client)")
@@ -120,76 +226,82 @@ def main() -> None:
         for path, data in ((cert, cert_pem), (key, key_pem), (pem, cert_pem + key_pem)):
             with open(path, "wb") as handle:
                 handle.write(data)
-        backend_port, haproxy_port, dcrouter_port = free_port(), free_port(), free_port()
-        processes: list[Process] = []
+        backend_port = free_port()
+        path = os.path.join(workdir, "backend.cfg")
+        with open(path, "w") as handle:
+            handle.write(BACKEND_CONFIG.format(host=HOST, port=backend_port))
+        backend = Process("backend", workdir)
+        results: dict[tuple[int, str, str], list[tuple[float, float]]] = {}
+        notes: dict[tuple[int, str, str], set[str]] = {}
         try:
-            for label, text, port in (
-                ("backend", BACKEND_CONFIG.format(host=HOST, port=backend_port), backend_port),
-                (
-                    "HAProxy",
-                    HAPROXY_CONFIG.format(host=HOST, port=haproxy_port, pem=pem, backend=backend_port),
-                    haproxy_port,
-                ),
-            ):
-                path = os.path.join(workdir, f"{label}.cfg")
-                with open(path, "w") as handle:
-                    handle.write(text)
-                process = Process(label, workdir)
-                process.spawn([haproxy_binary(), "-f", path, "-db"])
-                process.wait_listening([port])
-                processes.append(process)
-            config = os.path.join(workdir, "dcrouter.toml")
-            with open(config, "w") as handle:
-                handle.write(
-                    DCROUTER_CONFIG.format(
-                        host=HOST, name=NAME, port=dcrouter_port, backend=backend_port, cert=cert, key=key
-                    )
-                )
-            root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-            process = Process("dcrouter", workdir)
-            process.spawn(
-                [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "dcrouter", "--config", config],
-                env=dict(os.environ, PYTHONPATH=root),
-            )
-            process.wait_listening([dcrouter_port])
-            processes.append(process)
-            targets = {"HAProxy": haproxy_port, "dcrouter": dcrouter_port}
-            results: dict[tuple[str, str], list[float]] = {}
-            notes: dict[tuple[str, str], set[str]] = {}
-            for round_ in range(args.rounds):
-                order = list(targets) if round_ % 2 == 0 else list(reversed(targets))
-                for protocol in ("HTTP/1.1", "HTTP/2"):
-                    for name in order:
-                        rate, note = h2load(
-                            targets[name],
-                            http1=protocol == "HTTP/1.1",
-                            clients=args.clients,
-                            streams=args.streams,
-                            seconds=args.seconds,
-                        )
-                        results.setdefault((protocol, name), []).append(rate)
-                        if note:
-                            notes.setdefault((protocol, name), set()).add(note)
-                        print(
-                            f"round {round_ + 1} {protocol:8} {name:8} {rate:10.0f} req/s {note}", flush=True
-                        )
-            print()
-            print(
-                f"h2load -c {args.clients} (HTTP/2: -m {args.streams}), {args.seconds} s per run, "
-                f"median of {args.rounds}; load average {os.getloadavg()[0]:.2f}"
-            )
-            print("| protocol | HAProxy req/s | dcrouter req/s | dcrouter / HAProxy |")
-            print("|---|---:|---:|---:|")
-            for protocol in ("HTTP/1.1", "HTTP/2"):
-                hap = statistics.median(results[(protocol, "HAProxy")])
-                dcr = statistics.median(results[(protocol, "dcrouter")])
-                ratio = f"{dcr / hap:.2f}x" if hap else "-"
-                print(f"| {protocol} | {hap:.0f} | {dcr:.0f} | {ratio} |")
-            for key, values in notes.items():
-                print(f"note: {key[1]} {key[0]}: {', '.join(sorted(values))}")
+            backend.spawn([haproxy_binary(), "-f", path, "-db"])
+            backend.wait_listening([backend_port])
+            for n in counts:
+                servers = Servers(workdir, n, backend_port, args.dcrouter_profile, args.dcrouter_root)
+                try:
+                    servers.start(proxies)
+                    for round_ in range(args.rounds):
+                        order = list(proxies) if round_ % 2 == 0 else list(reversed(proxies))
+                        for protocol in protocols:
+                            for name in order:
+                                port, pid = servers.ports[name], servers.processes[name].pid
+                                http1 = protocol == "HTTP/1.1"
+                                h2load(
+                                    port, http1=http1, clients=args.clients, streams=args.streams, seconds=2
+                                )
+                                before = tree_cpu_seconds(pid)
+                                rate, done, note = h2load(
+                                    port,
+                                    http1=http1,
+                                    clients=args.clients,
+                                    streams=args.streams,
+                                    seconds=args.seconds,
+                                )
+                                cpu = tree_cpu_seconds(pid) - before
+                                us = cpu / done * 1e6 if done else 0.0
+                                results.setdefault((n, protocol, name), []).append((rate, us))
+                                if note:
+                                    notes.setdefault((n, protocol, name), set()).add(note)
+                                print(
+                                    f"N={n} round {round_ + 1} {protocol:8} {name:8} {rate:10.0f} req/s "
+                                    f"{us:8.0f} us CPU/req {note}",
+                                    flush=True,
+                                )
+                finally:
+                    servers.stop()
         finally:
-            for process in reversed(processes):
-                process.stop()
+            backend.stop()
+        print()
+        print(
+            f"h2load -c {args.clients} (HTTP/2: -m {args.streams}), {args.seconds} s per run after a 2 s "
+            f"warm-up run, median of {args.rounds}; "
+            f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+        )
+        print(
+            "| N | protocol | HAProxy req/s | dcrouter req/s | dcrouter / HAProxy "
+            "| HAProxy CPU µs/req | dcrouter CPU µs/req |"
+        )
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for n in counts:
+            for protocol in protocols:
+                row = {}
+                for name in ("HAProxy", "dcrouter"):
+                    runs = results.get((n, protocol, name))
+                    row[name] = (
+                        (statistics.median(r for r, _ in runs), statistics.median(u for _, u in runs))
+                        if runs
+                        else (0.0, 0.0)
+                    )
+                hap, dcr = row["HAProxy"], row["dcrouter"]
+                ratio = f"{dcr[0] / hap[0]:.2f}x" if hap[0] and dcr[0] else "-"
+                print(
+                    f"| {n} | {protocol} | {hap[0]:.0f} | {dcr[0]:.0f} | {ratio} "
+                    f"| {hap[1]:.0f} | {dcr[1]:.0f} |"
+                )
+        for key_, values in notes.items():
+            print(f"note: N={key_[0]} {key_[2]} {key_[1]}: {', '.join(sorted(values))}")
+        if args.dcrouter_profile:
+            print(f"dcrouter profile (cProfile, all of its run): {os.path.abspath(args.dcrouter_profile)}")
 
 
 if __name__ == "__main__":

@@ -282,6 +282,29 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
 class ForwarderTests(SynchronousTestCase):
+    def test_reading_pauses_only_for_a_pipelined_request(self) -> None:
+        h = Harness()
+        h.send(GET)
+        self.assertEqual(h.client.producerState, "producing", "no pause and resume per request")
+        h.send(b"GET /two HTTP/1.1\r\n")
+        self.assertEqual(h.client.producerState, "paused", "a next request waits, and nothing more is read")
+        self.assertTrue(h.to_backend().startswith(b"GET /one "))
+        h.answer(OK)
+        self.assertEqual(h.to_client(), OK)
+        self.assertEqual(h.client.producerState, "producing")
+        h.send(b"Host: a.test\r\n\r\n")
+        self.assertTrue(h.to_backend().startswith(b"GET /two HTTP/1.1\r\nHost: a.test\r\n"))
+
+    def test_response_head_and_body_in_one_write(self) -> None:
+        h = Harness()
+        h.send(GET)
+        h.client.clear()
+        writes: list[bytes] = []
+        original = h.client.write
+        h.client.write = lambda data: (writes.append(data), original(data))  # type: ignore[method-assign]
+        h.answer(OK)
+        self.assertEqual(writes, [OK])
+
     def test_two_requests_on_one_connection(self) -> None:
         h = Harness()
         h.send(GET + b"GET /two HTTP/1.1\r\nHost: A.TEST.\r\n\r\n")

@@ -13,18 +13,23 @@ from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
+    InformationalResponseReceived,
     ResponseReceived,
     StreamEnded,
     StreamReset,
 )
 from hyperframe.frame import ContinuationFrame, HeadersFrame
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 
+from dcrouter.proxy.forward import RouteCounters
+from dcrouter.proxy.http import BackendPool, ForwardingPolicy, HttpBackend, HttpForwarder
 from dcrouter.proxy.http2 import HeaderBlockMeter, Http2Connection, Http2Limits, request_head
 from dcrouter.proxy.httpmessage import HttpError
+from dcrouter.proxy.routes import FieldChanges
 
 REQUEST = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"a.test"), (b":path", b"/x")]
 
@@ -178,6 +183,42 @@ class FramingTests(TestCase):
         ended = exchange.of(StreamReset) or exchange.of(ConnectionTerminated)
         self.assertTrue(statuses == [b"400"] or ended, exchange.events)
 
+    def test_what_h2_would_have_refused_is_refused_here(self) -> None:
+        # h2's own header validation is off (for speed): request_head is the whole check.
+        get, scheme, authority, path = REQUEST
+        for headers in (
+            [*REQUEST, (b"X-Upper", b"1")],
+            [*REQUEST, (b"x-space", b" padded")],
+            [*REQUEST, (b"x-space", b"padded\t")],
+            [*REQUEST, (b"x-nul", b"a\x00b")],
+            [*REQUEST, (b"connection", b"close")],
+            [*REQUEST, (b"transfer-encoding", b"chunked")],
+            [*REQUEST, (b"upgrade", b"websocket")],
+            [*REQUEST, (b"te", b"gzip")],
+            [*REQUEST, (b"host", b"a.test"), (b"host", b"a.test")],
+            [*REQUEST, (b"host", b"b.test")],
+            [get, scheme, authority, path, (b":path", b"/y")],
+            [get, scheme, authority, (b"x-a", b"1"), path],
+            [*REQUEST, (b":protocol", b"websocket")],
+            [get, authority, path],
+            [get, scheme, authority, (b":path", b"")],
+        ):
+            with self.assertRaises(HttpError, msg=repr(headers)):
+                request_head(headers, ended=True)
+        head, _, _ = request_head([*REQUEST, (b"te", b"trailers"), (b"host", b"a.test")], ended=True)
+        self.assertEqual(head, b"GET /x HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+
+    def test_a_malformed_stream_leaves_the_others(self) -> None:
+        exchange = Exchange()
+        exchange.client.config.validate_outbound_headers = False  # a client sending what h2 would not
+        exchange.client.config.normalize_outbound_headers = False
+        exchange.client.send_headers(1, [*REQUEST, (b"x-space", b" padded")], end_stream=True)
+        exchange.client.send_headers(3, REQUEST, end_stream=True)
+        exchange.pump()
+        statuses = sorted(dict(e.headers)[b":status"] for e in exchange.of(ResponseReceived))
+        self.assertEqual(statuses, [b"200", b"400"])
+        self.assertEqual(len(exchange.fronts), 1)
+
     def test_connect_refused(self) -> None:
         with self.assertRaises(HttpError) as caught:
             request_head([(b":method", b"CONNECT"), (b":authority", b"a.test:443")], ended=False)
@@ -292,3 +333,100 @@ class ProtectionTests(TestCase):
         self.assertEqual(exchange.client.outbound_flow_control_window, 65_535 + 200_000)
         self.assertEqual(exchange.client.remote_settings.initial_window_size, 200_000)
 
+
+class ForwarderTests(TestCase):
+    """Streams served by the real HTTP/1.1 forwarder (sharing a backend pool): it takes the request head
+    parsed and gives the response head parsed, and what reaches the backend and the client is what the
+    HTTP/1.1 bytes would have given."""
+
+    def exchange(self, **options: Any) -> tuple[Exchange, list[tuple[HttpBackend, StringTransport]]]:
+        backends: list[tuple[HttpBackend, StringTransport]] = []
+
+        def connect(factory: Any) -> Deferred[Any]:
+            backend = factory()
+            transport = StringTransport()
+            backend.makeConnection(transport)
+            backends.append((backend, transport))
+            return succeed(backend)
+
+        exchange = Exchange()
+        pool = BackendPool(connect)
+        policy = ForwardingPolicy(
+            client_ip="192.0.2.7",
+            trust_forwarded=False,
+            host_allowed=lambda host: host == "a.test",
+            pool=pool,
+            **options,
+        )
+        clock = exchange.clock
+
+        def front() -> HttpForwarder:
+            forwarder = HttpForwarder(policy, connect=pool.connector, counters=RouteCounters(), clock=clock)
+            exchange.fronts.append(forwarder)  # type: ignore[arg-type]
+            return forwarder
+
+        exchange.server._make_front = front
+        return exchange, backends
+
+    def test_request_and_response_through_the_forwarder(self) -> None:
+        exchange, backends = self.exchange(
+            request_fields=FieldChanges(set_fields=((b"X-Added", b"1"),), remove=frozenset({b"x-drop"})),
+            response_fields=FieldChanges(set_fields=((b"X-Resp", b"2"),), remove=frozenset({b"server"})),
+        )
+        exchange.client.send_headers(
+            1,
+            [*REQUEST, (b"cookie", b"a=1"), (b"x-drop", b"1"), (b"cookie", b"b=2"), (b"accept", b"*/*")],
+            end_stream=True,
+        )
+        exchange.pump()
+        ((backend, transport),) = backends
+        self.assertEqual(
+            transport.value(),
+            b"GET /x HTTP/1.1\r\nHost: a.test\r\naccept: */*\r\nCookie: a=1; b=2\r\nX-Added: 1\r\n"
+            b"X-Forwarded-For: 192.0.2.7\r\nX-Forwarded-Proto: https\r\n\r\n",
+        )
+        backend.dataReceived(
+            b"HTTP/1.1 200 OK\r\nServer: x\r\nConnection: keep-alive, x-hop\r\nX-Hop: 1\r\n"
+            b"Content-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        )
+        exchange.pump()
+        (response,) = exchange.of(ResponseReceived)
+        self.assertEqual(
+            response.headers, [(b":status", b"200"), (b"content-type", b"text/plain"), (b"x-resp", b"2")]
+        )
+        self.assertEqual(b"".join(e.data for e in exchange.of(DataReceived)), b"abc")
+        self.assertEqual(len(exchange.of(StreamEnded)), 1)
+        # The backend connection went back to the pool: the next stream takes it.
+        exchange.client.send_headers(3, REQUEST, end_stream=True)
+        exchange.pump()
+        self.assertEqual(len(backends), 1)
+
+    def test_refusals_as_over_http1(self) -> None:
+        exchange, backends = self.exchange()
+        exchange.client.send_headers(
+            1, [*REQUEST[:2], (b":authority", b"b.test"), REQUEST[3]], end_stream=True
+        )
+        many = [*REQUEST, *((b"x-f%d" % i, b"v") for i in range(120))]
+        exchange.client.send_headers(3, many, end_stream=True)
+        exchange.pump()
+        statuses = sorted(dict(e.headers)[b":status"] for e in exchange.of(ResponseReceived))
+        self.assertEqual(statuses, [b"421", b"431"])
+        self.assertEqual(backends, [])
+
+    def test_request_body_and_interim_response(self) -> None:
+        exchange, backends = self.exchange()
+        exchange.client.send_headers(1, [*REQUEST[:1], *REQUEST[1:]], end_stream=False)
+        exchange.client.send_data(1, b"hello", end_stream=True)
+        exchange.pump()
+        ((backend, transport),) = backends
+        self.assertTrue(transport.value().endswith(b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n"), transport.value())
+        self.assertIn(b"Transfer-Encoding: chunked\r\n", transport.value())
+        backend.dataReceived(b"HTTP/1.1 103 Early Hints\r\nLink: </s>\r\n\r\n")
+        backend.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        exchange.pump()
+        heads = [e.headers for e in exchange.of(ResponseReceived)] + [
+            e.headers for e in exchange.of(InformationalResponseReceived)
+        ]
+        self.assertIn([(b":status", b"204")], heads)
+        self.assertIn([(b":status", b"103"), (b"link", b"</s>")], heads)
+        self.assertEqual(len(exchange.of(StreamEnded)), 1)

@@ -12,8 +12,10 @@ domain (ACME HTTP-01 challenges, redirects to HTTPS).
 - Bodies stream both ways, framed by Content-Length or chunked (re-encoded canonically), so request
   boundaries are exact and several requests share one client connection (keep-alive). Producers are wired
   both ways through :class:`PauseGate`, so a slow side pauses the other; no body is held whole.
-- One request at a time: once a request has been sent, reading from the client pauses until its response
-  has been relayed (pipelined bytes already read wait their turn). Responses are relayed as they arrive;
+- One request at a time: once a request has been sent, nothing more of the client's is handled until its
+  response has been relayed; bytes of a next request (pipelined) wait their turn, and reading from the
+  client pauses as soon as any arrive (not before: a pause and resume per request would cost two system
+  calls each). Responses are relayed as they arrive;
   HEAD, 1xx, 204 and 304 have no body; 1xx interim responses are relayed before the final one.
 - ``Upgrade: websocket``: after the backend's ``101`` the connection becomes a raw splice both ways.
 - A backend that fails before any response byte gets the client a ``502``; after, the client is dropped.
@@ -24,6 +26,7 @@ challenge responder (``404`` when unknown), every other request ``301`` to ``htt
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Callable
@@ -48,6 +51,7 @@ from dcrouter.proxy.httpmessage import (
     HttpError,
     LengthBody,
     RequestHead,
+    ResponseHead,
     UntilCloseBody,
     forwarded_request_head,
     parse_request_head,
@@ -103,6 +107,24 @@ def host_address(value: bytes) -> str | None:
     except ValueError:
         return None
     return written
+
+
+@functools.lru_cache(maxsize=1024)
+def _request_host(value: bytes) -> str:
+    address = host_address(value)
+    return address if address is not None else host_name(value)
+
+
+def request_host(value: bytes | None) -> str:
+    """The name a request's ``Host`` value asks for: its address as written when it is one (what
+    ``curl http://127.0.0.1:8080/`` sends: served where no name was asked for, as ``host_allowed``
+    decides), else the normalised host name; ValueError with the reason. Remembered for the values seen
+    last (every request of every connection carries one, almost always the same few)."""
+    if not value:
+        raise ValueError("no Host field")
+    if len(value) > 270:  # longer than any name with a port: worked out, not kept
+        return _request_host.__wrapped__(value)
+    return _request_host(value)
 
 
 @implementer(IPushProducer)
@@ -180,14 +202,22 @@ class BackendPool:
         self.idle: list[HttpBackend] = []
 
     def connector(self, factory: Callable[[], Protocol]) -> Deferred[Any]:
+        if self.idle:
+            taker = factory()
+            assert isinstance(taker, HttpBackend)
+            backend = self.take(taker.forwarder)
+            if backend is not None:
+                return succeed(backend)
+        return self._connect(factory)
+
+    def take(self, forwarder: HttpForwarder) -> HttpBackend | None:
+        """An idle connection, now ``forwarder``'s; None when none is left."""
         while self.idle:
             backend = self.idle.pop()
             if backend.transport is not None and backend.transport.connected:
-                taker = factory()
-                assert isinstance(taker, HttpBackend)
-                backend.forwarder = taker.forwarder
-                return succeed(backend)
-        return self._connect(factory)
+                backend.forwarder = forwarder
+                return backend
+        return None
 
     def put(self, backend: HttpBackend) -> None:
         if len(self.idle) >= self.size:
@@ -276,11 +306,18 @@ class HttpForwarder(Protocol):
         self._idle_timeout = policy.idle_timeout
         self._idle_call: IDelayedCall | None = None
         self._age_call: IDelayedCall | None = None
+        #: The last Host value that passed the checks: the next request almost always repeats it.
+        self._allowed_host: bytes | None = None
+        #: Bytes for the client collected while one backend read is handled, written once (one TLS record).
+        self._out: list[bytes] | None = None
+        #: The transport's own way to take a parsed response head (an HTTP/2 stream's), if it has one.
+        self._head_sink: Callable[..., None] | None = None
 
     # -- the client side ------------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
         self._client_gate = PauseGate(self.transport)
+        self._head_sink = getattr(self.transport, "relay_response_head", None)
         if self.policy.idle_timeout is not None:
             self._idle_call = self._clock.callLater(self.policy.idle_timeout, self._idle_check)
 
@@ -292,6 +329,8 @@ class HttpForwarder(Protocol):
         elif self.phase != "closed":
             self._pending += data
             self._advance()
+            if self.phase == "wait" and self._pending:
+                self._hold_pipelined()
 
     def client_eof(self) -> None:
         """The client shut its sending side: finish the request in flight, if complete, then close."""
@@ -345,23 +384,31 @@ class HttpForwarder(Protocol):
     def _body_done(self) -> bool:
         return self.phase == "body" and self._request_body is not None and self._request_body.done
 
-    def _request_head(self, raw: bytes) -> None:
+    def head_received(self, head: RequestHead) -> None:
+        """A request head parsed already, as :func:`parse_request_head` would have parsed it (an HTTP/2
+        stream's, translated): handled as if its bytes had come, without writing and parsing them."""
+        if self.phase != "head" or self._pending:
+            raise RuntimeError("head_received: only as the first thing a fresh forwarder gets")
+        self._last_activity = self._clock.seconds()
+        self._request_head(None, head)
+        self._advance()
+
+    def _request_head(self, raw: bytes | None, parsed: RequestHead | None = None) -> None:
         try:
-            head = parse_request_head(raw)
+            head = parsed if parsed is not None else parse_request_head(raw or b"")
             framing = request_framing(head)
             host = head.fields.get(b"host")
-            # An address names no route, but is what curl http://127.0.0.1:8080/ sends: it is served where
-            # no name was asked for (host_allowed decides, as for a name).
-            address = host_address(host) if host else None
-            name = address if address is not None else host_name(host)
+            if host is None or host != self._allowed_host:
+                name = request_host(host)
+                if not self.policy.host_allowed(name):
+                    self._refuse(HttpError(421, f"Host {name} is not served on this connection"))
+                    return
+                self._allowed_host = host
         except HttpError as error:
             self._refuse(error)
             return
         except ValueError as error:
             self._refuse(HttpError(400, str(error)))
-            return
-        if not self.policy.host_allowed(name):
-            self._refuse(HttpError(421, f"Host {name} is not served on this connection"))
             return
         gate = self.policy.gate
         if gate is None:
@@ -413,8 +460,15 @@ class HttpForwarder(Protocol):
         )
 
     def _request_sent(self) -> None:
-        """The whole request went out: read nothing more until its response has been relayed."""
+        """The whole request went out: nothing more is taken from the client until its response has been
+        relayed. Reading pauses only once bytes of a next request are here (pipelined): pausing and
+        resuming the socket for every request would cost two system calls each, for nothing."""
         self.phase = "wait"
+        if self._pending:
+            self._hold_pipelined()
+
+    def _hold_pipelined(self) -> None:
+        """Bytes came while a response is awaited: kept, and no more read until it has been relayed."""
         if self._client_gate is not None:
             self._client_gate.pause("response")
 
@@ -442,6 +496,11 @@ class HttpForwarder(Protocol):
             return
         self._queued.append(data)
         if not self._connecting:
+            pool = self.policy.pool
+            backend = pool.take(self) if pool is not None else None
+            if backend is not None:
+                self._connected(backend)  # an idle one at hand: no Deferred, no reactor turn
+                return
             self._connecting = True
             if self._client_gate is not None:
                 self._client_gate.pause("connecting")
@@ -484,7 +543,14 @@ class HttpForwarder(Protocol):
             self._drop_backend()
         else:
             self._response_pending += data
-            self._advance_response()
+            # A response head and its body, often in one read, go to the client in one write (one TLS
+            # record); a transport taking parsed heads batches by itself.
+            if self._head_sink is None:
+                self._out = []
+            try:
+                self._advance_response()
+            finally:
+                self._flush_client()
 
     def _advance_response(self) -> None:
         try:
@@ -517,7 +583,7 @@ class HttpForwarder(Protocol):
             self._upgraded()
             return False
         if head.status < 200:
-            self._write_client(relayed_response_head(head, close=False))
+            self._relay_head(head, close=False)
             self._response_started = True
             self._response_head = HeadBuffer(leading_crlf=False)
             return True
@@ -529,9 +595,7 @@ class HttpForwarder(Protocol):
         if framing.kind == "close" or self.phase == "body":
             self._close_after = True
         changes = self.policy.response_fields
-        self._write_client(
-            relayed_response_head(head, close=self._close_after, drop=changes.dropped, add=changes.set_fields)
-        )
+        self._relay_head(head, close=self._close_after, drop=changes.dropped, add=changes.set_fields)
         self._response_started = True
         self._response_body = framing.reader()
         if self._response_body.done:
@@ -608,10 +672,34 @@ class HttpForwarder(Protocol):
 
     # -- ending ---------------------------------------------------------------------------------------
 
+    def _relay_head(
+        self,
+        head: ResponseHead,
+        *,
+        close: bool,
+        drop: frozenset[bytes] = frozenset(),
+        add: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
+        """A response head (not a 101) to the client: parsed to a transport that takes it so, else bytes."""
+        sink = self._head_sink
+        if sink is None:
+            self._write_client(relayed_response_head(head, close=close, drop=drop, add=add))
+        elif self.phase != "closed":
+            sink(head, drop, add)
+
     def _write_client(self, data: bytes) -> None:
         if data and self.phase != "closed":
             self.counters.bytes_out += len(data)
-            self.transport.write(data)
+            if self._out is not None:
+                self._out.append(data)
+            else:
+                self.transport.write(data)
+
+    def _flush_client(self) -> None:
+        """Write what :meth:`_write_client` collected, and collect no more."""
+        out, self._out = self._out, None
+        if out:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _release_backend(self) -> None:
         """Forget the backend connection: producers unregistered, the client no longer paused for it."""
@@ -634,6 +722,7 @@ class HttpForwarder(Protocol):
     def _close(self, reason: str, *, abort: bool = False) -> None:
         if self.phase == "closed":
             return
+        self._flush_client()
         self._drop_backend()
         self.phase = "closed"
         if self._client_gate is not None:

@@ -59,10 +59,16 @@ from zope.interface import implementer
 from dcrouter.log import logger
 from dcrouter.proxy.httpmessage import (
     HOP_BY_HOP,
+    MAX_FIELDS,
+    MAX_HEAD_BYTES,
     ChunkedBody,
+    Fields,
     HeadBuffer,
     HttpError,
+    RequestHead,
+    ResponseHead,
     parse_response_head,
+    relayed_fields,
     response_framing,
     simple_response,
 )
@@ -74,7 +80,16 @@ ALPN_H2 = (b"h2", b"http/1.1")
 ALPN_HTTP1 = (b"http/1.1",)
 
 _FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+\Z")
-_FIELD_VALUE = re.compile(rb"[^\x00\r\n]*\Z")
+# What HTTP/1.1 carries (httpmessage's check): visible ASCII and obs-text, spaces and tabs only inside — so
+# also no NUL, CR or LF and no whitespace at either end (RFC 9113 §8.2.1).
+_FIELD_VALUE = re.compile(rb"(?:[\x21-\x7e\x80-\xff](?:[\x20-\x7e\x80-\xff\t]*[\x21-\x7e\x80-\xff])?)?\Z")
+_METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+#: The request pseudo-header fields (RFC 9113 §8.3.1); ``:protocol`` (RFC 8441) is not offered.
+_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
+#: Connection-specific fields that make an HTTP/2 request malformed (RFC 9113 §8.2.2).
+_CONNECTION_SPECIFIC = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+)
 _TARGET = re.compile(rb"[\x21-\x7e]+\Z")
 #: Fields that describe one connection (RFC 9113 §8.2.2) or that the translation sets itself.
 _NOT_FORWARDED = HOP_BY_HOP | {b"transfer-encoding", b"host", b"content-length", b"cookie"}
@@ -160,46 +175,87 @@ class _WindowCounter:
 
 def request_head(headers: list[tuple[bytes, bytes]], *, ended: bool) -> tuple[bytes, bytes, bool]:
     """An HTTP/2 request's header list as an HTTP/1.1 request head: (head, method, chunked body).
-    HttpError when it is malformed or cannot be carried (RFC 9113 §8.2, §8.3)."""
+    HttpError when it is malformed or cannot be carried (RFC 9113 §8.2, §8.3); see :func:`request_fields`."""
+    method, path, lines, chunked = request_fields(headers, ended=ended)
+    out = [b"%s %s HTTP/1.1" % (method, path)]
+    out += [b"%s: %s" % field for field in lines]
+    return b"\r\n".join(out) + b"\r\n\r\n", method, chunked
+
+
+def parsed_request_head(method: bytes, path: bytes, lines: list[tuple[bytes, bytes]]) -> RequestHead:
+    """What :func:`~dcrouter.proxy.httpmessage.parse_request_head` would make of the head
+    :func:`request_head` writes for these: the same limits (fields, head size: ``431``) apply. The other
+    checks of that parse hold already (:func:`request_fields`)."""
+    if len(lines) > MAX_FIELDS:
+        raise HttpError(431, f"more than {MAX_FIELDS} fields")
+    size = len(method) + len(path) + 15 + sum(len(name) + len(value) + 4 for name, value in lines)
+    if size > MAX_HEAD_BYTES:
+        raise HttpError(431, f"head longer than {MAX_HEAD_BYTES} bytes")
+    return RequestHead(method, path, b"HTTP/1.1", Fields(tuple(lines)))
+
+
+def request_fields(
+    headers: list[tuple[bytes, bytes]], *, ended: bool
+) -> tuple[bytes, bytes, list[tuple[bytes, bytes]], bool]:
+    """An HTTP/2 request's header list as the parts of an HTTP/1.1 request head: (method, path, field
+    lines, chunked body). HttpError when it is malformed or cannot be carried (RFC 9113 §8.2, §8.3).
+
+    This is the whole check of a request's header list: ``h2``'s own validation is off (it cost more than
+    the rest of a request's handling in ``h2``), so everything it refused is refused here, as ``400`` on
+    the stream — field names that are not lower-case tokens, values with NUL, CR, LF or surrounding
+    whitespace, connection-specific fields, ``TE`` other than ``trailers``, pseudo-header fields unknown,
+    repeated or after a regular field, no ``:method``, ``:scheme`` or ``:path``, several ``Host`` fields
+    or one that differs from ``:authority``."""
     pseudo: dict[bytes, bytes] = {}
     fields: list[tuple[bytes, bytes]] = []
     cookies: list[bytes] = []
     host: bytes | None = None
     length: bytes | None = None
+    regular = False
     for name, value in headers:
-        if name.startswith(b":"):
+        if name[:1] == b":":
+            if regular or name in pseudo or name not in _PSEUDO:
+                raise HttpError(400, "a pseudo-header field unknown, repeated or after a regular field")
             pseudo[name] = value
             continue
+        regular = True
         if not _FIELD_NAME.match(name) or not _FIELD_VALUE.match(value):
             raise HttpError(400, "a field HTTP/1.1 cannot carry")
         if name == b"cookie":
             cookies.append(value)
         elif name == b"host":
+            if host is not None:
+                raise HttpError(400, "several Host fields")
             host = value
         elif name == b"content-length":
             length = value
+        elif name in _CONNECTION_SPECIFIC or (name == b"te" and value.lower() != b"trailers"):
+            raise HttpError(400, f"connection-specific field {name.decode()!r}")
         elif name not in _NOT_FORWARDED:
             fields.append((name, value))
     method = pseudo.get(b":method", b"")
     if method == b"CONNECT":
         raise HttpError(501, "CONNECT is not served over HTTP/2")
     authority = pseudo.get(b":authority", host)
+    if host is not None and authority != host:
+        raise HttpError(400, ":authority and Host differ")
     path = pseudo.get(b":path", b"")
-    if not authority or not _TARGET.match(authority) or not _TARGET.match(path) or not _TARGET.match(method):
+    if b":scheme" not in pseudo:
+        raise HttpError(400, "no :scheme")
+    if not authority or not _TARGET.match(authority) or not _TARGET.match(path) or not _METHOD.match(method):
         raise HttpError(400, "no usable :authority, :path or :method")
-    lines = [b"%s %s HTTP/1.1" % (method, path), b"Host: " + authority]
-    lines += [b"%s: %s" % field for field in fields]
+    lines = [(b"Host", authority), *fields]
     if cookies:
-        lines.append(b"Cookie: " + b"; ".join(cookies))
+        lines.append((b"Cookie", b"; ".join(cookies)))
     chunked = False
     if length is not None:
-        lines.append(b"Content-Length: " + length)
+        lines.append((b"Content-Length", length))
     elif not ended:
-        lines.append(b"Transfer-Encoding: chunked")
+        lines.append((b"Transfer-Encoding", b"chunked"))
         chunked = True
     # One exchange per front: it closes after the response, which ends the stream.
-    lines.append(b"Connection: close")
-    return b"\r\n".join(lines) + b"\r\n\r\n", method, chunked
+    lines.append((b"Connection", b"close"))
+    return method, path, lines, chunked
 
 
 def response_fields(head: Any) -> list[tuple[bytes, bytes]]:
@@ -331,8 +387,22 @@ class StreamChannel:
             self._remaining -= len(take)
             self._send(take, end=self._remaining == 0)
 
-    def _response_head(self, raw: bytes) -> None:
-        head = parse_response_head(raw)
+    def relay_response_head(
+        self, head: ResponseHead, drop: frozenset[bytes], add: tuple[tuple[bytes, bytes], ...]
+    ) -> None:
+        """The front's response head, parsed already (an :class:`~dcrouter.proxy.http.HttpForwarder`
+        has it so): as if written as HTTP/1.1 bytes, without writing and parsing them again."""
+        if self.finished or self._head is None:
+            return
+        lines = relayed_fields(head, drop=drop, add=add)
+        try:
+            self._response_head(None, ResponseHead(head.version, head.status, head.reason, Fields(lines)))
+        except HttpError as error:
+            log.info("proxy: h2 stream {id}: bad response ({reason})", id=self.stream_id, reason=error.reason)
+            self.abortConnection()
+
+    def _response_head(self, raw: bytes | None, parsed: ResponseHead | None = None) -> None:
+        head = parsed if parsed is not None else parse_response_head(raw or b"")
         if head.status == 101:
             raise HttpError(502, "no protocol switch over HTTP/2")
         if head.status < 200:
@@ -418,7 +488,17 @@ class Http2Connection(Protocol):
         self._make_front = make_front
         self._clock = clock
         self.client_ip = client_ip
-        self.h2 = H2Connection(config=H2Configuration(client_side=False, header_encoding=None))
+        # Headers are checked by request_head (inbound) and come from a parsed HTTP/1.1 head (outbound):
+        # h2's validation and normalisation of both would only repeat that, at a high cost per request.
+        config = H2Configuration(
+            client_side=False,
+            header_encoding=None,
+            validate_inbound_headers=False,
+            normalize_inbound_headers=False,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
+        self.h2 = H2Connection(config=config)
         self.streams: dict[int, StreamChannel] = {}
         self.closed = False
         self.goaway: str | None = None  # why we sent GOAWAY, when we did
@@ -427,6 +507,8 @@ class Http2Connection(Protocol):
         self._control = _WindowCounter(clock, self.limits.window, self.limits.max_control_frames)
         self._idle: IDelayedCall | None = None
         self._write_call: IDelayedCall | None = None
+        self._closed_fronts: list[StreamChannel] = []
+        self._closed_call: IDelayedCall | None = None
         self._last_activity = clock.seconds()
 
     def connectionMade(self) -> None:
@@ -509,10 +591,20 @@ class Http2Connection(Protocol):
 
     def _request(self, event: RequestReceived) -> None:
         stream_id = event.stream_id
+        raw: bytes | None = None
+        front: Any = None
         try:
-            raw, method, chunked = request_head(
+            method, path, lines, chunked = request_fields(
                 list(event.headers or ()), ended=event.stream_ended is not None
             )
+            front = self._make_front()
+            if getattr(front, "head_received", None) is not None:
+                # A forwarder takes the head parsed: no HTTP/1.1 bytes written here to be parsed there.
+                head = parsed_request_head(method, path, lines)
+            else:
+                out = [b"%s %s HTTP/1.1" % (method, path)]
+                out += [b"%s: %s" % field for field in lines]
+                raw = b"\r\n".join(out) + b"\r\n\r\n"
         except HttpError as error:
             channel = StreamChannel(self, stream_id, b"GET")
             self.streams[stream_id] = channel
@@ -523,11 +615,13 @@ class Http2Connection(Protocol):
         channel = StreamChannel(self, stream_id, method)
         channel.chunked = chunked
         self.streams[stream_id] = channel
-        front = self._make_front()
         channel.front = front
-        front.makeConnection(channel)  # type: ignore[arg-type]
+        front.makeConnection(channel)
         if not channel.lost:
-            front.dataReceived(raw)
+            if raw is None:
+                front.head_received(head)
+            else:
+                front.dataReceived(raw)
 
     def _data(self, event: DataReceived) -> None:
         channel = self.streams.get(event.stream_id)
@@ -603,7 +697,16 @@ class Http2Connection(Protocol):
 
     def front_closed(self, channel: StreamChannel) -> None:
         """The front closed its side: it is told the connection is gone (as a transport would, later)."""
-        self._clock.callLater(0, self._lose_front, channel, ConnectionDone("stream done"))
+        # One timer for the fronts closed in this reactor turn (often a stream each), not one per front.
+        self._closed_fronts.append(channel)
+        if self._closed_call is None:
+            self._closed_call = self._clock.callLater(0, self._lose_closed_fronts)
+
+    def _lose_closed_fronts(self) -> None:
+        self._closed_call = None
+        closed, self._closed_fronts = self._closed_fronts, []
+        for channel in closed:
+            self._lose_front(channel, ConnectionDone("stream done"))
 
     def _stream_done(self, channel: StreamChannel) -> None:
         """Nothing more goes out on the stream; the front closes when it sees its response end."""

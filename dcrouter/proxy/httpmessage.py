@@ -54,25 +54,59 @@ class HttpError(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True)
 class Fields:
-    """Field lines in the order received: ``(name as sent, value without surrounding whitespace)``."""
+    """Field lines in the order received: ``(name as sent, value without surrounding whitespace)``.
 
-    lines: tuple[tuple[bytes, bytes], ...]
+    Looked up by lower-case name through an index built on the first lookup (a head is asked for several
+    fields: Host, Connection, Content-Length, Transfer-Encoding, X-Forwarded-For, ...), not by a scan each."""
+
+    __slots__ = ("_index", "_tokens", "lines")
+
+    def __init__(self, lines: tuple[tuple[bytes, bytes], ...]) -> None:
+        self.lines = lines
+        self._index: dict[bytes, list[bytes]] | None = None
+        self._tokens: dict[bytes, set[bytes]] = {}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Fields) and other.lines == self.lines
+
+    def __hash__(self) -> int:
+        return hash(self.lines)
+
+    def __repr__(self) -> str:
+        return f"Fields({self.lines!r})"
+
+    def _by_name(self) -> dict[bytes, list[bytes]]:
+        index = self._index
+        if index is None:
+            index = self._index = {}
+            for key, value in self.lines:
+                index.setdefault(key.lower(), []).append(value)
+        return index
 
     def get_all(self, name: bytes) -> list[bytes]:
         """Every value of ``name`` (lower case), in order."""
-        return [value for key, value in self.lines if key.lower() == name]
+        return list(self._by_name().get(name, ()))
 
     def get(self, name: bytes) -> bytes | None:
         """The value of ``name`` when it appears exactly once; None when absent or repeated."""
-        values = self.get_all(name)
-        return values[0] if len(values) == 1 else None
+        values = self._by_name().get(name)
+        return values[0] if values is not None and len(values) == 1 else None
+
+    def has(self, name: bytes) -> bool:
+        """Whether ``name`` (lower case) appears at all."""
+        return name in self._by_name()
 
     def tokens(self, name: bytes) -> set[bytes]:
-        """The comma-separated list elements of every ``name`` field, lower case (``Connection``)."""
-        items = {item.strip(b" \t").lower() for value in self.get_all(name) for item in value.split(b",")}
-        return items - {b""}
+        """The comma-separated list elements of every ``name`` field, lower case (``Connection``). The set
+        is shared between calls: callers must not change it."""
+        items = self._tokens.get(name)
+        if items is None:
+            values = self._by_name().get(name, ())
+            items = {item.strip(b" \t").lower() for value in values for item in value.split(b",")}
+            items.discard(b"")
+            self._tokens[name] = items
+        return items
 
 
 @dataclass(frozen=True)
@@ -129,6 +163,14 @@ class HeadBuffer:
         return bool(self._buffer)
 
     def feed(self, data: bytes) -> tuple[bytes, bytes] | None:
+        if not self._buffer and data[:1] not in (b"\r", b"\n"):
+            # The common case, a whole head in one read: found in ``data`` itself, without copying it
+            # through the buffer (the same checks as below).
+            end = data.find(b"\r\n\r\n")
+            if end != -1 and end + 4 <= self._max_bytes:
+                _refuse_bare_line_ends(data, 0, end + 4)
+                self._leading_crlf = False
+                return data[: end + 4], data[end + 4 :]
         self._buffer += data
         if self._leading_crlf:
             self._skip_empty_lines()
@@ -158,8 +200,11 @@ class HeadBuffer:
         self._leading_crlf = self._buffer in (b"", b"\r")
 
 
-def _refuse_bare_line_ends(buffer: bytearray, start: int, end: int) -> None:
+def _refuse_bare_line_ends(buffer: bytes | bytearray, start: int, end: int) -> None:
     """RFC 9112 §2.2 lets a recipient accept a bare LF; a proxy must not, as the next parser may not."""
+    crlf = buffer.count(b"\r\n", start, end)
+    if buffer.count(b"\n", start, end) == crlf and buffer.count(b"\r", start, end) == crlf:
+        return  # every LF follows a CR and every CR comes before an LF, within the range
     index = buffer.find(b"\n", start, end)
     while index != -1:
         if index == 0 or buffer[index - 1] != 0x0D:
@@ -412,6 +457,10 @@ class ChunkedBody:
         return False
 
 
+_DROPPED_TRUSTED = HOP_BY_HOP | {b"x-forwarded-proto"}
+_DROPPED_UNTRUSTED = _DROPPED_TRUSTED | {b"x-forwarded-for", b"forwarded"}
+
+
 def forwarded_request_head(
     head: RequestHead,
     *,
@@ -427,9 +476,10 @@ def forwarded_request_head(
     ``Connection: Upgrade`` / ``Upgrade`` pair. Fields named in ``drop`` (lower case) are left out and
     ``add`` appended (a route's ``action.headers.request``)."""
     fields = head.fields
-    dropped = HOP_BY_HOP | fields.tokens(b"connection") | {b"x-forwarded-proto"} | drop
-    if not trust_forwarded:
-        dropped |= {b"x-forwarded-for", b"forwarded"}
+    dropped = _DROPPED_TRUSTED if trust_forwarded else _DROPPED_UNTRUSTED
+    connection = fields.tokens(b"connection")
+    if connection or drop:
+        dropped = dropped | connection | drop
     prior = fields.get_all(b"x-forwarded-for") if trust_forwarded else []
     lines = [b"%s %s %s" % (head.method, head.target, head.version)]
     lines += [b"%s: %s" % (name, value) for name, value in fields.lines if name.lower() not in dropped]
@@ -455,12 +505,21 @@ def relayed_response_head(
     if head.status == 101:
         lines += [b"%s: %s" % line for line in head.fields.lines]
     else:
-        dropped = HOP_BY_HOP | head.fields.tokens(b"connection") | drop
-        lines += [b"%s: %s" % (n, v) for n, v in head.fields.lines if n.lower() not in dropped]
-        lines += [b"%s: %s" % field for field in add]
+        lines += [b"%s: %s" % field for field in relayed_fields(head, drop=drop, add=add)]
         if close:
             lines.append(b"Connection: close")
     return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def relayed_fields(
+    head: ResponseHead, *, drop: frozenset[bytes] = frozenset(), add: tuple[tuple[bytes, bytes], ...] = ()
+) -> tuple[tuple[bytes, bytes], ...]:
+    """The field lines :func:`relayed_response_head` relays of a response other than a 101 (without the
+    ``Connection: close`` it may add)."""
+    connection = head.fields.tokens(b"connection")
+    dropped = (HOP_BY_HOP | connection | drop) if connection or drop else HOP_BY_HOP
+    kept = tuple((n, v) for n, v in head.fields.lines if n.lower() not in dropped)
+    return kept + add if add else kept
 
 
 def simple_response(

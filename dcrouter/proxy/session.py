@@ -1008,7 +1008,8 @@ class ProxySession(Protocol):
         elif route.action.answers_http:
             make_front = lambda: self._answerer(route, sniffed.server_name)  # noqa: E731
         else:
-            make_front = lambda: self._forwarder(route, sniffed.server_name, counters, pooled=True)  # noqa: E731
+            # The policy and the connector are the same for every stream: made once, not per request.
+            make_front = self._forwarders(route, sniffed.server_name, counters, pooled=True)
         return Http2Connection(
             make_front,
             clock=self.context.reactor,
@@ -1104,6 +1105,21 @@ class ProxySession(Protocol):
     ) -> HttpForwarder:
         """``pooled``: the forwarder carries one request (an HTTP/2 stream's) and shares backend
         connections with the connection's other forwarders of ``route`` (see BackendPool)."""
+        return self._forwarders(
+            route, server_name, counters, one_request=one_request, proto=proto, pooled=pooled
+        )()
+
+    def _forwarders(
+        self,
+        route: ProxyRoute,
+        server_name: str | None,
+        counters: RouteCounters,
+        *,
+        one_request: bool = False,
+        proto: bytes = b"https",
+        pooled: bool = False,
+    ) -> Callable[[], HttpForwarder]:
+        """What makes the forwarders :meth:`_forwarder` describes, all with one policy."""
         host_allowed = self._host_check(route, server_name)
 
         tls = None
@@ -1132,12 +1148,9 @@ class ProxySession(Protocol):
             on_upgrade=self._upgraded,
             pool=pool,
         )
-        return HttpForwarder(
-            policy,
-            connect=pool.connector if pool is not None else connect,
-            counters=counters,
-            clock=self.context.reactor,
-        )
+        connector = pool.connector if pool is not None else connect
+        reactor = self.context.reactor
+        return lambda: HttpForwarder(policy, connect=connector, counters=counters, clock=reactor)
 
     def _pool(self, route: ProxyRoute, connect: Connector) -> BackendPool:
         """The idle backend connections of ``route`` kept for this client connection's streams."""

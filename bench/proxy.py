@@ -85,6 +85,22 @@ def cpu_seconds(pid: int) -> float:
         return clock_ticks(f.read().rsplit(b")", 1)[1].split())
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of ``pid`` and its live children (dcrouter's supervisor and its workers)."""
+    total = cpu_seconds(pid)
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except OSError:
+        children = []
+    for child in children:
+        try:
+            total += tree_cpu_seconds(child)
+        except OSError:
+            pass
+    return total
+
+
 def machine_busy() -> float:
     """CPU seconds all cores spent busy since boot (everything but idle and iowait), from /proc/stat."""
     with open("/proc/stat") as f:
@@ -309,11 +325,13 @@ def start_forwarder(workdir: str, backend_plain: int, backend_tls: int) -> Targe
 
 
 def start_dcrouter(
-    workdir: str, backend_plain: int, backend_tls: int, profile: str | None, root: str = ""
+    workdir: str, backend_plain: int, backend_tls: int, profile: str | None, root: str = "", workers: int = 1
 ) -> Target:
     plain, tls = free_port(), free_port()
     config = os.path.join(workdir, "dcrouter.toml")
     with open(config, "w") as f:
+        if workers > 1:
+            f.write(f"workers = {workers}\n")  # a top-level key, before the first table
         f.write(
             DCROUTER_CONFIG.format(
                 host=HOST,
@@ -332,6 +350,13 @@ def start_dcrouter(
     process = Process("dcrouter", workdir)
     process.spawn(argv, env=dict(os.environ, PYTHONPATH=pythonpath))
     process.wait_listening([plain, tls])
+    # With workers the supervisor listens first: wait until every worker serves.
+    deadline = time.monotonic() + START_TIMEOUT
+    while workers > 1 and time.monotonic() < deadline:
+        with open(process.log_path, "rb") as log:
+            if log.read().count(b"dcrouter ready") >= workers:
+                break
+        time.sleep(0.1)
     return Target("dcrouter", "dcrouter", plain, tls, process)
 
 
@@ -522,12 +547,12 @@ def median(values: list[float]) -> float:
 def measured(target: Target, backend: Process, run: Any) -> dict[str, Any]:
     """Run ``run()`` (a coroutine factory) and add the proxy's and the backend's CPU seconds to its result."""
     proxy_pid = target.process.pid if target.process else None
-    proxy0 = cpu_seconds(proxy_pid) if proxy_pid else 0.0
+    proxy0 = tree_cpu_seconds(proxy_pid) if proxy_pid else 0.0
     backend0 = cpu_seconds(backend.pid)
     busy0 = machine_busy()
     result = run()
     busy = machine_busy() - busy0
-    result["proxy_cpu"] = cpu_seconds(proxy_pid) - proxy0 if proxy_pid else float("nan")
+    result["proxy_cpu"] = tree_cpu_seconds(proxy_pid) - proxy0 if proxy_pid else float("nan")
     result["backend_cpu"] = cpu_seconds(backend.pid) - backend0
     ours = result["backend_cpu"] + result["client_cpu"] + (result["proxy_cpu"] if proxy_pid else 0.0)
     # Everything else the machine did meanwhile (other processes, and kernel work not charged to ours),
@@ -907,6 +932,12 @@ def main(argv: list[str] | None = None) -> int:
         help="Add 'option splice-auto' (kernel splice) to HAProxy's defaults (default: off, as shipped).",
     )
     parser.add_argument(
+        "--dcrouter-workers",
+        type=int,
+        default=1,
+        help="dcrouter's workers (sharing the ports; compare with --haproxy-nbthread N); default 1.",
+    )
+    parser.add_argument(
         "--dcrouter-profile",
         metavar="FILE",
         help="Run dcrouter under cProfile (twistd --profiler=cprofile --savestats) into FILE.",
@@ -951,6 +982,7 @@ def main(argv: list[str] | None = None) -> int:
         f"haproxy     mode tcp, nbthread {args.haproxy_nbthread or 'default (one per core)'}, "
         f"{'option splice-auto' if args.haproxy_splice else 'no splicing (default)'}, no logging"
     )
+    print(f"dcrouter    workers = {args.dcrouter_workers} (CPU summed over the supervisor and its workers)")
     print(load_line())
     print(f"workdir     {workdir}", flush=True)
 
@@ -992,7 +1024,14 @@ def main(argv: list[str] | None = None) -> int:
                 elif name == "dcrouter":
                     root = os.path.abspath(args.dcrouter_root) if args.dcrouter_root else ""
                     targets.append(
-                        start_dcrouter(workdir, backend_plain, backend_tls, args.dcrouter_profile, root)
+                        start_dcrouter(
+                            workdir,
+                            backend_plain,
+                            backend_tls,
+                            args.dcrouter_profile,
+                            root,
+                            args.dcrouter_workers,
+                        )
                     )
                 else:
                     raise RuntimeError(f"unknown proxy {name!r}")

@@ -602,9 +602,11 @@ class ProxySession(Protocol):
                 self.transport.setTcpKeepAlive(True)
         self.client_address = self.transport.getPeer()
         self.client_ip = _host(self.client_address)
-        self.context.sessions.add(self)
+        self.context.sessions.add(self)  # also what the metrics' open-connections gauge counts
         self._opened_at = clock.seconds()
-        self.context.events.emit("connection.connect", protocol="proxy", port=self.port, peer=self.client_ip)
+        events = self.context.events
+        if events.wants("connection.connect", "proxy"):  # no event built when nothing listens for it
+            events.emit("connection.connect", protocol="proxy", port=self.port, peer=self.client_ip)
         self._lifetime = self.context.track_lifetime(self)
         trusted = settings.trusted_proxies
         if trusted is not None and self.client_ip in trusted:
@@ -1310,15 +1312,17 @@ class ProxySession(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._state = _State.CLOSED
-        self.context.sessions.discard(self)
-        # Emitted without asking ``wants`` first: its fields cost less than a second look-up of the sinks.
-        self.context.events.emit(
-            "connection.disconnect",
-            protocol="proxy",
-            port=self.port,
-            route=self.route.name if self.route is not None else None,
-            duration=max(0.0, self.context.reactor.seconds() - self._opened_at),
-        )
+        context = self.context
+        context.sessions.discard(self)
+        events = context.events
+        if events.wants("connection.disconnect", "proxy"):
+            events.emit(
+                "connection.disconnect",
+                protocol="proxy",
+                port=self.port,
+                route=self.route.name if self.route is not None else None,
+                duration=max(0.0, context.reactor.seconds() - self._opened_at),
+            )
         if self._deadline is not None:
             self._cancel_deadline()
         for pool in self._pools.values():

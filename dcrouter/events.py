@@ -219,6 +219,8 @@ class EventBus:
         self._subscriptions: list[tuple[IEventSink, tuple[str, ...], frozenset[str] | None]] = []
         #: The sinks by type (events without a ``protocol`` field), or by (type, protocol).
         self._by_type: dict[Any, tuple[IEventSink, ...]] = {}
+        #: Types some sink takes (for some protocol, or all): what ``wants`` without a protocol answers.
+        self._wanted: dict[str, bool] = {}
         self._reported: set[tuple[int, str]] = set()
         self.failures = 0
 
@@ -233,11 +235,13 @@ class EventBus:
             (sink, parse_patterns(patterns), None if protocols is None else frozenset(protocols))
         )
         self._by_type.clear()
+        self._wanted.clear()
 
     def unsubscribe(self, sink: IEventSink) -> None:
         """Stop delivering to ``sink`` (no error when it was not subscribed)."""
         self._subscriptions = [s for s in self._subscriptions if s[0] is not sink]
         self._by_type.clear()
+        self._wanted.clear()
 
     def _sinks(self, event_type: str, protocol: Any = None) -> tuple[IEventSink, ...]:
         key = event_type if protocol is None else (event_type, protocol)
@@ -253,12 +257,20 @@ class EventBus:
         return sinks
 
     def wants(self, event_type: str, protocol: str | None = None) -> bool:
-        """Whether an event of this type (with this ``protocol`` field, if it has one) would reach any sink
-        (skip computing its fields, or the event, when not)."""
-        sinks = self._by_type.get(event_type if protocol is None else (event_type, protocol))
-        if sinks is None:
-            sinks = self._sinks(event_type, protocol)
-        return bool(sinks)
+        """Whether an event of this type would reach any sink (skip computing its fields, or the event,
+        when not): with ``protocol``, an event with that ``protocol`` field; without, any event of the type
+        (a sink narrowed to some protocols counts)."""
+        if protocol is not None:
+            sinks = self._by_type.get((event_type, protocol))
+            if sinks is None:
+                sinks = self._sinks(event_type, protocol)
+            return bool(sinks)
+        wanted = self._wanted.get(event_type)
+        if wanted is None:
+            wanted = self._wanted[event_type] = any(
+                matches(pattern, event_type) for _, patterns, _ in self._subscriptions for pattern in patterns
+            )
+        return wanted
 
     def emit(
         self,

@@ -107,7 +107,8 @@ class BusTests(SynchronousTestCase):
         self.bus.subscribe(CallableSink(smtp_only.append), ["connection.*"], protocols=["smtp"])
         self.assertTrue(self.bus.wants("connection.connect", "smtp"))
         self.assertFalse(self.bus.wants("connection.connect", "proxy"))
-        self.assertFalse(self.bus.wants("connection.connect"))  # an event without a protocol field
+        self.assertTrue(self.bus.wants("connection.connect"))  # some protocol's: an emitter not saying asks
+        self.assertFalse(self.bus.wants("message.queued"))
         self.bus.emit("connection.connect", protocol="proxy", port=443)
         self.bus.emit("connection.connect", port=25)
         self.bus.emit("connection.connect", protocol="smtp", port=25)
@@ -218,6 +219,20 @@ class SessionEventTests(SynchronousTestCase):
         self.assertEqual(found[("dcrouter_received_bytes_total", (("port", "25"),))], len(MESSAGE) - 3)
         self.assertEqual(found[("dcrouter_messages_queued_total", (("kind", "received"),))], 1)
         self.assertEqual(found[("dcrouter_smtp_commands_refused_total", (("reply_class", "5xx"),))], 1)
+        server.protocol.connectionLost()
+        self.assertEqual(samples(metrics)[("dcrouter_smtp_sessions", (("port", "25"),))], 0)
+
+    def test_metrics_alone_count_smtp_sessions(self) -> None:
+        """With only the metrics subscribed (they take SMTP's connects and disconnects, not the proxy's),
+        an SMTP session's connect still reaches them."""
+        bus = EventBus()
+        metrics = RouterMetrics()
+        metrics.subscribe(bus)
+        server = connect(None, events=bus)
+        server.exchange(b"EHLO c\r\n")
+        found = samples(metrics)
+        self.assertEqual(found[("dcrouter_smtp_connections_total", (("port", "25"), ("tls", "no")))], 1)
+        self.assertEqual(found[("dcrouter_smtp_sessions", (("port", "25"),))], 1)
         server.protocol.connectionLost()
         self.assertEqual(samples(metrics)[("dcrouter_smtp_sessions", (("port", "25"),))], 0)
 

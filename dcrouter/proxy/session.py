@@ -83,6 +83,8 @@ from dcrouter.proxy.terminate import ALPN, BackendTls, ServerCreatorSource, term
 log = logger(__name__)
 
 _NO_PEEK = Sniffed(Kind.OTHER, None, None, "not peeked: no route on this port selects by name")
+#: The first byte of a PROXY v1 (``P``) and of a v2 (``\r``) header.
+_HEADER_STARTS = frozenset((proxyprotocol.V1_PREFIX[0], proxyprotocol.V2_SIGNATURE[0]))
 _CLIENT_HEADER = "PROXY header from the client"
 #: Seconds a refused client may go on sending before its connection is closed anyway (see _close_refused).
 REFUSAL_LINGER = 2.0
@@ -571,13 +573,14 @@ class ProxySession(Protocol):
     # were looked at (or, before routing, while the peek looks at them).
     _opening: bytes | None = None
     _opened_at = 0.0
+    #: A forwarding route's backend pools by route name (made on first use: spliced connections have none).
+    _pools: dict[str, BackendPool] | None = None
 
     def __init__(self, context: ProxyContext, port: int) -> None:
         self.context = context
         self.port = port
         self._state = _State.HEADER
         self._buffer: list[bytes] = []
-        self._pools: dict[str, BackendPool] = {}
 
     @property
     def local_address(self) -> IAddress | None:
@@ -737,7 +740,11 @@ class ProxySession(Protocol):
             sniffed.server_name,
             self.client_ip,
             # TLS: a terminating route's request conditions are looked at once the request is read inside.
-            request=DEFERRED if sniffed.kind is Kind.TLS else self._peeked_request(sniffed),
+            request=DEFERRED
+            if sniffed.kind is Kind.TLS
+            else self._peeked_request(sniffed)
+            if sniffed.kind is Kind.HTTP
+            else None,
             tls_versions=offered_versions(sniffed.hello.supported_versions, sniffed.hello.legacy_version)
             if sniffed.hello is not None
             else None,
@@ -1156,6 +1163,8 @@ class ProxySession(Protocol):
 
     def _pool(self, route: ProxyRoute, connect: Connector) -> BackendPool:
         """The idle backend connections of ``route`` kept for this client connection's streams."""
+        if self._pools is None:
+            self._pools = {}
         pool = self._pools.get(route.name)
         if pool is None:
             pool = self._pools[route.name] = BackendPool(connect)
@@ -1196,6 +1205,11 @@ class ProxySession(Protocol):
         cannot start a PROXY header, refused if they do; held (at most 11 bytes) while it cannot be told,
         for up to ``sniTimeout``."""
         assert self._opening is not None and self.splice is not None
+        if not self._opening and data and data[0] not in _HEADER_STARTS:
+            # Neither PROXY header can start so (what opens_with_header would say, False): forwarded.
+            self._opening = None
+            self.splice.client_data(data)
+            return
         opening = self._opening + data
         verdict = proxyprotocol.opens_with_header(opening)
         if verdict is None:
@@ -1325,8 +1339,9 @@ class ProxySession(Protocol):
             )
         if self._deadline is not None:
             self._cancel_deadline()
-        for pool in self._pools.values():
-            pool.close()
+        if self._pools is not None:
+            for pool in self._pools.values():
+                pool.close()
         if self._lifetime is not None:
             self._lifetime.discard(self)
             self._lifetime = None

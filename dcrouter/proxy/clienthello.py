@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from functools import lru_cache
 
 from dcrouter.net.domains import normalize_domain
 
@@ -283,6 +284,7 @@ def _server_name(data: bytes) -> tuple[str | None, str]:
         return None, f"SNI host_name: {exc}"
 
 
+@lru_cache(maxsize=4096)  # asked per TLS connection and HTTP request, mostly for the same few names (pure)
 def routable_name(text: str) -> str:
     """``text`` as a host name to route on, normalised by ``normalize_domain``.
 

@@ -331,6 +331,12 @@ class ProxyRoute:
     def terminates(self) -> bool:
         return self.tls_mode in TERMINATING
 
+    @cached_property  # asked per connection; the route is frozen
+    def splices(self) -> bool:
+        """Whether a connection routed here that is not plain HTTP is spliced to a target as it is: a
+        ``forward`` that neither terminates TLS nor reads HTTP requests."""
+        return self.action.type == "forward" and not self.terminates and not self.reads_http
+
     def permits(self, client_ip: str) -> bool:
         """Whether this route serves ``client_ip``: not in ``block`` (which wins), and in ``allow`` if set."""
         if self.block is not None and client_ip in self.block:

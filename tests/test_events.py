@@ -478,7 +478,6 @@ class ProxyEventTests(SessionTestCase):
         )
         self.assertEqual(error.fields["reason"], refused.refused)
 
-
     def test_no_event_when_only_the_metrics_listen(self) -> None:
         """The metrics count proxy connections from the sessions at scrape time: connects and disconnects
         of proxy connections are not built for them, and the gauge says the same as the events did."""

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import ssl
-from typing import Any
 import struct
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st

@@ -83,9 +83,15 @@ class ClientHelloReader:
             raise self._error
         if self._hello is not None:
             return self._hello
-        self._pending += data
         try:
-            self._hello = self._advance()
+            if not self._pending and not self._wire and _whole_hello(data, self._max_bytes):
+                # The usual first piece: one record holding the whole ClientHello. What _advance would
+                # parse, without copying it through the buffers.
+                end = _RECORD_HEADER + ((data[3] << 8) | data[4])
+                self._hello = _parse_body(data[_RECORD_HEADER + _HANDSHAKE_HEADER : end])
+            else:
+                self._pending += data
+                self._hello = self._advance()
         except MalformedClientHello as exc:
             self._error = exc
             raise
@@ -127,6 +133,24 @@ class ClientHelloReader:
         # The rest still to come needs at least one more record header.
         if have_after < total and wire_after + _RECORD_HEADER + (total - have_after) > self._max_bytes:
             raise MalformedClientHello(f"ClientHello needs more than {self._max_bytes} bytes")
+
+
+def _whole_hello(data: bytes, max_bytes: int) -> bool:
+    """Whether ``data`` starts with one handshake record, within the limits, that holds exactly one whole
+    ClientHello message (the checks of _record_length and _check_limits pass, and the hello ends with the
+    record)."""
+    if len(data) < _RECORD_HEADER + _HANDSHAKE_HEADER or data[0] != _CONTENT_TYPE_HANDSHAKE or data[1] != 3:
+        return False
+    if not 1 <= data[2] <= 4 or data[5] != _HANDSHAKE_CLIENT_HELLO:
+        return False
+    length = (data[3] << 8) | data[4]
+    end = _RECORD_HEADER + length
+    return (
+        length <= _MAX_FRAGMENT
+        and end <= len(data)
+        and end <= max_bytes
+        and _HANDSHAKE_HEADER + ((data[6] << 16) | (data[7] << 8) | data[8]) == length
+    )
 
 
 def _record_length(pending: bytearray) -> int | None:
@@ -297,9 +321,14 @@ def _extension_map(data: bytes) -> dict[int, bytes]:
 def _server_name(data: bytes) -> tuple[str | None, str]:
     """(name, "") or (None, why not). Broken framing raises; an unroutable name is a value."""
     end = len(data)
-    if end > 5 and data[2] == _NAME_TYPE_HOST_NAME and (data[0] << 8) | data[1] == end - 2:
-        if (data[3] << 8) | data[4] == end - 5:  # one host_name filling the list: what clients send
-            return _host_name(data[5:])
+    # One host_name filling the list: what clients send.
+    if (
+        end > 5
+        and data[2] == _NAME_TYPE_HOST_NAME
+        and (data[0] << 8) | data[1] == end - 2
+        and (data[3] << 8) | data[4] == end - 5
+    ):
+        return _host_name(data[5:])
     return _server_name_checked(data)
 
 

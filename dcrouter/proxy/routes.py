@@ -807,7 +807,8 @@ def _choose(
     return next((r for r in index.any_name if _fits(r, client_ip, request, versions)), None)
 
 
-def offered_versions(supported_versions: Sequence[int], legacy_version: int) -> frozenset[int]:
+@lru_cache(maxsize=256)  # asked per TLS connection; clients send a handful of different lists (pure)
+def offered_versions(supported_versions: tuple[int, ...], legacy_version: int) -> frozenset[int]:
     """The TLS version a ClientHello will get, as a one-element set: the highest it offers in
     ``supported_versions`` (GREASE values ignored), else its legacy version (RFC 8446 §4.2.1). A client
     offering TLS 1.3 and 1.2 is a TLS 1.3 client: ``match.tlsVersion = ["TLSv1.2"]`` is for those that

@@ -19,6 +19,7 @@ from h2.connection import H2Connection
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
+    RemoteSettingsChanged,
     ResponseReceived,
     StreamEnded,
     StreamReset,
@@ -29,7 +30,14 @@ from twisted.trial.unittest import TestCase
 
 from dcrouter.net.certstore import CertificateStore
 from dcrouter.proxy.http2 import Http2Limits
-from dcrouter.proxy.routes import CertificateFiles, PortRange, ProxyRoute, ProxyTarget
+from dcrouter.proxy.routes import (
+    CertificateFiles,
+    PortRange,
+    ProxyRoute,
+    ProxyTarget,
+    RouteAction,
+    StaticContent,
+)
 from dcrouter.proxy.service import ProxyService
 from dcrouter.proxy.session import ProxySettings
 from tests.integration import test_proxy_terminate as terminate
@@ -250,6 +258,19 @@ class Http2WebsocketTests(TestCase):
             except TimeoutError:
                 return False, time.monotonic() - started
             return True, time.monotonic() - started
+
+    def advertised(self, port: int) -> int:
+        """The server's SETTINGS_ENABLE_CONNECT_PROTOCOL, from its first SETTINGS frame."""
+        raw, sock = self.connect(port)
+        with raw, sock:
+            client = H2Client(sock)
+            client.until((RemoteSettingsChanged,))
+            return int(client.h2.remote_settings.enable_connect_protocol)
+
+    async def test_advertised_only_where_a_route_forwards(self) -> None:
+        self.assertEqual(await deferToThread(self.advertised, self.start()), 1)
+        static = RouteAction(type="static", static=StaticContent(content=b"hi\n", content_type="text/plain"))
+        self.assertEqual(await deferToThread(self.advertised, self.start(action=static)), 0)
 
     async def test_outlives_every_default_cap(self) -> None:
         port = self.start()

@@ -24,12 +24,13 @@ from twisted.trial.unittest import TestCase
 
 from dcrouter.passwords import hash_password
 from dcrouter.proxy.basicauth import BasicAuth
+from dcrouter.proxy.dispatch import RequestDispatcher
 from dcrouter.proxy.forward import RouteCounters
 from dcrouter.proxy.gate import RequestGate
 from dcrouter.proxy.h2websocket import accept_for, handshake_fields, opened_fields
 from dcrouter.proxy.http import BackendPool, ForwardingPolicy, HttpBackend, HttpForwarder
 from dcrouter.proxy.http2 import request_fields, request_head
-from dcrouter.proxy.httpmessage import Fields, HttpError, ResponseHead, parse_request_head
+from dcrouter.proxy.httpmessage import Fields, HttpError, RequestHead, ResponseHead, parse_request_head
 from dcrouter.proxy.routes import BasicAuthRule, FieldChanges
 from tests.test_proxy_basicauth import Runner, basic
 from tests.test_proxy_http2 import Exchange
@@ -70,7 +71,7 @@ def switching(head: bytes, *extra: bytes, accept: bytes | None = None) -> bytes:
 class WebSocketExchange(Exchange):
     """An h2 client and the proxy's HTTP/2 connection, each stream served by an HttpForwarder."""
 
-    def __init__(self, limits: dict[str, Any] | None = None, **options: Any) -> None:
+    def __init__(self, limits: dict[str, Any] | None = None, dispatch: bool = False, **options: Any) -> None:
         super().__init__(**(limits or {}))
         self.backends: list[tuple[HttpBackend, Backend]] = []
         self.upgrades = 0
@@ -102,7 +103,16 @@ class WebSocketExchange(Exchange):
             self.fronts.append(forwarder)  # type: ignore[arg-type]
             return forwarder
 
-        self.server._make_front = front
+        def dispatcher() -> RequestDispatcher:
+            # A port that routes by request: the head reaches the forwarder as bytes, after the choice.
+            def choose(head: RequestHead) -> HttpForwarder:
+                self.chosen.append(head)
+                return front()
+
+            return RequestDispatcher(choose)
+
+        self.chosen: list[RequestHead] = []
+        self.server._make_front = dispatcher if dispatch else front
 
     def open(
         self, stream: int = 1, extra: tuple[tuple[bytes, bytes], ...] = ()
@@ -267,6 +277,18 @@ class WebSocketTests(TestCase):
         self.assertEqual(exchange.received(), b"\x81\x02hibackend bytes")
         self.assertEqual(exchange.of(StreamEnded), [])
         self.assertIn(1, exchange.server.streams)
+
+    def test_on_a_port_that_routes_by_request(self) -> None:
+        exchange = WebSocketExchange(dispatch=True)
+        backend, transport = exchange.open()
+        (head,) = exchange.chosen
+        self.assertEqual((head.method, head.target), (b"GET", b"/chat?room=1"))
+        self.assertTrue(head.upgrade_websocket)
+        self.assertEqual(exchange.statuses(), [b"200"])
+        exchange.client.send_data(1, b"both")
+        backend.dataReceived(b"ways")
+        exchange.pump()
+        self.assertEqual((transport.value(), exchange.received()), (b"both", b"ways"))
 
     def test_client_bytes_sent_early_wait_for_the_switch(self) -> None:
         exchange = WebSocketExchange()

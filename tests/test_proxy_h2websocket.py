@@ -18,6 +18,8 @@ from h2.events import (
     StreamEnded,
     StreamReset,
 )
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
@@ -32,6 +34,7 @@ from dcrouter.proxy.http import BackendPool, ForwardingPolicy, HttpBackend, Http
 from dcrouter.proxy.http2 import request_fields, request_head
 from dcrouter.proxy.httpmessage import Fields, HttpError, RequestHead, ResponseHead, parse_request_head
 from dcrouter.proxy.routes import BasicAuthRule, FieldChanges
+from tests.fuzzing import examples
 from tests.test_proxy_basicauth import Runner, basic
 from tests.test_proxy_http2 import Exchange
 
@@ -213,6 +216,77 @@ class TranslationTests(TestCase):
             with self.assertRaises(HttpError) as caught:
                 opened_fields(bad, key)
             self.assertEqual(caught.exception.status, 502)
+
+
+@st.composite
+def _pseudo(draw: Any) -> list[tuple[bytes, bytes]]:
+    """Pseudo-header fields, mostly those of an extended CONNECT or a GET, sometimes reordered, one
+    missing or repeated."""
+    fields = [(b":method", draw(st.sampled_from([b"CONNECT", b"GET"])))]
+    protocol = draw(st.sampled_from([b"websocket", b"WebSocket", None]))
+    if protocol is not None:
+        fields.append((b":protocol", protocol))
+    for field in ((b":scheme", b"https"), (b":path", b"/chat"), (b":authority", b"a.test")):
+        if draw(st.integers(0, 9)):
+            fields.append(field)
+    if draw(st.booleans()):
+        fields = draw(st.permutations(fields))
+    if not draw(st.integers(0, 9)):
+        fields.append(draw(st.sampled_from(fields)))
+    return list(fields)
+
+
+_regular = st.sampled_from(
+    [
+        (b"sec-websocket-version", b"13"),
+        (b"sec-websocket-version", b"8"),
+        (b"sec-websocket-key", b"dGhlIHNhbXBsZSBub25jZQ=="),
+        (b"sec-websocket-protocol", b"chat"),
+        (b"upgrade", b"websocket"),
+        (b"connection", b"upgrade"),
+        (b"content-length", b"5"),
+        (b"host", b"a.test"),
+        (b"cookie", b"a=1"),
+        (b"x-a", b"1"),
+    ]
+)
+
+
+class FuzzTests(TestCase):
+    @examples(2)
+    @given(
+        _pseudo(),
+        st.lists(_regular, max_size=5),
+        st.booleans(),
+        st.booleans(),
+    )
+    def test_only_an_extended_connect_becomes_an_upgrade(
+        self,
+        pseudo: list[tuple[bytes, bytes]],
+        regular: list[tuple[bytes, bytes]],
+        ended: bool,
+        extended: bool,
+    ) -> None:
+        """Whatever the header list: a refusal with a status, or a head that parses back strictly, which
+        is a WebSocket handshake exactly when the stream was an extended CONNECT (so no other stream can
+        smuggle an upgrade), with one key, the proxy's, and no body framing."""
+        try:
+            translation = request_fields([*pseudo, *regular], ended=ended, extended_connect=extended)
+        except HttpError as error:
+            self.assertIn(error.status, (400, 501))
+            return
+        head, _, _ = request_head([*pseudo, *regular], ended=ended, extended_connect=extended)
+        parsed = parse_request_head(head)
+        key = translation.websocket_key
+        self.assertEqual(parsed.upgrade_websocket, key is not None)
+        self.assertEqual(key is not None, extended and (b":protocol", b"websocket") in pseudo)
+        if key is None:
+            self.assertFalse(parsed.fields.has(b"upgrade"))
+            return
+        self.assertEqual(parsed.method, b"GET")
+        self.assertEqual(len(parsed.fields.get_all(b"sec-websocket-key")), 1)
+        self.assertEqual(parsed.fields.get_all(b"sec-websocket-version"), [b"13"])
+        self.assertFalse(parsed.fields.has(b"content-length") or parsed.fields.has(b"transfer-encoding"))
 
 
 class SettingTests(TestCase):

@@ -580,6 +580,11 @@ class HttpForwarder(Protocol):
             if not (self._request.upgrade_websocket and self.phase == "wait"):
                 raise HttpError(502, "backend switched protocols unasked")
             self._write_client(relayed_response_head(head, close=False))
+            if getattr(self.transport, "disconnecting", False):
+                # The client's side would not take the switch (an HTTP/2 stream, on a wrong accept): it
+                # answered the client itself; nothing more goes either way.
+                self._close("the protocol switch was refused on the client's side")
+                return False
             self._upgraded()
             return False
         if head.status < 200:

@@ -1003,9 +1003,12 @@ class ProxySession(Protocol):
         """HTTP/2 on a terminated connection: each stream served by the front an HTTP/1.1 connection of the
         route would get (the dispatcher, the route's answerer, or its forwarder)."""
         make_front: Callable[[], IProtocol]
+        # WebSockets over HTTP/2 (RFC 8441) are offered where a stream may reach a forwarder.
+        websockets = True
         if self.context.table.has_conditions(self.port):
             make_front = lambda: RequestDispatcher(lambda head: self._dispatch(head, sniffed))  # noqa: E731
         elif route.action.answers_http:
+            websockets = False
             make_front = lambda: self._answerer(route, sniffed.server_name)  # noqa: E731
         else:
             # The policy and the connector are the same for every stream: made once, not per request.
@@ -1015,6 +1018,7 @@ class ProxySession(Protocol):
             clock=self.context.reactor,
             limits=self.context.settings.http2,
             client_ip=self.client_ip,
+            websockets=websockets,
         )
 
     def _dispatch(self, head: RequestHead, sniffed: Sniffed) -> IProtocol:

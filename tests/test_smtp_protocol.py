@@ -414,7 +414,11 @@ class PipeliningTests(unittest.TestCase):
         del transport.writes[:]
         out = server.exchange(b"EHLO c\r\n" + MAIL + RCPT + RCPT + b"DATA\r\n")
         self.assertEqual(
-            out, EHLO_PLAIN + b"250 2.1.0 Ok\r\n" + b"250 2.1.5 Ok\r\n" * 2 + b"354 End data with <CR><LF>.<CR><LF>\r\n"
+            out,
+            EHLO_PLAIN
+            + b"250 2.1.0 Ok\r\n"
+            + b"250 2.1.5 Ok\r\n" * 2
+            + b"354 End data with <CR><LF>.<CR><LF>\r\n",
         )
         self.assertEqual(len(transport.writes), 1)
         # The text and the commands after its end: the final reply, then the next group, in one write.
@@ -520,7 +524,11 @@ class PipeliningTests(unittest.TestCase):
             server = connect(queue=queue)
             server.exchange(b"EHLO c\r\n" + MAIL + RCPT + b"DATA\r\n" + MESSAGE + b"NOOP\r\n")
             queue.pending[0].errback(error)
-            self.assertTrue(server.take().endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n" + reply + b"250 2.0.0 Ok\r\n"))
+            self.assertTrue(
+                server.take().endswith(
+                    b"354 End data with <CR><LF>.<CR><LF>\r\n" + reply + b"250 2.0.0 Ok\r\n"
+                )
+            )
         # Only the bug gets a traceback; a store that cannot take mail is one error line
         # (tests/test_smtp_disk_full.py).
         self.assertEqual(len(self.flushLoggedErrors(QueueUnavailable, RuntimeError)), 1)

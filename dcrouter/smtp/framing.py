@@ -14,8 +14,8 @@ What a subclass may rely on:
   written in one go once the input holds no further complete command to run, or the next one waits on a
   Deferred with nothing left in the input behind it; a command waiting on a Deferred (a check, the queue)
   with more pipelined commands buffered behind it holds the replies before it until it has answered. Held
-  replies are written before they exceed :data:`MAX_HELD_OUTPUT` octets, before STARTTLS's handshake and when the
-  session closes. A reply outside any input (the greeting, a timeout) is written at once.
+  replies are written before they exceed :data:`MAX_HELD_OUTPUT` octets, before STARTTLS's handshake and
+  when the session closes. A reply outside any input (the greeting, a timeout) is written at once.
 - Replies wait for a client that does not read them: :meth:`~CommandReceiver._watch_output` registers a
   producer with the transport, and while the transport says its write buffer is full (``pauseProducing``)
   no further command is run until it has drained; input meanwhile is bounded as above. A client that

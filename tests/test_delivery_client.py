@@ -370,6 +370,14 @@ class LocalRefusalTests(ClientTestCase):
         )
         self.assertEqual((result.mail.code, result.mail.enhanced), (553, "5.1.7"))
 
+    def test_which_characters_an_address_may_not_carry(self) -> None:
+        from dcrouter.delivery.client import _bad_address
+
+        for bad in ("a\x00@b", "a\x1f@b", "a\x7f@b", "a<@b", "a>@b", "a@b\r", "\n"):
+            self.assertTrue(_bad_address(bad), repr(bad))
+        for good in ("", "a@b.test", "ü@bücher.example", "a b@c", "\x80@b", "~!#$%&'*+/=?^_`{|}@b"):
+            self.assertFalse(_bad_address(good), repr(good))
+
     def test_recipient_with_control_characters_is_skipped(self) -> None:
         self.ready()
         done = run(self.client.send("a@b.test", ["ok@example.org", "x\r\nDATA"], io.BytesIO(b"x"), 1))
@@ -472,6 +480,16 @@ class TimeoutAndLossTests(ClientTestCase):
         self.server(b"250 2.0.0 Ok\r\n")
         self.assertEqual(self.successResultOf(done).data, Reply(250, "2.0.0", "Ok"))
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_pipelined_reply_times_out_on_its_own_deadline(self) -> None:
+        done = self.start_send()
+        self.clock.advance(10)
+        self.server(b"250 2.1.0 Ok\r\n")
+        # The RCPT reply is due from t=10: not timed out at t=39.9, timed out at t=40.
+        self.clock.advance(29.9)
+        self.assertNoResult(done)
+        self.clock.advance(0.1)
+        self.assert_timeout(done)
 
     def test_send_timeout_while_the_body_is_held_back(self) -> None:
         done = self.start_send(b"y" * 5_000_000)

@@ -69,6 +69,8 @@ MAX_REPLY_LINES = 100
 _REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -]?)(.*)", re.DOTALL)
 _ENHANCED = re.compile(r"([245])\.([0-9]{1,3})\.([0-9]{1,3})(?: |$)")
 _REDACTED = "<redacted>"
+#: A reply timer firing this close to its deadline times out (float rounding must not re-arm it for nothing).
+_TIMER_SLACK = 1e-6
 
 
 class SMTPClientError(Exception):
@@ -187,8 +189,12 @@ def _is_positive(reply: Reply) -> bool:
     return 200 <= reply.code < 300
 
 
+#: What may not be in an address sent between angle brackets: control characters and the brackets.
+_BAD_ADDRESS_CHARACTER = re.compile("[\x00-\x1f\x7f<>]")
+
+
 def _bad_address(address: str) -> bool:
-    return any(ord(char) < 32 or ord(char) == 127 for char in address) or "<" in address or ">" in address
+    return _BAD_ADDRESS_CHARACTER.search(address) is not None
 
 
 class ESMTPClient(Protocol):
@@ -209,6 +215,8 @@ class ESMTPClient(Protocol):
         self._replies: deque[Reply] = deque()
         self._reader: Deferred[Reply] | None = None
         self._reply_timer: IDelayedCall | None = None
+        #: When the reply due now times out (``reply_timeout`` after it became the next one due).
+        self._reply_deadline = 0.0
         self._failure: SMTPClientError | None = None
         self._greeting: Reply | None = None
         self._starttls_due = False
@@ -339,8 +347,11 @@ class ESMTPClient(Protocol):
                 self._protocol_error(f"unsolicited reply {reply.code}")
             return
         self._expected -= 1
-        self._cancel_reply_timer()
-        self._arm_reply_timer()
+        if self._expected == 0:
+            self._cancel_reply_timer()
+        else:
+            # The next reply's time starts now; the timer already running checks this when it fires.
+            self._reply_deadline = self._clock.seconds() + self._reply_timeout
         if self._starttls_due:
             self._starttls_due = False
             if reply.code == 220:
@@ -380,6 +391,7 @@ class ESMTPClient(Protocol):
 
     def _arm_reply_timer(self) -> None:
         if self._expected > 0 and self._reply_timer is None and self._failure is None:
+            self._reply_deadline = self._clock.seconds() + self._reply_timeout
             self._reply_timer = self._clock.callLater(self._reply_timeout, self._reply_timed_out)
 
     def _cancel_reply_timer(self) -> None:
@@ -389,6 +401,12 @@ class ESMTPClient(Protocol):
 
     def _reply_timed_out(self) -> None:
         self._reply_timer = None
+        left = self._reply_deadline - self._clock.seconds()
+        if left > _TIMER_SLACK:
+            # A reply came meanwhile: the one now due has until its own deadline (one timer per batch of
+            # pipelined replies, moved only when it fires, instead of one per reply).
+            self._reply_timer = self._clock.callLater(left, self._reply_timed_out)
+            return
         text = f"{self.peer} Error: timeout exceeded waiting {self._reply_timeout:g}s for a reply"
         self._fail(SMTPClientError(Reply(421, "4.4.2", text)))
 

@@ -208,6 +208,8 @@ class ESMTPClient(Protocol):
         self.is_tls = False
         self.peer = ""
         self._buffer = bytearray()
+        #: Whether the protocol trace (debug) is on, as asked at the start of the read being handled.
+        self._trace = False
         self._lines: list[str] = []
         self._line_code = 0
         # Replies due (commands written, replies not complete); one arriving when this is 0 is unsolicited.
@@ -299,6 +301,8 @@ class ESMTPClient(Protocol):
             )
             return
         self._buffer += data
+        # The protocol trace's level, asked once per read rather than once per reply line.
+        self._trace = enabled(__name__)
         while self._failure is None and not self._discarding:
             end = self._buffer.find(b"\n", 0, MAX_REPLY_LINE)
             if end < 0:
@@ -331,7 +335,7 @@ class ESMTPClient(Protocol):
         self._deliver(reply)
 
     def _deliver(self, reply: Reply) -> None:
-        if enabled(__name__):  # the protocol trace: per reply, so built only when debug is on
+        if self._trace:  # the protocol trace: per reply, so built only when debug is on
             log.debug(
                 "S: {code} {text}",
                 peer=self.peer,

@@ -334,6 +334,32 @@ class PipelinedTransactionTests(ClientTestCase):
         self.assertEqual(self.sent(), b"MAIL FROM:<> SIZE=1\r\nRCPT TO:<x@example.org>\r\nDATA\r\n")
 
 
+class WriteCountTests(ClientTestCase):
+    """A pipelined group is one write, a small body and its end another (within one reactor turn Twisted
+    joins writes into one send() anyway, but each write costs its own bookkeeping)."""
+
+    def test_a_transaction_is_two_writes(self) -> None:
+        self.ready()
+        writes: list[bytes] = []
+        self.transport.write = writes.append  # type: ignore[method-assign]
+        done = run(
+            self.client.send("a@b.test", ["x@example.org", "y@example.org"], io.BytesIO(b".hi\r\n"), 5)
+        )
+        self.assertEqual(
+            writes,
+            [
+                (
+                    b"MAIL FROM:<a@b.test> SIZE=5\r\n"
+                    b"RCPT TO:<x@example.org>\r\nRCPT TO:<y@example.org>\r\nDATA\r\n"
+                )
+            ],
+        )
+        self.server(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n")
+        self.assertEqual(writes[1:], [b"..hi\r\n.\r\n"])
+        self.server(b"250 2.0.0 Ok\r\n")
+        self.assertEqual(self.successResultOf(done).data, Reply(250, "2.0.0", "Ok"))
+
+
 class LocalRefusalTests(ClientTestCase):
     def refused(self, ehlo: bytes, *args: Any, **kwargs: Any) -> TransactionResult:
         self.ready(ehlo)

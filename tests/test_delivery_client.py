@@ -23,6 +23,7 @@ from dcrouter.delivery.client import (
     ESMTPClient,
     ProbeReplies,
     SMTPClientError,
+    StaleSession,
     TransactionResult,
 )
 from dcrouter.log import levels, set_level
@@ -358,6 +359,69 @@ class WriteCountTests(ClientTestCase):
         self.assertEqual(writes[1:], [b"..hi\r\n.\r\n"])
         self.server(b"250 2.0.0 Ok\r\n")
         self.assertEqual(self.successResultOf(done).data, Reply(250, "2.0.0", "Ok"))
+
+
+class ResetDueTests(ClientTestCase):
+    """A session a pool hands out unprobed (``reset_due``) begins its next transaction with RSET."""
+
+    def start(self, ehlo: bytes = EHLO_FULL) -> Deferred[TransactionResult]:
+        self.ready(ehlo)
+        self.client.reset_due = True
+        return run(self.client.send("a@b.test", ["x@example.org"], io.BytesIO(b"hi\r\n"), 4))
+
+    def test_pipelined_in_front_of_the_transaction(self) -> None:
+        done = self.start()
+        self.assertEqual(
+            self.sent(), b"RSET\r\nMAIL FROM:<a@b.test> SIZE=4\r\nRCPT TO:<x@example.org>\r\nDATA\r\n"
+        )
+        self.assertFalse(self.client.reset_due)
+        self.server(b"250 2.0.0 Ok\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n")
+        self.assertEqual(self.sent(), b"hi\r\n.\r\n")
+        self.server(b"250 2.0.0 Ok\r\n")
+        self.assertEqual(self.successResultOf(done).data, Reply(250, "2.0.0", "Ok"))
+
+    def test_on_its_own_without_pipelining(self) -> None:
+        done = self.start(EHLO_BASIC)
+        self.assertEqual(self.sent(), b"RSET\r\n")
+        self.server(b"250 2.0.0 Ok\r\n")
+        self.assertEqual(self.sent(), b"MAIL FROM:<a@b.test> SIZE=4\r\n")
+        self.server(b"250 2.1.0 Ok\r\n")
+        self.assertEqual(self.sent(), b"RCPT TO:<x@example.org>\r\n")
+        self.server(b"250 2.1.5 Ok\r\n")
+        self.assertEqual(self.sent(), b"DATA\r\n")
+        self.server(b"354 go\r\n250 2.0.0 Ok\r\n")
+        self.assertEqual(self.successResultOf(done).data, Reply(250, "2.0.0", "Ok"))
+
+    def test_connection_lost_is_a_stale_session(self) -> None:
+        done = self.start()
+        self.client.connectionLost(Failure(ConnectionLost("Connection reset by peer")))
+        error = self.failureResultOf(done, StaleSession).value
+        self.assertEqual(error.reply.code, 421)
+        self.assertIsInstance(error, SMTPClientError)
+
+    def test_a_refused_reset_is_a_stale_session_and_ends_it(self) -> None:
+        done = self.start()
+        self.sent()
+        self.server(b"421 4.3.2 Going away\r\n")
+        error = self.failureResultOf(done, StaleSession).value
+        self.assertEqual(error.reply.code, 421)
+        self.assertFalse(self.client.is_open)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_a_session_that_already_ended_is_stale(self) -> None:
+        self.ready()
+        self.client.connectionLost(Failure(ConnectionLost()))
+        self.client.reset_due = True
+        done = run(self.client.send("a@b.test", ["x@example.org"], io.BytesIO(b"hi\r\n"), 4))
+        self.failureResultOf(done, StaleSession)
+        self.assertEqual(self.transport.value(), b"")
+
+    def test_failures_after_a_good_reset_are_ordinary(self) -> None:
+        done = self.start()
+        self.server(b"250 2.0.0 Ok\r\n")
+        self.client.connectionLost(Failure(ConnectionLost()))
+        failure = self.failureResultOf(done, SMTPClientError)
+        self.assertNotIsInstance(failure.value, StaleSession)
 
 
 class LocalRefusalTests(ClientTestCase):

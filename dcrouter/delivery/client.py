@@ -82,6 +82,12 @@ class SMTPClientError(Exception):
         self.temporary = temporary
 
 
+class StaleSession(SMTPClientError):
+    """A reused session failed the RSET sent in front of a transaction (:attr:`ESMTPClient.reset_due`): the
+    connection was dropped or reset while idle. Nothing of the transaction happened on it and no message text
+    was read: the caller takes another connection, as a failed probe would have had it do."""
+
+
 @dataclass
 class Capabilities:
     """What the server's EHLO reply offers. ``size`` is None when SIZE is not offered and 0 when it is
@@ -227,6 +233,10 @@ class ESMTPClient(Protocol):
         self._producer: StuffedBodyProducer | None = None
         #: The message of the transaction under way (``send``'s ``queue_id``), for the log lines.
         self.queue_id: str | None = None
+        #: Set by a connection pool handing out an idle session unprobed: the next ``send`` begins with RSET
+        #: (pipelined with the transaction's commands when PIPELINING is offered) and raises
+        #: :class:`StaleSession` when that fails.
+        self.reset_due = False
 
     @property
     def _wire(self) -> ITCPTransport:
@@ -592,6 +602,8 @@ class ESMTPClient(Protocol):
         as given between angle brackets; non-ASCII ones imply ``smtputf8``. ``queue_id`` names the message
         in the log lines of the transaction."""
         self.queue_id = queue_id
+        if self.reset_due and self._failure is not None:
+            raise StaleSession(self._failure.reply)
         self._check()
         capabilities = self.capabilities
         if capabilities is None:
@@ -662,13 +674,21 @@ class ESMTPClient(Protocol):
             if not results:
                 raise ValueError("ESMTPClient.send without recipients")
             return TransactionResult(mail=next(iter(results.values())), recipients={}, data=None)
+        reset, self.reset_due = self.reset_due, False
         if capabilities.pipelining:
-            self._command(mail_line, *(f"RCPT TO:<{r}>" for r in to_send), "DATA")
+            # A reused session's RSET goes in the same write (RFC 2920: RSET may be anywhere in a group).
+            self._command(
+                *(("RSET",) if reset else ()), mail_line, *(f"RCPT TO:<{r}>" for r in to_send), "DATA"
+            )
+            if reset:
+                await self._session_reset(self._reply())
             mail = await self._reply()
             for recipient in to_send:
                 results[recipient] = await self._reply()
             data = await self._reply()
         else:
+            if reset:
+                await self._session_reset(Deferred.fromCoroutine(self._ask("RSET")))
             mail = await self._ask(mail_line)
             if not _is_positive(mail):
                 return TransactionResult(mail=mail, recipients={}, data=None)
@@ -678,6 +698,17 @@ class ESMTPClient(Protocol):
             if any(_is_positive(reply) for reply in results.values()):
                 data = await self._ask("DATA")
         return await self._finish_transaction(mail, results, data, body)
+
+    async def _session_reset(self, reply: Deferred[Reply]) -> None:
+        """The reply to the RSET in front of a reused session's transaction; StaleSession unless 250."""
+        try:
+            reset = await reply
+        except SMTPClientError as error:
+            raise StaleSession(error.reply) from None
+        if reset.code != 250:
+            # A 421, or a server in no state we know: what was pipelined behind the RSET must not count.
+            self.abort()
+            raise StaleSession(reset)
 
     async def _finish_transaction(
         self, mail: Reply, results: dict[str, Reply], data: Reply | None, body: BinaryIO

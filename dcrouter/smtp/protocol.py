@@ -283,6 +283,7 @@ class ESMTPServerProtocol(CommandReceiver):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._mode = CLOSED
+        self._held.clear()
         self.setTimeout(None)
         self._cancel_timers()
         self._abort_data()
@@ -354,6 +355,7 @@ class ESMTPServerProtocol(CommandReceiver):
     def _close(self, reply: Reply) -> None:
         """Send ``reply`` (a 421 or 221) and end the session; later input is ignored."""
         self._send(reply)
+        self._flush()
         self._mode = CLOSED
         self._in.clear()
         self.setTimeout(None)
@@ -399,7 +401,7 @@ class ESMTPServerProtocol(CommandReceiver):
 
     def _send(self, reply: Reply) -> None:
         if self._mode is not CLOSED:
-            self._wire.write(reply.to_bytes())
+            self._write(reply.to_bytes())
 
     # Commands
 
@@ -497,6 +499,8 @@ class ESMTPServerProtocol(CommandReceiver):
         if self._f.tls_options is None or transport is None:
             return Reply(454, "4.7.0", "TLS not available")
         self._send(Reply(220, "2.0.0", "Ready to start TLS"))
+        # The 220, and any reply held before it, goes out in plaintext before the handshake starts.
+        self._flush()
         # RFC 3207 §4.2 and CVE-2011-0411: nothing the client sent before the handshake may be acted upon.
         self._discard_input()
         transport.startTLS(self._f.tls_options)

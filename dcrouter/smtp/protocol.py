@@ -149,9 +149,28 @@ class ESMTPServerFactory(Factory):
     def buildProtocol(self, addr: Any) -> ESMTPServerProtocol:
         # The session keeps a copy of the factory as it is now: a reload (reconfigure) changes what the
         # next session gets, never the configuration of one in flight.
-        protocol = ESMTPServerProtocol(copy.copy(self))
+        # Sessions accepted between two changes share one copy (an idle session costs memory, not a factory).
+        snapshot = self._snapshot
+        if snapshot is None:
+            snapshot = copy.copy(self)
+            object.__setattr__(self, "_snapshot", snapshot)
+        protocol = ESMTPServerProtocol(snapshot)
         protocol.factory = self
         return protocol
+
+    #: The copy sessions built since the last change to this factory share; None: take a new one.
+    _snapshot: ESMTPServerFactory | None = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Any change (reconfigure, a test's collaborator) is seen by the sessions accepted after it only.
+        object.__setattr__(self, "_snapshot", None)
+        object.__setattr__(self, name, value)
+
+    def __copy__(self) -> ESMTPServerFactory:
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        clone.__dict__.pop("_snapshot", None)
+        return clone
 
     def reconfigure(
         self,
@@ -172,6 +191,24 @@ class ESMTPServerFactory(Factory):
 @implementer(IHandshakeListener)
 class ESMTPServerProtocol(CommandReceiver):
     """One SMTP session. See the module docstring for its guarantees."""
+
+    # Per-session state in slots, as CommandReceiver's (why there).
+    __slots__ = (
+        "_f",
+        "session",
+        "_admitted",
+        "_tls_started",
+        "_bad_commands",
+        "_txn",
+        "_sasl",
+        "_spool",
+        "_session_timer",
+        "_greeting_timer",
+        "_junk_commands",
+        "_junk_error",
+        "_stopping",
+        "_opened_at",
+    )
 
     def __init__(self, factory: ESMTPServerFactory) -> None:
         super().__init__(factory.config, factory.clock)
@@ -220,7 +257,7 @@ class ESMTPServerProtocol(CommandReceiver):
         self._log("info", "Connection from {peer} on port {port}", port=self._f.port)
         self._emit("connection.connect", protocol="smtp", peer=session.peer_host, tls=session.implicit_tls)
         self._session_timer = self._clock.callLater(
-            self._config.connection_timeout / 1000.0, partial(self._timed_out, "connectionTimeout")
+            self._config.connection_timeout / 1000.0, self._session_timed_out
         )
         if self._f.sessions.stopping:
             # Accepted just as the listeners stopped.
@@ -309,6 +346,9 @@ class ESMTPServerProtocol(CommandReceiver):
 
     def timeoutConnection(self) -> None:
         self._timed_out("socketTimeout")
+
+    def _session_timed_out(self) -> None:
+        self._timed_out("connectionTimeout")
 
     def _timed_out(self, limit: str) -> None:
         if self._mode is CLOSED:

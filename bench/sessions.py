@@ -206,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=10_000, help="Sessions held (default 10000).")
     parser.add_argument("--loaders", type=int, help="Load-generator processes (default: one per 15,000).")
     parser.add_argument("--parallel", type=int, default=100, help="Sessions opening at once per loader.")
-    parser.add_argument("--max-per-worker", type=int, default=19_000, help="maxConnections (per worker).")
+    parser.add_argument("--max-per-worker", type=int, default=19_500,
+                        help="maxConnections (per worker; above what a worker holds, or the fresh sessions are"
+                        " refused; default 19500).")
     parser.add_argument("--fresh", type=int, default=20, help="Fresh sessions timed while held (default 20).")
     parser.add_argument("--settle", type=float, default=5.0, help="Seconds held before measuring.")
     parser.add_argument("--code", default=REPO_ROOT, help="Checkout whose dcrouter runs (default this one).")
@@ -223,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command     {command}")
     for line in machine_lines(workdir):
         print(line)
+    revision = subprocess.run(["git", "-C", args.code, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True).stdout.strip()
+    print(f"code        dcrouter under test from {os.path.abspath(args.code)}"
+          + (f" at {revision}" if revision else ""))
     with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
         print(f"ports       ip_local_port_range {' '.join(f.read().split())}; "
               f"loadavg {' '.join(open('/proc/loadavg').read().split()[:3])}", flush=True)

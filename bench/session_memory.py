@@ -41,7 +41,9 @@ def open_sessions(port: int, count: int, held: list[socket.socket]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.session_memory", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.session_memory", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--sessions", type=int, default=2000)
     parser.add_argument("--top", type=int, default=25, help="Lines shown (default 25).")
     parser.add_argument("--frames", type=int, default=1, help="Traceback depth grouped on (default 1).")
@@ -57,8 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     with open(config, "w") as f:
         f.write(
             DCROUTER_CONFIG.format(
-                port=port, host=HOST, max_size=1 << 20, queue=os.path.join(workdir, "queue"),
-                domain=RECIPIENT_DOMAIN, relay_port=free_port(), paused="true",
+                port=port,
+                host=HOST,
+                max_size=1 << 20,
+                queue=os.path.join(workdir, "queue"),
+                domain=RECIPIENT_DOMAIN,
+                relay_port=free_port(),
+                paused="true",
                 max_connections=args.sessions + 100,
             )
         )
@@ -74,15 +81,17 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, object] = {}
 
     def warm() -> None:
-        threading.Thread(target=lambda: (open_sessions(port, 50, held), reactor.callFromThread(before)),
-                         daemon=True).start()
+        threading.Thread(
+            target=lambda: (open_sessions(port, 50, held), reactor.callFromThread(before)), daemon=True
+        ).start()
 
     def before() -> None:
         gc.collect()
         tracemalloc.start(args.frames)
         out["before"] = tracemalloc.take_snapshot()
         threading.Thread(
-            target=lambda: (open_sessions(port, args.sessions, held), reactor.callFromThread(after)), daemon=True
+            target=lambda: (open_sessions(port, args.sessions, held), reactor.callFromThread(after)),
+            daemon=True,
         ).start()
 
     def after() -> None:

@@ -6,13 +6,13 @@
 
 dcrouter runs as ``twistd -n dcrouter`` (a supervisor and N workers; with ``--workers 1`` one process) on the
 Redis queue (a redis-server of its own on a free port, ``tests/redis_server.py``; ``workers > 1`` needs it and
-both cases use it so the command is the same), delivery paused. ``socketTimeout`` and ``connectionTimeout`` are
-set to an hour in the generated configuration so that dcrouter's inactivity timeout cannot cut the held
+both cases use it so the command is the same), delivery paused. ``socketTimeout`` and ``connectionTimeout``
+are set to an hour in the generated configuration so that dcrouter's inactivity timeout cannot cut the held
 sessions during the measurement; ``maxConnections`` (per worker) to ``--max-per-worker``.
 
 ``--loaders`` load-generator processes (this module with ``--loader``), each with its own open-files limit
-(raised as dcrouter raises its own: ``dcrouter.net.fdlimit``) and its own source addresses (127.0.0.2, .3, ...:
-the ~28,000 ephemeral ports of one (source, destination) pair are not the wall), open the sessions --
+(raised as dcrouter raises its own: ``dcrouter.net.fdlimit``) and its own source addresses (127.0.0.2,
+.3, ...: the ~28,000 ephemeral ports of one (source, destination) pair are not the wall), open the sessions --
 connect, 220, EHLO, 250 -- and leave them idle. Once all are held and a few seconds have passed:
 
 - RSS per session: the sum of the workers' VmRSS now minus before the sessions, divided by those held;
@@ -29,7 +29,6 @@ import asyncio
 import json
 import math
 import os
-import re
 import shutil
 import socket
 import statistics
@@ -69,8 +68,11 @@ def nofile(wanted: int | None) -> None:
 
     outcome = raise_nofile(wanted)
     if not outcome.enough:
-        print(f"bench/sessions: open files limit {outcome.after} short of {wanted}: {outcome.error}",
-              file=sys.stderr, flush=True)
+        print(
+            f"bench/sessions: open files limit {outcome.after} short of {wanted}: {outcome.error}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 # -- the load generator (one process each) ---------------------------------------------------------------
@@ -79,7 +81,7 @@ def nofile(wanted: int | None) -> None:
 class Held(asyncio.Protocol):
     """One session: waits for 220, sends EHLO, waits for the final 250, then idles; counts a loss."""
 
-    __slots__ = ("state", "buffer", "done", "transport", "stats")
+    __slots__ = ("buffer", "done", "state", "stats", "transport")
 
     def __init__(self, done: asyncio.Future[bool], stats: dict[str, int]) -> None:
         self.state = 0
@@ -127,8 +129,11 @@ async def loader(host: str, port: int, count: int, sources: list[str], parallel:
             done: asyncio.Future[bool] = loop.create_future()
             try:
                 transport, _ = await asyncio.wait_for(
-                    loop.create_connection(lambda: Held(done, stats), host, port,
-                                           local_addr=(sources[n % len(sources)], 0)), 30)
+                    loop.create_connection(
+                        lambda: Held(done, stats), host, port, local_addr=(sources[n % len(sources)], 0)
+                    ),
+                    30,
+                )
                 await asyncio.wait_for(done, 30)
             except (OSError, TimeoutError, ConnectionError) as e:
                 stats["failed"] += 1
@@ -140,7 +145,9 @@ async def loader(host: str, port: int, count: int, sources: list[str], parallel:
 
     started = time.monotonic()
     await asyncio.gather(*(one(n) for n in range(count)))
-    print(json.dumps({"opened": stats, "seconds": time.monotonic() - started, "failures": failures}), flush=True)
+    print(
+        json.dumps({"opened": stats, "seconds": time.monotonic() - started, "failures": failures}), flush=True
+    )
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     while True:
@@ -167,6 +174,11 @@ def children(pid: int) -> list[int]:
             return [int(c) for c in f.read().split()]
     except OSError:
         return []
+
+
+def read_text(path: str) -> str:
+    with open(path) as f:
+        return f.read()
 
 
 def open_fds(pid: int) -> int:
@@ -206,9 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=10_000, help="Sessions held (default 10000).")
     parser.add_argument("--loaders", type=int, help="Load-generator processes (default: one per 15,000).")
     parser.add_argument("--parallel", type=int, default=100, help="Sessions opening at once per loader.")
-    parser.add_argument("--max-per-worker", type=int, default=19_500,
-                        help="maxConnections (per worker; above what a worker holds, or the fresh sessions are"
-                        " refused; default 19500).")
+    parser.add_argument(
+        "--max-per-worker",
+        type=int,
+        default=19_500,
+        help="maxConnections (per worker; above what a worker holds, or the fresh sessions are"
+        " refused; default 19500).",
+    )
     parser.add_argument("--fresh", type=int, default=20, help="Fresh sessions timed while held (default 20).")
     parser.add_argument("--settle", type=float, default=5.0, help="Seconds held before measuring.")
     parser.add_argument("--code", default=REPO_ROOT, help="Checkout whose dcrouter runs (default this one).")
@@ -225,13 +241,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command     {command}")
     for line in machine_lines(workdir):
         print(line)
-    revision = subprocess.run(["git", "-C", args.code, "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True).stdout.strip()
-    print(f"code        dcrouter under test from {os.path.abspath(args.code)}"
-          + (f" at {revision}" if revision else ""))
+    revision = subprocess.run(
+        ["git", "-C", args.code, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    print(
+        f"code        dcrouter under test from {os.path.abspath(args.code)}"
+        + (f" at {revision}" if revision else "")
+    )
     with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-        print(f"ports       ip_local_port_range {' '.join(f.read().split())}; "
-              f"loadavg {' '.join(open('/proc/loadavg').read().split()[:3])}", flush=True)
+        print(
+            f"ports       ip_local_port_range {' '.join(f.read().split())}; "
+            f"loadavg {' '.join(read_text('/proc/loadavg').split()[:3])}",
+            flush=True,
+        )
 
     sys.path.insert(0, REPO_ROOT)
     from tests.redis_server import SKIP_REASON, RedisServer
@@ -249,14 +271,26 @@ def main(argv: list[str] | None = None) -> int:
         config = os.path.join(workdir, "dcrouter.toml")
         os.makedirs(os.path.join(workdir, "spool"))
         with open(config, "w") as f:
-            f.write(CONFIG.format(workers=args.workers, port=port, host=HOST, max_connections=args.max_per_worker,
-                                  redis_url=redis.url, spool=os.path.join(workdir, "spool")))
+            f.write(
+                CONFIG.format(
+                    workers=args.workers,
+                    port=port,
+                    host=HOST,
+                    max_connections=args.max_per_worker,
+                    redis_url=redis.url,
+                    spool=os.path.join(workdir, "spool"),
+                )
+            )
         log_path = os.path.join(workdir, "server.log")
         env = dict(os.environ, PYTHONPATH=os.path.abspath(args.code))
         with open(log_path, "wb") as log:
             server = subprocess.Popen(
                 [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "dcrouter", "--config", config],
-                cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=workdir,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 preexec_fn=lambda: nofile(args.max_per_worker + 2000),  # noqa: PLW1509 (setrlimit only)
                 start_new_session=True,
             )
@@ -266,31 +300,54 @@ def main(argv: list[str] | None = None) -> int:
                 if f.read().count(b"dcrouter ready") >= args.workers:
                     break
             if server.poll() is not None:
-                raise RuntimeError(f"dcrouter exited:\n{open(log_path).read()[-3000:]}")
+                raise RuntimeError(f"dcrouter exited:\n{read_text(log_path)[-3000:]}")
             time.sleep(0.2)
         else:
-            raise RuntimeError(f"not every worker became ready:\n{open(log_path).read()[-3000:]}")
+            raise RuntimeError(f"not every worker became ready:\n{read_text(log_path)[-3000:]}")
         workers = children(server.pid) if args.workers > 1 else [server.pid]
         workers = [p for p in workers if os.path.exists(f"/proc/{p}/fd")]
         time.sleep(1.0)
         fresh_session(port)  # every worker has served nothing yet: one warm-up
         rss_before = {p: rss_kb(p) for p in workers}
         fds_before = {p: open_fds(p) for p in workers}
-        print(f"dcrouter    {len(workers)} worker(s), pids {workers}, RSS before "
-              f"{sum(rss_before.values()) / 1024:.1f} MiB in total, open files limit of each "
-              f"{open(f'/proc/{workers[0]}/limits').read().split('Max open files')[1].split()[0]}", flush=True)
+        print(
+            f"dcrouter    {len(workers)} worker(s), pids {workers}, RSS before "
+            f"{sum(rss_before.values()) / 1024:.1f} MiB in total, open files limit of each "
+            f"{read_text(f'/proc/{workers[0]}/limits').split('Max open files')[1].split()[0]}",
+            flush=True,
+        )
 
-        per_loader = [args.sessions // loaders + (1 if i < args.sessions % loaders else 0) for i in range(loaders)]
+        per_loader = [
+            args.sessions // loaders + (1 if i < args.sessions % loaders else 0) for i in range(loaders)
+        ]
         sources_each = max(1, math.ceil(max(per_loader) / 25_000))
         started = time.monotonic()
         for i, count in enumerate(per_loader):
             sources = [f"127.0.0.{2 + i * sources_each + j}" for j in range(sources_each)]
-            loader_processes.append(subprocess.Popen(
-                [sys.executable, "-m", "bench.sessions", "--loader", "--host", HOST, "--port", str(port),
-                 "--count", str(count), "--sources", ",".join(sources), "--parallel", str(args.parallel)],
-                cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=REPO_ROOT), stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-            ))
+            loader_processes.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "bench.sessions",
+                        "--loader",
+                        "--host",
+                        HOST,
+                        "--port",
+                        str(port),
+                        "--count",
+                        str(count),
+                        "--sources",
+                        ",".join(sources),
+                        "--parallel",
+                        str(args.parallel),
+                    ],
+                    cwd=REPO_ROOT,
+                    env=dict(os.environ, PYTHONPATH=REPO_ROOT),
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                )
+            )
         opened = []
         for process in loader_processes:
             assert process.stdout is not None
@@ -301,8 +358,11 @@ def main(argv: list[str] | None = None) -> int:
         for o in opened:
             for k, v in o["failures"].items():
                 failures[k] = failures.get(k, 0) + v
-        print(f"opened      {held} of {args.sessions} held in {open_seconds:.1f} s by {loaders} loaders "
-              f"({sources_each} source address(es) each); failures {failures or 0}", flush=True)
+        print(
+            f"opened      {held} of {args.sessions} held in {open_seconds:.1f} s by {loaders} loaders "
+            f"({sources_each} source address(es) each); failures {failures or 0}",
+            flush=True,
+        )
         time.sleep(args.settle)
         rss_after = {p: rss_kb(p) for p in workers}
         fds_after = {p: open_fds(p) for p in workers}
@@ -318,20 +378,36 @@ def main(argv: list[str] | None = None) -> int:
             lost += json.loads(process.stdout.readline())["status"]["lost"]
         per_session = growth / held if held else float("nan")
         spread = [(fds_after[p] - fds_before[p], (rss_after[p] - rss_before[p]) / 1024) for p in workers]
-        result.update(held=held, open_seconds=open_seconds, failures=failures, rss_growth_kb=growth,
-                      kib_per_session=per_session, fresh_ms=times, fresh_median_ms=statistics.median(times),
-                      fresh_p99_ms=percentile(times, 99), lost=lost, spread=spread,
-                      loadavg=open("/proc/loadavg").read().split()[:3])
-        print(f"RSS         workers' total {sum(rss_before.values()) / 1024:.1f} -> "
-              f"{sum(rss_after.values()) / 1024:.1f} MiB: +{growth / 1024:.1f} MiB, "
-              f"{per_session:.2f} KiB per held session")
+        result.update(
+            held=held,
+            open_seconds=open_seconds,
+            failures=failures,
+            rss_growth_kb=growth,
+            kib_per_session=per_session,
+            fresh_ms=times,
+            fresh_median_ms=statistics.median(times),
+            fresh_p99_ms=percentile(times, 99),
+            lost=lost,
+            spread=spread,
+            loadavg=read_text("/proc/loadavg").split()[:3],
+        )
+        print(
+            f"RSS         workers' total {sum(rss_before.values()) / 1024:.1f} -> "
+            f"{sum(rss_after.values()) / 1024:.1f} MiB: +{growth / 1024:.1f} MiB, "
+            f"{per_session:.2f} KiB per held session"
+        )
         print("spread      " + ", ".join(f"{n} sessions/+{mib:.1f} MiB" for n, mib in spread))
-        print(f"fresh       {args.fresh} sessions (connect, 220, EHLO, QUIT) while held: median "
-              f"{result['fresh_median_ms']:.1f} ms, p99 {result['fresh_p99_ms']:.1f} ms, "
-              f"max {max(times):.1f} ms")
+        print(
+            f"fresh       {args.fresh} sessions (connect, 220, EHLO, QUIT) while held: median "
+            f"{result['fresh_median_ms']:.1f} ms, p99 {result['fresh_p99_ms']:.1f} ms, "
+            f"max {max(times):.1f} ms"
+        )
         print(f"lost        {lost} held session(s) closed by the server during the measurement")
-        print(f"loadavg     {' '.join(result['loadavg'])} at {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC",
-              flush=True)
+        print(
+            f"loadavg     {' '.join(result['loadavg'])} at "
+            f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC",
+            flush=True,
+        )
     finally:
         for process in loader_processes:
             if process.poll() is None and process.stdin is not None:

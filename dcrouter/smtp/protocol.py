@@ -38,7 +38,6 @@ from __future__ import annotations
 import copy
 import secrets
 from collections.abc import Callable
-from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred
@@ -194,20 +193,20 @@ class ESMTPServerProtocol(CommandReceiver):
 
     # Per-session state in slots, as CommandReceiver's (why there).
     __slots__ = (
-        "_f",
-        "session",
         "_admitted",
-        "_tls_started",
         "_bad_commands",
-        "_txn",
-        "_sasl",
-        "_spool",
-        "_session_timer",
+        "_f",
         "_greeting_timer",
         "_junk_commands",
         "_junk_error",
-        "_stopping",
         "_opened_at",
+        "_sasl",
+        "_session_timer",
+        "_spool",
+        "_stopping",
+        "_tls_started",
+        "_txn",
+        "session",
     )
 
     def __init__(self, factory: ESMTPServerFactory) -> None:

@@ -10,7 +10,7 @@ from twisted.trial import unittest
 from dcrouter.smtp.framing import CommandReceiver
 from dcrouter.smtp.protocol import ESMTPServerProtocol
 from dcrouter.smtp.session import Session
-from tests.smtp_fixtures import PEER_IP, connect, make_factory
+from tests.smtp_fixtures import PEER_IP, ControlledQueue, connect, make_config, make_factory
 
 
 class SlotsTests(unittest.TestCase):
@@ -50,3 +50,57 @@ class FactorySnapshotTests(unittest.TestCase):
         self.assertIsNone(third._f.authenticator)
         self.assertIsNotNone(first._f.authenticator)
         self.assertIs(first.factory, factory)
+
+
+class OneTimerTests(unittest.TestCase):
+    """connectionTimeout and socketTimeout share one timer per session, due at whichever comes first."""
+
+    def test_an_idle_session_holds_one_timer(self) -> None:
+        server = connect()
+        server.exchange(b"EHLO client.example\r\n")
+        self.assertEqual(len(server.clock.getDelayedCalls()), 1)
+
+    def test_silence_ends_the_session_at_socket_timeout(self) -> None:
+        server = connect(make_config(socket_timeout=30_000, connection_timeout=600_000))
+        server.exchange(b"EHLO client.example\r\n")
+        server.clock.advance(29.9)
+        self.assertEqual(server.take(), b"")
+        server.clock.advance(0.1)
+        self.assertTrue(server.take().startswith(b"421 4.4.2 "))
+        self.assertTrue(server.transport.disconnecting)
+        self.assertEqual(server.clock.getDelayedCalls(), [])
+
+    def test_input_moves_the_socket_timeout_on(self) -> None:
+        server = connect(make_config(socket_timeout=30_000, connection_timeout=600_000))
+        server.clock.advance(20)
+        server.exchange(b"NOOP\r\n")
+        server.clock.advance(20)
+        self.assertFalse(server.transport.disconnecting)
+        server.clock.advance(10)
+        self.assertTrue(server.take().startswith(b"421 4.4.2 "))
+
+    def test_a_talking_session_ends_at_connection_timeout(self) -> None:
+        """A client that never falls silent for socketTimeout is still closed once the session has lasted
+        connectionTimeout, counted from the connection."""
+        server = connect(make_config(socket_timeout=30_000, connection_timeout=100_000))
+        for _ in range(4):
+            server.clock.advance(20)
+            self.assertTrue(server.exchange(b"NOOP\r\n").startswith(b"250 "))
+        server.clock.advance(19.9)  # 99.9 s since the connection
+        self.assertFalse(server.transport.disconnecting)
+        server.clock.advance(0.1)
+        self.assertTrue(server.take().startswith(b"421 4.4.2 "))
+        self.assertTrue(server.transport.disconnecting)
+
+    def test_connection_timeout_also_runs_while_a_command_waits(self) -> None:
+        """While a command waits, socketTimeout is suspended; connectionTimeout is not."""
+        queue = ControlledQueue(auto=False)
+        server = connect(make_config(socket_timeout=30_000, connection_timeout=100_000), queue=queue)
+        server.exchange(b"EHLO client.example\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n")
+        server.exchange(b"DATA\r\n")
+        server.exchange(b"Subject: x\r\n\r\nbody\r\n.\r\n")  # the queue has not answered: the command waits
+        self.assertIsNone(server.protocol.timeOut)
+        server.clock.advance(99)
+        self.assertFalse(server.transport.disconnecting)
+        server.clock.advance(1)
+        self.assertTrue(server.transport.disconnecting)

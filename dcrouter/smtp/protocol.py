@@ -255,9 +255,7 @@ class ESMTPServerProtocol(CommandReceiver):
         self._f.sessions.opened(self)
         self._log("info", "Connection from {peer} on port {port}", port=self._f.port)
         self._emit("connection.connect", protocol="smtp", peer=session.peer_host, tls=session.implicit_tls)
-        self._session_timer = self._clock.callLater(
-            self._config.connection_timeout / 1000.0, self._session_timed_out
-        )
+        self._arm_timer()  # connectionTimeout, from now
         if self._f.sessions.stopping:
             # Accepted just as the listeners stopped.
             self._close(self._shutting_down())
@@ -346,8 +344,46 @@ class ESMTPServerProtocol(CommandReceiver):
     def timeoutConnection(self) -> None:
         self._timed_out("socketTimeout")
 
-    def _session_timed_out(self) -> None:
-        self._timed_out("connectionTimeout")
+    # One timer per session for both connectionTimeout (from the connection) and socketTimeout (client
+    # silence, while TimeoutMixin's ``timeOut`` is set): it is due at whichever comes first. An idle session
+    # holds one DelayedCall, not two (docs/performance.md, "Idle sessions"). These replace TimeoutMixin's
+    # setTimeout/resetTimeout, keeping their meaning for ``timeOut``.
+
+    def setTimeout(self, period: float | None) -> float | None:
+        previous, self.timeOut = self.timeOut, period
+        self._arm_timer()
+        return previous
+
+    def resetTimeout(self) -> None:
+        if self.timeOut is not None:
+            self._arm_timer()
+
+    def _session_deadline(self) -> float:
+        return self._opened_at + self._config.connection_timeout / 1000.0
+
+    def _arm_timer(self) -> None:
+        timer = self._session_timer
+        if not self._admitted or self._mode is CLOSED:
+            if timer is not None and timer.active():
+                timer.cancel()
+            self._session_timer = None
+            return
+        now = self._clock.seconds()
+        due = self._session_deadline()
+        if self.timeOut is not None:
+            due = min(due, now + self.timeOut)
+        delay = max(0.0, due - now)
+        if timer is not None and timer.active():
+            timer.reset(delay)
+        else:
+            self._session_timer = self._clock.callLater(delay, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._session_timer = None
+        if self._clock.seconds() >= self._session_deadline() - 1e-6:
+            self._timed_out("connectionTimeout")
+        else:
+            self.timeoutConnection()
 
     def _timed_out(self, limit: str) -> None:
         if self._mode is CLOSED:

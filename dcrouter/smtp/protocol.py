@@ -350,7 +350,8 @@ class ESMTPServerProtocol(CommandReceiver):
     # setTimeout/resetTimeout, keeping their meaning for ``timeOut``.
 
     def setTimeout(self, period: float | None) -> float | None:
-        previous, self.timeOut = self.timeOut, period
+        # TimeoutMixin declares timeOut as int | None; seconds here may be fractional (milliseconds / 1000).
+        previous, self.timeOut = self.timeOut, cast(int | None, period)
         self._arm_timer()
         return previous
 

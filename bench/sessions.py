@@ -30,6 +30,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -233,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.loader:
         return run_loader(args)
 
+    # SIGTERM (a time limit's) ends the run through the finally below: loaders, dcrouter and redis stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     loaders = args.loaders or max(1, math.ceil(args.sessions / 15_000))
     nofile(args.max_per_worker + 2000)
     command = "python -m bench.sessions" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))

@@ -412,24 +412,25 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     finally:
-        for process in loader_processes:
-            if process.poll() is None and process.stdin is not None:
+        # dcrouter first (its own session: a supervisor left behind would keep its workers and their
+        # sessions), then the loaders (still opening, they read no "close": ended), then redis.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            stop_process(server)
+        finally:
+            for process in loader_processes:
+                if process.poll() is None:
+                    process.terminate()
+            for process in loader_processes:
                 try:
-                    process.stdin.write(b"close\n")
-                    process.stdin.close()
-                except OSError:
-                    pass
-        for process in loader_processes:
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        stop_process(server)
-        redis.stop()
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
-        shutil.rmtree(workdir, ignore_errors=True)
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+            redis.stop()
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(result, f, indent=2)
+            shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 

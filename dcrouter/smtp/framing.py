@@ -103,7 +103,39 @@ class CommandReceiver(Protocol, TimeoutMixin):
     #: The session the log lines are about (the subclass sets it).
     session: Session
 
+    # One session holds one of these for as long as its client stays connected (100,000 idle sessions is an
+    # aim: docs/performance.md), so its state is in slots, not an instance dictionary. Protocol and
+    # TimeoutMixin have none, so their per-instance attributes are slots here too (set in __init__, where
+    # their class-level defaults would otherwise have been read): with a subclass that declares its own
+    # ``__slots__`` too, an instance has no ``__dict__`` at all (tests/test_smtp_memory.py).
+    __slots__ = (
+        "_TimeoutMixin__timeoutCall",
+        "_busy",
+        "_clock",
+        "_config",
+        "_data_deadline",
+        "_data_timer",
+        "_discarding_line",
+        "_in",
+        "_line_timer",
+        "_mode",
+        "_output_blocked",
+        "_paused",
+        "_pumping",
+        "_rate_timer",
+        "_stream",
+        "connected",
+        "factory",
+        "timeOut",
+        "transport",
+    )
+
     def __init__(self, config: SmtpConfig, clock: IReactorTime) -> None:
+        self.transport = None
+        self.connected = 0
+        self.factory = None
+        self.timeOut = None
+        self._TimeoutMixin__timeoutCall: IDelayedCall | None = None
         self._config = config
         self._clock = clock
         self._mode = COMMAND
@@ -426,6 +458,8 @@ class CommandReceiver(Protocol, TimeoutMixin):
 class _OutputGate:
     """What a session registers with its transport as producer: the transport pauses it when its write
     buffer is full and resumes it when that has drained (``FileDescriptor`` and the TLS layer do)."""
+
+    __slots__ = ("_receiver",)
 
     def __init__(self, receiver: CommandReceiver) -> None:
         self._receiver = receiver

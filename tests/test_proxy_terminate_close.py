@@ -168,6 +168,13 @@ class TerminatedEndingTests(SynchronousTestCase):
         self.assertEqual(self.ctx.per_ip, {})
         self.assertEqual(self.ctx.counters["a"].active, 0)
         self.assertEqual(self.ctx.sessions, set())
+        # A backend connection left in step outlives the client's, idle in the route-wide pool until its
+        # time there runs out: the pool's one timer is all that may be left.
+        pool = self.ctx.backend_pool
+        left = [call for call in self.reactor.getDelayedCalls() if call.func != pool._expire]
+        self.assertEqual(left, [])
+        self.reactor.advance(pool.idle_timeout + 1)
+        self.assertEqual(pool.count, 0)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
     # -- the proxy ends the connection ----------------------------------------------------------------

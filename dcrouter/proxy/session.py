@@ -43,7 +43,7 @@ from dcrouter.log import logger
 from dcrouter.net import proxyprotocol
 from dcrouter.net.balance import Balancer
 from dcrouter.net.cidr import CidrSet
-from dcrouter.net.quiet import connect_quietly, set_no_delay
+from dcrouter.net.quiet import connect_quietly, eager_writes, set_no_delay
 from dcrouter.net.reactor import IRouterReactor
 from dcrouter.net.targets import Target, TargetHealth
 from dcrouter.net.tls import TlsPolicy
@@ -533,6 +533,7 @@ def _keyed(backend: HttpBackend | None, base: tuple[Any, ...]) -> HttpBackend | 
     """A new backend connection, keyed for the pool by ``base`` and the target it reached."""
     if backend is not None:
         backend.pool_key = (*base, backend.target)
+        eager_writes(backend.transport)
     return backend
 
 
@@ -1009,6 +1010,7 @@ class ProxySession(Protocol):
         else:
             creator = self.context.server_creator(route.tls_profile, http2=route.http2)
             assert creator is not None
+            eager_writes(self.transport)  # each TLS write to the client sent at once (see eager_writes)
             application: IProtocol = front
             if route.http2:
                 application = AlpnFront(front, lambda: self._http2(route, sniffed, counters))

@@ -271,7 +271,7 @@ class BackendPool:
         self.count += 1
 
     def _expire(self) -> None:
-        """Close the connections idle for ``idle_timeout`` or more; look again in a second while any is left."""
+        """Close the connections idle for ``idle_timeout`` or more; look again in a second while any left."""
         self._sweep = None
         assert self._clock is not None
         limit = self._clock.seconds() - self.idle_timeout

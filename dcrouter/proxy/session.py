@@ -58,7 +58,6 @@ from dcrouter.proxy.http import (
     DEFAULT_IDLE_TIMEOUT,
     BackendPool,
     ChallengeSource,
-    Connector,
     ForwardingPolicy,
     HttpBackend,
     HttpForwarder,

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import gc
 import os
 from collections.abc import Mapping
 from functools import partial
@@ -271,11 +270,6 @@ class DcRouter(MultiService):
     :class:`~dcrouter.observe.metrics.RouterMetrics` (``metrics.registry``), ``observe`` the service with
     the webhooks and the metrics listener (``observe.port`` once bound).
     """
-
-    #: Freeze the cyclic collector's view of what start-up made once ready (``gc.freeze``): set by
-    #: dcrouter.tap for the processes twistd runs; not for embedding programs or tests, whose own objects
-    #: would be frozen with it.
-    freeze_at_start = False
 
     def __init__(
         self,
@@ -996,14 +990,6 @@ class DcRouter(MultiService):
             self.smtp.startService()  # resumes the listeners
         log.info("dcrouter ready")
         self._settle_ready(True)
-        if self.freeze_at_start:
-            # What start-up made (modules, configuration, certificates, route tables: most of the process's
-            # objects, and all of them long-lived) is taken out of the cyclic collector's sight: its full
-            # collections, which the garbage of every request and message sets off now and then, then walk
-            # only what was made since, not the whole heap. Nothing is lost: frozen objects are still
-            # freed by reference counting; only cycles among them are left (start-up's, collected first).
-            gc.collect()
-            gc.freeze()
 
     def _start_failed(self, failure: Failure) -> None:
         log.failure("dcrouter could not start", failure)

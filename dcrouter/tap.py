@@ -155,7 +155,6 @@ def makeService(config: Options, reactor: IRouterReactor | None = None) -> Any:
         inherit(sockets)
         die_with_parent()
     router = DcRouter(result, reactor=reactor, worker=index)
-    router.freeze_at_start = True  # a process of its own: start-up's objects need no more collecting
     if result.options.log_format == "json":
         from dcrouter.log import twistd_json_observer
 

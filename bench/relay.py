@@ -37,6 +37,7 @@ import os
 import platform
 import re
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -44,7 +45,7 @@ import tempfile
 import time
 from typing import Any
 
-from bench import smtpload
+from bench import ingress, smtpload
 from bench.ingress import (
     HOST,
     REPO_ROOT,
@@ -142,6 +143,8 @@ class DcrouterRelay(ServerUnderTest):
         self.name = f"dcrouter-{storage}" + (f"-w{workers}" if workers > 1 else "")
         self.label = f"dcrouter ({storage}" + (f", {workers} workers)" if workers > 1 else ")")
         self.redis: Any = None
+        #: A command line to run the relay under (``--dcrouter-wrapper``: valgrind, say); empty: none.
+        self.wrapper: list[str] = []
 
     def command(self, directory: str) -> tuple[list[str], dict[str, str]]:
         redis = ""
@@ -171,6 +174,7 @@ class DcrouterRelay(ServerUnderTest):
                 )
             )
         argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "dcrouter", "--config", config]
+        argv[:0] = self.wrapper
         pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
         return argv, dict(os.environ, PYTHONPATH=pythonpath)
 
@@ -723,9 +727,17 @@ def main(argv: list[str] | None = None) -> int:
         help="Extra smtpConfig key for dcrouter (a TOML value; delivery.KEY for the delivery "
         "block), e.g. maxPerDestination=50; repeatable. Default: none (dcrouter's defaults).",
     )
+    parser.add_argument(
+        "--dcrouter-wrapper",
+        metavar="COMMAND",
+        help="A command line the dcrouter relays run under (for diagnosis), e.g. 'valgrind --tool=callgrind "
+        "--separate-threads=yes --callgrind-out-file=/tmp/cg.out'; the start-up wait becomes 10 minutes.",
+    )
     parser.add_argument("--json", metavar="FILE", help="Also write the raw results as JSON.")
     parser.add_argument("--keep", action="store_true", help="Keep the temporary directory (queues, logs).")
     args = parser.parse_args(argv)
+    if args.dcrouter_wrapper:
+        ingress.START_TIMEOUT = max(ingress.START_TIMEOUT, 600.0)  # read by ServerUnderTest.start
 
     plan = Plan(
         messages=args.messages or (500 if args.quick else 2000),
@@ -756,7 +768,9 @@ def main(argv: list[str] | None = None) -> int:
                 relays.append(PostfixPeer(workdir, sink.port))
             elif match := re.fullmatch(r"dcrouter-(disk|redis)(?:-w([1-9][0-9]?))?", name):
                 storage, workers = match.group(1), int(match.group(2) or 1)
-                relays.append(DcrouterRelay(workdir, storage, sink.port, args.dcrouter_option, workers))
+                relay = DcrouterRelay(workdir, storage, sink.port, args.dcrouter_option, workers)
+                relay.wrapper = shlex.split(args.dcrouter_wrapper or "")
+                relays.append(relay)
             else:
                 parser.error(f"unknown relay {name!r}")
         print("\n== end-to-end throughput", flush=True)

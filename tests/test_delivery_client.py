@@ -23,6 +23,7 @@ from dcrouter.delivery.client import (
     ESMTPClient,
     ProbeReplies,
     SMTPClientError,
+    StaleSession,
     TransactionResult,
 )
 from dcrouter.log import levels, set_level
@@ -334,6 +335,95 @@ class PipelinedTransactionTests(ClientTestCase):
         self.assertEqual(self.sent(), b"MAIL FROM:<> SIZE=1\r\nRCPT TO:<x@example.org>\r\nDATA\r\n")
 
 
+class WriteCountTests(ClientTestCase):
+    """A pipelined group is one write, a small body and its end another (within one reactor turn Twisted
+    joins writes into one send() anyway, but each write costs its own bookkeeping)."""
+
+    def test_a_transaction_is_two_writes(self) -> None:
+        self.ready()
+        writes: list[bytes] = []
+        self.transport.write = writes.append  # type: ignore[method-assign]
+        done = run(
+            self.client.send("a@b.test", ["x@example.org", "y@example.org"], io.BytesIO(b".hi\r\n"), 5)
+        )
+        self.assertEqual(
+            writes,
+            [
+                (
+                    b"MAIL FROM:<a@b.test> SIZE=5\r\n"
+                    b"RCPT TO:<x@example.org>\r\nRCPT TO:<y@example.org>\r\nDATA\r\n"
+                )
+            ],
+        )
+        self.server(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n")
+        self.assertEqual(writes[1:], [b"..hi\r\n.\r\n"])
+        self.server(b"250 2.0.0 Ok\r\n")
+        self.assertEqual(self.successResultOf(done).data, Reply(250, "2.0.0", "Ok"))
+
+
+class ResetDueTests(ClientTestCase):
+    """A session a pool hands out unprobed (``reset_due``) begins its next transaction with RSET."""
+
+    def start(self, ehlo: bytes = EHLO_FULL) -> Deferred[TransactionResult]:
+        self.ready(ehlo)
+        self.client.reset_due = True
+        return run(self.client.send("a@b.test", ["x@example.org"], io.BytesIO(b"hi\r\n"), 4))
+
+    def test_pipelined_in_front_of_the_transaction(self) -> None:
+        done = self.start()
+        self.assertEqual(
+            self.sent(), b"RSET\r\nMAIL FROM:<a@b.test> SIZE=4\r\nRCPT TO:<x@example.org>\r\nDATA\r\n"
+        )
+        self.assertFalse(self.client.reset_due)
+        self.server(b"250 2.0.0 Ok\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n")
+        self.assertEqual(self.sent(), b"hi\r\n.\r\n")
+        self.server(b"250 2.0.0 Ok\r\n")
+        self.assertEqual(self.successResultOf(done).data, Reply(250, "2.0.0", "Ok"))
+
+    def test_on_its_own_without_pipelining(self) -> None:
+        done = self.start(EHLO_BASIC)
+        self.assertEqual(self.sent(), b"RSET\r\n")
+        self.server(b"250 2.0.0 Ok\r\n")
+        self.assertEqual(self.sent(), b"MAIL FROM:<a@b.test> SIZE=4\r\n")
+        self.server(b"250 2.1.0 Ok\r\n")
+        self.assertEqual(self.sent(), b"RCPT TO:<x@example.org>\r\n")
+        self.server(b"250 2.1.5 Ok\r\n")
+        self.assertEqual(self.sent(), b"DATA\r\n")
+        self.server(b"354 go\r\n250 2.0.0 Ok\r\n")
+        self.assertEqual(self.successResultOf(done).data, Reply(250, "2.0.0", "Ok"))
+
+    def test_connection_lost_is_a_stale_session(self) -> None:
+        done = self.start()
+        self.client.connectionLost(Failure(ConnectionLost("Connection reset by peer")))
+        error = self.failureResultOf(done, StaleSession).value
+        self.assertEqual(error.reply.code, 421)
+        self.assertIsInstance(error, SMTPClientError)
+
+    def test_a_refused_reset_is_a_stale_session_and_ends_it(self) -> None:
+        done = self.start()
+        self.sent()
+        self.server(b"421 4.3.2 Going away\r\n")
+        error = self.failureResultOf(done, StaleSession).value
+        self.assertEqual(error.reply.code, 421)
+        self.assertFalse(self.client.is_open)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_a_session_that_already_ended_is_stale(self) -> None:
+        self.ready()
+        self.client.connectionLost(Failure(ConnectionLost()))
+        self.client.reset_due = True
+        done = run(self.client.send("a@b.test", ["x@example.org"], io.BytesIO(b"hi\r\n"), 4))
+        self.failureResultOf(done, StaleSession)
+        self.assertEqual(self.transport.value(), b"")
+
+    def test_failures_after_a_good_reset_are_ordinary(self) -> None:
+        done = self.start()
+        self.server(b"250 2.0.0 Ok\r\n")
+        self.client.connectionLost(Failure(ConnectionLost()))
+        failure = self.failureResultOf(done, SMTPClientError)
+        self.assertNotIsInstance(failure.value, StaleSession)
+
+
 class LocalRefusalTests(ClientTestCase):
     def refused(self, ehlo: bytes, *args: Any, **kwargs: Any) -> TransactionResult:
         self.ready(ehlo)
@@ -369,6 +459,14 @@ class LocalRefusalTests(ClientTestCase):
             EHLO_FULL, "a@b.test>\r\nRCPT TO:<victim@example.org", ["x@example.org"], io.BytesIO(b"x"), 1
         )
         self.assertEqual((result.mail.code, result.mail.enhanced), (553, "5.1.7"))
+
+    def test_which_characters_an_address_may_not_carry(self) -> None:
+        from dcrouter.delivery.client import _bad_address
+
+        for bad in ("a\x00@b", "a\x1f@b", "a\x7f@b", "a<@b", "a>@b", "a@b\r", "\n"):
+            self.assertTrue(_bad_address(bad), repr(bad))
+        for good in ("", "a@b.test", "ü@bücher.example", "a b@c", "\x80@b", "~!#$%&'*+/=?^_`{|}@b"):
+            self.assertFalse(_bad_address(good), repr(good))
 
     def test_recipient_with_control_characters_is_skipped(self) -> None:
         self.ready()
@@ -472,6 +570,16 @@ class TimeoutAndLossTests(ClientTestCase):
         self.server(b"250 2.0.0 Ok\r\n")
         self.assertEqual(self.successResultOf(done).data, Reply(250, "2.0.0", "Ok"))
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_pipelined_reply_times_out_on_its_own_deadline(self) -> None:
+        done = self.start_send()
+        self.clock.advance(10)
+        self.server(b"250 2.1.0 Ok\r\n")
+        # The RCPT reply is due from t=10: not timed out at t=39.9, timed out at t=40.
+        self.clock.advance(29.9)
+        self.assertNoResult(done)
+        self.clock.advance(0.1)
+        self.assert_timeout(done)
 
     def test_send_timeout_while_the_body_is_held_back(self) -> None:
         done = self.start_send(b"y" * 5_000_000)

@@ -85,6 +85,12 @@ class ExampleTests(unittest.TestCase):
         self.assertEqual(stuff(b"a\r", b"\x00", b"\n\x00.b"), b"a\r\n..b\r\n.\r\n")
         self.assertEqual(stuff(b"\x00"), b".\r\n")
 
+    def test_as_many_cr_as_lf_but_not_paired(self) -> None:
+        # Counting CR, LF and CRLF decides whether a chunk needs normalising: equal counts are not enough.
+        self.assertEqual(stuff(b"a\n\rb\r\n"), b"a\r\n\r\nb\r\n.\r\n")
+        self.assertEqual(stuff(b"a\n\r.b\r\n"), b"a\r\n\r\n..b\r\n.\r\n")
+        self.assertEqual(stuff(b"x\r\n.y\r\n"), b"x\r\n..y\r\n.\r\n")
+
     def test_body_without_final_line_break_gets_one(self) -> None:
         self.assertEqual(stuff(b"a\r\nlast"), b"a\r\nlast\r\n.\r\n")
 
@@ -164,6 +170,31 @@ class ProducerTests(unittest.TestCase):
         self.assertEqual(self.transport.value(), b"a\r\n..b\r\n" * 3 + b".\r\n")
         self.assertEqual(self.successResultOf(done), len(self.transport.value()))
         self.assertIsNone(self.transport.producer)
+
+    def test_small_body_and_terminator_are_one_write(self) -> None:
+        writes: list[bytes] = []
+        self.transport.write = writes.append  # type: ignore[method-assign]
+        producer = self.producer(io.BytesIO(b".a\r\nb\r\n"))
+        self.successResultOf(producer.start())
+        self.assertEqual(writes, [b"..a\r\nb\r\n.\r\n"])
+
+    def test_short_reads_that_are_not_the_end_lose_nothing(self) -> None:
+        class Trickle(io.RawIOBase):
+            """A body whose reads return at most 3 octets (a pipe, say): short reads before the end."""
+
+            def __init__(self, data: bytes) -> None:
+                self._data = data
+
+            def readable(self) -> bool:
+                return True
+
+            def read(self, size: int = -1) -> bytes:
+                piece, self._data = self._data[:3], self._data[3:]
+                return piece
+
+        producer = self.producer(Trickle(b"ab\r\n.c\r\nd"), chunk_size=8)  # type: ignore[arg-type]
+        self.successResultOf(producer.start())
+        self.assertEqual(self.transport.value(), b"ab\r\n..c\r\nd\r\n.\r\n")
 
     def test_registers_as_a_streaming_producer(self) -> None:
         producer = self.producer(io.BytesIO(b"x" * 100), chunk_size=10, chunks_per_turn=2)

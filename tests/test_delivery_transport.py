@@ -22,7 +22,7 @@ from dcrouter.interfaces import ClaimLost, IDeliveryTransport
 from dcrouter.mail.envelope import Envelope
 from dcrouter.net.targets import Target, TargetHealth
 from dcrouter.queue.item import QueueItem
-from tests.downstream import Downstream, Script
+from tests.downstream import Downstream, Script, _ScriptedSMTP
 from tests.test_delivery_pool import PoolTestCase, TlsMaterial
 
 #: Lines that need dot-stuffing and 8-bit text: they must arrive byte-identical.
@@ -460,6 +460,62 @@ class PoolingTests(TransportTestCase):
                 [m.recipients for m in downstream.messages], [["one@example.test"], ["two@example.test"]]
             )
             self.assertIn("RSET", downstream.commands())
+            self.assertBodiesClosed()
+
+        self.drive(check())
+
+    def test_reset_is_pipelined_with_the_next_transaction(self) -> None:
+        """A reused connection's RSET goes in front of the next transaction's commands, in the same group."""
+        downstream = self.downstream()
+        transport = self.transport()
+
+        async def check() -> None:
+            route = local_route(downstream.port)
+            for recipient in ("one@example.test", "two@example.test"):
+                report = await self.deliver(transport, route, [recipient])
+                self.assertEqual(report.results[0].outcome, Outcome.DELIVERED)
+            commands = [c.split(":")[0] for c in downstream.commands()]
+            after_first = commands[commands.index("DATA") + 1 :]
+            self.assertEqual(after_first[:4], ["RSET", "MAIL FROM", "RCPT TO", "DATA"])
+
+        self.drive(check())
+
+    def test_connection_dropped_while_idle_is_replaced_without_failing_the_target(self) -> None:
+        """The server dropped the idle connection before the pool noticed: its RSET fails, nothing of the
+        transaction counts, and the message goes on a new connection; the target is not marked down."""
+        downstream = self.downstream()
+        transport = self.transport()
+
+        async def check() -> None:
+            route = local_route(downstream.port)
+            await self.deliver(transport, route, ["one@example.test"])
+            downstream.disconnect()
+            report = await self.deliver(transport, route, ["two@example.test"])
+            self.assertEqual(self.outcomes(report)[0][1], Outcome.DELIVERED)
+            self.assertEqual(report.tried, [f"127.0.0.1:{downstream.port} answered"])
+            self.assertEqual([m.connection for m in downstream.messages], [0, 1])
+            self.assertBodiesClosed()
+
+        self.drive(check())
+
+    def test_reset_refused_is_a_stale_connection(self) -> None:
+        """A 421 to the RSET in front of a transaction: a new connection carries the message."""
+        downstream = self.downstream()
+        transport = self.transport()
+
+        def going_away(protocol: Any, argument: str) -> None:
+            protocol.send("421 4.3.2 Going away")
+            protocol.transport.loseConnection()
+
+        async def check() -> None:
+            route = local_route(downstream.port)
+            await self.deliver(transport, route, ["one@example.test"])
+            self.patch(_ScriptedSMTP, "smtp_RSET", going_away)
+            report = await self.deliver(transport, route, ["two@example.test"])
+            self.assertEqual(self.outcomes(report)[0][1], Outcome.DELIVERED)
+            self.assertEqual(len(report.tried), 1)
+            self.assertEqual([m.connection for m in downstream.messages], [0, 1])
+            self.assertEqual([m.recipients for m in downstream.messages][1], ["two@example.test"])
             self.assertBodiesClosed()
 
         self.drive(check())

@@ -60,13 +60,19 @@ class Exchange:
     """An h2 client and the proxy's HTTP/2 connection over in-memory transports."""
 
     def __init__(
-        self, answer: bytes = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", **limits: Any
+        self,
+        answer: bytes = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        *,
+        websockets: bool = True,
+        **limits: Any,
     ) -> None:
         self.clock = Clock()
         self.fronts: list[Front] = []
         self.answer = answer
         self.wait_body = False
-        self.server = Http2Connection(self._front, clock=self.clock, limits=Http2Limits(**limits))
+        self.server = Http2Connection(
+            self._front, clock=self.clock, limits=Http2Limits(**limits), websockets=websockets
+        )
         self.transport = StringTransport()
         self.server.makeConnection(self.transport)
         self.client = H2Connection(config=H2Configuration(client_side=True, header_encoding=None))

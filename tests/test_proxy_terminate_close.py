@@ -168,6 +168,13 @@ class TerminatedEndingTests(SynchronousTestCase):
         self.assertEqual(self.ctx.per_ip, {})
         self.assertEqual(self.ctx.counters["a"].active, 0)
         self.assertEqual(self.ctx.sessions, set())
+        # A backend connection left in step outlives the client's, idle in the route-wide pool until its
+        # time there runs out: the pool's one timer is all that may be left.
+        pool = self.ctx.backend_pool
+        left = [call for call in self.reactor.getDelayedCalls() if call.func != pool._expire]
+        self.assertEqual(left, [])
+        self.reactor.advance(pool.idle_timeout + 1)
+        self.assertEqual(pool.count, 0)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
     # -- the proxy ends the connection ----------------------------------------------------------------
@@ -337,3 +344,138 @@ class TerminatedEndingTests(SynchronousTestCase):
         self.assertIsInstance(session._receiver, TerminatedTls)
         self.reactor.advance(0)
         self.assertEnds(wire)
+
+
+class PooledBackendTests(SynchronousTestCase):
+    """Backend connections kept in step are shared by later client connections (the process's pool), only
+    with requests balancing sends to their target; any that are out of step are closed, idle ones after a
+    bound."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        wall = Clock()
+        wall.advance(datetime.datetime.now(datetime.UTC).timestamp())
+        self.store = CertificateStore(clock=wall)
+        self.store.put("a.test", CertifiedKey.from_pem(CERT, KEY))
+        route = terminating_route()
+        route = ProxyRoute(**{**route.__dict__, "target": ProxyTarget(("10.0.0.1", "10.0.0.2"), 8080)})
+        self.ctx = ProxyContext(RouteTable([route]), ProxySettings(), self.reactor, certificates=self.store)
+        self.backends: list[tuple[Any, BufferingTransport]] = []
+
+    def open(self) -> Wire:
+        transport = BufferingTransport(limit=10**9)
+        transport.peerAddr = IPv4Address("TCP", "192.0.2.1", 40000)
+        transport.hostAddr = IPv4Address("TCP", "127.0.0.1", 443)
+        session = ProxySession(self.ctx, 443)
+        session.makeConnection(transport)
+        wire = Wire(session, transport)
+        wire.handshake()
+        return wire
+
+    def connect_new(self) -> tuple[Any, BufferingTransport]:
+        """Let the newest connection attempt succeed."""
+        self.assertEqual(len(self.reactor.tcpClients), len(self.backends) + 1)
+        factory = self.reactor.tcpClients[-1][2]
+        protocol = factory.buildProtocol(None)
+        transport = BufferingTransport(limit=10**9)
+        protocol.makeConnection(transport)
+        self.backends.append((protocol, transport))
+        return protocol, transport
+
+    def request(self, request: bytes = GET, response: bytes = OK) -> tuple[Wire, Any, BufferingTransport]:
+        """One client connection, one request answered by a backend (a new one when none was at hand)."""
+        wire = self.open()
+        before = len(self.reactor.tcpClients)
+        wire.send(request)
+        if len(self.reactor.tcpClients) > before:
+            backend, transport = self.connect_new()
+        else:
+            backend, transport = next(
+                (b, t)
+                for b, t in self.backends
+                if getattr(b._wrappedProtocol.forwarder, "phase", None) == "wait"
+            )
+        backend.dataReceived(response)
+        wire.pump()
+        self.assertTrue(wire.received.endswith(response[-2:]))
+        return wire, backend, transport
+
+    def end(self, wire: Wire) -> None:
+        wire.fin()
+        wire.session.connectionLost(Failure(ConnectionDone()))
+
+    def target_of(self, transport: BufferingTransport) -> str:
+        index = next(i for i, (_, t) in enumerate(self.backends) if t is transport)
+        return str(self.reactor.tcpClients[index][0])
+
+    def test_a_later_client_connection_takes_the_idle_backend_connection(self) -> None:
+        first, _, transport = self.request()
+        self.end(first)
+        self.assertEqual(self.ctx.backend_pool.count, 1)
+        self.assertFalse(transport.disconnecting)
+        # Round robin over two targets: the next request goes to the other one, which has none idle.
+        second, _, other = self.request()
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        self.assertNotEqual(self.target_of(other), self.target_of(transport))
+        self.end(second)
+        # The third goes to the first target again: its idle connection carries it, no new one is opened.
+        transport.clear()
+        third, _, _ = self.request()
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        self.assertTrue(transport.value().startswith(b"GET / HTTP/1.1\r\n"))
+        self.end(third)
+        self.assertEqual(self.ctx.backend_pool.count, 2)
+
+    def test_connection_close_from_the_backend_is_never_reused(self) -> None:
+        wire, _, transport = self.request(
+            response=b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"
+        )
+        self.end(wire)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.ctx.backend_pool.count, 0)
+
+    def test_a_response_not_read_whole_is_never_reused(self) -> None:
+        wire = self.open()
+        wire.send(GET)
+        backend, transport = self.connect_new()
+        backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok")
+        wire.pump()
+        self.end(wire)  # the client goes away with 8 bytes of the body still to come
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.ctx.backend_pool.count, 0)
+
+    def test_an_answer_before_the_request_body_ended_is_never_reused(self) -> None:
+        wire = self.open()
+        wire.send(b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 10\r\n\r\nab")
+        backend, transport = self.connect_new()
+        backend.dataReceived(OK)
+        wire.pump()
+        self.assertTrue(wire.received.endswith(b"ok"))
+        self.end(wire)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.ctx.backend_pool.count, 0)
+
+    def test_idle_connections_are_closed_after_the_bound(self) -> None:
+        wire, _, transport = self.request()
+        self.end(wire)
+        pool = self.ctx.backend_pool
+        self.reactor.advance(pool.idle_timeout - 0.5)
+        self.assertFalse(transport.disconnecting)
+        self.reactor.advance(1.5)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(pool.count, 0)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_bytes_on_an_idle_connection_close_it(self) -> None:
+        wire, backend, transport = self.request()
+        self.end(wire)
+        backend.dataReceived(b"HTTP/1.1 200 OK\r\n")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.ctx.backend_pool.count, 0)
+
+    def test_a_reload_drops_idle_connections(self) -> None:
+        wire, _, transport = self.request()
+        self.end(wire)
+        self.ctx.replace(self.ctx.table, self.ctx.settings)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.ctx.backend_pool.count, 0)

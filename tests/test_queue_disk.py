@@ -72,6 +72,53 @@ class DiskQueueTests(TestCase):
         self.assertEqual(await again.get_item_count(), 2)
         self.assertEqual([i.id for i in await again.get_by_destination("a.example")], ["R1"])
 
+    async def test_first_read_of_a_fresh_inline_body_comes_from_memory(self) -> None:
+        queue, _ = await self.open_queue()
+        await queue.enqueue(make_item("M1"), inline(b"fresh"))
+        # No trip to the reader thread: the result is there at once.
+        self.assertEqual(self.successResultOf(queue.open_body("M1")).read(), b"fresh")
+        # One use: a second read (a retry) comes from the index, with the same text.
+        again = queue.open_body("M1")
+        self.assertNoResult(again)
+        self.assertEqual((await again).read(), b"fresh")
+        # A body given as a file is never kept.
+        await queue.enqueue(make_item("M2", size=4), spool_file(queue, b"file"))
+        from_file = queue.open_body("M2")
+        self.assertNoResult(from_file)
+        stream = await from_file
+        self.assertEqual(stream.read(), b"file")
+        stream.close()
+
+    async def test_removed_items_leave_no_body_in_memory(self) -> None:
+        queue, _ = await self.open_queue()
+        for name in ("D1", "D2", "D3", "D4"):
+            await queue.enqueue(make_item(name), inline(name.encode()))
+        await queue.dequeue("D1")
+        await queue.dequeue_if("D2", QueueItemStatus.QUEUED)
+        await self.assertFails(queue.open_body("D1"), KeyError)
+        await self.assertFails(queue.open_body("D2"), KeyError)
+        await queue.purge_all()
+        await self.assertFails(queue.open_body("D3"), KeyError)
+        self.assertEqual((queue._bodies, queue._bodies_octets), ({}, 0))
+
+    async def test_kept_bodies_are_bounded(self) -> None:
+        self.patch(disk_module, "BODY_CACHE_LIMIT", 10)
+        queue, _ = await self.open_queue()
+        await queue.enqueue(make_item("B1"), inline(b"first!"))
+        await queue.enqueue(make_item("B2"), inline(b"second"))
+        self.assertEqual((list(queue._bodies), queue._bodies_octets), (["B2"], 6))
+        self.assertEqual(self.successResultOf(queue.open_body("B2")).read(), b"second")
+        oldest = queue.open_body("B1")
+        self.assertNoResult(oldest)
+        self.assertEqual((await oldest).read(), b"first!")
+
+    async def assertFails(self, d: Any, kind: type[BaseException]) -> None:
+        try:
+            await d
+        except kind:
+            return
+        self.fail(f"expected {kind.__name__}")
+
     async def test_text_filters_stop_at_their_budget(self) -> None:
         self.patch(index_module, "LIST_SCAN_BUDGET", 3)
         queue, _ = await self.open_queue()

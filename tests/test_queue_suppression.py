@@ -59,7 +59,15 @@ class SuppressionContract:
 
     def test_normalize(self) -> None:
         self.assertEqual(normalize(" <A@B.test> "), "a@b.test")  # type: ignore[attr-defined]
-        for bad in ("", "nobody", "a b@c.test", "a@b.test\r\nRCPT", "x" * 300 + "@a.test"):
+        for bad in (
+            "",
+            "nobody",
+            "a b@c.test",
+            "a@b.test\r\nRCPT",
+            "x" * 300 + "@a.test",
+            "a\x00@b",
+            "a\u2003@b",
+        ):
             with self.assertRaises(ValueError):  # type: ignore[attr-defined]
                 normalize(bad)
 

@@ -45,6 +45,34 @@ def run_split(data: bytes, cuts: list[int], **limits: int) -> tuple[DataStream, 
     return stream, b"".join(written), b""
 
 
+def _line_model(data: bytes, *, max_line: int) -> dict:
+    """DATA read one line (up to and with its LF) at a time: a line starts after CRLF; ``.CRLF`` there ends
+    the data and a leading dot there is removed; a line holding a CR other than its CRLF's, or ending without
+    CRLF, is a bare line ending; headers end at the first empty line."""
+    pos, at_bol, in_headers = 0, True, True
+    out: list[bytes] = []
+    found = {"bare": False, "nul": False, "too_long": False, "received": 0}
+    while True:
+        lf = data.index(b"\n", pos)
+        line = data[pos : lf + 1]
+        pos = lf + 1
+        if at_bol and line == b".\r\n":
+            return {"text": b"".join(out), "rest": data[pos:], **found}
+        found["too_long"] = found["too_long"] or len(line) > max_line
+        well_ended = line.endswith(b"\r\n")
+        found["bare"] = found["bare"] or not well_ended or line.count(b"\r") != 1
+        found["nul"] = found["nul"] or b"\x00" in line
+        if at_bol and in_headers:
+            if line == b"\r\n":
+                in_headers = False
+            elif line[:9].lower() == b"received:":
+                found["received"] += 1
+        if at_bol and line[:1] == b".":
+            line = line[1:]
+        out.append(line)
+        at_bol = well_ended
+
+
 class DataStreamTests(unittest.TestCase):
     def test_simple(self) -> None:
         stream, text, rest = run(b"Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n")
@@ -110,6 +138,83 @@ class DataStreamTests(unittest.TestCase):
         if not expected[0].damaged:
             # A damaged message is thrown away whole: what was written or counted before does not matter.
             self.assertEqual((text, stream.received_count), (expected[1], expected[0].received_count))
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.lists(
+            st.sampled_from(
+                [
+                    b"a",
+                    b".",
+                    b"..",
+                    b"\r\n",
+                    b"\r",
+                    b"\n",
+                    b"Received: x",
+                    b"\r\n.",
+                    b"x" * 7,
+                    b"\x00",
+                    b"\r\n\r\n",
+                ]
+            ),
+            max_size=60,
+        ),
+        st.lists(st.integers(min_value=1, max_value=600), max_size=8),
+    )
+    def test_agrees_with_a_line_by_line_model(self, parts: list[bytes], cuts: list[int]) -> None:
+        # The stream works on whole chunks (one search for <CRLF>., counts, rfind for line lengths); this
+        # model reads the same text one line at a time, as RFC 5321 describes it.
+        data = b"".join(parts) + b"\r\n.\r\nNEXT"
+        model = _line_model(data, max_line=20)
+        stream, text, rest = run_split(data, cuts, max_line_length=20)
+        self.assertEqual(rest, model["rest"])
+        self.assertEqual(
+            (stream.bare_line_ending, stream.nul, stream.line_too_long),
+            (model["bare"], model["nul"], model["too_long"]),
+        )
+        if not stream.damaged:
+            self.assertEqual(
+                (text, stream.size, stream.received_count),
+                (model["text"], len(model["text"]), model["received"]),
+            )
+
+    def test_dots_where_lines_start(self) -> None:
+        # A leading dot on the first line (of the headers, and of a body with no headers), a dot-stuffed
+        # ".\r\n" inside, and a stuffed dot or the terminator cut anywhere across chunks.
+        cases = [
+            (b"..H: v\r\n\r\nbody\r\n.\r\n", b".H: v\r\n\r\nbody\r\n"),
+            (b"\r\n..first\r\n.\r\n", b"\r\n.first\r\n"),
+            (b"A: b\r\n\r\nx\r\n..\r\ny\r\n.\r\n", b"A: b\r\n\r\nx\r\n.\r\ny\r\n"),
+            (b"A: b\r\n\r\n..\r\n...\r\n.x.\r\n.\r\n", b"A: b\r\n\r\n.\r\n..\r\nx.\r\n"),
+        ]
+        for data, text in cases:
+            for cuts in ([], *([c] for c in range(1, len(data))), list(range(1, len(data)))):
+                stream, written, rest = run_split(data + b"NEXT", cuts)
+                self.assertEqual((written, rest, stream.damaged), (text, b"NEXT", False), (data, cuts))
+
+    def test_crlf_split_across_chunks_is_one_line_ending(self) -> None:
+        data = b"A: b\r\n\r\n" + b"line\r\n" * 50 + b".\r\n"
+        for cut in range(1, len(data)):
+            if data[cut - 1 : cut + 1] != b"\r\n":
+                continue
+            stream, written, rest = run_split(data, [cut])
+            self.assertFalse(stream.bare_line_ending, cut)
+            self.assertEqual((written, rest), (data[:-3], b""), cut)
+
+    def test_line_lengths_across_many_lines(self) -> None:
+        # Line lengths are checked a window at a time: a long line anywhere among short ones is found, and
+        # lines exactly at the limit are not.
+        short = b"y" * 10 + b"\r\n"
+        at_limit = b"x" * 998 + b"\r\n"
+        for position in (0, 1, 57, 199):
+            lines = [short] * 200
+            lines[position] = at_limit
+            body = b"A: b\r\n\r\n" + b"".join(lines) + b".\r\n"
+            self.assertFalse(run(body)[0].line_too_long, position)
+            lines[position] = b"x" + at_limit
+            body = b"A: b\r\n\r\n" + b"".join(lines) + b".\r\n"
+            for cuts in ([], [len(body) // 2], list(range(0, len(body), 333))):
+                self.assertTrue(run_split(body, cuts)[0].line_too_long, (position, cuts))
 
     def test_smuggling_sequences_never_end_data(self) -> None:
         for sequence in SMUGGLING:

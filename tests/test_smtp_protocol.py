@@ -366,29 +366,97 @@ class _DeferredPolicy(SessionPolicy):
         held.callback(verdict)
 
 
+class _CountingTransport(StringTransport):
+    """A StringTransport that counts its writes: one write is one send() on a TCP connection."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        super().write(data)
+
+
 class PipeliningTests(unittest.TestCase):
     def test_replies_wait_for_pending_check(self) -> None:
+        # RFC 2920 §3.2: while a check waits with more pipelined commands behind it, the replies before it
+        # are held; the whole group goes out once nothing is left to run.
         config = make_config()
         policy = _DeferredPolicy(config)
         server = connect(config, policy=policy)
         out = server.exchange(b"EHLO c\r\n" + MAIL + RCPT + b"RCPT TO:<x@elsewhere.example>\r\nNOOP\r\n")
-        self.assertEqual(out, EHLO_PLAIN + b"250 2.1.0 Ok\r\n")
+        self.assertEqual(out, b"")
         self.assertEqual(len(policy.waiting), 1)
         policy.release()
-        self.assertEqual(server.take(), b"250 2.1.5 Ok\r\n")
+        self.assertEqual(server.take(), b"")
         policy.release()
         self.assertEqual(
-            server.take(), b"554 5.7.1 <x@elsewhere.example>: Relay access denied\r\n250 2.0.0 Ok\r\n"
+            server.take(),
+            EHLO_PLAIN
+            + b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"
+            + b"554 5.7.1 <x@elsewhere.example>: Relay access denied\r\n250 2.0.0 Ok\r\n",
+        )
+
+    def test_replies_before_a_wait_with_nothing_behind_it_go_out(self) -> None:
+        # Nothing more to run: the client is owed what is answered so far, whatever the last command waits on.
+        config = make_config()
+        policy = _DeferredPolicy(config)
+        server = connect(config, policy=policy)
+        self.assertEqual(server.exchange(b"EHLO c\r\n" + MAIL + RCPT), EHLO_PLAIN + b"250 2.1.0 Ok\r\n")
+        policy.release()
+        self.assertEqual(server.take(), b"250 2.1.5 Ok\r\n")
+
+    def test_one_write_per_pipelined_group(self) -> None:
+        server = connect(transport_class=_CountingTransport)
+        transport = server.transport
+        assert isinstance(transport, _CountingTransport)
+        del transport.writes[:]
+        out = server.exchange(b"EHLO c\r\n" + MAIL + RCPT + RCPT + b"DATA\r\n")
+        self.assertEqual(
+            out,
+            EHLO_PLAIN
+            + b"250 2.1.0 Ok\r\n"
+            + b"250 2.1.5 Ok\r\n" * 2
+            + b"354 End data with <CR><LF>.<CR><LF>\r\n",
+        )
+        self.assertEqual(len(transport.writes), 1)
+        # The text and the commands after its end: the final reply, then the next group, in one write.
+        del transport.writes[:]
+        out = server.exchange(MESSAGE + b"NOOP\r\nRSET\r\n")
+        self.assertEqual(out, queued(server) + b"250 2.0.0 Ok\r\n" * 2)
+        self.assertEqual(len(transport.writes), 1)
+
+    def test_group_held_behind_a_check_is_one_write(self) -> None:
+        config = make_config()
+        policy = _DeferredPolicy(config)
+        server = connect(config, policy=policy, transport_class=_CountingTransport)
+        transport = server.transport
+        assert isinstance(transport, _CountingTransport)
+        del transport.writes[:]
+        server.exchange(MAIL.replace(b"MAIL", b"EHLO c\r\nMAIL") + RCPT + b"DATA\r\n")
+        self.assertEqual(transport.writes, [])
+        policy.release()
+        self.assertEqual(
+            transport.writes,
+            [EHLO_PLAIN + b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n"],
         )
 
     def test_replies_wait_for_queue(self) -> None:
         queue = ControlledQueue(auto=False)
         server = connect(queue=queue)
         out = server.exchange(b"EHLO c\r\n" + MAIL + RCPT + b"DATA\r\n" + MESSAGE + b"NOOP\r\nQUIT\r\n")
-        self.assertTrue(out.endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n"), out)
+        # The queue answers the text while more commands wait behind it: the group is held (RFC 2920 §3.2).
+        self.assertEqual(out, b"")
         self.assertEqual(server.exchange(b"RSET\r\n"), b"")
         queue.pending[0].callback(queue.items[0])
-        self.assertEqual(server.take(), queued(server) + b"250 2.0.0 Ok\r\n221 2.0.0 Bye\r\n")
+        self.assertEqual(
+            server.take(),
+            EHLO_PLAIN
+            + b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n"
+            + queued(server)
+            + b"250 2.0.0 Ok\r\n221 2.0.0 Bye\r\n",
+        )
 
     def test_waiting_is_not_idleness(self) -> None:
         queue = ControlledQueue(auto=False)
@@ -456,7 +524,11 @@ class PipeliningTests(unittest.TestCase):
             server = connect(queue=queue)
             server.exchange(b"EHLO c\r\n" + MAIL + RCPT + b"DATA\r\n" + MESSAGE + b"NOOP\r\n")
             queue.pending[0].errback(error)
-            self.assertEqual(server.take(), reply + b"250 2.0.0 Ok\r\n")
+            self.assertTrue(
+                server.take().endswith(
+                    b"354 End data with <CR><LF>.<CR><LF>\r\n" + reply + b"250 2.0.0 Ok\r\n"
+                )
+            )
         # Only the bug gets a traceback; a store that cannot take mail is one error line
         # (tests/test_smtp_disk_full.py).
         self.assertEqual(len(self.flushLoggedErrors(QueueUnavailable, RuntimeError)), 1)

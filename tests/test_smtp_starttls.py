@@ -100,6 +100,17 @@ class StartTLSTests(unittest.TestCase):
         self.assertEqual(self.send(b"EHLO client.example\r\n"), EHLO_IN_TLS)
         self.assertEqual(self.send(b"RCPT TO:<a@example.org>\r\n"), b"503 5.5.1 Error: need MAIL command\r\n")
 
+    def test_replies_held_before_starttls_go_out_in_plaintext(self) -> None:
+        # EHLO and STARTTLS in one read: their replies are one write, made before the handshake begins.
+        self.assertEqual(
+            self.send(b"EHLO client.example\r\nSTARTTLS\r\n"),
+            EHLO_BEFORE_TLS + b"220 2.0.0 Ready to start TLS\r\n",
+        )
+        self.client.transport.startTLS(client_tls())
+        self.pump.flush()
+        self.assertIsNotNone(self.server.session.tls)
+        self.assertEqual(self.send(b"EHLO client.example\r\n"), EHLO_IN_TLS)
+
     def test_plaintext_injected_before_handshake_is_never_executed(self) -> None:
         self.send(b"EHLO client.example\r\n")
         self.assertEqual(self.send(b"STARTTLS\r\n"), b"220 2.0.0 Ready to start TLS\r\n")

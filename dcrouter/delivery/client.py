@@ -69,6 +69,8 @@ MAX_REPLY_LINES = 100
 _REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -]?)(.*)", re.DOTALL)
 _ENHANCED = re.compile(r"([245])\.([0-9]{1,3})\.([0-9]{1,3})(?: |$)")
 _REDACTED = "<redacted>"
+#: A reply timer firing this close to its deadline times out (float rounding must not re-arm it for nothing).
+_TIMER_SLACK = 1e-6
 
 
 class SMTPClientError(Exception):
@@ -78,6 +80,12 @@ class SMTPClientError(Exception):
         super().__init__(f"{reply.code} {reply.enhanced} {' '.join(reply.lines())}".replace("  ", " "))
         self.reply = reply
         self.temporary = temporary
+
+
+class StaleSession(SMTPClientError):
+    """A reused session failed the RSET sent in front of a transaction (:attr:`ESMTPClient.reset_due`): the
+    connection was dropped or reset while idle. Nothing of the transaction happened on it and no message text
+    was read: the caller takes another connection, as a failed probe would have had it do."""
 
 
 @dataclass
@@ -187,8 +195,12 @@ def _is_positive(reply: Reply) -> bool:
     return 200 <= reply.code < 300
 
 
+#: What may not be in an address sent between angle brackets: control characters and the brackets.
+_BAD_ADDRESS_CHARACTER = re.compile("[\x00-\x1f\x7f<>]")
+
+
 def _bad_address(address: str) -> bool:
-    return any(ord(char) < 32 or ord(char) == 127 for char in address) or "<" in address or ">" in address
+    return _BAD_ADDRESS_CHARACTER.search(address) is not None
 
 
 class ESMTPClient(Protocol):
@@ -202,6 +214,8 @@ class ESMTPClient(Protocol):
         self.is_tls = False
         self.peer = ""
         self._buffer = bytearray()
+        #: Whether the protocol trace (debug) is on, as asked at the start of the read being handled.
+        self._trace = False
         self._lines: list[str] = []
         self._line_code = 0
         # Replies due (commands written, replies not complete); one arriving when this is 0 is unsolicited.
@@ -209,6 +223,8 @@ class ESMTPClient(Protocol):
         self._replies: deque[Reply] = deque()
         self._reader: Deferred[Reply] | None = None
         self._reply_timer: IDelayedCall | None = None
+        #: When the reply due now times out (``reply_timeout`` after it became the next one due).
+        self._reply_deadline = 0.0
         self._failure: SMTPClientError | None = None
         self._greeting: Reply | None = None
         self._starttls_due = False
@@ -217,6 +233,10 @@ class ESMTPClient(Protocol):
         self._producer: StuffedBodyProducer | None = None
         #: The message of the transaction under way (``send``'s ``queue_id``), for the log lines.
         self.queue_id: str | None = None
+        #: Set by a connection pool handing out an idle session unprobed: the next ``send`` begins with RSET
+        #: (pipelined with the transaction's commands when PIPELINING is offered) and raises
+        #: :class:`StaleSession` when that fails.
+        self.reset_due = False
 
     @property
     def _wire(self) -> ITCPTransport:
@@ -291,6 +311,8 @@ class ESMTPClient(Protocol):
             )
             return
         self._buffer += data
+        # The protocol trace's level, asked once per read rather than once per reply line.
+        self._trace = enabled(__name__)
         while self._failure is None and not self._discarding:
             end = self._buffer.find(b"\n", 0, MAX_REPLY_LINE)
             if end < 0:
@@ -323,7 +345,7 @@ class ESMTPClient(Protocol):
         self._deliver(reply)
 
     def _deliver(self, reply: Reply) -> None:
-        if enabled(__name__):  # the protocol trace: per reply, so built only when debug is on
+        if self._trace:  # the protocol trace: per reply, so built only when debug is on
             log.debug(
                 "S: {code} {text}",
                 peer=self.peer,
@@ -339,8 +361,11 @@ class ESMTPClient(Protocol):
                 self._protocol_error(f"unsolicited reply {reply.code}")
             return
         self._expected -= 1
-        self._cancel_reply_timer()
-        self._arm_reply_timer()
+        if self._expected == 0:
+            self._cancel_reply_timer()
+        else:
+            # The next reply's time starts now; the timer already running checks this when it fires.
+            self._reply_deadline = self._clock.seconds() + self._reply_timeout
         if self._starttls_due:
             self._starttls_due = False
             if reply.code == 220:
@@ -380,6 +405,7 @@ class ESMTPClient(Protocol):
 
     def _arm_reply_timer(self) -> None:
         if self._expected > 0 and self._reply_timer is None and self._failure is None:
+            self._reply_deadline = self._clock.seconds() + self._reply_timeout
             self._reply_timer = self._clock.callLater(self._reply_timeout, self._reply_timed_out)
 
     def _cancel_reply_timer(self) -> None:
@@ -389,6 +415,12 @@ class ESMTPClient(Protocol):
 
     def _reply_timed_out(self) -> None:
         self._reply_timer = None
+        left = self._reply_deadline - self._clock.seconds()
+        if left > _TIMER_SLACK:
+            # A reply came meanwhile: the one now due has until its own deadline (one timer per batch of
+            # pipelined replies, moved only when it fires, instead of one per reply).
+            self._reply_timer = self._clock.callLater(left, self._reply_timed_out)
+            return
         text = f"{self.peer} Error: timeout exceeded waiting {self._reply_timeout:g}s for a reply"
         self._fail(SMTPClientError(Reply(421, "4.4.2", text)))
 
@@ -570,6 +602,8 @@ class ESMTPClient(Protocol):
         as given between angle brackets; non-ASCII ones imply ``smtputf8``. ``queue_id`` names the message
         in the log lines of the transaction."""
         self.queue_id = queue_id
+        if self.reset_due and self._failure is not None:
+            raise StaleSession(self._failure.reply)
         self._check()
         capabilities = self.capabilities
         if capabilities is None:
@@ -640,13 +674,21 @@ class ESMTPClient(Protocol):
             if not results:
                 raise ValueError("ESMTPClient.send without recipients")
             return TransactionResult(mail=next(iter(results.values())), recipients={}, data=None)
+        reset, self.reset_due = self.reset_due, False
         if capabilities.pipelining:
-            self._command(mail_line, *(f"RCPT TO:<{r}>" for r in to_send), "DATA")
+            # A reused session's RSET goes in the same write (RFC 2920: RSET may be anywhere in a group).
+            self._command(
+                *(("RSET",) if reset else ()), mail_line, *(f"RCPT TO:<{r}>" for r in to_send), "DATA"
+            )
+            if reset:
+                await self._session_reset(self._reply())
             mail = await self._reply()
             for recipient in to_send:
                 results[recipient] = await self._reply()
             data = await self._reply()
         else:
+            if reset:
+                await self._session_reset(Deferred.fromCoroutine(self._ask("RSET")))
             mail = await self._ask(mail_line)
             if not _is_positive(mail):
                 return TransactionResult(mail=mail, recipients={}, data=None)
@@ -656,6 +698,17 @@ class ESMTPClient(Protocol):
             if any(_is_positive(reply) for reply in results.values()):
                 data = await self._ask("DATA")
         return await self._finish_transaction(mail, results, data, body)
+
+    async def _session_reset(self, reply: Deferred[Reply]) -> None:
+        """The reply to the RSET in front of a reused session's transaction; StaleSession unless 250."""
+        try:
+            reset = await reply
+        except SMTPClientError as error:
+            raise StaleSession(error.reply) from None
+        if reset.code != 250:
+            # A 421, or a server in no state we know: what was pipelined behind the RSET must not count.
+            self.abort()
+            raise StaleSession(reset)
 
     async def _finish_transaction(
         self, mail: Reply, results: dict[str, Reply], data: Reply | None, body: BinaryIO

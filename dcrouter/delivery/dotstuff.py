@@ -63,11 +63,17 @@ class DotStuffer:
         self._held_cr = chunk.endswith(b"\r")
         if self._held_cr:
             chunk = chunk[:-1]
-        if b"\r" in chunk:
-            # CRLF first, so every CR left is bare; then each line break is one LF, and all become CRLF.
-            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        if b"\n" in chunk:
-            chunk = chunk.replace(b"\n", b"\r\n").replace(b"\r\n.", b"\r\n..")
+        # Counted by what a replace() removes: it runs on memchr(), bytes.count() of one octet does not.
+        newlines = len(chunk) - len(chunk.replace(b"\n", b""))
+        returns = len(chunk) - len(chunk.replace(b"\r", b""))
+        if returns != newlines or (newlines and chunk.count(b"\r\n") != newlines):
+            # A bare CR or LF (rare: ingress refuses them). CRLF first, so every CR left is bare; then each
+            # line break is one LF, and all become CRLF.
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+            newlines = 1
+        # Line endings are all CRLF now (counted: no copy when they already were); stuff in one pass.
+        if newlines:
+            chunk = chunk.replace(b"\r\n.", b"\r\n..")
         if self._at_line_start and chunk.startswith(b"."):
             chunk = b"." + chunk
         if chunk:
@@ -119,6 +125,8 @@ class StuffedBodyProducer:
         self._finished = False
         self._producing = False
         self._next_turn: IDelayedCall | None = None
+        #: What the read after a short one returned (read ahead to see the end), not yet encoded.
+        self._ahead: bytes | None = None
         #: Octets handed to the consumer so far (the stuffed form, terminator included at the end).
         self.octets = 0
 
@@ -151,7 +159,11 @@ class StuffedBodyProducer:
                 if self._paused or self._finished:
                     return
                 try:
-                    chunk = self._body.read(self._chunk_size)
+                    chunk = self._body.read(self._chunk_size) if self._ahead is None else self._ahead
+                    self._ahead = None
+                    if 0 < len(chunk) < self._chunk_size:
+                        # A short read is usually the last: look, so the end goes out with the text.
+                        self._ahead = self._body.read(self._chunk_size)
                 except OSError:
                     self._finish(Failure())
                     return
@@ -159,7 +171,13 @@ class StuffedBodyProducer:
                     self._write(self._stuffer.finish())
                     self._finish(None)
                     return
-                self._write(self._stuffer.encode(chunk))
+                text = self._stuffer.encode(chunk)
+                if self._ahead == b"":
+                    # The text and its terminator in one write (one send()).
+                    self._write(text + self._stuffer.finish())
+                    self._finish(None)
+                    return
+                self._write(text)
             if not self._paused and not self._finished:
                 self._next_turn = self._clock.callLater(0, self._produce)
         finally:

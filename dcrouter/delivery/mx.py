@@ -19,13 +19,14 @@ Decisions a caller may rely on:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import random
 import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred, TimeoutError, gatherResults
+from twisted.internet.defer import Deferred, TimeoutError, gatherResults, succeed
 from twisted.internet.interfaces import IResolver
 from twisted.names import client, dns, error
 
@@ -112,6 +113,10 @@ class MxResolver:
         Any other failure is a bug."""
         if route.mx_domain is not None:
             return Deferred.fromCoroutine(self._mx_targets(route.mx_domain, route.port))
+        literal = _literal_targets(tuple(route.targets), route.port)
+        if literal is not None:
+            # Only IP literals (a smarthost by address): nothing to resolve, per message or ever.
+            return succeed(list(literal))
         return Deferred.fromCoroutine(self._configured_targets(route.targets, route.port))
 
     async def _configured_targets(self, hosts: Sequence[str], port: int) -> list[Target]:
@@ -222,6 +227,20 @@ class MxResolver:
             if current in asked:
                 return []
         raise error.DNSUnknownError(f"{name}: CNAME chain longer than {_MAX_CNAME_LINKS} links")
+
+
+@functools.lru_cache(maxsize=256)
+def _literal_targets(hosts: tuple[str, ...], port: int) -> tuple[Target, ...] | None:
+    """The targets of configured ``hosts`` when every one is an IP literal (as :meth:`MxResolver.targets`
+    would resolve them), else None."""
+    if not hosts:
+        return None
+    for host in hosts:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return None
+    return tuple(_targets([(host, [host]) for host in hosts], port))
 
 
 def _targets(resolved: list[tuple[str, list[str] | _HostFailure]], port: int) -> list[Target]:

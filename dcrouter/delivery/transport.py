@@ -31,7 +31,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from dcrouter.delivery.client import ESMTPClient, SMTPClientError
+from dcrouter.delivery.client import ESMTPClient, SMTPClientError, StaleSession
 from dcrouter.delivery.mx import DnsTemporaryFailure, MxLookupError, MxResolver
 from dcrouter.delivery.outcome import DeliveryReport, Outcome, RecipientResult
 from dcrouter.delivery.pool import (
@@ -201,7 +201,7 @@ class ESMTPTransport:
     ) -> list[RecipientResult] | TargetFailure:
         """The results if ``target`` answered the transaction, else the TargetFailure saying why not."""
         try:
-            client = await self._pool.acquire(route, target)
+            client = await self._pool.acquire(route, target, probe=False)
         except TargetFailure as failure:
             return failure
         try:
@@ -211,7 +211,18 @@ class ESMTPTransport:
             self._pool.release(route, target, client, reusable=True)
             raise
         try:
-            transaction = await self._send(client, item, recipients, body)
+            while True:
+                try:
+                    transaction = await self._send(client, item, recipients, body)
+                    break
+                except StaleSession:
+                    # A reused connection that failed its RSET: nothing of this transaction happened on it
+                    # and no text was read. Another one (idle, else new), as a failed probe would have done.
+                    self._pool.release(route, target, client, reusable=False)
+                    try:
+                        client = await self._pool.acquire(route, target, probe=False)
+                    except TargetFailure as failure:
+                        return failure
         except SMTPClientError as error:
             self._pool.release(route, target, client, reusable=False)
             return server_failure(target, error, "transaction")

@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 from typing import Protocol as TypingProtocol
@@ -170,9 +170,16 @@ class PauseGate:
 
 
 class HttpBackend(Protocol):
-    """The proxy's connection to a backend, reporting to its :class:`HttpForwarder`."""
+    """The proxy's connection to a backend, reporting to its :class:`HttpForwarder` (or, while idle, to the
+    :class:`BackendPool` keeping it). ``pool_key`` names the route and target it was opened for: a pool
+    hands it only to a request balancing sent to that target."""
 
     transport: Any
+    pool_key: Hashable = None
+    #: The target it was opened to (set by whoever opened it).
+    target: Any = None
+    #: When it was last put in a pool (the clock's seconds).
+    idle_since = 0.0
 
     def __init__(self, forwarder: HttpForwarder) -> None:
         self.forwarder = forwarder
@@ -188,44 +195,98 @@ class HttpBackend(Protocol):
 #: connected protocol, or None when no target could be reached.
 Connector = Callable[[Callable[[], Protocol]], "Deferred[Any]"]
 
+#: A forwarder's backend connection for its next request: an idle pooled one of the target balancing chose
+#: (at once), or a Deferred firing with a new one (None when no target could be reached).
+Acquirer = Callable[["HttpForwarder"], "HttpBackend | Deferred[Any]"]
+
+#: Seconds an idle backend connection is kept for reuse (closed within a second more); below the usual
+#: keep-alive timeouts of backends (Apache's and Node's 5 s), so the backend seldom closes one first.
+POOL_IDLE_SECONDS = 3.0
+#: Idle backend connections kept per process, over all routes and targets; more are closed at once.
+POOL_MAX_IDLE = 512
+
 
 class BackendPool:
-    """Idle keep-alive connections to a route's backends, shared by the forwarders of one client connection
-    that carry one request each (the streams of an HTTP/2 connection): a forwarder done with a reusable
-    backend connection :meth:`put`s it here, and the next forwarder's :meth:`connector` takes it rather
-    than opening one. An idle connection that the backend closes, or that sends anything, is dropped.
-    At most ``size`` are kept; :meth:`close` closes them all."""
+    """Idle keep-alive backend connections, shared by every client connection of the process: a forwarder
+    done with a backend connection that is still in step (its last response read whole, not marked
+    ``Connection: close``, nothing unasked-for sent) :meth:`put`s it here, and the next request balancing
+    sends to the same target (and route) :meth:`take`s it rather than opening one. An idle connection the
+    backend closes, or that sends anything, is dropped; one idle for ``idle_timeout`` seconds is closed
+    (with a ``clock``; checked once a second while any is idle). At most ``size`` are kept.
+    :meth:`close` closes them all. Idle connections count against no client limit."""
 
-    def __init__(self, connect: Connector, size: int = 32) -> None:
+    def __init__(
+        self,
+        connect: Connector | None = None,
+        size: int = POOL_MAX_IDLE,
+        *,
+        clock: IReactorTime | None = None,
+        idle_timeout: float = POOL_IDLE_SECONDS,
+    ) -> None:
         self._connect = connect
         self.size = size
-        self.idle: list[HttpBackend] = []
+        self._clock = clock
+        self.idle_timeout = idle_timeout
+        #: pool key -> its idle connections, the most recently used last.
+        self.idle: dict[Hashable, list[HttpBackend]] = {}
+        self.count = 0
+        self._sweep: IDelayedCall | None = None
+        self._closing: set[HttpBackend] = set()
 
     def connector(self, factory: Callable[[], Protocol]) -> Deferred[Any]:
-        if self.idle:
+        """A :data:`Connector` taking idle connections of key None first (one target, no balancing)."""
+        if self.count:
             taker = factory()
             assert isinstance(taker, HttpBackend)
             backend = self.take(taker.forwarder)
             if backend is not None:
                 return succeed(backend)
+        assert self._connect is not None
         return self._connect(factory)
 
-    def take(self, forwarder: HttpForwarder) -> HttpBackend | None:
-        """An idle connection, now ``forwarder``'s; None when none is left."""
-        while self.idle:
-            backend = self.idle.pop()
+    def take(self, forwarder: HttpForwarder, key: Hashable = None) -> HttpBackend | None:
+        """An idle connection of ``key``, now ``forwarder``'s; None when none is left."""
+        idle = self.idle.get(key) if self.count else None
+        while idle:
+            backend = idle.pop()
+            self.count -= 1
             if backend.transport is not None and backend.transport.connected:
                 backend.forwarder = forwarder
                 return backend
         return None
 
     def put(self, backend: HttpBackend) -> None:
-        if len(self.idle) >= self.size:
-            backend.transport.loseConnection()
+        if self.count >= self.size or backend.transport is None:
+            if backend.transport is not None:
+                backend.transport.loseConnection()
             return
         backend.forwarder = self  # type: ignore[assignment]
         backend.transport.resumeProducing()  # it may have been paused for a slow client
-        self.idle.append(backend)
+        clock = self._clock
+        if clock is not None:
+            backend.idle_since = clock.seconds()
+            if self._sweep is None:
+                self._sweep = clock.callLater(min(1.0, self.idle_timeout), self._expire)
+        self.idle.setdefault(backend.pool_key, []).append(backend)
+        self.count += 1
+
+    def _expire(self) -> None:
+        """Close the connections idle for ``idle_timeout`` or more; look again in a second while any left."""
+        self._sweep = None
+        assert self._clock is not None
+        limit = self._clock.seconds() - self.idle_timeout
+        for key, idle in list(self.idle.items()):
+            old = 0
+            while old < len(idle) and idle[old].idle_since <= limit:
+                old += 1
+            expired, idle[:old] = idle[:old], []
+            self.count -= len(expired)
+            if not idle:
+                del self.idle[key]
+            for backend in expired:
+                backend.transport.loseConnection()
+        if self.count:
+            self._sweep = self._clock.callLater(min(1.0, self.idle_timeout), self._expire)
 
     def backend_data(self, backend: HttpBackend, data: bytes) -> None:
         """Bytes on an idle connection: it is out of step, and never reused."""
@@ -233,16 +294,31 @@ class BackendPool:
         backend.transport.loseConnection()
 
     def backend_lost(self, backend: HttpBackend, reason: Failure = connectionDone) -> None:
+        self._closing.discard(backend)
         self._discard(backend)
 
     def _discard(self, backend: HttpBackend) -> None:
-        if backend in self.idle:
-            self.idle.remove(backend)
+        idle = self.idle.get(backend.pool_key)
+        if idle and backend in idle:
+            idle.remove(backend)
+            self.count -= 1
 
     def close(self) -> None:
-        idle, self.idle = self.idle, []
-        for backend in idle:
-            backend.transport.loseConnection()
+        """Close every idle connection; :attr:`closing` counts those not yet gone."""
+        idle, self.idle = self.idle, {}
+        self.count = 0
+        if self._sweep is not None and self._sweep.active():
+            self._sweep.cancel()
+        self._sweep = None
+        for backends in idle.values():
+            for backend in backends:
+                self._closing.add(backend)
+                backend.transport.loseConnection()
+
+    @property
+    def closing(self) -> int:
+        """Connections :meth:`close` closed whose end has not been reported yet."""
+        return len(self._closing)
 
 
 @dataclass(frozen=True)
@@ -267,8 +343,11 @@ class ForwardingPolicy:
     websocket_idle: float | None = None
     websocket_max_age: float | None = None
     on_upgrade: Callable[[], None] | None = None
-    #: Where a reusable backend connection goes when the client connection closes after its response.
+    #: Where a backend connection still in step goes when the forwarder is done with it (its client
+    #: connection or stream closed between requests).
     pool: BackendPool | None = None
+    #: Where the forwarder gets its backend connection (balanced, pooled); None: from ``connect``.
+    acquire: Acquirer | None = None
 
 
 @implementer(IHalfCloseableProtocol)
@@ -496,15 +575,23 @@ class HttpForwarder(Protocol):
             return
         self._queued.append(data)
         if not self._connecting:
-            pool = self.policy.pool
-            backend = pool.take(self) if pool is not None else None
-            if backend is not None:
-                self._connected(backend)  # an idle one at hand: no Deferred, no reactor turn
-                return
+            acquire = self.policy.acquire
+            if acquire is not None:
+                got = acquire(self)
+                if isinstance(got, HttpBackend):
+                    self._connected(got)  # an idle one at hand: no Deferred, no reactor turn
+                    return
+                connecting = got
+            else:
+                pool = self.policy.pool
+                backend = pool.take(self) if pool is not None else None
+                if backend is not None:
+                    self._connected(backend)
+                    return
+                connecting = self._connect(lambda: HttpBackend(self))
             self._connecting = True
             if self._client_gate is not None:
                 self._client_gate.pause("connecting")
-            connecting = self._connect(lambda: HttpBackend(self))
             connecting.addCallback(self._connected)
             connecting.addErrback(self._connect_crashed)
 
@@ -580,6 +667,11 @@ class HttpForwarder(Protocol):
             if not (self._request.upgrade_websocket and self.phase == "wait"):
                 raise HttpError(502, "backend switched protocols unasked")
             self._write_client(relayed_response_head(head, close=False))
+            if getattr(self.transport, "disconnecting", False):
+                # The client's side would not take the switch (an HTTP/2 stream, on a wrong accept): it
+                # answered the client itself; nothing more goes either way.
+                self._close("the protocol switch was refused on the client's side")
+                return False
             self._upgraded()
             return False
         if head.status < 200:
@@ -591,9 +683,11 @@ class HttpForwarder(Protocol):
         if not head.keep_alive or framing.kind == "close":
             self._backend_reusable = False
         # A body-delimited-by-close response can only be relayed by closing; an answer that came before the
-        # request body ended leaves the rest of that body unread.
+        # request body ended leaves the rest of that body unread (and the backend connection out of step).
         if framing.kind == "close" or self.phase == "body":
             self._close_after = True
+            if self.phase == "body":
+                self._backend_reusable = False
         changes = self.policy.response_fields
         self._relay_head(head, close=self._close_after, drop=changes.dropped, add=changes.set_fields)
         self._response_started = True
@@ -607,6 +701,7 @@ class HttpForwarder(Protocol):
         """After a 101: raw bytes both ways, the client read again, whatever either side sent early first.
         From now on only the route's WebSocket limits apply (none unless configured)."""
         self.phase = "upgraded"
+        self._backend_reusable = False
         self._cancel_timers()
         policy = self.policy
         self._idle_timeout = policy.websocket_idle
@@ -633,12 +728,7 @@ class HttpForwarder(Protocol):
         self._response_body = None
         self._response_started = False  # a refusal of the next request head is answered again
         if self._close_after:
-            pool = self.policy.pool
-            if pool is not None and self._backend_reusable and self.backend is not None:
-                backend = self.backend
-                self._release_backend()
-                pool.put(backend)
-            self._close("response done, connection not persistent")
+            self._close("response done, connection not persistent")  # the backend pooled if in step
             return
         if not self._backend_reusable:
             self._drop_backend()
@@ -664,6 +754,7 @@ class HttpForwarder(Protocol):
 
     def _backend_failed(self, reason: str) -> None:
         log.info("proxy: {client}: backend failed: {reason}", client=self.policy.client_ip, reason=reason)
+        self._backend_reusable = False
         self._drop_backend()
         if self._response_started:
             self._close(reason, abort=True)
@@ -714,10 +805,16 @@ class HttpForwarder(Protocol):
         backend.transport.unregisterProducer()
 
     def _drop_backend(self) -> None:
+        """Done with the backend connection: to the pool when it is in step (no request under way, its
+        last response read whole, reusable), else closed."""
         backend = self.backend
         self._release_backend()
         if backend is not None:
-            backend.transport.loseConnection()
+            pool = self.policy.pool
+            if pool is not None and self._backend_reusable and self._request is None and not self._connecting:
+                pool.put(backend)
+            else:
+                backend.transport.loseConnection()
 
     def _close(self, reason: str, *, abort: bool = False) -> None:
         if self.phase == "closed":

@@ -9,8 +9,12 @@ changes, X-Forwarded-* and every route action work per stream with the HTTP/1.1 
 speaks HTTP/1.1 only. The translation follows RFC 9113 §8: pseudo-header fields become the request line
 and ``Host``; ``cookie`` crumbs are joined with ``"; "``; connection-specific fields never cross; a field
 name or value that HTTP/1.1 cannot carry (CR, LF, NUL, upper case, no token) makes the request malformed
-(``400``), so nothing can be smuggled into the HTTP/1.1 side. ``CONNECT`` is refused (``501``): neither
-tunnels nor RFC 8441 WebSockets are offered over HTTP/2.
+(``400``), so nothing can be smuggled into the HTTP/1.1 side. ``CONNECT`` is refused (``501``): no tunnels
+are offered over HTTP/2, but WebSockets are (RFC 8441, :mod:`dcrouter.proxy.h2websocket`): where the
+connection advertises ``SETTINGS_ENABLE_CONNECT_PROTOCOL``, a stream with ``:method CONNECT`` and
+``:protocol websocket`` becomes an HTTP/1.1 WebSocket upgrade to the front, the backend's ``101`` the
+stream's ``200``, and the stream then carries the upgraded connection's bytes both ways, flow-controlled
+like any body; END_STREAM is the client's half-close, RST_STREAM its abort.
 
 **Protections** (:class:`Http2Limits`, each bounded and tested): concurrent streams (SETTINGS, enforced by
 ``h2``), the receive window (the client's data is acknowledged only as the stream's front takes it, so a
@@ -26,7 +30,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from h2.config import H2Configuration
 from h2.connection import H2Connection
@@ -57,6 +61,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dcrouter.log import logger
+from dcrouter.proxy.h2websocket import PROTOCOL, WEBSOCKET, handshake_fields, opened_fields
 from dcrouter.proxy.httpmessage import (
     HOP_BY_HOP,
     MAX_FIELDS,
@@ -84,8 +89,9 @@ _FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+\Z")
 # also no NUL, CR or LF and no whitespace at either end (RFC 9113 §8.2.1).
 _FIELD_VALUE = re.compile(rb"(?:[\x21-\x7e\x80-\xff](?:[\x20-\x7e\x80-\xff\t]*[\x21-\x7e\x80-\xff])?)?\Z")
 _METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-#: The request pseudo-header fields (RFC 9113 §8.3.1); ``:protocol`` (RFC 8441) is not offered.
+#: The request pseudo-header fields (RFC 9113 §8.3.1), and with extended CONNECT (RFC 8441).
 _PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
+_PSEUDO_EXTENDED = _PSEUDO | {PROTOCOL}
 #: Connection-specific fields that make an HTTP/2 request malformed (RFC 9113 §8.2.2).
 _CONNECTION_SPECIFIC = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
@@ -173,10 +179,25 @@ class _WindowCounter:
         return self.count > self._limit
 
 
-def request_head(headers: list[tuple[bytes, bytes]], *, ended: bool) -> tuple[bytes, bytes, bool]:
+class Translation(NamedTuple):
+    """An HTTP/2 request's header list as the parts of an HTTP/1.1 request head (see
+    :func:`request_fields`)."""
+
+    method: bytes
+    path: bytes
+    lines: list[tuple[bytes, bytes]]
+    #: The request body is passed on chunked (no ``content-length`` came, and the stream goes on).
+    chunked: bool
+    #: An extended CONNECT for a WebSocket: the ``Sec-WebSocket-Key`` of the handshake sent for it.
+    websocket_key: bytes | None = None
+
+
+def request_head(
+    headers: list[tuple[bytes, bytes]], *, ended: bool, extended_connect: bool = False
+) -> tuple[bytes, bytes, bool]:
     """An HTTP/2 request's header list as an HTTP/1.1 request head: (head, method, chunked body).
     HttpError when it is malformed or cannot be carried (RFC 9113 §8.2, §8.3); see :func:`request_fields`."""
-    method, path, lines, chunked = request_fields(headers, ended=ended)
+    method, path, lines, chunked, _ = request_fields(headers, ended=ended, extended_connect=extended_connect)
     out = [b"%s %s HTTP/1.1" % (method, path)]
     out += [b"%s: %s" % field for field in lines]
     return b"\r\n".join(out) + b"\r\n\r\n", method, chunked
@@ -195,17 +216,24 @@ def parsed_request_head(method: bytes, path: bytes, lines: list[tuple[bytes, byt
 
 
 def request_fields(
-    headers: list[tuple[bytes, bytes]], *, ended: bool
-) -> tuple[bytes, bytes, list[tuple[bytes, bytes]], bool]:
-    """An HTTP/2 request's header list as the parts of an HTTP/1.1 request head: (method, path, field
-    lines, chunked body). HttpError when it is malformed or cannot be carried (RFC 9113 §8.2, §8.3).
+    headers: list[tuple[bytes, bytes]], *, ended: bool, extended_connect: bool = False
+) -> Translation:
+    """An HTTP/2 request's header list as the parts of an HTTP/1.1 request head. HttpError when it is
+    malformed or cannot be carried (RFC 9113 §8.2, §8.3).
 
     This is the whole check of a request's header list: ``h2``'s own validation is off (it cost more than
     the rest of a request's handling in ``h2``), so everything it refused is refused here, as ``400`` on
     the stream — field names that are not lower-case tokens, values with NUL, CR, LF or surrounding
     whitespace, connection-specific fields, ``TE`` other than ``trailers``, pseudo-header fields unknown,
     repeated or after a regular field, no ``:method``, ``:scheme`` or ``:path``, several ``Host`` fields
-    or one that differs from ``:authority``."""
+    or one that differs from ``:authority``.
+
+    ``CONNECT`` is answered ``501``, unless ``extended_connect`` (the connection advertises
+    SETTINGS_ENABLE_CONNECT_PROTOCOL) and it comes with ``:protocol websocket`` (RFC 8441): that becomes
+    a WebSocket opening handshake (:func:`~dcrouter.proxy.h2websocket.handshake_fields`). ``:protocol``
+    is an unknown pseudo-header field (``400``) without ``extended_connect``, and ``400`` with any method
+    but ``CONNECT``; another protocol than ``websocket`` is ``501``."""
+    allowed = _PSEUDO_EXTENDED if extended_connect else _PSEUDO
     pseudo: dict[bytes, bytes] = {}
     fields: list[tuple[bytes, bytes]] = []
     cookies: list[bytes] = []
@@ -214,7 +242,7 @@ def request_fields(
     regular = False
     for name, value in headers:
         if name[:1] == b":":
-            if regular or name in pseudo or name not in _PSEUDO:
+            if regular or name in pseudo or name not in allowed:
                 raise HttpError(400, "a pseudo-header field unknown, repeated or after a regular field")
             pseudo[name] = value
             continue
@@ -234,7 +262,16 @@ def request_fields(
         elif name not in _NOT_FORWARDED:
             fields.append((name, value))
     method = pseudo.get(b":method", b"")
-    if method == b"CONNECT":
+    protocol = pseudo.get(PROTOCOL)
+    key: bytes | None = None
+    if protocol is not None:
+        if method != b"CONNECT":
+            raise HttpError(400, ":protocol in a request other than CONNECT")
+        if protocol != WEBSOCKET:
+            raise HttpError(501, "extended CONNECT is offered for websocket only")
+        method = b"GET"
+        fields, key = handshake_fields(fields)
+    elif method == b"CONNECT":
         raise HttpError(501, "CONNECT is not served over HTTP/2")
     authority = pseudo.get(b":authority", host)
     if host is not None and authority != host:
@@ -247,6 +284,9 @@ def request_fields(
     lines = [(b"Host", authority), *fields]
     if cookies:
         lines.append((b"Cookie", b"; ".join(cookies)))
+    if key is not None:
+        # No body: what the stream carries after the handshake is the WebSocket's.
+        return Translation(method, path, lines, False, key)
     chunked = False
     if length is not None:
         lines.append((b"Content-Length", length))
@@ -255,7 +295,7 @@ def request_fields(
         chunked = True
     # One exchange per front: it closes after the response, which ends the stream.
     lines.append((b"Connection", b"close"))
-    return method, path, lines, chunked
+    return Translation(method, path, lines, chunked)
 
 
 def response_fields(head: Any) -> list[tuple[bytes, bytes]]:
@@ -290,6 +330,11 @@ class StreamChannel:
         self.finished = False  # END_STREAM sent or the stream reset: nothing more goes out
         self.chunked = False  # the request body is passed on chunked (no Content-Length came)
         self.lost = False  # the front was told the connection is gone
+        #: An extended CONNECT's stream (RFC 8441): the key of the WebSocket handshake sent for it, until
+        #: the answer to that handshake came (then None again, if it was no switch to the WebSocket).
+        self.websocket_key: bytes | None = None
+        self.tunnel = False  # the WebSocket is open: the stream carries its bytes both ways
+        self.eof_pending = False  # the client ended the stream before the WebSocket was open
         self._head: HeadBuffer | None = HeadBuffer(leading_crlf=False)
         self._body: Any = None
         self._remaining: int | None = None
@@ -403,6 +448,8 @@ class StreamChannel:
 
     def _response_head(self, raw: bytes | None, parsed: ResponseHead | None = None) -> None:
         head = parsed if parsed is not None else parse_response_head(raw or b"")
+        if self.websocket_key is not None and self._websocket_head(head):
+            return
         if head.status == 101:
             raise HttpError(502, "no protocol switch over HTTP/2")
         if head.status < 200:
@@ -422,6 +469,45 @@ class StreamChannel:
                 self._send(b"", end=True)
         else:
             self._body = True
+
+    def _websocket_head(self, head: ResponseHead) -> bool:
+        """The answer to an extended CONNECT's handshake: True when taken here. A ``101`` with the right
+        accept opens the stream (``200``); a ``101`` without it, or a ``2xx`` (which would read as the
+        WebSocket opened), is answered ``502``; interim responses are not relayed. Any other answer (the
+        route's ``401``, ``429``, ``421``, a backend's refusal) is relayed as it is: False."""
+        assert self.websocket_key is not None
+        status = head.status
+        if status < 200 and status != 101:
+            self._head = HeadBuffer(leading_crlf=False)
+            return True
+        if status >= 300:
+            self.websocket_key = None
+            return False
+        self._head = None
+        self._body = True  # from now on the stream's data is the WebSocket's, until the front closes
+        try:
+            fields = opened_fields(head, self.websocket_key)
+        except HttpError as error:
+            log.info("proxy: h2 stream {id}: no WebSocket ({reason})", id=self.stream_id, reason=error.reason)
+            body = error.reason.encode() + b"\n"
+            self._remaining = len(body)
+            fields = [
+                (b":status", b"502"),
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", b"%d" % len(body)),
+            ]
+            self.connection.send_headers(self, fields, end=False)
+            self._send(body, end=True)
+            # The front thinks itself upgraded: it is told the stream is gone, and drops its backend.
+            self.disconnecting = True
+            self.connection.front_closed(self)
+            return True
+        self.websocket_key = None
+        self.tunnel = True
+        self.connection.send_headers(self, fields, end=False)
+        if self.eof_pending:
+            self.connection.tunnel_eof(self)
+        return True
 
     def _send(self, data: bytes, *, end: bool) -> None:
         self.outbound += data
@@ -472,7 +558,8 @@ def _unchunk(encoded: bytes) -> bytes:
 
 class Http2Connection(Protocol):
     """HTTP/2 inside a terminated TLS connection; see the module docstring. ``make_front`` gives the
-    protocol that serves one request (a fresh one per stream)."""
+    protocol that serves one request (a fresh one per stream). ``websockets``: extended CONNECT (RFC 8441)
+    is advertised and served (for routes whose fronts may forward an upgrade)."""
 
     transport: Any
 
@@ -483,8 +570,10 @@ class Http2Connection(Protocol):
         clock: IReactorTime,
         limits: Http2Limits | None = None,
         client_ip: str = "",
+        websockets: bool = True,
     ) -> None:
         self.limits = limits or Http2Limits()
+        self.websockets = websockets
         self._make_front = make_front
         self._clock = clock
         self.client_ip = client_ip
@@ -520,6 +609,7 @@ class Http2Connection(Protocol):
                 SettingCodes.INITIAL_WINDOW_SIZE: limits.initial_window_size,
                 SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_list_size,
                 SettingCodes.ENABLE_PUSH: 0,
+                SettingCodes.ENABLE_CONNECT_PROTOCOL: int(self.websockets),
             }
         )
         # h2 applies our settings once the client acknowledges them; until then (one round trip) the
@@ -562,8 +652,13 @@ class Http2Connection(Protocol):
             self._data(event)
         elif isinstance(event, StreamEnded):
             channel = self.streams.get(event.stream_id)
-            if channel is not None and channel.front is not None and channel.chunked:
-                channel.front.dataReceived(b"0\r\n\r\n")
+            if channel is not None and channel.front is not None:
+                if channel.chunked:
+                    channel.front.dataReceived(b"0\r\n\r\n")
+                elif channel.tunnel:
+                    self.tunnel_eof(channel)
+                elif channel.websocket_key is not None:
+                    channel.eof_pending = True  # passed on once the WebSocket is open
         elif isinstance(event, StreamReset):
             if event.remote_reset and self._resets.add():
                 raise _Calm(
@@ -594,8 +689,10 @@ class Http2Connection(Protocol):
         raw: bytes | None = None
         front: Any = None
         try:
-            method, path, lines, chunked = request_fields(
-                list(event.headers or ()), ended=event.stream_ended is not None
+            method, path, lines, chunked, websocket_key = request_fields(
+                list(event.headers or ()),
+                ended=event.stream_ended is not None,
+                extended_connect=self.websockets,
             )
             front = self._make_front()
             if getattr(front, "head_received", None) is not None:
@@ -614,6 +711,7 @@ class Http2Connection(Protocol):
             return
         channel = StreamChannel(self, stream_id, method)
         channel.chunked = chunked
+        channel.websocket_key = websocket_key
         self.streams[stream_id] = channel
         channel.front = front
         front.makeConnection(channel)
@@ -694,6 +792,22 @@ class Http2Connection(Protocol):
             pass
         self.streams.pop(channel.stream_id, None)
         self._write()
+
+    def tunnel_eof(self, channel: StreamChannel) -> None:
+        """The client ended a WebSocket's stream (END_STREAM): its half-close, to the front (which shuts
+        its backend connection's sending side). Not at once: the front is told of the open WebSocket by
+        the write that opened it, and takes the half-close only once it has finished handling it."""
+
+        def half_close() -> None:
+            front = channel.front
+            if channel.lost or front is None:
+                return
+            if IHalfCloseableProtocol.providedBy(front):
+                front.readConnectionLost()
+            else:
+                channel.loseConnection()
+
+        self._clock.callLater(0, half_close)
 
     def front_closed(self, channel: StreamChannel) -> None:
         """The front closed its side: it is told the connection is gone (as a transport would, later)."""

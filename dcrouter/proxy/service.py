@@ -17,7 +17,7 @@ Lifecycle (the same as DcRouter's SMTP listeners, for the same reasons):
 from __future__ import annotations
 
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from twisted.application.service import Service
@@ -331,6 +331,11 @@ class ProxyService(Service):
                 log.failure("a proxy listener did not stop cleanly", failure)  # type: ignore[arg-type]
         self.ports = {}
         await self.drain(self.drain_timeout)
+        # Idle keep-alive backend connections: closed, and awaited as the sessions were.
+        pool = self.context.backend_pool
+        pool.close()
+        if pool.closing:
+            await self._until(lambda: not pool.closing, self.drain_timeout)
 
     async def drain(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for open connections to end, then abort what is left and wait
@@ -350,11 +355,15 @@ class ProxyService(Service):
 
     def _until_empty(self, timeout: float) -> Deferred[None]:
         """Fires when no session is left, or after ``timeout`` seconds; polls (a shutdown-only path)."""
+        return self._until(lambda: not self.context.sessions, timeout)
+
+    def _until(self, done_yet: Callable[[], bool], timeout: float) -> Deferred[None]:
+        """Fires when ``done_yet()``, or after ``timeout`` seconds; polls (a shutdown-only path)."""
         done: Deferred[None] = Deferred()
         deadline = self._reactor.seconds() + timeout
 
         def check() -> None:
-            if not self.context.sessions or self._reactor.seconds() >= deadline:
+            if done_yet() or self._reactor.seconds() >= deadline:
                 done.callback(None)
             else:
                 self._reactor.callLater(0.05, check)

@@ -43,7 +43,7 @@ from dcrouter.log import logger
 from dcrouter.net import proxyprotocol
 from dcrouter.net.balance import Balancer
 from dcrouter.net.cidr import CidrSet
-from dcrouter.net.quiet import connect_quietly, set_no_delay
+from dcrouter.net.quiet import connect_quietly, eager_writes, set_no_delay
 from dcrouter.net.reactor import IRouterReactor
 from dcrouter.net.targets import Target, TargetHealth
 from dcrouter.net.tls import TlsPolicy
@@ -58,8 +58,8 @@ from dcrouter.proxy.http import (
     DEFAULT_IDLE_TIMEOUT,
     BackendPool,
     ChallengeSource,
-    Connector,
     ForwardingPolicy,
+    HttpBackend,
     HttpForwarder,
     HttpRedirect,
 )
@@ -214,6 +214,10 @@ class ProxyContext:
         self.limiter = Limiter(LocalCounters(self.reactor, share=self.workers), self.reactor)
         #: Open backend connections per target (what ``leastConnections`` compares), across reloads.
         self.connections: dict[Target, int] = {}
+        #: Idle keep-alive HTTP backend connections of terminating routes, shared by every client
+        #: connection; keyed by (reload generation, route, target, backend SNI).
+        self.backend_pool = BackendPool(clock=self.reactor)
+        self.generation = 0
         self._set_limits()
         #: The routes' active health checks (``action.healthCheck``), started with the proxy service.
         self.monitor = HealthMonitor(self)
@@ -309,6 +313,9 @@ class ProxyContext:
         for route in table.routes:
             self.counters.setdefault(route.name, RouteCounters())
         previous = list(self._auth.values())
+        # Idle backend connections were opened under the old routes (targets, TLS): none is taken again.
+        self.generation += 1
+        self.backend_pool.close()
         self._set_limits()  # new, empty tables of checkers and gates: made again per route on first use
         for checker in previous:
             if isinstance(checker, JwtAuth):
@@ -523,6 +530,14 @@ class ProxyContext:
         return connecting
 
 
+def _keyed(backend: HttpBackend | None, base: tuple[Any, ...]) -> HttpBackend | None:
+    """A new backend connection, keyed for the pool by ``base`` and the target it reached."""
+    if backend is not None:
+        backend.pool_key = (*base, backend.target)
+        eager_writes(backend.transport)
+    return backend
+
+
 def _idle_timeout(route: ProxyRoute) -> float:
     """A terminating route's idle limit in seconds: its ``connectionTimeout``, else the default."""
     if route.connection_timeout_ms is not None:
@@ -573,8 +588,6 @@ class ProxySession(Protocol):
     # were looked at (or, before routing, while the peek looks at them).
     _opening: bytes | None = None
     _opened_at = 0.0
-    #: A forwarding route's backend pools by route name (made on first use: spliced connections have none).
-    _pools: dict[str, BackendPool] | None = None
 
     def __init__(self, context: ProxyContext, port: int) -> None:
         self.context = context
@@ -876,15 +889,19 @@ class ProxySession(Protocol):
         route: ProxyRoute,
         protocol: Callable[[], Protocol],
         tls: Callable[[Target], IOpenSSLClientConnectionCreator] | None = None,
+        order: list[Target] | None = None,
     ) -> Any:
-        """A connection to the first of the route's targets (in the balancer's order) that accepts, marking
-        those that fail down; None when none does or the client went away meanwhile. ``tls`` gives the TLS
-        creator for a target (re-encrypting routes)."""
+        """A connection to the first of the route's targets (in the balancer's order, or ``order`` when the
+        caller asked the balancer already) that accepts, marking those that fail down; None when none does
+        or the client went away meanwhile. ``tls`` gives the TLS creator for a target (re-encrypting
+        routes). The target connected to is the protocol's ``target``."""
         port = route.target.port_for(self.port)
         if not 1 <= port <= 65535:
             log.info("proxy: {route}: target port {port} is out of range", route=route.name, port=port)
             return None
-        for target in self.context.targets(route, port, self.client_ip):
+        if order is None:
+            order = self.context.targets(route, port, self.client_ip)
+        for target in order:
             self._connecting = self.context.connect(
                 target.address,
                 port,
@@ -906,6 +923,7 @@ class ProxySession(Protocol):
             if self._state == _State.CLOSED:
                 backend.transport.loseConnection()
                 return None
+            backend.target = target
             return backend
         return None
 
@@ -1013,6 +1031,7 @@ class ProxySession(Protocol):
         else:
             creator = self.context.server_creator(route.tls_profile, http2=route.http2)
             assert creator is not None
+            eager_writes(self.transport)  # each TLS write to the client sent at once (see eager_writes)
             application: IProtocol = front
             if route.http2:
                 application = AlpnFront(front, lambda: self._http2(route, sniffed, counters))
@@ -1026,9 +1045,12 @@ class ProxySession(Protocol):
         """HTTP/2 on a terminated connection: each stream served by the front an HTTP/1.1 connection of the
         route would get (the dispatcher, the route's answerer, or its forwarder)."""
         make_front: Callable[[], IProtocol]
+        # WebSockets over HTTP/2 (RFC 8441) are offered where a stream may reach a forwarder.
+        websockets = True
         if self.context.table.has_conditions(self.port):
             make_front = lambda: RequestDispatcher(lambda head: self._dispatch(head, sniffed))  # noqa: E731
         elif route.action.answers_http:
+            websockets = False
             make_front = lambda: self._answerer(route, sniffed.server_name)  # noqa: E731
         else:
             # The policy and the connector are the same for every stream: made once, not per request.
@@ -1038,6 +1060,7 @@ class ProxySession(Protocol):
             clock=self.context.reactor,
             limits=self.context.settings.http2,
             client_ip=self.client_ip,
+            websockets=websockets,
         )
 
     def _dispatch(self, head: RequestHead, sniffed: Sniffed) -> IProtocol:
@@ -1151,10 +1174,30 @@ class ProxySession(Protocol):
             def tls(target: Target) -> IOpenSSLClientConnectionCreator:
                 return self.context.backend_tls(route, target, server_name)
 
+        context = self.context
+        pool = context.backend_pool
+        port = route.target.port_for(self.port)
+        client_ip = self.client_ip
+        # What a pooled connection must match besides its target: the routes it was opened under, and the
+        # name sent as SNI to a re-encrypting route's backend.
+        base = (context.generation, route.name, server_name if tls is not None else None)
+
+        def acquire(forwarder: HttpForwarder) -> HttpBackend | Deferred[Any]:
+            """Balancing chooses the target for every backend connection a forwarder takes; an idle one to
+            that target is taken at once, else one is opened (trying the others in order on failure)."""
+            order = context.targets(route, port, client_ip) if 1 <= port <= 65535 else []
+            if order and pool.count:
+                backend = pool.take(forwarder, (*base, order[0]))
+                if backend is not None:
+                    return backend
+            opening = Deferred.fromCoroutine(
+                self._open_backend(route, lambda: HttpBackend(forwarder), tls, order=order)
+            )
+            return opening.addCallback(_keyed, base)
+
         def connect(protocol: Callable[[], Protocol]) -> Deferred[Any]:
             return Deferred.fromCoroutine(self._open_backend(route, protocol, tls))
 
-        pool = self._pool(route, connect) if pooled else None
         policy = ForwardingPolicy(
             client_ip=self.client_ip,
             # A PROXY header was read only from a trusted peer: that peer may also vouch for X-Forwarded-For.
@@ -1170,19 +1213,10 @@ class ProxySession(Protocol):
             websocket_max_age=route.websocket_max_age,
             on_upgrade=self._upgraded,
             pool=pool,
+            acquire=acquire,
         )
-        connector = pool.connector if pool is not None else connect
-        reactor = self.context.reactor
-        return lambda: HttpForwarder(policy, connect=connector, counters=counters, clock=reactor)
-
-    def _pool(self, route: ProxyRoute, connect: Connector) -> BackendPool:
-        """The idle backend connections of ``route`` kept for this client connection's streams."""
-        if self._pools is None:
-            self._pools = {}
-        pool = self._pools.get(route.name)
-        if pool is None:
-            pool = self._pools[route.name] = BackendPool(connect)
-        return pool
+        reactor = context.reactor
+        return lambda: HttpForwarder(policy, connect=connect, counters=counters, clock=reactor)
 
     def _spliced(self, route: ProxyRoute, backend: BackendProtocol) -> None:
         settings = self.context.settings
@@ -1353,9 +1387,6 @@ class ProxySession(Protocol):
             )
         if self._deadline is not None:
             self._cancel_deadline()
-        if self._pools is not None:
-            for pool in self._pools.values():
-                pool.close()
         if self._lifetime is not None:
             self._lifetime.discard(self)
             self._lifetime = None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 from typing import Any
 
@@ -30,13 +31,15 @@ from dcrouter.net.reactor import IRouterReactor
 
 #: Longest address kept (RFC 5321's path limit).
 MAX_ADDRESS = 256
+#: What an address key may not hold: white space (``str.isspace``, which is re's ``\s`` for str) and controls.
+_SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f]")
 
 
 def normalize(address: str) -> str:
     """The key of ``address``: lower-cased, without angle brackets. ValueError for one that cannot be an
     envelope address."""
     key = address.strip().removeprefix("<").removesuffix(">").lower()
-    if not key or len(key) > MAX_ADDRESS or any(c.isspace() or ord(c) < 32 for c in key) or "@" not in key:
+    if not key or len(key) > MAX_ADDRESS or _SPACE_OR_CONTROL.search(key) or "@" not in key:
         raise ValueError(f"not an address: {address!r}")
     return key
 

@@ -19,8 +19,10 @@ What a caller may rely on:
 - Memory: besides the caller's chunk, the stream keeps at most one partial header line (< ``max_line_length``)
   or four bytes of a possible terminator between calls.
 
-Work is done per chunk with ``bytes`` methods (``find``, ``count``, ``split``, ``replace``) for the body,
-and per line only in the header section, which is small.
+Work is done per chunk with ``bytes`` methods (``find``, ``rfind``, ``count``, ``replace``) for the body: one
+search for ``<CRLF>.`` (the terminator and dot-stuffed lines), three counts (line endings), a NUL test and a
+few ``rfind`` calls (line lengths); the text is copied once, by ``replace``, only when a line was
+dot-stuffed. The header section, which is small, is checked line by line and passed on as one run.
 """
 
 from __future__ import annotations
@@ -118,45 +120,58 @@ class DataStream:
         return -1
 
     def _headers(self, buf: bytes) -> int:
-        """Handle complete header lines one at a time; returns where it stopped."""
+        """Check complete header lines one at a time, and pass them on as one run (less the leading dots of
+        dot-stuffed lines); returns where it stopped."""
         pos, end = 0, len(buf)
+        start = 0  # the first octet of buf not yet passed on
+        max_line = self._max_line
         while pos < end:
             lf = buf.find(b"\n", pos)
             if lf < 0:
-                if end - pos < self._max_line:
+                self._emit_run(buf, start, pos)
+                if end - pos < max_line:
                     self._carry = buf[pos:]
                     return end
                 # An unfinished header line already over the limit: the body machinery tracks it from here.
                 self.line_too_long = self.long_header_line = True
                 self._in_headers = False
                 return pos
-            line = buf[pos : lf + 1]
-            pos = lf + 1
-            if self._at_bol and line == _LONE_DOT:
+            after = lf + 1
+            if self._at_bol and lf - pos == 2 and buf[pos] == 0x2E and buf[pos + 1] == 0x0D:  # ".\r\n"
+                self._emit_run(buf, start, pos)
                 self.done = True
-                return pos
-            if len(line) > self._max_line:
+                return after
+            if after - pos > max_line:
                 self.line_too_long = self.long_header_line = True
-            well_ended = line.endswith(b"\r\n")
-            if not well_ended or line.count(b"\r") != 1:
+            well_ended = lf > pos and buf[lf - 1] == 0x0D
+            if not well_ended or buf.count(b"\r", pos, lf) != 1:
                 self.bare_line_ending = True
-            if b"\x00" in line:
+            if buf.find(b"\x00", pos, after) >= 0:
                 self.nul = True
             if self._at_bol:
-                if line == b"\r\n":
+                if well_ended and lf - pos == 1:
                     self._in_headers = False
-                elif line[:9].lower() == b"received:":
+                elif buf[pos : pos + 9].lower() == b"received:":
                     self.received_count += 1
-                elif line[:1] == b".":
-                    line = line[1:]
-            self._emit(line)
+                elif buf[pos] == 0x2E:
+                    # A dot-stuffed line: pass on what came before it, then the line without its dot.
+                    self._emit_run(buf, start, pos)
+                    start = pos + 1
             self._at_bol = well_ended
+            pos = after
             if not self._in_headers:
-                return pos
+                break
+        self._emit_run(buf, start, pos)
         return pos
 
+    def _emit_run(self, buf: bytes, start: int, stop: int) -> None:
+        if stop > start:
+            self._emit(buf if start == 0 and stop == len(buf) else buf[start:stop])
+
     def _body(self, buf: bytes, pos: int) -> int:
-        """Handle the body part of ``buf`` from ``pos`` as whole segments; returns where it stopped."""
+        """Handle the body part of ``buf`` from ``pos`` as whole segments; returns where it stopped.
+
+        One search for ``<CRLF>.`` finds both the terminator and the lines to unstuff."""
         end = len(buf)
         if self._at_bol:
             head = buf[pos : pos + 3]
@@ -166,31 +181,42 @@ class DataStream:
             if len(head) < 3 and _LONE_DOT.startswith(head):
                 self._carry = buf[pos:]
                 return end
-        found = buf.find(TERMINATOR, pos)
-        if found >= 0:
-            # The CRLF before the dot belongs to the message's last line.
-            self._segment(buf[pos : found + 2])
-            self.done = True
-            return found + len(TERMINATOR)
+        dots = False  # a dot-stuffed line may be in the segment
+        found = buf.find(b"\r\n.", pos)
+        while found >= 0:
+            after = found + 3
+            if after + 2 <= end:
+                if buf[after] == 0x0D and buf[after + 1] == 0x0A:
+                    # The CRLF before the dot belongs to the message's last line.
+                    self._segment(buf[pos : found + 2], dots)
+                    self.done = True
+                    return found + len(TERMINATOR)
+            elif TERMINATOR.startswith(buf[found:]):
+                break  # maybe the terminator: held back below until the next chunk shows
+            dots = True
+            found = buf.find(b"\r\n.", after)
         stop = end
         for prefix in _TERMINATOR_PREFIXES:
             if end - pos >= len(prefix) and buf.endswith(prefix):
                 stop = end - len(prefix)
                 break
         if stop > pos:
-            self._segment(buf[pos:stop])
+            self._segment(buf if pos == 0 and stop == end else buf[pos:stop], dots)
         self._carry = buf[stop:]
         return end
 
-    def _segment(self, seg: bytes) -> None:
-        """Check and pass on a run of body text that holds no terminator and no held-back prefix of one."""
+    def _segment(self, seg: bytes, dots: bool) -> None:
+        """Check and pass on a run of body text that holds no terminator and no held-back prefix of one;
+        ``dots``: it may hold ``<CRLF>.`` (False only when it does not)."""
         if not seg:
             return
-        newlines = seg.count(b"\n")
-        if not self.bare_line_ending:
-            crlf = seg.count(b"\r\n")
-            if crlf != newlines or seg.count(b"\r") != crlf:
-                self.bare_line_ending = True
+        # Counted by what a replace() removes: it runs on memchr(), bytes.count() of one octet does not.
+        newlines = len(seg) - len(seg.replace(b"\n", b""))
+        if not self.bare_line_ending and (
+            len(seg) - len(seg.replace(b"\r", b"")) != newlines
+            or (newlines and seg.count(b"\r\n") != newlines)
+        ):
+            self.bare_line_ending = True
         if not self.nul and b"\x00" in seg:
             self.nul = True
         if not self.line_too_long:
@@ -204,26 +230,29 @@ class DataStream:
             return
         if at_bol and seg[:1] == b".":
             seg = seg[1:]
-        if b"\r\n." in seg:
+        if dots:
             seg = seg.replace(b"\r\n.", b"\r\n")
         self._emit(seg)
 
     def _measure(self, seg: bytes, newlines: int) -> None:
+        limit = self._max_line
         if newlines == 0:
             self._line_len += len(seg)
-        elif self._line_len + len(seg) <= self._max_line:
-            # No line in here can be longer than the whole segment.
-            self._line_len = len(seg) - seg.rfind(b"\n") - 1
         else:
-            pieces = seg.split(b"\n")
-            longest = self._line_len + len(pieces[0]) + 1
-            if len(pieces) > 2:
-                longest = max(longest, max(map(len, pieces[1:-1])) + 1)
-            self._line_len = len(pieces[-1])
-            if longest > self._max_line:
-                self.line_too_long = True
+            # Each line (LF included) must end within ``limit`` octets of its start: from a line's start, the
+            # last LF in the next ``limit`` octets ends it or a later line, and the next line to check starts
+            # after it; no LF there means a line too long. A few rfind() calls per segment, no per-line work.
+            end = len(seg)
+            start = -self._line_len  # where the current line began, relative to seg
+            while start + limit < end:
+                lf = seg.rfind(b"\n", max(start, 0), start + limit)
+                if lf < 0:
+                    self.line_too_long = True
+                    break
+                start = lf + 1
+            self._line_len = end - seg.rfind(b"\n") - 1
         # An unfinished line never ends in CR here (a trailing CR is held back), so it still needs its CRLF.
-        if self._line_len + 2 > self._max_line:
+        if self._line_len + 2 > limit:
             self.line_too_long = True
 
     def _emit(self, text: bytes) -> None:

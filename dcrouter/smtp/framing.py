@@ -10,6 +10,12 @@ What a subclass may rely on:
   it waits on a Deferred nothing after it runs, so replies come out in the order of the commands. While
   waiting, buffered input is bounded: the transport is paused past :data:`MAX_PENDING_INPUT` octets (resumed
   below half of it) and the session closed with ``421 4.7.0`` past four times that.
+- Replies to pipelined commands go out together (RFC 2920 §3.2): what the commands of one read produce is
+  written in one go once the input holds no further complete command to run, or the next one waits on a
+  Deferred with nothing left in the input behind it; a command waiting on a Deferred (a check, the queue)
+  with more pipelined commands buffered behind it holds the replies before it until it has answered. Held
+  replies are written before they exceed :data:`MAX_HELD_OUTPUT` octets, before STARTTLS's handshake and
+  when the session closes. A reply outside any input (the greeting, a timeout) is written at once.
 - Replies wait for a client that does not read them: :meth:`~CommandReceiver._watch_output` registers a
   producer with the transport, and while the transport says its write buffer is full (``pauseProducing``)
   no further command is run until it has drained; input meanwhile is bounded as above. A client that
@@ -50,6 +56,10 @@ log = logger(__name__)
 
 #: Octets of unprocessed input kept while a command waits before the transport is paused.
 MAX_PENDING_INPUT = 64 * 1024
+#: Most octets of replies held back for one write (see the module docstring; a longer reply is written alone):
+#: a client that pipelines and never reads meets the transport's push-back after at most this much more and
+#: one reply. (Writes within one reactor turn are one send() anyway; holding matters across turns.)
+MAX_HELD_OUTPUT = 256
 #: RFC 4954 §4: AUTH command lines may be up to 12288 octets.
 AUTH_LINE_LIMIT = 12288
 
@@ -93,7 +103,42 @@ class CommandReceiver(Protocol, TimeoutMixin):
     #: The session the log lines are about (the subclass sets it).
     session: Session
 
+    # One session holds one of these for as long as its client stays connected (100,000 idle sessions is an
+    # aim: docs/performance.md), so its state is in slots, not an instance dictionary. Protocol and
+    # TimeoutMixin have none, so their per-instance attributes are slots here too (set in __init__, where
+    # their class-level defaults would otherwise have been read): with a subclass that declares its own
+    # ``__slots__`` too, an instance has no ``__dict__`` at all (tests/test_smtp_memory.py).
+    __slots__ = (
+        "_TimeoutMixin__timeoutCall",
+        "_busy",
+        "_clock",
+        "_config",
+        "_data_deadline",
+        "_data_timer",
+        "_discarding_line",
+        "_held",
+        "_held_octets",
+        "_holding",
+        "_in",
+        "_line_timer",
+        "_mode",
+        "_output_blocked",
+        "_paused",
+        "_pumping",
+        "_rate_timer",
+        "_stream",
+        "connected",
+        "factory",
+        "timeOut",
+        "transport",
+    )
+
     def __init__(self, config: SmtpConfig, clock: IReactorTime) -> None:
+        self.transport = None
+        self.connected = 0
+        self.factory = None
+        self.timeOut = None
+        self._TimeoutMixin__timeoutCall: IDelayedCall | None = None
         self._config = config
         self._clock = clock
         self._mode = COMMAND
@@ -112,6 +157,11 @@ class CommandReceiver(Protocol, TimeoutMixin):
         #: minDataRate: when the DATA transfer in progress must have ended by, as it stands.
         self._rate_timer: IDelayedCall | None = None
         self._data_deadline = 0.0
+        #: Replies not yet written (see the module docstring), their octets, and how deeply input handling
+        #: that may produce more of them is nested (0: write at once).
+        self._held: list[bytes] = []
+        self._held_octets = 0
+        self._holding = 0
 
     def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
         """TimeoutMixin's timer source: the session's clock, not the global reactor."""
@@ -161,7 +211,35 @@ class CommandReceiver(Protocol, TimeoutMixin):
         # until the handshake, which needs reading, is done.)
         self._output_blocked = full
         if not full and not self._pumping:
-            self._pump()
+            self._holding += 1
+            try:
+                self._pump()
+            finally:
+                self._release_output()
+
+    def _write(self, data: bytes) -> None:
+        """Write ``data`` (a reply), held back while input is being handled (see the module docstring)."""
+        if self._held_octets + len(data) > MAX_HELD_OUTPUT:
+            self._flush()
+        self._held.append(data)
+        self._held_octets += len(data)
+        if not self._holding:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write the held replies now, in one write."""
+        if self._held:
+            data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
+            self._held.clear()
+            self._held_octets = 0
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    def _release_output(self) -> None:
+        """The end of one round of input handling: write what it held, unless a command is waiting with more
+        pipelined input behind it (its answer's round writes them all)."""
+        self._holding -= 1
+        if not self._holding and not (self._busy and self._in):
+            self._flush()
 
     # Input
 
@@ -169,12 +247,16 @@ class CommandReceiver(Protocol, TimeoutMixin):
         if self._mode is CLOSED:
             return
         self.resetTimeout()
-        if self._mode is DATA and not self._busy and not self._in:
-            # The common case for message text: hand the chunk over without copying it into the buffer.
-            self._feed_data(data)
-        else:
-            self._in += data
-        self._pump()
+        self._holding += 1
+        try:
+            if self._mode is DATA and not self._busy and not self._in:
+                # The common case for message text: hand the chunk over without copying it into the buffer.
+                self._feed_data(data)
+            else:
+                self._in += data
+            self._pump()
+        finally:
+            self._release_output()
 
     def _discard_input(self) -> None:
         """Forget every byte received and not yet handled (STARTTLS: RFC 3207 §4.2)."""
@@ -299,10 +381,14 @@ class CommandReceiver(Protocol, TimeoutMixin):
             return
         if was_waiting:
             self.setTimeout(self._config.socket_timeout / 1000.0)
-        if not self._reply(reply, counts):
-            return
-        if not self._pumping:
-            self._pump()
+        self._holding += 1
+        try:
+            if not self._reply(reply, counts):
+                return
+            if not self._pumping:
+                self._pump()
+        finally:
+            self._release_output()
 
     def _answer_failed(self, failure: Failure) -> None:
         # Sending the reply itself broke (the transport is gone or broken): nothing left to answer.
@@ -375,6 +461,8 @@ class CommandReceiver(Protocol, TimeoutMixin):
 class _OutputGate:
     """What a session registers with its transport as producer: the transport pauses it when its write
     buffer is full and resumes it when that has drained (``FileDescriptor`` and the TLS layer do)."""
+
+    __slots__ = ("_receiver",)
 
     def __init__(self, receiver: CommandReceiver) -> None:
         self._receiver = receiver

@@ -38,7 +38,6 @@ from __future__ import annotations
 import copy
 import secrets
 from collections.abc import Callable
-from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred
@@ -149,9 +148,28 @@ class ESMTPServerFactory(Factory):
     def buildProtocol(self, addr: Any) -> ESMTPServerProtocol:
         # The session keeps a copy of the factory as it is now: a reload (reconfigure) changes what the
         # next session gets, never the configuration of one in flight.
-        protocol = ESMTPServerProtocol(copy.copy(self))
+        # Sessions accepted between two changes share one copy (an idle session costs memory, not a factory).
+        snapshot = self._snapshot
+        if snapshot is None:
+            snapshot = copy.copy(self)
+            object.__setattr__(self, "_snapshot", snapshot)
+        protocol = ESMTPServerProtocol(snapshot)
         protocol.factory = self
         return protocol
+
+    #: The copy sessions built since the last change to this factory share; None: take a new one.
+    _snapshot: ESMTPServerFactory | None = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Any change (reconfigure, a test's collaborator) is seen by the sessions accepted after it only.
+        object.__setattr__(self, "_snapshot", None)
+        object.__setattr__(self, name, value)
+
+    def __copy__(self) -> ESMTPServerFactory:
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        clone.__dict__.pop("_snapshot", None)
+        return clone
 
     def reconfigure(
         self,
@@ -172,6 +190,24 @@ class ESMTPServerFactory(Factory):
 @implementer(IHandshakeListener)
 class ESMTPServerProtocol(CommandReceiver):
     """One SMTP session. See the module docstring for its guarantees."""
+
+    # Per-session state in slots, as CommandReceiver's (why there).
+    __slots__ = (
+        "_admitted",
+        "_bad_commands",
+        "_f",
+        "_greeting_timer",
+        "_junk_commands",
+        "_junk_error",
+        "_opened_at",
+        "_sasl",
+        "_session_timer",
+        "_spool",
+        "_stopping",
+        "_tls_started",
+        "_txn",
+        "session",
+    )
 
     def __init__(self, factory: ESMTPServerFactory) -> None:
         super().__init__(factory.config, factory.clock)
@@ -219,9 +255,7 @@ class ESMTPServerProtocol(CommandReceiver):
         self._f.sessions.opened(self)
         self._log("info", "Connection from {peer} on port {port}", port=self._f.port)
         self._emit("connection.connect", protocol="smtp", peer=session.peer_host, tls=session.implicit_tls)
-        self._session_timer = self._clock.callLater(
-            self._config.connection_timeout / 1000.0, partial(self._timed_out, "connectionTimeout")
-        )
+        self._arm_timer()  # connectionTimeout, from now
         if self._f.sessions.stopping:
             # Accepted just as the listeners stopped.
             self._close(self._shutting_down())
@@ -283,6 +317,7 @@ class ESMTPServerProtocol(CommandReceiver):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._mode = CLOSED
+        self._held.clear()
         self.setTimeout(None)
         self._cancel_timers()
         self._abort_data()
@@ -309,6 +344,48 @@ class ESMTPServerProtocol(CommandReceiver):
 
     def timeoutConnection(self) -> None:
         self._timed_out("socketTimeout")
+
+    # One timer per session for both connectionTimeout (from the connection) and socketTimeout (client
+    # silence, while TimeoutMixin's ``timeOut`` is set): it is due at whichever comes first. An idle session
+    # holds one DelayedCall, not two (docs/performance.md, "Idle sessions"). These replace TimeoutMixin's
+    # setTimeout/resetTimeout, keeping their meaning for ``timeOut``.
+
+    def setTimeout(self, period: float | None) -> float | None:
+        # TimeoutMixin declares timeOut as int | None; seconds here may be fractional (milliseconds / 1000).
+        previous, self.timeOut = self.timeOut, cast(int | None, period)
+        self._arm_timer()
+        return previous
+
+    def resetTimeout(self) -> None:
+        if self.timeOut is not None:
+            self._arm_timer()
+
+    def _session_deadline(self) -> float:
+        return self._opened_at + self._config.connection_timeout / 1000.0
+
+    def _arm_timer(self) -> None:
+        timer = self._session_timer
+        if not self._admitted or self._mode is CLOSED:
+            if timer is not None and timer.active():
+                timer.cancel()
+            self._session_timer = None
+            return
+        now = self._clock.seconds()
+        due = self._session_deadline()
+        if self.timeOut is not None:
+            due = min(due, now + self.timeOut)
+        delay = max(0.0, due - now)
+        if timer is not None and timer.active():
+            timer.reset(delay)
+        else:
+            self._session_timer = self._clock.callLater(delay, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._session_timer = None
+        if self._clock.seconds() >= self._session_deadline() - 1e-6:
+            self._timed_out("connectionTimeout")
+        else:
+            self.timeoutConnection()
 
     def _timed_out(self, limit: str) -> None:
         if self._mode is CLOSED:
@@ -354,6 +431,7 @@ class ESMTPServerProtocol(CommandReceiver):
     def _close(self, reply: Reply) -> None:
         """Send ``reply`` (a 421 or 221) and end the session; later input is ignored."""
         self._send(reply)
+        self._flush()
         self._mode = CLOSED
         self._in.clear()
         self.setTimeout(None)
@@ -399,7 +477,7 @@ class ESMTPServerProtocol(CommandReceiver):
 
     def _send(self, reply: Reply) -> None:
         if self._mode is not CLOSED:
-            self._wire.write(reply.to_bytes())
+            self._write(reply.to_bytes())
 
     # Commands
 
@@ -497,6 +575,8 @@ class ESMTPServerProtocol(CommandReceiver):
         if self._f.tls_options is None or transport is None:
             return Reply(454, "4.7.0", "TLS not available")
         self._send(Reply(220, "2.0.0", "Ready to start TLS"))
+        # The 220, and any reply held before it, goes out in plaintext before the handshake starts.
+        self._flush()
         # RFC 3207 §4.2 and CVE-2011-0411: nothing the client sent before the handshake may be acted upon.
         self._discard_input()
         transport.startTLS(self._f.tls_options)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-@dataclass
+@dataclass(slots=True)
 class Session:
     """The state of one SMTP connection that matters to policy. The protocol owns and updates it."""
 

@@ -25,16 +25,31 @@ TWISTD = [
 ]
 
 
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports on 127.0.0.1 that were free a moment ago. The config refuses port 0, so
-    tests bind port 0, note the number and close; the kernel does not hand a port out again this quickly."""
-    sockets = []
+def free_ports(count: int, hosts: tuple[str, ...] = ("127.0.0.1",)) -> list[int]:
+    """``count`` distinct TCP ports that were free a moment ago on every address of ``hosts`` (default
+    127.0.0.1). The config refuses port 0, so tests bind port 0, note the number and close; the kernel does
+    not hand a port out again this quickly. A port taken on another of ``hosts`` (say, by a benchmark's
+    clients using 127.0.0.3 as their source) is passed over."""
+    sockets: list[socket.socket] = []
     try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
+        while len(sockets) < count * len(hosts):
+            first = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            first.bind((hosts[0], 0))
+            port = first.getsockname()[1]
+            group = [first]
+            for host in hosts[1:]:
+                other = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                group.append(other)
+                try:
+                    other.bind((host, port))
+                except OSError:
+                    break
+            else:
+                sockets.extend(group)
+                continue
+            for sock in group:
+                sock.close()
+        return [sock.getsockname()[1] for sock in sockets[:: len(hosts)]]
     finally:
         for sock in sockets:
             sock.close()

@@ -83,7 +83,7 @@ class ThreeHostsTests(TestCase):
         self.downstream: Downstream = start_downstream(reactor=reactor)
         self.addCleanup(self.downstream.stop)
         self.redis = start_redis(self)
-        (self.port,) = free_ports(1)  # the same port on every "host"
+        (self.port,) = free_ports(1, HOSTS)  # the same port on every "host", free on each
 
     def write_config(self, host: int) -> str:
         path = os.path.join(self.directory, f"host{host}.toml")

@@ -7,6 +7,8 @@ What emitters and subscribers may rely on:
 
 - **Cheap when nobody listens.** :meth:`EventBus.emit` returns at once when no subscriber's pattern matches
   the type (a dictionary look-up); emitters that would compute fields call :meth:`EventBus.wants` first.
+  A subscription may be narrowed to events of some ``protocol`` field values (the metrics take connects and
+  disconnects of SMTP only), so ``wants(type, protocol)`` can say no to the proxy's per-connection events.
 - **Subscribers cannot hurt the mail path.** Each sink is called in the reactor thread, synchronously, and
   must not block; an exception from one is logged (once per sink and type, then counted) and dropped, never
   raised to the emitter, and the other sinks still get the event.
@@ -213,35 +215,62 @@ class EventBus:
 
     def __init__(self, clock_seconds: Callable[[], float] = time.time) -> None:
         self._now = clock_seconds
-        self._subscriptions: list[tuple[IEventSink, tuple[str, ...]]] = []
-        self._by_type: dict[str, tuple[IEventSink, ...]] = {}
+        #: (sink, patterns, protocols: None for every event, else only events with one of these ``protocol``).
+        self._subscriptions: list[tuple[IEventSink, tuple[str, ...], frozenset[str] | None]] = []
+        #: The sinks by type (events without a ``protocol`` field), or by (type, protocol).
+        self._by_type: dict[Any, tuple[IEventSink, ...]] = {}
+        #: Types some sink takes (for some protocol, or all): what ``wants`` without a protocol answers.
+        self._wanted: dict[str, bool] = {}
         self._reported: set[tuple[int, str]] = set()
         self.failures = 0
 
-    def subscribe(self, sink: IEventSink, patterns: Iterable[str] = ("*",)) -> None:
-        """Deliver to ``sink`` every event whose type one of ``patterns`` selects (validated)."""
-        self._subscriptions.append((sink, parse_patterns(patterns)))
+    def subscribe(
+        self, sink: IEventSink, patterns: Iterable[str] = ("*",), *, protocols: Iterable[str] | None = None
+    ) -> None:
+        """Deliver to ``sink`` every event whose type one of ``patterns`` selects (validated); with
+        ``protocols``, only the events whose ``protocol`` field is one of them (the metrics count SMTP
+        sessions from events and read the proxy's open connections at scrape time: a proxy connection
+        then builds no event unless something else listens)."""
+        self._subscriptions.append(
+            (sink, parse_patterns(patterns), None if protocols is None else frozenset(protocols))
+        )
         self._by_type.clear()
+        self._wanted.clear()
 
     def unsubscribe(self, sink: IEventSink) -> None:
         """Stop delivering to ``sink`` (no error when it was not subscribed)."""
-        self._subscriptions = [(s, p) for s, p in self._subscriptions if s is not sink]
+        self._subscriptions = [s for s in self._subscriptions if s[0] is not sink]
         self._by_type.clear()
+        self._wanted.clear()
 
-    def _sinks(self, event_type: str) -> tuple[IEventSink, ...]:
-        sinks = self._by_type.get(event_type)
+    def _sinks(self, event_type: str, protocol: Any = None) -> tuple[IEventSink, ...]:
+        key = event_type if protocol is None else (event_type, protocol)
+        sinks = self._by_type.get(key)
         if sinks is None:
             sinks = tuple(
                 sink
-                for sink, patterns in self._subscriptions
-                if any(matches(pattern, event_type) for pattern in patterns)
+                for sink, patterns, protocols in self._subscriptions
+                if (protocols is None or protocol in protocols)
+                and any(matches(pattern, event_type) for pattern in patterns)
             )
-            self._by_type[event_type] = sinks
+            self._by_type[key] = sinks
         return sinks
 
-    def wants(self, event_type: str) -> bool:
-        """Whether an event of this type would reach any sink (skip computing its fields when not)."""
-        return bool(self._subscriptions) and bool(self._sinks(event_type))
+    def wants(self, event_type: str, protocol: str | None = None) -> bool:
+        """Whether an event of this type would reach any sink (skip computing its fields, or the event,
+        when not): with ``protocol``, an event with that ``protocol`` field; without, any event of the type
+        (a sink narrowed to some protocols counts)."""
+        if protocol is not None:
+            sinks = self._by_type.get((event_type, protocol))
+            if sinks is None:
+                sinks = self._sinks(event_type, protocol)
+            return bool(sinks)
+        wanted = self._wanted.get(event_type)
+        if wanted is None:
+            wanted = self._wanted[event_type] = any(
+                matches(pattern, event_type) for _, patterns, _ in self._subscriptions for pattern in patterns
+            )
+        return wanted
 
     def emit(
         self,
@@ -254,7 +283,7 @@ class EventBus:
         """Build the event and hand it to each sink subscribed to its type; never raises."""
         if not self._subscriptions:
             return
-        sinks = self._sinks(event_type)
+        sinks = self._sinks(event_type, fields.get("protocol"))
         if not sinks:
             return
         event = Event(event_type, self._now(), queue_id, session_id, MappingProxyType(fields))
@@ -280,7 +309,9 @@ class EventBus:
 #: A bus nobody listens to, for components built without one (tests, embedding). Subscribing to it is
 #: refused: it is shared.
 class _SilentBus(EventBus):
-    def subscribe(self, sink: IEventSink, patterns: Iterable[str] = ("*",)) -> None:
+    def subscribe(
+        self, sink: IEventSink, patterns: Iterable[str] = ("*",), *, protocols: Iterable[str] | None = None
+    ) -> None:
         raise TypeError("NO_EVENTS is shared and silent; give the component an EventBus of its own")
 
 

@@ -360,6 +360,8 @@ class DcRouter(MultiService):
             self.proxy.setServiceParent(self)
             self.metrics.watch_proxy(self.proxy.counters)
             context = self.proxy.context
+            sessions = context.sessions  # the same set for the proxy's life (a reload keeps its context)
+            self.metrics.watch_proxy_clients(lambda: len(sessions))
 
             def target_states() -> Mapping[tuple[str, str], bool]:
                 return context.monitor.states()  # through the context: a reload replaces its monitor

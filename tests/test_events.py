@@ -14,6 +14,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from dcrouter import events as events_module
 from dcrouter.config.auth import AuthConfig
 from dcrouter.events import (
     EVENT_TYPES,
@@ -100,6 +101,23 @@ class BusTests(SynchronousTestCase):
         self.assertFalse(self.bus.wants("message.queued"))
         self.bus.unsubscribe(sink)
         self.assertFalse(self.bus.wants("security.relay_refused"))
+
+    def test_protocols_narrow_a_subscription(self) -> None:
+        smtp_only = []
+        self.bus.subscribe(CallableSink(smtp_only.append), ["connection.*"], protocols=["smtp"])
+        self.assertTrue(self.bus.wants("connection.connect", "smtp"))
+        self.assertFalse(self.bus.wants("connection.connect", "proxy"))
+        self.assertTrue(self.bus.wants("connection.connect"))  # some protocol's: an emitter not saying asks
+        self.assertFalse(self.bus.wants("message.queued"))
+        self.bus.emit("connection.connect", protocol="proxy", port=443)
+        self.bus.emit("connection.connect", port=25)
+        self.bus.emit("connection.connect", protocol="smtp", port=25)
+        self.assertEqual([dict(e.fields) for e in smtp_only], [{"protocol": "smtp", "port": 25}])
+        everything = collect(self.bus, ("connection.connect",))  # unnarrowed: every protocol
+        self.assertTrue(self.bus.wants("connection.connect", "proxy"))
+        self.bus.emit("connection.connect", protocol="proxy", port=443)
+        self.assertEqual([e.fields["protocol"] for e in everything], ["proxy"])
+        self.assertEqual(len(smtp_only), 1)
 
     def test_a_failing_sink_reaches_neither_the_emitter_nor_other_sinks(self) -> None:
         def broken(event: Event) -> None:
@@ -201,6 +219,20 @@ class SessionEventTests(SynchronousTestCase):
         self.assertEqual(found[("dcrouter_received_bytes_total", (("port", "25"),))], len(MESSAGE) - 3)
         self.assertEqual(found[("dcrouter_messages_queued_total", (("kind", "received"),))], 1)
         self.assertEqual(found[("dcrouter_smtp_commands_refused_total", (("reply_class", "5xx"),))], 1)
+        server.protocol.connectionLost()
+        self.assertEqual(samples(metrics)[("dcrouter_smtp_sessions", (("port", "25"),))], 0)
+
+    def test_metrics_alone_count_smtp_sessions(self) -> None:
+        """With only the metrics subscribed (they take SMTP's connects and disconnects, not the proxy's),
+        an SMTP session's connect still reaches them."""
+        bus = EventBus()
+        metrics = RouterMetrics()
+        metrics.subscribe(bus)
+        server = connect(None, events=bus)
+        server.exchange(b"EHLO c\r\n")
+        found = samples(metrics)
+        self.assertEqual(found[("dcrouter_smtp_connections_total", (("port", "25"), ("tls", "no")))], 1)
+        self.assertEqual(found[("dcrouter_smtp_sessions", (("port", "25"),))], 1)
         server.protocol.connectionLost()
         self.assertEqual(samples(metrics)[("dcrouter_smtp_sessions", (("port", "25"),))], 0)
 
@@ -445,6 +477,57 @@ class ProxyEventTests(SessionTestCase):
             dict(disconnect.fields), {"protocol": "proxy", "port": 443, "route": "a", "duration": 2}
         )
         self.assertEqual(error.fields["reason"], refused.refused)
+
+    def test_no_event_when_only_the_metrics_listen(self) -> None:
+        """The metrics count proxy connections from the sessions at scrape time: connects and disconnects
+        of proxy connections are not built for them, and the gauge says the same as the events did."""
+        bus = EventBus(self.reactor.seconds)
+        metrics = RouterMetrics()
+        metrics.subscribe(bus)
+        self.context(A)
+        self.ctx.events = bus
+        metrics.watch_proxy_clients(lambda: len(self.ctx.sessions))
+        built = []
+        real_event = events_module.Event
+
+        def counting_event(*args: Any) -> Event:
+            built.append(args[0])
+            return real_event(*args)
+
+        self.patch(events_module, "Event", counting_event)
+        gauge = ("dcrouter_proxy_client_connections", ())
+        self.assertEqual(samples(metrics)[gauge], 0)
+        first, _ = self.connect("198.51.100.1", data=HELLO_A)
+        self.accept()
+        second, _ = self.connect("198.51.100.2", data=HELLO_A)
+        self.assertEqual(samples(metrics)[gauge], 2)
+        first.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(samples(metrics)[gauge], 1)
+        second.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(samples(metrics)[gauge], 0)
+        self.assertEqual(built, [])
+        # A subscriber to the proxy's connection events gets them again, the gauge unchanged.
+        seen = collect(bus, ("connection.connect", "connection.disconnect"))
+        third, _ = self.connect("198.51.100.3", data=HELLO_A)
+        self.assertEqual(samples(metrics)[gauge], 1)
+        third.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual([e.type for e in seen], ["connection.connect", "connection.disconnect"])
+        self.assertEqual(samples(metrics)[gauge], 0)
+
+    def test_the_router_reads_the_gauge_from_its_proxy_sessions(self) -> None:
+        from twisted.internet.testing import MemoryReactorClock
+
+        from dcrouter.router import DcRouter
+
+        config = {"smartProxyConfig": {"bindAddress": "127.0.0.1", "fromPort": 8443, "targetIP": "127.0.0.1"}}
+        router = DcRouter(config, reactor=MemoryReactorClock())
+        assert router.proxy is not None
+        gauge = ("dcrouter_proxy_client_connections", ())
+        self.assertEqual(samples(router.metrics)[gauge], 0)
+        router.proxy.context.sessions.update({object(), object()})  # type: ignore[arg-type]
+        self.assertEqual(samples(router.metrics)[gauge], 2)
+        self.assertFalse(router.events.wants("connection.connect", "proxy"))
+        self.assertTrue(router.events.wants("connection.connect", "smtp"))
 
 
 class AcmeEventTests(SynchronousTestCase):

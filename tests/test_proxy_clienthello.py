@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ssl
 import struct
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,6 +14,8 @@ from dcrouter.proxy.clienthello import (
     ClientHello,
     ClientHelloReader,
     MalformedClientHello,
+    _parse_body,
+    _parse_body_checked,
     parse_client_hello,
 )
 from tests.tls_hellos import (
@@ -354,6 +357,24 @@ class FuzzTests(SynchronousTestCase):
             self.assertTrue(
                 result.server_name == "www.example.com" or b"www.Example.com" not in handshake, result
             )
+
+    @settings(max_examples=1000)
+    @given(st.data())
+    def test_the_read_by_index_agrees_with_the_checked_parse(self, data: st.DataObject) -> None:
+        """_parse_body reads a well-formed hello by index and hands anything else to _parse_body_checked:
+        for real hellos, mutated ones and the extension blocks, both give the same hello or error."""
+        original = data.draw(st.sampled_from([HELLO_13, HELLO_12, HELLO_NO_SNI, HELLO_IDNA]))
+        body = handshake_of(original)[4:]
+        if data.draw(st.booleans()):
+            body = _mutate(data, body)
+
+        def result(parse: Any) -> ClientHello | str:
+            try:
+                return parse(body)  # type: ignore[no-any-return]
+            except MalformedClientHello as exc:
+                return f"malformed: {exc}"
+
+        self.assertEqual(result(_parse_body), result(_parse_body_checked))
 
 
 def _mutate(data: st.DataObject, original: bytes) -> bytes:

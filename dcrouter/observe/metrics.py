@@ -44,6 +44,8 @@ log = logger(__name__)
 #: Seconds between two readings of the queue's status summary.
 QUEUE_READ_INTERVAL = 5.0
 
+#: Counted from events for SMTP only (the SMTP sessions gauge and connections counter).
+_SESSION_TYPES = frozenset({"connection.connect", "connection.disconnect"})
 _ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 _DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _DELIVERY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -157,6 +159,7 @@ class RouterMetrics:
             ["result", "kind"],
             registry=r,
         )
+        #: Read at scrape time (:meth:`watch_proxy_clients`): no event per proxy connection for it.
         self.proxy_connections_open = Gauge(
             "dcrouter_proxy_client_connections", "Proxy client connections open now", registry=r
         )
@@ -212,8 +215,11 @@ class RouterMetrics:
         return child
 
     def subscribe(self, bus: EventBus) -> None:
-        """Receive the events the metrics are made of from ``bus``."""
-        bus.subscribe(self, sorted(self._handlers))
+        """Receive the events the metrics are made of from ``bus``: connects and disconnects of SMTP only
+        (the proxy's open connections are read at scrape time, so a proxy connection makes no event
+        unless another subscriber wants it)."""
+        bus.subscribe(self, sorted(set(self._handlers) - _SESSION_TYPES))
+        bus.subscribe(self, sorted(_SESSION_TYPES), protocols=("smtp",))
 
     def receive(self, event: Event) -> None:
         handler = self._handlers.get(event.type)
@@ -234,6 +240,11 @@ class RouterMetrics:
     def watch_proxy(self, counters: Mapping[str, Any]) -> None:
         """Connections and bytes per proxy route, from the proxy's RouteCounters by route name."""
         self.registry.register(ProxyCollector(counters))
+
+    def watch_proxy_clients(self, count: Callable[[], int]) -> None:
+        """``dcrouter_proxy_client_connections`` from ``count()`` (the proxy's open client connections, its
+        ``ProxyContext.sessions``), read at scrape time."""
+        self.proxy_connections_open.set_function(count)
 
     def watch_proxy_targets(self, states: Callable[[], Mapping[tuple[str, str], bool]]) -> None:
         """``dcrouter_proxy_target_up{route,target}``: 1 while a health-checked target is up, 0 while its
@@ -268,14 +279,10 @@ class RouterMetrics:
             port = _port(event)
             self._with(self.smtp_connections, port, "implicit" if event.fields.get("tls") else "no").inc()
             self._with(self.smtp_sessions, port).inc()
-        else:
-            self.proxy_connections_open.inc()
 
     def _disconnect(self, event: Event) -> None:
         if event.fields.get("protocol") == "smtp":
             self._with(self.smtp_sessions, _port(event)).dec()
-        else:
-            self.proxy_connections_open.dec()
 
     def _connection_error(self, event: Event) -> None:
         protocol = str(event.fields.get("protocol", "smtp"))

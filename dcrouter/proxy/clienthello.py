@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from functools import lru_cache
 
 from dcrouter.net.domains import normalize_domain
 
@@ -82,9 +83,15 @@ class ClientHelloReader:
             raise self._error
         if self._hello is not None:
             return self._hello
-        self._pending += data
         try:
-            self._hello = self._advance()
+            if not self._pending and not self._wire and _whole_hello(data, self._max_bytes):
+                # The usual first piece: one record holding the whole ClientHello. What _advance would
+                # parse, without copying it through the buffers.
+                end = _RECORD_HEADER + ((data[3] << 8) | data[4])
+                self._hello = _parse_body(data[_RECORD_HEADER + _HANDSHAKE_HEADER : end])
+            else:
+                self._pending += data
+                self._hello = self._advance()
         except MalformedClientHello as exc:
             self._error = exc
             raise
@@ -126,6 +133,24 @@ class ClientHelloReader:
         # The rest still to come needs at least one more record header.
         if have_after < total and wire_after + _RECORD_HEADER + (total - have_after) > self._max_bytes:
             raise MalformedClientHello(f"ClientHello needs more than {self._max_bytes} bytes")
+
+
+def _whole_hello(data: bytes, max_bytes: int) -> bool:
+    """Whether ``data`` starts with one handshake record, within the limits, that holds exactly one whole
+    ClientHello message (the checks of _record_length and _check_limits pass, and the hello ends with the
+    record)."""
+    if len(data) < _RECORD_HEADER + _HANDSHAKE_HEADER or data[0] != _CONTENT_TYPE_HANDSHAKE or data[1] != 3:
+        return False
+    if not 1 <= data[2] <= 4 or data[5] != _HANDSHAKE_CLIENT_HELLO:
+        return False
+    length = (data[3] << 8) | data[4]
+    end = _RECORD_HEADER + length
+    return (
+        length <= _MAX_FRAGMENT
+        and end <= len(data)
+        and end <= max_bytes
+        and _HANDSHAKE_HEADER + ((data[6] << 16) | (data[7] << 8) | data[8]) == length
+    )
 
 
 def _record_length(pending: bytearray) -> int | None:
@@ -205,6 +230,41 @@ class _Cursor:
 
 
 def _parse_body(body: bytes) -> ClientHello:
+    """The ClientHello of a handshake body. A well-formed hello (what clients send) is read by index,
+    without a cursor per field; anything irregular goes to :func:`_parse_body_checked`, which names the
+    first fault, so the result and every error are that function's."""
+    end = len(body)
+    if end < 35:
+        return _parse_body_checked(body)
+    legacy_version = (body[0] << 8) | body[1]
+    session_id = body[34]
+    if legacy_version >> 8 != 3 or legacy_version & 0xFF == 0 or session_id > 32:
+        return _parse_body_checked(body)
+    pos = 35 + session_id
+    if pos + 2 > end:
+        return _parse_body_checked(body)
+    suites = (body[pos] << 8) | body[pos + 1]
+    pos += 2 + suites
+    if suites == 0 or suites % 2 or pos >= end or body[pos] == 0:
+        return _parse_body_checked(body)
+    pos += 1 + body[pos]
+    if pos == end:
+        extensions: dict[int, bytes] = {}  # a TLS 1.2 hello may end here
+    elif pos + 2 <= end and pos + 2 + ((body[pos] << 8) | body[pos + 1]) == end:
+        extensions = _extension_map(body[pos + 2 :])
+    else:
+        return _parse_body_checked(body)
+    server_name, reason = None, "no server_name extension"
+    if _EXT_SERVER_NAME in extensions:
+        server_name, reason = _server_name(extensions[_EXT_SERVER_NAME])
+    alpn = _alpn(extensions[_EXT_ALPN]) if _EXT_ALPN in extensions else ()
+    versions: tuple[int, ...] = ()
+    if _EXT_SUPPORTED_VERSIONS in extensions:
+        versions = _supported_versions(extensions[_EXT_SUPPORTED_VERSIONS])
+    return ClientHello(server_name, alpn, legacy_version, versions, reason)
+
+
+def _parse_body_checked(body: bytes) -> ClientHello:
     cursor = _Cursor(body, "ClientHello")
     legacy_version = cursor.uint(2, "legacy_version")
     if legacy_version >> 8 != 3 or legacy_version & 0xFF == 0:
@@ -231,10 +291,13 @@ def _parse_body(body: bytes) -> ClientHello:
 
 
 def _extensions(cursor: _Cursor) -> dict[int, bytes]:
+    return _extension_map(cursor.rest())
+
+
+def _extension_map(data: bytes) -> dict[int, bytes]:
     # Walked by index (a hello has a dozen or more extensions): the checks and messages of
     # ``cursor.uint(2, "extension type")`` and ``cursor.vector(2, f"extension {kind}")``, without a cursor
     # and two formatted names per extension.
-    data = cursor.rest()
     end = len(data)
     pos = 0
     found: dict[int, bytes] = {}
@@ -257,6 +320,19 @@ def _extensions(cursor: _Cursor) -> dict[int, bytes]:
 
 def _server_name(data: bytes) -> tuple[str | None, str]:
     """(name, "") or (None, why not). Broken framing raises; an unroutable name is a value."""
+    end = len(data)
+    # One host_name filling the list: what clients send.
+    if (
+        end > 5
+        and data[2] == _NAME_TYPE_HOST_NAME
+        and (data[0] << 8) | data[1] == end - 2
+        and (data[3] << 8) | data[4] == end - 5
+    ):
+        return _host_name(data[5:])
+    return _server_name_checked(data)
+
+
+def _server_name_checked(data: bytes) -> tuple[str | None, str]:
     cursor = _Cursor(data, "server_name extension")
     entries = cursor.vector(2, "server_name_list")
     cursor.expect_end()
@@ -274,7 +350,10 @@ def _server_name(data: bytes) -> tuple[str | None, str]:
     if len(host_names) > 1:
         # RFC 6066 §3: at most one name of each type; choosing one would be a guess.
         return None, f"{len(host_names)} host_names in server_name extension"
-    raw = host_names[0]
+    return _host_name(host_names[0])
+
+
+def _host_name(raw: bytes) -> tuple[str | None, str]:
     if raw.translate(None, _PRINTABLE):  # some byte outside 0x21-0x7E
         return None, f"SNI host_name {raw[:64]!r} is not printable ASCII"
     try:
@@ -283,6 +362,7 @@ def _server_name(data: bytes) -> tuple[str | None, str]:
         return None, f"SNI host_name: {exc}"
 
 
+@lru_cache(maxsize=4096)  # asked per TLS connection and HTTP request, mostly for the same few names (pure)
 def routable_name(text: str) -> str:
     """``text`` as a host name to route on, normalised by ``normalize_domain``.
 
@@ -323,6 +403,9 @@ def _alpn(data: bytes) -> tuple[str, ...]:
 
 
 def _supported_versions(data: bytes) -> tuple[int, ...]:
+    end = len(data)
+    if end > 1 and data[0] == end - 1 and end % 2:  # a whole list of 2-byte versions: read by index
+        return tuple([(data[i] << 8) | data[i + 1] for i in range(1, end, 2)])
     cursor = _Cursor(data, "supported_versions extension")
     versions = cursor.vector(1, "supported_versions list")
     cursor.expect_end()

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet import tcp
+from twisted.internet import main, tcp
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -81,6 +81,11 @@ def _shut_write(transport: Any) -> None:
         transport.loseConnection()
 
 
+#: The reason of a clean close, shared as Twisted shares ``connectionDone``: ``loseConnection``'s immediate
+#: path would build a Failure (and its class names) for every close.
+_DONE = Failure(main.CONNECTION_DONE)
+
+
 def _lose(transport: Any, *, ended: bool = False) -> None:
     """``transport.loseConnection()``; a drained TCP transport is closed at once (``loseConnection`` takes
     its own immediate path, the one it takes after a half-close: shutdown, close, connectionLost).
@@ -88,8 +93,24 @@ def _lose(transport: Any, *, ended: bool = False) -> None:
     nothing (``close`` sends the FIN still owed; after our own half-close it would fail ENOTCONN)."""
     if _drained(transport):
         transport._writeDisconnected = True
-    if ended and isinstance(transport, tcp.Connection):
-        transport._shouldShutdown = False
+    if isinstance(transport, tcp.Connection):
+        if ended:
+            transport._shouldShutdown = False
+        try:
+            immediate = (
+                transport._writeDisconnected
+                and transport.connected
+                and not transport.disconnecting
+                and not transport.TLS
+            )
+        except AttributeError:  # private attributes: a Twisted without them gets the public path
+            immediate = False
+        if immediate:
+            # FileDescriptor.loseConnection's own path for a write side already shut, with the shared reason.
+            transport.stopReading()
+            transport.stopWriting()
+            transport.connectionLost(_DONE)
+            return
     transport.loseConnection()
 
 
@@ -167,12 +188,11 @@ class Splice:
         self._last_activity = clock.seconds() if idle_timeout is not None else 0.0
         self._idle_call: IDelayedCall | None = None
         self.close_reason: str | None = None
-        # Which transports still have the other registered as their producer (unregistered at most once).
-        self._has_producer: dict[int, bool] = {}
-
-    @property
-    def backend_transport(self) -> Any:
-        return self.backend.transport
+        #: The backend protocol's transport (connected before the splice is made).
+        self.backend_transport: Any = backend.transport
+        # Whether each transport still has the other registered as its producer (unregistered at most once).
+        self._client_has_producer = False
+        self._backend_has_producer = False
 
     def start(self, first: bytes) -> None:
         """Wire the two transports together, write ``first`` (PROXY header and replayed bytes) to the
@@ -182,7 +202,7 @@ class Splice:
         client = self.client
         client.registerProducer(backend, True)
         backend.registerProducer(client, True)
-        self._has_producer = {id(client): True, id(backend): True}
+        self._client_has_producer = self._backend_has_producer = True
         self.backend.splice = self
         if self._idle_timeout is not None:
             self._idle_call = self._clock.callLater(self._idle_timeout, self._idle_check)
@@ -280,7 +300,12 @@ class Splice:
                 transport.abortConnection()
 
     def _unregister(self, transport: Any) -> None:
-        if self._has_producer.pop(id(transport), False):
+        if transport is self.client:
+            if self._client_has_producer:
+                self._client_has_producer = False
+                transport.unregisterProducer()
+        elif self._backend_has_producer:
+            self._backend_has_producer = False
             transport.unregisterProducer()
 
     def _idle_check(self) -> None:

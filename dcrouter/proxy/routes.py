@@ -331,6 +331,12 @@ class ProxyRoute:
     def terminates(self) -> bool:
         return self.tls_mode in TERMINATING
 
+    @cached_property  # asked per connection; the route is frozen
+    def splices(self) -> bool:
+        """Whether a connection routed here that is not plain HTTP is spliced to a target as it is: a
+        ``forward`` that neither terminates TLS nor reads HTTP requests."""
+        return self.action.type == "forward" and not self.terminates and not self.reads_http
+
     def permits(self, client_ip: str) -> bool:
         """Whether this route serves ``client_ip``: not in ``block`` (which wins), and in ``allow`` if set."""
         if self.block is not None and client_ip in self.block:
@@ -801,7 +807,8 @@ def _choose(
     return next((r for r in index.any_name if _fits(r, client_ip, request, versions)), None)
 
 
-def offered_versions(supported_versions: Sequence[int], legacy_version: int) -> frozenset[int]:
+@lru_cache(maxsize=256)  # asked per TLS connection; clients send a handful of different lists (pure)
+def offered_versions(supported_versions: tuple[int, ...], legacy_version: int) -> frozenset[int]:
     """The TLS version a ClientHello will get, as a one-element set: the highest it offers in
     ``supported_versions`` (GREASE values ignored), else its legacy version (RFC 8446 §4.2.1). A client
     offering TLS 1.3 and 1.2 is a TLS 1.3 client: ``match.tlsVersion = ["TLSv1.2"]`` is for those that

@@ -83,6 +83,8 @@ from dcrouter.proxy.terminate import ALPN, BackendTls, ServerCreatorSource, term
 log = logger(__name__)
 
 _NO_PEEK = Sniffed(Kind.OTHER, None, None, "not peeked: no route on this port selects by name")
+#: The first byte of a PROXY v1 (``P``) and of a v2 (``\r``) header.
+_HEADER_STARTS = frozenset((proxyprotocol.V1_PREFIX[0], proxyprotocol.V2_SIGNATURE[0]))
 _CLIENT_HEADER = "PROXY header from the client"
 #: Seconds a refused client may go on sending before its connection is closed anyway (see _close_refused).
 REFUSAL_LINGER = 2.0
@@ -608,22 +610,25 @@ class ProxySession(Protocol):
     # -- accept ----------------------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        settings = self.context.settings
-        clock = self.context.reactor
-        if not self.context.listeners_tuned:
-            set_no_delay(self.transport)
-            if settings.keep_alive and hasattr(self.transport, "setTcpKeepAlive"):
-                self.transport.setTcpKeepAlive(True)
-        self.client_address = self.transport.getPeer()
-        self.client_ip = _host(self.client_address)
-        self.context.sessions.add(self)
-        self._opened_at = clock.seconds()
-        self.context.events.emit("connection.connect", protocol="proxy", port=self.port, peer=self.client_ip)
-        self._lifetime = self.context.track_lifetime(self)
+        context = self.context
+        settings = context.settings
+        transport = self.transport
+        if not context.listeners_tuned:
+            set_no_delay(transport)
+            if settings.keep_alive and hasattr(transport, "setTcpKeepAlive"):
+                transport.setTcpKeepAlive(True)
+        self.client_address = address = transport.getPeer()
+        self.client_ip = client_ip = _host(address)
+        context.sessions.add(self)  # also what the metrics' open-connections gauge counts
+        self._opened_at = context.reactor.seconds()
+        events = context.events
+        if events.wants("connection.connect", "proxy"):  # no event built when nothing listens for it
+            events.emit("connection.connect", protocol="proxy", port=self.port, peer=client_ip)
+        self._lifetime = context.track_lifetime(self)
         trusted = settings.trusted_proxies
-        if trusted is not None and self.client_ip in trusted:
+        if trusted is not None and client_ip in trusted:
             self._header = proxyprotocol.IncomingHeader()
-            self._deadline = self.context.sni_deadline(self)
+            self._deadline = context.sni_deadline(self)
             return
         self._admit()
 
@@ -749,7 +754,11 @@ class ProxySession(Protocol):
             sniffed.server_name,
             self.client_ip,
             # TLS: a terminating route's request conditions are looked at once the request is read inside.
-            request=DEFERRED if sniffed.kind is Kind.TLS else self._peeked_request(sniffed),
+            request=DEFERRED
+            if sniffed.kind is Kind.TLS
+            else self._peeked_request(sniffed)
+            if sniffed.kind is Kind.HTTP
+            else None,
             tls_versions=offered_versions(sniffed.hello.supported_versions, sniffed.hello.legacy_version)
             if sniffed.hello is not None
             else None,
@@ -768,12 +777,16 @@ class ProxySession(Protocol):
         if not self.context.within_route_rate(route):
             self._refuse(counters, f"{route.name}: connectionRate reached")
             return
-        if route.action.type == "block" and not route.action.answers_http:
+        action = route.action
+        if action.type == "block" and not action.answers_http:
             self._refuse(counters, f"blocked by {route.name}")
             return
         counters.active += 1
         counters.connections += 1
         self._holds_route = True
+        if route.splices and sniffed.kind is not Kind.HTTP:
+            self._connect_splice(route)  # what the checks below come to for it
+            return
         if route.terminates:
             self._terminate(route, sniffed)
             return
@@ -823,11 +836,20 @@ class ProxySession(Protocol):
         straight from ``reactor.connectTCP`` with the connector's own timeout: no endpoint, Deferred or
         coroutine per connection. Targets given by host name go the resolving way (:meth:`_connect`)."""
         port = route.target.port_for(self.port)
-        if not 1 <= port <= 65535 or not self.context.target_list(route, port)[3]:
+        context = self.context
+        entry = context.target_list(route, port) if 1 <= port <= 65535 else None
+        if entry is None or not entry[3]:
             connecting = Deferred.fromCoroutine(self._connect(route))
             connecting.addErrback(self._connect_crashed)
             return
-        self._try_target(route, self.context.targets(route, port, self.client_ip), 0)
+        candidates = entry[1]
+        # One target: no balancing (every method's order, no state to move); still none held down.
+        targets = (
+            context.health.arrange(candidates)
+            if len(candidates) == 1
+            else context.targets(route, port, self.client_ip)
+        )
+        self._try_target(route, targets, 0)
 
     def _try_target(self, route: ProxyRoute, targets: list[Target], index: int) -> None:
         """Connect to ``targets[index]``, or refuse the client when no target is left."""
@@ -1231,6 +1253,11 @@ class ProxySession(Protocol):
         cannot start a PROXY header, refused if they do; held (at most 11 bytes) while it cannot be told,
         for up to ``sniTimeout``."""
         assert self._opening is not None and self.splice is not None
+        if not self._opening and data and data[0] not in _HEADER_STARTS:
+            # Neither PROXY header can start so (what opens_with_header would say, False): forwarded.
+            self._opening = None
+            self.splice.client_data(data)
+            return
         opening = self._opening + data
         verdict = proxyprotocol.opens_with_header(opening)
         if verdict is None:
@@ -1347,15 +1374,17 @@ class ProxySession(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._state = _State.CLOSED
-        self.context.sessions.discard(self)
-        # Emitted without asking ``wants`` first: its fields cost less than a second look-up of the sinks.
-        self.context.events.emit(
-            "connection.disconnect",
-            protocol="proxy",
-            port=self.port,
-            route=self.route.name if self.route is not None else None,
-            duration=max(0.0, self.context.reactor.seconds() - self._opened_at),
-        )
+        context = self.context
+        context.sessions.discard(self)
+        events = context.events
+        if events.wants("connection.disconnect", "proxy"):
+            events.emit(
+                "connection.disconnect",
+                protocol="proxy",
+                port=self.port,
+                route=self.route.name if self.route is not None else None,
+                duration=max(0.0, context.reactor.seconds() - self._opened_at),
+            )
         if self._deadline is not None:
             self._cancel_deadline()
         if self._lifetime is not None:

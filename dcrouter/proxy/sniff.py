@@ -89,6 +89,10 @@ class Sniffer:
     def _decide(self, data: bytes) -> Sniffed | None:
         if self._tls is not None:
             return _tls_verdict(self._tls, data)
+        if not self._buffer and not self._http and data and data[0] == _TLS_HANDSHAKE:
+            # TLS from the first byte (what the branch below does, without the copies through the buffer).
+            self._tls = ClientHelloReader(max_bytes=self._max_bytes)
+            return _tls_verdict(self._tls, data)
         self._buffer += data
         if not self._buffer:
             return None

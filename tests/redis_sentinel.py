@@ -108,6 +108,21 @@ class SentinelCluster:
     def master_port(self) -> int:
         return int(self.sentinels[0].master().get("port", "0"))
 
+    def promoted_from(self, old_port: int, within: float = 10.0) -> bool:
+        """Whether the sentinels name a master other than ``old_port`` within ``within`` seconds: the one that
+        ran the failover knows first, the others learn it from its hello messages (every 2 s), so any of
+        them saying so is the answer (call in a thread)."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            for sentinel in self.sentinels:
+                try:
+                    if int(sentinel.master().get("port", "0")) not in (0, old_port):
+                        return True
+                except OSError:
+                    pass
+            time.sleep(0.1)
+        return False
+
     @staticmethod
     def stop_server(server: RedisServer) -> None:
         if server.process is not None:

@@ -27,7 +27,9 @@ from dcrouter.proxy.httpmessage import parse_request_head
 class FakeBackend:
     """An h2 server on the far side of one H2cConnection's StringTransport."""
 
-    def __init__(self, connection: H2cConnection, transport: StringTransport, settings: dict[int, int]) -> None:
+    def __init__(
+        self, connection: H2cConnection, transport: StringTransport, settings: dict[int, int]
+    ) -> None:
         self.connection = connection
         self.transport = transport
         self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
@@ -95,7 +97,10 @@ class Harness:
             return self.pool.stream(("t1", 80), HttpBackend(forwarder), self.opener)
 
         policy = ForwardingPolicy(
-            client_ip="192.0.2.7", trust_forwarded=False, host_allowed=lambda h: h == "a.test", acquire=acquire
+            client_ip="192.0.2.7",
+            trust_forwarded=False,
+            host_allowed=lambda h: h == "a.test",
+            acquire=acquire,
         )
         forwarder = HttpForwarder(policy, connect=self.opener, counters=RouteCounters(), clock=self.clock)
         transport = StringTransport()
@@ -103,7 +108,10 @@ class Harness:
         return forwarder, transport
 
 
-GET = b"GET /one?x=1 HTTP/1.1\r\nHost: a.test\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nAccept: */*\r\n\r\n"
+GET = (
+    b"GET /one?x=1 HTTP/1.1\r\nHost: a.test\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\n"
+    b"Accept: */*\r\n\r\n"
+)
 
 
 def taken(transport: StringTransport) -> bytes:
@@ -118,7 +126,12 @@ class TranslationTests(SynchronousTestCase):
         headers = request_headers(head)
         self.assertEqual(
             headers[:4],
-            [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"a.test"), (b":path", b"/one?x=1")],
+            [
+                (b":method", b"GET"),
+                (b":scheme", b"http"),
+                (b":authority", b"a.test"),
+                (b":path", b"/one?x=1"),
+            ],
         )
         names = [name for name, _ in headers]
         self.assertIn(b"accept", names)
@@ -246,7 +259,7 @@ class ForwardingTests(SynchronousTestCase):
         backend.respond(1, 200, b"fine")
         self.assertIn(b"fine", taken(first_client))
         self.assertTrue(backend.transport.disconnecting, "closed once its streams were done")
-        third, third_client = h.client()
+        third, _third_client = h.client()
         third.dataReceived(GET)
         self.assertEqual(len(h.backends), 2)
 
@@ -271,7 +284,7 @@ class ForwardingTests(SynchronousTestCase):
 
     def test_client_leaving_cancels_the_stream(self) -> None:
         h = Harness()
-        forwarder, client = h.client()
+        forwarder, _client = h.client()
         forwarder.dataReceived(GET)
         backend = h.backends[0]
         backend.pump()
@@ -288,7 +301,7 @@ class ForwardingTests(SynchronousTestCase):
 
     def test_idle_connection_closed(self) -> None:
         h = Harness()
-        forwarder, client = h.client()
+        forwarder, _client = h.client()
         forwarder.dataReceived(GET)
         backend = h.backends[0]
         backend.pump()

@@ -430,8 +430,11 @@ def _route_actions(proxy: SmartProxyConfig, path: str, report: Report) -> None:
             if kind != "forward":
                 report.error(where, f'has no effect with action type "{kind}"')
             elif mode == "terminate-and-reencrypt":
-                report.error(where, '"h2c" is cleartext: not with "terminate-and-reencrypt" (HTTP/2 over TLS '
-                             "to backends is not offered)")
+                report.error(
+                    where,
+                    '"h2c" is cleartext: not with "terminate-and-reencrypt" (HTTP/2 over TLS '
+                    "to backends is not offered)",
+                )
             elif mode == "passthrough" and tls is not None:
                 report.error(where, '"h2c" forwards HTTP requests: passed-through TLS hides them')
         if kind == "socket-handler" and mode != "passthrough":

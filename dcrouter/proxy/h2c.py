@@ -28,8 +28,8 @@ WebSocket upgrades are not carried over h2c: the session keeps them on an HTTP/1
 from __future__ import annotations
 
 import re
-from http import HTTPStatus
 from collections.abc import Callable, Hashable
+from http import HTTPStatus
 from typing import Any
 
 from h2.config import H2Configuration
@@ -396,7 +396,8 @@ class H2cConnection(Protocol):
         elif isinstance(event, TrailersReceived) and stream is not None:
             pass  # trailer fields are not passed on (the HTTP/1.1 side drops them too)
         elif isinstance(event, WindowUpdated):
-            for each in [stream] if event.stream_id else list(self.streams.values()):
+            targets = [stream] if event.stream_id else list(self.streams.values())
+            for each in targets:
                 if each is not None:
                     self.flush(each)
         elif isinstance(event, ConnectionTerminated):
@@ -687,7 +688,7 @@ class H2cPool:
                 result.callback(None)
 
     def close(self) -> None:
-        """Close every connection (routes reloaded, or shutting down); :attr:`closing` counts those not gone."""
+        """Close every connection (routes reloaded, shutting down); :attr:`closing` counts those not gone."""
         self.generation += 1
         self.connections = {}
         for connection in list(self._all):
@@ -699,5 +700,3 @@ class H2cPool:
     @property
     def closing(self) -> int:
         return len(self._all)
-
-

@@ -52,9 +52,9 @@ from dcrouter.proxy.basicauth import BasicAuth, BlockingRunner
 from dcrouter.proxy.dispatch import RequestDispatcher
 from dcrouter.proxy.forward import BackendProtocol, RouteCounters, Splice
 from dcrouter.proxy.gate import RequestGate, RequestRate
+from dcrouter.proxy.h2c import H2cPool
 from dcrouter.proxy.handlers import RouteContext, SocketHandlerError, SocketHandlers
 from dcrouter.proxy.health import HealthMonitor
-from dcrouter.proxy.h2c import H2cPool
 from dcrouter.proxy.http import (
     DEFAULT_IDLE_TIMEOUT,
     BackendPool,
@@ -1198,8 +1198,7 @@ class ProxySession(Protocol):
                 def opener(protocol: Callable[[], Protocol]) -> Deferred[Any]:
                     return Deferred.fromCoroutine(self._open_backend(route, protocol, None, order=order))
 
-                backend = HttpBackend(forwarder)
-                return context.h2c_pool.stream((order[0], port), backend, opener)
+                return context.h2c_pool.stream((order[0], port), HttpBackend(forwarder), opener)
             if order and pool.count:
                 backend = pool.take(forwarder, (*base, order[0]))
                 if backend is not None:

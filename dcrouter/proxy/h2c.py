@@ -397,9 +397,9 @@ class H2cConnection(Protocol):
             pass  # trailer fields are not passed on (the HTTP/1.1 side drops them too)
         elif isinstance(event, WindowUpdated):
             targets = [stream] if event.stream_id else list(self.streams.values())
-            for each in targets:
-                if each is not None:
-                    self.flush(each)
+            for target in targets:
+                if target is not None:
+                    self.flush(target)
         elif isinstance(event, ConnectionTerminated):
             self._goaway(event)
 

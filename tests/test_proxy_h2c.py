@@ -79,6 +79,7 @@ class Harness:
         self.settings = settings or {}
         self.reachable = reachable
         self.backends: list[FakeBackend] = []
+        self.settle = True  # the backend's SETTINGS arrive as the connection opens
 
     def opener(self, factory: Any) -> Deferred[Any]:
         if not self.reachable:
@@ -89,7 +90,8 @@ class Harness:
         connection.makeConnection(transport)
         backend = FakeBackend(connection, transport, self.settings)
         self.backends.append(backend)
-        backend.pump()
+        if self.settle:
+            backend.pump()
         return succeed(connection)
 
     def client(self) -> tuple[HttpForwarder, StringTransport]:
@@ -308,3 +310,14 @@ class ForwardingTests(SynchronousTestCase):
         backend.respond(1, 200, b"ok")
         h.clock.advance(h.pool.idle_timeout + 1)
         self.assertTrue(backend.transport.disconnecting)
+
+    def test_requests_wait_for_the_first_settings_on_one_connection(self) -> None:
+        h = Harness()
+        h.settle = False
+        clients = [h.client() for _ in range(3)]
+        for forwarder, _ in clients:
+            forwarder.dataReceived(GET)
+        self.assertEqual(len(h.backends), 1, "no second connection while the first settles")
+        backend = h.backends[0]
+        backend.pump()
+        self.assertEqual(sorted(backend.requests), [1, 3, 5])

@@ -617,7 +617,8 @@ class H2cPool:
                 break
             backend, _, result = waiting.pop(0)
             self._attach(connection, backend, result)
-        if waiting and not self._opening.get(key):
+        settling = any(not c.ready and not c.closed for c in self.connections.get(key, ()))
+        if waiting and not self._opening.get(key) and not settling:
             # Room for the first waiting request: a further connection, by its opener.
             _, opener, _ = waiting[0]
             self._open(key, opener)

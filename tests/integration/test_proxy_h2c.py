@@ -1,0 +1,197 @@
+"""h2c to a backend on real sockets (127.0.0.1): a terminating route with ``action.target.protocol =
+"h2c"`` in front of a tiny HTTP/2 cleartext server (the ``h2`` library's server side over Twisted, in this
+fixture), reached by real clients — ``curl --http1.1`` and ``httpx`` over HTTP/2 (``h2``) — and a plain-HTTP
+route by curl. Requests of several clients share one backend connection, as streams."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import ssl
+from typing import Any
+
+import httpx
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.events import DataReceived, RequestReceived, StreamEnded
+from twisted.internet import reactor
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.threads import deferToThread
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import SkipTest, TestCase
+
+from dcrouter.net.certfiles import generate_self_signed
+from dcrouter.net.certstore import CertificateStore
+from dcrouter.proxy.routes import CertificateFiles, PortRange, ProxyRoute, ProxyTarget
+from dcrouter.proxy.service import ProxyService
+from dcrouter.proxy.session import ProxySettings
+
+LOCAL = "127.0.0.1"
+
+
+class H2cServer(Protocol):
+    """Answers every stream with JSON of what it got: headers, body length, the connection's number."""
+
+    def __init__(self, factory: H2cFactory) -> None:
+        self.factory = factory
+        self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        self.requests: dict[int, tuple[dict[str, str], int]] = {}
+
+    def connectionMade(self) -> None:
+        self.factory.connections += 1
+        self.number = self.factory.connections
+        self.h2.initiate_connection()
+        self.transport.write(self.h2.data_to_send())
+
+    def dataReceived(self, data: bytes) -> None:
+        for event in self.h2.receive_data(data):
+            if isinstance(event, RequestReceived):
+                headers = {k.decode(): v.decode() for k, v in event.headers}
+                self.requests[event.stream_id] = (headers, 0)
+            elif isinstance(event, DataReceived):
+                headers, size = self.requests[event.stream_id]
+                self.requests[event.stream_id] = (headers, size + len(event.data))
+                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, StreamEnded):
+                headers, size = self.requests.pop(event.stream_id)
+                self.factory.streams += 1
+                body = json.dumps({"headers": headers, "body": size, "connection": self.number}).encode()
+                self.h2.send_headers(
+                    event.stream_id,
+                    [(b":status", b"200"), (b"content-type", b"application/json"), (b"x-backend", b"h2c")],
+                )
+                self.h2.send_data(event.stream_id, body, end_stream=True)
+        self.transport.write(self.h2.data_to_send())
+
+
+class H2cFactory(Factory):
+    def __init__(self) -> None:
+        self.connections = 0
+        self.streams = 0
+
+    def buildProtocol(self, addr: Any) -> H2cServer:
+        return H2cServer(self)
+
+
+class H2cTests(TestCase):
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+        cert, key = generate_self_signed("a.test")
+        self.cert = os.path.join(self.directory, "a.crt")
+        self.key = os.path.join(self.directory, "a.key")
+        with open(self.cert, "wb") as handle:
+            handle.write(cert)
+        with open(self.key, "wb") as handle:
+            handle.write(key)
+        self.backend = H2cFactory()
+        port = reactor.listenTCP(0, self.backend, interface=LOCAL)
+        self.addCleanup(port.stopListening)
+        self.backend_port = int(port.getHost().port)
+
+    def proxy(self, *, terminate: bool = True) -> int:
+        route = ProxyRoute(
+            name="a",
+            priority=0,
+            ports=(PortRange(0, 0),),
+            domains=("a.test",),
+            client_ips=None,
+            allow=None,
+            block=None,
+            target=ProxyTarget((LOCAL,), self.backend_port, protocol="h2c"),
+            tls_mode="terminate" if terminate else "passthrough",
+            max_connections=None,
+            connection_timeout_ms=None,
+            source="a",
+            certificate=CertificateFiles(self.cert, self.key) if terminate else None,
+        )
+        service = ProxyService(
+            [route],
+            ProxySettings(),
+            reactor=reactor,
+            bind_address=LOCAL,
+            ports=[0],
+            drain_timeout=0.5,
+            certificates=CertificateStore(clock=reactor),
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        return service.ports[0]
+
+    async def curl(self, *args: str) -> bytes:
+        curl = shutil.which("curl")
+        if curl is None:
+            raise SkipTest("curl is not installed")
+        out, err, code = await getProcessOutputAndValue(curl, ["-sS", *args], env=dict(os.environ))
+        self.assertEqual(code, 0, err)
+        return out
+
+    async def test_curl_http11_through_terminating_route(self) -> None:
+        port = self.proxy()
+        out = await self.curl(
+            "--http1.1",
+            "--cacert",
+            self.cert,
+            "--resolve",
+            f"a.test:{port}:{LOCAL}",
+            "--data-binary",
+            "x" * 70_000,
+            "-H",
+            "Content-Type: text/plain",
+            "-w",
+            "\n%{http_version}",
+            f"https://a.test:{port}/up?q=1",
+            f"https://a.test:{port}/again",
+        )
+        first, second, rest = out.split(b"\n1.1")  # -w after each response
+        self.assertEqual(rest, b"")
+        seen = json.loads(first)
+        self.assertEqual(seen["headers"][":path"], "/up?q=1")
+        self.assertEqual(seen["headers"][":authority"], f"a.test:{port}")
+        self.assertEqual(seen["headers"][":method"], "POST")
+        self.assertEqual(seen["headers"]["x-forwarded-proto"], "https")
+        self.assertEqual(seen["body"], 70_000)
+        self.assertEqual(json.loads(second)["headers"][":path"], "/again")
+        self.assertEqual(json.loads(second)["body"], 70_000)
+        self.assertEqual(self.backend.connections, 1, "both requests as streams of one connection")
+
+    async def test_plain_http_route(self) -> None:
+        port = self.proxy(terminate=False)
+        out = await self.curl("--http1.1", "-H", "Host: a.test", f"http://{LOCAL}:{port}/plain")
+        seen = json.loads(out)
+        self.assertEqual(seen["headers"][":path"], "/plain")
+        self.assertEqual(seen["headers"]["x-forwarded-proto"], "http")
+
+    async def test_http2_client_streams_share_one_backend_connection(self) -> None:
+        port = self.proxy()
+        original = socket.getaddrinfo
+
+        def fetch() -> list[httpx.Response]:
+            def local(host: Any, *args: Any, **kwargs: Any) -> Any:
+                return original(LOCAL if host == "a.test" else host, *args, **kwargs)
+
+            socket.getaddrinfo = local
+            try:
+                context = ssl.create_default_context(cafile=self.cert)
+                with httpx.Client(http2=True, verify=context, base_url=f"https://a.test:{port}") as client:
+                    return [
+                        client.get("/one"),
+                        client.post("/two", content=b"b" * 200_000),
+                        client.get("/three"),
+                    ]
+            finally:
+                socket.getaddrinfo = original
+
+        responses = await deferToThread(fetch)
+        self.assertEqual([r.http_version for r in responses], ["HTTP/2"] * 3)
+        self.assertEqual([r.status_code for r in responses], [200] * 3)
+        self.assertEqual(responses[0].headers["x-backend"], "h2c")
+        bodies = [r.json() for r in responses]
+        self.assertEqual([b["headers"][":path"] for b in bodies], ["/one", "/two", "/three"])
+        self.assertEqual(bodies[1]["body"], 200_000)
+        self.assertEqual({b["connection"] for b in bodies}, {1})
+        self.assertEqual(self.backend.streams, 3)

@@ -321,3 +321,25 @@ class ForwardingTests(SynchronousTestCase):
         backend = h.backends[0]
         backend.pump()
         self.assertEqual(sorted(backend.requests), [1, 3, 5])
+
+    def test_no_settings_is_502(self) -> None:
+        h = Harness()
+        h.settle = False
+        forwarder, client = h.client()
+        forwarder.dataReceived(GET)
+        connection = h.backends[0].connection
+        h.clock.advance(10)
+        self.assertTrue(h.backends[0].transport.disconnecting)
+        connection.connectionLost()
+        self.assertIn(b"HTTP/1.1 502", taken(client))
+
+    def test_response_before_the_request_body_ended_closes_the_stream(self) -> None:
+        h = Harness()
+        forwarder, client = h.client()
+        forwarder.dataReceived(b"POST /u HTTP/1.1\r\nHost: a.test\r\nContent-Length: 10\r\n\r\nabc")
+        backend = h.backends[0]
+        backend.pump()
+        backend.respond(1, 413, b"no")
+        self.assertIn(b"413", taken(client))
+        connection = backend.connection
+        self.assertEqual(connection.h2.open_outbound_streams, 0, "not left counting against the limit")

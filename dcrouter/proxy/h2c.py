@@ -71,6 +71,9 @@ log = logger(__name__)
 MAX_STREAMS = 100
 #: Seconds a backend connection without streams is kept.
 IDLE_SECONDS = 30.0
+#: Seconds a new connection may take to send its first SETTINGS frame (a backend that does not speak h2c
+#: may wait for more of a request forever); the requests waiting for it then get a ``502``.
+SETTINGS_SECONDS = 10.0
 #: The receive window per stream the proxy advertises to backends (the connection's grows by as much).
 WINDOW = 1024 * 1024
 #: Request bytes held for a stream beyond the backend's window before the client is paused.
@@ -334,6 +337,7 @@ class H2cConnection(Protocol):
         self.goaway = False
         self.closed = False
         self._idle: IDelayedCall | None = None
+        self._settings_call: IDelayedCall | None = None
 
     @property
     def capacity(self) -> int:
@@ -348,6 +352,12 @@ class H2cConnection(Protocol):
         self.h2.update_settings({SettingCodes.ENABLE_PUSH: 0, SettingCodes.INITIAL_WINDOW_SIZE: WINDOW})
         self.h2.increment_flow_control_window(WINDOW)
         self._send()
+        self._settings_call = self._clock.callLater(SETTINGS_SECONDS, self._no_settings)
+
+    def _no_settings(self) -> None:
+        self._settings_call = None
+        if not self.ready and not self.closed:
+            self._fail(f"no HTTP/2 SETTINGS from the backend within {SETTINGS_SECONDS:g}s (does it speak h2c?)")
 
     def dataReceived(self, data: bytes) -> None:
         if self.closed:
@@ -386,6 +396,15 @@ class H2cConnection(Protocol):
             else:
                 self._ack(event.stream_id, length)
         elif isinstance(event, StreamEnded) and stream is not None:
+            if not stream.sent_end:
+                # The response ended before the request body did: the rest of it is not wanted (RFC 9113
+                # §8.1); the stream is closed our side too, so that it stops counting against the limit.
+                stream.sent_end = True
+                stream.outbound.clear()
+                try:
+                    self.h2.reset_stream(event.stream_id, ErrorCodes.NO_ERROR)
+                except (StreamClosedError, ProtocolError):
+                    pass
             self._stream_over(stream)
             if stream.chunked_response:
                 stream.deliver(b"0\r\n\r\n")
@@ -563,6 +582,9 @@ class H2cConnection(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closed = True
         self._cancel_idle()
+        if self._settings_call is not None and self._settings_call.active():
+            self._settings_call.cancel()
+        self._settings_call = None
         self.pool.forget(self)
         self.pool.lost(self)
         why = reason.getErrorMessage() if reason is not None else "closed"

@@ -1100,7 +1100,6 @@ class Http2AndWebsocketConfigTests(ProxyCase):
         )
 
 
-
 class H2cTargetTests(ProxyCase):
     """action.target.protocol = "h2c": where it applies, and the key path named where it cannot."""
 

@@ -357,7 +357,9 @@ class H2cConnection(Protocol):
     def _no_settings(self) -> None:
         self._settings_call = None
         if not self.ready and not self.closed:
-            self._fail(f"no HTTP/2 SETTINGS from the backend within {SETTINGS_SECONDS:g}s (does it speak h2c?)")
+            self._fail(
+                f"no HTTP/2 SETTINGS from the backend within {SETTINGS_SECONDS:g}s (does it speak h2c?)"
+            )
 
     def dataReceived(self, data: bytes) -> None:
         if self.closed:

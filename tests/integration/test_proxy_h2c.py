@@ -66,13 +66,57 @@ class H2cServer(Protocol):
         self.transport.write(self.h2.data_to_send())
 
 
+class Http1Upgrade(Protocol):
+    """The same port's HTTP/1.1 side: a WebSocket upgrade answered 101, then every byte echoed."""
+
+    def __init__(self, factory: H2cFactory) -> None:
+        self.factory = factory
+        self.upgraded = False
+        self.buffer = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.upgraded:
+            self.transport.write(data)
+            return
+        self.buffer += data
+        if b"\r\n\r\n" in self.buffer:
+            head, _, rest = self.buffer.partition(b"\r\n\r\n")
+            self.factory.upgrades.append(head)
+            self.upgraded = True
+            self.transport.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n" + rest
+            )
+
+
+class Either(Protocol):
+    """h2c by its preface, else HTTP/1.1 (as h2c servers commonly take both on one port)."""
+
+    def __init__(self, factory: H2cFactory) -> None:
+        self.factory = factory
+        self.inner: Protocol | None = None
+        self.buffer = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.inner is not None:
+            self.inner.dataReceived(data)
+            return
+        self.buffer += data
+        if len(self.buffer) < 3:
+            return
+        self.inner = H2cServer(self.factory) if self.buffer.startswith(b"PRI") else Http1Upgrade(self.factory)
+        self.inner.makeConnection(self.transport)
+        self.inner.dataReceived(self.buffer)
+
+
 class H2cFactory(Factory):
     def __init__(self) -> None:
         self.connections = 0
         self.streams = 0
+        self.upgrades: list[bytes] = []
 
-    def buildProtocol(self, addr: Any) -> H2cServer:
-        return H2cServer(self)
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return Either(self)
 
 
 class H2cTests(TestCase):
@@ -195,3 +239,30 @@ class H2cTests(TestCase):
         self.assertEqual(bodies[1]["body"], 200_000)
         self.assertEqual({b["connection"] for b in bodies}, {1})
         self.assertEqual(self.backend.streams, 3)
+
+    async def test_websocket_upgrade_goes_over_http11(self) -> None:
+        port = self.proxy()
+
+        def talk() -> tuple[bytes, bytes]:
+            context = ssl.create_default_context(cafile=self.cert)
+            with socket.create_connection((LOCAL, port)) as raw:
+                with context.wrap_socket(raw, server_hostname="a.test") as tls:
+                    tls.sendall(
+                        b"GET /chat HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                    )
+                    head = b""
+                    while b"\r\n\r\n" not in head:
+                        head += tls.recv(4096)
+                    tls.sendall(b"ping")
+                    echoed = b""
+                    while len(echoed) < 4:
+                        echoed += tls.recv(4096)
+                    return head, echoed
+
+        head, echoed = await deferToThread(talk)
+        self.assertTrue(head.startswith(b"HTTP/1.1 101"), head)
+        self.assertEqual(echoed, b"ping")
+        self.assertEqual(len(self.backend.upgrades), 1)
+        self.assertIn(b"GET /chat HTTP/1.1", self.backend.upgrades[0])
+        self.assertEqual(self.backend.connections, 0, "no h2c connection for it")

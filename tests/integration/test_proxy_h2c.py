@@ -245,20 +245,22 @@ class H2cTests(TestCase):
 
         def talk() -> tuple[bytes, bytes]:
             context = ssl.create_default_context(cafile=self.cert)
-            with socket.create_connection((LOCAL, port)) as raw:
-                with context.wrap_socket(raw, server_hostname="a.test") as tls:
-                    tls.sendall(
-                        b"GET /chat HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-                        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-                    )
-                    head = b""
-                    while b"\r\n\r\n" not in head:
-                        head += tls.recv(4096)
-                    tls.sendall(b"ping")
-                    echoed = b""
-                    while len(echoed) < 4:
-                        echoed += tls.recv(4096)
-                    return head, echoed
+            with (
+                socket.create_connection((LOCAL, port)) as raw,
+                context.wrap_socket(raw, server_hostname="a.test") as tls,
+            ):
+                tls.sendall(
+                    b"GET /chat HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                )
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += tls.recv(4096)
+                tls.sendall(b"ping")
+                echoed = b""
+                while len(echoed) < 4:
+                    echoed += tls.recv(4096)
+                return head, echoed
 
         head, echoed = await deferToThread(talk)
         self.assertTrue(head.startswith(b"HTTP/1.1 101"), head)

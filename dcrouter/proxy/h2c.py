@@ -203,6 +203,8 @@ class H2cStream:
         self.producer_paused = False
         self.paused = False
         self.unacknowledged = 0
+        #: Counted in the connection's streams before its HEADERS are sent.
+        self.reserved = False
 
     # -- the transport the forwarder writes to --------------------------------------------------------
 
@@ -250,8 +252,10 @@ class H2cStream:
         if self.closed:
             return
         self.closed = True
-        if self.producer is not None:
-            self.producer = None
+        self.producer = None
+        if self.reserved:
+            self.connection.unreserve(self)
+            self.connection.pool.room(self.connection)
         if not self.finished:
             self.connection.cancel(self)
 
@@ -338,6 +342,8 @@ class H2cConnection(Protocol):
         self.closed = False
         self._idle: IDelayedCall | None = None
         self._settings_call: IDelayedCall | None = None
+        #: Streams handed to forwarders whose request head has not been sent yet.
+        self.reserved = 0
 
     @property
     def capacity(self) -> int:
@@ -345,7 +351,7 @@ class H2cConnection(Protocol):
         if not self.ready or self.goaway or self.closed:
             return 0
         allowed = min(self.h2.remote_settings.max_concurrent_streams, MAX_STREAMS)
-        return allowed - self.h2.open_outbound_streams
+        return allowed - self.h2.open_outbound_streams - self.reserved
 
     def connectionMade(self) -> None:
         self.h2.initiate_connection()
@@ -453,6 +459,7 @@ class H2cConnection(Protocol):
     # -- what streams ask -----------------------------------------------------------------------------
 
     def open_stream(self, stream: H2cStream, headers: list[tuple[bytes, bytes]], *, end: bool) -> None:
+        self.unreserve(stream)
         if self.closed or self.goaway:
             stream.lost("backend connection gone before the request")
             return
@@ -493,6 +500,11 @@ class H2cConnection(Protocol):
         self._send()
         stream.filling()
         stream.drained()
+
+    def unreserve(self, stream: H2cStream) -> None:
+        if stream.reserved:
+            stream.reserved = False
+            self.reserved -= 1
 
     def acknowledge(self, stream: H2cStream, count: int) -> None:
         if stream.stream_id is not None:
@@ -650,7 +662,9 @@ class H2cPool:
             self._waiting.pop(key, None)
 
     def _attach(self, connection: H2cConnection, backend: Any, result: Deferred[Any]) -> None:
-        backend.transport = H2cStream(connection, backend)
+        stream = backend.transport = H2cStream(connection, backend)
+        stream.reserved = True
+        connection.reserved += 1
         backend.target = connection.target
         result.callback(backend)
 

@@ -343,3 +343,14 @@ class ForwardingTests(SynchronousTestCase):
         self.assertIn(b"413", taken(client))
         connection = backend.connection
         self.assertEqual(connection.h2.open_outbound_streams, 0, "not left counting against the limit")
+
+    def test_limits_in_a_later_settings_frame_of_the_same_read_apply(self) -> None:
+        h = Harness({SettingCodes.MAX_CONCURRENT_STREAMS: 1})
+        h.settle = False
+        clients = [h.client() for _ in range(2)]
+        for forwarder, _ in clients:
+            forwarder.dataReceived(GET)
+        first = h.backends[0]
+        first.pump()  # its initial SETTINGS and then one with the limit, in one read
+        self.assertEqual(first.connection.h2.open_outbound_streams, 1)
+        self.assertEqual(len(h.backends), 2, "the second request on a second connection")

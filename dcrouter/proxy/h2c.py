@@ -344,6 +344,7 @@ class H2cConnection(Protocol):
         self._settings_call: IDelayedCall | None = None
         #: Streams handed to forwarders whose request head has not been sent yet.
         self.reserved = 0
+        self._settled = False
 
     @property
     def capacity(self) -> int:
@@ -375,8 +376,13 @@ class H2cConnection(Protocol):
         except ProtocolError as error:
             self._fail(f"HTTP/2 protocol error from the backend: {error}")
             return
+        self._settled = False
         for event in events:
             self._event(event)
+        if self._settled:
+            # Streams are handed out once every frame of this read is handled: SETTINGS frames that came
+            # together (a server's initial one, then its limits) all apply before the first stream opens.
+            self.pool.room(self)
         self._send()
 
     def _event(self, event: Any) -> None:
@@ -385,7 +391,7 @@ class H2cConnection(Protocol):
             first = not self.ready
             self.ready = True
             if first or SettingCodes.MAX_CONCURRENT_STREAMS in event.changed_settings:
-                self.pool.room(self)
+                self._settled = True
             if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
                 for each in list(self.streams.values()):
                     self.flush(each)

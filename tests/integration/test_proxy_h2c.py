@@ -16,6 +16,7 @@ import httpx
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import DataReceived, RequestReceived, StreamEnded
+from h2.settings import SettingCodes
 from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
@@ -43,6 +44,8 @@ class H2cServer(Protocol):
         self.factory.connections += 1
         self.number = self.factory.connections
         self.h2.initiate_connection()
+        if self.factory.max_streams is not None:
+            self.h2.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: self.factory.max_streams})
         self.transport.write(self.h2.data_to_send())
 
     def dataReceived(self, data: bytes) -> None:
@@ -114,6 +117,7 @@ class H2cFactory(Factory):
         self.connections = 0
         self.streams = 0
         self.upgrades: list[bytes] = []
+        self.max_streams: int | None = None
 
     def buildProtocol(self, addr: Any) -> Protocol:
         return Either(self)
@@ -268,3 +272,28 @@ class H2cTests(TestCase):
         self.assertEqual(len(self.backend.upgrades), 1)
         self.assertIn(b"GET /chat HTTP/1.1", self.backend.upgrades[0])
         self.assertEqual(self.backend.connections, 0, "no h2c connection for it")
+
+    async def h2load(self, port: int) -> None:
+        """1000 requests over 4 client connections, 20 streams each."""
+        h2load = shutil.which("h2load")
+        if h2load is None:
+            raise SkipTest("h2load is not installed (Debian: nghttp2-client)")
+        out, err, code = await getProcessOutputAndValue(
+            h2load,
+            ["-n", "1000", "-c", "4", "-m", "20", f"--connect-to={LOCAL}:{port}", f"https://a.test:{port}/"],
+            env=dict(os.environ),
+        )
+        self.assertEqual(code, 0, err)
+        self.assertIn(b"1000 succeeded, 0 failed, 0 errored", out, out)
+        self.assertEqual(self.backend.streams, 1000)
+
+    async def test_h2load_many_streams_over_few_backend_connections(self) -> None:
+        await self.h2load(self.proxy())
+        # 80 streams at most in flight: within one connection's 100 (the backend's default limit).
+        self.assertLessEqual(self.backend.connections, 2, self.backend.connections)
+
+    async def test_backend_stream_limit_spreads_over_more_connections(self) -> None:
+        self.backend.max_streams = 5
+        await self.h2load(self.proxy())
+        self.assertGreater(self.backend.connections, 1)
+        self.assertLessEqual(self.backend.connections, 16, "80 in flight, 5 per connection")

@@ -380,8 +380,8 @@ class H2cConnection(Protocol):
         for event in events:
             self._event(event)
         if self._settled:
-            # Streams are handed out once every frame of this read is handled: SETTINGS frames that came
-            # together (a server's initial one, then its limits) all apply before the first stream opens.
+            # Streams are handed out once every event of this read is handled (``h2`` has applied all
+            # SETTINGS frames of the read already: a server's limits in its second frame hold too).
             self.pool.room(self)
         self._send()
 

@@ -1099,3 +1099,45 @@ class Http2AndWebsocketConfigTests(ProxyCase):
             ],
         )
 
+
+class H2cTargetTests(ProxyCase):
+    """action.target.protocol = "h2c": where it applies, and the key path named where it cannot."""
+
+    files = TerminationConfigTests.files
+
+    def with_target(self, tls: dict[str, Any] | None, **action: Any) -> dict[str, Any]:
+        entry = copy.deepcopy(ROUTE)
+        entry["action"]["target"]["protocol"] = "h2c"
+        entry["action"].update(action)
+        if tls is None:
+            del entry["tls"]
+        else:
+            entry["tls"] = tls
+        return {"smartProxyConfig": {"routes": [entry]}}
+
+    def test_terminating_and_plain_routes_take_it(self) -> None:
+        from dcrouter.proxy.routes import build_routes
+
+        for tls in ({"mode": "terminate", "certificate": self.files()}, None):
+            routes = build_routes(self.config(self.with_target(tls)), None)
+            self.assertEqual(routes[0].target.protocol, "h2c")
+            self.assertTrue(routes[0].reads_http, "requests are read, not spliced")
+
+    def test_default_is_http1(self) -> None:
+        config = self.config(route())
+        self.assertEqual(config.routes[0].action.target.protocol, "http/1.1")
+
+    def test_refused_where_it_cannot_apply(self) -> None:
+        where = "smartProxyConfig.routes[0].action.target.protocol"
+        for tls in (
+            {"mode": "passthrough"},
+            {"mode": "terminate-and-reencrypt", "certificate": self.files()},
+        ):
+            errors = self.errors(self.with_target(tls))
+            self.assertTrue(any(e.startswith(where) for e in errors), (tls, errors))
+
+    def test_unknown_protocol_refused(self) -> None:
+        entry = copy.deepcopy(ROUTE)
+        entry["action"]["target"]["protocol"] = "h3"
+        errors = self.errors({"smartProxyConfig": {"routes": [entry]}})
+        self.assertTrue(any("action.target.protocol" in e for e in errors), errors)

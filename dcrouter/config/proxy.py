@@ -424,6 +424,19 @@ def _route_actions(proxy: SmartProxyConfig, path: str, report: Report) -> None:
             report.error(
                 join(here, "security.jwtAuth"), "a request carries one Authorization: basicAuth or jwtAuth"
             )
+        target = getattr(route.action, "target", None)
+        if target is not None and target.protocol == "h2c":
+            where = join(here, "action.target.protocol")
+            if kind != "forward":
+                report.error(where, f'has no effect with action type "{kind}"')
+            elif mode == "terminate-and-reencrypt":
+                report.error(
+                    where,
+                    '"h2c" is cleartext: not with "terminate-and-reencrypt" (HTTP/2 over TLS '
+                    "to backends is not offered)",
+                )
+            elif mode == "passthrough" and tls is not None:
+                report.error(where, '"h2c" forwards HTTP requests: passed-through TLS hides them')
         if kind == "socket-handler" and mode != "passthrough":
             report.error(join(here, key + ".mode"), f'has no effect with action type "{kind}"')
 
@@ -812,6 +825,15 @@ class RouteTarget:
         doc="One positive weight per `host`, in the same order (a host of weight 2 gets twice the share of "
         "one of weight 1); empty: all 1.",
         each=values.all_of(values.positive, lambda v: "at most 1000" if v > 1000 else None),
+    )
+    protocol: Literal["http/1.1", "h2c"] = option(
+        "http/1.1",
+        addition=True,
+        doc="How HTTP requests go to the backend: `http/1.1`, or `h2c` (HTTP/2 over cleartext TCP with prior "
+        "knowledge, RFC 9113 §3.3: requests share a few multiplexed connections per target). `h2c` needs a "
+        'route that reads HTTP requests and reaches its backend in cleartext: `tls.mode = "terminate"`, or '
+        "a plain-HTTP route (no `tls`); not a passthrough or `terminate-and-reencrypt` route. WebSocket "
+        "upgrades on an `h2c` route still go to the backend over HTTP/1.1.",
     )
 
 

@@ -102,6 +102,8 @@ class ProxyTarget:
     balancing: Method = "roundRobin"
     health_check: HealthCheckRule | None = None
     verification: BackendVerification = VERIFIED
+    #: ``action.target.protocol``: ``http/1.1`` or ``h2c`` (:mod:`dcrouter.proxy.h2c`).
+    protocol: str = "http/1.1"
 
     def weight_list(self) -> list[int]:
         return list(self.weights) if self.weights else [1] * len(self.hosts)
@@ -322,6 +324,7 @@ class ProxyRoute:
             or bool(self.request_fields.dropped or self.response_fields.dropped)
             or self.websocket_idle is not None
             or self.websocket_max_age is not None
+            or self.target.protocol == "h2c"
         )
 
     #: New connections per window from all clients together (``connectionRate``); None: no limit.
@@ -457,6 +460,7 @@ def _target(action: Any, tls: Any) -> ProxyTarget:
         balancing=action.load_balancing,
         health_check=rule,
         verification=verification,
+        protocol=target.protocol,
     )
 
 

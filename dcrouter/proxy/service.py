@@ -336,6 +336,10 @@ class ProxyService(Service):
         pool.close()
         if pool.closing:
             await self._until(lambda: not pool.closing, self.drain_timeout)
+        h2c = self.context.h2c_pool
+        h2c.close()
+        if h2c.closing:
+            await self._until(lambda: not h2c.closing, self.drain_timeout)
 
     async def drain(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for open connections to end, then abort what is left and wait

@@ -52,6 +52,7 @@ from dcrouter.proxy.basicauth import BasicAuth, BlockingRunner
 from dcrouter.proxy.dispatch import RequestDispatcher
 from dcrouter.proxy.forward import BackendProtocol, RouteCounters, Splice
 from dcrouter.proxy.gate import RequestGate, RequestRate
+from dcrouter.proxy.h2c import H2cPool
 from dcrouter.proxy.handlers import RouteContext, SocketHandlerError, SocketHandlers
 from dcrouter.proxy.health import HealthMonitor
 from dcrouter.proxy.http import (
@@ -217,6 +218,8 @@ class ProxyContext:
         #: Idle keep-alive HTTP backend connections of terminating routes, shared by every client
         #: connection; keyed by (reload generation, route, target, backend SNI).
         self.backend_pool = BackendPool(clock=self.reactor)
+        #: HTTP/2 connections to the targets of ``action.target.protocol = "h2c"`` routes, shared likewise.
+        self.h2c_pool = H2cPool(self.reactor)
         self.generation = 0
         self._set_limits()
         #: The routes' active health checks (``action.healthCheck``), started with the proxy service.
@@ -316,6 +319,7 @@ class ProxyContext:
         # Idle backend connections were opened under the old routes (targets, TLS): none is taken again.
         self.generation += 1
         self.backend_pool.close()
+        self.h2c_pool.close()
         self._set_limits()  # new, empty tables of checkers and gates: made again per route on first use
         for checker in previous:
             if isinstance(checker, JwtAuth):
@@ -1176,6 +1180,7 @@ class ProxySession(Protocol):
 
         context = self.context
         pool = context.backend_pool
+        h2c = route.target.protocol == "h2c" and tls is None
         port = route.target.port_for(self.port)
         client_ip = self.client_ip
         # What a pooled connection must match besides its target: the routes it was opened under, and the
@@ -1186,6 +1191,14 @@ class ProxySession(Protocol):
             """Balancing chooses the target for every backend connection a forwarder takes; an idle one to
             that target is taken at once, else one is opened (trying the others in order on failure)."""
             order = context.targets(route, port, client_ip) if 1 <= port <= 65535 else []
+            request = forwarder._request
+            if h2c and order and not (request is not None and request.upgrade_websocket):
+                # One stream of a shared HTTP/2 connection to the target balancing chose (WebSocket
+                # upgrades stay on HTTP/1.1 connections: h2c has no Upgrade).
+                def opener(protocol: Callable[[], Protocol]) -> Deferred[Any]:
+                    return Deferred.fromCoroutine(self._open_backend(route, protocol, None, order=order))
+
+                return context.h2c_pool.stream((order[0], port), HttpBackend(forwarder), opener)
             if order and pool.count:
                 backend = pool.take(forwarder, (*base, order[0]))
                 if backend is not None:

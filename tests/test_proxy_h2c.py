@@ -354,3 +354,32 @@ class ForwardingTests(SynchronousTestCase):
         first.pump()  # its initial SETTINGS and then one with the limit, in one read
         self.assertEqual(first.connection.h2.open_outbound_streams, 1)
         self.assertEqual(len(h.backends), 2, "the second request on a second connection")
+
+
+class PoolOpenerTests(SynchronousTestCase):
+    """A connection opened with one waiting request's opener that fails fails that request only."""
+
+    def test_a_failed_opener_fails_its_own_request_not_the_next(self) -> None:
+        pool = H2cPool(Clock())
+        opened: dict[str, Deferred[Any]] = {}
+
+        def opener(name: str) -> Any:
+            def open_(factory: Any) -> Deferred[Any]:
+                opened[name] = Deferred()
+                return opened[name]
+
+            return open_
+
+        first = pool.stream(("a", 80), object(), opener("first"))
+        second = pool.stream(("a", 80), object(), opener("second"))
+        self.assertEqual(list(opened), ["first"])  # one connection opening at a time
+        # The first request is served elsewhere meanwhile (say, its client left and it was dropped): only its
+        # own entry may fail, and here it is gone, so the second goes on with its own opener.
+        waiting = pool._waiting[("a", 80)]
+        del waiting[0]
+        opened["first"].callback(None)
+        self.assertFalse(second.called)
+        self.assertEqual(list(opened), ["first", "second"])
+        opened["second"].callback(None)
+        self.assertIsNone(self.successResultOf(second))
+        self.assertNoResult(first)

@@ -662,8 +662,7 @@ class H2cPool:
         settling = any(not c.ready and not c.closed for c in self.connections.get(key, ()))
         if waiting and not self._opening.get(key) and not settling:
             # Room for the first waiting request: a further connection, by its opener.
-            _, opener, _ = waiting[0]
-            self._open(key, opener)
+            self._open(key, waiting[0])
         if not waiting:
             self._waiting.pop(key, None)
 
@@ -674,18 +673,23 @@ class H2cPool:
         backend.target = connection.target
         result.callback(backend)
 
-    def _open(self, key: Hashable, opener: Opener) -> None:
+    def _open(self, key: Hashable, entry: tuple[Any, Opener, Deferred[Any]]) -> None:
+        """Open a further connection with the opener of ``entry`` (a waiting request's)."""
         self._opening[key] = True
         generation = self.generation
+        opener = entry[1]
 
         def opened(connection: H2cConnection | None) -> None:
             self._opening.pop(key, None)
             if connection is None:
-                # That opener's request fails; the others try again with theirs.
+                # That opener's own request fails (its target did not answer, or its client left), if it is
+                # still waiting; the others try again with theirs.
                 waiting = self._waiting.get(key) or []
-                if waiting:
-                    _, _, result = waiting.pop(0)
-                    result.callback(None)
+                for index, waiter in enumerate(waiting):
+                    if waiter is entry:
+                        del waiting[index]
+                        entry[2].callback(None)
+                        break
                 self._serve(key)
                 return
             self._all.add(connection)

@@ -9,7 +9,6 @@ import os
 from typing import Any
 
 from twisted.application.service import Application
-from twisted.python.failure import Failure
 from twisted.logger import (
     ILogObserver,
     Logger,
@@ -18,6 +17,7 @@ from twisted.logger import (
     globalLogPublisher,
     textFileLogObserver,
 )
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from dcrouter import tap
@@ -98,7 +98,12 @@ class TextLinesTests(SynchronousTestCase):
     """The text observer writes exactly what twistd's textFileLogObserver writes, event for event."""
 
     EVENTS: list[dict[str, Any]] = [
-        {"log_format": "{queue_id} queued from {peer!r} ({n:>4})", "queue_id": "Q1", "peer": "127.0.0.1", "n": 7},
+        {
+            "log_format": "{queue_id} queued from {peer!r} ({n:>4})",
+            "queue_id": "Q1",
+            "peer": "127.0.0.1",
+            "n": 7,
+        },
         {"log_format": "two\nlines {x}", "x": "a\nb"},
         {"log_format": "attr {e.args[0]} item {d[k]}", "e": ValueError("v"), "d": {"k": "w"}},
         {"log_format": "called {f()}", "f": lambda: "yes"},
@@ -145,7 +150,7 @@ class TextLinesTests(SynchronousTestCase):
                 {"log_format": "t", "log_namespace": "n", "log_level": LogLevel.info, "log_time": when}
             )
         self.assertEqual(out.getvalue(), theirs.getvalue())
-        self.assertEqual(len(set(line.split(" ")[0] for line in out.getvalue().splitlines())), 3)
+        self.assertEqual(len({line.split(" ")[0] for line in out.getvalue().splitlines()}), 3)
 
 
 class MailPathIdsTests(SynchronousTestCase):

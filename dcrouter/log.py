@@ -37,8 +37,40 @@ from twisted.logger import (
 )
 from zope.interface import implementer
 
+
+class _Levels(LogLevelFilterPredicate):
+    """Twisted's level predicate with each namespace's answer kept until a level is set or cleared (it is
+    asked for every event made and by :func:`enabled`, several times per message; the search walks the
+    namespace's segments). Levels are changed only through ``setLogLevelForNamespace``/``clearLogLevels``."""
+
+    _CACHE_LIMIT = 4096
+
+    def __init__(self, defaultLogLevel: Any = LogLevel.info) -> None:
+        self._cache: dict[str, Any] = {}
+        super().__init__(defaultLogLevel)
+
+    def logLevelForNamespace(self, namespace: str) -> Any:
+        try:
+            return self._cache[namespace]
+        except KeyError:
+            level = super().logLevelForNamespace(namespace)
+            if len(self._cache) < self._CACHE_LIMIT:
+                self._cache[namespace] = level
+            return level
+        except TypeError:  # not hashable: Twisted's answer, uncached
+            return super().logLevelForNamespace(namespace)
+
+    def setLogLevelForNamespace(self, namespace: str, level: Any) -> None:
+        super().setLogLevelForNamespace(namespace, level)
+        self._cache.clear()
+
+    def clearLogLevels(self) -> None:
+        super().clearLogLevels()
+        self._cache.clear()
+
+
 #: Minimum levels of dcrouter's loggers, by namespace (a namespace's setting covers its children).
-levels = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
+levels = _Levels(defaultLogLevel=LogLevel.info)
 _filtered = FilteringLogObserver(globalLogPublisher, [levels])
 
 #: The names ``logLevel`` accepts.

@@ -323,6 +323,9 @@ class ReceivedHelperTests(unittest.TestCase):
             0.0,
             5.9999999,
             5.1,
+            -1.0,
+            -0.5,
+            -1.0,
         ):
             expected = email.utils.format_datetime(datetime.datetime.fromtimestamp(when, datetime.UTC))
             self.assertEqual(_date(when), expected, when)

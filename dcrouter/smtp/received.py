@@ -72,7 +72,7 @@ _last_date: list[tuple[int, str]] = [(-1, "")]
 def _date(when: float) -> str:
     """RFC 5322 date-time of ``when`` in UTC, formatted once per second."""
     second = int(when)
-    plain = 0 <= when - second < 0.999999  # else datetime may round it up into the next second
+    plain = when >= 0 and when - second < 0.999999  # else datetime may round it up into the next second
     if plain and second == _last_date[0][0]:
         return _last_date[0][1]
     text = email.utils.format_datetime(datetime.datetime.fromtimestamp(when, datetime.UTC))

@@ -160,6 +160,12 @@ def makeService(config: Options, reactor: IRouterReactor | None = None) -> Any:
 
         # Taken up by twistd when it starts logging, unless its own --logger was given (that wins).
         router.log_observer = twistd_json_observer(getattr(config, "parent", None))
+    else:
+        from dcrouter.log import twistd_text_observer
+
+        # twistd's text lines to standard output, formatted with less work per line (None elsewhere:
+        # a log file or syslog stays twistd's own observer).
+        router.log_observer = twistd_text_observer(getattr(config, "parent", None))
     # Under twistd a router that cannot start (its queue does not load) should not linger half-alive.
     router.when_ready().addErrback(_stop_reactor, reactor)
     router.reloader = make_reloader(router, path, reactor)

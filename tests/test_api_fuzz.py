@@ -46,6 +46,7 @@ class OpenApiPropertyTests(SynchronousTestCase):
         def restore() -> None:
             dclog.levels._logLevelsByNamespace.clear()
             dclog.levels._logLevelsByNamespace.update(saved[0])
+            dclog.levels._cache.clear()  # the answers kept per namespace (set behind the setter's back)
             dclog._settings.clear()
             dclog._settings.update(saved[1])
 

@@ -821,3 +821,37 @@ class QuitTests(ClientTestCase):
         self.client.connectionLost(Failure(ConnectionLost()))
         self.assertIsNone(self.successResultOf(done))
         self.assertIsNone(self.successResultOf(run(self.client.quit())))
+
+
+class EnhancedStripTests(unittest.TestCase):
+    """Reply texts lose their RFC 3463 prefix exactly as the regular expression used to cut it."""
+
+    def test_same_as_the_pattern(self) -> None:
+        import re
+
+        from dcrouter.delivery.client import _build_reply
+
+        def model(code: int, texts: list[str]) -> tuple[str, object]:
+            match = re.match(r"([245])\.([0-9]{1,3})\.([0-9]{1,3})(?: |$)", texts[0])
+            if match is None or match.group(1) != str(code)[0]:
+                return "", texts[0] if len(texts) == 1 else tuple(texts)
+            enhanced = ".".join(match.groups())
+            prefix = re.compile(re.escape(enhanced) + "(?: |$)")
+            stripped = [text[m.end() :] if (m := prefix.match(text)) else text for text in texts]
+            return enhanced, stripped[0] if len(stripped) == 1 else tuple(stripped)
+
+        cases = [
+            (250, ["2.0.0 Ok"]),
+            (250, ["2.0.0"]),
+            (250, ["2.0.0\n"]),
+            (250, ["2.0.0x"]),
+            (250, ["2.0.0  two spaces"]),
+            (550, ["5.1.1 no such user", "5.1.1 really", "5.1.10 other", "5.1.1", "plain", "5.1.1\n"]),
+            (550, ["2.0.0 class differs"]),
+            (250, ["2.1.5 a", "2.1.5b", ""]),
+            (421, ["4.7.0"]),
+            (250, ["mx.example ESMTP"]),
+        ]
+        for code, texts in cases:
+            reply = _build_reply(code, texts)
+            self.assertEqual((reply.enhanced, reply.text), model(code, texts), texts)

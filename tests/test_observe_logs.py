@@ -9,11 +9,19 @@ import os
 from typing import Any
 
 from twisted.application.service import Application
-from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher, globalLogPublisher
+from twisted.logger import (
+    ILogObserver,
+    Logger,
+    LogLevel,
+    LogPublisher,
+    globalLogPublisher,
+    textFileLogObserver,
+)
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from dcrouter import tap
-from dcrouter.log import JsonLinesObserver, twistd_json_observer
+from dcrouter.log import JsonLinesObserver, TextLinesObserver, twistd_json_observer, twistd_text_observer
 from tests.smtp_fixtures import PASSWORD, connect
 from tests.test_smtp_protocol import MAIL, MESSAGE, RCPT
 
@@ -63,8 +71,86 @@ class TwistdTests(SynchronousTestCase):
         self.assertIsInstance(application.getComponent(ILogObserver), JsonLinesObserver)
 
     def test_text_leaves_twistd_alone(self) -> None:
-        _, application = self.make("text")
+        _, application = self.make("text")  # to a log file: twistd's own observer (rotation, SIGUSR1)
         self.assertIsNone(application.getComponent(ILogObserver))
+
+    def test_text_to_standard_output(self) -> None:
+        import sys
+
+        observer = twistd_text_observer({"logfile": None, "nodaemon": True})
+        assert observer is not None
+        self.assertIs(observer._outFile, sys.stdout)
+        self.assertIsInstance(twistd_text_observer({"logfile": "-", "nodaemon": True}), TextLinesObserver)
+        self.assertIsNone(twistd_text_observer({"logfile": None, "nodaemon": True, "syslog": True}))
+        self.assertIsNone(twistd_text_observer({"logfile": "x.log", "nodaemon": True}))
+        self.assertIsNone(twistd_text_observer({"logfile": None, "nodaemon": False}))
+        self.assertIsNone(twistd_text_observer(None))
+
+
+def _failure() -> Failure:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        return Failure()
+
+
+class TextLinesTests(SynchronousTestCase):
+    """The text observer writes exactly what twistd's textFileLogObserver writes, event for event."""
+
+    EVENTS: list[dict[str, Any]] = [
+        {
+            "log_format": "{queue_id} queued from {peer!r} ({n:>4})",
+            "queue_id": "Q1",
+            "peer": "127.0.0.1",
+            "n": 7,
+        },
+        {"log_format": "two\nlines {x}", "x": "a\nb"},
+        {"log_format": "attr {e.args[0]} item {d[k]}", "e": ValueError("v"), "d": {"k": "w"}},
+        {"log_format": "called {f()}", "f": lambda: "yes"},
+        {"log_format": "missing {nothing}"},
+        {"log_format": "positional {0}"},
+        {"log_format": ""},
+        {"log_format": None},
+        {"log_format": b"bytes {x}", "x": 1},
+        {"log_format": "failed {x}", "x": 1, "log_failure": _failure()},
+        {"log_format": "legacy", "log_system": "-"},
+        {"log_format": "no level {x}", "x": 2, "log_level": None},
+        {"log_format": "no time"},
+        {"log_format": "int time", "log_time": 5},
+        {"log_format": "rounds up", "log_time": 1_700_000_000.9999997},
+        {"log_format": "no namespace", "log_namespace": None},
+        {"log_format": "bad spec {x:d}", "x": "s"},
+    ]
+
+    def test_same_text_as_twistd(self) -> None:
+        times = [1_700_000_000.25, 1_700_000_000.75, 1_700_000_001.5, 1_700_003_600.0]
+        for index, template in enumerate(self.EVENTS):
+            for when in times:
+                event = {"log_namespace": "dcrouter.test", "log_level": LogLevel.info, "log_time": when}
+                event.update(template)
+                if event["log_namespace"] is None:
+                    del event["log_namespace"]
+                ours, theirs = io.StringIO(), io.StringIO()
+                observer = TextLinesObserver(ours)
+                observer(dict(event))
+                textFileLogObserver(theirs)(dict(event))
+                self.assertEqual(ours.getvalue(), theirs.getvalue(), (index, when))
+                if index == 0:  # a plain line takes the short way (its time prefix is kept)
+                    self.assertIn("Q1 queued from '127.0.0.1' (   7)", ours.getvalue())
+                    self.assertEqual(observer._second, int(when))
+
+    def test_time_prefix_follows_the_second(self) -> None:
+        out = io.StringIO()
+        observer = TextLinesObserver(out)
+        for when in (100.1, 100.9, 101.0, 99.5):
+            observer({"log_format": "t", "log_namespace": "n", "log_level": LogLevel.info, "log_time": when})
+        theirs = io.StringIO()
+        for when in (100.1, 100.9, 101.0, 99.5):
+            textFileLogObserver(theirs)(
+                {"log_format": "t", "log_namespace": "n", "log_level": LogLevel.info, "log_time": when}
+            )
+        self.assertEqual(out.getvalue(), theirs.getvalue())
+        self.assertEqual(len({line.split(" ")[0] for line in out.getvalue().splitlines()}), 3)
 
 
 class MailPathIdsTests(SynchronousTestCase):

@@ -305,6 +305,31 @@ class ReceivedHelperTests(unittest.TestCase):
         self.assertEqual(address_literal("2001:db8:0::1"), "[IPv6:2001:db8::1]")
         self.assertEqual(address_literal("::ffff:192.0.2.1"), "[192.0.2.1]")
 
+    def test_date_once_per_second_same_text(self) -> None:
+        # The date is kept for its second; every instant still gets what email.utils makes of it, including
+        # one a microsecond's rounding carries into the next second.
+        import datetime
+        import email.utils
+
+        from dcrouter.smtp.received import _date
+
+        for when in (
+            1_700_000_000.2,
+            1_700_000_000.9,
+            1_700_000_000.9999997,
+            1_700_000_000.5,
+            1_700_000_001.0,
+            1_699_999_999.99,
+            0.0,
+            5.9999999,
+            5.1,
+            -1.0,
+            -0.5,
+            -1.0,
+        ):
+            expected = email.utils.format_datetime(datetime.datetime.fromtimestamp(when, datetime.UTC))
+            self.assertEqual(_date(when), expected, when)
+
 
 class ProtocolDataTests(unittest.TestCase):
     def test_received_header_for_one_recipient(self) -> None:

@@ -186,9 +186,20 @@ def _build_reply(code: int, texts: list[str]) -> Reply:
     if match is None or match.group(1) != str(code)[0]:
         return Reply(code, "", texts[0] if len(texts) == 1 else tuple(texts))
     enhanced = ".".join(match.groups())
-    prefix = re.compile(re.escape(enhanced) + "(?: |$)")
-    stripped = [text[m.end() :] if (m := prefix.match(text)) else text for text in texts]
-    return Reply(code, enhanced, stripped[0] if len(stripped) == 1 else tuple(stripped))
+    if len(texts) == 1:
+        return Reply(code, enhanced, _strip_enhanced(texts[0], enhanced))
+    return Reply(code, enhanced, tuple(_strip_enhanced(text, enhanced) for text in texts))
+
+
+def _strip_enhanced(text: str, enhanced: str) -> str:
+    """``text`` without a leading ``enhanced`` and its space: what ``re.match(escape(enhanced) + "(?: |$)")``
+    would cut (its ``$`` also stands before a final newline), without compiling a pattern per reply."""
+    if not text.startswith(enhanced):
+        return text
+    rest = text[len(enhanced) :]
+    if rest[:1] == " ":
+        return rest[1:]
+    return rest if rest in ("", "\n") else text
 
 
 def _is_positive(reply: Reply) -> bool:

@@ -7,6 +7,7 @@ nothing here knows about either.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from typing import Generic, TypeVar
@@ -20,6 +21,9 @@ _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
 _MAX_NAME = 253  # octets in text form without the trailing dot (255 on the wire)
 
 
+# A pure function asked several times per message and per proxied connection (recipient domains, routes, SNI)
+# for few distinct names; a name that raises is not kept.
+@functools.lru_cache(maxsize=4096)
 def normalize_domain(name: str) -> str:
     """The comparable form of a host or domain name: lower-case ASCII, IDNA A-labels, no trailing dot.
 

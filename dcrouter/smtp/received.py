@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import email.utils
+import functools
 import ipaddress
 
 #: Characters of the client's HELO argument that would change the structure of the field (comments, quoting,
@@ -21,6 +22,7 @@ def with_protocol(*, esmtp: bool, tls: bool, authenticated: bool, utf8: bool) ->
     return base + suffix
 
 
+@functools.lru_cache(maxsize=1024)  # a pure function of the peer's address, asked once per message
 def address_literal(ip: str) -> str:
     """``[192.0.2.1]`` or ``[IPv6:2001:db8::1]`` (RFC 5321 §4.1.3); anything unparsable in brackets as is."""
     try:
@@ -56,8 +58,24 @@ def received_header(
         f"\tby {hostname} (dcrouter) with {protocol}" + (f" ({tls.translate(_UNSAFE)})" if tls else ""),
         f"\tid {queue_id}",
     ]
-    date = email.utils.format_datetime(datetime.datetime.fromtimestamp(when, datetime.UTC))
+    date = _date(when)
     if len(recipients) == 1:
         lines.append(f"\tfor <{recipients[0]}>")
     lines[-1] += f"; {date}"
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+#: The last second :func:`_date` formatted, and its text (the date has no fraction of a second).
+_last_date: list[tuple[int, str]] = [(-1, "")]
+
+
+def _date(when: float) -> str:
+    """RFC 5322 date-time of ``when`` in UTC, formatted once per second."""
+    second = int(when)
+    plain = when >= 0 and when - second < 0.999999  # else datetime may round it up into the next second
+    if plain and second == _last_date[0][0]:
+        return _last_date[0][1]
+    text = email.utils.format_datetime(datetime.datetime.fromtimestamp(when, datetime.UTC))
+    if plain:
+        _last_date[0] = (second, text)
+    return text

@@ -105,6 +105,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of ``pid`` and its live children (dcrouter's supervisor and its workers; a process without
+    children: its own), from /proc."""
+    total = cpu_seconds(pid)
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except OSError:
+        children = []
+    for child in children:
+        try:
+            total += tree_cpu_seconds(child)
+        except OSError:
+            pass
+    return total
+
+
 def rss_kb(pid: int) -> int:
     return smtpload.read_status_kb(pid, "VmRSS")["VmRSS"]
 

@@ -52,7 +52,7 @@ import threading
 import time
 from typing import Any
 
-from bench.ingress import free_port, log_tail, stop_process, version
+from bench.ingress import free_port, log_tail, stop_process, tree_cpu_seconds, version
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = "127.0.0.1"
@@ -83,22 +83,6 @@ def cpu_seconds(pid: int) -> float:
     """utime + stime of ``pid`` (all its threads), from /proc/<pid>/stat."""
     with open(f"/proc/{pid}/stat", "rb") as f:
         return clock_ticks(f.read().rsplit(b")", 1)[1].split())
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds of ``pid`` and its live children (dcrouter's supervisor and its workers)."""
-    total = cpu_seconds(pid)
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            children = [int(c) for c in f.read().split()]
-    except OSError:
-        children = []
-    for child in children:
-        try:
-            total += tree_cpu_seconds(child)
-        except OSError:
-            pass
-    return total
 
 
 def machine_busy() -> float:

@@ -34,8 +34,8 @@ import sys
 import tempfile
 import time
 
-from bench.ingress import free_port
-from bench.proxy import HOST, TWISTD, Process, cpu_seconds, haproxy_binary, raise_nofile_limit
+from bench.ingress import free_port, tree_cpu_seconds
+from bench.proxy import HOST, TWISTD, Process, haproxy_binary, raise_nofile_limit
 from dcrouter.net.certfiles import generate_self_signed
 
 NAME = "bench.example"
@@ -107,23 +107,6 @@ def h2load(
         note = "h2load: " + out.decode(errors="replace")[-300:].replace("\n", " ")
     succeeded = int(done.group(2)) if done else 0
     return (float(rate.group(1)) if rate else 0.0), succeeded, note
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds (utime + stime, all threads) of ``pid`` and its live children: dcrouter's supervisor and
-    its workers, or HAProxy's one process."""
-    total = cpu_seconds(pid)
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            children = [int(c) for c in f.read().split()]
-    except OSError:
-        children = []
-    for child in children:
-        try:
-            total += tree_cpu_seconds(child)
-        except OSError:
-            pass
-    return total
 
 
 class Servers:

@@ -28,24 +28,16 @@ import time
 from typing import Any
 
 from bench import smtpload
-from bench.ingress import HOST, RECIPIENT_DOMAIN, REPO_ROOT, cpu_seconds, machine_lines, raise_nofile_limit
+from bench.ingress import (
+    HOST,
+    RECIPIENT_DOMAIN,
+    REPO_ROOT,
+    cpu_seconds,
+    machine_lines,
+    raise_nofile_limit,
+    tree_cpu_seconds,
+)
 from bench.processing import KEY_PATH, ProcessingDcrouter
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds of ``pid`` and its live children (the supervisor and its workers)."""
-    total = cpu_seconds(pid)
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            children = [int(c) for c in f.read().split()]
-    except OSError:
-        children = []
-    for child in children:
-        try:
-            total += tree_cpu_seconds(child)
-        except OSError:
-            pass
-    return total
 
 
 class WorkersDcrouter(ProcessingDcrouter):

@@ -55,6 +55,19 @@ def free_ports(count: int, hosts: tuple[str, ...] = ("127.0.0.1",)) -> list[int]
             sock.close()
 
 
+def write_self_signed(directory: str, name: str = "a.test") -> tuple[str, str]:
+    """A new self-signed certificate for ``name`` and its key, written to ``<directory>/a.crt`` and ``a.key``;
+    their paths."""
+    from dcrouter.net.certfiles import generate_self_signed
+
+    cert, key = generate_self_signed(name)
+    paths = os.path.join(directory, "a.crt"), os.path.join(directory, "a.key")
+    for path, data in zip(paths, (cert, key), strict=True):
+        with open(path, "wb") as handle:
+            handle.write(data)
+    return paths
+
+
 def twistd_environment() -> dict[str, str]:
     env = dict(os.environ)
     inherited = [path for path in env.get("PYTHONPATH", "").split(os.pathsep) if path]

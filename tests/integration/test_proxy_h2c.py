@@ -23,11 +23,11 @@ from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 
-from dcrouter.net.certfiles import generate_self_signed
 from dcrouter.net.certstore import CertificateStore
 from dcrouter.proxy.routes import CertificateFiles, PortRange, ProxyRoute, ProxyTarget
 from dcrouter.proxy.service import ProxyService
 from dcrouter.proxy.session import ProxySettings
+from tests.integration import write_self_signed
 
 LOCAL = "127.0.0.1"
 
@@ -129,13 +129,7 @@ class H2cTests(TestCase):
     def setUp(self) -> None:
         self.directory = os.path.abspath(self.mktemp())
         os.makedirs(self.directory)
-        cert, key = generate_self_signed("a.test")
-        self.cert = os.path.join(self.directory, "a.crt")
-        self.key = os.path.join(self.directory, "a.key")
-        with open(self.cert, "wb") as handle:
-            handle.write(cert)
-        with open(self.key, "wb") as handle:
-            handle.write(key)
+        self.cert, self.key = write_self_signed(self.directory)
         self.backend = H2cFactory()
         port = reactor.listenTCP(0, self.backend, interface=LOCAL)
         self.addCleanup(port.stopListening)

@@ -20,7 +20,6 @@ from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from dcrouter.net.certfiles import generate_self_signed
 from dcrouter.net.certstore import CertificateStore
 from dcrouter.proxy.routes import (
     CertificateFiles,
@@ -32,6 +31,7 @@ from dcrouter.proxy.routes import (
 )
 from dcrouter.proxy.service import ProxyService
 from dcrouter.proxy.session import ProxySettings
+from tests.integration import write_self_signed
 
 LOCAL = "127.0.0.1"
 
@@ -69,13 +69,7 @@ class Http2Tests(TestCase):
     def setUp(self) -> None:
         self.directory = os.path.abspath(self.mktemp())
         os.makedirs(self.directory)
-        cert, key = generate_self_signed("a.test")
-        self.cert = os.path.join(self.directory, "a.crt")
-        self.key = os.path.join(self.directory, "a.key")
-        with open(self.cert, "wb") as handle:
-            handle.write(cert)
-        with open(self.key, "wb") as handle:
-            handle.write(key)
+        self.cert, self.key = write_self_signed(self.directory)
         self.echo = Echo()
         site = Site(self.echo)
         port = reactor.listenTCP(0, site, interface=LOCAL)

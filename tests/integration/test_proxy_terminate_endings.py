@@ -28,13 +28,13 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from dcrouter.net.certfiles import generate_self_signed
 from dcrouter.net.certstore import CertificateStore
 from dcrouter.proxy.httpmessage import HeadBuffer
 from dcrouter.proxy.routes import CertificateFiles, PortRange, ProxyRoute, ProxyTarget
 from dcrouter.proxy.service import ProxyService
 from dcrouter.proxy.session import ProxySettings
 from dcrouter.proxy.terminate import CLOSE_TIMEOUT
+from tests.integration import write_self_signed
 
 LOCAL = "127.0.0.1"
 CONNECTIONS = 1000
@@ -200,12 +200,7 @@ class EndingTests(TestCase):
     def setUp(self) -> None:
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
-        cert, key = generate_self_signed("a.test")
-        self.cert = os.path.join(directory, "a.crt")
-        self.key = os.path.join(directory, "a.key")
-        for path, data in ((self.cert, cert), (self.key, key)):
-            with open(path, "wb") as handle:
-                handle.write(data)
+        self.cert, self.key = write_self_signed(directory)
         backend = reactor.listenTCP(0, Factory.forProtocol(PathBackend), interface=LOCAL)
         self.addCleanup(backend.stopListening)
         self.backend_port = int(backend.getHost().port)

@@ -46,13 +46,14 @@ class RouteCounters:
     bytes_out: int = 0
 
 
-def _drained(transport: Any) -> bool:
-    """Whether ``transport`` is a connected TCP transport of the reactor with nothing buffered to write, no
-    producer and no close under way: what ``FileDescriptor.doWrite`` would find on its next turn before
-    shutting or closing it, so that can be done now."""
-    # These are FileDescriptor's private attributes: a Twisted without them gets the public path.
+def _shut_write(transport: Any) -> None:
+    """Send EOF on ``transport``: the write half only when it can half-close (TCP), else all of it."""
+    # Whether it is a connected TCP transport of the reactor with nothing buffered to write, no producer and
+    # no close under way: what FileDescriptor.doWrite would find on its next turn before shutting it, so
+    # that can be done now. These are FileDescriptor's private attributes: a Twisted without them gets the
+    # public path.
     try:
-        return bool(
+        drained = (
             isinstance(transport, tcp.Connection)
             and transport.connected
             and not transport.disconnecting
@@ -62,12 +63,8 @@ def _drained(transport: Any) -> bool:
             and transport.offset == len(transport.dataBuffer)
         )
     except AttributeError:
-        return False
-
-
-def _shut_write(transport: Any) -> None:
-    """Send EOF on ``transport``: the write half only when it can half-close (TCP), else all of it."""
-    if _drained(transport):
+        drained = False
+    if drained:
         # As doWrite half-closes once the buffer is empty, without the round through it (an epoll_ctl
         # each way and an empty send).
         transport._writeDisconnecting = True
@@ -91,20 +88,27 @@ def _lose(transport: Any, *, ended: bool = False) -> None:
     its own immediate path, the one it takes after a half-close: shutdown, close, connectionLost).
     ``ended``: both directions have seen EOF, so the ``shutdown(SHUT_RDWR)`` before ``close`` can add
     nothing (``close`` sends the FIN still owed; after our own half-close it would fail ENOTCONN)."""
-    if _drained(transport):
-        transport._writeDisconnected = True
     if isinstance(transport, tcp.Connection):
+        # What _shut_write and FileDescriptor.loseConnection look at, read once (private attributes: a Twisted
+        # without them gets the public path).
+        try:
+            if not transport.connected or transport.disconnecting or transport.TLS:
+                immediate = False
+            elif transport._writeDisconnected:
+                immediate = True
+            else:
+                immediate = (
+                    not transport._writeDisconnecting
+                    and transport.producer is None
+                    and not transport._tempDataLen
+                    and transport.offset == len(transport.dataBuffer)
+                )
+                if immediate:
+                    transport._writeDisconnected = True
+        except AttributeError:
+            immediate = False
         if ended:
             transport._shouldShutdown = False
-        try:
-            immediate = (
-                transport._writeDisconnected
-                and transport.connected
-                and not transport.disconnecting
-                and not transport.TLS
-            )
-        except AttributeError:  # private attributes: a Twisted without them gets the public path
-            immediate = False
         if immediate:
             # FileDescriptor.loseConnection's own path for a write side already shut, with the shared reason.
             transport.stopReading()
@@ -163,6 +167,26 @@ class Splice:
     The session protocol on the client side forwards its events here: :meth:`client_data`,
     :meth:`client_eof`, :meth:`client_lost`. ``on_done`` is called once, when both connections are gone.
     """
+
+    # One per proxied connection: no instance dictionary to allocate and fill.
+    __slots__ = (
+        "_backend_eof",
+        "_backend_gone",
+        "_backend_has_producer",
+        "_client_eof",
+        "_client_gone",
+        "_client_has_producer",
+        "_clock",
+        "_idle_call",
+        "_idle_timeout",
+        "_last_activity",
+        "_on_done",
+        "backend",
+        "backend_transport",
+        "client",
+        "close_reason",
+        "counters",
+    )
 
     def __init__(
         self,
@@ -237,7 +261,9 @@ class Splice:
         if self._backend_eof:
             self.close("both sides ended", ended=True)
             return
-        self._unregister(self.backend_transport)
+        if self._backend_has_producer:
+            self._backend_has_producer = False
+            self.backend_transport.unregisterProducer()
         _shut_write(self.backend_transport)
 
     def client_lost(self) -> None:
@@ -281,13 +307,14 @@ class Splice:
     def close(self, reason: str, *, ended: bool = False) -> None:
         """Close both connections after their pending bytes are written (``ended``: both sides sent EOF)."""
         self.close_reason = self.close_reason or reason
-        for transport, gone in (
-            (self.client, self._client_gone),
-            (self.backend_transport, self._backend_gone),
-        ):
-            if not gone:
-                self._unregister(transport)
-                _lose(transport, ended=ended)
+        # Each side is looked at when its turn comes: closing the client may close the backend too
+        # (client_lost), and that must not be done twice.
+        if not self._client_gone:
+            self._unregister(self.client)
+            _lose(self.client, ended=ended)
+        if not self._backend_gone:
+            self._unregister(self.backend_transport)
+            _lose(self.backend_transport, ended=ended)
 
     def abort(self, reason: str) -> None:
         """Drop both connections now, pending bytes and all (timeouts, shutdown)."""

@@ -83,6 +83,8 @@ from dcrouter.proxy.terminate import ALPN, BackendTls, ServerCreatorSource, term
 
 log = logger(__name__)
 
+#: What unpeeked_route keeps for a port not worked out yet (None is an answer: no route).
+_UNKNOWN = object()
 _NO_PEEK = Sniffed(Kind.OTHER, None, None, "not peeked: no route on this port selects by name")
 #: The first byte of a PROXY v1 (``P``) and of a v2 (``\r``) header.
 _HEADER_STARTS = frozenset((proxyprotocol.V1_PREFIX[0], proxyprotocol.V2_SIGNATURE[0]))
@@ -160,7 +162,7 @@ def canonical_ip(host: str) -> str:
     return str(ip)
 
 
-def _host(address: IAddress) -> str:
+def _host(address: IAddress | None) -> str:
     if isinstance(address, IPv4Address):
         return address.host  # the kernel's dotted quad: already the one spelling (no parse per connection)
     return canonical_ip(address.host) if isinstance(address, IPv6Address) else ""
@@ -227,7 +229,8 @@ class ProxyContext:
 
     def _set_limits(self) -> None:
         rate_per_ip = self.settings.connection_rate_per_ip
-        self._ip_rate = (
+        #: The ``connectionRatePerIP`` limit, or None.
+        self.ip_rate = (
             None
             if rate_per_ip is None
             else Limit(
@@ -257,11 +260,22 @@ class ProxyContext:
         #: built on a route's first connection, kept until the next reload.
         self._target_lists: dict[tuple[str, int], tuple[ProxyRoute, list[Target], list[int], bool]] = {}
         #: port -> (whether it peeks, whether some route there has client IP rules); None: no route there.
-        self._port_plans: dict[int, tuple[bool, bool] | None] = {}
+        self.port_plans: dict[int, tuple[bool, bool] | None] = {}
+        #: port -> its route for connections not read before routing, where that cannot depend on the client.
+        self._unpeeked: dict[int, ProxyRoute | None] = {}
+        #: Whether some route balances by ``leastConnections``: only then are spliced backend connections
+        #: counted per target (``connections``).
+        self.counts_connections = any(r.target.balancing == "leastConnections" for r in self.table.routes)
         #: maxConnectionLifetime in seconds -> the connections that end then (one timer for all of them).
         self._lifetimes: dict[float, Deadlines[ProxySession]] = getattr(self, "_lifetimes", {})
         #: sniTimeout in seconds -> the connections waiting that long (see sni_deadline).
         self._sni_deadlines: dict[float, Deadlines[ProxySession]] = getattr(self, "_sni_deadlines", {})
+        seconds = self.settings.max_connection_lifetime
+        if seconds is not None and seconds not in self._lifetimes:
+            self._lifetimes[seconds] = Deadlines(self.reactor, seconds, _lifetime_over)
+        #: Where connections accepted from now on count against maxConnectionLifetime (None: no limit):
+        #: each is aborted when it is over (one timer for all of them).
+        self.lifetime: Deadlines[ProxySession] | None = None if seconds is None else self._lifetimes[seconds]
 
     def gate_for(self, route: ProxyRoute) -> RequestGate | None:
         """What the route's requests must pass (rate, credentials), or None when nothing."""
@@ -391,13 +405,26 @@ class ProxyContext:
         """``(peeks(port), whether some route on port has client IP rules)``, worked out once per port
         until the next reload; None when no route listens on ``port``."""
         try:
-            return self._port_plans[port]
+            return self.port_plans[port]
         except KeyError:
             routes = self.routes_on(port)
             rules = any(r.client_ips or r.allow is not None or r.block is not None for r in routes)
             plan = (self.peeks(port), rules) if routes else None
-            self._port_plans[port] = plan
+            self.port_plans[port] = plan
             return plan
+
+    def unpeeked_route(self, port: int, client_ip: str) -> ProxyRoute | None:
+        """``table.match(port, None, client_ip)``: the route of a connection routed without reading from it.
+        Where no route on ``port`` has client IP rules the answer cannot depend on the client, so it is
+        worked out once per port until the next reload."""
+        route = self._unpeeked.get(port, _UNKNOWN)
+        if route is not _UNKNOWN:
+            return route  # type: ignore[return-value]
+        route = self.table.match(port, None, client_ip)
+        plan = self.port_plan(port)
+        if plan is not None and not plan[1]:
+            self._unpeeked[port] = route
+        return route
 
     def sni_deadline(self, session: ProxySession) -> Deadlines[ProxySession]:
         """Wait ``sniTimeout`` from now for ``session`` (one timer for all connections waiting as long);
@@ -409,18 +436,6 @@ class ProxyContext:
         deadlines.add(session)
         return deadlines
 
-    def track_lifetime(self, session: ProxySession) -> Deadlines[ProxySession] | None:
-        """Count ``session`` against ``maxConnectionLifetime`` from now (aborted when it is over); returns
-        what to :meth:`~Deadlines.discard` it from, or None when no lifetime is configured."""
-        seconds = self.settings.max_connection_lifetime
-        if seconds is None:
-            return None
-        deadlines = self._lifetimes.get(seconds)
-        if deadlines is None:
-            deadlines = self._lifetimes[seconds] = Deadlines(self.reactor, seconds, _lifetime_over)
-        deadlines.add(session)
-        return deadlines
-
     def any_permits(self, port: int, client_ip: str) -> bool:
         """Whether some route on ``port`` could serve ``client_ip``: if none could, the client is refused
         before anything is read from it."""
@@ -429,20 +444,11 @@ class ProxyContext:
             for r in self.routes_on(port)
         )
 
-    def take_ip(self, client_ip: str) -> bool:
-        """Count one more connection from ``client_ip``; False (nothing counted) at the cap."""
-        cap = self.settings.max_connections_per_ip
-        count = self.per_ip.get(client_ip, 0)
-        if cap is not None and count >= cap:
-            return False
-        self.per_ip[client_ip] = count + 1
-        return True
-
     def within_ip_rate(self, client_ip: str) -> bool:
         """Count a new connection from ``client_ip`` against ``connectionRatePerIP``; False when over it."""
-        if self._ip_rate is None:
+        if self.ip_rate is None:
             return True
-        return self.limiter.check([Charge(self._ip_rate, client_ip)]) is ALLOWED
+        return self.limiter.check([Charge(self.ip_rate, client_ip)]) is ALLOWED
 
     def within_route_rate(self, route: ProxyRoute) -> bool:
         """Count a new connection to ``route`` against its ``connectionRate``; False when over it."""
@@ -569,7 +575,7 @@ class ProxySession(Protocol):
     # The starting values of what most connections never change, as class attributes: fewer stores per
     # accepted connection (an assignment on the instance shadows them).
     client_ip = ""
-    client_address: IAddress | None = None
+    _client_address: IAddress | None = None
     route: ProxyRoute | None = None
     sniffed: Sniffed | None = None
     splice: Splice | None = None
@@ -583,7 +589,7 @@ class ProxySession(Protocol):
     _client_eof = False
     #: Where this connection waits for ``sniTimeout`` (a PROXY header, a peek, a client's first bytes).
     _deadline: Deadlines[ProxySession] | None = None
-    #: Where this connection counts against maxConnectionLifetime (see ProxyContext.track_lifetime).
+    #: Where this connection counts against maxConnectionLifetime (see ProxyContext.lifetime).
     _lifetime: Deadlines[ProxySession] | None = None
     _linger: IDelayedCall | None = None
     _connecting: Deferred[Any] | _BackendAttempt | None = None
@@ -598,6 +604,18 @@ class ProxySession(Protocol):
         self.port = port
         self._state = _State.HEADER
         self._buffer: list[bytes] = []
+
+    @property
+    def client_address(self) -> IAddress | None:
+        """The client's address (from a trusted PROXY header, else the socket's peer, looked up when first
+        needed: a spliced connection without PROXY headers never needs it)."""
+        if self._client_address is None and self.transport is not None:
+            self._client_address = self.transport.getPeer()
+        return self._client_address
+
+    @client_address.setter
+    def client_address(self, address: IAddress | None) -> None:
+        self._client_address = address
 
     @property
     def local_address(self) -> IAddress | None:
@@ -621,14 +639,20 @@ class ProxySession(Protocol):
             set_no_delay(transport)
             if settings.keep_alive and hasattr(transport, "setTcpKeepAlive"):
                 transport.setTcpKeepAlive(True)
-        self.client_address = address = transport.getPeer()
-        self.client_ip = client_ip = _host(address)
+        # A TCP server transport's ``client`` is what accept() returned: (host, port) for IPv4, the host
+        # already the one spelling. Anything else goes by getPeer().
+        client: Any = getattr(transport, "client", None)
+        ipv4 = type(client) is tuple and len(client) == 2
+        self.client_ip = client_ip = client[0] if ipv4 else _host(self.client_address)
         context.sessions.add(self)  # also what the metrics' open-connections gauge counts
         self._opened_at = context.reactor.seconds()
         events = context.events
         if events.wants("connection.connect", "proxy"):  # no event built when nothing listens for it
             events.emit("connection.connect", protocol="proxy", port=self.port, peer=client_ip)
-        self._lifetime = context.track_lifetime(self)
+        lifetime = context.lifetime
+        if lifetime is not None:
+            lifetime.add(self)
+            self._lifetime = lifetime
         trusted = settings.trusted_proxies
         if trusted is not None and client_ip in trusted:
             self._header = proxyprotocol.IncomingHeader()
@@ -640,14 +664,20 @@ class ProxySession(Protocol):
         """Client IP rules, before anything is read: the per-IP cap, then whether any route on the port
         serves this client at all."""
         context = self.context
-        if not context.take_ip(self.client_ip):
+        client_ip = self.client_ip
+        per_ip = context.per_ip
+        count = per_ip.get(client_ip, 0)
+        cap = context.settings.max_connections_per_ip
+        if cap is not None and count >= cap:
             self._refuse(None, "maxConnectionsPerIP reached")
             return
+        per_ip[client_ip] = count + 1  # given back by release_ip when the connection is lost
         self._holds_ip = True
-        if not context.within_ip_rate(self.client_ip):
+        if context.ip_rate is not None and not context.within_ip_rate(client_ip):
             self._refuse(None, "connectionRatePerIP reached")
             return
-        plan = context.port_plan(self.port)
+        plans = context.port_plans
+        plan = plans[self.port] if self.port in plans else context.port_plan(self.port)
         # Without IP rules on the port, every client is served by some route there: nothing to look at.
         if plan is None or (plan[1] and not context.any_permits(self.port, self.client_ip)):
             self._refuse(None, "no route on this port serves this client (IP rules)")
@@ -665,7 +695,13 @@ class ProxySession(Protocol):
         state = self._state
         if state == _State.SPLICED:
             assert self.splice is not None
-            if self._opening is None:
+            opening = self._opening
+            if opening is None:
+                self.splice.client_data(data)
+            elif not opening and data and data[0] not in _HEADER_STARTS:
+                # The first bytes, and neither PROXY header can start so: forwarded (_opening_data's
+                # first test, without the call).
+                self._opening = None
                 self.splice.client_data(data)
             else:
                 self._opening_data(data)
@@ -708,7 +744,11 @@ class ProxySession(Protocol):
         """The client sent EOF: passed on once spliced; before that, peeking stops with what arrived."""
         self._client_eof = True
         if self._state == _State.SPLICED:
-            self._spliced_eof()
+            assert self.splice is not None
+            if self._opening:  # the start of a PROXY header, and no more: refused as the peek would
+                self._refuse_spliced(_CLIENT_HEADER)
+            else:
+                self.splice.client_eof()
         elif self._state == _State.TERMINATED:
             assert self._receiver is not None
             self._receiver_eof()
@@ -753,20 +793,24 @@ class ProxySession(Protocol):
         # looks at.
         self.transport.pauseProducing()
         self._state = _State.CONNECTING
-        route = self.context.table.match(
-            self.port,
-            sniffed.server_name,
-            self.client_ip,
-            # TLS: a terminating route's request conditions are looked at once the request is read inside.
-            request=DEFERRED
-            if sniffed.kind is Kind.TLS
-            else self._peeked_request(sniffed)
-            if sniffed.kind is Kind.HTTP
-            else None,
-            tls_versions=offered_versions(sniffed.hello.supported_versions, sniffed.hello.legacy_version)
-            if sniffed.hello is not None
-            else None,
-        )
+        if sniffed is _NO_PEEK:
+            route = self.context.unpeeked_route(self.port, self.client_ip)
+        else:
+            route = self.context.table.match(
+                self.port,
+                sniffed.server_name,
+                self.client_ip,
+                # TLS: a terminating route's request conditions are looked at once the request is read
+                # inside.
+                request=DEFERRED
+                if sniffed.kind is Kind.TLS
+                else self._peeked_request(sniffed)
+                if sniffed.kind is Kind.HTTP
+                else None,
+                tls_versions=offered_versions(sniffed.hello.supported_versions, sniffed.hello.legacy_version)
+                if sniffed.hello is not None
+                else None,
+            )
         if route is None:
             self._refuse(None, f"no route for {sniffed.server_name or 'a connection without a name'}")
             return
@@ -1249,8 +1293,11 @@ class ProxySession(Protocol):
             idle_timeout=idle,
             on_done=self._release_route,
         )
-        pending = b"".join(self._buffer)
-        self._buffer = []
+        if self._buffer:
+            pending = b"".join(self._buffer)
+            self._buffer = []
+        else:
+            pending = b""
         self._state = _State.SPLICED
         if self._opening is None:
             self.splice.start(header + pending)
@@ -1432,26 +1479,31 @@ def _sni_deadline_over(session: ProxySession) -> None:
 
 
 class _SplicedBackend(BackendProtocol):
-    """A backend connection made by a :class:`_BackendAttempt`: counted open for ``leastConnections`` from
-    when it is made until it is lost, and handed to the session once made."""
+    """A backend connection made by a :class:`_BackendAttempt`: counted open for ``leastConnections`` (when
+    some route balances so) from when it is made until it is lost, and handed to the session once made."""
 
     factory: _BackendAttempt
+
+    counted = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
         attempt = self.factory
-        connections = attempt.connections
-        connections[attempt.target] = connections.get(attempt.target, 0) + 1
+        if attempt.session.context.counts_connections:
+            self.counted = True
+            connections = attempt.connections
+            connections[attempt.target] = connections.get(attempt.target, 0) + 1
         attempt.made(self)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        connections = self.factory.connections
-        target = self.factory.target
-        left = connections.get(target, 1) - 1
-        if left > 0:
-            connections[target] = left
-        else:
-            connections.pop(target, None)
+        if self.counted:
+            connections = self.factory.connections
+            target = self.factory.target
+            left = connections.get(target, 1) - 1
+            if left > 0:
+                connections[target] = left
+            else:
+                connections.pop(target, None)
         super().connectionLost(reason)
 
 

@@ -296,10 +296,11 @@ def start_haproxy(
     return Target("haproxy", "HAProxy", plain, tls, process)
 
 
-def start_forwarder(workdir: str, backend_plain: int, backend_tls: int) -> Target:
-    """bench/proxy_forwarder.py: the minimal Twisted forwarder, plain port to plain, TLS port to TLS."""
+def start_forwarder(workdir: str, backend_plain: int, backend_tls: int, processes: int = 1) -> Target:
+    """bench/proxy_forwarder.py: the minimal Twisted forwarder, plain port to plain, TLS port to TLS, in
+    ``processes`` processes sharing the ports."""
     plain, tls = free_port(), free_port()
-    argv = [sys.executable, "-m", "bench.proxy_forwarder", "--host", HOST]
+    argv = [sys.executable, "-m", "bench.proxy_forwarder", "--host", HOST, "--processes", str(processes)]
     argv += ["--forward", f"{plain}:{backend_plain}", "--forward", f"{tls}:{backend_tls}"]
     pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
     process = Process("forwarder", workdir)
@@ -922,6 +923,12 @@ def main(argv: list[str] | None = None) -> int:
         help="dcrouter's workers (sharing the ports; compare with --haproxy-nbthread N); default 1.",
     )
     parser.add_argument(
+        "--forwarder-processes",
+        type=int,
+        default=1,
+        help="The forwarder's processes (sharing the ports, as dcrouter's workers); default 1.",
+    )
+    parser.add_argument(
         "--dcrouter-profile",
         metavar="FILE",
         help="Run dcrouter under cProfile (twistd --profiler=cprofile --savestats) into FILE.",
@@ -967,6 +974,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{'option splice-auto' if args.haproxy_splice else 'no splicing (default)'}, no logging"
     )
     print(f"dcrouter    workers = {args.dcrouter_workers} (CPU summed over the supervisor and its workers)")
+    print(f"forwarder   processes = {args.forwarder_processes} (CPU summed likewise)")
     print(load_line())
     print(f"workdir     {workdir}", flush=True)
 
@@ -1004,7 +1012,9 @@ def main(argv: list[str] | None = None) -> int:
                         )
                     )
                 elif name == "forwarder":
-                    targets.append(start_forwarder(workdir, backend_plain, backend_tls))
+                    targets.append(
+                        start_forwarder(workdir, backend_plain, backend_tls, args.forwarder_processes)
+                    )
                 elif name == "dcrouter":
                     root = os.path.abspath(args.dcrouter_root) if args.dcrouter_root else ""
                     targets.append(

@@ -12,6 +12,11 @@ all of the proxy's work for them (reactor loop, Python, the C library and the ke
 the kernel itself), whatever else the machine is doing. Sequential connections make the same loop
 iterations every run, so repeated runs agree to well under 1%.
 
+Routes: ``plain`` (TCP, no peek), ``tls`` (TLS passthrough routed by the ClientHello's SNI: dcrouter reads
+and parses the ClientHello, the forwarder does not) and ``tls-any`` (TLS passthrough on a port whose one
+route takes any name: neither proxy reads the ClientHello, so both do the same job). ``tls`` less
+``tls-any`` is what routing by SNI costs.
+
 ``--dcrouter-root`` runs dcrouter's code from another checkout (a ``git archive`` of the commit to compare
 with), with this checkout's bench.
 """
@@ -47,8 +52,17 @@ def valgrind(out: str) -> list[str]:
     return ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
 
 
-def start(name: str, workdir: str, backend: tuple[int, int], root: str) -> tuple[Process, int, int]:
-    plain, tls = free_port(), free_port()
+#: A third port for ``tls-any``: TLS passed through without looking at the name.
+ANY_NAME_ROUTE = """
+[[smartProxyConfig.routes]]
+name = "tls-any"
+match = {{ ports = {port} }}
+action = {{ type = "forward", target = {{ host = "{host}", port = {backend_tls} }} }}
+"""
+
+
+def start(name: str, workdir: str, backend: tuple[int, int], root: str) -> tuple[Process, dict[str, int]]:
+    plain, tls, any_tls = free_port(), free_port(), free_port()
     out = os.path.join(workdir, f"callgrind.{name}.out")
     pythonpath = os.pathsep.join(p for p in (root, REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
     if name == "dcrouter":
@@ -63,24 +77,26 @@ def start(name: str, workdir: str, backend: tuple[int, int], root: str) -> tuple
                     backend_tls=backend[1],
                     sni=SNI_NAME,
                 )
+                + ANY_NAME_ROUTE.format(port=any_tls, host=HOST, backend_tls=backend[1])
             )
         argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "dcrouter", "--config", config]
     else:
         argv = [sys.executable, "-m", "bench.proxy_forwarder", "--host", HOST]
         argv += ["--forward", f"{plain}:{backend[0]}", "--forward", f"{tls}:{backend[1]}"]
+        argv += ["--forward", f"{any_tls}:{backend[1]}"]
     process = Process(name, workdir)
     process.spawn(valgrind(out) + argv, env=dict(os.environ, PYTHONPATH=pythonpath))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:  # valgrind starts slowly: wait_listening's 30 s are too short
         try:
-            for port in (plain, tls):
+            for port in (plain, tls, any_tls):
                 socket.create_connection((HOST, port), timeout=1).close()
             break
         except OSError:
             if not process.alive():
                 raise RuntimeError(f"{name} exited:\n{process.log_tail()}") from None
             time.sleep(0.5)
-    return process, plain, tls
+    return process, {"plain": plain, "tls": tls, "tls-any": any_tls}
 
 
 def control(pid: int, *args: str) -> None:
@@ -99,13 +115,13 @@ def total_ir(path: str) -> int:
 
 def measure(name: str, route: str, workdir: str, backend: tuple[int, int], args: argparse.Namespace) -> float:
     root = args.dcrouter_root if name == "dcrouter" else ""
-    process, plain, tls_port = start(name, workdir, backend, os.path.abspath(root) if root else "")
+    process, ports = start(name, workdir, backend, os.path.abspath(root) if root else "")
     try:
         tls = None
-        if route == "tls":
+        if route != "plain":
             tls = ssl.create_default_context(cafile=os.path.join(workdir, "cert.pem"))
             tls.minimum_version = ssl.TLSVersion.TLSv1_3
-        port = tls_port if tls else plain
+        port = ports[route]
         request = b"R %d " % REPLY_SIZE
         request += b"x" * (REQUEST_SIZE - len(request) - 1) + b"\n"
         for _ in range(args.warm_up):
@@ -136,7 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--proxies", default="forwarder,dcrouter", help="Comma-separated: forwarder, dcrouter."
     )
-    parser.add_argument("--routes", default="plain,tls", help="Comma-separated: plain, tls.")
+    parser.add_argument(
+        "--routes", default="plain,tls,tls-any", help="Comma-separated: plain, tls, tls-any."
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="Runs per proxy and route (all printed).")
     parser.add_argument("--connections", type=int, default=300, help="Counted connections (sequential).")
     parser.add_argument("--warm-up", type=int, default=50, help="Uncounted connections first.")
     parser.add_argument("--dcrouter-root", default="", help="Run dcrouter's code from this checkout.")
@@ -160,8 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for route in args.routes.split(","):
             for name in args.proxies.split(","):
-                per = measure(name, route, workdir, (backend_plain, backend_tls), args)
-                print(f"{name:10} {route:5} {per:12,.0f} instructions per connection", flush=True)
+                backends = (backend_plain, backend_tls)
+                runs = [measure(name, route, workdir, backends, args) for _ in range(args.repeat)]
+                per = sorted(runs)[len(runs) // 2]
+                each = ", ".join(f"{r:,.0f}" for r in runs) if len(runs) > 1 else ""
+                print(
+                    f"{name:10} {route:7} {per:12,.0f} instructions per connection"
+                    + (f" (median of {each})" if each else ""),
+                    flush=True,
+                )
     finally:
         backend.stop()
         if args.keep:

@@ -23,6 +23,7 @@ shows the same table). A subscriber names what it wants with patterns: an exact 
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -207,6 +208,10 @@ class CallableSink:
         self._function(event)
 
 
+#: Generation numbers of every bus (see ``EventBus.generation``).
+_GENERATIONS = itertools.count(1)
+
+
 class EventBus:
     """Delivers events to the sinks subscribed to their type. One per router; see the module docstring.
 
@@ -223,6 +228,9 @@ class EventBus:
         self._wanted: dict[str, bool] = {}
         self._reported: set[tuple[int, str]] = set()
         self.failures = 0
+        #: A new value with every subscribe and unsubscribe, never shared with another bus: what a caller
+        #: caching ``wants`` answers compares.
+        self.generation = next(_GENERATIONS)
 
     def subscribe(
         self, sink: IEventSink, patterns: Iterable[str] = ("*",), *, protocols: Iterable[str] | None = None
@@ -236,12 +244,14 @@ class EventBus:
         )
         self._by_type.clear()
         self._wanted.clear()
+        self.generation = next(_GENERATIONS)
 
     def unsubscribe(self, sink: IEventSink) -> None:
         """Stop delivering to ``sink`` (no error when it was not subscribed)."""
         self._subscriptions = [s for s in self._subscriptions if s[0] is not sink]
         self._by_type.clear()
         self._wanted.clear()
+        self.generation = next(_GENERATIONS)
 
     def _sinks(self, event_type: str, protocol: Any = None) -> tuple[IEventSink, ...]:
         key = event_type if protocol is None else (event_type, protocol)

@@ -679,3 +679,61 @@ class BalancingTests(SessionTestCase):
         before = len(self.attempts())
         self.reactor.advance(10)
         self.assertEqual(len(self.attempts()), before)
+
+
+class CachedDecisionTests(SessionTestCase):
+    """What a session works out once per port, per reload or per subscription (not per connection) must
+    follow the reload or the subscription that changes it."""
+
+    def test_the_route_of_a_port_read_without_peeking_follows_a_reload(self) -> None:
+        self.context(route("r", ports=(25,), hosts=("10.0.0.1",), port=25))
+        self.connect(port=25)
+        self.ctx.replace(RouteTable([route("s", ports=(25,), hosts=("10.0.0.2",), port=25)]), ProxySettings())
+        session, _ = self.connect(port=25)
+        self.assertEqual(self.attempts(), [("10.0.0.1", 25), ("10.0.0.2", 25)])
+        self.assertEqual(session.route.name if session.route else None, "s")
+
+    def test_client_ip_rules_are_applied_to_every_connection(self) -> None:
+        # Two routes on a port that is not peeked, told apart by client IP: not one answer per port.
+        inside = route("inside", ports=(25,), hosts=("10.0.0.1",), port=25, client_ips=["192.0.2.0/24"])
+        outside = route("outside", ports=(25,), hosts=("10.0.0.2",), port=25)
+        self.context(inside, outside)
+        self.connect(ip="192.0.2.1", port=25)
+        self.connect(ip="198.51.100.1", port=25)
+        self.connect(ip="192.0.2.2", port=25)
+        self.assertEqual(self.attempts(), [("10.0.0.1", 25), ("10.0.0.2", 25), ("10.0.0.1", 25)])
+
+    def test_backend_connections_are_counted_once_some_route_balances_by_them(self) -> None:
+        self.context(route("r", hosts=("10.0.0.1", "10.0.0.2"), port=80))  # round robin: not counted
+        self.connect(data=b"a")
+        uncounted, _ = self.accept()
+        self.assertEqual(self.ctx.connections, {})
+        least = route("r", hosts=("10.0.0.1", "10.0.0.2"), port=80)
+        target = dataclasses.replace(least.target, balancing="leastConnections")
+        least = dataclasses.replace(least, target=target)
+        self.ctx.replace(RouteTable([least]), ProxySettings())
+        self.connect(data=b"b")
+        counted, _ = self.accept()
+        self.assertEqual(sum(self.ctx.connections.values()), 1)
+        uncounted.connectionLost(Failure(ConnectionDone()))  # not counted: takes nothing off
+        self.assertEqual(sum(self.ctx.connections.values()), 1)
+        counted.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.ctx.connections, {})
+
+    def test_connection_events_follow_subscriptions(self) -> None:
+        from dcrouter.events import CallableSink, EventBus
+
+        bus = EventBus(self.reactor.seconds)
+        self.context(route("r", ports=(25,), port=25))
+        self.ctx.events = bus
+        seen: list[str] = []
+        self.connect(port=25)  # nothing subscribed: no event
+        sink = CallableSink(lambda event: seen.append(event.type), "test")
+        bus.subscribe(sink, ["connection.*"])
+        session, _ = self.connect(port=25)
+        session.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(seen, ["connection.connect", "connection.disconnect"])
+        bus.unsubscribe(sink)
+        session, _ = self.connect(port=25)
+        session.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(seen), 2)

@@ -236,7 +236,9 @@ class Splice:
         if first:
             self.counters.bytes_in += len(first)
             backend.write(first)
-        early, self.backend.early = self.backend.early, []
+        early = self.backend.early
+        if early:
+            self.backend.early = []
         for data in early:
             self.backend_data(data)
         if self.backend.eof:

@@ -223,6 +223,10 @@ class ProxyContext:
         #: HTTP/2 connections to the targets of ``action.target.protocol = "h2c"`` routes, shared likewise.
         self.h2c_pool = H2cPool(self.reactor)
         self.generation = 0
+        #: Whether connection.connect / connection.disconnect events of the proxy reach some sink, as of
+        #: the event bus's ``events_generation`` (looked at per connection without a call).
+        self.wants_connect = self.wants_disconnect = False
+        self.events_generation = -1
         self._set_limits()
         #: The routes' active health checks (``action.healthCheck``), started with the proxy service.
         self.monitor = HealthMonitor(self)
@@ -276,6 +280,12 @@ class ProxyContext:
         #: Where connections accepted from now on count against maxConnectionLifetime (None: no limit):
         #: each is aborted when it is over (one timer for all of them).
         self.lifetime: Deadlines[ProxySession] | None = None if seconds is None else self._lifetimes[seconds]
+
+    def see_events(self) -> None:
+        """Whether connection events are wanted, asked again (the bus's subscriptions changed)."""
+        self.wants_connect = self.events.wants("connection.connect", "proxy")
+        self.wants_disconnect = self.events.wants("connection.disconnect", "proxy")
+        self.events_generation = self.events.generation
 
     def gate_for(self, route: ProxyRoute) -> RequestGate | None:
         """What the route's requests must pass (rate, credentials), or None when nothing."""
@@ -646,9 +656,10 @@ class ProxySession(Protocol):
         self.client_ip = client_ip = client[0] if ipv4 else _host(self.client_address)
         context.sessions.add(self)  # also what the metrics' open-connections gauge counts
         self._opened_at = context.reactor.seconds()
-        events = context.events
-        if events.wants("connection.connect", "proxy"):  # no event built when nothing listens for it
-            events.emit("connection.connect", protocol="proxy", port=self.port, peer=client_ip)
+        if context.events_generation != context.events.generation:
+            context.see_events()
+        if context.wants_connect:  # no event built when nothing listens for it
+            context.events.emit("connection.connect", protocol="proxy", port=self.port, peer=client_ip)
         lifetime = context.lifetime
         if lifetime is not None:
             lifetime.add(self)
@@ -1436,9 +1447,10 @@ class ProxySession(Protocol):
         self._state = _State.CLOSED
         context = self.context
         context.sessions.discard(self)
-        events = context.events
-        if events.wants("connection.disconnect", "proxy"):
-            events.emit(
+        if context.events_generation != context.events.generation:
+            context.see_events()
+        if context.wants_disconnect:
+            context.events.emit(
                 "connection.disconnect",
                 protocol="proxy",
                 port=self.port,

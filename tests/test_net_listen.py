@@ -12,7 +12,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IReadDescriptor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from dcrouter.net import listen
@@ -152,3 +152,47 @@ class ListenPausedTests(SynchronousTestCase):
         )
         self.assertEqual(cancelled, [later])
         self.assertEqual(len(bound), 1)
+
+
+class SharedPortTests(TestCase):
+    """A port adopted from the supervisor (workers) accepts one connection per wake-up, so that the workers
+    sharing it each take their part of a burst."""
+
+    def test_an_adopted_port_accepts_one_connection_per_wakeup(self) -> Deferred[None]:
+        import socket
+
+        from twisted.internet import reactor
+        from twisted.internet.protocol import Factory, Protocol
+
+        from dcrouter.net import listen
+
+        server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(server.close)
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        server.setblocking(False)  # as the supervisor opens them (adoptStreamPort requires it)
+        port = server.getsockname()[1]
+        listen.inherit({("127.0.0.1", port): server.fileno()})
+        self.addCleanup(listen.inherit, {})
+        built: list[Protocol] = []
+
+        class Recorder(Factory):
+            def buildProtocol(self, addr: object) -> Protocol:
+                protocol = Protocol()
+                built.append(protocol)
+                return protocol
+
+        (listening,) = listen.listen_paused(reactor, [(port, Recorder())], interface="127.0.0.1", what="SMTP")
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]  # all three queued
+        try:
+            counts = []
+            for _ in range(3):
+                listening.doRead()  # type: ignore[attr-defined]  # what the reactor calls when readable
+                counts.append(len(built))
+            self.assertEqual(counts, [1, 2, 3])
+        finally:
+            for protocol in built:
+                protocol.transport.abortConnection()  # type: ignore[union-attr]
+            for client in clients:
+                client.close()
+        return listening.stopListening()  # type: ignore[return-value]

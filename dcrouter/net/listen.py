@@ -19,6 +19,11 @@ What a caller may rely on:
   ``adoptStreamPort`` instead (docs/decisions.md, "Workers"). A worker never binds an SMTP or proxy port of
   its own (a reload that adds one): the others could not bind it too, so it is refused with ListenError
   ("restart to add it"), in every worker alike.
+- An adopted (shared) port accepts one connection each time the reactor finds it readable, not Twisted's
+  burst of up to 100 and more: every worker is woken for a new connection on the socket they share, and the
+  one that gets to ``accept`` first takes it, so the worker that is less busy takes more. With a burst per
+  wake-up, whichever worker woke first took every connection waiting — 20 SMTP senders connecting at once
+  could all land on one worker, with the other's core idle for their whole sessions.
 - Not accepting is not reading: only a real reactor's port is a read descriptor; an in-memory reactor's
   (unit tests) accepts nothing anyway, so pausing and resuming it do nothing.
 """
@@ -99,6 +104,7 @@ def listen_paused(
             family = socket.AF_INET6 if ":" in interface else socket.AF_INET
             # The reactor dups the descriptor; the inherited one stays open for the process's life.
             listening = reactor.adoptStreamPort(fd, family, factory)  # type: ignore[attr-defined]
+            _one_accept_per_wakeup(listening)
             pause(listening)
             bound.append(listening)
             continue
@@ -147,6 +153,21 @@ def _listen_now(reactor: IReactorTCP, description: str, factory: IProtocolFactor
     if isinstance(result, Failure):
         result.raiseException()
     return result
+
+
+def _one_accept_per_wakeup(listening: IListeningPort) -> None:
+    """Make a reactor TCP port accept at most one connection per ``doRead`` (see the module docstring).
+    Twisted's ``tcp.Port`` reads its per-wake-up count from ``numberAccepts`` and adapts it after every
+    wake-up; it is set back to 1 before each. A port without that attribute is left as it is."""
+    if not hasattr(listening, "numberAccepts"):
+        return
+    do_read = listening.doRead  # type: ignore[attr-defined]
+
+    def doRead() -> object:
+        listening.numberAccepts = 1  # type: ignore[attr-defined]
+        return do_read()
+
+    listening.doRead = doRead  # type: ignore[attr-defined]
 
 
 def pause(listening: IListeningPort) -> None:

@@ -155,10 +155,16 @@ class ListenPausedTests(SynchronousTestCase):
 
 
 class SharedPortTests(TestCase):
-    """A port adopted from the supervisor (workers) accepts one connection per wake-up, so that the workers
-    sharing it each take their part of a burst."""
+    """With ``spread`` (SMTP), a port adopted from the supervisor (workers) accepts one connection per
+    wake-up, so that the workers sharing it each take their part of a burst; without, Twisted's burst."""
 
     def test_an_adopted_port_accepts_one_connection_per_wakeup(self) -> Deferred[None]:
+        return self.accepts(spread=True)
+
+    def test_without_spread_it_accepts_what_is_waiting(self) -> Deferred[None]:
+        return self.accepts(spread=False)
+
+    def accepts(self, *, spread: bool) -> Deferred[None]:
         import socket
 
         from twisted.internet import reactor
@@ -182,14 +188,16 @@ class SharedPortTests(TestCase):
                 built.append(protocol)
                 return protocol
 
-        (listening,) = listen.listen_paused(reactor, [(port, Recorder())], interface="127.0.0.1", what="SMTP")
+        (listening,) = listen.listen_paused(
+            reactor, [(port, Recorder())], interface="127.0.0.1", what="SMTP", spread=spread
+        )
         clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]  # all three queued
         try:
             counts = []
             for _ in range(3):
                 listening.doRead()  # type: ignore[attr-defined]  # what the reactor calls when readable
                 counts.append(len(built))
-            self.assertEqual(counts, [1, 2, 3])
+            self.assertEqual(counts, [1, 2, 3] if spread else [3, 3, 3])
         finally:
             for protocol in built:
                 protocol.transport.abortConnection()  # type: ignore[union-attr]

@@ -19,11 +19,13 @@ What a caller may rely on:
   ``adoptStreamPort`` instead (docs/decisions.md, "Workers"). A worker never binds an SMTP or proxy port of
   its own (a reload that adds one): the others could not bind it too, so it is refused with ListenError
   ("restart to add it"), in every worker alike.
-- An adopted (shared) port accepts one connection each time the reactor finds it readable, not Twisted's
-  burst of up to 100 and more: every worker is woken for a new connection on the socket they share, and the
-  one that gets to ``accept`` first takes it, so the worker that is less busy takes more. With a burst per
-  wake-up, whichever worker woke first took every connection waiting — 20 SMTP senders connecting at once
-  could all land on one worker, with the other's core idle for their whole sessions.
+- ``spread=True`` (SMTP): an adopted (shared) port accepts one connection each time the reactor finds it
+  readable, not Twisted's burst of up to 100 and more: every worker is woken for a new connection on the
+  socket they share, and the one that gets to ``accept`` first takes it, so the worker that is less busy
+  takes more. With a burst per wake-up, whichever worker woke first took every connection waiting — 20 SMTP
+  senders connecting at once could land mostly on one worker, for their whole sessions. The proxy keeps the
+  burst: its connections are mostly short (a burst taken by one worker is over soon), and one wake-up per
+  connection cost it a quarter more CPU per connection (bench/proxy, 50 clients, two workers).
 - Not accepting is not reading: only a real reactor's port is a read descriptor; an in-memory reactor's
   (unit tests) accepts nothing anyway, so pausing and resuming it do nothing.
 """
@@ -90,9 +92,11 @@ def listen_paused(
     interface: str,
     what: str,
     backlog: int = LISTEN_BACKLOG,
+    spread: bool = False,
 ) -> list[IListeningPort]:
     """Bind each ``(port, factory)`` on ``interface``, paused; see the module docstring. ``what`` names the
-    listener in the error (``SMTP``, ``the proxy``)."""
+    listener in the error (``SMTP``, ``the proxy``); ``spread``: a port adopted from the supervisor accepts
+    one connection per wake-up."""
     bound: list[IListeningPort] = []
     for port, factory in factories:
         fd = _inherited.get((interface, port))
@@ -104,7 +108,8 @@ def listen_paused(
             family = socket.AF_INET6 if ":" in interface else socket.AF_INET
             # The reactor dups the descriptor; the inherited one stays open for the process's life.
             listening = reactor.adoptStreamPort(fd, family, factory)  # type: ignore[attr-defined]
-            _one_accept_per_wakeup(listening)
+            if spread:
+                _one_accept_per_wakeup(listening)
             pause(listening)
             bound.append(listening)
             continue

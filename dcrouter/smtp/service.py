@@ -261,6 +261,7 @@ class SmtpService(Service):
             [(factory.port, self._serving(config, factory, tls_options)) for factory in factories],
             interface=config.bind_address,
             what="SMTP",
+            spread=True,  # long sessions: spread over the workers as they connect
         )
 
     def _add_listeners(

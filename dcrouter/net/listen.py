@@ -23,7 +23,8 @@ What a caller may rely on:
   readable, not Twisted's burst of up to 100 and more: every worker is woken for a new connection on the
   socket they share, and the one that gets to ``accept`` first takes it, so the worker that is less busy
   takes more. With a burst per wake-up, whichever worker woke first took every connection waiting — 20 SMTP
-  senders connecting at once could land mostly on one worker, for their whole sessions. The proxy keeps the
+  senders connecting at once could land mostly on one worker, for their whole sessions (less likely now, not
+  impossible: docs/decisions.md, "Workers"). The proxy keeps the
   burst: its connections are mostly short (a burst taken by one worker is over soon), and one wake-up per
   connection cost it a quarter more CPU per connection (bench/proxy, 50 clients, two workers).
 - Not accepting is not reading: only a real reactor's port is a read descriptor; an in-memory reactor's

@@ -26,7 +26,7 @@ What a caller may rely on:
   senders connecting at once could land mostly on one worker, for their whole sessions (less likely now, not
   impossible: docs/decisions.md, "Workers"). The proxy keeps the
   burst: its connections are mostly short (a burst taken by one worker is over soon), and one wake-up per
-  connection cost it a quarter more CPU per connection (bench/proxy, 50 clients, two workers).
+  connection cost it a third more CPU per connection (bench/proxy, 50 clients, two workers).
 - Not accepting is not reading: only a real reactor's port is a read descriptor; an in-memory reactor's
   (unit tests) accepts nothing anyway, so pausing and resuming it do nothing.
 """

@@ -223,8 +223,8 @@ class ProxyContext:
         #: HTTP/2 connections to the targets of ``action.target.protocol = "h2c"`` routes, shared likewise.
         self.h2c_pool = H2cPool(self.reactor)
         self.generation = 0
-        #: Whether connection.connect / connection.disconnect events of the proxy reach some sink, as of
-        #: the event bus's ``events_generation`` (looked at per connection without a call).
+        #: Whether connection.connect / connection.disconnect events of the proxy reach some sink, as of the
+        #: bus's ``generation`` noted in ``events_generation`` (looked at per connection without a call).
         self.wants_connect = self.wants_disconnect = False
         self.events_generation = -1
         self._set_limits()

@@ -83,8 +83,6 @@ from dcrouter.proxy.terminate import ALPN, BackendTls, ServerCreatorSource, term
 
 log = logger(__name__)
 
-#: What unpeeked_route keeps for a port not worked out yet (None is an answer: no route).
-_UNKNOWN = object()
 _NO_PEEK = Sniffed(Kind.OTHER, None, None, "not peeked: no route on this port selects by name")
 #: The first byte of a PROXY v1 (``P``) and of a v2 (``\r``) header.
 _HEADER_STARTS = frozenset((proxyprotocol.V1_PREFIX[0], proxyprotocol.V2_SIGNATURE[0]))
@@ -427,9 +425,9 @@ class ProxyContext:
         """``table.match(port, None, client_ip)``: the route of a connection routed without reading from it.
         Where no route on ``port`` has client IP rules the answer cannot depend on the client, so it is
         worked out once per port until the next reload."""
-        route = self._unpeeked.get(port, _UNKNOWN)
-        if route is not _UNKNOWN:
-            return route  # type: ignore[return-value]
+        known = self._unpeeked
+        if port in known:
+            return known[port]  # None too: no route there
         route = self.table.match(port, None, client_ip)
         plan = self.port_plan(port)
         if plan is not None and not plan[1]:
